@@ -1,0 +1,40 @@
+"""Shared test helpers.
+
+Tests that need root or kernel features mark themselves with ``needs_root``.
+Outside CI they skip without root; with ``TRIO_WORKER_REQUIRE_ROOT=1`` (set by
+``.ci/run``) a missing privilege is a failure, so CI can never go green by
+skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def require_root(what: str = "this test") -> None:
+    if os.geteuid() == 0:
+        return
+    message = f"{what} needs root"
+    if os.environ.get("TRIO_WORKER_REQUIRE_ROOT") == "1":
+        pytest.fail(f"{message}, and TRIO_WORKER_REQUIRE_ROOT=1 forbids skipping")
+    pytest.skip(message)
+
+
+def process_alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X")
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir()
+    return path

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from trio_worker import InvalidRequest, Limits
+from trio_worker._model import JobIdGenerator
+
+
+def test_ids_are_unique_sortable_and_26_chars() -> None:
+    gen = JobIdGenerator()
+    ids = [gen() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    assert all(len(i) == 26 and i.isalnum() for i in ids)
+
+
+def test_ids_sort_across_generators_by_time() -> None:
+    # A restart makes a new generator: later ids must still sort later.
+    first = JobIdGenerator()()
+    time.sleep(0.002)
+    assert JobIdGenerator()() > first
+
+
+def _decode(job_id: str) -> int:
+    value = 0
+    for ch in job_id:
+        value = value * 32 + "0123456789ABCDEFGHJKMNPQRSTVWXYZ".index(ch)
+    return value
+
+
+def test_ids_are_not_guessable() -> None:
+    gen = JobIdGenerator()
+    ids = [_decode(gen()) for _ in range(200)]
+    steps = {b - a for a, b in itertools.pairwise(ids)}
+    # Consecutive ids never differ by a predictable step, even within one ms.
+    assert 1 not in steps
+    assert len(steps) > 190
+    # The leading 48 bits are the creation time in ms.
+    assert abs((ids[0] >> 80) - time.time() * 1000) < 10_000
+
+
+@pytest.mark.parametrize(
+    ("limits", "field"),
+    [
+        (Limits(cpus=-1), "limits.cpus"),
+        (Limits(cpus=float("nan")), "limits.cpus"),
+        (Limits(memory_bytes=-5), "limits.memory_bytes"),
+        (Limits(pids=-1), "limits.pids"),
+    ],
+)
+def test_limits_validation_names_the_field(limits: Limits, field: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        limits.validate()
+    assert info.value.field == field

@@ -1,0 +1,313 @@
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from tests.conftest import process_alive
+from trio_worker import (
+    InvalidRequest,
+    Isolation,
+    JobNotFound,
+    JobNotRunning,
+    JobState,
+    Limits,
+    OutputStream,
+    ShuttingDown,
+    Supervisor,
+    Unenforceable,
+    open_supervisor,
+)
+
+
+async def output_of(sup: Supervisor, job_id: str, offset: int = 0) -> bytes:
+    return b"".join([c.data async for c in sup.output(job_id, offset)])
+
+
+async def read_pid_line(sup: Supervisor, job_id: str) -> int:
+    """The first line a job prints, as an int (scripts print $$ or $!)."""
+    buf = b""
+    async for chunk in sup.output(job_id):
+        buf += chunk.data
+        if b"\n" in buf:
+            return int(buf.split(b"\n", 1)[0])
+    raise AssertionError("job printed no line")
+
+
+async def test_exit_code_and_output(state_dir: Path) -> None:
+    async with open_supervisor(state_dir) as sup:
+        job = await sup.start("sh", ["-c", "printf hi; exit 7"])
+        assert job.state is JobState.RUNNING
+        assert job.pid is not None
+        end = await sup.wait(job.id)
+        assert (end.state, end.exit_code, end.signal) == (JobState.EXITED, 7, None)
+        assert end.output_bytes == 2
+        assert end.ended_at is not None
+        assert end.ended_at >= end.started_at
+        assert await output_of(sup, job.id) == b"hi"
+        assert (state_dir / "jobs" / job.id / "output.log").read_bytes() == b"hi"
+
+
+async def test_death_by_signal_is_killed_with_signal() -> None:
+    async with open_supervisor() as sup:
+        job = await sup.start("sh", ["-c", "kill -USR1 $$"])
+        end = await sup.wait(job.id)
+        assert (end.state, end.signal, end.exit_code) == (JobState.KILLED, signal.SIGUSR1, None)
+
+
+async def test_streams_are_tagged_and_ordered_within_each_stream() -> None:
+    script = "for i in $(seq 1 200); do echo out$i; echo err$i >&2; done"
+    async with open_supervisor() as sup:
+        job = await sup.start("sh", ["-c", script])
+        per_stream: dict[OutputStream, bytes] = {OutputStream.STDOUT: b"", OutputStream.STDERR: b""}
+        position = 0
+        async for chunk in sup.output(job.id):
+            assert chunk.offset == position
+            position = chunk.end
+            per_stream[chunk.stream] += chunk.data
+        assert per_stream[OutputStream.STDOUT] == b"".join(b"out%d\n" % i for i in range(1, 201))
+        assert per_stream[OutputStream.STDERR] == b"".join(b"err%d\n" % i for i in range(1, 201))
+        assert position == sup.status(job.id).output_bytes
+
+
+async def test_50mb_three_readers_one_stalled_job_never_blocked(tmp_path: Path) -> None:
+    payload = os.urandom(50 * 1024 * 1024)
+    source = tmp_path / "payload"
+    source.write_bytes(payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    async with open_supervisor(tmp_path / "state", tail_bytes=256 * 1024) as sup:
+        job = await sup.start("cat", [str(source)])
+        job_ended_while_stalled = trio.Event()
+        results: dict[str, str] = {}
+
+        async def reader(name: str, stall: bool) -> None:
+            h = hashlib.sha256()
+            position = 0
+            async for chunk in sup.output(job.id):
+                assert chunk.offset == position
+                position = chunk.end
+                h.update(chunk.data)
+                if stall and position >= 1024 * 1024 and not job_ended_while_stalled.is_set():
+                    # Stop reading entirely: the job must still run to its end.
+                    await sup.wait(job.id)
+                    job_ended_while_stalled.set()
+            results[name] = h.hexdigest()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader, "a", False)
+            nursery.start_soon(reader, "b", False)
+            nursery.start_soon(reader, "slow", True)
+        assert job_ended_while_stalled.is_set()
+        assert results == {"a": digest, "b": digest, "slow": digest}
+        end = sup.status(job.id)
+        assert (end.state, end.exit_code, end.output_bytes) == (JobState.EXITED, 0, len(payload))
+
+
+async def test_offsets_resume_exactly_and_ended_job_replays() -> None:
+    async with open_supervisor() as sup:
+        job = await sup.start("sh", ["-c", "seq 1 20000"])
+        await sup.wait(job.id)
+        full = await output_of(sup, job.id)
+        assert full == b"".join(b"%d\n" % i for i in range(1, 20001))
+        for offset in (0, 1, 4095, 65536, len(full) - 1, len(full)):
+            assert await output_of(sup, job.id, offset) == full[offset:]
+        with pytest.raises(InvalidRequest, match="offset"):
+            sup.output(job.id, len(full) + 1)
+        with pytest.raises(InvalidRequest, match="offset"):
+            sup.output(job.id, -1)
+
+
+async def test_stop_kills_grandchild_in_process_group() -> None:
+    async with open_supervisor() as sup:
+        job = await sup.start("sh", ["-c", "sleep 1000 & echo $!; wait"])
+        grandchild = await read_pid_line(sup, job.id)
+        assert process_alive(grandchild)
+        end = await sup.stop(job.id, grace=5)
+        assert end.state is JobState.KILLED
+        assert end.signal == signal.SIGTERM
+        assert not process_alive(grandchild)
+
+
+async def test_leftovers_in_the_group_die_when_main_process_exits() -> None:
+    async with open_supervisor() as sup:
+        job = await sup.start("sh", ["-c", "sleep 1000 & echo $!"])
+        grandchild = await read_pid_line(sup, job.id)
+        end = await sup.wait(job.id)
+        assert end.state is JobState.EXITED
+        assert not process_alive(grandchild)
+
+
+async def test_sigterm_ignoring_job_is_killed_after_grace(autojump_clock: trio.abc.Clock) -> None:
+    async with open_supervisor() as sup:
+        job = await sup.start("sh", ["-c", "trap '' TERM; echo $$; while :; do sleep 1; done"])
+        await read_pid_line(sup, job.id)  # the trap is in place once it prints
+        start = trio.current_time()
+        end = await sup.stop(job.id, grace=30)
+        assert (end.state, end.signal) == (JobState.KILLED, signal.SIGKILL)
+        assert trio.current_time() - start >= 30  # the grace was honoured (virtual time)
+
+
+@pytest.mark.parametrize("how", ["leave", "cancel", "error"])
+async def test_no_process_outlives_the_supervisor(how: str) -> None:
+    pids: list[int] = []
+
+    class Boom(Exception):
+        pass
+
+    with trio.move_on_after(10 if how != "cancel" else 0.5) as scope:
+        try:
+            async with open_supervisor(shutdown_grace=2) as sup:
+                for script in ["sleep 1000", "trap '' TERM; sleep 1000 & echo $!; wait"]:
+                    job = await sup.start("sh", ["-c", script])
+                    assert job.pid is not None
+                    pids.append(job.pid)
+                pids.append(await read_pid_line(sup, job.id))
+                if how == "cancel":
+                    await trio.sleep_forever()
+                if how == "error":
+                    raise Boom
+        except Boom:
+            pass
+    assert scope.cancelled_caught == (how == "cancel")
+    assert len(pids) == 3
+    assert not any(process_alive(pid) for pid in pids)
+
+
+async def test_command_not_found_is_a_failed_job_not_an_exception() -> None:
+    async with open_supervisor() as sup:
+        job = await sup.start("echi", ["hello"])
+        assert job.state is JobState.FAILED
+        assert job.error == "No such file or directory: 'echi'"
+        assert job.pid is None
+        assert sup.list() == [job]
+        assert await sup.wait(job.id) == job
+        assert await output_of(sup, job.id) == b""
+
+
+async def test_not_executable_is_failed_with_permission_denied(tmp_path: Path) -> None:
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    async with open_supervisor() as sup:
+        job = await sup.start(str(script))
+        assert job.state is JobState.FAILED
+        assert job.error.startswith("Permission denied")
+
+
+async def test_env_extends_and_overrides_and_path_lookup(tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    tool = bindir / "mytool"
+    tool.write_text('#!/bin/sh\necho "$FOO $BASE $PWD"\n')
+    tool.chmod(0o755)
+    base = {"PATH": "/usr/bin:/bin", "BASE": "base", "FOO": "server"}
+    async with open_supervisor(env=base) as sup:
+        job = await sup.start(
+            "mytool", env={"FOO": "job", "PATH": f"{bindir}:/usr/bin:/bin"}, cwd=tmp_path
+        )
+        await sup.wait(job.id)
+        assert await output_of(sup, job.id) == f"job base {tmp_path}\n".encode()
+
+
+async def test_signal_reaches_the_job() -> None:
+    async with open_supervisor() as sup:
+        job = await sup.start(
+            "sh", ["-c", "trap 'echo got; exit 3' USR1; echo $$; while :; do sleep 0.05; done"]
+        )
+        await read_pid_line(sup, job.id)
+        info = await sup.signal(job.id, signal.SIGUSR1)
+        assert info.id == job.id
+        end = await sup.wait(job.id)
+        assert end.exit_code == 3
+        assert b"got" in await output_of(sup, job.id)
+        with pytest.raises(JobNotRunning):
+            await sup.signal(job.id, signal.SIGUSR1)
+        with pytest.raises(JobNotRunning):
+            await sup.stop(job.id)
+
+
+async def test_list_filters_by_owner_oldest_first() -> None:
+    async with open_supervisor() as sup:
+        a = await sup.start("true", owner="alice")
+        b = await sup.start("true", owner="bob")
+        c = await sup.start("true", owner="alice")
+        assert [j.id for j in sup.list()] == [a.id, b.id, c.id]
+        assert [j.id for j in sup.list(owner="alice")] == [a.id, c.id]
+        assert sup.list(owner="nobody") == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"command": ""}, "command"),
+        ({"command": "ec\0ho"}, "command"),
+        ({"command": "echo", "args": ["a\0b"]}, "args[0]"),
+        ({"command": "echo", "args": "abc"}, "args"),
+        ({"command": "echo", "env": {"A=B": "x"}}, "env"),
+        ({"command": "echo", "env": {"": "x"}}, "env"),
+        ({"command": "echo", "env": {"A": "x\0y"}}, "env[A]"),
+        ({"command": "echo", "cwd": "/does/not/exist"}, "cwd"),
+        ({"command": "echo", "cwd": "/etc/passwd"}, "cwd"),
+        ({"command": "echo", "limits": Limits(memory_bytes=-1)}, "limits.memory_bytes"),
+    ],
+)
+async def test_bad_input_is_invalid_request_naming_the_field(
+    kwargs: dict[str, object], field: str
+) -> None:
+    async with open_supervisor() as sup:
+        with pytest.raises(InvalidRequest) as info:
+            await sup.start(**kwargs)  # type: ignore[arg-type]
+        assert info.value.field == field
+        assert sup.list() == []
+
+
+async def test_unknown_ids_bad_signals_and_bad_grace() -> None:
+    async with open_supervisor() as sup:
+        with pytest.raises(JobNotFound):
+            sup.status("nope")
+        with pytest.raises(JobNotFound):
+            await sup.wait("nope")
+        with pytest.raises(JobNotFound):
+            sup.output("nope")
+        job = await sup.start("sleep", ["1000"])
+        for bad in (0, -1, 10_000, 1.5, "TERM"):
+            with pytest.raises(InvalidRequest, match="signal"):
+                await sup.signal(job.id, bad)  # type: ignore[arg-type]
+        for grace in (-1, float("inf"), float("nan")):
+            with pytest.raises(InvalidRequest, match="grace"):
+                await sup.stop(job.id, grace=grace)
+        assert sup.status(job.id).state is JobState.RUNNING
+
+
+async def test_limits_are_refused_rather_than_ignored() -> None:
+    async with open_supervisor() as sup:
+        with pytest.raises(Unenforceable):
+            await sup.start("true", limits=Limits(memory_bytes=64 << 20))
+        with pytest.raises(Unenforceable):
+            await sup.start("true", isolation=Isolation(network=True))
+
+
+async def test_start_after_shutdown_began_is_refused() -> None:
+    async with open_supervisor() as sup:
+        pass
+    with pytest.raises(ShuttingDown):
+        await sup.start("true")
+
+
+async def test_temporary_state_dir_is_removed_unless_kept(tmp_path: Path) -> None:
+    async with open_supervisor() as sup:
+        temp = sup.state_dir
+        assert temp.is_dir()
+    assert not temp.exists()
+    async with open_supervisor(keep_state=True) as sup:
+        kept = sup.state_dir
+        job = await sup.start("echo", ["x"])
+        await sup.wait(job.id)
+    assert (kept / "jobs" / job.id / "output.log").read_bytes() == b"x\n"
+    import shutil
+
+    shutil.rmtree(kept)

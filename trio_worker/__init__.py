@@ -1,0 +1,44 @@
+"""trio-worker: run and control Linux processes from trio, locally or over gRPC.
+
+The library part is ``open_supervisor``; everything a caller needs to handle
+its results and errors is re-exported here.
+"""
+
+from ._errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    JobNotFound,
+    JobNotRunning,
+    PermissionDenied,
+    ResourceExhausted,
+    ShuttingDown,
+    StateDirError,
+    TrioWorkerError,
+    Unenforceable,
+)
+from ._model import Isolation, JobInfo, JobState, Limits, OutputChunk, OutputStream, Usage
+from ._supervisor import Supervisor, open_supervisor
+
+__all__ = [
+    "AuthenticationFailed",
+    "InvalidRequest",
+    "Isolation",
+    "JobInfo",
+    "JobNotFound",
+    "JobNotRunning",
+    "JobState",
+    "Limits",
+    "OutputChunk",
+    "OutputStream",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "ShuttingDown",
+    "StateDirError",
+    "Supervisor",
+    "TrioWorkerError",
+    "Unenforceable",
+    "Usage",
+    "open_supervisor",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,82 @@
+"""The exceptions of trio-worker.
+
+Every failure a caller can act on is one of these classes. The gRPC service maps
+them to status codes in one table and the CLI maps them to exit codes in another,
+so adding a class here means adding a row there.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationFailed",
+    "InvalidRequest",
+    "JobNotFound",
+    "JobNotRunning",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "ShuttingDown",
+    "StateDirError",
+    "TrioWorkerError",
+    "Unenforceable",
+]
+
+
+class TrioWorkerError(Exception):
+    """Base class of every error trio-worker raises on purpose."""
+
+
+class InvalidRequest(TrioWorkerError):
+    """The request itself is wrong: fixing the input fixes it.
+
+    ``field`` names the offending part of the request (``"command"``,
+    ``"env"``, ``"limits.memory_bytes"``, ...), so clients can point at it.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class JobNotFound(TrioWorkerError):
+    """No job with this id exists, or the caller may not see it."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}")
+        self.job_id = job_id
+
+
+class JobNotRunning(TrioWorkerError):
+    """The operation needs a running job, and this one has ended."""
+
+    def __init__(self, job_id: str, state: str) -> None:
+        super().__init__(f"job {job_id} is not running (it is {state})")
+        self.job_id = job_id
+        self.state = state
+
+
+class Unenforceable(TrioWorkerError):
+    """The job asks for a limit or isolation this host cannot enforce.
+
+    Raised instead of silently running the job unconstrained.
+    """
+
+
+class ResourceExhausted(TrioWorkerError):
+    """A server-side cap (jobs, connections, streams) has been reached."""
+
+
+class ShuttingDown(TrioWorkerError):
+    """The supervisor or server is shutting down and takes no new work."""
+
+
+class PermissionDenied(TrioWorkerError):
+    """The caller's role does not allow this operation."""
+
+
+class AuthenticationFailed(TrioWorkerError):
+    """The peer's certificate is missing, invalid or carries no usable identity."""
+
+
+class StateDirError(TrioWorkerError):
+    """The state directory cannot be used (permissions, corrupt files, locked)."""

@@ -1,0 +1,171 @@
+"""Value types shared by every layer: frozen, comparable, cheap to copy.
+
+Nothing here does I/O; a ``JobInfo`` is a snapshot, so handing one to a caller
+can never let it change the supervisor's view of a job.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+__all__ = [
+    "Isolation",
+    "JobIdGenerator",
+    "JobInfo",
+    "JobState",
+    "Limits",
+    "OutputChunk",
+    "OutputStream",
+    "Usage",
+]
+
+
+class JobState(enum.Enum):
+    """Where a job is in its life; every state but RUNNING is final."""
+
+    RUNNING = "running"
+    EXITED = "exited"  # ended on its own: exit_code is set
+    KILLED = "killed"  # ended by a signal: signal is set
+    FAILED = "failed"  # could not be started: error is set
+    LOST = "lost"  # the server went away while it ran: error is set
+
+    @property
+    def ended(self) -> bool:
+        return self is not JobState.RUNNING
+
+
+class OutputStream(enum.Enum):
+    """Which pipe a chunk of output came from."""
+
+    STDOUT = 1
+    STDERR = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits of one job; 0 means "no limit" for every field.
+
+    ``cpus`` is a number of CPUs (0.5 = half of one CPU), the IO limits are bytes
+    per second, ``pids`` caps the number of tasks in the job's cgroup.
+    """
+
+    cpus: float = 0.0
+    memory_bytes: int = 0
+    io_read_bps: int = 0
+    io_write_bps: int = 0
+    pids: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(
+            self.cpus or self.memory_bytes or self.io_read_bps or self.io_write_bps or self.pids
+        )
+
+    def validate(self) -> None:
+        """Raise ``InvalidRequest`` for values no kernel would accept."""
+        from ._errors import InvalidRequest
+
+        if not math.isfinite(self.cpus) or self.cpus < 0:
+            raise InvalidRequest("limits.cpus", f"must be a finite number >= 0, got {self.cpus}")
+        for name in ("memory_bytes", "io_read_bps", "io_write_bps", "pids"):
+            value = getattr(self, name)
+            if value < 0:
+                raise InvalidRequest(f"limits.{name}", f"must be >= 0, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class Isolation:
+    """Which namespaces a job gets of its own."""
+
+    pid: bool = False
+    mount: bool = False
+    network: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.pid or self.mount or self.network
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Resources a job consumed, as far as the host can tell."""
+
+    cpu_seconds: float = 0.0
+    memory_peak_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    """An immutable snapshot of one job."""
+
+    id: str
+    owner: str
+    command: str
+    args: tuple[str, ...]
+    state: JobState
+    pid: int | None
+    exit_code: int | None
+    signal: int | None
+    error: str
+    started_at: datetime
+    ended_at: datetime | None
+    output_bytes: int
+    limits: Limits = field(default_factory=Limits)
+    isolation: Isolation = field(default_factory=Isolation)
+    oom_killed: bool = False
+    #: The errno of a failed spawn (ENOENT, EACCES, ...), so clients can tell
+    #: "command not found" from "cannot execute" without parsing ``error``.
+    spawn_errno: int | None = None
+    #: The first byte offset still retained in the log (0 unless trimmed).
+    output_start: int = 0
+    usage: Usage | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.state.ended
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    """Bytes from one stream, at ``offset`` in the job's combined log."""
+
+    data: bytes
+    offset: int
+    stream: OutputStream
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.data)
+
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+class JobIdGenerator:
+    """Makes ULID-style ids: 48-bit milliseconds then 80 random bits, base32.
+
+    Ids sort by creation time across restarts (the clock leads), cannot be
+    guessed (80 bits from ``secrets``), and are strictly increasing within one
+    generator even when several are made in the same millisecond.
+    """
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def __call__(self) -> str:
+        value = (time.time_ns() // 1_000_000) << 80 | secrets.randbits(80)
+        if value <= self._last:
+            # Same millisecond (or the clock stepped back): keep the order by
+            # stepping forward a random amount, so the next id stays unguessable.
+            value = self._last + 1 + secrets.randbits(40)
+        self._last = value
+        chars = []
+        for _ in range(26):
+            chars.append(_CROCKFORD[value & 31])
+            value >>= 5
+        return "".join(reversed(chars))

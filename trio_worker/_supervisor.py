@@ -1,0 +1,344 @@
+"""The supervisor: a trio nursery that owns every job's process and output.
+
+Each job is one task in the supervisor's nursery. The task owns the job's
+process (its pipes, its group) and its output log, and is the only place that
+records the job's end, so "when does a job end" has one answer: when its main
+process has exited, the rest of its process group has been killed, and its
+pipes are drained and flushed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal as _signal
+import tempfile
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import trio
+
+from . import _lifecycle as lc
+from ._errors import InvalidRequest, JobNotFound, JobNotRunning, ShuttingDown, Unenforceable
+from ._model import Isolation, JobIdGenerator, JobInfo, JobState, Limits, OutputChunk, OutputStream
+from ._output import DEFAULT_CHUNK, OutputLog
+from ._process import JobProcess, SpawnError, StartSpec, validate_signal, validate_start
+
+__all__ = ["Supervisor", "open_supervisor"]
+
+#: How long a job's pipes may stay open after its process group was killed
+#: (something outside the group, e.g. a setsid'ed grandchild, may hold them).
+_DRAIN_TIMEOUT = 2.0
+_READ_SIZE = 1024 * 1024
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Job:
+    """The supervisor's private, mutable view of one job."""
+
+    def __init__(
+        self,
+        job_id: str,
+        owner: str,
+        spec: StartSpec,
+        limits: Limits,
+        isolation: Isolation,
+        log: OutputLog | None,
+    ) -> None:
+        self.id = job_id
+        self.owner = owner
+        self.spec = spec
+        self.limits = limits
+        self.isolation = isolation
+        self.log = log
+        self.record = lc.Record()
+        self.process: JobProcess | None = None
+        self.ended = trio.Event()
+
+    def feed(self, event: lc.Event) -> None:
+        self.record = lc.apply(self.record, event)
+        if self.record.state is not None and self.record.state.ended:
+            self.ended.set()
+
+    def info(self) -> JobInfo:
+        r = self.record
+        assert r.state is not None
+        assert r.started_at is not None
+        return JobInfo(
+            id=self.id,
+            owner=self.owner,
+            command=self.spec.command,
+            args=self.spec.args,
+            state=r.state,
+            pid=r.pid,
+            exit_code=r.exit_code,
+            signal=r.signal,
+            error=r.error,
+            started_at=r.started_at,
+            ended_at=r.ended_at,
+            output_bytes=self.log.end if self.log is not None else 0,
+            limits=self.limits,
+            isolation=self.isolation,
+            oom_killed=r.oom_killed,
+            spawn_errno=r.spawn_errno,
+        )
+
+
+class Supervisor:
+    """Starts, controls and watches jobs. Get one from ``open_supervisor``.
+
+    ``status`` and ``list`` are plain methods: they only read snapshots.
+    """
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        state_dir: Path,
+        *,
+        base_env: Mapping[str, str],
+        tail_bytes: int,
+    ) -> None:
+        self._nursery = nursery
+        self.state_dir = state_dir
+        self._jobs_dir = state_dir / "jobs"
+        self._jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._base_env = dict(base_env)
+        self._tail_bytes = tail_bytes
+        self._jobs: dict[str, _Job] = {}
+        self._new_id = JobIdGenerator()
+        self._closing = False
+
+    # -- queries -------------------------------------------------------------
+
+    def status(self, job_id: str) -> JobInfo:
+        return self._get(job_id).info()
+
+    def list(self, owner: str | None = None) -> list[JobInfo]:
+        """Every job (of ``owner``, if given), oldest first."""
+        return [job.info() for job in self._jobs.values() if owner is None or job.owner == owner]
+
+    def _get(self, job_id: str) -> _Job:
+        try:
+            return self._jobs[job_id]
+        except (KeyError, TypeError):
+            raise JobNotFound(str(job_id)) from None
+
+    # -- control -------------------------------------------------------------
+
+    async def start(
+        self,
+        command: str,
+        args: Sequence[str] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        limits: Limits | None = None,
+        isolation: Isolation | None = None,
+        owner: str = "",
+    ) -> JobInfo:
+        """Start a job; return once its process exists.
+
+        A command that cannot be executed is not an exception: the job is
+        returned (and kept) in state FAILED with ``error`` saying why.
+        """
+        await trio.lowlevel.checkpoint()
+        if self._closing:
+            raise ShuttingDown("the supervisor is shutting down")
+        spec = validate_start(command, args, env, cwd, base_env=self._base_env)
+        limits = limits if limits is not None else Limits()
+        isolation = isolation if isolation is not None else Isolation()
+        if not isinstance(limits, Limits):
+            raise InvalidRequest("limits", "must be a trio_worker.Limits")
+        if not isinstance(isolation, Isolation):
+            raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
+        limits.validate()
+        if limits.any or isolation.any:
+            raise Unenforceable(
+                "resource limits and namespaces need the cgroup/namespace support "
+                "of a later release; this host cannot enforce them"
+            )
+        job_id = self._new_id()
+        directory = self._jobs_dir / job_id
+        directory.mkdir(mode=0o700)
+        log = OutputLog(directory, tail_bytes=self._tail_bytes)
+        job = _Job(job_id, owner, spec, limits, isolation, log)
+        try:
+            process = JobProcess.spawn(spec)
+        except SpawnError as exc:
+            job.feed(lc.SpawnFailed(exc.message, _now(), exc.errno))
+            log.finish()
+            log.close()
+            self._jobs[job_id] = job
+            return job.info()
+        job.process = process
+        job.feed(lc.Spawned(process.pid, _now()))
+        self._jobs[job_id] = job
+        self._nursery.start_soon(self._run_job, job, process, name=f"job {job_id}")
+        return job.info()
+
+    async def signal(self, job_id: str, signum: int) -> JobInfo:
+        """Send ``signum`` to the job's process group."""
+        job = self._get(job_id)
+        signum = validate_signal(signum)
+        await trio.lowlevel.checkpoint()
+        self._running_process(job).signal_group(signum)
+        return job.info()
+
+    async def stop(self, job_id: str, grace: float = 5.0) -> JobInfo:
+        """SIGTERM the job's group, SIGKILL it after ``grace`` seconds; return the end."""
+        job = self._get(job_id)
+        if isinstance(grace, bool) or not isinstance(grace, int | float):
+            raise InvalidRequest("grace", "must be a number of seconds")
+        if not math.isfinite(grace) or grace < 0:
+            raise InvalidRequest("grace", f"must be a finite number >= 0, got {grace}")
+        process = self._running_process(job)
+        await self._terminate(job, process, grace)
+        return job.info()
+
+    async def wait(self, job_id: str) -> JobInfo:
+        """Wait until the job has ended and its output is complete."""
+        job = self._get(job_id)
+        await job.ended.wait()
+        return job.info()
+
+    def output(
+        self,
+        job_id: str,
+        offset: int = 0,
+        follow: bool = True,
+        *,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> AsyncIterator[OutputChunk]:
+        """The job's output from ``offset``: with ``follow``, live until the job ends.
+
+        Raises ``JobNotFound`` at once, not at the first iteration.
+        """
+        job = self._get(job_id)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidRequest("offset", f"must be an integer >= 0, got {offset!r}")
+        if chunk_size <= 0:
+            raise InvalidRequest("chunk_size", "must be > 0")
+        assert job.log is not None
+        if job.log.finished and offset > job.log.end:
+            raise InvalidRequest("offset", f"{offset} is past the end of the log ({job.log.end})")
+        return job.log.read(offset, follow=follow, chunk_size=chunk_size)
+
+    # -- internals -----------------------------------------------------------
+
+    def _running_process(self, job: _Job) -> JobProcess:
+        if job.record.state is not JobState.RUNNING or job.process is None:
+            state = job.record.state.value if job.record.state else "new"
+            raise JobNotRunning(job.id, state)
+        return job.process
+
+    async def _terminate(self, job: _Job, process: JobProcess, grace: float) -> None:
+        process.signal_group(_signal.SIGTERM)
+        with trio.move_on_after(grace):
+            await job.ended.wait()
+        if not job.ended.is_set():
+            process.signal_group(_signal.SIGKILL)
+            await job.ended.wait()
+
+    async def _run_job(self, job: _Job, process: JobProcess) -> None:
+        log = job.log
+        assert log is not None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(log.run_flusher)
+                async with trio.open_nursery() as pumps:
+                    pumps.start_soon(_pump, process.stdout, OutputStream.STDOUT, log)
+                    pumps.start_soon(_pump, process.stderr, OutputStream.STDERR, log)
+                    await process.wait_exited()
+                    # As systemd does for a service: the main process is gone,
+                    # so whatever it left in its group goes too.
+                    process.signal_group(_signal.SIGKILL)
+                    process.reap()
+                    pumps.cancel_scope.deadline = trio.current_time() + _DRAIN_TIMEOUT
+                log.finish()
+        finally:
+            with trio.CancelScope(shield=True):
+                if not process.reaped:
+                    process.signal_group(_signal.SIGKILL)
+                    await process.wait_exited()
+                    process.reap()
+                await process.aclose_pipes()
+                if not log.finished:
+                    log.finish()
+                await log.flush()
+                log.close()
+                returncode = process.returncode
+                assert returncode is not None
+                job.feed(lc.Exited(returncode, _now()))
+
+    async def _shutdown(self, grace: float) -> None:
+        self._closing = True
+        async with trio.open_nursery() as nursery:
+            for job in list(self._jobs.values()):
+                if job.record.state is JobState.RUNNING and job.process is not None:
+                    nursery.start_soon(self._terminate, job, job.process, grace)
+
+
+async def _pump(stream: trio.lowlevel.FdStream, tag: OutputStream, log: OutputLog) -> None:
+    """Move bytes from one pipe into the log as fast as the pipe gives them."""
+    while data := await stream.receive_some(_READ_SIZE):
+        log.append(tag, data)
+        if log.backlogged:
+            await log.wait_flushed()
+
+
+@asynccontextmanager
+async def _unwrap_single() -> AsyncIterator[None]:
+    """Let the body's own exception out of the nursery as itself.
+
+    Job tasks never raise, so a group of one is the caller's exception; wrapping
+    it would make ``except MyError`` around ``open_supervisor`` stop working.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+@asynccontextmanager
+async def open_supervisor(
+    state_dir: str | os.PathLike[str] | None = None,
+    *,
+    keep_state: bool = False,
+    shutdown_grace: float = 5.0,
+    env: Mapping[str, str] | None = None,
+    tail_bytes: int = 4 * 1024 * 1024,
+) -> AsyncIterator[Supervisor]:
+    """Run a supervisor for the duration of the ``async with`` block.
+
+    ``state_dir`` holds the jobs' output logs; without one a temporary
+    directory is used and removed on exit (unless ``keep_state``). ``env`` is
+    the base environment jobs extend (default: this process's environment).
+    Leaving the block — normally, by an exception, or by cancellation — stops
+    every running job (SIGTERM, ``shutdown_grace``, SIGKILL) before returning.
+    """
+    temporary = state_dir is None
+    path = Path(tempfile.mkdtemp(prefix="trio-worker-") if state_dir is None else state_dir)
+    try:
+        async with _unwrap_single(), trio.open_nursery() as nursery:
+            supervisor = Supervisor(
+                nursery,
+                path,
+                base_env=os.environ if env is None else env,
+                tail_bytes=tail_bytes,
+            )
+            try:
+                yield supervisor
+            finally:
+                with trio.CancelScope(shield=True):
+                    await supervisor._shutdown(shutdown_grace)
+    finally:
+        if temporary and not keep_state:
+            shutil.rmtree(path, ignore_errors=True)
