@@ -1,0 +1,65 @@
+"""Who may call what, on whose jobs: the contract's authorization table as data.
+
+Two questions, asked in this order by the service: may this caller use this method at all
+(:func:`authorize`, else PERMISSION_DENIED), and may it see this job (:func:`can_see`,
+else the job is NOT_FOUND for it and absent from List, so that callers cannot probe for
+other people's job ids).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
+from ._errors import PermissionDenied
+from ._identity import Identity, Role
+
+__all__ = ["Method", "authorize", "can_see"]
+
+
+class Method(enum.Enum):
+    """The Worker service's methods; values are the gRPC method names."""
+
+    START = "Start"
+    STOP = "Stop"
+    SIGNAL = "Signal"
+    STATUS = "Status"
+    WAIT = "Wait"
+    OUTPUT = "Output"
+    LIST = "List"
+
+
+_READ: Final = frozenset({Method.STATUS, Method.WAIT, Method.OUTPUT, Method.LIST})
+
+# role -> (methods it may call, whether it sees every job or only its own)
+_TABLE: Final[Mapping[Role, tuple[frozenset[Method], bool]]] = MappingProxyType(
+    {
+        Role.READONLY: (_READ, True),
+        Role.FULL: (frozenset(Method), False),
+        Role.ADMIN: (frozenset(Method), True),
+    }
+)
+
+
+def authorize(identity: Identity, method: Method) -> None:
+    """Raise :class:`PermissionDenied` unless ``identity``'s role allows ``method``."""
+    if identity.role is None:
+        raise PermissionDenied(
+            f"{identity.name!r} has no valid role in its certificate, so it may not call "
+            f"{method.value}"
+        )
+    allowed, _ = _TABLE[identity.role]
+    if method not in allowed:
+        raise PermissionDenied(
+            f"{identity.name!r} has role {identity.role.value}, which may not call {method.value}"
+        )
+
+
+def can_see(identity: Identity, owner: str) -> bool:
+    """Whether ``identity`` may see (and so act on) a job owned by ``owner``."""
+    if identity.role is None:
+        return False
+    _, sees_all = _TABLE[identity.role]
+    return sees_all or owner == identity.name

@@ -1,0 +1,201 @@
+"""TLS contexts for the server and its clients: mutual TLS 1.3 with one cipher suite.
+
+The contract allows exactly TLS 1.3 with TLS_AES_256_GCM_SHA384 and requires client
+certificates. Python's ``ssl`` module can pin the protocol version, but not the TLS 1.3
+cipher suites (``set_ciphers`` only governs TLS 1.2 and older), so
+:func:`_restrict_tls13_suites` calls OpenSSL's ``SSL_CTX_set_ciphersuites`` itself, through
+ctypes, on the very ``SSL_CTX`` the ``ssl`` module uses, and checks the result through the
+``ssl`` module's own view of the context. Wherever that cannot be done or confirmed, building
+a context fails: we never serve with a weaker policy than the one promised.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import ssl
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from ._errors import TrioWorkerError
+
+__all__ = ["ALPN_PROTOCOL", "TLS13_SUITE", "TLSConfigError", "client_context", "server_context"]
+
+#: The only cipher suite either side offers or accepts.
+TLS13_SUITE = "TLS_AES_256_GCM_SHA384"
+#: gRPC runs over HTTP/2, which over TLS must be negotiated with ALPN.
+ALPN_PROTOCOL = "h2"
+
+
+class TLSConfigError(TrioWorkerError):
+    """TLS cannot be set up as required: a certificate or key file is missing, unreadable,
+    malformed or already exists, or this Python/OpenSSL cannot enforce the TLS policy."""
+
+
+# --- the one place that reaches under the ssl module ------------------------------------
+
+
+@functools.cache
+def _libssl() -> ctypes.CDLL:
+    """Open the libssl that the ``_ssl`` extension module is linked against.
+
+    ``dlopen`` of ``_ssl``'s own file returns the already-loaded module, and symbol lookup
+    through that handle searches the module's own dependencies (libssl, libcrypto) first,
+    so this finds the same library ``ssl`` calls, not merely some libssl on the system. A
+    Python with OpenSSL linked statically into the interpreter has no such file; there we
+    look in the global namespace. Either way the version must match ``ssl``'s.
+    """
+    import _ssl
+
+    path = getattr(_ssl, "__file__", None)
+    try:
+        lib = ctypes.CDLL(path)  # None means the running program's global symbols
+        version_num = lib.OpenSSL_version_num
+        lib.SSL_CTX_set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.SSL_CTX_set_ciphersuites.restype = ctypes.c_int
+        lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+        lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+        lib.ERR_clear_error.argtypes = []
+        lib.ERR_clear_error.restype = None
+    except (OSError, AttributeError) as exc:
+        raise TLSConfigError(f"cannot reach OpenSSL's SSL_CTX_set_ciphersuites: {exc}") from exc
+    version_num.argtypes = []
+    version_num.restype = ctypes.c_ulong
+    found = int(version_num())
+    if found != ssl.OPENSSL_VERSION_NUMBER:
+        raise TLSConfigError(
+            f"the OpenSSL found ({found:#x}) is not the one the ssl module uses "
+            f"({ssl.OPENSSL_VERSION_NUMBER:#x})"
+        )
+    return lib
+
+
+def _ssl_ctx_pointer(ctx: ssl.SSLContext) -> int:
+    """Return the ``SSL_CTX *`` inside ``ctx``.
+
+    CPython's ``PySSLContext`` starts with ``PyObject_HEAD`` followed by ``SSL_CTX *ctx``
+    (Modules/_ssl.c, unchanged since 3.7); ``object.__basicsize__`` is the size of that
+    head in this build (debug and free-threaded builds included).
+    """
+    if sys.implementation.name != "cpython":
+        raise TLSConfigError(
+            f"cannot restrict TLS 1.3 cipher suites on {sys.implementation.name}: CPython only"
+        )
+    if not isinstance(ctx, ssl.SSLContext):
+        raise TLSConfigError(f"expected an ssl.SSLContext, got {type(ctx).__name__}")
+    pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not pointer:
+        raise TLSConfigError("the ssl.SSLContext has no SSL_CTX")
+    return pointer
+
+
+def _tls13_suites(ctx: ssl.SSLContext) -> list[str]:
+    return [c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.3"]
+
+
+def _restrict_tls13_suites(ctx: ssl.SSLContext, suites: str) -> None:
+    """Allow only ``suites`` (OpenSSL names, ``:``-separated) in TLS 1.3 handshakes.
+
+    Fails closed: raises :class:`TLSConfigError` unless, afterwards, ``ctx.get_ciphers()``
+    (the ``ssl`` module reading the same ``SSL_CTX``) lists exactly these TLS 1.3 suites.
+    """
+    wanted = suites.split(":")
+    if not suites.isascii() or "\0" in suites or not all(wanted):
+        raise TLSConfigError(f"invalid TLS 1.3 cipher suite list {suites!r}")
+    lib = _libssl()
+    pointer = _ssl_ctx_pointer(ctx)
+    # Before writing through the pointer, make sure it is this context's SSL_CTX: OpenSSL
+    # and the ssl module must agree on its options.
+    if int(lib.SSL_CTX_get_options(pointer)) != int(ctx.options):
+        raise TLSConfigError("cannot locate the SSL_CTX of this ssl.SSLContext")
+    if lib.SSL_CTX_set_ciphersuites(pointer, suites.encode("ascii")) != 1:
+        lib.ERR_clear_error()  # or the ssl module reports our failure on its next call
+        raise TLSConfigError(f"OpenSSL refused the TLS 1.3 cipher suites {suites!r}")
+    got = _tls13_suites(ctx)
+    if got != wanted:
+        lib.ERR_clear_error()
+        raise TLSConfigError(f"TLS 1.3 cipher suites are {got}, not {wanted}: refusing")
+
+
+# --- contexts --------------------------------------------------------------------------
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise TLSConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+
+
+def _check_certs(path: Path, what: str) -> None:
+    """Name the file at fault, which OpenSSL's errors do not."""
+    try:
+        x509.load_pem_x509_certificates(_read(path, what))
+    except ValueError as exc:
+        raise TLSConfigError(f"{what} {path} holds no valid PEM certificate") from exc
+
+
+def _check_key(path: Path) -> None:
+    try:
+        serialization.load_pem_private_key(_read(path, "private key"), password=None)
+    except TypeError as exc:  # encrypted
+        raise TLSConfigError(
+            f"private key {path} is encrypted; trio-worker needs an unencrypted key"
+        ) from exc
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise TLSConfigError(f"private key {path} holds no valid PEM private key") from exc
+
+
+def _no_password() -> str:
+    # Without a callback OpenSSL would prompt on the terminal for an encrypted key.
+    raise TLSConfigError("the private key is encrypted; trio-worker needs an unencrypted key")
+
+
+def _context(purpose: int, *, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    _check_certs(ca, "CA certificate")
+    _check_certs(cert, "certificate")
+    _check_key(key)
+    if not ssl.HAS_TLSv1_3:
+        raise TLSConfigError(f"this OpenSSL ({ssl.OPENSSL_VERSION}) has no TLS 1.3")
+    ctx = ssl.SSLContext(purpose)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    # RFC 5280 checks OpenSSL skips by default (key identifiers, CA constraints).
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    try:
+        ctx.load_verify_locations(cafile=str(ca))
+    except ssl.SSLError as exc:
+        raise TLSConfigError(f"cannot load CA certificate {ca}: {exc}") from exc
+    password: Callable[[], str] = _no_password
+    try:
+        ctx.load_cert_chain(str(cert), str(key), password=password)
+    except ssl.SSLError as exc:
+        raise TLSConfigError(f"cannot use certificate {cert} with key {key}: {exc}") from exc
+    ctx.set_alpn_protocols([ALPN_PROTOCOL])
+    _restrict_tls13_suites(ctx, TLS13_SUITE)
+    return ctx
+
+
+def server_context(*, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    """Server side: TLS 1.3 with TLS_AES_256_GCM_SHA384 only, client certificate required
+    and verified against ``ca``, ALPN ``h2``."""
+    ctx = _context(ssl.PROTOCOL_TLS_SERVER, ca=ca, cert=cert, key=key)
+    # No session tickets: a resumed session would skip verifying the client certificate
+    # (which may have expired since), and every connection is long-lived anyway.
+    ctx.num_tickets = 0
+    return ctx
+
+
+def client_context(*, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    """Client side: TLS 1.3 with TLS_AES_256_GCM_SHA384 only, server certificate and host
+    name verified against ``ca``, our certificate presented, ALPN ``h2``."""
+    ctx = _context(ssl.PROTOCOL_TLS_CLIENT, ca=ca, cert=cert, key=key)
+    ctx.check_hostname = True
+    return ctx
