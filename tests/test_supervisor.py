@@ -12,7 +12,6 @@ import trio.testing
 from tests.conftest import process_alive
 from trio_worker import (
     InvalidRequest,
-    Isolation,
     JobNotFound,
     JobNotRunning,
     JobState,
@@ -23,6 +22,7 @@ from trio_worker import (
     Unenforceable,
     open_supervisor,
 )
+from trio_worker._cgroups import NoDriver
 
 
 async def output_of(sup: Supervisor, job_id: str, offset: int = 0) -> bytes:
@@ -283,12 +283,14 @@ async def test_unknown_ids_bad_signals_and_bad_grace() -> None:
         assert sup.status(job.id).state is JobState.RUNNING
 
 
-async def test_limits_are_refused_rather_than_ignored() -> None:
-    async with open_supervisor() as sup:
-        with pytest.raises(Unenforceable):
+async def test_limits_are_refused_rather_than_ignored_without_cgroups() -> None:
+    async with open_supervisor(cgroups=NoDriver("not root")) as sup:
+        with pytest.raises(Unenforceable, match="memory limit needs a writable memory cgroup"):
             await sup.start("true", limits=Limits(memory_bytes=64 << 20))
-        with pytest.raises(Unenforceable):
-            await sup.start("true", isolation=Isolation(network=True))
+        assert sup.list() == []
+        # Jobs without limits still run.
+        job = await sup.start("true")
+        assert (await sup.wait(job.id)).exit_code == 0
 
 
 async def test_start_after_shutdown_began_is_refused() -> None:

@@ -9,6 +9,8 @@ without spawning anything, and the supervisor only decides *when*.
       |                   |------Exited(code<0)---> KILLED
       |                   '------Lost-------------> LOST
       '----SpawnFailed------------------------------> FAILED
+      |                   '------SpawnFailed------> FAILED (a namespace helper
+      |                                                  could not exec the command)
     (new) --Lost--> LOST   (recovered records whose spawn never completed)
 """
 
@@ -131,5 +133,13 @@ def apply(record: Record, event: Event) -> Record:
             )
         if isinstance(event, Lost):
             return replace(record, state=JobState.LOST, error=event.error, ended_at=event.at)
+        if isinstance(event, SpawnFailed):
+            return replace(
+                record,
+                state=JobState.FAILED,
+                error=event.error,
+                spawn_errno=event.errno,
+                ended_at=event.at,
+            )
     current = "new" if state is None else state.value
     raise IllegalTransition(f"{type(event).__name__} is not allowed in state {current}")

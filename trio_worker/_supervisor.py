@@ -9,10 +9,12 @@ pipes are drained and flushed.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
 import signal as _signal
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -22,17 +24,41 @@ from pathlib import Path
 import trio
 
 from . import _lifecycle as lc
-from ._errors import InvalidRequest, JobNotFound, JobNotRunning, ShuttingDown, Unenforceable
-from ._model import Isolation, JobIdGenerator, JobInfo, JobState, Limits, OutputChunk, OutputStream
+from ._cgroups import CgroupDriver, CgroupError, JobCgroup, LimitPolicy
+from ._cgroups import detect as cgroup_detect
+from ._errors import InvalidRequest, JobNotFound, JobNotRunning, ShuttingDown
+from ._isolation import helper_argv, helper_tasks, make_preexec, read_report, resolve_command
+from ._model import (
+    Isolation,
+    JobIdGenerator,
+    JobInfo,
+    JobState,
+    Limits,
+    OutputChunk,
+    OutputStream,
+    Usage,
+)
 from ._output import DEFAULT_CHUNK, OutputLog
-from ._process import JobProcess, SpawnError, StartSpec, validate_signal, validate_start
+from ._process import (
+    JobProcess,
+    PipeReader,
+    SpawnError,
+    StartSpec,
+    describe_os_error,
+    validate_signal,
+    validate_start,
+)
 
 __all__ = ["Supervisor", "open_supervisor"]
 
 #: How long a job's pipes may stay open after its process group was killed
 #: (something outside the group, e.g. a setsid'ed grandchild, may hold them).
 _DRAIN_TIMEOUT = 2.0
-_READ_SIZE = 1024 * 1024
+#: Where the namespace helper reports why it could not run the command.
+_REPORT = "nsinit.report"
+_log = logging.getLogger("trio_worker.supervisor")
+#: Most bytes a pump takes from a pipe before letting other tasks run.
+_ROUND_BYTES = 4 * 1024 * 1024
 
 
 def _now() -> datetime:
@@ -59,6 +85,8 @@ class _Job:
         self.log = log
         self.record = lc.Record()
         self.process: JobProcess | None = None
+        self.cgroup: JobCgroup | None = None
+        self.final_usage: Usage | None = None
         self.ended = trio.Event()
 
     def feed(self, event: lc.Event) -> None:
@@ -87,7 +115,17 @@ class _Job:
             isolation=self.isolation,
             oom_killed=r.oom_killed,
             spawn_errno=r.spawn_errno,
+            usage=self.usage(),
         )
+
+    @property
+    def directory(self) -> Path | None:
+        return self.log.directory if self.log is not None else None
+
+    def usage(self) -> Usage | None:
+        if self.record.state is JobState.RUNNING and self.cgroup is not None:
+            return self.cgroup.usage()
+        return self.final_usage
 
 
 class Supervisor:
@@ -103,8 +141,12 @@ class Supervisor:
         *,
         base_env: Mapping[str, str],
         tail_bytes: int,
+        cgroups: CgroupDriver,
+        limit_policy: LimitPolicy,
     ) -> None:
         self._nursery = nursery
+        self.cgroups = cgroups
+        self._policy = limit_policy
         self.state_dir = state_dir
         self._jobs_dir = state_dir / "jobs"
         self._jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -157,28 +199,45 @@ class Supervisor:
             raise InvalidRequest("limits", "must be a trio_worker.Limits")
         if not isinstance(isolation, Isolation):
             raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
-        limits.validate()
-        if limits.any or isolation.any:
-            raise Unenforceable(
-                "resource limits and namespaces need the cgroup/namespace support "
-                "of a later release; this host cannot enforce them"
-            )
+        limits = self._policy.apply(limits)  # InvalidRequest above a maximum
+        self.cgroups.check(limits, isolation)  # Unenforceable: never silently ignored
         job_id = self._new_id()
         directory = self._jobs_dir / job_id
         directory.mkdir(mode=0o700)
         log = OutputLog(directory, tail_bytes=self._tail_bytes)
         job = _Job(job_id, owner, spec, limits, isolation, log)
+        self._jobs[job_id] = job
         try:
-            process = JobProcess.spawn(spec)
+            argv = None
+            if isolation.any:
+                # The helper would only notice a missing command after it
+                # started: resolve first, so the failure looks the same.
+                try:
+                    resolve_command(spec.command, spec.env.get("PATH"), spec.cwd)
+                except OSError as exc:
+                    raise SpawnError(describe_os_error(exc, spec.command), exc.errno) from None
+                argv = helper_argv(isolation, spec.command, spec.args, report=directory / _REPORT)
+            try:
+                job.cgroup = self.cgroups.create(
+                    job_id, limits, cwd=spec.cwd, extra_tasks=helper_tasks(isolation)
+                )
+            except CgroupError as exc:
+                raise SpawnError(f"cannot set up the job's cgroup: {exc}", None) from None
+            preexec = make_preexec(os.getpid(), job.cgroup)
+            try:
+                process = JobProcess.spawn(spec, argv=argv, preexec=preexec)
+            except subprocess.SubprocessError:
+                error = job.cgroup.join_error()
+                raise SpawnError(f"cannot join the job's cgroup: {error}", None) from None
         except SpawnError as exc:
             job.feed(lc.SpawnFailed(exc.message, _now(), exc.errno))
             log.finish()
             log.close()
-            self._jobs[job_id] = job
+            if job.cgroup is not None:
+                await self._remove_cgroup(job)
             return job.info()
         job.process = process
         job.feed(lc.Spawned(process.pid, _now()))
-        self._jobs[job_id] = job
         self._nursery.start_soon(self._run_job, job, process, name=f"job {job_id}")
         return job.info()
 
@@ -242,8 +301,24 @@ class Supervisor:
         with trio.move_on_after(grace):
             await job.ended.wait()
         if not job.ended.is_set():
-            process.signal_group(_signal.SIGKILL)
+            await self._kill(job, process)
             await job.ended.wait()
+
+    async def _kill(self, job: _Job, process: JobProcess) -> None:
+        """SIGKILL everything of the job: its process group and, through the
+        cgroup, whatever escaped it (setsid, double fork)."""
+        process.signal_group(_signal.SIGKILL)
+        if job.cgroup is not None and job.cgroup.tracked:
+            await trio.to_thread.run_sync(job.cgroup.kill)
+
+    async def _remove_cgroup(self, job: _Job) -> None:
+        group = job.cgroup
+        if group is None or not group.tracked:
+            return
+        try:
+            await trio.to_thread.run_sync(group.remove)
+        except CgroupError as exc:
+            _log.warning("job %s: cannot remove its cgroup: %s", job.id, exc)
 
     async def _run_job(self, job: _Job, process: JobProcess) -> None:
         log = job.log
@@ -256,27 +331,52 @@ class Supervisor:
                     pumps.start_soon(_pump, process.stderr, OutputStream.STDERR, log)
                     await process.wait_exited()
                     # As systemd does for a service: the main process is gone,
-                    # so whatever it left in its group goes too.
-                    process.signal_group(_signal.SIGKILL)
+                    # so whatever it left (in its group or its cgroup) goes too.
+                    await self._kill(job, process)
+                    if job.cgroup is not None:
+                        with trio.move_on_after(_DRAIN_TIMEOUT):
+                            await job.cgroup.wait_empty()
                     process.reap()
                     pumps.cancel_scope.deadline = trio.current_time() + _DRAIN_TIMEOUT
                 log.finish()
         finally:
             with trio.CancelScope(shield=True):
                 if not process.reaped:
-                    process.signal_group(_signal.SIGKILL)
+                    await self._kill(job, process)
                     await process.wait_exited()
                     process.reap()
-                await process.aclose_pipes()
+                process.close_pipes()
                 if not log.finished:
                     log.finish()
                 await log.flush()
                 log.close()
-                returncode = process.returncode
-                assert returncode is not None
-                job.feed(lc.Exited(returncode, _now()))
+                await self._record_end(job, process)
 
-    async def _shutdown(self, grace: float) -> None:
+    async def _record_end(self, job: _Job, process: JobProcess) -> None:
+        returncode = process.returncode
+        assert returncode is not None
+        oom_killed = False
+        group = job.cgroup
+        if group is not None:
+            oom_killed = group.oom_killed()
+            job.final_usage = group.usage()
+            await self._remove_cgroup(job)
+        failure = read_report(log_dir / _REPORT) if (log_dir := job.directory) else None
+        if failure is not None and job.isolation.any:
+            job.feed(lc.SpawnFailed(failure.message, _now(), failure.errno))
+        else:
+            job.feed(lc.Exited(returncode, _now(), oom_killed=oom_killed))
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Refuse new jobs and stop every running one (TERM, ``grace``, KILL).
+
+        Leaving ``open_supervisor`` does this too; a server calls it earlier, so
+        followers get the end of their streams while connections drain.
+        """
         self._closing = True
         async with trio.open_nursery() as nursery:
             for job in list(self._jobs.values()):
@@ -284,10 +384,12 @@ class Supervisor:
                     nursery.start_soon(self._terminate, job, job.process, grace)
 
 
-async def _pump(stream: trio.lowlevel.FdStream, tag: OutputStream, log: OutputLog) -> None:
+async def _pump(pipe: PipeReader, tag: OutputStream, log: OutputLog) -> None:
     """Move bytes from one pipe into the log as fast as the pipe gives them."""
-    while data := await stream.receive_some(_READ_SIZE):
-        log.append(tag, data)
+    while pieces := await pipe.read_round(_ROUND_BYTES):
+        for data in pieces:
+            log.append(tag, data, notify=False)
+        log.notify()
         if log.backlogged:
             await log.wait_flushed()
 
@@ -315,6 +417,9 @@ async def open_supervisor(
     shutdown_grace: float = 5.0,
     env: Mapping[str, str] | None = None,
     tail_bytes: int = 4 * 1024 * 1024,
+    cgroups: CgroupDriver | None = None,
+    cgroup_parent: str = "trio-worker",
+    limit_policy: LimitPolicy | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Run a supervisor for the duration of the ``async with`` block.
 
@@ -323,9 +428,19 @@ async def open_supervisor(
     the base environment jobs extend (default: this process's environment).
     Leaving the block — normally, by an exception, or by cancellation — stops
     every running job (SIGTERM, ``shutdown_grace``, SIGKILL) before returning.
+
+    Limits and tracking use the host's cgroups, probed at start (``cgroups``
+    overrides the probe): one parent group ``cgroup_parent`` under this
+    process's own cgroup, one child per job. Job groups left by an earlier run
+    under the same parent are killed and removed first. ``limit_policy`` holds
+    the defaults and maximums applied to every job's limits.
     """
     temporary = state_dir is None
     path = Path(tempfile.mkdtemp(prefix="trio-worker-") if state_dir is None else state_dir)
+    driver = cgroups if cgroups is not None else cgroup_detect(cgroup_parent)
+    leftovers = await trio.to_thread.run_sync(driver.cleanup_leftovers)
+    if leftovers:
+        _log.warning("killed %d job group(s) left by an earlier run", len(leftovers))
     try:
         async with _unwrap_single(), trio.open_nursery() as nursery:
             supervisor = Supervisor(
@@ -333,12 +448,16 @@ async def open_supervisor(
                 path,
                 base_env=os.environ if env is None else env,
                 tail_bytes=tail_bytes,
+                cgroups=driver,
+                limit_policy=limit_policy or LimitPolicy(),
             )
             try:
                 yield supervisor
             finally:
                 with trio.CancelScope(shield=True):
-                    await supervisor._shutdown(shutdown_grace)
+                    await supervisor.shutdown(shutdown_grace)
     finally:
+        if cgroups is None:
+            driver.close()
         if temporary and not keep_state:
             shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,1089 @@
+"""Cgroup drivers: per-job limits, whole-tree kill, OOM and usage reporting.
+
+``detect()`` probes the host once at start and returns one of three drivers:
+
+* ``V2Driver`` — a pure unified hierarchy (``cgroup.controllers`` at the root):
+  ``cpu.max``, ``memory.max``/``memory.swap.max``, ``io.max``, ``pids.max``,
+  ``cgroup.kill``, ``memory.events``, ``memory.peak``, ``cpu.stat``.
+* ``V1Driver`` — legacy or hybrid hierarchies (one mount per controller):
+  ``cpu.cfs_quota_us``, ``memory.limit_in_bytes``/``memory.memsw.limit_in_bytes``,
+  ``blkio.throttle.*_bps_device``, ``pids.max``, ``memory.oom_control``,
+  ``cpuacct.usage``, freezer for kill; plus the v2 mount at ``unified/`` (when
+  there is one) for tracking and ``cgroup.kill``.
+* ``NoDriver`` — no usable cgroups (not root, read-only, none mounted): jobs
+  without limits still run, a job asking for one is refused (``Unenforceable``).
+
+Layout: one parent group for the server (``parent``, created under the server's
+own cgroup in each hierarchy, so the server's own limits and delegation are
+respected), one child ``job-<id>`` per job, created before the job runs and
+joined by the job's process between fork and exec.
+
+Driver-level failures raise ``Unenforceable`` (the host cannot do it) or
+``CgroupError`` (a cgroup file operation failed); never a bare OSError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+import re
+import signal
+import stat
+import struct
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import trio
+
+from ._errors import InvalidRequest, TrioWorkerError, Unenforceable
+from ._isolation import check_isolation
+from ._model import Isolation, Limits, Usage
+
+__all__ = [
+    "CGROUP_ROOT",
+    "CPU_PERIOD_US",
+    "MAX_CPUS",
+    "MAX_MEMORY",
+    "MAX_PIDS",
+    "MIN_CPUS",
+    "MIN_MEMORY",
+    "CgroupDriver",
+    "CgroupError",
+    "JobCgroup",
+    "LimitPolicy",
+    "NoDriver",
+    "V1Driver",
+    "V2Driver",
+    "block_device_for",
+    "cpu_quota_us",
+    "detect",
+    "validate_limits",
+]
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: CFS period: quota = cpus * period. 100 ms is the kernel's default.
+CPU_PERIOD_US = 100_000
+#: The kernel's smallest CFS quota is 1 ms, i.e. 0.01 CPUs at a 100 ms period.
+MIN_CPUS = 0.01
+#: More CPUs than any Linux build supports (NR_CPUS <= 8192).
+MAX_CPUS = 8192.0
+#: Below this, not even a shell starts; the kernel would OOM-kill at once.
+MIN_MEMORY = 1 << 20
+#: The page counters of both cgroup versions top out near 2**63.
+MAX_MEMORY = 1 << 62
+#: PID_MAX_LIMIT: no pids.max above this means anything.
+MAX_PIDS = 4 * 1024 * 1024
+MAX_BPS = (1 << 63) - 1
+
+_JOB_PREFIX = "job-"
+_JOB_ID = re.compile(r"[0-9A-Za-z_.-]{1,128}")
+_REMOVE_TIMEOUT = 1.0
+_FREEZE_TIMEOUT = 1.0
+_LEFTOVER_TIMEOUT = 2.0
+_IN_MODIFY = 0x2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+
+
+class CgroupError(TrioWorkerError):
+    """A cgroup file operation failed; the job using it must fail, not the server."""
+
+    def __init__(self, message: str, *, path: Path | None = None, errno_: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.errno = errno_
+
+
+class _Unusable(Exception):
+    """No hierarchy can be used at all (internal: turns into a NoDriver)."""
+
+    def __init__(self, reason: str, missing: Mapping[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.missing = dict(missing or {})
+
+
+# -- limits --------------------------------------------------------------------
+
+
+def validate_limits(limits: Limits) -> None:
+    """Reject limits no kernel would take or no job could live with.
+
+    Raises ``InvalidRequest`` naming the field and the bound.
+    """
+    limits.validate()
+    for f in fields(limits):
+        value = getattr(limits, f.name)
+        if f.name != "cpus" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InvalidRequest(f"limits.{f.name}", f"must be an integer, got {value!r}")
+    if 0 < limits.cpus < MIN_CPUS:
+        raise InvalidRequest(
+            "limits.cpus",
+            f"must be 0 (no limit) or at least {MIN_CPUS} CPUs (a 1 ms CFS quota "
+            f"per {CPU_PERIOD_US // 1000} ms period), got {limits.cpus}",
+        )
+    if limits.cpus > MAX_CPUS:
+        raise InvalidRequest("limits.cpus", f"must be at most {MAX_CPUS:g}, got {limits.cpus}")
+    if 0 < limits.memory_bytes < MIN_MEMORY:
+        raise InvalidRequest(
+            "limits.memory_bytes",
+            f"must be 0 (no limit) or at least {MIN_MEMORY} bytes (1 MiB), "
+            f"got {limits.memory_bytes}",
+        )
+    if limits.memory_bytes > MAX_MEMORY:
+        raise InvalidRequest(
+            "limits.memory_bytes", f"must be at most {MAX_MEMORY} bytes, got {limits.memory_bytes}"
+        )
+    for name in ("io_read_bps", "io_write_bps"):
+        if getattr(limits, name) > MAX_BPS:
+            raise InvalidRequest(f"limits.{name}", f"must be at most {MAX_BPS}")
+    if limits.pids > MAX_PIDS:
+        raise InvalidRequest("limits.pids", f"must be at most {MAX_PIDS}, got {limits.pids}")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitPolicy:
+    """The server's limit configuration: defaults fill unset fields, maximums cap them.
+
+    0 means "unset" in ``defaults`` and "no maximum" in ``maximums``. Since 0
+    also means "no limit" in a request (proto3 cannot tell unset from 0), a
+    field left at 0 gets the default, or else the maximum: a server with a
+    maximum never runs a job unlimited in that resource.
+    """
+
+    defaults: Limits = field(default_factory=Limits)
+    maximums: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        validate_limits(self.defaults)
+        validate_limits(self.maximums)
+        for f in fields(Limits):
+            default, maximum = getattr(self.defaults, f.name), getattr(self.maximums, f.name)
+            if maximum and default > maximum:
+                raise ValueError(f"default {f.name}={default} is above the maximum {maximum}")
+
+    def apply(self, requested: Limits) -> Limits:
+        """The limits a job gets; ``InvalidRequest`` if it asks above a maximum."""
+        validate_limits(requested)
+
+        def pick(name: str) -> float:
+            value: float = getattr(requested, name)
+            maximum: float = getattr(self.maximums, name)
+            if maximum and value > maximum:
+                raise InvalidRequest(
+                    f"limits.{name}", f"must be at most {maximum} on this server, got {value}"
+                )
+            chosen: float = value or getattr(self.defaults, name) or maximum
+            return chosen
+
+        return Limits(
+            cpus=float(pick("cpus")),
+            memory_bytes=int(pick("memory_bytes")),
+            io_read_bps=int(pick("io_read_bps")),
+            io_write_bps=int(pick("io_write_bps")),
+            pids=int(pick("pids")),
+        )
+
+
+# -- small file helpers ----------------------------------------------------------
+
+
+def _write(path: Path, value: str) -> None:
+    """Write one value the way ``echo value > path`` would; CgroupError on failure."""
+    try:
+        # O_CREAT is a no-op on cgroupfs (the files exist) and lets the driver run
+        # against a plain directory tree laid out like one, in tests.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise CgroupError(
+            f"cannot write {value!r} to {path}: {exc.strerror}", path=path, errno_=exc.errno
+        ) from None
+
+
+def _read(path: Path) -> str | None:
+    """The file's text, or None if it does not exist (group gone, feature absent)."""
+    try:
+        return path.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise CgroupError(
+            f"cannot read {path}: {exc.strerror}", path=path, errno_=exc.errno
+        ) from None
+
+
+def _keyed(text: str | None, key: str) -> int | None:
+    """The value of ``key`` in a ``key value`` per line file (memory.events, cpu.stat)."""
+    for line in (text or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _own_cgroups() -> dict[str, str]:
+    """Controller name (or "unified") -> this process's cgroup path in that hierarchy."""
+    own: dict[str, str] = {}
+    text = _read(Path("/proc/self/cgroup")) or ""
+    for line in text.splitlines():
+        number, controllers, path = line.split(":", 2)
+        if number == "0" and not controllers:
+            own["unified"] = path
+        for name in controllers.split(","):
+            if name:
+                own[name.removeprefix("name=")] = path
+    return own
+
+
+def _under(root: Path, relative: str) -> Path:
+    return root / relative.strip("/") if relative.strip("/") else root
+
+
+# -- which block device --------------------------------------------------------
+
+
+def _unescape(field_: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_)
+
+
+def block_device_for(
+    directory: str | os.PathLike[str],
+    *,
+    mountinfo: Path = Path("/proc/self/mountinfo"),
+    sysfs: Path = Path("/sys"),
+    _depth: int = 0,
+) -> tuple[int, int]:
+    """The ``(major, minor)`` the IO limits of a job working in ``directory`` apply to.
+
+    That is the *whole disk* holding the file system ``directory`` is on (for
+    device-mapper, md and loop devices: that device itself), because:
+
+    * the job's own files live there, so this is the IO it is asked to limit;
+    * blk-throttle (v1 ``blkio.throttle.*``) and ``io.max`` (v2) are configured
+      per disk: the kernel refuses a partition's major:minor (ENODEV/EINVAL),
+      and throttles a partition's IO at its disk anyway. So a job limited on
+      ``sda2`` is limited for all of ``sda`` (every partition), and IO to any
+      other disk is not limited.
+
+    How: ``st_dev`` of the directory; if that is an anonymous device (major 0:
+    overlayfs, btrfs subvolumes, tmpfs...), the mount in ``mountinfo`` with
+    that device is looked up — a ``/dev/...`` source is used as is, an overlay
+    is followed to its upper (written) directory; then a partition is replaced
+    by its disk via ``/sys/dev/block/M:m/partition``. Raises ``Unenforceable``
+    naming the directory when no block device is behind it (tmpfs, NFS, ...).
+    """
+    path = os.path.realpath(directory)
+    try:
+        st_dev = os.stat(path).st_dev
+    except OSError as exc:
+        raise Unenforceable(f"io limit: cannot stat {path}: {exc.strerror}") from None
+    major, minor = os.major(st_dev), os.minor(st_dev)
+    if major == 0:
+        if _depth > 4:
+            raise Unenforceable(f"io limit: cannot find the block device behind {path}")
+        major, minor = _backing_device(path, major, minor, mountinfo, sysfs, _depth)
+    node = sysfs / "dev" / "block" / f"{major}:{minor}"
+    if not node.exists():
+        raise Unenforceable(
+            f"io limit: {path} is on device {major}:{minor}, which is not a block device"
+        )
+    if (node / "partition").exists():
+        try:
+            disk = (node.resolve().parent / "dev").read_text().strip()
+            major, minor = (int(x) for x in disk.split(":"))
+        except (OSError, ValueError) as exc:
+            raise Unenforceable(
+                f"io limit: cannot find the disk of partition {major}:{minor} under {path}: {exc}"
+            ) from None
+    return major, minor
+
+
+def _backing_device(
+    path: str, major: int, minor: int, mountinfo: Path, sysfs: Path, depth: int
+) -> tuple[int, int]:
+    best: tuple[str, str, str, str] | None = None
+    for line in (_read(mountinfo) or "").splitlines():
+        parts = line.split()
+        sep = parts.index("-")
+        if parts[2] != f"{major}:{minor}":
+            continue
+        mount_point = _unescape(parts[4])
+        fstype, source, options = parts[sep + 1], _unescape(parts[sep + 2]), parts[sep + 3]
+        inside = path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
+        if inside and (best is None or len(mount_point) >= len(best[0])):
+            best = (mount_point, fstype, source, options)
+    if best is None:
+        raise Unenforceable(f"io limit: no mount found for {path} (device {major}:{minor})")
+    _, fstype, source, options = best
+    if source.startswith("/dev/"):
+        try:
+            st = os.stat(source)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISBLK(st.st_mode):
+            return os.major(st.st_rdev), os.minor(st.st_rdev)
+    if fstype == "overlay":
+        opts = dict(o.partition("=")[::2] for o in options.split(","))
+        layer = opts.get("upperdir") or opts.get("lowerdir", "").split(":")[0]
+        if layer:
+            return block_device_for(layer, mountinfo=mountinfo, sysfs=sysfs, _depth=depth + 1)
+    raise Unenforceable(
+        f"io limit: {path} is on {fstype} ({source}), which is not backed by a block device"
+    )
+
+
+# -- job groups ----------------------------------------------------------------
+
+
+class _Inotify:
+    """An inotify fd watching one file for modification (cgroup.events)."""
+
+    def __init__(self, path: Path) -> None:
+        fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        if _libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
+            code = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(code, os.strerror(code), str(path))
+        self.fd = fd
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class JobCgroup(ABC):
+    """One job's group, in every hierarchy the driver uses.
+
+    Order of use: ``preexec_join()`` in the child; on the supervisor side
+    ``kill()``, ``await wait_empty()``, ``oom_killed()``/``usage()``, ``remove()``.
+    """
+
+    #: Whether the host tracks the job at all (False only for NoDriver's groups).
+    tracked = True
+
+    def __init__(self, job_id: str, dirs: Iterable[Path], events: Path | None) -> None:
+        self.job_id = job_id
+        #: The job's directory in each hierarchy, one per distinct mount.
+        self.dirs: tuple[Path, ...] = tuple(dirs)
+        #: v2 ``cgroup.events`` (populated 0/1) when there is a v2 group to watch.
+        self._events = events
+        # Everything the forked child needs is computed here: preexec_join only
+        # calls os.open/os.write/os.close on ready-made bytes.
+        self._procs = tuple(os.fsencode(d / "cgroup.procs") for d in self.dirs)
+        # Shared with forked children (MAP_SHARED): a failed join leaves its
+        # index and errno here for join_error() in the parent.
+        self._failure = mmap.mmap(-1, 8)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.job_id} {[str(d) for d in self.dirs]}>"
+
+    @property
+    def path(self) -> Path | None:
+        return self.dirs[0] if self.dirs else None
+
+    def preexec_join(self) -> None:
+        """Move the calling process into every hierarchy's group. For a ``preexec_fn``.
+
+        Writes "0" (the writer itself) to each ``cgroup.procs``: no pid to format,
+        no allocation, nothing that takes a lock a forked child might never get.
+        """
+        for index in range(len(self._procs)):
+            try:
+                fd = os.open(self._procs[index], os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.write(fd, b"0")
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                self._failure[0:8] = struct.pack("ii", index + 1, exc.errno or 0)
+                raise
+
+    def join_error(self) -> CgroupError | None:
+        """Why ``preexec_join`` failed in a child, if it did (read in the parent)."""
+        index, code = struct.unpack("ii", self._failure[0:8])
+        if index == 0:
+            return None
+        path = self.dirs[index - 1]
+        return CgroupError(
+            f"cannot move the job into cgroup {path}: {os.strerror(code)}",
+            path=path,
+            errno_=code,
+        )
+
+    def pids(self) -> list[int]:
+        """Every process in the group (and its subgroups), in the server's pid space."""
+        found: set[int] = set()
+        for directory in self.dirs:
+            for sub, _, _ in os.walk(directory):
+                for line in (_read(Path(sub) / "cgroup.procs") or "").split():
+                    found.add(int(line))
+        return sorted(found)
+
+    def is_empty(self) -> bool:
+        """True once no process is left in the group."""
+        if self._events is not None:
+            text = _read(self._events)
+            if text is None:
+                return True
+            return _keyed(text, "populated") == 0
+        return not self.pids()
+
+    async def wait_empty(self) -> None:
+        """Return once the group is empty.
+
+        With a v2 group (pure v2, or the unified mount of a hybrid host) this
+        sleeps on inotify on ``cgroup.events`` — no polling. Pure v1 has no
+        such event for non-root cgroups (only the global release agent), so
+        there it polls with a backoff from 5 ms to 100 ms.
+        """
+        if self._events is not None and self._events.exists():
+            watch = _Inotify(self._events)
+            try:
+                while not self.is_empty():
+                    await trio.lowlevel.wait_readable(watch.fd)
+                    watch.drain()
+            finally:
+                watch.close()
+            return
+        delay = 0.005
+        while not self.is_empty():
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def wait_empty_sync(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for the group to empty (for start-up)."""
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while not self.is_empty():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return True
+
+    @abstractmethod
+    def kill(self) -> None:
+        """SIGKILL every process in the group, escapees from the process group included."""
+
+    @abstractmethod
+    def oom_killed(self) -> bool:
+        """True if the kernel's OOM killer killed a process in this group."""
+
+    @abstractmethod
+    def usage(self) -> Usage | None:
+        """CPU seconds and peak memory, as far as the host accounts them."""
+
+    def remove(self) -> None:
+        """Remove the group everywhere; call after the job ended and was reaped.
+
+        Subgroups the job made are removed first. A group whose last
+        processes are still exiting is EBUSY for a moment: retried for up to 1 s.
+        """
+        deadline = time.monotonic() + _REMOVE_TIMEOUT
+        delay = 0.002
+        for directory in self.dirs:
+            while True:
+                try:
+                    _rmtree_cgroup(directory)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                        raise CgroupError(
+                            f"cannot remove cgroup {exc.filename or directory}: {exc.strerror}",
+                            path=directory,
+                            errno_=exc.errno,
+                        ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    def _signal_all(self) -> None:
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _rmtree_cgroup(directory: Path) -> None:
+    """rmdir a cgroup and its subgroups, deepest first (their files go with them)."""
+    if not directory.exists():
+        return
+    for sub, dirnames, _ in os.walk(directory, topdown=False):
+        for name in dirnames:
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(os.path.join(sub, name))
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(directory)
+
+
+def _freeze_and_kill(state: Path, job: JobCgroup, *, v2: bool) -> None:
+    """Freeze, SIGKILL everything, thaw: nothing can fork while being killed.
+
+    Signals to frozen tasks are delivered when they thaw, so every process
+    dies and none had the chance to make a new one in between.
+    """
+    _write(state, "1" if v2 else "FROZEN")
+    try:
+        deadline = time.monotonic() + _FREEZE_TIMEOUT
+        while time.monotonic() < deadline:
+            if v2:
+                if _keyed(_read(state.parent / "cgroup.events"), "frozen") == 1:
+                    break
+            elif (_read(state) or "").strip() == "FROZEN":
+                break
+            time.sleep(0.001)
+        job._signal_all()
+    finally:
+        _write(state, "0" if v2 else "THAWED")
+
+
+class V2JobCgroup(JobCgroup):
+    """A job's group in a cgroup v2 hierarchy."""
+
+    def __init__(self, job_id: str, directory: Path, *, has_kill: bool) -> None:
+        super().__init__(job_id, [directory], directory / "cgroup.events")
+        self.dir = directory
+        self._has_kill = has_kill
+
+    def kill(self) -> None:
+        """``cgroup.kill`` (Linux 5.14+), else freeze via ``cgroup.freeze`` and SIGKILL."""
+        if not self.dir.exists():
+            return
+        if self._has_kill:
+            _write(self.dir / "cgroup.kill", "1")
+        elif (self.dir / "cgroup.freeze").exists():
+            _freeze_and_kill(self.dir / "cgroup.freeze", self, v2=True)
+        else:
+            self._signal_all()
+
+    def oom_killed(self) -> bool:
+        return (_keyed(_read(self.dir / "memory.events"), "oom_kill") or 0) > 0
+
+    def usage(self) -> Usage | None:
+        usec = _keyed(_read(self.dir / "cpu.stat"), "usage_usec")
+        peak_text = _read(self.dir / "memory.peak")
+        if usec is None and peak_text is None:
+            return None
+        peak = int(peak_text) if peak_text and peak_text.strip().isdigit() else 0
+        return Usage(cpu_seconds=(usec or 0) / 1e6, memory_peak_bytes=peak)
+
+
+class V1JobCgroup(JobCgroup):
+    """A job's groups in cgroup v1 hierarchies (and the unified mount, if any)."""
+
+    def __init__(self, job_id: str, controllers: Mapping[str, Path], unified: Path | None) -> None:
+        distinct: dict[str, Path] = {}
+        for directory in controllers.values():
+            distinct.setdefault(os.path.realpath(directory.parent), directory)
+        dirs = list(distinct.values()) + ([unified] if unified is not None else [])
+        super().__init__(job_id, dirs, unified / "cgroup.events" if unified else None)
+        self.controllers = dict(controllers)
+        self.unified = unified
+
+    def kill(self) -> None:
+        """``cgroup.kill`` of the unified mount if any, then freeze, SIGKILL all, thaw."""
+        if self.unified is not None and (self.unified / "cgroup.kill").exists():
+            _write(self.unified / "cgroup.kill", "1")
+        freezer = self.controllers.get("freezer")
+        if freezer is not None and freezer.exists():
+            _freeze_and_kill(freezer / "freezer.state", self, v2=False)
+        else:
+            # No freezer: kill in rounds, catching what was forked meanwhile.
+            for _ in range(10):
+                if not self.pids():
+                    break
+                self._signal_all()
+                time.sleep(0.005)
+
+    def oom_killed(self) -> bool:
+        memory = self.controllers.get("memory")
+        if memory is None:
+            return False
+        kills = _keyed(_read(memory / "memory.oom_control"), "oom_kill")
+        if kills is not None:
+            return kills > 0
+        # Before Linux 4.13 there is no counter: hitting the limit is the best hint.
+        failcnt = _read(memory / "memory.failcnt")
+        return bool(failcnt and int(failcnt) > 0)
+
+    def usage(self) -> Usage | None:
+        cpu: float | None = None
+        peak = 0
+        cpuacct = self.controllers.get("cpuacct")
+        if cpuacct is not None:
+            text = _read(cpuacct / "cpuacct.usage")
+            if text is not None:
+                cpu = int(text) / 1e9
+        if cpu is None and self.unified is not None:
+            usec = _keyed(_read(self.unified / "cpu.stat"), "usage_usec")
+            cpu = None if usec is None else usec / 1e6
+        memory = self.controllers.get("memory")
+        if memory is not None:
+            text = _read(memory / "memory.max_usage_in_bytes")
+            peak = int(text) if text is not None else 0
+        if cpu is None and memory is None:
+            return None
+        return Usage(cpu_seconds=cpu or 0.0, memory_peak_bytes=peak)
+
+
+class _NullJobCgroup(JobCgroup):
+    """What NoDriver hands out: nothing tracked, nothing to kill, nothing to remove."""
+
+    tracked = False
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id, [], None)
+
+    def kill(self) -> None:
+        pass
+
+    def oom_killed(self) -> bool:
+        return False
+
+    def usage(self) -> Usage | None:
+        return None
+
+    def is_empty(self) -> bool:
+        return True
+
+
+# -- drivers -------------------------------------------------------------------
+
+_WHAT = {
+    "cpus": ("cpu limit", "cpu"),
+    "memory_bytes": ("memory limit", "memory"),
+    "io_read_bps": ("io read limit", "io"),
+    "io_write_bps": ("io write limit", "io"),
+    "pids": ("pids limit", "pids"),
+}
+
+
+def _check_job_id(job_id: str) -> None:
+    if not _JOB_ID.fullmatch(job_id) or job_id in (".", ".."):
+        raise InvalidRequest("id", f"{job_id!r} cannot name a cgroup")
+
+
+class CgroupDriver(ABC):
+    """Creates, limits and cleans up the per-job groups under the server's parent."""
+
+    #: "v2", "v1" or "none".
+    name: str
+
+    def __init__(self) -> None:
+        #: Controller ("cpu", "memory", "io", "pids") -> why it cannot be used.
+        self.missing: dict[str, str] = {}
+
+    def _controller_name(self, generic: str) -> str:
+        return generic
+
+    def check(self, limits: Limits, isolation: Isolation | None = None) -> None:
+        """Raise ``Unenforceable`` naming every requested limit/namespace this host lacks."""
+        validate_limits(limits)
+        problems: list[str] = []
+        seen: set[str] = set()
+        for f in fields(Limits):
+            if not getattr(limits, f.name):
+                continue
+            label, generic = _WHAT[f.name]
+            controller = self._controller_name(generic)
+            if controller in self.missing and controller not in seen:
+                seen.add(controller)
+                problems.append(
+                    f"{label} needs a writable {controller} cgroup controller "
+                    f"({self.missing[controller]})"
+                )
+        if problems:
+            raise Unenforceable("; ".join(problems))
+        if isolation is not None:
+            check_isolation(isolation)
+
+    @abstractmethod
+    def create(
+        self,
+        job_id: str,
+        limits: Limits,
+        *,
+        cwd: str | os.PathLike[str] | None = None,
+        extra_tasks: int = 0,
+    ) -> JobCgroup:
+        """Make the job's group with ``limits`` applied, before the job runs.
+
+        ``cwd`` picks the disk for IO limits (``block_device_for``; the server's
+        cwd if None). ``extra_tasks`` is added to ``pids.max`` for helper
+        processes that are not the job's (``_isolation.helper_tasks``).
+        Raises ``Unenforceable``, ``InvalidRequest`` or ``CgroupError``.
+        """
+
+    @abstractmethod
+    def job(self, job_id: str) -> JobCgroup:
+        """The (existing) group of ``job_id``, for kill/remove without creating it."""
+
+    @abstractmethod
+    def _parent_dirs(self) -> list[Path]: ...
+
+    def cleanup_leftovers(self) -> list[str]:
+        """Kill and remove job groups an earlier run left behind; return their job ids.
+
+        Meant for start-up, before any job of this run exists. Raises
+        ``CgroupError`` (after trying them all) if some could not be removed.
+        """
+        ids: set[str] = set()
+        for parent in self._parent_dirs():
+            try:
+                entries = list(os.scandir(parent))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if entry.name.startswith(_JOB_PREFIX) and entry.is_dir(follow_symlinks=False):
+                    ids.add(entry.name.removeprefix(_JOB_PREFIX))
+        failures: list[str] = []
+        for job_id in sorted(ids):
+            group = self.job(job_id)
+            try:
+                group.kill()
+                group.wait_empty_sync(_LEFTOVER_TIMEOUT)
+                group.remove()
+            except CgroupError as exc:
+                failures.append(str(exc))
+        if failures:
+            raise CgroupError("leftover job cgroups remain: " + "; ".join(failures))
+        return sorted(ids)
+
+    def close(self) -> None:
+        """Remove the server's parent groups if they are empty (best effort)."""
+        for parent in self._parent_dirs():
+            with contextlib.suppress(OSError):
+                os.rmdir(parent)
+
+    @property
+    def tracks(self) -> bool:
+        """True if jobs get a group (so ``kill`` reaches escapees)."""
+        return True
+
+
+class V2Driver(CgroupDriver):
+    """cgroup v2: one unified hierarchy, controllers enabled down the tree."""
+
+    name = "v2"
+    _WANTED = ("cpu", "memory", "io", "pids")
+
+    def __init__(self, root: Path, parent: str, base: str) -> None:
+        super().__init__()
+        self.root = root
+        base_dir = _under(root, base)
+        self.parent_dir = base_dir / parent
+        try:
+            self.parent_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _Unusable(f"cannot create {self.parent_dir}: {exc.strerror}") from None
+        if not os.access(self.parent_dir, os.W_OK):
+            raise _Unusable(f"{self.parent_dir} is not writable")
+        # Each level from our own group down to the parent must pass the
+        # controllers on, or the job groups below have no limit files.
+        level = base_dir
+        self._enable(level)
+        for part in Path(parent).parts:
+            level = level / part
+            self._enable(level)
+
+    def _enable(self, level: Path) -> None:
+        available = set((_read(level / "cgroup.controllers") or "").split())
+        enabled = set((_read(level / "cgroup.subtree_control") or "").split())
+        for name in self._WANTED:
+            if name in self.missing:
+                continue
+            if name not in available:
+                listed = " ".join(sorted(available)) or "none"
+                self.missing[name] = (
+                    f"cgroup v2: {level}/cgroup.controllers does not offer it (it lists: {listed})"
+                )
+            elif name not in enabled:
+                try:
+                    _write(level / "cgroup.subtree_control", f"+{name}")
+                except CgroupError as exc:
+                    hint = ""
+                    if exc.errno == errno.EBUSY:
+                        hint = (
+                            "; processes live in that group (v2's no-internal-processes "
+                            "rule): run the server in a leaf of a delegated subtree"
+                        )
+                    self.missing[name] = f"cgroup v2: cannot enable it in {level}: {exc}{hint}"
+
+    def _parent_dirs(self) -> list[Path]:
+        return [self.parent_dir]
+
+    def job(self, job_id: str) -> JobCgroup:
+        _check_job_id(job_id)
+        return V2JobCgroup(
+            job_id,
+            self.parent_dir / f"{_JOB_PREFIX}{job_id}",
+            has_kill=(self.parent_dir / "cgroup.kill").exists(),
+        )
+
+    def create(
+        self,
+        job_id: str,
+        limits: Limits,
+        *,
+        cwd: str | os.PathLike[str] | None = None,
+        extra_tasks: int = 0,
+    ) -> JobCgroup:
+        self.check(limits)
+        device = None
+        if limits.io_read_bps or limits.io_write_bps:
+            device = block_device_for(cwd if cwd is not None else os.getcwd())
+        group = self.job(job_id)
+        directory = group.dirs[0]
+        try:
+            directory.mkdir()
+        except OSError as exc:
+            raise CgroupError(
+                f"cannot create cgroup {directory}: {exc.strerror}", path=directory
+            ) from None
+        try:
+            if limits.cpus:
+                _write(directory / "cpu.max", f"{cpu_quota_us(limits.cpus)} {CPU_PERIOD_US}")
+            if limits.memory_bytes:
+                _write(directory / "memory.max", str(limits.memory_bytes))
+                if (self.parent_dir / "memory.swap.max").exists():
+                    _write(directory / "memory.swap.max", "0")
+                if (self.parent_dir / "memory.oom.group").exists():
+                    # OOM kills the job as a unit, not just its biggest process.
+                    _write(directory / "memory.oom.group", "1")
+            if device is not None:
+                rbps = limits.io_read_bps or "max"
+                wbps = limits.io_write_bps or "max"
+                _write(directory / "io.max", f"{device[0]}:{device[1]} rbps={rbps} wbps={wbps}")
+            if limits.pids:
+                _write(directory / "pids.max", str(limits.pids + extra_tasks))
+        except BaseException:
+            _rmdir_quietly([directory])
+            raise
+        return group
+
+
+class V1Driver(CgroupDriver):
+    """cgroup v1 (legacy or hybrid): a mount per controller under ``root``."""
+
+    name = "v1"
+    #: Hierarchy -> a file its non-root groups have (proves the controller is there).
+    _PROBES = {
+        "cpu": "cpu.cfs_quota_us",
+        "cpuacct": "cpuacct.usage",
+        "memory": "memory.limit_in_bytes",
+        "blkio": "blkio.throttle.write_bps_device",
+        "pids": "pids.max",
+        "freezer": "freezer.state",
+    }
+
+    def __init__(
+        self,
+        root: Path,
+        parent: str,
+        base: str | None,
+        *,
+        use_unified: bool = True,
+        own: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.root = root
+        own = _own_cgroups() if own is None else own
+        self.parents: dict[str, Path] = {}
+        for name, probe in self._PROBES.items():
+            mount = root / name
+            if not (mount / "cgroup.procs").exists():
+                self.missing[name] = f"cgroup v1: no {name} hierarchy mounted at {mount}"
+                continue
+            parent_dir = _under(mount, base if base is not None else own.get(name, "/")) / parent
+            try:
+                parent_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                self.missing[name] = f"cgroup v1: cannot create {parent_dir}: {exc.strerror}"
+                continue
+            if not os.access(parent_dir, os.W_OK):
+                self.missing[name] = f"cgroup v1: {parent_dir} is not writable"
+            elif not (parent_dir / probe).exists():
+                self.missing[name] = f"cgroup v1: {parent_dir} has no {probe}"
+            else:
+                self.parents[name] = parent_dir
+        self.unified: Path | None = None
+        unified = root / "unified"
+        if use_unified and (unified / "cgroup.procs").exists():
+            parent_dir = _under(unified, base if base is not None else own.get("unified", "/"))
+            parent_dir = parent_dir / parent
+            try:
+                parent_dir.mkdir(parents=True, exist_ok=True)
+                self.unified = parent_dir
+            except OSError:
+                pass
+        if not self.parents and self.unified is None:
+            missing = {("io" if k == "blkio" else k): v for k, v in self.missing.items()}
+            raise _Unusable(f"no usable cgroup hierarchy under {root}", missing)
+        self._memsw = (
+            "memory" in self.parents
+            and (self.parents["memory"] / "memory.memsw.limit_in_bytes").exists()
+        )
+
+    def _controller_name(self, generic: str) -> str:
+        return "blkio" if generic == "io" else generic
+
+    def _parent_dirs(self) -> list[Path]:
+        return list(self.parents.values()) + ([self.unified] if self.unified else [])
+
+    def job(self, job_id: str) -> JobCgroup:
+        _check_job_id(job_id)
+        name = f"{_JOB_PREFIX}{job_id}"
+        return V1JobCgroup(
+            job_id,
+            {c: p / name for c, p in self.parents.items()},
+            self.unified / name if self.unified is not None else None,
+        )
+
+    def create(
+        self,
+        job_id: str,
+        limits: Limits,
+        *,
+        cwd: str | os.PathLike[str] | None = None,
+        extra_tasks: int = 0,
+    ) -> JobCgroup:
+        self.check(limits)
+        device = None
+        if limits.io_read_bps or limits.io_write_bps:
+            device = block_device_for(cwd if cwd is not None else os.getcwd())
+        group = self.job(job_id)
+        assert isinstance(group, V1JobCgroup)
+        made: list[Path] = []
+        try:
+            for directory in group.dirs:
+                try:
+                    directory.mkdir()
+                except OSError as exc:
+                    raise CgroupError(
+                        f"cannot create cgroup {directory}: {exc.strerror}", path=directory
+                    ) from None
+                made.append(directory)
+            c = group.controllers
+            if limits.cpus:
+                _write(c["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+                _write(c["cpu"] / "cpu.cfs_quota_us", str(cpu_quota_us(limits.cpus)))
+            if limits.memory_bytes:
+                _write(c["memory"] / "memory.limit_in_bytes", str(limits.memory_bytes))
+                if self._memsw:
+                    # memory+swap == memory: the job cannot swap its way past the limit.
+                    _write(c["memory"] / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+            if device is not None:
+                for name, value in (("read", limits.io_read_bps), ("write", limits.io_write_bps)):
+                    if value:
+                        _write(
+                            c["blkio"] / f"blkio.throttle.{name}_bps_device",
+                            f"{device[0]}:{device[1]} {value}",
+                        )
+            if limits.pids:
+                _write(c["pids"] / "pids.max", str(limits.pids + extra_tasks))
+        except BaseException:
+            _rmdir_quietly(made)
+            raise
+        return group
+
+
+class NoDriver(CgroupDriver):
+    """No usable cgroups: jobs run untracked, and any limit is refused."""
+
+    name = "none"
+
+    def __init__(self, reason: str, missing: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self.reason = reason
+        for controller in ("cpu", "memory", "io", "pids"):
+            why = (missing or {}).get(controller, reason)
+            self.missing[controller] = f"no usable cgroups on this host: {why}"
+
+    @property
+    def tracks(self) -> bool:
+        return False
+
+    def _parent_dirs(self) -> list[Path]:
+        return []
+
+    def job(self, job_id: str) -> JobCgroup:
+        return _NullJobCgroup(job_id)
+
+    def create(
+        self,
+        job_id: str,
+        limits: Limits,
+        *,
+        cwd: str | os.PathLike[str] | None = None,
+        extra_tasks: int = 0,
+    ) -> JobCgroup:
+        self.check(limits)
+        return _NullJobCgroup(job_id)
+
+
+def _rmdir_quietly(dirs: Iterable[Path]) -> None:
+    for directory in dirs:
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+
+
+def _check_parent(parent: str) -> None:
+    parts = Path(parent).parts
+    if not parent or Path(parent).is_absolute() or any(p in ("..", ".") for p in parts):
+        raise ValueError(f"parent must be a relative cgroup name, got {parent!r}")
+
+
+def detect(
+    parent: str = "trio-worker",
+    *,
+    root: Path = CGROUP_ROOT,
+    base: str | None = None,
+    use_unified: bool = True,
+) -> CgroupDriver:
+    """Probe the host and return the driver to use, creating the server's parent group.
+
+    ``parent`` is created under ``base`` in each hierarchy; ``base`` defaults to
+    this process's own cgroup there (``/proc/self/cgroup``), so the jobs stay
+    inside whatever limits and delegation the server itself was given. Pass
+    ``base="/"`` to put the parent at the top of the hierarchy instead.
+    ``use_unified=False`` ignores a hybrid host's v2 mount (the v1 freezer then
+    does all killing). Never raises for an unusable host: that is a NoDriver.
+    """
+    _check_parent(parent)
+    try:
+        if (root / "cgroup.controllers").is_file():
+            own = base if base is not None else _own_cgroups().get("unified", "/")
+            return V2Driver(root, parent, own)
+        hierarchies = [*V1Driver._PROBES, "unified"]
+        if any((root / name / "cgroup.procs").exists() for name in hierarchies):
+            return V1Driver(root, parent, base, use_unified=use_unified)
+    except _Unusable as exc:
+        return NoDriver(str(exc), exc.missing)
+    except CgroupError as exc:
+        return NoDriver(str(exc))
+    return NoDriver(f"no cgroup file system at {root}")
+
+
+def cpu_quota_us(cpus: float) -> int:
+    """The CFS quota (per ``CPU_PERIOD_US``) that ``cpus`` CPUs means."""
+    return max(1000, round(cpus * CPU_PERIOD_US))
