@@ -43,7 +43,9 @@ _STREAMS = {s.value: s for s in OutputStream}
 #: job hands out whole pipe reads without copying (tail chunks are returned as
 #: they are when they fit), small enough to be one comfortable gRPC message.
 DEFAULT_CHUNK = 1024 * 1024
-#: Largest piece sealed into the tail; smaller appends of one stream coalesce.
+#: Appends smaller than this coalesce (per stream) into chunks of up to _SEAL_AT,
+#: so a chatty job writing a byte at a time does not make a chunk per byte.
+_COALESCE_BELOW = 4096
 _SEAL_AT = 64 * 1024
 #: Largest block a lagging reader reads from disk in one thread round trip.
 _FILE_BLOCK = 1024 * 1024
@@ -153,8 +155,12 @@ class OutputLog:
 
     # -- writer side ---------------------------------------------------------
 
-    def append(self, stream: OutputStream, data: bytes) -> None:
-        """Add ``data`` from ``stream`` at the end of the log; never blocks."""
+    def append(self, stream: OutputStream, data: bytes, *, notify: bool = True) -> None:
+        """Add ``data`` from ``stream`` at the end of the log; never blocks.
+
+        With ``notify=False`` the caller batches several appends and calls
+        ``notify`` once, so readers wake once per batch.
+        """
         if self._finished:
             raise RuntimeError("append to a finished output log")
         if not data:
@@ -162,17 +168,25 @@ class OutputLog:
         if stream is not self._last_stream:
             self._pending_index.append(_INDEX.pack(self._end, stream.value))
             self._last_stream = stream
-        if self._open_stream is not stream or len(self._open) >= _SEAL_AT:
+        if len(data) >= _COALESCE_BELOW:
+            # Reads of a useful size go into the tail as they are: readers get
+            # the very same bytes object, no copy.
             self._seal()
-            self._open_stream = stream
-            self._open_offset = self._end
-        if not self._open and len(data) >= _SEAL_AT:
-            # Big reads go straight into the tail without a copy.
             self._push(OutputChunk(data, self._end, stream))
-            self._open_offset = self._end + len(data)
+            self._end += len(data)
+            self._open_offset = self._end
         else:
+            if self._open_stream is not stream or len(self._open) >= _SEAL_AT:
+                self._seal()
+                self._open_stream = stream
+                self._open_offset = self._end
             self._open += data
-        self._end += len(data)
+            self._end += len(data)
+        if notify:
+            self.notify()
+
+    def notify(self) -> None:
+        """Wake the flusher and every reader waiting for more."""
         self._flusher.notify()
         self._readers.notify()
 
