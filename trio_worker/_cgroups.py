@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import re
@@ -458,6 +459,11 @@ class JobCgroup(ABC):
         such event for non-root cgroups (only the global release agent), so
         there it polls with a backoff from 5 ms to 100 ms.
         """
+        if self.is_empty():
+            # The common case once the main process is gone: no inotify
+            # instance at all (closing one costs an RCU grace period, ~10 ms).
+            await trio.lowlevel.checkpoint()
+            return
         if self._events is not None and self._events.exists():
             watch = _Inotify(self._events)
             try:
@@ -522,6 +528,16 @@ class JobCgroup(ABC):
         for pid in self.pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@functools.lru_cache(maxsize=64)
+def _realpath(directory: Path) -> str:
+    """Which hierarchy a parent directory is in (co-mounted controllers share one).
+
+    Cached: the parents are fixed for a driver's life, and resolving them
+    for every job cost more than the rest of creating its groups.
+    """
+    return os.path.realpath(directory)
 
 
 def _rmtree_cgroup(directory: Path) -> None:
@@ -594,7 +610,7 @@ class V1JobCgroup(JobCgroup):
     def __init__(self, job_id: str, controllers: Mapping[str, Path], unified: Path | None) -> None:
         distinct: dict[str, Path] = {}
         for directory in controllers.values():
-            distinct.setdefault(os.path.realpath(directory.parent), directory)
+            distinct.setdefault(_realpath(directory.parent), directory)
         dirs = list(distinct.values()) + ([unified] if unified is not None else [])
         super().__init__(job_id, dirs, unified / "cgroup.events" if unified else None)
         self.controllers = dict(controllers)
@@ -603,7 +619,10 @@ class V1JobCgroup(JobCgroup):
     def kill(self) -> None:
         """``cgroup.kill`` of the unified mount if any, then freeze, SIGKILL all, thaw."""
         if self.unified is not None and (self.unified / "cgroup.kill").exists():
+            # The kernel kills every task of the group, forks in flight
+            # included: nothing left for the freezer to do.
             _write(self.unified / "cgroup.kill", "1")
+            return
         freezer = self.controllers.get("freezer")
         if freezer is not None and freezer.exists():
             _freeze_and_kill(freezer / "freezer.state", self, v2=False)

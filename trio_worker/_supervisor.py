@@ -308,8 +308,10 @@ class Supervisor:
         """SIGKILL everything of the job: its process group and, through the
         cgroup, whatever escaped it (setsid, double fork)."""
         process.signal_group(_signal.SIGKILL)
-        if job.cgroup is not None and job.cgroup.tracked:
-            await trio.to_thread.run_sync(job.cgroup.kill)
+        group = job.cgroup
+        if group is not None and group.tracked and not group.is_empty():
+            # May freeze and wait (v1 without cgroup.kill): not on the event loop.
+            await trio.to_thread.run_sync(group.kill)
 
     async def _remove_cgroup(self, job: _Job) -> None:
         group = job.cgroup
@@ -339,6 +341,9 @@ class Supervisor:
                     process.reap()
                     pumps.cancel_scope.deadline = trio.current_time() + _DRAIN_TIMEOUT
                 log.finish()
+        except Exception:
+            # A bug here must cost one job, not the supervisor and every other job.
+            _log.exception("job %s: supervision failed; killing it", job.id)
         finally:
             with trio.CancelScope(shield=True):
                 if not process.reaped:
