@@ -32,6 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO = REPO / "worker.proto"
+#: The standard health service, generated into the same package (see that file's header).
+HEALTH_PROTO = REPO / "proto" / "grpc_health" / "v1" / "health.proto"
 OUT_DIR = REPO / "trio_worker" / "_pb"
 PACKAGE = "trio_worker._pb"
 
@@ -80,6 +82,24 @@ def _fix_pb2(text: str) -> str:
     )
 
 
+def _fix_health_pb2(text: str) -> str:
+    """The same two fixes as :func:`_fix_pb2`, for ``health_pb2.py``."""
+    major, minor, patch = RUNTIME_FLOOR
+    text = _sub_once(
+        r"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*)"
+        r"\d+(,\s*)\d+(,\s*)\d+(,\s*)'[^']*'",
+        rf"\g<1>{major}\g<2>{minor}\g<3>{patch}\g<4>''",
+        text,
+        "runtime version check",
+    )
+    return _sub_once(
+        r"BuildTopDescriptorsAndMessages\(DESCRIPTOR, 'grpc_health\.v1\.health_pb2',",
+        f"BuildTopDescriptorsAndMessages(DESCRIPTOR, '{PACKAGE}.health_pb2',",
+        text,
+        "module name",
+    )
+
+
 def _fix_grpc(text: str) -> str:
     text = _sub_once(
         r"(?m)^import worker_pb2 as worker__pb2$",
@@ -117,7 +137,8 @@ def _run_purerpc_plugin(descriptor_set: bytes) -> str:
 
 
 def generate(out_dir: Path) -> None:
-    """Write ``__init__.py``, ``worker_pb2.py``, ``worker_pb2.pyi`` and ``worker_grpc.py``."""
+    """Write ``__init__.py``, ``worker_pb2.py``, ``worker_pb2.pyi`` and ``worker_grpc.py``,
+    and ``health_pb2.py``/``.pyi`` from :data:`HEALTH_PROTO`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -138,11 +159,30 @@ def generate(out_dir: Path) -> None:
             check=True,
             cwd=PROTO.parent,
         )
+        # Health keeps grpcio-health-checking's file name, so both load into one pool.
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "grpc_tools.protoc",
+                f"--proto_path={REPO / 'proto'}",
+                f"--python_out={tmp}",
+                f"--pyi_out={tmp}",
+                "grpc_health/v1/health.proto",
+            ],
+            check=True,
+            cwd=REPO,
+        )
+        health = tmp / "grpc_health" / "v1"
         outputs = {
             "__init__.py": _init_module(),
             "worker_pb2.py": _fix_pb2((tmp / "worker_pb2.py").read_text(encoding="utf-8")),
             "worker_pb2.pyi": (tmp / "worker_pb2.pyi").read_text(encoding="utf-8"),
             "worker_grpc.py": _fix_grpc(_run_purerpc_plugin(descriptor_set.read_bytes())),
+            "health_pb2.py": _fix_health_pb2(
+                (health / "health_pb2.py").read_text(encoding="utf-8")
+            ),
+            "health_pb2.pyi": (health / "health_pb2.pyi").read_text(encoding="utf-8"),
         }
     for name, text in outputs.items():
         (out_dir / name).write_text(text, encoding="utf-8", newline="\n")

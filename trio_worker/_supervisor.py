@@ -123,8 +123,11 @@ class _Job:
         return self.log.directory if self.log is not None else None
 
     def usage(self) -> Usage | None:
-        if self.record.state is JobState.RUNNING and self.cgroup is not None:
-            return self.cgroup.usage()
+        if self.final_usage is None and self.cgroup is not None and not self.ended.is_set():
+            try:
+                return self.cgroup.usage()
+            except CgroupError:
+                return None  # the group is going away: the job is ending
         return self.final_usage
 
 
@@ -362,9 +365,13 @@ class Supervisor:
         assert returncode is not None
         oom_killed = False
         group = job.cgroup
-        if group is not None:
-            oom_killed = group.oom_killed()
-            job.final_usage = group.usage()
+        if group is not None and group.tracked:
+            try:
+                oom_killed = group.oom_killed()
+                job.final_usage = group.usage() or Usage()
+            except CgroupError as exc:
+                _log.warning("job %s: cannot read its cgroup's accounting: %s", job.id, exc)
+                job.final_usage = Usage()
             await self._remove_cgroup(job)
         failure = read_report(log_dir / _REPORT) if (log_dir := job.directory) else None
         if failure is not None and job.isolation.any:

@@ -1,0 +1,839 @@
+"""The gRPC transport over real sockets and real mutual TLS, driven by the official grpcio
+client (in worker threads) and, where grpcio is too well behaved, by a bare HTTP/2 client.
+
+Test services use google.protobuf wrappers as messages on made-up paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import h2.errors
+import h2.events
+import pytest
+import trio
+from google.protobuf import wrappers_pb2 as w
+
+from tests.grpc_support import (
+    Pki,
+    RawClient,
+    channel,
+    eventually,
+    make_pki,
+    raw,
+    running_server,
+)
+from trio_worker._transport import (
+    CallContext,
+    ListenError,
+    RpcError,
+    Server,
+    StatusCode,
+    StreamMethod,
+    SyncUnaryMethod,
+    TransportConfig,
+    UnaryMethod,
+)
+
+ECHO = "/test.Test/Echo"
+SLEEP = "/test.Test/Sleep"
+BOOM = "/test.Test/Boom"
+DENY = "/test.Test/Deny"
+GROUP = "/test.Test/Group"
+TICKS = "/test.Test/Ticks"
+HANG = "/test.Test/Hang"
+FLOOD = "/test.Test/Flood"
+CTX = "/test.Test/Ctx"
+SYNC = "/test.Test/Sync"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+class Probe:
+    """What the test handlers saw, for the test to assert on."""
+
+    def __init__(self) -> None:
+        self.started = trio.Event()
+        self.cancelled = trio.Event()
+        self.active = 0
+        self.max_active = 0
+        self.produced = 0
+        self.contexts: list[CallContext] = []
+
+
+def methods(probe: Probe) -> dict[str, Any]:
+    async def echo(req: w.StringValue, ctx: CallContext) -> w.StringValue:
+        return w.StringValue(value=req.value)
+
+    async def sleep(req: w.DoubleValue, ctx: CallContext) -> w.DoubleValue:
+        probe.active += 1
+        probe.max_active = max(probe.max_active, probe.active)
+        probe.started.set()
+        try:
+            await trio.sleep(req.value)
+        except trio.Cancelled:
+            probe.cancelled.set()
+            raise
+        finally:
+            probe.active -= 1
+        return req
+
+    async def boom(req: w.StringValue, ctx: CallContext) -> w.StringValue:
+        raise ValueError("secret internals: /etc/shadow")
+
+    async def deny(req: w.StringValue, ctx: CallContext) -> w.StringValue:
+        raise RpcError(StatusCode.NOT_FOUND, f"no job {req.value}")
+
+    async def group(req: w.StringValue, ctx: CallContext) -> w.StringValue:
+        async def fail() -> None:
+            raise RpcError(StatusCode.FAILED_PRECONDITION, "inside a nursery")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fail)
+        return req
+
+    async def ticks(req: w.Int32Value, ctx: CallContext) -> AsyncIterator[w.Int32Value]:
+        for i in range(req.value):
+            yield w.Int32Value(value=i)
+            await trio.sleep(0.05)
+
+    async def hang(req: w.StringValue, ctx: CallContext) -> AsyncIterator[w.StringValue]:
+        """A quiet job's output: one chunk, then nothing for ever."""
+        yield w.StringValue(value="first")
+        probe.started.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            probe.cancelled.set()
+            raise
+
+    async def flood(req: w.Int32Value, ctx: CallContext) -> AsyncIterator[w.BytesValue]:
+        chunk = w.BytesValue(value=b"x" * req.value)
+        probe.started.set()
+        try:
+            while True:
+                yield chunk
+                probe.produced += req.value
+        except (trio.Cancelled, GeneratorExit):  # closed while suspended in a send
+            probe.cancelled.set()
+            raise
+
+    async def context(req: w.StringValue, ctx: CallContext) -> w.StringValue:
+        probe.contexts.append(ctx)
+        return req
+
+    def sync(req: w.StringValue, ctx: CallContext) -> w.BytesValue:
+        """Answered in the reader: echo, fail on demand, or a reply larger than a window."""
+        if req.value == "deny":
+            raise RpcError(StatusCode.PERMISSION_DENIED, "no")
+        if req.value == "boom":
+            raise KeyError("internal detail")
+        if req.value.startswith("big:"):
+            return w.BytesValue(value=b"b" * int(req.value[4:]))
+        return w.BytesValue(value=req.value.encode())
+
+    return {
+        ECHO: UnaryMethod(w.StringValue, w.StringValue, echo),
+        SLEEP: UnaryMethod(w.DoubleValue, w.DoubleValue, sleep),
+        BOOM: UnaryMethod(w.StringValue, w.StringValue, boom),
+        DENY: UnaryMethod(w.StringValue, w.StringValue, deny),
+        GROUP: UnaryMethod(w.StringValue, w.StringValue, group),
+        TICKS: StreamMethod(w.Int32Value, w.Int32Value, ticks),
+        HANG: StreamMethod(w.StringValue, w.StringValue, hang),
+        FLOOD: StreamMethod(w.Int32Value, w.BytesValue, flood),
+        CTX: UnaryMethod(w.StringValue, w.StringValue, context),
+        SYNC: SyncUnaryMethod(w.StringValue, w.BytesValue, sync),
+    }
+
+
+def unary(ch: grpc.Channel, path: str, request: Any, response_type: Any, **kw: Any) -> Any:
+    call = ch.unary_unary(
+        path,
+        request_serializer=type(request).SerializeToString,
+        response_deserializer=response_type.FromString,
+    )
+    return call(request, timeout=kw.pop("timeout", 10), **kw)
+
+
+def code_of(fn: Any) -> tuple[grpc.StatusCode, str]:
+    try:
+        fn()
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+    raise AssertionError("the call succeeded")
+
+
+async def in_thread(fn: Any) -> Any:
+    return await trio.to_thread.run_sync(fn)
+
+
+async def echo_ok(pki: Pki, target: str) -> None:
+    def call() -> None:
+        with channel(pki, target) as ch:
+            assert unary(ch, ECHO, w.StringValue(value="hi"), w.StringValue).value == "hi"
+
+    await in_thread(call)
+
+
+async def assert_closed_at_once(port: int) -> None:
+    """A new connection is refused: reset during connect, or closed right after."""
+    try:
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    except OSError:
+        return
+    async with tcp:
+        await assert_eof(tcp)
+
+
+async def assert_eof(tcp: trio.SocketStream) -> None:
+    """The server closes the connection: EOF, or a reset."""
+    try:
+        while await tcp.receive_some(65536):
+            pass
+    except trio.BrokenResourceError:
+        return
+
+
+# --- calls ------------------------------------------------------------------------------
+
+
+async def test_unary_and_stream_interop(pki: Pki) -> None:
+    probe = Probe()
+    async with running_server(pki, methods(probe)) as r:
+
+        def calls() -> list[int]:
+            with channel(pki, r.target) as ch:
+                assert unary(ch, ECHO, w.StringValue(value="é" * 1000), w.StringValue).value == (
+                    "é" * 1000
+                )
+                stream = ch.unary_stream(
+                    TICKS,
+                    request_serializer=w.Int32Value.SerializeToString,
+                    response_deserializer=w.Int32Value.FromString,
+                )
+                return [m.value for m in stream(w.Int32Value(value=5), timeout=10)]
+
+        assert await in_thread(calls) == [0, 1, 2, 3, 4]
+    codes = [(rec.ctx.method, rec.code) for rec in r.records]
+    assert codes == [(ECHO, StatusCode.OK), (TICKS, StatusCode.OK)]
+    assert r.records[0].request.value == "é" * 1000
+    assert r.records[0].response.value == "é" * 1000
+    assert r.records[1].response is None
+
+
+async def test_sync_unary_method(pki: Pki) -> None:
+    async with running_server(pki, methods(Probe())) as r:
+
+        def calls() -> None:
+            with channel(pki, r.target) as ch:
+
+                def call(value: str) -> Any:
+                    return unary(ch, SYNC, w.StringValue(value=value), w.BytesValue)
+
+                assert call("hi").value == b"hi"
+                assert code_of(lambda: call("deny")) == (grpc.StatusCode.PERMISSION_DENIED, "no")
+                assert code_of(lambda: call("boom")) == (grpc.StatusCode.INTERNAL, "internal error")
+                # Larger than the window grpcio grants at first: sent from a task instead.
+                assert len(call("big:3000000").value) == 3000000
+                assert call("again").value == b"again"
+
+        await in_thread(calls)
+    assert [rec.code for rec in r.records] == [
+        StatusCode.OK,
+        StatusCode.PERMISSION_DENIED,
+        StatusCode.INTERNAL,
+        StatusCode.OK,
+        StatusCode.OK,
+    ]
+    assert r.records[0].response.value == b"hi"
+
+
+async def test_sync_unary_response_over_raw_window(pki: Pki) -> None:
+    async with (
+        running_server(pki, methods(Probe())) as r,
+        RawClient.connect(pki, r.port) as client,  # 64 KiB windows, acknowledged as read
+    ):
+        sid = await client.start(SYNC, w.StringValue(value="big:200000").SerializeToString())
+        with trio.fail_after(5):
+            await client.until(lambda: client.status(sid) is not None)
+        assert client.status(sid) == StatusCode.OK
+        assert len(client.data[sid]) == 5 + 1 + 3 + 200000  # gRPC prefix, tag, varint length
+
+
+async def test_many_concurrent_calls_on_one_connection(pki: Pki) -> None:
+    """Sync, async and streaming calls interleaved on one channel from many threads."""
+    async with running_server(pki, methods(Probe())) as r:
+
+        def calls() -> None:
+            with channel(pki, r.target) as ch:
+                stream = ch.unary_stream(
+                    TICKS,
+                    request_serializer=w.Int32Value.SerializeToString,
+                    response_deserializer=w.Int32Value.FromString,
+                )
+
+                def worker(i: int) -> None:
+                    for j in range(10):
+                        text = f"{i}-{j}" * (1 + 300 * (j % 3))
+                        got = unary(ch, ECHO, w.StringValue(value=text), w.StringValue)
+                        assert got.value == text
+                        got = unary(ch, SYNC, w.StringValue(value=text), w.BytesValue)
+                        assert got.value == text.encode()
+                    assert [m.value for m in stream(w.Int32Value(value=3), timeout=10)] == [0, 1, 2]
+
+                with ThreadPoolExecutor(max_workers=32) as pool:
+                    for future in [pool.submit(worker, i) for i in range(32)]:
+                        future.result()
+
+        await in_thread(calls)
+    assert len(r.records) == 32 * 21
+    assert {rec.code for rec in r.records} == {StatusCode.OK}
+    assert r.server.stats.connections_accepted == 1
+
+
+async def test_call_context(pki: Pki) -> None:
+    probe = Probe()
+    async with running_server(pki, methods(probe)) as r:
+
+        def call() -> None:
+            with channel(pki, r.target) as ch:
+                unary(
+                    ch, CTX, w.StringValue(), w.StringValue, timeout=30, metadata=[("x-trace", "7")]
+                )
+
+        before = trio.current_time()
+        await in_thread(call)
+    (ctx,) = probe.contexts
+    assert ctx.identity.name == "alice"
+    assert ctx.method == CTX
+    host, port = ctx.peer.rsplit(":", 1)
+    assert host == "127.0.0.1"
+    assert int(port) > 0
+    assert ctx.deadline is not None
+    assert before + 20 < ctx.deadline < before + 31
+    assert ("x-trace", "7") in ctx.metadata
+
+
+async def test_unknown_method_unimplemented(pki: Pki) -> None:
+    async with running_server(pki, methods(Probe())) as r:
+
+        def call() -> None:
+            with channel(pki, r.target) as ch:
+                code, details = code_of(
+                    lambda: unary(ch, "/test.Test/Nope", w.StringValue(), w.StringValue)
+                )
+                assert code == grpc.StatusCode.UNIMPLEMENTED
+                assert "/test.Test/Nope" in details
+                code, _ = code_of(
+                    lambda: unary(ch, "/other.Svc/Echo", w.StringValue(), w.StringValue)
+                )
+                assert code == grpc.StatusCode.UNIMPLEMENTED
+
+        await in_thread(call)
+    assert [rec.code for rec in r.records] == [StatusCode.UNIMPLEMENTED] * 2
+
+
+@pytest.mark.parametrize("payload", [b"\x0a\x05ab", b"\x0a\x02\xff\xfe", b"\xff\xff\xff\xff"])
+async def test_malformed_protobuf_invalid_argument(pki: Pki, payload: bytes) -> None:
+    async with running_server(pki, methods(Probe())) as r:
+
+        def call() -> None:
+            with channel(pki, r.target) as ch:
+                code, details = code_of(lambda: raw(ECHO, ch)(payload, timeout=10))
+                assert code == grpc.StatusCode.INVALID_ARGUMENT
+                assert details == "malformed request message"
+                # The connection is fine afterwards.
+                assert unary(ch, ECHO, w.StringValue(value="ok"), w.StringValue).value == "ok"
+
+        await in_thread(call)
+
+
+@pytest.mark.parametrize("size", [2048, 20 * 1024 * 1024])
+async def test_oversized_request_resource_exhausted(pki: Pki, size: int) -> None:
+    config = TransportConfig(max_request_bytes=1024)
+    async with running_server(pki, methods(Probe()), config=config) as r:
+
+        def call() -> float:
+            with channel(pki, r.target) as ch:
+                started = time.monotonic()
+                code, details = code_of(lambda: raw(ECHO, ch)(b"\x0a" * size, timeout=30))
+                elapsed = time.monotonic() - started
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "1024" in details
+                assert unary(ch, ECHO, w.StringValue(value="ok"), w.StringValue).value == "ok"
+                return elapsed
+
+        elapsed = await in_thread(call)
+    # Refused on the length prefix, not after buffering 20 MiB (generous bound).
+    assert elapsed < 10
+
+
+async def test_compressed_request_unimplemented(pki: Pki) -> None:
+    async with running_server(pki, methods(Probe())) as r:
+
+        def call() -> None:
+            with channel(pki, r.target) as ch:
+                code, details = code_of(
+                    lambda: unary(
+                        ch,
+                        ECHO,
+                        w.StringValue(value="z" * 1000),
+                        w.StringValue,
+                        compression=grpc.Compression.Gzip,
+                    )
+                )
+                assert code == grpc.StatusCode.UNIMPLEMENTED
+                assert "gzip" in details
+
+        await in_thread(call)
+
+
+async def test_handler_exception_is_internal_and_logged(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_server(pki, methods(Probe())) as r:
+
+        def call() -> None:
+            with channel(pki, r.target) as ch:
+                code, details = code_of(lambda: unary(ch, BOOM, w.StringValue(), w.StringValue))
+                assert code == grpc.StatusCode.INTERNAL
+                assert details == "internal error"
+
+        with caplog.at_level(logging.ERROR, logger="trio_worker._transport"):
+            await in_thread(call)
+    (entry,) = [e for e in caplog.records if e.exc_info]
+    assert BOOM in entry.getMessage()
+    assert "secret internals" in str(entry.exc_info[1])  # type: ignore[index]
+    assert r.records[0].code is StatusCode.INTERNAL
+
+
+async def test_rpc_error_passes_through(pki: Pki) -> None:
+    async with running_server(pki, methods(Probe())) as r:
+
+        def call() -> None:
+            with channel(pki, r.target) as ch:
+                assert code_of(
+                    lambda: unary(ch, DENY, w.StringValue(value="j1"), w.StringValue)
+                ) == (
+                    grpc.StatusCode.NOT_FOUND,
+                    "no job j1",
+                )
+                assert code_of(lambda: unary(ch, GROUP, w.StringValue(), w.StringValue)) == (
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "inside a nursery",
+                )
+
+        await in_thread(call)
+
+
+# --- deadlines and cancellation ---------------------------------------------------------
+
+
+async def test_deadline_enforced_by_server(pki: Pki) -> None:
+    """grpc-timeout alone (no client-side cancel) ends the call with DEADLINE_EXCEEDED."""
+    probe = Probe()
+    async with (
+        running_server(pki, methods(probe)) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        request = w.DoubleValue(value=60).SerializeToString()
+        sid = await client.start(SLEEP, request, headers=[("grpc-timeout", "300m")])
+        with trio.fail_after(5):
+            await client.until(lambda: client.status(sid) is not None)
+        assert client.status(sid) == StatusCode.DEADLINE_EXCEEDED
+        assert probe.cancelled.is_set()
+    assert r.records[0].code is StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_grpcio_deadline(pki: Pki) -> None:
+    probe = Probe()
+    async with running_server(pki, methods(probe)) as r:
+
+        def call() -> None:
+            with channel(pki, r.target) as ch:
+                code, _ = code_of(
+                    lambda: unary(ch, SLEEP, w.DoubleValue(value=60), w.DoubleValue, timeout=0.3)
+                )
+                assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        await in_thread(call)
+        with trio.fail_after(2):
+            await probe.cancelled.wait()
+
+
+async def test_client_cancel_cancels_streaming_handler(pki: Pki) -> None:
+    """RST_STREAM from grpcio reaches a handler that is blocked, sending nothing."""
+    probe = Probe()
+    async with running_server(pki, methods(probe)) as r:
+        ch = channel(pki, r.target)
+        try:
+            call = ch.unary_stream(
+                HANG,
+                request_serializer=w.StringValue.SerializeToString,
+                response_deserializer=w.StringValue.FromString,
+            )(w.StringValue(), timeout=60)
+            assert (await in_thread(lambda: next(call))).value == "first"
+            await probe.started.wait()
+            call.cancel()
+            with trio.fail_after(1.5):
+                await probe.cancelled.wait()
+        finally:
+            ch.close()
+        await eventually(lambda: bool(r.records))
+    assert r.records[0].code is StatusCode.CANCELLED
+
+
+async def test_connection_drop_cancels_streaming_handler(pki: Pki) -> None:
+    probe = Probe()
+    async with running_server(pki, methods(probe)) as r:
+        async with RawClient.connect(pki, r.port) as client:
+            sid = await client.start(HANG, b"")
+            with trio.fail_after(5):
+                await client.until(lambda: len(client.data.get(sid, b"")) > 0)
+            await probe.started.wait()
+            # Drop TCP without any HTTP/2 or TLS goodbye.
+            client.stream.transport_stream.socket.close()
+        with trio.fail_after(1.5):
+            await probe.cancelled.wait()
+        await echo_ok(pki, r.target)
+        assert r.records[0].code is StatusCode.CANCELLED
+
+
+async def test_missing_request_message(pki: Pki) -> None:
+    async with (
+        running_server(pki, methods(Probe())) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        sid = await client.start(ECHO, None)
+        with trio.fail_after(5):
+            await client.until(lambda: client.status(sid) is not None)
+        assert client.status(sid) == StatusCode.INVALID_ARGUMENT
+
+
+async def test_malformed_headers_reset_only_that_stream(pki: Pki) -> None:
+    async with (
+        running_server(pki, methods(Probe())) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        bad = client.h2.get_next_available_stream_id()
+        client.h2.send_headers(
+            bad,
+            [
+                (":method", "POST"),
+                (":scheme", "https"),
+                (":path", "/nopath"),
+                (":authority", "x"),
+                ("content-type", "text/plain"),
+            ],
+            end_stream=True,
+        )
+        await client.flush()
+        sid = await client.start(ECHO, w.StringValue(value="still").SerializeToString())
+        with trio.fail_after(5):
+            await client.until(lambda: client.status(sid) is not None)
+        assert client.status(sid) == StatusCode.OK
+        resets = [e for e in client.events if isinstance(e, h2.events.StreamReset)]
+        assert [(e.stream_id, e.error_code) for e in resets] == [
+            (bad, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        ]
+
+
+# --- connections ------------------------------------------------------------------------
+
+
+async def test_garbage_instead_of_tls(pki: Pki) -> None:
+    async with running_server(pki, methods(Probe())) as r:
+        for garbage in (
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            bytes(range(256)) * 8,
+        ):
+            tcp = await trio.open_tcp_stream("127.0.0.1", r.port)
+            async with tcp:
+                await tcp.send_all(garbage)
+                with trio.fail_after(5):
+                    await assert_eof(tcp)
+        await echo_ok(pki, r.target)
+        assert r.server.stats.handshakes_failed == 3
+
+
+async def test_stalled_handshake_times_out(pki: Pki) -> None:
+    config = TransportConfig(handshake_timeout=0.5)
+    async with running_server(pki, methods(Probe()), config=config) as r:
+        tcp = await trio.open_tcp_stream("127.0.0.1", r.port)
+        async with tcp:
+            await tcp.send_all(b"\x16\x03\x01\x02\x00\x01\x00")  # a ClientHello, cut short
+            started = trio.current_time()
+            with trio.fail_after(5):
+                await assert_eof(tcp)
+            assert trio.current_time() - started >= 0.4
+        await echo_ok(pki, r.target)
+
+
+async def test_abandoned_connections_do_not_block_others(pki: Pki) -> None:
+    config = TransportConfig(handshake_timeout=1.0)
+    async with running_server(pki, methods(Probe()), config=config) as r:
+        abandoned = []
+        for i in range(200):
+            tcp = await trio.open_tcp_stream("127.0.0.1", r.port)
+            if i % 2:
+                await tcp.send_all(b"\x16\x03\x01")
+            abandoned.append(tcp)
+        try:
+            with trio.fail_after(10):
+                await echo_ok(pki, r.target)
+            await eventually(lambda: r.server.connection_count == 0, 10)
+            assert r.server.stats.handshakes_failed >= 200
+        finally:
+            for tcp in abandoned:
+                await trio.aclose_forcefully(tcp)
+
+
+async def test_max_connections(pki: Pki) -> None:
+    config = TransportConfig(max_connections=2)
+    async with running_server(pki, methods(Probe()), config=config) as r:
+        async with RawClient.connect(pki, r.port) as first, RawClient.connect(pki, r.port):
+            sid = await first.start(ECHO, w.StringValue(value="x").SerializeToString())
+            with trio.fail_after(5):
+                await first.until(lambda: first.status(sid) is not None)
+            with trio.fail_after(2):
+                await assert_closed_at_once(r.port)
+            assert r.server.stats.connections_refused == 1
+        await eventually(lambda: r.server.connection_count == 0)
+        await echo_ok(pki, r.target)
+
+
+async def test_port_taken_is_listen_error(pki: Pki) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = Server(methods(Probe()), pki.server_context())
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(ListenError, match="already in use"):
+                await nursery.start(server.serve, "127.0.0.1", port)
+
+
+async def test_bad_listen_address(pki: Pki) -> None:
+    server = Server(methods(Probe()), pki.server_context())
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(ListenError):
+            await nursery.start(server.serve, "192.0.2.1", 0)  # not an address of ours
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+async def test_ipv6_literal(pki: Pki) -> None:
+    async with running_server(pki, methods(Probe()), host="::1") as r:
+        assert r.server.addresses == [f"[::1]:{r.port}"]
+        await echo_ok(pki, f"[::1]:{r.port}")
+        # exactly that address: not IPv4
+        with pytest.raises(OSError, match="all attempts to connect"):
+            await trio.open_tcp_stream("127.0.0.1", r.port)
+
+
+async def test_idle_connection_gets_goaway(pki: Pki) -> None:
+    config = TransportConfig(idle_timeout=0.3)
+    async with (
+        running_server(pki, methods(Probe()), config=config) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        with trio.fail_after(5):
+            while await client.pump():
+                pass
+        goaways = [e for e in client.events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert [g.error_code for g in goaways] == [h2.errors.ErrorCodes.NO_ERROR]
+
+
+# --- HTTP/2 limits and flow control -----------------------------------------------------
+
+
+async def test_stream_cap_refuses_excess_stream(pki: Pki) -> None:
+    probe = Probe()
+    config = TransportConfig(max_concurrent_streams=2)
+    async with (
+        running_server(pki, methods(probe), config=config) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        # Sent before our client has read the server's SETTINGS, as a racing client would.
+        request = w.DoubleValue(value=60).SerializeToString()
+        sids = [await client.start(SLEEP, request) for _ in range(3)]
+        with trio.fail_after(5):
+            await client.until(
+                lambda: any(isinstance(e, h2.events.StreamReset) for e in client.events)
+            )
+        (reset,) = [e for e in client.events if isinstance(e, h2.events.StreamReset)]
+        assert reset.stream_id == sids[2]
+        assert reset.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+        assert client.h2.remote_settings.max_concurrent_streams == 2
+        assert probe.active == 2
+
+
+async def test_grpcio_respects_stream_cap(pki: Pki) -> None:
+    probe = Probe()
+    config = TransportConfig(max_concurrent_streams=2)
+    async with running_server(pki, methods(probe), config=config) as r:
+
+        def calls() -> None:
+            with channel(pki, r.target) as ch:
+                call = ch.unary_unary(
+                    SLEEP,
+                    request_serializer=w.DoubleValue.SerializeToString,
+                    response_deserializer=w.DoubleValue.FromString,
+                )
+                futures = [call.future(w.DoubleValue(value=0.2), timeout=20) for _ in range(6)]
+                assert [f.result().value for f in futures] == [0.2] * 6
+
+        await in_thread(calls)
+    assert probe.max_active == 2
+
+
+async def test_slow_reader_bounded_by_flow_control(pki: Pki) -> None:
+    """A client that grants no window gets 64 KiB, and the handler waits."""
+    probe = Probe()
+    async with running_server(pki, methods(probe)) as r:
+        async with RawClient.connect(pki, r.port) as client:
+            sid = await client.start(FLOOD, w.Int32Value(value=16384).SerializeToString())
+            await probe.started.wait()
+            with trio.move_on_after(1.0):
+                while await client.pump(ack=False):
+                    pass
+            assert probe.produced <= 65535 + 2 * 16384
+            assert len(client.data.get(sid, b"")) <= 65535
+            await echo_ok(pki, r.target)  # others are served meanwhile
+        with trio.fail_after(2):
+            await probe.cancelled.wait()
+
+
+async def test_stuck_reader_bounded_by_send_buffer(pki: Pki) -> None:
+    """A client with a huge window that stops reading the socket costs a bounded buffer."""
+    probe = Probe()
+    config = TransportConfig(max_send_buffer=256 * 1024)
+    async with (
+        running_server(pki, methods(probe), config=config) as r,
+        RawClient.connect(pki, r.port, window=2**31 - 1) as client,
+    ):
+        client.h2.increment_flow_control_window(2**31 - 1 - 65535)
+        await client.flush()
+        await client.start(FLOOD, w.Int32Value(value=65536).SerializeToString())
+        await probe.started.wait()
+        # Never read. The socket buffers fill, then our send buffer, then it stops.
+        await trio.sleep(1.0)
+        stalled_at = probe.produced
+        await trio.sleep(0.5)
+        assert probe.produced == stalled_at
+        assert stalled_at < 64 * 1024 * 1024
+        await echo_ok(pki, r.target)
+
+
+async def test_write_timeout_drops_stuck_reader(pki: Pki) -> None:
+    probe = Probe()
+    config = TransportConfig(write_timeout=0.5)
+    async with (
+        running_server(pki, methods(probe), config=config) as r,
+        RawClient.connect(pki, r.port, window=2**31 - 1) as client,
+    ):
+        client.h2.increment_flow_control_window(2**31 - 1 - 65535)
+        await client.flush()
+        await client.start(FLOOD, w.Int32Value(value=65536).SerializeToString())
+        with trio.fail_after(10):
+            await probe.cancelled.wait()
+
+
+async def test_unary_response_is_one_write(pki: Pki) -> None:
+    async with (
+        running_server(pki, methods(Probe())) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        request = w.StringValue(value="x").SerializeToString()
+        sid = await client.start(ECHO, request)
+        with trio.fail_after(5):
+            await client.until(lambda: client.status(sid) is not None)
+        await trio.sleep(0.1)  # settings acks and the like are done
+        for path in (ECHO, SYNC, ECHO, SYNC):
+            before = r.server.stats.socket_writes
+            sid = await client.start(path, request)
+            with trio.fail_after(5):
+                await client.until(lambda: client.status(sid) is not None)  # noqa: B023
+            assert r.server.stats.socket_writes - before == 1
+            assert bytes(client.data[sid]).endswith(request)
+
+
+# --- drain ------------------------------------------------------------------------------
+
+
+async def test_drain_goaway_and_finish_in_flight(pki: Pki) -> None:
+    probe = Probe()
+    drained = trio.Event()
+    async with running_server(pki, methods(probe), on_drain=drained.set) as r:
+        ch = channel(pki, r.target)
+        try:
+            stream = ch.unary_stream(
+                TICKS,
+                request_serializer=w.Int32Value.SerializeToString,
+                response_deserializer=w.Int32Value.FromString,
+            )(w.Int32Value(value=20), timeout=30)
+            assert (await in_thread(lambda: next(stream))).value == 0
+            async with RawClient.connect(pki, r.port) as watcher, trio.open_nursery() as nursery:
+                await watcher.until(lambda: bool(watcher.events))  # the server's SETTINGS
+                nursery.start_soon(r.server.drain, 10.0)
+                with trio.fail_after(5):
+                    await watcher.until(
+                        lambda: any(
+                            isinstance(e, h2.events.ConnectionTerminated) for e in watcher.events
+                        )
+                    )
+                (goaway,) = [
+                    e for e in watcher.events if isinstance(e, h2.events.ConnectionTerminated)
+                ]
+                assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+                assert drained.is_set()
+                # The stream in flight runs to its end.
+                rest = await in_thread(lambda: [m.value for m in stream])
+                assert rest == list(range(1, 20))
+                assert stream.code() == grpc.StatusCode.OK
+
+                def new_call() -> None:
+                    with channel(pki, r.target) as ch2:
+                        code, _ = code_of(lambda: unary(ch2, ECHO, w.StringValue(), w.StringValue))
+                        assert code == grpc.StatusCode.UNAVAILABLE
+
+                await in_thread(new_call)
+        finally:
+            ch.close()
+    assert [rec.code for rec in r.records] == [StatusCode.OK]
+
+
+async def test_drain_grace_cuts_long_calls(pki: Pki) -> None:
+    probe = Probe()
+    async with (
+        running_server(pki, methods(probe)) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        sid = await client.start(HANG, b"")
+        await probe.started.wait()
+        started = trio.current_time()
+        await r.server.drain(0.3)
+        assert trio.current_time() - started < 3
+        with trio.fail_after(5):
+            await client.until(lambda: client.status(sid) is not None)
+        assert client.status(sid) == StatusCode.UNAVAILABLE
+    assert probe.cancelled.is_set()
+    assert r.records[0].code is StatusCode.UNAVAILABLE

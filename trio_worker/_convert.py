@@ -1,0 +1,167 @@
+"""Conversions between our value types and the wire messages, in one place.
+
+The server turns ``JobInfo`` into ``Job`` messages and request messages into
+arguments; the client does the reverse, so both directions live side by side
+and are tested as round trips.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ._errors import InvalidRequest
+from ._model import Isolation, JobInfo, JobState, Limits, OutputChunk, OutputStream, Usage
+from ._pb import worker_pb2 as pb
+
+__all__ = [
+    "chunk_from_pb",
+    "chunk_to_pb",
+    "duration_to_seconds",
+    "isolation_from_pb",
+    "isolation_to_pb",
+    "job_from_pb",
+    "job_to_pb",
+    "limits_from_pb",
+    "limits_to_pb",
+    "seconds_to_duration",
+]
+
+_STATE_TO_PB = {
+    JobState.RUNNING: pb.JOB_STATE_RUNNING,
+    JobState.EXITED: pb.JOB_STATE_EXITED,
+    JobState.KILLED: pb.JOB_STATE_KILLED,
+    JobState.FAILED: pb.JOB_STATE_FAILED,
+    JobState.LOST: pb.JOB_STATE_LOST,
+}
+_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+_STREAM_TO_PB = {
+    OutputStream.STDOUT: pb.OUTPUT_STREAM_STDOUT,
+    OutputStream.STDERR: pb.OUTPUT_STREAM_STDERR,
+}
+_STREAM_FROM_PB = {v: k for k, v in _STREAM_TO_PB.items()}
+
+
+def limits_to_pb(limits: Limits) -> pb.Limits:
+    return pb.Limits(
+        cpus=limits.cpus,
+        memory_bytes=limits.memory_bytes,
+        io_read_bps=limits.io_read_bps,
+        io_write_bps=limits.io_write_bps,
+        pids=limits.pids,
+    )
+
+
+def limits_from_pb(message: pb.Limits) -> Limits:
+    return Limits(
+        cpus=message.cpus,
+        memory_bytes=message.memory_bytes,
+        io_read_bps=message.io_read_bps,
+        io_write_bps=message.io_write_bps,
+        pids=message.pids,
+    )
+
+
+def isolation_to_pb(isolation: Isolation) -> pb.Isolation:
+    return pb.Isolation(pid=isolation.pid, mount=isolation.mount, network=isolation.network)
+
+
+def isolation_from_pb(message: pb.Isolation) -> Isolation:
+    return Isolation(pid=message.pid, mount=message.mount, network=message.network)
+
+
+def _timestamp(value: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _spawn_error(errno: int | None) -> int:
+    if errno is None:
+        return int(pb.SPAWN_ERROR_UNSPECIFIED)
+    if errno == _errno.ENOENT:
+        return int(pb.SPAWN_ERROR_NOT_FOUND)
+    return int(pb.SPAWN_ERROR_NOT_EXECUTABLE)
+
+
+def job_to_pb(info: JobInfo) -> pb.Job:
+    job = pb.Job(
+        id=info.id,
+        owner=info.owner,
+        command=info.command,
+        args=info.args,
+        state=_STATE_TO_PB[info.state],
+        pid=info.pid or 0,
+        error=info.error,
+        started_at=_timestamp(info.started_at),
+        output_bytes=info.output_bytes,
+        limits=limits_to_pb(info.limits),
+        isolation=isolation_to_pb(info.isolation),
+        oom_killed=info.oom_killed,
+        output_start=info.output_start,
+        spawn_error=_spawn_error(info.spawn_errno),  # type: ignore[arg-type]
+    )
+    if info.exit_code is not None:
+        job.exit_code = info.exit_code
+    if info.signal is not None:
+        job.signal = info.signal
+    if info.ended_at is not None:
+        job.ended_at.CopyFrom(_timestamp(info.ended_at))
+    if info.usage is not None:
+        job.usage.cpu_seconds = info.usage.cpu_seconds
+        job.usage.memory_peak_bytes = info.usage.memory_peak_bytes
+    return job
+
+
+def job_from_pb(job: pb.Job) -> JobInfo:
+    spawn_errno = {
+        pb.SPAWN_ERROR_NOT_FOUND: _errno.ENOENT,
+        pb.SPAWN_ERROR_NOT_EXECUTABLE: _errno.EACCES,
+    }.get(job.spawn_error)
+    return JobInfo(
+        id=job.id,
+        owner=job.owner,
+        command=job.command,
+        args=tuple(job.args),
+        state=_STATE_FROM_PB.get(job.state, JobState.LOST),
+        pid=job.pid or None,
+        exit_code=job.exit_code if job.HasField("exit_code") else None,
+        signal=job.signal if job.HasField("signal") else None,
+        error=job.error,
+        started_at=job.started_at.ToDatetime(tzinfo=UTC),
+        ended_at=job.ended_at.ToDatetime(tzinfo=UTC) if job.HasField("ended_at") else None,
+        output_bytes=job.output_bytes,
+        limits=limits_from_pb(job.limits),
+        isolation=isolation_from_pb(job.isolation),
+        oom_killed=job.oom_killed,
+        spawn_errno=spawn_errno,
+        output_start=job.output_start,
+        usage=Usage(job.usage.cpu_seconds, job.usage.memory_peak_bytes)
+        if job.HasField("usage")
+        else None,
+    )
+
+
+def chunk_to_pb(chunk: OutputChunk) -> pb.OutputChunk:
+    return pb.OutputChunk(data=chunk.data, offset=chunk.offset, stream=_STREAM_TO_PB[chunk.stream])
+
+
+def chunk_from_pb(message: pb.OutputChunk) -> OutputChunk:
+    stream = _STREAM_FROM_PB.get(message.stream, OutputStream.STDOUT)
+    return OutputChunk(message.data, message.offset, stream)
+
+
+def duration_to_seconds(duration: Duration, field: str) -> float:
+    """A Duration as seconds; negative or malformed ones are the caller's mistake."""
+    if duration.seconds < 0 or duration.nanos < 0 or duration.nanos >= 1_000_000_000:
+        raise InvalidRequest(field, "must be a non-negative duration")
+    return float(duration.seconds + duration.nanos / 1e9)
+
+
+def seconds_to_duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromTimedelta(timedelta(seconds=seconds))
+    return d

@@ -1,0 +1,365 @@
+"""purerpc's sans-I/O gRPC-over-HTTP/2 layer, with its server-side gaps closed.
+
+We reuse purerpc's ``GRPCConnection``: it drives h2, parses request headers (path,
+``grpc-timeout``, metadata), splits DATA into length-prefixed messages with a size cap
+(``MessageReadBuffer``) and formats response headers and trailers. What it does wrong for a
+server that must outlive misbehaving clients is fixed here, by subclassing, and only here:
+
+* a RST_STREAM or a GOAWAY from the client vanished (``_stream_reset`` returned nothing):
+  we turn both into events, so the transport can cancel the handlers concerned;
+* a malformed request header, an oversized or undecodable message raised out of
+  ``receive_data`` and took the whole connection down: they become per-stream events;
+* received data was acknowledged only once a whole message had been read, so partial
+  messages on several streams could exhaust the connection window and deadlock it: we
+  acknowledge at once (what we keep per stream is bounded by the message size cap anyway);
+* it let clients send compressed messages that it inflated without a bound: we never
+  decompress (the transport refuses a ``grpc-encoding`` other than identity);
+* h2 treats one stream over SETTINGS_MAX_CONCURRENT_STREAMS as a connection error; RFC 9113
+  §5.1.2 lets it be a stream error, which keeps the client's other calls alive: h2's check is
+  disabled and the transport refuses the stream itself;
+* h2 3.x allows nothing to be sent after a GOAWAY, so a graceful drain (GOAWAY, then finish
+  the streams in flight) needs the frame written beside its state machine.
+
+Two speed-ups sit in the HPACK coder, where a small RPC spends much of its time: a client
+repeats the same header block for every call of a method once its headers are in the
+dynamic table, so decoded blocks are cached while that table is unchanged; and our own
+response headers and OK trailers are constant, so they are encoded once, as literals that
+leave the dynamic table alone (valid whatever it holds).
+
+purerpc and h2 are untyped: ``Any`` stays inside this module and the types it returns.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, Final
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import hpack
+from hyperframe.frame import DataFrame, GoAwayFrame  # type: ignore[import-untyped]
+from purerpc.grpclib.buffers import MessageReadBuffer
+from purerpc.grpclib.config import GRPCConfiguration
+from purerpc.grpclib.connection import GRPCConnection
+from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived
+from purerpc.grpclib.exceptions import MessageTooLargeError
+from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
+from purerpc.grpclib.headers import HeaderDict
+
+__all__ = [
+    "BadMessage",
+    "BadRequest",
+    "GRPCServerConnection",
+    "PeerGoAway",
+    "RequestTooLarge",
+    "ServerH2Connection",
+    "StreamReset",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The client reset a stream (RST_STREAM): nobody is listening for its answer."""
+
+    stream_id: int
+    error_code: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerGoAway:
+    """The client sent GOAWAY; h2 3.x then refuses to send anything more."""
+
+    error_code: int
+
+
+@dataclass(frozen=True, slots=True)
+class BadRequest:
+    """The request headers are not a gRPC request (bad path, method, te, timeout...)."""
+
+    stream_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTooLarge:
+    """A request message announced a length over the cap; its body is being dropped."""
+
+    stream_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BadMessage:
+    """A request message cannot be framed (e.g. compressed without an encoding)."""
+
+    stream_id: int
+    reason: str
+
+
+#: A frame header, as hyperframe packs it: 24-bit length, type, flags, stream id.
+_FRAME_HEADER: Final = struct.Struct(">HBBBL")
+
+
+def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
+    """RFC 7541 §5.1 integer, its first byte OR-ed with ``first``."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes([first | value])
+    out = [first | limit]
+    value -= limit
+    while value >= 128:
+        out.append(value % 128 + 128)
+        value //= 128
+    out.append(value)
+    return bytes(out)
+
+
+def _hpack_string(text: str) -> bytes:
+    raw = text.encode("ascii")
+    return _hpack_int(len(raw), 7) + raw
+
+
+def _literal(name: str, value: str, static_index: int = 0) -> bytes:
+    """Literal header field without indexing (RFC 7541 §6.2.2): no dynamic table change."""
+    if static_index:
+        return _hpack_int(static_index, 4) + _hpack_string(value)
+    return b"\x00" + _hpack_string(name) + _hpack_string(value)
+
+
+_STATUS_200 = b"\x88"  # static table entry 8: ":status: 200"
+_CONTENT_TYPE = 31  # static table entry 31: "content-type"
+#: Header lists we send on every call, pre-encoded (see GRPCConnection.start_response and
+#: end_response; the transport always uses content type suffix "+proto").
+_CONSTANT_BLOCKS: dict[tuple[tuple[str, str], ...], bytes] = {
+    ((":status", "200"), ("content-type", "application/grpc+proto")): _STATUS_200
+    + _literal("content-type", "application/grpc+proto", _CONTENT_TYPE),
+    (("grpc-status", "0"),): _literal("grpc-status", "0"),
+}
+
+
+class _CachingEncoder(hpack.Encoder):  # type: ignore[misc]
+    """hpack's encoder, returning our constant header blocks ready-made."""
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        # A pending table size change must lead the next block: let hpack write it.
+        if not self.header_table.resized and type(headers) is list:
+            block = _CONSTANT_BLOCKS.get(tuple(headers))
+            if block is not None:
+                return block
+        return bytes(super().encode(headers, huffman))
+
+
+class _CachingDecoder(hpack.Decoder):  # type: ignore[misc]
+    """hpack's decoder, remembering blocks whose decoding left the dynamic table unchanged.
+
+    The same bytes decode to the same headers as long as the table is the same. Any change
+    to it (an entry added, evictions, a resize) empties the cache; holding the table's
+    front entry makes "same front object, same length, same size" a sound test for that.
+    """
+
+    _MAX_ENTRIES = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: dict[tuple[bytes, bool], tuple[Any, ...]] = {}
+        self._state: tuple[Any, ...] = ()
+
+    def _table_state(self) -> tuple[Any, ...]:
+        table = self.header_table
+        entries = table.dynamic_entries
+        front = entries[0] if entries else None
+        return (front, len(entries), table.maxsize, self.max_header_list_size)
+
+    def decode(self, data: Any, raw: bool = False) -> list[Any]:
+        state = self._table_state()
+        known = self._state
+        if not known or state[0] is not known[0] or state[1:] != known[1:]:
+            self._cache.clear()
+            self._state = state
+        key = (bytes(data), raw)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return list(hit)
+        headers: list[Any] = super().decode(data, raw)
+        after = self._table_state()
+        unchanged = after[0] is state[0] and after[1:] == state[1:]
+        if unchanged and len(self._cache) < self._MAX_ENTRIES:
+            self._cache[key] = tuple(headers)
+        return headers
+
+
+class ServerH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
+    """h2's connection with the stream cap left to the transport and a graceful GOAWAY."""
+
+    _data_to_send: bytearray
+
+    @property
+    def open_inbound_streams(self) -> int:
+        """Report no open streams, so that h2 never raises TooManyStreamsError.
+
+        h2 only reads this to enforce MAX_CONCURRENT_STREAMS, as a connection error; the
+        transport refuses excess streams one by one instead. Counting still runs: it is
+        where h2 forgets closed streams.
+        """
+        self._open_streams(int(not self.config.client_side))
+        return 0
+
+    def _prepare_for_sending(self, frames: list[Any]) -> None:
+        """Append frames to the output buffer, DATA frames copied once.
+
+        h2 serializes every frame (hyperframe copies the payload twice), joins them (a
+        third copy) and appends the result (a fourth). For bulk output those copies cost
+        more than the TLS encryption: a plain DATA frame's header is packed here and its
+        payload appended as is.
+        """
+        if not frames:
+            return
+        buffer: bytearray = self._data_to_send
+        for frame in frames:
+            if type(frame) is DataFrame and "PADDED" not in frame.flags:
+                data = frame.data
+                length = len(data)
+                frame.body_len = length
+                buffer += _FRAME_HEADER.pack(
+                    (length >> 8) & 0xFFFF,
+                    length & 0xFF,
+                    0x0,
+                    0x1 if "END_STREAM" in frame.flags else 0x0,
+                    frame.stream_id & 0x7FFFFFFF,
+                )
+                buffer += data
+            else:
+                buffer += frame.serialize()
+
+    def data_to_send(self, amount: int | None = None) -> bytes | bytearray:
+        """Hand over the whole output buffer without copying it (purerpc's patch copies)."""
+        if amount is not None:
+            return bytes(super().data_to_send(amount))
+        data: bytearray = self._data_to_send
+        self._data_to_send = bytearray()
+        return data
+
+    @property
+    def outbound_buffered(self) -> int:
+        """Bytes serialized but not yet taken by ``data_to_send``."""
+        return len(self._data_to_send)
+
+    def send_graceful_goaway(self, last_stream_id: int) -> None:
+        """Queue GOAWAY(NO_ERROR) without closing h2's state machine.
+
+        ``close_connection`` would move h2 to CLOSED, after which the streams in flight
+        could send nothing more; a drain must let them finish.
+        """
+        frame = GoAwayFrame(stream_id=0, last_stream_id=last_stream_id, error_code=0)
+        self._data_to_send += frame.serialize()
+
+
+class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
+    """purerpc's ``GRPCConnection`` for one server connection, with our settings."""
+
+    def __init__(
+        self,
+        *,
+        max_message_length: int,
+        max_concurrent_streams: int,
+        initial_window_size: int,
+        connection_window_size: int,
+        max_frame_size: int,
+        max_header_list_size: int,
+    ) -> None:
+        # Not super().__init__(): it builds a plain H2Connection with purerpc's fixed
+        # settings (65536 streams, a 1 GiB connection window, 16 MiB frames).
+        self.config = GRPCConfiguration(client_side=False, max_message_length=max_message_length)
+        h2c = ServerH2Connection(
+            h2.config.H2Configuration(
+                client_side=False,
+                header_encoding="utf-8",
+                # Our own headers are constant and well formed: skip re-checking them.
+                validate_outbound_headers=False,
+                validate_inbound_headers=False,
+                normalize_inbound_headers=False,
+                normalize_outbound_headers=False,
+            )
+        )
+        codes = h2.settings.SettingCodes
+        h2c.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                codes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+                codes.INITIAL_WINDOW_SIZE: initial_window_size,
+                codes.MAX_FRAME_SIZE: max_frame_size,
+                codes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+            },
+        )
+        h2c.max_inbound_frame_size = max_frame_size
+        h2c.encoder = _CachingEncoder()
+        h2c.decoder = _CachingDecoder()
+        h2c.decoder.max_header_list_size = max_header_list_size
+        self.h2_connection: ServerH2Connection = h2c
+        self.message_read_buffers: dict[int, Any] = {}
+        self._connection_window_size = connection_window_size
+
+    def initiate_connection(self) -> None:
+        """Send our SETTINGS and open the connection window to its configured size."""
+        h2c = self.h2_connection
+        h2c.initiate_connection()
+        delta = self._connection_window_size - int(h2c.inbound_flow_control_window)
+        if delta > 0:
+            h2c.increment_flow_control_window(delta)
+
+    def _request_received(self, event: Any) -> list[Any]:
+        stream_id: int = event.stream_id
+        try:
+            request = RequestReceived.parse_from_stream_id_and_headers_destructive(
+                stream_id, HeaderDict(event.headers)
+            )
+        except (GRPCProtocolError, KeyError, ValueError, IndexError, TypeError) as exc:
+            return [BadRequest(stream_id, f"{type(exc).__name__}: {exc}")]
+        if event.stream_ended:
+            # No message at all; the transport answers it (purerpc raised here).
+            return [request, RequestEnded(stream_id)]
+        # Encoding None: never decompress (an unbounded inflate); the transport refuses
+        # requests that announce a grpc-encoding.
+        self.message_read_buffers[stream_id] = MessageReadBuffer(
+            None, self.config.max_message_length
+        )
+        return [request]
+
+    def _data_received(self, event: Any) -> list[Any]:
+        stream_id: int = event.stream_id
+        length: int = event.flow_controlled_length
+        if length:
+            self.h2_connection.acknowledge_received_data(length, stream_id)
+        buffer = self.message_read_buffers.get(stream_id)
+        if buffer is None:  # answered or refused already: drop what is still coming
+            return []
+        try:
+            buffer.data_received(event.data, length)
+        except MessageTooLargeError as exc:
+            del self.message_read_buffers[stream_id]
+            return [RequestTooLarge(stream_id, str(exc))]
+        except GRPCProtocolError as exc:
+            del self.message_read_buffers[stream_id]
+            return [BadMessage(stream_id, str(exc))]
+        return [
+            MessageReceived(stream_id, message, flow)
+            for message, flow in buffer.read_all_complete_messages_flowcontrol()
+        ]
+
+    def _stream_ended(self, event: Any) -> list[Any]:
+        self.message_read_buffers.pop(event.stream_id, None)
+        return [RequestEnded(event.stream_id)]
+
+    def _stream_reset(self, event: Any) -> list[Any]:
+        self.message_read_buffers.pop(event.stream_id, None)
+        return [StreamReset(event.stream_id, int(event.error_code))]
+
+    def _connection_terminated(self, event: Any) -> list[Any]:
+        return [PeerGoAway(int(event.error_code))]
+
+    def drop_request(self, stream_id: int) -> None:
+        """Stop collecting a stream's request: what still arrives is acknowledged and dropped."""
+        self.message_read_buffers.pop(stream_id, None)

@@ -1,0 +1,156 @@
+"""The server: a supervisor, the gRPC services and the transport, run together.
+
+Shutdown is ordered so that nothing a client is waiting for is cut short:
+stop accepting and send GOAWAY (new calls get UNAVAILABLE, health turns
+NOT_SERVING), stop the jobs (TERM, grace, KILL) so every follower receives
+the end of its stream and every Wait its final status, let the calls in
+flight finish, then close. A second signal shortens the grace to zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ._cgroups import LimitPolicy
+from ._health import HealthService
+from ._service import SERVICE_NAME, WorkerService
+from ._supervisor import open_supervisor
+from ._tls import server_context
+from ._transport import CallRecord, Server, TransportConfig
+
+__all__ = ["ServerSettings", "parse_listen", "run_server"]
+
+audit_log = logging.getLogger("trio_worker.audit")
+_log = logging.getLogger("trio_worker.server")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Everything ``run_server`` needs; the CLI builds one from flags and files."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    shutdown_grace: float = 5.0
+    stop_grace: float = 5.0
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    limit_policy: LimitPolicy = field(default_factory=LimitPolicy)
+    cgroup_parent: str = "trio-worker"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` → (host, port); raises ValueError in words."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write IPv6 addresses in brackets, like [::1]:50051, not {value!r}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"port must be a number, got {port_text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be within 0..65535, got {port}")
+    return host, port
+
+
+def _audit(record: CallRecord) -> None:
+    """One JSON line per RPC: who, as what, did which method on which job, with what status."""
+    job_id = getattr(record.request, "id", "") or getattr(record.response, "id", "")
+    identity = record.ctx.identity
+    audit_log.info(
+        json.dumps(
+            {
+                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "event": "rpc",
+                "peer": record.ctx.peer,
+                "identity": identity.name,
+                "role": identity.role.value if identity.role else None,
+                "method": record.ctx.method,
+                "job_id": job_id or None,
+                "status": record.code.name,
+                "message": record.message or None,
+                "duration_ms": round(record.duration * 1000, 3),
+            },
+            separators=(",", ":"),
+        )
+    )
+
+
+async def run_server(
+    settings: ServerSettings,
+    *,
+    handle_signals: bool = True,
+    on_call: Callable[[CallRecord], None] | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until SIGINT/SIGTERM (or cancellation); report the bound port when ready."""
+    ssl_context = server_context(ca=settings.ca, cert=settings.cert, key=settings.key)
+    health = HealthService([SERVICE_NAME])
+
+    def record(call: CallRecord) -> None:
+        _audit(call)
+        if on_call is not None:
+            on_call(call)
+
+    async with open_supervisor(
+        settings.state_dir,
+        keep_state=True,
+        shutdown_grace=settings.shutdown_grace,
+        cgroup_parent=settings.cgroup_parent,
+        limit_policy=settings.limit_policy,
+    ) as supervisor:
+        service = WorkerService(supervisor, default_grace=settings.stop_grace)
+        methods: dict[str, Any] = {**service.methods(), **health.methods()}
+        server = Server(
+            methods,
+            ssl_context,
+            config=settings.transport,
+            on_call=record,
+            on_drain=health.enter_graceful_shutdown,
+        )
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.serve, settings.host, settings.port)
+            _log.info("serving on %s", ", ".join(server.addresses))
+            task_status.started(port)
+            if not handle_signals:
+                await trio.sleep_forever()
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                first = await signals.__anext__()
+                _log.info("received %s: shutting down", signal.Signals(first).name)
+                grace = settings.shutdown_grace
+                async with trio.open_nursery() as shutdown:
+                    # Draining runs alongside: it waits for the streams that the
+                    # jobs' ends will finish.
+                    shutdown.start_soon(server.drain, grace + 5.0)
+                    async with trio.open_nursery() as jobs:
+                        graceful = trio.CancelScope()
+
+                        async def second_signal() -> None:
+                            async for sig in signals:
+                                name = signal.Signals(sig).name
+                                _log.info("received %s again: killing jobs now", name)
+                                graceful.cancel()
+                                return
+
+                        jobs.start_soon(second_signal)
+                        with graceful:
+                            await supervisor.shutdown(grace)
+                        if graceful.cancelled_caught:
+                            await supervisor.shutdown(0)
+                        jobs.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,196 @@
+"""The Worker gRPC service: authorize, call the supervisor, convert.
+
+Each RPC is three steps: may this caller use this method at all (the role
+table in ``_authz``), may it see this job (else NOT_FOUND, so ids cannot be
+probed), then the supervisor call. Our exceptions become status codes in one
+table, ``STATUS_OF``; anything else is a bug, which the transport logs and
+answers INTERNAL without details.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from ._authz import Method as Op
+from ._authz import authorize, can_see
+from ._convert import (
+    chunk_to_pb,
+    duration_to_seconds,
+    isolation_from_pb,
+    job_to_pb,
+    limits_from_pb,
+)
+from ._errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    JobNotFound,
+    JobNotRunning,
+    PermissionDenied,
+    ResourceExhausted,
+    ShuttingDown,
+    StateDirError,
+    TrioWorkerError,
+    Unenforceable,
+)
+from ._identity import Identity
+from ._model import JobInfo
+from ._pb import worker_pb2 as pb
+from ._supervisor import Supervisor
+from ._transport import (
+    CallContext,
+    RpcError,
+    StatusCode,
+    StreamMethod,
+    SyncUnaryMethod,
+    UnaryMethod,
+)
+from ._transport import Method as RpcMethod
+
+__all__ = ["SERVICE_NAME", "STATUS_OF", "WorkerService", "rpc_error"]
+
+SERVICE_NAME = "trioworker.v1.Worker"
+
+#: The one map from our exceptions to gRPC status codes (most specific first).
+STATUS_OF: tuple[tuple[type[TrioWorkerError], StatusCode], ...] = (
+    (JobNotFound, StatusCode.NOT_FOUND),
+    (InvalidRequest, StatusCode.INVALID_ARGUMENT),
+    (PermissionDenied, StatusCode.PERMISSION_DENIED),
+    (AuthenticationFailed, StatusCode.UNAUTHENTICATED),
+    (JobNotRunning, StatusCode.FAILED_PRECONDITION),
+    (Unenforceable, StatusCode.FAILED_PRECONDITION),
+    (ResourceExhausted, StatusCode.RESOURCE_EXHAUSTED),
+    (ShuttingDown, StatusCode.UNAVAILABLE),
+    (StateDirError, StatusCode.INTERNAL),
+)
+
+
+def rpc_error(exc: TrioWorkerError) -> RpcError:
+    if isinstance(exc, RpcError):
+        return exc
+    for cls, code in STATUS_OF:
+        if isinstance(exc, cls):
+            return RpcError(code, str(exc))
+    return RpcError(StatusCode.UNKNOWN, str(exc))
+
+
+class WorkerService:
+    """The handlers of ``trioworker.v1.Worker`` over one supervisor."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        *,
+        default_grace: float = 5.0,
+        output_chunk_bytes: int = 256 * 1024,
+    ) -> None:
+        self._sup = supervisor
+        self._default_grace = default_grace
+        self._chunk = output_chunk_bytes
+
+    def methods(self) -> dict[str, RpcMethod]:
+        """Full method path → descriptor, for the transport.
+
+        Status and List only read snapshots, so they run as plain functions in
+        the connection's reader: no task per call, the cheapest path there is.
+        """
+        path = f"/{SERVICE_NAME}/{{}}".format
+        return {
+            path("Start"): UnaryMethod(pb.StartRequest, pb.Job, self.start),
+            path("Stop"): UnaryMethod(pb.StopRequest, pb.Job, self.stop),
+            path("Signal"): UnaryMethod(pb.SignalRequest, pb.Job, self.signal),
+            path("Status"): SyncUnaryMethod(pb.StatusRequest, pb.Job, self.status),
+            path("Wait"): UnaryMethod(pb.WaitRequest, pb.Job, self.wait),
+            path("List"): SyncUnaryMethod(pb.ListRequest, pb.ListResponse, self.list),
+            path("Output"): StreamMethod(pb.OutputRequest, pb.OutputChunk, self.output),
+        }
+
+    # -- helpers --------------------------------------------------------------
+
+    def _visible(self, job_id: str, identity: Identity) -> JobInfo:
+        """The job, if this caller may see it; NOT_FOUND alike for absent and hidden."""
+        if not job_id:
+            raise InvalidRequest("id", "must not be empty")
+        info = self._sup.status(job_id)
+        if not can_see(identity, info.owner):
+            raise JobNotFound(job_id)
+        return info
+
+    # -- handlers -------------------------------------------------------------
+
+    async def start(self, request: pb.StartRequest, ctx: CallContext) -> pb.Job:
+        try:
+            authorize(ctx.identity, Op.START)
+            info = await self._sup.start(
+                request.command,
+                list(request.args),
+                env=dict(request.env),
+                cwd=request.working_dir or None,
+                limits=limits_from_pb(request.limits),
+                isolation=isolation_from_pb(request.isolation),
+                owner=ctx.identity.name,
+            )
+        except TrioWorkerError as exc:
+            raise rpc_error(exc) from None
+        return job_to_pb(info)
+
+    async def stop(self, request: pb.StopRequest, ctx: CallContext) -> pb.Job:
+        try:
+            authorize(ctx.identity, Op.STOP)
+            self._visible(request.id, ctx.identity)
+            grace = (
+                duration_to_seconds(request.grace, "grace")
+                if request.HasField("grace")
+                else self._default_grace
+            )
+            info = await self._sup.stop(request.id, grace=grace)
+        except TrioWorkerError as exc:
+            raise rpc_error(exc) from None
+        return job_to_pb(info)
+
+    async def signal(self, request: pb.SignalRequest, ctx: CallContext) -> pb.Job:
+        try:
+            authorize(ctx.identity, Op.SIGNAL)
+            self._visible(request.id, ctx.identity)
+            info = await self._sup.signal(request.id, request.signal)
+        except TrioWorkerError as exc:
+            raise rpc_error(exc) from None
+        return job_to_pb(info)
+
+    def status(self, request: pb.StatusRequest, ctx: CallContext) -> pb.Job:
+        try:
+            authorize(ctx.identity, Op.STATUS)
+            info = self._visible(request.id, ctx.identity)
+        except TrioWorkerError as exc:
+            raise rpc_error(exc) from None
+        return job_to_pb(info)
+
+    async def wait(self, request: pb.WaitRequest, ctx: CallContext) -> pb.Job:
+        try:
+            authorize(ctx.identity, Op.WAIT)
+            self._visible(request.id, ctx.identity)
+            info = await self._sup.wait(request.id)
+        except TrioWorkerError as exc:
+            raise rpc_error(exc) from None
+        return job_to_pb(info)
+
+    def list(self, request: pb.ListRequest, ctx: CallContext) -> pb.ListResponse:
+        try:
+            authorize(ctx.identity, Op.LIST)
+        except TrioWorkerError as exc:
+            raise rpc_error(exc) from None
+        jobs = [job_to_pb(i) for i in self._sup.list() if can_see(ctx.identity, i.owner)]
+        return pb.ListResponse(jobs=jobs)
+
+    async def output(
+        self, request: pb.OutputRequest, ctx: CallContext
+    ) -> AsyncIterator[pb.OutputChunk]:
+        try:
+            authorize(ctx.identity, Op.OUTPUT)
+            self._visible(request.id, ctx.identity)
+            reader = self._sup.output(
+                request.id, request.offset, request.follow, chunk_size=self._chunk
+            )
+        except TrioWorkerError as exc:
+            raise rpc_error(exc) from None
+        async for chunk in reader:
+            yield chunk_to_pb(chunk)

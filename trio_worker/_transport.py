@@ -1,0 +1,1162 @@
+"""The gRPC server transport: TCP, TLS, HTTP/2 and gRPC on trio, ours end to end.
+
+    listener (binds exactly the address given) → TLS (handshake under a timeout)
+    → peer certificate → Identity → one _Connection per client → one task per call.
+
+TLS is ``_tlsstream.TLSSocketStream`` rather than ``trio.SSLStream``: same job, less than
+half the CPU per small RPC (see that module).
+
+A ``_Connection`` drives purerpc's sans-I/O ``GRPCConnection`` (``_h2conn``) from trio: a
+reader task, a task per call, and a writer task for output the socket could not take at
+once. purerpc's own I/O layer (``Server``, ``GRPCSocket``, ``GRPCStream``,
+``SocketWrapper``) is not used, because every gap we must close lives in it: its reader
+loop drops RST_STREAM and connection loss, its writer buffers without bound for a slow
+client, unexpected errors became CANCELLED, and every stream event went through an anyio
+memory channel. Replacing those few I/O methods with trio code was smaller than overriding
+them, and it lets a unary call's headers, message and trailers leave in one socket write:
+they are queued without a checkpoint in between and written by the call itself when it
+ends (``_push``); a stream's messages are written together whenever its handler yields.
+
+Handlers get ``(request, CallContext)``. ``UnaryMethod`` handlers are coroutines returning
+the response, ``StreamMethod`` handlers async iterators of responses, ``SyncUnaryMethod``
+handlers plain functions run in the reader (no task: the cheapest call, for answers from
+memory). They signal errors with :class:`RpcError`; anything else is logged with its
+traceback and answered INTERNAL without details.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import math
+import socket
+import ssl
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+import h2.errors
+import h2.exceptions
+import trio
+from google.protobuf.message import DecodeError
+from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived, WindowUpdated
+from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
+from purerpc.grpclib.status import Status as _PurerpcStatus
+
+from ._errors import TrioWorkerError
+from ._h2conn import (
+    BadMessage,
+    BadRequest,
+    GRPCServerConnection,
+    PeerGoAway,
+    RequestTooLarge,
+    StreamReset,
+)
+from ._identity import Identity, identity_from_der
+from ._tlsstream import TLSSocketStream
+
+__all__ = [
+    "CallContext",
+    "CallRecord",
+    "ListenError",
+    "RpcError",
+    "Server",
+    "ServerStats",
+    "StatusCode",
+    "StreamMethod",
+    "SyncUnaryMethod",
+    "TransportConfig",
+    "UnaryMethod",
+]
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+_MESSAGE_PREFIX: Final = struct.Struct(">BI")
+_CONTENT_TYPE_SUFFIX: Final = "+proto"
+_RECEIVE_SIZE: Final = 64 * 1024  # OpenSSL returns at most a record (16 KiB) per read
+_LARGEST_WINDOW: Final = 2**31 - 1
+_LARGEST_FRAME: Final = 2**24 - 1
+#: accept() failures that mean "out of resources for now", not "listener broken".
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+
+
+class StatusCode(enum.IntEnum):
+    """gRPC status codes (grpc/doc/statuscodes.md)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+class ListenError(TrioWorkerError):
+    """The server cannot listen on the address it was given (taken, not local, bad name)."""
+
+
+class RpcError(TrioWorkerError):
+    """Raised by a handler to end its call with ``code`` and ``message``.
+
+    The message goes to the client verbatim, so it must not carry internals.
+    """
+
+    def __init__(self, code: StatusCode | int, message: str = "") -> None:
+        super().__init__(message)
+        self.code = StatusCode(code)
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """What a handler knows about its call besides the request."""
+
+    identity: Identity
+    #: "/package.Service/Method"
+    method: str
+    #: "host:port" of the client ("[v6]:port" for IPv6)
+    peer: str
+    #: trio.current_time() value of the client's deadline (grpc-timeout), or None
+    deadline: float | None
+    #: custom metadata sent by the client, ``-bin`` values as bytes
+    metadata: tuple[tuple[str, str | bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UnaryMethod(Generic[Req, Resp]):
+    """A unary-unary method: ``await handler(request, ctx)`` returns the response."""
+
+    request_type: type[Req]
+    response_type: type[Resp]
+    handler: Callable[[Req, CallContext], Awaitable[Resp]]
+
+
+@dataclass(frozen=True, slots=True)
+class SyncUnaryMethod(Generic[Req, Resp]):
+    """A unary method whose handler is a plain function: ``handler(request, ctx)``.
+
+    It runs in the connection's reader as soon as the request is in, with no task of its
+    own: the cheapest call there is, for answers from memory (status, list, health). It
+    must not block; it cannot be cancelled (there is nothing to cancel).
+    """
+
+    request_type: type[Req]
+    response_type: type[Resp]
+    handler: Callable[[Req, CallContext], Resp]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamMethod(Generic[Req, Resp]):
+    """A unary-stream method: ``handler(request, ctx)`` is an async iterator of responses."""
+
+    request_type: type[Req]
+    response_type: type[Resp]
+    handler: Callable[[Req, CallContext], AsyncIterator[Resp]]
+
+
+Method = UnaryMethod[Any, Any] | SyncUnaryMethod[Any, Any] | StreamMethod[Any, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """The outcome of one RPC, handed to ``on_call`` once the call is over.
+
+    ``request`` is None when the call ended before its request was decoded; ``response``
+    is the unary response (None for streams and failures), so a Start's job id can be
+    logged from it.
+    """
+
+    ctx: CallContext
+    code: StatusCode
+    message: str
+    request: Any
+    response: Any
+    duration: float
+
+
+@dataclass(frozen=True, slots=True)
+class TransportConfig:
+    """Limits and tuning of the transport; the defaults suit a job server on a LAN.
+
+    Inbound (what clients may send us): ``max_request_bytes`` per message,
+    ``initial_window_size``/``connection_window_size`` (the HTTP/2 receive windows we
+    advertise), ``max_frame_size`` (largest frame we accept). Outbound, the client's own
+    windows and frame size govern; ``max_send_buffer`` bounds what we hold for one
+    connection beyond what the socket took, so a slow reader costs at most that much.
+    """
+
+    max_connections: int = 1000
+    max_concurrent_streams: int = 100
+    max_request_bytes: int = 4 * 1024 * 1024
+    handshake_timeout: float = 10.0
+    #: close (with GOAWAY) a connection that has had no call for this long
+    idle_timeout: float = 300.0
+    #: pending output the socket has not taken after this long means the client is gone
+    write_timeout: float = 60.0
+    initial_window_size: int = 1024 * 1024
+    connection_window_size: int = 16 * 1024 * 1024
+    max_frame_size: int = 1024 * 1024
+    max_header_list_size: int = 16 * 1024
+    max_send_buffer: int = 1024 * 1024
+    listen_backlog: int = 128
+
+    def __post_init__(self) -> None:
+        positive = (
+            "max_connections",
+            "max_concurrent_streams",
+            "max_request_bytes",
+            "max_header_list_size",
+            "max_send_buffer",
+            "listen_backlog",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TransportConfig.{name} must be positive")
+        for name in ("handshake_timeout", "idle_timeout", "write_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TransportConfig.{name} must be positive")
+        if not 65535 <= self.initial_window_size <= _LARGEST_WINDOW:
+            raise ValueError("initial_window_size must be within 65535..2**31-1")
+        if not 65535 <= self.connection_window_size <= _LARGEST_WINDOW:
+            raise ValueError("connection_window_size must be within 65535..2**31-1")
+        if not 16384 <= self.max_frame_size <= _LARGEST_FRAME:
+            raise ValueError("max_frame_size must be within 16384..2**24-1")
+
+
+@dataclass(slots=True)
+class ServerStats:
+    """Counters for tests, benchmarks and the curious; not synchronized, not persisted."""
+
+    connections_accepted: int = 0
+    connections_refused: int = 0
+    handshakes_failed: int = 0
+    calls: int = 0
+    socket_writes: int = 0
+    bytes_written: int = 0
+
+
+# --- listening ---------------------------------------------------------------------------
+
+
+def _format_address(sockaddr: Any) -> str:
+    host, port = sockaddr[0], sockaddr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _bind(host: str, port: int, backlog: int) -> list[trio.SocketListener]:
+    """Listen on exactly the addresses ``host`` stands for (one, for an IP literal).
+
+    No SO_REUSEPORT (which would let a second server share the port unnoticed);
+    SO_REUSEADDR only lets us restart while old connections linger in TIME_WAIT. With
+    port 0 the first socket picks the port and the others reuse it.
+    """
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        infos = await trio.socket.getaddrinfo(
+            host or None,
+            port,
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV,
+        )
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ListenError(f"cannot resolve listen address {host!r}: {exc}") from exc
+    seen: set[Any] = set()
+    listeners: list[trio.SocketListener] = []
+    try:
+        for family, type_, proto, _, sockaddr in infos:
+            if sockaddr in seen:
+                continue
+            seen.add(sockaddr)
+            if listeners and port == 0:
+                sockaddr = (sockaddr[0], listeners[0].socket.getsockname()[1], *sockaddr[2:])
+            sock = trio.socket.socket(family, type_, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                await sock.bind(sockaddr)
+                sock.listen(backlog)
+            except OSError as exc:
+                sock.close()
+                reason = exc.strerror or str(exc)
+                if exc.errno == errno.EADDRINUSE:
+                    reason = "the address is already in use (is another server running?)"
+                where = _format_address(sockaddr)
+                raise ListenError(f"cannot listen on {where}: {reason}") from exc
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    if not listeners:
+        raise ListenError(f"listen address {host!r} resolves to no usable address")
+    return listeners
+
+
+def _set_keepalive(sock: Any) -> None:
+    """Notice a client that vanished without a FIN within about two minutes."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+    except OSError:  # pragma: no cover - the socket may already be dead
+        pass
+
+
+# --- one call ----------------------------------------------------------------------------
+
+
+class _Call:
+    """Per-stream state, shared by the connection's reader and the call's task."""
+
+    __slots__ = (
+        "ctx",
+        "error",
+        "finished",
+        "gone_reason",
+        "headers_sent",
+        "method",
+        "peer_gone",
+        "request_bytes",
+        "request_done",
+        "scope",
+        "shutdown",
+        "started",
+        "stream_id",
+    )
+
+    def __init__(self, stream_id: int, method: Method, ctx: CallContext) -> None:
+        self.stream_id = stream_id
+        self.method = method
+        self.ctx = ctx
+        self.request_bytes: bytes | None = None
+        self.error: RpcError | None = None
+        self.request_done = trio.Event()
+        # Entered by the call's task; cancelled by the reader on reset or by a drain.
+        self.scope = trio.CancelScope(deadline=math.inf if ctx.deadline is None else ctx.deadline)
+        self.peer_gone = False  # reset by the client or connection lost: nothing to send
+        self.gone_reason = ""
+        self.shutdown = False  # cut short by the server's drain timeout
+        self.headers_sent = False
+        self.finished = False
+        self.started = time.monotonic()
+
+    def gone(self, reason: str) -> None:
+        """Nobody will read this call's answer: cancel its handler."""
+        if not self.peer_gone:
+            self.peer_gone = True
+            self.gone_reason = reason
+        self.scope.cancel()
+
+    def fail(self, error: RpcError) -> None:
+        """Record a request-level error (first one wins) and let the task answer it."""
+        if self.error is None:
+            self.error = error
+        self.request_done.set()
+
+
+# --- one connection ----------------------------------------------------------------------
+
+
+class _Connection:
+    """One client connection: a reader task, a writer task, a task per (async) call."""
+
+    def __init__(
+        self,
+        server: Server,
+        stream: TLSSocketStream,
+        identity: Identity | None,
+        auth_error: str,
+        peer: str,
+    ) -> None:
+        cfg = server.config
+        self._server = server
+        self._cfg = cfg
+        self._stream = stream
+        self._identity = identity
+        self._auth_error = auth_error
+        self._peer = peer
+        self._grpc = GRPCServerConnection(
+            max_message_length=cfg.max_request_bytes,
+            max_concurrent_streams=cfg.max_concurrent_streams,
+            initial_window_size=cfg.initial_window_size,
+            connection_window_size=cfg.connection_window_size,
+            max_frame_size=cfg.max_frame_size,
+            max_header_list_size=cfg.max_header_list_size,
+        )
+        self._h2 = self._grpc.h2_connection
+        self._calls: dict[int, _Call] = {}
+        self._nursery: trio.Nursery | None = None
+        self._writer_lot = trio.lowlevel.ParkingLot()  # the writer waits here for data
+        self._drained_lot = trio.lowlevel.ParkingLot()  # senders wait here for buffer room
+        self._window_lot = trio.lowlevel.ParkingLot()  # senders wait here for window
+        self._new_calls: list[_Call] = []  # headers seen in this read, not started yet
+        self._done = trio.Event()  # the connection is to be closed now
+        self._dead = False  # nothing can be sent any more (peer gone, h2 closed)
+        self._draining = False
+        self.drained = False  # ended by a drain (or idling) with everything flushed
+        self._last_call_end = trio.current_time()  # for the idle timeout
+
+    # -- lifecycle --
+
+    async def run(self) -> None:
+        """Serve the connection until the client leaves, it idles out, or it is drained."""
+        self._grpc.initiate_connection()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._idle_watchdog)
+                self._push()  # our SETTINGS
+                await self._done.wait()
+                if not self._dead:
+                    # Let queued frames (final trailers, GOAWAY) reach the client.
+                    with trio.move_on_after(1.0):
+                        await self._flushed()
+                        self.drained = self._draining
+                self._dead = True
+                for call in self._calls.values():
+                    call.gone("connection closed")
+                nursery.cancel_scope.cancel()
+        finally:
+            self._dead = True
+
+    def start_drain(self) -> None:
+        """Send GOAWAY; streams in flight go on, new ones get UNAVAILABLE; close when done."""
+        if self._draining or self._dead:
+            return
+        self._draining = True
+        self._h2.send_graceful_goaway(self._h2.highest_inbound_stream_id)
+        self._push()
+        self._maybe_drained()
+
+    def abort_calls(self) -> None:
+        """End the calls still running after the drain timeout: UNAVAILABLE."""
+        for call in list(self._calls.values()):
+            call.shutdown = True
+            call.scope.cancel()
+
+    def _maybe_drained(self) -> None:
+        if self._draining and not self._calls:
+            self._done.set()
+
+    def _lost(self) -> None:
+        """The transport is unusable: cancel every call at once."""
+        self._dead = True
+        for call in self._calls.values():
+            call.gone("connection lost")
+        self._done.set()
+
+    async def _idle_watchdog(self) -> None:
+        """Drain the connection once it has had no call for ``idle_timeout``.
+
+        Polls rather than moving a deadline on every call: calls only store a time.
+        """
+        idle = self._cfg.idle_timeout
+        while True:
+            await trio.sleep_until(self._last_call_end + idle)
+            if not self._calls and trio.current_time() >= self._last_call_end + idle:
+                break
+            if self._calls:
+                # Busy: look again one idle period from now (a call may end sooner, which
+                # only delays the close by less than that).
+                self._last_call_end = max(self._last_call_end, trio.current_time())
+        log.debug("closing connection from %s: idle for %ss", self._peer, self._cfg.idle_timeout)
+        self.start_drain()
+
+    # -- reading --
+
+    async def _reader(self) -> None:
+        stream = self._stream
+        grpc = self._grpc
+        while True:
+            try:
+                data = await stream.receive_some(_RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.debug("connection from %s lost: %r", self._peer, exc.__cause__ or exc)
+                break
+            if not data:
+                break
+            try:
+                events = grpc.receive_data(data)
+            except (h2.exceptions.ProtocolError, GRPCProtocolError) as exc:
+                # h2 has queued a GOAWAY with the error; send it, then close.
+                log.info("HTTP/2 protocol error from %s: %s", self._peer, exc)
+                for call in self._calls.values():
+                    call.gone("HTTP/2 protocol error")
+                self._start_calls()  # those just registered end here, as CANCELLED
+                self._wake_writer()
+                self._done.set()
+                return
+            for event in events:
+                self._on_event(event)
+            if self._new_calls:
+                self._start_calls()
+            self._push()
+        self._lost()
+
+    def _on_event(self, event: Any) -> None:
+        kind = type(event)
+        if kind is RequestReceived:
+            self._on_request(event)
+        elif kind is MessageReceived:
+            call = self._calls.get(event.stream_id)
+            if call is None:
+                return
+            if call.request_bytes is None and call.error is None:
+                call.request_bytes = event.data
+            else:
+                self._grpc.drop_request(call.stream_id)
+                call.fail(RpcError(StatusCode.INVALID_ARGUMENT, "more than one request message"))
+        elif kind is RequestEnded:
+            call = self._calls.get(event.stream_id)
+            if call is not None:
+                call.request_done.set()
+        elif kind is WindowUpdated:
+            self._window_lot.unpark_all()
+        elif kind is StreamReset:
+            call = self._calls.get(event.stream_id)
+            if call is not None:
+                call.gone("cancelled by the client")
+        elif kind is RequestTooLarge:
+            call = self._calls.get(event.stream_id)
+            if call is not None:
+                call.fail(
+                    RpcError(
+                        StatusCode.RESOURCE_EXHAUSTED,
+                        f"request message larger than {self._cfg.max_request_bytes} bytes",
+                    )
+                )
+        elif kind is BadMessage:
+            call = self._calls.get(event.stream_id)
+            if call is not None:
+                reason = f"cannot read the request message: {event.reason}"
+                call.fail(RpcError(StatusCode.INTERNAL, reason))
+        elif kind is BadRequest:
+            log.info("malformed request from %s: %s", self._peer, event.reason)
+            self._reset(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        elif kind is PeerGoAway:
+            # h2 3.x sends nothing after a GOAWAY either way: the connection is over.
+            log.debug("client %s sent GOAWAY (%s)", self._peer, event.error_code)
+            self._lost()
+
+    def _on_request(self, event: Any) -> None:
+        stream_id: int = event.stream_id
+        path = f"/{event.service_name}/{event.method_name}"
+        timeout = event.timeout
+        deadline = None if timeout is None else trio.current_time() + timeout.total_seconds()
+        identity = self._identity or Identity(name="", role=None)
+        ctx = CallContext(identity, path, self._peer, deadline, tuple(event.custom_metadata))
+        server = self._server
+        server.stats.calls += 1
+        if self._draining or server.draining:
+            self._reject(stream_id, ctx, StatusCode.UNAVAILABLE, "the server is shutting down")
+            return
+        if len(self._calls) >= self._cfg.max_concurrent_streams:
+            # The client ignored our SETTINGS_MAX_CONCURRENT_STREAMS (or raced it):
+            # REFUSED_STREAM tells it the call was not processed and may be retried.
+            self._grpc.drop_request(stream_id)
+            self._reset(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            reason = f"refused: over {self._cfg.max_concurrent_streams} concurrent streams"
+            server.record(CallRecord(ctx, StatusCode.RESOURCE_EXHAUSTED, reason, None, None, 0.0))
+            return
+        if self._identity is None:
+            self._reject(stream_id, ctx, StatusCode.UNAUTHENTICATED, self._auth_error)
+            return
+        encoding = event.message_encoding
+        if encoding not in (None, "identity"):
+            reason = f"grpc-encoding {encoding} is not supported"
+            self._reject(stream_id, ctx, StatusCode.UNIMPLEMENTED, reason)
+            return
+        method = server.methods.get(path)
+        if method is None:
+            self._reject(stream_id, ctx, StatusCode.UNIMPLEMENTED, f"unknown method {path}")
+            return
+        call = _Call(stream_id, method, ctx)
+        self._calls[stream_id] = call
+        self._new_calls.append(call)
+
+    # -- calls --
+
+    def _start_calls(self) -> None:
+        """Start the calls whose headers came in the last read.
+
+        Deferred to the end of the read, when their request has usually arrived too: a
+        SyncUnaryMethod is then answered right here, in the reader, with no task at all.
+        """
+        calls, self._new_calls = self._new_calls, []
+        for call in calls:
+            deadline = call.ctx.deadline
+            if call.peer_gone:  # reset in the same read
+                self._complete(call, StatusCode.CANCELLED, call.gone_reason, None, None)
+            elif deadline is not None and trio.current_time() >= deadline:
+                self._complete(call, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", None, None)
+            elif isinstance(call.method, SyncUnaryMethod) and call.request_done.is_set():
+                self._run_inline(call, call.method)
+            else:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._run_call, call)
+
+    def _parse(self, call: _Call) -> Any:
+        """The call's request message, or the RpcError that answers it."""
+        if call.error is not None:
+            raise call.error
+        if call.request_bytes is None:
+            raise RpcError(StatusCode.INVALID_ARGUMENT, "missing request message")
+        request = call.method.request_type()
+        try:
+            request.ParseFromString(call.request_bytes)
+        except DecodeError:
+            raise RpcError(StatusCode.INVALID_ARGUMENT, "malformed request message") from None
+        call.request_bytes = None
+        return request
+
+    def _internal_error(self, call: _Call, exc: Exception) -> tuple[StatusCode, str]:
+        rpc_error = _single_rpc_error(exc)
+        if rpc_error is not None:
+            return rpc_error.code, rpc_error.message
+        ctx = call.ctx
+        log.exception("%s from %s (%s) failed", ctx.method, ctx.peer, ctx.identity.name)
+        return StatusCode.INTERNAL, "internal error"
+
+    def _run_inline(self, call: _Call, method: SyncUnaryMethod[Any, Any]) -> None:
+        request: Any = None
+        response: Any = None
+        try:
+            request = self._parse(call)
+            response = method.handler(request, call.ctx)
+            if not self._queue_now(call, response, method.response_type):
+                # No window or buffer room for it now: a task will wait for some.
+                assert self._nursery is not None
+                self._nursery.start_soon(self._run_call, call, (request, response))
+                return
+            code, message = StatusCode.OK, ""
+        except RpcError as exc:
+            code, message, response = exc.code, exc.message, None
+        except Exception as exc:
+            (code, message), response = self._internal_error(call, exc), None
+        self._complete(call, code, message, request, response)
+
+    async def _run_call(self, call: _Call, ready: tuple[Any, Any] | None = None) -> None:
+        code, message = StatusCode.OK, ""
+        request: Any = None
+        response: Any = None
+        method = call.method
+        try:
+            with call.scope:
+                if ready is not None:
+                    request, response = ready
+                else:
+                    if not call.request_done.is_set():
+                        await call.request_done.wait()
+                    request = self._parse(call)
+                    if isinstance(method, UnaryMethod):
+                        response = await method.handler(request, call.ctx)
+                    elif isinstance(method, SyncUnaryMethod):
+                        response = method.handler(request, call.ctx)
+                if not isinstance(method, StreamMethod):
+                    # Not woken: _complete writes the message and trailers together.
+                    await self._send_message(call, response, method.response_type, wake=False)
+                else:
+                    responses = method.handler(request, call.ctx)
+                    try:
+                        async for item in responses:
+                            await self._send_message(call, item, method.response_type)
+                    finally:
+                        aclose = getattr(responses, "aclose", None)
+                        if aclose is not None:  # an async generator: run its finally now
+                            await aclose()
+            if call.scope.cancelled_caught:
+                response = None
+                if call.peer_gone:
+                    code, message = StatusCode.CANCELLED, call.gone_reason
+                elif call.shutdown:
+                    code, message = StatusCode.UNAVAILABLE, "the server is shutting down"
+                else:
+                    code, message = StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+        except RpcError as exc:
+            code, message, response = exc.code, exc.message, None
+        except Exception as exc:
+            (code, message), response = self._internal_error(call, exc), None
+        finally:
+            # Also reached when the connection itself is torn down (Cancelled going up).
+            self._complete(call, code, message, request, response)
+
+    def _complete(
+        self, call: _Call, code: StatusCode, message: str, request: Any, response: Any
+    ) -> None:
+        """End a call: trailers out (in the same write as its last message), bookkeeping,
+        the audit record."""
+        self._finish(call, code, message)
+        del self._calls[call.stream_id]
+        if not self._calls:
+            self._last_call_end = trio.current_time()
+        if call.peer_gone and code is StatusCode.OK:
+            code, message, response = StatusCode.CANCELLED, call.gone_reason, None
+        self._push()
+        self._server.record(
+            CallRecord(call.ctx, code, message, request, response, time.monotonic() - call.started)
+        )
+        self._maybe_drained()
+
+    @staticmethod
+    def _check_type(call: _Call, message: Any, expected: type[Any]) -> None:
+        if not isinstance(message, expected):
+            raise TypeError(
+                f"{call.ctx.method} produced {type(message).__name__}, not {expected.__name__}"
+            )
+
+    def _queue_now(self, call: _Call, message: Any, expected: type[Any]) -> bool:
+        """Queue a whole response message if window, frame size and buffer allow it now."""
+        self._check_type(call, message, expected)
+        payload: bytes = message.SerializeToString()
+        size = _MESSAGE_PREFIX.size + len(payload)
+        h2c = self._h2
+        stream_id = call.stream_id
+        try:
+            window = int(h2c.local_flow_control_window(stream_id))
+        except h2.exceptions.StreamClosedError:
+            return False
+        if (
+            size > window
+            or size > h2c.max_outbound_frame_size
+            or size > self._cfg.max_frame_size
+            or h2c.outbound_buffered + self._stream.pending >= self._cfg.max_send_buffer
+        ):
+            return False
+        if not call.headers_sent:
+            self._grpc.start_response(stream_id, _CONTENT_TYPE_SUFFIX)
+            call.headers_sent = True
+        h2c.send_data(stream_id, _MESSAGE_PREFIX.pack(0, len(payload)) + payload)
+        return True
+
+    async def _send_message(
+        self, call: _Call, message: Any, expected: type[Any], *, wake: bool = True
+    ) -> None:
+        """Queue one response message, waiting for flow-control window and buffer room.
+
+        Never yields when both suffice, so consecutive sends (and the trailers after the
+        last one) leave in one socket write.
+        """
+        self._check_type(call, message, expected)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        payload: bytes = message.SerializeToString()
+        data = _MESSAGE_PREFIX.pack(0, len(payload)) + payload
+        h2c = self._h2
+        stream_id = call.stream_id
+        if not call.headers_sent:
+            self._grpc.start_response(stream_id, _CONTENT_TYPE_SUFFIX)
+            call.headers_sent = True
+        high_water = self._cfg.max_send_buffer
+        # Frames no larger than we accept ourselves, even if the client takes 16 MiB ones:
+        # streams then interleave, and the send buffer stays near its bound.
+        max_frame = self._cfg.max_frame_size
+        pos, total = 0, len(data)
+        while pos < total:
+            if h2c.outbound_buffered + self._stream.pending >= high_water:
+                self._wake_writer()
+                await self._drained_lot.park()
+                continue
+            try:
+                window = int(h2c.local_flow_control_window(stream_id))
+            except h2.exceptions.StreamClosedError:
+                # Closed under us (a reset we have not seen yet): end like one.
+                call.gone("stream closed")
+                await trio.lowlevel.checkpoint()
+                continue
+            if window <= 0:
+                self._wake_writer()
+                await self._window_lot.park()
+                continue
+            n = min(total - pos, window, int(h2c.max_outbound_frame_size), max_frame)
+            h2c.send_data(stream_id, data[pos : pos + n] if n < total else data)
+            pos += n
+        if wake:
+            self._wake_writer()
+
+    def _finish(self, call: _Call, code: StatusCode, message: str) -> None:
+        """Queue the trailers (or a trailers-only response), unless nobody can get them."""
+        if call.finished:
+            return
+        call.finished = True
+        if call.peer_gone or self._dead:
+            return
+        stream_id = call.stream_id
+        try:
+            status = _PurerpcStatus(int(code), message)
+            if call.headers_sent:
+                self._grpc.end_response(stream_id, status)
+            else:
+                self._grpc.respond_status(stream_id, status, _CONTENT_TYPE_SUFFIX)
+            self._stop_request(stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return
+
+    def _reject(self, stream_id: int, ctx: CallContext, code: StatusCode, message: str) -> None:
+        """Answer a call that never reaches a handler with a trailers-only response."""
+        self._grpc.drop_request(stream_id)
+        try:
+            self._grpc.respond_status(
+                stream_id, _PurerpcStatus(int(code), message), _CONTENT_TYPE_SUFFIX
+            )
+            self._stop_request(stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+        self._server.record(CallRecord(ctx, code, message, None, None, 0.0))
+
+    def _stop_request(self, stream_id: int) -> None:
+        """After our END_STREAM: if the client is still sending, tell it to stop.
+
+        RST_STREAM(NO_ERROR) after a complete response is how HTTP/2 says "the rest of the
+        request is not needed" (RFC 9113 §8.1); it spares us an oversized upload.
+        """
+        self._grpc.drop_request(stream_id)
+        stream = self._h2.streams.get(stream_id)
+        if stream is not None and not stream.closed:
+            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+
+    def _reset(self, stream_id: int, error_code: int) -> None:
+        with suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self._h2.reset_stream(stream_id, error_code)
+
+    # -- writing --
+
+    def _wake_writer(self) -> None:
+        self._writer_lot.unpark_all()
+
+    def _push(self) -> None:
+        """Write what is queued now, if the socket takes it without waiting.
+
+        Called where a batch of output is complete (end of a read, end of a call): saves
+        waking the writer task, which then only deals with a socket that is full.
+        """
+        if self._dead or not self._h2.outbound_buffered:
+            return
+        stream = self._stream
+        if stream.pending:  # the writer is at it; it takes this too
+            self._wake_writer()
+            return
+        data = self._h2.data_to_send()
+        stats = self._server.stats
+        stats.socket_writes += 1
+        stats.bytes_written += len(data)
+        try:
+            if not stream.try_send(data):
+                self._wake_writer()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("cannot write to %s: %r", self._peer, exc.__cause__ or exc)
+            self._lost()
+
+    async def _flushed(self) -> None:
+        while self._h2.outbound_buffered or self._stream.pending:
+            self._wake_writer()
+            await self._drained_lot.park()
+
+    async def _writer(self) -> None:
+        """Writes what could not be written at once, and output queued by streams."""
+        h2c = self._h2
+        stream = self._stream
+        stats = self._server.stats
+        timeout = self._cfg.write_timeout
+        while True:
+            try:
+                if stream.pending:
+                    await stream.flush(stall_timeout=timeout)
+                else:
+                    data = h2c.data_to_send()
+                    if not data:
+                        self._drained_lot.unpark_all()
+                        await self._writer_lot.park()
+                        continue
+                    stats.socket_writes += 1
+                    stats.bytes_written += len(data)
+                    await stream.send_all(data, stall_timeout=timeout)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+                log.debug("cannot write to %s: %r", self._peer, exc.__cause__ or exc)
+                self._lost()
+                return
+            self._drained_lot.unpark_all()
+
+
+def _single_rpc_error(exc: BaseException) -> RpcError | None:
+    """The RpcError inside an exception group made of nothing else (a handler's nursery)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, RpcError) else None
+
+
+# --- the server --------------------------------------------------------------------------
+
+
+class Server:
+    """A gRPC server for ``methods`` (full path → descriptor) over mutual TLS.
+
+    Run it with ``port = await nursery.start(server.serve, host, port)``; stop it
+    gracefully with ``await server.drain(grace)``, or abruptly by cancelling ``serve``.
+    ``on_call`` is invoked once per RPC, after it ended, with its :class:`CallRecord`.
+    ``on_drain`` runs when a drain starts (e.g. to turn health to NOT_SERVING).
+    """
+
+    def __init__(
+        self,
+        methods: Mapping[str, Method],
+        ssl_context: ssl.SSLContext,
+        *,
+        config: TransportConfig | None = None,
+        on_call: Callable[[CallRecord], None] | None = None,
+        on_drain: Callable[[], None] | None = None,
+        identify: Callable[[bytes], Identity] = identity_from_der,
+    ) -> None:
+        for path in methods:
+            if not (path.startswith("/") and path.count("/") == 2):
+                raise ValueError(f"method path must look like /package.Service/Method: {path!r}")
+        self.methods: Mapping[str, Method] = dict(methods)
+        self.config = config or TransportConfig()
+        self.stats = ServerStats()
+        self._ssl_context = ssl_context
+        self._on_call = on_call
+        self._on_drain = on_drain
+        self._identify = identify
+        self._addresses: list[str] = []
+        self._port = 0
+        self._draining = False
+        self._connection_count = 0  # accepted, handshaking or serving
+        self._connections: set[_Connection] = set()
+        self._handshakes: set[trio.CancelScope] = set()
+        self._accept_scope = trio.CancelScope()
+        self._serve_scope: trio.CancelScope | None = None
+        self._all_closed = trio.Event()
+        self._stopped = trio.Event()
+        self._started = False
+        self._last_refusal_log = -math.inf
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the one picked by the OS when 0 was asked)."""
+        return self._port
+
+    @property
+    def addresses(self) -> list[str]:
+        """``host:port`` of every listening socket."""
+        return list(self._addresses)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def connection_count(self) -> int:
+        """Connections accepted and not yet closed, handshakes included."""
+        return self._connection_count
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 50051,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host:port``, report the port through ``task_status``, serve until
+        drained or cancelled. Raises :class:`ListenError` before starting when the
+        address cannot be listened on."""
+        if self._started:
+            raise RuntimeError("Server.serve can only run once")
+        self._started = True
+        listeners = await _bind(host, port, self.config.listen_backlog)
+        self._addresses = [_format_address(lst.socket.getsockname()) for lst in listeners]
+        self._port = listeners[0].socket.getsockname()[1]
+        log.info("listening on %s", ", ".join(self._addresses))
+        try:
+            async with trio.open_nursery() as nursery:
+                self._serve_scope = nursery.cancel_scope
+                nursery.start_soon(self._accept_all, listeners, nursery)
+                task_status.started(self._port)
+        finally:
+            for listener in listeners:
+                listener.socket.close()
+            self._stopped.set()
+
+    async def drain(self, grace: float = 5.0) -> None:
+        """Stop gracefully: stop accepting, GOAWAY everyone, let calls in flight finish for
+        up to ``grace`` seconds, cut the rest short (UNAVAILABLE), close, and return
+        once ``serve`` has returned."""
+        if not self._started:
+            return
+        if not self._draining:
+            self._draining = True
+            log.info("draining: finishing calls in flight for up to %ss", grace)
+            if self._on_drain is not None:
+                try:
+                    self._on_drain()
+                except Exception:
+                    log.exception("on_drain hook failed")
+            self._accept_scope.cancel()
+            for scope in self._handshakes:
+                scope.cancel()
+            for conn in list(self._connections):
+                conn.start_drain()
+            self._check_all_closed()
+        with trio.move_on_after(grace):
+            await self._all_closed.wait()
+        if self._connections:
+            log.info("drain timeout: ending %d connection(s)", len(self._connections))
+            for conn in list(self._connections):
+                conn.abort_calls()
+            with trio.move_on_after(2.0):
+                await self._all_closed.wait()
+        if not self._all_closed.is_set() and self._serve_scope is not None:
+            self._serve_scope.cancel()
+        await self._stopped.wait()
+
+    def record(self, record: CallRecord) -> None:
+        """Hand one finished call to ``on_call``; its failures are logged, never raised."""
+        if self._on_call is None:
+            return
+        try:
+            self._on_call(record)
+        except Exception:
+            log.exception("on_call hook failed")
+
+    def _check_all_closed(self) -> None:
+        if self._draining and self._connection_count == 0:
+            self._all_closed.set()
+
+    async def _accept_all(
+        self, listeners: list[trio.SocketListener], nursery: trio.Nursery
+    ) -> None:
+        try:
+            with self._accept_scope:
+                async with trio.open_nursery() as accepting:
+                    for listener in listeners:
+                        accepting.start_soon(self._accept_loop, listener, nursery)
+        finally:
+            # Closed as soon as we stop accepting: new clients are refused, not left
+            # waiting in the backlog.
+            for listener in listeners:
+                listener.socket.close()
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                self._log_refusal(f"accept failed: {exc.strerror}")
+                await trio.sleep(0.1)
+                continue
+            if self._connection_count >= self.config.max_connections:
+                self.stats.connections_refused += 1
+                self._log_refusal(f"refusing connections: {self.config.max_connections} open")
+                _refuse(stream)
+                continue
+            self._connection_count += 1
+            self.stats.connections_accepted += 1
+            nursery.start_soon(self._handle, stream)
+
+    def _log_refusal(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_refusal_log >= 10.0:
+            self._last_refusal_log = now
+            log.warning("%s", message)
+
+    async def _handle(self, tcp: trio.SocketStream) -> None:
+        ssl_stream: TLSSocketStream | None = None
+        graceful = False
+        try:
+            if self._draining:
+                return
+            try:
+                peer = _format_address(tcp.socket.getpeername())
+                # From here on the socket is ours, not trio.SocketStream's.
+                raw = socket.socket(fileno=tcp.socket.detach())
+            except OSError:
+                return
+            try:
+                _set_keepalive(raw)
+                ssl_stream = TLSSocketStream(raw, self._ssl_context)
+            except (OSError, ValueError) as exc:
+                raw.close()
+                log.info("cannot set up TLS with %s: %s", peer, exc)
+                return
+            with trio.CancelScope() as handshake:
+                handshake.deadline = trio.current_time() + self.config.handshake_timeout
+                self._handshakes.add(handshake)
+                try:
+                    await ssl_stream.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    self.stats.handshakes_failed += 1
+                    log.info("TLS handshake with %s failed: %s", peer, exc.__cause__ or exc)
+                    return
+                finally:
+                    self._handshakes.discard(handshake)
+            if handshake.cancelled_caught:
+                self.stats.handshakes_failed += 1
+                if not self._draining:
+                    log.info("TLS handshake with %s timed out", peer)
+                return
+            if self._draining:
+                return
+            identity, auth_error = self._identity_of(ssl_stream, peer)
+            conn = _Connection(self, ssl_stream, identity, auth_error, peer)
+            self._connections.add(conn)
+            try:
+                await conn.run()
+            finally:
+                self._connections.discard(conn)
+            graceful = conn.drained
+        finally:
+            try:
+                if ssl_stream is None:
+                    await trio.aclose_forcefully(tcp)
+                elif graceful:
+                    await ssl_stream.aclose()  # close_notify, if it can go at once
+                else:
+                    ssl_stream.close()
+            finally:
+                self._connection_count -= 1
+                self._check_all_closed()
+
+    def _identity_of(self, stream: TLSSocketStream, peer: str) -> tuple[Identity | None, str]:
+        der = stream.getpeercert(binary_form=True)
+        if not der:  # only without CERT_REQUIRED, which our contexts never are
+            return None, "no client certificate"
+        try:
+            return self._identify(der), ""
+        except TrioWorkerError as exc:
+            log.info("client %s has no usable identity: %s", peer, exc)
+            return None, str(exc)
+        except Exception:
+            log.exception("cannot read the identity of client %s", peer)
+            return None, "unusable client certificate"
+
+
+def _refuse(stream: trio.SocketStream) -> None:
+    """Close an accepted socket at once with a RST: no TLS, no TIME_WAIT kept for it."""
+    with suppress(OSError):
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
