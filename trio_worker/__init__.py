@@ -6,10 +6,12 @@ its results and errors is re-exported here.
 
 from ._errors import (
     AuthenticationFailed,
+    ConnectionFailed,
     InvalidRequest,
     JobNotFound,
     JobNotRunning,
     PermissionDenied,
+    RemoteError,
     ResourceExhausted,
     ShuttingDown,
     StateDirError,
@@ -21,6 +23,7 @@ from ._supervisor import Supervisor, open_supervisor
 
 __all__ = [
     "AuthenticationFailed",
+    "ConnectionFailed",
     "InvalidRequest",
     "Isolation",
     "JobInfo",
@@ -31,6 +34,7 @@ __all__ = [
     "OutputChunk",
     "OutputStream",
     "PermissionDenied",
+    "RemoteError",
     "ResourceExhausted",
     "ShuttingDown",
     "StateDirError",

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationFailed",
+    "ConnectionFailed",
     "InvalidRequest",
     "JobNotFound",
     "JobNotRunning",
     "PermissionDenied",
+    "RemoteError",
     "ResourceExhausted",
     "ShuttingDown",
     "StateDirError",
@@ -80,3 +82,21 @@ class AuthenticationFailed(TrioWorkerError):
 
 class StateDirError(TrioWorkerError):
     """The state directory cannot be used (permissions, corrupt files, locked)."""
+
+
+class ConnectionFailed(TrioWorkerError):
+    """A client could not reach the server, the TLS handshake failed, or the
+    connection was lost mid-call. Retrying later may help; fixing the input won't.
+    """
+
+
+class RemoteError(TrioWorkerError):
+    """The server answered with a gRPC status we have no specific class for.
+
+    ``code`` is the numeric gRPC status code, ``message`` the server's text.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"server error {code}: {message}")
+        self.code = code
+        self.message = message
