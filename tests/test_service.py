@@ -1,0 +1,315 @@
+"""The Worker service end to end: the official grpcio client over mTLS against
+``run_server`` (real supervisor, real processes), every method, every cell of
+the authorization table."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from google.protobuf.duration_pb2 import Duration
+
+from trio_worker import pki
+from trio_worker._identity import Role
+from trio_worker._pb import worker_pb2 as pb
+from trio_worker._server import ServerSettings, run_server
+from trio_worker._transport import CallRecord
+
+W = "/trioworker.v1.Worker/"
+UNARY = {
+    "Start": (pb.StartRequest, pb.Job),
+    "Stop": (pb.StopRequest, pb.Job),
+    "Signal": (pb.SignalRequest, pb.Job),
+    "Status": (pb.StatusRequest, pb.Job),
+    "Wait": (pb.WaitRequest, pb.Job),
+    "List": (pb.ListRequest, pb.ListResponse),
+}
+
+
+def _roleless_client(directory: Path, name: str) -> pki.CertFiles:
+    """A client certificate from our CA that carries no role extension."""
+    ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = pki.CertFiles(directory / f"{name}.pem", directory / f"{name}.key")
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return files
+
+
+@dataclass
+class Cluster:
+    port: int
+    ca: Path
+    clients: dict[str, pki.CertFiles]
+    records: list[CallRecord]
+
+    def channel(self, who: str) -> grpc.Channel:
+        files = self.clients[who]
+        creds = grpc.ssl_channel_credentials(
+            self.ca.read_bytes(), files.key.read_bytes(), files.cert.read_bytes()
+        )
+        return grpc.secure_channel(f"localhost:{self.port}", creds)
+
+
+class Caller:
+    """Blocking grpcio calls, run from trio through a worker thread."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.ch = channel
+
+    async def __call__(self, method: str, request: Any, **kw: Any) -> Any:
+        req_type, resp_type = UNARY[method]
+        fn = self.ch.unary_unary(W + method, req_type.SerializeToString, resp_type.FromString)
+        return await trio.to_thread.run_sync(lambda: fn(request, timeout=30, **kw))
+
+    async def output(self, request: pb.OutputRequest) -> list[pb.OutputChunk]:
+        fn = self.ch.unary_stream(
+            W + "Output", pb.OutputRequest.SerializeToString, pb.OutputChunk.FromString
+        )
+        return await trio.to_thread.run_sync(lambda: list(fn(request, timeout=30)))
+
+    async def code(self, method: str, request: Any) -> grpc.StatusCode:
+        try:
+            if method == "Output":
+                await self.output(request)
+            else:
+                await self(method, request)
+        except grpc.RpcError as exc:
+            return exc.code()  # type: ignore[no-any-return]
+        return grpc.StatusCode.OK
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    certs = tmp_path / "pki"
+    ca = pki.init_ca(certs)
+    server = pki.issue_server(certs, ["localhost", "127.0.0.1"])
+    clients = {
+        "reader": pki.issue_client(certs, "reader", Role.READONLY),
+        "alice": pki.issue_client(certs, "alice", Role.FULL),
+        "bob": pki.issue_client(certs, "bob", Role.FULL),
+        "root": pki.issue_client(certs, "root", Role.ADMIN),
+        "nobody": _roleless_client(certs, "nobody"),
+    }
+    records: list[CallRecord] = []
+    settings = ServerSettings(
+        ca=ca.cert, cert=server.cert, key=server.key, state_dir=tmp_path / "state", port=0
+    )
+    async with trio.open_nursery() as nursery:
+
+        async def serve(task_status: trio.TaskStatus[int]) -> None:
+            await run_server(
+                settings, handle_signals=False, on_call=records.append, task_status=task_status
+            )
+
+        port = await nursery.start(serve)
+        yield Cluster(port, ca.cert, clients, records)
+        nursery.cancel_scope.cancel()
+
+
+async def test_every_method_through_grpcio(cluster: Cluster) -> None:
+    call = Caller(cluster.channel("alice"))
+    job = await call(
+        "Start",
+        pb.StartRequest(
+            command="sh",
+            args=["-c", 'printf "$GREETING"; printf err >&2; exit 3'],
+            env={"GREETING": "hi"},
+            working_dir="/tmp",
+        ),
+    )
+    assert job.state == pb.JOB_STATE_RUNNING
+    assert job.owner == "alice"
+    assert job.pid > 0
+    end = await call("Wait", pb.WaitRequest(id=job.id))
+    assert (end.state, end.exit_code, end.HasField("signal")) == (pb.JOB_STATE_EXITED, 3, False)
+    assert end.output_bytes == 5
+    status = await call("Status", pb.StatusRequest(id=job.id))
+    assert status.ended_at.ToDatetime() >= status.started_at.ToDatetime()
+    chunks = await call.output(pb.OutputRequest(id=job.id, follow=True))
+    tagged = {(c.stream, bytes(c.data)) for c in chunks}
+    assert tagged == {(pb.OUTPUT_STREAM_STDOUT, b"hi"), (pb.OUTPUT_STREAM_STDERR, b"err")}
+    from_two = await call.output(pb.OutputRequest(id=job.id, offset=2, follow=False))
+    assert b"".join(c.data for c in from_two) == b"".join(c.data for c in chunks)[2:]
+    listed = await call("List", pb.ListRequest())
+    assert [j.id for j in listed.jobs] == [job.id]
+
+    sleeper = await call("Start", pb.StartRequest(command="sleep", args=["1000"]))
+    signalled = await call("Signal", pb.SignalRequest(id=sleeper.id, signal=10))
+    assert signalled.id == sleeper.id
+    end = await call("Wait", pb.WaitRequest(id=sleeper.id))
+    assert (end.state, end.signal) == (pb.JOB_STATE_KILLED, 10)
+
+    sleeper = await call("Start", pb.StartRequest(command="sleep", args=["1000"]))
+    stopped = await call("Stop", pb.StopRequest(id=sleeper.id, grace=Duration(seconds=2)))
+    assert (stopped.state, stopped.signal) == (pb.JOB_STATE_KILLED, 15)
+
+
+async def test_following_a_live_job_streams_binary_bytes(cluster: Cluster) -> None:
+    call = Caller(cluster.channel("root"))
+    script = (
+        "printf 'a\\000\\377'; sleep 0.3; head -c 300000 /dev/urandom | od -An | head -c 200000"
+    )
+    job = await call("Start", pb.StartRequest(command="sh", args=["-c", script]))
+    chunks = await call.output(pb.OutputRequest(id=job.id, follow=True))
+    data = b"".join(c.data for c in chunks)
+    assert data.startswith(b"a\x00\xff")
+    assert len(data) == 3 + 200000
+    offsets = [c.offset for c in chunks]
+    assert offsets == sorted(offsets)
+    assert offsets[0] == 0
+
+
+async def test_a_command_that_cannot_run_is_a_failed_job(cluster: Cluster) -> None:
+    call = Caller(cluster.channel("alice"))
+    job = await call("Start", pb.StartRequest(command="echi", args=["hello"]))
+    assert job.state == pb.JOB_STATE_FAILED
+    assert job.error == "No such file or directory: 'echi'"
+    assert job.spawn_error == pb.SPAWN_ERROR_NOT_FOUND
+    listed = await call("List", pb.ListRequest())
+    assert [j.id for j in listed.jobs] == [job.id]
+
+
+@pytest.mark.parametrize(
+    ("request_", "code"),
+    [
+        (pb.StartRequest(command=""), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.StartRequest(command="echo", env={"A=B": "x"}), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.StartRequest(command="e\0cho"), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.StartRequest(command="ls", working_dir="/nope"), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            pb.StartRequest(command="true", limits=pb.Limits(cpus=0.001)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ],
+)
+async def test_bad_start_requests(cluster: Cluster, request_: Any, code: Any) -> None:
+    call = Caller(cluster.channel("alice"))
+    assert await call.code("Start", request_) == code
+    assert (await call("List", pb.ListRequest())).jobs == []
+
+
+async def test_errors_map_to_status_codes(cluster: Cluster) -> None:
+    call = Caller(cluster.channel("alice"))
+    assert await call.code("Status", pb.StatusRequest(id="nope")) == grpc.StatusCode.NOT_FOUND
+    job = await call("Start", pb.StartRequest(command="true"))
+    await call("Wait", pb.WaitRequest(id=job.id))
+    failed_precondition = grpc.StatusCode.FAILED_PRECONDITION
+    assert await call.code("Stop", pb.StopRequest(id=job.id)) == failed_precondition
+    assert await call.code("Signal", pb.SignalRequest(id=job.id, signal=15)) == failed_precondition
+    sleeper = await call("Start", pb.StartRequest(command="sleep", args=["1000"]))
+    bad_signal = pb.SignalRequest(id=sleeper.id, signal=1000)
+    assert await call.code("Signal", bad_signal) == grpc.StatusCode.INVALID_ARGUMENT
+    bad_grace = pb.StopRequest(id=sleeper.id, grace=Duration(seconds=-1))
+    assert await call.code("Stop", bad_grace) == grpc.StatusCode.INVALID_ARGUMENT
+    past_end = pb.OutputRequest(id=job.id, offset=10)
+    assert await call.code("Output", past_end) == grpc.StatusCode.INVALID_ARGUMENT
+    await call("Stop", pb.StopRequest(id=sleeper.id, grace=Duration()))
+
+
+Action = Callable[[Caller, str], Any]
+ACTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "Stop": ("Stop", lambda i: pb.StopRequest(id=i, grace=Duration())),
+    "Signal": ("Signal", lambda i: pb.SignalRequest(id=i, signal=0 + 10)),
+    "Status": ("Status", lambda i: pb.StatusRequest(id=i)),
+    "Wait": ("Wait", lambda i: pb.WaitRequest(id=i)),
+    "Output": ("Output", lambda i: pb.OutputRequest(id=i, follow=False)),
+}
+
+OK, DENIED, HIDDEN = (
+    grpc.StatusCode.OK,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND,
+)
+#: caller -> method -> code on a job owned by alice (the contract's table).
+TABLE = {
+    "reader": {"Stop": DENIED, "Signal": DENIED, "Status": OK, "Wait": OK, "Output": OK},
+    "alice": {"Stop": OK, "Signal": OK, "Status": OK, "Wait": OK, "Output": OK},
+    "bob": {"Stop": HIDDEN, "Signal": HIDDEN, "Status": HIDDEN, "Wait": HIDDEN, "Output": HIDDEN},
+    "root": {"Stop": OK, "Signal": OK, "Status": OK, "Wait": OK, "Output": OK},
+    "nobody": dict.fromkeys(ACTIONS, DENIED),
+}
+
+
+@pytest.mark.parametrize("who", list(TABLE))
+@pytest.mark.parametrize("method", list(ACTIONS))
+async def test_authorization_table(cluster: Cluster, who: str, method: str) -> None:
+    owner = Caller(cluster.channel("alice"))
+    # A job that ends on SIGUSR1 and then, for Wait, is already over.
+    script = "trap 'exit 0' USR1; while :; do sleep 0.05; done"
+    job = await owner("Start", pb.StartRequest(command="sh", args=["-c", script]))
+    if method == "Wait":
+        await owner("Signal", pb.SignalRequest(id=job.id, signal=10))
+    caller = Caller(cluster.channel(who))
+    name, build = ACTIONS[method]
+    assert await caller.code(name, build(job.id)) == TABLE[who][method]
+
+
+@pytest.mark.parametrize(
+    ("who", "start", "sees"),
+    [
+        ("reader", DENIED, {"alice", "bob"}),
+        ("alice", OK, {"alice"}),
+        ("bob", OK, {"bob"}),
+        ("root", OK, {"alice", "bob"}),
+        ("nobody", DENIED, None),
+    ],
+)
+async def test_start_and_list_per_role(
+    cluster: Cluster, who: str, start: Any, sees: set[str] | None
+) -> None:
+    for owner in ("alice", "bob"):
+        await Caller(cluster.channel(owner))("Start", pb.StartRequest(command="true"))
+    caller = Caller(cluster.channel(who))
+    assert await caller.code("Start", pb.StartRequest(command="true")) == start
+    if sees is None:
+        assert await caller.code("List", pb.ListRequest()) == DENIED
+        return
+    owners = {j.owner for j in (await caller("List", pb.ListRequest())).jobs}
+    assert owners == sees | ({who} if start == OK else set())
+
+
+async def test_audit_records_identity_method_job_and_status(cluster: Cluster) -> None:
+    call = Caller(cluster.channel("alice"))
+    job = await call("Start", pb.StartRequest(command="true"))
+    await call.code("Status", pb.StatusRequest(id="missing"))
+    starts = [r for r in cluster.records if r.ctx.method.endswith("/Start")]
+    assert starts[-1].ctx.identity.name == "alice"
+    assert starts[-1].response.id == job.id
+    assert starts[-1].code.name == "OK"
+    missing = [r for r in cluster.records if getattr(r.request, "id", "") == "missing"]
+    assert missing[-1].code.name == "NOT_FOUND"
