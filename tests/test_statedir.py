@@ -1,0 +1,189 @@
+"""The state directory lock and layout: real directories, real processes."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import process_alive
+from trio_worker import StateDirError
+from trio_worker._statedir import StateDir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_HOLDER = """
+import sys, time
+from trio_worker._statedir import StateDir
+state = StateDir.open(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+_CONTENDER = """
+import sys
+from trio_worker import StateDirError
+from trio_worker._statedir import StateDir
+try:
+    StateDir.open(sys.argv[1])
+except StateDirError as exc:
+    print(exc)
+    sys.exit(3)
+print("acquired")
+"""
+
+
+def _python(code: str, *args: str, **kw: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        text=True,
+        **kw,
+    )
+
+
+def _contend(path: Path) -> tuple[int, str]:
+    child = _python(_CONTENDER, str(path), stdout=subprocess.PIPE)
+    out, _ = child.communicate(timeout=30)
+    return child.returncode, out
+
+
+def test_open_creates_a_private_directory_and_locks_it(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "state"
+    with StateDir.open(path) as state:
+        assert state.locked
+        assert state.path == path
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+        assert state.lock_path.read_text() == f"{os.getpid()}\n"
+        assert stat.S_IMODE(state.lock_path.stat().st_mode) == 0o600
+        assert state.db_path == path / "jobs.db"
+        assert state.jobs_dir == path / "jobs"
+        assert state.job_dir("01ABC") == path / "jobs" / "01ABC"
+        assert state.pki_dir == path / "pki"
+    assert not state.locked
+    assert state.lock_path.exists()  # never unlinked: see the module docstring
+    assert state.lock_path.read_text() == ""
+
+
+def test_a_loose_existing_directory_is_tightened(tmp_path: Path) -> None:
+    path = tmp_path / "state"
+    path.mkdir(mode=0o755)
+    path.chmod(0o755)
+    with StateDir.open(path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+
+
+def test_relative_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with StateDir.open("rel") as state:
+        assert state.path == tmp_path / "rel"
+
+
+def test_a_file_is_not_a_state_directory(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(StateDirError, match=str(path)):
+        StateDir.open(path)
+
+
+def test_second_open_in_the_same_process_is_refused(tmp_path: Path) -> None:
+    with StateDir.open(tmp_path) as state:
+        with pytest.raises(StateDirError) as caught:
+            StateDir.open(tmp_path)
+        message = str(caught.value)
+        assert str(tmp_path) in message
+        assert f"pid {os.getpid()}" in message
+        assert state.lock_path.read_text() == f"{os.getpid()}\n"  # the refusal changed nothing
+    with StateDir.open(tmp_path) as again:  # released: free again
+        assert again.locked
+
+
+def test_second_server_in_another_process_is_refused(tmp_path: Path) -> None:
+    with StateDir.open(tmp_path):
+        code, out = _contend(tmp_path)
+        assert code == 3
+        assert str(tmp_path) in out
+        assert f"pid {os.getpid()}" in out
+    assert _contend(tmp_path) == (0, "acquired\n")
+
+
+def test_lock_dies_with_a_sigkilled_holder(tmp_path: Path) -> None:
+    holder = _python(_HOLDER, str(tmp_path), stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(StateDirError, match=f"pid {holder.pid}"):
+            StateDir.open(tmp_path)
+        code, out = _contend(tmp_path)
+        assert code == 3
+        assert f"pid {holder.pid}" in out
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert not process_alive(holder.pid)
+    # The stale pid is still in the file, but the lock is gone with its process.
+    assert (tmp_path / "lock").read_text() == f"{holder.pid}\n"
+    with StateDir.open(tmp_path) as state:
+        assert state.lock_path.read_text() == f"{os.getpid()}\n"
+
+
+def test_the_lock_is_not_inherited_by_children(tmp_path: Path) -> None:
+    with StateDir.open(tmp_path) as state:
+        assert state._fd is not None
+        assert fcntl.fcntl(state._fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        # A job spawned while we hold it (close_fds=False: even then) must not
+        # keep the directory locked after the server is gone.
+        child = subprocess.Popen(["sleep", "30"], close_fds=False)
+    try:
+        with StateDir.open(tmp_path):
+            pass
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_release_is_idempotent_and_garbage_collection_releases(tmp_path: Path) -> None:
+    state = StateDir.open(tmp_path)
+    state.release()
+    state.release()
+    StateDir.open(tmp_path)  # dropped at once: __del__ releases it
+    with StateDir.open(tmp_path):
+        pass
+
+
+def test_a_symlinked_lock_file_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "lock").symlink_to(target)
+    with pytest.raises(StateDirError, match="lock"):
+        StateDir.open(state)
+
+
+_FORKER = """
+import os, sys
+from trio_worker._statedir import StateDir
+state = StateDir.open(sys.argv[1])
+child = os.fork()
+if child == 0:
+    state.release()  # e.g. a finalizer in a forked child
+    os._exit(0)
+os.waitpid(child, 0)
+print(state.lock_path.read_text().strip() == str(os.getpid()), state.locked)
+"""
+
+
+def test_a_forked_child_releasing_leaves_the_parent_locked(tmp_path: Path) -> None:
+    child = _python(_FORKER, str(tmp_path), stdout=subprocess.PIPE)
+    out, _ = child.communicate(timeout=30)
+    assert out == "True True\n"

@@ -1,0 +1,805 @@
+"""The SQLite job store: real files in tmp_path, no mocks."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from contextlib import closing
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trio_worker import Isolation, JobInfo, JobNotFound, JobState, Limits, StateDirError, Usage
+from trio_worker._model import JobIdGenerator
+from trio_worker._store import (
+    APPLICATION_ID,
+    SCHEMA_VERSION,
+    SqliteJobStore,
+    StoredJob,
+    process_start_time,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
+_ids = JobIdGenerator()
+
+
+def running(job_id: str | None = None, **kw: object) -> JobInfo:
+    fields: dict[str, object] = {
+        "id": job_id or _ids(),
+        "owner": "alice",
+        "command": "sh",
+        "args": ("-c", "echo hi"),
+        "state": JobState.RUNNING,
+        "pid": 4242,
+        "exit_code": None,
+        "signal": None,
+        "error": "",
+        "started_at": T0,
+        "ended_at": None,
+        "output_bytes": 0,
+    }
+    fields.update(kw)
+    return JobInfo(**fields)  # type: ignore[arg-type]
+
+
+def ended(info: JobInfo, **kw: object) -> JobInfo:
+    fields: dict[str, object] = {"state": JobState.EXITED, "exit_code": 0, "ended_at": T0}
+    fields.update(kw)
+    return dataclasses.replace(info, **fields)  # type: ignore[arg-type]
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    """Every file in ``directory`` with its bytes."""
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
+def exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+async def start(store: SqliteJobStore, info: JobInfo, **kw: object) -> None:
+    params: dict[str, object] = {"env_keys": (), "cwd": None, "pid_start_time": None}
+    params.update(kw)
+    await store.record_start(info, **params)  # type: ignore[arg-type]
+
+
+async def by_id(store: SqliteJobStore) -> dict[str, StoredJob]:
+    return {job.info.id: job for job in await store.load_all()}
+
+
+# -- round trips ---------------------------------------------------------------
+
+
+async def test_every_field_round_trips_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    full = JobInfo(
+        id=_ids(),
+        owner="Zoë 🛠 operator",
+        command="/opt/bin/ünïcode\udcff",  # a lone surrogate, as os.fsdecode makes
+        args=("naïve", "", "tab\tnew\nline", "'quote\"", "\udc80raw", "NUL\0inside"),
+        state=JobState.KILLED,
+        pid=123456,
+        exit_code=None,
+        signal=9,
+        error="killed: mémoire épuisée",
+        started_at=datetime(2025, 1, 2, 3, 4, 5, 600, tzinfo=timezone(timedelta(hours=5))),
+        ended_at=datetime(2025, 1, 2, 3, 4, 6, tzinfo=UTC),
+        output_bytes=2**40 + 7,
+        limits=Limits(
+            cpus=0.1 + 0.2, memory_bytes=2**64 - 1, io_read_bps=1, io_write_bps=2, pids=3
+        ),
+        isolation=Isolation(pid=True, mount=False, network=True),
+        oom_killed=True,
+        spawn_errno=None,
+        output_start=1024,
+        usage=Usage(cpu_seconds=1.25, memory_peak_bytes=2**33),
+    )
+    minimal = JobInfo(
+        id=_ids(),
+        owner="",
+        command="x",
+        args=(),
+        state=JobState.FAILED,
+        pid=None,
+        exit_code=None,
+        signal=None,
+        error="",
+        started_at=T0,
+        ended_at=T0,
+        output_bytes=0,
+        spawn_errno=2,
+    )
+    live = running(exit_code=None, usage=Usage())
+    async with await SqliteJobStore.open(path) as store:
+        await store.record_start(
+            full, env_keys=["KEY_é", "PATH"], cwd="/tmp/dïr\udcfe", pid_start_time=987654321
+        )
+        await store.record_start(minimal, env_keys=[], cwd=None, pid_start_time=None)
+        await store.record_start(live, env_keys={"A": "1"}, cwd="/", pid_start_time=1)
+        first = await by_id(store)
+    async with await SqliteJobStore.open(path) as store:
+        again = await by_id(store)
+    assert first == again
+    assert again[full.id] == StoredJob(full, ("KEY_é", "PATH"), "/tmp/dïr\udcfe", 987654321, 0)
+    assert again[minimal.id] == StoredJob(minimal, (), None, None, 0)
+    assert again[live.id] == StoredJob(live, ("A",), "/", 1, 0)
+    assert again[full.id].info.started_at.tzinfo is not None
+    assert again[full.id].info.started_at == full.started_at  # the same instant, now in UTC
+    assert [j.info.id for j in await _reload(path)] == sorted([full.id, minimal.id, live.id])
+
+
+async def _reload(path: Path) -> list[StoredJob]:
+    async with await SqliteJobStore.open(path) as store:
+        return await store.load_all()
+
+
+async def test_env_values_are_never_written(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    secret = "hunter2-SECRET-value"
+    async with await SqliteJobStore.open(path) as store:
+        env = {"API_TOKEN": secret, "OTHER": secret + "2"}
+        await start(store, running(), env_keys=env)
+        (job,) = await store.load_all()
+        assert job.env_keys == ("API_TOKEN", "OTHER")
+        on_disk = b"".join(files(tmp_path).values())
+        assert secret.encode() not in on_disk
+        assert b"API_TOKEN" in on_disk
+    assert secret.encode() not in path.read_bytes()
+
+
+async def test_record_end_writes_the_end(tmp_path: Path) -> None:
+    async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
+        info = running()
+        await start(store, info, pid_start_time=77)
+        end = ended(
+            info,
+            state=JobState.KILLED,
+            exit_code=None,
+            signal=15,
+            ended_at=T0 + timedelta(seconds=3),
+            output_bytes=500,
+            output_start=100,
+            oom_killed=True,
+            usage=Usage(0.5, 1 << 20),
+        )
+        await store.record_end(end, dropped_bytes=42)
+        (job,) = await store.load_all()
+        assert job.info == end
+        assert job.dropped_bytes == 42
+        assert job.pid_start_time == 77
+
+
+async def test_write_mistakes_are_reported_per_call(tmp_path: Path) -> None:
+    async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
+        info = running()
+        await start(store, info)
+        with pytest.raises(ValueError, match="already recorded"):
+            await start(store, info)
+        with pytest.raises(JobNotFound):
+            await store.record_end(ended(running()))
+        with pytest.raises(ValueError, match="ended job"):
+            await store.record_end(info)
+        with pytest.raises(ValueError, match="no ended_at"):
+            await start(store, running(state=JobState.LOST))
+        with pytest.raises(ValueError, match="naive"):
+            await start(store, running(started_at=datetime(2025, 1, 1)))
+        with pytest.raises(JobNotFound):
+            await store.record_spawned("nope", 1, 2)
+
+        # One bad call in a batch does not sink the others sharing its transaction.
+        others = [running() for _ in range(5)]
+        errors: list[Exception] = []
+
+        async def duplicate() -> None:
+            try:
+                await start(store, info)
+            except ValueError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for other in others[:2]:
+                nursery.start_soon(start, store, other)
+            nursery.start_soon(duplicate)
+            for other in others[2:]:
+                nursery.start_soon(start, store, other)
+        assert len(errors) == 1
+        assert set(await by_id(store)) == {info.id, *(o.id for o in others)}
+
+
+async def test_record_before_spawn_then_spawned(tmp_path: Path) -> None:
+    async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
+        info = running(pid=None)
+        await start(store, info)
+        assert (await store.load_all())[0].info.pid is None
+        await store.record_spawned(info.id, 555, 12345)
+        (job,) = await store.load_all()
+        assert (job.info.pid, job.pid_start_time) == (555, 12345)
+
+
+# -- output counters -------------------------------------------------------------
+
+
+async def test_output_counters_only_grow(tmp_path: Path) -> None:
+    async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
+        info = running()
+        await start(store, info)
+        await store.update_output(info.id, 100, 0, 0)
+        await store.update_output(info.id, 50, 0, 0)  # stale: ignored
+        job = (await store.load_all())[0]
+        assert (job.info.output_bytes, job.info.output_start, job.dropped_bytes) == (100, 0, 0)
+
+        store.note_output(info.id, 300, 10, 5)
+        store.note_output(info.id, 200, 20, 1)  # merged with the pending note: max of each
+        store.note_output("unknown-job", 1, 1, 1)  # ignored, not an error
+        before = store.transactions
+        await store.flush()
+        assert store.transactions == before + 1
+        await store.flush()  # nothing pending: no transaction
+        assert store.transactions == before + 1
+        job = (await store.load_all())[0]
+        assert (job.info.output_bytes, job.info.output_start, job.dropped_bytes) == (300, 20, 5)
+
+        # A note still pending when the end is written cannot move the end backwards.
+        store.note_output(info.id, 301, 20, 5)
+        await store.record_end(ended(info, output_bytes=400, output_start=30), dropped_bytes=6)
+        store.note_output(info.id, 350, 25, 5)
+        job = (await store.load_all())[0]
+        assert (job.info.output_bytes, job.info.output_start, job.dropped_bytes) == (400, 30, 6)
+
+
+async def test_notes_ride_along_with_other_writes(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    async with await SqliteJobStore.open(path) as store:
+        info = running()
+        await start(store, info)
+        store.note_output(info.id, 77, 0, 0)
+        await start(store, running())
+        with closing(sqlite3.connect(path)) as other:
+            assert other.execute("SELECT max(output_bytes) FROM jobs").fetchone() == (77,)
+        store.note_output(info.id, 99, 0, 0)
+    # aclose wrote the last note
+    assert {j.info.output_bytes for j in await _reload(path)} == {99, 0}
+
+
+# -- recovery and retention ----------------------------------------------------------
+
+
+async def test_mark_lost_only_touches_running_jobs(tmp_path: Path) -> None:
+    async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
+        live = [running() for _ in range(3)]
+        done = ended(running())
+        for info in [*live, done]:
+            await start(store, info)
+        at = T0 + timedelta(hours=1)
+        changed = await store.mark_lost(
+            [live[0].id, live[1].id, done.id, "missing"], "the server stopped while it ran", at
+        )
+        assert changed == 2
+        jobs = await by_id(store)
+        for info in live[:2]:
+            assert jobs[info.id].info == dataclasses.replace(
+                info, state=JobState.LOST, error="the server stopped while it ran", ended_at=at
+            )
+        assert jobs[live[2].id].info == live[2]
+        assert jobs[done.id].info == done
+        assert await store.mark_lost([live[0].id], "again", at) == 0
+
+
+async def test_retention_by_count_and_age(tmp_path: Path) -> None:
+    async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
+        # Ended one minute apart, recorded in shuffled order: order is by end, not id.
+        order = [3, 0, 4, 1, 2]
+        jobs = {i: ended(running(), ended_at=T0 + timedelta(minutes=i)) for i in order}
+        for i in order:
+            await start(store, jobs[i])
+        await start(store, running())  # running: never selected
+
+        def ids(*minutes: int) -> list[str]:
+            return [jobs[i].id for i in minutes]
+
+        now = T0 + timedelta(minutes=10)
+        sel = store.ended_for_retention
+        assert await sel(keep_count=None, max_age=None, now=now) == []
+        assert await sel(keep_count=2, max_age=None, now=now) == ids(0, 1, 2)
+        assert await sel(keep_count=0, max_age=None, now=now) == ids(0, 1, 2, 3, 4)
+        assert await sel(keep_count=99, max_age=None, now=now) == []
+        # ended at minute 3 is exactly 7 minutes old: kept; strictly older goes
+        assert await sel(keep_count=None, max_age=timedelta(minutes=7), now=now) == ids(0, 1, 2)
+        assert await sel(keep_count=None, max_age=timedelta(0), now=now) == ids(0, 1, 2, 3, 4)
+        # both caps: the union, oldest first
+        assert await sel(keep_count=4, max_age=timedelta(minutes=8), now=now) == ids(0, 1)
+        assert await sel(keep_count=1, max_age=timedelta(minutes=8), now=now) == ids(0, 1, 2, 3)
+        # a non-UTC "now" is the same instant
+        cet = now.astimezone(timezone(timedelta(hours=1)))
+        assert await sel(keep_count=None, max_age=timedelta(minutes=7), now=cet) == ids(0, 1, 2)
+        with pytest.raises(ValueError, match="keep_count"):
+            await sel(keep_count=-1, max_age=None, now=now)
+        with pytest.raises(ValueError, match="max_age"):
+            await sel(keep_count=None, max_age=timedelta(seconds=-1), now=now)
+
+        assert await store.delete(ids(0, 1, 2)) == 3
+        assert await sel(keep_count=2, max_age=None, now=now) == []
+        assert len(await store.load_all()) == 3
+
+
+async def test_delete_many(tmp_path: Path) -> None:
+    async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
+        infos = [running() for _ in range(1203)]
+        async with trio.open_nursery() as nursery:
+            for info in infos:
+                nursery.start_soon(start, store, info)
+        assert await store.delete([i.id for i in infos[:1201]] + ["missing"]) == 1201
+        assert [j.info.id for j in await store.load_all()] == sorted(i.id for i in infos[1201:])
+        assert await store.delete([]) == 0
+
+
+# -- the file -------------------------------------------------------------------------
+
+
+async def test_wal_mode_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    store = await SqliteJobStore.open(path)
+    info = running()
+    await start(store, info)
+    assert store.journal_mode == "wal"
+    assert exists(f"{path}-wal")
+    with closing(sqlite3.connect(path)) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert other.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert other.execute("PRAGMA application_id").fetchone() == (APPLICATION_ID,)
+        assert other.execute("SELECT id FROM jobs").fetchall() == [(info.id,)]
+        indexes = {r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert {"jobs_by_owner", "jobs_by_end"} <= indexes
+    assert await store._submit(lambda c: c.execute("PRAGMA synchronous").fetchone()) == (1,)
+    await store.aclose()
+    await store.aclose()  # idempotent
+    assert not exists(f"{path}-wal")  # checkpointed on close
+    with pytest.raises(trio.ClosedResourceError):
+        await store.load_all()
+    assert [j.info for j in await _reload(path)] == [info]
+
+
+async def test_empty_file_is_a_fresh_store(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    path.touch()
+    async with await SqliteJobStore.open(path) as store:
+        assert await store.load_all() == []
+        await start(store, running())
+    assert len(await _reload(path)) == 1
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(os.urandom(8192))
+
+
+def _foreign(path: Path) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE foo (x)")
+        conn.execute("INSERT INTO foo VALUES (1)")
+    conn.close()
+
+
+def _foreign_wal(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE jobs (id)")  # even a table with our name
+    conn.commit()
+    conn.close()
+
+
+def _ours(path: Path) -> None:
+    async def fill() -> None:
+        async with await SqliteJobStore.open(path) as store, trio.open_nursery() as nursery:
+            for _ in range(400):
+                nursery.start_soon(start, store, running(args=("x" * 300,)))
+
+    trio.run(fill)
+
+
+def _truncated(path: Path) -> None:
+    _ours(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _truncated_header(path: Path) -> None:
+    _ours(path)
+    path.write_bytes(path.read_bytes()[:50])
+
+
+def _newer(path: Path) -> None:
+    _ours(path)
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+
+
+def _flipped(path: Path) -> None:
+    _ours(path)
+    data = bytearray(path.read_bytes())
+    for at in range(4096, len(data), 4096):  # overwrite every page header after the first
+        data[at : at + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+
+
+def _directory(path: Path) -> None:
+    path.mkdir()
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (_garbage, "not an SQLite database"),
+        (_foreign, "another application"),
+        (_foreign_wal, "another application"),
+        (_truncated, "corrupt"),
+        (_truncated_header, "not an SQLite database"),
+        (_newer, "newer trio-worker"),
+        (_flipped, "corrupt"),
+        (_directory, "not a regular file"),
+    ],
+)
+async def test_unusable_file_is_refused_and_left_untouched(
+    tmp_path: Path, make: Callable[[Path], None], reason: str
+) -> None:
+    path = tmp_path / "jobs.db"
+    await trio.to_thread.run_sync(make, path)
+    before = files(tmp_path)
+    with pytest.raises(StateDirError, match=reason) as caught:
+        await SqliteJobStore.open(path)
+    assert str(path) in str(caught.value)
+    assert "untouched" in str(caught.value)
+    after = files(tmp_path)
+    assert after == before  # byte-identical, and no -wal/-shm left behind
+
+
+async def test_newer_schema_message_names_both_versions(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    await trio.to_thread.run_sync(_newer, path)
+    with pytest.raises(StateDirError) as caught:
+        await SqliteJobStore.open(path)
+    message = str(caught.value)
+    assert f"schema version {SCHEMA_VERSION + 1}" in message
+    assert f"reads up to {SCHEMA_VERSION}" in message
+
+
+async def test_a_damaged_row_is_reported_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    info = running()
+    async with await SqliteJobStore.open(path) as store:
+        await start(store, info)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE jobs SET args = 'not json'")
+    conn.close()
+    async with await SqliteJobStore.open(path) as store:
+        with pytest.raises(StateDirError, match=info.id) as caught:
+            await store.load_all()
+        assert str(path) in str(caught.value)
+
+
+_CRASH_CHILD = """
+import os, sys, trio
+from datetime import UTC, datetime
+from trio_worker import JobInfo, JobState
+from trio_worker._store import SqliteJobStore
+
+async def main():
+    store = await SqliteJobStore.open(sys.argv[1])
+    for i in range(50):
+        info = JobInfo(id=f"JOB{i:04d}", owner="o", command="c", args=(), state=JobState.RUNNING,
+                       pid=i, exit_code=None, signal=None, error="",
+                       started_at=datetime.now(UTC), ended_at=None, output_bytes=0)
+        await store.record_start(info, env_keys=(), cwd=None, pid_start_time=None)
+    print("recorded", flush=True)
+    await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+async def test_committed_records_survive_a_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    root = ROOT
+    child = await trio.lowlevel.open_process(
+        [sys.executable, "-c", _CRASH_CHILD, str(path)],
+        stdout=subprocess.PIPE,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert child.stdout is not None
+    with trio.fail_after(30):
+        line = b""
+        while not line.endswith(b"\n"):
+            data = await child.stdout.receive_some()
+            assert data, f"the child died: {line!r}"
+            line += data
+    assert line == b"recorded\n"
+    child.send_signal(signal.SIGKILL)
+    await child.wait()
+    await child.stdout.aclose()
+    assert exists(f"{path}-wal")  # nothing was checkpointed: recovery reads the WAL
+    jobs = await _reload(path)
+    assert [j.info.id for j in jobs] == [f"JOB{i:04d}" for i in range(50)]
+
+
+async def test_a_full_disk_fails_the_batch_and_the_store_recovers(tmp_path: Path) -> None:
+    """SQLITE_FULL, provoked with max_page_count (what a full filesystem looks like to SQLite)."""
+    async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
+        kept = running()
+        await start(store, kept)
+        pages = await store._submit(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+        await store._submit(lambda c: c.execute(f"PRAGMA max_page_count = {pages}"))
+        big = [running(args=("x" * 20_000,)) for _ in range(5)]
+        failures: list[StateDirError] = []
+
+        async def try_start(info: JobInfo) -> None:
+            try:
+                await start(store, info)
+            except StateDirError as exc:
+                failures.append(exc)
+
+        store.note_output(kept.id, 10, 0, 0)
+        async with trio.open_nursery() as nursery:
+            for info in big:
+                nursery.start_soon(try_start, info)
+        assert len(failures) == 5  # one batch, one failure for all its calls
+        assert "full" in str(failures[0])
+        assert str(tmp_path / "jobs.db") in str(failures[0])
+        assert [j.info.id for j in await store.load_all()] == [kept.id]
+        await store._submit(lambda c: c.execute("PRAGMA max_page_count = 1000000"))
+        await store.flush()  # the note that failed with the batch was kept for the next one
+        (job,) = await store.load_all()
+        assert job.info.output_bytes == 10
+        await start(store, big[0])
+        assert len(await store.load_all()) == 2
+
+
+# -- concurrency ---------------------------------------------------------------------
+
+
+async def test_many_tasks_are_serialized_and_batched(tmp_path: Path) -> None:
+    async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
+        infos = [running(args=(str(n),)) for n in range(300)]
+        threads: set[int] = set()
+
+        async def one_job(info: JobInfo) -> None:
+            await start(store, info, env_keys=[f"K{info.args[0]}"])
+            for size in range(1, 4):
+                await store.update_output(info.id, size * 10, 0, 0)
+                await trio.lowlevel.checkpoint()
+            await store.record_end(ended(info, output_bytes=int(info.args[0])))
+
+        async def reader() -> None:
+            for _ in range(20):
+                jobs = await store.load_all()
+                threads.add(await store._submit(lambda c: threading.get_ident()))
+                for job in jobs:  # every record read is whole: a start, or an end
+                    assert job.info.state in (JobState.RUNNING, JobState.EXITED)
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            for info in infos:
+                nursery.start_soon(one_job, info)
+            for _ in range(3):
+                nursery.start_soon(reader)
+
+        jobs = await by_id(store)
+        assert len(jobs) == 300
+        for info in infos:
+            job = jobs[info.id]
+            assert job.info.state is JobState.EXITED
+            assert job.info.output_bytes == max(30, int(info.args[0]))
+            assert job.env_keys == (f"K{info.args[0]}",)
+        # 300 * 5 writes + 120 reads went through far fewer transactions
+        assert store.transactions < 300
+        assert threading.get_ident() not in threads  # sqlite never ran on the event loop
+
+
+async def test_cancelled_callers_leave_the_store_consistent(tmp_path: Path) -> None:
+    async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
+        infos = [running() for _ in range(200)]
+        with trio.move_on_after(0.0005):
+            async with trio.open_nursery() as nursery:
+                for info in infos:
+                    nursery.start_soon(start, store, info)
+                    await trio.lowlevel.checkpoint()
+        recorded = await by_id(store)
+        assert set(recorded) <= {i.id for i in infos}
+        for job in recorded.values():
+            assert job.info in infos
+        # still usable afterwards
+        extra = running()
+        await start(store, extra)
+        assert extra.id in await by_id(store)
+
+
+# -- a model-based check ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Start:
+    command: str
+    args: list[str]
+    keys: list[str]
+    at: datetime
+    failed: bool
+
+
+@dataclasses.dataclass
+class End:
+    n: int
+    code: int
+    at: datetime
+    size: int
+    dropped: int
+
+
+@dataclasses.dataclass
+class Output:
+    n: int
+    size: int
+    first: int
+    dropped: int
+    buffered: bool
+
+
+@dataclasses.dataclass
+class Lose:
+    ns: list[int]
+    error: str
+    at: datetime
+
+
+@dataclasses.dataclass
+class Delete:
+    ns: list[int]
+
+
+@dataclasses.dataclass
+class Reopen:
+    pass
+
+
+Op = Start | End | Output | Lose | Delete | Reopen
+
+_TEXT = st.text(st.characters(exclude_categories=()), max_size=8)
+_TIMES = st.datetimes(
+    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+)
+_N = st.integers(0, 30)
+_OPS = st.lists(
+    st.one_of(
+        st.builds(Start, _TEXT, st.lists(_TEXT, max_size=3), st.lists(_TEXT, max_size=3), _TIMES,
+                  st.booleans()),
+        st.builds(End, _N, st.integers(-64, 255), _TIMES, st.integers(0, 2**50),
+                  st.integers(0, 1000)),
+        st.builds(Output, _N, st.integers(0, 2**50), st.integers(0, 2**40),
+                  st.integers(0, 2**30), st.booleans()),
+        st.builds(Lose, st.lists(_N, max_size=4), _TEXT, _TIMES),
+        st.builds(Delete, st.lists(_N, max_size=3)),
+        st.just(Reopen()),
+    ),
+    max_size=25,
+)  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_OPS)
+def test_store_matches_a_dict_model(ops: list[Op]) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        trio.run(_run_model, Path(directory) / "jobs.db", ops)
+
+
+def _grow(job: StoredJob, size: int, first: int, dropped: int) -> StoredJob:
+    """The model of the counters: each only grows."""
+    info = dataclasses.replace(
+        job.info,
+        output_bytes=max(job.info.output_bytes, size),
+        output_start=max(job.info.output_start, first),
+    )
+    return dataclasses.replace(job, info=info, dropped_bytes=max(job.dropped_bytes, dropped))
+
+
+async def _run_model(path: Path, ops: list[Op]) -> None:
+    model: dict[str, StoredJob] = {}
+    created: list[str] = []  # ids in creation order, deleted ones included
+
+    def pick(ns: list[int]) -> list[str]:
+        return [created[n % len(created)] for n in ns] if created else []
+
+    store = await SqliteJobStore.open(path)
+    try:
+        for op in ops:
+            if isinstance(op, Start):
+                info = running(command=op.command, args=tuple(op.args), started_at=op.at)
+                if op.failed:
+                    info = dataclasses.replace(
+                        info, state=JobState.FAILED, pid=None, ended_at=op.at, error="no",
+                        spawn_errno=2,
+                    )  # fmt: skip
+                await store.record_start(info, env_keys=op.keys, cwd=op.command, pid_start_time=9)
+                model[info.id] = StoredJob(info, tuple(op.keys), op.command, 9, 0)
+                created.append(info.id)
+            elif isinstance(op, End):
+                for job_id in pick([op.n]):
+                    if job_id not in model or model[job_id].info.ended:
+                        continue
+                    end = ended(
+                        model[job_id].info,
+                        state=JobState.EXITED if op.code >= 0 else JobState.KILLED,
+                        exit_code=op.code if op.code >= 0 else None,
+                        signal=None if op.code >= 0 else -op.code,
+                        ended_at=op.at,
+                    )
+                    await store.record_end(
+                        dataclasses.replace(end, output_bytes=op.size), dropped_bytes=op.dropped
+                    )
+                    model[job_id] = _grow(
+                        dataclasses.replace(model[job_id], info=end), op.size, 0, op.dropped
+                    )
+            elif isinstance(op, Output):
+                for job_id in pick([op.n]):
+                    if op.buffered:
+                        store.note_output(job_id, op.size, op.first, op.dropped)
+                    else:
+                        await store.update_output(job_id, op.size, op.first, op.dropped)
+                    if job_id in model:
+                        model[job_id] = _grow(model[job_id], op.size, op.first, op.dropped)
+            elif isinstance(op, Lose):
+                ids = pick(op.ns)
+                expected = {i for i in ids if i in model and not model[i].info.ended}
+                assert await store.mark_lost(ids, op.error, op.at) == len(expected)
+                for i in expected:
+                    lost = dataclasses.replace(
+                        model[i].info, state=JobState.LOST, error=op.error, ended_at=op.at
+                    )
+                    model[i] = dataclasses.replace(model[i], info=lost)
+            elif isinstance(op, Delete):
+                ids = pick(op.ns)
+                assert await store.delete(ids) == len(set(ids) & set(model))
+                for i in ids:
+                    model.pop(i, None)
+            else:
+                await store.aclose()
+                store = await SqliteJobStore.open(path)
+            assert await store.load_all() == [model[i] for i in sorted(model)]
+    finally:
+        await store.aclose()
+    assert await _reload(path) == [model[i] for i in sorted(model)]
+
+
+# -- process start time ------------------------------------------------------------------
+
+
+def test_process_start_time(tmp_path: Path) -> None:
+    mine = process_start_time(os.getpid())
+    assert isinstance(mine, int)
+    assert mine > 0
+    assert process_start_time(os.getpid()) == mine
+    # A command name with spaces and parentheses does not confuse the parser.
+    odd = tmp_path / "a) b (c"
+    odd.write_bytes(Path("/bin/sleep").read_bytes())
+    odd.chmod(0o755)
+    child = subprocess.Popen([str(odd), "30"])
+    try:
+        started = process_start_time(child.pid)
+        assert started is not None
+        assert started >= mine
+        stat = Path(f"/proc/{child.pid}/stat").read_text()
+        assert "(a) b (c)" in stat
+    finally:
+        child.kill()
+        child.wait()
+    assert process_start_time(child.pid) is None
