@@ -1,99 +1,284 @@
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import random
+import subprocess
 import tempfile
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trio_worker import OutputChunk, OutputStream
+from trio_worker import OutputChunk, OutputStream, _output
+from trio_worker._output import DEFAULT_CHUNK as DEFAULT
 from trio_worker._output import Broadcaster, OutputLog, read_log_file
 
+from .conftest import require_root
+
 OUT, ERR = OutputStream.STDOUT, OutputStream.STDERR
+KiB, MiB = 1024, 1024 * 1024
+
+
+class FaultyLog(OutputLog):
+    """An output log whose disk fails on demand, deterministically.
+
+    ``data_budget``: ``None``, data writes work; a number, that many more data
+    bytes are written, then every data write fails with ENOSPC (a short write
+    first, as a real full disk does). ``index_fails``: each index write puts a
+    few bytes of a record on disk, then fails with ENOSPC.
+    """
+
+    data_budget: int | None = None
+    index_fails = False
+    round_trips = 0  # flusher thread calls
+
+    def _write(self, job: _output._Flush) -> None:
+        self.round_trips += 1
+        super()._write(job)
+
+    def _pwritev(self, fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> int:
+        budget = self.data_budget  # (read once: a test may change it meanwhile)
+        if budget is None:
+            return super()._pwritev(fd, buffers, offset)
+        if budget <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        cut = []
+        for buffer in buffers:
+            if budget <= 0:
+                break
+            view = memoryview(buffer)[:budget]
+            cut.append(view)
+            budget -= len(view)
+        written = os.pwritev(fd, cut, offset)
+        if self.data_budget is not None:
+            self.data_budget = max(self.data_budget - written, 0)
+        return written
+
+    def _declare_lost(self, a: int, b: int) -> None:
+        self.all_lost = [*getattr(self, "all_lost", []), (a, b)]
+        super()._declare_lost(a, b)
+
+    def _pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        if self.index_fails and fd == self._index_fd:
+            if offset % 9 == 0 and len(data) > 5:
+                return os.pwrite(fd, data[:5], offset)  # half a record ...
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # ... then full
+        return super()._pwrite(fd, data, offset)
 
 
 class Model:
-    """The plain-bytes model: the log is the concatenation of all appends."""
+    """The plain-bytes model: the log is the concatenation of all appends, less
+    what retention dropped (below ``start``) and what a failing disk lost.
 
-    def __init__(self) -> None:
+    ``flush`` is the specification of one flusher round trip: retention first
+    (drop to ``min(end - cap, flushed)`` once that is ``step`` past ``start``,
+    never stopping inside a lost range), then the writes, where a failure loses
+    the unwritten part of the data (all of it if the index write fails).
+    """
+
+    def __init__(self, cap: int | None = None, step: int = 1) -> None:
         self.data = bytearray()
         self.tags: list[OutputStream] = []
+        self.cap, self.step = cap, step
+        self.flushed = 0
+        self.start = 0
+        self.lost: list[tuple[int, int]] = []  # every lost range, merged
+        self.dropped = 0
+        self.records_pending = False
+        self.last: OutputStream | None = None
+
+    @property
+    def end(self) -> int:
+        return len(self.data)
 
     def append(self, stream: OutputStream, data: bytes) -> None:
+        if not data:
+            return
+        if stream is not self.last:
+            self.records_pending = True
+            self.last = stream
         self.data += data
         self.tags += [stream] * len(data)
 
-    def check(self, chunks: list[OutputChunk], offset: int) -> None:
-        position = offset
+    def _advance(self, position: int) -> None:
+        for a, b in self.lost:
+            if a <= position < b:
+                position = b
+        self.start = max(self.start, position)
+
+    def _lose(self, a: int, b: int) -> None:
+        if a >= b:
+            return
+        self.dropped += b - a
+        if self.lost and self.lost[-1][1] == a:
+            self.lost[-1] = (self.lost[-1][0], b)
+        else:
+            self.lost.append((a, b))
+
+    def flush(self, fault: tuple[str, int] | None = None) -> None:
+        if self.flushed == self.end and not self.records_pending:
+            return
+        if self.cap is not None:
+            target = min(self.end - self.cap, self.flushed)
+            if target - self.start >= self.step:
+                self._advance(target)
+        a, b = self.flushed, self.end
+        if fault is None:
+            self.records_pending = False
+        elif fault[0] == "index":
+            if self.records_pending:
+                self._lose(a, b)
+        else:
+            self.records_pending = False
+            if fault[1] < b - a:
+                self._lose(a + fault[1], b)
+                self.records_pending = True
+        self.flushed = b
+
+    @property
+    def lost_ranges(self) -> list[tuple[int, int]]:
+        return [(max(a, self.start), b) for a, b in self.lost if b > self.start]
+
+    def visible(self, offset: int, lost: Sequence[tuple[int, int]] | None = None) -> list[range]:
+        """The stretches a reader from ``offset`` gets, in order."""
+        position, out = max(offset, self.start), []
+        for a, b in self.lost_ranges if lost is None else lost:
+            if b <= position:
+                continue
+            if a > position:
+                out.append(range(position, a))
+            position = b
+        if position < self.end:
+            out.append(range(position, self.end))
+        return out
+
+    def check(
+        self,
+        chunks: list[OutputChunk],
+        offset: int,
+        lost: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
+        """Chunks cover exactly the visible stretches: same bytes, same tags,
+        contiguous within a stretch, and jumping (never spanning) between them."""
+        stretches = iter(self.visible(offset, lost))
+        stretch = next(stretches, None)
         for chunk in chunks:
-            assert chunk.offset == position
             assert chunk.data, "readers never get empty chunks"
-            assert chunk.data == bytes(self.data[position : chunk.end])
-            assert set(self.tags[position : chunk.end]) == {chunk.stream}
-            position = chunk.end
-        assert position == len(self.data)
+            assert stretch is not None, f"unexpected chunk at {chunk.offset}"
+            assert chunk.offset == stretch.start
+            assert chunk.end <= stretch.stop, "a chunk never spans a gap"
+            assert chunk.data == bytes(self.data[chunk.offset : chunk.end])
+            assert set(self.tags[chunk.offset : chunk.end]) == {chunk.stream}
+            stretch = range(chunk.end, stretch.stop) if chunk.end < stretch.stop else None
+            if stretch is None:
+                stretch = next(stretches, None)
+        assert stretch is None, f"missing bytes from {stretch}"
+
+    def check_state(self, log: OutputLog) -> None:
+        assert log.end == self.end
+        assert log.start == self.start
+        assert log.lost_ranges == self.lost_ranges
+        assert log.dropped_bytes == self.dropped
 
 
 async def collect(log: OutputLog, offset: int = 0, **kw: object) -> list[OutputChunk]:
     return [c async for c in log.read(offset, **kw)]  # type: ignore[arg-type]
 
 
+FLUSHES = st.one_of(
+    st.none(),
+    st.just(("ok", 0)),
+    st.just(("index", 0)),
+    st.tuples(st.just("data"), st.integers(0, 400)),
+)
 APPENDS = st.lists(
-    st.tuples(st.sampled_from([OUT, ERR]), st.binary(min_size=0, max_size=300), st.booleans()),
+    st.tuples(st.sampled_from([OUT, ERR]), st.binary(min_size=0, max_size=300), FLUSHES),
     max_size=40,
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     appends=APPENDS,
     tail=st.integers(0, 600),
     offsets=st.lists(st.integers(0, 12_000), min_size=1, max_size=4),
     chunk=st.integers(1, 700),
+    cap=st.one_of(st.none(), st.integers(0, 3000)),
+    step=st.integers(1, 2000),
 )
 def test_log_matches_bytes_model(
-    appends: list[tuple[OutputStream, bytes, bool]],
+    appends: list[tuple[OutputStream, bytes, tuple[str, int] | None]],
     tail: int,
     offsets: list[int],
     chunk: int,
+    cap: int | None,
+    step: int,
 ) -> None:
-    """Random chunk sizes, stream interleavings, flush points and reader offsets:
-    every read, from memory or from disk, equals the model's bytes and tags."""
+    """Random chunk sizes, stream interleavings, flush points, reader offsets,
+    caps and injected write failures: every read, from memory, from disk or
+    from a recovered log, equals the model's bytes, tags, gaps and start."""
 
     async def scenario(directory: Path) -> None:
-        model = Model()
-        log = OutputLog(directory, tail_bytes=tail)
+        model = Model(cap, step)
+        log = FaultyLog(directory, tail_bytes=tail, max_bytes=cap, drop_step=step)
+        log._retry_interval, log._retry_bytes = 0.0, 0  # every flush tries the disk
         for stream, data, flush in appends:
             log.append(stream, data)
             model.append(stream, data)
-            if flush:
+            if flush is not None:
+                fault = None if flush[0] == "ok" else flush
+                log.index_fails = flush[0] == "index"
+                log.data_budget = flush[1] if flush[0] == "data" else None
                 await log.flush()
+                model.flush(fault)
+                log.index_fails, log.data_budget = False, None
+                model.check_state(log)
             # A non-following reader mid-way sees exactly what is there so far.
-            middle = min(offsets[0], len(model.data))
+            middle = min(offsets[0], model.end)
             model.check(await collect(log, middle, follow=False, chunk_size=chunk), middle)
         log.finish()
         await log.flush()
+        model.flush()
         log.close()
+        model.check_state(log)
         for offset in offsets:
-            offset = min(offset, len(model.data))
+            offset = min(offset, model.end)
             chunks = await collect(log, offset, follow=True, chunk_size=chunk)
             assert all(len(c.data) <= chunk for c in chunks)
             model.check(chunks, offset)
         # After a "restart", the files alone replay everything exactly.
-        index_records = (directory / "output.idx").stat().st_size // 9
-        replay: list[OutputChunk] = []
-        position = offsets[-1] if offsets[-1] <= len(model.data) else 0
-        start = position
-        while position < len(model.data):
-            got = read_log_file(
-                directory / "output.log", directory / "output.idx", position, 10**9, index_records
-            )
-            replay += got
-            position = got[-1].end
-        model.check(replay, start)
+        recovered = OutputLog.recover(directory)
+        assert recovered.finished
+        assert (recovered.end, recovered.start) == (model.end, model.start)
+        assert recovered.lost_ranges == model.lost_ranges
+        for offset in offsets:
+            offset = min(offset, model.end)
+            model.check(await collect(recovered, offset, chunk_size=chunk), offset)
+        # ... and so does read_log_file on its own, stretch by stretch.
+        first = recovered._first_record
+        records = recovered._index_flushed
+        for stretch in model.visible(0):
+            position, got = stretch.start, []
+            while position < stretch.stop:
+                more = read_log_file(
+                    directory / "output.log",
+                    directory / "output.idx",
+                    position,
+                    stretch.stop - position,
+                    records,
+                    first,
+                )
+                got += more
+                position = more[-1].end
+            model.check(got, stretch.start, [(0, stretch.start), (stretch.stop, model.end + 1)])
 
     with tempfile.TemporaryDirectory() as directory:
         trio.run(scenario, Path(directory))
@@ -170,3 +355,478 @@ async def test_broadcaster_never_blocks_the_notifier() -> None:
             b.notify()
     assert woken == 5
     assert b._waiting == []
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    """Bytes with no zero in them, so a hole read back as data would show."""
+    return random.Random(seed).randbytes(size).replace(b"\0", b"\1")
+
+
+def disk_usage(directory: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in directory.iterdir() if p.name.startswith("output"))
+
+
+# -- retention -----------------------------------------------------------------
+
+
+async def test_cap_bounds_disk_use_and_readers_are_told_where_the_log_starts(
+    tmp_path: Path,
+) -> None:
+    cap, step, block = 64 * KiB, 16 * KiB, 8 * KiB
+    model = Model()
+    log = OutputLog(tmp_path, tail_bytes=32 * KiB, max_bytes=cap, drop_step=step)
+    log.append(OUT, pattern(block))
+    model.append(OUT, pattern(block))
+    behind = log.read(0)  # a follower that takes one chunk, then stalls
+    first = await behind.__anext__()
+    assert (first.offset, first.end) == (0, block)
+    usage = 0
+    for i in range(1, 512):  # 4 MiB, both streams
+        data = pattern(block, i)
+        stream = ERR if i % 5 == 0 else OUT
+        log.append(stream, data)
+        model.append(stream, data)
+        await log.flush()
+        assert log.end - log.start < cap + step
+        usage = max(usage, disk_usage(tmp_path))
+    assert log.start >= model.end - cap - step
+    # The files hold the retained part (plus a block or so), not 4 MiB.
+    assert usage <= cap + step + 4 * block, usage
+    assert os.stat(tmp_path / "output.log").st_size == model.end  # offsets unchanged
+    model.start = log.start
+    # The stalled follower's next chunk starts exactly at the retained start.
+    nxt = await behind.__anext__()
+    assert nxt.offset == log.start
+    # A reader from 0 (or from anywhere below start) gets the retained log.
+    for offset in (0, 12345, log.start - 1, log.start, log.start + 1):
+        chunks = await collect(log, offset, follow=False)
+        assert chunks[0].offset == max(offset, log.start)
+        model.check(chunks, offset)
+    log.finish()
+    await log.flush()
+    log.close()
+    # The retained start survives a restart.
+    recovered = OutputLog.recover(tmp_path)
+    assert (recovered.start, recovered.end) == (log.start, log.end)
+    model.check(await collect(recovered, 0), 0)
+    model.check(await collect(recovered, log.start + 100), log.start + 100)
+
+
+async def test_reader_racing_a_hole_punch_never_yields_the_hole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk read that started before retention moved past it may come back
+    with zeros where blocks were freed: the reader drops that part."""
+    data = pattern(512 * KiB)
+    log = OutputLog(tmp_path, tail_bytes=0, max_bytes=64 * KiB, drop_step=16 * KiB)
+    log.append(OUT, data[: 256 * KiB])
+    await log.flush()
+    entered, go = threading.Event(), threading.Event()
+    real = _output.read_log_file
+
+    def slow_read(*args: object) -> list[OutputChunk]:
+        entered.set()
+        go.wait(10)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_output, "read_log_file", slow_read)
+    got: list[OutputChunk] = []
+
+    async def read() -> None:
+        async for chunk in log.read(0, follow=False):
+            got.append(chunk)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.to_thread.run_sync(entered.wait)
+        log.append(OUT, data[256 * KiB :])
+        await log.flush()  # drops [0, 256 KiB) and punches it while the read waits
+        assert log.start == 256 * KiB
+        assert (tmp_path / "output.log").read_bytes()[:4096] == bytes(4096), "the hole"
+        go.set()
+    assert got[0].offset == log.start
+    assert b"".join(c.data for c in got) == data[log.start :]
+    log.finish()
+    log.close()
+
+
+async def test_without_hole_punching_the_cap_still_holds_for_readers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def unsupported(self: OutputLog, fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(OutputLog, "_punch", unsupported)
+    data = pattern(1 * MiB)
+    log = OutputLog(tmp_path, tail_bytes=0, max_bytes=64 * KiB, drop_step=16 * KiB)
+    with caplog.at_level(logging.WARNING, logger="trio_worker.output"):
+        for i in range(0, len(data), 32 * KiB):
+            log.append(OUT, data[i : i + 32 * KiB])
+            await log.flush()
+    assert [r.message for r in caplog.records if "punch" in r.message] == [
+        f"{tmp_path}: the filesystem cannot punch holes; output beyond the cap is "
+        "hidden from readers but keeps its disk space"
+    ]
+    assert log.start >= len(data) - 64 * KiB - 16 * KiB - 32 * KiB
+    assert disk_usage(tmp_path) >= len(data)  # kept, as documented
+    chunks = await collect(log, 0, follow=False)
+    assert chunks[0].offset == log.start
+    assert b"".join(c.data for c in chunks) == data[log.start :]
+    log.finish()
+    await log.flush()
+    log.close()
+    assert OutputLog.recover(tmp_path).start == log.start
+
+
+def test_negative_cap_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_bytes"):
+        OutputLog(tmp_path, max_bytes=-1)
+
+
+# -- lost output (full disk) ----------------------------------------------------
+
+
+async def pump(log: OutputLog, model: Model, total: int, seed: int, block: int = 16 * KiB) -> None:
+    """What the supervisor's pumps do, one pipe round per append."""
+    for i in range(total // block):
+        data = pattern(block, seed * 100_000 + i)
+        stream = ERR if i % 7 == 3 else OUT
+        log.append(stream, data)
+        model.append(stream, data)
+        if log.backlogged:
+            await log.wait_flushed()
+        await trio.lowlevel.checkpoint()
+
+
+async def test_full_disk_drops_output_counts_it_and_readers_skip_exactly_that(
+    tmp_path: Path,
+) -> None:
+    model = Model()
+    log = FaultyLog(tmp_path, tail_bytes=128 * KiB, max_unflushed=64 * KiB)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.run_flusher)
+        await pump(log, model, 1 * MiB, 1)
+        await log.flush()
+        assert log.dropped_bytes == 0
+        failed_from = log.end
+        log.data_budget = 5000  # the disk fills up 5000 bytes from here
+        round_trips = log.round_trips
+        with trio.fail_after(10):  # the job is never held up by the failing disk
+            await pump(log, model, 8 * MiB, 2)
+        # At most one try per MiB appended (or per 100 ms), not one per append.
+        assert log.round_trips - round_trips <= 8 + 2 + 10 * 4
+        assert log._held + len(log._open) <= 128 * KiB + 64 * KiB + 16 * KiB
+        assert log.write_error == os.strerror(errno.ENOSPC)
+        log.data_budget = None  # space again
+        await trio.sleep(0.15)  # a retry is due
+        resumed_from = log.end
+        await pump(log, model, 1 * MiB, 3)
+        log.finish()
+    await log.flush()
+    log.close()
+    lost = log.lost_ranges
+    assert lost[0][0] == failed_from + 5000
+    assert all(failed_from < a < b <= resumed_from for a, b in lost)
+    assert log.dropped_bytes == sum(b - a for a, b in lost) > 7 * MiB
+    # Everything else reads back byte-identical; the lost ranges are jumped over.
+    model.start = 0
+    for offset in (0, failed_from + 4999, lost[0][0], lost[0][0] + 1, lost[-1][1] - 1):
+        chunks = await collect(log, offset, chunk_size=100_000)
+        model.check(chunks, offset, lost)
+    # The index on disk says the same after a restart.
+    recovered = OutputLog.recover(tmp_path)
+    assert (recovered.end, recovered.lost_ranges) == (log.end, lost)
+    assert recovered.dropped_bytes == log.dropped_bytes
+    model.check(await collect(recovered, 0), 0, lost)
+    model.check(await collect(recovered, lost[0][0] + 7), lost[0][0] + 7, lost)
+
+
+async def test_lost_range_reaches_the_index_once_the_disk_is_back(tmp_path: Path) -> None:
+    """No more appends after the failure: the flusher still retries on its own."""
+    log = FaultyLog(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.run_flusher)
+        log.append(OUT, b"kept ")
+        await log.flush()
+        log.index_fails = True
+        log.append(ERR, b"lost ")
+        await log.flush()
+        assert log.lost_ranges == [(5, 10)]
+        assert OutputLog.recover(tmp_path).end == 5  # not on disk yet: the end is short
+        log.index_fails = False
+        with trio.fail_after(5):
+            while log._pending_index:
+                await log._space.wait()  # after every flusher round trip
+        recovered = OutputLog.recover(tmp_path)
+        assert (recovered.end, recovered.lost_ranges) == (10, [(5, 10)])
+        log.append(ERR, b"more")
+        log.finish()
+    log.close()
+    assert [(c.data, c.offset, c.stream) async for c in log.read(0)] == [
+        (b"kept ", 0, OUT),
+        (b"more", 10, ERR),
+    ]
+    recovered = OutputLog.recover(tmp_path)
+    assert [c async for c in recovered.read(0)] == [c async for c in log.read(0)]
+
+
+async def test_failing_disk_is_retried_by_bytes_while_time_stands_still(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    log = FaultyLog(tmp_path)
+    log.data_budget = 0
+    log.append(OUT, b"x")
+    await log.flush()  # fails: from now on, drop and retry sparingly
+    assert log.dropped_bytes == 1
+    before = log.round_trips
+    for i in range(4 * 64):  # 4 MiB in 16 KiB appends, a flush after each
+        log.append(OUT, pattern(16 * KiB, i))
+        await log.flush()
+    assert log.round_trips - before <= 4
+    assert log.dropped_bytes == 1 + 4 * MiB
+    mock_clock.jump(0.2)
+    log.append(OUT, b"y")
+    await log.flush()  # the interval has passed: this one tries
+    assert log.round_trips - before <= 5
+    log.data_budget = None
+    mock_clock.jump(0.2)
+    log.append(OUT, b"z")
+    await log.flush()
+    assert log.lost_ranges == [(0, log.end - 1)]
+    log.finish()
+    log.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_concurrent_pumps_followers_faults_and_cap(tmp_path: Path, seed: int) -> None:
+    """Two pumps (as the supervisor runs them), the flusher, followers at
+    their own pace, a disk that fails and recovers at random, and a cap: every
+    follower gets true bytes in order, jumping only over dropped or lost ones,
+    and the files replay what the log says it kept."""
+    rng = random.Random(seed)
+    cap = rng.choice([None, 64 * KiB, 300 * KiB])
+    model = Model()
+    log = FaultyLog(
+        tmp_path,
+        tail_bytes=rng.choice([0, 8 * KiB, 256 * KiB]),
+        max_unflushed=64 * KiB,
+        max_bytes=cap,
+        drop_step=16 * KiB,
+    )
+    log._retry_interval = 0.005
+    received: list[list[OutputChunk]] = []
+
+    async def follow(offset: int, slow: float) -> None:
+        got: list[OutputChunk] = []
+        received.append(got)
+        async for chunk in log.read(offset, chunk_size=rng.choice([1000, DEFAULT])):
+            got.append(chunk)
+            if slow:
+                await trio.sleep(slow)
+
+    async def pump_stream(stream: OutputStream) -> None:
+        for i in range(200):
+            data = pattern(rng.choice([1, 100, 5000, 40 * KiB]), seed * 10_000 + i + stream.value)
+            log.append(stream, data)
+            model.append(stream, data)
+            if log.backlogged:
+                await log.wait_flushed()
+            await trio.lowlevel.checkpoint()
+
+    async def chaos() -> None:
+        while not log.finished:
+            log.data_budget = rng.choice([None, None, None, 0, 3000])
+            log.index_fails = rng.random() < 0.2
+            await trio.sleep(rng.random() * 0.01)
+        log.data_budget, log.index_fails = None, False
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.run_flusher)
+        for offset, slow in ((0, 0), (0, 0.0005), (5000, 0)):
+            nursery.start_soon(follow, offset, slow)
+        nursery.start_soon(chaos)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as pumps:
+                pumps.start_soon(pump_stream, OUT)
+                pumps.start_soon(pump_stream, ERR)
+        log.finish()
+    log.data_budget, log.index_fails = None, False
+    await log.flush()
+    log.close()
+    gone = sorted([(0, log.start), *getattr(log, "all_lost", [])])
+    assert log.dropped_bytes == sum(b - a for a, b in getattr(log, "all_lost", []))
+
+    def jumped_over_gone(a: int, b: int) -> bool:
+        for x, y in gone:
+            if x <= a < y:
+                a = y
+        return a >= b
+
+    for got in received:
+        position = None
+        for chunk in got:
+            assert chunk.data == bytes(model.data[chunk.offset : chunk.end])
+            assert set(model.tags[chunk.offset : chunk.end]) == {chunk.stream}
+            if position is not None:
+                assert chunk.offset >= position
+                assert jumped_over_gone(position, chunk.offset)
+            position = chunk.end
+        assert position is None or jumped_over_gone(position, model.end)
+    model.start = log.start
+    lost = log.lost_ranges
+    model.check(await collect(log, 0), 0, lost)
+    recovered = OutputLog.recover(tmp_path)
+    assert (recovered.end, recovered.start) == (log.end, log.start)
+    assert recovered.lost_ranges == lost
+    model.check(await collect(recovered, 0), 0, lost)
+    model.check(await collect(recovered, log.end // 2), log.end // 2, lost)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs: a disk that really fills up."""
+    require_root("mounting a tmpfs")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+async def test_real_full_disk_loses_output_but_never_the_job(small_tmpfs: Path) -> None:
+    filler = small_tmpfs / "filler"
+    filler.write_bytes(b"f" * 96 * KiB)
+    job = small_tmpfs / "job"
+    job.mkdir()
+    model = Model()
+    log = OutputLog(job, tail_bytes=64 * KiB, max_unflushed=64 * KiB)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.run_flusher)
+        with trio.fail_after(10):
+            await pump(log, model, 1 * MiB, 1)  # about 150 KiB fit
+        await log.flush()
+        assert log.dropped_bytes > 0
+        assert "No space left" in (log.write_error or "")
+        filler.unlink()  # room again
+        await trio.sleep(0.15)
+        await pump(log, model, 64 * KiB, 2, block=4 * KiB)
+        log.finish()
+    await log.flush()
+    log.close()
+    lost = log.lost_ranges
+    assert lost
+    assert lost[-1][1] < log.end, "writes resumed"
+    assert log.dropped_bytes == sum(b - a for a, b in lost)
+    model.check(await collect(log, 0), 0, lost)
+    recovered = OutputLog.recover(job)
+    assert (recovered.end, recovered.lost_ranges) == (log.end, lost)
+    model.check(await collect(recovered, 0), 0, lost)
+
+
+async def test_real_full_disk_is_avoided_by_the_cap(small_tmpfs: Path) -> None:
+    """Punched holes really give the space back: 4 MiB through a 256 KiB disk."""
+    model = Model()
+    log = OutputLog(small_tmpfs, tail_bytes=0, max_bytes=64 * KiB, drop_step=16 * KiB)
+    for i in range(256):
+        data = pattern(16 * KiB, i)
+        log.append(OUT, data)
+        model.append(OUT, data)
+        await log.flush()
+    assert log.dropped_bytes == 0
+    assert log.start >= 4 * MiB - 96 * KiB
+    model.start = log.start
+    model.check(await collect(log, 0, follow=False), 0)
+    log.finish()
+    log.close()
+
+
+# -- recovery -------------------------------------------------------------------
+
+
+async def write_log(directory: Path, pieces: list[tuple[OutputStream, bytes]]) -> Model:
+    model = Model()
+    log = OutputLog(directory, tail_bytes=1000)
+    for i, (stream, data) in enumerate(pieces):
+        log.append(stream, data)
+        model.append(stream, data)
+        if i % 3 == 2:
+            await log.flush()
+    log.finish()
+    await log.flush()
+    log.close()
+    return model
+
+
+PIECES = [(OUT if i % 4 else ERR, pattern(100 + 37 * i, i)) for i in range(40)]
+
+
+async def test_recover_replays_exactly_from_any_offset(tmp_path: Path) -> None:
+    model = await write_log(tmp_path, PIECES)
+    log = OutputLog.recover(tmp_path)
+    assert (log.end, log.start, log.lost_ranges, log.dropped_bytes) == (model.end, 0, [], 0)
+    assert log.finished
+    for offset in (0, 1, model.end // 2, model.end - 1, model.end):
+        model.check(await collect(log, offset), offset)
+        model.check(await collect(log, offset, chunk_size=333), offset)
+    with pytest.raises(RuntimeError):
+        log.append(OUT, b"read-only")
+    log.close()
+
+
+async def test_recover_after_a_crash_mid_index_record(tmp_path: Path) -> None:
+    """The index goes first: a crash while writing a record leaves half a
+    record and none of its data. The half record is ignored."""
+    model = await write_log(tmp_path, PIECES)
+    index = tmp_path / "output.idx"
+    records = index.stat().st_size // 9
+    last_offset = int.from_bytes(
+        index.read_bytes()[(records - 1) * 9 : (records - 1) * 9 + 8], "little"
+    )
+    os.truncate(index, index.stat().st_size - 4)
+    os.truncate(tmp_path / "output.log", last_offset)
+    log = OutputLog.recover(tmp_path)
+    assert log.end == last_offset
+    del model.data[last_offset:]
+    model.check(await collect(log, 0), 0)
+    model.check(await collect(log, last_offset // 2), last_offset // 2)
+
+
+async def test_recover_after_a_crash_between_index_and_data(tmp_path: Path) -> None:
+    """Records whose data never arrived (or only partly): the data file's
+    size is where the log ends, and the tags before it stay exact."""
+    model = await write_log(tmp_path, PIECES)
+    index = tmp_path / "output.idx"
+    records = index.stat().st_size // 9
+    last_offset = int.from_bytes(
+        index.read_bytes()[(records - 1) * 9 : (records - 1) * 9 + 8], "little"
+    )
+    cut = last_offset + 10
+    os.truncate(tmp_path / "output.log", cut)
+    log = OutputLog.recover(tmp_path)
+    assert log.end == cut
+    del model.data[cut:]
+    model.check(await collect(log, 0), 0)
+    model.check(await collect(log, last_offset - 3), last_offset - 3)
+
+
+async def test_recover_ignores_a_damaged_index_tail(tmp_path: Path) -> None:
+    model = await write_log(tmp_path, PIECES)
+    index = tmp_path / "output.idx"
+    index.write_bytes(index.read_bytes() + (10**12).to_bytes(8, "little") + b"\x07")  # bad tag
+    log = OutputLog.recover(tmp_path)
+    assert log.end == model.end
+    model.check(await collect(log, 0), 0)
+
+
+async def test_recover_of_nothing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        OutputLog.recover(tmp_path)
+    log = OutputLog(tmp_path)
+    log.finish()
+    await log.flush()
+    log.close()
+    recovered = OutputLog.recover(tmp_path)
+    assert recovered.end == 0
+    assert await collect(recovered, 0) == []

@@ -14,30 +14,74 @@ Memory is bounded whatever the job prints: the tail keeps at most
 ``tail_bytes`` of already-flushed data (plus whatever is not yet on disk,
 itself capped by ``max_unflushed``, past which the pumps wait for the disk).
 
-``output.idx`` holds one fixed-size record per *run* (maximal stretch of bytes
-from one stream): ``<offset:u64 little-endian><stream:u8>``. Together with
-``output.log``, whose byte N is log offset N, that is enough to replay from
-any offset exactly, also after a restart.
+Disk is bounded by ``max_bytes``: the oldest output beyond it is dropped in
+steps (``drop_step``), its blocks freed with ``fallocate(PUNCH_HOLE)`` from the
+flusher's thread, offsets unchanged, and ``start`` advanced. Where holes cannot
+be punched (EOPNOTSUPP), the bytes stay on disk but are dropped all the same
+for readers (logged once): copying the log to compact it would break "byte N is
+at position N" and cost as much I/O as the job's output.
+
+A failing disk (ENOSPC, EIO ...) never holds the job up: what cannot be written
+is dropped, counted in ``dropped_bytes`` and listed in ``lost_ranges``; after a
+failure, data is dropped as it comes without a system call, and the disk is
+tried again at most every 100 ms or 1 MiB appended (and once more at the end).
+
+Files of one log (all little-endian):
+
+``output.log``
+    Byte N is log offset N, always. Bytes that were lost (failed writes) or
+    dropped by retention are holes or zeros there, never data: the index says
+    which.
+``output.idx``
+    Fixed 9-byte records ``<offset:u64><tag:u8>``, sorted by offset, one per
+    *run* (maximal stretch of bytes from one stream). Tag 1 is stdout, 2 is
+    stderr, and tag 0 marks a run of *lost* bytes: output that could not be
+    written (full disk), from that offset up to the next record's offset. Data
+    after a lost run always starts with a record of its own. A trailing partial
+    record (a crash while writing it) is ignored.
+``output.start``
+    Only for a log with a cap (``max_bytes``): 16 bytes
+    ``<start:u64><first_record:u64>``, the first retained offset and the number
+    of the index record where a reader of ``start`` begins its search. Bytes and
+    index records below them may be holes (``fallocate`` punch hole). Missing
+    means ``(0, 0)``.
+
+Writes go index first, then data, then (on retention) ``output.start``, then
+hole punching: whatever a crash interrupts, the files never claim data they do
+not hold except at the very end, where :meth:`OutputLog.recover` clamps to the
+data file's size. Lost ranges are written to the index before any data that
+follows them, so a gap is never read back as zeros.
+
+Readers are never handed a silent gap: a reader below ``start`` or inside a
+lost range jumps past it, and the next chunk's ``offset`` says where it landed.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import ctypes
 import errno
+import logging
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from ._model import OutputChunk, OutputStream
 
-__all__ = ["Broadcaster", "LogReader", "OutputLog", "read_log_file"]
+__all__ = ["DEFAULT_CHUNK", "Broadcaster", "LogReader", "OutputLog", "read_log_file"]
 
 _INDEX = struct.Struct("<QB")
+_START = struct.Struct("<QQ")
+_LOST = 0  # index tag of a run of lost bytes
 _STREAMS = {s.value: s for s in OutputStream}
+_VALID_TAGS = bytes([_LOST, *_STREAMS])
+
+_log = logging.getLogger("trio_worker.output")
 
 #: Largest chunk a reader gets by default. Big enough that a follower of a fast
 #: job hands out whole pipe reads without copying (tail chunks are returned as
@@ -52,6 +96,15 @@ _FILE_BLOCK = 1024 * 1024
 _IOV_MAX = 512
 #: Chatty jobs that switch streams often make many small chunks: cap their count.
 _MAX_TAIL_CHUNKS = 4096
+#: Retention drops in steps of at least this much (and 1/16 of the cap).
+_MIN_DROP_STEP = 1024 * 1024
+#: While the disk refuses writes, try again at most this often (seconds) ...
+_RETRY_INTERVAL = 0.1
+#: ... or after this many more bytes were appended, whichever comes first.
+_RETRY_BYTES = 1024 * 1024
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 class Broadcaster:
@@ -84,9 +137,34 @@ class Broadcaster:
             send.close()
 
 
+@dataclass(slots=True)
+class _Flush:
+    """One round trip to the flusher's thread: what to write, and what happened."""
+
+    index: bytes  # records to write at record number ``index_at``
+    index_at: int
+    record_offsets: list[int]  # the offsets of those records, in order
+    parts: list[bytes | memoryview]  # data from ``offset`` to ``stop``
+    offset: int
+    stop: int
+    retain_from: int | None  # new retained start to persist and punch below
+    first_record: int  # current first record (a lower bound for the search)
+    # Results:
+    records_written: int = 0
+    committed: int = 0  # data and index are on disk below this offset
+    error: OSError | None = None
+
+
 class OutputLog:
     """The log of one job. Appends and tail reads are synchronous and O(1)-ish;
     only flushing and lagging readers touch the disk, always off the event loop.
+
+    ``max_bytes`` caps the retained log: once the part older than the newest
+    ``max_bytes`` reaches ``drop_step`` (default: 1/16 of the cap, at least
+    1 MiB), it is dropped, its disk blocks freed and :attr:`start` advanced.
+    Bytes that cannot be written (full disk) are dropped too, counted in
+    ``dropped_bytes`` and listed in :attr:`lost_ranges`; the job never waits for
+    a failing disk.
     """
 
     def __init__(
@@ -95,22 +173,62 @@ class OutputLog:
         *,
         tail_bytes: int = 4 * 1024 * 1024,
         max_unflushed: int = 16 * 1024 * 1024,
+        max_bytes: int | None = None,
+        drop_step: int | None = None,
+    ) -> None:
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+        self._setup(directory, tail_bytes, max_unflushed, max_bytes, drop_step)
+        flags = os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        fds: list[int] = []
+        try:
+            fds.append(os.open(self.data_path, os.O_WRONLY | flags, 0o600))
+            fds.append(os.open(self.index_path, os.O_RDWR | flags, 0o600))
+            if max_bytes is not None:
+                # Made now, while the disk surely has room for it: on a full
+                # disk, retention is what frees space, and needs this file.
+                fds.append(os.open(self.start_path, os.O_RDWR | flags, 0o600))
+                with contextlib.suppress(OSError):  # a full disk must not stop the job
+                    os.pwrite(fds[-1], _START.pack(0, 0), 0)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.start_path)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self._data_fd = fds[0]
+        self._index_fd = fds[1]
+        self._start_fd = fds[2] if len(fds) > 2 else -1
+
+    def _setup(
+        self,
+        directory: Path,
+        tail_bytes: int,
+        max_unflushed: int,
+        max_bytes: int | None,
+        drop_step: int | None,
     ) -> None:
         self.directory = directory
         self.data_path = directory / "output.log"
         self.index_path = directory / "output.idx"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        self._data_fd = os.open(self.data_path, flags, 0o600)
-        try:
-            self._index_fd = os.open(self.index_path, flags, 0o600)
-        except BaseException:
-            os.close(self._data_fd)
-            raise
+        self.start_path = directory / "output.start"
+        self._data_fd = self._index_fd = self._start_fd = -1
         self._tail_bytes = tail_bytes
         self._max_unflushed = max(max_unflushed, _SEAL_AT)
+        self._max_bytes = max_bytes
+        if drop_step is None and max_bytes is not None:
+            drop_step = max(max_bytes // 16, _MIN_DROP_STEP)
+        self._drop_step = max(drop_step or 0, 1)
         self._end = 0
-        self._flushed = 0
+        self._flushed = 0  # below this, every byte is on disk or lost
+        self._start = 0  # first retained offset
         self._index_flushed = 0  # records of output.idx on disk
+        self._last_disk_record = -1  # offset of the last of them
+        self._first_record = 0  # index record where a search for ``start`` begins
+        self._punched_data = 0  # holes made so far (data bytes, index bytes)
+        self._punched_index = 0
+        self._can_punch = True
         # Sealed tail chunks (contiguous) and the open one being coalesced.
         self._chunks: list[OutputChunk] = []
         self._offsets: list[int] = []
@@ -119,14 +237,79 @@ class OutputLog:
         self._open_stream: OutputStream | None = None
         self._open_offset = 0
         self._last_stream: OutputStream | None = None
-        self._pending_index: list[bytes] = []
+        # Index records not on disk yet, in offset order: (offset, tag).
+        self._pending_index: list[tuple[int, int]] = []
+        # Lost ranges at or above ``start``: [from, to), sorted, never adjacent.
+        self._lost_starts: list[int] = []
+        self._lost_ends: list[int] = []
+        # While the disk refuses writes: when to try it again.
+        self._failing = False
+        self._retry_at = 0.0
+        self._retry_end = 0
+        self._retry_interval = _RETRY_INTERVAL
+        self._retry_bytes = _RETRY_BYTES
         self._finished = False
         self._closed = False
+        self._flushing = False
+        self._flush_done = Broadcaster()
         self.dropped_bytes = 0
         self.write_error: str | None = None
         self._readers = Broadcaster()
         self._flusher = Broadcaster()
         self._space = Broadcaster()
+
+    @classmethod
+    def recover(cls, directory: Path) -> OutputLog:
+        """The finished, read-only log a previous run left in ``directory``.
+
+        Replays exactly the bytes and stream tags that reached the files, with
+        lost ranges and retention as they were recorded. Blocking (it reads the
+        index once, in blocks): call it in a thread when that matters. Raises
+        ``OSError`` if ``output.log`` or ``output.idx`` cannot be read.
+        """
+        log = cls.__new__(cls)
+        log._setup(Path(directory), 0, 0, None, None)
+        log._finished = True
+        log._closed = True
+        with (
+            open(log.data_path, "rb", buffering=0) as data,
+            open(log.index_path, "rb", buffering=0) as index,
+        ):
+            size = os.fstat(data.fileno()).st_size
+            records = os.fstat(index.fileno()).st_size // _INDEX.size
+            start, first = 0, 0
+            with contextlib.suppress(FileNotFoundError), open(log.start_path, "rb") as f:
+                raw = f.read(_START.size)
+                if len(raw) == _START.size:
+                    start, first = _START.unpack(raw)
+            first = min(first, records)
+            valid, lost = _scan_index(index.fileno(), first, records)
+        if valid < records:
+            _log.warning("%s: index damaged after record %d; ignoring the rest", directory, valid)
+        if valid <= first:
+            size = 0  # data no record describes (a damaged index) is not output
+        # Data may be missing at the very end (a crash between the index write
+        # and the data write): the data file's size says where it stops. A lost
+        # range that ends the log is on the index only, and the log reached the
+        # retained start (persisted after the data below it).
+        end = max([size, start, *(b for _, b in lost if b is not None)])
+        log._end = log._flushed = end
+        log._open_offset = end  # empty tail: every read goes to the files
+        log._index_flushed = valid
+        log._first_record = first
+        for a, b in lost:
+            b = end if b is None else min(b, end)
+            if a >= b:
+                continue
+            if log._lost_ends and log._lost_ends[-1] >= a:  # adjacent records: one range
+                log._lost_ends[-1] = max(log._lost_ends[-1], b)
+            else:
+                log._lost_starts.append(a)
+                log._lost_ends.append(b)
+        # As persisted: it was moved past lost ranges when it was chosen.
+        log._advance_start(min(start, end), snap=False)
+        log.dropped_bytes = sum(b - a for a, b in log.lost_ranges)
+        return log
 
     # -- state ---------------------------------------------------------------
 
@@ -134,6 +317,21 @@ class OutputLog:
     def end(self) -> int:
         """Bytes appended so far: the offset the next byte will get."""
         return self._end
+
+    @property
+    def start(self) -> int:
+        """The first retained offset: bytes below it were dropped by retention."""
+        return self._start
+
+    @property
+    def lost_ranges(self) -> list[tuple[int, int]]:
+        """Retained ranges ``[from, to)`` whose bytes were lost (failed writes).
+
+        ``dropped_bytes`` counts every lost byte, also those since dropped by
+        retention; a recovered log counts those of its retained ranges.
+        """
+        start = self._start
+        return [(max(a, start), b) for a, b in zip(self._lost_starts, self._lost_ends, strict=True)]
 
     @property
     def finished(self) -> bool:
@@ -166,7 +364,10 @@ class OutputLog:
         if not data:
             return
         if stream is not self._last_stream:
-            self._pending_index.append(_INDEX.pack(self._end, stream.value))
+            # (After a lost range this may follow a record at the same offset:
+            # harmless, the later one wins, and the earlier may be on its way
+            # to disk already.)
+            self._pending_index.append((self._end, stream.value))
             self._last_stream = stream
         if len(data) >= _COALESCE_BELOW:
             # Reads of a useful size go into the tail as they are: readers get
@@ -222,34 +423,165 @@ class OutputLog:
 
         Runs as a task in the job's nursery. If it is cancelled, the owner
         calls ``flush`` (shielded) before ``close`` so nothing appended is lost.
+        While the disk refuses writes, new data is dropped as it comes and the
+        disk is tried again at most every ``_RETRY_INTERVAL`` seconds or
+        ``_RETRY_BYTES`` bytes.
         """
-        while True:
-            if self._flushed == self._end and not self._pending_index:
-                if self._finished:
-                    return
+        while not self._finished and not self._closed:
+            if self._flushed != self._end or (
+                self._pending_index and (not self._failing or self._retry_due())
+            ):
+                await self.flush()
+            elif self._failing and self._pending_index:
+                # Lost ranges not on disk yet: record them once the disk is back.
+                with trio.move_on_at(self._retry_at):
+                    await self._flusher.wait()
+            else:
                 await self._flusher.wait()
-                continue
-            await self.flush()
+        await self.flush()
 
     async def flush(self) -> None:
-        """Write everything appended so far to disk (in a worker thread)."""
-        while self._flushed != self._end or self._pending_index:
-            parts, start, stop = self._unflushed()
-            index = b"".join(self._pending_index)
-            self._pending_index.clear()
-            await trio.to_thread.run_sync(self._write, parts, start, index)
-            self._flushed = stop
-            self._index_flushed += len(index) // _INDEX.size
-            self._trim()
-            self._space.notify()
+        """Write everything appended so far to disk (in a worker thread).
+
+        While the disk refuses writes, it tries the disk at most once (and
+        only if a retry is due, or the log is finished) and drops the rest.
+        """
+        while self._flushing:  # one flush at a time (no yield when uncontended)
+            await self._flush_done.wait()
+        self._flushing = True
+        try:
+            tried = False
+            while (self._flushed != self._end or self._pending_index) and not self._closed:
+                if self._failing and (tried or not self._retry_due()):
+                    self._drop_unflushed()
+                    break
+                await self._flush_once()
+                tried = True
+        finally:
+            self._flushing = False
+            self._flush_done.notify()
 
     def close(self) -> None:
         """Release the files; readers keep working (they open their own)."""
         if not self._closed:
             self._closed = True
             self._space.notify()
-            os.close(self._data_fd)
-            os.close(self._index_fd)
+        for name in ("_data_fd", "_index_fd", "_start_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                os.close(fd)
+
+    def _retry_due(self) -> bool:
+        return (
+            self._finished or self._end >= self._retry_end or trio.current_time() >= self._retry_at
+        )
+
+    async def _flush_once(self) -> None:
+        retain_from = None
+        if self._max_bytes is not None:
+            target = min(self._end - self._max_bytes, self._flushed)
+            if target - self._start >= self._drop_step:
+                # Published before any hole is punched: a reader whose disk
+                # read races the punch sees the new start and discards it.
+                self._advance_start(target)
+                retain_from = self._start
+        parts, offset, stop = self._unflushed()
+        snapshot = self._pending_index[:]
+        job = _Flush(
+            index=b"".join([_INDEX.pack(o, t) for o, t in snapshot]),
+            index_at=self._index_flushed,
+            record_offsets=[o for o, _ in snapshot],
+            parts=parts,
+            offset=offset,
+            stop=stop,
+            retain_from=retain_from,
+            first_record=self._first_record,
+        )
+        await trio.to_thread.run_sync(self._write, job)
+        self._flushed = stop
+        if job.records_written:
+            self._index_flushed += job.records_written
+            self._last_disk_record = job.record_offsets[job.records_written - 1]
+        del self._pending_index[: job.records_written]
+        if job.committed < stop:
+            self._declare_lost(job.committed, stop)
+        if retain_from is not None:
+            self._first_record = job.first_record
+        if job.error is not None:
+            if not self._failing:
+                _log.warning(
+                    "%s: cannot write output (%s); dropping it until the disk takes writes",
+                    self.directory,
+                    job.error.strerror or job.error,
+                )
+            self._failing = True
+            self.write_error = f"{job.error.strerror or job.error}"
+            self._retry_at = trio.current_time() + self._retry_interval
+            self._retry_end = self._end + self._retry_bytes
+        elif self._failing:
+            self._failing = False
+            _log.warning(
+                "%s: writing output again; %d bytes dropped", self.directory, self.dropped_bytes
+            )
+        self._trim()
+        self._space.notify()
+
+    def _drop_unflushed(self) -> None:
+        """The disk refuses writes: count what is waiting as lost, no syscall."""
+        if self._flushed < self._end:
+            self._declare_lost(self._flushed, self._end)
+            self._flushed = self._end
+            self._trim()
+            self._space.notify()
+
+    def _declare_lost(self, a: int, b: int) -> None:
+        """Record that log bytes [a, b) (not yet on disk) will never be.
+
+        Pending index records inside the range go; a lost record at ``a`` (unless
+        it extends the previous lost range) and a record at ``b`` for the data
+        that follows take their place, so the index stays sorted.
+        """
+        self.dropped_bytes += b - a
+        pending = self._pending_index
+        lo = bisect.bisect_left(pending, a, key=_record_offset)
+        hi = bisect.bisect_left(pending, b, key=_record_offset)
+        new: list[tuple[int, int]] = []
+        extends = bool(self._lost_ends) and self._lost_ends[-1] == a
+        if extends:
+            self._lost_ends[-1] = b  # one range for readers, however many records
+        else:
+            self._lost_starts.append(a)
+            self._lost_ends.append(b)
+        if not extends or self._last_disk_record >= a:
+            # (Extending a range whose record is the last one before ``a``, on
+            # disk or pending, needs no record; after a record on disk, it does.)
+            new.append((a, _LOST))
+        if hi == len(pending) or pending[hi][0] != b:
+            new.append((b, self._stream_at(b - 1).value))
+        pending[lo:hi] = new
+
+    def _stream_at(self, position: int) -> OutputStream:
+        """The stream of a byte still in the tail."""
+        if position >= self._open_offset:
+            assert self._open_stream is not None
+            return self._open_stream
+        return self._chunks[bisect.bisect_right(self._offsets, position) - 1].stream
+
+    def _advance_start(self, start: int, *, snap: bool = True) -> None:
+        """Move the retained start to ``start``, or past the lost range it
+        falls in (those bytes are gone anyway), so readers of the start get a
+        chunk at exactly ``start``."""
+        if snap:
+            i = bisect.bisect_right(self._lost_starts, start) - 1
+            while 0 <= i < len(self._lost_starts) and self._lost_starts[i] <= start:
+                start = max(start, self._lost_ends[i])
+                i += 1
+        self._start = max(self._start, start)
+        drop = bisect.bisect_right(self._lost_ends, self._start)
+        if drop:
+            del self._lost_starts[:drop]
+            del self._lost_ends[:drop]
 
     def _unflushed(self) -> tuple[list[bytes | memoryview], int, int]:
         start = self._flushed
@@ -262,37 +594,125 @@ class OutputLog:
             parts.append(bytes(self._open[max(start - self._open_offset, 0) :]))
         return parts, start, self._end
 
-    def _write(self, parts: Sequence[bytes | memoryview], offset: int, index: bytes) -> None:
-        """Runs in a worker thread. Data is written at its log offset, so a failed
-        write leaves a hole of the right size rather than shifting what follows.
+    # The system calls, as methods so tests can inject faults.
+
+    def _pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
+    def _pwritev(self, fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> int:
+        return os.pwritev(fd, buffers, offset)
+
+    def _punch(self, fd: int, offset: int, length: int) -> None:
+        _punch_hole(fd, offset, length)
+
+    def _write(self, job: _Flush) -> None:
+        """Runs in a worker thread: index records, then data, then retention.
+
+        Data is written at its log offset, so a failed write leaves a hole of
+        the right size rather than shifting what follows; the index says what
+        the hole is. On failure ``job`` says what did reach the disk.
         """
+        index_pos = job.index_at * _INDEX.size
+        job.committed = job.offset
+        try:
+            self._pwrite_all(self._index_fd, job.index, index_pos)
+        except OSError as exc:
+            job.error = exc
+            self._truncate_index(index_pos)
+        else:
+            job.records_written = len(job.record_offsets)
+            done = self._write_data(job)
+            job.committed = job.offset + done
+            if job.committed < job.stop:
+                # Records of data that did not make it go again (rewritten
+                # later, in order, after the lost range's own record).
+                keep = bisect.bisect_left(job.record_offsets, job.committed)
+                if keep < job.records_written:
+                    job.records_written = keep
+                    self._truncate_index(index_pos + keep * _INDEX.size)
+        if job.retain_from is not None:
+            self._retain(job)
+
+    def _pwrite_all(self, fd: int, data: bytes, offset: int) -> None:
+        done = 0
+        while done < len(data):
+            written = self._pwrite(fd, data[done:], offset + done)
+            if written <= 0:
+                raise OSError(errno.EIO, "short write")
+            done += written
+
+    def _write_data(self, job: _Flush) -> int:
+        """Write the data; return how many bytes made it (all, unless it fails)."""
+        parts, done = job.parts, 0
         try:
             for i in range(0, len(parts), _IOV_MAX):
-                batch = list(parts[i : i + _IOV_MAX])
-                size = sum(len(p) for p in batch)
-                done = 0
-                while done < size:
-                    done_now = os.pwritev(self._data_fd, _skip(batch, done), offset + done)
-                    if done_now == 0:
+                batch = parts[i : i + _IOV_MAX]
+                size, batch_start = sum(len(p) for p in batch), done
+                while done - batch_start < size:
+                    written = self._pwritev(
+                        self._data_fd, _skip(batch, done - batch_start), job.offset + done
+                    )
+                    if written <= 0:
                         raise OSError(errno.EIO, "short write")
-                    done += done_now
-                offset += size
-            if index:
-                os.write(self._index_fd, index)
+                    done += written
         except OSError as exc:
-            # The job must keep running; the log records what it lost.
-            self.dropped_bytes += sum(len(p) for p in parts)
-            self.write_error = f"{exc.strerror or exc}"
+            job.error = exc
+        return done
+
+    def _truncate_index(self, size: int) -> None:
+        try:
+            os.ftruncate(self._index_fd, size)
+        except OSError as exc:  # stale records stay beyond the count; overwritten later
+            _log.warning("%s: cannot truncate the index: %s", self.directory, exc)
+
+    def _retain(self, job: _Flush) -> None:
+        """Persist the new start, then free the disk blocks below it."""
+        assert job.retain_from is not None
+        records = job.index_at + job.records_written
+        first = _last_record_at_or_before(
+            self._index_fd, job.retain_from, job.first_record, records
+        )
+        job.first_record = first
+        try:
+            self._pwrite_all(self._start_fd, _START.pack(job.retain_from, first), 0)
+        except OSError as exc:
+            # Without the start on disk a hole could read back as data after
+            # a restart: keep the bytes (they are still dropped for readers).
+            _log.warning("%s: cannot record the retained start: %s", self.directory, exc)
+            return
+        if not self._can_punch:
+            return
+        try:
+            self._punch(self._data_fd, self._punched_data, job.retain_from - self._punched_data)
+            self._punched_data = job.retain_from
+            index_to = first * _INDEX.size
+            if index_to > self._punched_index:
+                self._punch(self._index_fd, self._punched_index, index_to - self._punched_index)
+                self._punched_index = index_to
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                self._can_punch = False
+                _log.warning(
+                    "%s: the filesystem cannot punch holes; output beyond the cap is "
+                    "hidden from readers but keeps its disk space",
+                    self.directory,
+                )
+            else:
+                _log.warning("%s: cannot free dropped output: %s", self.directory, exc)
 
     def _trim(self) -> None:
-        # Keep flushed data only while it fits the tail's byte and chunk budgets.
+        # Keep flushed data only while it fits the tail's byte and chunk budgets;
+        # never what is below the retained start.
         drop, held, count = 0, self._held, len(self._chunks)
-        while (
-            drop < count
-            and (held > self._tail_bytes or count - drop > _MAX_TAIL_CHUNKS)
-            and self._chunks[drop].end <= self._flushed
-        ):
-            held -= len(self._chunks[drop].data)
+        while drop < count and self._chunks[drop].end <= self._flushed:
+            chunk = self._chunks[drop]
+            if (
+                chunk.end > self._start
+                and held <= self._tail_bytes
+                and count - drop <= _MAX_TAIL_CHUNKS
+            ):
+                break
+            held -= len(chunk.data)
             drop += 1
         if drop:
             del self._chunks[:drop]
@@ -306,6 +726,19 @@ class OutputLog:
     ) -> LogReader:
         """Iterate the log from ``offset``; with ``follow``, until finished."""
         return LogReader(self, offset, follow, chunk_size)
+
+    def _next_readable(self, position: int) -> tuple[int, int]:
+        """Where a reader at ``position`` really starts, and where its run ends."""
+        if position < self._start:
+            position = self._start
+        starts = self._lost_starts
+        if not starts:
+            return position, self._end
+        i = max(bisect.bisect_right(starts, position) - 1, 0)
+        while i < len(starts) and starts[i] <= position:
+            position = max(position, self._lost_ends[i])
+            i += 1
+        return position, starts[i] if i < len(starts) else self._end
 
     def _read_memory(self, position: int, limit: int) -> OutputChunk:
         if position >= self._open_offset:
@@ -325,6 +758,8 @@ class LogReader:
 
     A plain iterator rather than an async generator, so a caller may ``break``
     out of ``async for`` at any point without leaving anything to finalize.
+    Chunks are contiguous except where bytes are gone (below the log's
+    ``start``, or lost): there the next chunk's offset jumps past them.
     """
 
     def __init__(self, log: OutputLog, offset: int, follow: bool, chunk_size: int) -> None:
@@ -347,24 +782,41 @@ class LogReader:
         while True:
             if self._pending:
                 chunk = self._pending.pop()
+                if chunk.offset < log._start:
+                    # Retention moved past it while we read: it may be a hole.
+                    if chunk.end <= log._start:
+                        continue
+                    cut = log._start - chunk.offset
+                    chunk = OutputChunk(chunk.data[cut:], log._start, chunk.stream)
                 self._position = chunk.end
                 await trio.lowlevel.checkpoint()
                 return chunk
-            position = self._position
+            position, limit = self._position, log._end
+            if position < log._start or log._lost_starts:
+                position, limit = log._next_readable(position)
+                self._position = position
             if position < log._end:
                 if position >= log._tail_start:
-                    chunk = log._read_memory(position, self._chunk_size)
+                    size = min(self._chunk_size, limit - position)
+                    chunk = log._read_memory(position, size)
                     self._position = chunk.end
                     await trio.lowlevel.checkpoint()
                     return chunk
+                want = min(log._flushed, log._tail_start, limit) - position
                 chunks = await trio.to_thread.run_sync(
                     read_log_file,
                     log.data_path,
                     log.index_path,
                     position,
-                    min(log._flushed, log._tail_start) - position,
+                    want,
                     log._index_flushed,
+                    log._first_record,
                 )
+                if not chunks:
+                    # The files hold nothing there (damaged or shortened
+                    # behind our back): step over it rather than spin.
+                    self._position = position + min(want, _FILE_BLOCK)
+                    continue
                 self._pending = list(_split(chunks, self._chunk_size))
                 self._pending.reverse()
                 continue
@@ -378,7 +830,11 @@ class LogReader:
         await trio.lowlevel.checkpoint()
 
 
-def _skip(parts: list[bytes | memoryview], skip: int) -> list[bytes | memoryview]:
+def _record_offset(record: tuple[int, int]) -> int:
+    return record[0]
+
+
+def _skip(parts: Sequence[bytes | memoryview], skip: int) -> Sequence[bytes | memoryview]:
     """The buffers after the first ``skip`` bytes (to resume a short write)."""
     if not skip:
         return parts
@@ -402,44 +858,126 @@ def _split(chunks: list[OutputChunk], size: int) -> Iterator[OutputChunk]:
             yield OutputChunk(bytes(view[start : start + size]), chunk.offset + start, chunk.stream)
 
 
+_fallocate: Callable[[int, int, int, int], int] | None = None
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the blocks of [offset, offset+length) of ``fd``; the size stays."""
+    global _fallocate
+    if length <= 0:
+        return
+    if _fallocate is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+        if func is None:
+            raise OSError(errno.ENOSYS, "fallocate is not available")
+        func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        func.restype = ctypes.c_int
+        _fallocate = func
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _last_record_at_or_before(fd: int, offset: int, lo: int, records: int) -> int:
+    """Number of the last index record (in [lo, records)) starting at or before
+    ``offset``; ``lo`` if there is none. Blocking."""
+    hi = records
+    if hi - lo < 1:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _INDEX.unpack(os.pread(fd, _INDEX.size, mid * _INDEX.size))[0] <= offset:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _scan_index(fd: int, first: int, records: int) -> tuple[int, list[tuple[int, int | None]]]:
+    """Check records [first, records) of an index; return how many records are
+    valid (up to the first unknown tag) and the lost ranges they describe
+    (end ``None``: the lost run is the last record, it goes to the log's end).
+    Blocking; tags are checked a block at a time without a Python-level loop.
+    """
+    lost_at: list[tuple[int, int]] = []  # (offset, record number) of lost records
+    i = first
+    while i < records:
+        want = min(65536, records - i)
+        block = os.pread(fd, want * _INDEX.size, i * _INDEX.size)
+        n = len(block) // _INDEX.size
+        tags = block[_INDEX.size - 1 : n * _INDEX.size : _INDEX.size]
+        bad = tags.translate(None, _VALID_TAGS)
+        if bad:
+            n = tags.index(bad[0])
+        j = tags.find(_LOST, 0, n)
+        while j != -1:
+            lost_at.append((_INDEX.unpack_from(block, j * _INDEX.size)[0], i + j))
+            j = tags.find(_LOST, j + 1, n)
+        i += n
+        if bad or n < want:
+            break
+    lost: list[tuple[int, int | None]] = []
+    for offset, number in lost_at:
+        end: int | None = None
+        if number + 1 < i:
+            end = _INDEX.unpack(os.pread(fd, _INDEX.size, (number + 1) * _INDEX.size))[0]
+        lost.append((offset, end))
+    return i, lost
+
+
 def read_log_file(
-    data_path: Path, index_path: Path, offset: int, limit: int, index_records: int
+    data_path: Path,
+    index_path: Path,
+    offset: int,
+    limit: int,
+    index_records: int,
+    first_record: int = 0,
 ) -> list[OutputChunk]:
     """Read up to ``limit`` bytes from ``offset`` of a log on disk, split at runs.
 
     Blocking: call it in a thread. ``index_records`` is how many records of
-    ``output.idx`` are known to be complete (the file may be growing).
+    ``output.idx`` are known to be complete (the file may be growing);
+    ``first_record`` is where the retained index starts (``output.start``).
+    Lost runs are skipped: the chunks' offsets then jump past them.
     """
     limit = min(limit, _FILE_BLOCK)
-    if limit <= 0 or index_records <= 0:
+    if limit <= 0 or index_records <= first_record:
         return []
     with open(index_path, "rb", buffering=0) as index, open(data_path, "rb", buffering=0) as data:
         idx_fd = index.fileno()
 
-        def record(i: int) -> tuple[int, OutputStream]:
-            start, stream = _INDEX.unpack(os.pread(idx_fd, _INDEX.size, i * _INDEX.size))
-            return start, _STREAMS[stream]
+        def record(i: int) -> tuple[int, int]:
+            start, tag = _INDEX.unpack(os.pread(idx_fd, _INDEX.size, i * _INDEX.size))
+            return start, tag
 
-        lo, hi = 0, index_records
+        lo, hi = first_record, index_records
         while hi - lo > 1:  # last record with start <= offset
             mid = (lo + hi) // 2
             if record(mid)[0] <= offset:
                 lo = mid
             else:
                 hi = mid
+        first_start, tag = record(lo)
+        i = lo
+        if first_start > offset:  # before the first record: nothing known there
+            i, tag = lo - 1, _LOST
         blob = os.pread(data.fileno(), limit, offset)
+        blob_end = offset + len(blob)
         chunks: list[OutputChunk] = []
-        position, i = offset, lo
-        stream = record(i)[1]
-        while position < offset + len(blob):
-            run_end = record(i + 1)[0] if i + 1 < index_records else offset + len(blob)
-            stop = min(run_end, offset + len(blob))
+        position = offset
+        while position < blob_end:
+            run_end = record(i + 1)[0] if i + 1 < index_records else blob_end
+            stop = min(run_end, blob_end)
             if stop > position:
-                chunks.append(
-                    OutputChunk(blob[position - offset : stop - offset], position, stream)
-                )
+                stream = _STREAMS.get(tag)
+                if stream is not None:
+                    chunks.append(
+                        OutputChunk(blob[position - offset : stop - offset], position, stream)
+                    )
                 position = stop
             i += 1
-            if i < index_records:
-                stream = record(i)[1]
+            if i >= index_records:
+                break
+            tag = record(i)[1]
         return chunks
