@@ -4,6 +4,7 @@ The library part is ``open_supervisor``; everything a caller needs to handle
 its results and errors is re-exported here.
 """
 
+from ._cgroups import LimitPolicy
 from ._errors import (
     AuthenticationFailed,
     ConnectionFailed,
@@ -19,7 +20,7 @@ from ._errors import (
     Unenforceable,
 )
 from ._model import Isolation, JobInfo, JobState, Limits, OutputChunk, OutputStream, Usage
-from ._supervisor import Supervisor, open_supervisor
+from ._supervisor import Retention, Supervisor, open_supervisor
 
 __all__ = [
     "AuthenticationFailed",
@@ -30,12 +31,14 @@ __all__ = [
     "JobNotFound",
     "JobNotRunning",
     "JobState",
+    "LimitPolicy",
     "Limits",
     "OutputChunk",
     "OutputStream",
     "PermissionDenied",
     "RemoteError",
     "ResourceExhausted",
+    "Retention",
     "ShuttingDown",
     "StateDirError",
     "Supervisor",

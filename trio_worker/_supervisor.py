@@ -9,6 +9,8 @@ pipes are drained and flushed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -18,7 +20,8 @@ import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import trio
@@ -26,7 +29,7 @@ import trio
 from . import _lifecycle as lc
 from ._cgroups import CgroupDriver, CgroupError, JobCgroup, LimitPolicy
 from ._cgroups import detect as cgroup_detect
-from ._errors import InvalidRequest, JobNotFound, JobNotRunning, ShuttingDown
+from ._errors import InvalidRequest, JobNotFound, JobNotRunning, ShuttingDown, StateDirError
 from ._isolation import helper_argv, helper_tasks, make_preexec, read_report, resolve_command
 from ._model import (
     Isolation,
@@ -48,8 +51,10 @@ from ._process import (
     validate_signal,
     validate_start,
 )
+from ._statedir import StateDir
+from ._store import JobStore, SqliteJobStore, StoredJob, process_start_time
 
-__all__ = ["Supervisor", "open_supervisor"]
+__all__ = ["LOST_ERROR", "Retention", "Supervisor", "open_supervisor"]
 
 #: How long a job's pipes may stay open after its process group was killed
 #: (something outside the group, e.g. a setsid'ed grandchild, may hold them).
@@ -57,6 +62,26 @@ _DRAIN_TIMEOUT = 2.0
 #: Where the namespace helper reports why it could not run the command.
 _REPORT = "nsinit.report"
 _log = logging.getLogger("trio_worker.supervisor")
+_audit = logging.getLogger("trio_worker.audit")
+LOST_ERROR = "the server stopped while the job ran"
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much of the past a persistent supervisor keeps.
+
+    ``max_output_bytes`` caps each job's retained log (the oldest part goes
+    first, and readers are told where the log now starts); ``keep_ended`` and
+    ``max_ended_age`` bound how many ended jobs (records and logs) are kept,
+    oldest first. ``None`` disables a cap. Enforced every ``interval`` seconds.
+    """
+
+    max_output_bytes: int | None = 1024**3
+    keep_ended: int | None = 10_000
+    max_ended_age: timedelta | None = timedelta(days=30)
+    interval: float = 5.0
+
+
 #: Most bytes a pump takes from a pipe before letting other tasks run.
 _ROUND_BYTES = 4 * 1024 * 1024
 
@@ -80,6 +105,8 @@ class _Job:
         self.id = job_id
         self.owner = owner
         self.spec = spec
+        #: The keys the request gave (values may be secrets: never persisted).
+        self.env_keys: tuple[str, ...] = ()
         self.limits = limits
         self.isolation = isolation
         self.log = log
@@ -111,12 +138,47 @@ class _Job:
             started_at=r.started_at,
             ended_at=r.ended_at,
             output_bytes=self.log.end if self.log is not None else 0,
+            output_start=self.output_start,
             limits=self.limits,
             isolation=self.isolation,
             oom_killed=r.oom_killed,
             spawn_errno=r.spawn_errno,
             usage=self.usage(),
         )
+
+    @classmethod
+    def restored(cls, entry: StoredJob, directory: Path) -> _Job:
+        """A job of an earlier run, as its record and its log on disk say."""
+        info = entry.info
+        spec = StartSpec(info.command, info.args, {}, entry.cwd)
+        if (directory / "output.log").exists():
+            log = OutputLog.recover(directory)
+        else:  # never written (or removed by hand): an empty, finished log
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            log = OutputLog(directory)
+            log.finish()
+            log.close()
+        job = cls(info.id, info.owner, spec, info.limits, info.isolation, log)
+        job.env_keys = entry.env_keys
+        job.final_usage = info.usage
+        job.record = lc.Record(
+            state=info.state,
+            pid=info.pid,
+            exit_code=info.exit_code,
+            signal=info.signal,
+            error=info.error,
+            spawn_errno=info.spawn_errno,
+            started_at=info.started_at,
+            ended_at=info.ended_at,
+            oom_killed=info.oom_killed,
+        )
+        if info.state.ended:
+            job.ended.set()
+        return job
+
+    @property
+    def output_start(self) -> int:
+        return getattr(self.log, "start", 0) if self.log is not None else 0
 
     @property
     def directory(self) -> Path | None:
@@ -146,8 +208,12 @@ class Supervisor:
         tail_bytes: int,
         cgroups: CgroupDriver,
         limit_policy: LimitPolicy,
+        store: JobStore | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self._nursery = nursery
+        self._store = store
+        self._retention = retention or Retention()
         self.cgroups = cgroups
         self._policy = limit_policy
         self.state_dir = state_dir
@@ -207,8 +273,11 @@ class Supervisor:
         job_id = self._new_id()
         directory = self._jobs_dir / job_id
         directory.mkdir(mode=0o700)
-        log = OutputLog(directory, tail_bytes=self._tail_bytes)
+        log = OutputLog(
+            directory, tail_bytes=self._tail_bytes, max_bytes=self._retention.max_output_bytes
+        )
         job = _Job(job_id, owner, spec, limits, isolation, log)
+        job.env_keys = tuple(env or ())
         self._jobs[job_id] = job
         try:
             argv = None
@@ -233,16 +302,65 @@ class Supervisor:
                 error = job.cgroup.join_error()
                 raise SpawnError(f"cannot join the job's cgroup: {error}", None) from None
         except SpawnError as exc:
-            job.feed(lc.SpawnFailed(exc.message, _now(), exc.errno))
+            self._feed(job, lc.SpawnFailed(exc.message, _now(), exc.errno))
             log.finish()
             log.close()
             if job.cgroup is not None:
                 await self._remove_cgroup(job)
+            await self._persist_start(job, None)
             return job.info()
         job.process = process
-        job.feed(lc.Spawned(process.pid, _now()))
+        self._feed(job, lc.Spawned(process.pid, _now()))
         self._nursery.start_soon(self._run_job, job, process, name=f"job {job_id}")
+        # Recorded before the caller learns the job exists; a crash in between
+        # leaves a cgroup named after it, which the next start cleans up.
+        await self._persist_start(job, process.pid)
         return job.info()
+
+    def _feed(self, job: _Job, event: lc.Event) -> None:
+        """Advance the job's lifecycle and write the audit line for the change."""
+        job.feed(event)
+        r = job.record
+        assert r.state is not None
+        _audit.info(
+            json.dumps(
+                {
+                    "time": _now().isoformat(timespec="milliseconds"),
+                    "event": "job",
+                    "job_id": job.id,
+                    "owner": job.owner,
+                    "state": r.state.value,
+                    "pid": r.pid,
+                    "exit_code": r.exit_code,
+                    "signal": r.signal,
+                    "error": r.error or None,
+                    "oom_killed": r.oom_killed,
+                },
+                separators=(",", ":"),
+            )
+        )
+
+    async def _persist_start(self, job: _Job, pid: int | None) -> None:
+        if self._store is None:
+            return
+        try:
+            await self._store.record_start(
+                job.info(),
+                env_keys=job.env_keys,
+                cwd=job.spec.cwd,
+                pid_start_time=process_start_time(pid) if pid else None,
+            )
+        except StateDirError as exc:
+            _log.error("job %s: cannot record its start: %s", job.id, exc)
+
+    async def _persist_end(self, job: _Job) -> None:
+        if self._store is None:
+            return
+        dropped = job.log.dropped_bytes if job.log is not None else 0
+        try:
+            await self._store.record_end(job.info(), dropped_bytes=dropped)
+        except StateDirError as exc:
+            _log.error("job %s: cannot record its end: %s", job.id, exc)
 
     async def signal(self, job_id: str, signum: int) -> JobInfo:
         """Send ``signum`` to the job's process group."""
@@ -289,7 +407,8 @@ class Supervisor:
         assert job.log is not None
         if job.log.finished and offset > job.log.end:
             raise InvalidRequest("offset", f"{offset} is past the end of the log ({job.log.end})")
-        return job.log.read(offset, follow=follow, chunk_size=chunk_size)
+        reader = job.log.read(offset, follow=follow, chunk_size=chunk_size)
+        return _UntilEnded(reader, job.ended) if follow else reader
 
     # -- internals -----------------------------------------------------------
 
@@ -314,7 +433,12 @@ class Supervisor:
         group = job.cgroup
         if group is not None and group.tracked and not group.is_empty():
             # May freeze and wait (v1 without cgroup.kill): not on the event loop.
-            await trio.to_thread.run_sync(group.kill)
+            try:
+                await trio.to_thread.run_sync(group.kill)
+            except CgroupError as exc:
+                if group.is_empty():
+                    return  # it ended (and its group went) while we were killing it
+                _log.error("job %s: cannot kill its cgroup: %s", job.id, exc)
 
     async def _remove_cgroup(self, job: _Job) -> None:
         group = job.cgroup
@@ -375,9 +499,74 @@ class Supervisor:
             await self._remove_cgroup(job)
         failure = read_report(log_dir / _REPORT) if (log_dir := job.directory) else None
         if failure is not None and job.isolation.any:
-            job.feed(lc.SpawnFailed(failure.message, _now(), failure.errno))
+            self._feed(job, lc.SpawnFailed(failure.message, _now(), failure.errno))
         else:
-            job.feed(lc.Exited(returncode, _now(), oom_killed=oom_killed))
+            self._feed(job, lc.Exited(returncode, _now(), oom_killed=oom_killed))
+        await self._persist_end(job)
+
+    # -- persistence -----------------------------------------------------------
+
+    async def _restore(self, stored: Sequence[StoredJob]) -> None:
+        """Take back the jobs of an earlier run from the store.
+
+        A job recorded as RUNNING outlived its server: whatever is left of it
+        is killed (its cgroup already was, by ``cleanup_leftovers``; without
+        cgroups, its process group, if the pid still names the same process),
+        and it becomes LOST. Output written before the crash stays readable.
+        """
+        now = _now()
+        lost: list[str] = []
+        for entry in stored:
+            info = entry.info
+            if info.state is JobState.RUNNING:
+                _kill_recorded(info.pid, entry.pid_start_time)
+                lost.append(info.id)
+            job = _Job.restored(entry, self._jobs_dir / info.id)
+            if info.state is JobState.RUNNING:
+                self._feed(job, lc.Lost(LOST_ERROR, now))
+            self._jobs[info.id] = job
+        if lost and self._store is not None:
+            await self._store.mark_lost(lost, LOST_ERROR, now)
+        if stored:
+            _log.info("restored %d job(s), %d of them lost", len(stored), len(lost))
+
+    async def _housekeeping(self) -> None:
+        """Run ``housekeep`` every ``retention.interval`` seconds."""
+        while True:
+            await trio.sleep(self._retention.interval)
+            await self.housekeep()
+
+    async def housekeep(self) -> None:
+        """Persist output counters and enforce retention now.
+
+        A persistent supervisor does this periodically on its own; calling it
+        is only useful to apply a policy at a moment of your choosing.
+        """
+        store = self._store
+        if store is None:
+            await trio.lowlevel.checkpoint()
+            return
+        retention = self._retention
+        for job in self._jobs.values():
+            if job.log is not None and not job.ended.is_set():
+                store.note_output(job.id, job.log.end, job.output_start, job.log.dropped_bytes)
+        try:
+            await store.flush()
+            if retention.keep_ended is None and retention.max_ended_age is None:
+                return
+            doomed = await store.ended_for_retention(
+                keep_count=retention.keep_ended, max_age=retention.max_ended_age, now=_now()
+            )
+            doomed = [i for i in doomed if i in self._jobs and self._jobs[i].ended.is_set()]
+            if not doomed:
+                return
+            for job_id in doomed:
+                del self._jobs[job_id]
+            await trio.to_thread.run_sync(_remove_dirs, [self._jobs_dir / i for i in doomed])
+            await store.delete(doomed)
+            _log.info("retention: removed %d ended job(s)", len(doomed))
+        except StateDirError as exc:
+            _log.error("housekeeping failed: %s", exc)
 
     @property
     def closing(self) -> bool:
@@ -394,6 +583,55 @@ class Supervisor:
             for job in list(self._jobs.values()):
                 if job.record.state is JobState.RUNNING and job.process is not None:
                     nursery.start_soon(self._terminate, job, job.process, grace)
+
+
+class _UntilEnded:
+    """A follower's iterator that ends only once the job's end is recorded.
+
+    The log is complete a moment before the job's final state is: ending the
+    stream after both means a client that follows, then asks for the status,
+    always sees the job ended.
+    """
+
+    def __init__(self, reader: AsyncIterator[OutputChunk], ended: trio.Event) -> None:
+        self._reader = reader
+        self._ended = ended
+
+    def __aiter__(self) -> _UntilEnded:
+        return self
+
+    async def __anext__(self) -> OutputChunk:
+        try:
+            return await self._reader.__anext__()
+        except StopAsyncIteration:
+            await self._ended.wait()
+            raise
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+def _kill_recorded(pid: int | None, start_time: int | None) -> None:
+    """Kill a recorded job's process group, if ``pid`` is still that process."""
+    if pid is None or start_time is None or process_start_time(pid) != start_time:
+        return  # gone, or the pid now names an unrelated process
+    try:
+        os.killpg(pid, _signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        _log.warning("cannot kill process group %d of a lost job", pid)
+
+
+def _cgroup_parent_for(state_dir: Path) -> str:
+    """``trio-worker-<hash>``: one parent group per state directory."""
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(state_dir))).hexdigest()[:12]
+    return f"trio-worker-{digest}"
+
+
+def _remove_dirs(directories: Sequence[Path]) -> None:
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 async def _pump(pipe: PipeReader, tag: OutputStream, log: OutputLog) -> None:
@@ -430,8 +668,10 @@ async def open_supervisor(
     env: Mapping[str, str] | None = None,
     tail_bytes: int = 4 * 1024 * 1024,
     cgroups: CgroupDriver | None = None,
-    cgroup_parent: str = "trio-worker",
+    cgroup_parent: str | None = None,
     limit_policy: LimitPolicy | None = None,
+    persist: bool | None = None,
+    retention: Retention | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Run a supervisor for the duration of the ``async with`` block.
 
@@ -441,19 +681,37 @@ async def open_supervisor(
     Leaving the block — normally, by an exception, or by cancellation — stops
     every running job (SIGTERM, ``shutdown_grace``, SIGKILL) before returning.
 
+    With ``persist`` (the default when a ``state_dir`` is given) the directory
+    is locked against a second supervisor, every job is recorded in
+    ``jobs.db``, and the jobs of an earlier run come back: ended ones as they
+    were, running ones as LOST (their leftovers killed), with their output.
+    ``retention`` bounds what is kept.
+
     Limits and tracking use the host's cgroups, probed at start (``cgroups``
     overrides the probe): one parent group ``cgroup_parent`` under this
     process's own cgroup, one child per job. Job groups left by an earlier run
-    under the same parent are killed and removed first. ``limit_policy`` holds
+    under the same parent are killed and removed first. The default parent is
+    named after the state directory (``trio-worker-<hash>``), so supervisors on
+    different state directories never touch each other's jobs, and the lock on
+    a state directory makes the cleanup safe. ``limit_policy`` holds
     the defaults and maximums applied to every job's limits.
     """
     temporary = state_dir is None
     path = Path(tempfile.mkdtemp(prefix="trio-worker-") if state_dir is None else state_dir)
-    driver = cgroups if cgroups is not None else cgroup_detect(cgroup_parent)
-    leftovers = await trio.to_thread.run_sync(driver.cleanup_leftovers)
-    if leftovers:
-        _log.warning("killed %d job group(s) left by an earlier run", len(leftovers))
+    persistent = (not temporary) if persist is None else persist
+    # The lock comes first: a second server must not even clean up cgroups.
+    lock = await trio.to_thread.run_sync(StateDir.open, path) if persistent else None
+    store: SqliteJobStore | None = None
+    driver: CgroupDriver | None = None
     try:
+        if lock is not None:
+            store = await SqliteJobStore.open(lock.db_path)
+        if cgroup_parent is None:
+            cgroup_parent = _cgroup_parent_for(path)
+        driver = cgroups if cgroups is not None else cgroup_detect(cgroup_parent)
+        leftovers = await trio.to_thread.run_sync(driver.cleanup_leftovers)
+        if leftovers:
+            _log.warning("killed %d job group(s) left by an earlier run", len(leftovers))
         async with _unwrap_single(), trio.open_nursery() as nursery:
             supervisor = Supervisor(
                 nursery,
@@ -462,14 +720,25 @@ async def open_supervisor(
                 tail_bytes=tail_bytes,
                 cgroups=driver,
                 limit_policy=limit_policy or LimitPolicy(),
+                store=store,
+                retention=retention,
             )
+            if store is not None:
+                await supervisor._restore(await store.load_all())
+                nursery.start_soon(supervisor._housekeeping)
             try:
                 yield supervisor
             finally:
                 with trio.CancelScope(shield=True):
                     await supervisor.shutdown(shutdown_grace)
+                nursery.cancel_scope.cancel()  # housekeeping; jobs have ended
     finally:
-        if cgroups is None:
+        with trio.CancelScope(shield=True):
+            if store is not None:
+                await store.aclose()
+        if driver is not None and cgroups is None:
             driver.close()
+        if lock is not None:
+            lock.release()
         if temporary and not keep_state:
             shutil.rmtree(path, ignore_errors=True)

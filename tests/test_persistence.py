@@ -1,0 +1,149 @@
+"""Durability: restarts, crashes, the state-directory lock, corrupt databases, retention."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.conftest import process_alive
+from trio_worker import JobState, StateDirError, open_supervisor
+from trio_worker._supervisor import LOST_ERROR, Retention
+
+CRASHING_SERVER = textwrap.dedent(
+    """
+    import json, sys, trio, trio_worker
+
+    async def main(state):
+        async with trio_worker.open_supervisor(state) as sup:
+            streamer = await sup.start(
+                "sh", ["-c", "i=0; while :; do i=$((i+1)); echo line $i; sleep 0.01; done"]
+            )
+            sleeper = await sup.start("sh", ["-c", "sleep 1000 & sleep 1000"])
+            done = await sup.start("sh", ["-c", "echo finished"])
+            await sup.wait(done.id)
+            while sup.status(streamer.id).output_bytes < 2000:
+                await trio.sleep(0.01)
+            await sup._store.flush()
+            print(json.dumps({"streamer": streamer.id, "sleeper": sleeper.id,
+                              "done": done.id, "pids": [streamer.pid, sleeper.pid]}), flush=True)
+            await trio.sleep_forever()
+
+    trio.run(main, sys.argv[1])
+    """
+)
+
+
+def _run_and_crash(state: Path) -> dict[str, object]:
+    """Run a supervisor in a child process until its jobs are going, then SIGKILL it."""
+    with subprocess.Popen(
+        [sys.executable, "-c", CRASHING_SERVER, str(state)], stdout=subprocess.PIPE, text=True
+    ) as server:
+        try:
+            assert server.stdout is not None
+            ids: dict[str, object] = json.loads(server.stdout.readline())
+        finally:
+            server.kill()  # SIGKILL: no cleanup of any kind
+    return ids
+
+
+async def test_restart_keeps_jobs_and_output(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    async with open_supervisor(state) as sup:
+        a = await sup.start("sh", ["-c", "printf 'out\\000'; printf err >&2; exit 4"], owner="al")
+        await sup.wait(a.id)
+        b = await sup.start("echi")
+        before = {j.id: j for j in sup.list()}
+        out_before = [c async for c in sup.output(a.id)]
+    async with open_supervisor(state) as sup:
+        after = {j.id: j for j in sup.list()}
+        assert after.keys() == before.keys()
+        for job_id, job in before.items():
+            restored = after[job_id]
+            assert (restored.state, restored.exit_code, restored.error, restored.owner) == (
+                job.state,
+                job.exit_code,
+                job.error,
+                job.owner,
+            )
+            assert restored.output_bytes == job.output_bytes
+        assert [c async for c in sup.output(a.id)] == out_before
+        assert after[b.id].state is JobState.FAILED
+        # New jobs get ids that sort after the old ones.
+        c = await sup.start("true")
+        assert c.id > max(before)
+
+
+async def test_crash_makes_running_jobs_lost_kills_them_and_keeps_output(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    ids = await trio.to_thread.run_sync(_run_and_crash, state)
+    async with open_supervisor(state) as sup:
+        streamer = sup.status(ids["streamer"])
+        sleeper = sup.status(ids["sleeper"])
+        assert streamer.state is JobState.LOST
+        assert sleeper.state is JobState.LOST
+        assert streamer.error == LOST_ERROR
+        assert sup.status(ids["done"]).state is JobState.EXITED
+        for pid in ids["pids"]:
+            assert not process_alive(pid)
+        data = b"".join([c.data async for c in sup.output(streamer.id)])
+        assert len(data) >= 2000
+        lines = data.split(b"\n")[:-1]
+        assert lines[:3] == [b"line 1", b"line 2", b"line 3"]
+        assert all(line == b"line %d" % (i + 1) for i, line in enumerate(lines))
+        middle = len(data) // 2
+        assert b"".join([c.data async for c in sup.output(streamer.id, middle)]) == data[middle:]
+        assert await sup.wait(streamer.id) == sup.status(streamer.id)
+
+
+async def test_second_supervisor_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    async with open_supervisor(tmp_path / "state"):
+        with pytest.raises(StateDirError, match="state"):
+            async with open_supervisor(tmp_path / "state"):
+                pass
+
+
+async def test_corrupt_database_is_refused_and_left_alone(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    db = state / "jobs.db"
+    garbage = os.urandom(8192)
+    db.write_bytes(garbage)
+    with pytest.raises(StateDirError, match=str(db)):
+        async with open_supervisor(state):
+            pass
+    assert db.read_bytes() == garbage
+
+
+async def test_retention_keeps_the_newest_ended_jobs(tmp_path: Path) -> None:
+    retention = Retention(keep_ended=2, max_ended_age=None, interval=3600)
+    async with open_supervisor(tmp_path / "state", retention=retention) as sup:
+        ids = []
+        for i in range(5):
+            job = await sup.start("echo", [str(i)])
+            await sup.wait(job.id)
+            ids.append(job.id)
+        running = await sup.start("sleep", ["1000"])
+        await sup.housekeep()
+        assert [j.id for j in sup.list()] == [*ids[-2:], running.id]
+        assert sorted(p.name for p in (tmp_path / "state" / "jobs").iterdir()) == sorted(
+            [*ids[-2:], running.id]
+        )
+    async with open_supervisor(tmp_path / "state", retention=retention) as sup:
+        assert [j.id for j in sup.list()] == [*ids[-2:], running.id]
+
+
+async def test_age_retention(tmp_path: Path) -> None:
+    retention = Retention(keep_ended=None, max_ended_age=timedelta(0), interval=3600)
+    async with open_supervisor(tmp_path / "state", retention=retention) as sup:
+        job = await sup.start("true")
+        await sup.wait(job.id)
+        await sup.housekeep()
+        assert sup.list() == []
