@@ -9,6 +9,7 @@ file must match byte for byte.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import subprocess
 import sys
@@ -63,6 +64,30 @@ def test_embedded_descriptor_matches_worker_proto(tmp_path: Path) -> None:
     committed = descriptor_pb2.FileDescriptorProto.FromString(worker_pb2.DESCRIPTOR.serialized_pb)
     _clear_json_names(fresh.message_type)
     assert committed == fresh, "worker.proto changed: regenerate with `nox -s proto`"
+
+
+@pytest.mark.parametrize("source", sorted(gen_proto.STANDARD_PROTOS))
+def test_embedded_descriptor_matches_standard_proto(tmp_path: Path, source: str) -> None:
+    """Same check for the standard services' protos kept in proto/ (health, reflection)."""
+    out = tmp_path / "standard.binpb"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"--proto_path={REPO / 'proto'}",
+            f"--descriptor_set_out={out}",
+            f"{source}.proto",
+        ],
+        check=True,
+        cwd=REPO,
+    )
+    (fresh,) = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    module = importlib.import_module(f"trio_worker._pb.{gen_proto.STANDARD_PROTOS[source]}")
+    committed = descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb)
+    _clear_json_names(fresh.message_type)
+    assert committed == fresh, f"proto/{source}.proto changed: regenerate with `nox -s proto`"
+    assert module.DESCRIPTOR.name == f"{source}.proto"
 
 
 def test_generated_files_match_byte_for_byte(tmp_path: Path) -> None:

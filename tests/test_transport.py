@@ -7,9 +7,10 @@ Test services use google.protobuf wrappers as messages on made-up paths.
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,11 +26,13 @@ from tests.grpc_support import (
     RawClient,
     channel,
     eventually,
+    frame,
     make_pki,
     raw,
     running_server,
 )
 from trio_worker._transport import (
+    BidiStreamMethod,
     CallContext,
     ListenError,
     RpcError,
@@ -51,6 +54,9 @@ HANG = "/test.Test/Hang"
 FLOOD = "/test.Test/Flood"
 CTX = "/test.Test/Ctx"
 SYNC = "/test.Test/Sync"
+CHAT = "/test.Test/Chat"
+LISTEN = "/test.Test/Listen"
+GATED = "/test.Test/Gated"
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +73,8 @@ class Probe:
         self.active = 0
         self.max_active = 0
         self.produced = 0
+        self.consumed = 0
+        self.gate = trio.Event()
         self.contexts: list[CallContext] = []
 
 
@@ -141,6 +149,39 @@ def methods(probe: Probe) -> dict[str, Any]:
             return w.BytesValue(value=b"b" * int(req.value[4:]))
         return w.BytesValue(value=req.value.encode())
 
+    async def chat(
+        requests: AsyncIterator[w.StringValue], ctx: CallContext
+    ) -> AsyncIterator[w.StringValue]:
+        """Bidi echo: each request answered as it comes, then a count at half-close."""
+        count = 0
+        async for req in requests:
+            count += 1
+            yield w.StringValue(value=req.value)
+        yield w.StringValue(value=f"end:{count}")
+
+    async def listen(
+        requests: AsyncIterator[w.StringValue], ctx: CallContext
+    ) -> AsyncIterator[w.StringValue]:
+        """Bidi: answers each request, waiting for the next one for ever."""
+        try:
+            async for req in requests:
+                probe.started.set()
+                yield req
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            probe.cancelled.set()
+            raise
+
+    async def gated(
+        requests: AsyncIterator[w.BytesValue], ctx: CallContext
+    ) -> AsyncIterator[w.Int32Value]:
+        """Bidi: reads nothing until the gate opens, then counts the requests."""
+        probe.started.set()
+        await probe.gate.wait()
+        async for _ in requests:
+            probe.consumed += 1
+        yield w.Int32Value(value=probe.consumed)
+
     return {
         ECHO: UnaryMethod(w.StringValue, w.StringValue, echo),
         SLEEP: UnaryMethod(w.DoubleValue, w.DoubleValue, sleep),
@@ -152,6 +193,9 @@ def methods(probe: Probe) -> dict[str, Any]:
         FLOOD: StreamMethod(w.Int32Value, w.BytesValue, flood),
         CTX: UnaryMethod(w.StringValue, w.StringValue, context),
         SYNC: SyncUnaryMethod(w.StringValue, w.BytesValue, sync),
+        CHAT: BidiStreamMethod(w.StringValue, w.StringValue, chat),
+        LISTEN: BidiStreamMethod(w.StringValue, w.StringValue, listen),
+        GATED: BidiStreamMethod(w.BytesValue, w.Int32Value, gated),
     }
 
 
@@ -433,6 +477,218 @@ async def test_rpc_error_passes_through(pki: Pki) -> None:
                 )
 
         await in_thread(call)
+
+
+# --- bidirectional streaming ------------------------------------------------------------
+
+
+class Feed:
+    """A grpcio request iterator fed from the test, one message at a time."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue()
+
+    def put(self, message: Any) -> None:
+        self._queue.put(message)
+
+    def close(self) -> None:
+        """Half-close: the request iterator ends."""
+        self._queue.put(None)
+
+    def __iter__(self) -> Iterator[Any]:
+        while (message := self._queue.get()) is not None:
+            yield message
+
+
+def bidi(ch: grpc.Channel, path: str, request_type: Any, response_type: Any) -> Any:
+    return ch.stream_stream(
+        path,
+        request_serializer=request_type.SerializeToString,
+        response_deserializer=response_type.FromString,
+    )
+
+
+async def test_bidi_echo_interleaves_and_half_close_ends_requests(pki: Pki) -> None:
+    async with running_server(pki, methods(Probe())) as r:
+
+        def call() -> list[str]:
+            with channel(pki, r.target) as ch:
+                feed = Feed()
+                responses = bidi(ch, CHAT, w.StringValue, w.StringValue)(iter(feed), timeout=30)
+                got = []
+                # Each answer arrives before the next request is sent: nothing waits for
+                # the half-close. The big one spans several of the stream's windows.
+                for text in ("a", "b" * 3_000_000, "c"):
+                    feed.put(w.StringValue(value=text))
+                    got.append(next(responses).value)
+                feed.close()
+                got.extend(m.value for m in responses)
+                assert responses.code() == grpc.StatusCode.OK
+                return got
+
+        assert await in_thread(call) == ["a", "b" * 3_000_000, "c", "end:3"]
+        assert [rec.code for rec in r.records] == [StatusCode.OK]
+        assert r.records[0].request is None
+
+
+async def test_bidi_half_close_without_requests(pki: Pki) -> None:
+    async with running_server(pki, methods(Probe())) as r:
+
+        def call() -> list[str]:
+            with channel(pki, r.target) as ch:
+                responses = bidi(ch, CHAT, w.StringValue, w.StringValue)(iter([]), timeout=10)
+                return [m.value for m in responses]
+
+        assert await in_thread(call) == ["end:0"]
+
+
+async def test_bidi_client_cancel_cancels_handler(pki: Pki) -> None:
+    probe = Probe()
+    async with running_server(pki, methods(probe)) as r:
+        ch = channel(pki, r.target)
+        feed = Feed()
+        try:
+            responses = bidi(ch, LISTEN, w.StringValue, w.StringValue)(iter(feed), timeout=60)
+            feed.put(w.StringValue(value="hello"))
+            assert (await in_thread(lambda: next(responses))).value == "hello"
+            await probe.started.wait()
+            responses.cancel()
+            with trio.fail_after(1.5):
+                await probe.cancelled.wait()
+        finally:
+            feed.close()
+            ch.close()
+        await eventually(lambda: bool(r.records))
+    assert r.records[0].code is StatusCode.CANCELLED
+
+
+async def test_bidi_connection_drop_cancels_handler(pki: Pki) -> None:
+    probe = Probe()
+    async with running_server(pki, methods(probe)) as r:
+        async with RawClient.connect(pki, r.port) as client:
+            sid = await client.start(LISTEN, b"", end=False)
+            with trio.fail_after(5):
+                await client.until(lambda: len(client.data.get(sid, b"")) > 0)
+            await probe.started.wait()
+            client.stream.transport_stream.socket.close()
+        with trio.fail_after(1.5):
+            await probe.cancelled.wait()
+        await eventually(lambda: bool(r.records))
+    assert r.records[0].code is StatusCode.CANCELLED
+
+
+async def test_bidi_deadline(pki: Pki) -> None:
+    probe = Probe()
+    async with (
+        running_server(pki, methods(probe)) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        sid = await client.start(LISTEN, b"", end=False, headers=[("grpc-timeout", "300m")])
+        with trio.fail_after(5):
+            await client.until(lambda: client.status(sid) is not None)
+        assert client.status(sid) == StatusCode.DEADLINE_EXCEEDED
+        assert probe.cancelled.is_set()
+    assert r.records[0].code is StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_bidi_oversized_message_resource_exhausted(pki: Pki) -> None:
+    probe = Probe()
+    config = TransportConfig(max_request_bytes=1024)
+    async with running_server(pki, methods(probe), config=config) as r:
+
+        def call() -> tuple[str, grpc.StatusCode, str]:
+            with channel(pki, r.target) as ch:
+                feed = Feed()
+                responses = bidi(ch, LISTEN, w.StringValue, w.StringValue)(iter(feed), timeout=30)
+                try:
+                    feed.put(w.StringValue(value="fits"))
+                    first = next(responses).value
+                    feed.put(w.StringValue(value="x" * 2048))
+                    code, details = code_of(lambda: list(responses))
+                finally:
+                    feed.close()
+                # The connection is fine afterwards.
+                assert unary(ch, ECHO, w.StringValue(value="ok"), w.StringValue).value == "ok"
+                return first, code, details
+
+        first, code, details = await in_thread(call)
+    assert first == "fits"
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "1024" in details
+    assert probe.cancelled.is_set()  # it was waiting for requests, not reading the big one
+    assert r.records[0].code is StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_bidi_malformed_message_invalid_argument(pki: Pki) -> None:
+    async with running_server(pki, methods(Probe())) as r:
+
+        def call() -> tuple[list[bytes], grpc.StatusCode, str]:
+            with channel(pki, r.target) as ch:
+                fn = ch.stream_stream(
+                    CHAT, request_serializer=lambda b: b, response_deserializer=lambda b: b
+                )
+                good = w.StringValue(value="ok").SerializeToString()
+                responses = fn(iter([good, b"\x0a\x05ab"]), timeout=10)
+                got: list[bytes] = []
+
+                def drain() -> None:
+                    got.extend(responses)
+
+                code, details = code_of(drain)
+                return got, code, details
+
+        got, code, details = await in_thread(call)
+    assert got == [w.StringValue(value="ok").SerializeToString()]
+    assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, "malformed request message")
+
+
+async def test_bidi_inbound_flow_control_follows_the_handler(pki: Pki) -> None:
+    """A client sending faster than the handler reads is held to one stream window, while
+    the connection window (and so every other stream) keeps flowing."""
+    probe = Probe()
+    # A connection window no larger than the stream's: unless it is handed back at once,
+    # one held stream would stop the whole connection.
+    config = TransportConfig(connection_window_size=1024 * 1024)
+    async with (
+        running_server(pki, methods(probe), config=config) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        with trio.fail_after(5):  # the server's SETTINGS: 1 MiB stream windows
+            await client.until(lambda: client.h2.remote_settings.initial_window_size > 65535)
+        sid = await client.start(GATED, None, end=False)
+        await probe.started.wait()
+        message = frame(w.BytesValue(value=b"m" * 16384).SerializeToString())
+        sent = 0
+        while client.h2.local_flow_control_window(sid) >= len(message):
+            client.h2.send_data(sid, message)
+            sent += 1
+        await client.flush()
+        assert sent == (1024 * 1024) // len(message)
+        window = client.h2.local_flow_control_window(sid)
+        # The server reads on, handing back the connection's window but not the stream's.
+        with trio.move_on_after(0.5):
+            while await client.pump():
+                pass
+        assert client.h2.local_flow_control_window(sid) == window
+        # (h2 hands back a window in halves: at least one half came back.)
+        assert client.h2.outbound_flow_control_window > 512 * 1024
+        other = w.StringValue(value="o" * 500_000).SerializeToString()
+        echo = await client.start(ECHO, other)
+        with trio.fail_after(5):
+            await client.until(lambda: client.status(echo) is not None)
+        assert client.status(echo) == StatusCode.OK
+        assert bytes(client.data[echo]) == frame(other)
+        assert probe.consumed == 0
+        # The handler reads: the stream's window reopens, and the client finishes.
+        probe.gate.set()
+        with trio.fail_after(5):
+            await client.until(lambda: client.h2.local_flow_control_window(sid) > window)
+        client.h2.send_data(sid, message, end_stream=True)
+        await client.flush()
+        with trio.fail_after(5):
+            await client.until(lambda: client.status(sid) is not None)
+        assert client.status(sid) == StatusCode.OK
+        assert bytes(client.data[sid]) == frame(w.Int32Value(value=sent + 1).SerializeToString())
 
 
 # --- deadlines and cancellation ---------------------------------------------------------

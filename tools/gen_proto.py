@@ -1,4 +1,4 @@
-"""Regenerate ``trio_worker/_pb/`` from ``worker.proto``.
+"""Regenerate ``trio_worker/_pb/`` from ``worker.proto`` and the standard protos in ``proto/``.
 
 The generated code is committed so that installing trio-worker needs neither protoc nor
 grpcio-tools; ``tests/test_proto.py`` calls :func:`generate` into a temporary directory
@@ -32,8 +32,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO = REPO / "worker.proto"
-#: The standard health service, generated into the same package (see that file's header).
-HEALTH_PROTO = REPO / "proto" / "grpc_health" / "v1" / "health.proto"
+#: Standard gRPC services' protos under ``proto/`` (without ``.proto``), each kept at the file
+#: name its grpcio package registers (see their headers), and the module generated from it
+#: into the same package.
+STANDARD_PROTOS = {
+    "grpc_health/v1/health": "health_pb2",
+    "grpc_reflection/v1/reflection": "reflection_pb2",
+    "grpc_reflection/v1alpha/reflection": "reflection_v1alpha_pb2",
+}
 OUT_DIR = REPO / "trio_worker" / "_pb"
 PACKAGE = "trio_worker._pb"
 
@@ -82,8 +88,9 @@ def _fix_pb2(text: str) -> str:
     )
 
 
-def _fix_health_pb2(text: str) -> str:
-    """The same two fixes as :func:`_fix_pb2`, for ``health_pb2.py``."""
+def _fix_standard_pb2(text: str, source: str, name: str) -> str:
+    """The same two fixes as :func:`_fix_pb2`, for a standard gRPC service's ``*_pb2.py``
+    generated from ``proto/<source>.proto`` into ``trio_worker._pb.<name>``."""
     major, minor, patch = RUNTIME_FLOOR
     text = _sub_once(
         r"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*)"
@@ -92,9 +99,10 @@ def _fix_health_pb2(text: str) -> str:
         text,
         "runtime version check",
     )
+    source_module = re.escape(source.replace("/", ".") + "_pb2")
     return _sub_once(
-        r"BuildTopDescriptorsAndMessages\(DESCRIPTOR, 'grpc_health\.v1\.health_pb2',",
-        f"BuildTopDescriptorsAndMessages(DESCRIPTOR, '{PACKAGE}.health_pb2',",
+        rf"BuildTopDescriptorsAndMessages\(DESCRIPTOR, '{source_module}',",
+        f"BuildTopDescriptorsAndMessages(DESCRIPTOR, '{PACKAGE}.{name}',",
         text,
         "module name",
     )
@@ -138,7 +146,7 @@ def _run_purerpc_plugin(descriptor_set: bytes) -> str:
 
 def generate(out_dir: Path) -> None:
     """Write ``__init__.py``, ``worker_pb2.py``, ``worker_pb2.pyi`` and ``worker_grpc.py``,
-    and ``health_pb2.py``/``.pyi`` from :data:`HEALTH_PROTO`."""
+    and a ``.py``/``.pyi`` pair for each of :data:`STANDARD_PROTOS`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -159,7 +167,7 @@ def generate(out_dir: Path) -> None:
             check=True,
             cwd=PROTO.parent,
         )
-        # Health keeps grpcio-health-checking's file name, so both load into one pool.
+        # The standard services keep grpcio's file names, so both load into one pool.
         subprocess.run(
             [
                 sys.executable,
@@ -168,22 +176,23 @@ def generate(out_dir: Path) -> None:
                 f"--proto_path={REPO / 'proto'}",
                 f"--python_out={tmp}",
                 f"--pyi_out={tmp}",
-                "grpc_health/v1/health.proto",
+                *(f"{source}.proto" for source in STANDARD_PROTOS),
             ],
             check=True,
             cwd=REPO,
         )
-        health = tmp / "grpc_health" / "v1"
         outputs = {
             "__init__.py": _init_module(),
             "worker_pb2.py": _fix_pb2((tmp / "worker_pb2.py").read_text(encoding="utf-8")),
             "worker_pb2.pyi": (tmp / "worker_pb2.pyi").read_text(encoding="utf-8"),
             "worker_grpc.py": _fix_grpc(_run_purerpc_plugin(descriptor_set.read_bytes())),
-            "health_pb2.py": _fix_health_pb2(
-                (health / "health_pb2.py").read_text(encoding="utf-8")
-            ),
-            "health_pb2.pyi": (health / "health_pb2.pyi").read_text(encoding="utf-8"),
         }
+        for source, name in STANDARD_PROTOS.items():
+            generated = tmp / f"{source}_pb2"
+            outputs[f"{name}.py"] = _fix_standard_pb2(
+                generated.with_suffix(".py").read_text(encoding="utf-8"), source, name
+            )
+            outputs[f"{name}.pyi"] = generated.with_suffix(".pyi").read_text(encoding="utf-8")
     for name, text in outputs.items():
         (out_dir / name).write_text(text, encoding="utf-8", newline="\n")
 

@@ -12,6 +12,10 @@ server that must outlive misbehaving clients is fixed here, by subclassing, and 
 * received data was acknowledged only once a whole message had been read, so partial
   messages on several streams could exhaust the connection window and deadlock it: we
   acknowledge at once (what we keep per stream is bounded by the message size cap anyway);
+  except that on a stream of requests (bidirectional streaming) the stream's own window is
+  handed back only while none of its messages waits for the handler (``message_taken``),
+  so a client that sends faster than the handler reads is held to one window; the
+  connection's window is still handed back at once, so the other streams go on;
 * it let clients send compressed messages that it inflated without a bound: we never
   decompress (the transport refuses a ``grpc-encoding`` other than identity);
 * h2 treats one stream over SETTINGS_MAX_CONCURRENT_STREAMS as a connection error; RFC 9113
@@ -32,6 +36,7 @@ purerpc and h2 are untyped: ``Any`` stays inside this module and the types it re
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -40,7 +45,11 @@ import h2.connection
 import h2.events
 import h2.settings
 import hpack
-from hyperframe.frame import DataFrame, GoAwayFrame  # type: ignore[import-untyped]
+from hyperframe.frame import (  # type: ignore[import-untyped]
+    DataFrame,
+    GoAwayFrame,
+    WindowUpdateFrame,
+)
 from purerpc.grpclib.buffers import MessageReadBuffer
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.connection import GRPCConnection
@@ -256,6 +265,24 @@ class ServerH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
         frame = GoAwayFrame(stream_id=0, last_stream_id=last_stream_id, error_code=0)
         self._data_to_send += frame.serialize()
 
+    def acknowledge_connection_data(self, size: int) -> None:
+        """Hand ``size`` received bytes back to the connection's window only.
+
+        ``acknowledge_received_data`` does the connection and the stream together; this is
+        its first half (the same window manager, so WINDOW_UPDATEs are batched alike).
+        """
+        increment = self._inbound_flow_control_window_manager.process_bytes(size)
+        if increment:
+            frame = WindowUpdateFrame(0)
+            frame.window_increment = increment
+            self._prepare_for_sending([frame])
+
+    def acknowledge_stream_data(self, size: int, stream_id: int) -> None:
+        """Hand ``size`` received bytes back to one stream's window only (the second half)."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.open:
+            self._prepare_for_sending(stream.acknowledge_received_data(size))
+
 
 class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
     """purerpc's ``GRPCConnection`` for one server connection, with our settings."""
@@ -269,7 +296,10 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         connection_window_size: int,
         max_frame_size: int,
         max_header_list_size: int,
+        streams_requests: Callable[[str], bool] | None = None,
     ) -> None:
+        """``streams_requests(path)`` tells whether the method at ``path`` takes a stream
+        of requests, whose stream window then follows its handler (``message_taken``)."""
         # Not super().__init__(): it builds a plain H2Connection with purerpc's fixed
         # settings (65536 streams, a 1 GiB connection window, 16 MiB frames).
         self.config = GRPCConfiguration(client_side=False, max_message_length=max_message_length)
@@ -301,6 +331,10 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         self.h2_connection: ServerH2Connection = h2c
         self.message_read_buffers: dict[int, Any] = {}
         self._connection_window_size = connection_window_size
+        self._streams_requests = streams_requests
+        # Streams of requests: stream id -> [bytes received and not yet handed back to the
+        # stream's window, messages delivered and not yet taken by the handler].
+        self._held: dict[int, list[int]] = {}
 
     def initiate_connection(self) -> None:
         """Send our SETTINGS and open the connection window to its configured size."""
@@ -326,35 +360,67 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         self.message_read_buffers[stream_id] = MessageReadBuffer(
             None, self.config.max_message_length
         )
+        streams_requests = self._streams_requests
+        if streams_requests is not None and streams_requests(
+            f"/{request.service_name}/{request.method_name}"
+        ):
+            self._held[stream_id] = [0, 0]
         return [request]
 
     def _data_received(self, event: Any) -> list[Any]:
         stream_id: int = event.stream_id
         length: int = event.flow_controlled_length
+        held = self._held.get(stream_id)
         if length:
-            self.h2_connection.acknowledge_received_data(length, stream_id)
+            if held is None:
+                self.h2_connection.acknowledge_received_data(length, stream_id)
+            else:
+                self.h2_connection.acknowledge_connection_data(length)
+                held[0] += length
         buffer = self.message_read_buffers.get(stream_id)
         if buffer is None:  # answered or refused already: drop what is still coming
             return []
         try:
             buffer.data_received(event.data, length)
         except MessageTooLargeError as exc:
-            del self.message_read_buffers[stream_id]
+            self.drop_request(stream_id)
             return [RequestTooLarge(stream_id, str(exc))]
         except GRPCProtocolError as exc:
-            del self.message_read_buffers[stream_id]
+            self.drop_request(stream_id)
             return [BadMessage(stream_id, str(exc))]
-        return [
-            MessageReceived(stream_id, message, flow)
-            for message, flow in buffer.read_all_complete_messages_flowcontrol()
-        ]
+        messages = buffer.read_all_complete_messages_flowcontrol()
+        if held is not None:
+            held[1] += len(messages)
+            if not held[1]:
+                # Nothing waits for the handler (a partial message, bounded by the size
+                # cap, or all taken already): let the client go on.
+                self._release(stream_id, held)
+        return [MessageReceived(stream_id, message, flow) for message, flow in messages]
+
+    def message_taken(self, stream_id: int) -> None:
+        """A stream of requests' handler took one delivered message: once none is left
+        waiting, hand what was received back to the stream's window."""
+        held = self._held.get(stream_id)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] <= 0:
+            held[1] = 0
+            self._release(stream_id, held)
+
+    def _release(self, stream_id: int, held: list[int]) -> None:
+        owed, held[0] = held[0], 0
+        if owed:
+            self.h2_connection.acknowledge_stream_data(owed, stream_id)
 
     def _stream_ended(self, event: Any) -> list[Any]:
         self.message_read_buffers.pop(event.stream_id, None)
+        self._held.pop(event.stream_id, None)
         return [RequestEnded(event.stream_id)]
 
     def _stream_reset(self, event: Any) -> list[Any]:
         self.message_read_buffers.pop(event.stream_id, None)
+        self._held.pop(event.stream_id, None)
         return [StreamReset(event.stream_id, int(event.error_code))]
 
     def _connection_terminated(self, event: Any) -> list[Any]:
@@ -363,3 +429,4 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
     def drop_request(self, stream_id: int) -> None:
         """Stop collecting a stream's request: what still arrives is acknowledged and dropped."""
         self.message_read_buffers.pop(stream_id, None)
+        self._held.pop(stream_id, None)

@@ -1,10 +1,15 @@
 """The server: a supervisor, the gRPC services and the transport, run together.
 
+The services are Worker, health (``grpc.health.v1``) and server reflection
+(``grpc.reflection.v1`` and ``v1alpha``); the last two need a valid client
+certificate but no role.
+
 Shutdown is ordered so that nothing a client is waiting for is cut short:
 stop accepting and send GOAWAY (new calls get UNAVAILABLE, health turns
-NOT_SERVING), stop the jobs (TERM, grace, KILL) so every follower receives
-the end of its stream and every Wait its final status, let the calls in
-flight finish, then close. A second signal shortens the grace to zero.
+NOT_SERVING, idle reflection streams end), stop the jobs (TERM, grace,
+KILL) so every follower receives the end of its stream and every Wait its
+final status, let the calls in flight finish, then close. A second signal
+shortens the grace to zero.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import trio
 
 from ._cgroups import LimitPolicy
 from ._health import HealthService
+from ._reflection import ReflectionService
 from ._service import SERVICE_NAME, WorkerService
-from ._supervisor import open_supervisor
+from ._supervisor import Retention, open_supervisor
+from ._systemd import notify
 from ._tls import server_context
 from ._transport import CallRecord, Server, TransportConfig
 
@@ -47,7 +54,8 @@ class ServerSettings:
     stop_grace: float = 5.0
     transport: TransportConfig = field(default_factory=TransportConfig)
     limit_policy: LimitPolicy = field(default_factory=LimitPolicy)
-    cgroup_parent: str = "trio-worker"
+    cgroup_parent: str | None = None  # default: named after the state directory
+    retention: Retention = field(default_factory=Retention)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -113,25 +121,37 @@ async def run_server(
         shutdown_grace=settings.shutdown_grace,
         cgroup_parent=settings.cgroup_parent,
         limit_policy=settings.limit_policy,
+        retention=settings.retention,
     ) as supervisor:
         service = WorkerService(supervisor, default_grace=settings.stop_grace)
         methods: dict[str, Any] = {**service.methods(), **health.methods()}
+        # Reflection describes every service served, itself included; like health, it
+        # needs a valid client certificate and no role.
+        reflection = ReflectionService({path.split("/")[1] for path in methods})
+        methods.update(reflection.methods())
+
+        def on_drain() -> None:
+            health.enter_graceful_shutdown()
+            reflection.enter_graceful_shutdown()
+
         server = Server(
             methods,
             ssl_context,
             config=settings.transport,
             on_call=record,
-            on_drain=health.enter_graceful_shutdown,
+            on_drain=on_drain,
         )
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.serve, settings.host, settings.port)
             _log.info("serving on %s", ", ".join(server.addresses))
             task_status.started(port)
+            notify("READY=1", f"STATUS=serving on {', '.join(server.addresses)}")
             if not handle_signals:
                 await trio.sleep_forever()
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 first = await signals.__anext__()
                 _log.info("received %s: shutting down", signal.Signals(first).name)
+                notify("STOPPING=1", "STATUS=shutting down")
                 grace = settings.shutdown_grace
                 async with trio.open_nursery() as shutdown:
                     # Draining runs alongside: it waits for the streams that the

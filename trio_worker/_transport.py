@@ -20,8 +20,10 @@ ends (``_push``); a stream's messages are written together whenever its handler 
 Handlers get ``(request, CallContext)``. ``UnaryMethod`` handlers are coroutines returning
 the response, ``StreamMethod`` handlers async iterators of responses, ``SyncUnaryMethod``
 handlers plain functions run in the reader (no task: the cheapest call, for answers from
-memory). They signal errors with :class:`RpcError`; anything else is logged with its
-traceback and answered INTERNAL without details.
+memory). ``BidiStreamMethod`` handlers get ``(requests, CallContext)``, an async iterator of
+the request messages as they arrive, and are async iterators of responses. They signal
+errors with :class:`RpcError`; anything else is logged with its traceback and answered
+INTERNAL without details.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import socket
 import ssl
 import struct
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
@@ -60,6 +63,7 @@ from ._identity import Identity, identity_from_der
 from ._tlsstream import TLSSocketStream
 
 __all__ = [
+    "BidiStreamMethod",
     "CallContext",
     "CallRecord",
     "ListenError",
@@ -174,7 +178,35 @@ class StreamMethod(Generic[Req, Resp]):
     handler: Callable[[Req, CallContext], AsyncIterator[Resp]]
 
 
-Method = UnaryMethod[Any, Any] | SyncUnaryMethod[Any, Any] | StreamMethod[Any, Any]
+@dataclass(frozen=True, slots=True)
+class BidiStreamMethod(Generic[Req, Resp]):
+    """A bidirectional streaming method: ``handler(requests, ctx)`` is an async iterator of
+    responses, where ``requests`` is an async iterator of the request messages.
+
+    ``requests`` yields each message as it arrives and ends when the client half-closes;
+    it raises :class:`RpcError` (INVALID_ARGUMENT) for a message that does not parse,
+    which ends the call unless the handler catches it. Requests and responses may
+    interleave freely. A request over the size cap or unreadable ends the call (the
+    handler is cancelled) with RESOURCE_EXHAUSTED or INTERNAL, as a reset, a disconnect,
+    the deadline or the drain timeout do with their codes.
+
+    Inbound flow control follows the handler: the stream's window is handed back to the
+    client only while no received message waits to be taken from ``requests``, so a client
+    sending faster than the handler reads is held to one window (``initial_window_size``)
+    plus one message.
+    """
+
+    request_type: type[Req]
+    response_type: type[Resp]
+    handler: Callable[[AsyncIterator[Req], CallContext], AsyncIterator[Resp]]
+
+
+Method = (
+    UnaryMethod[Any, Any]
+    | SyncUnaryMethod[Any, Any]
+    | StreamMethod[Any, Any]
+    | BidiStreamMethod[Any, Any]
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,11 +365,13 @@ class _Call:
     """Per-stream state, shared by the connection's reader and the call's task."""
 
     __slots__ = (
+        "arrived",
         "ctx",
         "error",
         "finished",
         "gone_reason",
         "headers_sent",
+        "inbox",
         "method",
         "peer_gone",
         "request_bytes",
@@ -363,6 +397,13 @@ class _Call:
         self.headers_sent = False
         self.finished = False
         self.started = time.monotonic()
+        # Bidirectional streams only: requests received and not yet taken by the handler,
+        # and where its request iterator waits for more.
+        self.inbox: deque[bytes] | None = None
+        self.arrived: trio.lowlevel.ParkingLot | None = None
+        if isinstance(method, BidiStreamMethod):
+            self.inbox = deque()
+            self.arrived = trio.lowlevel.ParkingLot()
 
     def gone(self, reason: str) -> None:
         """Nobody will read this call's answer: cancel its handler."""
@@ -372,10 +413,67 @@ class _Call:
         self.scope.cancel()
 
     def fail(self, error: RpcError) -> None:
-        """Record a request-level error (first one wins) and let the task answer it."""
+        """Record a request-level error (first one wins) and let the task answer it.
+
+        A bidirectional stream's handler may not be reading requests: it is cancelled
+        (waiting for a request included), and the call ends with ``error``.
+        """
         if self.error is None:
             self.error = error
         self.request_done.set()
+        if self.inbox is not None:
+            self.scope.cancel()
+
+    def requests_ended(self) -> None:
+        """The client half-closed: no request message will follow."""
+        self.request_done.set()
+        if self.arrived is not None:
+            self.arrived.unpark_all()
+
+
+class _Requests:
+    """A bidirectional stream's request messages, as the handler's async iterator."""
+
+    __slots__ = ("_call", "_grpc", "_h2", "_request_type", "_wake_writer")
+
+    def __init__(self, conn: _Connection, call: _Call, request_type: type[Any]) -> None:
+        self._call = call
+        self._grpc = conn._grpc
+        self._h2 = conn._h2
+        self._wake_writer = conn._wake_writer
+        self._request_type = request_type
+
+    def __aiter__(self) -> _Requests:
+        return self
+
+    async def __anext__(self) -> Any:
+        call = self._call
+        inbox = call.inbox
+        arrived = call.arrived
+        assert inbox is not None
+        assert arrived is not None
+        while True:
+            if call.error is not None:
+                raise call.error
+            if inbox:
+                break
+            if call.request_done.is_set():
+                await trio.lowlevel.checkpoint()
+                raise StopAsyncIteration
+            await arrived.park()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        data = inbox.popleft()
+        # The stream's window may reopen now; the writer sends the WINDOW_UPDATE (with
+        # whatever the handler queues meanwhile).
+        self._grpc.message_taken(call.stream_id)
+        if self._h2.outbound_buffered:
+            self._wake_writer()
+        request = self._request_type()
+        try:
+            request.ParseFromString(data)
+        except DecodeError:
+            raise RpcError(StatusCode.INVALID_ARGUMENT, "malformed request message") from None
+        return request
 
 
 # --- one connection ----------------------------------------------------------------------
@@ -406,6 +504,7 @@ class _Connection:
             connection_window_size=cfg.connection_window_size,
             max_frame_size=cfg.max_frame_size,
             max_header_list_size=cfg.max_header_list_size,
+            streams_requests=server.streams_requests,
         )
         self._h2 = self._grpc.h2_connection
         self._calls: dict[int, _Call] = {}
@@ -527,7 +626,12 @@ class _Connection:
             call = self._calls.get(event.stream_id)
             if call is None:
                 return
-            if call.request_bytes is None and call.error is None:
+            inbox = call.inbox
+            if inbox is not None:
+                inbox.append(event.data)
+                if len(inbox) == 1 and call.arrived is not None:  # the handler may wait
+                    call.arrived.unpark_all()
+            elif call.request_bytes is None and call.error is None:
                 call.request_bytes = event.data
             else:
                 self._grpc.drop_request(call.stream_id)
@@ -535,7 +639,7 @@ class _Connection:
         elif kind is RequestEnded:
             call = self._calls.get(event.stream_id)
             if call is not None:
-                call.request_done.set()
+                call.requests_ended()
         elif kind is WindowUpdated:
             self._window_lot.unpark_all()
         elif kind is StreamReset:
@@ -670,7 +774,7 @@ class _Connection:
             with call.scope:
                 if ready is not None:
                     request, response = ready
-                else:
+                elif not isinstance(method, BidiStreamMethod):
                     if not call.request_done.is_set():
                         await call.request_done.wait()
                     request = self._parse(call)
@@ -678,11 +782,15 @@ class _Connection:
                         response = await method.handler(request, call.ctx)
                     elif isinstance(method, SyncUnaryMethod):
                         response = method.handler(request, call.ctx)
-                if not isinstance(method, StreamMethod):
+                if not isinstance(method, StreamMethod | BidiStreamMethod):
                     # Not woken: _complete writes the message and trailers together.
                     await self._send_message(call, response, method.response_type, wake=False)
                 else:
-                    responses = method.handler(request, call.ctx)
+                    if isinstance(method, StreamMethod):
+                        responses = method.handler(request, call.ctx)
+                    else:
+                        requests = _Requests(self, call, method.request_type)
+                        responses = method.handler(requests, call.ctx)
                     try:
                         async for item in responses:
                             await self._send_message(call, item, method.response_type)
@@ -696,12 +804,23 @@ class _Connection:
                     code, message = StatusCode.CANCELLED, call.gone_reason
                 elif call.shutdown:
                     code, message = StatusCode.UNAVAILABLE, "the server is shutting down"
+                elif call.error is not None and call.inbox is not None:
+                    code, message = call.error.code, call.error.message
                 else:
                     code, message = StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
         except RpcError as exc:
             code, message, response = exc.code, exc.message, None
         except Exception as exc:
             (code, message), response = self._internal_error(call, exc), None
+        except BaseException:
+            # Torn down from outside: the client left, or the server was cancelled rather
+            # than drained. Never let a cut-short stream look like a normal end.
+            response = None
+            if call.peer_gone:
+                code, message = StatusCode.CANCELLED, call.gone_reason
+            else:
+                code, message = StatusCode.UNAVAILABLE, "the server is shutting down"
+            raise
         finally:
             # Also reached when the connection itself is torn down (Cancelled going up).
             self._complete(call, code, message, request, response)
@@ -935,6 +1054,9 @@ class Server:
             if not (path.startswith("/") and path.count("/") == 2):
                 raise ValueError(f"method path must look like /package.Service/Method: {path!r}")
         self.methods: Mapping[str, Method] = dict(methods)
+        self._bidi_paths = frozenset(
+            path for path, method in self.methods.items() if isinstance(method, BidiStreamMethod)
+        )
         self.config = config or TransportConfig()
         self.stats = ServerStats()
         self._ssl_context = ssl_context
@@ -953,6 +1075,11 @@ class Server:
         self._stopped = trio.Event()
         self._started = False
         self._last_refusal_log = -math.inf
+
+    def streams_requests(self, path: str) -> bool:
+        """Whether the method at ``path`` takes a stream of requests (flow control follows
+        its handler)."""
+        return path in self._bidi_paths
 
     @property
     def port(self) -> int:
