@@ -1,0 +1,1598 @@
+"""The trio client of a trio-worker server: gRPC over HTTP/2 over mutual TLS, ours end to end.
+
+    async with connect("127.0.0.1:50051", ca=..., cert=..., key=...) as client:
+        job = await client.start("sh", ["-c", "echo hi"])
+        async for chunk in client.output(job.id):
+            ...
+
+It mirrors the server's transport (``_transport``): purerpc's sans-I/O ``GRPCConnection``
+(HTTP/2 through h2, gRPC headers and trailers) driven by trio tasks we own, a reader and a
+writer per connection, in a nursery owned by :func:`connect`. purerpc's own client I/O is
+not used because it has the server's gaps: when the connection is lost its reader just
+returns and every pending call waits forever, and it acknowledges received data as soon as
+it arrives, so a slow consumer makes it buffer without bound. Here:
+
+* Loss: the reader sees EOF, a reset, a TLS error or an HTTP/2 protocol error and fails every
+  pending call and stream at once with :class:`ConnectionFailed`; GOAWAY fails the calls the
+  server says it never processed (they are retried on a new connection, which is safe) and
+  lets the rest finish. While calls are pending, a connection silent for
+  ``_PING_AFTER`` seconds is pinged and declared lost if nothing comes back within
+  ``_PING_TIMEOUT``: a peer that vanished without a FIN cannot hang a call either.
+* Flow control: received DATA is acknowledged to h2 (which sends WINDOW_UPDATE) only while
+  fewer than ``_ACK_BELOW`` bytes of complete messages wait for the consumer, and otherwise
+  as the consumer takes them. The server can send at most one stream window
+  (``_STREAM_WINDOW``) beyond what was acknowledged, so one stream never buffers more than
+  ``_ACK_BELOW + _STREAM_WINDOW`` + one message (1.75 MiB for the server's 256 KiB output
+  chunks), however slow its consumer.
+* Writes are coalesced: calls queue frames in h2 and wake the writer, which sends whatever is
+  queued in one ``send_all``; a unary call's headers, message and END_STREAM go in one write.
+
+A connection that ends (the server's idle timeout, a restart) is replaced on the next call;
+the first connection is made by :func:`connect` itself, so a wrong address or certificate
+fails there, with a one-line :class:`ConnectionFailed` naming the address.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import re
+import socket
+import ssl
+import struct
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import hpack
+import trio
+from google.protobuf.message import DecodeError
+from purerpc.grpclib.config import GRPCConfiguration
+from purerpc.grpclib.connection import GRPCConnection
+from purerpc.grpclib.events import ResponseEnded, ResponseReceived, WindowUpdated
+from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
+from purerpc.grpclib.headers import HeaderDict
+
+from . import __version__
+from ._convert import (
+    chunk_from_pb,
+    isolation_to_pb,
+    job_from_pb,
+    limits_to_pb,
+    seconds_to_duration,
+)
+from ._errors import (
+    AuthenticationFailed,
+    ConnectionFailed,
+    InvalidRequest,
+    JobNotFound,
+    JobNotRunning,
+    PermissionDenied,
+    RemoteError,
+    ResourceExhausted,
+    ShuttingDown,
+    TrioWorkerError,
+    Unenforceable,
+)
+from ._model import Isolation, JobInfo, Limits, OutputChunk
+from ._pb import worker_pb2 as pb
+from ._tls import ALPN_PROTOCOL, client_context
+
+__all__ = ["ConnectionFailed", "OutputIterator", "RemoteError", "WorkerClient", "connect"]
+
+log = logging.getLogger("trio_worker.client")
+
+_SERVICE: Final = "trioworker.v1.Worker"
+_MESSAGE_PREFIX: Final = struct.Struct(">BI")
+_FRAME_HEADER_SIZE: Final = 9
+
+#: The receive window we advertise for each stream: what the server may send beyond what
+#: the consumer has made room for.
+_STREAM_WINDOW: Final = 1024 * 1024
+#: Received data is acknowledged at once while fewer bytes than this (complete messages)
+#: wait for the consumer; beyond it, only as the consumer takes messages.
+_ACK_BELOW: Final = 512 * 1024
+#: The connection window is not what bounds memory (stream windows are), so it is as large
+#: as HTTP/2 allows: a stream whose consumer stalls never starves the others.
+_CONNECTION_WINDOW: Final = 2**31 - 1
+#: Largest frame we accept: whole output chunks arrive in one frame.
+_MAX_FRAME: Final = 1024 * 1024
+#: Largest response message (a List of very many jobs); a guard against garbage lengths.
+_MAX_MESSAGE: Final = 64 * 1024 * 1024
+_MAX_HEADER_LIST: Final = 64 * 1024
+#: Frames handed to h2 per call, at most (h2's frame buffer copies what follows each frame).
+_FEED_BYTES: Final = 64 * 1024
+#: Asked of each TLS read. OpenSSL returns at most one record (16 KiB) per read, but Python
+#: allocates the whole size asked for first: 256 KiB (mmap'd, then trimmed) made decrypting
+#: four times slower than asking for what a record can hold.
+_RECEIVE_SIZE: Final = 16 * 1024
+#: With calls pending, ping a connection that has been silent this long...
+_PING_AFTER: Final = 10.0
+#: ...and declare it lost if nothing at all arrives this long after the ping.
+_PING_TIMEOUT: Final = 10.0
+#: How long closing a connection may spend sending our GOAWAY.
+_CLOSE_TIMEOUT: Final = 0.5
+#: Attempts of a call the server said it never processed (GOAWAY) before giving up.
+_ATTEMPTS: Final = 3
+_USER_AGENT: Final = f"trio-worker/{__version__} purerpc"
+
+# gRPC status codes (grpc/doc/statuscodes.md) that the client handles itself.
+_OK: Final = 0
+_CANCELLED: Final = 1
+_UNKNOWN: Final = 2
+_INVALID_ARGUMENT: Final = 3
+_DEADLINE_EXCEEDED: Final = 4
+_NOT_FOUND: Final = 5
+_PERMISSION_DENIED: Final = 7
+_RESOURCE_EXHAUSTED: Final = 8
+_FAILED_PRECONDITION: Final = 9
+_INTERNAL: Final = 13
+_UNAVAILABLE: Final = 14
+_UNAUTHENTICATED: Final = 16
+
+_NOT_RUNNING = re.compile(r"job (?P<id>\S+) is not running \(it is (?P<state>[\w-]+)\)")
+_FIELD = re.compile(r"[A-Za-z_][\w.\[\]-]*")
+
+M = TypeVar("M")
+
+
+# --- addresses and error messages --------------------------------------------------------
+
+
+def _parse_addr(addr: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` → (host, port)."""
+    host, sep, port_text = addr.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise InvalidRequest(
+            "addr", f"write IPv6 addresses in brackets, like [::1]:50051, not {addr!r}"
+        )
+    if not sep or not host:
+        raise InvalidRequest("addr", f"expected HOST:PORT, got {addr!r}")
+    if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        raise InvalidRequest("addr", f"port must be a number within 1..65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+def _strip_openssl(text: str) -> str:
+    """'[SSL: X] what happened (_ssl.c:123)' → 'what happened'."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text).strip()
+
+
+def _os_reason(exc: BaseException) -> str:
+    """A lower-case one-phrase reason for an OSError (or a group of them)."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror or exc})"
+    if isinstance(exc, BaseExceptionGroup):
+        # One per address tried (IPv6 and IPv4 for localhost): usually all the same.
+        return ", ".join(dict.fromkeys(_os_reason(e) for e in exc.exceptions))
+    if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset by the server"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[0].lower() + exc.strerror[1:]
+    return str(exc) or type(exc).__name__
+
+
+def _connect_reason(exc: OSError) -> str:
+    """Why ``trio.open_tcp_stream`` failed: trio hides the per-address errors in __cause__."""
+    if isinstance(exc, socket.gaierror):
+        return _os_reason(exc)
+    cause = exc.__cause__
+    if cause is not None and str(exc).startswith("all attempts to connect"):
+        return _os_reason(cause)
+    return _os_reason(exc)
+
+
+def _tls_reason(exc: BaseException, *, handshake: bool = False) -> str:
+    """Why the TLS layer failed, from trio's BrokenResourceError or the SSLError itself.
+
+    During the handshake an alert from the server means it refused our certificate (ours
+    is the only thing it still checks once our side of a TLS 1.3 handshake is done).
+    """
+    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {cause.verify_message}"
+    if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return "the server closed the connection"
+    if isinstance(cause, ssl.SSLError):
+        text = _strip_openssl(str(cause.args[1] if len(cause.args) > 1 else cause))
+        if handshake and "alert" in (cause.reason or "").lower():
+            return f"the server refused our certificate ({text})"
+        return text
+    if cause is not None:
+        return _os_reason(cause)
+    return str(exc) or type(exc).__name__
+
+
+def _set_keepalive(sock: Any) -> None:
+    """TCP keepalive: the kernel's own check for an idle connection whose peer vanished."""
+    with suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+
+
+def _grpc_timeout(seconds: float) -> str:
+    """A grpc-timeout value: at most 8 digits, in the finest unit that fits."""
+    seconds = max(seconds, 0.0)
+    for unit, scale in (("n", 1e9), ("u", 1e6), ("m", 1e3), ("S", 1.0), ("M", 1 / 60)):
+        value = math.ceil(seconds * scale)
+        if value <= 99_999_999:
+            return f"{value}{unit}"
+    return f"{min(math.ceil(seconds / 3600), 99_999_999)}H"
+
+
+def _status_error(code: int, message: str, job_id: str | None) -> TrioWorkerError:
+    """The exception for a gRPC status other than OK: the inverse of the server's STATUS_OF."""
+    if code == _NOT_FOUND and job_id is not None:
+        return JobNotFound(job_id)
+    if code == _INVALID_ARGUMENT:
+        field, sep, text = message.partition(": ")
+        if sep and _FIELD.fullmatch(field):
+            return InvalidRequest(field, text)
+        return InvalidRequest("request", message)
+    if code == _PERMISSION_DENIED:
+        return PermissionDenied(message)
+    if code == _UNAUTHENTICATED:
+        return AuthenticationFailed(message)
+    if code == _FAILED_PRECONDITION:
+        match = _NOT_RUNNING.search(message)
+        if match:
+            return JobNotRunning(match["id"], match["state"])
+        return Unenforceable(message)
+    if code == _RESOURCE_EXHAUSTED:
+        return ResourceExhausted(message)
+    if code == _UNAVAILABLE:
+        return ShuttingDown(message or "the server is shutting down")
+    return RemoteError(code, message)
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+        raise InvalidRequest("timeout", f"must be a positive number of seconds, got {timeout!r}")
+
+
+# --- the sans-I/O layer: purerpc's GRPCConnection, client side ---------------------------
+
+
+class _Data:
+    """DATA on a stream: raw bytes and their flow-controlled length (with padding)."""
+
+    __slots__ = ("data", "flow", "stream_id")
+
+    def __init__(self, stream_id: int, data: bytes, flow: int) -> None:
+        self.stream_id = stream_id
+        self.data = data
+        self.flow = flow
+
+
+class _Ended:
+    """END_STREAM on a stream (after trailers, or without them: a broken response)."""
+
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class _Reset:
+    """The server reset a stream (RST_STREAM)."""
+
+    __slots__ = ("error_code", "stream_id")
+
+    def __init__(self, stream_id: int, error_code: int) -> None:
+        self.stream_id = stream_id
+        self.error_code = error_code
+
+
+class _GoAway:
+    """The server sent GOAWAY: streams above ``last_stream_id`` were never processed."""
+
+    __slots__ = ("error_code", "last_stream_id")
+
+    def __init__(self, error_code: int, last_stream_id: int) -> None:
+        self.error_code = error_code
+        self.last_stream_id = last_stream_id
+
+
+class _BadResponse:
+    """Response headers or trailers that are not gRPC: that call fails, the others go on."""
+
+    __slots__ = ("reason", "stream_id")
+
+    def __init__(self, stream_id: int, reason: str) -> None:
+        self.stream_id = stream_id
+        self.reason = reason
+
+
+def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
+    """RFC 7541 §5.1 integer, its first byte OR-ed with ``first``."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes([first | value])
+    out = [first | limit]
+    value -= limit
+    while value >= 128:
+        out.append(value % 128 + 128)
+        value //= 128
+    out.append(value)
+    return bytes(out)
+
+
+def _literal(name: str, value: str, static_index: int = 0) -> bytes:
+    """Literal header field without indexing (RFC 7541 §6.2.2), no Huffman: it leaves the
+    dynamic table alone, so the block is valid whatever the table holds."""
+    raw = value.encode("utf-8")
+    encoded = _hpack_int(len(raw), 7) + raw
+    if static_index:
+        return _hpack_int(static_index, 4) + encoded
+    key = name.encode("ascii")
+    return b"\x00" + _hpack_int(len(key), 7) + key + encoded
+
+
+class _Headers(list[tuple[str, str]]):
+    """A request's header list together with its HPACK block, encoded once per method."""
+
+    block: bytes
+
+
+def _request_headers(path: str, authority: str) -> _Headers:
+    headers = _Headers(
+        [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":path", path),
+            (":authority", authority),
+            ("te", "trailers"),
+            ("content-type", "application/grpc+proto"),
+            ("user-agent", _USER_AGENT),
+        ]
+    )
+    headers.block = (
+        b"\x83"  # static entry 3, ":method: POST"
+        + b"\x87"  # static entry 7, ":scheme: https"
+        + _literal(":path", path, 4)
+        + _literal(":authority", authority, 1)
+        + _literal("te", "trailers")
+        + _literal("content-type", "application/grpc+proto", 31)
+        + _literal("user-agent", _USER_AGENT, 58)
+    )
+    return headers
+
+
+def _with_timeout(base: _Headers, timeout: float) -> _Headers:
+    value = _grpc_timeout(timeout)
+    headers = _Headers([*base, ("grpc-timeout", value)])
+    headers.block = base.block + _literal("grpc-timeout", value)
+    return headers
+
+
+class _RequestEncoder(hpack.Encoder):  # type: ignore[misc]
+    """hpack's encoder, handing out our pre-encoded request blocks (hpack spends more time
+    on a request's headers than everything else the client does for a small call)."""
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        # A pending table size change must lead the next block: let hpack write that one.
+        if type(headers) is _Headers and not self.header_table.resized:
+            return headers.block
+        return bytes(super().encode(headers, huffman))
+
+
+class _ResponseDecoder(hpack.Decoder):  # type: ignore[misc]
+    """hpack's decoder, remembering blocks whose decoding left the dynamic table unchanged.
+
+    The server sends the same response headers and trailers for most calls (encoded as
+    literals that never touch the table): the same bytes decode to the same headers as
+    long as the table is the same, which "same front entry, length and size" tells.
+    """
+
+    _MAX_ENTRIES = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: dict[tuple[bytes, bool], tuple[Any, ...]] = {}
+        self._state: tuple[Any, ...] = ()
+
+    def _table_state(self) -> tuple[Any, ...]:
+        table = self.header_table
+        entries = table.dynamic_entries
+        return (entries[0] if entries else None, len(entries), table.maxsize)
+
+    def decode(self, data: Any, raw: bool = False) -> list[Any]:
+        state = self._table_state()
+        known = self._state
+        if not known or state[0] is not known[0] or state[1:] != known[1:]:
+            self._cache.clear()
+            self._state = state
+        key = (bytes(data), raw)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return list(hit)
+        headers: list[Any] = super().decode(data, raw)
+        after = self._table_state()
+        if after[0] is state[0] and after[1:] == state[1:] and len(self._cache) < self._MAX_ENTRIES:
+            self._cache[key] = tuple(headers)
+        return headers
+
+
+class _ClientH2(h2.connection.H2Connection):  # type: ignore[misc]
+    """h2's connection, kept usable after a GOAWAY and handing out output without a copy.
+
+    h2 3.x closes its state machine on GOAWAY and drops unsent output, after which it would
+    refuse the WINDOW_UPDATEs the streams the server is still finishing need (a graceful
+    drain). We only stop opening streams on this connection.
+    """
+
+    _data_to_send: bytearray
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors._error_code_from_int(frame.error_code)
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+    def data_to_send(self, amount: int | None = None) -> bytes | bytearray:
+        if amount is not None:
+            return bytes(super().data_to_send(amount))
+        data = self._data_to_send
+        self._data_to_send = bytearray()
+        return data
+
+    @property
+    def outbound_buffered(self) -> int:
+        return len(self._data_to_send)
+
+
+class _GRPCClientConnection(GRPCConnection):  # type: ignore[misc]
+    """purerpc's ``GRPCConnection`` for a client, with our settings and complete events.
+
+    purerpc's version raises out of ``receive_data`` on a malformed response (losing the
+    other events of that read), drops RST_STREAM and GOAWAY, and reassembles messages in a
+    buffer it acknowledges by itself; messages and flow control are the transport's here.
+    """
+
+    def __init__(self) -> None:
+        # Not super().__init__(): it builds a plain H2Connection with purerpc's settings.
+        self.config = GRPCConfiguration(
+            client_side=True, user_agent=_USER_AGENT, max_message_length=_MAX_MESSAGE
+        )
+        h2c = _ClientH2(
+            h2.config.H2Configuration(
+                client_side=True,
+                header_encoding="utf-8",
+                # Our request headers are fixed and well formed, and the server's are
+                # parsed by purerpc anyway: skip h2's re-checking of both.
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+                validate_inbound_headers=False,
+                normalize_inbound_headers=False,
+            )
+        )
+        h2c.encoder = _RequestEncoder()
+        h2c.decoder = _ResponseDecoder()
+        h2c.decoder.max_header_list_size = _MAX_HEADER_LIST
+        codes = h2.settings.SettingCodes
+        h2c.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={
+                # MAX_CONCURRENT_STREAMS is left unlimited although the server opens no
+                # streams: h2 checks it before noticing that HEADERS are for a stream we
+                # reset (trailers crossing our RST_STREAM), and 0 would kill the connection.
+                codes.ENABLE_PUSH: 0,
+                codes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
+                codes.MAX_FRAME_SIZE: _MAX_FRAME,
+                codes.MAX_HEADER_LIST_SIZE: _MAX_HEADER_LIST,
+            },
+        )
+        h2c.max_inbound_frame_size = _MAX_FRAME
+        self.h2_connection: _ClientH2 = h2c
+        self.message_read_buffers: dict[int, Any] = {}
+        self.settings_received = False
+
+    def initiate_connection(self) -> None:
+        h2c = self.h2_connection
+        h2c.initiate_connection()
+        h2c.increment_flow_control_window(_CONNECTION_WINDOW - int(h2c.inbound_flow_control_window))
+
+    def _response_received(self, event: Any) -> list[Any]:
+        headers = HeaderDict(event.headers)
+        stream_id: int = event.stream_id
+        try:
+            received = ResponseReceived.parse_from_stream_id_and_headers_destructive(
+                stream_id, headers
+            )
+            if event.stream_ended:  # trailers-only: the status is in these headers
+                return [
+                    received,
+                    ResponseEnded.parse_from_stream_id_and_headers_destructive(stream_id, headers),
+                ]
+        except (GRPCProtocolError, KeyError, ValueError, TypeError) as exc:
+            return [_BadResponse(stream_id, f"not a gRPC response ({exc})")]
+        return [received]
+
+    def _trailers_received(self, event: Any) -> list[Any]:
+        try:
+            return [
+                ResponseEnded.parse_from_stream_id_and_headers_destructive(
+                    event.stream_id, HeaderDict(event.headers)
+                )
+            ]
+        except (GRPCProtocolError, KeyError, ValueError, TypeError) as exc:
+            return [_BadResponse(event.stream_id, f"malformed trailers ({exc})")]
+
+    def _data_received(self, event: Any) -> list[Any]:
+        return [_Data(event.stream_id, event.data, event.flow_controlled_length)]
+
+    def _stream_ended(self, event: Any) -> list[Any]:
+        return [_Ended(event.stream_id)]
+
+    def _stream_reset(self, event: Any) -> list[Any]:
+        return [_Reset(event.stream_id, int(event.error_code))]
+
+    def _connection_terminated(self, event: Any) -> list[Any]:
+        return [_GoAway(int(event.error_code), int(event.last_stream_id))]
+
+    def _remote_settings_changed(self, event: Any) -> list[Any]:
+        self.settings_received = True
+        return [WindowUpdated(stream_id=0, delta=1)]
+
+
+# --- one call ----------------------------------------------------------------------------
+
+
+class _Unprocessed(Exception):
+    """The server never processed this call (GOAWAY below its id, or it could not be sent
+    on this connection any more): safe to send again on another connection."""
+
+
+class _CallFailed(Exception):
+    """The call ended with a non-OK gRPC status."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+
+class _Call:
+    """Per-stream state, shared by the connection's reader and the caller's task.
+
+    Messages are reassembled here from DATA payloads; ``unacked`` counts the flow-controlled
+    bytes not yet handed back to h2, ``queued`` the bytes of complete messages the consumer
+    has not taken.
+    """
+
+    __slots__ = (
+        "conn",
+        "done",
+        "error",
+        "lot",
+        "messages",
+        "partial",
+        "peak",
+        "queued",
+        "status",
+        "stream_id",
+        "unacked",
+    )
+
+    def __init__(self, conn: _Connection, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.messages: deque[bytes | memoryview] = deque()
+        self.queued = 0
+        self.partial = bytearray()
+        self.unacked = 0
+        self.peak = 0
+        self.status: tuple[int, str] | None = None
+        self.error: BaseException | None = None
+        self.done = False  # nothing more will arrive
+        self.lot = trio.lowlevel.ParkingLot()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received for this call that its consumer has not taken."""
+        return self.queued + len(self.partial)
+
+    def feed(self, data: bytes) -> None:
+        """Split DATA into length-prefixed messages; raises _CallFailed on a bad prefix.
+
+        A message that lies whole in ``data`` and makes most of it is kept as a view of it
+        (no copy; a view pins at most twice its size); smaller ones are copied, and
+        messages spanning frames are assembled in ``partial``.
+        """
+        buf = self.partial
+        if buf:
+            buf += data
+            source: bytes | bytearray = buf
+        else:
+            source = data
+        total = len(source)
+        pos = 0
+        view = memoryview(source)
+        try:
+            while total - pos >= 5:
+                compressed, length = _MESSAGE_PREFIX.unpack_from(source, pos)
+                if compressed:
+                    raise _CallFailed(_INTERNAL, "the server sent a compressed message")
+                if length > _MAX_MESSAGE:
+                    raise _CallFailed(
+                        _RESOURCE_EXHAUSTED, f"response message of {length} bytes is too large"
+                    )
+                end = pos + 5 + length
+                if end > total:
+                    break
+                if source is buf or 2 * length < total:  # buf is trimmed below
+                    self.messages.append(bytes(view[pos + 5 : end]))
+                else:
+                    self.messages.append(view[pos + 5 : end])
+                self.queued += length
+                pos = end
+            if source is not buf and pos < total:
+                self.partial = bytearray(view[pos:])
+        finally:
+            view.release()
+        if source is buf and pos:
+            del buf[:pos]
+
+    def take(self) -> bytes | memoryview:
+        message = self.messages.popleft()
+        self.queued -= len(message)
+        return message
+
+    def finish(
+        self, status: tuple[int, str] | None = None, error: BaseException | None = None
+    ) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.status = status
+        self.error = error
+        self.lot.unpark_all()
+
+    def outcome(self) -> None:
+        """Raise what ended the call, unless it was OK."""
+        if self.error is not None:
+            raise self.error
+        assert self.status is not None
+        code, message = self.status
+        if code != _OK:
+            raise _CallFailed(code, message)
+
+
+# --- one connection ----------------------------------------------------------------------
+
+
+class _Connection:
+    """One HTTP/2 connection: a reader task, a writer task and a keepalive task."""
+
+    def __init__(
+        self, stream: trio.SSLStream[trio.SocketStream], addr: str, authority: str
+    ) -> None:
+        self._stream = stream
+        self.addr = addr
+        self._authority = authority
+        self._grpc = _GRPCClientConnection()
+        self._h2 = self._grpc.h2_connection
+        self._calls: dict[int, _Call] = {}
+        self._inbuf = bytearray()
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._flushed_lot = trio.lowlevel.ParkingLot()
+        self._window_lot = trio.lowlevel.ParkingLot()  # senders waiting for window
+        self._capacity_lot = trio.lowlevel.ParkingLot()  # calls waiting for a stream slot
+        self._writing = False
+        self._done = trio.Event()
+        self.dead = False  # nothing can be sent or received any more
+        self.goaway = False  # no new streams on this connection
+        self._closing = False
+        self._last_received = trio.current_time()
+        self._token = trio.lowlevel.current_trio_token()
+        self._headers_cache: dict[str, _Headers] = {}
+        self.finished = trio.Event()  # run() has returned: the socket is closed
+
+    @property
+    def accepting(self) -> bool:
+        """True while new calls may be opened on this connection."""
+        return not (self.dead or self.goaway or self._closing)
+
+    # -- lifecycle --
+
+    async def handshake(self) -> None:
+        """Send our preface and SETTINGS, then read until the server's SETTINGS are in.
+
+        In TLS 1.3 the server checks our certificate after our side of the handshake has
+        finished, so a refusal only shows on this first read: waiting for it here makes
+        ``connect`` report it instead of the first call.
+        """
+        self._grpc.initiate_connection()
+        try:
+            await self._stream.send_all(self._h2.data_to_send())
+            while not self._grpc.settings_received:
+                data = await self._stream.receive_some(_RECEIVE_SIZE)
+                if not data:
+                    raise ConnectionFailed(
+                        f"TLS handshake with {self.addr} failed: the server closed the "
+                        "connection (did it refuse our certificate?)"
+                    )
+                self._last_received = trio.current_time()
+                self._feed(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            reason = _tls_reason(exc, handshake=True)
+            if "our certificate" not in reason:
+                # The server's close can overtake its alert: say what it most likely meant.
+                reason += " (did it refuse our certificate?)"
+            raise ConnectionFailed(f"TLS handshake with {self.addr} failed: {reason}") from exc
+        except (h2.exceptions.ProtocolError, GRPCProtocolError) as exc:
+            raise ConnectionFailed(f"{self.addr} does not speak HTTP/2 as expected: {exc}") from exc
+        self._wake_writer()
+
+    async def run(self) -> None:
+        """Serve the connection until it is lost, closed, or drained by the server."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._keepalive)
+                await self._done.wait()
+                if not self.dead:
+                    with trio.move_on_after(_CLOSE_TIMEOUT):
+                        await self._flushed()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._lost("the connection was closed")
+            await trio.aclose_forcefully(self._stream)
+            self.finished.set()
+
+    def close(self) -> None:
+        """Close gracefully: GOAWAY, then close; pending calls fail with ConnectionFailed."""
+        if self.dead or self._closing:
+            return
+        self._closing = True
+        for call in list(self._calls.values()):
+            self._forget(call, ConnectionFailed(f"the connection to {self.addr} was closed"))
+        with suppress(h2.exceptions.ProtocolError):
+            self._h2.close_connection()
+        self._wake_writer()
+        self._done.set()
+
+    def _lost(self, reason: str) -> None:
+        """The connection is unusable: fail every pending call at once."""
+        if self.dead:
+            return
+        self.dead = True
+        calls = list(self._calls.values())
+        self._calls.clear()
+        for call in calls:
+            call.finish(error=ConnectionFailed(f"lost the connection to {self.addr}: {reason}"))
+        if calls:
+            log.debug(
+                "connection to %s lost with %d call(s) pending: %s", self.addr, len(calls), reason
+            )
+        self._window_lot.unpark_all()
+        self._capacity_lot.unpark_all()
+        self._flushed_lot.unpark_all()
+        self._done.set()
+
+    async def _keepalive(self) -> None:
+        """Ping a silent connection while calls wait on it; no answer means it is gone."""
+        while True:
+            await trio.sleep_until(self._last_received + _PING_AFTER)
+            now = trio.current_time()
+            if not self._calls or now < self._last_received + _PING_AFTER:
+                if not self._calls:
+                    await trio.sleep(_PING_AFTER)
+                continue
+            with suppress(h2.exceptions.ProtocolError):
+                self._h2.ping(b"trioping")
+            self._wake_writer()
+            deadline = now + _PING_TIMEOUT
+            while self._last_received < now:
+                await trio.sleep_until(deadline)
+                if self._last_received >= now:
+                    break
+                if trio.current_time() - deadline > 0.5:
+                    # We overslept: our own loop was blocked, and the answer may be waiting
+                    # unread. Give the reader a moment before blaming the server.
+                    deadline = trio.current_time() + 0.5
+                    continue
+                silent = math.ceil(trio.current_time() - self._last_received)
+                self._lost(f"no answer from the server for {silent} s")
+                return
+
+    # -- reading --
+
+    async def _reader(self) -> None:
+        stream = self._stream
+        while True:
+            try:
+                data = await stream.receive_some(_RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._lost(_tls_reason(exc))
+                return
+            if not data:
+                self._lost("the server closed the connection")
+                return
+            self._last_received = trio.current_time()
+            try:
+                self._feed(data)
+            except (h2.exceptions.ProtocolError, GRPCProtocolError) as exc:
+                self._lost(f"HTTP/2 protocol error: {exc}")
+                # h2 has queued a GOAWAY: best effort, the writer is cancelled soon.
+                self._wake_writer()
+                return
+            self._wake_writer_if_output()
+
+    def _feed(self, data: bytes | bytearray) -> None:
+        """Hand h2 whole frames only, a few at a time.
+
+        h2's frame buffer copies its whole content for every chunk added and every frame
+        taken, which is quadratic for a 1 MiB frame arriving in 16 KiB TLS records; we
+        gather the records here (a bytearray appends and trims in place) instead.
+        """
+        buf = self._inbuf
+        buf += data
+        while len(buf) >= _FRAME_HEADER_SIZE:
+            end = 0
+            size = len(buf)
+            while size - end >= _FRAME_HEADER_SIZE:
+                length = (buf[end] << 16) | (buf[end + 1] << 8) | buf[end + 2]
+                if length > _MAX_FRAME:
+                    raise h2.exceptions.FrameTooLargeError(
+                        f"frame of {length} bytes, over our limit of {_MAX_FRAME}"
+                    )
+                frame_end = end + _FRAME_HEADER_SIZE + length
+                if frame_end > size or (end and frame_end > _FEED_BYTES):
+                    break
+                end = frame_end
+            if not end:
+                return
+            with memoryview(buf) as view:
+                chunk = bytes(view[:end])
+            del buf[:end]
+            for event in self._grpc.receive_data(chunk):
+                self._on_event(event)
+
+    def _on_event(self, event: Any) -> None:
+        kind = type(event)
+        if kind is _Data:
+            self._on_data(event)
+        elif kind is ResponseReceived:
+            if event.message_encoding not in (None, "identity"):
+                call = self._calls.get(event.stream_id)
+                if call is not None:
+                    reason = f"the server used grpc-encoding {event.message_encoding}"
+                    self._fail_stream(call, _CallFailed(_INTERNAL, reason))
+        elif kind is ResponseEnded:
+            call = self._calls.get(event.stream_id)
+            if call is not None:
+                status = event.status
+                self._end(call, status=(int(status.int_value), str(status.status_message)))
+        elif kind is _Ended:
+            call = self._calls.get(event.stream_id)
+            if call is not None:  # END_STREAM without trailers
+                self._end(call, error=_CallFailed(_INTERNAL, "the server sent no status"))
+        elif kind is WindowUpdated:
+            self._window_lot.unpark_all()
+            self._capacity_lot.unpark_all()
+        elif kind is _Reset:
+            self._on_reset(event)
+        elif kind is _GoAway:
+            self._on_goaway(event)
+        elif kind is _BadResponse:
+            call = self._calls.get(event.stream_id)
+            if call is not None:
+                self._fail_stream(call, _CallFailed(_INTERNAL, event.reason))
+
+    def _on_data(self, event: _Data) -> None:
+        call = self._calls.get(event.stream_id)
+        if call is None:  # cancelled by us: give the connection window back
+            if event.flow:
+                self._h2.acknowledge_received_data(event.flow, event.stream_id)
+            return
+        call.unacked += event.flow
+        try:
+            call.feed(event.data)
+        except _CallFailed as exc:
+            self._fail_stream(call, exc)
+            return
+        if call.queued <= _ACK_BELOW:
+            self._ack(call)
+        if call.buffered > call.peak:
+            call.peak = call.buffered
+        if call.messages:
+            call.lot.unpark_all()
+
+    def _on_reset(self, event: _Reset) -> None:
+        call = self._calls.get(event.stream_id)
+        if call is None:
+            return
+        code = event.error_code
+        if code == h2.errors.ErrorCodes.REFUSED_STREAM:
+            failure = _CallFailed(
+                _RESOURCE_EXHAUSTED, "the server refused the call (too many calls)"
+            )
+        elif code == h2.errors.ErrorCodes.CANCEL:
+            failure = _CallFailed(_CANCELLED, "the server cancelled the call")
+        else:
+            try:
+                name = h2.errors.ErrorCodes(code).name
+            except ValueError:
+                name = str(code)
+            failure = _CallFailed(_INTERNAL, f"the server reset the call ({name})")
+        self._end(call, error=failure)
+
+    def _on_goaway(self, event: _GoAway) -> None:
+        """No new streams here; those the server never saw may be sent again elsewhere."""
+        self.goaway = True
+        if event.error_code:
+            log.info("%s sent GOAWAY with error %s", self.addr, event.error_code)
+        for call in list(self._calls.values()):
+            if call.stream_id > event.last_stream_id:
+                self._end(call, error=_Unprocessed())
+        self._capacity_lot.unpark_all()
+        if not self._calls:
+            self._done.set()
+
+    # -- calls --
+
+    def _headers(self, path: str, timeout: float | None) -> _Headers:
+        base = self._headers_cache.get(path)
+        if base is None:
+            base = self._headers_cache[path] = _request_headers(path, self._authority)
+        return base if timeout is None else _with_timeout(base, timeout)
+
+    async def open_call(self, path: str, payload: bytes, deadline: float) -> _Call:
+        """Open a stream and send the request (headers, message and END_STREAM, in one
+        write when the window allows). Raises _Unprocessed if this connection cannot take
+        new calls any more."""
+        h2c = self._h2
+        while True:
+            if not self.accepting:
+                raise _Unprocessed()
+            if h2c.open_outbound_streams < h2c.remote_settings.max_concurrent_streams:
+                break
+            await self._capacity_lot.park()
+        stream_id = int(h2c.get_next_available_stream_id())
+        timeout = None if deadline == math.inf else deadline - trio.current_time()
+        h2c.send_headers(stream_id, self._headers(path, timeout), end_stream=False)
+        call = _Call(self, stream_id)
+        self._calls[stream_id] = call
+        try:
+            await self._send_request(call, _MESSAGE_PREFIX.pack(0, len(payload)) + payload)
+        except BaseException:
+            self.cancel(call)
+            raise
+        return call
+
+    async def _send_request(self, call: _Call, data: bytes) -> None:
+        h2c = self._h2
+        view = memoryview(data)
+        while view:
+            if call.done or self.dead:
+                return  # answered (or failed) before we finished sending
+            try:
+                window = int(h2c.local_flow_control_window(call.stream_id))
+            except h2.exceptions.StreamClosedError:
+                return
+            n = min(len(view), window, int(h2c.max_outbound_frame_size))
+            if n > 0:
+                last = n == len(view)
+                h2c.send_data(
+                    call.stream_id,
+                    data if last and len(view) == len(data) else bytes(view[:n]),
+                    end_stream=last,
+                )
+                view = view[n:]
+                self._wake_writer()
+            if view:
+                await self._window_lot.park()
+
+    async def wait(self, call: _Call) -> None:
+        while not call.done:
+            await call.lot.park()
+
+    async def next_message(self, call: _Call) -> bytes | memoryview | None:
+        """The call's next message, None after the last one; raises what ended it."""
+        while True:
+            if call.messages:
+                message = call.take()
+                if call.unacked and call.queued <= _ACK_BELOW and not self.dead:
+                    self._ack(call)
+                    self._wake_writer_if_output()
+                return message
+            if call.done:
+                call.outcome()
+                return None
+            await call.lot.park()
+
+    def _ack(self, call: _Call) -> None:
+        """Hand the call's received bytes back to h2, which sends WINDOW_UPDATE in batches."""
+        if call.unacked and not self.dead:
+            amount, call.unacked = call.unacked, 0
+            self._h2.acknowledge_received_data(amount, call.stream_id)
+
+    def _end(
+        self,
+        call: _Call,
+        *,
+        status: tuple[int, str] | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """The server is done with this stream: deliver the outcome, free the slot."""
+        self._calls.pop(call.stream_id, None)
+        # Nothing more can arrive on it: no reason to hold back its window.
+        self._ack(call)
+        call.finish(status, error)
+        self._capacity_lot.unpark_all()
+        self._window_lot.unpark_all()  # its request may be waiting for window: stop it
+        if self.goaway and not self._calls:
+            self._done.set()
+
+    def _fail_stream(self, call: _Call, error: BaseException) -> None:
+        """End a call the server has not ended (a response we cannot read): reset it."""
+        self._reset(call.stream_id, h2.errors.ErrorCodes.CANCEL)
+        self._end(call, error=error)
+        call.messages.clear()
+        call.queued = 0
+        call.partial = bytearray()
+        self._wake_writer()
+
+    def _forget(self, call: _Call, error: BaseException) -> None:
+        if call.done:
+            return
+        self._fail_stream(call, error)
+
+    def cancel(self, call: _Call) -> None:
+        """The caller gave up on ``call`` (cancelled, closed, abandoned): reset the stream."""
+        if not call.done:
+            if self.dead:
+                call.finish(error=ConnectionFailed(f"the connection to {self.addr} was closed"))
+                return
+            self._fail_stream(call, _CallFailed(_CANCELLED, "cancelled by the client"))
+        else:
+            call.messages.clear()
+            call.queued = 0
+
+    def cancel_soon(self, call: _Call) -> None:
+        """``cancel`` from anywhere (a finalizer): run it from the trio loop."""
+        if call.done:
+            return
+        with suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self.cancel, call)
+
+    def _reset(self, stream_id: int, code: int) -> None:
+        if self.dead:
+            return
+        with suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self._h2.reset_stream(stream_id, code)
+
+    # -- writing --
+
+    def _wake_writer(self) -> None:
+        self._writer_lot.unpark_all()
+
+    def _wake_writer_if_output(self) -> None:
+        if self._h2.outbound_buffered:
+            self._writer_lot.unpark_all()
+
+    async def _flushed(self) -> None:
+        while (self._h2.outbound_buffered or self._writing) and not self.dead:
+            self._wake_writer()
+            await self._flushed_lot.park()
+
+    async def _writer(self) -> None:
+        """Send whatever h2 has queued, in one write per wake-up."""
+        h2c = self._h2
+        stream = self._stream
+        while True:
+            data = h2c.data_to_send()
+            if not data:
+                self._flushed_lot.unpark_all()
+                await self._writer_lot.park()
+                continue
+            self._writing = True
+            try:
+                await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._lost(_tls_reason(exc))
+                return
+            finally:
+                self._writing = False
+
+
+# --- dialing -----------------------------------------------------------------------------
+
+
+class _Dialer:
+    """Everything needed to open a connection to one server, again and again."""
+
+    def __init__(
+        self,
+        addr: str,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None,
+        timeout: float,
+    ) -> None:
+        self.addr = addr
+        self.host, self.port = _parse_addr(addr)
+        self._ssl_context = ssl_context
+        self._server_hostname = server_hostname or self.host
+        self._timeout = timeout
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self._authority = f"{host}:{self.port}"
+
+    async def dial(self) -> _Connection:
+        """TCP, TLS handshake, HTTP/2 settings exchange, all within ``timeout``."""
+        addr, timeout = self.addr, self._timeout
+        deadline = trio.current_time() + timeout
+        tcp: trio.SocketStream | None = None
+        with trio.move_on_at(deadline):
+            try:
+                tcp = await trio.open_tcp_stream(self.host, self.port)
+            except (OSError, UnicodeError) as exc:
+                reason = _connect_reason(exc) if isinstance(exc, OSError) else str(exc)
+                raise ConnectionFailed(f"cannot connect to {addr}: {reason}") from exc
+        if tcp is None:
+            raise ConnectionFailed(f"cannot connect to {addr}: no answer within {timeout:g} s")
+        ssl_stream = trio.SSLStream(tcp, self._ssl_context, server_hostname=self._server_hostname)
+        try:
+            _set_keepalive(tcp.socket)
+            handshaken = False
+            with trio.move_on_at(deadline):
+                try:
+                    await ssl_stream.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    raise ConnectionFailed(
+                        f"TLS handshake with {addr} failed: {_tls_reason(exc, handshake=True)}"
+                    ) from exc
+                handshaken = True
+            if not handshaken:
+                raise ConnectionFailed(f"TLS handshake with {addr} timed out after {timeout:g} s")
+            if ssl_stream.selected_alpn_protocol() != ALPN_PROTOCOL:
+                raise ConnectionFailed(
+                    f"TLS handshake with {addr} failed: the server does not offer HTTP/2 "
+                    "(ALPN h2); is it a trio-worker server?"
+                )
+            conn = _Connection(ssl_stream, addr, self._authority)
+            ready = False
+            with trio.move_on_at(deadline):
+                await conn.handshake()
+                ready = True
+            if not ready:
+                raise ConnectionFailed(f"{addr} sent no HTTP/2 settings within {timeout:g} s")
+        except BaseException:
+            await trio.aclose_forcefully(ssl_stream)
+            raise
+        return conn
+
+
+# --- the client ----------------------------------------------------------------------------
+
+
+class WorkerClient:
+    """A connection to one trio-worker server; get one from :func:`connect`.
+
+    Every method may raise :class:`ConnectionFailed` (server unreachable, TLS refused,
+    connection lost mid-call) besides the errors named on it; statuses the client has no
+    class for arrive as :class:`RemoteError`. ``timeout`` (seconds) bounds a call: it is
+    sent to the server as the call's deadline, and expiring raises ``RemoteError`` with
+    code 4 (DEADLINE_EXCEEDED). Calls may run concurrently from any number of tasks.
+    """
+
+    def __init__(self, dialer: _Dialer, nursery: trio.Nursery) -> None:
+        self._dialer = dialer
+        self._nursery = nursery
+        self._conn: _Connection | None = None
+        self._connections: set[_Connection] = set()
+        self._lock = trio.Lock()
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        """The ``HOST:PORT`` this client talks to."""
+        return self._dialer.addr
+
+    # -- the API --
+
+    async def start(
+        self,
+        command: str,
+        args: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        limits: Limits | None = None,
+        isolation: Isolation | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
+    ) -> JobInfo:
+        """Start a job. A command that cannot be executed is a job in state FAILED, not an
+        error. Raises InvalidRequest, PermissionDenied, Unenforceable, ResourceExhausted."""
+        if isinstance(args, str | bytes):
+            raise InvalidRequest("args", "must be a sequence of strings, not one string")
+        if limits is not None and not isinstance(limits, Limits):
+            raise InvalidRequest("limits", "must be a trio_worker.Limits")
+        if isolation is not None and not isinstance(isolation, Isolation):
+            raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
+        request = pb.StartRequest()
+        with _request_field("command"):
+            request.command = command
+        with _request_field("args"):
+            request.args.extend(args)
+        with _request_field("env"):
+            request.env.update(env or {})
+        with _request_field("working_dir"):
+            request.working_dir = os.fspath(cwd) if cwd is not None else ""
+        if limits is not None:
+            with _request_field("limits"):
+                request.limits.CopyFrom(limits_to_pb(limits))
+        if isolation is not None:
+            request.isolation.CopyFrom(isolation_to_pb(isolation))
+        job = await self._unary("Start", request, pb.Job, timeout=timeout)
+        return job_from_pb(job)
+
+    async def stop(
+        self,
+        job_id: str,
+        *,
+        grace: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
+    ) -> JobInfo:
+        """SIGTERM the job's process group, SIGKILL after ``grace`` seconds (None: the
+        server's default); returns the final state. Raises JobNotFound, JobNotRunning."""
+        request = pb.StopRequest()
+        with _request_field("id"):
+            request.id = job_id
+        if grace is not None:
+            if not (isinstance(grace, int | float) and math.isfinite(grace) and grace >= 0):
+                raise InvalidRequest(
+                    "grace", f"must be a non-negative number of seconds, got {grace!r}"
+                )
+            with _request_field("grace"):  # OverflowError beyond timedelta's range
+                request.grace.CopyFrom(seconds_to_duration(grace))
+        return job_from_pb(await self._unary("Stop", request, pb.Job, job_id, timeout=timeout))
+
+    async def signal(
+        self,
+        job_id: str,
+        signum: int,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
+    ) -> JobInfo:
+        """Send ``signum`` to the job's process group. Raises JobNotFound, JobNotRunning,
+        InvalidRequest (not a signal)."""
+        request = pb.SignalRequest()
+        with _request_field("id"):
+            request.id = job_id
+        with _request_field("signal"):
+            request.signal = int(signum)
+        return job_from_pb(await self._unary("Signal", request, pb.Job, job_id, timeout=timeout))
+
+    async def status(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
+    ) -> JobInfo:
+        """The job's current state. Raises JobNotFound."""
+        request = pb.StatusRequest()
+        with _request_field("id"):
+            request.id = job_id
+        return job_from_pb(await self._unary("Status", request, pb.Job, job_id, timeout=timeout))
+
+    async def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
+    ) -> JobInfo:
+        """Wait for the job to end; its final state. Raises JobNotFound."""
+        request = pb.WaitRequest()
+        with _request_field("id"):
+            request.id = job_id
+        return job_from_pb(await self._unary("Wait", request, pb.Job, job_id, timeout=timeout))
+
+    async def list(
+        self,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
+    ) -> list[JobInfo]:
+        """Every job this client may see."""
+        response = await self._unary("List", pb.ListRequest(), pb.ListResponse, timeout=timeout)
+        return [job_from_pb(job) for job in response.jobs]
+
+    def output(
+        self,
+        job_id: str,
+        *,
+        offset: int = 0,
+        follow: bool = True,
+        timeout: float | None = None,
+    ) -> OutputIterator:
+        """The job's output from byte ``offset`` of its combined log; with ``follow``, live
+        until the job ends. Iterate it with ``async for``; ``aclose()`` it (or use it as
+        ``async with``) to stop early. Raises JobNotFound when iterated."""
+        request = pb.OutputRequest()
+        with _request_field("id"):
+            request.id = job_id
+        if not isinstance(offset, int) or offset < 0:
+            raise InvalidRequest("offset", f"must be a non-negative integer, got {offset!r}")
+        with _request_field("offset"):
+            request.offset = offset
+        request.follow = bool(follow)
+        _check_timeout(timeout)
+        return OutputIterator(self, request, timeout)
+
+    # -- plumbing --
+
+    async def _connection(self) -> _Connection:
+        """The connection to use for a new call, opening a new one if the last has ended."""
+        conn = self._conn
+        if conn is not None and conn.accepting:
+            return conn
+        async with self._lock:
+            if self._closed:
+                raise ConnectionFailed(f"the client for {self.address} is closed")
+            conn = self._conn
+            if conn is None or not conn.accepting:
+                conn = await self._dialer.dial()
+                self._adopt(conn)
+            return conn
+
+    async def _run(self, conn: _Connection) -> None:
+        try:
+            await conn.run()
+        finally:
+            self._connections.discard(conn)
+
+    async def _open(self, method: str, payload: bytes, deadline: float) -> _Call:
+        """Open a call, sending it again on a new connection while the server says it
+        never processed it."""
+        for _ in range(_ATTEMPTS):
+            conn = await self._connection()
+            try:
+                return await conn.open_call(f"/{_SERVICE}/{method}", payload, deadline)
+            except _Unprocessed:
+                continue
+        raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
+
+    async def _unary(
+        self,
+        method: str,
+        request: Any,
+        response_type: type[M],
+        job_id: str | None = None,
+        *,
+        timeout: float | None,  # noqa: ASYNC109 - also sent as grpc-timeout
+    ) -> M:
+        _check_timeout(timeout)
+        payload = request.SerializeToString()
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        with trio.move_on_at(deadline):
+            for _ in range(_ATTEMPTS):
+                call = await self._open(method, payload, deadline)
+                conn = call.conn
+                try:
+                    await conn.wait(call)
+                    call.outcome()
+                except _Unprocessed:
+                    continue
+                except _CallFailed as exc:
+                    raise _status_error(exc.code, exc.message, job_id) from None
+                finally:
+                    if not call.done:
+                        conn.cancel(call)
+                if len(call.messages) != 1:
+                    raise RemoteError(
+                        _INTERNAL, f"expected one response message, got {len(call.messages)}"
+                    )
+                return _parse(response_type, call.take())
+            raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
+        raise RemoteError(_DEADLINE_EXCEEDED, f"deadline exceeded after {timeout:g} s")
+
+    def _adopt(self, conn: _Connection) -> None:
+        self._conn = conn
+        self._connections.add(conn)
+        self._nursery.start_soon(self._run, conn)
+
+    async def _aclose(self) -> None:
+        """Send GOAWAY on every connection and give the writers a moment to flush it."""
+        self._closed = True
+        connections = list(self._connections)
+        for conn in connections:
+            conn.close()
+        with trio.move_on_after(_CLOSE_TIMEOUT):
+            for conn in connections:
+                await conn.finished.wait()
+
+
+def _parse(message_type: type[M], data: bytes | memoryview) -> M:
+    try:
+        return message_type.FromString(data)  # type: ignore[attr-defined,no-any-return]
+    except DecodeError:
+        raise RemoteError(_INTERNAL, "the server sent a malformed response message") from None
+
+
+@contextmanager
+def _request_field(field: str) -> Iterator[None]:
+    """Turn protobuf's TypeError/ValueError on a bad argument into InvalidRequest(field)."""
+    try:
+        yield
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidRequest(field, str(exc)) from None
+
+
+class OutputIterator:
+    """The chunks of a job's output, as an async iterator: ``async for chunk in it``.
+
+    The call starts on the first ``__anext__``. Up to ``_ACK_BELOW + _STREAM_WINDOW`` bytes
+    plus one message (1.75 MiB with the server's 256 KiB chunks) are buffered ahead of the
+    consumer, never more: the server is held back by HTTP/2 flow control instead
+    (``buffered_bytes`` and ``peak_buffered_bytes`` show it). ``aclose()`` (or leaving an
+    ``async with`` block) resets the stream and leaves the connection to other calls; an
+    iterator dropped without closing is reset when it is garbage-collected. A cancelled
+    ``__anext__`` loses nothing: the next one carries on.
+    """
+
+    def __init__(self, client: WorkerClient, request: Any, timeout: float | None) -> None:
+        self._client = client
+        self._request = request
+        self._job_id: str = request.id
+        self._timeout = timeout
+        self._deadline: float | None = None
+        self._call: _Call | None = None
+        self._finished = False
+
+    def __aiter__(self) -> OutputIterator:
+        return self
+
+    async def __aenter__(self) -> OutputIterator:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet taken by the consumer."""
+        return 0 if self._call is None else self._call.buffered
+
+    @property
+    def peak_buffered_bytes(self) -> int:
+        """The most ``buffered_bytes`` has been."""
+        return 0 if self._call is None else self._call.peak
+
+    async def __anext__(self) -> OutputChunk:
+        if self._finished:
+            raise StopAsyncIteration
+        if self._deadline is None:
+            timeout = self._timeout
+            self._deadline = math.inf if timeout is None else trio.current_time() + timeout
+        with trio.move_on_at(self._deadline):
+            try:
+                if self._call is None:
+                    await self._start()
+                    assert self._call is not None
+                call = self._call
+                message = await call.conn.next_message(call)
+            except _CallFailed as exc:
+                self._finished = True
+                raise _status_error(exc.code, exc.message, self._job_id) from None
+            except TrioWorkerError:
+                self._finished = True
+                raise
+            except _Unprocessed:  # only a confused server would do this after answering
+                self._finished = True
+                raise ConnectionFailed(
+                    f"{self._client.address} dropped the output stream unprocessed"
+                ) from None
+            if message is None:
+                self._finished = True
+                raise StopAsyncIteration
+            return chunk_from_pb(_parse(pb.OutputChunk, message))
+        await self.aclose()
+        raise RemoteError(_DEADLINE_EXCEEDED, f"deadline exceeded after {self._timeout:g} s")
+
+    async def _start(self) -> None:
+        client = self._client
+        assert self._deadline is not None
+        payload = self._request.SerializeToString()
+        for _ in range(_ATTEMPTS):
+            call = await client._open("Output", payload, self._deadline)
+            # A GOAWAY can still say the server never saw it, before any message arrived.
+            while not call.messages and not call.done:
+                try:
+                    await call.lot.park()
+                except BaseException:
+                    call.conn.cancel(call)
+                    raise
+            if call.done and isinstance(call.error, _Unprocessed):
+                continue
+            self._call = call
+            return
+        raise ConnectionFailed(f"{client.address} keeps closing connections before taking calls")
+
+    async def aclose(self) -> None:
+        """Stop early: reset the stream; the connection goes on serving other calls."""
+        self._finished = True
+        call = self._call
+        if call is not None:
+            call.conn.cancel(call)
+        await trio.lowlevel.checkpoint()
+
+    def __del__(self) -> None:
+        call = self._call
+        if call is not None and not call.done:
+            with suppress(Exception):
+                call.conn.cancel_soon(call)
+
+
+# --- connecting --------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def connect(
+    addr: str,
+    *,
+    ca: Path | str,
+    cert: Path | str,
+    key: Path | str,
+    server_hostname: str | None = None,
+    timeout: float = 10.0,  # noqa: ASYNC109 - bounds connecting only
+) -> AsyncIterator[WorkerClient]:
+    """Connect to the server at ``HOST:PORT`` (``[V6]:PORT``) over mutual TLS.
+
+    ``ca`` verifies the server's certificate, whose names must include ``server_hostname``
+    (default: the host of ``addr``); ``cert``/``key`` are ours, and carry our identity and
+    role. The TCP connect, TLS handshake and HTTP/2 settings exchange must complete within
+    ``timeout`` seconds. Raises ConnectionFailed (unreachable, TLS failed or refused),
+    TLSConfigError (unreadable certificate or key), InvalidRequest (malformed ``addr``).
+    Leaving the block closes the connection; calls still pending then fail.
+    """
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise InvalidRequest("timeout", f"must be a positive number of seconds, got {timeout!r}")
+    context = client_context(ca=Path(ca), cert=Path(cert), key=Path(key))
+    dialer = _Dialer(addr, context, server_hostname, timeout)
+    # Dialed outside the nursery, so that its errors do not come out in an ExceptionGroup.
+    first = await dialer.dial()
+    body_error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        client = WorkerClient(dialer, nursery)
+        client._adopt(first)
+        try:
+            yield client
+        except BaseException as exc:
+            # Raised again outside the nursery, so the caller's own exception does not come
+            # out wrapped in an ExceptionGroup.
+            body_error = exc
+        finally:
+            with trio.CancelScope(shield=True):
+                await client._aclose()
+            nursery.cancel_scope.cancel()
+    if body_error is not None:
+        try:
+            raise body_error
+        finally:
+            body_error = None
