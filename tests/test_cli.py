@@ -1,0 +1,785 @@
+"""The ``trio-worker`` console script end to end: a real server subprocess, real TLS.
+
+Every client call runs the console script in a subprocess with a fresh temporary HOME (no
+XDG or TRIO_WORKER variables from the developer's environment), as a new user would. One
+development-mode server is shared by the module; the certificates/roles tests share a
+second one started with certificates from ``trio-worker certs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import grpc
+import pytest
+import trio
+
+from trio_worker import pki
+from trio_worker._identity import Role
+from trio_worker._pb import worker_pb2 as pb
+
+_SCRIPT = Path(sys.executable).with_name("trio-worker")
+#: The console script if installed next to this Python (pip install), else the module.
+COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "trio_worker.cli"]
+
+JSON_KEYS = {
+    "id",
+    "owner",
+    "command",
+    "args",
+    "state",
+    "pid",
+    "exit_code",
+    "signal",
+    "error",
+    "started_at",
+    "ended_at",
+    "output_bytes",
+    "oom_killed",
+    "limits",
+    "isolation",
+}
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TRIO_WORKER_", "XDG_")) and k != "STATE_DIRECTORY"
+    }
+    env["HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+def own_cgroup(directory: Path) -> list[str]:
+    """Servers of one test run share a cgroup: each needs its own parent group, or one
+    would remove the other's job groups (and the parent itself when it stops)."""
+    return ["--cgroup-parent", f"trio-worker-test-{os.getpid()}-{directory.name}"]
+
+
+def cli(
+    *args: str | Path, env: dict[str, str], timeout: float = 30
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*COMMAND, *map(str, args)], env=env, capture_output=True, timeout=timeout, check=False
+    )
+
+
+def cli_many(
+    calls: Sequence[Sequence[str | Path]], env: dict[str, str]
+) -> list[subprocess.CompletedProcess[bytes]]:
+    """Several independent CLI calls at once (each is mostly interpreter start-up)."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda args: cli(*args, env=env), calls))
+
+
+def ok(result: subprocess.CompletedProcess[bytes]) -> bytes:
+    assert result.returncode == 0, (result.returncode, result.stderr.decode(errors="replace"))
+    return result.stdout
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[bytes], code: int) -> str:
+    err = result.stderr.decode(errors="replace")
+    assert result.returncode == code, (result.returncode, err)
+    assert err.startswith("trio-worker: error: "), err
+    assert err.count("\n") == 1, err
+    assert err.endswith("\n"), err
+    assert "Traceback" not in err
+    return err
+
+
+# --- a server in a subprocess ---------------------------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, args: Sequence[str | Path], env: dict[str, str]) -> ServerProcess:
+        proc = subprocess.Popen(
+            [*COMMAND, "serve", *map(str, args)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        server = cls(proc)
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        for pipe, lines in ((proc.stdout, server.stdout), (proc.stderr, server.stderr)):
+            thread = threading.Thread(target=_drain, args=(pipe, lines), daemon=True)
+            thread.start()
+            server.threads.append(thread)
+        return server
+
+    def wait_for(
+        self, pattern: str, *, stream: str = "stderr", timeout: float = 20
+    ) -> re.Match[str]:
+        lines = self.stderr if stream == "stderr" else self.stdout
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(lines):
+                if match := re.search(pattern, line):
+                    return match
+            if self.proc.poll() is not None and all(not t.is_alive() for t in self.threads):
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"no {pattern!r} in the server's {stream}: {lines}")
+
+    def port(self) -> int:
+        return int(self.wait_for(r"serving on 127\.0\.0\.1:(\d+)")[1])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        for thread in self.threads:
+            thread.join(5)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        return code
+
+
+def _drain(pipe: object, lines: list[str]) -> None:
+    for raw in pipe:  # type: ignore[attr-defined]
+        lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+
+@dataclass
+class DevServer:
+    server: ServerProcess
+    home: Path
+    env: dict[str, str]
+    port: int
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home / ".local" / "state" / "trio-worker"
+
+    def __call__(
+        self, *args: str | Path, timeout: float = 30
+    ) -> subprocess.CompletedProcess[bytes]:
+        """A client command against this server (the address is the only option given)."""
+        command, *rest = args
+        return cli(command, "--addr", self.addr, *rest, env=self.env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
+    home = tmp_path_factory.mktemp("home")
+    env = clean_env(home)
+    server = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(home)], env)
+    try:
+        port = server.port()
+        server.wait_for(r"^Try it", stream="stdout")
+        yield DevServer(server, home, env, port)
+    finally:
+        assert server.stop() == 0, server.stderr
+
+
+# --- the development PKI: the first run ---------------------------------------------
+
+
+def test_first_run_prints_two_lines_and_the_command_works(dev: DevServer) -> None:
+    assert len(dev.server.stdout) == 2, dev.server.stdout
+    created, hint = dev.server.stdout
+    pki_dir = dev.state_dir / "pki"
+    assert created.startswith(f"Created a development PKI in {pki_dir}")
+    prefix = "Try it from another shell: "
+    assert hint.startswith(prefix)
+    argv = shlex.split(hint.removeprefix(prefix))
+    assert argv == ["trio-worker", "run", "--addr", dev.addr, "--", "echo", "hello"]
+    # Exactly what it says, in another "shell" with the same HOME and nothing else.
+    assert ok(cli(*argv[1:], env=dev.env)) == b"hello\n"
+
+    # Keys 0600, directories 0700, and nothing written outside the state directory.
+    for name in ("ca", "server", "admin"):
+        assert stat.S_IMODE((pki_dir / f"{name}.key").stat().st_mode) == 0o600
+        assert (pki_dir / f"{name}.pem").is_file()
+    assert stat.S_IMODE(dev.state_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(pki_dir.stat().st_mode) == 0o700
+    outside = [
+        p
+        for p in dev.home.rglob("*")
+        if not p.is_relative_to(dev.state_dir) and p not in dev.state_dir.parents
+    ]
+    assert outside == []
+
+
+def test_second_server_on_the_same_state_dir_is_refused(dev: DevServer) -> None:
+    result = cli("serve", "--listen", "127.0.0.1:0", env=dev.env)
+    err = assert_one_line_error(result, 3)
+    assert "in use by another trio-worker server" in err
+
+
+def test_restart_reuses_the_pki(tmp_path: Path) -> None:
+    env = clean_env(tmp_path, XDG_STATE_HOME=str(tmp_path / "xdg-state"))
+    first = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(tmp_path)], env)
+    first.port()
+    first.wait_for("^Try it", stream="stdout")
+    assert first.stop() == 0
+    pki_dir = tmp_path / "xdg-state" / "trio-worker" / "pki"
+    before = {p.name: p.read_bytes() for p in pki_dir.iterdir()}
+    assert set(before) == {"ca.pem", "ca.key", "server.pem", "server.key", "admin.pem", "admin.key"}
+
+    second = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(tmp_path)], env)
+    try:
+        port = second.port()
+        second.wait_for("^Try it", stream="stdout")
+        assert second.stdout[0] == f"Using the development PKI in {pki_dir}."
+        assert ok(cli("list", "--addr", f"127.0.0.1:{port}", env=env)).startswith(b"ID")
+    finally:
+        assert second.stop() == 0
+    assert {p.name: p.read_bytes() for p in pki_dir.iterdir()} == before
+
+
+# --- run and wait: exit codes -------------------------------------------------------
+
+
+def test_run_exit_codes(dev: DevServer, tmp_path: Path) -> None:
+    cases: list[tuple[list[str], int]] = [
+        (["true"], 0),
+        (["sh", "-c", "exit 7"], 7),
+        (["sh", "-c", "kill -KILL $$"], 137),
+        (["sh", "-c", "kill -TERM $$"], 143),
+        (["no-such-command-trio-worker"], 127),
+        ([str(tmp_path)], 126),  # a directory: EACCES
+    ]
+    results = cli_many([["run", "--addr", dev.addr, "--", *argv] for argv, _ in cases], dev.env)
+    for (argv, code), result in zip(cases, results, strict=True):
+        assert result.returncode == code, (argv, result.stderr)
+        if code in (126, 127):
+            err = result.stderr.decode()
+            assert err.startswith("trio-worker: job "), err
+            assert "could not be started" in err, err
+            assert err.count("\n") == 1
+        else:
+            assert result.stderr == b""
+
+
+def test_wait_and_signal(dev: DevServer) -> None:
+    script = "trap 'echo got USR1; exit 5' USR1; echo ready; while :; do sleep 0.05; done"
+    job_id = ok(dev("start", "--", "sh", "-c", script)).decode().strip()
+    deadline = time.monotonic() + 10
+    time.sleep(0.2)
+    while b"ready" not in ok(dev("logs", job_id)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert ok(dev("signal", job_id, "USR1")) == b""
+    assert dev("wait", job_id).returncode == 5
+    assert ok(dev("logs", job_id)) == b"ready\ngot USR1\n"
+    err = assert_one_line_error(dev("signal", job_id, "SIGTERM"), 7)
+    assert "not running" in err
+
+
+# --- output: bytes as they are, streams apart -----------------------------------------
+
+BINARY_JOB = (
+    "import sys, time; sys.stdout.buffer.write(bytes(range(256))); sys.stdout.flush(); "
+    "time.sleep(0.2); sys.stderr.buffer.write(bytes(range(255, -1, -1))); sys.stderr.flush()"
+)
+
+
+def test_binary_output_through_run_and_logs(dev: DevServer) -> None:
+    everything, reversed_ = bytes(range(256)), bytes(range(255, -1, -1))
+    result = dev("run", "--", sys.executable, "-c", BINARY_JOB)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == everything
+    assert result.stderr == reversed_
+
+    job_id = ok(dev("start", "--", sys.executable, "-c", BINARY_JOB)).decode().strip()
+    full = dev("logs", "--follow", job_id)  # until the job ends
+    tail, status = cli_many(
+        [
+            ["logs", "--addr", dev.addr, job_id, "--offset", "256"],
+            ["status", "--addr", dev.addr, "--json", job_id],
+        ],
+        dev.env,
+    )
+    assert (full.returncode, full.stdout, full.stderr) == (0, everything, reversed_)
+    assert (tail.returncode, tail.stdout, tail.stderr) == (0, b"", reversed_)
+    assert json.loads(ok(status))["output_bytes"] == 512
+
+
+def test_start_follow_env_cwd(dev: DevServer, tmp_path: Path) -> None:
+    result = dev(
+        "start",
+        "--follow",
+        "--env",
+        "GREETING=hello world",
+        "--env",
+        "EMPTY=",
+        "--cwd",
+        tmp_path,
+        "--",
+        "sh",
+        "-c",
+        'echo "$GREETING"; echo "[$EMPTY]"; pwd; echo oops >&2',
+    )
+    lines = ok(result).decode().splitlines()
+    assert re.fullmatch(r"[0-9A-Z]{26}", lines[0])
+    assert lines[1:] == ["hello world", "[]", str(tmp_path)]
+    assert result.stderr == b"oops\n"
+
+
+# --- status and list --------------------------------------------------------------------
+
+
+def test_status_and_list_json_and_tables(dev: DevServer) -> None:
+    started = ok(dev("start", "--follow", "--", "sh", "-c", "echo hi; exit 3")).decode()
+    job_id, hi = started.splitlines()
+    assert hi == "hi"
+    status, listing, table, one = cli_many(
+        [
+            ["status", "--addr", dev.addr, "--json", job_id],
+            ["list", "--addr", dev.addr, "--json"],
+            ["list", "--addr", dev.addr],
+            ["status", "--addr", dev.addr, job_id],
+        ],
+        dev.env,
+    )
+    job = json.loads(ok(status))
+    assert set(job) == JSON_KEYS
+    assert job["id"] == job_id
+    assert job["owner"] == "admin"
+    assert (job["command"], job["args"]) == ("sh", ["-c", "echo hi; exit 3"])
+    assert (job["state"], job["exit_code"], job["signal"]) == ("exited", 3, None)
+    assert job["output_bytes"] == 3
+    assert job["oom_killed"] is False
+    assert set(job["limits"]) == {"cpus", "memory_bytes", "io_read_bps", "io_write_bps", "pids"}
+    assert job["isolation"] == {"pid": False, "mount": False, "network": False}
+    started = datetime.fromisoformat(job["started_at"])
+    ended = datetime.fromisoformat(job["ended_at"])
+    assert started.tzinfo is not None
+    assert started <= ended
+
+    jobs = json.loads(ok(listing))
+    assert isinstance(jobs, list)
+    assert all(set(j) == JSON_KEYS for j in jobs)
+    assert [j for j in jobs if j["id"] == job_id] == [job]
+    assert all(j["state"] in {"running", "exited", "killed", "failed", "lost"} for j in jobs)
+
+    rows = ok(table).decode().splitlines()
+    assert rows[0].split() == ["ID", "OWNER", "STATE", "PID", "STARTED", "COMMAND"]
+    row = next(r for r in rows if r.startswith(job_id))
+    assert "exited (3)" in row
+    assert row.endswith("sh -c 'echo hi; exit 3'")
+    assert {len(r.split("  ")[0]) for r in rows[1:]} == {26}  # aligned id column
+
+    text = ok(one).decode()
+    assert re.search(rf"^ID\s+{job_id}$", text, re.M)
+    assert re.search(r"^State\s+exited \(3\)$", text, re.M)
+
+
+def test_limits_reach_the_server(dev: DevServer) -> None:
+    result = dev("start", "--memory", "64M", "--pids", "50", "--", "true")
+    if result.returncode == 8:  # this host cannot enforce limits (no cgroup v2 delegation)
+        assert_one_line_error(result, 8)
+        return
+    job_id = ok(result).decode().strip()
+    limits = json.loads(ok(dev("status", "--json", job_id)))["limits"]
+    assert limits["memory_bytes"] == 64 * 1024**2
+    assert limits["pids"] == 50
+
+
+# --- errors: one line, documented code, no traceback ----------------------------------------
+
+
+def test_errors_are_one_line_with_their_code(dev: DevServer, tmp_path: Path) -> None:
+    other = tmp_path / "other-ca"
+    pki.init_ca(other)
+    pki.issue_client(other, "mallory", Role.ADMIN)
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    dev_pki = dev.state_dir / "pki"
+    for name in ("ca.pem", "ca.key"):
+        (ours / name).write_bytes((dev_pki / name).read_bytes())
+    pki.issue_client(ours, "viewer", Role.READONLY)
+    ca = dev_pki / "ca.pem"
+    viewer = ["--ca", ca, "--cert", ours / "viewer.pem", "--key", ours / "viewer.key"]
+    mallory = ["--ca", ca, "--cert", other / "mallory.pem", "--key", other / "mallory.key"]
+    admin = ["--cert", dev_pki / "admin.pem", "--key", dev_pki / "admin.key"]
+    a = ["--addr", dev.addr]
+    # (Errors found before any connection are tested in-process: test_cli_parse.py.)
+    cases: list[tuple[list[str | Path], int, str]] = [
+        (["list", "--addr", "127.0.0.1:1"], 4, "127.0.0.1:1"),  # unreachable
+        (["list", *a, *mallory], 4, dev.addr),  # TLS refused: a client from another CA
+        (["list", *a, "--ca", other / "ca.pem", *admin], 4, dev.addr),  # server not trusted
+        (["start", *a, "--memory", "12XB", "--", "true"], 2, "--memory: '12XB' is not a size"),
+        (["status", *a, "01ARZ3NDEKTSV4RRFFQ69G5FAV"], 6, "01ARZ3NDEKTSV4RRFFQ69G5FAV"),
+        (["wait", *a, "01ARZ3NDEKTSV4RRFFQ69G5FAV"], 125, "01ARZ3NDEKTSV4RRFFQ69G5FAV"),
+        (["start", *a, *viewer, "--", "true"], 5, "readonly"),
+        (["run", *a, *viewer, "--", "true"], 125, "readonly"),
+    ]
+    results = cli_many([args for args, _, _ in cases], dev.env)
+    for (args, code, needle), result in zip(cases, results, strict=True):
+        err = assert_one_line_error(result, code)
+        assert needle in err, (args, err)
+
+
+def test_debug_shows_the_traceback(dev: DevServer) -> None:
+    result = dev("status", "--debug", "01ARZ3NDEKTSV4RRFFQ69G5FAV")
+    assert result.returncode == 6
+    assert b"Traceback" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(b"trio-worker: error: ")
+
+
+def test_settings_precedence_flag_env_config(dev: DevServer, tmp_path: Path) -> None:
+    config_home = tmp_path / "config"
+    (config_home / "trio-worker").mkdir(parents=True)
+    (config_home / "trio-worker" / "config.toml").write_text(f'addr = "{dev.addr}"\n')
+    env = {**dev.env, "XDG_CONFIG_HOME": str(config_home)}
+    (tmp_path / "bad.toml").write_text("adress = 'typo'\n")
+    env_addr = {**env, "TRIO_WORKER_ADDR": "127.0.0.1:1"}
+    calls: list[tuple[list[str], dict[str, str]]] = [
+        (["list"], env),  # the config file's addr
+        (["list"], env_addr),  # the environment beats the file
+        (["list", "--addr", dev.addr], env_addr),  # the flag beats the environment
+        (["list"], {**env, "TRIO_WORKER_CONFIG": str(tmp_path / "bad.toml")}),
+    ]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        by_config, by_env, by_flag, bad = pool.map(lambda c: cli(*c[0], env=c[1]), calls)
+    ok(by_config)
+    assert_one_line_error(by_env, 4)
+    ok(by_flag)
+    assert "unknown key 'adress'" in assert_one_line_error(bad, 3)
+
+
+# --- certificates and roles --------------------------------------------------------------
+
+
+@dataclass
+class RealServer:
+    server: ServerProcess
+    pki_dir: Path
+    env: dict[str, str]
+    port: int
+
+    def as_(self, name: str, *args: str | Path) -> subprocess.CompletedProcess[bytes]:
+        return cli(*self.args(name, *args), env=self.env)
+
+    def many(
+        self, calls: Sequence[Sequence[str | Path]]
+    ) -> list[subprocess.CompletedProcess[bytes]]:
+        """(name, command, args...) calls at once."""
+        return cli_many([self.args(*call) for call in calls], self.env)
+
+    def args(self, name: str | Path, *args: str | Path) -> list[str | Path]:
+        command, *rest = args
+        creds: list[str | Path] = [
+            "--addr",
+            f"localhost:{self.port}",
+            "--ca",
+            self.pki_dir / "ca.pem",
+            "--cert",
+            self.pki_dir / f"{name}.pem",
+            "--key",
+            self.pki_dir / f"{name}.key",
+        ]
+        return [command, *creds, *rest]
+
+    def grpc_channel(self, name: str) -> grpc.Channel:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=(self.pki_dir / "ca.pem").read_bytes(),
+            private_key=(self.pki_dir / f"{name}.key").read_bytes(),
+            certificate_chain=(self.pki_dir / f"{name}.pem").read_bytes(),
+        )
+        return grpc.secure_channel(f"localhost:{self.port}", credentials)
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
+    home = tmp_path_factory.mktemp("ops")
+    env = clean_env(home)
+    pki_dir = home / "pki"
+    ok(cli("certs", "init", "--dir", pki_dir, env=env))
+    made = cli_many(
+        [
+            ["certs", "server", "--dir", pki_dir, "--host", "localhost", "127.0.0.1"],
+            ["certs", "client", "--dir", pki_dir, "alice", "--role", "full"],
+            ["certs", "client", "--dir", pki_dir, "bob", "--role", "full"],
+            ["certs", "client", "--dir", pki_dir, "reader", "--role", "readonly"],
+            ["certs", "client", "--dir", pki_dir, "root", "--role", "admin"],
+        ],
+        env,
+    )
+    for result in made:
+        ok(result)
+    server = ServerProcess.start(
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            home / "state",
+            "--ca",
+            pki_dir / "ca.pem",
+            "--cert",
+            pki_dir / "server.pem",
+            "--key",
+            pki_dir / "server.key",
+            *own_cgroup(home),
+        ],
+        env,
+    )
+    try:
+        yield RealServer(server, pki_dir, env, server.port())
+    finally:
+        assert server.stop() == 0, server.stderr
+    assert server.stdout == []  # no development PKI with certificates given
+    assert not (home / "state" / "pki").exists()
+
+
+def test_certs_files_and_show(real: RealServer) -> None:
+    names = {p.name for p in real.pki_dir.iterdir()}
+    assert names == {
+        f"{n}.{ext}"
+        for n in ("ca", "server", "alice", "bob", "reader", "root")
+        for ext in ("pem", "key")
+    }
+    for key in real.pki_dir.glob("*.key"):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    shown = ok(cli("certs", "show", real.pki_dir / "alice.pem", env=real.env)).decode()
+    assert re.search(r"^Subject\s+CN=alice$", shown, re.M)
+    assert re.search(r"^Role\s+full$", shown, re.M)
+    assert re.search(r"^SHA-256\s+([0-9A-F]{2}:){31}[0-9A-F]{2}$", shown, re.M)
+    assert re.search(r"^Valid until\s+\d{4}-", shown, re.M)
+    again = cli("certs", "client", "--dir", real.pki_dir, "alice", "--role", "admin", env=real.env)
+    assert "already exists" in assert_one_line_error(again, 3)
+
+
+def test_roles_through_the_cli(real: RealServer) -> None:
+    alice, bob = (
+        ok(r).decode().strip()
+        for r in real.many(
+            [("alice", "start", "--", "sleep", "60"), ("bob", "start", "--", "sleep", "60")]
+        )
+    )
+    (
+        alice_list,
+        reader_list,
+        alice_status_bob,
+        alice_stop_bob,
+        reader_start,
+        reader_stop,
+        reader_signal,
+        reader_status_bob,
+    ) = real.many(
+        [
+            ("alice", "list", "--json"),
+            ("reader", "list", "--json"),
+            ("alice", "status", bob),
+            ("alice", "stop", bob),
+            ("reader", "start", "--", "true"),
+            ("reader", "stop", alice),
+            ("reader", "signal", alice, "HUP"),
+            ("reader", "status", "--json", bob),
+        ]
+    )
+
+    def ids(result: subprocess.CompletedProcess[bytes]) -> set[str]:
+        return {j["id"] for j in json.loads(ok(result))}
+
+    assert alice in ids(alice_list)
+    assert bob not in ids(alice_list)  # full: only its own jobs
+    assert {alice, bob} <= ids(reader_list)  # readonly: every job
+    assert_one_line_error(alice_status_bob, 6)  # others' jobs are "not found" for full
+    assert_one_line_error(alice_stop_bob, 6)
+    assert_one_line_error(reader_start, 5)
+    assert_one_line_error(reader_stop, 5)
+    assert_one_line_error(reader_signal, 5)
+    assert json.loads(ok(reader_status_bob))["owner"] == "bob"
+    root_stops_bob, alice_stops_alice = real.many(
+        [("root", "stop", "--grace", "1", bob), ("alice", "stop", alice)]
+    )
+    assert ok(root_stops_bob).decode() == f"{bob} killed (SIGTERM)\n"  # admin: every job
+    assert ok(alice_stops_alice).decode().startswith(f"{alice} killed")
+
+
+def test_certs_work_with_an_official_grpc_client(real: RealServer) -> None:
+    def unary(channel: grpc.Channel, method: str, request: object, reply: type) -> object:
+        call = channel.unary_unary(
+            f"/trioworker.v1.Worker/{method}",
+            request_serializer=type(request).SerializeToString,  # type: ignore[attr-defined]
+            response_deserializer=reply.FromString,  # type: ignore[attr-defined]
+        )
+        return call(request, timeout=10)
+
+    with real.grpc_channel("alice") as channel:
+        job = unary(channel, "Start", pb.StartRequest(command="true"), pb.Job)
+        assert isinstance(job, pb.Job)
+        assert job.owner == "alice"
+        done = unary(channel, "Wait", pb.WaitRequest(id=job.id), pb.Job)
+        assert isinstance(done, pb.Job)
+        assert done.state == pb.JOB_STATE_EXITED
+    with real.grpc_channel("reader") as channel:
+        listing = unary(channel, "List", pb.ListRequest(), pb.ListResponse)
+        assert isinstance(listing, pb.ListResponse)
+        assert job.id in {j.id for j in listing.jobs}
+        with pytest.raises(grpc.RpcError) as denied:
+            unary(channel, "Start", pb.StartRequest(command="true"), pb.Job)
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with real.grpc_channel("bob") as channel, pytest.raises(grpc.RpcError) as hidden:
+        unary(channel, "Status", pb.StatusRequest(id=job.id), pb.Job)
+    assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# --- surviving a dropped connection -------------------------------------------------------
+
+
+class CuttingProxy:
+    """A TCP proxy whose connections the test can cut at any moment."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.connections = 0
+        self.cuts = 0
+        self._open: set[trio.CancelScope] = set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        self.connections += 1
+        with trio.CancelScope() as scope:
+            self._open.add(scope)
+            try:
+                upstream = await trio.open_tcp_stream("127.0.0.1", self.upstream_port)
+                async with upstream, trio.open_nursery() as nursery:
+                    nursery.start_soon(_pipe, client, upstream)
+                    nursery.start_soon(_pipe, upstream, client)
+            finally:
+                self._open.discard(scope)
+        await trio.aclose_forcefully(client)
+
+    def cut(self) -> None:
+        for scope in list(self._open):
+            self.cuts += 1
+            scope.cancel()
+
+
+async def _pipe(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+    try:
+        while data := await source.receive_some(65536):
+            await sink.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+LINES = 1500
+CHATTY_JOB = (
+    "import sys, time\n"
+    f"for i in range({LINES}):\n"
+    "    sys.stdout.write(f'{i:06d} ' + 'x' * 90 + '\\n'); sys.stdout.flush()\n"
+    "    if i % 10 == 0: time.sleep(0.02)\n"
+)
+
+
+async def test_logs_follow_resumes_after_the_connection_is_cut(dev: DevServer) -> None:
+    expected = b"".join(f"{i:06d} {'x' * 90}\n".encode() for i in range(LINES))
+    proxy = CuttingProxy(dev.port)
+    async with trio.open_nursery() as nursery:
+        proxy_port = await nursery.start(proxy.serve)
+        started = await trio.run_process(
+            [*COMMAND, "start", "--addr", dev.addr, "--", sys.executable, "-c", CHATTY_JOB],
+            env=dev.env,
+            capture_stdout=True,
+        )
+        job_id = started.stdout.decode().strip()
+
+        async def cutter() -> None:
+            while True:
+                await trio.sleep(0.5)
+                proxy.cut()
+
+        nursery.start_soon(cutter)
+        with trio.fail_after(60):
+            follow = await trio.run_process(
+                [*COMMAND, "logs", "-f", "--addr", f"127.0.0.1:{proxy_port}", job_id],
+                env=dev.env,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        nursery.cancel_scope.cancel()
+    assert follow.returncode == 0, follow.stderr
+    assert proxy.cuts >= 2, "the connection was never cut mid-stream: make the job slower"
+    assert proxy.connections >= 3
+    assert follow.stdout == expected  # every byte exactly once, in order
+
+
+# --- Ctrl-C -----------------------------------------------------------------------------
+
+
+def _run_until_ready(dev: DevServer, script: str, *extra: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [*COMMAND, "run", "--addr", dev.addr, *extra, "--", "sh", "-c", script],
+        env=dev.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    return proc
+
+
+def _job_id_of(dev: DevServer, script: str) -> str:
+    jobs = json.loads(ok(dev("list", "--json")))
+    return next(j["id"] for j in jobs if j["args"] == ["-c", script])
+
+
+def test_ctrl_c_stops_the_job_and_exits_130(dev: DevServer) -> None:
+    script = "trap 'echo got TERM; exit 3' TERM; echo ready; while :; do sleep 0.05; done"
+    proc = _run_until_ready(dev, script)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err
+    assert out == b"got TERM\n"  # the job's last words still arrive
+    assert b"stopping job" in err
+    job = json.loads(ok(dev("status", "--json", _job_id_of(dev, script))))
+    assert (job["state"], job["exit_code"]) == ("exited", 3)
+
+
+def test_second_ctrl_c_leaves_at_once(dev: DevServer) -> None:
+    script = "trap '' TERM; echo ready; while :; do sleep 0.05; done"
+    proc = _run_until_ready(dev, script, "--grace", "30")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    began = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - began < 5
+    assert b"Traceback" not in err
+    job_id = _job_id_of(dev, script)
+    # Still running (it ignores TERM, and the grace is 30 s): kill it now.
+    ok(dev("signal", job_id, "KILL"))
+    assert dev("wait", job_id).returncode == 137

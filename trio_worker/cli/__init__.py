@@ -1,0 +1,107 @@
+"""The ``trio-worker`` command line.
+
+``main`` sets up logging, runs the cyclopts app (``_app``; commands in ``_serve``,
+``_jobs``, ``_certs``) and turns every error into one line on stderr and the exit code of
+its class (``_errors``). ``--debug`` anywhere before ``--`` adds tracebacks and debug logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import NoReturn
+
+from . import _certs, _jobs, _serve  # noqa: F401  (they register their commands)
+from ._app import app
+from ._errors import ExitCode, describe
+
+__all__ = ["app", "main"]
+
+#: Commands whose exit code is the job's; their own failures are 125.
+_JOB_EXIT_COMMANDS = frozenset({"run", "wait"})
+
+
+def _split_debug(tokens: list[str]) -> tuple[list[str], bool]:
+    """Remove ``--debug`` from the options (never from after ``--``)."""
+    try:
+        end = tokens.index("--")
+    except ValueError:
+        end = len(tokens)
+    head = [t for t in tokens[:end] if t != "--debug"]
+    return head + tokens[end:], len(head) != end
+
+
+class _AuditFormatter(logging.Formatter):
+    """Audit records are JSON lines already; everything else gets a time and a level."""
+
+    def __init__(self, server: bool) -> None:
+        fmt = (
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"
+            if server
+            else "trio-worker: %(message)s"
+        )
+        super().__init__(fmt)
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "trio_worker.audit":
+            return record.getMessage()
+        return super().format(record)
+
+
+def _setup_logging(command: str, debug: bool) -> None:
+    server = command == "serve"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_AuditFormatter(server))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO if server else logging.WARNING)
+    if not debug:
+        # Libraries underneath are chatty at INFO; trio-worker's own records are what count.
+        for name in ("purerpc", "hpack", "h2"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _stdout_gone() -> NoReturn:
+    # The reader went away (`trio-worker logs ID | head`): leave quietly, as cat does, and
+    # keep Python from complaining when it flushes stdout on exit.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    sys.exit(ExitCode.BROKEN_PIPE)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The console script: run one command and exit with its code."""
+    tokens, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
+    debug = debug or os.environ.get("TRIO_WORKER_DEBUG", "") not in ("", "0")
+    command = next((t for t in tokens if not t.startswith("-")), "")
+    if command not in app:
+        command = ""
+    elif command == "certs":
+        rest = tokens[tokens.index("certs") + 1 :]
+        sub = next((t for t in rest if not t.startswith("-")), "")
+        command = f"certs {sub}" if sub in app["certs"] else command
+    _setup_logging(command, debug)
+    try:
+        result = app(tokens)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        if debug:
+            traceback.print_exception(exc)
+        failure = describe(exc, command=command, job_exit=command in _JOB_EXIT_COMMANDS)
+        if failure.code == ExitCode.BROKEN_PIPE:
+            _stdout_gone()
+        if failure.code != ExitCode.INTERRUPTED:
+            print(f"trio-worker: error: {failure.message}", file=sys.stderr, flush=True)
+        sys.exit(failure.code)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_gone()
+    sys.exit(int(result) if isinstance(result, int) else ExitCode.OK)

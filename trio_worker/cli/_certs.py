@@ -1,0 +1,203 @@
+"""``trio-worker certs``: a CA, server and client certificates for real deployments.
+
+The work is ``trio_worker.pki``'s; these commands name files, translate its errors into
+option names, and say what to do next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Literal
+
+from cyclopts import App, Parameter
+from rich.table import Table
+
+from .._errors import InvalidRequest
+from ._app import app
+from ._errors import ExitCode
+from ._render import print_table
+
+__all__ = ["certs"]
+
+certs = App(
+    name="certs",
+    help="""Make certificates: a CA, the server's, and clients' with roles; show one.
+
+Files: ca.pem/ca.key, server.pem/server.key, NAME.pem/NAME.key; keys are ECDSA P-256,
+written 0600; an existing file is never overwritten. For example:
+
+    trio-worker certs init --dir pki
+    trio-worker certs server --dir pki --host worker1.example.com --host 10.0.0.5
+    trio-worker certs client --dir pki alice --role full
+    trio-worker certs show pki/alice.pem""",
+    help_format="markdown",
+)
+app.command(certs)
+
+Directory = Annotated[
+    Path, Parameter(name="--dir", metavar="DIR", help="Directory holding ca.pem and ca.key.")
+]
+
+#: pki's request fields → the options they came from.
+_FLAGS = {"hosts": "--host", "name": "NAME", "role": "--role", "days": "--days"}
+
+
+@contextmanager
+def _option_names() -> Iterator[None]:
+    try:
+        yield
+    except InvalidRequest as exc:
+        raise InvalidRequest(_FLAGS.get(exc.field, exc.field), exc.message) from None
+
+
+def _say(*lines: str) -> None:
+    for line in lines:
+        print(line, flush=True)
+
+
+@certs.command
+def init(
+    *,
+    directory: Directory,
+    days: int = 3650,
+    common_name: Annotated[str, Parameter(name="--cn")] = "trio-worker CA",
+) -> int:
+    """Create a CA: DIR/ca.pem (give it to every server and client) and DIR/ca.key.
+
+    For example:
+
+        trio-worker certs init --dir /etc/trio-worker/pki
+        trio-worker certs init --dir pki --days 730 --cn "ACME worker CA"
+
+    Parameters
+    ----------
+    days
+        Validity in days.
+    common_name
+        The CA's subject CN.
+    """
+    from .. import pki
+
+    with _option_names():
+        files = pki.init_ca(directory, common_name=common_name, days=days)
+    _say(
+        f"CA certificate: {files.cert}",
+        f"CA key: {files.key} (keep it secret: it can issue certificates)",
+        f"Next: trio-worker certs server --dir {directory} --host HOST",
+    )
+    return ExitCode.OK
+
+
+@certs.command
+def server(
+    *,
+    directory: Directory,
+    host: Annotated[list[str], Parameter(name="--host", metavar="H", consume_multiple=True)],
+    days: int = 825,
+) -> int:
+    """Issue DIR/server.pem and DIR/server.key from the CA in DIR.
+
+    Clients check the server against these names: list every DNS name and IP address they
+    will dial.
+
+    For example:
+
+        trio-worker certs server --dir pki --host worker1.example.com --host 10.0.0.5
+        trio-worker certs server --dir pki --host localhost 127.0.0.1 ::1
+
+    Parameters
+    ----------
+    host
+        DNS names and IP addresses of the server (repeat, or several after one --host).
+    days
+        Validity in days (at most the CA's).
+    """
+    from .. import pki
+
+    with _option_names():
+        files = pki.issue_server(directory, host, days=days)
+    _say(
+        f"Server certificate: {files.cert} (for {', '.join(host)})",
+        f"Server key: {files.key}",
+        f"Serve with: trio-worker serve --ca {directory / 'ca.pem'} --cert {files.cert} "
+        f"--key {files.key}",
+    )
+    return ExitCode.OK
+
+
+@certs.command
+def client(
+    name: Annotated[str, Parameter(name="NAME")],
+    /,
+    *,
+    directory: Directory,
+    role: Literal["readonly", "full", "admin"],
+    days: int = 365,
+) -> int:
+    """Issue DIR/NAME.pem and DIR/NAME.key: identity NAME (it owns the jobs it starts) with
+    a role.
+
+    Roles: readonly sees every job but changes nothing; full starts jobs and sees, stops and
+    signals its own; admin does everything to every job.
+
+    For example:
+
+        trio-worker certs client --dir pki alice --role full
+        trio-worker certs client --dir pki monitoring --role readonly --days 90
+
+    Parameters
+    ----------
+    name
+        The client's identity: letters, digits and ._@+- (also the file name).
+    role
+        What the client may do.
+    days
+        Validity in days (at most the CA's).
+    """
+    from .. import pki
+    from .._identity import Role
+
+    with _option_names():
+        files = pki.issue_client(directory, name, Role(role), days=days)
+    _say(
+        f"Client certificate: {files.cert} ({name}, role {role})",
+        f"Client key: {files.key}",
+        f"Use with: trio-worker list --ca {directory / 'ca.pem'} --cert {files.cert} "
+        f"--key {files.key}",
+    )
+    return ExitCode.OK
+
+
+@certs.command
+def show(file: Annotated[Path, Parameter(name="FILE")], /) -> int:
+    """Print a certificate's subject, role, validity and fingerprint.
+
+    For example:
+
+        trio-worker certs show pki/alice.pem
+        trio-worker certs show ~/.local/state/trio-worker/pki/server.pem
+    """
+    from .. import pki
+
+    summary = pki.describe(file)
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    kind = "CA" if summary.is_ca else ("client" if summary.role is not None else "end entity")
+    rows = [
+        ("Subject", summary.subject),
+        ("Issuer", summary.issuer),
+        ("Kind", kind),
+        ("Role", summary.role.value if summary.role is not None else "-"),
+        ("Names", ", ".join(summary.sans) or "-"),
+        ("Valid from", summary.not_before.isoformat()),
+        ("Valid until", summary.not_after.isoformat()),
+        ("Serial", f"{summary.serial_number:X}"),
+        ("SHA-256", summary.sha256_fingerprint),
+    ]
+    for label, value in rows:
+        table.add_row(label, value)
+    print_table(table)
+    return ExitCode.OK

@@ -1,0 +1,212 @@
+"""The one table from exceptions to exit codes and one-line messages.
+
+Every error a command can meet ends here: ``main`` prints ``trio-worker: error: WHAT; NEXT
+STEP`` on stderr and exits with the class's code. ``run`` and ``wait`` exit with the job's
+own code, so there every failure of trio-worker itself is 125 (as ``docker run`` does).
+
+Exit codes (the README's table is this one):
+
+====  ==========================================================================
+0     success
+1     unexpected error: a bug (``--debug`` shows the traceback)
+2     usage: bad option or argument, or a request the server found invalid
+3     local configuration: certificate, key, config file or state directory
+4     cannot talk to the server: unreachable, TLS handshake failed, connection lost
+5     permission denied: the certificate's role does not allow this
+6     no such job (or not one you may see)
+7     the job is not running any more
+8     the host cannot enforce the limits or isolation asked for
+9     the server is at a limit (jobs, connections)
+10    the server is shutting down
+11    the server failed (internal error)
+125   ``run``/``wait``: trio-worker itself failed (any of 1-11)
+126   ``run``/``wait``/``start``: the command could not be executed
+127   ``run``/``wait``/``start``: the command was not found
+128+N ``run``/``wait``: the job was killed by signal N
+130   interrupted (Ctrl-C)
+141   stdout was closed by its reader (``trio-worker logs ID | head``)
+====  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cyclopts
+
+from .._errors import (
+    AuthenticationFailed,
+    ConnectionFailed,
+    InvalidRequest,
+    JobNotFound,
+    JobNotRunning,
+    PermissionDenied,
+    RemoteError,
+    ResourceExhausted,
+    ShuttingDown,
+    StateDirError,
+    TrioWorkerError,
+    Unenforceable,
+)
+from .._tls import TLSConfigError
+from ._settings import ConfigFileError
+
+__all__ = ["ExitCode", "Failure", "describe", "leaf_exception"]
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    BUG = 1
+    USAGE = 2
+    CONFIG = 3
+    CONNECTION = 4
+    PERMISSION = 5
+    NOT_FOUND = 6
+    NOT_RUNNING = 7
+    UNENFORCEABLE = 8
+    EXHAUSTED = 9
+    SHUTTING_DOWN = 10
+    SERVER = 11
+    #: ``run``/``wait`` only: trio-worker failed, not the job.
+    TOOL_FAILED = 125
+    CANNOT_EXECUTE = 126
+    NOT_FOUND_COMMAND = 127
+    INTERRUPTED = 130
+    BROKEN_PIPE = 141
+
+
+@dataclass(frozen=True)
+class Failure:
+    code: int
+    message: str
+
+
+#: The next step: a fixed text, or made from the exception and the command's name.
+_Hint = str | Callable[[BaseException, str], str]
+
+
+def _help(exc: BaseException, command: str) -> str:
+    return f"see `trio-worker {command + ' ' if command else ''}--help`"
+
+
+def _invalid(exc: BaseException, command: str) -> str:
+    if isinstance(exc, InvalidRequest) and not exc.field.startswith("-"):
+        return "fix the request and try again"  # the server's verdict on a field
+    return _help(exc, command)
+
+
+def _usage(exc: BaseException, command: str) -> str:
+    if isinstance(exc, cyclopts.UnknownOptionError) and command in ("run", "start"):
+        return (
+            f"options go before --, the command after it: trio-worker {command} "
+            "[OPTIONS] -- COMMAND [ARG...]"
+        )
+    return _help(exc, command)
+
+
+def _connection(exc: BaseException, command: str) -> str:
+    if "TLS" in str(exc):
+        return (
+            "--ca must be the CA that issued the server's certificate, and the server must "
+            "trust the CA that issued --cert"
+        )
+    return "is the server running there? (--addr, TRIO_WORKER_ADDR)"
+
+
+def _not_running(exc: BaseException, command: str) -> str:
+    job_id = getattr(exc, "job_id", "") or "ID"
+    return f"`trio-worker status {job_id}` shows how it ended"
+
+
+#: (class, exit code, the next step): most specific first; the first match wins.
+TABLE: tuple[tuple[type[BaseException], ExitCode, _Hint], ...] = (
+    (ConfigFileError, ExitCode.CONFIG, "fix the file or pass --config with another one"),
+    (cyclopts.CycloptsError, ExitCode.USAGE, _usage),
+    (InvalidRequest, ExitCode.USAGE, _invalid),
+    (
+        TLSConfigError,
+        ExitCode.CONFIG,
+        "check --ca/--cert/--key (or TRIO_WORKER_CA/_CERT/_KEY and the config file)",
+    ),
+    (StateDirError, ExitCode.CONFIG, "check --state-dir and its permissions"),
+    (ConnectionFailed, ExitCode.CONNECTION, _connection),
+    (
+        PermissionDenied,
+        ExitCode.PERMISSION,
+        "use a certificate whose role allows this (readonly < full < admin); "
+        "`trio-worker certs show FILE` shows a certificate's role",
+    ),
+    (
+        AuthenticationFailed,
+        ExitCode.PERMISSION,
+        "use a client certificate issued by `trio-worker certs client`",
+    ),
+    (JobNotFound, ExitCode.NOT_FOUND, "`trio-worker list` shows the jobs you may see"),
+    (JobNotRunning, ExitCode.NOT_RUNNING, _not_running),
+    (
+        Unenforceable,
+        ExitCode.UNENFORCEABLE,
+        "drop that limit or isolation, or run the server where it can be enforced (as root, "
+        "with cgroup v2)",
+    ),
+    (ResourceExhausted, ExitCode.EXHAUSTED, "wait for jobs to end, or raise the server's caps"),
+    (ShuttingDown, ExitCode.SHUTTING_DOWN, "try again once the server is back"),
+    (RemoteError, ExitCode.SERVER, "see the server's log"),
+)
+
+
+def leaf_exception(exc: BaseException) -> BaseException:
+    """The exception that matters inside (nested) exception groups.
+
+    trio wraps errors from concurrent tasks in groups; a person wants the one cause. An
+    interrupt wins, then our own errors, then anything else.
+    """
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves: list[BaseException] = []
+
+    def walk(group: BaseExceptionGroup[BaseException]) -> None:
+        for inner in group.exceptions:
+            if isinstance(inner, BaseExceptionGroup):
+                walk(inner)
+            else:
+                leaves.append(inner)
+
+    walk(exc)
+    for wanted in (KeyboardInterrupt, BrokenPipeError, TrioWorkerError, cyclopts.CycloptsError):
+        for leaf in leaves:
+            if isinstance(leaf, wanted):
+                return leaf
+    return leaves[0] if leaves else exc
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def describe(exc: BaseException, *, command: str = "", job_exit: bool = False) -> Failure:
+    """The exit code and the one line to print for ``exc``.
+
+    ``command`` names the subcommand for the hints (``see `trio-worker run --help```).
+    ``job_exit``: the command exits with a job's code (``run``, ``wait``), so any failure
+    of trio-worker itself becomes 125.
+    """
+    exc = leaf_exception(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return Failure(ExitCode.INTERRUPTED, "interrupted")
+    if isinstance(exc, BrokenPipeError):
+        return Failure(ExitCode.BROKEN_PIPE, "output closed")
+    for cls, code, hint in TABLE:
+        if isinstance(exc, cls):
+            next_step = hint(exc, command) if callable(hint) else hint
+            message = _one_line(str(exc)).rstrip(".") or type(exc).__name__
+            if next_step and "; " not in message:  # a message with "; " names its next step
+                message = f"{message}; {_one_line(next_step)}"
+            return Failure(ExitCode.TOOL_FAILED if job_exit else code, message)
+    message = _one_line(f"{type(exc).__name__}: {exc}")
+    return Failure(
+        ExitCode.TOOL_FAILED if job_exit else ExitCode.BUG,
+        f"unexpected error: {message}; this is a bug: rerun with --debug and report it",
+    )

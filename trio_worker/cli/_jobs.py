@@ -1,0 +1,464 @@
+"""The client commands: start, run, status, stop, signal, wait, logs, list.
+
+Each is thin: resolve the connection, make one or two client calls, print. Following output
+across reconnects lives in ``_session``; how jobs look in ``_render``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal as _signal
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
+
+import trio
+from cyclopts import Parameter
+
+from .._errors import InvalidRequest, JobNotRunning
+from .._model import Isolation, JobInfo, JobState, Limits
+from . import _parse
+from ._app import CLIENT_CONFIG, JOB_GROUP, LIMITS_GROUP, Count, Cpus, Offset, Seconds, Size, app
+from ._errors import ExitCode
+from ._render import describe_state, dump_json, job_exit, job_json, print_job, print_jobs
+from ._session import OutputSink, call, follow_output, open_client
+from ._settings import ClientOptions, Connection, resolve_connection
+
+if TYPE_CHECKING:
+    from ..client import WorkerClient
+
+__all__ = ["JobOptions"]
+
+JobId = Annotated[str, Parameter(name="ID", help="The job's id, as start printed it.")]
+
+
+@Parameter(name="*")
+@dataclass(frozen=True, kw_only=True)
+class JobOptions:
+    """What ``start`` and ``run`` ask for besides the command."""
+
+    env: Annotated[
+        list[str] | None,
+        Parameter(
+            metavar="KEY=VALUE",
+            negative="",
+            group=JOB_GROUP,
+            help="Set a variable in the job's environment (repeat for more); the rest is "
+            "inherited from the server.",
+        ),
+    ] = None
+
+    cwd: Annotated[str | None, Parameter(metavar="DIR", group=JOB_GROUP)] = None
+    """Working directory of the job, on the server. Default: the server's."""
+
+    cpus: Annotated[Cpus, Parameter(group=LIMITS_GROUP, show_default=False)] = 0.0
+    """CPU limit in CPUs, e.g. 0.5 or 2."""
+
+    memory: Annotated[Size, Parameter(group=LIMITS_GROUP, show_default=False)] = 0
+    """Memory limit, e.g. 512K, 64M, 2G (binary multiples)."""
+
+    io_read_bps: Annotated[Size, Parameter(group=LIMITS_GROUP, show_default=False)] = 0
+    """Read bandwidth limit per second on each block device, e.g. 10M."""
+
+    io_write_bps: Annotated[Size, Parameter(group=LIMITS_GROUP, show_default=False)] = 0
+    """Write bandwidth limit per second on each block device, e.g. 10M."""
+
+    pids: Annotated[Count, Parameter(group=LIMITS_GROUP, show_default=False)] = 0
+    """Most processes and threads the job may have at once."""
+
+    isolate: Annotated[
+        list[str] | None,
+        Parameter(metavar="pid,mount,network", negative="", group=LIMITS_GROUP),
+    ] = None
+    """Give the job its own namespaces: any of pid, mount, network, comma-separated."""
+
+    def env_dict(self) -> dict[str, str] | None:
+        if not self.env:
+            return None
+        try:
+            return _parse.parse_env_pairs(self.env)
+        except ValueError as exc:
+            raise InvalidRequest("--env", str(exc)) from None
+
+    def limits(self) -> Limits | None:
+        limits = Limits(
+            cpus=self.cpus,
+            memory_bytes=self.memory,
+            io_read_bps=self.io_read_bps,
+            io_write_bps=self.io_write_bps,
+            pids=self.pids,
+        )
+        return limits if limits.any else None
+
+    def isolation(self) -> Isolation | None:
+        if not self.isolate:
+            return None
+        try:
+            isolation = _parse.parse_isolation(self.isolate)
+        except ValueError as exc:
+            raise InvalidRequest("--isolate", str(exc)) from None
+        return isolation if isolation.any else None
+
+
+def _connection(options: ClientOptions | None) -> Connection:
+    return resolve_connection(options or ClientOptions())
+
+
+@dataclass(frozen=True)
+class _StartRequest:
+    command: str
+    args: tuple[str, ...]
+    env: dict[str, str] | None
+    cwd: str | None
+    limits: Limits | None
+    isolation: Isolation | None
+
+    @classmethod
+    def build(cls, name: str, command: tuple[str, ...], job: JobOptions | None) -> _StartRequest:
+        """Check everything local before any connection is made."""
+        if not command:
+            raise InvalidRequest(
+                "COMMAND", f"missing; give it after --, e.g. trio-worker {name} -- echo hello"
+            )
+        job = job or JobOptions()
+        return cls(command[0], command[1:], job.env_dict(), job.cwd, job.limits(), job.isolation())
+
+    async def send(self, conn: Connection) -> JobInfo:
+        async with open_client(conn) as client:
+            return await client.start(
+                self.command,
+                self.args,
+                env=self.env,
+                cwd=self.cwd,
+                limits=self.limits,
+                isolation=self.isolation,
+            )
+
+
+def _report_failed_start(job: JobInfo) -> int:
+    code, note = job_exit(job)
+    if note:
+        print(f"trio-worker: {note}", file=sys.stderr, flush=True)
+    return code
+
+
+@app.command(config=CLIENT_CONFIG)
+async def start(
+    *command: str,
+    follow: Annotated[
+        bool, Parameter(name=["--follow", "-f"], negative="", show_default=False)
+    ] = False,
+    job: JobOptions | None = None,
+    options: ClientOptions | None = None,
+) -> int:
+    """Start a job and print its id.
+
+    The job runs on the server until it ends or is stopped; this command returns as soon as
+    it has started. A command that cannot be executed still gets an id (it stays listed,
+    state failed) and exits 127 (not found) or 126.
+
+    For example:
+
+        trio-worker start -- sleep 300
+        trio-worker start --memory 512M --cpus 1 --pids 100 -- make -j4
+        trio-worker start --env LANG=C --cwd /srv/app --follow -- ./build.sh
+        trio-worker start --isolate pid,mount,network -- sh -c 'ps ax'
+
+    Parameters
+    ----------
+    command
+        The command and its arguments, after --.
+    follow
+        Then stream the job's output until it ends, as logs -f does.
+    """
+    request = _StartRequest.build("start", command, job)
+    conn = _connection(options)
+    info = await request.send(conn)
+    print(info.id, flush=True)
+    if info.state is JobState.FAILED:
+        return _report_failed_start(info)
+    if follow:
+        await follow_output(conn, info.id, OutputSink(), follow=True, retry_first=True)
+    return ExitCode.OK
+
+
+@app.command(config=CLIENT_CONFIG)
+async def run(
+    *command: str,
+    grace: Annotated[Seconds | None, Parameter(group=JOB_GROUP)] = None,
+    job: JobOptions | None = None,
+    options: ClientOptions | None = None,
+) -> int:
+    """Run a job, stream its output, and exit with its exit code.
+
+    The job's stdout goes to stdout and its stderr to stderr, byte for byte. The exit code
+    is the job's; 128+N if signal N killed it; 127 if the command was not found, 126 if it
+    could not be executed; 125 if trio-worker itself failed. Ctrl-C stops the job (SIGTERM,
+    then SIGKILL after the grace period) and exits 130; a second Ctrl-C leaves at once. A
+    dropped connection is re-established and the output resumed where it stopped.
+
+    For example:
+
+        trio-worker run -- echo hello
+        trio-worker run --memory 64M -- python3 -c 'print(42)'
+        trio-worker run --addr worker1:50051 -- sh -c 'make test' > test.log
+
+    Parameters
+    ----------
+    command
+        The command and its arguments, after --.
+    grace
+        On Ctrl-C, how long the job has between SIGTERM and SIGKILL. Default: the server's (5 s).
+    """
+    request = _StartRequest.build("run", command, job)
+    conn = _connection(options)
+    interrupted = False
+    started: JobInfo | None = None
+    job_known = trio.Event()
+
+    async def stop_job() -> None:
+        await job_known.wait()
+        if started is None or started.state is JobState.FAILED:
+            return
+        job_id = started.id
+
+        async def do_stop(client: WorkerClient) -> JobInfo:
+            return await client.stop(job_id, grace=grace)
+
+        with contextlib.suppress(JobNotRunning):  # it may have ended on its own meanwhile
+            await call(conn, do_stop, retry=True)
+
+    # Ctrl-C is ours from before the job exists: one pressed while it starts stops it too.
+    with trio.open_signal_receiver(_signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def on_interrupt() -> None:
+                nonlocal interrupted
+                async for _ in signals:
+                    which = f"job {started.id}" if started is not None else "the job"
+                    if interrupted:
+                        print(
+                            f"trio-worker: leaving; {which} may still be running",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        raise KeyboardInterrupt
+                    interrupted = True
+                    print(
+                        f"trio-worker: stopping {which} (Ctrl-C again to leave at once)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    nursery.start_soon(stop_job)
+
+            nursery.start_soon(on_interrupt)
+            try:
+                started = await request.send(conn)
+            finally:
+                job_known.set()
+            if started.state is JobState.FAILED:
+                nursery.cancel_scope.cancel()
+                return _report_failed_start(started)
+            job_id = started.id
+            await follow_output(conn, job_id, OutputSink(), follow=True, retry_first=True)
+
+            async def do_wait(client: WorkerClient) -> JobInfo:
+                return await client.wait(job_id)
+
+            final = await call(conn, do_wait, retry=True)
+            nursery.cancel_scope.cancel()
+    if interrupted:
+        return ExitCode.INTERRUPTED
+    code, note = job_exit(final)
+    if note:
+        print(f"trio-worker: {note}", file=sys.stderr, flush=True)
+    return code
+
+
+@app.command(config=CLIENT_CONFIG)
+async def status(
+    job_id: JobId,
+    /,
+    *,
+    as_json: Annotated[bool, Parameter(name="--json", negative="", show_default=False)] = False,
+    options: ClientOptions | None = None,
+) -> int:
+    """Show one job: state, exit code or signal, pid, times, limits.
+
+    For example:
+
+        trio-worker status 01JB7ZQ3X5K2M8N4P6R9T0V1W2
+        trio-worker status --json 01JB7ZQ3X5K2M8N4P6R9T0V1W2 | jq .state
+
+    Parameters
+    ----------
+    as_json
+        Print one JSON object (keys id, owner, command, args, state, pid, exit_code,
+        signal, error, started_at, ended_at, output_bytes, oom_killed, limits, isolation).
+    """
+    conn = _connection(options)
+
+    async def do_status(client: WorkerClient) -> JobInfo:
+        return await client.status(job_id)
+
+    info = await call(conn, do_status)
+    if as_json:
+        dump_json(job_json(info))
+    else:
+        print_job(info)
+    return ExitCode.OK
+
+
+@app.command(name="list", config=CLIENT_CONFIG)
+async def list_jobs(
+    *,
+    as_json: Annotated[bool, Parameter(name="--json", negative="", show_default=False)] = False,
+    options: ClientOptions | None = None,
+) -> int:
+    """List the jobs you may see (all of them for readonly and admin, your own for full).
+
+    For example:
+
+        trio-worker list
+        trio-worker list --json | jq -r '.[] | select(.state == "running") | .id'
+
+    Parameters
+    ----------
+    as_json
+        Print a JSON array of objects with the keys of status --json.
+    """
+    conn = _connection(options)
+
+    async def do_list(client: WorkerClient) -> list[JobInfo]:
+        return await client.list()
+
+    jobs = await call(conn, do_list)
+    if as_json:
+        dump_json([job_json(j) for j in jobs])
+    else:
+        print_jobs(jobs)
+    return ExitCode.OK
+
+
+@app.command(config=CLIENT_CONFIG)
+async def stop(
+    job_id: JobId,
+    /,
+    *,
+    grace: Seconds | None = None,
+    options: ClientOptions | None = None,
+) -> int:
+    """Stop a job: SIGTERM to its process group, SIGKILL after the grace period.
+
+    Returns once the job has ended, and prints how it ended.
+
+    For example:
+
+        trio-worker stop 01JB7ZQ3X5K2M8N4P6R9T0V1W2
+        trio-worker stop --grace 30 01JB7ZQ3X5K2M8N4P6R9T0V1W2
+
+    Parameters
+    ----------
+    grace
+        Seconds between SIGTERM and SIGKILL. Default: 5.
+    """
+    conn = _connection(options)
+
+    async def do_stop(client: WorkerClient) -> JobInfo:
+        return await client.stop(job_id, grace=grace)
+
+    info = await call(conn, do_stop)
+    print(f"{info.id} {describe_state(info)}", flush=True)
+    return ExitCode.OK
+
+
+@app.command(config=CLIENT_CONFIG)
+async def signal(
+    job_id: JobId,
+    signum: Annotated[str, Parameter(name="SIGNAL", help="A name or number: TERM, SIGTERM or 15.")],
+    /,
+    *,
+    options: ClientOptions | None = None,
+) -> int:
+    """Send a signal to a job's process group.
+
+    For example:
+
+        trio-worker signal 01JB7ZQ3X5K2M8N4P6R9T0V1W2 HUP
+        trio-worker signal 01JB7ZQ3X5K2M8N4P6R9T0V1W2 SIGUSR1
+        trio-worker signal 01JB7ZQ3X5K2M8N4P6R9T0V1W2 15
+    """
+    try:
+        number = _parse.parse_signal(signum)
+    except ValueError as exc:
+        raise InvalidRequest("SIGNAL", str(exc)) from None
+    conn = _connection(options)
+
+    async def do_signal(client: WorkerClient) -> JobInfo:
+        return await client.signal(job_id, number)
+
+    await call(conn, do_signal)
+    return ExitCode.OK
+
+
+@app.command(config=CLIENT_CONFIG)
+async def wait(job_id: JobId, /, *, options: ClientOptions | None = None) -> int:
+    """Wait for a job to end and exit with its exit code (as run does).
+
+    128+N if signal N killed it, 127/126 if it could not be started, 125 if trio-worker
+    itself failed. A dropped connection is re-established.
+
+    For example:
+
+        trio-worker wait 01JB7ZQ3X5K2M8N4P6R9T0V1W2 && echo succeeded
+    """
+    conn = _connection(options)
+
+    async def do_wait(client: WorkerClient) -> JobInfo:
+        return await client.wait(job_id)
+
+    # The first connection is not retried (a wrong address fails at once), later ones are.
+    async def first_status(client: WorkerClient) -> JobInfo:
+        return await client.status(job_id)
+
+    await call(conn, first_status)
+    final = await call(conn, do_wait, retry=True)
+    code, note = job_exit(final)
+    if note:
+        print(f"trio-worker: {note}", file=sys.stderr, flush=True)
+    return code
+
+
+@app.command(config=CLIENT_CONFIG)
+async def logs(
+    job_id: JobId,
+    /,
+    *,
+    follow: Annotated[
+        bool, Parameter(name=["--follow", "-f"], negative="", show_default=False)
+    ] = False,
+    offset: Annotated[Offset, Parameter(show_default=False)] = 0,
+    options: ClientOptions | None = None,
+) -> int:
+    """Print a job's output: its stdout to stdout, its stderr to stderr, bytes unchanged.
+
+    With -f, keep printing as the job writes, until it ends (Ctrl-C leaves; the job goes
+    on). A dropped connection is re-established and the output resumed where it stopped,
+    so no byte is lost or repeated.
+
+    For example:
+
+        trio-worker logs 01JB7ZQ3X5K2M8N4P6R9T0V1W2
+        trio-worker logs -f 01JB7ZQ3X5K2M8N4P6R9T0V1W2
+        trio-worker logs --offset 1048576 01JB7ZQ3X5K2M8N4P6R9T0V1W2 > rest.log
+
+    Parameters
+    ----------
+    follow
+        Keep streaming until the job has ended.
+    offset
+        Start at this byte of the job's combined output (0 = the beginning).
+    """
+    conn = _connection(options)
+    await follow_output(conn, job_id, OutputSink(offset), follow=follow)
+    return ExitCode.OK

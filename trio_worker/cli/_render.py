@@ -1,0 +1,219 @@
+"""How jobs look: JSON for programs, aligned tables for people, and a job's exit code.
+
+The JSON keys are the contract's: ``id``, ``owner``, ``command``, ``args``, ``state``
+(lower-case), ``pid``, ``exit_code``, ``signal``, ``error``, ``started_at``, ``ended_at``
+(RFC 3339, UTC, or null), ``output_bytes``, ``oom_killed``, ``limits``, ``isolation``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shlex
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .._model import Isolation, JobInfo, JobState, Limits
+from ._errors import ExitCode
+from ._parse import format_size, signal_name
+
+__all__ = [
+    "console",
+    "describe_isolation",
+    "describe_limits",
+    "describe_state",
+    "job_exit",
+    "job_json",
+    "print_job",
+    "print_jobs",
+    "print_table",
+    "rfc3339",
+]
+
+
+def rfc3339(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _limits_json(limits: Limits) -> dict[str, Any]:
+    return {
+        "cpus": limits.cpus,
+        "memory_bytes": limits.memory_bytes,
+        "io_read_bps": limits.io_read_bps,
+        "io_write_bps": limits.io_write_bps,
+        "pids": limits.pids,
+    }
+
+
+def _isolation_json(isolation: Isolation) -> dict[str, bool]:
+    return {"pid": isolation.pid, "mount": isolation.mount, "network": isolation.network}
+
+
+def job_json(job: JobInfo) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "owner": job.owner,
+        "command": job.command,
+        "args": list(job.args),
+        "state": job.state.value,
+        "pid": job.pid or None,
+        "exit_code": job.exit_code,
+        "signal": job.signal,
+        "error": job.error,
+        "started_at": rfc3339(job.started_at),
+        "ended_at": rfc3339(job.ended_at),
+        "output_bytes": job.output_bytes,
+        "oom_killed": job.oom_killed,
+        "limits": _limits_json(job.limits),
+        "isolation": _isolation_json(job.isolation),
+    }
+
+
+def dump_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+# --- for people ---------------------------------------------------------------------
+
+
+def console() -> Console:
+    """A console for stdout; when it is not a terminal, wide enough never to wrap a row."""
+    # No markup, emoji codes or highlighting: job commands and fingerprints (``:AB:``) are
+    # data, printed as they are.
+    out = Console(highlight=False, soft_wrap=False, emoji=False, markup=False)
+    if not out.is_terminal:
+        out = Console(highlight=False, emoji=False, markup=False, width=100_000, color_system=None)
+    return out
+
+
+def print_table(table: Table) -> None:
+    """Print ``table`` without the padding rich adds after the last column."""
+    out = console()
+    with out.capture() as captured:
+        out.print(table, markup=False)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+    sys.stdout.flush()
+
+
+def describe_state(job: JobInfo) -> str:
+    match job.state:
+        case JobState.EXITED:
+            return f"exited ({job.exit_code})"
+        case JobState.KILLED:
+            name = signal_name(job.signal) if job.signal is not None else "?"
+            return f"killed ({name}{', out of memory' if job.oom_killed else ''})"
+        case _:
+            return str(job.state.value)
+
+
+def describe_limits(limits: Limits) -> str:
+    parts = []
+    if limits.cpus:
+        parts.append(f"cpus {limits.cpus:g}")
+    if limits.memory_bytes:
+        parts.append(f"memory {format_size(limits.memory_bytes)}")
+    if limits.io_read_bps:
+        parts.append(f"io-read {format_size(limits.io_read_bps)}/s")
+    if limits.io_write_bps:
+        parts.append(f"io-write {format_size(limits.io_write_bps)}/s")
+    if limits.pids:
+        parts.append(f"pids {limits.pids}")
+    return ", ".join(parts) or "none"
+
+
+def describe_isolation(isolation: Isolation) -> str:
+    names = [n for n in ("pid", "mount", "network") if getattr(isolation, n)]
+    return ",".join(names) or "none"
+
+
+def _when(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _command_line(job: JobInfo) -> str:
+    return shlex.join([job.command, *job.args])
+
+
+def print_job(job: JobInfo) -> None:
+    """``status``: one job, a field per line."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    rows = [
+        ("ID", job.id),
+        ("Owner", job.owner or "-"),
+        ("Command", _command_line(job)),
+        ("State", describe_state(job)),
+        ("PID", str(job.pid) if job.pid else "-"),
+        ("Started", _when(job.started_at)),
+        ("Ended", _when(job.ended_at)),
+        ("Output", f"{job.output_bytes} bytes"),
+        ("Limits", describe_limits(job.limits)),
+        ("Isolation", describe_isolation(job.isolation)),
+    ]
+    if job.error:
+        rows.append(("Error", job.error))
+    for name, value in rows:
+        table.add_row(name, value)
+    print_table(table)
+
+
+def print_jobs(jobs: Iterable[JobInfo]) -> None:
+    """``list``: one job per row, columns aligned."""
+    table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
+    for name in ("ID", "OWNER", "STATE", "PID", "STARTED", "COMMAND"):
+        table.add_column(name, no_wrap=name != "COMMAND", overflow="fold")
+    for job in jobs:
+        table.add_row(
+            job.id,
+            job.owner or "-",
+            describe_state(job),
+            str(job.pid) if job.pid else "-",
+            _when(job.started_at),
+            _command_line(job),
+        )
+    print_table(table)
+
+
+# --- the exit code of run and wait --------------------------------------------------
+
+
+def job_exit(job: JobInfo) -> tuple[int, str | None]:
+    """The exit code ``run``/``wait`` report for an ended job, and a line for stderr, if any.
+
+    As a shell does: the job's own code, 128+N if signal N killed it, 127 if the command
+    was not found, 126 if it could not be executed; 125 if trio-worker cannot tell.
+    """
+    match job.state:
+        case JobState.EXITED:
+            return (job.exit_code if job.exit_code is not None else ExitCode.TOOL_FAILED), None
+        case JobState.KILLED:
+            number = job.signal or 0
+            note = f"job {job.id} was killed by {signal_name(number)}"
+            if job.oom_killed:
+                return 128 + number, f"{note}: it ran out of memory (--memory)"
+            return 128 + number, None
+        case JobState.FAILED:
+            code = (
+                ExitCode.NOT_FOUND_COMMAND
+                if job.spawn_errno == errno.ENOENT
+                else ExitCode.CANNOT_EXECUTE
+            )
+            return code, f"job {job.id} could not be started: {job.error}"
+        case JobState.LOST:
+            why = f": {job.error}" if job.error else ""
+            return ExitCode.TOOL_FAILED, f"job {job.id} was lost (the server went away){why}"
+        case _:
+            return ExitCode.TOOL_FAILED, f"job {job.id} is still {job.state.value}"

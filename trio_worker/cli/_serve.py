@@ -1,0 +1,155 @@
+"""``trio-worker serve``: lock the state directory, find or make certificates, serve.
+
+With no certificate options the server uses the development PKI in ``STATE_DIR/pki``,
+creating it on the first run, and prints in two lines where it is and the exact client
+command to try. Client commands given the same state directory (or none, when both use
+the default) find it there.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import trio
+from cyclopts import Parameter
+
+from .._errors import InvalidRequest
+from .._tls import TLSConfigError
+from ._app import Seconds, app
+from ._errors import ExitCode
+from ._settings import DEFAULT_ADDR, default_state_dir, resolve_state_dir
+
+if TYPE_CHECKING:
+    from .. import pki
+    from .._server import ServerSettings
+
+__all__ = ["client_hint", "serve"]
+
+
+def client_hint(host: str, port: int, state_dir: Path) -> str:
+    """The client command that reaches this server with the development PKI."""
+    words = ["trio-worker", "run"]
+    # A client in another shell has neither our TRIO_WORKER_STATE_DIR nor systemd's
+    # STATE_DIRECTORY: name the directory unless it is the plain per-user default.
+    environ = {k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}
+    if state_dir != default_state_dir(environ).absolute():
+        words += ["--state-dir", str(state_dir)]
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if addr != DEFAULT_ADDR:
+        words += ["--addr", addr]
+    words += ["--", "echo", "hello"]
+    return shlex.join(words)
+
+
+async def _serve(settings: ServerSettings, dev: pki.DevPki | None) -> None:
+    from .._server import run_server
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(run_server, settings))
+        if dev is not None:
+            if dev.created:
+                print(
+                    f"Created a development PKI in {dev.directory}: a CA, a server certificate "
+                    "for localhost, 127.0.0.1 and ::1, and an admin client certificate.",
+                    flush=True,
+                )
+            else:
+                print(f"Using the development PKI in {dev.directory}.", flush=True)
+            hint = client_hint(settings.host, port, settings.state_dir)
+            print(f"Try it from another shell: {hint}", flush=True)
+
+
+@app.command
+def serve(
+    *,
+    listen: Annotated[str, Parameter(metavar="HOST:PORT")] = DEFAULT_ADDR,
+    ca: Annotated[Path | None, Parameter(metavar="FILE")] = None,
+    cert: Annotated[Path | None, Parameter(metavar="FILE")] = None,
+    key: Annotated[Path | None, Parameter(metavar="FILE")] = None,
+    state_dir: Annotated[
+        Path | None, Parameter(env_var="TRIO_WORKER_STATE_DIR", metavar="DIR")
+    ] = None,
+    shutdown_grace: Seconds = 5.0,
+    cgroup_parent: Annotated[str | None, Parameter(metavar="NAME")] = None,
+) -> int:
+    """Run the server until SIGINT or SIGTERM (Ctrl-C), then shut down gracefully.
+
+    With no certificate options it uses the development PKI in STATE_DIR/pki, creating it
+    on the first run (a CA, a server certificate for localhost, 127.0.0.1 and ::1, and an
+    admin client certificate), and prints where it is and a client command to try. For
+    real deployments make certificates with trio-worker certs and pass --ca, --cert, --key.
+    One server per state directory: a second one refuses to start. Logs (one JSON audit
+    line per call) go to stderr.
+
+    For example:
+
+        trio-worker serve
+        trio-worker serve --listen 0.0.0.0:50051 --ca ca.pem --cert server.pem --key server.key
+        trio-worker serve --state-dir /var/lib/trio-worker --shutdown-grace 30
+
+    Parameters
+    ----------
+    listen
+        Address to listen on: HOST:PORT, [V6]:PORT; port 0 picks a free one.
+    ca
+        CA certificate that client certificates must be signed by.
+    cert
+        The server's certificate (its names are what clients dial).
+    key
+        The server certificate's private key.
+    state_dir
+        Job records, output logs and the development PKI. Default: STATE_DIRECTORY
+        (systemd), else $XDG_STATE_HOME/trio-worker (~/.local/state/trio-worker).
+    shutdown_grace
+        On shutdown, seconds running jobs get between SIGTERM and SIGKILL.
+    cgroup_parent
+        The cgroup, under the server's own, that holds one cgroup per job. Default:
+        trio-worker-HASH, named after the state directory, so servers on different state
+        directories never touch each other's jobs (a server removes job groups it finds
+        there at start-up, left by its own earlier run).
+    """
+    # The server's modules are imported here, not at start-up: client commands start faster.
+    from .. import pki
+    from .._server import ServerSettings, parse_listen
+
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        raise InvalidRequest("--listen", f"{exc}; use e.g. 127.0.0.1:50051") from None
+    given = {"--ca": ca, "--cert": cert, "--key": key}
+    absent = [flag for flag, value in given.items() if value is None]
+    if 0 < len(absent) < 3:
+        raise TLSConfigError(
+            f"{' and '.join(absent)} missing; give --ca, --cert and --key together, or none "
+            "of them to use the development PKI"
+        )
+    # The supervisor locks the state directory (a second server on it is refused with
+    # StateDirError) before it touches anything else; the development PKI is made
+    # atomically and never changed, so making or reading it first is safe.
+    directory = resolve_state_dir(state_dir)
+    dev: pki.DevPki | None = None
+    if ca is None or cert is None or key is None:
+        dev = pki.ensure_dev_pki(directory)
+        ca, cert, key = dev.ca.cert, dev.server.cert, dev.server.key
+    settings = ServerSettings(
+        ca=ca.expanduser(),
+        cert=cert.expanduser(),
+        key=key.expanduser(),
+        state_dir=directory,
+        host=host,
+        port=port,
+        shutdown_grace=shutdown_grace,
+        cgroup_parent=cgroup_parent,
+    )
+    trio.run(_serve, settings, dev)
+    print("trio-worker: server stopped", file=sys.stderr, flush=True)
+    return ExitCode.OK

@@ -1,0 +1,245 @@
+"""Where the state directory is, and how a client command reaches the server.
+
+Connection settings come from, in order: flags, the environment (``TRIO_WORKER_ADDR``,
+``TRIO_WORKER_CA``, ``TRIO_WORKER_CERT``, ``TRIO_WORKER_KEY``, ``TRIO_WORKER_STATE_DIR``),
+the TOML config file (``$XDG_CONFIG_HOME/trio-worker/config.toml``, or ``--config`` /
+``TRIO_WORKER_CONFIG``), and last the development PKI in the state directory. The first
+three are cyclopts' own sources (``Parameter.env_var`` and a ``cyclopts.config.Toml``
+subclass); this module adds the TOML checks and the fallback to the development PKI.
+
+Nothing here writes a file: a client never creates the development PKI, ``serve`` does.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import cyclopts
+from cyclopts import Group, Parameter
+
+from .._errors import InvalidRequest
+from .._tls import TLSConfigError
+
+__all__ = [
+    "CONNECTION",
+    "DEFAULT_ADDR",
+    "ClientOptions",
+    "ConfigFileError",
+    "Connection",
+    "default_config_path",
+    "default_state_dir",
+    "dev_pki_paths",
+    "load_config_file",
+    "resolve_connection",
+    "resolve_state_dir",
+]
+
+DEFAULT_ADDR = "127.0.0.1:50051"
+#: The keys a config file may hold; each is the client option of the same name.
+CONFIG_KEYS = ("addr", "ca", "cert", "key", "state_dir")
+_PATH_KEYS = ("ca", "cert", "key", "state_dir")
+
+CONNECTION = Group("Connection", sort_key=100)
+
+
+class ConfigFileError(cyclopts.CycloptsError):
+    """The config file cannot be read or holds something it should not."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(msg=message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- the state directory ------------------------------------------------------------
+
+
+def default_state_dir(environ: os._Environ[str] | dict[str, str] | None = None) -> Path:
+    """systemd's ``STATE_DIRECTORY`` (its first entry), else ``$XDG_STATE_HOME/trio-worker``,
+    else ``~/.local/state/trio-worker``. (``TRIO_WORKER_STATE_DIR`` and ``--state-dir``
+    come before these; cyclopts handles them.)"""
+    env = os.environ if environ is None else environ
+    systemd = env.get("STATE_DIRECTORY", "")
+    if systemd:
+        return Path(systemd.split(":")[0])
+    xdg = env.get("XDG_STATE_HOME", "")
+    if xdg and os.path.isabs(xdg):  # the XDG spec: relative values are to be ignored
+        return Path(xdg) / "trio-worker"
+    return Path.home() / ".local" / "state" / "trio-worker"
+
+
+def resolve_state_dir(explicit: Path | None) -> Path:
+    return (explicit.expanduser() if explicit is not None else default_state_dir()).absolute()
+
+
+def dev_pki_paths(state_dir: Path) -> tuple[Path, Path, Path]:
+    """(CA, client certificate, client key) of the development PKI that ``serve`` makes
+    in ``STATE_DIR/pki`` (see ``trio_worker.pki.ensure_dev_pki``)."""
+    from ..pki import DEV_CLIENT_NAME  # imported when needed: the CLI starts faster
+
+    directory = state_dir / "pki"
+    client = DEV_CLIENT_NAME
+    return directory / "ca.pem", directory / f"{client}.pem", directory / f"{client}.key"
+
+
+# --- the config file ----------------------------------------------------------------
+
+
+def default_config_path(environ: os._Environ[str] | dict[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    xdg = env.get("XDG_CONFIG_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".config"
+    return base / "trio-worker" / "config.toml"
+
+
+class _ConnectionToml(cyclopts.config.Toml):
+    """The config file: only the connection keys, relative paths taken from its directory."""
+
+    def _load_config(self, path: Path) -> dict[str, Any]:
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigFileError(f"config file {path} is not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigFileError(f"cannot read config file {path}: {exc.strerror}") from exc
+        unknown = sorted(set(data) - set(CONFIG_KEYS))
+        if unknown:
+            raise ConfigFileError(
+                f"config file {path}: unknown key {unknown[0]!r}; the keys are "
+                + ", ".join(CONFIG_KEYS)
+            )
+        result: dict[str, Any] = {}
+        for name, value in data.items():
+            if not isinstance(value, str) or not value:
+                raise ConfigFileError(f"config file {path}: {name} must be a non-empty string")
+            if name in _PATH_KEYS:
+                # A relative path means relative to the config file, not to wherever the
+                # command happens to run.
+                value = str((path.parent / Path(value).expanduser()).absolute())
+            result[name] = value
+        return result
+
+
+def load_config_file(
+    app: cyclopts.App, commands: tuple[str, ...], arguments: cyclopts.ArgumentCollection
+) -> None:
+    """A cyclopts config source: the TOML file named by ``--config``/``TRIO_WORKER_CONFIG``
+    (which must exist) or the default one (which may be missing). Cyclopts calls it after
+    the flags and environment variables, and it fills only what they left unset."""
+    explicit: Path | None = None
+    for argument in arguments:
+        if argument.field_info.name == "config" and argument.tokens:
+            explicit = Path(argument.tokens[-1].value).expanduser()
+    path = explicit if explicit is not None else default_config_path()
+    if explicit is not None and not explicit.is_file():
+        raise ConfigFileError(
+            f"config file {explicit} does not exist; check --config or TRIO_WORKER_CONFIG"
+        )
+    source = _ConnectionToml(path, use_commands_as_keys=False, allow_unknown=True)
+    source(app, commands, arguments)
+
+
+# --- the client options -------------------------------------------------------------
+
+
+def _check_addr(type_: Any, tokens: Any) -> str:
+    token = tokens[-1] if isinstance(tokens, list | tuple) else tokens
+    value: str = token.value
+    from .._server import parse_listen  # imported when needed: the CLI starts faster
+
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        raise InvalidRequest(
+            token.keyword or "--addr", f"{exc}; use e.g. 127.0.0.1:50051"
+        ) from None
+    return value
+
+
+@Parameter(name="*", group=CONNECTION)
+@dataclass(frozen=True, kw_only=True)
+class ClientOptions:
+    """The options every client command takes."""
+
+    addr: Annotated[
+        str, Parameter(env_var="TRIO_WORKER_ADDR", metavar="HOST:PORT", converter=_check_addr)
+    ] = DEFAULT_ADDR
+    """The server to talk to."""
+
+    ca: Annotated[Path | None, Parameter(env_var="TRIO_WORKER_CA", metavar="FILE")] = None
+    """CA certificate the server's certificate must be signed by. Default: the development PKI's."""
+
+    cert: Annotated[Path | None, Parameter(env_var="TRIO_WORKER_CERT", metavar="FILE")] = None
+    """Client certificate (its CN is who you are, its role what you may do)."""
+
+    key: Annotated[Path | None, Parameter(env_var="TRIO_WORKER_KEY", metavar="FILE")] = None
+    """The client certificate's private key."""
+
+    state_dir: Annotated[
+        Path | None,
+        Parameter(
+            env_var="TRIO_WORKER_STATE_DIR",
+            metavar="DIR",
+            help="Where to find the development PKI when no certificates are given. Default: "
+            "STATE_DIRECTORY, else $XDG_STATE_HOME/trio-worker (~/.local/state/trio-worker).",
+        ),
+    ] = None
+
+    config: Annotated[
+        Path | None,
+        Parameter(
+            env_var="TRIO_WORKER_CONFIG",
+            metavar="FILE",
+            help="TOML file with any of addr, ca, cert, key, state_dir. Default: "
+            "$XDG_CONFIG_HOME/trio-worker/config.toml (~/.config/trio-worker/config.toml).",
+        ),
+    ] = None
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Everything ``trio_worker.client.connect`` needs, all resolved."""
+
+    addr: str
+    ca: Path
+    cert: Path
+    key: Path
+    #: Where the certificates came from, for error messages: "the development PKI in X"
+    #: or "--ca/--cert/--key".
+    origin: str
+
+
+def resolve_connection(options: ClientOptions) -> Connection:
+    """Fill in the development PKI if no certificate was given; check the files exist."""
+    given = {"--ca": options.ca, "--cert": options.cert, "--key": options.key}
+    if all(value is None for value in given.values()):
+        state_dir = resolve_state_dir(options.state_dir)
+        ca, cert, key = dev_pki_paths(state_dir)
+        missing = [path for path in (ca, cert, key) if not path.is_file()]
+        if missing:
+            raise TLSConfigError(
+                f"no certificates given and there is no development PKI in {state_dir / 'pki'} "
+                f"({missing[0].name} is missing); start `trio-worker serve` with this state "
+                "directory first (it creates one), or give --ca, --cert and --key"
+            )
+        return Connection(options.addr, ca, cert, key, f"the development PKI in {ca.parent}")
+    absent = [flag for flag, value in given.items() if value is None]
+    if absent:
+        raise TLSConfigError(
+            f"{' and '.join(absent)} missing; give --ca, --cert and --key together "
+            "(or TRIO_WORKER_CA/_CERT/_KEY, or ca/cert/key in the config file), or none of them "
+            "to use the development PKI"
+        )
+    ca, cert, key = (Path(p).expanduser() for p in (options.ca, options.cert, options.key) if p)
+    for flag, path in (("--ca", ca), ("--cert", cert), ("--key", key)):
+        if not path.is_file():
+            what = "does not exist" if not path.exists() else "is not a file"
+            raise TLSConfigError(f"{flag} {path} {what}; check the path")
+    return Connection(options.addr, ca, cert, key, "--ca/--cert/--key")
