@@ -255,6 +255,10 @@ class OutputLog:
         self.dropped_bytes = 0
         self.write_error: str | None = None
         self._readers = Broadcaster()
+        #: Lagging readers of this log read from disk two at a time: more threads
+        #: add no speed (they share the page cache and the GIL) but each holds a
+        #: block in memory, and glibc gives each thread its own malloc arena.
+        self._disk_readers = trio.CapacityLimiter(2)
         self._flusher = Broadcaster()
         self._space = Broadcaster()
 
@@ -811,6 +815,7 @@ class LogReader:
                     want,
                     log._index_flushed,
                     log._first_record,
+                    limiter=log._disk_readers,
                 )
                 if not chunks:
                     # The files hold nothing there (damaged or shortened

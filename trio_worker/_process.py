@@ -37,6 +37,11 @@ __all__ = [
 
 _F_SETPIPE_SZ = 1031
 _PIPE_SIZE = 1024 * 1024
+#: With CAP_SYS_RESOURCE (a root server) a pipe may exceed pipe-max-size: a
+#: bigger buffer lets a fast job run ahead while the event loop is busy with
+#: followers, so capture speed depends less on how many are watching. The
+#: kernel allocates pipe pages only as they fill, so idle jobs cost nothing.
+_BIG_PIPE_SIZE = 8 * 1024 * 1024
 #: Signals a caller may send; 0 only probes and SIGKILL/SIGSTOP are allowed.
 _VALID_SIGNALS = frozenset(int(s) for s in _signal.valid_signals())
 
@@ -117,8 +122,12 @@ def validate_signal(signum: object) -> int:
 def _pipe() -> tuple[int, int]:
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     # A bigger pipe means fewer wakeups per byte when the job writes fast.
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(read_fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+    for size in (_BIG_PIPE_SIZE, _PIPE_SIZE):
+        try:
+            fcntl.fcntl(read_fd, _F_SETPIPE_SZ, size)
+            break
+        except OSError:
+            continue
     return read_fd, write_fd
 
 
