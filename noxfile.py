@@ -40,7 +40,14 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Throughput and memory figures, each next to a baseline from the same run."""
     session.install("-e", ".[test]")
-    session.run("python", "tools/bench_capture.py", *session.posargs)
+    for tool in (
+        "bench_capture.py",  # step 1: capture into the log, followers, RSS
+        "bench_server.py",  # step 2: end to end over mTLS, grpcio as load generator
+        "bench_transport.py",  # the transport alone, next to a grpcio server
+        "bench_lifecycle.py",  # restart with 10,000 jobs, shutdown with 100 running
+        "bench_store.py",  # the SQLite store alone
+    ):
+        session.run("python", f"tools/{tool}", *session.posargs)
 
 
 @nox.session(python=PYTHON)
