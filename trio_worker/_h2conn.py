@@ -112,7 +112,7 @@ class BadMessage:
 _FRAME_HEADER: Final = struct.Struct(">HBBBL")
 
 
-def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
+def hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
     """RFC 7541 §5.1 integer, its first byte OR-ed with ``first``."""
     limit = (1 << prefix_bits) - 1
     if value < limit:
@@ -128,13 +128,13 @@ def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
 
 def _hpack_string(text: str) -> bytes:
     raw = text.encode("ascii")
-    return _hpack_int(len(raw), 7) + raw
+    return hpack_int(len(raw), 7) + raw
 
 
 def _literal(name: str, value: str, static_index: int = 0) -> bytes:
     """Literal header field without indexing (RFC 7541 §6.2.2): no dynamic table change."""
     if static_index:
-        return _hpack_int(static_index, 4) + _hpack_string(value)
+        return hpack_int(static_index, 4) + _hpack_string(value)
     return b"\x00" + _hpack_string(name) + _hpack_string(value)
 
 

@@ -85,6 +85,7 @@ from ._errors import (
     TrioWorkerError,
     Unenforceable,
 )
+from ._h2conn import hpack_int as _hpack_int
 from ._model import Isolation, JobInfo, Limits, OutputChunk
 from ._pb import worker_pb2 as pb
 from ._tls import ALPN_PROTOCOL, client_context
@@ -320,20 +321,6 @@ class _BadResponse:
     def __init__(self, stream_id: int, reason: str) -> None:
         self.stream_id = stream_id
         self.reason = reason
-
-
-def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
-    """RFC 7541 §5.1 integer, its first byte OR-ed with ``first``."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes([first | value])
-    out = [first | limit]
-    value -= limit
-    while value >= 128:
-        out.append(value % 128 + 128)
-        value //= 128
-    out.append(value)
-    return bytes(out)
 
 
 def _literal(name: str, value: str, static_index: int = 0) -> bytes:
