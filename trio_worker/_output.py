@@ -806,7 +806,9 @@ class LogReader:
                     self._position = chunk.end
                     await trio.lowlevel.checkpoint()
                     return chunk
-                want = min(log._flushed, log._tail_start, limit) - position
+                # Everything below `_flushed` is on disk: read a whole block, even past
+                # where the tail starts, so a lagging reader catches up in big steps.
+                want = min(log._flushed, limit) - position
                 chunks = await trio.to_thread.run_sync(
                     read_log_file,
                     log.data_path,
