@@ -868,9 +868,7 @@ class V2Driver(CgroupDriver):
         extra_tasks: int = 0,
     ) -> JobCgroup:
         self.check(limits)
-        device = None
-        if limits.io_read_bps or limits.io_write_bps:
-            device = block_device_for(cwd if cwd is not None else os.getcwd())
+        device = _io_device(limits, cwd)
         group = self.job(job_id)
         directory = group.dirs[0]
         try:
@@ -987,9 +985,7 @@ class V1Driver(CgroupDriver):
         extra_tasks: int = 0,
     ) -> JobCgroup:
         self.check(limits)
-        device = None
-        if limits.io_read_bps or limits.io_write_bps:
-            device = block_device_for(cwd if cwd is not None else os.getcwd())
+        device = _io_device(limits, cwd)
         group = self.job(job_id)
         assert isinstance(group, V1JobCgroup)
         made: list[Path] = []
@@ -1058,6 +1054,13 @@ class NoDriver(CgroupDriver):
     ) -> JobCgroup:
         self.check(limits)
         return _NullJobCgroup(job_id)
+
+
+def _io_device(limits: Limits, cwd: str | os.PathLike[str] | None) -> tuple[int, int] | None:
+    """The disk IO limits apply to (``block_device_for``), if the job asks for any."""
+    if not (limits.io_read_bps or limits.io_write_bps):
+        return None
+    return block_device_for(cwd if cwd is not None else os.getcwd())
 
 
 def _rmdir_quietly(dirs: Iterable[Path]) -> None:
