@@ -161,7 +161,7 @@ class _CachingEncoder(hpack.Encoder):  # type: ignore[misc]
         return bytes(super().encode(headers, huffman))
 
 
-class _CachingDecoder(hpack.Decoder):  # type: ignore[misc]
+class CachingDecoder(hpack.Decoder):  # type: ignore[misc]
     """hpack's decoder, remembering blocks whose decoding left the dynamic table unchanged.
 
     The same bytes decode to the same headers as long as the table is the same. Any change
@@ -326,7 +326,7 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         )
         h2c.max_inbound_frame_size = max_frame_size
         h2c.encoder = _CachingEncoder()
-        h2c.decoder = _CachingDecoder()
+        h2c.decoder = CachingDecoder()
         h2c.decoder.max_header_list_size = max_header_list_size
         self.h2_connection: ServerH2Connection = h2c
         self.message_read_buffers: dict[int, Any] = {}

@@ -85,6 +85,7 @@ from ._errors import (
     TrioWorkerError,
     Unenforceable,
 )
+from ._h2conn import CachingDecoder
 from ._h2conn import hpack_int as _hpack_int
 from ._model import Isolation, JobInfo, Limits, OutputChunk
 from ._pb import worker_pb2 as pb
@@ -382,43 +383,6 @@ class _RequestEncoder(hpack.Encoder):  # type: ignore[misc]
         return bytes(super().encode(headers, huffman))
 
 
-class _ResponseDecoder(hpack.Decoder):  # type: ignore[misc]
-    """hpack's decoder, remembering blocks whose decoding left the dynamic table unchanged.
-
-    The server sends the same response headers and trailers for most calls (encoded as
-    literals that never touch the table): the same bytes decode to the same headers as
-    long as the table is the same, which "same front entry, length and size" tells.
-    """
-
-    _MAX_ENTRIES = 64
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._cache: dict[tuple[bytes, bool], tuple[Any, ...]] = {}
-        self._state: tuple[Any, ...] = ()
-
-    def _table_state(self) -> tuple[Any, ...]:
-        table = self.header_table
-        entries = table.dynamic_entries
-        return (entries[0] if entries else None, len(entries), table.maxsize)
-
-    def decode(self, data: Any, raw: bool = False) -> list[Any]:
-        state = self._table_state()
-        known = self._state
-        if not known or state[0] is not known[0] or state[1:] != known[1:]:
-            self._cache.clear()
-            self._state = state
-        key = (bytes(data), raw)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return list(hit)
-        headers: list[Any] = super().decode(data, raw)
-        after = self._table_state()
-        if after[0] is state[0] and after[1:] == state[1:] and len(self._cache) < self._MAX_ENTRIES:
-            self._cache[key] = tuple(headers)
-        return headers
-
-
 class _ClientH2(h2.connection.H2Connection):  # type: ignore[misc]
     """h2's connection, kept usable after a GOAWAY and handing out output without a copy.
 
@@ -474,7 +438,7 @@ class _GRPCClientConnection(GRPCConnection):  # type: ignore[misc]
             )
         )
         h2c.encoder = _RequestEncoder()
-        h2c.decoder = _ResponseDecoder()
+        h2c.decoder = CachingDecoder()  # the server repeats its header blocks
         h2c.decoder.max_header_list_size = _MAX_HEADER_LIST
         codes = h2.settings.SettingCodes
         h2c.local_settings = h2.settings.Settings(
