@@ -28,6 +28,12 @@ class WorkerServicer(purerpc.Servicer):
     async def Output(self, input_message):
         raise NotImplementedError()
 
+    async def Attach(self, input_messages):
+        raise NotImplementedError()
+
+    async def Remove(self, input_message):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -96,6 +102,24 @@ class WorkerServicer(purerpc.Servicer):
                 worker__pb2.OutputChunk,
             )
         )
+        service_obj.add_method(
+            "Attach",
+            self.Attach,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.STREAM_STREAM,
+                worker__pb2.AttachRequest,
+                worker__pb2.AttachResponse,
+            )
+        )
+        service_obj.add_method(
+            "Remove",
+            self.Remove,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                worker__pb2.RemoveRequest,
+                worker__pb2.Job,
+            )
+        )
         return service_obj
 
 
@@ -159,5 +183,21 @@ class WorkerStub:
                 purerpc.Cardinality.UNARY_STREAM,
                 worker__pb2.OutputRequest,
                 worker__pb2.OutputChunk,
+            )
+        )
+        self.Attach = self._client.get_method_stub(
+            "Attach",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.STREAM_STREAM,
+                worker__pb2.AttachRequest,
+                worker__pb2.AttachResponse,
+            )
+        )
+        self.Remove = self._client.get_method_stub(
+            "Remove",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                worker__pb2.RemoveRequest,
+                worker__pb2.Job,
             )
         )

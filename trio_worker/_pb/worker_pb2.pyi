@@ -45,7 +45,7 @@ SPAWN_ERROR_NOT_FOUND: SpawnError
 SPAWN_ERROR_NOT_EXECUTABLE: SpawnError
 
 class StartRequest(_message.Message):
-    __slots__ = ("command", "args", "env", "working_dir", "limits", "isolation")
+    __slots__ = ("command", "args", "env", "working_dir", "limits", "isolation", "stdin", "tty", "terminal_size", "user")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -59,13 +59,29 @@ class StartRequest(_message.Message):
     WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     ISOLATION_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    TTY_FIELD_NUMBER: _ClassVar[int]
+    TERMINAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
     command: str
     args: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
     working_dir: str
     limits: Limits
     isolation: Isolation
-    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., isolation: _Optional[_Union[Isolation, _Mapping]] = ...) -> None: ...
+    stdin: bool
+    tty: bool
+    terminal_size: TerminalSize
+    user: str
+    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., isolation: _Optional[_Union[Isolation, _Mapping]] = ..., stdin: _Optional[bool] = ..., tty: _Optional[bool] = ..., terminal_size: _Optional[_Union[TerminalSize, _Mapping]] = ..., user: _Optional[str] = ...) -> None: ...
+
+class TerminalSize(_message.Message):
+    __slots__ = ("rows", "cols")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    cols: int
+    def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("cpus", "memory_bytes", "io_read_bps", "io_write_bps", "pids")
@@ -120,14 +136,60 @@ class WaitRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class ListRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token", "states", "owner")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    states: _containers.RepeatedScalarFieldContainer[JobState]
+    owner: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., states: _Optional[_Iterable[_Union[JobState, str]]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ListResponse(_message.Message):
-    __slots__ = ("jobs",)
+    __slots__ = ("jobs", "next_page_token")
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[Job]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class RemoveRequest(_message.Message):
+    __slots__ = ("id", "force")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    force: bool
+    def __init__(self, id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class AttachOpen(_message.Message):
+    __slots__ = ("id", "offset")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    offset: int
+    def __init__(self, id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("open", "stdin", "close_stdin", "resize")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_STDIN_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    open: AttachOpen
+    stdin: bytes
+    close_stdin: bool
+    resize: TerminalSize
+    def __init__(self, open: _Optional[_Union[AttachOpen, _Mapping]] = ..., stdin: _Optional[bytes] = ..., close_stdin: _Optional[bool] = ..., resize: _Optional[_Union[TerminalSize, _Mapping]] = ...) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("output", "ended")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    output: OutputChunk
+    ended: Job
+    def __init__(self, output: _Optional[_Union[OutputChunk, _Mapping]] = ..., ended: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class OutputRequest(_message.Message):
     __slots__ = ("id", "offset", "follow")
@@ -158,7 +220,7 @@ class Usage(_message.Message):
     def __init__(self, cpu_seconds: _Optional[float] = ..., memory_peak_bytes: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "owner", "command", "args", "state", "pid", "exit_code", "signal", "error", "started_at", "ended_at", "output_bytes", "limits", "isolation", "oom_killed", "output_start", "usage", "spawn_error")
+    __slots__ = ("id", "owner", "command", "args", "state", "pid", "exit_code", "signal", "error", "started_at", "ended_at", "output_bytes", "limits", "isolation", "oom_killed", "output_start", "usage", "spawn_error", "stdin", "tty", "user")
     ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +239,9 @@ class Job(_message.Message):
     OUTPUT_START_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     SPAWN_ERROR_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    TTY_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
     id: str
     owner: str
     command: str
@@ -195,4 +260,7 @@ class Job(_message.Message):
     output_start: int
     usage: Usage
     spawn_error: SpawnError
-    def __init__(self, id: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[JobState, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., error: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output_bytes: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., isolation: _Optional[_Union[Isolation, _Mapping]] = ..., oom_killed: _Optional[bool] = ..., output_start: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., spawn_error: _Optional[_Union[SpawnError, str]] = ...) -> None: ...
+    stdin: bool
+    tty: bool
+    user: str
+    def __init__(self, id: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[JobState, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., error: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output_bytes: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., isolation: _Optional[_Union[Isolation, _Mapping]] = ..., oom_killed: _Optional[bool] = ..., output_start: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., spawn_error: _Optional[_Union[SpawnError, str]] = ..., stdin: _Optional[bool] = ..., tty: _Optional[bool] = ..., user: _Optional[str] = ...) -> None: ...
