@@ -20,7 +20,7 @@ from cyclopts import Parameter
 
 from .._errors import InvalidRequest
 from .._tls import TLSConfigError
-from ._app import Seconds, app
+from ._app import Seconds
 from ._errors import ExitCode
 from ._settings import DEFAULT_ADDR, default_state_dir, resolve_state_dir
 
@@ -68,7 +68,6 @@ async def _serve(settings: ServerSettings, dev: pki.DevPki | None) -> None:
             print(f"Try it from another shell: {hint}", flush=True)
 
 
-@app.command
 def serve(
     *,
     listen: Annotated[str, Parameter(metavar="HOST:PORT")] = DEFAULT_ADDR,
