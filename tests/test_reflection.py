@@ -26,12 +26,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from tests.grpc_support import Pki, make_pki, running_server
 from trio_worker import pki
 from trio_worker._identity import Role
+from trio_worker._net._transport import CallRecord, StatusCode
 from trio_worker._pb import reflection_pb2 as v1
 from trio_worker._pb import reflection_v1alpha_pb2 as v1alpha
 from trio_worker._pb import worker_pb2
-from trio_worker._reflection import ReflectionService
-from trio_worker._server import ServerSettings, run_server
-from trio_worker._transport import CallRecord, StatusCode
+from trio_worker.server._reflection import ReflectionService
+from trio_worker.server._run import ServerSettings, run_server
 
 WORKER = "trioworker.v1.Worker"
 V1_INFO = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
