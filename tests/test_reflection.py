@@ -176,7 +176,17 @@ async def test_call_worker_with_reflected_descriptors_only(served: Served) -> No
             return methods, state, ended.exit_code, type(ended).DESCRIPTOR.full_name
 
     methods, state, exit_code, type_name = await trio.to_thread.run_sync(call)
-    assert methods == {"Start", "Stop", "Signal", "Status", "Wait", "List", "Output"}
+    assert methods == {
+        "Start",
+        "Stop",
+        "Signal",
+        "Status",
+        "Wait",
+        "List",
+        "Output",
+        "Attach",
+        "Remove",
+    }
     assert (state, exit_code, type_name) == ("JOB_STATE_EXITED", 7, "trioworker.v1.Job")
 
 
