@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from trio_worker._pb import worker_pb2 as pb
-from trio_worker._server import ServerSettings, run_server
+from trio_worker.server._run import ServerSettings, run_server
 
 W = "/trioworker.v1.Worker/"
 
