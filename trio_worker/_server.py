@@ -25,11 +25,11 @@ from typing import Any
 
 import trio
 
-from ._cgroups import LimitPolicy
 from ._health import HealthService
+from ._host._cgroups import LimitPolicy
+from ._jobs._supervisor import Retention, open_supervisor
 from ._reflection import ReflectionService
 from ._service import SERVICE_NAME, WorkerService
-from ._supervisor import Retention, open_supervisor
 from ._systemd import notify
 from ._tls import server_context
 from ._transport import CallRecord, Server, TransportConfig

@@ -33,9 +33,9 @@ from ._errors import (
     Unenforceable,
 )
 from ._identity import Identity
+from ._jobs._supervisor import Supervisor
 from ._model import JobInfo
 from ._pb import worker_pb2 as pb
-from ._supervisor import Supervisor
 from ._transport import (
     CallContext,
     RpcError,
