@@ -24,6 +24,7 @@ from .._errors import (
     TrioWorkerError,
 )
 from .._identity import Identity
+from .._jobs._supervisor import Supervisor
 from .._model import JobInfo
 from .._net._transport import (
     CallContext,
@@ -34,7 +35,6 @@ from .._net._transport import (
 )
 from .._net._transport import Method as RpcMethod
 from .._pb import worker_pb2 as pb
-from .._supervisor import Supervisor
 from ._authz import Method as Op
 from ._authz import authorize, can_see
 

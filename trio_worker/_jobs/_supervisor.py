@@ -26,12 +26,11 @@ from pathlib import Path
 
 import trio
 
-from . import _lifecycle as lc
-from ._cgroups import CgroupDriver, CgroupError, JobCgroup, LimitPolicy
-from ._cgroups import detect as cgroup_detect
-from ._errors import InvalidRequest, JobNotFound, JobNotRunning, ShuttingDown, StateDirError
-from ._isolation import helper_argv, helper_tasks, make_preexec, read_report, resolve_command
-from ._model import (
+from .._errors import InvalidRequest, JobNotFound, JobNotRunning, ShuttingDown, StateDirError
+from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup, LimitPolicy
+from .._host._cgroups import detect as cgroup_detect
+from .._host._isolation import helper_argv, helper_tasks, make_preexec, read_report, resolve_command
+from .._model import (
     Isolation,
     JobIdGenerator,
     JobInfo,
@@ -41,6 +40,7 @@ from ._model import (
     OutputStream,
     Usage,
 )
+from . import _lifecycle as lc
 from ._output import DEFAULT_CHUNK, OutputLog
 from ._process import (
     JobProcess,
