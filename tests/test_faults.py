@@ -12,7 +12,7 @@ import os
 import sqlite3
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,8 +21,7 @@ import trio
 import trio.testing
 
 from tests.conftest import process_alive, require_root
-from trio_worker import JobState, ResourceExhausted, Supervisor, open_supervisor
-from trio_worker._supervisor import Retention
+from trio_worker import JobState, ResourceExhausted, Retention, Supervisor, open_supervisor
 
 #: Retention that never runs on its own: the tests call ``housekeep``.
 _MANUAL = Retention(interval=3600.0, keep_ended=None, max_ended_age=timedelta(days=1))
@@ -39,32 +38,35 @@ def small_tmpfs(where: Path, options: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+def until_full(step: Callable[[], object]) -> None:
+    """Call ``step`` until the filesystem says ENOSPC."""
+    failure: int | None = None
+    while failure is None:
+        try:
+            step()
+        except OSError as exc:
+            failure = exc.errno
+    assert failure == errno.ENOSPC
+
+
 def fill(directory: Path) -> Path:
     """Write a file until the filesystem has no room left; return it."""
     path = directory / f"filler-{uuid.uuid4().hex}"
-    block = b"\0" * 65536
     with open(path, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(block)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-        # The last, partial block: fill to the very last byte.
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 512)
+        until_full(lambda: f.write(b"\0" * 65536))
+        until_full(lambda: f.write(b"\0" * 512))  # to the very last byte
     return path
 
 
 def fill_inodes(directory: Path) -> list[Path]:
-    made = []
-    try:
-        while True:
-            path = directory / f"inode-{len(made)}"
-            path.touch()
-            made.append(path)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
+    made: list[Path] = []
+
+    def make() -> None:
+        path = directory / f"inode-{len(made)}"
+        path.touch()
+        made.append(path)
+
+    until_full(make)
     return made
 
 

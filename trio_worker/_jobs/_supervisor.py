@@ -26,10 +26,7 @@ from pathlib import Path
 
 import trio
 
-from . import _lifecycle as lc
-from ._cgroups import CgroupDriver, CgroupError, JobCgroup, LimitPolicy
-from ._cgroups import detect as cgroup_detect
-from ._errors import (
+from .._errors import (
     InvalidRequest,
     JobNotFound,
     JobNotRunning,
@@ -37,8 +34,10 @@ from ._errors import (
     ShuttingDown,
     StateDirError,
 )
-from ._isolation import helper_argv, helper_tasks, make_preexec, read_report, resolve_command
-from ._model import (
+from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup, LimitPolicy
+from .._host._cgroups import detect as cgroup_detect
+from .._host._isolation import helper_argv, helper_tasks, make_preexec, read_report, resolve_command
+from .._model import (
     Isolation,
     JobIdGenerator,
     JobInfo,
@@ -48,6 +47,7 @@ from ._model import (
     OutputStream,
     Usage,
 )
+from . import _lifecycle as lc
 from ._output import DEFAULT_CHUNK, OutputLog
 from ._process import (
     JobProcess,

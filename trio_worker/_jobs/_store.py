@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar, cast
 
 import trio
 
-from ._errors import JobNotFound, StateDirError
-from ._model import Isolation, JobInfo, JobState, Limits, Usage
+from .._errors import JobNotFound, StateDirError
+from .._model import Isolation, JobInfo, JobState, Limits, Usage
 
 __all__ = [
     "SCHEMA_VERSION",
