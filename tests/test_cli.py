@@ -574,6 +574,26 @@ def test_certs_files_and_show(real: RealServer) -> None:
     assert "already exists" in assert_one_line_error(again, 3)
 
 
+def test_certs_client_logins_and_show(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    pki_dir = tmp_path / "pki"
+    ok(cli("certs", "init", "--dir", pki_dir, env=env))
+    made = ok(
+        cli(
+            *("certs", "client", "--dir", pki_dir, "ci", "--role", "full"),
+            *("--login", "ci", "--login", "builder"),
+            env=env,
+        )
+    ).decode()
+    assert "role full, logins ci, builder" in made
+    shown = ok(cli("certs", "show", pki_dir / "ci.pem", env=env)).decode()
+    assert re.search(r"^Role\s+full$", shown, re.M)
+    assert re.search(r"^Logins\s+ci, builder$", shown, re.M)
+    assert re.search(r"^Names\s+-$", shown, re.M)  # our URIs are shown as role and logins
+    bad = cli("certs", "client", "--dir", pki_dir, "x", "--role", "full", "--login", "a b", env=env)
+    assert "--login" in assert_one_line_error(bad, 2)
+
+
 def test_roles_through_the_cli(real: RealServer) -> None:
     alice, bob = (
         ok(r).decode().strip()

@@ -23,10 +23,11 @@ from trio_worker import pki
 CLIENT_MODULES = {
     "trio_worker",
     "trio_worker._convert",
+    "trio_worker._error_codes",
     "trio_worker._errors",
-    "trio_worker._h2conn",
     "trio_worker._model",
     "trio_worker._pb",
+    "trio_worker._wire",
     "trio_worker._tls",
     "trio_worker.cli",
     "trio_worker.cli._app",

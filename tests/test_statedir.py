@@ -14,13 +14,13 @@ import pytest
 
 from tests.conftest import process_alive
 from trio_worker import StateDirError
-from trio_worker._statedir import StateDir
+from trio_worker._jobs._statedir import StateDir
 
 ROOT = Path(__file__).resolve().parent.parent
 
 _HOLDER = """
 import sys, time
-from trio_worker._statedir import StateDir
+from trio_worker._jobs._statedir import StateDir
 state = StateDir.open(sys.argv[1])
 print("locked", flush=True)
 time.sleep(120)
@@ -29,7 +29,7 @@ time.sleep(120)
 _CONTENDER = """
 import sys
 from trio_worker import StateDirError
-from trio_worker._statedir import StateDir
+from trio_worker._jobs._statedir import StateDir
 try:
     StateDir.open(sys.argv[1])
 except StateDirError as exc:
@@ -172,7 +172,7 @@ def test_a_symlinked_lock_file_is_refused(tmp_path: Path) -> None:
 
 _FORKER = """
 import os, sys
-from trio_worker._statedir import StateDir
+from trio_worker._jobs._statedir import StateDir
 state = StateDir.open(sys.argv[1])
 child = os.fork()
 if child == 0:

@@ -30,10 +30,10 @@ from ._errors import (
 from ._model import Isolation, JobInfo, JobState, Limits, OutputChunk, OutputStream, Usage
 
 if TYPE_CHECKING:
-    from ._cgroups import LimitPolicy as LimitPolicy
-    from ._supervisor import Retention as Retention
-    from ._supervisor import Supervisor as Supervisor
-    from ._supervisor import open_supervisor as open_supervisor
+    from ._host._cgroups import LimitPolicy as LimitPolicy
+    from ._jobs._supervisor import Retention as Retention
+    from ._jobs._supervisor import Supervisor as Supervisor
+    from ._jobs._supervisor import open_supervisor as open_supervisor
 
 __all__ = [
     "AuthenticationFailed",
@@ -65,10 +65,10 @@ __version__ = "0.1.0"
 
 #: Public names whose modules are imported on first access: the server side.
 _LAZY = {
-    "LimitPolicy": "._cgroups",
-    "Retention": "._supervisor",
-    "Supervisor": "._supervisor",
-    "open_supervisor": "._supervisor",
+    "LimitPolicy": "._host._cgroups",
+    "Retention": "._jobs._supervisor",
+    "Supervisor": "._jobs._supervisor",
+    "open_supervisor": "._jobs._supervisor",
 }
 
 

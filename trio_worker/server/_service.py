@@ -2,75 +2,50 @@
 
 Each RPC is three steps: may this caller use this method at all (the role
 table in ``_authz``), may it see this job (else NOT_FOUND, so ids cannot be
-probed), then the supervisor call. Our exceptions become status codes in one
-table, ``STATUS_OF``; anything else is a bug, which the transport logs and
-answers INTERNAL without details.
+probed), then the supervisor call. Our exceptions become a status code, an ErrorInfo
+reason and details through the one table in ``_error_codes``; anything else is a bug,
+which the transport logs and answers INTERNAL without details.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from ._authz import Method as Op
-from ._authz import authorize, can_see
-from ._convert import (
+from .._convert import (
     chunk_to_pb,
     duration_to_seconds,
     isolation_from_pb,
     job_to_pb,
     limits_from_pb,
 )
-from ._errors import (
-    AuthenticationFailed,
+from .._errors import (
     InvalidRequest,
     JobNotFound,
-    JobNotRunning,
-    PermissionDenied,
-    ResourceExhausted,
-    ShuttingDown,
-    StateDirError,
     TrioWorkerError,
-    Unenforceable,
 )
-from ._identity import Identity
-from ._model import JobInfo
-from ._pb import worker_pb2 as pb
-from ._supervisor import Supervisor
-from ._transport import (
+from .._identity import Identity
+from .._jobs._supervisor import Supervisor
+from .._model import JobInfo
+from .._net._transport import (
     CallContext,
     RpcError,
-    StatusCode,
     StreamMethod,
     SyncUnaryMethod,
     UnaryMethod,
 )
-from ._transport import Method as RpcMethod
+from .._net._transport import Method as RpcMethod
+from .._pb import worker_pb2 as pb
+from ._authz import Method as Op
+from ._authz import authorize, can_see
 
-__all__ = ["SERVICE_NAME", "STATUS_OF", "WorkerService", "rpc_error"]
+__all__ = ["SERVICE_NAME", "WorkerService", "rpc_error"]
 
 SERVICE_NAME = "trioworker.v1.Worker"
 
-#: The one map from our exceptions to gRPC status codes (most specific first).
-STATUS_OF: tuple[tuple[type[TrioWorkerError], StatusCode], ...] = (
-    (JobNotFound, StatusCode.NOT_FOUND),
-    (InvalidRequest, StatusCode.INVALID_ARGUMENT),
-    (PermissionDenied, StatusCode.PERMISSION_DENIED),
-    (AuthenticationFailed, StatusCode.UNAUTHENTICATED),
-    (JobNotRunning, StatusCode.FAILED_PRECONDITION),
-    (Unenforceable, StatusCode.FAILED_PRECONDITION),
-    (ResourceExhausted, StatusCode.RESOURCE_EXHAUSTED),
-    (ShuttingDown, StatusCode.UNAVAILABLE),
-    (StateDirError, StatusCode.INTERNAL),
-)
-
 
 def rpc_error(exc: TrioWorkerError) -> RpcError:
-    if isinstance(exc, RpcError):
-        return exc
-    for cls, code in STATUS_OF:
-        if isinstance(exc, cls):
-            return RpcError(code, str(exc))
-    return RpcError(StatusCode.UNKNOWN, str(exc))
+    """``exc`` as the client will see it: the one table in ``_error_codes``."""
+    return RpcError.of(exc)
 
 
 class WorkerService:

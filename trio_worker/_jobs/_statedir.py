@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from ._errors import StateDirError
+from .._errors import StateDirError
 
 __all__ = ["StateDir"]
 
