@@ -239,6 +239,18 @@ def test_second_server_on_the_same_state_dir_is_refused(dev: DevServer) -> None:
     assert "in use by another trio-worker server" in err
 
 
+def test_serve_refuses_a_world_writable_state_dir_untouched(tmp_path: Path) -> None:
+    state = tmp_path / "shared"
+    state.mkdir()
+    state.chmod(0o1777)
+    env = clean_env(tmp_path)
+    result = cli("serve", "--listen", "127.0.0.1:0", "--state-dir", state, env=env)
+    err = assert_one_line_error(result, 3)
+    assert "writable by others" in err
+    assert stat.S_IMODE(state.stat().st_mode) == 0o1777
+    assert list(state.iterdir()) == []  # no PKI, no lock: nothing written there
+
+
 def test_restart_reuses_the_pki(tmp_path: Path) -> None:
     env = clean_env(tmp_path, XDG_STATE_HOME=str(tmp_path / "xdg-state"))
     first = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(tmp_path)], env)

@@ -633,6 +633,8 @@ def ensure_dev_pki(state_dir: Path) -> DevPki:
         init_ca(tmp, common_name="trio-worker development CA")
         issue_server(tmp, DEV_SERVER_HOSTS)
         issue_client(tmp, DEV_CLIENT_NAME, Role.ADMIN)
+        for made in tmp.iterdir():  # every file in the state directory is 0600
+            made.chmod(0o600)
         try:
             os.rename(tmp, directory)  # atomic; replaces only a missing or empty directory
         except OSError as exc:
