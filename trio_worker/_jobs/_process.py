@@ -24,6 +24,7 @@ from pathlib import Path
 import trio
 
 from .._errors import InvalidRequest
+from ._exec_limit import check_exec_size
 
 __all__ = [
     "JobProcess",
@@ -108,6 +109,7 @@ def validate_start(
             raise InvalidRequest("cwd", f"{checked_cwd!r} does not exist")
         if not os.path.isdir(checked_cwd):
             raise InvalidRequest("cwd", f"{checked_cwd!r} is not a directory")
+    check_exec_size((command, *checked_args), full_env)  # E2BIG: refused, never stored
     return StartSpec(command, checked_args, full_env, checked_cwd)
 
 

@@ -9,6 +9,7 @@ pipes are drained and flushed.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ import shutil
 import signal as _signal
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -234,6 +235,9 @@ class Supervisor:
         self._base_env = dict(base_env)
         self._tail_bytes = tail_bytes
         self._jobs: dict[str, _Job] = {}
+        #: Every id in ``_jobs``, sorted (ids sort by creation): List pages from it.
+        #: Add and remove jobs with ``_add`` and ``_forget`` to keep it in step.
+        self._order: list[str] = []
         self._new_id = JobIdGenerator()
         self._closing = False
         #: Jobs whose record in the store is behind (a write failed, e.g. a full
@@ -248,6 +252,53 @@ class Supervisor:
     def list(self, owner: str | None = None) -> list[JobInfo]:
         """Every job (of ``owner``, if given), oldest first."""
         return [job.info() for job in self._jobs.values() if owner is None or job.owner == owner]
+
+    def iter_jobs(
+        self,
+        *,
+        before: str | None = None,
+        states: Collection[JobState] | None = None,
+        owner: str | None = None,
+        visible: Callable[[str], bool] | None = None,
+    ) -> Iterator[JobInfo]:
+        """Jobs newest first, for paging: those with an id below ``before`` (all if
+        None), in ``states`` (any if None or empty), of ``owner`` (anyone's if
+        None), whose owner ``visible`` accepts.
+
+        Lazy: a page costs the snapshots it takes, however many jobs there are.
+        Consume it without awaiting in between (the table may change).
+        """
+        order = self._order
+        i = len(order) if before is None else bisect.bisect_left(order, before)
+        wanted = frozenset(states) if states else None
+        while i > 0:
+            i -= 1
+            job = self._jobs.get(order[i])
+            if job is None or job.record.state is None:
+                continue  # forgotten, or not started yet
+            if wanted is not None and job.record.state not in wanted:
+                continue
+            if owner is not None and job.owner != owner:
+                continue
+            if visible is not None and not visible(job.owner):
+                continue
+            yield job.info()
+
+    def _add(self, job: _Job) -> None:
+        """Put a job in the table (and in id order, for ``iter_jobs``)."""
+        self._jobs[job.id] = job
+        order = self._order
+        if not order or order[-1] < job.id:
+            order.append(job.id)  # the usual case: ids grow
+        else:
+            bisect.insort(order, job.id)
+
+    def _forget(self, job_id: str) -> None:
+        """Take a job out of the table (its records and files are the caller's)."""
+        if self._jobs.pop(job_id, None) is not None:
+            i = bisect.bisect_left(self._order, job_id)
+            if i < len(self._order) and self._order[i] == job_id:
+                del self._order[i]
 
     def _get(self, job_id: str) -> _Job:
         try:
@@ -289,7 +340,7 @@ class Supervisor:
         log = self._open_log(job_id)
         job = _Job(job_id, owner, spec, limits, isolation, log)
         job.env_keys = tuple(env or ())
-        self._jobs[job_id] = job
+        self._add(job)
         try:
             argv = None
             if isolation.any:
@@ -639,7 +690,7 @@ class Supervisor:
             job = _Job.restored(entry, self._jobs_dir / info.id)
             if info.state is JobState.RUNNING:
                 self._feed(job, lc.Lost(LOST_ERROR, now))
-            self._jobs[info.id] = job
+            self._add(job)
         if lost and self._store is not None:
             try:
                 await self._store.mark_lost(lost, LOST_ERROR, now)
@@ -685,7 +736,7 @@ class Supervisor:
             if not doomed:
                 return
             for job_id in doomed:
-                del self._jobs[job_id]
+                self._forget(job_id)
             await trio.to_thread.run_sync(_remove_dirs, [self._jobs_dir / i for i in doomed])
             await store.delete(doomed)
             _log.info("retention: removed %d ended job(s)", len(doomed))
