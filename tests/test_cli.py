@@ -239,6 +239,18 @@ def test_second_server_on_the_same_state_dir_is_refused(dev: DevServer) -> None:
     assert "in use by another trio-worker server" in err
 
 
+def test_serve_refuses_a_world_writable_state_dir_untouched(tmp_path: Path) -> None:
+    state = tmp_path / "shared"
+    state.mkdir()
+    state.chmod(0o1777)
+    env = clean_env(tmp_path)
+    result = cli("serve", "--listen", "127.0.0.1:0", "--state-dir", state, env=env)
+    err = assert_one_line_error(result, 3)
+    assert "writable by others" in err
+    assert stat.S_IMODE(state.stat().st_mode) == 0o1777
+    assert list(state.iterdir()) == []  # no PKI, no lock: nothing written there
+
+
 def test_restart_reuses_the_pki(tmp_path: Path) -> None:
     env = clean_env(tmp_path, XDG_STATE_HOME=str(tmp_path / "xdg-state"))
     first = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(tmp_path)], env)
@@ -592,6 +604,56 @@ def test_certs_client_logins_and_show(tmp_path: Path) -> None:
     assert re.search(r"^Names\s+-$", shown, re.M)  # our URIs are shown as role and logins
     bad = cli("certs", "client", "--dir", pki_dir, "x", "--role", "full", "--login", "a b", env=env)
     assert "--login" in assert_one_line_error(bad, 2)
+
+
+def test_revoke_and_reload_through_the_cli(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    d = tmp_path / "pki"
+    ok(cli("certs", "init", "--dir", d, env=env))
+    for made in cli_many(
+        [
+            ["certs", "server", "--dir", d, "--host", "localhost", "127.0.0.1"],
+            ["certs", "client", "--dir", d, "alice", "--role", "full"],
+            ["certs", "client", "--dir", d, "bob", "--role", "full"],
+        ],
+        env,
+    ):
+        ok(made)
+    said = ok(cli("certs", "revoke", "--dir", d, "alice", env=env)).decode()
+    assert "alice" in said
+    assert f"--crl {d / 'crl.pem'}" in said
+    server = ServerProcess.start(
+        [
+            *("--listen", "127.0.0.1:0", "--state-dir", tmp_path / "state"),
+            *("--ca", d / "ca.pem", "--cert", d / "server.pem", "--key", d / "server.key"),
+            *("--crl", d / "crl.pem", *own_cgroup(tmp_path)),
+        ],
+        env,
+    )
+    try:
+        port = server.port()
+
+        def as_(name: str) -> list[str | Path]:
+            return [
+                *("list", "--addr", f"localhost:{port}", "--ca", d / "ca.pem"),
+                *("--cert", d / f"{name}.pem", "--key", d / f"{name}.key"),
+            ]
+
+        alice, bob = cli_many([as_("alice"), as_("bob")], env)
+        assert_one_line_error(alice, 4)  # revoked before the server started
+        ok(bob)
+        ok(cli("certs", "revoke", "--dir", d, "bob", env=env))
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for("SIGHUP: reloaded the CA, certificate, key and CRL")
+        alice, bob = cli_many([as_("alice"), as_("bob")], env)
+        assert_one_line_error(alice, 4)
+        assert_one_line_error(bob, 4)
+        (d / "crl.pem").write_text("garbage")
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for(r"SIGHUP: reload failed, keeping the previous TLS material: .*crl\.pem")
+        assert_one_line_error(cli(*as_("bob"), env=env), 4)
+    finally:
+        assert server.stop() == 0, server.stderr
 
 
 def test_roles_through_the_cli(real: RealServer) -> None:

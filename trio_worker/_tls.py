@@ -183,10 +183,17 @@ def _context(purpose: int, *, ca: Path, cert: Path, key: Path) -> ssl.SSLContext
     return ctx
 
 
-def server_context(*, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+def server_context(*, ca: Path, cert: Path, key: Path, crl: Path | None = None) -> ssl.SSLContext:
     """Server side: TLS 1.3 with TLS_AES_256_GCM_SHA384 only, client certificate required
-    and verified against ``ca``, ALPN ``h2``."""
+    and verified against ``ca`` (and not revoked by the PEM CRL ``crl``), ALPN ``h2``."""
     ctx = _context(ssl.PROTOCOL_TLS_SERVER, ca=ca, cert=cert, key=key)
+    if crl is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(crl))
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSConfigError(f"cannot load CRL {crl}: {exc}") from exc
+        # The client's certificate must not be on its CA's CRL (which must be present).
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     # No session tickets: a resumed session would skip verifying the client certificate
     # (which may have expired since), and every connection is long-lived anyway.
     ctx.num_tickets = 0

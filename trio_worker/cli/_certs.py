@@ -188,6 +188,39 @@ def client(
 
 
 @certs.command
+def revoke(
+    name: Annotated[str, Parameter(name="NAME")],
+    /,
+    *,
+    directory: Directory,
+) -> int:
+    """Revoke DIR/NAME.pem: add it to DIR/crl.pem, a CRL signed by the CA in DIR (created on
+    first use). Servers started with --crl DIR/crl.pem refuse it after a SIGHUP, and close
+    its open connections.
+
+    For example:
+
+        trio-worker certs revoke --dir pki mallory
+        kill -HUP "$(pidof trio-worker)"   # or: systemctl reload trio-worker
+
+    Parameters
+    ----------
+    name
+        The client whose certificate (DIR/NAME.pem) to revoke.
+    """
+    from .. import pki
+
+    with _option_names():
+        done = pki.revoke(directory, name)
+    what = "was already revoked" if done.already else "is revoked"
+    _say(
+        f"{name} ({done.serial_number:X}) {what}: {done.crl} lists {done.count} certificate(s)",
+        f"Serve with --crl {done.crl}, and send the server SIGHUP to apply it now.",
+    )
+    return ExitCode.OK
+
+
+@certs.command
 def show(file: Annotated[Path, Parameter(name="FILE")], /) -> int:
     """Print a certificate's subject, role, logins, validity and fingerprint.
 

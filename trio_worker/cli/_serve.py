@@ -80,8 +80,13 @@ def serve(
     ] = None,
     shutdown_grace: Seconds = 5.0,
     cgroup_parent: Annotated[str | None, Parameter(metavar="NAME")] = None,
+    crl: Annotated[Path | None, Parameter(metavar="FILE")] = None,
 ) -> int:
     """Run the server until SIGINT or SIGTERM (Ctrl-C), then shut down gracefully.
+
+    SIGHUP reloads the CA, certificate, key and CRL without stopping jobs or calls: from
+    then on revoked certificates are refused and their open connections closed. A reload
+    that fails keeps the previous files' contents and logs why.
 
     With no certificate options it uses the development PKI in STATE_DIR/pki, creating it
     on the first run (a CA, a server certificate for localhost, 127.0.0.1 and ::1, and an
@@ -95,6 +100,7 @@ def serve(
         trio-worker serve
         trio-worker serve --listen 0.0.0.0:50051 --ca ca.pem --cert server.pem --key server.key
         trio-worker serve --state-dir /var/lib/trio-worker --shutdown-grace 30
+        trio-worker serve --ca ca.pem --cert server.pem --key server.key --crl crl.pem
 
     Parameters
     ----------
@@ -111,6 +117,9 @@ def serve(
         (systemd), else $XDG_STATE_HOME/trio-worker (~/.local/state/trio-worker).
     shutdown_grace
         On shutdown, seconds running jobs get between SIGTERM and SIGKILL.
+    crl
+        A PEM certificate revocation list signed by the CA (trio-worker certs revoke
+        writes one): the client certificates it lists are refused.
     cgroup_parent
         The cgroup, under the server's own, that holds one cgroup per job. Default:
         trio-worker-HASH, named after the state directory, so servers on different state
@@ -119,6 +128,7 @@ def serve(
     """
     # The server's modules are imported here, not at start-up: client commands start faster.
     from .. import pki
+    from .._jobs._statedir import check_private
     from ..server._run import ServerSettings, parse_listen
 
     try:
@@ -136,6 +146,8 @@ def serve(
     # StateDirError) before it touches anything else; the development PKI is made
     # atomically and never changed, so making or reading it first is safe.
     directory = resolve_state_dir(state_dir)
+    # Refused before anything is written there (the PKI's keys included).
+    check_private(directory)
     dev: pki.DevPki | None = None
     if ca is None or cert is None or key is None:
         dev = pki.ensure_dev_pki(directory)
@@ -149,6 +161,7 @@ def serve(
         port=port,
         shutdown_grace=shutdown_grace,
         cgroup_parent=cgroup_parent,
+        crl=crl.expanduser() if crl is not None else None,
     )
     trio.run(_serve, settings, dev)
     print("trio-worker: server stopped", file=sys.stderr, flush=True)

@@ -29,10 +29,10 @@ from .._host._cgroups import LimitPolicy
 from .._jobs._supervisor import Retention, open_supervisor
 from .._net._transport import CallRecord, Server, TransportConfig
 from .._systemd import notify
-from .._tls import server_context
 from ._health import HealthService
 from ._reflection import ReflectionService
 from ._service import SERVICE_NAME, WorkerService
+from ._tlsreload import TLSMaterial, load_tls, reload_on_sighup
 
 __all__ = ["ServerSettings", "parse_listen", "run_server"]
 
@@ -56,6 +56,7 @@ class ServerSettings:
     limit_policy: LimitPolicy = field(default_factory=LimitPolicy)
     cgroup_parent: str | None = None  # default: named after the state directory
     retention: Retention = field(default_factory=Retention)
+    crl: Path | None = None  # a PEM CRL from the CA: revoked client certificates
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -106,8 +107,13 @@ async def run_server(
     on_call: Callable[[CallRecord], None] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until SIGINT/SIGTERM (or cancellation); report the bound port when ready."""
-    ssl_context = server_context(ca=settings.ca, cert=settings.cert, key=settings.key)
+    """Serve until SIGINT/SIGTERM (or cancellation); report the bound port when ready.
+    With ``handle_signals``, SIGHUP reloads the CA, certificate, key and CRL."""
+
+    def load() -> TLSMaterial:
+        return load_tls(ca=settings.ca, cert=settings.cert, key=settings.key, crl=settings.crl)
+
+    tls = load()
     health = HealthService([SERVICE_NAME])
 
     def record(call: CallRecord) -> None:
@@ -136,13 +142,16 @@ async def run_server(
 
         server = Server(
             methods,
-            ssl_context,
+            tls.context,
             config=settings.transport,
             on_call=record,
             on_drain=on_drain,
+            revoked=tls.revoked,
         )
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.serve, settings.host, settings.port)
+            if handle_signals:
+                await nursery.start(reload_on_sighup, server, load)
             _log.info("serving on %s", ", ".join(server.addresses))
             task_status.started(port)
             notify("READY=1", f"STATUS=serving on {', '.join(server.addresses)}")

@@ -2,9 +2,9 @@
 
 Each RPC is three steps: may this caller use this method at all (the role
 table in ``_authz``), may it see this job (else NOT_FOUND, so ids cannot be
-probed), then the supervisor call. Our exceptions become status codes in one
-table, ``STATUS_OF``; anything else is a bug, which the transport logs and
-answers INTERNAL without details.
+probed), then the supervisor call. Our exceptions become a status code, an ErrorInfo
+reason and details through the one table in ``_error_codes``; anything else is a bug,
+which the transport logs and answers INTERNAL without details.
 """
 
 from __future__ import annotations
@@ -19,16 +19,9 @@ from .._convert import (
     limits_from_pb,
 )
 from .._errors import (
-    AuthenticationFailed,
     InvalidRequest,
     JobNotFound,
-    JobNotRunning,
-    PermissionDenied,
-    ResourceExhausted,
-    ShuttingDown,
-    StateDirError,
     TrioWorkerError,
-    Unenforceable,
 )
 from .._identity import Identity
 from .._jobs._supervisor import Supervisor
@@ -36,7 +29,6 @@ from .._model import JobInfo
 from .._net._transport import (
     CallContext,
     RpcError,
-    StatusCode,
     StreamMethod,
     SyncUnaryMethod,
     UnaryMethod,
@@ -46,31 +38,14 @@ from .._pb import worker_pb2 as pb
 from ._authz import Method as Op
 from ._authz import authorize, can_see
 
-__all__ = ["SERVICE_NAME", "STATUS_OF", "WorkerService", "rpc_error"]
+__all__ = ["SERVICE_NAME", "WorkerService", "rpc_error"]
 
 SERVICE_NAME = "trioworker.v1.Worker"
 
-#: The one map from our exceptions to gRPC status codes (most specific first).
-STATUS_OF: tuple[tuple[type[TrioWorkerError], StatusCode], ...] = (
-    (JobNotFound, StatusCode.NOT_FOUND),
-    (InvalidRequest, StatusCode.INVALID_ARGUMENT),
-    (PermissionDenied, StatusCode.PERMISSION_DENIED),
-    (AuthenticationFailed, StatusCode.UNAUTHENTICATED),
-    (JobNotRunning, StatusCode.FAILED_PRECONDITION),
-    (Unenforceable, StatusCode.FAILED_PRECONDITION),
-    (ResourceExhausted, StatusCode.RESOURCE_EXHAUSTED),
-    (ShuttingDown, StatusCode.UNAVAILABLE),
-    (StateDirError, StatusCode.INTERNAL),
-)
-
 
 def rpc_error(exc: TrioWorkerError) -> RpcError:
-    if isinstance(exc, RpcError):
-        return exc
-    for cls, code in STATUS_OF:
-        if isinstance(exc, cls):
-            return RpcError(code, str(exc))
-    return RpcError(StatusCode.UNKNOWN, str(exc))
+    """``exc`` as the client will see it: the one table in ``_error_codes``."""
+    return RpcError.of(exc)
 
 
 class WorkerService:
