@@ -254,6 +254,11 @@ class Supervisor:
         """Every job (of ``owner``, if given), oldest first."""
         return [job.info() for job in self._jobs.values() if owner is None or job.owner == owner]
 
+    def running_count(self, owner: str) -> int:
+        """How many of ``owner``'s jobs are running (for quotas: no snapshots made)."""
+        running = JobState.RUNNING
+        return sum(1 for j in self._jobs.values() if j.owner == owner and j.record.state is running)
+
     def _get(self, job_id: str) -> _Job:
         try:
             return self._jobs[job_id]
