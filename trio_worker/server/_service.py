@@ -2,14 +2,17 @@
 
 Each RPC is three steps: may this caller use this method at all (the role
 table in ``_authz``), may it see this job (else NOT_FOUND, so ids cannot be
-probed), then the supervisor call. Our exceptions become a status code, an ErrorInfo
-reason and details through the one table in ``_error_codes``; anything else is a bug,
-which the transport logs and answers INTERNAL without details.
+probed), then the supervisor call (for Start, within the caller's quotas). Our
+exceptions become a status code, an ErrorInfo reason and details through the one table
+in ``_error_codes``; anything else is a bug, which the transport logs and answers
+INTERNAL without details.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+
+import trio
 
 from .._convert import (
     chunk_to_pb,
@@ -39,6 +42,7 @@ from .._pb import worker_pb2 as pb
 from ._authz import Method as Op
 from ._authz import authorize, can_see
 from ._paging import MAX_PAGE_BYTES, decode_token, encode_token, fill_page, page_size
+from ._quota import QuotaPolicy, Quotas
 
 __all__ = ["SERVICE_NAME", "WorkerService", "rpc_error"]
 
@@ -76,10 +80,14 @@ class WorkerService:
         *,
         default_grace: float = 5.0,
         output_chunk_bytes: int = 256 * 1024,
+        quotas: QuotaPolicy | None = None,
     ) -> None:
         self._sup = supervisor
         self._default_grace = default_grace
         self._chunk = output_chunk_bytes
+        self._quotas = Quotas(
+            quotas or QuotaPolicy(), clock=trio.current_time, running=supervisor.running_count
+        )
 
     def methods(self) -> dict[str, RpcMethod]:
         """Full method path → descriptor, for the transport.
@@ -114,15 +122,16 @@ class WorkerService:
     async def start(self, request: pb.StartRequest, ctx: CallContext) -> pb.Job:
         try:
             authorize(ctx.identity, Op.START)
-            info = await self._sup.start(
-                request.command,
-                list(request.args),
-                env=dict(request.env),
-                cwd=request.working_dir or None,
-                limits=limits_from_pb(request.limits),
-                isolation=isolation_from_pb(request.isolation),
-                owner=ctx.identity.name,
-            )
+            with self._quotas.admit(ctx.identity.name):
+                info = await self._sup.start(
+                    request.command,
+                    list(request.args),
+                    env=dict(request.env),
+                    cwd=request.working_dir or None,
+                    limits=limits_from_pb(request.limits),
+                    isolation=isolation_from_pb(request.isolation),
+                    owner=ctx.identity.name,
+                )
         except TrioWorkerError as exc:
             raise rpc_error(exc) from None
         return job_to_pb(info)
