@@ -33,11 +33,19 @@ from .._errors import (
     ResourceExhausted,
     ShuttingDown,
     StateDirError,
+    Unenforceable,
 )
 from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup, LimitPolicy
 from .._host._cgroups import detect as cgroup_detect
 from .._host._isolation import helper_argv, helper_tasks, read_report, resolve_command
 from .._host._spawn import raise_nofile_limit
+from .._host._users import (
+    UnixUser,
+    current_user,
+    lookup_user,
+    start_directory,
+    user_environment,
+)
 from .._model import (
     Isolation,
     JobIdGenerator,
@@ -52,6 +60,7 @@ from . import _lifecycle as lc
 from ._output import DEFAULT_CHUNK, OutputLog
 from ._process import (
     RESOURCE_ERRNOS,
+    Credentials,
     JobProcess,
     PipeReader,
     SpawnError,
@@ -130,6 +139,8 @@ class _Job:
         self.pid_start_time: int | None = None
         #: When an accepted Stop SIGKILLs the job (the earliest one asked for).
         self.kill_deadline: float | None = None
+        #: The Unix user it runs as (``UnixUser.label``).
+        self.user = ""
 
     def feed(self, event: lc.Event) -> None:
         self.record = lc.apply(self.record, event)
@@ -159,6 +170,7 @@ class _Job:
             oom_killed=r.oom_killed,
             spawn_errno=r.spawn_errno,
             usage=self.usage(),
+            user=self.user,
         )
 
     @classmethod
@@ -175,6 +187,7 @@ class _Job:
             log.close()
         job = cls(info.id, info.owner, spec, info.limits, info.isolation, log)
         job.env_keys = entry.env_keys
+        job.user = info.user
         job.final_usage = info.usage
         job.record = lc.Record(
             state=info.state,
@@ -243,6 +256,8 @@ class Supervisor:
         self._order: list[str] = []
         self._new_id = JobIdGenerator()
         self._closing = False
+        #: Who this process runs as: the user of jobs that name none.
+        self._me = current_user()
         #: The soft fd limit jobs get (the one this process had before raising its own).
         self._job_nofile = job_nofile
         #: Jobs whose record in the store is behind (a write failed, e.g. a full
@@ -305,6 +320,15 @@ class Supervisor:
             if i < len(self._order) and self._order[i] == job_id:
                 del self._order[i]
 
+    async def _account(self, user: str | UnixUser | None) -> UnixUser:
+        if user is None or user == "":
+            return self._me
+        if isinstance(user, UnixUser):
+            return user
+        if not isinstance(user, str):
+            raise InvalidRequest("user", "must be a user name or a decimal uid")
+        return await trio.to_thread.run_sync(lookup_user, user)
+
     def running_count(self, owner: str) -> int:
         """How many of ``owner``'s jobs are running (for quotas: no snapshots made)."""
         running = JobState.RUNNING
@@ -328,16 +352,35 @@ class Supervisor:
         limits: Limits | None = None,
         isolation: Isolation | None = None,
         owner: str = "",
+        user: str | UnixUser | None = None,
     ) -> JobInfo:
         """Start a job; return once its process exists.
 
         A command that cannot be executed is not an exception: the job is
         returned (and kept) in state FAILED with ``error`` saying why.
+
+        ``user`` (a name, a decimal uid, or a looked-up ``UnixUser``; default:
+        the supervisor's own user) is who the job runs as: its uid, primary gid
+        and groups. A job of another user gets a clean environment (PATH and
+        locale kept, HOME, USER, LOGNAME and SHELL from passwd; ``env`` on top)
+        and starts in that user's home (``/`` without one) unless ``cwd`` says.
         """
         await trio.lowlevel.checkpoint()
         if self._closing:
             raise ShuttingDown("the supervisor is shutting down")
-        spec = validate_start(command, args, env, cwd, base_env=self._base_env)
+        account = await self._account(user)
+        as_other = account.uid != self._me.uid
+        base_env: Mapping[str, str] = self._base_env
+        if as_other:
+            if self._me.uid != 0:
+                raise Unenforceable(
+                    f"cannot run a job as {account.label}: the server does not run as root"
+                )
+            base_env = user_environment(account, self._base_env)
+            if cwd is None or cwd == "":
+                cwd = await trio.to_thread.run_sync(start_directory, account)
+        credentials = Credentials(account.uid, account.gid, account.groups) if as_other else None
+        spec = validate_start(command, args, env, cwd, base_env=base_env)
         limits = limits if limits is not None else Limits()
         isolation = isolation if isolation is not None else Isolation()
         if not isinstance(limits, Limits):
@@ -350,8 +393,10 @@ class Supervisor:
         log = self._open_log(job_id)
         job = _Job(job_id, owner, spec, limits, isolation, log)
         job.env_keys = tuple(env or ())
-        # Where Start's stdin/tty/user plug in (the spawn mechanism is ready).
-        options = SpawnOptions()
+        job.user = account.label
+        # Where Start's stdin/tty plug in. The namespace helper must start as root
+        # (to unshare): it drops to the user itself, right before the command.
+        options = SpawnOptions(user=None if isolation.any else credentials)
         try:
             argv = None
             if isolation.any:
@@ -362,7 +407,9 @@ class Supervisor:
                 except OSError as exc:
                     raise SpawnError(describe_os_error(exc, spec.command), exc.errno) from None
                 report = log.directory / _REPORT
-                argv = helper_argv(isolation, spec.command, spec.args, report=report)
+                argv = helper_argv(
+                    isolation, spec.command, spec.args, report=report, user=credentials
+                )
             try:
                 job.cgroup = self.cgroups.create(
                     job_id, limits, cwd=spec.cwd, extra_tasks=helper_tasks(isolation)

@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from .._host._cgroups import LimitPolicy
+from .._host._users import UnixUser
 from .._jobs._supervisor import Retention, open_supervisor
 from .._net._transport import CallRecord, Server, TransportConfig
 from .._systemd import notify
@@ -59,6 +60,7 @@ class ServerSettings:
     retention: Retention = field(default_factory=Retention)
     crl: Path | None = None  # a PEM CRL from the CA: revoked client certificates
     quotas: QuotaPolicy = field(default_factory=QuotaPolicy)  # per client identity
+    job_user: UnixUser | None = None  # jobs' default user; None: the server's own
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -132,7 +134,10 @@ async def run_server(
         retention=settings.retention,
     ) as supervisor:
         service = WorkerService(
-            supervisor, default_grace=settings.stop_grace, quotas=settings.quotas
+            supervisor,
+            default_grace=settings.stop_grace,
+            quotas=settings.quotas,
+            job_user=settings.job_user,
         )
         methods: dict[str, Any] = {**service.methods(), **health.methods()}
         # Reflection describes every service served, itself included; like health, it
