@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shlex
 import signal
@@ -39,6 +40,7 @@ COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "trio_w
 JSON_KEYS = {
     "id",
     "owner",
+    "user",
     "command",
     "args",
     "state",
@@ -381,6 +383,7 @@ def test_status_and_list_json_and_tables(dev: DevServer) -> None:
     assert set(job) == JSON_KEYS
     assert job["id"] == job_id
     assert job["owner"] == "admin"
+    assert job["user"] == pwd.getpwuid(os.getuid()).pw_name  # the server's own user
     assert (job["command"], job["args"]) == ("sh", ["-c", "echo hi; exit 3"])
     assert (job["state"], job["exit_code"], job["signal"]) == ("exited", 3, None)
     assert job["output_bytes"] == 3
@@ -399,7 +402,7 @@ def test_status_and_list_json_and_tables(dev: DevServer) -> None:
     assert all(j["state"] in {"running", "exited", "killed", "failed", "lost"} for j in jobs)
 
     rows = ok(table).decode().splitlines()
-    assert rows[0].split() == ["ID", "OWNER", "STATE", "PID", "STARTED", "COMMAND"]
+    assert rows[0].split() == ["ID", "OWNER", "USER", "STATE", "PID", "STARTED", "COMMAND"]
     row = next(r for r in rows if r.startswith(job_id))
     assert "exited (3)" in row
     assert row.endswith("sh -c 'echo hi; exit 3'")

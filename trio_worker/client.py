@@ -1151,6 +1151,7 @@ class WorkerClient:
         cwd: str | os.PathLike[str] | None = None,
         limits: Limits | None = None,
         isolation: Isolation | None = None,
+        user: str = "",
         timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> JobInfo:
         """Start a job. A command that cannot be executed is a job in state FAILED, not an
@@ -1175,6 +1176,8 @@ class WorkerClient:
                 request.limits.CopyFrom(limits_to_pb(limits))
         if isolation is not None:
             request.isolation.CopyFrom(isolation_to_pb(isolation))
+        with _request_field("user"):
+            request.user = user
         job = await self._unary("Start", request, pb.Job, timeout=timeout)
         return job_from_pb(job)
 

@@ -49,7 +49,12 @@ class JobOptions:
     ] = None
 
     cwd: Annotated[str | None, Parameter(metavar="DIR", group=JOB_GROUP)] = None
-    """Working directory of the job, on the server. Default: the server's."""
+    """Working directory of the job, on the server. Default: the server's, or the home
+    directory of the job's user when that is not the server's."""
+
+    user: Annotated[str | None, Parameter(metavar="USER", group=JOB_GROUP)] = None
+    """Unix user (name or uid) to run as. Default: your certificate's first login, else
+    the server's default job user."""
 
     cpus: Annotated[Cpus, Parameter(group=LIMITS_GROUP, show_default=False)] = 0.0
     """CPU limit in CPUs, e.g. 0.5 or 2."""
@@ -112,6 +117,7 @@ class _StartRequest:
     cwd: str | None
     limits: Limits | None
     isolation: Isolation | None
+    user: str = ""
 
     @classmethod
     def build(cls, name: str, command: tuple[str, ...], job: JobOptions | None) -> _StartRequest:
@@ -121,7 +127,15 @@ class _StartRequest:
                 "COMMAND", f"missing; give it after --, e.g. trio-worker {name} -- echo hello"
             )
         job = job or JobOptions()
-        return cls(command[0], command[1:], job.env_dict(), job.cwd, job.limits(), job.isolation())
+        return cls(
+            command[0],
+            command[1:],
+            job.env_dict(),
+            job.cwd,
+            job.limits(),
+            job.isolation(),
+            job.user or "",
+        )
 
     async def send(self, conn: Connection) -> JobInfo:
         async with open_client(conn) as client:
@@ -132,6 +146,7 @@ class _StartRequest:
                 cwd=self.cwd,
                 limits=self.limits,
                 isolation=self.isolation,
+                user=self.user,
             )
 
 

@@ -2,7 +2,8 @@
 
 The JSON keys are the contract's: ``id``, ``owner``, ``command``, ``args``, ``state``
 (lower-case), ``pid``, ``exit_code``, ``signal``, ``error``, ``started_at``, ``ended_at``
-(RFC 3339, UTC, or null), ``output_bytes``, ``oom_killed``, ``limits``, ``isolation``.
+(RFC 3339, UTC, or null), ``output_bytes``, ``oom_killed``, ``limits``, ``isolation``;
+and ``user``, the Unix user the job runs as.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def job_json(job: JobInfo) -> dict[str, Any]:
     return {
         "id": job.id,
         "owner": job.owner,
+        "user": job.user,
         "command": job.command,
         "args": list(job.args),
         "state": job.state.value,
@@ -149,6 +151,7 @@ def print_job(job: JobInfo) -> None:
     rows = [
         ("ID", job.id),
         ("Owner", job.owner or "-"),
+        ("User", job.user or "-"),
         ("Command", _command_line(job)),
         ("State", describe_state(job)),
         ("PID", str(job.pid) if job.pid else "-"),
@@ -166,11 +169,12 @@ def print_job(job: JobInfo) -> None:
 def print_jobs(jobs: Iterable[JobInfo]) -> None:
     """``list``: one job per row, columns aligned."""
     print_table(
-        ("ID", "OWNER", "STATE", "PID", "STARTED", "COMMAND"),
+        ("ID", "OWNER", "USER", "STATE", "PID", "STARTED", "COMMAND"),
         (
             (
                 job.id,
                 job.owner or "-",
+                job.user or "-",
                 describe_state(job),
                 str(job.pid) if job.pid else "-",
                 _when(job.started_at),

@@ -26,6 +26,7 @@ from ._settings import DEFAULT_ADDR, default_state_dir, resolve_state_dir
 
 if TYPE_CHECKING:
     from .. import pki
+    from .._host._users import UnixUser
     from ..server._quota import QuotaPolicy
     from ..server._run import ServerSettings
 
@@ -69,6 +70,24 @@ async def _serve(settings: ServerSettings, dev: pki.DevPki | None) -> None:
             print(f"Try it from another shell: {hint}", flush=True)
 
 
+def _job_user(name: str | None) -> UnixUser | None:
+    from .._host._users import lookup_user
+
+    if name is None:
+        if os.geteuid() == 0:
+            print(
+                "trio-worker: warning: serving as root without --job-user: every full "
+                "user's jobs run as root",
+                file=sys.stderr,
+                flush=True,
+            )
+        return None
+    try:
+        return lookup_user(name)
+    except InvalidRequest as exc:
+        raise InvalidRequest("--job-user", exc.message) from None
+
+
 def _quotas(max_running: int | None, start_rate: float | None) -> QuotaPolicy:
     from ..server._quota import QuotaPolicy
 
@@ -93,6 +112,7 @@ def serve(
     crl: Annotated[Path | None, Parameter(metavar="FILE")] = None,
     max_running: Annotated[int | None, Parameter(metavar="N")] = None,
     start_rate: Annotated[float | None, Parameter(metavar="R")] = None,
+    job_user: Annotated[str | None, Parameter(metavar="USER")] = None,
 ) -> int:
     """Run the server until SIGINT or SIGTERM (Ctrl-C), then shut down gracefully.
 
@@ -132,6 +152,9 @@ def serve(
     crl
         A PEM certificate revocation list signed by the CA (trio-worker certs revoke
         writes one): the client certificates it lists are refused.
+    job_user
+        The Unix user (name or uid) jobs run as when neither the request nor the client's
+        certificate (its logins) names one. Default: the user the server runs as.
     max_running
         At most N running jobs per client identity (certificate CN); more Starts are
         refused (RESOURCE_EXHAUSTED, QUOTA_EXCEEDED). Default: no limit.
@@ -181,6 +204,7 @@ def serve(
         cgroup_parent=cgroup_parent,
         crl=crl.expanduser() if crl is not None else None,
         quotas=_quotas(max_running, start_rate),
+        job_user=_job_user(job_user),
     )
     trio.run(_serve, settings, dev)
     print("trio-worker: server stopped", file=sys.stderr, flush=True)
