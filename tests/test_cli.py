@@ -684,6 +684,10 @@ def test_quota_refusal_exits_9(tmp_path: Path) -> None:
             *("--addr", f"localhost:{server.port()}", "--ca", d / "ca.pem"),
             *("--cert", d / "alice.pem", "--key", d / "alice.key"),
         ]
+        if os.geteuid() == 0:
+            server.wait_for(
+                r"^trio-worker: warning: serving as root without --job-user: every full"
+            )
         job = ok(cli("start", *creds, "--", "sleep", "60", env=env)).decode().strip()
         err = assert_one_line_error(cli("start", *creds, "--", "true", env=env), 9)
         assert "quota exceeded: at most 1 running job per client (--max-running)" in err

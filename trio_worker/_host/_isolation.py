@@ -112,6 +112,8 @@ def read_report(path: str | os.PathLike[str]) -> HelperFailure | None:
         text = Path(path).read_text(errors="replace")
     except FileNotFoundError:
         return None
+    if not text.strip():  # opened ahead (before dropping to a user), never written
+        return None
     stage, _, rest = text.rstrip("\n").partition("\t")
     code, _, message = rest.partition("\t")
     try:

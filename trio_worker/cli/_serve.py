@@ -150,8 +150,9 @@ def serve(
     shutdown_grace
         On shutdown, seconds running jobs get between SIGTERM and SIGKILL.
     crl
-        A PEM certificate revocation list signed by the CA (trio-worker certs revoke
-        writes one): the client certificates it lists are refused.
+        A PEM certificate revocation list signed by the CA: the client certificates it
+        lists are refused. trio-worker certs revoke writes it, on first use: until the
+        file exists nothing is revoked. With the development PKI: STATE_DIR/pki/crl.pem.
     job_user
         The Unix user (name or uid) jobs run as when neither the request nor the client's
         certificate (its logins) names one. Default: the user the server runs as.
@@ -193,6 +194,8 @@ def serve(
     if ca is None or cert is None or key is None:
         dev = pki.ensure_dev_pki(directory)
         ca, cert, key = dev.ca.cert, dev.server.cert, dev.server.key
+        if crl is None:
+            crl = dev.directory / pki.CRL_FILE
     settings = ServerSettings(
         ca=ca.expanduser(),
         cert=cert.expanduser(),
@@ -203,6 +206,7 @@ def serve(
         shutdown_grace=shutdown_grace,
         cgroup_parent=cgroup_parent,
         crl=crl.expanduser() if crl is not None else None,
+        crl_may_be_missing=True,
         quotas=_quotas(max_running, start_rate),
         job_user=_job_user(job_user),
     )
