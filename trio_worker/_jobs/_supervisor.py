@@ -9,6 +9,7 @@ pipes are drained and flushed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -338,7 +339,7 @@ class Supervisor:
             # cancelled: no half-made job stays, in the table or on the host.
             with trio.CancelScope(shield=True):
                 log.close()
-                shutil.rmtree(log.directory, ignore_errors=True)
+                _remove_new_job_dir(log.directory)
                 if job.cgroup is not None:
                     await self._remove_cgroup(job)
             raise
@@ -365,7 +366,7 @@ class Supervisor:
                 directory, tail_bytes=self._tail_bytes, max_bytes=self._retention.max_output_bytes
             )
         except OSError as exc:
-            shutil.rmtree(directory, ignore_errors=True)
+            _remove_new_job_dir(directory)
             raise ResourceExhausted(
                 f"cannot create the job's output files in the state directory: "
                 f"{exc.strerror or exc}"
@@ -775,6 +776,24 @@ def _cgroup_parent_for(state_dir: Path) -> str:
     """``trio-worker-<hash>``: one parent group per state directory."""
     digest = hashlib.sha256(os.fsencode(os.path.abspath(state_dir))).hexdigest()[:12]
     return f"trio-worker-{digest}"
+
+
+def _remove_new_job_dir(directory: Path) -> None:
+    """Remove a job directory a refused Start made, even with no descriptor to spare.
+
+    ``shutil.rmtree`` opens the directory to list it, which fails with EMFILE
+    exactly when a Start is refused for lack of descriptors: unlink the files
+    a new job can have by name first (no fd needed), then the directory.
+    """
+    for name in ("output.log", "output.idx", "output.start", _REPORT):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / name)
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _remove_dirs(directories: Sequence[Path]) -> None:
