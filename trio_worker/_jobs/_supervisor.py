@@ -631,7 +631,6 @@ class Supervisor:
             except CgroupError as exc:
                 _log.warning("job %s: cannot read its cgroup's accounting: %s", job.id, exc)
                 job.final_usage = Usage()
-            await self._remove_cgroup(job)
         failure = None
         if job.isolation.any and (log_dir := job.directory) is not None:
             try:
@@ -642,7 +641,11 @@ class Supervisor:
             self._feed(job, lc.SpawnFailed(failure.message, _now(), failure.errno))
         else:
             self._feed(job, lc.Exited(returncode, _now(), oom_killed=oom_killed))
+        # Waiters are answered now. The record goes to the store first (so a
+        # housekeeping pass after a Wait sees the end); removing the group (an
+        # rmdir per hierarchy, each waiting for an RCU grace period) comes last.
         await self._persist_end(job)
+        await self._remove_cgroup(job)
 
     # -- persistence -----------------------------------------------------------
 
