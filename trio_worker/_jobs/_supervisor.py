@@ -9,6 +9,7 @@ pipes are drained and flushed.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -18,7 +19,7 @@ import os
 import shutil
 import signal as _signal
 import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -238,6 +239,9 @@ class Supervisor:
         self._base_env = dict(base_env)
         self._tail_bytes = tail_bytes
         self._jobs: dict[str, _Job] = {}
+        #: Every id in ``_jobs``, sorted (ids sort by creation): List pages from it.
+        #: Add and remove jobs with ``_add`` and ``_forget`` to keep it in step.
+        self._order: list[str] = []
         self._new_id = JobIdGenerator()
         self._closing = False
         #: The soft fd limit jobs get (the one this process had before raising its own).
@@ -254,6 +258,53 @@ class Supervisor:
     def list(self, owner: str | None = None) -> list[JobInfo]:
         """Every job (of ``owner``, if given), oldest first."""
         return [job.info() for job in self._jobs.values() if owner is None or job.owner == owner]
+
+    def iter_jobs(
+        self,
+        *,
+        before: str | None = None,
+        states: Collection[JobState] | None = None,
+        owner: str | None = None,
+        visible: Callable[[str], bool] | None = None,
+    ) -> Iterator[JobInfo]:
+        """Jobs newest first, for paging: those with an id below ``before`` (all if
+        None), in ``states`` (any if None or empty), of ``owner`` (anyone's if
+        None), whose owner ``visible`` accepts.
+
+        Lazy: a page costs the snapshots it takes, however many jobs there are.
+        Consume it without awaiting in between (the table may change).
+        """
+        order = self._order
+        i = len(order) if before is None else bisect.bisect_left(order, before)
+        wanted = frozenset(states) if states else None
+        while i > 0:
+            i -= 1
+            job = self._jobs.get(order[i])
+            if job is None or job.record.state is None:
+                continue  # forgotten, or not started yet
+            if wanted is not None and job.record.state not in wanted:
+                continue
+            if owner is not None and job.owner != owner:
+                continue
+            if visible is not None and not visible(job.owner):
+                continue
+            yield job.info()
+
+    def _add(self, job: _Job) -> None:
+        """Put a job in the table (and in id order, for ``iter_jobs``)."""
+        self._jobs[job.id] = job
+        order = self._order
+        if not order or order[-1] < job.id:
+            order.append(job.id)  # the usual case: ids grow
+        else:
+            bisect.insort(order, job.id)
+
+    def _forget(self, job_id: str) -> None:
+        """Take a job out of the table (its records and files are the caller's)."""
+        if self._jobs.pop(job_id, None) is not None:
+            i = bisect.bisect_left(self._order, job_id)
+            if i < len(self._order) and self._order[i] == job_id:
+                del self._order[i]
 
     def running_count(self, owner: str) -> int:
         """How many of ``owner``'s jobs are running (for quotas: no snapshots made)."""
@@ -326,7 +377,7 @@ class Supervisor:
             )
         except SpawnError as exc:
             # The command cannot run: a FAILED job, kept and reported.
-            self._jobs[job_id] = job
+            self._add(job)
             self._feed(job, lc.SpawnFailed(exc.message, _now(), exc.errno))
             log.finish()
             log.close()
@@ -343,7 +394,7 @@ class Supervisor:
                 if job.cgroup is not None:
                     await self._remove_cgroup(job)
             raise
-        self._jobs[job_id] = job
+        self._add(job)
         job.process = process
         self._feed(job, lc.Spawned(process.pid, _now()))
         self._nursery.start_soon(self._run_job, job, process, name=f"job {job_id}")
@@ -667,7 +718,7 @@ class Supervisor:
             job = _Job.restored(entry, self._jobs_dir / info.id)
             if info.state is JobState.RUNNING:
                 self._feed(job, lc.Lost(LOST_ERROR, now))
-            self._jobs[info.id] = job
+            self._add(job)
         if lost and self._store is not None:
             try:
                 await self._store.mark_lost(lost, LOST_ERROR, now)
@@ -713,7 +764,7 @@ class Supervisor:
             if not doomed:
                 return
             for job_id in doomed:
-                del self._jobs[job_id]
+                self._forget(job_id)
             await trio.to_thread.run_sync(_remove_dirs, [self._jobs_dir / i for i in doomed])
             await store.delete(doomed)
             _log.info("retention: removed %d ended job(s)", len(doomed))
