@@ -233,6 +233,7 @@ def _drop_to_user(opts: _Options) -> None:
     uid, gid, groups = opts.user
     # os.execvp imports this lazily; the user may not be able to read our files.
     import warnings  # noqa: F401
+
     if opts.report:  # the report file is where only root may write: open it now
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
