@@ -57,6 +57,13 @@ async def _serve(settings: ServerSettings, dev: pki.DevPki | None) -> None:
 
     async with trio.open_nursery() as nursery:
         port = await nursery.start(partial(run_server, settings))
+        if settings.job_user is None and os.geteuid() == 0:
+            print(
+                "trio-worker: warning: serving as root without --job-user: every full "
+                "user's jobs run as root",
+                file=sys.stderr,
+                flush=True,
+            )
         if dev is not None:
             if dev.created:
                 print(
@@ -74,13 +81,6 @@ def _job_user(name: str | None) -> UnixUser | None:
     from .._host._users import lookup_user
 
     if name is None:
-        if os.geteuid() == 0:
-            print(
-                "trio-worker: warning: serving as root without --job-user: every full "
-                "user's jobs run as root",
-                file=sys.stderr,
-                flush=True,
-            )
         return None
     try:
         return lookup_user(name)

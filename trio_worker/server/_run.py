@@ -125,12 +125,6 @@ async def run_server(
         )
 
     tls = load(settings.crl_may_be_missing)
-    if settings.crl is not None and tls.revoked is None:
-        _log.info(
-            "CRL %s does not exist yet: no client certificate is revoked until it does "
-            "(trio-worker certs revoke makes it; then send SIGHUP)",
-            settings.crl,
-        )
     health = HealthService([SERVICE_NAME])
 
     def record(call: CallRecord) -> None:
@@ -175,6 +169,12 @@ async def run_server(
             if handle_signals:
                 await nursery.start(reload_on_sighup, server, load, tls)
             _log.info("serving on %s", ", ".join(server.addresses))
+            if settings.crl is not None and tls.revoked is None:
+                _log.info(
+                    "CRL %s does not exist yet: no client certificate is revoked until it "
+                    "does (trio-worker certs revoke makes it; then send SIGHUP)",
+                    settings.crl,
+                )
             task_status.started(port)
             notify("READY=1", f"STATUS=serving on {', '.join(server.addresses)}")
             if not handle_signals:
