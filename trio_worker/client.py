@@ -1237,6 +1237,22 @@ class WorkerClient:
             request.id = job_id
         return job_from_pb(await self._unary("Wait", request, pb.Job, job_id, timeout=timeout))
 
+    async def remove(
+        self,
+        job_id: str,
+        *,
+        force: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
+    ) -> JobInfo:
+        """Delete an ended job's record and output; its last state. With ``force`` a
+        running job is SIGKILLed and removed once ended. Raises JobNotFound,
+        JobStillRunning (running, without ``force``)."""
+        request = pb.RemoveRequest()
+        with _request_field("id"):
+            request.id = job_id
+        request.force = bool(force)
+        return job_from_pb(await self._unary("Remove", request, pb.Job, job_id, timeout=timeout))
+
     async def list(
         self,
         *,
