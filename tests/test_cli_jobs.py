@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -18,6 +20,7 @@ from tests.test_cli import (
     ServerProcess,
     assert_one_line_error,
     clean_env,
+    cli,
     ok,
     own_cgroup,
 )
@@ -61,7 +64,8 @@ def test_rm_removes_ended_jobs_and_their_output(dev: DevServer) -> None:
 def test_rm_refuses_a_running_job_unless_forced(dev: DevServer) -> None:
     job_id = start(dev, "sleep", "300")
     err = assert_one_line_error(dev("rm", job_id), 12)
-    assert "still running" in err and "rm -f" in err
+    assert "still running" in err
+    assert "rm -f" in err
     assert job_id in ids(dev)
     assert ok(dev("rm", "-f", job_id)).decode() == f"{job_id}\n"
     assert job_id not in ids(dev)
@@ -106,3 +110,84 @@ def test_ids_take_unique_prefixes_in_any_case(dev: DevServer) -> None:
     ok(dev("stop", second[: common + 1]))
     ok(dev("rm", "-f", first[: common + 1].lower(), second))
     assert_one_line_error(dev("status", "zzzz"), 6)
+
+
+def test_list_quiet_state_and_owner_filters(dev: DevServer) -> None:
+    running = start(dev, "sleep", "300")
+    exited = start(dev, "true")
+    ok(dev("wait", exited))
+    quiet = ok(dev("list", "-q")).decode().splitlines()
+    assert {running, exited} <= set(quiet)
+    assert quiet == sorted(quiet, reverse=True)  # newest first
+    assert running in ok(dev("list", "-q", "--state", "running")).decode().split()
+    assert exited not in ok(dev("list", "-q", "--state", "RUNNING")).decode().split()
+    both = ok(dev("list", "-q", "--state", "running", "--state", "exited")).decode().split()
+    assert {running, exited} <= set(both)
+    assert ok(dev("list", "-q", "--owner", "nobody-here")) == b""
+    assert running in ok(dev("list", "-q", "--owner", "admin")).decode().split()
+    err = assert_one_line_error(dev("list", "--state", "sleeping"), 2)
+    assert "'sleeping' is not a state" in err
+    ok(dev("rm", "-f", running, exited))
+
+
+def test_logs_tail_prints_the_last_lines(dev: DevServer) -> None:
+    job_id = start(dev, "sh", "-c", "seq 1 100000; printf 'no newline'")
+    ok(dev("wait", job_id))
+    assert ok(dev("logs", "--tail", "3", job_id)) == b"99999\n100000\nno newline"
+    assert ok(dev("logs", "-n", "1", job_id)) == b"no newline"
+    assert ok(dev("logs", "--tail", "0", job_id)) == b""
+    assert ok(dev("logs", "--tail", "200000", job_id)) == ok(dev("logs", job_id))
+
+
+def test_env_name_alone_passes_the_client_value(dev: DevServer) -> None:
+    env = {**dev.env, "FROM_CLIENT": "client value"}
+    result = cli(
+        "run",
+        "--addr",
+        dev.addr,
+        "-e",
+        "FROM_CLIENT",
+        "--",
+        "sh",
+        "-c",
+        'echo "$FROM_CLIENT"',
+        env=env,
+    )
+    assert ok(result) == b"client value\n"
+
+
+def test_stop_of_an_ended_job_exits_0_and_says_so(dev: DevServer) -> None:
+    job_id = start(dev, "true")
+    ok(dev("wait", job_id))
+    result = dev("stop", job_id)
+    assert result.returncode == 0
+    assert result.stdout == b""
+    assert result.stderr.decode() == f"trio-worker: job {job_id} had already ended: exited (0)\n"
+
+
+def test_first_ctrl_c_on_run_stops_printing_at_once(dev: DevServer) -> None:
+    """A job printing faster than the terminal: after Ctrl-C, the backlog is not printed,
+    only what the job wrote while it stopped (its last words)."""
+    script = (
+        "trap 'echo; echo got TERM; exit 3' TERM; echo ready; "
+        "while :; do echo xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; done"
+    )
+    proc = subprocess.Popen(
+        [*COMMAND, "run", "--addr", dev.addr, "--", "sh", "-c", script],
+        env=dev.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    before = 0
+    while before < 4 * 1024 * 1024:  # well into the flood
+        before += len(proc.stdout.read1(1 << 20))
+    proc.send_signal(signal.SIGINT)
+    after, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert after.endswith(b"\ngot TERM\n")
+    # What was already on its way out (pipes, one chunk) is all; the backlog on the server
+    # and in the client's buffers (megabytes) never is printed.
+    assert len(after) < 512 * 1024, len(after)
+    assert err.decode().splitlines()[-1].startswith("trio-worker: stopping job")
