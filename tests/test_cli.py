@@ -656,6 +656,40 @@ def test_revoke_and_reload_through_the_cli(tmp_path: Path) -> None:
         assert server.stop() == 0, server.stderr
 
 
+def test_quota_refusal_exits_9(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    d = tmp_path / "pki"
+    ok(cli("certs", "init", "--dir", d, env=env))
+    for made in cli_many(
+        [
+            ["certs", "server", "--dir", d, "--host", "localhost"],
+            ["certs", "client", "--dir", d, "alice", "--role", "full"],
+        ],
+        env,
+    ):
+        ok(made)
+    server = ServerProcess.start(
+        [
+            *("--listen", "127.0.0.1:0", "--state-dir", tmp_path / "state"),
+            *("--ca", d / "ca.pem", "--cert", d / "server.pem", "--key", d / "server.key"),
+            *("--max-running", "1", *own_cgroup(tmp_path)),
+        ],
+        env,
+    )
+    try:
+        creds = [
+            *("--addr", f"localhost:{server.port()}", "--ca", d / "ca.pem"),
+            *("--cert", d / "alice.pem", "--key", d / "alice.key"),
+        ]
+        job = ok(cli("start", *creds, "--", "sleep", "60", env=env)).decode().strip()
+        err = assert_one_line_error(cli("start", *creds, "--", "true", env=env), 9)
+        assert "quota exceeded: at most 1 running job per client (--max-running)" in err
+        ok(cli("stop", *creds, "--grace", "0", job, env=env))
+        ok(cli("start", *creds, "--", "true", env=env))
+    finally:
+        assert server.stop() == 0, server.stderr
+
+
 def test_roles_through_the_cli(real: RealServer) -> None:
     alice, bob = (
         ok(r).decode().strip()

@@ -22,6 +22,7 @@ from .._errors import (
     JobNotRunning,
     JobStillRunning,
     PermissionDenied,
+    QuotaExceeded,
     RemoteError,
     ResourceExhausted,
     ShuttingDown,
@@ -116,6 +117,7 @@ TABLE: tuple[tuple[type[BaseException], ExitCode, _Hint], ...] = (
         "drop that limit or isolation, or run the server where it can be enforced (as root, "
         "with cgroup v2)",
     ),
+    (QuotaExceeded, ExitCode.EXHAUSTED, "wait for your jobs to end, or start them less often"),
     (ResourceExhausted, ExitCode.EXHAUSTED, "wait for jobs to end, or raise the server's caps"),
     (ShuttingDown, ExitCode.SHUTTING_DOWN, "try again once the server is back"),
     (RemoteError, ExitCode.SERVER, "see the server's log"),

@@ -30,6 +30,7 @@ from .._jobs._supervisor import Retention, open_supervisor
 from .._net._transport import CallRecord, Server, TransportConfig
 from .._systemd import notify
 from ._health import HealthService
+from ._quota import QuotaPolicy
 from ._reflection import ReflectionService
 from ._service import SERVICE_NAME, WorkerService
 from ._tlsreload import TLSMaterial, load_tls, reload_on_sighup
@@ -57,6 +58,7 @@ class ServerSettings:
     cgroup_parent: str | None = None  # default: named after the state directory
     retention: Retention = field(default_factory=Retention)
     crl: Path | None = None  # a PEM CRL from the CA: revoked client certificates
+    quotas: QuotaPolicy = field(default_factory=QuotaPolicy)  # per client identity
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -129,7 +131,9 @@ async def run_server(
         limit_policy=settings.limit_policy,
         retention=settings.retention,
     ) as supervisor:
-        service = WorkerService(supervisor, default_grace=settings.stop_grace)
+        service = WorkerService(
+            supervisor, default_grace=settings.stop_grace, quotas=settings.quotas
+        )
         methods: dict[str, Any] = {**service.methods(), **health.methods()}
         # Reflection describes every service served, itself included; like health, it
         # needs a valid client certificate and no role.
