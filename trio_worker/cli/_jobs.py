@@ -379,13 +379,7 @@ async def list_jobs(
     """
     states = _parse_states(state or [])
     async with open_client(_connection(options)) as client:
-        jobs = await client.list()
-    jobs = [
-        job
-        for job in jobs
-        if (not states or job.state in states) and (owner is None or job.owner == owner)
-    ]
-    jobs.sort(key=lambda job: job.id, reverse=True)  # ids sort by creation: newest first
+        jobs = await client.list(states=states, owner=owner)  # filtered by the server
     if quiet:
         sys.stdout.write("".join(f"{job.id}\n" for job in jobs))
         sys.stdout.flush()

@@ -85,7 +85,7 @@ async def prune(*, options: ClientOptions | None = None) -> int:
     conn = resolve_connection(options or ClientOptions())
     removed: list[JobInfo] = []
     async with open_client(conn) as client:
-        ended = [job for job in await client.list() if job.state is not JobState.RUNNING]
+        ended = await client.list(states=[state for state in JobState if state.ended])
         limiter = trio.CapacityLimiter(_CONCURRENT_REMOVES)
 
         async def remove(job_id: str) -> None:
