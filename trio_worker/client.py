@@ -82,7 +82,13 @@ from ._errors import (
 from ._model import Isolation, JobInfo, Limits, OutputChunk
 from ._pb import worker_pb2 as pb
 from ._tls import ALPN_PROTOCOL, client_context
-from ._wire._h2conn import MAX_UNSENT_CONTROL, BoundedDecoder, FrameGate, PeerMisbehaved
+from ._wire._h2conn import (
+    MAX_UNSENT_CONTROL,
+    BoundedDecoder,
+    FrameGate,
+    LateWindowUpdates,
+    PeerMisbehaved,
+)
 from ._wire._h2conn import hpack_int as _hpack_int
 from ._wire._status import DETAILS_HEADER, details_from_header
 
@@ -349,7 +355,7 @@ class _RequestEncoder(hpack.Encoder):  # type: ignore[misc]
         return bytes(super().encode(headers, huffman))
 
 
-class _ClientH2(h2.connection.H2Connection):  # type: ignore[misc]
+class _ClientH2(LateWindowUpdates):
     """h2's connection, kept usable after a GOAWAY and handing out output without a copy.
 
     h2 3.x closes its state machine on GOAWAY and drops unsent output, after which it would

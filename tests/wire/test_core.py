@@ -222,3 +222,24 @@ def test_random_frames_raise_only_protocol_errors(
             assert pair.server.gate.buffered <= 16384 + 9 + 7
     except (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved):
         pass
+
+
+def test_a_late_window_update_for_a_forgotten_stream_is_ignored() -> None:
+    """The STREAM_CLOSED GOAWAY under load: the client's WINDOW_UPDATE for a call that just
+    ended arrived after h2 had forgotten the stream, and ended the whole connection."""
+    pair = ConnectionPair()
+    pair.client.send_headers(1, request_headers())
+    pair.client.send_data(1, grpc_frame(b""), end_stream=True)
+    pair.to_server(pair.client.data_to_send())
+    pair.server.start_response(1, "+proto")
+    pair.server.h2_connection.send_data(1, grpc_frame(b"x" * 1000))
+    pair.server.send_status(1, 0, "", None, headers=True)
+    pair.to_client()
+    # The next call makes h2 count (and forget) closed streams...
+    pair.client.send_headers(3, request_headers())
+    pair.to_server(pair.client.data_to_send())
+    assert 1 not in pair.server.h2_connection.streams
+    # ...then the client hands back the window of the first call's DATA.
+    events = pair.to_server(frame(0x8, 0, 1, struct.pack(">L", 1000)))
+    assert events == []
+    assert pair.goaway_code() is None

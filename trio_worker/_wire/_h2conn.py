@@ -71,6 +71,7 @@ __all__ = [
     "BoundedDecoder",
     "FrameGate",
     "GRPCServerConnection",
+    "LateWindowUpdates",
     "PeerGoAway",
     "PeerMisbehaved",
     "RequestTooLarge",
@@ -392,7 +393,30 @@ class BoundedDecoder(hpack.Decoder):  # type: ignore[misc]
         return headers
 
 
-class ServerH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
+class LateWindowUpdates(h2.connection.H2Connection):  # type: ignore[misc]
+    """h2's connection, ignoring a WINDOW_UPDATE for a stream it has already forgotten.
+
+    RFC 9113 §5.1 lets WINDOW_UPDATE arrive "for a short period" after a stream ended. h2
+    accepts it while the closed stream is still in its table, but forgets closed streams
+    whenever it counts open ones, and then treats a late WINDOW_UPDATE as a connection
+    error (GOAWAY STREAM_CLOSED): under load (the peer consuming our last DATA while we
+    open or accept the next stream) every call on the connection failed at once.
+    """
+
+    def _receive_window_update_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        if frame.stream_id and frame.stream_id not in self.streams:
+            outbound = self._stream_id_is_outbound(frame.stream_id)
+            highest = (
+                self.highest_outbound_stream_id if outbound else self.highest_inbound_stream_id
+            )
+            if frame.stream_id <= highest and frame.window_increment >= 1:
+                self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_WINDOW_UPDATE)
+                return [], []
+        frames, events = super()._receive_window_update_frame(frame)
+        return frames, events
+
+
+class ServerH2Connection(LateWindowUpdates):
     """h2's connection with the stream cap left to the transport and a graceful GOAWAY."""
 
     _data_to_send: bytearray
