@@ -124,6 +124,8 @@ class JobInfo:
     #: The first byte offset still retained in the log (0 unless trimmed).
     output_start: int = 0
     usage: Usage | None = None
+    #: The Unix user the job runs as: its name, or the uid in decimal without one.
+    user: str = ""
 
     @property
     def ended(self) -> bool:

@@ -1,12 +1,14 @@
 """Validating a start request and spawning, signalling and reaping its process.
 
-We spawn with ``subprocess.Popen`` from the event-loop thread instead of
-``trio.lowlevel.open_process`` (which forks from a worker thread) for two
-reasons: PR_SET_PDEATHSIG fires when the *thread* that forked exits, and trio's
-idle worker threads do exit; and we want to wait for exit *without reaping*
-(through a pidfd), so the process group id stays pinned by the zombie leader
-while we kill what the job left behind — signalling a group after reaping its
-leader could hit an unrelated process that reused the id.
+We spawn through ``_host._spawn`` (vfork + exec in a small C extension) from
+the event-loop thread, for two reasons: PR_SET_PDEATHSIG fires when the
+*thread* that forked exits, and trio's idle worker threads do exit; and the
+loop is suspended only until the child's exec (~0.3 ms), where
+``subprocess.Popen(preexec_fn=...)`` forked the whole server (3-9 ms). We wait
+for exit *without reaping* (through a pidfd), so the process group id stays
+pinned by the zombie leader while we kill what the job left behind —
+signalling a group after reaping its leader could hit an unrelated process
+that reused the id.
 """
 
 from __future__ import annotations
@@ -16,20 +18,31 @@ import errno
 import fcntl
 import os
 import signal as _signal
-import subprocess
-from collections.abc import Callable, Mapping, Sequence
+import struct
+import termios
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, final
 
 import trio
 
-from .._errors import InvalidRequest
+from .._errors import InvalidRequest, ResourceExhausted
+from .._host._spawn import ChildSetupError, Credentials, Stage, Stdin, Terminal, spawn
+from ._exec_limit import check_exec_size
+
+if TYPE_CHECKING:
+    from .._host._cgroups import JobCgroup
 
 __all__ = [
+    "Credentials",
     "JobProcess",
     "PipeReader",
     "SpawnError",
+    "SpawnOptions",
     "StartSpec",
+    "Stdin",
+    "Terminal",
     "describe_os_error",
     "validate_signal",
     "validate_start",
@@ -54,6 +67,33 @@ class StartSpec:
     args: tuple[str, ...]
     env: Mapping[str, str]  # the complete environment of the job
     cwd: str | None
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class SpawnOptions:
+    """How a job's process is started, beyond its command line.
+
+    ``stdin``: ``Stdin.NULL`` (/dev/null), ``Stdin.PIPE`` (``JobProcess.stdin``
+    is the write end) or a ``Terminal`` (its slave becomes stdin, stdout,
+    stderr and the controlling terminal; there are no output pipes then, the
+    caller reads its master). ``user``: the credentials to run as, or None for
+    the server's own.
+    """
+
+    stdin: Stdin | Terminal = Stdin.NULL
+    user: Credentials | None = None
+
+
+#: errno values that mean "the host is out of something right now", not "this
+#: request is wrong": Start answers RESOURCE_EXHAUSTED and keeps nothing.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN})
+
+
+def resource_exhausted(exc: OSError, what: str) -> ResourceExhausted:
+    """``cannot start the job: too many open files (creating its pipes)``."""
+    reason = os.strerror(exc.errno or errno.EIO).lower()
+    return ResourceExhausted(f"cannot start the job: {reason} ({what})")
 
 
 class SpawnError(Exception):
@@ -108,6 +148,7 @@ def validate_start(
             raise InvalidRequest("cwd", f"{checked_cwd!r} does not exist")
         if not os.path.isdir(checked_cwd):
             raise InvalidRequest("cwd", f"{checked_cwd!r} is not a directory")
+    check_exec_size((command, *checked_args), full_env)  # E2BIG: refused, never stored
     return StartSpec(command, checked_args, full_env, checked_cwd)
 
 
@@ -184,15 +225,19 @@ class JobProcess:
 
     def __init__(
         self,
-        popen: subprocess.Popen[bytes],
-        stdout: PipeReader,
-        stderr: PipeReader,
+        pid: int,
+        pidfd: int,
+        stdout: PipeReader | None,
+        stderr: PipeReader | None,
+        stdin: int | None,
     ) -> None:
-        self._popen = popen
-        self.pid = popen.pid
+        self.pid = pid
+        self._pidfd = pidfd
+        #: None with a terminal: the output comes from its master then.
         self.stdout = stdout
         self.stderr = stderr
-        self._pidfd = os.pidfd_open(popen.pid)
+        #: The write end of the stdin pipe (``Stdin.PIPE``), non-blocking; else None.
+        self.stdin = stdin
         self.returncode: int | None = None
 
     @classmethod
@@ -201,40 +246,100 @@ class JobProcess:
         spec: StartSpec,
         *,
         argv: Sequence[str] | None = None,
-        preexec: Callable[[], None] | None = None,
+        cgroup: JobCgroup | None = None,
+        options: SpawnOptions | None = None,
+        nofile_soft: int | None = None,
     ) -> JobProcess:
-        """Start the process in a new process group, stdin from /dev/null.
+        """Start the process in its cgroup and a new process group (or session).
 
         ``argv`` replaces ``[command, *args]`` (to run the namespace helper).
-        Synchronous on purpose (see the module docstring); raises SpawnError,
-        or ``subprocess.SubprocessError`` when ``preexec`` failed in the child.
+        Synchronous on purpose (see the module docstring). Raises
+        ``SpawnError`` when the command cannot run (the job is FAILED, with
+        the reason in words), ``ResourceExhausted`` when the host is out of
+        descriptors, memory or processes. Either way nothing is left open.
         """
-        out_r, out_w = _pipe()
-        err_r, err_w = _pipe()
+        options = options or SpawnOptions()
+        owned: list[int] = []  # every fd we opened; the parent's ends survive success
+        keep: set[int] = set()
+        pid = -1
         try:
-            popen = subprocess.Popen(
-                list(argv) if argv is not None else [spec.command, *spec.args],
-                stdin=subprocess.DEVNULL,
-                stdout=out_w,
-                stderr=err_w,
-                env=dict(spec.env),
-                cwd=spec.cwd,
-                process_group=0,
-                close_fds=True,
-                preexec_fn=preexec,
-            )
-        except OSError as exc:
-            os.close(out_r)
-            os.close(err_r)
-            raise SpawnError(describe_os_error(exc, spec.command), exc.errno) from None
-        except BaseException:
-            os.close(out_r)
-            os.close(err_r)
-            raise
+            try:
+                cgroup_fds = cgroup.open_procs() if cgroup is not None else []
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise resource_exhausted(exc, "opening its cgroup") from None
+                raise SpawnError(
+                    f"cannot join the job's cgroup: {exc.strerror}", exc.errno
+                ) from None
+            owned += cgroup_fds
+            try:
+                stdin_w: int | None = None
+                out_r = err_r = None
+                if isinstance(options.stdin, Terminal):
+                    term = options.stdin
+                    fcntl.ioctl(
+                        term.slave_fd,
+                        termios.TIOCSWINSZ,
+                        struct.pack("HHHH", term.rows, term.cols, 0, 0),
+                    )
+                    child_in = child_out = child_err = term.slave_fd
+                else:
+                    if options.stdin is Stdin.PIPE:
+                        child_in, stdin_w = os.pipe2(os.O_CLOEXEC)
+                        owned += (child_in, stdin_w)
+                    else:
+                        child_in = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                        owned.append(child_in)
+                    out_r, child_out = _pipe()
+                    owned += (out_r, child_out)
+                    err_r, child_err = _pipe()
+                    owned += (err_r, child_err)
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise resource_exhausted(exc, "creating its pipes") from None
+                raise
+            full_argv = list(argv) if argv is not None else [spec.command, *spec.args]
+            try:
+                pid = spawn(
+                    full_argv[0],
+                    full_argv,
+                    spec.env,
+                    spec.cwd,
+                    stdin=child_in,
+                    stdout=child_out,
+                    stderr=child_err,
+                    cgroup_fds=cgroup_fds,
+                    terminal=isinstance(options.stdin, Terminal),
+                    user=options.user,
+                    nofile_soft=nofile_soft,
+                )
+            except ChildSetupError as exc:
+                raise SpawnError(_describe_setup_error(exc, spec, cgroup), exc.errno) from None
+            except OSError as exc:  # vfork itself
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise resource_exhausted(exc, "creating its process") from None
+                raise SpawnError(describe_os_error(exc, spec.command), exc.errno) from None
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError as exc:
+                # The child runs but we cannot watch it: take it back at once.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, _signal.SIGKILL)
+                os.waitpid(pid, 0)
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise resource_exhausted(exc, "watching its process") from None
+                raise
+            if stdin_w is not None:
+                os.set_blocking(stdin_w, False)
+                keep.add(stdin_w)
+            if out_r is not None and err_r is not None:
+                keep.update((out_r, err_r))
+                return cls(pid, pidfd, PipeReader(out_r), PipeReader(err_r), stdin_w)
+            return cls(pid, pidfd, None, None, stdin_w)
         finally:
-            os.close(out_w)
-            os.close(err_w)
-        return cls(popen, PipeReader(out_r), PipeReader(err_r))
+            for fd in owned:
+                if fd not in keep:
+                    os.close(fd)
 
     @property
     def reaped(self) -> bool:
@@ -255,12 +360,39 @@ class JobProcess:
             os.killpg(self.pid, signum)
 
     def reap(self) -> int:
-        """Collect the exit status; call only after ``wait_exited``."""
+        """Collect the exit status (-N for signal N); call only after ``wait_exited``."""
         if self.returncode is None:
-            self.returncode = self._popen.wait()
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+            trio.lowlevel.notify_closing(self._pidfd)
             os.close(self._pidfd)
         return self.returncode
 
     def close_pipes(self) -> None:
-        self.stdout.close()
-        self.stderr.close()
+        if self.stdout is not None:
+            self.stdout.close()
+        if self.stderr is not None:
+            self.stderr.close()
+        if self.stdin is not None:
+            os.close(self.stdin)
+            self.stdin = None
+
+
+def _describe_setup_error(exc: ChildSetupError, spec: StartSpec, cgroup: JobCgroup | None) -> str:
+    """What went wrong in the child, in words a user can act on."""
+    reason = exc.strerror or os.strerror(exc.errno or errno.EIO)
+    stage = exc.stage
+    if stage is Stage.EXEC:
+        return f"{reason}: {spec.command!r}"
+    if stage is Stage.CHDIR:
+        return f"{reason}: {spec.cwd!r}"
+    if stage is Stage.CGROUP:
+        where = (
+            cgroup.dirs[exc.index] if cgroup is not None and exc.index < len(cgroup.dirs) else "?"
+        )
+        return f"cannot join the job's cgroup: cannot move the job into cgroup {where}: {reason}"
+    if stage in (Stage.SETGROUPS, Stage.SETGID, Stage.SETUID):
+        return f"cannot switch to the job's user ({stage.name.lower()}): {reason}"
+    if stage in (Stage.SESSION, Stage.TTY):
+        return f"cannot give the job its terminal or process group: {reason}"
+    return f"cannot set up the job's process ({stage.name.lower()}): {reason}"

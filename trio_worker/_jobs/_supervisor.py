@@ -9,6 +9,7 @@ pipes are drained and flushed.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -16,9 +17,8 @@ import math
 import os
 import shutil
 import signal as _signal
-import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -36,7 +36,8 @@ from .._errors import (
 )
 from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup, LimitPolicy
 from .._host._cgroups import detect as cgroup_detect
-from .._host._isolation import helper_argv, helper_tasks, make_preexec, read_report, resolve_command
+from .._host._isolation import helper_argv, helper_tasks, read_report, resolve_command
+from .._host._spawn import raise_nofile_limit
 from .._model import (
     Isolation,
     JobIdGenerator,
@@ -50,9 +51,11 @@ from .._model import (
 from . import _lifecycle as lc
 from ._output import DEFAULT_CHUNK, OutputLog
 from ._process import (
+    RESOURCE_ERRNOS,
     JobProcess,
     PipeReader,
     SpawnError,
+    SpawnOptions,
     StartSpec,
     describe_os_error,
     validate_signal,
@@ -222,6 +225,7 @@ class Supervisor:
         limit_policy: LimitPolicy,
         store: JobStore | None = None,
         retention: Retention | None = None,
+        job_nofile: int | None = None,
     ) -> None:
         self._nursery = nursery
         self._store = store
@@ -234,8 +238,13 @@ class Supervisor:
         self._base_env = dict(base_env)
         self._tail_bytes = tail_bytes
         self._jobs: dict[str, _Job] = {}
+        #: Every id in ``_jobs``, sorted (ids sort by creation): List pages from it.
+        #: Add and remove jobs with ``_add`` and ``_forget`` to keep it in step.
+        self._order: list[str] = []
         self._new_id = JobIdGenerator()
         self._closing = False
+        #: The soft fd limit jobs get (the one this process had before raising its own).
+        self._job_nofile = job_nofile
         #: Jobs whose record in the store is behind (a write failed, e.g. a full
         #: disk): job id -> whether its row exists. Written again by housekeeping.
         self._unsaved: dict[str, bool] = {}
@@ -248,6 +257,58 @@ class Supervisor:
     def list(self, owner: str | None = None) -> list[JobInfo]:
         """Every job (of ``owner``, if given), oldest first."""
         return [job.info() for job in self._jobs.values() if owner is None or job.owner == owner]
+
+    def iter_jobs(
+        self,
+        *,
+        before: str | None = None,
+        states: Collection[JobState] | None = None,
+        owner: str | None = None,
+        visible: Callable[[str], bool] | None = None,
+    ) -> Iterator[JobInfo]:
+        """Jobs newest first, for paging: those with an id below ``before`` (all if
+        None), in ``states`` (any if None or empty), of ``owner`` (anyone's if
+        None), whose owner ``visible`` accepts.
+
+        Lazy: a page costs the snapshots it takes, however many jobs there are.
+        Consume it without awaiting in between (the table may change).
+        """
+        order = self._order
+        i = len(order) if before is None else bisect.bisect_left(order, before)
+        wanted = frozenset(states) if states else None
+        while i > 0:
+            i -= 1
+            job = self._jobs.get(order[i])
+            if job is None or job.record.state is None:
+                continue  # forgotten, or not started yet
+            if wanted is not None and job.record.state not in wanted:
+                continue
+            if owner is not None and job.owner != owner:
+                continue
+            if visible is not None and not visible(job.owner):
+                continue
+            yield job.info()
+
+    def _add(self, job: _Job) -> None:
+        """Put a job in the table (and in id order, for ``iter_jobs``)."""
+        self._jobs[job.id] = job
+        order = self._order
+        if not order or order[-1] < job.id:
+            order.append(job.id)  # the usual case: ids grow
+        else:
+            bisect.insort(order, job.id)
+
+    def _forget(self, job_id: str) -> None:
+        """Take a job out of the table (its records and files are the caller's)."""
+        if self._jobs.pop(job_id, None) is not None:
+            i = bisect.bisect_left(self._order, job_id)
+            if i < len(self._order) and self._order[i] == job_id:
+                del self._order[i]
+
+    def running_count(self, owner: str) -> int:
+        """How many of ``owner``'s jobs are running (for quotas: no snapshots made)."""
+        running = JobState.RUNNING
+        return sum(1 for j in self._jobs.values() if j.owner == owner and j.record.state is running)
 
     def _get(self, job_id: str) -> _Job:
         try:
@@ -289,7 +350,8 @@ class Supervisor:
         log = self._open_log(job_id)
         job = _Job(job_id, owner, spec, limits, isolation, log)
         job.env_keys = tuple(env or ())
-        self._jobs[job_id] = job
+        # Where Start's stdin/tty/user plug in (the spawn mechanism is ready).
+        options = SpawnOptions()
         try:
             argv = None
             if isolation.any:
@@ -306,14 +368,15 @@ class Supervisor:
                     job_id, limits, cwd=spec.cwd, extra_tasks=helper_tasks(isolation)
                 )
             except CgroupError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise ResourceExhausted(f"cannot start the job: {exc}") from None
                 raise SpawnError(f"cannot set up the job's cgroup: {exc}", None) from None
-            preexec = make_preexec(os.getpid(), job.cgroup)
-            try:
-                process = JobProcess.spawn(spec, argv=argv, preexec=preexec)
-            except subprocess.SubprocessError:
-                error = job.cgroup.join_error()
-                raise SpawnError(f"cannot join the job's cgroup: {error}", None) from None
+            process = JobProcess.spawn(
+                spec, argv=argv, cgroup=job.cgroup, options=options, nofile_soft=self._job_nofile
+            )
         except SpawnError as exc:
+            # The command cannot run: a FAILED job, kept and reported.
+            self._add(job)
             self._feed(job, lc.SpawnFailed(exc.message, _now(), exc.errno))
             log.finish()
             log.close()
@@ -321,6 +384,16 @@ class Supervisor:
                 await self._remove_cgroup(job)
             await self._persist_start(job, None)
             return job.info()
+        except BaseException:
+            # Out of descriptors, memory or processes (ResourceExhausted), or
+            # cancelled: no half-made job stays, in the table or on the host.
+            with trio.CancelScope(shield=True):
+                log.close()
+                shutil.rmtree(log.directory, ignore_errors=True)
+                if job.cgroup is not None:
+                    await self._remove_cgroup(job)
+            raise
+        self._add(job)
         job.process = process
         self._feed(job, lc.Spawned(process.pid, _now()))
         self._nursery.start_soon(self._run_job, job, process, name=f"job {job_id}")
@@ -563,8 +636,10 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(log.run_flusher)
                 async with trio.open_nursery() as pumps:
-                    pumps.start_soon(_pump, process.stdout, OutputStream.STDOUT, log)
-                    pumps.start_soon(_pump, process.stderr, OutputStream.STDERR, log)
+                    if process.stdout is not None:
+                        pumps.start_soon(_pump, process.stdout, OutputStream.STDOUT, log)
+                    if process.stderr is not None:
+                        pumps.start_soon(_pump, process.stderr, OutputStream.STDERR, log)
                     await process.wait_exited()
                     # As systemd does for a service: the main process is gone,
                     # so whatever it left (in its group or its cgroup) goes too.
@@ -639,7 +714,7 @@ class Supervisor:
             job = _Job.restored(entry, self._jobs_dir / info.id)
             if info.state is JobState.RUNNING:
                 self._feed(job, lc.Lost(LOST_ERROR, now))
-            self._jobs[info.id] = job
+            self._add(job)
         if lost and self._store is not None:
             try:
                 await self._store.mark_lost(lost, LOST_ERROR, now)
@@ -685,7 +760,7 @@ class Supervisor:
             if not doomed:
                 return
             for job_id in doomed:
-                del self._jobs[job_id]
+                self._forget(job_id)
             await trio.to_thread.run_sync(_remove_dirs, [self._jobs_dir / i for i in doomed])
             await store.delete(doomed)
             _log.info("retention: removed %d ended job(s)", len(doomed))
@@ -805,6 +880,9 @@ async def open_supervisor(
     Leaving the block — normally, by an exception, or by cancellation — stops
     every running job (SIGTERM, ``shutdown_grace``, SIGKILL) before returning.
 
+    The process's soft RLIMIT_NOFILE is raised to its hard limit (and stays
+    so): each running job holds a few descriptors. Jobs get the old soft limit.
+
     With ``persist`` (the default when a ``state_dir`` is given) the directory
     is locked against a second supervisor, every job is recorded in
     ``jobs.db``, and the jobs of an earlier run come back: ended ones as they
@@ -820,6 +898,8 @@ async def open_supervisor(
     a state directory makes the cleanup safe. ``limit_policy`` holds
     the defaults and maximums applied to every job's limits.
     """
+    # Jobs cost descriptors (pipes, pidfd, log files): use all the host allows.
+    job_nofile = raise_nofile_limit()
     temporary = state_dir is None
     path = Path(tempfile.mkdtemp(prefix="trio-worker-") if state_dir is None else state_dir)
     persistent = (not temporary) if persist is None else persist
@@ -844,6 +924,7 @@ async def open_supervisor(
                 tail_bytes=tail_bytes,
                 cgroups=driver,
                 limit_policy=limit_policy or LimitPolicy(),
+                job_nofile=job_nofile,
                 store=store,
                 retention=retention,
             )

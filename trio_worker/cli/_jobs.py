@@ -18,7 +18,7 @@ from cyclopts import Parameter
 from .._errors import InvalidRequest, JobNotRunning
 from .._model import Isolation, JobInfo, JobState, Limits
 from . import _parse
-from ._app import CLIENT_CONFIG, JOB_GROUP, LIMITS_GROUP, Count, Cpus, Offset, Seconds, Size, app
+from ._app import JOB_GROUP, LIMITS_GROUP, Count, Cpus, Offset, Seconds, Size
 from ._errors import ExitCode
 from ._render import describe_state, dump_json, job_exit, job_json, print_job, print_jobs
 from ._session import OutputSink, call, follow_output, open_client
@@ -142,7 +142,6 @@ def _report_failed_start(job: JobInfo) -> int:
     return code
 
 
-@app.command(config=CLIENT_CONFIG)
 async def start(
     *command: str,
     follow: Annotated[
@@ -182,7 +181,6 @@ async def start(
     return ExitCode.OK
 
 
-@app.command(config=CLIENT_CONFIG)
 async def run(
     *command: str,
     grace: Annotated[Seconds | None, Parameter(group=JOB_GROUP)] = None,
@@ -275,7 +273,6 @@ async def run(
     return code
 
 
-@app.command(config=CLIENT_CONFIG)
 async def status(
     job_id: JobId,
     /,
@@ -309,7 +306,6 @@ async def status(
     return ExitCode.OK
 
 
-@app.command(name="list", config=CLIENT_CONFIG)
 async def list_jobs(
     *,
     as_json: Annotated[bool, Parameter(name="--json", negative="", show_default=False)] = False,
@@ -340,7 +336,6 @@ async def list_jobs(
     return ExitCode.OK
 
 
-@app.command(config=CLIENT_CONFIG)
 async def stop(
     job_id: JobId,
     /,
@@ -372,7 +367,6 @@ async def stop(
     return ExitCode.OK
 
 
-@app.command(config=CLIENT_CONFIG)
 async def signal(
     job_id: JobId,
     signum: Annotated[str, Parameter(name="SIGNAL", help="A name or number: TERM, SIGTERM or 15.")],
@@ -401,7 +395,6 @@ async def signal(
     return ExitCode.OK
 
 
-@app.command(config=CLIENT_CONFIG)
 async def wait(job_id: JobId, /, *, options: ClientOptions | None = None) -> int:
     """Wait for a job to end and exit with its exit code (as run does).
 
@@ -429,7 +422,6 @@ async def wait(job_id: JobId, /, *, options: ClientOptions | None = None) -> int
     return code
 
 
-@app.command(config=CLIENT_CONFIG)
 async def logs(
     job_id: JobId,
     /,
