@@ -10,6 +10,7 @@ pipes are drained and flushed.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import logging
@@ -389,7 +390,7 @@ class Supervisor:
             # cancelled: no half-made job stays, in the table or on the host.
             with trio.CancelScope(shield=True):
                 log.close()
-                shutil.rmtree(log.directory, ignore_errors=True)
+                _remove_new_job_dir(log.directory)
                 if job.cgroup is not None:
                     await self._remove_cgroup(job)
             raise
@@ -416,7 +417,7 @@ class Supervisor:
                 directory, tail_bytes=self._tail_bytes, max_bytes=self._retention.max_output_bytes
             )
         except OSError as exc:
-            shutil.rmtree(directory, ignore_errors=True)
+            _remove_new_job_dir(directory)
             raise ResourceExhausted(
                 f"cannot create the job's output files in the state directory: "
                 f"{exc.strerror or exc}"
@@ -681,7 +682,6 @@ class Supervisor:
             except CgroupError as exc:
                 _log.warning("job %s: cannot read its cgroup's accounting: %s", job.id, exc)
                 job.final_usage = Usage()
-            await self._remove_cgroup(job)
         failure = None
         if job.isolation.any and (log_dir := job.directory) is not None:
             try:
@@ -692,7 +692,11 @@ class Supervisor:
             self._feed(job, lc.SpawnFailed(failure.message, _now(), failure.errno))
         else:
             self._feed(job, lc.Exited(returncode, _now(), oom_killed=oom_killed))
+        # Waiters are answered now. The record goes to the store first (so a
+        # housekeeping pass after a Wait sees the end); removing the group (an
+        # rmdir per hierarchy, each waiting for an RCU grace period) comes last.
         await self._persist_end(job)
+        await self._remove_cgroup(job)
 
     # -- persistence -----------------------------------------------------------
 
@@ -826,6 +830,24 @@ def _cgroup_parent_for(state_dir: Path) -> str:
     """``trio-worker-<hash>``: one parent group per state directory."""
     digest = hashlib.sha256(os.fsencode(os.path.abspath(state_dir))).hexdigest()[:12]
     return f"trio-worker-{digest}"
+
+
+def _remove_new_job_dir(directory: Path) -> None:
+    """Remove a job directory a refused Start made, even with no descriptor to spare.
+
+    ``shutil.rmtree`` opens the directory to list it, which fails with EMFILE
+    exactly when a Start is refused for lack of descriptors: unlink the files
+    a new job can have by name first (no fd needed), then the directory.
+    """
+    for name in ("output.log", "output.idx", "output.start", _REPORT):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / name)
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _remove_dirs(directories: Sequence[Path]) -> None:
