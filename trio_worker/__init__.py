@@ -18,6 +18,7 @@ from ._errors import ConnectionFailed as ConnectionFailed
 from ._errors import InvalidRequest as InvalidRequest
 from ._errors import JobNotFound as JobNotFound
 from ._errors import JobNotRunning as JobNotRunning
+from ._errors import JobStillRunning as JobStillRunning
 from ._errors import PermissionDenied as PermissionDenied
 from ._errors import QuotaExceeded as QuotaExceeded
 from ._errors import RemoteError as RemoteError
@@ -50,6 +51,7 @@ __all__ = [
     "JobNotFound",
     "JobNotRunning",
     "JobState",
+    "JobStillRunning",
     "LimitPolicy",
     "Limits",
     "OutputChunk",

@@ -22,6 +22,7 @@ from ._errors import (
     InvalidRequest,
     JobNotFound,
     JobNotRunning,
+    JobStillRunning,
     PermissionDenied,
     QuotaExceeded,
     RemoteError,
@@ -50,6 +51,7 @@ ERRORS: Final[tuple[ErrorRow, ...]] = (
     ErrorRow(PermissionDenied, StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
     ErrorRow(AuthenticationFailed, StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
     ErrorRow(JobNotRunning, StatusCode.FAILED_PRECONDITION, "JOB_NOT_RUNNING"),
+    ErrorRow(JobStillRunning, StatusCode.FAILED_PRECONDITION, "JOB_RUNNING"),
     ErrorRow(Unenforceable, StatusCode.FAILED_PRECONDITION, "UNENFORCEABLE"),
     ErrorRow(QuotaExceeded, StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED"),
     ErrorRow(ResourceExhausted, StatusCode.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
@@ -86,7 +88,7 @@ def status_of(exc: TrioWorkerError) -> WireError:
     message = bound_text(str(exc))
     metadata: dict[str, str] = {}
     violations: tuple[tuple[str, str], ...] = ()
-    if isinstance(exc, JobNotFound | JobNotRunning) and len(exc.job_id) <= 64:
+    if isinstance(exc, JobNotFound | JobNotRunning | JobStillRunning) and len(exc.job_id) <= 64:
         metadata["id"] = exc.job_id
     if isinstance(exc, JobNotRunning):
         metadata["state"] = exc.state
@@ -133,6 +135,8 @@ def _build(
     job_id: str | None,
 ) -> TrioWorkerError:
     if issubclass(cls, JobNotFound):
+        return cls(meta.get("id") or job_id or "")
+    if issubclass(cls, JobStillRunning):
         return cls(meta.get("id") or job_id or "")
     if issubclass(cls, JobNotRunning):
         return cls(meta.get("id") or job_id or "", meta.get("state", "ended"))

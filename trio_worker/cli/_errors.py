@@ -20,6 +20,7 @@ from .._errors import (
     InvalidRequest,
     JobNotFound,
     JobNotRunning,
+    JobStillRunning,
     PermissionDenied,
     QuotaExceeded,
     RemoteError,
@@ -74,6 +75,11 @@ def _connection(exc: BaseException, command: str) -> str:
     return "is the server running there? (--addr, TRIO_WORKER_ADDR)"
 
 
+def _still_running(exc: BaseException, command: str) -> str:
+    job_id = getattr(exc, "job_id", "") or "ID"
+    return f"stop it first (`trio-worker stop {job_id}`), or remove it anyway with rm -f"
+
+
 def _not_running(exc: BaseException, command: str) -> str:
     job_id = getattr(exc, "job_id", "") or "ID"
     return f"`trio-worker status {job_id}` shows how it ended"
@@ -104,6 +110,7 @@ TABLE: tuple[tuple[type[BaseException], ExitCode, _Hint], ...] = (
     ),
     (JobNotFound, ExitCode.NOT_FOUND, "`trio-worker list` shows the jobs you may see"),
     (JobNotRunning, ExitCode.NOT_RUNNING, _not_running),
+    (JobStillRunning, ExitCode.RUNNING, _still_running),
     (
         Unenforceable,
         ExitCode.UNENFORCEABLE,
