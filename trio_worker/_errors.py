@@ -13,6 +13,7 @@ __all__ = [
     "InvalidRequest",
     "JobNotFound",
     "JobNotRunning",
+    "NoStdin",
     "PermissionDenied",
     "RemoteError",
     "ResourceExhausted",
@@ -55,6 +56,16 @@ class JobNotRunning(TrioWorkerError):
         super().__init__(f"job {job_id} is not running (it is {state})")
         self.job_id = job_id
         self.state = state
+
+
+class NoStdin(TrioWorkerError):
+    """The job takes no input this way: it was started without stdin (or tty, for a
+    resize), or its stdin was closed."""
+
+    def __init__(self, job_id: str, why: str) -> None:
+        super().__init__(f"cannot write to job {job_id}: {why}")
+        self.job_id = job_id
+        self.why = why
 
 
 class Unenforceable(TrioWorkerError):

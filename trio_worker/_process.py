@@ -16,7 +16,9 @@ import errno
 import fcntl
 import os
 import signal as _signal
+import struct
 import subprocess
+import termios
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +159,12 @@ class PipeReader:
                     break
                 await trio.lowlevel.wait_readable(self.fd)
                 continue
+            except OSError as exc:
+                # A terminal's master reads EIO once every holder of the terminal has
+                # closed it: that is its end of file.
+                if exc.errno != errno.EIO:
+                    raise
+                break
             if not data:
                 break
             pieces.append(data)
@@ -186,12 +194,17 @@ class JobProcess:
         self,
         popen: subprocess.Popen[bytes],
         stdout: PipeReader,
-        stderr: PipeReader,
+        stderr: PipeReader | None,
+        stdin_fd: int | None = None,
     ) -> None:
         self._popen = popen
         self.pid = popen.pid
         self.stdout = stdout
+        #: None on a terminal: stdout and stderr are the same file, the terminal.
         self.stderr = stderr
+        #: The write side of the job's stdin (a pipe, or a duplicate of the terminal's
+        #: master), for the caller to own; None when stdin is /dev/null.
+        self.stdin_fd = stdin_fd
         self._pidfd = os.pidfd_open(popen.pid)
         self.returncode: int | None = None
 
@@ -202,19 +215,28 @@ class JobProcess:
         *,
         argv: Sequence[str] | None = None,
         preexec: Callable[[], None] | None = None,
+        stdin: bool = False,
+        terminal: tuple[int, int] | None = None,
     ) -> JobProcess:
         """Start the process in a new process group, stdin from /dev/null.
 
+        ``stdin``: its stdin is a pipe whose write end is ``stdin_fd``. ``terminal``
+        (rows, cols): a new pseudo-terminal of that size is its stdin, stdout and stderr
+        and its controlling terminal, in a new session (so its process group is still
+        its pid); ``stdout`` reads the master and ``stdin_fd`` is a duplicate of it.
         ``argv`` replaces ``[command, *args]`` (to run the namespace helper).
         Synchronous on purpose (see the module docstring); raises SpawnError,
         or ``subprocess.SubprocessError`` when ``preexec`` failed in the child.
         """
+        if terminal is not None:
+            return cls._spawn_on_terminal(spec, argv, preexec, terminal)
         out_r, out_w = _pipe()
         err_r, err_w = _pipe()
+        in_r, in_w = os.pipe2(os.O_CLOEXEC) if stdin else (None, None)
         try:
             popen = subprocess.Popen(
                 list(argv) if argv is not None else [spec.command, *spec.args],
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL if in_r is None else in_r,
                 stdout=out_w,
                 stderr=err_w,
                 env=dict(spec.env),
@@ -224,17 +246,60 @@ class JobProcess:
                 preexec_fn=preexec,
             )
         except OSError as exc:
-            os.close(out_r)
-            os.close(err_r)
+            _close(out_r, err_r, in_w)
             raise SpawnError(describe_os_error(exc, spec.command), exc.errno) from None
         except BaseException:
-            os.close(out_r)
-            os.close(err_r)
+            _close(out_r, err_r, in_w)
             raise
         finally:
-            os.close(out_w)
-            os.close(err_w)
-        return cls(popen, PipeReader(out_r), PipeReader(err_r))
+            _close(out_w, err_w, in_r)
+        return cls(popen, PipeReader(out_r), PipeReader(err_r), in_w)
+
+    @classmethod
+    def _spawn_on_terminal(
+        cls,
+        spec: StartSpec,
+        argv: Sequence[str] | None,
+        preexec: Callable[[], None] | None,
+        size: tuple[int, int],
+    ) -> JobProcess:
+        master, slave = os.openpty()
+        os.set_inheritable(master, False)
+        try:
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
+            writer = os.dup(master)
+        except BaseException:
+            _close(master, slave)
+            raise
+
+        def take_terminal() -> None:
+            # After setsid (Popen does it before preexec_fn): fd 0 becomes the
+            # session's controlling terminal, so the job gets SIGHUP, ^C, job control.
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            if preexec is not None:
+                preexec()
+
+        try:
+            popen = subprocess.Popen(
+                list(argv) if argv is not None else [spec.command, *spec.args],
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                env=dict(spec.env),
+                cwd=spec.cwd,
+                start_new_session=True,
+                close_fds=True,
+                preexec_fn=take_terminal,
+            )
+        except OSError as exc:
+            _close(master, writer)
+            raise SpawnError(describe_os_error(exc, spec.command), exc.errno) from None
+        except BaseException:
+            _close(master, writer)
+            raise
+        finally:
+            os.close(slave)  # else the master never reads end-of-file
+        return cls(popen, PipeReader(master), None, writer)
 
     @property
     def reaped(self) -> bool:
@@ -263,4 +328,11 @@ class JobProcess:
 
     def close_pipes(self) -> None:
         self.stdout.close()
-        self.stderr.close()
+        if self.stderr is not None:
+            self.stderr.close()
+
+
+def _close(*fds: int | None) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)

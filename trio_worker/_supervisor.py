@@ -29,7 +29,14 @@ import trio
 from . import _lifecycle as lc
 from ._cgroups import CgroupDriver, CgroupError, JobCgroup, LimitPolicy
 from ._cgroups import detect as cgroup_detect
-from ._errors import InvalidRequest, JobNotFound, JobNotRunning, ShuttingDown, StateDirError
+from ._errors import (
+    InvalidRequest,
+    JobNotFound,
+    JobNotRunning,
+    NoStdin,
+    ShuttingDown,
+    StateDirError,
+)
 from ._isolation import helper_argv, helper_tasks, make_preexec, read_report, resolve_command
 from ._model import (
     Isolation,
@@ -52,6 +59,7 @@ from ._process import (
     validate_start,
 )
 from ._statedir import StateDir
+from ._stdin import DEFAULT_TERMINAL_SIZE, StdinClosed, StdinWriter, check_terminal_size
 from ._store import JobStore, SqliteJobStore, StoredJob, process_start_time
 
 __all__ = ["LOST_ERROR", "Retention", "Supervisor", "open_supervisor"]
@@ -115,6 +123,11 @@ class _Job:
         self.cgroup: JobCgroup | None = None
         self.final_usage: Usage | None = None
         self.ended = trio.Event()
+        #: Started with stdin (callers may write it) / on a terminal.
+        self.stdin = False
+        self.tty = False
+        #: The job's input side: its stdin pipe, or its terminal (also for resizes).
+        self.input: StdinWriter | None = None
 
     def feed(self, event: lc.Event) -> None:
         self.record = lc.apply(self.record, event)
@@ -144,6 +157,8 @@ class _Job:
             oom_killed=r.oom_killed,
             spawn_errno=r.spawn_errno,
             usage=self.usage(),
+            stdin=self.stdin,
+            tty=self.tty,
         )
 
     @classmethod
@@ -252,8 +267,16 @@ class Supervisor:
         limits: Limits | None = None,
         isolation: Isolation | None = None,
         owner: str = "",
+        stdin: bool = False,
+        tty: bool = False,
+        terminal_size: tuple[int, int] | None = None,
     ) -> JobInfo:
         """Start a job; return once its process exists.
+
+        ``stdin``: keep the job's stdin open for ``write_stdin``/``close_stdin`` (else it
+        is /dev/null). ``tty``: run it on a new pseudo-terminal of ``terminal_size``
+        (rows, cols; default 24x80), its stdin, stdout and stderr and its controlling
+        terminal, in a new session; its output is all STDOUT.
 
         A command that cannot be executed is not an exception: the job is
         returned (and kept) in state FAILED with ``error`` saying why.
@@ -262,12 +285,17 @@ class Supervisor:
         if self._closing:
             raise ShuttingDown("the supervisor is shutting down")
         spec = validate_start(command, args, env, cwd, base_env=self._base_env)
+        terminal = _check_terminal(tty, terminal_size)
         limits = limits if limits is not None else Limits()
         isolation = isolation if isolation is not None else Isolation()
         if not isinstance(limits, Limits):
             raise InvalidRequest("limits", "must be a trio_worker.Limits")
         if not isinstance(isolation, Isolation):
             raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
+        if terminal is not None and isolation.pid:
+            # The PID namespace's init starts its own session: the job would lose the
+            # terminal as its controlling terminal.
+            raise InvalidRequest("tty", "cannot be combined with pid isolation")
         limits = self._policy.apply(limits)  # InvalidRequest above a maximum
         self.cgroups.check(limits, isolation)  # Unenforceable: never silently ignored
         job_id = self._new_id()
@@ -278,6 +306,8 @@ class Supervisor:
         )
         job = _Job(job_id, owner, spec, limits, isolation, log)
         job.env_keys = tuple(env or ())
+        job.stdin = bool(stdin)
+        job.tty = terminal is not None
         self._jobs[job_id] = job
         try:
             argv = None
@@ -297,7 +327,9 @@ class Supervisor:
                 raise SpawnError(f"cannot set up the job's cgroup: {exc}", None) from None
             preexec = make_preexec(os.getpid(), job.cgroup)
             try:
-                process = JobProcess.spawn(spec, argv=argv, preexec=preexec)
+                process = JobProcess.spawn(
+                    spec, argv=argv, preexec=preexec, stdin=job.stdin, terminal=terminal
+                )
             except subprocess.SubprocessError:
                 error = job.cgroup.join_error()
                 raise SpawnError(f"cannot join the job's cgroup: {error}", None) from None
@@ -310,6 +342,8 @@ class Supervisor:
             await self._persist_start(job, None)
             return job.info()
         job.process = process
+        if process.stdin_fd is not None:
+            job.input = StdinWriter(process.stdin_fd, tty=job.tty)
         self._feed(job, lc.Spawned(process.pid, _now()))
         self._nursery.start_soon(self._run_job, job, process, name=f"job {job_id}")
         # Recorded before the caller learns the job exists; a crash in between
@@ -380,6 +414,68 @@ class Supervisor:
         process = self._running_process(job)
         await self._terminate(job, process, grace)
         return job.info()
+
+    async def write_stdin(self, job_id: str, data: bytes) -> None:
+        """Write ``data`` to the job's stdin, waiting while the job does not read it.
+
+        Nothing is buffered here: the wait is the backpressure, and memory stays bounded
+        by the pipe (or terminal). Concurrent writes go in arrival order. Raises NoStdin
+        for a job started without stdin (or whose stdin was closed), JobNotRunning once
+        it has ended. Bytes a job will never read (it closed its stdin) are dropped.
+        """
+        job = self._get(job_id)
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise InvalidRequest("data", f"must be bytes, got {type(data).__name__}")
+        writer = self._stdin_of(job)
+        try:
+            await writer.write(data)
+        except StdinClosed:
+            raise self._closed_stdin(job) from None
+
+    async def close_stdin(self, job_id: str) -> None:
+        """End the job's input: it reads EOF (on a terminal: the EOF character, after
+        whatever was written before). Closing twice is no error."""
+        job = self._get(job_id)
+        writer = self._stdin_of(job, closing=True)
+        if writer is not None:
+            await writer.close()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def resize(self, job_id: str, rows: int, cols: int) -> None:
+        """Set a tty job's terminal size; its foreground process group gets SIGWINCH."""
+        job = self._get(job_id)
+        try:
+            rows, cols = check_terminal_size(rows, cols)
+        except ValueError as exc:
+            raise InvalidRequest("terminal_size", str(exc)) from None
+        await trio.lowlevel.checkpoint()
+        if not job.tty:
+            raise NoStdin(job.id, "it has no terminal (start it with tty)")
+        self._running_process(job)
+        if job.input is None:
+            raise self._closed_stdin(job)
+        try:
+            job.input.resize(rows, cols)
+        except StdinClosed:
+            raise self._closed_stdin(job) from None
+
+    def _stdin_of(self, job: _Job, *, closing: bool = False) -> StdinWriter:
+        if not job.stdin:
+            raise NoStdin(job.id, "it was started without stdin")
+        self._running_process(job)
+        writer = job.input
+        if writer is None:
+            raise self._closed_stdin(job)
+        if writer.closed and not closing:
+            raise NoStdin(job.id, "its stdin was closed")
+        return writer
+
+    def _closed_stdin(self, job: _Job) -> Exception:
+        if job.ended.is_set() or job.record.state is not JobState.RUNNING:
+            state = job.record.state.value if job.record.state else "new"
+            return JobNotRunning(job.id, state)
+        return NoStdin(job.id, "its stdin was closed")
 
     async def wait(self, job_id: str) -> JobInfo:
         """Wait until the job has ended and its output is complete."""
@@ -457,7 +553,8 @@ class Supervisor:
                 nursery.start_soon(log.run_flusher)
                 async with trio.open_nursery() as pumps:
                     pumps.start_soon(_pump, process.stdout, OutputStream.STDOUT, log)
-                    pumps.start_soon(_pump, process.stderr, OutputStream.STDERR, log)
+                    if process.stderr is not None:  # None on a terminal: all is stdout
+                        pumps.start_soon(_pump, process.stderr, OutputStream.STDERR, log)
                     await process.wait_exited()
                     # As systemd does for a service: the main process is gone,
                     # so whatever it left (in its group or its cgroup) goes too.
@@ -478,6 +575,8 @@ class Supervisor:
                     await process.wait_exited()
                     process.reap()
                 process.close_pipes()
+                if job.input is not None:
+                    job.input.release()  # writers still waiting learn the job ended
                 if not log.finished:
                     log.finish()
                 await log.flush()
@@ -609,6 +708,24 @@ class _UntilEnded:
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
+
+
+def _check_terminal(tty: object, size: object) -> tuple[int, int] | None:
+    """The terminal's first size for a tty job, None for a job without one."""
+    if not isinstance(tty, bool):
+        raise InvalidRequest("tty", f"must be a bool, got {tty!r}")
+    if not tty:
+        if size is not None:
+            raise InvalidRequest("terminal_size", "is only for a job with tty")
+        return None
+    if size is None:
+        return DEFAULT_TERMINAL_SIZE
+    if not isinstance(size, tuple | list) or len(size) != 2:
+        raise InvalidRequest("terminal_size", "must be (rows, cols)")
+    try:
+        return check_terminal_size(size[0], size[1])
+    except ValueError as exc:
+        raise InvalidRequest("terminal_size", str(exc)) from None
 
 
 def _kill_recorded(pid: int | None, start_time: int | None) -> None:

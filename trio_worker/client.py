@@ -78,6 +78,7 @@ from ._errors import (
     InvalidRequest,
     JobNotFound,
     JobNotRunning,
+    NoStdin,
     PermissionDenied,
     RemoteError,
     ResourceExhausted,
@@ -144,6 +145,7 @@ _UNAVAILABLE: Final = 14
 _UNAUTHENTICATED: Final = 16
 
 _NOT_RUNNING = re.compile(r"job (?P<id>\S+) is not running \(it is (?P<state>[\w-]+)\)")
+_NO_STDIN = re.compile(r"cannot write to job (?P<id>\S+): (?P<why>.+)")
 _FIELD = re.compile(r"[A-Za-z_][\w.\[\]-]*")
 
 M = TypeVar("M")
@@ -258,6 +260,9 @@ def _status_error(code: int, message: str, job_id: str | None) -> TrioWorkerErro
         match = _NOT_RUNNING.search(message)
         if match:
             return JobNotRunning(match["id"], match["state"])
+        match = _NO_STDIN.match(message)
+        if match:
+            return NoStdin(match["id"], match["why"])
         return Unenforceable(message)
     if code == _RESOURCE_EXHAUSTED:
         return ResourceExhausted(message)

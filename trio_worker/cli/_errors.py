@@ -42,6 +42,7 @@ from .._errors import (
     InvalidRequest,
     JobNotFound,
     JobNotRunning,
+    NoStdin,
     PermissionDenied,
     RemoteError,
     ResourceExhausted,
@@ -145,6 +146,7 @@ TABLE: tuple[tuple[type[BaseException], ExitCode, _Hint], ...] = (
     ),
     (JobNotFound, ExitCode.NOT_FOUND, "`trio-worker list` shows the jobs you may see"),
     (JobNotRunning, ExitCode.NOT_RUNNING, _not_running),
+    (NoStdin, ExitCode.NOT_RUNNING, "start the job with -i (and -t for a terminal)"),
     (
         Unenforceable,
         ExitCode.UNENFORCEABLE,
