@@ -22,8 +22,8 @@ import trustme
 
 from trio_worker import pki
 from trio_worker._identity import Role
+from trio_worker._net._transport import CallRecord, Method, Server, TransportConfig
 from trio_worker._tls import client_context, server_context
-from trio_worker._transport import CallRecord, Method, Server, TransportConfig
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 
 from trio_worker import PermissionDenied
-from trio_worker._authz import Method, authorize, can_see
 from trio_worker._identity import Identity, Role
+from trio_worker.server._authz import Method, authorize, can_see
 
 M = Method
 OK, DENIED, NOT_FOUND = "ok", "permission denied", "not found"

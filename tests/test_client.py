@@ -38,9 +38,9 @@ from trio_worker import (
 )
 from trio_worker import client as client_module
 from trio_worker._identity import Role
-from trio_worker._server import ServerSettings, run_server
-from trio_worker._transport import TransportConfig
+from trio_worker._net._transport import TransportConfig
 from trio_worker.client import ConnectionFailed, RemoteError, WorkerClient, connect
+from trio_worker.server._run import ServerSettings, run_server
 
 PY = sys.executable
 #: The server's output chunk size (WorkerService's default).

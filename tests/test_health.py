@@ -15,9 +15,9 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.grpc_support import Pki, channel, make_pki, running_server
-from trio_worker._health import HealthService, ServingStatus
+from trio_worker._net._transport import StatusCode
 from trio_worker._pb import health_pb2 as our_health_pb2
-from trio_worker._transport import StatusCode
+from trio_worker.server._health import HealthService, ServingStatus
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = "trioworker.v1.Worker"

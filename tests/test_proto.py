@@ -104,10 +104,11 @@ def test_generated_files_match_byte_for_byte(tmp_path: Path) -> None:
     assert not stale, f"{stale} out of date: regenerate with `nox -s proto`"
 
 
-def test_purerpc_stubs_expose_the_seven_methods() -> None:
+def test_purerpc_stubs_expose_the_nine_methods() -> None:
     import purerpc
 
     unary, stream = purerpc.Cardinality.UNARY_UNARY, purerpc.Cardinality.UNARY_STREAM
+    bidi = purerpc.Cardinality.STREAM_STREAM
     pb = worker_pb2
     expected = {
         "Start": (unary, pb.StartRequest, pb.Job),
@@ -117,6 +118,8 @@ def test_purerpc_stubs_expose_the_seven_methods() -> None:
         "Wait": (unary, pb.WaitRequest, pb.Job),
         "List": (unary, pb.ListRequest, pb.ListResponse),
         "Output": (stream, pb.OutputRequest, pb.OutputChunk),
+        "Attach": (bidi, pb.AttachRequest, pb.AttachResponse),
+        "Remove": (unary, pb.RemoveRequest, pb.Job),
     }
     service = worker_grpc.WorkerServicer().service
     assert service.name == "trioworker.v1.Worker"
@@ -149,6 +152,7 @@ def test_wire_names_follow_the_contract() -> None:
     assert job_fields >= {
         "id", "owner", "command", "args", "state", "pid", "exit_code", "signal", "error",
         "started_at", "ended_at", "output_bytes", "limits", "isolation", "oom_killed",
+        "stdin", "tty", "user",
     }  # fmt: skip
     # exit_code and signal have presence: 0 and "not set" differ.
     job = pb.Job(exit_code=0)
@@ -156,7 +160,19 @@ def test_wire_names_follow_the_contract() -> None:
     assert not job.HasField("signal")
     assert [f.name for f in pb.StartRequest.DESCRIPTOR.fields] == [
         "command", "args", "env", "working_dir", "limits", "isolation",
+        "stdin", "tty", "terminal_size", "user",
     ]  # fmt: skip
     assert [f.name for f in pb.Limits.DESCRIPTOR.fields] == [
         "cpus", "memory_bytes", "io_read_bps", "io_write_bps", "pids",
     ]  # fmt: skip
+    assert [f.name for f in pb.ListRequest.DESCRIPTOR.fields] == [
+        "page_size", "page_token", "states", "owner",
+    ]  # fmt: skip
+    assert [f.name for f in pb.ListResponse.DESCRIPTOR.fields] == ["jobs", "next_page_token"]
+    assert [f.name for f in pb.RemoveRequest.DESCRIPTOR.fields] == ["id", "force"]
+    assert [f.name for f in pb.TerminalSize.DESCRIPTOR.fields] == ["rows", "cols"]
+    assert [f.name for f in pb.AttachOpen.DESCRIPTOR.fields] == ["id", "offset"]
+    attach_events = pb.AttachRequest.DESCRIPTOR.oneofs_by_name["event"].fields
+    assert [f.name for f in attach_events] == ["open", "stdin", "close_stdin", "resize"]
+    reply_events = pb.AttachResponse.DESCRIPTOR.oneofs_by_name["event"].fields
+    assert [f.name for f in reply_events] == ["output", "ended"]

@@ -26,12 +26,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from tests.grpc_support import Pki, make_pki, running_server
 from trio_worker import pki
 from trio_worker._identity import Role
+from trio_worker._net._transport import CallRecord, StatusCode
 from trio_worker._pb import reflection_pb2 as v1
 from trio_worker._pb import reflection_v1alpha_pb2 as v1alpha
 from trio_worker._pb import worker_pb2
-from trio_worker._reflection import ReflectionService
-from trio_worker._server import ServerSettings, run_server
-from trio_worker._transport import CallRecord, StatusCode
+from trio_worker.server._reflection import ReflectionService
+from trio_worker.server._run import ServerSettings, run_server
 
 WORKER = "trioworker.v1.Worker"
 V1_INFO = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
@@ -176,7 +176,17 @@ async def test_call_worker_with_reflected_descriptors_only(served: Served) -> No
             return methods, state, ended.exit_code, type(ended).DESCRIPTOR.full_name
 
     methods, state, exit_code, type_name = await trio.to_thread.run_sync(call)
-    assert methods == {"Start", "Stop", "Signal", "Status", "Wait", "List", "Output"}
+    assert methods == {
+        "Start",
+        "Stop",
+        "Signal",
+        "Status",
+        "Wait",
+        "List",
+        "Output",
+        "Attach",
+        "Remove",
+    }
     assert (state, exit_code, type_name) == ("JOB_STATE_EXITED", 7, "trioworker.v1.Job")
 
 

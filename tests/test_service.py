@@ -21,9 +21,9 @@ from google.protobuf.duration_pb2 import Duration
 
 from trio_worker import pki
 from trio_worker._identity import Role
+from trio_worker._net._transport import CallRecord
 from trio_worker._pb import worker_pb2 as pb
-from trio_worker._server import ServerSettings, run_server
-from trio_worker._transport import CallRecord
+from trio_worker.server._run import ServerSettings, run_server
 
 W = "/trioworker.v1.Worker/"
 UNARY = {

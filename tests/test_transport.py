@@ -31,7 +31,7 @@ from tests.grpc_support import (
     raw,
     running_server,
 )
-from trio_worker._transport import (
+from trio_worker._net._transport import (
     BidiStreamMethod,
     CallContext,
     ListenError,
@@ -452,7 +452,7 @@ async def test_handler_exception_is_internal_and_logged(
                 assert code == grpc.StatusCode.INTERNAL
                 assert details == "internal error"
 
-        with caplog.at_level(logging.ERROR, logger="trio_worker._transport"):
+        with caplog.at_level(logging.ERROR, logger="trio_worker._net._transport"):
             await in_thread(call)
     (entry,) = [e for e in caplog.records if e.exc_info]
     assert BOOM in entry.getMessage()

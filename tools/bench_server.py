@@ -40,7 +40,7 @@ SERVER = textwrap.dedent(
     import sys, trio
     from pathlib import Path
     from trio_worker import pki
-    from trio_worker._server import ServerSettings, run_server
+    from trio_worker.server._run import ServerSettings, run_server
     state = Path(sys.argv[1])
     dev = pki.ensure_dev_pki(state)
     settings = ServerSettings(ca=dev.ca.cert, cert=dev.server.cert, key=dev.server.key,

@@ -35,8 +35,8 @@ def serve(directory: Path) -> None:
     import trio
     from google.protobuf import wrappers_pb2 as w
 
+    from trio_worker._net._transport import Server, StreamMethod, SyncUnaryMethod, UnaryMethod
     from trio_worker._tls import server_context
-    from trio_worker._transport import Server, StreamMethod, SyncUnaryMethod, UnaryMethod
 
     async def echo(req: w.StringValue, ctx: object) -> w.StringValue:
         return req

@@ -86,11 +86,11 @@ from ._errors import (
     TrioWorkerError,
     Unenforceable,
 )
-from ._h2conn import CachingDecoder
-from ._h2conn import hpack_int as _hpack_int
 from ._model import Isolation, JobInfo, Limits, OutputChunk
 from ._pb import worker_pb2 as pb
 from ._tls import ALPN_PROTOCOL, client_context
+from ._wire._h2conn import CachingDecoder
+from ._wire._h2conn import hpack_int as _hpack_int
 
 __all__ = ["ConnectionFailed", "OutputIterator", "RemoteError", "WorkerClient", "connect"]
 

@@ -26,7 +26,7 @@ from ._settings import DEFAULT_ADDR, default_state_dir, resolve_state_dir
 
 if TYPE_CHECKING:
     from .. import pki
-    from .._server import ServerSettings
+    from ..server._run import ServerSettings
 
 __all__ = ["client_hint", "serve"]
 
@@ -51,7 +51,7 @@ def client_hint(host: str, port: int, state_dir: Path) -> str:
 
 
 async def _serve(settings: ServerSettings, dev: pki.DevPki | None) -> None:
-    from .._server import run_server
+    from ..server._run import run_server
 
     async with trio.open_nursery() as nursery:
         port = await nursery.start(partial(run_server, settings))
@@ -119,7 +119,7 @@ def serve(
     """
     # The server's modules are imported here, not at start-up: client commands start faster.
     from .. import pki
-    from .._server import ServerSettings, parse_listen
+    from ..server._run import ServerSettings, parse_listen
 
     try:
         host, port = parse_listen(listen)

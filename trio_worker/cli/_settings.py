@@ -152,7 +152,7 @@ def load_config_file(
 def _check_addr(type_: Any, tokens: Any) -> str:
     token = tokens[-1] if isinstance(tokens, list | tuple) else tokens
     value: str = token.value
-    from .._server import parse_listen  # imported when needed: the CLI starts faster
+    from ..server._run import parse_listen  # imported when needed: the CLI starts faster
 
     try:
         parse_listen(value)

@@ -25,14 +25,14 @@ from typing import Any
 
 import trio
 
-from ._cgroups import LimitPolicy
+from .._cgroups import LimitPolicy
+from .._net._transport import CallRecord, Server, TransportConfig
+from .._supervisor import Retention, open_supervisor
+from .._systemd import notify
+from .._tls import server_context
 from ._health import HealthService
 from ._reflection import ReflectionService
 from ._service import SERVICE_NAME, WorkerService
-from ._supervisor import Retention, open_supervisor
-from ._systemd import notify
-from ._tls import server_context
-from ._transport import CallRecord, Server, TransportConfig
 
 __all__ = ["ServerSettings", "parse_listen", "run_server"]
 

@@ -30,8 +30,8 @@ from typing import Any
 import trio
 from google.protobuf import descriptor_pool
 
-from ._pb import reflection_pb2, reflection_v1alpha_pb2
-from ._transport import BidiStreamMethod, CallContext, Method, RpcError, StatusCode
+from .._net._transport import BidiStreamMethod, CallContext, Method, RpcError, StatusCode
+from .._pb import reflection_pb2, reflection_v1alpha_pb2
 
 __all__ = ["SERVICE_NAME", "SERVICE_NAME_V1ALPHA", "ReflectionService"]
 

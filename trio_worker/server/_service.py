@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from ._authz import Method as Op
-from ._authz import authorize, can_see
-from ._convert import (
+from .._convert import (
     chunk_to_pb,
     duration_to_seconds,
     isolation_from_pb,
     job_to_pb,
     limits_from_pb,
 )
-from ._errors import (
+from .._errors import (
     AuthenticationFailed,
     InvalidRequest,
     JobNotFound,
@@ -33,11 +31,9 @@ from ._errors import (
     TrioWorkerError,
     Unenforceable,
 )
-from ._identity import Identity
-from ._model import JobInfo
-from ._pb import worker_pb2 as pb
-from ._supervisor import Supervisor
-from ._transport import (
+from .._identity import Identity
+from .._model import JobInfo
+from .._net._transport import (
     CallContext,
     RpcError,
     StatusCode,
@@ -45,7 +41,11 @@ from ._transport import (
     SyncUnaryMethod,
     UnaryMethod,
 )
-from ._transport import Method as RpcMethod
+from .._net._transport import Method as RpcMethod
+from .._pb import worker_pb2 as pb
+from .._supervisor import Supervisor
+from ._authz import Method as Op
+from ._authz import authorize, can_see
 
 __all__ = ["SERVICE_NAME", "STATUS_OF", "WorkerService", "rpc_error"]
 

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
 
-from ._errors import PermissionDenied
-from ._identity import Identity, Role
+from .._errors import PermissionDenied
+from .._identity import Identity, Role
 
 __all__ = ["Method", "authorize", "can_see"]
 

@@ -50,8 +50,9 @@ from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceive
 from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
 from purerpc.grpclib.status import Status as _PurerpcStatus
 
-from ._errors import TrioWorkerError
-from ._h2conn import (
+from .._errors import TrioWorkerError
+from .._identity import Identity, identity_from_der
+from .._wire._h2conn import (
     BadMessage,
     BadRequest,
     GRPCServerConnection,
@@ -59,7 +60,6 @@ from ._h2conn import (
     RequestTooLarge,
     StreamReset,
 )
-from ._identity import Identity, identity_from_der
 from ._tlsstream import TLSSocketStream
 
 __all__ = [

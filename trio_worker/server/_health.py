@@ -16,8 +16,15 @@ from collections.abc import AsyncIterator, Iterable
 
 import trio
 
-from ._pb import health_pb2
-from ._transport import CallContext, Method, RpcError, StatusCode, StreamMethod, SyncUnaryMethod
+from .._net._transport import (
+    CallContext,
+    Method,
+    RpcError,
+    StatusCode,
+    StreamMethod,
+    SyncUnaryMethod,
+)
+from .._pb import health_pb2
 
 __all__ = ["SERVICE_NAME", "HealthService", "ServingStatus"]
 

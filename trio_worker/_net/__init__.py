@@ -1,0 +1,1 @@
+"""trio drivers over the sans-I/O wire: the TLS stream, connections, the server transport."""

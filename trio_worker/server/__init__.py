@@ -1,0 +1,1 @@
+"""The server: the gRPC services (Worker, health, reflection), authorization, ``run_server``."""
