@@ -179,6 +179,16 @@ class Terminal:
                 self.seen += data
         return self.seen
 
+    def wait_raw(self, cooked: list[object], timeout: float = 30) -> None:
+        """Wait until the program has put the terminal in raw mode (its settings change)."""
+        deadline = time.monotonic() + timeout
+        while self.settings() == cooked:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"the terminal stayed cooked; saw {self.seen!r}")
+            time.sleep(0.02)
+        mode = self.settings()
+        assert not mode[3] & (termios.ICANON | termios.ECHO | termios.ISIG)  # type: ignore[operator]
+
     def send(self, data: bytes) -> None:
         os.write(self.master, data)
 
@@ -212,10 +222,7 @@ def test_run_it_on_a_terminal_restores_the_terminal(dev: DevServer) -> None:
     )
     try:
         before = term.settings()
-        term.expect(b"")  # nothing needed; the job waits for a line
-        time.sleep(0.5)
-        during = term.settings()
-        assert during != before  # raw mode while the job runs
+        term.wait_raw(before)
         term.send(b"hello\r")
         term.expect(b"got:hello")
         assert term.wait() == 3
@@ -269,7 +276,7 @@ def test_attach_detaches_with_ctrl_p_ctrl_q_and_the_job_goes_on(dev: DevServer) 
     term = Terminal(cli_argv(dev, "attach", job_id), dev.env)
     try:
         before = term.settings()
-        time.sleep(0.5)
+        term.wait_raw(before)
         term.send(b"one\r")
         term.expect(b"got:one")
         term.send(b"\x10\x11")  # Ctrl-P Ctrl-Q
@@ -290,7 +297,7 @@ def test_attach_detaches_with_ctrl_p_ctrl_q_and_the_job_goes_on(dev: DevServer) 
     # Attach again: the job is still there, and ends with its code.
     term = Terminal(cli_argv(dev, "attach", job_id), dev.env)
     try:
-        time.sleep(0.5)
+        term.wait_raw(term.settings())
         term.send(b"two\r")
         term.expect(b"got:two")
         term.send(b"\x04")  # Ctrl-D: the terminal's end of file; the loop ends
@@ -299,9 +306,9 @@ def test_attach_detaches_with_ctrl_p_ctrl_q_and_the_job_goes_on(dev: DevServer) 
         term.close()
 
 
-def test_run_t_ctrl_c_is_a_byte_for_the_job(dev: DevServer) -> None:
+def test_run_it_ctrl_c_is_a_byte_for_the_job(dev: DevServer) -> None:
     script = "trap 'echo caught-int; exit 4' INT; echo ready; while :; do sleep 0.1; done"
-    term = Terminal(cli_argv(dev, "run", "-t", "--", "sh", "-c", script), dev.env)
+    term = Terminal(cli_argv(dev, "run", "-it", "--", "sh", "-c", script), dev.env)
     try:
         before = term.settings()
         term.expect(b"ready")

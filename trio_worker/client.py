@@ -1567,6 +1567,8 @@ class Attachment:
         self._client = client
         self._open = request
         self._job_id: str = request.open.id
+        #: Where the output starts (the offset asked for).
+        self.offset: int = request.open.offset
         self._call: _Call | None = None
         self._send_lock = trio.Lock()
         self._finished = False

@@ -14,14 +14,14 @@ import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import _certs, _jobs, _serve  # noqa: F401  (they register their commands)
+from . import _certs, _interactive, _jobs, _serve  # noqa: F401  (they register their commands)
 from ._app import app
 from ._errors import ExitCode, describe
 
 __all__ = ["app", "main"]
 
 #: Commands whose exit code is the job's; their own failures are 125.
-_JOB_EXIT_COMMANDS = frozenset({"run", "wait"})
+_JOB_EXIT_COMMANDS = frozenset({"run", "wait", "attach"})
 
 
 def _split_debug(tokens: list[str]) -> tuple[list[str], bool]:

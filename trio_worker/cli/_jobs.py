@@ -20,6 +20,7 @@ from .._model import Isolation, JobInfo, JobState, Limits
 from . import _parse
 from ._app import CLIENT_CONFIG, JOB_GROUP, LIMITS_GROUP, Count, Cpus, Offset, Seconds, Size, app
 from ._errors import ExitCode
+from ._interactive import local_terminal_size, run_interactive
 from ._render import describe_state, dump_json, job_exit, job_json, print_job, print_jobs
 from ._session import OutputSink, call, follow_output, open_client
 from ._settings import ClientOptions, Connection, resolve_connection
@@ -123,16 +124,35 @@ class _StartRequest:
         job = job or JobOptions()
         return cls(command[0], command[1:], job.env_dict(), job.cwd, job.limits(), job.isolation())
 
-    async def send(self, conn: Connection) -> JobInfo:
+    async def send(
+        self,
+        conn: Connection,
+        *,
+        stdin: bool = False,
+        tty: bool = False,
+        terminal_size: tuple[int, int] | None = None,
+    ) -> JobInfo:
         async with open_client(conn) as client:
-            return await client.start(
-                self.command,
-                self.args,
-                env=self.env,
-                cwd=self.cwd,
-                limits=self.limits,
-                isolation=self.isolation,
-            )
+            return await self.start_on(client, stdin, tty, terminal_size)
+
+    async def start_on(
+        self,
+        client: WorkerClient,
+        stdin: bool,
+        tty: bool,
+        terminal_size: tuple[int, int] | None,
+    ) -> JobInfo:
+        return await client.start(
+            self.command,
+            self.args,
+            env=self.env,
+            cwd=self.cwd,
+            limits=self.limits,
+            isolation=self.isolation,
+            stdin=stdin,
+            tty=tty,
+            terminal_size=terminal_size,
+        )
 
 
 def _report_failed_start(job: JobInfo) -> int:
@@ -142,12 +162,20 @@ def _report_failed_start(job: JobInfo) -> int:
     return code
 
 
+Interactive = Annotated[
+    bool, Parameter(name=["--interactive", "-i"], negative="", show_default=False)
+]
+Tty = Annotated[bool, Parameter(name=["--tty", "-t"], negative="", show_default=False)]
+
+
 @app.command(config=CLIENT_CONFIG)
 async def start(
     *command: str,
     follow: Annotated[
         bool, Parameter(name=["--follow", "-f"], negative="", show_default=False)
     ] = False,
+    interactive: Interactive = False,
+    tty: Tty = False,
     job: JobOptions | None = None,
     options: ClientOptions | None = None,
 ) -> int:
@@ -163,6 +191,7 @@ async def start(
         trio-worker start --memory 512M --cpus 1 --pids 100 -- make -j4
         trio-worker start --env LANG=C --cwd /srv/app --follow -- ./build.sh
         trio-worker start --isolate pid,mount,network -- sh -c 'ps ax'
+        trio-worker start -it -- bash    # then: trio-worker attach ID
 
     Parameters
     ----------
@@ -170,10 +199,15 @@ async def start(
         The command and its arguments, after --.
     follow
         Then stream the job's output until it ends, as logs -f does.
+    interactive
+        Keep the job's stdin open, for attach to write to.
+    tty
+        Run the job on a pseudo-terminal (of this terminal's size), for attach.
     """
     request = _StartRequest.build("start", command, job)
     conn = _connection(options)
-    info = await request.send(conn)
+    size = local_terminal_size() if tty else None
+    info = await request.send(conn, stdin=interactive, tty=tty, terminal_size=size)
     print(info.id, flush=True)
     if info.state is JobState.FAILED:
         return _report_failed_start(info)
@@ -186,6 +220,8 @@ async def start(
 async def run(
     *command: str,
     grace: Annotated[Seconds | None, Parameter(group=JOB_GROUP)] = None,
+    interactive: Interactive = False,
+    tty: Tty = False,
     job: JobOptions | None = None,
     options: ClientOptions | None = None,
 ) -> int:
@@ -202,6 +238,12 @@ async def run(
         trio-worker run -- echo hello
         trio-worker run --memory 64M -- python3 -c 'print(42)'
         trio-worker run --addr worker1:50051 -- sh -c 'make test' > test.log
+        echo hello | trio-worker run -i -- tr a-z A-Z
+        trio-worker run -it -- bash
+
+    With -i, this command's stdin goes to the job (end of input closes the job's). With -t
+    the job runs on a pseudo-terminal: with -i too, this terminal is in raw mode (Ctrl-C is
+    a key for the job; Ctrl-P Ctrl-Q detaches and leaves it running) and its size follows.
 
     Parameters
     ----------
@@ -209,9 +251,17 @@ async def run(
         The command and its arguments, after --.
     grace
         On Ctrl-C, how long the job has between SIGTERM and SIGKILL. Default: the server's (5 s).
+    interactive
+        Send this command's stdin to the job.
+    tty
+        Run the job on a pseudo-terminal.
     """
     request = _StartRequest.build("run", command, job)
     conn = _connection(options)
+    if interactive or tty:
+        return await run_interactive(
+            conn, request.start_on, stdin=interactive, tty=tty, grace=grace
+        )
     interrupted = False
     started: JobInfo | None = None
     job_known = trio.Event()
