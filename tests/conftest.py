@@ -1,14 +1,16 @@
 """Shared test helpers.
 
-Tests that need root or kernel features mark themselves with ``needs_root``.
-Outside CI they skip without root; with ``TRIO_WORKER_REQUIRE_ROOT=1`` (set by
-``.ci/run``) a missing privilege is a failure, so CI can never go green by
-skipping them.
+Tests that need root or kernel features call ``require_root``, and tests that
+need an outside program (the Go toolchain) call ``require_program``. Outside CI
+they skip when it is missing; with ``TRIO_WORKER_REQUIRE_ROOT=1`` (set by
+``.ci/run``, which also installs those programs) a missing privilege or program
+is a failure, so CI can never go green by skipping them.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,19 @@ def require_root(what: str = "this test") -> None:
     message = f"{what} needs root"
     if os.environ.get("TRIO_WORKER_REQUIRE_ROOT") == "1":
         pytest.fail(f"{message}, and TRIO_WORKER_REQUIRE_ROOT=1 forbids skipping")
+    pytest.skip(message)
+
+
+def require_program(name: str, what: str = "this test") -> str:
+    """The path of program ``name``; skips without it, or fails in CI (which installs it)."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    message = f"{what} needs {name!r} on PATH"
+    if os.environ.get("TRIO_WORKER_REQUIRE_ROOT") == "1":
+        pytest.fail(
+            f"{message}, and TRIO_WORKER_REQUIRE_ROOT=1 forbids skipping (.ci/run installs it)"
+        )
     pytest.skip(message)
 
 

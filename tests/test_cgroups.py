@@ -26,7 +26,8 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_worker._cgroups import (
+from trio_worker._errors import InvalidRequest, Unenforceable
+from trio_worker._host._cgroups import (
     CGROUP_ROOT,
     MIN_CPUS,
     MIN_MEMORY,
@@ -42,8 +43,7 @@ from trio_worker._cgroups import (
     detect,
     validate_limits,
 )
-from trio_worker._errors import InvalidRequest, Unenforceable
-from trio_worker._isolation import make_preexec
+from trio_worker._host._isolation import make_preexec
 from trio_worker._model import Isolation, Limits
 
 from .conftest import process_alive, require_root
@@ -117,7 +117,7 @@ def spawn(
     **kwargs: object,
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` in ``group`` the way the supervisor does (preexec join)."""
-    from trio_worker._cgroups import JobCgroup
+    from trio_worker._host._cgroups import JobCgroup
 
     assert group is None or isinstance(group, JobCgroup)
     proc = subprocess.Popen(  # type: ignore[call-overload]

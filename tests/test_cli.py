@@ -239,6 +239,18 @@ def test_second_server_on_the_same_state_dir_is_refused(dev: DevServer) -> None:
     assert "in use by another trio-worker server" in err
 
 
+def test_serve_refuses_a_world_writable_state_dir_untouched(tmp_path: Path) -> None:
+    state = tmp_path / "shared"
+    state.mkdir()
+    state.chmod(0o1777)
+    env = clean_env(tmp_path)
+    result = cli("serve", "--listen", "127.0.0.1:0", "--state-dir", state, env=env)
+    err = assert_one_line_error(result, 3)
+    assert "writable by others" in err
+    assert stat.S_IMODE(state.stat().st_mode) == 0o1777
+    assert list(state.iterdir()) == []  # no PKI, no lock: nothing written there
+
+
 def test_restart_reuses_the_pki(tmp_path: Path) -> None:
     env = clean_env(tmp_path, XDG_STATE_HOME=str(tmp_path / "xdg-state"))
     first = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(tmp_path)], env)
@@ -572,6 +584,26 @@ def test_certs_files_and_show(real: RealServer) -> None:
     assert re.search(r"^Valid until\s+\d{4}-", shown, re.M)
     again = cli("certs", "client", "--dir", real.pki_dir, "alice", "--role", "admin", env=real.env)
     assert "already exists" in assert_one_line_error(again, 3)
+
+
+def test_certs_client_logins_and_show(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    pki_dir = tmp_path / "pki"
+    ok(cli("certs", "init", "--dir", pki_dir, env=env))
+    made = ok(
+        cli(
+            *("certs", "client", "--dir", pki_dir, "ci", "--role", "full"),
+            *("--login", "ci", "--login", "builder"),
+            env=env,
+        )
+    ).decode()
+    assert "role full, logins ci, builder" in made
+    shown = ok(cli("certs", "show", pki_dir / "ci.pem", env=env)).decode()
+    assert re.search(r"^Role\s+full$", shown, re.M)
+    assert re.search(r"^Logins\s+ci, builder$", shown, re.M)
+    assert re.search(r"^Names\s+-$", shown, re.M)  # our URIs are shown as role and logins
+    bad = cli("certs", "client", "--dir", pki_dir, "x", "--role", "full", "--login", "a b", env=env)
+    assert "--login" in assert_one_line_error(bad, 2)
 
 
 def test_roles_through_the_cli(real: RealServer) -> None:

@@ -33,10 +33,10 @@ from trio_worker import (
     PermissionDenied,
     ResourceExhausted,
     ShuttingDown,
-    Unenforceable,
     pki,
 )
 from trio_worker import client as client_module
+from trio_worker._error_codes import exception_from
 from trio_worker._identity import Role
 from trio_worker._net._transport import TransportConfig
 from trio_worker.client import ConnectionFailed, RemoteError, WorkerClient, connect
@@ -409,27 +409,47 @@ async def test_full_role_sees_only_its_own_jobs(server: Server) -> None:
             assert {j.id for j in await admin.list()} == {mine.id, theirs.id}
 
 
-def test_status_mapping() -> None:
-    error = client_module._status_error
-    assert isinstance(error(5, "no job with id 'x'", "x"), JobNotFound)
-    assert isinstance(error(5, "gone", None), RemoteError)
-    invalid = error(3, "limits.memory_bytes: must be >= 0", None)
-    assert isinstance(invalid, InvalidRequest)
-    assert (invalid.field, invalid.message) == ("limits.memory_bytes", "must be >= 0")
-    unnamed = error(3, "malformed request message", None)
+def test_statuses_without_our_details_map_by_code_alone() -> None:
+    """A status from the transport itself or another server: the class the code alone
+    names, else RemoteError; the message text is never parsed."""
+    assert isinstance(exception_from(5, "no job with id 'x'", None, "x"), JobNotFound)
+    assert isinstance(exception_from(5, "gone", None, None), RemoteError)
+    unnamed = exception_from(3, "limits.memory_bytes: must be >= 0", None)
     assert isinstance(unnamed, InvalidRequest)
     assert unnamed.field == "request"
-    assert isinstance(error(7, "no", "x"), PermissionDenied)
-    assert isinstance(error(16, "no role", "x"), AuthenticationFailed)
-    not_running = error(9, "job 01ABC is not running (it is killed)", "01ABC")
-    assert isinstance(not_running, JobNotRunning)
-    assert (not_running.job_id, not_running.state) == ("01ABC", "killed")
-    assert isinstance(error(9, "memory limits need cgroup v2", None), Unenforceable)
-    assert isinstance(error(8, "too many jobs", None), ResourceExhausted)
-    assert isinstance(error(14, "the server is shutting down", None), ShuttingDown)
-    other = error(13, "internal error", None)
+    assert isinstance(exception_from(7, "no", None), PermissionDenied)
+    assert isinstance(exception_from(16, "no role", None), AuthenticationFailed)
+    # Once parsed from the text; now an unexplained FAILED_PRECONDITION stays unexplained.
+    not_running = exception_from(9, "job 01ABC is not running (it is killed)", None, "01ABC")
+    assert type(not_running) is RemoteError
+    assert type(exception_from(9, "memory limits need cgroup v2", None)) is RemoteError
+    assert isinstance(exception_from(8, "too many jobs", None), ResourceExhausted)
+    assert isinstance(exception_from(14, "the server is shutting down", None), ShuttingDown)
+    other = exception_from(13, "internal error", None)
     assert isinstance(other, RemoteError)
     assert (other.code, other.message) == (13, "internal error")
+
+
+async def test_errors_arrive_as_their_class_from_the_reason(server: Server) -> None:
+    async with server.connect() as client:
+        job = await client.start("true")
+        await client.wait(job.id)
+        with pytest.raises(JobNotRunning) as not_running:
+            await client.stop(job.id)
+        assert (not_running.value.job_id, not_running.value.state) == (job.id, "exited")
+        with pytest.raises(InvalidRequest) as invalid:
+            await client.start("")
+        assert invalid.value.field == "command"
+
+
+async def test_a_huge_job_id_is_described_not_echoed(server: Server) -> None:
+    huge = "x" * (512 * 1024)
+    async with server.connect() as client:
+        with trio.fail_after(10):
+            with pytest.raises(JobNotFound) as info:
+                await client.status(huge)
+    assert info.value.job_id == huge  # the client's own id, not one read back from the server
+    assert len(str(info.value)) < 200
 
 
 async def test_deadline_exceeded(server: Server) -> None:

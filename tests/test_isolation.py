@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from trio_worker import _isolation
-from trio_worker._cgroups import detect
 from trio_worker._errors import Unenforceable
-from trio_worker._isolation import (
+from trio_worker._host import _isolation
+from trio_worker._host._cgroups import detect
+from trio_worker._host._isolation import (
     EXIT_EXEC_FAILED,
     EXIT_NOT_FOUND,
     EXIT_PARENT_GONE,
@@ -348,7 +348,7 @@ def test_bad_helper_usage_is_a_setup_failure(tmp_path: Path) -> None:
 def test_runs_as_module_too() -> None:
     require_root("namespaces")
     proc = subprocess.run(
-        [sys.executable, "-m", "trio_worker._nsinit", "--pid", "--", "sh", "-c", "echo $$"],
+        [sys.executable, "-m", "trio_worker._host._nsinit", "--pid", "--", "sh", "-c", "echo $$"],
         capture_output=True,
         text=True,
         check=False,
@@ -395,7 +395,7 @@ def test_namespaced_job_is_tracked_and_killed_by_its_cgroup(
 
 _PARENT = """
 import os, subprocess, sys, time
-from trio_worker._isolation import helper_argv, make_preexec
+from trio_worker._host._isolation import helper_argv, make_preexec
 from trio_worker._model import Isolation
 argv = sys.argv[1:]
 if argv[0] == "--pid":

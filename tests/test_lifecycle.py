@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_worker import JobState
-from trio_worker._lifecycle import (
+from trio_worker._jobs._lifecycle import (
     Exited,
     IllegalTransition,
     Lost,

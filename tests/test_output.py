@@ -17,9 +17,10 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trio_worker import OutputChunk, OutputStream, _output
-from trio_worker._output import DEFAULT_CHUNK as DEFAULT
-from trio_worker._output import Broadcaster, OutputLog, read_log_file
+from trio_worker import OutputChunk, OutputStream
+from trio_worker._jobs import _output
+from trio_worker._jobs._output import DEFAULT_CHUNK as DEFAULT
+from trio_worker._jobs._output import Broadcaster, OutputLog, read_log_file
 
 from .conftest import require_root
 

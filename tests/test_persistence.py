@@ -15,7 +15,7 @@ import trio
 
 from tests.conftest import process_alive
 from trio_worker import JobState, StateDirError, open_supervisor
-from trio_worker._supervisor import LOST_ERROR, Retention
+from trio_worker._jobs._supervisor import LOST_ERROR, Retention
 
 CRASHING_SERVER = textwrap.dedent(
     """

@@ -17,7 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from trio_worker import InvalidRequest, StateDirError, pki
-from trio_worker._identity import ROLE_OID, Identity, Role, encode_role, identity_from_der
+from trio_worker._identity import Identity, Role, identity_from_der
 from trio_worker._tls import TLSConfigError
 
 
@@ -109,15 +109,91 @@ def test_client_certificate_carries_its_role(ca_dir: Path, role: Role) -> None:
     assert files == pki.CertFiles(ca_dir / "alice.pem", ca_dir / "alice.key")
     assert mode(files.key) == 0o600
     cert, ca = load(files.cert), load(ca_dir / "ca.pem")
-    ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(ROLE_OID))
+    ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert not ext.critical
-    assert isinstance(ext.value, x509.UnrecognizedExtension)
-    assert ext.value.value == encode_role(role)
+    assert list(ext.value) == [x509.UniformResourceIdentifier(f"trio-worker:role:{role.value}")]
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     der = cert.public_bytes(serialization.Encoding.DER)
     assert identity_from_der(der) == Identity("alice", role)
     cert.verify_directly_issued_by(ca)  # (the handshake tests have OpenSSL verify it)
+
+
+def test_client_certificate_lists_its_logins_in_order(ca_dir: Path) -> None:
+    files = pki.issue_client(ca_dir, "ci", Role.FULL, logins=["ci", "builder", "1001"])
+    san = load(files.cert).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "trio-worker:role:full",
+        "trio-worker:login:ci",
+        "trio-worker:login:builder",
+        "trio-worker:login:1001",
+    ]
+    der = load(files.cert).public_bytes(serialization.Encoding.DER)
+    assert identity_from_der(der) == Identity("ci", Role.FULL, ("ci", "builder", "1001"))
+    summary = pki.describe(files.cert)
+    assert (summary.role, summary.logins) == (Role.FULL, ("ci", "builder", "1001"))
+
+
+@pytest.mark.parametrize(
+    "logins",
+    [["a b"], [""], ["-rf"], ["x" * 33], ["a:b"], ["é"], ["ok", "ok"], "alice", ["a/b"]],
+)
+def test_bad_logins_are_refused(ca_dir: Path, logins: list[str]) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        pki.issue_client(ca_dir, "alice", Role.FULL, logins=logins)
+    assert info.value.field == "logins"
+    assert sorted(p.name for p in ca_dir.iterdir()) == ["ca.key", "ca.pem"]
+
+
+def _oid_arcs(der: bytes) -> Iterator[int]:
+    """Every arc of every OBJECT IDENTIFIER in a DER structure (walking constructed types
+    and the contents of OCTET and BIT STRINGs that hold DER themselves, as extensions do)."""
+    at = 0
+    while at < len(der):
+        tag = der[at]
+        length = der[at + 1]
+        start = at + 2
+        if length & 0x80:
+            count = length & 0x7F
+            length = int.from_bytes(der[start : start + count], "big")
+            start += count
+        body = der[start : start + length]
+        at = start + length
+        if tag == 0x06:  # OBJECT IDENTIFIER: base-128 arcs
+            arcs, value = [], 0
+            for byte in body:
+                value = (value << 7) | (byte & 0x7F)
+                if not byte & 0x80:
+                    arcs.append(value)
+                    value = 0
+            first = arcs[0]
+            yield from (min(first // 40, 2), first - 40 * min(first // 40, 2), *arcs[1:])
+        elif tag & 0x20 or (tag == 0x04 and body[:1] == b"\x30"):  # constructed, or DER inside
+            yield from _oid_arcs(body)
+
+
+def test_no_certificate_we_make_has_an_oid_arc_above_2_to_the_28(tmp_path: Path) -> None:
+    # RFC 5280 only requires parsers to handle arcs up to 2^28; Go rejects larger ones.
+    dev = pki.ensure_dev_pki(tmp_path / "dev")
+    pki.init_ca(tmp_path / "ca")
+    made = [
+        dev.ca.cert,
+        dev.server.cert,
+        dev.client.cert,
+        tmp_path / "ca" / "ca.pem",
+        pki.issue_server(tmp_path / "ca", ["localhost", "::1"]).cert,
+        *(pki.issue_client(tmp_path / "ca", r.value, r, logins=["a"]).cert for r in Role),
+    ]
+    for path in made:
+        der = load(path).public_bytes(serialization.Encoding.DER)
+        arcs = list(_oid_arcs(der))
+        assert 2 * len(load(path).extensions) < len(arcs)  # the walk found them
+        assert max(arcs) <= 2**28, path.name
+    assert max(_oid_arcs(b"\x06\x14" + _LEGACY_ROLE_OID)) > 2**28  # the walk sees big arcs
+
+
+# The DER body of the old role extension's OID, 2.25.268815121869035125761907593043051543014.
+_LEGACY_ROLE_OID = bytes.fromhex("698394bbf4b1bfecca8ba18d8da0a8d7d8dff366")
 
 
 def test_leaf_does_not_outlive_its_ca(tmp_path: Path) -> None:
@@ -194,7 +270,8 @@ def test_describe(ca_dir: Path) -> None:
     assert summary.not_after == cert.not_valid_after_utc
     assert summary.serial_number == cert.serial_number
     assert not summary.is_ca
-    assert summary.sans == ()
+    assert summary.sans == ("URI:trio-worker:role:readonly",)
+    assert summary.logins == ()
     fingerprint = summary.sha256_fingerprint
     assert len(fingerprint) == 32 * 3 - 1
     assert fingerprint.replace(":", "") == cert.fingerprint(hashes.SHA256()).hex().upper()

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf.duration_pb2 import Duration
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
 from trio_worker import pki
 from trio_worker._identity import Role
@@ -221,6 +222,37 @@ async def test_bad_start_requests(cluster: Cluster, request_: Any, code: Any) ->
     call = Caller(cluster.channel("alice"))
     assert await call.code("Start", request_) == code
     assert (await call("List", pb.ListRequest())).jobs == []
+
+
+async def test_errors_carry_error_info_and_bad_request_to_grpcio(cluster: Cluster) -> None:
+    """The official client reads ``grpc-status-details-bin``: a google.rpc.Status with an
+    ErrorInfo (reason, domain trioworker.v1) and, for INVALID_ARGUMENT, a BadRequest."""
+    call = Caller(cluster.channel("alice"))
+
+    async def details(method: str, request: Any) -> status_pb2.Status:
+        with pytest.raises(grpc.RpcError) as info:
+            await call(method, request)
+        trailers = dict(info.value.trailing_metadata())  # type: ignore[attr-defined]
+        status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+        assert status.code == info.value.code().value[0]  # type: ignore[attr-defined]
+        return status
+
+    def unpack(status: status_pb2.Status, kind: Any) -> Any:
+        found = [d for d in status.details if d.Is(kind.DESCRIPTOR)]
+        assert len(found) == 1
+        message = kind()
+        found[0].Unpack(message)
+        return message
+
+    missing = await details("Status", pb.StatusRequest(id="x" * 100_000))
+    info = unpack(missing, error_details_pb2.ErrorInfo)
+    assert (info.reason, info.domain) == ("JOB_NOT_FOUND", "trioworker.v1")
+    assert len(missing.message) < 200  # described, not echoed
+
+    invalid = await details("Start", pb.StartRequest(command=""))
+    assert unpack(invalid, error_details_pb2.ErrorInfo).reason == "INVALID_ARGUMENT"
+    bad_request = unpack(invalid, error_details_pb2.BadRequest)
+    assert [v.field for v in bad_request.field_violations] == ["command"]
 
 
 async def test_errors_map_to_status_codes(cluster: Cluster) -> None:

@@ -14,13 +14,13 @@ import pytest
 
 from tests.conftest import process_alive
 from trio_worker import StateDirError
-from trio_worker._statedir import StateDir
+from trio_worker._jobs._statedir import StateDir
 
 ROOT = Path(__file__).resolve().parent.parent
 
 _HOLDER = """
 import sys, time
-from trio_worker._statedir import StateDir
+from trio_worker._jobs._statedir import StateDir
 state = StateDir.open(sys.argv[1])
 print("locked", flush=True)
 time.sleep(120)
@@ -29,7 +29,7 @@ time.sleep(120)
 _CONTENDER = """
 import sys
 from trio_worker import StateDirError
-from trio_worker._statedir import StateDir
+from trio_worker._jobs._statedir import StateDir
 try:
     StateDir.open(sys.argv[1])
 except StateDirError as exc:
@@ -72,12 +72,66 @@ def test_open_creates_a_private_directory_and_locks_it(tmp_path: Path) -> None:
     assert state.lock_path.read_text() == ""
 
 
-def test_a_loose_existing_directory_is_tightened(tmp_path: Path) -> None:
+def test_an_existing_directory_keeps_its_mode(tmp_path: Path) -> None:
     path = tmp_path / "state"
-    path.mkdir(mode=0o755)
-    path.chmod(0o755)
+    path.mkdir()
+    path.chmod(0o755)  # readable by others is the owner's choice: used as it is
     with StateDir.open(path):
-        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+        assert stat.S_IMODE(path.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770, 0o720])
+def test_a_directory_others_may_write_to_is_refused_untouched(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "state"
+    path.mkdir()
+    path.chmod(mode)
+    with pytest.raises(StateDirError, match="writable by") as info:
+        StateDir.open(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "chmod go-w" in message
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert list(path.iterdir()) == []  # not even the lock file
+
+
+def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a directory away")
+    path = tmp_path / "state"
+    path.mkdir(mode=0o700)
+    os.chown(path, 4242, 4242)
+    with pytest.raises(StateDirError, match="belongs to uid 4242"):
+        StateDir.open(path)
+
+
+async def test_every_file_in_the_state_directory_is_private(tmp_path: Path) -> None:
+    from trio_worker import open_supervisor
+
+    path = tmp_path / "state"
+    old = os.umask(0o022)
+    try:
+        async with open_supervisor(path) as sup:
+            job = await sup.start("sh", ["-c", "echo out; echo err >&2"])
+            await sup.wait(job.id)
+            await sup.housekeep()
+            files = [p for p in path.rglob("*") if p.is_file()]
+            names = {p.name for p in files}
+            assert {"jobs.db", "jobs.db-wal", "jobs.db-shm", "lock", "output.log"} <= names
+            loose = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+            loose = {k: v for k, v in loose.items() if v != oct(0o600)}
+            assert loose == {}
+    finally:
+        os.umask(old)
+
+
+def test_a_loose_job_database_is_tightened(tmp_path: Path) -> None:
+    path = tmp_path / "state"
+    path.mkdir(mode=0o700)
+    db = path / "jobs.db"
+    db.touch()
+    db.chmod(0o644)
+    with StateDir.open(path):
+        assert stat.S_IMODE(db.stat().st_mode) == 0o600
 
 
 def test_relative_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,7 +226,7 @@ def test_a_symlinked_lock_file_is_refused(tmp_path: Path) -> None:
 
 _FORKER = """
 import os, sys
-from trio_worker._statedir import StateDir
+from trio_worker._jobs._statedir import StateDir
 state = StateDir.open(sys.argv[1])
 child = os.fork()
 if child == 0:

@@ -21,14 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trio_worker import Isolation, JobInfo, JobNotFound, JobState, Limits, StateDirError, Usage
-from trio_worker._model import JobIdGenerator
-from trio_worker._store import (
+from trio_worker._jobs._store import (
     APPLICATION_ID,
     SCHEMA_VERSION,
     SqliteJobStore,
     StoredJob,
     process_start_time,
 )
+from trio_worker._model import JobIdGenerator
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -493,7 +493,7 @@ _CRASH_CHILD = """
 import os, sys, trio
 from datetime import UTC, datetime
 from trio_worker import JobInfo, JobState
-from trio_worker._store import SqliteJobStore
+from trio_worker._jobs._store import SqliteJobStore
 
 async def main():
     store = await SqliteJobStore.open(sys.argv[1])

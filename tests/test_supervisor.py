@@ -22,7 +22,7 @@ from trio_worker import (
     Unenforceable,
     open_supervisor,
 )
-from trio_worker._cgroups import NoDriver
+from trio_worker._host._cgroups import NoDriver
 
 
 async def output_of(sup: Supervisor, job_id: str, offset: int = 0) -> bytes:

@@ -9,7 +9,7 @@ import trio
 
 from tests.conftest import process_alive, require_root
 from trio_worker import InvalidRequest, Isolation, JobState, Limits, Supervisor, open_supervisor
-from trio_worker._cgroups import LimitPolicy
+from trio_worker._host._cgroups import LimitPolicy
 
 
 @pytest.fixture(autouse=True)

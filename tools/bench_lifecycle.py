@@ -20,9 +20,9 @@ from pathlib import Path
 import trio
 
 from trio_worker import JobInfo, JobState, OutputStream, open_supervisor
+from trio_worker._jobs._output import OutputLog
+from trio_worker._jobs._store import SqliteJobStore
 from trio_worker._model import JobIdGenerator
-from trio_worker._output import OutputLog
-from trio_worker._store import SqliteJobStore
 
 
 async def populate(state: Path, count: int) -> None:

@@ -29,8 +29,8 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trio_worker import JobInfo, JobState, Limits, Usage
+from trio_worker._jobs._store import SqliteJobStore
 from trio_worker._model import JobIdGenerator
-from trio_worker._store import SqliteJobStore
 
 _new_id = JobIdGenerator()
 _T0 = datetime(2025, 1, 1, tzinfo=UTC)

@@ -4,7 +4,6 @@ The library part is ``open_supervisor``; everything a caller needs to handle
 its results and errors is re-exported here.
 """
 
-from ._cgroups import LimitPolicy
 from ._errors import (
     AuthenticationFailed,
     ConnectionFailed,
@@ -20,8 +19,9 @@ from ._errors import (
     TrioWorkerError,
     Unenforceable,
 )
+from ._host._cgroups import LimitPolicy
+from ._jobs._supervisor import Retention, Supervisor, open_supervisor
 from ._model import Isolation, JobInfo, JobState, Limits, OutputChunk, OutputStream, Usage
-from ._supervisor import Retention, Supervisor, open_supervisor
 
 __all__ = [
     "AuthenticationFailed",

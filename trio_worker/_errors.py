@@ -1,8 +1,8 @@
 """The exceptions of trio-worker.
 
-Every failure a caller can act on is one of these classes. The gRPC service maps
-them to status codes in one table and the CLI maps them to exit codes in another,
-so adding a class here means adding a row there.
+Every failure a caller can act on is one of these classes. ``_error_codes`` maps
+them to gRPC status codes and ErrorInfo reasons in one table (both directions) and the
+CLI maps them to exit codes in another, so adding a class here means a row in each.
 """
 
 from __future__ import annotations
@@ -41,11 +41,23 @@ class InvalidRequest(TrioWorkerError):
         self.message = message
 
 
+#: Ids longer than this are described in messages, not quoted (a job id is 26 characters;
+#: a client may send megabytes).
+_QUOTED_ID_MAX = 64
+
+
+def describe_id(job_id: str) -> str:
+    """``job_id`` quoted, or described when it is too long to quote whole."""
+    if len(job_id) <= _QUOTED_ID_MAX:
+        return repr(job_id)
+    return f"{job_id[:16]!r}... ({len(job_id)} characters)"
+
+
 class JobNotFound(TrioWorkerError):
     """No job with this id exists, or the caller may not see it."""
 
     def __init__(self, job_id: str) -> None:
-        super().__init__(f"no job with id {job_id!r}")
+        super().__init__(f"no job with id {describe_id(job_id)}")
         self.job_id = job_id
 
 

@@ -1,14 +1,17 @@
 """Who a client is, read from its (already verified) certificate.
 
-The name is the subject CN; the role travels in a private, non-critical X.509 extension
-whose value is a DER UTF8String. A certificate whose role is missing, unknown or
-malformed still completes the handshake and yields ``role=None``: the caller learns
-PERMISSION_DENIED from the RPC rather than an opaque TLS failure.
+The name is the subject CN. The role and the logins travel as subjectAltName URIs,
+``trio-worker:role:ROLE`` (exactly one) and ``trio-worker:login:NAME`` (any number, in
+order), so that every X.509 stack can load the certificate (an earlier private extension
+under a 128-bit OID arc was rejected by Go, Botan and RustCrypto). A certificate whose role
+is missing, unknown or given twice still completes the handshake and yields ``role=None``:
+the caller learns PERMISSION_DENIED from the RPC rather than an opaque TLS failure.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -17,19 +20,20 @@ from cryptography.x509.oid import NameOID
 from ._errors import AuthenticationFailed
 
 __all__ = [
-    "ROLE_OID",
+    "LOGIN_URI_PREFIX",
+    "ROLE_URI_PREFIX",
     "Identity",
     "Role",
-    "decode_role",
-    "encode_role",
     "identity_from_der",
+    "login_uri",
+    "logins_of",
     "role_of",
+    "role_uri",
+    "san_uris",
 ]
 
-#: OID of the role extension (a UUID-derived OID under 2.25, so no registration needed).
-ROLE_OID = "2.25.268815121869035125761907593043051543014"
-
-_UTF8STRING_TAG = 0x0C
+ROLE_URI_PREFIX = "trio-worker:role:"
+LOGIN_URI_PREFIX = "trio-worker:login:"
 
 
 class Role(enum.Enum):
@@ -42,67 +46,59 @@ class Role(enum.Enum):
 
 @dataclass(frozen=True)
 class Identity:
-    """An authenticated caller: the certificate's CN and its role, if it has a usable one."""
+    """An authenticated caller: the certificate's CN, its role if it has a usable one, and
+    the Unix logins it lists (in the certificate's order)."""
 
     name: str
     role: Role | None
+    logins: tuple[str, ...] = ()
 
 
-def encode_role(role: Role) -> bytes:
-    """The extension value for ``role``: a DER UTF8String (short form, the values are short)."""
-    content = role.value.encode("utf-8")
-    return bytes([_UTF8STRING_TAG, len(content)]) + content
+def role_uri(role: Role) -> str:
+    return ROLE_URI_PREFIX + role.value
 
 
-def _decode_der_length(data: bytes, at: int) -> tuple[int, int] | None:
-    """Return (length, offset of the content) of the DER length at ``data[at:]``, or None
-    if it is missing or not in DER's one minimal form."""
-    if at >= len(data):
+def login_uri(login: str) -> str:
+    return LOGIN_URI_PREFIX + login
+
+
+def san_uris(cert: x509.Certificate) -> list[str] | None:
+    """The certificate's subjectAltName URIs in order; [] without a SAN; None when the SAN
+    (or any extension) cannot be read, or there are two SAN extensions: fail closed."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    except (x509.DuplicateExtension, ValueError):
         return None
-    first = data[at]
-    if first < 0x80:
-        return first, at + 1
-    count = first & 0x7F
-    if count == 0 or count > 4 or at + 1 + count > len(data):  # 0x80 is BER's indefinite
-        return None
-    length_bytes = data[at + 1 : at + 1 + count]
-    length = int.from_bytes(length_bytes, "big")
-    if length_bytes[0] == 0 or length < 0x80:  # not minimal
-        return None
-    return length, at + 1 + count
+    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
 
 
-def decode_role(value: bytes) -> Role | None:
-    """Decode the extension value; anything but the DER UTF8String of a known role is None."""
-    if not value or value[0] != _UTF8STRING_TAG:
-        return None
-    decoded = _decode_der_length(value, 1)
-    if decoded is None:
-        return None
-    length, start = decoded
-    if start + length != len(value):  # short, or trailing bytes
+def _role_in(uris: Sequence[str]) -> Role | None:
+    values = [uri[len(ROLE_URI_PREFIX) :] for uri in uris if uri.startswith(ROLE_URI_PREFIX)]
+    if len(values) != 1:  # none, or two (even two equal ones) are no role
         return None
     try:
-        text = value[start:].decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    try:
-        return Role(text)
+        return Role(values[0])
     except ValueError:
         return None
 
 
+def _logins_in(uris: Sequence[str]) -> tuple[str, ...]:
+    logins = (uri[len(LOGIN_URI_PREFIX) :] for uri in uris if uri.startswith(LOGIN_URI_PREFIX))
+    return tuple(dict.fromkeys(login for login in logins if login))
+
+
 def role_of(cert: x509.Certificate) -> Role | None:
     """The role carried by ``cert``, or None if it has no valid one."""
-    try:
-        ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(ROLE_OID))
-    except (x509.ExtensionNotFound, x509.DuplicateExtension):  # two roles are no role
-        return None
-    except ValueError:  # some other extension is malformed: fail closed
-        return None
-    if not isinstance(ext.value, x509.UnrecognizedExtension):
-        return None
-    return decode_role(ext.value.value)
+    uris = san_uris(cert)
+    return None if uris is None else _role_in(uris)
+
+
+def logins_of(cert: x509.Certificate) -> tuple[str, ...]:
+    """The logins ``cert`` lists, in order, without empty values or repeats."""
+    uris = san_uris(cert)
+    return () if uris is None else _logins_in(uris)
 
 
 def identity_from_der(cert_der: bytes) -> Identity:
@@ -119,4 +115,7 @@ def identity_from_der(cert_der: bytes) -> Identity:
         raise AuthenticationFailed("the client certificate cannot be parsed") from exc
     if len(names) != 1 or not isinstance(names[0].value, str) or not names[0].value:
         raise AuthenticationFailed("the client certificate needs exactly one subject CN")
-    return Identity(name=names[0].value, role=role_of(cert))
+    uris = san_uris(cert)
+    if uris is None:
+        return Identity(name=names[0].value, role=None)
+    return Identity(name=names[0].value, role=_role_in(uris), logins=_logins_in(uris))

@@ -72,25 +72,19 @@ from ._convert import (
     limits_to_pb,
     seconds_to_duration,
 )
+from ._error_codes import exception_from
 from ._errors import (
-    AuthenticationFailed,
     ConnectionFailed,
     InvalidRequest,
-    JobNotFound,
-    JobNotRunning,
-    NoStdin,
-    PermissionDenied,
     RemoteError,
-    ResourceExhausted,
-    ShuttingDown,
     TrioWorkerError,
-    Unenforceable,
 )
 from ._model import Isolation, JobInfo, Limits, OutputChunk
 from ._pb import worker_pb2 as pb
 from ._tls import ALPN_PROTOCOL, client_context
 from ._wire._h2conn import CachingDecoder
 from ._wire._h2conn import hpack_int as _hpack_int
+from ._wire._status import DETAILS_HEADER, details_from_header
 
 __all__ = [
     "Attachment",
@@ -153,9 +147,6 @@ _INTERNAL: Final = 13
 _UNAVAILABLE: Final = 14
 _UNAUTHENTICATED: Final = 16
 
-_NOT_RUNNING = re.compile(r"job (?P<id>\S+) is not running \(it is (?P<state>[\w-]+)\)")
-_NO_STDIN = re.compile(r"cannot write to job (?P<id>\S+): (?P<why>.+)")
-_FIELD = re.compile(r"[A-Za-z_][\w.\[\]-]*")
 
 M = TypeVar("M")
 
@@ -250,34 +241,6 @@ def _grpc_timeout(seconds: float) -> str:
         if value <= 99_999_999:
             return f"{value}{unit}"
     return f"{min(math.ceil(seconds / 3600), 99_999_999)}H"
-
-
-def _status_error(code: int, message: str, job_id: str | None) -> TrioWorkerError:
-    """The exception for a gRPC status other than OK: the inverse of the server's STATUS_OF."""
-    if code == _NOT_FOUND and job_id is not None:
-        return JobNotFound(job_id)
-    if code == _INVALID_ARGUMENT:
-        field, sep, text = message.partition(": ")
-        if sep and _FIELD.fullmatch(field):
-            return InvalidRequest(field, text)
-        return InvalidRequest("request", message)
-    if code == _PERMISSION_DENIED:
-        return PermissionDenied(message)
-    if code == _UNAUTHENTICATED:
-        return AuthenticationFailed(message)
-    if code == _FAILED_PRECONDITION:
-        match = _NOT_RUNNING.search(message)
-        if match:
-            return JobNotRunning(match["id"], match["state"])
-        match = _NO_STDIN.match(message)
-        if match:
-            return NoStdin(match["id"], match["why"])
-        return Unenforceable(message)
-    if code == _RESOURCE_EXHAUSTED:
-        return ResourceExhausted(message)
-    if code == _UNAVAILABLE:
-        return ShuttingDown(message or "the server is shutting down")
-    return RemoteError(code, message)
 
 
 def _check_timeout(timeout: float | None) -> None:
@@ -485,21 +448,14 @@ class _GRPCClientConnection(GRPCConnection):  # type: ignore[misc]
                 stream_id, headers
             )
             if event.stream_ended:  # trailers-only: the status is in these headers
-                return [
-                    received,
-                    ResponseEnded.parse_from_stream_id_and_headers_destructive(stream_id, headers),
-                ]
+                return [received, _ended(stream_id, event.headers, headers)]
         except (GRPCProtocolError, KeyError, ValueError, TypeError) as exc:
             return [_BadResponse(stream_id, f"not a gRPC response ({exc})")]
         return [received]
 
     def _trailers_received(self, event: Any) -> list[Any]:
         try:
-            return [
-                ResponseEnded.parse_from_stream_id_and_headers_destructive(
-                    event.stream_id, HeaderDict(event.headers)
-                )
-            ]
+            return [_ended(event.stream_id, event.headers, HeaderDict(event.headers))]
         except (GRPCProtocolError, KeyError, ValueError, TypeError) as exc:
             return [_BadResponse(event.stream_id, f"malformed trailers ({exc})")]
 
@@ -520,6 +476,18 @@ class _GRPCClientConnection(GRPCConnection):  # type: ignore[misc]
         return [WindowUpdated(stream_id=0, delta=1)]
 
 
+def _ended(stream_id: int, raw: list[tuple[str, str]], headers: HeaderDict) -> Any:
+    """ResponseEnded, with ``details``: the raw ``grpc-status-details-bin`` (purerpc drops
+    every ``grpc-`` header it does not know)."""
+    ended = ResponseEnded.parse_from_stream_id_and_headers_destructive(stream_id, headers)
+    ended.details = None
+    for name, value in raw:
+        if name == DETAILS_HEADER:
+            ended.details = details_from_header(value)
+            break
+    return ended
+
+
 # --- one call ----------------------------------------------------------------------------
 
 
@@ -531,10 +499,11 @@ class _Unprocessed(Exception):
 class _CallFailed(Exception):
     """The call ended with a non-OK gRPC status."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, details: bytes | None = None) -> None:
         super().__init__(code, message)
         self.code = code
         self.message = message
+        self.details = details
 
 
 class _Call:
@@ -567,7 +536,7 @@ class _Call:
         self.partial = bytearray()
         self.unacked = 0
         self.peak = 0
-        self.status: tuple[int, str] | None = None
+        self.status: tuple[int, str, bytes | None] | None = None
         self.error: BaseException | None = None
         self.done = False  # nothing more will arrive
         self.lot = trio.lowlevel.ParkingLot()
@@ -624,7 +593,9 @@ class _Call:
         return message
 
     def finish(
-        self, status: tuple[int, str] | None = None, error: BaseException | None = None
+        self,
+        status: tuple[int, str, bytes | None] | None = None,
+        error: BaseException | None = None,
     ) -> None:
         if self.done:
             return
@@ -638,9 +609,9 @@ class _Call:
         if self.error is not None:
             raise self.error
         assert self.status is not None
-        code, message = self.status
+        code, message, details = self.status
         if code != _OK:
-            raise _CallFailed(code, message)
+            raise _CallFailed(code, message, details)
 
 
 # --- one connection ----------------------------------------------------------------------
@@ -849,7 +820,8 @@ class _Connection:
             call = self._calls.get(event.stream_id)
             if call is not None:
                 status = event.status
-                self._end(call, status=(int(status.int_value), str(status.status_message)))
+                code, message = int(status.int_value), str(status.status_message)
+                self._end(call, status=(code, message, event.details))
         elif kind is _Ended:
             call = self._calls.get(event.stream_id)
             if call is not None:  # END_STREAM without trailers
@@ -1009,7 +981,7 @@ class _Connection:
         self,
         call: _Call,
         *,
-        status: tuple[int, str] | None = None,
+        status: tuple[int, str, bytes | None] | None = None,
         error: BaseException | None = None,
     ) -> None:
         """The server is done with this stream: deliver the outcome, free the slot."""
@@ -1398,7 +1370,7 @@ class WorkerClient:
                 except _Unprocessed:
                     continue
                 except _CallFailed as exc:
-                    raise _status_error(exc.code, exc.message, job_id) from None
+                    raise exception_from(exc.code, exc.message, exc.details, job_id) from None
                 finally:
                     if not call.done:
                         conn.cancel(call)
@@ -1502,7 +1474,7 @@ class OutputIterator:
                 message = await call.conn.next_message(call)
             except _CallFailed as exc:
                 self._finished = True
-                raise _status_error(exc.code, exc.message, self._job_id) from None
+                raise exception_from(exc.code, exc.message, exc.details, self._job_id) from None
             except TrioWorkerError:
                 self._finished = True
                 raise
@@ -1609,7 +1581,7 @@ class Attachment:
                 message = await call.conn.next_message(call)
             except _CallFailed as exc:
                 self._finished = True
-                raise _status_error(exc.code, exc.message, self._job_id) from None
+                raise exception_from(exc.code, exc.message, exc.details, self._job_id) from None
             except _Unprocessed:
                 self._finished = True
                 raise ConnectionFailed(
@@ -1663,7 +1635,9 @@ class Attachment:
                         try:
                             call.outcome()
                         except _CallFailed as exc:
-                            raise _status_error(exc.code, exc.message, self._job_id) from None
+                            raise exception_from(
+                                exc.code, exc.message, exc.details, self._job_id
+                            ) from None
                 await trio.lowlevel.checkpoint()
                 return
             await call.conn.send_message(call, payload)

@@ -1,9 +1,9 @@
 """Certificates for trio-worker, without reaching for openssl.
 
 A small CA issues the server certificate (with the host names and addresses clients dial)
-and client certificates (whose CN is the caller's identity and which carry its role in the
-contract's X.509 extension). The same code makes the zero-config development PKI that
-``trio-worker serve`` creates on first run.
+and client certificates (whose CN is the caller's identity and whose subjectAltName URIs
+carry its role and the Unix logins it may run jobs as). The same code makes the zero-config
+development PKI that ``trio-worker serve`` creates on first run.
 
 Files: ``ca.pem``/``ca.key``, ``server.pem``/``server.key``, ``NAME.pem``/``NAME.key``.
 Keys are ECDSA P-256, written 0600; nothing existing is ever overwritten, and every file
@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ._errors import InvalidRequest, StateDirError
-from ._identity import ROLE_OID, Role, encode_role, role_of
+from ._identity import Role, login_uri, logins_of, role_of, role_uri
 from ._tls import TLSConfigError
 
 __all__ = [
@@ -53,6 +53,8 @@ _CA, _SERVER = "ca", "server"
 # Clock skew allowance: a certificate is valid from a few minutes before it was made.
 _BACKDATE = dt.timedelta(minutes=5)
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+# A Unix user name (POSIX portable characters, as useradd takes them) or a decimal uid.
+_LOGIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,31}")
 _DNS_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _DNS_NAME = re.compile(rf"(?:\*\.)?{_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?")
 
@@ -73,6 +75,7 @@ class CertSummary:
     issuer: str
     common_name: str | None
     role: Role | None
+    logins: tuple[str, ...]
     not_before: dt.datetime
     not_after: dt.datetime
     sha256_fingerprint: str
@@ -305,6 +308,21 @@ def _check_client_name(name: str) -> None:
         raise InvalidRequest("name", f"{name!r} is reserved for the {name} certificate's files")
 
 
+def _check_logins(logins: Sequence[str]) -> list[str]:
+    if isinstance(logins, str):
+        raise InvalidRequest("logins", "give a list of user names, not one string")
+    for login in logins:
+        if not isinstance(login, str) or not _LOGIN.fullmatch(login):
+            raise InvalidRequest(
+                "logins",
+                f"{login!r} is not a valid user name: 1-32 characters, letters, digits and "
+                "'._-', starting with a letter, digit or '_'",
+            )
+    if len(set(logins)) != len(logins):
+        raise InvalidRequest("logins", "a login is listed twice")
+    return list(logins)
+
+
 # --- public API -------------------------------------------------------------------------
 
 
@@ -380,13 +398,23 @@ def issue_server(directory: Path, /, hosts: Sequence[str], *, days: int = 825) -
     return files
 
 
-def issue_client(directory: Path, /, name: str, role: Role, *, days: int = 365) -> CertFiles:
+def issue_client(
+    directory: Path,
+    /,
+    name: str,
+    role: Role,
+    *,
+    logins: Sequence[str] = (),
+    days: int = 365,
+) -> CertFiles:
     """Issue ``NAME.pem``/``NAME.key`` from the CA in ``directory``: identity ``name`` (the
-    subject CN, which owns the jobs it starts) with ``role``."""
+    subject CN, which owns the jobs it starts) with ``role``, allowed to run jobs as the
+    Unix users ``logins`` (the first is its default)."""
     _check_days(days)
     _check_client_name(name)
     if not isinstance(role, Role):
         raise InvalidRequest("role", f"must be one of {[r.value for r in Role]}, not {role!r}")
+    uris = [role_uri(role), *(login_uri(login) for login in _check_logins(logins))]
     directory = Path(directory)
     files = _files(directory, name)
     _refuse_existing(files)
@@ -402,7 +430,7 @@ def issue_client(directory: Path, /, name: str, role: Role, *, days: int = 365) 
             usage=ExtendedKeyUsageOID.CLIENT_AUTH,
         )
         .add_extension(
-            x509.UnrecognizedExtension(x509.ObjectIdentifier(ROLE_OID), encode_role(role)),
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
             critical=False,
         )
         .sign(ca_key, _signature_hash(ca_key))
@@ -422,6 +450,7 @@ def describe(cert_path: Path) -> CertSummary:
         sans = tuple(
             [f"DNS:{n}" for n in san.get_values_for_type(x509.DNSName)]
             + [f"IP:{ip}" for ip in san.get_values_for_type(x509.IPAddress)]
+            + [f"URI:{uri}" for uri in san.get_values_for_type(x509.UniformResourceIdentifier)]
         )
     except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
         sans = ()
@@ -434,6 +463,7 @@ def describe(cert_path: Path) -> CertSummary:
         issuer=cert.issuer.rfc4514_string(),
         common_name=common_name,
         role=role_of(cert),
+        logins=logins_of(cert),
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
         sha256_fingerprint=cert.fingerprint(hashes.SHA256()).hex(":").upper(),
@@ -491,6 +521,8 @@ def ensure_dev_pki(state_dir: Path) -> DevPki:
         init_ca(tmp, common_name="trio-worker development CA")
         issue_server(tmp, DEV_SERVER_HOSTS)
         issue_client(tmp, DEV_CLIENT_NAME, Role.ADMIN)
+        for made in tmp.iterdir():  # every file in the state directory is 0600
+            made.chmod(0o600)
         try:
             os.rename(tmp, directory)  # atomic; replaces only a missing or empty directory
         except OSError as exc:

@@ -30,7 +30,6 @@ INTERNAL without details.
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import math
@@ -50,9 +49,14 @@ import trio
 from google.protobuf.message import DecodeError
 from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived, WindowUpdated
 from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
-from purerpc.grpclib.status import Status as _PurerpcStatus
 
-from .._errors import TrioWorkerError
+from .._error_codes import status_of
+from .._errors import (
+    AuthenticationFailed,
+    ResourceExhausted,
+    ShuttingDown,
+    TrioWorkerError,
+)
 from .._identity import Identity, identity_from_der
 from .._wire._h2conn import (
     BadMessage,
@@ -62,6 +66,7 @@ from .._wire._h2conn import (
     RequestTooLarge,
     StreamReset,
 )
+from .._wire._status import StatusCode
 from ._tlsstream import TLSSocketStream
 
 __all__ = [
@@ -96,28 +101,6 @@ _ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
 )
 
 
-class StatusCode(enum.IntEnum):
-    """gRPC status codes (grpc/doc/statuscodes.md)."""
-
-    OK = 0
-    CANCELLED = 1
-    UNKNOWN = 2
-    INVALID_ARGUMENT = 3
-    DEADLINE_EXCEEDED = 4
-    NOT_FOUND = 5
-    ALREADY_EXISTS = 6
-    PERMISSION_DENIED = 7
-    RESOURCE_EXHAUSTED = 8
-    FAILED_PRECONDITION = 9
-    ABORTED = 10
-    OUT_OF_RANGE = 11
-    UNIMPLEMENTED = 12
-    INTERNAL = 13
-    UNAVAILABLE = 14
-    DATA_LOSS = 15
-    UNAUTHENTICATED = 16
-
-
 class ListenError(TrioWorkerError):
     """The server cannot listen on the address it was given (taken, not local, bad name)."""
 
@@ -128,10 +111,22 @@ class RpcError(TrioWorkerError):
     The message goes to the client verbatim, so it must not carry internals.
     """
 
-    def __init__(self, code: StatusCode | int, message: str = "") -> None:
+    def __init__(
+        self, code: StatusCode | int, message: str = "", details: bytes | None = None
+    ) -> None:
         super().__init__(message)
         self.code = StatusCode(code)
         self.message = message
+        #: a serialized ``google.rpc.Status`` for ``grpc-status-details-bin``, or None
+        self.details = details
+
+    @classmethod
+    def of(cls, exc: TrioWorkerError) -> RpcError:
+        """``exc`` as the one table (``_error_codes``) says it goes on the wire."""
+        if isinstance(exc, RpcError):
+            return exc
+        wire = status_of(exc)
+        return cls(wire.code, wire.message, wire.details)
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,6 +387,7 @@ class _Call:
     __slots__ = (
         "arrived",
         "ctx",
+        "details",
         "error",
         "finished",
         "gone_reason",
@@ -413,6 +409,7 @@ class _Call:
         self.ctx = ctx
         self.request_bytes: bytes | None = None
         self.error: RpcError | None = None
+        self.details: bytes | None = None  # of the status the call ends with
         self.request_done = trio.Event()
         # Entered by the call's task; cancelled by the reader on reset or by a drain.
         self.scope = trio.CancelScope(deadline=math.inf if ctx.deadline is None else ctx.deadline)
@@ -674,12 +671,8 @@ class _Connection:
         elif kind is RequestTooLarge:
             call = self._calls.get(event.stream_id)
             if call is not None:
-                call.fail(
-                    RpcError(
-                        StatusCode.RESOURCE_EXHAUSTED,
-                        f"request message larger than {self._cfg.max_request_bytes} bytes",
-                    )
-                )
+                limit = self._cfg.max_request_bytes
+                call.fail(RpcError.of(ResourceExhausted(f"request message over {limit} bytes")))
         elif kind is BadMessage:
             call = self._calls.get(event.stream_id)
             if call is not None:
@@ -703,7 +696,7 @@ class _Connection:
         server = self._server
         server.stats.calls += 1
         if self._draining or server.draining:
-            self._reject(stream_id, ctx, StatusCode.UNAVAILABLE, "the server is shutting down")
+            self._reject(stream_id, ctx, RpcError.of(ShuttingDown("the server is shutting down")))
             return
         if len(self._calls) >= self._cfg.max_concurrent_streams:
             # The client ignored our SETTINGS_MAX_CONCURRENT_STREAMS (or raced it):
@@ -714,16 +707,17 @@ class _Connection:
             server.record(CallRecord(ctx, StatusCode.RESOURCE_EXHAUSTED, reason, None, None, 0.0))
             return
         if self._identity is None:
-            self._reject(stream_id, ctx, StatusCode.UNAUTHENTICATED, self._auth_error)
+            self._reject(stream_id, ctx, RpcError.of(AuthenticationFailed(self._auth_error)))
             return
         encoding = event.message_encoding
         if encoding not in (None, "identity"):
             reason = f"grpc-encoding {encoding} is not supported"
-            self._reject(stream_id, ctx, StatusCode.UNIMPLEMENTED, reason)
+            self._reject(stream_id, ctx, RpcError(StatusCode.UNIMPLEMENTED, reason))
             return
         method = server.methods.get(path)
         if method is None:
-            self._reject(stream_id, ctx, StatusCode.UNIMPLEMENTED, f"unknown method {path}")
+            reason = f"unknown method {path}"
+            self._reject(stream_id, ctx, RpcError(StatusCode.UNIMPLEMENTED, reason))
             return
         call = _Call(stream_id, method, ctx)
         self._calls[stream_id] = call
@@ -767,6 +761,7 @@ class _Connection:
     def _internal_error(self, call: _Call, exc: Exception) -> tuple[StatusCode, str]:
         rpc_error = _single_rpc_error(exc)
         if rpc_error is not None:
+            call.details = rpc_error.details
             return rpc_error.code, rpc_error.message
         ctx = call.ctx
         log.exception("%s from %s (%s) failed", ctx.method, ctx.peer, ctx.identity.name)
@@ -786,6 +781,7 @@ class _Connection:
             code, message = StatusCode.OK, ""
         except RpcError as exc:
             code, message, response = exc.code, exc.message, None
+            call.details = exc.details
         except Exception as exc:
             (code, message), response = self._internal_error(call, exc), None
         self._complete(call, code, message, request, response)
@@ -838,10 +834,12 @@ class _Connection:
                     code, message = StatusCode.UNAVAILABLE, "the server is shutting down"
                 elif call.error is not None and call.inbox is not None:
                     code, message = call.error.code, call.error.message
+                    call.details = call.error.details
                 else:
                     code, message = StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
         except RpcError as exc:
             code, message, response = exc.code, exc.message, None
+            call.details = exc.details
         except Exception as exc:
             (code, message), response = self._internal_error(call, exc), None
         except BaseException:
@@ -958,26 +956,24 @@ class _Connection:
             return
         stream_id = call.stream_id
         try:
-            status = _PurerpcStatus(int(code), message)
-            if call.headers_sent:
-                self._grpc.end_response(stream_id, status)
-            else:
-                self._grpc.respond_status(stream_id, status, _CONTENT_TYPE_SUFFIX)
+            self._grpc.send_status(
+                stream_id, code, message, call.details, headers=call.headers_sent
+            )
             self._stop_request(stream_id)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             return
 
-    def _reject(self, stream_id: int, ctx: CallContext, code: StatusCode, message: str) -> None:
+    def _reject(self, stream_id: int, ctx: CallContext, error: RpcError) -> None:
         """Answer a call that never reaches a handler with a trailers-only response."""
         self._grpc.drop_request(stream_id)
         try:
-            self._grpc.respond_status(
-                stream_id, _PurerpcStatus(int(code), message), _CONTENT_TYPE_SUFFIX
+            self._grpc.send_status(
+                stream_id, error.code, error.message, error.details, headers=False
             )
             self._stop_request(stream_id)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pass
-        self._server.record(CallRecord(ctx, code, message, None, None, 0.0))
+        self._server.record(CallRecord(ctx, error.code, error.message, None, None, 0.0))
 
     def _stop_request(self, stream_id: int) -> None:
         """After our END_STREAM: if the client is still sending, tell it to stop.

@@ -58,6 +58,8 @@ from purerpc.grpclib.exceptions import MessageTooLargeError
 from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
 from purerpc.grpclib.headers import HeaderDict
 
+from ._status import status_trailers
+
 __all__ = [
     "BadMessage",
     "BadRequest",
@@ -138,6 +140,7 @@ def _literal(name: str, value: str, static_index: int = 0) -> bytes:
     return b"\x00" + _hpack_string(name) + _hpack_string(value)
 
 
+_GRPC_CONTENT_TYPE: Final = "application/grpc+proto"
 _STATUS_200 = b"\x88"  # static table entry 8: ":status: 200"
 _CONTENT_TYPE = 31  # static table entry 31: "content-type"
 #: Header lists we send on every call, pre-encoded (see GRPCConnection.start_response and
@@ -149,6 +152,12 @@ _CONSTANT_BLOCKS: dict[tuple[tuple[str, str], ...], bytes] = {
 }
 
 
+#: Header values longer than this are sent without Huffman coding: hpack 3.0's Huffman
+#: encoder is quadratic in the value's length (a 512 KiB grpc-message took 33 s), and a
+#: long value is rare enough that the bytes saved do not matter.
+MAX_HUFFMAN_VALUE: Final = 256
+
+
 class _CachingEncoder(hpack.Encoder):  # type: ignore[misc]
     """hpack's encoder, returning our constant header blocks ready-made."""
 
@@ -158,6 +167,8 @@ class _CachingEncoder(hpack.Encoder):  # type: ignore[misc]
             block = _CONSTANT_BLOCKS.get(tuple(headers))
             if block is not None:
                 return block
+        if huffman and any(len(value) > MAX_HUFFMAN_VALUE for _, value in headers):
+            huffman = False
         return bytes(super().encode(headers, huffman))
 
 
@@ -335,6 +346,17 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         # Streams of requests: stream id -> [bytes received and not yet handed back to the
         # stream's window, messages delivered and not yet taken by the handler].
         self._held: dict[int, list[int]] = {}
+
+    def send_status(
+        self, stream_id: int, code: int, message: str, details: bytes | None, *, headers: bool
+    ) -> None:
+        """End a call: trailers with its status, or a trailers-only response when no
+        headers were sent yet (``headers``). The message is bounded; ``details`` is a
+        serialized ``google.rpc.Status`` (see ``_status``)."""
+        fields = status_trailers(code, message, details)
+        if not headers:
+            fields = [(":status", "200"), ("content-type", _GRPC_CONTENT_TYPE), *fields]
+        self.h2_connection.send_headers(stream_id, fields, end_stream=True)
 
     def initiate_connection(self) -> None:
         """Send our SETTINGS and open the connection window to its configured size."""

@@ -30,7 +30,7 @@ written 0600; an existing file is never overwritten. For example:
 
     trio-worker certs init --dir pki
     trio-worker certs server --dir pki --host worker1.example.com --host 10.0.0.5
-    trio-worker certs client --dir pki alice --role full
+    trio-worker certs client --dir pki alice --role full --login alice
     trio-worker certs show pki/alice.pem""",
     help_format="markdown",
 )
@@ -41,7 +41,13 @@ Directory = Annotated[
 ]
 
 #: pki's request fields → the options they came from.
-_FLAGS = {"hosts": "--host", "name": "NAME", "role": "--role", "days": "--days"}
+_FLAGS = {
+    "hosts": "--host",
+    "name": "NAME",
+    "role": "--role",
+    "logins": "--login",
+    "days": "--days",
+}
 
 
 @contextmanager
@@ -50,6 +56,10 @@ def _option_names() -> Iterator[None]:
         yield
     except InvalidRequest as exc:
         raise InvalidRequest(_FLAGS.get(exc.field, exc.field), exc.message) from None
+
+
+#: Our own SAN URIs, shown as Role and Logins rather than as names.
+_OURS = "URI:trio-worker:"
 
 
 def _say(*lines: str) -> None:
@@ -134,17 +144,21 @@ def client(
     *,
     directory: Directory,
     role: Literal["readonly", "full", "admin"],
+    login: Annotated[list[str] | None, Parameter(name="--login", metavar="USER")] = None,
     days: int = 365,
 ) -> int:
     """Issue DIR/NAME.pem and DIR/NAME.key: identity NAME (it owns the jobs it starts) with
-    a role.
+    a role, and the Unix users its jobs may run as.
 
     Roles: readonly sees every job but changes nothing; full starts jobs and sees, stops and
-    signals its own; admin does everything to every job.
+    signals its own; admin does everything to every job. Logins are like an SSH
+    certificate's principals: a full client's jobs run as its first login unless it names
+    another of them (or the server's default job user); with none, as the server's default.
 
     For example:
 
-        trio-worker certs client --dir pki alice --role full
+        trio-worker certs client --dir pki alice --role full --login alice
+        trio-worker certs client --dir pki ci --role full --login ci --login builder
         trio-worker certs client --dir pki monitoring --role readonly --days 90
 
     Parameters
@@ -153,6 +167,8 @@ def client(
         The client's identity: letters, digits and ._@+- (also the file name).
     role
         What the client may do.
+    login
+        A Unix user the client may run jobs as (repeat; the first is its default).
     days
         Validity in days (at most the CA's).
     """
@@ -160,9 +176,10 @@ def client(
     from .._identity import Role
 
     with _option_names():
-        files = pki.issue_client(directory, name, Role(role), days=days)
+        files = pki.issue_client(directory, name, Role(role), logins=login or (), days=days)
+    logins = f", logins {', '.join(login)}" if login else ""
     _say(
-        f"Client certificate: {files.cert} ({name}, role {role})",
+        f"Client certificate: {files.cert} ({name}, role {role}{logins})",
         f"Client key: {files.key}",
         f"Use with: trio-worker list --ca {directory / 'ca.pem'} --cert {files.cert} "
         f"--key {files.key}",
@@ -172,7 +189,7 @@ def client(
 
 @certs.command
 def show(file: Annotated[Path, Parameter(name="FILE")], /) -> int:
-    """Print a certificate's subject, role, validity and fingerprint.
+    """Print a certificate's subject, role, logins, validity and fingerprint.
 
     For example:
 
@@ -191,7 +208,8 @@ def show(file: Annotated[Path, Parameter(name="FILE")], /) -> int:
         ("Issuer", summary.issuer),
         ("Kind", kind),
         ("Role", summary.role.value if summary.role is not None else "-"),
-        ("Names", ", ".join(summary.sans) or "-"),
+        ("Logins", ", ".join(summary.logins) or "-"),
+        ("Names", ", ".join(n for n in summary.sans if not n.startswith(_OURS)) or "-"),
         ("Valid from", summary.not_before.isoformat()),
         ("Valid until", summary.not_after.isoformat()),
         ("Serial", f"{summary.serial_number:X}"),

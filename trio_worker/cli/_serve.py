@@ -119,6 +119,7 @@ def serve(
     """
     # The server's modules are imported here, not at start-up: client commands start faster.
     from .. import pki
+    from .._jobs._statedir import check_private
     from ..server._run import ServerSettings, parse_listen
 
     try:
@@ -136,6 +137,8 @@ def serve(
     # StateDirError) before it touches anything else; the development PKI is made
     # atomically and never changed, so making or reading it first is safe.
     directory = resolve_state_dir(state_dir)
+    # Refused before anything is written there (the PKI's keys included).
+    check_private(directory)
     dev: pki.DevPki | None = None
     if ca is None or cert is None or key is None:
         dev = pki.ensure_dev_pki(directory)

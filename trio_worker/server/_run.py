@@ -25,9 +25,9 @@ from typing import Any
 
 import trio
 
-from .._cgroups import LimitPolicy
+from .._host._cgroups import LimitPolicy
+from .._jobs._supervisor import Retention, open_supervisor
 from .._net._transport import CallRecord, Server, TransportConfig
-from .._supervisor import Retention, open_supervisor
 from .._systemd import notify
 from .._tls import server_context
 from ._health import HealthService

@@ -2,9 +2,9 @@
 
 Each RPC is three steps: may this caller use this method at all (the role
 table in ``_authz``), may it see this job (else NOT_FOUND, so ids cannot be
-probed), then the supervisor call. Our exceptions become status codes in one
-table, ``STATUS_OF``; anything else is a bug, which the transport logs and
-answers INTERNAL without details.
+probed), then the supervisor call. Our exceptions become a status code, an ErrorInfo
+reason and details through the one table in ``_error_codes``; anything else is a bug,
+which the transport logs and answers INTERNAL without details.
 """
 
 from __future__ import annotations
@@ -21,61 +21,35 @@ from .._convert import (
     limits_from_pb,
 )
 from .._errors import (
-    AuthenticationFailed,
     InvalidRequest,
     JobNotFound,
     JobNotRunning,
-    NoStdin,
-    PermissionDenied,
-    ResourceExhausted,
-    ShuttingDown,
-    StateDirError,
     TrioWorkerError,
-    Unenforceable,
 )
 from .._identity import Identity
+from .._jobs._supervisor import Supervisor
 from .._model import JobInfo
 from .._net._transport import (
     BidiTaskMethod,
     CallContext,
     RpcError,
-    StatusCode,
     StreamMethod,
     SyncUnaryMethod,
     UnaryMethod,
 )
 from .._net._transport import Method as RpcMethod
 from .._pb import worker_pb2 as pb
-from .._supervisor import Supervisor
 from ._authz import Method as Op
 from ._authz import authorize, can_see
 
-__all__ = ["SERVICE_NAME", "STATUS_OF", "WorkerService", "rpc_error"]
+__all__ = ["SERVICE_NAME", "WorkerService", "rpc_error"]
 
 SERVICE_NAME = "trioworker.v1.Worker"
 
-#: The one map from our exceptions to gRPC status codes (most specific first).
-STATUS_OF: tuple[tuple[type[TrioWorkerError], StatusCode], ...] = (
-    (JobNotFound, StatusCode.NOT_FOUND),
-    (InvalidRequest, StatusCode.INVALID_ARGUMENT),
-    (PermissionDenied, StatusCode.PERMISSION_DENIED),
-    (AuthenticationFailed, StatusCode.UNAUTHENTICATED),
-    (JobNotRunning, StatusCode.FAILED_PRECONDITION),
-    (NoStdin, StatusCode.FAILED_PRECONDITION),
-    (Unenforceable, StatusCode.FAILED_PRECONDITION),
-    (ResourceExhausted, StatusCode.RESOURCE_EXHAUSTED),
-    (ShuttingDown, StatusCode.UNAVAILABLE),
-    (StateDirError, StatusCode.INTERNAL),
-)
-
 
 def rpc_error(exc: TrioWorkerError) -> RpcError:
-    if isinstance(exc, RpcError):
-        return exc
-    for cls, code in STATUS_OF:
-        if isinstance(exc, cls):
-            return RpcError(code, str(exc))
-    return RpcError(StatusCode.UNKNOWN, str(exc))
+    """``exc`` as the client will see it: the one table in ``_error_codes``."""
+    return RpcError.of(exc)
 
 
 class WorkerService:
@@ -222,9 +196,9 @@ class WorkerService:
         try:
             first = await requests.__anext__()
         except StopAsyncIteration:
-            raise RpcError(StatusCode.INVALID_ARGUMENT, "open: no message came") from None
+            raise rpc_error(InvalidRequest("open", "no message came")) from None
         if first.WhichOneof("event") != "open":
-            raise RpcError(StatusCode.INVALID_ARGUMENT, "open: must be the first message")
+            raise rpc_error(InvalidRequest("open", "must be the first message"))
         job_id = first.open.id
         try:
             authorize(ctx.identity, Op.OUTPUT)
@@ -257,7 +231,7 @@ class WorkerService:
         async for request in requests:
             kind = request.WhichOneof("event")
             if kind == "open":
-                raise RpcError(StatusCode.INVALID_ARGUMENT, "open: may only be sent once")
+                raise rpc_error(InvalidRequest("open", "may only be sent once"))
             if kind is None:
                 continue  # an empty message (or a newer event we do not know): nothing to do
             try:

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from ._errors import TrioWorkerError
-from ._model import JobState
+from .._errors import TrioWorkerError
+from .._model import JobState
 
 __all__ = [
     "Event",

@@ -2,9 +2,11 @@
 
 Layout (``StateDir`` properties name each part)::
 
-    STATE_DIR/            0700: it holds job output and the development PKI's keys
+    STATE_DIR/            0700 when we create it; an existing one is never chmod-ed, and
+                          one that others may write to is refused (see ``check_private``)
       lock                flock()ed by the running server; holds its pid for humans
-      jobs.db             the job store (SQLite, WAL: also jobs.db-wal, jobs.db-shm)
+      jobs.db             the job store (SQLite, WAL: also jobs.db-wal, jobs.db-shm), 0600
+                          (SQLite gives -wal and -shm the mode of jobs.db)
       jobs/<id>/          one job's output.log + output.idx
       pki/                the development PKI (CA, server and client certificates)
 
@@ -28,9 +30,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from ._errors import StateDirError
+from .._errors import StateDirError
 
-__all__ = ["StateDir"]
+__all__ = ["StateDir", "check_private", "private_file"]
 
 #: How long to wait for a holder that has just locked to write its pid.
 _PID_WAIT = 0.5
@@ -53,22 +55,11 @@ class StateDir:
     def open(cls, path: str | os.PathLike[str]) -> Self:
         """Create ``path`` (0700) if missing and lock it, or raise ``StateDirError``.
 
-        An existing directory open to group or others is tightened to 0700: it
-        holds private keys and job output. Blocking but quick (a few syscalls):
+        An existing directory is used as it is, or refused if it is open to
+        others (``check_private``). Blocking but quick (a few syscalls):
         call it before starting the event loop or through ``trio.to_thread``.
         """
-        directory = Path(path).absolute()
-        try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            info = directory.stat()
-            if not stat.S_ISDIR(info.st_mode):
-                raise StateDirError(f"state directory {directory} is not a directory")
-            if stat.S_IMODE(info.st_mode) & 0o077:
-                directory.chmod(0o700)
-        except StateDirError:
-            raise
-        except OSError as exc:
-            raise StateDirError(f"cannot use state directory {directory}: {exc}") from exc
+        directory = check_private(path)
         lock_path = directory / "lock"
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -96,7 +87,15 @@ class StateDir:
         except OSError as exc:
             os.close(fd)
             raise StateDirError(f"cannot write the lock file {lock_path}: {exc}") from exc
-        return cls(directory, fd)
+        state = cls(directory, fd)
+        try:
+            private_file(state.db_path, create=True)
+            for side in ("-wal", "-shm"):
+                private_file(Path(f"{state.db_path}{side}"), create=False)
+        except BaseException:
+            state.release()
+            raise
+        return state
 
     def release(self) -> None:
         """Give the directory up; idempotent. The lock file stays (see module doc)."""
@@ -151,6 +150,62 @@ class StateDir:
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
+
+
+def check_private(path: str | os.PathLike[str]) -> Path:
+    """The state directory, created 0700 if missing, or ``StateDirError`` in one line.
+
+    The one place that decides whether a directory is fit to hold job output,
+    keys and the job database. An existing directory's mode is never changed
+    (it may be shared on purpose, or not ours to change); one that someone
+    other than its owner could write to (group- or world-writable, e.g. a 1777
+    one), or that another user owns, is refused with what to do instead:
+    whoever can write to it could replace the files the server trusts.
+    """
+    directory = Path(path).absolute()
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.stat()
+    except OSError as exc:
+        raise StateDirError(f"cannot use state directory {directory}: {exc.strerror}") from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise StateDirError(f"state directory {directory} is not a directory")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022:
+        who = "others" if mode & 0o002 else "its group"
+        raise StateDirError(
+            f"state directory {directory} is writable by {who}"
+            f" (mode {mode:04o}); use a directory only you can write to, e.g. a new one"
+            f" (it is created 0700), or run chmod go-w {directory} if it is yours"
+        )
+    if info.st_uid != os.geteuid():
+        raise StateDirError(
+            f"state directory {directory} belongs to uid {info.st_uid}, not to this user"
+            f" (uid {os.geteuid()}); use a directory of your own"
+        )
+    return directory
+
+
+def private_file(path: Path, *, create: bool) -> None:
+    """Make ``path`` a 0600 file of ours: create it so (if ``create``), or tighten it.
+
+    Files in the state directory are ours (we checked who may write there), so
+    a looser mode left by an older version is narrowed, never widened.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        info = None
+    try:
+        if info is None:
+            if create:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+                os.close(os.open(path, flags, 0o600))
+        elif stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) & 0o077:
+            os.chmod(path, 0o600)
+        # (Anything else there is refused by whoever opens it, naming it.)
+    except OSError as exc:
+        raise StateDirError(f"cannot make {path} a private (0600) file: {exc.strerror}") from exc
 
 
 def _read_pid(fd: int) -> int | None:

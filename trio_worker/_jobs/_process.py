@@ -25,7 +25,7 @@ from pathlib import Path
 
 import trio
 
-from ._errors import InvalidRequest
+from .._errors import InvalidRequest
 
 __all__ = [
     "JobProcess",

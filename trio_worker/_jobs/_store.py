@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar, cast
 
 import trio
 
-from ._errors import JobNotFound, StateDirError
-from ._model import Isolation, JobInfo, JobState, Limits, Usage
+from .._errors import JobNotFound, StateDirError
+from .._model import Isolation, JobInfo, JobState, Limits, Usage
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -499,7 +499,7 @@ class SqliteJobStore:
                 except (ValueError, JobNotFound, StateDirError) as exc:
                     op.error = exc  # this call's own failure: it wrote nothing
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:  # sqlite3.Error, MemoryError, a bug: nothing was written
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")

@@ -42,9 +42,9 @@ from pathlib import Path
 
 import trio
 
-from ._errors import InvalidRequest, TrioWorkerError, Unenforceable
+from .._errors import InvalidRequest, TrioWorkerError, Unenforceable
+from .._model import Isolation, Limits, Usage
 from ._isolation import check_isolation
-from ._model import Isolation, Limits, Usage
 
 __all__ = [
     "CGROUP_ROOT",

@@ -71,7 +71,7 @@ from pathlib import Path
 
 import trio
 
-from ._model import OutputChunk, OutputStream
+from .._model import OutputChunk, OutputStream
 
 __all__ = ["DEFAULT_CHUNK", "Broadcaster", "LogReader", "OutputLog", "read_log_file"]
 

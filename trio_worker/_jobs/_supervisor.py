@@ -26,19 +26,19 @@ from pathlib import Path
 
 import trio
 
-from . import _lifecycle as lc
-from ._cgroups import CgroupDriver, CgroupError, JobCgroup, LimitPolicy
-from ._cgroups import detect as cgroup_detect
-from ._errors import (
+from .._errors import (
     InvalidRequest,
     JobNotFound,
     JobNotRunning,
     NoStdin,
+    ResourceExhausted,
     ShuttingDown,
     StateDirError,
 )
-from ._isolation import helper_argv, helper_tasks, make_preexec, read_report, resolve_command
-from ._model import (
+from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup, LimitPolicy
+from .._host._cgroups import detect as cgroup_detect
+from .._host._isolation import helper_argv, helper_tasks, make_preexec, read_report, resolve_command
+from .._model import (
     Isolation,
     JobIdGenerator,
     JobInfo,
@@ -48,6 +48,7 @@ from ._model import (
     OutputStream,
     Usage,
 )
+from . import _lifecycle as lc
 from ._output import DEFAULT_CHUNK, OutputLog
 from ._process import (
     JobProcess,
@@ -128,6 +129,11 @@ class _Job:
         self.tty = False
         #: The job's input side: its stdin pipe, or its terminal (also for resizes).
         self.input: StdinWriter | None = None
+        #: Recorded with the pid, so a record written late still lets recovery
+        #: tell the job's process from one that reused its pid.
+        self.pid_start_time: int | None = None
+        #: When an accepted Stop SIGKILLs the job (the earliest one asked for).
+        self.kill_deadline: float | None = None
 
     def feed(self, event: lc.Event) -> None:
         self.record = lc.apply(self.record, event)
@@ -239,6 +245,9 @@ class Supervisor:
         self._jobs: dict[str, _Job] = {}
         self._new_id = JobIdGenerator()
         self._closing = False
+        #: Jobs whose record in the store is behind (a write failed, e.g. a full
+        #: disk): job id -> whether its row exists. Written again by housekeeping.
+        self._unsaved: dict[str, bool] = {}
 
     # -- queries -------------------------------------------------------------
 
@@ -299,11 +308,7 @@ class Supervisor:
         limits = self._policy.apply(limits)  # InvalidRequest above a maximum
         self.cgroups.check(limits, isolation)  # Unenforceable: never silently ignored
         job_id = self._new_id()
-        directory = self._jobs_dir / job_id
-        directory.mkdir(mode=0o700)
-        log = OutputLog(
-            directory, tail_bytes=self._tail_bytes, max_bytes=self._retention.max_output_bytes
-        )
+        log = self._open_log(job_id)
         job = _Job(job_id, owner, spec, limits, isolation, log)
         job.env_keys = tuple(env or ())
         job.stdin = bool(stdin)
@@ -318,7 +323,8 @@ class Supervisor:
                     resolve_command(spec.command, spec.env.get("PATH"), spec.cwd)
                 except OSError as exc:
                     raise SpawnError(describe_os_error(exc, spec.command), exc.errno) from None
-                argv = helper_argv(isolation, spec.command, spec.args, report=directory / _REPORT)
+                report = log.directory / _REPORT
+                argv = helper_argv(isolation, spec.command, spec.args, report=report)
             try:
                 job.cgroup = self.cgroups.create(
                     job_id, limits, cwd=spec.cwd, extra_tasks=helper_tasks(isolation)
@@ -351,6 +357,26 @@ class Supervisor:
         await self._persist_start(job, process.pid)
         return job.info()
 
+    def _open_log(self, job_id: str) -> OutputLog:
+        """The new job's directory and log files, or ``ResourceExhausted`` saying why not.
+
+        On a full disk this is where a Start is refused: nothing runs and
+        nothing is left behind. (Creating empty files rarely fails even then;
+        when it works, the job runs and only its output and record wait.)
+        """
+        directory = self._jobs_dir / job_id
+        try:
+            directory.mkdir(mode=0o700)
+            return OutputLog(
+                directory, tail_bytes=self._tail_bytes, max_bytes=self._retention.max_output_bytes
+            )
+        except OSError as exc:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise ResourceExhausted(
+                f"cannot create the job's output files in the state directory: "
+                f"{exc.strerror or exc}"
+            ) from None
+
     def _feed(self, job: _Job, event: lc.Event) -> None:
         """Advance the job's lifecycle and write the audit line for the change."""
         job.feed(event)
@@ -375,26 +401,88 @@ class Supervisor:
         )
 
     async def _persist_start(self, job: _Job, pid: int | None) -> None:
+        """Record the new job; if the store fails, the job runs with its record pending.
+
+        Shielded: once the process exists its record must be attempted, even
+        if the caller gave up waiting.
+        """
         if self._store is None:
             return
-        try:
-            await self._store.record_start(
-                job.info(),
-                env_keys=job.env_keys,
-                cwd=job.spec.cwd,
-                pid_start_time=process_start_time(pid) if pid else None,
-            )
-        except StateDirError as exc:
-            _log.error("job %s: cannot record its start: %s", job.id, exc)
+        job.pid_start_time = process_start_time(pid) if pid else None
+        with trio.CancelScope(shield=True):
+            if not await self._save(job, exists=False):
+                self._unsaved[job.id] = False
 
     async def _persist_end(self, job: _Job) -> None:
+        """Record the job's end; never raises (the job task's ``finally`` calls it)."""
         if self._store is None:
             return
+        exists = self._unsaved.pop(job.id, True)
+        if not await self._save(job, exists=exists):
+            self._unsaved[job.id] = exists
+
+    async def _save(self, job: _Job, *, exists: bool) -> bool:
+        """Write the job's record as it is now: insert it or record its end.
+
+        Returns False, having logged why, when the store cannot take it (a full
+        disk, an SQLite error): the caller keeps the job in ``_unsaved`` and
+        housekeeping tries again. Never raises: a store failure must not escape
+        a job's task, or it would stop the supervisor and every other job.
+        """
+        store = self._store
+        assert store is not None
+        info = job.info()
         dropped = job.log.dropped_bytes if job.log is not None else 0
         try:
-            await self._store.record_end(job.info(), dropped_bytes=dropped)
+            try:
+                if exists:
+                    await store.record_end(info, dropped_bytes=dropped)
+                else:
+                    await store.record_start(
+                        info,
+                        env_keys=job.env_keys,
+                        cwd=job.spec.cwd,
+                        pid_start_time=job.pid_start_time,
+                    )
+            except JobNotFound:  # the row we thought was there is not: insert it
+                await store.record_start(
+                    info,
+                    env_keys=job.env_keys,
+                    cwd=job.spec.cwd,
+                    pid_start_time=job.pid_start_time,
+                )
+            except ValueError:  # already recorded after all: bring it up to date
+                if info.ended:
+                    await store.record_end(info, dropped_bytes=dropped)
         except StateDirError as exc:
-            _log.error("job %s: cannot record its end: %s", job.id, exc)
+            if job.id not in self._unsaved:
+                _log.error("job %s: cannot record it (will retry): %s", job.id, exc)
+            return False
+        except Exception:
+            _log.exception("job %s: cannot record it (will retry)", job.id)
+            return False
+        return True
+
+    async def _save_unsaved(self) -> None:
+        """Write the records that failed before (the disk may have room again)."""
+        pending = [(i, exists) for i, exists in self._unsaved.items() if i in self._jobs]
+        self._unsaved = {i: e for i, e in self._unsaved.items() if i in self._jobs}
+        if not pending:
+            return
+        saved: list[str] = []
+
+        async def save(job_id: str, exists: bool) -> None:
+            if await self._save(self._jobs[job_id], exists=exists):
+                saved.append(job_id)
+                # (A running job whose row is now in: its end will update it.)
+                self._unsaved.pop(job_id, None)
+
+        # Concurrent, so group commit writes them in one transaction.
+        async with trio.open_nursery() as nursery:
+            for job_id, exists in pending:
+                nursery.start_soon(save, job_id, exists)
+        if saved:
+            _log.info("recorded %d job(s) whose records were pending", len(saved))
 
     async def signal(self, job_id: str, signum: int) -> JobInfo:
         """Send ``signum`` to the job's process group."""
@@ -412,8 +500,21 @@ class Supervisor:
         if not math.isfinite(grace) or grace < 0:
             raise InvalidRequest("grace", f"must be a finite number >= 0, got {grace}")
         process = self._running_process(job)
-        await self._terminate(job, process, grace)
+        process.signal_group(_signal.SIGTERM)
+        # The SIGKILL after the grace is the supervisor's, not the caller's: a
+        # caller that gives up waiting (cancelled, disconnected) cannot stop it.
+        deadline = trio.current_time() + grace
+        if job.kill_deadline is None or deadline < job.kill_deadline:
+            job.kill_deadline = deadline
+            self._nursery.start_soon(self._kill_at, job, process, deadline)
+        await job.ended.wait()
         return job.info()
+
+    async def _kill_at(self, job: _Job, process: JobProcess, deadline: float) -> None:
+        with trio.move_on_at(deadline):
+            await job.ended.wait()
+        if not job.ended.is_set() and job.kill_deadline == deadline:
+            await self._kill(job, process)
 
     async def write_stdin(self, job_id: str, data: bytes) -> None:
         """Write ``data`` to the job's stdin, waiting while the job does not read it.
@@ -577,10 +678,13 @@ class Supervisor:
                 process.close_pipes()
                 if job.input is not None:
                     job.input.release()  # writers still waiting learn the job ended
-                if not log.finished:
-                    log.finish()
-                await log.flush()
-                log.close()
+                try:
+                    if not log.finished:
+                        log.finish()
+                    await log.flush()
+                    log.close()
+                except Exception:  # the log's own failures are in it (lost ranges)
+                    _log.exception("job %s: cannot finish its output log", job.id)
                 await self._record_end(job, process)
 
     async def _record_end(self, job: _Job, process: JobProcess) -> None:
@@ -596,8 +700,13 @@ class Supervisor:
                 _log.warning("job %s: cannot read its cgroup's accounting: %s", job.id, exc)
                 job.final_usage = Usage()
             await self._remove_cgroup(job)
-        failure = read_report(log_dir / _REPORT) if (log_dir := job.directory) else None
-        if failure is not None and job.isolation.any:
+        failure = None
+        if job.isolation.any and (log_dir := job.directory) is not None:
+            try:
+                failure = read_report(log_dir / _REPORT)
+            except OSError as exc:  # the job's end is recorded whatever the disk says
+                _log.warning("job %s: cannot read the helper's report: %s", job.id, exc)
+        if failure is not None:
             self._feed(job, lc.SpawnFailed(failure.message, _now(), failure.errno))
         else:
             self._feed(job, lc.Exited(returncode, _now(), oom_killed=oom_killed))
@@ -625,7 +734,11 @@ class Supervisor:
                 self._feed(job, lc.Lost(LOST_ERROR, now))
             self._jobs[info.id] = job
         if lost and self._store is not None:
-            await self._store.mark_lost(lost, LOST_ERROR, now)
+            try:
+                await self._store.mark_lost(lost, LOST_ERROR, now)
+            except StateDirError as exc:
+                _log.error("cannot record %d lost job(s) (will retry): %s", len(lost), exc)
+                self._unsaved.update(dict.fromkeys(lost, True))
         if stored:
             _log.info("restored %d job(s), %d of them lost", len(stored), len(lost))
 
@@ -646,6 +759,7 @@ class Supervisor:
             await trio.lowlevel.checkpoint()
             return
         retention = self._retention
+        await self._save_unsaved()
         for job in self._jobs.values():
             if job.log is not None and not job.ended.is_set():
                 store.note_output(job.id, job.log.end, job.output_start, job.log.dropped_bytes)
@@ -656,7 +770,11 @@ class Supervisor:
             doomed = await store.ended_for_retention(
                 keep_count=retention.keep_ended, max_age=retention.max_ended_age, now=_now()
             )
-            doomed = [i for i in doomed if i in self._jobs and self._jobs[i].ended.is_set()]
+            doomed = [
+                i
+                for i in doomed
+                if i in self._jobs and self._jobs[i].ended.is_set() and i not in self._unsaved
+            ]
             if not doomed:
                 return
             for job_id in doomed:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .._errors import Unenforceable
+from .._model import Isolation
 from . import _nsinit
-from ._errors import Unenforceable
-from ._model import Isolation
 
 if TYPE_CHECKING:
     from ._cgroups import JobCgroup

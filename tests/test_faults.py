@@ -1,0 +1,189 @@
+"""Faults and exhaustion never stop the supervisor: a full disk, SQLite errors,
+an interrupted Stop.
+
+The disk tests mount a small tmpfs (root) and really fill it: no fault is mocked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sqlite3
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from tests.conftest import process_alive, require_root
+from trio_worker import JobState, ResourceExhausted, Retention, Supervisor, open_supervisor
+
+#: Retention that never runs on its own: the tests call ``housekeep``.
+_MANUAL = Retention(interval=3600.0, keep_ended=None, max_ended_age=timedelta(days=1))
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, options: str) -> Iterator[Path]:
+    require_root("mounting a tmpfs")
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def until_full(step: Callable[[], object]) -> None:
+    """Call ``step`` until the filesystem says ENOSPC."""
+    failure: int | None = None
+    while failure is None:
+        try:
+            step()
+        except OSError as exc:
+            failure = exc.errno
+    assert failure == errno.ENOSPC
+
+
+def fill(directory: Path) -> Path:
+    """Write a file until the filesystem has no room left; return it."""
+    path = directory / f"filler-{uuid.uuid4().hex}"
+    with open(path, "wb", buffering=0) as f:
+        until_full(lambda: f.write(b"\0" * 65536))
+        until_full(lambda: f.write(b"\0" * 512))  # to the very last byte
+    return path
+
+
+def fill_inodes(directory: Path) -> list[Path]:
+    made: list[Path] = []
+
+    def make() -> None:
+        path = directory / f"inode-{len(made)}"
+        path.touch()
+        made.append(path)
+
+    until_full(make)
+    return made
+
+
+def recorded(db: Path) -> dict[str, str]:
+    """Job id -> state, as a second reader of ``jobs.db`` sees it."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return dict(conn.execute("SELECT id, state FROM jobs").fetchall())
+    finally:
+        conn.close()
+
+
+async def wait_ended(sup: Supervisor, job_id: str) -> JobState:
+    with trio.fail_after(30):
+        return (await sup.wait(job_id)).state
+
+
+@pytest.mark.root
+async def test_full_disk_jobs_run_end_and_their_records_land_later(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "disk", "size=4m") as disk:
+        state = disk / "state"
+        async with open_supervisor(state, retention=_MANUAL) as sup:
+            unrelated = await sup.start("sleep", ["600"])
+            assert unrelated.pid is not None
+            filler = fill(disk)
+            # A Start while the disk is full runs, with its record pending.
+            short = await sup.start("sh", ["-c", "echo hello; exit 0"])
+            assert short.state is JobState.RUNNING
+            end = await sup.wait(short.id)
+            assert (end.state, end.exit_code) == (JobState.EXITED, 0)
+            assert end.output_bytes == 6  # counted, though it could not be written
+            assert sup.status(short.id).state is JobState.EXITED
+            # A job that started before the disk filled ends too; its end is pending.
+            before = await sup.start("true")  # (its start was recorded: its end is not)
+            assert await wait_ended(sup, before.id) is JobState.EXITED
+            await sup.housekeep()  # a retry while still full changes nothing, raises nothing
+            rows = recorded(state / "jobs.db")
+            assert short.id not in rows
+            assert sup.status(unrelated.id).state is JobState.RUNNING
+            assert process_alive(unrelated.pid)
+
+            filler.unlink()
+            await sup.housekeep()
+            rows = recorded(state / "jobs.db")
+            assert rows[short.id] == "exited"
+            assert rows[before.id] == "exited"
+            assert rows[unrelated.id] == "running"
+            assert process_alive(unrelated.pid)
+            await sup.stop(unrelated.id, grace=0)
+        # After a restart the jobs are there as they ended.
+        async with open_supervisor(state, retention=_MANUAL) as sup:
+            assert sup.status(short.id).exit_code == 0
+            assert sup.status(before.id).state is JobState.EXITED
+            assert sup.status(unrelated.id).state is JobState.KILLED
+
+
+@pytest.mark.root
+async def test_start_without_room_for_its_files_is_refused_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    with small_tmpfs(tmp_path / "disk", "size=4m,nr_inodes=64") as disk:
+        state = disk / "state"
+        async with open_supervisor(state, retention=_MANUAL) as sup:
+            running = await sup.start("sleep", ["600"])
+            made = fill_inodes(disk)
+            entries = set(os.listdir(state / "jobs"))
+            with pytest.raises(ResourceExhausted, match="state directory"):
+                await sup.start("true")
+            assert set(os.listdir(state / "jobs")) == entries
+            assert [j.id for j in sup.list()] == [running.id]
+            for path in made:
+                path.unlink()
+            job = await sup.start("true")
+            assert await wait_ended(sup, job.id) is JobState.EXITED
+            assert sup.status(running.id).state is JobState.RUNNING
+
+
+async def test_sqlite_errors_never_escape_and_records_are_written_later(state_dir: Path) -> None:
+    async with open_supervisor(state_dir, retention=_MANUAL) as sup:
+        store = sup._store
+        assert store is not None
+        conn = store._conn  # a real SQLite error: writes refused by the connection
+        conn.execute("PRAGMA query_only = 1")
+        unrelated = await sup.start("sleep", ["600"])
+        first = await sup.start("sh", ["-c", "exit 3"])
+        assert await wait_ended(sup, first.id) is JobState.EXITED
+        await sup.housekeep()
+        assert recorded(state_dir / "jobs.db") == {}
+        assert sup.status(unrelated.id).state is JobState.RUNNING
+        conn.execute("PRAGMA query_only = 0")
+        await sup.housekeep()
+        assert recorded(state_dir / "jobs.db") == {first.id: "exited", unrelated.id: "running"}
+        await sup.stop(unrelated.id, grace=0)
+    async with open_supervisor(state_dir, retention=_MANUAL) as sup:
+        assert sup.status(first.id).exit_code == 3
+        assert sup.status(unrelated.id).state is JobState.KILLED
+
+
+_IGNORES_TERM = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+async def test_cancelled_stop_still_kills_after_the_grace() -> None:
+    # Real time (the job is a real process), kept short: a 1 s grace.
+    async with open_supervisor() as sup:
+        job = await sup.start("python3", ["-c", _IGNORES_TERM])
+        async for chunk in sup.output(job.id):
+            if b"ready" in chunk.data:
+                break
+        with trio.move_on_after(0.2) as scope:
+            await sup.stop(job.id, grace=1)
+        assert scope.cancelled_caught
+        assert sup.status(job.id).state is JobState.RUNNING  # TERM was ignored
+        with trio.fail_after(30):  # (only so that a regression fails instead of hanging)
+            end = await sup.wait(job.id)
+        assert (end.state, end.signal) == (JobState.KILLED, 9)

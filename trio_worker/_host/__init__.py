@@ -1,0 +1,4 @@
+"""Host mechanisms: cgroup drivers, block devices, inotify, namespaces.
+
+Nothing here knows what a job is.
+"""
