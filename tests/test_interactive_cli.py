@@ -331,3 +331,65 @@ def test_run_t_restores_the_terminal_when_killed_by_a_signal(dev: DevServer) -> 
         assert term.settings() == before
     finally:
         term.close()
+
+
+# --- the README's tour, as written -------------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def tour_line(fragment: str) -> str:
+    """The README tour's command containing ``fragment``, without its comment."""
+    for line in README.read_text().splitlines():
+        if fragment in line and line.startswith(("trio-worker", "echo", "id=")):
+            return line.split("  #", 1)[0].strip()
+    raise AssertionError(f"no {fragment!r} in the README")
+
+
+def shell_env(dev: DevServer) -> dict[str, str]:
+    """The dev server's environment, with trio-worker on PATH and its address set."""
+    env = dict(dev.env, TRIO_WORKER_ADDR=dev.addr)
+    if Path(COMMAND[0]).name == "trio-worker":
+        env["PATH"] = f"{Path(COMMAND[0]).parent}:{env.get('PATH', '')}"
+    return env
+
+
+@pytest.mark.skipif(Path(COMMAND[0]).name != "trio-worker", reason="needs the console script")
+def test_readme_tour_interactive_examples_work_as_written(dev: DevServer) -> None:
+    env = shell_env(dev)
+    piped = tour_line("| trio-worker run -i")
+    result = subprocess.run(
+        ["sh", "-c", piped], env=env, capture_output=True, timeout=60, check=False
+    )
+    assert (result.returncode, result.stdout) == (0, b"HELLO\n"), result.stderr
+
+    term = Terminal(["sh", "-c", tour_line("run -it -- sh")], env)
+    try:
+        before = term.settings()
+        term.wait_raw(before)
+        term.send(b"echo from-the-tour\r")
+        term.expect(b"from-the-tour\r\n")
+        term.send(b"exit 5\r")
+        assert term.wait() == 5
+        assert term.settings() == before
+    finally:
+        term.close()
+
+    start, attach = tour_line("start -it"), tour_line("attach ")
+    term = Terminal(["sh", "-c", f'{start}; echo "id=$id"; {attach}'], env)
+    try:
+        before = term.settings()
+        term.wait_raw(before)
+        term.send(b"echo attached-$$\r")
+        term.expect(b"attached-")
+        term.send(b"\x10\x11")
+        assert term.wait() == 0
+        assert term.settings() == before
+        assert b"detached" in term.seen
+    finally:
+        term.close()
+    job_id = re.search(rb"id=(\w+)", term.seen)
+    assert job_id is not None
+    subprocess.run(
+        [*COMMAND, "stop", "--grace", "0", job_id[1].decode()], env=env, timeout=30, check=False
+    )
