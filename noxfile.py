@@ -46,6 +46,7 @@ def bench(session: nox.Session) -> None:
         "bench_transport.py",  # the transport alone, next to a grpcio server
         "bench_lifecycle.py",  # restart with 10,000 jobs, shutdown with 100 running
         "bench_store.py",  # the SQLite store alone
+        "bench_cli_startup.py",  # each command start to exit, next to python -c pass
     ):
         session.run("python", f"tools/{tool}", *session.posargs)
 

@@ -606,6 +606,90 @@ def test_certs_client_logins_and_show(tmp_path: Path) -> None:
     assert "--login" in assert_one_line_error(bad, 2)
 
 
+def test_revoke_and_reload_through_the_cli(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    d = tmp_path / "pki"
+    ok(cli("certs", "init", "--dir", d, env=env))
+    for made in cli_many(
+        [
+            ["certs", "server", "--dir", d, "--host", "localhost", "127.0.0.1"],
+            ["certs", "client", "--dir", d, "alice", "--role", "full"],
+            ["certs", "client", "--dir", d, "bob", "--role", "full"],
+        ],
+        env,
+    ):
+        ok(made)
+    said = ok(cli("certs", "revoke", "--dir", d, "alice", env=env)).decode()
+    assert "alice" in said
+    assert f"--crl {d / 'crl.pem'}" in said
+    server = ServerProcess.start(
+        [
+            *("--listen", "127.0.0.1:0", "--state-dir", tmp_path / "state"),
+            *("--ca", d / "ca.pem", "--cert", d / "server.pem", "--key", d / "server.key"),
+            *("--crl", d / "crl.pem", *own_cgroup(tmp_path)),
+        ],
+        env,
+    )
+    try:
+        port = server.port()
+
+        def as_(name: str) -> list[str | Path]:
+            return [
+                *("list", "--addr", f"localhost:{port}", "--ca", d / "ca.pem"),
+                *("--cert", d / f"{name}.pem", "--key", d / f"{name}.key"),
+            ]
+
+        alice, bob = cli_many([as_("alice"), as_("bob")], env)
+        assert_one_line_error(alice, 4)  # revoked before the server started
+        ok(bob)
+        ok(cli("certs", "revoke", "--dir", d, "bob", env=env))
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for("SIGHUP: reloaded the CA, certificate, key and CRL")
+        alice, bob = cli_many([as_("alice"), as_("bob")], env)
+        assert_one_line_error(alice, 4)
+        assert_one_line_error(bob, 4)
+        (d / "crl.pem").write_text("garbage")
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for(r"SIGHUP: reload failed, keeping the previous TLS material: .*crl\.pem")
+        assert_one_line_error(cli(*as_("bob"), env=env), 4)
+    finally:
+        assert server.stop() == 0, server.stderr
+
+
+def test_quota_refusal_exits_9(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    d = tmp_path / "pki"
+    ok(cli("certs", "init", "--dir", d, env=env))
+    for made in cli_many(
+        [
+            ["certs", "server", "--dir", d, "--host", "localhost"],
+            ["certs", "client", "--dir", d, "alice", "--role", "full"],
+        ],
+        env,
+    ):
+        ok(made)
+    server = ServerProcess.start(
+        [
+            *("--listen", "127.0.0.1:0", "--state-dir", tmp_path / "state"),
+            *("--ca", d / "ca.pem", "--cert", d / "server.pem", "--key", d / "server.key"),
+            *("--max-running", "1", *own_cgroup(tmp_path)),
+        ],
+        env,
+    )
+    try:
+        creds = [
+            *("--addr", f"localhost:{server.port()}", "--ca", d / "ca.pem"),
+            *("--cert", d / "alice.pem", "--key", d / "alice.key"),
+        ]
+        job = ok(cli("start", *creds, "--", "sleep", "60", env=env)).decode().strip()
+        err = assert_one_line_error(cli("start", *creds, "--", "true", env=env), 9)
+        assert "quota exceeded: at most 1 running job per client (--max-running)" in err
+        ok(cli("stop", *creds, "--grace", "0", job, env=env))
+        ok(cli("start", *creds, "--", "true", env=env))
+    finally:
+        assert server.stop() == 0, server.stderr
+
+
 def test_roles_through_the_cli(real: RealServer) -> None:
     alice, bob = (
         ok(r).decode().strip()

@@ -153,7 +153,8 @@ async def test_every_method_through_grpcio(cluster: Cluster) -> None:
             working_dir="/tmp",
         ),
     )
-    assert job.state == pb.JOB_STATE_RUNNING
+    # Start answers once the process exists; under load this short job may already have ended.
+    assert job.state in (pb.JOB_STATE_RUNNING, pb.JOB_STATE_EXITED)
     assert job.owner == "alice"
     assert job.pid > 0
     end = await call("Wait", pb.WaitRequest(id=job.id))

@@ -15,6 +15,7 @@ __all__ = [
     "JobNotRunning",
     "NoStdin",
     "PermissionDenied",
+    "QuotaExceeded",
     "RemoteError",
     "ResourceExhausted",
     "ShuttingDown",
@@ -89,6 +90,11 @@ class Unenforceable(TrioWorkerError):
 
 class ResourceExhausted(TrioWorkerError):
     """A server-side cap (jobs, connections, streams) has been reached."""
+
+
+class QuotaExceeded(ResourceExhausted):
+    """The caller is at one of its per-client quotas (running jobs, start rate); the
+    message says which."""
 
 
 class ShuttingDown(TrioWorkerError):

@@ -18,10 +18,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-
 from ._errors import TrioWorkerError
 
 __all__ = ["ALPN_PROTOCOL", "TLS13_SUITE", "TLSConfigError", "client_context", "server_context"]
@@ -134,6 +130,8 @@ def _read(path: Path, what: str) -> bytes:
 
 def _check_certs(path: Path, what: str) -> None:
     """Name the file at fault, which OpenSSL's errors do not."""
+    from cryptography import x509  # only once OpenSSL has refused: clients start faster
+
     try:
         x509.load_pem_x509_certificates(_read(path, what))
     except ValueError as exc:
@@ -141,6 +139,9 @@ def _check_certs(path: Path, what: str) -> None:
 
 
 def _check_key(path: Path) -> None:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
     try:
         serialization.load_pem_private_key(_read(path, "private key"), password=None)
     except TypeError as exc:  # encrypted
@@ -156,10 +157,17 @@ def _no_password() -> str:
     raise TLSConfigError("the private key is encrypted; trio-worker needs an unencrypted key")
 
 
-def _context(purpose: int, *, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+def _diagnose(ca: Path, cert: Path, key: Path) -> None:
+    """Raise the TLSConfigError naming the file at fault, if one of them is."""
     _check_certs(ca, "CA certificate")
     _check_certs(cert, "certificate")
     _check_key(key)
+
+
+def _context(purpose: int, *, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    # OpenSSL loads the files first; only when it refuses one are they parsed again with
+    # cryptography to say which file is wrong and why (its import costs 30-40 ms, which
+    # every client command would otherwise pay).
     if not ssl.HAS_TLSv1_3:
         raise TLSConfigError(f"this OpenSSL ({ssl.OPENSSL_VERSION}) has no TLS 1.3")
     ctx = ssl.SSLContext(purpose)
@@ -171,22 +179,31 @@ def _context(purpose: int, *, ca: Path, cert: Path, key: Path) -> ssl.SSLContext
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     try:
         ctx.load_verify_locations(cafile=str(ca))
-    except ssl.SSLError as exc:
+    except (ssl.SSLError, OSError) as exc:
+        _diagnose(ca, cert, key)
         raise TLSConfigError(f"cannot load CA certificate {ca}: {exc}") from exc
     password: Callable[[], str] = _no_password
     try:
         ctx.load_cert_chain(str(cert), str(key), password=password)
-    except ssl.SSLError as exc:
+    except (ssl.SSLError, OSError) as exc:
+        _diagnose(ca, cert, key)
         raise TLSConfigError(f"cannot use certificate {cert} with key {key}: {exc}") from exc
     ctx.set_alpn_protocols([ALPN_PROTOCOL])
     _restrict_tls13_suites(ctx, TLS13_SUITE)
     return ctx
 
 
-def server_context(*, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+def server_context(*, ca: Path, cert: Path, key: Path, crl: Path | None = None) -> ssl.SSLContext:
     """Server side: TLS 1.3 with TLS_AES_256_GCM_SHA384 only, client certificate required
-    and verified against ``ca``, ALPN ``h2``."""
+    and verified against ``ca`` (and not revoked by the PEM CRL ``crl``), ALPN ``h2``."""
     ctx = _context(ssl.PROTOCOL_TLS_SERVER, ca=ca, cert=cert, key=key)
+    if crl is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(crl))
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSConfigError(f"cannot load CRL {crl}: {exc}") from exc
+        # The client's certificate must not be on its CA's CRL (which must be present).
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     # No session tickets: a resumed session would skip verifying the client certificate
     # (which may have expired since), and every connection is long-lived anyway.
     ctx.num_tickets = 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import fcntl
 import ipaddress
 import os
 import re
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
@@ -34,22 +36,27 @@ from ._identity import Role, login_uri, logins_of, role_of, role_uri
 from ._tls import TLSConfigError
 
 __all__ = [
+    "CRL_FILE",
     "DEV_CLIENT_NAME",
     "DEV_SERVER_HOSTS",
     "CertFiles",
     "CertSummary",
     "DevPki",
+    "Revoked",
     "describe",
     "ensure_dev_pki",
     "init_ca",
     "issue_client",
     "issue_server",
+    "revoke",
 ]
 
 DEV_SERVER_HOSTS = ("localhost", "127.0.0.1", "::1")
 DEV_CLIENT_NAME = "admin"
 
 _CA, _SERVER = "ca", "server"
+#: The certificate revocation list ``revoke`` keeps next to the CA.
+CRL_FILE = "crl.pem"
 # Clock skew allowance: a certificate is valid from a few minutes before it was made.
 _BACKDATE = dt.timedelta(minutes=5)
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
@@ -82,6 +89,17 @@ class CertSummary:
     sans: tuple[str, ...]
     serial_number: int
     is_ca: bool
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """What ``revoke`` did: the CRL written, the certificate's serial, and whether it was
+    already listed (revoking twice changes nothing)."""
+
+    crl: Path
+    serial_number: int
+    already: bool
+    count: int
 
 
 @dataclass(frozen=True)
@@ -437,6 +455,100 @@ def issue_client(
     )
     _write_pair(files, cert, key)
     return files
+
+
+def _replace(path: Path, data: bytes, mode: int) -> None:
+    """Write ``path`` atomically, replacing it: readers see the old file or the new one."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _existing_crl(path: Path, ca_cert: x509.Certificate) -> x509.CertificateRevocationList | None:
+    if not path.exists():
+        return None
+    try:
+        crl = x509.load_pem_x509_crl(_read(path, "CRL"))
+    except ValueError as exc:
+        raise TLSConfigError(f"CRL {path} holds no valid PEM CRL; not touching it") from exc
+    signed = crl.issuer == ca_cert.subject and crl.is_signature_valid(
+        ca_cert.public_key()  # type: ignore[arg-type]  # _load_ca checked it can sign
+    )
+    if not signed:
+        raise TLSConfigError(f"CRL {path} is not signed by this CA; not touching it")
+    return crl
+
+
+def revoke(directory: Path, /, name: str) -> Revoked:
+    """Revoke ``NAME.pem``: add it to ``crl.pem`` in ``directory``, a CRL signed by the CA
+    there, created on first use. The CRL stays valid as long as the CA; a server serving
+    with it (``serve --crl``) takes it up on SIGHUP."""
+    _check_client_name(name)
+    directory = Path(directory)
+    ca_cert, ca_key = _load_ca(directory)
+    cert = _load_cert(directory / f"{name}.pem", "certificate")
+    if cert.issuer != ca_cert.subject:
+        raise TLSConfigError(f"{directory / f'{name}.pem'} was not issued by this CA")
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise TLSConfigError(f"{directory / f'{name}.pem'} was not issued by this CA") from exc
+    path = directory / CRL_FILE
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)  # two revocations at once: neither is lost
+        old = _existing_crl(path, ca_cert)
+        entries = list(old) if old is not None else []
+        already = any(e.serial_number == cert.serial_number for e in entries)
+        now = dt.datetime.now(dt.UTC)
+        if not already:
+            entries.append(
+                x509.RevokedCertificateBuilder()
+                .serial_number(cert.serial_number)
+                .revocation_date(now)
+                .build()
+            )
+        number = 1
+        if old is not None:
+            try:
+                number = old.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+            except x509.ExtensionNotFound:
+                number = 1
+        try:
+            ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+        except x509.ExtensionNotFound:
+            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca_cert.subject)
+            .last_update(now - _BACKDATE)
+            .next_update(max(ca_cert.not_valid_after_utc, now + dt.timedelta(days=1)))
+            .add_extension(x509.CRLNumber(number), critical=False)
+            .add_extension(aki, critical=False)
+        )
+        for entry in entries:
+            builder = builder.add_revoked_certificate(entry)
+        crl = builder.sign(ca_key, _signature_hash(ca_key))
+        try:
+            _replace(path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+        except OSError as exc:
+            raise TLSConfigError(f"cannot write {path}: {exc.strerror}") from exc
+    finally:
+        os.close(dir_fd)
+    return Revoked(path, cert.serial_number, already, len(entries))
 
 
 def describe(cert_path: Path) -> CertSummary:

@@ -421,6 +421,21 @@ class JobCgroup(ABC):
                 self._failure[0:8] = struct.pack("ii", index + 1, exc.errno or 0)
                 raise
 
+    def open_procs(self) -> list[int]:
+        """Open every hierarchy's ``cgroup.procs`` for a spawned child to write "0" to.
+
+        The caller closes them once the child has exec'd. OSError as ``open`` raises it.
+        """
+        fds: list[int] = []
+        try:
+            for path in self._procs:
+                fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
     def join_error(self) -> CgroupError | None:
         """Why ``preexec_join`` failed in a child, if it did (read in the parent)."""
         index, code = struct.unpack("ii", self._failure[0:8])
@@ -875,7 +890,9 @@ class V2Driver(CgroupDriver):
             directory.mkdir()
         except OSError as exc:
             raise CgroupError(
-                f"cannot create cgroup {directory}: {exc.strerror}", path=directory
+                f"cannot create cgroup {directory}: {exc.strerror}",
+                path=directory,
+                errno_=exc.errno,
             ) from None
         try:
             if limits.cpus:
@@ -995,7 +1012,9 @@ class V1Driver(CgroupDriver):
                     directory.mkdir()
                 except OSError as exc:
                     raise CgroupError(
-                        f"cannot create cgroup {directory}: {exc.strerror}", path=directory
+                        f"cannot create cgroup {directory}: {exc.strerror}",
+                        path=directory,
+                        errno_=exc.errno,
                     ) from None
                 made.append(directory)
             c = group.controllers

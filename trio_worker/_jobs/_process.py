@@ -1,12 +1,14 @@
 """Validating a start request and spawning, signalling and reaping its process.
 
-We spawn with ``subprocess.Popen`` from the event-loop thread instead of
-``trio.lowlevel.open_process`` (which forks from a worker thread) for two
-reasons: PR_SET_PDEATHSIG fires when the *thread* that forked exits, and trio's
-idle worker threads do exit; and we want to wait for exit *without reaping*
-(through a pidfd), so the process group id stays pinned by the zombie leader
-while we kill what the job left behind — signalling a group after reaping its
-leader could hit an unrelated process that reused the id.
+We spawn through ``_host._spawn`` (vfork + exec in a small C extension) from
+the event-loop thread, for two reasons: PR_SET_PDEATHSIG fires when the
+*thread* that forked exits, and trio's idle worker threads do exit; and the
+loop is suspended only until the child's exec (~0.3 ms), where
+``subprocess.Popen(preexec_fn=...)`` forked the whole server (3-9 ms). We wait
+for exit *without reaping* (through a pidfd), so the process group id stays
+pinned by the zombie leader while we kill what the job left behind —
+signalling a group after reaping its leader could hit an unrelated process
+that reused the id.
 """
 
 from __future__ import annotations
@@ -17,21 +19,29 @@ import fcntl
 import os
 import signal as _signal
 import struct
-import subprocess
 import termios
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, final
 
 import trio
 
-from .._errors import InvalidRequest
+from .._errors import InvalidRequest, ResourceExhausted
+from .._host._spawn import ChildSetupError, Credentials, Stage, Stdin, Terminal, spawn
+
+if TYPE_CHECKING:
+    from .._host._cgroups import JobCgroup
 
 __all__ = [
+    "Credentials",
     "JobProcess",
     "PipeReader",
     "SpawnError",
+    "SpawnOptions",
     "StartSpec",
+    "Stdin",
+    "Terminal",
     "describe_os_error",
     "validate_signal",
     "validate_start",
@@ -56,6 +66,33 @@ class StartSpec:
     args: tuple[str, ...]
     env: Mapping[str, str]  # the complete environment of the job
     cwd: str | None
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class SpawnOptions:
+    """How a job's process is started, beyond its command line.
+
+    ``stdin``: ``Stdin.NULL`` (/dev/null), ``Stdin.PIPE`` (``JobProcess.stdin``
+    is the write end) or a ``Terminal`` (its slave becomes stdin, stdout,
+    stderr and the controlling terminal; there are no output pipes then, the
+    caller reads its master). ``user``: the credentials to run as, or None for
+    the server's own.
+    """
+
+    stdin: Stdin | Terminal = Stdin.NULL
+    user: Credentials | None = None
+
+
+#: errno values that mean "the host is out of something right now", not "this
+#: request is wrong": Start answers RESOURCE_EXHAUSTED and keeps nothing.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN})
+
+
+def resource_exhausted(exc: OSError, what: str) -> ResourceExhausted:
+    """``cannot start the job: too many open files (creating its pipes)``."""
+    reason = os.strerror(exc.errno or errno.EIO).lower()
+    return ResourceExhausted(f"cannot start the job: {reason} ({what})")
 
 
 class SpawnError(Exception):
@@ -160,8 +197,8 @@ class PipeReader:
                 await trio.lowlevel.wait_readable(self.fd)
                 continue
             except OSError as exc:
-                # A terminal's master reads EIO once every holder of the terminal has
-                # closed it: that is its end of file.
+                # A terminal's master reads EIO once no process holds the terminal any
+                # more: that is its end of file.
                 if exc.errno != errno.EIO:
                     raise
                 break
@@ -192,20 +229,19 @@ class JobProcess:
 
     def __init__(
         self,
-        popen: subprocess.Popen[bytes],
-        stdout: PipeReader,
+        pid: int,
+        pidfd: int,
+        stdout: PipeReader | None,
         stderr: PipeReader | None,
-        stdin_fd: int | None = None,
+        stdin: int | None,
     ) -> None:
-        self._popen = popen
-        self.pid = popen.pid
+        self.pid = pid
+        self._pidfd = pidfd
+        #: None with a terminal: the output comes from its master then.
         self.stdout = stdout
-        #: None on a terminal: stdout and stderr are the same file, the terminal.
         self.stderr = stderr
-        #: The write side of the job's stdin (a pipe, or a duplicate of the terminal's
-        #: master), for the caller to own; None when stdin is /dev/null.
-        self.stdin_fd = stdin_fd
-        self._pidfd = os.pidfd_open(popen.pid)
+        #: The write end of the stdin pipe (``Stdin.PIPE``), non-blocking; else None.
+        self.stdin = stdin
         self.returncode: int | None = None
 
     @classmethod
@@ -214,92 +250,100 @@ class JobProcess:
         spec: StartSpec,
         *,
         argv: Sequence[str] | None = None,
-        preexec: Callable[[], None] | None = None,
-        stdin: bool = False,
-        terminal: tuple[int, int] | None = None,
+        cgroup: JobCgroup | None = None,
+        options: SpawnOptions | None = None,
+        nofile_soft: int | None = None,
     ) -> JobProcess:
-        """Start the process in a new process group, stdin from /dev/null.
+        """Start the process in its cgroup and a new process group (or session).
 
-        ``stdin``: its stdin is a pipe whose write end is ``stdin_fd``. ``terminal``
-        (rows, cols): a new pseudo-terminal of that size is its stdin, stdout and stderr
-        and its controlling terminal, in a new session (so its process group is still
-        its pid); ``stdout`` reads the master and ``stdin_fd`` is a duplicate of it.
         ``argv`` replaces ``[command, *args]`` (to run the namespace helper).
-        Synchronous on purpose (see the module docstring); raises SpawnError,
-        or ``subprocess.SubprocessError`` when ``preexec`` failed in the child.
+        Synchronous on purpose (see the module docstring). Raises
+        ``SpawnError`` when the command cannot run (the job is FAILED, with
+        the reason in words), ``ResourceExhausted`` when the host is out of
+        descriptors, memory or processes. Either way nothing is left open.
         """
-        if terminal is not None:
-            return cls._spawn_on_terminal(spec, argv, preexec, terminal)
-        out_r, out_w = _pipe()
-        err_r, err_w = _pipe()
-        in_r, in_w = os.pipe2(os.O_CLOEXEC) if stdin else (None, None)
+        options = options or SpawnOptions()
+        owned: list[int] = []  # every fd we opened; the parent's ends survive success
+        keep: set[int] = set()
+        pid = -1
         try:
-            popen = subprocess.Popen(
-                list(argv) if argv is not None else [spec.command, *spec.args],
-                stdin=subprocess.DEVNULL if in_r is None else in_r,
-                stdout=out_w,
-                stderr=err_w,
-                env=dict(spec.env),
-                cwd=spec.cwd,
-                process_group=0,
-                close_fds=True,
-                preexec_fn=preexec,
-            )
-        except OSError as exc:
-            _close(out_r, err_r, in_w)
-            raise SpawnError(describe_os_error(exc, spec.command), exc.errno) from None
-        except BaseException:
-            _close(out_r, err_r, in_w)
-            raise
+            try:
+                cgroup_fds = cgroup.open_procs() if cgroup is not None else []
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise resource_exhausted(exc, "opening its cgroup") from None
+                raise SpawnError(
+                    f"cannot join the job's cgroup: {exc.strerror}", exc.errno
+                ) from None
+            owned += cgroup_fds
+            try:
+                stdin_w: int | None = None
+                out_r = err_r = None
+                if isinstance(options.stdin, Terminal):
+                    term = options.stdin
+                    fcntl.ioctl(
+                        term.slave_fd,
+                        termios.TIOCSWINSZ,
+                        struct.pack("HHHH", term.rows, term.cols, 0, 0),
+                    )
+                    child_in = child_out = child_err = term.slave_fd
+                else:
+                    if options.stdin is Stdin.PIPE:
+                        child_in, stdin_w = os.pipe2(os.O_CLOEXEC)
+                        owned += (child_in, stdin_w)
+                    else:
+                        child_in = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                        owned.append(child_in)
+                    out_r, child_out = _pipe()
+                    owned += (out_r, child_out)
+                    err_r, child_err = _pipe()
+                    owned += (err_r, child_err)
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise resource_exhausted(exc, "creating its pipes") from None
+                raise
+            full_argv = list(argv) if argv is not None else [spec.command, *spec.args]
+            try:
+                pid = spawn(
+                    full_argv[0],
+                    full_argv,
+                    spec.env,
+                    spec.cwd,
+                    stdin=child_in,
+                    stdout=child_out,
+                    stderr=child_err,
+                    cgroup_fds=cgroup_fds,
+                    terminal=isinstance(options.stdin, Terminal),
+                    user=options.user,
+                    nofile_soft=nofile_soft,
+                )
+            except ChildSetupError as exc:
+                raise SpawnError(_describe_setup_error(exc, spec, cgroup), exc.errno) from None
+            except OSError as exc:  # vfork itself
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise resource_exhausted(exc, "creating its process") from None
+                raise SpawnError(describe_os_error(exc, spec.command), exc.errno) from None
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError as exc:
+                # The child runs but we cannot watch it: take it back at once.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, _signal.SIGKILL)
+                os.waitpid(pid, 0)
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise resource_exhausted(exc, "watching its process") from None
+                raise
+            if stdin_w is not None:
+                os.set_blocking(stdin_w, False)
+                keep.add(stdin_w)
+            if out_r is not None and err_r is not None:
+                keep.update((out_r, err_r))
+                return cls(pid, pidfd, PipeReader(out_r), PipeReader(err_r), stdin_w)
+            return cls(pid, pidfd, None, None, stdin_w)
         finally:
-            _close(out_w, err_w, in_r)
-        return cls(popen, PipeReader(out_r), PipeReader(err_r), in_w)
-
-    @classmethod
-    def _spawn_on_terminal(
-        cls,
-        spec: StartSpec,
-        argv: Sequence[str] | None,
-        preexec: Callable[[], None] | None,
-        size: tuple[int, int],
-    ) -> JobProcess:
-        master, slave = os.openpty()
-        os.set_inheritable(master, False)
-        try:
-            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
-            writer = os.dup(master)
-        except BaseException:
-            _close(master, slave)
-            raise
-
-        def take_terminal() -> None:
-            # After setsid (Popen does it before preexec_fn): fd 0 becomes the
-            # session's controlling terminal, so the job gets SIGHUP, ^C, job control.
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-            if preexec is not None:
-                preexec()
-
-        try:
-            popen = subprocess.Popen(
-                list(argv) if argv is not None else [spec.command, *spec.args],
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                env=dict(spec.env),
-                cwd=spec.cwd,
-                start_new_session=True,
-                close_fds=True,
-                preexec_fn=take_terminal,
-            )
-        except OSError as exc:
-            _close(master, writer)
-            raise SpawnError(describe_os_error(exc, spec.command), exc.errno) from None
-        except BaseException:
-            _close(master, writer)
-            raise
-        finally:
-            os.close(slave)  # else the master never reads end-of-file
-        return cls(popen, PipeReader(master), None, writer)
+            for fd in owned:
+                if fd not in keep:
+                    os.close(fd)
 
     @property
     def reaped(self) -> bool:
@@ -320,19 +364,39 @@ class JobProcess:
             os.killpg(self.pid, signum)
 
     def reap(self) -> int:
-        """Collect the exit status; call only after ``wait_exited``."""
+        """Collect the exit status (-N for signal N); call only after ``wait_exited``."""
         if self.returncode is None:
-            self.returncode = self._popen.wait()
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+            trio.lowlevel.notify_closing(self._pidfd)
             os.close(self._pidfd)
         return self.returncode
 
     def close_pipes(self) -> None:
-        self.stdout.close()
+        if self.stdout is not None:
+            self.stdout.close()
         if self.stderr is not None:
             self.stderr.close()
+        if self.stdin is not None:
+            os.close(self.stdin)
+            self.stdin = None
 
 
-def _close(*fds: int | None) -> None:
-    for fd in fds:
-        if fd is not None:
-            os.close(fd)
+def _describe_setup_error(exc: ChildSetupError, spec: StartSpec, cgroup: JobCgroup | None) -> str:
+    """What went wrong in the child, in words a user can act on."""
+    reason = exc.strerror or os.strerror(exc.errno or errno.EIO)
+    stage = exc.stage
+    if stage is Stage.EXEC:
+        return f"{reason}: {spec.command!r}"
+    if stage is Stage.CHDIR:
+        return f"{reason}: {spec.cwd!r}"
+    if stage is Stage.CGROUP:
+        where = (
+            cgroup.dirs[exc.index] if cgroup is not None and exc.index < len(cgroup.dirs) else "?"
+        )
+        return f"cannot join the job's cgroup: cannot move the job into cgroup {where}: {reason}"
+    if stage in (Stage.SETGROUPS, Stage.SETGID, Stage.SETUID):
+        return f"cannot switch to the job's user ({stage.name.lower()}): {reason}"
+    if stage in (Stage.SESSION, Stage.TTY):
+        return f"cannot give the job its terminal or process group: {reason}"
+    return f"cannot set up the job's process ({stage.name.lower()}): {reason}"

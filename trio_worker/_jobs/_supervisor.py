@@ -9,6 +9,7 @@ pipes are drained and flushed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -16,7 +17,6 @@ import math
 import os
 import shutil
 import signal as _signal
-import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -37,7 +37,8 @@ from .._errors import (
 )
 from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup, LimitPolicy
 from .._host._cgroups import detect as cgroup_detect
-from .._host._isolation import helper_argv, helper_tasks, make_preexec, read_report, resolve_command
+from .._host._isolation import helper_argv, helper_tasks, read_report, resolve_command
+from .._host._spawn import raise_nofile_limit
 from .._model import (
     Isolation,
     JobIdGenerator,
@@ -51,10 +52,14 @@ from .._model import (
 from . import _lifecycle as lc
 from ._output import DEFAULT_CHUNK, OutputLog
 from ._process import (
+    RESOURCE_ERRNOS,
     JobProcess,
     PipeReader,
     SpawnError,
+    SpawnOptions,
     StartSpec,
+    Stdin,
+    Terminal,
     describe_os_error,
     validate_signal,
     validate_start,
@@ -129,6 +134,8 @@ class _Job:
         self.tty = False
         #: The job's input side: its stdin pipe, or its terminal (also for resizes).
         self.input: StdinWriter | None = None
+        #: A tty job's terminal master, read as its output.
+        self.terminal: PipeReader | None = None
         #: Recorded with the pid, so a record written late still lets recovery
         #: tell the job's process from one that reused its pid.
         self.pid_start_time: int | None = None
@@ -231,6 +238,7 @@ class Supervisor:
         limit_policy: LimitPolicy,
         store: JobStore | None = None,
         retention: Retention | None = None,
+        job_nofile: int | None = None,
     ) -> None:
         self._nursery = nursery
         self._store = store
@@ -245,6 +253,8 @@ class Supervisor:
         self._jobs: dict[str, _Job] = {}
         self._new_id = JobIdGenerator()
         self._closing = False
+        #: The soft fd limit jobs get (the one this process had before raising its own).
+        self._job_nofile = job_nofile
         #: Jobs whose record in the store is behind (a write failed, e.g. a full
         #: disk): job id -> whether its row exists. Written again by housekeeping.
         self._unsaved: dict[str, bool] = {}
@@ -257,6 +267,11 @@ class Supervisor:
     def list(self, owner: str | None = None) -> list[JobInfo]:
         """Every job (of ``owner``, if given), oldest first."""
         return [job.info() for job in self._jobs.values() if owner is None or job.owner == owner]
+
+    def running_count(self, owner: str) -> int:
+        """How many of ``owner``'s jobs are running (for quotas: no snapshots made)."""
+        running = JobState.RUNNING
+        return sum(1 for j in self._jobs.values() if j.owner == owner and j.record.state is running)
 
     def _get(self, job_id: str) -> _Job:
         try:
@@ -313,7 +328,13 @@ class Supervisor:
         job.env_keys = tuple(env or ())
         job.stdin = bool(stdin)
         job.tty = terminal is not None
-        self._jobs[job_id] = job
+        # A terminal's master and slave, and the master's duplicate for writing: made
+        # before the job, so running out of descriptors refuses the Start cleanly.
+        fds = _open_terminal() if terminal is not None else None
+        if fds is not None and terminal is not None:
+            options = SpawnOptions(stdin=Terminal(fds[1], terminal[0], terminal[1]))
+        else:
+            options = SpawnOptions(stdin=Stdin.PIPE if job.stdin else Stdin.NULL)
         try:
             argv = None
             if isolation.any:
@@ -330,16 +351,24 @@ class Supervisor:
                     job_id, limits, cwd=spec.cwd, extra_tasks=helper_tasks(isolation)
                 )
             except CgroupError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise ResourceExhausted(f"cannot start the job: {exc}") from None
                 raise SpawnError(f"cannot set up the job's cgroup: {exc}", None) from None
-            preexec = make_preexec(os.getpid(), job.cgroup)
             try:
                 process = JobProcess.spawn(
-                    spec, argv=argv, preexec=preexec, stdin=job.stdin, terminal=terminal
+                    spec,
+                    argv=argv,
+                    cgroup=job.cgroup,
+                    options=options,
+                    nofile_soft=self._job_nofile,
                 )
-            except subprocess.SubprocessError:
-                error = job.cgroup.join_error()
-                raise SpawnError(f"cannot join the job's cgroup: {error}", None) from None
+            finally:
+                if fds is not None:
+                    os.close(fds[1])  # the slave is the job's alone now
         except SpawnError as exc:
+            # The command cannot run: a FAILED job, kept and reported.
+            _close_terminal(fds)
+            self._jobs[job_id] = job
             self._feed(job, lc.SpawnFailed(exc.message, _now(), exc.errno))
             log.finish()
             log.close()
@@ -347,9 +376,24 @@ class Supervisor:
                 await self._remove_cgroup(job)
             await self._persist_start(job, None)
             return job.info()
+        except BaseException:
+            # Out of descriptors, memory or processes (ResourceExhausted), or
+            # cancelled: no half-made job stays, in the table or on the host.
+            _close_terminal(fds)
+            with trio.CancelScope(shield=True):
+                log.close()
+                shutil.rmtree(log.directory, ignore_errors=True)
+                if job.cgroup is not None:
+                    await self._remove_cgroup(job)
+            raise
+        self._jobs[job_id] = job
         job.process = process
-        if process.stdin_fd is not None:
-            job.input = StdinWriter(process.stdin_fd, tty=job.tty)
+        if fds is not None:
+            job.terminal = PipeReader(fds[0])
+            job.input = StdinWriter(fds[2], tty=True)
+        elif process.stdin is not None:
+            job.input = StdinWriter(process.stdin, tty=False)
+            process.stdin = None  # the writer owns it now
         self._feed(job, lc.Spawned(process.pid, _now()))
         self._nursery.start_soon(self._run_job, job, process, name=f"job {job_id}")
         # Recorded before the caller learns the job exists; a crash in between
@@ -653,8 +697,11 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(log.run_flusher)
                 async with trio.open_nursery() as pumps:
-                    pumps.start_soon(_pump, process.stdout, OutputStream.STDOUT, log)
-                    if process.stderr is not None:  # None on a terminal: all is stdout
+                    if process.stdout is not None:
+                        pumps.start_soon(_pump, process.stdout, OutputStream.STDOUT, log)
+                    if job.terminal is not None:  # on a terminal, all output is stdout
+                        pumps.start_soon(_pump, job.terminal, OutputStream.STDOUT, log)
+                    if process.stderr is not None:
                         pumps.start_soon(_pump, process.stderr, OutputStream.STDERR, log)
                     await process.wait_exited()
                     # As systemd does for a service: the main process is gone,
@@ -676,6 +723,8 @@ class Supervisor:
                     await process.wait_exited()
                     process.reap()
                 process.close_pipes()
+                if job.terminal is not None:
+                    job.terminal.close()
                 if job.input is not None:
                     job.input.release()  # writers still waiting learn the job ended
                 try:
@@ -828,6 +877,33 @@ class _UntilEnded:
         await trio.lowlevel.checkpoint()
 
 
+def _open_terminal() -> tuple[int, int, int]:
+    """(master, slave, a duplicate of the master for writing), none inheritable."""
+    try:
+        master, slave = os.openpty()
+    except OSError as exc:
+        if exc.errno in RESOURCE_ERRNOS or exc.errno == errno.ENOSPC:  # ENOSPC: no ptys left
+            raise ResourceExhausted(f"cannot give the job a terminal: {exc.strerror}") from None
+        raise
+    try:
+        writer = os.dup(master)
+    except OSError as exc:
+        os.close(master)
+        os.close(slave)
+        if exc.errno in RESOURCE_ERRNOS:
+            raise ResourceExhausted(f"cannot give the job a terminal: {exc.strerror}") from None
+        raise
+    return master, slave, writer
+
+
+def _close_terminal(fds: tuple[int, int, int] | None) -> None:
+    """A terminal the job never got: the master and its duplicate (the slave is closed
+    where the spawn happens)."""
+    if fds is not None:
+        os.close(fds[0])
+        os.close(fds[2])
+
+
 def _check_terminal(tty: object, size: object) -> tuple[int, int] | None:
     """The terminal's first size for a tty job, None for a job without one."""
     if not isinstance(tty, bool):
@@ -916,6 +992,9 @@ async def open_supervisor(
     Leaving the block — normally, by an exception, or by cancellation — stops
     every running job (SIGTERM, ``shutdown_grace``, SIGKILL) before returning.
 
+    The process's soft RLIMIT_NOFILE is raised to its hard limit (and stays
+    so): each running job holds a few descriptors. Jobs get the old soft limit.
+
     With ``persist`` (the default when a ``state_dir`` is given) the directory
     is locked against a second supervisor, every job is recorded in
     ``jobs.db``, and the jobs of an earlier run come back: ended ones as they
@@ -931,6 +1010,8 @@ async def open_supervisor(
     a state directory makes the cleanup safe. ``limit_policy`` holds
     the defaults and maximums applied to every job's limits.
     """
+    # Jobs cost descriptors (pipes, pidfd, log files): use all the host allows.
+    job_nofile = raise_nofile_limit()
     temporary = state_dir is None
     path = Path(tempfile.mkdtemp(prefix="trio-worker-") if state_dir is None else state_dir)
     persistent = (not temporary) if persist is None else persist
@@ -955,6 +1036,7 @@ async def open_supervisor(
                 tail_bytes=tail_bytes,
                 cgroups=driver,
                 limit_policy=limit_policy or LimitPolicy(),
+                job_nofile=job_nofile,
                 store=store,
                 retention=retention,
             )

@@ -511,8 +511,11 @@ class _Connection:
         identity: Identity | None,
         auth_error: str,
         peer: str,
+        peer_cert: bytes = b"",
     ) -> None:
         cfg = server.config
+        #: The client's certificate (DER), to find connections of a revoked one.
+        self.peer_cert = peer_cert
         self._server = server
         self._cfg = cfg
         self._stream = stream
@@ -574,6 +577,20 @@ class _Connection:
         self._h2.send_graceful_goaway(self._h2.highest_inbound_stream_id)
         self._push()
         self._maybe_drained()
+
+    def close(self, reason: str) -> None:
+        """End the connection now (its certificate was revoked): GOAWAY, every call
+        cancelled, closed once the GOAWAY is out (at most a second)."""
+        if self._dead or self._done.is_set():
+            return
+        log.info("closing connection from %s: %s", self._peer, reason)
+        self._draining = True
+        with suppress(h2.exceptions.ProtocolError):
+            self._h2.close_connection()
+        for call in self._calls.values():
+            call.gone(reason)
+        self._push()
+        self._done.set()
 
     def abort_calls(self) -> None:
         """End the calls still running after the drain timeout: UNAVAILABLE."""
@@ -1077,6 +1094,7 @@ class Server:
         on_call: Callable[[CallRecord], None] | None = None,
         on_drain: Callable[[], None] | None = None,
         identify: Callable[[bytes], Identity] = identity_from_der,
+        revoked: Callable[[bytes], bool] | None = None,
     ) -> None:
         for path in methods:
             if not (path.startswith("/") and path.count("/") == 2):
@@ -1091,6 +1109,7 @@ class Server:
         self._on_call = on_call
         self._on_drain = on_drain
         self._identify = identify
+        self._revoked = revoked
         self._addresses: list[str] = []
         self._port = 0
         self._draining = False
@@ -1187,6 +1206,22 @@ class Server:
             self._serve_scope.cancel()
         await self._stopped.wait()
 
+    def use_tls(
+        self, ssl_context: ssl.SSLContext, *, revoked: Callable[[bytes], bool] | None = None
+    ) -> int:
+        """Handshake with ``ssl_context`` from now on (a reload); close the open
+        connections whose client certificate (DER) ``revoked`` holds revoked, and refuse
+        such certificates after any handshake still under way. Returns how many
+        connections were closed."""
+        self._ssl_context = ssl_context
+        self._revoked = revoked
+        if revoked is None:
+            return 0
+        closing = [conn for conn in self._connections if revoked(conn.peer_cert)]
+        for conn in closing:
+            conn.close("its certificate was revoked")
+        return len(closing)
+
     def record(self, record: CallRecord) -> None:
         """Hand one finished call to ``on_call``; its failures are logged, never raised."""
         if self._on_call is None:
@@ -1276,8 +1311,14 @@ class Server:
                 return
             if self._draining:
                 return
+            der = ssl_stream.getpeercert(binary_form=True) or b""
+            if self._revoked is not None and self._revoked(der):
+                # Handshaken with the context of before a reload: OpenSSL did not see
+                # the CRL that revokes it.
+                log.info("refusing %s: its certificate is revoked", peer)
+                return
             identity, auth_error = self._identity_of(ssl_stream, peer)
-            conn = _Connection(self, ssl_stream, identity, auth_error, peer)
+            conn = _Connection(self, ssl_stream, identity, auth_error, peer, der)
             self._connections.add(conn)
             try:
                 await conn.run()

@@ -12,11 +12,13 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import _certs, _interactive, _jobs, _serve  # noqa: F401  (they register their commands)
-from ._app import app
-from ._errors import ExitCode, describe
+from ._commands import NAMES, overview, unknown_command
+from ._exit import ExitCode
+
+if TYPE_CHECKING:
+    from ._app import app as app
 
 __all__ = ["app", "main"]
 
@@ -75,14 +77,35 @@ def _stdout_gone() -> NoReturn:
     sys.exit(ExitCode.BROKEN_PIPE)
 
 
+def __getattr__(name: str) -> Any:
+    if name == "app":  # cyclopts is imported when a command runs, not with this package
+        from ._app import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The console script: run one command and exit with its code."""
     tokens, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     debug = debug or os.environ.get("TRIO_WORKER_DEBUG", "") not in ("", "0")
     command = next((t for t in tokens if not t.startswith("-")), "")
-    if command not in app:
-        command = ""
-    elif command == "certs":
+    if not command and all(t in ("--help", "-h") for t in tokens):
+        sys.stdout.write(overview())  # also for no arguments at all
+        sys.exit(ExitCode.OK)
+    if command and command not in NAMES:
+        print(
+            f"trio-worker: error: {unknown_command(command)}; see `trio-worker --help`",
+            file=sys.stderr,
+        )
+        sys.exit(ExitCode.USAGE)
+
+    from ._app import app, resolve_command
+    from ._errors import describe
+
+    if command and command != "certs":
+        resolve_command(command)
+    elif command:
         rest = tokens[tokens.index("certs") + 1 :]
         sub = next((t for t in rest if not t.startswith("-")), "")
         command = f"certs {sub}" if sub in app["certs"] else command

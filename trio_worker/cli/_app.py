@@ -1,7 +1,9 @@
 """The cyclopts application and the parameter types the commands share.
 
-Commands live in their own modules (``_serve``, ``_jobs``, ``_certs``) and register
-themselves on ``app`` here; ``trio_worker.cli.main`` imports them and runs it.
+Commands live in their own modules (``_serve``, ``_jobs``, ``_certs``) and are registered
+here by import path (cyclopts' lazy commands), each with its one-line summary: a command
+imports its module, and what that module needs, only when it runs or shows its own help.
+``trio-worker --help`` imports none of them. ``trio_worker.cli.main`` runs ``app``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from cyclopts import App, Group, Parameter
 from .. import __version__
 from .._errors import InvalidRequest
 from . import _parse
-from ._settings import load_config_file
+from ._certs import certs
+from ._commands import COMMANDS, DESCRIPTION
 
 __all__ = [
     "CLIENT_CONFIG",
@@ -32,17 +35,8 @@ T = TypeVar("T")
 
 app = App(
     name="trio-worker",
-    help="""Run and control Linux processes on a host, over gRPC with mutual TLS.
-
-Start a server (the first run creates a development PKI), then use the client commands:
-
-    trio-worker serve
-    trio-worker run -- echo hello
-    trio-worker start -- sleep 100   # prints the job id
-    trio-worker logs -f ID
-    trio-worker stop ID
-
-Every command takes --help. --debug (anywhere before --) shows tracebacks and debug logs.""",
+    help=DESCRIPTION,
+    # trio-worker --help is _commands.overview(), not cyclopts'; commands use markdown.
     help_format="markdown",
     version=__version__,
     backend="trio",
@@ -53,8 +47,15 @@ Every command takes --help. --debug (anywhere before --) shows tracebacks and de
     result_action="return_value",
 )
 
+
+def _load_config_file(app: Any, commands: Any, arguments: Any) -> None:
+    from ._settings import load_config_file  # tomllib and the file checks: client commands
+
+    load_config_file(app, commands, arguments)
+
+
 #: The config sources of client commands; cyclopts applies them after flags and env.
-CLIENT_CONFIG = (load_config_file,)
+CLIENT_CONFIG = (_load_config_file,)
 
 JOB_GROUP = Group("Job", sort_key=1)
 LIMITS_GROUP = Group("Limits and isolation", sort_key=2)
@@ -85,3 +86,27 @@ Offset = Annotated[
     ),
 ]
 Seconds = Annotated[float, Parameter(converter=converter(_parse.parse_seconds), metavar="SECONDS")]
+
+
+for _command in COMMANDS:
+    if _command.name == "certs":
+        # The certs commands import ``pki`` (and cryptography) only when they run.
+        app.command(certs)
+        continue
+    _extra: dict[str, Any] = {"config": CLIENT_CONFIG} if _command.client else {}
+    app.command(
+        f"{__package__}.{_command.target}",
+        name=_command.name,
+        help=_command.summary,
+        help_format="markdown",
+        **_extra,
+    )
+
+
+def resolve_command(name: str) -> App:
+    """The command's App, imported, with its whole docstring as its help: cyclopts puts the
+    one-line summary it was registered with in its place."""
+    command = app[name]
+    if name != "certs":
+        command.help = None  # back to the function's docstring
+    return command

@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from cyclopts import App, Parameter
-from rich.table import Table
 
 from .._errors import InvalidRequest
-from ._app import app
 from ._errors import ExitCode
-from ._render import print_table
+from ._render import print_fields
 
 __all__ = ["certs"]
 
@@ -34,7 +32,6 @@ written 0600; an existing file is never overwritten. For example:
     trio-worker certs show pki/alice.pem""",
     help_format="markdown",
 )
-app.command(certs)
 
 Directory = Annotated[
     Path, Parameter(name="--dir", metavar="DIR", help="Directory holding ca.pem and ca.key.")
@@ -188,6 +185,39 @@ def client(
 
 
 @certs.command
+def revoke(
+    name: Annotated[str, Parameter(name="NAME")],
+    /,
+    *,
+    directory: Directory,
+) -> int:
+    """Revoke DIR/NAME.pem: add it to DIR/crl.pem, a CRL signed by the CA in DIR (created on
+    first use). Servers started with --crl DIR/crl.pem refuse it after a SIGHUP, and close
+    its open connections.
+
+    For example:
+
+        trio-worker certs revoke --dir pki mallory
+        kill -HUP "$(pidof trio-worker)"   # or: systemctl reload trio-worker
+
+    Parameters
+    ----------
+    name
+        The client whose certificate (DIR/NAME.pem) to revoke.
+    """
+    from .. import pki
+
+    with _option_names():
+        done = pki.revoke(directory, name)
+    what = "was already revoked" if done.already else "is revoked"
+    _say(
+        f"{name} ({done.serial_number:X}) {what}: {done.crl} lists {done.count} certificate(s)",
+        f"Serve with --crl {done.crl}, and send the server SIGHUP to apply it now.",
+    )
+    return ExitCode.OK
+
+
+@certs.command
 def show(file: Annotated[Path, Parameter(name="FILE")], /) -> int:
     """Print a certificate's subject, role, logins, validity and fingerprint.
 
@@ -199,9 +229,6 @@ def show(file: Annotated[Path, Parameter(name="FILE")], /) -> int:
     from .. import pki
 
     summary = pki.describe(file)
-    table = Table.grid(padding=(0, 2))
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column(overflow="fold")
     kind = "CA" if summary.is_ca else ("client" if summary.role is not None else "end entity")
     rows = [
         ("Subject", summary.subject),
@@ -215,7 +242,5 @@ def show(file: Annotated[Path, Parameter(name="FILE")], /) -> int:
         ("Serial", f"{summary.serial_number:X}"),
         ("SHA-256", summary.sha256_fingerprint),
     ]
-    for label, value in rows:
-        table.add_row(label, value)
-    print_table(table)
+    print_fields(rows)
     return ExitCode.OK

@@ -4,33 +4,11 @@ Every error a command can meet ends here: ``main`` prints ``trio-worker: error: 
 STEP`` on stderr and exits with the class's code. ``run`` and ``wait`` exit with the job's
 own code, so there every failure of trio-worker itself is 125 (as ``docker run`` does).
 
-Exit codes (the README's table is this one):
-
-====  ==========================================================================
-0     success
-1     unexpected error: a bug (``--debug`` shows the traceback)
-2     usage: bad option or argument, or a request the server found invalid
-3     local configuration: certificate, key, config file or state directory
-4     cannot talk to the server: unreachable, TLS handshake failed, connection lost
-5     permission denied: the certificate's role does not allow this
-6     no such job (or not one you may see)
-7     the job is not running any more
-8     the host cannot enforce the limits or isolation asked for
-9     the server is at a limit (jobs, connections)
-10    the server is shutting down
-11    the server failed (internal error)
-125   ``run``/``wait``: trio-worker itself failed (any of 1-11)
-126   ``run``/``wait``/``start``: the command could not be executed
-127   ``run``/``wait``/``start``: the command was not found
-128+N ``run``/``wait``: the job was killed by signal N
-130   interrupted (Ctrl-C)
-141   stdout was closed by its reader (``trio-worker logs ID | head``)
-====  ==========================================================================
+The exit codes are in ``_exit``.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,6 +22,7 @@ from .._errors import (
     JobNotRunning,
     NoStdin,
     PermissionDenied,
+    QuotaExceeded,
     RemoteError,
     ResourceExhausted,
     ShuttingDown,
@@ -52,30 +31,10 @@ from .._errors import (
     Unenforceable,
 )
 from .._tls import TLSConfigError
+from ._exit import ExitCode
 from ._settings import ConfigFileError
 
 __all__ = ["ExitCode", "Failure", "describe", "leaf_exception"]
-
-
-class ExitCode(enum.IntEnum):
-    OK = 0
-    BUG = 1
-    USAGE = 2
-    CONFIG = 3
-    CONNECTION = 4
-    PERMISSION = 5
-    NOT_FOUND = 6
-    NOT_RUNNING = 7
-    UNENFORCEABLE = 8
-    EXHAUSTED = 9
-    SHUTTING_DOWN = 10
-    SERVER = 11
-    #: ``run``/``wait`` only: trio-worker failed, not the job.
-    TOOL_FAILED = 125
-    CANNOT_EXECUTE = 126
-    NOT_FOUND_COMMAND = 127
-    INTERRUPTED = 130
-    BROKEN_PIPE = 141
 
 
 @dataclass(frozen=True)
@@ -153,6 +112,7 @@ TABLE: tuple[tuple[type[BaseException], ExitCode, _Hint], ...] = (
         "drop that limit or isolation, or run the server where it can be enforced (as root, "
         "with cgroup v2)",
     ),
+    (QuotaExceeded, ExitCode.EXHAUSTED, "wait for your jobs to end, or start them less often"),
     (ResourceExhausted, ExitCode.EXHAUSTED, "wait for jobs to end, or raise the server's caps"),
     (ShuttingDown, ExitCode.SHUTTING_DOWN, "try again once the server is back"),
     (RemoteError, ExitCode.SERVER, "see the server's log"),

@@ -28,7 +28,6 @@ from cyclopts import Parameter
 
 from .._errors import JobNotRunning
 from .._model import JobInfo, JobState
-from ._app import CLIENT_CONFIG, app
 from ._errors import ExitCode
 from ._render import job_exit
 from ._session import OutputSink, open_client
@@ -261,7 +260,6 @@ async def run_interactive(
     return _exit_code(outcome, job.id)
 
 
-@app.command(config=CLIENT_CONFIG)
 async def attach(
     job_id: Annotated[str, Parameter(name="ID", help="The job's id, as start printed it.")],
     /,

@@ -18,7 +18,7 @@ from cyclopts import Parameter
 from .._errors import InvalidRequest, JobNotRunning
 from .._model import Isolation, JobInfo, JobState, Limits
 from . import _parse
-from ._app import CLIENT_CONFIG, JOB_GROUP, LIMITS_GROUP, Count, Cpus, Offset, Seconds, Size, app
+from ._app import JOB_GROUP, LIMITS_GROUP, Count, Cpus, Offset, Seconds, Size
 from ._errors import ExitCode
 from ._interactive import local_terminal_size, run_interactive
 from ._render import describe_state, dump_json, job_exit, job_json, print_job, print_jobs
@@ -168,7 +168,6 @@ Interactive = Annotated[
 Tty = Annotated[bool, Parameter(name=["--tty", "-t"], negative="", show_default=False)]
 
 
-@app.command(config=CLIENT_CONFIG)
 async def start(
     *command: str,
     follow: Annotated[
@@ -216,7 +215,6 @@ async def start(
     return ExitCode.OK
 
 
-@app.command(config=CLIENT_CONFIG)
 async def run(
     *command: str,
     grace: Annotated[Seconds | None, Parameter(group=JOB_GROUP)] = None,
@@ -325,7 +323,6 @@ async def run(
     return code
 
 
-@app.command(config=CLIENT_CONFIG)
 async def status(
     job_id: JobId,
     /,
@@ -359,7 +356,6 @@ async def status(
     return ExitCode.OK
 
 
-@app.command(name="list", config=CLIENT_CONFIG)
 async def list_jobs(
     *,
     as_json: Annotated[bool, Parameter(name="--json", negative="", show_default=False)] = False,
@@ -390,7 +386,6 @@ async def list_jobs(
     return ExitCode.OK
 
 
-@app.command(config=CLIENT_CONFIG)
 async def stop(
     job_id: JobId,
     /,
@@ -422,7 +417,6 @@ async def stop(
     return ExitCode.OK
 
 
-@app.command(config=CLIENT_CONFIG)
 async def signal(
     job_id: JobId,
     signum: Annotated[str, Parameter(name="SIGNAL", help="A name or number: TERM, SIGTERM or 15.")],
@@ -451,7 +445,6 @@ async def signal(
     return ExitCode.OK
 
 
-@app.command(config=CLIENT_CONFIG)
 async def wait(job_id: JobId, /, *, options: ClientOptions | None = None) -> int:
     """Wait for a job to end and exit with its exit code (as run does).
 
@@ -479,7 +472,6 @@ async def wait(job_id: JobId, /, *, options: ClientOptions | None = None) -> int
     return code
 
 
-@app.command(config=CLIENT_CONFIG)
 async def logs(
     job_id: JobId,
     /,

@@ -11,24 +11,21 @@ import errno
 import json
 import shlex
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
-
-from rich.console import Console
-from rich.table import Table
 
 from .._model import Isolation, JobInfo, JobState, Limits
 from ._errors import ExitCode
 from ._parse import format_size, signal_name
 
 __all__ = [
-    "console",
     "describe_isolation",
     "describe_limits",
     "describe_state",
     "job_exit",
     "job_json",
+    "print_fields",
     "print_job",
     "print_jobs",
     "print_table",
@@ -86,22 +83,23 @@ def dump_json(value: Any) -> None:
 # --- for people ---------------------------------------------------------------------
 
 
-def console() -> Console:
-    """A console for stdout; when it is not a terminal, wide enough never to wrap a row."""
-    # No markup, emoji codes or highlighting: job commands and fingerprints (``:AB:``) are
-    # data, printed as they are.
-    out = Console(highlight=False, soft_wrap=False, emoji=False, markup=False)
-    if not out.is_terminal:
-        out = Console(highlight=False, emoji=False, markup=False, width=100_000, color_system=None)
-    return out
+def print_fields(rows: Iterable[tuple[str, str]]) -> None:
+    """Label and value pairs, the values aligned (``status``, ``certs show``)."""
+    rows = list(rows)
+    width = max((len(label) for label, _ in rows), default=0)
+    sys.stdout.write("".join(f"{label:<{width}}  {value}".rstrip() + "\n" for label, value in rows))
+    sys.stdout.flush()
 
 
-def print_table(table: Table) -> None:
-    """Print ``table`` without the padding rich adds after the last column."""
-    out = console()
-    with out.capture() as captured:
-        out.print(table, markup=False)
-    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+def print_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    """Columns aligned with two spaces between them, no padding after the last."""
+    rows = [list(row) for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+    lines = []
+    for row in [list(headers), *rows]:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        lines.append("  ".join(cells).rstrip() + "\n")
+    sys.stdout.write("".join(lines))
     sys.stdout.flush()
 
 
@@ -148,9 +146,6 @@ def _command_line(job: JobInfo) -> str:
 
 def print_job(job: JobInfo) -> None:
     """``status``: one job, a field per line."""
-    table = Table.grid(padding=(0, 2))
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column(overflow="fold")
     rows = [
         ("ID", job.id),
         ("Owner", job.owner or "-"),
@@ -165,26 +160,25 @@ def print_job(job: JobInfo) -> None:
     ]
     if job.error:
         rows.append(("Error", job.error))
-    for name, value in rows:
-        table.add_row(name, value)
-    print_table(table)
+    print_fields(rows)
 
 
 def print_jobs(jobs: Iterable[JobInfo]) -> None:
     """``list``: one job per row, columns aligned."""
-    table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
-    for name in ("ID", "OWNER", "STATE", "PID", "STARTED", "COMMAND"):
-        table.add_column(name, no_wrap=name != "COMMAND", overflow="fold")
-    for job in jobs:
-        table.add_row(
-            job.id,
-            job.owner or "-",
-            describe_state(job),
-            str(job.pid) if job.pid else "-",
-            _when(job.started_at),
-            _command_line(job),
-        )
-    print_table(table)
+    print_table(
+        ("ID", "OWNER", "STATE", "PID", "STARTED", "COMMAND"),
+        (
+            (
+                job.id,
+                job.owner or "-",
+                describe_state(job),
+                str(job.pid) if job.pid else "-",
+                _when(job.started_at),
+                _command_line(job),
+            )
+            for job in jobs
+        ),
+    )
 
 
 # --- the exit code of run and wait --------------------------------------------------

@@ -20,12 +20,13 @@ from cyclopts import Parameter
 
 from .._errors import InvalidRequest
 from .._tls import TLSConfigError
-from ._app import Seconds, app
+from ._app import Seconds
 from ._errors import ExitCode
 from ._settings import DEFAULT_ADDR, default_state_dir, resolve_state_dir
 
 if TYPE_CHECKING:
     from .. import pki
+    from ..server._quota import QuotaPolicy
     from ..server._run import ServerSettings
 
 __all__ = ["client_hint", "serve"]
@@ -68,7 +69,16 @@ async def _serve(settings: ServerSettings, dev: pki.DevPki | None) -> None:
             print(f"Try it from another shell: {hint}", flush=True)
 
 
-@app.command
+def _quotas(max_running: int | None, start_rate: float | None) -> QuotaPolicy:
+    from ..server._quota import QuotaPolicy
+
+    try:
+        return QuotaPolicy(max_running=max_running, start_rate=start_rate)
+    except InvalidRequest as exc:
+        flag = "--max-running" if exc.field == "max_running" else "--start-rate"
+        raise InvalidRequest(flag, exc.message) from None
+
+
 def serve(
     *,
     listen: Annotated[str, Parameter(metavar="HOST:PORT")] = DEFAULT_ADDR,
@@ -80,8 +90,15 @@ def serve(
     ] = None,
     shutdown_grace: Seconds = 5.0,
     cgroup_parent: Annotated[str | None, Parameter(metavar="NAME")] = None,
+    crl: Annotated[Path | None, Parameter(metavar="FILE")] = None,
+    max_running: Annotated[int | None, Parameter(metavar="N")] = None,
+    start_rate: Annotated[float | None, Parameter(metavar="R")] = None,
 ) -> int:
     """Run the server until SIGINT or SIGTERM (Ctrl-C), then shut down gracefully.
+
+    SIGHUP reloads the CA, certificate, key and CRL without stopping jobs or calls: from
+    then on revoked certificates are refused and their open connections closed. A reload
+    that fails keeps the previous files' contents and logs why.
 
     With no certificate options it uses the development PKI in STATE_DIR/pki, creating it
     on the first run (a CA, a server certificate for localhost, 127.0.0.1 and ::1, and an
@@ -95,6 +112,7 @@ def serve(
         trio-worker serve
         trio-worker serve --listen 0.0.0.0:50051 --ca ca.pem --cert server.pem --key server.key
         trio-worker serve --state-dir /var/lib/trio-worker --shutdown-grace 30
+        trio-worker serve --ca ca.pem --cert server.pem --key server.key --crl crl.pem
 
     Parameters
     ----------
@@ -111,6 +129,15 @@ def serve(
         (systemd), else $XDG_STATE_HOME/trio-worker (~/.local/state/trio-worker).
     shutdown_grace
         On shutdown, seconds running jobs get between SIGTERM and SIGKILL.
+    crl
+        A PEM certificate revocation list signed by the CA (trio-worker certs revoke
+        writes one): the client certificates it lists are refused.
+    max_running
+        At most N running jobs per client identity (certificate CN); more Starts are
+        refused (RESOURCE_EXHAUSTED, QUOTA_EXCEEDED). Default: no limit.
+    start_rate
+        At most R job starts per second per client identity, in bursts of up to R.
+        Default: no limit.
     cgroup_parent
         The cgroup, under the server's own, that holds one cgroup per job. Default:
         trio-worker-HASH, named after the state directory, so servers on different state
@@ -152,6 +179,8 @@ def serve(
         port=port,
         shutdown_grace=shutdown_grace,
         cgroup_parent=cgroup_parent,
+        crl=crl.expanduser() if crl is not None else None,
+        quotas=_quotas(max_running, start_rate),
     )
     trio.run(_serve, settings, dev)
     print("trio-worker: server stopped", file=sys.stderr, flush=True)

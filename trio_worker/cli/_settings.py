@@ -23,6 +23,7 @@ from cyclopts import Group, Parameter
 
 from .._errors import InvalidRequest
 from .._tls import TLSConfigError
+from ._parse import parse_addr
 
 __all__ = [
     "CONNECTION",
@@ -44,6 +45,10 @@ CONFIG_KEYS = ("addr", "ca", "cert", "key", "state_dir")
 _PATH_KEYS = ("ca", "cert", "key", "state_dir")
 
 CONNECTION = Group("Connection", sort_key=100)
+
+#: ``trio_worker.pki.DEV_CLIENT_NAME``, which a test checks: importing ``pki`` here would
+#: load cryptography into every client command.
+DEV_CLIENT_NAME = "admin"
 
 
 class ConfigFileError(cyclopts.CycloptsError):
@@ -81,8 +86,6 @@ def resolve_state_dir(explicit: Path | None) -> Path:
 def dev_pki_paths(state_dir: Path) -> tuple[Path, Path, Path]:
     """(CA, client certificate, client key) of the development PKI that ``serve`` makes
     in ``STATE_DIR/pki`` (see ``trio_worker.pki.ensure_dev_pki``)."""
-    from ..pki import DEV_CLIENT_NAME  # imported when needed: the CLI starts faster
-
     directory = state_dir / "pki"
     client = DEV_CLIENT_NAME
     return directory / "ca.pem", directory / f"{client}.pem", directory / f"{client}.key"
@@ -152,10 +155,8 @@ def load_config_file(
 def _check_addr(type_: Any, tokens: Any) -> str:
     token = tokens[-1] if isinstance(tokens, list | tuple) else tokens
     value: str = token.value
-    from ..server._run import parse_listen  # imported when needed: the CLI starts faster
-
     try:
-        parse_listen(value)
+        parse_addr(value)
     except ValueError as exc:
         raise InvalidRequest(
             token.keyword or "--addr", f"{exc}; use e.g. 127.0.0.1:50051"

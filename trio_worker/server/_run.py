@@ -29,10 +29,11 @@ from .._host._cgroups import LimitPolicy
 from .._jobs._supervisor import Retention, open_supervisor
 from .._net._transport import CallRecord, Server, TransportConfig
 from .._systemd import notify
-from .._tls import server_context
 from ._health import HealthService
+from ._quota import QuotaPolicy
 from ._reflection import ReflectionService
 from ._service import SERVICE_NAME, WorkerService
+from ._tlsreload import TLSMaterial, load_tls, reload_on_sighup
 
 __all__ = ["ServerSettings", "parse_listen", "run_server"]
 
@@ -56,6 +57,8 @@ class ServerSettings:
     limit_policy: LimitPolicy = field(default_factory=LimitPolicy)
     cgroup_parent: str | None = None  # default: named after the state directory
     retention: Retention = field(default_factory=Retention)
+    crl: Path | None = None  # a PEM CRL from the CA: revoked client certificates
+    quotas: QuotaPolicy = field(default_factory=QuotaPolicy)  # per client identity
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -106,8 +109,13 @@ async def run_server(
     on_call: Callable[[CallRecord], None] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until SIGINT/SIGTERM (or cancellation); report the bound port when ready."""
-    ssl_context = server_context(ca=settings.ca, cert=settings.cert, key=settings.key)
+    """Serve until SIGINT/SIGTERM (or cancellation); report the bound port when ready.
+    With ``handle_signals``, SIGHUP reloads the CA, certificate, key and CRL."""
+
+    def load() -> TLSMaterial:
+        return load_tls(ca=settings.ca, cert=settings.cert, key=settings.key, crl=settings.crl)
+
+    tls = load()
     health = HealthService([SERVICE_NAME])
 
     def record(call: CallRecord) -> None:
@@ -123,7 +131,9 @@ async def run_server(
         limit_policy=settings.limit_policy,
         retention=settings.retention,
     ) as supervisor:
-        service = WorkerService(supervisor, default_grace=settings.stop_grace)
+        service = WorkerService(
+            supervisor, default_grace=settings.stop_grace, quotas=settings.quotas
+        )
         methods: dict[str, Any] = {**service.methods(), **health.methods()}
         # Reflection describes every service served, itself included; like health, it
         # needs a valid client certificate and no role.
@@ -136,13 +146,16 @@ async def run_server(
 
         server = Server(
             methods,
-            ssl_context,
+            tls.context,
             config=settings.transport,
             on_call=record,
             on_drain=on_drain,
+            revoked=tls.revoked,
         )
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.serve, settings.host, settings.port)
+            if handle_signals:
+                await nursery.start(reload_on_sighup, server, load)
             _log.info("serving on %s", ", ".join(server.addresses))
             task_status.started(port)
             notify("READY=1", f"STATUS=serving on {', '.join(server.addresses)}")

@@ -2,9 +2,10 @@
 
 Each RPC is three steps: may this caller use this method at all (the role
 table in ``_authz``), may it see this job (else NOT_FOUND, so ids cannot be
-probed), then the supervisor call. Our exceptions become a status code, an ErrorInfo
-reason and details through the one table in ``_error_codes``; anything else is a bug,
-which the transport logs and answers INTERNAL without details.
+probed), then the supervisor call (for Start, within the caller's quotas). Our
+exceptions become a status code, an ErrorInfo reason and details through the one table
+in ``_error_codes``; anything else is a bug, which the transport logs and answers
+INTERNAL without details.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .._net._transport import Method as RpcMethod
 from .._pb import worker_pb2 as pb
 from ._authz import Method as Op
 from ._authz import authorize, can_see
+from ._quota import QuotaPolicy, Quotas
 
 __all__ = ["SERVICE_NAME", "WorkerService", "rpc_error"]
 
@@ -61,10 +63,14 @@ class WorkerService:
         *,
         default_grace: float = 5.0,
         output_chunk_bytes: int = 256 * 1024,
+        quotas: QuotaPolicy | None = None,
     ) -> None:
         self._sup = supervisor
         self._default_grace = default_grace
         self._chunk = output_chunk_bytes
+        self._quotas = Quotas(
+            quotas or QuotaPolicy(), clock=trio.current_time, running=supervisor.running_count
+        )
 
     def methods(self) -> dict[str, RpcMethod]:
         """Full method path → descriptor, for the transport.
@@ -100,18 +106,19 @@ class WorkerService:
     async def start(self, request: pb.StartRequest, ctx: CallContext) -> pb.Job:
         try:
             authorize(ctx.identity, Op.START)
-            info = await self._sup.start(
-                request.command,
-                list(request.args),
-                env=dict(request.env),
-                cwd=request.working_dir or None,
-                limits=limits_from_pb(request.limits),
-                isolation=isolation_from_pb(request.isolation),
-                owner=ctx.identity.name,
-                stdin=request.stdin,
-                tty=request.tty,
-                terminal_size=_terminal_size(request),
-            )
+            with self._quotas.admit(ctx.identity.name):
+                info = await self._sup.start(
+                    request.command,
+                    list(request.args),
+                    env=dict(request.env),
+                    cwd=request.working_dir or None,
+                    limits=limits_from_pb(request.limits),
+                    isolation=isolation_from_pb(request.isolation),
+                    owner=ctx.identity.name,
+                    stdin=request.stdin,
+                    tty=request.tty,
+                    terminal_size=_terminal_size(request),
+                )
         except TrioWorkerError as exc:
             raise rpc_error(exc) from None
         return job_to_pb(info)

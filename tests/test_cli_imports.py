@@ -1,0 +1,150 @@
+"""What a command loads at start-up: the import graph of the command line, guarded.
+
+Start-up is most of what a client command costs (``trio-worker list`` should take 0.15 s), and
+every module imported is paid on every call. Each command runs in a fresh interpreter, and
+the modules it loaded are compared with what it may load: the top-level help loads neither
+cyclopts nor trio; client commands load nothing of the server side (supervisor, cgroups,
+store, transport), nor cryptography or rich.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trio_worker import pki
+
+#: Modules of ours that client commands may load (``_pb.*`` and ``_wire.*`` too).
+CLIENT_MODULES = {
+    "trio_worker",
+    "trio_worker._convert",
+    "trio_worker._error_codes",
+    "trio_worker._errors",
+    "trio_worker._model",
+    "trio_worker._pb",
+    "trio_worker._wire",
+    "trio_worker._tls",
+    "trio_worker.cli",
+    "trio_worker.cli._app",
+    "trio_worker.cli._certs",
+    "trio_worker.cli._commands",
+    "trio_worker.cli._errors",
+    "trio_worker.cli._exit",
+    "trio_worker.cli._jobs",
+    "trio_worker.cli._parse",
+    "trio_worker.cli._render",
+    "trio_worker.cli._session",
+    "trio_worker.cli._settings",
+    "trio_worker.client",
+}
+CLIENT_PREFIXES = ("trio_worker._pb.", "trio_worker._wire.")
+#: Libraries no client command needs: X.509 parsing (OpenSSL checks the files), rich (help
+#: only), markdown (help only), SQLite (the server's store).
+NEVER_FOR_CLIENTS = ("cryptography", "rich", "markdown_it", "sqlite3", "_sqlite3")
+
+#: ``trio-worker --help`` and a mistyped command: the package, the table, the exit codes.
+OVERVIEW_MODULES = {
+    "trio_worker",
+    "trio_worker._errors",
+    "trio_worker._model",
+    "trio_worker.cli",
+    "trio_worker.cli._commands",
+    "trio_worker.cli._exit",
+}
+
+_PROBE = """
+import atexit, json, os, sys
+def dump():
+    with open(os.environ["MODULES_OUT"], "w") as f:
+        json.dump(sorted(sys.modules), f)
+atexit.register(dump)
+from trio_worker.cli import main
+main(sys.argv[1:])
+"""
+
+
+def loaded_by(args: list[str], tmp_path: Path) -> set[str]:
+    out = tmp_path / "modules.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_WORKER_")}
+    env.update(
+        MODULES_OUT=str(out),
+        HOME=str(tmp_path),
+        TRIO_WORKER_STATE_DIR=str(tmp_path / "state"),
+        # A port nothing listens on: the command connects, fails, and exits.
+        TRIO_WORKER_ADDR="127.0.0.1:1",
+    )
+    subprocess.run(
+        [sys.executable, "-c", _PROBE, *args],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    return set(json.loads(out.read_text()))
+
+
+@pytest.fixture
+def dev_pki(tmp_path: Path) -> Path:
+    pki.ensure_dev_pki(tmp_path / "state")
+    return tmp_path
+
+
+@pytest.mark.parametrize("args", [[], ["--help"], ["-h"], ["lsit"]])
+def test_the_overview_loads_neither_cyclopts_nor_trio(args: list[str], tmp_path: Path) -> None:
+    modules = loaded_by(args, tmp_path)
+    ours = {m for m in modules if m.split(".")[0] == "trio_worker"}
+    assert ours <= OVERVIEW_MODULES, ours - OVERVIEW_MODULES
+    assert not {m.split(".")[0] for m in modules} & {"cyclopts", "rich", "trio", "attrs"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["list"],
+        ["status", "01ARZ3NDEKTSV4RRFFQ69G5FAV"],
+        ["run", "--", "true"],
+        ["logs", "-f", "01ARZ3NDEKTSV4RRFFQ69G5FAV"],
+        ["stop", "01ARZ3NDEKTSV4RRFFQ69G5FAV"],
+        ["list", "--help"],
+    ],
+)
+def test_client_commands_load_nothing_of_the_server(args: list[str], dev_pki: Path) -> None:
+    modules = loaded_by(args, dev_pki)
+    ours = {m for m in modules if m.split(".")[0] == "trio_worker"}
+    extra = {m for m in ours - CLIENT_MODULES if not m.startswith(CLIENT_PREFIXES)}
+    assert not extra, f"{args}: client command loaded {sorted(extra)}"
+    if "--help" not in args:
+        assert "trio_worker.client" in modules  # the probe did reach the connection
+        banned = {m for m in modules if m.split(".")[0] in NEVER_FOR_CLIENTS}
+        assert not banned, f"{args}: loaded {sorted(banned)}"
+
+
+def test_the_command_table_matches_the_commands() -> None:
+    """The overview lists each command with its docstring's first line, without importing it."""
+    import importlib
+
+    from trio_worker.cli._app import app
+    from trio_worker.cli._commands import COMMANDS, NAMES
+
+    assert set(NAMES) == {name for name in app if not name.startswith("-")}
+    for command in COMMANDS:
+        module, _, attr = command.target.partition(":")
+        target = getattr(importlib.import_module(f"trio_worker.cli.{module}"), attr)
+        doc = target.help if command.name == "certs" else target.__doc__
+        assert doc.strip().splitlines()[0] == command.summary, command.name
+
+
+def test_a_command_help_shows_its_whole_description(capsys: pytest.CaptureFixture[str]) -> None:
+    from trio_worker.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Run a job, stream its output, and exit with its exit code." in out
+    assert "trio-worker run -- echo hello" in out  # from the docstring's body

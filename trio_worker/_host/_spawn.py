@@ -1,0 +1,180 @@
+"""Start a process the way a job needs it, without forking the server.
+
+``spawn`` calls the ``_cspawn`` extension: vfork, then in the child (on data
+prepared here) join the cgroups, make a process group or a session with a
+controlling terminal, set up stdin/stdout/stderr, drop to a user, chdir, arm
+PR_SET_PDEATHSIG, exec. The parent thread is suspended only until the exec
+(measured: see ARCHITECTURE.md), where ``subprocess.Popen(preexec_fn=...)``
+copied the server's page tables with a full ``fork()`` for 3-9 ms.
+
+This module knows processes and file descriptors, nothing of jobs.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as _errno
+import os
+import resource
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import final
+
+try:
+    from . import _cspawn
+except ImportError as exc:  # pragma: no cover - a source tree nobody built
+    raise ImportError(
+        "trio_worker's spawn extension is not built; run `pip install -e .` "
+        f"(or `pip install .`) in the project ({exc})"
+    ) from exc
+
+__all__ = [
+    "ChildSetupError",
+    "Credentials",
+    "Stage",
+    "Stdin",
+    "Terminal",
+    "exec_candidates",
+    "raise_nofile_limit",
+    "spawn",
+]
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Who a command runs as: set with setgroups, setgid, setuid (in that order)."""
+
+    uid: int
+    gid: int
+    #: Supplementary groups (``setgroups``); empty means none at all.
+    groups: tuple[int, ...] = ()
+
+
+class Stdin(enum.Enum):
+    """Where a command's stdin comes from, short of a terminal."""
+
+    NULL = "null"  # /dev/null
+    PIPE = "pipe"  # a pipe; the parent keeps the write end
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Terminal:
+    """A pseudo-terminal for the command.
+
+    ``slave_fd`` becomes its stdin, stdout and stderr and its controlling
+    terminal, in a new session (so its process group is its session). The
+    caller keeps the master and owns both fds; ``rows`` x ``cols`` is the
+    initial window size.
+    """
+
+    slave_fd: int
+    rows: int = 24
+    cols: int = 80
+
+
+class Stage(enum.IntEnum):
+    """What the child was doing when it failed (mirrors ``_cspawn.c``)."""
+
+    CGROUP = 1
+    SESSION = 2
+    TTY = 3
+    FDS = 4
+    SETGROUPS = 5
+    SETGID = 6
+    SETUID = 7
+    CHDIR = 8
+    PDEATHSIG = 9
+    PARENT_GONE = 10
+    EXEC = 11
+
+
+class ChildSetupError(OSError):
+    """The child failed before or at exec; it is already reaped.
+
+    ``stage`` says which step, ``index`` which cgroup fd (for ``Stage.CGROUP``).
+    """
+
+    def __init__(self, stage: Stage, errno: int, index: int, filename: str | None) -> None:
+        super().__init__(errno, os.strerror(errno), filename)
+        self.stage = stage
+        self.index = index
+
+
+def exec_candidates(command: str, path: str | None) -> list[bytes]:
+    """The files ``execvp`` would try for ``command`` with ``PATH`` ``path``, in order."""
+    name = os.fsencode(command)
+    if b"/" in name:
+        return [name]
+    dirs = (path if path is not None else os.defpath).split(os.pathsep)
+    return [os.path.join(os.fsencode(d) or b".", name) for d in dirs]
+
+
+def spawn(
+    command: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: str | None,
+    *,
+    stdin: int,
+    stdout: int,
+    stderr: int,
+    cgroup_fds: Sequence[int] = (),
+    terminal: bool = False,
+    user: Credentials | None = None,
+    pdeathsig: int = signal.SIGKILL,
+    nofile_soft: int | None = None,
+) -> int:
+    """Start ``command`` (looked up in ``env``'s PATH) and return its pid.
+
+    The child joins the cgroups whose ``cgroup.procs`` files ``cgroup_fds``
+    are open on (before it runs anything of the command), gets a process
+    group of its own — or, with ``terminal``, a session whose controlling
+    terminal is ``stdin`` — and dies with the calling *thread* (PDEATHSIG):
+    call this from the thread that lives as long as the jobs (the event loop).
+    ``nofile_soft`` lowers the child's soft RLIMIT_NOFILE (see
+    ``raise_nofile_limit``).
+    Raises ``ChildSetupError`` (the child failed, already reaped) or
+    ``OSError`` (vfork failed: EAGAIN, ENOMEM).
+    """
+    pid, stage, code, index = _cspawn.spawn(
+        exec_candidates(command, env.get("PATH")),
+        [os.fsencode(a) for a in argv],
+        [os.fsencode(f"{k}={v}") for k, v in env.items()],
+        os.fsencode(cwd) if cwd is not None else None,
+        stdin,
+        stdout,
+        stderr,
+        cgroup_fds,
+        terminal,
+        terminal,
+        user.uid if user is not None else -1,
+        user.gid if user is not None else -1,
+        user.groups if user is not None else None,
+        pdeathsig,
+        os.getpid(),
+        nofile_soft if nofile_soft is not None else -1,
+    )
+    if stage:
+        where = Stage(stage)
+        filename = command if where is Stage.EXEC else cwd if where is Stage.CHDIR else None
+        raise ChildSetupError(where, code or _errno.EIO, index, filename)
+    return pid
+
+
+def raise_nofile_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; return the old soft one.
+
+    A stock host gives 1,024, which caps a server at about 250 jobs (three
+    pipes and a pidfd each, plus log files). Jobs get the old soft limit back
+    at spawn (``nofile_soft``): programs that size tables by it, or still use
+    ``select``, keep working.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY:
+        return soft
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft
