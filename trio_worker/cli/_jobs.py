@@ -20,7 +20,6 @@ from .._model import Isolation, JobInfo, JobState, Limits
 from . import _parse
 from ._app import JOB_GROUP, LIMITS_GROUP, Count, Cpus, Offset, Seconds, Size
 from ._errors import ExitCode
-from ._interactive import local_terminal_size, run_interactive
 from ._render import describe_state, dump_json, job_exit, job_json, print_job, print_jobs
 from ._session import OutputSink, call, follow_output, open_client
 from ._settings import ClientOptions, Connection, resolve_connection
@@ -205,7 +204,11 @@ async def start(
     """
     request = _StartRequest.build("start", command, job)
     conn = _connection(options)
-    size = local_terminal_size() if tty else None
+    size = None
+    if tty:
+        from ._interactive import local_terminal_size  # only for -t: keeps start light
+
+        size = local_terminal_size()
     info = await request.send(conn, stdin=interactive, tty=tty, terminal_size=size)
     print(info.id, flush=True)
     if info.state is JobState.FAILED:
@@ -257,6 +260,8 @@ async def run(
     request = _StartRequest.build("run", command, job)
     conn = _connection(options)
     if interactive or tty:
+        from ._interactive import run_interactive  # only for -i/-t: keeps run light
+
         return await run_interactive(
             conn, request.start_on, stdin=interactive, tty=tty, grace=grace
         )
