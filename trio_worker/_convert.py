@@ -8,6 +8,7 @@ and are tested as round trips.
 from __future__ import annotations
 
 import errno as _errno
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf.duration_pb2 import Duration
@@ -28,6 +29,8 @@ __all__ = [
     "limits_from_pb",
     "limits_to_pb",
     "seconds_to_duration",
+    "states_from_pb",
+    "states_to_pb",
 ]
 
 _STATE_TO_PB = {
@@ -38,6 +41,23 @@ _STATE_TO_PB = {
     JobState.LOST: pb.JOB_STATE_LOST,
 }
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+
+
+def states_to_pb(states: Iterable[JobState]) -> list[pb.JobState]:
+    return [_STATE_TO_PB[JobState(s)] for s in states]
+
+
+def states_from_pb(values: Iterable[int]) -> frozenset[JobState]:
+    """A List filter's states; UNSPECIFIED or an unknown number is ``InvalidRequest``."""
+    states = set()
+    for value in values:
+        state = _STATE_FROM_PB.get(value)  # type: ignore[call-overload]  # any int may come
+        if state is None:
+            raise InvalidRequest("states", f"{value} is not a job state to filter on")
+        states.add(state)
+    return frozenset(states)
+
+
 _STREAM_TO_PB = {
     OutputStream.STDOUT: pb.OUTPUT_STREAM_STDOUT,
     OutputStream.STDERR: pb.OUTPUT_STREAM_STDERR,
@@ -105,6 +125,7 @@ def job_to_pb(info: JobInfo) -> pb.Job:
         spawn_error=_spawn_error(info.spawn_errno),  # type: ignore[arg-type]
         stdin=info.stdin,
         tty=info.tty,
+        user=info.user,
     )
     if info.exit_code is not None:
         job.exit_code = info.exit_code
@@ -146,6 +167,7 @@ def job_from_pb(job: pb.Job) -> JobInfo:
         else None,
         stdin=job.stdin,
         tty=job.tty,
+        user=job.user,
     )
 
 

@@ -128,6 +128,8 @@ class JobInfo:
     stdin: bool = False
     #: Runs on a pseudo-terminal (its output is all STDOUT).
     tty: bool = False
+    #: The Unix user the job runs as: its name, or the uid in decimal without one.
+    user: str = ""
 
     @property
     def ended(self) -> bool:

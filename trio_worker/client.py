@@ -34,6 +34,7 @@ fails there, with a one-line :class:`ConnectionFailed` naming the address.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import logging
 import math
@@ -43,7 +44,7 @@ import socket
 import ssl
 import struct
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
@@ -71,6 +72,7 @@ from ._convert import (
     job_from_pb,
     limits_to_pb,
     seconds_to_duration,
+    states_to_pb,
 )
 from ._error_codes import exception_from
 from ._errors import (
@@ -79,7 +81,7 @@ from ._errors import (
     RemoteError,
     TrioWorkerError,
 )
-from ._model import Isolation, JobInfo, Limits, OutputChunk
+from ._model import Isolation, JobInfo, JobState, Limits, OutputChunk
 from ._pb import worker_pb2 as pb
 from ._tls import ALPN_PROTOCOL, client_context
 from ._wire._h2conn import CachingDecoder
@@ -1270,11 +1272,44 @@ class WorkerClient:
     async def list(
         self,
         *,
+        states: Iterable[JobState] | None = None,
+        owner: str | None = None,
+        page_size: int = 1000,
         timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> list[JobInfo]:
-        """Every job this client may see."""
-        response = await self._unary("List", pb.ListRequest(), pb.ListResponse, timeout=timeout)
-        return [job_from_pb(job) for job in response.jobs]
+        """Every job this client may see, newest first, walking the server's pages.
+
+        ``states`` keeps only jobs in those states, ``owner`` only that owner's
+        (for callers who see others' jobs). ``timeout`` applies to each page.
+        """
+        jobs: list[JobInfo] = []
+        async for page in self.list_pages(
+            states=states, owner=owner, page_size=page_size, timeout=timeout
+        ):
+            jobs.extend(page)
+        return jobs
+
+    async def list_pages(
+        self,
+        *,
+        states: Iterable[JobState] | None = None,
+        owner: str | None = None,
+        page_size: int = 1000,
+        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
+    ) -> AsyncIterator[builtins.list[JobInfo]]:
+        """``list`` one page at a time (each at most ``page_size`` jobs and 4 MiB)."""
+        request = pb.ListRequest(
+            page_size=page_size, states=states_to_pb(states or ()), owner=owner or ""
+        )
+        seen: set[str] = set()
+        while True:
+            response = await self._unary("List", request, pb.ListResponse, timeout=timeout)
+            yield [job_from_pb(job) for job in response.jobs]
+            token = response.next_page_token
+            if not token or token in seen:  # (a repeated token would loop forever)
+                return
+            seen.add(token)
+            request.page_token = token
 
     def output(
         self,

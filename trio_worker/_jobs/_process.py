@@ -29,6 +29,7 @@ import trio
 
 from .._errors import InvalidRequest, ResourceExhausted
 from .._host._spawn import ChildSetupError, Credentials, Stage, Stdin, Terminal, spawn
+from ._exec_limit import check_exec_size
 
 if TYPE_CHECKING:
     from .._host._cgroups import JobCgroup
@@ -147,6 +148,7 @@ def validate_start(
             raise InvalidRequest("cwd", f"{checked_cwd!r} does not exist")
         if not os.path.isdir(checked_cwd):
             raise InvalidRequest("cwd", f"{checked_cwd!r} is not a directory")
+    check_exec_size((command, *checked_args), full_env)  # E2BIG: refused, never stored
     return StartSpec(command, checked_args, full_env, checked_cwd)
 
 

@@ -9,6 +9,8 @@ pipes are drained and flushed.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import errno
 import hashlib
 import json
@@ -18,7 +20,7 @@ import os
 import shutil
 import signal as _signal
 import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -251,6 +253,9 @@ class Supervisor:
         self._base_env = dict(base_env)
         self._tail_bytes = tail_bytes
         self._jobs: dict[str, _Job] = {}
+        #: Every id in ``_jobs``, sorted (ids sort by creation): List pages from it.
+        #: Add and remove jobs with ``_add`` and ``_forget`` to keep it in step.
+        self._order: list[str] = []
         self._new_id = JobIdGenerator()
         self._closing = False
         #: The soft fd limit jobs get (the one this process had before raising its own).
@@ -267,6 +272,53 @@ class Supervisor:
     def list(self, owner: str | None = None) -> list[JobInfo]:
         """Every job (of ``owner``, if given), oldest first."""
         return [job.info() for job in self._jobs.values() if owner is None or job.owner == owner]
+
+    def iter_jobs(
+        self,
+        *,
+        before: str | None = None,
+        states: Collection[JobState] | None = None,
+        owner: str | None = None,
+        visible: Callable[[str], bool] | None = None,
+    ) -> Iterator[JobInfo]:
+        """Jobs newest first, for paging: those with an id below ``before`` (all if
+        None), in ``states`` (any if None or empty), of ``owner`` (anyone's if
+        None), whose owner ``visible`` accepts.
+
+        Lazy: a page costs the snapshots it takes, however many jobs there are.
+        Consume it without awaiting in between (the table may change).
+        """
+        order = self._order
+        i = len(order) if before is None else bisect.bisect_left(order, before)
+        wanted = frozenset(states) if states else None
+        while i > 0:
+            i -= 1
+            job = self._jobs.get(order[i])
+            if job is None or job.record.state is None:
+                continue  # forgotten, or not started yet
+            if wanted is not None and job.record.state not in wanted:
+                continue
+            if owner is not None and job.owner != owner:
+                continue
+            if visible is not None and not visible(job.owner):
+                continue
+            yield job.info()
+
+    def _add(self, job: _Job) -> None:
+        """Put a job in the table (and in id order, for ``iter_jobs``)."""
+        self._jobs[job.id] = job
+        order = self._order
+        if not order or order[-1] < job.id:
+            order.append(job.id)  # the usual case: ids grow
+        else:
+            bisect.insort(order, job.id)
+
+    def _forget(self, job_id: str) -> None:
+        """Take a job out of the table (its records and files are the caller's)."""
+        if self._jobs.pop(job_id, None) is not None:
+            i = bisect.bisect_left(self._order, job_id)
+            if i < len(self._order) and self._order[i] == job_id:
+                del self._order[i]
 
     def running_count(self, owner: str) -> int:
         """How many of ``owner``'s jobs are running (for quotas: no snapshots made)."""
@@ -368,7 +420,7 @@ class Supervisor:
         except SpawnError as exc:
             # The command cannot run: a FAILED job, kept and reported.
             _close_terminal(fds)
-            self._jobs[job_id] = job
+            self._add(job)
             self._feed(job, lc.SpawnFailed(exc.message, _now(), exc.errno))
             log.finish()
             log.close()
@@ -382,11 +434,11 @@ class Supervisor:
             _close_terminal(fds)
             with trio.CancelScope(shield=True):
                 log.close()
-                shutil.rmtree(log.directory, ignore_errors=True)
+                _remove_new_job_dir(log.directory)
                 if job.cgroup is not None:
                     await self._remove_cgroup(job)
             raise
-        self._jobs[job_id] = job
+        self._add(job)
         job.process = process
         if fds is not None:
             job.terminal = PipeReader(fds[0])
@@ -415,7 +467,7 @@ class Supervisor:
                 directory, tail_bytes=self._tail_bytes, max_bytes=self._retention.max_output_bytes
             )
         except OSError as exc:
-            shutil.rmtree(directory, ignore_errors=True)
+            _remove_new_job_dir(directory)
             raise ResourceExhausted(
                 f"cannot create the job's output files in the state directory: "
                 f"{exc.strerror or exc}"
@@ -748,7 +800,6 @@ class Supervisor:
             except CgroupError as exc:
                 _log.warning("job %s: cannot read its cgroup's accounting: %s", job.id, exc)
                 job.final_usage = Usage()
-            await self._remove_cgroup(job)
         failure = None
         if job.isolation.any and (log_dir := job.directory) is not None:
             try:
@@ -759,7 +810,11 @@ class Supervisor:
             self._feed(job, lc.SpawnFailed(failure.message, _now(), failure.errno))
         else:
             self._feed(job, lc.Exited(returncode, _now(), oom_killed=oom_killed))
+        # Waiters are answered now. The record goes to the store first (so a
+        # housekeeping pass after a Wait sees the end); removing the group (an
+        # rmdir per hierarchy, each waiting for an RCU grace period) comes last.
         await self._persist_end(job)
+        await self._remove_cgroup(job)
 
     # -- persistence -----------------------------------------------------------
 
@@ -781,7 +836,7 @@ class Supervisor:
             job = _Job.restored(entry, self._jobs_dir / info.id)
             if info.state is JobState.RUNNING:
                 self._feed(job, lc.Lost(LOST_ERROR, now))
-            self._jobs[info.id] = job
+            self._add(job)
         if lost and self._store is not None:
             try:
                 await self._store.mark_lost(lost, LOST_ERROR, now)
@@ -827,7 +882,7 @@ class Supervisor:
             if not doomed:
                 return
             for job_id in doomed:
-                del self._jobs[job_id]
+                self._forget(job_id)
             await trio.to_thread.run_sync(_remove_dirs, [self._jobs_dir / i for i in doomed])
             await store.delete(doomed)
             _log.info("retention: removed %d ended job(s)", len(doomed))
@@ -938,6 +993,24 @@ def _cgroup_parent_for(state_dir: Path) -> str:
     """``trio-worker-<hash>``: one parent group per state directory."""
     digest = hashlib.sha256(os.fsencode(os.path.abspath(state_dir))).hexdigest()[:12]
     return f"trio-worker-{digest}"
+
+
+def _remove_new_job_dir(directory: Path) -> None:
+    """Remove a job directory a refused Start made, even with no descriptor to spare.
+
+    ``shutil.rmtree`` opens the directory to list it, which fails with EMFILE
+    exactly when a Start is refused for lack of descriptors: unlink the files
+    a new job can have by name first (no fd needed), then the directory.
+    """
+    for name in ("output.log", "output.idx", "output.start", _REPORT):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / name)
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _remove_dirs(directories: Sequence[Path]) -> None:

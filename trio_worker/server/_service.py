@@ -20,6 +20,7 @@ from .._convert import (
     isolation_from_pb,
     job_to_pb,
     limits_from_pb,
+    states_from_pb,
 )
 from .._errors import (
     InvalidRequest,
@@ -42,11 +43,29 @@ from .._net._transport import Method as RpcMethod
 from .._pb import worker_pb2 as pb
 from ._authz import Method as Op
 from ._authz import authorize, can_see
+from ._paging import MAX_PAGE_BYTES, decode_token, encode_token, fill_page, page_size
 from ._quota import QuotaPolicy, Quotas
 
 __all__ = ["SERVICE_NAME", "WorkerService", "rpc_error"]
 
 SERVICE_NAME = "trioworker.v1.Worker"
+
+
+def _listed(info: JobInfo) -> pb.Job:
+    """A job as a List page carries it.
+
+    Start refuses arguments that could not fit a page; only a record from
+    before that (up to the old 4 MiB request cap) can be too big, and is
+    listed without its arguments (Status still has them).
+    """
+    job = job_to_pb(info)
+    if job.ByteSize() > MAX_PAGE_BYTES // 2:
+        del job.args[:]
+    return job
+
+
+def _byte_size(job: pb.Job) -> int:
+    return int(job.ByteSize())
 
 
 def rpc_error(exc: TrioWorkerError) -> RpcError:
@@ -166,10 +185,22 @@ class WorkerService:
     def list(self, request: pb.ListRequest, ctx: CallContext) -> pb.ListResponse:
         try:
             authorize(ctx.identity, Op.LIST)
+            before = decode_token(request.page_token)
+            states = states_from_pb(request.states)
         except TrioWorkerError as exc:
             raise rpc_error(exc) from None
-        jobs = [job_to_pb(i) for i in self._sup.list() if can_see(ctx.identity, i.owner)]
-        return pb.ListResponse(jobs=jobs)
+        identity = ctx.identity
+        infos = self._sup.iter_jobs(
+            before=before,
+            states=states,
+            owner=request.owner or None,
+            visible=lambda owner: can_see(identity, owner),
+        )
+        jobs, more = fill_page(
+            (_listed(info) for info in infos), page_size(request.page_size), _byte_size
+        )
+        token = encode_token(jobs[-1].id) if more and jobs else ""
+        return pb.ListResponse(jobs=jobs, next_page_token=token)
 
     async def output(
         self, request: pb.OutputRequest, ctx: CallContext

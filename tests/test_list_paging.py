@@ -1,0 +1,240 @@
+"""List pages and oversized requests: the paging core alone (pure, Hypothesis),
+then end to end through grpcio (whose default limit on a received message is
+4 MiB: a bigger page would fail there) against a real server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import trio
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.test_service import Caller, Cluster, cluster
+from trio_worker import InvalidRequest, JobState, open_supervisor
+from trio_worker._jobs._exec_limit import MAX_RECORDED_ARGS, check_exec_size, exec_limit
+from trio_worker._model import JobIdGenerator
+from trio_worker._pb import worker_pb2 as pb
+from trio_worker.server._paging import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_BYTES,
+    MAX_PAGE_SIZE,
+    decode_token,
+    encode_token,
+    fill_page,
+    page_size,
+)
+
+__all__ = ["cluster"]  # the fixture, shared with test_service
+
+_ARG = 120 * 1024  # under the kernel's 128 KiB per string
+
+
+# -- the pure core ---------------------------------------------------------------
+
+
+def test_tokens_round_trip_and_page_sizes() -> None:
+    job_id = JobIdGenerator()()
+    assert decode_token(encode_token(job_id)) == job_id
+    assert decode_token("") is None
+    assert [page_size(n) for n in (0, 1, 999, 1000, 1001, 2**32 - 1)] == [
+        DEFAULT_PAGE_SIZE,
+        1,
+        999,
+        1000,
+        MAX_PAGE_SIZE,
+        MAX_PAGE_SIZE,
+    ]
+
+
+@given(st.text(max_size=80) | st.binary(max_size=60).map(lambda b: b.hex()))
+def test_any_other_token_is_invalid_argument(token: str) -> None:
+    error: InvalidRequest | None = None
+    try:
+        job_id = decode_token(token)
+    except InvalidRequest as exc:
+        error = exc
+    if error is not None:
+        assert error.field == "page_token"
+        assert token not in str(error) or len(token) < 3  # never echoed
+    else:
+        assert job_id is None or decode_token(encode_token(job_id)) == job_id
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=3 * 1024 * 1024), max_size=40),
+    st.integers(min_value=1, max_value=50),
+)
+def test_a_page_fits_its_budget_and_keeps_order(costs: list[int], size: int) -> None:
+    budget = 4 * 1024 * 1024
+    page, more = fill_page(iter(costs), size, lambda c: c, budget=budget)
+    assert page == costs[: len(page)]
+    assert len(page) <= size
+    assert more == (len(page) < len(costs))
+    if costs:
+        assert page  # one item always goes
+    if len(page) > 1:
+        assert sum(c + 6 for c in page) <= budget
+
+
+# -- exec limit ----------------------------------------------------------------------
+
+
+async def test_what_check_exec_size_accepts_the_kernel_runs() -> None:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    limit = exec_limit()
+    # Grow the last argument to the largest size the check accepts.
+    args = ["x" * _ARG] * ((limit - 64 * 1024) // (_ARG + 9))
+    lo, hi = 0, 128 * 1024
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            check_exec_size(("true", *args, "y" * mid), env)
+            lo = mid
+        except InvalidRequest:
+            hi = mid
+    async with open_supervisor(env=env) as sup:
+        job = await sup.start("true", [*args, "y" * lo])
+        end = await sup.wait(job.id)
+        assert (end.state, end.exit_code, end.error) == (JobState.EXITED, 0, "")
+        with pytest.raises(InvalidRequest) as info:
+            await sup.start("true", [*args, "y" * hi])
+        assert info.value.field == "args"
+        assert "ARG_MAX" in str(info.value)
+        assert len(str(info.value)) < 200
+
+
+async def test_oversized_start_is_refused_and_nothing_is_stored(state_dir: Path) -> None:
+    async with open_supervisor(state_dir) as sup:
+        too_many = ["x" * _ARG] * (exec_limit() // _ARG + 1)
+        with pytest.raises(InvalidRequest, match="ARG_MAX"):
+            await sup.start("true", too_many)
+        with pytest.raises(InvalidRequest) as info:
+            await sup.start("true", ["x" * (200 * 1024)])  # one string over 32 pages
+        assert info.value.field == "args[0]"
+        with pytest.raises(InvalidRequest) as info:
+            await sup.start("true", env={"BIG": "x" * (200 * 1024)})
+        assert info.value.field == "env"
+        with pytest.raises(InvalidRequest) as info:
+            await sup.start("true", env={f"K{i}": "x" * _ARG for i in range(40)})
+        assert info.value.field == "env"
+        assert sup.list() == []
+        assert list((state_dir / "jobs").iterdir()) == []
+        store = sup._store
+        assert store is not None
+        assert await store.load_all() == []
+    assert MAX_RECORDED_ARGS < MAX_PAGE_BYTES
+
+
+# -- List end to end -------------------------------------------------------------------
+
+
+async def walk(call: Caller, request: pb.ListRequest) -> list[pb.ListResponse]:
+    pages = [await call("List", request)]
+    while pages[-1].next_page_token:
+        request.page_token = pages[-1].next_page_token
+        pages.append(await call("List", request))
+    return pages
+
+
+async def test_pages_are_newest_first_and_filtered(cluster: Cluster) -> None:
+    alice, bob = Caller(cluster.channel("alice")), Caller(cluster.channel("bob"))
+    reader = Caller(cluster.channel("reader"))
+    started = []
+    for i in range(12):
+        who = alice if i % 3 else bob
+        started.append((await who("Start", pb.StartRequest(command="true"))).id)
+    sleeper = (await alice("Start", pb.StartRequest(command="sleep", args=["600"]))).id
+    for job_id in started:
+        await reader("Wait", pb.WaitRequest(id=job_id))
+
+    pages = await walk(reader, pb.ListRequest(page_size=5))
+    assert [len(p.jobs) for p in pages] == [5, 5, 3]
+    ids = [j.id for p in pages for j in p.jobs]
+    assert ids == sorted([*started, sleeper], reverse=True)
+    assert pages[-1].next_page_token == ""
+
+    running = await walk(reader, pb.ListRequest(states=[pb.JOB_STATE_RUNNING]))
+    assert [j.id for p in running for j in p.jobs] == [sleeper]
+    ended = await walk(reader, pb.ListRequest(states=[pb.JOB_STATE_EXITED], page_size=4))
+    assert sorted(j.id for p in ended for j in p.jobs) == sorted(started)
+
+    bobs = await walk(reader, pb.ListRequest(owner="bob", page_size=2))
+    assert {j.owner for p in bobs for j in p.jobs} == {"bob"}
+    assert len([j for p in bobs for j in p.jobs]) == 4
+    # A full caller sees only its own, whatever it filters on.
+    assert (await alice("List", pb.ListRequest(owner="bob"))).jobs == []
+    assert {j.owner for j in (await alice("List", pb.ListRequest())).jobs} == {"alice"}
+    await alice("Stop", pb.StopRequest(id=sleeper))
+
+
+async def test_bad_tokens_and_states_are_invalid_argument(cluster: Cluster) -> None:
+    call = Caller(cluster.channel("reader"))
+
+    async def field_of(request: pb.ListRequest) -> str:
+        with pytest.raises(grpc.RpcError) as info:
+            await call("List", request)
+        error: Any = info.value
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        status = status_pb2.Status.FromString(
+            dict(error.trailing_metadata())["grpc-status-details-bin"]
+        )
+        for detail in status.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                return str(bad.field_violations[0].field)
+        raise AssertionError("no BadRequest")
+
+    assert await field_of(pb.ListRequest(page_token="garbage")) == "page_token"
+    assert await field_of(pb.ListRequest(page_token=encode_token("x" * 26))) == "page_token"
+    assert await field_of(pb.ListRequest(states=[pb.JOB_STATE_UNSPECIFIED])) == "states"
+    assert await field_of(pb.ListRequest(states=[99])) == "states"
+
+
+async def test_every_page_fits_in_4_mib_and_oversized_starts_store_nothing(
+    cluster: Cluster,
+) -> None:
+    call = Caller(cluster.channel("root"))
+    big = ["x" * _ARG] * 12  # 1.4 MiB of arguments: allowed, and kept with the job
+    ids = [(await call("Start", pb.StartRequest(command="true", args=big))).id for _ in range(6)]
+    too_big = ["x" * _ARG] * (exec_limit() // _ARG + 1)
+    code = await call.code("Start", pb.StartRequest(command="true", args=too_big))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+    pages = await walk(call, pb.ListRequest(page_size=1000))
+    assert len(pages) >= 3  # 8.6 MiB of jobs: several pages
+    for page in pages:
+        assert page.ByteSize() < MAX_PAGE_BYTES
+    listed = [j.id for p in pages for j in p.jobs]
+    assert listed == sorted(ids, reverse=True)  # and nothing of the refused one
+    assert all(list(j.args) == big for p in pages for j in p.jobs)
+
+
+async def test_the_client_walks_the_pages(cluster: Cluster, tmp_path: Path) -> None:
+    from trio_worker.client import connect
+
+    files = cluster.clients["alice"]
+    async with connect(
+        f"127.0.0.1:{cluster.port}",
+        ca=cluster.ca,
+        cert=files.cert,
+        key=files.key,
+        server_hostname="localhost",
+    ) as client:
+        jobs = [await client.start("true") for _ in range(5)]
+        sleeper = await client.start("sleep", ["600"])
+        for job in jobs:
+            await client.wait(job.id)
+        listed = await client.list(page_size=2)
+        assert [j.id for j in listed] == sorted([sleeper.id, *(j.id for j in jobs)], reverse=True)
+        running = await client.list(states=[JobState.RUNNING], page_size=1)
+        assert [j.id for j in running] == [sleeper.id]
+        assert await client.list(owner="bob") == []
+        await client.stop(sleeper.id, grace=0)
+    await trio.lowlevel.checkpoint()
