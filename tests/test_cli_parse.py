@@ -109,7 +109,49 @@ def test_env_pairs_last_wins(pairs: list[tuple[str, str]]) -> None:
 @pytest.mark.parametrize("text", ["FOO", "=value", "", "A\0B=1"])
 def test_env_pair_rejects(text: str) -> None:
     with pytest.raises(ValueError, match=r"KEY=VALUE|NUL"):
-        _parse.parse_env(text)
+        _parse.parse_env(text, {})
+
+
+def test_env_name_alone_takes_this_process_value() -> None:
+    assert _parse.parse_env("HOME", {"HOME": "/root"}) == ("HOME", "/root")
+    assert _parse.parse_env("EMPTY", {"EMPTY": ""}) == ("EMPTY", "")
+    with pytest.raises(ValueError, match="'NOPE' is not set here"):
+        _parse.parse_env("NOPE", {"HOME": "/root"})
+
+
+@pytest.mark.parametrize(
+    ("data", "lines", "whole", "expected"),
+    [
+        (b"a\nb\nc\n", 2, False, b"b\nc\n"),
+        (b"a\nb\nc", 2, False, b"b\nc"),  # a last line without its newline counts
+        (b"a\nb\nc\n", 3, False, None),  # the first line may be cut: read further back
+        (b"a\nb\nc\n", 3, True, b"a\nb\nc\n"),
+        (b"a\nb\nc\n", 4, True, b"a\nb\nc\n"),  # fewer lines than asked: all of them
+        (b"\n\n", 1, False, b"\n"),
+        (b"a\n", 0, False, b""),
+        (b"", 1, False, None),
+        (b"", 1, True, b""),
+    ],
+)
+def test_tail_start_finds_the_last_lines(
+    data: bytes, lines: int, whole: bool, expected: bytes | None
+) -> None:
+    start = _parse.tail_start(data, lines, whole=whole)
+    assert (None if start is None else data[start:]) == expected
+
+
+@given(
+    st.lists(st.binary(max_size=5).filter(lambda b: b"\n" not in b), max_size=8), st.integers(1, 9)
+)
+def test_tail_start_agrees_with_splitlines(parts: list[bytes], lines: int) -> None:
+    data = b"".join(part + b"\n" for part in parts)
+    assert _parse.tail_start(data, lines, whole=True) is not None
+    start = _parse.tail_start(data, lines, whole=False)
+    if lines >= len(parts):
+        assert start is None or data[start:] == data
+    else:
+        assert start is not None
+        assert data[start:] == b"".join(part + b"\n" for part in parts[len(parts) - lines :])
 
 
 def test_env_value_keeps_equals_and_may_be_empty() -> None:
@@ -258,7 +300,8 @@ LOCAL_ERRORS: list[tuple[list[str], int, str]] = [
     (["run", "--memory", "12XB", "--", "true"], 125, "--memory: '12XB' is not a size"),
     (["run", "--io-read-bps", "fast", "--", "true"], 125, "--io-read-bps: 'fast' is not a size"),
     (["start", "--cpus", "lots", "--", "true"], 2, "--cpus: 'lots' is not a number of CPUs"),
-    (["start", "--env", "NOVALUE", "--", "true"], 2, "--env: 'NOVALUE' is not KEY=VALUE"),
+    (["start", "--env", "NOVALUE_X", "--", "true"], 2, "--env: 'NOVALUE_X' is not set here"),
+    (["start", "--cwd", "build", "--", "true"], 2, "--cwd: 'build' is relative"),
     (["start", "--isolate", "pid,user", "--", "true"], 2, "'user' is not a namespace"),
     (["start"], 2, "COMMAND: missing; give it after --"),
     (["run", "ls", "-l"], 125, "the command after it: trio-worker run [OPTIONS] --"),

@@ -29,6 +29,7 @@ from trio_worker import (
     JobNotFound,
     JobNotRunning,
     JobState,
+    JobStillRunning,
     OutputStream,
     PermissionDenied,
     ResourceExhausted,
@@ -262,6 +263,19 @@ async def test_stop_with_server_default_grace(server: Server) -> None:
         job = await client.start("sleep", ["30"])
         stopped = await client.stop(job.id)
         assert stopped.state is JobState.KILLED
+
+
+async def test_remove_refuses_running_jobs_unless_forced(server: Server) -> None:
+    async with server.connect() as client:
+        job = await client.start("sleep", ["30"])
+        with pytest.raises(JobStillRunning) as refused:
+            await client.remove(job.id)
+        assert refused.value.job_id == job.id
+        removed = await client.remove(job.id, force=True)
+        assert (removed.id, removed.state) == (job.id, JobState.KILLED)
+        with pytest.raises(JobNotFound):
+            await client.remove(job.id)
+        assert job.id not in {j.id for j in await client.list()}
 
 
 async def test_command_that_cannot_run_is_a_failed_job(server: Server) -> None:

@@ -6,9 +6,11 @@ Test services use google.protobuf wrappers as messages on made-up paths.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -820,6 +822,28 @@ async def test_garbage_instead_of_tls(pki: Pki) -> None:
                     await assert_eof(tcp)
         await echo_ok(pki, r.target)
         assert r.server.stats.handshakes_failed == 3
+
+
+@pytest.mark.parametrize("alpn", [["http/1.1"], []])
+async def test_a_client_without_alpn_h2_is_refused_at_the_handshake(
+    pki: Pki, alpn: list[str]
+) -> None:
+    async with running_server(pki, methods(Probe())) as r:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+        if alpn:  # else offer no ALPN at all
+            context.set_alpn_protocols(alpn)
+        tcp = await trio.open_tcp_stream("127.0.0.1", r.port)
+        stream = trio.SSLStream(tcp, context, server_hostname="localhost")
+        async with stream:
+            with trio.fail_after(5):
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.do_handshake()
+                    await stream.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(9))
+                    # Never a byte of HTTP/2 back: the server closes.
+                    assert await stream.receive_some(100) == b""
+        await echo_ok(pki, r.target)
+        assert r.server.stats.handshakes_failed == 1
 
 
 async def test_stalled_handshake_times_out(pki: Pki) -> None:

@@ -22,6 +22,7 @@ from ._errors import (
     InvalidRequest,
     JobNotFound,
     JobNotRunning,
+    JobStillRunning,
     NoStdin,
     PermissionDenied,
     QuotaExceeded,
@@ -51,6 +52,7 @@ ERRORS: Final[tuple[ErrorRow, ...]] = (
     ErrorRow(PermissionDenied, StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
     ErrorRow(AuthenticationFailed, StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
     ErrorRow(JobNotRunning, StatusCode.FAILED_PRECONDITION, "JOB_NOT_RUNNING"),
+    ErrorRow(JobStillRunning, StatusCode.FAILED_PRECONDITION, "JOB_RUNNING"),
     ErrorRow(NoStdin, StatusCode.FAILED_PRECONDITION, "NO_STDIN"),
     ErrorRow(Unenforceable, StatusCode.FAILED_PRECONDITION, "UNENFORCEABLE"),
     ErrorRow(QuotaExceeded, StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED"),
@@ -88,7 +90,8 @@ def status_of(exc: TrioWorkerError) -> WireError:
     message = bound_text(str(exc))
     metadata: dict[str, str] = {}
     violations: tuple[tuple[str, str], ...] = ()
-    if isinstance(exc, JobNotFound | JobNotRunning | NoStdin) and len(exc.job_id) <= 64:
+    ids = JobNotFound | JobNotRunning | JobStillRunning | NoStdin
+    if isinstance(exc, ids) and len(exc.job_id) <= 64:
         metadata["id"] = exc.job_id
     if isinstance(exc, NoStdin):
         metadata["why"] = bound_text(exc.why)
@@ -137,6 +140,8 @@ def _build(
     job_id: str | None,
 ) -> TrioWorkerError:
     if issubclass(cls, JobNotFound):
+        return cls(meta.get("id") or job_id or "")
+    if issubclass(cls, JobStillRunning):
         return cls(meta.get("id") or job_id or "")
     if issubclass(cls, JobNotRunning):
         return cls(meta.get("id") or job_id or "", meta.get("state", "ended"))

@@ -13,6 +13,7 @@ __all__ = [
     "InvalidRequest",
     "JobNotFound",
     "JobNotRunning",
+    "JobStillRunning",
     "NoStdin",
     "PermissionDenied",
     "QuotaExceeded",
@@ -69,6 +70,14 @@ class JobNotRunning(TrioWorkerError):
         super().__init__(f"job {job_id} is not running (it is {state})")
         self.job_id = job_id
         self.state = state
+
+
+class JobStillRunning(TrioWorkerError):
+    """The operation needs an ended job (Remove without force), and this one still runs."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {describe_id(job_id)} is still running")
+        self.job_id = job_id
 
 
 class NoStdin(TrioWorkerError):

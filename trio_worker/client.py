@@ -84,7 +84,13 @@ from ._errors import (
 from ._model import Isolation, JobInfo, JobState, Limits, OutputChunk
 from ._pb import worker_pb2 as pb
 from ._tls import ALPN_PROTOCOL, client_context
-from ._wire._h2conn import CachingDecoder
+from ._wire._h2conn import (
+    MAX_UNSENT_CONTROL,
+    BoundedDecoder,
+    FrameGate,
+    LateWindowUpdates,
+    PeerMisbehaved,
+)
 from ._wire._h2conn import hpack_int as _hpack_int
 from ._wire._status import DETAILS_HEADER, details_from_header
 
@@ -117,8 +123,6 @@ _MAX_FRAME: Final = 1024 * 1024
 #: Largest response message (a List of very many jobs); a guard against garbage lengths.
 _MAX_MESSAGE: Final = 64 * 1024 * 1024
 _MAX_HEADER_LIST: Final = 64 * 1024
-#: Frames handed to h2 per call, at most (h2's frame buffer copies what follows each frame).
-_FEED_BYTES: Final = 64 * 1024
 #: Asked of each TLS read. OpenSSL returns at most one record (16 KiB) per read, but Python
 #: allocates the whole size asked for first: 256 KiB (mmap'd, then trimmed) made decrypting
 #: four times slower than asking for what a record can hold.
@@ -362,7 +366,7 @@ class _RequestEncoder(hpack.Encoder):  # type: ignore[misc]
         return bytes(super().encode(headers, huffman))
 
 
-class _ClientH2(h2.connection.H2Connection):  # type: ignore[misc]
+class _ClientH2(LateWindowUpdates):
     """h2's connection, kept usable after a GOAWAY and handing out output without a copy.
 
     h2 3.x closes its state machine on GOAWAY and drops unsent output, after which it would
@@ -417,7 +421,7 @@ class _GRPCClientConnection(GRPCConnection):  # type: ignore[misc]
             )
         )
         h2c.encoder = _RequestEncoder()
-        h2c.decoder = CachingDecoder()  # the server repeats its header blocks
+        h2c.decoder = BoundedDecoder()  # the server repeats its header blocks
         h2c.decoder.max_header_list_size = _MAX_HEADER_LIST
         codes = h2.settings.SettingCodes
         h2c.local_settings = h2.settings.Settings(
@@ -631,7 +635,7 @@ class _Connection:
         self._grpc = _GRPCClientConnection()
         self._h2 = self._grpc.h2_connection
         self._calls: dict[int, _Call] = {}
-        self._inbuf = bytearray()
+        self._gate = FrameGate(_MAX_FRAME, server=False)
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._flushed_lot = trio.lowlevel.ParkingLot()
         self._window_lot = trio.lowlevel.ParkingLot()  # senders waiting for window
@@ -678,7 +682,7 @@ class _Connection:
                 # The server's close can overtake its alert: say what it most likely meant.
                 reason += " (did it refuse our certificate?)"
             raise ConnectionFailed(f"TLS handshake with {self.addr} failed: {reason}") from exc
-        except (h2.exceptions.ProtocolError, GRPCProtocolError) as exc:
+        except (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved) as exc:
             raise ConnectionFailed(f"{self.addr} does not speak HTTP/2 as expected: {exc}") from exc
         self._wake_writer()
 
@@ -771,41 +775,21 @@ class _Connection:
             self._last_received = trio.current_time()
             try:
                 self._feed(data)
-            except (h2.exceptions.ProtocolError, GRPCProtocolError) as exc:
+            except (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved) as exc:
                 self._lost(f"HTTP/2 protocol error: {exc}")
                 # h2 has queued a GOAWAY: best effort, the writer is cancelled soon.
                 self._wake_writer()
                 return
             self._wake_writer_if_output()
+            if self._gate.control_owed > MAX_UNSENT_CONTROL:
+                # A server flooding PINGs or SETTINGS: read on once the replies are out.
+                await self._flushed()
+                self._gate.control_owed = 0
 
     def _feed(self, data: bytes | bytearray) -> None:
-        """Hand h2 whole frames only, a few at a time.
-
-        h2's frame buffer copies its whole content for every chunk added and every frame
-        taken, which is quadratic for a 1 MiB frame arriving in 16 KiB TLS records; we
-        gather the records here (a bytearray appends and trims in place) instead.
-        """
-        buf = self._inbuf
-        buf += data
-        while len(buf) >= _FRAME_HEADER_SIZE:
-            end = 0
-            size = len(buf)
-            while size - end >= _FRAME_HEADER_SIZE:
-                length = (buf[end] << 16) | (buf[end + 1] << 8) | buf[end + 2]
-                if length > _MAX_FRAME:
-                    raise h2.exceptions.FrameTooLargeError(
-                        f"frame of {length} bytes, over our limit of {_MAX_FRAME}"
-                    )
-                frame_end = end + _FRAME_HEADER_SIZE + length
-                if frame_end > size or (end and frame_end > _FEED_BYTES):
-                    break
-                end = frame_end
-            if not end:
-                return
-            with memoryview(buf) as view:
-                chunk = bytes(view[:end])
-            del buf[:end]
-            for event in self._grpc.receive_data(chunk):
+        """Hand h2 whole frames only, checked against our bounds (``FrameGate``)."""
+        for batch in self._gate.feed(data):
+            for event in self._grpc.receive_data(batch):
                 self._on_event(event)
 
     def _on_event(self, event: Any) -> None:
@@ -1268,6 +1252,22 @@ class WorkerClient:
         with _request_field("id"):
             request.id = job_id
         return job_from_pb(await self._unary("Wait", request, pb.Job, job_id, timeout=timeout))
+
+    async def remove(
+        self,
+        job_id: str,
+        *,
+        force: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
+    ) -> JobInfo:
+        """Delete an ended job's record and output; its last state. With ``force`` a
+        running job is SIGKILLed and removed once ended. Raises JobNotFound,
+        JobStillRunning (running, without ``force``)."""
+        request = pb.RemoveRequest()
+        with _request_field("id"):
+            request.id = job_id
+        request.force = bool(force)
+        return job_from_pb(await self._unary("Remove", request, pb.Job, job_id, timeout=timeout))
 
     async def list(
         self,

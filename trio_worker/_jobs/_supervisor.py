@@ -32,6 +32,7 @@ from .._errors import (
     InvalidRequest,
     JobNotFound,
     JobNotRunning,
+    JobStillRunning,
     NoStdin,
     ResourceExhausted,
     ShuttingDown,
@@ -605,6 +606,37 @@ class Supervisor:
             self._nursery.start_soon(self._kill_at, job, process, deadline)
         await job.ended.wait()
         return job.info()
+
+    async def remove(self, job_id: str, force: bool = False) -> JobInfo:
+        """Delete an ended job: its record, in memory and in the store, and its output on
+        disk. Returns its last snapshot; from then on the id is ``JobNotFound``.
+
+        A running job raises ``JobStillRunning``, unless ``force``: then it is SIGKILLed (its
+        process group and, through the cgroup, whatever escaped it) and removed once ended.
+        """
+        job = self._get(job_id)
+        if not job.ended.is_set():
+            if not force:
+                raise JobStillRunning(job.id)
+            if job.record.state is JobState.RUNNING and job.process is not None:
+                await self._kill(job, job.process)
+            await job.ended.wait()
+        if self._jobs.get(job.id) is not job:
+            raise JobNotFound(job.id)  # another remove got there first
+        info = job.info()
+        del self._jobs[job.id]
+        # Shielded: once the record is going, the output goes too, whatever the caller does.
+        with trio.CancelScope(shield=True):
+            if self._store is not None:
+                try:
+                    await self._store.delete([job.id])
+                except BaseException:
+                    self._jobs[job.id] = job  # nothing was removed
+                    raise
+            self._unsaved.pop(job.id, None)
+            if job.directory is not None:
+                await trio.to_thread.run_sync(_remove_dirs, [job.directory])
+        return info
 
     async def _kill_at(self, job: _Job, process: JobProcess, deadline: float) -> None:
         with trio.move_on_at(deadline):

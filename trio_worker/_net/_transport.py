@@ -58,11 +58,14 @@ from .._errors import (
     TrioWorkerError,
 )
 from .._identity import Identity, identity_from_der
+from .._tls import ALPN_PROTOCOL
 from .._wire._h2conn import (
+    MAX_UNSENT_CONTROL,
     BadMessage,
     BadRequest,
     GRPCServerConnection,
     PeerGoAway,
+    PeerMisbehaved,
     RequestTooLarge,
     StreamReset,
 )
@@ -640,9 +643,12 @@ class _Connection:
             if not data:
                 break
             try:
-                events = grpc.receive_data(data)
-            except (h2.exceptions.ProtocolError, GRPCProtocolError) as exc:
-                # h2 has queued a GOAWAY with the error; send it, then close.
+                events = grpc.receive_frames(data)
+            except (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved) as exc:
+                # h2 has queued a GOAWAY with the error (we do, for our own bounds); send
+                # it, then close.
+                if isinstance(exc, PeerMisbehaved):
+                    grpc.calm_down(exc)
                 log.info("HTTP/2 protocol error from %s: %s", self._peer, exc)
                 for call in self._calls.values():
                     call.gone("HTTP/2 protocol error")
@@ -655,6 +661,12 @@ class _Connection:
             if self._new_calls:
                 self._start_calls()
             self._push()
+            gate = grpc.gate
+            if gate.control_owed > MAX_UNSENT_CONTROL:
+                # The peer's PINGs and SETTINGS make us write: read on only once those
+                # replies are out, so a peer that never reads cannot grow our buffer.
+                await self._flushed()
+                gate.control_owed = 0
         self._lost()
 
     def _on_event(self, event: Any) -> None:
@@ -837,7 +849,14 @@ class _Connection:
                         requests = _Requests(self, call, method.request_type)
                         responses = method.handler(requests, call.ctx)
                     try:
-                        async for item in responses:
+                        while True:
+                            # Ask for the next message only once it could leave: a peer
+                            # that never opens its window makes us hold nothing for it.
+                            await self._sendable(call)
+                            try:
+                                item = await anext(responses)
+                            except StopAsyncIteration:
+                                break
                             await self._send_message(call, item, method.response_type)
                     finally:
                         aclose = getattr(responses, "aclose", None)
@@ -879,6 +898,8 @@ class _Connection:
         the audit record."""
         self._finish(call, code, message)
         del self._calls[call.stream_id]
+        if not call.peer_gone:
+            self._grpc.call_finished()
         if not self._calls:
             self._last_call_end = trio.current_time()
         if call.peer_gone and code is StatusCode.OK:
@@ -919,6 +940,23 @@ class _Connection:
             call.headers_sent = True
         h2c.send_data(stream_id, _MESSAGE_PREFIX.pack(0, len(payload)) + payload)
         return True
+
+    async def _sendable(self, call: _Call) -> None:
+        """Wait until the stream has flow-control window and the connection buffer room."""
+        h2c = self._h2
+        while True:
+            if h2c.outbound_buffered + self._stream.pending >= self._cfg.max_send_buffer:
+                self._wake_writer()
+                await self._drained_lot.park()
+                continue
+            try:
+                window = int(h2c.local_flow_control_window(call.stream_id))
+            except h2.exceptions.StreamClosedError:
+                return  # _send_message sees it too, and ends the call like a reset
+            if window > 0:
+                return
+            self._wake_writer()
+            await self._window_lot.park()
 
     async def _send_message(
         self, call: _Call, message: Any, expected: type[Any], *, wake: bool = True
@@ -1310,6 +1348,12 @@ class Server:
                     log.info("TLS handshake with %s timed out", peer)
                 return
             if self._draining:
+                return
+            if ssl_stream.selected_alpn_protocol() != ALPN_PROTOCOL:
+                # gRPC is HTTP/2 only: a client that did not offer h2 (or offered no ALPN)
+                # would only be confused by our frames. Closed before any byte of HTTP/2.
+                self.stats.handshakes_failed += 1
+                log.info("refusing %s: its TLS handshake did not choose ALPN h2", peer)
                 return
             der = ssl_stream.getpeercert(binary_form=True) or b""
             if self._revoked is not None and self._revoked(der):

@@ -61,10 +61,19 @@ from purerpc.grpclib.headers import HeaderDict
 from ._status import status_trailers
 
 __all__ = [
+    "MAX_CONTINUATIONS",
+    "MAX_HEADER_BLOCK",
+    "MAX_SIZE_UPDATES",
+    "MAX_UNSENT_CONTROL",
+    "RESET_BUDGET",
     "BadMessage",
     "BadRequest",
+    "BoundedDecoder",
+    "FrameGate",
     "GRPCServerConnection",
+    "LateWindowUpdates",
     "PeerGoAway",
+    "PeerMisbehaved",
     "RequestTooLarge",
     "ServerH2Connection",
     "StreamReset",
@@ -112,6 +121,150 @@ class BadMessage:
 
 #: A frame header, as hyperframe packs it: 24-bit length, type, flags, stream id.
 _FRAME_HEADER: Final = struct.Struct(">HBBBL")
+_FRAME_HEADER_SIZE: Final = 9
+
+# --- bounds against a hostile peer (both ends) ------------------------------------------
+
+#: Largest encoded header block (HEADERS + CONTINUATION) we read: a gRPC call's headers are
+#: a few hundred bytes, and 64 KiB is four times the decoded-size cap (h2 alone allowed 64
+#: CONTINUATIONs of a whole frame each: 64 MiB of HPACK to decode on the event loop).
+MAX_HEADER_BLOCK: Final = 64 * 1024
+#: Most CONTINUATION frames after one HEADERS: honest peers send none or one.
+MAX_CONTINUATIONS: Final = 8
+#: Most dynamic-table size updates at the start of a block: RFC 7541 §4.2 allows two, and
+#: each costs a Python loop in hpack (8 MiB of 1-byte updates stalled a server 16 s).
+MAX_SIZE_UPDATES: Final = 2
+#: Largest header block the decoder cache keeps, so the cache is bounded by
+#: ``64 * MAX_CACHED_BLOCK`` bytes of peer input (it once kept whole 4 MiB blocks as keys).
+MAX_CACHED_BLOCK: Final = 512
+#: Streams a peer may reset before we answer them; each call that ends normally earns one
+#: back (rapid reset, CVE-2023-44487: 100,000 HEADERS + RST_STREAM pairs cost 12.8 s CPU).
+RESET_BUDGET: Final = 1000
+#: Unsent replies to the peer's PING and SETTINGS beyond which the reader stops reading
+#: until they are written (a peer that floods PINGs and never reads queued 63 MiB of ACKs).
+MAX_UNSENT_CONTROL: Final = 64 * 1024
+
+_HEADERS, _RST_STREAM, _SETTINGS, _PING, _CONTINUATION = 0x1, 0x3, 0x4, 0x6, 0x9
+_FLAG_ACK, _FLAG_END_HEADERS = 0x1, 0x4
+#: Whole frames are handed to h2 in batches of at most this many bytes: h2's own frame
+#: buffer copies what follows each frame it takes (quadratic for a 1 MiB frame arriving
+#: in 16 KiB TLS records), so records are gathered here and h2 sees whole frames only.
+_FEED_BYTES: Final = 64 * 1024
+_CLIENT_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class PeerMisbehaved(Exception):
+    """The peer broke one of our bounds: the connection ends with GOAWAY(``error_code``)."""
+
+    def __init__(self, error_code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.error_code = error_code
+        self.reason = reason
+
+
+#: HTTP/2 error codes we send (RFC 9113 §7).
+PROTOCOL_ERROR: Final = 0x1
+FRAME_SIZE_ERROR: Final = 0x6
+ENHANCE_YOUR_CALM: Final = 0xB
+
+
+class FrameGate:
+    """Received bytes → batches of whole frames for h2, checked against our bounds first.
+
+    Sans-I/O and shared by both ends. It enforces the frame size we advertised, the
+    encoded size and frame count of a header block (as soon as a frame header announces
+    them, before its payload is buffered), and counts the replies the peer's PING and
+    SETTINGS will cost us (``control_owed``), so the driver can stop reading a peer that
+    sends them without reading.
+    """
+
+    __slots__ = (
+        "_block",
+        "_buf",
+        "_continuations",
+        "_in_block",
+        "_preface",
+        "control_owed",
+        "max_frame",
+    )
+
+    def __init__(self, max_frame: int, *, server: bool) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        # A server first receives the client's connection preface (not a frame): passed
+        # to h2 as it comes, which checks it.
+        self._preface = len(_CLIENT_PREFACE) if server else 0
+        self._in_block = False
+        self._block = 0  # encoded bytes of the header block being received
+        self._continuations = 0
+        #: bytes of PING/SETTINGS acknowledgements the peer's frames will make us send
+        self.control_owed = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed over (at most one frame plus a record)."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray) -> list[bytes]:
+        """Take ``data``; return the whole frames now complete, in batches. Raises
+        :class:`PeerMisbehaved` when a frame breaks a bound."""
+        batches: list[bytes] = []
+        if self._preface:
+            head = bytes(data[: self._preface])
+            self._preface -= len(head)
+            batches.append(head)
+            data = data[len(head) :]
+        buf = self._buf
+        buf += data
+        start = end = 0
+        size = len(buf)
+        while size - end >= _FRAME_HEADER_SIZE:
+            length = (buf[end] << 16) | (buf[end + 1] << 8) | buf[end + 2]
+            kind, flags = buf[end + 3], buf[end + 4]
+            self._check(length, kind)
+            frame_end = end + _FRAME_HEADER_SIZE + length
+            if frame_end > size:
+                break
+            self._account(length, kind, flags)
+            if end > start and frame_end - start > _FEED_BYTES:
+                batches.append(bytes(buf[start:end]))
+                start = end
+            end = frame_end
+        if end > start:
+            batches.append(bytes(buf[start:end]))
+        if end:
+            del buf[:end]
+        return batches
+
+    def _check(self, length: int, kind: int) -> None:
+        if length > self.max_frame:
+            raise PeerMisbehaved(
+                FRAME_SIZE_ERROR, f"frame of {length} bytes, over the {self.max_frame} advertised"
+            )
+        if kind in (_HEADERS, _CONTINUATION):
+            block = length + (self._block if kind == _CONTINUATION else 0)
+            if block > MAX_HEADER_BLOCK:
+                raise PeerMisbehaved(
+                    ENHANCE_YOUR_CALM, f"header block over {MAX_HEADER_BLOCK} bytes"
+                )
+            if kind == _CONTINUATION and self._continuations >= MAX_CONTINUATIONS:
+                raise PeerMisbehaved(
+                    ENHANCE_YOUR_CALM, f"more than {MAX_CONTINUATIONS} CONTINUATION frames"
+                )
+
+    def _account(self, length: int, kind: int, flags: int) -> None:
+        """Count a complete frame (once)."""
+        if kind == _HEADERS:
+            self._block, self._continuations = length, 0
+            self._in_block = not flags & _FLAG_END_HEADERS
+        elif kind == _CONTINUATION:
+            self._block += length
+            self._continuations += 1
+            self._in_block = not flags & _FLAG_END_HEADERS
+        elif kind == _PING and not flags & _FLAG_ACK:
+            self.control_owed += _FRAME_HEADER_SIZE + 8
+        elif kind == _SETTINGS and not flags & _FLAG_ACK:
+            self.control_owed += _FRAME_HEADER_SIZE
 
 
 def hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
@@ -172,12 +325,34 @@ class _CachingEncoder(hpack.Encoder):  # type: ignore[misc]
         return bytes(super().encode(headers, huffman))
 
 
-class CachingDecoder(hpack.Decoder):  # type: ignore[misc]
-    """hpack's decoder, remembering blocks whose decoding left the dynamic table unchanged.
+def _leading_size_updates(data: bytes | bytearray | memoryview) -> int:
+    """How many dynamic-table size updates (``001xxxxx``) open an HPACK block."""
+    count = pos = 0
+    size = len(data)
+    while pos < size and data[pos] & 0xE0 == 0x20:
+        count += 1
+        if count > MAX_SIZE_UPDATES:
+            return count
+        prefix_full = data[pos] & 0x1F == 0x1F
+        pos += 1
+        if prefix_full:  # the integer goes on while the high bit is set
+            while pos < size and data[pos] & 0x80:
+                pos += 1
+            pos += 1
+    return count
 
-    The same bytes decode to the same headers as long as the table is the same. Any change
-    to it (an entry added, evictions, a resize) empties the cache; holding the table's
-    front entry makes "same front object, same length, same size" a sound test for that.
+
+class BoundedDecoder(hpack.Decoder):  # type: ignore[misc]
+    """hpack's decoder with bounded work per block, remembering small blocks whose decoding
+    left the dynamic table unchanged.
+
+    A block over :data:`MAX_HEADER_BLOCK` or opening with more than
+    :data:`MAX_SIZE_UPDATES` table-size updates is refused before hpack sees it (h2 then
+    ends the connection with COMPRESSION_ERROR). The same bytes decode to the same headers
+    as long as the table is the same. Any change to it (an entry added, evictions, a
+    resize) empties the cache; holding the table's front entry makes "same front object,
+    same length, same size" a sound test for that. Only blocks up to
+    :data:`MAX_CACHED_BLOCK` are kept, so the cache holds at most 32 KiB of peer bytes.
     """
 
     _MAX_ENTRIES = 64
@@ -194,6 +369,13 @@ class CachingDecoder(hpack.Decoder):  # type: ignore[misc]
         return (front, len(entries), table.maxsize, self.max_header_list_size)
 
     def decode(self, data: Any, raw: bool = False) -> list[Any]:
+        if len(data) > MAX_HEADER_BLOCK:
+            raise hpack.HPACKDecodingError(f"header block over {MAX_HEADER_BLOCK} bytes")
+        if _leading_size_updates(data) > MAX_SIZE_UPDATES:
+            raise hpack.HPACKDecodingError("more than two table size updates in one block")
+        if len(data) > MAX_CACHED_BLOCK:
+            decoded: list[Any] = super().decode(data, raw)
+            return decoded
         state = self._table_state()
         known = self._state
         if not known or state[0] is not known[0] or state[1:] != known[1:]:
@@ -211,7 +393,30 @@ class CachingDecoder(hpack.Decoder):  # type: ignore[misc]
         return headers
 
 
-class ServerH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
+class LateWindowUpdates(h2.connection.H2Connection):  # type: ignore[misc]
+    """h2's connection, ignoring a WINDOW_UPDATE for a stream it has already forgotten.
+
+    RFC 9113 §5.1 lets WINDOW_UPDATE arrive "for a short period" after a stream ended. h2
+    accepts it while the closed stream is still in its table, but forgets closed streams
+    whenever it counts open ones, and then treats a late WINDOW_UPDATE as a connection
+    error (GOAWAY STREAM_CLOSED): under load (the peer consuming our last DATA while we
+    open or accept the next stream) every call on the connection failed at once.
+    """
+
+    def _receive_window_update_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        if frame.stream_id and frame.stream_id not in self.streams:
+            outbound = self._stream_id_is_outbound(frame.stream_id)
+            highest = (
+                self.highest_outbound_stream_id if outbound else self.highest_inbound_stream_id
+            )
+            if frame.stream_id <= highest and frame.window_increment >= 1:
+                self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_WINDOW_UPDATE)
+                return [], []
+        frames, events = super()._receive_window_update_frame(frame)
+        return frames, events
+
+
+class ServerH2Connection(LateWindowUpdates):
     """h2's connection with the stream cap left to the transport and a graceful GOAWAY."""
 
     _data_to_send: bytearray
@@ -337,7 +542,7 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         )
         h2c.max_inbound_frame_size = max_frame_size
         h2c.encoder = _CachingEncoder()
-        h2c.decoder = CachingDecoder()
+        h2c.decoder = BoundedDecoder()
         h2c.decoder.max_header_list_size = max_header_list_size
         self.h2_connection: ServerH2Connection = h2c
         self.message_read_buffers: dict[int, Any] = {}
@@ -346,6 +551,8 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         # Streams of requests: stream id -> [bytes received and not yet handed back to the
         # stream's window, messages delivered and not yet taken by the handler].
         self._held: dict[int, list[int]] = {}
+        self._reset_budget = RESET_BUDGET
+        self.gate = FrameGate(max_frame_size, server=True)
 
     def send_status(
         self, stream_id: int, code: int, message: str, details: bytes | None, *, headers: bool
@@ -443,7 +650,35 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
     def _stream_reset(self, event: Any) -> list[Any]:
         self.message_read_buffers.pop(event.stream_id, None)
         self._held.pop(event.stream_id, None)
+        self._reset_budget -= 1
+        if self._reset_budget < 0:
+            raise PeerMisbehaved(ENHANCE_YOUR_CALM, "too many streams reset by the peer")
         return [StreamReset(event.stream_id, int(event.error_code))]
+
+    def call_finished(self) -> None:
+        """A call ended without a reset by the peer: it earns one reset back."""
+        if self._reset_budget < RESET_BUDGET:
+            self._reset_budget += 1
+
+    def receive_frames(self, data: bytes | bytearray) -> list[Any]:
+        """``receive_data`` through the :class:`FrameGate`: whole frames only, bounds
+        checked first. Raises :class:`PeerMisbehaved` (then call :meth:`calm_down`) or
+        h2's ProtocolError (h2 has queued its GOAWAY)."""
+        events: list[Any] = []
+        for batch in self.gate.feed(data):
+            events.extend(self.receive_data(batch))
+        return events
+
+    def calm_down(self, error: PeerMisbehaved) -> None:
+        """Queue GOAWAY with the error of a broken bound; nothing more is read."""
+        h2c = self.h2_connection
+        frame = GoAwayFrame(
+            stream_id=0,
+            last_stream_id=h2c.highest_inbound_stream_id,
+            error_code=error.error_code,
+            additional_data=error.reason.encode()[:128],
+        )
+        h2c._data_to_send += frame.serialize()
 
     def _connection_terminated(self, event: Any) -> list[Any]:
         return [PeerGoAway(int(event.error_code))]

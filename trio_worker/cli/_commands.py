@@ -55,6 +55,12 @@ COMMANDS: Final = (
         "_jobs:logs",
         "Print a job's output: its stdout to stdout, its stderr to stderr, bytes unchanged.",
     ),
+    Command("rm", "_remove:rm", "Remove jobs: their records and their output, on the server."),
+    Command(
+        "prune",
+        "_remove:prune",
+        "Remove every ended job you may remove, and say how much output that freed.",
+    ),
     Command(
         "attach",
         "_interactive:attach",

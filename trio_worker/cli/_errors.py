@@ -20,6 +20,7 @@ from .._errors import (
     InvalidRequest,
     JobNotFound,
     JobNotRunning,
+    JobStillRunning,
     NoStdin,
     PermissionDenied,
     QuotaExceeded,
@@ -75,6 +76,11 @@ def _connection(exc: BaseException, command: str) -> str:
     return "is the server running there? (--addr, TRIO_WORKER_ADDR)"
 
 
+def _still_running(exc: BaseException, command: str) -> str:
+    job_id = getattr(exc, "job_id", "") or "ID"
+    return f"stop it first (`trio-worker stop {job_id}`), or remove it anyway with rm -f"
+
+
 def _not_running(exc: BaseException, command: str) -> str:
     job_id = getattr(exc, "job_id", "") or "ID"
     return f"`trio-worker status {job_id}` shows how it ended"
@@ -105,6 +111,7 @@ TABLE: tuple[tuple[type[BaseException], ExitCode, _Hint], ...] = (
     ),
     (JobNotFound, ExitCode.NOT_FOUND, "`trio-worker list` shows the jobs you may see"),
     (JobNotRunning, ExitCode.NOT_RUNNING, _not_running),
+    (JobStillRunning, ExitCode.RUNNING, _still_running),
     (NoStdin, ExitCode.NOT_RUNNING, "start the job with -i (and -t for a terminal)"),
     (
         Unenforceable,

@@ -29,6 +29,7 @@ from cyclopts import Parameter
 from .._errors import JobNotRunning
 from .._model import JobInfo, JobState
 from ._errors import ExitCode
+from ._ids import IdResolver
 from ._render import job_exit
 from ._session import OutputSink, open_client
 from ._settings import ClientOptions, Connection, resolve_connection
@@ -261,7 +262,9 @@ async def run_interactive(
 
 
 async def attach(
-    job_id: Annotated[str, Parameter(name="ID", help="The job's id, as start printed it.")],
+    job_id: Annotated[
+        str, Parameter(name="ID", help="The job's id, as start printed it, or a unique prefix.")
+    ],
     /,
     *,
     options: ClientOptions | None = None,
@@ -280,7 +283,7 @@ async def attach(
     """
     conn = resolve_connection(options or ClientOptions())
     async with open_client(conn) as client:
-        job = await client.status(job_id)
+        job = await client.status(await IdResolver(client)(job_id))
         offset = job.output_bytes  # from now on
         outcome = await _attached(
             client, job, offset=offset, send_stdin=job.stdin and not job.ended, on_interrupt=None

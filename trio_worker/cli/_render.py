@@ -23,6 +23,8 @@ __all__ = [
     "describe_isolation",
     "describe_limits",
     "describe_state",
+    "human_duration",
+    "human_size",
     "job_exit",
     "job_json",
     "print_fields",
@@ -81,6 +83,32 @@ def dump_json(value: Any) -> None:
 
 
 # --- for people ---------------------------------------------------------------------
+
+
+def human_size(value: int) -> str:
+    """``1536`` → ``1.5 KiB``: three significant figures at most, binary multiples."""
+    if value < 1024:
+        return f"{value} B"
+    size = float(value)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        size /= 1024
+        if size < 1024 or unit == "PiB":
+            break
+    return f"{size:.1f} {unit}" if size < 10 else f"{size:.0f} {unit}"
+
+
+def human_duration(seconds: float) -> str:
+    """``0.25`` → ``0.25s``, ``75`` → ``1m15s``, ``7322`` → ``2h02m``, ``200000`` → ``2d07h``."""
+    if seconds < 10:
+        return f"{seconds:.2g}s" if seconds < 1 else f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
 def print_fields(rows: Iterable[tuple[str, str]]) -> None:

@@ -31,6 +31,7 @@ class Method(enum.Enum):
     WAIT = "Wait"
     OUTPUT = "Output"
     LIST = "List"
+    REMOVE = "Remove"
 
 
 _READ: Final = frozenset({Method.STATUS, Method.WAIT, Method.OUTPUT, Method.LIST})

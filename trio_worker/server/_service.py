@@ -106,6 +106,7 @@ class WorkerService:
             path("Wait"): UnaryMethod(pb.WaitRequest, pb.Job, self.wait),
             path("List"): SyncUnaryMethod(pb.ListRequest, pb.ListResponse, self.list),
             path("Output"): StreamMethod(pb.OutputRequest, pb.OutputChunk, self.output),
+            path("Remove"): UnaryMethod(pb.RemoveRequest, pb.Job, self.remove),
             path("Attach"): BidiTaskMethod(pb.AttachRequest, pb.AttachResponse, self.attach),
         }
 
@@ -161,6 +162,15 @@ class WorkerService:
             authorize(ctx.identity, Op.SIGNAL)
             self._visible(request.id, ctx.identity)
             info = await self._sup.signal(request.id, request.signal)
+        except TrioWorkerError as exc:
+            raise rpc_error(exc) from None
+        return job_to_pb(info)
+
+    async def remove(self, request: pb.RemoveRequest, ctx: CallContext) -> pb.Job:
+        try:
+            authorize(ctx.identity, Op.REMOVE)
+            self._visible(request.id, ctx.identity)
+            info = await self._sup.remove(request.id, force=request.force)
         except TrioWorkerError as exc:
             raise rpc_error(exc) from None
         return job_to_pb(info)
