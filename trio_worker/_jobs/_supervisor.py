@@ -38,10 +38,12 @@ from .._errors import (
     ShuttingDown,
     StateDirError,
 )
-from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup, LimitPolicy
+from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup
 from .._host._cgroups import detect as cgroup_detect
+from .._host._enforce import check_enforceable
 from .._host._isolation import helper_argv, helper_tasks, read_report, resolve_command
 from .._host._spawn import raise_nofile_limit
+from .._limits import LimitPolicy
 from .._model import (
     Isolation,
     JobIdGenerator,
@@ -52,6 +54,7 @@ from .._model import (
     OutputStream,
     Usage,
 )
+from .._util import NoPublicConstructor, final
 from . import _lifecycle as lc
 from ._output import DEFAULT_CHUNK, OutputLog
 from ._process import (
@@ -71,7 +74,13 @@ from ._statedir import StateDir
 from ._stdin import DEFAULT_TERMINAL_SIZE, StdinClosed, StdinWriter, check_terminal_size
 from ._store import JobStore, SqliteJobStore, StoredJob, process_start_time
 
-__all__ = ["LOST_ERROR", "Retention", "Supervisor", "open_supervisor"]
+__all__ = [
+    "LOST_ERROR",
+    "Retention",
+    "Supervisor",
+    "open_supervisor",
+    "open_supervisor_with_driver",
+]
 
 #: How long a job's pipes may stay open after its process group was killed
 #: (something outside the group, e.g. a setsid'ed grandchild, may hold them).
@@ -83,6 +92,7 @@ _audit = logging.getLogger("trio_worker.audit")
 LOST_ERROR = "the server stopped while the job ran"
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Retention:
     """How much of the past a persistent supervisor keeps.
@@ -224,7 +234,8 @@ class _Job:
         return self.final_usage
 
 
-class Supervisor:
+@final
+class Supervisor(metaclass=NoPublicConstructor):
     """Starts, controls and watches jobs. Get one from ``open_supervisor``.
 
     ``status`` and ``list`` are plain methods: they only read snapshots.
@@ -374,7 +385,7 @@ class Supervisor:
             # terminal as its controlling terminal.
             raise InvalidRequest("tty", "cannot be combined with pid isolation")
         limits = self._policy.apply(limits)  # InvalidRequest above a maximum
-        self.cgroups.check(limits, isolation)  # Unenforceable: never silently ignored
+        check_enforceable(self.cgroups, limits, isolation)  # never silently ignored
         job_id = self._new_id()
         log = self._open_log(job_id)
         job = _Job(job_id, owner, spec, limits, isolation, log)
@@ -1083,7 +1094,6 @@ async def open_supervisor(
     shutdown_grace: float = 5.0,
     env: Mapping[str, str] | None = None,
     tail_bytes: int = 4 * 1024 * 1024,
-    cgroups: CgroupDriver | None = None,
     cgroup_parent: str | None = None,
     limit_policy: LimitPolicy | None = None,
     persist: bool | None = None,
@@ -1106,15 +1116,45 @@ async def open_supervisor(
     were, running ones as LOST (their leftovers killed), with their output.
     ``retention`` bounds what is kept.
 
-    Limits and tracking use the host's cgroups, probed at start (``cgroups``
-    overrides the probe): one parent group ``cgroup_parent`` under this
-    process's own cgroup, one child per job. Job groups left by an earlier run
-    under the same parent are killed and removed first. The default parent is
-    named after the state directory (``trio-worker-<hash>``), so supervisors on
-    different state directories never touch each other's jobs, and the lock on
-    a state directory makes the cleanup safe. ``limit_policy`` holds
-    the defaults and maximums applied to every job's limits.
+    Limits and tracking use the host's cgroups, probed at start: one parent
+    group ``cgroup_parent`` under this process's own cgroup, one child per job.
+    Job groups left by an earlier run under the same parent are killed and
+    removed first. The default parent is named after the state directory
+    (``trio-worker-<hash>``), so supervisors on different state directories
+    never touch each other's jobs, and the lock on a state directory makes the
+    cleanup safe. ``limit_policy`` holds the defaults and maximums applied to
+    every job's limits.
     """
+    async with open_supervisor_with_driver(
+        None,
+        state_dir,
+        keep_state=keep_state,
+        shutdown_grace=shutdown_grace,
+        env=env,
+        tail_bytes=tail_bytes,
+        cgroup_parent=cgroup_parent,
+        limit_policy=limit_policy,
+        persist=persist,
+        retention=retention,
+    ) as supervisor:
+        yield supervisor
+
+
+@asynccontextmanager
+async def open_supervisor_with_driver(
+    cgroups: CgroupDriver | None,
+    state_dir: str | os.PathLike[str] | None = None,
+    *,
+    keep_state: bool = False,
+    shutdown_grace: float = 5.0,
+    env: Mapping[str, str] | None = None,
+    tail_bytes: int = 4 * 1024 * 1024,
+    cgroup_parent: str | None = None,
+    limit_policy: LimitPolicy | None = None,
+    persist: bool | None = None,
+    retention: Retention | None = None,
+) -> AsyncIterator[Supervisor]:
+    """``open_supervisor`` with a given cgroup driver instead of the host's probe (tests)."""
     # Jobs cost descriptors (pipes, pidfd, log files): use all the host allows.
     job_nofile = raise_nofile_limit()
     temporary = state_dir is None
@@ -1134,7 +1174,7 @@ async def open_supervisor(
         if leftovers:
             _log.warning("killed %d job group(s) left by an earlier run", len(leftovers))
         async with _unwrap_single(), trio.open_nursery() as nursery:
-            supervisor = Supervisor(
+            supervisor = Supervisor._create(
                 nursery,
                 path,
                 base_env=os.environ if env is None else env,
