@@ -130,6 +130,10 @@ class JobInfo:
     #: The first byte offset still retained in the log (0 unless trimmed).
     output_start: int = 0
     usage: Usage | None = None
+    #: Started with stdin open for writing (Attach, ``write_stdin``).
+    stdin: bool = False
+    #: Runs on a pseudo-terminal (its output is all STDOUT).
+    tty: bool = False
     #: The Unix user the job runs as: its name, or the uid in decimal without one.
     user: str = ""
 

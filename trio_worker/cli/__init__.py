@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["app", "main"]
 
 #: Commands whose exit code is the job's; their own failures are 125.
-_JOB_EXIT_COMMANDS = frozenset({"run", "wait"})
+_JOB_EXIT_COMMANDS = frozenset({"run", "wait", "attach"})
 
 
 def _split_debug(tokens: list[str]) -> tuple[list[str], bool]:

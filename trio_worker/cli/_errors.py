@@ -21,6 +21,7 @@ from .._errors import (
     JobNotFound,
     JobNotRunning,
     JobStillRunning,
+    NoStdin,
     PermissionDenied,
     QuotaExceeded,
     RemoteError,
@@ -177,6 +178,7 @@ TABLE: tuple[tuple[type[BaseException], ExitCode, _Hint], ...] = (
     (JobNotFound, ExitCode.NOT_FOUND, "`trio-worker list` shows the jobs you may see"),
     (JobNotRunning, ExitCode.NOT_RUNNING, _not_running),
     (JobStillRunning, ExitCode.RUNNING, _still_running),
+    (NoStdin, ExitCode.NOT_RUNNING, "start the job with -i (and -t for a terminal)"),
     (
         Unenforceable,
         ExitCode.UNENFORCEABLE,
