@@ -156,7 +156,14 @@ class _StartRequest:
             job.user or "",
         )
 
-    async def send(self, client: WorkerClient) -> JobInfo:
+    async def send(
+        self,
+        client: WorkerClient,
+        *,
+        stdin: bool = False,
+        tty: bool = False,
+        terminal_size: tuple[int, int] | None = None,
+    ) -> JobInfo:
         return await client.start(
             self.command,
             self.args,
@@ -165,6 +172,9 @@ class _StartRequest:
             limits=self.limits,
             isolation=self.isolation,
             user=self.user,
+            stdin=stdin,
+            tty=tty,
+            terminal_size=terminal_size,
         )
 
 
@@ -175,11 +185,19 @@ def _report_failed_start(job: JobInfo) -> int:
     return code
 
 
+Interactive = Annotated[
+    bool, Parameter(name=["--interactive", "-i"], negative="", show_default=False)
+]
+Tty = Annotated[bool, Parameter(name=["--tty", "-t"], negative="", show_default=False)]
+
+
 async def start(
     *command: str,
     follow: Annotated[
         bool, Parameter(name=["--follow", "-f"], negative="", show_default=False)
     ] = False,
+    interactive: Interactive = False,
+    tty: Tty = False,
     job: JobOptions | None = None,
     options: ClientOptions | None = None,
 ) -> int:
@@ -195,6 +213,7 @@ async def start(
         trio-worker start --memory 512M --cpus 1 --pids 100 -- make -j4
         trio-worker start --env LANG=C --cwd /srv/app --follow -- ./build.sh
         trio-worker start --isolate pid,mount,network -- sh -c 'ps ax'
+        trio-worker start -it -- bash    # then: trio-worker attach ID
 
     Parameters
     ----------
@@ -202,11 +221,20 @@ async def start(
         The command and its arguments, after --.
     follow
         Then stream the job's output until it ends, as logs -f does.
+    interactive
+        Keep the job's stdin open, for attach to write to.
+    tty
+        Run the job on a pseudo-terminal (of this terminal's size), for attach.
     """
     request = _StartRequest.build("start", command, job)
     conn = _connection(options)
+    size = None
+    if tty:
+        from ._interactive import local_terminal_size  # only for -t: keeps start light
+
+        size = local_terminal_size()
     async with open_client(conn) as client:
-        info = await request.send(client)
+        info = await request.send(client, stdin=interactive, tty=tty, terminal_size=size)
         print(info.id, flush=True)
         if info.state is JobState.FAILED:
             return _report_failed_start(info)
@@ -219,6 +247,8 @@ async def start(
 async def run(
     *command: str,
     grace: Annotated[Seconds | None, Parameter(group=JOB_GROUP)] = None,
+    interactive: Interactive = False,
+    tty: Tty = False,
     job: JobOptions | None = None,
     options: ClientOptions | None = None,
 ) -> int:
@@ -235,6 +265,12 @@ async def run(
         trio-worker run -- echo hello
         trio-worker run --memory 64M -- python3 -c 'print(42)'
         trio-worker run --addr worker1:50051 -- sh -c 'make test' > test.log
+        echo hello | trio-worker run -i -- tr a-z A-Z
+        trio-worker run -it -- bash
+
+    With -i, this command's stdin goes to the job (end of input closes the job's). With -t
+    the job runs on a pseudo-terminal: with -i too, this terminal is in raw mode (Ctrl-C is
+    a key for the job; Ctrl-P Ctrl-Q detaches and leaves it running) and its size follows.
 
     Parameters
     ----------
@@ -242,9 +278,22 @@ async def run(
         The command and its arguments, after --.
     grace
         On Ctrl-C, how long the job has between SIGTERM and SIGKILL. Default: the server's (5 s).
+    interactive
+        Send this command's stdin to the job.
+    tty
+        Run the job on a pseudo-terminal.
     """
     request = _StartRequest.build("run", command, job)
     conn = _connection(options)
+    if interactive or tty:
+        from ._interactive import run_interactive  # only for -i/-t: keeps run light
+
+        async def start_job(
+            client: WorkerClient, stdin: bool, tty: bool, size: tuple[int, int] | None
+        ) -> JobInfo:
+            return await request.send(client, stdin=stdin, tty=tty, terminal_size=size)
+
+        return await run_interactive(conn, start_job, stdin=interactive, tty=tty, grace=grace)
     backoff = Backoff(conn.addr)
     sink = OutputSink()
     interrupted = False
