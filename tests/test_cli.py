@@ -402,7 +402,7 @@ def test_status_and_list_json_and_tables(dev: DevServer) -> None:
     assert all(j["state"] in {"running", "exited", "killed", "failed", "lost"} for j in jobs)
 
     rows = ok(table).decode().splitlines()
-    assert rows[0].split() == ["ID", "USER", "STATE", "STARTED", "COMMAND"]  # one owner
+    assert rows[0].split() == ["ID", "STATE", "STARTED", "COMMAND"]  # one owner, one user
     row = next(r for r in rows if r.startswith(job_id))
     assert "exited (3)" in row
     assert re.search(r"  \d+[smhd] ago  ", row)

@@ -292,6 +292,13 @@ async def test_supervisor_user_and_default_directories(
         assert out == "/" or Path(out) == Path(pwd.getpwnam("nobody").pw_dir)
         with pytest.raises(InvalidRequest):
             await sup.start("true", user="nosuchuser0q")
+        # On a terminal, the terminal is the user's (as login makes it).
+        tty = await sup.start(
+            "sh", ["-c", "stat -c %U $(tty)"], user=accounts["bob"].name, tty=True
+        )
+        await sup.wait(tty.id)
+        out = b"".join([c.data async for c in sup.output(tty.id)]).decode().strip()
+        assert out == accounts["bob"].name
 
 
 def test_users_through_the_cli(accounts: dict[str, Account], public_parent: Path) -> None:
@@ -320,11 +327,13 @@ def test_users_through_the_cli(accounts: dict[str, Account], public_parent: Path
             *("--cert", d / "alice.pem", "--key", d / "alice.key"),
         ]
         job = ok(cli("start", *creds, "--", "sleep", "60", env=env)).decode().strip()
+        other = ok(cli("start", *creds, "--user", svc.name, "--", "true", env=env)).decode()
         status = ok(cli("status", *creds, job, env=env)).decode()
         assert any(line.split()[:2] == ["User", alice.name] for line in status.splitlines())
         rows = ok(cli("list", *creds, env=env)).decode().splitlines()
-        assert rows[0].split()[:3] == ["ID", "OWNER", "USER"]
-        assert rows[1].split()[:3] == [job, "alice", alice.name]
+        assert rows[0].split()[:2] == ["ID", "USER"]  # one owner, two users
+        assert rows[1].split()[:2] == [other.strip(), svc.name]  # newest first
+        assert rows[2].split()[:2] == [job, alice.name]
         ran = cli("run", *creds, "--user", svc.name, "--", "id", "-un", env=env)
         assert ok(ran).decode() == f"{svc.name}\n"
         denied = cli("run", *creds, "--user", bob.name, "--", "true", env=env)

@@ -303,15 +303,24 @@ def print_job(job: JobInfo) -> None:
 
 def print_jobs(jobs: Sequence[JobInfo]) -> None:
     """``list``: one job per row, newest first, fitted to the terminal's width; OWNER only
-    when the jobs have more than one; USER (who each runs as) always."""
+    when the jobs have more than one, USER (who it runs as) likewise (``status`` and
+    ``--json`` always say)."""
     now = datetime.now(UTC)
     owners = len({job.owner for job in jobs}) > 1
-    headers = ["ID", *(["OWNER"] if owners else []), "USER", "STATE", "STARTED", "COMMAND"]
+    users = len({job.user for job in jobs}) > 1
+    headers = [
+        "ID",
+        *(["OWNER"] if owners else []),
+        *(["USER"] if users else []),
+        "STATE",
+        "STARTED",
+        "COMMAND",
+    ]
     rows: list[list[str | Cell]] = [
         [
             job.id,
             *([job.owner or "-"] if owners else []),
-            job.user or "-",
+            *([job.user or "-"] if users else []),
             state_cell(job),
             age(job.started_at, now),
             _command_line(job),
