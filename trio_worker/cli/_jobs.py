@@ -27,6 +27,9 @@ from ._render import describe_state, dump_json, job_exit, job_json, print_job, p
 from ._session import Backoff, OutputSink, follow_output, open_client, retrying
 from ._settings import ClientOptions, Connection, resolve_connection
 
+#: Stop's grace when none is given (the contract's 5 s, as ``Supervisor.stop``).
+DEFAULT_GRACE = 5.0
+
 if TYPE_CHECKING:
     from ..client import WorkerClient
 
@@ -261,7 +264,8 @@ async def run(
             finally:
                 last_words_known.set()
             with contextlib.suppress(JobNotRunning):  # it may have ended on its own meanwhile
-                await retrying(backoff, lambda: client.stop(job_id, grace=grace))
+                seconds = DEFAULT_GRACE if grace is None else grace
+                await retrying(backoff, lambda: client.stop(job_id, seconds))
 
         # Ctrl-C is ours from before the job exists: one pressed while it starts stops it too.
         with trio.open_signal_receiver(_signal.SIGINT) as signals:
@@ -428,7 +432,7 @@ async def stop(
     async with open_client(_connection(options)) as client:
         full_id = await IdResolver(client)(job_id)
         try:
-            info = await client.stop(full_id, grace=grace)
+            info = await client.stop(full_id, DEFAULT_GRACE if grace is None else grace)
         except JobNotRunning:
             # Already what was asked for: scripts need no `|| true`.
             ended = await client.status(full_id)
