@@ -24,6 +24,7 @@ from trio_worker import (
     open_supervisor,
 )
 from trio_worker._host._cgroups import NoDriver
+from trio_worker._jobs._supervisor import open_supervisor_with_driver
 
 
 async def output_of(sup: Supervisor, job_id: str, offset: int = 0) -> bytes:
@@ -285,7 +286,7 @@ async def test_unknown_ids_bad_signals_and_bad_grace() -> None:
 
 
 async def test_limits_are_refused_rather_than_ignored_without_cgroups() -> None:
-    async with open_supervisor(cgroups=NoDriver("not root")) as sup:
+    async with open_supervisor_with_driver(NoDriver("not root")) as sup:
         with pytest.raises(Unenforceable, match="memory limit needs a writable memory cgroup"):
             await sup.start("true", limits=Limits(memory_bytes=64 << 20))
         assert sup.list() == []

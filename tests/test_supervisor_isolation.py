@@ -8,8 +8,15 @@ import pytest
 import trio
 
 from tests.conftest import process_alive, require_root
-from trio_worker import InvalidRequest, Isolation, JobState, Limits, Supervisor, open_supervisor
-from trio_worker._host._cgroups import LimitPolicy
+from trio_worker import (
+    InvalidRequest,
+    Isolation,
+    JobState,
+    LimitPolicy,
+    Limits,
+    Supervisor,
+    open_supervisor,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -81,7 +81,7 @@ from ._errors import (
     RemoteError,
     TrioWorkerError,
 )
-from ._model import Isolation, JobInfo, JobState, Limits, OutputChunk
+from ._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits, OutputChunk
 from ._pb import worker_pb2 as pb
 from ._tls import ALPN_PROTOCOL, client_context
 from ._wire._h2conn import (
@@ -94,7 +94,14 @@ from ._wire._h2conn import (
 from ._wire._h2conn import hpack_int as _hpack_int
 from ._wire._status import DETAILS_HEADER, StatusCode, details_from_header
 
-__all__ = ["ConnectionFailed", "OutputIterator", "RemoteError", "WorkerClient", "connect"]
+__all__ = [
+    "Attachment",
+    "ConnectionFailed",
+    "OutputIterator",
+    "RemoteError",
+    "WorkerClient",
+    "connect",
+]
 
 log = logging.getLogger("trio_worker.client")
 
@@ -128,6 +135,8 @@ _PING_TIMEOUT: Final = 10.0
 _CLOSE_TIMEOUT: Final = 0.5
 #: Attempts of a call the server said it never processed (GOAWAY) before giving up.
 _ATTEMPTS: Final = 3
+#: Stdin is sent in messages of at most this size (the server takes up to 4 MiB).
+_STDIN_MESSAGE: Final = 256 * 1024
 _USER_AGENT: Final = f"trio-worker/{__version__} purerpc"
 
 
@@ -855,10 +864,12 @@ class _Connection:
             base = self._headers_cache[path] = _request_headers(path, self._authority)
         return base if timeout is None else _with_timeout(base, timeout)
 
-    async def open_call(self, path: str, payload: bytes, deadline: float) -> _Call:
+    async def open_call(
+        self, path: str, payload: bytes, deadline: float, *, end_stream: bool = True
+    ) -> _Call:
         """Open a stream and send the request (headers, message and END_STREAM, in one
-        write when the window allows). Raises _Unprocessed if this connection cannot take
-        new calls any more."""
+        write when the window allows; without ``end_stream`` more messages may follow).
+        Raises _Unprocessed if this connection cannot take new calls any more."""
         h2c = self._h2
         while True:
             if not self.accepting:
@@ -872,13 +883,22 @@ class _Connection:
         call = _Call(self, stream_id)
         self._calls[stream_id] = call
         try:
-            await self._send_request(call, _MESSAGE_PREFIX.pack(0, len(payload)) + payload)
+            await self._send_request(
+                call, _MESSAGE_PREFIX.pack(0, len(payload)) + payload, end_stream=end_stream
+            )
         except BaseException:
             self.cancel(call)
             raise
         return call
 
-    async def _send_request(self, call: _Call, data: bytes) -> None:
+    async def send_message(self, call: _Call, payload: bytes) -> None:
+        """One more request message on a call opened without ``end_stream``, waiting for
+        flow-control window: a server that does not take requests holds us back here."""
+        await self._send_request(
+            call, _MESSAGE_PREFIX.pack(0, len(payload)) + payload, end_stream=False
+        )
+
+    async def _send_request(self, call: _Call, data: bytes, *, end_stream: bool = True) -> None:
         h2c = self._h2
         view = memoryview(data)
         while view:
@@ -894,7 +914,7 @@ class _Connection:
                 h2c.send_data(
                     call.stream_id,
                     data if last and len(view) == len(data) else bytes(view[:n]),
-                    end_stream=last,
+                    end_stream=last and end_stream,
                 )
                 view = view[n:]
                 self._wake_writer()
@@ -1118,9 +1138,14 @@ class WorkerClient:
         cwd: str | os.PathLike[str] | None = None,
         limits: Limits | None = None,
         isolation: Isolation | None = None,
+        stdin: bool = False,
+        tty: bool = False,
+        terminal_size: tuple[int, int] | None = None,
     ) -> JobInfo:
         """Start a job. A command that cannot be executed is a job in state FAILED, not an
-        error. Raises InvalidRequest, PermissionDenied, Unenforceable, ResourceExhausted."""
+        error. ``stdin`` keeps its stdin open for :meth:`attach`; ``tty`` runs it on a
+        pseudo-terminal of ``terminal_size`` (rows, cols; default: the server's, 24x80).
+        Raises InvalidRequest, PermissionDenied, Unenforceable, ResourceExhausted."""
         if isinstance(args, str | bytes):
             raise InvalidRequest("args", "must be a sequence of strings, not one string")
         if limits is not None and not isinstance(limits, Limits):
@@ -1141,10 +1166,15 @@ class WorkerClient:
                 request.limits.CopyFrom(limits_to_pb(limits))
         if isolation is not None:
             request.isolation.CopyFrom(isolation_to_pb(isolation))
+        request.stdin = bool(stdin)
+        request.tty = bool(tty)
+        if terminal_size is not None:
+            with _request_field("terminal_size"):
+                request.terminal_size.rows, request.terminal_size.cols = terminal_size
         job = await self._unary("Start", request, pb.Job)
         return job_from_pb(job)
 
-    async def stop(self, job_id: str, grace: float = 5.0) -> JobInfo:
+    async def stop(self, job_id: str, grace: float = DEFAULT_STOP_GRACE) -> JobInfo:
         """SIGTERM the job's process group, SIGKILL after ``grace`` seconds (as
         ``Supervisor.stop``); returns the final state. Raises JobNotFound, JobNotRunning."""
         request = pb.StopRequest()
@@ -1264,6 +1294,23 @@ class WorkerClient:
             request.offset = offset
         request.follow = bool(follow)
         return OutputIterator(self, request)
+
+    def attach(self, job_id: str, *, offset: int = 0) -> Attachment:
+        """Use a job interactively over one bidirectional stream: its output from byte
+        ``offset``, followed live, and (for a job started with stdin) its input.
+
+        Use it as ``async with client.attach(job_id) as session``: ``async for chunk in
+        session`` gets the output until the job ends, after which ``session.ended`` is its
+        final state; ``write``, ``close_stdin`` and ``resize`` send input meanwhile, from
+        any task. Leaving the block detaches: the job goes on running."""
+        if not isinstance(offset, int) or offset < 0:
+            raise InvalidRequest("offset", f"must be a non-negative integer, got {offset!r}")
+        request = pb.AttachRequest()
+        with _request_field("id"):
+            request.open.id = job_id
+        with _request_field("offset"):
+            request.open.offset = offset
+        return Attachment(self, request)
 
     # -- plumbing --
 
@@ -1478,6 +1525,135 @@ class OutputIterator:
         if call is not None and not call.done:
             with suppress(Exception):
                 call.conn.cancel_soon(call)
+
+
+class Attachment:
+    """One job, attached: its output as an async iterator, its input as methods.
+
+    Get one from :meth:`WorkerClient.attach` and use it as ``async with``. Output is
+    buffered ahead of the consumer as for :meth:`WorkerClient.output` (never more than a
+    stream window and a message); input waits for HTTP/2 flow control, so a job that
+    does not read holds ``write`` back. Input goes in the order it was sent, whichever
+    task sends it. Errors (``JobNotFound``, ``PermissionDenied``, ``NoStdin``...) come
+    from the iteration or from the next ``write``.
+    """
+
+    def __init__(self, client: WorkerClient, request: Any) -> None:
+        self._client = client
+        self._open = request
+        self._job_id: str = request.open.id
+        #: Where the output starts (the offset asked for).
+        self.offset: int = request.open.offset
+        self._call: _Call | None = None
+        self._send_lock = trio.Lock()
+        self._finished = False
+        #: The job's final state, once the iteration has ended.
+        self.ended: JobInfo | None = None
+
+    async def __aenter__(self) -> Attachment:
+        client = self._client
+        payload = self._open.SerializeToString()
+        for _ in range(_ATTEMPTS):
+            conn = await client._connection()
+            try:
+                self._call = await conn.open_call(
+                    f"/{_SERVICE}/Attach", payload, math.inf, end_stream=False
+                )
+            except _Unprocessed:
+                continue
+            return self
+        raise ConnectionFailed(f"{client.address} keeps closing connections before taking calls")
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> Attachment:
+        return self
+
+    async def __anext__(self) -> OutputChunk:
+        call = self._call
+        if call is None:
+            raise RuntimeError("use the attachment as `async with client.attach(...)`")
+        while not self._finished:
+            try:
+                message = await call.conn.next_message(call)
+            except _CallFailed as exc:
+                self._finished = True
+                raise exception_from(exc.code, exc.message, exc.details, self._job_id) from None
+            except _Unprocessed:
+                self._finished = True
+                raise ConnectionFailed(
+                    f"{self._client.address} dropped the attach stream unprocessed"
+                ) from None
+            except TrioWorkerError:
+                self._finished = True
+                raise
+            if message is None:
+                self._finished = True
+                if self.ended is None:
+                    raise RemoteError(
+                        StatusCode.INTERNAL, "the attach stream closed before the job ended"
+                    )
+                break
+            response = _parse(pb.AttachResponse, message)
+            kind = response.WhichOneof("event")
+            if kind == "output":
+                return chunk_from_pb(response.output)
+            if kind == "ended":
+                self.ended = job_from_pb(response.ended)
+        raise StopAsyncIteration
+
+    async def write(self, data: bytes) -> None:
+        """Send bytes to the job's stdin; waits while the job (or the network) is behind."""
+        view = memoryview(data)
+        for start in range(0, len(view), _STDIN_MESSAGE):
+            await self._send(pb.AttachRequest(stdin=bytes(view[start : start + _STDIN_MESSAGE])))
+
+    async def close_stdin(self) -> None:
+        """End the job's input (on a terminal: its EOF character)."""
+        await self._send(pb.AttachRequest(close_stdin=True))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set a tty job's terminal size."""
+        request = pb.AttachRequest()
+        with _request_field("terminal_size"):
+            request.resize.rows = rows
+            request.resize.cols = cols
+        await self._send(request)
+
+    async def _send(self, request: Any) -> None:
+        call = self._call
+        if call is None:
+            raise RuntimeError("use the attachment as `async with client.attach(...)`")
+        payload = request.SerializeToString()
+        async with self._send_lock:
+            if call.done:
+                # The call has ended: its outcome (an error, or the job's end) is what the
+                # iteration reports; an error is worth raising here too.
+                if call.error is not None or (call.status and call.status[0] != StatusCode.OK):
+                    with suppress(_Unprocessed):
+                        try:
+                            call.outcome()
+                        except _CallFailed as exc:
+                            raise exception_from(
+                                exc.code, exc.message, exc.details, self._job_id
+                            ) from None
+                await trio.lowlevel.checkpoint()
+                return
+            await call.conn.send_message(call, payload)
+
+    async def aclose(self) -> None:
+        """Detach: reset the stream. The job goes on running."""
+        self._finished = True
+        call = self._call
+        if call is not None:
+            call.conn.cancel(call)
+        await trio.lowlevel.checkpoint()
 
 
 # --- connecting --------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -32,14 +33,17 @@ from .._errors import (
     JobNotFound,
     JobNotRunning,
     JobStillRunning,
+    NoStdin,
     ResourceExhausted,
     ShuttingDown,
     StateDirError,
 )
-from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup, LimitPolicy
+from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup
 from .._host._cgroups import detect as cgroup_detect
+from .._host._enforce import check_enforceable
 from .._host._isolation import helper_argv, helper_tasks, read_report, resolve_command
 from .._host._spawn import raise_nofile_limit
+from .._limits import LimitPolicy
 from .._model import (
     Isolation,
     JobIdGenerator,
@@ -50,6 +54,7 @@ from .._model import (
     OutputStream,
     Usage,
 )
+from .._util import NoPublicConstructor, final
 from . import _lifecycle as lc
 from ._output import DEFAULT_CHUNK, OutputLog
 from ._process import (
@@ -59,14 +64,23 @@ from ._process import (
     SpawnError,
     SpawnOptions,
     StartSpec,
+    Stdin,
+    Terminal,
     describe_os_error,
     validate_signal,
     validate_start,
 )
 from ._statedir import StateDir
+from ._stdin import DEFAULT_TERMINAL_SIZE, StdinClosed, StdinWriter, check_terminal_size
 from ._store import JobStore, SqliteJobStore, StoredJob, process_start_time
 
-__all__ = ["LOST_ERROR", "Retention", "Supervisor", "open_supervisor"]
+__all__ = [
+    "LOST_ERROR",
+    "Retention",
+    "Supervisor",
+    "open_supervisor",
+    "open_supervisor_with_driver",
+]
 
 #: How long a job's pipes may stay open after its process group was killed
 #: (something outside the group, e.g. a setsid'ed grandchild, may hold them).
@@ -78,6 +92,7 @@ _audit = logging.getLogger("trio_worker.audit")
 LOST_ERROR = "the server stopped while the job ran"
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Retention:
     """How much of the past a persistent supervisor keeps.
@@ -127,6 +142,13 @@ class _Job:
         self.cgroup: JobCgroup | None = None
         self.final_usage: Usage | None = None
         self.ended = trio.Event()
+        #: Started with stdin (callers may write it) / on a terminal.
+        self.stdin = False
+        self.tty = False
+        #: The job's input side: its stdin pipe, or its terminal (also for resizes).
+        self.input: StdinWriter | None = None
+        #: A tty job's terminal master, read as its output.
+        self.terminal: PipeReader | None = None
         #: Recorded with the pid, so a record written late still lets recovery
         #: tell the job's process from one that reused its pid.
         self.pid_start_time: int | None = None
@@ -161,6 +183,8 @@ class _Job:
             oom_killed=r.oom_killed,
             spawn_errno=r.spawn_errno,
             usage=self.usage(),
+            stdin=self.stdin,
+            tty=self.tty,
         )
 
     @classmethod
@@ -210,7 +234,8 @@ class _Job:
         return self.final_usage
 
 
-class Supervisor:
+@final
+class Supervisor(metaclass=NoPublicConstructor):
     """Starts, controls and watches jobs. Get one from ``open_supervisor``.
 
     ``status`` and ``list`` are plain methods: they only read snapshots.
@@ -330,8 +355,16 @@ class Supervisor:
         limits: Limits | None = None,
         isolation: Isolation | None = None,
         owner: str = "",
+        stdin: bool = False,
+        tty: bool = False,
+        terminal_size: tuple[int, int] | None = None,
     ) -> JobInfo:
         """Start a job; return once its process exists.
+
+        ``stdin``: keep the job's stdin open for ``write_stdin``/``close_stdin`` (else it
+        is /dev/null). ``tty``: run it on a new pseudo-terminal of ``terminal_size``
+        (rows, cols; default 24x80), its stdin, stdout and stderr and its controlling
+        terminal, in a new session; its output is all STDOUT.
 
         A command that cannot be executed is not an exception: the job is
         returned (and kept) in state FAILED with ``error`` saying why.
@@ -340,20 +373,32 @@ class Supervisor:
         if self._closing:
             raise ShuttingDown("the supervisor is shutting down")
         spec = validate_start(command, args, env, cwd, base_env=self._base_env)
+        terminal = _check_terminal(tty, terminal_size)
         limits = limits if limits is not None else Limits()
         isolation = isolation if isolation is not None else Isolation()
         if not isinstance(limits, Limits):
             raise InvalidRequest("limits", "must be a trio_worker.Limits")
         if not isinstance(isolation, Isolation):
             raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
+        if terminal is not None and isolation.pid:
+            # The PID namespace's init starts its own session: the job would lose the
+            # terminal as its controlling terminal.
+            raise InvalidRequest("tty", "cannot be combined with pid isolation")
         limits = self._policy.apply(limits)  # InvalidRequest above a maximum
-        self.cgroups.check(limits, isolation)  # Unenforceable: never silently ignored
+        check_enforceable(self.cgroups, limits, isolation)  # never silently ignored
         job_id = self._new_id()
         log = self._open_log(job_id)
         job = _Job(job_id, owner, spec, limits, isolation, log)
         job.env_keys = tuple(env or ())
-        # Where Start's stdin/tty/user plug in (the spawn mechanism is ready).
-        options = SpawnOptions()
+        job.stdin = bool(stdin)
+        job.tty = terminal is not None
+        # A terminal's master and slave, and the master's duplicate for writing: made
+        # before the job, so running out of descriptors refuses the Start cleanly.
+        fds = _open_terminal() if terminal is not None else None
+        if fds is not None and terminal is not None:
+            options = SpawnOptions(stdin=Terminal(fds[1], terminal[0], terminal[1]))
+        else:
+            options = SpawnOptions(stdin=Stdin.PIPE if job.stdin else Stdin.NULL)
         try:
             argv = None
             if isolation.any:
@@ -373,11 +418,20 @@ class Supervisor:
                 if exc.errno in RESOURCE_ERRNOS:
                     raise ResourceExhausted(f"cannot start the job: {exc}") from None
                 raise SpawnError(f"cannot set up the job's cgroup: {exc}", None) from None
-            process = JobProcess.spawn(
-                spec, argv=argv, cgroup=job.cgroup, options=options, nofile_soft=self._job_nofile
-            )
+            try:
+                process = JobProcess.spawn(
+                    spec,
+                    argv=argv,
+                    cgroup=job.cgroup,
+                    options=options,
+                    nofile_soft=self._job_nofile,
+                )
+            finally:
+                if fds is not None:
+                    os.close(fds[1])  # the slave is the job's alone now
         except SpawnError as exc:
             # The command cannot run: a FAILED job, kept and reported.
+            _close_terminal(fds)
             self._add(job)
             self._feed(job, lc.SpawnFailed(exc.message, _now(), exc.errno))
             log.finish()
@@ -389,6 +443,7 @@ class Supervisor:
         except BaseException:
             # Out of descriptors, memory or processes (ResourceExhausted), or
             # cancelled: no half-made job stays, in the table or on the host.
+            _close_terminal(fds)
             with trio.CancelScope(shield=True):
                 log.close()
                 _remove_new_job_dir(log.directory)
@@ -397,6 +452,12 @@ class Supervisor:
             raise
         self._add(job)
         job.process = process
+        if fds is not None:
+            job.terminal = PipeReader(fds[0])
+            job.input = StdinWriter(fds[2], tty=True)
+        elif process.stdin is not None:
+            job.input = StdinWriter(process.stdin, tty=False)
+            process.stdin = None  # the writer owns it now
         self._feed(job, lc.Spawned(process.pid, _now()))
         self._nursery.start_soon(self._run_job, job, process, name=f"job {job_id}")
         # Recorded before the caller learns the job exists; a crash in between
@@ -594,6 +655,68 @@ class Supervisor:
         if not job.ended.is_set() and job.kill_deadline == deadline:
             await self._kill(job, process)
 
+    async def write_stdin(self, job_id: str, data: bytes) -> None:
+        """Write ``data`` to the job's stdin, waiting while the job does not read it.
+
+        Nothing is buffered here: the wait is the backpressure, and memory stays bounded
+        by the pipe (or terminal). Concurrent writes go in arrival order. Raises NoStdin
+        for a job started without stdin (or whose stdin was closed), JobNotRunning once
+        it has ended. Bytes a job will never read (it closed its stdin) are dropped.
+        """
+        job = self._get(job_id)
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise InvalidRequest("data", f"must be bytes, got {type(data).__name__}")
+        writer = self._stdin_of(job)
+        try:
+            await writer.write(data)
+        except StdinClosed:
+            raise self._closed_stdin(job) from None
+
+    async def close_stdin(self, job_id: str) -> None:
+        """End the job's input: it reads EOF (on a terminal: the EOF character, after
+        whatever was written before). Closing twice is no error."""
+        job = self._get(job_id)
+        writer = self._stdin_of(job, closing=True)
+        if writer is not None:
+            await writer.close()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def resize(self, job_id: str, rows: int, cols: int) -> None:
+        """Set a tty job's terminal size; its foreground process group gets SIGWINCH."""
+        job = self._get(job_id)
+        try:
+            rows, cols = check_terminal_size(rows, cols)
+        except ValueError as exc:
+            raise InvalidRequest("terminal_size", str(exc)) from None
+        await trio.lowlevel.checkpoint()
+        if not job.tty:
+            raise NoStdin(job.id, "it has no terminal (start it with tty)")
+        self._running_process(job)
+        if job.input is None:
+            raise self._closed_stdin(job)
+        try:
+            job.input.resize(rows, cols)
+        except StdinClosed:
+            raise self._closed_stdin(job) from None
+
+    def _stdin_of(self, job: _Job, *, closing: bool = False) -> StdinWriter:
+        if not job.stdin:
+            raise NoStdin(job.id, "it was started without stdin")
+        self._running_process(job)
+        writer = job.input
+        if writer is None:
+            raise self._closed_stdin(job)
+        if writer.closed and not closing:
+            raise NoStdin(job.id, "its stdin was closed")
+        return writer
+
+    def _closed_stdin(self, job: _Job) -> Exception:
+        if job.ended.is_set() or job.record.state is not JobState.RUNNING:
+            state = job.record.state.value if job.record.state else "new"
+            return JobNotRunning(job.id, state)
+        return NoStdin(job.id, "its stdin was closed")
+
     async def wait(self, job_id: str) -> JobInfo:
         """Wait until the job has ended and its output is complete."""
         job = self._get(job_id)
@@ -678,6 +801,8 @@ class Supervisor:
                 async with trio.open_nursery() as pumps:
                     if process.stdout is not None:
                         pumps.start_soon(_pump, process.stdout, OutputStream.STDOUT, log)
+                    if job.terminal is not None:  # on a terminal, all output is stdout
+                        pumps.start_soon(_pump, job.terminal, OutputStream.STDOUT, log)
                     if process.stderr is not None:
                         pumps.start_soon(_pump, process.stderr, OutputStream.STDERR, log)
                     await process.wait_exited()
@@ -700,6 +825,10 @@ class Supervisor:
                     await process.wait_exited()
                     process.reap()
                 process.close_pipes()
+                if job.terminal is not None:
+                    job.terminal.close()
+                if job.input is not None:
+                    job.input.release()  # writers still waiting learn the job ended
                 try:
                     if not log.finished:
                         log.finish()
@@ -878,6 +1007,51 @@ class _UntilEnded:
         await trio.lowlevel.checkpoint()
 
 
+def _open_terminal() -> tuple[int, int, int]:
+    """(master, slave, a duplicate of the master for writing), none inheritable."""
+    try:
+        master, slave = os.openpty()
+    except OSError as exc:
+        if exc.errno in RESOURCE_ERRNOS or exc.errno == errno.ENOSPC:  # ENOSPC: no ptys left
+            raise ResourceExhausted(f"cannot give the job a terminal: {exc.strerror}") from None
+        raise
+    try:
+        writer = os.dup(master)
+    except OSError as exc:
+        os.close(master)
+        os.close(slave)
+        if exc.errno in RESOURCE_ERRNOS:
+            raise ResourceExhausted(f"cannot give the job a terminal: {exc.strerror}") from None
+        raise
+    return master, slave, writer
+
+
+def _close_terminal(fds: tuple[int, int, int] | None) -> None:
+    """A terminal the job never got: the master and its duplicate (the slave is closed
+    where the spawn happens)."""
+    if fds is not None:
+        os.close(fds[0])
+        os.close(fds[2])
+
+
+def _check_terminal(tty: object, size: object) -> tuple[int, int] | None:
+    """The terminal's first size for a tty job, None for a job without one."""
+    if not isinstance(tty, bool):
+        raise InvalidRequest("tty", f"must be a bool, got {tty!r}")
+    if not tty:
+        if size is not None:
+            raise InvalidRequest("terminal_size", "is only for a job with tty")
+        return None
+    if size is None:
+        return DEFAULT_TERMINAL_SIZE
+    if not isinstance(size, tuple | list) or len(size) != 2:
+        raise InvalidRequest("terminal_size", "must be (rows, cols)")
+    try:
+        return check_terminal_size(size[0], size[1])
+    except ValueError as exc:
+        raise InvalidRequest("terminal_size", str(exc)) from None
+
+
 def _kill_recorded(pid: int | None, start_time: int | None) -> None:
     """Kill a recorded job's process group, if ``pid`` is still that process."""
     if pid is None or start_time is None or process_start_time(pid) != start_time:
@@ -952,7 +1126,6 @@ async def open_supervisor(
     shutdown_grace: float = 5.0,
     env: Mapping[str, str] | None = None,
     tail_bytes: int = 4 * 1024 * 1024,
-    cgroups: CgroupDriver | None = None,
     cgroup_parent: str | None = None,
     limit_policy: LimitPolicy | None = None,
     persist: bool | None = None,
@@ -975,15 +1148,45 @@ async def open_supervisor(
     were, running ones as LOST (their leftovers killed), with their output.
     ``retention`` bounds what is kept.
 
-    Limits and tracking use the host's cgroups, probed at start (``cgroups``
-    overrides the probe): one parent group ``cgroup_parent`` under this
-    process's own cgroup, one child per job. Job groups left by an earlier run
-    under the same parent are killed and removed first. The default parent is
-    named after the state directory (``trio-worker-<hash>``), so supervisors on
-    different state directories never touch each other's jobs, and the lock on
-    a state directory makes the cleanup safe. ``limit_policy`` holds
-    the defaults and maximums applied to every job's limits.
+    Limits and tracking use the host's cgroups, probed at start: one parent
+    group ``cgroup_parent`` under this process's own cgroup, one child per job.
+    Job groups left by an earlier run under the same parent are killed and
+    removed first. The default parent is named after the state directory
+    (``trio-worker-<hash>``), so supervisors on different state directories
+    never touch each other's jobs, and the lock on a state directory makes the
+    cleanup safe. ``limit_policy`` holds the defaults and maximums applied to
+    every job's limits.
     """
+    async with open_supervisor_with_driver(
+        None,
+        state_dir,
+        keep_state=keep_state,
+        shutdown_grace=shutdown_grace,
+        env=env,
+        tail_bytes=tail_bytes,
+        cgroup_parent=cgroup_parent,
+        limit_policy=limit_policy,
+        persist=persist,
+        retention=retention,
+    ) as supervisor:
+        yield supervisor
+
+
+@asynccontextmanager
+async def open_supervisor_with_driver(
+    cgroups: CgroupDriver | None,
+    state_dir: str | os.PathLike[str] | None = None,
+    *,
+    keep_state: bool = False,
+    shutdown_grace: float = 5.0,
+    env: Mapping[str, str] | None = None,
+    tail_bytes: int = 4 * 1024 * 1024,
+    cgroup_parent: str | None = None,
+    limit_policy: LimitPolicy | None = None,
+    persist: bool | None = None,
+    retention: Retention | None = None,
+) -> AsyncIterator[Supervisor]:
+    """``open_supervisor`` with a given cgroup driver instead of the host's probe (tests)."""
     # Jobs cost descriptors (pipes, pidfd, log files): use all the host allows.
     job_nofile = raise_nofile_limit()
     temporary = state_dir is None
@@ -1003,7 +1206,7 @@ async def open_supervisor(
         if leftovers:
             _log.warning("killed %d job group(s) left by an earlier run", len(leftovers))
         async with _unwrap_single(), trio.open_nursery() as nursery:
-            supervisor = Supervisor(
+            supervisor = Supervisor._create(
                 nursery,
                 path,
                 base_env=os.environ if env is None else env,

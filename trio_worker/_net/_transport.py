@@ -21,7 +21,9 @@ Handlers get ``(request, CallContext)``. ``UnaryMethod`` handlers are coroutines
 the response, ``StreamMethod`` handlers async iterators of responses, ``SyncUnaryMethod``
 handlers plain functions run in the reader (no task: the cheapest call, for answers from
 memory). ``BidiStreamMethod`` handlers get ``(requests, CallContext)``, an async iterator of
-the request messages as they arrive, and are async iterators of responses. They signal
+the request messages as they arrive, and are async iterators of responses;
+``BidiTaskMethod`` handlers are coroutines that also get a ``send`` function, for handlers
+that read and send from concurrent tasks (a nursery cannot span a ``yield``). They signal
 errors with :class:`RpcError`; anything else is logged with its traceback and answered
 INTERNAL without details.
 """
@@ -72,6 +74,7 @@ from ._tlsstream import TLSSocketStream
 
 __all__ = [
     "BidiStreamMethod",
+    "BidiTaskMethod",
     "CallContext",
     "CallRecord",
     "ListenError",
@@ -199,12 +202,34 @@ class BidiStreamMethod(Generic[Req, Resp]):
     handler: Callable[[AsyncIterator[Req], CallContext], AsyncIterator[Resp]]
 
 
+@dataclass(frozen=True, slots=True)
+class BidiTaskMethod(Generic[Req, Resp]):
+    """A bidirectional streaming method whose handler is a coroutine:
+    ``await handler(requests, send, ctx)``, where ``await send(response)`` queues one
+    response (waiting for flow control and buffer room, as a stream's yield does), and
+    returning ends the call with OK.
+
+    For handlers that must take requests and send responses at the same time: they run
+    their own tasks in a nursery of their own, which an async-iterator handler cannot
+    hold open across a ``yield``. One task at a time may ``send``. Requests, their flow
+    control and the ways a call ends are as for :class:`BidiStreamMethod`.
+    """
+
+    request_type: type[Req]
+    response_type: type[Resp]
+    handler: Callable[
+        [AsyncIterator[Req], Callable[[Resp], Awaitable[None]], CallContext], Awaitable[None]
+    ]
+
+
 Method = (
     UnaryMethod[Any, Any]
     | SyncUnaryMethod[Any, Any]
     | StreamMethod[Any, Any]
     | BidiStreamMethod[Any, Any]
+    | BidiTaskMethod[Any, Any]
 )
+_BIDI = (BidiStreamMethod, BidiTaskMethod)
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,7 +426,7 @@ class _Call:
         # and where its request iterator waits for more.
         self.inbox: deque[bytes] | None = None
         self.arrived: trio.lowlevel.ParkingLot | None = None
-        if isinstance(method, BidiStreamMethod):
+        if isinstance(method, _BIDI):
             self.inbox = deque()
             self.arrived = trio.lowlevel.ParkingLot()
 
@@ -799,7 +824,7 @@ class _Connection:
             with call.scope:
                 if ready is not None:
                     request, response = ready
-                elif not isinstance(method, BidiStreamMethod):
+                elif not isinstance(method, _BIDI):
                     if not call.request_done.is_set():
                         await call.request_done.wait()
                     request = self._parse(call)
@@ -807,7 +832,14 @@ class _Connection:
                         response = await method.handler(request, call.ctx)
                     elif isinstance(method, SyncUnaryMethod):
                         response = method.handler(request, call.ctx)
-                if not isinstance(method, StreamMethod | BidiStreamMethod):
+                if isinstance(method, BidiTaskMethod):
+                    response_type = method.response_type
+
+                    async def send(item: Any) -> None:
+                        await self._send_message(call, item, response_type)
+
+                    await method.handler(_Requests(self, call, method.request_type), send, call.ctx)
+                elif not isinstance(method, StreamMethod | BidiStreamMethod):
                     # Not woken: _complete writes the message and trailers together.
                     await self._send_message(call, response, method.response_type, wake=False)
                 else:
@@ -1107,7 +1139,7 @@ class Server:
                 raise ValueError(f"method path must look like /package.Service/Method: {path!r}")
         self.methods: Mapping[str, Method] = dict(methods)
         self._bidi_paths = frozenset(
-            path for path, method in self.methods.items() if isinstance(method, BidiStreamMethod)
+            path for path, method in self.methods.items() if isinstance(method, _BIDI)
         )
         self.config = config or TransportConfig()
         self.stats = ServerStats()

@@ -62,6 +62,11 @@ COMMANDS: Final = (
         "Remove every ended job you may remove, and say how much output that freed.",
     ),
     Command(
+        "attach",
+        "_interactive:attach",
+        "Attach to a running job: follow its output from now on, and type into it.",
+    ),
+    Command(
         "certs",
         "_certs:certs",
         "Make certificates: a CA, the server's, and clients' with roles; show one.",

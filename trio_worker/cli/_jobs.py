@@ -18,7 +18,7 @@ import trio
 from cyclopts import Parameter
 
 from .._errors import InvalidRequest, JobNotRunning
-from .._model import Isolation, JobInfo, JobState, Limits
+from .._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits
 from . import _parse
 from ._app import JOB_GROUP, LIMITS_GROUP, Count, Cpus, Offset, Seconds, Size
 from ._errors import ExitCode
@@ -26,9 +26,6 @@ from ._ids import IdResolver
 from ._render import describe_state, dump_json, job_exit, job_json, print_job, print_jobs
 from ._session import Backoff, OutputSink, follow_output, open_client, retrying
 from ._settings import ClientOptions, Connection, resolve_connection
-
-#: Stop's grace when none is given (the contract's 5 s, as ``Supervisor.stop``).
-DEFAULT_GRACE = 5.0
 
 if TYPE_CHECKING:
     from ..client import WorkerClient
@@ -152,7 +149,14 @@ class _StartRequest:
             job.isolation(),
         )
 
-    async def send(self, client: WorkerClient) -> JobInfo:
+    async def send(
+        self,
+        client: WorkerClient,
+        *,
+        stdin: bool = False,
+        tty: bool = False,
+        terminal_size: tuple[int, int] | None = None,
+    ) -> JobInfo:
         return await client.start(
             self.command,
             self.args,
@@ -160,6 +164,9 @@ class _StartRequest:
             cwd=self.cwd,
             limits=self.limits,
             isolation=self.isolation,
+            stdin=stdin,
+            tty=tty,
+            terminal_size=terminal_size,
         )
 
 
@@ -170,11 +177,19 @@ def _report_failed_start(job: JobInfo) -> int:
     return code
 
 
+Interactive = Annotated[
+    bool, Parameter(name=["--interactive", "-i"], negative="", show_default=False)
+]
+Tty = Annotated[bool, Parameter(name=["--tty", "-t"], negative="", show_default=False)]
+
+
 async def start(
     *command: str,
     follow: Annotated[
         bool, Parameter(name=["--follow", "-f"], negative="", show_default=False)
     ] = False,
+    interactive: Interactive = False,
+    tty: Tty = False,
     job: JobOptions | None = None,
     options: ClientOptions | None = None,
 ) -> int:
@@ -190,6 +205,7 @@ async def start(
         trio-worker start --memory 512M --cpus 1 --pids 100 -- make -j4
         trio-worker start --env LANG=C --cwd /srv/app --follow -- ./build.sh
         trio-worker start --isolate pid,mount,network -- sh -c 'ps ax'
+        trio-worker start -it -- bash    # then: trio-worker attach ID
 
     Parameters
     ----------
@@ -197,11 +213,20 @@ async def start(
         The command and its arguments, after --.
     follow
         Then stream the job's output until it ends, as logs -f does.
+    interactive
+        Keep the job's stdin open, for attach to write to.
+    tty
+        Run the job on a pseudo-terminal (of this terminal's size), for attach.
     """
     request = _StartRequest.build("start", command, job)
     conn = _connection(options)
+    size = None
+    if tty:
+        from ._interactive import local_terminal_size  # only for -t: keeps start light
+
+        size = local_terminal_size()
     async with open_client(conn) as client:
-        info = await request.send(client)
+        info = await request.send(client, stdin=interactive, tty=tty, terminal_size=size)
         print(info.id, flush=True)
         if info.state is JobState.FAILED:
             return _report_failed_start(info)
@@ -214,6 +239,8 @@ async def start(
 async def run(
     *command: str,
     grace: Annotated[Seconds | None, Parameter(group=JOB_GROUP)] = None,
+    interactive: Interactive = False,
+    tty: Tty = False,
     job: JobOptions | None = None,
     options: ClientOptions | None = None,
 ) -> int:
@@ -230,6 +257,12 @@ async def run(
         trio-worker run -- echo hello
         trio-worker run --memory 64M -- python3 -c 'print(42)'
         trio-worker run --addr worker1:50051 -- sh -c 'make test' > test.log
+        echo hello | trio-worker run -i -- tr a-z A-Z
+        trio-worker run -it -- bash
+
+    With -i, this command's stdin goes to the job (end of input closes the job's). With -t
+    the job runs on a pseudo-terminal: with -i too, this terminal is in raw mode (Ctrl-C is
+    a key for the job; Ctrl-P Ctrl-Q detaches and leaves it running) and its size follows.
 
     Parameters
     ----------
@@ -237,9 +270,22 @@ async def run(
         The command and its arguments, after --.
     grace
         On Ctrl-C, how long the job has between SIGTERM and SIGKILL. Default: the server's (5 s).
+    interactive
+        Send this command's stdin to the job.
+    tty
+        Run the job on a pseudo-terminal.
     """
     request = _StartRequest.build("run", command, job)
     conn = _connection(options)
+    if interactive or tty:
+        from ._interactive import run_interactive  # only for -i/-t: keeps run light
+
+        async def start_job(
+            client: WorkerClient, stdin: bool, tty: bool, size: tuple[int, int] | None
+        ) -> JobInfo:
+            return await request.send(client, stdin=stdin, tty=tty, terminal_size=size)
+
+        return await run_interactive(conn, start_job, stdin=interactive, tty=tty, grace=grace)
     backoff = Backoff(conn.addr)
     sink = OutputSink()
     interrupted = False
@@ -264,7 +310,7 @@ async def run(
             finally:
                 last_words_known.set()
             with contextlib.suppress(JobNotRunning):  # it may have ended on its own meanwhile
-                seconds = DEFAULT_GRACE if grace is None else grace
+                seconds = DEFAULT_STOP_GRACE if grace is None else grace
                 await retrying(backoff, lambda: client.stop(job_id, seconds))
 
         # Ctrl-C is ours from before the job exists: one pressed while it starts stops it too.
@@ -432,7 +478,7 @@ async def stop(
     async with open_client(_connection(options)) as client:
         full_id = await IdResolver(client)(job_id)
         try:
-            info = await client.stop(full_id, DEFAULT_GRACE if grace is None else grace)
+            info = await client.stop(full_id, DEFAULT_STOP_GRACE if grace is None else grace)
         except JobNotRunning:
             # Already what was asked for: scripts need no `|| true`.
             ended = await client.status(full_id)

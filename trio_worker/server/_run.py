@@ -25,8 +25,8 @@ from typing import Any
 
 import trio
 
-from .._host._cgroups import LimitPolicy
 from .._jobs._supervisor import Retention, open_supervisor
+from .._limits import LimitPolicy
 from .._net._transport import CallRecord, Server, TransportConfig
 from .._systemd import notify
 from ._health import HealthService
