@@ -399,11 +399,13 @@ def test_status_and_list_json_and_tables(dev: DevServer) -> None:
     assert all(j["state"] in {"running", "exited", "killed", "failed", "lost"} for j in jobs)
 
     rows = ok(table).decode().splitlines()
-    assert rows[0].split() == ["ID", "OWNER", "STATE", "PID", "STARTED", "COMMAND"]
+    assert rows[0].split() == ["ID", "STATE", "STARTED", "COMMAND"]  # one owner: no column
     row = next(r for r in rows if r.startswith(job_id))
     assert "exited (3)" in row
+    assert re.search(r"  \d+[smhd] ago  ", row)
     assert row.endswith("sh -c 'echo hi; exit 3'")
     assert {len(r.split("  ")[0]) for r in rows[1:]} == {26}  # aligned id column
+    assert all(len(r) <= 80 for r in rows)
 
     text = ok(one).decode()
     assert re.search(rf"^ID\s+{job_id}$", text, re.M)
