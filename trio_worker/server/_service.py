@@ -258,7 +258,11 @@ class WorkerService:
         async def forward_output(done: trio.CancelScope) -> None:
             async for chunk in reader:
                 await send(pb.AttachResponse(output=chunk_to_pb(chunk)))
-            await send(pb.AttachResponse(ended=job_to_pb(self._sup.status(job_id))))
+            try:
+                final = self._sup.status(job_id)
+            except TrioWorkerError as exc:  # removed meanwhile (Remove with force)
+                raise rpc_error(exc) from None
+            await send(pb.AttachResponse(ended=job_to_pb(final)))
             done.cancel()  # the job has ended: input means nothing any more
 
         try:
