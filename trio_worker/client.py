@@ -81,7 +81,7 @@ from ._errors import (
     RemoteError,
     TrioWorkerError,
 )
-from ._model import Isolation, JobInfo, JobState, Limits, OutputChunk
+from ._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits, OutputChunk
 from ._pb import worker_pb2 as pb
 from ._tls import ALPN_PROTOCOL, client_context
 from ._wire._h2conn import (
@@ -92,7 +92,7 @@ from ._wire._h2conn import (
     PeerMisbehaved,
 )
 from ._wire._h2conn import hpack_int as _hpack_int
-from ._wire._status import DETAILS_HEADER, details_from_header
+from ._wire._status import DETAILS_HEADER, StatusCode, details_from_header
 
 __all__ = [
     "Attachment",
@@ -138,20 +138,6 @@ _ATTEMPTS: Final = 3
 #: Stdin is sent in messages of at most this size (the server takes up to 4 MiB).
 _STDIN_MESSAGE: Final = 256 * 1024
 _USER_AGENT: Final = f"trio-worker/{__version__} purerpc"
-
-# gRPC status codes (grpc/doc/statuscodes.md) that the client handles itself.
-_OK: Final = 0
-_CANCELLED: Final = 1
-_UNKNOWN: Final = 2
-_INVALID_ARGUMENT: Final = 3
-_DEADLINE_EXCEEDED: Final = 4
-_NOT_FOUND: Final = 5
-_PERMISSION_DENIED: Final = 7
-_RESOURCE_EXHAUSTED: Final = 8
-_FAILED_PRECONDITION: Final = 9
-_INTERNAL: Final = 13
-_UNAVAILABLE: Final = 14
-_UNAUTHENTICATED: Final = 16
 
 
 M = TypeVar("M")
@@ -247,11 +233,6 @@ def _grpc_timeout(seconds: float) -> str:
         if value <= 99_999_999:
             return f"{value}{unit}"
     return f"{min(math.ceil(seconds / 3600), 99_999_999)}H"
-
-
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
-        raise InvalidRequest("timeout", f"must be a positive number of seconds, got {timeout!r}")
 
 
 # --- the sans-I/O layer: purerpc's GRPCConnection, client side ---------------------------
@@ -572,10 +553,11 @@ class _Call:
             while total - pos >= 5:
                 compressed, length = _MESSAGE_PREFIX.unpack_from(source, pos)
                 if compressed:
-                    raise _CallFailed(_INTERNAL, "the server sent a compressed message")
+                    raise _CallFailed(StatusCode.INTERNAL, "the server sent a compressed message")
                 if length > _MAX_MESSAGE:
                     raise _CallFailed(
-                        _RESOURCE_EXHAUSTED, f"response message of {length} bytes is too large"
+                        StatusCode.RESOURCE_EXHAUSTED,
+                        f"response message of {length} bytes is too large",
                     )
                 end = pos + 5 + length
                 if end > total:
@@ -616,7 +598,7 @@ class _Call:
             raise self.error
         assert self.status is not None
         code, message, details = self.status
-        if code != _OK:
+        if code != StatusCode.OK:
             raise _CallFailed(code, message, details)
 
 
@@ -801,7 +783,7 @@ class _Connection:
                 call = self._calls.get(event.stream_id)
                 if call is not None:
                     reason = f"the server used grpc-encoding {event.message_encoding}"
-                    self._fail_stream(call, _CallFailed(_INTERNAL, reason))
+                    self._fail_stream(call, _CallFailed(StatusCode.INTERNAL, reason))
         elif kind is ResponseEnded:
             call = self._calls.get(event.stream_id)
             if call is not None:
@@ -811,7 +793,7 @@ class _Connection:
         elif kind is _Ended:
             call = self._calls.get(event.stream_id)
             if call is not None:  # END_STREAM without trailers
-                self._end(call, error=_CallFailed(_INTERNAL, "the server sent no status"))
+                self._end(call, error=_CallFailed(StatusCode.INTERNAL, "the server sent no status"))
         elif kind is WindowUpdated:
             self._window_lot.unpark_all()
             self._capacity_lot.unpark_all()
@@ -822,7 +804,7 @@ class _Connection:
         elif kind is _BadResponse:
             call = self._calls.get(event.stream_id)
             if call is not None:
-                self._fail_stream(call, _CallFailed(_INTERNAL, event.reason))
+                self._fail_stream(call, _CallFailed(StatusCode.INTERNAL, event.reason))
 
     def _on_data(self, event: _Data) -> None:
         call = self._calls.get(event.stream_id)
@@ -850,16 +832,16 @@ class _Connection:
         code = event.error_code
         if code == h2.errors.ErrorCodes.REFUSED_STREAM:
             failure = _CallFailed(
-                _RESOURCE_EXHAUSTED, "the server refused the call (too many calls)"
+                StatusCode.RESOURCE_EXHAUSTED, "the server refused the call (too many calls)"
             )
         elif code == h2.errors.ErrorCodes.CANCEL:
-            failure = _CallFailed(_CANCELLED, "the server cancelled the call")
+            failure = _CallFailed(StatusCode.CANCELLED, "the server cancelled the call")
         else:
             try:
                 name = h2.errors.ErrorCodes(code).name
             except ValueError:
                 name = str(code)
-            failure = _CallFailed(_INTERNAL, f"the server reset the call ({name})")
+            failure = _CallFailed(StatusCode.INTERNAL, f"the server reset the call ({name})")
         self._end(call, error=failure)
 
     def _on_goaway(self, event: _GoAway) -> None:
@@ -1000,7 +982,7 @@ class _Connection:
             if self.dead:
                 call.finish(error=ConnectionFailed(f"the connection to {self.addr} was closed"))
                 return
-            self._fail_stream(call, _CallFailed(_CANCELLED, "cancelled by the client"))
+            self._fail_stream(call, _CallFailed(StatusCode.CANCELLED, "cancelled by the client"))
         else:
             call.messages.clear()
             call.queued = 0
@@ -1126,9 +1108,10 @@ class WorkerClient:
 
     Every method may raise :class:`ConnectionFailed` (server unreachable, TLS refused,
     connection lost mid-call) besides the errors named on it; statuses the client has no
-    class for arrive as :class:`RemoteError`. ``timeout`` (seconds) bounds a call: it is
-    sent to the server as the call's deadline, and expiring raises ``RemoteError`` with
-    code 4 (DEADLINE_EXCEEDED). Calls may run concurrently from any number of tasks.
+    class for arrive as :class:`RemoteError`. A call follows the caller's trio deadline,
+    as trio's own functions do (``with trio.fail_after(5): await client.status(id)``); it
+    is sent to the server as grpc-timeout. Calls may run concurrently from any number of
+    tasks.
     """
 
     def __init__(self, dialer: _Dialer, nursery: trio.Nursery) -> None:
@@ -1149,7 +1132,7 @@ class WorkerClient:
     async def start(
         self,
         command: str,
-        args: Sequence[str] = (),
+        args: Sequence[str] | None = None,
         *,
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
@@ -1158,7 +1141,6 @@ class WorkerClient:
         stdin: bool = False,
         tty: bool = False,
         terminal_size: tuple[int, int] | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> JobInfo:
         """Start a job. A command that cannot be executed is a job in state FAILED, not an
         error. ``stdin`` keeps its stdin open for :meth:`attach`; ``tty`` runs it on a
@@ -1174,7 +1156,7 @@ class WorkerClient:
         with _request_field("command"):
             request.command = command
         with _request_field("args"):
-            request.args.extend(args)
+            request.args.extend(args or ())
         with _request_field("env"):
             request.env.update(env or {})
         with _request_field("working_dir"):
@@ -1189,36 +1171,27 @@ class WorkerClient:
         if terminal_size is not None:
             with _request_field("terminal_size"):
                 request.terminal_size.rows, request.terminal_size.cols = terminal_size
-        job = await self._unary("Start", request, pb.Job, timeout=timeout)
+        job = await self._unary("Start", request, pb.Job)
         return job_from_pb(job)
 
-    async def stop(
-        self,
-        job_id: str,
-        *,
-        grace: float | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
-    ) -> JobInfo:
-        """SIGTERM the job's process group, SIGKILL after ``grace`` seconds (None: the
-        server's default); returns the final state. Raises JobNotFound, JobNotRunning."""
+    async def stop(self, job_id: str, grace: float = DEFAULT_STOP_GRACE) -> JobInfo:
+        """SIGTERM the job's process group, SIGKILL after ``grace`` seconds (as
+        ``Supervisor.stop``); returns the final state. Raises JobNotFound, JobNotRunning."""
         request = pb.StopRequest()
         with _request_field("id"):
             request.id = job_id
-        if grace is not None:
-            if not (isinstance(grace, int | float) and math.isfinite(grace) and grace >= 0):
-                raise InvalidRequest(
-                    "grace", f"must be a non-negative number of seconds, got {grace!r}"
-                )
-            with _request_field("grace"):  # OverflowError beyond timedelta's range
-                request.grace.CopyFrom(seconds_to_duration(grace))
-        return job_from_pb(await self._unary("Stop", request, pb.Job, job_id, timeout=timeout))
+        if isinstance(grace, bool) or not isinstance(grace, int | float):
+            raise InvalidRequest("grace", "must be a number of seconds")
+        if not (math.isfinite(grace) and grace >= 0):
+            raise InvalidRequest("grace", f"must be a finite number >= 0, got {grace}")
+        with _request_field("grace"):  # OverflowError beyond timedelta's range
+            request.grace.CopyFrom(seconds_to_duration(grace))
+        return job_from_pb(await self._unary("Stop", request, pb.Job, job_id))
 
     async def signal(
         self,
         job_id: str,
         signum: int,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> JobInfo:
         """Send ``signum`` to the job's process group. Raises JobNotFound, JobNotRunning,
         InvalidRequest (not a signal)."""
@@ -1227,38 +1200,33 @@ class WorkerClient:
             request.id = job_id
         with _request_field("signal"):
             request.signal = int(signum)
-        return job_from_pb(await self._unary("Signal", request, pb.Job, job_id, timeout=timeout))
+        return job_from_pb(await self._unary("Signal", request, pb.Job, job_id))
 
     async def status(
         self,
         job_id: str,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> JobInfo:
         """The job's current state. Raises JobNotFound."""
         request = pb.StatusRequest()
         with _request_field("id"):
             request.id = job_id
-        return job_from_pb(await self._unary("Status", request, pb.Job, job_id, timeout=timeout))
+        return job_from_pb(await self._unary("Status", request, pb.Job, job_id))
 
     async def wait(
         self,
         job_id: str,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> JobInfo:
         """Wait for the job to end; its final state. Raises JobNotFound."""
         request = pb.WaitRequest()
         with _request_field("id"):
             request.id = job_id
-        return job_from_pb(await self._unary("Wait", request, pb.Job, job_id, timeout=timeout))
+        return job_from_pb(await self._unary("Wait", request, pb.Job, job_id))
 
     async def remove(
         self,
         job_id: str,
         *,
         force: bool = False,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> JobInfo:
         """Delete an ended job's record and output; its last state. With ``force`` a
         running job is SIGKILLed and removed once ended. Raises JobNotFound,
@@ -1267,7 +1235,7 @@ class WorkerClient:
         with _request_field("id"):
             request.id = job_id
         request.force = bool(force)
-        return job_from_pb(await self._unary("Remove", request, pb.Job, job_id, timeout=timeout))
+        return job_from_pb(await self._unary("Remove", request, pb.Job, job_id))
 
     async def list(
         self,
@@ -1275,17 +1243,14 @@ class WorkerClient:
         states: Iterable[JobState] | None = None,
         owner: str | None = None,
         page_size: int = 1000,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> list[JobInfo]:
         """Every job this client may see, newest first, walking the server's pages.
 
         ``states`` keeps only jobs in those states, ``owner`` only that owner's
-        (for callers who see others' jobs). ``timeout`` applies to each page.
+        (for callers who see others' jobs).
         """
         jobs: list[JobInfo] = []
-        async for page in self.list_pages(
-            states=states, owner=owner, page_size=page_size, timeout=timeout
-        ):
+        async for page in self.list_pages(states=states, owner=owner, page_size=page_size):
             jobs.extend(page)
         return jobs
 
@@ -1295,7 +1260,6 @@ class WorkerClient:
         states: Iterable[JobState] | None = None,
         owner: str | None = None,
         page_size: int = 1000,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> AsyncIterator[builtins.list[JobInfo]]:
         """``list`` one page at a time (each at most ``page_size`` jobs and 4 MiB)."""
         request = pb.ListRequest(
@@ -1303,7 +1267,7 @@ class WorkerClient:
         )
         seen: set[str] = set()
         while True:
-            response = await self._unary("List", request, pb.ListResponse, timeout=timeout)
+            response = await self._unary("List", request, pb.ListResponse)
             yield [job_from_pb(job) for job in response.jobs]
             token = response.next_page_token
             if not token or token in seen:  # (a repeated token would loop forever)
@@ -1317,7 +1281,6 @@ class WorkerClient:
         *,
         offset: int = 0,
         follow: bool = True,
-        timeout: float | None = None,
     ) -> OutputIterator:
         """The job's output from byte ``offset`` of its combined log; with ``follow``, live
         until the job ends. Iterate it with ``async for``; ``aclose()`` it (or use it as
@@ -1330,8 +1293,7 @@ class WorkerClient:
         with _request_field("offset"):
             request.offset = offset
         request.follow = bool(follow)
-        _check_timeout(timeout)
-        return OutputIterator(self, request, timeout)
+        return OutputIterator(self, request)
 
     def attach(self, job_id: str, *, offset: int = 0) -> Attachment:
         """Use a job interactively over one bidirectional stream: its output from byte
@@ -1389,33 +1351,31 @@ class WorkerClient:
         request: Any,
         response_type: type[M],
         job_id: str | None = None,
-        *,
-        timeout: float | None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> M:
-        _check_timeout(timeout)
+        """One unary call, under the caller's deadline (sent as grpc-timeout)."""
         payload = request.SerializeToString()
-        deadline = math.inf if timeout is None else trio.current_time() + timeout
-        with trio.move_on_at(deadline):
-            for _ in range(_ATTEMPTS):
-                call = await self._open(method, payload, deadline)
-                conn = call.conn
-                try:
-                    await conn.wait(call)
-                    call.outcome()
-                except _Unprocessed:
-                    continue
-                except _CallFailed as exc:
-                    raise exception_from(exc.code, exc.message, exc.details, job_id) from None
-                finally:
-                    if not call.done:
-                        conn.cancel(call)
-                if len(call.messages) != 1:
-                    raise RemoteError(
-                        _INTERNAL, f"expected one response message, got {len(call.messages)}"
-                    )
-                return _parse(response_type, call.take())
-            raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
-        raise RemoteError(_DEADLINE_EXCEEDED, f"deadline exceeded after {timeout:g} s")
+        deadline = trio.current_effective_deadline()
+        for _ in range(_ATTEMPTS):
+            call = await self._open(method, payload, deadline)
+            conn = call.conn
+            try:
+                await conn.wait(call)
+                call.outcome()
+            except _Unprocessed:
+                continue
+            except _CallFailed as exc:
+                if exc.code == StatusCode.DEADLINE_EXCEEDED:
+                    await _deadline_passes(deadline)
+                raise exception_from(exc.code, exc.message, exc.details, job_id) from None
+            finally:
+                if not call.done:
+                    conn.cancel(call)
+            if len(call.messages) != 1:
+                raise RemoteError(
+                    StatusCode.INTERNAL, f"expected one response message, got {len(call.messages)}"
+                )
+            return _parse(response_type, call.take())
+        raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
 
     def _adopt(self, conn: _Connection) -> None:
         self._conn = conn
@@ -1433,11 +1393,19 @@ class WorkerClient:
                 await conn.finished.wait()
 
 
+async def _deadline_passes(deadline: float) -> None:
+    """The server said our deadline passed: let the caller's own clock say it (trio's
+    Cancelled, at most the clock skew of the two later), as for any other deadline."""
+    if deadline != math.inf:
+        await trio.sleep_until(deadline)
+
+
 def _parse(message_type: type[M], data: bytes | memoryview) -> M:
     try:
         return message_type.FromString(data)  # type: ignore[attr-defined,no-any-return]
     except DecodeError:
-        raise RemoteError(_INTERNAL, "the server sent a malformed response message") from None
+        message = "the server sent a malformed response message"
+        raise RemoteError(StatusCode.INTERNAL, message) from None
 
 
 @contextmanager
@@ -1461,11 +1429,10 @@ class OutputIterator:
     ``__anext__`` loses nothing: the next one carries on.
     """
 
-    def __init__(self, client: WorkerClient, request: Any, timeout: float | None) -> None:
+    def __init__(self, client: WorkerClient, request: Any) -> None:
         self._client = client
         self._request = request
         self._job_id: str = request.id
-        self._timeout = timeout
         self._deadline: float | None = None
         self._call: _Call | None = None
         self._finished = False
@@ -1498,32 +1465,33 @@ class OutputIterator:
         if self._finished:
             raise StopAsyncIteration
         if self._deadline is None:
-            timeout = self._timeout
-            self._deadline = math.inf if timeout is None else trio.current_time() + timeout
-        with trio.move_on_at(self._deadline):
-            try:
-                if self._call is None:
-                    await self._start()
-                    assert self._call is not None
-                call = self._call
-                message = await call.conn.next_message(call)
-            except _CallFailed as exc:
-                self._finished = True
-                raise exception_from(exc.code, exc.message, exc.details, self._job_id) from None
-            except TrioWorkerError:
-                self._finished = True
-                raise
-            except _Unprocessed:  # only a confused server would do this after answering
-                self._finished = True
-                raise ConnectionFailed(
-                    f"{self._client.address} dropped the output stream unprocessed"
-                ) from None
-            if message is None:
-                self._finished = True
-                raise StopAsyncIteration
-            return chunk_from_pb(_parse(pb.OutputChunk, message))
-        await self.aclose()
-        raise RemoteError(_DEADLINE_EXCEEDED, f"deadline exceeded after {self._timeout:g} s")
+            # No grpc-timeout: an iterator may be consumed under several cancel scopes
+            # (a cancelled __anext__ loses nothing), so each __anext__ follows its own
+            # caller's deadline, and closing the iterator resets the stream.
+            self._deadline = math.inf
+        try:
+            if self._call is None:
+                await self._start()
+                assert self._call is not None
+            call = self._call
+            message = await call.conn.next_message(call)
+        except _CallFailed as exc:
+            self._finished = True
+            if exc.code == StatusCode.DEADLINE_EXCEEDED:
+                await _deadline_passes(self._deadline)
+            raise exception_from(exc.code, exc.message, exc.details, self._job_id) from None
+        except TrioWorkerError:
+            self._finished = True
+            raise
+        except _Unprocessed:  # only a confused server would do this after answering
+            self._finished = True
+            raise ConnectionFailed(
+                f"{self._client.address} dropped the output stream unprocessed"
+            ) from None
+        if message is None:
+            self._finished = True
+            raise StopAsyncIteration
+        return chunk_from_pb(_parse(pb.OutputChunk, message))
 
     async def _start(self) -> None:
         client = self._client
@@ -1628,7 +1596,9 @@ class Attachment:
             if message is None:
                 self._finished = True
                 if self.ended is None:
-                    raise RemoteError(_INTERNAL, "the attach stream closed before the job ended")
+                    raise RemoteError(
+                        StatusCode.INTERNAL, "the attach stream closed before the job ended"
+                    )
                 break
             response = _parse(pb.AttachResponse, message)
             kind = response.WhichOneof("event")
@@ -1665,7 +1635,7 @@ class Attachment:
             if call.done:
                 # The call has ended: its outcome (an error, or the job's end) is what the
                 # iteration reports; an error is worth raising here too.
-                if call.error is not None or (call.status and call.status[0] != _OK):
+                if call.error is not None or (call.status and call.status[0] != StatusCode.OK):
                     with suppress(_Unprocessed):
                         try:
                             call.outcome()

@@ -733,13 +733,20 @@ class Supervisor(metaclass=NoPublicConstructor):
     ) -> AsyncIterator[OutputChunk]:
         """The job's output from ``offset``: with ``follow``, live until the job ends.
 
-        Raises ``JobNotFound`` at once, not at the first iteration.
+        Bad arguments raise ``InvalidRequest`` at once; what needs the job (``JobNotFound``,
+        an offset past the end of an ended log) raises at the first iteration, as the
+        remote client's ``output`` does (it learns of them from the server's answer).
         """
-        job = self._get(job_id)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise InvalidRequest("offset", f"must be an integer >= 0, got {offset!r}")
         if chunk_size <= 0:
             raise InvalidRequest("chunk_size", "must be > 0")
+        return _OnFirstNext(lambda: self._open_output(job_id, offset, follow, chunk_size))
+
+    def _open_output(
+        self, job_id: str, offset: int, follow: bool, chunk_size: int
+    ) -> AsyncIterator[OutputChunk]:
+        job = self._get(job_id)
         assert job.log is not None
         if job.log.finished and offset > job.log.end:
             raise InvalidRequest("offset", f"{offset} is past the end of the log ({job.log.end})")
@@ -947,6 +954,31 @@ class Supervisor(metaclass=NoPublicConstructor):
             for job in list(self._jobs.values()):
                 if job.record.state is JobState.RUNNING and job.process is not None:
                     nursery.start_soon(self._terminate, job, job.process, grace)
+
+
+class _OnFirstNext:
+    """An iterator made by ``open`` at the first ``__anext__`` (whose errors come out there)."""
+
+    def __init__(self, open_: Callable[[], AsyncIterator[OutputChunk]]) -> None:
+        self._open: Callable[[], AsyncIterator[OutputChunk]] | None = open_
+        self._inner: AsyncIterator[OutputChunk] | None = None
+
+    def __aiter__(self) -> _OnFirstNext:
+        return self
+
+    async def __anext__(self) -> OutputChunk:
+        if self._inner is None:
+            assert self._open is not None
+            opener, self._open = self._open, None
+            self._inner = opener()
+        return await self._inner.__anext__()
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        else:
+            await trio.lowlevel.checkpoint()
 
 
 class _UntilEnded:

@@ -27,7 +27,7 @@ import trio
 from cyclopts import Parameter
 
 from .._errors import JobNotRunning
-from .._model import JobInfo, JobState
+from .._model import DEFAULT_STOP_GRACE, JobInfo, JobState
 from ._errors import ExitCode
 from ._ids import IdResolver
 from ._render import job_exit
@@ -255,7 +255,7 @@ async def run_interactive(
         async def stop_job() -> None:
             _note(f"stopping job {job.id} (Ctrl-C again to leave at once)")
             with contextlib.suppress(JobNotRunning):
-                await client.stop(job.id, grace=grace)
+                await client.stop(job.id, DEFAULT_STOP_GRACE if grace is None else grace)
 
         outcome = await _attached(client, job, offset=0, send_stdin=stdin, on_interrupt=stop_job)
     return _exit_code(outcome, job.id)

@@ -18,7 +18,7 @@ import trio
 from cyclopts import Parameter
 
 from .._errors import InvalidRequest, JobNotRunning
-from .._model import Isolation, JobInfo, JobState, Limits
+from .._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits
 from . import _parse
 from ._app import JOB_GROUP, LIMITS_GROUP, Count, Cpus, Offset, Seconds, Size
 from ._errors import ExitCode
@@ -310,7 +310,8 @@ async def run(
             finally:
                 last_words_known.set()
             with contextlib.suppress(JobNotRunning):  # it may have ended on its own meanwhile
-                await retrying(backoff, lambda: client.stop(job_id, grace=grace))
+                seconds = DEFAULT_STOP_GRACE if grace is None else grace
+                await retrying(backoff, lambda: client.stop(job_id, seconds))
 
         # Ctrl-C is ours from before the job exists: one pressed while it starts stops it too.
         with trio.open_signal_receiver(_signal.SIGINT) as signals:
@@ -477,7 +478,7 @@ async def stop(
     async with open_client(_connection(options)) as client:
         full_id = await IdResolver(client)(job_id)
         try:
-            info = await client.stop(full_id, grace=grace)
+            info = await client.stop(full_id, DEFAULT_STOP_GRACE if grace is None else grace)
         except JobNotRunning:
             # Already what was asked for: scripts need no `|| true`.
             ended = await client.status(full_id)

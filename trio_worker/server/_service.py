@@ -223,8 +223,11 @@ class WorkerService:
             )
         except TrioWorkerError as exc:
             raise rpc_error(exc) from None
-        async for chunk in reader:
-            yield chunk_to_pb(chunk)
+        try:
+            async for chunk in reader:
+                yield chunk_to_pb(chunk)
+        except TrioWorkerError as exc:  # JobNotFound comes at the first chunk
+            raise rpc_error(exc) from None
 
     async def attach(
         self,
