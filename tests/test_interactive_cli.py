@@ -456,3 +456,20 @@ def test_run_i_without_t_ctrl_c_stops_the_job(dev: DevServer) -> None:
         assert b"stopping job" in term.seen
     finally:
         term.close()
+
+
+def test_run_it_forwards_the_terminal_size_and_its_changes(dev: DevServer) -> None:
+    script = 'stty size; trap "stty size" WINCH; echo ready; while :; do sleep 0.05; done'
+    argv = cli_argv(dev, "run", "-it", "--", "sh", "-c", script)
+    term = Terminal(argv, dev.env, rows=31, cols=97)
+    try:
+        before = term.settings()
+        term.expect(b"ready")
+        assert b"31 97" in term.seen  # the job's terminal started at our size
+        termios.tcsetwinsize(term.master, (52, 133))  # the kernel sends us SIGWINCH
+        term.expect(b"52 133")
+        term.send(b"\x03")  # a key for the job: its terminal turns it into SIGINT
+        assert term.wait() == 128 + signal.SIGINT
+        assert term.settings() == before
+    finally:
+        term.close()

@@ -271,10 +271,11 @@ async def attach(
 ) -> int:
     """Attach to a running job: follow its output from now on, and type into it.
 
-    For a job started with -i, what you type (or pipe in) goes to its stdin. For a job on a
-    terminal (-t), your terminal is in raw mode and follows its size; Ctrl-P Ctrl-Q detaches
-    and leaves the job running. Exits with the job's code when it ends (as run does); Ctrl-C
-    (without a terminal) leaves, and the job goes on.
+    For a job started with -i, what you type (or pipe in) goes to its stdin, and the end of
+    your input closes it. For a job on a terminal (-it), your terminal is in raw mode and the
+    job's follows its size; Ctrl-P Ctrl-Q detaches and leaves the job running. Exits with the
+    job's code when it ends (as run does); Ctrl-C (without raw mode) leaves, and the job goes
+    on.
 
     For example:
 

@@ -259,9 +259,13 @@ class WorkerService:
             raise rpc_error(exc) from None
 
         async def forward_output(done: trio.CancelScope) -> None:
-            async for chunk in reader:
-                await send(pb.AttachResponse(output=chunk_to_pb(chunk)))
-            await send(pb.AttachResponse(ended=job_to_pb(self._sup.status(job_id))))
+            try:
+                async for chunk in reader:
+                    await send(pb.AttachResponse(output=chunk_to_pb(chunk)))
+                final = self._sup.status(job_id)
+            except TrioWorkerError as exc:  # JobNotFound: removed meanwhile (Remove, force)
+                raise rpc_error(exc) from None
+            await send(pb.AttachResponse(ended=job_to_pb(final)))
             done.cancel()  # the job has ended: input means nothing any more
 
         try:
