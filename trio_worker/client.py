@@ -82,16 +82,18 @@ from ._errors import (
     TrioWorkerError,
 )
 from ._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits, OutputChunk
+from ._net._sockets import set_keepalive as _set_keepalive
 from ._pb import worker_pb2 as pb
 from ._tls import ALPN_PROTOCOL, client_context
 from ._wire._h2conn import (
     MAX_UNSENT_CONTROL,
     BoundedDecoder,
     FrameGate,
-    LateWindowUpdates,
     PeerMisbehaved,
+    WireH2Connection,
+    h2_config,
+    hpack_literal,
 )
-from ._wire._h2conn import hpack_int as _hpack_int
 from ._wire._status import DETAILS_HEADER, StatusCode, details_from_header
 
 __all__ = [
@@ -215,16 +217,6 @@ def _tls_reason(exc: BaseException, *, handshake: bool = False) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _set_keepalive(sock: Any) -> None:
-    """TCP keepalive: the kernel's own check for an idle connection whose peer vanished."""
-    with suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
-
-
 def _grpc_timeout(seconds: float) -> str:
     """A grpc-timeout value: at most 8 digits, in the finest unit that fits."""
     seconds = max(seconds, 0.0)
@@ -288,17 +280,6 @@ class _BadResponse:
         self.reason = reason
 
 
-def _literal(name: str, value: str, static_index: int = 0) -> bytes:
-    """Literal header field without indexing (RFC 7541 §6.2.2), no Huffman: it leaves the
-    dynamic table alone, so the block is valid whatever the table holds."""
-    raw = value.encode("utf-8")
-    encoded = _hpack_int(len(raw), 7) + raw
-    if static_index:
-        return _hpack_int(static_index, 4) + encoded
-    key = name.encode("ascii")
-    return b"\x00" + _hpack_int(len(key), 7) + key + encoded
-
-
 class _Headers(list[tuple[str, str]]):
     """A request's header list together with its HPACK block, encoded once per method."""
 
@@ -320,11 +301,11 @@ def _request_headers(path: str, authority: str) -> _Headers:
     headers.block = (
         b"\x83"  # static entry 3, ":method: POST"
         + b"\x87"  # static entry 7, ":scheme: https"
-        + _literal(":path", path, 4)
-        + _literal(":authority", authority, 1)
-        + _literal("te", "trailers")
-        + _literal("content-type", "application/grpc+proto", 31)
-        + _literal("user-agent", _USER_AGENT, 58)
+        + hpack_literal(":path", path, 4)
+        + hpack_literal(":authority", authority, 1)
+        + hpack_literal("te", "trailers")
+        + hpack_literal("content-type", "application/grpc+proto", 31)
+        + hpack_literal("user-agent", _USER_AGENT, 58)
     )
     return headers
 
@@ -332,7 +313,7 @@ def _request_headers(path: str, authority: str) -> _Headers:
 def _with_timeout(base: _Headers, timeout: float) -> _Headers:
     value = _grpc_timeout(timeout)
     headers = _Headers([*base, ("grpc-timeout", value)])
-    headers.block = base.block + _literal("grpc-timeout", value)
+    headers.block = base.block + hpack_literal("grpc-timeout", value)
     return headers
 
 
@@ -347,7 +328,7 @@ class _RequestEncoder(hpack.Encoder):  # type: ignore[misc]
         return bytes(super().encode(headers, huffman))
 
 
-class _ClientH2(LateWindowUpdates):
+class _ClientH2(WireH2Connection):
     """h2's connection, kept usable after a GOAWAY and handing out output without a copy.
 
     h2 3.x closes its state machine on GOAWAY and drops unsent output, after which it would
@@ -364,17 +345,6 @@ class _ClientH2(LateWindowUpdates):
         event.additional_data = frame.additional_data or None
         return [], [event]
 
-    def data_to_send(self, amount: int | None = None) -> bytes | bytearray:
-        if amount is not None:
-            return bytes(super().data_to_send(amount))
-        data = self._data_to_send
-        self._data_to_send = bytearray()
-        return data
-
-    @property
-    def outbound_buffered(self) -> int:
-        return len(self._data_to_send)
-
 
 class _GRPCClientConnection(GRPCConnection):  # type: ignore[misc]
     """purerpc's ``GRPCConnection`` for a client, with our settings and complete events.
@@ -389,18 +359,7 @@ class _GRPCClientConnection(GRPCConnection):  # type: ignore[misc]
         self.config = GRPCConfiguration(
             client_side=True, user_agent=_USER_AGENT, max_message_length=_MAX_MESSAGE
         )
-        h2c = _ClientH2(
-            h2.config.H2Configuration(
-                client_side=True,
-                header_encoding="utf-8",
-                # Our request headers are fixed and well formed, and the server's are
-                # parsed by purerpc anyway: skip h2's re-checking of both.
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-                validate_inbound_headers=False,
-                normalize_inbound_headers=False,
-            )
-        )
+        h2c = _ClientH2(h2_config(client_side=True))
         h2c.encoder = _RequestEncoder()
         h2c.decoder = BoundedDecoder()  # the server repeats its header blocks
         h2c.decoder.max_header_list_size = _MAX_HEADER_LIST
