@@ -473,3 +473,19 @@ def test_run_it_forwards_the_terminal_size_and_its_changes(dev: DevServer) -> No
         assert term.settings() == before
     finally:
         term.close()
+
+
+def test_run_t_without_i_ctrl_c_is_sigint_for_the_job(dev: DevServer) -> None:
+    script = "trap 'echo caught-int; exit 4' INT; echo ready; while :; do sleep 0.1; done"
+    term = Terminal(cli_argv(dev, "run", "-t", "--", "sh", "-c", script), dev.env)
+    try:
+        before = term.settings()
+        term.wait_raw(before)
+        term.expect(b"ready")
+        term.send(b"typed keys go nowhere\x03")
+        term.expect(b"caught-int")
+        assert term.wait() == 4
+        assert term.settings() == before
+        assert b"typed keys" not in term.seen
+    finally:
+        term.close()

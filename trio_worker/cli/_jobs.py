@@ -267,8 +267,9 @@ async def run(
         trio-worker run -it -- bash
 
     With -i, this command's stdin goes to the job (end of input closes the job's). With -t
-    the job runs on a pseudo-terminal: with -i too, this terminal is in raw mode (Ctrl-C is
-    a key for the job; Ctrl-P Ctrl-Q detaches and leaves it running) and its size follows.
+    the job runs on a pseudo-terminal whose size follows this one, which is in raw mode:
+    Ctrl-C is the job's (a key with -i, else SIGINT for it), Ctrl-P Ctrl-Q detaches and
+    leaves it running. Without -t, Ctrl-C stops the job as described above.
 
     Parameters
     ----------
