@@ -154,3 +154,19 @@ async def test_role_rules_for_attach(server: Server, certs: Certs) -> None:
             await session.close_stdin()
             assert (await rest_of(session)).endswith(b"admin\n")
         assert (await alice.wait(job.id)).exit_code == 0
+
+
+async def test_a_job_removed_while_attached_ends_the_stream_cleanly(server: Server) -> None:
+    async with server.connect() as client:
+        job = await client.start("cat", stdin=True)
+        async with client.attach(job.id) as session:
+            await session.write(b"x\n")
+            await read_until(session, b"x\n")
+            await client.remove(job.id, force=True)
+            try:
+                await rest_of(session)
+            except JobNotFound:
+                pass  # removed before its end could be sent: not found, never INTERNAL
+            else:
+                assert session.ended is not None
+                assert session.ended.state is JobState.KILLED

@@ -218,6 +218,26 @@ async def test_signal_reaches_a_tty_job() -> None:
         assert end.exit_code == 3
 
 
+async def test_signal_and_stop_reach_the_terminals_foreground_group() -> None:
+    """A shell with job control runs its command in a group of its own, the terminal's
+    foreground group: Signal reaches it there, as Ctrl-C on a terminal would."""
+    inner = 'trap "echo inner-usr1; exit 0" USR1; echo ready; while :; do sleep 0.05; done'
+    script = f"trap 'echo outer-usr1' USR1; set -m; sh -c '{inner}'; echo outer-done"
+    async with open_supervisor() as sup:
+        job = await sup.start("sh", ["-c", script], tty=True)
+        await wait_for_output(sup, job.id, b"ready")
+        await sup.signal(job.id, signal.SIGUSR1)
+        with trio.move_on_after(20):  # without the foreground group, it never ends
+            await sup.wait(job.id)
+        end = (
+            await sup.stop(job.id, grace=0) if not sup.status(job.id).ended else sup.status(job.id)
+        )
+        out = await output_of(sup, job.id)
+        assert b"inner-usr1" in out
+        assert b"outer-done" in out
+        assert end.exit_code == 0
+
+
 async def test_tty_requests_are_checked() -> None:
     async with open_supervisor() as sup:
         with pytest.raises(InvalidRequest, match="terminal_size"):

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.test_cli import COMMAND, DevServer, dev, ok
+from tests.test_cli import COMMAND, DevServer, ServerProcess, clean_env, dev, ok, own_cgroup
 from trio_worker._pb import worker_pb2 as pb
 
 __all__ = ["dev"]  # a fixture, used by name
@@ -98,6 +98,31 @@ def test_grpcio_attach_without_stdin_is_failed_precondition(dev: DevServer) -> N
             for _ in attach_stub(ch)(requests(), timeout=30):
                 pass
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        unary(ch, "Stop", pb.StopRequest(id=job.id), pb.Job)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [pb.AttachRequest(stdin=b"no open first")],
+        [pb.AttachRequest(open=pb.AttachOpen(id="{id}")), pb.AttachRequest(open=pb.AttachOpen())],
+        [pb.AttachRequest(open=pb.AttachOpen(id=""))],
+    ],
+    ids=["stdin-before-open", "open-twice", "empty-id"],
+)
+def test_grpcio_attach_protocol_errors_are_invalid_argument(
+    dev: DevServer, messages: list[pb.AttachRequest]
+) -> None:
+    with channel(dev) as ch:
+        job = unary(ch, "Start", pb.StartRequest(command="cat", stdin=True), pb.Job)
+        assert isinstance(job, pb.Job)
+        for message in messages:
+            if message.open.id == "{id}":
+                message.open.id = job.id
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in attach_stub(ch)(iter(messages), timeout=30):
+                pass
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         unary(ch, "Stop", pb.StopRequest(id=job.id), pb.Job)
 
 
@@ -393,3 +418,74 @@ def test_readme_tour_interactive_examples_work_as_written(dev: DevServer) -> Non
     subprocess.run(
         [*COMMAND, "stop", "--grace", "0", job_id[1].decode()], env=env, timeout=30, check=False
     )
+
+
+def test_run_it_restores_the_terminal_when_the_connection_is_lost(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    env = clean_env(home)
+    server = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(home)], env)
+    try:
+        port = server.port()
+        server.wait_for(r"^Try it", stream="stdout")
+        argv = [*COMMAND, "run", "-it", "--addr", f"127.0.0.1:{port}", "--"]
+        term = Terminal([*argv, "sh", "-c", "echo ready; sleep 100"], env)
+        try:
+            before = term.settings()
+            term.expect(b"ready")
+            server.proc.kill()  # the server vanishes mid-session
+            assert term.wait() == 125
+            assert term.settings() == before
+            assert b"trio-worker: error:" in term.seen
+        finally:
+            term.close()
+    finally:
+        server.stop()
+
+
+def test_run_i_without_t_ctrl_c_stops_the_job(dev: DevServer) -> None:
+    script = "trap 'echo got-term; exit 9' TERM; echo ready; while :; do sleep 0.1; done"
+    term = Terminal(cli_argv(dev, "run", "-i", "--", "sh", "-c", script), dev.env)
+    try:
+        before = term.settings()
+        term.expect(b"ready")
+        assert term.settings() == before  # no raw mode without -t
+        term.send(b"\x03")  # the terminal turns it into SIGINT for us
+        term.expect(b"got-term")
+        assert term.wait() == 130
+        assert b"stopping job" in term.seen
+    finally:
+        term.close()
+
+
+def test_run_it_forwards_the_terminal_size_and_its_changes(dev: DevServer) -> None:
+    script = 'stty size; trap "stty size" WINCH; echo ready; while :; do sleep 0.05; done'
+    argv = cli_argv(dev, "run", "-it", "--", "sh", "-c", script)
+    term = Terminal(argv, dev.env, rows=31, cols=97)
+    try:
+        before = term.settings()
+        term.expect(b"ready")
+        assert b"31 97" in term.seen  # the job's terminal started at our size
+        termios.tcsetwinsize(term.master, (52, 133))  # the kernel sends us SIGWINCH
+        term.expect(b"52 133")
+        term.send(b"\x03")  # a key for the job: its terminal turns it into SIGINT
+        assert term.wait() == 128 + signal.SIGINT
+        assert term.settings() == before
+    finally:
+        term.close()
+
+
+def test_run_t_without_i_ctrl_c_is_sigint_for_the_job(dev: DevServer) -> None:
+    script = "trap 'echo caught-int; exit 4' INT; echo ready; while :; do sleep 0.1; done"
+    term = Terminal(cli_argv(dev, "run", "-t", "--", "sh", "-c", script), dev.env)
+    try:
+        before = term.settings()
+        term.wait_raw(before)
+        term.expect(b"ready")
+        term.send(b"typed keys go nowhere\x03")
+        term.expect(b"caught-int")
+        assert term.wait() == 4
+        assert term.settings() == before
+        assert b"typed keys" not in term.seen
+    finally:
+        term.close()

@@ -16,6 +16,7 @@ from datetime import datetime
 from ._util import final
 
 __all__ = [
+    "DEFAULT_STOP_GRACE",
     "Isolation",
     "JobIdGenerator",
     "JobInfo",
@@ -25,6 +26,9 @@ __all__ = [
     "OutputStream",
     "Usage",
 ]
+
+#: Stop's grace when none is given: SIGTERM, then SIGKILL this many seconds later (contract).
+DEFAULT_STOP_GRACE = 5.0
 
 
 class JobState(enum.Enum):

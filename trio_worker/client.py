@@ -81,18 +81,20 @@ from ._errors import (
     RemoteError,
     TrioWorkerError,
 )
-from ._model import Isolation, JobInfo, JobState, Limits, OutputChunk
+from ._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits, OutputChunk
+from ._net._sockets import set_keepalive as _set_keepalive
 from ._pb import worker_pb2 as pb
 from ._tls import ALPN_PROTOCOL, client_context
 from ._wire._h2conn import (
     MAX_UNSENT_CONTROL,
     BoundedDecoder,
     FrameGate,
-    LateWindowUpdates,
     PeerMisbehaved,
+    WireH2Connection,
+    h2_config,
+    hpack_literal,
 )
-from ._wire._h2conn import hpack_int as _hpack_int
-from ._wire._status import DETAILS_HEADER, details_from_header
+from ._wire._status import DETAILS_HEADER, StatusCode, details_from_header
 
 __all__ = [
     "Attachment",
@@ -138,20 +140,6 @@ _ATTEMPTS: Final = 3
 #: Stdin is sent in messages of at most this size (the server takes up to 4 MiB).
 _STDIN_MESSAGE: Final = 256 * 1024
 _USER_AGENT: Final = f"trio-worker/{__version__} purerpc"
-
-# gRPC status codes (grpc/doc/statuscodes.md) that the client handles itself.
-_OK: Final = 0
-_CANCELLED: Final = 1
-_UNKNOWN: Final = 2
-_INVALID_ARGUMENT: Final = 3
-_DEADLINE_EXCEEDED: Final = 4
-_NOT_FOUND: Final = 5
-_PERMISSION_DENIED: Final = 7
-_RESOURCE_EXHAUSTED: Final = 8
-_FAILED_PRECONDITION: Final = 9
-_INTERNAL: Final = 13
-_UNAVAILABLE: Final = 14
-_UNAUTHENTICATED: Final = 16
 
 
 M = TypeVar("M")
@@ -229,16 +217,6 @@ def _tls_reason(exc: BaseException, *, handshake: bool = False) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _set_keepalive(sock: Any) -> None:
-    """TCP keepalive: the kernel's own check for an idle connection whose peer vanished."""
-    with suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
-
-
 def _grpc_timeout(seconds: float) -> str:
     """A grpc-timeout value: at most 8 digits, in the finest unit that fits."""
     seconds = max(seconds, 0.0)
@@ -247,11 +225,6 @@ def _grpc_timeout(seconds: float) -> str:
         if value <= 99_999_999:
             return f"{value}{unit}"
     return f"{min(math.ceil(seconds / 3600), 99_999_999)}H"
-
-
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
-        raise InvalidRequest("timeout", f"must be a positive number of seconds, got {timeout!r}")
 
 
 # --- the sans-I/O layer: purerpc's GRPCConnection, client side ---------------------------
@@ -307,17 +280,6 @@ class _BadResponse:
         self.reason = reason
 
 
-def _literal(name: str, value: str, static_index: int = 0) -> bytes:
-    """Literal header field without indexing (RFC 7541 §6.2.2), no Huffman: it leaves the
-    dynamic table alone, so the block is valid whatever the table holds."""
-    raw = value.encode("utf-8")
-    encoded = _hpack_int(len(raw), 7) + raw
-    if static_index:
-        return _hpack_int(static_index, 4) + encoded
-    key = name.encode("ascii")
-    return b"\x00" + _hpack_int(len(key), 7) + key + encoded
-
-
 class _Headers(list[tuple[str, str]]):
     """A request's header list together with its HPACK block, encoded once per method."""
 
@@ -339,11 +301,11 @@ def _request_headers(path: str, authority: str) -> _Headers:
     headers.block = (
         b"\x83"  # static entry 3, ":method: POST"
         + b"\x87"  # static entry 7, ":scheme: https"
-        + _literal(":path", path, 4)
-        + _literal(":authority", authority, 1)
-        + _literal("te", "trailers")
-        + _literal("content-type", "application/grpc+proto", 31)
-        + _literal("user-agent", _USER_AGENT, 58)
+        + hpack_literal(":path", path, 4)
+        + hpack_literal(":authority", authority, 1)
+        + hpack_literal("te", "trailers")
+        + hpack_literal("content-type", "application/grpc+proto", 31)
+        + hpack_literal("user-agent", _USER_AGENT, 58)
     )
     return headers
 
@@ -351,7 +313,7 @@ def _request_headers(path: str, authority: str) -> _Headers:
 def _with_timeout(base: _Headers, timeout: float) -> _Headers:
     value = _grpc_timeout(timeout)
     headers = _Headers([*base, ("grpc-timeout", value)])
-    headers.block = base.block + _literal("grpc-timeout", value)
+    headers.block = base.block + hpack_literal("grpc-timeout", value)
     return headers
 
 
@@ -366,7 +328,7 @@ class _RequestEncoder(hpack.Encoder):  # type: ignore[misc]
         return bytes(super().encode(headers, huffman))
 
 
-class _ClientH2(LateWindowUpdates):
+class _ClientH2(WireH2Connection):
     """h2's connection, kept usable after a GOAWAY and handing out output without a copy.
 
     h2 3.x closes its state machine on GOAWAY and drops unsent output, after which it would
@@ -383,17 +345,6 @@ class _ClientH2(LateWindowUpdates):
         event.additional_data = frame.additional_data or None
         return [], [event]
 
-    def data_to_send(self, amount: int | None = None) -> bytes | bytearray:
-        if amount is not None:
-            return bytes(super().data_to_send(amount))
-        data = self._data_to_send
-        self._data_to_send = bytearray()
-        return data
-
-    @property
-    def outbound_buffered(self) -> int:
-        return len(self._data_to_send)
-
 
 class _GRPCClientConnection(GRPCConnection):  # type: ignore[misc]
     """purerpc's ``GRPCConnection`` for a client, with our settings and complete events.
@@ -408,18 +359,7 @@ class _GRPCClientConnection(GRPCConnection):  # type: ignore[misc]
         self.config = GRPCConfiguration(
             client_side=True, user_agent=_USER_AGENT, max_message_length=_MAX_MESSAGE
         )
-        h2c = _ClientH2(
-            h2.config.H2Configuration(
-                client_side=True,
-                header_encoding="utf-8",
-                # Our request headers are fixed and well formed, and the server's are
-                # parsed by purerpc anyway: skip h2's re-checking of both.
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-                validate_inbound_headers=False,
-                normalize_inbound_headers=False,
-            )
-        )
+        h2c = _ClientH2(h2_config(client_side=True))
         h2c.encoder = _RequestEncoder()
         h2c.decoder = BoundedDecoder()  # the server repeats its header blocks
         h2c.decoder.max_header_list_size = _MAX_HEADER_LIST
@@ -572,10 +512,11 @@ class _Call:
             while total - pos >= 5:
                 compressed, length = _MESSAGE_PREFIX.unpack_from(source, pos)
                 if compressed:
-                    raise _CallFailed(_INTERNAL, "the server sent a compressed message")
+                    raise _CallFailed(StatusCode.INTERNAL, "the server sent a compressed message")
                 if length > _MAX_MESSAGE:
                     raise _CallFailed(
-                        _RESOURCE_EXHAUSTED, f"response message of {length} bytes is too large"
+                        StatusCode.RESOURCE_EXHAUSTED,
+                        f"response message of {length} bytes is too large",
                     )
                 end = pos + 5 + length
                 if end > total:
@@ -616,7 +557,7 @@ class _Call:
             raise self.error
         assert self.status is not None
         code, message, details = self.status
-        if code != _OK:
+        if code != StatusCode.OK:
             raise _CallFailed(code, message, details)
 
 
@@ -801,7 +742,7 @@ class _Connection:
                 call = self._calls.get(event.stream_id)
                 if call is not None:
                     reason = f"the server used grpc-encoding {event.message_encoding}"
-                    self._fail_stream(call, _CallFailed(_INTERNAL, reason))
+                    self._fail_stream(call, _CallFailed(StatusCode.INTERNAL, reason))
         elif kind is ResponseEnded:
             call = self._calls.get(event.stream_id)
             if call is not None:
@@ -811,7 +752,7 @@ class _Connection:
         elif kind is _Ended:
             call = self._calls.get(event.stream_id)
             if call is not None:  # END_STREAM without trailers
-                self._end(call, error=_CallFailed(_INTERNAL, "the server sent no status"))
+                self._end(call, error=_CallFailed(StatusCode.INTERNAL, "the server sent no status"))
         elif kind is WindowUpdated:
             self._window_lot.unpark_all()
             self._capacity_lot.unpark_all()
@@ -822,7 +763,7 @@ class _Connection:
         elif kind is _BadResponse:
             call = self._calls.get(event.stream_id)
             if call is not None:
-                self._fail_stream(call, _CallFailed(_INTERNAL, event.reason))
+                self._fail_stream(call, _CallFailed(StatusCode.INTERNAL, event.reason))
 
     def _on_data(self, event: _Data) -> None:
         call = self._calls.get(event.stream_id)
@@ -850,16 +791,16 @@ class _Connection:
         code = event.error_code
         if code == h2.errors.ErrorCodes.REFUSED_STREAM:
             failure = _CallFailed(
-                _RESOURCE_EXHAUSTED, "the server refused the call (too many calls)"
+                StatusCode.RESOURCE_EXHAUSTED, "the server refused the call (too many calls)"
             )
         elif code == h2.errors.ErrorCodes.CANCEL:
-            failure = _CallFailed(_CANCELLED, "the server cancelled the call")
+            failure = _CallFailed(StatusCode.CANCELLED, "the server cancelled the call")
         else:
             try:
                 name = h2.errors.ErrorCodes(code).name
             except ValueError:
                 name = str(code)
-            failure = _CallFailed(_INTERNAL, f"the server reset the call ({name})")
+            failure = _CallFailed(StatusCode.INTERNAL, f"the server reset the call ({name})")
         self._end(call, error=failure)
 
     def _on_goaway(self, event: _GoAway) -> None:
@@ -1000,7 +941,7 @@ class _Connection:
             if self.dead:
                 call.finish(error=ConnectionFailed(f"the connection to {self.addr} was closed"))
                 return
-            self._fail_stream(call, _CallFailed(_CANCELLED, "cancelled by the client"))
+            self._fail_stream(call, _CallFailed(StatusCode.CANCELLED, "cancelled by the client"))
         else:
             call.messages.clear()
             call.queued = 0
@@ -1126,9 +1067,10 @@ class WorkerClient:
 
     Every method may raise :class:`ConnectionFailed` (server unreachable, TLS refused,
     connection lost mid-call) besides the errors named on it; statuses the client has no
-    class for arrive as :class:`RemoteError`. ``timeout`` (seconds) bounds a call: it is
-    sent to the server as the call's deadline, and expiring raises ``RemoteError`` with
-    code 4 (DEADLINE_EXCEEDED). Calls may run concurrently from any number of tasks.
+    class for arrive as :class:`RemoteError`. A call follows the caller's trio deadline,
+    as trio's own functions do (``with trio.fail_after(5): await client.status(id)``); it
+    is sent to the server as grpc-timeout. Calls may run concurrently from any number of
+    tasks.
     """
 
     def __init__(self, dialer: _Dialer, nursery: trio.Nursery) -> None:
@@ -1149,7 +1091,7 @@ class WorkerClient:
     async def start(
         self,
         command: str,
-        args: Sequence[str] = (),
+        args: Sequence[str] | None = None,
         *,
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
@@ -1159,7 +1101,6 @@ class WorkerClient:
         stdin: bool = False,
         tty: bool = False,
         terminal_size: tuple[int, int] | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> JobInfo:
         """Start a job. A command that cannot be executed is a job in state FAILED, not an
         error. ``stdin`` keeps its stdin open for :meth:`attach`; ``tty`` runs it on a
@@ -1175,7 +1116,7 @@ class WorkerClient:
         with _request_field("command"):
             request.command = command
         with _request_field("args"):
-            request.args.extend(args)
+            request.args.extend(args or ())
         with _request_field("env"):
             request.env.update(env or {})
         with _request_field("working_dir"):
@@ -1192,36 +1133,27 @@ class WorkerClient:
                 request.terminal_size.rows, request.terminal_size.cols = terminal_size
         with _request_field("user"):
             request.user = user
-        job = await self._unary("Start", request, pb.Job, timeout=timeout)
+        job = await self._unary("Start", request, pb.Job)
         return job_from_pb(job)
 
-    async def stop(
-        self,
-        job_id: str,
-        *,
-        grace: float | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
-    ) -> JobInfo:
-        """SIGTERM the job's process group, SIGKILL after ``grace`` seconds (None: the
-        server's default); returns the final state. Raises JobNotFound, JobNotRunning."""
+    async def stop(self, job_id: str, grace: float = DEFAULT_STOP_GRACE) -> JobInfo:
+        """SIGTERM the job's process group, SIGKILL after ``grace`` seconds (as
+        ``Supervisor.stop``); returns the final state. Raises JobNotFound, JobNotRunning."""
         request = pb.StopRequest()
         with _request_field("id"):
             request.id = job_id
-        if grace is not None:
-            if not (isinstance(grace, int | float) and math.isfinite(grace) and grace >= 0):
-                raise InvalidRequest(
-                    "grace", f"must be a non-negative number of seconds, got {grace!r}"
-                )
-            with _request_field("grace"):  # OverflowError beyond timedelta's range
-                request.grace.CopyFrom(seconds_to_duration(grace))
-        return job_from_pb(await self._unary("Stop", request, pb.Job, job_id, timeout=timeout))
+        if isinstance(grace, bool) or not isinstance(grace, int | float):
+            raise InvalidRequest("grace", "must be a number of seconds")
+        if not (math.isfinite(grace) and grace >= 0):
+            raise InvalidRequest("grace", f"must be a finite number >= 0, got {grace}")
+        with _request_field("grace"):  # OverflowError beyond timedelta's range
+            request.grace.CopyFrom(seconds_to_duration(grace))
+        return job_from_pb(await self._unary("Stop", request, pb.Job, job_id))
 
     async def signal(
         self,
         job_id: str,
         signum: int,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> JobInfo:
         """Send ``signum`` to the job's process group. Raises JobNotFound, JobNotRunning,
         InvalidRequest (not a signal)."""
@@ -1230,38 +1162,33 @@ class WorkerClient:
             request.id = job_id
         with _request_field("signal"):
             request.signal = int(signum)
-        return job_from_pb(await self._unary("Signal", request, pb.Job, job_id, timeout=timeout))
+        return job_from_pb(await self._unary("Signal", request, pb.Job, job_id))
 
     async def status(
         self,
         job_id: str,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> JobInfo:
         """The job's current state. Raises JobNotFound."""
         request = pb.StatusRequest()
         with _request_field("id"):
             request.id = job_id
-        return job_from_pb(await self._unary("Status", request, pb.Job, job_id, timeout=timeout))
+        return job_from_pb(await self._unary("Status", request, pb.Job, job_id))
 
     async def wait(
         self,
         job_id: str,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> JobInfo:
         """Wait for the job to end; its final state. Raises JobNotFound."""
         request = pb.WaitRequest()
         with _request_field("id"):
             request.id = job_id
-        return job_from_pb(await self._unary("Wait", request, pb.Job, job_id, timeout=timeout))
+        return job_from_pb(await self._unary("Wait", request, pb.Job, job_id))
 
     async def remove(
         self,
         job_id: str,
         *,
         force: bool = False,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> JobInfo:
         """Delete an ended job's record and output; its last state. With ``force`` a
         running job is SIGKILLed and removed once ended. Raises JobNotFound,
@@ -1270,7 +1197,7 @@ class WorkerClient:
         with _request_field("id"):
             request.id = job_id
         request.force = bool(force)
-        return job_from_pb(await self._unary("Remove", request, pb.Job, job_id, timeout=timeout))
+        return job_from_pb(await self._unary("Remove", request, pb.Job, job_id))
 
     async def list(
         self,
@@ -1278,17 +1205,14 @@ class WorkerClient:
         states: Iterable[JobState] | None = None,
         owner: str | None = None,
         page_size: int = 1000,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> list[JobInfo]:
         """Every job this client may see, newest first, walking the server's pages.
 
         ``states`` keeps only jobs in those states, ``owner`` only that owner's
-        (for callers who see others' jobs). ``timeout`` applies to each page.
+        (for callers who see others' jobs).
         """
         jobs: list[JobInfo] = []
-        async for page in self.list_pages(
-            states=states, owner=owner, page_size=page_size, timeout=timeout
-        ):
+        async for page in self.list_pages(states=states, owner=owner, page_size=page_size):
             jobs.extend(page)
         return jobs
 
@@ -1298,7 +1222,6 @@ class WorkerClient:
         states: Iterable[JobState] | None = None,
         owner: str | None = None,
         page_size: int = 1000,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> AsyncIterator[builtins.list[JobInfo]]:
         """``list`` one page at a time (each at most ``page_size`` jobs and 4 MiB)."""
         request = pb.ListRequest(
@@ -1306,7 +1229,7 @@ class WorkerClient:
         )
         seen: set[str] = set()
         while True:
-            response = await self._unary("List", request, pb.ListResponse, timeout=timeout)
+            response = await self._unary("List", request, pb.ListResponse)
             yield [job_from_pb(job) for job in response.jobs]
             token = response.next_page_token
             if not token or token in seen:  # (a repeated token would loop forever)
@@ -1320,7 +1243,6 @@ class WorkerClient:
         *,
         offset: int = 0,
         follow: bool = True,
-        timeout: float | None = None,
     ) -> OutputIterator:
         """The job's output from byte ``offset`` of its combined log; with ``follow``, live
         until the job ends. Iterate it with ``async for``; ``aclose()`` it (or use it as
@@ -1333,8 +1255,7 @@ class WorkerClient:
         with _request_field("offset"):
             request.offset = offset
         request.follow = bool(follow)
-        _check_timeout(timeout)
-        return OutputIterator(self, request, timeout)
+        return OutputIterator(self, request)
 
     def attach(self, job_id: str, *, offset: int = 0) -> Attachment:
         """Use a job interactively over one bidirectional stream: its output from byte
@@ -1392,33 +1313,31 @@ class WorkerClient:
         request: Any,
         response_type: type[M],
         job_id: str | None = None,
-        *,
-        timeout: float | None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> M:
-        _check_timeout(timeout)
+        """One unary call, under the caller's deadline (sent as grpc-timeout)."""
         payload = request.SerializeToString()
-        deadline = math.inf if timeout is None else trio.current_time() + timeout
-        with trio.move_on_at(deadline):
-            for _ in range(_ATTEMPTS):
-                call = await self._open(method, payload, deadline)
-                conn = call.conn
-                try:
-                    await conn.wait(call)
-                    call.outcome()
-                except _Unprocessed:
-                    continue
-                except _CallFailed as exc:
-                    raise exception_from(exc.code, exc.message, exc.details, job_id) from None
-                finally:
-                    if not call.done:
-                        conn.cancel(call)
-                if len(call.messages) != 1:
-                    raise RemoteError(
-                        _INTERNAL, f"expected one response message, got {len(call.messages)}"
-                    )
-                return _parse(response_type, call.take())
-            raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
-        raise RemoteError(_DEADLINE_EXCEEDED, f"deadline exceeded after {timeout:g} s")
+        deadline = trio.current_effective_deadline()
+        for _ in range(_ATTEMPTS):
+            call = await self._open(method, payload, deadline)
+            conn = call.conn
+            try:
+                await conn.wait(call)
+                call.outcome()
+            except _Unprocessed:
+                continue
+            except _CallFailed as exc:
+                if exc.code == StatusCode.DEADLINE_EXCEEDED:
+                    await _deadline_passes(deadline)
+                raise exception_from(exc.code, exc.message, exc.details, job_id) from None
+            finally:
+                if not call.done:
+                    conn.cancel(call)
+            if len(call.messages) != 1:
+                raise RemoteError(
+                    StatusCode.INTERNAL, f"expected one response message, got {len(call.messages)}"
+                )
+            return _parse(response_type, call.take())
+        raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
 
     def _adopt(self, conn: _Connection) -> None:
         self._conn = conn
@@ -1436,11 +1355,19 @@ class WorkerClient:
                 await conn.finished.wait()
 
 
+async def _deadline_passes(deadline: float) -> None:
+    """The server said our deadline passed: let the caller's own clock say it (trio's
+    Cancelled, at most the clock skew of the two later), as for any other deadline."""
+    if deadline != math.inf:
+        await trio.sleep_until(deadline)
+
+
 def _parse(message_type: type[M], data: bytes | memoryview) -> M:
     try:
         return message_type.FromString(data)  # type: ignore[attr-defined,no-any-return]
     except DecodeError:
-        raise RemoteError(_INTERNAL, "the server sent a malformed response message") from None
+        message = "the server sent a malformed response message"
+        raise RemoteError(StatusCode.INTERNAL, message) from None
 
 
 @contextmanager
@@ -1464,11 +1391,10 @@ class OutputIterator:
     ``__anext__`` loses nothing: the next one carries on.
     """
 
-    def __init__(self, client: WorkerClient, request: Any, timeout: float | None) -> None:
+    def __init__(self, client: WorkerClient, request: Any) -> None:
         self._client = client
         self._request = request
         self._job_id: str = request.id
-        self._timeout = timeout
         self._deadline: float | None = None
         self._call: _Call | None = None
         self._finished = False
@@ -1501,32 +1427,33 @@ class OutputIterator:
         if self._finished:
             raise StopAsyncIteration
         if self._deadline is None:
-            timeout = self._timeout
-            self._deadline = math.inf if timeout is None else trio.current_time() + timeout
-        with trio.move_on_at(self._deadline):
-            try:
-                if self._call is None:
-                    await self._start()
-                    assert self._call is not None
-                call = self._call
-                message = await call.conn.next_message(call)
-            except _CallFailed as exc:
-                self._finished = True
-                raise exception_from(exc.code, exc.message, exc.details, self._job_id) from None
-            except TrioWorkerError:
-                self._finished = True
-                raise
-            except _Unprocessed:  # only a confused server would do this after answering
-                self._finished = True
-                raise ConnectionFailed(
-                    f"{self._client.address} dropped the output stream unprocessed"
-                ) from None
-            if message is None:
-                self._finished = True
-                raise StopAsyncIteration
-            return chunk_from_pb(_parse(pb.OutputChunk, message))
-        await self.aclose()
-        raise RemoteError(_DEADLINE_EXCEEDED, f"deadline exceeded after {self._timeout:g} s")
+            # No grpc-timeout: an iterator may be consumed under several cancel scopes
+            # (a cancelled __anext__ loses nothing), so each __anext__ follows its own
+            # caller's deadline, and closing the iterator resets the stream.
+            self._deadline = math.inf
+        try:
+            if self._call is None:
+                await self._start()
+                assert self._call is not None
+            call = self._call
+            message = await call.conn.next_message(call)
+        except _CallFailed as exc:
+            self._finished = True
+            if exc.code == StatusCode.DEADLINE_EXCEEDED:
+                await _deadline_passes(self._deadline)
+            raise exception_from(exc.code, exc.message, exc.details, self._job_id) from None
+        except TrioWorkerError:
+            self._finished = True
+            raise
+        except _Unprocessed:  # only a confused server would do this after answering
+            self._finished = True
+            raise ConnectionFailed(
+                f"{self._client.address} dropped the output stream unprocessed"
+            ) from None
+        if message is None:
+            self._finished = True
+            raise StopAsyncIteration
+        return chunk_from_pb(_parse(pb.OutputChunk, message))
 
     async def _start(self) -> None:
         client = self._client
@@ -1631,7 +1558,9 @@ class Attachment:
             if message is None:
                 self._finished = True
                 if self.ended is None:
-                    raise RemoteError(_INTERNAL, "the attach stream closed before the job ended")
+                    raise RemoteError(
+                        StatusCode.INTERNAL, "the attach stream closed before the job ended"
+                    )
                 break
             response = _parse(pb.AttachResponse, message)
             kind = response.WhichOneof("event")
@@ -1668,7 +1597,7 @@ class Attachment:
             if call.done:
                 # The call has ended: its outcome (an error, or the job's end) is what the
                 # iteration reports; an error is worth raising here too.
-                if call.error is not None or (call.status and call.status[0] != _OK):
+                if call.error is not None or (call.status and call.status[0] != StatusCode.OK):
                     with suppress(_Unprocessed):
                         try:
                             call.outcome()

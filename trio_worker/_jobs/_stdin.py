@@ -154,6 +154,16 @@ class StdinWriter:
             if exc.errno != errno.EIO:
                 raise
 
+    def foreground_group(self) -> int | None:
+        """The terminal's foreground process group (None: no terminal, or none now)."""
+        if not self.tty or self._fd is None:
+            return None
+        try:
+            group = os.tcgetpgrp(self._fd)
+        except OSError:
+            return None
+        return group if group > 0 else None
+
     def release(self) -> None:
         """Close the descriptor now (the job has ended); waiting writers get StdinClosed."""
         fd, self._fd = self._fd, None

@@ -650,7 +650,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         job = self._get(job_id)
         signum = validate_signal(signum)
         await trio.lowlevel.checkpoint()
-        self._running_process(job).signal_group(signum)
+        _signal_job(job, self._running_process(job), signum)
         return job.info()
 
     async def stop(self, job_id: str, grace: float = 5.0) -> JobInfo:
@@ -661,7 +661,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         if not math.isfinite(grace) or grace < 0:
             raise InvalidRequest("grace", f"must be a finite number >= 0, got {grace}")
         process = self._running_process(job)
-        process.signal_group(_signal.SIGTERM)
+        _signal_job(job, process, _signal.SIGTERM)
         # The SIGKILL after the grace is the supervisor's, not the caller's: a
         # caller that gives up waiting (cancelled, disconnected) cannot stop it.
         deadline = trio.current_time() + grace
@@ -786,13 +786,20 @@ class Supervisor(metaclass=NoPublicConstructor):
     ) -> AsyncIterator[OutputChunk]:
         """The job's output from ``offset``: with ``follow``, live until the job ends.
 
-        Raises ``JobNotFound`` at once, not at the first iteration.
+        Bad arguments raise ``InvalidRequest`` at once; what needs the job (``JobNotFound``,
+        an offset past the end of an ended log) raises at the first iteration, as the
+        remote client's ``output`` does (it learns of them from the server's answer).
         """
-        job = self._get(job_id)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise InvalidRequest("offset", f"must be an integer >= 0, got {offset!r}")
         if chunk_size <= 0:
             raise InvalidRequest("chunk_size", "must be > 0")
+        return _OnFirstNext(lambda: self._open_output(job_id, offset, follow, chunk_size))
+
+    def _open_output(
+        self, job_id: str, offset: int, follow: bool, chunk_size: int
+    ) -> AsyncIterator[OutputChunk]:
+        job = self._get(job_id)
         assert job.log is not None
         if job.log.finished and offset > job.log.end:
             raise InvalidRequest("offset", f"{offset} is past the end of the log ({job.log.end})")
@@ -808,7 +815,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         return job.process
 
     async def _terminate(self, job: _Job, process: JobProcess, grace: float) -> None:
-        process.signal_group(_signal.SIGTERM)
+        _signal_job(job, process, _signal.SIGTERM)
         with trio.move_on_after(grace):
             await job.ended.wait()
         if not job.ended.is_set():
@@ -818,7 +825,7 @@ class Supervisor(metaclass=NoPublicConstructor):
     async def _kill(self, job: _Job, process: JobProcess) -> None:
         """SIGKILL everything of the job: its process group and, through the
         cgroup, whatever escaped it (setsid, double fork)."""
-        process.signal_group(_signal.SIGKILL)
+        _signal_job(job, process, _signal.SIGKILL)
         group = job.cgroup
         if group is not None and group.tracked and not group.is_empty():
             # May freeze and wait (v1 without cgroup.kill): not on the event loop.
@@ -1002,6 +1009,31 @@ class Supervisor(metaclass=NoPublicConstructor):
                     nursery.start_soon(self._terminate, job, job.process, grace)
 
 
+class _OnFirstNext:
+    """An iterator made by ``open`` at the first ``__anext__`` (whose errors come out there)."""
+
+    def __init__(self, open_: Callable[[], AsyncIterator[OutputChunk]]) -> None:
+        self._open: Callable[[], AsyncIterator[OutputChunk]] | None = open_
+        self._inner: AsyncIterator[OutputChunk] | None = None
+
+    def __aiter__(self) -> _OnFirstNext:
+        return self
+
+    async def __anext__(self) -> OutputChunk:
+        if self._inner is None:
+            assert self._open is not None
+            opener, self._open = self._open, None
+            self._inner = opener()
+        return await self._inner.__anext__()
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        else:
+            await trio.lowlevel.checkpoint()
+
+
 class _UntilEnded:
     """A follower's iterator that ends only once the job's end is recorded.
 
@@ -1026,6 +1058,22 @@ class _UntilEnded:
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
+
+
+def _signal_job(job: _Job, process: JobProcess, signum: int) -> None:
+    """Signal the job's process group and, on a terminal, its foreground group too.
+
+    A shell with job control (``bash -i``, ``set -m``) runs each command in a group of its
+    own and makes it the terminal's foreground group; a terminal would signal that group
+    (Ctrl-C), so Signal and Stop do as well. It lies in the job's session, so it is the
+    job's; the cgroup still takes whatever is in neither group when the job is killed.
+    """
+    process.signal_group(signum)
+    if job.tty and job.input is not None and not process.reaped:
+        group = job.input.foreground_group()
+        if group is not None and group != process.pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signum)
 
 
 def _open_terminal() -> tuple[int, int, int]:

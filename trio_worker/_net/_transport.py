@@ -70,6 +70,7 @@ from .._wire._h2conn import (
     StreamReset,
 )
 from .._wire._status import StatusCode
+from ._sockets import set_keepalive as _set_keepalive
 from ._tlsstream import TLSSocketStream
 
 __all__ = [
@@ -367,18 +368,6 @@ async def _bind(host: str, port: int, backlog: int) -> list[trio.SocketListener]
     if not listeners:
         raise ListenError(f"listen address {host!r} resolves to no usable address")
     return listeners
-
-
-def _set_keepalive(sock: Any) -> None:
-    """Notice a client that vanished without a FIN within about two minutes."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
-    except OSError:  # pragma: no cover - the socket may already be dead
-        pass
 
 
 # --- one call ----------------------------------------------------------------------------

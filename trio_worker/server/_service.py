@@ -238,8 +238,11 @@ class WorkerService:
             )
         except TrioWorkerError as exc:
             raise rpc_error(exc) from None
-        async for chunk in reader:
-            yield chunk_to_pb(chunk)
+        try:
+            async for chunk in reader:
+                yield chunk_to_pb(chunk)
+        except TrioWorkerError as exc:  # JobNotFound comes at the first chunk
+            raise rpc_error(exc) from None
 
     async def attach(
         self,
@@ -271,9 +274,13 @@ class WorkerService:
             raise rpc_error(exc) from None
 
         async def forward_output(done: trio.CancelScope) -> None:
-            async for chunk in reader:
-                await send(pb.AttachResponse(output=chunk_to_pb(chunk)))
-            await send(pb.AttachResponse(ended=job_to_pb(self._sup.status(job_id))))
+            try:
+                async for chunk in reader:
+                    await send(pb.AttachResponse(output=chunk_to_pb(chunk)))
+                final = self._sup.status(job_id)
+            except TrioWorkerError as exc:  # JobNotFound: removed meanwhile (Remove, force)
+                raise rpc_error(exc) from None
+            await send(pb.AttachResponse(ended=job_to_pb(final)))
             done.cancel()  # the job has ended: input means nothing any more
 
         try:
