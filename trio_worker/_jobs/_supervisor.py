@@ -347,11 +347,9 @@ class Supervisor(metaclass=NoPublicConstructor):
             if i < len(self._order) and self._order[i] == job_id:
                 del self._order[i]
 
-    async def _account(self, user: str | UnixUser | None) -> UnixUser:
-        if user is None or user == "":
+    async def _account(self, user: str | None) -> UnixUser:
+        if user is None or user == "" or user == self._me.label:
             return self._me
-        if isinstance(user, UnixUser):
-            return user
         if not isinstance(user, str):
             raise InvalidRequest("user", "must be a user name or a decimal uid")
         return await trio.to_thread.run_sync(lookup_user, user)
@@ -382,7 +380,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         stdin: bool = False,
         tty: bool = False,
         terminal_size: tuple[int, int] | None = None,
-        user: str | UnixUser | None = None,
+        user: str | None = None,
     ) -> JobInfo:
         """Start a job; return once its process exists.
 
@@ -394,10 +392,11 @@ class Supervisor(metaclass=NoPublicConstructor):
         A command that cannot be executed is not an exception: the job is
         returned (and kept) in state FAILED with ``error`` saying why.
 
-        ``user`` (a name, a decimal uid, or a looked-up ``UnixUser``; default:
-        the supervisor's own user) is who the job runs as: its uid, primary gid
-        and groups. A job of another user gets a clean environment (PATH and
-        locale kept, HOME, USER, LOGNAME and SHELL from passwd; ``env`` on top)
+        ``user`` (a name or a decimal uid; default: the supervisor's own user)
+        is who the job runs as: its uid, primary gid and groups (InvalidRequest
+        for a user the host does not know). A job of another user gets a clean
+        environment (PATH and locale kept, HOME, USER, LOGNAME and SHELL from
+        passwd; ``env`` on top)
         and starts in that user's home (``/`` without one) unless ``cwd`` says.
         """
         await trio.lowlevel.checkpoint()

@@ -141,7 +141,7 @@ class WorkerService:
                     limits=limits_from_pb(request.limits),
                     isolation=isolation_from_pb(request.isolation),
                     owner=ctx.identity.name,
-                    user=user,
+                    user=user.label,
                     stdin=request.stdin,
                     tty=request.tty,
                     terminal_size=_terminal_size(request),
