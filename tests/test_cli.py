@@ -852,6 +852,10 @@ async def test_logs_follow_resumes_after_the_connection_is_cut(dev: DevServer) -
     assert proxy.cuts >= 2, "the connection was never cut mid-stream: make the job slower"
     assert proxy.connections >= 3
     assert follow.stdout == expected  # every byte exactly once, in order
+    # One line when the connection is lost, one when it is back, for each cut.
+    said = [line.split(" ", 2)[1] for line in follow.stderr.decode().splitlines()]
+    assert said, follow.stderr
+    assert said == ["lost", "reconnected"] * (len(said) // 2), follow.stderr
 
 
 # --- Ctrl-C -----------------------------------------------------------------------------

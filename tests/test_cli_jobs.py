@@ -263,3 +263,25 @@ def test_debug_shows_our_tracebacks_and_nothing_of_http2(dev: DevServer) -> None
     assert result.returncode == 6
     assert "Traceback" in err
     assert not re.search(r"\b(hpack|h2|purerpc)\b", err), err
+
+
+def test_run_ends_promptly_and_says_so_when_the_server_shuts_down(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    server = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(tmp_path)], env)
+    try:
+        addr = f"127.0.0.1:{server.port()}"
+        server.wait_for(r"^Try it", stream="stdout")
+        run = subprocess.Popen(
+            [*COMMAND, "run", "--addr", addr, "--", "sh", "-c", "echo started; sleep 300"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert run.stdout is not None
+        assert run.stdout.readline() == b"started\n"
+        server.proc.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=20)  # not the 60 s of reconnecting
+    finally:
+        server.stop()
+    assert run.returncode == 128 + signal.SIGTERM, err
+    assert err.decode().endswith("was killed by SIGTERM: the server is shutting down\n"), err

@@ -509,3 +509,31 @@ def test_states_are_coloured_on_a_terminal_unless_no_color(
     assert not _render.colours_on(Tty())
     assert _render.state_cell(_job()) == ("exited (0)", "32")  # type: ignore[arg-type]
     assert _render.state_cell(_job(exit_code=2))[1] == "31"  # type: ignore[arg-type]
+
+
+def test_an_unknown_command_names_every_command(
+    run_main: Callable[..., tuple[int, bytes, str]],
+) -> None:
+    from trio_worker.cli._commands import NAMES
+
+    code, out, err = run_main("lsit", "-q")
+    assert (code, out) == (2, b"")
+    assert err.count("\n") == 1
+    assert err.startswith("trio-worker: error: unknown command 'lsit' (did you mean list?)")
+    for name in NAMES:
+        assert re.search(rf"\b{name}\b", err), name
+    assert ", ;" not in err
+
+
+def test_the_overview_lists_every_command_within_80_columns(
+    run_main: Callable[..., tuple[int, bytes, str]],
+) -> None:
+    from trio_worker.cli._commands import NAMES
+
+    for args in ((), ("--help",), ("-h",)):
+        code, out, _ = run_main(*args)
+        assert code == 0
+        text = out.decode()
+        assert all(len(line) <= 80 for line in text.splitlines())
+        listed = re.findall(r"^  (\w+)  ", text, re.M)
+        assert set(NAMES) <= set(listed)

@@ -89,7 +89,8 @@ commands:
     trio-worker logs -f ID
     trio-worker stop ID
 
-Every command takes --help. --debug (anywhere before --) shows tracebacks and debug logs."""
+Every command takes --help. --debug (anywhere before --) shows tracebacks and
+debug logs."""
 
 
 def overview() -> str:

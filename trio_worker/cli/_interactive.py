@@ -4,7 +4,9 @@ A session is one connection and one Attach stream: the job's output goes to our 
 (stderr to stderr), our stdin goes to the job, our terminal's size follows. With a local
 terminal and a job on a terminal that takes our input, our terminal is in raw mode, as
 docker's is: every key, Ctrl-C included, is a byte for the job, whose own terminal echoes
-and interprets it; ``Ctrl-P Ctrl-Q`` detaches. Raw mode is undone on every way out:
+and interprets it; ``Ctrl-P Ctrl-Q`` detaches. ``run -t`` without ``-i`` is in raw mode
+too: the job takes no input, so Ctrl-C and Ctrl-\\ become the signals its terminal would
+have sent it (SIGINT, SIGQUIT), and other keys go nowhere. Raw mode is undone on every way out:
 normal end, error, signal (SIGTERM, SIGHUP), lost connection.
 
 Without raw mode, Ctrl-C keeps ``run``'s meaning (stop the job, then leave), and leaves an
@@ -43,6 +45,8 @@ __all__ = ["DetachKeys", "StartJob", "attach", "local_terminal_size", "run_inter
 _DETACH = b"\x10\x11"
 #: Bytes read from our stdin at a time.
 _READ_BYTES = 64 * 1024
+#: Keys a terminal turns into signals (the defaults of VINTR and VQUIT).
+_KEY_SIGNALS = {0x03: _signal.SIGINT, 0x1C: _signal.SIGQUIT}
 #: Signals that end a session (and undo raw mode) instead of killing us outright.
 _LEAVE_SIGNALS = (_signal.SIGTERM, _signal.SIGHUP)
 
@@ -117,12 +121,14 @@ class _Session:
         send_stdin: bool,
         raw: bool,
         on_interrupt: Callable[[], Awaitable[None]] | None,
+        on_key_signal: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self._client = client
         self._job = job
         self._send_stdin = send_stdin
         self._raw = raw
         self._on_interrupt = on_interrupt
+        self._on_key_signal = on_key_signal
         self.outcome = _Outcome()
 
     async def run(self, session: Attachment) -> _Outcome:
@@ -132,6 +138,8 @@ class _Session:
             nursery.start_soon(self._signals, done, nursery)
             if self._send_stdin:
                 nursery.start_soon(self._pump_stdin, session, done)
+            elif self._raw and self._on_key_signal is not None:
+                nursery.start_soon(self._watch_keys, self._on_key_signal, done)
             if self._job.tty and local_terminal_size() is not None:
                 nursery.start_soon(self._follow_size, session)
             async for chunk in session:
@@ -165,6 +173,32 @@ class _Session:
                     return
             else:
                 await session.write(data)
+
+    async def _watch_keys(
+        self, on_key_signal: Callable[[int], Awaitable[None]], done: trio.CancelScope
+    ) -> None:
+        """Raw mode for a job that takes no input (``run -t``): the keys a terminal turns
+        into signals (Ctrl-C, Ctrl-\\) signal the job instead, as its own terminal would;
+        Ctrl-P Ctrl-Q detaches; other keys go nowhere."""
+        keys = DetachKeys()
+        while True:
+            try:
+                data = await trio.to_thread.run_sync(
+                    os.read, 0, _READ_BYTES, abandon_on_cancel=True
+                )
+            except OSError:
+                data = b""
+            if not data:
+                return
+            data, detach = keys.feed(data)
+            for byte in data:
+                signum = _KEY_SIGNALS.get(byte)
+                if signum is not None:
+                    await on_key_signal(signum)
+            if detach:
+                self.outcome.detached = True
+                done.cancel()
+                return
 
     async def _follow_size(self, session: Attachment) -> None:
         with trio.open_signal_receiver(_signal.SIGWINCH) as changes:
@@ -205,11 +239,19 @@ async def _attached(
     offset: int,
     send_stdin: bool,
     on_interrupt: Callable[[], Awaitable[None]] | None,
+    on_key_signal: Callable[[int], Awaitable[None]] | None = None,
 ) -> _Outcome:
-    """Attach to ``job`` on ``client`` and run the session, in raw mode where it applies."""
-    raw = send_stdin and job.tty and os.isatty(0)
+    """Attach to ``job`` on ``client`` and run the session, in raw mode where it applies:
+    a tty job, our stdin a terminal, and our keys going to the job (as input, or as the
+    signals they stand for)."""
+    raw = job.tty and os.isatty(0) and (send_stdin or on_key_signal is not None)
     session_runner = _Session(
-        client, job, send_stdin=send_stdin, raw=raw, on_interrupt=on_interrupt
+        client,
+        job,
+        send_stdin=send_stdin,
+        raw=raw,
+        on_interrupt=on_interrupt,
+        on_key_signal=on_key_signal,
     )
     with _raw_mode(0) if raw else contextlib.nullcontext():
         async with client.attach(job.id, offset=offset) as session:
@@ -257,7 +299,18 @@ async def run_interactive(
             with contextlib.suppress(JobNotRunning):
                 await client.stop(job.id, DEFAULT_STOP_GRACE if grace is None else grace)
 
-        outcome = await _attached(client, job, offset=0, send_stdin=stdin, on_interrupt=stop_job)
+        async def signal_job(signum: int) -> None:
+            with contextlib.suppress(JobNotRunning):
+                await client.signal(job.id, signum)
+
+        outcome = await _attached(
+            client,
+            job,
+            offset=0,
+            send_stdin=stdin,
+            on_interrupt=stop_job,
+            on_key_signal=signal_job if tty else None,
+        )
     return _exit_code(outcome, job.id)
 
 

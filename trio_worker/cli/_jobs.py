@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Annotated
 import trio
 from cyclopts import Parameter
 
-from .._errors import InvalidRequest, JobNotRunning
+from .._errors import (
+    ConnectionFailed,
+    InvalidRequest,
+    JobNotRunning,
+    ShuttingDown,
+    TrioWorkerError,
+)
 from .._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits
 from . import _parse
 from ._app import JOB_GROUP, LIMITS_GROUP, Count, Cpus, Offset, Seconds, Size
@@ -261,8 +267,9 @@ async def run(
         trio-worker run -it -- bash
 
     With -i, this command's stdin goes to the job (end of input closes the job's). With -t
-    the job runs on a pseudo-terminal: with -i too, this terminal is in raw mode (Ctrl-C is
-    a key for the job; Ctrl-P Ctrl-Q detaches and leaves it running) and its size follows.
+    the job runs on a pseudo-terminal whose size follows this one, which is in raw mode:
+    Ctrl-C is the job's (a key with -i, else SIGINT for it), Ctrl-P Ctrl-Q detaches and
+    leaves it running. Without -t, Ctrl-C stops the job as described above.
 
     Parameters
     ----------
@@ -346,8 +353,20 @@ async def run(
                     nursery.cancel_scope.cancel()
                     return _report_failed_start(started)
                 job_id = started.id
+                # Wait is in flight from the start, on the same connection as the output: a
+                # server shutting down finishes calls in flight, so the end still arrives
+                # (a Wait sent after the output ended would meet a closed port).
+                ending: list[JobInfo] = []
+                ended = trio.Event()
+
+                async def wait_for_end() -> None:
+                    ending.append(await retrying(backoff, lambda: client.wait(job_id)))
+                    ended.set()
+
+                nursery.start_soon(wait_for_end)
                 await follow_output(client, job_id, sink, follow=True, backoff=backoff)
-                final = await retrying(backoff, lambda: client.wait(job_id))
+                await ended.wait()
+                final = ending[0]
                 if interrupted:
                     await last_words_known.wait()
                 nursery.cancel_scope.cancel()
@@ -358,10 +377,28 @@ async def run(
                         client, job_id, OutputSink(begin), follow=False, backoff=backoff
                     )
                 return ExitCode.INTERRUPTED
-    code, note = job_exit(final)
+        code, note = job_exit(final)
+        # A job killed by a signal is said by the exit code alone, as a shell does, unless
+        # it was the server going away: then that is why the job ended.
+        killed = final.state is JobState.KILLED and note is None
+        if killed and await _server_going_away(client, final.id):
+            name = _parse.signal_name(final.signal or 0)
+            note = f"job {final.id} was killed by {name}: the server is shutting down"
     if note:
         print(f"trio-worker: {note}", file=sys.stderr, flush=True)
     return code
+
+
+async def _server_going_away(client: WorkerClient, job_id: str) -> bool:
+    """Whether the server is shutting down (it stops every job then): a quick Status."""
+    with trio.move_on_after(2):
+        try:
+            await client.status(job_id)
+        except (ShuttingDown, ConnectionFailed):
+            return True
+        except TrioWorkerError:
+            pass
+    return False
 
 
 async def status(
