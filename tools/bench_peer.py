@@ -172,6 +172,16 @@ def _run_harness(
     args: argparse.Namespace, addr: str, pki: dict[str, str], proto: str, pid: int, label: str
 ) -> dict[str, float]:
     figures: dict[str, float] = {}
+    # First, on a fresh server: RSS per job is only meaningful before big outputs.
+    if args.spawn > 0:
+        spawn = [args.client_python, "-c", SPAWN, str(args.peer_dir), addr]
+        spawn += [pki["ca"], pki["cert"], pki["key"], proto, str(args.spawn), str(pid)]
+        out = subprocess.run(spawn, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            print(f"# {label}: spawn failed: {out.stderr.strip()[-500:]}", file=sys.stderr)
+        for line in out.stdout.splitlines():
+            record = json.loads(line)
+            figures[record["figure"]] = record["median"]
     if args.only:
         cmd = [
             args.client_python,
@@ -204,15 +214,6 @@ def _run_harness(
             if line.startswith("{"):
                 record = json.loads(line)
                 figures[record["figure"]] = record["median"]
-    if args.spawn > 0:
-        spawn = [args.client_python, "-c", SPAWN, str(args.peer_dir), addr]
-        spawn += [pki["ca"], pki["cert"], pki["key"], proto, str(args.spawn), str(pid)]
-        out = subprocess.run(spawn, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            print(f"# {label}: spawn failed: {out.stderr.strip()[-500:]}", file=sys.stderr)
-        for line in out.stdout.splitlines():
-            record = json.loads(line)
-            figures[record["figure"]] = record["median"]
     if args.burst_seconds > 0:
         burst = [args.client_python, "-c", BURST, str(args.peer_dir), addr]
         burst += [pki["ca"], pki["cert"], pki["key"], proto, str(args.burst_seconds)]
