@@ -27,6 +27,8 @@ CLIENT_MODULES = {
     "trio_worker._errors",
     "trio_worker._limits",
     "trio_worker._model",
+    "trio_worker._net",  # the package (its __init__ imports nothing)...
+    "trio_worker._net._sockets",  # ...and the socket options both ends set; not the server
     "trio_worker._util",
     "trio_worker._pb",
     "trio_worker._wire",

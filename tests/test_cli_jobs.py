@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +27,8 @@ from tests.test_cli import (
     ok,
     own_cgroup,
 )
+from trio_worker import ConnectionFailed, pki
+from trio_worker.cli._errors import describe
 
 __all__ = ["COMMAND"]
 
@@ -191,3 +196,92 @@ def test_first_ctrl_c_on_run_stops_printing_at_once(dev: DevServer) -> None:
     # and in the client's buffers (megabytes) never is printed.
     assert len(after) < 512 * 1024, len(after)
     assert err.decode().splitlines()[-1].startswith("trio-worker: stopping job")
+
+
+def test_tls_failures_say_what_is_wrong(dev: DevServer, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    pki.init_ca(other)
+    dev_pki = dev.state_dir / "pki"
+    admin = ["--cert", dev_pki / "admin.pem", "--key", dev_pki / "admin.key"]
+    wrong_ca = cli("list", "--addr", dev.addr, "--ca", other / "ca.pem", *admin, env=dev.env)
+    assert "not from --ca" in assert_one_line_error(wrong_ca, 4)
+
+    with socket.create_server(("127.0.0.1", 0)) as plain:  # answers like an HTTP server
+
+        def answer() -> None:
+            conn, _ = plain.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        addr = f"127.0.0.1:{plain.getsockname()[1]}"
+        result = cli("list", "--addr", addr, env=dev.env)
+        thread.join(10)
+    err = assert_one_line_error(result, 4)
+    assert "does not speak TLS" in err
+    assert "not a trio-worker server" in err
+
+
+@pytest.mark.parametrize(
+    ("message", "hint"),
+    [
+        ("TLS handshake with h:1 timed out after 10 s", "never answered TLS"),
+        ("TLS handshake with h:1 failed: certificate verify failed: x", "not from --ca"),
+        ("TLS handshake with h:1 failed: the server refused our certificate (x)", "--cert"),
+        ("TLS handshake with h:1 failed: wrong version number", "does not speak TLS"),
+        ("cannot connect to h:1: connection refused", "is the server running there?"),
+    ],
+)
+def test_connection_failures_get_their_own_hint(message: str, hint: str) -> None:
+    failure = describe(ConnectionFailed(message), command="list")
+    assert failure.code == 4
+    assert hint in failure.message
+
+
+def test_a_port_in_use_is_a_configuration_error(dev: DevServer, tmp_path: Path) -> None:
+    result = cli(
+        "serve", "--listen", dev.addr, "--state-dir", tmp_path / "state", env=dev.env, timeout=60
+    )
+    err = assert_one_line_error(result, 3)
+    assert "already in use" in err
+    assert "bug" not in err
+
+
+def test_server_validation_errors_name_the_option(dev: DevServer) -> None:
+    err = assert_one_line_error(dev("start", "--memory", "1", "--", "true"), 2)
+    assert err.startswith("trio-worker: error: --memory: ")
+    assert "limits." not in err
+    err = assert_one_line_error(dev("start", "--cwd", "/no/such/dir", "--", "true"), 2)
+    assert err.startswith("trio-worker: error: --cwd: ")
+
+
+def test_debug_shows_our_tracebacks_and_nothing_of_http2(dev: DevServer) -> None:
+    result = dev("status", "--debug", "01ARZ3NDEKTSV4RRFFQ69G5FAV")
+    err = result.stderr.decode()
+    assert result.returncode == 6
+    assert "Traceback" in err
+    assert not re.search(r"\b(hpack|h2|purerpc)\b", err), err
+
+
+def test_run_ends_promptly_and_says_so_when_the_server_shuts_down(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    server = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(tmp_path)], env)
+    try:
+        addr = f"127.0.0.1:{server.port()}"
+        server.wait_for(r"^Try it", stream="stdout")
+        run = subprocess.Popen(
+            [*COMMAND, "run", "--addr", addr, "--", "sh", "-c", "echo started; sleep 300"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert run.stdout is not None
+        assert run.stdout.readline() == b"started\n"
+        server.proc.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=20)  # not the 60 s of reconnecting
+    finally:
+        server.stop()
+    assert run.returncode == 128 + signal.SIGTERM, err
+    assert err.decode().endswith("was killed by SIGTERM: the server is shutting down\n"), err

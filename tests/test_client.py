@@ -466,17 +466,20 @@ async def test_a_huge_job_id_is_described_not_echoed(server: Server) -> None:
     assert len(str(info.value)) < 200
 
 
-async def test_deadline_exceeded(server: Server) -> None:
+async def test_calls_follow_the_callers_deadline(server: Server) -> None:
+    """No timeout= keywords: the caller's cancel scope is the deadline, sent to the server as
+    grpc-timeout, and expiring is trio's own Cancelled, caught by the caller's scope."""
     async with server.connect() as client:
         job = await client.start("sleep", ["30"])
         with trio.fail_after(5):
-            with pytest.raises(RemoteError) as info:
-                await client.wait(job.id, timeout=0.2)
-        assert info.value.code == 4
-        with pytest.raises(RemoteError) as info:
-            async for _ in client.output(job.id, timeout=0.2):
-                pass
-        assert info.value.code == 4
+            with trio.move_on_after(0.2) as wait_scope:
+                await client.wait(job.id)
+        assert wait_scope.cancelled_caught
+        with trio.fail_after(5):
+            with trio.move_on_after(0.2) as output_scope:
+                async for _ in client.output(job.id):
+                    pass
+        assert output_scope.cancelled_caught
         assert (await client.status(job.id)).state is JobState.RUNNING  # connection fine
         await stop_quietly(client, job.id)
 
@@ -795,3 +798,28 @@ def test_grpc_timeout_format() -> None:
     assert fmt(30) == "30000000u"
     assert fmt(3600) == "3600000m"
     assert fmt(10**9) == "16666667M"
+
+
+def test_local_and_remote_apis_agree() -> None:
+    """WorkerClient's methods take what Supervisor's take, with the same defaults (stop's
+    grace, start's args), and neither takes a timeout: the caller's cancel scope is it."""
+    import inspect
+
+    from trio_worker import Supervisor
+
+    for name in ("start", "stop", "signal", "status", "wait", "remove", "output"):
+        local = inspect.signature(getattr(Supervisor, name)).parameters
+        remote = inspect.signature(getattr(WorkerClient, name)).parameters
+        assert "timeout" not in remote
+        for parameter, spec in remote.items():
+            if parameter in local:
+                assert spec.default == local[parameter].default, (name, parameter)
+
+
+async def test_output_of_an_unknown_job_raises_when_iterated_locally_too(tmp_path: Path) -> None:
+    from trio_worker import open_supervisor
+
+    async with open_supervisor(state_dir=tmp_path / "state") as sup:
+        stream = sup.output("nope")  # no error yet, as client.output("nope")
+        with pytest.raises(JobNotFound):
+            await anext(stream)

@@ -119,7 +119,7 @@ async def test_offsets_resume_exactly_and_ended_job_replays() -> None:
         for offset in (0, 1, 4095, 65536, len(full) - 1, len(full)):
             assert await output_of(sup, job.id, offset) == full[offset:]
         with pytest.raises(InvalidRequest, match="offset"):
-            sup.output(job.id, len(full) + 1)
+            await anext(sup.output(job.id, len(full) + 1))
         with pytest.raises(InvalidRequest, match="offset"):
             sup.output(job.id, -1)
 
@@ -273,8 +273,8 @@ async def test_unknown_ids_bad_signals_and_bad_grace() -> None:
             sup.status("nope")
         with pytest.raises(JobNotFound):
             await sup.wait("nope")
-        with pytest.raises(JobNotFound):
-            sup.output("nope")
+        with pytest.raises(JobNotFound):  # when iterated, as the remote client's
+            await anext(sup.output("nope"))
         job = await sup.start("sleep", ["1000"])
         for bad in (0, -1, 10_000, 1.5, "TERM"):
             with pytest.raises(InvalidRequest, match="signal"):

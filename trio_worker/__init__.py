@@ -19,6 +19,7 @@ from ._errors import InvalidRequest as InvalidRequest
 from ._errors import JobNotFound as JobNotFound
 from ._errors import JobNotRunning as JobNotRunning
 from ._errors import JobStillRunning as JobStillRunning
+from ._errors import NoStdin as NoStdin
 from ._errors import PermissionDenied as PermissionDenied
 from ._errors import QuotaExceeded as QuotaExceeded
 from ._errors import RemoteError as RemoteError
@@ -54,6 +55,7 @@ __all__ = [
     "JobStillRunning",
     "LimitPolicy",
     "Limits",
+    "NoStdin",
     "OutputChunk",
     "OutputStream",
     "PermissionDenied",

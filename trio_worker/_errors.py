@@ -14,6 +14,7 @@ __all__ = [
     "JobNotFound",
     "JobNotRunning",
     "JobStillRunning",
+    "NoStdin",
     "PermissionDenied",
     "QuotaExceeded",
     "RemoteError",
@@ -77,6 +78,16 @@ class JobStillRunning(TrioWorkerError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"job {describe_id(job_id)} is still running")
         self.job_id = job_id
+
+
+class NoStdin(TrioWorkerError):
+    """The job takes no input this way: it was started without stdin (or tty, for a
+    resize), or its stdin was closed."""
+
+    def __init__(self, job_id: str, why: str) -> None:
+        super().__init__(f"cannot write to job {job_id}: {why}")
+        self.job_id = job_id
+        self.why = why
 
 
 class Unenforceable(TrioWorkerError):

@@ -16,6 +16,7 @@ from datetime import datetime
 from ._util import final
 
 __all__ = [
+    "DEFAULT_STOP_GRACE",
     "Isolation",
     "JobIdGenerator",
     "JobInfo",
@@ -25,6 +26,9 @@ __all__ = [
     "OutputStream",
     "Usage",
 ]
+
+#: Stop's grace when none is given: SIGTERM, then SIGKILL this many seconds later (contract).
+DEFAULT_STOP_GRACE = 5.0
 
 
 class JobState(enum.Enum):
@@ -130,6 +134,10 @@ class JobInfo:
     #: The first byte offset still retained in the log (0 unless trimmed).
     output_start: int = 0
     usage: Usage | None = None
+    #: Started with stdin open for writing (Attach, ``write_stdin``).
+    stdin: bool = False
+    #: Runs on a pseudo-terminal (its output is all STDOUT).
+    tty: bool = False
     #: The Unix user the job runs as: its name, or the uid in decimal without one.
     user: str = ""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from .._errors import (
     JobNotFound,
     JobNotRunning,
     JobStillRunning,
+    NoStdin,
     ResourceExhausted,
     ShuttingDown,
     StateDirError,
@@ -63,11 +65,14 @@ from ._process import (
     SpawnError,
     SpawnOptions,
     StartSpec,
+    Stdin,
+    Terminal,
     describe_os_error,
     validate_signal,
     validate_start,
 )
 from ._statedir import StateDir
+from ._stdin import DEFAULT_TERMINAL_SIZE, StdinClosed, StdinWriter, check_terminal_size
 from ._store import JobStore, SqliteJobStore, StoredJob, process_start_time
 
 __all__ = [
@@ -138,6 +143,13 @@ class _Job:
         self.cgroup: JobCgroup | None = None
         self.final_usage: Usage | None = None
         self.ended = trio.Event()
+        #: Started with stdin (callers may write it) / on a terminal.
+        self.stdin = False
+        self.tty = False
+        #: The job's input side: its stdin pipe, or its terminal (also for resizes).
+        self.input: StdinWriter | None = None
+        #: A tty job's terminal master, read as its output.
+        self.terminal: PipeReader | None = None
         #: Recorded with the pid, so a record written late still lets recovery
         #: tell the job's process from one that reused its pid.
         self.pid_start_time: int | None = None
@@ -172,6 +184,8 @@ class _Job:
             oom_killed=r.oom_killed,
             spawn_errno=r.spawn_errno,
             usage=self.usage(),
+            stdin=self.stdin,
+            tty=self.tty,
         )
 
     @classmethod
@@ -342,8 +356,16 @@ class Supervisor(metaclass=NoPublicConstructor):
         limits: Limits | None = None,
         isolation: Isolation | None = None,
         owner: str = "",
+        stdin: bool = False,
+        tty: bool = False,
+        terminal_size: tuple[int, int] | None = None,
     ) -> JobInfo:
         """Start a job; return once its process exists.
+
+        ``stdin``: keep the job's stdin open for ``write_stdin``/``close_stdin`` (else it
+        is /dev/null). ``tty``: run it on a new pseudo-terminal of ``terminal_size``
+        (rows, cols; default 24x80), its stdin, stdout and stderr and its controlling
+        terminal, in a new session; its output is all STDOUT.
 
         A command that cannot be executed is not an exception: the job is
         returned (and kept) in state FAILED with ``error`` saying why.
@@ -352,20 +374,32 @@ class Supervisor(metaclass=NoPublicConstructor):
         if self._closing:
             raise ShuttingDown("the supervisor is shutting down")
         spec = validate_start(command, args, env, cwd, base_env=self._base_env)
+        terminal = _check_terminal(tty, terminal_size)
         limits = limits if limits is not None else Limits()
         isolation = isolation if isolation is not None else Isolation()
         if not isinstance(limits, Limits):
             raise InvalidRequest("limits", "must be a trio_worker.Limits")
         if not isinstance(isolation, Isolation):
             raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
+        if terminal is not None and isolation.pid:
+            # The PID namespace's init starts its own session: the job would lose the
+            # terminal as its controlling terminal.
+            raise InvalidRequest("tty", "cannot be combined with pid isolation")
         limits = self._policy.apply(limits)  # InvalidRequest above a maximum
         check_enforceable(self.cgroups, limits, isolation)  # never silently ignored
         job_id = self._new_id()
         log = self._open_log(job_id)
         job = _Job(job_id, owner, spec, limits, isolation, log)
         job.env_keys = tuple(env or ())
-        # Where Start's stdin/tty/user plug in (the spawn mechanism is ready).
-        options = SpawnOptions()
+        job.stdin = bool(stdin)
+        job.tty = terminal is not None
+        # A terminal's master and slave, and the master's duplicate for writing: made
+        # before the job, so running out of descriptors refuses the Start cleanly.
+        fds = _open_terminal() if terminal is not None else None
+        if fds is not None and terminal is not None:
+            options = SpawnOptions(stdin=Terminal(fds[1], terminal[0], terminal[1]))
+        else:
+            options = SpawnOptions(stdin=Stdin.PIPE if job.stdin else Stdin.NULL)
         try:
             argv = None
             if isolation.any:
@@ -385,11 +419,20 @@ class Supervisor(metaclass=NoPublicConstructor):
                 if exc.errno in RESOURCE_ERRNOS:
                     raise ResourceExhausted(f"cannot start the job: {exc}") from None
                 raise SpawnError(f"cannot set up the job's cgroup: {exc}", None) from None
-            process = JobProcess.spawn(
-                spec, argv=argv, cgroup=job.cgroup, options=options, nofile_soft=self._job_nofile
-            )
+            try:
+                process = JobProcess.spawn(
+                    spec,
+                    argv=argv,
+                    cgroup=job.cgroup,
+                    options=options,
+                    nofile_soft=self._job_nofile,
+                )
+            finally:
+                if fds is not None:
+                    os.close(fds[1])  # the slave is the job's alone now
         except SpawnError as exc:
             # The command cannot run: a FAILED job, kept and reported.
+            _close_terminal(fds)
             self._add(job)
             self._feed(job, lc.SpawnFailed(exc.message, _now(), exc.errno))
             log.finish()
@@ -401,6 +444,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         except BaseException:
             # Out of descriptors, memory or processes (ResourceExhausted), or
             # cancelled: no half-made job stays, in the table or on the host.
+            _close_terminal(fds)
             with trio.CancelScope(shield=True):
                 log.close()
                 _remove_new_job_dir(log.directory)
@@ -409,6 +453,12 @@ class Supervisor(metaclass=NoPublicConstructor):
             raise
         self._add(job)
         job.process = process
+        if fds is not None:
+            job.terminal = PipeReader(fds[0])
+            job.input = StdinWriter(fds[2], tty=True)
+        elif process.stdin is not None:
+            job.input = StdinWriter(process.stdin, tty=False)
+            process.stdin = None  # the writer owns it now
         # The full environment (the server's, ~3 KiB) served the exec; keeping
         # it would cost every job, running or ended, that much memory.
         job.spec = dataclasses.replace(spec, env={})
@@ -554,7 +604,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         job = self._get(job_id)
         signum = validate_signal(signum)
         await trio.lowlevel.checkpoint()
-        self._running_process(job).signal_group(signum)
+        _signal_job(job, self._running_process(job), signum)
         return job.info()
 
     async def stop(self, job_id: str, grace: float = 5.0) -> JobInfo:
@@ -565,7 +615,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         if not math.isfinite(grace) or grace < 0:
             raise InvalidRequest("grace", f"must be a finite number >= 0, got {grace}")
         process = self._running_process(job)
-        process.signal_group(_signal.SIGTERM)
+        _signal_job(job, process, _signal.SIGTERM)
         # The SIGKILL after the grace is the supervisor's, not the caller's: a
         # caller that gives up waiting (cancelled, disconnected) cannot stop it.
         deadline = trio.current_time() + grace
@@ -612,6 +662,68 @@ class Supervisor(metaclass=NoPublicConstructor):
         if not job.ended.is_set() and job.kill_deadline == deadline:
             await self._kill(job, process)
 
+    async def write_stdin(self, job_id: str, data: bytes) -> None:
+        """Write ``data`` to the job's stdin, waiting while the job does not read it.
+
+        Nothing is buffered here: the wait is the backpressure, and memory stays bounded
+        by the pipe (or terminal). Concurrent writes go in arrival order. Raises NoStdin
+        for a job started without stdin (or whose stdin was closed), JobNotRunning once
+        it has ended. Bytes a job will never read (it closed its stdin) are dropped.
+        """
+        job = self._get(job_id)
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise InvalidRequest("data", f"must be bytes, got {type(data).__name__}")
+        writer = self._stdin_of(job)
+        try:
+            await writer.write(data)
+        except StdinClosed:
+            raise self._closed_stdin(job) from None
+
+    async def close_stdin(self, job_id: str) -> None:
+        """End the job's input: it reads EOF (on a terminal: the EOF character, after
+        whatever was written before). Closing twice is no error."""
+        job = self._get(job_id)
+        writer = self._stdin_of(job, closing=True)
+        if writer is not None:
+            await writer.close()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def resize(self, job_id: str, rows: int, cols: int) -> None:
+        """Set a tty job's terminal size; its foreground process group gets SIGWINCH."""
+        job = self._get(job_id)
+        try:
+            rows, cols = check_terminal_size(rows, cols)
+        except ValueError as exc:
+            raise InvalidRequest("terminal_size", str(exc)) from None
+        await trio.lowlevel.checkpoint()
+        if not job.tty:
+            raise NoStdin(job.id, "it has no terminal (start it with tty)")
+        self._running_process(job)
+        if job.input is None:
+            raise self._closed_stdin(job)
+        try:
+            job.input.resize(rows, cols)
+        except StdinClosed:
+            raise self._closed_stdin(job) from None
+
+    def _stdin_of(self, job: _Job, *, closing: bool = False) -> StdinWriter:
+        if not job.stdin:
+            raise NoStdin(job.id, "it was started without stdin")
+        self._running_process(job)
+        writer = job.input
+        if writer is None:
+            raise self._closed_stdin(job)
+        if writer.closed and not closing:
+            raise NoStdin(job.id, "its stdin was closed")
+        return writer
+
+    def _closed_stdin(self, job: _Job) -> Exception:
+        if job.ended.is_set() or job.record.state is not JobState.RUNNING:
+            state = job.record.state.value if job.record.state else "new"
+            return JobNotRunning(job.id, state)
+        return NoStdin(job.id, "its stdin was closed")
+
     async def wait(self, job_id: str) -> JobInfo:
         """Wait until the job has ended and its output is complete."""
         job = self._get(job_id)
@@ -628,13 +740,20 @@ class Supervisor(metaclass=NoPublicConstructor):
     ) -> AsyncIterator[OutputChunk]:
         """The job's output from ``offset``: with ``follow``, live until the job ends.
 
-        Raises ``JobNotFound`` at once, not at the first iteration.
+        Bad arguments raise ``InvalidRequest`` at once; what needs the job (``JobNotFound``,
+        an offset past the end of an ended log) raises at the first iteration, as the
+        remote client's ``output`` does (it learns of them from the server's answer).
         """
-        job = self._get(job_id)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise InvalidRequest("offset", f"must be an integer >= 0, got {offset!r}")
         if chunk_size <= 0:
             raise InvalidRequest("chunk_size", "must be > 0")
+        return _OnFirstNext(lambda: self._open_output(job_id, offset, follow, chunk_size))
+
+    def _open_output(
+        self, job_id: str, offset: int, follow: bool, chunk_size: int
+    ) -> AsyncIterator[OutputChunk]:
+        job = self._get(job_id)
         assert job.log is not None
         if job.log.finished and offset > job.log.end:
             raise InvalidRequest("offset", f"{offset} is past the end of the log ({job.log.end})")
@@ -650,7 +769,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         return job.process
 
     async def _terminate(self, job: _Job, process: JobProcess, grace: float) -> None:
-        process.signal_group(_signal.SIGTERM)
+        _signal_job(job, process, _signal.SIGTERM)
         with trio.move_on_after(grace):
             await job.ended.wait()
         if not job.ended.is_set():
@@ -660,7 +779,7 @@ class Supervisor(metaclass=NoPublicConstructor):
     async def _kill(self, job: _Job, process: JobProcess) -> None:
         """SIGKILL everything of the job: its process group and, through the
         cgroup, whatever escaped it (setsid, double fork)."""
-        process.signal_group(_signal.SIGKILL)
+        _signal_job(job, process, _signal.SIGKILL)
         group = job.cgroup
         if group is not None and group.tracked and not group.is_empty():
             # May freeze and wait (v1 without cgroup.kill): not on the event loop.
@@ -689,6 +808,8 @@ class Supervisor(metaclass=NoPublicConstructor):
                 async with trio.open_nursery() as pumps:
                     if process.stdout is not None:
                         pumps.start_soon(_pump, process.stdout, OutputStream.STDOUT, log)
+                    if job.terminal is not None:  # on a terminal, all output is stdout
+                        pumps.start_soon(_pump, job.terminal, OutputStream.STDOUT, log)
                     if process.stderr is not None:
                         pumps.start_soon(_pump, process.stderr, OutputStream.STDERR, log)
                     await process.wait_exited()
@@ -711,6 +832,10 @@ class Supervisor(metaclass=NoPublicConstructor):
                     await process.wait_exited()
                     process.reap()
                 process.close_pipes()
+                if job.terminal is not None:
+                    job.terminal.close()
+                if job.input is not None:
+                    job.input.release()  # writers still waiting learn the job ended
                 try:
                     if not log.finished:
                         log.finish()
@@ -838,6 +963,31 @@ class Supervisor(metaclass=NoPublicConstructor):
                     nursery.start_soon(self._terminate, job, job.process, grace)
 
 
+class _OnFirstNext:
+    """An iterator made by ``open`` at the first ``__anext__`` (whose errors come out there)."""
+
+    def __init__(self, open_: Callable[[], AsyncIterator[OutputChunk]]) -> None:
+        self._open: Callable[[], AsyncIterator[OutputChunk]] | None = open_
+        self._inner: AsyncIterator[OutputChunk] | None = None
+
+    def __aiter__(self) -> _OnFirstNext:
+        return self
+
+    async def __anext__(self) -> OutputChunk:
+        if self._inner is None:
+            assert self._open is not None
+            opener, self._open = self._open, None
+            self._inner = opener()
+        return await self._inner.__anext__()
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        else:
+            await trio.lowlevel.checkpoint()
+
+
 class _UntilEnded:
     """A follower's iterator that ends only once the job's end is recorded.
 
@@ -862,6 +1012,67 @@ class _UntilEnded:
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
+
+
+def _signal_job(job: _Job, process: JobProcess, signum: int) -> None:
+    """Signal the job's process group and, on a terminal, its foreground group too.
+
+    A shell with job control (``bash -i``, ``set -m``) runs each command in a group of its
+    own and makes it the terminal's foreground group; a terminal would signal that group
+    (Ctrl-C), so Signal and Stop do as well. It lies in the job's session, so it is the
+    job's; the cgroup still takes whatever is in neither group when the job is killed.
+    """
+    process.signal_group(signum)
+    if job.tty and job.input is not None and not process.reaped:
+        group = job.input.foreground_group()
+        if group is not None and group != process.pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signum)
+
+
+def _open_terminal() -> tuple[int, int, int]:
+    """(master, slave, a duplicate of the master for writing), none inheritable."""
+    try:
+        master, slave = os.openpty()
+    except OSError as exc:
+        if exc.errno in RESOURCE_ERRNOS or exc.errno == errno.ENOSPC:  # ENOSPC: no ptys left
+            raise ResourceExhausted(f"cannot give the job a terminal: {exc.strerror}") from None
+        raise
+    try:
+        writer = os.dup(master)
+    except OSError as exc:
+        os.close(master)
+        os.close(slave)
+        if exc.errno in RESOURCE_ERRNOS:
+            raise ResourceExhausted(f"cannot give the job a terminal: {exc.strerror}") from None
+        raise
+    return master, slave, writer
+
+
+def _close_terminal(fds: tuple[int, int, int] | None) -> None:
+    """A terminal the job never got: the master and its duplicate (the slave is closed
+    where the spawn happens)."""
+    if fds is not None:
+        os.close(fds[0])
+        os.close(fds[2])
+
+
+def _check_terminal(tty: object, size: object) -> tuple[int, int] | None:
+    """The terminal's first size for a tty job, None for a job without one."""
+    if not isinstance(tty, bool):
+        raise InvalidRequest("tty", f"must be a bool, got {tty!r}")
+    if not tty:
+        if size is not None:
+            raise InvalidRequest("terminal_size", "is only for a job with tty")
+        return None
+    if size is None:
+        return DEFAULT_TERMINAL_SIZE
+    if not isinstance(size, tuple | list) or len(size) != 2:
+        raise InvalidRequest("terminal_size", "must be (rows, cols)")
+    try:
+        return check_terminal_size(size[0], size[1])
+    except ValueError as exc:
+        raise InvalidRequest("terminal_size", str(exc)) from None
 
 
 def _kill_recorded(pid: int | None, start_time: int | None) -> None:

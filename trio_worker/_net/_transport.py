@@ -21,7 +21,9 @@ Handlers get ``(request, CallContext)``. ``UnaryMethod`` handlers are coroutines
 the response, ``StreamMethod`` handlers async iterators of responses, ``SyncUnaryMethod``
 handlers plain functions run in the reader (no task: the cheapest call, for answers from
 memory). ``BidiStreamMethod`` handlers get ``(requests, CallContext)``, an async iterator of
-the request messages as they arrive, and are async iterators of responses. They signal
+the request messages as they arrive, and are async iterators of responses;
+``BidiTaskMethod`` handlers are coroutines that also get a ``send`` function, for handlers
+that read and send from concurrent tasks (a nursery cannot span a ``yield``). They signal
 errors with :class:`RpcError`; anything else is logged with its traceback and answered
 INTERNAL without details.
 """
@@ -68,10 +70,12 @@ from .._wire._h2conn import (
     StreamReset,
 )
 from .._wire._status import StatusCode
+from ._sockets import set_keepalive as _set_keepalive
 from ._tlsstream import TLSSocketStream
 
 __all__ = [
     "BidiStreamMethod",
+    "BidiTaskMethod",
     "CallContext",
     "CallRecord",
     "ListenError",
@@ -199,12 +203,34 @@ class BidiStreamMethod(Generic[Req, Resp]):
     handler: Callable[[AsyncIterator[Req], CallContext], AsyncIterator[Resp]]
 
 
+@dataclass(frozen=True, slots=True)
+class BidiTaskMethod(Generic[Req, Resp]):
+    """A bidirectional streaming method whose handler is a coroutine:
+    ``await handler(requests, send, ctx)``, where ``await send(response)`` queues one
+    response (waiting for flow control and buffer room, as a stream's yield does), and
+    returning ends the call with OK.
+
+    For handlers that must take requests and send responses at the same time: they run
+    their own tasks in a nursery of their own, which an async-iterator handler cannot
+    hold open across a ``yield``. One task at a time may ``send``. Requests, their flow
+    control and the ways a call ends are as for :class:`BidiStreamMethod`.
+    """
+
+    request_type: type[Req]
+    response_type: type[Resp]
+    handler: Callable[
+        [AsyncIterator[Req], Callable[[Resp], Awaitable[None]], CallContext], Awaitable[None]
+    ]
+
+
 Method = (
     UnaryMethod[Any, Any]
     | SyncUnaryMethod[Any, Any]
     | StreamMethod[Any, Any]
     | BidiStreamMethod[Any, Any]
+    | BidiTaskMethod[Any, Any]
 )
+_BIDI = (BidiStreamMethod, BidiTaskMethod)
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,18 +370,6 @@ async def _bind(host: str, port: int, backlog: int) -> list[trio.SocketListener]
     return listeners
 
 
-def _set_keepalive(sock: Any) -> None:
-    """Notice a client that vanished without a FIN within about two minutes."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
-    except OSError:  # pragma: no cover - the socket may already be dead
-        pass
-
-
 # --- one call ----------------------------------------------------------------------------
 
 
@@ -401,7 +415,7 @@ class _Call:
         # and where its request iterator waits for more.
         self.inbox: deque[bytes] | None = None
         self.arrived: trio.lowlevel.ParkingLot | None = None
-        if isinstance(method, BidiStreamMethod):
+        if isinstance(method, _BIDI):
             self.inbox = deque()
             self.arrived = trio.lowlevel.ParkingLot()
 
@@ -799,7 +813,7 @@ class _Connection:
             with call.scope:
                 if ready is not None:
                     request, response = ready
-                elif not isinstance(method, BidiStreamMethod):
+                elif not isinstance(method, _BIDI):
                     if not call.request_done.is_set():
                         await call.request_done.wait()
                     request = self._parse(call)
@@ -807,7 +821,14 @@ class _Connection:
                         response = await method.handler(request, call.ctx)
                     elif isinstance(method, SyncUnaryMethod):
                         response = method.handler(request, call.ctx)
-                if not isinstance(method, StreamMethod | BidiStreamMethod):
+                if isinstance(method, BidiTaskMethod):
+                    response_type = method.response_type
+
+                    async def send(item: Any) -> None:
+                        await self._send_message(call, item, response_type)
+
+                    await method.handler(_Requests(self, call, method.request_type), send, call.ctx)
+                elif not isinstance(method, StreamMethod | BidiStreamMethod):
                     # Not woken: _complete writes the message and trailers together.
                     await self._send_message(call, response, method.response_type, wake=False)
                 else:
@@ -1107,7 +1128,7 @@ class Server:
                 raise ValueError(f"method path must look like /package.Service/Method: {path!r}")
         self.methods: Mapping[str, Method] = dict(methods)
         self._bidi_paths = frozenset(
-            path for path, method in self.methods.items() if isinstance(method, BidiStreamMethod)
+            path for path, method in self.methods.items() if isinstance(method, _BIDI)
         )
         self.config = config or TransportConfig()
         self.stats = ServerStats()

@@ -71,12 +71,14 @@ __all__ = [
     "BoundedDecoder",
     "FrameGate",
     "GRPCServerConnection",
-    "LateWindowUpdates",
     "PeerGoAway",
     "PeerMisbehaved",
     "RequestTooLarge",
     "ServerH2Connection",
     "StreamReset",
+    "WireH2Connection",
+    "h2_config",
+    "hpack_literal",
 ]
 
 
@@ -282,12 +284,14 @@ def hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
 
 
 def _hpack_string(text: str) -> bytes:
-    raw = text.encode("ascii")
+    raw = text.encode("utf-8")
     return hpack_int(len(raw), 7) + raw
 
 
-def _literal(name: str, value: str, static_index: int = 0) -> bytes:
-    """Literal header field without indexing (RFC 7541 §6.2.2): no dynamic table change."""
+def hpack_literal(name: str, value: str, static_index: int = 0) -> bytes:
+    """Literal header field without indexing (RFC 7541 §6.2.2), no Huffman: it leaves the
+    dynamic table alone, so a block of these is valid whatever the table holds. The name
+    is ``static_index`` in the static table when given."""
     if static_index:
         return hpack_int(static_index, 4) + _hpack_string(value)
     return b"\x00" + _hpack_string(name) + _hpack_string(value)
@@ -300,8 +304,8 @@ _CONTENT_TYPE = 31  # static table entry 31: "content-type"
 #: end_response; the transport always uses content type suffix "+proto").
 _CONSTANT_BLOCKS: dict[tuple[tuple[str, str], ...], bytes] = {
     ((":status", "200"), ("content-type", "application/grpc+proto")): _STATUS_200
-    + _literal("content-type", "application/grpc+proto", _CONTENT_TYPE),
-    (("grpc-status", "0"),): _literal("grpc-status", "0"),
+    + hpack_literal("content-type", "application/grpc+proto", _CONTENT_TYPE),
+    (("grpc-status", "0"),): hpack_literal("grpc-status", "0"),
 }
 
 
@@ -393,8 +397,22 @@ class BoundedDecoder(hpack.Decoder):  # type: ignore[misc]
         return headers
 
 
-class LateWindowUpdates(h2.connection.H2Connection):  # type: ignore[misc]
-    """h2's connection, ignoring a WINDOW_UPDATE for a stream it has already forgotten.
+def h2_config(*, client_side: bool) -> h2.config.H2Configuration:
+    """h2's configuration for both ends: our own headers are built well formed, and the
+    peer's are parsed by purerpc anyway, so h2's re-checking of both is skipped."""
+    return h2.config.H2Configuration(
+        client_side=client_side,
+        header_encoding="utf-8",
+        validate_outbound_headers=False,
+        validate_inbound_headers=False,
+        normalize_inbound_headers=False,
+        normalize_outbound_headers=False,
+    )
+
+
+class WireH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
+    """h2's connection as both ends use it: output handed over without a copy, and a
+    WINDOW_UPDATE for a stream h2 has already forgotten ignored.
 
     RFC 9113 §5.1 lets WINDOW_UPDATE arrive "for a short period" after a stream ended. h2
     accepts it while the closed stream is still in its table, but forgets closed streams
@@ -402,6 +420,8 @@ class LateWindowUpdates(h2.connection.H2Connection):  # type: ignore[misc]
     error (GOAWAY STREAM_CLOSED): under load (the peer consuming our last DATA while we
     open or accept the next stream) every call on the connection failed at once.
     """
+
+    _data_to_send: bytearray
 
     def _receive_window_update_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
         if frame.stream_id and frame.stream_id not in self.streams:
@@ -415,11 +435,22 @@ class LateWindowUpdates(h2.connection.H2Connection):  # type: ignore[misc]
         frames, events = super()._receive_window_update_frame(frame)
         return frames, events
 
+    def data_to_send(self, amount: int | None = None) -> bytes | bytearray:
+        """Hand over the whole output buffer without copying it (h2 and purerpc copy)."""
+        if amount is not None:
+            return bytes(super().data_to_send(amount))
+        data: bytearray = self._data_to_send
+        self._data_to_send = bytearray()
+        return data
 
-class ServerH2Connection(LateWindowUpdates):
+    @property
+    def outbound_buffered(self) -> int:
+        """Bytes serialized but not yet taken by ``data_to_send``."""
+        return len(self._data_to_send)
+
+
+class ServerH2Connection(WireH2Connection):
     """h2's connection with the stream cap left to the transport and a graceful GOAWAY."""
-
-    _data_to_send: bytearray
 
     @property
     def open_inbound_streams(self) -> int:
@@ -458,19 +489,6 @@ class ServerH2Connection(LateWindowUpdates):
                 buffer += data
             else:
                 buffer += frame.serialize()
-
-    def data_to_send(self, amount: int | None = None) -> bytes | bytearray:
-        """Hand over the whole output buffer without copying it (purerpc's patch copies)."""
-        if amount is not None:
-            return bytes(super().data_to_send(amount))
-        data: bytearray = self._data_to_send
-        self._data_to_send = bytearray()
-        return data
-
-    @property
-    def outbound_buffered(self) -> int:
-        """Bytes serialized but not yet taken by ``data_to_send``."""
-        return len(self._data_to_send)
 
     def send_graceful_goaway(self, last_stream_id: int) -> None:
         """Queue GOAWAY(NO_ERROR) without closing h2's state machine.
@@ -519,17 +537,7 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         # Not super().__init__(): it builds a plain H2Connection with purerpc's fixed
         # settings (65536 streams, a 1 GiB connection window, 16 MiB frames).
         self.config = GRPCConfiguration(client_side=False, max_message_length=max_message_length)
-        h2c = ServerH2Connection(
-            h2.config.H2Configuration(
-                client_side=False,
-                header_encoding="utf-8",
-                # Our own headers are constant and well formed: skip re-checking them.
-                validate_outbound_headers=False,
-                validate_inbound_headers=False,
-                normalize_inbound_headers=False,
-                normalize_outbound_headers=False,
-            )
-        )
+        h2c = ServerH2Connection(h2_config(client_side=False))
         codes = h2.settings.SettingCodes
         h2c.local_settings = h2.settings.Settings(
             client=False,

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["app", "main"]
 
 #: Commands whose exit code is the job's; their own failures are 125.
-_JOB_EXIT_COMMANDS = frozenset({"run", "wait"})
+_JOB_EXIT_COMMANDS = frozenset({"run", "wait", "attach"})
 
 
 def _split_debug(tokens: list[str]) -> tuple[list[str], bool]:
@@ -60,10 +60,9 @@ def _setup_logging(command: str, debug: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO if server else logging.WARNING)
-    if not debug:
-        # Libraries underneath are chatty at INFO; trio-worker's own records are what count.
-        for name in ("purerpc", "hpack", "h2"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    # The HTTP/2 libraries log every frame and header at DEBUG: --debug is for our records.
+    for name in ("purerpc", "hpack", "h2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _stdout_gone() -> NoReturn:

@@ -62,6 +62,11 @@ COMMANDS: Final = (
         "Remove every ended job you may remove, and say how much output that freed.",
     ),
     Command(
+        "attach",
+        "_interactive:attach",
+        "Attach to a running job: follow its output from now on, and type into it.",
+    ),
+    Command(
         "certs",
         "_certs:certs",
         "Make certificates: a CA, the server's, and clients' with roles; show one.",
@@ -84,7 +89,8 @@ commands:
     trio-worker logs -f ID
     trio-worker stop ID
 
-Every command takes --help. --debug (anywhere before --) shows tracebacks and debug logs."""
+Every command takes --help. --debug (anywhere before --) shows tracebacks and
+debug logs."""
 
 
 def overview() -> str:

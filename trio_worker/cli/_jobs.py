@@ -17,8 +17,14 @@ from typing import TYPE_CHECKING, Annotated
 import trio
 from cyclopts import Parameter
 
-from .._errors import InvalidRequest, JobNotRunning
-from .._model import Isolation, JobInfo, JobState, Limits
+from .._errors import (
+    ConnectionFailed,
+    InvalidRequest,
+    JobNotRunning,
+    ShuttingDown,
+    TrioWorkerError,
+)
+from .._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits
 from . import _parse
 from ._app import JOB_GROUP, LIMITS_GROUP, Count, Cpus, Offset, Seconds, Size
 from ._errors import ExitCode
@@ -149,7 +155,14 @@ class _StartRequest:
             job.isolation(),
         )
 
-    async def send(self, client: WorkerClient) -> JobInfo:
+    async def send(
+        self,
+        client: WorkerClient,
+        *,
+        stdin: bool = False,
+        tty: bool = False,
+        terminal_size: tuple[int, int] | None = None,
+    ) -> JobInfo:
         return await client.start(
             self.command,
             self.args,
@@ -157,6 +170,9 @@ class _StartRequest:
             cwd=self.cwd,
             limits=self.limits,
             isolation=self.isolation,
+            stdin=stdin,
+            tty=tty,
+            terminal_size=terminal_size,
         )
 
 
@@ -167,11 +183,19 @@ def _report_failed_start(job: JobInfo) -> int:
     return code
 
 
+Interactive = Annotated[
+    bool, Parameter(name=["--interactive", "-i"], negative="", show_default=False)
+]
+Tty = Annotated[bool, Parameter(name=["--tty", "-t"], negative="", show_default=False)]
+
+
 async def start(
     *command: str,
     follow: Annotated[
         bool, Parameter(name=["--follow", "-f"], negative="", show_default=False)
     ] = False,
+    interactive: Interactive = False,
+    tty: Tty = False,
     job: JobOptions | None = None,
     options: ClientOptions | None = None,
 ) -> int:
@@ -187,6 +211,7 @@ async def start(
         trio-worker start --memory 512M --cpus 1 --pids 100 -- make -j4
         trio-worker start --env LANG=C --cwd /srv/app --follow -- ./build.sh
         trio-worker start --isolate pid,mount,network -- sh -c 'ps ax'
+        trio-worker start -it -- bash    # then: trio-worker attach ID
 
     Parameters
     ----------
@@ -194,11 +219,20 @@ async def start(
         The command and its arguments, after --.
     follow
         Then stream the job's output until it ends, as logs -f does.
+    interactive
+        Keep the job's stdin open, for attach to write to.
+    tty
+        Run the job on a pseudo-terminal (of this terminal's size), for attach.
     """
     request = _StartRequest.build("start", command, job)
     conn = _connection(options)
+    size = None
+    if tty:
+        from ._interactive import local_terminal_size  # only for -t: keeps start light
+
+        size = local_terminal_size()
     async with open_client(conn) as client:
-        info = await request.send(client)
+        info = await request.send(client, stdin=interactive, tty=tty, terminal_size=size)
         print(info.id, flush=True)
         if info.state is JobState.FAILED:
             return _report_failed_start(info)
@@ -211,6 +245,8 @@ async def start(
 async def run(
     *command: str,
     grace: Annotated[Seconds | None, Parameter(group=JOB_GROUP)] = None,
+    interactive: Interactive = False,
+    tty: Tty = False,
     job: JobOptions | None = None,
     options: ClientOptions | None = None,
 ) -> int:
@@ -227,6 +263,13 @@ async def run(
         trio-worker run -- echo hello
         trio-worker run --memory 64M -- python3 -c 'print(42)'
         trio-worker run --addr worker1:50051 -- sh -c 'make test' > test.log
+        echo hello | trio-worker run -i -- tr a-z A-Z
+        trio-worker run -it -- bash
+
+    With -i, this command's stdin goes to the job (end of input closes the job's). With -t
+    the job runs on a pseudo-terminal whose size follows this one, which is in raw mode:
+    Ctrl-C is the job's (a key with -i, else SIGINT for it), Ctrl-P Ctrl-Q detaches and
+    leaves it running. Without -t, Ctrl-C stops the job as described above.
 
     Parameters
     ----------
@@ -234,9 +277,22 @@ async def run(
         The command and its arguments, after --.
     grace
         On Ctrl-C, how long the job has between SIGTERM and SIGKILL. Default: the server's (5 s).
+    interactive
+        Send this command's stdin to the job.
+    tty
+        Run the job on a pseudo-terminal.
     """
     request = _StartRequest.build("run", command, job)
     conn = _connection(options)
+    if interactive or tty:
+        from ._interactive import run_interactive  # only for -i/-t: keeps run light
+
+        async def start_job(
+            client: WorkerClient, stdin: bool, tty: bool, size: tuple[int, int] | None
+        ) -> JobInfo:
+            return await request.send(client, stdin=stdin, tty=tty, terminal_size=size)
+
+        return await run_interactive(conn, start_job, stdin=interactive, tty=tty, grace=grace)
     backoff = Backoff(conn.addr)
     sink = OutputSink()
     interrupted = False
@@ -261,7 +317,8 @@ async def run(
             finally:
                 last_words_known.set()
             with contextlib.suppress(JobNotRunning):  # it may have ended on its own meanwhile
-                await retrying(backoff, lambda: client.stop(job_id, grace=grace))
+                seconds = DEFAULT_STOP_GRACE if grace is None else grace
+                await retrying(backoff, lambda: client.stop(job_id, seconds))
 
         # Ctrl-C is ours from before the job exists: one pressed while it starts stops it too.
         with trio.open_signal_receiver(_signal.SIGINT) as signals:
@@ -296,8 +353,20 @@ async def run(
                     nursery.cancel_scope.cancel()
                     return _report_failed_start(started)
                 job_id = started.id
+                # Wait is in flight from the start, on the same connection as the output: a
+                # server shutting down finishes calls in flight, so the end still arrives
+                # (a Wait sent after the output ended would meet a closed port).
+                ending: list[JobInfo] = []
+                ended = trio.Event()
+
+                async def wait_for_end() -> None:
+                    ending.append(await retrying(backoff, lambda: client.wait(job_id)))
+                    ended.set()
+
+                nursery.start_soon(wait_for_end)
                 await follow_output(client, job_id, sink, follow=True, backoff=backoff)
-                final = await retrying(backoff, lambda: client.wait(job_id))
+                await ended.wait()
+                final = ending[0]
                 if interrupted:
                     await last_words_known.wait()
                 nursery.cancel_scope.cancel()
@@ -308,10 +377,28 @@ async def run(
                         client, job_id, OutputSink(begin), follow=False, backoff=backoff
                     )
                 return ExitCode.INTERRUPTED
-    code, note = job_exit(final)
+        code, note = job_exit(final)
+        # A job killed by a signal is said by the exit code alone, as a shell does, unless
+        # it was the server going away: then that is why the job ended.
+        killed = final.state is JobState.KILLED and note is None
+        if killed and await _server_going_away(client, final.id):
+            name = _parse.signal_name(final.signal or 0)
+            note = f"job {final.id} was killed by {name}: the server is shutting down"
     if note:
         print(f"trio-worker: {note}", file=sys.stderr, flush=True)
     return code
+
+
+async def _server_going_away(client: WorkerClient, job_id: str) -> bool:
+    """Whether the server is shutting down (it stops every job then): a quick Status."""
+    with trio.move_on_after(2):
+        try:
+            await client.status(job_id)
+        except (ShuttingDown, ConnectionFailed):
+            return True
+        except TrioWorkerError:
+            pass
+    return False
 
 
 async def status(
@@ -428,7 +515,7 @@ async def stop(
     async with open_client(_connection(options)) as client:
         full_id = await IdResolver(client)(job_id)
         try:
-            info = await client.stop(full_id, grace=grace)
+            info = await client.stop(full_id, DEFAULT_STOP_GRACE if grace is None else grace)
         except JobNotRunning:
             # Already what was asked for: scripts need no `|| true`.
             ended = await client.status(full_id)
