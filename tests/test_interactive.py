@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import process_alive
+from tests.conftest import process_alive, require_root
 from trio_worker import (
     InvalidRequest,
     Isolation,
@@ -182,7 +182,9 @@ async def test_resize_sets_the_size_and_the_job_sees_sigwinch() -> None:
             await sup.resize(job.id, 10, 10)
 
 
+@pytest.mark.root
 async def test_stop_of_a_tty_job_leaves_none_of_its_processes() -> None:
+    require_root("the cgroup that catches a setsid'ed child")
     async with open_supervisor() as sup:
         # A child in the job's group, one in a new group, one in a new session.
         script = (
@@ -236,6 +238,28 @@ async def test_signal_and_stop_reach_the_terminals_foreground_group() -> None:
         assert b"inner-usr1" in out
         assert b"outer-done" in out
         assert end.exit_code == 0
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("isolation", [Isolation(network=True), Isolation(mount=True)])
+async def test_a_tty_job_keeps_its_terminal_in_namespaces(isolation: Isolation) -> None:
+    require_root("namespaces")
+    async with open_supervisor() as sup:
+        job = await sup.start(
+            "sh",
+            ["-c", "tty; stty size; read x; echo got:$x"],
+            stdin=True,
+            tty=True,
+            terminal_size=(11, 22),
+            isolation=isolation,
+        )
+        await sup.write_stdin(job.id, b"hey\n")
+        end = await sup.wait(job.id)
+        assert end.exit_code == 0
+        # The terminal echoes "hey" whenever it arrives: before or among the rest.
+        lines = [x for x in (await output_of(sup, job.id)).decode().splitlines() if x != "hey"]
+        assert lines[0].startswith("/dev/pts/")
+        assert lines[1:] == ["11 22", "got:hey"]
 
 
 async def test_tty_requests_are_checked() -> None:

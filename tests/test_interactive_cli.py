@@ -5,6 +5,7 @@ bidirectional stream) against a server subprocess, and the ``trio-worker`` CLI's
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pty
 import re
@@ -489,3 +490,35 @@ def test_run_t_without_i_ctrl_c_is_sigint_for_the_job(dev: DevServer) -> None:
         assert b"typed keys" not in term.seen
     finally:
         term.close()
+
+
+def test_run_i_is_one_connection_with_start_and_attach_only(dev: DevServer) -> None:
+    result = subprocess.run(
+        cli_argv(dev, "run", "-i", "--", "cat"),
+        input=b"one connection\n",
+        env=dev.env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (0, b"one connection\n"), result.stderr
+    deadline = time.monotonic() + 20
+    while True:  # the server's log lines arrive through a reader thread
+        records = [json.loads(line) for line in dev.server.stderr if line.startswith('{"time"')]
+        rpcs = [r for r in records if r.get("event") == "rpc"]
+        start = next(
+            r for r in reversed(rpcs) if r["method"].endswith("/Start") and r["status"] == "OK"
+        )
+        on_its_connection = [
+            r["method"].rsplit("/", 1)[1] for r in rpcs if r["peer"] == start["peer"]
+        ]
+        if "Attach" in on_its_connection or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert on_its_connection == ["Start", "Attach"]
+    # Who typed into which job is audited (how much, never what).
+    typed = [r for r in records if r.get("event") == "attach" and r["peer"] == start["peer"]]
+    assert len(typed) == 1
+    assert typed[0]["job_id"] == start["job_id"]
+    assert (typed[0]["identity"], typed[0]["stdin_bytes"]) == ("admin", len(b"one connection\n"))
+    assert typed[0]["closed_stdin"] is True

@@ -10,7 +10,11 @@ INTERNAL without details.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 
 import trio
@@ -273,6 +277,8 @@ class WorkerService:
         except TrioWorkerError as exc:
             raise rpc_error(exc) from None
 
+        typed = _Typed()
+
         async def forward_output(done: trio.CancelScope) -> None:
             try:
                 async for chunk in reader:
@@ -286,15 +292,22 @@ class WorkerService:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(forward_output, nursery.cancel_scope)
-                await self._take_input(job_id, requests, ctx)
+                await self._take_input(job_id, requests, ctx, typed)
         except BaseExceptionGroup as group:
             # Our tasks raise RpcError only: let the call end with it, not a group.
             if len(group.exceptions) == 1 and isinstance(group.exceptions[0], RpcError):
                 raise group.exceptions[0] from None
             raise
+        finally:
+            if typed.any:
+                typed.audit(ctx, job_id)
 
     async def _take_input(
-        self, job_id: str, requests: AsyncIterator[pb.AttachRequest], ctx: CallContext
+        self,
+        job_id: str,
+        requests: AsyncIterator[pb.AttachRequest],
+        ctx: CallContext,
+        typed: _Typed,
     ) -> None:
         """Apply the caller's input events one at a time, in arrival order."""
         may_write = False
@@ -310,11 +323,14 @@ class WorkerService:
                     self._visible(job_id, ctx.identity)
                     may_write = True
                 if kind == "stdin":
+                    typed.stdin_bytes += len(request.stdin)
                     await self._sup.write_stdin(job_id, request.stdin)
                 elif kind == "close_stdin":
                     if request.close_stdin:
+                        typed.closed_stdin = True
                         await self._sup.close_stdin(job_id)
                 elif kind == "resize":
+                    typed.resizes += 1
                     await self._sup.resize(job_id, request.resize.rows, request.resize.cols)
             except JobNotRunning:
                 # It ended meanwhile: the output side sends ``ended`` and closes the stream.
@@ -323,6 +339,42 @@ class WorkerService:
                 raise rpc_error(exc) from None
         # The caller half-closed: it only watches from now on; the output goes on.
         await trio.sleep_forever()
+
+
+_audit = logging.getLogger("trio_worker.audit")
+
+
+@dataclass
+class _Typed:
+    """What one attached caller sent a job: one audit line when the Attach ends, so the
+    log says who typed into which job (never what they typed)."""
+
+    stdin_bytes: int = 0
+    closed_stdin: bool = False
+    resizes: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.stdin_bytes or self.closed_stdin or self.resizes)
+
+    def audit(self, ctx: CallContext, job_id: str) -> None:
+        identity = ctx.identity
+        _audit.info(
+            json.dumps(
+                {
+                    "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                    "event": "attach",
+                    "peer": ctx.peer,
+                    "identity": identity.name,
+                    "role": identity.role.value if identity.role else None,
+                    "job_id": job_id,
+                    "stdin_bytes": self.stdin_bytes,
+                    "closed_stdin": self.closed_stdin,
+                    "resizes": self.resizes,
+                },
+                separators=(",", ":"),
+            )
+        )
 
 
 def _terminal_size(request: pb.StartRequest) -> tuple[int, int] | None:
