@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,26 @@ def process_alive(pid: int) -> bool:
         return False
     state = stat.rsplit(")", 1)[1].split()[0]
     return state not in ("Z", "X")
+
+
+def joining(group: object) -> Callable[[], None]:
+    """A ``preexec_fn`` that moves the child into ``group`` (a JobCgroup, or None).
+
+    For tests that need a ``subprocess.Popen`` in a job's cgroup; the
+    supervisor itself joins through ``_host._spawn`` (vfork, no Python).
+    """
+    dirs = getattr(group, "dirs", ())
+    paths = [os.fsencode(Path(d) / "cgroup.procs") for d in dirs]
+
+    def preexec() -> None:
+        for path in paths:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+
+    return preexec
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Every cell of the contract's authorization table.
 
-| role     | Start | Stop, Signal | Status, Wait, Output, List |
+| role     | Start | Stop, Signal, Remove | Status, Wait, Output, List |
 | readonly | no    | no           | every job                  |
 | full     | yes   | own jobs     | own jobs (others: NOT_FOUND, absent from List) |
 | admin    | yes   | every job    | every job                  |
@@ -29,6 +29,7 @@ TABLE: dict[tuple[Role | None, Method], tuple[str, str]] = {
     (Role.READONLY, M.WAIT): (OK, OK),
     (Role.READONLY, M.OUTPUT): (OK, OK),
     (Role.READONLY, M.LIST): (OK, OK),
+    (Role.READONLY, M.REMOVE): (DENIED, DENIED),
     (Role.FULL, M.START): (OK, OK),
     (Role.FULL, M.STOP): (OK, NOT_FOUND),
     (Role.FULL, M.SIGNAL): (OK, NOT_FOUND),
@@ -36,6 +37,7 @@ TABLE: dict[tuple[Role | None, Method], tuple[str, str]] = {
     (Role.FULL, M.WAIT): (OK, NOT_FOUND),
     (Role.FULL, M.OUTPUT): (OK, NOT_FOUND),
     (Role.FULL, M.LIST): (OK, OK),
+    (Role.FULL, M.REMOVE): (OK, NOT_FOUND),
     (Role.ADMIN, M.START): (OK, OK),
     (Role.ADMIN, M.STOP): (OK, OK),
     (Role.ADMIN, M.SIGNAL): (OK, OK),
@@ -43,6 +45,7 @@ TABLE: dict[tuple[Role | None, Method], tuple[str, str]] = {
     (Role.ADMIN, M.WAIT): (OK, OK),
     (Role.ADMIN, M.OUTPUT): (OK, OK),
     (Role.ADMIN, M.LIST): (OK, OK),
+    (Role.ADMIN, M.REMOVE): (OK, OK),
     **{(None, method): (DENIED, DENIED) for method in Method},
 }
 
@@ -106,4 +109,5 @@ def test_method_values_are_the_grpc_method_names() -> None:
         "Wait",
         "Output",
         "List",
+        "Remove",
     ]

@@ -29,11 +29,8 @@ from hypothesis import strategies as st
 from trio_worker._errors import InvalidRequest, Unenforceable
 from trio_worker._host._cgroups import (
     CGROUP_ROOT,
-    MIN_CPUS,
-    MIN_MEMORY,
     CgroupDriver,
     CgroupError,
-    LimitPolicy,
     NoDriver,
     V1Driver,
     V2Driver,
@@ -41,12 +38,12 @@ from trio_worker._host._cgroups import (
     block_device_for,
     cpu_quota_us,
     detect,
-    validate_limits,
 )
-from trio_worker._host._isolation import make_preexec
-from trio_worker._model import Isolation, Limits
+from trio_worker._jobs._process import JobProcess, SpawnError, StartSpec
+from trio_worker._limits import MIN_CPUS, MIN_MEMORY, LimitPolicy, validate_limits
+from trio_worker._model import Limits
 
-from .conftest import process_alive, require_root
+from .conftest import joining, process_alive, require_root
 
 UNIFIED = CGROUP_ROOT / "unified"
 MiB = 1 << 20
@@ -116,7 +113,7 @@ def spawn(
     group: object,
     **kwargs: object,
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in ``group`` the way the supervisor does (preexec join)."""
+    """Start ``argv`` in ``group``, joined before exec."""
     from trio_worker._host._cgroups import JobCgroup
 
     assert group is None or isinstance(group, JobCgroup)
@@ -124,7 +121,7 @@ def spawn(
         argv,
         stdin=subprocess.DEVNULL,
         process_group=0,
-        preexec_fn=make_preexec(os.getpid(), group),
+        preexec_fn=joining(group),
         **kwargs,
     )
     procs.append(proc)
@@ -330,7 +327,7 @@ def test_detect_nothing_mounted_is_no_driver(tmp_path: Path) -> None:
     driver = detect("tw", root=tmp_path / "absent")
     assert isinstance(driver, NoDriver)
     assert not driver.tracks
-    driver.check(Limits(), Isolation())  # no limits: fine
+    driver.check(Limits())  # no limits: fine
     group = driver.create("J", Limits())
     assert not group.tracked
     assert group.is_empty()
@@ -657,13 +654,11 @@ def test_failed_join_is_reported_not_crashed(
     v1: V1Driver, procs: list[subprocess.Popen[bytes]]
 ) -> None:
     group = v1.create("gone", Limits())
-    group.remove()  # so joining fails in the child
-    with pytest.raises(subprocess.SubprocessError):
-        spawn(procs, ["true"], group)
-    error = group.join_error()
-    assert isinstance(error, CgroupError)
-    assert "cannot move the job into cgroup" in str(error)
-    assert "No such file or directory" in str(error)
+    group.remove()  # so joining fails
+    spec = StartSpec("true", (), dict(os.environ), None)
+    with pytest.raises(SpawnError, match="cannot join the job's cgroup: No such file"):
+        JobProcess.spawn(spec, cgroup=group)
+    assert procs == []
 
 
 def test_kernel_rejections_become_cgroup_errors(v1: V1Driver) -> None:

@@ -399,11 +399,13 @@ def test_status_and_list_json_and_tables(dev: DevServer) -> None:
     assert all(j["state"] in {"running", "exited", "killed", "failed", "lost"} for j in jobs)
 
     rows = ok(table).decode().splitlines()
-    assert rows[0].split() == ["ID", "OWNER", "STATE", "PID", "STARTED", "COMMAND"]
+    assert rows[0].split() == ["ID", "STATE", "STARTED", "COMMAND"]  # one owner: no column
     row = next(r for r in rows if r.startswith(job_id))
     assert "exited (3)" in row
+    assert re.search(r"  \d+[smhd] ago  ", row)
     assert row.endswith("sh -c 'echo hi; exit 3'")
     assert {len(r.split("  ")[0]) for r in rows[1:]} == {26}  # aligned id column
+    assert all(len(r) <= 80 for r in rows)
 
     text = ok(one).decode()
     assert re.search(rf"^ID\s+{job_id}$", text, re.M)
@@ -850,6 +852,10 @@ async def test_logs_follow_resumes_after_the_connection_is_cut(dev: DevServer) -
     assert proxy.cuts >= 2, "the connection was never cut mid-stream: make the job slower"
     assert proxy.connections >= 3
     assert follow.stdout == expected  # every byte exactly once, in order
+    # One line when the connection is lost, one when it is back, for each cut.
+    said = [line.split(" ", 2)[1] for line in follow.stderr.decode().splitlines()]
+    assert said, follow.stderr
+    assert said == ["lost", "reconnected"] * (len(said) // 2), follow.stderr
 
 
 # --- Ctrl-C -----------------------------------------------------------------------------

@@ -25,7 +25,11 @@ CLIENT_MODULES = {
     "trio_worker._convert",
     "trio_worker._error_codes",
     "trio_worker._errors",
+    "trio_worker._limits",
     "trio_worker._model",
+    "trio_worker._net",  # the package (its __init__ imports nothing)...
+    "trio_worker._net._sockets",  # ...and the socket options both ends set; not the server
+    "trio_worker._util",
     "trio_worker._pb",
     "trio_worker._wire",
     "trio_worker._tls",
@@ -35,7 +39,9 @@ CLIENT_MODULES = {
     "trio_worker.cli._commands",
     "trio_worker.cli._errors",
     "trio_worker.cli._exit",
+    "trio_worker.cli._ids",
     "trio_worker.cli._jobs",
+    "trio_worker.cli._remove",
     "trio_worker.cli._parse",
     "trio_worker.cli._render",
     "trio_worker.cli._session",
@@ -51,7 +57,9 @@ NEVER_FOR_CLIENTS = ("cryptography", "rich", "markdown_it", "sqlite3", "_sqlite3
 OVERVIEW_MODULES = {
     "trio_worker",
     "trio_worker._errors",
+    "trio_worker._limits",
     "trio_worker._model",
+    "trio_worker._util",
     "trio_worker.cli",
     "trio_worker.cli._commands",
     "trio_worker.cli._exit",

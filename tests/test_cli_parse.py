@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -109,7 +110,49 @@ def test_env_pairs_last_wins(pairs: list[tuple[str, str]]) -> None:
 @pytest.mark.parametrize("text", ["FOO", "=value", "", "A\0B=1"])
 def test_env_pair_rejects(text: str) -> None:
     with pytest.raises(ValueError, match=r"KEY=VALUE|NUL"):
-        _parse.parse_env(text)
+        _parse.parse_env(text, {})
+
+
+def test_env_name_alone_takes_this_process_value() -> None:
+    assert _parse.parse_env("HOME", {"HOME": "/root"}) == ("HOME", "/root")
+    assert _parse.parse_env("EMPTY", {"EMPTY": ""}) == ("EMPTY", "")
+    with pytest.raises(ValueError, match="'NOPE' is not set here"):
+        _parse.parse_env("NOPE", {"HOME": "/root"})
+
+
+@pytest.mark.parametrize(
+    ("data", "lines", "whole", "expected"),
+    [
+        (b"a\nb\nc\n", 2, False, b"b\nc\n"),
+        (b"a\nb\nc", 2, False, b"b\nc"),  # a last line without its newline counts
+        (b"a\nb\nc\n", 3, False, None),  # the first line may be cut: read further back
+        (b"a\nb\nc\n", 3, True, b"a\nb\nc\n"),
+        (b"a\nb\nc\n", 4, True, b"a\nb\nc\n"),  # fewer lines than asked: all of them
+        (b"\n\n", 1, False, b"\n"),
+        (b"a\n", 0, False, b""),
+        (b"", 1, False, None),
+        (b"", 1, True, b""),
+    ],
+)
+def test_tail_start_finds_the_last_lines(
+    data: bytes, lines: int, whole: bool, expected: bytes | None
+) -> None:
+    start = _parse.tail_start(data, lines, whole=whole)
+    assert (None if start is None else data[start:]) == expected
+
+
+@given(
+    st.lists(st.binary(max_size=5).filter(lambda b: b"\n" not in b), max_size=8), st.integers(1, 9)
+)
+def test_tail_start_agrees_with_splitlines(parts: list[bytes], lines: int) -> None:
+    data = b"".join(part + b"\n" for part in parts)
+    assert _parse.tail_start(data, lines, whole=True) is not None
+    start = _parse.tail_start(data, lines, whole=False)
+    if lines >= len(parts):
+        assert start is None or data[start:] == data
+    else:
+        assert start is not None
+        assert data[start:] == b"".join(part + b"\n" for part in parts[len(parts) - lines :])
 
 
 def test_env_value_keeps_equals_and_may_be_empty() -> None:
@@ -258,7 +301,8 @@ LOCAL_ERRORS: list[tuple[list[str], int, str]] = [
     (["run", "--memory", "12XB", "--", "true"], 125, "--memory: '12XB' is not a size"),
     (["run", "--io-read-bps", "fast", "--", "true"], 125, "--io-read-bps: 'fast' is not a size"),
     (["start", "--cpus", "lots", "--", "true"], 2, "--cpus: 'lots' is not a number of CPUs"),
-    (["start", "--env", "NOVALUE", "--", "true"], 2, "--env: 'NOVALUE' is not KEY=VALUE"),
+    (["start", "--env", "NOVALUE_X", "--", "true"], 2, "--env: 'NOVALUE_X' is not set here"),
+    (["start", "--cwd", "build", "--", "true"], 2, "--cwd: 'build' is relative"),
     (["start", "--isolate", "pid,user", "--", "true"], 2, "'user' is not a namespace"),
     (["start"], 2, "COMMAND: missing; give it after --"),
     (["run", "ls", "-l"], 125, "the command after it: trio-worker run [OPTIONS] --"),
@@ -329,8 +373,12 @@ def test_version(run_main: Callable[..., tuple[int, bytes, str]]) -> None:
     assert (code, out.strip()) == (0, trio_worker.__version__.encode())
 
 
-def test_tables_print_data_as_it_is(capsys: pytest.CaptureFixture[str]) -> None:
+def test_tables_print_data_as_it_is(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from datetime import UTC, datetime
+
+    monkeypatch.setenv("COLUMNS", "200")
 
     from trio_worker._model import JobInfo, JobState
     from trio_worker.cli._render import job_json, print_jobs
@@ -352,9 +400,140 @@ def test_tables_print_data_as_it_is(capsys: pytest.CaptureFixture[str]) -> None:
     print_jobs([job])
     out = capsys.readouterr().out
     assert out.splitlines()[1].endswith("echo '[bold]x[/bold]' :smile: 24:AB:CE")
+    assert "\x1b[" not in out  # no colours when stdout is not a terminal
     assert "killed (SIGKILL)" in out
     assert not any(line != line.rstrip() for line in out.splitlines())
     data = job_json(job)
     assert data["state"] == "killed"
     assert data["started_at"] == "2024-01-02T03:04:05.000Z"
     assert data["ended_at"] is None
+
+
+def _job(**changes: object) -> object:
+    from datetime import UTC, datetime
+
+    from trio_worker._model import JobInfo, JobState
+
+    fields: dict[str, object] = {
+        "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV",
+        "owner": "alice",
+        "command": "sh",
+        "args": ("-c", "echo " + "x" * 200),
+        "state": JobState.EXITED,
+        "pid": 42,
+        "exit_code": 0,
+        "signal": None,
+        "error": "",
+        "started_at": datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC),
+        "ended_at": datetime(2024, 1, 2, 3, 6, 17, tzinfo=UTC),
+        "output_bytes": 3 * 1024 * 1024,
+    }
+    fields.update(changes)
+    return JobInfo(**fields)  # type: ignore[arg-type]
+
+
+def test_list_fits_80_columns_and_cuts_the_command(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trio_worker.cli._render import print_jobs
+
+    monkeypatch.setenv("COLUMNS", "80")
+    print_jobs([_job(), _job(id="01ARZ3NDEKTSV4RRFFQ69G5FAW", owner="bob")])  # type: ignore[list-item]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["ID", "OWNER", "STATE", "STARTED", "COMMAND"]  # two owners
+    assert all(len(line) <= 80 for line in lines), lines
+    assert lines[1].endswith("…")
+    assert re.search(r"  \d+d ago  ", lines[1])
+
+
+def test_status_shows_sizes_durations_zones_usage_and_limits(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from trio_worker._model import Limits, Usage
+    from trio_worker.cli._render import print_job
+
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    job = _job(
+        user="nobody",
+        usage=Usage(cpu_seconds=75.5, memory_peak_bytes=200 * 1024 * 1024),
+        limits=Limits(memory_bytes=512 * 1024 * 1024, cpus=1.5),
+    )
+    print_job(job)  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert re.search(r"^User\s+nobody$", out, re.M)
+    assert re.search(r"^Started\s+2024-01-02 03:04:05 UTC \(\d+d ago\)$", out, re.M)
+    assert re.search(r"^Ended\s+2024-01-02 03:06:17 UTC \(ran 2m12s\)$", out, re.M)
+    assert re.search(r"^Output\s+3\.0 MiB$", out, re.M)
+    assert re.search(r"^CPU\s+1m15s$", out, re.M)
+    assert re.search(r"^Peak memory\s+200 MiB$", out, re.M)
+    assert re.search(r"^Limits\s+cpus 1\.5, memory 512M$", out, re.M)
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1536, "1.5 KiB"),
+        (10 * 1024**2, "10 MiB"),
+        (5 * 1024**5, "5.0 PiB"),
+    ],
+)
+def test_human_sizes(value: int, text: str) -> None:
+    from trio_worker.cli._render import human_size
+
+    assert human_size(value) == text
+
+
+def test_states_are_coloured_on_a_terminal_unless_no_color(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+
+    from trio_worker.cli import _render
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    assert _render.colours_on(Tty())
+    assert not _render.colours_on(io.StringIO())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not _render.colours_on(Tty())
+    assert _render.state_cell(_job()) == ("exited (0)", "32")  # type: ignore[arg-type]
+    assert _render.state_cell(_job(exit_code=2))[1] == "31"  # type: ignore[arg-type]
+
+
+def test_an_unknown_command_names_every_command(
+    run_main: Callable[..., tuple[int, bytes, str]],
+) -> None:
+    from trio_worker.cli._commands import NAMES
+
+    code, out, err = run_main("lsit", "-q")
+    assert (code, out) == (2, b"")
+    assert err.count("\n") == 1
+    assert err.startswith("trio-worker: error: unknown command 'lsit' (did you mean list?)")
+    for name in NAMES:
+        assert re.search(rf"\b{name}\b", err), name
+    assert ", ;" not in err
+
+
+def test_the_overview_lists_every_command_within_80_columns(
+    run_main: Callable[..., tuple[int, bytes, str]],
+) -> None:
+    from trio_worker.cli._commands import NAMES
+
+    for args in ((), ("--help",), ("-h",)):
+        code, out, _ = run_main(*args)
+        assert code == 0
+        text = out.decode()
+        assert all(len(line) <= 80 for line in text.splitlines())
+        listed = re.findall(r"^  (\w+)  ", text, re.M)
+        assert set(NAMES) <= set(listed)

@@ -29,6 +29,7 @@ from trio_worker import (
     JobNotFound,
     JobNotRunning,
     JobState,
+    JobStillRunning,
     OutputStream,
     PermissionDenied,
     ResourceExhausted,
@@ -39,6 +40,7 @@ from trio_worker import client as client_module
 from trio_worker._error_codes import exception_from
 from trio_worker._identity import Role
 from trio_worker._net._transport import TransportConfig
+from trio_worker._wire import _client as wire_client
 from trio_worker.client import ConnectionFailed, RemoteError, WorkerClient, connect
 from trio_worker.server._run import ServerSettings, run_server
 
@@ -264,6 +266,19 @@ async def test_stop_with_server_default_grace(server: Server) -> None:
         assert stopped.state is JobState.KILLED
 
 
+async def test_remove_refuses_running_jobs_unless_forced(server: Server) -> None:
+    async with server.connect() as client:
+        job = await client.start("sleep", ["30"])
+        with pytest.raises(JobStillRunning) as refused:
+            await client.remove(job.id)
+        assert refused.value.job_id == job.id
+        removed = await client.remove(job.id, force=True)
+        assert (removed.id, removed.state) == (job.id, JobState.KILLED)
+        with pytest.raises(JobNotFound):
+            await client.remove(job.id)
+        assert job.id not in {j.id for j in await client.list()}
+
+
 async def test_command_that_cannot_run_is_a_failed_job(server: Server) -> None:
     async with server.connect() as client:
         job = await client.start("/nonexistent/command")
@@ -452,17 +467,20 @@ async def test_a_huge_job_id_is_described_not_echoed(server: Server) -> None:
     assert len(str(info.value)) < 200
 
 
-async def test_deadline_exceeded(server: Server) -> None:
+async def test_calls_follow_the_callers_deadline(server: Server) -> None:
+    """No timeout= keywords: the caller's cancel scope is the deadline, sent to the server as
+    grpc-timeout, and expiring is trio's own Cancelled, caught by the caller's scope."""
     async with server.connect() as client:
         job = await client.start("sleep", ["30"])
         with trio.fail_after(5):
-            with pytest.raises(RemoteError) as info:
-                await client.wait(job.id, timeout=0.2)
-        assert info.value.code == 4
-        with pytest.raises(RemoteError) as info:
-            async for _ in client.output(job.id, timeout=0.2):
-                pass
-        assert info.value.code == 4
+            with trio.move_on_after(0.2) as wait_scope:
+                await client.wait(job.id)
+        assert wait_scope.cancelled_caught
+        with trio.fail_after(5):
+            with trio.move_on_after(0.2) as output_scope:
+                async for _ in client.output(job.id):
+                    pass
+        assert output_scope.cancelled_caught
         assert (await client.status(job.id)).state is JobState.RUNNING  # connection fine
         await stop_quietly(client, job.id)
 
@@ -701,7 +719,7 @@ async def test_calls_after_the_block_fail(server: Server) -> None:
 async def test_slow_consumer_keeps_buffer_bounded(server: Server) -> None:
     size = 64 * 1024 * 1024
     # What the client documents: the ack threshold, one stream window, one message.
-    bound = client_module._ACK_BELOW + client_module._STREAM_WINDOW + SERVER_CHUNK + 64
+    bound = client_module._ACK_BELOW + wire_client.STREAM_WINDOW + SERVER_CHUNK + 64
     async with server.connect() as client:
         job = await client.start("head", ["-c", str(size), "/dev/zero"])
         total = 0
@@ -774,10 +792,35 @@ async def test_cancelled_next_loses_nothing(server: Server) -> None:
 
 
 def test_grpc_timeout_format() -> None:
-    fmt = client_module._grpc_timeout
+    fmt = wire_client.grpc_timeout
     assert fmt(0.05) == "50000000n"
     assert fmt(0.5) == "500000u"
     assert fmt(1.5) == "1500000u"
     assert fmt(30) == "30000000u"
     assert fmt(3600) == "3600000m"
     assert fmt(10**9) == "16666667M"
+
+
+def test_local_and_remote_apis_agree() -> None:
+    """WorkerClient's methods take what Supervisor's take, with the same defaults (stop's
+    grace, start's args), and neither takes a timeout: the caller's cancel scope is it."""
+    import inspect
+
+    from trio_worker import Supervisor
+
+    for name in ("start", "stop", "signal", "status", "wait", "remove", "output"):
+        local = inspect.signature(getattr(Supervisor, name)).parameters
+        remote = inspect.signature(getattr(WorkerClient, name)).parameters
+        assert "timeout" not in remote
+        for parameter, spec in remote.items():
+            if parameter in local:
+                assert spec.default == local[parameter].default, (name, parameter)
+
+
+async def test_output_of_an_unknown_job_raises_when_iterated_locally_too(tmp_path: Path) -> None:
+    from trio_worker import open_supervisor
+
+    async with open_supervisor(state_dir=tmp_path / "state") as sup:
+        stream = sup.output("nope")  # no error yet, as client.output("nope")
+        with pytest.raises(JobNotFound):
+            await anext(stream)

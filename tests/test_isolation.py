@@ -1,7 +1,8 @@
 """Namespaces through the ``_nsinit`` helper, and PR_SET_PDEATHSIG.
 
-Jobs are started the way the supervisor starts them: ``subprocess.Popen`` of
-``helper_argv(...)`` in a new process group, with ``make_preexec(...)``.
+Jobs are started under ``helper_argv(...)`` in a new process group; tests
+that need the parent-death signal spawn the way the supervisor does
+(``_host._spawn``).
 """
 
 from __future__ import annotations
@@ -23,23 +24,22 @@ import pytest
 from trio_worker._errors import Unenforceable
 from trio_worker._host import _isolation
 from trio_worker._host._cgroups import detect
+from trio_worker._host._enforce import check_enforceable
 from trio_worker._host._isolation import (
     EXIT_EXEC_FAILED,
     EXIT_NOT_FOUND,
-    EXIT_PARENT_GONE,
     EXIT_SETUP_FAILED,
     HELPER_PATH,
     HelperFailure,
-    check_isolation,
     helper_argv,
     helper_tasks,
-    make_preexec,
+    isolation_problems,
     read_report,
     resolve_command,
 )
 from trio_worker._model import Isolation, Limits
 
-from .conftest import process_alive, require_root
+from .conftest import joining, process_alive, require_root
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,7 +66,6 @@ def run() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             process_group=0,
-            preexec_fn=make_preexec(os.getpid(), None),
         )
         started.append(proc)
         return proc
@@ -148,22 +147,24 @@ def test_resolve_command(tmp_path: Path) -> None:
 
 
 def test_isolation_without_privilege_is_unenforceable(monkeypatch: pytest.MonkeyPatch) -> None:
-    check_isolation(Isolation())
+    assert isolation_problems(Isolation()) == []
     monkeypatch.setattr(_isolation, "_has_cap_sys_admin", lambda: False)
-    check_isolation(Isolation())  # nothing asked, nothing missing
+    assert isolation_problems(Isolation()) == []  # nothing asked, nothing missing
+    assert isolation_problems(Isolation(pid=True, network=True)) == [
+        "pid isolation needs CAP_SYS_ADMIN (run the server as root)",
+        "network isolation needs CAP_SYS_ADMIN (run the server as root)",
+    ]
+    no_cgroups = detect(root=Path("/nonexistent"))
     with pytest.raises(Unenforceable) as info:
-        check_isolation(Isolation(pid=True, network=True))
-    assert str(info.value) == (
-        "pid isolation needs CAP_SYS_ADMIN (run the server as root); "
-        "network isolation needs CAP_SYS_ADMIN (run the server as root)"
-    )
-    with pytest.raises(Unenforceable, match="mount isolation"):
-        detect(root=Path("/nonexistent")).check(Limits(), Isolation(mount=True))
+        check_enforceable(no_cgroups, Limits(pids=3), Isolation(mount=True))
+    # One answer names every reason: the limits' and the namespaces'.
+    assert "pids limit" in str(info.value)
+    assert "mount isolation needs CAP_SYS_ADMIN" in str(info.value)
 
 
 def test_isolation_as_root_is_enforceable() -> None:
     require_root("namespaces")
-    check_isolation(Isolation(pid=True, mount=True, network=True))
+    assert isolation_problems(Isolation(pid=True, mount=True, network=True)) == []
 
 
 # -- namespaces --------------------------------------------------------------
@@ -371,7 +372,7 @@ def test_namespaced_job_is_tracked_and_killed_by_its_cgroup(
             helper_argv(isolation, "sh", ["-c", "sleep 60 & sleep 60 & echo ready; wait"]),
             stdout=subprocess.PIPE,
             process_group=0,
-            preexec_fn=make_preexec(os.getpid(), group),
+            preexec_fn=joining(group),
         )
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"ready\n"
@@ -394,14 +395,15 @@ def test_namespaced_job_is_tracked_and_killed_by_its_cgroup(
 # -- PR_SET_PDEATHSIG ------------------------------------------------------------
 
 _PARENT = """
-import os, subprocess, sys, time
-from trio_worker._host._isolation import helper_argv, make_preexec
+import os, sys, time
+from trio_worker._host._isolation import helper_argv
+from trio_worker._host._spawn import spawn
 from trio_worker._model import Isolation
 argv = sys.argv[1:]
 if argv[0] == "--pid":
     argv = helper_argv(Isolation(pid=True), argv[1], argv[2:])
-proc = subprocess.Popen(argv, preexec_fn=make_preexec(os.getpid(), None))
-print(proc.pid, flush=True)
+pid = spawn(argv[0], argv, dict(os.environ), None, stdin=0, stdout=2, stderr=2)
+print(pid, flush=True)
 time.sleep(60)
 """
 
@@ -436,9 +438,3 @@ def test_job_dies_with_its_parent(via_helper: bool) -> None:
             parent.wait()
         assert parent.stdout is not None
         parent.stdout.close()
-
-
-def test_child_of_a_parent_already_gone_exits_at_once() -> None:
-    # As if our parent had died between fork and prctl: getppid() no longer matches.
-    proc = subprocess.Popen(["sleep", "60"], preexec_fn=make_preexec(os.getppid(), None))
-    assert proc.wait(timeout=5) == EXIT_PARENT_GONE

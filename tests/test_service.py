@@ -34,6 +34,7 @@ UNARY = {
     "Status": (pb.StatusRequest, pb.Job),
     "Wait": (pb.WaitRequest, pb.Job),
     "List": (pb.ListRequest, pb.ListResponse),
+    "Remove": (pb.RemoveRequest, pb.Job),
 }
 
 
@@ -180,6 +181,18 @@ async def test_every_method_through_grpcio(cluster: Cluster) -> None:
     stopped = await call("Stop", pb.StopRequest(id=sleeper.id, grace=Duration(seconds=2)))
     assert (stopped.state, stopped.signal) == (pb.JOB_STATE_KILLED, 15)
 
+    running = await call("Start", pb.StartRequest(command="sleep", args=["1000"]))
+    assert await call.code("Remove", pb.RemoveRequest(id=running.id)) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    removed = await call("Remove", pb.RemoveRequest(id=running.id, force=True))
+    assert (removed.id, removed.state, removed.signal) == (running.id, pb.JOB_STATE_KILLED, 9)
+    removed = await call("Remove", pb.RemoveRequest(id=job.id))
+    assert (removed.state, removed.output_bytes) == (pb.JOB_STATE_EXITED, 5)
+    for gone in (running.id, job.id):
+        assert await call.code("Status", pb.StatusRequest(id=gone)) == grpc.StatusCode.NOT_FOUND
+        assert await call.code("Remove", pb.RemoveRequest(id=gone)) == grpc.StatusCode.NOT_FOUND
+
 
 async def test_following_a_live_job_streams_binary_bytes(cluster: Cluster) -> None:
     call = Caller(cluster.channel("root"))
@@ -281,6 +294,7 @@ ACTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "Status": ("Status", lambda i: pb.StatusRequest(id=i)),
     "Wait": ("Wait", lambda i: pb.WaitRequest(id=i)),
     "Output": ("Output", lambda i: pb.OutputRequest(id=i, follow=False)),
+    "Remove": ("Remove", lambda i: pb.RemoveRequest(id=i, force=True)),
 }
 
 OK, DENIED, HIDDEN = (
@@ -288,12 +302,18 @@ OK, DENIED, HIDDEN = (
     grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.NOT_FOUND,
 )
-#: caller -> method -> code on a job owned by alice (the contract's table).
+
+
+def _READS(code: Any) -> dict[str, Any]:
+    return dict.fromkeys(("Status", "Wait", "Output"), code)
+
+
+#: caller -> method -> code on a job owned by alice (the contract's table; Remove as Stop).
 TABLE = {
-    "reader": {"Stop": DENIED, "Signal": DENIED, "Status": OK, "Wait": OK, "Output": OK},
-    "alice": {"Stop": OK, "Signal": OK, "Status": OK, "Wait": OK, "Output": OK},
-    "bob": {"Stop": HIDDEN, "Signal": HIDDEN, "Status": HIDDEN, "Wait": HIDDEN, "Output": HIDDEN},
-    "root": {"Stop": OK, "Signal": OK, "Status": OK, "Wait": OK, "Output": OK},
+    "reader": {"Stop": DENIED, "Signal": DENIED, "Remove": DENIED} | _READS(OK),
+    "alice": {"Stop": OK, "Signal": OK, "Remove": OK} | _READS(OK),
+    "bob": {"Stop": HIDDEN, "Signal": HIDDEN, "Remove": HIDDEN} | _READS(HIDDEN),
+    "root": {"Stop": OK, "Signal": OK, "Remove": OK} | _READS(OK),
     "nobody": dict.fromkeys(ACTIONS, DENIED),
 }
 

@@ -803,3 +803,30 @@ def test_process_start_time(tmp_path: Path) -> None:
         child.kill()
         child.wait()
     assert process_start_time(child.pid) is None
+
+
+async def test_user_round_trips(tmp_path: Path) -> None:
+    info = running(user="build")
+    async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
+        await start(store, info)
+    async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
+        assert (await by_id(store))[info.id].info.user == "build"
+
+
+async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
+    """Version 1 had no run_as column: it is added (empty for old jobs) in place."""
+    path = tmp_path / "jobs.db"
+    info = running()
+    async with await SqliteJobStore.open(path) as store:
+        await start(store, info)
+    with closing(sqlite3.connect(path)) as conn:  # make it what version 1 wrote
+        conn.executescript("ALTER TABLE jobs DROP COLUMN run_as; PRAGMA user_version = 1;")
+    async with await SqliteJobStore.open(path) as store:
+        assert (await by_id(store))[info.id].info.user == ""
+        later = running(user="alice")
+        await start(store, later)
+        assert (await by_id(store))[later.id].info.user == "alice"
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
+    assert columns[-1] == "run_as"

@@ -15,6 +15,7 @@ from trio_worker import (
     JobNotFound,
     JobNotRunning,
     JobState,
+    JobStillRunning,
     Limits,
     OutputStream,
     ShuttingDown,
@@ -23,6 +24,7 @@ from trio_worker import (
     open_supervisor,
 )
 from trio_worker._host._cgroups import NoDriver
+from trio_worker._jobs._supervisor import open_supervisor_with_driver
 
 
 async def output_of(sup: Supervisor, job_id: str, offset: int = 0) -> bytes:
@@ -117,7 +119,7 @@ async def test_offsets_resume_exactly_and_ended_job_replays() -> None:
         for offset in (0, 1, 4095, 65536, len(full) - 1, len(full)):
             assert await output_of(sup, job.id, offset) == full[offset:]
         with pytest.raises(InvalidRequest, match="offset"):
-            sup.output(job.id, len(full) + 1)
+            await anext(sup.output(job.id, len(full) + 1))
         with pytest.raises(InvalidRequest, match="offset"):
             sup.output(job.id, -1)
 
@@ -271,8 +273,8 @@ async def test_unknown_ids_bad_signals_and_bad_grace() -> None:
             sup.status("nope")
         with pytest.raises(JobNotFound):
             await sup.wait("nope")
-        with pytest.raises(JobNotFound):
-            sup.output("nope")
+        with pytest.raises(JobNotFound):  # when iterated, as the remote client's
+            await anext(sup.output("nope"))
         job = await sup.start("sleep", ["1000"])
         for bad in (0, -1, 10_000, 1.5, "TERM"):
             with pytest.raises(InvalidRequest, match="signal"):
@@ -284,7 +286,7 @@ async def test_unknown_ids_bad_signals_and_bad_grace() -> None:
 
 
 async def test_limits_are_refused_rather_than_ignored_without_cgroups() -> None:
-    async with open_supervisor(cgroups=NoDriver("not root")) as sup:
+    async with open_supervisor_with_driver(NoDriver("not root")) as sup:
         with pytest.raises(Unenforceable, match="memory limit needs a writable memory cgroup"):
             await sup.start("true", limits=Limits(memory_bytes=64 << 20))
         assert sup.list() == []
@@ -313,3 +315,56 @@ async def test_temporary_state_dir_is_removed_unless_kept(tmp_path: Path) -> Non
     import shutil
 
     shutil.rmtree(kept)
+
+
+async def test_remove_deletes_the_record_and_the_output(state_dir: Path) -> None:
+    async with open_supervisor(state_dir) as sup:
+        job = await sup.start("sh", ["-c", "printf gone"])
+        await sup.wait(job.id)
+        directory = state_dir / "jobs" / job.id
+        assert (directory / "output.log").read_bytes() == b"gone"
+        last = await sup.remove(job.id)
+        assert (last.id, last.state, last.output_bytes) == (job.id, JobState.EXITED, 4)
+        assert not directory.exists()
+        assert job.id not in {j.id for j in sup.list()}
+        with pytest.raises(JobNotFound):
+            sup.status(job.id)
+        with pytest.raises(JobNotFound):
+            await sup.remove(job.id)
+    # ... and the store forgot it: a supervisor on the same state directory never sees it.
+    async with open_supervisor(state_dir) as sup:
+        assert job.id not in {j.id for j in sup.list()}
+
+
+async def test_remove_refuses_a_running_job_unless_forced(state_dir: Path) -> None:
+    async with open_supervisor(state_dir) as sup:
+        # It ignores SIGTERM and leaves a grandchild behind: force kills all of it.
+        job = await sup.start("sh", ["-c", "trap '' TERM; sleep 300 & echo $!; wait"])
+        grandchild = await read_pid_line(sup, job.id)
+        with pytest.raises(JobStillRunning):
+            await sup.remove(job.id)
+        assert sup.status(job.id).state is JobState.RUNNING
+        last = await sup.remove(job.id, force=True)
+        assert (last.state, last.signal) == (JobState.KILLED, signal.SIGKILL)
+        assert not process_alive(grandchild)
+        assert not (state_dir / "jobs" / job.id).exists()
+        with pytest.raises(JobNotFound):
+            await sup.wait(job.id)
+
+
+async def test_two_removes_of_one_job_remove_it_once(state_dir: Path) -> None:
+    async with open_supervisor(state_dir) as sup:
+        job = await sup.start("sleep", ["300"])
+        outcomes: list[str] = []
+
+        async def remove() -> None:
+            try:
+                await sup.remove(job.id, force=True)
+                outcomes.append("removed")
+            except JobNotFound:
+                outcomes.append("not found")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(remove)
+            nursery.start_soon(remove)
+        assert sorted(outcomes) == ["not found", "removed"]

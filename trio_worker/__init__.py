@@ -13,25 +13,32 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._errors import (
-    AuthenticationFailed,
-    ConnectionFailed,
-    InvalidRequest,
-    JobNotFound,
-    JobNotRunning,
-    PermissionDenied,
-    QuotaExceeded,
-    RemoteError,
-    ResourceExhausted,
-    ShuttingDown,
-    StateDirError,
-    TrioWorkerError,
-    Unenforceable,
-)
-from ._model import Isolation, JobInfo, JobState, Limits, OutputChunk, OutputStream, Usage
+from ._errors import AuthenticationFailed as AuthenticationFailed
+from ._errors import ConnectionFailed as ConnectionFailed
+from ._errors import InvalidRequest as InvalidRequest
+from ._errors import JobNotFound as JobNotFound
+from ._errors import JobNotRunning as JobNotRunning
+from ._errors import JobStillRunning as JobStillRunning
+from ._errors import NoStdin as NoStdin
+from ._errors import PermissionDenied as PermissionDenied
+from ._errors import QuotaExceeded as QuotaExceeded
+from ._errors import RemoteError as RemoteError
+from ._errors import ResourceExhausted as ResourceExhausted
+from ._errors import ShuttingDown as ShuttingDown
+from ._errors import StateDirError as StateDirError
+from ._errors import TrioWorkerError as TrioWorkerError
+from ._errors import Unenforceable as Unenforceable
+from ._limits import LimitPolicy as LimitPolicy
+from ._model import Isolation as Isolation
+from ._model import JobInfo as JobInfo
+from ._model import JobState as JobState
+from ._model import Limits as Limits
+from ._model import OutputChunk as OutputChunk
+from ._model import OutputStream as OutputStream
+from ._model import Usage as Usage
+from ._util import fix_one, fixup_module_metadata
 
 if TYPE_CHECKING:
-    from ._host._cgroups import LimitPolicy as LimitPolicy
     from ._jobs._supervisor import Retention as Retention
     from ._jobs._supervisor import Supervisor as Supervisor
     from ._jobs._supervisor import open_supervisor as open_supervisor
@@ -45,8 +52,10 @@ __all__ = [
     "JobNotFound",
     "JobNotRunning",
     "JobState",
+    "JobStillRunning",
     "LimitPolicy",
     "Limits",
+    "NoStdin",
     "OutputChunk",
     "OutputStream",
     "PermissionDenied",
@@ -65,9 +74,10 @@ __all__ = [
 
 __version__ = "0.1.0"
 
+fixup_module_metadata(__name__, globals())
+
 #: Public names whose modules are imported on first access: the server side.
 _LAZY = {
-    "LimitPolicy": "._host._cgroups",
     "Retention": "._jobs._supervisor",
     "Supervisor": "._jobs._supervisor",
     "open_supervisor": "._jobs._supervisor",
@@ -79,6 +89,7 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(module, __name__), name)
+    fix_one(__name__, name, value)
     globals()[name] = value  # later lookups do not come back here
     return value
 

@@ -123,6 +123,9 @@ def job_to_pb(info: JobInfo) -> pb.Job:
         oom_killed=info.oom_killed,
         output_start=info.output_start,
         spawn_error=_spawn_error(info.spawn_errno),  # type: ignore[arg-type]
+        stdin=info.stdin,
+        tty=info.tty,
+        user=info.user,
     )
     if info.exit_code is not None:
         job.exit_code = info.exit_code
@@ -162,6 +165,9 @@ def job_from_pb(job: pb.Job) -> JobInfo:
         usage=Usage(job.usage.cpu_seconds, job.usage.memory_peak_bytes)
         if job.HasField("usage")
         else None,
+        stdin=job.stdin,
+        tty=job.tty,
+        user=job.user,
     )
 
 

@@ -22,6 +22,8 @@ from ._errors import (
     InvalidRequest,
     JobNotFound,
     JobNotRunning,
+    JobStillRunning,
+    NoStdin,
     PermissionDenied,
     QuotaExceeded,
     RemoteError,
@@ -50,6 +52,8 @@ ERRORS: Final[tuple[ErrorRow, ...]] = (
     ErrorRow(PermissionDenied, StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
     ErrorRow(AuthenticationFailed, StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
     ErrorRow(JobNotRunning, StatusCode.FAILED_PRECONDITION, "JOB_NOT_RUNNING"),
+    ErrorRow(JobStillRunning, StatusCode.FAILED_PRECONDITION, "JOB_RUNNING"),
+    ErrorRow(NoStdin, StatusCode.FAILED_PRECONDITION, "NO_STDIN"),
     ErrorRow(Unenforceable, StatusCode.FAILED_PRECONDITION, "UNENFORCEABLE"),
     ErrorRow(QuotaExceeded, StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED"),
     ErrorRow(ResourceExhausted, StatusCode.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
@@ -86,8 +90,11 @@ def status_of(exc: TrioWorkerError) -> WireError:
     message = bound_text(str(exc))
     metadata: dict[str, str] = {}
     violations: tuple[tuple[str, str], ...] = ()
-    if isinstance(exc, JobNotFound | JobNotRunning) and len(exc.job_id) <= 64:
+    ids = JobNotFound | JobNotRunning | JobStillRunning | NoStdin
+    if isinstance(exc, ids) and len(exc.job_id) <= 64:
         metadata["id"] = exc.job_id
+    if isinstance(exc, NoStdin):
+        metadata["why"] = bound_text(exc.why)
     if isinstance(exc, JobNotRunning):
         metadata["state"] = exc.state
     if isinstance(exc, InvalidRequest):
@@ -134,8 +141,12 @@ def _build(
 ) -> TrioWorkerError:
     if issubclass(cls, JobNotFound):
         return cls(meta.get("id") or job_id or "")
+    if issubclass(cls, JobStillRunning):
+        return cls(meta.get("id") or job_id or "")
     if issubclass(cls, JobNotRunning):
         return cls(meta.get("id") or job_id or "", meta.get("state", "ended"))
+    if issubclass(cls, NoStdin):
+        return cls(meta.get("id") or job_id or "", meta.get("why", "it takes no input"))
     if issubclass(cls, InvalidRequest):
         field, text = violations[0] if violations else ("request", message)
         return cls(field, text)

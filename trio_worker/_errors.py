@@ -13,6 +13,8 @@ __all__ = [
     "InvalidRequest",
     "JobNotFound",
     "JobNotRunning",
+    "JobStillRunning",
+    "NoStdin",
     "PermissionDenied",
     "QuotaExceeded",
     "RemoteError",
@@ -68,6 +70,24 @@ class JobNotRunning(TrioWorkerError):
         super().__init__(f"job {job_id} is not running (it is {state})")
         self.job_id = job_id
         self.state = state
+
+
+class JobStillRunning(TrioWorkerError):
+    """The operation needs an ended job (Remove without force), and this one still runs."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {describe_id(job_id)} is still running")
+        self.job_id = job_id
+
+
+class NoStdin(TrioWorkerError):
+    """The job takes no input this way: it was started without stdin (or tty, for a
+    resize), or its stdin was closed."""
+
+    def __init__(self, job_id: str, why: str) -> None:
+        super().__init__(f"cannot write to job {job_id}: {why}")
+        self.job_id = job_id
+        self.why = why
 
 
 class Unenforceable(TrioWorkerError):

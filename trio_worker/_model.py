@@ -13,7 +13,10 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from ._util import final
+
 __all__ = [
+    "DEFAULT_STOP_GRACE",
     "Isolation",
     "JobIdGenerator",
     "JobInfo",
@@ -23,6 +26,9 @@ __all__ = [
     "OutputStream",
     "Usage",
 ]
+
+#: Stop's grace when none is given: SIGTERM, then SIGKILL this many seconds later (contract).
+DEFAULT_STOP_GRACE = 5.0
 
 
 class JobState(enum.Enum):
@@ -46,6 +52,7 @@ class OutputStream(enum.Enum):
     STDERR = 2
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Resource limits of one job; 0 means "no limit" for every field.
@@ -78,6 +85,7 @@ class Limits:
                 raise InvalidRequest(f"limits.{name}", f"must be >= 0, got {value}")
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Isolation:
     """Which namespaces a job gets of its own."""
@@ -91,6 +99,7 @@ class Isolation:
         return self.pid or self.mount or self.network
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Resources a job consumed, as far as the host can tell."""
@@ -99,6 +108,7 @@ class Usage:
     memory_peak_bytes: int = 0
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class JobInfo:
     """An immutable snapshot of one job."""
@@ -124,12 +134,19 @@ class JobInfo:
     #: The first byte offset still retained in the log (0 unless trimmed).
     output_start: int = 0
     usage: Usage | None = None
+    #: Started with stdin open for writing (Attach, ``write_stdin``).
+    stdin: bool = False
+    #: Runs on a pseudo-terminal (its output is all STDOUT).
+    tty: bool = False
+    #: The Unix user the job runs as: its name, or the uid in decimal without one.
+    user: str = ""
 
     @property
     def ended(self) -> bool:
         return self.state.ended
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class OutputChunk:
     """Bytes from one stream, at ``offset`` in the job's combined log."""

@@ -56,16 +56,11 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-import hpack
 import trio
 from google.protobuf.message import DecodeError
-from purerpc.grpclib.config import GRPCConfiguration
-from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import ResponseEnded, ResponseReceived, WindowUpdated
 from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
-from purerpc.grpclib.headers import HeaderDict
 
-from . import __version__
 from ._convert import (
     chunk_from_pb,
     isolation_to_pb,
@@ -81,14 +76,58 @@ from ._errors import (
     RemoteError,
     TrioWorkerError,
 )
-from ._model import Isolation, JobInfo, JobState, Limits, OutputChunk
+from ._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits, OutputChunk
+from ._net._sockets import set_keepalive as _set_keepalive
 from ._pb import worker_pb2 as pb
 from ._tls import ALPN_PROTOCOL, client_context
-from ._wire._h2conn import CachingDecoder
-from ._wire._h2conn import hpack_int as _hpack_int
-from ._wire._status import DETAILS_HEADER, details_from_header
+from ._wire._client import (
+    MAX_FRAME as _MAX_FRAME,
+)
+from ._wire._client import (
+    MAX_MESSAGE as _MAX_MESSAGE,
+)
+from ._wire._client import (
+    BadResponse as _BadResponse,
+)
+from ._wire._client import (
+    GoAwayReceived as _GoAway,
+)
+from ._wire._client import (
+    GRPCClientConnection as _GRPCClientConnection,
+)
+from ._wire._client import (
+    RequestHeaders as _Headers,
+)
+from ._wire._client import (
+    ResponseData as _Data,
+)
+from ._wire._client import (
+    StreamEnded as _Ended,
+)
+from ._wire._client import (
+    StreamResetByPeer as _Reset,
+)
+from ._wire._client import (
+    request_headers as _request_headers,
+)
+from ._wire._client import (
+    with_timeout as _with_timeout,
+)
+from ._wire._h2conn import (
+    MAX_UNSENT_CONTROL,
+    FrameGate,
+    PeerMisbehaved,
+)
+from ._wire._status import StatusCode
 
-__all__ = ["ConnectionFailed", "OutputIterator", "RemoteError", "WorkerClient", "connect"]
+__all__ = [
+    "Attachment",
+    "ConnectionFailed",
+    "OutputIterator",
+    "RemoteError",
+    "WorkerClient",
+    "connect",
+]
 
 log = logging.getLogger("trio_worker.client")
 
@@ -96,22 +135,9 @@ _SERVICE: Final = "trioworker.v1.Worker"
 _MESSAGE_PREFIX: Final = struct.Struct(">BI")
 _FRAME_HEADER_SIZE: Final = 9
 
-#: The receive window we advertise for each stream: what the server may send beyond what
-#: the consumer has made room for.
-_STREAM_WINDOW: Final = 1024 * 1024
 #: Received data is acknowledged at once while fewer bytes than this (complete messages)
 #: wait for the consumer; beyond it, only as the consumer takes messages.
 _ACK_BELOW: Final = 512 * 1024
-#: The connection window is not what bounds memory (stream windows are), so it is as large
-#: as HTTP/2 allows: a stream whose consumer stalls never starves the others.
-_CONNECTION_WINDOW: Final = 2**31 - 1
-#: Largest frame we accept: whole output chunks arrive in one frame.
-_MAX_FRAME: Final = 1024 * 1024
-#: Largest response message (a List of very many jobs); a guard against garbage lengths.
-_MAX_MESSAGE: Final = 64 * 1024 * 1024
-_MAX_HEADER_LIST: Final = 64 * 1024
-#: Frames handed to h2 per call, at most (h2's frame buffer copies what follows each frame).
-_FEED_BYTES: Final = 64 * 1024
 #: Asked of each TLS read. OpenSSL returns at most one record (16 KiB) per read, but Python
 #: allocates the whole size asked for first: 256 KiB (mmap'd, then trimmed) made decrypting
 #: four times slower than asking for what a record can hold.
@@ -124,21 +150,8 @@ _PING_TIMEOUT: Final = 10.0
 _CLOSE_TIMEOUT: Final = 0.5
 #: Attempts of a call the server said it never processed (GOAWAY) before giving up.
 _ATTEMPTS: Final = 3
-_USER_AGENT: Final = f"trio-worker/{__version__} purerpc"
-
-# gRPC status codes (grpc/doc/statuscodes.md) that the client handles itself.
-_OK: Final = 0
-_CANCELLED: Final = 1
-_UNKNOWN: Final = 2
-_INVALID_ARGUMENT: Final = 3
-_DEADLINE_EXCEEDED: Final = 4
-_NOT_FOUND: Final = 5
-_PERMISSION_DENIED: Final = 7
-_RESOURCE_EXHAUSTED: Final = 8
-_FAILED_PRECONDITION: Final = 9
-_INTERNAL: Final = 13
-_UNAVAILABLE: Final = 14
-_UNAUTHENTICATED: Final = 16
+#: Stdin is sent in messages of at most this size (the server takes up to 4 MiB).
+_STDIN_MESSAGE: Final = 256 * 1024
 
 
 M = TypeVar("M")
@@ -214,271 +227,6 @@ def _tls_reason(exc: BaseException, *, handshake: bool = False) -> str:
     if cause is not None:
         return _os_reason(cause)
     return str(exc) or type(exc).__name__
-
-
-def _set_keepalive(sock: Any) -> None:
-    """TCP keepalive: the kernel's own check for an idle connection whose peer vanished."""
-    with suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
-
-
-def _grpc_timeout(seconds: float) -> str:
-    """A grpc-timeout value: at most 8 digits, in the finest unit that fits."""
-    seconds = max(seconds, 0.0)
-    for unit, scale in (("n", 1e9), ("u", 1e6), ("m", 1e3), ("S", 1.0), ("M", 1 / 60)):
-        value = math.ceil(seconds * scale)
-        if value <= 99_999_999:
-            return f"{value}{unit}"
-    return f"{min(math.ceil(seconds / 3600), 99_999_999)}H"
-
-
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
-        raise InvalidRequest("timeout", f"must be a positive number of seconds, got {timeout!r}")
-
-
-# --- the sans-I/O layer: purerpc's GRPCConnection, client side ---------------------------
-
-
-class _Data:
-    """DATA on a stream: raw bytes and their flow-controlled length (with padding)."""
-
-    __slots__ = ("data", "flow", "stream_id")
-
-    def __init__(self, stream_id: int, data: bytes, flow: int) -> None:
-        self.stream_id = stream_id
-        self.data = data
-        self.flow = flow
-
-
-class _Ended:
-    """END_STREAM on a stream (after trailers, or without them: a broken response)."""
-
-    __slots__ = ("stream_id",)
-
-    def __init__(self, stream_id: int) -> None:
-        self.stream_id = stream_id
-
-
-class _Reset:
-    """The server reset a stream (RST_STREAM)."""
-
-    __slots__ = ("error_code", "stream_id")
-
-    def __init__(self, stream_id: int, error_code: int) -> None:
-        self.stream_id = stream_id
-        self.error_code = error_code
-
-
-class _GoAway:
-    """The server sent GOAWAY: streams above ``last_stream_id`` were never processed."""
-
-    __slots__ = ("error_code", "last_stream_id")
-
-    def __init__(self, error_code: int, last_stream_id: int) -> None:
-        self.error_code = error_code
-        self.last_stream_id = last_stream_id
-
-
-class _BadResponse:
-    """Response headers or trailers that are not gRPC: that call fails, the others go on."""
-
-    __slots__ = ("reason", "stream_id")
-
-    def __init__(self, stream_id: int, reason: str) -> None:
-        self.stream_id = stream_id
-        self.reason = reason
-
-
-def _literal(name: str, value: str, static_index: int = 0) -> bytes:
-    """Literal header field without indexing (RFC 7541 §6.2.2), no Huffman: it leaves the
-    dynamic table alone, so the block is valid whatever the table holds."""
-    raw = value.encode("utf-8")
-    encoded = _hpack_int(len(raw), 7) + raw
-    if static_index:
-        return _hpack_int(static_index, 4) + encoded
-    key = name.encode("ascii")
-    return b"\x00" + _hpack_int(len(key), 7) + key + encoded
-
-
-class _Headers(list[tuple[str, str]]):
-    """A request's header list together with its HPACK block, encoded once per method."""
-
-    block: bytes
-
-
-def _request_headers(path: str, authority: str) -> _Headers:
-    headers = _Headers(
-        [
-            (":method", "POST"),
-            (":scheme", "https"),
-            (":path", path),
-            (":authority", authority),
-            ("te", "trailers"),
-            ("content-type", "application/grpc+proto"),
-            ("user-agent", _USER_AGENT),
-        ]
-    )
-    headers.block = (
-        b"\x83"  # static entry 3, ":method: POST"
-        + b"\x87"  # static entry 7, ":scheme: https"
-        + _literal(":path", path, 4)
-        + _literal(":authority", authority, 1)
-        + _literal("te", "trailers")
-        + _literal("content-type", "application/grpc+proto", 31)
-        + _literal("user-agent", _USER_AGENT, 58)
-    )
-    return headers
-
-
-def _with_timeout(base: _Headers, timeout: float) -> _Headers:
-    value = _grpc_timeout(timeout)
-    headers = _Headers([*base, ("grpc-timeout", value)])
-    headers.block = base.block + _literal("grpc-timeout", value)
-    return headers
-
-
-class _RequestEncoder(hpack.Encoder):  # type: ignore[misc]
-    """hpack's encoder, handing out our pre-encoded request blocks (hpack spends more time
-    on a request's headers than everything else the client does for a small call)."""
-
-    def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        # A pending table size change must lead the next block: let hpack write that one.
-        if type(headers) is _Headers and not self.header_table.resized:
-            return headers.block
-        return bytes(super().encode(headers, huffman))
-
-
-class _ClientH2(h2.connection.H2Connection):  # type: ignore[misc]
-    """h2's connection, kept usable after a GOAWAY and handing out output without a copy.
-
-    h2 3.x closes its state machine on GOAWAY and drops unsent output, after which it would
-    refuse the WINDOW_UPDATEs the streams the server is still finishing need (a graceful
-    drain). We only stop opening streams on this connection.
-    """
-
-    _data_to_send: bytearray
-
-    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
-        event = h2.events.ConnectionTerminated()
-        event.error_code = h2.errors._error_code_from_int(frame.error_code)
-        event.last_stream_id = frame.last_stream_id
-        event.additional_data = frame.additional_data or None
-        return [], [event]
-
-    def data_to_send(self, amount: int | None = None) -> bytes | bytearray:
-        if amount is not None:
-            return bytes(super().data_to_send(amount))
-        data = self._data_to_send
-        self._data_to_send = bytearray()
-        return data
-
-    @property
-    def outbound_buffered(self) -> int:
-        return len(self._data_to_send)
-
-
-class _GRPCClientConnection(GRPCConnection):  # type: ignore[misc]
-    """purerpc's ``GRPCConnection`` for a client, with our settings and complete events.
-
-    purerpc's version raises out of ``receive_data`` on a malformed response (losing the
-    other events of that read), drops RST_STREAM and GOAWAY, and reassembles messages in a
-    buffer it acknowledges by itself; messages and flow control are the transport's here.
-    """
-
-    def __init__(self) -> None:
-        # Not super().__init__(): it builds a plain H2Connection with purerpc's settings.
-        self.config = GRPCConfiguration(
-            client_side=True, user_agent=_USER_AGENT, max_message_length=_MAX_MESSAGE
-        )
-        h2c = _ClientH2(
-            h2.config.H2Configuration(
-                client_side=True,
-                header_encoding="utf-8",
-                # Our request headers are fixed and well formed, and the server's are
-                # parsed by purerpc anyway: skip h2's re-checking of both.
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-                validate_inbound_headers=False,
-                normalize_inbound_headers=False,
-            )
-        )
-        h2c.encoder = _RequestEncoder()
-        h2c.decoder = CachingDecoder()  # the server repeats its header blocks
-        h2c.decoder.max_header_list_size = _MAX_HEADER_LIST
-        codes = h2.settings.SettingCodes
-        h2c.local_settings = h2.settings.Settings(
-            client=True,
-            initial_values={
-                # MAX_CONCURRENT_STREAMS is left unlimited although the server opens no
-                # streams: h2 checks it before noticing that HEADERS are for a stream we
-                # reset (trailers crossing our RST_STREAM), and 0 would kill the connection.
-                codes.ENABLE_PUSH: 0,
-                codes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
-                codes.MAX_FRAME_SIZE: _MAX_FRAME,
-                codes.MAX_HEADER_LIST_SIZE: _MAX_HEADER_LIST,
-            },
-        )
-        h2c.max_inbound_frame_size = _MAX_FRAME
-        self.h2_connection: _ClientH2 = h2c
-        self.message_read_buffers: dict[int, Any] = {}
-        self.settings_received = False
-
-    def initiate_connection(self) -> None:
-        h2c = self.h2_connection
-        h2c.initiate_connection()
-        h2c.increment_flow_control_window(_CONNECTION_WINDOW - int(h2c.inbound_flow_control_window))
-
-    def _response_received(self, event: Any) -> list[Any]:
-        headers = HeaderDict(event.headers)
-        stream_id: int = event.stream_id
-        try:
-            received = ResponseReceived.parse_from_stream_id_and_headers_destructive(
-                stream_id, headers
-            )
-            if event.stream_ended:  # trailers-only: the status is in these headers
-                return [received, _ended(stream_id, event.headers, headers)]
-        except (GRPCProtocolError, KeyError, ValueError, TypeError) as exc:
-            return [_BadResponse(stream_id, f"not a gRPC response ({exc})")]
-        return [received]
-
-    def _trailers_received(self, event: Any) -> list[Any]:
-        try:
-            return [_ended(event.stream_id, event.headers, HeaderDict(event.headers))]
-        except (GRPCProtocolError, KeyError, ValueError, TypeError) as exc:
-            return [_BadResponse(event.stream_id, f"malformed trailers ({exc})")]
-
-    def _data_received(self, event: Any) -> list[Any]:
-        return [_Data(event.stream_id, event.data, event.flow_controlled_length)]
-
-    def _stream_ended(self, event: Any) -> list[Any]:
-        return [_Ended(event.stream_id)]
-
-    def _stream_reset(self, event: Any) -> list[Any]:
-        return [_Reset(event.stream_id, int(event.error_code))]
-
-    def _connection_terminated(self, event: Any) -> list[Any]:
-        return [_GoAway(int(event.error_code), int(event.last_stream_id))]
-
-    def _remote_settings_changed(self, event: Any) -> list[Any]:
-        self.settings_received = True
-        return [WindowUpdated(stream_id=0, delta=1)]
-
-
-def _ended(stream_id: int, raw: list[tuple[str, str]], headers: HeaderDict) -> Any:
-    """ResponseEnded, with ``details``: the raw ``grpc-status-details-bin`` (purerpc drops
-    every ``grpc-`` header it does not know)."""
-    ended = ResponseEnded.parse_from_stream_id_and_headers_destructive(stream_id, headers)
-    ended.details = None
-    for name, value in raw:
-        if name == DETAILS_HEADER:
-            ended.details = details_from_header(value)
-            break
-    return ended
 
 
 # --- one call ----------------------------------------------------------------------------
@@ -559,10 +307,11 @@ class _Call:
             while total - pos >= 5:
                 compressed, length = _MESSAGE_PREFIX.unpack_from(source, pos)
                 if compressed:
-                    raise _CallFailed(_INTERNAL, "the server sent a compressed message")
+                    raise _CallFailed(StatusCode.INTERNAL, "the server sent a compressed message")
                 if length > _MAX_MESSAGE:
                     raise _CallFailed(
-                        _RESOURCE_EXHAUSTED, f"response message of {length} bytes is too large"
+                        StatusCode.RESOURCE_EXHAUSTED,
+                        f"response message of {length} bytes is too large",
                     )
                 end = pos + 5 + length
                 if end > total:
@@ -603,7 +352,7 @@ class _Call:
             raise self.error
         assert self.status is not None
         code, message, details = self.status
-        if code != _OK:
+        if code != StatusCode.OK:
             raise _CallFailed(code, message, details)
 
 
@@ -622,7 +371,7 @@ class _Connection:
         self._grpc = _GRPCClientConnection()
         self._h2 = self._grpc.h2_connection
         self._calls: dict[int, _Call] = {}
-        self._inbuf = bytearray()
+        self._gate = FrameGate(_MAX_FRAME, server=False)
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._flushed_lot = trio.lowlevel.ParkingLot()
         self._window_lot = trio.lowlevel.ParkingLot()  # senders waiting for window
@@ -669,7 +418,7 @@ class _Connection:
                 # The server's close can overtake its alert: say what it most likely meant.
                 reason += " (did it refuse our certificate?)"
             raise ConnectionFailed(f"TLS handshake with {self.addr} failed: {reason}") from exc
-        except (h2.exceptions.ProtocolError, GRPCProtocolError) as exc:
+        except (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved) as exc:
             raise ConnectionFailed(f"{self.addr} does not speak HTTP/2 as expected: {exc}") from exc
         self._wake_writer()
 
@@ -762,41 +511,21 @@ class _Connection:
             self._last_received = trio.current_time()
             try:
                 self._feed(data)
-            except (h2.exceptions.ProtocolError, GRPCProtocolError) as exc:
+            except (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved) as exc:
                 self._lost(f"HTTP/2 protocol error: {exc}")
                 # h2 has queued a GOAWAY: best effort, the writer is cancelled soon.
                 self._wake_writer()
                 return
             self._wake_writer_if_output()
+            if self._gate.control_owed > MAX_UNSENT_CONTROL:
+                # A server flooding PINGs or SETTINGS: read on once the replies are out.
+                await self._flushed()
+                self._gate.control_owed = 0
 
     def _feed(self, data: bytes | bytearray) -> None:
-        """Hand h2 whole frames only, a few at a time.
-
-        h2's frame buffer copies its whole content for every chunk added and every frame
-        taken, which is quadratic for a 1 MiB frame arriving in 16 KiB TLS records; we
-        gather the records here (a bytearray appends and trims in place) instead.
-        """
-        buf = self._inbuf
-        buf += data
-        while len(buf) >= _FRAME_HEADER_SIZE:
-            end = 0
-            size = len(buf)
-            while size - end >= _FRAME_HEADER_SIZE:
-                length = (buf[end] << 16) | (buf[end + 1] << 8) | buf[end + 2]
-                if length > _MAX_FRAME:
-                    raise h2.exceptions.FrameTooLargeError(
-                        f"frame of {length} bytes, over our limit of {_MAX_FRAME}"
-                    )
-                frame_end = end + _FRAME_HEADER_SIZE + length
-                if frame_end > size or (end and frame_end > _FEED_BYTES):
-                    break
-                end = frame_end
-            if not end:
-                return
-            with memoryview(buf) as view:
-                chunk = bytes(view[:end])
-            del buf[:end]
-            for event in self._grpc.receive_data(chunk):
+        """Hand h2 whole frames only, checked against our bounds (``FrameGate``)."""
+        for batch in self._gate.feed(data):
+            for event in self._grpc.receive_data(batch):
                 self._on_event(event)
 
     def _on_event(self, event: Any) -> None:
@@ -808,7 +537,7 @@ class _Connection:
                 call = self._calls.get(event.stream_id)
                 if call is not None:
                     reason = f"the server used grpc-encoding {event.message_encoding}"
-                    self._fail_stream(call, _CallFailed(_INTERNAL, reason))
+                    self._fail_stream(call, _CallFailed(StatusCode.INTERNAL, reason))
         elif kind is ResponseEnded:
             call = self._calls.get(event.stream_id)
             if call is not None:
@@ -818,7 +547,7 @@ class _Connection:
         elif kind is _Ended:
             call = self._calls.get(event.stream_id)
             if call is not None:  # END_STREAM without trailers
-                self._end(call, error=_CallFailed(_INTERNAL, "the server sent no status"))
+                self._end(call, error=_CallFailed(StatusCode.INTERNAL, "the server sent no status"))
         elif kind is WindowUpdated:
             self._window_lot.unpark_all()
             self._capacity_lot.unpark_all()
@@ -829,7 +558,7 @@ class _Connection:
         elif kind is _BadResponse:
             call = self._calls.get(event.stream_id)
             if call is not None:
-                self._fail_stream(call, _CallFailed(_INTERNAL, event.reason))
+                self._fail_stream(call, _CallFailed(StatusCode.INTERNAL, event.reason))
 
     def _on_data(self, event: _Data) -> None:
         call = self._calls.get(event.stream_id)
@@ -857,16 +586,16 @@ class _Connection:
         code = event.error_code
         if code == h2.errors.ErrorCodes.REFUSED_STREAM:
             failure = _CallFailed(
-                _RESOURCE_EXHAUSTED, "the server refused the call (too many calls)"
+                StatusCode.RESOURCE_EXHAUSTED, "the server refused the call (too many calls)"
             )
         elif code == h2.errors.ErrorCodes.CANCEL:
-            failure = _CallFailed(_CANCELLED, "the server cancelled the call")
+            failure = _CallFailed(StatusCode.CANCELLED, "the server cancelled the call")
         else:
             try:
                 name = h2.errors.ErrorCodes(code).name
             except ValueError:
                 name = str(code)
-            failure = _CallFailed(_INTERNAL, f"the server reset the call ({name})")
+            failure = _CallFailed(StatusCode.INTERNAL, f"the server reset the call ({name})")
         self._end(call, error=failure)
 
     def _on_goaway(self, event: _GoAway) -> None:
@@ -889,10 +618,12 @@ class _Connection:
             base = self._headers_cache[path] = _request_headers(path, self._authority)
         return base if timeout is None else _with_timeout(base, timeout)
 
-    async def open_call(self, path: str, payload: bytes, deadline: float) -> _Call:
+    async def open_call(
+        self, path: str, payload: bytes, deadline: float, *, end_stream: bool = True
+    ) -> _Call:
         """Open a stream and send the request (headers, message and END_STREAM, in one
-        write when the window allows). Raises _Unprocessed if this connection cannot take
-        new calls any more."""
+        write when the window allows; without ``end_stream`` more messages may follow).
+        Raises _Unprocessed if this connection cannot take new calls any more."""
         h2c = self._h2
         while True:
             if not self.accepting:
@@ -906,13 +637,22 @@ class _Connection:
         call = _Call(self, stream_id)
         self._calls[stream_id] = call
         try:
-            await self._send_request(call, _MESSAGE_PREFIX.pack(0, len(payload)) + payload)
+            await self._send_request(
+                call, _MESSAGE_PREFIX.pack(0, len(payload)) + payload, end_stream=end_stream
+            )
         except BaseException:
             self.cancel(call)
             raise
         return call
 
-    async def _send_request(self, call: _Call, data: bytes) -> None:
+    async def send_message(self, call: _Call, payload: bytes) -> None:
+        """One more request message on a call opened without ``end_stream``, waiting for
+        flow-control window: a server that does not take requests holds us back here."""
+        await self._send_request(
+            call, _MESSAGE_PREFIX.pack(0, len(payload)) + payload, end_stream=False
+        )
+
+    async def _send_request(self, call: _Call, data: bytes, *, end_stream: bool = True) -> None:
         h2c = self._h2
         view = memoryview(data)
         while view:
@@ -928,7 +668,7 @@ class _Connection:
                 h2c.send_data(
                     call.stream_id,
                     data if last and len(view) == len(data) else bytes(view[:n]),
-                    end_stream=last,
+                    end_stream=last and end_stream,
                 )
                 view = view[n:]
                 self._wake_writer()
@@ -996,7 +736,7 @@ class _Connection:
             if self.dead:
                 call.finish(error=ConnectionFailed(f"the connection to {self.addr} was closed"))
                 return
-            self._fail_stream(call, _CallFailed(_CANCELLED, "cancelled by the client"))
+            self._fail_stream(call, _CallFailed(StatusCode.CANCELLED, "cancelled by the client"))
         else:
             call.messages.clear()
             call.queued = 0
@@ -1122,9 +862,10 @@ class WorkerClient:
 
     Every method may raise :class:`ConnectionFailed` (server unreachable, TLS refused,
     connection lost mid-call) besides the errors named on it; statuses the client has no
-    class for arrive as :class:`RemoteError`. ``timeout`` (seconds) bounds a call: it is
-    sent to the server as the call's deadline, and expiring raises ``RemoteError`` with
-    code 4 (DEADLINE_EXCEEDED). Calls may run concurrently from any number of tasks.
+    class for arrive as :class:`RemoteError`. A call follows the caller's trio deadline,
+    as trio's own functions do (``with trio.fail_after(5): await client.status(id)``); it
+    is sent to the server as grpc-timeout. Calls may run concurrently from any number of
+    tasks.
     """
 
     def __init__(self, dialer: _Dialer, nursery: trio.Nursery) -> None:
@@ -1145,16 +886,20 @@ class WorkerClient:
     async def start(
         self,
         command: str,
-        args: Sequence[str] = (),
+        args: Sequence[str] | None = None,
         *,
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
         limits: Limits | None = None,
         isolation: Isolation | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
+        stdin: bool = False,
+        tty: bool = False,
+        terminal_size: tuple[int, int] | None = None,
     ) -> JobInfo:
         """Start a job. A command that cannot be executed is a job in state FAILED, not an
-        error. Raises InvalidRequest, PermissionDenied, Unenforceable, ResourceExhausted."""
+        error. ``stdin`` keeps its stdin open for :meth:`attach`; ``tty`` runs it on a
+        pseudo-terminal of ``terminal_size`` (rows, cols; default: the server's, 24x80).
+        Raises InvalidRequest, PermissionDenied, Unenforceable, ResourceExhausted."""
         if isinstance(args, str | bytes):
             raise InvalidRequest("args", "must be a sequence of strings, not one string")
         if limits is not None and not isinstance(limits, Limits):
@@ -1165,7 +910,7 @@ class WorkerClient:
         with _request_field("command"):
             request.command = command
         with _request_field("args"):
-            request.args.extend(args)
+            request.args.extend(args or ())
         with _request_field("env"):
             request.env.update(env or {})
         with _request_field("working_dir"):
@@ -1175,36 +920,32 @@ class WorkerClient:
                 request.limits.CopyFrom(limits_to_pb(limits))
         if isolation is not None:
             request.isolation.CopyFrom(isolation_to_pb(isolation))
-        job = await self._unary("Start", request, pb.Job, timeout=timeout)
+        request.stdin = bool(stdin)
+        request.tty = bool(tty)
+        if terminal_size is not None:
+            with _request_field("terminal_size"):
+                request.terminal_size.rows, request.terminal_size.cols = terminal_size
+        job = await self._unary("Start", request, pb.Job)
         return job_from_pb(job)
 
-    async def stop(
-        self,
-        job_id: str,
-        *,
-        grace: float | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
-    ) -> JobInfo:
-        """SIGTERM the job's process group, SIGKILL after ``grace`` seconds (None: the
-        server's default); returns the final state. Raises JobNotFound, JobNotRunning."""
+    async def stop(self, job_id: str, grace: float = DEFAULT_STOP_GRACE) -> JobInfo:
+        """SIGTERM the job's process group, SIGKILL after ``grace`` seconds (as
+        ``Supervisor.stop``); returns the final state. Raises JobNotFound, JobNotRunning."""
         request = pb.StopRequest()
         with _request_field("id"):
             request.id = job_id
-        if grace is not None:
-            if not (isinstance(grace, int | float) and math.isfinite(grace) and grace >= 0):
-                raise InvalidRequest(
-                    "grace", f"must be a non-negative number of seconds, got {grace!r}"
-                )
-            with _request_field("grace"):  # OverflowError beyond timedelta's range
-                request.grace.CopyFrom(seconds_to_duration(grace))
-        return job_from_pb(await self._unary("Stop", request, pb.Job, job_id, timeout=timeout))
+        if isinstance(grace, bool) or not isinstance(grace, int | float):
+            raise InvalidRequest("grace", "must be a number of seconds")
+        if not (math.isfinite(grace) and grace >= 0):
+            raise InvalidRequest("grace", f"must be a finite number >= 0, got {grace}")
+        with _request_field("grace"):  # OverflowError beyond timedelta's range
+            request.grace.CopyFrom(seconds_to_duration(grace))
+        return job_from_pb(await self._unary("Stop", request, pb.Job, job_id))
 
     async def signal(
         self,
         job_id: str,
         signum: int,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> JobInfo:
         """Send ``signum`` to the job's process group. Raises JobNotFound, JobNotRunning,
         InvalidRequest (not a signal)."""
@@ -1213,31 +954,42 @@ class WorkerClient:
             request.id = job_id
         with _request_field("signal"):
             request.signal = int(signum)
-        return job_from_pb(await self._unary("Signal", request, pb.Job, job_id, timeout=timeout))
+        return job_from_pb(await self._unary("Signal", request, pb.Job, job_id))
 
     async def status(
         self,
         job_id: str,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> JobInfo:
         """The job's current state. Raises JobNotFound."""
         request = pb.StatusRequest()
         with _request_field("id"):
             request.id = job_id
-        return job_from_pb(await self._unary("Status", request, pb.Job, job_id, timeout=timeout))
+        return job_from_pb(await self._unary("Status", request, pb.Job, job_id))
 
     async def wait(
         self,
         job_id: str,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> JobInfo:
         """Wait for the job to end; its final state. Raises JobNotFound."""
         request = pb.WaitRequest()
         with _request_field("id"):
             request.id = job_id
-        return job_from_pb(await self._unary("Wait", request, pb.Job, job_id, timeout=timeout))
+        return job_from_pb(await self._unary("Wait", request, pb.Job, job_id))
+
+    async def remove(
+        self,
+        job_id: str,
+        *,
+        force: bool = False,
+    ) -> JobInfo:
+        """Delete an ended job's record and output; its last state. With ``force`` a
+        running job is SIGKILLed and removed once ended. Raises JobNotFound,
+        JobStillRunning (running, without ``force``)."""
+        request = pb.RemoveRequest()
+        with _request_field("id"):
+            request.id = job_id
+        request.force = bool(force)
+        return job_from_pb(await self._unary("Remove", request, pb.Job, job_id))
 
     async def list(
         self,
@@ -1245,17 +997,14 @@ class WorkerClient:
         states: Iterable[JobState] | None = None,
         owner: str | None = None,
         page_size: int = 1000,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> list[JobInfo]:
         """Every job this client may see, newest first, walking the server's pages.
 
         ``states`` keeps only jobs in those states, ``owner`` only that owner's
-        (for callers who see others' jobs). ``timeout`` applies to each page.
+        (for callers who see others' jobs).
         """
         jobs: list[JobInfo] = []
-        async for page in self.list_pages(
-            states=states, owner=owner, page_size=page_size, timeout=timeout
-        ):
+        async for page in self.list_pages(states=states, owner=owner, page_size=page_size):
             jobs.extend(page)
         return jobs
 
@@ -1265,7 +1014,6 @@ class WorkerClient:
         states: Iterable[JobState] | None = None,
         owner: str | None = None,
         page_size: int = 1000,
-        timeout: float | None = None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> AsyncIterator[builtins.list[JobInfo]]:
         """``list`` one page at a time (each at most ``page_size`` jobs and 4 MiB)."""
         request = pb.ListRequest(
@@ -1273,7 +1021,7 @@ class WorkerClient:
         )
         seen: set[str] = set()
         while True:
-            response = await self._unary("List", request, pb.ListResponse, timeout=timeout)
+            response = await self._unary("List", request, pb.ListResponse)
             yield [job_from_pb(job) for job in response.jobs]
             token = response.next_page_token
             if not token or token in seen:  # (a repeated token would loop forever)
@@ -1287,7 +1035,6 @@ class WorkerClient:
         *,
         offset: int = 0,
         follow: bool = True,
-        timeout: float | None = None,
     ) -> OutputIterator:
         """The job's output from byte ``offset`` of its combined log; with ``follow``, live
         until the job ends. Iterate it with ``async for``; ``aclose()`` it (or use it as
@@ -1300,8 +1047,24 @@ class WorkerClient:
         with _request_field("offset"):
             request.offset = offset
         request.follow = bool(follow)
-        _check_timeout(timeout)
-        return OutputIterator(self, request, timeout)
+        return OutputIterator(self, request)
+
+    def attach(self, job_id: str, *, offset: int = 0) -> Attachment:
+        """Use a job interactively over one bidirectional stream: its output from byte
+        ``offset``, followed live, and (for a job started with stdin) its input.
+
+        Use it as ``async with client.attach(job_id) as session``: ``async for chunk in
+        session`` gets the output until the job ends, after which ``session.ended`` is its
+        final state; ``write``, ``close_stdin`` and ``resize`` send input meanwhile, from
+        any task. Leaving the block detaches: the job goes on running."""
+        if not isinstance(offset, int) or offset < 0:
+            raise InvalidRequest("offset", f"must be a non-negative integer, got {offset!r}")
+        request = pb.AttachRequest()
+        with _request_field("id"):
+            request.open.id = job_id
+        with _request_field("offset"):
+            request.open.offset = offset
+        return Attachment(self, request)
 
     # -- plumbing --
 
@@ -1342,33 +1105,31 @@ class WorkerClient:
         request: Any,
         response_type: type[M],
         job_id: str | None = None,
-        *,
-        timeout: float | None,  # noqa: ASYNC109 - also sent as grpc-timeout
     ) -> M:
-        _check_timeout(timeout)
+        """One unary call, under the caller's deadline (sent as grpc-timeout)."""
         payload = request.SerializeToString()
-        deadline = math.inf if timeout is None else trio.current_time() + timeout
-        with trio.move_on_at(deadline):
-            for _ in range(_ATTEMPTS):
-                call = await self._open(method, payload, deadline)
-                conn = call.conn
-                try:
-                    await conn.wait(call)
-                    call.outcome()
-                except _Unprocessed:
-                    continue
-                except _CallFailed as exc:
-                    raise exception_from(exc.code, exc.message, exc.details, job_id) from None
-                finally:
-                    if not call.done:
-                        conn.cancel(call)
-                if len(call.messages) != 1:
-                    raise RemoteError(
-                        _INTERNAL, f"expected one response message, got {len(call.messages)}"
-                    )
-                return _parse(response_type, call.take())
-            raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
-        raise RemoteError(_DEADLINE_EXCEEDED, f"deadline exceeded after {timeout:g} s")
+        deadline = trio.current_effective_deadline()
+        for _ in range(_ATTEMPTS):
+            call = await self._open(method, payload, deadline)
+            conn = call.conn
+            try:
+                await conn.wait(call)
+                call.outcome()
+            except _Unprocessed:
+                continue
+            except _CallFailed as exc:
+                if exc.code == StatusCode.DEADLINE_EXCEEDED:
+                    await _deadline_passes(deadline)
+                raise exception_from(exc.code, exc.message, exc.details, job_id) from None
+            finally:
+                if not call.done:
+                    conn.cancel(call)
+            if len(call.messages) != 1:
+                raise RemoteError(
+                    StatusCode.INTERNAL, f"expected one response message, got {len(call.messages)}"
+                )
+            return _parse(response_type, call.take())
+        raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
 
     def _adopt(self, conn: _Connection) -> None:
         self._conn = conn
@@ -1386,11 +1147,19 @@ class WorkerClient:
                 await conn.finished.wait()
 
 
+async def _deadline_passes(deadline: float) -> None:
+    """The server said our deadline passed: let the caller's own clock say it (trio's
+    Cancelled, at most the clock skew of the two later), as for any other deadline."""
+    if deadline != math.inf:
+        await trio.sleep_until(deadline)
+
+
 def _parse(message_type: type[M], data: bytes | memoryview) -> M:
     try:
         return message_type.FromString(data)  # type: ignore[attr-defined,no-any-return]
     except DecodeError:
-        raise RemoteError(_INTERNAL, "the server sent a malformed response message") from None
+        message = "the server sent a malformed response message"
+        raise RemoteError(StatusCode.INTERNAL, message) from None
 
 
 @contextmanager
@@ -1414,11 +1183,10 @@ class OutputIterator:
     ``__anext__`` loses nothing: the next one carries on.
     """
 
-    def __init__(self, client: WorkerClient, request: Any, timeout: float | None) -> None:
+    def __init__(self, client: WorkerClient, request: Any) -> None:
         self._client = client
         self._request = request
         self._job_id: str = request.id
-        self._timeout = timeout
         self._deadline: float | None = None
         self._call: _Call | None = None
         self._finished = False
@@ -1451,32 +1219,33 @@ class OutputIterator:
         if self._finished:
             raise StopAsyncIteration
         if self._deadline is None:
-            timeout = self._timeout
-            self._deadline = math.inf if timeout is None else trio.current_time() + timeout
-        with trio.move_on_at(self._deadline):
-            try:
-                if self._call is None:
-                    await self._start()
-                    assert self._call is not None
-                call = self._call
-                message = await call.conn.next_message(call)
-            except _CallFailed as exc:
-                self._finished = True
-                raise exception_from(exc.code, exc.message, exc.details, self._job_id) from None
-            except TrioWorkerError:
-                self._finished = True
-                raise
-            except _Unprocessed:  # only a confused server would do this after answering
-                self._finished = True
-                raise ConnectionFailed(
-                    f"{self._client.address} dropped the output stream unprocessed"
-                ) from None
-            if message is None:
-                self._finished = True
-                raise StopAsyncIteration
-            return chunk_from_pb(_parse(pb.OutputChunk, message))
-        await self.aclose()
-        raise RemoteError(_DEADLINE_EXCEEDED, f"deadline exceeded after {self._timeout:g} s")
+            # No grpc-timeout: an iterator may be consumed under several cancel scopes
+            # (a cancelled __anext__ loses nothing), so each __anext__ follows its own
+            # caller's deadline, and closing the iterator resets the stream.
+            self._deadline = math.inf
+        try:
+            if self._call is None:
+                await self._start()
+                assert self._call is not None
+            call = self._call
+            message = await call.conn.next_message(call)
+        except _CallFailed as exc:
+            self._finished = True
+            if exc.code == StatusCode.DEADLINE_EXCEEDED:
+                await _deadline_passes(self._deadline)
+            raise exception_from(exc.code, exc.message, exc.details, self._job_id) from None
+        except TrioWorkerError:
+            self._finished = True
+            raise
+        except _Unprocessed:  # only a confused server would do this after answering
+            self._finished = True
+            raise ConnectionFailed(
+                f"{self._client.address} dropped the output stream unprocessed"
+            ) from None
+        if message is None:
+            self._finished = True
+            raise StopAsyncIteration
+        return chunk_from_pb(_parse(pb.OutputChunk, message))
 
     async def _start(self) -> None:
         client = self._client
@@ -1510,6 +1279,135 @@ class OutputIterator:
         if call is not None and not call.done:
             with suppress(Exception):
                 call.conn.cancel_soon(call)
+
+
+class Attachment:
+    """One job, attached: its output as an async iterator, its input as methods.
+
+    Get one from :meth:`WorkerClient.attach` and use it as ``async with``. Output is
+    buffered ahead of the consumer as for :meth:`WorkerClient.output` (never more than a
+    stream window and a message); input waits for HTTP/2 flow control, so a job that
+    does not read holds ``write`` back. Input goes in the order it was sent, whichever
+    task sends it. Errors (``JobNotFound``, ``PermissionDenied``, ``NoStdin``...) come
+    from the iteration or from the next ``write``.
+    """
+
+    def __init__(self, client: WorkerClient, request: Any) -> None:
+        self._client = client
+        self._open = request
+        self._job_id: str = request.open.id
+        #: Where the output starts (the offset asked for).
+        self.offset: int = request.open.offset
+        self._call: _Call | None = None
+        self._send_lock = trio.Lock()
+        self._finished = False
+        #: The job's final state, once the iteration has ended.
+        self.ended: JobInfo | None = None
+
+    async def __aenter__(self) -> Attachment:
+        client = self._client
+        payload = self._open.SerializeToString()
+        for _ in range(_ATTEMPTS):
+            conn = await client._connection()
+            try:
+                self._call = await conn.open_call(
+                    f"/{_SERVICE}/Attach", payload, math.inf, end_stream=False
+                )
+            except _Unprocessed:
+                continue
+            return self
+        raise ConnectionFailed(f"{client.address} keeps closing connections before taking calls")
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> Attachment:
+        return self
+
+    async def __anext__(self) -> OutputChunk:
+        call = self._call
+        if call is None:
+            raise RuntimeError("use the attachment as `async with client.attach(...)`")
+        while not self._finished:
+            try:
+                message = await call.conn.next_message(call)
+            except _CallFailed as exc:
+                self._finished = True
+                raise exception_from(exc.code, exc.message, exc.details, self._job_id) from None
+            except _Unprocessed:
+                self._finished = True
+                raise ConnectionFailed(
+                    f"{self._client.address} dropped the attach stream unprocessed"
+                ) from None
+            except TrioWorkerError:
+                self._finished = True
+                raise
+            if message is None:
+                self._finished = True
+                if self.ended is None:
+                    raise RemoteError(
+                        StatusCode.INTERNAL, "the attach stream closed before the job ended"
+                    )
+                break
+            response = _parse(pb.AttachResponse, message)
+            kind = response.WhichOneof("event")
+            if kind == "output":
+                return chunk_from_pb(response.output)
+            if kind == "ended":
+                self.ended = job_from_pb(response.ended)
+        raise StopAsyncIteration
+
+    async def write(self, data: bytes) -> None:
+        """Send bytes to the job's stdin; waits while the job (or the network) is behind."""
+        view = memoryview(data)
+        for start in range(0, len(view), _STDIN_MESSAGE):
+            await self._send(pb.AttachRequest(stdin=bytes(view[start : start + _STDIN_MESSAGE])))
+
+    async def close_stdin(self) -> None:
+        """End the job's input (on a terminal: its EOF character)."""
+        await self._send(pb.AttachRequest(close_stdin=True))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set a tty job's terminal size."""
+        request = pb.AttachRequest()
+        with _request_field("terminal_size"):
+            request.resize.rows = rows
+            request.resize.cols = cols
+        await self._send(request)
+
+    async def _send(self, request: Any) -> None:
+        call = self._call
+        if call is None:
+            raise RuntimeError("use the attachment as `async with client.attach(...)`")
+        payload = request.SerializeToString()
+        async with self._send_lock:
+            if call.done:
+                # The call has ended: its outcome (an error, or the job's end) is what the
+                # iteration reports; an error is worth raising here too.
+                if call.error is not None or (call.status and call.status[0] != StatusCode.OK):
+                    with suppress(_Unprocessed):
+                        try:
+                            call.outcome()
+                        except _CallFailed as exc:
+                            raise exception_from(
+                                exc.code, exc.message, exc.details, self._job_id
+                            ) from None
+                await trio.lowlevel.checkpoint()
+                return
+            await call.conn.send_message(call, payload)
+
+    async def aclose(self) -> None:
+        """Detach: reset the stream. The job goes on running."""
+        self._finished = True
+        call = self._call
+        if call is not None:
+            call.conn.cancel(call)
+        await trio.lowlevel.checkpoint()
 
 
 # --- connecting --------------------------------------------------------------------------

@@ -28,60 +28,36 @@ import contextlib
 import ctypes
 import errno
 import functools
-import mmap
 import os
 import re
 import signal
 import stat
-import struct
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 
 import trio
 
 from .._errors import InvalidRequest, TrioWorkerError, Unenforceable
-from .._model import Isolation, Limits, Usage
-from ._isolation import check_isolation
+from .._limits import CPU_PERIOD_US
+from .._model import Limits, Usage
 
 __all__ = [
     "CGROUP_ROOT",
-    "CPU_PERIOD_US",
-    "MAX_CPUS",
-    "MAX_MEMORY",
-    "MAX_PIDS",
-    "MIN_CPUS",
-    "MIN_MEMORY",
     "CgroupDriver",
     "CgroupError",
     "JobCgroup",
-    "LimitPolicy",
     "NoDriver",
     "V1Driver",
     "V2Driver",
     "block_device_for",
     "cpu_quota_us",
     "detect",
-    "validate_limits",
 ]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-#: CFS period: quota = cpus * period. 100 ms is the kernel's default.
-CPU_PERIOD_US = 100_000
-#: The kernel's smallest CFS quota is 1 ms, i.e. 0.01 CPUs at a 100 ms period.
-MIN_CPUS = 0.01
-#: More CPUs than any Linux build supports (NR_CPUS <= 8192).
-MAX_CPUS = 8192.0
-#: Below this, not even a shell starts; the kernel would OOM-kill at once.
-MIN_MEMORY = 1 << 20
-#: The page counters of both cgroup versions top out near 2**63.
-MAX_MEMORY = 1 << 62
-#: PID_MAX_LIMIT: no pids.max above this means anything.
-MAX_PIDS = 4 * 1024 * 1024
-MAX_BPS = (1 << 63) - 1
-
 _JOB_PREFIX = "job-"
 _JOB_ID = re.compile(r"[0-9A-Za-z_.-]{1,128}")
 _REMOVE_TIMEOUT = 1.0
@@ -108,88 +84,6 @@ class _Unusable(Exception):
     def __init__(self, reason: str, missing: Mapping[str, str] | None = None) -> None:
         super().__init__(reason)
         self.missing = dict(missing or {})
-
-
-# -- limits --------------------------------------------------------------------
-
-
-def validate_limits(limits: Limits) -> None:
-    """Reject limits no kernel would take or no job could live with.
-
-    Raises ``InvalidRequest`` naming the field and the bound.
-    """
-    limits.validate()
-    for f in fields(limits):
-        value = getattr(limits, f.name)
-        if f.name != "cpus" and (isinstance(value, bool) or not isinstance(value, int)):
-            raise InvalidRequest(f"limits.{f.name}", f"must be an integer, got {value!r}")
-    if 0 < limits.cpus < MIN_CPUS:
-        raise InvalidRequest(
-            "limits.cpus",
-            f"must be 0 (no limit) or at least {MIN_CPUS} CPUs (a 1 ms CFS quota "
-            f"per {CPU_PERIOD_US // 1000} ms period), got {limits.cpus}",
-        )
-    if limits.cpus > MAX_CPUS:
-        raise InvalidRequest("limits.cpus", f"must be at most {MAX_CPUS:g}, got {limits.cpus}")
-    if 0 < limits.memory_bytes < MIN_MEMORY:
-        raise InvalidRequest(
-            "limits.memory_bytes",
-            f"must be 0 (no limit) or at least {MIN_MEMORY} bytes (1 MiB), "
-            f"got {limits.memory_bytes}",
-        )
-    if limits.memory_bytes > MAX_MEMORY:
-        raise InvalidRequest(
-            "limits.memory_bytes", f"must be at most {MAX_MEMORY} bytes, got {limits.memory_bytes}"
-        )
-    for name in ("io_read_bps", "io_write_bps"):
-        if getattr(limits, name) > MAX_BPS:
-            raise InvalidRequest(f"limits.{name}", f"must be at most {MAX_BPS}")
-    if limits.pids > MAX_PIDS:
-        raise InvalidRequest("limits.pids", f"must be at most {MAX_PIDS}, got {limits.pids}")
-
-
-@dataclass(frozen=True, slots=True)
-class LimitPolicy:
-    """The server's limit configuration: defaults fill unset fields, maximums cap them.
-
-    0 means "unset" in ``defaults`` and "no maximum" in ``maximums``. Since 0
-    also means "no limit" in a request (proto3 cannot tell unset from 0), a
-    field left at 0 gets the default, or else the maximum: a server with a
-    maximum never runs a job unlimited in that resource.
-    """
-
-    defaults: Limits = field(default_factory=Limits)
-    maximums: Limits = field(default_factory=Limits)
-
-    def __post_init__(self) -> None:
-        validate_limits(self.defaults)
-        validate_limits(self.maximums)
-        for f in fields(Limits):
-            default, maximum = getattr(self.defaults, f.name), getattr(self.maximums, f.name)
-            if maximum and default > maximum:
-                raise ValueError(f"default {f.name}={default} is above the maximum {maximum}")
-
-    def apply(self, requested: Limits) -> Limits:
-        """The limits a job gets; ``InvalidRequest`` if it asks above a maximum."""
-        validate_limits(requested)
-
-        def pick(name: str) -> float:
-            value: float = getattr(requested, name)
-            maximum: float = getattr(self.maximums, name)
-            if maximum and value > maximum:
-                raise InvalidRequest(
-                    f"limits.{name}", f"must be at most {maximum} on this server, got {value}"
-                )
-            chosen: float = value or getattr(self.defaults, name) or maximum
-            return chosen
-
-        return Limits(
-            cpus=float(pick("cpus")),
-            memory_bytes=int(pick("memory_bytes")),
-            io_read_bps=int(pick("io_read_bps")),
-            io_write_bps=int(pick("io_write_bps")),
-            pids=int(pick("pids")),
-        )
 
 
 # -- small file helpers ----------------------------------------------------------
@@ -377,7 +271,7 @@ class _Inotify:
 class JobCgroup(ABC):
     """One job's group, in every hierarchy the driver uses.
 
-    Order of use: ``preexec_join()`` in the child; on the supervisor side
+    Order of use: ``open_procs()`` for the spawned child to join; then
     ``kill()``, ``await wait_empty()``, ``oom_killed()``/``usage()``, ``remove()``.
     """
 
@@ -390,12 +284,7 @@ class JobCgroup(ABC):
         self.dirs: tuple[Path, ...] = tuple(dirs)
         #: v2 ``cgroup.events`` (populated 0/1) when there is a v2 group to watch.
         self._events = events
-        # Everything the forked child needs is computed here: preexec_join only
-        # calls os.open/os.write/os.close on ready-made bytes.
         self._procs = tuple(os.fsencode(d / "cgroup.procs") for d in self.dirs)
-        # Shared with forked children (MAP_SHARED): a failed join leaves its
-        # index and errno here for join_error() in the parent.
-        self._failure = mmap.mmap(-1, 8)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.job_id} {[str(d) for d in self.dirs]}>"
@@ -403,23 +292,6 @@ class JobCgroup(ABC):
     @property
     def path(self) -> Path | None:
         return self.dirs[0] if self.dirs else None
-
-    def preexec_join(self) -> None:
-        """Move the calling process into every hierarchy's group. For a ``preexec_fn``.
-
-        Writes "0" (the writer itself) to each ``cgroup.procs``: no pid to format,
-        no allocation, nothing that takes a lock a forked child might never get.
-        """
-        for index in range(len(self._procs)):
-            try:
-                fd = os.open(self._procs[index], os.O_WRONLY | os.O_CLOEXEC)
-                try:
-                    os.write(fd, b"0")
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                self._failure[0:8] = struct.pack("ii", index + 1, exc.errno or 0)
-                raise
 
     def open_procs(self) -> list[int]:
         """Open every hierarchy's ``cgroup.procs`` for a spawned child to write "0" to.
@@ -435,18 +307,6 @@ class JobCgroup(ABC):
                 os.close(fd)
             raise
         return fds
-
-    def join_error(self) -> CgroupError | None:
-        """Why ``preexec_join`` failed in a child, if it did (read in the parent)."""
-        index, code = struct.unpack("ii", self._failure[0:8])
-        if index == 0:
-            return None
-        path = self.dirs[index - 1]
-        return CgroupError(
-            f"cannot move the job into cgroup {path}: {os.strerror(code)}",
-            path=path,
-            errno_=code,
-        )
 
     def pids(self) -> list[int]:
         """Every process in the group (and its subgroups), in the server's pid space."""
@@ -730,9 +590,12 @@ class CgroupDriver(ABC):
     def _controller_name(self, generic: str) -> str:
         return generic
 
-    def check(self, limits: Limits, isolation: Isolation | None = None) -> None:
-        """Raise ``Unenforceable`` naming every requested limit/namespace this host lacks."""
-        validate_limits(limits)
+    def limit_problems(self, limits: Limits) -> list[str]:
+        """Why this host cannot enforce ``limits``: one line per missing controller.
+
+        ``_host._enforce.check_enforceable`` is the one place that turns these
+        (and the namespaces' problems) into ``Unenforceable``.
+        """
         problems: list[str] = []
         seen: set[str] = set()
         for f in fields(Limits):
@@ -746,10 +609,12 @@ class CgroupDriver(ABC):
                     f"{label} needs a writable {controller} cgroup controller "
                     f"({self.missing[controller]})"
                 )
-        if problems:
+        return problems
+
+    def check(self, limits: Limits) -> None:
+        """Raise ``Unenforceable`` naming every requested limit this host lacks."""
+        if problems := self.limit_problems(limits):
             raise Unenforceable("; ".join(problems))
-        if isolation is not None:
-            check_isolation(isolation)
 
     @abstractmethod
     def create(

@@ -1,52 +1,39 @@
 """Namespaces and the parent-death signal, as the supervisor uses them.
 
 The namespaces themselves are set up by a re-exec'd helper (``_nsinit``); this
-module builds its command line, reads its failure report, checks up front that
-the host can isolate at all, and makes the ``preexec_fn`` every job runs
-between fork and exec (join the job's cgroups, arm PR_SET_PDEATHSIG).
+module builds its command line, reads its failure report, and says what the
+host lacks to isolate a job (``isolation_problems``).
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import signal
 import stat
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .._errors import Unenforceable
 from .._model import Isolation
 from . import _nsinit
-
-if TYPE_CHECKING:
-    from ._cgroups import JobCgroup
 
 __all__ = [
     "EXIT_EXEC_FAILED",
     "EXIT_NOT_FOUND",
-    "EXIT_PARENT_GONE",
     "EXIT_SETUP_FAILED",
     "HELPER_PATH",
     "HelperFailure",
-    "check_isolation",
     "helper_argv",
     "helper_tasks",
-    "make_preexec",
+    "isolation_problems",
     "read_report",
     "resolve_command",
-    "set_pdeathsig",
 ]
 
 EXIT_NOT_FOUND = _nsinit.EXIT_NOT_FOUND
 EXIT_EXEC_FAILED = _nsinit.EXIT_EXEC_FAILED
 EXIT_SETUP_FAILED = _nsinit.EXIT_SETUP_FAILED
-#: Exit status of a child whose parent died before PR_SET_PDEATHSIG took hold.
-#: Nobody is left to read it; it only has to be something.
-EXIT_PARENT_GONE = 125
 
 #: The helper as a file: run as a script (not ``-m``) so that starting it does
 #: not import the ``trio_worker`` package (and trio) — 20 ms instead of 200 ms.
@@ -125,10 +112,10 @@ def _has_cap_sys_admin() -> bool:
     return os.geteuid() == 0
 
 
-def check_isolation(isolation: Isolation) -> None:
-    """Raise ``Unenforceable`` naming each namespace this host cannot give a job."""
+def isolation_problems(isolation: Isolation) -> list[str]:
+    """Why this host cannot give a job the namespaces ``isolation`` asks for, one line each."""
     if not isolation.any:
-        return
+        return []
     wanted = [
         (name, ns)
         for name, ns, on in (
@@ -145,8 +132,7 @@ def check_isolation(isolation: Isolation) -> None:
             problems.append(f"{name} isolation needs CAP_SYS_ADMIN (run the server as root)")
         elif not os.path.exists(f"/proc/self/ns/{ns}"):
             problems.append(f"{name} isolation needs a kernel with {ns} namespaces")
-    if problems:
-        raise Unenforceable("; ".join(problems))
+    return problems
 
 
 def resolve_command(command: str, path: str | None, cwd: str | None = None) -> str:
@@ -180,36 +166,3 @@ def resolve_command(command: str, path: str | None, cwd: str | None = None) -> s
     if saved is not None:
         raise saved
     raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command)
-
-
-def set_pdeathsig(parent_pid: int) -> None:
-    """Have the kernel SIGKILL this process when its parent (thread) dies.
-
-    Meant for a freshly forked child: if the parent died before the prctl
-    (our parent pid is no longer ``parent_pid``), exit at once — the signal
-    would never come. Uses no locks, so it is safe in a ``preexec_fn``.
-    """
-    if _nsinit.prctl(_nsinit.PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
-        raise OSError(errno.EINVAL, "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent_pid:
-        os._exit(EXIT_PARENT_GONE)
-
-
-def make_preexec(parent_pid: int, cgroup: JobCgroup | None) -> Callable[[], None]:
-    """The ``preexec_fn`` of a job: join its cgroups, then arm PR_SET_PDEATHSIG.
-
-    Joining before exec leaves no moment in which the job runs outside its
-    limits. Pass ``os.getpid()`` of the spawning process as ``parent_pid``, and
-    spawn from the thread that lives as long as the server: the kernel fires
-    the signal when the forking *thread* exits. If joining fails, the child
-    raises (Popen then raises ``subprocess.SubprocessError``) and
-    ``cgroup.join_error()`` in the parent says why.
-    """
-    join = cgroup.preexec_join if cgroup is not None else None
-
-    def preexec() -> None:
-        if join is not None:
-            join()
-        set_pdeathsig(parent_pid)
-
-    return preexec

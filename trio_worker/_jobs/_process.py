@@ -198,6 +198,12 @@ class PipeReader:
                     break
                 await trio.lowlevel.wait_readable(self.fd)
                 continue
+            except OSError as exc:
+                # A terminal's master reads EIO once no process holds the terminal any
+                # more: that is its end of file.
+                if exc.errno != errno.EIO:
+                    raise
+                break
             if not data:
                 break
             pieces.append(data)

@@ -52,7 +52,7 @@ __all__ = [
 
 #: ``PRAGMA user_version`` of the schema this code writes. Bump it (and add a
 #: migration in ``_migrate``) whenever the table changes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: ``PRAGMA application_id`` ("twrk"): tells our database from another program's.
 APPLICATION_ID = 0x7477726B
 
@@ -84,6 +84,7 @@ CREATE TABLE jobs (
     oom_killed        INTEGER NOT NULL,
     cpu_seconds       REAL,
     memory_peak_bytes INTEGER,
+    run_as            TEXT NOT NULL DEFAULT '',   -- Job.user (version 2)
     CHECK ((state = 'running') = (ended_at IS NULL))
 );
 CREATE INDEX jobs_by_owner ON jobs (owner, id);
@@ -93,9 +94,9 @@ CREATE INDEX jobs_by_end ON jobs (ended_at, id) WHERE ended_at IS NOT NULL;
 _COLUMNS = (
     "id, owner, command, args, env_keys, cwd, limits, isolation, state, pid, pid_start_time,"
     " exit_code, signal, error, spawn_errno, started_at, ended_at, output_bytes, output_start,"
-    " dropped_bytes, oom_killed, cpu_seconds, memory_peak_bytes"
+    " dropped_bytes, oom_killed, cpu_seconds, memory_peak_bytes, run_as"
 )
-_INSERT = f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 23)})"
+_INSERT = f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 24)})"
 _END = """
 UPDATE jobs SET state = ?, pid = ?, exit_code = ?, signal = ?, error = ?, spawn_errno = ?,
     ended_at = ?, output_bytes = max(output_bytes, ?), output_start = max(output_start, ?),
@@ -572,8 +573,16 @@ def _create(conn: sqlite3.Connection) -> None:
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring an older schema up to date. Version 1 is the first: nothing to do yet."""
+    """Bring an older schema up to date, one version at a time, each in a transaction."""
     _, version = _identity(conn)
+    if version == 1:  # version 2 records the Unix user a job runs as
+        conn.executescript(
+            "BEGIN IMMEDIATE;"
+            "ALTER TABLE jobs ADD COLUMN run_as TEXT NOT NULL DEFAULT '';"
+            "PRAGMA user_version = 2;"
+            "COMMIT;"
+        )
+        _, version = _identity(conn)
     if version != SCHEMA_VERSION:
         raise _refuse(path, f"has schema version {version}, expected {SCHEMA_VERSION}")
 
@@ -719,6 +728,7 @@ def _start_row(
         int(info.oom_killed),
         None if usage is None else usage.cpu_seconds,
         None if usage is None else usage.memory_peak_bytes,
+        _text(info.user),
     )
 
 
@@ -765,6 +775,7 @@ class _Decoder:
             job_id, owner, command, args, env_keys, cwd, limits, isolation, state, pid,
             pid_start_time, exit_code, signal, error, spawn_errno, started_at, ended_at,
             output_bytes, output_start, dropped_bytes, oom_killed, cpu_seconds, memory_peak,
+            run_as,
         ) = row  # fmt: skip
         try:
             usage = None
@@ -789,6 +800,7 @@ class _Decoder:
                 spawn_errno=spawn_errno,
                 output_start=int(output_start),
                 usage=usage,
+                user=_untext(run_as),
             )
             return StoredJob(
                 info=info,

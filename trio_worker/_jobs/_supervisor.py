@@ -10,6 +10,9 @@ pipes are drained and flushed.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -30,15 +33,19 @@ from .._errors import (
     InvalidRequest,
     JobNotFound,
     JobNotRunning,
+    JobStillRunning,
+    NoStdin,
     ResourceExhausted,
     ShuttingDown,
     StateDirError,
 )
-from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup, LimitPolicy
+from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup
 from .._host._cgroups import detect as cgroup_detect
+from .._host._enforce import check_enforceable
 from .._host._guard import ReaperGuard, outlive
 from .._host._isolation import helper_argv, helper_tasks, read_report, resolve_command
 from .._host._spawn import raise_nofile_limit
+from .._limits import LimitPolicy
 from .._model import (
     Isolation,
     JobIdGenerator,
@@ -49,6 +56,7 @@ from .._model import (
     OutputStream,
     Usage,
 )
+from .._util import NoPublicConstructor, final
 from . import _lifecycle as lc
 from ._output import DEFAULT_CHUNK, OutputLog
 from ._process import (
@@ -58,14 +66,23 @@ from ._process import (
     SpawnError,
     SpawnOptions,
     StartSpec,
+    Stdin,
+    Terminal,
     describe_os_error,
     validate_signal,
     validate_start,
 )
 from ._statedir import StateDir
+from ._stdin import DEFAULT_TERMINAL_SIZE, StdinClosed, StdinWriter, check_terminal_size
 from ._store import JobStore, SqliteJobStore, StoredJob, process_start_time
 
-__all__ = ["LOST_ERROR", "Retention", "Supervisor", "open_supervisor"]
+__all__ = [
+    "LOST_ERROR",
+    "Retention",
+    "Supervisor",
+    "open_supervisor",
+    "open_supervisor_with_driver",
+]
 
 #: How long a job's pipes may stay open after its process group was killed
 #: (something outside the group, e.g. a setsid'ed grandchild, may hold them).
@@ -77,6 +94,7 @@ _audit = logging.getLogger("trio_worker.audit")
 LOST_ERROR = "the server stopped while the job ran"
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Retention:
     """How much of the past a persistent supervisor keeps.
@@ -126,6 +144,13 @@ class _Job:
         self.cgroup: JobCgroup | None = None
         self.final_usage: Usage | None = None
         self.ended = trio.Event()
+        #: Started with stdin (callers may write it) / on a terminal.
+        self.stdin = False
+        self.tty = False
+        #: The job's input side: its stdin pipe, or its terminal (also for resizes).
+        self.input: StdinWriter | None = None
+        #: A tty job's terminal master, read as its output.
+        self.terminal: PipeReader | None = None
         #: Recorded with the pid, so a record written late still lets recovery
         #: tell the job's process from one that reused its pid.
         self.pid_start_time: int | None = None
@@ -160,6 +185,8 @@ class _Job:
             oom_killed=r.oom_killed,
             spawn_errno=r.spawn_errno,
             usage=self.usage(),
+            stdin=self.stdin,
+            tty=self.tty,
         )
 
     @classmethod
@@ -209,7 +236,8 @@ class _Job:
         return self.final_usage
 
 
-class Supervisor:
+@final
+class Supervisor(metaclass=NoPublicConstructor):
     """Starts, controls and watches jobs. Get one from ``open_supervisor``.
 
     ``status`` and ``list`` are plain methods: they only read snapshots.
@@ -329,8 +357,16 @@ class Supervisor:
         limits: Limits | None = None,
         isolation: Isolation | None = None,
         owner: str = "",
+        stdin: bool = False,
+        tty: bool = False,
+        terminal_size: tuple[int, int] | None = None,
     ) -> JobInfo:
         """Start a job; return once its process exists.
+
+        ``stdin``: keep the job's stdin open for ``write_stdin``/``close_stdin`` (else it
+        is /dev/null). ``tty``: run it on a new pseudo-terminal of ``terminal_size``
+        (rows, cols; default 24x80), its stdin, stdout and stderr and its controlling
+        terminal, in a new session; its output is all STDOUT.
 
         A command that cannot be executed is not an exception: the job is
         returned (and kept) in state FAILED with ``error`` saying why.
@@ -339,20 +375,32 @@ class Supervisor:
         if self._closing:
             raise ShuttingDown("the supervisor is shutting down")
         spec = validate_start(command, args, env, cwd, base_env=self._base_env)
+        terminal = _check_terminal(tty, terminal_size)
         limits = limits if limits is not None else Limits()
         isolation = isolation if isolation is not None else Isolation()
         if not isinstance(limits, Limits):
             raise InvalidRequest("limits", "must be a trio_worker.Limits")
         if not isinstance(isolation, Isolation):
             raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
+        if terminal is not None and isolation.pid:
+            # The PID namespace's init starts its own session: the job would lose the
+            # terminal as its controlling terminal.
+            raise InvalidRequest("tty", "cannot be combined with pid isolation")
         limits = self._policy.apply(limits)  # InvalidRequest above a maximum
-        self.cgroups.check(limits, isolation)  # Unenforceable: never silently ignored
+        check_enforceable(self.cgroups, limits, isolation)  # never silently ignored
         job_id = self._new_id()
         log = self._open_log(job_id)
         job = _Job(job_id, owner, spec, limits, isolation, log)
         job.env_keys = tuple(env or ())
-        # Where Start's stdin/tty/user plug in (the spawn mechanism is ready).
-        options = SpawnOptions()
+        job.stdin = bool(stdin)
+        job.tty = terminal is not None
+        # A terminal's master and slave, and the master's duplicate for writing: made
+        # before the job, so running out of descriptors refuses the Start cleanly.
+        fds = _open_terminal() if terminal is not None else None
+        if fds is not None and terminal is not None:
+            options = SpawnOptions(stdin=Terminal(fds[1], terminal[0], terminal[1]))
+        else:
+            options = SpawnOptions(stdin=Stdin.PIPE if job.stdin else Stdin.NULL)
         try:
             argv = None
             if isolation.any:
@@ -372,11 +420,20 @@ class Supervisor:
                 if exc.errno in RESOURCE_ERRNOS:
                     raise ResourceExhausted(f"cannot start the job: {exc}") from None
                 raise SpawnError(f"cannot set up the job's cgroup: {exc}", None) from None
-            process = JobProcess.spawn(
-                spec, argv=argv, cgroup=job.cgroup, options=options, nofile_soft=self._job_nofile
-            )
+            try:
+                process = JobProcess.spawn(
+                    spec,
+                    argv=argv,
+                    cgroup=job.cgroup,
+                    options=options,
+                    nofile_soft=self._job_nofile,
+                )
+            finally:
+                if fds is not None:
+                    os.close(fds[1])  # the slave is the job's alone now
         except SpawnError as exc:
             # The command cannot run: a FAILED job, kept and reported.
+            _close_terminal(fds)
             self._add(job)
             self._feed(job, lc.SpawnFailed(exc.message, _now(), exc.errno))
             log.finish()
@@ -388,20 +445,33 @@ class Supervisor:
         except BaseException:
             # Out of descriptors, memory or processes (ResourceExhausted), or
             # cancelled: no half-made job stays, in the table or on the host.
+            _close_terminal(fds)
             with trio.CancelScope(shield=True):
                 log.close()
-                shutil.rmtree(log.directory, ignore_errors=True)
+                _remove_new_job_dir(log.directory)
                 if job.cgroup is not None:
                     await self._remove_cgroup(job)
             raise
         self._add(job)
         job.process = process
+        if fds is not None:
+            job.terminal = PipeReader(fds[0])
+            job.input = StdinWriter(fds[2], tty=True)
+        elif process.stdin is not None:
+            job.input = StdinWriter(process.stdin, tty=False)
+            process.stdin = None  # the writer owns it now
+        # The full environment (the server's, ~3 KiB) served the exec; keeping
+        # it would cost every job, running or ended, that much memory.
+        job.spec = dataclasses.replace(spec, env={})
         self._feed(job, lc.Spawned(process.pid, _now()))
+        started = job.info()
         self._nursery.start_soon(self._run_job, job, process, name=f"job {job_id}")
         # Recorded before the caller learns the job exists; a crash in between
         # leaves a cgroup named after it, which the next start cleans up.
         await self._persist_start(job, process.pid)
-        return job.info()
+        # The job as it started: a quick command may already have ended while
+        # its record was written, and Wait/Status tell that part.
+        return started
 
     def _open_log(self, job_id: str) -> OutputLog:
         """The new job's directory and log files, or ``ResourceExhausted`` saying why not.
@@ -417,7 +487,7 @@ class Supervisor:
                 directory, tail_bytes=self._tail_bytes, max_bytes=self._retention.max_output_bytes
             )
         except OSError as exc:
-            shutil.rmtree(directory, ignore_errors=True)
+            _remove_new_job_dir(directory)
             raise ResourceExhausted(
                 f"cannot create the job's output files in the state directory: "
                 f"{exc.strerror or exc}"
@@ -535,7 +605,7 @@ class Supervisor:
         job = self._get(job_id)
         signum = validate_signal(signum)
         await trio.lowlevel.checkpoint()
-        self._running_process(job).signal_group(signum)
+        _signal_job(job, self._running_process(job), signum)
         return job.info()
 
     async def stop(self, job_id: str, grace: float = 5.0) -> JobInfo:
@@ -546,7 +616,7 @@ class Supervisor:
         if not math.isfinite(grace) or grace < 0:
             raise InvalidRequest("grace", f"must be a finite number >= 0, got {grace}")
         process = self._running_process(job)
-        process.signal_group(_signal.SIGTERM)
+        _signal_job(job, process, _signal.SIGTERM)
         # The SIGKILL after the grace is the supervisor's, not the caller's: a
         # caller that gives up waiting (cancelled, disconnected) cannot stop it.
         deadline = trio.current_time() + grace
@@ -556,11 +626,104 @@ class Supervisor:
         await job.ended.wait()
         return job.info()
 
+    async def remove(self, job_id: str, force: bool = False) -> JobInfo:
+        """Delete an ended job: its record, in memory and in the store, and its output on
+        disk. Returns its last snapshot; from then on the id is ``JobNotFound``.
+
+        A running job raises ``JobStillRunning``, unless ``force``: then it is SIGKILLed (its
+        process group and, through the cgroup, whatever escaped it) and removed once ended.
+        """
+        job = self._get(job_id)
+        if not job.ended.is_set():
+            if not force:
+                raise JobStillRunning(job.id)
+            if job.record.state is JobState.RUNNING and job.process is not None:
+                await self._kill(job, job.process)
+            await job.ended.wait()
+        if self._jobs.get(job.id) is not job:
+            raise JobNotFound(job.id)  # another remove got there first
+        info = job.info()
+        self._forget(job.id)
+        # Shielded: once the record is going, the output goes too, whatever the caller does.
+        with trio.CancelScope(shield=True):
+            if self._store is not None:
+                try:
+                    await self._store.delete([job.id])
+                except BaseException:
+                    self._add(job)  # nothing was removed
+                    raise
+            self._unsaved.pop(job.id, None)
+            if job.directory is not None:
+                await trio.to_thread.run_sync(_remove_dirs, [job.directory])
+        return info
+
     async def _kill_at(self, job: _Job, process: JobProcess, deadline: float) -> None:
         with trio.move_on_at(deadline):
             await job.ended.wait()
         if not job.ended.is_set() and job.kill_deadline == deadline:
             await self._kill(job, process)
+
+    async def write_stdin(self, job_id: str, data: bytes) -> None:
+        """Write ``data`` to the job's stdin, waiting while the job does not read it.
+
+        Nothing is buffered here: the wait is the backpressure, and memory stays bounded
+        by the pipe (or terminal). Concurrent writes go in arrival order. Raises NoStdin
+        for a job started without stdin (or whose stdin was closed), JobNotRunning once
+        it has ended. Bytes a job will never read (it closed its stdin) are dropped.
+        """
+        job = self._get(job_id)
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise InvalidRequest("data", f"must be bytes, got {type(data).__name__}")
+        writer = self._stdin_of(job)
+        try:
+            await writer.write(data)
+        except StdinClosed:
+            raise self._closed_stdin(job) from None
+
+    async def close_stdin(self, job_id: str) -> None:
+        """End the job's input: it reads EOF (on a terminal: the EOF character, after
+        whatever was written before). Closing twice is no error."""
+        job = self._get(job_id)
+        writer = self._stdin_of(job, closing=True)
+        if writer is not None:
+            await writer.close()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def resize(self, job_id: str, rows: int, cols: int) -> None:
+        """Set a tty job's terminal size; its foreground process group gets SIGWINCH."""
+        job = self._get(job_id)
+        try:
+            rows, cols = check_terminal_size(rows, cols)
+        except ValueError as exc:
+            raise InvalidRequest("terminal_size", str(exc)) from None
+        await trio.lowlevel.checkpoint()
+        if not job.tty:
+            raise NoStdin(job.id, "it has no terminal (start it with tty)")
+        self._running_process(job)
+        if job.input is None:
+            raise self._closed_stdin(job)
+        try:
+            job.input.resize(rows, cols)
+        except StdinClosed:
+            raise self._closed_stdin(job) from None
+
+    def _stdin_of(self, job: _Job, *, closing: bool = False) -> StdinWriter:
+        if not job.stdin:
+            raise NoStdin(job.id, "it was started without stdin")
+        self._running_process(job)
+        writer = job.input
+        if writer is None:
+            raise self._closed_stdin(job)
+        if writer.closed and not closing:
+            raise NoStdin(job.id, "its stdin was closed")
+        return writer
+
+    def _closed_stdin(self, job: _Job) -> Exception:
+        if job.ended.is_set() or job.record.state is not JobState.RUNNING:
+            state = job.record.state.value if job.record.state else "new"
+            return JobNotRunning(job.id, state)
+        return NoStdin(job.id, "its stdin was closed")
 
     async def wait(self, job_id: str) -> JobInfo:
         """Wait until the job has ended and its output is complete."""
@@ -578,13 +741,20 @@ class Supervisor:
     ) -> AsyncIterator[OutputChunk]:
         """The job's output from ``offset``: with ``follow``, live until the job ends.
 
-        Raises ``JobNotFound`` at once, not at the first iteration.
+        Bad arguments raise ``InvalidRequest`` at once; what needs the job (``JobNotFound``,
+        an offset past the end of an ended log) raises at the first iteration, as the
+        remote client's ``output`` does (it learns of them from the server's answer).
         """
-        job = self._get(job_id)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise InvalidRequest("offset", f"must be an integer >= 0, got {offset!r}")
         if chunk_size <= 0:
             raise InvalidRequest("chunk_size", "must be > 0")
+        return _OnFirstNext(lambda: self._open_output(job_id, offset, follow, chunk_size))
+
+    def _open_output(
+        self, job_id: str, offset: int, follow: bool, chunk_size: int
+    ) -> AsyncIterator[OutputChunk]:
+        job = self._get(job_id)
         assert job.log is not None
         if job.log.finished and offset > job.log.end:
             raise InvalidRequest("offset", f"{offset} is past the end of the log ({job.log.end})")
@@ -600,7 +770,7 @@ class Supervisor:
         return job.process
 
     async def _terminate(self, job: _Job, process: JobProcess, grace: float) -> None:
-        process.signal_group(_signal.SIGTERM)
+        _signal_job(job, process, _signal.SIGTERM)
         with trio.move_on_after(grace):
             await job.ended.wait()
         if not job.ended.is_set():
@@ -610,7 +780,7 @@ class Supervisor:
     async def _kill(self, job: _Job, process: JobProcess) -> None:
         """SIGKILL everything of the job: its process group and, through the
         cgroup, whatever escaped it (setsid, double fork)."""
-        process.signal_group(_signal.SIGKILL)
+        _signal_job(job, process, _signal.SIGKILL)
         group = job.cgroup
         if group is not None and group.tracked and not group.is_empty():
             # May freeze and wait (v1 without cgroup.kill): not on the event loop.
@@ -639,6 +809,8 @@ class Supervisor:
                 async with trio.open_nursery() as pumps:
                     if process.stdout is not None:
                         pumps.start_soon(_pump, process.stdout, OutputStream.STDOUT, log)
+                    if job.terminal is not None:  # on a terminal, all output is stdout
+                        pumps.start_soon(_pump, job.terminal, OutputStream.STDOUT, log)
                     if process.stderr is not None:
                         pumps.start_soon(_pump, process.stderr, OutputStream.STDERR, log)
                     await process.wait_exited()
@@ -661,6 +833,10 @@ class Supervisor:
                     await process.wait_exited()
                     process.reap()
                 process.close_pipes()
+                if job.terminal is not None:
+                    job.terminal.close()
+                if job.input is not None:
+                    job.input.release()  # writers still waiting learn the job ended
                 try:
                     if not log.finished:
                         log.finish()
@@ -682,7 +858,6 @@ class Supervisor:
             except CgroupError as exc:
                 _log.warning("job %s: cannot read its cgroup's accounting: %s", job.id, exc)
                 job.final_usage = Usage()
-            await self._remove_cgroup(job)
         failure = None
         if job.isolation.any and (log_dir := job.directory) is not None:
             try:
@@ -693,7 +868,11 @@ class Supervisor:
             self._feed(job, lc.SpawnFailed(failure.message, _now(), failure.errno))
         else:
             self._feed(job, lc.Exited(returncode, _now(), oom_killed=oom_killed))
+        # Waiters are answered now. The record goes to the store first (so a
+        # housekeeping pass after a Wait sees the end); removing the group (an
+        # rmdir per hierarchy, each waiting for an RCU grace period) comes last.
         await self._persist_end(job)
+        await self._remove_cgroup(job)
 
     # -- persistence -----------------------------------------------------------
 
@@ -785,6 +964,31 @@ class Supervisor:
                     nursery.start_soon(self._terminate, job, job.process, grace)
 
 
+class _OnFirstNext:
+    """An iterator made by ``open`` at the first ``__anext__`` (whose errors come out there)."""
+
+    def __init__(self, open_: Callable[[], AsyncIterator[OutputChunk]]) -> None:
+        self._open: Callable[[], AsyncIterator[OutputChunk]] | None = open_
+        self._inner: AsyncIterator[OutputChunk] | None = None
+
+    def __aiter__(self) -> _OnFirstNext:
+        return self
+
+    async def __anext__(self) -> OutputChunk:
+        if self._inner is None:
+            assert self._open is not None
+            opener, self._open = self._open, None
+            self._inner = opener()
+        return await self._inner.__anext__()
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        else:
+            await trio.lowlevel.checkpoint()
+
+
 class _UntilEnded:
     """A follower's iterator that ends only once the job's end is recorded.
 
@@ -811,6 +1015,67 @@ class _UntilEnded:
         await trio.lowlevel.checkpoint()
 
 
+def _signal_job(job: _Job, process: JobProcess, signum: int) -> None:
+    """Signal the job's process group and, on a terminal, its foreground group too.
+
+    A shell with job control (``bash -i``, ``set -m``) runs each command in a group of its
+    own and makes it the terminal's foreground group; a terminal would signal that group
+    (Ctrl-C), so Signal and Stop do as well. It lies in the job's session, so it is the
+    job's; the cgroup still takes whatever is in neither group when the job is killed.
+    """
+    process.signal_group(signum)
+    if job.tty and job.input is not None and not process.reaped:
+        group = job.input.foreground_group()
+        if group is not None and group != process.pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signum)
+
+
+def _open_terminal() -> tuple[int, int, int]:
+    """(master, slave, a duplicate of the master for writing), none inheritable."""
+    try:
+        master, slave = os.openpty()
+    except OSError as exc:
+        if exc.errno in RESOURCE_ERRNOS or exc.errno == errno.ENOSPC:  # ENOSPC: no ptys left
+            raise ResourceExhausted(f"cannot give the job a terminal: {exc.strerror}") from None
+        raise
+    try:
+        writer = os.dup(master)
+    except OSError as exc:
+        os.close(master)
+        os.close(slave)
+        if exc.errno in RESOURCE_ERRNOS:
+            raise ResourceExhausted(f"cannot give the job a terminal: {exc.strerror}") from None
+        raise
+    return master, slave, writer
+
+
+def _close_terminal(fds: tuple[int, int, int] | None) -> None:
+    """A terminal the job never got: the master and its duplicate (the slave is closed
+    where the spawn happens)."""
+    if fds is not None:
+        os.close(fds[0])
+        os.close(fds[2])
+
+
+def _check_terminal(tty: object, size: object) -> tuple[int, int] | None:
+    """The terminal's first size for a tty job, None for a job without one."""
+    if not isinstance(tty, bool):
+        raise InvalidRequest("tty", f"must be a bool, got {tty!r}")
+    if not tty:
+        if size is not None:
+            raise InvalidRequest("terminal_size", "is only for a job with tty")
+        return None
+    if size is None:
+        return DEFAULT_TERMINAL_SIZE
+    if not isinstance(size, tuple | list) or len(size) != 2:
+        raise InvalidRequest("terminal_size", "must be (rows, cols)")
+    try:
+        return check_terminal_size(size[0], size[1])
+    except ValueError as exc:
+        raise InvalidRequest("terminal_size", str(exc)) from None
+
+
 def _kill_recorded(pid: int | None, start_time: int | None) -> None:
     """Kill a recorded job's process group, if ``pid`` is still that process."""
     if pid is None or start_time is None or process_start_time(pid) != start_time:
@@ -827,6 +1092,24 @@ def _cgroup_parent_for(state_dir: Path) -> str:
     """``trio-worker-<hash>``: one parent group per state directory."""
     digest = hashlib.sha256(os.fsencode(os.path.abspath(state_dir))).hexdigest()[:12]
     return f"trio-worker-{digest}"
+
+
+def _remove_new_job_dir(directory: Path) -> None:
+    """Remove a job directory a refused Start made, even with no descriptor to spare.
+
+    ``shutil.rmtree`` opens the directory to list it, which fails with EMFILE
+    exactly when a Start is refused for lack of descriptors: unlink the files
+    a new job can have by name first (no fd needed), then the directory.
+    """
+    for name in ("output.log", "output.idx", "output.start", _REPORT):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / name)
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _remove_dirs(directories: Sequence[Path]) -> None:
@@ -867,7 +1150,6 @@ async def open_supervisor(
     shutdown_grace: float = 5.0,
     env: Mapping[str, str] | None = None,
     tail_bytes: int = 4 * 1024 * 1024,
-    cgroups: CgroupDriver | None = None,
     cgroup_parent: str | None = None,
     limit_policy: LimitPolicy | None = None,
     persist: bool | None = None,
@@ -891,14 +1173,14 @@ async def open_supervisor(
     were, running ones as LOST (their leftovers killed), with their output.
     ``retention`` bounds what is kept.
 
-    Limits and tracking use the host's cgroups, probed at start (``cgroups``
-    overrides the probe): one parent group ``cgroup_parent`` under this
-    process's own cgroup, one child per job. Job groups left by an earlier run
-    under the same parent are killed and removed first. The default parent is
-    named after the state directory (``trio-worker-<hash>``), so supervisors on
-    different state directories never touch each other's jobs, and the lock on
-    a state directory makes the cleanup safe. ``limit_policy`` holds
-    the defaults and maximums applied to every job's limits.
+    Limits and tracking use the host's cgroups, probed at start: one parent
+    group ``cgroup_parent`` under this process's own cgroup, one child per job.
+    Job groups left by an earlier run under the same parent are killed and
+    removed first. The default parent is named after the state directory
+    (``trio-worker-<hash>``), so supervisors on different state directories
+    never touch each other's jobs, and the lock on a state directory makes the
+    cleanup safe. ``limit_policy`` holds the defaults and maximums applied to
+    every job's limits.
 
     With ``reaper`` (the default) and cgroups, a small helper process (the
     reaper, ``_host/_reaper``) outlives this one if it dies, even by SIGKILL,
@@ -906,6 +1188,38 @@ async def open_supervisor(
     included, survives the supervisor's process. Leaving the block tells it
     to exit quietly.
     """
+    async with open_supervisor_with_driver(
+        None,
+        state_dir,
+        keep_state=keep_state,
+        shutdown_grace=shutdown_grace,
+        env=env,
+        tail_bytes=tail_bytes,
+        cgroup_parent=cgroup_parent,
+        limit_policy=limit_policy,
+        persist=persist,
+        retention=retention,
+        reaper=reaper,
+    ) as supervisor:
+        yield supervisor
+
+
+@asynccontextmanager
+async def open_supervisor_with_driver(
+    cgroups: CgroupDriver | None,
+    state_dir: str | os.PathLike[str] | None = None,
+    *,
+    keep_state: bool = False,
+    shutdown_grace: float = 5.0,
+    env: Mapping[str, str] | None = None,
+    tail_bytes: int = 4 * 1024 * 1024,
+    cgroup_parent: str | None = None,
+    limit_policy: LimitPolicy | None = None,
+    persist: bool | None = None,
+    retention: Retention | None = None,
+    reaper: bool = True,
+) -> AsyncIterator[Supervisor]:
+    """``open_supervisor`` with a given cgroup driver instead of the host's probe (tests)."""
     # Jobs cost descriptors (pipes, pidfd, log files): use all the host allows.
     job_nofile = raise_nofile_limit()
     temporary = state_dir is None
@@ -938,7 +1252,7 @@ async def open_supervisor(
         async with _unwrap_single(), trio.open_nursery() as nursery:
             if guard is not None:
                 nursery.start_soon(guard.watch)
-            supervisor = Supervisor(
+            supervisor = Supervisor._create(
                 nursery,
                 path,
                 base_env=os.environ if env is None else env,

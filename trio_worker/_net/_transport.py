@@ -21,7 +21,9 @@ Handlers get ``(request, CallContext)``. ``UnaryMethod`` handlers are coroutines
 the response, ``StreamMethod`` handlers async iterators of responses, ``SyncUnaryMethod``
 handlers plain functions run in the reader (no task: the cheapest call, for answers from
 memory). ``BidiStreamMethod`` handlers get ``(requests, CallContext)``, an async iterator of
-the request messages as they arrive, and are async iterators of responses. They signal
+the request messages as they arrive, and are async iterators of responses;
+``BidiTaskMethod`` handlers are coroutines that also get a ``send`` function, for handlers
+that read and send from concurrent tasks (a nursery cannot span a ``yield``). They signal
 errors with :class:`RpcError`; anything else is logged with its traceback and answered
 INTERNAL without details.
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import resource
 import socket
 import ssl
 import struct
@@ -56,19 +59,25 @@ from .._errors import (
     TrioWorkerError,
 )
 from .._identity import Identity, identity_from_der
+from .._tls import ALPN_PROTOCOL
 from .._wire._h2conn import (
+    MAX_UNSENT_CONTROL,
     BadMessage,
     BadRequest,
     GRPCServerConnection,
     PeerGoAway,
+    PeerMisbehaved,
     RequestTooLarge,
     StreamReset,
 )
 from .._wire._status import StatusCode
+from ._sockets import set_keepalive as _set_keepalive
 from ._tlsstream import TLSSocketStream
 
 __all__ = [
+    "AdmissionCaps",
     "BidiStreamMethod",
+    "BidiTaskMethod",
     "CallContext",
     "CallRecord",
     "ListenError",
@@ -80,6 +89,7 @@ __all__ = [
     "SyncUnaryMethod",
     "TransportConfig",
     "UnaryMethod",
+    "admission_caps",
 ]
 
 log = logging.getLogger(__name__)
@@ -196,12 +206,34 @@ class BidiStreamMethod(Generic[Req, Resp]):
     handler: Callable[[AsyncIterator[Req], CallContext], AsyncIterator[Resp]]
 
 
+@dataclass(frozen=True, slots=True)
+class BidiTaskMethod(Generic[Req, Resp]):
+    """A bidirectional streaming method whose handler is a coroutine:
+    ``await handler(requests, send, ctx)``, where ``await send(response)`` queues one
+    response (waiting for flow control and buffer room, as a stream's yield does), and
+    returning ends the call with OK.
+
+    For handlers that must take requests and send responses at the same time: they run
+    their own tasks in a nursery of their own, which an async-iterator handler cannot
+    hold open across a ``yield``. One task at a time may ``send``. Requests, their flow
+    control and the ways a call ends are as for :class:`BidiStreamMethod`.
+    """
+
+    request_type: type[Req]
+    response_type: type[Resp]
+    handler: Callable[
+        [AsyncIterator[Req], Callable[[Resp], Awaitable[None]], CallContext], Awaitable[None]
+    ]
+
+
 Method = (
     UnaryMethod[Any, Any]
     | SyncUnaryMethod[Any, Any]
     | StreamMethod[Any, Any]
     | BidiStreamMethod[Any, Any]
+    | BidiTaskMethod[Any, Any]
 )
+_BIDI = (BidiStreamMethod, BidiTaskMethod)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +264,17 @@ class TransportConfig:
     connection beyond what the socket took, so a slow reader costs at most that much.
     """
 
+    #: ceilings; the caps in force are also derived from the descriptors we may open
+    #: (``admission_caps``), so a low RLIMIT_NOFILE lowers them rather than EMFILE
     max_connections: int = 1000
+    #: connections still in their TLS handshake: smaller, since they cost CPU and prove
+    #: nothing yet; under pressure their deadline shortens and the oldest is dropped
+    max_handshakes: int = 128
+    #: connections (handshaking or serving) from one source address, so that one
+    #: address cannot crowd out the others
+    max_connections_per_address: int = 256
+    #: handshakes in flight from one source address
+    max_handshakes_per_address: int = 16
     max_concurrent_streams: int = 100
     max_request_bytes: int = 4 * 1024 * 1024
     handshake_timeout: float = 10.0
@@ -250,6 +292,9 @@ class TransportConfig:
     def __post_init__(self) -> None:
         positive = (
             "max_connections",
+            "max_handshakes",
+            "max_connections_per_address",
+            "max_handshakes_per_address",
             "max_concurrent_streams",
             "max_request_bytes",
             "max_header_list_size",
@@ -270,6 +315,41 @@ class TransportConfig:
             raise ValueError("max_frame_size must be within 16384..2**24-1")
 
 
+#: Descriptors kept for everything but connections (jobs' pipes and logs, the store,
+#: listeners, the event loop): connections get half of what is left after this.
+_RESERVED_FDS: Final = 64
+#: A handshake's deadline never shortens below this under pressure (a TLS 1.3 handshake
+#: takes a round trip and a few ms of CPU; a loaded loopback client still fits).
+_MIN_HANDSHAKE_TIMEOUT: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionCaps:
+    """The connection caps in force: the configured ones, lowered to fit the descriptors
+    this process may open."""
+
+    connections: int
+    handshakes: int
+    per_address: int
+    handshakes_per_address: int
+
+
+def admission_caps(config: TransportConfig, nofile: int | None = None) -> AdmissionCaps:
+    """Caps from ``config`` and the soft RLIMIT_NOFILE (``nofile``, read when None): at most
+    half the descriptors beyond a reserve go to connections, the other half to jobs."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    fit = max(8, (nofile - _RESERVED_FDS) // 2) if nofile != resource.RLIM_INFINITY else 1 << 30
+    connections = min(config.max_connections, fit)
+    handshakes = max(1, min(config.max_handshakes, connections // 2))
+    return AdmissionCaps(
+        connections=connections,
+        handshakes=handshakes,
+        per_address=max(1, min(config.max_connections_per_address, connections)),
+        handshakes_per_address=max(1, min(config.max_handshakes_per_address, handshakes)),
+    )
+
+
 @dataclass(slots=True)
 class ServerStats:
     """Counters for tests, benchmarks and the curious; not synchronized, not persisted."""
@@ -277,6 +357,8 @@ class ServerStats:
     connections_accepted: int = 0
     connections_refused: int = 0
     handshakes_failed: int = 0
+    #: handshakes dropped to make room for newer ones (the handshake cap was reached)
+    handshakes_evicted: int = 0
     calls: int = 0
     socket_writes: int = 0
     bytes_written: int = 0
@@ -341,18 +423,6 @@ async def _bind(host: str, port: int, backlog: int) -> list[trio.SocketListener]
     return listeners
 
 
-def _set_keepalive(sock: Any) -> None:
-    """Notice a client that vanished without a FIN within about two minutes."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
-    except OSError:  # pragma: no cover - the socket may already be dead
-        pass
-
-
 # --- one call ----------------------------------------------------------------------------
 
 
@@ -398,7 +468,7 @@ class _Call:
         # and where its request iterator waits for more.
         self.inbox: deque[bytes] | None = None
         self.arrived: trio.lowlevel.ParkingLot | None = None
-        if isinstance(method, BidiStreamMethod):
+        if isinstance(method, _BIDI):
             self.inbox = deque()
             self.arrived = trio.lowlevel.ParkingLot()
 
@@ -615,9 +685,12 @@ class _Connection:
             if not data:
                 break
             try:
-                events = grpc.receive_data(data)
-            except (h2.exceptions.ProtocolError, GRPCProtocolError) as exc:
-                # h2 has queued a GOAWAY with the error; send it, then close.
+                events = grpc.receive_frames(data)
+            except (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved) as exc:
+                # h2 has queued a GOAWAY with the error (we do, for our own bounds); send
+                # it, then close.
+                if isinstance(exc, PeerMisbehaved):
+                    grpc.calm_down(exc)
                 log.info("HTTP/2 protocol error from %s: %s", self._peer, exc)
                 for call in self._calls.values():
                     call.gone("HTTP/2 protocol error")
@@ -630,6 +703,12 @@ class _Connection:
             if self._new_calls:
                 self._start_calls()
             self._push()
+            gate = grpc.gate
+            if gate.control_owed > MAX_UNSENT_CONTROL:
+                # The peer's PINGs and SETTINGS make us write: read on only once those
+                # replies are out, so a peer that never reads cannot grow our buffer.
+                await self._flushed()
+                gate.control_owed = 0
         self._lost()
 
     def _on_event(self, event: Any) -> None:
@@ -663,8 +742,7 @@ class _Connection:
         elif kind is RequestTooLarge:
             call = self._calls.get(event.stream_id)
             if call is not None:
-                limit = self._cfg.max_request_bytes
-                call.fail(RpcError.of(ResourceExhausted(f"request message over {limit} bytes")))
+                call.fail(RpcError.of(ResourceExhausted(f"request too large: {event.reason}")))
         elif kind is BadMessage:
             call = self._calls.get(event.stream_id)
             if call is not None:
@@ -787,7 +865,7 @@ class _Connection:
             with call.scope:
                 if ready is not None:
                     request, response = ready
-                elif not isinstance(method, BidiStreamMethod):
+                elif not isinstance(method, _BIDI):
                     if not call.request_done.is_set():
                         await call.request_done.wait()
                     request = self._parse(call)
@@ -795,7 +873,14 @@ class _Connection:
                         response = await method.handler(request, call.ctx)
                     elif isinstance(method, SyncUnaryMethod):
                         response = method.handler(request, call.ctx)
-                if not isinstance(method, StreamMethod | BidiStreamMethod):
+                if isinstance(method, BidiTaskMethod):
+                    response_type = method.response_type
+
+                    async def send(item: Any) -> None:
+                        await self._send_message(call, item, response_type)
+
+                    await method.handler(_Requests(self, call, method.request_type), send, call.ctx)
+                elif not isinstance(method, StreamMethod | BidiStreamMethod):
                     # Not woken: _complete writes the message and trailers together.
                     await self._send_message(call, response, method.response_type, wake=False)
                 else:
@@ -805,7 +890,14 @@ class _Connection:
                         requests = _Requests(self, call, method.request_type)
                         responses = method.handler(requests, call.ctx)
                     try:
-                        async for item in responses:
+                        while True:
+                            # Ask for the next message only once it could leave: a peer
+                            # that never opens its window makes us hold nothing for it.
+                            await self._sendable(call)
+                            try:
+                                item = await anext(responses)
+                            except StopAsyncIteration:
+                                break
                             await self._send_message(call, item, method.response_type)
                     finally:
                         aclose = getattr(responses, "aclose", None)
@@ -847,6 +939,8 @@ class _Connection:
         the audit record."""
         self._finish(call, code, message)
         del self._calls[call.stream_id]
+        if not call.peer_gone:
+            self._grpc.call_finished()
         if not self._calls:
             self._last_call_end = trio.current_time()
         if call.peer_gone and code is StatusCode.OK:
@@ -887,6 +981,23 @@ class _Connection:
             call.headers_sent = True
         h2c.send_data(stream_id, _MESSAGE_PREFIX.pack(0, len(payload)) + payload)
         return True
+
+    async def _sendable(self, call: _Call) -> None:
+        """Wait until the stream has flow-control window and the connection buffer room."""
+        h2c = self._h2
+        while True:
+            if h2c.outbound_buffered + self._stream.pending >= self._cfg.max_send_buffer:
+                self._wake_writer()
+                await self._drained_lot.park()
+                continue
+            try:
+                window = int(h2c.local_flow_control_window(call.stream_id))
+            except h2.exceptions.StreamClosedError:
+                return  # _send_message sees it too, and ends the call like a reset
+            if window > 0:
+                return
+            self._wake_writer()
+            await self._window_lot.park()
 
     async def _send_message(
         self, call: _Call, message: Any, expected: type[Any], *, wake: bool = True
@@ -1069,7 +1180,7 @@ class Server:
                 raise ValueError(f"method path must look like /package.Service/Method: {path!r}")
         self.methods: Mapping[str, Method] = dict(methods)
         self._bidi_paths = frozenset(
-            path for path, method in self.methods.items() if isinstance(method, BidiStreamMethod)
+            path for path, method in self.methods.items() if isinstance(method, _BIDI)
         )
         self.config = config or TransportConfig()
         self.stats = ServerStats()
@@ -1083,7 +1194,11 @@ class Server:
         self._draining = False
         self._connection_count = 0  # accepted, handshaking or serving
         self._connections: set[_Connection] = set()
-        self._handshakes: set[trio.CancelScope] = set()
+        # In start order: the first is the oldest, dropped first when the cap is reached.
+        self._handshakes: dict[trio.CancelScope, str] = {}
+        self._per_address: dict[str, int] = {}
+        self._handshaking: dict[str, int] = {}
+        self.caps = admission_caps(self.config)
         self._accept_scope = trio.CancelScope()
         self._serve_scope: trio.CancelScope | None = None
         self._all_closed = trio.Event()
@@ -1128,6 +1243,7 @@ class Server:
         if self._started:
             raise RuntimeError("Server.serve can only run once")
         self._started = True
+        self.caps = admission_caps(self.config)  # after whoever raised RLIMIT_NOFILE
         listeners = await _bind(host, port, self.config.listen_backlog)
         self._addresses = [_format_address(lst.socket.getsockname()) for lst in listeners]
         self._port = listeners[0].socket.getsockname()[1]
@@ -1157,7 +1273,7 @@ class Server:
                 except Exception:
                     log.exception("on_drain hook failed")
             self._accept_scope.cancel()
-            for scope in self._handshakes:
+            for scope in list(self._handshakes):
                 scope.cancel()
             for conn in list(self._connections):
                 conn.start_drain()
@@ -1227,14 +1343,48 @@ class Server:
                 self._log_refusal(f"accept failed: {exc.strerror}")
                 await trio.sleep(0.1)
                 continue
-            if self._connection_count >= self.config.max_connections:
+            address, refusal = self._admit(stream)
+            if refusal:
+                # An answer, not a hang: the client sees the connection reset at once.
                 self.stats.connections_refused += 1
-                self._log_refusal(f"refusing connections: {self.config.max_connections} open")
+                self._log_refusal(f"refusing connections: {refusal}")
                 _refuse(stream)
                 continue
             self._connection_count += 1
             self.stats.connections_accepted += 1
-            nursery.start_soon(self._handle, stream)
+            nursery.start_soon(self._handle, stream, address)
+
+    def _admit(self, stream: trio.SocketStream) -> tuple[str, str]:
+        """(source address, why this new connection is refused or ""); when admitted it
+        is counted in for its address. A full handshake table drops its oldest entry
+        rather than refusing."""
+        caps = self.caps
+        try:
+            address = str(stream.socket.getpeername()[0])
+        except OSError:
+            return "", "the peer is already gone"
+        if self._connection_count >= caps.connections:
+            return address, f"{caps.connections} connections open"
+        if self._per_address.get(address, 0) >= caps.per_address:
+            return address, f"{caps.per_address} connections open from {address}"
+        if self._handshaking.get(address, 0) >= caps.handshakes_per_address:
+            return address, f"{caps.handshakes_per_address} handshakes in progress from {address}"
+        if len(self._handshakes) >= caps.handshakes:
+            oldest = next(iter(self._handshakes))
+            oldest.cancel()
+            del self._handshakes[oldest]  # counted out now, so one drop makes one room
+            self.stats.handshakes_evicted += 1
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+        return address, ""
+
+    def _handshake_timeout(self) -> float:
+        """The configured timeout, shortened as the handshake table fills (down to
+        ``_MIN_HANDSHAKE_TIMEOUT``): under a flood, idle handshakes give way sooner."""
+        free = 1.0 - len(self._handshakes) / self.caps.handshakes
+        return max(
+            min(_MIN_HANDSHAKE_TIMEOUT, self.config.handshake_timeout),
+            self.config.handshake_timeout * free,
+        )
 
     def _log_refusal(self, message: str) -> None:
         now = time.monotonic()
@@ -1242,7 +1392,7 @@ class Server:
             self._last_refusal_log = now
             log.warning("%s", message)
 
-    async def _handle(self, tcp: trio.SocketStream) -> None:
+    async def _handle(self, tcp: trio.SocketStream, address: str) -> None:
         ssl_stream: TLSSocketStream | None = None
         graceful = False
         try:
@@ -1262,8 +1412,9 @@ class Server:
                 log.info("cannot set up TLS with %s: %s", peer, exc)
                 return
             with trio.CancelScope() as handshake:
-                handshake.deadline = trio.current_time() + self.config.handshake_timeout
-                self._handshakes.add(handshake)
+                handshake.deadline = trio.current_time() + self._handshake_timeout()
+                self._handshakes[handshake] = address
+                self._handshaking[address] = self._handshaking.get(address, 0) + 1
                 try:
                     await ssl_stream.do_handshake()
                 except trio.BrokenResourceError as exc:
@@ -1271,13 +1422,20 @@ class Server:
                     log.info("TLS handshake with %s failed: %s", peer, exc.__cause__ or exc)
                     return
                 finally:
-                    self._handshakes.discard(handshake)
+                    self._handshakes.pop(handshake, None)
+                    _count_out(self._handshaking, address)
             if handshake.cancelled_caught:
                 self.stats.handshakes_failed += 1
                 if not self._draining:
                     log.info("TLS handshake with %s timed out", peer)
                 return
             if self._draining:
+                return
+            if ssl_stream.selected_alpn_protocol() != ALPN_PROTOCOL:
+                # gRPC is HTTP/2 only: a client that did not offer h2 (or offered no ALPN)
+                # would only be confused by our frames. Closed before any byte of HTTP/2.
+                self.stats.handshakes_failed += 1
+                log.info("refusing %s: its TLS handshake did not choose ALPN h2", peer)
                 return
             der = ssl_stream.getpeercert(binary_form=True) or b""
             if self._revoked is not None and self._revoked(der):
@@ -1303,6 +1461,7 @@ class Server:
                     ssl_stream.close()
             finally:
                 self._connection_count -= 1
+                _count_out(self._per_address, address)
                 self._check_all_closed()
 
     def _identity_of(self, stream: TLSSocketStream, peer: str) -> tuple[Identity | None, str]:
@@ -1317,6 +1476,14 @@ class Server:
         except Exception:
             log.exception("cannot read the identity of client %s", peer)
             return None, "unusable client certificate"
+
+
+def _count_out(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def _refuse(stream: trio.SocketStream) -> None:

@@ -36,6 +36,7 @@ purerpc and h2 are untyped: ``Any`` stays inside this module and the types it re
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -61,13 +62,25 @@ from purerpc.grpclib.headers import HeaderDict
 from ._status import status_trailers
 
 __all__ = [
+    "MAX_BUFFERED_REQUESTS",
+    "MAX_CONTINUATIONS",
+    "MAX_HEADER_BLOCK",
+    "MAX_SIZE_UPDATES",
+    "MAX_UNSENT_CONTROL",
+    "RESET_BUDGET",
     "BadMessage",
     "BadRequest",
+    "BoundedDecoder",
+    "FrameGate",
     "GRPCServerConnection",
     "PeerGoAway",
+    "PeerMisbehaved",
     "RequestTooLarge",
     "ServerH2Connection",
     "StreamReset",
+    "WireH2Connection",
+    "h2_config",
+    "hpack_literal",
 ]
 
 
@@ -112,6 +125,154 @@ class BadMessage:
 
 #: A frame header, as hyperframe packs it: 24-bit length, type, flags, stream id.
 _FRAME_HEADER: Final = struct.Struct(">HBBBL")
+_FRAME_HEADER_SIZE: Final = 9
+
+# --- bounds against a hostile peer (both ends) ------------------------------------------
+
+#: Largest encoded header block (HEADERS + CONTINUATION) we read: a gRPC call's headers are
+#: a few hundred bytes, and 64 KiB is four times the decoded-size cap (h2 alone allowed 64
+#: CONTINUATIONs of a whole frame each: 64 MiB of HPACK to decode on the event loop).
+MAX_HEADER_BLOCK: Final = 64 * 1024
+#: Most CONTINUATION frames after one HEADERS: honest peers send none or one.
+MAX_CONTINUATIONS: Final = 8
+#: Most dynamic-table size updates at the start of a block: RFC 7541 §4.2 allows two, and
+#: each costs a Python loop in hpack (8 MiB of 1-byte updates stalled a server 16 s).
+MAX_SIZE_UPDATES: Final = 2
+#: Largest header block the decoder cache keeps, so the cache is bounded by
+#: ``64 * MAX_CACHED_BLOCK`` bytes of peer input (it once kept whole 4 MiB blocks as keys).
+MAX_CACHED_BLOCK: Final = 512
+#: Streams a peer may reset before we answer them; each call that ends normally earns one
+#: back (rapid reset, CVE-2023-44487: 100,000 HEADERS + RST_STREAM pairs cost 12.8 s CPU).
+RESET_BUDGET: Final = 1000
+#: Unsent replies to the peer's PING and SETTINGS beyond which the reader stops reading
+#: until they are written (a peer that floods PINGs and never reads queued 63 MiB of ACKs).
+MAX_UNSENT_CONTROL: Final = 64 * 1024
+#: Bytes of request messages one connection may hold before handlers take them (partial
+#: messages, and a stream of requests' messages not yet taken): without it, 100 streams
+#: each 4 MiB short of a whole message pinned 400 MiB, all acknowledged at once.
+MAX_BUFFERED_REQUESTS: Final = 8 * 1024 * 1024
+
+_HEADERS, _RST_STREAM, _SETTINGS, _PING, _CONTINUATION = 0x1, 0x3, 0x4, 0x6, 0x9
+_FLAG_ACK, _FLAG_END_HEADERS = 0x1, 0x4
+#: Whole frames are handed to h2 in batches of at most this many bytes: h2's own frame
+#: buffer copies what follows each frame it takes (quadratic for a 1 MiB frame arriving
+#: in 16 KiB TLS records), so records are gathered here and h2 sees whole frames only.
+_FEED_BYTES: Final = 64 * 1024
+_CLIENT_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class PeerMisbehaved(Exception):
+    """The peer broke one of our bounds: the connection ends with GOAWAY(``error_code``)."""
+
+    def __init__(self, error_code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.error_code = error_code
+        self.reason = reason
+
+
+#: HTTP/2 error codes we send (RFC 9113 §7).
+PROTOCOL_ERROR: Final = 0x1
+FRAME_SIZE_ERROR: Final = 0x6
+ENHANCE_YOUR_CALM: Final = 0xB
+
+
+class FrameGate:
+    """Received bytes → batches of whole frames for h2, checked against our bounds first.
+
+    Sans-I/O and shared by both ends. It enforces the frame size we advertised, the
+    encoded size and frame count of a header block (as soon as a frame header announces
+    them, before its payload is buffered), and counts the replies the peer's PING and
+    SETTINGS will cost us (``control_owed``), so the driver can stop reading a peer that
+    sends them without reading.
+    """
+
+    __slots__ = (
+        "_block",
+        "_buf",
+        "_continuations",
+        "_in_block",
+        "_preface",
+        "control_owed",
+        "max_frame",
+    )
+
+    def __init__(self, max_frame: int, *, server: bool) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        # A server first receives the client's connection preface (not a frame): passed
+        # to h2 as it comes, which checks it.
+        self._preface = len(_CLIENT_PREFACE) if server else 0
+        self._in_block = False
+        self._block = 0  # encoded bytes of the header block being received
+        self._continuations = 0
+        #: bytes of PING/SETTINGS acknowledgements the peer's frames will make us send
+        self.control_owed = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed over (at most one frame plus a record)."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray) -> list[bytes]:
+        """Take ``data``; return the whole frames now complete, in batches. Raises
+        :class:`PeerMisbehaved` when a frame breaks a bound."""
+        batches: list[bytes] = []
+        if self._preface:
+            head = bytes(data[: self._preface])
+            self._preface -= len(head)
+            batches.append(head)
+            data = data[len(head) :]
+        buf = self._buf
+        buf += data
+        start = end = 0
+        size = len(buf)
+        while size - end >= _FRAME_HEADER_SIZE:
+            length = (buf[end] << 16) | (buf[end + 1] << 8) | buf[end + 2]
+            kind, flags = buf[end + 3], buf[end + 4]
+            self._check(length, kind)
+            frame_end = end + _FRAME_HEADER_SIZE + length
+            if frame_end > size:
+                break
+            self._account(length, kind, flags)
+            if end > start and frame_end - start > _FEED_BYTES:
+                batches.append(bytes(buf[start:end]))
+                start = end
+            end = frame_end
+        if end > start:
+            batches.append(bytes(buf[start:end]))
+        if end:
+            del buf[:end]
+        return batches
+
+    def _check(self, length: int, kind: int) -> None:
+        if length > self.max_frame:
+            raise PeerMisbehaved(
+                FRAME_SIZE_ERROR, f"frame of {length} bytes, over the {self.max_frame} advertised"
+            )
+        if kind in (_HEADERS, _CONTINUATION):
+            block = length + (self._block if kind == _CONTINUATION else 0)
+            if block > MAX_HEADER_BLOCK:
+                raise PeerMisbehaved(
+                    ENHANCE_YOUR_CALM, f"header block over {MAX_HEADER_BLOCK} bytes"
+                )
+            if kind == _CONTINUATION and self._continuations >= MAX_CONTINUATIONS:
+                raise PeerMisbehaved(
+                    ENHANCE_YOUR_CALM, f"more than {MAX_CONTINUATIONS} CONTINUATION frames"
+                )
+
+    def _account(self, length: int, kind: int, flags: int) -> None:
+        """Count a complete frame (once)."""
+        if kind == _HEADERS:
+            self._block, self._continuations = length, 0
+            self._in_block = not flags & _FLAG_END_HEADERS
+        elif kind == _CONTINUATION:
+            self._block += length
+            self._continuations += 1
+            self._in_block = not flags & _FLAG_END_HEADERS
+        elif kind == _PING and not flags & _FLAG_ACK:
+            self.control_owed += _FRAME_HEADER_SIZE + 8
+        elif kind == _SETTINGS and not flags & _FLAG_ACK:
+            self.control_owed += _FRAME_HEADER_SIZE
 
 
 def hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
@@ -129,12 +290,14 @@ def hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
 
 
 def _hpack_string(text: str) -> bytes:
-    raw = text.encode("ascii")
+    raw = text.encode("utf-8")
     return hpack_int(len(raw), 7) + raw
 
 
-def _literal(name: str, value: str, static_index: int = 0) -> bytes:
-    """Literal header field without indexing (RFC 7541 §6.2.2): no dynamic table change."""
+def hpack_literal(name: str, value: str, static_index: int = 0) -> bytes:
+    """Literal header field without indexing (RFC 7541 §6.2.2), no Huffman: it leaves the
+    dynamic table alone, so a block of these is valid whatever the table holds. The name
+    is ``static_index`` in the static table when given."""
     if static_index:
         return hpack_int(static_index, 4) + _hpack_string(value)
     return b"\x00" + _hpack_string(name) + _hpack_string(value)
@@ -147,8 +310,8 @@ _CONTENT_TYPE = 31  # static table entry 31: "content-type"
 #: end_response; the transport always uses content type suffix "+proto").
 _CONSTANT_BLOCKS: dict[tuple[tuple[str, str], ...], bytes] = {
     ((":status", "200"), ("content-type", "application/grpc+proto")): _STATUS_200
-    + _literal("content-type", "application/grpc+proto", _CONTENT_TYPE),
-    (("grpc-status", "0"),): _literal("grpc-status", "0"),
+    + hpack_literal("content-type", "application/grpc+proto", _CONTENT_TYPE),
+    (("grpc-status", "0"),): hpack_literal("grpc-status", "0"),
 }
 
 
@@ -172,12 +335,34 @@ class _CachingEncoder(hpack.Encoder):  # type: ignore[misc]
         return bytes(super().encode(headers, huffman))
 
 
-class CachingDecoder(hpack.Decoder):  # type: ignore[misc]
-    """hpack's decoder, remembering blocks whose decoding left the dynamic table unchanged.
+def _leading_size_updates(data: bytes | bytearray | memoryview) -> int:
+    """How many dynamic-table size updates (``001xxxxx``) open an HPACK block."""
+    count = pos = 0
+    size = len(data)
+    while pos < size and data[pos] & 0xE0 == 0x20:
+        count += 1
+        if count > MAX_SIZE_UPDATES:
+            return count
+        prefix_full = data[pos] & 0x1F == 0x1F
+        pos += 1
+        if prefix_full:  # the integer goes on while the high bit is set
+            while pos < size and data[pos] & 0x80:
+                pos += 1
+            pos += 1
+    return count
 
-    The same bytes decode to the same headers as long as the table is the same. Any change
-    to it (an entry added, evictions, a resize) empties the cache; holding the table's
-    front entry makes "same front object, same length, same size" a sound test for that.
+
+class BoundedDecoder(hpack.Decoder):  # type: ignore[misc]
+    """hpack's decoder with bounded work per block, remembering small blocks whose decoding
+    left the dynamic table unchanged.
+
+    A block over :data:`MAX_HEADER_BLOCK` or opening with more than
+    :data:`MAX_SIZE_UPDATES` table-size updates is refused before hpack sees it (h2 then
+    ends the connection with COMPRESSION_ERROR). The same bytes decode to the same headers
+    as long as the table is the same. Any change to it (an entry added, evictions, a
+    resize) empties the cache; holding the table's front entry makes "same front object,
+    same length, same size" a sound test for that. Only blocks up to
+    :data:`MAX_CACHED_BLOCK` are kept, so the cache holds at most 32 KiB of peer bytes.
     """
 
     _MAX_ENTRIES = 64
@@ -194,6 +379,13 @@ class CachingDecoder(hpack.Decoder):  # type: ignore[misc]
         return (front, len(entries), table.maxsize, self.max_header_list_size)
 
     def decode(self, data: Any, raw: bool = False) -> list[Any]:
+        if len(data) > MAX_HEADER_BLOCK:
+            raise hpack.HPACKDecodingError(f"header block over {MAX_HEADER_BLOCK} bytes")
+        if _leading_size_updates(data) > MAX_SIZE_UPDATES:
+            raise hpack.HPACKDecodingError("more than two table size updates in one block")
+        if len(data) > MAX_CACHED_BLOCK:
+            decoded: list[Any] = super().decode(data, raw)
+            return decoded
         state = self._table_state()
         known = self._state
         if not known or state[0] is not known[0] or state[1:] != known[1:]:
@@ -211,10 +403,60 @@ class CachingDecoder(hpack.Decoder):  # type: ignore[misc]
         return headers
 
 
-class ServerH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
-    """h2's connection with the stream cap left to the transport and a graceful GOAWAY."""
+def h2_config(*, client_side: bool) -> h2.config.H2Configuration:
+    """h2's configuration for both ends: our own headers are built well formed, and the
+    peer's are parsed by purerpc anyway, so h2's re-checking of both is skipped."""
+    return h2.config.H2Configuration(
+        client_side=client_side,
+        header_encoding="utf-8",
+        validate_outbound_headers=False,
+        validate_inbound_headers=False,
+        normalize_inbound_headers=False,
+        normalize_outbound_headers=False,
+    )
+
+
+class WireH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
+    """h2's connection as both ends use it: output handed over without a copy, and a
+    WINDOW_UPDATE for a stream h2 has already forgotten ignored.
+
+    RFC 9113 §5.1 lets WINDOW_UPDATE arrive "for a short period" after a stream ended. h2
+    accepts it while the closed stream is still in its table, but forgets closed streams
+    whenever it counts open ones, and then treats a late WINDOW_UPDATE as a connection
+    error (GOAWAY STREAM_CLOSED): under load (the peer consuming our last DATA while we
+    open or accept the next stream) every call on the connection failed at once.
+    """
 
     _data_to_send: bytearray
+
+    def _receive_window_update_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        if frame.stream_id and frame.stream_id not in self.streams:
+            outbound = self._stream_id_is_outbound(frame.stream_id)
+            highest = (
+                self.highest_outbound_stream_id if outbound else self.highest_inbound_stream_id
+            )
+            if frame.stream_id <= highest and frame.window_increment >= 1:
+                self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_WINDOW_UPDATE)
+                return [], []
+        frames, events = super()._receive_window_update_frame(frame)
+        return frames, events
+
+    def data_to_send(self, amount: int | None = None) -> bytes | bytearray:
+        """Hand over the whole output buffer without copying it (h2 and purerpc copy)."""
+        if amount is not None:
+            return bytes(super().data_to_send(amount))
+        data: bytearray = self._data_to_send
+        self._data_to_send = bytearray()
+        return data
+
+    @property
+    def outbound_buffered(self) -> int:
+        """Bytes serialized but not yet taken by ``data_to_send``."""
+        return len(self._data_to_send)
+
+
+class ServerH2Connection(WireH2Connection):
+    """h2's connection with the stream cap left to the transport and a graceful GOAWAY."""
 
     @property
     def open_inbound_streams(self) -> int:
@@ -253,19 +495,6 @@ class ServerH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
                 buffer += data
             else:
                 buffer += frame.serialize()
-
-    def data_to_send(self, amount: int | None = None) -> bytes | bytearray:
-        """Hand over the whole output buffer without copying it (purerpc's patch copies)."""
-        if amount is not None:
-            return bytes(super().data_to_send(amount))
-        data: bytearray = self._data_to_send
-        self._data_to_send = bytearray()
-        return data
-
-    @property
-    def outbound_buffered(self) -> int:
-        """Bytes serialized but not yet taken by ``data_to_send``."""
-        return len(self._data_to_send)
 
     def send_graceful_goaway(self, last_stream_id: int) -> None:
         """Queue GOAWAY(NO_ERROR) without closing h2's state machine.
@@ -314,17 +543,7 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         # Not super().__init__(): it builds a plain H2Connection with purerpc's fixed
         # settings (65536 streams, a 1 GiB connection window, 16 MiB frames).
         self.config = GRPCConfiguration(client_side=False, max_message_length=max_message_length)
-        h2c = ServerH2Connection(
-            h2.config.H2Configuration(
-                client_side=False,
-                header_encoding="utf-8",
-                # Our own headers are constant and well formed: skip re-checking them.
-                validate_outbound_headers=False,
-                validate_inbound_headers=False,
-                normalize_inbound_headers=False,
-                normalize_outbound_headers=False,
-            )
-        )
+        h2c = ServerH2Connection(h2_config(client_side=False))
         codes = h2.settings.SettingCodes
         h2c.local_settings = h2.settings.Settings(
             client=False,
@@ -337,7 +556,7 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         )
         h2c.max_inbound_frame_size = max_frame_size
         h2c.encoder = _CachingEncoder()
-        h2c.decoder = CachingDecoder()
+        h2c.decoder = BoundedDecoder()
         h2c.decoder.max_header_list_size = max_header_list_size
         self.h2_connection: ServerH2Connection = h2c
         self.message_read_buffers: dict[int, Any] = {}
@@ -346,6 +565,13 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         # Streams of requests: stream id -> [bytes received and not yet handed back to the
         # stream's window, messages delivered and not yet taken by the handler].
         self._held: dict[int, list[int]] = {}
+        self._reset_budget = RESET_BUDGET
+        self.gate = FrameGate(max_frame_size, server=True)
+        # Request bytes held per stream (see MAX_BUFFERED_REQUESTS), their sum, and the
+        # sizes of a stream of requests' messages not yet taken, oldest first.
+        self._buffered: dict[int, int] = {}
+        self.buffered_requests = 0
+        self._untaken: dict[int, deque[int]] = {}
 
     def send_status(
         self, stream_id: int, code: int, message: str, details: bytes | None, *, headers: bool
@@ -387,6 +613,7 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
             f"/{request.service_name}/{request.method_name}"
         ):
             self._held[stream_id] = [0, 0]
+            self._untaken[stream_id] = deque()
         return [request]
 
     def _data_received(self, event: Any) -> list[Any]:
@@ -410,7 +637,21 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         except GRPCProtocolError as exc:
             self.drop_request(stream_id)
             return [BadMessage(stream_id, str(exc))]
+        self._hold(stream_id, len(event.data))
         messages = buffer.read_all_complete_messages_flowcontrol()
+        if messages:
+            sizes = [len(message) for message, _ in messages]
+            # The 5-byte prefixes are gone; a unary request goes to its call at once.
+            kept = self._untaken.get(stream_id)
+            if kept is not None:
+                kept.extend(sizes)
+                self._hold(stream_id, -5 * len(sizes))
+            else:
+                self._hold(stream_id, -sum(sizes) - 5 * len(sizes))
+        if self.buffered_requests > MAX_BUFFERED_REQUESTS:
+            self.drop_request(stream_id)
+            limit = MAX_BUFFERED_REQUESTS
+            return [RequestTooLarge(stream_id, f"over the connection's {limit} request bytes")]
         if held is not None:
             held[1] += len(messages)
             if not held[1]:
@@ -422,6 +663,9 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
     def message_taken(self, stream_id: int) -> None:
         """A stream of requests' handler took one delivered message: once none is left
         waiting, hand what was received back to the stream's window."""
+        kept = self._untaken.get(stream_id)
+        if kept:
+            self._hold(stream_id, -kept.popleft())
         held = self._held.get(stream_id)
         if held is None:
             return
@@ -438,12 +682,43 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
     def _stream_ended(self, event: Any) -> list[Any]:
         self.message_read_buffers.pop(event.stream_id, None)
         self._held.pop(event.stream_id, None)
+        if event.stream_id not in self._untaken:  # else counted out as they are taken
+            self._forget(event.stream_id)
         return [RequestEnded(event.stream_id)]
 
     def _stream_reset(self, event: Any) -> list[Any]:
         self.message_read_buffers.pop(event.stream_id, None)
         self._held.pop(event.stream_id, None)
+        self._forget(event.stream_id)
+        self._reset_budget -= 1
+        if self._reset_budget < 0:
+            raise PeerMisbehaved(ENHANCE_YOUR_CALM, "too many streams reset by the peer")
         return [StreamReset(event.stream_id, int(event.error_code))]
+
+    def call_finished(self) -> None:
+        """A call ended without a reset by the peer: it earns one reset back."""
+        if self._reset_budget < RESET_BUDGET:
+            self._reset_budget += 1
+
+    def receive_frames(self, data: bytes | bytearray) -> list[Any]:
+        """``receive_data`` through the :class:`FrameGate`: whole frames only, bounds
+        checked first. Raises :class:`PeerMisbehaved` (then call :meth:`calm_down`) or
+        h2's ProtocolError (h2 has queued its GOAWAY)."""
+        events: list[Any] = []
+        for batch in self.gate.feed(data):
+            events.extend(self.receive_data(batch))
+        return events
+
+    def calm_down(self, error: PeerMisbehaved) -> None:
+        """Queue GOAWAY with the error of a broken bound; nothing more is read."""
+        h2c = self.h2_connection
+        frame = GoAwayFrame(
+            stream_id=0,
+            last_stream_id=h2c.highest_inbound_stream_id,
+            error_code=error.error_code,
+            additional_data=error.reason.encode()[:128],
+        )
+        h2c._data_to_send += frame.serialize()
 
     def _connection_terminated(self, event: Any) -> list[Any]:
         return [PeerGoAway(int(event.error_code))]
@@ -452,3 +727,17 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         """Stop collecting a stream's request: what still arrives is acknowledged and dropped."""
         self.message_read_buffers.pop(stream_id, None)
         self._held.pop(stream_id, None)
+        self._forget(stream_id)
+
+    def _hold(self, stream_id: int, delta: int) -> None:
+        held = self._buffered.get(stream_id, 0) + delta
+        self.buffered_requests += delta
+        if held > 0:
+            self._buffered[stream_id] = held
+        else:
+            self._buffered.pop(stream_id, None)
+
+    def _forget(self, stream_id: int) -> None:
+        """Count a stream's request bytes out: the stream is over, or its call is."""
+        self.buffered_requests -= self._buffered.pop(stream_id, 0)
+        self._untaken.pop(stream_id, None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["app", "main"]
 
 #: Commands whose exit code is the job's; their own failures are 125.
-_JOB_EXIT_COMMANDS = frozenset({"run", "wait"})
+_JOB_EXIT_COMMANDS = frozenset({"run", "wait", "attach"})
 
 
 def _split_debug(tokens: list[str]) -> tuple[list[str], bool]:
@@ -52,6 +53,12 @@ class _AuditFormatter(logging.Formatter):
             return record.getMessage()
         return super().format(record)
 
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """``2026-12-01 15:50:14.703 UTC``: the one time format of the CLI, with its zone."""
+        moment = time.localtime(record.created)
+        millis = int(record.msecs)
+        return time.strftime(f"%Y-%m-%d %H:%M:%S.{millis:03d} %Z", moment)
+
 
 def _setup_logging(command: str, debug: bool) -> None:
     server = command == "serve"
@@ -60,10 +67,9 @@ def _setup_logging(command: str, debug: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO if server else logging.WARNING)
-    if not debug:
-        # Libraries underneath are chatty at INFO; trio-worker's own records are what count.
-        for name in ("purerpc", "hpack", "h2"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    # The HTTP/2 libraries log every frame and header at DEBUG: --debug is for our records.
+    for name in ("purerpc", "hpack", "h2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _stdout_gone() -> NoReturn:

@@ -15,7 +15,7 @@ from cyclopts import App, Parameter
 
 from .._errors import InvalidRequest
 from ._errors import ExitCode
-from ._render import print_fields
+from ._render import format_time, print_fields
 
 __all__ = ["certs"]
 
@@ -237,8 +237,8 @@ def show(file: Annotated[Path, Parameter(name="FILE")], /) -> int:
         ("Role", summary.role.value if summary.role is not None else "-"),
         ("Logins", ", ".join(summary.logins) or "-"),
         ("Names", ", ".join(n for n in summary.sans if not n.startswith(_OURS)) or "-"),
-        ("Valid from", summary.not_before.isoformat()),
-        ("Valid until", summary.not_after.isoformat()),
+        ("Valid from", format_time(summary.not_before)),
+        ("Valid until", format_time(summary.not_after)),
         ("Serial", f"{summary.serial_number:X}"),
         ("SHA-256", summary.sha256_fingerprint),
     ]

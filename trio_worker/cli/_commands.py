@@ -55,6 +55,17 @@ COMMANDS: Final = (
         "_jobs:logs",
         "Print a job's output: its stdout to stdout, its stderr to stderr, bytes unchanged.",
     ),
+    Command("rm", "_remove:rm", "Remove jobs: their records and their output, on the server."),
+    Command(
+        "prune",
+        "_remove:prune",
+        "Remove every ended job you may remove, and say how much output that freed.",
+    ),
+    Command(
+        "attach",
+        "_interactive:attach",
+        "Attach to a running job: follow its output from now on, and type into it.",
+    ),
     Command(
         "certs",
         "_certs:certs",
@@ -78,7 +89,8 @@ commands:
     trio-worker logs -f ID
     trio-worker stop ID
 
-Every command takes --help. --debug (anywhere before --) shows tracebacks and debug logs."""
+Every command takes --help. --debug (anywhere before --) shows tracebacks and
+debug logs."""
 
 
 def overview() -> str:

@@ -20,6 +20,8 @@ from .._errors import (
     InvalidRequest,
     JobNotFound,
     JobNotRunning,
+    JobStillRunning,
+    NoStdin,
     PermissionDenied,
     QuotaExceeded,
     RemoteError,
@@ -33,7 +35,42 @@ from .._tls import TLSConfigError
 from ._exit import ExitCode
 from ._settings import ConfigFileError
 
-__all__ = ["ExitCode", "Failure", "describe", "leaf_exception"]
+__all__ = ["ExitCode", "Failure", "LocalConfigError", "describe", "leaf_exception", "option_of"]
+
+
+class LocalConfigError(Exception):
+    """A setting of this host cannot be used (``serve --listen`` on a port in use); the
+    message names it and says what to do."""
+
+
+#: The request fields the server names in errors (``BadRequest``) → the option or
+#: argument a person typed: users see ``--memory``, never ``limits.memory_bytes``.
+_OPTION_OF_FIELD = {
+    "command": "COMMAND",
+    "args": "COMMAND",
+    "env": "--env",
+    "cwd": "--cwd",
+    "working_dir": "--cwd",
+    "limits": "--cpus/--memory/--io-read-bps/--io-write-bps/--pids",
+    "limits.cpus": "--cpus",
+    "limits.memory_bytes": "--memory",
+    "limits.io_read_bps": "--io-read-bps",
+    "limits.io_write_bps": "--io-write-bps",
+    "limits.pids": "--pids",
+    "isolation": "--isolate",
+    "user": "--user",
+    "grace": "--grace",
+    "signal": "SIGNAL",
+    "offset": "--offset",
+    "id": "ID",
+    "states": "--state",
+    "owner": "--owner",
+}
+
+
+def option_of(field: str) -> str | None:
+    """The option for a request field (``args[2]`` and ``env[K]`` as ``args``, ``env``)."""
+    return _OPTION_OF_FIELD.get(field) or _OPTION_OF_FIELD.get(field.split("[", 1)[0])
 
 
 @dataclass(frozen=True)
@@ -51,7 +88,8 @@ def _help(exc: BaseException, command: str) -> str:
 
 
 def _invalid(exc: BaseException, command: str) -> str:
-    if isinstance(exc, InvalidRequest) and not exc.field.startswith("-"):
+    field = exc.field if isinstance(exc, InvalidRequest) else "-"
+    if not field.startswith("-") and option_of(field) is None:
         return "fix the request and try again"  # the server's verdict on a field
     return _help(exc, command)
 
@@ -65,13 +103,47 @@ def _usage(exc: BaseException, command: str) -> str:
     return _help(exc, command)
 
 
+#: What a failed TLS handshake says (our client's own messages) → what is probably wrong.
+#: Checked in order; the first phrase found wins.
+_TLS_FAILURES = (
+    (
+        "timed out",
+        "something accepted the connection but never answered TLS: is a trio-worker server "
+        "listening there, and is it overloaded? (--addr, TRIO_WORKER_ADDR)",
+    ),
+    (
+        "certificate verify failed",
+        "the server's certificate is not from --ca: give the CA that issued it (or this is "
+        "not the trio-worker server you meant; check --addr)",
+    ),
+    (
+        "our certificate",
+        "the server does not trust --cert (or has revoked it): use a client certificate from "
+        "the server's CA",
+    ),
+    (
+        "does not offer HTTP/2",
+        "that is a TLS server, but not a trio-worker server: check --addr",
+    ),
+)
+
+
 def _connection(exc: BaseException, command: str) -> str:
-    if "TLS" in str(exc):
-        return (
-            "--ca must be the CA that issued the server's certificate, and the server must "
-            "trust the CA that issued --cert"
-        )
+    text = str(exc)
+    if "does not speak HTTP/2" in text:
+        return "that is not a trio-worker server: check --addr"
+    if "TLS" in text:
+        for phrase, hint in _TLS_FAILURES:
+            if phrase in text:
+                return hint
+        # wrong version number, packet length, an EOF: the other end does not speak TLS.
+        return "the other end does not speak TLS, so it is not a trio-worker server: check --addr"
     return "is the server running there? (--addr, TRIO_WORKER_ADDR)"
+
+
+def _still_running(exc: BaseException, command: str) -> str:
+    job_id = getattr(exc, "job_id", "") or "ID"
+    return f"stop it first (`trio-worker stop {job_id}`), or remove it anyway with rm -f"
 
 
 def _not_running(exc: BaseException, command: str) -> str:
@@ -82,6 +154,7 @@ def _not_running(exc: BaseException, command: str) -> str:
 #: (class, exit code, the next step): most specific first; the first match wins.
 TABLE: tuple[tuple[type[BaseException], ExitCode, _Hint], ...] = (
     (ConfigFileError, ExitCode.CONFIG, "fix the file or pass --config with another one"),
+    (LocalConfigError, ExitCode.CONFIG, ""),
     (cyclopts.CycloptsError, ExitCode.USAGE, _usage),
     (InvalidRequest, ExitCode.USAGE, _invalid),
     (
@@ -104,6 +177,8 @@ TABLE: tuple[tuple[type[BaseException], ExitCode, _Hint], ...] = (
     ),
     (JobNotFound, ExitCode.NOT_FOUND, "`trio-worker list` shows the jobs you may see"),
     (JobNotRunning, ExitCode.NOT_RUNNING, _not_running),
+    (JobStillRunning, ExitCode.RUNNING, _still_running),
+    (NoStdin, ExitCode.NOT_RUNNING, "start the job with -i (and -t for a terminal)"),
     (
         Unenforceable,
         ExitCode.UNENFORCEABLE,
@@ -162,6 +237,8 @@ def describe(exc: BaseException, *, command: str = "", job_exit: bool = False) -
         if isinstance(exc, cls):
             next_step = hint(exc, command) if callable(hint) else hint
             message = _one_line(str(exc)).rstrip(".") or type(exc).__name__
+            if isinstance(exc, InvalidRequest) and (option := option_of(exc.field)):
+                message = _one_line(f"{option}: {exc.message}").rstrip(".")
             if next_step and "; " not in message:  # a message with "; " names its next step
                 message = f"{message}; {_one_line(next_step)}"
             return Failure(ExitCode.TOOL_FAILED if job_exit else code, message)

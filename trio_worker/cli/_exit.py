@@ -16,7 +16,8 @@ Exit codes (the README's table is this one):
 9     the server is at a limit (jobs, connections)
 10    the server is shutting down
 11    the server failed (internal error)
-125   ``run``/``wait``: trio-worker itself failed (any of 1-11)
+12    the job is still running (``rm`` without ``-f``)
+125   ``run``/``wait``: trio-worker itself failed (any of 1-12)
 126   ``run``/``wait``/``start``: the command could not be executed
 127   ``run``/``wait``/``start``: the command was not found
 128+N ``run``/``wait``: the job was killed by signal N
@@ -45,6 +46,7 @@ class ExitCode(enum.IntEnum):
     EXHAUSTED = 9
     SHUTTING_DOWN = 10
     SERVER = 11
+    RUNNING = 12
     #: ``run``/``wait`` only: trio-worker failed, not the job.
     TOOL_FAILED = 125
     CANNOT_EXECUTE = 126

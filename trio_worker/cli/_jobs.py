@@ -1,12 +1,14 @@
 """The client commands: start, run, status, stop, signal, wait, logs, list.
 
-Each is thin: resolve the connection, make one or two client calls, print. Following output
-across reconnects lives in ``_session``; how jobs look in ``_render``.
+Each is thin: resolve the connection, open one client, make its calls on it, print. Ids are
+taken as typed (unique prefixes, any case: ``_ids``); following output across reconnects
+lives in ``_session``; how jobs look in ``_render``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal as _signal
 import sys
 from dataclasses import dataclass
@@ -15,13 +17,20 @@ from typing import TYPE_CHECKING, Annotated
 import trio
 from cyclopts import Parameter
 
-from .._errors import InvalidRequest, JobNotRunning
-from .._model import Isolation, JobInfo, JobState, Limits
+from .._errors import (
+    ConnectionFailed,
+    InvalidRequest,
+    JobNotRunning,
+    ShuttingDown,
+    TrioWorkerError,
+)
+from .._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits
 from . import _parse
 from ._app import JOB_GROUP, LIMITS_GROUP, Count, Cpus, Offset, Seconds, Size
 from ._errors import ExitCode
+from ._ids import IdResolver
 from ._render import describe_state, dump_json, job_exit, job_json, print_job, print_jobs
-from ._session import OutputSink, call, follow_output, open_client
+from ._session import Backoff, OutputSink, follow_output, open_client, retrying
 from ._settings import ClientOptions, Connection, resolve_connection
 
 if TYPE_CHECKING:
@@ -29,7 +38,9 @@ if TYPE_CHECKING:
 
 __all__ = ["JobOptions"]
 
-JobId = Annotated[str, Parameter(name="ID", help="The job's id, as start printed it.")]
+JobId = Annotated[
+    str, Parameter(name="ID", help="The job's id, as start printed it, or a unique prefix.")
+]
 
 
 @Parameter(name="*")
@@ -40,16 +51,17 @@ class JobOptions:
     env: Annotated[
         list[str] | None,
         Parameter(
+            name=["--env", "-e"],
             metavar="KEY=VALUE",
             negative="",
             group=JOB_GROUP,
-            help="Set a variable in the job's environment (repeat for more); the rest is "
-            "inherited from the server.",
+            help="Set a variable in the job's environment (repeat for more); KEY alone passes "
+            "this shell's value. The rest is inherited from the server.",
         ),
     ] = None
 
     cwd: Annotated[str | None, Parameter(metavar="DIR", group=JOB_GROUP)] = None
-    """Working directory of the job, on the server. Default: the server's."""
+    """Working directory of the job: an absolute path on the server. Default: the server's."""
 
     cpus: Annotated[Cpus, Parameter(group=LIMITS_GROUP, show_default=False)] = 0.0
     """CPU limit in CPUs, e.g. 0.5 or 2."""
@@ -76,9 +88,18 @@ class JobOptions:
         if not self.env:
             return None
         try:
-            return _parse.parse_env_pairs(self.env)
+            return _parse.parse_env_pairs(self.env, os.environ)
         except ValueError as exc:
             raise InvalidRequest("--env", str(exc)) from None
+
+    def working_dir(self) -> str | None:
+        if self.cwd is not None and not os.path.isabs(self.cwd):
+            raise InvalidRequest(
+                "--cwd",
+                f"{self.cwd!r} is relative, but the job runs on the server, where this shell's "
+                "directory means nothing; give an absolute path on the server",
+            )
+        return self.cwd
 
     def limits(self) -> Limits | None:
         limits = Limits(
@@ -104,6 +125,10 @@ def _connection(options: ClientOptions | None) -> Connection:
     return resolve_connection(options or ClientOptions())
 
 
+#: After Ctrl-C, ``run`` prints at most this much of what the job wrote while stopping.
+_LAST_WORDS_BYTES = 64 * 1024
+
+
 @dataclass(frozen=True)
 class _StartRequest:
     command: str
@@ -121,18 +146,34 @@ class _StartRequest:
                 "COMMAND", f"missing; give it after --, e.g. trio-worker {name} -- echo hello"
             )
         job = job or JobOptions()
-        return cls(command[0], command[1:], job.env_dict(), job.cwd, job.limits(), job.isolation())
+        return cls(
+            command[0],
+            command[1:],
+            job.env_dict(),
+            job.working_dir(),
+            job.limits(),
+            job.isolation(),
+        )
 
-    async def send(self, conn: Connection) -> JobInfo:
-        async with open_client(conn) as client:
-            return await client.start(
-                self.command,
-                self.args,
-                env=self.env,
-                cwd=self.cwd,
-                limits=self.limits,
-                isolation=self.isolation,
-            )
+    async def send(
+        self,
+        client: WorkerClient,
+        *,
+        stdin: bool = False,
+        tty: bool = False,
+        terminal_size: tuple[int, int] | None = None,
+    ) -> JobInfo:
+        return await client.start(
+            self.command,
+            self.args,
+            env=self.env,
+            cwd=self.cwd,
+            limits=self.limits,
+            isolation=self.isolation,
+            stdin=stdin,
+            tty=tty,
+            terminal_size=terminal_size,
+        )
 
 
 def _report_failed_start(job: JobInfo) -> int:
@@ -142,11 +183,19 @@ def _report_failed_start(job: JobInfo) -> int:
     return code
 
 
+Interactive = Annotated[
+    bool, Parameter(name=["--interactive", "-i"], negative="", show_default=False)
+]
+Tty = Annotated[bool, Parameter(name=["--tty", "-t"], negative="", show_default=False)]
+
+
 async def start(
     *command: str,
     follow: Annotated[
         bool, Parameter(name=["--follow", "-f"], negative="", show_default=False)
     ] = False,
+    interactive: Interactive = False,
+    tty: Tty = False,
     job: JobOptions | None = None,
     options: ClientOptions | None = None,
 ) -> int:
@@ -162,6 +211,7 @@ async def start(
         trio-worker start --memory 512M --cpus 1 --pids 100 -- make -j4
         trio-worker start --env LANG=C --cwd /srv/app --follow -- ./build.sh
         trio-worker start --isolate pid,mount,network -- sh -c 'ps ax'
+        trio-worker start -it -- bash    # then: trio-worker attach ID
 
     Parameters
     ----------
@@ -169,21 +219,34 @@ async def start(
         The command and its arguments, after --.
     follow
         Then stream the job's output until it ends, as logs -f does.
+    interactive
+        Keep the job's stdin open, for attach to write to.
+    tty
+        Run the job on a pseudo-terminal (of this terminal's size), for attach.
     """
     request = _StartRequest.build("start", command, job)
     conn = _connection(options)
-    info = await request.send(conn)
-    print(info.id, flush=True)
-    if info.state is JobState.FAILED:
-        return _report_failed_start(info)
-    if follow:
-        await follow_output(conn, info.id, OutputSink(), follow=True, retry_first=True)
+    size = None
+    if tty:
+        from ._interactive import local_terminal_size  # only for -t: keeps start light
+
+        size = local_terminal_size()
+    async with open_client(conn) as client:
+        info = await request.send(client, stdin=interactive, tty=tty, terminal_size=size)
+        print(info.id, flush=True)
+        if info.state is JobState.FAILED:
+            return _report_failed_start(info)
+        if follow:
+            backoff = Backoff(conn.addr)
+            await follow_output(client, info.id, OutputSink(), follow=True, backoff=backoff)
     return ExitCode.OK
 
 
 async def run(
     *command: str,
     grace: Annotated[Seconds | None, Parameter(group=JOB_GROUP)] = None,
+    interactive: Interactive = False,
+    tty: Tty = False,
     job: JobOptions | None = None,
     options: ClientOptions | None = None,
 ) -> int:
@@ -191,15 +254,24 @@ async def run(
 
     The job's stdout goes to stdout and its stderr to stderr, byte for byte. The exit code
     is the job's; 128+N if signal N killed it; 127 if the command was not found, 126 if it
-    could not be executed; 125 if trio-worker itself failed. Ctrl-C stops the job (SIGTERM,
-    then SIGKILL after the grace period) and exits 130; a second Ctrl-C leaves at once. A
-    dropped connection is re-established and the output resumed where it stopped.
+    could not be executed; 125 if trio-worker itself failed. Ctrl-C stops the printing at
+    once and the job (SIGTERM, then SIGKILL after the grace period; what the job writes
+    meanwhile is still shown) and exits 130; a second Ctrl-C leaves at once. A dropped
+    connection is re-established and the output resumed where it stopped, with a line on
+    stderr for each; a server shutting down ends the command at once, saying so.
 
     For example:
 
         trio-worker run -- echo hello
         trio-worker run --memory 64M -- python3 -c 'print(42)'
         trio-worker run --addr worker1:50051 -- sh -c 'make test' > test.log
+        echo hello | trio-worker run -i -- tr a-z A-Z
+        trio-worker run -it -- bash
+
+    With -i, this command's stdin goes to the job (end of input closes the job's). With -t
+    the job runs on a pseudo-terminal whose size follows this one, which is in raw mode:
+    Ctrl-C is the job's (a key with -i, else SIGINT for it), Ctrl-P Ctrl-Q detaches and
+    leaves it running. Without -t, Ctrl-C stops the job as described above.
 
     Parameters
     ----------
@@ -207,70 +279,128 @@ async def run(
         The command and its arguments, after --.
     grace
         On Ctrl-C, how long the job has between SIGTERM and SIGKILL. Default: the server's (5 s).
+    interactive
+        Send this command's stdin to the job.
+    tty
+        Run the job on a pseudo-terminal.
     """
     request = _StartRequest.build("run", command, job)
     conn = _connection(options)
+    if interactive or tty:
+        from ._interactive import run_interactive  # only for -i/-t: keeps run light
+
+        async def start_job(
+            client: WorkerClient, stdin: bool, tty: bool, size: tuple[int, int] | None
+        ) -> JobInfo:
+            return await request.send(client, stdin=stdin, tty=tty, terminal_size=size)
+
+        return await run_interactive(conn, start_job, stdin=interactive, tty=tty, grace=grace)
+    backoff = Backoff(conn.addr)
+    sink = OutputSink()
     interrupted = False
     started: JobInfo | None = None
     job_known = trio.Event()
+    #: Where the log ended when Ctrl-C was pressed: what the job writes from there on (its
+    #: last words) is printed once it has ended; the backlog before it never is.
+    last_words_at: int | None = None
+    last_words_known = trio.Event()
+    async with open_client(conn) as client:
 
-    async def stop_job() -> None:
-        await job_known.wait()
-        if started is None or started.state is JobState.FAILED:
-            return
-        job_id = started.id
+        async def stop_job() -> None:
+            nonlocal last_words_at
+            try:
+                await job_known.wait()
+                if started is None or started.state is JobState.FAILED:
+                    return
+                job_id = started.id
+                last_words_at = (
+                    await retrying(backoff, lambda: client.status(job_id))
+                ).output_bytes
+            finally:
+                last_words_known.set()
+            with contextlib.suppress(JobNotRunning):  # it may have ended on its own meanwhile
+                seconds = DEFAULT_STOP_GRACE if grace is None else grace
+                await retrying(backoff, lambda: client.stop(job_id, seconds))
 
-        async def do_stop(client: WorkerClient) -> JobInfo:
-            return await client.stop(job_id, grace=grace)
+        # Ctrl-C is ours from before the job exists: one pressed while it starts stops it too.
+        with trio.open_signal_receiver(_signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
 
-        with contextlib.suppress(JobNotRunning):  # it may have ended on its own meanwhile
-            await call(conn, do_stop, retry=True)
-
-    # Ctrl-C is ours from before the job exists: one pressed while it starts stops it too.
-    with trio.open_signal_receiver(_signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def on_interrupt() -> None:
-                nonlocal interrupted
-                async for _ in signals:
-                    which = f"job {started.id}" if started is not None else "the job"
-                    if interrupted:
+                async def on_interrupt() -> None:
+                    nonlocal interrupted
+                    async for _ in signals:
+                        which = f"job {started.id}" if started is not None else "the job"
+                        if interrupted:
+                            print(
+                                f"trio-worker: leaving; {which} may still be running",
+                                file=sys.stderr,
+                                flush=True,
+                            )
+                            raise KeyboardInterrupt
+                        interrupted = True
+                        sink.mute()  # the notice below stays the last line on the screen
                         print(
-                            f"trio-worker: leaving; {which} may still be running",
+                            f"trio-worker: stopping {which} (Ctrl-C again to leave at once)",
                             file=sys.stderr,
                             flush=True,
                         )
-                        raise KeyboardInterrupt
-                    interrupted = True
-                    print(
-                        f"trio-worker: stopping {which} (Ctrl-C again to leave at once)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    nursery.start_soon(stop_job)
+                        nursery.start_soon(stop_job)
 
-            nursery.start_soon(on_interrupt)
-            try:
-                started = await request.send(conn)
-            finally:
-                job_known.set()
-            if started.state is JobState.FAILED:
+                nursery.start_soon(on_interrupt)
+                try:
+                    started = await request.send(client)
+                finally:
+                    job_known.set()
+                if started.state is JobState.FAILED:
+                    nursery.cancel_scope.cancel()
+                    return _report_failed_start(started)
+                job_id = started.id
+                # Wait is in flight from the start, on the same connection as the output: a
+                # server shutting down finishes calls in flight, so the end still arrives
+                # (a Wait sent after the output ended would meet a closed port).
+                ending: list[JobInfo] = []
+                ended = trio.Event()
+
+                async def wait_for_end() -> None:
+                    ending.append(await retrying(backoff, lambda: client.wait(job_id)))
+                    ended.set()
+
+                nursery.start_soon(wait_for_end)
+                await follow_output(client, job_id, sink, follow=True, backoff=backoff)
+                await ended.wait()
+                final = ending[0]
+                if interrupted:
+                    await last_words_known.wait()
                 nursery.cancel_scope.cancel()
-                return _report_failed_start(started)
-            job_id = started.id
-            await follow_output(conn, job_id, OutputSink(), follow=True, retry_first=True)
-
-            async def do_wait(client: WorkerClient) -> JobInfo:
-                return await client.wait(job_id)
-
-            final = await call(conn, do_wait, retry=True)
-            nursery.cancel_scope.cancel()
-    if interrupted:
-        return ExitCode.INTERRUPTED
-    code, note = job_exit(final)
+            if interrupted:
+                if last_words_at is not None:
+                    begin = max(last_words_at, final.output_bytes - _LAST_WORDS_BYTES)
+                    await follow_output(
+                        client, job_id, OutputSink(begin), follow=False, backoff=backoff
+                    )
+                return ExitCode.INTERRUPTED
+        code, note = job_exit(final)
+        # A job killed by a signal is said by the exit code alone, as a shell does, unless
+        # it was the server going away: then that is why the job ended.
+        killed = final.state is JobState.KILLED and note is None
+        if killed and await _server_going_away(client, final.id):
+            name = _parse.signal_name(final.signal or 0)
+            note = f"job {final.id} was killed by {name}: the server is shutting down"
     if note:
         print(f"trio-worker: {note}", file=sys.stderr, flush=True)
     return code
+
+
+async def _server_going_away(client: WorkerClient, job_id: str) -> bool:
+    """Whether the server is shutting down (it stops every job then): a quick Status."""
+    with trio.move_on_after(2):
+        try:
+            await client.status(job_id)
+        except (ShuttingDown, ConnectionFailed):
+            return True
+        except TrioWorkerError:
+            pass
+    return False
 
 
 async def status(
@@ -293,12 +423,8 @@ async def status(
         Print one JSON object (keys id, owner, command, args, state, pid, exit_code,
         signal, error, started_at, ended_at, output_bytes, oom_killed, limits, isolation).
     """
-    conn = _connection(options)
-
-    async def do_status(client: WorkerClient) -> JobInfo:
-        return await client.status(job_id)
-
-    info = await call(conn, do_status)
+    async with open_client(_connection(options)) as client:
+        info = await client.status(await IdResolver(client)(job_id))
     if as_json:
         dump_json(job_json(info))
     else:
@@ -309,31 +435,62 @@ async def status(
 async def list_jobs(
     *,
     as_json: Annotated[bool, Parameter(name="--json", negative="", show_default=False)] = False,
+    quiet: Annotated[
+        bool, Parameter(name=["--quiet", "-q"], negative="", show_default=False)
+    ] = False,
+    state: Annotated[
+        list[str] | None, Parameter(metavar="STATE", negative="", show_default=False)
+    ] = None,
+    owner: Annotated[str | None, Parameter(metavar="NAME", show_default=False)] = None,
     options: ClientOptions | None = None,
 ) -> int:
     """List the jobs you may see (all of them for readonly and admin, your own for full).
 
+    Newest first.
+
     For example:
 
         trio-worker list
-        trio-worker list --json | jq -r '.[] | select(.state == "running") | .id'
+        trio-worker list --state running --state lost
+        trio-worker rm $(trio-worker list -q --state exited)
+        trio-worker list --json | jq -r '.[] | select(.exit_code != 0) | .id'
 
     Parameters
     ----------
     as_json
         Print a JSON array of objects with the keys of status --json.
+    quiet
+        Print only the ids, one per line.
+    state
+        Only jobs in this state: running, exited, killed, failed or lost (repeat for more).
+    owner
+        Only this owner's jobs (the CN of the certificate that started them).
     """
-    conn = _connection(options)
-
-    async def do_list(client: WorkerClient) -> list[JobInfo]:
-        return await client.list()
-
-    jobs = await call(conn, do_list)
-    if as_json:
+    states = _parse_states(state or [])
+    async with open_client(_connection(options)) as client:
+        jobs = await client.list(states=states, owner=owner)  # filtered by the server
+    if quiet:
+        sys.stdout.write("".join(f"{job.id}\n" for job in jobs))
+        sys.stdout.flush()
+    elif as_json:
         dump_json([job_json(j) for j in jobs])
     else:
         print_jobs(jobs)
     return ExitCode.OK
+
+
+def _parse_states(words: list[str]) -> set[JobState]:
+    states = set()
+    for word in words:
+        for part in word.split(","):
+            try:
+                states.add(JobState(part.strip().lower()))
+            except ValueError:
+                names = ", ".join(s.value for s in JobState)
+                raise InvalidRequest(
+                    "--state", f"{part.strip()!r} is not a state; choose from {names}"
+                ) from None
+    return states
 
 
 async def stop(
@@ -357,12 +514,19 @@ async def stop(
     grace
         Seconds between SIGTERM and SIGKILL. Default: 5.
     """
-    conn = _connection(options)
-
-    async def do_stop(client: WorkerClient) -> JobInfo:
-        return await client.stop(job_id, grace=grace)
-
-    info = await call(conn, do_stop)
+    async with open_client(_connection(options)) as client:
+        full_id = await IdResolver(client)(job_id)
+        try:
+            info = await client.stop(full_id, DEFAULT_STOP_GRACE if grace is None else grace)
+        except JobNotRunning:
+            # Already what was asked for: scripts need no `|| true`.
+            ended = await client.status(full_id)
+            print(
+                f"trio-worker: job {ended.id} had already ended: {describe_state(ended)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return ExitCode.OK
     print(f"{info.id} {describe_state(info)}", flush=True)
     return ExitCode.OK
 
@@ -386,12 +550,8 @@ async def signal(
         number = _parse.parse_signal(signum)
     except ValueError as exc:
         raise InvalidRequest("SIGNAL", str(exc)) from None
-    conn = _connection(options)
-
-    async def do_signal(client: WorkerClient) -> JobInfo:
-        return await client.signal(job_id, number)
-
-    await call(conn, do_signal)
+    async with open_client(_connection(options)) as client:
+        await client.signal(await IdResolver(client)(job_id), number)
     return ExitCode.OK
 
 
@@ -406,16 +566,11 @@ async def wait(job_id: JobId, /, *, options: ClientOptions | None = None) -> int
         trio-worker wait 01JB7ZQ3X5K2M8N4P6R9T0V1W2 && echo succeeded
     """
     conn = _connection(options)
-
-    async def do_wait(client: WorkerClient) -> JobInfo:
-        return await client.wait(job_id)
-
     # The first connection is not retried (a wrong address fails at once), later ones are.
-    async def first_status(client: WorkerClient) -> JobInfo:
-        return await client.status(job_id)
-
-    await call(conn, first_status)
-    final = await call(conn, do_wait, retry=True)
+    async with open_client(conn) as client:
+        full_id = await IdResolver(client)(job_id)
+        await client.status(full_id)
+        final = await retrying(Backoff(conn.addr), lambda: client.wait(full_id))
     code, note = job_exit(final)
     if note:
         print(f"trio-worker: {note}", file=sys.stderr, flush=True)
@@ -430,6 +585,7 @@ async def logs(
         bool, Parameter(name=["--follow", "-f"], negative="", show_default=False)
     ] = False,
     offset: Annotated[Offset, Parameter(show_default=False)] = 0,
+    tail: Annotated[Count | None, Parameter(name=["--tail", "-n"], show_default=False)] = None,
     options: ClientOptions | None = None,
 ) -> int:
     """Print a job's output: its stdout to stdout, its stderr to stderr, bytes unchanged.
@@ -442,6 +598,7 @@ async def logs(
 
         trio-worker logs 01JB7ZQ3X5K2M8N4P6R9T0V1W2
         trio-worker logs -f 01JB7ZQ3X5K2M8N4P6R9T0V1W2
+        trio-worker logs --tail 20 -f 01JB7Z
         trio-worker logs --offset 1048576 01JB7ZQ3X5K2M8N4P6R9T0V1W2 > rest.log
 
     Parameters
@@ -450,7 +607,43 @@ async def logs(
         Keep streaming until the job has ended.
     offset
         Start at this byte of the job's combined output (0 = the beginning).
+    tail
+        Start at the last N lines instead (of stdout and stderr together).
     """
     conn = _connection(options)
-    await follow_output(conn, job_id, OutputSink(offset), follow=follow)
+    async with open_client(conn) as client:
+        full_id = await IdResolver(client)(job_id)
+        if tail is not None:
+            offset = await _tail_offset(client, full_id, tail)
+        backoff = Backoff(conn.addr)
+        await follow_output(client, full_id, OutputSink(offset), follow=follow, backoff=backoff)
     return ExitCode.OK
+
+
+#: ``logs --tail`` reads this much of the end of the log first, four times more while it
+#: finds too few lines, up to the last bound (past it, the lines start where it does).
+_TAIL_WINDOWS = (64 * 1024, 1024 * 1024, 16 * 1024 * 1024, 64 * 1024 * 1024)
+
+
+async def _tail_offset(client: WorkerClient, job_id: str, lines: int) -> int:
+    """The log offset where the job's last ``lines`` lines begin."""
+    end = (await client.status(job_id)).output_bytes
+    first = end
+    for window in _TAIL_WINDOWS:
+        begin = max(0, end - window)
+        data = bytearray()
+        first = -1
+        async with client.output(job_id, offset=begin, follow=False) as stream:
+            async for chunk in stream:
+                if first < 0:
+                    first = chunk.offset
+                if chunk.offset >= end:
+                    break
+                data += chunk.data[: end - chunk.offset]
+        if first < 0:
+            return begin  # nothing was written
+        # The server keeps nothing before ``first``: the lines cannot start earlier.
+        start = _parse.tail_start(bytes(data), lines, whole=first > begin or begin == 0)
+        if start is not None:
+            return first + start
+    return first

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 
 from .._model import Isolation
@@ -30,6 +30,7 @@ __all__ = [
     "parse_signal",
     "parse_size",
     "signal_name",
+    "tail_start",
 ]
 
 MAX_UINT64 = 2**64 - 1
@@ -132,23 +133,54 @@ def parse_seconds(text: str) -> float:
     return value
 
 
-def parse_env(text: str) -> tuple[str, str]:
-    """``KEY=VALUE`` → (KEY, VALUE); the value may be empty and may contain ``=``."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"{text!r} is not KEY=VALUE; use e.g. --env PATH=/usr/bin:/bin")
+def parse_env(text: str, environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """``KEY=VALUE`` → (KEY, VALUE); the value may be empty and may contain ``=``.
+
+    ``KEY`` alone takes this process's value of KEY (``environ``), as ``docker run -e``
+    does; one that is not set here is an error rather than silently left out.
+    """
     if "\0" in text:
         raise ValueError(f"{text!r} contains a NUL byte, which the environment cannot hold")
+    key, sep, value = text.partition("=")
+    if not key:
+        raise ValueError(f"{text!r} is not KEY=VALUE; use e.g. --env PATH=/usr/bin:/bin")
+    if not sep:
+        here = environ if environ is not None else {}
+        if key not in here:
+            raise ValueError(
+                f"{key!r} is not set here, so there is no value to pass; use KEY=VALUE "
+                "(KEY alone passes this shell's value)"
+            )
+        return key, here[key]
     return key, value
 
 
-def parse_env_pairs(items: Iterable[str]) -> dict[str, str]:
-    """Several ``KEY=VALUE``: a later value for the same key wins, as in ``env(1)``."""
+def parse_env_pairs(
+    items: Iterable[str], environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Several ``KEY=VALUE`` (or ``KEY``): a later value for the same key wins, as in
+    ``env(1)``."""
     result: dict[str, str] = {}
     for item in items:
-        key, value = parse_env(item)
+        key, value = parse_env(item, environ)
         result[key] = value
     return result
+
+
+def tail_start(data: bytes, lines: int, *, whole: bool) -> int | None:
+    """Where the last ``lines`` lines of ``data`` begin (a last line need not end in a
+    newline, as in ``tail``). ``whole``: ``data`` is the start of the log, so fewer lines
+    than asked means all of it; otherwise that is None (read further back)."""
+    if lines <= 0:
+        return len(data)
+    end = len(data) - 1 if data.endswith(b"\n") else len(data)
+    for _ in range(lines):
+        if end <= 0:
+            return 0 if whole else None
+        end = data.rfind(b"\n", 0, end)
+        if end < 0:
+            return 0 if whole else None
+    return end + 1
 
 
 _SIGNAL_HINT = "use a name or number, e.g. TERM, SIGTERM or 15"

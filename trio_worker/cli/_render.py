@@ -3,26 +3,36 @@
 The JSON keys are the contract's: ``id``, ``owner``, ``command``, ``args``, ``state``
 (lower-case), ``pid``, ``exit_code``, ``signal``, ``error``, ``started_at``, ``ended_at``
 (RFC 3339, UTC, or null), ``output_bytes``, ``oom_killed``, ``limits``, ``isolation``.
+
+For people: sizes in binary units (``2.9 MiB``), durations and ages (``3m12s``, ``5m ago``),
+every time in one format with its zone (``2026-12-01 15:50:14 UTC``), ``list`` cut to the
+terminal's width (80 columns when it is not a terminal; the command is shortened with …),
+and states coloured on a terminal unless ``NO_COLOR`` is set.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import os
 import shlex
+import shutil
 import sys
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 from .._model import Isolation, JobInfo, JobState, Limits
-from ._errors import ExitCode
+from ._exit import ExitCode
 from ._parse import format_size, signal_name
 
 __all__ = [
     "describe_isolation",
     "describe_limits",
     "describe_state",
+    "format_time",
+    "human_duration",
+    "human_size",
     "job_exit",
     "job_json",
     "print_fields",
@@ -83,21 +93,92 @@ def dump_json(value: Any) -> None:
 # --- for people ---------------------------------------------------------------------
 
 
-def print_fields(rows: Iterable[tuple[str, str]]) -> None:
+def human_size(value: int) -> str:
+    """``1536`` → ``1.5 KiB``: three significant figures at most, binary multiples."""
+    if value < 1024:
+        return f"{value} B"
+    size = float(value)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        size /= 1024
+        if size < 1024 or unit == "PiB":
+            break
+    return f"{size:.1f} {unit}" if size < 10 else f"{size:.0f} {unit}"
+
+
+def human_duration(seconds: float) -> str:
+    """``0.25`` → ``250ms``, ``75`` → ``1m15s``, ``7322`` → ``2h02m``, ``200000`` → ``2d07h``."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def colours_on(stream: TextIO) -> bool:
+    """Colour only for a person at a terminal that can show it (https://no-color.org)."""
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    return stream.isatty()
+
+
+#: A table cell: its text, and the ANSI SGR code to show it in ("" for none).
+Cell = tuple[str, str]
+
+
+def _paint(text: str, sgr: str, colours: bool) -> str:
+    return f"\x1b[{sgr}m{text}\x1b[0m" if colours and sgr else text
+
+
+def print_fields(rows: Iterable[tuple[str, str | Cell]]) -> None:
     """Label and value pairs, the values aligned (``status``, ``certs show``)."""
-    rows = list(rows)
-    width = max((len(label) for label, _ in rows), default=0)
-    sys.stdout.write("".join(f"{label:<{width}}  {value}".rstrip() + "\n" for label, value in rows))
+    colours = colours_on(sys.stdout)
+    cells = [(label, value if isinstance(value, tuple) else (value, "")) for label, value in rows]
+    width = max((len(label) for label, _ in cells), default=0)
+    sys.stdout.write(
+        "".join(
+            f"{label:<{width}}  {_paint(text, sgr, colours)}".rstrip() + "\n"
+            for label, (text, sgr) in cells
+        )
+    )
     sys.stdout.flush()
 
 
-def print_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
-    """Columns aligned with two spaces between them, no padding after the last."""
-    rows = [list(row) for row in rows]
-    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+def print_table(
+    headers: Sequence[str],
+    rows: Iterable[Sequence[str | Cell]],
+    *,
+    fit: int | None = None,
+) -> None:
+    """Columns aligned with two spaces between them, no padding after the last. ``fit``:
+    the column to shorten (with …) so that rows fit the terminal's width."""
+    colours = colours_on(sys.stdout)
+    table: list[list[Cell]] = [
+        [cell if isinstance(cell, tuple) else (cell, "") for cell in row] for row in rows
+    ]
+    widths = [max([len(h)] + [len(row[i][0]) for row in table]) for i, h in enumerate(headers)]
+    if fit is not None:
+        columns = shutil.get_terminal_size((80, 24)).columns
+        others = sum(w for i, w in enumerate(widths) if i != fit) + 2 * (len(widths) - 1)
+        room = max(columns - others, len(headers[fit]), 12)
+        if widths[fit] > room:
+            widths[fit] = room
+            for row in table:
+                text, sgr = row[fit]
+                if len(text) > room:
+                    row[fit] = (text[: room - 1] + "…", sgr)
     lines = []
-    for row in [list(headers), *rows]:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+    for row in [[(h, "1") for h in headers], *table]:
+        cells = [
+            _paint(text, sgr, colours) + " " * (width - len(text))
+            for (text, sgr), width in zip(row, widths, strict=True)
+        ]
         lines.append("  ".join(cells).rstrip() + "\n")
     sys.stdout.write("".join(lines))
     sys.stdout.flush()
@@ -112,6 +193,43 @@ def describe_state(job: JobInfo) -> str:
             return f"killed ({name}{', out of memory' if job.oom_killed else ''})"
         case _:
             return str(job.state.value)
+
+
+def state_cell(job: JobInfo) -> Cell:
+    """The state in words and its colour: cyan running, green success, red failure,
+    yellow stopped by a signal, magenta lost."""
+    text = describe_state(job)
+    match job.state:
+        case JobState.RUNNING:
+            return text, "36"
+        case JobState.EXITED:
+            return text, "32" if job.exit_code == 0 else "31"
+        case JobState.KILLED:
+            return text, "31" if job.oom_killed else "33"
+        case JobState.FAILED:
+            return text, "31"
+        case _:
+            return text, "35"
+
+
+def format_time(moment: datetime | None) -> str:
+    """``2026-12-01 15:50:14 UTC``: local time, with its zone; the one format for people."""
+    if moment is None:
+        return "-"
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def age(moment: datetime, now: datetime | None = None) -> str:
+    """``5s ago``, ``3m ago``, ``2h ago``, ``4d ago``: one unit, for a column."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    seconds = max(0, int(((now or datetime.now(UTC)) - moment).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
 
 
 def describe_limits(limits: Limits) -> str:
@@ -134,27 +252,45 @@ def describe_isolation(isolation: Isolation) -> str:
     return ",".join(names) or "none"
 
 
-def _when(moment: datetime | None) -> str:
-    if moment is None:
-        return "-"
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
 def _command_line(job: JobInfo) -> str:
     return shlex.join([job.command, *job.args])
 
 
+def _usage(job: JobInfo) -> tuple[str, str]:
+    """(CPU, peak memory) in words, or "-" where the host measured nothing."""
+    usage = job.usage
+    if usage is None:
+        return "-", "-"
+    cpu = human_duration(usage.cpu_seconds) if usage.cpu_seconds else "0s"
+    peak = human_size(usage.memory_peak_bytes) if usage.memory_peak_bytes else "-"
+    return cpu, peak
+
+
 def print_job(job: JobInfo) -> None:
     """``status``: one job, a field per line."""
-    rows = [
+    now = datetime.now(UTC)
+    started = f"{format_time(job.started_at)} ({age(job.started_at, now)})"
+    if job.ended_at is not None:
+        ran = human_duration((job.ended_at - job.started_at).total_seconds())
+        ended = f"{format_time(job.ended_at)} (ran {ran})"
+    else:
+        ended = "-"
+    output = human_size(job.output_bytes)
+    if job.output_start:
+        output += f" (the first {human_size(job.output_start)} no longer kept)"
+    cpu, peak = _usage(job)
+    rows: list[tuple[str, str | Cell]] = [
         ("ID", job.id),
-        ("Owner", job.owner or "-"),
         ("Command", _command_line(job)),
-        ("State", describe_state(job)),
+        ("State", state_cell(job)),
+        ("User", job.user or "-"),
+        ("Owner", job.owner or "-"),
         ("PID", str(job.pid) if job.pid else "-"),
-        ("Started", _when(job.started_at)),
-        ("Ended", _when(job.ended_at)),
-        ("Output", f"{job.output_bytes} bytes"),
+        ("Started", started),
+        ("Ended", ended),
+        ("Output", output),
+        ("CPU", cpu),
+        ("Peak memory", peak),
         ("Limits", describe_limits(job.limits)),
         ("Isolation", describe_isolation(job.isolation)),
     ]
@@ -163,22 +299,23 @@ def print_job(job: JobInfo) -> None:
     print_fields(rows)
 
 
-def print_jobs(jobs: Iterable[JobInfo]) -> None:
-    """``list``: one job per row, columns aligned."""
-    print_table(
-        ("ID", "OWNER", "STATE", "PID", "STARTED", "COMMAND"),
-        (
-            (
-                job.id,
-                job.owner or "-",
-                describe_state(job),
-                str(job.pid) if job.pid else "-",
-                _when(job.started_at),
-                _command_line(job),
-            )
-            for job in jobs
-        ),
-    )
+def print_jobs(jobs: Sequence[JobInfo]) -> None:
+    """``list``: one job per row, newest first, fitted to the terminal's width; OWNER only
+    when the jobs have more than one."""
+    now = datetime.now(UTC)
+    owners = len({job.owner for job in jobs}) > 1
+    headers = ["ID", *(["OWNER"] if owners else []), "STATE", "STARTED", "COMMAND"]
+    rows: list[list[str | Cell]] = [
+        [
+            job.id,
+            *([job.owner or "-"] if owners else []),
+            state_cell(job),
+            age(job.started_at, now),
+            _command_line(job),
+        ]
+        for job in jobs
+    ]
+    print_table(headers, rows, fit=len(headers) - 1)
 
 
 # --- the exit code of run and wait --------------------------------------------------

@@ -21,7 +21,7 @@ from cyclopts import Parameter
 from .._errors import InvalidRequest
 from .._tls import TLSConfigError
 from ._app import Seconds
-from ._errors import ExitCode
+from ._errors import ExitCode, LocalConfigError, leaf_exception
 from ._settings import DEFAULT_ADDR, default_state_dir, resolve_state_dir
 
 if TYPE_CHECKING:
@@ -182,6 +182,16 @@ def serve(
         crl=crl.expanduser() if crl is not None else None,
         quotas=_quotas(max_running, start_rate),
     )
-    trio.run(_serve, settings, dev)
+    from .._net._transport import ListenError
+
+    try:
+        trio.run(_serve, settings, dev)
+    except BaseException as exc:
+        cause = leaf_exception(exc)
+        if isinstance(cause, ListenError):  # a setting of this host, not a bug: exit 3
+            raise LocalConfigError(
+                f"{cause}; choose another --listen address (port 0 picks a free one)"
+            ) from exc
+        raise
     print("trio-worker: server stopped", file=sys.stderr, flush=True)
     return ExitCode.OK

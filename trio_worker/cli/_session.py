@@ -1,10 +1,12 @@
-"""Talking to the server from a command: connections, retries, and following output.
+"""Talking to the server from a command: one connection, retries, and following output.
 
-Each call opens its own connection in its own ``async with`` block, so a connection that
-breaks can be replaced without unwinding anything else the command has open. Commands
-that would otherwise lose work when the connection drops (``logs -f``, ``run``) retry with
-backoff for a bounded time; the first connection of a command is never retried, because a
-wrong address or certificate is far likelier than a blip.
+A command opens one client (:func:`open_client`) and makes every call on it: ``run`` starts
+the job, follows its output and waits for its end on one connection, one TLS handshake.
+When that connection is lost, the client dials a new one on the next call; commands that
+would otherwise lose work (``logs -f``, ``run``, ``wait``) retry with backoff for a bounded
+time (:class:`Backoff`), and say so: one line on stderr when the connection is lost, one
+when it is back. The first connection of a command is never retried, because a wrong
+address or certificate is far likelier than a blip.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ if TYPE_CHECKING:
 __all__ = [
     "Backoff",
     "OutputSink",
-    "call",
     "follow_output",
     "only_connection_failed",
     "open_client",
+    "retrying",
 ]
 
 T = TypeVar("T")
@@ -45,6 +47,7 @@ CONNECT_TIMEOUT = 10.0
 
 @asynccontextmanager
 async def open_client(conn: Connection) -> AsyncIterator[WorkerClient]:
+    """The command's one client; it dials again by itself after a lost connection."""
     from ..client import connect  # imported when needed: serve and certs start faster
 
     async with connect(
@@ -68,20 +71,31 @@ def only_connection_failed(exc: BaseException) -> ConnectionFailed | None:
     return None
 
 
-#: A connection that stayed up this long counts as regained, even if no byte came.
-_STABLE_AFTER = 5.0
+def _say(line: str) -> None:
+    print(f"trio-worker: {line}", file=sys.stderr, flush=True)
 
 
 class Backoff:
     """Exponential backoff (0.1 s doubling to 2 s) for at most ``budget`` seconds from the
-    first failure of a run of failures; ``progress()`` ends the run."""
+    first failure of a run of failures; ``progress()`` ends the run.
 
-    def __init__(self, budget: float = RECONNECT_FOR) -> None:
+    The first failure of a run prints one line (lost, reconnecting), ``progress()`` after
+    failures one more (reconnected): a person sees why the command went quiet.
+    """
+
+    def __init__(self, addr: str, budget: float = RECONNECT_FOR) -> None:
+        self.addr = addr
         self.budget = budget
         self._delay = 0.1
         self._since: float | None = None
 
-    def progress(self) -> None:
+    @property
+    def failing(self) -> bool:
+        return self._since is not None
+
+    def progress(self, resumed: str = "") -> None:
+        if self._since is not None:
+            _say(f"reconnected to {self.addr}{resumed}")
         self._delay = 0.1
         self._since = None
 
@@ -90,6 +104,10 @@ class Backoff:
         now = trio.current_time()
         if self._since is None:
             self._since = now
+            _say(
+                f"lost the connection to {self.addr} ({error}); reconnecting for up to "
+                f"{math.ceil(self.budget)} s"
+            )
         elapsed = now - self._since
         if elapsed + self._delay > self.budget:
             raise ConnectionFailed(
@@ -101,21 +119,20 @@ class Backoff:
         self._delay = min(self._delay * 2, 2.0)
 
 
-async def call(
-    conn: Connection, fn: Callable[[WorkerClient], Awaitable[T]], *, retry: bool = False
-) -> T:
-    """``fn(client)`` on a fresh connection; with ``retry``, again on a new one while the
-    connection fails (for idempotent calls: status, wait, stop)."""
-    backoff = Backoff()
+async def retrying(backoff: Backoff, fn: Callable[[], Awaitable[T]]) -> T:
+    """``fn()``, again while the connection fails (for idempotent calls: status, wait,
+    stop); the client underneath dials a new connection for each attempt."""
     while True:
         try:
-            async with open_client(conn) as client:
-                return await fn(client)
+            result = await fn()
         except BaseException as exc:
             failed = only_connection_failed(exc)
-            if failed is None or not retry:
+            if failed is None:
                 raise
             await backoff.wait(failed)
+            continue
+        backoff.progress()
+        return result
 
 
 class OutputSink:
@@ -124,6 +141,7 @@ class OutputSink:
 
     It counts the log offset it has written up to, and skips bytes it has already written
     when a resumed stream replays them: nothing is lost or repeated across reconnects.
+    ``mute()`` stops the printing at once (the first Ctrl-C of ``run``).
     """
 
     def __init__(
@@ -137,6 +155,10 @@ class OutputSink:
         self._out = stdout if stdout is not None else sys.stdout.buffer
         self._err = stderr if stderr is not None else sys.stderr.buffer
         self._gap_reported = False
+        self.muted = False
+
+    def mute(self) -> None:
+        self.muted = True
 
     def write(self, chunk: OutputChunk) -> None:
         data = chunk.data
@@ -151,41 +173,39 @@ class OutputSink:
                 self.offset,
                 chunk.offset,
             )
+        self.offset = chunk.end
+        if self.muted:
+            return
         target = self._err if chunk.stream is OutputStream.STDERR else self._out
         target.write(data)
         target.flush()
-        self.offset = chunk.end
 
 
 async def follow_output(
-    conn: Connection,
+    client: WorkerClient,
     job_id: str,
     sink: OutputSink,
     *,
     follow: bool,
-    retry_first: bool = False,
+    backoff: Backoff,
 ) -> None:
     """Copy the job's output from ``sink.offset`` into ``sink``; with ``follow``, until
     the job has ended. A dropped connection is replaced and the stream resumed from the
-    last byte written. ``retry_first``: also retry if the first connection fails (the
-    caller has already talked to this server)."""
-    backoff = Backoff()
-    connected_once = retry_first
+    last byte written."""
     while True:
-        connected_at: float | None = None
         try:
-            async with open_client(conn) as client:
-                connected_once = True
-                connected_at = trio.current_time()
-                async with client.output(job_id, offset=sink.offset, follow=follow) as stream:
-                    async for chunk in stream:
-                        sink.write(chunk)
-                        backoff.progress()
-                return
+            if backoff.failing:
+                # Back? A status call says so (and that the job is still there) before
+                # the stream, which may stay silent for as long as the job does.
+                await client.status(job_id)
+                backoff.progress(f"; resuming the output at byte {sink.offset}")
+            async with client.output(job_id, offset=sink.offset, follow=follow) as stream:
+                async for chunk in stream:
+                    sink.write(chunk)
+                    backoff.progress()
+            return
         except BaseException as exc:
             failed = only_connection_failed(exc)
-            if failed is None or not connected_once:
+            if failed is None:
                 raise
-            if connected_at is not None and trio.current_time() - connected_at >= _STABLE_AFTER:
-                backoff.progress()
             await backoff.wait(failed)

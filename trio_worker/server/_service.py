@@ -10,7 +10,11 @@ INTERNAL without details.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import trio
 
@@ -25,12 +29,14 @@ from .._convert import (
 from .._errors import (
     InvalidRequest,
     JobNotFound,
+    JobNotRunning,
     TrioWorkerError,
 )
 from .._identity import Identity
 from .._jobs._supervisor import Supervisor
 from .._model import JobInfo
 from .._net._transport import (
+    BidiTaskMethod,
     CallContext,
     RpcError,
     StreamMethod,
@@ -104,6 +110,8 @@ class WorkerService:
             path("Wait"): UnaryMethod(pb.WaitRequest, pb.Job, self.wait),
             path("List"): SyncUnaryMethod(pb.ListRequest, pb.ListResponse, self.list),
             path("Output"): StreamMethod(pb.OutputRequest, pb.OutputChunk, self.output),
+            path("Remove"): UnaryMethod(pb.RemoveRequest, pb.Job, self.remove),
+            path("Attach"): BidiTaskMethod(pb.AttachRequest, pb.AttachResponse, self.attach),
         }
 
     # -- helpers --------------------------------------------------------------
@@ -131,6 +139,9 @@ class WorkerService:
                     limits=limits_from_pb(request.limits),
                     isolation=isolation_from_pb(request.isolation),
                     owner=ctx.identity.name,
+                    stdin=request.stdin,
+                    tty=request.tty,
+                    terminal_size=_terminal_size(request),
                 )
         except TrioWorkerError as exc:
             raise rpc_error(exc) from None
@@ -155,6 +166,15 @@ class WorkerService:
             authorize(ctx.identity, Op.SIGNAL)
             self._visible(request.id, ctx.identity)
             info = await self._sup.signal(request.id, request.signal)
+        except TrioWorkerError as exc:
+            raise rpc_error(exc) from None
+        return job_to_pb(info)
+
+    async def remove(self, request: pb.RemoveRequest, ctx: CallContext) -> pb.Job:
+        try:
+            authorize(ctx.identity, Op.REMOVE)
+            self._visible(request.id, ctx.identity)
+            info = await self._sup.remove(request.id, force=request.force)
         except TrioWorkerError as exc:
             raise rpc_error(exc) from None
         return job_to_pb(info)
@@ -207,5 +227,146 @@ class WorkerService:
             )
         except TrioWorkerError as exc:
             raise rpc_error(exc) from None
-        async for chunk in reader:
-            yield chunk_to_pb(chunk)
+        try:
+            async for chunk in reader:
+                yield chunk_to_pb(chunk)
+        except TrioWorkerError as exc:  # JobNotFound comes at the first chunk
+            raise rpc_error(exc) from None
+
+    async def attach(
+        self,
+        requests: AsyncIterator[pb.AttachRequest],
+        send: Callable[[pb.AttachResponse], Awaitable[None]],
+        ctx: CallContext,
+    ) -> None:
+        """One job, interactively: its output from the open's offset, followed live, then
+        ``ended``; meanwhile the caller's stdin, close_stdin and resize, in order.
+
+        A request is taken from the stream only once the one before it is done (a stdin
+        write completes when the job has read it), so a job that does not read holds its
+        writer back through HTTP/2 flow control: the server keeps at most one stream
+        window and one message per attached caller. Cancelling (the caller detaching)
+        leaves the job running.
+        """
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            raise rpc_error(InvalidRequest("open", "no message came")) from None
+        if first.WhichOneof("event") != "open":
+            raise rpc_error(InvalidRequest("open", "must be the first message"))
+        job_id = first.open.id
+        try:
+            authorize(ctx.identity, Op.OUTPUT)
+            self._visible(job_id, ctx.identity)
+            reader = self._sup.output(job_id, first.open.offset, True, chunk_size=self._chunk)
+        except TrioWorkerError as exc:
+            raise rpc_error(exc) from None
+
+        typed = _Typed()
+
+        async def forward_output(done: trio.CancelScope) -> None:
+            try:
+                async for chunk in reader:
+                    await send(pb.AttachResponse(output=chunk_to_pb(chunk)))
+                final = self._sup.status(job_id)
+            except TrioWorkerError as exc:  # JobNotFound: removed meanwhile (Remove, force)
+                raise rpc_error(exc) from None
+            await send(pb.AttachResponse(ended=job_to_pb(final)))
+            done.cancel()  # the job has ended: input means nothing any more
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(forward_output, nursery.cancel_scope)
+                await self._take_input(job_id, requests, ctx, typed)
+        except BaseExceptionGroup as group:
+            # Our tasks raise RpcError only: let the call end with it, not a group.
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], RpcError):
+                raise group.exceptions[0] from None
+            raise
+        finally:
+            if typed.any:
+                typed.audit(ctx, job_id)
+
+    async def _take_input(
+        self,
+        job_id: str,
+        requests: AsyncIterator[pb.AttachRequest],
+        ctx: CallContext,
+        typed: _Typed,
+    ) -> None:
+        """Apply the caller's input events one at a time, in arrival order."""
+        may_write = False
+        async for request in requests:
+            kind = request.WhichOneof("event")
+            if kind == "open":
+                raise rpc_error(InvalidRequest("open", "may only be sent once"))
+            if kind is None:
+                continue  # an empty message (or a newer event we do not know): nothing to do
+            try:
+                if not may_write:
+                    authorize(ctx.identity, Op.STOP)  # readonly may watch, not type
+                    self._visible(job_id, ctx.identity)
+                    may_write = True
+                if kind == "stdin":
+                    typed.stdin_bytes += len(request.stdin)
+                    await self._sup.write_stdin(job_id, request.stdin)
+                elif kind == "close_stdin":
+                    if request.close_stdin:
+                        typed.closed_stdin = True
+                        await self._sup.close_stdin(job_id)
+                elif kind == "resize":
+                    typed.resizes += 1
+                    await self._sup.resize(job_id, request.resize.rows, request.resize.cols)
+            except JobNotRunning:
+                # It ended meanwhile: the output side sends ``ended`` and closes the stream.
+                await trio.sleep_forever()
+            except TrioWorkerError as exc:
+                raise rpc_error(exc) from None
+        # The caller half-closed: it only watches from now on; the output goes on.
+        await trio.sleep_forever()
+
+
+_audit = logging.getLogger("trio_worker.audit")
+
+
+@dataclass
+class _Typed:
+    """What one attached caller sent a job: one audit line when the Attach ends, so the
+    log says who typed into which job (never what they typed)."""
+
+    stdin_bytes: int = 0
+    closed_stdin: bool = False
+    resizes: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.stdin_bytes or self.closed_stdin or self.resizes)
+
+    def audit(self, ctx: CallContext, job_id: str) -> None:
+        identity = ctx.identity
+        _audit.info(
+            json.dumps(
+                {
+                    "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                    "event": "attach",
+                    "peer": ctx.peer,
+                    "identity": identity.name,
+                    "role": identity.role.value if identity.role else None,
+                    "job_id": job_id,
+                    "stdin_bytes": self.stdin_bytes,
+                    "closed_stdin": self.closed_stdin,
+                    "resizes": self.resizes,
+                },
+                separators=(",", ":"),
+            )
+        )
+
+
+def _terminal_size(request: pb.StartRequest) -> tuple[int, int] | None:
+    """The tty's first size, None for the default (or a job without a terminal)."""
+    if not request.tty or not request.HasField("terminal_size"):
+        return None
+    size = request.terminal_size
+    if size.rows == 0 and size.cols == 0:
+        return None
+    return size.rows, size.cols

@@ -1,0 +1,287 @@
+"""The job commands a docker user reaches for: rm, prune, id prefixes, list filters, tails.
+
+Against one development server in a subprocess (``tests.test_cli``'s helpers), each call a
+real console script in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import (
+    COMMAND,
+    DevServer,
+    ServerProcess,
+    assert_one_line_error,
+    clean_env,
+    cli,
+    ok,
+    own_cgroup,
+)
+from trio_worker import ConnectionFailed, pki
+from trio_worker.cli._errors import describe
+
+__all__ = ["COMMAND"]
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
+    home = tmp_path_factory.mktemp("home")
+    env = clean_env(home)
+    server = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(home)], env)
+    try:
+        port = server.port()
+        server.wait_for(r"^Try it", stream="stdout")
+        yield DevServer(server, home, env, port)
+    finally:
+        assert server.stop() == 0, server.stderr
+
+
+def start(dev: DevServer, *command: str) -> str:
+    return ok(dev("start", "--", *command)).decode().strip()
+
+
+def ids(dev: DevServer) -> set[str]:
+    return {job["id"] for job in json.loads(ok(dev("list", "--json")))}
+
+
+def test_rm_removes_ended_jobs_and_their_output(dev: DevServer) -> None:
+    job_id = start(dev, "sh", "-c", "echo bye")
+    ok(dev("wait", job_id))
+    directory = dev.state_dir / "jobs" / job_id
+    assert (directory / "output.log").read_bytes() == b"bye\n"
+    assert ok(dev("rm", job_id)).decode() == f"{job_id}\n"
+    assert not directory.exists()
+    assert job_id not in ids(dev)
+    assert_one_line_error(dev("status", job_id), 6)
+    assert_one_line_error(dev("rm", job_id), 6)
+
+
+def test_rm_refuses_a_running_job_unless_forced(dev: DevServer) -> None:
+    job_id = start(dev, "sleep", "300")
+    err = assert_one_line_error(dev("rm", job_id), 12)
+    assert "still running" in err
+    assert "rm -f" in err
+    assert job_id in ids(dev)
+    assert ok(dev("rm", "-f", job_id)).decode() == f"{job_id}\n"
+    assert job_id not in ids(dev)
+
+
+def test_rm_goes_on_past_ids_it_cannot_remove(dev: DevServer) -> None:
+    done = start(dev, "true")
+    ok(dev("wait", done))
+    result = dev("rm", "01ARZ3NDEKTSV4RRFFQ69G5FAV", done)
+    assert result.returncode == 6
+    assert result.stdout.decode() == f"{done}\n"
+    assert result.stderr.decode().count("\n") == 1
+
+
+def test_prune_removes_every_ended_job_and_says_how_much(dev: DevServer) -> None:
+    running = start(dev, "sleep", "300")
+    ended = [start(dev, "sh", "-c", "head -c 3000 /dev/zero") for _ in range(3)]
+    for job_id in ended:
+        ok(dev("wait", job_id))
+    out = ok(dev("prune")).decode()
+    match = re.fullmatch(r"Removed (\d+) ended jobs?, (.+) of output\.\n", out)
+    assert match is not None, out
+    assert int(match[1]) >= 3
+    assert ids(dev) == {running}
+    assert not any((dev.state_dir / "jobs" / job_id).exists() for job_id in ended)
+    assert ok(dev("prune")).decode() == "Removed 0 ended jobs, 0 B of output.\n"
+    ok(dev("rm", "-f", running))
+
+
+def test_ids_take_unique_prefixes_in_any_case(dev: DevServer) -> None:
+    first = start(dev, "sleep", "300")
+    second = start(dev, "sleep", "300")
+    common = next(i for i, (a, b) in enumerate(zip(first, second, strict=True)) if a != b)
+    assert common < 26
+    # The shortest unique prefix of each, lower-cased, works wherever an id is taken.
+    for job_id in (first, second):
+        prefix = job_id[: common + 1].lower()
+        status = json.loads(ok(dev("status", "--json", prefix)))
+        assert status["id"] == job_id
+    err = assert_one_line_error(dev("status", first[:common].lower()), 2)
+    assert re.search(r"matches [2-9] jobs", err), err
+    ok(dev("stop", second[: common + 1]))
+    ok(dev("rm", "-f", first[: common + 1].lower(), second))
+    assert_one_line_error(dev("status", "zzzz"), 6)
+
+
+def test_list_quiet_state_and_owner_filters(dev: DevServer) -> None:
+    running = start(dev, "sleep", "300")
+    exited = start(dev, "true")
+    ok(dev("wait", exited))
+    quiet = ok(dev("list", "-q")).decode().splitlines()
+    assert {running, exited} <= set(quiet)
+    assert quiet == sorted(quiet, reverse=True)  # newest first
+    assert running in ok(dev("list", "-q", "--state", "running")).decode().split()
+    assert exited not in ok(dev("list", "-q", "--state", "RUNNING")).decode().split()
+    both = ok(dev("list", "-q", "--state", "running", "--state", "exited")).decode().split()
+    assert {running, exited} <= set(both)
+    assert ok(dev("list", "-q", "--owner", "nobody-here")) == b""
+    assert running in ok(dev("list", "-q", "--owner", "admin")).decode().split()
+    err = assert_one_line_error(dev("list", "--state", "sleeping"), 2)
+    assert "'sleeping' is not a state" in err
+    ok(dev("rm", "-f", running, exited))
+
+
+def test_logs_tail_prints_the_last_lines(dev: DevServer) -> None:
+    job_id = start(dev, "sh", "-c", "seq 1 100000; printf 'no newline'")
+    ok(dev("wait", job_id))
+    assert ok(dev("logs", "--tail", "3", job_id)) == b"99999\n100000\nno newline"
+    assert ok(dev("logs", "-n", "1", job_id)) == b"no newline"
+    assert ok(dev("logs", "--tail", "0", job_id)) == b""
+    assert ok(dev("logs", "--tail", "200000", job_id)) == ok(dev("logs", job_id))
+
+
+def test_env_name_alone_passes_the_client_value(dev: DevServer) -> None:
+    env = {**dev.env, "FROM_CLIENT": "client value"}
+    result = cli(
+        "run",
+        "--addr",
+        dev.addr,
+        "-e",
+        "FROM_CLIENT",
+        "--",
+        "sh",
+        "-c",
+        'echo "$FROM_CLIENT"',
+        env=env,
+    )
+    assert ok(result) == b"client value\n"
+
+
+def test_stop_of_an_ended_job_exits_0_and_says_so(dev: DevServer) -> None:
+    job_id = start(dev, "true")
+    ok(dev("wait", job_id))
+    result = dev("stop", job_id)
+    assert result.returncode == 0
+    assert result.stdout == b""
+    assert result.stderr.decode() == f"trio-worker: job {job_id} had already ended: exited (0)\n"
+
+
+def test_first_ctrl_c_on_run_stops_printing_at_once(dev: DevServer) -> None:
+    """A job printing faster than the terminal: after Ctrl-C, the backlog is not printed,
+    only what the job wrote while it stopped (its last words)."""
+    script = (
+        "trap 'echo; echo got TERM; exit 3' TERM; echo ready; "
+        "while :; do echo xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; done"
+    )
+    proc = subprocess.Popen(
+        [*COMMAND, "run", "--addr", dev.addr, "--", "sh", "-c", script],
+        env=dev.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    before = 0
+    while before < 4 * 1024 * 1024:  # well into the flood
+        before += len(proc.stdout.read1(1 << 20))
+    proc.send_signal(signal.SIGINT)
+    after, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert after.endswith(b"\ngot TERM\n")
+    # What was already on its way out (pipes, one chunk) is all; the backlog on the server
+    # and in the client's buffers (megabytes) never is printed.
+    assert len(after) < 512 * 1024, len(after)
+    assert err.decode().splitlines()[-1].startswith("trio-worker: stopping job")
+
+
+def test_tls_failures_say_what_is_wrong(dev: DevServer, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    pki.init_ca(other)
+    dev_pki = dev.state_dir / "pki"
+    admin = ["--cert", dev_pki / "admin.pem", "--key", dev_pki / "admin.key"]
+    wrong_ca = cli("list", "--addr", dev.addr, "--ca", other / "ca.pem", *admin, env=dev.env)
+    assert "not from --ca" in assert_one_line_error(wrong_ca, 4)
+
+    with socket.create_server(("127.0.0.1", 0)) as plain:  # answers like an HTTP server
+
+        def answer() -> None:
+            conn, _ = plain.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        addr = f"127.0.0.1:{plain.getsockname()[1]}"
+        result = cli("list", "--addr", addr, env=dev.env)
+        thread.join(10)
+    err = assert_one_line_error(result, 4)
+    assert "does not speak TLS" in err
+    assert "not a trio-worker server" in err
+
+
+@pytest.mark.parametrize(
+    ("message", "hint"),
+    [
+        ("TLS handshake with h:1 timed out after 10 s", "never answered TLS"),
+        ("TLS handshake with h:1 failed: certificate verify failed: x", "not from --ca"),
+        ("TLS handshake with h:1 failed: the server refused our certificate (x)", "--cert"),
+        ("TLS handshake with h:1 failed: wrong version number", "does not speak TLS"),
+        ("cannot connect to h:1: connection refused", "is the server running there?"),
+    ],
+)
+def test_connection_failures_get_their_own_hint(message: str, hint: str) -> None:
+    failure = describe(ConnectionFailed(message), command="list")
+    assert failure.code == 4
+    assert hint in failure.message
+
+
+def test_a_port_in_use_is_a_configuration_error(dev: DevServer, tmp_path: Path) -> None:
+    result = cli(
+        "serve", "--listen", dev.addr, "--state-dir", tmp_path / "state", env=dev.env, timeout=60
+    )
+    err = assert_one_line_error(result, 3)
+    assert "already in use" in err
+    assert "bug" not in err
+
+
+def test_server_validation_errors_name_the_option(dev: DevServer) -> None:
+    err = assert_one_line_error(dev("start", "--memory", "1", "--", "true"), 2)
+    assert err.startswith("trio-worker: error: --memory: ")
+    assert "limits." not in err
+    err = assert_one_line_error(dev("start", "--cwd", "/no/such/dir", "--", "true"), 2)
+    assert err.startswith("trio-worker: error: --cwd: ")
+
+
+def test_debug_shows_our_tracebacks_and_nothing_of_http2(dev: DevServer) -> None:
+    result = dev("status", "--debug", "01ARZ3NDEKTSV4RRFFQ69G5FAV")
+    err = result.stderr.decode()
+    assert result.returncode == 6
+    assert "Traceback" in err
+    assert not re.search(r"\b(hpack|h2|purerpc)\b", err), err
+
+
+def test_run_ends_promptly_and_says_so_when_the_server_shuts_down(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    server = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(tmp_path)], env)
+    try:
+        addr = f"127.0.0.1:{server.port()}"
+        server.wait_for(r"^Try it", stream="stdout")
+        run = subprocess.Popen(
+            [*COMMAND, "run", "--addr", addr, "--", "sh", "-c", "echo started; sleep 300"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert run.stdout is not None
+        assert run.stdout.readline() == b"started\n"
+        server.proc.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=20)  # not the 60 s of reconnecting
+    finally:
+        server.stop()
+    assert run.returncode == 128 + signal.SIGTERM, err
+    assert err.decode().endswith("was killed by SIGTERM: the server is shutting down\n"), err

@@ -1,0 +1,139 @@
+"""Running out of descriptors during Start: an answer, never a leak (issue 10, step 2).
+
+A supervisor runs in a subprocess whose soft RLIMIT_NOFILE is lowered to just
+above what it uses, so that each Start fails at a different point (log files,
+pipes, cgroup files, pidfd) as the margin grows. After every attempt the
+process must hold the same descriptors, job directories and cgroups as before
+a failed Start, and List/Status must keep working for every job.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import require_root
+
+REPO = Path(__file__).resolve().parent.parent
+
+_SCRIPT = r"""
+import json, os, resource, secrets, sys
+from pathlib import Path
+import trio
+from trio_worker import JobState, ResourceExhausted, open_supervisor
+
+def fds():
+    return sorted(int(n) for n in os.listdir("/proc/self/fd"))
+
+def limit_leaving(free):
+    # The soft limit under which exactly `free` descriptor numbers are unused.
+    used = set(fds())
+    limit = 0
+    while limit - len([fd for fd in used if fd < limit]) < free or limit in used:
+        limit += 1
+    return limit
+
+def cgroups(sup):
+    parents = {d.parent for d in sup.cgroups.job("probe").dirs}
+    return sorted(str(p / n) for p in parents if p.exists() for n in os.listdir(p)
+                  if n.startswith("job-"))
+
+async def main():
+    report = {"refused": 0, "started": 0, "messages": set()}
+    parent = "tw-emfile-" + secrets.token_hex(4)
+    async with open_supervisor(sys.argv[1], cgroup_parent=parent, persist=False) as sup:
+        jobs_dir = Path(sys.argv[1]) / "jobs"
+        keeper = await sup.start("sleep", ["60"])  # one running job throughout
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        for margin in range(0, 28):
+            before = (fds(), sorted(os.listdir(jobs_dir)), cgroups(sup), len(sup.list()))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(margin), hard))
+            try:
+                job = await sup.start("true")
+            except ResourceExhausted as exc:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                report["refused"] += 1
+                report["messages"].add(str(exc))
+                after = (fds(), sorted(os.listdir(jobs_dir)), cgroups(sup), len(sup.list()))
+                assert after == before, (margin, before, after)
+            else:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                report["started"] += 1
+                end = await sup.wait(job.id)
+                assert end.state is JobState.EXITED, end
+                assert end.exit_code == 0, end
+            # Every job, old and new, is still listed and has a status.
+            for info in sup.list():
+                assert sup.status(info.id).id == info.id
+            assert sup.status(keeper.id).state is JobState.RUNNING
+        await sup.stop(keeper.id, grace=0)
+    report["messages"] = sorted(report["messages"])
+    print(json.dumps(report))
+
+trio.run(main)
+"""
+
+
+def test_start_without_descriptors_is_refused_and_leaks_nothing(tmp_path: Path) -> None:
+    require_root("cgroups")
+    state = tmp_path / "state"
+    result = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(state)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    # Some margins are too small for a Start, the larger ones are enough.
+    assert report["refused"] >= 3, report
+    assert report["started"] >= 1, report
+    # Each place a Start takes descriptors was reached at some margin.
+    assert len(report["messages"]) >= 3, report
+    for message in report["messages"]:
+        assert "too many open files" in message.lower(), message
+
+
+_THOUSAND = r"""
+import json, os, resource, secrets, sys
+import trio
+from trio_worker import JobState, open_supervisor
+
+N = int(sys.argv[2])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (1024, max(hard, 8 * N)))  # a stock soft limit
+
+async def main():
+    parent = "tw-many-" + secrets.token_hex(4)
+    async with open_supervisor(sys.argv[1], cgroup_parent=parent, persist=False) as sup:
+        raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        jobs = [await sup.start("sleep", ["600"]) for _ in range(N)]
+        running = sum(sup.status(j.id).state is JobState.RUNNING for j in jobs)
+        probe = await sup.start("sh", ["-c", "ulimit -Sn"])
+        await sup.wait(probe.id)
+        job_limit = b"".join([c.data async for c in sup.output(probe.id)]).decode().strip()
+        print(json.dumps({"raised": raised, "running": running, "job_soft_limit": job_limit}))
+        sys.stdout.flush()
+        await sup.shutdown(grace=0)
+
+trio.run(main)
+"""
+
+
+def test_a_thousand_sleeping_jobs_with_a_stock_fd_limit(tmp_path: Path) -> None:
+    n = 1000
+    result = subprocess.run(
+        [sys.executable, "-c", _THOUSAND, str(tmp_path / "state"), str(n)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["raised"] >= 8 * n  # the soft limit went up to the hard one
+    assert report["running"] == n
+    assert report["job_soft_limit"] == "1024"  # jobs still see the stock limit

@@ -1,0 +1,161 @@
+"""An HTTP/2 peer and our server core, bytes handed over in memory (no sockets, no trio).
+
+As h11's ``ConnectionPair``: ``pair.client`` is h2's own client-side ``H2Connection`` (an
+honest peer, or a hostile one writing frames by hand with :func:`frame`), ``pair.server``
+our ``GRPCServerConnection``. ``pair.to_server(...)`` feeds the server core and returns its
+events; ``pair.to_client()`` moves the server's output to the client and returns the
+client's events.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+
+from trio_worker._wire._h2conn import GRPCServerConnection
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, CONTINUATION = 0x1, 0x3, 0x4, 0x6, 0x7, 0x9
+END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return struct.pack(">HBBBL", n >> 8, n & 0xFF, kind, flags, stream_id) + payload
+
+
+def hpack_int(value: int, prefix: int, first: int = 0) -> bytes:
+    limit = (1 << prefix) - 1
+    if value < limit:
+        return bytes([first | value])
+    out = [first | limit]
+    value -= limit
+    while value >= 128:
+        out.append(value % 128 + 128)
+        value //= 128
+    out.append(value)
+    return bytes(out)
+
+
+def literal(name: str, value: str) -> bytes:
+    """A header field as a literal without indexing: blocks stay independent."""
+    n, v = name.encode(), value.encode()
+    return b"\x00" + hpack_int(len(n), 7) + n + hpack_int(len(v), 7) + v
+
+
+def request_block(method: str = "/test.Service/Unary", *extra: tuple[str, str]) -> bytes:
+    fields = [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":path", method),
+        (":authority", "localhost"),
+        ("te", "trailers"),
+        ("content-type", "application/grpc"),
+        *extra,
+    ]
+    return b"".join(literal(n, v) for n, v in fields)
+
+
+def grpc_frame(payload: bytes) -> bytes:
+    return struct.pack(">BI", 0, len(payload)) + payload
+
+
+def request_headers(method: str = "/test.Service/Unary", timeout: str | None = None) -> list[Any]:
+    headers = [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":path", method),
+        (":authority", "localhost"),
+        ("te", "trailers"),
+        ("content-type", "application/grpc"),
+    ]
+    if timeout is not None:
+        headers.append(("grpc-timeout", timeout))
+    return headers
+
+
+class ConnectionPair:
+    """A client H2Connection and our server core, connected in memory."""
+
+    def __init__(self, *, max_frame_size: int = 1024 * 1024, **settings: Any) -> None:
+        self.client = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
+        config: dict[str, Any] = {
+            "max_message_length": 4 * 1024 * 1024,
+            "max_concurrent_streams": 100,
+            "initial_window_size": 1024 * 1024,
+            "connection_window_size": 16 * 1024 * 1024,
+            "max_frame_size": max_frame_size,
+            "max_header_list_size": 16 * 1024,
+        }
+        config.update(settings)
+        self.server = GRPCServerConnection(**config)
+        self.server.initiate_connection()
+        self.client.initiate_connection()
+        self.to_server(self.client.data_to_send())
+        self.to_client()
+        self.to_server(self.client.data_to_send())  # the client's SETTINGS ACK
+
+    def to_server(self, data: bytes) -> list[Any]:
+        return self.server.receive_frames(data)
+
+    def server_output(self) -> bytes:
+        return bytes(self.server.h2_connection.data_to_send())
+
+    def to_client(self) -> list[Any]:
+        return list(self.client.receive_data(self.server_output()))
+
+    def goaway_code(self) -> int | None:
+        """The error code of a GOAWAY the server queued, if any."""
+        for event in self.to_client():
+            if isinstance(event, h2.events.ConnectionTerminated):
+                return int(event.error_code)
+        return None
+
+
+class CorePair:
+    """Our client core and our server core, connected in memory (h11's ConnectionPair)."""
+
+    def __init__(self, **settings: Any) -> None:
+        from trio_worker._wire._client import GRPCClientConnection
+
+        config: dict[str, Any] = {
+            "max_message_length": 4 * 1024 * 1024,
+            "max_concurrent_streams": 100,
+            "initial_window_size": 1024 * 1024,
+            "connection_window_size": 16 * 1024 * 1024,
+            "max_frame_size": 1024 * 1024,
+            "max_header_list_size": 16 * 1024,
+        }
+        config.update(settings)
+        self.client = GRPCClientConnection()
+        self.server = GRPCServerConnection(**config)
+        self.client.initiate_connection()
+        self.server.initiate_connection()
+        self.to_server()
+        self.to_client()
+        self.to_server()
+
+    def to_server(self) -> list[Any]:
+        return self.server.receive_frames(bytes(self.client.h2_connection.data_to_send()))
+
+    def to_client(self) -> list[Any]:
+        return list(self.client.receive_data(bytes(self.server.h2_connection.data_to_send())))
+
+    def call(self, path: str, payload: bytes, timeout: float | None = None) -> int:
+        """Open a call from the client: headers, one message, END_STREAM."""
+        from trio_worker._wire._client import request_headers, with_timeout
+
+        h2c = self.client.h2_connection
+        stream_id = int(h2c.get_next_available_stream_id())
+        headers = request_headers(path, "localhost:50051")
+        if timeout is not None:
+            headers = with_timeout(headers, timeout)
+        h2c.send_headers(stream_id, headers, end_stream=False)
+        h2c.send_data(stream_id, grpc_frame(payload), end_stream=True)
+        return stream_id

@@ -1,0 +1,353 @@
+"""trio-worker next to the grpcio reference peer, interleaved, as ratios (>= 1 is better).
+
+    python tools/bench_peer.py [--rounds 2] [--repeat 1] [--only joblat,spawn,...]
+        [--server NAME=PYTHON ...] [--peer-dir ../shared/bench]
+
+Runs the peer (``grpcio_peer.py``) and each trio-worker server (by default this
+tree, with this Python; ``--server before=/path/to/old/.venv/bin/python`` adds
+another tree) in turn, ``--rounds`` times, and drives each with the peer's own
+harness (``bench.py``, the official grpcio client). Then it measures Status
+latency on one connection while idle and while another connection starts jobs
+back to back. Prints one line per figure: each server's median, the peer's,
+and the ratio (throughputs: server/peer; latencies and memory: peer/server).
+The machine is shared: read ratios, not absolute figures. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Starts a trio-worker server of whatever tree ``sys.executable`` imports; prints
+#: "PORT PKI_DIR". Old trees kept ``run_server`` in ``trio_worker._server``.
+SERVER = textwrap.dedent(
+    """
+    import sys, trio
+    from pathlib import Path
+    from trio_worker import pki
+    try:
+        from trio_worker.server._run import ServerSettings, run_server
+    except ImportError:
+        from trio_worker._server import ServerSettings, run_server
+    state = Path(sys.argv[1])
+    dev = pki.ensure_dev_pki(state)
+    settings = ServerSettings(ca=dev.ca.cert, cert=dev.server.cert, key=dev.server.key,
+                              state_dir=state, port=0)
+    async def main():
+        async with trio.open_nursery() as n:
+            port = await n.start(run_server, settings)
+            print(port, dev.directory, flush=True)
+    trio.run(main)
+    """
+)
+
+#: Figures of the issue's table: bench.py name -> (row, True if higher is better).
+FIGURES = {
+    "job_true_start_wait_p50": ("Start `true` + Wait, p50 (ms)", False),
+    "job_true_start_wait_p99": ("Start `true` + Wait, p99 (ms)", False),
+    "job_true_start_only_p50": ("Start `true` alone, p50 (ms)", False),
+    "spawn_500_sleep_start_rate": ("500 x Start `sleep`, sequential (jobs/s)", True),
+    "spawn_500_sleep_rss_per_job": ("server RSS per sleeping job (KiB)", False),
+    "spawn_500_stop_all_16_threads": ("Stop 500 jobs from 16 threads (s)", False),
+    "stream_replay_256MiB": ("replay a finished 256 MiB job (MB/s)", True),
+    "fanout_16x64MiB_aggregate": ("16 followers x 64 MiB, aggregate (MB/s)", True),
+    "stream_follow_256MiB": ("follow a 256 MiB job (MB/s)", True),
+    "unary_status_seq_p50": ("Status p50 (ms)", False),
+    "unary_status_seq_p99": ("Status p99 (ms)", False),
+    "unary_status_8callers": ("Status, 8 callers (calls/s)", True),
+    "status_p99_idle": ("Status p99, idle (ms)", False),
+    "status_p99_during_starts": ("Status p99 during a Start burst (ms)", False),
+}
+
+#: Status latency next to a start burst, with the peer's stubs (bench.py's loader).
+BURST = textwrap.dedent(
+    """
+    import json, sys, threading, time
+    sys.path.insert(0, sys.argv[1])
+    import bench, grpc
+    addr, ca, cert, key, proto, seconds = sys.argv[2:8]
+    pb, grpc_mod = bench.load_proto(proto)
+    creds = grpc.ssl_channel_credentials(open(ca, "rb").read(), open(key, "rb").read(),
+                                         open(cert, "rb").read())
+    opts = [("grpc.use_local_subchannel_pool", 1),
+            ("grpc.ssl_target_name_override", "localhost")]
+    def stub():
+        return grpc_mod.WorkerStub(grpc.secure_channel(addr, creds, options=opts))
+    status, starter = stub(), stub()
+    job = starter.Start(pb.StartRequest(command="true"), timeout=30)
+    starter.Wait(pb.WaitRequest(id=job.id), timeout=30)
+    req = pb.StatusRequest(id=job.id)
+    def p99(stop):
+        lat = []
+        while not stop():
+            t = time.perf_counter()
+            status.Status(req, timeout=30)
+            lat.append((time.perf_counter() - t) * 1e3)
+        lat.sort()
+        return lat[int(len(lat) * 0.99)], len(lat)
+    for _ in range(50):
+        status.Status(req, timeout=30)
+    end = time.monotonic() + float(seconds)
+    idle = p99(lambda: time.monotonic() > end)
+    done = threading.Event()
+    started = []
+    def burst():
+        while not done.is_set():
+            j = starter.Start(pb.StartRequest(command="true"), timeout=30)
+            started.append(j.id)
+    t = threading.Thread(target=burst); t.start()
+    time.sleep(0.2)
+    end = time.monotonic() + float(seconds)
+    busy = p99(lambda: time.monotonic() > end)
+    done.set(); t.join()
+    for i in started:
+        starter.Wait(pb.WaitRequest(id=i), timeout=60)
+    print(json.dumps({"figure": "status_p99_idle", "median": idle[0], "calls": idle[1]}))
+    print(json.dumps({"figure": "status_p99_during_starts", "median": busy[0], "calls": busy[1],
+                      "starts": len(started)}))
+    """
+)
+
+
+#: bench.py's spawn figure, paging-aware: its check lists the jobs with one List call,
+#: which a server that pages List (the contract allows it) answers with one page.
+SPAWN = textwrap.dedent(
+    """
+    import concurrent.futures, json, sys, time
+    sys.path.insert(0, sys.argv[1])
+    import bench, grpc
+    from google.protobuf.duration_pb2 import Duration
+    addr, ca, cert, key, proto, n, pid = sys.argv[2:9]
+    n, pid = int(n), int(pid)
+    pb, grpc_mod = bench.load_proto(proto)
+    creds = grpc.ssl_channel_credentials(open(ca, "rb").read(), open(key, "rb").read(),
+                                         open(cert, "rb").read())
+    opts = [("grpc.use_local_subchannel_pool", 1),
+            ("grpc.ssl_target_name_override", "localhost")]
+    st = grpc_mod.WorkerStub(grpc.secure_channel(addr, creds, options=opts))
+    time.sleep(0.5)
+    rss0 = bench.proc_status(pid, "VmRSS")
+    t0 = time.perf_counter()
+    ids = [st.Start(pb.StartRequest(command="sleep", args=["60"]), timeout=60).id
+           for _ in range(n)]
+    rate = n / (time.perf_counter() - t0)
+    time.sleep(1.0)
+    rss1 = bench.proc_status(pid, "VmRSS")
+    running = sum(st.Status(pb.StatusRequest(id=i), timeout=60).state
+                  == pb.JOB_STATE_RUNNING for i in ids)
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:
+        list(ex.map(lambda i: st.Stop(pb.StopRequest(id=i, grace=Duration(seconds=5)),
+                                      timeout=60), ids))
+    stop = time.perf_counter() - t0
+    print(json.dumps({"figure": f"spawn_{n}_sleep_start_rate", "median": rate,
+                      "running": running}))
+    print(json.dumps({"figure": f"spawn_{n}_sleep_rss_per_job", "median": (rss1 - rss0) / n}))
+    print(json.dumps({"figure": f"spawn_{n}_stop_all_16_threads", "median": stop}))
+    """
+)
+
+
+def _line_with(proc: subprocess.Popen[str], word: str) -> str:
+    assert proc.stdout is not None
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"server exited before printing {word!r}")
+        if word in line or word == "":
+            return line
+
+
+def _run_harness(
+    args: argparse.Namespace, addr: str, pki: dict[str, str], proto: str, pid: int, label: str
+) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    # First, on a fresh server: RSS per job is only meaningful before big outputs.
+    if args.spawn > 0:
+        spawn = [args.client_python, "-c", SPAWN, str(args.peer_dir), addr]
+        spawn += [pki["ca"], pki["cert"], pki["key"], proto, str(args.spawn), str(pid)]
+        out = subprocess.run(spawn, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            print(f"# {label}: spawn failed: {out.stderr.strip()[-500:]}", file=sys.stderr)
+        for line in out.stdout.splitlines():
+            record = json.loads(line)
+            figures[record["figure"]] = record["median"]
+    if args.only:
+        cmd = [
+            args.client_python,
+            str(args.peer_dir / "bench.py"),
+            "--addr",
+            addr,
+            "--ca",
+            pki["ca"],
+            "--cert",
+            pki["cert"],
+            "--key",
+            pki["key"],
+            "--proto",
+            proto,
+            "--server-pid",
+            str(pid),
+            "--label",
+            label,
+            "--repeat",
+            str(args.repeat),
+            "--only",
+            args.only,
+            "--target-name",
+            "localhost",
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            print(f"# {label}: bench.py failed: {out.stderr.strip()[-500:]}", file=sys.stderr)
+        for line in out.stdout.splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                figures[record["figure"]] = record["median"]
+    if args.burst_seconds > 0:
+        burst = [args.client_python, "-c", BURST, str(args.peer_dir), addr]
+        burst += [pki["ca"], pki["cert"], pki["key"], proto, str(args.burst_seconds)]
+        out = subprocess.run(burst, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            print(f"# {label}: burst failed: {out.stderr.strip()[-500:]}", file=sys.stderr)
+        for line in out.stdout.splitlines():
+            record = json.loads(line)
+            figures[record["figure"]] = record["median"]
+    return figures
+
+
+def _peer_round(args: argparse.Namespace, scratch: Path) -> dict[str, float]:
+    pki_dir = scratch / "peer-pki"
+    if not pki_dir.exists():
+        subprocess.run(
+            [args.client_python, str(args.peer_dir / "pki.py"), str(pki_dir)],
+            check=True,
+            capture_output=True,
+        )
+    proc = subprocess.Popen(
+        [
+            args.client_python,
+            str(args.peer_dir / "grpcio_peer.py"),
+            "--listen",
+            "127.0.0.1:0",
+            "--ca",
+            str(pki_dir / "ca.pem"),
+            "--cert",
+            str(pki_dir / "server.pem"),
+            "--key",
+            str(pki_dir / "server.key"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        words = _line_with(proc, "LISTENING").split()
+        addr, pid = words[1], int(words[3])
+        pki = {
+            "ca": str(pki_dir / "ca.pem"),
+            "cert": str(pki_dir / "admin.pem"),
+            "key": str(pki_dir / "admin.key"),
+        }
+        return _run_harness(args, addr, pki, str(args.peer_dir / "worker.proto"), pid, "peer")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _server_round(
+    args: argparse.Namespace, scratch: Path, name: str, python: str
+) -> dict[str, float]:
+    state = scratch / f"state-{name}"
+    shutil.rmtree(state, ignore_errors=True)
+    proc = subprocess.Popen(
+        [python, "-c", SERVER, str(state)], stdout=subprocess.PIPE, text=True, cwd=scratch
+    )
+    try:
+        port, pki_dir = _line_with(proc, "").split()
+        d = Path(pki_dir)
+        pki = {"ca": str(d / "ca.pem"), "cert": str(d / "admin.pem"), "key": str(d / "admin.key")}
+        if not Path(pki["cert"]).exists():  # older layouts name the client files differently
+            pems = sorted(p for p in d.glob("*.pem") if p.name not in ("ca.pem", "server.pem"))
+            pki["cert"] = str(pems[0])
+            pki["key"] = str(pems[0].with_suffix(".key"))
+        return _run_harness(
+            args, f"127.0.0.1:{port}", pki, str(REPO / "worker.proto"), proc.pid, name
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1, help="bench.py --repeat")
+    parser.add_argument("--only", default="joblat,unary,stream,fanout", help="bench.py --only")
+    parser.add_argument("--spawn", type=int, default=500, help="sleeping jobs (0: skip)")
+    parser.add_argument("--burst-seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--peer-dir",
+        type=Path,
+        default=Path(os.environ.get("TRIO_WORKER_PEER_BENCH", REPO.parent / "shared" / "bench")),
+        help="the peer's folder (default: ../shared/bench, or $TRIO_WORKER_PEER_BENCH)",
+    )
+    parser.add_argument("--client-python", default=sys.executable)
+    parser.add_argument(
+        "--server", action="append", default=[], help="NAME=PYTHON (default: this tree)"
+    )
+    parser.add_argument("--quick", action="store_true", help="one round, smaller outputs")
+    args, _ = parser.parse_known_args()  # nox -s bench passes its posargs to every tool
+    if args.quick:
+        args.rounds = 1
+    if not (args.peer_dir / "bench.py").exists():
+        print(f"no peer harness in {args.peer_dir} (--peer-dir): nothing to compare with")
+        return
+    servers = [tuple(s.split("=", 1)) for s in args.server] or [("trio-worker", sys.executable)]
+    results: dict[str, list[dict[str, float]]] = {"peer": []}
+    for name, _ in servers:
+        results[name] = []
+    with tempfile.TemporaryDirectory(prefix="bench-peer-") as tmp:
+        scratch = Path(tmp)
+        for round_ in range(args.rounds):
+            print(f"# round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
+            results["peer"].append(_peer_round(args, scratch))
+            for name, python in servers:
+                results[name].append(_server_round(args, scratch, name, python))
+
+    def median(name: str, figure: str) -> float | None:
+        values = [r[figure] for r in results[name] if figure in r]
+        return statistics.median(values) if values else None
+
+    load = os.getloadavg()[0]
+    print(f"trio-worker vs grpcio peer: {args.rounds} interleaved round(s), medians;")
+    print(f"ratio >= 1 is better. Load average at the end: {load:.1f} (shared machine).")
+    header = f"{'figure':44}" + "".join(f"{n:>14}{'ratio':>7}" for n, _ in servers)
+    print(header + f"{'peer':>12}")
+    for figure, (row, higher) in FIGURES.items():
+        peer = median("peer", figure)
+        cells = ""
+        seen = False
+        for name, _ in servers:
+            value = median(name, figure)
+            if value is None or peer is None or value == 0:
+                cells += f"{'-':>14}{'-':>7}"
+                continue
+            seen = True
+            ratio = value / peer if higher else peer / value
+            cells += f"{value:>14.2f}{ratio:>7.2f}"
+        if seen:
+            print(f"{row:44}{cells}{peer:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()

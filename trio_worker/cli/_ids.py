@@ -1,0 +1,45 @@
+"""Job ids as people type them: any unique prefix, in either case, as docker takes them.
+
+A whole id (26 characters) is used as it is; a shorter one is looked up among the jobs the
+caller may see (one List per command, however many ids it takes). No match is
+``JobNotFound``; more than one is a usage error saying how many jobs match.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._errors import InvalidRequest, JobNotFound
+
+if TYPE_CHECKING:
+    from ..client import WorkerClient
+
+__all__ = ["ID_LENGTH", "IdResolver"]
+
+#: The length of a job id (ULID-style: 26 Crockford base32 characters, upper case).
+ID_LENGTH = 26
+
+
+class IdResolver:
+    """Turns what was typed into a job id, listing the jobs at most once."""
+
+    def __init__(self, client: WorkerClient) -> None:
+        self._client = client
+        self._ids: list[str] | None = None
+
+    async def __call__(self, typed: str) -> str:
+        wanted = typed.strip().upper()
+        if not wanted:
+            raise InvalidRequest("ID", "is empty; give a job id or the start of one")
+        if len(wanted) >= ID_LENGTH:
+            return wanted  # whole (or too long to be a prefix: the server says NOT_FOUND)
+        if self._ids is None:
+            self._ids = [job.id for job in await self._client.list()]
+        matches = [job_id for job_id in self._ids if job_id.startswith(wanted)]
+        if not matches:
+            raise JobNotFound(typed)
+        if len(matches) > 1:
+            raise InvalidRequest(
+                "ID", f"{typed!r} matches {len(matches)} jobs; give more of the id"
+            )
+        return matches[0]
