@@ -47,6 +47,7 @@ def bench(session: nox.Session) -> None:
         "bench_lifecycle.py",  # restart with 10,000 jobs, shutdown with 100 running
         "bench_store.py",  # the SQLite store alone
         "bench_cli_startup.py",  # each command start to exit, next to python -c pass
+        "bench_peer.py",  # the table: ratios to the grpcio peer (../shared/bench)
     ):
         session.run("python", f"tools/{tool}", *session.posargs)
 

@@ -95,3 +95,45 @@ def test_start_without_descriptors_is_refused_and_leaks_nothing(tmp_path: Path) 
     assert len(report["messages"]) >= 3, report
     for message in report["messages"]:
         assert "too many open files" in message.lower(), message
+
+
+_THOUSAND = r"""
+import json, os, resource, secrets, sys
+import trio
+from trio_worker import JobState, open_supervisor
+
+N = int(sys.argv[2])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (1024, max(hard, 8 * N)))  # a stock soft limit
+
+async def main():
+    parent = "tw-many-" + secrets.token_hex(4)
+    async with open_supervisor(sys.argv[1], cgroup_parent=parent, persist=False) as sup:
+        raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        jobs = [await sup.start("sleep", ["600"]) for _ in range(N)]
+        running = sum(sup.status(j.id).state is JobState.RUNNING for j in jobs)
+        probe = await sup.start("sh", ["-c", "ulimit -Sn"])
+        await sup.wait(probe.id)
+        job_limit = b"".join([c.data async for c in sup.output(probe.id)]).decode().strip()
+        print(json.dumps({"raised": raised, "running": running, "job_soft_limit": job_limit}))
+        sys.stdout.flush()
+        await sup.shutdown(grace=0)
+
+trio.run(main)
+"""
+
+
+def test_a_thousand_sleeping_jobs_with_a_stock_fd_limit(tmp_path: Path) -> None:
+    n = 1000
+    result = subprocess.run(
+        [sys.executable, "-c", _THOUSAND, str(tmp_path / "state"), str(n)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["raised"] >= 8 * n  # the soft limit went up to the hard one
+    assert report["running"] == n
+    assert report["job_soft_limit"] == "1024"  # jobs still see the stock limit

@@ -44,6 +44,7 @@ from trio_worker._net._transport import (
     SyncUnaryMethod,
     TransportConfig,
     UnaryMethod,
+    admission_caps,
 )
 
 ECHO = "/test.Test/Echo"
@@ -859,23 +860,82 @@ async def test_stalled_handshake_times_out(pki: Pki) -> None:
         await echo_ok(pki, r.target)
 
 
-async def test_abandoned_connections_do_not_block_others(pki: Pki) -> None:
-    config = TransportConfig(handshake_timeout=1.0)
+async def _flood(port: int, count: int, source: str) -> tuple[list[trio.socket.SocketType], int]:
+    """``count`` TCP connections from ``source`` that never say a word: (the ones the
+    server accepted, how many it refused at once)."""
+    held: list[trio.socket.SocketType] = []
+    refused = 0
+    for _ in range(count):
+        sock = trio.socket.socket()
+        await sock.bind((source, 0))
+        try:
+            await sock.connect(("127.0.0.1", port))
+        except OSError:
+            refused += 1
+            sock.close()
+            continue
+        held.append(sock)
+    return held, refused
+
+
+async def _answered(sock: trio.socket.SocketType) -> bool:
+    """Whether the server has closed or reset this connection."""
+    try:
+        return await sock.recv(1) == b""
+    except OSError:
+        return True
+
+
+async def test_a_connection_flood_from_one_address_leaves_others_served(pki: Pki) -> None:
+    """Admission: one address's idle connections fill only its own share (refused beyond
+    it, at once: an answer, never a hang), and others connect meanwhile."""
+    config = TransportConfig(
+        handshake_timeout=10.0,
+        max_handshakes=32,
+        max_handshakes_per_address=8,
+        max_connections_per_address=16,
+    )
     async with running_server(pki, methods(Probe()), config=config) as r:
-        abandoned = []
-        for i in range(200):
-            tcp = await trio.open_tcp_stream("127.0.0.1", r.port)
-            if i % 2:
-                await tcp.send_all(b"\x16\x03\x01")
-            abandoned.append(tcp)
+        held, refused = await _flood(r.port, 200, "127.0.0.2")
         try:
             with trio.fail_after(10):
-                await echo_ok(pki, r.target)
-            await eventually(lambda: r.server.connection_count == 0, 10)
-            assert r.server.stats.handshakes_failed >= 200
+                await echo_ok(pki, r.target)  # from 127.0.0.1, while the flood is held
+            assert r.server.connection_count <= 8 + 1
+            over = held[8:]  # accepted by the kernel, refused by the server: reset at once
+            with trio.fail_after(5):
+                for sock in over[:20]:
+                    assert await _answered(sock)
+            assert refused + r.server.stats.connections_refused >= 150
         finally:
-            for tcp in abandoned:
-                await trio.aclose_forcefully(tcp)
+            for sock in held:
+                sock.close()
+
+
+async def test_handshakes_shorten_and_the_oldest_gives_way_when_full(pki: Pki) -> None:
+    config = TransportConfig(handshake_timeout=30.0, max_handshakes=8, max_handshakes_per_address=8)
+    async with running_server(pki, methods(Probe()), config=config) as r:
+        held = []
+        try:
+            for source in ("127.0.0.2", "127.0.0.3"):
+                more, _ = await _flood(r.port, 8, source)
+                held += more
+            with trio.fail_after(10):
+                await echo_ok(pki, r.target)
+            assert r.server.stats.handshakes_evicted >= 8
+            with trio.fail_after(5):
+                assert await _answered(held[0])  # the oldest gave way
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_caps_follow_the_descriptors_we_may_open() -> None:
+    caps = admission_caps(TransportConfig(), nofile=1024)
+    assert caps.connections == (1024 - 64) // 2
+    assert caps.handshakes <= caps.connections // 2
+    assert caps.handshakes_per_address <= caps.handshakes
+    roomy = admission_caps(TransportConfig(), nofile=1 << 20)
+    assert roomy.connections == TransportConfig().max_connections
 
 
 async def test_max_connections(pki: Pki) -> None:

@@ -119,6 +119,45 @@ BURST = textwrap.dedent(
 )
 
 
+#: bench.py's spawn figure, paging-aware: its check lists the jobs with one List call,
+#: which a server that pages List (the contract allows it) answers with one page.
+SPAWN = textwrap.dedent(
+    """
+    import concurrent.futures, json, sys, time
+    sys.path.insert(0, sys.argv[1])
+    import bench, grpc
+    from google.protobuf.duration_pb2 import Duration
+    addr, ca, cert, key, proto, n, pid = sys.argv[2:9]
+    n, pid = int(n), int(pid)
+    pb, grpc_mod = bench.load_proto(proto)
+    creds = grpc.ssl_channel_credentials(open(ca, "rb").read(), open(key, "rb").read(),
+                                         open(cert, "rb").read())
+    opts = [("grpc.use_local_subchannel_pool", 1),
+            ("grpc.ssl_target_name_override", "localhost")]
+    st = grpc_mod.WorkerStub(grpc.secure_channel(addr, creds, options=opts))
+    time.sleep(0.5)
+    rss0 = bench.proc_status(pid, "VmRSS")
+    t0 = time.perf_counter()
+    ids = [st.Start(pb.StartRequest(command="sleep", args=["60"]), timeout=60).id
+           for _ in range(n)]
+    rate = n / (time.perf_counter() - t0)
+    time.sleep(1.0)
+    rss1 = bench.proc_status(pid, "VmRSS")
+    running = sum(st.Status(pb.StatusRequest(id=i), timeout=60).state
+                  == pb.JOB_STATE_RUNNING for i in ids)
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:
+        list(ex.map(lambda i: st.Stop(pb.StopRequest(id=i, grace=Duration(seconds=5)),
+                                      timeout=60), ids))
+    stop = time.perf_counter() - t0
+    print(json.dumps({"figure": f"spawn_{n}_sleep_start_rate", "median": rate,
+                      "running": running}))
+    print(json.dumps({"figure": f"spawn_{n}_sleep_rss_per_job", "median": (rss1 - rss0) / n}))
+    print(json.dumps({"figure": f"spawn_{n}_stop_all_16_threads", "median": stop}))
+    """
+)
+
+
 def _line_with(proc: subprocess.Popen[str], word: str) -> str:
     assert proc.stdout is not None
     while True:
@@ -133,6 +172,16 @@ def _run_harness(
     args: argparse.Namespace, addr: str, pki: dict[str, str], proto: str, pid: int, label: str
 ) -> dict[str, float]:
     figures: dict[str, float] = {}
+    # First, on a fresh server: RSS per job is only meaningful before big outputs.
+    if args.spawn > 0:
+        spawn = [args.client_python, "-c", SPAWN, str(args.peer_dir), addr]
+        spawn += [pki["ca"], pki["cert"], pki["key"], proto, str(args.spawn), str(pid)]
+        out = subprocess.run(spawn, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            print(f"# {label}: spawn failed: {out.stderr.strip()[-500:]}", file=sys.stderr)
+        for line in out.stdout.splitlines():
+            record = json.loads(line)
+            figures[record["figure"]] = record["median"]
     if args.only:
         cmd = [
             args.client_python,
@@ -243,7 +292,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="bench.py --repeat")
-    parser.add_argument("--only", default="joblat,spawn,unary,stream,fanout")
+    parser.add_argument("--only", default="joblat,unary,stream,fanout", help="bench.py --only")
+    parser.add_argument("--spawn", type=int, default=500, help="sleeping jobs (0: skip)")
     parser.add_argument("--burst-seconds", type=float, default=3.0)
     parser.add_argument(
         "--peer-dir",
@@ -255,7 +305,10 @@ def main() -> None:
     parser.add_argument(
         "--server", action="append", default=[], help="NAME=PYTHON (default: this tree)"
     )
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="one round, smaller outputs")
+    args, _ = parser.parse_known_args()  # nox -s bench passes its posargs to every tool
+    if args.quick:
+        args.rounds = 1
     if not (args.peer_dir / "bench.py").exists():
         print(f"no peer harness in {args.peer_dir} (--peer-dir): nothing to compare with")
         return

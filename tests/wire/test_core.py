@@ -32,6 +32,7 @@ from tests.wire.helpers import (
 from trio_worker import JobNotFound
 from trio_worker._error_codes import exception_from, status_of
 from trio_worker._wire._h2conn import (
+    MAX_BUFFERED_REQUESTS,
     MAX_CACHED_BLOCK,
     MAX_CONTINUATIONS,
     MAX_HEADER_BLOCK,
@@ -40,6 +41,7 @@ from trio_worker._wire._h2conn import (
     BoundedDecoder,
     FrameGate,
     PeerMisbehaved,
+    RequestTooLarge,
     StreamReset,
 )
 from trio_worker._wire._status import DETAILS_HEADER, details_from_header
@@ -243,3 +245,28 @@ def test_a_late_window_update_for_a_forgotten_stream_is_ignored() -> None:
     events = pair.to_server(frame(0x8, 0, 1, struct.pack(">L", 1000)))
     assert events == []
     assert pair.goaway_code() is None
+
+
+def test_partial_requests_on_many_streams_are_bounded_per_connection() -> None:
+    """Each stream may hold a message short of the 4 MiB cap, but the connection holds at
+    most MAX_BUFFERED_REQUESTS of them: the stream that goes over is refused."""
+    pair = ConnectionPair()
+    piece = b"\0" * 16384
+    refused: list[int] = []
+    for stream_id in (1, 3, 5, 7):
+        pair.client.send_headers(stream_id, request_headers())
+        pair.to_server(pair.client.data_to_send())
+        pair.client.send_data(stream_id, struct.pack(">BI", 0, 4 * 1024 * 1024 - 1))
+        for _ in range((3 * 1024 * 1024) // len(piece)):
+            pair.client.send_data(stream_id, piece)
+            events = pair.to_server(pair.client.data_to_send())
+            refused += [e.stream_id for e in events if isinstance(e, RequestTooLarge)]
+            pair.to_client()  # the window updates
+            assert pair.server.buffered_requests <= MAX_BUFFERED_REQUESTS
+            if stream_id in refused:
+                break
+    assert refused == [5, 7]
+    for stream_id in (1, 3):
+        pair.client.reset_stream(stream_id)
+    pair.to_server(pair.client.data_to_send())
+    assert pair.server.buffered_requests == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -458,12 +459,18 @@ class Supervisor(metaclass=NoPublicConstructor):
         elif process.stdin is not None:
             job.input = StdinWriter(process.stdin, tty=False)
             process.stdin = None  # the writer owns it now
+        # The full environment (the server's, ~3 KiB) served the exec; keeping
+        # it would cost every job, running or ended, that much memory.
+        job.spec = dataclasses.replace(spec, env={})
         self._feed(job, lc.Spawned(process.pid, _now()))
+        started = job.info()
         self._nursery.start_soon(self._run_job, job, process, name=f"job {job_id}")
         # Recorded before the caller learns the job exists; a crash in between
         # leaves a cgroup named after it, which the next start cleans up.
         await self._persist_start(job, process.pid)
-        return job.info()
+        # The job as it started: a quick command may already have ended while
+        # its record was written, and Wait/Status tell that part.
+        return started
 
     def _open_log(self, job_id: str) -> OutputLog:
         """The new job's directory and log files, or ``ResourceExhausted`` saying why not.

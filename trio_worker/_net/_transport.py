@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import resource
 import socket
 import ssl
 import struct
@@ -74,6 +75,7 @@ from ._sockets import set_keepalive as _set_keepalive
 from ._tlsstream import TLSSocketStream
 
 __all__ = [
+    "AdmissionCaps",
     "BidiStreamMethod",
     "BidiTaskMethod",
     "CallContext",
@@ -87,6 +89,7 @@ __all__ = [
     "SyncUnaryMethod",
     "TransportConfig",
     "UnaryMethod",
+    "admission_caps",
 ]
 
 log = logging.getLogger(__name__)
@@ -261,7 +264,17 @@ class TransportConfig:
     connection beyond what the socket took, so a slow reader costs at most that much.
     """
 
+    #: ceilings; the caps in force are also derived from the descriptors we may open
+    #: (``admission_caps``), so a low RLIMIT_NOFILE lowers them rather than EMFILE
     max_connections: int = 1000
+    #: connections still in their TLS handshake: smaller, since they cost CPU and prove
+    #: nothing yet; under pressure their deadline shortens and the oldest is dropped
+    max_handshakes: int = 128
+    #: connections (handshaking or serving) from one source address, so that one
+    #: address cannot crowd out the others
+    max_connections_per_address: int = 256
+    #: handshakes in flight from one source address
+    max_handshakes_per_address: int = 16
     max_concurrent_streams: int = 100
     max_request_bytes: int = 4 * 1024 * 1024
     handshake_timeout: float = 10.0
@@ -279,6 +292,9 @@ class TransportConfig:
     def __post_init__(self) -> None:
         positive = (
             "max_connections",
+            "max_handshakes",
+            "max_connections_per_address",
+            "max_handshakes_per_address",
             "max_concurrent_streams",
             "max_request_bytes",
             "max_header_list_size",
@@ -299,6 +315,41 @@ class TransportConfig:
             raise ValueError("max_frame_size must be within 16384..2**24-1")
 
 
+#: Descriptors kept for everything but connections (jobs' pipes and logs, the store,
+#: listeners, the event loop): connections get half of what is left after this.
+_RESERVED_FDS: Final = 64
+#: A handshake's deadline never shortens below this under pressure (a TLS 1.3 handshake
+#: takes a round trip and a few ms of CPU; a loaded loopback client still fits).
+_MIN_HANDSHAKE_TIMEOUT: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionCaps:
+    """The connection caps in force: the configured ones, lowered to fit the descriptors
+    this process may open."""
+
+    connections: int
+    handshakes: int
+    per_address: int
+    handshakes_per_address: int
+
+
+def admission_caps(config: TransportConfig, nofile: int | None = None) -> AdmissionCaps:
+    """Caps from ``config`` and the soft RLIMIT_NOFILE (``nofile``, read when None): at most
+    half the descriptors beyond a reserve go to connections, the other half to jobs."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    fit = max(8, (nofile - _RESERVED_FDS) // 2) if nofile != resource.RLIM_INFINITY else 1 << 30
+    connections = min(config.max_connections, fit)
+    handshakes = max(1, min(config.max_handshakes, connections // 2))
+    return AdmissionCaps(
+        connections=connections,
+        handshakes=handshakes,
+        per_address=max(1, min(config.max_connections_per_address, connections)),
+        handshakes_per_address=max(1, min(config.max_handshakes_per_address, handshakes)),
+    )
+
+
 @dataclass(slots=True)
 class ServerStats:
     """Counters for tests, benchmarks and the curious; not synchronized, not persisted."""
@@ -306,6 +357,8 @@ class ServerStats:
     connections_accepted: int = 0
     connections_refused: int = 0
     handshakes_failed: int = 0
+    #: handshakes dropped to make room for newer ones (the handshake cap was reached)
+    handshakes_evicted: int = 0
     calls: int = 0
     socket_writes: int = 0
     bytes_written: int = 0
@@ -689,8 +742,7 @@ class _Connection:
         elif kind is RequestTooLarge:
             call = self._calls.get(event.stream_id)
             if call is not None:
-                limit = self._cfg.max_request_bytes
-                call.fail(RpcError.of(ResourceExhausted(f"request message over {limit} bytes")))
+                call.fail(RpcError.of(ResourceExhausted(f"request too large: {event.reason}")))
         elif kind is BadMessage:
             call = self._calls.get(event.stream_id)
             if call is not None:
@@ -1142,7 +1194,11 @@ class Server:
         self._draining = False
         self._connection_count = 0  # accepted, handshaking or serving
         self._connections: set[_Connection] = set()
-        self._handshakes: set[trio.CancelScope] = set()
+        # In start order: the first is the oldest, dropped first when the cap is reached.
+        self._handshakes: dict[trio.CancelScope, str] = {}
+        self._per_address: dict[str, int] = {}
+        self._handshaking: dict[str, int] = {}
+        self.caps = admission_caps(self.config)
         self._accept_scope = trio.CancelScope()
         self._serve_scope: trio.CancelScope | None = None
         self._all_closed = trio.Event()
@@ -1187,6 +1243,7 @@ class Server:
         if self._started:
             raise RuntimeError("Server.serve can only run once")
         self._started = True
+        self.caps = admission_caps(self.config)  # after whoever raised RLIMIT_NOFILE
         listeners = await _bind(host, port, self.config.listen_backlog)
         self._addresses = [_format_address(lst.socket.getsockname()) for lst in listeners]
         self._port = listeners[0].socket.getsockname()[1]
@@ -1216,7 +1273,7 @@ class Server:
                 except Exception:
                     log.exception("on_drain hook failed")
             self._accept_scope.cancel()
-            for scope in self._handshakes:
+            for scope in list(self._handshakes):
                 scope.cancel()
             for conn in list(self._connections):
                 conn.start_drain()
@@ -1286,14 +1343,48 @@ class Server:
                 self._log_refusal(f"accept failed: {exc.strerror}")
                 await trio.sleep(0.1)
                 continue
-            if self._connection_count >= self.config.max_connections:
+            address, refusal = self._admit(stream)
+            if refusal:
+                # An answer, not a hang: the client sees the connection reset at once.
                 self.stats.connections_refused += 1
-                self._log_refusal(f"refusing connections: {self.config.max_connections} open")
+                self._log_refusal(f"refusing connections: {refusal}")
                 _refuse(stream)
                 continue
             self._connection_count += 1
             self.stats.connections_accepted += 1
-            nursery.start_soon(self._handle, stream)
+            nursery.start_soon(self._handle, stream, address)
+
+    def _admit(self, stream: trio.SocketStream) -> tuple[str, str]:
+        """(source address, why this new connection is refused or ""); when admitted it
+        is counted in for its address. A full handshake table drops its oldest entry
+        rather than refusing."""
+        caps = self.caps
+        try:
+            address = str(stream.socket.getpeername()[0])
+        except OSError:
+            return "", "the peer is already gone"
+        if self._connection_count >= caps.connections:
+            return address, f"{caps.connections} connections open"
+        if self._per_address.get(address, 0) >= caps.per_address:
+            return address, f"{caps.per_address} connections open from {address}"
+        if self._handshaking.get(address, 0) >= caps.handshakes_per_address:
+            return address, f"{caps.handshakes_per_address} handshakes in progress from {address}"
+        if len(self._handshakes) >= caps.handshakes:
+            oldest = next(iter(self._handshakes))
+            oldest.cancel()
+            del self._handshakes[oldest]  # counted out now, so one drop makes one room
+            self.stats.handshakes_evicted += 1
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+        return address, ""
+
+    def _handshake_timeout(self) -> float:
+        """The configured timeout, shortened as the handshake table fills (down to
+        ``_MIN_HANDSHAKE_TIMEOUT``): under a flood, idle handshakes give way sooner."""
+        free = 1.0 - len(self._handshakes) / self.caps.handshakes
+        return max(
+            min(_MIN_HANDSHAKE_TIMEOUT, self.config.handshake_timeout),
+            self.config.handshake_timeout * free,
+        )
 
     def _log_refusal(self, message: str) -> None:
         now = time.monotonic()
@@ -1301,7 +1392,7 @@ class Server:
             self._last_refusal_log = now
             log.warning("%s", message)
 
-    async def _handle(self, tcp: trio.SocketStream) -> None:
+    async def _handle(self, tcp: trio.SocketStream, address: str) -> None:
         ssl_stream: TLSSocketStream | None = None
         graceful = False
         try:
@@ -1321,8 +1412,9 @@ class Server:
                 log.info("cannot set up TLS with %s: %s", peer, exc)
                 return
             with trio.CancelScope() as handshake:
-                handshake.deadline = trio.current_time() + self.config.handshake_timeout
-                self._handshakes.add(handshake)
+                handshake.deadline = trio.current_time() + self._handshake_timeout()
+                self._handshakes[handshake] = address
+                self._handshaking[address] = self._handshaking.get(address, 0) + 1
                 try:
                     await ssl_stream.do_handshake()
                 except trio.BrokenResourceError as exc:
@@ -1330,7 +1422,8 @@ class Server:
                     log.info("TLS handshake with %s failed: %s", peer, exc.__cause__ or exc)
                     return
                 finally:
-                    self._handshakes.discard(handshake)
+                    self._handshakes.pop(handshake, None)
+                    _count_out(self._handshaking, address)
             if handshake.cancelled_caught:
                 self.stats.handshakes_failed += 1
                 if not self._draining:
@@ -1368,6 +1461,7 @@ class Server:
                     ssl_stream.close()
             finally:
                 self._connection_count -= 1
+                _count_out(self._per_address, address)
                 self._check_all_closed()
 
     def _identity_of(self, stream: TLSSocketStream, peer: str) -> tuple[Identity | None, str]:
@@ -1382,6 +1476,14 @@ class Server:
         except Exception:
             log.exception("cannot read the identity of client %s", peer)
             return None, "unusable client certificate"
+
+
+def _count_out(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def _refuse(stream: trio.SocketStream) -> None:

@@ -36,6 +36,7 @@ purerpc and h2 are untyped: ``Any`` stays inside this module and the types it re
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -61,6 +62,7 @@ from purerpc.grpclib.headers import HeaderDict
 from ._status import status_trailers
 
 __all__ = [
+    "MAX_BUFFERED_REQUESTS",
     "MAX_CONTINUATIONS",
     "MAX_HEADER_BLOCK",
     "MAX_SIZE_UPDATES",
@@ -145,6 +147,10 @@ RESET_BUDGET: Final = 1000
 #: Unsent replies to the peer's PING and SETTINGS beyond which the reader stops reading
 #: until they are written (a peer that floods PINGs and never reads queued 63 MiB of ACKs).
 MAX_UNSENT_CONTROL: Final = 64 * 1024
+#: Bytes of request messages one connection may hold before handlers take them (partial
+#: messages, and a stream of requests' messages not yet taken): without it, 100 streams
+#: each 4 MiB short of a whole message pinned 400 MiB, all acknowledged at once.
+MAX_BUFFERED_REQUESTS: Final = 8 * 1024 * 1024
 
 _HEADERS, _RST_STREAM, _SETTINGS, _PING, _CONTINUATION = 0x1, 0x3, 0x4, 0x6, 0x9
 _FLAG_ACK, _FLAG_END_HEADERS = 0x1, 0x4
@@ -561,6 +567,11 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         self._held: dict[int, list[int]] = {}
         self._reset_budget = RESET_BUDGET
         self.gate = FrameGate(max_frame_size, server=True)
+        # Request bytes held per stream (see MAX_BUFFERED_REQUESTS), their sum, and the
+        # sizes of a stream of requests' messages not yet taken, oldest first.
+        self._buffered: dict[int, int] = {}
+        self.buffered_requests = 0
+        self._untaken: dict[int, deque[int]] = {}
 
     def send_status(
         self, stream_id: int, code: int, message: str, details: bytes | None, *, headers: bool
@@ -602,6 +613,7 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
             f"/{request.service_name}/{request.method_name}"
         ):
             self._held[stream_id] = [0, 0]
+            self._untaken[stream_id] = deque()
         return [request]
 
     def _data_received(self, event: Any) -> list[Any]:
@@ -625,7 +637,21 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         except GRPCProtocolError as exc:
             self.drop_request(stream_id)
             return [BadMessage(stream_id, str(exc))]
+        self._hold(stream_id, len(event.data))
         messages = buffer.read_all_complete_messages_flowcontrol()
+        if messages:
+            sizes = [len(message) for message, _ in messages]
+            # The 5-byte prefixes are gone; a unary request goes to its call at once.
+            kept = self._untaken.get(stream_id)
+            if kept is not None:
+                kept.extend(sizes)
+                self._hold(stream_id, -5 * len(sizes))
+            else:
+                self._hold(stream_id, -sum(sizes) - 5 * len(sizes))
+        if self.buffered_requests > MAX_BUFFERED_REQUESTS:
+            self.drop_request(stream_id)
+            limit = MAX_BUFFERED_REQUESTS
+            return [RequestTooLarge(stream_id, f"over the connection's {limit} request bytes")]
         if held is not None:
             held[1] += len(messages)
             if not held[1]:
@@ -637,6 +663,9 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
     def message_taken(self, stream_id: int) -> None:
         """A stream of requests' handler took one delivered message: once none is left
         waiting, hand what was received back to the stream's window."""
+        kept = self._untaken.get(stream_id)
+        if kept:
+            self._hold(stream_id, -kept.popleft())
         held = self._held.get(stream_id)
         if held is None:
             return
@@ -653,11 +682,14 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
     def _stream_ended(self, event: Any) -> list[Any]:
         self.message_read_buffers.pop(event.stream_id, None)
         self._held.pop(event.stream_id, None)
+        if event.stream_id not in self._untaken:  # else counted out as they are taken
+            self._forget(event.stream_id)
         return [RequestEnded(event.stream_id)]
 
     def _stream_reset(self, event: Any) -> list[Any]:
         self.message_read_buffers.pop(event.stream_id, None)
         self._held.pop(event.stream_id, None)
+        self._forget(event.stream_id)
         self._reset_budget -= 1
         if self._reset_budget < 0:
             raise PeerMisbehaved(ENHANCE_YOUR_CALM, "too many streams reset by the peer")
@@ -695,3 +727,17 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         """Stop collecting a stream's request: what still arrives is acknowledged and dropped."""
         self.message_read_buffers.pop(stream_id, None)
         self._held.pop(stream_id, None)
+        self._forget(stream_id)
+
+    def _hold(self, stream_id: int, delta: int) -> None:
+        held = self._buffered.get(stream_id, 0) + delta
+        self.buffered_requests += delta
+        if held > 0:
+            self._buffered[stream_id] = held
+        else:
+            self._buffered.pop(stream_id, None)
+
+    def _forget(self, stream_id: int) -> None:
+        """Count a stream's request bytes out: the stream is over, or its call is."""
+        self.buffered_requests -= self._buffered.pop(stream_id, 0)
+        self._untaken.pop(stream_id, None)

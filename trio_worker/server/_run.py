@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from .._errors import describe_id
 from .._jobs._supervisor import Retention, open_supervisor
 from .._limits import LimitPolicy
 from .._net._transport import CallRecord, Server, TransportConfig
@@ -82,6 +83,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 def _audit(record: CallRecord) -> None:
     """One JSON line per RPC: who, as what, did which method on which job, with what status."""
     job_id = getattr(record.request, "id", "") or getattr(record.response, "id", "")
+    if len(job_id) > 64:  # a client's id is unbounded: described, not copied into the log
+        job_id = describe_id(job_id)
     identity = record.ctx.identity
     audit_log.info(
         json.dumps(
