@@ -7,6 +7,8 @@ is not theirs and to lift their own limits.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import pwd
 import secrets
@@ -139,7 +141,8 @@ async def run(client: WorkerClient, script: str, **kw: Any) -> tuple[JobInfo, st
 IDENTITY = 'echo "$(id -u) $(id -g) $(id -G) $(pwd) $HOME $USER $LOGNAME $SHELL"'
 
 
-async def test_who_jobs_run_as(served: Served) -> None:
+async def test_who_jobs_run_as(served: Served, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="trio_worker.audit")
     acc = served.accounts
     alice, bob, svc = acc["alice"], acc["bob"], acc["svc"]
     extra_gid = next(g for g in os.getgrouplist(alice.name, alice.gid) if g != alice.gid)
@@ -198,6 +201,13 @@ async def test_who_jobs_run_as(served: Served) -> None:
         listed = {j.id: j.user for j in await as_root.list()}
         assert listed[job.id] == "root"
         assert (await as_root.status(job.id)).user == "root"
+    starts = [json.loads(r.getMessage()) for r in caplog.records if "/Start" in r.getMessage()]
+    assert {"identity": "alice", "job_user": alice.name, "status": "OK"}.items() <= starts[
+        0
+    ].items()
+    denied = [s for s in starts if s["status"] == "PERMISSION_DENIED"]
+    assert denied
+    assert all(s["job_user"] is None for s in denied)  # nothing ran
 
 
 def _probe(state: Path, other_job: str) -> str:

@@ -84,7 +84,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def _audit(record: CallRecord) -> None:
-    """One JSON line per RPC: who, as what, did which method on which job, with what status."""
+    """One JSON line per RPC: who, as what, did which method on which job (running as which
+    Unix user), with what status."""
     job_id = getattr(record.request, "id", "") or getattr(record.response, "id", "")
     if len(job_id) > 64:  # a client's id is unbounded: described, not copied into the log
         job_id = describe_id(job_id)
@@ -99,6 +100,7 @@ def _audit(record: CallRecord) -> None:
                 "role": identity.role.value if identity.role else None,
                 "method": record.ctx.method,
                 "job_id": job_id or None,
+                "job_user": getattr(record.response, "user", "") or None,
                 "status": record.code.name,
                 "message": record.message or None,
                 "duration_ms": round(record.duration * 1000, 3),
