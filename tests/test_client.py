@@ -40,6 +40,7 @@ from trio_worker import client as client_module
 from trio_worker._error_codes import exception_from
 from trio_worker._identity import Role
 from trio_worker._net._transport import TransportConfig
+from trio_worker._wire import _client as wire_client
 from trio_worker.client import ConnectionFailed, RemoteError, WorkerClient, connect
 from trio_worker.server._run import ServerSettings, run_server
 
@@ -718,7 +719,7 @@ async def test_calls_after_the_block_fail(server: Server) -> None:
 async def test_slow_consumer_keeps_buffer_bounded(server: Server) -> None:
     size = 64 * 1024 * 1024
     # What the client documents: the ack threshold, one stream window, one message.
-    bound = client_module._ACK_BELOW + client_module._STREAM_WINDOW + SERVER_CHUNK + 64
+    bound = client_module._ACK_BELOW + wire_client.STREAM_WINDOW + SERVER_CHUNK + 64
     async with server.connect() as client:
         job = await client.start("head", ["-c", str(size), "/dev/zero"])
         total = 0
@@ -791,7 +792,7 @@ async def test_cancelled_next_loses_nothing(server: Server) -> None:
 
 
 def test_grpc_timeout_format() -> None:
-    fmt = client_module._grpc_timeout
+    fmt = wire_client.grpc_timeout
     assert fmt(0.05) == "50000000n"
     assert fmt(0.5) == "500000u"
     assert fmt(1.5) == "1500000u"

@@ -523,6 +523,81 @@ def alpn(server: Server) -> dict[str, Any]:
     return {"handshake": "completed", "alpn": chosen, "served_h2": served}
 
 
+def conn_flood(
+    server: Server, held: int = 1000, fresh: int = 40, seconds: float = 60.0
+) -> dict[str, Any]:
+    """``held`` idle TCP connections from 127.0.0.2, refilled as the server drops them,
+    while ``fresh`` new legitimate clients from 127.0.0.1 each connect and call Status
+    once (5 s deadline): how many are served, and how slowly (issue 10, admission)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    stop = threading.Event()
+    socks: list[socket.socket] = []
+    refills = [0]
+
+    def flood() -> None:
+        began = time.monotonic()
+        while not stop.is_set() and time.monotonic() - began < seconds:
+            alive = []
+            for sock in socks:  # drop those the server closed or reset
+                try:
+                    if sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b"":
+                        sock.close()
+                        continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    sock.close()
+                    continue
+                alive.append(sock)
+            socks[:] = alive
+            while len(socks) < held and not stop.is_set():
+                sock = socket.socket()
+                sock.bind(("127.0.0.2", 0))
+                sock.settimeout(1.0)
+                try:
+                    sock.connect(("127.0.0.1", server.port))
+                except OSError:
+                    sock.close()
+                    break
+                socks.append(sock)
+                refills[0] += 1
+            stop.wait(0.2)
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    time.sleep(3)  # let the flood fill up
+    served = 0
+    slowest = 0.0
+    began = time.monotonic()
+    for _ in range(fresh):
+        if time.monotonic() - began > seconds:
+            break
+        t0 = time.monotonic()
+        try:
+            with channel(server) as ch:
+                unary(ch, "Status", pb.StatusRequest(id=JOB[0]), pb.Job, 5.0)
+            served += 1
+            slowest = max(slowest, time.monotonic() - t0)
+        except grpc.RpcError:
+            pass
+    stop.set()
+    thread.join(30)
+    held_at_end = len(socks)
+    for sock in socks:
+        sock.close()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return {
+        "fresh_clients": fresh,
+        "fresh_served": served,
+        "fresh_slowest_served_ms": round(slowest * 1000, 1),
+        "flood_connects": refills[0],
+        "flood_held_at_end": held_at_end,
+    }
+
+
 ATTACKS: dict[str, Callable[[Server], dict[str, Any]]] = {
     "big-id": big_id,
     "hpack-flood": hpack_flood,
@@ -531,8 +606,10 @@ ATTACKS: dict[str, Callable[[Server], dict[str, Any]]] = {
     "rapid-reset": rapid_reset,
     "ping-flood": ping_flood,
     "alpn": alpn,
+    "conn-flood": conn_flood,
 }
 CHATTY: list[str] = [""]
+JOB: list[str] = [""]
 
 
 def main() -> None:
@@ -545,6 +622,7 @@ def main() -> None:
     for name in names:
         with running_server(args.pythonpath) as server, channel(server) as ch:
             job = unary(ch, "Start", pb.StartRequest(command="true"), pb.Job, 30)
+            JOB[0] = job.id
             chatty = None
             if name == "zero-window":
                 script = "while :; do head -c 1048576 /dev/zero | tr '\\0' x; sleep 0.05; done"

@@ -56,16 +56,11 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-import hpack
 import trio
 from google.protobuf.message import DecodeError
-from purerpc.grpclib.config import GRPCConfiguration
-from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import ResponseEnded, ResponseReceived, WindowUpdated
 from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
-from purerpc.grpclib.headers import HeaderDict
 
-from . import __version__
 from ._convert import (
     chunk_from_pb,
     isolation_to_pb,
@@ -85,16 +80,45 @@ from ._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits, Ou
 from ._net._sockets import set_keepalive as _set_keepalive
 from ._pb import worker_pb2 as pb
 from ._tls import ALPN_PROTOCOL, client_context
+from ._wire._client import (
+    MAX_FRAME as _MAX_FRAME,
+)
+from ._wire._client import (
+    MAX_MESSAGE as _MAX_MESSAGE,
+)
+from ._wire._client import (
+    BadResponse as _BadResponse,
+)
+from ._wire._client import (
+    GoAwayReceived as _GoAway,
+)
+from ._wire._client import (
+    GRPCClientConnection as _GRPCClientConnection,
+)
+from ._wire._client import (
+    RequestHeaders as _Headers,
+)
+from ._wire._client import (
+    ResponseData as _Data,
+)
+from ._wire._client import (
+    StreamEnded as _Ended,
+)
+from ._wire._client import (
+    StreamResetByPeer as _Reset,
+)
+from ._wire._client import (
+    request_headers as _request_headers,
+)
+from ._wire._client import (
+    with_timeout as _with_timeout,
+)
 from ._wire._h2conn import (
     MAX_UNSENT_CONTROL,
-    BoundedDecoder,
     FrameGate,
     PeerMisbehaved,
-    WireH2Connection,
-    h2_config,
-    hpack_literal,
 )
-from ._wire._status import DETAILS_HEADER, StatusCode, details_from_header
+from ._wire._status import StatusCode
 
 __all__ = [
     "Attachment",
@@ -111,20 +135,9 @@ _SERVICE: Final = "trioworker.v1.Worker"
 _MESSAGE_PREFIX: Final = struct.Struct(">BI")
 _FRAME_HEADER_SIZE: Final = 9
 
-#: The receive window we advertise for each stream: what the server may send beyond what
-#: the consumer has made room for.
-_STREAM_WINDOW: Final = 1024 * 1024
 #: Received data is acknowledged at once while fewer bytes than this (complete messages)
 #: wait for the consumer; beyond it, only as the consumer takes messages.
 _ACK_BELOW: Final = 512 * 1024
-#: The connection window is not what bounds memory (stream windows are), so it is as large
-#: as HTTP/2 allows: a stream whose consumer stalls never starves the others.
-_CONNECTION_WINDOW: Final = 2**31 - 1
-#: Largest frame we accept: whole output chunks arrive in one frame.
-_MAX_FRAME: Final = 1024 * 1024
-#: Largest response message (a List of very many jobs); a guard against garbage lengths.
-_MAX_MESSAGE: Final = 64 * 1024 * 1024
-_MAX_HEADER_LIST: Final = 64 * 1024
 #: Asked of each TLS read. OpenSSL returns at most one record (16 KiB) per read, but Python
 #: allocates the whole size asked for first: 256 KiB (mmap'd, then trimmed) made decrypting
 #: four times slower than asking for what a record can hold.
@@ -139,7 +152,6 @@ _CLOSE_TIMEOUT: Final = 0.5
 _ATTEMPTS: Final = 3
 #: Stdin is sent in messages of at most this size (the server takes up to 4 MiB).
 _STDIN_MESSAGE: Final = 256 * 1024
-_USER_AGENT: Final = f"trio-worker/{__version__} purerpc"
 
 
 M = TypeVar("M")
@@ -215,223 +227,6 @@ def _tls_reason(exc: BaseException, *, handshake: bool = False) -> str:
     if cause is not None:
         return _os_reason(cause)
     return str(exc) or type(exc).__name__
-
-
-def _grpc_timeout(seconds: float) -> str:
-    """A grpc-timeout value: at most 8 digits, in the finest unit that fits."""
-    seconds = max(seconds, 0.0)
-    for unit, scale in (("n", 1e9), ("u", 1e6), ("m", 1e3), ("S", 1.0), ("M", 1 / 60)):
-        value = math.ceil(seconds * scale)
-        if value <= 99_999_999:
-            return f"{value}{unit}"
-    return f"{min(math.ceil(seconds / 3600), 99_999_999)}H"
-
-
-# --- the sans-I/O layer: purerpc's GRPCConnection, client side ---------------------------
-
-
-class _Data:
-    """DATA on a stream: raw bytes and their flow-controlled length (with padding)."""
-
-    __slots__ = ("data", "flow", "stream_id")
-
-    def __init__(self, stream_id: int, data: bytes, flow: int) -> None:
-        self.stream_id = stream_id
-        self.data = data
-        self.flow = flow
-
-
-class _Ended:
-    """END_STREAM on a stream (after trailers, or without them: a broken response)."""
-
-    __slots__ = ("stream_id",)
-
-    def __init__(self, stream_id: int) -> None:
-        self.stream_id = stream_id
-
-
-class _Reset:
-    """The server reset a stream (RST_STREAM)."""
-
-    __slots__ = ("error_code", "stream_id")
-
-    def __init__(self, stream_id: int, error_code: int) -> None:
-        self.stream_id = stream_id
-        self.error_code = error_code
-
-
-class _GoAway:
-    """The server sent GOAWAY: streams above ``last_stream_id`` were never processed."""
-
-    __slots__ = ("error_code", "last_stream_id")
-
-    def __init__(self, error_code: int, last_stream_id: int) -> None:
-        self.error_code = error_code
-        self.last_stream_id = last_stream_id
-
-
-class _BadResponse:
-    """Response headers or trailers that are not gRPC: that call fails, the others go on."""
-
-    __slots__ = ("reason", "stream_id")
-
-    def __init__(self, stream_id: int, reason: str) -> None:
-        self.stream_id = stream_id
-        self.reason = reason
-
-
-class _Headers(list[tuple[str, str]]):
-    """A request's header list together with its HPACK block, encoded once per method."""
-
-    block: bytes
-
-
-def _request_headers(path: str, authority: str) -> _Headers:
-    headers = _Headers(
-        [
-            (":method", "POST"),
-            (":scheme", "https"),
-            (":path", path),
-            (":authority", authority),
-            ("te", "trailers"),
-            ("content-type", "application/grpc+proto"),
-            ("user-agent", _USER_AGENT),
-        ]
-    )
-    headers.block = (
-        b"\x83"  # static entry 3, ":method: POST"
-        + b"\x87"  # static entry 7, ":scheme: https"
-        + hpack_literal(":path", path, 4)
-        + hpack_literal(":authority", authority, 1)
-        + hpack_literal("te", "trailers")
-        + hpack_literal("content-type", "application/grpc+proto", 31)
-        + hpack_literal("user-agent", _USER_AGENT, 58)
-    )
-    return headers
-
-
-def _with_timeout(base: _Headers, timeout: float) -> _Headers:
-    value = _grpc_timeout(timeout)
-    headers = _Headers([*base, ("grpc-timeout", value)])
-    headers.block = base.block + hpack_literal("grpc-timeout", value)
-    return headers
-
-
-class _RequestEncoder(hpack.Encoder):  # type: ignore[misc]
-    """hpack's encoder, handing out our pre-encoded request blocks (hpack spends more time
-    on a request's headers than everything else the client does for a small call)."""
-
-    def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        # A pending table size change must lead the next block: let hpack write that one.
-        if type(headers) is _Headers and not self.header_table.resized:
-            return headers.block
-        return bytes(super().encode(headers, huffman))
-
-
-class _ClientH2(WireH2Connection):
-    """h2's connection, kept usable after a GOAWAY and handing out output without a copy.
-
-    h2 3.x closes its state machine on GOAWAY and drops unsent output, after which it would
-    refuse the WINDOW_UPDATEs the streams the server is still finishing need (a graceful
-    drain). We only stop opening streams on this connection.
-    """
-
-    _data_to_send: bytearray
-
-    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
-        event = h2.events.ConnectionTerminated()
-        event.error_code = h2.errors._error_code_from_int(frame.error_code)
-        event.last_stream_id = frame.last_stream_id
-        event.additional_data = frame.additional_data or None
-        return [], [event]
-
-
-class _GRPCClientConnection(GRPCConnection):  # type: ignore[misc]
-    """purerpc's ``GRPCConnection`` for a client, with our settings and complete events.
-
-    purerpc's version raises out of ``receive_data`` on a malformed response (losing the
-    other events of that read), drops RST_STREAM and GOAWAY, and reassembles messages in a
-    buffer it acknowledges by itself; messages and flow control are the transport's here.
-    """
-
-    def __init__(self) -> None:
-        # Not super().__init__(): it builds a plain H2Connection with purerpc's settings.
-        self.config = GRPCConfiguration(
-            client_side=True, user_agent=_USER_AGENT, max_message_length=_MAX_MESSAGE
-        )
-        h2c = _ClientH2(h2_config(client_side=True))
-        h2c.encoder = _RequestEncoder()
-        h2c.decoder = BoundedDecoder()  # the server repeats its header blocks
-        h2c.decoder.max_header_list_size = _MAX_HEADER_LIST
-        codes = h2.settings.SettingCodes
-        h2c.local_settings = h2.settings.Settings(
-            client=True,
-            initial_values={
-                # MAX_CONCURRENT_STREAMS is left unlimited although the server opens no
-                # streams: h2 checks it before noticing that HEADERS are for a stream we
-                # reset (trailers crossing our RST_STREAM), and 0 would kill the connection.
-                codes.ENABLE_PUSH: 0,
-                codes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
-                codes.MAX_FRAME_SIZE: _MAX_FRAME,
-                codes.MAX_HEADER_LIST_SIZE: _MAX_HEADER_LIST,
-            },
-        )
-        h2c.max_inbound_frame_size = _MAX_FRAME
-        self.h2_connection: _ClientH2 = h2c
-        self.message_read_buffers: dict[int, Any] = {}
-        self.settings_received = False
-
-    def initiate_connection(self) -> None:
-        h2c = self.h2_connection
-        h2c.initiate_connection()
-        h2c.increment_flow_control_window(_CONNECTION_WINDOW - int(h2c.inbound_flow_control_window))
-
-    def _response_received(self, event: Any) -> list[Any]:
-        headers = HeaderDict(event.headers)
-        stream_id: int = event.stream_id
-        try:
-            received = ResponseReceived.parse_from_stream_id_and_headers_destructive(
-                stream_id, headers
-            )
-            if event.stream_ended:  # trailers-only: the status is in these headers
-                return [received, _ended(stream_id, event.headers, headers)]
-        except (GRPCProtocolError, KeyError, ValueError, TypeError) as exc:
-            return [_BadResponse(stream_id, f"not a gRPC response ({exc})")]
-        return [received]
-
-    def _trailers_received(self, event: Any) -> list[Any]:
-        try:
-            return [_ended(event.stream_id, event.headers, HeaderDict(event.headers))]
-        except (GRPCProtocolError, KeyError, ValueError, TypeError) as exc:
-            return [_BadResponse(event.stream_id, f"malformed trailers ({exc})")]
-
-    def _data_received(self, event: Any) -> list[Any]:
-        return [_Data(event.stream_id, event.data, event.flow_controlled_length)]
-
-    def _stream_ended(self, event: Any) -> list[Any]:
-        return [_Ended(event.stream_id)]
-
-    def _stream_reset(self, event: Any) -> list[Any]:
-        return [_Reset(event.stream_id, int(event.error_code))]
-
-    def _connection_terminated(self, event: Any) -> list[Any]:
-        return [_GoAway(int(event.error_code), int(event.last_stream_id))]
-
-    def _remote_settings_changed(self, event: Any) -> list[Any]:
-        self.settings_received = True
-        return [WindowUpdated(stream_id=0, delta=1)]
-
-
-def _ended(stream_id: int, raw: list[tuple[str, str]], headers: HeaderDict) -> Any:
-    """ResponseEnded, with ``details``: the raw ``grpc-status-details-bin`` (purerpc drops
-    every ``grpc-`` header it does not know)."""
-    ended = ResponseEnded.parse_from_stream_id_and_headers_destructive(stream_id, headers)
-    ended.details = None
-    for name, value in raw:
-        if name == DETAILS_HEADER:
-            ended.details = details_from_header(value)
-            break
-    return ended
 
 
 # --- one call ----------------------------------------------------------------------------
@@ -1097,6 +892,7 @@ class WorkerClient:
         cwd: str | os.PathLike[str] | None = None,
         limits: Limits | None = None,
         isolation: Isolation | None = None,
+        user: str | None = None,
         stdin: bool = False,
         tty: bool = False,
         terminal_size: tuple[int, int] | None = None,
@@ -1130,6 +926,8 @@ class WorkerClient:
         if terminal_size is not None:
             with _request_field("terminal_size"):
                 request.terminal_size.rows, request.terminal_size.cols = terminal_size
+        with _request_field("user"):
+            request.user = user or ""
         job = await self._unary("Start", request, pb.Job)
         return job_from_pb(job)
 

@@ -116,3 +116,46 @@ class ConnectionPair:
             if isinstance(event, h2.events.ConnectionTerminated):
                 return int(event.error_code)
         return None
+
+
+class CorePair:
+    """Our client core and our server core, connected in memory (h11's ConnectionPair)."""
+
+    def __init__(self, **settings: Any) -> None:
+        from trio_worker._wire._client import GRPCClientConnection
+
+        config: dict[str, Any] = {
+            "max_message_length": 4 * 1024 * 1024,
+            "max_concurrent_streams": 100,
+            "initial_window_size": 1024 * 1024,
+            "connection_window_size": 16 * 1024 * 1024,
+            "max_frame_size": 1024 * 1024,
+            "max_header_list_size": 16 * 1024,
+        }
+        config.update(settings)
+        self.client = GRPCClientConnection()
+        self.server = GRPCServerConnection(**config)
+        self.client.initiate_connection()
+        self.server.initiate_connection()
+        self.to_server()
+        self.to_client()
+        self.to_server()
+
+    def to_server(self) -> list[Any]:
+        return self.server.receive_frames(bytes(self.client.h2_connection.data_to_send()))
+
+    def to_client(self) -> list[Any]:
+        return list(self.client.receive_data(bytes(self.server.h2_connection.data_to_send())))
+
+    def call(self, path: str, payload: bytes, timeout: float | None = None) -> int:
+        """Open a call from the client: headers, one message, END_STREAM."""
+        from trio_worker._wire._client import request_headers, with_timeout
+
+        h2c = self.client.h2_connection
+        stream_id = int(h2c.get_next_available_stream_id())
+        headers = request_headers(path, "localhost:50051")
+        if timeout is not None:
+            headers = with_timeout(headers, timeout)
+        h2c.send_headers(stream_id, headers, end_stream=False)
+        h2c.send_data(stream_id, grpc_frame(payload), end_stream=True)
+        return stream_id

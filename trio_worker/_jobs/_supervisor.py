@@ -38,12 +38,20 @@ from .._errors import (
     ResourceExhausted,
     ShuttingDown,
     StateDirError,
+    Unenforceable,
 )
 from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup
 from .._host._cgroups import detect as cgroup_detect
 from .._host._enforce import check_enforceable
 from .._host._isolation import helper_argv, helper_tasks, read_report, resolve_command
 from .._host._spawn import raise_nofile_limit
+from .._host._users import (
+    UnixUser,
+    current_user,
+    lookup_user,
+    start_directory,
+    user_environment,
+)
 from .._limits import LimitPolicy
 from .._model import (
     Isolation,
@@ -60,6 +68,7 @@ from . import _lifecycle as lc
 from ._output import DEFAULT_CHUNK, OutputLog
 from ._process import (
     RESOURCE_ERRNOS,
+    Credentials,
     JobProcess,
     PipeReader,
     SpawnError,
@@ -156,6 +165,8 @@ class _Job:
         self.pid_start_time: int | None = None
         #: When an accepted Stop SIGKILLs the job (the earliest one asked for).
         self.kill_deadline: float | None = None
+        #: The Unix user it runs as (``UnixUser.label``).
+        self.user = ""
 
     def feed(self, event: lc.Event) -> None:
         self.record = lc.apply(self.record, event)
@@ -185,6 +196,7 @@ class _Job:
             oom_killed=r.oom_killed,
             spawn_errno=r.spawn_errno,
             usage=self.usage(),
+            user=self.user,
             stdin=self.stdin,
             tty=self.tty,
         )
@@ -203,6 +215,7 @@ class _Job:
             log.close()
         job = cls(info.id, info.owner, spec, info.limits, info.isolation, log)
         job.env_keys = entry.env_keys
+        job.user = info.user
         job.final_usage = info.usage
         job.record = lc.Record(
             state=info.state,
@@ -272,6 +285,8 @@ class Supervisor(metaclass=NoPublicConstructor):
         self._order: list[str] = []
         self._new_id = JobIdGenerator()
         self._closing = False
+        #: Who this process runs as: the user of jobs that name none.
+        self._me = current_user()
         #: The soft fd limit jobs get (the one this process had before raising its own).
         self._job_nofile = job_nofile
         #: Jobs whose record in the store is behind (a write failed, e.g. a full
@@ -334,6 +349,13 @@ class Supervisor(metaclass=NoPublicConstructor):
             if i < len(self._order) and self._order[i] == job_id:
                 del self._order[i]
 
+    async def _account(self, user: str | None) -> UnixUser:
+        if user is None or user == "" or user == self._me.label:
+            return self._me
+        if not isinstance(user, str):
+            raise InvalidRequest("user", "must be a user name or a decimal uid")
+        return await trio.to_thread.run_sync(lookup_user, user)
+
     def running_count(self, owner: str) -> int:
         """How many of ``owner``'s jobs are running (for quotas: no snapshots made)."""
         running = JobState.RUNNING
@@ -360,6 +382,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         stdin: bool = False,
         tty: bool = False,
         terminal_size: tuple[int, int] | None = None,
+        user: str | None = None,
     ) -> JobInfo:
         """Start a job; return once its process exists.
 
@@ -370,11 +393,30 @@ class Supervisor(metaclass=NoPublicConstructor):
 
         A command that cannot be executed is not an exception: the job is
         returned (and kept) in state FAILED with ``error`` saying why.
+
+        ``user`` (a name or a decimal uid; default: the supervisor's own user)
+        is who the job runs as: its uid, primary gid and groups (InvalidRequest
+        for a user the host does not know). A job of another user gets a clean
+        environment (PATH and locale kept, HOME, USER, LOGNAME and SHELL from
+        passwd; ``env`` on top)
+        and starts in that user's home (``/`` without one) unless ``cwd`` says.
         """
         await trio.lowlevel.checkpoint()
         if self._closing:
             raise ShuttingDown("the supervisor is shutting down")
-        spec = validate_start(command, args, env, cwd, base_env=self._base_env)
+        account = await self._account(user)
+        as_other = account.uid != self._me.uid
+        base_env: Mapping[str, str] = self._base_env
+        if as_other:
+            if self._me.uid != 0:
+                raise Unenforceable(
+                    f"cannot run a job as {account.label}: the server does not run as root"
+                )
+            base_env = user_environment(account, self._base_env)
+            if cwd is None or cwd == "":
+                cwd = await trio.to_thread.run_sync(start_directory, account)
+        credentials = Credentials(account.uid, account.gid, account.groups) if as_other else None
+        spec = validate_start(command, args, env, cwd, base_env=base_env)
         terminal = _check_terminal(tty, terminal_size)
         limits = limits if limits is not None else Limits()
         isolation = isolation if isolation is not None else Isolation()
@@ -399,19 +441,29 @@ class Supervisor(metaclass=NoPublicConstructor):
         job = _Job(job_id, owner, spec, limits, isolation, log)
         job.cgroup = group
         job.env_keys = tuple(env or ())
+        job.user = account.label
         job.stdin = bool(stdin)
         job.tty = terminal is not None
         fds: tuple[int, int, int] | None = None
         slave_open = False
+        # The namespace helper must start as root (to unshare): it drops to the user
+        # itself, right before the command.
+        user_options = None if isolation.any else credentials
         try:
             # A terminal's master and slave, and the master's duplicate for writing:
             # made before the job, so running out of descriptors refuses the Start.
             if terminal is not None:
                 fds = _open_terminal()
                 slave_open = True
-                options = SpawnOptions(stdin=Terminal(fds[1], terminal[0], terminal[1]))
+                if credentials is not None:
+                    os.fchown(fds[1], credentials.uid, -1)  # the job's own terminal, as login does
+                options = SpawnOptions(
+                    stdin=Terminal(fds[1], terminal[0], terminal[1]), user=user_options
+                )
             else:
-                options = SpawnOptions(stdin=Stdin.PIPE if job.stdin else Stdin.NULL)
+                options = SpawnOptions(
+                    stdin=Stdin.PIPE if job.stdin else Stdin.NULL, user=user_options
+                )
             if setup_error is not None:
                 raise setup_error
             argv = None
@@ -423,7 +475,9 @@ class Supervisor(metaclass=NoPublicConstructor):
                 except OSError as exc:
                     raise SpawnError(describe_os_error(exc, spec.command), exc.errno) from None
                 report = log.directory / _REPORT
-                argv = helper_argv(isolation, spec.command, spec.args, report=report)
+                argv = helper_argv(
+                    isolation, spec.command, spec.args, report=report, user=credentials
+                )
             given, procs = procs, []  # the spawn owns (and closes) them now
             try:
                 process = JobProcess.spawn(
