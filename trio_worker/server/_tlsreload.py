@@ -35,8 +35,17 @@ class TLSMaterial:
     revoked: Callable[[bytes], bool] | None
 
 
-def load_tls(*, ca: Path, cert: Path, key: Path, crl: Path | None) -> TLSMaterial:
-    """Read and check every file; raises :class:`TLSConfigError` naming the bad one."""
+def load_tls(
+    *, ca: Path, cert: Path, key: Path, crl: Path | None, crl_may_be_missing: bool = False
+) -> TLSMaterial:
+    """Read and check every file; raises :class:`TLSConfigError` naming the bad one.
+
+    With ``crl_may_be_missing``, a CRL file that does not exist (yet: ``certs revoke``
+    makes it on first use) means none is revoked. Once a CRL was in use, a reload never
+    takes its disappearance for that.
+    """
+    if crl is not None and crl_may_be_missing and not crl.exists():
+        crl = None
     context = server_context(ca=ca, cert=cert, key=key, crl=crl)
     if crl is None:
         return TLSMaterial(context, None)
@@ -49,19 +58,22 @@ def load_tls(*, ca: Path, cert: Path, key: Path, crl: Path | None) -> TLSMateria
 
 async def reload_on_sighup(
     server: Server,
-    load: Callable[[], TLSMaterial],
+    load: Callable[[bool], TLSMaterial],
+    current: TLSMaterial,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """On each SIGHUP, ``load`` the material again and hand it to ``server``."""
+    """On each SIGHUP, ``load`` the material again and hand it to ``server``.
+    ``load``'s argument: whether the CRL file may be missing (only while it always was)."""
     with trio.open_signal_receiver(signal.SIGHUP) as hangups:
         task_status.started()
         async for _ in hangups:
             try:
-                material = await trio.to_thread.run_sync(load)
+                material = await trio.to_thread.run_sync(load, current.revoked is None)
             except TLSConfigError as exc:
                 _log.error("SIGHUP: reload failed, keeping the previous TLS material: %s", exc)
                 continue
+            current = material
             closed = server.use_tls(material.context, revoked=material.revoked)
             _log.info(
                 "SIGHUP: reloaded the CA, certificate, key%s; closed %d connection(s) of "
