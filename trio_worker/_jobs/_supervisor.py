@@ -43,6 +43,7 @@ from .._errors import (
 from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup
 from .._host._cgroups import detect as cgroup_detect
 from .._host._enforce import check_enforceable
+from .._host._guard import ReaperGuard, outlive
 from .._host._isolation import helper_argv, helper_tasks, read_report, resolve_command
 from .._host._spawn import raise_nofile_limit
 from .._host._users import (
@@ -740,14 +741,14 @@ class Supervisor(metaclass=NoPublicConstructor):
         if self._jobs.get(job.id) is not job:
             raise JobNotFound(job.id)  # another remove got there first
         info = job.info()
-        del self._jobs[job.id]
+        self._forget(job.id)
         # Shielded: once the record is going, the output goes too, whatever the caller does.
         with trio.CancelScope(shield=True):
             if self._store is not None:
                 try:
                     await self._store.delete([job.id])
                 except BaseException:
-                    self._jobs[job.id] = job  # nothing was removed
+                    self._add(job)  # nothing was removed
                     raise
             self._unsaved.pop(job.id, None)
             if job.directory is not None:
@@ -1258,6 +1259,7 @@ async def open_supervisor(
     limit_policy: LimitPolicy | None = None,
     persist: bool | None = None,
     retention: Retention | None = None,
+    reaper: bool = True,
 ) -> AsyncIterator[Supervisor]:
     """Run a supervisor for the duration of the ``async with`` block.
 
@@ -1284,6 +1286,12 @@ async def open_supervisor(
     never touch each other's jobs, and the lock on a state directory makes the
     cleanup safe. ``limit_policy`` holds the defaults and maximums applied to
     every job's limits.
+
+    With ``reaper`` (the default) and cgroups, a small helper process (the
+    reaper, ``_host/_reaper``) outlives this one if it dies, even by SIGKILL,
+    and then kills every job group under the parent: no job process, escapees
+    included, survives the supervisor's process. Leaving the block tells it
+    to exit quietly.
     """
     async with open_supervisor_with_driver(
         None,
@@ -1296,6 +1304,7 @@ async def open_supervisor(
         limit_policy=limit_policy,
         persist=persist,
         retention=retention,
+        reaper=reaper,
     ) as supervisor:
         yield supervisor
 
@@ -1313,6 +1322,7 @@ async def open_supervisor_with_driver(
     limit_policy: LimitPolicy | None = None,
     persist: bool | None = None,
     retention: Retention | None = None,
+    reaper: bool = True,
 ) -> AsyncIterator[Supervisor]:
     """``open_supervisor`` with a given cgroup driver instead of the host's probe (tests)."""
     # Jobs cost descriptors (pipes, pidfd, log files): use all the host allows.
@@ -1324,16 +1334,29 @@ async def open_supervisor_with_driver(
     lock = await trio.to_thread.run_sync(StateDir.open, path) if persistent else None
     store: SqliteJobStore | None = None
     driver: CgroupDriver | None = None
+    guard: ReaperGuard | None = None
     try:
         if lock is not None:
             store = await SqliteJobStore.open(lock.db_path)
         if cgroup_parent is None:
             cgroup_parent = _cgroup_parent_for(path)
         driver = cgroups if cgroups is not None else cgroup_detect(cgroup_parent)
+        if lock is not None and lock.previous_reaper is not None:
+            # A server that died a moment ago may still have its reaper at work
+            # on our parent groups: let it finish before any job of ours exists.
+            await outlive(*lock.previous_reaper)
         leftovers = await trio.to_thread.run_sync(driver.cleanup_leftovers)
         if leftovers:
             _log.warning("killed %d job group(s) left by an earlier run", len(leftovers))
+        if reaper and driver.tracks:
+            note = (lambda r: lock.note_reaper(r.pid, r.start_time)) if lock else None
+            try:
+                guard = await ReaperGuard.start(driver.parent_dirs(), on_start=note)
+            except OSError as exc:
+                _log.error("cannot start the reaper: jobs may outlive a crash: %s", exc)
         async with _unwrap_single(), trio.open_nursery() as nursery:
+            if guard is not None:
+                nursery.start_soon(guard.watch)
             supervisor = Supervisor._create(
                 nursery,
                 path,
@@ -1356,6 +1379,8 @@ async def open_supervisor_with_driver(
                 nursery.cancel_scope.cancel()  # housekeeping; jobs have ended
     finally:
         with trio.CancelScope(shield=True):
+            if guard is not None:
+                await guard.quit()  # every job has ended
             if store is not None:
                 await store.aclose()
         if driver is not None and cgroups is None:

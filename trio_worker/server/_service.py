@@ -31,6 +31,7 @@ from .._errors import (
     InvalidRequest,
     JobNotFound,
     JobNotRunning,
+    PermissionDenied,
     TrioWorkerError,
 )
 from .._host._users import UnixUser, current_user, lookup_user
@@ -319,7 +320,13 @@ class WorkerService:
                 continue  # an empty message (or a newer event we do not know): nothing to do
             try:
                 if not may_write:
-                    authorize(ctx.identity, Op.STOP)  # readonly may watch, not type
+                    try:
+                        authorize(ctx.identity, Op.STOP)  # readonly may watch, not type
+                    except PermissionDenied:
+                        raise PermissionDenied(
+                            f"{ctx.identity.name!r} may watch this job but not send it input"
+                            " or resize its terminal (that takes the right to stop it)"
+                        ) from None
                     self._visible(job_id, ctx.identity)
                     may_write = True
                 if kind == "stdin":
