@@ -78,6 +78,7 @@ from ._process import (
     Stdin,
     Terminal,
     describe_os_error,
+    resource_exhausted,
     validate_signal,
     validate_start,
 )
@@ -431,27 +432,41 @@ class Supervisor(metaclass=NoPublicConstructor):
         limits = self._policy.apply(limits)  # InvalidRequest above a maximum
         check_enforceable(self.cgroups, limits, isolation)  # never silently ignored
         job_id = self._new_id()
-        log = self._open_log(job_id)
+        # The job's directory, log files and cgroups (mkdir and open on disk and
+        # cgroupfs: ~1-2 ms) are made in a worker thread, so Status and others
+        # are served meanwhile. Shielded: what the thread made must not be lost.
+        with trio.CancelScope(shield=True):
+            log, group, procs, setup_error = await trio.to_thread.run_sync(
+                self._prepare, job_id, limits, isolation, spec.cwd
+            )
         job = _Job(job_id, owner, spec, limits, isolation, log)
+        job.cgroup = group
         job.env_keys = tuple(env or ())
         job.user = account.label
         job.stdin = bool(stdin)
         job.tty = terminal is not None
-        # A terminal's master and slave, and the master's duplicate for writing: made
-        # before the job, so running out of descriptors refuses the Start cleanly.
-        fds = _open_terminal() if terminal is not None else None
+        fds: tuple[int, int, int] | None = None
+        slave_open = False
         # The namespace helper must start as root (to unshare): it drops to the user
         # itself, right before the command.
         user_options = None if isolation.any else credentials
-        if fds is not None and terminal is not None:
-            if credentials is not None:
-                os.fchown(fds[1], credentials.uid, -1)  # the job's own terminal, as login does
-            options = SpawnOptions(
-                stdin=Terminal(fds[1], terminal[0], terminal[1]), user=user_options
-            )
-        else:
-            options = SpawnOptions(stdin=Stdin.PIPE if job.stdin else Stdin.NULL, user=user_options)
         try:
+            # A terminal's master and slave, and the master's duplicate for writing:
+            # made before the job, so running out of descriptors refuses the Start.
+            if terminal is not None:
+                fds = _open_terminal()
+                slave_open = True
+                if credentials is not None:
+                    os.fchown(fds[1], credentials.uid, -1)  # the job's own terminal, as login does
+                options = SpawnOptions(
+                    stdin=Terminal(fds[1], terminal[0], terminal[1]), user=user_options
+                )
+            else:
+                options = SpawnOptions(
+                    stdin=Stdin.PIPE if job.stdin else Stdin.NULL, user=user_options
+                )
+            if setup_error is not None:
+                raise setup_error
             argv = None
             if isolation.any:
                 # The helper would only notice a missing command after it
@@ -464,28 +479,24 @@ class Supervisor(metaclass=NoPublicConstructor):
                 argv = helper_argv(
                     isolation, spec.command, spec.args, report=report, user=credentials
                 )
-            try:
-                job.cgroup = self.cgroups.create(
-                    job_id, limits, cwd=spec.cwd, extra_tasks=helper_tasks(isolation)
-                )
-            except CgroupError as exc:
-                if exc.errno in RESOURCE_ERRNOS:
-                    raise ResourceExhausted(f"cannot start the job: {exc}") from None
-                raise SpawnError(f"cannot set up the job's cgroup: {exc}", None) from None
+            given, procs = procs, []  # the spawn owns (and closes) them now
             try:
                 process = JobProcess.spawn(
                     spec,
                     argv=argv,
                     cgroup=job.cgroup,
+                    cgroup_fds=given,
                     options=options,
                     nofile_soft=self._job_nofile,
                 )
             finally:
                 if fds is not None:
                     os.close(fds[1])  # the slave is the job's alone now
+                    slave_open = False
         except SpawnError as exc:
             # The command cannot run: a FAILED job, kept and reported.
-            _close_terminal(fds)
+            _close_all(procs)
+            _close_terminal(fds, slave=slave_open)
             self._add(job)
             self._feed(job, lc.SpawnFailed(exc.message, _now(), exc.errno))
             log.finish()
@@ -497,7 +508,8 @@ class Supervisor(metaclass=NoPublicConstructor):
         except BaseException:
             # Out of descriptors, memory or processes (ResourceExhausted), or
             # cancelled: no half-made job stays, in the table or on the host.
-            _close_terminal(fds)
+            _close_all(procs)
+            _close_terminal(fds, slave=slave_open)
             with trio.CancelScope(shield=True):
                 log.close()
                 _remove_new_job_dir(log.directory)
@@ -524,6 +536,40 @@ class Supervisor(metaclass=NoPublicConstructor):
         # The job as it started: a quick command may already have ended while
         # its record was written, and Wait/Status tell that part.
         return started
+
+    def _prepare(
+        self, job_id: str, limits: Limits, isolation: Isolation, cwd: str | None
+    ) -> tuple[OutputLog, JobCgroup | None, Sequence[int], SpawnError | None]:
+        """In a worker thread: the job's log, its cgroup and that group's ``cgroup.procs`` fds.
+
+        Raises ``ResourceExhausted`` (out of descriptors, memory, disk) having
+        left nothing behind. A cgroup that cannot be made or joined for another
+        reason comes back as the ``SpawnError`` of a job that FAILED.
+        """
+        log = self._open_log(job_id)
+        try:
+            try:
+                group = self.cgroups.create(
+                    job_id, limits, cwd=cwd, extra_tasks=helper_tasks(isolation)
+                )
+            except CgroupError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise ResourceExhausted(f"cannot start the job: {exc}") from None
+                return log, None, [], SpawnError(f"cannot set up the job's cgroup: {exc}", None)
+            try:
+                procs = group.open_procs()
+            except OSError as exc:
+                with contextlib.suppress(CgroupError):
+                    group.remove()
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise resource_exhausted(exc, "opening its cgroup") from None
+                message = f"cannot join the job's cgroup: {exc.strerror}"
+                return log, None, [], SpawnError(message, exc.errno)
+        except BaseException:
+            log.close()
+            _remove_new_job_dir(log.directory)
+            raise
+        return log, group, procs, None
 
     def _open_log(self, job_id: str) -> OutputLog:
         """The new job's directory and log files, or ``ResourceExhausted`` saying why not.
@@ -736,11 +782,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         """End the job's input: it reads EOF (on a terminal: the EOF character, after
         whatever was written before). Closing twice is no error."""
         job = self._get(job_id)
-        writer = self._stdin_of(job, closing=True)
-        if writer is not None:
-            await writer.close()
-        else:
-            await trio.lowlevel.checkpoint()
+        await self._stdin_of(job, closing=True).close()
 
     async def resize(self, job_id: str, rows: int, cols: int) -> None:
         """Set a tty job's terminal size; its foreground process group gets SIGWINCH."""
@@ -1102,12 +1144,19 @@ def _open_terminal() -> tuple[int, int, int]:
     return master, slave, writer
 
 
-def _close_terminal(fds: tuple[int, int, int] | None) -> None:
-    """A terminal the job never got: the master and its duplicate (the slave is closed
-    where the spawn happens)."""
+def _close_terminal(fds: tuple[int, int, int] | None, *, slave: bool = False) -> None:
+    """A terminal the job never got: the master and its duplicate, and the slave if
+    it is still open (the spawn closes it once it ran)."""
     if fds is not None:
         os.close(fds[0])
         os.close(fds[2])
+        if slave:
+            os.close(fds[1])
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _check_terminal(tty: object, size: object) -> tuple[int, int] | None:
