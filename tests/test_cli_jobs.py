@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.test_cli import (
     COMMAND,
+    CuttingProxy,
     DevServer,
     ServerProcess,
     assert_one_line_error,
@@ -285,3 +287,32 @@ def test_run_ends_promptly_and_says_so_when_the_server_shuts_down(tmp_path: Path
         server.stop()
     assert run.returncode == 128 + signal.SIGTERM, err
     assert err.decode().endswith("was killed by SIGTERM: the server is shutting down\n"), err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "--", "sh", "-c", "echo out; echo err >&2; sleep 0.3; exit 4"],
+        ["start", "--follow", "--", "sh", "-c", "echo out; sleep 0.3"],
+        ["rm", "-f", "{prefix}"],
+        ["logs", "-f", "--tail", "1", "{prefix}"],
+    ],
+)
+async def test_each_command_uses_one_connection(dev: DevServer, args: list[str]) -> None:
+    """One TCP connection (one TLS handshake) for the whole command: Start, the output and
+    the end of ``run``; List (for an id prefix) and the call itself for the others."""
+    target = start(dev, "sh", "-c", "echo hi; sleep 0.5")
+    proxy = CuttingProxy(dev.port)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.serve)
+        argv = [arg.replace("{prefix}", target[:-4].lower()) for arg in args]
+        result = await trio.run_process(
+            [*COMMAND, argv[0], "--addr", f"127.0.0.1:{port}", *argv[1:]],
+            env=dev.env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        nursery.cancel_scope.cancel()
+    assert result.returncode in (0, 4), result.stderr
+    assert proxy.connections == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -51,6 +52,12 @@ class _AuditFormatter(logging.Formatter):
         if record.name == "trio_worker.audit":
             return record.getMessage()
         return super().format(record)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """``2026-12-01 15:50:14.703 UTC``: the one time format of the CLI, with its zone."""
+        moment = time.localtime(record.created)
+        millis = int(record.msecs)
+        return time.strftime(f"%Y-%m-%d %H:%M:%S.{millis:03d} %Z", moment)
 
 
 def _setup_logging(command: str, debug: bool) -> None:

@@ -254,9 +254,11 @@ async def run(
 
     The job's stdout goes to stdout and its stderr to stderr, byte for byte. The exit code
     is the job's; 128+N if signal N killed it; 127 if the command was not found, 126 if it
-    could not be executed; 125 if trio-worker itself failed. Ctrl-C stops the job (SIGTERM,
-    then SIGKILL after the grace period) and exits 130; a second Ctrl-C leaves at once. A
-    dropped connection is re-established and the output resumed where it stopped.
+    could not be executed; 125 if trio-worker itself failed. Ctrl-C stops the printing at
+    once and the job (SIGTERM, then SIGKILL after the grace period; what the job writes
+    meanwhile is still shown) and exits 130; a second Ctrl-C leaves at once. A dropped
+    connection is re-established and the output resumed where it stopped, with a line on
+    stderr for each; a server shutting down ends the command at once, saying so.
 
     For example:
 
