@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shlex
 import signal
@@ -39,6 +40,7 @@ COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "trio_w
 JSON_KEYS = {
     "id",
     "owner",
+    "user",
     "command",
     "args",
     "state",
@@ -381,6 +383,7 @@ def test_status_and_list_json_and_tables(dev: DevServer) -> None:
     assert set(job) == JSON_KEYS
     assert job["id"] == job_id
     assert job["owner"] == "admin"
+    assert job["user"] == pwd.getpwuid(os.getuid()).pw_name  # the server's own user
     assert (job["command"], job["args"]) == ("sh", ["-c", "echo hi; exit 3"])
     assert (job["state"], job["exit_code"], job["signal"]) == ("exited", 3, None)
     assert job["output_bytes"] == 3
@@ -399,7 +402,7 @@ def test_status_and_list_json_and_tables(dev: DevServer) -> None:
     assert all(j["state"] in {"running", "exited", "killed", "failed", "lost"} for j in jobs)
 
     rows = ok(table).decode().splitlines()
-    assert rows[0].split() == ["ID", "STATE", "STARTED", "COMMAND"]  # one owner: no column
+    assert rows[0].split() == ["ID", "STATE", "STARTED", "COMMAND"]  # one owner, one user
     row = next(r for r in rows if r.startswith(job_id))
     assert "exited (3)" in row
     assert re.search(r"  \d+[smhd] ago  ", row)
@@ -683,6 +686,10 @@ def test_quota_refusal_exits_9(tmp_path: Path) -> None:
             *("--addr", f"localhost:{server.port()}", "--ca", d / "ca.pem"),
             *("--cert", d / "alice.pem", "--key", d / "alice.key"),
         ]
+        if os.geteuid() == 0:
+            server.wait_for(
+                r"^trio-worker: warning: serving as root without --job-user: every full"
+            )
         job = ok(cli("start", *creds, "--", "sleep", "60", env=env)).decode().strip()
         err = assert_one_line_error(cli("start", *creds, "--", "true", env=env), 9)
         assert "quota exceeded: at most 1 running job per client (--max-running)" in err

@@ -118,6 +118,8 @@ def test_the_overview_loads_neither_cyclopts_nor_trio(args: list[str], tmp_path:
         ["run", "--", "true"],
         ["logs", "-f", "01ARZ3NDEKTSV4RRFFQ69G5FAV"],
         ["stop", "01ARZ3NDEKTSV4RRFFQ69G5FAV"],
+        ["rm", "-f", "01ARZ3NDEKTSV4RRFFQ69G5FAV"],
+        ["prune"],
         ["list", "--help"],
     ],
 )

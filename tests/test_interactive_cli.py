@@ -522,3 +522,65 @@ def test_run_i_is_one_connection_with_start_and_attach_only(dev: DevServer) -> N
     assert typed[0]["job_id"] == start["job_id"]
     assert (typed[0]["identity"], typed[0]["stdin_bytes"]) == ("admin", len(b"one connection\n"))
     assert typed[0]["closed_stdin"] is True
+
+
+def test_attach_as_readonly_watches_and_may_not_type(dev: DevServer) -> None:
+    pki_dir = dev.state_dir / "pki"
+    ok(
+        subprocess.run(
+            [*COMMAND, "certs", "client", "--dir", str(pki_dir), "watcher", "--role", "readonly"],
+            env=dev.env,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    )
+    creds = ["--ca", str(pki_dir / "ca.pem"), "--cert", str(pki_dir / "watcher.pem")]
+    creds += ["--key", str(pki_dir / "watcher.key")]
+    script = "i=0; while :; do echo tick$i; i=$((i+1)); sleep 0.1; done"
+    started = subprocess.run(
+        cli_argv(dev, "start", "-it", "--", "sh", "-c", script),
+        env=dev.env,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    job_id = ok(started).decode().strip()
+    try:
+        # --no-stdin: watching is all a readonly role may do, and it may.
+        term = Terminal(cli_argv(dev, "attach", "--no-stdin", *creds, job_id), dev.env)
+        try:
+            before = term.settings()
+            term.expect(b"tick")
+            assert term.settings() == before  # not raw: nothing of ours goes to the job
+            term.send(b"\x03")  # Ctrl-C leaves; the job goes on
+            assert term.wait() == 130
+        finally:
+            term.close()
+        # Without it, typing is refused: the attach fails, the job goes on.
+        term = Terminal(cli_argv(dev, "attach", *creds, job_id), dev.env)
+        try:
+            term.send(b"typed\r")
+            assert term.wait() == 125
+            assert b"may watch this job but not send it input" in term.seen
+            assert b"attach --no-stdin only watches" in term.seen
+        finally:
+            term.close()
+        status = ok(
+            subprocess.run(
+                cli_argv(dev, "status", "--json", job_id),
+                env=dev.env,
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+        )
+        assert json.loads(status)["state"] == "running"
+    finally:
+        subprocess.run(
+            cli_argv(dev, "stop", "--grace", "0", job_id),
+            env=dev.env,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )

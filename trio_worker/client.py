@@ -892,6 +892,7 @@ class WorkerClient:
         cwd: str | os.PathLike[str] | None = None,
         limits: Limits | None = None,
         isolation: Isolation | None = None,
+        user: str | None = None,
         stdin: bool = False,
         tty: bool = False,
         terminal_size: tuple[int, int] | None = None,
@@ -925,6 +926,8 @@ class WorkerClient:
         if terminal_size is not None:
             with _request_field("terminal_size"):
                 request.terminal_size.rows, request.terminal_size.cols = terminal_size
+        with _request_field("user"):
+            request.user = user or ""
         job = await self._unary("Start", request, pb.Job)
         return job_from_pb(job)
 

@@ -640,6 +640,10 @@ class CgroupDriver(ABC):
     @abstractmethod
     def _parent_dirs(self) -> list[Path]: ...
 
+    def parent_dirs(self) -> list[Path]:
+        """The server's parent group in each hierarchy (the reaper's whole reach)."""
+        return self._parent_dirs()
+
     def cleanup_leftovers(self) -> list[str]:
         """Kill and remove job groups an earlier run left behind; return their job ids.
 

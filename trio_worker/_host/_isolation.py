@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .._model import Isolation
 from . import _nsinit
+from ._spawn import Credentials
 
 __all__ = [
     "EXIT_EXEC_FAILED",
@@ -48,6 +49,7 @@ def helper_argv(
     args: Sequence[str],
     *,
     report: str | os.PathLike[str] | None = None,
+    user: Credentials | None = None,
 ) -> list[str]:
     """The argv that runs ``command args`` inside the namespaces ``isolation`` asks for.
 
@@ -55,7 +57,8 @@ def helper_argv(
     the helper; ``-S`` skips site-packages (it needs only the standard library).
     With ``report``, a failed exec or setup is also written to that file (see
     ``read_report``), so a job that could not start is told apart from one
-    that exited 126/127 on its own.
+    that exited 126/127 on its own. With ``user``, the helper (started as root, to
+    unshare) drops to those credentials right before it execs the command.
     """
     argv = [sys.executable, "-I", "-S", HELPER_PATH]
     if isolation.pid:
@@ -66,6 +69,9 @@ def helper_argv(
         argv.append("--network")
     if report is not None:
         argv += ["--report", os.fspath(report)]
+    if user is not None:
+        groups = ",".join(str(g) for g in user.groups)
+        argv += ["--user", f"{user.uid}:{user.gid}:{groups}"]
     return [*argv, "--", command, *args]
 
 
@@ -92,6 +98,8 @@ def read_report(path: str | os.PathLike[str]) -> HelperFailure | None:
     try:
         text = Path(path).read_text(errors="replace")
     except FileNotFoundError:
+        return None
+    if not text.strip():  # opened ahead (before dropping to a user), never written
         return None
     stage, _, rest = text.rstrip("\n").partition("\t")
     code, _, message = rest.partition("\t")

@@ -144,6 +144,9 @@ class _Options:
         self.mount = False
         self.network = False
         self.report: str | None = None
+        self.report_fd = -1
+        #: --user UID:GID:G1,G2: who the command runs as (set right before exec).
+        self.user: tuple[int, int, list[int]] | None = None
         self.command = ""
         self.args: list[str] = []
 
@@ -165,6 +168,13 @@ def _parse(argv: list[str]) -> _Options:
         elif arg == "--report" and i < len(argv):
             opts.report = argv[i]
             i += 1
+        elif arg == "--user" and i < len(argv):
+            try:
+                uid, gid, groups = argv[i].split(":")
+                opts.user = (int(uid), int(gid), [int(g) for g in groups.split(",") if g])
+            except ValueError:
+                _fail(opts, "usage", errno.EINVAL, f"bad --user {argv[i]!r}", EXIT_SETUP_FAILED)
+            i += 1
         else:
             _fail(opts, "usage", errno.EINVAL, f"unknown option {arg!r}", EXIT_SETUP_FAILED)
     else:
@@ -180,7 +190,11 @@ def _fail(opts: _Options, stage: str, code: int, message: str, status: int) -> N
     """Tell the supervisor (report file) and the user (stderr), then exit ``status``."""
     if opts.report:
         try:
-            fd = os.open(opts.report, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            if opts.report_fd >= 0:  # opened before dropping to the user
+                fd, opts.report_fd = opts.report_fd, -1
+            else:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                fd = os.open(opts.report, flags, 0o600)
             try:
                 os.write(fd, f"{stage}\t{code}\t{message}\n".encode(errors="replace"))
             finally:
@@ -212,9 +226,33 @@ def _setup(opts: _Options) -> None:
         _mount_proc()  # with --pid, PID 1 mounts it: /proc shows the mounter's PID namespace
 
 
+def _drop_to_user(opts: _Options) -> None:
+    """Become the job's user: groups, gid, uid (in that order), for good."""
+    if opts.user is None:
+        return
+    uid, gid, groups = opts.user
+    # os.execvp imports this lazily; the user may not be able to read our files.
+    import warnings  # noqa: F401
+
+    if opts.report:  # the report file is where only root may write: open it now
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+            opts.report_fd = os.open(opts.report, flags, 0o600)
+        except OSError:
+            pass
+    try:
+        os.setgroups(groups)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as exc:
+        message = f"cannot switch to uid {uid}: {exc.strerror}"
+        _fail(opts, "setup", exc.errno or 0, message, EXIT_SETUP_FAILED)
+
+
 def _exec(opts: _Options) -> NoReturn:
     for sig in (*FORWARDED_SIGNALS, *_RESET_SIGNALS):
         signal.signal(sig, signal.SIG_DFL)
+    _drop_to_user(opts)
     try:
         os.execvp(opts.command, opts.args)
     except OSError as exc:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .._errors import InvalidRequest
 
-__all__ = ["UnixUser", "current_user", "lookup_user", "user_environment"]
+__all__ = ["UnixUser", "current_user", "lookup_user", "start_directory", "user_environment"]
 
 #: Longer "names" are not names: refused before asking NSS about them.
 _MAX_NAME = 256
@@ -90,6 +90,12 @@ def current_user() -> UnixUser:
         return _from_passwd(pwd.getpwuid(uid))
     except KeyError:
         return UnixUser(None, uid, os.getegid(), tuple(os.getgroups()), None, None)
+
+
+def start_directory(user: UnixUser) -> str:
+    """Where a job of ``user`` starts when it names no directory: its home, else ``/``.
+    Blocking (a stat)."""
+    return user.home if user.home and os.path.isdir(user.home) else "/"
 
 
 def user_environment(user: UnixUser, server_env: Mapping[str, str]) -> dict[str, str]:

@@ -253,6 +253,7 @@ class JobProcess:
         *,
         argv: Sequence[str] | None = None,
         cgroup: JobCgroup | None = None,
+        cgroup_fds: Sequence[int] | None = None,
         options: SpawnOptions | None = None,
         nofile_soft: int | None = None,
     ) -> JobProcess:
@@ -265,19 +266,21 @@ class JobProcess:
         descriptors, memory or processes. Either way nothing is left open.
         """
         options = options or SpawnOptions()
-        owned: list[int] = []  # every fd we opened; the parent's ends survive success
+        # Every fd we hold, the given ``cgroup_fds`` included; the parent's ends survive.
+        owned: list[int] = list(cgroup_fds or ())
         keep: set[int] = set()
         pid = -1
         try:
             try:
-                cgroup_fds = cgroup.open_procs() if cgroup is not None else []
+                if cgroup_fds is None:
+                    cgroup_fds = cgroup.open_procs() if cgroup is not None else []
+                    owned += cgroup_fds
             except OSError as exc:
                 if exc.errno in RESOURCE_ERRNOS:
                     raise resource_exhausted(exc, "opening its cgroup") from None
                 raise SpawnError(
                     f"cannot join the job's cgroup: {exc.strerror}", exc.errno
                 ) from None
-            owned += cgroup_fds
             try:
                 stdin_w: int | None = None
                 out_r = err_r = None

@@ -50,6 +50,9 @@ class StateDir:
         self.path = path
         self._fd: int | None = fd
         self._pid = os.getpid()
+        #: The reaper the previous holder left (pid, start time), if it noted one:
+        #: it may still be killing that server's jobs, and must be let finish.
+        self.previous_reaper: tuple[int, int] | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Self:
@@ -78,6 +81,7 @@ class StateDir:
                 f"state directory {directory} is in use by another trio-worker server ({who}); "
                 "stop it or choose another --state-dir"
             ) from None
+        previous = _read_reaper(fd)
         try:
             # Only now that we hold the lock may we replace the previous holder's pid;
             # write then truncate, so a reader never finds the file empty.
@@ -88,6 +92,7 @@ class StateDir:
             os.close(fd)
             raise StateDirError(f"cannot write the lock file {lock_path}: {exc}") from exc
         state = cls(directory, fd)
+        state.previous_reaper = previous
         try:
             private_file(state.db_path, create=True)
             for side in ("-wal", "-shm"):
@@ -96,6 +101,20 @@ class StateDir:
             state.release()
             raise
         return state
+
+    def note_reaper(self, pid: int, start_time: int) -> None:
+        """Write our reaper's pid and start time under ours, for the next holder.
+
+        If this server dies, its reaper kills its jobs; a server that takes the
+        directory over meanwhile waits for it (``previous_reaper``) before
+        starting jobs of its own, so the reaper never meets them.
+        """
+        if self._fd is None:
+            return
+        data = f"{self._pid}\nreaper {pid} {start_time}\n".encode()
+        with contextlib.suppress(OSError):
+            os.pwrite(self._fd, data, 0)
+            os.ftruncate(self._fd, len(data))
 
     def release(self) -> None:
         """Give the directory up; idempotent. The lock file stays (see module doc)."""
@@ -208,12 +227,25 @@ def private_file(path: Path, *, create: bool) -> None:
         raise StateDirError(f"cannot make {path} a private (0600) file: {exc.strerror}") from exc
 
 
+def _read_reaper(fd: int) -> tuple[int, int] | None:
+    """The reaper a previous holder noted (``note_reaper``), if any."""
+    try:
+        lines = os.pread(fd, 256, 0).decode("ascii", "replace").splitlines()
+    except OSError:
+        return None
+    for line in lines[1:]:
+        match line.split():
+            case ["reaper", pid, start] if pid.isdigit() and start.isdigit():
+                return int(pid), int(start)
+    return None
+
+
 def _read_pid(fd: int) -> int | None:
     """The pid the holder wrote; it may be a moment late right after locking."""
     deadline = time.monotonic() + _PID_WAIT
     while True:
         try:
-            text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+            text = os.pread(fd, 64, 0).decode("ascii", "replace").partition("\n")[0].strip()
         except OSError:
             return None
         if text.isdigit():

@@ -38,12 +38,21 @@ from .._errors import (
     ResourceExhausted,
     ShuttingDown,
     StateDirError,
+    Unenforceable,
 )
 from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup
 from .._host._cgroups import detect as cgroup_detect
 from .._host._enforce import check_enforceable
+from .._host._guard import ReaperGuard, outlive
 from .._host._isolation import helper_argv, helper_tasks, read_report, resolve_command
 from .._host._spawn import raise_nofile_limit
+from .._host._users import (
+    UnixUser,
+    current_user,
+    lookup_user,
+    start_directory,
+    user_environment,
+)
 from .._limits import LimitPolicy
 from .._model import (
     Isolation,
@@ -60,6 +69,7 @@ from . import _lifecycle as lc
 from ._output import DEFAULT_CHUNK, OutputLog
 from ._process import (
     RESOURCE_ERRNOS,
+    Credentials,
     JobProcess,
     PipeReader,
     SpawnError,
@@ -68,6 +78,7 @@ from ._process import (
     Stdin,
     Terminal,
     describe_os_error,
+    resource_exhausted,
     validate_signal,
     validate_start,
 )
@@ -155,6 +166,8 @@ class _Job:
         self.pid_start_time: int | None = None
         #: When an accepted Stop SIGKILLs the job (the earliest one asked for).
         self.kill_deadline: float | None = None
+        #: The Unix user it runs as (``UnixUser.label``).
+        self.user = ""
 
     def feed(self, event: lc.Event) -> None:
         self.record = lc.apply(self.record, event)
@@ -184,6 +197,7 @@ class _Job:
             oom_killed=r.oom_killed,
             spawn_errno=r.spawn_errno,
             usage=self.usage(),
+            user=self.user,
             stdin=self.stdin,
             tty=self.tty,
         )
@@ -202,6 +216,7 @@ class _Job:
             log.close()
         job = cls(info.id, info.owner, spec, info.limits, info.isolation, log)
         job.env_keys = entry.env_keys
+        job.user = info.user
         job.final_usage = info.usage
         job.record = lc.Record(
             state=info.state,
@@ -271,6 +286,8 @@ class Supervisor(metaclass=NoPublicConstructor):
         self._order: list[str] = []
         self._new_id = JobIdGenerator()
         self._closing = False
+        #: Who this process runs as: the user of jobs that name none.
+        self._me = current_user()
         #: The soft fd limit jobs get (the one this process had before raising its own).
         self._job_nofile = job_nofile
         #: Jobs whose record in the store is behind (a write failed, e.g. a full
@@ -333,6 +350,13 @@ class Supervisor(metaclass=NoPublicConstructor):
             if i < len(self._order) and self._order[i] == job_id:
                 del self._order[i]
 
+    async def _account(self, user: str | None) -> UnixUser:
+        if user is None or user == "" or user == self._me.label:
+            return self._me
+        if not isinstance(user, str):
+            raise InvalidRequest("user", "must be a user name or a decimal uid")
+        return await trio.to_thread.run_sync(lookup_user, user)
+
     def running_count(self, owner: str) -> int:
         """How many of ``owner``'s jobs are running (for quotas: no snapshots made)."""
         running = JobState.RUNNING
@@ -359,6 +383,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         stdin: bool = False,
         tty: bool = False,
         terminal_size: tuple[int, int] | None = None,
+        user: str | None = None,
     ) -> JobInfo:
         """Start a job; return once its process exists.
 
@@ -369,11 +394,30 @@ class Supervisor(metaclass=NoPublicConstructor):
 
         A command that cannot be executed is not an exception: the job is
         returned (and kept) in state FAILED with ``error`` saying why.
+
+        ``user`` (a name or a decimal uid; default: the supervisor's own user)
+        is who the job runs as: its uid, primary gid and groups (InvalidRequest
+        for a user the host does not know). A job of another user gets a clean
+        environment (PATH and locale kept, HOME, USER, LOGNAME and SHELL from
+        passwd; ``env`` on top)
+        and starts in that user's home (``/`` without one) unless ``cwd`` says.
         """
         await trio.lowlevel.checkpoint()
         if self._closing:
             raise ShuttingDown("the supervisor is shutting down")
-        spec = validate_start(command, args, env, cwd, base_env=self._base_env)
+        account = await self._account(user)
+        as_other = account.uid != self._me.uid
+        base_env: Mapping[str, str] = self._base_env
+        if as_other:
+            if self._me.uid != 0:
+                raise Unenforceable(
+                    f"cannot run a job as {account.label}: the server does not run as root"
+                )
+            base_env = user_environment(account, self._base_env)
+            if cwd is None or cwd == "":
+                cwd = await trio.to_thread.run_sync(start_directory, account)
+        credentials = Credentials(account.uid, account.gid, account.groups) if as_other else None
+        spec = validate_start(command, args, env, cwd, base_env=base_env)
         terminal = _check_terminal(tty, terminal_size)
         limits = limits if limits is not None else Limits()
         isolation = isolation if isolation is not None else Isolation()
@@ -388,19 +432,41 @@ class Supervisor(metaclass=NoPublicConstructor):
         limits = self._policy.apply(limits)  # InvalidRequest above a maximum
         check_enforceable(self.cgroups, limits, isolation)  # never silently ignored
         job_id = self._new_id()
-        log = self._open_log(job_id)
+        # The job's directory, log files and cgroups (mkdir and open on disk and
+        # cgroupfs: ~1-2 ms) are made in a worker thread, so Status and others
+        # are served meanwhile. Shielded: what the thread made must not be lost.
+        with trio.CancelScope(shield=True):
+            log, group, procs, setup_error = await trio.to_thread.run_sync(
+                self._prepare, job_id, limits, isolation, spec.cwd
+            )
         job = _Job(job_id, owner, spec, limits, isolation, log)
+        job.cgroup = group
         job.env_keys = tuple(env or ())
+        job.user = account.label
         job.stdin = bool(stdin)
         job.tty = terminal is not None
-        # A terminal's master and slave, and the master's duplicate for writing: made
-        # before the job, so running out of descriptors refuses the Start cleanly.
-        fds = _open_terminal() if terminal is not None else None
-        if fds is not None and terminal is not None:
-            options = SpawnOptions(stdin=Terminal(fds[1], terminal[0], terminal[1]))
-        else:
-            options = SpawnOptions(stdin=Stdin.PIPE if job.stdin else Stdin.NULL)
+        fds: tuple[int, int, int] | None = None
+        slave_open = False
+        # The namespace helper must start as root (to unshare): it drops to the user
+        # itself, right before the command.
+        user_options = None if isolation.any else credentials
         try:
+            # A terminal's master and slave, and the master's duplicate for writing:
+            # made before the job, so running out of descriptors refuses the Start.
+            if terminal is not None:
+                fds = _open_terminal()
+                slave_open = True
+                if credentials is not None:
+                    os.fchown(fds[1], credentials.uid, -1)  # the job's own terminal, as login does
+                options = SpawnOptions(
+                    stdin=Terminal(fds[1], terminal[0], terminal[1]), user=user_options
+                )
+            else:
+                options = SpawnOptions(
+                    stdin=Stdin.PIPE if job.stdin else Stdin.NULL, user=user_options
+                )
+            if setup_error is not None:
+                raise setup_error
             argv = None
             if isolation.any:
                 # The helper would only notice a missing command after it
@@ -410,29 +476,27 @@ class Supervisor(metaclass=NoPublicConstructor):
                 except OSError as exc:
                     raise SpawnError(describe_os_error(exc, spec.command), exc.errno) from None
                 report = log.directory / _REPORT
-                argv = helper_argv(isolation, spec.command, spec.args, report=report)
-            try:
-                job.cgroup = self.cgroups.create(
-                    job_id, limits, cwd=spec.cwd, extra_tasks=helper_tasks(isolation)
+                argv = helper_argv(
+                    isolation, spec.command, spec.args, report=report, user=credentials
                 )
-            except CgroupError as exc:
-                if exc.errno in RESOURCE_ERRNOS:
-                    raise ResourceExhausted(f"cannot start the job: {exc}") from None
-                raise SpawnError(f"cannot set up the job's cgroup: {exc}", None) from None
+            given, procs = procs, []  # the spawn owns (and closes) them now
             try:
                 process = JobProcess.spawn(
                     spec,
                     argv=argv,
                     cgroup=job.cgroup,
+                    cgroup_fds=given,
                     options=options,
                     nofile_soft=self._job_nofile,
                 )
             finally:
                 if fds is not None:
                     os.close(fds[1])  # the slave is the job's alone now
+                    slave_open = False
         except SpawnError as exc:
             # The command cannot run: a FAILED job, kept and reported.
-            _close_terminal(fds)
+            _close_all(procs)
+            _close_terminal(fds, slave=slave_open)
             self._add(job)
             self._feed(job, lc.SpawnFailed(exc.message, _now(), exc.errno))
             log.finish()
@@ -444,7 +508,8 @@ class Supervisor(metaclass=NoPublicConstructor):
         except BaseException:
             # Out of descriptors, memory or processes (ResourceExhausted), or
             # cancelled: no half-made job stays, in the table or on the host.
-            _close_terminal(fds)
+            _close_all(procs)
+            _close_terminal(fds, slave=slave_open)
             with trio.CancelScope(shield=True):
                 log.close()
                 _remove_new_job_dir(log.directory)
@@ -471,6 +536,40 @@ class Supervisor(metaclass=NoPublicConstructor):
         # The job as it started: a quick command may already have ended while
         # its record was written, and Wait/Status tell that part.
         return started
+
+    def _prepare(
+        self, job_id: str, limits: Limits, isolation: Isolation, cwd: str | None
+    ) -> tuple[OutputLog, JobCgroup | None, Sequence[int], SpawnError | None]:
+        """In a worker thread: the job's log, its cgroup and that group's ``cgroup.procs`` fds.
+
+        Raises ``ResourceExhausted`` (out of descriptors, memory, disk) having
+        left nothing behind. A cgroup that cannot be made or joined for another
+        reason comes back as the ``SpawnError`` of a job that FAILED.
+        """
+        log = self._open_log(job_id)
+        try:
+            try:
+                group = self.cgroups.create(
+                    job_id, limits, cwd=cwd, extra_tasks=helper_tasks(isolation)
+                )
+            except CgroupError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise ResourceExhausted(f"cannot start the job: {exc}") from None
+                return log, None, [], SpawnError(f"cannot set up the job's cgroup: {exc}", None)
+            try:
+                procs = group.open_procs()
+            except OSError as exc:
+                with contextlib.suppress(CgroupError):
+                    group.remove()
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise resource_exhausted(exc, "opening its cgroup") from None
+                message = f"cannot join the job's cgroup: {exc.strerror}"
+                return log, None, [], SpawnError(message, exc.errno)
+        except BaseException:
+            log.close()
+            _remove_new_job_dir(log.directory)
+            raise
+        return log, group, procs, None
 
     def _open_log(self, job_id: str) -> OutputLog:
         """The new job's directory and log files, or ``ResourceExhausted`` saying why not.
@@ -642,14 +741,14 @@ class Supervisor(metaclass=NoPublicConstructor):
         if self._jobs.get(job.id) is not job:
             raise JobNotFound(job.id)  # another remove got there first
         info = job.info()
-        del self._jobs[job.id]
+        self._forget(job.id)
         # Shielded: once the record is going, the output goes too, whatever the caller does.
         with trio.CancelScope(shield=True):
             if self._store is not None:
                 try:
                     await self._store.delete([job.id])
                 except BaseException:
-                    self._jobs[job.id] = job  # nothing was removed
+                    self._add(job)  # nothing was removed
                     raise
             self._unsaved.pop(job.id, None)
             if job.directory is not None:
@@ -683,11 +782,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         """End the job's input: it reads EOF (on a terminal: the EOF character, after
         whatever was written before). Closing twice is no error."""
         job = self._get(job_id)
-        writer = self._stdin_of(job, closing=True)
-        if writer is not None:
-            await writer.close()
-        else:
-            await trio.lowlevel.checkpoint()
+        await self._stdin_of(job, closing=True).close()
 
     async def resize(self, job_id: str, rows: int, cols: int) -> None:
         """Set a tty job's terminal size; its foreground process group gets SIGWINCH."""
@@ -1049,12 +1144,19 @@ def _open_terminal() -> tuple[int, int, int]:
     return master, slave, writer
 
 
-def _close_terminal(fds: tuple[int, int, int] | None) -> None:
-    """A terminal the job never got: the master and its duplicate (the slave is closed
-    where the spawn happens)."""
+def _close_terminal(fds: tuple[int, int, int] | None, *, slave: bool = False) -> None:
+    """A terminal the job never got: the master and its duplicate, and the slave if
+    it is still open (the spawn closes it once it ran)."""
     if fds is not None:
         os.close(fds[0])
         os.close(fds[2])
+        if slave:
+            os.close(fds[1])
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _check_terminal(tty: object, size: object) -> tuple[int, int] | None:
@@ -1153,6 +1255,7 @@ async def open_supervisor(
     limit_policy: LimitPolicy | None = None,
     persist: bool | None = None,
     retention: Retention | None = None,
+    reaper: bool = True,
 ) -> AsyncIterator[Supervisor]:
     """Run a supervisor for the duration of the ``async with`` block.
 
@@ -1179,6 +1282,12 @@ async def open_supervisor(
     never touch each other's jobs, and the lock on a state directory makes the
     cleanup safe. ``limit_policy`` holds the defaults and maximums applied to
     every job's limits.
+
+    With ``reaper`` (the default) and cgroups, a small helper process (the
+    reaper, ``_host/_reaper``) outlives this one if it dies, even by SIGKILL,
+    and then kills every job group under the parent: no job process, escapees
+    included, survives the supervisor's process. Leaving the block tells it
+    to exit quietly.
     """
     async with open_supervisor_with_driver(
         None,
@@ -1191,6 +1300,7 @@ async def open_supervisor(
         limit_policy=limit_policy,
         persist=persist,
         retention=retention,
+        reaper=reaper,
     ) as supervisor:
         yield supervisor
 
@@ -1208,6 +1318,7 @@ async def open_supervisor_with_driver(
     limit_policy: LimitPolicy | None = None,
     persist: bool | None = None,
     retention: Retention | None = None,
+    reaper: bool = True,
 ) -> AsyncIterator[Supervisor]:
     """``open_supervisor`` with a given cgroup driver instead of the host's probe (tests)."""
     # Jobs cost descriptors (pipes, pidfd, log files): use all the host allows.
@@ -1219,16 +1330,29 @@ async def open_supervisor_with_driver(
     lock = await trio.to_thread.run_sync(StateDir.open, path) if persistent else None
     store: SqliteJobStore | None = None
     driver: CgroupDriver | None = None
+    guard: ReaperGuard | None = None
     try:
         if lock is not None:
             store = await SqliteJobStore.open(lock.db_path)
         if cgroup_parent is None:
             cgroup_parent = _cgroup_parent_for(path)
         driver = cgroups if cgroups is not None else cgroup_detect(cgroup_parent)
+        if lock is not None and lock.previous_reaper is not None:
+            # A server that died a moment ago may still have its reaper at work
+            # on our parent groups: let it finish before any job of ours exists.
+            await outlive(*lock.previous_reaper)
         leftovers = await trio.to_thread.run_sync(driver.cleanup_leftovers)
         if leftovers:
             _log.warning("killed %d job group(s) left by an earlier run", len(leftovers))
+        if reaper and driver.tracks:
+            note = (lambda r: lock.note_reaper(r.pid, r.start_time)) if lock else None
+            try:
+                guard = await ReaperGuard.start(driver.parent_dirs(), on_start=note)
+            except OSError as exc:
+                _log.error("cannot start the reaper: jobs may outlive a crash: %s", exc)
         async with _unwrap_single(), trio.open_nursery() as nursery:
+            if guard is not None:
+                nursery.start_soon(guard.watch)
             supervisor = Supervisor._create(
                 nursery,
                 path,
@@ -1251,6 +1375,8 @@ async def open_supervisor_with_driver(
                 nursery.cancel_scope.cancel()  # housekeeping; jobs have ended
     finally:
         with trio.CancelScope(shield=True):
+            if guard is not None:
+                await guard.quit()  # every job has ended
             if store is not None:
                 await store.aclose()
         if driver is not None and cgroups is None:

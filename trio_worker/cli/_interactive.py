@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Annotated
 import trio
 from cyclopts import Parameter
 
-from .._errors import JobNotRunning
+from .._errors import JobNotRunning, PermissionDenied
 from .._model import DEFAULT_STOP_GRACE, JobInfo, JobState
-from ._errors import ExitCode
+from ._errors import ExitCode, leaf_exception
 from ._ids import IdResolver
 from ._render import job_exit
 from ._session import OutputSink, open_client
@@ -115,7 +115,6 @@ class _Session:
 
     def __init__(
         self,
-        client: WorkerClient,
         job: JobInfo,
         *,
         send_stdin: bool,
@@ -123,7 +122,6 @@ class _Session:
         on_interrupt: Callable[[], Awaitable[None]] | None,
         on_key_signal: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
-        self._client = client
         self._job = job
         self._send_stdin = send_stdin
         self._raw = raw
@@ -140,7 +138,10 @@ class _Session:
                 nursery.start_soon(self._pump_stdin, session, done)
             elif self._raw and self._on_key_signal is not None:
                 nursery.start_soon(self._watch_keys, self._on_key_signal, done)
-            if self._job.tty and local_terminal_size() is not None:
+            controlling = self._send_stdin or self._on_key_signal is not None
+            if self._job.tty and controlling and local_terminal_size() is not None:
+                # Resizing takes the right to stop the job, as typing does: a watcher
+                # leaves the job's terminal as it is.
                 nursery.start_soon(self._follow_size, session)
             async for chunk in session:
                 sink.write(chunk)
@@ -246,7 +247,6 @@ async def _attached(
     signals they stand for)."""
     raw = job.tty and os.isatty(0) and (send_stdin or on_key_signal is not None)
     session_runner = _Session(
-        client,
         job,
         send_stdin=send_stdin,
         raw=raw,
@@ -320,6 +320,9 @@ async def attach(
     ],
     /,
     *,
+    no_stdin: Annotated[
+        bool, Parameter(name="--no-stdin", negative="", show_default=False)
+    ] = False,
     options: ClientOptions | None = None,
 ) -> int:
     """Attach to a running job: follow its output from now on, and type into it.
@@ -334,12 +337,28 @@ async def attach(
 
         ID=$(trio-worker start -it -- bash)
         trio-worker attach $ID
+        trio-worker attach --no-stdin $ID    # watch only (all a readonly role may do)
+
+    Parameters
+    ----------
+    no_stdin
+        Only watch: send nothing to the job, leave its terminal's size alone.
     """
     conn = resolve_connection(options or ClientOptions())
     async with open_client(conn) as client:
         job = await client.status(await IdResolver(client)(job_id))
         offset = job.output_bytes  # from now on
-        outcome = await _attached(
-            client, job, offset=offset, send_stdin=job.stdin and not job.ended, on_interrupt=None
-        )
+        try:
+            outcome = await _attached(
+                client,
+                job,
+                offset=offset,
+                send_stdin=job.stdin and not job.ended and not no_stdin,
+                on_interrupt=None,
+            )
+        except BaseException as exc:
+            denied = leaf_exception(exc)
+            if no_stdin or not isinstance(denied, PermissionDenied):
+                raise
+            raise PermissionDenied(f"{denied}; attach --no-stdin only watches") from None
     return _exit_code(outcome, job.id)

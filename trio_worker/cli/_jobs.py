@@ -61,7 +61,12 @@ class JobOptions:
     ] = None
 
     cwd: Annotated[str | None, Parameter(metavar="DIR", group=JOB_GROUP)] = None
-    """Working directory of the job: an absolute path on the server. Default: the server's."""
+    """Working directory of the job: an absolute path on the server. Default: the server's,
+    or the home directory of the job's user when that is not the server's."""
+
+    user: Annotated[str | None, Parameter(metavar="USER", group=JOB_GROUP)] = None
+    """Unix user (name or uid) to run as. Default: your certificate's first login, else
+    the server's default job user."""
 
     cpus: Annotated[Cpus, Parameter(group=LIMITS_GROUP, show_default=False)] = 0.0
     """CPU limit in CPUs, e.g. 0.5 or 2."""
@@ -137,6 +142,7 @@ class _StartRequest:
     cwd: str | None
     limits: Limits | None
     isolation: Isolation | None
+    user: str = ""
 
     @classmethod
     def build(cls, name: str, command: tuple[str, ...], job: JobOptions | None) -> _StartRequest:
@@ -153,6 +159,7 @@ class _StartRequest:
             job.working_dir(),
             job.limits(),
             job.isolation(),
+            job.user or "",
         )
 
     async def send(
@@ -170,6 +177,7 @@ class _StartRequest:
             cwd=self.cwd,
             limits=self.limits,
             isolation=self.isolation,
+            user=self.user,
             stdin=stdin,
             tty=tty,
             terminal_size=terminal_size,

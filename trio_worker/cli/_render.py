@@ -2,7 +2,8 @@
 
 The JSON keys are the contract's: ``id``, ``owner``, ``command``, ``args``, ``state``
 (lower-case), ``pid``, ``exit_code``, ``signal``, ``error``, ``started_at``, ``ended_at``
-(RFC 3339, UTC, or null), ``output_bytes``, ``oom_killed``, ``limits``, ``isolation``.
+(RFC 3339, UTC, or null), ``output_bytes``, ``oom_killed``, ``limits``, ``isolation``;
+and ``user``, the Unix user the job runs as.
 
 For people: sizes in binary units (``2.9 MiB``), durations and ages (``3m12s``, ``5m ago``),
 every time in one format with its zone (``2026-12-01 15:50:14 UTC``), ``list`` cut to the
@@ -69,6 +70,7 @@ def job_json(job: JobInfo) -> dict[str, Any]:
     return {
         "id": job.id,
         "owner": job.owner,
+        "user": job.user,
         "command": job.command,
         "args": list(job.args),
         "state": job.state.value,
@@ -301,14 +303,24 @@ def print_job(job: JobInfo) -> None:
 
 def print_jobs(jobs: Sequence[JobInfo]) -> None:
     """``list``: one job per row, newest first, fitted to the terminal's width; OWNER only
-    when the jobs have more than one."""
+    when the jobs have more than one, USER (who it runs as) likewise (``status`` and
+    ``--json`` always say)."""
     now = datetime.now(UTC)
     owners = len({job.owner for job in jobs}) > 1
-    headers = ["ID", *(["OWNER"] if owners else []), "STATE", "STARTED", "COMMAND"]
+    users = len({job.user for job in jobs}) > 1
+    headers = [
+        "ID",
+        *(["OWNER"] if owners else []),
+        *(["USER"] if users else []),
+        "STATE",
+        "STARTED",
+        "COMMAND",
+    ]
     rows: list[list[str | Cell]] = [
         [
             job.id,
             *([job.owner or "-"] if owners else []),
+            *([job.user or "-"] if users else []),
             state_cell(job),
             age(job.started_at, now),
             _command_line(job),

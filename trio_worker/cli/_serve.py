@@ -26,6 +26,7 @@ from ._settings import DEFAULT_ADDR, default_state_dir, resolve_state_dir
 
 if TYPE_CHECKING:
     from .. import pki
+    from .._host._users import UnixUser
     from ..server._quota import QuotaPolicy
     from ..server._run import ServerSettings
 
@@ -56,6 +57,13 @@ async def _serve(settings: ServerSettings, dev: pki.DevPki | None) -> None:
 
     async with trio.open_nursery() as nursery:
         port = await nursery.start(partial(run_server, settings))
+        if settings.job_user is None and os.geteuid() == 0:
+            print(
+                "trio-worker: warning: serving as root without --job-user: every full "
+                "user's jobs run as root",
+                file=sys.stderr,
+                flush=True,
+            )
         if dev is not None:
             if dev.created:
                 print(
@@ -67,6 +75,17 @@ async def _serve(settings: ServerSettings, dev: pki.DevPki | None) -> None:
                 print(f"Using the development PKI in {dev.directory}.", flush=True)
             hint = client_hint(settings.host, port, settings.state_dir)
             print(f"Try it from another shell: {hint}", flush=True)
+
+
+def _job_user(name: str | None) -> UnixUser | None:
+    from .._host._users import lookup_user
+
+    if name is None:
+        return None
+    try:
+        return lookup_user(name)
+    except InvalidRequest as exc:
+        raise InvalidRequest("--job-user", exc.message) from None
 
 
 def _quotas(max_running: int | None, start_rate: float | None) -> QuotaPolicy:
@@ -93,6 +112,7 @@ def serve(
     crl: Annotated[Path | None, Parameter(metavar="FILE")] = None,
     max_running: Annotated[int | None, Parameter(metavar="N")] = None,
     start_rate: Annotated[float | None, Parameter(metavar="R")] = None,
+    job_user: Annotated[str | None, Parameter(metavar="USER")] = None,
 ) -> int:
     """Run the server until SIGINT or SIGTERM (Ctrl-C), then shut down gracefully.
 
@@ -130,8 +150,12 @@ def serve(
     shutdown_grace
         On shutdown, seconds running jobs get between SIGTERM and SIGKILL.
     crl
-        A PEM certificate revocation list signed by the CA (trio-worker certs revoke
-        writes one): the client certificates it lists are refused.
+        A PEM certificate revocation list signed by the CA: the client certificates it
+        lists are refused. trio-worker certs revoke writes it, on first use: until the
+        file exists nothing is revoked. With the development PKI: STATE_DIR/pki/crl.pem.
+    job_user
+        The Unix user (name or uid) jobs run as when neither the request nor the client's
+        certificate (its logins) names one. Default: the user the server runs as.
     max_running
         At most N running jobs per client identity (certificate CN); more Starts are
         refused (RESOURCE_EXHAUSTED, QUOTA_EXCEEDED). Default: no limit.
@@ -170,6 +194,8 @@ def serve(
     if ca is None or cert is None or key is None:
         dev = pki.ensure_dev_pki(directory)
         ca, cert, key = dev.ca.cert, dev.server.cert, dev.server.key
+        if crl is None:
+            crl = dev.directory / pki.CRL_FILE
     settings = ServerSettings(
         ca=ca.expanduser(),
         cert=cert.expanduser(),
@@ -180,7 +206,9 @@ def serve(
         shutdown_grace=shutdown_grace,
         cgroup_parent=cgroup_parent,
         crl=crl.expanduser() if crl is not None else None,
+        crl_may_be_missing=True,
         quotas=_quotas(max_running, start_rate),
+        job_user=_job_user(job_user),
     )
     from .._net._transport import ListenError
 

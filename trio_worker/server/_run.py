@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from .._errors import describe_id
+from .._host._users import UnixUser
 from .._jobs._supervisor import Retention, open_supervisor
 from .._limits import LimitPolicy
 from .._net._transport import CallRecord, Server, TransportConfig
@@ -59,7 +60,9 @@ class ServerSettings:
     cgroup_parent: str | None = None  # default: named after the state directory
     retention: Retention = field(default_factory=Retention)
     crl: Path | None = None  # a PEM CRL from the CA: revoked client certificates
+    crl_may_be_missing: bool = False  # at start: no file yet means nothing revoked
     quotas: QuotaPolicy = field(default_factory=QuotaPolicy)  # per client identity
+    job_user: UnixUser | None = None  # jobs' default user; None: the server's own
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -81,7 +84,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def _audit(record: CallRecord) -> None:
-    """One JSON line per RPC: who, as what, did which method on which job, with what status."""
+    """One JSON line per RPC: who, as what, did which method on which job (running as which
+    Unix user), with what status."""
     job_id = getattr(record.request, "id", "") or getattr(record.response, "id", "")
     if len(job_id) > 64:  # a client's id is unbounded: described, not copied into the log
         job_id = describe_id(job_id)
@@ -96,6 +100,7 @@ def _audit(record: CallRecord) -> None:
                 "role": identity.role.value if identity.role else None,
                 "method": record.ctx.method,
                 "job_id": job_id or None,
+                "job_user": getattr(record.response, "user", "") or None,
                 "status": record.code.name,
                 "message": record.message or None,
                 "duration_ms": round(record.duration * 1000, 3),
@@ -115,10 +120,16 @@ async def run_server(
     """Serve until SIGINT/SIGTERM (or cancellation); report the bound port when ready.
     With ``handle_signals``, SIGHUP reloads the CA, certificate, key and CRL."""
 
-    def load() -> TLSMaterial:
-        return load_tls(ca=settings.ca, cert=settings.cert, key=settings.key, crl=settings.crl)
+    def load(crl_may_be_missing: bool) -> TLSMaterial:
+        return load_tls(
+            ca=settings.ca,
+            cert=settings.cert,
+            key=settings.key,
+            crl=settings.crl,
+            crl_may_be_missing=crl_may_be_missing,
+        )
 
-    tls = load()
+    tls = load(settings.crl_may_be_missing)
     health = HealthService([SERVICE_NAME])
 
     def record(call: CallRecord) -> None:
@@ -135,7 +146,10 @@ async def run_server(
         retention=settings.retention,
     ) as supervisor:
         service = WorkerService(
-            supervisor, default_grace=settings.stop_grace, quotas=settings.quotas
+            supervisor,
+            default_grace=settings.stop_grace,
+            quotas=settings.quotas,
+            job_user=settings.job_user,
         )
         methods: dict[str, Any] = {**service.methods(), **health.methods()}
         # Reflection describes every service served, itself included; like health, it
@@ -153,13 +167,18 @@ async def run_server(
             config=settings.transport,
             on_call=record,
             on_drain=on_drain,
-            revoked=tls.revoked,
         )
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.serve, settings.host, settings.port)
             if handle_signals:
-                await nursery.start(reload_on_sighup, server, load)
+                await nursery.start(reload_on_sighup, server, load, tls)
             _log.info("serving on %s", ", ".join(server.addresses))
+            if settings.crl is not None and not tls.has_crl:
+                _log.info(
+                    "CRL %s does not exist yet: no client certificate is revoked until it "
+                    "does (trio-worker certs revoke makes it; then send SIGHUP)",
+                    settings.crl,
+                )
             task_status.started(port)
             notify("READY=1", f"STATUS=serving on {', '.join(server.addresses)}")
             if not handle_signals:

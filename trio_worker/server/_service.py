@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 
 import trio
 
@@ -30,8 +31,10 @@ from .._errors import (
     InvalidRequest,
     JobNotFound,
     JobNotRunning,
+    PermissionDenied,
     TrioWorkerError,
 )
+from .._host._users import UnixUser, current_user, lookup_user
 from .._identity import Identity
 from .._jobs._supervisor import Supervisor
 from .._model import JobInfo
@@ -46,7 +49,7 @@ from .._net._transport import (
 from .._net._transport import Method as RpcMethod
 from .._pb import worker_pb2 as pb
 from ._authz import Method as Op
-from ._authz import authorize, can_see
+from ._authz import authorize, can_see, job_user
 from ._paging import MAX_PAGE_BYTES, decode_token, encode_token, fill_page, page_size
 from ._quota import QuotaPolicy, Quotas
 
@@ -87,10 +90,13 @@ class WorkerService:
         default_grace: float = 5.0,
         output_chunk_bytes: int = 256 * 1024,
         quotas: QuotaPolicy | None = None,
+        job_user: UnixUser | None = None,
     ) -> None:
         self._sup = supervisor
         self._default_grace = default_grace
         self._chunk = output_chunk_bytes
+        #: Who jobs run as when neither the request nor the certificate says.
+        self._job_user = job_user if job_user is not None else current_user()
         self._quotas = Quotas(
             quotas or QuotaPolicy(), clock=trio.current_time, running=supervisor.running_count
         )
@@ -130,6 +136,7 @@ class WorkerService:
     async def start(self, request: pb.StartRequest, ctx: CallContext) -> pb.Job:
         try:
             authorize(ctx.identity, Op.START)
+            user = await self._user_of(ctx.identity, request.user)
             with self._quotas.admit(ctx.identity.name):
                 info = await self._sup.start(
                     request.command,
@@ -139,6 +146,7 @@ class WorkerService:
                     limits=limits_from_pb(request.limits),
                     isolation=isolation_from_pb(request.isolation),
                     owner=ctx.identity.name,
+                    user=user.label,
                     stdin=request.stdin,
                     tty=request.tty,
                     terminal_size=_terminal_size(request),
@@ -146,6 +154,14 @@ class WorkerService:
         except TrioWorkerError as exc:
             raise rpc_error(exc) from None
         return job_to_pb(info)
+
+    async def _user_of(self, identity: Identity, requested: str) -> UnixUser:
+        """Who a Start runs as (the contract's users rule); account lookups block, so
+        they go to a thread, unless the answer is the default job user outright."""
+        if not requested and not identity.logins:
+            return self._job_user
+        rule = partial(job_user, identity, requested, default=self._job_user, lookup=lookup_user)
+        return await trio.to_thread.run_sync(rule)
 
     async def stop(self, request: pb.StopRequest, ctx: CallContext) -> pb.Job:
         try:
@@ -284,8 +300,7 @@ class WorkerService:
                 raise group.exceptions[0] from None
             raise
         finally:
-            if typed.any:
-                typed.audit(ctx, job_id)
+            typed.audit(ctx, job_id)
 
     async def _take_input(
         self,
@@ -304,7 +319,13 @@ class WorkerService:
                 continue  # an empty message (or a newer event we do not know): nothing to do
             try:
                 if not may_write:
-                    authorize(ctx.identity, Op.STOP)  # readonly may watch, not type
+                    try:
+                        authorize(ctx.identity, Op.STOP)  # readonly may watch, not type
+                    except PermissionDenied:
+                        raise PermissionDenied(
+                            f"{ctx.identity.name!r} may watch this job but not send it input"
+                            " or resize its terminal (that takes the right to stop it)"
+                        ) from None
                     self._visible(job_id, ctx.identity)
                     may_write = True
                 if kind == "stdin":
@@ -332,15 +353,12 @@ _audit = logging.getLogger("trio_worker.audit")
 @dataclass
 class _Typed:
     """What one attached caller sent a job: one audit line when the Attach ends, so the
-    log says who typed into which job (never what they typed)."""
+    log says who watched or typed into which job (never what they typed). The call's own
+    ``rpc`` line cannot name the job: it comes in the stream, not in a request."""
 
     stdin_bytes: int = 0
     closed_stdin: bool = False
     resizes: int = 0
-
-    @property
-    def any(self) -> bool:
-        return bool(self.stdin_bytes or self.closed_stdin or self.resizes)
 
     def audit(self, ctx: CallContext, job_id: str) -> None:
         identity = ctx.identity
