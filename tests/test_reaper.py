@@ -5,6 +5,7 @@ kill them all within 5 s, without a restart, and touch nothing of another server
 from __future__ import annotations
 
 import os
+import random
 import select
 import signal
 import subprocess
@@ -168,3 +169,95 @@ def test_a_killed_reaper_is_started_again(tmp_path: Path) -> None:
         proc.kill()
         proc.wait()
         assert wait_dead(pids, 5.0) == []
+
+
+#: A supervisor that keeps starting jobs of every kind (short, chatty, stopped, escaping)
+#: and prints "ID PID..." for each as soon as it knows its pids, until it is killed.
+BUSY_SERVER = """
+import sys, trio
+from trio_worker import open_supervisor
+
+COUNT = "i=0; while [ $i -lt 300 ]; do echo $i; i=$((i+1)); done"
+TICK = "i=0; while :; do echo $i; i=$((i+1)); sleep 0.01; done"
+ESCAPE = "setsid sleep 600 & echo $!; " + TICK
+
+async def main(state):
+    async with open_supervisor(state) as sup:
+        async with trio.open_nursery() as nursery:
+            n = 0
+            while True:
+                n += 1
+                script = [COUNT, TICK, ESCAPE, "sleep 600"][n % 4]
+                job = await sup.start("sh", ["-c", script])
+                pids = [job.pid]
+                if script is ESCAPE:
+                    async for chunk in sup.output(job.id):
+                        pids.append(int(chunk.data.split(b"\\n")[0]))
+                        break
+                print(job.id, *pids, flush=True)
+                if n % 5 == 0:
+                    nursery.start_soon(sup.stop, job.id, 0.05)
+                await trio.sleep(0.02)
+
+trio.run(main, sys.argv[1])
+"""
+
+_COUNTING = b"".join(b"%d\n" % i for i in range(100_000))
+
+
+def crash_busy_server(state: Path, delay: float) -> tuple[list[str], dict[str, bytes]]:
+    """Run BUSY_SERVER for ``delay`` seconds, snapshot its logs on disk, SIGKILL it.
+
+    Returns the lines it printed and each job's ``output.log`` as it was just
+    before the kill.
+    """
+    require_root("cgroups")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BUSY_SERVER, str(state)],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready
+        time.sleep(delay)
+        on_disk = {
+            d.name: (d / "output.log").read_bytes()
+            for d in (state / "jobs").iterdir()
+            if (d / "output.log").exists()
+        }
+        proc.kill()
+        proc.wait()
+        return proc.stdout.read().decode().splitlines(), on_disk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_sigkill_at_random_points_loses_no_output_and_leaves_no_process(
+    tmp_path: Path, seed: int
+) -> None:
+    state = tmp_path / "state"
+    delay = random.Random(seed).uniform(0.3, 2.0)
+    printed, on_disk = await trio.to_thread.run_sync(crash_busy_server, state, delay)
+    pids = [int(p) for line in printed for p in line.split()[1:]]
+    assert pids
+    assert wait_dead(pids, 5.0) == []  # the reaper's work: no restart needed
+
+    async with open_supervisor(state) as sup:
+        jobs = sup.list()
+        assert {j.id for j in jobs} >= {line.split()[0] for line in printed[:-1]}
+        for job in jobs:
+            assert job.state in (JobState.LOST, JobState.EXITED, JobState.KILLED), job
+            data = b"".join([c.data async for c in sup.output(job.id, follow=False)])
+            assert data.startswith(on_disk.get(job.id, b"").rstrip(b"\0")), job.id
+            script = job.args[1]
+            if "setsid" in script:  # the escapee's pid, then counting
+                data = data.partition(b"\n")[2]
+            # What the job printed, cut where the crash (or a stop) came: never garbled.
+            assert _COUNTING.startswith(data) if script != "sleep 600" else data == b"", job.id

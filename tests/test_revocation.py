@@ -308,3 +308,32 @@ async def test_a_crl_made_after_start(tmp_path: Path, caplog: pytest.LogCaptureF
         assert "crl.pem" in line
         await _refused(served, "alice")
         nursery.cancel_scope.cancel()
+
+
+async def test_a_new_ca_on_reload_closes_the_old_cas_connections(
+    served: Served, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """A CA rotated in place (same subject name, new key): certificates of the old one are
+    no longer served, open connections included."""
+    caplog.set_level(logging.INFO, logger="trio_worker")
+    new = tmp_path / "new"
+    pki.init_ca(new)
+    assert _ca(new).subject == _ca(served.pki_dir).subject
+    pki.issue_server(new, ["localhost", "127.0.0.1"])
+    pki.issue_client(new, "alice", Role.FULL)
+    pki.issue_client(new, "gone", Role.FULL)
+    pki.revoke(new, "gone")  # the new CA's CRL
+    async with RawClient.connect(served.raw_pki("alice"), served.port) as old_alice:
+        await old_alice.start("/grpc.health.v1.Health/Check", b"")
+        await old_alice.until(lambda: bool(old_alice.trailers))
+        for name in ("ca.pem", "server.pem", "server.key", "crl.pem"):
+            os.replace(new / name, served.pki_dir / name)
+        await _hangup(caplog, "closed 1 connection(s)")
+        with trio.fail_after(10), pytest.raises(EOFError):
+            await old_alice.until(lambda: False)
+    rotated = Served(served.port, new)
+    for name in ("ca.pem", "crl.pem"):
+        os.link(served.pki_dir / name, new / name)
+    async with rotated.connect("alice") as alice:
+        await alice.list()
+    await _refused(rotated, "gone")

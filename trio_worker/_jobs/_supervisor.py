@@ -787,11 +787,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         """End the job's input: it reads EOF (on a terminal: the EOF character, after
         whatever was written before). Closing twice is no error."""
         job = self._get(job_id)
-        writer = self._stdin_of(job, closing=True)
-        if writer is not None:
-            await writer.close()
-        else:
-            await trio.lowlevel.checkpoint()
+        await self._stdin_of(job, closing=True).close()
 
     async def resize(self, job_id: str, rows: int, cols: int) -> None:
         """Set a tty job's terminal size; its foreground process group gets SIGWINCH."""

@@ -1173,7 +1173,6 @@ class Server:
         on_call: Callable[[CallRecord], None] | None = None,
         on_drain: Callable[[], None] | None = None,
         identify: Callable[[bytes], Identity] = identity_from_der,
-        revoked: Callable[[bytes], bool] | None = None,
     ) -> None:
         for path in methods:
             if not (path.startswith("/") and path.count("/") == 2):
@@ -1188,7 +1187,8 @@ class Server:
         self._on_call = on_call
         self._on_drain = on_drain
         self._identify = identify
-        self._revoked = revoked
+        #: Since the last ``use_tls``: which client certificates are no longer served.
+        self._refused: Callable[[bytes], bool] | None = None
         self._addresses: list[str] = []
         self._port = 0
         self._draining = False
@@ -1291,19 +1291,20 @@ class Server:
         await self._stopped.wait()
 
     def use_tls(
-        self, ssl_context: ssl.SSLContext, *, revoked: Callable[[bytes], bool] | None = None
+        self, ssl_context: ssl.SSLContext, *, refused: Callable[[bytes], bool] | None = None
     ) -> int:
         """Handshake with ``ssl_context`` from now on (a reload); close the open
-        connections whose client certificate (DER) ``revoked`` holds revoked, and refuse
-        such certificates after any handshake still under way. Returns how many
-        connections were closed."""
+        connections whose client certificate (DER) ``refused`` says is no longer served
+        (revoked, or not from the CA any more), and refuse such certificates after the
+        handshakes still under way with an older context. Returns how many connections
+        were closed."""
         self._ssl_context = ssl_context
-        self._revoked = revoked
-        if revoked is None:
+        self._refused = refused
+        if refused is None:
             return 0
-        closing = [conn for conn in self._connections if revoked(conn.peer_cert)]
+        closing = [conn for conn in self._connections if refused(conn.peer_cert)]
         for conn in closing:
-            conn.close("its certificate was revoked")
+            conn.close("its certificate is no longer accepted (revoked, or another CA)")
         return len(closing)
 
     def record(self, record: CallRecord) -> None:
@@ -1406,7 +1407,8 @@ class Server:
                 return
             try:
                 _set_keepalive(raw)
-                ssl_stream = TLSSocketStream(raw, self._ssl_context)
+                handshake_context = self._ssl_context
+                ssl_stream = TLSSocketStream(raw, handshake_context)
             except (OSError, ValueError) as exc:
                 raw.close()
                 log.info("cannot set up TLS with %s: %s", peer, exc)
@@ -1438,10 +1440,11 @@ class Server:
                 log.info("refusing %s: its TLS handshake did not choose ALPN h2", peer)
                 return
             der = ssl_stream.getpeercert(binary_form=True) or b""
-            if self._revoked is not None and self._revoked(der):
+            refused = self._refused
+            if handshake_context is not self._ssl_context and refused is not None and refused(der):
                 # Handshaken with the context of before a reload: OpenSSL did not see
-                # the CRL that revokes it.
-                log.info("refusing %s: its certificate is revoked", peer)
+                # the CA or CRL that refuse it.
+                log.info("refusing %s: its certificate is no longer accepted", peer)
                 return
             identity, auth_error = self._identity_of(ssl_stream, peer)
             conn = _Connection(self, ssl_stream, identity, auth_error, peer, der)

@@ -115,7 +115,6 @@ class _Session:
 
     def __init__(
         self,
-        client: WorkerClient,
         job: JobInfo,
         *,
         send_stdin: bool,
@@ -123,7 +122,6 @@ class _Session:
         on_interrupt: Callable[[], Awaitable[None]] | None,
         on_key_signal: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
-        self._client = client
         self._job = job
         self._send_stdin = send_stdin
         self._raw = raw
@@ -249,7 +247,6 @@ async def _attached(
     signals they stand for)."""
     raw = job.tty and os.isatty(0) and (send_stdin or on_key_signal is not None)
     session_runner = _Session(
-        client,
         job,
         send_stdin=send_stdin,
         raw=raw,

@@ -167,14 +167,13 @@ async def run_server(
             config=settings.transport,
             on_call=record,
             on_drain=on_drain,
-            revoked=tls.revoked,
         )
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.serve, settings.host, settings.port)
             if handle_signals:
                 await nursery.start(reload_on_sighup, server, load, tls)
             _log.info("serving on %s", ", ".join(server.addresses))
-            if settings.crl is not None and tls.revoked is None:
+            if settings.crl is not None and not tls.has_crl:
                 _log.info(
                     "CRL %s does not exist yet: no client certificate is revoked until it "
                     "does (trio-worker certs revoke makes it; then send SIGHUP)",

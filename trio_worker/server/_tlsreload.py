@@ -17,9 +17,10 @@ from pathlib import Path
 
 import trio
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from .._net._transport import Server
-from .._revocation import load_crl
+from .._revocation import Revocations, load_crl
 from .._tls import TLSConfigError, server_context
 
 __all__ = ["TLSMaterial", "load_tls", "reload_on_sighup"]
@@ -28,11 +29,39 @@ _log = logging.getLogger("trio_worker.server")
 
 
 @dataclass(frozen=True, slots=True)
+class _Refusal:
+    """Whether a client certificate is no longer served: not issued by one of the CA
+    certificates, or revoked by the CRL."""
+
+    ca_certs: tuple[x509.Certificate, ...]
+    revocations: Revocations | None
+
+    def __call__(self, cert_der: bytes) -> bool:
+        try:
+            cert = x509.load_der_x509_certificate(cert_der)
+        except ValueError:
+            return True
+        if not any(_issued_by(cert, ca) for ca in self.ca_certs):
+            return True
+        return self.revocations is not None and self.revocations.revokes(cert_der)
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
 class TLSMaterial:
-    """A server context, and which client certificates its CRL revokes (None: no CRL)."""
+    """A server context; which client certificates it no longer serves (for the
+    connections opened before it); whether a CRL is in force."""
 
     context: ssl.SSLContext
-    revoked: Callable[[bytes], bool] | None
+    refused: Callable[[bytes], bool]
+    has_crl: bool
 
 
 def load_tls(
@@ -47,13 +76,12 @@ def load_tls(
     if crl is not None and crl_may_be_missing and not crl.exists():
         crl = None
     context = server_context(ca=ca, cert=cert, key=key, crl=crl)
-    if crl is None:
-        return TLSMaterial(context, None)
     try:
-        ca_certs = x509.load_pem_x509_certificates(Path(ca).read_bytes())
+        ca_certs = tuple(x509.load_pem_x509_certificates(Path(ca).read_bytes()))
     except (OSError, ValueError) as exc:  # just read by server_context: changed since
         raise TLSConfigError(f"cannot read CA certificate {ca}: {exc}") from exc
-    return TLSMaterial(context, load_crl(crl, ca_certs).revokes)
+    revocations = load_crl(crl, ca_certs) if crl is not None else None
+    return TLSMaterial(context, _Refusal(ca_certs, revocations), crl is not None)
 
 
 async def reload_on_sighup(
@@ -69,15 +97,15 @@ async def reload_on_sighup(
         task_status.started()
         async for _ in hangups:
             try:
-                material = await trio.to_thread.run_sync(load, current.revoked is None)
+                material = await trio.to_thread.run_sync(load, not current.has_crl)
             except TLSConfigError as exc:
                 _log.error("SIGHUP: reload failed, keeping the previous TLS material: %s", exc)
                 continue
             current = material
-            closed = server.use_tls(material.context, revoked=material.revoked)
+            closed = server.use_tls(material.context, refused=material.refused)
             _log.info(
                 "SIGHUP: reloaded the CA, certificate, key%s; closed %d connection(s) of "
-                "revoked certificates",
-                "" if material.revoked is None else " and CRL",
+                "certificates no longer accepted",
+                " and CRL" if material.has_crl else "",
                 closed,
             )
