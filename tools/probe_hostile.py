@@ -562,19 +562,24 @@ def conn_flood(
                 except OSError:
                     sock.close()
                     break
+                sock.setblocking(False)  # the liveness check above must not wait
                 socks.append(sock)
                 refills[0] += 1
             stop.wait(0.2)
 
     thread = threading.Thread(target=flood, daemon=True)
     thread.start()
-    time.sleep(3)  # let the flood fill up
+    filling = time.monotonic() + 10
+    while len(socks) < held and time.monotonic() < filling:  # let the flood fill up
+        time.sleep(0.1)
+    held_at_start = len(socks)
     served = 0
     slowest = 0.0
     began = time.monotonic()
     for _ in range(fresh):
         if time.monotonic() - began > seconds:
             break
+        time.sleep(0.25)  # spread over the flood's life
         t0 = time.monotonic()
         try:
             with channel(server) as ch:
@@ -594,6 +599,7 @@ def conn_flood(
         "fresh_served": served,
         "fresh_slowest_served_ms": round(slowest * 1000, 1),
         "flood_connects": refills[0],
+        "flood_held_at_start": held_at_start,
         "flood_held_at_end": held_at_end,
     }
 
