@@ -210,6 +210,26 @@ async def test_who_jobs_run_as(served: Served, caplog: pytest.LogCaptureFixture)
     assert all(s["job_user"] is None for s in denied)  # nothing ran
 
 
+@pytest.mark.parametrize("isolation", [None, Isolation(mount=True)], ids=["plain", "ns"])
+async def test_a_directory_is_entered_with_the_users_rights(
+    served: Served, isolation: Isolation | None
+) -> None:
+    """The server does not look at another user's --cwd for it (which would tell a client
+    what exists where only root can see): the job's own chdir does, as that user."""
+    private = served.state / "jobs"  # exists; root only
+    async with served.connect("alice") as as_alice, served.connect("root") as as_root:
+        errors = []
+        for cwd in (str(private), str(private / "no-such-dir")):
+            job = await as_alice.start("true", cwd=cwd, isolation=isolation)
+            job = await as_alice.wait(job.id)
+            assert job.state.name == "FAILED", job
+            errors.append(job.error.replace(cwd, "CWD"))
+        assert errors[0] == errors[1]  # the same answer: nothing learnt
+        assert "Permission denied" in errors[0]
+        with pytest.raises(InvalidRequest):  # the server's own user: checked up front
+            await as_root.start("true", cwd="/no-such-dir-0x", user="root")
+
+
 def _probe(state: Path, other_job: str) -> str:
     """A script trying everything a job must not reach; one 'NAME: reached' line each time
     it gets through, 'NAME: denied' otherwise."""

@@ -50,6 +50,7 @@ def helper_argv(
     *,
     report: str | os.PathLike[str] | None = None,
     user: Credentials | None = None,
+    cwd: str | None = None,
 ) -> list[str]:
     """The argv that runs ``command args`` inside the namespaces ``isolation`` asks for.
 
@@ -58,7 +59,8 @@ def helper_argv(
     With ``report``, a failed exec or setup is also written to that file (see
     ``read_report``), so a job that could not start is told apart from one
     that exited 126/127 on its own. With ``user``, the helper (started as root, to
-    unshare) drops to those credentials right before it execs the command.
+    unshare) drops to those credentials right before it execs the command, and only
+    then enters ``cwd`` (with the user's rights).
     """
     argv = [sys.executable, "-I", "-S", HELPER_PATH]
     if isolation.pid:
@@ -72,6 +74,8 @@ def helper_argv(
     if user is not None:
         groups = ",".join(str(g) for g in user.groups)
         argv += ["--user", f"{user.uid}:{user.gid}:{groups}"]
+        if cwd is not None:
+            argv += ["--cwd", cwd]
     return [*argv, "--", command, *args]
 
 

@@ -147,6 +147,8 @@ class _Options:
         self.report_fd = -1
         #: --user UID:GID:G1,G2: who the command runs as (set right before exec).
         self.user: tuple[int, int, list[int]] | None = None
+        #: --cwd DIR: entered after switching to the user (with its rights).
+        self.cwd: str | None = None
         self.command = ""
         self.args: list[str] = []
 
@@ -167,6 +169,9 @@ def _parse(argv: list[str]) -> _Options:
             opts.network = True
         elif arg == "--report" and i < len(argv):
             opts.report = argv[i]
+            i += 1
+        elif arg == "--cwd" and i < len(argv):
+            opts.cwd = argv[i]
             i += 1
         elif arg == "--user" and i < len(argv):
             try:
@@ -247,6 +252,15 @@ def _drop_to_user(opts: _Options) -> None:
     except OSError as exc:
         message = f"cannot switch to uid {uid}: {exc.strerror}"
         _fail(opts, "setup", exc.errno or 0, message, EXIT_SETUP_FAILED)
+    # The working directory is entered with the user's rights (a given one only now,
+    # the one inherited again).
+    cwd = opts.cwd or "."
+    try:
+        cwd = opts.cwd or os.getcwd()
+        os.chdir(cwd)
+    except OSError as exc:
+        reason = exc.strerror or os.strerror(exc.errno or errno.EIO)
+        _fail(opts, "chdir", exc.errno or 0, f"{reason}: {cwd!r}", EXIT_EXEC_FAILED)
 
 
 def _exec(opts: _Options) -> NoReturn:

@@ -120,12 +120,15 @@ def validate_start(
     cwd: object,
     *,
     base_env: Mapping[str, str],
+    check_cwd: bool = True,
 ) -> StartSpec:
     """Check a start request at the edge and build what spawning needs.
 
     ``env`` extends ``base_env`` (the server's environment); keys given in
     ``env`` override the server's. ``PATH`` is looked up in the result, as
-    ``execvpe`` does.
+    ``execvpe`` does. Without ``check_cwd`` the directory is not looked at here
+    (a job of another user: its own chdir says, with that user's rights, so a
+    caller cannot probe the server's files through our answer).
     """
     command = _check_text("command", command)
     if not command:
@@ -144,9 +147,9 @@ def validate_start(
     checked_cwd: str | None = None
     if cwd is not None and cwd != "":
         checked_cwd = _check_text("cwd", os.fspath(cwd) if isinstance(cwd, Path) else cwd)
-        if not os.path.exists(checked_cwd):
+        if check_cwd and not os.path.exists(checked_cwd):
             raise InvalidRequest("cwd", f"{checked_cwd!r} does not exist")
-        if not os.path.isdir(checked_cwd):
+        if check_cwd and not os.path.isdir(checked_cwd):
             raise InvalidRequest("cwd", f"{checked_cwd!r} is not a directory")
     check_exec_size((command, *checked_args), full_env)  # E2BIG: refused, never stored
     return StartSpec(command, checked_args, full_env, checked_cwd)

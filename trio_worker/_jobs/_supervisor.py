@@ -417,7 +417,7 @@ class Supervisor(metaclass=NoPublicConstructor):
             if cwd is None or cwd == "":
                 cwd = await trio.to_thread.run_sync(start_directory, account)
         credentials = Credentials(account.uid, account.gid, account.groups) if as_other else None
-        spec = validate_start(command, args, env, cwd, base_env=base_env)
+        spec = validate_start(command, args, env, cwd, base_env=base_env, check_cwd=not as_other)
         terminal = _check_terminal(tty, terminal_size)
         limits = limits if limits is not None else Limits()
         isolation = isolation if isolation is not None else Isolation()
@@ -473,21 +473,31 @@ class Supervisor(metaclass=NoPublicConstructor):
             if setup_error is not None:
                 raise setup_error
             argv = None
+            spawn_spec = spec
             if isolation.any:
                 # The helper would only notice a missing command after it
-                # started: resolve first, so the failure looks the same.
-                try:
-                    resolve_command(spec.command, spec.env.get("PATH"), spec.cwd)
-                except OSError as exc:
-                    raise SpawnError(describe_os_error(exc, spec.command), exc.errno) from None
+                # started: resolve first, so the failure looks the same. Not for
+                # another user: root's view of the files is not theirs to learn.
+                if credentials is None:
+                    try:
+                        resolve_command(spec.command, spec.env.get("PATH"), spec.cwd)
+                    except OSError as exc:
+                        raise SpawnError(describe_os_error(exc, spec.command), exc.errno) from None
+                else:  # the helper enters the directory once it is the user
+                    spawn_spec = dataclasses.replace(spec, cwd=None)
                 report = log.directory / _REPORT
                 argv = helper_argv(
-                    isolation, spec.command, spec.args, report=report, user=credentials
+                    isolation,
+                    spec.command,
+                    spec.args,
+                    report=report,
+                    user=credentials,
+                    cwd=spec.cwd if credentials is not None else None,
                 )
             given, procs = procs, []  # the spawn owns (and closes) them now
             try:
                 process = JobProcess.spawn(
-                    spec,
+                    spawn_spec,
                     argv=argv,
                     cgroup=job.cgroup,
                     cgroup_fds=given,

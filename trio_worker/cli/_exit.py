@@ -13,7 +13,7 @@ Exit codes (the README's table is this one):
 6     no such job (or not one you may see)
 7     the job is not running any more
 8     the host cannot enforce the limits or isolation asked for
-9     the server is at a limit (jobs, connections)
+9     the server is at a limit (jobs, connections), or the caller at a quota
 10    the server is shutting down
 11    the server failed (internal error)
 12    the job is still running (``rm`` without ``-f``)

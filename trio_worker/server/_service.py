@@ -300,8 +300,7 @@ class WorkerService:
                 raise group.exceptions[0] from None
             raise
         finally:
-            if typed.any:
-                typed.audit(ctx, job_id)
+            typed.audit(ctx, job_id)
 
     async def _take_input(
         self,
@@ -354,15 +353,12 @@ _audit = logging.getLogger("trio_worker.audit")
 @dataclass
 class _Typed:
     """What one attached caller sent a job: one audit line when the Attach ends, so the
-    log says who typed into which job (never what they typed)."""
+    log says who watched or typed into which job (never what they typed). The call's own
+    ``rpc`` line cannot name the job: it comes in the stream, not in a request."""
 
     stdin_bytes: int = 0
     closed_stdin: bool = False
     resizes: int = 0
-
-    @property
-    def any(self) -> bool:
-        return bool(self.stdin_bytes or self.closed_stdin or self.resizes)
 
     def audit(self, ctx: CallContext, job_id: str) -> None:
         identity = ctx.identity
