@@ -113,7 +113,9 @@ def test_ids_take_unique_prefixes_in_any_case(dev: DevServer) -> None:
         status = json.loads(ok(dev("status", "--json", prefix)))
         assert status["id"] == job_id
     err = assert_one_line_error(dev("status", first[:common].lower()), 2)
-    assert re.search(r"matches [2-9] jobs", err), err
+    assert re.search(
+        r"matches [2-9] jobs; give more of the id \(they differ from character \d+ on\)", err
+    ), err
     ok(dev("stop", second[: common + 1]))
     ok(dev("rm", "-f", first[: common + 1].lower(), second))
     assert_one_line_error(dev("status", "zzzz"), 6)

@@ -303,6 +303,7 @@ LOCAL_ERRORS: list[tuple[list[str], int, str]] = [
     (["start", "--cpus", "lots", "--", "true"], 2, "--cpus: 'lots' is not a number of CPUs"),
     (["start", "--env", "NOVALUE_X", "--", "true"], 2, "--env: 'NOVALUE_X' is not set here"),
     (["start", "--cwd", "build", "--", "true"], 2, "--cwd: 'build' is relative"),
+    (["logs", "--tail", "3", "--offset", "9", "X"], 2, "--tail: give --tail or --offset"),
     (["start", "--isolate", "pid,user", "--", "true"], 2, "'user' is not a namespace"),
     (["start"], 2, "COMMAND: missing; give it after --"),
     (["run", "ls", "-l"], 125, "the command after it: trio-worker run [OPTIONS] --"),

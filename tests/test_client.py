@@ -325,7 +325,7 @@ async def test_large_request_waits_for_flow_control_window(server: Server) -> No
 
 
 async def test_many_concurrent_calls_on_one_connection(server: Server) -> None:
-    # More than the server's 100 concurrent streams: the rest wait for a slot.
+    # More than the server's concurrent streams (32): the rest wait for a slot.
     async with server.connect() as client:
         job = await client.start("true")
         results: list[str] = []

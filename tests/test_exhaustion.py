@@ -10,9 +10,13 @@ a failed Start, and List/Status must keep working for every job.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from .conftest import require_root
 
@@ -137,3 +141,78 @@ def test_a_thousand_sleeping_jobs_with_a_stock_fd_limit(tmp_path: Path) -> None:
     assert report["raised"] >= 8 * n  # the soft limit went up to the hard one
     assert report["running"] == n
     assert report["job_soft_limit"] == "1024"  # jobs still see the stock limit
+
+
+_NO_PROCESSES = r"""
+import json, os, sys
+from pathlib import Path
+import trio
+from trio_worker import JobState, ResourceExhausted
+from trio_worker._host._cgroups import NoDriver
+from trio_worker._jobs._supervisor import open_supervisor_with_driver
+
+group = Path(sys.argv[2])
+(group / "cgroup.procs").write_text(str(os.getpid()))
+
+def fds():
+    return sorted(os.listdir("/proc/self/fd"))
+
+async def main():
+    async with open_supervisor_with_driver(NoDriver("test"), sys.argv[1], persist=False) as sup:
+        jobs_dir = Path(sys.argv[1]) / "jobs"
+        keeper = await sup.start("sleep", ["60"])  # also leaves a worker thread cached
+        before = (fds(), sorted(os.listdir(jobs_dir)), len(sup.list()))
+        (group / "pids.max").write_text((group / "pids.current").read_text())
+        try:
+            await sup.start("true")
+        except ResourceExhausted as exc:
+            refused = str(exc)
+        else:
+            refused = ""
+        after = (fds(), sorted(os.listdir(jobs_dir)), len(sup.list()))
+        (group / "pids.max").write_text("max")
+        assert after == before, (before, after)
+        assert sup.status(keeper.id).state is JobState.RUNNING
+        again = await sup.start("true")
+        end = await sup.wait(again.id)
+        print(json.dumps({"refused": refused, "then": end.state.value}))
+        await sup.stop(keeper.id, grace=0)
+
+trio.run(main)
+"""
+
+
+def _pids_group(name: str) -> Path | None:
+    """A fresh pids cgroup (v1 pids hierarchy, or the v2 root's), or None."""
+    v1 = Path("/sys/fs/cgroup/pids")
+    if (v1 / "cgroup.procs").exists():
+        return v1 / name
+    root = Path("/sys/fs/cgroup")
+    try:
+        if "pids" in (root / "cgroup.subtree_control").read_text().split():
+            return root / name
+    except OSError:
+        pass
+    return None
+
+
+def test_start_without_processes_is_refused_and_leaks_nothing(tmp_path: Path) -> None:
+    require_root("cgroups")
+    group = _pids_group(f"tw-eagain-{os.getpid()}-{secrets.token_hex(3)}")
+    if group is None:
+        pytest.skip("no pids cgroup controller to run out of processes with")
+    group.mkdir()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _NO_PROCESSES, str(tmp_path / "state"), str(group)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        group.rmdir()
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert "cannot start the job" in report["refused"], report
+    assert report["then"] == "exited"

@@ -230,7 +230,7 @@ async def test_a_directory_is_entered_with_the_users_rights(
             await as_root.start("true", cwd="/no-such-dir-0x", user="root")
 
 
-def _probe(state: Path, other_job: str) -> str:
+def _probe(state: Path, other_job: str, other_pid: int) -> str:
     """A script trying everything a job must not reach; one 'NAME: reached' line each time
     it gets through, 'NAME: denied' otherwise."""
     targets = {
@@ -242,6 +242,7 @@ def _probe(state: Path, other_job: str) -> str:
         "client-key": f"head -c1 {state}/pki/admin.key",
         "server-environ": f"head -c1 /proc/{os.getpid()}/environ",
         "signal-server": f"kill -0 {os.getpid()}",
+        "signal-other-job": f"kill -0 {other_pid}",  # bob's, as bob
     }
     lines = [
         f'if {cmd} >/dev/null 2>&1; then echo "{name}: reached"; else echo "{name}: denied"; fi'
@@ -285,7 +286,7 @@ async def test_a_job_of_another_user_reaches_none_of_the_servers_state(
             assert (served.state / path).is_file()  # there to be refused
         job, text = await run(
             as_alice,
-            _probe(served.state, bobs.id),
+            _probe(served.state, bobs.id, bobs.pid or 0),
             limits=Limits(memory_bytes=256 * 1024 * 1024, pids=64),
             isolation=isolation,
         )
@@ -299,6 +300,7 @@ async def test_a_job_of_another_user_reaches_none_of_the_servers_state(
         assert f"{name}: denied" in lines, text
     assert "server-environ: denied" in lines
     assert "signal-server: denied" in lines
+    assert "signal-other-job: denied" in lines
     assert lines.count("cgroup-file: denied") >= 3, text  # it found its limit files
     assert lines[-1].split() == ["0", "1", "2", "3"], text  # no descriptor of the server's
 

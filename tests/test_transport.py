@@ -1062,6 +1062,26 @@ async def test_slow_reader_bounded_by_flow_control(pki: Pki) -> None:
             await probe.cancelled.wait()
 
 
+async def test_a_tiny_window_gets_every_message_intact(pki: Pki) -> None:
+    """With a 1-byte stream window the server sends one byte per WINDOW_UPDATE, the
+    length prefix split across frames too, and the messages arrive whole and in order."""
+    async with (
+        running_server(pki, methods(Probe())) as r,
+        RawClient.connect(pki, r.port, window=1) as client,
+    ):
+        sid = await client.start(TICKS, w.Int32Value(value=3).SerializeToString())
+        with trio.fail_after(10):
+            await client.until(lambda: client.status(sid) is not None)
+        data = client.data[sid]
+        values = []
+        while data:
+            length = int.from_bytes(data[1:5], "big")
+            values.append(w.Int32Value.FromString(data[5 : 5 + length]).value)
+            data = data[5 + length :]
+        assert values == [0, 1, 2]
+        assert client.status(sid) == 0
+
+
 async def test_stuck_reader_bounded_by_send_buffer(pki: Pki) -> None:
     """A client with a huge window that stops reading the socket costs a bounded buffer."""
     probe = Probe()

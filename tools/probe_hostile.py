@@ -431,12 +431,14 @@ def header_cache(server: Server, blocks: int = 64, size: int = 256 * KiB) -> dic
     }
 
 
-def zero_window(server: Server, streams: int = 100, hold: float = 15.0) -> dict[str, Any]:
+def zero_window(
+    server: Server, streams: int = 100, hold: float = 15.0, window: int = 0, read: bool = True
+) -> dict[str, Any]:
     """A client advertising a zero stream window that never opens it: ``streams`` Output
     follow streams of a chatty job from offset 0, held ``hold`` seconds, reading the socket
     (so TCP is never what holds the server back)."""
-    settings = struct.pack(">HL", 0x4, 0)  # SETTINGS_INITIAL_WINDOW_SIZE = 0
-    raw = Raw(server, settings)
+    settings = struct.pack(">HL", 0x4, window)  # SETTINGS_INITIAL_WINDOW_SIZE
+    raw = Raw(server, settings, rcvbuf=0 if read else 4 * KiB)
     raw.drain(1.0)
     data = b""
     for i in range(streams):
@@ -447,9 +449,29 @@ def zero_window(server: Server, streams: int = 100, hold: float = 15.0) -> dict[
     raw.send(data)
     deadline = time.monotonic() + hold
     while time.monotonic() < deadline and not raw.closed_by_server:
-        raw.drain(0.2)
+        if read:
+            raw.drain(0.2)
+        else:
+            time.sleep(0.2)
     raw.close()
-    return {"streams": streams, "held_s": hold, "cut_off": raw.closed_by_server}
+    return {
+        "streams": streams,
+        "window": window,
+        "held_s": hold,
+        "cut_off": raw.closed_by_server,
+    }
+
+
+def no_read(server: Server) -> dict[str, Any]:
+    """As zero-window, but with the default 64 KiB windows and a client that never reads
+    its socket: the server's send buffer fills, and the streams wait for room."""
+    return zero_window(server, window=65535, read=False)
+
+
+def small_window(server: Server) -> dict[str, Any]:
+    """As zero-window, but each stream's window is 1 byte: every stream may start a
+    message, and then waits."""
+    return zero_window(server, window=1)
 
 
 def rapid_reset(server: Server, pairs: int = 100_000) -> dict[str, Any]:
@@ -609,6 +631,8 @@ ATTACKS: dict[str, Callable[[Server], dict[str, Any]]] = {
     "hpack-flood": hpack_flood,
     "header-cache": header_cache,
     "zero-window": zero_window,
+    "small-window": small_window,
+    "no-read": no_read,
     "rapid-reset": rapid_reset,
     "ping-flood": ping_flood,
     "alpn": alpn,
@@ -630,7 +654,7 @@ def main() -> None:
             job = unary(ch, "Start", pb.StartRequest(command="true"), pb.Job, 30)
             JOB[0] = job.id
             chatty = None
-            if name == "zero-window":
+            if name in ("zero-window", "small-window", "no-read"):
                 script = "while :; do head -c 1048576 /dev/zero | tr '\\0' x; sleep 0.05; done"
                 chatty = unary(
                     ch, "Start", pb.StartRequest(command="sh", args=["-c", script]), pb.Job, 30

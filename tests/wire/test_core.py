@@ -222,6 +222,7 @@ def test_random_frames_raise_only_protocol_errors(
         for i in range(0, len(data), 7):
             pair.to_server(bytes(data[i : i + 7]))
             assert pair.server.gate.buffered <= 16384 + 9 + 7
+            assert 0 <= pair.server.buffered_requests <= MAX_BUFFERED_REQUESTS
     except (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved):
         pass
 

@@ -435,10 +435,15 @@ class Supervisor(metaclass=NoPublicConstructor):
         # The job's directory, log files and cgroups (mkdir and open on disk and
         # cgroupfs: ~1-2 ms) are made in a worker thread, so Status and others
         # are served meanwhile. Shielded: what the thread made must not be lost.
-        with trio.CancelScope(shield=True):
-            log, group, procs, setup_error = await trio.to_thread.run_sync(
-                self._prepare, job_id, limits, isolation, spec.cwd
-            )
+        try:
+            with trio.CancelScope(shield=True):
+                log, group, procs, setup_error = await trio.to_thread.run_sync(
+                    self._prepare, job_id, limits, isolation, spec.cwd
+                )
+        except RuntimeError as exc:  # "can't start new thread": out of processes (EAGAIN)
+            if "thread" not in str(exc):
+                raise
+            raise ResourceExhausted(f"cannot start the job: {exc}") from None
         job = _Job(job_id, owner, spec, limits, isolation, log)
         job.cgroup = group
         job.env_keys = tuple(env or ())

@@ -275,7 +275,10 @@ class TransportConfig:
     max_connections_per_address: int = 256
     #: handshakes in flight from one source address
     max_handshakes_per_address: int = 16
-    max_concurrent_streams: int = 100
+    #: streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS: clients queue beyond it).
+    #: 32, not 100: an output stream whose client stops reading still holds about 1.3 MiB
+    #: (one message and its log reader's block), and 32 of them fit the per-connection bound
+    max_concurrent_streams: int = 32
     max_request_bytes: int = 4 * 1024 * 1024
     handshake_timeout: float = 10.0
     #: close (with GOAWAY) a connection that has had no call for this long
@@ -895,10 +898,13 @@ class _Connection:
                             # that never opens its window makes us hold nothing for it.
                             await self._sendable(call)
                             try:
-                                item = await anext(responses)
+                                # Not kept in a local: _send_message drops it once
+                                # serialized, while it waits for window.
+                                await self._send_message(
+                                    call, await anext(responses), method.response_type
+                                )
                             except StopAsyncIteration:
                                 break
-                            await self._send_message(call, item, method.response_type)
                     finally:
                         aclose = getattr(responses, "aclose", None)
                         if aclose is not None:  # an async generator: run its finally now
@@ -1010,7 +1016,10 @@ class _Connection:
         self._check_type(call, message, expected)
         await trio.lowlevel.checkpoint_if_cancelled()
         payload: bytes = message.SerializeToString()
-        data = _MESSAGE_PREFIX.pack(0, len(payload)) + payload
+        # While this waits for window, it holds the serialized bytes only: not the message
+        # object (callers pass it without keeping it), nor a prefixed copy of it.
+        del message
+        prefix = _MESSAGE_PREFIX.pack(0, len(payload))
         h2c = self._h2
         stream_id = call.stream_id
         if not call.headers_sent:
@@ -1020,7 +1029,7 @@ class _Connection:
         # Frames no larger than we accept ourselves, even if the client takes 16 MiB ones:
         # streams then interleave, and the send buffer stays near its bound.
         max_frame = self._cfg.max_frame_size
-        pos, total = 0, len(data)
+        pos, total = 0, len(prefix) + len(payload)
         while pos < total:
             if h2c.outbound_buffered + self._stream.pending >= high_water:
                 self._wake_writer()
@@ -1038,7 +1047,12 @@ class _Connection:
                 await self._window_lot.park()
                 continue
             n = min(total - pos, window, int(h2c.max_outbound_frame_size), max_frame)
-            h2c.send_data(stream_id, data[pos : pos + n] if n < total else data)
+            if pos < len(prefix):  # the first frame carries the prefix (usually all of it)
+                head = prefix[pos : pos + n]
+                h2c.send_data(stream_id, head + payload[: n - len(head)])
+            else:
+                start = pos - len(prefix)
+                h2c.send_data(stream_id, payload[start : start + n])
             pos += n
         if wake:
             self._wake_writer()

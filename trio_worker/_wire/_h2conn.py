@@ -417,8 +417,8 @@ def h2_config(*, client_side: bool) -> h2.config.H2Configuration:
 
 
 class WireH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
-    """h2's connection as both ends use it: output handed over without a copy, and a
-    WINDOW_UPDATE for a stream h2 has already forgotten ignored.
+    """h2's connection as both ends use it: DATA serialized with one copy, output handed
+    over without a copy, and a WINDOW_UPDATE for a stream h2 has already forgotten ignored.
 
     RFC 9113 §5.1 lets WINDOW_UPDATE arrive "for a short period" after a stream ended. h2
     accepts it while the closed stream is still in its table, but forgets closed streams
@@ -440,6 +440,33 @@ class WireH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
                 return [], []
         frames, events = super()._receive_window_update_frame(frame)
         return frames, events
+
+    def _prepare_for_sending(self, frames: list[Any]) -> None:
+        """Append frames to the output buffer, DATA frames copied once.
+
+        h2 serializes every frame (hyperframe copies the payload twice), joins them (a
+        third copy) and appends the result (a fourth). For bulk output those copies cost
+        more than the TLS encryption: a plain DATA frame's header is packed here and its
+        payload appended as is.
+        """
+        if not frames:
+            return
+        buffer: bytearray = self._data_to_send
+        for frame in frames:
+            if type(frame) is DataFrame and "PADDED" not in frame.flags:
+                data = frame.data
+                length = len(data)
+                frame.body_len = length
+                buffer += _FRAME_HEADER.pack(
+                    (length >> 8) & 0xFFFF,
+                    length & 0xFF,
+                    0x0,
+                    0x1 if "END_STREAM" in frame.flags else 0x0,
+                    frame.stream_id & 0x7FFFFFFF,
+                )
+                buffer += data
+            else:
+                buffer += frame.serialize()
 
     def data_to_send(self, amount: int | None = None) -> bytes | bytearray:
         """Hand over the whole output buffer without copying it (h2 and purerpc copy)."""
@@ -468,33 +495,6 @@ class ServerH2Connection(WireH2Connection):
         """
         self._open_streams(int(not self.config.client_side))
         return 0
-
-    def _prepare_for_sending(self, frames: list[Any]) -> None:
-        """Append frames to the output buffer, DATA frames copied once.
-
-        h2 serializes every frame (hyperframe copies the payload twice), joins them (a
-        third copy) and appends the result (a fourth). For bulk output those copies cost
-        more than the TLS encryption: a plain DATA frame's header is packed here and its
-        payload appended as is.
-        """
-        if not frames:
-            return
-        buffer: bytearray = self._data_to_send
-        for frame in frames:
-            if type(frame) is DataFrame and "PADDED" not in frame.flags:
-                data = frame.data
-                length = len(data)
-                frame.body_len = length
-                buffer += _FRAME_HEADER.pack(
-                    (length >> 8) & 0xFFFF,
-                    length & 0xFF,
-                    0x0,
-                    0x1 if "END_STREAM" in frame.flags else 0x0,
-                    frame.stream_id & 0x7FFFFFFF,
-                )
-                buffer += data
-            else:
-                buffer += frame.serialize()
 
     def send_graceful_goaway(self, last_stream_id: int) -> None:
         """Queue GOAWAY(NO_ERROR) without closing h2's state machine.

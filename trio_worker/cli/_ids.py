@@ -39,7 +39,15 @@ class IdResolver:
         if not matches:
             raise JobNotFound(typed)
         if len(matches) > 1:
+            # Ids start with their creation time: say where these begin to differ.
+            first, last = min(matches), max(matches)  # their common prefix is everyone's
+            same = next(
+                (i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b), len(first)
+            )
+            differ = same + 1
             raise InvalidRequest(
-                "ID", f"{typed!r} matches {len(matches)} jobs; give more of the id"
+                "ID",
+                f"{typed!r} matches {len(matches)} jobs; give more of the id (they differ "
+                f"from character {differ} on)",
             )
         return matches[0]

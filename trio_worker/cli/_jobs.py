@@ -618,6 +618,8 @@ async def logs(
     tail
         Start at the last N lines instead (of stdout and stderr together).
     """
+    if tail is not None and offset:
+        raise InvalidRequest("--tail", "give --tail or --offset, not both")
     conn = _connection(options)
     async with open_client(conn) as client:
         full_id = await IdResolver(client)(job_id)
