@@ -148,6 +148,18 @@ async def test_start_without_room_for_its_files_is_refused_and_leaves_nothing(
             assert sup.status(running.id).state is JobState.RUNNING
 
 
+async def test_records_pending_at_shutdown_are_written_on_the_way_out(state_dir: Path) -> None:
+    async with open_supervisor(state_dir, retention=_MANUAL) as sup:
+        store = sup._store
+        assert store is not None
+        store._conn.execute("PRAGMA query_only = 1")
+        job = await sup.start("true")
+        assert await wait_ended(sup, job.id) is JobState.EXITED
+        assert recorded(state_dir / "jobs.db") == {}
+        store._conn.execute("PRAGMA query_only = 0")  # the disk has room again
+    assert recorded(state_dir / "jobs.db") == {job.id: "exited"}
+
+
 async def test_sqlite_errors_never_escape_and_records_are_written_later(state_dir: Path) -> None:
     async with open_supervisor(state_dir, retention=_MANUAL) as sup:
         store = sup._store
