@@ -1034,8 +1034,8 @@ def read_log_file(
                 stream = _STREAMS.get(tag)
                 if stream is not None:
                     whole = position == offset and stop == blob_end  # one run: no copy
-                    data = blob if whole else blob[position - offset : stop - offset]
-                    chunks.append(OutputChunk(data, position, stream))
+                    piece = blob if whole else blob[position - offset : stop - offset]
+                    chunks.append(OutputChunk(piece, position, stream))
                 position = stop
             i += 1
             if i >= index_records:
