@@ -11,6 +11,7 @@ import errno
 import os
 import sqlite3
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -21,7 +22,10 @@ import trio
 import trio.testing
 
 from tests.conftest import process_alive, require_root
+from tests.test_client import Server, certs, server
 from trio_worker import JobState, ResourceExhausted, Retention, Supervisor, open_supervisor
+
+__all__ = ["certs", "server"]  # fixtures shared with test_client
 
 #: Retention that never runs on its own: the tests call ``housekeep``.
 _MANUAL = Retention(interval=3600.0, keep_ended=None, max_ended_age=timedelta(days=1))
@@ -144,6 +148,18 @@ async def test_start_without_room_for_its_files_is_refused_and_leaves_nothing(
             assert sup.status(running.id).state is JobState.RUNNING
 
 
+async def test_records_pending_at_shutdown_are_written_on_the_way_out(state_dir: Path) -> None:
+    async with open_supervisor(state_dir, retention=_MANUAL) as sup:
+        store = sup._store
+        assert store is not None
+        store._conn.execute("PRAGMA query_only = 1")
+        job = await sup.start("true")
+        assert await wait_ended(sup, job.id) is JobState.EXITED
+        assert recorded(state_dir / "jobs.db") == {}
+        store._conn.execute("PRAGMA query_only = 0")  # the disk has room again
+    assert recorded(state_dir / "jobs.db") == {job.id: "exited"}
+
+
 async def test_sqlite_errors_never_escape_and_records_are_written_later(state_dir: Path) -> None:
     async with open_supervisor(state_dir, retention=_MANUAL) as sup:
         store = sup._store
@@ -186,4 +202,22 @@ async def test_cancelled_stop_still_kills_after_the_grace() -> None:
         assert sup.status(job.id).state is JobState.RUNNING  # TERM was ignored
         with trio.fail_after(30):  # (only so that a regression fails instead of hanging)
             end = await sup.wait(job.id)
+        assert (end.state, end.signal) == (JobState.KILLED, 9)
+
+
+async def test_a_stop_whose_caller_disconnects_still_kills(server: Server) -> None:
+    """Through the server: the client gives up on its Stop (as a second Ctrl-C of
+    ``run`` does); the server still SIGKILLs the job after the grace."""
+    async with server.connect() as client:
+        job = await client.start(sys.executable, ["-c", _IGNORES_TERM])
+        async with client.output(job.id) as stream:
+            async for chunk in stream:
+                if b"ready" in chunk.data:
+                    break
+        with trio.move_on_after(0.3) as scope:
+            await client.stop(job.id, grace=1.0)
+        assert scope.cancelled_caught
+    async with server.connect() as client:
+        with trio.fail_after(30):  # (only so that a regression fails instead of hanging)
+            end = await client.wait(job.id)
         assert (end.state, end.signal) == (JobState.KILLED, 9)

@@ -18,6 +18,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -399,3 +400,27 @@ def _check_dies_with_parent(user: tuple[int, int] | None = None) -> None:
 
 def test_command_dies_with_its_parent() -> None:
     _check_dies_with_parent()
+
+
+def test_switching_user_in_the_child_leaves_the_servers_threads_alone(
+    unix_user: tuple[str, int, int, int],
+) -> None:
+    # glibc's setuid family broadcasts to every thread of a multi-threaded process;
+    # a vfork child shares the server's memory, so it must use the raw system calls.
+    _, uid, gid, extra = unix_user
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    try:
+        code, _ = _run(["true"], user=Credentials(uid, gid, (extra,)))
+        assert code == 0
+        for task in Path("/proc/self/task").iterdir():
+            status = (task / "status").read_text().splitlines()
+            uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
+            gids = next(line for line in status if line.startswith("Gid:")).split()[1:]
+            assert uids == [str(os.getuid())] * 4, (task.name, uids)
+            assert gids == [str(os.getgid())] * 4, (task.name, gids)
+        assert os.geteuid() == 0
+    finally:
+        stop.set()
+        worker.join()

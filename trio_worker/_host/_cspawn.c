@@ -138,11 +138,14 @@ child(const struct plan *p, volatile struct report *r)
         if (dup2(fds[i], (int)i) < 0)
             fail(r, STAGE_FDS, (int)i);
     }
-    if (p->groups != NULL && setgroups((size_t)p->n_groups, p->groups) < 0)
+    /* Raw system calls, not glibc's wrappers: in a multi-threaded process those
+     * broadcast the change to every thread (SIGSETXID) under a lock of the
+     * parent's, which a vfork child sharing the parent's memory must not touch. */
+    if (p->groups != NULL && syscall(SYS_setgroups, (size_t)p->n_groups, p->groups) < 0)
         fail(r, STAGE_SETGROUPS, 0);
-    if (p->gid >= 0 && setresgid((gid_t)p->gid, (gid_t)p->gid, (gid_t)p->gid) < 0)
+    if (p->gid >= 0 && syscall(SYS_setresgid, (gid_t)p->gid, (gid_t)p->gid, (gid_t)p->gid) < 0)
         fail(r, STAGE_SETGID, 0);
-    if (p->uid >= 0 && setresuid((uid_t)p->uid, (uid_t)p->uid, (uid_t)p->uid) < 0)
+    if (p->uid >= 0 && syscall(SYS_setresuid, (uid_t)p->uid, (uid_t)p->uid, (uid_t)p->uid) < 0)
         fail(r, STAGE_SETUID, 0);
     if (p->cwd != NULL && chdir(p->cwd) < 0)
         fail(r, STAGE_CHDIR, 0);

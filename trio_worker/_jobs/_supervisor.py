@@ -1387,6 +1387,8 @@ async def open_supervisor_with_driver(
             finally:
                 with trio.CancelScope(shield=True):
                     await supervisor.shutdown(shutdown_grace)
+                    if store is not None:
+                        await supervisor._save_unsaved()  # a last try for pending records
                 nursery.cancel_scope.cancel()  # housekeeping; jobs have ended
     finally:
         with trio.CancelScope(shield=True):
