@@ -323,6 +323,36 @@ async def test_reader_far_behind_reads_from_disk_while_memory_stays_bounded(
     assert data == (block * 40)[12345:]
 
 
+async def test_lagging_readers_share_disk_reads_and_each_gets_every_byte(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path, tail_bytes=0)
+    expected = bytearray()
+    for i in range(12):  # 3 MiB + a bit, in runs of both streams
+        piece = bytes([i]) * (256 * 1024 + i)
+        log.append(ERR if i % 4 == 3 else OUT, piece)
+        expected += piece
+    await log.flush()
+    got: dict[int, list[OutputChunk]] = {}
+
+    async def read(i: int, offset: int) -> None:
+        got[i] = [chunk async for chunk in log.read(offset, follow=False)]
+
+    async with trio.open_nursery() as nursery:  # together: one read per block
+        for i in range(6):
+            nursery.start_soon(read, i, 100 * i)
+    await read(6, 0)  # afterwards: recent blocks are still shared
+    log.finish()
+    log.close()
+    for i, chunks in got.items():
+        offset = 100 * i if i < 6 else 0
+        assert b"".join(c.data for c in chunks) == bytes(expected[offset:])
+        assert [c.offset for c in chunks[1:]] == [c.end for c in chunks[:-1]]
+    # Readers starting inside the same block end up with the very same objects.
+    later = [
+        {id(c.data) for c in chunks if c.offset >= _output._FILE_BLOCK} for chunks in got.values()
+    ]
+    assert all(ids == later[0] for ids in later)
+
+
 async def test_disk_write_failure_keeps_the_job_going(tmp_path: Path) -> None:
     log = OutputLog(tmp_path)
     log.append(OUT, b"before")

@@ -820,7 +820,10 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
     async with await SqliteJobStore.open(path) as store:
         await start(store, info)
     with closing(sqlite3.connect(path)) as conn:  # make it what version 1 wrote
-        conn.executescript("ALTER TABLE jobs DROP COLUMN run_as; PRAGMA user_version = 1;")
+        conn.executescript(
+            "ALTER TABLE jobs DROP COLUMN tty; ALTER TABLE jobs DROP COLUMN stdin;"
+            "ALTER TABLE jobs DROP COLUMN run_as; PRAGMA user_version = 1;"
+        )
     async with await SqliteJobStore.open(path) as store:
         assert (await by_id(store))[info.id].info.user == ""
         later = running(user="alice")
@@ -829,4 +832,40 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
     with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
-    assert columns[-1] == "run_as"
+    assert columns[-3:] == ["run_as", "stdin", "tty"]
+
+
+async def test_stdin_and_tty_round_trip(tmp_path: Path) -> None:
+    """A restarted server still knows which jobs had stdin or a terminal."""
+    piped, terminal, plain = running(stdin=True), running(stdin=True, tty=True), running()
+    async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
+        for info in (piped, terminal, plain):
+            await start(store, info)
+    async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
+        stored = await by_id(store)
+    assert [(stored[i.id].info.stdin, stored[i.id].info.tty) for i in (piped, terminal, plain)] == [
+        (True, False),
+        (True, True),
+        (False, False),
+    ]
+
+
+async def test_a_version_2_database_is_migrated(tmp_path: Path) -> None:
+    """Version 2 had no stdin/tty columns: they are added (false for old jobs) in place."""
+    path = tmp_path / "jobs.db"
+    info = running(user="alice")
+    async with await SqliteJobStore.open(path) as store:
+        await start(store, info)
+    with closing(sqlite3.connect(path)) as conn:  # make it what version 2 wrote
+        conn.executescript(
+            "ALTER TABLE jobs DROP COLUMN tty; ALTER TABLE jobs DROP COLUMN stdin;"
+            "PRAGMA user_version = 2;"
+        )
+    async with await SqliteJobStore.open(path) as store:
+        old = (await by_id(store))[info.id].info
+        assert (old.user, old.stdin, old.tty) == ("alice", False, False)
+        later = running(stdin=True, tty=True)
+        await start(store, later)
+        assert (await by_id(store))[later.id].info.tty
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)

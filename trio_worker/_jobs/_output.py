@@ -93,6 +93,9 @@ _COALESCE_BELOW = 4096
 _SEAL_AT = 64 * 1024
 #: Largest block a lagging reader reads from disk in one thread round trip.
 _FILE_BLOCK = 1024 * 1024
+#: Blocks read from disk stay shared for this many more reads of the log: lagging
+#: readers of one job are usually near each other, so one read serves them all.
+_SHARED_BLOCKS = 4
 _IOV_MAX = 512
 #: Chatty jobs that switch streams often make many small chunks: cap their count.
 _MAX_TAIL_CHUNKS = 4096
@@ -135,6 +138,14 @@ class Broadcaster:
             with contextlib.suppress(ValueError):
                 self._waiting.remove(send)
             send.close()
+
+
+@dataclass(slots=True)
+class _Block:
+    """One aligned block of the log files, read once for every reader that wants it."""
+
+    done: trio.Event
+    chunks: list[OutputChunk] | None = None  # None while reading, or if the read failed
 
 
 @dataclass(slots=True)
@@ -259,6 +270,9 @@ class OutputLog:
         #: add no speed (they share the page cache and the GIL) but each holds a
         #: block in memory, and glibc gives each thread its own malloc arena.
         self._disk_readers = trio.CapacityLimiter(2)
+        #: Blocks read (or being read) from disk, keyed by (block start, end),
+        #: oldest first; readers at the same place share one read and one copy.
+        self._blocks: dict[tuple[int, int], _Block] = {}
         self._flusher = Broadcaster()
         self._space = Broadcaster()
 
@@ -744,6 +758,47 @@ class OutputLog:
             i += 1
         return position, starts[i] if i < len(starts) else self._end
 
+    async def _read_disk(self, position: int, want: int) -> list[OutputChunk]:
+        """Up to one block from ``position`` (all below ``position + want``) off disk.
+
+        Reads the aligned block holding ``position`` in a worker thread, and
+        shares it: readers wanting the same block wait for the read under way
+        or take a recent one instead of copying the same bytes again.
+        """
+        block = position - position % _FILE_BLOCK
+        end = min(block + _FILE_BLOCK, position + want)
+        key = (block, end)
+        entry = self._blocks.get(key)
+        if entry is None:
+            entry = self._blocks[key] = _Block(trio.Event())
+            try:
+                entry.chunks = await trio.to_thread.run_sync(
+                    read_log_file,
+                    self.data_path,
+                    self.index_path,
+                    block,
+                    end - block,
+                    self._index_flushed,
+                    self._first_record,
+                    limiter=self._disk_readers,
+                )
+            finally:
+                entry.done.set()
+                if entry.chunks is None:
+                    del self._blocks[key]
+                else:
+                    self._forget_old_blocks()
+        else:
+            await entry.done.wait()
+        if entry.chunks is None:  # the read failed or was cancelled: read it ourselves
+            return await self._read_disk(position, want)
+        return [_cut(chunk, position) for chunk in entry.chunks if chunk.end > position]
+
+    def _forget_old_blocks(self) -> None:
+        done = [key for key, entry in self._blocks.items() if entry.chunks is not None]
+        for key in done[: max(len(done) - _SHARED_BLOCKS, 0)]:
+            del self._blocks[key]
+
     def _read_memory(self, position: int, limit: int) -> OutputChunk:
         if position >= self._open_offset:
             assert self._open_stream is not None
@@ -809,20 +864,13 @@ class LogReader:
                 # Everything below `_flushed` is on disk: read a whole block, even past
                 # where the tail starts, so a lagging reader catches up in big steps.
                 want = min(log._flushed, limit) - position
-                chunks = await trio.to_thread.run_sync(
-                    read_log_file,
-                    log.data_path,
-                    log.index_path,
-                    position,
-                    want,
-                    log._index_flushed,
-                    log._first_record,
-                    limiter=log._disk_readers,
-                )
+                chunks = await log._read_disk(position, want)
                 if not chunks:
                     # The files hold nothing there (damaged or shortened
                     # behind our back): step over it rather than spin.
-                    self._position = position + min(want, _FILE_BLOCK)
+                    self._position = min(
+                        position + want, position - position % _FILE_BLOCK + _FILE_BLOCK
+                    )
                     continue
                 self._pending = list(_split(chunks, self._chunk_size))
                 self._pending.reverse()
@@ -853,6 +901,12 @@ def _skip(parts: Sequence[bytes | memoryview], skip: int) -> Sequence[bytes | me
         out.append(memoryview(part)[skip:])
         skip = 0
     return out
+
+
+def _cut(chunk: OutputChunk, position: int) -> OutputChunk:
+    if chunk.offset >= position:
+        return chunk
+    return OutputChunk(chunk.data[position - chunk.offset :], position, chunk.stream)
 
 
 def _split(chunks: list[OutputChunk], size: int) -> Iterator[OutputChunk]:
@@ -979,9 +1033,9 @@ def read_log_file(
             if stop > position:
                 stream = _STREAMS.get(tag)
                 if stream is not None:
-                    chunks.append(
-                        OutputChunk(blob[position - offset : stop - offset], position, stream)
-                    )
+                    whole = position == offset and stop == blob_end  # one run: no copy
+                    piece = blob if whole else blob[position - offset : stop - offset]
+                    chunks.append(OutputChunk(piece, position, stream))
                 position = stop
             i += 1
             if i >= index_records:

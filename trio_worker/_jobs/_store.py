@@ -52,7 +52,7 @@ __all__ = [
 
 #: ``PRAGMA user_version`` of the schema this code writes. Bump it (and add a
 #: migration in ``_migrate``) whenever the table changes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: ``PRAGMA application_id`` ("twrk"): tells our database from another program's.
 APPLICATION_ID = 0x7477726B
 
@@ -85,6 +85,8 @@ CREATE TABLE jobs (
     cpu_seconds       REAL,
     memory_peak_bytes INTEGER,
     run_as            TEXT NOT NULL DEFAULT '',   -- Job.user (version 2)
+    stdin             INTEGER NOT NULL DEFAULT 0, -- Job.stdin (version 3)
+    tty               INTEGER NOT NULL DEFAULT 0, -- Job.tty (version 3)
     CHECK ((state = 'running') = (ended_at IS NULL))
 );
 CREATE INDEX jobs_by_owner ON jobs (owner, id);
@@ -94,9 +96,9 @@ CREATE INDEX jobs_by_end ON jobs (ended_at, id) WHERE ended_at IS NOT NULL;
 _COLUMNS = (
     "id, owner, command, args, env_keys, cwd, limits, isolation, state, pid, pid_start_time,"
     " exit_code, signal, error, spawn_errno, started_at, ended_at, output_bytes, output_start,"
-    " dropped_bytes, oom_killed, cpu_seconds, memory_peak_bytes, run_as"
+    " dropped_bytes, oom_killed, cpu_seconds, memory_peak_bytes, run_as, stdin, tty"
 )
-_INSERT = f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 24)})"
+_INSERT = f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 26)})"
 _END = """
 UPDATE jobs SET state = ?, pid = ?, exit_code = ?, signal = ?, error = ?, spawn_errno = ?,
     ended_at = ?, output_bytes = max(output_bytes, ?), output_start = max(output_start, ?),
@@ -583,6 +585,15 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
             "COMMIT;"
         )
         _, version = _identity(conn)
+    if version == 2:  # version 3 records whether a job has stdin and a terminal
+        conn.executescript(
+            "BEGIN IMMEDIATE;"
+            "ALTER TABLE jobs ADD COLUMN stdin INTEGER NOT NULL DEFAULT 0;"
+            "ALTER TABLE jobs ADD COLUMN tty INTEGER NOT NULL DEFAULT 0;"
+            "PRAGMA user_version = 3;"
+            "COMMIT;"
+        )
+        _, version = _identity(conn)
     if version != SCHEMA_VERSION:
         raise _refuse(path, f"has schema version {version}, expected {SCHEMA_VERSION}")
 
@@ -729,6 +740,8 @@ def _start_row(
         None if usage is None else usage.cpu_seconds,
         None if usage is None else usage.memory_peak_bytes,
         _text(info.user),
+        int(info.stdin),
+        int(info.tty),
     )
 
 
@@ -775,7 +788,7 @@ class _Decoder:
             job_id, owner, command, args, env_keys, cwd, limits, isolation, state, pid,
             pid_start_time, exit_code, signal, error, spawn_errno, started_at, ended_at,
             output_bytes, output_start, dropped_bytes, oom_killed, cpu_seconds, memory_peak,
-            run_as,
+            run_as, stdin, tty,
         ) = row  # fmt: skip
         try:
             usage = None
@@ -801,6 +814,8 @@ class _Decoder:
                 output_start=int(output_start),
                 usage=usage,
                 user=_untext(run_as),
+                stdin=bool(stdin),
+                tty=bool(tty),
             )
             return StoredJob(
                 info=info,

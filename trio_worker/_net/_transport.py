@@ -989,13 +989,14 @@ class _Connection:
         return True
 
     async def _sendable(self, call: _Call) -> None:
-        """Wait until the stream has flow-control window and the connection buffer room."""
+        """Wait until the stream has flow-control window.
+
+        Not for buffer room: the next message is fetched (often a disk read) while the
+        last one is written, and a full buffer makes ``_send_message`` wait with that one
+        message, which is what a stream may hold anyway.
+        """
         h2c = self._h2
         while True:
-            if h2c.outbound_buffered + self._stream.pending >= self._cfg.max_send_buffer:
-                self._wake_writer()
-                await self._drained_lot.park()
-                continue
             try:
                 window = int(h2c.local_flow_control_window(call.stream_id))
             except h2.exceptions.StreamClosedError:
