@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -147,3 +148,31 @@ async def test_age_retention(tmp_path: Path) -> None:
         await sup.wait(job.id)
         await sup.housekeep()
         assert sup.list() == []
+
+
+async def test_a_running_jobs_record_has_no_usage_and_its_end_has_it(tmp_path: Path) -> None:
+    # The start record skips the cgroup's accounting (a read per hierarchy on the
+    # loop, for every Start); the end's record carries what the job used.
+    import sqlite3
+
+    state = tmp_path / "state"
+
+    def usage_row(job_id: str) -> tuple[object, object]:
+        with contextlib.closing(
+            sqlite3.connect(f"file:{state / 'jobs.db'}?mode=ro", uri=True)
+        ) as db:
+            row = db.execute(
+                "SELECT cpu_seconds, memory_peak_bytes FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+        assert row is not None
+        return row[0], row[1]
+
+    async with open_supervisor(state) as sup:
+        job = await sup.start("sleep", ["60"])
+        assert usage_row(job.id) == (None, None)
+        await sup.stop(job.id, grace=0)
+        end = await sup.wait(job.id)
+    # (Wait answers before the end is written; leaving the block waits for it.)
+    if end.usage is None:
+        pytest.skip("no cgroups here: no usage to record")
+    assert usage_row(job.id) == (end.usage.cpu_seconds, end.usage.memory_peak_bytes)

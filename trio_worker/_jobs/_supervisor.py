@@ -175,7 +175,8 @@ class _Job:
         if self.record.state is not None and self.record.state.ended:
             self.ended.set()
 
-    def info(self) -> JobInfo:
+    def info(self, *, usage: bool = True) -> JobInfo:
+        """The job as it is now; ``usage=False`` skips reading the cgroup's accounting."""
         r = self.record
         assert r.state is not None
         assert r.started_at is not None
@@ -197,7 +198,7 @@ class _Job:
             isolation=self.isolation,
             oom_killed=r.oom_killed,
             spawn_errno=r.spawn_errno,
-            usage=self.usage(),
+            usage=self.usage() if usage else None,
             user=self.user,
             stdin=self.stdin,
             tty=self.tty,
@@ -688,7 +689,9 @@ class Supervisor(metaclass=NoPublicConstructor):
         """
         store = self._store
         assert store is not None
-        info = job.info()
+        # A running job's row gets no usage: only its end's counts, and reading them
+        # (a file per hierarchy, on the loop) would cost every Start for nothing.
+        info = job.info(usage=exists or job.ended.is_set())
         dropped = job.log.dropped_bytes if job.log is not None else 0
         try:
             try:
