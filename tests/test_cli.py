@@ -820,21 +820,28 @@ async def _pipe(source: trio.SocketStream, sink: trio.SocketStream) -> None:
 
 
 LINES = 1500
+# Halfway through, the job waits for the file named by its argument, so that the follower is
+# cut mid-stream however slowly a loaded machine starts it.
 CHATTY_JOB = (
-    "import sys, time\n"
+    "import os, sys, time\n"
     f"for i in range({LINES}):\n"
     "    sys.stdout.write(f'{i:06d} ' + 'x' * 90 + '\\n'); sys.stdout.flush()\n"
     "    if i % 10 == 0: time.sleep(0.02)\n"
+    f"    while i == {LINES // 2} and not os.path.exists(sys.argv[1]): time.sleep(0.05)\n"
 )
 
 
-async def test_logs_follow_resumes_after_the_connection_is_cut(dev: DevServer) -> None:
+async def test_logs_follow_resumes_after_the_connection_is_cut(
+    dev: DevServer, tmp_path: Path
+) -> None:
     expected = b"".join(f"{i:06d} {'x' * 90}\n".encode() for i in range(LINES))
     proxy = CuttingProxy(dev.port)
+    halfway = tmp_path / "go-on"
     async with trio.open_nursery() as nursery:
         proxy_port = await nursery.start(proxy.serve)
+        job = [sys.executable, "-c", CHATTY_JOB, str(halfway)]
         started = await trio.run_process(
-            [*COMMAND, "start", "--addr", dev.addr, "--", sys.executable, "-c", CHATTY_JOB],
+            [*COMMAND, "start", "--addr", dev.addr, "--", *job],
             env=dev.env,
             capture_stdout=True,
         )
@@ -844,6 +851,8 @@ async def test_logs_follow_resumes_after_the_connection_is_cut(dev: DevServer) -
             while True:
                 await trio.sleep(0.5)
                 proxy.cut()
+                if proxy.cuts >= 2:
+                    halfway.touch()
 
         nursery.start_soon(cutter)
         with trio.fail_after(60):

@@ -424,3 +424,54 @@ def test_switching_user_in_the_child_leaves_the_servers_threads_alone(
     finally:
         stop.set()
         worker.join()
+
+
+# -- the GIL while the child is on its way to exec ---------------------------------------
+
+_STUCK_CHILD = """
+import fcntl, os, threading
+from trio_worker._host._spawn import spawn
+# A full pipe stands in for a cgroup.procs file: the child blocks writing "0" to it,
+# before its exec, so the spawning thread stays suspended until we drain it.
+r, w = os.pipe()
+os.set_blocking(w, False)
+try:
+    while True:
+        os.write(w, b"x" * 4096)
+except BlockingIOError:
+    pass
+os.set_blocking(w, True)
+result = []
+def run():
+    result.append(spawn("true", ["true"], dict(os.environ), None,
+                        stdin=0, stdout=1, stderr=2, cgroup_fds=[w]))
+t = threading.Thread(target=run)
+t.start()
+# Only this thread can let the child go on: if the spawning thread held the GIL,
+# nothing below would ever run.
+os.set_blocking(r, False)
+while t.is_alive():
+    try:
+        os.read(r, 1 << 16)
+    except BlockingIOError:
+        pass
+t.join()
+os.waitpid(result[0], 0)
+print("ok", flush=True)
+"""
+
+
+def test_other_threads_run_while_the_spawning_thread_waits_for_the_child() -> None:
+    # The supervisor spawns from a worker thread so the event loop goes on meanwhile:
+    # that only helps if the extension lets go of the GIL. (The timeout only guards
+    # against the deadlock this test exists to catch.)
+    out = subprocess.run(
+        [sys.executable, "-c", _STUCK_CHILD],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

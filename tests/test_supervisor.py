@@ -368,3 +368,30 @@ async def test_two_removes_of_one_job_remove_it_once(state_dir: Path) -> None:
             nursery.start_soon(remove)
             nursery.start_soon(remove)
         assert sorted(outcomes) == ["not found", "removed"]
+
+
+async def test_a_job_outlives_the_worker_thread_that_spawned_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With the reaper watching, jobs are spawned from trio's worker threads, which
+    # exit when idle: a PR_SET_PDEATHSIG armed there would kill the job with them.
+    from trio._core import _thread_cache
+
+    monkeypatch.setattr(_thread_cache, "IDLE_TIMEOUT", 0.01)
+    async with open_supervisor() as sup:
+        if isinstance(sup.cgroups, NoDriver):
+            pytest.skip("the reaper (and so the threaded spawn) needs cgroups")
+        job = await sup.start("sleep", ["60"])
+        assert job.pid is not None
+        await trio.sleep(0.5)  # idle worker threads have exited by now
+        assert process_alive(job.pid)
+        assert sup.status(job.id).state is JobState.RUNNING
+        await sup.stop(job.id, grace=0)
+        assert (await sup.wait(job.id)).state is JobState.KILLED
+
+
+async def test_without_the_reaper_jobs_spawn_from_the_loop_and_run(tmp_path: Path) -> None:
+    async with open_supervisor(tmp_path / "state", reaper=False) as sup:
+        job = await sup.start("sh", ["-c", "exit 3"])
+        end = await sup.wait(job.id)
+        assert (end.state, end.exit_code) == (JobState.EXITED, 3)

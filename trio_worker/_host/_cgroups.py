@@ -284,7 +284,6 @@ class JobCgroup(ABC):
         self.dirs: tuple[Path, ...] = tuple(dirs)
         #: v2 ``cgroup.events`` (populated 0/1) when there is a v2 group to watch.
         self._events = events
-        self._procs = tuple(os.fsencode(d / "cgroup.procs") for d in self.dirs)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.job_id} {[str(d) for d in self.dirs]}>"
@@ -300,8 +299,10 @@ class JobCgroup(ABC):
         """
         fds: list[int] = []
         try:
-            for path in self._procs:
-                fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+            # Paths made here, not kept: a running job would hold them (~0.9 KiB on
+            # a hybrid host) for one use.
+            for directory in self.dirs:
+                fds.append(os.open(directory / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
         except BaseException:
             for fd in fds:
                 os.close(fd)

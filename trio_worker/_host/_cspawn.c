@@ -324,15 +324,27 @@ cspawn_spawn(PyObject *self, PyObject *args)
     r.stage = STAGE_OK;
     r.err = 0;
     r.index = 0;
-    pid = start_child(&p, &r);
+    /* The GIL is let go while this thread is suspended (until the child's exec):
+     * called from a worker thread, the event loop runs meanwhile. The child reads
+     * only the plan, built above from objects the caller keeps alive. */
+    {
+        int saved = 0;
+        Py_BEGIN_ALLOW_THREADS
+        pid = start_child(&p, &r);
+        saved = errno;
+        if (pid > 0 && r.stage != STAGE_OK) {
+            int status;
+            while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+                ;
+        }
+        Py_END_ALLOW_THREADS
+        errno = saved;
+    }
     if (pid < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         goto done;
     }
     if (r.stage != STAGE_OK) {
-        int status;
-        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-            ;
         result = Py_BuildValue("(iiii)", -1, r.stage, r.err, r.index);
     } else {
         result = Py_BuildValue("(iiii)", (int)pid, 0, 0, 0);

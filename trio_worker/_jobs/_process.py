@@ -1,10 +1,13 @@
 """Validating a start request and spawning, signalling and reaping its process.
 
-We spawn through ``_host._spawn`` (vfork + exec in a small C extension) from
-the event-loop thread, for two reasons: PR_SET_PDEATHSIG fires when the
-*thread* that forked exits, and trio's idle worker threads do exit; and the
-loop is suspended only until the child's exec (~0.3 ms), where
-``subprocess.Popen(preexec_fn=...)`` forked the whole server (3-9 ms). We wait
+We spawn through ``_host._spawn`` (vfork + exec in a small C extension). The
+calling thread is suspended until the child's exec (0.2 ms idle, 2-20 ms on a
+loaded host: the child waits for a CPU), where ``subprocess.Popen(preexec_fn=...)``
+forked the whole server (3-9 ms). With the reaper watching (it kills every job
+group if the server dies), the supervisor spawns from a worker thread without
+PR_SET_PDEATHSIG, so the loop never waits for a child; without it, from the
+event-loop thread with PR_SET_PDEATHSIG, which fires when the *thread* that
+forked exits (trio's idle worker threads do exit). We wait
 for exit *without reaping* (through a pidfd), so the process group id stays
 pinned by the zombie leader while we kill what the job left behind —
 signalling a group after reaping its leader could hit an unrelated process
@@ -259,11 +262,13 @@ class JobProcess:
         cgroup_fds: Sequence[int] | None = None,
         options: SpawnOptions | None = None,
         nofile_soft: int | None = None,
+        pdeathsig: int = _signal.SIGKILL,
     ) -> JobProcess:
         """Start the process in its cgroup and a new process group (or session).
 
         ``argv`` replaces ``[command, *args]`` (to run the namespace helper).
-        Synchronous on purpose (see the module docstring). Raises
+        Synchronous: from the event-loop thread with ``pdeathsig``, or from a
+        worker thread with ``pdeathsig=0`` (see the module docstring). Raises
         ``SpawnError`` when the command cannot run (the job is FAILED, with
         the reason in words), ``ResourceExhausted`` when the host is out of
         descriptors, memory or processes. Either way nothing is left open.
@@ -323,6 +328,7 @@ class JobProcess:
                     cgroup_fds=cgroup_fds,
                     terminal=isinstance(options.stdin, Terminal),
                     user=options.user,
+                    pdeathsig=pdeathsig,
                     nofile_soft=nofile_soft,
                 )
             except ChildSetupError as exc:

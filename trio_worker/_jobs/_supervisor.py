@@ -13,6 +13,7 @@ import bisect
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -269,8 +270,11 @@ class Supervisor(metaclass=NoPublicConstructor):
         store: JobStore | None = None,
         retention: Retention | None = None,
         job_nofile: int | None = None,
+        spawn_in_thread: bool = False,
     ) -> None:
         self._nursery = nursery
+        #: Spawn from a worker thread (without PDEATHSIG): only while a reaper watches.
+        self._spawn_in_thread = spawn_in_thread
         self._store = store
         self._retention = retention or Retention()
         self.cgroups = cgroups
@@ -496,13 +500,16 @@ class Supervisor(metaclass=NoPublicConstructor):
                 )
             given, procs = procs, []  # the spawn owns (and closes) them now
             try:
-                process = JobProcess.spawn(
-                    spawn_spec,
-                    argv=argv,
-                    cgroup=job.cgroup,
-                    cgroup_fds=given,
-                    options=options,
-                    nofile_soft=self._job_nofile,
+                process = await self._spawn(
+                    functools.partial(
+                        JobProcess.spawn,
+                        spawn_spec,
+                        argv=argv,
+                        cgroup=job.cgroup,
+                        cgroup_fds=given,
+                        options=options,
+                        nofile_soft=self._job_nofile,
+                    )
                 )
             finally:
                 if fds is not None:
@@ -551,6 +558,27 @@ class Supervisor(metaclass=NoPublicConstructor):
         # The job as it started: a quick command may already have ended while
         # its record was written, and Wait/Status tell that part.
         return started
+
+    async def _spawn(self, spawn: Callable[..., JobProcess]) -> JobProcess:
+        """Run ``spawn`` (a ``JobProcess.spawn``) off the loop when the reaper allows it.
+
+        vfork suspends the calling thread until the child's exec, 2-20 ms on a
+        loaded host. With the reaper watching, a worker thread takes that wait and
+        the child gets no PR_SET_PDEATHSIG (it would fire when that thread exits):
+        the reaper kills every job group if the server dies. Without the reaper,
+        the loop's thread spawns, with PDEATHSIG. Shielded: the process must not
+        be lost to a cancel.
+        """
+        if not self._spawn_in_thread:
+            return spawn()
+        try:
+            with trio.CancelScope(shield=True):
+                process = await trio.to_thread.run_sync(functools.partial(spawn, pdeathsig=0))
+        except RuntimeError as exc:  # "can't start new thread": out of processes (EAGAIN)
+            if "thread" not in str(exc):
+                raise
+            raise ResourceExhausted(f"cannot start the job: {exc}") from None
+        return process
 
     def _prepare(
         self, job_id: str, limits: Limits, isolation: Isolation, cwd: str | None
@@ -1376,6 +1404,7 @@ async def open_supervisor_with_driver(
                 cgroups=driver,
                 limit_policy=limit_policy or LimitPolicy(),
                 job_nofile=job_nofile,
+                spawn_in_thread=guard is not None,
                 store=store,
                 retention=retention,
             )
