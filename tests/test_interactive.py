@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import pwd
 import resource
+import secrets
 import signal
+import subprocess
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -268,5 +273,166 @@ async def test_tty_requests_are_checked() -> None:
             await sup.start("true", terminal_size=(24, 80))
         with pytest.raises(InvalidRequest, match="terminal_size"):
             await sup.start("true", tty=True, terminal_size=(0, 80))
-        with pytest.raises(InvalidRequest, match="tty"):
-            await sup.start("true", tty=True, isolation=Isolation(pid=True))
+
+
+# -- a terminal inside a PID namespace ------------------------------------------------
+
+_PID_ISOLATIONS = [Isolation(pid=True), Isolation(pid=True, mount=True, network=True)]
+#: pid, process group, session, controlling terminal, its foreground group (/proc/PID/stat).
+_SESSION = "cut -d' ' -f1,5,6,7,8 /proc/$$/stat"
+
+
+def assert_session_leader_on_its_terminal(stat_line: str) -> None:
+    pid, pgrp, session, tty_nr, tpgid = (int(x) for x in stat_line.split())
+    assert pid == pgrp == session  # a session leader ...
+    assert tty_nr != 0  # ... with a controlling terminal ...
+    assert tpgid == pid  # ... whose foreground group it is
+
+
+def processes_with(marker: str) -> list[int]:
+    """Host pids whose environment holds ``marker`` (seen from outside the namespace)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError), open(f"/proc/{entry}/environ", "rb") as f:
+            if marker.encode() in f.read().split(b"\0"):
+                found.append(int(entry))
+    return found
+
+
+@pytest.fixture
+def job_user() -> Iterator[str]:
+    """A fresh Unix user for one test; removed afterwards."""
+    require_root("creating users")
+    name = "twtty" + secrets.token_hex(4)
+    subprocess.run(["useradd", "--no-create-home", "--user-group", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+        subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("isolation", _PID_ISOLATIONS)
+async def test_a_tty_job_under_pid_isolation_leads_a_session_on_its_terminal(
+    isolation: Isolation,
+) -> None:
+    require_root("namespaces")
+    async with open_supervisor() as sup:
+        script = f"tty; stty size; {_SESSION}; echo pid $$; read x; echo got:$x; echo err >&2"
+        job = await sup.start(
+            "sh",
+            ["-c", script],
+            stdin=True,
+            tty=True,
+            terminal_size=(33, 101),
+            isolation=isolation,
+        )
+        await sup.write_stdin(job.id, b"hey\n")
+        end = await sup.wait(job.id)
+        assert end.exit_code == 0
+        chunks = [c async for c in sup.output(job.id)]
+        assert {c.stream for c in chunks} == {OutputStream.STDOUT}
+        text = b"".join(c.data for c in chunks).decode()
+        lines = [x for x in text.splitlines() if x != "hey"]  # the terminal's echo
+        assert lines[0].startswith("/dev/pts/")
+        assert lines[1] == "33 101"
+        assert_session_leader_on_its_terminal(lines[2])
+        assert lines[3] == "pid 2"  # PID 1 is the namespace's init
+        assert lines[4:] == ["got:hey", "err"]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("isolation", _PID_ISOLATIONS)
+async def test_resize_reaches_a_tty_job_under_pid_isolation(isolation: Isolation) -> None:
+    require_root("namespaces")
+    async with open_supervisor() as sup:
+        script = 'trap "stty size" WINCH; echo ready; while :; do sleep 0.05; done'
+        job = await sup.start(
+            "sh", ["-c", script], tty=True, terminal_size=(24, 80), isolation=isolation
+        )
+        await wait_for_output(sup, job.id, b"ready")
+        await sup.resize(job.id, 50, 132)
+        await wait_for_output(sup, job.id, b"50 132")
+        end = await sup.stop(job.id, grace=0)
+        assert end.state is JobState.KILLED
+
+
+@pytest.mark.root
+async def test_signal_reaches_a_tty_job_under_pid_isolation_and_its_code_is_kept() -> None:
+    require_root("namespaces")
+    async with open_supervisor() as sup:
+        job = await sup.start(
+            "sh",
+            ["-c", 'trap "echo usr1; exit 3" USR1; echo ready; read x'],
+            stdin=True,
+            tty=True,
+            isolation=Isolation(pid=True),
+        )
+        await wait_for_output(sup, job.id, b"ready")
+        await sup.signal(job.id, signal.SIGUSR1)
+        await sup.write_stdin(job.id, b"\n")  # read returns, the trap runs
+        end = await sup.wait(job.id)
+        assert (end.state, end.exit_code) == (JobState.EXITED, 3)
+        killed = await sup.start(
+            "sh", ["-c", "kill -TERM $$"], tty=True, isolation=Isolation(pid=True)
+        )
+        end = await sup.wait(killed.id)
+        assert end.signal == signal.SIGTERM
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("isolation", _PID_ISOLATIONS)
+async def test_stop_of_a_tty_job_under_pid_isolation_leaves_nothing(
+    isolation: Isolation,
+) -> None:
+    require_root("namespaces")
+    mark = secrets.token_hex(6)  # in the environment of every process of this job
+    script = (
+        "sleep 1000 & "
+        "(set -m; sh -c 'echo in-group; exec sleep 1000' & wait) & "
+        "setsid sh -c 'echo in-session; exec sleep 1000' & "
+        "echo ready; wait"
+    )
+    async with open_supervisor() as sup:
+        job = await sup.start(
+            "sh", ["-c", script], env={"TW_MARK": mark}, tty=True, isolation=isolation
+        )
+        seen = b""
+        async for chunk in sup.output(job.id):
+            seen += chunk.data
+            if all(word in seen for word in (b"in-group", b"in-session", b"ready")):
+                break
+        # The helper, its init, sh, and its three children (the subshell's too).
+        assert len(processes_with(f"TW_MARK={mark}")) >= 6
+        with trio.fail_after(20):
+            end = await sup.stop(job.id, grace=1)
+        assert end.state in (JobState.KILLED, JobState.EXITED)
+        assert processes_with(f"TW_MARK={mark}") == []
+
+
+@pytest.mark.root
+async def test_a_tty_job_of_another_user_under_all_isolations(job_user: str) -> None:
+    require_root("namespaces and users")
+    uid = pwd.getpwnam(job_user).pw_uid
+    async with open_supervisor() as sup:
+        script = f"id -u; stat -c %U $(tty); {_SESSION}; echo pid $$; read x; echo got:$x"
+        job = await sup.start(
+            "sh",
+            ["-c", script],
+            stdin=True,
+            tty=True,
+            isolation=Isolation(pid=True, mount=True, network=True),
+            user=job_user,
+        )
+        await sup.write_stdin(job.id, b"hey\n")
+        end = await sup.wait(job.id)
+        assert end.exit_code == 0, await output_of(sup, job.id)
+        text = (await output_of(sup, job.id)).decode()
+        lines = [x for x in text.splitlines() if x != "hey"]
+        assert lines[0] == str(uid)
+        assert lines[1] == job_user  # the terminal is the user's
+        assert_session_leader_on_its_terminal(lines[2])
+        assert lines[3:] == ["pid 2", "got:hey"]

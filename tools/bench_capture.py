@@ -26,6 +26,7 @@ GiB = 1024**3
 
 def baseline(size: int, directory: Path) -> float:
     target = directory / "baseline.out"
+    settle()
     start = time.perf_counter()
     subprocess.run(f"head -c {size} /dev/zero | cat > {target}", shell=True, check=True)
     elapsed = time.perf_counter() - start
@@ -81,7 +82,14 @@ def scenario(size: int, followers: int, directory: Path) -> dict[str, float]:
     return result
 
 
+def settle() -> None:
+    """Start each scenario with no dirty pages left by the one before: otherwise
+    the kernel's writeback of earlier output throttles whichever runs next."""
+    os.sync()
+
+
 def run_child(size: int, followers: int, directory: Path) -> dict[str, float]:
+    settle()
     out = subprocess.run(
         [
             sys.executable,
@@ -98,6 +106,7 @@ def run_child(size: int, followers: int, directory: Path) -> dict[str, float]:
         capture_output=True,
         text=True,
     )
+    shutil.rmtree(directory, ignore_errors=True)
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 

@@ -51,6 +51,7 @@ def helper_argv(
     report: str | os.PathLike[str] | None = None,
     user: Credentials | None = None,
     cwd: str | None = None,
+    tty: bool = False,
 ) -> list[str]:
     """The argv that runs ``command args`` inside the namespaces ``isolation`` asks for.
 
@@ -60,7 +61,9 @@ def helper_argv(
     ``read_report``), so a job that could not start is told apart from one
     that exited 126/127 on its own. With ``user``, the helper (started as root, to
     unshare) drops to those credentials right before it execs the command, and only
-    then enters ``cwd`` (with the user's rights).
+    then enters ``cwd`` (with the user's rights). ``tty``: stdin is the job's
+    terminal, which the command must keep as its controlling terminal (with ``pid``,
+    PID 1's own session would take it away).
     """
     argv = [sys.executable, "-I", "-S", HELPER_PATH]
     if isolation.pid:
@@ -69,6 +72,8 @@ def helper_argv(
         argv.append("--mount")
     if isolation.network:
         argv.append("--network")
+    if tty and isolation.pid:
+        argv.append("--tty")
     if report is not None:
         argv += ["--report", os.fspath(report)]
     if user is not None:

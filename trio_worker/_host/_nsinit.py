@@ -17,6 +17,11 @@ What it does:
   signals to that group, reaps orphans, and exits when the command does; this
   process forwards signals to PID 1 and finally mirrors the command's status
   (exit code N -> exit N, killed by signal N -> kills itself with N).
+* ``--tty`` (with ``--pid``): stdin is the job's terminal. PID 1's own session
+  took it away from the command, so the command (PID 2) starts a session and
+  takes the terminal back as its controlling terminal (``TIOCSCTTY`` with force,
+  as root, before dropping to ``--user``); its group is then the terminal's
+  foreground group, which a resize's SIGWINCH and the terminal's keys reach.
 * Without ``--pid`` it execs the command in place: no process stays behind.
 
 Reserved exit codes (as GNU ``env``/``chroot`` use them), each with a one-line
@@ -143,6 +148,8 @@ class _Options:
         self.pid = False
         self.mount = False
         self.network = False
+        #: --tty: the command takes stdin (a terminal) as its controlling terminal.
+        self.tty = False
         self.report: str | None = None
         self.report_fd = -1
         #: --user UID:GID:G1,G2: who the command runs as (set right before exec).
@@ -167,6 +174,8 @@ def _parse(argv: list[str]) -> _Options:
             opts.mount = True
         elif arg == "--network":
             opts.network = True
+        elif arg == "--tty":
+            opts.tty = True
         elif arg == "--report" and i < len(argv):
             opts.report = argv[i]
             i += 1
@@ -296,9 +305,12 @@ class _Forwarder:
     def _send(self, signum: int) -> None:
         try:
             if self.group:
-                os.killpg(self.target, signum)
-            else:
-                os.kill(self.target, signum)
+                try:
+                    os.killpg(self.target, signum)
+                    return
+                except ProcessLookupError:
+                    pass  # a --tty command between fork and setsid: no group of its own yet
+            os.kill(self.target, signum)
         except ProcessLookupError:
             pass
 
@@ -339,12 +351,16 @@ def _init(opts: _Options, fwd: _Forwarder, alive_r: int, status_w: int) -> NoRet
     command = os.fork()
     if command == 0:
         os.close(status_w)
-        os.setpgid(0, 0)
+        if opts.tty:
+            _take_terminal(opts)
+        else:
+            os.setpgid(0, 0)
         _exec(opts)
-    try:  # noqa: SIM105 - contextlib would cost start-up time
-        os.setpgid(command, command)
-    except OSError:
-        pass  # it did it itself and may have exec'd already
+    if not opts.tty:  # a group leader could not setsid: the --tty command makes its own
+        try:  # noqa: SIM105 - contextlib would cost start-up time
+            os.setpgid(command, command)
+        except OSError:
+            pass  # it did it itself and may have exec'd already
     fwd.retarget(command, group=True)
     while True:
         pid, status = os.wait()
@@ -353,6 +369,23 @@ def _init(opts: _Options, fwd: _Forwarder, alive_r: int, status_w: int) -> NoRet
     os.write(status_w, status.to_bytes(4, "little", signed=True))
     # Leaving kills whatever else still runs in the namespace.
     os._exit(_status_to_exit(status))
+
+
+def _take_terminal(opts: _Options) -> None:
+    """Become a session leader with stdin (the job's terminal) as controlling terminal.
+
+    The outer helper's session still holds the terminal: ``TIOCSCTTY`` with 1
+    steals it, which needs CAP_SYS_ADMIN, so this runs before ``--user`` drops it.
+    """
+    import fcntl
+    import termios
+
+    try:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 1)
+    except OSError as exc:
+        message = f"cannot make the terminal the controlling terminal: {exc.strerror}"
+        _fail(opts, "setup", exc.errno or 0, message, EXIT_SETUP_FAILED)
 
 
 def _mirror(status: int) -> NoReturn:

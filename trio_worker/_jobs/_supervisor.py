@@ -430,10 +430,6 @@ class Supervisor(metaclass=NoPublicConstructor):
             raise InvalidRequest("limits", "must be a trio_worker.Limits")
         if not isinstance(isolation, Isolation):
             raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
-        if terminal is not None and isolation.pid:
-            # The PID namespace's init starts its own session: the job would lose the
-            # terminal as its controlling terminal.
-            raise InvalidRequest("tty", "cannot be combined with pid isolation")
         limits = self._policy.apply(limits)  # InvalidRequest above a maximum
         check_enforceable(self.cgroups, limits, isolation)  # never silently ignored
         job_id = self._new_id()
@@ -498,6 +494,7 @@ class Supervisor(metaclass=NoPublicConstructor):
                     report=report,
                     user=credentials,
                     cwd=spec.cwd if credentials is not None else None,
+                    tty=terminal is not None,
                 )
             given, procs = procs, []  # the spawn owns (and closes) them now
             try:
