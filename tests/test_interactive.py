@@ -384,6 +384,21 @@ async def test_signal_reaches_a_tty_job_under_pid_isolation_and_its_code_is_kept
 
 
 @pytest.mark.root
+async def test_ctrl_c_typed_on_the_terminal_interrupts_a_job_under_pid_isolation() -> None:
+    require_root("namespaces")
+    async with open_supervisor() as sup:
+        script = 'trap "echo int; exit 4" INT; echo ready; while :; do sleep 0.05; done'
+        job = await sup.start(
+            "sh", ["-c", script], stdin=True, tty=True, isolation=Isolation(pid=True)
+        )
+        await wait_for_output(sup, job.id, b"ready")
+        await sup.write_stdin(job.id, b"\x03")  # the terminal's INTR character
+        end = await sup.wait(job.id)
+        assert (end.state, end.exit_code) == (JobState.EXITED, 4)
+        assert b"int" in await output_of(sup, job.id)
+
+
+@pytest.mark.root
 @pytest.mark.parametrize("isolation", _PID_ISOLATIONS)
 async def test_stop_of_a_tty_job_under_pid_isolation_leaves_nothing(
     isolation: Isolation,
