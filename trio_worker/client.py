@@ -78,6 +78,7 @@ from ._errors import (
 )
 from ._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits, OutputChunk
 from ._net._sockets import set_keepalive as _set_keepalive
+from ._net._sockets import split_host_port
 from ._pb import worker_pb2 as pb
 from ._tls import ALPN_PROTOCOL, client_context
 from ._wire._client import (
@@ -161,19 +162,14 @@ M = TypeVar("M")
 
 
 def _parse_addr(addr: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` → (host, port)."""
-    host, sep, port_text = addr.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise InvalidRequest(
-            "addr", f"write IPv6 addresses in brackets, like [::1]:50051, not {addr!r}"
-        )
-    if not sep or not host:
-        raise InvalidRequest("addr", f"expected HOST:PORT, got {addr!r}")
-    if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
-        raise InvalidRequest("addr", f"port must be a number within 1..65535, got {port_text!r}")
-    return host, int(port_text)
+    """``HOST:PORT`` or ``[V6]:PORT`` → (host, port), as ``InvalidRequest`` naming ``addr``."""
+    try:
+        host, port = split_host_port(addr)
+    except ValueError as exc:
+        raise InvalidRequest("addr", str(exc)) from None
+    if port == 0:
+        raise InvalidRequest("addr", "port 0 is for listening; give the server's port")
+    return host, port
 
 
 def _strip_openssl(text: str) -> str:

@@ -16,7 +16,7 @@ import h2.config
 import h2.connection
 import h2.events
 
-from trio_worker._wire._h2conn import GRPCServerConnection
+from trio_worker._wire._h2conn import GRPCServerConnection, hpack_int
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, CONTINUATION = 0x1, 0x3, 0x4, 0x6, 0x7, 0x9
@@ -28,19 +28,6 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     return struct.pack(">HBBBL", n >> 8, n & 0xFF, kind, flags, stream_id) + payload
 
 
-def hpack_int(value: int, prefix: int, first: int = 0) -> bytes:
-    limit = (1 << prefix) - 1
-    if value < limit:
-        return bytes([first | value])
-    out = [first | limit]
-    value -= limit
-    while value >= 128:
-        out.append(value % 128 + 128)
-        value //= 128
-    out.append(value)
-    return bytes(out)
-
-
 def literal(name: str, value: str) -> bytes:
     """A header field as a literal without indexing: blocks stay independent."""
     n, v = name.encode(), value.encode()
@@ -48,15 +35,8 @@ def literal(name: str, value: str) -> bytes:
 
 
 def request_block(method: str = "/test.Service/Unary", *extra: tuple[str, str]) -> bytes:
-    fields = [
-        (":method", "POST"),
-        (":scheme", "https"),
-        (":path", method),
-        (":authority", "localhost"),
-        ("te", "trailers"),
-        ("content-type", "application/grpc"),
-        *extra,
-    ]
+    """``request_headers`` as one hand-written HPACK block (literals only)."""
+    fields = [*request_headers(method), *extra]
     return b"".join(literal(n, v) for n, v in fields)
 
 

@@ -1,4 +1,4 @@
-"""Socket options both ends set."""
+"""What both ends share about sockets: the address syntax and the options they set."""
 
 from __future__ import annotations
 
@@ -6,7 +6,27 @@ import socket
 from contextlib import suppress
 from typing import Any
 
-__all__ = ["set_keepalive"]
+__all__ = ["set_keepalive", "split_host_port"]
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` → (host, port), port 0..65535; ValueError in words.
+
+    The one parser for ``--listen``, ``--addr`` and ``connect()``.
+    """
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write IPv6 addresses in brackets, like [::1]:50051, not {value!r}")
+    if not port_text.isdigit():
+        raise ValueError(f"port must be a number, got {port_text!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be within 0..65535, got {port}")
+    return host, port
 
 
 def set_keepalive(sock: Any) -> None:

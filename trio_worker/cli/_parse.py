@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 
 from .._model import Isolation
+from .._net._sockets import split_host_port
 
 __all__ = [
     "MAX_UINT32",
@@ -77,19 +78,7 @@ def format_size(value: int) -> str:
 
 def parse_addr(value: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT`` → (host, port); port 0 is allowed (``serve``)."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"write IPv6 addresses in brackets, like [::1]:50051, not {value!r}")
-    if not port_text.isdigit():
-        raise ValueError(f"port must be a number, got {port_text!r}")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port must be within 0..65535, got {port}")
-    return host, port
+    return split_host_port(value)
 
 
 def parse_cpus(text: str) -> float:

@@ -29,6 +29,7 @@ from .._errors import describe_id
 from .._host._users import UnixUser
 from .._jobs._supervisor import Retention, open_supervisor
 from .._limits import LimitPolicy
+from .._net._sockets import split_host_port
 from .._net._transport import CallRecord, Server, TransportConfig
 from .._systemd import notify
 from ._health import HealthService
@@ -67,20 +68,7 @@ class ServerSettings:
 
 def parse_listen(value: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT`` → (host, port); raises ValueError in words."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"write IPv6 addresses in brackets, like [::1]:50051, not {value!r}")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"port must be a number, got {port_text!r}") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port must be within 0..65535, got {port}")
-    return host, port
+    return split_host_port(value)
 
 
 def _audit(record: CallRecord) -> None:
