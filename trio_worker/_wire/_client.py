@@ -17,13 +17,19 @@ import h2.events
 import h2.settings
 import hpack
 from purerpc.grpclib.config import GRPCConfiguration
-from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import ResponseEnded, ResponseReceived, WindowUpdated
 from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
 from purerpc.grpclib.headers import HeaderDict
 
 from .. import __version__
-from ._h2conn import BoundedDecoder, WireH2Connection, h2_config, hpack_literal
+from ._h2conn import (
+    BoundedDecoder,
+    FrameGate,
+    WireGRPCConnection,
+    WireH2Connection,
+    h2_config,
+    hpack_literal,
+)
 from ._status import DETAILS_HEADER, details_from_header
 
 USER_AGENT: Final = f"trio-worker/{__version__} purerpc"
@@ -169,7 +175,7 @@ class ClientH2Connection(WireH2Connection):
         return [], [event]
 
 
-class GRPCClientConnection(GRPCConnection):  # type: ignore[misc]
+class GRPCClientConnection(WireGRPCConnection):
     """purerpc's ``GRPCConnection`` for a client, with our settings and complete events.
 
     purerpc's version raises out of ``receive_data`` on a malformed response (losing the
@@ -203,6 +209,7 @@ class GRPCClientConnection(GRPCConnection):  # type: ignore[misc]
         self.h2_connection: ClientH2Connection = h2c
         self.message_read_buffers: dict[int, Any] = {}
         self.settings_received = False
+        self.gate = FrameGate(MAX_FRAME, server=False)
 
     def initiate_connection(self) -> None:
         h2c = self.h2_connection

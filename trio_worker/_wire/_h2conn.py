@@ -78,6 +78,7 @@ __all__ = [
     "RequestTooLarge",
     "ServerH2Connection",
     "StreamReset",
+    "WireGRPCConnection",
     "WireH2Connection",
     "h2_config",
     "hpack_literal",
@@ -524,7 +525,36 @@ class ServerH2Connection(WireH2Connection):
             self._prepare_for_sending(stream.acknowledge_received_data(size))
 
 
-class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
+class WireGRPCConnection(GRPCConnection):  # type: ignore[misc]
+    """purerpc's ``GRPCConnection`` as both cores use it: bytes go in through the
+    :class:`FrameGate` (whole frames, bounds checked first), and a broken bound is answered
+    with GOAWAY. Subclasses set ``gate`` and ``h2_connection``."""
+
+    gate: FrameGate
+    h2_connection: WireH2Connection
+
+    def receive_frames(self, data: bytes | bytearray) -> list[Any]:
+        """``receive_data`` through the :class:`FrameGate`: whole frames only, bounds
+        checked first. Raises :class:`PeerMisbehaved` (then call :meth:`calm_down`) or
+        h2's ProtocolError (h2 has queued its GOAWAY)."""
+        events: list[Any] = []
+        for batch in self.gate.feed(data):
+            events.extend(self.receive_data(batch))
+        return events
+
+    def calm_down(self, error: PeerMisbehaved) -> None:
+        """Queue GOAWAY with the error of a broken bound; nothing more is read."""
+        h2c = self.h2_connection
+        frame = GoAwayFrame(
+            stream_id=0,
+            last_stream_id=h2c.highest_inbound_stream_id,
+            error_code=error.error_code,
+            additional_data=error.reason.encode()[:128],
+        )
+        h2c._data_to_send += frame.serialize()
+
+
+class GRPCServerConnection(WireGRPCConnection):
     """purerpc's ``GRPCConnection`` for one server connection, with our settings."""
 
     def __init__(
@@ -699,26 +729,6 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         """A call ended without a reset by the peer: it earns one reset back."""
         if self._reset_budget < RESET_BUDGET:
             self._reset_budget += 1
-
-    def receive_frames(self, data: bytes | bytearray) -> list[Any]:
-        """``receive_data`` through the :class:`FrameGate`: whole frames only, bounds
-        checked first. Raises :class:`PeerMisbehaved` (then call :meth:`calm_down`) or
-        h2's ProtocolError (h2 has queued its GOAWAY)."""
-        events: list[Any] = []
-        for batch in self.gate.feed(data):
-            events.extend(self.receive_data(batch))
-        return events
-
-    def calm_down(self, error: PeerMisbehaved) -> None:
-        """Queue GOAWAY with the error of a broken bound; nothing more is read."""
-        h2c = self.h2_connection
-        frame = GoAwayFrame(
-            stream_id=0,
-            last_stream_id=h2c.highest_inbound_stream_id,
-            error_code=error.error_code,
-            additional_data=error.reason.encode()[:128],
-        )
-        h2c._data_to_send += frame.serialize()
 
     def _connection_terminated(self, event: Any) -> list[Any]:
         return [PeerGoAway(int(event.error_code))]
