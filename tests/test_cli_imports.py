@@ -28,7 +28,10 @@ CLIENT_MODULES = {
     "trio_worker._limits",
     "trio_worker._model",
     "trio_worker._net",  # the package (its __init__ imports nothing)...
-    "trio_worker._net._sockets",  # ...and the socket options both ends set; not the server
+    "trio_worker._net._sockets",  # ...the socket options both ends set,
+    "trio_worker._net._tlsstream",  # ...the TLS stream and
+    "trio_worker._net._connection",  # ...the connection driver both ends use,
+    "trio_worker._net._channel",  # ...and the client's dial and calls; not the server's transport
     "trio_worker._util",
     "trio_worker._pb",
     "trio_worker._wire",

@@ -25,6 +25,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import h2.exceptions
@@ -36,7 +37,9 @@ from ._tlsstream import TLSSocketStream
 
 __all__ = [
     "MESSAGE_PREFIX",
+    "RECEIVE_SIZE",
     "Connection",
+    "WriteCounts",
     "WriteStats",
     "os_reason",
     "tls_reason",
@@ -57,6 +60,14 @@ class WriteStats(Protocol):
 
     socket_writes: int
     bytes_written: int
+
+
+@dataclass(slots=True)
+class WriteCounts:
+    """A connection's own :class:`WriteStats` (the client's)."""
+
+    socket_writes: int = 0
+    bytes_written: int = 0
 
 
 class Connection:
