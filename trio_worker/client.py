@@ -35,17 +35,15 @@ fails there, with a one-line :class:`ConnectionFailed` naming the address.
 from __future__ import annotations
 
 import builtins
-import errno
 import logging
 import math
 import os
-import re
 import socket
 import ssl
 import struct
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -57,18 +55,10 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import trio
-from google.protobuf.message import DecodeError
 from purerpc.grpclib.events import ResponseEnded, ResponseReceived, WindowUpdated
 from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
 
-from ._convert import (
-    chunk_from_pb,
-    isolation_to_pb,
-    job_from_pb,
-    limits_to_pb,
-    seconds_to_duration,
-    states_to_pb,
-)
+from ._convert import chunk_from_pb, job_from_pb
 from ._error_codes import exception_from
 from ._errors import (
     ConnectionFailed,
@@ -77,9 +67,22 @@ from ._errors import (
     TrioWorkerError,
 )
 from ._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits, OutputChunk
+from ._net._failures import os_reason, parse_addr, tls_reason
 from ._net._sockets import set_keepalive as _set_keepalive
-from ._net._sockets import split_host_port
 from ._pb import worker_pb2 as pb
+from ._requests import (
+    attach_open,
+    id_request,
+    list_request,
+    method_path,
+    output_request,
+    parse,
+    remove_request,
+    request_field,
+    signal_request,
+    start_request,
+    stop_request,
+)
 from ._tls import ALPN_PROTOCOL, client_context
 from ._wire._client import (
     MAX_FRAME as _MAX_FRAME,
@@ -132,7 +135,6 @@ __all__ = [
 
 log = logging.getLogger("trio_worker.client")
 
-_SERVICE: Final = "trioworker.v1.Worker"
 _MESSAGE_PREFIX: Final = struct.Struct(">BI")
 _FRAME_HEADER_SIZE: Final = 9
 
@@ -161,68 +163,22 @@ M = TypeVar("M")
 # --- addresses and error messages --------------------------------------------------------
 
 
-def _parse_addr(addr: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` → (host, port), as ``InvalidRequest`` naming ``addr``."""
-    try:
-        host, port = split_host_port(addr)
-    except ValueError as exc:
-        raise InvalidRequest("addr", str(exc)) from None
-    if port == 0:
-        raise InvalidRequest("addr", "port 0 is for listening; give the server's port")
-    return host, port
-
-
-def _strip_openssl(text: str) -> str:
-    """'[SSL: X] what happened (_ssl.c:123)' → 'what happened'."""
-    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
-    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text).strip()
-
-
-def _os_reason(exc: BaseException) -> str:
-    """A lower-case one-phrase reason for an OSError (or a group of them)."""
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name ({exc.strerror or exc})"
-    if isinstance(exc, BaseExceptionGroup):
-        # One per address tried (IPv6 and IPv4 for localhost): usually all the same.
-        return ", ".join(dict.fromkeys(_os_reason(e) for e in exc.exceptions))
-    if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
-        return "connection refused"
-    if isinstance(exc, ConnectionResetError):
-        return "connection reset by the server"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror[0].lower() + exc.strerror[1:]
-    return str(exc) or type(exc).__name__
-
-
 def _connect_reason(exc: OSError) -> str:
     """Why ``trio.open_tcp_stream`` failed: trio hides the per-address errors in __cause__."""
     if isinstance(exc, socket.gaierror):
-        return _os_reason(exc)
+        return os_reason(exc)
     cause = exc.__cause__
     if cause is not None and str(exc).startswith("all attempts to connect"):
-        return _os_reason(cause)
-    return _os_reason(exc)
+        return os_reason(cause)
+    return os_reason(exc)
 
 
 def _tls_reason(exc: BaseException, *, handshake: bool = False) -> str:
-    """Why the TLS layer failed, from trio's BrokenResourceError or the SSLError itself.
-
-    During the handshake an alert from the server means it refused our certificate (ours
-    is the only thing it still checks once our side of a TLS 1.3 handshake is done).
-    """
+    """Why the TLS layer failed, from trio's BrokenResourceError or the SSLError itself."""
     cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {cause.verify_message}"
-    if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError):
-        return "the server closed the connection"
-    if isinstance(cause, ssl.SSLError):
-        text = _strip_openssl(str(cause.args[1] if len(cause.args) > 1 else cause))
-        if handshake and "alert" in (cause.reason or "").lower():
-            return f"the server refused our certificate ({text})"
-        return text
-    if cause is not None:
-        return _os_reason(cause)
-    return str(exc) or type(exc).__name__
+    if cause is None:
+        return str(exc) or type(exc).__name__
+    return tls_reason(cause, handshake=handshake)
 
 
 # --- one call ----------------------------------------------------------------------------
@@ -798,7 +754,7 @@ class _Dialer:
         timeout: float,
     ) -> None:
         self.addr = addr
-        self.host, self.port = _parse_addr(addr)
+        self.host, self.port = parse_addr(addr)
         self._ssl_context = ssl_context
         self._server_hostname = server_hostname or self.host
         self._timeout = timeout
@@ -897,48 +853,25 @@ class WorkerClient:
         error. ``stdin`` keeps its stdin open for :meth:`attach`; ``tty`` runs it on a
         pseudo-terminal of ``terminal_size`` (rows, cols; default: the server's, 24x80).
         Raises InvalidRequest, PermissionDenied, Unenforceable, ResourceExhausted."""
-        if isinstance(args, str | bytes):
-            raise InvalidRequest("args", "must be a sequence of strings, not one string")
-        if limits is not None and not isinstance(limits, Limits):
-            raise InvalidRequest("limits", "must be a trio_worker.Limits")
-        if isolation is not None and not isinstance(isolation, Isolation):
-            raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
-        request = pb.StartRequest()
-        with _request_field("command"):
-            request.command = command
-        with _request_field("args"):
-            request.args.extend(args or ())
-        with _request_field("env"):
-            request.env.update(env or {})
-        with _request_field("working_dir"):
-            request.working_dir = os.fspath(cwd) if cwd is not None else ""
-        if limits is not None:
-            with _request_field("limits"):
-                request.limits.CopyFrom(limits_to_pb(limits))
-        if isolation is not None:
-            request.isolation.CopyFrom(isolation_to_pb(isolation))
-        request.stdin = bool(stdin)
-        request.tty = bool(tty)
-        if terminal_size is not None:
-            with _request_field("terminal_size"):
-                request.terminal_size.rows, request.terminal_size.cols = terminal_size
-        with _request_field("user"):
-            request.user = user or ""
+        request = start_request(
+            command,
+            args,
+            env=env,
+            cwd=cwd,
+            limits=limits,
+            isolation=isolation,
+            user=user,
+            stdin=stdin,
+            tty=tty,
+            terminal_size=terminal_size,
+        )
         job = await self._unary("Start", request, pb.Job)
         return job_from_pb(job)
 
     async def stop(self, job_id: str, grace: float = DEFAULT_STOP_GRACE) -> JobInfo:
         """SIGTERM the job's process group, SIGKILL after ``grace`` seconds (as
         ``Supervisor.stop``); returns the final state. Raises JobNotFound, JobNotRunning."""
-        request = pb.StopRequest()
-        with _request_field("id"):
-            request.id = job_id
-        if isinstance(grace, bool) or not isinstance(grace, int | float):
-            raise InvalidRequest("grace", "must be a number of seconds")
-        if not (math.isfinite(grace) and grace >= 0):
-            raise InvalidRequest("grace", f"must be a finite number >= 0, got {grace}")
-        with _request_field("grace"):  # OverflowError beyond timedelta's range
-            request.grace.CopyFrom(seconds_to_duration(grace))
+        request = stop_request(job_id, grace)
         return job_from_pb(await self._unary("Stop", request, pb.Job, job_id))
 
     async def signal(
@@ -948,11 +881,7 @@ class WorkerClient:
     ) -> JobInfo:
         """Send ``signum`` to the job's process group. Raises JobNotFound, JobNotRunning,
         InvalidRequest (not a signal)."""
-        request = pb.SignalRequest()
-        with _request_field("id"):
-            request.id = job_id
-        with _request_field("signal"):
-            request.signal = int(signum)
+        request = signal_request(job_id, signum)
         return job_from_pb(await self._unary("Signal", request, pb.Job, job_id))
 
     async def status(
@@ -960,9 +889,7 @@ class WorkerClient:
         job_id: str,
     ) -> JobInfo:
         """The job's current state. Raises JobNotFound."""
-        request = pb.StatusRequest()
-        with _request_field("id"):
-            request.id = job_id
+        request = id_request(pb.StatusRequest, job_id)
         return job_from_pb(await self._unary("Status", request, pb.Job, job_id))
 
     async def wait(
@@ -970,9 +897,7 @@ class WorkerClient:
         job_id: str,
     ) -> JobInfo:
         """Wait for the job to end; its final state. Raises JobNotFound."""
-        request = pb.WaitRequest()
-        with _request_field("id"):
-            request.id = job_id
+        request = id_request(pb.WaitRequest, job_id)
         return job_from_pb(await self._unary("Wait", request, pb.Job, job_id))
 
     async def remove(
@@ -984,10 +909,7 @@ class WorkerClient:
         """Delete an ended job's record and output; its last state. With ``force`` a
         running job is SIGKILLed and removed once ended. Raises JobNotFound,
         JobStillRunning (running, without ``force``)."""
-        request = pb.RemoveRequest()
-        with _request_field("id"):
-            request.id = job_id
-        request.force = bool(force)
+        request = remove_request(job_id, force)
         return job_from_pb(await self._unary("Remove", request, pb.Job, job_id))
 
     async def list(
@@ -1015,9 +937,7 @@ class WorkerClient:
         page_size: int = 1000,
     ) -> AsyncIterator[builtins.list[JobInfo]]:
         """``list`` one page at a time (each at most ``page_size`` jobs and 4 MiB)."""
-        request = pb.ListRequest(
-            page_size=page_size, states=states_to_pb(states or ()), owner=owner or ""
-        )
+        request = list_request(states, owner, page_size)
         seen: set[str] = set()
         while True:
             response = await self._unary("List", request, pb.ListResponse)
@@ -1038,15 +958,7 @@ class WorkerClient:
         """The job's output from byte ``offset`` of its combined log; with ``follow``, live
         until the job ends. Iterate it with ``async for``; ``aclose()`` it (or use it as
         ``async with``) to stop early. Raises JobNotFound when iterated."""
-        request = pb.OutputRequest()
-        with _request_field("id"):
-            request.id = job_id
-        if not isinstance(offset, int) or offset < 0:
-            raise InvalidRequest("offset", f"must be a non-negative integer, got {offset!r}")
-        with _request_field("offset"):
-            request.offset = offset
-        request.follow = bool(follow)
-        return OutputIterator(self, request)
+        return OutputIterator(self, output_request(job_id, offset, follow))
 
     def attach(self, job_id: str, *, offset: int = 0) -> Attachment:
         """Use a job interactively over one bidirectional stream: its output from byte
@@ -1056,14 +968,7 @@ class WorkerClient:
         session`` gets the output until the job ends, after which ``session.ended`` is its
         final state; ``write``, ``close_stdin`` and ``resize`` send input meanwhile, from
         any task. Leaving the block detaches: the job goes on running."""
-        if not isinstance(offset, int) or offset < 0:
-            raise InvalidRequest("offset", f"must be a non-negative integer, got {offset!r}")
-        request = pb.AttachRequest()
-        with _request_field("id"):
-            request.open.id = job_id
-        with _request_field("offset"):
-            request.open.offset = offset
-        return Attachment(self, request)
+        return Attachment(self, attach_open(job_id, offset))
 
     # -- plumbing --
 
@@ -1093,7 +998,7 @@ class WorkerClient:
         for _ in range(_ATTEMPTS):
             conn = await self._connection()
             try:
-                return await conn.open_call(f"/{_SERVICE}/{method}", payload, deadline)
+                return await conn.open_call(method_path(method), payload, deadline)
             except _Unprocessed:
                 continue
         raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
@@ -1127,7 +1032,7 @@ class WorkerClient:
                 raise RemoteError(
                     StatusCode.INTERNAL, f"expected one response message, got {len(call.messages)}"
                 )
-            return _parse(response_type, call.take())
+            return parse(response_type, call.take())
         raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
 
     def _adopt(self, conn: _Connection) -> None:
@@ -1151,23 +1056,6 @@ async def _deadline_passes(deadline: float) -> None:
     Cancelled, at most the clock skew of the two later), as for any other deadline."""
     if deadline != math.inf:
         await trio.sleep_until(deadline)
-
-
-def _parse(message_type: type[M], data: bytes | memoryview) -> M:
-    try:
-        return message_type.FromString(data)  # type: ignore[attr-defined,no-any-return]
-    except DecodeError:
-        message = "the server sent a malformed response message"
-        raise RemoteError(StatusCode.INTERNAL, message) from None
-
-
-@contextmanager
-def _request_field(field: str) -> Iterator[None]:
-    """Turn protobuf's TypeError/ValueError on a bad argument into InvalidRequest(field)."""
-    try:
-        yield
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise InvalidRequest(field, str(exc)) from None
 
 
 class OutputIterator:
@@ -1244,7 +1132,7 @@ class OutputIterator:
         if message is None:
             self._finished = True
             raise StopAsyncIteration
-        return chunk_from_pb(_parse(pb.OutputChunk, message))
+        return chunk_from_pb(parse(pb.OutputChunk, message))
 
     async def _start(self) -> None:
         client = self._client
@@ -1310,7 +1198,7 @@ class Attachment:
             conn = await client._connection()
             try:
                 self._call = await conn.open_call(
-                    f"/{_SERVICE}/Attach", payload, math.inf, end_stream=False
+                    method_path("Attach"), payload, math.inf, end_stream=False
                 )
             except _Unprocessed:
                 continue
@@ -1353,7 +1241,7 @@ class Attachment:
                         StatusCode.INTERNAL, "the attach stream closed before the job ended"
                     )
                 break
-            response = _parse(pb.AttachResponse, message)
+            response = parse(pb.AttachResponse, message)
             kind = response.WhichOneof("event")
             if kind == "output":
                 return chunk_from_pb(response.output)
@@ -1374,7 +1262,7 @@ class Attachment:
     async def resize(self, rows: int, cols: int) -> None:
         """Set a tty job's terminal size."""
         request = pb.AttachRequest()
-        with _request_field("terminal_size"):
+        with request_field("terminal_size"):
             request.resize.rows = rows
             request.resize.cols = cols
         await self._send(request)
