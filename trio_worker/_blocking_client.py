@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, TypeVar
 
 from ._convert import chunk_from_pb, job_from_pb
 from ._error_codes import exception_from
@@ -109,12 +109,11 @@ class BlockingClient:
         self,
         method: str,
         request: Any,
-        response_type: type[M],
         job_id: str | None = None,
         timeout: float | None = None,
-    ) -> Pending[M]:
-        """Send a unary call now; ``result()`` waits for its answer."""
-        return Pending(self, method, request.SerializeToString(), response_type, job_id, timeout)
+    ) -> Pending:
+        """Send a unary call whose answer is a job now; ``result()`` waits for it."""
+        return Pending(self, method, request.SerializeToString(), job_id, timeout)
 
     def start(
         self,
@@ -142,30 +141,33 @@ class BlockingClient:
             tty=tty,
             terminal_size=terminal_size,
         )
-        return job_from_pb(self.submit("Start", request, pb.Job).result())
+        return self.submit("Start", request).result()
 
     def stop(self, job_id: str, grace: float = DEFAULT_STOP_GRACE) -> JobInfo:
         request = stop_request(job_id, grace)
-        return job_from_pb(self.submit("Stop", request, pb.Job, job_id).result())
+        return self.submit("Stop", request, job_id).result()
 
     def signal(self, job_id: str, signum: int) -> JobInfo:
         request = signal_request(job_id, signum)
-        return job_from_pb(self.submit("Signal", request, pb.Job, job_id).result())
+        return self.submit("Signal", request, job_id).result()
 
     def status(self, job_id: str, *, timeout: float | None = None) -> JobInfo:
         request = id_request(pb.StatusRequest, job_id)
-        return job_from_pb(self.submit("Status", request, pb.Job, job_id, timeout).result())
+        return self.submit("Status", request, job_id, timeout).result()
 
     def wait(self, job_id: str) -> JobInfo:
-        return job_from_pb(self.wait_later(job_id).result())
+        return self.wait_later(job_id).result()
 
-    def wait_later(self, job_id: str) -> Pending[Any]:
-        """Wait, sent now: ``result()`` is the job's final state as a ``pb.Job``."""
-        return self.submit("Wait", id_request(pb.WaitRequest, job_id), pb.Job, job_id)
+    def wait_later(self, job_id: str) -> Pending:
+        """Wait, sent now: ``result()`` is the job's final state."""
+        return self.submit("Wait", id_request(pb.WaitRequest, job_id), job_id)
 
     def remove(self, job_id: str, *, force: bool = False) -> JobInfo:
-        request = remove_request(job_id, force)
-        return job_from_pb(self.submit("Remove", request, pb.Job, job_id).result())
+        return self.remove_later(job_id, force=force).result()
+
+    def remove_later(self, job_id: str, *, force: bool = False) -> Pending:
+        """Remove, sent now (``prune`` keeps several in flight)."""
+        return self.submit("Remove", remove_request(job_id, force), job_id)
 
     def list(
         self,
@@ -179,7 +181,8 @@ class BlockingClient:
         jobs: builtins.list[JobInfo] = []
         seen: set[str] = set()
         while True:
-            response = self.submit("List", request, pb.ListResponse).result()
+            pending = Pending(self, "List", request.SerializeToString(), None, None)
+            response = pending.answer(pb.ListResponse)
             jobs.extend(job_from_pb(job) for job in response.jobs)
             token = response.next_page_token
             if not token or token in seen:  # (a repeated token would loop forever)
@@ -193,7 +196,7 @@ class BlockingClient:
         return BlockingOutput(self, output_request(job_id, offset, follow))
 
 
-class Pending(Generic[M]):
+class Pending:
     """A unary call sent; ``result()`` waits for the answer (reading for the other calls
     on the connection meanwhile)."""
 
@@ -202,20 +205,22 @@ class Pending(Generic[M]):
         client: BlockingClient,
         method: str,
         payload: bytes,
-        response_type: type[M],
         job_id: str | None,
         timeout: float | None,
     ) -> None:
         self._client = client
         self._method = method
         self._payload = payload
-        self._type = response_type
         self._job_id = job_id
         self._timeout = timeout
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._conn, self._call = client.open(method, payload, timeout)
 
-    def result(self) -> M:
+    def result(self) -> JobInfo:
+        """The answer, a job."""
+        return job_from_pb(self.answer(pb.Job))
+
+    def answer(self, response_type: type[M]) -> M:
         """The answer; raises the error the server answered with, ``TimeoutError`` past
         the timeout, ``ConnectionFailed`` if the connection is lost meanwhile."""
         for _ in range(_ATTEMPTS):
@@ -239,7 +244,7 @@ class Pending(Generic[M]):
                 raise RemoteError(
                     StatusCode.INTERNAL, f"expected one response message, got {len(messages)}"
                 )
-            return parse(self._type, messages[0])
+            return parse(response_type, messages[0])
         raise ConnectionFailed(
             f"{self._client.address} keeps closing connections before taking calls"
         )
