@@ -49,7 +49,6 @@ import h2.exceptions
 import trio
 from google.protobuf.message import DecodeError
 from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived, WindowUpdated
-from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
 
 from .._error_codes import status_of
 from .._errors import (
@@ -61,7 +60,9 @@ from .._errors import (
 from .._identity import Identity, identity_from_der
 from .._tls import ALPN_PROTOCOL
 from .._wire._h2conn import (
+    MAX_MESSAGE,
     MAX_UNSENT_CONTROL,
+    PROTOCOL_ERRORS,
     BadMessage,
     BadRequest,
     GRPCServerConnection,
@@ -279,7 +280,7 @@ class TransportConfig:
     #: 32, not 100: an output stream whose client stops reading still holds about 1.3 MiB
     #: (one message and its log reader's block), and 32 of them fit the per-connection bound
     max_concurrent_streams: int = 32
-    max_request_bytes: int = 4 * 1024 * 1024
+    max_request_bytes: int = MAX_MESSAGE
     handshake_timeout: float = 10.0
     #: close (with GOAWAY) a connection that has had no call for this long
     idle_timeout: float = 300.0
@@ -689,7 +690,7 @@ class _Connection:
                 break
             try:
                 events = grpc.receive_frames(data)
-            except (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved) as exc:
+            except PROTOCOL_ERRORS as exc:
                 # h2 has queued a GOAWAY with the error (we do, for our own bounds); send
                 # it, then close.
                 if isinstance(exc, PeerMisbehaved):
