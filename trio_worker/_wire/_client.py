@@ -31,8 +31,8 @@ from ._h2conn import (
     MAX_MESSAGE,
     PROTOCOL_ERROR,
     BoundedDecoder,
-    GatedConnection,
     PeerMisbehaved,
+    WireGRPCConnection,
     WireH2Connection,
     h2_config,
     hpack_literal,
@@ -268,7 +268,7 @@ class ClientH2Connection(WireH2Connection):
         return [], [event]
 
 
-class GRPCClientConnection(GatedConnection):
+class GRPCClientConnection(WireGRPCConnection):
     """purerpc's ``GRPCConnection`` for a client, with our settings and complete events.
 
     purerpc's version raises out of ``receive_data`` on a malformed response (losing the

@@ -82,12 +82,12 @@ __all__ = [
     "BoundedDecoder",
     "FrameGate",
     "GRPCServerConnection",
-    "GatedConnection",
     "PeerGoAway",
     "PeerMisbehaved",
     "RequestTooLarge",
     "ServerH2Connection",
     "StreamReset",
+    "WireGRPCConnection",
     "WireH2Connection",
     "h2_config",
     "hpack_literal",
@@ -610,15 +610,17 @@ class ServerH2Connection(WireH2Connection):
             self._prepare_for_sending(stream.acknowledge_received_data(size))
 
 
-class GatedConnection(GRPCConnection):  # type: ignore[misc]
-    """purerpc's ``GRPCConnection`` behind a :class:`FrameGate`: what both ends' cores share."""
+class WireGRPCConnection(GRPCConnection):  # type: ignore[misc]
+    """purerpc's ``GRPCConnection`` as both cores use it: bytes go in through the
+    :class:`FrameGate` (whole frames, bounds checked first), and a broken bound is answered
+    with GOAWAY. Subclasses set ``h2_connection``, then call :meth:`_open_gate`."""
 
-    h2_connection: WireH2Connection
     gate: FrameGate
+    h2_connection: WireH2Connection
 
     def _open_gate(self, max_frame: int, *, server: bool, clock: Callable[[], float]) -> None:
         self.gate = FrameGate(max_frame, server=server, clock=clock)
-        self.h2_connection.gate = self.gate
+        self.h2_connection.gate = self.gate  # our own frames earn its flood budget
 
     def receive_frames(self, data: bytes | bytearray) -> list[Any]:
         """``receive_data`` through the :class:`FrameGate`: whole frames only, bounds
@@ -641,7 +643,7 @@ class GatedConnection(GRPCConnection):  # type: ignore[misc]
         h2c._data_to_send += frame.serialize()
 
 
-class GRPCServerConnection(GatedConnection):
+class GRPCServerConnection(WireGRPCConnection):
     """purerpc's ``GRPCConnection`` for one server connection, with our settings."""
 
     def __init__(
