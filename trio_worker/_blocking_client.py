@@ -226,7 +226,7 @@ class Pending:
         for _ in range(_ATTEMPTS):
             conn: BlockingConnection = self._conn
             call: BlockingCall = self._call
-            messages: list[bytes] = []
+            messages: list[bytes | memoryview] = []
             try:
                 while (message := conn.next_message(call, self._deadline)) is not None:
                     messages.append(message)
@@ -296,7 +296,7 @@ class BlockingOutput:
             raise StopIteration
         return chunk_from_pb(parse(pb.OutputChunk, message))
 
-    def _next_message(self) -> bytes | None:
+    def _next_message(self) -> bytes | memoryview | None:
         if self._call is None:
             payload = self._request.SerializeToString()
             for _ in range(_ATTEMPTS):

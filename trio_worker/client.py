@@ -41,7 +41,6 @@ import os
 import socket
 import ssl
 import struct
-from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -56,7 +55,6 @@ import h2.exceptions
 import h2.settings
 import trio
 from purerpc.grpclib.events import ResponseEnded, ResponseReceived, WindowUpdated
-from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
 
 from ._convert import chunk_from_pb, job_from_pb
 from ._error_codes import exception_from
@@ -85,12 +83,6 @@ from ._requests import (
 )
 from ._tls import ALPN_PROTOCOL, client_context
 from ._wire._client import (
-    MAX_FRAME as _MAX_FRAME,
-)
-from ._wire._client import (
-    MAX_MESSAGE as _MAX_MESSAGE,
-)
-from ._wire._client import (
     BadResponse as _BadResponse,
 )
 from ._wire._client import (
@@ -98,6 +90,12 @@ from ._wire._client import (
 )
 from ._wire._client import (
     GRPCClientConnection as _GRPCClientConnection,
+)
+from ._wire._client import (
+    MessageReader as _MessageReader,
+)
+from ._wire._client import (
+    MessageRefused as _MessageRefused,
 )
 from ._wire._client import (
     RequestHeaders as _Headers,
@@ -119,7 +117,7 @@ from ._wire._client import (
 )
 from ._wire._h2conn import (
     MAX_UNSENT_CONTROL,
-    FrameGate,
+    PROTOCOL_ERRORS,
     PeerMisbehaved,
 )
 from ._wire._status import StatusCode
@@ -199,12 +197,12 @@ class _CallFailed(Exception):
         self.details = details
 
 
-class _Call:
+class _Call(_MessageReader):
     """Per-stream state, shared by the connection's reader and the caller's task.
 
-    Messages are reassembled here from DATA payloads; ``unacked`` counts the flow-controlled
-    bytes not yet handed back to h2, ``queued`` the bytes of complete messages the consumer
-    has not taken.
+    Messages are reassembled from DATA payloads by the core's ``MessageReader``;
+    ``unacked`` counts the flow-controlled bytes not yet handed back to h2, ``queued`` the
+    bytes of complete messages the consumer has not taken.
     """
 
     __slots__ = (
@@ -212,79 +210,22 @@ class _Call:
         "done",
         "error",
         "lot",
-        "messages",
-        "partial",
         "peak",
-        "queued",
         "status",
         "stream_id",
         "unacked",
     )
 
     def __init__(self, conn: _Connection, stream_id: int) -> None:
+        super().__init__()
         self.conn = conn
         self.stream_id = stream_id
-        self.messages: deque[bytes | memoryview] = deque()
-        self.queued = 0
-        self.partial = bytearray()
         self.unacked = 0
         self.peak = 0
         self.status: tuple[int, str, bytes | None] | None = None
         self.error: BaseException | None = None
         self.done = False  # nothing more will arrive
         self.lot = trio.lowlevel.ParkingLot()
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received for this call that its consumer has not taken."""
-        return self.queued + len(self.partial)
-
-    def feed(self, data: bytes) -> None:
-        """Split DATA into length-prefixed messages; raises _CallFailed on a bad prefix.
-
-        A message that lies whole in ``data`` and makes most of it is kept as a view of it
-        (no copy; a view pins at most twice its size); smaller ones are copied, and
-        messages spanning frames are assembled in ``partial``.
-        """
-        buf = self.partial
-        if buf:
-            buf += data
-            source: bytes | bytearray = buf
-        else:
-            source = data
-        total = len(source)
-        pos = 0
-        view = memoryview(source)
-        try:
-            while total - pos >= 5:
-                compressed, length = _MESSAGE_PREFIX.unpack_from(source, pos)
-                if compressed:
-                    raise _CallFailed(StatusCode.INTERNAL, "the server sent a compressed message")
-                if length > _MAX_MESSAGE:
-                    raise _CallFailed(
-                        StatusCode.RESOURCE_EXHAUSTED,
-                        f"response message of {length} bytes is too large",
-                    )
-                end = pos + 5 + length
-                if end > total:
-                    break
-                if source is buf or 2 * length < total:  # buf is trimmed below
-                    self.messages.append(bytes(view[pos + 5 : end]))
-                else:
-                    self.messages.append(view[pos + 5 : end])
-                self.queued += length
-                pos = end
-            if source is not buf and pos < total:
-                self.partial = bytearray(view[pos:])
-        finally:
-            view.release()
-        if source is buf and pos:
-            del buf[:pos]
-
-    def take(self) -> bytes | memoryview:
-        message = self.messages.popleft()
-        self.queued -= len(message)
-        return message
 
     def finish(
         self,
@@ -323,7 +264,7 @@ class _Connection:
         self._grpc = _GRPCClientConnection()
         self._h2 = self._grpc.h2_connection
         self._calls: dict[int, _Call] = {}
-        self._gate = FrameGate(_MAX_FRAME, server=False)
+        self._gate = self._grpc.gate
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._flushed_lot = trio.lowlevel.ParkingLot()
         self._window_lot = trio.lowlevel.ParkingLot()  # senders waiting for window
@@ -370,7 +311,7 @@ class _Connection:
                 # The server's close can overtake its alert: say what it most likely meant.
                 reason += " (did it refuse our certificate?)"
             raise ConnectionFailed(f"TLS handshake with {self.addr} failed: {reason}") from exc
-        except (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved) as exc:
+        except PROTOCOL_ERRORS as exc:
             raise ConnectionFailed(f"{self.addr} does not speak HTTP/2 as expected: {exc}") from exc
         self._wake_writer()
 
@@ -463,10 +404,13 @@ class _Connection:
             self._last_received = trio.current_time()
             try:
                 self._feed(data)
-            except (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved) as exc:
+            except PROTOCOL_ERRORS as exc:
+                if isinstance(exc, PeerMisbehaved):
+                    self._grpc.calm_down(exc)
+                # h2 (or calm_down) has queued a GOAWAY: tell the server why, briefly.
+                with trio.move_on_after(_CLOSE_TIMEOUT):
+                    await self._flushed()
                 self._lost(f"HTTP/2 protocol error: {exc}")
-                # h2 has queued a GOAWAY: best effort, the writer is cancelled soon.
-                self._wake_writer()
                 return
             self._wake_writer_if_output()
             if self._gate.control_owed > MAX_UNSENT_CONTROL:
@@ -476,9 +420,8 @@ class _Connection:
 
     def _feed(self, data: bytes | bytearray) -> None:
         """Hand h2 whole frames only, checked against our bounds (``FrameGate``)."""
-        for batch in self._gate.feed(data):
-            for event in self._grpc.receive_data(batch):
-                self._on_event(event)
+        for event in self._grpc.receive_frames(data):
+            self._on_event(event)
 
     def _on_event(self, event: Any) -> None:
         kind = type(event)
@@ -521,8 +464,8 @@ class _Connection:
         call.unacked += event.flow
         try:
             call.feed(event.data)
-        except _CallFailed as exc:
-            self._fail_stream(call, exc)
+        except _MessageRefused as exc:
+            self._fail_stream(call, _CallFailed(exc.code, exc.reason))
             return
         if call.queued <= _ACK_BELOW:
             self._ack(call)
@@ -672,9 +615,7 @@ class _Connection:
         """End a call the server has not ended (a response we cannot read): reset it."""
         self._reset(call.stream_id, h2.errors.ErrorCodes.CANCEL)
         self._end(call, error=error)
-        call.messages.clear()
-        call.queued = 0
-        call.partial = bytearray()
+        call.clear()
         self._wake_writer()
 
     def _forget(self, call: _Call, error: BaseException) -> None:

@@ -32,25 +32,21 @@ import socket
 import ssl
 import struct
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
 import h2.errors
 import h2.exceptions
-from purerpc.grpclib.buffers import MessageReadBuffer
 from purerpc.grpclib.events import ResponseEnded, ResponseReceived, WindowUpdated
-from purerpc.grpclib.exceptions import MessageTooLargeError, UnsupportedMessageEncodingError
-from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
 
 from .._errors import ConnectionFailed
 from .._tls import ALPN_PROTOCOL
 from .._wire._client import (
-    MAX_FRAME,
-    MAX_MESSAGE,
     BadResponse,
     GoAwayReceived,
     GRPCClientConnection,
+    MessageReader,
+    MessageRefused,
     RequestHeaders,
     ResponseData,
     StreamEnded,
@@ -58,7 +54,7 @@ from .._wire._client import (
     request_headers,
     with_timeout,
 )
-from .._wire._h2conn import MAX_UNSENT_CONTROL, FrameGate, PeerMisbehaved
+from .._wire._h2conn import MAX_UNSENT_CONTROL, PROTOCOL_ERRORS, PeerMisbehaved
 from .._wire._status import StatusCode
 from ._failures import os_reason, parse_addr, tls_reason
 from ._sockets import set_keepalive
@@ -89,16 +85,15 @@ class CallFailed(Exception):
         self.details = details
 
 
-class BlockingCall:
-    """One stream: its messages as they arrive, and how it ended."""
+class BlockingCall(MessageReader):
+    """One stream: its messages as they arrive (split by the core's ``MessageReader``),
+    and how it ended."""
 
-    __slots__ = ("buffer", "done", "error", "messages", "queued", "status", "stream_id", "unacked")
+    __slots__ = ("done", "error", "status", "stream_id", "unacked")
 
     def __init__(self, stream_id: int) -> None:
+        super().__init__()
         self.stream_id = stream_id
-        self.buffer = MessageReadBuffer(None, MAX_MESSAGE)
-        self.messages: deque[bytes] = deque()
-        self.queued = 0
         self.unacked = 0
         self.done = False
         self.status: tuple[int, str, bytes | None] | None = None
@@ -123,7 +118,7 @@ class BlockingConnection:
         self._authority = authority
         self._grpc = GRPCClientConnection()
         self._h2 = self._grpc.h2_connection
-        self._gate = FrameGate(MAX_FRAME, server=False)
+        self._gate = self._grpc.gate
         self._calls: dict[int, BlockingCall] = {}
         self._headers: dict[str, RequestHeaders] = {}
         self.dead = False
@@ -165,7 +160,7 @@ class BlockingConnection:
                 # The server's close can overtake its alert: say what it most likely meant.
                 reason += " (did it refuse our certificate?)"
             raise ConnectionFailed(f"TLS handshake with {self.addr} failed: {reason}") from exc
-        except (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved) as exc:
+        except PROTOCOL_ERRORS as exc:
             raise ConnectionFailed(f"{self.addr} does not speak HTTP/2 as expected: {exc}") from exc
         finally:
             # From here on the socket never blocks: ``pump`` waits with select, so it can
@@ -243,13 +238,14 @@ class BlockingConnection:
             if view:
                 self.pump()  # wait for window
 
-    def next_message(self, call: BlockingCall, deadline: float | None = None) -> bytes | None:
+    def next_message(
+        self, call: BlockingCall, deadline: float | None = None
+    ) -> bytes | memoryview | None:
         """The call's next message, None after the last; raises what ended it, or
         TimeoutError once ``deadline`` (``time.monotonic()``) passes."""
         while True:
             if call.messages:
-                message = call.messages.popleft()
-                call.queued -= len(message)
+                message = call.take()
                 if call.unacked and call.queued <= ACK_BELOW:
                     self._ack(call)
                     self._flush()
@@ -262,7 +258,7 @@ class BlockingConnection:
     def cancel(self, call: BlockingCall) -> None:
         """The caller gave up on ``call``: reset the stream (the connection goes on)."""
         if call.done:
-            call.messages.clear()
+            call.clear()
             return
         if self.dead:
             self._finish(call, error=ConnectionFailed(f"the connection to {self.addr} was closed"))
@@ -308,8 +304,10 @@ class BlockingConnection:
         self._pinged_at = None
         try:
             self._feed(data)
-        except (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved) as exc:
-            self._flush()  # h2 has queued a GOAWAY: best effort
+        except PROTOCOL_ERRORS as exc:
+            if isinstance(exc, PeerMisbehaved):
+                self._grpc.calm_down(exc)
+            self._flush()  # h2 (or calm_down) has queued a GOAWAY: tell the server why
             self._lost(f"HTTP/2 protocol error: {exc}")
             return
         if self._gate.control_owed > MAX_UNSENT_CONTROL:
@@ -354,9 +352,9 @@ class BlockingConnection:
             self._lost(tls_reason(exc))
 
     def _feed(self, data: bytes) -> None:
-        for batch in self._gate.feed(data):
-            for event in self._grpc.receive_data(batch):
-                self._on_event(event)
+        """Whole frames only, checked against the core's bounds (``receive_frames``)."""
+        for event in self._grpc.receive_frames(data):
+            self._on_event(event)
 
     def _on_event(self, event: Any) -> None:
         kind = type(event)
@@ -391,12 +389,9 @@ class BlockingConnection:
             return
         call.unacked += event.flow
         try:
-            call.buffer.data_received(event.data)
-            for message in call.buffer.read_all_complete_messages():
-                call.messages.append(message)
-                call.queued += len(message)
-        except (MessageTooLargeError, UnsupportedMessageEncodingError) as exc:
-            self._fail_stream(call, CallFailed(StatusCode.INTERNAL, f"bad response ({exc})"))
+            call.feed(event.data)
+        except MessageRefused as exc:
+            self._fail_stream(call, CallFailed(exc.code, exc.reason))
             return
         if call.queued <= ACK_BELOW:
             self._ack(call)
@@ -440,8 +435,7 @@ class BlockingConnection:
             with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 self._h2.reset_stream(call.stream_id, h2.errors.ErrorCodes.CANCEL)
         self._end(call, error=error)
-        call.messages.clear()
-        call.queued = 0
+        call.clear()
 
 
 def _reset_failure(code: int) -> CallFailed:

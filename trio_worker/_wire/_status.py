@@ -42,7 +42,7 @@ ERROR_DOMAIN: Final = "trioworker.v1"
 #: Longest grpc-message we send (UTF-8 bytes before percent-encoding): a line for people,
 #: and never a way to echo a client's megabytes back (contract: at most 1 KiB).
 MAX_MESSAGE_BYTES: Final = 1024
-#: Longest ErrorInfo metadata value or BadRequest description we send: the same reason.
+#: Longest ErrorInfo metadata value or BadRequest field we send or take: the same reason.
 _MAX_DETAIL_BYTES: Final = 256
 #: Largest details blob we try to parse from a peer: a bound on the work a hostile one buys.
 _MAX_DETAILS_IN: Final = 16 * 1024
@@ -143,11 +143,21 @@ def decode_details(data: bytes) -> ErrorDetails | None:
             if detail.type_url == _ERROR_INFO_TYPE and not reason:
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
-                reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
+                reason, domain = info.reason, info.domain
+                metadata = {
+                    bound_text(key, _MAX_DETAIL_BYTES): bound_text(value, _MAX_DETAIL_BYTES)
+                    for key, value in info.metadata.items()
+                }
             elif detail.type_url == _BAD_REQUEST_TYPE:
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
-                violations.extend((v.field, v.description) for v in bad.field_violations)
+                violations.extend(
+                    (
+                        bound_text(v.field, _MAX_DETAIL_BYTES),
+                        bound_text(v.description, _MAX_DETAIL_BYTES),
+                    )
+                    for v in bad.field_violations
+                )
     except DecodeError:
         return None
     return ErrorDetails(reason, domain, metadata, tuple(violations))
