@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from pathlib import Path
 
 SERVER = textwrap.dedent(
     """

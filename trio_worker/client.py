@@ -19,23 +19,15 @@ from __future__ import annotations
 import builtins
 import math
 import os
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
 import trio
-from google.protobuf.message import DecodeError
 
-from ._convert import (
-    chunk_from_pb,
-    isolation_to_pb,
-    job_from_pb,
-    limits_to_pb,
-    seconds_to_duration,
-    states_to_pb,
-)
+from ._convert import chunk_from_pb, job_from_pb
 from ._error_codes import exception_from
 from ._errors import (
     ConnectionFailed,
@@ -53,6 +45,19 @@ from ._net._channel import (
     Unprocessed,
 )
 from ._pb import worker_pb2 as pb
+from ._requests import (
+    attach_open,
+    id_request,
+    list_request,
+    method_path,
+    output_request,
+    parse,
+    remove_request,
+    request_field,
+    signal_request,
+    start_request,
+    stop_request,
+)
 from ._tls import client_context
 from ._wire._status import StatusCode
 
@@ -64,8 +69,6 @@ __all__ = [
     "WorkerClient",
     "connect",
 ]
-
-_SERVICE: Final = "trioworker.v1.Worker"
 
 #: Attempts of a call the server said it never processed (GOAWAY) before giving up.
 _ATTEMPTS: Final = 3
@@ -123,48 +126,25 @@ class WorkerClient:
         error. ``stdin`` keeps its stdin open for :meth:`attach`; ``tty`` runs it on a
         pseudo-terminal of ``terminal_size`` (rows, cols; default: the server's, 24x80).
         Raises InvalidRequest, PermissionDenied, Unenforceable, ResourceExhausted."""
-        if isinstance(args, str | bytes):
-            raise InvalidRequest("args", "must be a sequence of strings, not one string")
-        if limits is not None and not isinstance(limits, Limits):
-            raise InvalidRequest("limits", "must be a trio_worker.Limits")
-        if isolation is not None and not isinstance(isolation, Isolation):
-            raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
-        request = pb.StartRequest()
-        with _request_field("command"):
-            request.command = command
-        with _request_field("args"):
-            request.args.extend(args or ())
-        with _request_field("env"):
-            request.env.update(env or {})
-        with _request_field("working_dir"):
-            request.working_dir = os.fspath(cwd) if cwd is not None else ""
-        if limits is not None:
-            with _request_field("limits"):
-                request.limits.CopyFrom(limits_to_pb(limits))
-        if isolation is not None:
-            request.isolation.CopyFrom(isolation_to_pb(isolation))
-        request.stdin = bool(stdin)
-        request.tty = bool(tty)
-        if terminal_size is not None:
-            with _request_field("terminal_size"):
-                request.terminal_size.rows, request.terminal_size.cols = terminal_size
-        with _request_field("user"):
-            request.user = user or ""
+        request = start_request(
+            command,
+            args,
+            env=env,
+            cwd=cwd,
+            limits=limits,
+            isolation=isolation,
+            user=user,
+            stdin=stdin,
+            tty=tty,
+            terminal_size=terminal_size,
+        )
         job = await self._unary("Start", request, pb.Job)
         return job_from_pb(job)
 
     async def stop(self, job_id: str, grace: float = DEFAULT_STOP_GRACE) -> JobInfo:
         """SIGTERM the job's process group, SIGKILL after ``grace`` seconds (as
         ``Supervisor.stop``); returns the final state. Raises JobNotFound, JobNotRunning."""
-        request = pb.StopRequest()
-        with _request_field("id"):
-            request.id = job_id
-        if isinstance(grace, bool) or not isinstance(grace, int | float):
-            raise InvalidRequest("grace", "must be a number of seconds")
-        if not (math.isfinite(grace) and grace >= 0):
-            raise InvalidRequest("grace", f"must be a finite number >= 0, got {grace}")
-        with _request_field("grace"):  # OverflowError beyond timedelta's range
-            request.grace.CopyFrom(seconds_to_duration(grace))
+        request = stop_request(job_id, grace)
         return job_from_pb(await self._unary("Stop", request, pb.Job, job_id))
 
     async def signal(
@@ -174,11 +154,7 @@ class WorkerClient:
     ) -> JobInfo:
         """Send ``signum`` to the job's process group. Raises JobNotFound, JobNotRunning,
         InvalidRequest (not a signal)."""
-        request = pb.SignalRequest()
-        with _request_field("id"):
-            request.id = job_id
-        with _request_field("signal"):
-            request.signal = int(signum)
+        request = signal_request(job_id, signum)
         return job_from_pb(await self._unary("Signal", request, pb.Job, job_id))
 
     async def status(
@@ -186,9 +162,7 @@ class WorkerClient:
         job_id: str,
     ) -> JobInfo:
         """The job's current state. Raises JobNotFound."""
-        request = pb.StatusRequest()
-        with _request_field("id"):
-            request.id = job_id
+        request = id_request(pb.StatusRequest, job_id)
         return job_from_pb(await self._unary("Status", request, pb.Job, job_id))
 
     async def wait(
@@ -196,9 +170,7 @@ class WorkerClient:
         job_id: str,
     ) -> JobInfo:
         """Wait for the job to end; its final state. Raises JobNotFound."""
-        request = pb.WaitRequest()
-        with _request_field("id"):
-            request.id = job_id
+        request = id_request(pb.WaitRequest, job_id)
         return job_from_pb(await self._unary("Wait", request, pb.Job, job_id))
 
     async def remove(
@@ -210,10 +182,7 @@ class WorkerClient:
         """Delete an ended job's record and output; its last state. With ``force`` a
         running job is SIGKILLed and removed once ended. Raises JobNotFound,
         JobStillRunning (running, without ``force``)."""
-        request = pb.RemoveRequest()
-        with _request_field("id"):
-            request.id = job_id
-        request.force = bool(force)
+        request = remove_request(job_id, force)
         return job_from_pb(await self._unary("Remove", request, pb.Job, job_id))
 
     async def list(
@@ -241,9 +210,7 @@ class WorkerClient:
         page_size: int = 1000,
     ) -> AsyncIterator[builtins.list[JobInfo]]:
         """``list`` one page at a time (each at most ``page_size`` jobs and 4 MiB)."""
-        request = pb.ListRequest(
-            page_size=page_size, states=states_to_pb(states or ()), owner=owner or ""
-        )
+        request = list_request(states, owner, page_size)
         seen: set[str] = set()
         while True:
             response = await self._unary("List", request, pb.ListResponse)
@@ -264,15 +231,7 @@ class WorkerClient:
         """The job's output from byte ``offset`` of its combined log; with ``follow``, live
         until the job ends. Iterate it with ``async for``; ``aclose()`` it (or use it as
         ``async with``) to stop early. Raises JobNotFound when iterated."""
-        request = pb.OutputRequest()
-        with _request_field("id"):
-            request.id = job_id
-        if not isinstance(offset, int) or offset < 0:
-            raise InvalidRequest("offset", f"must be a non-negative integer, got {offset!r}")
-        with _request_field("offset"):
-            request.offset = offset
-        request.follow = bool(follow)
-        return OutputIterator(self, request)
+        return OutputIterator(self, output_request(job_id, offset, follow))
 
     def attach(self, job_id: str, *, offset: int = 0) -> Attachment:
         """Use a job interactively over one bidirectional stream: its output from byte
@@ -282,14 +241,7 @@ class WorkerClient:
         session`` gets the output until the job ends, after which ``session.ended`` is its
         final state; ``write``, ``close_stdin`` and ``resize`` send input meanwhile, from
         any task. Leaving the block detaches: the job goes on running."""
-        if not isinstance(offset, int) or offset < 0:
-            raise InvalidRequest("offset", f"must be a non-negative integer, got {offset!r}")
-        request = pb.AttachRequest()
-        with _request_field("id"):
-            request.open.id = job_id
-        with _request_field("offset"):
-            request.open.offset = offset
-        return Attachment(self, request)
+        return Attachment(self, attach_open(job_id, offset))
 
     # -- plumbing --
 
@@ -319,7 +271,7 @@ class WorkerClient:
         for _ in range(_ATTEMPTS):
             conn = await self._connection()
             try:
-                return await conn.open_call(f"/{_SERVICE}/{method}", payload, deadline)
+                return await conn.open_call(method_path(method), payload, deadline)
             except Unprocessed:
                 continue
         raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
@@ -353,7 +305,7 @@ class WorkerClient:
                 raise RemoteError(
                     StatusCode.INTERNAL, f"expected one response message, got {len(call.messages)}"
                 )
-            return _parse(response_type, call.take())
+            return parse(response_type, call.take())
         raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
 
     def _adopt(self, conn: ClientConnection) -> None:
@@ -379,27 +331,10 @@ async def _deadline_passes(deadline: float) -> None:
         await trio.sleep_until(deadline)
 
 
-def _parse(message_type: type[M], data: bytes | memoryview) -> M:
-    try:
-        return message_type.FromString(data)  # type: ignore[attr-defined,no-any-return]
-    except DecodeError:
-        message = "the server sent a malformed response message"
-        raise RemoteError(StatusCode.INTERNAL, message) from None
-
-
-@contextmanager
-def _request_field(field: str) -> Iterator[None]:
-    """Turn protobuf's TypeError/ValueError on a bad argument into InvalidRequest(field)."""
-    try:
-        yield
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise InvalidRequest(field, str(exc)) from None
-
-
 class OutputIterator:
     """The chunks of a job's output, as an async iterator: ``async for chunk in it``.
 
-    The call starts on the first ``__anext__``. Up to ``ACK_BELOW + STREAM_WINDOW`` bytes
+    The call starts on the first ``__anext__``. Up to ``ACK_BELOW + _STREAM_WINDOW`` bytes
     plus one message (1.75 MiB with the server's 256 KiB chunks) are buffered ahead of the
     consumer, never more: the server is held back by HTTP/2 flow control instead
     (``buffered_bytes`` and ``peak_buffered_bytes`` show it). ``aclose()`` (or leaving an
@@ -470,7 +405,7 @@ class OutputIterator:
         if message is None:
             self._finished = True
             raise StopAsyncIteration
-        return chunk_from_pb(_parse(pb.OutputChunk, message))
+        return chunk_from_pb(parse(pb.OutputChunk, message))
 
     async def _start(self) -> None:
         client = self._client
@@ -536,7 +471,7 @@ class Attachment:
             conn = await client._connection()
             try:
                 self._call = await conn.open_call(
-                    f"/{_SERVICE}/Attach", payload, math.inf, end_stream=False
+                    method_path("Attach"), payload, math.inf, end_stream=False
                 )
             except Unprocessed:
                 continue
@@ -579,7 +514,7 @@ class Attachment:
                         StatusCode.INTERNAL, "the attach stream closed before the job ended"
                     )
                 break
-            response = _parse(pb.AttachResponse, message)
+            response = parse(pb.AttachResponse, message)
             kind = response.WhichOneof("event")
             if kind == "output":
                 return chunk_from_pb(response.output)
@@ -600,7 +535,7 @@ class Attachment:
     async def resize(self, rows: int, cols: int) -> None:
         """Set a tty job's terminal size."""
         request = pb.AttachRequest()
-        with _request_field("terminal_size"):
+        with request_field("terminal_size"):
             request.resize.rows = rows
             request.resize.cols = cols
         await self._send(request)

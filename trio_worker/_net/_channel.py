@@ -30,7 +30,6 @@ import logging
 import math
 import socket
 import ssl
-from collections import deque
 from contextlib import suppress
 from typing import Any, Final
 
@@ -38,16 +37,16 @@ import h2.errors
 import h2.exceptions
 import trio
 from purerpc.grpclib.events import ResponseEnded, ResponseReceived, WindowUpdated
-from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
 
-from .._errors import ConnectionFailed, InvalidRequest
+from .._errors import ConnectionFailed
 from .._tls import ALPN_PROTOCOL
 from .._wire._client import (
     MAX_FRAME,
-    MAX_MESSAGE,
     BadResponse,
     GoAwayReceived,
     GRPCClientConnection,
+    MessageReader,
+    MessageRefused,
     RequestHeaders,
     ResponseData,
     StreamEnded,
@@ -55,17 +54,15 @@ from .._wire._client import (
     request_headers,
     with_timeout,
 )
-from .._wire._h2conn import PeerMisbehaved
+from .._wire._h2conn import PROTOCOL_ERRORS
 from .._wire._status import StatusCode
 from ._connection import (
-    MESSAGE_PREFIX,
     RECEIVE_SIZE,
     Connection,
     WriteCounts,
-    os_reason,
-    tls_reason,
 )
-from ._sockets import set_keepalive, split_host_port
+from ._failures import os_reason, parse_addr, tls_reason
+from ._sockets import set_keepalive
 from ._tlsstream import TLSSocketStream
 
 __all__ = [
@@ -99,25 +96,14 @@ MAX_SEND_BUFFER: Final = 1024 * 1024
 # --- addresses and error messages --------------------------------------------------------
 
 
-def parse_addr(addr: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` → (host, port), as ``InvalidRequest`` naming ``addr``."""
-    try:
-        host, port = split_host_port(addr)
-    except ValueError as exc:
-        raise InvalidRequest("addr", str(exc)) from None
-    if port == 0:
-        raise InvalidRequest("addr", "port 0 is for listening; give the server's port")
-    return host, port
-
-
 def _connect_reason(exc: OSError) -> str:
     """Why ``trio.open_tcp_stream`` failed: trio hides the per-address errors in __cause__."""
     if isinstance(exc, socket.gaierror):
-        return os_reason(exc, "the server")
+        return os_reason(exc)
     cause = exc.__cause__
     if cause is not None and str(exc).startswith("all attempts to connect"):
-        return os_reason(cause, "the server")
-    return os_reason(exc, "the server")
+        return os_reason(cause)
+    return os_reason(exc)
 
 
 # --- one call ----------------------------------------------------------------------------
@@ -138,12 +124,12 @@ class CallFailed(Exception):
         self.details = details
 
 
-class Call:
+class Call(MessageReader):
     """Per-stream state, shared by the connection's reader and the caller's task.
 
-    Messages are reassembled here from DATA payloads; ``unacked`` counts the flow-controlled
-    bytes not yet handed back to h2, ``queued`` the bytes of complete messages the consumer
-    has not taken.
+    Messages are reassembled from DATA payloads by the core's ``MessageReader``;
+    ``unacked`` counts the flow-controlled bytes not yet handed back to h2, ``queued`` the
+    bytes of complete messages the consumer has not taken.
     """
 
     __slots__ = (
@@ -151,21 +137,16 @@ class Call:
         "done",
         "error",
         "lot",
-        "messages",
-        "partial",
         "peak",
-        "queued",
         "status",
         "stream_id",
         "unacked",
     )
 
     def __init__(self, conn: ClientConnection, stream_id: int) -> None:
+        super().__init__()
         self.conn = conn
         self.stream_id = stream_id
-        self.messages: deque[bytes | memoryview] = deque()
-        self.queued = 0
-        self.partial = bytearray()
         self.unacked = 0
         self.peak = 0
         self.status: tuple[int, str, bytes | None] | None = None
@@ -173,60 +154,8 @@ class Call:
         self.done = False  # nothing more will arrive
         self.lot = trio.lowlevel.ParkingLot()
 
-    @property
-    def buffered(self) -> int:
-        """Bytes received for this call that its consumer has not taken."""
-        return self.queued + len(self.partial)
-
-    def feed(self, data: bytes) -> None:
-        """Split DATA into length-prefixed messages; raises CallFailed on a bad prefix.
-
-        A message that lies whole in ``data`` and makes most of it is kept as a view of it
-        (no copy; a view pins at most twice its size); smaller ones are copied, and
-        messages spanning frames are assembled in ``partial``.
-        """
-        buf = self.partial
-        if buf:
-            buf += data
-            source: bytes | bytearray = buf
-        else:
-            source = data
-        total = len(source)
-        pos = 0
-        view = memoryview(source)
-        try:
-            while total - pos >= 5:
-                compressed, length = MESSAGE_PREFIX.unpack_from(source, pos)
-                if compressed:
-                    raise CallFailed(StatusCode.INTERNAL, "the server sent a compressed message")
-                if length > MAX_MESSAGE:
-                    raise CallFailed(
-                        StatusCode.RESOURCE_EXHAUSTED,
-                        f"response message of {length} bytes is too large",
-                    )
-                end = pos + 5 + length
-                if end > total:
-                    break
-                if source is buf or 2 * length < total:  # buf is trimmed below
-                    self.messages.append(bytes(view[pos + 5 : end]))
-                else:
-                    self.messages.append(view[pos + 5 : end])
-                self.queued += length
-                pos = end
-            if source is not buf and pos < total:
-                self.partial = bytearray(view[pos:])
-        finally:
-            view.release()
-        if source is buf and pos:
-            del buf[:pos]
-
     def is_done(self) -> bool:
         return self.done
-
-    def take(self) -> bytes | memoryview:
-        message = self.messages.popleft()
-        self.queued -= len(message)
-        return message
 
     def finish(
         self,
@@ -310,12 +239,12 @@ class ClientConnection(Connection):
                     )
                 self._receive(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            reason = tls_reason(exc, "the server", handshake=True)
+            reason = tls_reason(exc.__cause__, handshake=True)
             if "our certificate" not in reason:
                 # The server's close can overtake its alert: say what it most likely meant.
                 reason += " (did it refuse our certificate?)"
             raise ConnectionFailed(f"TLS handshake with {self.addr} failed: {reason}") from exc
-        except (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved) as exc:
+        except PROTOCOL_ERRORS as exc:
             raise ConnectionFailed(f"{self.addr} does not speak HTTP/2 as expected: {exc}") from exc
 
     async def run(self) -> bool:
@@ -328,8 +257,8 @@ class ClientConnection(Connection):
 
     def close(self) -> None:
         """Close gracefully: GOAWAY, then close; pending calls fail with ConnectionFailed."""
-        if self.dead or self._closing:
-            return
+        if self.dead or self._closing or self._done.is_set():
+            return  # (already ending: a GOAWAY of its own may be on its way)
         self._closing = True
         for call in list(self._calls.values()):
             self._forget(call, ConnectionFailed(f"the connection to {self.addr} was closed"))
@@ -396,8 +325,8 @@ class ClientConnection(Connection):
         call.unacked += event.flow
         try:
             call.feed(event.data)
-        except CallFailed as exc:
-            self._fail_stream(call, exc)
+        except MessageRefused as exc:
+            self._fail_stream(call, CallFailed(exc.code, exc.reason))
             return
         if call.queued <= ACK_BELOW:
             self._ack(call)
@@ -524,9 +453,7 @@ class ClientConnection(Connection):
         """End a call the server has not ended (a response we cannot read): reset it."""
         self._reset(call.stream_id, h2.errors.ErrorCodes.CANCEL)
         self._end(call, error=error)
-        call.messages.clear()
-        call.queued = 0
-        call.partial = bytearray()
+        call.clear()
         self._wake_writer()
 
     def _forget(self, call: Call, error: BaseException) -> None:
@@ -613,7 +540,7 @@ class Dialer:
                 try:
                     await stream.do_handshake()
                 except trio.BrokenResourceError as exc:
-                    reason = tls_reason(exc, "the server", handshake=True)
+                    reason = tls_reason(exc.__cause__, handshake=True)
                     raise ConnectionFailed(f"TLS handshake with {addr} failed: {reason}") from exc
                 handshaken = True
             if not handshaken:

@@ -60,6 +60,7 @@ from .._errors import (
 from .._identity import Identity, identity_from_der
 from .._tls import ALPN_PROTOCOL
 from .._wire._h2conn import (
+    MAX_MESSAGE,
     BadMessage,
     BadRequest,
     GRPCServerConnection,
@@ -276,7 +277,7 @@ class TransportConfig:
     #: 32, not 100: an output stream whose client stops reading still holds about 1.3 MiB
     #: (one message and its log reader's block), and 32 of them fit the per-connection bound
     max_concurrent_streams: int = 32
-    max_request_bytes: int = 4 * 1024 * 1024
+    max_request_bytes: int = MAX_MESSAGE
     handshake_timeout: float = 10.0
     #: close (with GOAWAY) a connection that has had no call for this long
     idle_timeout: float = 300.0
