@@ -478,7 +478,11 @@ def dial(
         set_keepalive(tcp)
         tcp.settimeout(max(0.001, deadline - time.monotonic()))
         try:
-            sock = context.wrap_socket(tcp, server_hostname=server_hostname or host)
+            name = server_hostname or host
+            # An ASCII name as bytes: ssl skips its IDNA codec (and unicodedata), which
+            # would change nothing in it.
+            sni: str | bytes = name.encode("ascii") if name.isascii() else name
+            sock = context.wrap_socket(tcp, server_hostname=sni)
         except TimeoutError as exc:
             raise ConnectionFailed(
                 f"TLS handshake with {addr} timed out after {timeout:g} s"

@@ -32,6 +32,7 @@ from .._errors import JobNotRunning, PermissionDenied
 from .._model import DEFAULT_STOP_GRACE, JobInfo, JobState
 from ._errors import ExitCode, leaf_exception
 from ._ids import needs_list, resolve_id
+from ._params import Options
 from ._render import job_exit
 from ._session import CONNECT_TIMEOUT, OutputSink
 from ._settings import ClientOptions, Connection, resolve_connection
@@ -334,7 +335,7 @@ async def attach(
     no_stdin: Annotated[
         bool, Parameter(name="--no-stdin", negative="", show_default=False)
     ] = False,
-    options: ClientOptions | None = None,
+    options: Options = None,
 ) -> int:
     """Attach to a running job: follow its output from now on, and type into it.
 

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
-from cyclopts import Parameter
-
 from .._errors import (
     ConnectionFailed,
     InvalidRequest,
@@ -26,7 +24,6 @@ from .._errors import (
 )
 from .._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits
 from . import _parse
-from ._app import JOB_GROUP, LIMITS_GROUP, Count, Cpus, Offset, Seconds, Size
 from ._errors import ExitCode
 from ._ids import IdResolver
 from ._render import describe_state, dump_json, job_exit, job_json, print_job, print_jobs
@@ -36,15 +33,24 @@ from ._settings import ClientOptions, Connection, resolve_connection
 if TYPE_CHECKING:
     from .._blocking_client import BlockingClient
     from ..client import WorkerClient
+    from ._params import (
+        JOB_GROUP,
+        LIMITS_GROUP,
+        Count,
+        Cpus,
+        Interactive,
+        JobId,
+        Offset,
+        Options,
+        Parameter,
+        Seconds,
+        Size,
+        Tty,
+    )
 
 __all__ = ["JobOptions"]
 
-JobId = Annotated[
-    str, Parameter(name="ID", help="The job's id, as start printed it, or a unique prefix.")
-]
 
-
-@Parameter(name="*")
 @dataclass(frozen=True, kw_only=True)
 class JobOptions:
     """What ``start`` and ``run`` ask for besides the command."""
@@ -183,12 +189,6 @@ def _report_failed_start(job: JobInfo) -> int:
     return code
 
 
-Interactive = Annotated[
-    bool, Parameter(name=["--interactive", "-i"], negative="", show_default=False)
-]
-Tty = Annotated[bool, Parameter(name=["--tty", "-t"], negative="", show_default=False)]
-
-
 def start(
     *command: str,
     follow: Annotated[
@@ -196,8 +196,8 @@ def start(
     ] = False,
     interactive: Interactive = False,
     tty: Tty = False,
-    job: JobOptions | None = None,
-    options: ClientOptions | None = None,
+    job: Annotated[JobOptions | None, Parameter(name="*")] = None,
+    options: Options = None,
 ) -> int:
     """Start a job and print its id.
 
@@ -247,8 +247,8 @@ def run(
     grace: Annotated[Seconds | None, Parameter(group=JOB_GROUP)] = None,
     interactive: Interactive = False,
     tty: Tty = False,
-    job: JobOptions | None = None,
-    options: ClientOptions | None = None,
+    job: Annotated[JobOptions | None, Parameter(name="*")] = None,
+    options: Options = None,
 ) -> int:
     """Run a job, stream its output, and exit with its exit code.
 
@@ -426,7 +426,7 @@ def status(
     /,
     *,
     as_json: Annotated[bool, Parameter(name="--json", negative="", show_default=False)] = False,
-    options: ClientOptions | None = None,
+    options: Options = None,
 ) -> int:
     """Show one job: state, exit code or signal, pid, times, limits.
 
@@ -460,7 +460,7 @@ def list_jobs(
         list[str] | None, Parameter(metavar="STATE", negative="", show_default=False)
     ] = None,
     owner: Annotated[str | None, Parameter(metavar="NAME", show_default=False)] = None,
-    options: ClientOptions | None = None,
+    options: Options = None,
 ) -> int:
     """List the jobs you may see (all of them for readonly and admin, your own for full).
 
@@ -516,7 +516,7 @@ def stop(
     /,
     *,
     grace: Seconds | None = None,
-    options: ClientOptions | None = None,
+    options: Options = None,
 ) -> int:
     """Stop a job: SIGTERM to its process group, SIGKILL after the grace period.
 
@@ -554,7 +554,7 @@ def signal(
     signum: Annotated[str, Parameter(name="SIGNAL", help="A name or number: TERM, SIGTERM or 15.")],
     /,
     *,
-    options: ClientOptions | None = None,
+    options: Options = None,
 ) -> int:
     """Send a signal to a job's process group.
 
@@ -573,7 +573,7 @@ def signal(
     return ExitCode.OK
 
 
-def wait(job_id: JobId, /, *, options: ClientOptions | None = None) -> int:
+def wait(job_id: JobId, /, *, options: Options = None) -> int:
     """Wait for a job to end and exit with its exit code (as run does).
 
     128+N if signal N killed it, 127/126 if it could not be started, 125 if trio-worker
@@ -604,7 +604,7 @@ def logs(
     ] = False,
     offset: Annotated[Offset, Parameter(show_default=False)] = 0,
     tail: Annotated[Count | None, Parameter(name=["--tail", "-n"], show_default=False)] = None,
-    options: ClientOptions | None = None,
+    options: Options = None,
 ) -> int:
     """Print a job's output: its stdout to stdout, its stderr to stderr, bytes unchanged.
 

@@ -11,8 +11,6 @@ import sys
 from collections import deque
 from typing import TYPE_CHECKING, Annotated
 
-from cyclopts import Parameter
-
 from .._errors import InvalidRequest, JobNotFound, TrioWorkerError
 from .._model import JobInfo, JobState
 from ._errors import describe
@@ -24,6 +22,7 @@ from ._settings import ClientOptions, resolve_connection
 
 if TYPE_CHECKING:
     from .._blocking_client import Pending
+    from ._params import Options, Parameter
 
 __all__ = ["prune", "rm"]
 
@@ -34,7 +33,7 @@ _CONCURRENT_REMOVES = 8
 def rm(
     *ids: Annotated[str, Parameter(name="ID")],
     force: Annotated[bool, Parameter(name=["--force", "-f"], negative="")] = False,
-    options: ClientOptions | None = None,
+    options: Options = None,
 ) -> int:
     """Remove jobs: their records and their output, on the server.
 
@@ -75,7 +74,7 @@ def rm(
     return code
 
 
-def prune(*, options: ClientOptions | None = None) -> int:
+def prune(*, options: Options = None) -> int:
     """Remove every ended job you may remove, and say how much output that freed.
 
     Running jobs stay. An admin removes everyone's ended jobs; a full certificate only its
