@@ -292,9 +292,10 @@ class Raw:
 
     def drain(self, timeout: float = 0.0) -> None:
         """Read what the server sent, noting GOAWAY and EOF (answers SETTINGS)."""
-        self.sock.settimeout(timeout)
         try:
             while True:
+                # Each time: answering a SETTINGS (send) sets a longer timeout.
+                self.sock.settimeout(timeout)
                 data = self.sock.recv(256 * KiB)
                 if not data:
                     self.closed_by_server = True
