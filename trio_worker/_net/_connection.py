@@ -17,14 +17,11 @@ and :meth:`Connection._end_calls`.
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
-import re
-import socket
-import ssl
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import h2.exceptions
@@ -36,14 +33,16 @@ from .._wire._h2conn import (
     PeerMisbehaved,
     WireGRPCConnection,
 )
+from ._failures import tls_reason
 from ._tlsstream import TLSSocketStream
 
 __all__ = [
     "MESSAGE_PREFIX",
+    "RECEIVE_SIZE",
     "Connection",
+    "WriteCounts",
     "WriteStats",
-    "os_reason",
-    "tls_reason",
+    "loss_reason",
 ]
 
 log = logging.getLogger("trio_worker.net")
@@ -61,6 +60,14 @@ class WriteStats(Protocol):
 
     socket_writes: int
     bytes_written: int
+
+
+@dataclass(slots=True)
+class WriteCounts:
+    """A connection's own :class:`WriteStats` (the client's)."""
+
+    socket_writes: int = 0
+    bytes_written: int = 0
 
 
 class Connection:
@@ -187,7 +194,7 @@ class Connection:
                 data = await stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 log.debug("connection with %s lost: %r", self.peer, exc.__cause__ or exc)
-                self._lost(tls_reason(exc, self._peer_noun))
+                self._lost(loss_reason(exc, self._peer_noun))
                 return
             if not data:
                 self._lost(f"{self._peer_noun} closed the connection")
@@ -340,7 +347,7 @@ class Connection:
                 self._wake_writer()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("cannot write to %s: %r", self.peer, exc.__cause__ or exc)
-            self._lost(tls_reason(exc, self._peer_noun))
+            self._lost(loss_reason(exc, self._peer_noun))
 
     async def _flushed(self) -> None:
         """Wait until everything queued has been written (or the connection is dead)."""
@@ -369,56 +376,17 @@ class Connection:
                     await stream.send_all(data, stall_timeout=timeout)
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
                 log.debug("cannot write to %s: %r", self.peer, exc.__cause__ or exc)
-                self._lost(tls_reason(exc, self._peer_noun))
+                self._lost(loss_reason(exc, self._peer_noun))
                 return
             self._flushed_lot.unpark_all()
 
 
-# --- why a connection failed, in words ---------------------------------------------------
-
-
-def _strip_openssl(text: str) -> str:
-    """'[SSL: X] what happened (_ssl.c:123)' → 'what happened'."""
-    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
-    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text).strip()
-
-
-def os_reason(exc: BaseException, peer: str = "the peer") -> str:
-    """A lower-case one-phrase reason for an OSError (or a group of them); ``peer`` names
-    the other end ("the server")."""
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name ({exc.strerror or exc})"
-    if isinstance(exc, BaseExceptionGroup):
-        # One per address tried (IPv6 and IPv4 for localhost): usually all the same.
-        return ", ".join(dict.fromkeys(os_reason(e, peer) for e in exc.exceptions))
-    if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
-        return "connection refused"
-    if isinstance(exc, ConnectionResetError):
-        return f"connection reset by {peer}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror[0].lower() + exc.strerror[1:]
-    return str(exc) or type(exc).__name__
-
-
-def tls_reason(exc: BaseException, peer: str = "the peer", *, handshake: bool = False) -> str:
-    """Why the TLS layer failed, from trio's BrokenResourceError or the SSLError itself.
-
-    During the client's handshake an alert from the server means it refused our
-    certificate (ours is the only thing it still checks once our side of a TLS 1.3
-    handshake is done).
-    """
-    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {cause.verify_message}"
-    if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError):
-        return f"{peer} closed the connection"
-    if isinstance(cause, ssl.SSLError):
-        text = _strip_openssl(str(cause.args[1] if len(cause.args) > 1 else cause))
-        if handshake and "alert" in (cause.reason or "").lower():
-            return f"the server refused our certificate ({text})"
-        return text
+def loss_reason(exc: BaseException, peer: str) -> str:
+    """Why a connection's stream failed, in words (``_failures``), ``peer`` naming the
+    other end."""
     if isinstance(exc, trio.TooSlowError):
         return str(exc)
-    if cause is not None:
-        return os_reason(cause, peer)
-    return str(exc) or type(exc).__name__
+    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+    if isinstance(exc, trio.ClosedResourceError):
+        return "the connection was closed"
+    return tls_reason(cause, peer=peer)

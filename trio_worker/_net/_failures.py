@@ -1,6 +1,7 @@
-"""Why dialing or a connection failed, in words: both client drivers (trio's in ``client``,
+"""Why dialing or a connection failed, in words: both client drivers (trio's in ``_channel``,
 the blocking one in ``_blocking``) say it the same way, and the CLI's hints key on these
-phrases (``cli/_errors``)."""
+phrases (``cli/_errors``); the server's connections (``_connection``) name the client
+instead."""
 
 from __future__ import annotations
 
@@ -32,23 +33,26 @@ def strip_openssl(text: str) -> str:
     return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text).strip()
 
 
-def os_reason(exc: BaseException) -> str:
-    """A lower-case one-phrase reason for an OSError (or a group of them)."""
+def os_reason(exc: BaseException, peer: str = "the server") -> str:
+    """A lower-case one-phrase reason for an OSError (or a group of them); ``peer`` names
+    the other end."""
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve the host name ({exc.strerror or exc})"
     if isinstance(exc, BaseExceptionGroup):
         # One per address tried (IPv6 and IPv4 for localhost): usually all the same.
-        return ", ".join(dict.fromkeys(os_reason(e) for e in exc.exceptions))
+        return ", ".join(dict.fromkeys(os_reason(e, peer) for e in exc.exceptions))
     if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
         return "connection refused"
     if isinstance(exc, ConnectionResetError):
-        return "connection reset by the server"
+        return f"connection reset by {peer}"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror[0].lower() + exc.strerror[1:]
     return str(exc) or type(exc).__name__
 
 
-def tls_reason(cause: BaseException | None, *, handshake: bool = False) -> str:
+def tls_reason(
+    cause: BaseException | None, *, handshake: bool = False, peer: str = "the server"
+) -> str:
     """Why the TLS layer failed, from the SSLError (or OSError) underneath.
 
     During the handshake an alert from the server means it refused our certificate (ours
@@ -57,12 +61,12 @@ def tls_reason(cause: BaseException | None, *, handshake: bool = False) -> str:
     if isinstance(cause, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {cause.verify_message}"
     if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError):
-        return "the server closed the connection"
+        return f"{peer} closed the connection"
     if isinstance(cause, ssl.SSLError):
         text = strip_openssl(str(cause.args[1] if len(cause.args) > 1 else cause))
         if handshake and "alert" in (cause.reason or "").lower():
             return f"the server refused our certificate ({text})"
         return text
     if cause is not None:
-        return os_reason(cause)
+        return os_reason(cause, peer)
     return "the connection broke"
