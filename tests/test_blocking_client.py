@@ -38,7 +38,7 @@ from trio_worker import (
     PermissionDenied,
 )
 from trio_worker._blocking_client import BlockingClient, connect_blocking
-from trio_worker._net import _blocking
+from trio_worker._wire._calls import ACK_BELOW
 from trio_worker._wire._client import STREAM_WINDOW
 from trio_worker.client import connect
 
@@ -226,7 +226,7 @@ async def test_a_stream_nobody_reads_stays_bounded(server: Server) -> None:
                 client.stop(job.id, grace=0)
 
     buffered = await in_thread(body)
-    assert buffered <= _blocking.ACK_BELOW + STREAM_WINDOW + SERVER_CHUNK
+    assert buffered <= ACK_BELOW + STREAM_WINDOW + SERVER_CHUNK
 
 
 async def test_a_wake_up_fd_breaks_a_wait_between_two_reads(server: Server) -> None:
