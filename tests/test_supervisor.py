@@ -444,29 +444,37 @@ async def test_output_that_outruns_the_disk_waits_and_loses_nothing(tmp_path: Pa
         assert log == payload + payload + payload
 
 
+def _write_fifo(path: Path) -> None:
+    """Open a FIFO for writing (waiting for its reader) and say one line."""
+    with open(path, "w") as fifo:
+        fifo.write("go\n")
+
+
 async def test_output_written_by_an_escapee_after_the_main_process_exits_is_kept(
     tmp_path: Path,
 ) -> None:
     """Without a cgroup, a setsid'ed grandchild keeps the pipes past the main process's
     exit: what it writes within the drain time (2 s) is still the job's output."""
-    leave, trigger, pidfile = tmp_path / "leave", tmp_path / "go", tmp_path / "escapee.pid"
+    leave, go, pidfile = tmp_path / "leave", tmp_path / "go", tmp_path / "escapee.pid"
+    os.mkfifo(leave)
+    os.mkfifo(go)
     script = (
-        f"setsid sh -c 'echo $$ > {pidfile}; while [ ! -e {trigger} ]; do sleep 0.01; done;"
-        f" echo late; exec sleep 30' </dev/null & echo early;"
-        f" while [ ! -e {leave} ]; do sleep 0.01; done"
+        f"setsid sh -c 'echo $$ > {pidfile}; read x < {go}; echo late; exec sleep 30'"
+        f" </dev/null & echo early; read y < {leave}"
     )
     async with open_supervisor_with_driver(NoDriver("test"), tmp_path / "state") as sup:
         job = await sup.start("sh", ["-c", script])
         assert job.pid is not None
         pidfd = os.pidfd_open(job.pid)
         try:
-            chunks = sup.output(job.id)
-            first = await chunks.__anext__()
-            assert first.data == b"early\n"
-            leave.touch()
-            await trio.lowlevel.wait_readable(pidfd)  # the main process has exited
-            trigger.touch()
-            rest = b"".join([c.data async for c in chunks])
+            with trio.fail_after(60):
+                chunks = sup.output(job.id)
+                first = await chunks.__anext__()
+                assert first.data == b"early\n"
+                await trio.to_thread.run_sync(_write_fifo, leave, abandon_on_cancel=True)
+                await trio.lowlevel.wait_readable(pidfd)  # the main process has exited
+                await trio.to_thread.run_sync(_write_fifo, go, abandon_on_cancel=True)
+                rest = b"".join([c.data async for c in chunks])
             assert rest == b"late\n"
             assert sup.status(job.id).state is JobState.EXITED
         finally:
