@@ -2,7 +2,8 @@
 
     python tools/probe_hostile.py ATTACK [--pythonpath DIR] [--label TEXT]
 
-ATTACK: big-id, hpack-flood, header-cache, zero-window, rapid-reset, ping-flood, alpn, all.
+ATTACK: big-id, hpack-flood, header-cache, zero-window, small-window, small-window-spread,
+no-read, rapid-reset, ping-flood, frame-flood, alpn, conn-flood, all.
 
 Each probe starts its own server (``python -m trio_worker.cli serve`` with a development PKI
 in a temporary state directory; ``--pythonpath`` runs another checkout's code, e.g. the
@@ -291,9 +292,10 @@ class Raw:
 
     def drain(self, timeout: float = 0.0) -> None:
         """Read what the server sent, noting GOAWAY and EOF (answers SETTINGS)."""
-        self.sock.settimeout(timeout)
         try:
             while True:
+                # Each time: answering a SETTINGS (send) sets a longer timeout.
+                self.sock.settimeout(timeout)
                 data = self.sock.recv(256 * KiB)
                 if not data:
                     self.closed_by_server = True
@@ -432,11 +434,16 @@ def header_cache(server: Server, blocks: int = 64, size: int = 256 * KiB) -> dic
 
 
 def zero_window(
-    server: Server, streams: int = 100, hold: float = 15.0, window: int = 0, read: bool = True
+    server: Server,
+    streams: int = 100,
+    hold: float = 15.0,
+    window: int = 0,
+    read: bool = True,
+    spread: int = 0,
 ) -> dict[str, Any]:
     """A client advertising a zero stream window that never opens it: ``streams`` Output
-    follow streams of a chatty job from offset 0, held ``hold`` seconds, reading the socket
-    (so TCP is never what holds the server back)."""
+    follow streams of a chatty job from offset 0 (stream i from ``i * spread``), held
+    ``hold`` seconds, reading the socket (so TCP is never what holds the server back)."""
     settings = struct.pack(">HL", 0x4, window)  # SETTINGS_INITIAL_WINDOW_SIZE
     raw = Raw(server, settings, rcvbuf=0 if read else 4 * KiB)
     raw.drain(1.0)
@@ -444,7 +451,7 @@ def zero_window(
     for i in range(streams):
         stream_id = 1 + 2 * i
         data += header_frames(stream_id, raw.request_block("Output"), end_stream=False)
-        request = pb.OutputRequest(id=CHATTY[0], offset=0, follow=True)
+        request = pb.OutputRequest(id=CHATTY[0], offset=i * spread, follow=True)
         data += frame(DATA, END_STREAM, stream_id, grpc_message(request))
     raw.send(data)
     deadline = time.monotonic() + hold
@@ -456,6 +463,7 @@ def zero_window(
     raw.close()
     return {
         "streams": streams,
+        "spread": spread,
         "window": window,
         "held_s": hold,
         "cut_off": raw.closed_by_server,
@@ -472,6 +480,12 @@ def small_window(server: Server) -> dict[str, Any]:
     """As zero-window, but each stream's window is 1 byte: every stream may start a
     message, and then waits."""
     return zero_window(server, window=1)
+
+
+def small_window_spread(server: Server) -> dict[str, Any]:
+    """As small-window, but stream i starts at offset i MiB: no two share a disk block, so
+    this is the worst a connection's streams can hold."""
+    return zero_window(server, window=1, spread=MiB)
 
 
 def rapid_reset(server: Server, pairs: int = 100_000) -> dict[str, Any]:
@@ -524,6 +538,39 @@ def ping_flood(server: Server, pings: int = 4_000_000, seconds: float = 30.0) ->
         sent += 4096
     raw.close()
     return {"pings_sent": sent, "server_stopped_reading": stalled, "cut_off": raw.closed_by_server}
+
+
+def frame_flood(server: Server, frames: int = 100_000, seconds: float = 30.0) -> dict[str, Any]:
+    """Frames that make no progress from a client that reads everything: PING, SETTINGS,
+    WINDOW_UPDATE, PRIORITY and empty DATA on a request it never ends, in turn, until
+    ``frames`` were sent, the server cuts the connection off, or ``seconds`` pass."""
+    raw = Raw(server)
+    raw.drain(1.0)
+    raw.send(header_frames(1, raw.request_block("Status"), end_stream=False))
+    mix = (
+        frame(PING, 0, 0, b"12345678")
+        + frame(SETTINGS, 0, 0)
+        + frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", 1))
+        + frame(0x2, 0, 3, struct.pack(">LB", 0, 16))  # PRIORITY for an idle stream
+        + frame(DATA, 0, 1)
+    )
+    batch = mix * 100
+    sent = 0
+    began = time.monotonic()
+    while sent < frames and time.monotonic() - began < seconds:
+        if not raw.send(batch):
+            break
+        sent += 500
+        raw.drain(0)
+        if raw.closed_by_server or raw.goaway is not None:
+            break
+    raw.drain(2)
+    raw.close()
+    return {
+        "frames_sent": sent,
+        "cut_off": raw.closed_by_server or raw.goaway is not None,
+        "goaway_error": raw.goaway,
+    }
 
 
 def alpn(server: Server) -> dict[str, Any]:
@@ -632,9 +679,11 @@ ATTACKS: dict[str, Callable[[Server], dict[str, Any]]] = {
     "header-cache": header_cache,
     "zero-window": zero_window,
     "small-window": small_window,
+    "small-window-spread": small_window_spread,
     "no-read": no_read,
     "rapid-reset": rapid_reset,
     "ping-flood": ping_flood,
+    "frame-flood": frame_flood,
     "alpn": alpn,
     "conn-flood": conn_flood,
 }
@@ -654,13 +703,13 @@ def main() -> None:
             job = unary(ch, "Start", pb.StartRequest(command="true"), pb.Job, 30)
             JOB[0] = job.id
             chatty = None
-            if name in ("zero-window", "small-window", "no-read"):
+            if name in ("zero-window", "small-window", "small-window-spread", "no-read"):
                 script = "while :; do head -c 1048576 /dev/zero | tr '\\0' x; sleep 0.05; done"
                 chatty = unary(
                     ch, "Start", pb.StartRequest(command="sh", args=["-c", script]), pb.Job, 30
                 )
                 CHATTY[0] = chatty.id
-                time.sleep(3)  # some output on disk, beyond the memory tail
+                time.sleep(4)  # output on disk (beyond the memory tail): 32 MiB and more
             figures = measure(server, job.id, ATTACKS[name])
             if chatty is not None:
                 with contextlib.suppress(grpc.RpcError):

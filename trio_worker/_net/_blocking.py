@@ -9,7 +9,7 @@ gRPC layer, our bounds), as httpcore drives h11/h2 with a sync and an async back
   what arrives for the others (``pump``), so ``run`` can wait for a job's end while it
   follows the output on the same connection;
 * flow control as the trio client does it: a stream's DATA is handed back to h2 (which
-  sends WINDOW_UPDATE) only while fewer than ``ACK_BELOW`` bytes of its messages wait for
+  sends WINDOW_UPDATE) only while at most ``ACK_BELOW`` bytes of its messages wait for
   the caller, so a stream nobody reads holds at most that plus one window;
 * loss: EOF, a reset, a TLS or HTTP/2 error fails every pending call with
   ``ConnectionFailed``; GOAWAY fails the calls the server never processed (``Unprocessed``:
@@ -41,11 +41,17 @@ from purerpc.grpclib.events import ResponseEnded, ResponseReceived, WindowUpdate
 
 from .._errors import ConnectionFailed
 from .._tls import ALPN_PROTOCOL
+from .._wire._calls import (
+    CallFailed,
+    ClientCall,
+    Unprocessed,
+    ended_status,
+    reset_failure,
+)
 from .._wire._client import (
     BadResponse,
     GoAwayReceived,
     GRPCClientConnection,
-    MessageReader,
     MessageRefused,
     RequestHeaders,
     ResponseData,
@@ -62,8 +68,6 @@ from ._sockets import set_keepalive
 __all__ = ["BlockingCall", "BlockingConnection", "CallFailed", "Unprocessed", "dial"]
 
 _PREFIX: Final = struct.Struct(">BI")
-#: Received data is handed back at once while fewer bytes than this wait for the caller.
-ACK_BELOW: Final = 512 * 1024
 #: Asked of each read (OpenSSL gives at most one 16 KiB record per read).
 _RECEIVE_SIZE: Final = 64 * 1024
 #: With calls pending, ping a connection silent this long, and give it up this long after.
@@ -71,42 +75,11 @@ PING_AFTER: Final = 10.0
 PING_TIMEOUT: Final = 10.0
 
 
-class Unprocessed(Exception):
-    """The server never processed this call (GOAWAY below its id): send it again elsewhere."""
+class BlockingCall(ClientCall):
+    """One stream: its messages as they arrive, its window and how it ended
+    (``_wire._calls``, as for the trio client's calls)."""
 
-
-class CallFailed(Exception):
-    """The call ended with a non-OK gRPC status."""
-
-    def __init__(self, code: int, message: str, details: bytes | None = None) -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-        self.details = details
-
-
-class BlockingCall(MessageReader):
-    """One stream: its messages as they arrive (split by the core's ``MessageReader``),
-    and how it ended."""
-
-    __slots__ = ("done", "error", "status", "stream_id", "unacked")
-
-    def __init__(self, stream_id: int) -> None:
-        super().__init__()
-        self.stream_id = stream_id
-        self.unacked = 0
-        self.done = False
-        self.status: tuple[int, str, bytes | None] | None = None
-        self.error: BaseException | None = None
-
-    def outcome(self) -> None:
-        """Raise what ended the call, unless it was OK."""
-        if self.error is not None:
-            raise self.error
-        assert self.status is not None
-        code, message, details = self.status
-        if code != StatusCode.OK:
-            raise CallFailed(code, message, details)
+    __slots__ = ()
 
 
 class BlockingConnection:
@@ -187,9 +160,7 @@ class BlockingConnection:
         calls = list(self._calls.values())
         self._calls.clear()
         for call in calls:
-            self._finish(
-                call, error=ConnectionFailed(f"lost the connection to {self.addr}: {reason}")
-            )
+            call.finish(error=ConnectionFailed(f"lost the connection to {self.addr}: {reason}"))
 
     # -- calls --
 
@@ -245,9 +216,9 @@ class BlockingConnection:
         TimeoutError once ``deadline`` (``time.monotonic()``) passes."""
         while True:
             if call.messages:
-                message = call.take()
-                if call.unacked and call.queued <= ACK_BELOW:
-                    self._ack(call)
+                message, release = call.take_message()
+                if release:
+                    self._release(call, release)
                     self._flush()
                 return message
             if call.done:
@@ -261,7 +232,7 @@ class BlockingConnection:
             call.clear()
             return
         if self.dead:
-            self._finish(call, error=ConnectionFailed(f"the connection to {self.addr} was closed"))
+            call.finish(error=ConnectionFailed(f"the connection to {self.addr} was closed"))
             return
         self._fail_stream(call, CallFailed(StatusCode.CANCELLED, "cancelled by the client"))
         self._flush()
@@ -369,32 +340,27 @@ class BlockingConnection:
                 reason = f"the server used grpc-encoding {event.message_encoding}"
                 self._fail_stream(call, CallFailed(StatusCode.INTERNAL, reason))
         elif kind is ResponseEnded:
-            status = event.status
-            self._end(
-                call, status=(int(status.int_value), str(status.status_message), event.details)
-            )
+            self._end(call, status=ended_status(event))
         elif kind is StreamEnded:  # END_STREAM without trailers
             self._end(call, error=CallFailed(StatusCode.INTERNAL, "the server sent no status"))
         elif kind is StreamResetByPeer:
-            self._end(call, error=_reset_failure(event.error_code))
+            self._end(call, error=reset_failure(event.error_code))
         elif kind is BadResponse:
             self._fail_stream(call, CallFailed(StatusCode.INTERNAL, event.reason))
         elif kind is WindowUpdated:
             pass  # a sender waiting for window looks again
 
     def _on_data(self, event: ResponseData, call: BlockingCall | None) -> None:
-        if call is None:  # reset by us: give the connection window back
-            if event.flow:
-                self._h2.acknowledge_received_data(event.flow, event.stream_id)
+        if event.flow:  # the connection's window goes back at once (``_wire._window``)
+            self._h2.acknowledge_connection_data(event.flow)
+        if call is None:  # reset by us
             return
-        call.unacked += event.flow
         try:
-            call.feed(event.data)
+            release = call.data_received(event.data, event.flow)
         except MessageRefused as exc:
             self._fail_stream(call, CallFailed(exc.code, exc.reason))
             return
-        if call.queued <= ACK_BELOW:
-            self._ack(call)
+        self._release(call, release)
 
     def _on_goaway(self, event: GoAwayReceived) -> None:
         self.goaway = True
@@ -402,21 +368,9 @@ class BlockingConnection:
             if call.stream_id > event.last_stream_id:
                 self._end(call, error=Unprocessed())
 
-    def _ack(self, call: BlockingCall) -> None:
-        if call.unacked and not self.dead:
-            amount, call.unacked = call.unacked, 0
-            self._h2.acknowledge_received_data(amount, call.stream_id)
-
-    def _finish(
-        self,
-        call: BlockingCall,
-        status: tuple[int, str, bytes | None] | None = None,
-        error: BaseException | None = None,
-    ) -> None:
-        if not call.done:
-            call.done = True
-            call.status = status
-            call.error = error
+    def _release(self, call: BlockingCall, size: int) -> None:
+        if size and not self.dead:
+            self._h2.acknowledge_stream_data(size, call.stream_id)
 
     def _end(
         self,
@@ -426,8 +380,7 @@ class BlockingConnection:
         error: BaseException | None = None,
     ) -> None:
         self._calls.pop(call.stream_id, None)
-        self._ack(call)
-        self._finish(call, status, error)
+        call.finish(status, error)
 
     def _fail_stream(self, call: BlockingCall, error: BaseException) -> None:
         """End a call the server has not ended: reset it."""
@@ -436,20 +389,6 @@ class BlockingConnection:
                 self._h2.reset_stream(call.stream_id, h2.errors.ErrorCodes.CANCEL)
         self._end(call, error=error)
         call.clear()
-
-
-def _reset_failure(code: int) -> CallFailed:
-    if code == h2.errors.ErrorCodes.REFUSED_STREAM:
-        return CallFailed(
-            StatusCode.RESOURCE_EXHAUSTED, "the server refused the call (too many calls)"
-        )
-    if code == h2.errors.ErrorCodes.CANCEL:
-        return CallFailed(StatusCode.CANCELLED, "the server cancelled the call")
-    try:
-        name = h2.errors.ErrorCodes(code).name
-    except ValueError:
-        name = str(code)
-    return CallFailed(StatusCode.INTERNAL, f"the server reset the call ({name})")
 
 
 def _drain(fd: int) -> None:
@@ -467,8 +406,11 @@ def dial(
     failures are the trio client's, word for word."""
     host, port = parse_addr(addr)
     deadline = time.monotonic() + timeout
+    # An ASCII host as bytes: getaddrinfo and ssl skip their IDNA codec (and unicodedata),
+    # which would change nothing in it.
+    wire_host: str | bytes = host.encode("ascii") if host.isascii() else host
     try:
-        tcp = socket.create_connection((host, port), timeout=timeout)
+        tcp = socket.create_connection((wire_host, port), timeout=timeout)  # type: ignore[arg-type]
     except TimeoutError as exc:
         raise ConnectionFailed(f"cannot connect to {addr}: no answer within {timeout:g} s") from exc
     except (OSError, UnicodeError) as exc:
@@ -476,11 +418,12 @@ def dial(
         raise ConnectionFailed(f"cannot connect to {addr}: {reason}") from exc
     try:
         set_keepalive(tcp)
+        # Requests go out whole, in one write each: Nagle would hold one back for the ACK
+        # of the last (40 ms of delayed ACK), as trio's sockets know.
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         tcp.settimeout(max(0.001, deadline - time.monotonic()))
         try:
             name = server_hostname or host
-            # An ASCII name as bytes: ssl skips its IDNA codec (and unicodedata), which
-            # would change nothing in it.
             sni: str | bytes = name.encode("ascii") if name.isascii() else name
             sock = context.wrap_socket(tcp, server_hostname=sni)
         except TimeoutError as exc:

@@ -15,9 +15,10 @@ without bound. Here:
   new connection, which is safe) and lets the rest finish. While calls are pending, a
   connection silent for ``PING_AFTER`` seconds is pinged and declared lost if nothing comes
   back within ``PING_TIMEOUT``: a peer that vanished without a FIN cannot hang a call.
-* Flow control: received DATA is acknowledged to h2 (which sends WINDOW_UPDATE) only while
-  fewer than ``ACK_BELOW`` bytes of complete messages wait for the consumer, and otherwise
-  as the consumer takes them. The server can send at most one stream window
+* Flow control (``_wire/_window``, the server's design too): received DATA goes back to
+  the connection's window at once, and to the stream's (h2 sends WINDOW_UPDATE) only while
+  at most ``ACK_BELOW`` bytes of its messages wait for the consumer, and otherwise as the
+  consumer takes them. The server can send at most one stream window
   (``STREAM_WINDOW``) beyond what was acknowledged, so one stream never buffers more than
   ``ACK_BELOW + STREAM_WINDOW`` + one message, however slow its consumer.
 * Writes are coalesced: a call queues its headers, message and END_STREAM and writes them
@@ -40,12 +41,18 @@ from purerpc.grpclib.events import ResponseEnded, ResponseReceived, WindowUpdate
 
 from .._errors import ConnectionFailed
 from .._tls import ALPN_PROTOCOL
+from .._wire._calls import (
+    CallFailed,
+    ClientCall,
+    Unprocessed,
+    ended_status,
+    reset_failure,
+)
 from .._wire._client import (
     MAX_FRAME,
     BadResponse,
     GoAwayReceived,
     GRPCClientConnection,
-    MessageReader,
     MessageRefused,
     RequestHeaders,
     ResponseData,
@@ -59,6 +66,7 @@ from .._wire._status import StatusCode
 from ._connection import (
     RECEIVE_SIZE,
     Connection,
+    ConnectionSettings,
     WriteCounts,
 )
 from ._failures import os_reason, parse_addr, tls_reason
@@ -66,31 +74,19 @@ from ._sockets import set_keepalive
 from ._tlsstream import TLSSocketStream
 
 __all__ = [
-    "ACK_BELOW",
     "Call",
-    "CallFailed",
     "ClientConnection",
     "Dialer",
-    "Unprocessed",
 ]
 
 log = logging.getLogger("trio_worker.client")
 
-#: Received data is acknowledged at once while fewer bytes than this (complete messages)
-#: wait for the consumer; beyond it, only as the consumer takes messages.
-ACK_BELOW: Final = 512 * 1024
 #: With calls pending, ping a connection that has been silent this long...
 PING_AFTER: Final = 10.0
 #: ...and declare it lost if nothing at all arrives this long after the ping.
 PING_TIMEOUT: Final = 10.0
 #: How long closing a connection may spend sending our GOAWAY.
 CLOSE_TIMEOUT: Final = 0.5
-#: Requests the socket has not taken this long after it first had to wait: the server is
-#: gone (keepalive pings notice it too, but only while calls wait for answers).
-WRITE_TIMEOUT: Final = 60.0
-#: Bytes queued beyond what the socket took before senders wait (a Start with large
-#: arguments, many stdin writes).
-MAX_SEND_BUFFER: Final = 1024 * 1024
 
 
 # --- addresses and error messages --------------------------------------------------------
@@ -109,49 +105,17 @@ def _connect_reason(exc: OSError) -> str:
 # --- one call ----------------------------------------------------------------------------
 
 
-class Unprocessed(Exception):
-    """The server never processed this call (GOAWAY below its id, or it could not be sent
-    on this connection any more): safe to send again on another connection."""
+class Call(ClientCall):
+    """A call's state (``_wire._calls``), shared by the connection's reader and the
+    caller's task, who waits in ``lot``."""
 
-
-class CallFailed(Exception):
-    """The call ended with a non-OK gRPC status."""
-
-    def __init__(self, code: int, message: str, details: bytes | None = None) -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-        self.details = details
-
-
-class Call(MessageReader):
-    """Per-stream state, shared by the connection's reader and the caller's task.
-
-    Messages are reassembled from DATA payloads by the core's ``MessageReader``;
-    ``unacked`` counts the flow-controlled bytes not yet handed back to h2, ``queued`` the
-    bytes of complete messages the consumer has not taken.
-    """
-
-    __slots__ = (
-        "conn",
-        "done",
-        "error",
-        "lot",
-        "peak",
-        "status",
-        "stream_id",
-        "unacked",
-    )
+    __slots__ = ("conn", "lot", "peak")
 
     def __init__(self, conn: ClientConnection, stream_id: int) -> None:
-        super().__init__()
+        super().__init__(stream_id)
         self.conn = conn
-        self.stream_id = stream_id
-        self.unacked = 0
+        #: the most bytes buffered ahead of the consumer
         self.peak = 0
-        self.status: tuple[int, str, bytes | None] | None = None
-        self.error: BaseException | None = None
-        self.done = False  # nothing more will arrive
         self.lot = trio.lowlevel.ParkingLot()
 
     def is_done(self) -> bool:
@@ -161,22 +125,11 @@ class Call(MessageReader):
         self,
         status: tuple[int, str, bytes | None] | None = None,
         error: BaseException | None = None,
-    ) -> None:
-        if self.done:
-            return
-        self.done = True
-        self.status = status
-        self.error = error
+    ) -> bool:
+        if not super().finish(status, error):
+            return False
         self.lot.unpark_all()
-
-    def outcome(self) -> None:
-        """Raise what ended the call, unless it was OK."""
-        if self.error is not None:
-            raise self.error
-        assert self.status is not None
-        code, message, details = self.status
-        if code != StatusCode.OK:
-            raise CallFailed(code, message, details)
+        return True
 
 
 # --- one connection ----------------------------------------------------------------------
@@ -188,18 +141,14 @@ class ClientConnection(Connection):
 
     def __init__(self, stream: TLSSocketStream, addr: str, authority: str) -> None:
         grpc = GRPCClientConnection()
-        super().__init__(
-            stream,
-            grpc,
-            peer=addr,
-            peer_noun="the server",
-            stats=WriteCounts(),
-            write_timeout=WRITE_TIMEOUT,
-            max_send_buffer=MAX_SEND_BUFFER,
+        settings = ConnectionSettings(
             max_frame=MAX_FRAME,
             close_timeout=CLOSE_TIMEOUT,
             ping_after=PING_AFTER,
             ping_timeout=PING_TIMEOUT,
+        )
+        super().__init__(
+            stream, grpc, peer=addr, peer_noun="the server", stats=WriteCounts(), settings=settings
         )
         self.addr = addr
         self._authority = authority
@@ -297,9 +246,7 @@ class ClientConnection(Connection):
         elif kind is ResponseEnded:
             call = self._calls.get(event.stream_id)
             if call is not None:
-                status = event.status
-                code, message = int(status.int_value), str(status.status_message)
-                self._end(call, status=(code, message, event.details))
+                self._end(call, status=ended_status(event))
         elif kind is StreamEnded:
             call = self._calls.get(event.stream_id)
             if call is not None:  # END_STREAM without trailers
@@ -317,19 +264,17 @@ class ClientConnection(Connection):
                 self._fail_stream(call, CallFailed(StatusCode.INTERNAL, event.reason))
 
     def _on_data(self, event: ResponseData) -> None:
+        if event.flow:  # the connection's window goes back at once (``_window``)
+            self._h2.acknowledge_connection_data(event.flow)
         call = self._calls.get(event.stream_id)
-        if call is None:  # cancelled by us: give the connection window back
-            if event.flow:
-                self._h2.acknowledge_received_data(event.flow, event.stream_id)
+        if call is None:  # cancelled by us
             return
-        call.unacked += event.flow
         try:
-            call.feed(event.data)
+            release = call.data_received(event.data, event.flow)
         except MessageRefused as exc:
             self._fail_stream(call, CallFailed(exc.code, exc.reason))
             return
-        if call.queued <= ACK_BELOW:
-            self._ack(call)
+        self._release(call, release)
         if call.buffered > call.peak:
             call.peak = call.buffered
         if call.messages:
@@ -337,22 +282,8 @@ class ClientConnection(Connection):
 
     def _on_reset(self, event: StreamResetByPeer) -> None:
         call = self._calls.get(event.stream_id)
-        if call is None:
-            return
-        code = event.error_code
-        if code == h2.errors.ErrorCodes.REFUSED_STREAM:
-            failure = CallFailed(
-                StatusCode.RESOURCE_EXHAUSTED, "the server refused the call (too many calls)"
-            )
-        elif code == h2.errors.ErrorCodes.CANCEL:
-            failure = CallFailed(StatusCode.CANCELLED, "the server cancelled the call")
-        else:
-            try:
-                name = h2.errors.ErrorCodes(code).name
-            except ValueError:
-                name = str(code)
-            failure = CallFailed(StatusCode.INTERNAL, f"the server reset the call ({name})")
-        self._end(call, error=failure)
+        if call is not None:
+            self._end(call, error=reset_failure(event.error_code))
 
     def _on_goaway(self, event: GoAwayReceived) -> None:
         """No new streams here; those the server never saw may be sent again elsewhere."""
@@ -416,9 +347,9 @@ class ClientConnection(Connection):
         """The call's next message, None after the last one; raises what ended it."""
         while True:
             if call.messages:
-                message = call.take()
-                if call.unacked and call.queued <= ACK_BELOW and not self.dead:
-                    self._ack(call)
+                message, release = call.take_message()
+                if release:
+                    self._release(call, release)
                     self._push()
                 return message
             if call.done:
@@ -426,11 +357,11 @@ class ClientConnection(Connection):
                 return None
             await call.lot.park()
 
-    def _ack(self, call: Call) -> None:
-        """Hand the call's received bytes back to h2, which sends WINDOW_UPDATE in batches."""
-        if call.unacked and not self.dead:
-            amount, call.unacked = call.unacked, 0
-            self._h2.acknowledge_received_data(amount, call.stream_id)
+    def _release(self, call: Call, size: int) -> None:
+        """Hand ``size`` received bytes back to the call's stream window (h2 sends
+        WINDOW_UPDATE in batches)."""
+        if size and not self.dead:
+            self._h2.acknowledge_stream_data(size, call.stream_id)
 
     def _end(
         self,
@@ -441,8 +372,6 @@ class ClientConnection(Connection):
     ) -> None:
         """The server is done with this stream: deliver the outcome, free the slot."""
         self._calls.pop(call.stream_id, None)
-        # Nothing more can arrive on it: no reason to hold back its window.
-        self._ack(call)
         call.finish(status, error)
         self._capacity_lot.unpark_all()
         self._window_lot.unpark_all()  # its request may be waiting for window: stop it

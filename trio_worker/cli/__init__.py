@@ -85,7 +85,6 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             sub = next((t for t in rest if not t.startswith("-")), "")
             command = f"certs {sub}" if sub in app["certs"] else command
         run = functools.partial(app, tokens)
-    from ._errors import describe
     from ._logs import setup_logging
 
     setup_logging(command, debug)
@@ -95,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except SystemExit:
         raise
     except BaseException as exc:
+        from ._errors import describe
+
         if debug:
             import traceback
 
