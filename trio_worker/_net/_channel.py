@@ -66,6 +66,7 @@ from .._wire._status import StatusCode
 from ._connection import (
     RECEIVE_SIZE,
     Connection,
+    ConnectionSettings,
     WriteCounts,
 )
 from ._failures import os_reason, parse_addr, tls_reason
@@ -86,12 +87,6 @@ PING_AFTER: Final = 10.0
 PING_TIMEOUT: Final = 10.0
 #: How long closing a connection may spend sending our GOAWAY.
 CLOSE_TIMEOUT: Final = 0.5
-#: Requests the socket has not taken this long after it first had to wait: the server is
-#: gone (keepalive pings notice it too, but only while calls wait for answers).
-WRITE_TIMEOUT: Final = 60.0
-#: Bytes queued beyond what the socket took before senders wait (a Start with large
-#: arguments, many stdin writes).
-MAX_SEND_BUFFER: Final = 1024 * 1024
 
 
 # --- addresses and error messages --------------------------------------------------------
@@ -146,18 +141,14 @@ class ClientConnection(Connection):
 
     def __init__(self, stream: TLSSocketStream, addr: str, authority: str) -> None:
         grpc = GRPCClientConnection()
-        super().__init__(
-            stream,
-            grpc,
-            peer=addr,
-            peer_noun="the server",
-            stats=WriteCounts(),
-            write_timeout=WRITE_TIMEOUT,
-            max_send_buffer=MAX_SEND_BUFFER,
+        settings = ConnectionSettings(
             max_frame=MAX_FRAME,
             close_timeout=CLOSE_TIMEOUT,
             ping_after=PING_AFTER,
             ping_timeout=PING_TIMEOUT,
+        )
+        super().__init__(
+            stream, grpc, peer=addr, peer_noun="the server", stats=WriteCounts(), settings=settings
         )
         self.addr = addr
         self._authority = authority
