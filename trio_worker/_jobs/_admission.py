@@ -1,5 +1,5 @@
 """The Start path: a request checked, the job's directory, log and cgroups made,
-its process spawned, and the job handed to its task (``_runner.run_job``).
+its process spawned, and the job handed to the runner (``_runner.JobRunner``).
 
 A Start either leaves a job in the table (RUNNING, or FAILED with the reason in
 words) or raises having left nothing: no fds, directory, cgroup or table entry.
@@ -27,7 +27,7 @@ from .._limits import LimitPolicy
 from .._model import Isolation, JobIdGenerator, JobInfo, Limits
 from . import _lifecycle as lc
 from ._job import REPORT, Job, now, remove_cgroup
-from ._output import OutputLog
+from ._output import DEFAULT_MAX_UNFLUSHED, OutputLog
 from ._process import (
     RESOURCE_ERRNOS,
     Credentials,
@@ -43,20 +43,20 @@ from ._process import (
 )
 from ._queries import JobTable
 from ._records import JobRecords
-from ._runner import run_job
+from ._runner import JobRunner
 from ._stdin import DEFAULT_TERMINAL_SIZE, StdinWriter, check_terminal_size
 
 __all__ = ["Admission"]
 
 
 class Admission:
-    """Starts jobs into ``table``, their tasks into ``nursery``."""
+    """Starts jobs into ``table``, for ``runner`` to watch."""
 
     def __init__(
         self,
-        nursery: trio.Nursery,
         table: JobTable,
         records: JobRecords,
+        runner: JobRunner,
         jobs_dir: Path,
         *,
         base_env: Mapping[str, str],
@@ -65,10 +65,11 @@ class Admission:
         limit_policy: LimitPolicy,
         job_nofile: int | None,
         spawn_in_thread: bool,
+        max_unflushed: int | None = None,
     ) -> None:
-        self._nursery = nursery
         self._table = table
         self._records = records
+        self._runner = runner
         self._jobs_dir = jobs_dir
         #: Spawn from a worker thread (without PDEATHSIG): only while a reaper watches.
         self._spawn_in_thread = spawn_in_thread
@@ -76,6 +77,8 @@ class Admission:
         self._policy = limit_policy
         self._base_env = dict(base_env)
         self._tail_bytes = tail_bytes
+        #: How far a job's output may run ahead of the disk before its pipes wait.
+        self._max_unflushed = max_unflushed or DEFAULT_MAX_UNFLUSHED
         self._new_id = JobIdGenerator()
         #: Who this process runs as: the user of jobs that name none.
         self._me = current_user()
@@ -244,7 +247,7 @@ class Admission:
         job.spec = dataclasses.replace(spec, env={})
         job.feed(lc.Spawned(process.pid, now()))
         started = job.info()
-        self._nursery.start_soon(run_job, job, process, self._records, name=f"job {job_id}")
+        self._runner.supervise(job, process)
         # Recorded before the caller learns the job exists; a crash in between
         # leaves a cgroup named after it, which the next start cleans up.
         await self._records.persist_start(job, process.pid)
@@ -321,6 +324,7 @@ class Admission:
                 directory,
                 tail_bytes=self._tail_bytes,
                 max_bytes=self._records.retention.max_output_bytes,
+                max_unflushed=self._max_unflushed,
             )
         except OSError as exc:
             _remove_new_job_dir(directory)

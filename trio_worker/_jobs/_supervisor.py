@@ -1,9 +1,10 @@
 """The supervisor: the public facade over a job's parts.
 
-``Supervisor`` holds the job table (``_queries``), the records (``_records``) and
-the Start path (``_admission``), and runs one task per job (``_runner``) in its
-nursery; ``open_supervisor`` sets the host up (fd limit, state directory lock,
-cgroups, reaper) and tears it down: every job stopped before it returns.
+``Supervisor`` holds the job table (``_queries``), the records (``_records``),
+the Start path (``_admission``) and the runner that watches running jobs
+(``_runner``, one task for all of them, in its nursery); ``open_supervisor``
+sets the host up (fd limit, state directory lock, cgroups, reaper) and tears it
+down: every job stopped before it returns.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ._output import DEFAULT_CHUNK
 from ._process import JobProcess, validate_signal
 from ._queries import JobTable, open_output
 from ._records import JobRecords, Retention
+from ._runner import JobRunner
 from ._statedir import StateDir
 from ._store import JobStore, SqliteJobStore
 
@@ -70,6 +72,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         retention: Retention | None = None,
         job_nofile: int | None = None,
         spawn_in_thread: bool = False,
+        max_unflushed: int | None = None,
     ) -> None:
         self._nursery = nursery
         self._store = store
@@ -79,10 +82,11 @@ class Supervisor(metaclass=NoPublicConstructor):
         jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._jobs = JobTable()
         self._records = JobRecords(store, self._jobs, jobs_dir, retention or Retention())
+        self._runner = JobRunner(nursery, self._records)
         self._admission = Admission(
-            nursery,
             self._jobs,
             self._records,
+            self._runner,
             jobs_dir,
             base_env=base_env,
             tail_bytes=tail_bytes,
@@ -90,6 +94,7 @@ class Supervisor(metaclass=NoPublicConstructor):
             limit_policy=limit_policy,
             job_nofile=job_nofile,
             spawn_in_thread=spawn_in_thread,
+            max_unflushed=max_unflushed,
         )
         self._closing = False
 
@@ -404,8 +409,11 @@ async def open_supervisor_with_driver(
     persist: bool | None = None,
     retention: Retention | None = None,
     reaper: bool = True,
+    max_unflushed: int | None = None,
 ) -> AsyncIterator[Supervisor]:
-    """``open_supervisor`` with a given cgroup driver instead of the host's probe (tests)."""
+    """``open_supervisor`` with a given cgroup driver instead of the host's probe (tests),
+    and ``max_unflushed``: how far each job's output may run ahead of the disk before
+    its pipes wait (``OutputLog``'s; default 16 MiB)."""
     # Jobs cost descriptors (pipes, pidfd, log files): use all the host allows.
     job_nofile = raise_nofile_limit()
     temporary = state_dir is None
@@ -438,7 +446,7 @@ async def open_supervisor_with_driver(
         async with _unwrap_single(), trio.open_nursery() as nursery:
             if guard is not None:
                 nursery.start_soon(guard.watch)
-            supervisor = Supervisor._create(
+            supervisor: Supervisor = Supervisor._create(
                 nursery,
                 path,
                 base_env=os.environ if env is None else env,
@@ -449,7 +457,9 @@ async def open_supervisor_with_driver(
                 spawn_in_thread=guard is not None,
                 store=store,
                 retention=retention,
+                max_unflushed=max_unflushed,
             )
+            await nursery.start(supervisor._runner.run)
             if store is not None:
                 await supervisor._records.restore(await store.load_all())
                 nursery.start_soon(supervisor._records.run_housekeeping)
@@ -460,7 +470,7 @@ async def open_supervisor_with_driver(
                     await supervisor.shutdown(shutdown_grace)
                     if store is not None:
                         await supervisor._records.save_unsaved()  # a last try for pending records
-                nursery.cancel_scope.cancel()  # housekeeping; jobs have ended
+                nursery.cancel_scope.cancel()  # housekeeping, the runner; jobs have ended
     finally:
         with trio.CancelScope(shield=True):
             if guard is not None:
