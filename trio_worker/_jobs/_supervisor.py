@@ -13,7 +13,6 @@ import bisect
 import contextlib
 import dataclasses
 import errno
-import functools
 import hashlib
 import json
 import logging
@@ -45,7 +44,7 @@ from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup
 from .._host._cgroups import detect as cgroup_detect
 from .._host._enforce import check_enforceable
 from .._host._guard import ReaperGuard, outlive
-from .._host._isolation import helper_argv, helper_tasks, read_report, resolve_command
+from .._host._isolation import read_report
 from .._host._spawn import raise_nofile_limit
 from .._host._users import (
     UnixUser,
@@ -67,6 +66,7 @@ from .._model import (
 )
 from .._util import NoPublicConstructor, final
 from . import _lifecycle as lc
+from ._launch import REPORT, Launched, Launcher, LaunchPlan
 from ._output import DEFAULT_CHUNK, OutputLog
 from ._process import (
     RESOURCE_ERRNOS,
@@ -78,8 +78,6 @@ from ._process import (
     StartSpec,
     Stdin,
     Terminal,
-    describe_os_error,
-    resource_exhausted,
     validate_signal,
     validate_start,
 )
@@ -98,8 +96,6 @@ __all__ = [
 #: How long a job's pipes may stay open after its process group was killed
 #: (something outside the group, e.g. a setsid'ed grandchild, may hold them).
 _DRAIN_TIMEOUT = 2.0
-#: Where the namespace helper reports why it could not run the command.
-_REPORT = "nsinit.report"
 _log = logging.getLogger("trio_worker.supervisor")
 _audit = logging.getLogger("trio_worker.audit")
 LOST_ERROR = "the server stopped while the job ran"
@@ -175,9 +171,12 @@ class _Job:
         if self.record.state is not None and self.record.state.ended:
             self.ended.set()
 
-    def info(self, *, usage: bool = True) -> JobInfo:
-        """The job as it is now; ``usage=False`` skips reading the cgroup's accounting."""
-        r = self.record
+    def info(self, *, usage: bool = True, record: lc.Record | None = None) -> JobInfo:
+        """The job as it is now; ``usage=False`` skips reading the cgroup's accounting.
+
+        ``record`` stands in for the lifecycle's (the record written while spawning).
+        """
+        r = record or self.record
         assert r.state is not None
         assert r.started_at is not None
         return JobInfo(
@@ -284,7 +283,6 @@ class Supervisor(metaclass=NoPublicConstructor):
         self._jobs_dir = state_dir / "jobs"
         self._jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._base_env = dict(base_env)
-        self._tail_bytes = tail_bytes
         self._jobs: dict[str, _Job] = {}
         #: Every id in ``_jobs``, sorted (ids sort by creation): List pages from it.
         #: Add and remove jobs with ``_add`` and ``_forget`` to keep it in step.
@@ -293,8 +291,15 @@ class Supervisor(metaclass=NoPublicConstructor):
         self._closing = False
         #: Who this process runs as: the user of jobs that name none.
         self._me = current_user()
-        #: The soft fd limit jobs get (the one this process had before raising its own).
-        self._job_nofile = job_nofile
+        #: Makes each job's directory, log, cgroup and process (blocking: off the loop).
+        #: Jobs get the soft fd limit this process had before raising its own.
+        self._launcher = Launcher(
+            self._jobs_dir,
+            cgroups,
+            tail_bytes=tail_bytes,
+            max_output_bytes=self._retention.max_output_bytes,
+            job_nofile=job_nofile,
+        )
         #: Jobs whose record in the store is behind (a write failed, e.g. a full
         #: disk): job id -> whether its row exists. Written again by housekeeping.
         self._unsaved: dict[str, bool] = {}
@@ -433,109 +438,65 @@ class Supervisor(metaclass=NoPublicConstructor):
         limits = self._policy.apply(limits)  # InvalidRequest above a maximum
         check_enforceable(self.cgroups, limits, isolation)  # never silently ignored
         job_id = self._new_id()
-        # The job's directory, log files and cgroups (mkdir and open on disk and
-        # cgroupfs: ~1-2 ms) are made in a worker thread, so Status and others
-        # are served meanwhile. Shielded: what the thread made must not be lost.
-        try:
-            with trio.CancelScope(shield=True):
-                log, group, procs, setup_error = await trio.to_thread.run_sync(
-                    self._prepare, job_id, limits, isolation, spec.cwd
-                )
-        except RuntimeError as exc:  # "can't start new thread": out of processes (EAGAIN)
-            if "thread" not in str(exc):
-                raise
-            raise ResourceExhausted(f"cannot start the job: {exc}") from None
-        job = _Job(job_id, owner, spec, limits, isolation, log)
-        job.cgroup = group
+        job = _Job(job_id, owner, spec, limits, isolation, None)
         job.env_keys = tuple(env or ())
         job.user = account.label
         job.stdin = bool(stdin)
         job.tty = terminal is not None
-        fds: tuple[int, int, int] | None = None
-        slave_open = False
-        # The namespace helper must start as root (to unshare): it drops to the user
-        # itself, right before the command.
-        user_options = None if isolation.any else credentials
+        # A terminal's master and slave, and the master's duplicate for writing:
+        # made before the job, so running out of descriptors refuses the Start.
+        fds = _open_terminal() if terminal is not None else None
         try:
-            # A terminal's master and slave, and the master's duplicate for writing:
-            # made before the job, so running out of descriptors refuses the Start.
-            if terminal is not None:
-                fds = _open_terminal()
-                slave_open = True
+            stdin_option: Stdin | Terminal
+            if fds is not None and terminal is not None:
                 if credentials is not None:
                     os.fchown(fds[1], credentials.uid, -1)  # the job's own terminal, as login does
-                options = SpawnOptions(
-                    stdin=Terminal(fds[1], terminal[0], terminal[1]), user=user_options
-                )
+                stdin_option = Terminal(fds[1], terminal[0], terminal[1])
             else:
-                options = SpawnOptions(
-                    stdin=Stdin.PIPE if job.stdin else Stdin.NULL, user=user_options
-                )
-            if setup_error is not None:
-                raise setup_error
-            argv = None
-            spawn_spec = spec
-            if isolation.any:
-                # The helper would only notice a missing command after it
-                # started: resolve first, so the failure looks the same. Not for
-                # another user: root's view of the files is not theirs to learn.
-                if credentials is None:
-                    try:
-                        resolve_command(spec.command, spec.env.get("PATH"), spec.cwd)
-                    except OSError as exc:
-                        raise SpawnError(describe_os_error(exc, spec.command), exc.errno) from None
-                else:  # the helper enters the directory once it is the user
-                    spawn_spec = dataclasses.replace(spec, cwd=None)
-                report = log.directory / _REPORT
-                argv = helper_argv(
-                    isolation,
-                    spec.command,
-                    spec.args,
-                    report=report,
-                    user=credentials,
-                    cwd=spec.cwd if credentials is not None else None,
-                    tty=terminal is not None,
-                )
-            given, procs = procs, []  # the spawn owns (and closes) them now
-            try:
-                process = await self._spawn(
-                    functools.partial(
-                        JobProcess.spawn,
-                        spawn_spec,
-                        argv=argv,
-                        cgroup=job.cgroup,
-                        cgroup_fds=given,
-                        options=options,
-                        nofile_soft=self._job_nofile,
-                    )
-                )
-            finally:
-                if fds is not None:
-                    os.close(fds[1])  # the slave is the job's alone now
-                    slave_open = False
-        except SpawnError as exc:
-            # The command cannot run: a FAILED job, kept and reported.
-            _close_all(procs)
-            _close_terminal(fds, slave=slave_open)
-            self._add(job)
-            self._feed(job, lc.SpawnFailed(exc.message, _now(), exc.errno))
-            log.finish()
-            log.close()
-            if job.cgroup is not None:
-                await self._remove_cgroup(job)
-            await self._persist_start(job, None)
-            return job.info()
+                stdin_option = Stdin.PIPE if job.stdin else Stdin.NULL
+            # The namespace helper must start as root (to unshare): it drops to the
+            # user itself, right before the command.
+            user_options = None if isolation.any else credentials
+            plan = LaunchPlan(
+                job_id,
+                spec,
+                limits,
+                isolation,
+                credentials,
+                SpawnOptions(stdin=stdin_option, user=user_options),
+                tty=terminal is not None,
+            )
+            started_at = _now()
+            # Shielded: what the thread made (files, group, process) must not be lost.
+            with trio.CancelScope(shield=True):
+                launched, recorded = await self._launch(job, plan, started_at)
         except BaseException:
             # Out of descriptors, memory or processes (ResourceExhausted), or
             # cancelled: no half-made job stays, in the table or on the host.
-            _close_all(procs)
-            _close_terminal(fds, slave=slave_open)
-            with trio.CancelScope(shield=True):
-                log.close()
-                _remove_new_job_dir(log.directory)
-                if job.cgroup is not None:
-                    await self._remove_cgroup(job)
+            _close_terminal(fds, slave=True)
             raise
+        if fds is not None:
+            os.close(fds[1])  # the slave is the job's alone now
+        job.log, job.cgroup = launched.log, launched.group
+        if self._store is not None and self._spawn_in_thread and not recorded:
+            self._unsaved[job.id] = False  # written by housekeeping (or at the end)
+        process = launched.process
+        if launched.error is not None or process is None:
+            # The command cannot run: a FAILED job, kept and reported.
+            _close_all(launched.procs)
+            _close_terminal(fds)
+            self._add(job)
+            error = launched.error or SpawnError("the job's process was not started", None)
+            self._feed(job, lc.SpawnFailed(error.message, started_at, error.errno))
+            launched.log.finish()
+            launched.log.close()
+            if job.cgroup is not None:
+                await self._remove_cgroup(job)
+            if self._spawn_in_thread:
+                await self._persist_end(job)  # the record made while spawning, now FAILED
+            else:
+                await self._persist_start(job)
+            return job.info()
         self._add(job)
         job.process = process
         if fds is not None:
@@ -547,90 +508,93 @@ class Supervisor(metaclass=NoPublicConstructor):
         # The full environment (the server's, ~3 KiB) served the exec; keeping
         # it would cost every job, running or ended, that much memory.
         job.spec = dataclasses.replace(spec, env={})
-        self._feed(job, lc.Spawned(process.pid, _now()))
-        started = job.info()
+        job.pid_start_time = launched.start_time
+        self._feed(job, lc.Spawned(process.pid, started_at))
+        # The job as it started (no usage yet: reading the cgroup's accounting
+        # files would cost the loop, for zeros).
+        started = job.info(usage=False)
         self._nursery.start_soon(self._run_job, job, process, name=f"job {job_id}")
-        # Recorded before the caller learns the job exists; a crash in between
-        # leaves a cgroup named after it, which the next start cleans up.
-        await self._persist_start(job, process.pid)
+        if recorded:
+            # Its record was committed while it was spawned; the pid follows with
+            # the next commit (group commit: no second transaction on this path).
+            assert self._store is not None
+            self._store.note_spawned(job.id, process.pid, launched.start_time)
+        elif not self._spawn_in_thread:
+            # Recorded before the caller learns the job exists; a crash in between
+            # leaves a cgroup named after it, which the next start cleans up.
+            await self._persist_start(job)
         # The job as it started: a quick command may already have ended while
         # its record was written, and Wait/Status tell that part.
         return started
 
-    async def _spawn(self, spawn: Callable[..., JobProcess]) -> JobProcess:
-        """Run ``spawn`` (a ``JobProcess.spawn``) off the loop when the reaper allows it.
+    async def _launch(
+        self, job: _Job, plan: LaunchPlan, started_at: datetime
+    ) -> tuple[Launched, bool]:
+        """Make the job's place and process; return them, and whether its record is
+        committed (RUNNING, no pid yet).
 
-        vfork suspends the calling thread until the child's exec, 2-20 ms on a
-        loaded host. With the reaper watching, a worker thread takes that wait and
-        the child gets no PR_SET_PDEATHSIG (it would fire when that thread exits):
-        the reaper kills every job group if the server dies. Without the reaper,
-        the loop's thread spawns, with PDEATHSIG. Shielded: the process must not
-        be lost to a cancel.
+        With the reaper watching: one worker-thread call (``prepare_and_spawn``),
+        and, with a store, the job's record written *meanwhile*, by the store's own
+        thread: a client still learns of a job only once its record would survive a
+        crash, but the Start waits for the longer of the two, not their sum. A
+        record without a pid is what recovery makes LOST; the reaper and the
+        cleanup of leftover groups kill the job by its cgroup, which needs no pid.
+        Without the reaper, the spawn is on the loop's thread (PR_SET_PDEATHSIG)
+        and the record follows it, with the pid (``_persist_start``), since only
+        the pid can find the job's process group after a crash then.
+
+        Raises ``ResourceExhausted`` having left nothing: no files, group, process,
+        or record.
         """
+        launcher = self._launcher
         if not self._spawn_in_thread:
-            return spawn()
+            launched = await self._in_thread(launcher.prepare, plan)
+            if launched.error is None:
+                try:
+                    launcher.spawn(launched, plan, pdeathsig=_signal.SIGKILL)
+                except BaseException:
+                    await trio.to_thread.run_sync(launcher.discard, launched)
+                    raise
+            return launched, False
+        if self._store is None:
+            return await self._in_thread(launcher.prepare_and_spawn, plan), False
+        recorded = False
+        failure: BaseException | None = None
+
+        async def record() -> None:
+            nonlocal recorded
+            info = job.info(usage=False, record=lc.Record(JobState.RUNNING, started_at=started_at))
+            recorded = await self._save(job, exists=False, info=info)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(record)
+            try:
+                launched = await self._in_thread(launcher.prepare_and_spawn, plan)
+            except BaseException as exc:
+                failure = exc
+        if failure is not None:
+            if recorded:
+                await self._unrecord(job.id)
+            raise failure
+        return launched, recorded
+
+    async def _unrecord(self, job_id: str) -> None:
+        """Delete the record of a Start that was refused after all."""
+        assert self._store is not None
         try:
-            with trio.CancelScope(shield=True):
-                process = await trio.to_thread.run_sync(functools.partial(spawn, pdeathsig=0))
+            await self._store.delete([job_id])
+        except Exception:
+            # Left as it is, it reads as a LOST job after a restart.
+            _log.exception("job %s: cannot delete the record of a refused start", job_id)
+
+    async def _in_thread(self, fn: Callable[[LaunchPlan], Launched], plan: LaunchPlan) -> Launched:
+        """``fn(plan)`` in a worker thread; no thread to be had is ``ResourceExhausted``."""
+        try:
+            return await trio.to_thread.run_sync(fn, plan)
         except RuntimeError as exc:  # "can't start new thread": out of processes (EAGAIN)
             if "thread" not in str(exc):
                 raise
             raise ResourceExhausted(f"cannot start the job: {exc}") from None
-        return process
-
-    def _prepare(
-        self, job_id: str, limits: Limits, isolation: Isolation, cwd: str | None
-    ) -> tuple[OutputLog, JobCgroup | None, Sequence[int], SpawnError | None]:
-        """In a worker thread: the job's log, its cgroup and that group's ``cgroup.procs`` fds.
-
-        Raises ``ResourceExhausted`` (out of descriptors, memory, disk) having
-        left nothing behind. A cgroup that cannot be made or joined for another
-        reason comes back as the ``SpawnError`` of a job that FAILED.
-        """
-        log = self._open_log(job_id)
-        try:
-            try:
-                group = self.cgroups.create(
-                    job_id, limits, cwd=cwd, extra_tasks=helper_tasks(isolation)
-                )
-            except CgroupError as exc:
-                if exc.errno in RESOURCE_ERRNOS:
-                    raise ResourceExhausted(f"cannot start the job: {exc}") from None
-                return log, None, [], SpawnError(f"cannot set up the job's cgroup: {exc}", None)
-            try:
-                procs = group.open_procs()
-            except OSError as exc:
-                with contextlib.suppress(CgroupError):
-                    group.remove()
-                if exc.errno in RESOURCE_ERRNOS:
-                    raise resource_exhausted(exc, "opening its cgroup") from None
-                message = f"cannot join the job's cgroup: {exc.strerror}"
-                return log, None, [], SpawnError(message, exc.errno)
-        except BaseException:
-            log.close()
-            _remove_new_job_dir(log.directory)
-            raise
-        return log, group, procs, None
-
-    def _open_log(self, job_id: str) -> OutputLog:
-        """The new job's directory and log files, or ``ResourceExhausted`` saying why not.
-
-        On a full disk this is where a Start is refused: nothing runs and
-        nothing is left behind. (Creating empty files rarely fails even then;
-        when it works, the job runs and only its output and record wait.)
-        """
-        directory = self._jobs_dir / job_id
-        try:
-            directory.mkdir(mode=0o700)
-            return OutputLog(
-                directory, tail_bytes=self._tail_bytes, max_bytes=self._retention.max_output_bytes
-            )
-        except OSError as exc:
-            _remove_new_job_dir(directory)
-            raise ResourceExhausted(
-                f"cannot create the job's output files in the state directory: "
-                f"{exc.strerror or exc}"
-            ) from None
 
     def _feed(self, job: _Job, event: lc.Event) -> None:
         """Advance the job's lifecycle and write the audit line for the change."""
@@ -655,7 +619,7 @@ class Supervisor(metaclass=NoPublicConstructor):
             )
         )
 
-    async def _persist_start(self, job: _Job, pid: int | None) -> None:
+    async def _persist_start(self, job: _Job) -> None:
         """Record the new job; if the store fails, the job runs with its record pending.
 
         Shielded: once the process exists its record must be attempted, even
@@ -663,7 +627,6 @@ class Supervisor(metaclass=NoPublicConstructor):
         """
         if self._store is None:
             return
-        job.pid_start_time = process_start_time(pid) if pid else None
         with trio.CancelScope(shield=True):
             if not await self._save(job, exists=False):
                 self._unsaved[job.id] = False
@@ -676,7 +639,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         if not await self._save(job, exists=exists):
             self._unsaved[job.id] = exists
 
-    async def _save(self, job: _Job, *, exists: bool) -> bool:
+    async def _save(self, job: _Job, *, exists: bool, info: JobInfo | None = None) -> bool:
         """Write the job's record as it is now: insert it or record its end.
 
         Returns False, having logged why, when the store cannot take it (a full
@@ -688,7 +651,8 @@ class Supervisor(metaclass=NoPublicConstructor):
         assert store is not None
         # A running job's row gets no usage: only its end's counts, and reading them
         # (a file per hierarchy, on the loop) would cost every Start for nothing.
-        info = job.info(usage=exists or job.ended.is_set())
+        if info is None:
+            info = job.info(usage=exists or job.ended.is_set())
         dropped = job.log.dropped_bytes if job.log is not None else 0
         try:
             try:
@@ -998,7 +962,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         failure = None
         if job.isolation.any and (log_dir := job.directory) is not None:
             try:
-                failure = read_report(log_dir / _REPORT)
+                failure = read_report(log_dir / REPORT)
             except OSError as exc:  # the job's end is recorded whatever the disk says
                 _log.warning("job %s: cannot read the helper's report: %s", job.id, exc)
         if failure is not None:
@@ -1236,24 +1200,6 @@ def _cgroup_parent_for(state_dir: Path) -> str:
     """``trio-worker-<hash>``: one parent group per state directory."""
     digest = hashlib.sha256(os.fsencode(os.path.abspath(state_dir))).hexdigest()[:12]
     return f"trio-worker-{digest}"
-
-
-def _remove_new_job_dir(directory: Path) -> None:
-    """Remove a job directory a refused Start made, even with no descriptor to spare.
-
-    ``shutil.rmtree`` opens the directory to list it, which fails with EMFILE
-    exactly when a Start is refused for lack of descriptors: unlink the files
-    a new job can have by name first (no fd needed), then the directory.
-    """
-    for name in ("output.log", "output.idx", "output.start", _REPORT):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(directory / name)
-    try:
-        os.rmdir(directory)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _remove_dirs(directories: Sequence[Path]) -> None:
