@@ -271,6 +271,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         retention: Retention | None = None,
         job_nofile: int | None = None,
         spawn_in_thread: bool = False,
+        ready_places: int = 0,
     ) -> None:
         self._nursery = nursery
         #: Spawn from a worker thread (without PDEATHSIG): only while a reaper watches.
@@ -295,10 +296,12 @@ class Supervisor(metaclass=NoPublicConstructor):
         #: Jobs get the soft fd limit this process had before raising its own.
         self._launcher = Launcher(
             self._jobs_dir,
+            state_dir / "ready",
             cgroups,
             tail_bytes=tail_bytes,
             max_output_bytes=self._retention.max_output_bytes,
             job_nofile=job_nofile,
+            ready=ready_places,
         )
         #: Jobs whose record in the store is behind (a write failed, e.g. a full
         #: disk): job id -> whether its row exists. Written again by housekeeping.
@@ -437,12 +440,6 @@ class Supervisor(metaclass=NoPublicConstructor):
             raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
         limits = self._policy.apply(limits)  # InvalidRequest above a maximum
         check_enforceable(self.cgroups, limits, isolation)  # never silently ignored
-        job_id = self._new_id()
-        job = _Job(job_id, owner, spec, limits, isolation, None)
-        job.env_keys = tuple(env or ())
-        job.user = account.label
-        job.stdin = bool(stdin)
-        job.tty = terminal is not None
         # A terminal's master and slave, and the master's duplicate for writing:
         # made before the job, so running out of descriptors refuses the Start.
         fds = _open_terminal() if terminal is not None else None
@@ -453,7 +450,15 @@ class Supervisor(metaclass=NoPublicConstructor):
                     os.fchown(fds[1], credentials.uid, -1)  # the job's own terminal, as login does
                 stdin_option = Terminal(fds[1], terminal[0], terminal[1])
             else:
-                stdin_option = Stdin.PIPE if job.stdin else Stdin.NULL
+                stdin_option = Stdin.PIPE if stdin else Stdin.NULL
+            # A place made ahead of need (its id, directory and group), if one is ready.
+            place = self._launcher.take()
+            job_id = place.job_id if place is not None else self._new_id()
+            job = _Job(job_id, owner, spec, limits, isolation, None)
+            job.env_keys = tuple(env or ())
+            job.user = account.label
+            job.stdin = bool(stdin)
+            job.tty = terminal is not None
             # The namespace helper must start as root (to unshare): it drops to the
             # user itself, right before the command.
             user_options = None if isolation.any else credentials
@@ -465,11 +470,15 @@ class Supervisor(metaclass=NoPublicConstructor):
                 credentials,
                 SpawnOptions(stdin=stdin_option, user=user_options),
                 tty=terminal is not None,
+                place=place,
             )
             started_at = _now()
             # Shielded: what the thread made (files, group, process) must not be lost.
             with trio.CancelScope(shield=True):
-                launched, recorded = await self._launch(job, plan, started_at)
+                try:
+                    launched, recorded = await self._launch(job, plan, started_at)
+                finally:
+                    self._launcher.replenish()
         except BaseException:
             # Out of descriptors, memory or processes (ResourceExhausted), or
             # cancelled: no half-made job stays, in the table or on the host.
@@ -1308,8 +1317,13 @@ async def open_supervisor_with_driver(
     persist: bool | None = None,
     retention: Retention | None = None,
     reaper: bool = True,
+    ready_places: int = 4,
 ) -> AsyncIterator[Supervisor]:
-    """``open_supervisor`` with a given cgroup driver instead of the host's probe (tests)."""
+    """``open_supervisor`` with a given cgroup driver instead of the host's probe (tests).
+
+    ``ready_places``: how many jobs' places (id, directory, log files, cgroup) are
+    kept made ahead of need (``_launch``).
+    """
     # Jobs cost descriptors (pipes, pidfd, log files): use all the host allows.
     job_nofile = raise_nofile_limit()
     temporary = state_dir is None
@@ -1320,6 +1334,7 @@ async def open_supervisor_with_driver(
     store: SqliteJobStore | None = None
     driver: CgroupDriver | None = None
     guard: ReaperGuard | None = None
+    supervisor: Supervisor | None = None
     try:
         if lock is not None:
             store = await SqliteJobStore.open(lock.db_path)
@@ -1353,10 +1368,12 @@ async def open_supervisor_with_driver(
                 spawn_in_thread=guard is not None,
                 store=store,
                 retention=retention,
+                ready_places=ready_places,
             )
             if store is not None:
                 await supervisor._restore(await store.load_all())
                 nursery.start_soon(supervisor._housekeeping)
+            nursery.start_soon(supervisor._launcher.keep_ready, supervisor._new_id)
             try:
                 yield supervisor
             finally:
@@ -1367,6 +1384,8 @@ async def open_supervisor_with_driver(
                 nursery.cancel_scope.cancel()  # housekeeping; jobs have ended
     finally:
         with trio.CancelScope(shield=True):
+            if supervisor is not None:
+                await supervisor._launcher.aclose()  # the places no job took
             if guard is not None:
                 await guard.quit()  # every job has ended
             if store is not None:
