@@ -36,9 +36,9 @@ from trio_worker import (
     ShuttingDown,
     pki,
 )
-from trio_worker import client as client_module
 from trio_worker._error_codes import exception_from
 from trio_worker._identity import Role
+from trio_worker._net import _channel as channel
 from trio_worker._net._transport import TransportConfig
 from trio_worker._wire import _client as wire_client
 from trio_worker.client import ConnectionFailed, RemoteError, WorkerClient, connect
@@ -683,8 +683,8 @@ async def test_server_cancelled_mid_stream_is_an_error(certs: Certs, tmp_path: P
 async def test_silent_peer_detected_by_keepalive(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(client_module, "_PING_AFTER", 0.2)
-    monkeypatch.setattr(client_module, "_PING_TIMEOUT", 0.3)
+    monkeypatch.setattr(channel, "PING_AFTER", 0.2)
+    monkeypatch.setattr(channel, "PING_TIMEOUT", 0.3)
     async with tcp_proxy(server.port) as proxy, server.connect(port=proxy.port) as client:
         job = await client.start("sleep", ["30"])
         proxy.frozen = True  # nothing gets through any more, and nothing is closed
@@ -719,7 +719,7 @@ async def test_calls_after_the_block_fail(server: Server) -> None:
 async def test_slow_consumer_keeps_buffer_bounded(server: Server) -> None:
     size = 64 * 1024 * 1024
     # What the client documents: the ack threshold, one stream window, one message.
-    bound = client_module._ACK_BELOW + wire_client.STREAM_WINDOW + SERVER_CHUNK + 64
+    bound = channel.ACK_BELOW + wire_client.STREAM_WINDOW + SERVER_CHUNK + 64
     async with server.connect() as client:
         job = await client.start("head", ["-c", str(size), "/dev/zero"])
         total = 0

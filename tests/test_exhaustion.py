@@ -50,8 +50,8 @@ async def holdings(sup, jobs_dir):
     # Descriptors, job directories, cgroups and jobs, apart from the places made
     # ahead of need (taken stock of once their refill is done): a refused Start
     # may use one up, and the next is made with another id.
-    await sup._launcher.settled()
-    ready = {place.job_id for place in sup._launcher.ready_places()}
+    await sup._admission.launcher.settled()
+    ready = {place.job_id for place in sup._admission.launcher.ready_places()}
     def left_out(fd):  # a place's, or gone
         try:
             return any(i in os.readlink(f"/proc/self/fd/{fd}") for i in ready)
@@ -194,6 +194,7 @@ async def main():
     async with open_supervisor_with_driver(NoDriver("test"), sys.argv[1], persist=False) as sup:
         jobs_dir = Path(sys.argv[1]) / "jobs"
         keeper = await sup.start("sleep", ["60"])  # also leaves a worker thread cached
+        await sup._admission.launcher.settled()  # no place being made meanwhile
         before = (fds(), sorted(os.listdir(jobs_dir)), len(sup.list()))
         (group / "pids.max").write_text((group / "pids.current").read_text())
         try:
@@ -202,6 +203,7 @@ async def main():
             refused = str(exc)
         else:
             refused = ""
+        await sup._admission.launcher.settled()
         after = (fds(), sorted(os.listdir(jobs_dir)), len(sup.list()))
         (group / "pids.max").write_text("max")
         assert after == before, (before, after)

@@ -40,7 +40,7 @@ async def test_a_start_takes_a_ready_place_and_the_rest_go_with_the_supervisor(
     state = tmp_path / "state"
     parent = "tw-places-" + secrets.token_hex(4)
     async with open_supervisor(state, cgroup_parent=parent) as sup:
-        launcher = sup._launcher
+        launcher = sup._admission.launcher
         await launcher.settled()
         ready = launcher.ready_places()
         assert len(ready) >= 1
@@ -84,8 +84,8 @@ CRASHING = textwrap.dedent(
 
     async def main(state, parent):
         async with trio_worker.open_supervisor(state, cgroup_parent=parent) as sup:
-            await sup._launcher.settled()
-            ready = [p.job_id for p in sup._launcher.ready_places()]
+            await sup._admission.launcher.settled()
+            ready = [p.job_id for p in sup._admission.launcher.ready_places()]
             groups = [str(d) for i in ready for d in sup.cgroups.job(i).dirs]
             print(json.dumps({"ready": ready, "groups": groups}), flush=True)
             await trio.sleep_forever()
@@ -107,16 +107,16 @@ async def test_places_left_by_a_crash_are_removed_at_the_next_start(tmp_path: Pa
             try:
                 assert server.stdout is not None
                 made: dict[str, list[str]] = json.loads(server.stdout.readline())
+                assert all_exist(made["groups"])
             finally:
                 server.kill()
         return made
 
     made = await trio.to_thread.run_sync(run_and_crash)
     assert made["ready"]
-    assert all_exist(made["groups"])
     async with open_supervisor(state, cgroup_parent=parent) as sup:
-        await sup._launcher.settled()
-        now = {p.job_id for p in sup._launcher.ready_places()}
+        await sup._admission.launcher.settled()
+        now = {p.job_id for p in sup._admission.launcher.ready_places()}
         assert not now & set(made["ready"])
         assert sorted(p.name for p in (state / "ready").iterdir()) == sorted(now)
         assert none_exist(made["groups"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import math
-import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -175,6 +174,8 @@ class JobIdGenerator:
         self._last = 0
 
     def __call__(self) -> str:
+        import secrets  # the server's, not every client command's (hmac, hashlib)
+
         value = (time.time_ns() // 1_000_000) << 80 | secrets.randbits(80)
         if value <= self._last:
             # Same millisecond (or the clock stepped back): keep the order by

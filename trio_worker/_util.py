@@ -6,7 +6,7 @@ import contextlib
 import typing
 from typing import Any, TypeVar
 
-__all__ = ["NoPublicConstructor", "final", "fixup_module_metadata"]
+__all__ = ["NoPublicConstructor", "final", "fix_one"]
 
 T = TypeVar("T")
 C = TypeVar("C", bound=type)
@@ -33,12 +33,6 @@ class NoPublicConstructor(type):
 
     def _create(cls: type[T], *args: Any, **kwargs: Any) -> T:
         return super().__call__(*args, **kwargs)  # type: ignore[misc,no-any-return]
-
-
-def fixup_module_metadata(module_name: str, namespace: dict[str, object]) -> None:
-    """Make public names say ``trio_worker.X`` in reprs and tracebacks, as trio does."""
-    for name in namespace.get("__all__", ()):  # type: ignore[attr-defined]
-        fix_one(module_name, name, namespace.get(name))
 
 
 def fix_one(module_name: str, name: str, obj: object) -> None:

@@ -5,27 +5,9 @@
         async for chunk in client.output(job.id):
             ...
 
-It mirrors the server's transport (``_transport``): purerpc's sans-I/O ``GRPCConnection``
-(HTTP/2 through h2, gRPC headers and trailers) driven by trio tasks we own, a reader and a
-writer per connection, in a nursery owned by :func:`connect`. purerpc's own client I/O is
-not used because it has the server's gaps: when the connection is lost its reader just
-returns and every pending call waits forever, and it acknowledges received data as soon as
-it arrives, so a slow consumer makes it buffer without bound. Here:
-
-* Loss: the reader sees EOF, a reset, a TLS error or an HTTP/2 protocol error and fails every
-  pending call and stream at once with :class:`ConnectionFailed`; GOAWAY fails the calls the
-  server says it never processed (they are retried on a new connection, which is safe) and
-  lets the rest finish. While calls are pending, a connection silent for
-  ``_PING_AFTER`` seconds is pinged and declared lost if nothing comes back within
-  ``_PING_TIMEOUT``: a peer that vanished without a FIN cannot hang a call either.
-* Flow control: received DATA is acknowledged to h2 (which sends WINDOW_UPDATE) only while
-  fewer than ``_ACK_BELOW`` bytes of complete messages wait for the consumer, and otherwise
-  as the consumer takes them. The server can send at most one stream window
-  (``_STREAM_WINDOW``) beyond what was acknowledged, so one stream never buffers more than
-  ``_ACK_BELOW + _STREAM_WINDOW`` + one message (1.75 MiB for the server's 256 KiB output
-  chunks), however slow its consumer.
-* Writes are coalesced: calls queue frames in h2 and wake the writer, which sends whatever is
-  queued in one ``send_all``; a unary call's headers, message and END_STREAM go in one write.
+The API only: calls are opened and read through ``_net._channel`` (dial, calls, flow
+control per consumer), which runs on the connection driver the server uses too
+(``_net._connection``).
 
 A connection that ends (the server's idle timeout, a restart) is replaced on the next call;
 the first connection is made by :func:`connect` itself, so a wrong address or certificate
@@ -35,40 +17,17 @@ fails there, with a one-line :class:`ConnectionFailed` naming the address.
 from __future__ import annotations
 
 import builtins
-import errno
-import logging
 import math
 import os
-import re
-import socket
-import ssl
-import struct
-from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
 import trio
-from google.protobuf.message import DecodeError
-from purerpc.grpclib.events import ResponseEnded, ResponseReceived, WindowUpdated
-from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
 
-from ._convert import (
-    chunk_from_pb,
-    isolation_to_pb,
-    job_from_pb,
-    limits_to_pb,
-    seconds_to_duration,
-    states_to_pb,
-)
+from ._convert import chunk_from_pb, job_from_pb
 from ._error_codes import exception_from
 from ._errors import (
     ConnectionFailed,
@@ -77,48 +36,29 @@ from ._errors import (
     TrioWorkerError,
 )
 from ._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits, OutputChunk
-from ._net._sockets import set_keepalive as _set_keepalive
-from ._net._sockets import split_host_port
+from ._net._channel import (
+    CLOSE_TIMEOUT,
+    Call,
+    CallFailed,
+    ClientConnection,
+    Dialer,
+    Unprocessed,
+)
 from ._pb import worker_pb2 as pb
-from ._tls import ALPN_PROTOCOL, client_context
-from ._wire._client import (
-    MAX_FRAME as _MAX_FRAME,
+from ._requests import (
+    attach_open,
+    id_request,
+    list_request,
+    method_path,
+    output_request,
+    parse,
+    remove_request,
+    request_field,
+    signal_request,
+    start_request,
+    stop_request,
 )
-from ._wire._client import (
-    MAX_MESSAGE as _MAX_MESSAGE,
-)
-from ._wire._client import (
-    BadResponse as _BadResponse,
-)
-from ._wire._client import (
-    GoAwayReceived as _GoAway,
-)
-from ._wire._client import (
-    GRPCClientConnection as _GRPCClientConnection,
-)
-from ._wire._client import (
-    RequestHeaders as _Headers,
-)
-from ._wire._client import (
-    ResponseData as _Data,
-)
-from ._wire._client import (
-    StreamEnded as _Ended,
-)
-from ._wire._client import (
-    StreamResetByPeer as _Reset,
-)
-from ._wire._client import (
-    request_headers as _request_headers,
-)
-from ._wire._client import (
-    with_timeout as _with_timeout,
-)
-from ._wire._h2conn import (
-    MAX_UNSENT_CONTROL,
-    FrameGate,
-    PeerMisbehaved,
-)
+from ._tls import client_context
 from ._wire._status import StatusCode
 
 __all__ = [
@@ -130,25 +70,6 @@ __all__ = [
     "connect",
 ]
 
-log = logging.getLogger("trio_worker.client")
-
-_SERVICE: Final = "trioworker.v1.Worker"
-_MESSAGE_PREFIX: Final = struct.Struct(">BI")
-_FRAME_HEADER_SIZE: Final = 9
-
-#: Received data is acknowledged at once while fewer bytes than this (complete messages)
-#: wait for the consumer; beyond it, only as the consumer takes messages.
-_ACK_BELOW: Final = 512 * 1024
-#: Asked of each TLS read. OpenSSL returns at most one record (16 KiB) per read, but Python
-#: allocates the whole size asked for first: 256 KiB (mmap'd, then trimmed) made decrypting
-#: four times slower than asking for what a record can hold.
-_RECEIVE_SIZE: Final = 16 * 1024
-#: With calls pending, ping a connection that has been silent this long...
-_PING_AFTER: Final = 10.0
-#: ...and declare it lost if nothing at all arrives this long after the ping.
-_PING_TIMEOUT: Final = 10.0
-#: How long closing a connection may spend sending our GOAWAY.
-_CLOSE_TIMEOUT: Final = 0.5
 #: Attempts of a call the server said it never processed (GOAWAY) before giving up.
 _ATTEMPTS: Final = 3
 #: Stdin is sent in messages of at most this size (the server takes up to 4 MiB).
@@ -156,698 +77,6 @@ _STDIN_MESSAGE: Final = 256 * 1024
 
 
 M = TypeVar("M")
-
-
-# --- addresses and error messages --------------------------------------------------------
-
-
-def _parse_addr(addr: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` → (host, port), as ``InvalidRequest`` naming ``addr``."""
-    try:
-        host, port = split_host_port(addr)
-    except ValueError as exc:
-        raise InvalidRequest("addr", str(exc)) from None
-    if port == 0:
-        raise InvalidRequest("addr", "port 0 is for listening; give the server's port")
-    return host, port
-
-
-def _strip_openssl(text: str) -> str:
-    """'[SSL: X] what happened (_ssl.c:123)' → 'what happened'."""
-    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
-    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text).strip()
-
-
-def _os_reason(exc: BaseException) -> str:
-    """A lower-case one-phrase reason for an OSError (or a group of them)."""
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name ({exc.strerror or exc})"
-    if isinstance(exc, BaseExceptionGroup):
-        # One per address tried (IPv6 and IPv4 for localhost): usually all the same.
-        return ", ".join(dict.fromkeys(_os_reason(e) for e in exc.exceptions))
-    if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
-        return "connection refused"
-    if isinstance(exc, ConnectionResetError):
-        return "connection reset by the server"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror[0].lower() + exc.strerror[1:]
-    return str(exc) or type(exc).__name__
-
-
-def _connect_reason(exc: OSError) -> str:
-    """Why ``trio.open_tcp_stream`` failed: trio hides the per-address errors in __cause__."""
-    if isinstance(exc, socket.gaierror):
-        return _os_reason(exc)
-    cause = exc.__cause__
-    if cause is not None and str(exc).startswith("all attempts to connect"):
-        return _os_reason(cause)
-    return _os_reason(exc)
-
-
-def _tls_reason(exc: BaseException, *, handshake: bool = False) -> str:
-    """Why the TLS layer failed, from trio's BrokenResourceError or the SSLError itself.
-
-    During the handshake an alert from the server means it refused our certificate (ours
-    is the only thing it still checks once our side of a TLS 1.3 handshake is done).
-    """
-    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {cause.verify_message}"
-    if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError):
-        return "the server closed the connection"
-    if isinstance(cause, ssl.SSLError):
-        text = _strip_openssl(str(cause.args[1] if len(cause.args) > 1 else cause))
-        if handshake and "alert" in (cause.reason or "").lower():
-            return f"the server refused our certificate ({text})"
-        return text
-    if cause is not None:
-        return _os_reason(cause)
-    return str(exc) or type(exc).__name__
-
-
-# --- one call ----------------------------------------------------------------------------
-
-
-class _Unprocessed(Exception):
-    """The server never processed this call (GOAWAY below its id, or it could not be sent
-    on this connection any more): safe to send again on another connection."""
-
-
-class _CallFailed(Exception):
-    """The call ended with a non-OK gRPC status."""
-
-    def __init__(self, code: int, message: str, details: bytes | None = None) -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-        self.details = details
-
-
-class _Call:
-    """Per-stream state, shared by the connection's reader and the caller's task.
-
-    Messages are reassembled here from DATA payloads; ``unacked`` counts the flow-controlled
-    bytes not yet handed back to h2, ``queued`` the bytes of complete messages the consumer
-    has not taken.
-    """
-
-    __slots__ = (
-        "conn",
-        "done",
-        "error",
-        "lot",
-        "messages",
-        "partial",
-        "peak",
-        "queued",
-        "status",
-        "stream_id",
-        "unacked",
-    )
-
-    def __init__(self, conn: _Connection, stream_id: int) -> None:
-        self.conn = conn
-        self.stream_id = stream_id
-        self.messages: deque[bytes | memoryview] = deque()
-        self.queued = 0
-        self.partial = bytearray()
-        self.unacked = 0
-        self.peak = 0
-        self.status: tuple[int, str, bytes | None] | None = None
-        self.error: BaseException | None = None
-        self.done = False  # nothing more will arrive
-        self.lot = trio.lowlevel.ParkingLot()
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received for this call that its consumer has not taken."""
-        return self.queued + len(self.partial)
-
-    def feed(self, data: bytes) -> None:
-        """Split DATA into length-prefixed messages; raises _CallFailed on a bad prefix.
-
-        A message that lies whole in ``data`` and makes most of it is kept as a view of it
-        (no copy; a view pins at most twice its size); smaller ones are copied, and
-        messages spanning frames are assembled in ``partial``.
-        """
-        buf = self.partial
-        if buf:
-            buf += data
-            source: bytes | bytearray = buf
-        else:
-            source = data
-        total = len(source)
-        pos = 0
-        view = memoryview(source)
-        try:
-            while total - pos >= 5:
-                compressed, length = _MESSAGE_PREFIX.unpack_from(source, pos)
-                if compressed:
-                    raise _CallFailed(StatusCode.INTERNAL, "the server sent a compressed message")
-                if length > _MAX_MESSAGE:
-                    raise _CallFailed(
-                        StatusCode.RESOURCE_EXHAUSTED,
-                        f"response message of {length} bytes is too large",
-                    )
-                end = pos + 5 + length
-                if end > total:
-                    break
-                if source is buf or 2 * length < total:  # buf is trimmed below
-                    self.messages.append(bytes(view[pos + 5 : end]))
-                else:
-                    self.messages.append(view[pos + 5 : end])
-                self.queued += length
-                pos = end
-            if source is not buf and pos < total:
-                self.partial = bytearray(view[pos:])
-        finally:
-            view.release()
-        if source is buf and pos:
-            del buf[:pos]
-
-    def take(self) -> bytes | memoryview:
-        message = self.messages.popleft()
-        self.queued -= len(message)
-        return message
-
-    def finish(
-        self,
-        status: tuple[int, str, bytes | None] | None = None,
-        error: BaseException | None = None,
-    ) -> None:
-        if self.done:
-            return
-        self.done = True
-        self.status = status
-        self.error = error
-        self.lot.unpark_all()
-
-    def outcome(self) -> None:
-        """Raise what ended the call, unless it was OK."""
-        if self.error is not None:
-            raise self.error
-        assert self.status is not None
-        code, message, details = self.status
-        if code != StatusCode.OK:
-            raise _CallFailed(code, message, details)
-
-
-# --- one connection ----------------------------------------------------------------------
-
-
-class _Connection:
-    """One HTTP/2 connection: a reader task, a writer task and a keepalive task."""
-
-    def __init__(
-        self, stream: trio.SSLStream[trio.SocketStream], addr: str, authority: str
-    ) -> None:
-        self._stream = stream
-        self.addr = addr
-        self._authority = authority
-        self._grpc = _GRPCClientConnection()
-        self._h2 = self._grpc.h2_connection
-        self._calls: dict[int, _Call] = {}
-        self._gate = FrameGate(_MAX_FRAME, server=False)
-        self._writer_lot = trio.lowlevel.ParkingLot()
-        self._flushed_lot = trio.lowlevel.ParkingLot()
-        self._window_lot = trio.lowlevel.ParkingLot()  # senders waiting for window
-        self._capacity_lot = trio.lowlevel.ParkingLot()  # calls waiting for a stream slot
-        self._writing = False
-        self._done = trio.Event()
-        self.dead = False  # nothing can be sent or received any more
-        self.goaway = False  # no new streams on this connection
-        self._closing = False
-        self._last_received = trio.current_time()
-        self._token = trio.lowlevel.current_trio_token()
-        self._headers_cache: dict[str, _Headers] = {}
-        self.finished = trio.Event()  # run() has returned: the socket is closed
-
-    @property
-    def accepting(self) -> bool:
-        """True while new calls may be opened on this connection."""
-        return not (self.dead or self.goaway or self._closing)
-
-    # -- lifecycle --
-
-    async def handshake(self) -> None:
-        """Send our preface and SETTINGS, then read until the server's SETTINGS are in.
-
-        In TLS 1.3 the server checks our certificate after our side of the handshake has
-        finished, so a refusal only shows on this first read: waiting for it here makes
-        ``connect`` report it instead of the first call.
-        """
-        self._grpc.initiate_connection()
-        try:
-            await self._stream.send_all(self._h2.data_to_send())
-            while not self._grpc.settings_received:
-                data = await self._stream.receive_some(_RECEIVE_SIZE)
-                if not data:
-                    raise ConnectionFailed(
-                        f"TLS handshake with {self.addr} failed: the server closed the "
-                        "connection (did it refuse our certificate?)"
-                    )
-                self._last_received = trio.current_time()
-                self._feed(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            reason = _tls_reason(exc, handshake=True)
-            if "our certificate" not in reason:
-                # The server's close can overtake its alert: say what it most likely meant.
-                reason += " (did it refuse our certificate?)"
-            raise ConnectionFailed(f"TLS handshake with {self.addr} failed: {reason}") from exc
-        except (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved) as exc:
-            raise ConnectionFailed(f"{self.addr} does not speak HTTP/2 as expected: {exc}") from exc
-        self._wake_writer()
-
-    async def run(self) -> None:
-        """Serve the connection until it is lost, closed, or drained by the server."""
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._reader)
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._keepalive)
-                await self._done.wait()
-                if not self.dead:
-                    with trio.move_on_after(_CLOSE_TIMEOUT):
-                        await self._flushed()
-                nursery.cancel_scope.cancel()
-        finally:
-            self._lost("the connection was closed")
-            await trio.aclose_forcefully(self._stream)
-            self.finished.set()
-
-    def close(self) -> None:
-        """Close gracefully: GOAWAY, then close; pending calls fail with ConnectionFailed."""
-        if self.dead or self._closing:
-            return
-        self._closing = True
-        for call in list(self._calls.values()):
-            self._forget(call, ConnectionFailed(f"the connection to {self.addr} was closed"))
-        with suppress(h2.exceptions.ProtocolError):
-            self._h2.close_connection()
-        self._wake_writer()
-        self._done.set()
-
-    def _lost(self, reason: str) -> None:
-        """The connection is unusable: fail every pending call at once."""
-        if self.dead:
-            return
-        self.dead = True
-        calls = list(self._calls.values())
-        self._calls.clear()
-        for call in calls:
-            call.finish(error=ConnectionFailed(f"lost the connection to {self.addr}: {reason}"))
-        if calls:
-            log.debug(
-                "connection to %s lost with %d call(s) pending: %s", self.addr, len(calls), reason
-            )
-        self._window_lot.unpark_all()
-        self._capacity_lot.unpark_all()
-        self._flushed_lot.unpark_all()
-        self._done.set()
-
-    async def _keepalive(self) -> None:
-        """Ping a silent connection while calls wait on it; no answer means it is gone."""
-        while True:
-            await trio.sleep_until(self._last_received + _PING_AFTER)
-            now = trio.current_time()
-            if not self._calls or now < self._last_received + _PING_AFTER:
-                if not self._calls:
-                    await trio.sleep(_PING_AFTER)
-                continue
-            with suppress(h2.exceptions.ProtocolError):
-                self._h2.ping(b"trioping")
-            self._wake_writer()
-            deadline = now + _PING_TIMEOUT
-            while self._last_received < now:
-                await trio.sleep_until(deadline)
-                if self._last_received >= now:
-                    break
-                if trio.current_time() - deadline > 0.5:
-                    # We overslept: our own loop was blocked, and the answer may be waiting
-                    # unread. Give the reader a moment before blaming the server.
-                    deadline = trio.current_time() + 0.5
-                    continue
-                silent = math.ceil(trio.current_time() - self._last_received)
-                self._lost(f"no answer from the server for {silent} s")
-                return
-
-    # -- reading --
-
-    async def _reader(self) -> None:
-        stream = self._stream
-        while True:
-            try:
-                data = await stream.receive_some(_RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._lost(_tls_reason(exc))
-                return
-            if not data:
-                self._lost("the server closed the connection")
-                return
-            self._last_received = trio.current_time()
-            try:
-                self._feed(data)
-            except (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved) as exc:
-                self._lost(f"HTTP/2 protocol error: {exc}")
-                # h2 has queued a GOAWAY: best effort, the writer is cancelled soon.
-                self._wake_writer()
-                return
-            self._wake_writer_if_output()
-            if self._gate.control_owed > MAX_UNSENT_CONTROL:
-                # A server flooding PINGs or SETTINGS: read on once the replies are out.
-                await self._flushed()
-                self._gate.control_owed = 0
-
-    def _feed(self, data: bytes | bytearray) -> None:
-        """Hand h2 whole frames only, checked against our bounds (``FrameGate``)."""
-        for batch in self._gate.feed(data):
-            for event in self._grpc.receive_data(batch):
-                self._on_event(event)
-
-    def _on_event(self, event: Any) -> None:
-        kind = type(event)
-        if kind is _Data:
-            self._on_data(event)
-        elif kind is ResponseReceived:
-            if event.message_encoding not in (None, "identity"):
-                call = self._calls.get(event.stream_id)
-                if call is not None:
-                    reason = f"the server used grpc-encoding {event.message_encoding}"
-                    self._fail_stream(call, _CallFailed(StatusCode.INTERNAL, reason))
-        elif kind is ResponseEnded:
-            call = self._calls.get(event.stream_id)
-            if call is not None:
-                status = event.status
-                code, message = int(status.int_value), str(status.status_message)
-                self._end(call, status=(code, message, event.details))
-        elif kind is _Ended:
-            call = self._calls.get(event.stream_id)
-            if call is not None:  # END_STREAM without trailers
-                self._end(call, error=_CallFailed(StatusCode.INTERNAL, "the server sent no status"))
-        elif kind is WindowUpdated:
-            self._window_lot.unpark_all()
-            self._capacity_lot.unpark_all()
-        elif kind is _Reset:
-            self._on_reset(event)
-        elif kind is _GoAway:
-            self._on_goaway(event)
-        elif kind is _BadResponse:
-            call = self._calls.get(event.stream_id)
-            if call is not None:
-                self._fail_stream(call, _CallFailed(StatusCode.INTERNAL, event.reason))
-
-    def _on_data(self, event: _Data) -> None:
-        call = self._calls.get(event.stream_id)
-        if call is None:  # cancelled by us: give the connection window back
-            if event.flow:
-                self._h2.acknowledge_received_data(event.flow, event.stream_id)
-            return
-        call.unacked += event.flow
-        try:
-            call.feed(event.data)
-        except _CallFailed as exc:
-            self._fail_stream(call, exc)
-            return
-        if call.queued <= _ACK_BELOW:
-            self._ack(call)
-        if call.buffered > call.peak:
-            call.peak = call.buffered
-        if call.messages:
-            call.lot.unpark_all()
-
-    def _on_reset(self, event: _Reset) -> None:
-        call = self._calls.get(event.stream_id)
-        if call is None:
-            return
-        code = event.error_code
-        if code == h2.errors.ErrorCodes.REFUSED_STREAM:
-            failure = _CallFailed(
-                StatusCode.RESOURCE_EXHAUSTED, "the server refused the call (too many calls)"
-            )
-        elif code == h2.errors.ErrorCodes.CANCEL:
-            failure = _CallFailed(StatusCode.CANCELLED, "the server cancelled the call")
-        else:
-            try:
-                name = h2.errors.ErrorCodes(code).name
-            except ValueError:
-                name = str(code)
-            failure = _CallFailed(StatusCode.INTERNAL, f"the server reset the call ({name})")
-        self._end(call, error=failure)
-
-    def _on_goaway(self, event: _GoAway) -> None:
-        """No new streams here; those the server never saw may be sent again elsewhere."""
-        self.goaway = True
-        if event.error_code:
-            log.info("%s sent GOAWAY with error %s", self.addr, event.error_code)
-        for call in list(self._calls.values()):
-            if call.stream_id > event.last_stream_id:
-                self._end(call, error=_Unprocessed())
-        self._capacity_lot.unpark_all()
-        if not self._calls:
-            self._done.set()
-
-    # -- calls --
-
-    def _headers(self, path: str, timeout: float | None) -> _Headers:
-        base = self._headers_cache.get(path)
-        if base is None:
-            base = self._headers_cache[path] = _request_headers(path, self._authority)
-        return base if timeout is None else _with_timeout(base, timeout)
-
-    async def open_call(
-        self, path: str, payload: bytes, deadline: float, *, end_stream: bool = True
-    ) -> _Call:
-        """Open a stream and send the request (headers, message and END_STREAM, in one
-        write when the window allows; without ``end_stream`` more messages may follow).
-        Raises _Unprocessed if this connection cannot take new calls any more."""
-        h2c = self._h2
-        while True:
-            if not self.accepting:
-                raise _Unprocessed()
-            if h2c.open_outbound_streams < h2c.remote_settings.max_concurrent_streams:
-                break
-            await self._capacity_lot.park()
-        stream_id = int(h2c.get_next_available_stream_id())
-        timeout = None if deadline == math.inf else deadline - trio.current_time()
-        h2c.send_headers(stream_id, self._headers(path, timeout), end_stream=False)
-        call = _Call(self, stream_id)
-        self._calls[stream_id] = call
-        try:
-            await self._send_request(
-                call, _MESSAGE_PREFIX.pack(0, len(payload)) + payload, end_stream=end_stream
-            )
-        except BaseException:
-            self.cancel(call)
-            raise
-        return call
-
-    async def send_message(self, call: _Call, payload: bytes) -> None:
-        """One more request message on a call opened without ``end_stream``, waiting for
-        flow-control window: a server that does not take requests holds us back here."""
-        await self._send_request(
-            call, _MESSAGE_PREFIX.pack(0, len(payload)) + payload, end_stream=False
-        )
-
-    async def _send_request(self, call: _Call, data: bytes, *, end_stream: bool = True) -> None:
-        h2c = self._h2
-        view = memoryview(data)
-        while view:
-            if call.done or self.dead:
-                return  # answered (or failed) before we finished sending
-            try:
-                window = int(h2c.local_flow_control_window(call.stream_id))
-            except h2.exceptions.StreamClosedError:
-                return
-            n = min(len(view), window, int(h2c.max_outbound_frame_size))
-            if n > 0:
-                last = n == len(view)
-                h2c.send_data(
-                    call.stream_id,
-                    data if last and len(view) == len(data) else bytes(view[:n]),
-                    end_stream=last and end_stream,
-                )
-                view = view[n:]
-                self._wake_writer()
-            if view:
-                await self._window_lot.park()
-
-    async def wait(self, call: _Call) -> None:
-        while not call.done:
-            await call.lot.park()
-
-    async def next_message(self, call: _Call) -> bytes | memoryview | None:
-        """The call's next message, None after the last one; raises what ended it."""
-        while True:
-            if call.messages:
-                message = call.take()
-                if call.unacked and call.queued <= _ACK_BELOW and not self.dead:
-                    self._ack(call)
-                    self._wake_writer_if_output()
-                return message
-            if call.done:
-                call.outcome()
-                return None
-            await call.lot.park()
-
-    def _ack(self, call: _Call) -> None:
-        """Hand the call's received bytes back to h2, which sends WINDOW_UPDATE in batches."""
-        if call.unacked and not self.dead:
-            amount, call.unacked = call.unacked, 0
-            self._h2.acknowledge_received_data(amount, call.stream_id)
-
-    def _end(
-        self,
-        call: _Call,
-        *,
-        status: tuple[int, str, bytes | None] | None = None,
-        error: BaseException | None = None,
-    ) -> None:
-        """The server is done with this stream: deliver the outcome, free the slot."""
-        self._calls.pop(call.stream_id, None)
-        # Nothing more can arrive on it: no reason to hold back its window.
-        self._ack(call)
-        call.finish(status, error)
-        self._capacity_lot.unpark_all()
-        self._window_lot.unpark_all()  # its request may be waiting for window: stop it
-        if self.goaway and not self._calls:
-            self._done.set()
-
-    def _fail_stream(self, call: _Call, error: BaseException) -> None:
-        """End a call the server has not ended (a response we cannot read): reset it."""
-        self._reset(call.stream_id, h2.errors.ErrorCodes.CANCEL)
-        self._end(call, error=error)
-        call.messages.clear()
-        call.queued = 0
-        call.partial = bytearray()
-        self._wake_writer()
-
-    def _forget(self, call: _Call, error: BaseException) -> None:
-        if call.done:
-            return
-        self._fail_stream(call, error)
-
-    def cancel(self, call: _Call) -> None:
-        """The caller gave up on ``call`` (cancelled, closed, abandoned): reset the stream."""
-        if not call.done:
-            if self.dead:
-                call.finish(error=ConnectionFailed(f"the connection to {self.addr} was closed"))
-                return
-            self._fail_stream(call, _CallFailed(StatusCode.CANCELLED, "cancelled by the client"))
-        else:
-            call.messages.clear()
-            call.queued = 0
-
-    def cancel_soon(self, call: _Call) -> None:
-        """``cancel`` from anywhere (a finalizer): run it from the trio loop."""
-        if call.done:
-            return
-        with suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(self.cancel, call)
-
-    def _reset(self, stream_id: int, code: int) -> None:
-        if self.dead:
-            return
-        with suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            self._h2.reset_stream(stream_id, code)
-
-    # -- writing --
-
-    def _wake_writer(self) -> None:
-        self._writer_lot.unpark_all()
-
-    def _wake_writer_if_output(self) -> None:
-        if self._h2.outbound_buffered:
-            self._writer_lot.unpark_all()
-
-    async def _flushed(self) -> None:
-        while (self._h2.outbound_buffered or self._writing) and not self.dead:
-            self._wake_writer()
-            await self._flushed_lot.park()
-
-    async def _writer(self) -> None:
-        """Send whatever h2 has queued, in one write per wake-up."""
-        h2c = self._h2
-        stream = self._stream
-        while True:
-            data = h2c.data_to_send()
-            if not data:
-                self._flushed_lot.unpark_all()
-                await self._writer_lot.park()
-                continue
-            self._writing = True
-            try:
-                await stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._lost(_tls_reason(exc))
-                return
-            finally:
-                self._writing = False
-
-
-# --- dialing -----------------------------------------------------------------------------
-
-
-class _Dialer:
-    """Everything needed to open a connection to one server, again and again."""
-
-    def __init__(
-        self,
-        addr: str,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None,
-        timeout: float,
-    ) -> None:
-        self.addr = addr
-        self.host, self.port = _parse_addr(addr)
-        self._ssl_context = ssl_context
-        self._server_hostname = server_hostname or self.host
-        self._timeout = timeout
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        self._authority = f"{host}:{self.port}"
-
-    async def dial(self) -> _Connection:
-        """TCP, TLS handshake, HTTP/2 settings exchange, all within ``timeout``."""
-        addr, timeout = self.addr, self._timeout
-        deadline = trio.current_time() + timeout
-        tcp: trio.SocketStream | None = None
-        with trio.move_on_at(deadline):
-            try:
-                tcp = await trio.open_tcp_stream(self.host, self.port)
-            except (OSError, UnicodeError) as exc:
-                reason = _connect_reason(exc) if isinstance(exc, OSError) else str(exc)
-                raise ConnectionFailed(f"cannot connect to {addr}: {reason}") from exc
-        if tcp is None:
-            raise ConnectionFailed(f"cannot connect to {addr}: no answer within {timeout:g} s")
-        ssl_stream = trio.SSLStream(tcp, self._ssl_context, server_hostname=self._server_hostname)
-        try:
-            _set_keepalive(tcp.socket)
-            handshaken = False
-            with trio.move_on_at(deadline):
-                try:
-                    await ssl_stream.do_handshake()
-                except trio.BrokenResourceError as exc:
-                    raise ConnectionFailed(
-                        f"TLS handshake with {addr} failed: {_tls_reason(exc, handshake=True)}"
-                    ) from exc
-                handshaken = True
-            if not handshaken:
-                raise ConnectionFailed(f"TLS handshake with {addr} timed out after {timeout:g} s")
-            if ssl_stream.selected_alpn_protocol() != ALPN_PROTOCOL:
-                raise ConnectionFailed(
-                    f"TLS handshake with {addr} failed: the server does not offer HTTP/2 "
-                    "(ALPN h2); is it a trio-worker server?"
-                )
-            conn = _Connection(ssl_stream, addr, self._authority)
-            ready = False
-            with trio.move_on_at(deadline):
-                await conn.handshake()
-                ready = True
-            if not ready:
-                raise ConnectionFailed(f"{addr} sent no HTTP/2 settings within {timeout:g} s")
-        except BaseException:
-            await trio.aclose_forcefully(ssl_stream)
-            raise
-        return conn
 
 
 # --- the client ----------------------------------------------------------------------------
@@ -864,11 +93,11 @@ class WorkerClient:
     tasks.
     """
 
-    def __init__(self, dialer: _Dialer, nursery: trio.Nursery) -> None:
+    def __init__(self, dialer: Dialer, nursery: trio.Nursery) -> None:
         self._dialer = dialer
         self._nursery = nursery
-        self._conn: _Connection | None = None
-        self._connections: set[_Connection] = set()
+        self._conn: ClientConnection | None = None
+        self._connections: set[ClientConnection] = set()
         self._lock = trio.Lock()
         self._closed = False
 
@@ -897,48 +126,25 @@ class WorkerClient:
         error. ``stdin`` keeps its stdin open for :meth:`attach`; ``tty`` runs it on a
         pseudo-terminal of ``terminal_size`` (rows, cols; default: the server's, 24x80).
         Raises InvalidRequest, PermissionDenied, Unenforceable, ResourceExhausted."""
-        if isinstance(args, str | bytes):
-            raise InvalidRequest("args", "must be a sequence of strings, not one string")
-        if limits is not None and not isinstance(limits, Limits):
-            raise InvalidRequest("limits", "must be a trio_worker.Limits")
-        if isolation is not None and not isinstance(isolation, Isolation):
-            raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
-        request = pb.StartRequest()
-        with _request_field("command"):
-            request.command = command
-        with _request_field("args"):
-            request.args.extend(args or ())
-        with _request_field("env"):
-            request.env.update(env or {})
-        with _request_field("working_dir"):
-            request.working_dir = os.fspath(cwd) if cwd is not None else ""
-        if limits is not None:
-            with _request_field("limits"):
-                request.limits.CopyFrom(limits_to_pb(limits))
-        if isolation is not None:
-            request.isolation.CopyFrom(isolation_to_pb(isolation))
-        request.stdin = bool(stdin)
-        request.tty = bool(tty)
-        if terminal_size is not None:
-            with _request_field("terminal_size"):
-                request.terminal_size.rows, request.terminal_size.cols = terminal_size
-        with _request_field("user"):
-            request.user = user or ""
+        request = start_request(
+            command,
+            args,
+            env=env,
+            cwd=cwd,
+            limits=limits,
+            isolation=isolation,
+            user=user,
+            stdin=stdin,
+            tty=tty,
+            terminal_size=terminal_size,
+        )
         job = await self._unary("Start", request, pb.Job)
         return job_from_pb(job)
 
     async def stop(self, job_id: str, grace: float = DEFAULT_STOP_GRACE) -> JobInfo:
         """SIGTERM the job's process group, SIGKILL after ``grace`` seconds (as
         ``Supervisor.stop``); returns the final state. Raises JobNotFound, JobNotRunning."""
-        request = pb.StopRequest()
-        with _request_field("id"):
-            request.id = job_id
-        if isinstance(grace, bool) or not isinstance(grace, int | float):
-            raise InvalidRequest("grace", "must be a number of seconds")
-        if not (math.isfinite(grace) and grace >= 0):
-            raise InvalidRequest("grace", f"must be a finite number >= 0, got {grace}")
-        with _request_field("grace"):  # OverflowError beyond timedelta's range
-            request.grace.CopyFrom(seconds_to_duration(grace))
+        request = stop_request(job_id, grace)
         return job_from_pb(await self._unary("Stop", request, pb.Job, job_id))
 
     async def signal(
@@ -948,11 +154,7 @@ class WorkerClient:
     ) -> JobInfo:
         """Send ``signum`` to the job's process group. Raises JobNotFound, JobNotRunning,
         InvalidRequest (not a signal)."""
-        request = pb.SignalRequest()
-        with _request_field("id"):
-            request.id = job_id
-        with _request_field("signal"):
-            request.signal = int(signum)
+        request = signal_request(job_id, signum)
         return job_from_pb(await self._unary("Signal", request, pb.Job, job_id))
 
     async def status(
@@ -960,9 +162,7 @@ class WorkerClient:
         job_id: str,
     ) -> JobInfo:
         """The job's current state. Raises JobNotFound."""
-        request = pb.StatusRequest()
-        with _request_field("id"):
-            request.id = job_id
+        request = id_request(pb.StatusRequest, job_id)
         return job_from_pb(await self._unary("Status", request, pb.Job, job_id))
 
     async def wait(
@@ -970,9 +170,7 @@ class WorkerClient:
         job_id: str,
     ) -> JobInfo:
         """Wait for the job to end; its final state. Raises JobNotFound."""
-        request = pb.WaitRequest()
-        with _request_field("id"):
-            request.id = job_id
+        request = id_request(pb.WaitRequest, job_id)
         return job_from_pb(await self._unary("Wait", request, pb.Job, job_id))
 
     async def remove(
@@ -984,10 +182,7 @@ class WorkerClient:
         """Delete an ended job's record and output; its last state. With ``force`` a
         running job is SIGKILLed and removed once ended. Raises JobNotFound,
         JobStillRunning (running, without ``force``)."""
-        request = pb.RemoveRequest()
-        with _request_field("id"):
-            request.id = job_id
-        request.force = bool(force)
+        request = remove_request(job_id, force)
         return job_from_pb(await self._unary("Remove", request, pb.Job, job_id))
 
     async def list(
@@ -1015,9 +210,7 @@ class WorkerClient:
         page_size: int = 1000,
     ) -> AsyncIterator[builtins.list[JobInfo]]:
         """``list`` one page at a time (each at most ``page_size`` jobs and 4 MiB)."""
-        request = pb.ListRequest(
-            page_size=page_size, states=states_to_pb(states or ()), owner=owner or ""
-        )
+        request = list_request(states, owner, page_size)
         seen: set[str] = set()
         while True:
             response = await self._unary("List", request, pb.ListResponse)
@@ -1038,15 +231,7 @@ class WorkerClient:
         """The job's output from byte ``offset`` of its combined log; with ``follow``, live
         until the job ends. Iterate it with ``async for``; ``aclose()`` it (or use it as
         ``async with``) to stop early. Raises JobNotFound when iterated."""
-        request = pb.OutputRequest()
-        with _request_field("id"):
-            request.id = job_id
-        if not isinstance(offset, int) or offset < 0:
-            raise InvalidRequest("offset", f"must be a non-negative integer, got {offset!r}")
-        with _request_field("offset"):
-            request.offset = offset
-        request.follow = bool(follow)
-        return OutputIterator(self, request)
+        return OutputIterator(self, output_request(job_id, offset, follow))
 
     def attach(self, job_id: str, *, offset: int = 0) -> Attachment:
         """Use a job interactively over one bidirectional stream: its output from byte
@@ -1056,18 +241,11 @@ class WorkerClient:
         session`` gets the output until the job ends, after which ``session.ended`` is its
         final state; ``write``, ``close_stdin`` and ``resize`` send input meanwhile, from
         any task. Leaving the block detaches: the job goes on running."""
-        if not isinstance(offset, int) or offset < 0:
-            raise InvalidRequest("offset", f"must be a non-negative integer, got {offset!r}")
-        request = pb.AttachRequest()
-        with _request_field("id"):
-            request.open.id = job_id
-        with _request_field("offset"):
-            request.open.offset = offset
-        return Attachment(self, request)
+        return Attachment(self, attach_open(job_id, offset))
 
     # -- plumbing --
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self) -> ClientConnection:
         """The connection to use for a new call, opening a new one if the last has ended."""
         conn = self._conn
         if conn is not None and conn.accepting:
@@ -1081,20 +259,20 @@ class WorkerClient:
                 self._adopt(conn)
             return conn
 
-    async def _run(self, conn: _Connection) -> None:
+    async def _run(self, conn: ClientConnection) -> None:
         try:
             await conn.run()
         finally:
             self._connections.discard(conn)
 
-    async def _open(self, method: str, payload: bytes, deadline: float) -> _Call:
+    async def _open(self, method: str, payload: bytes, deadline: float) -> Call:
         """Open a call, sending it again on a new connection while the server says it
         never processed it."""
         for _ in range(_ATTEMPTS):
             conn = await self._connection()
             try:
-                return await conn.open_call(f"/{_SERVICE}/{method}", payload, deadline)
-            except _Unprocessed:
+                return await conn.open_call(method_path(method), payload, deadline)
+            except Unprocessed:
                 continue
         raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
 
@@ -1114,9 +292,9 @@ class WorkerClient:
             try:
                 await conn.wait(call)
                 call.outcome()
-            except _Unprocessed:
+            except Unprocessed:
                 continue
-            except _CallFailed as exc:
+            except CallFailed as exc:
                 if exc.code == StatusCode.DEADLINE_EXCEEDED:
                     await _deadline_passes(deadline)
                 raise exception_from(exc.code, exc.message, exc.details, job_id) from None
@@ -1127,10 +305,10 @@ class WorkerClient:
                 raise RemoteError(
                     StatusCode.INTERNAL, f"expected one response message, got {len(call.messages)}"
                 )
-            return _parse(response_type, call.take())
+            return parse(response_type, call.take())
         raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
 
-    def _adopt(self, conn: _Connection) -> None:
+    def _adopt(self, conn: ClientConnection) -> None:
         self._conn = conn
         self._connections.add(conn)
         self._nursery.start_soon(self._run, conn)
@@ -1141,7 +319,7 @@ class WorkerClient:
         connections = list(self._connections)
         for conn in connections:
             conn.close()
-        with trio.move_on_after(_CLOSE_TIMEOUT):
+        with trio.move_on_after(CLOSE_TIMEOUT):
             for conn in connections:
                 await conn.finished.wait()
 
@@ -1153,27 +331,10 @@ async def _deadline_passes(deadline: float) -> None:
         await trio.sleep_until(deadline)
 
 
-def _parse(message_type: type[M], data: bytes | memoryview) -> M:
-    try:
-        return message_type.FromString(data)  # type: ignore[attr-defined,no-any-return]
-    except DecodeError:
-        message = "the server sent a malformed response message"
-        raise RemoteError(StatusCode.INTERNAL, message) from None
-
-
-@contextmanager
-def _request_field(field: str) -> Iterator[None]:
-    """Turn protobuf's TypeError/ValueError on a bad argument into InvalidRequest(field)."""
-    try:
-        yield
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise InvalidRequest(field, str(exc)) from None
-
-
 class OutputIterator:
     """The chunks of a job's output, as an async iterator: ``async for chunk in it``.
 
-    The call starts on the first ``__anext__``. Up to ``_ACK_BELOW + _STREAM_WINDOW`` bytes
+    The call starts on the first ``__anext__``. Up to ``ACK_BELOW + _STREAM_WINDOW`` bytes
     plus one message (1.75 MiB with the server's 256 KiB chunks) are buffered ahead of the
     consumer, never more: the server is held back by HTTP/2 flow control instead
     (``buffered_bytes`` and ``peak_buffered_bytes`` show it). ``aclose()`` (or leaving an
@@ -1187,7 +348,7 @@ class OutputIterator:
         self._request = request
         self._job_id: str = request.id
         self._deadline: float | None = None
-        self._call: _Call | None = None
+        self._call: Call | None = None
         self._finished = False
 
     def __aiter__(self) -> OutputIterator:
@@ -1228,7 +389,7 @@ class OutputIterator:
                 assert self._call is not None
             call = self._call
             message = await call.conn.next_message(call)
-        except _CallFailed as exc:
+        except CallFailed as exc:
             self._finished = True
             if exc.code == StatusCode.DEADLINE_EXCEEDED:
                 await _deadline_passes(self._deadline)
@@ -1236,7 +397,7 @@ class OutputIterator:
         except TrioWorkerError:
             self._finished = True
             raise
-        except _Unprocessed:  # only a confused server would do this after answering
+        except Unprocessed:  # only a confused server would do this after answering
             self._finished = True
             raise ConnectionFailed(
                 f"{self._client.address} dropped the output stream unprocessed"
@@ -1244,7 +405,7 @@ class OutputIterator:
         if message is None:
             self._finished = True
             raise StopAsyncIteration
-        return chunk_from_pb(_parse(pb.OutputChunk, message))
+        return chunk_from_pb(parse(pb.OutputChunk, message))
 
     async def _start(self) -> None:
         client = self._client
@@ -1259,7 +420,7 @@ class OutputIterator:
                 except BaseException:
                     call.conn.cancel(call)
                     raise
-            if call.done and isinstance(call.error, _Unprocessed):
+            if call.done and isinstance(call.error, Unprocessed):
                 continue
             self._call = call
             return
@@ -1297,7 +458,7 @@ class Attachment:
         self._job_id: str = request.open.id
         #: Where the output starts (the offset asked for).
         self.offset: int = request.open.offset
-        self._call: _Call | None = None
+        self._call: Call | None = None
         self._send_lock = trio.Lock()
         self._finished = False
         #: The job's final state, once the iteration has ended.
@@ -1310,9 +471,9 @@ class Attachment:
             conn = await client._connection()
             try:
                 self._call = await conn.open_call(
-                    f"/{_SERVICE}/Attach", payload, math.inf, end_stream=False
+                    method_path("Attach"), payload, math.inf, end_stream=False
                 )
-            except _Unprocessed:
+            except Unprocessed:
                 continue
             return self
         raise ConnectionFailed(f"{client.address} keeps closing connections before taking calls")
@@ -1335,10 +496,10 @@ class Attachment:
         while not self._finished:
             try:
                 message = await call.conn.next_message(call)
-            except _CallFailed as exc:
+            except CallFailed as exc:
                 self._finished = True
                 raise exception_from(exc.code, exc.message, exc.details, self._job_id) from None
-            except _Unprocessed:
+            except Unprocessed:
                 self._finished = True
                 raise ConnectionFailed(
                     f"{self._client.address} dropped the attach stream unprocessed"
@@ -1353,7 +514,7 @@ class Attachment:
                         StatusCode.INTERNAL, "the attach stream closed before the job ended"
                     )
                 break
-            response = _parse(pb.AttachResponse, message)
+            response = parse(pb.AttachResponse, message)
             kind = response.WhichOneof("event")
             if kind == "output":
                 return chunk_from_pb(response.output)
@@ -1374,7 +535,7 @@ class Attachment:
     async def resize(self, rows: int, cols: int) -> None:
         """Set a tty job's terminal size."""
         request = pb.AttachRequest()
-        with _request_field("terminal_size"):
+        with request_field("terminal_size"):
             request.resize.rows = rows
             request.resize.cols = cols
         await self._send(request)
@@ -1389,16 +550,16 @@ class Attachment:
                 # The call has ended: its outcome (an error, or the job's end) is what the
                 # iteration reports; an error is worth raising here too.
                 if call.error is not None or (call.status and call.status[0] != StatusCode.OK):
-                    with suppress(_Unprocessed):
+                    with suppress(Unprocessed):
                         try:
                             call.outcome()
-                        except _CallFailed as exc:
+                        except CallFailed as exc:
                             raise exception_from(
                                 exc.code, exc.message, exc.details, self._job_id
                             ) from None
                 await trio.lowlevel.checkpoint()
                 return
-            await call.conn.send_message(call, payload)
+            await call.conn.send_request(call, payload)
 
     async def aclose(self) -> None:
         """Detach: reset the stream. The job goes on running."""
@@ -1434,7 +595,7 @@ async def connect(
     if not (timeout > 0 and math.isfinite(timeout)):
         raise InvalidRequest("timeout", f"must be a positive number of seconds, got {timeout!r}")
     context = client_context(ca=Path(ca), cert=Path(cert), key=Path(key))
-    dialer = _Dialer(addr, context, server_hostname, timeout)
+    dialer = Dialer(addr, context, server_hostname, timeout)
     # Dialed outside the nursery, so that its errors do not come out in an ExceptionGroup.
     first = await dialer.dial()
     body_error: BaseException | None = None

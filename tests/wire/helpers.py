@@ -101,7 +101,7 @@ class ConnectionPair:
 class CorePair:
     """Our client core and our server core, connected in memory (h11's ConnectionPair)."""
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, clock: Any = None, **settings: Any) -> None:
         from trio_worker._wire._client import GRPCClientConnection
 
         config: dict[str, Any] = {
@@ -113,7 +113,9 @@ class CorePair:
             "max_header_list_size": 16 * 1024,
         }
         config.update(settings)
-        self.client = GRPCClientConnection()
+        if clock is not None:
+            config["clock"] = clock
+        self.client = GRPCClientConnection() if clock is None else GRPCClientConnection(clock=clock)
         self.server = GRPCServerConnection(**config)
         self.client.initiate_connection()
         self.server.initiate_connection()
@@ -139,3 +141,48 @@ class CorePair:
         h2c.send_headers(stream_id, headers, end_stream=False)
         h2c.send_data(stream_id, grpc_frame(payload), end_stream=True)
         return stream_id
+
+
+DATA, PRIORITY, WINDOW_UPDATE = 0x0, 0x2, 0x8
+RESPONSE_BLOCK = literal(":status", "200") + literal("content-type", "application/grpc+proto")
+
+
+class HostileServer:
+    """Our client core, and a server written frame by frame (h2's own server would refuse
+    to misbehave): ``to_client(frames)`` feeds the client core and returns its events."""
+
+    def __init__(self, clock: Any = None) -> None:
+        from trio_worker._wire._client import GRPCClientConnection
+
+        self.client = GRPCClientConnection() if clock is None else GRPCClientConnection(clock=clock)
+        self.client.initiate_connection()
+        self.client_output()  # the preface and our SETTINGS
+        self.to_client(frame(SETTINGS, 0, 0))
+        self.client_output()  # the SETTINGS ACK
+
+    def open_call(self, path: str = "/trioworker.v1.Worker/Status") -> int:
+        """A request from the client: headers, one empty message, END_STREAM."""
+        from trio_worker._wire._client import request_headers
+
+        h2c = self.client.h2_connection
+        stream_id = int(h2c.get_next_available_stream_id())
+        h2c.send_headers(stream_id, request_headers(path, "localhost:50051"))
+        h2c.send_data(stream_id, grpc_frame(b""), end_stream=True)
+        self.client_output()
+        return stream_id
+
+    def to_client(self, data: bytes) -> list[Any]:
+        return self.client.receive_frames(data)
+
+    def client_output(self) -> bytes:
+        return bytes(self.client.h2_connection.data_to_send())
+
+    def goaway_code(self) -> int | None:
+        """The error code of the last GOAWAY the client queued, if any."""
+        data, code = self.client_output(), None
+        while data:
+            length = int.from_bytes(data[:3], "big")
+            if data[3] == GOAWAY:
+                code = int.from_bytes(data[13:17], "big")
+            data = data[9 + length :]
+        return code

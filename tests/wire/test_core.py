@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 import tracemalloc
 
@@ -32,6 +33,7 @@ from tests.wire.helpers import (
 from trio_worker import JobNotFound
 from trio_worker._error_codes import exception_from, status_of
 from trio_worker._wire._h2conn import (
+    FLOOD_BUDGET,
     MAX_BUFFERED_REQUESTS,
     MAX_CACHED_BLOCK,
     MAX_CONTINUATIONS,
@@ -159,7 +161,8 @@ def test_calls_that_finish_earn_resets_back() -> None:
 
 
 def test_pings_count_what_they_will_cost_us() -> None:
-    gate = FrameGate(16384, server=False)
+    # A clock that leaps an hour per look: the flood budget is always full again.
+    gate = FrameGate(16384, server=False, clock=itertools.count(0, 3600).__next__)
     ping = frame(PING, 0, 0, b"12345678")
     gate.feed(ping * (MAX_UNSENT_CONTROL // 17 + 1))
     assert gate.control_owed > MAX_UNSENT_CONTROL
@@ -271,3 +274,35 @@ def test_partial_requests_on_many_streams_are_bounded_per_connection() -> None:
         pair.client.reset_stream(stream_id)
     pair.to_server(pair.client.data_to_send())
     assert pair.server.buffered_requests == 0
+
+
+@pytest.mark.parametrize(
+    "flood",
+    [
+        frame(PING, 0, 0, b"12345678"),
+        frame(SETTINGS, 0, 0),
+        frame(0x8, 0, 0, struct.pack(">L", 1)),  # WINDOW_UPDATE
+        frame(RST_STREAM, 0, 1, struct.pack(">L", 8)),  # on a stream already reset
+    ],
+    ids=["PING", "SETTINGS", "WINDOW_UPDATE", "RST_STREAM"],
+)
+def test_a_client_flooding_frames_that_make_no_progress_is_told_to_calm_down(
+    flood: bytes,
+) -> None:
+    pair = ConnectionPair(clock=lambda: 0.0)
+    pair.to_server(frame(HEADERS, END_HEADERS, 1, request_block()))
+    pair.to_server(frame(RST_STREAM, 0, 1, struct.pack(">L", 8)))
+    sent = 0
+    error: PeerMisbehaved | None = None
+    while error is None and sent < 100 * FLOOD_BUDGET:
+        sent += 1
+        try:
+            pair.to_server(flood)
+        except PeerMisbehaved as exc:
+            error = exc
+        pair.server_output()  # replies are written: only the budget stops it
+    assert error is not None
+    assert error.error_code == ENHANCE_YOUR_CALM
+    assert sent <= FLOOD_BUDGET + 8
+    pair.server.calm_down(error)
+    assert pair.goaway_code() == ENHANCE_YOUR_CALM

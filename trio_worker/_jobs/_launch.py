@@ -43,6 +43,7 @@ from .._errors import ResourceExhausted
 from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup
 from .._host._isolation import helper_argv, helper_tasks, resolve_command
 from .._model import Isolation, Limits
+from ._job import REPORT
 from ._output import OutputLog
 from ._process import (
     RESOURCE_ERRNOS,
@@ -56,10 +57,8 @@ from ._process import (
 )
 from ._store import process_start_time
 
-__all__ = ["REPORT", "LaunchPlan", "Launched", "Launcher", "Place", "remove_new_job_dir"]
+__all__ = ["LaunchPlan", "Launched", "Launcher", "Place", "remove_new_job_dir"]
 
-#: Where the namespace helper reports why it could not run the command.
-REPORT = "nsinit.report"
 _log = logging.getLogger("trio_worker.supervisor")
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 

@@ -1,4 +1,4 @@
-"""Server-side TLS for the transport: OpenSSL on a non-blocking socket, waited on with trio.
+"""TLS for both ends: OpenSSL on a non-blocking socket, waited on with trio.
 
 Why not ``trio.SSLStream``: it runs OpenSSL over memory BIOs and goes through the
 scheduler several times per read and per write (its own checkpoints, the transport's,
@@ -6,7 +6,8 @@ scheduler several times per read and per write (its own checkpoints, the transpo
 per round trip through ``trio.SSLStream`` and 90 µs this way; for a small RPC that is a
 fifth of the server's whole budget. Here OpenSSL reads and writes the socket itself and
 trio is asked only to wait for readiness when OpenSSL says it must (``SSLWantRead`` /
-``SSLWantWrite``).
+``SSLWantWrite``). The server wraps accepted sockets, the client dialed ones (with
+``server_hostname``): the connection driver (``_connection``) is the same for both.
 
 Semantics match what the transport needs from ``trio.SSLStream``: ``receive_some`` (b""
 at EOF) and ``send_all`` may run concurrently in two tasks, errors become
@@ -31,12 +32,20 @@ _CLOSED_ERRORS: Final = (OSError, ssl.SSLError, ValueError)
 
 
 class TLSSocketStream:
-    """One accepted TCP connection, TLS server side."""
+    """One TCP connection with TLS: the server side of an accepted one, or, given
+    ``server_hostname`` (the name the server's certificate must carry), the client side
+    of a dialed one."""
 
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+    def __init__(
+        self, sock: socket.socket, context: ssl.SSLContext, *, server_hostname: str | None = None
+    ) -> None:
         sock.setblocking(False)
         self._ssl: ssl.SSLSocket = context.wrap_socket(
-            sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=True
+            sock,
+            server_side=server_hostname is None,
+            server_hostname=server_hostname,
+            do_handshake_on_connect=False,
+            suppress_ragged_eofs=True,
         )
         self._broken = False
         self._closed = False
@@ -48,7 +57,7 @@ class TLSSocketStream:
         return self._ssl
 
     async def do_handshake(self) -> None:
-        """Complete the TLS handshake (the client certificate is verified by OpenSSL)."""
+        """Complete the TLS handshake (the peer's certificate is verified by OpenSSL)."""
         sock = self._ssl
         while True:
             try:

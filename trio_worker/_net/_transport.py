@@ -6,9 +6,9 @@
 TLS is ``_tlsstream.TLSSocketStream`` rather than ``trio.SSLStream``: same job, less than
 half the CPU per small RPC (see that module).
 
-A ``_Connection`` drives purerpc's sans-I/O ``GRPCConnection`` (``_h2conn``) from trio: a
-reader task, a task per call, and a writer task for output the socket could not take at
-once. purerpc's own I/O layer (``Server``, ``GRPCSocket``, ``GRPCStream``,
+A ``_Connection`` is the connection driver both ends share (``_connection``: reader,
+writer, loss, close) over purerpc's sans-I/O ``GRPCConnection`` (``_h2conn``), plus a task
+per call. purerpc's own I/O layer (``Server``, ``GRPCSocket``, ``GRPCStream``,
 ``SocketWrapper``) is not used, because every gap we must close lives in it: its reader
 loop drops RST_STREAM and connection loss, its writer buffers without bound for a slow
 client, unexpected errors became CANCELLED, and every stream event went through an anyio
@@ -49,7 +49,6 @@ import h2.exceptions
 import trio
 from google.protobuf.message import DecodeError
 from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived, WindowUpdated
-from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
 
 from .._error_codes import status_of
 from .._errors import (
@@ -61,16 +60,17 @@ from .._errors import (
 from .._identity import Identity, identity_from_der
 from .._tls import ALPN_PROTOCOL
 from .._wire._h2conn import (
-    MAX_UNSENT_CONTROL,
+    MAX_MESSAGE,
     BadMessage,
     BadRequest,
     GRPCServerConnection,
     PeerGoAway,
-    PeerMisbehaved,
     RequestTooLarge,
+    ServerH2Connection,
     StreamReset,
 )
 from .._wire._status import StatusCode
+from ._connection import MESSAGE_PREFIX, Connection
 from ._sockets import set_keepalive as _set_keepalive
 from ._tlsstream import TLSSocketStream
 
@@ -97,9 +97,7 @@ log = logging.getLogger(__name__)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
-_MESSAGE_PREFIX: Final = struct.Struct(">BI")
 _CONTENT_TYPE_SUFFIX: Final = "+proto"
-_RECEIVE_SIZE: Final = 64 * 1024  # OpenSSL returns at most a record (16 KiB) per read
 _LARGEST_WINDOW: Final = 2**31 - 1
 _LARGEST_FRAME: Final = 2**24 - 1
 #: accept() failures that mean "out of resources for now", not "listener broken".
@@ -279,7 +277,7 @@ class TransportConfig:
     #: 32, not 100: an output stream whose client stops reading still holds about 1.3 MiB
     #: (one message and its log reader's block), and 32 of them fit the per-connection bound
     max_concurrent_streams: int = 32
-    max_request_bytes: int = 4 * 1024 * 1024
+    max_request_bytes: int = MAX_MESSAGE
     handshake_timeout: float = 10.0
     #: close (with GOAWAY) a connection that has had no call for this long
     idle_timeout: float = 300.0
@@ -549,8 +547,8 @@ class _Requests:
 # --- one connection ----------------------------------------------------------------------
 
 
-class _Connection:
-    """One client connection: a reader task, a writer task, a task per (async) call."""
+class _Connection(Connection):
+    """One client connection: the shared driver (reader, writer), a task per (async) call."""
 
     def __init__(
         self,
@@ -562,15 +560,7 @@ class _Connection:
         peer_cert: bytes = b"",
     ) -> None:
         cfg = server.config
-        #: The client's certificate (DER), to find connections of a revoked one.
-        self.peer_cert = peer_cert
-        self._server = server
-        self._cfg = cfg
-        self._stream = stream
-        self._identity = identity
-        self._auth_error = auth_error
-        self._peer = peer
-        self._grpc = GRPCServerConnection(
+        grpc = GRPCServerConnection(
             max_message_length=cfg.max_request_bytes,
             max_concurrent_streams=cfg.max_concurrent_streams,
             initial_window_size=cfg.initial_window_size,
@@ -579,47 +569,57 @@ class _Connection:
             max_header_list_size=cfg.max_header_list_size,
             streams_requests=server.streams_requests,
         )
-        self._h2 = self._grpc.h2_connection
+        super().__init__(
+            stream,
+            grpc,
+            peer=peer,
+            peer_noun="the client",
+            stats=server.stats,
+            write_timeout=cfg.write_timeout,
+            max_send_buffer=cfg.max_send_buffer,
+            # Frames no larger than we accept ourselves, even if the client takes 16 MiB
+            # ones: streams then interleave, and the send buffer stays near its bound.
+            max_frame=cfg.max_frame_size,
+            close_timeout=1.0,
+        )
+        #: The client's certificate (DER), to find connections of a revoked one.
+        self.peer_cert = peer_cert
+        self._server = server
+        self._cfg = cfg
+        self._identity = identity
+        self._auth_error = auth_error
+        self._peer = peer
+        self._grpc = grpc
+        self._h2: ServerH2Connection = grpc.h2_connection
         self._calls: dict[int, _Call] = {}
-        self._nursery: trio.Nursery | None = None
-        self._writer_lot = trio.lowlevel.ParkingLot()  # the writer waits here for data
-        self._drained_lot = trio.lowlevel.ParkingLot()  # senders wait here for buffer room
-        self._window_lot = trio.lowlevel.ParkingLot()  # senders wait here for window
         self._new_calls: list[_Call] = []  # headers seen in this read, not started yet
-        self._done = trio.Event()  # the connection is to be closed now
-        self._dead = False  # nothing can be sent any more (peer gone, h2 closed)
         self._draining = False
         self.drained = False  # ended by a drain (or idling) with everything flushed
         self._last_call_end = trio.current_time()  # for the idle timeout
 
     # -- lifecycle --
 
-    async def run(self) -> None:
+    async def run(self) -> bool:
         """Serve the connection until the client leaves, it idles out, or it is drained."""
         self._grpc.initiate_connection()
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._reader)
-                nursery.start_soon(self._idle_watchdog)
-                self._push()  # our SETTINGS
-                await self._done.wait()
-                if not self._dead:
-                    # Let queued frames (final trailers, GOAWAY) reach the client.
-                    with trio.move_on_after(1.0):
-                        await self._flushed()
-                        self.drained = self._draining
-                self._dead = True
-                for call in self._calls.values():
-                    call.gone("connection closed")
-                nursery.cancel_scope.cancel()
-        finally:
-            self._dead = True
+        flushed = await super().run()
+        self.drained = flushed and self._draining
+        return flushed
+
+    def _start_tasks(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._idle_watchdog)
+
+    def _end_calls(self, reason: str) -> None:
+        for call in self._calls.values():
+            call.gone(reason)
+
+    def _after_read(self) -> None:
+        if self._new_calls:
+            self._start_calls()
 
     def start_drain(self) -> None:
         """Send GOAWAY; streams in flight go on, new ones get UNAVAILABLE; close when done."""
-        if self._draining or self._dead:
+        if self._draining or self.dead:
             return
         self._draining = True
         self._h2.send_graceful_goaway(self._h2.highest_inbound_stream_id)
@@ -629,14 +629,13 @@ class _Connection:
     def close(self, reason: str) -> None:
         """End the connection now (its certificate was revoked): GOAWAY, every call
         cancelled, closed once the GOAWAY is out (at most a second)."""
-        if self._dead or self._done.is_set():
+        if self.dead or self._done.is_set():
             return
         log.info("closing connection from %s: %s", self._peer, reason)
         self._draining = True
         with suppress(h2.exceptions.ProtocolError):
             self._h2.close_connection()
-        for call in self._calls.values():
-            call.gone(reason)
+        self._end_calls(reason)
         self._push()
         self._done.set()
 
@@ -649,13 +648,6 @@ class _Connection:
     def _maybe_drained(self) -> None:
         if self._draining and not self._calls:
             self._done.set()
-
-    def _lost(self) -> None:
-        """The transport is unusable: cancel every call at once."""
-        self._dead = True
-        for call in self._calls.values():
-            call.gone("connection lost")
-        self._done.set()
 
     async def _idle_watchdog(self) -> None:
         """Drain the connection once it has had no call for ``idle_timeout``.
@@ -675,44 +667,6 @@ class _Connection:
         self.start_drain()
 
     # -- reading --
-
-    async def _reader(self) -> None:
-        stream = self._stream
-        grpc = self._grpc
-        while True:
-            try:
-                data = await stream.receive_some(_RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                log.debug("connection from %s lost: %r", self._peer, exc.__cause__ or exc)
-                break
-            if not data:
-                break
-            try:
-                events = grpc.receive_frames(data)
-            except (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved) as exc:
-                # h2 has queued a GOAWAY with the error (we do, for our own bounds); send
-                # it, then close.
-                if isinstance(exc, PeerMisbehaved):
-                    grpc.calm_down(exc)
-                log.info("HTTP/2 protocol error from %s: %s", self._peer, exc)
-                for call in self._calls.values():
-                    call.gone("HTTP/2 protocol error")
-                self._start_calls()  # those just registered end here, as CANCELLED
-                self._wake_writer()
-                self._done.set()
-                return
-            for event in events:
-                self._on_event(event)
-            if self._new_calls:
-                self._start_calls()
-            self._push()
-            gate = grpc.gate
-            if gate.control_owed > MAX_UNSENT_CONTROL:
-                # The peer's PINGs and SETTINGS make us write: read on only once those
-                # replies are out, so a peer that never reads cannot grow our buffer.
-                await self._flushed()
-                gate.control_owed = 0
-        self._lost()
 
     def _on_event(self, event: Any) -> None:
         kind = type(event)
@@ -757,7 +711,7 @@ class _Connection:
         elif kind is PeerGoAway:
             # h2 3.x sends nothing after a GOAWAY either way: the connection is over.
             log.debug("client %s sent GOAWAY (%s)", self._peer, event.error_code)
-            self._lost()
+            self._lost("the client sent GOAWAY")
 
     def _on_request(self, event: Any) -> None:
         stream_id: int = event.stream_id
@@ -896,7 +850,7 @@ class _Connection:
                         while True:
                             # Ask for the next message only once it could leave: a peer
                             # that never opens its window makes us hold nothing for it.
-                            await self._sendable(call)
+                            await self.wait_for_window(call.stream_id)
                             try:
                                 # Not kept in a local: _send_message drops it once
                                 # serialized, while it waits for window.
@@ -968,43 +922,14 @@ class _Connection:
         """Queue a whole response message if window, frame size and buffer allow it now."""
         self._check_type(call, message, expected)
         payload: bytes = message.SerializeToString()
-        size = _MESSAGE_PREFIX.size + len(payload)
-        h2c = self._h2
         stream_id = call.stream_id
-        try:
-            window = int(h2c.local_flow_control_window(stream_id))
-        except h2.exceptions.StreamClosedError:
-            return False
-        if (
-            size > window
-            or size > h2c.max_outbound_frame_size
-            or size > self._cfg.max_frame_size
-            or h2c.outbound_buffered + self._stream.pending >= self._cfg.max_send_buffer
-        ):
+        if not self.fits(stream_id, MESSAGE_PREFIX.size + len(payload)):
             return False
         if not call.headers_sent:
             self._grpc.start_response(stream_id, _CONTENT_TYPE_SUFFIX)
             call.headers_sent = True
-        h2c.send_data(stream_id, _MESSAGE_PREFIX.pack(0, len(payload)) + payload)
+        self._h2.send_data(stream_id, MESSAGE_PREFIX.pack(0, len(payload)) + payload)
         return True
-
-    async def _sendable(self, call: _Call) -> None:
-        """Wait until the stream has flow-control window.
-
-        Not for buffer room: the next message is fetched (often a disk read) while the
-        last one is written, and a full buffer makes ``_send_message`` wait with that one
-        message, which is what a stream may hold anyway.
-        """
-        h2c = self._h2
-        while True:
-            try:
-                window = int(h2c.local_flow_control_window(call.stream_id))
-            except h2.exceptions.StreamClosedError:
-                return  # _send_message sees it too, and ends the call like a reset
-            if window > 0:
-                return
-            self._wake_writer()
-            await self._window_lot.park()
 
     async def _send_message(
         self, call: _Call, message: Any, expected: type[Any], *, wake: bool = True
@@ -1012,7 +937,8 @@ class _Connection:
         """Queue one response message, waiting for flow-control window and buffer room.
 
         Never yields when both suffice, so consecutive sends (and the trailers after the
-        last one) leave in one socket write.
+        last one) leave in one socket write: a stream's messages go when its handler
+        yields (the writer is woken, not pushed).
         """
         self._check_type(call, message, expected)
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -1020,41 +946,15 @@ class _Connection:
         # While this waits for window, it holds the serialized bytes only: not the message
         # object (callers pass it without keeping it), nor a prefixed copy of it.
         del message
-        prefix = _MESSAGE_PREFIX.pack(0, len(payload))
-        h2c = self._h2
         stream_id = call.stream_id
         if not call.headers_sent:
             self._grpc.start_response(stream_id, _CONTENT_TYPE_SUFFIX)
             call.headers_sent = True
-        high_water = self._cfg.max_send_buffer
-        # Frames no larger than we accept ourselves, even if the client takes 16 MiB ones:
-        # streams then interleave, and the send buffer stays near its bound.
-        max_frame = self._cfg.max_frame_size
-        pos, total = 0, len(prefix) + len(payload)
-        while pos < total:
-            if h2c.outbound_buffered + self._stream.pending >= high_water:
-                self._wake_writer()
-                await self._drained_lot.park()
-                continue
-            try:
-                window = int(h2c.local_flow_control_window(stream_id))
-            except h2.exceptions.StreamClosedError:
-                # Closed under us (a reset we have not seen yet): end like one.
-                call.gone("stream closed")
-                await trio.lowlevel.checkpoint()
-                continue
-            if window <= 0:
-                self._wake_writer()
-                await self._window_lot.park()
-                continue
-            n = min(total - pos, window, int(h2c.max_outbound_frame_size), max_frame)
-            if pos < len(prefix):  # the first frame carries the prefix (usually all of it)
-                head = prefix[pos : pos + n]
-                h2c.send_data(stream_id, head + payload[: n - len(head)])
-            else:
-                start = pos - len(prefix)
-                h2c.send_data(stream_id, payload[start : start + n])
-            pos += n
+        if not await self.send_message(stream_id, payload):
+            # Closed under us (a reset we have not seen yet, or the connection): end like
+            # one; the call's scope is cancelled.
+            call.gone("stream closed")
+            await trio.lowlevel.checkpoint()
         if wake:
             self._wake_writer()
 
@@ -1063,7 +963,7 @@ class _Connection:
         if call.finished:
             return
         call.finished = True
-        if call.peer_gone or self._dead:
+        if call.peer_gone or self.dead:
             return
         stream_id = call.stream_id
         try:
@@ -1100,64 +1000,6 @@ class _Connection:
     def _reset(self, stream_id: int, error_code: int) -> None:
         with suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self._h2.reset_stream(stream_id, error_code)
-
-    # -- writing --
-
-    def _wake_writer(self) -> None:
-        self._writer_lot.unpark_all()
-
-    def _push(self) -> None:
-        """Write what is queued now, if the socket takes it without waiting.
-
-        Called where a batch of output is complete (end of a read, end of a call): saves
-        waking the writer task, which then only deals with a socket that is full.
-        """
-        if self._dead or not self._h2.outbound_buffered:
-            return
-        stream = self._stream
-        if stream.pending:  # the writer is at it; it takes this too
-            self._wake_writer()
-            return
-        data = self._h2.data_to_send()
-        stats = self._server.stats
-        stats.socket_writes += 1
-        stats.bytes_written += len(data)
-        try:
-            if not stream.try_send(data):
-                self._wake_writer()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.debug("cannot write to %s: %r", self._peer, exc.__cause__ or exc)
-            self._lost()
-
-    async def _flushed(self) -> None:
-        while self._h2.outbound_buffered or self._stream.pending:
-            self._wake_writer()
-            await self._drained_lot.park()
-
-    async def _writer(self) -> None:
-        """Writes what could not be written at once, and output queued by streams."""
-        h2c = self._h2
-        stream = self._stream
-        stats = self._server.stats
-        timeout = self._cfg.write_timeout
-        while True:
-            try:
-                if stream.pending:
-                    await stream.flush(stall_timeout=timeout)
-                else:
-                    data = h2c.data_to_send()
-                    if not data:
-                        self._drained_lot.unpark_all()
-                        await self._writer_lot.park()
-                        continue
-                    stats.socket_writes += 1
-                    stats.bytes_written += len(data)
-                    await stream.send_all(data, stall_timeout=timeout)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
-                log.debug("cannot write to %s: %r", self._peer, exc.__cause__ or exc)
-                self._lost()
-                return
-            self._drained_lot.unpark_all()
 
 
 def _single_rpc_error(exc: BaseException) -> RpcError | None:

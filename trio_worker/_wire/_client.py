@@ -10,6 +10,10 @@ helpers this one shares.
 from __future__ import annotations
 
 import math
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any, Final
 
 import h2.errors
@@ -17,14 +21,23 @@ import h2.events
 import h2.settings
 import hpack
 from purerpc.grpclib.config import GRPCConfiguration
-from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import ResponseEnded, ResponseReceived, WindowUpdated
 from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
 from purerpc.grpclib.headers import HeaderDict
+from purerpc.grpclib.status import Status
 
 from .. import __version__
-from ._h2conn import BoundedDecoder, WireH2Connection, h2_config, hpack_literal
-from ._status import DETAILS_HEADER, details_from_header
+from ._h2conn import (
+    MAX_MESSAGE,
+    PROTOCOL_ERROR,
+    BoundedDecoder,
+    PeerMisbehaved,
+    WireGRPCConnection,
+    WireH2Connection,
+    h2_config,
+    hpack_literal,
+)
+from ._status import DETAILS_HEADER, StatusCode, bound_text, details_from_header
 
 USER_AGENT: Final = f"trio-worker/{__version__} purerpc"
 #: The receive window we advertise for each stream: what the server may send beyond what
@@ -35,8 +48,8 @@ STREAM_WINDOW: Final = 1024 * 1024
 CONNECTION_WINDOW: Final = 2**31 - 1
 #: Largest frame we accept: whole output chunks arrive in one frame.
 MAX_FRAME: Final = 1024 * 1024
-#: Largest response message (a List of very many jobs); a guard against garbage lengths.
-MAX_MESSAGE: Final = 64 * 1024 * 1024
+#: Largest decoded response header list (headers or trailers): a server's are a few
+#: hundred bytes, with a status message of at most 1 KiB and details of a few hundred.
 MAX_HEADER_LIST: Final = 64 * 1024
 
 
@@ -101,6 +114,92 @@ class BadResponse:
     def __init__(self, stream_id: int, reason: str) -> None:
         self.stream_id = stream_id
         self.reason = reason
+
+
+class MessageRefused(Exception):
+    """A response message we will not read: the call fails with ``code``, the others go on."""
+
+    def __init__(self, code: StatusCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+_MESSAGE_PREFIX: Final = struct.Struct(">BI")
+
+
+class MessageReader:
+    """One stream's DATA → its length-prefixed gRPC messages, each at most
+    :data:`MAX_MESSAGE` bytes (so a partial message holds at most that much).
+
+    A message that lies whole in a DATA payload and makes most of it is kept as a view of
+    it (no copy; a view pins at most twice its size); smaller ones are copied, and messages
+    spanning frames are assembled in ``partial``.
+    """
+
+    __slots__ = ("messages", "partial", "queued")
+
+    def __init__(self) -> None:
+        self.messages: deque[bytes | memoryview] = deque()
+        #: bytes of complete messages not taken yet
+        self.queued = 0
+        self.partial = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that the consumer has not taken."""
+        return self.queued + len(self.partial)
+
+    def feed(self, data: bytes) -> None:
+        """Split ``data`` into messages; raises :class:`MessageRefused` on a prefix we will
+        not read (compressed, or over :data:`MAX_MESSAGE`)."""
+        buf = self.partial
+        if buf:
+            buf += data
+            source: bytes | bytearray = buf
+        else:
+            source = data
+        total = len(source)
+        pos = 0
+        view = memoryview(source)
+        try:
+            while total - pos >= 5:
+                compressed, length = _MESSAGE_PREFIX.unpack_from(source, pos)
+                if compressed:
+                    raise MessageRefused(
+                        StatusCode.INTERNAL, "the server sent a compressed message"
+                    )
+                if length > MAX_MESSAGE:
+                    raise MessageRefused(
+                        StatusCode.RESOURCE_EXHAUSTED,
+                        f"response message of {length} bytes is over {MAX_MESSAGE}",
+                    )
+                end = pos + 5 + length
+                if end > total:
+                    break
+                if source is buf or 2 * length < total:  # buf is trimmed below
+                    self.messages.append(bytes(view[pos + 5 : end]))
+                else:
+                    self.messages.append(view[pos + 5 : end])
+                self.queued += length
+                pos = end
+            if source is not buf and pos < total:
+                self.partial = bytearray(view[pos:])
+        finally:
+            view.release()
+        if source is buf and pos:
+            del buf[:pos]
+
+    def take(self) -> bytes | memoryview:
+        message = self.messages.popleft()
+        self.queued -= len(message)
+        return message
+
+    def clear(self) -> None:
+        """Drop what is buffered (the call failed)."""
+        self.messages.clear()
+        self.queued = 0
+        self.partial = bytearray()
 
 
 class RequestHeaders(list[tuple[str, str]]):
@@ -169,15 +268,18 @@ class ClientH2Connection(WireH2Connection):
         return [], [event]
 
 
-class GRPCClientConnection(GRPCConnection):  # type: ignore[misc]
+class GRPCClientConnection(WireGRPCConnection):
     """purerpc's ``GRPCConnection`` for a client, with our settings and complete events.
 
     purerpc's version raises out of ``receive_data`` on a malformed response (losing the
     other events of that read), drops RST_STREAM and GOAWAY, and reassembles messages in a
-    buffer it acknowledges by itself; messages and flow control are the transport's here.
+    buffer it acknowledges by itself; messages (:class:`MessageReader`) and flow control
+    are the driver's here. The server's frames go through the same gate and bounds as a
+    client's do on the server (``receive_frames``; :meth:`calm_down` on a broken one).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock`` (seconds) refills the flood budget."""
         # Not super().__init__(): it builds a plain H2Connection with purerpc's settings.
         self.config = GRPCConfiguration(
             client_side=True, user_agent=USER_AGENT, max_message_length=MAX_MESSAGE
@@ -203,11 +305,16 @@ class GRPCClientConnection(GRPCConnection):  # type: ignore[misc]
         self.h2_connection: ClientH2Connection = h2c
         self.message_read_buffers: dict[int, Any] = {}
         self.settings_received = False
+        self._open_gate(MAX_FRAME, server=False, clock=clock)
 
     def initiate_connection(self) -> None:
         h2c = self.h2_connection
         h2c.initiate_connection()
         h2c.increment_flow_control_window(CONNECTION_WINDOW - int(h2c.inbound_flow_control_window))
+
+    def _request_received(self, event: Any) -> list[Any]:
+        # HEADERS on a stream the server opened (even id): servers push nothing here.
+        raise PeerMisbehaved(PROTOCOL_ERROR, f"the server opened stream {event.stream_id}")
 
     def _response_received(self, event: Any) -> list[Any]:
         headers = HeaderDict(event.headers)
@@ -245,10 +352,20 @@ class GRPCClientConnection(GRPCConnection):  # type: ignore[misc]
         return [WindowUpdated(stream_id=0, delta=1)]
 
 
+#: Highest grpc-status we take from a server (gRPC's codes end at 16; a few more are left
+#: for codes of the future): a peer's 4,000-digit number is not a status.
+_MAX_STATUS_CODE: Final = 63
+
+
 def response_ended(stream_id: int, raw: list[tuple[str, str]], headers: HeaderDict) -> Any:
     """ResponseEnded, with ``details``: the raw ``grpc-status-details-bin`` (purerpc drops
     every ``grpc-`` header it does not know)."""
     ended = ResponseEnded.parse_from_stream_id_and_headers_destructive(stream_id, headers)
+    code = int(ended.status.int_value)
+    if not 0 <= code <= _MAX_STATUS_CODE:
+        raise ValueError(f"grpc-status {bound_text(str(code), 32)} is not a status code")
+    # The message is only for people and ends up in an exception: cut to what we send.
+    ended.status = Status(code, bound_text(str(ended.status.status_message)))
     ended.details = None
     for name, value in raw:
         if name == DETAILS_HEADER:

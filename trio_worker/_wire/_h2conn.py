@@ -36,6 +36,7 @@ purerpc and h2 are untyped: ``Any`` stays inside this module and the types it re
 from __future__ import annotations
 
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,11 +45,14 @@ from typing import Any, Final
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 import hpack
 from hyperframe.frame import (  # type: ignore[import-untyped]
     DataFrame,
     GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
     WindowUpdateFrame,
 )
 from purerpc.grpclib.buffers import MessageReadBuffer
@@ -62,11 +66,16 @@ from purerpc.grpclib.headers import HeaderDict
 from ._status import status_trailers
 
 __all__ = [
+    "FLOOD_BUDGET",
+    "FLOOD_EARN",
+    "FLOOD_REFILL",
     "MAX_BUFFERED_REQUESTS",
     "MAX_CONTINUATIONS",
     "MAX_HEADER_BLOCK",
+    "MAX_MESSAGE",
     "MAX_SIZE_UPDATES",
     "MAX_UNSENT_CONTROL",
+    "PROTOCOL_ERRORS",
     "RESET_BUDGET",
     "BadMessage",
     "BadRequest",
@@ -78,6 +87,7 @@ __all__ = [
     "RequestTooLarge",
     "ServerH2Connection",
     "StreamReset",
+    "WireGRPCConnection",
     "WireH2Connection",
     "h2_config",
     "hpack_literal",
@@ -147,13 +157,28 @@ RESET_BUDGET: Final = 1000
 #: Unsent replies to the peer's PING and SETTINGS beyond which the reader stops reading
 #: until they are written (a peer that floods PINGs and never reads queued 63 MiB of ACKs).
 MAX_UNSENT_CONTROL: Final = 64 * 1024
+#: Frames that make no progress (PING, SETTINGS, WINDOW_UPDATE, RST_STREAM, PRIORITY,
+#: GOAWAY, empty DATA, unknown types) a peer may send in a burst before GOAWAY
+#: ENHANCE_YOUR_CALM: each costs us a parse and often a reply, and 100,000 of them are a
+#: flood (CVE-2019-9512/9515/9518), while an honest peer sends a few per call.
+FLOOD_BUDGET: Final = 1000
+#: What each HEADERS frame (ours or the peer's) and each DATA or PING frame of ours earns
+#: back: an honest peer answers our DATA with at most a stream and a connection
+#: WINDOW_UPDATE and a BDP PING (grpc-go), and a call it cancels costs one RST_STREAM.
+FLOOD_EARN: Final = 4
+#: What the budget earns back per second whatever happens, so that keepalive PINGs on a
+#: quiet connection (ours: one per 10 s while a call waits) never use it up.
+FLOOD_REFILL: Final = 10.0
+#: Largest gRPC message either end takes: a List page is filled up to it, and a request
+#: over it is refused; a guard against a peer's garbage lengths as much as a size.
+MAX_MESSAGE: Final = 4 * 1024 * 1024
 #: Bytes of request messages one connection may hold before handlers take them (partial
 #: messages, and a stream of requests' messages not yet taken): without it, 100 streams
 #: each 4 MiB short of a whole message pinned 400 MiB, all acknowledged at once.
 MAX_BUFFERED_REQUESTS: Final = 8 * 1024 * 1024
 
-_HEADERS, _RST_STREAM, _SETTINGS, _PING, _CONTINUATION = 0x1, 0x3, 0x4, 0x6, 0x9
-_FLAG_ACK, _FLAG_END_HEADERS = 0x1, 0x4
+_DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x6, 0x9
+_FLAG_ACK, _FLAG_END_HEADERS, _FLAG_PADDED = 0x1, 0x4, 0x8
 #: Whole frames are handed to h2 in batches of at most this many bytes: h2's own frame
 #: buffer copies what follows each frame it takes (quadratic for a 1 MiB frame arriving
 #: in 16 KiB TLS records), so records are gathered here and h2 sees whole frames only.
@@ -170,6 +195,11 @@ class PeerMisbehaved(Exception):
         self.reason = reason
 
 
+#: What the core raises for a peer that breaks HTTP/2, gRPC framing or one of our bounds:
+#: the connection is over (a GOAWAY is queued: h2's, or ours through ``calm_down``), and
+#: the drivers turn it into a lost connection.
+PROTOCOL_ERRORS: Final = (h2.exceptions.ProtocolError, GRPCProtocolError, PeerMisbehaved)
+
 #: HTTP/2 error codes we send (RFC 9113 §7).
 PROTOCOL_ERROR: Final = 0x1
 FRAME_SIZE_ERROR: Final = 0x6
@@ -181,22 +211,29 @@ class FrameGate:
 
     Sans-I/O and shared by both ends. It enforces the frame size we advertised, the
     encoded size and frame count of a header block (as soon as a frame header announces
-    them, before its payload is buffered), and counts the replies the peer's PING and
-    SETTINGS will cost us (``control_owed``), so the driver can stop reading a peer that
-    sends them without reading.
+    them, before its payload is buffered), and the flood budget (frames that make no
+    progress, see :data:`FLOOD_BUDGET`; earned back by our own frames through
+    :meth:`earn` and by time through ``clock``); it counts the replies the peer's PING
+    and SETTINGS will cost us (``control_owed``), so the driver can stop reading a peer
+    that sends them without reading.
     """
 
     __slots__ = (
         "_block",
         "_buf",
+        "_clock",
         "_continuations",
+        "_flood",
+        "_flood_at",
         "_in_block",
         "_preface",
         "control_owed",
         "max_frame",
     )
 
-    def __init__(self, max_frame: int, *, server: bool) -> None:
+    def __init__(
+        self, max_frame: int, *, server: bool, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
         # A server first receives the client's connection preface (not a frame): passed
@@ -205,6 +242,9 @@ class FrameGate:
         self._in_block = False
         self._block = 0  # encoded bytes of the header block being received
         self._continuations = 0
+        self._clock = clock
+        self._flood = float(FLOOD_BUDGET)  # what is left of the flood budget...
+        self._flood_at = clock()  # ...as of then
         #: bytes of PING/SETTINGS acknowledgements the peer's frames will make us send
         self.control_owed = 0
 
@@ -212,6 +252,11 @@ class FrameGate:
     def buffered(self) -> int:
         """Bytes received and not yet handed over (at most one frame plus a record)."""
         return len(self._buf)
+
+    def earn(self, frames: int) -> None:
+        """We sent ``frames`` frames an honest peer may answer (HEADERS, DATA, PING)."""
+        flood = self._flood + frames * FLOOD_EARN
+        self._flood = flood if flood < FLOOD_BUDGET else FLOOD_BUDGET
 
     def feed(self, data: bytes | bytearray) -> list[bytes]:
         """Take ``data``; return the whole frames now complete, in batches. Raises
@@ -233,7 +278,17 @@ class FrameGate:
             frame_end = end + _FRAME_HEADER_SIZE + length
             if frame_end > size:
                 break
-            self._account(length, kind, flags)
+            if kind == _DATA:
+                # DATA with no payload (padding aside) makes no progress.
+                if flags & _FLAG_PADDED and length:
+                    length -= 1 + buf[end + _FRAME_HEADER_SIZE]
+                if length <= 0:
+                    self._spend()
+            elif kind != _HEADERS and kind != _CONTINUATION:
+                self._spend()
+                self._account(kind, flags)
+            else:
+                self._account_block(length, kind, flags)
             if end > start and frame_end - start > _FEED_BYTES:
                 batches.append(bytes(buf[start:end]))
                 start = end
@@ -260,16 +315,36 @@ class FrameGate:
                     ENHANCE_YOUR_CALM, f"more than {MAX_CONTINUATIONS} CONTINUATION frames"
                 )
 
-    def _account(self, length: int, kind: int, flags: int) -> None:
-        """Count a complete frame (once)."""
+    def _spend(self) -> None:
+        """One frame that makes no progress: from the budget, topped up by time first."""
+        flood = self._flood - 1
+        if flood < FLOOD_BUDGET - 1:
+            now = self._clock()
+            flood += (now - self._flood_at) * FLOOD_REFILL
+            self._flood_at = now
+            if flood > FLOOD_BUDGET - 1:
+                flood = FLOOD_BUDGET - 1
+            if flood < 0:
+                raise PeerMisbehaved(
+                    ENHANCE_YOUR_CALM, f"over {FLOOD_BUDGET} frames that make no progress"
+                )
+        else:
+            self._flood_at = self._clock()
+        self._flood = flood
+
+    def _account_block(self, length: int, kind: int, flags: int) -> None:
+        """Count a complete HEADERS or CONTINUATION frame (once)."""
         if kind == _HEADERS:
             self._block, self._continuations = length, 0
-            self._in_block = not flags & _FLAG_END_HEADERS
-        elif kind == _CONTINUATION:
+            self.earn(1)  # a call opened, answered or ended: progress
+        else:
             self._block += length
             self._continuations += 1
-            self._in_block = not flags & _FLAG_END_HEADERS
-        elif kind == _PING and not flags & _FLAG_ACK:
+        self._in_block = not flags & _FLAG_END_HEADERS
+
+    def _account(self, kind: int, flags: int) -> None:
+        """Count the reply a complete PING or SETTINGS frame will cost us (once)."""
+        if kind == _PING and not flags & _FLAG_ACK:
             self.control_owed += _FRAME_HEADER_SIZE + 8
         elif kind == _SETTINGS and not flags & _FLAG_ACK:
             self.control_owed += _FRAME_HEADER_SIZE
@@ -428,6 +503,8 @@ class WireH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
     """
 
     _data_to_send: bytearray
+    #: The gate of the connection's received frames: our own frames earn its flood budget.
+    gate: FrameGate | None = None
 
     def _receive_window_update_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
         if frame.stream_id and frame.stream_id not in self.streams:
@@ -452,8 +529,14 @@ class WireH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
         if not frames:
             return
         buffer: bytearray = self._data_to_send
+        answerable = 0  # frames an honest peer may answer (see FLOOD_EARN)
         for frame in frames:
-            if type(frame) is DataFrame and "PADDED" not in frame.flags:
+            kind = type(frame)
+            if kind is DataFrame or kind is HeadersFrame:
+                answerable += 1
+            elif kind is PingFrame:
+                answerable += "ACK" not in frame.flags
+            if kind is DataFrame and "PADDED" not in frame.flags:
                 data = frame.data
                 length = len(data)
                 frame.body_len = length
@@ -467,6 +550,9 @@ class WireH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
                 buffer += data
             else:
                 buffer += frame.serialize()
+        gate = self.gate
+        if answerable and gate is not None:
+            gate.earn(answerable)
 
     def data_to_send(self, amount: int | None = None) -> bytes | bytearray:
         """Hand over the whole output buffer without copying it (h2 and purerpc copy)."""
@@ -524,7 +610,40 @@ class ServerH2Connection(WireH2Connection):
             self._prepare_for_sending(stream.acknowledge_received_data(size))
 
 
-class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
+class WireGRPCConnection(GRPCConnection):  # type: ignore[misc]
+    """purerpc's ``GRPCConnection`` as both cores use it: bytes go in through the
+    :class:`FrameGate` (whole frames, bounds checked first), and a broken bound is answered
+    with GOAWAY. Subclasses set ``h2_connection``, then call :meth:`_open_gate`."""
+
+    gate: FrameGate
+    h2_connection: WireH2Connection
+
+    def _open_gate(self, max_frame: int, *, server: bool, clock: Callable[[], float]) -> None:
+        self.gate = FrameGate(max_frame, server=server, clock=clock)
+        self.h2_connection.gate = self.gate  # our own frames earn its flood budget
+
+    def receive_frames(self, data: bytes | bytearray) -> list[Any]:
+        """``receive_data`` through the :class:`FrameGate`: whole frames only, bounds
+        checked first. Raises :class:`PeerMisbehaved` (then call :meth:`calm_down`) or
+        h2's ProtocolError (h2 has queued its GOAWAY)."""
+        events: list[Any] = []
+        for batch in self.gate.feed(data):
+            events.extend(self.receive_data(batch))
+        return events
+
+    def calm_down(self, error: PeerMisbehaved) -> None:
+        """Queue GOAWAY with the error of a broken bound; nothing more is read."""
+        h2c = self.h2_connection
+        frame = GoAwayFrame(
+            stream_id=0,
+            last_stream_id=h2c.highest_inbound_stream_id,
+            error_code=error.error_code,
+            additional_data=error.reason.encode()[:128],
+        )
+        h2c._data_to_send += frame.serialize()
+
+
+class GRPCServerConnection(WireGRPCConnection):
     """purerpc's ``GRPCConnection`` for one server connection, with our settings."""
 
     def __init__(
@@ -537,9 +656,11 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         max_frame_size: int,
         max_header_list_size: int,
         streams_requests: Callable[[str], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``streams_requests(path)`` tells whether the method at ``path`` takes a stream
-        of requests, whose stream window then follows its handler (``message_taken``)."""
+        of requests, whose stream window then follows its handler (``message_taken``);
+        ``clock`` (seconds) refills the flood budget."""
         # Not super().__init__(): it builds a plain H2Connection with purerpc's fixed
         # settings (65536 streams, a 1 GiB connection window, 16 MiB frames).
         self.config = GRPCConfiguration(client_side=False, max_message_length=max_message_length)
@@ -566,7 +687,7 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         # stream's window, messages delivered and not yet taken by the handler].
         self._held: dict[int, list[int]] = {}
         self._reset_budget = RESET_BUDGET
-        self.gate = FrameGate(max_frame_size, server=True)
+        self._open_gate(max_frame_size, server=True, clock=clock)
         # Request bytes held per stream (see MAX_BUFFERED_REQUESTS), their sum, and the
         # sizes of a stream of requests' messages not yet taken, oldest first.
         self._buffered: dict[int, int] = {}
@@ -699,26 +820,6 @@ class GRPCServerConnection(GRPCConnection):  # type: ignore[misc]
         """A call ended without a reset by the peer: it earns one reset back."""
         if self._reset_budget < RESET_BUDGET:
             self._reset_budget += 1
-
-    def receive_frames(self, data: bytes | bytearray) -> list[Any]:
-        """``receive_data`` through the :class:`FrameGate`: whole frames only, bounds
-        checked first. Raises :class:`PeerMisbehaved` (then call :meth:`calm_down`) or
-        h2's ProtocolError (h2 has queued its GOAWAY)."""
-        events: list[Any] = []
-        for batch in self.gate.feed(data):
-            events.extend(self.receive_data(batch))
-        return events
-
-    def calm_down(self, error: PeerMisbehaved) -> None:
-        """Queue GOAWAY with the error of a broken bound; nothing more is read."""
-        h2c = self.h2_connection
-        frame = GoAwayFrame(
-            stream_id=0,
-            last_stream_id=h2c.highest_inbound_stream_id,
-            error_code=error.error_code,
-            additional_data=error.reason.encode()[:128],
-        )
-        h2c._data_to_send += frame.serialize()
 
     def _connection_terminated(self, event: Any) -> list[Any]:
         return [PeerGoAway(int(event.error_code))]

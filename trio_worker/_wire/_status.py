@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
 __all__ = [
     "DETAILS_HEADER",
@@ -43,7 +42,7 @@ ERROR_DOMAIN: Final = "trioworker.v1"
 #: Longest grpc-message we send (UTF-8 bytes before percent-encoding): a line for people,
 #: and never a way to echo a client's megabytes back (contract: at most 1 KiB).
 MAX_MESSAGE_BYTES: Final = 1024
-#: Longest ErrorInfo metadata value or BadRequest description we send: the same reason.
+#: Longest ErrorInfo metadata value or BadRequest field we send or take: the same reason.
 _MAX_DETAIL_BYTES: Final = 256
 #: Largest details blob we try to parse from a peer: a bound on the work a hostile one buys.
 _MAX_DETAILS_IN: Final = 16 * 1024
@@ -51,8 +50,10 @@ _MAX_DETAILS_IN: Final = 16 * 1024
 #: What grpc-message keeps as is: printable ASCII but "%" (gRPC's percent-encoding rule).
 _MESSAGE_SAFE: Final = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 _TYPE_PREFIX: Final = "type.googleapis.com/"
-_ERROR_INFO_TYPE: Final = _TYPE_PREFIX + error_details_pb2.ErrorInfo.DESCRIPTOR.full_name
-_BAD_REQUEST_TYPE: Final = _TYPE_PREFIX + error_details_pb2.BadRequest.DESCRIPTOR.full_name
+#: The details' type URLs (the messages' full names, which the import below would give:
+#: ``google.rpc`` is imported when details are made or read, not by every client command).
+_ERROR_INFO_TYPE: Final = _TYPE_PREFIX + "google.rpc.ErrorInfo"
+_BAD_REQUEST_TYPE: Final = _TYPE_PREFIX + "google.rpc.BadRequest"
 
 
 class StatusCode(enum.IntEnum):
@@ -106,6 +107,8 @@ def encode_details(
     violations: tuple[tuple[str, str], ...] = (),
 ) -> bytes:
     """A serialized ``google.rpc.Status`` with an ErrorInfo (and a BadRequest if any)."""
+    from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+
     status = status_pb2.Status(code=int(code), message=bound_text(message))
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
     for key, value in (metadata or {}).items():
@@ -128,6 +131,8 @@ def decode_details(data: bytes) -> ErrorDetails | None:
     the blob is missing, too large or not one (a peer's garbage is not an error of ours)."""
     if not data or len(data) > _MAX_DETAILS_IN:
         return None
+    from google.rpc import error_details_pb2, status_pb2
+
     status = status_pb2.Status()
     try:
         status.ParseFromString(data)
@@ -138,11 +143,21 @@ def decode_details(data: bytes) -> ErrorDetails | None:
             if detail.type_url == _ERROR_INFO_TYPE and not reason:
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
-                reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
+                reason, domain = info.reason, info.domain
+                metadata = {
+                    bound_text(key, _MAX_DETAIL_BYTES): bound_text(value, _MAX_DETAIL_BYTES)
+                    for key, value in info.metadata.items()
+                }
             elif detail.type_url == _BAD_REQUEST_TYPE:
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
-                violations.extend((v.field, v.description) for v in bad.field_violations)
+                violations.extend(
+                    (
+                        bound_text(v.field, _MAX_DETAIL_BYTES),
+                        bound_text(v.description, _MAX_DETAIL_BYTES),
+                    )
+                    for v in bad.field_violations
+                )
     except DecodeError:
         return None
     return ErrorDetails(reason, domain, metadata, tuple(violations))

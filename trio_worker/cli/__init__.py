@@ -7,12 +7,10 @@ its class (``_errors``). ``--debug`` anywhere before ``--`` adds tracebacks and 
 
 from __future__ import annotations
 
-import logging
+import functools
 import os
 import sys
-import time
-import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._commands import NAMES, overview, unknown_command
@@ -35,41 +33,6 @@ def _split_debug(tokens: list[str]) -> tuple[list[str], bool]:
         end = len(tokens)
     head = [t for t in tokens[:end] if t != "--debug"]
     return head + tokens[end:], len(head) != end
-
-
-class _AuditFormatter(logging.Formatter):
-    """Audit records are JSON lines already; everything else gets a time and a level."""
-
-    def __init__(self, server: bool) -> None:
-        fmt = (
-            "%(asctime)s %(levelname)s %(name)s: %(message)s"
-            if server
-            else "trio-worker: %(message)s"
-        )
-        super().__init__(fmt)
-
-    def format(self, record: logging.LogRecord) -> str:
-        if record.name == "trio_worker.audit":
-            return record.getMessage()
-        return super().format(record)
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        """``2026-12-01 15:50:14.703 UTC``: the one time format of the CLI, with its zone."""
-        moment = time.localtime(record.created)
-        millis = int(record.msecs)
-        return time.strftime(f"%Y-%m-%d %H:%M:%S.{millis:03d} %Z", moment)
-
-
-def _setup_logging(command: str, debug: bool) -> None:
-    server = command == "serve"
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_AuditFormatter(server))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO if server else logging.WARNING)
-    # The HTTP/2 libraries log every frame and header at DEBUG: --debug is for our records.
-    for name in ("purerpc", "hpack", "h2"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _stdout_gone() -> NoReturn:
@@ -106,22 +69,35 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         )
         sys.exit(ExitCode.USAGE)
 
-    from ._app import app, resolve_command
-    from ._errors import describe
+    from . import _argv  # not for the overview: it reads the connection settings
 
-    if command and command != "certs":
-        resolve_command(command)
-    elif command:
-        rest = tokens[tokens.index("certs") + 1 :]
-        sub = next((t for t in rest if not t.startswith("-")), "")
-        command = f"certs {sub}" if sub in app["certs"] else command
-    _setup_logging(command, debug)
+    short = _argv.parse_short(tokens) if command in _argv.COMMANDS else None
+    if short is not None:
+        function, args, keywords = short
+        run: Callable[[], object] = functools.partial(function, *args, **keywords)
+    else:
+        from ._app import app, resolve_command
+
+        if command and command != "certs":
+            resolve_command(command)
+        elif command:
+            rest = tokens[tokens.index("certs") + 1 :]
+            sub = next((t for t in rest if not t.startswith("-")), "")
+            command = f"certs {sub}" if sub in app["certs"] else command
+        run = functools.partial(app, tokens)
+    from ._errors import describe
+    from ._logs import setup_logging
+
+    setup_logging(command, debug)
+
     try:
-        result = app(tokens)
+        result = run()
     except SystemExit:
         raise
     except BaseException as exc:
         if debug:
+            import traceback
+
             traceback.print_exception(exc)
         failure = describe(exc, command=command, job_exit=command in _JOB_EXIT_COMMANDS)
         if failure.code == ExitCode.BROKEN_PIPE:

@@ -8,30 +8,17 @@ imports its module, and what that module needs, only when it runs or shows its o
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+import importlib
+from typing import Any
 
-from cyclopts import App, Group, Parameter
+from cyclopts import App
 
 from .. import __version__
-from .._errors import InvalidRequest
-from . import _parse
+from . import _params
 from ._certs import certs
 from ._commands import COMMANDS, DESCRIPTION
 
-__all__ = [
-    "CLIENT_CONFIG",
-    "Count",
-    "Cpus",
-    "Offset",
-    "Seconds",
-    "Size",
-    "app",
-    "converter",
-]
-
-T = TypeVar("T")
+__all__ = ["CLIENT_CONFIG", "app", "resolve_command"]
 
 app = App(
     name="trio-worker",
@@ -47,46 +34,8 @@ app = App(
     result_action="return_value",
 )
 
-
-def _load_config_file(app: Any, commands: Any, arguments: Any) -> None:
-    from ._settings import load_config_file  # tomllib and the file checks: client commands
-
-    load_config_file(app, commands, arguments)
-
-
 #: The config sources of client commands; cyclopts applies them after flags and env.
-CLIENT_CONFIG = (_load_config_file,)
-
-JOB_GROUP = Group("Job", sort_key=1)
-LIMITS_GROUP = Group("Limits and isolation", sort_key=2)
-
-
-def converter(parse: Callable[[str], T]) -> Callable[[Any, Any], T]:
-    """A cyclopts converter calling ``parse`` on the token; its ``ValueError`` becomes
-    ``InvalidRequest`` named after the option (``--memory: '12XB' is not a size; ...``)."""
-
-    def convert(type_: Any, tokens: Any) -> T:
-        token = tokens[-1] if isinstance(tokens, list | tuple) else tokens
-        try:
-            return parse(str(token.value))
-        except ValueError as exc:
-            raise InvalidRequest(str(token.keyword or "value"), str(exc)) from None
-
-    return convert
-
-
-Size = Annotated[int, Parameter(converter=converter(_parse.parse_size), metavar="SIZE")]
-Cpus = Annotated[float, Parameter(converter=converter(_parse.parse_cpus), metavar="N")]
-Count = Annotated[int, Parameter(converter=converter(_parse.parse_count), metavar="N")]
-Offset = Annotated[
-    int,
-    Parameter(
-        converter=converter(functools.partial(_parse.parse_count, maximum=_parse.MAX_UINT64)),
-        metavar="N",
-    ),
-]
-Seconds = Annotated[float, Parameter(converter=converter(_parse.parse_seconds), metavar="SECONDS")]
-
+CLIENT_CONFIG = (_params.load_config_file,)
 
 for _command in COMMANDS:
     if _command.name == "certs":
@@ -105,7 +54,15 @@ for _command in COMMANDS:
 
 def resolve_command(name: str) -> App:
     """The command's App, imported, with its whole docstring as its help: cyclopts puts the
-    one-line summary it was registered with in its place."""
+    one-line summary it was registered with in its place.
+
+    Client commands' modules import no cyclopts: their annotations get the names they use
+    here (``_params.bind``), before cyclopts reads them."""
+    for _command in COMMANDS:
+        if _command.name == name and _command.client:
+            module = importlib.import_module(f"{__package__}.{_command.target.split(':')[0]}")
+            _params.bind(module)
+            _params.bind(importlib.import_module(f"{__package__}._settings"))
     command = app[name]
     if name != "certs":
         command.help = None  # back to the function's docstring

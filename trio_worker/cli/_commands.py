@@ -7,7 +7,6 @@ the whole of ``trio-worker --help`` may (0.1 s). A command's own ``--help`` is c
 
 from __future__ import annotations
 
-import difflib
 import textwrap
 from typing import Final, NamedTuple
 
@@ -113,6 +112,8 @@ def overview() -> str:
 
 def unknown_command(word: str) -> str:
     """The one line for a first word that is no command."""
+    import difflib
+
     close = difflib.get_close_matches(word, NAMES, n=1)
     guess = f" (did you mean {close[0]}?)" if close else ""
     return f"unknown command {word!r}{guess}; the commands are {', '.join(NAMES)}"

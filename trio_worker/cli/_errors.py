@@ -9,10 +9,9 @@ The exit codes are in ``_exit``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import cyclopts
 
 from .._errors import (
     AuthenticationFailed,
@@ -68,6 +67,18 @@ _OPTION_OF_FIELD = {
 }
 
 
+class _CycloptsError(Exception):
+    """Stands for ``cyclopts.CycloptsError`` in the table: cyclopts is imported only when a
+    command line goes through it, and until then none of its errors can be raised."""
+
+
+def _cyclopts(name: str) -> type[BaseException]:
+    """``cyclopts.<name>`` if cyclopts is loaded, else a class nothing is an instance of."""
+    module = sys.modules.get("cyclopts")
+    found = getattr(module, name, None) if module is not None else None
+    return found if isinstance(found, type) else _CycloptsError
+
+
 def option_of(field: str) -> str | None:
     """The option for a request field (``args[2]`` and ``env[K]`` as ``args``, ``env``)."""
     return _OPTION_OF_FIELD.get(field) or _OPTION_OF_FIELD.get(field.split("[", 1)[0])
@@ -95,7 +106,7 @@ def _invalid(exc: BaseException, command: str) -> str:
 
 
 def _usage(exc: BaseException, command: str) -> str:
-    if isinstance(exc, cyclopts.UnknownOptionError) and command in ("run", "start"):
+    if isinstance(exc, _cyclopts("UnknownOptionError")) and command in ("run", "start"):
         return (
             f"options go before --, the command after it: trio-worker {command} "
             "[OPTIONS] -- COMMAND [ARG...]"
@@ -155,7 +166,7 @@ def _not_running(exc: BaseException, command: str) -> str:
 TABLE: tuple[tuple[type[BaseException], ExitCode, _Hint], ...] = (
     (ConfigFileError, ExitCode.CONFIG, "fix the file or pass --config with another one"),
     (LocalConfigError, ExitCode.CONFIG, ""),
-    (cyclopts.CycloptsError, ExitCode.USAGE, _usage),
+    (_CycloptsError, ExitCode.USAGE, _usage),
     (InvalidRequest, ExitCode.USAGE, _invalid),
     (
         TLSConfigError,
@@ -210,7 +221,7 @@ def leaf_exception(exc: BaseException) -> BaseException:
                 leaves.append(inner)
 
     walk(exc)
-    for wanted in (KeyboardInterrupt, BrokenPipeError, TrioWorkerError, cyclopts.CycloptsError):
+    for wanted in (KeyboardInterrupt, BrokenPipeError, TrioWorkerError, _cyclopts("CycloptsError")):
         for leaf in leaves:
             if isinstance(leaf, wanted):
                 return leaf
@@ -234,7 +245,7 @@ def describe(exc: BaseException, *, command: str = "", job_exit: bool = False) -
     if isinstance(exc, BrokenPipeError):
         return Failure(ExitCode.BROKEN_PIPE, "output closed")
     for cls, code, hint in TABLE:
-        if isinstance(exc, cls):
+        if isinstance(exc, _cyclopts("CycloptsError") if cls is _CycloptsError else cls):
             next_step = hint(exc, command) if callable(hint) else hint
             message = _one_line(str(exc)).rstrip(".") or type(exc).__name__
             if isinstance(exc, InvalidRequest) and (option := option_of(exc.field)):

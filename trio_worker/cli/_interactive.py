@@ -21,7 +21,7 @@ import signal as _signal
 import sys
 import termios
 import tty as _tty
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
@@ -31,9 +31,10 @@ from cyclopts import Parameter
 from .._errors import JobNotRunning, PermissionDenied
 from .._model import DEFAULT_STOP_GRACE, JobInfo, JobState
 from ._errors import ExitCode, leaf_exception
-from ._ids import IdResolver
+from ._ids import needs_list, resolve_id
+from ._params import Options
 from ._render import job_exit
-from ._session import OutputSink, open_client
+from ._session import CONNECT_TIMEOUT, OutputSink
 from ._settings import ClientOptions, Connection, resolve_connection
 
 if TYPE_CHECKING:
@@ -276,6 +277,17 @@ def _exit_code(outcome: _Outcome, job_id: str) -> int:
     return code
 
 
+@contextlib.asynccontextmanager
+async def open_client(conn: Connection) -> AsyncIterator[WorkerClient]:
+    """The trio client: interactive sessions read the terminal and the connection at once."""
+    from ..client import connect
+
+    async with connect(
+        conn.addr, ca=conn.ca, cert=conn.cert, key=conn.key, timeout=CONNECT_TIMEOUT
+    ) as client:
+        yield client
+
+
 async def run_interactive(
     conn: Connection,
     start: StartJob,
@@ -323,7 +335,7 @@ async def attach(
     no_stdin: Annotated[
         bool, Parameter(name="--no-stdin", negative="", show_default=False)
     ] = False,
-    options: ClientOptions | None = None,
+    options: Options = None,
 ) -> int:
     """Attach to a running job: follow its output from now on, and type into it.
 
@@ -346,7 +358,8 @@ async def attach(
     """
     conn = resolve_connection(options or ClientOptions())
     async with open_client(conn) as client:
-        job = await client.status(await IdResolver(client)(job_id))
+        ids = [job.id for job in await client.list()] if needs_list(job_id) else []
+        job = await client.status(resolve_id(job_id, lambda: ids))
         offset = job.output_bytes  # from now on
         try:
             outcome = await _attached(

@@ -12,10 +12,8 @@ import os
 import signal as _signal
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
-
-import trio
-from cyclopts import Parameter
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated, Any
 
 from .._errors import (
     ConnectionFailed,
@@ -26,7 +24,6 @@ from .._errors import (
 )
 from .._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits
 from . import _parse
-from ._app import JOB_GROUP, LIMITS_GROUP, Count, Cpus, Offset, Seconds, Size
 from ._errors import ExitCode
 from ._ids import IdResolver
 from ._render import describe_state, dump_json, job_exit, job_json, print_job, print_jobs
@@ -34,16 +31,26 @@ from ._session import Backoff, OutputSink, follow_output, open_client, retrying
 from ._settings import ClientOptions, Connection, resolve_connection
 
 if TYPE_CHECKING:
+    from .._blocking_client import BlockingClient
     from ..client import WorkerClient
+    from ._params import (
+        JOB_GROUP,
+        LIMITS_GROUP,
+        Count,
+        Cpus,
+        Interactive,
+        JobId,
+        Offset,
+        Options,
+        Parameter,
+        Seconds,
+        Size,
+        Tty,
+    )
 
 __all__ = ["JobOptions"]
 
-JobId = Annotated[
-    str, Parameter(name="ID", help="The job's id, as start printed it, or a unique prefix.")
-]
 
-
-@Parameter(name="*")
 @dataclass(frozen=True, kw_only=True)
 class JobOptions:
     """What ``start`` and ``run`` ask for besides the command."""
@@ -162,26 +169,17 @@ class _StartRequest:
             job.user or "",
         )
 
-    async def send(
-        self,
-        client: WorkerClient,
-        *,
-        stdin: bool = False,
-        tty: bool = False,
-        terminal_size: tuple[int, int] | None = None,
-    ) -> JobInfo:
-        return await client.start(
-            self.command,
-            self.args,
-            env=self.env,
-            cwd=self.cwd,
-            limits=self.limits,
-            isolation=self.isolation,
-            user=self.user,
-            stdin=stdin,
-            tty=tty,
-            terminal_size=terminal_size,
-        )
+    def arguments(self) -> dict[str, Any]:
+        """``start``'s arguments, for either client (``run -i`` uses the trio one)."""
+        return {
+            "command": self.command,
+            "args": self.args,
+            "env": self.env,
+            "cwd": self.cwd,
+            "limits": self.limits,
+            "isolation": self.isolation,
+            "user": self.user,
+        }
 
 
 def _report_failed_start(job: JobInfo) -> int:
@@ -191,21 +189,15 @@ def _report_failed_start(job: JobInfo) -> int:
     return code
 
 
-Interactive = Annotated[
-    bool, Parameter(name=["--interactive", "-i"], negative="", show_default=False)
-]
-Tty = Annotated[bool, Parameter(name=["--tty", "-t"], negative="", show_default=False)]
-
-
-async def start(
+def start(
     *command: str,
     follow: Annotated[
         bool, Parameter(name=["--follow", "-f"], negative="", show_default=False)
     ] = False,
     interactive: Interactive = False,
     tty: Tty = False,
-    job: JobOptions | None = None,
-    options: ClientOptions | None = None,
+    job: Annotated[JobOptions | None, Parameter(name="*")] = None,
+    options: Options = None,
 ) -> int:
     """Start a job and print its id.
 
@@ -239,24 +231,24 @@ async def start(
         from ._interactive import local_terminal_size  # only for -t: keeps start light
 
         size = local_terminal_size()
-    async with open_client(conn) as client:
-        info = await request.send(client, stdin=interactive, tty=tty, terminal_size=size)
+    with open_client(conn) as client:
+        info = client.start(**request.arguments(), stdin=interactive, tty=tty, terminal_size=size)
         print(info.id, flush=True)
         if info.state is JobState.FAILED:
             return _report_failed_start(info)
         if follow:
             backoff = Backoff(conn.addr)
-            await follow_output(client, info.id, OutputSink(), follow=True, backoff=backoff)
+            follow_output(client, info.id, OutputSink(), follow=True, backoff=backoff)
     return ExitCode.OK
 
 
-async def run(
+def run(
     *command: str,
     grace: Annotated[Seconds | None, Parameter(group=JOB_GROUP)] = None,
     interactive: Interactive = False,
     tty: Tty = False,
-    job: JobOptions | None = None,
-    options: ClientOptions | None = None,
+    job: Annotated[JobOptions | None, Parameter(name="*")] = None,
+    options: Options = None,
 ) -> int:
     """Run a job, stream its output, and exit with its exit code.
 
@@ -295,103 +287,61 @@ async def run(
     request = _StartRequest.build("run", command, job)
     conn = _connection(options)
     if interactive or tty:
+        import trio  # the interactive session reads the terminal and the connection at once
+
         from ._interactive import run_interactive  # only for -i/-t: keeps run light
 
         async def start_job(
             client: WorkerClient, stdin: bool, tty: bool, size: tuple[int, int] | None
         ) -> JobInfo:
-            return await request.send(client, stdin=stdin, tty=tty, terminal_size=size)
+            return await client.start(
+                **request.arguments(), stdin=stdin, tty=tty, terminal_size=size
+            )
 
-        return await run_interactive(conn, start_job, stdin=interactive, tty=tty, grace=grace)
+        async def interactive_session() -> int:
+            return await run_interactive(conn, start_job, stdin=interactive, tty=tty, grace=grace)
+
+        return trio.run(interactive_session)
     backoff = Backoff(conn.addr)
     sink = OutputSink()
-    interrupted = False
-    started: JobInfo | None = None
-    job_known = trio.Event()
-    #: Where the log ended when Ctrl-C was pressed: what the job writes from there on (its
-    #: last words) is printed once it has ended; the backlog before it never is.
-    last_words_at: int | None = None
-    last_words_known = trio.Event()
-    async with open_client(conn) as client:
+    with open_client(conn) as client, _CtrlC(sink) as ctrl_c:
+        client.watch(ctrl_c.fd, ctrl_c.check)
+        started = client.start(**request.arguments())
+        if started.state is JobState.FAILED:
+            return _report_failed_start(started)
+        job_id = ctrl_c.job_id = started.id
+        try:
+            ctrl_c.arm()  # a Ctrl-C while the job started stops it now
+            # Wait is in flight from the start, on the same connection as the output: a
+            # server shutting down finishes calls in flight, so the end still arrives
+            # (a Wait sent after the output ended would meet a closed port).
+            in_flight = [client.wait_later(job_id)]
 
-        async def stop_job() -> None:
-            nonlocal last_words_at
+            def wait_for_end() -> JobInfo:
+                if in_flight:
+                    with contextlib.suppress(ConnectionFailed):  # lost with its connection
+                        return in_flight.pop().result()
+                return client.wait(job_id)
+
+            follow_output(client, job_id, sink, follow=True, backoff=backoff)
+            final = retrying(backoff, wait_for_end)
+        except _StopRequested:
+            # Printing has stopped; stop the job, then print what it wrote from now on
+            # (its last words) once it has ended, never the backlog before.
+            last_words_at = retrying(backoff, lambda: client.status(job_id)).output_bytes
             try:
-                await job_known.wait()
-                if started is None or started.state is JobState.FAILED:
-                    return
-                job_id = started.id
-                last_words_at = (
-                    await retrying(backoff, lambda: client.status(job_id))
-                ).output_bytes
-            finally:
-                last_words_known.set()
-            with contextlib.suppress(JobNotRunning):  # it may have ended on its own meanwhile
                 seconds = DEFAULT_STOP_GRACE if grace is None else grace
-                await retrying(backoff, lambda: client.stop(job_id, seconds))
-
-        # Ctrl-C is ours from before the job exists: one pressed while it starts stops it too.
-        with trio.open_signal_receiver(_signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-
-                async def on_interrupt() -> None:
-                    nonlocal interrupted
-                    async for _ in signals:
-                        which = f"job {started.id}" if started is not None else "the job"
-                        if interrupted:
-                            print(
-                                f"trio-worker: leaving; {which} may still be running",
-                                file=sys.stderr,
-                                flush=True,
-                            )
-                            raise KeyboardInterrupt
-                        interrupted = True
-                        sink.mute()  # the notice below stays the last line on the screen
-                        print(
-                            f"trio-worker: stopping {which} (Ctrl-C again to leave at once)",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                        nursery.start_soon(stop_job)
-
-                nursery.start_soon(on_interrupt)
-                try:
-                    started = await request.send(client)
-                finally:
-                    job_known.set()
-                if started.state is JobState.FAILED:
-                    nursery.cancel_scope.cancel()
-                    return _report_failed_start(started)
-                job_id = started.id
-                # Wait is in flight from the start, on the same connection as the output: a
-                # server shutting down finishes calls in flight, so the end still arrives
-                # (a Wait sent after the output ended would meet a closed port).
-                ending: list[JobInfo] = []
-                ended = trio.Event()
-
-                async def wait_for_end() -> None:
-                    ending.append(await retrying(backoff, lambda: client.wait(job_id)))
-                    ended.set()
-
-                nursery.start_soon(wait_for_end)
-                await follow_output(client, job_id, sink, follow=True, backoff=backoff)
-                await ended.wait()
-                final = ending[0]
-                if interrupted:
-                    await last_words_known.wait()
-                nursery.cancel_scope.cancel()
-            if interrupted:
-                if last_words_at is not None:
-                    begin = max(last_words_at, final.output_bytes - _LAST_WORDS_BYTES)
-                    await follow_output(
-                        client, job_id, OutputSink(begin), follow=False, backoff=backoff
-                    )
-                return ExitCode.INTERRUPTED
+                final = retrying(backoff, lambda: client.stop(job_id, seconds))
+            except JobNotRunning:  # it ended on its own meanwhile
+                final = retrying(backoff, lambda: client.wait(job_id))
+            begin = max(last_words_at, final.output_bytes - _LAST_WORDS_BYTES)
+            follow_output(client, job_id, OutputSink(begin), follow=False, backoff=backoff)
+            return ExitCode.INTERRUPTED
         code, note = job_exit(final)
         # A job killed by a signal is said by the exit code alone, as a shell does, unless
         # it was the server going away: then that is why the job ended.
         killed = final.state is JobState.KILLED and note is None
-        if killed and await _server_going_away(client, final.id):
+        if killed and _server_going_away(client, final.id):
             name = _parse.signal_name(final.signal or 0)
             note = f"job {final.id} was killed by {name}: the server is shutting down"
     if note:
@@ -399,24 +349,84 @@ async def run(
     return code
 
 
-async def _server_going_away(client: WorkerClient, job_id: str) -> bool:
+class _StopRequested(Exception):
+    """The first Ctrl-C of ``run``: leave the output, stop the job."""
+
+
+class _CtrlC:
+    """``run``'s SIGINT: the handler mutes the output at once and counts; what to do is
+    decided between two reads of the connection (``check``, through the wake-up fd), never
+    in the middle of one. The first press stops the job, the second leaves at once."""
+
+    def __init__(self, sink: OutputSink) -> None:
+        self._sink = sink
+        self._presses = 0
+        self._seen = 0
+        self._armed = False
+        self._stopping = False
+        self.job_id = ""
+        self.fd = -1
+
+    def __enter__(self) -> _CtrlC:
+        self.fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._old_wakeup = _signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        self._old_handler = _signal.signal(_signal.SIGINT, self._pressed)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        _signal.signal(_signal.SIGINT, self._old_handler)
+        _signal.set_wakeup_fd(self._old_wakeup)
+        os.close(self.fd)
+        os.close(self._write_fd)
+
+    def _pressed(self, signum: int, frame: FrameType | None) -> None:
+        self._presses += 1
+        self._sink.mute()  # the notice stays the last line on the screen
+
+    def arm(self) -> None:
+        """From now on the first press raises _StopRequested (the job is known)."""
+        self._armed = True
+        self.check()
+        if self._stopping:
+            raise _StopRequested
+
+    def check(self) -> None:
+        if self._presses == self._seen:
+            return
+        self._seen = self._presses
+        which = f"job {self.job_id}" if self.job_id else "the job"
+        if self._stopping or self._presses > 1:
+            print(
+                f"trio-worker: leaving; {which} may still be running", file=sys.stderr, flush=True
+            )
+            raise KeyboardInterrupt
+        self._stopping = True
+        print(
+            f"trio-worker: stopping {which} (Ctrl-C again to leave at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self._armed:
+            raise _StopRequested
+
+
+def _server_going_away(client: BlockingClient, job_id: str) -> bool:
     """Whether the server is shutting down (it stops every job then): a quick Status."""
-    with trio.move_on_after(2):
-        try:
-            await client.status(job_id)
-        except (ShuttingDown, ConnectionFailed):
-            return True
-        except TrioWorkerError:
-            pass
+    try:
+        client.status(job_id, timeout=2)
+    except (ShuttingDown, ConnectionFailed):
+        return True
+    except (TrioWorkerError, TimeoutError):
+        pass
     return False
 
 
-async def status(
+def status(
     job_id: JobId,
     /,
     *,
     as_json: Annotated[bool, Parameter(name="--json", negative="", show_default=False)] = False,
-    options: ClientOptions | None = None,
+    options: Options = None,
 ) -> int:
     """Show one job: state, exit code or signal, pid, times, limits.
 
@@ -431,8 +441,8 @@ async def status(
         Print one JSON object (keys id, owner, command, args, state, pid, exit_code,
         signal, error, started_at, ended_at, output_bytes, oom_killed, limits, isolation).
     """
-    async with open_client(_connection(options)) as client:
-        info = await client.status(await IdResolver(client)(job_id))
+    with open_client(_connection(options)) as client:
+        info = client.status(IdResolver(client)(job_id))
     if as_json:
         dump_json(job_json(info))
     else:
@@ -440,7 +450,7 @@ async def status(
     return ExitCode.OK
 
 
-async def list_jobs(
+def list_jobs(
     *,
     as_json: Annotated[bool, Parameter(name="--json", negative="", show_default=False)] = False,
     quiet: Annotated[
@@ -450,7 +460,7 @@ async def list_jobs(
         list[str] | None, Parameter(metavar="STATE", negative="", show_default=False)
     ] = None,
     owner: Annotated[str | None, Parameter(metavar="NAME", show_default=False)] = None,
-    options: ClientOptions | None = None,
+    options: Options = None,
 ) -> int:
     """List the jobs you may see (all of them for readonly and admin, your own for full).
 
@@ -475,8 +485,8 @@ async def list_jobs(
         Only this owner's jobs (the CN of the certificate that started them).
     """
     states = _parse_states(state or [])
-    async with open_client(_connection(options)) as client:
-        jobs = await client.list(states=states, owner=owner)  # filtered by the server
+    with open_client(_connection(options)) as client:
+        jobs = client.list(states=states, owner=owner)  # filtered by the server
     if quiet:
         sys.stdout.write("".join(f"{job.id}\n" for job in jobs))
         sys.stdout.flush()
@@ -501,12 +511,12 @@ def _parse_states(words: list[str]) -> set[JobState]:
     return states
 
 
-async def stop(
+def stop(
     job_id: JobId,
     /,
     *,
     grace: Seconds | None = None,
-    options: ClientOptions | None = None,
+    options: Options = None,
 ) -> int:
     """Stop a job: SIGTERM to its process group, SIGKILL after the grace period.
 
@@ -522,13 +532,13 @@ async def stop(
     grace
         Seconds between SIGTERM and SIGKILL. Default: 5.
     """
-    async with open_client(_connection(options)) as client:
-        full_id = await IdResolver(client)(job_id)
+    with open_client(_connection(options)) as client:
+        full_id = IdResolver(client)(job_id)
         try:
-            info = await client.stop(full_id, DEFAULT_STOP_GRACE if grace is None else grace)
+            info = client.stop(full_id, DEFAULT_STOP_GRACE if grace is None else grace)
         except JobNotRunning:
             # Already what was asked for: scripts need no `|| true`.
-            ended = await client.status(full_id)
+            ended = client.status(full_id)
             print(
                 f"trio-worker: job {ended.id} had already ended: {describe_state(ended)}",
                 file=sys.stderr,
@@ -539,12 +549,12 @@ async def stop(
     return ExitCode.OK
 
 
-async def signal(
+def signal(
     job_id: JobId,
     signum: Annotated[str, Parameter(name="SIGNAL", help="A name or number: TERM, SIGTERM or 15.")],
     /,
     *,
-    options: ClientOptions | None = None,
+    options: Options = None,
 ) -> int:
     """Send a signal to a job's process group.
 
@@ -558,12 +568,12 @@ async def signal(
         number = _parse.parse_signal(signum)
     except ValueError as exc:
         raise InvalidRequest("SIGNAL", str(exc)) from None
-    async with open_client(_connection(options)) as client:
-        await client.signal(await IdResolver(client)(job_id), number)
+    with open_client(_connection(options)) as client:
+        client.signal(IdResolver(client)(job_id), number)
     return ExitCode.OK
 
 
-async def wait(job_id: JobId, /, *, options: ClientOptions | None = None) -> int:
+def wait(job_id: JobId, /, *, options: Options = None) -> int:
     """Wait for a job to end and exit with its exit code (as run does).
 
     128+N if signal N killed it, 127/126 if it could not be started, 125 if trio-worker
@@ -575,17 +585,17 @@ async def wait(job_id: JobId, /, *, options: ClientOptions | None = None) -> int
     """
     conn = _connection(options)
     # The first connection is not retried (a wrong address fails at once), later ones are.
-    async with open_client(conn) as client:
-        full_id = await IdResolver(client)(job_id)
-        await client.status(full_id)
-        final = await retrying(Backoff(conn.addr), lambda: client.wait(full_id))
+    with open_client(conn) as client:
+        full_id = IdResolver(client)(job_id)
+        client.status(full_id)
+        final = retrying(Backoff(conn.addr), lambda: client.wait(full_id))
     code, note = job_exit(final)
     if note:
         print(f"trio-worker: {note}", file=sys.stderr, flush=True)
     return code
 
 
-async def logs(
+def logs(
     job_id: JobId,
     /,
     *,
@@ -594,7 +604,7 @@ async def logs(
     ] = False,
     offset: Annotated[Offset, Parameter(show_default=False)] = 0,
     tail: Annotated[Count | None, Parameter(name=["--tail", "-n"], show_default=False)] = None,
-    options: ClientOptions | None = None,
+    options: Options = None,
 ) -> int:
     """Print a job's output: its stdout to stdout, its stderr to stderr, bytes unchanged.
 
@@ -621,12 +631,12 @@ async def logs(
     if tail is not None and offset:
         raise InvalidRequest("--tail", "give --tail or --offset, not both")
     conn = _connection(options)
-    async with open_client(conn) as client:
-        full_id = await IdResolver(client)(job_id)
+    with open_client(conn) as client:
+        full_id = IdResolver(client)(job_id)
         if tail is not None:
-            offset = await _tail_offset(client, full_id, tail)
+            offset = _tail_offset(client, full_id, tail)
         backoff = Backoff(conn.addr)
-        await follow_output(client, full_id, OutputSink(offset), follow=follow, backoff=backoff)
+        follow_output(client, full_id, OutputSink(offset), follow=follow, backoff=backoff)
     return ExitCode.OK
 
 
@@ -635,16 +645,16 @@ async def logs(
 _TAIL_WINDOWS = (64 * 1024, 1024 * 1024, 16 * 1024 * 1024, 64 * 1024 * 1024)
 
 
-async def _tail_offset(client: WorkerClient, job_id: str, lines: int) -> int:
+def _tail_offset(client: BlockingClient, job_id: str, lines: int) -> int:
     """The log offset where the job's last ``lines`` lines begin."""
-    end = (await client.status(job_id)).output_bytes
+    end = client.status(job_id).output_bytes
     first = end
     for window in _TAIL_WINDOWS:
         begin = max(0, end - window)
         data = bytearray()
         first = -1
-        async with client.output(job_id, offset=begin, follow=False) as stream:
-            async for chunk in stream:
+        with client.output(job_id, offset=begin, follow=False) as stream:
+            for chunk in stream:
                 if first < 0:
                     first = chunk.offset
                 if chunk.offset >= end:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Annotated
-
-import trio
-from cyclopts import Parameter
+from collections import deque
+from typing import TYPE_CHECKING, Annotated
 
 from .._errors import InvalidRequest, JobNotFound, TrioWorkerError
 from .._model import JobInfo, JobState
@@ -22,16 +20,20 @@ from ._render import human_size
 from ._session import open_client
 from ._settings import ClientOptions, resolve_connection
 
+if TYPE_CHECKING:
+    from .._blocking_client import Pending
+    from ._params import Options, Parameter
+
 __all__ = ["prune", "rm"]
 
 #: Removes in flight at once on the connection (each deletes a directory on the server).
 _CONCURRENT_REMOVES = 8
 
 
-async def rm(
+def rm(
     *ids: Annotated[str, Parameter(name="ID")],
     force: Annotated[bool, Parameter(name=["--force", "-f"], negative="")] = False,
-    options: ClientOptions | None = None,
+    options: Options = None,
 ) -> int:
     """Remove jobs: their records and their output, on the server.
 
@@ -57,12 +59,12 @@ async def rm(
         raise InvalidRequest("ID", "missing; give the id of each job to remove")
     conn = resolve_connection(options or ClientOptions())
     code = ExitCode.OK
-    async with open_client(conn) as client:
+    with open_client(conn) as client:
         resolve = IdResolver(client)
         for typed in ids:
             try:
-                job_id = await resolve(typed)
-                await client.remove(job_id, force=force)
+                job_id = resolve(typed)
+                client.remove(job_id, force=force)
             except TrioWorkerError as exc:
                 failure = describe(exc, command="rm")
                 print(f"trio-worker: error: {failure.message}", file=sys.stderr, flush=True)
@@ -72,7 +74,7 @@ async def rm(
     return code
 
 
-async def prune(*, options: ClientOptions | None = None) -> int:
+def prune(*, options: Options = None) -> int:
     """Remove every ended job you may remove, and say how much output that freed.
 
     Running jobs stay. An admin removes everyone's ended jobs; a full certificate only its
@@ -84,18 +86,20 @@ async def prune(*, options: ClientOptions | None = None) -> int:
     """
     conn = resolve_connection(options or ClientOptions())
     removed: list[JobInfo] = []
-    async with open_client(conn) as client:
-        ended = await client.list(states=[state for state in JobState if state.ended])
-        limiter = trio.CapacityLimiter(_CONCURRENT_REMOVES)
+    with open_client(conn) as client:
+        ended = client.list(states=[state for state in JobState if state.ended])
+        in_flight: deque[Pending] = deque()
 
-        async def remove(job_id: str) -> None:
-            async with limiter:
-                with contextlib.suppress(JobNotFound):  # removed by someone else meanwhile
-                    removed.append(await client.remove(job_id))
+        def collect() -> None:
+            with contextlib.suppress(JobNotFound):  # removed by someone else meanwhile
+                removed.append(in_flight.popleft().result())
 
-        async with trio.open_nursery() as nursery:
-            for job in ended:
-                nursery.start_soon(remove, job.id)
+        for job in ended:
+            in_flight.append(client.remove_later(job.id))
+            if len(in_flight) >= _CONCURRENT_REMOVES:
+                collect()
+        while in_flight:
+            collect()
     freed = sum(job.output_bytes for job in removed)
     jobs = "job" if len(removed) == 1 else "jobs"
     print(f"Removed {len(removed)} ended {jobs}, {human_size(freed)} of output.", flush=True)

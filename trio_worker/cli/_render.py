@@ -14,7 +14,6 @@ and states coloured on a terminal unless ``NO_COLOR`` is set.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shlex
 import shutil
@@ -88,6 +87,8 @@ def job_json(job: JobInfo) -> dict[str, Any]:
 
 
 def dump_json(value: Any) -> None:
+    import json  # for --json only
+
     sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
     sys.stdout.flush()
 

@@ -20,8 +20,8 @@ from cyclopts import Parameter
 
 from .._errors import InvalidRequest
 from .._tls import TLSConfigError
-from ._app import Seconds
 from ._errors import ExitCode, LocalConfigError, leaf_exception
+from ._params import Seconds
 from ._settings import DEFAULT_ADDR, default_state_dir, resolve_state_dir
 
 if TYPE_CHECKING:

@@ -15,18 +15,17 @@ import logging
 import math
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
-
-import trio
 
 from .._errors import ConnectionFailed
 from .._model import OutputChunk, OutputStream
 from ._settings import Connection
 
 if TYPE_CHECKING:
-    from ..client import WorkerClient
+    from .._blocking_client import BlockingClient
 
 __all__ = [
     "Backoff",
@@ -45,12 +44,13 @@ RECONNECT_FOR = float(os.environ.get("TRIO_WORKER_RECONNECT_FOR", "60"))
 CONNECT_TIMEOUT = 10.0
 
 
-@asynccontextmanager
-async def open_client(conn: Connection) -> AsyncIterator[WorkerClient]:
-    """The command's one client; it dials again by itself after a lost connection."""
-    from ..client import connect  # imported when needed: serve and certs start faster
+@contextmanager
+def open_client(conn: Connection) -> Iterator[BlockingClient]:
+    """The command's one client (blocking: no event loop to import and start); it dials
+    again by itself after a lost connection."""
+    from .._blocking_client import connect_blocking  # not for serve and certs
 
-    async with connect(
+    with connect_blocking(
         conn.addr, ca=conn.ca, cert=conn.cert, key=conn.key, timeout=CONNECT_TIMEOUT
     ) as client:
         yield client
@@ -99,9 +99,9 @@ class Backoff:
         self._delay = 0.1
         self._since = None
 
-    async def wait(self, error: ConnectionFailed) -> None:
+    def wait(self, error: ConnectionFailed) -> None:
         """Sleep before the next attempt, or raise if the budget is spent."""
-        now = trio.current_time()
+        now = time.monotonic()
         if self._since is None:
             self._since = now
             _say(
@@ -115,21 +115,21 @@ class Backoff:
                 f"{math.ceil(self.budget)} s: {error}"
             ) from error
         _log.info("connection lost (%s); retrying in %.1f s", error, self._delay)
-        await trio.sleep(self._delay)
+        time.sleep(self._delay)
         self._delay = min(self._delay * 2, 2.0)
 
 
-async def retrying(backoff: Backoff, fn: Callable[[], Awaitable[T]]) -> T:
+def retrying(backoff: Backoff, fn: Callable[[], T]) -> T:
     """``fn()``, again while the connection fails (for idempotent calls: status, wait,
     stop); the client underneath dials a new connection for each attempt."""
     while True:
         try:
-            result = await fn()
+            result = fn()
         except BaseException as exc:
             failed = only_connection_failed(exc)
             if failed is None:
                 raise
-            await backoff.wait(failed)
+            backoff.wait(failed)
             continue
         backoff.progress()
         return result
@@ -181,8 +181,8 @@ class OutputSink:
         target.flush()
 
 
-async def follow_output(
-    client: WorkerClient,
+def follow_output(
+    client: BlockingClient,
     job_id: str,
     sink: OutputSink,
     *,
@@ -197,10 +197,10 @@ async def follow_output(
             if backoff.failing:
                 # Back? A status call says so (and that the job is still there) before
                 # the stream, which may stay silent for as long as the job does.
-                await client.status(job_id)
+                client.status(job_id)
                 backoff.progress(f"; resuming the output at byte {sink.offset}")
-            async with client.output(job_id, offset=sink.offset, follow=follow) as stream:
-                async for chunk in stream:
+            with client.output(job_id, offset=sink.offset, follow=follow) as stream:
+                for chunk in stream:
                     sink.write(chunk)
                     backoff.progress()
             return
@@ -208,4 +208,4 @@ async def follow_output(
             failed = only_connection_failed(exc)
             if failed is None:
                 raise
-            await backoff.wait(failed)
+            backoff.wait(failed)

@@ -3,9 +3,12 @@
 Connection settings come from, in order: flags, the environment (``TRIO_WORKER_ADDR``,
 ``TRIO_WORKER_CA``, ``TRIO_WORKER_CERT``, ``TRIO_WORKER_KEY``, ``TRIO_WORKER_STATE_DIR``),
 the TOML config file (``$XDG_CONFIG_HOME/trio-worker/config.toml``, or ``--config`` /
-``TRIO_WORKER_CONFIG``), and last the development PKI in the state directory. The first
-three are cyclopts' own sources (``Parameter.env_var`` and a ``cyclopts.config.Toml``
-subclass); this module adds the TOML checks and the fallback to the development PKI.
+``TRIO_WORKER_CONFIG``), and last the development PKI in the state directory. Under
+cyclopts the first three are its own sources (``Parameter.env_var`` and a
+``cyclopts.config.Toml`` subclass, in ``_params``); the short commands' own parser
+(``_argv``) reads the same ones in the same order. This module reads and checks the TOML
+file and falls back to the development PKI; it imports no cyclopts (the annotations name
+``Parameter``, which ``_params.bind`` provides when cyclopts needs them).
 
 Nothing here writes a file: a client never creates the development PKI, ``serve`` does.
 """
@@ -13,28 +16,28 @@ Nothing here writes a file: a client never creates the development PKI, ``serve`
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
-
-import cyclopts
-from cyclopts import Group, Parameter
+from typing import TYPE_CHECKING, Annotated, Any
 
 from .._errors import InvalidRequest
 from .._tls import TLSConfigError
 from ._parse import parse_addr
 
+if TYPE_CHECKING:
+    from cyclopts import Parameter
+
 __all__ = [
-    "CONNECTION",
     "DEFAULT_ADDR",
+    "ENV_VARS",
     "ClientOptions",
     "ConfigFileError",
     "Connection",
+    "config_file_path",
     "default_config_path",
     "default_state_dir",
     "dev_pki_paths",
-    "load_config_file",
+    "read_config_file",
     "resolve_connection",
     "resolve_state_dir",
 ]
@@ -44,18 +47,26 @@ DEFAULT_ADDR = "127.0.0.1:50051"
 CONFIG_KEYS = ("addr", "ca", "cert", "key", "state_dir")
 _PATH_KEYS = ("ca", "cert", "key", "state_dir")
 
-CONNECTION = Group("Connection", sort_key=100)
+#: The environment variable of each client option.
+ENV_VARS = {
+    "addr": "TRIO_WORKER_ADDR",
+    "ca": "TRIO_WORKER_CA",
+    "cert": "TRIO_WORKER_CERT",
+    "key": "TRIO_WORKER_KEY",
+    "state_dir": "TRIO_WORKER_STATE_DIR",
+    "config": "TRIO_WORKER_CONFIG",
+}
 
 #: ``trio_worker.pki.DEV_CLIENT_NAME``, which a test checks: importing ``pki`` here would
 #: load cryptography into every client command.
 DEV_CLIENT_NAME = "admin"
 
 
-class ConfigFileError(cyclopts.CycloptsError):
+class ConfigFileError(Exception):
     """The config file cannot be read or holds something it should not."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(msg=message)
+        super().__init__(message)
         self.message = message
 
     def __str__(self) -> str:
@@ -101,58 +112,51 @@ def default_config_path(environ: os._Environ[str] | dict[str, str] | None = None
     return base / "trio-worker" / "config.toml"
 
 
-class _ConnectionToml(cyclopts.config.Toml):
-    """The config file: only the connection keys, relative paths taken from its directory."""
+def read_config_file(path: Path) -> dict[str, str]:
+    """The connection keys of a config file, relative paths taken from its directory."""
+    import tomllib  # only when there is a file to read
 
-    def _load_config(self, path: Path) -> dict[str, Any]:
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigFileError(f"config file {path} is not valid TOML: {exc}") from exc
-        except OSError as exc:
-            raise ConfigFileError(f"cannot read config file {path}: {exc.strerror}") from exc
-        unknown = sorted(set(data) - set(CONFIG_KEYS))
-        if unknown:
-            raise ConfigFileError(
-                f"config file {path}: unknown key {unknown[0]!r}; the keys are "
-                + ", ".join(CONFIG_KEYS)
-            )
-        result: dict[str, Any] = {}
-        for name, value in data.items():
-            if not isinstance(value, str) or not value:
-                raise ConfigFileError(f"config file {path}: {name} must be a non-empty string")
-            if name in _PATH_KEYS:
-                # A relative path means relative to the config file, not to wherever the
-                # command happens to run.
-                value = str((path.parent / Path(value).expanduser()).absolute())
-            result[name] = value
-        return result
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigFileError(f"config file {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigFileError(f"cannot read config file {path}: {exc.strerror}") from exc
+    unknown = sorted(set(data) - set(CONFIG_KEYS))
+    if unknown:
+        raise ConfigFileError(
+            f"config file {path}: unknown key {unknown[0]!r}; the keys are "
+            + ", ".join(CONFIG_KEYS)
+        )
+    result: dict[str, str] = {}
+    for name, value in data.items():
+        if not isinstance(value, str) or not value:
+            raise ConfigFileError(f"config file {path}: {name} must be a non-empty string")
+        if name in _PATH_KEYS:
+            # A relative path means relative to the config file, not to wherever the
+            # command happens to run.
+            value = str((path.parent / Path(value).expanduser()).absolute())
+        result[name] = value
+    return result
 
 
-def load_config_file(
-    app: cyclopts.App, commands: tuple[str, ...], arguments: cyclopts.ArgumentCollection
-) -> None:
-    """A cyclopts config source: the TOML file named by ``--config``/``TRIO_WORKER_CONFIG``
-    (which must exist) or the default one (which may be missing). Cyclopts calls it after
-    the flags and environment variables, and it fills only what they left unset."""
-    explicit: Path | None = None
-    for argument in arguments:
-        if argument.field_info.name == "config" and argument.tokens:
-            explicit = Path(argument.tokens[-1].value).expanduser()
-    path = explicit if explicit is not None else default_config_path()
-    if explicit is not None and not explicit.is_file():
+def config_file_path(explicit: Path | None) -> Path:
+    """The file named by ``--config``/``TRIO_WORKER_CONFIG`` (which must exist), or the
+    default one (which may be missing)."""
+    if explicit is None:
+        return default_config_path()
+    if not explicit.is_file():
         raise ConfigFileError(
             f"config file {explicit} does not exist; check --config or TRIO_WORKER_CONFIG"
         )
-    source = _ConnectionToml(path, use_commands_as_keys=False, allow_unknown=True)
-    source(app, commands, arguments)
+    return explicit
 
 
 # --- the client options -------------------------------------------------------------
 
 
-def _check_addr(type_: Any, tokens: Any) -> str:
+def check_addr(type_: Any, tokens: Any) -> str:
     token = tokens[-1] if isinstance(tokens, list | tuple) else tokens
     value: str = token.value
     try:
@@ -164,13 +168,12 @@ def _check_addr(type_: Any, tokens: Any) -> str:
     return value
 
 
-@Parameter(name="*", group=CONNECTION)
 @dataclass(frozen=True, kw_only=True)
 class ClientOptions:
-    """The options every client command takes."""
+    """The options every client command takes (cyclopts: ``_params.Options``)."""
 
     addr: Annotated[
-        str, Parameter(env_var="TRIO_WORKER_ADDR", metavar="HOST:PORT", converter=_check_addr)
+        str, Parameter(env_var="TRIO_WORKER_ADDR", metavar="HOST:PORT", converter=check_addr)
     ] = DEFAULT_ADDR
     """The server to talk to."""
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from .._errors import InvalidRequest
+from .._wire._h2conn import MAX_MESSAGE
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -32,8 +33,9 @@ __all__ = [
 #: up to this many jobs; the 4 MiB byte bound still holds whatever the jobs weigh.
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 1000
-#: A whole ListResponse, the token and the gRPC framing included.
-MAX_PAGE_BYTES = 4 * 1024 * 1024
+#: A whole ListResponse, the token and the gRPC framing included: the largest message a
+#: client takes.
+MAX_PAGE_BYTES = MAX_MESSAGE
 #: What the jobs of one page may take: room is left for the token, each
 #: entry's field tag and length, and the message's gRPC frame header.
 _JOBS_BUDGET = MAX_PAGE_BYTES - 4096

@@ -1,0 +1,148 @@
+"""The client against a hostile server over real TLS: a broken bound ends the connection with
+our GOAWAY and the caller's ``ConnectionFailed``; a refused message fails its call only."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import pytest
+import trio
+
+from tests.wire.helpers import (
+    DATA,
+    END_HEADERS,
+    GOAWAY,
+    HEADERS,
+    PING,
+    RESPONSE_BLOCK,
+    SETTINGS,
+    WINDOW_UPDATE,
+    frame,
+    literal,
+)
+from trio_worker import ConnectionFailed, TrioWorkerError, pki
+from trio_worker._tls import server_context
+from trio_worker._wire._h2conn import FLOOD_BUDGET, MAX_MESSAGE
+from trio_worker.client import connect
+
+ENHANCE_YOUR_CALM = 0xB
+PREFACE_SIZE = 24
+
+Script = Callable[[trio.SSLStream[trio.SocketStream], int], Awaitable[None]]
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory: pytest.TempPathFactory) -> pki.DevPki:
+    return pki.ensure_dev_pki(tmp_path_factory.mktemp("state"))
+
+
+def frames_of(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(type, stream id, payload) of each whole frame in ``data`` (after the preface)."""
+    out = []
+    data = data[PREFACE_SIZE:]
+    while len(data) >= 9:
+        length = int.from_bytes(data[:3], "big")
+        if len(data) < 9 + length:
+            break
+        stream_id = int.from_bytes(data[5:9], "big") & 0x7FFFFFFF
+        out.append((data[3], stream_id, data[9 : 9 + length]))
+        data = data[9 + length :]
+    return out
+
+
+async def serve_script(dev: pki.DevPki, script: Script) -> tuple[BaseException | None, bytes]:
+    """Run one call (``status``) against a server that answers with ``script``; return
+    what the call raised and every byte the client sent."""
+    ctx = server_context(ca=dev.ca.cert, cert=dev.server.cert, key=dev.server.key)
+    received = bytearray()
+    request = trio.Event()
+
+    async def handler(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        async def read() -> None:
+            try:
+                while data := await stream.receive_some(65536):
+                    received.extend(data)
+                    if any(kind == HEADERS for kind, _, _ in frames_of(bytes(received))):
+                        request.set()
+            except trio.BrokenResourceError:
+                pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await stream.send_all(frame(SETTINGS, 0, 0))
+            await request.wait()
+            with contextlib.suppress(trio.BrokenResourceError):
+                await script(stream, 1)
+            await trio.sleep(1)  # let the client's GOAWAY arrive
+            nursery.cancel_scope.cancel()
+
+    outcome: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_ssl_over_tcp, handler, 0, ctx, host="127.0.0.1")
+        )
+        port = listeners[0].transport_listener.socket.getsockname()[1]
+        with trio.fail_after(10):
+            async with connect(
+                f"127.0.0.1:{port}", ca=dev.ca.cert, cert=dev.client.cert, key=dev.client.key
+            ) as client:
+                try:
+                    await client.status("01ARZ3NDEKTSV4RRFFQ69G5FAV")
+                except TrioWorkerError as exc:
+                    outcome = exc
+            await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
+    return outcome, bytes(received)
+
+
+def goaway_code(sent: bytes) -> int | None:
+    codes = [int.from_bytes(p[4:8], "big") for kind, _, p in frames_of(sent) if kind == GOAWAY]
+    return codes[-1] if codes else None
+
+
+FLOODS = {
+    "PING": frame(PING, 0, 0, b"12345678"),
+    "empty DATA": frame(DATA, 0, 1),
+    "WINDOW_UPDATE": frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", 1)),
+}
+
+
+@pytest.mark.parametrize("kind", list(FLOODS))
+async def test_a_flooding_server_gets_goaway_and_the_call_connection_failed(
+    dev: pki.DevPki, kind: str
+) -> None:
+    async def flood(stream: trio.SSLStream[trio.SocketStream], stream_id: int) -> None:
+        await stream.send_all(frame(HEADERS, END_HEADERS, stream_id, RESPONSE_BLOCK))
+        await stream.send_all(FLOODS[kind] * (3 * FLOOD_BUDGET))
+
+    outcome, sent = await serve_script(dev, flood)
+    assert isinstance(outcome, ConnectionFailed)
+    assert goaway_code(sent) == ENHANCE_YOUR_CALM
+
+
+async def test_a_message_over_the_bound_fails_its_call_only(dev: pki.DevPki) -> None:
+    async def huge(stream: trio.SSLStream[trio.SocketStream], stream_id: int) -> None:
+        await stream.send_all(frame(HEADERS, END_HEADERS, stream_id, RESPONSE_BLOCK))
+        await stream.send_all(frame(DATA, 0, stream_id, struct.pack(">BI", 0, MAX_MESSAGE + 1)))
+
+    outcome, sent = await serve_script(dev, huge)
+    assert isinstance(outcome, TrioWorkerError)
+    assert not isinstance(outcome, ConnectionFailed)
+    assert goaway_code(sent) in (None, 0)  # the connection was not given up (0: closed)...
+    resets = [p for kind, s, p in frames_of(sent) if kind == 0x3 and s == 1]
+    assert resets  # ...the stream was reset
+
+
+async def test_a_long_status_message_is_cut(dev: pki.DevPki) -> None:
+    async def chatty(stream: trio.SSLStream[trio.SocketStream], stream_id: int) -> None:
+        block = (
+            RESPONSE_BLOCK + literal("grpc-status", "13") + literal("grpc-message", "m" * 50_000)
+        )
+        await stream.send_all(frame(HEADERS, END_HEADERS | 0x1, stream_id, block))
+
+    outcome, _ = await serve_script(dev, chatty)
+    assert isinstance(outcome, TrioWorkerError)
+    assert len(str(outcome).encode()) <= 2048

@@ -1,0 +1,350 @@
+"""The blocking client: ``WorkerClient``'s API without an event loop, for the command line.
+
+A short command would spend longer importing trio than doing its work; this client stands
+on the blocking driver (``_net._blocking``) instead, over the same wire core. Requests are
+built and answers read by ``_requests``, and errors raised by ``_error_codes``, exactly as
+the trio client does; the methods take the same arguments. One connection is used for
+every call, and a new one dialed on the next call once it is lost or drained.
+
+``run`` needs two calls at once (Wait in flight while the output streams): ``submit``
+sends a call and returns a :class:`Pending` whose ``result()`` waits for it; waiting for
+either reads for both.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import ssl
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+from ._convert import chunk_from_pb, job_from_pb
+from ._error_codes import exception_from
+from ._errors import ConnectionFailed, InvalidRequest, RemoteError
+from ._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits, OutputChunk
+from ._net._blocking import BlockingCall, BlockingConnection, CallFailed, Unprocessed, dial
+from ._pb import worker_pb2 as pb
+from ._requests import (
+    id_request,
+    list_request,
+    method_path,
+    output_request,
+    parse,
+    remove_request,
+    signal_request,
+    start_request,
+    stop_request,
+)
+from ._tls import client_context
+from ._wire._status import StatusCode
+
+__all__ = ["BlockingClient", "BlockingOutput", "Pending", "connect_blocking"]
+
+M = TypeVar("M")
+
+#: Attempts of a call the server said it never processed (GOAWAY) before giving up.
+_ATTEMPTS: Final = 3
+
+
+class BlockingClient:
+    """A connection to one server, called from one thread; get one from
+    :func:`connect_blocking`. Every method may raise ``ConnectionFailed`` besides the
+    errors ``WorkerClient``'s of the same name raise."""
+
+    def __init__(
+        self, addr: str, context: ssl.SSLContext, timeout: float, server_hostname: str | None
+    ) -> None:
+        self.address = addr
+        self._context = context
+        self._timeout = timeout
+        self._server_hostname = server_hostname
+        self._conn: BlockingConnection | None = None
+        self._wake: tuple[int, Callable[[], None]] | None = None
+
+    # -- connections --
+
+    def dial(self) -> BlockingConnection:
+        """The connection for a new call: the last one, or a new one once it has ended."""
+        conn = self._conn
+        if conn is not None and conn.accepting:
+            return conn
+        if conn is not None and conn.dead:
+            conn.close()
+        conn = dial(self.address, self._context, self._timeout, self._server_hostname)
+        if self._wake is not None:
+            conn.wake_fd, conn.on_wake = self._wake
+        self._conn = conn
+        return conn
+
+    def watch(self, fd: int | None, on_wake: Callable[[], None] | None = None) -> None:
+        """While waiting, watch ``fd`` too and call ``on_wake`` when it turns readable (a
+        ``signal.set_wakeup_fd`` pipe); ``on_wake`` may raise to break the wait."""
+        self._wake = None if fd is None or on_wake is None else (fd, on_wake)
+        if self._conn is not None:
+            self._conn.wake_fd, self._conn.on_wake = fd, on_wake
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def open(self, method: str, payload: bytes, timeout: float | None) -> tuple[Any, Any]:
+        """Send a call, again on a new connection while the server says it never saw it."""
+        for _ in range(_ATTEMPTS):
+            conn = self.dial()
+            try:
+                return conn, conn.open_call(method_path(method), payload, timeout)
+            except Unprocessed:
+                continue
+        raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
+
+    # -- the API (as WorkerClient's) --
+
+    def submit(
+        self,
+        method: str,
+        request: Any,
+        job_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Pending:
+        """Send a unary call whose answer is a job now; ``result()`` waits for it."""
+        return Pending(self, method, request.SerializeToString(), job_id, timeout)
+
+    def start(
+        self,
+        command: str,
+        args: Sequence[str] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        limits: Limits | None = None,
+        isolation: Isolation | None = None,
+        user: str | None = None,
+        stdin: bool = False,
+        tty: bool = False,
+        terminal_size: tuple[int, int] | None = None,
+    ) -> JobInfo:
+        request = start_request(
+            command,
+            args,
+            env=env,
+            cwd=cwd,
+            limits=limits,
+            isolation=isolation,
+            user=user,
+            stdin=stdin,
+            tty=tty,
+            terminal_size=terminal_size,
+        )
+        return self.submit("Start", request).result()
+
+    def stop(self, job_id: str, grace: float = DEFAULT_STOP_GRACE) -> JobInfo:
+        request = stop_request(job_id, grace)
+        return self.submit("Stop", request, job_id).result()
+
+    def signal(self, job_id: str, signum: int) -> JobInfo:
+        request = signal_request(job_id, signum)
+        return self.submit("Signal", request, job_id).result()
+
+    def status(self, job_id: str, *, timeout: float | None = None) -> JobInfo:
+        request = id_request(pb.StatusRequest, job_id)
+        return self.submit("Status", request, job_id, timeout).result()
+
+    def wait(self, job_id: str) -> JobInfo:
+        return self.wait_later(job_id).result()
+
+    def wait_later(self, job_id: str) -> Pending:
+        """Wait, sent now: ``result()`` is the job's final state."""
+        return self.submit("Wait", id_request(pb.WaitRequest, job_id), job_id)
+
+    def remove(self, job_id: str, *, force: bool = False) -> JobInfo:
+        return self.remove_later(job_id, force=force).result()
+
+    def remove_later(self, job_id: str, *, force: bool = False) -> Pending:
+        """Remove, sent now (``prune`` keeps several in flight)."""
+        return self.submit("Remove", remove_request(job_id, force), job_id)
+
+    def list(
+        self,
+        *,
+        states: Iterable[JobState] | None = None,
+        owner: str | None = None,
+        page_size: int = 1000,
+    ) -> builtins.list[JobInfo]:
+        """Every job this client may see, newest first, walking the server's pages."""
+        request = list_request(states, owner, page_size)
+        jobs: builtins.list[JobInfo] = []
+        seen: set[str] = set()
+        while True:
+            pending = Pending(self, "List", request.SerializeToString(), None, None)
+            response = pending.answer(pb.ListResponse)
+            jobs.extend(job_from_pb(job) for job in response.jobs)
+            token = response.next_page_token
+            if not token or token in seen:  # (a repeated token would loop forever)
+                return jobs
+            seen.add(token)
+            request.page_token = token
+
+    def output(self, job_id: str, *, offset: int = 0, follow: bool = True) -> BlockingOutput:
+        """The job's output from byte ``offset``; iterate it, and close it (or use it as
+        ``with``) to stop early. Raises JobNotFound when iterated."""
+        return BlockingOutput(self, output_request(job_id, offset, follow))
+
+
+class Pending:
+    """A unary call sent; ``result()`` waits for the answer (reading for the other calls
+    on the connection meanwhile)."""
+
+    def __init__(
+        self,
+        client: BlockingClient,
+        method: str,
+        payload: bytes,
+        job_id: str | None,
+        timeout: float | None,
+    ) -> None:
+        self._client = client
+        self._method = method
+        self._payload = payload
+        self._job_id = job_id
+        self._timeout = timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._conn, self._call = client.open(method, payload, timeout)
+
+    def result(self) -> JobInfo:
+        """The answer, a job."""
+        return job_from_pb(self.answer(pb.Job))
+
+    def answer(self, response_type: type[M]) -> M:
+        """The answer; raises the error the server answered with, ``TimeoutError`` past
+        the timeout, ``ConnectionFailed`` if the connection is lost meanwhile."""
+        for _ in range(_ATTEMPTS):
+            conn: BlockingConnection = self._conn
+            call: BlockingCall = self._call
+            messages: list[bytes | memoryview] = []
+            try:
+                while (message := conn.next_message(call, self._deadline)) is not None:
+                    messages.append(message)
+            except Unprocessed:
+                self._conn, self._call = self._client.open(
+                    self._method, self._payload, self._timeout
+                )
+                continue
+            except CallFailed as exc:
+                raise exception_from(exc.code, exc.message, exc.details, self._job_id) from None
+            except BaseException:
+                conn.cancel(call)
+                raise
+            if len(messages) != 1:
+                raise RemoteError(
+                    StatusCode.INTERNAL, f"expected one response message, got {len(messages)}"
+                )
+            return parse(response_type, messages[0])
+        raise ConnectionFailed(
+            f"{self._client.address} keeps closing connections before taking calls"
+        )
+
+
+class BlockingOutput:
+    """A job's output chunks as an iterator; see ``WorkerClient.output``."""
+
+    def __init__(self, client: BlockingClient, request: Any) -> None:
+        self._client = client
+        self._request = request
+        self._job_id: str = request.id
+        self._conn: BlockingConnection | None = None
+        self._call: BlockingCall | None = None
+        self._finished = False
+
+    def __enter__(self) -> BlockingOutput:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[OutputChunk]:
+        return self
+
+    def __next__(self) -> OutputChunk:
+        if self._finished:
+            raise StopIteration
+        try:
+            message = self._next_message()
+        except CallFailed as exc:
+            self._finished = True
+            raise exception_from(exc.code, exc.message, exc.details, self._job_id) from None
+        except Unprocessed:
+            self._finished = True
+            raise ConnectionFailed(
+                f"{self._client.address} dropped the output stream unprocessed"
+            ) from None
+        except Exception:
+            self._finished = True
+            raise
+        if message is None:
+            self._finished = True
+            raise StopIteration
+        return chunk_from_pb(parse(pb.OutputChunk, message))
+
+    def _next_message(self) -> bytes | memoryview | None:
+        if self._call is None:
+            payload = self._request.SerializeToString()
+            for _ in range(_ATTEMPTS):
+                conn, call = self._client.open("Output", payload, None)
+                try:
+                    # A GOAWAY can still say the server never saw it, before any message.
+                    while not call.messages and not call.done:
+                        conn.pump()
+                except BaseException:
+                    conn.cancel(call)
+                    raise
+                if call.done and isinstance(call.error, Unprocessed):
+                    continue
+                self._conn, self._call = conn, call
+                break
+            else:
+                raise ConnectionFailed(
+                    f"{self._client.address} keeps closing connections before taking calls"
+                )
+        assert self._conn is not None
+        assert self._call is not None
+        return self._conn.next_message(self._call)
+
+    def close(self) -> None:
+        """Stop early: reset the stream; the connection goes on serving other calls."""
+        self._finished = True
+        if self._conn is not None and self._call is not None:
+            self._conn.cancel(self._call)
+
+
+@contextmanager
+def connect_blocking(
+    addr: str,
+    *,
+    ca: Path | str,
+    cert: Path | str,
+    key: Path | str,
+    server_hostname: str | None = None,
+    timeout: float = 10.0,
+) -> Iterator[BlockingClient]:
+    """``client.connect`` without trio: the first connection is dialed here, so a wrong
+    address or certificate fails here; leaving the block closes the connection."""
+    if not (timeout > 0 and timeout != float("inf")):
+        raise InvalidRequest("timeout", f"must be a positive number of seconds, got {timeout!r}")
+    context = client_context(ca=Path(ca), cert=Path(cert), key=Path(key))
+    client = BlockingClient(addr, context, timeout, server_hostname)
+    client.dial()
+    try:
+        yield client
+    finally:
+        client.close()

@@ -1,0 +1,342 @@
+"""The Start path: a request checked, the job's directory, log and cgroups made,
+its process spawned, and the job handed to its task (``_runner.run_job``).
+
+A Start either leaves a job in the table (RUNNING, or FAILED with the reason in
+words) or raises having left nothing: no fds, directory, cgroup or table entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import signal as _signal
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+
+import trio
+
+from .._errors import InvalidRequest, ResourceExhausted, Unenforceable
+from .._host._cgroups import CgroupDriver
+from .._host._enforce import check_enforceable
+from .._host._users import UnixUser, current_user, lookup_user, start_directory, user_environment
+from .._limits import LimitPolicy
+from .._model import Isolation, JobIdGenerator, JobInfo, Limits
+from . import _lifecycle as lc
+from ._job import Job, now, remove_cgroup
+from ._launch import Launched, Launcher, LaunchPlan
+from ._process import (
+    RESOURCE_ERRNOS,
+    Credentials,
+    PipeReader,
+    SpawnError,
+    SpawnOptions,
+    Stdin,
+    Terminal,
+    validate_start,
+)
+from ._queries import JobTable
+from ._records import JobRecords
+from ._runner import run_job
+from ._stdin import DEFAULT_TERMINAL_SIZE, StdinWriter, check_terminal_size
+
+__all__ = ["Admission"]
+
+
+class Admission:
+    """Starts jobs into ``table``, their tasks into ``nursery``."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        table: JobTable,
+        records: JobRecords,
+        jobs_dir: Path,
+        *,
+        base_env: Mapping[str, str],
+        tail_bytes: int,
+        cgroups: CgroupDriver,
+        limit_policy: LimitPolicy,
+        job_nofile: int | None,
+        spawn_in_thread: bool,
+        ready_places: int = 0,
+    ) -> None:
+        self._nursery = nursery
+        self._table = table
+        self._records = records
+        self._jobs_dir = jobs_dir
+        #: Spawn from a worker thread (without PDEATHSIG): only while a reaper watches.
+        self._spawn_in_thread = spawn_in_thread
+        self._cgroups = cgroups
+        self._policy = limit_policy
+        self._base_env = dict(base_env)
+        self.new_id = JobIdGenerator()
+        #: Who this process runs as: the user of jobs that name none.
+        self._me = current_user()
+        #: Makes each job's directory, log, cgroup and process (blocking: off the loop),
+        #: and keeps ``ready_places`` of them made ahead of need.
+        #: Jobs get the soft fd limit this process had before raising its own.
+        self.launcher = Launcher(
+            jobs_dir,
+            jobs_dir.parent / "ready",
+            cgroups,
+            tail_bytes=tail_bytes,
+            max_output_bytes=records.retention.max_output_bytes,
+            job_nofile=job_nofile,
+            ready=ready_places,
+        )
+
+    async def _account(self, user: str | None) -> UnixUser:
+        if user is None or user == "" or user == self._me.label:
+            return self._me
+        if not isinstance(user, str):
+            raise InvalidRequest("user", "must be a user name or a decimal uid")
+        return await trio.to_thread.run_sync(lookup_user, user)
+
+    async def start(
+        self,
+        command: str,
+        args: Sequence[str] | None,
+        *,
+        env: Mapping[str, str] | None,
+        cwd: str | os.PathLike[str] | None,
+        limits: Limits | None,
+        isolation: Isolation | None,
+        owner: str,
+        stdin: bool,
+        tty: bool,
+        terminal_size: tuple[int, int] | None,
+        user: str | None,
+    ) -> JobInfo:
+        """``Supervisor.start`` once the supervisor takes jobs (see there)."""
+        account = await self._account(user)
+        as_other = account.uid != self._me.uid
+        base_env: Mapping[str, str] = self._base_env
+        if as_other:
+            if self._me.uid != 0:
+                raise Unenforceable(
+                    f"cannot run a job as {account.label}: the server does not run as root"
+                )
+            base_env = user_environment(account, self._base_env)
+            if cwd is None or cwd == "":
+                cwd = await trio.to_thread.run_sync(start_directory, account)
+        credentials = Credentials(account.uid, account.gid, account.groups) if as_other else None
+        spec = validate_start(command, args, env, cwd, base_env=base_env, check_cwd=not as_other)
+        terminal = _check_terminal(tty, terminal_size)
+        limits = limits if limits is not None else Limits()
+        isolation = isolation if isolation is not None else Isolation()
+        if not isinstance(limits, Limits):
+            raise InvalidRequest("limits", "must be a trio_worker.Limits")
+        if not isinstance(isolation, Isolation):
+            raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
+        limits = self._policy.apply(limits)  # InvalidRequest above a maximum
+        check_enforceable(self._cgroups, limits, isolation)  # never silently ignored
+        # A terminal's master and slave, and the master's duplicate for writing:
+        # made before the job, so running out of descriptors refuses the Start.
+        fds = _open_terminal() if terminal is not None else None
+        try:
+            stdin_option: Stdin | Terminal
+            if fds is not None and terminal is not None:
+                if credentials is not None:
+                    os.fchown(fds[1], credentials.uid, -1)  # the job's own terminal, as login does
+                stdin_option = Terminal(fds[1], terminal[0], terminal[1])
+            else:
+                stdin_option = Stdin.PIPE if stdin else Stdin.NULL
+            # A place made ahead of need (its id, directory and group), if one is ready.
+            place = self.launcher.take()
+            job_id = place.job_id if place is not None else self.new_id()
+            job = Job(job_id, owner, spec, limits, isolation, None)
+            job.env_keys = tuple(env or ())
+            job.user = account.label
+            job.stdin = bool(stdin)
+            job.tty = terminal is not None
+            # The namespace helper must start as root (to unshare): it drops to the
+            # user itself, right before the command.
+            user_options = None if isolation.any else credentials
+            plan = LaunchPlan(
+                job_id,
+                spec,
+                limits,
+                isolation,
+                credentials,
+                SpawnOptions(stdin=stdin_option, user=user_options),
+                tty=terminal is not None,
+                place=place,
+            )
+            started_at = now()
+            # Shielded: what the thread made (files, group, process) must not be lost.
+            with trio.CancelScope(shield=True):
+                try:
+                    launched, recorded = await self._launch(job, plan, started_at)
+                finally:
+                    self.launcher.replenish()
+        except BaseException:
+            # Out of descriptors, memory or processes (ResourceExhausted), or
+            # cancelled: no half-made job stays, in the table or on the host.
+            _close_terminal(fds, slave=True)
+            raise
+        if fds is not None:
+            os.close(fds[1])  # the slave is the job's alone now
+        job.log, job.cgroup = launched.log, launched.group
+        records = self._records
+        if records.store is not None and self._spawn_in_thread and not recorded:
+            records.unsaved[job.id] = False  # written by housekeeping (or at the end)
+        process = launched.process
+        if launched.error is not None or process is None:
+            # The command cannot run: a FAILED job, kept and reported.
+            _close_all(launched.procs)
+            _close_terminal(fds)
+            self._table.add(job)
+            error = launched.error or SpawnError("the job's process was not started", None)
+            job.feed(lc.SpawnFailed(error.message, started_at, error.errno))
+            launched.log.finish()
+            launched.log.close()
+            if job.cgroup is not None:
+                await remove_cgroup(job)
+            if self._spawn_in_thread:
+                await records.persist_end(job)  # the record made while spawning, now FAILED
+            else:
+                await records.persist_start(job)
+            return job.info()
+        self._table.add(job)
+        job.process = process
+        if fds is not None:
+            job.terminal = PipeReader(fds[0])
+            job.input = StdinWriter(fds[2], tty=True)
+        elif process.stdin is not None:
+            job.input = StdinWriter(process.stdin, tty=False)
+            process.stdin = None  # the writer owns it now
+        # The full environment (the server's, ~3 KiB) served the exec; keeping
+        # it would cost every job, running or ended, that much memory.
+        job.spec = dataclasses.replace(spec, env={})
+        job.pid_start_time = launched.start_time
+        job.feed(lc.Spawned(process.pid, started_at))
+        # The job as it started (no usage yet: reading the cgroup's accounting
+        # files would cost the loop, for zeros).
+        started = job.info(usage=False)
+        self._nursery.start_soon(run_job, job, process, records, name=f"job {job_id}")
+        if recorded:
+            # Its record was committed while it was spawned; the pid follows with
+            # the next commit (group commit: no second transaction on this path).
+            records.note_spawned(job)
+        elif not self._spawn_in_thread:
+            # Recorded before the caller learns the job exists; a crash in between
+            # leaves a cgroup named after it, which the next start cleans up.
+            await records.persist_start(job)
+        # The job as it started: a quick command may already have ended while
+        # its record was written, and Wait/Status tell that part.
+        return started
+
+    async def _launch(
+        self, job: Job, plan: LaunchPlan, started_at: datetime
+    ) -> tuple[Launched, bool]:
+        """Make the job's place and process; return them, and whether its record is
+        committed (RUNNING, no pid yet).
+
+        With the reaper watching: one worker-thread call (``prepare_and_spawn``),
+        and, with a store, the job's record written *meanwhile*, by the store's own
+        thread: a client still learns of a job only once its record would survive a
+        crash, but the Start waits for the longer of the two, not their sum. A
+        record without a pid is what recovery makes LOST; the reaper and the
+        cleanup of leftover groups kill the job by its cgroup, which needs no pid.
+        Without the reaper, the spawn is on the loop's thread (PR_SET_PDEATHSIG)
+        and the record follows it, with the pid (``persist_start``), since only
+        the pid can find the job's process group after a crash then.
+
+        Raises ``ResourceExhausted`` having left nothing: no files, group, process,
+        or record.
+        """
+        launcher = self.launcher
+        if not self._spawn_in_thread:
+            launched = await _in_thread(launcher.prepare, plan)
+            if launched.error is None:
+                try:
+                    launcher.spawn(launched, plan, pdeathsig=_signal.SIGKILL)
+                except BaseException:
+                    await trio.to_thread.run_sync(launcher.discard, launched)
+                    raise
+            return launched, False
+        records = self._records
+        if records.store is None:
+            return await _in_thread(launcher.prepare_and_spawn, plan), False
+        recorded = False
+        failure: BaseException | None = None
+
+        async def record() -> None:
+            nonlocal recorded
+            recorded = await records.record_early(job, started_at)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(record)
+            try:
+                launched = await _in_thread(launcher.prepare_and_spawn, plan)
+            except BaseException as exc:
+                failure = exc
+        if failure is not None:
+            if recorded:
+                await records.unrecord(job.id)
+            raise failure
+        return launched, recorded
+
+
+async def _in_thread(fn: Callable[[LaunchPlan], Launched], plan: LaunchPlan) -> Launched:
+    """``fn(plan)`` in a worker thread; no thread to be had is ``ResourceExhausted``."""
+    try:
+        return await trio.to_thread.run_sync(fn, plan)
+    except RuntimeError as exc:  # "can't start new thread": out of processes (EAGAIN)
+        if "thread" not in str(exc):
+            raise
+        raise ResourceExhausted(f"cannot start the job: {exc}") from None
+
+
+def _open_terminal() -> tuple[int, int, int]:
+    """(master, slave, a duplicate of the master for writing), none inheritable."""
+    try:
+        master, slave = os.openpty()
+    except OSError as exc:
+        if exc.errno in RESOURCE_ERRNOS or exc.errno == errno.ENOSPC:  # ENOSPC: no ptys left
+            raise ResourceExhausted(f"cannot give the job a terminal: {exc.strerror}") from None
+        raise
+    try:
+        writer = os.dup(master)
+    except OSError as exc:
+        os.close(master)
+        os.close(slave)
+        if exc.errno in RESOURCE_ERRNOS:
+            raise ResourceExhausted(f"cannot give the job a terminal: {exc.strerror}") from None
+        raise
+    return master, slave, writer
+
+
+def _close_terminal(fds: tuple[int, int, int] | None, *, slave: bool = False) -> None:
+    """A terminal the job never got: the master and its duplicate, and the slave if
+    it is still open (the spawn closes it once it ran)."""
+    if fds is not None:
+        os.close(fds[0])
+        os.close(fds[2])
+        if slave:
+            os.close(fds[1])
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _check_terminal(tty: object, size: object) -> tuple[int, int] | None:
+    """The terminal's first size for a tty job, None for a job without one."""
+    if not isinstance(tty, bool):
+        raise InvalidRequest("tty", f"must be a bool, got {tty!r}")
+    if not tty:
+        if size is not None:
+            raise InvalidRequest("terminal_size", "is only for a job with tty")
+        return None
+    if size is None:
+        return DEFAULT_TERMINAL_SIZE
+    if not isinstance(size, tuple | list) or len(size) != 2:
+        raise InvalidRequest("terminal_size", "must be (rows, cols)")
+    try:
+        return check_terminal_size(size[0], size[1])
+    except ValueError as exc:
+        raise InvalidRequest("terminal_size", str(exc)) from None

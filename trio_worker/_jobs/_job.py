@@ -1,0 +1,253 @@
+"""One job as the supervisor holds it: its parts, its lifecycle (with the audit line
+for each change), and what signals or kills it.
+
+``Job`` is private and mutable; callers only ever see its ``JobInfo`` snapshots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal as _signal
+from datetime import UTC, datetime
+from pathlib import Path
+
+import trio
+
+from .._errors import JobNotRunning
+from .._host._cgroups import CgroupError, JobCgroup
+from .._model import Isolation, JobInfo, JobState, Limits, Usage
+from . import _lifecycle as lc
+from ._output import OutputLog
+from ._process import JobProcess, PipeReader, StartSpec
+from ._stdin import StdinWriter
+from ._store import StoredJob
+
+__all__ = [
+    "LOST_ERROR",
+    "REPORT",
+    "Job",
+    "kill",
+    "now",
+    "remove_cgroup",
+    "running_process",
+    "signal_job",
+    "terminate",
+]
+
+#: Where the namespace helper reports why it could not run the command.
+REPORT = "nsinit.report"
+LOST_ERROR = "the server stopped while the job ran"
+_log = logging.getLogger("trio_worker.supervisor")
+_audit = logging.getLogger("trio_worker.audit")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Job:
+    """The supervisor's private, mutable view of one job."""
+
+    def __init__(
+        self,
+        job_id: str,
+        owner: str,
+        spec: StartSpec,
+        limits: Limits,
+        isolation: Isolation,
+        log: OutputLog | None,
+    ) -> None:
+        self.id = job_id
+        self.owner = owner
+        self.spec = spec
+        #: The keys the request gave (values may be secrets: never persisted).
+        self.env_keys: tuple[str, ...] = ()
+        self.limits = limits
+        self.isolation = isolation
+        self.log = log
+        self.record = lc.Record()
+        self.process: JobProcess | None = None
+        self.cgroup: JobCgroup | None = None
+        self.final_usage: Usage | None = None
+        self.ended = trio.Event()
+        #: Started with stdin (callers may write it) / on a terminal.
+        self.stdin = False
+        self.tty = False
+        #: The job's input side: its stdin pipe, or its terminal (also for resizes).
+        self.input: StdinWriter | None = None
+        #: A tty job's terminal master, read as its output.
+        self.terminal: PipeReader | None = None
+        #: Recorded with the pid, so a record written late still lets recovery
+        #: tell the job's process from one that reused its pid.
+        self.pid_start_time: int | None = None
+        #: When an accepted Stop SIGKILLs the job (the earliest one asked for).
+        self.kill_deadline: float | None = None
+        #: The Unix user it runs as (``UnixUser.label``).
+        self.user = ""
+
+    def feed(self, event: lc.Event) -> None:
+        """Advance the job's lifecycle and write the audit line for the change."""
+        self.record = lc.apply(self.record, event)
+        if self.record.state is not None and self.record.state.ended:
+            self.ended.set()
+        r = self.record
+        assert r.state is not None
+        _audit.info(
+            json.dumps(
+                {
+                    "time": now().isoformat(timespec="milliseconds"),
+                    "event": "job",
+                    "job_id": self.id,
+                    "owner": self.owner,
+                    "state": r.state.value,
+                    "pid": r.pid,
+                    "exit_code": r.exit_code,
+                    "signal": r.signal,
+                    "error": r.error or None,
+                    "oom_killed": r.oom_killed,
+                },
+                separators=(",", ":"),
+            )
+        )
+
+    def info(self, *, usage: bool = True, record: lc.Record | None = None) -> JobInfo:
+        """The job as it is now; ``usage=False`` skips reading the cgroup's accounting.
+
+        ``record`` stands in for the lifecycle's (the record written while spawning).
+        """
+        r = record or self.record
+        assert r.state is not None
+        assert r.started_at is not None
+        return JobInfo(
+            id=self.id,
+            owner=self.owner,
+            command=self.spec.command,
+            args=self.spec.args,
+            state=r.state,
+            pid=r.pid,
+            exit_code=r.exit_code,
+            signal=r.signal,
+            error=r.error,
+            started_at=r.started_at,
+            ended_at=r.ended_at,
+            output_bytes=self.log.end if self.log is not None else 0,
+            output_start=self.output_start,
+            limits=self.limits,
+            isolation=self.isolation,
+            oom_killed=r.oom_killed,
+            spawn_errno=r.spawn_errno,
+            usage=self.usage() if usage else None,
+            user=self.user,
+            stdin=self.stdin,
+            tty=self.tty,
+        )
+
+    @classmethod
+    def restored(cls, entry: StoredJob, directory: Path) -> Job:
+        """A job of an earlier run, as its record and its log on disk say."""
+        info = entry.info
+        spec = StartSpec(info.command, info.args, {}, entry.cwd)
+        if (directory / "output.log").exists():
+            log = OutputLog.recover(directory)
+        else:  # never written (or removed by hand): an empty, finished log
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            log = OutputLog(directory)
+            log.finish()
+            log.close()
+        job = cls(info.id, info.owner, spec, info.limits, info.isolation, log)
+        job.env_keys = entry.env_keys
+        job.user = info.user
+        job.final_usage = info.usage
+        job.record = lc.Record(
+            state=info.state,
+            pid=info.pid,
+            exit_code=info.exit_code,
+            signal=info.signal,
+            error=info.error,
+            spawn_errno=info.spawn_errno,
+            started_at=info.started_at,
+            ended_at=info.ended_at,
+            oom_killed=info.oom_killed,
+        )
+        if info.state.ended:
+            job.ended.set()
+        return job
+
+    @property
+    def output_start(self) -> int:
+        return getattr(self.log, "start", 0) if self.log is not None else 0
+
+    @property
+    def directory(self) -> Path | None:
+        return self.log.directory if self.log is not None else None
+
+    def usage(self) -> Usage | None:
+        if self.final_usage is None and self.cgroup is not None and not self.ended.is_set():
+            try:
+                return self.cgroup.usage()
+            except CgroupError:
+                return None  # the group is going away: the job is ending
+        return self.final_usage
+
+
+def running_process(job: Job) -> JobProcess:
+    """The job's process, or ``JobNotRunning`` naming its state."""
+    if job.record.state is not JobState.RUNNING or job.process is None:
+        state = job.record.state.value if job.record.state else "new"
+        raise JobNotRunning(job.id, state)
+    return job.process
+
+
+def signal_job(job: Job, process: JobProcess, signum: int) -> None:
+    """Signal the job's process group and, on a terminal, its foreground group too.
+
+    A shell with job control (``bash -i``, ``set -m``) runs each command in a group of its
+    own and makes it the terminal's foreground group; a terminal would signal that group
+    (Ctrl-C), so Signal and Stop do as well. It lies in the job's session, so it is the
+    job's; the cgroup still takes whatever is in neither group when the job is killed.
+    """
+    process.signal_group(signum)
+    if job.tty and job.input is not None and not process.reaped:
+        group = job.input.foreground_group()
+        if group is not None and group != process.pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signum)
+
+
+async def terminate(job: Job, process: JobProcess, grace: float) -> None:
+    """SIGTERM the job, SIGKILL it after ``grace`` seconds; return once it has ended."""
+    signal_job(job, process, _signal.SIGTERM)
+    with trio.move_on_after(grace):
+        await job.ended.wait()
+    if not job.ended.is_set():
+        await kill(job, process)
+        await job.ended.wait()
+
+
+async def kill(job: Job, process: JobProcess) -> None:
+    """SIGKILL everything of the job: its process group and, through the
+    cgroup, whatever escaped it (setsid, double fork)."""
+    signal_job(job, process, _signal.SIGKILL)
+    group = job.cgroup
+    if group is not None and group.tracked and not group.is_empty():
+        # May freeze and wait (v1 without cgroup.kill): not on the event loop.
+        try:
+            await trio.to_thread.run_sync(group.kill)
+        except CgroupError as exc:
+            if group.is_empty():
+                return  # it ended (and its group went) while we were killing it
+            _log.error("job %s: cannot kill its cgroup: %s", job.id, exc)
+
+
+async def remove_cgroup(job: Job) -> None:
+    """Remove the job's cgroup (an rmdir per hierarchy, in a worker thread)."""
+    group = job.cgroup
+    if group is None or not group.tracked:
+        return
+    try:
+        await trio.to_thread.run_sync(group.remove)
+    except CgroupError as exc:
+        _log.warning("job %s: cannot remove its cgroup: %s", job.id, exc)

@@ -1,0 +1,170 @@
+"""The query side: the job table (in id order, for paging) and readers of a job's output.
+
+Queries only take snapshots (``Job.info``); nothing here changes a job.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
+
+import trio
+
+from .._errors import InvalidRequest, JobNotFound
+from .._model import JobInfo, JobState, OutputChunk
+from ._job import Job
+
+__all__ = ["JobTable", "open_output"]
+
+
+class JobTable:
+    """Every job the supervisor knows, by id and in id order (ids sort by creation)."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+        #: Every id in ``_jobs``, sorted: ``iter_jobs`` pages from it.
+        #: Add and remove jobs with ``add`` and ``forget`` to keep it in step.
+        self._order: list[str] = []
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._jobs
+
+    def values(self) -> Collection[Job]:
+        return self._jobs.values()
+
+    def find(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def get(self, job_id: str) -> Job:
+        """The job, or ``JobNotFound``."""
+        try:
+            return self._jobs[job_id]
+        except (KeyError, TypeError):
+            raise JobNotFound(str(job_id)) from None
+
+    def add(self, job: Job) -> None:
+        """Put a job in the table (and in id order, for ``iter_jobs``)."""
+        self._jobs[job.id] = job
+        order = self._order
+        if not order or order[-1] < job.id:
+            order.append(job.id)  # the usual case: ids grow
+        else:
+            bisect.insort(order, job.id)
+
+    def forget(self, job_id: str) -> None:
+        """Take a job out of the table (its records and files are the caller's)."""
+        if self._jobs.pop(job_id, None) is not None:
+            i = bisect.bisect_left(self._order, job_id)
+            if i < len(self._order) and self._order[i] == job_id:
+                del self._order[i]
+
+    def list(self, owner: str | None = None) -> list[JobInfo]:
+        """Every job (of ``owner``, if given), oldest first."""
+        return [job.info() for job in self._jobs.values() if owner is None or job.owner == owner]
+
+    def iter_jobs(
+        self,
+        *,
+        before: str | None = None,
+        states: Collection[JobState] | None = None,
+        owner: str | None = None,
+        visible: Callable[[str], bool] | None = None,
+    ) -> Iterator[JobInfo]:
+        """Jobs newest first, for paging: those with an id below ``before`` (all if
+        None), in ``states`` (any if None or empty), of ``owner`` (anyone's if
+        None), whose owner ``visible`` accepts.
+
+        Lazy: a page costs the snapshots it takes, however many jobs there are.
+        Consume it without awaiting in between (the table may change).
+        """
+        order = self._order
+        i = len(order) if before is None else bisect.bisect_left(order, before)
+        wanted = frozenset(states) if states else None
+        while i > 0:
+            i -= 1
+            job = self._jobs.get(order[i])
+            if job is None or job.record.state is None:
+                continue  # forgotten, or not started yet
+            if wanted is not None and job.record.state not in wanted:
+                continue
+            if owner is not None and job.owner != owner:
+                continue
+            if visible is not None and not visible(job.owner):
+                continue
+            yield job.info()
+
+    def running_count(self, owner: str) -> int:
+        """How many of ``owner``'s jobs are running (for quotas: no snapshots made)."""
+        running = JobState.RUNNING
+        return sum(1 for j in self._jobs.values() if j.owner == owner and j.record.state is running)
+
+
+def open_output(
+    table: JobTable, job_id: str, offset: int, follow: bool, chunk_size: int
+) -> AsyncIterator[OutputChunk]:
+    """An iterator over the job's output, opened at its first ``__anext__`` (so
+    ``JobNotFound`` and an offset past an ended log's end come out there, as a
+    remote client learns of them from the server's answer)."""
+    return _OnFirstNext(lambda: _open_output(table, job_id, offset, follow, chunk_size))
+
+
+def _open_output(
+    table: JobTable, job_id: str, offset: int, follow: bool, chunk_size: int
+) -> AsyncIterator[OutputChunk]:
+    job = table.get(job_id)
+    assert job.log is not None
+    if job.log.finished and offset > job.log.end:
+        raise InvalidRequest("offset", f"{offset} is past the end of the log ({job.log.end})")
+    reader = job.log.read(offset, follow=follow, chunk_size=chunk_size)
+    return _UntilEnded(reader, job.ended) if follow else reader
+
+
+class _OnFirstNext:
+    """An iterator made by ``open`` at the first ``__anext__`` (whose errors come out there)."""
+
+    def __init__(self, open_: Callable[[], AsyncIterator[OutputChunk]]) -> None:
+        self._open: Callable[[], AsyncIterator[OutputChunk]] | None = open_
+        self._inner: AsyncIterator[OutputChunk] | None = None
+
+    def __aiter__(self) -> _OnFirstNext:
+        return self
+
+    async def __anext__(self) -> OutputChunk:
+        if self._inner is None:
+            assert self._open is not None
+            opener, self._open = self._open, None
+            self._inner = opener()
+        return await self._inner.__anext__()
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        else:
+            await trio.lowlevel.checkpoint()
+
+
+class _UntilEnded:
+    """A follower's iterator that ends only once the job's end is recorded.
+
+    The log is complete a moment before the job's final state is: ending the
+    stream after both means a client that follows, then asks for the status,
+    always sees the job ended.
+    """
+
+    def __init__(self, reader: AsyncIterator[OutputChunk], ended: trio.Event) -> None:
+        self._reader = reader
+        self._ended = ended
+
+    def __aiter__(self) -> _UntilEnded:
+        return self
+
+    async def __anext__(self) -> OutputChunk:
+        try:
+            return await self._reader.__anext__()
+        except StopAsyncIteration:
+            await self._ended.wait()
+            raise
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()

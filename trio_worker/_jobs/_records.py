@@ -1,0 +1,270 @@
+"""The jobs' durable side: their records in the store (written even when the store
+fails for a while), recovery of an earlier run, and retention.
+
+A store failure never escapes: the record waits in ``unsaved`` and housekeeping
+writes it once the store takes writes again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal as _signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import trio
+
+from .._errors import JobNotFound, StateDirError
+from .._model import JobInfo, JobState
+from .._util import final
+from . import _lifecycle as lc
+from ._job import LOST_ERROR, Job, now
+from ._queries import JobTable
+from ._store import JobStore, StoredJob, process_start_time
+
+__all__ = ["JobRecords", "Retention", "remove_dirs"]
+
+_log = logging.getLogger("trio_worker.supervisor")
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much of the past a persistent supervisor keeps.
+
+    ``max_output_bytes`` caps each job's retained log (the oldest part goes
+    first, and readers are told where the log now starts); ``keep_ended`` and
+    ``max_ended_age`` bound how many ended jobs (records and logs) are kept,
+    oldest first. ``None`` disables a cap. Enforced every ``interval`` seconds.
+    """
+
+    max_output_bytes: int | None = 1024**3
+    keep_ended: int | None = 10_000
+    max_ended_age: timedelta | None = timedelta(days=30)
+    interval: float = 5.0
+
+
+class JobRecords:
+    """Writes the jobs of ``table`` to ``store`` (nothing without one)."""
+
+    def __init__(
+        self, store: JobStore | None, table: JobTable, jobs_dir: Path, retention: Retention
+    ) -> None:
+        self.store = store
+        self._table = table
+        self._jobs_dir = jobs_dir
+        self.retention = retention
+        #: Jobs whose record in the store is behind (a write failed, e.g. a full
+        #: disk): job id -> whether its row exists. Written again by housekeeping.
+        self.unsaved: dict[str, bool] = {}
+
+    async def persist_start(self, job: Job) -> None:
+        """Record the new job; if the store fails, the job runs with its record pending.
+
+        Shielded: once the process exists its record must be attempted, even
+        if the caller gave up waiting.
+        """
+        if self.store is None:
+            return
+        with trio.CancelScope(shield=True):
+            if not await self._save(job, exists=False):
+                self.unsaved[job.id] = False
+
+    async def record_early(self, job: Job, started_at: datetime) -> bool:
+        """Record a job being spawned, RUNNING without a pid; True once committed.
+
+        False (logged) when the store cannot take it: the caller keeps the job in
+        ``unsaved``. The pid follows with ``note_spawned``.
+        """
+        assert self.store is not None
+        record = lc.Record(JobState.RUNNING, started_at=started_at)
+        return await self._save(job, exists=False, info=job.info(usage=False, record=record))
+
+    def note_spawned(self, job: Job) -> None:
+        """The pid of a job ``record_early`` recorded, for the store's next commit."""
+        assert self.store is not None
+        assert job.record.pid is not None
+        self.store.note_spawned(job.id, job.record.pid, job.pid_start_time)
+
+    async def unrecord(self, job_id: str) -> None:
+        """Delete the record of a Start that was refused after all."""
+        assert self.store is not None
+        try:
+            await self.store.delete([job_id])
+        except Exception:
+            # Left as it is, it reads as a LOST job after a restart.
+            _log.exception("job %s: cannot delete the record of a refused start", job_id)
+
+    async def persist_end(self, job: Job) -> None:
+        """Record the job's end; never raises (the job task's ``finally`` calls it)."""
+        if self.store is None:
+            return
+        exists = self.unsaved.pop(job.id, True)
+        if not await self._save(job, exists=exists):
+            self.unsaved[job.id] = exists
+
+    async def _save(self, job: Job, *, exists: bool, info: JobInfo | None = None) -> bool:
+        """Write the job's record as it is now: insert it or record its end.
+
+        Returns False, having logged why, when the store cannot take it (a full
+        disk, an SQLite error): the caller keeps the job in ``unsaved`` and
+        housekeeping tries again. Never raises: a store failure must not escape
+        a job's task, or it would stop the supervisor and every other job.
+        """
+        store = self.store
+        assert store is not None
+        # A running job's row gets no usage: only its end's counts, and reading them
+        # (a file per hierarchy, on the loop) would cost every Start for nothing.
+        if info is None:
+            info = job.info(usage=exists or job.ended.is_set())
+        dropped = job.log.dropped_bytes if job.log is not None else 0
+        try:
+            try:
+                if exists:
+                    await store.record_end(info, dropped_bytes=dropped)
+                else:
+                    await store.record_start(
+                        info,
+                        env_keys=job.env_keys,
+                        cwd=job.spec.cwd,
+                        pid_start_time=job.pid_start_time,
+                    )
+            except JobNotFound:  # the row we thought was there is not: insert it
+                await store.record_start(
+                    info,
+                    env_keys=job.env_keys,
+                    cwd=job.spec.cwd,
+                    pid_start_time=job.pid_start_time,
+                )
+            except ValueError:  # already recorded after all: bring it up to date
+                if info.ended:
+                    await store.record_end(info, dropped_bytes=dropped)
+        except StateDirError as exc:
+            if job.id not in self.unsaved:
+                _log.error("job %s: cannot record it (will retry): %s", job.id, exc)
+            return False
+        except Exception:
+            _log.exception("job %s: cannot record it (will retry)", job.id)
+            return False
+        return True
+
+    async def save_unsaved(self) -> None:
+        """Write the records that failed before (the disk may have room again)."""
+        table = self._table
+        pending = [(i, exists) for i, exists in self.unsaved.items() if i in table]
+        self.unsaved = {i: e for i, e in self.unsaved.items() if i in table}
+        if not pending:
+            return
+        saved: list[str] = []
+
+        async def save(job_id: str, exists: bool) -> None:
+            if await self._save(table.get(job_id), exists=exists):
+                saved.append(job_id)
+                # (A running job whose row is now in: its end will update it.)
+                self.unsaved.pop(job_id, None)
+
+        # Concurrent, so group commit writes them in one transaction.
+        async with trio.open_nursery() as nursery:
+            for job_id, exists in pending:
+                nursery.start_soon(save, job_id, exists)
+        if saved:
+            _log.info("recorded %d job(s) whose records were pending", len(saved))
+
+    async def delete(self, job: Job) -> None:
+        """Delete an ended job's record and its directory (the caller shields this)."""
+        if self.store is not None:
+            await self.store.delete([job.id])
+        self.unsaved.pop(job.id, None)
+        if job.directory is not None:
+            await trio.to_thread.run_sync(remove_dirs, [job.directory])
+
+    async def restore(self, stored: Sequence[StoredJob]) -> None:
+        """Take back the jobs of an earlier run from the store.
+
+        A job recorded as RUNNING outlived its server: whatever is left of it
+        is killed (its cgroup already was, by ``cleanup_leftovers``; without
+        cgroups, its process group, if the pid still names the same process),
+        and it becomes LOST. Output written before the crash stays readable.
+        """
+        at = now()
+        lost: list[str] = []
+        for entry in stored:
+            info = entry.info
+            if info.state is JobState.RUNNING:
+                _kill_recorded(info.pid, entry.pid_start_time)
+                lost.append(info.id)
+            job = Job.restored(entry, self._jobs_dir / info.id)
+            if info.state is JobState.RUNNING:
+                job.feed(lc.Lost(LOST_ERROR, at))
+            self._table.add(job)
+        if lost and self.store is not None:
+            try:
+                await self.store.mark_lost(lost, LOST_ERROR, at)
+            except StateDirError as exc:
+                _log.error("cannot record %d lost job(s) (will retry): %s", len(lost), exc)
+                self.unsaved.update(dict.fromkeys(lost, True))
+        if stored:
+            _log.info("restored %d job(s), %d of them lost", len(stored), len(lost))
+
+    async def run_housekeeping(self) -> None:
+        """Run ``housekeep`` every ``retention.interval`` seconds."""
+        while True:
+            await trio.sleep(self.retention.interval)
+            await self.housekeep()
+
+    async def housekeep(self) -> None:
+        """Persist output counters and enforce retention now."""
+        store = self.store
+        if store is None:
+            await trio.lowlevel.checkpoint()
+            return
+        retention = self.retention
+        table = self._table
+        await self.save_unsaved()
+        for job in table.values():
+            if job.log is not None and not job.ended.is_set():
+                store.note_output(job.id, job.log.end, job.output_start, job.log.dropped_bytes)
+        try:
+            await store.flush()
+            if retention.keep_ended is None and retention.max_ended_age is None:
+                return
+            doomed = await store.ended_for_retention(
+                keep_count=retention.keep_ended, max_age=retention.max_ended_age, now=now()
+            )
+            doomed = [
+                i
+                for i in doomed
+                if (ended := table.find(i)) is not None
+                and ended.ended.is_set()
+                and i not in self.unsaved
+            ]
+            if not doomed:
+                return
+            for job_id in doomed:
+                table.forget(job_id)
+            await trio.to_thread.run_sync(remove_dirs, [self._jobs_dir / i for i in doomed])
+            await store.delete(doomed)
+            _log.info("retention: removed %d ended job(s)", len(doomed))
+        except StateDirError as exc:
+            _log.error("housekeeping failed: %s", exc)
+
+
+def _kill_recorded(pid: int | None, start_time: int | None) -> None:
+    """Kill a recorded job's process group, if ``pid`` is still that process."""
+    if pid is None or start_time is None or process_start_time(pid) != start_time:
+        return  # gone, or the pid now names an unrelated process
+    try:
+        os.killpg(pid, _signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        _log.warning("cannot kill process group %d of a lost job", pid)
+
+
+def remove_dirs(directories: Sequence[Path]) -> None:
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,563 @@
+"""The client's side of a connection: dial, calls, and the responses they wait for.
+
+    Dialer.dial() → TCP → TLSSocketStream (client side) → ClientConnection (the shared
+    driver, ``_connection``) ⇄ the client's sans-I/O core (``_wire/_client``)
+
+``trio_worker.client`` (the ``WorkerClient`` API) opens calls here and reads their
+messages. purerpc's own client I/O is not used because it has the server's gaps: when the
+connection is lost its reader just returns and every pending call waits forever, and it
+acknowledges received data as soon as it arrives, so a slow consumer makes it buffer
+without bound. Here:
+
+* Loss: the driver sees EOF, a reset, a TLS error or an HTTP/2 protocol error and fails
+  every pending call and stream at once with :class:`ConnectionFailed`; GOAWAY fails the
+  calls the server says it never processed (:class:`Unprocessed`: they are retried on a
+  new connection, which is safe) and lets the rest finish. While calls are pending, a
+  connection silent for ``PING_AFTER`` seconds is pinged and declared lost if nothing comes
+  back within ``PING_TIMEOUT``: a peer that vanished without a FIN cannot hang a call.
+* Flow control: received DATA is acknowledged to h2 (which sends WINDOW_UPDATE) only while
+  fewer than ``ACK_BELOW`` bytes of complete messages wait for the consumer, and otherwise
+  as the consumer takes them. The server can send at most one stream window
+  (``STREAM_WINDOW``) beyond what was acknowledged, so one stream never buffers more than
+  ``ACK_BELOW + STREAM_WINDOW`` + one message, however slow its consumer.
+* Writes are coalesced: a call queues its headers, message and END_STREAM and writes them
+  in one socket write from its own task when the socket takes them (``_push``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import ssl
+from contextlib import suppress
+from typing import Any, Final
+
+import h2.errors
+import h2.exceptions
+import trio
+from purerpc.grpclib.events import ResponseEnded, ResponseReceived, WindowUpdated
+
+from .._errors import ConnectionFailed
+from .._tls import ALPN_PROTOCOL
+from .._wire._client import (
+    MAX_FRAME,
+    BadResponse,
+    GoAwayReceived,
+    GRPCClientConnection,
+    MessageReader,
+    MessageRefused,
+    RequestHeaders,
+    ResponseData,
+    StreamEnded,
+    StreamResetByPeer,
+    request_headers,
+    with_timeout,
+)
+from .._wire._h2conn import PROTOCOL_ERRORS
+from .._wire._status import StatusCode
+from ._connection import (
+    RECEIVE_SIZE,
+    Connection,
+    WriteCounts,
+)
+from ._failures import os_reason, parse_addr, tls_reason
+from ._sockets import set_keepalive
+from ._tlsstream import TLSSocketStream
+
+__all__ = [
+    "ACK_BELOW",
+    "Call",
+    "CallFailed",
+    "ClientConnection",
+    "Dialer",
+    "Unprocessed",
+]
+
+log = logging.getLogger("trio_worker.client")
+
+#: Received data is acknowledged at once while fewer bytes than this (complete messages)
+#: wait for the consumer; beyond it, only as the consumer takes messages.
+ACK_BELOW: Final = 512 * 1024
+#: With calls pending, ping a connection that has been silent this long...
+PING_AFTER: Final = 10.0
+#: ...and declare it lost if nothing at all arrives this long after the ping.
+PING_TIMEOUT: Final = 10.0
+#: How long closing a connection may spend sending our GOAWAY.
+CLOSE_TIMEOUT: Final = 0.5
+#: Requests the socket has not taken this long after it first had to wait: the server is
+#: gone (keepalive pings notice it too, but only while calls wait for answers).
+WRITE_TIMEOUT: Final = 60.0
+#: Bytes queued beyond what the socket took before senders wait (a Start with large
+#: arguments, many stdin writes).
+MAX_SEND_BUFFER: Final = 1024 * 1024
+
+
+# --- addresses and error messages --------------------------------------------------------
+
+
+def _connect_reason(exc: OSError) -> str:
+    """Why ``trio.open_tcp_stream`` failed: trio hides the per-address errors in __cause__."""
+    if isinstance(exc, socket.gaierror):
+        return os_reason(exc)
+    cause = exc.__cause__
+    if cause is not None and str(exc).startswith("all attempts to connect"):
+        return os_reason(cause)
+    return os_reason(exc)
+
+
+# --- one call ----------------------------------------------------------------------------
+
+
+class Unprocessed(Exception):
+    """The server never processed this call (GOAWAY below its id, or it could not be sent
+    on this connection any more): safe to send again on another connection."""
+
+
+class CallFailed(Exception):
+    """The call ended with a non-OK gRPC status."""
+
+    def __init__(self, code: int, message: str, details: bytes | None = None) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+class Call(MessageReader):
+    """Per-stream state, shared by the connection's reader and the caller's task.
+
+    Messages are reassembled from DATA payloads by the core's ``MessageReader``;
+    ``unacked`` counts the flow-controlled bytes not yet handed back to h2, ``queued`` the
+    bytes of complete messages the consumer has not taken.
+    """
+
+    __slots__ = (
+        "conn",
+        "done",
+        "error",
+        "lot",
+        "peak",
+        "status",
+        "stream_id",
+        "unacked",
+    )
+
+    def __init__(self, conn: ClientConnection, stream_id: int) -> None:
+        super().__init__()
+        self.conn = conn
+        self.stream_id = stream_id
+        self.unacked = 0
+        self.peak = 0
+        self.status: tuple[int, str, bytes | None] | None = None
+        self.error: BaseException | None = None
+        self.done = False  # nothing more will arrive
+        self.lot = trio.lowlevel.ParkingLot()
+
+    def is_done(self) -> bool:
+        return self.done
+
+    def finish(
+        self,
+        status: tuple[int, str, bytes | None] | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.status = status
+        self.error = error
+        self.lot.unpark_all()
+
+    def outcome(self) -> None:
+        """Raise what ended the call, unless it was OK."""
+        if self.error is not None:
+            raise self.error
+        assert self.status is not None
+        code, message, details = self.status
+        if code != StatusCode.OK:
+            raise CallFailed(code, message, details)
+
+
+# --- one connection ----------------------------------------------------------------------
+
+
+class ClientConnection(Connection):
+    """One HTTP/2 connection to the server: the shared driver (reader, writer, keepalive),
+    and the calls on it."""
+
+    def __init__(self, stream: TLSSocketStream, addr: str, authority: str) -> None:
+        grpc = GRPCClientConnection()
+        super().__init__(
+            stream,
+            grpc,
+            peer=addr,
+            peer_noun="the server",
+            stats=WriteCounts(),
+            write_timeout=WRITE_TIMEOUT,
+            max_send_buffer=MAX_SEND_BUFFER,
+            max_frame=MAX_FRAME,
+            close_timeout=CLOSE_TIMEOUT,
+            ping_after=PING_AFTER,
+            ping_timeout=PING_TIMEOUT,
+        )
+        self.addr = addr
+        self._authority = authority
+        self._grpc = grpc
+        self._calls: dict[int, Call] = {}
+        self._capacity_lot = trio.lowlevel.ParkingLot()  # calls waiting for a stream slot
+        self.goaway = False  # no new streams on this connection
+        self._closing = False
+        self._token = trio.lowlevel.current_trio_token()
+        self._headers_cache: dict[str, RequestHeaders] = {}
+        self.finished = trio.Event()  # run() has returned: the socket is closed
+
+    @property
+    def accepting(self) -> bool:
+        """True while new calls may be opened on this connection."""
+        return not (self.dead or self.goaway or self._closing or self._done.is_set())
+
+    # -- lifecycle --
+
+    async def handshake(self) -> None:
+        """Send our preface and SETTINGS, then read until the server's SETTINGS are in.
+
+        In TLS 1.3 the server checks our certificate after our side of the handshake has
+        finished, so a refusal only shows on this first read: waiting for it here makes
+        ``connect`` report it instead of the first call.
+        """
+        self._grpc.initiate_connection()
+        stream = self._stream
+        try:
+            await stream.send_all(self._h2.data_to_send())
+            while not self._grpc.settings_received:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    raise ConnectionFailed(
+                        f"TLS handshake with {self.addr} failed: the server closed the "
+                        "connection (did it refuse our certificate?)"
+                    )
+                self._receive(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            reason = tls_reason(exc.__cause__, handshake=True)
+            if "our certificate" not in reason:
+                # The server's close can overtake its alert: say what it most likely meant.
+                reason += " (did it refuse our certificate?)"
+            raise ConnectionFailed(f"TLS handshake with {self.addr} failed: {reason}") from exc
+        except PROTOCOL_ERRORS as exc:
+            raise ConnectionFailed(f"{self.addr} does not speak HTTP/2 as expected: {exc}") from exc
+
+    async def run(self) -> bool:
+        """Serve the connection until it is lost, closed, or drained by the server."""
+        try:
+            return await super().run()
+        finally:
+            self._stream.close()
+            self.finished.set()
+
+    def close(self) -> None:
+        """Close gracefully: GOAWAY, then close; pending calls fail with ConnectionFailed."""
+        if self.dead or self._closing or self._done.is_set():
+            return  # (already ending: a GOAWAY of its own may be on its way)
+        self._closing = True
+        for call in list(self._calls.values()):
+            self._forget(call, ConnectionFailed(f"the connection to {self.addr} was closed"))
+        with suppress(h2.exceptions.ProtocolError):
+            self._h2.close_connection()
+        self._wake_writer()
+        self._done.set()
+
+    def _end_calls(self, reason: str) -> None:
+        """Fail every pending call at once."""
+        calls = list(self._calls.values())
+        self._calls.clear()
+        for call in calls:
+            call.finish(error=ConnectionFailed(f"lost the connection to {self.addr}: {reason}"))
+        if calls:
+            log.debug(
+                "connection to %s lost with %d call(s) pending: %s", self.addr, len(calls), reason
+            )
+        self._capacity_lot.unpark_all()
+
+    def _has_calls(self) -> bool:
+        return bool(self._calls)
+
+    # -- reading --
+
+    def _on_event(self, event: Any) -> None:
+        kind = type(event)
+        if kind is ResponseData:
+            self._on_data(event)
+        elif kind is ResponseReceived:
+            if event.message_encoding not in (None, "identity"):
+                call = self._calls.get(event.stream_id)
+                if call is not None:
+                    reason = f"the server used grpc-encoding {event.message_encoding}"
+                    self._fail_stream(call, CallFailed(StatusCode.INTERNAL, reason))
+        elif kind is ResponseEnded:
+            call = self._calls.get(event.stream_id)
+            if call is not None:
+                status = event.status
+                code, message = int(status.int_value), str(status.status_message)
+                self._end(call, status=(code, message, event.details))
+        elif kind is StreamEnded:
+            call = self._calls.get(event.stream_id)
+            if call is not None:  # END_STREAM without trailers
+                self._end(call, error=CallFailed(StatusCode.INTERNAL, "the server sent no status"))
+        elif kind is WindowUpdated:
+            self._window_lot.unpark_all()
+            self._capacity_lot.unpark_all()
+        elif kind is StreamResetByPeer:
+            self._on_reset(event)
+        elif kind is GoAwayReceived:
+            self._on_goaway(event)
+        elif kind is BadResponse:
+            call = self._calls.get(event.stream_id)
+            if call is not None:
+                self._fail_stream(call, CallFailed(StatusCode.INTERNAL, event.reason))
+
+    def _on_data(self, event: ResponseData) -> None:
+        call = self._calls.get(event.stream_id)
+        if call is None:  # cancelled by us: give the connection window back
+            if event.flow:
+                self._h2.acknowledge_received_data(event.flow, event.stream_id)
+            return
+        call.unacked += event.flow
+        try:
+            call.feed(event.data)
+        except MessageRefused as exc:
+            self._fail_stream(call, CallFailed(exc.code, exc.reason))
+            return
+        if call.queued <= ACK_BELOW:
+            self._ack(call)
+        if call.buffered > call.peak:
+            call.peak = call.buffered
+        if call.messages:
+            call.lot.unpark_all()
+
+    def _on_reset(self, event: StreamResetByPeer) -> None:
+        call = self._calls.get(event.stream_id)
+        if call is None:
+            return
+        code = event.error_code
+        if code == h2.errors.ErrorCodes.REFUSED_STREAM:
+            failure = CallFailed(
+                StatusCode.RESOURCE_EXHAUSTED, "the server refused the call (too many calls)"
+            )
+        elif code == h2.errors.ErrorCodes.CANCEL:
+            failure = CallFailed(StatusCode.CANCELLED, "the server cancelled the call")
+        else:
+            try:
+                name = h2.errors.ErrorCodes(code).name
+            except ValueError:
+                name = str(code)
+            failure = CallFailed(StatusCode.INTERNAL, f"the server reset the call ({name})")
+        self._end(call, error=failure)
+
+    def _on_goaway(self, event: GoAwayReceived) -> None:
+        """No new streams here; those the server never saw may be sent again elsewhere."""
+        self.goaway = True
+        if event.error_code:
+            log.info("%s sent GOAWAY with error %s", self.addr, event.error_code)
+        for call in list(self._calls.values()):
+            if call.stream_id > event.last_stream_id:
+                self._end(call, error=Unprocessed())
+        self._capacity_lot.unpark_all()
+        if not self._calls:
+            self._done.set()
+
+    # -- calls --
+
+    def _headers(self, path: str, timeout: float | None) -> RequestHeaders:
+        base = self._headers_cache.get(path)
+        if base is None:
+            base = self._headers_cache[path] = request_headers(path, self._authority)
+        return base if timeout is None else with_timeout(base, timeout)
+
+    async def open_call(
+        self, path: str, payload: bytes, deadline: float, *, end_stream: bool = True
+    ) -> Call:
+        """Open a stream and send the request (headers, message and END_STREAM, in one
+        write when the window allows; without ``end_stream`` more messages may follow).
+        Raises Unprocessed if this connection cannot take new calls any more."""
+        h2c = self._h2
+        while True:
+            if not self.accepting:
+                raise Unprocessed()
+            if h2c.open_outbound_streams < h2c.remote_settings.max_concurrent_streams:
+                break
+            await self._capacity_lot.park()
+        stream_id = int(h2c.get_next_available_stream_id())
+        timeout = None if deadline == math.inf else deadline - trio.current_time()
+        h2c.send_headers(stream_id, self._headers(path, timeout), end_stream=False)
+        call = Call(self, stream_id)
+        self._calls[stream_id] = call
+        try:
+            await self.send_message(
+                stream_id, payload, end_stream=end_stream, abandoned=call.is_done
+            )
+        except BaseException:
+            self.cancel(call)
+            raise
+        self._push()
+        return call
+
+    async def send_request(self, call: Call, payload: bytes) -> None:
+        """One more request message on a call opened without ``end_stream``, waiting for
+        flow-control window: a server that does not take requests holds us back here."""
+        await self.send_message(call.stream_id, payload, abandoned=call.is_done)
+        self._push()
+
+    async def wait(self, call: Call) -> None:
+        while not call.done:
+            await call.lot.park()
+
+    async def next_message(self, call: Call) -> bytes | memoryview | None:
+        """The call's next message, None after the last one; raises what ended it."""
+        while True:
+            if call.messages:
+                message = call.take()
+                if call.unacked and call.queued <= ACK_BELOW and not self.dead:
+                    self._ack(call)
+                    self._push()
+                return message
+            if call.done:
+                call.outcome()
+                return None
+            await call.lot.park()
+
+    def _ack(self, call: Call) -> None:
+        """Hand the call's received bytes back to h2, which sends WINDOW_UPDATE in batches."""
+        if call.unacked and not self.dead:
+            amount, call.unacked = call.unacked, 0
+            self._h2.acknowledge_received_data(amount, call.stream_id)
+
+    def _end(
+        self,
+        call: Call,
+        *,
+        status: tuple[int, str, bytes | None] | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """The server is done with this stream: deliver the outcome, free the slot."""
+        self._calls.pop(call.stream_id, None)
+        # Nothing more can arrive on it: no reason to hold back its window.
+        self._ack(call)
+        call.finish(status, error)
+        self._capacity_lot.unpark_all()
+        self._window_lot.unpark_all()  # its request may be waiting for window: stop it
+        if self.goaway and not self._calls:
+            self._done.set()
+
+    def _fail_stream(self, call: Call, error: BaseException) -> None:
+        """End a call the server has not ended (a response we cannot read): reset it."""
+        self._reset(call.stream_id, h2.errors.ErrorCodes.CANCEL)
+        self._end(call, error=error)
+        call.clear()
+        self._wake_writer()
+
+    def _forget(self, call: Call, error: BaseException) -> None:
+        if call.done:
+            return
+        self._fail_stream(call, error)
+
+    def cancel(self, call: Call) -> None:
+        """The caller gave up on ``call`` (cancelled, closed, abandoned): reset the stream."""
+        if not call.done:
+            if self.dead:
+                call.finish(error=ConnectionFailed(f"the connection to {self.addr} was closed"))
+                return
+            self._fail_stream(call, CallFailed(StatusCode.CANCELLED, "cancelled by the client"))
+        else:
+            call.messages.clear()
+            call.queued = 0
+
+    def cancel_soon(self, call: Call) -> None:
+        """``cancel`` from anywhere (a finalizer): run it from the trio loop."""
+        if call.done:
+            return
+        with suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self.cancel, call)
+
+    def _reset(self, stream_id: int, code: int) -> None:
+        if self.dead:
+            return
+        with suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self._h2.reset_stream(stream_id, code)
+
+    # -- writing --
+
+
+# --- dialing -----------------------------------------------------------------------------
+
+
+class Dialer:
+    """Everything needed to open a connection to one server, again and again."""
+
+    def __init__(
+        self,
+        addr: str,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None,
+        timeout: float,
+    ) -> None:
+        self.addr = addr
+        self.host, self.port = parse_addr(addr)
+        self._ssl_context = ssl_context
+        self._server_hostname = server_hostname or self.host
+        self._timeout = timeout
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self._authority = f"{host}:{self.port}"
+
+    async def dial(self) -> ClientConnection:
+        """TCP, TLS handshake, HTTP/2 settings exchange, all within ``timeout``."""
+        addr, timeout = self.addr, self._timeout
+        deadline = trio.current_time() + timeout
+        tcp: trio.SocketStream | None = None
+        with trio.move_on_at(deadline):
+            try:
+                tcp = await trio.open_tcp_stream(self.host, self.port)
+            except (OSError, UnicodeError) as exc:
+                reason = _connect_reason(exc) if isinstance(exc, OSError) else str(exc)
+                raise ConnectionFailed(f"cannot connect to {addr}: {reason}") from exc
+        if tcp is None:
+            raise ConnectionFailed(f"cannot connect to {addr}: no answer within {timeout:g} s")
+        try:
+            # From here on the socket is ours, not trio.SocketStream's.
+            raw = socket.socket(fileno=tcp.socket.detach())
+        except OSError as exc:
+            await trio.aclose_forcefully(tcp)
+            raise ConnectionFailed(f"cannot connect to {addr}: {os_reason(exc)}") from exc
+        try:
+            set_keepalive(raw)
+            stream = TLSSocketStream(raw, self._ssl_context, server_hostname=self._server_hostname)
+        except (OSError, ValueError) as exc:
+            raw.close()
+            raise ConnectionFailed(f"cannot set up TLS with {addr}: {exc}") from exc
+        try:
+            handshaken = False
+            with trio.move_on_at(deadline):
+                try:
+                    await stream.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    reason = tls_reason(exc.__cause__, handshake=True)
+                    raise ConnectionFailed(f"TLS handshake with {addr} failed: {reason}") from exc
+                handshaken = True
+            if not handshaken:
+                raise ConnectionFailed(f"TLS handshake with {addr} timed out after {timeout:g} s")
+            if stream.selected_alpn_protocol() != ALPN_PROTOCOL:
+                raise ConnectionFailed(
+                    f"TLS handshake with {addr} failed: the server does not offer HTTP/2 "
+                    "(ALPN h2); is it a trio-worker server?"
+                )
+            conn = ClientConnection(stream, addr, self._authority)
+            ready = False
+            with trio.move_on_at(deadline):
+                await conn.handshake()
+                ready = True
+            if not ready:
+                raise ConnectionFailed(f"{addr} sent no HTTP/2 settings within {timeout:g} s")
+        except BaseException:
+            stream.close()
+            raise
+        return conn

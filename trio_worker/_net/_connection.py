@@ -1,0 +1,392 @@
+"""One HTTP/2 connection's life on trio, the same for both ends.
+
+    TLSSocketStream ⇄ Connection (reader, writer, keepalive) ⇄ sans-I/O core (``_wire``)
+
+:class:`Connection` owns what a connection does whichever end it is: a reader task that
+feeds received bytes to the core (whole frames, through its ``FrameGate``) and hands each
+event to the subclass; output written by whoever queued it when the socket takes it at once
+(:meth:`Connection._push`), else by a writer task; sending a message in frames as flow
+control, the peer's frame size and the send buffer allow; keepalive pings; loss (EOF, a
+reset, a TLS error, an HTTP/2 protocol error or a broken bound, a stalled write) failing
+every call at once; and the close (GOAWAY flushed for a moment, then the socket).
+
+The server (``_transport``) adds accept, handshake, identity and dispatch; the client
+(``trio_worker.client``) adds dial and calls. Each implements :meth:`Connection._on_event`
+and :meth:`Connection._end_calls`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import h2.exceptions
+import trio
+
+from .._wire._h2conn import (
+    MAX_UNSENT_CONTROL,
+    PROTOCOL_ERRORS,
+    PeerMisbehaved,
+    WireGRPCConnection,
+)
+from ._failures import tls_reason
+from ._tlsstream import TLSSocketStream
+
+__all__ = [
+    "MESSAGE_PREFIX",
+    "RECEIVE_SIZE",
+    "Connection",
+    "WriteCounts",
+    "WriteStats",
+    "loss_reason",
+]
+
+log = logging.getLogger("trio_worker.net")
+
+#: A gRPC message's prefix: compressed flag, length.
+MESSAGE_PREFIX: Final = struct.Struct(">BI")
+#: Asked of each TLS read. OpenSSL returns at most one record (16 KiB of plaintext) per
+#: read, but Python allocates the whole size asked for first: 256 KiB (mmap'd, then
+#: trimmed) made decrypting four times slower than asking for what a record can hold.
+RECEIVE_SIZE: Final = 16 * 1024
+
+
+class WriteStats(Protocol):
+    """Where a connection counts its socket writes (the server's stats, or the client's)."""
+
+    socket_writes: int
+    bytes_written: int
+
+
+@dataclass(slots=True)
+class WriteCounts:
+    """A connection's own :class:`WriteStats` (the client's)."""
+
+    socket_writes: int = 0
+    bytes_written: int = 0
+
+
+class Connection:
+    """One HTTP/2 connection over ``stream``, driving the sans-I/O ``core``.
+
+    ``peer`` names the other end in logs (its address), ``peer_noun`` in reasons ("the
+    server"). ``write_timeout``: output the socket
+    has not taken this long after it first had to wait means the peer is gone.
+    ``max_send_buffer`` bounds what is queued beyond what the socket took (senders wait
+    for room); ``max_frame`` caps the DATA frames we send, so streams interleave.
+    ``ping_after``: while calls are pending, a connection silent this long is pinged, and
+    lost when nothing arrives within ``ping_timeout``. ``close_timeout``: how long the close
+    may spend flushing what is queued (final trailers, GOAWAY).
+    """
+
+    def __init__(
+        self,
+        stream: TLSSocketStream,
+        core: WireGRPCConnection,
+        *,
+        peer: str,
+        peer_noun: str,
+        stats: WriteStats,
+        write_timeout: float,
+        max_send_buffer: int,
+        max_frame: int,
+        close_timeout: float,
+        ping_after: float | None = None,
+        ping_timeout: float = math.inf,
+    ) -> None:
+        self._stream = stream
+        self._core = core
+        self._h2 = core.h2_connection
+        self.peer = peer
+        self._peer_noun = peer_noun
+        self._stats = stats
+        self._write_timeout = write_timeout
+        self._max_send_buffer = max_send_buffer
+        self._max_frame = max_frame
+        self._close_timeout = close_timeout
+        self._ping_after = ping_after
+        self._ping_timeout = ping_timeout
+        self._nursery: trio.Nursery | None = None
+        self._writer_lot = trio.lowlevel.ParkingLot()  # the writer waits here for data
+        self._flushed_lot = trio.lowlevel.ParkingLot()  # waiting for the buffer to drain
+        self._window_lot = trio.lowlevel.ParkingLot()  # senders waiting for window
+        self._done = trio.Event()  # the connection is to be closed now
+        #: nothing can be sent or received any more
+        self.dead = False
+        self._last_received = trio.current_time()
+
+    # -- hooks for the two ends --
+
+    def _on_event(self, event: Any) -> None:
+        """One event from the core."""
+        raise NotImplementedError
+
+    def _after_read(self) -> None:
+        """Every event of one read has been handled (before its output is written)."""
+
+    def _end_calls(self, reason: str) -> None:
+        """The connection is over (``reason``): end every call on it at once."""
+        raise NotImplementedError
+
+    def _has_calls(self) -> bool:
+        """Whether calls wait on this connection (keepalive pings only then)."""
+        return False
+
+    def _start_tasks(self, nursery: trio.Nursery) -> None:
+        """Start the end's own background tasks beside the reader and the writer."""
+
+    # -- lifecycle --
+
+    async def run(self) -> bool:
+        """Serve the connection until it is lost or closed (``_done``). Returns True when it
+        was closed with everything queued written (a graceful end)."""
+        flushed = False
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._reader)
+                if self._ping_after is not None:
+                    nursery.start_soon(self._keepalive, self._ping_after)
+                self._start_tasks(nursery)
+                self._push()  # our SETTINGS, unless sent already
+                await self._done.wait()
+                if not self.dead:
+                    # Let queued frames (final trailers, GOAWAY) reach the peer.
+                    with trio.move_on_after(self._close_timeout):
+                        await self._flushed()
+                        flushed = not self.dead
+                self._lost("the connection was closed")
+                nursery.cancel_scope.cancel()
+        finally:
+            self._lost("the connection was closed")
+        return flushed
+
+    def _lost(self, reason: str) -> None:
+        """The connection is unusable: end every call at once."""
+        if self.dead:
+            return
+        self.dead = True
+        self._end_calls(reason)
+        self._window_lot.unpark_all()
+        self._flushed_lot.unpark_all()
+        self._done.set()
+
+    # -- reading --
+
+    def _receive(self, data: bytes | bytearray) -> None:
+        """Hand received bytes to the core and its events to the subclass. Raises h2's or
+        purerpc's ProtocolError, or :class:`PeerMisbehaved`."""
+        self._last_received = trio.current_time()
+        for event in self._core.receive_frames(data):
+            self._on_event(event)
+
+    async def _reader(self) -> None:
+        stream = self._stream
+        core = self._core
+        gate = core.gate
+        while True:
+            try:
+                data = await stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.debug("connection with %s lost: %r", self.peer, exc.__cause__ or exc)
+                self._lost(loss_reason(exc, self._peer_noun))
+                return
+            if not data:
+                self._lost(f"{self._peer_noun} closed the connection")
+                return
+            try:
+                self._receive(data)
+            except PROTOCOL_ERRORS as exc:
+                # h2 has queued a GOAWAY with the error (we do, for our own bounds); the
+                # close sends it.
+                if isinstance(exc, PeerMisbehaved):
+                    core.calm_down(exc)
+                log.info("HTTP/2 protocol error from %s: %s", self.peer, exc)
+                self._end_calls(f"HTTP/2 protocol error: {exc}")
+                self._after_read()
+                self._wake_writer()
+                self._done.set()
+                return
+            self._after_read()
+            self._push()
+            if gate.control_owed > MAX_UNSENT_CONTROL:
+                # The peer's PINGs and SETTINGS make us write: read on only once those
+                # replies are out, so a peer that never reads cannot grow our buffer.
+                await self._flushed()
+                gate.control_owed = 0
+
+    async def _keepalive(self, ping_after: float) -> None:
+        """Ping a silent connection while calls wait on it; no answer means it is gone."""
+        while True:
+            await trio.sleep_until(self._last_received + ping_after)
+            now = trio.current_time()
+            if not self._has_calls() or now < self._last_received + ping_after:
+                if not self._has_calls():
+                    await trio.sleep(ping_after)
+                continue
+            try:
+                self._h2.ping(b"trioping")
+            except h2.exceptions.ProtocolError:
+                return
+            self._push()
+            deadline = now + self._ping_timeout
+            while self._last_received < now:
+                await trio.sleep_until(deadline)
+                if self._last_received >= now:
+                    break
+                if trio.current_time() - deadline > 0.5:
+                    # We overslept: our own loop was blocked, and the answer may be waiting
+                    # unread. Give the reader a moment before blaming the peer.
+                    deadline = trio.current_time() + 0.5
+                    continue
+                silent = math.ceil(trio.current_time() - self._last_received)
+                self._lost(f"no answer from {self._peer_noun} for {silent} s")
+                return
+
+    # -- sending --
+
+    def window(self, stream_id: int) -> int:
+        """The stream's send window now; -1 when the stream is closed."""
+        try:
+            return int(self._h2.local_flow_control_window(stream_id))
+        except h2.exceptions.StreamClosedError:
+            return -1
+
+    def fits(self, stream_id: int, size: int) -> bool:
+        """Whether one DATA frame of ``size`` bytes may be queued on the stream now."""
+        h2c = self._h2
+        return (
+            size <= self.window(stream_id)
+            and size <= h2c.max_outbound_frame_size
+            and size <= self._max_frame
+            and h2c.outbound_buffered + self._stream.pending < self._max_send_buffer
+        )
+
+    async def wait_for_window(self, stream_id: int) -> None:
+        """Wait until the stream has window (or is closed)."""
+        while self.window(stream_id) == 0 and not self.dead:
+            self._wake_writer()
+            await self._window_lot.park()
+
+    async def send_message(
+        self,
+        stream_id: int,
+        payload: bytes,
+        *,
+        end_stream: bool = False,
+        abandoned: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Queue one gRPC message (prefix and ``payload``) on the stream, in frames as
+        window, frame sizes and the send buffer allow, waiting for them.
+
+        Never yields when all of it fits at once and writes nothing itself: the caller
+        pushes or wakes the writer when its batch is complete, so consecutive messages
+        (and what follows the last) leave in one socket write. Returns False, with the
+        rest unsent, when the stream closed under us, the connection died, or
+        ``abandoned()`` says the other end is done with the stream.
+        """
+        h2c = self._h2
+        stream = self._stream
+        prefix = MESSAGE_PREFIX.pack(0, len(payload))
+        high_water = self._max_send_buffer
+        pos, total = 0, len(prefix) + len(payload)
+        while pos < total:
+            if self.dead or (abandoned is not None and abandoned()):
+                return False
+            if h2c.outbound_buffered + stream.pending >= high_water:
+                self._wake_writer()
+                await self._flushed_lot.park()
+                continue
+            window = self.window(stream_id)
+            if window < 0:
+                return False
+            if window == 0:
+                self._wake_writer()
+                await self._window_lot.park()
+                continue
+            n = min(total - pos, window, int(h2c.max_outbound_frame_size), self._max_frame)
+            last = end_stream and pos + n == total
+            if pos < len(prefix):  # the first frame carries the prefix (usually all of it)
+                head = prefix[pos : pos + n]
+                h2c.send_data(stream_id, head + payload[: n - len(head)], end_stream=last)
+            else:
+                start = pos - len(prefix)
+                h2c.send_data(stream_id, payload[start : start + n], end_stream=last)
+            pos += n
+        return True
+
+    # -- writing --
+
+    def _wake_writer(self) -> None:
+        self._writer_lot.unpark_all()
+
+    def _push(self) -> None:
+        """Write what is queued now, if the socket takes it without waiting.
+
+        Called where a batch of output is complete (end of a read, end of a call, a
+        request sent): saves waking the writer task, which then only deals with a socket
+        that is full.
+        """
+        if self.dead or not self._h2.outbound_buffered:
+            return
+        stream = self._stream
+        if stream.pending:  # the writer is at it; it takes this too
+            self._wake_writer()
+            return
+        data = self._h2.data_to_send()
+        stats = self._stats
+        stats.socket_writes += 1
+        stats.bytes_written += len(data)
+        try:
+            if not stream.try_send(data):
+                self._wake_writer()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("cannot write to %s: %r", self.peer, exc.__cause__ or exc)
+            self._lost(loss_reason(exc, self._peer_noun))
+
+    async def _flushed(self) -> None:
+        """Wait until everything queued has been written (or the connection is dead)."""
+        while (self._h2.outbound_buffered or self._stream.pending) and not self.dead:
+            self._wake_writer()
+            await self._flushed_lot.park()
+
+    async def _writer(self) -> None:
+        """Writes what could not be written at once, and output queued without a push."""
+        h2c = self._h2
+        stream = self._stream
+        stats = self._stats
+        timeout = self._write_timeout
+        while True:
+            try:
+                if stream.pending:
+                    await stream.flush(stall_timeout=timeout)
+                else:
+                    data = h2c.data_to_send()
+                    if not data:
+                        self._flushed_lot.unpark_all()
+                        await self._writer_lot.park()
+                        continue
+                    stats.socket_writes += 1
+                    stats.bytes_written += len(data)
+                    await stream.send_all(data, stall_timeout=timeout)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+                log.debug("cannot write to %s: %r", self.peer, exc.__cause__ or exc)
+                self._lost(loss_reason(exc, self._peer_noun))
+                return
+            self._flushed_lot.unpark_all()
+
+
+def loss_reason(exc: BaseException, peer: str) -> str:
+    """Why a connection's stream failed, in words (``_failures``), ``peer`` naming the
+    other end."""
+    if isinstance(exc, trio.TooSlowError):
+        return str(exc)
+    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+    if isinstance(exc, trio.ClosedResourceError):
+        return "the connection was closed"
+    return tls_reason(cause, peer=peer)
