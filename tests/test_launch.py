@@ -121,3 +121,18 @@ async def test_places_left_by_a_crash_are_removed_at_the_next_start(tmp_path: Pa
         assert sorted(p.name for p in (state / "ready").iterdir()) == sorted(now)
         assert none_exist(made["groups"])
         assert sup.list() == []  # a place is no job
+
+
+async def test_an_ended_jobs_group_is_removed_while_the_supervisor_runs(tmp_path: Path) -> None:
+    # Ended jobs' groups go with the next round of place-making (one thread call for both).
+    require_root("cgroups")
+    parent = "tw-places-" + secrets.token_hex(4)
+    # Without a store, a job's end is recorded (and its group retired) as Wait answers.
+    async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+        jobs = [await sup.start("true") for _ in range(3)]
+        for job in jobs:
+            assert (await sup.wait(job.id)).state is JobState.EXITED
+        await sup._admission.launcher.settled()
+        groups = [str(d) for job in jobs for d in groups_of(sup, job.id)]
+        assert groups
+        assert none_exist(groups)

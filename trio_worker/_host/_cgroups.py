@@ -493,11 +493,25 @@ class V2JobCgroup(JobCgroup):
 class V1JobCgroup(JobCgroup):
     """A job's groups in cgroup v1 hierarchies (and the unified mount, if any)."""
 
-    def __init__(self, job_id: str, controllers: Mapping[str, Path], unified: Path | None) -> None:
-        distinct: dict[str, Path] = {}
-        for directory in controllers.values():
-            distinct.setdefault(_realpath(directory.parent), directory)
-        dirs = list(distinct.values()) + ([unified] if unified is not None else [])
+    def __init__(
+        self,
+        job_id: str,
+        controllers: Mapping[str, Path],
+        unified: Path | None,
+        *,
+        distinct: Iterable[str] | None = None,
+    ) -> None:
+        """``distinct``: the controllers whose hierarchies differ (co-mounted ones
+        share a directory), if the caller knows them; else resolved here."""
+        if distinct is None:
+            by_mount: dict[str, Path] = {}
+            for directory in controllers.values():
+                by_mount.setdefault(_realpath(directory.parent), directory)
+            dirs = list(by_mount.values())
+        else:
+            dirs = [controllers[name] for name in distinct]
+        if unified is not None:
+            dirs.append(unified)
         super().__init__(job_id, dirs, unified / "cgroup.events" if unified else None)
         self.controllers = dict(controllers)
         self.unified = unified
@@ -757,6 +771,8 @@ class V2Driver(CgroupDriver):
         for part in Path(parent).parts:
             level = level / part
             self._enable(level)
+        #: cgroup.kill (5.14+): a job's group is killed in one write.
+        self._has_kill = (self.parent_dir / "cgroup.kill").exists()
 
     def _enable(self, level: Path) -> None:
         available = set((_read(level / "cgroup.controllers") or "").split())
@@ -787,9 +803,7 @@ class V2Driver(CgroupDriver):
     def job(self, job_id: str) -> JobCgroup:
         _check_job_id(job_id)
         return V2JobCgroup(
-            job_id,
-            self.parent_dir / f"{_JOB_PREFIX}{job_id}",
-            has_kill=(self.parent_dir / "cgroup.kill").exists(),
+            job_id, self.parent_dir / f"{_JOB_PREFIX}{job_id}", has_kill=self._has_kill
         )
 
     def make(self, job_id: str) -> JobCgroup:
@@ -879,6 +893,11 @@ class V1Driver(CgroupDriver):
         if not self.parents and self.unified is None:
             missing = {("io" if k == "blkio" else k): v for k, v in self.missing.items()}
             raise _Unusable(f"no usable cgroup hierarchy under {root}", missing)
+        # One directory per mount (co-mounted controllers share one), found once.
+        by_mount: dict[str, str] = {}
+        for name, parent_dir in self.parents.items():
+            by_mount.setdefault(_realpath(parent_dir), name)
+        self._distinct = tuple(by_mount.values())
         self._memsw = (
             "memory" in self.parents
             and (self.parents["memory"] / "memory.memsw.limit_in_bytes").exists()
@@ -897,6 +916,7 @@ class V1Driver(CgroupDriver):
             job_id,
             {c: p / name for c, p in self.parents.items()},
             self.unified / name if self.unified is not None else None,
+            distinct=self._distinct,
         )
 
     def make(self, job_id: str) -> JobCgroup:

@@ -215,7 +215,9 @@ class Admission:
         # The job as it started (no usage yet: reading the cgroup's accounting
         # files would cost the loop, for zeros).
         started = job.info(usage=False)
-        self._nursery.start_soon(run_job, job, process, records, name=f"job {job_id}")
+        self._nursery.start_soon(
+            run_job, job, process, records, self.launcher.retire, name=f"job {job_id}"
+        )
         if recorded:
             # Its record was committed while it was spawned; the pid follows with
             # the next commit (group commit: no second transaction on this path).

@@ -130,6 +130,8 @@ class Launcher:
         #: How many places ``keep_ready`` keeps made ahead of need.
         self._target = ready
         self._ready: deque[Place] = deque()
+        #: Ended jobs' groups, to remove (``retire``).
+        self._retired: list[JobCgroup] = []
         #: Set when a place was taken (``keep_ready`` waits on it).
         self._wanted = trio.Event()
         #: Set while ``keep_ready`` waits with nothing to do (``settled``).
@@ -143,12 +145,27 @@ class Launcher:
         return self._ready.popleft() if self._ready else None
 
     def replenish(self) -> None:
-        """Wake ``keep_ready`` once a Start is done with the CPU; not at ``take``,
-        where the refill's thread would compete with the Start's own."""
-        if len(self._ready) < self._target:
-            self._wanted.set()
-            if self._idle.is_set():
-                self._idle = trio.Event()
+        """Wake ``keep_ready`` once a Start is done with the CPU (not at ``take``,
+        where the refill's thread would compete with the Start's own), if the
+        places are down to half: a job's end (``retire``) wakes it anyway."""
+        if len(self._ready) <= self._target // 2:
+            self._wake()
+
+    def retire(self, group: JobCgroup) -> None:
+        """Remove an ended job's group, in the next round of ``keep_ready``.
+
+        One worker-thread call then removes the groups of the jobs that ended and
+        makes the places missing: a Start followed by its job's end costs one
+        thread round trip for both, and a burst of ends shares one.
+        """
+        if group.tracked:
+            self._retired.append(group)
+            self._wake()
+
+    def _wake(self) -> None:
+        self._wanted.set()
+        if self._idle.is_set():
+            self._idle = trio.Event()
 
     def ready_places(self) -> list[Place]:
         return list(self._ready)
@@ -160,44 +177,61 @@ class Launcher:
     async def keep_ready(self, new_id: Callable[[], str]) -> None:
         """Keep the ready places made, until cancelled (a task of the supervisor).
 
-        Woken by ``replenish``, never polls. Makes what is missing in one
-        worker-thread call. When a place cannot be made (out of descriptors,
-        disk, processes...), it stops trying until the next Start: that Start
-        makes its own place, and says why it cannot.
+        Woken by ``replenish`` and ``retire``, never polls. Removes the retired
+        groups and makes what is missing in one worker-thread call. When a place
+        cannot be made (out of descriptors, disk, processes...), it stops trying
+        until it is woken again: a Start meanwhile makes its own place, and says
+        why it cannot.
         """
         # Whatever an earlier run left there (its groups are leftovers, gone already).
         failed = not await trio.to_thread.run_sync(self._empty_ready_dir)
         while True:
             wanted = self._wanted = trio.Event()
-            missing = self._target - len(self._ready)
-            if missing > 0 and not failed and not self._closed:
+            retired, self._retired = self._retired, []
+            missing = 0 if failed or self._closed else self._target - len(self._ready)
+            if retired or missing > 0:
                 ids = [new_id() for _ in range(missing)]
                 # Shielded: the places the thread makes must reach the pool (or
                 # ``aclose`` would not remove them).
                 with trio.CancelScope(shield=True):
                     try:
-                        places = await trio.to_thread.run_sync(self._make_places, ids)
+                        places = await trio.to_thread.run_sync(self._tend, retired, ids)
                     except RuntimeError:  # "can't start new thread"
+                        self._retired[:0] = retired
                         places = []
                 self._ready.extend(places)
                 failed = len(places) < missing
+                if failed and not self._retired:
+                    self._idle.set()
+                    await wanted.wait()
+                    failed = False
                 continue
             self._idle.set()
             await wanted.wait()
             failed = False
 
     async def aclose(self) -> None:
-        """Remove the ready places (after ``keep_ready`` was cancelled)."""
+        """Remove the retired groups and the ready places (after ``keep_ready`` was
+        cancelled and every job ended)."""
         self._closed = True
         places = list(self._ready)
         self._ready.clear()
+        retired, self._retired = self._retired, []
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._discard_all, places)
+            await trio.to_thread.run_sync(self._discard_all, retired, places)
 
-    def _discard_all(self, places: Sequence[Place]) -> None:
+    def _discard_all(self, retired: Sequence[JobCgroup], places: Sequence[Place]) -> None:
+        for group in retired:
+            _remove_group(group)
         _discard_places(places)
         with contextlib.suppress(OSError):
             os.rmdir(self.ready_dir)
+
+    def _tend(self, retired: Sequence[JobCgroup], ids: Sequence[str]) -> list[Place]:
+        """In a worker thread: remove the retired groups, then make the places."""
+        for group in retired:
+            _remove_group(group)
+        return self._make_places(ids)
 
     def _empty_ready_dir(self) -> bool:
         try:

@@ -9,10 +9,11 @@ and its pipes are drained and flushed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
-from .._host._cgroups import CgroupError
+from .._host._cgroups import CgroupError, JobCgroup
 from .._host._isolation import read_report
 from .._model import OutputStream, Usage
 from . import _lifecycle as lc
@@ -31,8 +32,17 @@ _ROUND_BYTES = 4 * 1024 * 1024
 _log = logging.getLogger("trio_worker.supervisor")
 
 
-async def run_job(job: Job, process: JobProcess, records: JobRecords) -> None:
-    """Supervise a started job until its end is recorded; never raises."""
+async def run_job(
+    job: Job,
+    process: JobProcess,
+    records: JobRecords,
+    retire: Callable[[JobCgroup], None] | None = None,
+) -> None:
+    """Supervise a started job until its end is recorded; never raises.
+
+    ``retire`` takes its group once it ended, to remove it later (else it is
+    removed here, in a worker thread).
+    """
     log = job.log
     assert log is not None
     try:
@@ -76,10 +86,15 @@ async def run_job(job: Job, process: JobProcess, records: JobRecords) -> None:
                 log.close()
             except Exception:  # the log's own failures are in it (lost ranges)
                 _log.exception("job %s: cannot finish its output log", job.id)
-            await _record_end(job, process, records)
+            await _record_end(job, process, records, retire)
 
 
-async def _record_end(job: Job, process: JobProcess, records: JobRecords) -> None:
+async def _record_end(
+    job: Job,
+    process: JobProcess,
+    records: JobRecords,
+    retire: Callable[[JobCgroup], None] | None,
+) -> None:
     returncode = process.returncode
     assert returncode is not None
     oom_killed = False
@@ -105,7 +120,10 @@ async def _record_end(job: Job, process: JobProcess, records: JobRecords) -> Non
     # housekeeping pass after a Wait sees the end); removing the group (an
     # rmdir per hierarchy, each waiting for an RCU grace period) comes last.
     await records.persist_end(job)
-    await remove_cgroup(job)
+    if retire is not None and job.cgroup is not None:
+        retire(job.cgroup)
+    else:
+        await remove_cgroup(job)
 
 
 async def _pump(pipe: PipeReader, tag: OutputStream, log: OutputLog) -> None:

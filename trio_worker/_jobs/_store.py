@@ -865,8 +865,16 @@ def process_start_time(pid: int) -> int | None:
     None when there is no such process.
     """
     try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):
+        return None
+    try:
+        stat = os.read(fd, 4096)  # one read: the kernel renders it whole (~300 bytes)
+    except ProcessLookupError:  # (ESRCH: it was reaped meanwhile)
+        return None
+    finally:
+        os.close(fd)
+    if not stat:
         return None
     # Field 2 (comm) is in parentheses and may contain spaces or ')': split after the last.
     fields = stat[stat.rindex(b")") + 2 :].split()
