@@ -40,6 +40,7 @@ from trio_worker._error_codes import exception_from
 from trio_worker._identity import Role
 from trio_worker._net import _channel as channel
 from trio_worker._net._transport import TransportConfig
+from trio_worker._wire import _calls as wire_calls
 from trio_worker._wire import _client as wire_client
 from trio_worker.client import ConnectionFailed, RemoteError, WorkerClient, connect
 from trio_worker.server._run import ServerSettings, run_server
@@ -719,7 +720,7 @@ async def test_calls_after_the_block_fail(server: Server) -> None:
 async def test_slow_consumer_keeps_buffer_bounded(server: Server) -> None:
     size = 64 * 1024 * 1024
     # What the client documents: the ack threshold, one stream window, one message.
-    bound = channel.ACK_BELOW + wire_client.STREAM_WINDOW + SERVER_CHUNK + 64
+    bound = wire_calls.ACK_BELOW + wire_client.STREAM_WINDOW + SERVER_CHUNK + 64
     async with server.connect() as client:
         job = await client.start("head", ["-c", str(size), "/dev/zero"])
         total = 0

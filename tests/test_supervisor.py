@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -395,3 +396,89 @@ async def test_without_the_reaper_jobs_spawn_from_the_loop_and_run(tmp_path: Pat
         job = await sup.start("sh", ["-c", "exit 3"])
         end = await sup.wait(job.id)
         assert (end.state, end.exit_code) == (JobState.EXITED, 3)
+
+
+async def test_a_sleeping_job_costs_no_task() -> None:
+    """Running jobs are watched by one task (their pipes and pidfds in its epoll): a
+    job gets a task only while there is work for it (its output to write, its end)."""
+    async with open_supervisor() as sup:
+        before = trio.lowlevel.current_statistics().tasks_living
+        jobs = [await sup.start("sleep", ["1000"]) for _ in range(30)]
+        await trio.testing.wait_all_tasks_blocked()
+        during = trio.lowlevel.current_statistics().tasks_living
+        assert during - before < 5, (before, during)
+        assert all(sup.status(j.id).state is JobState.RUNNING for j in jobs)
+        async with trio.open_nursery() as nursery:
+            for j in jobs:
+                nursery.start_soon(sup.stop, j.id, 0)
+        assert all(sup.status(j.id).state is JobState.KILLED for j in jobs)
+
+
+async def test_output_that_outruns_the_disk_waits_and_loses_nothing(tmp_path: Path) -> None:
+    """With at most 64 KiB allowed ahead of the disk, every read round of a fast job
+    takes its pipes out of the watch until its log is flushed: the job waits on its
+    full pipe, and every byte arrives in order, on both streams."""
+    payload = os.urandom(4 * 1024 * 1024)
+    source = tmp_path / "payload"
+    source.write_bytes(payload)
+    script = f"cat {source}; cat {source} >&2; cat {source}"
+    async with open_supervisor_with_driver(
+        NoDriver("test"), tmp_path / "state", max_unflushed=64 * 1024, tail_bytes=64 * 1024
+    ) as sup:
+        job = await sup.start("sh", ["-c", script])
+        per_stream = {OutputStream.STDOUT: bytearray(), OutputStream.STDERR: bytearray()}
+        position = 0
+        async for chunk in sup.output(job.id):
+            assert chunk.offset == position
+            position = chunk.end
+            per_stream[chunk.stream] += chunk.data
+        end = sup.status(job.id)
+        assert (end.state, end.exit_code, end.output_bytes) == (
+            JobState.EXITED,
+            0,
+            3 * len(payload),
+        )
+        assert per_stream[OutputStream.STDOUT] == payload + payload
+        assert per_stream[OutputStream.STDERR] == payload
+        log = (tmp_path / "state" / "jobs" / job.id / "output.log").read_bytes()
+        assert log == payload + payload + payload
+
+
+def _write_fifo(path: Path) -> None:
+    """Open a FIFO for writing (waiting for its reader) and say one line."""
+    with open(path, "w") as fifo:
+        fifo.write("go\n")
+
+
+async def test_output_written_by_an_escapee_after_the_main_process_exits_is_kept(
+    tmp_path: Path,
+) -> None:
+    """Without a cgroup, a setsid'ed grandchild keeps the pipes past the main process's
+    exit: what it writes within the drain time (2 s) is still the job's output."""
+    leave, go, pidfile = tmp_path / "leave", tmp_path / "go", tmp_path / "escapee.pid"
+    os.mkfifo(leave)
+    os.mkfifo(go)
+    script = (
+        f"setsid sh -c 'echo $$ > {pidfile}; read x < {go}; echo late; exec sleep 30'"
+        f" </dev/null & echo early; read y < {leave}"
+    )
+    async with open_supervisor_with_driver(NoDriver("test"), tmp_path / "state") as sup:
+        job = await sup.start("sh", ["-c", script])
+        assert job.pid is not None
+        pidfd = os.pidfd_open(job.pid)
+        try:
+            with trio.fail_after(60):
+                chunks = sup.output(job.id)
+                first = await chunks.__anext__()
+                assert first.data == b"early\n"
+                await trio.to_thread.run_sync(_write_fifo, leave, abandon_on_cancel=True)
+                await trio.lowlevel.wait_readable(pidfd)  # the main process has exited
+                await trio.to_thread.run_sync(_write_fifo, go, abandon_on_cancel=True)
+                rest = b"".join([c.data async for c in chunks])
+            assert rest == b"late\n"
+            assert sup.status(job.id).state is JobState.EXITED
+        finally:
+            os.close(pidfd)
+            if pidfile.exists():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pidfile.read_text()), signal.SIGKILL)

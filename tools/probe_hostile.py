@@ -2,7 +2,8 @@
 
     python tools/probe_hostile.py ATTACK [--pythonpath DIR] [--label TEXT]
 
-ATTACK: big-id, hpack-flood, header-cache, zero-window, rapid-reset, ping-flood, alpn, all.
+ATTACK: big-id, hpack-flood, header-cache, zero-window, small-window, small-window-spread,
+no-read, rapid-reset, ping-flood, frame-flood, alpn, conn-flood, all.
 
 Each probe starts its own server (``python -m trio_worker.cli serve`` with a development PKI
 in a temporary state directory; ``--pythonpath`` runs another checkout's code, e.g. the
@@ -78,6 +79,7 @@ class Server:
     cert: Path
     key: Path
     proc: subprocess.Popen[bytes]
+    log: Path
 
     def cpu(self) -> float:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -91,6 +93,13 @@ class Server:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def protocol_errors(self) -> list[str]:
+        """Why the server cut connections off, from its log (what it read is counted there,
+        not in what the attacker's socket took)."""
+        lines = self.log.read_text(errors="replace").splitlines()
+        errors = [line for line in lines if "HTTP/2 protocol error" in line]
+        return [line.split(": ", 1)[-1] for line in errors if not line.startswith("{")]
 
 
 def free_port() -> int:
@@ -136,7 +145,15 @@ def running_server(pythonpath: str | None) -> Iterator[Server]:
                 time.sleep(0.1)
             else:
                 raise RuntimeError("the server did not start within 30 s")
-            yield Server(proc.pid, port, pki / "ca.pem", pki / "admin.pem", pki / "admin.key", proc)
+            yield Server(
+                proc.pid,
+                port,
+                pki / "ca.pem",
+                pki / "admin.pem",
+                pki / "admin.key",
+                proc,
+                Path(tmp) / "server.log",
+            )
         finally:
             proc.terminate()
             try:
@@ -250,6 +267,7 @@ def measure(
         "legit_errors": legit.errors,
         "legit_slowest_ms": round(legit.slowest * 1000, 1),
         "server_alive": server.alive(),
+        "server_cut_off": server.protocol_errors()[:3],
     }
 
 
@@ -291,9 +309,10 @@ class Raw:
 
     def drain(self, timeout: float = 0.0) -> None:
         """Read what the server sent, noting GOAWAY and EOF (answers SETTINGS)."""
-        self.sock.settimeout(timeout)
         try:
             while True:
+                # Each time: answering a SETTINGS (send) sets a longer timeout.
+                self.sock.settimeout(timeout)
                 data = self.sock.recv(256 * KiB)
                 if not data:
                     self.closed_by_server = True
@@ -319,6 +338,29 @@ class Raw:
                 self.send(frame(SETTINGS, ACK, 0))
             buf = buf[9 + length :]
         self._buf = buf
+
+    def flood(self, batch: Callable[[int], bytes], size: int, most: int, seconds: float) -> int:
+        """Send ``batch(sent)`` (``size`` units each) until ``most`` units are sent, the
+        server says GOAWAY or cuts us off, or ``seconds`` pass; then close. Returns how many
+        units were sent (what the socket took: the server may have read fewer)."""
+        sent = 0
+        began = time.monotonic()
+        while sent < most and time.monotonic() - began < seconds:
+            if not self.send(batch(sent)):
+                break
+            sent += size
+            self.drain(0)
+            if self.closed_by_server or self.goaway is not None:
+                break
+        self.drain(2)
+        self.close()
+        return sent
+
+    def outcome(self) -> dict[str, Any]:
+        return {
+            "cut_off": self.closed_by_server or self.goaway is not None,
+            "goaway_error": self.goaway,
+        }
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -432,11 +474,16 @@ def header_cache(server: Server, blocks: int = 64, size: int = 256 * KiB) -> dic
 
 
 def zero_window(
-    server: Server, streams: int = 100, hold: float = 15.0, window: int = 0, read: bool = True
+    server: Server,
+    streams: int = 100,
+    hold: float = 15.0,
+    window: int = 0,
+    read: bool = True,
+    spread: int = 0,
 ) -> dict[str, Any]:
     """A client advertising a zero stream window that never opens it: ``streams`` Output
-    follow streams of a chatty job from offset 0, held ``hold`` seconds, reading the socket
-    (so TCP is never what holds the server back)."""
+    follow streams of a chatty job from offset 0 (stream i from ``i * spread``), held
+    ``hold`` seconds, reading the socket (so TCP is never what holds the server back)."""
     settings = struct.pack(">HL", 0x4, window)  # SETTINGS_INITIAL_WINDOW_SIZE
     raw = Raw(server, settings, rcvbuf=0 if read else 4 * KiB)
     raw.drain(1.0)
@@ -444,7 +491,7 @@ def zero_window(
     for i in range(streams):
         stream_id = 1 + 2 * i
         data += header_frames(stream_id, raw.request_block("Output"), end_stream=False)
-        request = pb.OutputRequest(id=CHATTY[0], offset=0, follow=True)
+        request = pb.OutputRequest(id=CHATTY[0], offset=i * spread, follow=True)
         data += frame(DATA, END_STREAM, stream_id, grpc_message(request))
     raw.send(data)
     deadline = time.monotonic() + hold
@@ -456,6 +503,7 @@ def zero_window(
     raw.close()
     return {
         "streams": streams,
+        "spread": spread,
         "window": window,
         "held_s": hold,
         "cut_off": raw.closed_by_server,
@@ -474,34 +522,28 @@ def small_window(server: Server) -> dict[str, Any]:
     return zero_window(server, window=1)
 
 
+def small_window_spread(server: Server) -> dict[str, Any]:
+    """As small-window, but stream i starts at offset i MiB: no two share a disk block, so
+    this is the worst a connection's streams can hold."""
+    return zero_window(server, window=1, spread=MiB)
+
+
 def rapid_reset(server: Server, pairs: int = 100_000) -> dict[str, Any]:
     """HEADERS (a Status request) immediately followed by RST_STREAM(CANCEL), ``pairs``
     times on one connection (CVE-2023-44487)."""
     raw = Raw(server)
     raw.drain(1.0)
     block = raw.request_block("Status")
-    began = time.monotonic()
-    sent = 0
-    batch = 500
-    while sent < pairs and time.monotonic() - began < 60:
-        data = b"".join(
-            header_frames(1 + 2 * (sent + i), block, end_stream=False)
-            + frame(RST_STREAM, 0, 1 + 2 * (sent + i), struct.pack(">L", 8))
-            for i in range(batch)
+
+    def pairs_from(first: int) -> bytes:
+        return b"".join(
+            header_frames(1 + 2 * (first + i), block, end_stream=False)
+            + frame(RST_STREAM, 0, 1 + 2 * (first + i), struct.pack(">L", 8))
+            for i in range(100)
         )
-        if not raw.send(data):
-            break
-        sent += batch
-        raw.drain(0)
-        if raw.closed_by_server:
-            break
-    raw.drain(2)
-    raw.close()
-    return {
-        "pairs_sent": sent,
-        "cut_off": raw.closed_by_server or raw.goaway is not None,
-        "goaway_error": raw.goaway,
-    }
+
+    sent = raw.flood(pairs_from, 100, pairs, 60.0)
+    return {"pairs_sent": sent, **raw.outcome()}
 
 
 def ping_flood(server: Server, pings: int = 4_000_000, seconds: float = 30.0) -> dict[str, Any]:
@@ -524,6 +566,24 @@ def ping_flood(server: Server, pings: int = 4_000_000, seconds: float = 30.0) ->
         sent += 4096
     raw.close()
     return {"pings_sent": sent, "server_stopped_reading": stalled, "cut_off": raw.closed_by_server}
+
+
+def frame_flood(server: Server, frames: int = 100_000, seconds: float = 30.0) -> dict[str, Any]:
+    """Frames that make no progress from a client that reads everything: PING, SETTINGS,
+    WINDOW_UPDATE, PRIORITY and empty DATA on a request it never ends, in turn, until
+    ``frames`` were sent, the server cuts the connection off, or ``seconds`` pass."""
+    raw = Raw(server)
+    raw.drain(1.0)
+    raw.send(header_frames(1, raw.request_block("Status"), end_stream=False))
+    mix = (
+        frame(PING, 0, 0, b"12345678")
+        + frame(SETTINGS, 0, 0)
+        + frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", 1))
+        + frame(0x2, 0, 3, struct.pack(">LB", 0, 16))  # PRIORITY for an idle stream
+        + frame(DATA, 0, 1)
+    )
+    sent = raw.flood(lambda _: mix * 20, 100, frames, seconds)
+    return {"frames_sent": sent, **raw.outcome()}
 
 
 def alpn(server: Server) -> dict[str, Any]:
@@ -632,9 +692,11 @@ ATTACKS: dict[str, Callable[[Server], dict[str, Any]]] = {
     "header-cache": header_cache,
     "zero-window": zero_window,
     "small-window": small_window,
+    "small-window-spread": small_window_spread,
     "no-read": no_read,
     "rapid-reset": rapid_reset,
     "ping-flood": ping_flood,
+    "frame-flood": frame_flood,
     "alpn": alpn,
     "conn-flood": conn_flood,
 }
@@ -654,13 +716,13 @@ def main() -> None:
             job = unary(ch, "Start", pb.StartRequest(command="true"), pb.Job, 30)
             JOB[0] = job.id
             chatty = None
-            if name in ("zero-window", "small-window", "no-read"):
+            if name in ("zero-window", "small-window", "small-window-spread", "no-read"):
                 script = "while :; do head -c 1048576 /dev/zero | tr '\\0' x; sleep 0.05; done"
                 chatty = unary(
                     ch, "Start", pb.StartRequest(command="sh", args=["-c", script]), pb.Job, 30
                 )
                 CHATTY[0] = chatty.id
-                time.sleep(3)  # some output on disk, beyond the memory tail
+                time.sleep(4)  # output on disk (beyond the memory tail): 32 MiB and more
             figures = measure(server, job.id, ATTACKS[name])
             if chatty is not None:
                 with contextlib.suppress(grpc.RpcError):

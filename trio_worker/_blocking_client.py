@@ -24,7 +24,6 @@ from types import TracebackType
 from typing import Any, Final, TypeVar
 
 from ._convert import chunk_from_pb, job_from_pb
-from ._error_codes import exception_from
 from ._errors import ConnectionFailed, InvalidRequest, RemoteError
 from ._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits, OutputChunk
 from ._net._blocking import BlockingCall, BlockingConnection, CallFailed, Unprocessed, dial
@@ -236,7 +235,7 @@ class Pending:
                 )
                 continue
             except CallFailed as exc:
-                raise exception_from(exc.code, exc.message, exc.details, self._job_id) from None
+                raise _exception(exc, self._job_id) from None
             except BaseException:
                 conn.cancel(call)
                 raise
@@ -282,7 +281,7 @@ class BlockingOutput:
             message = self._next_message()
         except CallFailed as exc:
             self._finished = True
-            raise exception_from(exc.code, exc.message, exc.details, self._job_id) from None
+            raise _exception(exc, self._job_id) from None
         except Unprocessed:
             self._finished = True
             raise ConnectionFailed(
@@ -325,6 +324,14 @@ class BlockingOutput:
         self._finished = True
         if self._conn is not None and self._call is not None:
             self._conn.cancel(self._call)
+
+
+def _exception(failed: CallFailed, job_id: str | None) -> Exception:
+    """Our exception for a call's non-OK status (``_error_codes``, imported when a call
+    fails: most commands never need its tables)."""
+    from ._error_codes import exception_from
+
+    return exception_from(failed.code, failed.message, failed.details, job_id)
 
 
 @contextmanager

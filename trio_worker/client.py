@@ -36,14 +36,7 @@ from ._errors import (
     TrioWorkerError,
 )
 from ._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits, OutputChunk
-from ._net._channel import (
-    CLOSE_TIMEOUT,
-    Call,
-    CallFailed,
-    ClientConnection,
-    Dialer,
-    Unprocessed,
-)
+from ._net._channel import CLOSE_TIMEOUT, Call, ClientConnection, Dialer
 from ._pb import worker_pb2 as pb
 from ._requests import (
     attach_open,
@@ -59,6 +52,7 @@ from ._requests import (
     stop_request,
 )
 from ._tls import client_context
+from ._wire._calls import CallFailed, Unprocessed
 from ._wire._status import StatusCode
 
 __all__ = [
@@ -334,7 +328,7 @@ async def _deadline_passes(deadline: float) -> None:
 class OutputIterator:
     """The chunks of a job's output, as an async iterator: ``async for chunk in it``.
 
-    The call starts on the first ``__anext__``. Up to ``ACK_BELOW + _STREAM_WINDOW`` bytes
+    The call starts on the first ``__anext__``. Up to ``ACK_BELOW + STREAM_WINDOW`` bytes
     plus one message (1.75 MiB with the server's 256 KiB chunks) are buffered ahead of the
     consumer, never more: the server is held back by HTTP/2 flow control instead
     (``buffered_bytes`` and ``peak_buffered_bytes`` show it). ``aclose()`` (or leaving an

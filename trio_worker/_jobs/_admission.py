@@ -1,5 +1,5 @@
 """The Start path: a request checked, the job's directory, log and cgroups made,
-its process spawned, and the job handed to its task (``_runner.run_job``).
+its process spawned, and the job handed to the runner (``_runner.JobRunner``).
 
 A Start either leaves a job in the table (RUNNING, or FAILED with the reason in
 words) or raises having left nothing: no fds, directory, cgroup or table entry.
@@ -26,6 +26,7 @@ from .._model import Isolation, JobIdGenerator, JobInfo, Limits
 from . import _lifecycle as lc
 from ._job import Job, now, remove_cgroup
 from ._launch import Launched, Launcher, LaunchPlan
+from ._output import DEFAULT_MAX_UNFLUSHED
 from ._process import (
     RESOURCE_ERRNOS,
     Credentials,
@@ -38,20 +39,20 @@ from ._process import (
 )
 from ._queries import JobTable
 from ._records import JobRecords
-from ._runner import run_job
+from ._runner import JobRunner
 from ._stdin import DEFAULT_TERMINAL_SIZE, StdinWriter, check_terminal_size
 
 __all__ = ["Admission"]
 
 
 class Admission:
-    """Starts jobs into ``table``, their tasks into ``nursery``."""
+    """Starts jobs into ``table``, for ``runner`` to watch."""
 
     def __init__(
         self,
-        nursery: trio.Nursery,
         table: JobTable,
         records: JobRecords,
+        runner: JobRunner,
         jobs_dir: Path,
         *,
         base_env: Mapping[str, str],
@@ -61,10 +62,11 @@ class Admission:
         job_nofile: int | None,
         spawn_in_thread: bool,
         ready_places: int = 0,
+        max_unflushed: int | None = None,
     ) -> None:
-        self._nursery = nursery
         self._table = table
         self._records = records
+        self._runner = runner
         self._jobs_dir = jobs_dir
         #: Spawn from a worker thread (without PDEATHSIG): only while a reaper watches.
         self._spawn_in_thread = spawn_in_thread
@@ -82,6 +84,7 @@ class Admission:
             jobs_dir.parent / "ready",
             cgroups,
             tail_bytes=tail_bytes,
+            max_unflushed=max_unflushed or DEFAULT_MAX_UNFLUSHED,
             max_output_bytes=records.retention.max_output_bytes,
             job_nofile=job_nofile,
             ready=ready_places,
@@ -215,9 +218,7 @@ class Admission:
         # The job as it started (no usage yet: reading the cgroup's accounting
         # files would cost the loop, for zeros).
         started = job.info(usage=False)
-        self._nursery.start_soon(
-            run_job, job, process, records, self.launcher.retire, name=f"job {job_id}"
-        )
+        self._runner.supervise(job, process)
         if recorded:
             # Its record was committed while it was spawned; the pid follows with
             # the next commit (group commit: no second transaction on this path).

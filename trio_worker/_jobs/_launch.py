@@ -117,6 +117,7 @@ class Launcher:
         cgroups: CgroupDriver,
         *,
         tail_bytes: int,
+        max_unflushed: int,
         max_output_bytes: int | None,
         job_nofile: int | None,
         ready: int = 0,
@@ -125,6 +126,7 @@ class Launcher:
         self.ready_dir = ready_dir
         self.cgroups = cgroups
         self._tail_bytes = tail_bytes
+        self._max_unflushed = max_unflushed
         self._max_output_bytes = max_output_bytes
         self._job_nofile = job_nofile
         #: How many places ``keep_ready`` keeps made ahead of need.
@@ -335,7 +337,10 @@ class Launcher:
             os.rename(place.directory, directory)
             place.directory = directory
             log = OutputLog(
-                directory, tail_bytes=self._tail_bytes, max_bytes=self._max_output_bytes
+                directory,
+                tail_bytes=self._tail_bytes,
+                max_bytes=self._max_output_bytes,
+                max_unflushed=self._max_unflushed,
             )
         except OSError as exc:
             _discard_places([place])
@@ -435,7 +440,10 @@ class Launcher:
         try:
             directory.mkdir(mode=0o700)
             return OutputLog(
-                directory, tail_bytes=self._tail_bytes, max_bytes=self._max_output_bytes
+                directory,
+                tail_bytes=self._tail_bytes,
+                max_bytes=self._max_output_bytes,
+                max_unflushed=self._max_unflushed,
             )
         except OSError as exc:
             remove_new_job_dir(directory)

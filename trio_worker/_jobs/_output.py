@@ -73,7 +73,14 @@ import trio
 
 from .._model import OutputChunk, OutputStream
 
-__all__ = ["DEFAULT_CHUNK", "Broadcaster", "LogReader", "OutputLog", "read_log_file"]
+__all__ = [
+    "DEFAULT_CHUNK",
+    "DEFAULT_MAX_UNFLUSHED",
+    "Broadcaster",
+    "LogReader",
+    "OutputLog",
+    "read_log_file",
+]
 
 _INDEX = struct.Struct("<QB")
 _START = struct.Struct("<QQ")
@@ -97,6 +104,8 @@ _FILE_BLOCK = 1024 * 1024
 #: readers of one job are usually near each other, so one read serves them all.
 _SHARED_BLOCKS = 4
 _IOV_MAX = 512
+#: How far appends may run ahead of the disk before ``backlogged`` (writers wait).
+DEFAULT_MAX_UNFLUSHED = 16 * 1024 * 1024
 #: Chatty jobs that switch streams often make many small chunks: cap their count.
 _MAX_TAIL_CHUNKS = 4096
 #: Retention drops in steps of at least this much (and 1/16 of the cap).
@@ -183,7 +192,7 @@ class OutputLog:
         directory: Path,
         *,
         tail_bytes: int = 4 * 1024 * 1024,
-        max_unflushed: int = 16 * 1024 * 1024,
+        max_unflushed: int = DEFAULT_MAX_UNFLUSHED,
         max_bytes: int | None = None,
         drop_step: int | None = None,
     ) -> None:
@@ -446,6 +455,25 @@ class OutputLog:
         ``_RETRY_BYTES`` bytes.
         """
         while not self._finished and not self._closed:
+            await self.flush_pending()
+            if not self._finished and not self._closed:
+                await self._flusher.wait()
+        await self.flush()
+
+    @property
+    def flush_due(self) -> bool:
+        """Whether ``flush_pending`` has anything to do."""
+        return (self._flushed != self._end or bool(self._pending_index)) and not self._closed
+
+    async def flush_pending(self) -> None:
+        """Write what was appended until the disk has all of it, then return.
+
+        ``run_flusher`` without the wait for more: a supervisor runs it only
+        while a job has unflushed output, so an idle job costs no task. While
+        the disk refuses writes, lost ranges not on disk yet wait for the next
+        retry (new appends cut the wait short, as in ``run_flusher``).
+        """
+        while not self._finished and not self._closed:
             if self._flushed != self._end or (
                 self._pending_index and (not self._failing or self._retry_due())
             ):
@@ -455,8 +483,7 @@ class OutputLog:
                 with trio.move_on_at(self._retry_at):
                     await self._flusher.wait()
             else:
-                await self._flusher.wait()
-        await self.flush()
+                return
 
     async def flush(self) -> None:
         """Write everything appended so far to disk (in a worker thread).

@@ -179,44 +179,44 @@ def _pipe() -> tuple[int, int]:
 
 
 class PipeReader:
-    """The read end of a job's pipe, read in rounds rather than one call at a time.
+    """The read end of a job's pipe (non-blocking), read in rounds rather than one
+    call at a time.
 
-    ``read_round`` waits until the pipe is readable, then takes everything it
-    has (up to a limit) without yielding in between, so a fast writer costs one
-    task switch and one reader wakeup per round instead of per ``read(2)``.
+    ``read_now`` takes everything the pipe has (up to a limit) without yielding, so
+    a fast writer costs one wakeup of the job runner and one reader wakeup per round
+    instead of per ``read(2)``. (The runner waits for the pipe; see ``_runner``.)
     """
+
+    __slots__ = ("_closed", "fd")
 
     def __init__(self, fd: int) -> None:
         os.set_blocking(fd, False)
         self.fd = fd
         self._closed = False
 
-    async def read_round(self, limit: int) -> list[bytes]:
-        """The bytes available now (waiting for some if there are none); [] at EOF."""
-        await trio.lowlevel.checkpoint_if_cancelled()
+    def read_now(self, limit: int) -> tuple[list[bytes], bool]:
+        """The bytes the pipe holds now (up to ``limit``), without waiting, and
+        whether it reached its end (EOF, or EIO from a terminal's master)."""
         pieces: list[bytes] = []
         total = 0
         while total < limit:
             try:
                 data = os.read(self.fd, min(limit - total, _PIPE_SIZE))
             except BlockingIOError:
-                if pieces:
-                    break
-                await trio.lowlevel.wait_readable(self.fd)
-                continue
+                return pieces, False
             except OSError as exc:
-                # A terminal's master reads EIO once no process holds the terminal any
-                # more: that is its end of file.
                 if exc.errno != errno.EIO:
                     raise
-                break
+                return pieces, True
             if not data:
-                break
+                return pieces, True
             pieces.append(data)
             total += len(data)
-        if pieces:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        return pieces
+        return pieces, False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         if not self._closed:
@@ -358,6 +358,11 @@ class JobProcess:
             for fd in owned:
                 if fd not in keep:
                     os.close(fd)
+
+    @property
+    def pidfd(self) -> int:
+        """Readable once the main process has exited (-1 once reaped)."""
+        return -1 if self.returncode is not None else self._pidfd
 
     @property
     def reaped(self) -> bool:

@@ -1,9 +1,10 @@
 """The supervisor: the public facade over a job's parts.
 
-``Supervisor`` holds the job table (``_queries``), the records (``_records``) and
-the Start path (``_admission``), and runs one task per job (``_runner``) in its
-nursery; ``open_supervisor`` sets the host up (fd limit, state directory lock,
-cgroups, reaper) and tears it down: every job stopped before it returns.
+``Supervisor`` holds the job table (``_queries``), the records (``_records``),
+the Start path (``_admission``) and the runner that watches running jobs
+(``_runner``, one task for all of them, in its nursery); ``open_supervisor``
+sets the host up (fd limit, state directory lock, cgroups, reaper) and tears it
+down: every job stopped before it returns.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from .._util import NoPublicConstructor, final
 from . import _input
 from ._admission import Admission
 from ._job import LOST_ERROR, Job, kill, running_process, signal_job, terminate
+from ._launch import Launcher
 from ._output import DEFAULT_CHUNK
 from ._process import JobProcess, validate_signal
 from ._queries import JobTable, open_output
 from ._records import JobRecords, Retention
+from ._runner import JobRunner
 from ._statedir import StateDir
 from ._store import JobStore, SqliteJobStore
 
@@ -71,6 +74,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         job_nofile: int | None = None,
         spawn_in_thread: bool = False,
         ready_places: int = 0,
+        max_unflushed: int | None = None,
     ) -> None:
         self._nursery = nursery
         self._store = store
@@ -80,10 +84,11 @@ class Supervisor(metaclass=NoPublicConstructor):
         jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._jobs = JobTable()
         self._records = JobRecords(store, self._jobs, jobs_dir, retention or Retention())
+        self._runner = JobRunner(nursery, self._records)
         self._admission = Admission(
-            nursery,
             self._jobs,
             self._records,
+            self._runner,
             jobs_dir,
             base_env=base_env,
             tail_bytes=tail_bytes,
@@ -92,7 +97,9 @@ class Supervisor(metaclass=NoPublicConstructor):
             job_nofile=job_nofile,
             spawn_in_thread=spawn_in_thread,
             ready_places=ready_places,
+            max_unflushed=max_unflushed,
         )
+        self._runner.retire = self._admission.launcher.retire
         self._closing = False
 
     # -- queries -------------------------------------------------------------
@@ -407,12 +414,12 @@ async def open_supervisor_with_driver(
     retention: Retention | None = None,
     reaper: bool = True,
     ready_places: int = 4,
+    max_unflushed: int | None = None,
 ) -> AsyncIterator[Supervisor]:
-    """``open_supervisor`` with a given cgroup driver instead of the host's probe (tests).
-
-    ``ready_places``: how many jobs' places (id, directory, log files, cgroup) are
-    kept made ahead of need (``_launch``).
-    """
+    """``open_supervisor`` with a given cgroup driver instead of the host's probe (tests),
+    ``max_unflushed``: how far each job's output may run ahead of the disk before its
+    pipes wait (``OutputLog``'s; default 16 MiB), and ``ready_places``: how many jobs'
+    places (id, directory, log files, cgroup) are kept made ahead of need (``_launch``)."""
     # Jobs cost descriptors (pipes, pidfd, log files): use all the host allows.
     job_nofile = raise_nofile_limit()
     temporary = state_dir is None
@@ -423,7 +430,7 @@ async def open_supervisor_with_driver(
     store: SqliteJobStore | None = None
     driver: CgroupDriver | None = None
     guard: ReaperGuard | None = None
-    supervisor: Supervisor | None = None
+    launcher: Launcher | None = None
     try:
         if lock is not None:
             store = await SqliteJobStore.open(lock.db_path)
@@ -446,7 +453,7 @@ async def open_supervisor_with_driver(
         async with _unwrap_single(), trio.open_nursery() as nursery:
             if guard is not None:
                 nursery.start_soon(guard.watch)
-            supervisor = Supervisor._create(
+            supervisor: Supervisor = Supervisor._create(
                 nursery,
                 path,
                 base_env=os.environ if env is None else env,
@@ -458,12 +465,14 @@ async def open_supervisor_with_driver(
                 store=store,
                 retention=retention,
                 ready_places=ready_places,
+                max_unflushed=max_unflushed,
             )
+            await nursery.start(supervisor._runner.run)
             if store is not None:
                 await supervisor._records.restore(await store.load_all())
                 nursery.start_soon(supervisor._records.run_housekeeping)
-            admission = supervisor._admission
-            nursery.start_soon(admission.launcher.keep_ready, admission.new_id)
+            launcher = supervisor._admission.launcher
+            nursery.start_soon(launcher.keep_ready, supervisor._admission.new_id)
             try:
                 yield supervisor
             finally:
@@ -471,11 +480,11 @@ async def open_supervisor_with_driver(
                     await supervisor.shutdown(shutdown_grace)
                     if store is not None:
                         await supervisor._records.save_unsaved()  # a last try for pending records
-                nursery.cancel_scope.cancel()  # housekeeping; jobs have ended
+                nursery.cancel_scope.cancel()  # housekeeping, the runner; jobs have ended
     finally:
         with trio.CancelScope(shield=True):
-            if supervisor is not None:
-                await supervisor._admission.launcher.aclose()  # the places no job took
+            if launcher is not None:
+                await launcher.aclose()  # the places no job took, the groups left to remove
             if guard is not None:
                 await guard.quit()  # every job has ended
             if store is not None:

@@ -9,7 +9,7 @@ gRPC layer, our bounds), as httpcore drives h11/h2 with a sync and an async back
   what arrives for the others (``pump``), so ``run`` can wait for a job's end while it
   follows the output on the same connection;
 * flow control as the trio client does it: a stream's DATA is handed back to h2 (which
-  sends WINDOW_UPDATE) only while fewer than ``ACK_BELOW`` bytes of its messages wait for
+  sends WINDOW_UPDATE) only while at most ``ACK_BELOW`` bytes of its messages wait for
   the caller, so a stream nobody reads holds at most that plus one window;
 * loss: EOF, a reset, a TLS or HTTP/2 error fails every pending call with
   ``ConnectionFailed``; GOAWAY fails the calls the server never processed (``Unprocessed``:
@@ -24,7 +24,6 @@ Errors and their words are the trio client's (``_failures``, ``_error_codes``).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import select
@@ -37,20 +36,18 @@ from typing import Any, Final
 
 import h2.errors
 import h2.exceptions
-from purerpc.grpclib.events import ResponseEnded, ResponseReceived, WindowUpdated
 
 from .._errors import ConnectionFailed
 from .._tls import ALPN_PROTOCOL
+from .._wire._calls import (
+    CallFailed,
+    CallTable,
+    ClientCall,
+    Unprocessed,
+)
 from .._wire._client import (
-    BadResponse,
-    GoAwayReceived,
     GRPCClientConnection,
-    MessageReader,
-    MessageRefused,
     RequestHeaders,
-    ResponseData,
-    StreamEnded,
-    StreamResetByPeer,
     request_headers,
     with_timeout,
 )
@@ -62,8 +59,6 @@ from ._sockets import set_keepalive
 __all__ = ["BlockingCall", "BlockingConnection", "CallFailed", "Unprocessed", "dial"]
 
 _PREFIX: Final = struct.Struct(">BI")
-#: Received data is handed back at once while fewer bytes than this wait for the caller.
-ACK_BELOW: Final = 512 * 1024
 #: Asked of each read (OpenSSL gives at most one 16 KiB record per read).
 _RECEIVE_SIZE: Final = 64 * 1024
 #: With calls pending, ping a connection silent this long, and give it up this long after.
@@ -71,42 +66,11 @@ PING_AFTER: Final = 10.0
 PING_TIMEOUT: Final = 10.0
 
 
-class Unprocessed(Exception):
-    """The server never processed this call (GOAWAY below its id): send it again elsewhere."""
+class BlockingCall(ClientCall):
+    """One stream: its messages as they arrive, its window and how it ended
+    (``_wire._calls``, as for the trio client's calls)."""
 
-
-class CallFailed(Exception):
-    """The call ended with a non-OK gRPC status."""
-
-    def __init__(self, code: int, message: str, details: bytes | None = None) -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-        self.details = details
-
-
-class BlockingCall(MessageReader):
-    """One stream: its messages as they arrive (split by the core's ``MessageReader``),
-    and how it ended."""
-
-    __slots__ = ("done", "error", "status", "stream_id", "unacked")
-
-    def __init__(self, stream_id: int) -> None:
-        super().__init__()
-        self.stream_id = stream_id
-        self.unacked = 0
-        self.done = False
-        self.status: tuple[int, str, bytes | None] | None = None
-        self.error: BaseException | None = None
-
-    def outcome(self) -> None:
-        """Raise what ended the call, unless it was OK."""
-        if self.error is not None:
-            raise self.error
-        assert self.status is not None
-        code, message, details = self.status
-        if code != StatusCode.OK:
-            raise CallFailed(code, message, details)
+    __slots__ = ()
 
 
 class BlockingConnection:
@@ -119,15 +83,19 @@ class BlockingConnection:
         self._grpc = GRPCClientConnection()
         self._h2 = self._grpc.h2_connection
         self._gate = self._grpc.gate
-        self._calls: dict[int, BlockingCall] = {}
+        self._table = CallTable[BlockingCall](self._h2)
+        self._calls = self._table.calls
         self._headers: dict[str, RequestHeaders] = {}
         self.dead = False
-        self.goaway = False
         self._last_received = time.monotonic()
         self._pinged_at: float | None = None
         #: An fd to watch beside the socket, and what to run when it turns readable.
         self.wake_fd: int | None = None
         self.on_wake: Callable[[], None] | None = None
+
+    @property
+    def goaway(self) -> bool:
+        return self._table.goaway
 
     @property
     def accepting(self) -> bool:
@@ -184,12 +152,9 @@ class BlockingConnection:
         if self.dead:
             return
         self.dead = True
-        calls = list(self._calls.values())
-        self._calls.clear()
-        for call in calls:
-            self._finish(
-                call, error=ConnectionFailed(f"lost the connection to {self.addr}: {reason}")
-            )
+        self._table.end_all(
+            lambda: ConnectionFailed(f"lost the connection to {self.addr}: {reason}")
+        )
 
     # -- calls --
 
@@ -211,7 +176,7 @@ class BlockingConnection:
             headers = with_timeout(headers, timeout)
         h2c.send_headers(stream_id, headers, end_stream=False)
         call = BlockingCall(stream_id)
-        self._calls[stream_id] = call
+        self._table.add(call)
         try:
             self._send_request(call, _PREFIX.pack(0, len(payload)) + payload)
         except BaseException:
@@ -245,9 +210,9 @@ class BlockingConnection:
         TimeoutError once ``deadline`` (``time.monotonic()``) passes."""
         while True:
             if call.messages:
-                message = call.take()
-                if call.unacked and call.queued <= ACK_BELOW:
-                    self._ack(call)
+                message, release = call.take_message()
+                if release:
+                    self._release(call, release)
                     self._flush()
                 return message
             if call.done:
@@ -261,9 +226,9 @@ class BlockingConnection:
             call.clear()
             return
         if self.dead:
-            self._finish(call, error=ConnectionFailed(f"the connection to {self.addr} was closed"))
+            call.finish(error=ConnectionFailed(f"the connection to {self.addr} was closed"))
             return
-        self._fail_stream(call, CallFailed(StatusCode.CANCELLED, "cancelled by the client"))
+        self._table.fail(call, CallFailed(StatusCode.CANCELLED, "cancelled by the client"))
         self._flush()
 
     # -- the socket --
@@ -357,99 +322,11 @@ class BlockingConnection:
             self._on_event(event)
 
     def _on_event(self, event: Any) -> None:
-        kind = type(event)
-        call = self._calls.get(getattr(event, "stream_id", 0))
-        if kind is ResponseData:
-            self._on_data(event, call)
-        elif call is None:
-            if kind is GoAwayReceived:
-                self._on_goaway(event)
-        elif kind is ResponseReceived:
-            if event.message_encoding not in (None, "identity"):
-                reason = f"the server used grpc-encoding {event.message_encoding}"
-                self._fail_stream(call, CallFailed(StatusCode.INTERNAL, reason))
-        elif kind is ResponseEnded:
-            status = event.status
-            self._end(
-                call, status=(int(status.int_value), str(status.status_message), event.details)
-            )
-        elif kind is StreamEnded:  # END_STREAM without trailers
-            self._end(call, error=CallFailed(StatusCode.INTERNAL, "the server sent no status"))
-        elif kind is StreamResetByPeer:
-            self._end(call, error=_reset_failure(event.error_code))
-        elif kind is BadResponse:
-            self._fail_stream(call, CallFailed(StatusCode.INTERNAL, event.reason))
-        elif kind is WindowUpdated:
-            pass  # a sender waiting for window looks again
+        self._table.on_event(event)  # a sender waiting for window looks again by itself
 
-    def _on_data(self, event: ResponseData, call: BlockingCall | None) -> None:
-        if call is None:  # reset by us: give the connection window back
-            if event.flow:
-                self._h2.acknowledge_received_data(event.flow, event.stream_id)
-            return
-        call.unacked += event.flow
-        try:
-            call.feed(event.data)
-        except MessageRefused as exc:
-            self._fail_stream(call, CallFailed(exc.code, exc.reason))
-            return
-        if call.queued <= ACK_BELOW:
-            self._ack(call)
-
-    def _on_goaway(self, event: GoAwayReceived) -> None:
-        self.goaway = True
-        for call in list(self._calls.values()):
-            if call.stream_id > event.last_stream_id:
-                self._end(call, error=Unprocessed())
-
-    def _ack(self, call: BlockingCall) -> None:
-        if call.unacked and not self.dead:
-            amount, call.unacked = call.unacked, 0
-            self._h2.acknowledge_received_data(amount, call.stream_id)
-
-    def _finish(
-        self,
-        call: BlockingCall,
-        status: tuple[int, str, bytes | None] | None = None,
-        error: BaseException | None = None,
-    ) -> None:
-        if not call.done:
-            call.done = True
-            call.status = status
-            call.error = error
-
-    def _end(
-        self,
-        call: BlockingCall,
-        *,
-        status: tuple[int, str, bytes | None] | None = None,
-        error: BaseException | None = None,
-    ) -> None:
-        self._calls.pop(call.stream_id, None)
-        self._ack(call)
-        self._finish(call, status, error)
-
-    def _fail_stream(self, call: BlockingCall, error: BaseException) -> None:
-        """End a call the server has not ended: reset it."""
+    def _release(self, call: BlockingCall, size: int) -> None:
         if not self.dead:
-            with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                self._h2.reset_stream(call.stream_id, h2.errors.ErrorCodes.CANCEL)
-        self._end(call, error=error)
-        call.clear()
-
-
-def _reset_failure(code: int) -> CallFailed:
-    if code == h2.errors.ErrorCodes.REFUSED_STREAM:
-        return CallFailed(
-            StatusCode.RESOURCE_EXHAUSTED, "the server refused the call (too many calls)"
-        )
-    if code == h2.errors.ErrorCodes.CANCEL:
-        return CallFailed(StatusCode.CANCELLED, "the server cancelled the call")
-    try:
-        name = h2.errors.ErrorCodes(code).name
-    except ValueError:
-        name = str(code)
-    return CallFailed(StatusCode.INTERNAL, f"the server reset the call ({name})")
+            self._table.release(call, size)
 
 
 def _drain(fd: int) -> None:
@@ -467,8 +344,11 @@ def dial(
     failures are the trio client's, word for word."""
     host, port = parse_addr(addr)
     deadline = time.monotonic() + timeout
+    # An ASCII host as bytes: getaddrinfo and ssl skip their IDNA codec (and unicodedata),
+    # which would change nothing in it.
+    wire_host: str | bytes = host.encode("ascii") if host.isascii() else host
     try:
-        tcp = socket.create_connection((host, port), timeout=timeout)
+        tcp = socket.create_connection((wire_host, port), timeout=timeout)  # type: ignore[arg-type]
     except TimeoutError as exc:
         raise ConnectionFailed(f"cannot connect to {addr}: no answer within {timeout:g} s") from exc
     except (OSError, UnicodeError) as exc:
@@ -476,11 +356,12 @@ def dial(
         raise ConnectionFailed(f"cannot connect to {addr}: {reason}") from exc
     try:
         set_keepalive(tcp)
+        # Requests go out whole, in one write each: Nagle would hold one back for the ACK
+        # of the last (40 ms of delayed ACK), as trio's sockets know.
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         tcp.settimeout(max(0.001, deadline - time.monotonic()))
         try:
             name = server_hostname or host
-            # An ASCII name as bytes: ssl skips its IDNA codec (and unicodedata), which
-            # would change nothing in it.
             sni: str | bytes = name.encode("ascii") if name.isascii() else name
             sock = context.wrap_socket(tcp, server_hostname=sni)
         except TimeoutError as exc:

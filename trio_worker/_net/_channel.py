@@ -15,9 +15,10 @@ without bound. Here:
   new connection, which is safe) and lets the rest finish. While calls are pending, a
   connection silent for ``PING_AFTER`` seconds is pinged and declared lost if nothing comes
   back within ``PING_TIMEOUT``: a peer that vanished without a FIN cannot hang a call.
-* Flow control: received DATA is acknowledged to h2 (which sends WINDOW_UPDATE) only while
-  fewer than ``ACK_BELOW`` bytes of complete messages wait for the consumer, and otherwise
-  as the consumer takes them. The server can send at most one stream window
+* Flow control (``_wire/_window``, the server's design too): received DATA goes back to
+  the connection's window at once, and to the stream's (h2 sends WINDOW_UPDATE) only while
+  at most ``ACK_BELOW`` bytes of its messages wait for the consumer, and otherwise as the
+  consumer takes them. The server can send at most one stream window
   (``STREAM_WINDOW``) beyond what was acknowledged, so one stream never buffers more than
   ``ACK_BELOW + STREAM_WINDOW`` + one message, however slow its consumer.
 * Writes are coalesced: a call queues its headers, message and END_STREAM and writes them
@@ -36,21 +37,21 @@ from typing import Any, Final
 import h2.errors
 import h2.exceptions
 import trio
-from purerpc.grpclib.events import ResponseEnded, ResponseReceived, WindowUpdated
+from purerpc.grpclib.events import WindowUpdated
 
 from .._errors import ConnectionFailed
 from .._tls import ALPN_PROTOCOL
+from .._wire._calls import (
+    CallFailed,
+    CallTable,
+    ClientCall,
+    Unprocessed,
+)
 from .._wire._client import (
     MAX_FRAME,
-    BadResponse,
     GoAwayReceived,
     GRPCClientConnection,
-    MessageReader,
-    MessageRefused,
     RequestHeaders,
-    ResponseData,
-    StreamEnded,
-    StreamResetByPeer,
     request_headers,
     with_timeout,
 )
@@ -59,6 +60,7 @@ from .._wire._status import StatusCode
 from ._connection import (
     RECEIVE_SIZE,
     Connection,
+    ConnectionSettings,
     WriteCounts,
 )
 from ._failures import os_reason, parse_addr, tls_reason
@@ -66,31 +68,19 @@ from ._sockets import set_keepalive
 from ._tlsstream import TLSSocketStream
 
 __all__ = [
-    "ACK_BELOW",
     "Call",
-    "CallFailed",
     "ClientConnection",
     "Dialer",
-    "Unprocessed",
 ]
 
 log = logging.getLogger("trio_worker.client")
 
-#: Received data is acknowledged at once while fewer bytes than this (complete messages)
-#: wait for the consumer; beyond it, only as the consumer takes messages.
-ACK_BELOW: Final = 512 * 1024
 #: With calls pending, ping a connection that has been silent this long...
 PING_AFTER: Final = 10.0
 #: ...and declare it lost if nothing at all arrives this long after the ping.
 PING_TIMEOUT: Final = 10.0
 #: How long closing a connection may spend sending our GOAWAY.
 CLOSE_TIMEOUT: Final = 0.5
-#: Requests the socket has not taken this long after it first had to wait: the server is
-#: gone (keepalive pings notice it too, but only while calls wait for answers).
-WRITE_TIMEOUT: Final = 60.0
-#: Bytes queued beyond what the socket took before senders wait (a Start with large
-#: arguments, many stdin writes).
-MAX_SEND_BUFFER: Final = 1024 * 1024
 
 
 # --- addresses and error messages --------------------------------------------------------
@@ -109,49 +99,17 @@ def _connect_reason(exc: OSError) -> str:
 # --- one call ----------------------------------------------------------------------------
 
 
-class Unprocessed(Exception):
-    """The server never processed this call (GOAWAY below its id, or it could not be sent
-    on this connection any more): safe to send again on another connection."""
+class Call(ClientCall):
+    """A call's state (``_wire._calls``), shared by the connection's reader and the
+    caller's task, who waits in ``lot``."""
 
-
-class CallFailed(Exception):
-    """The call ended with a non-OK gRPC status."""
-
-    def __init__(self, code: int, message: str, details: bytes | None = None) -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-        self.details = details
-
-
-class Call(MessageReader):
-    """Per-stream state, shared by the connection's reader and the caller's task.
-
-    Messages are reassembled from DATA payloads by the core's ``MessageReader``;
-    ``unacked`` counts the flow-controlled bytes not yet handed back to h2, ``queued`` the
-    bytes of complete messages the consumer has not taken.
-    """
-
-    __slots__ = (
-        "conn",
-        "done",
-        "error",
-        "lot",
-        "peak",
-        "status",
-        "stream_id",
-        "unacked",
-    )
+    __slots__ = ("conn", "lot", "peak")
 
     def __init__(self, conn: ClientConnection, stream_id: int) -> None:
-        super().__init__()
+        super().__init__(stream_id)
         self.conn = conn
-        self.stream_id = stream_id
-        self.unacked = 0
+        #: the most bytes buffered ahead of the consumer
         self.peak = 0
-        self.status: tuple[int, str, bytes | None] | None = None
-        self.error: BaseException | None = None
-        self.done = False  # nothing more will arrive
         self.lot = trio.lowlevel.ParkingLot()
 
     def is_done(self) -> bool:
@@ -161,22 +119,11 @@ class Call(MessageReader):
         self,
         status: tuple[int, str, bytes | None] | None = None,
         error: BaseException | None = None,
-    ) -> None:
-        if self.done:
-            return
-        self.done = True
-        self.status = status
-        self.error = error
+    ) -> bool:
+        if not super().finish(status, error):
+            return False
         self.lot.unpark_all()
-
-    def outcome(self) -> None:
-        """Raise what ended the call, unless it was OK."""
-        if self.error is not None:
-            raise self.error
-        assert self.status is not None
-        code, message, details = self.status
-        if code != StatusCode.OK:
-            raise CallFailed(code, message, details)
+        return True
 
 
 # --- one connection ----------------------------------------------------------------------
@@ -188,29 +135,30 @@ class ClientConnection(Connection):
 
     def __init__(self, stream: TLSSocketStream, addr: str, authority: str) -> None:
         grpc = GRPCClientConnection()
-        super().__init__(
-            stream,
-            grpc,
-            peer=addr,
-            peer_noun="the server",
-            stats=WriteCounts(),
-            write_timeout=WRITE_TIMEOUT,
-            max_send_buffer=MAX_SEND_BUFFER,
+        settings = ConnectionSettings(
             max_frame=MAX_FRAME,
             close_timeout=CLOSE_TIMEOUT,
             ping_after=PING_AFTER,
             ping_timeout=PING_TIMEOUT,
         )
+        super().__init__(
+            stream, grpc, peer=addr, peer_noun="the server", stats=WriteCounts(), settings=settings
+        )
         self.addr = addr
         self._authority = authority
         self._grpc = grpc
-        self._calls: dict[int, Call] = {}
+        self._table = CallTable[Call](self._h2)
+        self._calls = self._table.calls
         self._capacity_lot = trio.lowlevel.ParkingLot()  # calls waiting for a stream slot
-        self.goaway = False  # no new streams on this connection
         self._closing = False
         self._token = trio.lowlevel.current_trio_token()
         self._headers_cache: dict[str, RequestHeaders] = {}
         self.finished = trio.Event()  # run() has returned: the socket is closed
+
+    @property
+    def goaway(self) -> bool:
+        """The server sent GOAWAY: no new streams on this connection."""
+        return self._table.goaway
 
     @property
     def accepting(self) -> bool:
@@ -269,13 +217,12 @@ class ClientConnection(Connection):
 
     def _end_calls(self, reason: str) -> None:
         """Fail every pending call at once."""
-        calls = list(self._calls.values())
-        self._calls.clear()
-        for call in calls:
-            call.finish(error=ConnectionFailed(f"lost the connection to {self.addr}: {reason}"))
-        if calls:
+        failed = self._table.end_all(
+            lambda: ConnectionFailed(f"lost the connection to {self.addr}: {reason}")
+        )
+        if failed:
             log.debug(
-                "connection to %s lost with %d call(s) pending: %s", self.addr, len(calls), reason
+                "connection to %s lost with %d call(s) pending: %s", self.addr, failed, reason
             )
         self._capacity_lot.unpark_all()
 
@@ -285,86 +232,24 @@ class ClientConnection(Connection):
     # -- reading --
 
     def _on_event(self, event: Any) -> None:
-        kind = type(event)
-        if kind is ResponseData:
-            self._on_data(event)
-        elif kind is ResponseReceived:
-            if event.message_encoding not in (None, "identity"):
-                call = self._calls.get(event.stream_id)
-                if call is not None:
-                    reason = f"the server used grpc-encoding {event.message_encoding}"
-                    self._fail_stream(call, CallFailed(StatusCode.INTERNAL, reason))
-        elif kind is ResponseEnded:
-            call = self._calls.get(event.stream_id)
-            if call is not None:
-                status = event.status
-                code, message = int(status.int_value), str(status.status_message)
-                self._end(call, status=(code, message, event.details))
-        elif kind is StreamEnded:
-            call = self._calls.get(event.stream_id)
-            if call is not None:  # END_STREAM without trailers
-                self._end(call, error=CallFailed(StatusCode.INTERNAL, "the server sent no status"))
-        elif kind is WindowUpdated:
+        call = self._table.on_event(event)
+        if call is not None:
+            if call.done:
+                self._call_ended()
+            else:
+                if call.buffered > call.peak:
+                    call.peak = call.buffered
+                if call.messages:
+                    call.lot.unpark_all()
+        elif type(event) is WindowUpdated:
             self._window_lot.unpark_all()
             self._capacity_lot.unpark_all()
-        elif kind is StreamResetByPeer:
-            self._on_reset(event)
-        elif kind is GoAwayReceived:
-            self._on_goaway(event)
-        elif kind is BadResponse:
-            call = self._calls.get(event.stream_id)
-            if call is not None:
-                self._fail_stream(call, CallFailed(StatusCode.INTERNAL, event.reason))
-
-    def _on_data(self, event: ResponseData) -> None:
-        call = self._calls.get(event.stream_id)
-        if call is None:  # cancelled by us: give the connection window back
-            if event.flow:
-                self._h2.acknowledge_received_data(event.flow, event.stream_id)
-            return
-        call.unacked += event.flow
-        try:
-            call.feed(event.data)
-        except MessageRefused as exc:
-            self._fail_stream(call, CallFailed(exc.code, exc.reason))
-            return
-        if call.queued <= ACK_BELOW:
-            self._ack(call)
-        if call.buffered > call.peak:
-            call.peak = call.buffered
-        if call.messages:
-            call.lot.unpark_all()
-
-    def _on_reset(self, event: StreamResetByPeer) -> None:
-        call = self._calls.get(event.stream_id)
-        if call is None:
-            return
-        code = event.error_code
-        if code == h2.errors.ErrorCodes.REFUSED_STREAM:
-            failure = CallFailed(
-                StatusCode.RESOURCE_EXHAUSTED, "the server refused the call (too many calls)"
-            )
-        elif code == h2.errors.ErrorCodes.CANCEL:
-            failure = CallFailed(StatusCode.CANCELLED, "the server cancelled the call")
-        else:
-            try:
-                name = h2.errors.ErrorCodes(code).name
-            except ValueError:
-                name = str(code)
-            failure = CallFailed(StatusCode.INTERNAL, f"the server reset the call ({name})")
-        self._end(call, error=failure)
-
-    def _on_goaway(self, event: GoAwayReceived) -> None:
-        """No new streams here; those the server never saw may be sent again elsewhere."""
-        self.goaway = True
-        if event.error_code:
-            log.info("%s sent GOAWAY with error %s", self.addr, event.error_code)
-        for call in list(self._calls.values()):
-            if call.stream_id > event.last_stream_id:
-                self._end(call, error=Unprocessed())
-        self._capacity_lot.unpark_all()
-        if not self._calls:
-            self._done.set()
+        elif type(event) is GoAwayReceived:
+            # No new streams here; those the server never saw (ended Unprocessed) are sent
+            # again elsewhere.
+            if event.error_code:
+                log.info("%s sent GOAWAY with error %s", self.addr, event.error_code)
+            self._call_ended()
 
     # -- calls --
 
@@ -391,7 +276,7 @@ class ClientConnection(Connection):
         timeout = None if deadline == math.inf else deadline - trio.current_time()
         h2c.send_headers(stream_id, self._headers(path, timeout), end_stream=False)
         call = Call(self, stream_id)
-        self._calls[stream_id] = call
+        self._table.add(call)
         try:
             await self.send_message(
                 stream_id, payload, end_stream=end_stream, abandoned=call.is_done
@@ -416,9 +301,9 @@ class ClientConnection(Connection):
         """The call's next message, None after the last one; raises what ended it."""
         while True:
             if call.messages:
-                message = call.take()
-                if call.unacked and call.queued <= ACK_BELOW and not self.dead:
-                    self._ack(call)
+                message, release = call.take_message()
+                if release:
+                    self._release(call, release)
                     self._push()
                 return message
             if call.done:
@@ -426,34 +311,22 @@ class ClientConnection(Connection):
                 return None
             await call.lot.park()
 
-    def _ack(self, call: Call) -> None:
-        """Hand the call's received bytes back to h2, which sends WINDOW_UPDATE in batches."""
-        if call.unacked and not self.dead:
-            amount, call.unacked = call.unacked, 0
-            self._h2.acknowledge_received_data(amount, call.stream_id)
+    def _release(self, call: Call, size: int) -> None:
+        if not self.dead:
+            self._table.release(call, size)
 
-    def _end(
-        self,
-        call: Call,
-        *,
-        status: tuple[int, str, bytes | None] | None = None,
-        error: BaseException | None = None,
-    ) -> None:
-        """The server is done with this stream: deliver the outcome, free the slot."""
-        self._calls.pop(call.stream_id, None)
-        # Nothing more can arrive on it: no reason to hold back its window.
-        self._ack(call)
-        call.finish(status, error)
+    def _call_ended(self) -> None:
+        """A call is over: its slot is free, its request (if still being sent) stops."""
         self._capacity_lot.unpark_all()
-        self._window_lot.unpark_all()  # its request may be waiting for window: stop it
+        self._window_lot.unpark_all()
         if self.goaway and not self._calls:
             self._done.set()
 
     def _fail_stream(self, call: Call, error: BaseException) -> None:
-        """End a call the server has not ended (a response we cannot read): reset it."""
-        self._reset(call.stream_id, h2.errors.ErrorCodes.CANCEL)
-        self._end(call, error=error)
-        call.clear()
+        """End a call the server has not ended (the caller gave up, the connection
+        closes): reset it."""
+        self._table.fail(call, error)
+        self._call_ended()
         self._wake_writer()
 
     def _forget(self, call: Call, error: BaseException) -> None:
@@ -478,12 +351,6 @@ class ClientConnection(Connection):
             return
         with suppress(trio.RunFinishedError):
             self._token.run_sync_soon(self.cancel, call)
-
-    def _reset(self, stream_id: int, code: int) -> None:
-        if self.dead:
-            return
-        with suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            self._h2.reset_stream(stream_id, code)
 
     # -- writing --
 

@@ -37,9 +37,12 @@ from ._failures import tls_reason
 from ._tlsstream import TLSSocketStream
 
 __all__ = [
+    "MAX_SEND_BUFFER",
     "MESSAGE_PREFIX",
     "RECEIVE_SIZE",
+    "WRITE_TIMEOUT",
     "Connection",
+    "ConnectionSettings",
     "WriteCounts",
     "WriteStats",
     "loss_reason",
@@ -70,18 +73,33 @@ class WriteCounts:
     bytes_written: int = 0
 
 
-class Connection:
-    """One HTTP/2 connection over ``stream``, driving the sans-I/O ``core``.
+#: Output the socket has not taken this long after it first had to wait: the peer is gone.
+WRITE_TIMEOUT: Final = 60.0
+#: Bytes queued beyond what the socket took before senders wait for room.
+MAX_SEND_BUFFER: Final = 1024 * 1024
 
-    ``peer`` names the other end in logs (its address), ``peer_noun`` in reasons ("the
-    server"). ``write_timeout``: output the socket
-    has not taken this long after it first had to wait means the peer is gone.
-    ``max_send_buffer`` bounds what is queued beyond what the socket took (senders wait
-    for room); ``max_frame`` caps the DATA frames we send, so streams interleave.
-    ``ping_after``: while calls are pending, a connection silent this long is pinged, and
-    lost when nothing arrives within ``ping_timeout``. ``close_timeout``: how long the close
-    may spend flushing what is queued (final trailers, GOAWAY).
-    """
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSettings:
+    """How a connection drives its socket: each end makes one (the server from its
+    ``TransportConfig``)."""
+
+    #: DATA frames we send are at most this large, so streams interleave
+    max_frame: int
+    #: how long the close may spend flushing what is queued (final trailers, GOAWAY)
+    close_timeout: float
+    write_timeout: float = WRITE_TIMEOUT
+    max_send_buffer: int = MAX_SEND_BUFFER
+    #: while calls wait, a connection silent this long is pinged (None: never)...
+    ping_after: float | None = None
+    #: ...and lost when nothing at all arrives this long after the ping
+    ping_timeout: float = math.inf
+
+
+class Connection:
+    """One HTTP/2 connection over ``stream``, driving the sans-I/O ``core`` as ``settings``
+    say. ``peer`` names the other end in logs (its address), ``peer_noun`` in reasons
+    ("the server"); socket writes are counted in ``stats``."""
 
     def __init__(
         self,
@@ -91,12 +109,7 @@ class Connection:
         peer: str,
         peer_noun: str,
         stats: WriteStats,
-        write_timeout: float,
-        max_send_buffer: int,
-        max_frame: int,
-        close_timeout: float,
-        ping_after: float | None = None,
-        ping_timeout: float = math.inf,
+        settings: ConnectionSettings,
     ) -> None:
         self._stream = stream
         self._core = core
@@ -104,12 +117,7 @@ class Connection:
         self.peer = peer
         self._peer_noun = peer_noun
         self._stats = stats
-        self._write_timeout = write_timeout
-        self._max_send_buffer = max_send_buffer
-        self._max_frame = max_frame
-        self._close_timeout = close_timeout
-        self._ping_after = ping_after
-        self._ping_timeout = ping_timeout
+        self._settings = settings
         self._nursery: trio.Nursery | None = None
         self._writer_lot = trio.lowlevel.ParkingLot()  # the writer waits here for data
         self._flushed_lot = trio.lowlevel.ParkingLot()  # waiting for the buffer to drain
@@ -150,14 +158,14 @@ class Connection:
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._reader)
-                if self._ping_after is not None:
-                    nursery.start_soon(self._keepalive, self._ping_after)
+                if self._settings.ping_after is not None:
+                    nursery.start_soon(self._keepalive, self._settings.ping_after)
                 self._start_tasks(nursery)
                 self._push()  # our SETTINGS, unless sent already
                 await self._done.wait()
                 if not self.dead:
                     # Let queued frames (final trailers, GOAWAY) reach the peer.
-                    with trio.move_on_after(self._close_timeout):
+                    with trio.move_on_after(self._settings.close_timeout):
                         await self._flushed()
                         flushed = not self.dead
                 self._lost("the connection was closed")
@@ -234,7 +242,7 @@ class Connection:
             except h2.exceptions.ProtocolError:
                 return
             self._push()
-            deadline = now + self._ping_timeout
+            deadline = now + self._settings.ping_timeout
             while self._last_received < now:
                 await trio.sleep_until(deadline)
                 if self._last_received >= now:
@@ -263,8 +271,8 @@ class Connection:
         return (
             size <= self.window(stream_id)
             and size <= h2c.max_outbound_frame_size
-            and size <= self._max_frame
-            and h2c.outbound_buffered + self._stream.pending < self._max_send_buffer
+            and size <= self._settings.max_frame
+            and h2c.outbound_buffered + self._stream.pending < self._settings.max_send_buffer
         )
 
     async def wait_for_window(self, stream_id: int) -> None:
@@ -293,7 +301,8 @@ class Connection:
         h2c = self._h2
         stream = self._stream
         prefix = MESSAGE_PREFIX.pack(0, len(payload))
-        high_water = self._max_send_buffer
+        high_water = self._settings.max_send_buffer
+        max_frame = self._settings.max_frame
         pos, total = 0, len(prefix) + len(payload)
         while pos < total:
             if self.dead or (abandoned is not None and abandoned()):
@@ -309,7 +318,7 @@ class Connection:
                 self._wake_writer()
                 await self._window_lot.park()
                 continue
-            n = min(total - pos, window, int(h2c.max_outbound_frame_size), self._max_frame)
+            n = min(total - pos, window, int(h2c.max_outbound_frame_size), max_frame)
             last = end_stream and pos + n == total
             if pos < len(prefix):  # the first frame carries the prefix (usually all of it)
                 head = prefix[pos : pos + n]
@@ -360,7 +369,7 @@ class Connection:
         h2c = self._h2
         stream = self._stream
         stats = self._stats
-        timeout = self._write_timeout
+        timeout = self._settings.write_timeout
         while True:
             try:
                 if stream.pending:

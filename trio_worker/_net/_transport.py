@@ -70,7 +70,13 @@ from .._wire._h2conn import (
     StreamReset,
 )
 from .._wire._status import StatusCode
-from ._connection import MESSAGE_PREFIX, Connection
+from ._connection import (
+    MAX_SEND_BUFFER,
+    MESSAGE_PREFIX,
+    WRITE_TIMEOUT,
+    Connection,
+    ConnectionSettings,
+)
 from ._sockets import set_keepalive as _set_keepalive
 from ._tlsstream import TLSSocketStream
 
@@ -282,12 +288,12 @@ class TransportConfig:
     #: close (with GOAWAY) a connection that has had no call for this long
     idle_timeout: float = 300.0
     #: pending output the socket has not taken after this long means the client is gone
-    write_timeout: float = 60.0
+    write_timeout: float = WRITE_TIMEOUT
     initial_window_size: int = 1024 * 1024
     connection_window_size: int = 16 * 1024 * 1024
     max_frame_size: int = 1024 * 1024
     max_header_list_size: int = 16 * 1024
-    max_send_buffer: int = 1024 * 1024
+    max_send_buffer: int = MAX_SEND_BUFFER
     listen_backlog: int = 128
 
     def __post_init__(self) -> None:
@@ -575,12 +581,7 @@ class _Connection(Connection):
             peer=peer,
             peer_noun="the client",
             stats=server.stats,
-            write_timeout=cfg.write_timeout,
-            max_send_buffer=cfg.max_send_buffer,
-            # Frames no larger than we accept ourselves, even if the client takes 16 MiB
-            # ones: streams then interleave, and the send buffer stays near its bound.
-            max_frame=cfg.max_frame_size,
-            close_timeout=1.0,
+            settings=server.connection_settings,
         )
         #: The client's certificate (DER), to find connections of a revoked one.
         self.peer_cert = peer_cert
@@ -588,7 +589,6 @@ class _Connection(Connection):
         self._cfg = cfg
         self._identity = identity
         self._auth_error = auth_error
-        self._peer = peer
         self._grpc = grpc
         self._h2: ServerH2Connection = grpc.h2_connection
         self._calls: dict[int, _Call] = {}
@@ -631,7 +631,7 @@ class _Connection(Connection):
         cancelled, closed once the GOAWAY is out (at most a second)."""
         if self.dead or self._done.is_set():
             return
-        log.info("closing connection from %s: %s", self._peer, reason)
+        log.info("closing connection from %s: %s", self.peer, reason)
         self._draining = True
         with suppress(h2.exceptions.ProtocolError):
             self._h2.close_connection()
@@ -663,7 +663,7 @@ class _Connection(Connection):
                 # Busy: look again one idle period from now (a call may end sooner, which
                 # only delays the close by less than that).
                 self._last_call_end = max(self._last_call_end, trio.current_time())
-        log.debug("closing connection from %s: idle for %ss", self._peer, self._cfg.idle_timeout)
+        log.debug("closing connection from %s: idle for %ss", self.peer, self._cfg.idle_timeout)
         self.start_drain()
 
     # -- reading --
@@ -706,11 +706,11 @@ class _Connection(Connection):
                 reason = f"cannot read the request message: {event.reason}"
                 call.fail(RpcError(StatusCode.INTERNAL, reason))
         elif kind is BadRequest:
-            log.info("malformed request from %s: %s", self._peer, event.reason)
+            log.info("malformed request from %s: %s", self.peer, event.reason)
             self._reset(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
         elif kind is PeerGoAway:
             # h2 3.x sends nothing after a GOAWAY either way: the connection is over.
-            log.debug("client %s sent GOAWAY (%s)", self._peer, event.error_code)
+            log.debug("client %s sent GOAWAY (%s)", self.peer, event.error_code)
             self._lost("the client sent GOAWAY")
 
     def _on_request(self, event: Any) -> None:
@@ -719,7 +719,7 @@ class _Connection(Connection):
         timeout = event.timeout
         deadline = None if timeout is None else trio.current_time() + timeout.total_seconds()
         identity = self._identity or Identity(name="", role=None)
-        ctx = CallContext(identity, path, self._peer, deadline, tuple(event.custom_metadata))
+        ctx = CallContext(identity, path, self.peer, deadline, tuple(event.custom_metadata))
         server = self._server
         server.stats.calls += 1
         if self._draining or server.draining:
@@ -1056,6 +1056,14 @@ class Server:
         self._per_address: dict[str, int] = {}
         self._handshaking: dict[str, int] = {}
         self.caps = admission_caps(self.config)
+        self.connection_settings = ConnectionSettings(
+            # Frames no larger than we accept ourselves, even if a client takes 16 MiB ones:
+            # streams then interleave, and the send buffer stays near its bound.
+            max_frame=self.config.max_frame_size,
+            close_timeout=1.0,
+            write_timeout=self.config.write_timeout,
+            max_send_buffer=self.config.max_send_buffer,
+        )
         self._accept_scope = trio.CancelScope()
         self._serve_scope: trio.CancelScope | None = None
         self._all_closed = trio.Event()

@@ -64,6 +64,7 @@ from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
 from purerpc.grpclib.headers import HeaderDict
 
 from ._status import status_trailers
+from ._window import MESSAGE_OVERHEAD, StreamWindow
 
 __all__ = [
     "FLOOD_BUDGET",
@@ -562,6 +563,24 @@ class WireH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
         self._data_to_send = bytearray()
         return data
 
+    def acknowledge_connection_data(self, size: int) -> None:
+        """Hand ``size`` received bytes back to the connection's window only.
+
+        ``acknowledge_received_data`` does the connection and the stream together; this is
+        its first half (the same window manager, so WINDOW_UPDATEs are batched alike).
+        """
+        increment = self._inbound_flow_control_window_manager.process_bytes(size)
+        if increment:
+            frame = WindowUpdateFrame(0)
+            frame.window_increment = increment
+            self._prepare_for_sending([frame])
+
+    def acknowledge_stream_data(self, size: int, stream_id: int) -> None:
+        """Hand ``size`` received bytes back to one stream's window only (the second half)."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.open:
+            self._prepare_for_sending(stream.acknowledge_received_data(size))
+
     @property
     def outbound_buffered(self) -> int:
         """Bytes serialized but not yet taken by ``data_to_send``."""
@@ -590,24 +609,6 @@ class ServerH2Connection(WireH2Connection):
         """
         frame = GoAwayFrame(stream_id=0, last_stream_id=last_stream_id, error_code=0)
         self._data_to_send += frame.serialize()
-
-    def acknowledge_connection_data(self, size: int) -> None:
-        """Hand ``size`` received bytes back to the connection's window only.
-
-        ``acknowledge_received_data`` does the connection and the stream together; this is
-        its first half (the same window manager, so WINDOW_UPDATEs are batched alike).
-        """
-        increment = self._inbound_flow_control_window_manager.process_bytes(size)
-        if increment:
-            frame = WindowUpdateFrame(0)
-            frame.window_increment = increment
-            self._prepare_for_sending([frame])
-
-    def acknowledge_stream_data(self, size: int, stream_id: int) -> None:
-        """Hand ``size`` received bytes back to one stream's window only (the second half)."""
-        stream = self.streams.get(stream_id)
-        if stream is not None and stream.open:
-            self._prepare_for_sending(stream.acknowledge_received_data(size))
 
 
 class WireGRPCConnection(GRPCConnection):  # type: ignore[misc]
@@ -683,9 +684,8 @@ class GRPCServerConnection(WireGRPCConnection):
         self.message_read_buffers: dict[int, Any] = {}
         self._connection_window_size = connection_window_size
         self._streams_requests = streams_requests
-        # Streams of requests: stream id -> [bytes received and not yet handed back to the
-        # stream's window, messages delivered and not yet taken by the handler].
-        self._held: dict[int, list[int]] = {}
+        # Streams of requests: their windows follow their handlers (``_window``).
+        self._held: dict[int, StreamWindow] = {}
         self._reset_budget = RESET_BUDGET
         self._open_gate(max_frame_size, server=True, clock=clock)
         # Request bytes held per stream (see MAX_BUFFERED_REQUESTS), their sum, and the
@@ -733,7 +733,7 @@ class GRPCServerConnection(WireGRPCConnection):
         if streams_requests is not None and streams_requests(
             f"/{request.service_name}/{request.method_name}"
         ):
-            self._held[stream_id] = [0, 0]
+            self._held[stream_id] = StreamWindow(hold_above=0)
             self._untaken[stream_id] = deque()
         return [request]
 
@@ -746,7 +746,6 @@ class GRPCServerConnection(WireGRPCConnection):
                 self.h2_connection.acknowledge_received_data(length, stream_id)
             else:
                 self.h2_connection.acknowledge_connection_data(length)
-                held[0] += length
         buffer = self.message_read_buffers.get(stream_id)
         if buffer is None:  # answered or refused already: drop what is still coming
             return []
@@ -774,31 +773,27 @@ class GRPCServerConnection(WireGRPCConnection):
             limit = MAX_BUFFERED_REQUESTS
             return [RequestTooLarge(stream_id, f"over the connection's {limit} request bytes")]
         if held is not None:
-            held[1] += len(messages)
-            if not held[1]:
-                # Nothing waits for the handler (a partial message, bounded by the size
-                # cap, or all taken already): let the client go on.
-                self._release(stream_id, held)
+            delivered = sum(len(message) for message, _ in messages)
+            self._release(
+                stream_id, held.received(length, delivered + MESSAGE_OVERHEAD * len(messages))
+            )
         return [MessageReceived(stream_id, message, flow) for message, flow in messages]
 
     def message_taken(self, stream_id: int) -> None:
         """A stream of requests' handler took one delivered message: once none is left
         waiting, hand what was received back to the stream's window."""
         kept = self._untaken.get(stream_id)
-        if kept:
-            self._hold(stream_id, -kept.popleft())
-        held = self._held.get(stream_id)
-        if held is None:
+        if not kept:
             return
-        held[1] -= 1
-        if held[1] <= 0:
-            held[1] = 0
-            self._release(stream_id, held)
+        size = kept.popleft()
+        self._hold(stream_id, -size)
+        held = self._held.get(stream_id)
+        if held is not None:
+            self._release(stream_id, held.taken(size + MESSAGE_OVERHEAD))
 
-    def _release(self, stream_id: int, held: list[int]) -> None:
-        owed, held[0] = held[0], 0
-        if owed:
-            self.h2_connection.acknowledge_stream_data(owed, stream_id)
+    def _release(self, stream_id: int, size: int) -> None:
+        if size:
+            self.h2_connection.acknowledge_stream_data(size, stream_id)
 
     def _stream_ended(self, event: Any) -> list[Any]:
         self.message_read_buffers.pop(event.stream_id, None)

@@ -7,7 +7,6 @@ the whole of ``trio-worker --help`` may (0.1 s). A command's own ``--help`` is c
 
 from __future__ import annotations
 
-import textwrap
 from typing import Final, NamedTuple
 
 __all__ = ["COMMANDS", "Command", "overview", "unknown_command"]
@@ -94,6 +93,8 @@ debug logs."""
 
 def overview() -> str:
     """``trio-worker --help``: what it is, the commands, the global options."""
+    import textwrap  # not for the commands, which only look up their name here
+
     options = (
         ("--help, -h", "Show this message; COMMAND --help shows a command's."),
         ("--version", "Show the version."),

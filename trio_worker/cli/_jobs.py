@@ -24,7 +24,7 @@ from .._errors import (
 )
 from .._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits
 from . import _parse
-from ._errors import ExitCode
+from ._exit import ExitCode
 from ._ids import IdResolver
 from ._render import describe_state, dump_json, job_exit, job_json, print_job, print_jobs
 from ._session import Backoff, OutputSink, follow_output, open_client, retrying

@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import os
 import shlex
-import shutil
 import sys
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -84,6 +83,24 @@ def job_json(job: JobInfo) -> dict[str, Any]:
         "limits": _limits_json(job.limits),
         "isolation": _isolation_json(job.isolation),
     }
+
+
+def terminal_columns(fallback: int = 80) -> int:
+    """``shutil.get_terminal_size().columns`` (COLUMNS, else stdout's terminal, else
+    ``fallback``), without importing shutil (and the compressors it brings) for it."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    stdout = sys.__stdout__
+    if stdout is None:
+        return fallback
+    try:
+        return os.get_terminal_size(stdout.fileno()).columns or fallback
+    except (ValueError, OSError):
+        return fallback
 
 
 def dump_json(value: Any) -> None:
@@ -167,7 +184,7 @@ def print_table(
     ]
     widths = [max([len(h)] + [len(row[i][0]) for row in table]) for i, h in enumerate(headers)]
     if fit is not None:
-        columns = shutil.get_terminal_size((80, 24)).columns
+        columns = terminal_columns()
         others = sum(w for i, w in enumerate(widths) if i != fit) + 2 * (len(widths) - 1)
         room = max(columns - others, len(headers[fit]), 12)
         if widths[fit] > room:
