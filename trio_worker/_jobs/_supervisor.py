@@ -33,6 +33,7 @@ from .._util import NoPublicConstructor, final
 from . import _input
 from ._admission import Admission
 from ._job import LOST_ERROR, Job, kill, running_process, signal_job, terminate
+from ._launch import Launcher
 from ._output import DEFAULT_CHUNK
 from ._process import JobProcess, validate_signal
 from ._queries import JobTable, open_output
@@ -72,6 +73,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         retention: Retention | None = None,
         job_nofile: int | None = None,
         spawn_in_thread: bool = False,
+        ready_places: int = 0,
         max_unflushed: int | None = None,
     ) -> None:
         self._nursery = nursery
@@ -94,8 +96,10 @@ class Supervisor(metaclass=NoPublicConstructor):
             limit_policy=limit_policy,
             job_nofile=job_nofile,
             spawn_in_thread=spawn_in_thread,
+            ready_places=ready_places,
             max_unflushed=max_unflushed,
         )
+        self._runner.retire = self._admission.launcher.retire
         self._closing = False
 
     # -- queries -------------------------------------------------------------
@@ -410,11 +414,13 @@ async def open_supervisor_with_driver(
     persist: bool | None = None,
     retention: Retention | None = None,
     reaper: bool = True,
+    ready_places: int = 4,
     max_unflushed: int | None = None,
 ) -> AsyncIterator[Supervisor]:
     """``open_supervisor`` with a given cgroup driver instead of the host's probe (tests),
-    and ``max_unflushed``: how far each job's output may run ahead of the disk before
-    its pipes wait (``OutputLog``'s; default 16 MiB)."""
+    ``max_unflushed``: how far each job's output may run ahead of the disk before its
+    pipes wait (``OutputLog``'s; default 16 MiB), and ``ready_places``: how many jobs'
+    places (id, directory, log files, cgroup) are kept made ahead of need (``_launch``)."""
     # Jobs cost descriptors (pipes, pidfd, log files): use all the host allows.
     job_nofile = raise_nofile_limit()
     temporary = state_dir is None
@@ -425,6 +431,7 @@ async def open_supervisor_with_driver(
     store: SqliteJobStore | None = None
     driver: CgroupDriver | None = None
     guard: ReaperGuard | None = None
+    launcher: Launcher | None = None
     try:
         if lock is not None:
             store = await SqliteJobStore.open(lock.db_path)
@@ -464,12 +471,15 @@ async def open_supervisor_with_driver(
                 spawn_in_thread=guard is not None,
                 store=store,
                 retention=retention,
+                ready_places=ready_places,
                 max_unflushed=max_unflushed,
             )
             await nursery.start(supervisor._runner.run)
             if store is not None:
                 await supervisor._records.restore(await store.load_all())
                 nursery.start_soon(supervisor._records.run_housekeeping)
+            launcher = supervisor._admission.launcher
+            nursery.start_soon(launcher.keep_ready, supervisor._admission.new_id)
             try:
                 yield supervisor
             finally:
@@ -480,6 +490,8 @@ async def open_supervisor_with_driver(
                 nursery.cancel_scope.cancel()  # housekeeping, the runner; jobs have ended
     finally:
         with trio.CancelScope(shield=True):
+            if launcher is not None:
+                await launcher.aclose()  # the places no job took, the groups left to remove
             if guard is not None:
                 await guard.quit()  # every job has ended
             if store is not None:

@@ -7,6 +7,7 @@ its class (``_errors``). ``--debug`` anywhere before ``--`` adds tracebacks and 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -35,7 +36,7 @@ def _split_debug(tokens: list[str]) -> tuple[list[str], bool]:
     return head + tokens[end:], len(head) != end
 
 
-def _stdout_gone() -> NoReturn:
+def _stdout_gone(*, fast: bool = False) -> NoReturn:
     # The reader went away (`trio-worker logs ID | head`): leave quietly, as cat does, and
     # keep Python from complaining when it flushes stdout on exit.
     try:
@@ -43,6 +44,8 @@ def _stdout_gone() -> NoReturn:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):
         pass
+    if fast:
+        os._exit(ExitCode.BROKEN_PIPE)
     sys.exit(ExitCode.BROKEN_PIPE)
 
 
@@ -88,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     from ._logs import setup_logging
 
     setup_logging(command, debug)
+    # A short command in its own process leaves without the interpreter's teardown.
+    fast = argv is None and short is not None
 
     try:
         result = run()
@@ -102,12 +107,30 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             traceback.print_exception(exc)
         failure = describe(exc, command=command, job_exit=command in _JOB_EXIT_COMMANDS)
         if failure.code == ExitCode.BROKEN_PIPE:
-            _stdout_gone()
+            _stdout_gone(fast=fast)
         if failure.code != ExitCode.INTERRUPTED:
             print(f"trio-worker: error: {failure.message}", file=sys.stderr, flush=True)
-        sys.exit(failure.code)
+        _leave(failure.code, fast=fast)
     try:
         sys.stdout.flush()
     except BrokenPipeError:
-        _stdout_gone()
-    sys.exit(int(result) if isinstance(result, int) else ExitCode.OK)
+        _stdout_gone(fast=fast)
+    _leave(int(result) if isinstance(result, int) else ExitCode.OK, fast=fast)
+
+
+def _leave(code: int, *, fast: bool) -> NoReturn:
+    """Exit with ``code``. With ``fast`` (a short command, run as its own process) skip the
+    interpreter's teardown: it frees every module one by one (protobuf, h2, ...), ~20 ms,
+    longer than some whole commands. Nothing is lost: stdout and stderr are flushed here,
+    these commands keep no file open, and the kernel frees the rest."""
+    if not fast:
+        sys.exit(code)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os._exit(ExitCode.BROKEN_PIPE)
+    except (OSError, ValueError):
+        pass
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    os._exit(code)
