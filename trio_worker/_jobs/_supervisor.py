@@ -377,11 +377,12 @@ async def open_supervisor(
     cleanup safe. ``limit_policy`` holds the defaults and maximums applied to
     every job's limits.
 
-    With ``reaper`` (the default) and cgroups, a small helper process (the
-    reaper, ``_host/_reaper``) outlives this one if it dies, even by SIGKILL,
-    and then kills every job group under the parent: no job process, escapees
-    included, survives the supervisor's process. Leaving the block tells it
-    to exit quietly.
+    With ``reaper`` (the default) and cgroups, two small helper processes (the
+    reapers, ``_host/_reaper``) outlive this one if it dies, even by SIGKILL,
+    and then kill every job group under the parent: no job process, escapees
+    included, survives the supervisor's process. Either one alone is enough,
+    so one being restarted after it was killed leaves no gap. Leaving the
+    block tells them to exit quietly.
     """
     async with open_supervisor_with_driver(
         None,
@@ -437,15 +438,21 @@ async def open_supervisor_with_driver(
         if cgroup_parent is None:
             cgroup_parent = _cgroup_parent_for(path)
         driver = cgroups if cgroups is not None else cgroup_detect(cgroup_parent)
-        if lock is not None and lock.previous_reaper is not None:
-            # A server that died a moment ago may still have its reaper at work
-            # on our parent groups: let it finish before any job of ours exists.
-            await outlive(*lock.previous_reaper)
+        if lock is not None and lock.previous_reapers:
+            # A server that died a moment ago may still have its reapers at work
+            # on our parent groups: let them finish before any job of ours exists.
+            async with trio.open_nursery() as waiting:
+                for pid, start_time in lock.previous_reapers:
+                    waiting.start_soon(outlive, pid, start_time)
         leftovers = await trio.to_thread.run_sync(driver.cleanup_leftovers)
         if leftovers:
             _log.warning("killed %d job group(s) left by an earlier run", len(leftovers))
         if reaper and driver.tracks:
-            note = (lambda r: lock.note_reaper(r.pid, r.start_time)) if lock else None
+            note = (
+                (lambda rs: lock.note_reapers([(r.pid, r.start_time) for r in rs if r.start_time]))
+                if lock
+                else None
+            )
             try:
                 guard = await ReaperGuard.start(driver.parent_dirs(), on_start=note)
             except OSError as exc:
