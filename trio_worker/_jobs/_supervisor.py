@@ -33,7 +33,7 @@ from .._util import NoPublicConstructor, final
 from . import _input
 from ._admission import Admission
 from ._job import LOST_ERROR, Job, kill, running_process, signal_job, terminate
-from ._output import DEFAULT_CHUNK
+from ._output import DEFAULT_CHUNK, ReadBudget
 from ._process import JobProcess, validate_signal
 from ._queries import JobTable, open_output
 from ._records import JobRecords, Retention
@@ -141,8 +141,10 @@ class Supervisor(metaclass=NoPublicConstructor):
         follow: bool = True,
         *,
         chunk_size: int = DEFAULT_CHUNK,
+        budget: ReadBudget | None = None,
     ) -> AsyncIterator[OutputChunk]:
         """The job's output from ``offset``: with ``follow``, live until the job ends.
+        ``budget`` bounds what the reader reads ahead (see ``ReadBudget``).
 
         Bad arguments raise ``InvalidRequest`` at once; what needs the job (``JobNotFound``,
         an offset past the end of an ended log) raises at the first iteration, as the
@@ -152,7 +154,7 @@ class Supervisor(metaclass=NoPublicConstructor):
             raise InvalidRequest("offset", f"must be an integer >= 0, got {offset!r}")
         if chunk_size <= 0:
             raise InvalidRequest("chunk_size", "must be > 0")
-        return open_output(self._jobs, job_id, offset, follow, chunk_size)
+        return open_output(self._jobs, job_id, offset, follow, chunk_size, budget)
 
     # -- control -------------------------------------------------------------
 
