@@ -24,7 +24,6 @@ Errors and their words are the trio client's (``_failures``, ``_error_codes``).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import select
@@ -37,26 +36,18 @@ from typing import Any, Final
 
 import h2.errors
 import h2.exceptions
-from purerpc.grpclib.events import ResponseEnded, ResponseReceived, WindowUpdated
 
 from .._errors import ConnectionFailed
 from .._tls import ALPN_PROTOCOL
 from .._wire._calls import (
     CallFailed,
+    CallTable,
     ClientCall,
     Unprocessed,
-    ended_status,
-    reset_failure,
 )
 from .._wire._client import (
-    BadResponse,
-    GoAwayReceived,
     GRPCClientConnection,
-    MessageRefused,
     RequestHeaders,
-    ResponseData,
-    StreamEnded,
-    StreamResetByPeer,
     request_headers,
     with_timeout,
 )
@@ -92,15 +83,19 @@ class BlockingConnection:
         self._grpc = GRPCClientConnection()
         self._h2 = self._grpc.h2_connection
         self._gate = self._grpc.gate
-        self._calls: dict[int, BlockingCall] = {}
+        self._table = CallTable[BlockingCall](self._h2)
+        self._calls = self._table.calls
         self._headers: dict[str, RequestHeaders] = {}
         self.dead = False
-        self.goaway = False
         self._last_received = time.monotonic()
         self._pinged_at: float | None = None
         #: An fd to watch beside the socket, and what to run when it turns readable.
         self.wake_fd: int | None = None
         self.on_wake: Callable[[], None] | None = None
+
+    @property
+    def goaway(self) -> bool:
+        return self._table.goaway
 
     @property
     def accepting(self) -> bool:
@@ -157,10 +152,9 @@ class BlockingConnection:
         if self.dead:
             return
         self.dead = True
-        calls = list(self._calls.values())
-        self._calls.clear()
-        for call in calls:
-            call.finish(error=ConnectionFailed(f"lost the connection to {self.addr}: {reason}"))
+        self._table.end_all(
+            lambda: ConnectionFailed(f"lost the connection to {self.addr}: {reason}")
+        )
 
     # -- calls --
 
@@ -182,7 +176,7 @@ class BlockingConnection:
             headers = with_timeout(headers, timeout)
         h2c.send_headers(stream_id, headers, end_stream=False)
         call = BlockingCall(stream_id)
-        self._calls[stream_id] = call
+        self._table.add(call)
         try:
             self._send_request(call, _PREFIX.pack(0, len(payload)) + payload)
         except BaseException:
@@ -234,7 +228,7 @@ class BlockingConnection:
         if self.dead:
             call.finish(error=ConnectionFailed(f"the connection to {self.addr} was closed"))
             return
-        self._fail_stream(call, CallFailed(StatusCode.CANCELLED, "cancelled by the client"))
+        self._table.fail(call, CallFailed(StatusCode.CANCELLED, "cancelled by the client"))
         self._flush()
 
     # -- the socket --
@@ -328,67 +322,11 @@ class BlockingConnection:
             self._on_event(event)
 
     def _on_event(self, event: Any) -> None:
-        kind = type(event)
-        call = self._calls.get(getattr(event, "stream_id", 0))
-        if kind is ResponseData:
-            self._on_data(event, call)
-        elif call is None:
-            if kind is GoAwayReceived:
-                self._on_goaway(event)
-        elif kind is ResponseReceived:
-            if event.message_encoding not in (None, "identity"):
-                reason = f"the server used grpc-encoding {event.message_encoding}"
-                self._fail_stream(call, CallFailed(StatusCode.INTERNAL, reason))
-        elif kind is ResponseEnded:
-            self._end(call, status=ended_status(event))
-        elif kind is StreamEnded:  # END_STREAM without trailers
-            self._end(call, error=CallFailed(StatusCode.INTERNAL, "the server sent no status"))
-        elif kind is StreamResetByPeer:
-            self._end(call, error=reset_failure(event.error_code))
-        elif kind is BadResponse:
-            self._fail_stream(call, CallFailed(StatusCode.INTERNAL, event.reason))
-        elif kind is WindowUpdated:
-            pass  # a sender waiting for window looks again
-
-    def _on_data(self, event: ResponseData, call: BlockingCall | None) -> None:
-        if event.flow:  # the connection's window goes back at once (``_wire._window``)
-            self._h2.acknowledge_connection_data(event.flow)
-        if call is None:  # reset by us
-            return
-        try:
-            release = call.data_received(event.data, event.flow)
-        except MessageRefused as exc:
-            self._fail_stream(call, CallFailed(exc.code, exc.reason))
-            return
-        self._release(call, release)
-
-    def _on_goaway(self, event: GoAwayReceived) -> None:
-        self.goaway = True
-        for call in list(self._calls.values()):
-            if call.stream_id > event.last_stream_id:
-                self._end(call, error=Unprocessed())
+        self._table.on_event(event)  # a sender waiting for window looks again by itself
 
     def _release(self, call: BlockingCall, size: int) -> None:
-        if size and not self.dead:
-            self._h2.acknowledge_stream_data(size, call.stream_id)
-
-    def _end(
-        self,
-        call: BlockingCall,
-        *,
-        status: tuple[int, str, bytes | None] | None = None,
-        error: BaseException | None = None,
-    ) -> None:
-        self._calls.pop(call.stream_id, None)
-        call.finish(status, error)
-
-    def _fail_stream(self, call: BlockingCall, error: BaseException) -> None:
-        """End a call the server has not ended: reset it."""
         if not self.dead:
-            with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                self._h2.reset_stream(call.stream_id, h2.errors.ErrorCodes.CANCEL)
-        self._end(call, error=error)
-        call.clear()
+            self._table.release(call, size)
 
 
 def _drain(fd: int) -> None:

@@ -37,27 +37,21 @@ from typing import Any, Final
 import h2.errors
 import h2.exceptions
 import trio
-from purerpc.grpclib.events import ResponseEnded, ResponseReceived, WindowUpdated
+from purerpc.grpclib.events import WindowUpdated
 
 from .._errors import ConnectionFailed
 from .._tls import ALPN_PROTOCOL
 from .._wire._calls import (
     CallFailed,
+    CallTable,
     ClientCall,
     Unprocessed,
-    ended_status,
-    reset_failure,
 )
 from .._wire._client import (
     MAX_FRAME,
-    BadResponse,
     GoAwayReceived,
     GRPCClientConnection,
-    MessageRefused,
     RequestHeaders,
-    ResponseData,
-    StreamEnded,
-    StreamResetByPeer,
     request_headers,
     with_timeout,
 )
@@ -153,13 +147,18 @@ class ClientConnection(Connection):
         self.addr = addr
         self._authority = authority
         self._grpc = grpc
-        self._calls: dict[int, Call] = {}
+        self._table = CallTable[Call](self._h2)
+        self._calls = self._table.calls
         self._capacity_lot = trio.lowlevel.ParkingLot()  # calls waiting for a stream slot
-        self.goaway = False  # no new streams on this connection
         self._closing = False
         self._token = trio.lowlevel.current_trio_token()
         self._headers_cache: dict[str, RequestHeaders] = {}
         self.finished = trio.Event()  # run() has returned: the socket is closed
+
+    @property
+    def goaway(self) -> bool:
+        """The server sent GOAWAY: no new streams on this connection."""
+        return self._table.goaway
 
     @property
     def accepting(self) -> bool:
@@ -218,13 +217,12 @@ class ClientConnection(Connection):
 
     def _end_calls(self, reason: str) -> None:
         """Fail every pending call at once."""
-        calls = list(self._calls.values())
-        self._calls.clear()
-        for call in calls:
-            call.finish(error=ConnectionFailed(f"lost the connection to {self.addr}: {reason}"))
-        if calls:
+        failed = self._table.end_all(
+            lambda: ConnectionFailed(f"lost the connection to {self.addr}: {reason}")
+        )
+        if failed:
             log.debug(
-                "connection to %s lost with %d call(s) pending: %s", self.addr, len(calls), reason
+                "connection to %s lost with %d call(s) pending: %s", self.addr, failed, reason
             )
         self._capacity_lot.unpark_all()
 
@@ -234,68 +232,24 @@ class ClientConnection(Connection):
     # -- reading --
 
     def _on_event(self, event: Any) -> None:
-        kind = type(event)
-        if kind is ResponseData:
-            self._on_data(event)
-        elif kind is ResponseReceived:
-            if event.message_encoding not in (None, "identity"):
-                call = self._calls.get(event.stream_id)
-                if call is not None:
-                    reason = f"the server used grpc-encoding {event.message_encoding}"
-                    self._fail_stream(call, CallFailed(StatusCode.INTERNAL, reason))
-        elif kind is ResponseEnded:
-            call = self._calls.get(event.stream_id)
-            if call is not None:
-                self._end(call, status=ended_status(event))
-        elif kind is StreamEnded:
-            call = self._calls.get(event.stream_id)
-            if call is not None:  # END_STREAM without trailers
-                self._end(call, error=CallFailed(StatusCode.INTERNAL, "the server sent no status"))
-        elif kind is WindowUpdated:
+        call = self._table.on_event(event)
+        if call is not None:
+            if call.done:
+                self._call_ended()
+            else:
+                if call.buffered > call.peak:
+                    call.peak = call.buffered
+                if call.messages:
+                    call.lot.unpark_all()
+        elif type(event) is WindowUpdated:
             self._window_lot.unpark_all()
             self._capacity_lot.unpark_all()
-        elif kind is StreamResetByPeer:
-            self._on_reset(event)
-        elif kind is GoAwayReceived:
-            self._on_goaway(event)
-        elif kind is BadResponse:
-            call = self._calls.get(event.stream_id)
-            if call is not None:
-                self._fail_stream(call, CallFailed(StatusCode.INTERNAL, event.reason))
-
-    def _on_data(self, event: ResponseData) -> None:
-        if event.flow:  # the connection's window goes back at once (``_window``)
-            self._h2.acknowledge_connection_data(event.flow)
-        call = self._calls.get(event.stream_id)
-        if call is None:  # cancelled by us
-            return
-        try:
-            release = call.data_received(event.data, event.flow)
-        except MessageRefused as exc:
-            self._fail_stream(call, CallFailed(exc.code, exc.reason))
-            return
-        self._release(call, release)
-        if call.buffered > call.peak:
-            call.peak = call.buffered
-        if call.messages:
-            call.lot.unpark_all()
-
-    def _on_reset(self, event: StreamResetByPeer) -> None:
-        call = self._calls.get(event.stream_id)
-        if call is not None:
-            self._end(call, error=reset_failure(event.error_code))
-
-    def _on_goaway(self, event: GoAwayReceived) -> None:
-        """No new streams here; those the server never saw may be sent again elsewhere."""
-        self.goaway = True
-        if event.error_code:
-            log.info("%s sent GOAWAY with error %s", self.addr, event.error_code)
-        for call in list(self._calls.values()):
-            if call.stream_id > event.last_stream_id:
-                self._end(call, error=Unprocessed())
-        self._capacity_lot.unpark_all()
-        if not self._calls:
-            self._done.set()
+        elif type(event) is GoAwayReceived:
+            # No new streams here; those the server never saw (ended Unprocessed) are sent
+            # again elsewhere.
+            if event.error_code:
+                log.info("%s sent GOAWAY with error %s", self.addr, event.error_code)
+            self._call_ended()
 
     # -- calls --
 
@@ -322,7 +276,7 @@ class ClientConnection(Connection):
         timeout = None if deadline == math.inf else deadline - trio.current_time()
         h2c.send_headers(stream_id, self._headers(path, timeout), end_stream=False)
         call = Call(self, stream_id)
-        self._calls[stream_id] = call
+        self._table.add(call)
         try:
             await self.send_message(
                 stream_id, payload, end_stream=end_stream, abandoned=call.is_done
@@ -358,31 +312,21 @@ class ClientConnection(Connection):
             await call.lot.park()
 
     def _release(self, call: Call, size: int) -> None:
-        """Hand ``size`` received bytes back to the call's stream window (h2 sends
-        WINDOW_UPDATE in batches)."""
-        if size and not self.dead:
-            self._h2.acknowledge_stream_data(size, call.stream_id)
+        if not self.dead:
+            self._table.release(call, size)
 
-    def _end(
-        self,
-        call: Call,
-        *,
-        status: tuple[int, str, bytes | None] | None = None,
-        error: BaseException | None = None,
-    ) -> None:
-        """The server is done with this stream: deliver the outcome, free the slot."""
-        self._calls.pop(call.stream_id, None)
-        call.finish(status, error)
+    def _call_ended(self) -> None:
+        """A call is over: its slot is free, its request (if still being sent) stops."""
         self._capacity_lot.unpark_all()
-        self._window_lot.unpark_all()  # its request may be waiting for window: stop it
+        self._window_lot.unpark_all()
         if self.goaway and not self._calls:
             self._done.set()
 
     def _fail_stream(self, call: Call, error: BaseException) -> None:
-        """End a call the server has not ended (a response we cannot read): reset it."""
-        self._reset(call.stream_id, h2.errors.ErrorCodes.CANCEL)
-        self._end(call, error=error)
-        call.clear()
+        """End a call the server has not ended (the caller gave up, the connection
+        closes): reset it."""
+        self._table.fail(call, error)
+        self._call_ended()
         self._wake_writer()
 
     def _forget(self, call: Call, error: BaseException) -> None:
@@ -407,12 +351,6 @@ class ClientConnection(Connection):
             return
         with suppress(trio.RunFinishedError):
             self._token.run_sync_soon(self.cancel, call)
-
-    def _reset(self, stream_id: int, code: int) -> None:
-        if self.dead:
-            return
-        with suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            self._h2.reset_stream(stream_id, code)
 
     # -- writing --
 

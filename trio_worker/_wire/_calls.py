@@ -1,22 +1,37 @@
-"""A client call's state, sans-I/O, for both client drivers (trio's ``_net/_channel`` and
-the blocking ``_net/_blocking``): its response messages (the core's ``MessageReader``), its
-stream window (``_window``: handed back while under ``ACK_BELOW`` bytes wait for the
-caller), and how it ended, in the exceptions the drivers raise to their callers.
+"""A client connection's calls, sans-I/O, for both client drivers (trio's ``_net/_channel``
+and the blocking ``_net/_blocking``): each call's response messages (the core's
+``MessageReader``), its stream window (``_window``: handed back while at most ``ACK_BELOW``
+bytes wait for the caller) and how it ended, in the exceptions the drivers raise to their
+callers; :class:`CallTable` files the client core's events to the calls they concern.
 """
 
 from __future__ import annotations
 
-from typing import Any, Final
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any, Final, Generic, TypeVar
 
 import h2.errors
+import h2.exceptions
+from purerpc.grpclib.events import ResponseEnded, ResponseReceived
 
-from ._client import MessageReader
+from ._client import (
+    BadResponse,
+    GoAwayReceived,
+    MessageReader,
+    MessageRefused,
+    ResponseData,
+    StreamEnded,
+    StreamResetByPeer,
+)
+from ._h2conn import WireH2Connection
 from ._status import StatusCode
 from ._window import MESSAGE_OVERHEAD, StreamWindow
 
 __all__ = [
     "ACK_BELOW",
     "CallFailed",
+    "CallTable",
     "ClientCall",
     "Unprocessed",
     "ended_status",
@@ -112,3 +127,92 @@ def reset_failure(code: int) -> CallFailed:
     except ValueError:
         name = str(code)
     return CallFailed(StatusCode.INTERNAL, f"the server reset the call ({name})")
+
+
+C = TypeVar("C", bound=ClientCall)
+
+
+class CallTable(Generic[C]):
+    """A client connection's calls by stream id: the core's events filed to the calls they
+    concern, and what ending a call does to its stream. The drivers add their waiting."""
+
+    __slots__ = ("_h2", "calls", "goaway")
+
+    def __init__(self, h2c: WireH2Connection) -> None:
+        self._h2 = h2c
+        self.calls: dict[int, C] = {}
+        #: the server sent GOAWAY: no new streams here
+        self.goaway = False
+
+    def on_event(self, event: Any) -> C | None:
+        """File one event; returns the call it concerns (fed, or ended), None for the
+        connection's own events and for calls no longer here."""
+        kind = type(event)
+        if kind is ResponseData and event.flow:
+            # The connection's window goes back at once (``_window``), whoever the DATA
+            # was for (a call reset by us included).
+            self._h2.acknowledge_connection_data(event.flow)
+        elif kind is GoAwayReceived:
+            self.goaway = True
+            for unseen in [c for c in self.calls.values() if c.stream_id > event.last_stream_id]:
+                self.end(unseen, error=Unprocessed())
+            return None
+        call = self.calls.get(getattr(event, "stream_id", 0))
+        if call is None:
+            return None
+        if kind is ResponseData:
+            try:
+                self.release(call, call.data_received(event.data, event.flow))
+            except MessageRefused as exc:
+                self.fail(call, CallFailed(exc.code, exc.reason))
+        elif kind is ResponseEnded:
+            self.end(call, status=ended_status(event))
+        elif kind is ResponseReceived:
+            if event.message_encoding not in (None, "identity"):
+                reason = f"the server used grpc-encoding {event.message_encoding}"
+                self.fail(call, CallFailed(StatusCode.INTERNAL, reason))
+        elif kind is StreamEnded:  # END_STREAM without trailers
+            self.end(call, error=CallFailed(StatusCode.INTERNAL, "the server sent no status"))
+        elif kind is StreamResetByPeer:
+            self.end(call, error=reset_failure(event.error_code))
+        elif kind is BadResponse:
+            self.fail(call, CallFailed(StatusCode.INTERNAL, event.reason))
+        else:
+            return None
+        return call
+
+    def add(self, call: C) -> None:
+        self.calls[call.stream_id] = call
+
+    def end(
+        self,
+        call: C,
+        *,
+        status: tuple[int, str, bytes | None] | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """The call is over: its outcome delivered, its slot freed."""
+        self.calls.pop(call.stream_id, None)
+        call.finish(status, error)
+
+    def fail(self, call: C, error: BaseException) -> None:
+        """End a call the server has not ended (a response we cannot read, a caller who
+        gave up): its stream is reset and what it buffered dropped."""
+        with suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self._h2.reset_stream(call.stream_id, h2.errors.ErrorCodes.CANCEL)
+        self.end(call, error=error)
+        call.clear()
+
+    def end_all(self, error: Callable[[], BaseException]) -> int:
+        """The connection is lost: every call ends with ``error()``; how many there were."""
+        calls = list(self.calls.values())
+        self.calls.clear()
+        for call in calls:
+            call.finish(error=error())
+        return len(calls)
+
+    def release(self, call: C, size: int) -> None:
+        """Hand ``size`` received bytes back to the call's stream window (h2 sends
+        WINDOW_UPDATE in batches)."""
+        if size:
+            self._h2.acknowledge_stream_data(size, call.stream_id)
