@@ -44,6 +44,7 @@ def bench(session: nox.Session) -> None:
         "bench_capture.py",  # step 1: capture into the log, followers, RSS
         "bench_server.py",  # step 2: end to end over mTLS, grpcio as load generator
         "bench_transport.py",  # the transport alone, next to a grpcio server
+        "bench_client.py",  # our trio client against one server
         "bench_lifecycle.py",  # restart with 10,000 jobs, shutdown with 100 running
         "bench_store.py",  # the SQLite store alone
         "bench_cli_startup.py",  # each command start to exit, next to python -c pass

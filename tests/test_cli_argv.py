@@ -67,6 +67,8 @@ LEFT_TO_CYCLOPTS = [
     ["run", "-it", "--", "bash"],
     ["list", "--json=yes"],
     ["list", "--owner"],
+    ["list", "--owner="],
+    ["list", "--owner", ""],
     ["stop", "--grace", "-1", ID],
     ["list", "--addr", "nowhere"],
     ["list", "--owner", "a", "--owner", "b"],

@@ -13,10 +13,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.test_cli import ServerProcess, clean_env, own_cgroup
 from trio_worker import pki
 
 #: Modules of ours that client commands may load (``_pb.*`` and ``_wire.*`` too).
@@ -96,23 +98,32 @@ main(sys.argv[1:])
 """
 
 
-def loaded_by(args: list[str], tmp_path: Path) -> set[str]:
+def loaded_by(
+    args: list[str],
+    tmp_path: Path,
+    *,
+    # A port nothing listens on: the command connects, fails, and exits.
+    addr: str = "127.0.0.1:1",
+    state_dir: Path | None = None,
+    expect: int | None = None,
+) -> set[str]:
     out = tmp_path / "modules.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_WORKER_")}
     env.update(
         MODULES_OUT=str(out),
         HOME=str(tmp_path),
-        TRIO_WORKER_STATE_DIR=str(tmp_path / "state"),
-        # A port nothing listens on: the command connects, fails, and exits.
-        TRIO_WORKER_ADDR="127.0.0.1:1",
+        TRIO_WORKER_STATE_DIR=str(state_dir or tmp_path / "state"),
+        TRIO_WORKER_ADDR=addr,
     )
-    subprocess.run(
+    result = subprocess.run(
         [sys.executable, "-c", _PROBE, *args],
         env=env,
         capture_output=True,
         timeout=60,
         check=False,
     )
+    if expect is not None:
+        assert result.returncode == expect, result.stderr.decode(errors="replace")
     return set(json.loads(out.read_text()))
 
 
@@ -156,12 +167,64 @@ def test_client_commands_load_nothing_of_the_server(args: list[str], dev_pki: Pa
     assert not extra, f"{args}: client command loaded {sorted(extra)}"
     if "--help" not in args:
         assert "trio_worker._blocking_client" in modules  # the probe did reach the connection
-        banned = {
-            m
-            for m in modules
-            if m.split(".")[0] in NEVER_FOR_CLIENTS and not m.startswith("purerpc.grpclib")
-        }
+        banned = _banned(modules)
         assert not banned, f"{args}: loaded {sorted(banned)}"
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A development server, for command lines that go all the way."""
+    home = tmp_path_factory.mktemp("home")
+    server = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(home)], clean_env(home))
+    try:
+        addr = f"127.0.0.1:{server.port()}"
+        server.wait_for(r"^Try it", stream="stdout")
+        yield addr, home / ".local" / "state" / "trio-worker"
+    finally:
+        assert server.stop() == 0, server.stderr
+
+
+def test_whole_short_commands_load_no_event_loop_and_no_cyclopts(
+    live: tuple[str, Path], tmp_path: Path
+) -> None:
+    """All the way through: a job run with its output streamed, its status, its logs, its
+    end, its removal; the modules a failed dial never reaches are guarded too."""
+    addr, state_dir = live
+
+    def load(*args: str, expect: int = 0) -> set[str]:
+        return loaded_by(list(args), tmp_path, addr=addr, state_dir=state_dir, expect=expect)
+
+    for args, expect in (
+        (["run", "--", "sh", "-c", "echo out; echo err >&2; exit 3"], 3),
+        (["start", "--", "true"], 0),
+        (["list"], 0),
+        (["list", "-q", "--state", "exited"], 0),
+    ):
+        assert not _banned(load(*args, expect=expect)), args
+    job_id = _run_list(addr, state_dir, tmp_path)[0]
+    for args in (["status", job_id], ["wait", job_id], ["logs", job_id], ["rm", job_id]):
+        assert not _banned(load(*args)), args
+
+
+def _banned(modules: set[str]) -> set[str]:
+    """What of ``NEVER_FOR_CLIENTS`` was loaded (purerpc's ``grpclib`` is the wire's)."""
+    return {
+        m
+        for m in modules
+        if m.split(".")[0] in NEVER_FOR_CLIENTS and not m.startswith("purerpc.grpclib")
+    }
+
+
+def _run_list(addr: str, state_dir: Path, tmp_path: Path) -> list[str]:
+    env = clean_env(tmp_path, TRIO_WORKER_ADDR=addr, TRIO_WORKER_STATE_DIR=str(state_dir))
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_worker.cli", "list", "-q"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout.decode().splitlines()
 
 
 def test_the_command_table_matches_the_commands() -> None:

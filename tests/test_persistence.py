@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -176,3 +177,85 @@ async def test_a_running_jobs_record_has_no_usage_and_its_end_has_it(tmp_path: P
     if end.usage is None:
         pytest.skip("no cgroups here: no usage to record")
     assert usage_row(job.id) == (end.usage.cpu_seconds, end.usage.memory_peak_bytes)
+
+
+def _row(state: Path, job_id: str) -> tuple[object, ...] | None:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{state / 'jobs.db'}?mode=ro", uri=True)) as db:
+        row: tuple[object, ...] | None = db.execute(
+            "SELECT state, pid, pid_start_time FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+    return row
+
+
+async def test_a_started_jobs_record_is_committed_and_its_pid_follows(tmp_path: Path) -> None:
+    # The record is written while the job is spawned (not after): Start returns once
+    # it is committed; the pid rides along with the next commit.
+    state = tmp_path / "state"
+    async with open_supervisor(state, retention=Retention(interval=3600)) as sup:
+        job = await sup.start("sleep", ["60"])
+        row = _row(state, job.id)
+        assert row is not None
+        assert row[0] == "running"
+        assert sup._store is not None
+        await sup._store.flush()
+        row = _row(state, job.id)
+        assert row is not None
+        assert row[1] == job.pid
+        assert row[2] is not None  # its start time: recovery tells it from a reused pid
+        await sup.stop(job.id, grace=0)
+
+
+CRASH_BEFORE_PID = textwrap.dedent(
+    """
+    import json, sys, trio, trio_worker
+    from trio_worker._jobs._supervisor import Retention
+
+    async def main(state):
+        retention = Retention(interval=3600)  # no housekeeping commit meanwhile
+        async with trio_worker.open_supervisor(state, retention=retention) as sup:
+            job = await sup.start("sh", ["-c", "sleep 1000 & exec sleep 1000"])
+            print(json.dumps({"id": job.id, "pid": job.pid}), flush=True)
+            await trio.sleep_forever()
+
+    trio.run(main, sys.argv[1])
+    """
+)
+
+
+async def test_a_crash_before_the_pid_is_written_still_kills_the_job(tmp_path: Path) -> None:
+    # The window the deferred pid opens: the record says RUNNING with no pid. The
+    # job is killed all the same (the reaper, then the cleanup of leftover groups,
+    # find it by its cgroup) and the restarted server reports it LOST.
+    state = tmp_path / "state"
+
+    def run_and_crash() -> dict[str, object]:
+        with subprocess.Popen(
+            [sys.executable, "-c", CRASH_BEFORE_PID, str(state)], stdout=subprocess.PIPE, text=True
+        ) as server:
+            try:
+                assert server.stdout is not None
+                started: dict[str, object] = json.loads(server.stdout.readline())
+                started["row"] = _row(state, str(started["id"]))
+                children = Path(f"/proc/{started['pid']}/task/{started['pid']}/children")
+                deadline = time.monotonic() + 10
+                while not children.read_text().split() and time.monotonic() < deadline:
+                    time.sleep(0.01)  # the shell forks its background sleep
+                started["children"] = children.read_text().split()
+            finally:
+                server.kill()
+        return started
+
+    started = await trio.to_thread.run_sync(run_and_crash)
+    assert started["row"] == ("running", None, None)
+    children = started["children"]
+    assert isinstance(children, list)
+    assert children
+    pids = [int(str(started["pid"])), *(int(p) for p in children)]
+    async with open_supervisor(state) as sup:
+        job = sup.status(str(started["id"]))
+        assert job.state is JobState.LOST
+        assert job.error == LOST_ERROR
+        for pid in pids:
+            assert not process_alive(pid)

@@ -79,11 +79,18 @@ def server_process(state: Path) -> Iterator[tuple[subprocess.Popen[bytes], list[
             proc.stdout.close()
 
 
+def reapers_of(state: Path) -> list[int]:
+    """The reapers the server noted in its lock file, in slot order."""
+    pids = []
+    for line in (state / "lock").read_text().splitlines()[1:]:
+        kind, pid, _ = line.split()
+        assert kind == "reaper"
+        pids.append(int(pid))
+    return pids
+
+
 def reaper_of(state: Path) -> int:
-    lines = (state / "lock").read_text().splitlines()
-    kind, pid, _ = lines[1].split()
-    assert kind == "reaper"
-    return int(pid)
+    return reapers_of(state)[0]
 
 
 def wait_dead(pids: list[int], seconds: float) -> list[int]:
@@ -119,15 +126,30 @@ def test_the_reaper_touches_no_other_server(tmp_path: Path) -> None:
         assert [p for p in spared if not process_alive(p)] == []
 
 
+def test_a_server_killed_right_after_its_reaper_leaves_no_job_process(tmp_path: Path) -> None:
+    """A reaper that dies is replaced about a second later; a server SIGKILLed within
+    that window is still covered: its other reaper kills every job."""
+    state = tmp_path / "state"
+    with server_process(state) as (proc, pids):
+        reapers = reapers_of(state)
+        assert len(reapers) == 2
+        assert all(process_alive(r) for r in reapers)
+        os.kill(reapers[0], signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+        assert wait_dead(pids, 5.0) == []
+        assert wait_dead(reapers, 5.0) == []
+
+
 async def test_a_restart_right_after_sigkill_waits_for_the_old_reaper(tmp_path: Path) -> None:
     state = tmp_path / "state"
     with server_process(state) as (proc, pids):
-        old_reaper = reaper_of(state)
+        old_reapers = reapers_of(state)
         proc.kill()
         proc.wait()
-        # At once, as systemd's Restart= would: the old reaper may be at work.
+        # At once, as systemd's Restart= would: the old reapers may be at work.
         async with open_supervisor(state) as sup:
-            assert not process_alive(old_reaper)
+            assert not any(process_alive(r) for r in old_reapers)
             assert [p for p in pids if process_alive(p)] == []
             lost = [j for j in sup.list() if j.state is JobState.LOST]
             assert len(lost) == 4

@@ -228,6 +228,37 @@ async def test_record_before_spawn_then_spawned(tmp_path: Path) -> None:
         assert (job.info.pid, job.pid_start_time) == (555, 12345)
 
 
+async def test_a_noted_pid_rides_along_with_the_next_commit(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    async with await SqliteJobStore.open(path) as store:
+        first, second, done = running(pid=None), running(pid=None), running(pid=None)
+        for info in (first, second, done):
+            await start(store, info)
+        store.note_spawned(first.id, 555, 12345)
+        with closing(sqlite3.connect(path)) as other:  # noted only: not written yet
+            assert other.execute("SELECT count(pid) FROM jobs").fetchone() == (0,)
+        before = store.transactions
+        await start(store, running())  # the next commit of any kind carries it
+        assert store.transactions == before + 1
+        with closing(sqlite3.connect(path)) as other:
+            assert other.execute(
+                "SELECT pid, pid_start_time FROM jobs WHERE id = ?", (first.id,)
+            ).fetchone() == (555, 12345)
+        # A job that has ended keeps the pid its end wrote.
+        await store.record_end(ended(done, pid=7))
+        store.note_spawned(done.id, 8, 1)
+        # A failed commit keeps the note for the next one.
+        store.note_spawned(second.id, 666, 1)
+        store._conn.execute("PRAGMA query_only = 1")
+        with pytest.raises(StateDirError):
+            await start(store, running())
+        store._conn.execute("PRAGMA query_only = 0")
+        await store.flush()
+        jobs = await by_id(store)
+        assert (jobs[second.id].info.pid, jobs[second.id].pid_start_time) == (666, 1)
+        assert jobs[done.id].info.pid == 7
+
+
 # -- output counters -------------------------------------------------------------
 
 

@@ -458,9 +458,11 @@ async def test_output_written_by_an_escapee_after_the_main_process_exits_is_kept
     leave, go, pidfile = tmp_path / "leave", tmp_path / "go", tmp_path / "escapee.pid"
     os.mkfifo(leave)
     os.mkfifo(go)
+    # The escapee says "early" once it has its own session: the main process's group
+    # (killed when the main process exits) no longer holds it.
     script = (
-        f"setsid sh -c 'echo $$ > {pidfile}; read x < {go}; echo late; exec sleep 30'"
-        f" </dev/null & echo early; read y < {leave}"
+        f"setsid sh -c 'echo $$ > {pidfile}; echo early; read x < {go}; echo late;"
+        f" exec sleep 30' </dev/null & read y < {leave}"
     )
     async with open_supervisor_with_driver(NoDriver("test"), tmp_path / "state") as sup:
         job = await sup.start("sh", ["-c", script])

@@ -417,9 +417,19 @@ def _realpath(directory: Path) -> str:
 
 
 def _rmtree_cgroup(directory: Path) -> None:
-    """rmdir a cgroup and its subgroups, deepest first (their files go with them)."""
-    if not directory.exists():
+    """rmdir a cgroup and its subgroups, deepest first (their files go with them).
+
+    The group alone first: most jobs make no subgroups, and listing a group
+    (dozens of files per hierarchy) cost more than the rmdir itself.
+    """
+    try:
+        os.rmdir(directory)
         return
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):  # subgroups, or processes leaving
+            raise
     for sub, dirnames, _ in os.walk(directory, topdown=False):
         for name in dirnames:
             with contextlib.suppress(FileNotFoundError):
@@ -483,11 +493,25 @@ class V2JobCgroup(JobCgroup):
 class V1JobCgroup(JobCgroup):
     """A job's groups in cgroup v1 hierarchies (and the unified mount, if any)."""
 
-    def __init__(self, job_id: str, controllers: Mapping[str, Path], unified: Path | None) -> None:
-        distinct: dict[str, Path] = {}
-        for directory in controllers.values():
-            distinct.setdefault(_realpath(directory.parent), directory)
-        dirs = list(distinct.values()) + ([unified] if unified is not None else [])
+    def __init__(
+        self,
+        job_id: str,
+        controllers: Mapping[str, Path],
+        unified: Path | None,
+        *,
+        distinct: Iterable[str] | None = None,
+    ) -> None:
+        """``distinct``: the controllers whose hierarchies differ (co-mounted ones
+        share a directory), if the caller knows them; else resolved here."""
+        if distinct is None:
+            by_mount: dict[str, Path] = {}
+            for directory in controllers.values():
+                by_mount.setdefault(_realpath(directory.parent), directory)
+            dirs = list(by_mount.values())
+        else:
+            dirs = [controllers[name] for name in distinct]
+        if unified is not None:
+            dirs.append(unified)
         super().__init__(job_id, dirs, unified / "cgroup.events" if unified else None)
         self.controllers = dict(controllers)
         self.unified = unified
@@ -617,7 +641,6 @@ class CgroupDriver(ABC):
         if problems := self.limit_problems(limits):
             raise Unenforceable("; ".join(problems))
 
-    @abstractmethod
     def create(
         self,
         job_id: str,
@@ -633,6 +656,45 @@ class CgroupDriver(ABC):
         processes that are not the job's (``_isolation.helper_tasks``).
         Raises ``Unenforceable``, ``InvalidRequest`` or ``CgroupError``.
         """
+        self.check(limits)
+        device = _io_device(limits, cwd)
+        group = self.make(job_id)
+        try:
+            self._apply(group, limits, device, extra_tasks)
+        except BaseException:
+            _rmdir_quietly(group.dirs)
+            raise
+        return group
+
+    def configure(
+        self,
+        group: JobCgroup,
+        limits: Limits,
+        *,
+        cwd: str | os.PathLike[str] | None = None,
+        extra_tasks: int = 0,
+    ) -> None:
+        """Apply ``limits`` to a group ``make`` made ahead of need (still empty).
+
+        As ``create`` does; on failure the group may hold some of the limits:
+        remove it, do not reuse it.
+        """
+        self.check(limits)
+        self._apply(group, limits, _io_device(limits, cwd), extra_tasks)
+
+    @abstractmethod
+    def make(self, job_id: str) -> JobCgroup:
+        """Make the job's group, without limits (``CgroupError`` if it cannot)."""
+
+    @abstractmethod
+    def _apply(
+        self,
+        group: JobCgroup,
+        limits: Limits,
+        device: tuple[int, int] | None,
+        extra_tasks: int,
+    ) -> None:
+        """Write ``limits`` to the group's files (checked by the caller)."""
 
     @abstractmethod
     def job(self, job_id: str) -> JobCgroup:
@@ -709,6 +771,8 @@ class V2Driver(CgroupDriver):
         for part in Path(parent).parts:
             level = level / part
             self._enable(level)
+        #: cgroup.kill (5.14+): a job's group is killed in one write.
+        self._has_kill = (self.parent_dir / "cgroup.kill").exists()
 
     def _enable(self, level: Path) -> None:
         available = set((_read(level / "cgroup.controllers") or "").split())
@@ -739,51 +803,37 @@ class V2Driver(CgroupDriver):
     def job(self, job_id: str) -> JobCgroup:
         _check_job_id(job_id)
         return V2JobCgroup(
-            job_id,
-            self.parent_dir / f"{_JOB_PREFIX}{job_id}",
-            has_kill=(self.parent_dir / "cgroup.kill").exists(),
+            job_id, self.parent_dir / f"{_JOB_PREFIX}{job_id}", has_kill=self._has_kill
         )
 
-    def create(
-        self,
-        job_id: str,
-        limits: Limits,
-        *,
-        cwd: str | os.PathLike[str] | None = None,
-        extra_tasks: int = 0,
-    ) -> JobCgroup:
-        self.check(limits)
-        device = _io_device(limits, cwd)
+    def make(self, job_id: str) -> JobCgroup:
         group = self.job(job_id)
-        directory = group.dirs[0]
-        try:
-            directory.mkdir()
-        except OSError as exc:
-            raise CgroupError(
-                f"cannot create cgroup {directory}: {exc.strerror}",
-                path=directory,
-                errno_=exc.errno,
-            ) from None
-        try:
-            if limits.cpus:
-                _write(directory / "cpu.max", f"{cpu_quota_us(limits.cpus)} {CPU_PERIOD_US}")
-            if limits.memory_bytes:
-                _write(directory / "memory.max", str(limits.memory_bytes))
-                if (self.parent_dir / "memory.swap.max").exists():
-                    _write(directory / "memory.swap.max", "0")
-                if (self.parent_dir / "memory.oom.group").exists():
-                    # OOM kills the job as a unit, not just its biggest process.
-                    _write(directory / "memory.oom.group", "1")
-            if device is not None:
-                rbps = limits.io_read_bps or "max"
-                wbps = limits.io_write_bps or "max"
-                _write(directory / "io.max", f"{device[0]}:{device[1]} rbps={rbps} wbps={wbps}")
-            if limits.pids:
-                _write(directory / "pids.max", str(limits.pids + extra_tasks))
-        except BaseException:
-            _rmdir_quietly([directory])
-            raise
+        _mkdir(group.dirs[0])
         return group
+
+    def _apply(
+        self,
+        group: JobCgroup,
+        limits: Limits,
+        device: tuple[int, int] | None,
+        extra_tasks: int,
+    ) -> None:
+        directory = group.dirs[0]
+        if limits.cpus:
+            _write(directory / "cpu.max", f"{cpu_quota_us(limits.cpus)} {CPU_PERIOD_US}")
+        if limits.memory_bytes:
+            _write(directory / "memory.max", str(limits.memory_bytes))
+            if (self.parent_dir / "memory.swap.max").exists():
+                _write(directory / "memory.swap.max", "0")
+            if (self.parent_dir / "memory.oom.group").exists():
+                # OOM kills the job as a unit, not just its biggest process.
+                _write(directory / "memory.oom.group", "1")
+        if device is not None:
+            rbps = limits.io_read_bps or "max"
+            wbps = limits.io_write_bps or "max"
+            _write(directory / "io.max", f"{device[0]}:{device[1]} rbps={rbps} wbps={wbps}")
+        if limits.pids:
+            _write(directory / "pids.max", str(limits.pids + extra_tasks))
 
 
 class V1Driver(CgroupDriver):
@@ -843,6 +893,11 @@ class V1Driver(CgroupDriver):
         if not self.parents and self.unified is None:
             missing = {("io" if k == "blkio" else k): v for k, v in self.missing.items()}
             raise _Unusable(f"no usable cgroup hierarchy under {root}", missing)
+        # One directory per mount (co-mounted controllers share one), found once.
+        by_mount: dict[str, str] = {}
+        for name, parent_dir in self.parents.items():
+            by_mount.setdefault(_realpath(parent_dir), name)
+        self._distinct = tuple(by_mount.values())
         self._memsw = (
             "memory" in self.parents
             and (self.parents["memory"] / "memory.memsw.limit_in_bytes").exists()
@@ -861,54 +916,47 @@ class V1Driver(CgroupDriver):
             job_id,
             {c: p / name for c, p in self.parents.items()},
             self.unified / name if self.unified is not None else None,
+            distinct=self._distinct,
         )
 
-    def create(
-        self,
-        job_id: str,
-        limits: Limits,
-        *,
-        cwd: str | os.PathLike[str] | None = None,
-        extra_tasks: int = 0,
-    ) -> JobCgroup:
-        self.check(limits)
-        device = _io_device(limits, cwd)
+    def make(self, job_id: str) -> JobCgroup:
         group = self.job(job_id)
-        assert isinstance(group, V1JobCgroup)
         made: list[Path] = []
         try:
             for directory in group.dirs:
-                try:
-                    directory.mkdir()
-                except OSError as exc:
-                    raise CgroupError(
-                        f"cannot create cgroup {directory}: {exc.strerror}",
-                        path=directory,
-                        errno_=exc.errno,
-                    ) from None
+                _mkdir(directory)
                 made.append(directory)
-            c = group.controllers
-            if limits.cpus:
-                _write(c["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-                _write(c["cpu"] / "cpu.cfs_quota_us", str(cpu_quota_us(limits.cpus)))
-            if limits.memory_bytes:
-                _write(c["memory"] / "memory.limit_in_bytes", str(limits.memory_bytes))
-                if self._memsw:
-                    # memory+swap == memory: the job cannot swap its way past the limit.
-                    _write(c["memory"] / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
-            if device is not None:
-                for name, value in (("read", limits.io_read_bps), ("write", limits.io_write_bps)):
-                    if value:
-                        _write(
-                            c["blkio"] / f"blkio.throttle.{name}_bps_device",
-                            f"{device[0]}:{device[1]} {value}",
-                        )
-            if limits.pids:
-                _write(c["pids"] / "pids.max", str(limits.pids + extra_tasks))
         except BaseException:
             _rmdir_quietly(made)
             raise
         return group
+
+    def _apply(
+        self,
+        group: JobCgroup,
+        limits: Limits,
+        device: tuple[int, int] | None,
+        extra_tasks: int,
+    ) -> None:
+        assert isinstance(group, V1JobCgroup)
+        c = group.controllers
+        if limits.cpus:
+            _write(c["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+            _write(c["cpu"] / "cpu.cfs_quota_us", str(cpu_quota_us(limits.cpus)))
+        if limits.memory_bytes:
+            _write(c["memory"] / "memory.limit_in_bytes", str(limits.memory_bytes))
+            if self._memsw:
+                # memory+swap == memory: the job cannot swap its way past the limit.
+                _write(c["memory"] / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+        if device is not None:
+            for name, value in (("read", limits.io_read_bps), ("write", limits.io_write_bps)):
+                if value:
+                    _write(
+                        c["blkio"] / f"blkio.throttle.{name}_bps_device",
+                        f"{device[0]}:{device[1]} {value}",
+                    )
+        if limits.pids:
+            _write(c["pids"] / "pids.max", str(limits.pids + extra_tasks))
 
 
 class NoDriver(CgroupDriver):
@@ -933,16 +981,17 @@ class NoDriver(CgroupDriver):
     def job(self, job_id: str) -> JobCgroup:
         return _NullJobCgroup(job_id)
 
-    def create(
-        self,
-        job_id: str,
-        limits: Limits,
-        *,
-        cwd: str | os.PathLike[str] | None = None,
-        extra_tasks: int = 0,
-    ) -> JobCgroup:
-        self.check(limits)
+    def make(self, job_id: str) -> JobCgroup:
         return _NullJobCgroup(job_id)
+
+    def _apply(
+        self,
+        group: JobCgroup,
+        limits: Limits,
+        device: tuple[int, int] | None,
+        extra_tasks: int,
+    ) -> None:
+        pass  # ``check`` refused every limit already
 
 
 def _io_device(limits: Limits, cwd: str | os.PathLike[str] | None) -> tuple[int, int] | None:
@@ -950,6 +999,17 @@ def _io_device(limits: Limits, cwd: str | os.PathLike[str] | None) -> tuple[int,
     if not (limits.io_read_bps or limits.io_write_bps):
         return None
     return block_device_for(cwd if cwd is not None else os.getcwd())
+
+
+def _mkdir(directory: Path) -> None:
+    try:
+        directory.mkdir()
+    except OSError as exc:
+        raise CgroupError(
+            f"cannot create cgroup {directory}: {exc.strerror}",
+            path=directory,
+            errno_=exc.errno,
+        ) from None
 
 
 def _rmdir_quietly(dirs: Iterable[Path]) -> None:

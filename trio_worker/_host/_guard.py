@@ -1,10 +1,22 @@
 """Starting, watching and stopping the reaper (``_reaper``), from trio.
 
-``ReaperGuard.start(parents)`` starts the reaper for this server's parent
-groups and waits until it is armed; its ``watch`` task starts it again if it
-dies; ``quit`` (once the jobs have ended) tells it to exit without killing
-anything. If this process dies instead, the kernel closes the pipe and
-the reaper kills every job group under ``parents``.
+``ReaperGuard.start(parents)`` starts the reapers for this server's parent
+groups, two of them, and waits until both are armed; its ``watch`` task starts
+one again if it dies; ``quit`` (once the jobs have ended) tells them to exit
+without killing anything. If this process dies instead, the kernel closes their
+pipes and each reaper kills every job group under ``parents`` (killing twice
+is harmless: ``cgroup.kill`` is idempotent, and a process SIGKILLed while
+frozen dies as it thaws, before it can fork).
+
+Why two: a reaper that dies (someone SIGKILLs it, the OOM killer) is replaced
+``_RESTART_DELAY`` plus an interpreter's start-up later. With one reaper, a
+server that died in that window (~1 s) left its jobs running until the next
+server on its state directory cleaned up. With two, either one alone covers
+the server's death; jobs outlive it only if both reapers and then the server
+die within one restart window. (Why not ``PR_SET_PDEATHSIG`` instead: jobs are
+spawned from worker threads, and it fires when the *thread* that forked
+exits; even armed from a long-lived thread it would reach only each job's main
+process, not what it started.) A reaper costs a few MiB, once per server.
 
 ``outlive(pid, start_time)``: a server taking over a state directory waits for
 the previous server's reaper to finish before it starts jobs of its own, so an
@@ -33,6 +45,8 @@ REAPER_PATH = str(Path(_reaper.__file__).resolve())
 _EXIT_TIMEOUT = 5.0
 #: Between restarts of a reaper that keeps dying (someone kills it).
 _RESTART_DELAY = 1.0
+#: Reapers kept running at once: either alone covers the server's death.
+_COPIES = 2
 
 _log = logging.getLogger("trio_worker.reaper")
 
@@ -99,55 +113,90 @@ async def _start(parents: Sequence[Path]) -> Reaper:
 
 
 class ReaperGuard:
-    """This server's reaper, kept running: ``watch`` (a task) starts it again if
-    it dies; ``quit`` ends it once the jobs have ended.
+    """This server's reapers, kept running: ``watch`` (a task) starts one again if
+    it dies; ``quit`` ends them once the jobs have ended.
 
     Get one with ``await ReaperGuard.start(parents)``; ``on_start`` hears of
-    each reaper started (the state directory notes its pid for a successor).
+    the reapers each time one starts (the state directory notes their pids for
+    a successor).
     """
 
     def __init__(
-        self, parents: Sequence[Path], reaper: Reaper, on_start: Callable[[Reaper], None] | None
+        self,
+        parents: Sequence[Path],
+        reapers: Sequence[Reaper],
+        on_start: Callable[[Sequence[Reaper]], None] | None,
     ) -> None:
         self._parents = list(parents)
-        self.reaper = reaper
+        #: The running reapers (one per slot; a slot's reaper is replaced when it dies).
+        self.reapers = list(reapers)
         self._on_start = on_start
 
     @classmethod
     async def start(
-        cls, parents: Sequence[Path], *, on_start: Callable[[Reaper], None] | None = None
+        cls,
+        parents: Sequence[Path],
+        *,
+        on_start: Callable[[Sequence[Reaper]], None] | None = None,
+        copies: int = _COPIES,
     ) -> ReaperGuard:
-        """Start the reaper and wait until it is armed; ``OSError`` if it cannot start."""
-        reaper = await _start(parents)
+        """Start ``copies`` reapers and wait until each is armed; ``OSError`` if one
+        cannot start (then none is left running)."""
+        reapers: list[Reaper] = []
+
+        async def start_one() -> None:
+            reapers.append(await _start(parents))
+
+        try:
+            async with trio.open_nursery() as nursery:  # (their start-ups overlap)
+                for _ in range(copies):
+                    nursery.start_soon(start_one)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                for reaper in reapers:
+                    await reaper.quit()
+            if isinstance(exc, BaseExceptionGroup):
+                oserror = next((e for e in exc.exceptions if isinstance(e, OSError)), None)
+                if oserror is not None:
+                    raise oserror from None
+            raise
         if on_start is not None:
-            on_start(reaper)
-        return cls(parents, reaper, on_start)
+            on_start(reapers)
+        return cls(parents, reapers, on_start)
 
     async def watch(self) -> None:
         """Run as a task while jobs may exist: a reaper that dies is replaced."""
+        async with trio.open_nursery() as nursery:
+            for slot in range(len(self.reapers)):
+                nursery.start_soon(self._keep, slot)
+
+    async def _keep(self, slot: int) -> None:
         while True:
-            await self.reaper.process.wait()
+            reaper = self.reapers[slot]
+            await reaper.process.wait()
             _log.error(
                 "the reaper (pid %d) exited (%s); starting it again",
-                self.reaper.pid,
-                self.reaper.process.returncode,
+                reaper.pid,
+                reaper.process.returncode,
             )
             await trio.sleep(_RESTART_DELAY)
             try:
-                self.reaper = await _start(self._parents)
+                self.reapers[slot] = await _start(self._parents)
             except OSError as exc:
                 _log.error("cannot start the reaper again: %s", exc)
                 continue
             if self._on_start is not None:
-                self._on_start(self.reaper)
+                self._on_start(self.reapers)
 
     async def quit(self) -> None:
-        """Tell the reaper to exit without killing anything (the jobs have ended)."""
+        """Tell the reapers to exit without killing anything (the jobs have ended)."""
         with trio.CancelScope(shield=True):
-            if self.reaper.process.returncode is None:
-                await self.reaper.quit()
-            else:
-                await self.reaper.process.wait()
+            async with trio.open_nursery() as nursery:
+                for reaper in self.reapers:
+                    if reaper.process.returncode is None:
+                        nursery.start_soon(reaper.quit)
+                    else:
+                        nursery.start_soon(reaper.process.wait)
 
 
 async def outlive(pid: int, start_time: int) -> None:

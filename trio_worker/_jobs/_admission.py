@@ -7,38 +7,34 @@ words) or raises having left nothing: no fds, directory, cgroup or table entry.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
-import functools
 import os
-import shutil
+import signal as _signal
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 
 import trio
 
 from .._errors import InvalidRequest, ResourceExhausted, Unenforceable
-from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup
+from .._host._cgroups import CgroupDriver
 from .._host._enforce import check_enforceable
-from .._host._isolation import helper_argv, helper_tasks, resolve_command
 from .._host._users import UnixUser, current_user, lookup_user, start_directory, user_environment
 from .._limits import LimitPolicy
 from .._model import Isolation, JobIdGenerator, JobInfo, Limits
 from . import _lifecycle as lc
-from ._job import REPORT, Job, now, remove_cgroup
-from ._output import DEFAULT_MAX_UNFLUSHED, OutputLog
+from ._job import Job, now, remove_cgroup
+from ._launch import Launched, Launcher, LaunchPlan
+from ._output import DEFAULT_MAX_UNFLUSHED
 from ._process import (
     RESOURCE_ERRNOS,
     Credentials,
-    JobProcess,
     PipeReader,
     SpawnError,
     SpawnOptions,
     Stdin,
     Terminal,
-    describe_os_error,
-    resource_exhausted,
     validate_start,
 )
 from ._queries import JobTable
@@ -65,6 +61,7 @@ class Admission:
         limit_policy: LimitPolicy,
         job_nofile: int | None,
         spawn_in_thread: bool,
+        ready_places: int = 0,
         max_unflushed: int | None = None,
     ) -> None:
         self._table = table
@@ -76,14 +73,22 @@ class Admission:
         self._cgroups = cgroups
         self._policy = limit_policy
         self._base_env = dict(base_env)
-        self._tail_bytes = tail_bytes
-        #: How far a job's output may run ahead of the disk before its pipes wait.
-        self._max_unflushed = max_unflushed or DEFAULT_MAX_UNFLUSHED
-        self._new_id = JobIdGenerator()
+        self.new_id = JobIdGenerator()
         #: Who this process runs as: the user of jobs that name none.
         self._me = current_user()
-        #: The soft fd limit jobs get (the one this process had before raising its own).
-        self._job_nofile = job_nofile
+        #: Makes each job's directory, log, cgroup and process (blocking: off the loop),
+        #: and keeps ``ready_places`` of them made ahead of need.
+        #: Jobs get the soft fd limit this process had before raising its own.
+        self.launcher = Launcher(
+            jobs_dir,
+            jobs_dir.parent / "ready",
+            cgroups,
+            tail_bytes=tail_bytes,
+            max_unflushed=max_unflushed or DEFAULT_MAX_UNFLUSHED,
+            max_output_bytes=records.retention.max_output_bytes,
+            job_nofile=job_nofile,
+            ready=ready_places,
+        )
 
     async def _account(self, user: str | None) -> UnixUser:
         if user is None or user == "" or user == self._me.label:
@@ -130,110 +135,73 @@ class Admission:
             raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
         limits = self._policy.apply(limits)  # InvalidRequest above a maximum
         check_enforceable(self._cgroups, limits, isolation)  # never silently ignored
-        job_id = self._new_id()
-        # The job's directory, log files and cgroups (mkdir and open on disk and
-        # cgroupfs: ~1-2 ms) are made in a worker thread, so Status and others
-        # are served meanwhile. Shielded: what the thread made must not be lost.
+        # A terminal's master and slave, and the master's duplicate for writing:
+        # made before the job, so running out of descriptors refuses the Start.
+        fds = _open_terminal() if terminal is not None else None
         try:
-            with trio.CancelScope(shield=True):
-                log, group, procs, setup_error = await trio.to_thread.run_sync(
-                    self._prepare, job_id, limits, isolation, spec.cwd
-                )
-        except RuntimeError as exc:  # "can't start new thread": out of processes (EAGAIN)
-            if "thread" not in str(exc):
-                raise
-            raise ResourceExhausted(f"cannot start the job: {exc}") from None
-        job = Job(job_id, owner, spec, limits, isolation, log)
-        job.cgroup = group
-        job.env_keys = tuple(env or ())
-        job.user = account.label
-        job.stdin = bool(stdin)
-        job.tty = terminal is not None
-        fds: tuple[int, int, int] | None = None
-        slave_open = False
-        # The namespace helper must start as root (to unshare): it drops to the user
-        # itself, right before the command.
-        user_options = None if isolation.any else credentials
-        try:
-            # A terminal's master and slave, and the master's duplicate for writing:
-            # made before the job, so running out of descriptors refuses the Start.
-            if terminal is not None:
-                fds = _open_terminal()
-                slave_open = True
+            stdin_option: Stdin | Terminal
+            if fds is not None and terminal is not None:
                 if credentials is not None:
                     os.fchown(fds[1], credentials.uid, -1)  # the job's own terminal, as login does
-                options = SpawnOptions(
-                    stdin=Terminal(fds[1], terminal[0], terminal[1]), user=user_options
-                )
+                stdin_option = Terminal(fds[1], terminal[0], terminal[1])
             else:
-                options = SpawnOptions(
-                    stdin=Stdin.PIPE if job.stdin else Stdin.NULL, user=user_options
-                )
-            if setup_error is not None:
-                raise setup_error
-            argv = None
-            spawn_spec = spec
-            if isolation.any:
-                # The helper would only notice a missing command after it
-                # started: resolve first, so the failure looks the same. Not for
-                # another user: root's view of the files is not theirs to learn.
-                if credentials is None:
-                    try:
-                        resolve_command(spec.command, spec.env.get("PATH"), spec.cwd)
-                    except OSError as exc:
-                        raise SpawnError(describe_os_error(exc, spec.command), exc.errno) from None
-                else:  # the helper enters the directory once it is the user
-                    spawn_spec = dataclasses.replace(spec, cwd=None)
-                report = log.directory / REPORT
-                argv = helper_argv(
-                    isolation,
-                    spec.command,
-                    spec.args,
-                    report=report,
-                    user=credentials,
-                    cwd=spec.cwd if credentials is not None else None,
-                    tty=terminal is not None,
-                )
-            given, procs = procs, []  # the spawn owns (and closes) them now
-            try:
-                process = await self._spawn(
-                    functools.partial(
-                        JobProcess.spawn,
-                        spawn_spec,
-                        argv=argv,
-                        cgroup=job.cgroup,
-                        cgroup_fds=given,
-                        options=options,
-                        nofile_soft=self._job_nofile,
-                    )
-                )
-            finally:
-                if fds is not None:
-                    os.close(fds[1])  # the slave is the job's alone now
-                    slave_open = False
-        except SpawnError as exc:
-            # The command cannot run: a FAILED job, kept and reported.
-            _close_all(procs)
-            _close_terminal(fds, slave=slave_open)
-            self._table.add(job)
-            job.feed(lc.SpawnFailed(exc.message, now(), exc.errno))
-            log.finish()
-            log.close()
-            if job.cgroup is not None:
-                await remove_cgroup(job)
-            await self._records.persist_start(job, None)
-            return job.info()
+                stdin_option = Stdin.PIPE if stdin else Stdin.NULL
+            # A place made ahead of need (its id, directory and group), if one is ready.
+            place = self.launcher.take()
+            job_id = place.job_id if place is not None else self.new_id()
+            job = Job(job_id, owner, spec, limits, isolation, None)
+            job.env_keys = tuple(env or ())
+            job.user = account.label
+            job.stdin = bool(stdin)
+            job.tty = terminal is not None
+            # The namespace helper must start as root (to unshare): it drops to the
+            # user itself, right before the command.
+            user_options = None if isolation.any else credentials
+            plan = LaunchPlan(
+                job_id,
+                spec,
+                limits,
+                isolation,
+                credentials,
+                SpawnOptions(stdin=stdin_option, user=user_options),
+                tty=terminal is not None,
+                place=place,
+            )
+            started_at = now()
+            # Shielded: what the thread made (files, group, process) must not be lost.
+            with trio.CancelScope(shield=True):
+                try:
+                    launched, recorded = await self._launch(job, plan, started_at)
+                finally:
+                    self.launcher.replenish()
         except BaseException:
             # Out of descriptors, memory or processes (ResourceExhausted), or
             # cancelled: no half-made job stays, in the table or on the host.
-            _close_all(procs)
-            _close_terminal(fds, slave=slave_open)
-            with trio.CancelScope(shield=True):
-                log.close()
-                _remove_new_job_dir(log.directory)
-                if job.cgroup is not None:
-                    await remove_cgroup(job)
+            _close_terminal(fds, slave=True)
             raise
+        if fds is not None:
+            os.close(fds[1])  # the slave is the job's alone now
+        job.log, job.cgroup = launched.log, launched.group
+        records = self._records
+        if records.store is not None and self._spawn_in_thread and not recorded:
+            records.unsaved[job.id] = False  # written by housekeeping (or at the end)
+        process = launched.process
+        if launched.error is not None or process is None:
+            # The command cannot run: a FAILED job, kept and reported.
+            _close_all(launched.procs)
+            _close_terminal(fds)
+            self._table.add(job)
+            error = launched.error or SpawnError("the job's process was not started", None)
+            job.feed(lc.SpawnFailed(error.message, started_at, error.errno))
+            launched.log.finish()
+            launched.log.close()
+            if job.cgroup is not None:
+                await remove_cgroup(job)
+            if self._spawn_in_thread:
+                await records.persist_end(job)  # the record made while spawning, now FAILED
+            else:
+                await records.persist_start(job)
+            return job.info()
         self._table.add(job)
         job.process = process
         if fds is not None:
@@ -245,93 +213,84 @@ class Admission:
         # The full environment (the server's, ~3 KiB) served the exec; keeping
         # it would cost every job, running or ended, that much memory.
         job.spec = dataclasses.replace(spec, env={})
-        job.feed(lc.Spawned(process.pid, now()))
-        started = job.info()
+        job.pid_start_time = launched.start_time
+        job.feed(lc.Spawned(process.pid, started_at))
+        # The job as it started (no usage yet: reading the cgroup's accounting
+        # files would cost the loop, for zeros).
+        started = job.info(usage=False)
         self._runner.supervise(job, process)
-        # Recorded before the caller learns the job exists; a crash in between
-        # leaves a cgroup named after it, which the next start cleans up.
-        await self._records.persist_start(job, process.pid)
+        if recorded:
+            # Its record was committed while it was spawned; the pid follows with
+            # the next commit (group commit: no second transaction on this path).
+            records.note_spawned(job)
+        elif not self._spawn_in_thread:
+            # Recorded before the caller learns the job exists; a crash in between
+            # leaves a cgroup named after it, which the next start cleans up.
+            await records.persist_start(job)
         # The job as it started: a quick command may already have ended while
         # its record was written, and Wait/Status tell that part.
         return started
 
-    async def _spawn(self, spawn: Callable[..., JobProcess]) -> JobProcess:
-        """Run ``spawn`` (a ``JobProcess.spawn``) off the loop when the reaper allows it.
+    async def _launch(
+        self, job: Job, plan: LaunchPlan, started_at: datetime
+    ) -> tuple[Launched, bool]:
+        """Make the job's place and process; return them, and whether its record is
+        committed (RUNNING, no pid yet).
 
-        vfork suspends the calling thread until the child's exec, 2-20 ms on a
-        loaded host. With the reaper watching, a worker thread takes that wait and
-        the child gets no PR_SET_PDEATHSIG (it would fire when that thread exits):
-        the reaper kills every job group if the server dies. Without the reaper,
-        the loop's thread spawns, with PDEATHSIG. Shielded: the process must not
-        be lost to a cancel.
+        With the reaper watching: one worker-thread call (``prepare_and_spawn``),
+        and, with a store, the job's record written *meanwhile*, by the store's own
+        thread: a client still learns of a job only once its record would survive a
+        crash, but the Start waits for the longer of the two, not their sum. A
+        record without a pid is what recovery makes LOST; the reaper and the
+        cleanup of leftover groups kill the job by its cgroup, which needs no pid.
+        Without the reaper, the spawn is on the loop's thread (PR_SET_PDEATHSIG)
+        and the record follows it, with the pid (``persist_start``), since only
+        the pid can find the job's process group after a crash then.
+
+        Raises ``ResourceExhausted`` having left nothing: no files, group, process,
+        or record.
         """
+        launcher = self.launcher
         if not self._spawn_in_thread:
-            return spawn()
-        try:
-            with trio.CancelScope(shield=True):
-                process = await trio.to_thread.run_sync(functools.partial(spawn, pdeathsig=0))
-        except RuntimeError as exc:  # "can't start new thread": out of processes (EAGAIN)
-            if "thread" not in str(exc):
-                raise
-            raise ResourceExhausted(f"cannot start the job: {exc}") from None
-        return process
+            launched = await _in_thread(launcher.prepare, plan)
+            if launched.error is None:
+                try:
+                    launcher.spawn(launched, plan, pdeathsig=_signal.SIGKILL)
+                except BaseException:
+                    await trio.to_thread.run_sync(launcher.discard, launched)
+                    raise
+            return launched, False
+        records = self._records
+        if records.store is None:
+            return await _in_thread(launcher.prepare_and_spawn, plan), False
+        recorded = False
+        failure: BaseException | None = None
 
-    def _prepare(
-        self, job_id: str, limits: Limits, isolation: Isolation, cwd: str | None
-    ) -> tuple[OutputLog, JobCgroup | None, Sequence[int], SpawnError | None]:
-        """In a worker thread: the job's log, its cgroup and that group's ``cgroup.procs`` fds.
+        async def record() -> None:
+            nonlocal recorded
+            recorded = await records.record_early(job, started_at)
 
-        Raises ``ResourceExhausted`` (out of descriptors, memory, disk) having
-        left nothing behind. A cgroup that cannot be made or joined for another
-        reason comes back as the ``SpawnError`` of a job that FAILED.
-        """
-        log = self._open_log(job_id)
-        try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(record)
             try:
-                group = self._cgroups.create(
-                    job_id, limits, cwd=cwd, extra_tasks=helper_tasks(isolation)
-                )
-            except CgroupError as exc:
-                if exc.errno in RESOURCE_ERRNOS:
-                    raise ResourceExhausted(f"cannot start the job: {exc}") from None
-                return log, None, [], SpawnError(f"cannot set up the job's cgroup: {exc}", None)
-            try:
-                procs = group.open_procs()
-            except OSError as exc:
-                with contextlib.suppress(CgroupError):
-                    group.remove()
-                if exc.errno in RESOURCE_ERRNOS:
-                    raise resource_exhausted(exc, "opening its cgroup") from None
-                message = f"cannot join the job's cgroup: {exc.strerror}"
-                return log, None, [], SpawnError(message, exc.errno)
-        except BaseException:
-            log.close()
-            _remove_new_job_dir(log.directory)
+                launched = await _in_thread(launcher.prepare_and_spawn, plan)
+            except BaseException as exc:
+                failure = exc
+        if failure is not None:
+            if recorded:
+                await records.unrecord(job.id)
+            raise failure
+        return launched, recorded
+
+
+async def _in_thread(fn: Callable[[LaunchPlan], Launched], plan: LaunchPlan) -> Launched:
+    """``fn(plan)`` in a worker thread; no thread to be had is ``ResourceExhausted``."""
+    try:
+        return await trio.to_thread.run_sync(fn, plan)
+    except RuntimeError as exc:  # "can't start new thread": out of processes (EAGAIN)
+        if "thread" not in str(exc):
             raise
-        return log, group, procs, None
-
-    def _open_log(self, job_id: str) -> OutputLog:
-        """The new job's directory and log files, or ``ResourceExhausted`` saying why not.
-
-        On a full disk this is where a Start is refused: nothing runs and
-        nothing is left behind. (Creating empty files rarely fails even then;
-        when it works, the job runs and only its output and record wait.)
-        """
-        directory = self._jobs_dir / job_id
-        try:
-            directory.mkdir(mode=0o700)
-            return OutputLog(
-                directory,
-                tail_bytes=self._tail_bytes,
-                max_bytes=self._records.retention.max_output_bytes,
-                max_unflushed=self._max_unflushed,
-            )
-        except OSError as exc:
-            _remove_new_job_dir(directory)
-            raise ResourceExhausted(
-                f"cannot create the job's output files in the state directory: "
-                f"{exc.strerror or exc}"
-            ) from None
+        raise ResourceExhausted(f"cannot start the job: {exc}") from None
 
 
 def _open_terminal() -> tuple[int, int, int]:
@@ -384,21 +343,3 @@ def _check_terminal(tty: object, size: object) -> tuple[int, int] | None:
         return check_terminal_size(size[0], size[1])
     except ValueError as exc:
         raise InvalidRequest("terminal_size", str(exc)) from None
-
-
-def _remove_new_job_dir(directory: Path) -> None:
-    """Remove a job directory a refused Start made, even with no descriptor to spare.
-
-    ``shutil.rmtree`` opens the directory to list it, which fails with EMFILE
-    exactly when a Start is refused for lack of descriptors: unlink the files
-    a new job can have by name first (no fd needed), then the directory.
-    """
-    for name in ("output.log", "output.idx", "output.start", REPORT):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(directory / name)
-    try:
-        os.rmdir(directory)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        shutil.rmtree(directory, ignore_errors=True)

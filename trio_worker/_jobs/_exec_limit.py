@@ -60,7 +60,10 @@ def _strings(argv: Sequence[str], env: Mapping[str, str]) -> tuple[list[int], li
 
 def exec_size(argv: Sequence[str], env: Mapping[str, str]) -> int:
     """What ``execve(argv[0], argv, env)`` counts against ``exec_limit()``."""
-    args, envs = _strings(argv, env)
+    return _total(*_strings(argv, env))
+
+
+def _total(args: list[int], envs: list[int]) -> int:
     return sum(args) + sum(envs) + _POINTER * (max(len(args), 1) + len(envs)) + _RESERVE
 
 
@@ -81,7 +84,7 @@ def check_exec_size(argv: Sequence[str], env: Mapping[str, str]) -> None:
         raise InvalidRequest(
             "env", f"a variable is over {longest - 1} bytes long, which the kernel does not run"
         )
-    total = exec_size(argv, env)
+    total = _total(args, envs)  # (the strings are encoded once per Start: every Start checks)
     limit = exec_limit()
     if total > limit:
         field = "args" if sum(args) >= sum(envs) else "env"

@@ -113,9 +113,12 @@ class Job:
             )
         )
 
-    def info(self, *, usage: bool = True) -> JobInfo:
-        """The job as it is now; ``usage=False`` skips reading the cgroup's accounting."""
-        r = self.record
+    def info(self, *, usage: bool = True, record: lc.Record | None = None) -> JobInfo:
+        """The job as it is now; ``usage=False`` skips reading the cgroup's accounting.
+
+        ``record`` stands in for the lifecycle's (the record written while spawning).
+        """
+        r = record or self.record
         assert r.state is not None
         assert r.started_at is not None
         return JobInfo(

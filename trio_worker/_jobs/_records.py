@@ -13,13 +13,13 @@ import shutil
 import signal as _signal
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import trio
 
 from .._errors import JobNotFound, StateDirError
-from .._model import JobState
+from .._model import JobInfo, JobState
 from .._util import final
 from . import _lifecycle as lc
 from ._job import LOST_ERROR, Job, now
@@ -62,7 +62,7 @@ class JobRecords:
         #: disk): job id -> whether its row exists. Written again by housekeeping.
         self.unsaved: dict[str, bool] = {}
 
-    async def persist_start(self, job: Job, pid: int | None) -> None:
+    async def persist_start(self, job: Job) -> None:
         """Record the new job; if the store fails, the job runs with its record pending.
 
         Shielded: once the process exists its record must be attempted, even
@@ -70,10 +70,34 @@ class JobRecords:
         """
         if self.store is None:
             return
-        job.pid_start_time = process_start_time(pid) if pid else None
         with trio.CancelScope(shield=True):
             if not await self._save(job, exists=False):
                 self.unsaved[job.id] = False
+
+    async def record_early(self, job: Job, started_at: datetime) -> bool:
+        """Record a job being spawned, RUNNING without a pid; True once committed.
+
+        False (logged) when the store cannot take it: the caller keeps the job in
+        ``unsaved``. The pid follows with ``note_spawned``.
+        """
+        assert self.store is not None
+        record = lc.Record(JobState.RUNNING, started_at=started_at)
+        return await self._save(job, exists=False, info=job.info(usage=False, record=record))
+
+    def note_spawned(self, job: Job) -> None:
+        """The pid of a job ``record_early`` recorded, for the store's next commit."""
+        assert self.store is not None
+        assert job.record.pid is not None
+        self.store.note_spawned(job.id, job.record.pid, job.pid_start_time)
+
+    async def unrecord(self, job_id: str) -> None:
+        """Delete the record of a Start that was refused after all."""
+        assert self.store is not None
+        try:
+            await self.store.delete([job_id])
+        except Exception:
+            # Left as it is, it reads as a LOST job after a restart.
+            _log.exception("job %s: cannot delete the record of a refused start", job_id)
 
     async def persist_end(self, job: Job) -> None:
         """Record the job's end; never raises (the job task's ``finally`` calls it)."""
@@ -83,7 +107,7 @@ class JobRecords:
         if not await self._save(job, exists=exists):
             self.unsaved[job.id] = exists
 
-    async def _save(self, job: Job, *, exists: bool) -> bool:
+    async def _save(self, job: Job, *, exists: bool, info: JobInfo | None = None) -> bool:
         """Write the job's record as it is now: insert it or record its end.
 
         Returns False, having logged why, when the store cannot take it (a full
@@ -95,7 +119,8 @@ class JobRecords:
         assert store is not None
         # A running job's row gets no usage: only its end's counts, and reading them
         # (a file per hierarchy, on the loop) would cost every Start for nothing.
-        info = job.info(usage=exists or job.ended.is_set())
+        if info is None:
+            info = job.info(usage=exists or job.ended.is_set())
         dropped = job.log.dropped_bytes if job.log is not None else 0
         try:
             try:

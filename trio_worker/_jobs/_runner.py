@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import logging
 import select
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import trio
 
-from .._host._cgroups import CgroupError
+from .._host._cgroups import CgroupError, JobCgroup
 from .._host._isolation import read_report
 from .._model import OutputStream, Usage
 from . import _lifecycle as lc
@@ -99,6 +99,8 @@ class JobRunner:
         self._fds: dict[int, _Watch | _Pipe] = {}
         #: Every job watched and not ended yet.
         self._watches: set[_Watch] = set()
+        #: Takes an ended job's group to remove later (else removed at its end).
+        self.retire: Callable[[JobCgroup], None] | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The watcher: runs until cancelled, then ends every job still running."""
@@ -289,7 +291,7 @@ class JobRunner:
             except Exception:  # the log's own failures are in it (lost ranges)
                 _log.exception("job %s: cannot finish its output log", job.id)
             self._watches.discard(watch)
-            await _record_end(job, process, self._records)
+            await _record_end(job, process, self._records, self.retire)
 
 
 def _outputs(job: Job, process: JobProcess) -> Iterator[tuple[PipeReader, OutputStream]]:
@@ -301,7 +303,12 @@ def _outputs(job: Job, process: JobProcess) -> Iterator[tuple[PipeReader, Output
         yield process.stderr, OutputStream.STDERR
 
 
-async def _record_end(job: Job, process: JobProcess, records: JobRecords) -> None:
+async def _record_end(
+    job: Job,
+    process: JobProcess,
+    records: JobRecords,
+    retire: Callable[[JobCgroup], None] | None = None,
+) -> None:
     returncode = process.returncode
     assert returncode is not None
     oom_killed = False
@@ -327,4 +334,7 @@ async def _record_end(job: Job, process: JobProcess, records: JobRecords) -> Non
     # housekeeping pass after a Wait sees the end); removing the group (an
     # rmdir per hierarchy, each waiting for an RCU grace period) comes last.
     await records.persist_end(job)
-    await remove_cgroup(job)
+    if retire is not None and job.cgroup is not None:
+        retire(job.cgroup)  # removed with the next places (``_launch``)
+    else:
+        await remove_cgroup(job)

@@ -26,6 +26,7 @@ import fcntl
 import os
 import stat
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -50,9 +51,9 @@ class StateDir:
         self.path = path
         self._fd: int | None = fd
         self._pid = os.getpid()
-        #: The reaper the previous holder left (pid, start time), if it noted one:
-        #: it may still be killing that server's jobs, and must be let finish.
-        self.previous_reaper: tuple[int, int] | None = None
+        #: The reapers the previous holder left (pid, start time), if it noted any:
+        #: they may still be killing that server's jobs, and must be let finish.
+        self.previous_reapers: list[tuple[int, int]] = []
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Self:
@@ -81,7 +82,7 @@ class StateDir:
                 f"state directory {directory} is in use by another trio-worker server ({who}); "
                 "stop it or choose another --state-dir"
             ) from None
-        previous = _read_reaper(fd)
+        previous = _read_reapers(fd)
         try:
             # Only now that we hold the lock may we replace the previous holder's pid;
             # write then truncate, so a reader never finds the file empty.
@@ -92,7 +93,7 @@ class StateDir:
             os.close(fd)
             raise StateDirError(f"cannot write the lock file {lock_path}: {exc}") from exc
         state = cls(directory, fd)
-        state.previous_reaper = previous
+        state.previous_reapers = previous
         try:
             private_file(state.db_path, create=True)
             for side in ("-wal", "-shm"):
@@ -102,16 +103,17 @@ class StateDir:
             raise
         return state
 
-    def note_reaper(self, pid: int, start_time: int) -> None:
-        """Write our reaper's pid and start time under ours, for the next holder.
+    def note_reapers(self, reapers: Sequence[tuple[int, int]]) -> None:
+        """Write our reapers' pids and start times under ours, for the next holder.
 
-        If this server dies, its reaper kills its jobs; a server that takes the
-        directory over meanwhile waits for it (``previous_reaper``) before
-        starting jobs of its own, so the reaper never meets them.
+        If this server dies, its reapers kill its jobs; a server that takes the
+        directory over meanwhile waits for them (``previous_reapers``) before
+        starting jobs of its own, so a reaper never meets them.
         """
         if self._fd is None:
             return
-        data = f"{self._pid}\nreaper {pid} {start_time}\n".encode()
+        lines = [f"{self._pid}\n", *(f"reaper {pid} {start}\n" for pid, start in reapers)]
+        data = "".join(lines).encode()
         with contextlib.suppress(OSError):
             os.pwrite(self._fd, data, 0)
             os.ftruncate(self._fd, len(data))
@@ -227,17 +229,18 @@ def private_file(path: Path, *, create: bool) -> None:
         raise StateDirError(f"cannot make {path} a private (0600) file: {exc.strerror}") from exc
 
 
-def _read_reaper(fd: int) -> tuple[int, int] | None:
-    """The reaper a previous holder noted (``note_reaper``), if any."""
+def _read_reapers(fd: int) -> list[tuple[int, int]]:
+    """The reapers a previous holder noted (``note_reapers``)."""
     try:
         lines = os.pread(fd, 256, 0).decode("ascii", "replace").splitlines()
     except OSError:
-        return None
+        return []
+    found = []
     for line in lines[1:]:
         match line.split():
             case ["reaper", pid, start] if pid.isdigit() and start.isdigit():
-                return int(pid), int(start)
-    return None
+                found.append((int(pid), int(start)))
+    return found
 
 
 def _read_pid(fd: int) -> int | None:

@@ -106,6 +106,7 @@ UPDATE jobs SET state = ?, pid = ?, exit_code = ?, signal = ?, error = ?, spawn_
     memory_peak_bytes = ?
 WHERE id = ?
 """
+_SPAWNED = "UPDATE jobs SET pid = ?, pid_start_time = ? WHERE id = ? AND state = 'running'"
 _OUTPUT = """
 UPDATE jobs SET output_bytes = max(output_bytes, ?), output_start = max(output_start, ?),
     dropped_bytes = max(dropped_bytes, ?)
@@ -152,6 +153,8 @@ class JobStore(Protocol):
     ) -> None: ...
 
     async def record_spawned(self, job_id: str, pid: int, pid_start_time: int | None) -> None: ...
+
+    def note_spawned(self, job_id: str, pid: int, pid_start_time: int | None) -> None: ...
 
     async def record_end(self, info: JobInfo, *, dropped_bytes: int = 0) -> None: ...
 
@@ -214,6 +217,8 @@ class SqliteJobStore:
         self._lock = trio.Lock()
         self._queue: list[_Op[Any]] = []
         self._notes: dict[str, _Counters] = {}
+        #: Pids noted for records written before their spawn: job id -> (pid, start time).
+        self._spawned: dict[str, tuple[int, int | None]] = {}
         self._closed = False
 
     # -- opening -------------------------------------------------------------
@@ -298,6 +303,18 @@ class SqliteJobStore:
                 raise JobNotFound(job_id)
 
         await self._submit(update)
+
+    def note_spawned(self, job_id: str, pid: int, pid_start_time: int | None) -> None:
+        """Buffer the pid of a job recorded before its spawn; no I/O.
+
+        ``record_spawned`` without the wait: the pid goes out with the next commit of
+        any kind (the next Start's record, or ``flush``), so a start costs the loop
+        no second transaction. Until then a crash leaves the record RUNNING without
+        a pid, which recovery makes LOST like a record whose spawn never completed;
+        so only a caller that can kill the job without its pid (its cgroup) may
+        defer the pid. A record that has ended already is left as it is.
+        """
+        self._spawned[job_id] = (pid, pid_start_time)
 
     async def record_end(self, info: JobInfo, *, dropped_bytes: int = 0) -> None:
         """Write the job's end (state, codes, times, counters, usage); returns once committed.
@@ -473,7 +490,8 @@ class SqliteJobStore:
         """Run every queued call and buffered note in one transaction (lock held)."""
         batch, self._queue = self._queue, []
         notes, self._notes = self._notes, {}
-        if not notes and all(op.fn is _nothing for op in batch):
+        spawned, self._spawned = self._spawned, {}
+        if not notes and not spawned and all(op.fn is _nothing for op in batch):
             for op in batch:  # flushes with nothing to flush: no transaction
                 op.done = True
             return
@@ -481,19 +499,28 @@ class SqliteJobStore:
         # they left the queue (the thread could not be interrupted anyway).
         with trio.CancelScope(shield=True):
             committed = await trio.to_thread.run_sync(
-                self._execute, batch, notes, limiter=self._limiter
+                self._execute, batch, notes, spawned, limiter=self._limiter
             )
         if committed:
             self.transactions += 1
         else:
             for job_id, counters in notes.items():
                 self.note_output(job_id, *counters)
+            for job_id, (pid, start_time) in spawned.items():
+                self._spawned.setdefault(job_id, (pid, start_time))
 
-    def _execute(self, batch: Sequence[_Op[Any]], notes: dict[str, _Counters]) -> bool:
+    def _execute(
+        self,
+        batch: Sequence[_Op[Any]],
+        notes: dict[str, _Counters],
+        spawned: dict[str, tuple[int, int | None]],
+    ) -> bool:
         """In the worker thread: one transaction for the whole batch."""
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
+            if spawned:
+                conn.executemany(_SPAWNED, [(*p, job_id) for job_id, p in spawned.items()])
             if notes:
                 conn.executemany(_OUTPUT, [(*c, job_id) for job_id, c in notes.items()])
             for op in batch:
@@ -838,8 +865,16 @@ def process_start_time(pid: int) -> int | None:
     None when there is no such process.
     """
     try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):
+        return None
+    try:
+        stat = os.read(fd, 4096)  # one read: the kernel renders it whole (~300 bytes)
+    except ProcessLookupError:  # (ESRCH: it was reaped meanwhile)
+        return None
+    finally:
+        os.close(fd)
+    if not stat:
         return None
     # Field 2 (comm) is in parentheses and may contain spaces or ')': split after the last.
     fields = stat[stat.rindex(b")") + 2 :].split()

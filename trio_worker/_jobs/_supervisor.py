@@ -33,6 +33,7 @@ from .._util import NoPublicConstructor, final
 from . import _input
 from ._admission import Admission
 from ._job import LOST_ERROR, Job, kill, running_process, signal_job, terminate
+from ._launch import Launcher
 from ._output import DEFAULT_CHUNK, ReadBudget
 from ._process import JobProcess, validate_signal
 from ._queries import JobTable, open_output
@@ -72,6 +73,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         retention: Retention | None = None,
         job_nofile: int | None = None,
         spawn_in_thread: bool = False,
+        ready_places: int = 0,
         max_unflushed: int | None = None,
     ) -> None:
         self._nursery = nursery
@@ -94,8 +96,10 @@ class Supervisor(metaclass=NoPublicConstructor):
             limit_policy=limit_policy,
             job_nofile=job_nofile,
             spawn_in_thread=spawn_in_thread,
+            ready_places=ready_places,
             max_unflushed=max_unflushed,
         )
+        self._runner.retire = self._admission.launcher.retire
         self._closing = False
 
     # -- queries -------------------------------------------------------------
@@ -375,11 +379,12 @@ async def open_supervisor(
     cleanup safe. ``limit_policy`` holds the defaults and maximums applied to
     every job's limits.
 
-    With ``reaper`` (the default) and cgroups, a small helper process (the
-    reaper, ``_host/_reaper``) outlives this one if it dies, even by SIGKILL,
-    and then kills every job group under the parent: no job process, escapees
-    included, survives the supervisor's process. Leaving the block tells it
-    to exit quietly.
+    With ``reaper`` (the default) and cgroups, two small helper processes (the
+    reapers, ``_host/_reaper``) outlive this one if it dies, even by SIGKILL,
+    and then kill every job group under the parent: no job process, escapees
+    included, survives the supervisor's process. Either one alone is enough,
+    so one being restarted after it was killed leaves no gap. Leaving the
+    block tells them to exit quietly.
     """
     async with open_supervisor_with_driver(
         None,
@@ -411,11 +416,13 @@ async def open_supervisor_with_driver(
     persist: bool | None = None,
     retention: Retention | None = None,
     reaper: bool = True,
+    ready_places: int = 4,
     max_unflushed: int | None = None,
 ) -> AsyncIterator[Supervisor]:
     """``open_supervisor`` with a given cgroup driver instead of the host's probe (tests),
-    and ``max_unflushed``: how far each job's output may run ahead of the disk before
-    its pipes wait (``OutputLog``'s; default 16 MiB)."""
+    ``max_unflushed``: how far each job's output may run ahead of the disk before its
+    pipes wait (``OutputLog``'s; default 16 MiB), and ``ready_places``: how many jobs'
+    places (id, directory, log files, cgroup) are kept made ahead of need (``_launch``)."""
     # Jobs cost descriptors (pipes, pidfd, log files): use all the host allows.
     job_nofile = raise_nofile_limit()
     temporary = state_dir is None
@@ -426,21 +433,28 @@ async def open_supervisor_with_driver(
     store: SqliteJobStore | None = None
     driver: CgroupDriver | None = None
     guard: ReaperGuard | None = None
+    launcher: Launcher | None = None
     try:
         if lock is not None:
             store = await SqliteJobStore.open(lock.db_path)
         if cgroup_parent is None:
             cgroup_parent = _cgroup_parent_for(path)
         driver = cgroups if cgroups is not None else cgroup_detect(cgroup_parent)
-        if lock is not None and lock.previous_reaper is not None:
-            # A server that died a moment ago may still have its reaper at work
-            # on our parent groups: let it finish before any job of ours exists.
-            await outlive(*lock.previous_reaper)
+        if lock is not None and lock.previous_reapers:
+            # A server that died a moment ago may still have its reapers at work
+            # on our parent groups: let them finish before any job of ours exists.
+            async with trio.open_nursery() as waiting:
+                for pid, start_time in lock.previous_reapers:
+                    waiting.start_soon(outlive, pid, start_time)
         leftovers = await trio.to_thread.run_sync(driver.cleanup_leftovers)
         if leftovers:
             _log.warning("killed %d job group(s) left by an earlier run", len(leftovers))
         if reaper and driver.tracks:
-            note = (lambda r: lock.note_reaper(r.pid, r.start_time)) if lock else None
+            note = (
+                (lambda rs: lock.note_reapers([(r.pid, r.start_time) for r in rs if r.start_time]))
+                if lock
+                else None
+            )
             try:
                 guard = await ReaperGuard.start(driver.parent_dirs(), on_start=note)
             except OSError as exc:
@@ -459,12 +473,15 @@ async def open_supervisor_with_driver(
                 spawn_in_thread=guard is not None,
                 store=store,
                 retention=retention,
+                ready_places=ready_places,
                 max_unflushed=max_unflushed,
             )
             await nursery.start(supervisor._runner.run)
             if store is not None:
                 await supervisor._records.restore(await store.load_all())
                 nursery.start_soon(supervisor._records.run_housekeeping)
+            launcher = supervisor._admission.launcher
+            nursery.start_soon(launcher.keep_ready, supervisor._admission.new_id)
             try:
                 yield supervisor
             finally:
@@ -475,6 +492,8 @@ async def open_supervisor_with_driver(
                 nursery.cancel_scope.cancel()  # housekeeping, the runner; jobs have ended
     finally:
         with trio.CancelScope(shield=True):
+            if launcher is not None:
+                await launcher.aclose()  # the places no job took, the groups left to remove
             if guard is not None:
                 await guard.quit()  # every job has ended
             if store is not None:

@@ -1,8 +1,10 @@
 """The ``trio-worker`` command line.
 
-``main`` sets up logging, runs the cyclopts app (``_app``; commands in ``_serve``,
-``_jobs``, ``_certs``) and turns every error into one line on stderr and the exit code of
-its class (``_errors``). ``--debug`` anywhere before ``--`` adds tracebacks and debug logs.
+``main`` answers ``--help`` from the command table (``_commands``), reads the short client
+commands' usual command lines itself (``_argv``) and leaves the rest to the cyclopts app
+(``_app``; commands in ``_serve``, ``_jobs``, ``_remove``, ``_certs``, ``_interactive``),
+sets up logging, and turns every error into one line on stderr and the exit code of its
+class (``_errors``). ``--debug`` anywhere before ``--`` adds tracebacks and debug logs.
 """
 
 from __future__ import annotations

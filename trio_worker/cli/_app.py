@@ -1,9 +1,11 @@
-"""The cyclopts application and the parameter types the commands share.
+"""The cyclopts application.
 
 Commands live in their own modules (``_serve``, ``_jobs``, ``_certs``) and are registered
 here by import path (cyclopts' lazy commands), each with its one-line summary: a command
 imports its module, and what that module needs, only when it runs or shows its own help.
-``trio-worker --help`` imports none of them. ``trio_worker.cli.main`` runs ``app``.
+``trio-worker --help`` imports none of them. ``trio_worker.cli.main`` runs ``app`` for
+help, ``serve``, ``certs``, ``attach`` and any command line ``_argv`` does not read; the
+parameter types the commands share are in ``_params``.
 """
 
 from __future__ import annotations

@@ -174,12 +174,12 @@ def _read(command: Command, tokens: Sequence[str]) -> tuple[list[str], dict[Opti
                 raise _Leave
             values[option] = True
             continue
-        if equals:
+        if equals and inline:
             value = inline
-        elif rest and not rest[0].startswith("-"):
+        elif rest and rest[0] and not rest[0].startswith("-") and not equals:
             value = rest.pop(0)
         else:
-            raise _Leave
+            raise _Leave  # no value, an empty one, or one that looks like an option
         if option.kind == "list":
             values.setdefault(option, []).append(option.convert(value))
         elif option in values:

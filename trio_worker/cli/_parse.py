@@ -12,7 +12,6 @@ import math
 import re
 import signal
 from collections.abc import Iterable, Mapping
-from decimal import Decimal, InvalidOperation
 
 from .._model import Isolation
 from .._net._sockets import split_host_port
@@ -50,6 +49,8 @@ def parse_size(text: str) -> int:
 
     Fractions are allowed with a unit and rounded down to whole bytes.
     """
+    from decimal import Decimal, InvalidOperation  # sizes only: not every command's
+
     match = _SIZE.fullmatch(text)
     if match is None:
         raise ValueError(f"{text!r} is not a size; {_SIZE_HINT}")

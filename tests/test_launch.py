@@ -1,0 +1,138 @@
+"""Places made ahead of need (``_jobs/_launch``): used by Starts, gone with the supervisor."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import trio
+
+from tests.conftest import require_root
+from trio_worker import JobState, Limits, open_supervisor
+from trio_worker._jobs._supervisor import Supervisor
+
+
+def groups_of(sup: Supervisor, job_id: str) -> list[Path]:
+    """The job's group in every hierarchy, as the driver names it."""
+    return list(sup.cgroups.job(job_id).dirs)
+
+
+def all_exist(paths: list[str]) -> bool:
+    return all(Path(p).is_dir() for p in paths)
+
+
+def none_exist(paths: list[str]) -> bool:
+    return not any(Path(p).exists() for p in paths)
+
+
+def in_cgroups(pid: int) -> str:
+    return Path(f"/proc/{pid}/cgroup").read_text()
+
+
+async def test_a_start_takes_a_ready_place_and_the_rest_go_with_the_supervisor(
+    tmp_path: Path,
+) -> None:
+    require_root("cgroups")
+    state = tmp_path / "state"
+    parent = "tw-places-" + secrets.token_hex(4)
+    async with open_supervisor(state, cgroup_parent=parent) as sup:
+        launcher = sup._admission.launcher
+        await launcher.settled()
+        ready = launcher.ready_places()
+        assert len(ready) >= 1
+        place = ready[0]
+        made_in = place.directory
+        assert made_in.parent == state / "ready"
+        assert sorted(p.name for p in place.directory.iterdir())[:2] == [
+            "output.idx",
+            "output.log",
+        ]
+        assert all(d.is_dir() for d in groups_of(sup, place.job_id))
+        # The Start takes the oldest: its id, its directory (moved into jobs/), its group,
+        # with the limits written now.
+        job = await sup.start("sleep", ["60"], limits=Limits(pids=7))
+        assert job.id == place.job_id
+        assert not made_in.exists()
+        assert (state / "jobs" / job.id / "output.log").is_file()
+        assert job.pid is not None
+        membership = in_cgroups(job.pid)
+        joined = [line for line in membership.splitlines() if line.endswith(f"/job-{job.id}")]
+        assert len(joined) == len(groups_of(sup, job.id)), membership
+        pids_max = [d / "pids.max" for d in groups_of(sup, job.id) if (d / "pids.max").exists()]
+        assert pids_max
+        assert {p.read_text().strip() for p in pids_max} == {"7"}
+        await sup.stop(job.id, grace=0)
+        assert (await sup.wait(job.id)).state is JobState.KILLED
+        await launcher.settled()
+        left = [p.job_id for p in launcher.ready_places()]
+        assert left
+        assert job.id not in left
+    # Leaving removes the places nobody took: directories and groups.
+    assert not (state / "ready").exists()
+    for job_id in left:
+        assert not any(d.exists() for d in groups_of(sup, job_id))
+    assert sorted(p.name for p in (state / "jobs").iterdir()) == [job.id]
+
+
+CRASHING = textwrap.dedent(
+    """
+    import json, sys, trio, trio_worker
+
+    async def main(state, parent):
+        async with trio_worker.open_supervisor(state, cgroup_parent=parent) as sup:
+            await sup._admission.launcher.settled()
+            ready = [p.job_id for p in sup._admission.launcher.ready_places()]
+            groups = [str(d) for i in ready for d in sup.cgroups.job(i).dirs]
+            print(json.dumps({"ready": ready, "groups": groups}), flush=True)
+            await trio.sleep_forever()
+
+    trio.run(main, sys.argv[1], sys.argv[2])
+    """
+)
+
+
+async def test_places_left_by_a_crash_are_removed_at_the_next_start(tmp_path: Path) -> None:
+    require_root("cgroups")
+    state = tmp_path / "state"
+    parent = "tw-places-" + secrets.token_hex(4)
+
+    def run_and_crash() -> dict[str, list[str]]:
+        with subprocess.Popen(
+            [sys.executable, "-c", CRASHING, str(state), parent], stdout=subprocess.PIPE, text=True
+        ) as server:
+            try:
+                assert server.stdout is not None
+                made: dict[str, list[str]] = json.loads(server.stdout.readline())
+                assert all_exist(made["groups"])
+            finally:
+                server.kill()
+        return made
+
+    made = await trio.to_thread.run_sync(run_and_crash)
+    assert made["ready"]
+    async with open_supervisor(state, cgroup_parent=parent) as sup:
+        await sup._admission.launcher.settled()
+        now = {p.job_id for p in sup._admission.launcher.ready_places()}
+        assert not now & set(made["ready"])
+        assert sorted(p.name for p in (state / "ready").iterdir()) == sorted(now)
+        assert none_exist(made["groups"])
+        assert sup.list() == []  # a place is no job
+
+
+async def test_an_ended_jobs_group_is_removed_while_the_supervisor_runs(tmp_path: Path) -> None:
+    # Ended jobs' groups go with the next round of place-making (one thread call for both).
+    require_root("cgroups")
+    parent = "tw-places-" + secrets.token_hex(4)
+    # Without a store, a job's end is recorded (and its group retired) as Wait answers.
+    async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+        jobs = [await sup.start("true") for _ in range(3)]
+        for job in jobs:
+            assert (await sup.wait(job.id)).state is JobState.EXITED
+        await sup._admission.launcher.settled()
+        groups = [str(d) for job in jobs for d in groups_of(sup, job.id)]
+        assert groups
+        assert none_exist(groups)

@@ -1,0 +1,489 @@
+"""Making a job's place and process: its directory, log files, cgroup, then the spawn.
+
+All of it is blocking work (mkdir and open on the state disk and on cgroupfs, a
+vfork that waits for the child's exec), so the supervisor runs it off the event
+loop: with the reaper watching, ``prepare_and_spawn`` is *one* worker-thread
+call per Start (each thread round trip costs the loop two wakeups, 0.3 ms idle
+and several ms on a busy host). Without the reaper the spawn must come from the
+loop's own thread (PR_SET_PDEATHSIG fires when the forking thread exits), so
+``prepare`` runs in a thread and ``spawn`` on the loop.
+
+Every path leaves either a job (running, or FAILED with the reason in words)
+or nothing at all: ``ResourceExhausted`` (out of descriptors, memory, disk or
+processes) is raised only after ``discard`` removed what was made.
+
+Places ahead of need: creating a job's directory, log files and groups is most
+of that thread's work (measured with py-spy under the bench: ~75% of it; each
+new directory and file allocates an inode, a journal operation on the state
+disk; each group is a mkdir per hierarchy). So the launcher keeps a few *ready
+places*, made by ``keep_ready`` once a Start took one: a directory with its
+empty log files under ``ready/``, and the job's groups. A Start then renames
+the directory into ``jobs/``, opens the files, writes its limits (if any) and
+spawns. The job id comes with the place, since a v2 cgroup cannot be renamed;
+it holds the time the place was made, not the Start's (ids still sort by when
+they were made). After a crash, a place's groups are leftovers like any
+other's and ``ready/`` is emptied at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from .._errors import ResourceExhausted
+from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup
+from .._host._isolation import helper_argv, helper_tasks, resolve_command
+from .._model import Isolation, Limits
+from ._job import REPORT
+from ._output import OutputLog
+from ._process import (
+    RESOURCE_ERRNOS,
+    Credentials,
+    JobProcess,
+    SpawnError,
+    SpawnOptions,
+    StartSpec,
+    describe_os_error,
+    resource_exhausted,
+)
+from ._store import process_start_time
+
+__all__ = ["LaunchPlan", "Launched", "Launcher", "Place", "remove_new_job_dir"]
+
+_log = logging.getLogger("trio_worker.supervisor")
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+@dataclass(slots=True)
+class Place:
+    """A job's place made ahead of need: its id, a directory under ``ready/`` with
+    the log files, and its group with the ``cgroup.procs`` fds (no limits yet)."""
+
+    job_id: str
+    directory: Path
+    group: JobCgroup
+    procs: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchPlan:
+    """A validated Start, as the spawn needs it."""
+
+    job_id: str
+    spec: StartSpec
+    limits: Limits
+    isolation: Isolation
+    #: Another user's credentials, or None for the server's own.
+    credentials: Credentials | None
+    options: SpawnOptions
+    tty: bool
+    #: A ready place for the job (``Launcher.take``), or None to make one.
+    place: Place | None = None
+
+
+@dataclass(slots=True)
+class Launched:
+    """What ``prepare`` (and ``spawn``) made: the job's log and group, then its process.
+
+    ``error`` is a job that FAILED (the reason in words); ``procs`` are the group's
+    ``cgroup.procs`` fds until the spawn takes them (the caller closes what is left).
+    """
+
+    log: OutputLog
+    group: JobCgroup | None
+    procs: list[int] = field(default_factory=list)
+    error: SpawnError | None = None
+    process: JobProcess | None = None
+    #: The process's start time (/proc), so a record can tell it from a pid reused later.
+    start_time: int | None = None
+
+
+class Launcher:
+    """Makes jobs' places and processes under ``jobs_dir`` and the driver's parent group."""
+
+    def __init__(
+        self,
+        jobs_dir: Path,
+        ready_dir: Path,
+        cgroups: CgroupDriver,
+        *,
+        tail_bytes: int,
+        max_unflushed: int,
+        max_output_bytes: int | None,
+        job_nofile: int | None,
+        ready: int = 0,
+    ) -> None:
+        self.jobs_dir = jobs_dir
+        self.ready_dir = ready_dir
+        self.cgroups = cgroups
+        self._tail_bytes = tail_bytes
+        self._max_unflushed = max_unflushed
+        self._max_output_bytes = max_output_bytes
+        self._job_nofile = job_nofile
+        #: How many places ``keep_ready`` keeps made ahead of need.
+        self._target = ready
+        self._ready: deque[Place] = deque()
+        #: Ended jobs' groups, to remove (``retire``).
+        self._retired: list[JobCgroup] = []
+        #: Set when a place was taken (``keep_ready`` waits on it).
+        self._wanted = trio.Event()
+        #: Set while ``keep_ready`` waits with nothing to do (``settled``).
+        self._idle = trio.Event()
+        self._closed = False
+
+    # -- ready places --------------------------------------------------------
+
+    def take(self) -> Place | None:
+        """A ready place for a Start, or None (the Start makes its own)."""
+        return self._ready.popleft() if self._ready else None
+
+    def replenish(self) -> None:
+        """Wake ``keep_ready`` once a Start is done with the CPU (not at ``take``,
+        where the refill's thread would compete with the Start's own), if the
+        places are down to half: a job's end (``retire``) wakes it anyway."""
+        if len(self._ready) <= self._target // 2:
+            self._wake()
+
+    def retire(self, group: JobCgroup) -> None:
+        """Remove an ended job's group, in the next round of ``keep_ready``.
+
+        One worker-thread call then removes the groups of the jobs that ended and
+        makes the places missing: a Start followed by its job's end costs one
+        thread round trip for both, and a burst of ends shares one.
+        """
+        if group.tracked:
+            self._retired.append(group)
+            self._wake()
+
+    def _wake(self) -> None:
+        self._wanted.set()
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def ready_places(self) -> list[Place]:
+        return list(self._ready)
+
+    async def settled(self) -> None:
+        """Wait until ``keep_ready`` has nothing to do (tests take stock of places)."""
+        await self._idle.wait()
+
+    async def keep_ready(self, new_id: Callable[[], str]) -> None:
+        """Keep the ready places made, until cancelled (a task of the supervisor).
+
+        Woken by ``replenish`` and ``retire``, never polls. Removes the retired
+        groups and makes what is missing in one worker-thread call. When a place
+        cannot be made (out of descriptors, disk, processes...), it stops trying
+        until it is woken again: a Start meanwhile makes its own place, and says
+        why it cannot.
+        """
+        # Whatever an earlier run left there (its groups are leftovers, gone already).
+        failed = not await trio.to_thread.run_sync(self._empty_ready_dir)
+        while True:
+            wanted = self._wanted = trio.Event()
+            retired, self._retired = self._retired, []
+            missing = 0 if failed or self._closed else self._target - len(self._ready)
+            if retired or missing > 0:
+                ids = [new_id() for _ in range(missing)]
+                # Shielded: the places the thread makes must reach the pool (or
+                # ``aclose`` would not remove them).
+                with trio.CancelScope(shield=True):
+                    try:
+                        places = await trio.to_thread.run_sync(self._tend, retired, ids)
+                    except RuntimeError:  # "can't start new thread"
+                        self._retired[:0] = retired
+                        places = []
+                self._ready.extend(places)
+                failed = len(places) < missing
+                if failed and not self._retired:
+                    self._idle.set()
+                    await wanted.wait()
+                    failed = False
+                continue
+            self._idle.set()
+            await wanted.wait()
+            failed = False
+
+    async def aclose(self) -> None:
+        """Remove the retired groups and the ready places (after ``keep_ready`` was
+        cancelled and every job ended)."""
+        self._closed = True
+        places = list(self._ready)
+        self._ready.clear()
+        retired, self._retired = self._retired, []
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._discard_all, retired, places)
+
+    def _discard_all(self, retired: Sequence[JobCgroup], places: Sequence[Place]) -> None:
+        for group in retired:
+            _remove_group(group)
+        _discard_places(places)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.ready_dir)
+
+    def _tend(self, retired: Sequence[JobCgroup], ids: Sequence[str]) -> list[Place]:
+        """In a worker thread: remove the retired groups, then make the places."""
+        for group in retired:
+            _remove_group(group)
+        return self._make_places(ids)
+
+    def _empty_ready_dir(self) -> bool:
+        try:
+            shutil.rmtree(self.ready_dir, ignore_errors=True)
+            self.ready_dir.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            _log.warning("no places made ahead of need: %s", exc)
+            return False
+        return True
+
+    def _make_places(self, ids: Sequence[str]) -> list[Place]:
+        """In a worker thread: as many of the places as can be made, in order."""
+        places: list[Place] = []
+        for job_id in ids:
+            directory = self.ready_dir / job_id
+            try:
+                directory.mkdir(mode=0o700)
+                try:
+                    for name in self._log_files():
+                        fd = os.open(directory / name, _CREATE, 0o600)
+                        os.close(fd)
+                    group = self.cgroups.make(job_id)
+                except BaseException:
+                    remove_new_job_dir(directory)
+                    raise
+                try:
+                    procs = group.open_procs()
+                except BaseException:
+                    _remove_group(group)
+                    remove_new_job_dir(directory)
+                    raise
+            except (CgroupError, OSError) as exc:
+                _log.debug("no place made ahead: %s", exc)
+                break
+            places.append(Place(job_id, directory, group, procs))
+        return places
+
+    def _log_files(self) -> tuple[str, ...]:
+        """The files ``OutputLog`` opens (``output.start`` only with a size cap)."""
+        if self._max_output_bytes is None:
+            return ("output.log", "output.idx")
+        return ("output.log", "output.idx", "output.start")
+
+    # -- a Start ---------------------------------------------------------------
+
+    def prepare_and_spawn(self, plan: LaunchPlan) -> Launched:
+        """In a worker thread: ``prepare`` then ``spawn`` without PR_SET_PDEATHSIG
+        (the reaper covers a server crash: see ``_process``)."""
+        launched = self.prepare(plan)
+        if launched.error is None:
+            try:
+                self.spawn(launched, plan, pdeathsig=0)
+            except BaseException:
+                self.discard(launched)
+                raise
+        return launched
+
+    def prepare(self, plan: LaunchPlan) -> Launched:
+        """The job's directory and log, its cgroup and that group's ``cgroup.procs`` fds.
+
+        Raises ``ResourceExhausted`` (out of descriptors, memory, disk) having
+        left nothing behind. A cgroup that cannot be made or joined for another
+        reason comes back as the ``error`` of a job that FAILED.
+        """
+        if plan.place is not None:
+            return self._claim(plan.place, plan)
+        log = self._open_log(plan.job_id)
+        try:
+            try:
+                group = self.cgroups.create(
+                    plan.job_id,
+                    plan.limits,
+                    cwd=plan.spec.cwd,
+                    extra_tasks=helper_tasks(plan.isolation),
+                )
+            except CgroupError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise ResourceExhausted(f"cannot start the job: {exc}") from None
+                error = SpawnError(f"cannot set up the job's cgroup: {exc}", None)
+                return Launched(log, None, error=error)
+            try:
+                procs = group.open_procs()
+            except OSError as exc:
+                with contextlib.suppress(CgroupError):
+                    group.remove()
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise resource_exhausted(exc, "opening its cgroup") from None
+                message = f"cannot join the job's cgroup: {exc.strerror}"
+                return Launched(log, None, error=SpawnError(message, exc.errno))
+        except BaseException:
+            log.close()
+            remove_new_job_dir(log.directory)
+            raise
+        return Launched(log, group, procs)
+
+    def _claim(self, place: Place, plan: LaunchPlan) -> Launched:
+        """``prepare`` with a ready place: move it into ``jobs/``, open its log, and
+        write the limits."""
+        directory = self.jobs_dir / place.job_id
+        try:
+            os.rename(place.directory, directory)
+            place.directory = directory
+            log = OutputLog(
+                directory,
+                tail_bytes=self._tail_bytes,
+                max_bytes=self._max_output_bytes,
+                max_unflushed=self._max_unflushed,
+            )
+        except OSError as exc:
+            _discard_places([place])
+            raise ResourceExhausted(
+                f"cannot create the job's output files in the state directory: "
+                f"{exc.strerror or exc}"
+            ) from None
+        except BaseException:
+            _discard_places([place])
+            raise
+        try:
+            self.cgroups.configure(
+                place.group,
+                plan.limits,
+                cwd=plan.spec.cwd,
+                extra_tasks=helper_tasks(plan.isolation),
+            )
+        except CgroupError as exc:
+            if exc.errno in RESOURCE_ERRNOS:
+                log.close()
+                _discard_places([place])
+                raise ResourceExhausted(f"cannot start the job: {exc}") from None
+            for fd in place.procs:
+                os.close(fd)
+            _remove_group(place.group)
+            error = SpawnError(f"cannot set up the job's cgroup: {exc}", None)
+            return Launched(log, None, error=error)
+        except BaseException:
+            log.close()
+            _discard_places([place])
+            raise
+        return Launched(log, place.group, place.procs)
+
+    def spawn(self, launched: Launched, plan: LaunchPlan, *, pdeathsig: int) -> None:
+        """Start the prepared job's process; a command that cannot run becomes ``error``.
+
+        Raises ``ResourceExhausted`` (the caller then ``discard``s).
+        """
+        spec = plan.spec
+        argv = None
+        if plan.isolation.any:
+            # The helper would only notice a missing command after it started:
+            # resolve first, so the failure looks the same. Not for another user:
+            # root's view of the files is not theirs to learn.
+            if plan.credentials is None:
+                try:
+                    resolve_command(spec.command, spec.env.get("PATH"), spec.cwd)
+                except OSError as exc:
+                    launched.error = SpawnError(describe_os_error(exc, spec.command), exc.errno)
+                    return
+            else:  # the helper enters the directory once it is the user
+                spec = dataclasses.replace(spec, cwd=None)
+            argv = helper_argv(
+                plan.isolation,
+                plan.spec.command,
+                plan.spec.args,
+                report=launched.log.directory / REPORT,
+                user=plan.credentials,
+                cwd=plan.spec.cwd if plan.credentials is not None else None,
+                tty=plan.tty,
+            )
+        procs, launched.procs = launched.procs, []  # the spawn owns (and closes) them now
+        try:
+            process = JobProcess.spawn(
+                spec,
+                argv=argv,
+                cgroup=launched.group,
+                cgroup_fds=procs,
+                options=plan.options,
+                nofile_soft=self._job_nofile,
+                pdeathsig=pdeathsig,
+            )
+        except SpawnError as exc:
+            launched.error = exc
+            return
+        launched.process = process
+        launched.start_time = process_start_time(process.pid)
+
+    def discard(self, launched: Launched) -> None:
+        """Remove what ``prepare`` made for a Start that is refused (blocking)."""
+        for fd in launched.procs:
+            os.close(fd)
+        launched.procs = []
+        launched.log.close()
+        remove_new_job_dir(launched.log.directory)
+        if launched.group is not None:
+            _remove_group(launched.group)
+
+    def _open_log(self, job_id: str) -> OutputLog:
+        """The new job's directory and log files, or ``ResourceExhausted`` saying why not.
+
+        On a full disk this is where a Start is refused: nothing runs and
+        nothing is left behind. (Creating empty files rarely fails even then;
+        when it works, the job runs and only its output and record wait.)
+        """
+        directory = self.jobs_dir / job_id
+        try:
+            directory.mkdir(mode=0o700)
+            return OutputLog(
+                directory,
+                tail_bytes=self._tail_bytes,
+                max_bytes=self._max_output_bytes,
+                max_unflushed=self._max_unflushed,
+            )
+        except OSError as exc:
+            remove_new_job_dir(directory)
+            raise ResourceExhausted(
+                f"cannot create the job's output files in the state directory: "
+                f"{exc.strerror or exc}"
+            ) from None
+
+
+def _remove_group(group: JobCgroup) -> None:
+    if group.tracked:
+        try:
+            group.remove()
+        except CgroupError as exc:
+            _log.warning("job %s: cannot remove its cgroup: %s", group.job_id, exc)
+
+
+def _discard_places(places: Sequence[Place]) -> None:
+    """Remove places no job will have (blocking)."""
+    for place in places:
+        for fd in place.procs:
+            os.close(fd)
+        place.procs = []
+        remove_new_job_dir(place.directory)
+        _remove_group(place.group)
+
+
+def remove_new_job_dir(directory: Path) -> None:
+    """Remove a job directory a refused Start made, even with no descriptor to spare.
+
+    ``shutil.rmtree`` opens the directory to list it, which fails with EMFILE
+    exactly when a Start is refused for lack of descriptors: unlink the files
+    a new job can have by name first (no fd needed), then the directory.
+    """
+    for name in ("output.log", "output.idx", "output.start", REPORT):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / name)
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
