@@ -129,6 +129,8 @@ class Broadcaster:
     reader that is busy elsewhere costs nothing.
     """
 
+    __slots__ = ("_waiting",)
+
     def __init__(self) -> None:
         self._waiting: list[trio.MemorySendChannel[None]] = []
 
@@ -188,6 +190,53 @@ class OutputLog:
     a failing disk.
     """
 
+    #: Slots: every running job has a log (a dict per log was ~1.6 KiB).
+    __slots__ = (
+        "_blocks",
+        "_can_punch",
+        "_chunks",
+        "_closed",
+        "_data_fd",
+        "_disk_readers",
+        "_drop_step",
+        "_end",
+        "_failing",
+        "_finished",
+        "_first_record",
+        "_flush_done",
+        "_flushed",
+        "_flusher",
+        "_flushing",
+        "_held",
+        "_index_fd",
+        "_index_flushed",
+        "_last_disk_record",
+        "_last_stream",
+        "_lost_ends",
+        "_lost_starts",
+        "_max_bytes",
+        "_max_unflushed",
+        "_offsets",
+        "_open",
+        "_open_offset",
+        "_open_stream",
+        "_pending_index",
+        "_punched_data",
+        "_punched_index",
+        "_readers",
+        "_retry_at",
+        "_retry_bytes",
+        "_retry_end",
+        "_retry_interval",
+        "_space",
+        "_start",
+        "_start_fd",
+        "_tail_bytes",
+        "directory",
+        "dropped_bytes",
+        "write_error",
+    )
+
     def __init__(
         self,
         directory: Path,
@@ -231,9 +280,6 @@ class OutputLog:
         drop_step: int | None,
     ) -> None:
         self.directory = directory
-        self.data_path = directory / "output.log"
-        self.index_path = directory / "output.idx"
-        self.start_path = directory / "output.start"
         self._data_fd = self._index_fd = self._start_fd = -1
         self._tail_bytes = tail_bytes
         self._max_unflushed = max(max_unflushed, _SEAL_AT)
@@ -279,7 +325,8 @@ class OutputLog:
         #: Lagging readers of this log read from disk two at a time: more threads
         #: add no speed (they share the page cache and the GIL) but each holds a
         #: block in memory, and glibc gives each thread its own malloc arena.
-        self._disk_readers = trio.CapacityLimiter(2)
+        #: Made at the first disk read (most logs never have one).
+        self._disk_readers: trio.CapacityLimiter | None = None
         #: Blocks read (or being read) from disk, keyed by (block start, end),
         #: oldest first; readers at the same place share one read and one copy.
         self._blocks: dict[tuple[int, int], _Block] = {}
@@ -338,6 +385,18 @@ class OutputLog:
         log._advance_start(min(start, end), snap=False)
         log.dropped_bytes = sum(b - a for a, b in log.lost_ranges)
         return log
+
+    @property
+    def data_path(self) -> Path:
+        return self.directory / "output.log"
+
+    @property
+    def index_path(self) -> Path:
+        return self.directory / "output.idx"
+
+    @property
+    def start_path(self) -> Path:
+        return self.directory / "output.start"
 
     # -- state ---------------------------------------------------------------
 
@@ -803,6 +862,8 @@ class OutputLog:
         end = min(block + _FILE_BLOCK, position + want)
         key = (block, end)
         entry = self._blocks.get(key)
+        if self._disk_readers is None:
+            self._disk_readers = trio.CapacityLimiter(2)
         if entry is None:
             entry = self._blocks[key] = _Block(trio.Event())
             try:

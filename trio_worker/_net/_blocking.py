@@ -29,10 +29,9 @@ import os
 import select
 import socket
 import ssl
-import struct
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any
 
 import h2.errors
 import h2.exceptions
@@ -40,6 +39,8 @@ import h2.exceptions
 from .._errors import ConnectionFailed
 from .._tls import ALPN_PROTOCOL
 from .._wire._calls import (
+    PING_AFTER,
+    PING_TIMEOUT,
     CallFailed,
     CallTable,
     ClientCall,
@@ -53,17 +54,11 @@ from .._wire._client import (
 )
 from .._wire._h2conn import MAX_UNSENT_CONTROL, PROTOCOL_ERRORS, PeerMisbehaved
 from .._wire._status import StatusCode
+from .._wire._window import MESSAGE_PREFIX
 from ._failures import os_reason, parse_addr, tls_reason
-from ._sockets import set_keepalive
+from ._sockets import RECEIVE_SIZE, set_keepalive
 
 __all__ = ["BlockingCall", "BlockingConnection", "CallFailed", "Unprocessed", "dial"]
-
-_PREFIX: Final = struct.Struct(">BI")
-#: Asked of each read (OpenSSL gives at most one 16 KiB record per read).
-_RECEIVE_SIZE: Final = 64 * 1024
-#: With calls pending, ping a connection silent this long, and give it up this long after.
-PING_AFTER: Final = 10.0
-PING_TIMEOUT: Final = 10.0
 
 
 class BlockingCall(ClientCall):
@@ -115,7 +110,7 @@ class BlockingConnection:
                 if remaining <= 0:
                     raise TimeoutError
                 self._sock.settimeout(remaining)
-                data = self._sock.recv(_RECEIVE_SIZE)
+                data = self._sock.recv(RECEIVE_SIZE)
                 if not data:
                     raise ConnectionFailed(
                         f"TLS handshake with {self.addr} failed: the server closed the "
@@ -178,7 +173,7 @@ class BlockingConnection:
         call = BlockingCall(stream_id)
         self._table.add(call)
         try:
-            self._send_request(call, _PREFIX.pack(0, len(payload)) + payload)
+            self._send_request(call, MESSAGE_PREFIX.pack(0, len(payload)) + payload)
         except BaseException:
             self.cancel(call)
             raise
@@ -256,7 +251,7 @@ class BlockingConnection:
             if sock.fileno() not in readable:
                 return
         try:
-            data = sock.recv(_RECEIVE_SIZE)
+            data = sock.recv(RECEIVE_SIZE)
         except (ssl.SSLWantReadError, BlockingIOError):
             return  # a TLS record not yet whole, or one without data (a session ticket)
         except (ssl.SSLError, OSError) as exc:

@@ -42,6 +42,8 @@ from purerpc.grpclib.events import WindowUpdated
 from .._errors import ConnectionFailed
 from .._tls import ALPN_PROTOCOL
 from .._wire._calls import (
+    PING_AFTER,
+    PING_TIMEOUT,
     CallFailed,
     CallTable,
     ClientCall,
@@ -58,13 +60,12 @@ from .._wire._client import (
 from .._wire._h2conn import PROTOCOL_ERRORS
 from .._wire._status import StatusCode
 from ._connection import (
-    RECEIVE_SIZE,
     Connection,
     ConnectionSettings,
     WriteCounts,
 )
 from ._failures import os_reason, parse_addr, tls_reason
-from ._sockets import set_keepalive
+from ._sockets import RECEIVE_SIZE, set_keepalive
 from ._tlsstream import TLSSocketStream
 
 __all__ = [
@@ -75,10 +76,6 @@ __all__ = [
 
 log = logging.getLogger("trio_worker.client")
 
-#: With calls pending, ping a connection that has been silent this long...
-PING_AFTER: Final = 10.0
-#: ...and declare it lost if nothing at all arrives this long after the ping.
-PING_TIMEOUT: Final = 10.0
 #: How long closing a connection may spend sending our GOAWAY.
 CLOSE_TIMEOUT: Final = 0.5
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -33,13 +32,13 @@ from .._wire._h2conn import (
     PeerMisbehaved,
     WireGRPCConnection,
 )
+from .._wire._window import MESSAGE_PREFIX
 from ._failures import tls_reason
+from ._sockets import RECEIVE_SIZE
 from ._tlsstream import TLSSocketStream
 
 __all__ = [
     "MAX_SEND_BUFFER",
-    "MESSAGE_PREFIX",
-    "RECEIVE_SIZE",
     "WRITE_TIMEOUT",
     "Connection",
     "ConnectionSettings",
@@ -49,13 +48,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("trio_worker.net")
-
-#: A gRPC message's prefix: compressed flag, length.
-MESSAGE_PREFIX: Final = struct.Struct(">BI")
-#: Asked of each TLS read. OpenSSL returns at most one record (16 KiB of plaintext) per
-#: read, but Python allocates the whole size asked for first: 256 KiB (mmap'd, then
-#: trimmed) made decrypting four times slower than asking for what a record can hold.
-RECEIVE_SIZE: Final = 16 * 1024
 
 
 class WriteStats(Protocol):

@@ -70,10 +70,10 @@ from .._wire._h2conn import (
     StreamReset,
 )
 from .._wire._status import StatusCode
+from .._wire._window import MESSAGE_PREFIX
 from ._budget import OutputBudget
 from ._connection import (
     MAX_SEND_BUFFER,
-    MESSAGE_PREFIX,
     WRITE_TIMEOUT,
     Connection,
     ConnectionSettings,

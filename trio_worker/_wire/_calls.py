@@ -30,6 +30,8 @@ from ._window import MESSAGE_OVERHEAD, StreamWindow
 
 __all__ = [
     "ACK_BELOW",
+    "PING_AFTER",
+    "PING_TIMEOUT",
     "CallFailed",
     "CallTable",
     "ClientCall",
@@ -41,6 +43,11 @@ __all__ = [
 #: Received data goes back to a response stream's window at once while at most this many
 #: bytes of its messages wait for the caller; beyond it, as the caller takes them.
 ACK_BELOW: Final = 512 * 1024
+#: While calls wait, a client pings a connection silent this long...
+PING_AFTER: Final = 10.0
+#: ...and gives it up when nothing at all arrives this long after the ping: a server that
+#: vanished without a FIN cannot hang a call.
+PING_TIMEOUT: Final = 10.0
 
 
 class Unprocessed(Exception):

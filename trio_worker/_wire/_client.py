@@ -10,7 +10,6 @@ helpers this one shares.
 from __future__ import annotations
 
 import math
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from ._h2conn import (
     hpack_literal,
 )
 from ._status import DETAILS_HEADER, StatusCode, bound_text, details_from_header
+from ._window import MESSAGE_PREFIX
 
 USER_AGENT: Final = f"trio-worker/{__version__} purerpc"
 #: The receive window we advertise for each stream: what the server may send beyond what
@@ -125,9 +125,6 @@ class MessageRefused(Exception):
         self.reason = reason
 
 
-_MESSAGE_PREFIX: Final = struct.Struct(">BI")
-
-
 class MessageReader:
     """One stream's DATA → its length-prefixed gRPC messages, each at most
     :data:`MAX_MESSAGE` bytes (so a partial message holds at most that much).
@@ -164,7 +161,7 @@ class MessageReader:
         view = memoryview(source)
         try:
             while total - pos >= 5:
-                compressed, length = _MESSAGE_PREFIX.unpack_from(source, pos)
+                compressed, length = MESSAGE_PREFIX.unpack_from(source, pos)
                 if compressed:
                     raise MessageRefused(
                         StatusCode.INTERNAL, "the server sent a compressed message"

@@ -17,12 +17,15 @@ prefix, so empty messages are held back too.
 
 from __future__ import annotations
 
+import struct
 from typing import Final
 
-__all__ = ["MESSAGE_OVERHEAD", "StreamWindow"]
+__all__ = ["MESSAGE_OVERHEAD", "MESSAGE_PREFIX", "StreamWindow"]
 
-#: What a message costs the window beyond its payload: the gRPC length prefix.
-MESSAGE_OVERHEAD: Final = 5
+#: A gRPC message's prefix: compressed flag, length.
+MESSAGE_PREFIX: Final = struct.Struct(">BI")
+#: What a message costs the window beyond its payload: that prefix.
+MESSAGE_OVERHEAD: Final = MESSAGE_PREFIX.size
 
 
 class StreamWindow:
