@@ -355,8 +355,10 @@ async def open_supervisor(
 ) -> AsyncIterator[Supervisor]:
     """Run a supervisor for the duration of the ``async with`` block.
 
-    ``state_dir`` holds the jobs' output logs; without one a temporary
-    directory is used and removed on exit (unless ``keep_state``). ``env`` is
+    ``state_dir`` holds the jobs' output logs (``jobs/``), and a few jobs'
+    places made ahead of need (``ready/``: a Start then only takes one); without
+    one a temporary directory is used and removed on exit (unless
+    ``keep_state``). ``env`` is
     the base environment jobs extend (default: this process's environment).
     Leaving the block — normally, by an exception, or by cancellation — stops
     every running job (SIGTERM, ``shutdown_grace``, SIGKILL) before returning.
