@@ -69,6 +69,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -827,10 +828,16 @@ class OutputLog:
     # -- reader side ---------------------------------------------------------
 
     def read(
-        self, offset: int = 0, *, follow: bool = True, chunk_size: int = DEFAULT_CHUNK
+        self,
+        offset: int = 0,
+        *,
+        follow: bool = True,
+        chunk_size: int = DEFAULT_CHUNK,
+        budget: ReadBudget | None = None,
     ) -> LogReader:
-        """Iterate the log from ``offset``; with ``follow``, until finished."""
-        return LogReader(self, offset, follow, chunk_size)
+        """Iterate the log from ``offset``; with ``follow``, until finished. ``budget``:
+        see :class:`ReadBudget`."""
+        return LogReader(self, offset, follow, chunk_size, budget)
 
     def _next_readable(self, position: int) -> tuple[int, int]:
         """Where a reader at ``position`` really starts, and where its run ends."""
@@ -883,6 +890,19 @@ class OutputLog:
             return await self._read_disk(position, want)
         return [_cut(chunk, position) for chunk in entry.chunks if chunk.end > position]
 
+    async def _read_disk_alone(self, position: int, want: int) -> list[OutputChunk]:
+        """``want`` bytes from ``position`` off disk, for this reader only (no block)."""
+        return await trio.to_thread.run_sync(
+            read_log_file,
+            self.data_path,
+            self.index_path,
+            position,
+            want,
+            self._index_flushed,
+            self._first_record,
+            limiter=self._disk_readers,
+        )
+
     def _forget_old_blocks(self) -> None:
         done = [key for key, entry in self._blocks.items() if entry.chunks is not None]
         for key in done[: max(len(done) - _SHARED_BLOCKS, 0)]:
@@ -901,6 +921,19 @@ class OutputLog:
         return OutputChunk(chunk.data[start : start + limit], position, chunk.stream)
 
 
+class ReadBudget(Protocol):
+    """What a reader may hold, when its consumer shares one budget with others (the
+    server's output streams on one connection): the reader asks :meth:`step` before each
+    chunk and each disk read, and keeps :attr:`held` up to date (bytes read ahead from disk
+    and not handed out yet, a read in flight included)."""
+
+    held: int
+
+    def step(self) -> int:
+        """The most bytes the next chunk, or the next disk read, may hold now."""
+        ...
+
+
 class LogReader:
     """One reader's position in a log: an async iterator of ``OutputChunk``.
 
@@ -910,11 +943,19 @@ class LogReader:
     ``start``, or lost): there the next chunk's offset jumps past them.
     """
 
-    def __init__(self, log: OutputLog, offset: int, follow: bool, chunk_size: int) -> None:
+    def __init__(
+        self,
+        log: OutputLog,
+        offset: int,
+        follow: bool,
+        chunk_size: int,
+        budget: ReadBudget | None = None,
+    ) -> None:
         self._log = log
         self._position = offset
         self._follow = follow
         self._chunk_size = chunk_size
+        self._budget = budget
         self._pending: list[OutputChunk] = []  # read from disk, not yet handed out
 
     @property
@@ -928,8 +969,11 @@ class LogReader:
     async def __anext__(self) -> OutputChunk:
         log = self._log
         while True:
+            budget = self._budget
             if self._pending:
                 chunk = self._pending.pop()
+                if budget is not None:
+                    budget.held -= len(chunk.data)
                 if chunk.offset < log._start:
                     # Retention moved past it while we read: it may be a hole.
                     if chunk.end <= log._start:
@@ -944,16 +988,32 @@ class LogReader:
                 position, limit = log._next_readable(position)
                 self._position = position
             if position < log._end:
+                step = self._chunk_size if budget is None else budget.step()
                 if position >= log._tail_start:
-                    size = min(self._chunk_size, limit - position)
+                    size = min(self._chunk_size, step, limit - position)
                     chunk = log._read_memory(position, size)
                     self._position = chunk.end
                     await trio.lowlevel.checkpoint()
                     return chunk
                 # Everything below `_flushed` is on disk: read a whole block, even past
-                # where the tail starts, so a lagging reader catches up in big steps.
+                # where the tail starts, so a lagging reader catches up in big steps;
+                # a small one alone, when a budget says so.
                 want = min(log._flushed, limit) - position
-                chunks = await log._read_disk(position, want)
+                if budget is None:
+                    chunks = await log._read_disk(position, want)
+                else:
+                    alone = step < _FILE_BLOCK
+                    if alone:
+                        want = min(want, step)
+                    reserved = min(want, _FILE_BLOCK)
+                    budget.held += reserved  # held from now: the read is under way
+                    try:
+                        if alone:
+                            chunks = await log._read_disk_alone(position, want)
+                        else:
+                            chunks = await log._read_disk(position, want)
+                    finally:
+                        budget.held -= reserved
                 if not chunks:
                     # The files hold nothing there (damaged or shortened
                     # behind our back): step over it rather than spin.
@@ -961,8 +1021,10 @@ class LogReader:
                         position + want, position - position % _FILE_BLOCK + _FILE_BLOCK
                     )
                     continue
-                self._pending = list(_split(chunks, self._chunk_size))
+                self._pending = list(_split(chunks, min(self._chunk_size, step)))
                 self._pending.reverse()
+                if budget is not None:
+                    budget.held += sum(len(chunk.data) for chunk in self._pending)
                 continue
             if log._finished or not self._follow:
                 await trio.lowlevel.checkpoint()
