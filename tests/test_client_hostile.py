@@ -1,5 +1,6 @@
-"""The client against a hostile server over real TLS: a broken bound ends the connection with
-our GOAWAY and the caller's ``ConnectionFailed``; a refused message fails its call only."""
+"""Both clients (trio's, and the blocking one of the short CLI commands) against a hostile
+server over real TLS: a broken bound ends the connection with our GOAWAY and the caller's
+``ConnectionFailed``; a refused message fails its call only."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from tests.wire.helpers import (
     literal,
 )
 from trio_worker import ConnectionFailed, TrioWorkerError, pki
+from trio_worker._blocking_client import connect_blocking
 from trio_worker._tls import server_context
 from trio_worker._wire._h2conn import FLOOD_BUDGET, MAX_MESSAGE
 from trio_worker.client import connect
@@ -53,7 +55,31 @@ def frames_of(data: bytes) -> list[tuple[int, int, bytes]]:
     return out
 
 
-async def serve_script(dev: pki.DevPki, script: Script) -> tuple[BaseException | None, bytes]:
+JOB = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
+
+
+async def call_status(dev: pki.DevPki, port: int, client: str) -> BaseException | None:
+    """One Status call with the trio client or the blocking one (the short CLI commands')."""
+    addr, files = f"127.0.0.1:{port}", {"ca": dev.ca.cert, "cert": dev.client.cert}
+    try:
+        if client == "trio":
+            async with connect(addr, key=dev.client.key, **files) as worker:
+                await worker.status(JOB)
+        else:
+
+            def blocking() -> None:
+                with connect_blocking(addr, key=dev.client.key, **files) as worker:
+                    worker.status(JOB)
+
+            await trio.to_thread.run_sync(blocking)
+    except TrioWorkerError as exc:
+        return exc
+    return None
+
+
+async def serve_script(
+    dev: pki.DevPki, script: Script, client: str = "trio"
+) -> tuple[BaseException | None, bytes]:
     """Run one call (``status``) against a server that answers with ``script``; return
     what the call raised and every byte the client sent."""
     ctx = server_context(ca=dev.ca.cert, cert=dev.server.cert, key=dev.server.key)
@@ -79,20 +105,13 @@ async def serve_script(dev: pki.DevPki, script: Script) -> tuple[BaseException |
             await trio.sleep(1)  # let the client's GOAWAY arrive
             nursery.cancel_scope.cancel()
 
-    outcome: BaseException | None = None
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
             partial(trio.serve_ssl_over_tcp, handler, 0, ctx, host="127.0.0.1")
         )
         port = listeners[0].transport_listener.socket.getsockname()[1]
         with trio.fail_after(10):
-            async with connect(
-                f"127.0.0.1:{port}", ca=dev.ca.cert, cert=dev.client.cert, key=dev.client.key
-            ) as client:
-                try:
-                    await client.status("01ARZ3NDEKTSV4RRFFQ69G5FAV")
-                except TrioWorkerError as exc:
-                    outcome = exc
+            outcome = await call_status(dev, port, client)
             await trio.sleep(0.2)
         nursery.cancel_scope.cancel()
     return outcome, bytes(received)
@@ -110,25 +129,30 @@ FLOODS = {
 }
 
 
+CLIENTS = ["trio", "blocking"]
+
+
+@pytest.mark.parametrize("client", CLIENTS)
 @pytest.mark.parametrize("kind", list(FLOODS))
 async def test_a_flooding_server_gets_goaway_and_the_call_connection_failed(
-    dev: pki.DevPki, kind: str
+    dev: pki.DevPki, kind: str, client: str
 ) -> None:
     async def flood(stream: trio.SSLStream[trio.SocketStream], stream_id: int) -> None:
         await stream.send_all(frame(HEADERS, END_HEADERS, stream_id, RESPONSE_BLOCK))
         await stream.send_all(FLOODS[kind] * (3 * FLOOD_BUDGET))
 
-    outcome, sent = await serve_script(dev, flood)
+    outcome, sent = await serve_script(dev, flood, client)
     assert isinstance(outcome, ConnectionFailed)
     assert goaway_code(sent) == ENHANCE_YOUR_CALM
 
 
-async def test_a_message_over_the_bound_fails_its_call_only(dev: pki.DevPki) -> None:
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_message_over_the_bound_fails_its_call_only(dev: pki.DevPki, client: str) -> None:
     async def huge(stream: trio.SSLStream[trio.SocketStream], stream_id: int) -> None:
         await stream.send_all(frame(HEADERS, END_HEADERS, stream_id, RESPONSE_BLOCK))
         await stream.send_all(frame(DATA, 0, stream_id, struct.pack(">BI", 0, MAX_MESSAGE + 1)))
 
-    outcome, sent = await serve_script(dev, huge)
+    outcome, sent = await serve_script(dev, huge, client)
     assert isinstance(outcome, TrioWorkerError)
     assert not isinstance(outcome, ConnectionFailed)
     assert goaway_code(sent) in (None, 0)  # the connection was not given up (0: closed)...
@@ -136,13 +160,14 @@ async def test_a_message_over_the_bound_fails_its_call_only(dev: pki.DevPki) -> 
     assert resets  # ...the stream was reset
 
 
-async def test_a_long_status_message_is_cut(dev: pki.DevPki) -> None:
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_long_status_message_is_cut(dev: pki.DevPki, client: str) -> None:
     async def chatty(stream: trio.SSLStream[trio.SocketStream], stream_id: int) -> None:
         block = (
             RESPONSE_BLOCK + literal("grpc-status", "13") + literal("grpc-message", "m" * 50_000)
         )
         await stream.send_all(frame(HEADERS, END_HEADERS | 0x1, stream_id, block))
 
-    outcome, _ = await serve_script(dev, chatty)
+    outcome, _ = await serve_script(dev, chatty, client)
     assert isinstance(outcome, TrioWorkerError)
     assert len(str(outcome).encode()) <= 2048

@@ -49,9 +49,11 @@ def cgroups(sup):
 async def holdings(sup, jobs_dir):
     # Descriptors, job directories, cgroups and jobs, apart from the places made
     # ahead of need (taken stock of once their refill is done): a refused Start
-    # may use one up, and the next is made with another id.
+    # may use one up, and the next is made with another id. Ended jobs' groups are
+    # left out too: they go once their end is recorded, whenever that is.
     await sup._admission.launcher.settled()
     ready = {place.job_id for place in sup._admission.launcher.ready_places()}
+    ready |= {info.id for info in sup.list() if info.ended}
     def left_out(fd):  # a place's, or gone
         try:
             return any(i in os.readlink(f"/proc/self/fd/{fd}") for i in ready)

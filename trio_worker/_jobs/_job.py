@@ -51,6 +51,28 @@ def now() -> datetime:
 class Job:
     """The supervisor's private, mutable view of one job."""
 
+    __slots__ = (
+        "cgroup",
+        "ended",
+        "env_keys",
+        "final_usage",
+        "id",
+        "input",
+        "isolation",
+        "kill_deadline",
+        "limits",
+        "log",
+        "owner",
+        "pid_start_time",
+        "process",
+        "record",
+        "spec",
+        "stdin",
+        "terminal",
+        "tty",
+        "user",
+    )
+
     def __init__(
         self,
         job_id: str,

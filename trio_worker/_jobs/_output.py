@@ -1,9 +1,10 @@
 """One job's output: an append-only, binary-safe log on disk with a memory tail.
 
-The writer side (the job's pipe pumps) appends chunks tagged with their stream;
-the log assigns each byte its offset in the combined log. A flusher task writes
-the bytes to ``output.log`` and the stream switches to ``output.idx`` from a
-worker thread, so disk latency never stalls the event loop.
+The writer side (the job runner, reading the job's pipes) appends chunks tagged
+with their stream; the log assigns each byte its offset in the combined log. A
+flusher (``run_flusher``, or ``flush_pending`` while there is something to write)
+writes the bytes to ``output.log`` and the stream switches to ``output.idx`` from
+a worker thread, so disk latency never stalls the event loop.
 
 Readers pull: each keeps its own position and reads from the in-memory tail
 when it can and from the files when it has fallen behind, so a slow or stalled
@@ -12,7 +13,7 @@ broadcaster wakes readers that have caught up; nobody polls.
 
 Memory is bounded whatever the job prints: the tail keeps at most
 ``tail_bytes`` of already-flushed data (plus whatever is not yet on disk,
-itself capped by ``max_unflushed``, past which the pumps wait for the disk).
+itself capped by ``max_unflushed``, past which the writer waits for the disk).
 
 Disk is bounded by ``max_bytes``: the oldest output beyond it is dropped in
 steps (``drop_step``), its blocks freed with ``fallocate(PUNCH_HOLE)`` from the
@@ -68,6 +69,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -128,6 +130,8 @@ class Broadcaster:
     reader that is busy elsewhere costs nothing.
     """
 
+    __slots__ = ("_waiting",)
+
     def __init__(self) -> None:
         self._waiting: list[trio.MemorySendChannel[None]] = []
 
@@ -187,6 +191,53 @@ class OutputLog:
     a failing disk.
     """
 
+    #: Slots: every running job has a log (a dict per log was ~1.6 KiB).
+    __slots__ = (
+        "_blocks",
+        "_can_punch",
+        "_chunks",
+        "_closed",
+        "_data_fd",
+        "_disk_readers",
+        "_drop_step",
+        "_end",
+        "_failing",
+        "_finished",
+        "_first_record",
+        "_flush_done",
+        "_flushed",
+        "_flusher",
+        "_flushing",
+        "_held",
+        "_index_fd",
+        "_index_flushed",
+        "_last_disk_record",
+        "_last_stream",
+        "_lost_ends",
+        "_lost_starts",
+        "_max_bytes",
+        "_max_unflushed",
+        "_offsets",
+        "_open",
+        "_open_offset",
+        "_open_stream",
+        "_pending_index",
+        "_punched_data",
+        "_punched_index",
+        "_readers",
+        "_retry_at",
+        "_retry_bytes",
+        "_retry_end",
+        "_retry_interval",
+        "_space",
+        "_start",
+        "_start_fd",
+        "_tail_bytes",
+        "directory",
+        "dropped_bytes",
+        "write_error",
+    )
+
     def __init__(
         self,
         directory: Path,
@@ -230,9 +281,6 @@ class OutputLog:
         drop_step: int | None,
     ) -> None:
         self.directory = directory
-        self.data_path = directory / "output.log"
-        self.index_path = directory / "output.idx"
-        self.start_path = directory / "output.start"
         self._data_fd = self._index_fd = self._start_fd = -1
         self._tail_bytes = tail_bytes
         self._max_unflushed = max(max_unflushed, _SEAL_AT)
@@ -278,7 +326,8 @@ class OutputLog:
         #: Lagging readers of this log read from disk two at a time: more threads
         #: add no speed (they share the page cache and the GIL) but each holds a
         #: block in memory, and glibc gives each thread its own malloc arena.
-        self._disk_readers = trio.CapacityLimiter(2)
+        #: Made at the first disk read (most logs never have one).
+        self._disk_readers: trio.CapacityLimiter | None = None
         #: Blocks read (or being read) from disk, keyed by (block start, end),
         #: oldest first; readers at the same place share one read and one copy.
         self._blocks: dict[tuple[int, int], _Block] = {}
@@ -337,6 +386,18 @@ class OutputLog:
         log._advance_start(min(start, end), snap=False)
         log.dropped_bytes = sum(b - a for a, b in log.lost_ranges)
         return log
+
+    @property
+    def data_path(self) -> Path:
+        return self.directory / "output.log"
+
+    @property
+    def index_path(self) -> Path:
+        return self.directory / "output.idx"
+
+    @property
+    def start_path(self) -> Path:
+        return self.directory / "output.start"
 
     # -- state ---------------------------------------------------------------
 
@@ -767,10 +828,16 @@ class OutputLog:
     # -- reader side ---------------------------------------------------------
 
     def read(
-        self, offset: int = 0, *, follow: bool = True, chunk_size: int = DEFAULT_CHUNK
+        self,
+        offset: int = 0,
+        *,
+        follow: bool = True,
+        chunk_size: int = DEFAULT_CHUNK,
+        budget: ReadBudget | None = None,
     ) -> LogReader:
-        """Iterate the log from ``offset``; with ``follow``, until finished."""
-        return LogReader(self, offset, follow, chunk_size)
+        """Iterate the log from ``offset``; with ``follow``, until finished. ``budget``:
+        see :class:`ReadBudget`."""
+        return LogReader(self, offset, follow, chunk_size, budget)
 
     def _next_readable(self, position: int) -> tuple[int, int]:
         """Where a reader at ``position`` really starts, and where its run ends."""
@@ -796,6 +863,8 @@ class OutputLog:
         end = min(block + _FILE_BLOCK, position + want)
         key = (block, end)
         entry = self._blocks.get(key)
+        if self._disk_readers is None:
+            self._disk_readers = trio.CapacityLimiter(2)
         if entry is None:
             entry = self._blocks[key] = _Block(trio.Event())
             try:
@@ -821,6 +890,19 @@ class OutputLog:
             return await self._read_disk(position, want)
         return [_cut(chunk, position) for chunk in entry.chunks if chunk.end > position]
 
+    async def _read_disk_alone(self, position: int, want: int) -> list[OutputChunk]:
+        """``want`` bytes from ``position`` off disk, for this reader only (no block)."""
+        return await trio.to_thread.run_sync(
+            read_log_file,
+            self.data_path,
+            self.index_path,
+            position,
+            want,
+            self._index_flushed,
+            self._first_record,
+            limiter=self._disk_readers,
+        )
+
     def _forget_old_blocks(self) -> None:
         done = [key for key, entry in self._blocks.items() if entry.chunks is not None]
         for key in done[: max(len(done) - _SHARED_BLOCKS, 0)]:
@@ -839,6 +921,19 @@ class OutputLog:
         return OutputChunk(chunk.data[start : start + limit], position, chunk.stream)
 
 
+class ReadBudget(Protocol):
+    """What a reader may hold, when its consumer shares one budget with others (the
+    server's output streams on one connection): the reader asks :meth:`step` before each
+    chunk and each disk read, and keeps :attr:`held` up to date (bytes read ahead from disk
+    and not handed out yet, a read in flight included)."""
+
+    held: int
+
+    def step(self) -> int:
+        """The most bytes the next chunk, or the next disk read, may hold now."""
+        ...
+
+
 class LogReader:
     """One reader's position in a log: an async iterator of ``OutputChunk``.
 
@@ -848,11 +943,19 @@ class LogReader:
     ``start``, or lost): there the next chunk's offset jumps past them.
     """
 
-    def __init__(self, log: OutputLog, offset: int, follow: bool, chunk_size: int) -> None:
+    def __init__(
+        self,
+        log: OutputLog,
+        offset: int,
+        follow: bool,
+        chunk_size: int,
+        budget: ReadBudget | None = None,
+    ) -> None:
         self._log = log
         self._position = offset
         self._follow = follow
         self._chunk_size = chunk_size
+        self._budget = budget
         self._pending: list[OutputChunk] = []  # read from disk, not yet handed out
 
     @property
@@ -866,8 +969,11 @@ class LogReader:
     async def __anext__(self) -> OutputChunk:
         log = self._log
         while True:
+            budget = self._budget
             if self._pending:
                 chunk = self._pending.pop()
+                if budget is not None:
+                    budget.held -= len(chunk.data)
                 if chunk.offset < log._start:
                     # Retention moved past it while we read: it may be a hole.
                     if chunk.end <= log._start:
@@ -882,16 +988,32 @@ class LogReader:
                 position, limit = log._next_readable(position)
                 self._position = position
             if position < log._end:
+                step = self._chunk_size if budget is None else budget.step()
                 if position >= log._tail_start:
-                    size = min(self._chunk_size, limit - position)
+                    size = min(self._chunk_size, step, limit - position)
                     chunk = log._read_memory(position, size)
                     self._position = chunk.end
                     await trio.lowlevel.checkpoint()
                     return chunk
                 # Everything below `_flushed` is on disk: read a whole block, even past
-                # where the tail starts, so a lagging reader catches up in big steps.
+                # where the tail starts, so a lagging reader catches up in big steps;
+                # a small one alone, when a budget says so.
                 want = min(log._flushed, limit) - position
-                chunks = await log._read_disk(position, want)
+                if budget is None:
+                    chunks = await log._read_disk(position, want)
+                else:
+                    alone = step < _FILE_BLOCK
+                    if alone:
+                        want = min(want, step)
+                    reserved = min(want, _FILE_BLOCK)
+                    budget.held += reserved  # held from now: the read is under way
+                    try:
+                        if alone:
+                            chunks = await log._read_disk_alone(position, want)
+                        else:
+                            chunks = await log._read_disk(position, want)
+                    finally:
+                        budget.held -= reserved
                 if not chunks:
                     # The files hold nothing there (damaged or shortened
                     # behind our back): step over it rather than spin.
@@ -899,8 +1021,10 @@ class LogReader:
                         position + want, position - position % _FILE_BLOCK + _FILE_BLOCK
                     )
                     continue
-                self._pending = list(_split(chunks, self._chunk_size))
+                self._pending = list(_split(chunks, min(self._chunk_size, step)))
                 self._pending.reverse()
+                if budget is not None:
+                    budget.held += sum(len(chunk.data) for chunk in self._pending)
                 continue
             if log._finished or not self._follow:
                 await trio.lowlevel.checkpoint()

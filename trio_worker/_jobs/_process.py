@@ -235,6 +235,8 @@ def describe_os_error(exc: OSError, command: str) -> str:
 class JobProcess:
     """One spawned job process: its pipes, its pidfd, its process group."""
 
+    __slots__ = ("_pidfd", "pid", "returncode", "stderr", "stdin", "stdout")
+
     def __init__(
         self,
         pid: int,

@@ -13,6 +13,7 @@ import trio
 from .._errors import InvalidRequest, JobNotFound
 from .._model import JobInfo, JobState, OutputChunk
 from ._job import Job
+from ._output import ReadBudget
 
 __all__ = ["JobTable", "open_output"]
 
@@ -100,22 +101,32 @@ class JobTable:
 
 
 def open_output(
-    table: JobTable, job_id: str, offset: int, follow: bool, chunk_size: int
+    table: JobTable,
+    job_id: str,
+    offset: int,
+    follow: bool,
+    chunk_size: int,
+    budget: ReadBudget | None = None,
 ) -> AsyncIterator[OutputChunk]:
     """An iterator over the job's output, opened at its first ``__anext__`` (so
     ``JobNotFound`` and an offset past an ended log's end come out there, as a
     remote client learns of them from the server's answer)."""
-    return _OnFirstNext(lambda: _open_output(table, job_id, offset, follow, chunk_size))
+    return _OnFirstNext(lambda: _open_output(table, job_id, offset, follow, chunk_size, budget))
 
 
 def _open_output(
-    table: JobTable, job_id: str, offset: int, follow: bool, chunk_size: int
+    table: JobTable,
+    job_id: str,
+    offset: int,
+    follow: bool,
+    chunk_size: int,
+    budget: ReadBudget | None,
 ) -> AsyncIterator[OutputChunk]:
     job = table.get(job_id)
     assert job.log is not None
     if job.log.finished and offset > job.log.end:
         raise InvalidRequest("offset", f"{offset} is past the end of the log ({job.log.end})")
-    reader = job.log.read(offset, follow=follow, chunk_size=chunk_size)
+    reader = job.log.read(offset, follow=follow, chunk_size=chunk_size, budget=budget)
     return _UntilEnded(reader, job.ended) if follow else reader
 
 

@@ -34,7 +34,7 @@ from . import _input
 from ._admission import Admission
 from ._job import LOST_ERROR, Job, kill, running_process, signal_job, terminate
 from ._launch import Launcher
-from ._output import DEFAULT_CHUNK
+from ._output import DEFAULT_CHUNK, ReadBudget
 from ._process import JobProcess, validate_signal
 from ._queries import JobTable, open_output
 from ._records import JobRecords, Retention
@@ -145,8 +145,10 @@ class Supervisor(metaclass=NoPublicConstructor):
         follow: bool = True,
         *,
         chunk_size: int = DEFAULT_CHUNK,
+        budget: ReadBudget | None = None,
     ) -> AsyncIterator[OutputChunk]:
         """The job's output from ``offset``: with ``follow``, live until the job ends.
+        ``budget`` bounds what the reader reads ahead (see ``ReadBudget``).
 
         Bad arguments raise ``InvalidRequest`` at once; what needs the job (``JobNotFound``,
         an offset past the end of an ended log) raises at the first iteration, as the
@@ -156,7 +158,7 @@ class Supervisor(metaclass=NoPublicConstructor):
             raise InvalidRequest("offset", f"must be an integer >= 0, got {offset!r}")
         if chunk_size <= 0:
             raise InvalidRequest("chunk_size", "must be > 0")
-        return open_output(self._jobs, job_id, offset, follow, chunk_size)
+        return open_output(self._jobs, job_id, offset, follow, chunk_size, budget)
 
     # -- control -------------------------------------------------------------
 
@@ -353,8 +355,10 @@ async def open_supervisor(
 ) -> AsyncIterator[Supervisor]:
     """Run a supervisor for the duration of the ``async with`` block.
 
-    ``state_dir`` holds the jobs' output logs; without one a temporary
-    directory is used and removed on exit (unless ``keep_state``). ``env`` is
+    ``state_dir`` holds the jobs' output logs (``jobs/``), and a few jobs'
+    places made ahead of need (``ready/``: a Start then only takes one); without
+    one a temporary directory is used and removed on exit (unless
+    ``keep_state``). ``env`` is
     the base environment jobs extend (default: this process's environment).
     Leaving the block — normally, by an exception, or by cancellation — stops
     every running job (SIGTERM, ``shutdown_grace``, SIGKILL) before returning.

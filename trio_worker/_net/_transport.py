@@ -71,6 +71,7 @@ from .._wire._h2conn import (
 )
 from .._wire._status import StatusCode
 from .._wire._window import MESSAGE_PREFIX
+from ._budget import OutputBudget
 from ._connection import (
     MAX_SEND_BUFFER,
     WRITE_TIMEOUT,
@@ -153,6 +154,8 @@ class CallContext:
     deadline: float | None
     #: custom metadata sent by the client, ``-bin`` values as bytes
     metadata: tuple[tuple[str, str | bytes], ...] = ()
+    #: the connection's output budget: a streaming handler that reads ahead takes a share
+    output_budget: OutputBudget | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,6 +595,7 @@ class _Connection(Connection):
         self._grpc = grpc
         self._h2: ServerH2Connection = grpc.h2_connection
         self._calls: dict[int, _Call] = {}
+        self._output_budget = OutputBudget()  # what its streams hold, between them
         self._new_calls: list[_Call] = []  # headers seen in this read, not started yet
         self._draining = False
         self.drained = False  # ended by a drain (or idling) with everything flushed
@@ -719,7 +723,9 @@ class _Connection(Connection):
         timeout = event.timeout
         deadline = None if timeout is None else trio.current_time() + timeout.total_seconds()
         identity = self._identity or Identity(name="", role=None)
-        ctx = CallContext(identity, path, self.peer, deadline, tuple(event.custom_metadata))
+        ctx = CallContext(
+            identity, path, self.peer, deadline, tuple(event.custom_metadata), self._output_budget
+        )
         server = self._server
         server.stats.calls += 1
         if self._draining or server.draining:
@@ -950,7 +956,14 @@ class _Connection(Connection):
         if not call.headers_sent:
             self._grpc.start_response(stream_id, _CONTENT_TYPE_SUFFIX)
             call.headers_sent = True
-        if not await self.send_message(stream_id, payload):
+        budget = self._output_budget
+        size = len(payload)
+        budget.unsent += size  # counted until queued: it may wait for window or room
+        try:
+            sent = await self.send_message(stream_id, payload)
+        finally:
+            budget.unsent -= size
+        if not sent:
             # Closed under us (a reset we have not seen yet, or the connection): end like
             # one; the call's scope is cancelled.
             call.gone("stream closed")

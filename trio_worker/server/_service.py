@@ -38,6 +38,7 @@ from .._host._users import UnixUser, current_user, lookup_user
 from .._identity import Identity
 from .._jobs._supervisor import Supervisor
 from .._model import JobInfo
+from .._net._budget import OutputShare
 from .._net._transport import (
     BidiTaskMethod,
     CallContext,
@@ -73,6 +74,12 @@ def _listed(info: JobInfo) -> pb.Job:
 
 def _byte_size(job: pb.Job) -> int:
     return int(job.ByteSize())
+
+
+def _share(ctx: CallContext) -> OutputShare | None:
+    """The call's share of its connection's output budget (what its reader reads ahead)."""
+    budget = ctx.output_budget
+    return None if budget is None else budget.share()
 
 
 def rpc_error(exc: TrioWorkerError) -> RpcError:
@@ -235,19 +242,28 @@ class WorkerService:
     async def output(
         self, request: pb.OutputRequest, ctx: CallContext
     ) -> AsyncIterator[pb.OutputChunk]:
+        share = _share(ctx)
         try:
-            authorize(ctx.identity, Op.OUTPUT)
-            self._visible(request.id, ctx.identity)
-            reader = self._sup.output(
-                request.id, request.offset, request.follow, chunk_size=self._chunk
-            )
-        except TrioWorkerError as exc:
-            raise rpc_error(exc) from None
-        try:
-            async for chunk in reader:
-                yield chunk_to_pb(chunk)
-        except TrioWorkerError as exc:  # JobNotFound comes at the first chunk
-            raise rpc_error(exc) from None
+            try:
+                authorize(ctx.identity, Op.OUTPUT)
+                self._visible(request.id, ctx.identity)
+                reader = self._sup.output(
+                    request.id,
+                    request.offset,
+                    request.follow,
+                    chunk_size=self._chunk,
+                    budget=share,
+                )
+            except TrioWorkerError as exc:
+                raise rpc_error(exc) from None
+            try:
+                async for chunk in reader:
+                    yield chunk_to_pb(chunk)
+            except TrioWorkerError as exc:  # JobNotFound comes at the first chunk
+                raise rpc_error(exc) from None
+        finally:
+            if share is not None:
+                share.close()
 
     async def attach(
         self,
@@ -271,11 +287,16 @@ class WorkerService:
         if first.WhichOneof("event") != "open":
             raise rpc_error(InvalidRequest("open", "must be the first message"))
         job_id = first.open.id
+        share = _share(ctx)
         try:
             authorize(ctx.identity, Op.OUTPUT)
             self._visible(job_id, ctx.identity)
-            reader = self._sup.output(job_id, first.open.offset, True, chunk_size=self._chunk)
+            reader = self._sup.output(
+                job_id, first.open.offset, True, chunk_size=self._chunk, budget=share
+            )
         except TrioWorkerError as exc:
+            if share is not None:
+                share.close()
             raise rpc_error(exc) from None
 
         typed = _Typed()
@@ -300,6 +321,8 @@ class WorkerService:
                 raise group.exceptions[0] from None
             raise
         finally:
+            if share is not None:
+                share.close()
             typed.audit(ctx, job_id)
 
     async def _take_input(

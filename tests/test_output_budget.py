@@ -1,0 +1,74 @@
+"""Lagging readers sharing one output budget (a server connection's output streams): what they
+read ahead stays within it, a lone reader still reads whole blocks, and nobody waits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trio_worker import OutputStream
+from trio_worker._jobs._output import _FILE_BLOCK, OutputLog
+from trio_worker._net._budget import MAX_STEP, MIN_STEP, OutputBudget
+
+OUT = OutputStream.STDOUT
+CHUNK = 256 * 1024
+
+
+async def written_log(tmp_path: Path, size: int) -> tuple[OutputLog, bytes]:
+    log = OutputLog(tmp_path, tail_bytes=0)
+    data = bytes(range(256)) * (size // 256)
+    for i in range(0, len(data), CHUNK):
+        log.append(OUT, data[i : i + CHUNK])
+    await log.flush()
+    return log, data
+
+
+def test_the_step_is_what_is_free_between_a_floor_and_a_block() -> None:
+    budget = OutputBudget(total=4 * MAX_STEP)
+    assert budget.step() == MAX_STEP
+    one, two = budget.share(), budget.share()
+    one.held = 3 * MAX_STEP + MAX_STEP // 2
+    assert budget.step() == MAX_STEP // 2
+    two.held = MAX_STEP
+    assert budget.step() == MIN_STEP  # used up: small steps, never zero
+    budget.unsent = 10 * MAX_STEP
+    assert budget.step() == MIN_STEP
+    one.close()
+    budget.unsent = 0
+    assert budget.step() == MAX_STEP  # only two's MiB is held: 3 MiB free, one block at most
+    assert budget.held == MAX_STEP
+
+
+async def test_stalled_readers_hold_no_more_than_the_budget_and_a_step_each(
+    tmp_path: Path,
+) -> None:
+    """16 readers, each on its own block, take one chunk and stop (their clients do not
+    read): unbudgeted, each would keep the rest of a 1 MiB block read ahead."""
+    log, data = await written_log(tmp_path, 20 * _FILE_BLOCK)
+    budget = OutputBudget(total=2 * MAX_STEP)
+    readers = [
+        log.read(i * _FILE_BLOCK, follow=False, chunk_size=CHUNK, budget=budget.share())
+        for i in range(16)
+    ]
+    firsts = [await reader.__anext__() for reader in readers]
+    assert budget.held <= budget.total + 16 * MIN_STEP
+    assert budget.held < 16 * (_FILE_BLOCK - CHUNK)  # what they held without the budget
+    # Each still gets every byte, in order, and gives its share back as it goes.
+    for i, (reader, first) in enumerate(zip(readers, firsts, strict=True)):
+        rest = b"".join([chunk.data async for chunk in reader])
+        assert first.offset == i * _FILE_BLOCK
+        assert first.data + rest == data[i * _FILE_BLOCK :]
+    assert budget.held == 0
+    log.finish()
+    log.close()
+
+
+async def test_a_lone_reader_within_the_budget_reads_whole_chunks(tmp_path: Path) -> None:
+    log, data = await written_log(tmp_path, 4 * _FILE_BLOCK)
+    budget = OutputBudget()
+    share = budget.share()
+    chunks = [chunk async for chunk in log.read(0, follow=False, chunk_size=CHUNK, budget=share)]
+    assert b"".join(c.data for c in chunks) == data
+    assert {len(c.data) for c in chunks} == {CHUNK}
+    assert share.held == 0
+    log.finish()
+    log.close()
