@@ -1,9 +1,10 @@
 """One job's output: an append-only, binary-safe log on disk with a memory tail.
 
-The writer side (the job's pipe pumps) appends chunks tagged with their stream;
-the log assigns each byte its offset in the combined log. A flusher task writes
-the bytes to ``output.log`` and the stream switches to ``output.idx`` from a
-worker thread, so disk latency never stalls the event loop.
+The writer side (the job runner, reading the job's pipes) appends chunks tagged
+with their stream; the log assigns each byte its offset in the combined log. A
+flusher (``run_flusher``, or ``flush_pending`` while there is something to write)
+writes the bytes to ``output.log`` and the stream switches to ``output.idx`` from
+a worker thread, so disk latency never stalls the event loop.
 
 Readers pull: each keeps its own position and reads from the in-memory tail
 when it can and from the files when it has fallen behind, so a slow or stalled
@@ -12,7 +13,7 @@ broadcaster wakes readers that have caught up; nobody polls.
 
 Memory is bounded whatever the job prints: the tail keeps at most
 ``tail_bytes`` of already-flushed data (plus whatever is not yet on disk,
-itself capped by ``max_unflushed``, past which the pumps wait for the disk).
+itself capped by ``max_unflushed``, past which the writer waits for the disk).
 
 Disk is bounded by ``max_bytes``: the oldest output beyond it is dropped in
 steps (``drop_step``), its blocks freed with ``fallocate(PUNCH_HOLE)`` from the

@@ -100,7 +100,7 @@ class JobRecords:
             _log.exception("job %s: cannot delete the record of a refused start", job_id)
 
     async def persist_end(self, job: Job) -> None:
-        """Record the job's end; never raises (the job task's ``finally`` calls it)."""
+        """Record the job's end; never raises (the runner's end of a job calls it)."""
         if self.store is None:
             return
         exists = self.unsaved.pop(job.id, True)

@@ -203,17 +203,12 @@ class BlockingConnection:
     ) -> bytes | memoryview | None:
         """The call's next message, None after the last; raises what ended it, or
         TimeoutError once ``deadline`` (``time.monotonic()``) passes."""
-        while True:
-            if call.messages:
-                message, release = call.take_message()
-                if release:
-                    self._release(call, release)
-                    self._flush()
-                return message
-            if call.done:
-                call.outcome()
-                return None
+        while (got := self._table.take(call)) is None:
             self.pump(deadline)
+        message, released = got
+        if released:
+            self._flush()
+        return message
 
     def cancel(self, call: BlockingCall) -> None:
         """The caller gave up on ``call``: reset the stream (the connection goes on)."""
@@ -318,10 +313,6 @@ class BlockingConnection:
 
     def _on_event(self, event: Any) -> None:
         self._table.on_event(event)  # a sender waiting for window looks again by itself
-
-    def _release(self, call: BlockingCall, size: int) -> None:
-        if not self.dead:
-            self._table.release(call, size)
 
 
 def _drain(fd: int) -> None:

@@ -296,21 +296,12 @@ class ClientConnection(Connection):
 
     async def next_message(self, call: Call) -> bytes | memoryview | None:
         """The call's next message, None after the last one; raises what ended it."""
-        while True:
-            if call.messages:
-                message, release = call.take_message()
-                if release:
-                    self._release(call, release)
-                    self._push()
-                return message
-            if call.done:
-                call.outcome()
-                return None
+        while (got := self._table.take(call)) is None:
             await call.lot.park()
-
-    def _release(self, call: Call, size: int) -> None:
-        if not self.dead:
-            self._table.release(call, size)
+        message, released = got
+        if released:
+            self._push()
+        return message
 
     def _call_ended(self) -> None:
         """A call is over: its slot is free, its request (if still being sent) stops."""

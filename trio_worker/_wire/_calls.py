@@ -218,6 +218,19 @@ class CallTable(Generic[C]):
             call.finish(error=error())
         return len(calls)
 
+    def take(self, call: C) -> tuple[bytes | memoryview | None, bool] | None:
+        """What the caller of ``call`` gets now: (its next message, whether window went
+        back with it: output to write), (None, False) once it is over (raising what ended
+        it, unless OK), or None when it must wait for more."""
+        if call.messages:
+            message, release = call.take_message()
+            self.release(call, release)
+            return message, bool(release)
+        if call.done:
+            call.outcome()
+            return None, False
+        return None
+
     def release(self, call: C, size: int) -> None:
         """Hand ``size`` received bytes back to the call's stream window (h2 sends
         WINDOW_UPDATE in batches)."""
