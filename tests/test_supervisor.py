@@ -25,7 +25,7 @@ from trio_worker import (
     open_supervisor,
 )
 from trio_worker._host._cgroups import NoDriver
-from trio_worker._jobs._supervisor import open_supervisor_with_driver
+from trio_worker._jobs._supervisor import open_supervisor_with_driver, owner_of
 
 
 async def output_of(sup: Supervisor, job_id: str, offset: int = 0) -> bytes:
@@ -484,3 +484,13 @@ async def test_output_written_by_an_escapee_after_the_main_process_exits_is_kept
             if pidfile.exists():
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
+async def test_owner_of_is_the_owner_or_not_found() -> None:
+    """The server's visibility check (``owner_of``: no cgroup accounting read)."""
+    async with open_supervisor() as sup:
+        job = await sup.start("sleep", ["1000"], owner="al")
+        assert owner_of(sup, job.id) == "al"
+        with pytest.raises(JobNotFound):
+            owner_of(sup, "01NOSUCHJOB")
+        await sup.stop(job.id, 0)

@@ -49,6 +49,7 @@ __all__ = [
     "open_supervisor",
     "open_supervisor_with_driver",
     "output_within",
+    "owner_of",
 ]
 
 _log = logging.getLogger("trio_worker.supervisor")
@@ -332,6 +333,13 @@ async def _unwrap_single() -> AsyncIterator[None]:
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+
+
+def owner_of(sup: Supervisor, job_id: str) -> str:
+    """The job's owner (``JobNotFound`` if there is none): what the server's visibility
+    check needs, without ``status``'s read of a running job's cgroup accounting (a few
+    files on the event loop, on every Wait, Stop, Signal and Output)."""
+    return sup._jobs.get(job_id).owner
 
 
 def output_within(
