@@ -298,6 +298,28 @@ def test_run_exit_codes(dev: DevServer, tmp_path: Path) -> None:
             assert result.stderr == b""
 
 
+def test_a_closed_stdout_is_no_traceback(dev: DevServer) -> None:
+    """Started with stdout closed (``>&-``), a short command still does its work and
+    leaves with its own code, its output gone as to /dev/null (no traceback from the
+    fast exit's flush, and no socket of ours on fd 1)."""
+
+    def closed(*args: str) -> subprocess.CompletedProcess[bytes]:
+        script = 'exec "$@" >&-'
+        argv = [*COMMAND, args[0], "--addr", dev.addr, *args[1:]]
+        return subprocess.run(
+            ["sh", "-c", script, "sh", *argv], env=dev.env, capture_output=True, timeout=30
+        )
+
+    result = closed("run", "--", "sh", "-c", "echo out; echo err >&2; exit 4")
+    assert (result.returncode, result.stderr) == (4, b"err\n"), result.stderr
+    job_id = ok(dev("start", "--", "true")).decode().strip()
+    for args, code in ((["wait", job_id], 0), (["status", job_id], 0), (["logs", job_id], 0)):
+        result = closed(*args)
+        assert (result.returncode, result.stderr) == (code, b""), (args, result.stderr)
+    assert closed("rm", job_id).returncode == 0
+    assert dev("status", job_id).returncode == 6  # no such job: it was removed
+
+
 def test_wait_and_signal(dev: DevServer) -> None:
     script = "trap 'echo got USR1; exit 5' USR1; echo ready; while :; do sleep 0.05; done"
     job_id = ok(dev("start", "--", "sh", "-c", script)).decode().strip()

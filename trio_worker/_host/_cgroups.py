@@ -34,7 +34,7 @@ import signal
 import stat
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 
@@ -278,12 +278,22 @@ class JobCgroup(ABC):
     #: Whether the host tracks the job at all (False only for NoDriver's groups).
     tracked = True
 
-    def __init__(self, job_id: str, dirs: Iterable[Path], events: Path | None) -> None:
+    # Every running job holds one: its paths are made when used, not kept (a
+    # ``Path`` per hierarchy was ~2.8 KiB per job on a hybrid host).
+    __slots__ = ("job_id",)
+
+    def __init__(self, job_id: str) -> None:
         self.job_id = job_id
-        #: The job's directory in each hierarchy, one per distinct mount.
-        self.dirs: tuple[Path, ...] = tuple(dirs)
-        #: v2 ``cgroup.events`` (populated 0/1) when there is a v2 group to watch.
-        self._events = events
+
+    @property
+    @abstractmethod
+    def dirs(self) -> tuple[Path, ...]:
+        """The job's directory in each hierarchy, one per distinct mount."""
+
+    @property
+    def _events(self) -> Path | None:
+        """v2 ``cgroup.events`` (populated 0/1) when there is a v2 group to watch."""
+        return None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.job_id} {[str(d) for d in self.dirs]}>"
@@ -462,10 +472,20 @@ def _freeze_and_kill(state: Path, job: JobCgroup, *, v2: bool) -> None:
 class V2JobCgroup(JobCgroup):
     """A job's group in a cgroup v2 hierarchy."""
 
+    __slots__ = ("_has_kill", "dir")
+
     def __init__(self, job_id: str, directory: Path, *, has_kill: bool) -> None:
-        super().__init__(job_id, [directory], directory / "cgroup.events")
+        super().__init__(job_id)
         self.dir = directory
         self._has_kill = has_kill
+
+    @property
+    def dirs(self) -> tuple[Path, ...]:
+        return (self.dir,)
+
+    @property
+    def _events(self) -> Path | None:
+        return self.dir / "cgroup.events"
 
     def kill(self) -> None:
         """``cgroup.kill`` (Linux 5.14+), else freeze via ``cgroup.freeze`` and SIGKILL."""
@@ -493,37 +513,62 @@ class V2JobCgroup(JobCgroup):
 class V1JobCgroup(JobCgroup):
     """A job's groups in cgroup v1 hierarchies (and the unified mount, if any)."""
 
+    __slots__ = ("_distinct", "_name", "_parents", "_unified_parent")
+
     def __init__(
         self,
         job_id: str,
-        controllers: Mapping[str, Path],
-        unified: Path | None,
+        name: str,
+        parents: Mapping[str, Path],
+        unified_parent: Path | None,
         *,
-        distinct: Iterable[str] | None = None,
+        distinct: Sequence[str],
     ) -> None:
-        """``distinct``: the controllers whose hierarchies differ (co-mounted ones
-        share a directory), if the caller knows them; else resolved here."""
-        if distinct is None:
-            by_mount: dict[str, Path] = {}
-            for directory in controllers.values():
-                by_mount.setdefault(_realpath(directory.parent), directory)
-            dirs = list(by_mount.values())
-        else:
-            dirs = [controllers[name] for name in distinct]
-        if unified is not None:
-            dirs.append(unified)
-        super().__init__(job_id, dirs, unified / "cgroup.events" if unified else None)
-        self.controllers = dict(controllers)
-        self.unified = unified
+        """The group ``name`` under each of the driver's ``parents`` (controller ->
+        its parent group; shared, not copied) and under ``unified_parent``;
+        ``distinct``: the controllers whose hierarchies differ (co-mounted ones
+        share a directory)."""
+        super().__init__(job_id)
+        self._name = name
+        self._parents = parents
+        self._unified_parent = unified_parent
+        self._distinct = distinct
+
+    @property
+    def controllers(self) -> dict[str, Path]:
+        """The job's directory for each controller."""
+        return {c: p / self._name for c, p in self._parents.items()}
+
+    @property
+    def unified(self) -> Path | None:
+        """The job's group on the unified mount (tracking, ``cgroup.kill``), if any."""
+        return None if self._unified_parent is None else self._unified_parent / self._name
+
+    @property
+    def dirs(self) -> tuple[Path, ...]:
+        dirs = [self._parents[c] / self._name for c in self._distinct]
+        if self._unified_parent is not None:
+            dirs.append(self._unified_parent / self._name)
+        return tuple(dirs)
+
+    @property
+    def _events(self) -> Path | None:
+        unified = self.unified
+        return None if unified is None else unified / "cgroup.events"
+
+    def _controller(self, name: str) -> Path | None:
+        parent = self._parents.get(name)
+        return None if parent is None else parent / self._name
 
     def kill(self) -> None:
         """``cgroup.kill`` of the unified mount if any, then freeze, SIGKILL all, thaw."""
-        if self.unified is not None and (self.unified / "cgroup.kill").exists():
+        unified = self.unified
+        if unified is not None and (unified / "cgroup.kill").exists():
             # The kernel kills every task of the group, forks in flight
             # included: nothing left for the freezer to do.
-            _write(self.unified / "cgroup.kill", "1")
+            _write(unified / "cgroup.kill", "1")
             return
-        freezer = self.controllers.get("freezer")
+        freezer = self._controller("freezer")
         if freezer is not None and freezer.exists():
             _freeze_and_kill(freezer / "freezer.state", self, v2=False)
         else:
@@ -535,7 +580,7 @@ class V1JobCgroup(JobCgroup):
                 time.sleep(0.005)
 
     def oom_killed(self) -> bool:
-        memory = self.controllers.get("memory")
+        memory = self._controller("memory")
         if memory is None:
             return False
         kills = _keyed(_read(memory / "memory.oom_control"), "oom_kill")
@@ -548,15 +593,16 @@ class V1JobCgroup(JobCgroup):
     def usage(self) -> Usage | None:
         cpu: float | None = None
         peak = 0
-        cpuacct = self.controllers.get("cpuacct")
+        cpuacct = self._controller("cpuacct")
         if cpuacct is not None:
             text = _read(cpuacct / "cpuacct.usage")
             if text is not None:
                 cpu = int(text) / 1e9
-        if cpu is None and self.unified is not None:
-            usec = _keyed(_read(self.unified / "cpu.stat"), "usage_usec")
+        unified = self.unified
+        if cpu is None and unified is not None:
+            usec = _keyed(_read(unified / "cpu.stat"), "usage_usec")
             cpu = None if usec is None else usec / 1e6
-        memory = self.controllers.get("memory")
+        memory = self._controller("memory")
         if memory is not None:
             text = _read(memory / "memory.max_usage_in_bytes")
             peak = int(text) if text is not None else 0
@@ -570,8 +616,11 @@ class _NullJobCgroup(JobCgroup):
 
     tracked = False
 
-    def __init__(self, job_id: str) -> None:
-        super().__init__(job_id, [], None)
+    __slots__ = ()
+
+    @property
+    def dirs(self) -> tuple[Path, ...]:
+        return ()
 
     def kill(self) -> None:
         pass
@@ -912,12 +961,7 @@ class V1Driver(CgroupDriver):
     def job(self, job_id: str) -> JobCgroup:
         _check_job_id(job_id)
         name = f"{_JOB_PREFIX}{job_id}"
-        return V1JobCgroup(
-            job_id,
-            {c: p / name for c, p in self.parents.items()},
-            self.unified / name if self.unified is not None else None,
-            distinct=self._distinct,
-        )
+        return V1JobCgroup(job_id, name, self.parents, self.unified, distinct=self._distinct)
 
     def make(self, job_id: str) -> JobCgroup:
         group = self.job(job_id)

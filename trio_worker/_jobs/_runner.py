@@ -249,7 +249,8 @@ class JobRunner:
         log = job.log
         assert log is not None
         try:
-            await process.wait_exited()  # (it has: its pidfd fired)
+            # (Its main process has exited: its pidfd fired. Waiting for it again
+            # through trio would cost another turn of the event loop.)
             # As systemd does for a service: the main process is gone,
             # so whatever it left (in its group or its cgroup) goes too.
             await kill(job, process)

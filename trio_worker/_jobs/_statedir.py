@@ -8,6 +8,8 @@ Layout (``StateDir`` properties name each part)::
       jobs.db             the job store (SQLite, WAL: also jobs.db-wal, jobs.db-shm), 0600
                           (SQLite gives -wal and -shm the mode of jobs.db)
       jobs/<id>/          one job's output.log + output.idx
+      ready/<id>/         a job's place made ahead of need (``_launch``), empty log
+                          files; moved into jobs/ by a Start, emptied at every start
       pki/                the development PKI (CA, server and client certificates)
 
 Two servers on one directory would each recover the other's running jobs as

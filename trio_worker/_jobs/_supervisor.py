@@ -48,6 +48,7 @@ __all__ = [
     "Supervisor",
     "open_supervisor",
     "open_supervisor_with_driver",
+    "output_within",
 ]
 
 _log = logging.getLogger("trio_worker.supervisor")
@@ -145,20 +146,14 @@ class Supervisor(metaclass=NoPublicConstructor):
         follow: bool = True,
         *,
         chunk_size: int = DEFAULT_CHUNK,
-        budget: ReadBudget | None = None,
     ) -> AsyncIterator[OutputChunk]:
         """The job's output from ``offset``: with ``follow``, live until the job ends.
-        ``budget`` bounds what the reader reads ahead (see ``ReadBudget``).
 
         Bad arguments raise ``InvalidRequest`` at once; what needs the job (``JobNotFound``,
         an offset past the end of an ended log) raises at the first iteration, as the
         remote client's ``output`` does (it learns of them from the server's answer).
         """
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise InvalidRequest("offset", f"must be an integer >= 0, got {offset!r}")
-        if chunk_size <= 0:
-            raise InvalidRequest("chunk_size", "must be > 0")
-        return open_output(self._jobs, job_id, offset, follow, chunk_size, budget)
+        return output_within(self, job_id, offset, follow, chunk_size, None)
 
     # -- control -------------------------------------------------------------
 
@@ -337,6 +332,23 @@ async def _unwrap_single() -> AsyncIterator[None]:
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+
+
+def output_within(
+    sup: Supervisor,
+    job_id: str,
+    offset: int,
+    follow: bool,
+    chunk_size: int,
+    budget: ReadBudget | None,
+) -> AsyncIterator[OutputChunk]:
+    """``sup.output``, its reader holding what it reads ahead within ``budget`` (the
+    server's output streams share their connection's): not in the public signature."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise InvalidRequest("offset", f"must be an integer >= 0, got {offset!r}")
+    if chunk_size <= 0:
+        raise InvalidRequest("chunk_size", "must be > 0")
+    return open_output(sup._jobs, job_id, offset, follow, chunk_size, budget)
 
 
 @asynccontextmanager

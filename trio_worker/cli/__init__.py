@@ -51,6 +51,29 @@ def _stdout_gone(*, fast: bool = False) -> NoReturn:
     sys.exit(ExitCode.BROKEN_PIPE)
 
 
+def _open_closed_std_streams() -> None:
+    """A command started with stdout or stderr closed (``trio-worker stop ID >&-``) still
+    does its work and leaves without a traceback: what it prints goes to /dev/null, as
+    ``print`` does when Python has no stdout. The fd is taken, so no socket or file of
+    ours lands on fd 1 or 2 and receives the output meant for the user."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+            continue  # (open after all: not ours to write to)
+        except OSError:
+            pass
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+            setattr(sys, name, open(fd, "w", closefd=False))  # noqa: SIM115 (it is sys.stdout)
+        except OSError:
+            continue
+
+
 def __getattr__(name: str) -> Any:
     if name == "app":  # cyclopts is imported when a command runs, not with this package
         from ._app import app
@@ -61,6 +84,7 @@ def __getattr__(name: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The console script: run one command and exit with its code."""
+    _open_closed_std_streams()
     tokens, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     debug = debug or os.environ.get("TRIO_WORKER_DEBUG", "") not in ("", "0")
     command = next((t for t in tokens if not t.startswith("-")), "")

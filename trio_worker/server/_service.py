@@ -36,7 +36,7 @@ from .._errors import (
 )
 from .._host._users import UnixUser, current_user, lookup_user
 from .._identity import Identity
-from .._jobs._supervisor import Supervisor
+from .._jobs._supervisor import Supervisor, output_within
 from .._model import JobInfo
 from .._net._budget import OutputShare
 from .._net._transport import (
@@ -247,12 +247,8 @@ class WorkerService:
             try:
                 authorize(ctx.identity, Op.OUTPUT)
                 self._visible(request.id, ctx.identity)
-                reader = self._sup.output(
-                    request.id,
-                    request.offset,
-                    request.follow,
-                    chunk_size=self._chunk,
-                    budget=share,
+                reader = output_within(
+                    self._sup, request.id, request.offset, request.follow, self._chunk, share
                 )
             except TrioWorkerError as exc:
                 raise rpc_error(exc) from None
@@ -291,9 +287,7 @@ class WorkerService:
         try:
             authorize(ctx.identity, Op.OUTPUT)
             self._visible(job_id, ctx.identity)
-            reader = self._sup.output(
-                job_id, first.open.offset, True, chunk_size=self._chunk, budget=share
-            )
+            reader = output_within(self._sup, job_id, first.open.offset, True, self._chunk, share)
         except TrioWorkerError as exc:
             if share is not None:
                 share.close()
