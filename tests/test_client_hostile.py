@@ -171,3 +171,31 @@ async def test_a_long_status_message_is_cut(dev: pki.DevPki, client: str) -> Non
     outcome, _ = await serve_script(dev, chatty, client)
     assert isinstance(outcome, TrioWorkerError)
     assert len(str(outcome).encode()) <= 2048
+
+
+async def test_a_server_granting_no_stream_times_the_blocking_call_out(dev: pki.DevPki) -> None:
+    """SETTINGS_MAX_CONCURRENT_STREAMS 0 and nothing else: the blocking client's call with
+    a timeout (``run``'s check on Ctrl-C) waits for a stream until then, not forever."""
+    ctx = server_context(ca=dev.ca.cert, cert=dev.server.cert, key=dev.server.key)
+
+    async def handler(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        no_streams = struct.pack(">HL", 0x3, 0)  # SETTINGS_MAX_CONCURRENT_STREAMS
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(frame(SETTINGS, 0, 0, no_streams))
+            while await stream.receive_some(65536):
+                pass
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_ssl_over_tcp, handler, 0, ctx, host="127.0.0.1")
+        )
+        port = listeners[0].transport_listener.socket.getsockname()[1]
+
+        def blocking() -> None:
+            files = {"ca": dev.ca.cert, "cert": dev.client.cert, "key": dev.client.key}
+            with connect_blocking(f"127.0.0.1:{port}", **files) as worker:
+                worker.status(JOB, timeout=0.5)
+
+        with trio.fail_after(20), pytest.raises(TimeoutError):
+            await trio.to_thread.run_sync(blocking, abandon_on_cancel=True)
+        nursery.cancel_scope.cancel()

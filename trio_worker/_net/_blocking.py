@@ -155,12 +155,14 @@ class BlockingConnection:
 
     def open_call(self, path: str, payload: bytes, timeout: float | None = None) -> BlockingCall:
         """Open a stream and send the whole request. Raises Unprocessed if this
-        connection takes no new calls any more."""
+        connection takes no new calls any more, TimeoutError once ``timeout`` seconds
+        passed waiting for a stream or for window (a server that grants neither)."""
         h2c = self._h2
+        deadline = None if timeout is None else time.monotonic() + timeout
         while h2c.open_outbound_streams >= h2c.remote_settings.max_concurrent_streams:
             if not self.accepting:
                 break
-            self.pump()
+            self.pump(deadline)
         if not self.accepting:
             raise Unprocessed()
         stream_id = int(h2c.get_next_available_stream_id())
@@ -173,13 +175,13 @@ class BlockingConnection:
         call = BlockingCall(stream_id)
         self._table.add(call)
         try:
-            self._send_request(call, MESSAGE_PREFIX.pack(0, len(payload)) + payload)
+            self._send_request(call, MESSAGE_PREFIX.pack(0, len(payload)) + payload, deadline)
         except BaseException:
             self.cancel(call)
             raise
         return call
 
-    def _send_request(self, call: BlockingCall, data: bytes) -> None:
+    def _send_request(self, call: BlockingCall, data: bytes, deadline: float | None) -> None:
         h2c = self._h2
         view = memoryview(data)
         while view:
@@ -196,7 +198,7 @@ class BlockingConnection:
                 view = view[n:]
             self._flush()
             if view:
-                self.pump()  # wait for window
+                self.pump(deadline)  # wait for window
 
     def next_message(
         self, call: BlockingCall, deadline: float | None = None
