@@ -24,6 +24,7 @@ from trio_worker import pki
 from trio_worker._identity import Role
 from trio_worker._net._transport import CallRecord, Method, Server, TransportConfig
 from trio_worker._tls import client_context, server_context
+from trio_worker._wire._client import ClientH2Connection
 
 
 @dataclass(frozen=True)
@@ -116,23 +117,16 @@ def frame(message: bytes) -> bytes:
     return b"\x00" + len(message).to_bytes(4, "big") + message
 
 
-class _KeepOpenH2(h2.connection.H2Connection):  # type: ignore[misc]
-    """h2 3.x closes its state machine on GOAWAY; a drain test must go on reading the
-    streams in flight, as real clients do."""
-
-    def _receive_goaway_frame(self, frame: Any) -> Any:
-        state = self.state_machine.state
-        result = super()._receive_goaway_frame(frame)
-        self.state_machine.state = state
-        return result
-
-
 class RawClient:
     """A minimal HTTP/2 gRPC client over our TLS: explicit about every frame it sends."""
 
     def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
         self.stream = stream
-        self.h2 = _KeepOpenH2(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        # The client core's h2 connection: it keeps reading the streams in flight after a
+        # GOAWAY (a drain), as real clients do.
+        self.h2 = ClientH2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
         self.events: list[Any] = []
         self.data: dict[int, bytearray] = {}
         self.trailers: dict[int, dict[str, str]] = {}

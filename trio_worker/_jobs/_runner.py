@@ -12,8 +12,9 @@ were about half of the ~25 KiB of Python heap a sleeping job cost.
 When the watcher wakes, it takes the ready fds from its epoll without waiting, and
 handles them without yielding in between (so no event can be stale: an fd is
 taken out of the epoll before anything closes it): a pipe is read until it is
-empty (at most ``_ROUND_BYTES`` over all pipes per wakeup, the rest waits for
-the next one: epoll is level-triggered), its bytes appended to the job's log;
+empty (at most its share of ``_ROUND_BYTES``, split evenly between the ready
+pipes of a wakeup; the rest waits for the next one: epoll is level-triggered),
+its bytes appended to the job's log;
 a pidfd that fires starts the job's end (``_end``).
 
 - Output is written to disk by ``OutputLog.flush_pending``, in a task started when
@@ -141,6 +142,12 @@ class JobRunner:
 
     def _handle(self, events: list[tuple[int, int]]) -> None:
         budget = _ROUND_BYTES
+        # Each ready pipe gets its share of the round: epoll hands level-triggered fds
+        # back in the same order every time, so a pipe that a fast writer keeps full
+        # would take the whole round and starve the pipes behind it (whose jobs then
+        # block on a full pipe). 64 events: at least 64 KiB each.
+        pipes = sum(1 for fd, _ in events if isinstance(self._fds.get(fd), _Pipe))
+        share = _ROUND_BYTES // max(1, pipes)
         for fd, _ in events:
             what = self._fds.get(fd)
             if what is None:
@@ -150,7 +157,7 @@ class JobRunner:
                 if isinstance(what, _Watch):
                     self._exited(what)
                 elif budget > 0:
-                    budget -= self._read(what, budget)
+                    budget -= self._read(what, min(budget, share))
             except Exception:
                 # A bug here must cost one job, not the supervisor and every other job.
                 self._fail(watch)

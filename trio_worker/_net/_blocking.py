@@ -56,7 +56,7 @@ from .._wire._h2conn import MAX_UNSENT_CONTROL, PROTOCOL_ERRORS, PeerMisbehaved
 from .._wire._status import StatusCode
 from .._wire._window import MESSAGE_PREFIX
 from ._failures import os_reason, parse_addr, tls_reason
-from ._sockets import RECEIVE_SIZE, set_keepalive
+from ._sockets import RECEIVE_SIZE, WRITE_TIMEOUT, set_keepalive
 
 __all__ = ["BlockingCall", "BlockingConnection", "CallFailed", "Unprocessed", "dial"]
 
@@ -155,12 +155,14 @@ class BlockingConnection:
 
     def open_call(self, path: str, payload: bytes, timeout: float | None = None) -> BlockingCall:
         """Open a stream and send the whole request. Raises Unprocessed if this
-        connection takes no new calls any more."""
+        connection takes no new calls any more, TimeoutError once ``timeout`` seconds
+        passed waiting for a stream or for window (a server that grants neither)."""
         h2c = self._h2
+        deadline = None if timeout is None else time.monotonic() + timeout
         while h2c.open_outbound_streams >= h2c.remote_settings.max_concurrent_streams:
             if not self.accepting:
                 break
-            self.pump()
+            self.pump(deadline)
         if not self.accepting:
             raise Unprocessed()
         stream_id = int(h2c.get_next_available_stream_id())
@@ -173,13 +175,13 @@ class BlockingConnection:
         call = BlockingCall(stream_id)
         self._table.add(call)
         try:
-            self._send_request(call, MESSAGE_PREFIX.pack(0, len(payload)) + payload)
+            self._send_request(call, MESSAGE_PREFIX.pack(0, len(payload)) + payload, deadline)
         except BaseException:
             self.cancel(call)
             raise
         return call
 
-    def _send_request(self, call: BlockingCall, data: bytes) -> None:
+    def _send_request(self, call: BlockingCall, data: bytes, deadline: float | None) -> None:
         h2c = self._h2
         view = memoryview(data)
         while view:
@@ -195,8 +197,9 @@ class BlockingConnection:
                 h2c.send_data(call.stream_id, bytes(view[:n]), end_stream=last)
                 view = view[n:]
             self._flush()
-            if view:
-                self.pump()  # wait for window
+            if view and n <= 0:
+                self.pump(deadline)  # wait for window (not after every frame: a server
+                # that sends nothing back while window remains would hold the rest)
 
     def next_message(
         self, call: BlockingCall, deadline: float | None = None
@@ -300,7 +303,12 @@ class BlockingConnection:
                 try:
                     sent = self._sock.send(view)
                 except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-                    select.select([], [self._sock], [])
+                    # As the trio driver: a server that takes nothing for this long is
+                    # gone (else a server that stopped reading would hold us forever).
+                    _, writable, _ = select.select([], [self._sock], [], WRITE_TIMEOUT)
+                    if not writable:
+                        self._lost(f"no write progress for {WRITE_TIMEOUT}s")  # (trio's words)
+                        return
                     continue
                 view = view[sent:]
         except (ssl.SSLError, OSError) as exc:

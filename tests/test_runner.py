@@ -1,0 +1,79 @@
+"""The job runner's watcher (``_jobs._runner``) on real pipes and logs, without processes:
+how one wakeup's reading is shared between jobs."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from trio_worker._jobs import _runner
+from trio_worker._jobs._job import Job
+from trio_worker._jobs._output import OutputLog
+from trio_worker._jobs._process import PipeReader, validate_start
+from trio_worker._jobs._records import JobRecords
+from trio_worker._model import Isolation, Limits, OutputStream
+
+_F_SETPIPE_SZ = 1031
+_HELD = 512 * 1024
+
+
+@pytest.fixture
+def pipes() -> Iterator[list[tuple[int, int]]]:
+    made: list[tuple[int, int]] = []
+    yield made
+    for r, w in made:
+        os.close(r)
+        os.close(w)
+
+
+def _full_pipe(made: list[tuple[int, int]]) -> int:
+    """A pipe holding ``_HELD`` bytes, as a fast writer keeps it: its read end."""
+    r, w = os.pipe()
+    made.append((r, w))
+    fcntl.fcntl(w, _F_SETPIPE_SZ, 1024 * 1024)
+    os.write(w, b"x" * _HELD)
+    return r
+
+
+def _job(tmp_path: Path, name: str) -> Job:
+    spec = validate_start("true", None, None, None, base_env={"PATH": os.defpath})
+    directory = tmp_path / name
+    directory.mkdir()
+    return Job(name, "owner", spec, Limits(), Isolation(), OutputLog(directory))
+
+
+async def test_a_pipe_kept_full_does_not_starve_the_one_behind_it(
+    tmp_path: Path, pipes: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two jobs' pipes ready in one wakeup, each holding more than the round takes: both
+    get their share. (epoll hands level-triggered fds back in the same order each time,
+    so a first pipe that took the whole round would, kept full, starve the second's job
+    for as long as it writes.)"""
+    monkeypatch.setattr(_runner, "_ROUND_BYTES", 128 * 1024)
+    jobs = [_job(tmp_path, "a"), _job(tmp_path, "b")]
+    async with trio.open_nursery() as nursery:
+        # (a round of reading writes no records)
+        runner = _runner.JobRunner(nursery, JobRecords.__new__(JobRecords))
+        with select.epoll() as epoll:
+            runner._epoll = epoll
+            events = []
+            for job in jobs:
+                watch = _runner._Watch(job, None)  # type: ignore[arg-type]
+                pipe = _runner._Pipe(watch, PipeReader(_full_pipe(pipes)), OutputStream.STDOUT)
+                watch.pipes.append(pipe)
+                runner._register(pipe.reader.fd, pipe)
+                events.append((pipe.reader.fd, select.EPOLLIN))
+            runner._handle(events)
+            taken = [job.log.end for job in jobs if job.log is not None]
+            assert taken == [64 * 1024, 64 * 1024]
+            runner._epoll = None
+        nursery.cancel_scope.cancel()
+    for job in jobs:
+        assert job.log is not None
+        job.log.close()
