@@ -26,7 +26,8 @@ from tests.wire.helpers import (
 )
 from trio_worker import ConnectionFailed, TrioWorkerError, pki
 from trio_worker._blocking_client import connect_blocking
-from trio_worker._tls import server_context
+from trio_worker._net import _blocking
+from trio_worker._tls import client_context, server_context
 from trio_worker._wire._h2conn import FLOOD_BUDGET, MAX_MESSAGE
 from trio_worker.client import connect
 
@@ -198,4 +199,49 @@ async def test_a_server_granting_no_stream_times_the_blocking_call_out(dev: pki.
 
         with trio.fail_after(20), pytest.raises(TimeoutError):
             await trio.to_thread.run_sync(blocking, abandon_on_cancel=True)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_server_that_stops_reading_loses_the_blocking_connection(
+    dev: pki.DevPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that grants all the window there is and then reads nothing: once the
+    socket buffers are full, the blocking client's write gives up after the write timeout
+    (as the trio driver's), rather than waiting in select forever."""
+    monkeypatch.setattr(_blocking, "WRITE_TIMEOUT", 0.5)
+    ctx = server_context(ca=dev.ca.cert, cert=dev.server.cert, key=dev.server.key)
+    largest = 2**31 - 1
+
+    async def handler(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        window = struct.pack(">HL", 0x4, largest)  # SETTINGS_INITIAL_WINDOW_SIZE
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(frame(SETTINGS, 0, 0, window))
+            increment = struct.pack(">L", largest - 65535)
+            await stream.send_all(frame(WINDOW_UPDATE, 0, 0, increment))
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_ssl_over_tcp, handler, 0, ctx, host="127.0.0.1")
+        )
+        port = listeners[0].transport_listener.socket.getsockname()[1]
+
+        def blocking() -> BaseException | None:
+            context = client_context(ca=dev.ca.cert, cert=dev.client.cert, key=dev.client.key)
+            conn = _blocking.dial(f"127.0.0.1:{port}", context, 5)
+            calls = []
+            try:
+                for _ in range(16):  # 32 MiB: more than both ends' socket buffers
+                    path = "/trioworker.v1.Worker/Status"
+                    calls.append(conn.open_call(path, bytes(2 * 1024 * 1024)))
+            except _blocking.Unprocessed:  # (the connection is lost: no new calls)
+                pass
+            finally:
+                conn.close()
+            return calls[-1].error
+
+        with trio.fail_after(30):
+            error = await trio.to_thread.run_sync(blocking, abandon_on_cancel=True)
+        assert isinstance(error, ConnectionFailed)
+        assert "no write progress for 0.5s" in str(error)  # not the keepalive's, 20 s on
         nursery.cancel_scope.cancel()

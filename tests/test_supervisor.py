@@ -13,6 +13,7 @@ import trio.testing
 from tests.conftest import process_alive
 from trio_worker import (
     InvalidRequest,
+    JobInfo,
     JobNotFound,
     JobNotRunning,
     JobState,
@@ -301,6 +302,37 @@ async def test_start_after_shutdown_began_is_refused() -> None:
         pass
     with pytest.raises(ShuttingDown):
         await sup.start("true")
+
+
+async def test_a_start_under_way_when_shutdown_begins_is_stopped_too(state_dir: Path) -> None:
+    """A Start past the shutting-down check, its place and process still being made in a
+    worker thread: ``shutdown`` waits for it and stops its job with the rest (else the
+    job would run on after shutdown, unwatched if it came after the job runner)."""
+    limiter = trio.to_thread.current_default_thread_limiter()
+    seen: dict[str, object] = {}
+    async with open_supervisor(state_dir) as sup:
+        await trio.testing.wait_all_tasks_blocked()
+        borrowers = [object() for _ in range(int(limiter.available_tokens))]
+        for borrower in borrowers:  # no worker thread for anyone until they are back
+            limiter.acquire_on_behalf_of_nowait(borrower)
+
+        async def start() -> None:
+            seen["job"] = await sup.start("sleep", ["1000"])
+
+        async def shutdown() -> None:
+            await sup.shutdown(grace=0.5)
+            job = seen.get("job")
+            seen["after"] = sup.status(job.id).state if isinstance(job, JobInfo) else None
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(start)
+                await trio.testing.wait_all_tasks_blocked()  # waiting for a thread
+                nursery.start_soon(shutdown)
+                await trio.testing.wait_all_tasks_blocked()
+                for borrower in borrowers:
+                    limiter.release_on_behalf_of(borrower)
+    assert seen["after"] not in (None, JobState.RUNNING)
 
 
 async def test_temporary_state_dir_is_removed_unless_kept(tmp_path: Path) -> None:

@@ -102,6 +102,9 @@ class Supervisor(metaclass=NoPublicConstructor):
         )
         self._runner.retire = self._admission.launcher.retire
         self._closing = False
+        #: Starts past the ``_closing`` check and not returned yet (``shutdown`` waits).
+        self._starting = 0
+        self._started = trio.lowlevel.ParkingLot()
 
     # -- queries -------------------------------------------------------------
 
@@ -192,19 +195,24 @@ class Supervisor(metaclass=NoPublicConstructor):
         await trio.lowlevel.checkpoint()
         if self._closing:
             raise ShuttingDown("the supervisor is shutting down")
-        return await self._admission.start(
-            command,
-            args,
-            env=env,
-            cwd=cwd,
-            limits=limits,
-            isolation=isolation,
-            owner=owner,
-            stdin=stdin,
-            tty=tty,
-            terminal_size=terminal_size,
-            user=user,
-        )
+        self._starting += 1
+        try:
+            return await self._admission.start(
+                command,
+                args,
+                env=env,
+                cwd=cwd,
+                limits=limits,
+                isolation=isolation,
+                owner=owner,
+                stdin=stdin,
+                tty=tty,
+                terminal_size=terminal_size,
+                user=user,
+            )
+        finally:
+            self._starting -= 1
+            self._started.unpark_all()
 
     async def signal(self, job_id: str, signum: int) -> JobInfo:
         """Send ``signum`` to the job's process group."""
@@ -299,6 +307,11 @@ class Supervisor(metaclass=NoPublicConstructor):
         followers get the end of their streams while connections drain.
         """
         self._closing = True
+        # A Start under way (its place and process are made in a worker thread) adds
+        # its job after this began: wait for it, or that job would outlive the
+        # shutdown, and end unwatched if it came after the runner.
+        while self._starting:
+            await self._started.park()
         async with trio.open_nursery() as nursery:
             for job in list(self._jobs.values()):
                 if job.record.state is JobState.RUNNING and job.process is not None:

@@ -56,7 +56,7 @@ from .._wire._h2conn import MAX_UNSENT_CONTROL, PROTOCOL_ERRORS, PeerMisbehaved
 from .._wire._status import StatusCode
 from .._wire._window import MESSAGE_PREFIX
 from ._failures import os_reason, parse_addr, tls_reason
-from ._sockets import RECEIVE_SIZE, set_keepalive
+from ._sockets import RECEIVE_SIZE, WRITE_TIMEOUT, set_keepalive
 
 __all__ = ["BlockingCall", "BlockingConnection", "CallFailed", "Unprocessed", "dial"]
 
@@ -197,8 +197,9 @@ class BlockingConnection:
                 h2c.send_data(call.stream_id, bytes(view[:n]), end_stream=last)
                 view = view[n:]
             self._flush()
-            if view:
-                self.pump(deadline)  # wait for window
+            if view and n <= 0:
+                self.pump(deadline)  # wait for window (not after every frame: a server
+                # that sends nothing back while window remains would hold the rest)
 
     def next_message(
         self, call: BlockingCall, deadline: float | None = None
@@ -302,7 +303,12 @@ class BlockingConnection:
                 try:
                     sent = self._sock.send(view)
                 except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-                    select.select([], [self._sock], [])
+                    # As the trio driver: a server that takes nothing for this long is
+                    # gone (else a server that stopped reading would hold us forever).
+                    _, writable, _ = select.select([], [self._sock], [], WRITE_TIMEOUT)
+                    if not writable:
+                        self._lost(f"no write progress for {WRITE_TIMEOUT}s")  # (trio's words)
+                        return
                     continue
                 view = view[sent:]
         except (ssl.SSLError, OSError) as exc:

@@ -34,7 +34,7 @@ from .._wire._h2conn import (
 )
 from .._wire._window import MESSAGE_PREFIX
 from ._failures import tls_reason
-from ._sockets import RECEIVE_SIZE
+from ._sockets import RECEIVE_SIZE, WRITE_TIMEOUT
 from ._tlsstream import TLSSocketStream
 
 __all__ = [
@@ -65,8 +65,6 @@ class WriteCounts:
     bytes_written: int = 0
 
 
-#: Output the socket has not taken this long after it first had to wait: the peer is gone.
-WRITE_TIMEOUT: Final = 60.0
 #: Bytes queued beyond what the socket took before senders wait for room.
 MAX_SEND_BUFFER: Final = 1024 * 1024
 

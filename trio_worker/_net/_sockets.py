@@ -7,12 +7,15 @@ import socket
 from contextlib import suppress
 from typing import Any, Final
 
-__all__ = ["RECEIVE_SIZE", "set_keepalive", "split_host_port"]
+__all__ = ["RECEIVE_SIZE", "WRITE_TIMEOUT", "set_keepalive", "split_host_port"]
 
 #: Asked of each TLS read, by every driver. OpenSSL returns at most one record (16 KiB of
 #: plaintext) per read, but Python allocates the whole size asked for first: 256 KiB
 #: (mmap'd, then trimmed) made decrypting four times slower than asking for a record.
 RECEIVE_SIZE: Final = 16 * 1024
+#: Output the socket has not taken this long after it first had to wait: the peer is gone
+#: (both ends, both client drivers).
+WRITE_TIMEOUT: Final = 60.0
 
 
 def split_host_port(value: str) -> tuple[str, int]:
