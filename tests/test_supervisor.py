@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -526,3 +528,17 @@ async def test_owner_of_is_the_owner_or_not_found() -> None:
         with pytest.raises(JobNotFound):
             owner_of(sup, "01NOSUCHJOB")
         await sup.stop(job.id, 0)
+
+
+async def test_a_jobs_changes_are_audited_when_the_audit_log_is_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One JSON line per change of state (made only when someone listens: see ``Job.feed``)."""
+    caplog.set_level(logging.INFO, logger="trio_worker.audit")
+    async with open_supervisor() as sup:
+        job = await sup.start("sh", ["-c", "exit 3"], owner="al")
+        await sup.wait(job.id)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "trio_worker.audit"]
+    changes = [(x["state"], x["exit_code"]) for x in lines if x["job_id"] == job.id]
+    assert changes == [("running", None), ("exited", 3)]
+    assert {x["owner"] for x in lines} == {"al"}
