@@ -72,3 +72,22 @@ async def test_a_lone_reader_within_the_budget_reads_whole_chunks(tmp_path: Path
     assert share.held == 0
     log.finish()
     log.close()
+
+
+async def test_a_reader_stepping_alone_still_shares_the_logs_two_disk_readers(
+    tmp_path: Path,
+) -> None:
+    """The budget is held: the first disk read is a small one of the reader's own. It goes
+    through the log's limiter of two worker threads, as block reads do (not trio's default
+    limiter of 40, which a connection's streams could then fill)."""
+    log, data = await written_log(tmp_path, 2 * _FILE_BLOCK)
+    budget = OutputBudget()
+    budget.unsent = budget.total  # held by messages waiting for window
+    reader = log.read(0, follow=False, chunk_size=CHUNK, budget=budget.share())
+    first = await reader.__anext__()
+    assert first.data == data[:MIN_STEP]
+    limiter = log._disk_readers
+    assert limiter is not None
+    assert limiter.total_tokens == 2
+    log.finish()
+    log.close()

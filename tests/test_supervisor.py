@@ -13,6 +13,7 @@ import trio.testing
 from tests.conftest import process_alive
 from trio_worker import (
     InvalidRequest,
+    JobInfo,
     JobNotFound,
     JobNotRunning,
     JobState,
@@ -25,7 +26,7 @@ from trio_worker import (
     open_supervisor,
 )
 from trio_worker._host._cgroups import NoDriver
-from trio_worker._jobs._supervisor import open_supervisor_with_driver
+from trio_worker._jobs._supervisor import open_supervisor_with_driver, owner_of
 
 
 async def output_of(sup: Supervisor, job_id: str, offset: int = 0) -> bytes:
@@ -303,6 +304,37 @@ async def test_start_after_shutdown_began_is_refused() -> None:
         await sup.start("true")
 
 
+async def test_a_start_under_way_when_shutdown_begins_is_stopped_too(state_dir: Path) -> None:
+    """A Start past the shutting-down check, its place and process still being made in a
+    worker thread: ``shutdown`` waits for it and stops its job with the rest (else the
+    job would run on after shutdown, unwatched if it came after the job runner)."""
+    limiter = trio.to_thread.current_default_thread_limiter()
+    seen: dict[str, object] = {}
+    async with open_supervisor(state_dir) as sup:
+        await trio.testing.wait_all_tasks_blocked()
+        borrowers = [object() for _ in range(int(limiter.available_tokens))]
+        for borrower in borrowers:  # no worker thread for anyone until they are back
+            limiter.acquire_on_behalf_of_nowait(borrower)
+
+        async def start() -> None:
+            seen["job"] = await sup.start("sleep", ["1000"])
+
+        async def shutdown() -> None:
+            await sup.shutdown(grace=0.5)
+            job = seen.get("job")
+            seen["after"] = sup.status(job.id).state if isinstance(job, JobInfo) else None
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(start)
+                await trio.testing.wait_all_tasks_blocked()  # waiting for a thread
+                nursery.start_soon(shutdown)
+                await trio.testing.wait_all_tasks_blocked()
+                for borrower in borrowers:
+                    limiter.release_on_behalf_of(borrower)
+    assert seen["after"] not in (None, JobState.RUNNING)
+
+
 async def test_temporary_state_dir_is_removed_unless_kept(tmp_path: Path) -> None:
     async with open_supervisor() as sup:
         temp = sup.state_dir
@@ -484,3 +516,13 @@ async def test_output_written_by_an_escapee_after_the_main_process_exits_is_kept
             if pidfile.exists():
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
+async def test_owner_of_is_the_owner_or_not_found() -> None:
+    """The server's visibility check (``owner_of``: no cgroup accounting read)."""
+    async with open_supervisor() as sup:
+        job = await sup.start("sleep", ["1000"], owner="al")
+        assert owner_of(sup, job.id) == "al"
+        with pytest.raises(JobNotFound):
+            owner_of(sup, "01NOSUCHJOB")
+        await sup.stop(job.id, 0)

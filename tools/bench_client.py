@@ -106,7 +106,7 @@ def main() -> None:
     clients = [c.split("=", 1) for c in args.client] or [["this", sys.executable]]
     with tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen(
-            [args.server_python, "-c", SERVER, tmp], stdout=subprocess.PIPE, text=True
+            [args.server_python, "-c", SERVER, tmp], stdout=subprocess.PIPE, text=True, cwd=tmp
         )
         try:
             assert server.stdout is not None
@@ -116,6 +116,7 @@ def main() -> None:
                 capture_output=True,
                 text=True,
                 check=True,
+                cwd=tmp,
             ).stdout.strip()
             results: dict[str, dict[str, list[float]]] = {name: {} for name, _ in clients}
             for _ in range(args.rounds):
@@ -125,6 +126,7 @@ def main() -> None:
                         capture_output=True,
                         text=True,
                         check=True,
+                        cwd=tmp,  # (-c puts the working directory first on sys.path)
                     ).stdout
                     for key, value in json.loads(out).items():
                         results[name].setdefault(key, []).append(value)

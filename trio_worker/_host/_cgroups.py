@@ -106,9 +106,21 @@ def _write(path: Path, value: str) -> None:
 
 
 def _read(path: Path) -> str | None:
-    """The file's text, or None if it does not exist (group gone, feature absent)."""
+    """The file's text, or None if it does not exist (group gone, feature absent).
+
+    Raw ``os`` calls, not ``Path.read_text``: a job's end reads a few of these on the
+    event loop, and the text layer costs ~3x the system calls (37 against 13 us).
+    """
     try:
-        return path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = chunk = os.read(fd, 4096)
+            while chunk:
+                chunk = os.read(fd, 65536)
+                data += chunk
+        finally:
+            os.close(fd)
+        return data.decode()
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:

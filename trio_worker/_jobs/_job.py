@@ -249,19 +249,22 @@ async def terminate(job: Job, process: JobProcess, grace: float) -> None:
         await job.ended.wait()
 
 
-async def kill(job: Job, process: JobProcess) -> None:
+async def kill(job: Job, process: JobProcess) -> bool:
     """SIGKILL everything of the job: its process group and, through the
-    cgroup, whatever escaped it (setsid, double fork)."""
+    cgroup, whatever escaped it (setsid, double fork). True if its cgroup was
+    found empty (or it has none): nothing is left to wait for."""
     signal_job(job, process, _signal.SIGKILL)
     group = job.cgroup
-    if group is not None and group.tracked and not group.is_empty():
-        # May freeze and wait (v1 without cgroup.kill): not on the event loop.
-        try:
-            await trio.to_thread.run_sync(group.kill)
-        except CgroupError as exc:
-            if group.is_empty():
-                return  # it ended (and its group went) while we were killing it
-            _log.error("job %s: cannot kill its cgroup: %s", job.id, exc)
+    if group is None or not group.tracked or group.is_empty():
+        return True
+    # May freeze and wait (v1 without cgroup.kill): not on the event loop.
+    try:
+        await trio.to_thread.run_sync(group.kill)
+    except CgroupError as exc:
+        if group.is_empty():
+            return True  # it ended (and its group went) while we were killing it
+        _log.error("job %s: cannot kill its cgroup: %s", job.id, exc)
+    return False
 
 
 async def remove_cgroup(job: Job) -> None:

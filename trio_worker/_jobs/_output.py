@@ -892,6 +892,8 @@ class OutputLog:
 
     async def _read_disk_alone(self, position: int, want: int) -> list[OutputChunk]:
         """``want`` bytes from ``position`` off disk, for this reader only (no block)."""
+        if self._disk_readers is None:  # (without it: trio's default limiter, 40 threads)
+            self._disk_readers = trio.CapacityLimiter(2)
         return await trio.to_thread.run_sync(
             read_log_file,
             self.data_path,

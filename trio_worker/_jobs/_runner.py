@@ -260,8 +260,9 @@ class JobRunner:
             # through trio would cost another turn of the event loop.)
             # As systemd does for a service: the main process is gone,
             # so whatever it left (in its group or its cgroup) goes too.
-            await kill(job, process)
-            if job.cgroup is not None:
+            # (An empty group, the usual case, stays empty: reading it again
+            # would cost the loop a file per Wait.)
+            if not await kill(job, process) and job.cgroup is not None:
                 with trio.move_on_after(_DRAIN_TIMEOUT):
                     await job.cgroup.wait_empty()
             process.reap()

@@ -49,6 +49,7 @@ __all__ = [
     "open_supervisor",
     "open_supervisor_with_driver",
     "output_within",
+    "owner_of",
 ]
 
 _log = logging.getLogger("trio_worker.supervisor")
@@ -102,6 +103,9 @@ class Supervisor(metaclass=NoPublicConstructor):
         )
         self._runner.retire = self._admission.launcher.retire
         self._closing = False
+        #: Starts past the ``_closing`` check and not returned yet (``shutdown`` waits).
+        self._starting = 0
+        self._started = trio.lowlevel.ParkingLot()
 
     # -- queries -------------------------------------------------------------
 
@@ -192,19 +196,24 @@ class Supervisor(metaclass=NoPublicConstructor):
         await trio.lowlevel.checkpoint()
         if self._closing:
             raise ShuttingDown("the supervisor is shutting down")
-        return await self._admission.start(
-            command,
-            args,
-            env=env,
-            cwd=cwd,
-            limits=limits,
-            isolation=isolation,
-            owner=owner,
-            stdin=stdin,
-            tty=tty,
-            terminal_size=terminal_size,
-            user=user,
-        )
+        self._starting += 1
+        try:
+            return await self._admission.start(
+                command,
+                args,
+                env=env,
+                cwd=cwd,
+                limits=limits,
+                isolation=isolation,
+                owner=owner,
+                stdin=stdin,
+                tty=tty,
+                terminal_size=terminal_size,
+                user=user,
+            )
+        finally:
+            self._starting -= 1
+            self._started.unpark_all()
 
     async def signal(self, job_id: str, signum: int) -> JobInfo:
         """Send ``signum`` to the job's process group."""
@@ -299,6 +308,11 @@ class Supervisor(metaclass=NoPublicConstructor):
         followers get the end of their streams while connections drain.
         """
         self._closing = True
+        # A Start under way (its place and process are made in a worker thread) adds
+        # its job after this began: wait for it, or that job would outlive the
+        # shutdown, and end unwatched if it came after the runner.
+        while self._starting:
+            await self._started.park()
         async with trio.open_nursery() as nursery:
             for job in list(self._jobs.values()):
                 if job.record.state is JobState.RUNNING and job.process is not None:
@@ -332,6 +346,13 @@ async def _unwrap_single() -> AsyncIterator[None]:
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+
+
+def owner_of(sup: Supervisor, job_id: str) -> str:
+    """The job's owner (``JobNotFound`` if there is none): what the server's visibility
+    check needs, without ``status``'s read of a running job's cgroup accounting (a few
+    files on the event loop, on every Wait, Stop, Signal and Output)."""
+    return sup._jobs.get(job_id).owner
 
 
 def output_within(

@@ -21,8 +21,8 @@ without bound. Here:
   consumer takes them. The server can send at most one stream window
   (``STREAM_WINDOW``) beyond what was acknowledged, so one stream never buffers more than
   ``ACK_BELOW + STREAM_WINDOW`` + one message, however slow its consumer.
-* Writes are coalesced: a call queues its headers, message and END_STREAM and writes them
-  in one socket write from its own task when the socket takes them (``_push``).
+* Writes are coalesced: a call queues its headers, message and END_STREAM and wakes the
+  writer, which sends what every task running meanwhile queued in one socket write.
 """
 
 from __future__ import annotations
@@ -281,14 +281,17 @@ class ClientConnection(Connection):
         except BaseException:
             self.cancel(call)
             raise
-        self._push()
+        # The writer sends it once the tasks running now have queued theirs: calls made
+        # together leave in one socket write (pushing each from its caller's task cost a
+        # third of the rate with 8 callers on one connection).
+        self._wake_writer()
         return call
 
     async def send_request(self, call: Call, payload: bytes) -> None:
         """One more request message on a call opened without ``end_stream``, waiting for
         flow-control window: a server that does not take requests holds us back here."""
         await self.send_message(call.stream_id, payload, abandoned=call.is_done)
-        self._push()
+        self._wake_writer()
 
     async def wait(self, call: Call) -> None:
         while not call.done:

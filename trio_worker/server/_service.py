@@ -36,7 +36,7 @@ from .._errors import (
 )
 from .._host._users import UnixUser, current_user, lookup_user
 from .._identity import Identity
-from .._jobs._supervisor import Supervisor, output_within
+from .._jobs._supervisor import Supervisor, output_within, owner_of
 from .._model import JobInfo
 from .._net._budget import OutputShare
 from .._net._transport import (
@@ -129,14 +129,12 @@ class WorkerService:
 
     # -- helpers --------------------------------------------------------------
 
-    def _visible(self, job_id: str, identity: Identity) -> JobInfo:
-        """The job, if this caller may see it; NOT_FOUND alike for absent and hidden."""
+    def _visible(self, job_id: str, identity: Identity) -> None:
+        """Raise unless this caller may see the job; NOT_FOUND alike for absent and hidden."""
         if not job_id:
             raise InvalidRequest("id", "must not be empty")
-        info = self._sup.status(job_id)
-        if not can_see(identity, info.owner):
+        if not can_see(identity, owner_of(self._sup, job_id)):
             raise JobNotFound(job_id)
-        return info
 
     # -- handlers -------------------------------------------------------------
 
@@ -205,7 +203,8 @@ class WorkerService:
     def status(self, request: pb.StatusRequest, ctx: CallContext) -> pb.Job:
         try:
             authorize(ctx.identity, Op.STATUS)
-            info = self._visible(request.id, ctx.identity)
+            self._visible(request.id, ctx.identity)
+            info = self._sup.status(request.id)
         except TrioWorkerError as exc:
             raise rpc_error(exc) from None
         return job_to_pb(info)
