@@ -5,6 +5,7 @@ then end to end through grpcio (whose default limit on a received message is
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.test_service import Caller, Cluster, cluster
-from trio_worker import InvalidRequest, JobState, open_supervisor
+from trio_worker import InvalidRequest, JobState, Supervisor, open_supervisor
+from trio_worker._identity import Identity, Role
 from trio_worker._jobs._exec_limit import MAX_RECORDED_ARGS, check_exec_size, exec_limit
 from trio_worker._model import JobIdGenerator
+from trio_worker._net._transport import CallContext
 from trio_worker._pb import worker_pb2 as pb
 from trio_worker.server._paging import (
     DEFAULT_PAGE_SIZE,
@@ -29,6 +32,9 @@ from trio_worker.server._paging import (
     fill_page,
     page_size,
 )
+from trio_worker.server._service import _LIST_SLICE, WorkerService
+
+from .conftest import require_root
 
 __all__ = ["cluster"]  # the fixture, shared with test_service
 
@@ -238,3 +244,91 @@ async def test_the_client_walks_the_pages(cluster: Cluster, tmp_path: Path) -> N
         assert await client.list(owner="bob") == []
         await client.stop(sleeper.id, grace=0)
     await trio.lowlevel.checkpoint()
+
+
+# -- a List page never holds the loop ----------------------------------------------------
+
+_ADMIN = CallContext(Identity("root", Role.ADMIN), "/trioworker.v1.Worker/List", "test", None)
+
+
+async def _listing_jobs(sup: Supervisor, ended: int, running: int) -> list[str]:
+    """``ended`` jobs that ran ``true`` and ``running`` sleepers; their ids, oldest first."""
+    ids = [(await sup.start("true")).id for _ in range(ended)]
+    ids += [(await sup.start("sleep", ["600"])).id for _ in range(running)]
+    for job_id in ids[:ended]:
+        await sup.wait(job_id)
+    return ids
+
+
+async def test_a_page_of_1000_jobs_is_built_in_slices_the_loop_runs_between(
+    tmp_path: Path,
+) -> None:
+    """Another task on the loop gets a turn at least once per slice of the page, however
+    many jobs it holds (a page built at once gives it none); running jobs' usage is
+    read (off the loop); the page is what a page was: newest first, 1,000 jobs."""
+    require_root("cgroups (running jobs' usage)")
+    running = 40
+    async with open_supervisor(
+        tmp_path / "state", cgroup_parent="tw-list-" + secrets.token_hex(4)
+    ) as sup:
+        ids = await _listing_jobs(sup, MAX_PAGE_SIZE, running)
+        service = WorkerService(sup)
+        turns = 0
+        listing = True
+
+        async def other_task() -> None:
+            nonlocal turns
+            while listing:
+                await trio.lowlevel.checkpoint()
+                turns += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_task)
+            await trio.lowlevel.checkpoint()  # it has run
+            turns = 0
+            # Ended jobs only: no thread to wait for, so every turn is a slice's checkpoint.
+            ended = await service.list(pb.ListRequest(states=[pb.JOB_STATE_EXITED]), _ADMIN)
+            listing = False
+        assert len(ended.jobs) == MAX_PAGE_SIZE
+        assert turns >= len(ids) // _LIST_SLICE - 2
+
+        page = await service.list(pb.ListRequest(), _ADMIN)
+        assert [j.id for j in page.jobs] == sorted(ids, reverse=True)[:MAX_PAGE_SIZE]
+        assert page.next_page_token == encode_token(page.jobs[-1].id)
+        sleepers = [j for j in page.jobs if j.state == pb.JOB_STATE_RUNNING]
+        assert len(sleepers) == running
+        assert all(j.HasField("usage") and j.usage.memory_peak_bytes > 0 for j in sleepers)
+
+
+async def test_jobs_started_and_removed_while_pages_are_built_never_repeat_or_skip_one(
+    tmp_path: Path,
+) -> None:
+    """Between the slices of a page (and between pages), another task removes every
+    seventh job and starts new ones: every job that was there throughout is listed once,
+    newest first, and nothing is listed twice."""
+    async with open_supervisor(tmp_path / "state") as sup:
+        ids = await _listing_jobs(sup, 300, 0)
+        service = WorkerService(sup)
+        victims = ids[::7]
+        walking = True
+
+        async def churn() -> None:
+            for victim in victims:
+                if not walking:
+                    return
+                await sup.remove(victim)
+                await sup.start("true")
+
+        pages: list[pb.ListResponse] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(churn)
+            request = pb.ListRequest(page_size=40)
+            while not pages or pages[-1].next_page_token:
+                request.page_token = pages[-1].next_page_token if pages else ""
+                pages.append(await service.list(request, _ADMIN))
+            walking = False
+        listed = [j.id for p in pages for j in p.jobs]
+        assert listed == sorted(set(listed), reverse=True)  # newest first, none twice
+        survivors = set(ids) - set(victims)
+        assert survivors <= set(listed)
+        assert len(pages) > 2

@@ -137,10 +137,18 @@ class Job:
             )
         )
 
-    def info(self, *, usage: bool = True, record: lc.Record | None = None) -> JobInfo:
+    def info(
+        self,
+        *,
+        usage: bool = True,
+        record: lc.Record | None = None,
+        measured: Usage | None = None,
+    ) -> JobInfo:
         """The job as it is now; ``usage=False`` skips reading the cgroup's accounting.
 
         ``record`` stands in for the lifecycle's (the record written while spawning).
+        ``measured`` is the live group's usage read off the loop (``live_cgroup``): it is
+        taken instead of reading the group here, if the job is still live.
         """
         r = record or self.record
         assert r.state is not None
@@ -163,7 +171,7 @@ class Job:
             isolation=self.isolation,
             oom_killed=r.oom_killed,
             spawn_errno=r.spawn_errno,
-            usage=self.usage() if usage else None,
+            usage=self.usage(measured) if usage else None,
             user=self.user,
             stdin=self.stdin,
             tty=self.tty,
@@ -208,13 +216,24 @@ class Job:
     def directory(self) -> Path | None:
         return self.log.directory if self.log is not None else None
 
-    def usage(self) -> Usage | None:
+    def live_cgroup(self) -> JobCgroup | None:
+        """The group whose files hold the job's usage now; None once it is final (or none)."""
         if self.final_usage is None and self.cgroup is not None and not self.ended.is_set():
-            try:
-                return self.cgroup.usage()
-            except CgroupError:
-                return None  # the group is going away: the job is ending
-        return self.final_usage
+            return self.cgroup
+        return None
+
+    def usage(self, measured: Usage | None = None) -> Usage | None:
+        """What the job has used: ``measured`` (read off the loop) while it is live, else
+        its group read now; once it has ended, the final usage."""
+        group = self.live_cgroup()
+        if group is None:
+            return self.final_usage
+        if measured is not None:
+            return measured
+        try:
+            return group.usage()
+        except CgroupError:
+            return None  # the group is going away: the job is ending
 
 
 def running_process(job: Job) -> JobProcess:

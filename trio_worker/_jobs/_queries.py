@@ -6,7 +6,7 @@ Queries only take snapshots (``Job.info``); nothing here changes a job.
 from __future__ import annotations
 
 import bisect
-from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 
 import trio
 
@@ -80,24 +80,65 @@ class JobTable:
         """
         order = self._order
         i = len(order) if before is None else bisect.bisect_left(order, before)
-        wanted = frozenset(states) if states else None
+        match = _matcher(states, owner, visible)
         while i > 0:
             i -= 1
             job = self._jobs.get(order[i])
-            if job is None or job.record.state is None:
-                continue  # forgotten, or not started yet
-            if wanted is not None and job.record.state not in wanted:
-                continue
-            if owner is not None and job.owner != owner:
-                continue
-            if visible is not None and not visible(job.owner):
-                continue
-            yield job.info()
+            if job is not None and match(job):
+                yield job.info()
+
+    def scan(
+        self,
+        *,
+        before: str | None,
+        limit: int,
+        states: Collection[JobState] | None = None,
+        owner: str | None = None,
+        visible: Callable[[str], bool] | None = None,
+    ) -> tuple[Sequence[Job], str | None]:
+        """``iter_jobs`` in slices: of the (at most) ``limit`` ids below ``before``, newest
+        first, the jobs that match; and the id the next slice starts below (None: no more).
+
+        Each slice stands alone (it holds no position in the table), so a caller may await
+        between slices: jobs added or forgotten meanwhile never make it repeat or skip one.
+        """
+        order = self._order
+        end = len(order) if before is None else bisect.bisect_left(order, before)
+        start = max(0, end - limit)
+        match = _matcher(states, owner, visible)
+        jobs = [
+            job
+            for job_id in reversed(order[start:end])
+            if (job := self._jobs.get(job_id)) is not None and match(job)
+        ]
+        return jobs, (order[start] if start > 0 else None)
 
     def running_count(self, owner: str) -> int:
         """How many of ``owner``'s jobs are running (for quotas: no snapshots made)."""
         running = JobState.RUNNING
         return sum(1 for j in self._jobs.values() if j.owner == owner and j.record.state is running)
+
+
+def _matcher(
+    states: Collection[JobState] | None,
+    owner: str | None,
+    visible: Callable[[str], bool] | None,
+) -> Callable[[Job], bool]:
+    """Whether a job is listed: started, in ``states`` (any if None or empty), of ``owner``
+    (anyone's if None), whose owner ``visible`` accepts."""
+    wanted = frozenset(states) if states else None
+
+    def match(job: Job) -> bool:
+        state = job.record.state
+        if state is None:
+            return False  # not started yet
+        if wanted is not None and state not in wanted:
+            return False
+        if owner is not None and job.owner != owner:
+            return False
+        return visible is None or visible(job.owner)
+
+    return match
 
 
 def open_output(

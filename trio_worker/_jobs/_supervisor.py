@@ -23,12 +23,12 @@ from pathlib import Path
 import trio
 
 from .._errors import InvalidRequest, JobNotFound, JobStillRunning, ShuttingDown
-from .._host._cgroups import CgroupDriver
+from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup
 from .._host._cgroups import detect as cgroup_detect
 from .._host._guard import ReaperGuard, outlive
 from .._host._spawn import raise_nofile_limit
 from .._limits import LimitPolicy
-from .._model import Isolation, JobInfo, JobState, Limits, OutputChunk
+from .._model import Isolation, JobInfo, JobState, Limits, OutputChunk, Usage
 from .._util import NoPublicConstructor, final
 from . import _input
 from ._admission import Admission
@@ -132,6 +132,33 @@ class Supervisor(metaclass=NoPublicConstructor):
         Consume it without awaiting in between (the table may change).
         """
         return self._jobs.iter_jobs(before=before, states=states, owner=owner, visible=visible)
+
+    async def jobs_slice(
+        self,
+        *,
+        before: str | None,
+        limit: int,
+        states: Collection[JobState] | None = None,
+        owner: str | None = None,
+        visible: Callable[[str], bool] | None = None,
+    ) -> tuple[Sequence[JobInfo], str | None]:
+        """``iter_jobs`` a slice at a time, for a List page built without blocking the loop:
+        of the (at most) ``limit`` ids below ``before``, the matching jobs, newest first, and
+        the id the next slice starts below (None: no more).
+
+        The running jobs' usage is read in one thread for the slice (a cgroup's files cost
+        tens of us each); jobs started, ended or removed meanwhile never make a caller
+        that pages with the returned id repeat or skip one.
+        """
+        jobs, below = self._jobs.scan(
+            before=before, limit=limit, states=states, owner=owner, visible=visible
+        )
+        groups = [(job, group) for job in jobs if (group := job.live_cgroup()) is not None]
+        measured: dict[str, Usage | None] = {}
+        if groups:
+            usages = await trio.to_thread.run_sync(_read_usages, [g for _, g in groups])
+            measured = {job.id: usage for (job, _), usage in zip(groups, usages, strict=True)}
+        return [job.info(measured=measured.get(job.id)) for job in jobs], below
 
     def running_count(self, owner: str) -> int:
         """How many of ``owner``'s jobs are running (for quotas: no snapshots made)."""
@@ -539,3 +566,14 @@ async def open_supervisor_with_driver(
             lock.release()
         if temporary and not keep_state:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_usages(groups: list[JobCgroup]) -> list[Usage | None]:
+    """Each group's usage (None for a group going away): runs in a thread."""
+    usages: list[Usage | None] = []
+    for group in groups:
+        try:
+            usages.append(group.usage())
+        except CgroupError:
+            usages.append(None)
+    return usages

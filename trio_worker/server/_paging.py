@@ -14,7 +14,7 @@ import base64
 import binascii
 import re
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from .._errors import InvalidRequest
 from .._wire._h2conn import MAX_MESSAGE
@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_PAGE_SIZE",
     "MAX_PAGE_BYTES",
     "MAX_PAGE_SIZE",
+    "PageFill",
     "decode_token",
     "encode_token",
     "fill_page",
@@ -89,14 +90,32 @@ def fill_page(
     The first item is taken whatever its cost (the caller makes sure one job
     always fits); after that, the page ends before the item that would not.
     """
-    page: list[_T] = []
-    used = 0
+    page = PageFill(size, cost, budget=budget)
     for item in items:
-        if len(page) >= size:
-            return page, True
-        spent = cost(item) + _ENTRY_OVERHEAD
-        if page and used + spent > budget:
-            return page, True
-        page.append(item)
-        used += spent
-    return page, False
+        if not page.add(item):
+            return page.items, True
+    return page.items, False
+
+
+class PageFill(Generic[_T]):
+    """``fill_page`` an item at a time, for a page built in slices (awaiting in between)."""
+
+    __slots__ = ("_budget", "_cost", "_size", "_used", "items")
+
+    def __init__(self, size: int, cost: Callable[[_T], int], *, budget: int = _JOBS_BUDGET) -> None:
+        self.items: list[_T] = []
+        self._size = size
+        self._cost = cost
+        self._budget = budget
+        self._used = 0
+
+    def add(self, item: _T) -> bool:
+        """Take ``item`` if it fits; False if not (the page is full, and more remain)."""
+        if len(self.items) >= self._size:
+            return False
+        spent = self._cost(item) + _ENTRY_OVERHEAD
+        if self.items and self._used + spent > self._budget:
+            return False
+        self.items.append(item)
+        self._used += spent
+        return True

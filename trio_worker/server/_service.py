@@ -51,12 +51,16 @@ from .._net._transport import Method as RpcMethod
 from .._pb import worker_pb2 as pb
 from ._authz import Method as Op
 from ._authz import authorize, can_see, job_user
-from ._paging import MAX_PAGE_BYTES, decode_token, encode_token, fill_page, page_size
+from ._paging import MAX_PAGE_BYTES, PageFill, decode_token, encode_token, page_size
 from ._quota import QuotaPolicy, Quotas
 
 __all__ = ["SERVICE_NAME", "WorkerService", "rpc_error"]
 
 SERVICE_NAME = "trioworker.v1.Worker"
+#: How many jobs of the table one List slice examines between checkpoints. A listed job
+#: costs the loop ~45 us (snapshot, conversion, size; on 2 shared cores at load 4-5), so
+#: a slice ~0.35 ms; its running jobs' usage is read in a thread.
+_LIST_SLICE = 8
 
 
 def _listed(info: JobInfo) -> pb.Job:
@@ -111,8 +115,9 @@ class WorkerService:
     def methods(self) -> dict[str, RpcMethod]:
         """Full method path → descriptor, for the transport.
 
-        Status and List only read snapshots, so they run as plain functions in
-        the connection's reader: no task per call, the cheapest path there is.
+        Status only reads a snapshot, so it runs as a plain function in the
+        connection's reader: no task per call, the cheapest path there is. List
+        may build 1,000 jobs: it is a task, and yields to the loop between slices.
         """
         path = f"/{SERVICE_NAME}/{{}}".format
         return {
@@ -121,7 +126,7 @@ class WorkerService:
             path("Signal"): UnaryMethod(pb.SignalRequest, pb.Job, self.signal),
             path("Status"): SyncUnaryMethod(pb.StatusRequest, pb.Job, self.status),
             path("Wait"): UnaryMethod(pb.WaitRequest, pb.Job, self.wait),
-            path("List"): SyncUnaryMethod(pb.ListRequest, pb.ListResponse, self.list),
+            path("List"): UnaryMethod(pb.ListRequest, pb.ListResponse, self.list),
             path("Output"): StreamMethod(pb.OutputRequest, pb.OutputChunk, self.output),
             path("Remove"): UnaryMethod(pb.RemoveRequest, pb.Job, self.remove),
             path("Attach"): BidiTaskMethod(pb.AttachRequest, pb.AttachResponse, self.attach),
@@ -218,7 +223,9 @@ class WorkerService:
             raise rpc_error(exc) from None
         return job_to_pb(info)
 
-    def list(self, request: pb.ListRequest, ctx: CallContext) -> pb.ListResponse:
+    async def list(self, request: pb.ListRequest, ctx: CallContext) -> pb.ListResponse:
+        """A page built a slice at a time, each slice's running jobs' usage read in a
+        thread, so a page of 1,000 jobs never holds the loop (see ``_LIST_SLICE``)."""
         try:
             authorize(ctx.identity, Op.LIST)
             before = decode_token(request.page_token)
@@ -226,17 +233,26 @@ class WorkerService:
         except TrioWorkerError as exc:
             raise rpc_error(exc) from None
         identity = ctx.identity
-        infos = self._sup.iter_jobs(
-            before=before,
-            states=states,
-            owner=request.owner or None,
-            visible=lambda owner: can_see(identity, owner),
-        )
-        jobs, more = fill_page(
-            (_listed(info) for info in infos), page_size(request.page_size), _byte_size
-        )
-        token = encode_token(jobs[-1].id) if more and jobs else ""
-        return pb.ListResponse(jobs=jobs, next_page_token=token)
+        page = PageFill(page_size(request.page_size), _byte_size)
+        response = pb.ListResponse()
+        while True:
+            infos, below = await self._sup.jobs_slice(
+                before=before,
+                limit=_LIST_SLICE,
+                states=states,
+                owner=request.owner or None,
+                visible=lambda owner: can_see(identity, owner),
+            )
+            for info in infos:
+                job = _listed(info)
+                if not page.add(job):  # full, and this one is more
+                    response.next_page_token = encode_token(page.items[-1].id)
+                    return response
+                response.jobs.append(job)  # a copy: one at a time, not 1,000 at the end
+            if below is None:
+                return response
+            before = below
+            await trio.lowlevel.checkpoint()
 
     async def output(
         self, request: pb.OutputRequest, ctx: CallContext
