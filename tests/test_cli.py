@@ -320,6 +320,33 @@ def test_a_closed_stdout_is_no_traceback(dev: DevServer) -> None:
     assert dev("status", job_id).returncode == 6  # no such job: it was removed
 
 
+def test_output_that_cannot_be_written_is_one_line_and_its_own_code(dev: DevServer) -> None:
+    """Stdout on a full disk (/dev/full): one line saying so, exit 13 (125 for run,
+    whose code is the job's), never exit 0 with the output lost, never "a bug"."""
+
+    def full(*args: str) -> subprocess.CompletedProcess[bytes]:
+        argv = [*COMMAND, *args]
+        with open("/dev/full", "wb") as stdout:
+            return subprocess.run(
+                argv, env=dev.env, stdout=stdout, stderr=subprocess.PIPE, timeout=30
+            )
+
+    job_id = ok(dev("start", "--", "echo", "hello")).decode().strip()
+    assert dev("wait", job_id).returncode == 0
+    cases = [
+        (["--help"], 13),
+        (["list", "--addr", dev.addr], 13),
+        (["status", "--addr", dev.addr, job_id], 13),
+        (["logs", "--addr", dev.addr, job_id], 13),
+        (["run", "--addr", dev.addr, "--", "echo", "hello"], 125),
+    ]
+    for args, code in cases:
+        result = full(*args)
+        err = result.stderr.decode()
+        assert result.returncode == code, (args, err)
+        assert err == "trio-worker: error: cannot write the output: No space left on device\n", args
+
+
 def test_wait_and_signal(dev: DevServer) -> None:
     script = "trap 'echo got USR1; exit 5' USR1; echo ready; while :; do sleep 0.05; done"
     job_id = ok(dev("start", "--", "sh", "-c", script)).decode().strip()

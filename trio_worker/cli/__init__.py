@@ -89,7 +89,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     debug = debug or os.environ.get("TRIO_WORKER_DEBUG", "") not in ("", "0")
     command = next((t for t in tokens if not t.startswith("-")), "")
     if not command and all(t in ("--help", "-h") for t in tokens):
-        sys.stdout.write(overview())  # also for no arguments at all
+        try:
+            sys.stdout.write(overview())  # also for no arguments at all
+            sys.stdout.flush()
+        except BaseException as exc:
+            _fail(exc, command="", debug=debug, fast=False)
         sys.exit(ExitCode.OK)
     if command and command not in NAMES:
         print(
@@ -122,33 +126,51 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
     try:
         result = run()
+        # What is still buffered is part of the command's work: failing to write it is
+        # the command's failure (a full disk must not exit 0).
+        sys.stdout.flush()
     except SystemExit:
         raise
     except BaseException as exc:
-        from ._errors import describe
-
-        if debug:
-            import traceback
-
-            traceback.print_exception(exc)
-        failure = describe(exc, command=command, job_exit=command in _JOB_EXIT_COMMANDS)
-        if failure.code == ExitCode.BROKEN_PIPE:
-            _stdout_gone(fast=fast)
-        if failure.code != ExitCode.INTERRUPTED:
-            print(f"trio-worker: error: {failure.message}", file=sys.stderr, flush=True)
-        _leave(failure.code, fast=fast)
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        _stdout_gone(fast=fast)
+        _fail(exc, command=command, debug=debug, fast=fast)
     _leave(int(result) if isinstance(result, int) else ExitCode.OK, fast=fast)
+
+
+def _fail(exc: BaseException, *, command: str, debug: bool, fast: bool) -> NoReturn:
+    """One line on stderr for ``exc``, then its exit code."""
+    from ._errors import describe
+
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    failure = describe(exc, command=command, job_exit=command in _JOB_EXIT_COMMANDS)
+    if failure.code == ExitCode.BROKEN_PIPE:
+        _stdout_gone(fast=fast)
+    if failure.code == ExitCode.UNWRITABLE:
+        _drop_stdout()  # what stdout still buffers cannot be written either
+    if failure.code != ExitCode.INTERRUPTED:
+        with contextlib.suppress(OSError, ValueError):
+            print(f"trio-worker: error: {failure.message}", file=sys.stderr, flush=True)
+    _leave(failure.code, fast=fast)
+
+
+def _drop_stdout() -> None:
+    """Point fd 1 at /dev/null, so that flushing at exit neither fails again nor hides
+    the one line that says why."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        sys.stdout.flush()
 
 
 def _leave(code: int, *, fast: bool) -> NoReturn:
     """Exit with ``code``. With ``fast`` (a short command, run as its own process) skip the
     interpreter's teardown: it frees every module one by one (protobuf, h2, ...), ~20 ms,
-    longer than some whole commands. Nothing is lost: stdout and stderr are flushed here,
-    these commands keep no file open, and the kernel frees the rest."""
+    longer than some whole commands. Nothing is lost: stdout and stderr were flushed
+    (a failure to is the command's failure, see ``main``), these commands keep no file
+    open, and the kernel frees the rest."""
     if not fast:
         sys.exit(code)
     try:

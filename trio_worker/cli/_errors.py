@@ -9,6 +9,7 @@ The exit codes are in ``_exit``.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -228,6 +229,14 @@ def leaf_exception(exc: BaseException) -> BaseException:
     return leaves[0] if leaves else exc
 
 
+#: Errors of a write that the disk or device refused (not a bug, not the server's).
+_UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
+
+
+def _errno_name(number: int | None) -> str:
+    return errno.errorcode.get(number or 0, "error")
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -244,6 +253,12 @@ def describe(exc: BaseException, *, command: str = "", job_exit: bool = False) -
         return Failure(ExitCode.INTERRUPTED, "interrupted")
     if isinstance(exc, BrokenPipeError):
         return Failure(ExitCode.BROKEN_PIPE, "output closed")
+    if isinstance(exc, OSError) and exc.errno in _UNWRITABLE:
+        where = str(exc.filename) if exc.filename else ""
+        return Failure(
+            ExitCode.TOOL_FAILED if job_exit else ExitCode.UNWRITABLE,
+            f"cannot write {where or 'the output'}: {exc.strerror or _errno_name(exc.errno)}",
+        )
     for cls, code, hint in TABLE:
         if isinstance(exc, _cyclopts("CycloptsError") if cls is _CycloptsError else cls):
             next_step = hint(exc, command) if callable(hint) else hint

@@ -17,7 +17,8 @@ Exit codes (the README's table is this one):
 10    the server is shutting down
 11    the server failed (internal error)
 12    the job is still running (``rm`` without ``-f``)
-125   ``run``/``wait``: trio-worker itself failed (any of 1-12)
+13    our output could not be written (disk full, I/O error)
+125   ``run``/``wait``: trio-worker itself failed (any of 1-13)
 126   ``run``/``wait``/``start``: the command could not be executed
 127   ``run``/``wait``/``start``: the command was not found
 128+N ``run``/``wait``: the job was killed by signal N
@@ -47,6 +48,7 @@ class ExitCode(enum.IntEnum):
     SHUTTING_DOWN = 10
     SERVER = 11
     RUNNING = 12
+    UNWRITABLE = 13
     #: ``run``/``wait`` only: trio-worker failed, not the job.
     TOOL_FAILED = 125
     CANNOT_EXECUTE = 126
