@@ -208,3 +208,21 @@ def test_readonly_certificate_may_not_start(clients: Clients) -> None:
     assert reply.error_info().reason == "PERMISSION_DENIED"
     listed = clients.admin.call("List", pb.ListRequest()).one(pb.ListResponse)
     assert all(j.command != "true" for j in listed.jobs)
+
+
+def test_output_follows_a_running_job_to_its_end(clients: Clients) -> None:
+    """Output with ``follow`` on a job still running: grpc-go gets the later bytes live, then
+    the end of the stream (status OK) once the job has ended."""
+    go = clients.admin
+    script = "printf first; sleep 2; printf second >&2"
+    job = go.call("Start", pb.StartRequest(command="sh", args=["-c", script])).one(pb.Job)
+    assert job.state == pb.JOB_STATE_RUNNING
+    output = go.call("Output", pb.OutputRequest(id=job.id, follow=True), stream=True)
+    assert output.code == OK, (output.code, output.message)
+    chunks = [pb.OutputChunk.FromString(r) for r in output.responses]
+    assert [(c.stream, c.data) for c in chunks] == [
+        (pb.OUTPUT_STREAM_STDOUT, b"first"),
+        (pb.OUTPUT_STREAM_STDERR, b"second"),
+    ]
+    assert [c.offset for c in chunks] == [0, 5]
+    assert go.call("Status", pb.StatusRequest(id=job.id)).one(pb.Job).state == pb.JOB_STATE_EXITED
