@@ -347,6 +347,22 @@ def test_output_that_cannot_be_written_is_one_line_and_its_own_code(dev: DevServ
         assert err == "trio-worker: error: cannot write the output: No space left on device\n", args
 
 
+def test_a_reader_that_goes_away_is_exit_141_and_silence(dev: DevServer) -> None:
+    """``trio-worker logs ID | head -c 10``: the pipe closes under a long output; the
+    command leaves as cat does (141, nothing on stderr, no traceback)."""
+    job_id = ok(dev("start", "--", "head", "-c", "4000000", "/dev/zero")).decode().strip()
+    assert dev("wait", job_id).returncode == 0
+    argv = [*COMMAND, "logs", "--addr", dev.addr, job_id]
+    logs = subprocess.Popen(argv, env=dev.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert logs.stdout is not None
+    assert logs.stderr is not None
+    assert logs.stdout.read(10) == b"\0" * 10
+    logs.stdout.close()
+    with logs.stderr:
+        err = logs.stderr.read()
+    assert (logs.wait(timeout=30), err) == (141, b"")
+
+
 def test_wait_and_signal(dev: DevServer) -> None:
     script = "trap 'echo got USR1; exit 5' USR1; echo ready; while :; do sleep 0.05; done"
     job_id = ok(dev("start", "--", "sh", "-c", script)).decode().strip()

@@ -41,11 +41,7 @@ def _split_debug(tokens: list[str]) -> tuple[list[str], bool]:
 def _stdout_gone(*, fast: bool = False) -> NoReturn:
     # The reader went away (`trio-worker logs ID | head`): leave quietly, as cat does, and
     # keep Python from complaining when it flushes stdout on exit.
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
+    _drop_stdout()
     if fast:
         os._exit(ExitCode.BROKEN_PIPE)
     sys.exit(ExitCode.BROKEN_PIPE)
@@ -156,8 +152,9 @@ def _fail(exc: BaseException, *, command: str, debug: bool, fast: bool) -> NoRet
 
 
 def _drop_stdout() -> None:
-    """Point fd 1 at /dev/null, so that flushing at exit neither fails again nor hides
-    the one line that says why."""
+    """Point fd 1 at /dev/null and let what stdout buffers go there: its reader is gone
+    or its disk is full, and flushing at exit must neither fail again nor hide the one
+    line that says why."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
