@@ -262,6 +262,67 @@ def test_detect_v1_on_this_machine(v1: V1Driver) -> None:
     v1.check(Limits(cpus=1, memory_bytes=64 * MiB, io_read_bps=MiB, io_write_bps=MiB, pids=5))
 
 
+def test_v1_job_is_only_in_the_hierarchies_it_needs(
+    v1: V1Driver, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """Each hierarchy costs a Start a mkdir, an open, a write and an rmdir: a job
+    without limits is in memory (peak, OOM) and the unified mount (tracking, kill,
+    CPU) only; its usage still has both figures."""
+    group = v1.create("plain", Limits())
+    assert {d.parent for d in group.dirs} == {v1.parents["memory"], v1.unified}
+    for controller in ("cpu", "cpuacct", "blkio", "pids", "freezer"):
+        assert not (v1.parents[controller] / "job-plain").exists()
+    busy = "b = b'x' * (32 << 20); sum(range(2_000_000))"
+    proc = spawn(procs, [sys.executable, "-c", busy], group)
+    assert proc.wait(timeout=20) == 0
+    usage = group.usage()
+    assert usage is not None
+    assert usage.cpu_seconds > 0
+    assert usage.memory_peak_bytes >= 32 * MiB
+    group.remove()
+    assert not any(d.exists() for d in group.dirs)
+
+
+def test_v1_place_made_ahead_widens_for_its_limits(
+    v1: V1Driver, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """A group made ahead of need (no limits known) gains the hierarchies its
+    limits need at ``configure``, and the job's process is in each of them."""
+    made = v1.make("ahead")
+    assert v1.parents["pids"] / "job-ahead" not in made.dirs
+    group = v1.configure(made, Limits(cpus=0.5, pids=7))
+    assert group is not made
+    assert set(made.dirs) < set(group.dirs)
+    assert (v1.parents["pids"] / "job-ahead" / "pids.max").read_text().strip() == "7"
+    quota = (v1.parents["cpu"] / "job-ahead" / "cpu.cfs_quota_us").read_text().strip()
+    assert quota == str(cpu_quota_us(0.5))
+    proc = spawn(procs, ["sleep", "30"], group)
+    wait_until(lambda: group.pids() == [proc.pid])
+    for directory in group.dirs:
+        assert str(proc.pid) in (directory / "cgroup.procs").read_text().split()
+    group.kill()
+    proc.wait(timeout=10)
+    group.remove()
+    assert not any(d.exists() for d in group.dirs)
+    # A group that needs nothing more is used as it is.
+    same = v1.make("same")
+    assert v1.configure(same, Limits(memory_bytes=64 * MiB)) is same
+    same.remove()
+
+
+def test_v1_without_the_unified_mount_keeps_the_freezer_and_cpuacct(
+    drivers: Callable[..., CgroupDriver],
+) -> None:
+    require_root("cgroup v1 tests")
+    driver = drivers(use_unified=False)
+    assert isinstance(driver, V1Driver)
+    group = driver.create("legacy", Limits())
+    parents = {d.parent for d in group.dirs}
+    assert {driver.parents[c] for c in ("memory", "cpuacct", "freezer")} <= parents
+    assert driver.parents["pids"] not in parents
+    group.remove()
+
+
 def test_detect_v2_fake_tree_writes_limit_files(tmp_path: Path) -> None:
     root = tmp_path / "cgroup"
     parent = _fake_v2(root, "tw")

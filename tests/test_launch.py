@@ -51,18 +51,20 @@ async def test_a_start_takes_a_ready_place_and_the_rest_go_with_the_supervisor(
             "output.idx",
             "output.log",
         ]
-        assert all(d.is_dir() for d in groups_of(sup, place.job_id))
+        assert all(d.is_dir() for d in place.group.dirs)
         # The Start takes the oldest: its id, its directory (moved into jobs/), its group,
-        # with the limits written now.
+        # with the limits written now (and on v1, the pids hierarchy the place was not in).
         job = await sup.start("sleep", ["60"], limits=Limits(pids=7))
         assert job.id == place.job_id
         assert not made_in.exists()
         assert (state / "jobs" / job.id / "output.log").is_file()
         assert job.pid is not None
+        group = sup._jobs.get(job.id).cgroup
+        assert group is not None
         membership = in_cgroups(job.pid)
         joined = [line for line in membership.splitlines() if line.endswith(f"/job-{job.id}")]
-        assert len(joined) == len(groups_of(sup, job.id)), membership
-        pids_max = [d / "pids.max" for d in groups_of(sup, job.id) if (d / "pids.max").exists()]
+        assert len(joined) == len(group.dirs), membership
+        pids_max = [d / "pids.max" for d in group.dirs if (d / "pids.max").exists()]
         assert pids_max
         assert {p.read_text().strip() for p in pids_max} == {"7"}
         await sup.stop(job.id, grace=0)
@@ -86,7 +88,7 @@ CRASHING = textwrap.dedent(
         async with trio_worker.open_supervisor(state, cgroup_parent=parent) as sup:
             await sup._admission.launcher.settled()
             ready = [p.job_id for p in sup._admission.launcher.ready_places()]
-            groups = [str(d) for i in ready for d in sup.cgroups.job(i).dirs]
+            groups = [str(d) for p in sup._admission.launcher.ready_places() for d in p.group.dirs]
             print(json.dumps({"ready": ready, "groups": groups}), flush=True)
             await trio.sleep_forever()
 

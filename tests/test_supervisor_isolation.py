@@ -77,7 +77,8 @@ async def test_escaped_grandchild_dies_on_supervisor_exit() -> None:
     async with open_supervisor(shutdown_grace=1) as sup:
         job = await sup.start("sh", ["-c", ESCAPE])
         escapee = int(await first_line(sup, job.id))
-        group = sup.cgroups.job(job.id).path
+        own = sup._jobs.get(job.id).cgroup
+        group = own.path if own is not None else None
     assert not process_alive(escapee)
     assert group is None or not group.exists()
 
@@ -85,7 +86,9 @@ async def test_escaped_grandchild_dies_on_supervisor_exit() -> None:
 async def test_job_cgroup_exists_while_running_and_is_removed_after() -> None:
     async with open_supervisor() as sup:
         job = await sup.start("sleep", ["1000"], limits=Limits(pids=16))
-        path = sup.cgroups.job(job.id).path
+        group = sup._jobs.get(job.id).cgroup  # the hierarchies the job is in
+        assert group is not None
+        path = group.path
         assert path is not None
         assert path.is_dir()
         assert job.pid is not None
@@ -179,7 +182,9 @@ async def test_fork_bomb_under_pids_limit_does_not_hurt_the_supervisor() -> None
             "sh", ["-c", "b() { b | b & }; b; sleep 1000"], limits=Limits(pids=32)
         )
         await trio.sleep(1)
-        path = sup.cgroups.job(bomb.id).path
+        own = sup._jobs.get(bomb.id).cgroup
+        assert own is not None
+        path = own.path
         assert path is not None
         assert len((path / "cgroup.procs").read_text().split()) <= 32
         assert sup.status(bomb.id).state is JobState.RUNNING

@@ -2,9 +2,12 @@
 
 Starts a development server (its own temporary state directory, a free port), then runs
 each command ``--runs`` times in turn, as a person would from a shell, and prints the
-minimum and median wall time of each next to ``python -c pass`` measured in the same
-rounds (the interpreter's own floor on this machine, at this moment). The issue's targets
-(medians): ``--help`` 0.10 s, ``list`` 0.15 s, ``run -- true`` 0.20 s. Asserts nothing.
+minimum, median and quartiles of the wall time of each next to ``python -c pass`` measured
+in the same rounds (the interpreter's own floor on this machine, at this moment), and the
+median CPU time (user + system) the command itself used: on a shared machine the wall time
+follows the load, the CPU time much less, so it is what to compare between two changes.
+The issue's targets (medians of wall time): ``--help`` 0.10 s, ``list`` 0.15 s,
+``run -- true`` 0.20 s. Asserts nothing.
 
 The package is byte-compiled first, as ``pip install`` leaves it: an editable checkout under
 ``PYTHONDONTWRITEBYTECODE=1`` would otherwise compile every module from source on every
@@ -19,6 +22,7 @@ import argparse
 import compileall
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -64,21 +68,37 @@ def main() -> None:
         server, addr = start_server(state_dir)
         env = {**os.environ, "TRIO_WORKER_STATE_DIR": str(state_dir), "TRIO_WORKER_ADDR": addr}
         times: dict[str, list[float]] = {name: [] for name, _, _ in CASES}
+        cpu: dict[str, list[float]] = {name: [] for name, _, _ in CASES}
         try:
             for _ in range(args.runs + 1):  # the first round warms caches and is dropped
                 for name, argv, _target in CASES:
+                    used = _children_cpu()
                     begin = time.perf_counter()
                     subprocess.run(argv, env=env, capture_output=True, check=True)
                     times[name].append(time.perf_counter() - begin)
+                    cpu[name].append(_children_cpu() - used)
         finally:
             server.terminate()
             server.wait()
-    print(f"trio-worker start-up, {args.runs} runs each, interleaved (seconds)")
-    print(f"{'command':<26} {'min':>7} {'median':>7} {'target':>7}")
+    print(
+        f"trio-worker start-up, {args.runs} runs each, interleaved (seconds; "
+        f"load average {os.getloadavg()[0]:.1f} at the end)"
+    )
+    print(f"{'command':<26} {'min':>7} {'q1':>7} {'median':>7} {'q3':>7} {'target':>7} {'cpu':>7}")
     for name, _, target in CASES:
         runs = times[name][1:]
+        q1, median, q3 = statistics.quantiles(runs, n=4)
         goal = f"{target:7.2f}" if target is not None else "      -"
-        print(f"{name:<26} {min(runs):7.3f} {statistics.median(runs):7.3f} {goal}")
+        print(
+            f"{name:<26} {min(runs):7.3f} {q1:7.3f} {median:7.3f} {q3:7.3f} {goal} "
+            f"{statistics.median(cpu[name][1:]):7.3f}"
+        )
+
+
+def _children_cpu() -> float:
+    """User + system seconds of the children waited for so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@
   ``cpu.cfs_quota_us``, ``memory.limit_in_bytes``/``memory.memsw.limit_in_bytes``,
   ``blkio.throttle.*_bps_device``, ``pids.max``, ``memory.oom_control``,
   ``cpuacct.usage``, freezer for kill; plus the v2 mount at ``unified/`` (when
-  there is one) for tracking and ``cgroup.kill``.
+  there is one) for tracking, ``cgroup.kill`` and ``cpu.stat``. A job is only in
+  the hierarchies it needs: memory, and those of the limits it asks for (with no
+  unified mount, cpuacct and the freezer too): each one costs every Start a
+  mkdir, an open, a ``cgroup.procs`` write and an rmdir.
 * ``NoDriver`` — no usable cgroups (not root, read-only, none mounted): jobs
   without limits still run, a job asking for one is refused (``Unenforceable``).
 
@@ -523,9 +526,13 @@ class V2JobCgroup(JobCgroup):
 
 
 class V1JobCgroup(JobCgroup):
-    """A job's groups in cgroup v1 hierarchies (and the unified mount, if any)."""
+    """A job's groups in cgroup v1 hierarchies (and the unified mount, if any).
 
-    __slots__ = ("_distinct", "_name", "_parents", "_unified_parent")
+    Only in the hierarchies it needs (``V1Driver.hierarchies_for``): each one is a
+    mkdir, an open, a ``cgroup.procs`` write in the child and an rmdir per job.
+    """
+
+    __slots__ = ("_homes", "_joined", "_name", "_parents", "_unified_parent")
 
     def __init__(
         self,
@@ -534,22 +541,32 @@ class V1JobCgroup(JobCgroup):
         parents: Mapping[str, Path],
         unified_parent: Path | None,
         *,
-        distinct: Sequence[str],
+        joined: Sequence[str],
+        homes: Mapping[str, str],
     ) -> None:
         """The group ``name`` under each of the driver's ``parents`` (controller ->
-        its parent group; shared, not copied) and under ``unified_parent``;
-        ``distinct``: the controllers whose hierarchies differ (co-mounted ones
-        share a directory)."""
+        its parent group; shared, not copied) whose hierarchy is ``joined``, and
+        under ``unified_parent``. ``joined``: the hierarchies the job is in, each
+        named by one of its controllers (co-mounted ones share a directory);
+        ``homes``: controller -> that name for its hierarchy (shared)."""
         super().__init__(job_id)
         self._name = name
         self._parents = parents
         self._unified_parent = unified_parent
-        self._distinct = distinct
+        self._joined = joined
+        self._homes = homes
+
+    @property
+    def joined(self) -> Sequence[str]:
+        """The v1 hierarchies the job is in, each named by one of its controllers."""
+        return self._joined
 
     @property
     def controllers(self) -> dict[str, Path]:
-        """The job's directory for each controller."""
-        return {c: p / self._name for c, p in self._parents.items()}
+        """The job's directory for each controller it is under."""
+        return {
+            c: p / self._name for c, p in self._parents.items() if self._homes[c] in self._joined
+        }
 
     @property
     def unified(self) -> Path | None:
@@ -558,7 +575,7 @@ class V1JobCgroup(JobCgroup):
 
     @property
     def dirs(self) -> tuple[Path, ...]:
-        dirs = [self._parents[c] / self._name for c in self._distinct]
+        dirs = [self._parents[c] / self._name for c in self._joined]
         if self._unified_parent is not None:
             dirs.append(self._unified_parent / self._name)
         return tuple(dirs)
@@ -570,7 +587,9 @@ class V1JobCgroup(JobCgroup):
 
     def _controller(self, name: str) -> Path | None:
         parent = self._parents.get(name)
-        return None if parent is None else parent / self._name
+        if parent is None or self._homes[name] not in self._joined:
+            return None
+        return parent / self._name
 
     def kill(self) -> None:
         """``cgroup.kill`` of the unified mount if any, then freeze, SIGKILL all, thaw."""
@@ -719,7 +738,7 @@ class CgroupDriver(ABC):
         """
         self.check(limits)
         device = _io_device(limits, cwd)
-        group = self.make(job_id)
+        group = self.make(job_id, limits)
         try:
             self._apply(group, limits, device, extra_tasks)
         except BaseException:
@@ -734,18 +753,34 @@ class CgroupDriver(ABC):
         *,
         cwd: str | os.PathLike[str] | None = None,
         extra_tasks: int = 0,
-    ) -> None:
-        """Apply ``limits`` to a group ``make`` made ahead of need (still empty).
+    ) -> JobCgroup:
+        """Apply ``limits`` to a group ``make`` made ahead of need (still empty), and
+        return the group to use: ``group``, or (v1) ``group`` in more hierarchies
+        when the limits need controllers it is not under (their ``cgroup.procs``
+        are then to be opened too).
 
         As ``create`` does; on failure the group may hold some of the limits:
-        remove it, do not reuse it.
+        remove it, do not reuse it (what this call added is removed already).
         """
         self.check(limits)
-        self._apply(group, limits, _io_device(limits, cwd), extra_tasks)
+        device = _io_device(limits, cwd)
+        wider = self._widen(group, limits)
+        try:
+            self._apply(wider, limits, device, extra_tasks)
+        except BaseException:
+            if wider is not group:
+                _rmdir_quietly(d for d in wider.dirs if d not in group.dirs)
+            raise
+        return wider
 
     @abstractmethod
-    def make(self, job_id: str) -> JobCgroup:
-        """Make the job's group, without limits (``CgroupError`` if it cannot)."""
+    def make(self, job_id: str, limits: Limits | None = None) -> JobCgroup:
+        """Make the job's group, without limits yet (``CgroupError`` if it cannot),
+        in what ``limits`` will need (v1: which hierarchies)."""
+
+    def _widen(self, group: JobCgroup, limits: Limits) -> JobCgroup:
+        """``group`` made ready for ``limits``' controllers (v1 makes directories)."""
+        return group
 
     @abstractmethod
     def _apply(
@@ -867,7 +902,7 @@ class V2Driver(CgroupDriver):
             job_id, self.parent_dir / f"{_JOB_PREFIX}{job_id}", has_kill=self._has_kill
         )
 
-    def make(self, job_id: str) -> JobCgroup:
+    def make(self, job_id: str, limits: Limits | None = None) -> JobCgroup:
         group = self.job(job_id)
         _mkdir(group.dirs[0])
         return group
@@ -959,6 +994,25 @@ class V1Driver(CgroupDriver):
         for name, parent_dir in self.parents.items():
             by_mount.setdefault(_realpath(parent_dir), name)
         self._distinct = tuple(by_mount.values())
+        #: Controller -> the name ``_distinct`` gives its hierarchy.
+        self._homes = {name: by_mount[_realpath(d)] for name, d in self.parents.items()}
+        #: Hierarchy lists by (cpu, io, pids) limits asked: shared by the jobs.
+        self._joined: dict[tuple[bool, bool, bool], tuple[str, ...]] = {}
+        # What every job needs, measured as the bulk of a Start's cgroup work (a
+        # mkdir, an open, the child's write and an rmdir per hierarchy): memory
+        # (peak usage, OOM); with the unified mount its group tracks the job, kills
+        # it (``cgroup.kill``) and counts its CPU (``cpu.stat``), else cpuacct and
+        # the freezer do. Limits add their controllers (``hierarchies_for``).
+        kills = self.unified is not None and (self.unified / "cgroup.kill").exists()
+        always = {"memory"}
+        if self.unified is None:
+            always.add("cpuacct")
+        if not kills:
+            always.add("freezer")
+        self._base = frozenset(self._homes[c] for c in always if c in self._homes)
+        if not self._base and self.unified is None:
+            # Nothing would track the job: every hierarchy there is.
+            self._base = frozenset(self._distinct)
         self._memsw = (
             "memory" in self.parents
             and (self.parents["memory"] / "memory.memsw.limit_in_bytes").exists()
@@ -970,13 +1024,34 @@ class V1Driver(CgroupDriver):
     def _parent_dirs(self) -> list[Path]:
         return list(self.parents.values()) + ([self.unified] if self.unified else [])
 
-    def job(self, job_id: str) -> JobCgroup:
+    def hierarchies_for(self, limits: Limits | None) -> tuple[str, ...]:
+        """The hierarchies a job with ``limits`` joins (see ``__init__``), in mount order."""
+        limits = limits or Limits()
+        io = bool(limits.io_read_bps or limits.io_write_bps)
+        key = (bool(limits.cpus), io, bool(limits.pids))
+        joined = self._joined.get(key)
+        if joined is None:
+            wanted = set(self._base)
+            for asked, controller in zip(key, ("cpu", "blkio", "pids"), strict=True):
+                if asked and controller in self._homes:
+                    wanted.add(self._homes[controller])
+            joined = self._joined[key] = tuple(h for h in self._distinct if h in wanted)
+        return joined
+
+    def _group(self, job_id: str, joined: Sequence[str]) -> V1JobCgroup:
         _check_job_id(job_id)
         name = f"{_JOB_PREFIX}{job_id}"
-        return V1JobCgroup(job_id, name, self.parents, self.unified, distinct=self._distinct)
+        return V1JobCgroup(
+            job_id, name, self.parents, self.unified, joined=joined, homes=self._homes
+        )
 
-    def make(self, job_id: str) -> JobCgroup:
-        group = self.job(job_id)
+    def job(self, job_id: str) -> JobCgroup:
+        # Which hierarchies an existing group is in is not known here: all of them
+        # (kill and remove skip the directories that do not exist).
+        return self._group(job_id, self._distinct)
+
+    def make(self, job_id: str, limits: Limits | None = None) -> JobCgroup:
+        group = self._group(job_id, self.hierarchies_for(limits))
         made: list[Path] = []
         try:
             for directory in group.dirs:
@@ -986,6 +1061,23 @@ class V1Driver(CgroupDriver):
             _rmdir_quietly(made)
             raise
         return group
+
+    def _widen(self, group: JobCgroup, limits: Limits) -> JobCgroup:
+        assert isinstance(group, V1JobCgroup)
+        joined = self.hierarchies_for(limits)
+        if set(joined) <= set(group.joined):
+            return group
+        wider = self._group(group.job_id, joined)
+        made: list[Path] = []
+        try:
+            for directory in wider.dirs:
+                if directory not in group.dirs:
+                    _mkdir(directory)
+                    made.append(directory)
+        except BaseException:
+            _rmdir_quietly(made)
+            raise
+        return wider
 
     def _apply(
         self,
@@ -1037,7 +1129,7 @@ class NoDriver(CgroupDriver):
     def job(self, job_id: str) -> JobCgroup:
         return _NullJobCgroup(job_id)
 
-    def make(self, job_id: str) -> JobCgroup:
+    def make(self, job_id: str, limits: Limits | None = None) -> JobCgroup:
         return _NullJobCgroup(job_id)
 
     def _apply(

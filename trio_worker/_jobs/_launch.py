@@ -352,12 +352,24 @@ class Launcher:
             _discard_places([place])
             raise
         try:
-            self.cgroups.configure(
+            group = self.cgroups.configure(
                 place.group,
                 plan.limits,
                 cwd=plan.spec.cwd,
                 extra_tasks=helper_tasks(plan.isolation),
             )
+            if group is not place.group:
+                # The limits need hierarchies a place is not in (v1): open them all.
+                place.group = group
+                try:
+                    procs = group.open_procs()
+                except OSError as exc:
+                    raise CgroupError(
+                        f"cannot open {exc.filename}: {exc.strerror}", errno_=exc.errno
+                    ) from None
+                for fd in place.procs:
+                    os.close(fd)
+                place.procs = procs
         except CgroupError as exc:
             if exc.errno in RESOURCE_ERRNOS:
                 log.close()
