@@ -21,6 +21,7 @@ from trio_worker._tls import (
     TLS13_SUITE,
     TLSConfigError,
     _restrict_tls13_suites,
+    alpn_offset,
     client_context,
     server_context,
 )
@@ -169,6 +170,7 @@ async def test_tls12_client_is_refused(certs: Certs) -> None:
     ctx.load_verify_locations(cafile=certs.alice.ca)
     ctx.load_cert_chain(certs.alice.cert, certs.alice.key)
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["h2"])  # refused for its version, not for its ALPN
     out = await _connect(_server(certs), ctx)
     assert not out.ok
     assert isinstance(out.server_error, ssl.SSLError)
@@ -189,6 +191,7 @@ async def test_client_without_certificate_is_refused(certs: Certs) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(cafile=certs.alice.ca)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_alpn_protocols(["h2"])  # refused for its missing certificate, not its ALPN
     out = await _connect(_server(certs), ctx)
     assert not out.ok
     assert isinstance(out.server_error, ssl.SSLError)
@@ -295,3 +298,24 @@ async def test_dev_pki_works_end_to_end(tmp_path: Path, hostname: str) -> None:
     assert out.ok, out
     assert out.peer_der is not None
     assert identity_from_der(out.peer_der) == Identity("admin", Role.ADMIN)
+
+
+def _alpn_list(*names: bytes) -> bytes:
+    return b"".join(bytes([len(n)]) + n for n in names)
+
+
+@pytest.mark.parametrize(
+    ("offered", "found"),
+    [
+        (_alpn_list(b"h2"), 1),
+        (_alpn_list(b"http/1.1", b"h2"), 10),
+        (_alpn_list(b"h2c", b"h2"), 5),  # h2c is not h2
+        (_alpn_list(b"http/1.1"), None),
+        (_alpn_list(b"h2c", b"h2x"), None),
+        (b"", None),
+        (b"\x05h2", None),  # a length past the end
+        (b"\x00\x02h2", None),  # an empty name is malformed
+    ],
+)
+def test_the_server_finds_h2_in_a_clients_alpn_list(offered: bytes, found: int | None) -> None:
+    assert alpn_offset(offered) == found

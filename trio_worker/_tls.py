@@ -7,6 +7,11 @@ cipher suites (``set_ciphers`` only governs TLS 1.2 and older), so
 ctypes, on the very ``SSL_CTX`` the ``ssl`` module uses, and checks the result through the
 ``ssl`` module's own view of the context. Wherever that cannot be done or confirmed, building
 a context fails: we never serve with a weaker policy than the one promised.
+
+ALPN likewise: the ``ssl`` module's server callback lets a handshake go on when the client
+offers no protocol we speak (or no ALPN at all), so :func:`_refuse_without_h2` installs
+callbacks of ours (ctypes again) that end such a handshake with the fatal
+``no_application_protocol`` alert (RFC 7301 §3.2).
 """
 
 from __future__ import annotations
@@ -20,7 +25,14 @@ from pathlib import Path
 
 from ._errors import TrioWorkerError
 
-__all__ = ["ALPN_PROTOCOL", "TLS13_SUITE", "TLSConfigError", "client_context", "server_context"]
+__all__ = [
+    "ALPN_PROTOCOL",
+    "TLS13_SUITE",
+    "TLSConfigError",
+    "alpn_offset",
+    "client_context",
+    "server_context",
+]
 
 #: The only cipher suite either side offers or accepts.
 TLS13_SUITE = "TLS_AES_256_GCM_SHA384"
@@ -118,6 +130,118 @@ def _restrict_tls13_suites(ctx: ssl.SSLContext, suites: str) -> None:
         raise TLSConfigError(f"TLS 1.3 cipher suites are {got}, not {wanted}: refusing")
 
 
+#: What an ALPN select callback answers OpenSSL (``ssl/tls1.h``).
+_SSL_TLSEXT_ERR_OK = 0
+_SSL_TLSEXT_ERR_ALERT_FATAL = 2
+#: ``int cb(SSL *ssl, const unsigned char **out, unsigned char *outlen, const unsigned char
+#: *in, unsigned int inlen, void *arg)``: the client's protocols arrive in ``in``, each
+#: prefixed with its length; the one chosen is pointed at in place.
+_AlpnSelect = ctypes.CFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_void_p),
+    ctypes.POINTER(ctypes.c_ubyte),
+    ctypes.c_void_p,
+    ctypes.c_uint,
+    ctypes.c_void_p,
+)
+
+
+def alpn_offset(offered: bytes, wanted: bytes = ALPN_PROTOCOL.encode("ascii")) -> int | None:
+    """Where ``wanted``'s bytes start in a client's ALPN list (length-prefixed names), or
+    None when it does not offer it (or the list is malformed)."""
+    i = 0
+    while i < len(offered):
+        end = i + 1 + offered[i]
+        if offered[i] == 0 or end > len(offered):
+            return None
+        if offered[i + 1 : end] == wanted:
+            return i + 1
+        i = end
+    return None
+
+
+def _select_h2(
+    _ssl: int | None,
+    out: ctypes._Pointer[ctypes.c_void_p],
+    outlen: ctypes._Pointer[ctypes.c_ubyte],
+    offered: int | None,
+    offered_len: int,
+    _arg: int | None,
+) -> int:
+    try:
+        at = alpn_offset(ctypes.string_at(offered, offered_len)) if offered else None
+        if at is None:
+            return _SSL_TLSEXT_ERR_ALERT_FATAL
+        out[0] = offered + at  # type: ignore[operator]  # a pointer into OpenSSL's own copy
+        outlen[0] = len(ALPN_PROTOCOL)
+        return _SSL_TLSEXT_ERR_OK
+    except BaseException:  # nothing may unwind into OpenSSL: refuse instead
+        return _SSL_TLSEXT_ERR_ALERT_FATAL
+
+
+#: The ClientHello extension that carries ALPN (RFC 7301), and what a ClientHello callback
+#: answers OpenSSL (``ssl/ssl.h``, ``ssl/tls1.h``).
+_TLSEXT_TYPE_ALPN = 16
+_SSL_CLIENT_HELLO_SUCCESS = 1
+_SSL_CLIENT_HELLO_ERROR = 0
+_SSL_AD_NO_APPLICATION_PROTOCOL = 120
+#: ``int cb(SSL *s, int *al, void *arg)``, called on each ClientHello before anything else.
+_ClientHello = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.c_void_p
+)
+
+
+def _require_alpn(ssl_: int | None, alert: ctypes._Pointer[ctypes.c_int], _arg: int | None) -> int:
+    """A ClientHello without the ALPN extension ends the handshake at once (the select
+    callback is only called when the client sends one)."""
+    try:
+        data = ctypes.c_void_p()
+        size = ctypes.c_size_t()
+        get_ext = _libssl().SSL_client_hello_get0_ext
+        if get_ext(ssl_, _TLSEXT_TYPE_ALPN, ctypes.byref(data), ctypes.byref(size)) == 1:
+            return _SSL_CLIENT_HELLO_SUCCESS
+    except BaseException:  # nothing may unwind into OpenSSL: refuse instead
+        pass
+    alert[0] = _SSL_AD_NO_APPLICATION_PROTOCOL
+    return _SSL_CLIENT_HELLO_ERROR
+
+
+#: Kept for the life of the process: OpenSSL holds bare pointers to them.
+_SELECT_H2 = _AlpnSelect(_select_h2)
+_REQUIRE_ALPN = _ClientHello(_require_alpn)
+
+
+def _refuse_without_h2(ctx: ssl.SSLContext) -> None:
+    """Make the server end, with the fatal ``no_application_protocol`` alert, a handshake
+    whose client does not offer ``h2``: one offering other protocols (our select callback,
+    where the ``ssl`` module's would go on with none chosen) or no ALPN at all (a
+    ClientHello callback)."""
+    lib = _libssl()
+    try:
+        set_select = lib.SSL_CTX_set_alpn_select_cb
+        set_hello = lib.SSL_CTX_set_client_hello_cb
+        get_ext = lib.SSL_client_hello_get0_ext
+    except AttributeError as exc:
+        raise TLSConfigError(f"cannot reach OpenSSL's ALPN callbacks: {exc}") from exc
+    set_select.argtypes = [ctypes.c_void_p, _AlpnSelect, ctypes.c_void_p]
+    set_select.restype = None
+    set_hello.argtypes = [ctypes.c_void_p, _ClientHello, ctypes.c_void_p]
+    set_hello.restype = None
+    get_ext.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint,
+        ctypes.POINTER(ctypes.c_void_p),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
+    get_ext.restype = ctypes.c_int
+    pointer = _ssl_ctx_pointer(ctx)
+    if int(lib.SSL_CTX_get_options(pointer)) != int(ctx.options):
+        raise TLSConfigError("cannot locate the SSL_CTX of this ssl.SSLContext")
+    set_select(pointer, _SELECT_H2, None)
+    set_hello(pointer, _REQUIRE_ALPN, None)
+
+
 # --- contexts --------------------------------------------------------------------------
 
 
@@ -207,6 +331,7 @@ def server_context(*, ca: Path, cert: Path, key: Path, crl: Path | None = None) 
     # No session tickets: a resumed session would skip verifying the client certificate
     # (which may have expired since), and every connection is long-lived anyway.
     ctx.num_tickets = 0
+    _refuse_without_h2(ctx)
     return ctx
 
 
