@@ -387,6 +387,14 @@ async def test_bad_input_names_the_field(server: Server) -> None:
         with pytest.raises(InvalidRequest) as info:
             await client.start("echo", env={"A": "\udcff"})  # not UTF-8: protobuf refuses
         assert info.value.field == "env"
+        # The parameter's name, as Supervisor.start says it (the wire's is working_dir),
+        # whether the server finds it wrong or the client does before sending.
+        with pytest.raises(InvalidRequest) as info:
+            await client.start("ls", cwd="/no/such/dir")
+        assert info.value.field == "cwd"
+        with pytest.raises(InvalidRequest) as info:
+            await client.start("ls", cwd="/\udcff")
+        assert info.value.field == "cwd"
         await stop_quietly(client, job.id)
 
 
