@@ -46,6 +46,7 @@ CLIENT_MODULES = {
     "trio_worker.cli._exit",
     "trio_worker.cli._ids",
     "trio_worker.cli._jobs",
+    "trio_worker.cli._lazy",
     "trio_worker.cli._logs",
     "trio_worker.cli._remove",
     "trio_worker.cli._parse",
@@ -73,6 +74,9 @@ NEVER_FOR_CLIENTS = (
     "attrs",
     "attr",
 )
+#: Modules that libraries import and no client command runs: deferred (``cli._lazy``), so they
+#: are in ``sys.modules`` unexecuted, and what only they import never loads.
+NEVER_RUN_BY_CLIENTS = ("google.protobuf.text_format", "google.protobuf.internal.decoder", "pickle")
 
 #: ``trio-worker --help`` and a mistyped command: the package (whose names are imported on
 #: first use), the table, the exit codes.
@@ -207,12 +211,36 @@ def test_whole_short_commands_load_no_event_loop_and_no_cyclopts(
 
 
 def _banned(modules: set[str]) -> set[str]:
-    """What of ``NEVER_FOR_CLIENTS`` was loaded (purerpc's ``grpclib`` is the wire's)."""
+    """What of ``NEVER_FOR_CLIENTS`` and ``NEVER_RUN_BY_CLIENTS`` was loaded (purerpc's
+    ``grpclib`` is the wire's)."""
     return {
         m
         for m in modules
         if m.split(".")[0] in NEVER_FOR_CLIENTS and not m.startswith("purerpc.grpclib")
-    }
+    } | (modules & set(NEVER_RUN_BY_CLIENTS))
+
+
+def test_a_deferred_module_runs_when_it_is_first_used() -> None:
+    """Deferring may cost time on a path not foreseen, never correctness: the module runs
+    on first use, by ``from package import module`` as protobuf imports it too."""
+    probe = """
+import sys
+from trio_worker.cli._lazy import DEFERRED, defer
+defer()
+from trio_worker._pb import worker_pb2
+assert "google.protobuf.text_format" not in sys.modules
+job = worker_pb2.Job(id="x", args=["a"])
+assert worker_pb2.Job.FromString(job.SerializeToString()) == job
+from google.protobuf.internal import python_message
+assert python_message.GeneratedProtocolMessageType  # runs it...
+assert "google.protobuf.text_format" in sys.modules  # ...with what it imports
+print(DEFERRED)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "python_message" in result.stdout
 
 
 def _run_list(addr: str, state_dir: Path, tmp_path: Path) -> list[str]:

@@ -100,7 +100,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
     from . import _argv  # not for the overview: it reads the connection settings
 
-    short = _argv.parse_short(tokens) if command in _argv.COMMANDS else None
+    short = None
+    if command in _argv.COMMANDS:
+        from ._lazy import defer
+
+        defer()  # what protobuf imports and a short command never runs
+        short = _argv.parse_short(tokens)
     if short is not None:
         function, args, keywords = short
         run: Callable[[], object] = functools.partial(function, *args, **keywords)
