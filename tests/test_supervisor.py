@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import signal
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,8 @@ from trio_worker import (
     open_supervisor,
 )
 from trio_worker._host._cgroups import NoDriver
+from trio_worker._jobs import _launch, _runner
+from trio_worker._jobs._output import OutputLog
 from trio_worker._jobs._supervisor import open_supervisor_with_driver, owner_of
 
 
@@ -481,6 +485,36 @@ async def test_output_that_outruns_the_disk_waits_and_loses_nothing(tmp_path: Pa
         # is what the reader got, in that order.
         log = (tmp_path / "state" / "jobs" / job.id / "output.log").read_bytes()
         assert log == read
+
+
+class _SlowDiskLog(OutputLog):
+    """An output log on a slow disk: each data write takes a while (in the flusher's
+    thread, as a real slow device would)."""
+
+    def _pwritev(self, fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> int:
+        time.sleep(0.01)
+        return super()._pwritev(fd, buffers, offset)
+
+
+async def test_a_jobs_last_output_is_not_lost_to_a_slow_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+) -> None:
+    """A job exits with 1 MiB still in its pipe; its log may run 64 KiB ahead of a slow
+    disk and a round reads 64 KiB, so its pipes leave the watch after each round until
+    the disk catches up. That waiting is not the pipes' drain time (2 s): every byte is
+    kept. With virtual time, each disk write (real time, in a thread) lets the clock
+    jump past any deadline running meanwhile: a drain timer that counted it would end
+    the job after the first write and lose the rest."""
+    monkeypatch.setattr(_launch, "OutputLog", _SlowDiskLog)
+    monkeypatch.setattr(_runner, "_ROUND_BYTES", 64 * 1024)
+    size = 1024 * 1024
+    async with open_supervisor_with_driver(
+        NoDriver("test"), tmp_path / "state", max_unflushed=64 * 1024, tail_bytes=64 * 1024
+    ) as sup:
+        job = await sup.start("head", ["-c", str(size), "/dev/zero"])
+        end = await sup.wait(job.id)
+        assert (end.state, end.exit_code, end.output_bytes) == (JobState.EXITED, 0, size)
+        assert await output_of(sup, job.id) == bytes(size)
 
 
 def _write_fifo(path: Path) -> None:

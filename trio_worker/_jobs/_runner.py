@@ -21,7 +21,9 @@ a pidfd that fires starts the job's end (``_end``).
   a job appends and ending when the disk has everything.
 - A job whose log is backlogged (the disk is behind by ``max_unflushed``) has its
   pipes taken out of the epoll until the disk catches up (``_resume``): the job
-  then waits on its full pipe, as it did on a pump that waited.
+  then waits on its full pipe, as it did on a pump that waited. At a job's end, the
+  time its pipes spend out of the watch is not counted against their drain time
+  (``_DRAIN_TIMEOUT``): a slow disk must not cost the job its last output.
 - ``_end`` is the only place that records a job's end, so "when does a job end"
   has one answer: when its main process has exited, the rest of its process
   group has been killed, and its pipes are drained and flushed.
@@ -32,6 +34,7 @@ a pidfd that fires starts the job's end (``_end``).
 from __future__ import annotations
 
 import logging
+import math
 import select
 from collections.abc import Callable, Iterator
 
@@ -72,7 +75,17 @@ class _Pipe:
 class _Watch:
     """What the runner knows of one running job."""
 
-    __slots__ = ("drained", "ending", "flushing", "job", "paused", "pipes", "process")
+    __slots__ = (
+        "drain",
+        "drain_left",
+        "drained",
+        "ending",
+        "flushing",
+        "job",
+        "paused",
+        "pipes",
+        "process",
+    )
 
     def __init__(self, job: Job, process: JobProcess) -> None:
         self.job = job
@@ -87,6 +100,10 @@ class _Watch:
         self.ending = False
         #: Set by the watcher once every pipe reached its end (made by ``_end``).
         self.drained: trio.Event | None = None
+        #: ``_end``'s wait for the pipes: its deadline runs only while they are watched.
+        self.drain: trio.CancelScope | None = None
+        #: What is left of the drain time while the pipes wait for the disk.
+        self.drain_left = _DRAIN_TIMEOUT
 
 
 class JobRunner:
@@ -183,9 +200,7 @@ class JobRunner:
             if not watch.pipes and watch.drained is not None:
                 watch.drained.set()
         elif log.backlogged and not watch.paused:
-            watch.paused = True
-            for p in watch.pipes:
-                self._unregister(p.reader.fd)
+            self._pause(watch)
             self._nursery.start_soon(self._wait_for_disk, watch)
         return size
 
@@ -215,10 +230,23 @@ class JobRunner:
         if self._fds.pop(fd, None) is not None and self._epoll is not None:
             self._epoll.unregister(fd)
 
+    def _pause(self, watch: _Watch) -> None:
+        """The job's pipes leave the epoll until its log is flushed. The time the disk
+        takes is not the pipes' drain time: a job's last output must not be lost to a
+        slow disk."""
+        watch.paused = True
+        for p in watch.pipes:
+            self._unregister(p.reader.fd)
+        if watch.drain is not None:
+            watch.drain_left = max(watch.drain.deadline - trio.current_time(), 0.0)
+            watch.drain.deadline = math.inf
+
     def _resume(self, watch: _Watch) -> None:
         watch.paused = False
         for pipe in watch.pipes:
             self._register(pipe.reader.fd, pipe)
+        if watch.drain is not None:
+            watch.drain.deadline = trio.current_time() + watch.drain_left
 
     def _unwatch(self, watch: _Watch) -> None:
         """Take every fd of the job out of the epoll (before anything closes them)."""
@@ -267,9 +295,14 @@ class JobRunner:
                     await job.cgroup.wait_empty()
             process.reap()
             if watch.pipes:
+                # Up to _DRAIN_TIMEOUT of the pipes being watched: while they wait for
+                # the disk (``_pause``), the deadline is off.
                 watch.drained = trio.Event()
-                with trio.move_on_after(_DRAIN_TIMEOUT):
+                with trio.CancelScope() as watch.drain:
+                    if not watch.paused:
+                        watch.drain.deadline = trio.current_time() + _DRAIN_TIMEOUT
                     await watch.drained.wait()
+                watch.drain = None
             log.finish()
         except Exception:
             _log.exception("job %s: supervision failed; killing it", job.id)
