@@ -255,18 +255,18 @@ def test_error_inside_exception_group_is_found() -> None:
 
 
 def test_state_dir_defaults() -> None:
-    home = Path.home()
-    assert default_state_dir({}) == home / ".local/state/trio-worker"
-    assert default_state_dir({"XDG_STATE_HOME": "/x"}) == Path("/x/trio-worker")
-    assert default_state_dir({"XDG_STATE_HOME": "relative"}) == home / ".local/state/trio-worker"
-    assert default_state_dir({"STATE_DIRECTORY": "/var/lib/tw:/other"}) == Path("/var/lib/tw")
+    home = str(Path.home())
+    assert default_state_dir({}) == f"{home}/.local/state/trio-worker"
+    assert default_state_dir({"XDG_STATE_HOME": "/x"}) == "/x/trio-worker"
+    assert default_state_dir({"XDG_STATE_HOME": "relative"}) == f"{home}/.local/state/trio-worker"
+    assert default_state_dir({"STATE_DIRECTORY": "/var/lib/tw:/other"}) == "/var/lib/tw"
 
 
 def test_partial_certificate_options_refused(tmp_path: Path) -> None:
     with pytest.raises(TLSConfigError, match="--ca and --key missing"):
-        resolve_connection(ClientOptions(cert=tmp_path / "c.pem"))
+        resolve_connection(ClientOptions(cert=str(tmp_path / "c.pem")))
     with pytest.raises(TLSConfigError, match="no development PKI"):
-        resolve_connection(ClientOptions(state_dir=tmp_path))
+        resolve_connection(ClientOptions(state_dir=str(tmp_path)))
 
 
 # --- errors found before any connection: main() in-process, one line and the code -----------
