@@ -19,7 +19,6 @@ import functools
 import importlib
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Final, Literal
 
 from . import _parse
@@ -83,11 +82,11 @@ def _addr(value: str) -> str:
 
 _CLIENT: Final = (
     Option(("--addr",), "addr", "value", _addr, "options"),
-    Option(("--ca",), "ca", "value", Path, "options"),
-    Option(("--cert",), "cert", "value", Path, "options"),
-    Option(("--key",), "key", "value", Path, "options"),
-    Option(("--state-dir",), "state_dir", "value", Path, "options"),
-    Option(("--config",), "config", "value", Path, "options"),
+    Option(("--ca",), "ca", "value", str, "options"),
+    Option(("--cert",), "cert", "value", str, "options"),
+    Option(("--key",), "key", "value", str, "options"),
+    Option(("--state-dir",), "state_dir", "value", str, "options"),
+    Option(("--config",), "config", "value", str, "options"),
 )
 _JOB: Final = (
     Option(("--env", "-e"), "env", "list", str, "job"),
@@ -236,8 +235,8 @@ def _keywords(
                 raise _Leave
             client[dest] = converters[dest](env[variable])
     explicit = client.get("config")
-    path = config_file_path(None if explicit is None else explicit.expanduser())
-    if path.is_file():
+    path = config_file_path(explicit)
+    if os.path.isfile(path):
         for key, value in read_config_file(path).items():
             if key in CONFIG_KEYS and key not in client:
                 client[key] = converters[key](value)
