@@ -92,6 +92,32 @@ async def test_every_method_round_trips(server: Server) -> None:
     await in_thread(body)
 
 
+async def test_list_walks_every_page_as_the_trio_client_does(server: Server) -> None:
+    """The CLI's ``list`` (and ``-q``, ``--state``, ``prune``, id prefixes) takes all it
+    shows from this: every page, newest first, filters kept on each page."""
+
+    def body() -> None:
+        with blocking(server) as client:
+            ended = [client.start("true") for _ in range(5)]
+            sleeper = client.start("sleep", ["30"])
+            for job in ended:
+                client.wait(job.id)
+            mine = {j.id for j in (*ended, sleeper)}
+            listed = [j.id for j in client.list(page_size=2) if j.id in mine]
+            assert listed == sorted(mine, reverse=True)
+            assert [j.id for j in client.list(page_size=1)] == [
+                j.id for j in client.list(page_size=1000)
+            ]
+            running = client.list(states=[JobState.RUNNING], page_size=1)
+            assert sleeper.id in [j.id for j in running]
+            assert all(j.state is JobState.RUNNING for j in running)
+            exited = [j.id for j in client.list(states=[JobState.EXITED], page_size=2)]
+            assert {j.id for j in ended} <= set(exited)
+            client.stop(sleeper.id, grace=0)
+
+    await in_thread(body)
+
+
 async def test_errors_arrive_as_their_class(server: Server) -> None:
     def body() -> None:
         with blocking(server, "reader") as reader, pytest.raises(PermissionDenied):

@@ -73,6 +73,7 @@ NEVER_FOR_CLIENTS = (
     "cyclopts",
     "attrs",
     "attr",
+    "pathlib",  # paths are strings (``_settings``): it and fnmatch are a few ms of start-up
 )
 #: Modules that libraries import and no client command runs: deferred (``cli._lazy``), so they
 #: are in ``sys.modules`` unexecuted, and what only they import never loads.
@@ -91,11 +92,13 @@ OVERVIEW_MODULES = {
 #: besides: cyclopts' side of the signatures, and the certs sub-app it registers.
 HELP_MODULES = {"trio_worker.cli._app", "trio_worker.cli._params", "trio_worker.cli._certs"}
 
+#: Records what the command imports, not what the interpreter had already (site, .pth files).
 _PROBE = """
 import atexit, json, os, sys
+before = set(sys.modules)
 def dump():
     with open(os.environ["MODULES_OUT"], "w") as f:
-        json.dump(sorted(sys.modules), f)
+        json.dump(sorted(set(sys.modules) - before), f)
 atexit.register(dump)
 from trio_worker.cli import main
 main(sys.argv[1:])

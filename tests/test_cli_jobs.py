@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,9 @@ import pytest
 import trio
 
 from tests.test_cli import (
+    CHATTY_JOB,
     COMMAND,
+    LINES,
     CuttingProxy,
     DevServer,
     ServerProcess,
@@ -318,3 +321,46 @@ async def test_each_command_uses_one_connection(dev: DevServer, args: list[str])
         nursery.cancel_scope.cancel()
     assert result.returncode in (0, 4), result.stderr
     assert proxy.connections == 1
+
+
+async def test_run_says_when_the_connection_is_lost_and_when_it_is_back(
+    dev: DevServer, tmp_path: Path
+) -> None:
+    """``run`` follows its job on one connection: cut mid-output, it says so on stderr in one
+    line, in another when it is back, and every byte still arrives exactly once."""
+    expected = b"".join(f"{i:06d} {'x' * 90}\n".encode() for i in range(LINES))
+    halfway = tmp_path / "go-on"
+    proxy = CuttingProxy(dev.port)
+    out, err = bytearray(), bytearray()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.serve)
+        argv = [*COMMAND, "run", "--addr", f"127.0.0.1:{port}", "--", sys.executable, "-c"]
+        proc = await trio.lowlevel.open_process(
+            [*argv, CHATTY_JOB, str(halfway)],
+            env=dev.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        printing = trio.Event()
+
+        async def collect(stream: trio.abc.ReceiveStream, into: bytearray) -> None:
+            while data := await stream.receive_some():
+                into += data
+                printing.set()
+
+        async with trio.open_nursery() as readers:
+            readers.start_soon(collect, proc.stdout, out)
+            readers.start_soon(collect, proc.stderr, err)
+            with trio.fail_after(60):
+                await printing.wait()  # the Start was answered: run follows the output
+                proxy.cut()
+                halfway.touch()  # the job goes on while run reconnects
+                await proc.wait()
+        nursery.cancel_scope.cancel()
+    assert proc.returncode == 0, err
+    assert proxy.cuts == 1
+    assert bytes(out) == expected
+    said = [line.split(" ", 2)[1] for line in err.decode().splitlines()]
+    assert said == ["lost", "reconnected"], err

@@ -255,18 +255,18 @@ def test_error_inside_exception_group_is_found() -> None:
 
 
 def test_state_dir_defaults() -> None:
-    home = Path.home()
-    assert default_state_dir({}) == home / ".local/state/trio-worker"
-    assert default_state_dir({"XDG_STATE_HOME": "/x"}) == Path("/x/trio-worker")
-    assert default_state_dir({"XDG_STATE_HOME": "relative"}) == home / ".local/state/trio-worker"
-    assert default_state_dir({"STATE_DIRECTORY": "/var/lib/tw:/other"}) == Path("/var/lib/tw")
+    home = str(Path.home())
+    assert default_state_dir({}) == f"{home}/.local/state/trio-worker"
+    assert default_state_dir({"XDG_STATE_HOME": "/x"}) == "/x/trio-worker"
+    assert default_state_dir({"XDG_STATE_HOME": "relative"}) == f"{home}/.local/state/trio-worker"
+    assert default_state_dir({"STATE_DIRECTORY": "/var/lib/tw:/other"}) == "/var/lib/tw"
 
 
 def test_partial_certificate_options_refused(tmp_path: Path) -> None:
     with pytest.raises(TLSConfigError, match="--ca and --key missing"):
-        resolve_connection(ClientOptions(cert=tmp_path / "c.pem"))
+        resolve_connection(ClientOptions(cert=str(tmp_path / "c.pem")))
     with pytest.raises(TLSConfigError, match="no development PKI"):
-        resolve_connection(ClientOptions(state_dir=tmp_path))
+        resolve_connection(ClientOptions(state_dir=str(tmp_path)))
 
 
 # --- errors found before any connection: main() in-process, one line and the code -----------
@@ -538,3 +538,23 @@ def test_the_overview_lists_every_command_within_80_columns(
         assert all(len(line) <= 80 for line in text.splitlines())
         listed = re.findall(r"^  (\w+)  ", text, re.M)
         assert set(NAMES) <= set(listed)
+
+
+@pytest.mark.parametrize(
+    ("error", "why"),
+    [
+        ("lost the connection to h:1: the server closed the connection", "the server closed"),
+        ("cannot connect to h:1: connection refused", "cannot connect to h:1: connection"),
+    ],
+)
+def test_the_lost_connection_line_says_it_once(
+    error: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trio_worker import ConnectionFailed
+    from trio_worker.cli._session import Backoff
+
+    Backoff("h:1", budget=60).wait(ConnectionFailed(error))
+    line = capsys.readouterr().err
+    assert line.startswith("trio-worker: lost the connection to h:1 (")
+    assert line.count("lost the connection") == 1, line
+    assert why in line

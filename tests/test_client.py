@@ -387,6 +387,14 @@ async def test_bad_input_names_the_field(server: Server) -> None:
         with pytest.raises(InvalidRequest) as info:
             await client.start("echo", env={"A": "\udcff"})  # not UTF-8: protobuf refuses
         assert info.value.field == "env"
+        # The parameter's name, as Supervisor.start says it (the wire's is working_dir),
+        # whether the server finds it wrong or the client does before sending.
+        with pytest.raises(InvalidRequest) as info:
+            await client.start("ls", cwd="/no/such/dir")
+        assert info.value.field == "cwd"
+        with pytest.raises(InvalidRequest) as info:
+            await client.start("ls", cwd="/\udcff")
+        assert info.value.field == "cwd"
         await stop_quietly(client, job.id)
 
 
@@ -813,9 +821,14 @@ def test_local_and_remote_apis_agree() -> None:
         local = inspect.signature(getattr(Supervisor, name)).parameters
         remote = inspect.signature(getattr(WorkerClient, name)).parameters
         assert "timeout" not in remote
-        for parameter, spec in remote.items():
-            if parameter in local:
-                assert spec.default == local[parameter].default, (name, parameter)
+        # The same arguments, passed the same ways (sup.remove(id, True) works remotely too).
+        assert set(remote) <= set(local), name
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        positional = [p for p, spec in remote.items() if spec.kind is not keyword]
+        assert positional == [p for p, spec in local.items() if spec.kind is not keyword], name
+        for parameter in remote:
+            assert remote[parameter].default == local[parameter].default, (name, parameter)
+            assert remote[parameter].kind == local[parameter].kind, (name, parameter)
 
 
 async def test_output_of_an_unknown_job_raises_when_iterated_locally_too(tmp_path: Path) -> None:
@@ -825,3 +838,36 @@ async def test_output_of_an_unknown_job_raises_when_iterated_locally_too(tmp_pat
         stream = sup.output("nope")  # no error yet, as client.output("nope")
         with pytest.raises(JobNotFound):
             await anext(stream)
+
+
+#: What a library user's ``import trio_worker.client`` must not load: the server side (the
+#: supervisor and a job's parts, the host's mechanisms, the services and the transport), and
+#: what only the server uses (SQLite, X.509 parsing).
+_SERVER_SIDE = (
+    "trio_worker._jobs",
+    "trio_worker._host",
+    "trio_worker.server",
+    "trio_worker.cli",
+    "trio_worker._net._transport",
+    "trio_worker._net._budget",
+    "trio_worker._identity",
+    "trio_worker._revocation",
+    "trio_worker.pki",
+    "sqlite3",
+    "cryptography",
+)
+_SERVER_SIDE_PACKAGES = tuple(f"{name}." for name in _SERVER_SIDE)
+
+
+def test_importing_the_client_loads_nothing_of_the_server_side() -> None:
+    import json
+    import subprocess
+
+    code = "import json, sys, trio_worker.client; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    modules = json.loads(out.stdout)
+    assert "trio_worker._net._channel" in modules  # the probe imported the client
+    loaded = [m for m in modules if m in _SERVER_SIDE or m.startswith(_SERVER_SIDE_PACKAGES)]
+    assert loaded == [], loaded

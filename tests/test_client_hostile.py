@@ -28,7 +28,7 @@ from trio_worker import ConnectionFailed, TrioWorkerError, pki
 from trio_worker._blocking_client import connect_blocking
 from trio_worker._net import _blocking
 from trio_worker._tls import client_context, server_context
-from trio_worker._wire._h2conn import FLOOD_BUDGET, MAX_MESSAGE
+from trio_worker._wire._h2conn import FLOOD_BUDGET, FLOOD_REFILL, MAX_MESSAGE
 from trio_worker.client import connect
 
 ENHANCE_YOUR_CALM = 0xB
@@ -79,10 +79,15 @@ async def call_status(dev: pki.DevPki, port: int, client: str) -> BaseException 
 
 
 async def serve_script(
-    dev: pki.DevPki, script: Script, client: str = "trio"
+    dev: pki.DevPki,
+    script: Script,
+    client: str = "trio",
+    on_receive: Callable[[bytes], None] | None = None,
+    seconds: float = 10.0,
 ) -> tuple[BaseException | None, bytes]:
     """Run one call (``status``) against a server that answers with ``script``; return
-    what the call raised and every byte the client sent."""
+    what the call raised and every byte the client sent (also shown to ``on_receive``
+    as it comes, for a script that waits for the client). The call has ``seconds``."""
     ctx = server_context(ca=dev.ca.cert, cert=dev.server.cert, key=dev.server.key)
     received = bytearray()
     request = trio.Event()
@@ -92,6 +97,8 @@ async def serve_script(
             try:
                 while data := await stream.receive_some(65536):
                     received.extend(data)
+                    if on_receive is not None:
+                        on_receive(bytes(received))
                     if any(kind == HEADERS for kind, _, _ in frames_of(bytes(received))):
                         request.set()
             except trio.BrokenResourceError:
@@ -111,7 +118,7 @@ async def serve_script(
             partial(trio.serve_ssl_over_tcp, handler, 0, ctx, host="127.0.0.1")
         )
         port = listeners[0].transport_listener.socket.getsockname()[1]
-        with trio.fail_after(10):
+        with trio.fail_after(seconds):
             outcome = await call_status(dev, port, client)
             await trio.sleep(0.2)
         nursery.cancel_scope.cancel()
@@ -145,6 +152,40 @@ async def test_a_flooding_server_gets_goaway_and_the_call_connection_failed(
     outcome, sent = await serve_script(dev, flood, client)
     assert isinstance(outcome, ConnectionFailed)
     assert goaway_code(sent) == ENHANCE_YOUR_CALM
+
+
+async def test_the_trio_clients_flood_budget_refills_by_the_loop_clock(
+    dev: pki.DevPki, mock_clock: trio.testing.MockClock
+) -> None:
+    """Two bursts of PINGs, each 90% of the budget, with the loop's clock moved on between
+    them by the time the budget takes to refill, then the answer: the call succeeds. By the
+    wall clock the second burst would be over the budget. (The blocking client has no loop
+    and keeps the monotonic clock.)"""
+    mock_clock.rate = 1.0  # timeouts as usual; jump() adds time on top
+    burst = FLOOD_BUDGET * 9 // 10
+    refill = burst / FLOOD_REFILL + 1
+    acks = 0
+    arrived = trio.lowlevel.ParkingLot()
+
+    def on_receive(received: bytes) -> None:
+        nonlocal acks
+        acks = sum(kind == PING and p == b"12345678" for kind, _, p in frames_of(received))
+        arrived.unpark_all()
+
+    async def bursts(stream: trio.SSLStream[trio.SocketStream], stream_id: int) -> None:
+        await stream.send_all(frame(HEADERS, END_HEADERS, stream_id, RESPONSE_BLOCK))
+        for n in (1, 2):
+            await stream.send_all(FLOODS["PING"] * burst)
+            while acks < n * burst:  # the client has taken the whole burst
+                await arrived.park()
+            mock_clock.jump(refill)
+        trailers = literal("grpc-status", "0")
+        await stream.send_all(frame(DATA, 0, stream_id, struct.pack(">BI", 0, 0)))
+        await stream.send_all(frame(HEADERS, END_HEADERS | 0x1, stream_id, trailers))
+
+    outcome, sent = await serve_script(dev, bursts, "trio", on_receive, seconds=10 + 2 * refill)
+    assert outcome is None
+    assert goaway_code(sent) in (None, 0)
 
 
 @pytest.mark.parametrize("client", CLIENTS)

@@ -54,3 +54,23 @@ def test_no_private_type_in_a_public_signature() -> None:
                 assert private_names(annotation) == [], (name, member.__name__, annotation)
             checked += 1
     assert checked > 10
+
+
+def test_errors_say_trio_worker_even_when_imported_from_their_module() -> None:
+    """The CLI's ``--debug`` traceback names ``trio_worker.JobNotFound``, though it never
+    touches the package's (lazy) public names."""
+    import subprocess
+    import sys
+
+    code = (
+        "from trio_worker._errors import JobNotFound, __all__ as names\n"
+        "import trio_worker._errors as e\n"
+        "print(sorted({getattr(e, n).__module__ for n in names}))\n"
+        "try:\n    raise JobNotFound('x')\n"
+        "except JobNotFound:\n    import traceback; traceback.print_exc()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "['trio_worker']"
+    assert "trio_worker.JobNotFound: no job with id 'x'" in out.stderr

@@ -42,6 +42,18 @@ def test_ids_are_not_guessable() -> None:
     assert abs((ids[0] >> 80) - time.time() * 1000) < 10_000
 
 
+def test_ids_made_together_differ_early_enough_for_a_short_prefix() -> None:
+    """A batch made in one millisecond (places made ahead of need) shares the time part
+    (10 characters); the random part must then differ at once, not 8 characters later."""
+    gen = JobIdGenerator()
+    ids = [gen() for _ in range(1000)]
+    shared = sorted(
+        next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+        for a, b in itertools.pairwise(ids)
+    )
+    assert shared[len(shared) // 2] <= 12, shared[len(shared) // 2]  # was 18
+
+
 @pytest.mark.parametrize(
     ("limits", "field"),
     [

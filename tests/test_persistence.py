@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from tests.conftest import process_alive
-from trio_worker import JobState, StateDirError, open_supervisor
+from trio_worker import JobNotFound, JobState, StateDirError, open_supervisor
 from trio_worker._jobs._supervisor import LOST_ERROR, Retention
 
 CRASHING_SERVER = textwrap.dedent(
@@ -173,6 +173,8 @@ async def test_a_running_jobs_record_has_no_usage_and_its_end_has_it(tmp_path: P
 
     async with open_supervisor(state) as sup:
         job = await sup.start("sleep", ["60"])
+        assert sup._store is not None
+        await sup._store.flush()  # the start's record, queued by the Start
         assert usage_row(job.id) == (None, None)
         await sup.stop(job.id, grace=0)
         end = await sup.wait(job.id)
@@ -192,25 +194,31 @@ def _row(state: Path, job_id: str) -> tuple[object, ...] | None:
     return row
 
 
-async def test_a_started_jobs_record_is_committed_and_its_pid_follows(tmp_path: Path) -> None:
-    # The record is written while the job is spawned (not after): Start returns once
-    # it is committed; the pid rides along with the next commit.
+async def test_a_started_jobs_record_is_committed_right_after_the_start(tmp_path: Path) -> None:
+    # The Start queues the job's record (RUNNING, with its pid) and answers; the
+    # supervisor's committer commits it right after, without anyone asking.
     state = tmp_path / "state"
     async with open_supervisor(state, retention=Retention(interval=3600)) as sup:
         job = await sup.start("sleep", ["60"])
+        with trio.fail_after(10):
+            # Nothing announces the commit: watch the database, as a restart would.
+            while _row(state, job.id) is None:  # noqa: ASYNC110
+                await trio.sleep(0.01)
         row = _row(state, job.id)
         assert row is not None
         assert row[0] == "running"
-        assert sup._store is not None
-        await sup._store.flush()
-        row = _row(state, job.id)
-        assert row is not None
         assert row[1] == job.pid
         assert row[2] is not None  # its start time: recovery tells it from a reused pid
+        # A spawn error is recorded the same way, FAILED.
+        failed = await sup.start("/nonexistent/command")
+        assert failed.state is JobState.FAILED
+        assert sup._store is not None
+        await sup._store.flush()
+        assert _row(state, failed.id) == ("failed", None, None)
         await sup.stop(job.id, grace=0)
 
 
-CRASH_BEFORE_PID = textwrap.dedent(
+CRASH_BEFORE_RECORD = textwrap.dedent(
     """
     import json, sys, trio, trio_worker
     from trio_worker._jobs._supervisor import Retention
@@ -218,24 +226,30 @@ CRASH_BEFORE_PID = textwrap.dedent(
     async def main(state):
         retention = Retention(interval=3600)  # no housekeeping commit meanwhile
         async with trio_worker.open_supervisor(state, retention=retention) as sup:
-            job = await sup.start("sh", ["-c", "sleep 1000 & exec sleep 1000"])
-            print(json.dumps({"id": job.id, "pid": job.pid}), flush=True)
-            await trio.sleep_forever()
+            async with sup._store._lock:  # no commit: the record stays queued
+                job = await sup.start("sh", ["-c", "sleep 1000 & exec sleep 1000"])
+                print(json.dumps({"id": job.id, "pid": job.pid}), flush=True)
+                await trio.sleep_forever()
 
     trio.run(main, sys.argv[1])
     """
 )
 
 
-async def test_a_crash_before_the_pid_is_written_still_kills_the_job(tmp_path: Path) -> None:
-    # The window the deferred pid opens: the record says RUNNING with no pid. The
-    # job is killed all the same (the reaper, then the cleanup of leftover groups,
-    # find it by its cgroup) and the restarted server reports it LOST.
+async def test_a_crash_before_the_record_is_committed_still_kills_the_job(
+    tmp_path: Path,
+) -> None:
+    # The window the queued record opens: a running job with no record. It is
+    # killed all the same (the reapers, then the cleanup of leftover groups, find
+    # it by its cgroup), and the restarted server leaves nothing of it: no job,
+    # no directory.
     state = tmp_path / "state"
 
     def run_and_crash() -> dict[str, object]:
         with subprocess.Popen(
-            [sys.executable, "-c", CRASH_BEFORE_PID, str(state)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", CRASH_BEFORE_RECORD, str(state)],
+            stdout=subprocess.PIPE,
+            text=True,
         ) as server:
             try:
                 assert server.stdout is not None
@@ -251,14 +265,15 @@ async def test_a_crash_before_the_pid_is_written_still_kills_the_job(tmp_path: P
         return started
 
     started = await trio.to_thread.run_sync(run_and_crash)
-    assert started["row"] == ("running", None, None)
+    assert started["row"] is None
+    assert (state / "jobs" / str(started["id"])).is_dir()
     children = started["children"]
     assert isinstance(children, list)
     assert children
     pids = [int(str(started["pid"])), *(int(p) for p in children)]
     async with open_supervisor(state) as sup:
-        job = sup.status(str(started["id"]))
-        assert job.state is JobState.LOST
-        assert job.error == LOST_ERROR
+        with pytest.raises(JobNotFound):
+            sup.status(str(started["id"]))
         for pid in pids:
             assert not process_alive(pid)
+        assert not (state / "jobs" / str(started["id"])).exists()

@@ -268,6 +268,12 @@ async def test_errors_carry_error_info_and_bad_request_to_grpcio(cluster: Cluste
     bad_request = unpack(invalid, error_details_pb2.BadRequest)
     assert [v.field for v in bad_request.field_violations] == ["command"]
 
+    # The field as the request names it (the library's parameter is ``cwd``).
+    nowhere = await details("Start", pb.StartRequest(command="ls", working_dir="/no/such/dir"))
+    bad_request = unpack(nowhere, error_details_pb2.BadRequest)
+    assert [v.field for v in bad_request.field_violations] == ["working_dir"]
+    assert nowhere.message.startswith("working_dir: ")
+
 
 async def test_errors_map_to_status_codes(cluster: Cluster) -> None:
     call = Caller(cluster.channel("alice"))

@@ -14,7 +14,7 @@ from google.protobuf import wrappers_pb2 as w
 
 from tests.grpc_support import Pki, RawClient, make_pki, running_server
 from trio_worker._net._transport import CallContext, StreamMethod, UnaryMethod
-from trio_worker._wire._h2conn import FLOOD_BUDGET, RESET_BUDGET
+from trio_worker._wire._h2conn import FLOOD_BUDGET, FLOOD_REFILL, RESET_BUDGET
 
 ECHO = "/test.Test/Echo"
 SMALL = "/test.Test/Small"
@@ -115,3 +115,29 @@ async def test_a_client_acknowledging_every_read_never_meets_the_flood_budget(pk
         assert len(client.data[stream_id]) == count * (
             5 + 4 + 16384
         )  # prefix, tag and length, bytes
+
+
+async def test_the_flood_budget_refills_by_the_loop_clock(
+    pki: Pki, mock_clock: trio.testing.MockClock
+) -> None:
+    """Two bursts of PINGs, each 90% of the budget, with the loop's clock moved on between
+    them by the time the budget takes to refill: the connection stays. By the wall clock
+    (a second or so) the second burst would be over the budget."""
+    mock_clock.rate = 1.0  # timeouts as usual; jump() adds time on top
+    burst = FLOOD_BUDGET * 9 // 10
+    pings = raw_frame(0x6, 0, 0, b"12345678") * burst
+    async with running_server(pki, METHODS) as r, RawClient.connect(pki, r.port) as client:
+
+        def acks() -> int:
+            return sum(isinstance(e, h2.events.PingAckReceived) for e in client.events)
+
+        for n in (1, 2):
+            await client.stream.send_all(pings)
+            with trio.fail_after(30):
+                await client.until(lambda: acks() >= n * burst)  # noqa: B023
+            mock_clock.jump(burst / FLOOD_REFILL + 1)
+        stream_id = await client.start(ECHO, w.StringValue(value="still here").SerializeToString())
+        with trio.fail_after(30):
+            await client.until(lambda: client.status(stream_id) is not None)
+        assert client.status(stream_id) == 0
+        assert goaway_codes(client) == []

@@ -19,7 +19,6 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
@@ -338,9 +337,9 @@ def _exception(failed: CallFailed, job_id: str | None) -> Exception:
 def connect_blocking(
     addr: str,
     *,
-    ca: Path | str,
-    cert: Path | str,
-    key: Path | str,
+    ca: str | os.PathLike[str],
+    cert: str | os.PathLike[str],
+    key: str | os.PathLike[str],
     server_hostname: str | None = None,
     timeout: float = 10.0,
 ) -> Iterator[BlockingClient]:
@@ -348,7 +347,7 @@ def connect_blocking(
     address or certificate fails here; leaving the block closes the connection."""
     if not (timeout > 0 and timeout != float("inf")):
         raise InvalidRequest("timeout", f"must be a positive number of seconds, got {timeout!r}")
-    context = client_context(ca=Path(ca), cert=Path(cert), key=Path(key))
+    context = client_context(ca=ca, cert=cert, key=key)
     client = BlockingClient(addr, context, timeout, server_hostname)
     client.dial()
     try:

@@ -71,6 +71,13 @@ _BY_CODE: Final[dict[StatusCode, type[TrioWorkerError]]] = {
 }
 
 
+#: Where the library's name for a request field is not the message's (``Supervisor.start``'s
+#: ``cwd`` is ``StartRequest.working_dir``): a BadRequest names the field of the request the
+#: peer sent, and a Python caller gets back the parameter it passed.
+_WIRE_FIELD: Final[dict[str, str]] = {"cwd": "working_dir"}
+_LIBRARY_FIELD: Final[dict[str, str]] = {wire: ours for ours, wire in _WIRE_FIELD.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class WireError:
     """An error as it leaves: status code, message (bounded) and serialized details."""
@@ -87,6 +94,8 @@ def status_of(exc: TrioWorkerError) -> WireError:
             break
     else:
         row = ErrorRow(type(exc), StatusCode.UNKNOWN, "UNKNOWN")
+    if isinstance(exc, InvalidRequest) and exc.field in _WIRE_FIELD:
+        exc = InvalidRequest(_WIRE_FIELD[exc.field], exc.message)
     message = bound_text(str(exc))
     metadata: dict[str, str] = {}
     violations: tuple[tuple[str, str], ...] = ()
@@ -149,5 +158,5 @@ def _build(
         return cls(meta.get("id") or job_id or "", meta.get("why", "it takes no input"))
     if issubclass(cls, InvalidRequest):
         field, text = violations[0] if violations else ("request", message)
-        return cls(field, text)
+        return cls(_LIBRARY_FIELD.get(field, field), text)
     return cls(message)

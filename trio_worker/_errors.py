@@ -138,3 +138,11 @@ class RemoteError(TrioWorkerError):
         super().__init__(f"server error {code}: {message}")
         self.code = code
         self.message = message
+
+
+# Tracebacks and reprs say ``trio_worker.JobNotFound`` however the class was reached: the
+# command line and the clients import this module directly, never the package's lazy names
+# (whose first use would set it too).
+for _name in __all__:
+    globals()[_name].__module__ = "trio_worker"
+del _name

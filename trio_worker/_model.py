@@ -178,9 +178,12 @@ class JobIdGenerator:
 
         value = (time.time_ns() // 1_000_000) << 80 | secrets.randbits(80)
         if value <= self._last:
-            # Same millisecond (or the clock stepped back): keep the order by
-            # stepping forward a random amount, so the next id stays unguessable.
-            value = self._last + 1 + secrets.randbits(40)
+            # Same millisecond (or the clock stepped back): keep the order by stepping
+            # forward a random amount, so the next id stays unguessable, and a large one,
+            # so that ids made together (a batch of places) differ from their 12th-13th
+            # character on, not the 19th: a short prefix names one (`status 01M8SN3Z2AW0`).
+            # 2^72 leaves room for ~500 ids a millisecond before the time part runs ahead.
+            value = self._last + 1 + secrets.randbits(72)
         self._last = value
         chars = []
         for _ in range(26):

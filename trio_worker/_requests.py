@@ -94,7 +94,7 @@ def start_request(
         request.args.extend(args or ())
     with request_field("env"):
         request.env.update(env or {})
-    with request_field("working_dir"):
+    with request_field("cwd"):  # the parameter's name, as the library says it
         request.working_dir = os.fspath(cwd) if cwd is not None else ""
     if limits is not None:
         with request_field("limits"):

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import ssl
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from ._errors import TrioWorkerError
 
@@ -245,14 +245,19 @@ def _refuse_without_h2(ctx: ssl.SSLContext) -> None:
 # --- contexts --------------------------------------------------------------------------
 
 
-def _read(path: Path, what: str) -> bytes:
+#: A file's path: clients pass strings (pathlib would be part of every command's start-up).
+StrPath = str | os.PathLike[str]
+
+
+def _read(path: StrPath, what: str) -> bytes:
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as f:
+            return f.read()
     except OSError as exc:
         raise TLSConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
 
 
-def _check_certs(path: Path, what: str) -> None:
+def _check_certs(path: StrPath, what: str) -> None:
     """Name the file at fault, which OpenSSL's errors do not."""
     from cryptography import x509  # only once OpenSSL has refused: clients start faster
 
@@ -262,7 +267,7 @@ def _check_certs(path: Path, what: str) -> None:
         raise TLSConfigError(f"{what} {path} holds no valid PEM certificate") from exc
 
 
-def _check_key(path: Path) -> None:
+def _check_key(path: StrPath) -> None:
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
@@ -281,14 +286,14 @@ def _no_password() -> str:
     raise TLSConfigError("the private key is encrypted; trio-worker needs an unencrypted key")
 
 
-def _diagnose(ca: Path, cert: Path, key: Path) -> None:
+def _diagnose(ca: StrPath, cert: StrPath, key: StrPath) -> None:
     """Raise the TLSConfigError naming the file at fault, if one of them is."""
     _check_certs(ca, "CA certificate")
     _check_certs(cert, "certificate")
     _check_key(key)
 
 
-def _context(purpose: int, *, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+def _context(purpose: int, *, ca: StrPath, cert: StrPath, key: StrPath) -> ssl.SSLContext:
     # OpenSSL loads the files first; only when it refuses one are they parsed again with
     # cryptography to say which file is wrong and why (its import costs 30-40 ms, which
     # every client command would otherwise pay).
@@ -317,7 +322,9 @@ def _context(purpose: int, *, ca: Path, cert: Path, key: Path) -> ssl.SSLContext
     return ctx
 
 
-def server_context(*, ca: Path, cert: Path, key: Path, crl: Path | None = None) -> ssl.SSLContext:
+def server_context(
+    *, ca: StrPath, cert: StrPath, key: StrPath, crl: StrPath | None = None
+) -> ssl.SSLContext:
     """Server side: TLS 1.3 with TLS_AES_256_GCM_SHA384 only, client certificate required
     and verified against ``ca`` (and not revoked by the PEM CRL ``crl``), ALPN ``h2``."""
     ctx = _context(ssl.PROTOCOL_TLS_SERVER, ca=ca, cert=cert, key=key)
@@ -335,7 +342,7 @@ def server_context(*, ca: Path, cert: Path, key: Path, crl: Path | None = None) 
     return ctx
 
 
-def client_context(*, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+def client_context(*, ca: StrPath, cert: StrPath, key: StrPath) -> ssl.SSLContext:
     """Client side: TLS 1.3 with TLS_AES_256_GCM_SHA384 only, server certificate and host
     name verified against ``ca``, our certificate presented, ALPN ``h2``."""
     ctx = _context(ssl.PROTOCOL_TLS_CLIENT, ca=ca, cert=cert, key=key)

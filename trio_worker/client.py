@@ -167,12 +167,7 @@ class WorkerClient:
         request = id_request(pb.WaitRequest, job_id)
         return job_from_pb(await self._unary("Wait", request, pb.Job, job_id))
 
-    async def remove(
-        self,
-        job_id: str,
-        *,
-        force: bool = False,
-    ) -> JobInfo:
+    async def remove(self, job_id: str, force: bool = False) -> JobInfo:
         """Delete an ended job's record and output; its last state. With ``force`` a
         running job is SIGKILLed and removed once ended. Raises JobNotFound,
         JobStillRunning (running, without ``force``)."""
@@ -215,13 +210,7 @@ class WorkerClient:
             seen.add(token)
             request.page_token = token
 
-    def output(
-        self,
-        job_id: str,
-        *,
-        offset: int = 0,
-        follow: bool = True,
-    ) -> OutputIterator:
+    def output(self, job_id: str, offset: int = 0, follow: bool = True) -> OutputIterator:
         """The job's output from byte ``offset`` of its combined log; with ``follow``, live
         until the job ends. Iterate it with ``async for``; ``aclose()`` it (or use it as
         ``async with``) to stop early. Raises JobNotFound when iterated."""

@@ -71,6 +71,19 @@ def test_details_carry_error_info_and_bad_request() -> None:
     assert details.violations == (("env", "names must not contain '='"),)
 
 
+def test_a_bad_request_names_the_field_of_the_message_and_the_parameter_back() -> None:
+    """``Supervisor.start``'s ``cwd`` is ``StartRequest.working_dir``: a gRPC client is told
+    the field it sent, and a Python caller gets back the parameter it passed."""
+    wire = status_of(InvalidRequest("cwd", "'/nope' does not exist"))
+    details = decode_details(wire.details)
+    assert details is not None
+    assert details.violations == (("working_dir", "'/nope' does not exist"),)
+    assert wire.message == "working_dir: '/nope' does not exist"
+    again = exception_from(int(wire.code), wire.message, wire.details)
+    assert isinstance(again, InvalidRequest)
+    assert (again.field, again.message) == ("cwd", "'/nope' does not exist")
+
+
 def test_a_foreign_domain_is_not_trusted_for_the_class() -> None:
     foreign = encode_details(StatusCode.FAILED_PRECONDITION, "x", "JOB_NOT_RUNNING")
     # Rewrite the domain: same reason, someone else's vocabulary.

@@ -12,7 +12,6 @@ import errno
 import os
 import signal as _signal
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 
 import trio
@@ -171,7 +170,7 @@ class Admission:
             # Shielded: what the thread made (files, group, process) must not be lost.
             with trio.CancelScope(shield=True):
                 try:
-                    launched, recorded = await self._launch(job, plan, started_at)
+                    launched = await self._launch(plan)
                 finally:
                     self.launcher.replenish()
         except BaseException:
@@ -183,8 +182,9 @@ class Admission:
             os.close(fds[1])  # the slave is the job's alone now
         job.log, job.cgroup = launched.log, launched.group
         records = self._records
-        if records.store is not None and self._spawn_in_thread and not recorded:
-            records.unsaved[job.id] = False  # written by housekeeping (or at the end)
+        # With the reaper watching, the record is queued for the next commit and
+        # the Start does not wait for it (``JobRecords.record_soon``).
+        record_soon = self._spawn_in_thread and records.store is not None
         process = launched.process
         if launched.error is not None or process is None:
             # The command cannot run: a FAILED job, kept and reported.
@@ -195,11 +195,11 @@ class Admission:
             job.feed(lc.SpawnFailed(error.message, started_at, error.errno))
             launched.log.finish()
             launched.log.close()
+            if record_soon:
+                records.record_soon(job)
             if job.cgroup is not None:
                 await remove_cgroup(job)
-            if self._spawn_in_thread:
-                await records.persist_end(job)  # the record made while spawning, now FAILED
-            else:
+            if not record_soon:
                 await records.persist_start(job)
             return job.info()
         self._table.add(job)
@@ -218,69 +218,42 @@ class Admission:
         # The job as it started (no usage yet: reading the cgroup's accounting
         # files would cost the loop, for zeros).
         started = job.info(usage=False)
+        if record_soon:
+            # Queued before the runner has the job: its end's record comes after.
+            records.record_soon(job)
         self._runner.supervise(job, process)
-        if recorded:
-            # Its record was committed while it was spawned; the pid follows with
-            # the next commit (group commit: no second transaction on this path).
-            records.note_spawned(job)
-        elif not self._spawn_in_thread:
-            # Recorded before the caller learns the job exists; a crash in between
-            # leaves a cgroup named after it, which the next start cleans up.
+        if not self._spawn_in_thread:
+            # Without the reaper, only the pid can find the job after a crash:
+            # recorded, with it, before the caller learns the job exists.
             await records.persist_start(job)
         # The job as it started: a quick command may already have ended while
         # its record was written, and Wait/Status tell that part.
         return started
 
-    async def _launch(
-        self, job: Job, plan: LaunchPlan, started_at: datetime
-    ) -> tuple[Launched, bool]:
-        """Make the job's place and process; return them, and whether its record is
-        committed (RUNNING, no pid yet).
+    async def _launch(self, plan: LaunchPlan) -> Launched:
+        """Make the job's place and process; return them.
 
-        With the reaper watching: one worker-thread call (``prepare_and_spawn``),
-        and, with a store, the job's record written *meanwhile*, by the store's own
-        thread: a client still learns of a job only once its record would survive a
-        crash, but the Start waits for the longer of the two, not their sum. A
-        record without a pid is what recovery makes LOST; the reaper and the
-        cleanup of leftover groups kill the job by its cgroup, which needs no pid.
-        Without the reaper, the spawn is on the loop's thread (PR_SET_PDEATHSIG)
-        and the record follows it, with the pid (``persist_start``), since only
-        the pid can find the job's process group after a crash then.
+        With the reaper watching: one worker-thread call (``prepare_and_spawn``).
+        The job's record is not written meanwhile but queued once the job runs
+        (``JobRecords.record_soon``): a crash before its commit leaves a job the
+        reapers kill by its cgroup, which needs no record. Without the reaper,
+        the spawn is on the loop's thread (PR_SET_PDEATHSIG) and the caller
+        records the job, with its pid, before answering (``persist_start``),
+        since only the pid can find the job's process group after a crash then.
 
-        Raises ``ResourceExhausted`` having left nothing: no files, group, process,
-        or record.
+        Raises ``ResourceExhausted`` having left nothing: no files, group, or process.
         """
         launcher = self.launcher
-        if not self._spawn_in_thread:
-            launched = await _in_thread(launcher.prepare, plan)
-            if launched.error is None:
-                try:
-                    launcher.spawn(launched, plan, pdeathsig=_signal.SIGKILL)
-                except BaseException:
-                    await trio.to_thread.run_sync(launcher.discard, launched)
-                    raise
-            return launched, False
-        records = self._records
-        if records.store is None:
-            return await _in_thread(launcher.prepare_and_spawn, plan), False
-        recorded = False
-        failure: BaseException | None = None
-
-        async def record() -> None:
-            nonlocal recorded
-            recorded = await records.record_early(job, started_at)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(record)
+        if self._spawn_in_thread:
+            return await _in_thread(launcher.prepare_and_spawn, plan)
+        launched = await _in_thread(launcher.prepare, plan)
+        if launched.error is None:
             try:
-                launched = await _in_thread(launcher.prepare_and_spawn, plan)
-            except BaseException as exc:
-                failure = exc
-        if failure is not None:
-            if recorded:
-                await records.unrecord(job.id)
-            raise failure
-        return launched, recorded
+                launcher.spawn(launched, plan, pdeathsig=_signal.SIGKILL)
+            except BaseException:
+                await trio.to_thread.run_sync(launcher.discard, launched)
+                raise
+        return launched
 
 
 async def _in_thread(fn: Callable[[LaunchPlan], Launched], plan: LaunchPlan) -> Launched:

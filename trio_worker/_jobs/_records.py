@@ -7,13 +7,14 @@ writes it once the store takes writes again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal as _signal
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import trio
@@ -24,7 +25,7 @@ from .._util import final
 from . import _lifecycle as lc
 from ._job import LOST_ERROR, Job, now
 from ._queries import JobTable
-from ._store import JobStore, StoredJob, process_start_time
+from ._store import JobStore, Queued, StoredJob, process_start_time
 
 __all__ = ["JobRecords", "Retention", "remove_dirs"]
 
@@ -61,6 +62,9 @@ class JobRecords:
         #: Jobs whose record in the store is behind (a write failed, e.g. a full
         #: disk): job id -> whether its row exists. Written again by housekeeping.
         self.unsaved: dict[str, bool] = {}
+        #: New jobs' records queued for the next commit (``record_soon``).
+        self._queued: dict[str, Queued] = {}
+        self._commit_wanted = trio.Event()
 
     async def persist_start(self, job: Job) -> None:
         """Record the new job; if the store fails, the job runs with its record pending.
@@ -74,30 +78,59 @@ class JobRecords:
             if not await self._save(job, exists=False):
                 self.unsaved[job.id] = False
 
-    async def record_early(self, job: Job, started_at: datetime) -> bool:
-        """Record a job being spawned, RUNNING without a pid; True once committed.
+    def record_soon(self, job: Job) -> None:
+        """Queue a new job's record as it is now (RUNNING with its pid, or FAILED)
+        for the store's next commit, without waiting: ``run_committer`` commits it
+        right after, with whatever else was queued meanwhile (group commit).
 
-        False (logged) when the store cannot take it: the caller keeps the job in
-        ``unsaved``. The pid follows with ``note_spawned``.
+        Only for a job its cgroup can find: until the commit, a crash leaves a job
+        with no record, which the reapers kill by its cgroup (as the cleanup of
+        leftover groups at the next start would), and whose directory the next
+        start removes (``remove_unrecorded``). Writes queued later (its end) are
+        committed after this one.
         """
-        assert self.store is not None
-        record = lc.Record(JobState.RUNNING, started_at=started_at)
-        return await self._save(job, exists=False, info=job.info(usage=False, record=record))
-
-    def note_spawned(self, job: Job) -> None:
-        """The pid of a job ``record_early`` recorded, for the store's next commit."""
-        assert self.store is not None
-        assert job.record.pid is not None
-        self.store.note_spawned(job.id, job.record.pid, job.pid_start_time)
-
-    async def unrecord(self, job_id: str) -> None:
-        """Delete the record of a Start that was refused after all."""
-        assert self.store is not None
+        store = self.store
+        assert store is not None
         try:
-            await self.store.delete([job_id])
-        except Exception:
-            # Left as it is, it reads as a LOST job after a restart.
-            _log.exception("job %s: cannot delete the record of a refused start", job_id)
+            self._queued[job.id] = store.queue_start(
+                job.info(usage=False),
+                env_keys=job.env_keys,
+                cwd=job.spec.cwd,
+                pid_start_time=job.pid_start_time,
+            )
+        except trio.ClosedResourceError:
+            self.unsaved[job.id] = False
+            return
+        self._commit_wanted.set()
+
+    async def run_committer(self) -> None:
+        """Commit the records ``record_soon`` queued, until cancelled (a task of the
+        supervisor): woken by it, never polls."""
+        while True:
+            await self._commit_wanted.wait()
+            self._commit_wanted = trio.Event()
+            await self.commit_queued()
+
+    async def commit_queued(self) -> None:
+        """Commit the queued records now; one the store refused goes to ``unsaved``."""
+        queued, self._queued = self._queued, {}
+        if not queued or self.store is None:
+            return
+        # Shielded: the batch holds the records, see it through. Each record's own
+        # outcome says what to do, not the flush's.
+        with (
+            trio.CancelScope(shield=True),
+            contextlib.suppress(StateDirError, trio.ClosedResourceError),
+        ):
+            await self.store.flush()
+        for job_id, write in queued.items():
+            if not write.done:
+                self.unsaved.setdefault(job_id, False)
+            elif write.error is not None:
+                if job_id not in self.unsaved:
+                    _log.error("job %s: cannot record it (will retry): %s", job_id, write.error)
+                # Not in the store: the next try inserts it (as it is by then).
+                self.unsaved[job_id] = False
 
     async def persist_end(self, job: Job) -> None:
         """Record the job's end; never raises (the runner's end of a job calls it)."""
@@ -209,6 +242,14 @@ class JobRecords:
                 self.unsaved.update(dict.fromkeys(lost, True))
         if stored:
             _log.info("restored %d job(s), %d of them lost", len(stored), len(lost))
+        known = {entry.info.id for entry in stored}
+        unrecorded = await trio.to_thread.run_sync(_unrecorded_dirs, self._jobs_dir, known)
+        if unrecorded:
+            # Jobs whose record was still queued when the server died: the
+            # reapers killed them, the cleanup of leftover groups removed their
+            # groups; nobody was told of them for sure, so nothing of them stays.
+            await trio.to_thread.run_sync(remove_dirs, unrecorded)
+            _log.warning("removed %d job directory(ies) with no record", len(unrecorded))
 
     async def run_housekeeping(self) -> None:
         """Run ``housekeep`` every ``retention.interval`` seconds."""
@@ -263,6 +304,15 @@ def _kill_recorded(pid: int | None, start_time: int | None) -> None:
         pass
     except PermissionError:
         _log.warning("cannot kill process group %d of a lost job", pid)
+
+
+def _unrecorded_dirs(jobs_dir: Path, known: set[str]) -> list[Path]:
+    """The directories under ``jobs_dir`` of no job the store knows."""
+    try:
+        entries = list(os.scandir(jobs_dir))
+    except FileNotFoundError:
+        return []
+    return [Path(e.path) for e in entries if e.name not in known and e.is_dir()]
 
 
 def remove_dirs(directories: Sequence[Path]) -> None:

@@ -15,12 +15,12 @@ either.
 Every call runs on one dedicated connection in a worker thread, never on the
 event loop. Calls use *group commit*: each caller queues its operation, and
 whoever holds the lock runs everything queued so far in one transaction (one
-thread round trip, one WAL append). So ``record_start`` can afford to wait for
-its commit — a client is only told a job exists once its record would survive
-a crash (about 0.5 ms alone) — and a burst of 1,000 starts from 1,000 tasks
-shares one transaction instead of costing 1,000. Output counters are cheaper
-still: ``note_output`` only buffers them, and they ride along with the next
-transaction or ``flush``.
+thread round trip, one WAL append): a burst of 1,000 records from 1,000 tasks
+shares one transaction instead of costing 1,000. ``queue_start`` does not even
+wait: the supervisor queues a new job's record and answers the Start, and its
+committer task commits what was queued right after (see ``_jobs/_records``).
+Output counters are cheaper still: ``note_output`` only buffers them, and they
+ride along with the next transaction or ``flush``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from .._model import Isolation, JobInfo, JobState, Limits, Usage
 __all__ = [
     "SCHEMA_VERSION",
     "JobStore",
+    "Queued",
     "SqliteJobStore",
     "StoredJob",
     "process_start_time",
@@ -152,6 +153,15 @@ class JobStore(Protocol):
         pid_start_time: int | None,
     ) -> None: ...
 
+    def queue_start(
+        self,
+        info: JobInfo,
+        *,
+        env_keys: Iterable[str],
+        cwd: str | None,
+        pid_start_time: int | None,
+    ) -> Queued: ...
+
     async def record_spawned(self, job_id: str, pid: int, pid_start_time: int | None) -> None: ...
 
     def note_spawned(self, job_id: str, pid: int, pid_start_time: int | None) -> None: ...
@@ -183,6 +193,16 @@ class JobStore(Protocol):
     ) -> list[str]: ...
 
     async def aclose(self) -> None: ...
+
+
+class Queued(Protocol):
+    """A write queued without waiting (``queue_start``): read once ``done``."""
+
+    @property
+    def done(self) -> bool: ...
+
+    @property
+    def error(self) -> BaseException | None: ...
 
 
 class _Op(Generic[_T]):
@@ -275,17 +295,28 @@ class SqliteJobStore:
         spawn is recorded whole by this call alone (no ``record_end`` needed).
         ``env_keys`` may be the env mapping itself: only its keys are read.
         """
-        row = _start_row(info, list(env_keys), cwd, pid_start_time)
+        await self._submit(_inserter(info, _start_row(info, list(env_keys), cwd, pid_start_time)))
 
-        def insert(conn: sqlite3.Connection) -> None:
-            try:
-                conn.execute(_INSERT, row)
-            except sqlite3.IntegrityError as exc:
-                if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (info.id,)).fetchone():
-                    raise ValueError(f"job {info.id} is already recorded") from None
-                raise ValueError(f"job {info.id}: record rejected: {exc}") from None
+    def queue_start(
+        self,
+        info: JobInfo,
+        *,
+        env_keys: Iterable[str],
+        cwd: str | None,
+        pid_start_time: int | None,
+    ) -> Queued:
+        """``record_start`` without the wait: the insert is queued, no I/O, and goes
+        out with the next transaction of any kind (``flush``, or another call's).
 
-        await self._submit(insert)
+        Calls queued later (the job's end) run after it, in the same transaction
+        or a later one. The returned handle says when it is ``done`` and its
+        ``error`` (the transaction failed, or the row was rejected).
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("the job store is closed")
+        op = _Op(_inserter(info, _start_row(info, list(env_keys), cwd, pid_start_time)))
+        self._queue.append(op)
+        return op
 
     async def record_spawned(self, job_id: str, pid: int, pid_start_time: int | None) -> None:
         """Set the pid of a job recorded before its spawn (RUNNING with no pid).
@@ -547,6 +578,20 @@ if TYPE_CHECKING:
 
     def _conforms(store: SqliteJobStore) -> JobStore:
         return store  # mypy checks that SqliteJobStore implements the protocol
+
+
+def _inserter(info: JobInfo, row: Sequence[object]) -> Callable[[sqlite3.Connection], None]:
+    """The call that inserts a job's row (``ValueError`` if it is there already)."""
+
+    def insert(conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute(_INSERT, row)
+        except sqlite3.IntegrityError as exc:
+            if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (info.id,)).fetchone():
+                raise ValueError(f"job {info.id} is already recorded") from None
+            raise ValueError(f"job {info.id}: record rejected: {exc}") from None
+
+    return insert
 
 
 def _nothing(conn: sqlite3.Connection) -> None:

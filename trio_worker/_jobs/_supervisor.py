@@ -542,6 +542,7 @@ async def open_supervisor_with_driver(
             if store is not None:
                 await supervisor._records.restore(await store.load_all())
                 nursery.start_soon(supervisor._records.run_housekeeping)
+                nursery.start_soon(supervisor._records.run_committer)
             launcher = supervisor._admission.launcher
             nursery.start_soon(launcher.keep_ready, supervisor._admission.new_id)
             try:
@@ -550,6 +551,7 @@ async def open_supervisor_with_driver(
                 with trio.CancelScope(shield=True):
                     await supervisor.shutdown(shutdown_grace)
                     if store is not None:
+                        await supervisor._records.commit_queued()
                         await supervisor._records.save_unsaved()  # a last try for pending records
                 nursery.cancel_scope.cancel()  # housekeeping, the runner; jobs have ended
     finally:

@@ -131,7 +131,7 @@ class ClientConnection(Connection):
     and the calls on it."""
 
     def __init__(self, stream: TLSSocketStream, addr: str, authority: str) -> None:
-        grpc = GRPCClientConnection()
+        grpc = GRPCClientConnection(clock=trio.current_time)  # refills the flood budget
         settings = ConnectionSettings(
             max_frame=MAX_FRAME,
             close_timeout=CLOSE_TIMEOUT,

@@ -583,6 +583,7 @@ class _Connection(Connection):
             max_frame_size=cfg.max_frame_size,
             max_header_list_size=cfg.max_header_list_size,
             streams_requests=server.streams_requests,
+            clock=trio.current_time,  # the flood budget refills by the loop's clock
         )
         super().__init__(
             stream,

@@ -19,8 +19,7 @@ import functools
 import importlib
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, Final, Literal, NamedTuple
+from typing import Any, Final, Literal
 
 from . import _parse
 from ._settings import (
@@ -37,22 +36,43 @@ __all__ = ["COMMANDS", "ENV_VARS", "parse_short"]
 Kind = Literal["flag", "value", "list"]
 
 
-class Option(NamedTuple):
-    names: tuple[str, ...]
-    #: The function's keyword (for ``job``/``options``: the dataclass field).
-    dest: str
-    kind: Kind
-    convert: Callable[[str], Any] = str
-    #: Where it goes: the function (""), ``job=JobOptions(...)`` or ``options=ClientOptions``.
-    into: Literal["", "job", "options"] = ""
+class Option:
+    """One option of a command (plain classes here: NamedTuples cost every command their
+    making, and an option is a dict key by identity anyway)."""
+
+    __slots__ = ("convert", "dest", "into", "kind", "names")
+
+    def __init__(
+        self,
+        names: tuple[str, ...],
+        dest: str,
+        kind: Kind,
+        convert: Callable[[str], Any] = str,
+        into: Literal["", "job", "options"] = "",
+    ) -> None:
+        self.names = names
+        #: The function's keyword (for ``job``/``options``: the dataclass field).
+        self.dest = dest
+        self.kind = kind
+        self.convert = convert
+        #: Where it goes: the function (""), ``job=JobOptions(...)`` or ``options=ClientOptions``.
+        self.into = into
 
 
-class Command(NamedTuple):
-    #: ``module:function`` in this package (``_commands.COMMANDS``' target).
-    target: str
-    options: tuple[Option, ...]
-    #: How many positional arguments: a number, "*" (any: ids), or "command" (after --).
-    positional: int | Literal["*", "command"]
+class Command:
+    __slots__ = ("options", "positional", "target")
+
+    def __init__(
+        self,
+        target: str,
+        options: tuple[Option, ...],
+        positional: int | Literal["*", "command"],
+    ) -> None:
+        #: ``module:function`` in this package (``_commands.COMMANDS``' target).
+        self.target = target
+        self.options = options
+        #: How many positional arguments: a number, "*" (any: ids), or "command" (after --).
+        self.positional = positional
 
 
 def _addr(value: str) -> str:
@@ -62,11 +82,11 @@ def _addr(value: str) -> str:
 
 _CLIENT: Final = (
     Option(("--addr",), "addr", "value", _addr, "options"),
-    Option(("--ca",), "ca", "value", Path, "options"),
-    Option(("--cert",), "cert", "value", Path, "options"),
-    Option(("--key",), "key", "value", Path, "options"),
-    Option(("--state-dir",), "state_dir", "value", Path, "options"),
-    Option(("--config",), "config", "value", Path, "options"),
+    Option(("--ca",), "ca", "value", str, "options"),
+    Option(("--cert",), "cert", "value", str, "options"),
+    Option(("--key",), "key", "value", str, "options"),
+    Option(("--state-dir",), "state_dir", "value", str, "options"),
+    Option(("--config",), "config", "value", str, "options"),
 )
 _JOB: Final = (
     Option(("--env", "-e"), "env", "list", str, "job"),
@@ -215,8 +235,8 @@ def _keywords(
                 raise _Leave
             client[dest] = converters[dest](env[variable])
     explicit = client.get("config")
-    path = config_file_path(None if explicit is None else explicit.expanduser())
-    if path.is_file():
+    path = config_file_path(explicit)
+    if os.path.isfile(path):
         for key, value in read_config_file(path).items():
             if key in CONFIG_KEYS and key not in client:
                 client[key] = converters[key](value)

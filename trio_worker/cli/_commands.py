@@ -7,19 +7,24 @@ the whole of ``trio-worker --help`` may (0.1 s). A command's own ``--help`` is c
 
 from __future__ import annotations
 
-from typing import Final, NamedTuple
+from typing import Final
 
 __all__ = ["COMMANDS", "Command", "overview", "unknown_command"]
 
 
-class Command(NamedTuple):
-    name: str
-    #: ``module:function`` inside ``trio_worker.cli`` (cyclopts imports it when it runs).
-    target: str
-    #: What ``--help`` lists: the first line of the function's docstring (a test checks it).
-    summary: str
-    #: A client command: takes the connection options and the config file.
-    client: bool = True
+class Command:
+    """One row of the table (a plain class: a NamedTuple costs every command its making)."""
+
+    __slots__ = ("client", "name", "summary", "target")
+
+    def __init__(self, name: str, target: str, summary: str, *, client: bool = True) -> None:
+        self.name = name
+        #: ``module:function`` inside ``trio_worker.cli`` (cyclopts imports it when it runs).
+        self.target = target
+        #: What ``--help`` lists: the first line of the function's docstring (a test checks it).
+        self.summary = summary
+        #: A client command: takes the connection options and the config file.
+        self.client = client
 
 
 COMMANDS: Final = (

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal as _signal
 import sys
 from dataclasses import dataclass
 from types import FrameType
@@ -368,12 +367,16 @@ class _CtrlC:
         self.fd = -1
 
     def __enter__(self) -> _CtrlC:
+        import signal as _signal  # run's only
+
         self.fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._old_wakeup = _signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
         self._old_handler = _signal.signal(_signal.SIGINT, self._pressed)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        import signal as _signal
+
         _signal.signal(_signal.SIGINT, self._old_handler)
         _signal.set_wakeup_fd(self._old_wakeup)
         os.close(self.fd)

@@ -120,10 +120,10 @@ def load_config_file(
     """A cyclopts config source: the TOML file named by ``--config``/``TRIO_WORKER_CONFIG``
     or the default one. Cyclopts calls it after the flags and environment variables, and
     it fills only what they left unset."""
-    explicit: Path | None = None
+    explicit: str | None = None
     for argument in arguments:
         if argument.field_info.name == "config" and argument.tokens:
-            explicit = Path(argument.tokens[-1].value).expanduser()
+            explicit = str(argument.tokens[-1].value)
     source = _ConnectionToml(
         config_file_path(explicit), use_commands_as_keys=False, allow_unknown=True
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import re
-import signal
 from collections.abc import Iterable, Mapping
 
 from .._model import Isolation
@@ -178,6 +177,8 @@ _SIGNAL_HINT = "use a name or number, e.g. TERM, SIGTERM or 15"
 
 def parse_signal(text: str) -> int:
     """``TERM``, ``SIGTERM``, ``sigterm``, ``15``, ``RTMIN+2`` → the signal number."""
+    import signal  # the commands that name a signal only (its enums take a while to make)
+
     stripped = text.strip()
     if stripped.isdigit():
         number = int(stripped)
@@ -204,6 +205,8 @@ def parse_signal(text: str) -> int:
 
 def signal_name(number: int) -> str:
     """``15`` → ``SIGTERM``; an unnamed number stays a number."""
+    import signal
+
     try:
         return signal.Signals(number).name
     except ValueError:

@@ -39,7 +39,7 @@ def client_hint(host: str, port: int, state_dir: Path) -> str:
     # A client in another shell has neither our TRIO_WORKER_STATE_DIR nor systemd's
     # STATE_DIRECTORY: name the directory unless it is the plain per-user default.
     environ = {k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}
-    if state_dir != default_state_dir(environ).absolute():
+    if state_dir != Path(default_state_dir(environ)).absolute():
         words += ["--state-dir", str(state_dir)]
     if host in ("0.0.0.0", ""):
         host = "127.0.0.1"
@@ -187,7 +187,7 @@ def serve(
     # The supervisor locks the state directory (a second server on it is refused with
     # StateDirError) before it touches anything else; the development PKI is made
     # atomically and never changed, so making or reading it first is safe.
-    directory = resolve_state_dir(state_dir)
+    directory = Path(resolve_state_dir(state_dir))
     # Refused before anything is written there (the PKI's keys included).
     check_private(directory)
     dev: pki.DevPki | None = None

@@ -11,13 +11,16 @@ file and falls back to the development PKI; it imports no cyclopts (the annotati
 ``Parameter``, which ``_params.bind`` provides when cyclopts needs them).
 
 Nothing here writes a file: a client never creates the development PKI, ``serve`` does.
+
+Paths are strings, joined with ``os.path``: pathlib (with the ``urllib.parse`` and
+``ipaddress`` it imports) would be a few milliseconds of every client command's start-up
+for nothing it needs.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from .._errors import InvalidRequest
@@ -76,48 +79,60 @@ class ConfigFileError(Exception):
 # --- the state directory ------------------------------------------------------------
 
 
-def default_state_dir(environ: os._Environ[str] | dict[str, str] | None = None) -> Path:
+def _absolute(path: str) -> str:
+    """``Path.absolute()``: made absolute against the working directory, not normalized
+    (``..`` after a symbolic link is not the link's parent)."""
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+
+
+def default_state_dir(environ: os._Environ[str] | dict[str, str] | None = None) -> str:
     """systemd's ``STATE_DIRECTORY`` (its first entry), else ``$XDG_STATE_HOME/trio-worker``,
     else ``~/.local/state/trio-worker``. (``TRIO_WORKER_STATE_DIR`` and ``--state-dir``
     come before these; cyclopts handles them.)"""
     env = os.environ if environ is None else environ
     systemd = env.get("STATE_DIRECTORY", "")
     if systemd:
-        return Path(systemd.split(":")[0])
+        return systemd.split(":")[0]
     xdg = env.get("XDG_STATE_HOME", "")
     if xdg and os.path.isabs(xdg):  # the XDG spec: relative values are to be ignored
-        return Path(xdg) / "trio-worker"
-    return Path.home() / ".local" / "state" / "trio-worker"
+        return os.path.join(xdg, "trio-worker")
+    return os.path.join(os.path.expanduser("~"), ".local", "state", "trio-worker")
 
 
-def resolve_state_dir(explicit: Path | None) -> Path:
-    return (explicit.expanduser() if explicit is not None else default_state_dir()).absolute()
+def resolve_state_dir(explicit: str | os.PathLike[str] | None) -> str:
+    """``--state-dir`` (``~`` expanded) or the default, made absolute."""
+    chosen = os.path.expanduser(explicit) if explicit is not None else default_state_dir()
+    return _absolute(os.fspath(chosen))
 
 
-def dev_pki_paths(state_dir: Path) -> tuple[Path, Path, Path]:
+def dev_pki_paths(state_dir: str) -> tuple[str, str, str]:
     """(CA, client certificate, client key) of the development PKI that ``serve`` makes
     in ``STATE_DIR/pki`` (see ``trio_worker.pki.ensure_dev_pki``)."""
-    directory = state_dir / "pki"
+    directory = os.path.join(state_dir, "pki")
     client = DEV_CLIENT_NAME
-    return directory / "ca.pem", directory / f"{client}.pem", directory / f"{client}.key"
+    return (
+        os.path.join(directory, "ca.pem"),
+        os.path.join(directory, f"{client}.pem"),
+        os.path.join(directory, f"{client}.key"),
+    )
 
 
 # --- the config file ----------------------------------------------------------------
 
 
-def default_config_path(environ: os._Environ[str] | dict[str, str] | None = None) -> Path:
+def default_config_path(environ: os._Environ[str] | dict[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
     xdg = env.get("XDG_CONFIG_HOME", "")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".config"
-    return base / "trio-worker" / "config.toml"
+    base = xdg if xdg and os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "trio-worker", "config.toml")
 
 
-def read_config_file(path: Path) -> dict[str, str]:
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, str]:
     """The connection keys of a config file, relative paths taken from its directory."""
     import tomllib  # only when there is a file to read
 
     try:
-        with path.open("rb") as f:
+        with open(path, "rb") as f:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigFileError(f"config file {path} is not valid TOML: {exc}") from exc
@@ -136,17 +151,18 @@ def read_config_file(path: Path) -> dict[str, str]:
         if name in _PATH_KEYS:
             # A relative path means relative to the config file, not to wherever the
             # command happens to run.
-            value = str((path.parent / Path(value).expanduser()).absolute())
+            value = _absolute(os.path.join(os.path.dirname(path), os.path.expanduser(value)))
         result[name] = value
     return result
 
 
-def config_file_path(explicit: Path | None) -> Path:
-    """The file named by ``--config``/``TRIO_WORKER_CONFIG`` (which must exist), or the
-    default one (which may be missing)."""
+def config_file_path(explicit: str | None) -> str:
+    """The file named by ``--config``/``TRIO_WORKER_CONFIG`` (which must exist, ``~``
+    expanded), or the default one (which may be missing)."""
     if explicit is None:
         return default_config_path()
-    if not explicit.is_file():
+    explicit = os.path.expanduser(explicit)
+    if not os.path.isfile(explicit):
         raise ConfigFileError(
             f"config file {explicit} does not exist; check --config or TRIO_WORKER_CONFIG"
         )
@@ -177,17 +193,17 @@ class ClientOptions:
     ] = DEFAULT_ADDR
     """The server to talk to."""
 
-    ca: Annotated[Path | None, Parameter(env_var="TRIO_WORKER_CA", metavar="FILE")] = None
+    ca: Annotated[str | None, Parameter(env_var="TRIO_WORKER_CA", metavar="FILE")] = None
     """CA certificate the server's certificate must be signed by. Default: the development PKI's."""
 
-    cert: Annotated[Path | None, Parameter(env_var="TRIO_WORKER_CERT", metavar="FILE")] = None
+    cert: Annotated[str | None, Parameter(env_var="TRIO_WORKER_CERT", metavar="FILE")] = None
     """Client certificate (its CN is who you are, its role what you may do)."""
 
-    key: Annotated[Path | None, Parameter(env_var="TRIO_WORKER_KEY", metavar="FILE")] = None
+    key: Annotated[str | None, Parameter(env_var="TRIO_WORKER_KEY", metavar="FILE")] = None
     """The client certificate's private key."""
 
     state_dir: Annotated[
-        Path | None,
+        str | None,
         Parameter(
             env_var="TRIO_WORKER_STATE_DIR",
             metavar="DIR",
@@ -197,7 +213,7 @@ class ClientOptions:
     ] = None
 
     config: Annotated[
-        Path | None,
+        str | None,
         Parameter(
             env_var="TRIO_WORKER_CONFIG",
             metavar="FILE",
@@ -212,9 +228,9 @@ class Connection:
     """Everything ``trio_worker.client.connect`` needs, all resolved."""
 
     addr: str
-    ca: Path
-    cert: Path
-    key: Path
+    ca: str
+    cert: str
+    key: str
     #: Where the certificates came from, for error messages: "the development PKI in X"
     #: or "--ca/--cert/--key".
     origin: str
@@ -226,14 +242,16 @@ def resolve_connection(options: ClientOptions) -> Connection:
     if all(value is None for value in given.values()):
         state_dir = resolve_state_dir(options.state_dir)
         ca, cert, key = dev_pki_paths(state_dir)
-        missing = [path for path in (ca, cert, key) if not path.is_file()]
+        missing = [path for path in (ca, cert, key) if not os.path.isfile(path)]
         if missing:
             raise TLSConfigError(
-                f"no certificates given and there is no development PKI in {state_dir / 'pki'} "
-                f"({missing[0].name} is missing); start `trio-worker serve` with this state "
-                "directory first (it creates one), or give --ca, --cert and --key"
+                "no certificates given and there is no development PKI in "
+                f"{os.path.dirname(ca)} ({os.path.basename(missing[0])} is missing); start "
+                "`trio-worker serve` with this state directory first (it creates one), or give "
+                "--ca, --cert and --key"
             )
-        return Connection(options.addr, ca, cert, key, f"the development PKI in {ca.parent}")
+        origin = f"the development PKI in {os.path.dirname(ca)}"
+        return Connection(options.addr, ca, cert, key, origin)
     absent = [flag for flag, value in given.items() if value is None]
     if absent:
         raise TLSConfigError(
@@ -241,9 +259,9 @@ def resolve_connection(options: ClientOptions) -> Connection:
             "(or TRIO_WORKER_CA/_CERT/_KEY, or ca/cert/key in the config file), or none of them "
             "to use the development PKI"
         )
-    ca, cert, key = (Path(p).expanduser() for p in (options.ca, options.cert, options.key) if p)
+    ca, cert, key = (os.path.expanduser(p) for p in (options.ca, options.cert, options.key) if p)
     for flag, path in (("--ca", ca), ("--cert", cert), ("--key", key)):
-        if not path.is_file():
-            what = "does not exist" if not path.exists() else "is not a file"
+        if not os.path.isfile(path):
+            what = "does not exist" if not os.path.exists(path) else "is not a file"
             raise TLSConfigError(f"{flag} {path} {what}; check the path")
     return Connection(options.addr, ca, cert, key, "--ca/--cert/--key")
