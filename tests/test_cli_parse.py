@@ -538,3 +538,23 @@ def test_the_overview_lists_every_command_within_80_columns(
         assert all(len(line) <= 80 for line in text.splitlines())
         listed = re.findall(r"^  (\w+)  ", text, re.M)
         assert set(NAMES) <= set(listed)
+
+
+@pytest.mark.parametrize(
+    ("error", "why"),
+    [
+        ("lost the connection to h:1: the server closed the connection", "the server closed"),
+        ("cannot connect to h:1: connection refused", "cannot connect to h:1: connection"),
+    ],
+)
+def test_the_lost_connection_line_says_it_once(
+    error: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trio_worker import ConnectionFailed
+    from trio_worker.cli._session import Backoff
+
+    Backoff("h:1", budget=60).wait(ConnectionFailed(error))
+    line = capsys.readouterr().err
+    assert line.startswith("trio-worker: lost the connection to h:1 (")
+    assert line.count("lost the connection") == 1, line
+    assert why in line

@@ -74,3 +74,14 @@ def test_errors_say_trio_worker_even_when_imported_from_their_module() -> None:
     )
     assert out.stdout.strip() == "['trio_worker']"
     assert "trio_worker.JobNotFound: no job with id 'x'" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["WorkerClient", "OutputIterator", "Attachment"])
+def test_client_objects_come_from_connect_only_and_cannot_be_subclassed(name: str) -> None:
+    import trio_worker.client
+
+    cls = getattr(trio_worker.client, name)
+    with pytest.raises(TypeError, match="no public constructor"):
+        cls()
+    with pytest.raises(TypeError, match="does not support subclassing"):
+        type("Sub", (cls,), {})

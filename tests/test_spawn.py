@@ -302,7 +302,7 @@ def test_command_is_in_its_cgroup_before_its_first_instruction() -> None:
         if isinstance(driver, NoDriver):
             pytest.skip(f"no usable cgroups: {driver.reason}")
         group = driver.create("job1", Limits())
-        fds = group.open_procs()
+        fds = group.open_join()
         try:
             # cat's own reading of /proc/self/cgroup is its first act.
             code, out = _run(["cat", "/proc/self/cgroup"], cgroup_fds=fds)
@@ -331,6 +331,20 @@ def test_failed_cgroup_join_runs_nothing_and_says_which(tmp_path: Path) -> None:
     assert info.value.stage is Stage.CGROUP
     assert info.value.index == 0
     assert not marker.exists()
+
+
+def test_a_directory_clone3_cannot_enter_is_joined_by_its_cgroup_procs(tmp_path: Path) -> None:
+    # A v2 group is passed as its directory, for clone3 to put the child in it. Where
+    # clone3 refuses (here: no cgroup at all, as on a kernel without CLONE_INTO_CGROUP),
+    # the child writes to the directory's cgroup.procs before anything runs, as for v1.
+    (tmp_path / "cgroup.procs").write_bytes(b"")
+    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        code, _ = _run(["true"], cgroup_fds=[directory])
+    finally:
+        os.close(directory)
+    assert code == 0
+    assert (tmp_path / "cgroup.procs").read_bytes() == b"0"
 
 
 def test_child_whose_parent_is_already_gone_does_not_run(tmp_path: Path) -> None:

@@ -5,12 +5,15 @@
 
 Runs the peer (``grpcio_peer.py``) and each trio-worker server (by default this
 tree, with this Python; ``--server before=/path/to/old/.venv/bin/python`` adds
-another tree) in turn, ``--rounds`` times, and drives each with the peer's own
-harness (``bench.py``, the official grpcio client). Then it measures Status
-latency on one connection while idle and while another connection starts jobs
-back to back. Prints one line per figure: each server's median, the peer's,
-and the ratio (throughputs: server/peer; latencies and memory: peer/server).
-The machine is shared: read ratios, not absolute figures. Asserts nothing.
+another tree) in turn, ``--rounds`` times, in a new random order each round (a
+fixed order lets load that drifts during a sitting favour whoever runs first),
+and drives each with the peer's own harness (``bench.py``, the official grpcio
+client). Then it measures Status latency on one connection while idle and while
+another connection starts jobs back to back. Prints one line per figure: each
+server's median, the peer's, and the ratio (throughputs: server/peer; latencies
+and memory: peer/server); then, with several rounds, each figure's range over the
+rounds, to tell a difference from the noise. The machine is shared: read ratios,
+not absolute figures. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -319,10 +323,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-peer-") as tmp:
         scratch = Path(tmp)
         for round_ in range(args.rounds):
-            print(f"# round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
-            results["peer"].append(_peer_round(args, scratch))
-            for name, python in servers:
-                results[name].append(_server_round(args, scratch, name, python))
+            order: list[tuple[str, str | None]] = [("peer", None), *servers]
+            random.shuffle(order)
+            print(
+                f"# round {round_ + 1}/{args.rounds}: {', '.join(n for n, _ in order)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            for name, python in order:
+                if python is None:
+                    results["peer"].append(_peer_round(args, scratch))
+                else:
+                    results[name].append(_server_round(args, scratch, name, python))
 
     def median(name: str, figure: str) -> float | None:
         values = [r[figure] for r in results[name] if figure in r]
@@ -347,6 +359,16 @@ def main() -> None:
             cells += f"{value:>14.2f}{ratio:>7.2f}"
         if seen:
             print(f"{row:44}{cells}{peer:>12.2f}")
+    if args.rounds > 1:
+        print("range over the rounds (min-max):")
+        for figure, (row, _) in FIGURES.items():
+            spans = []
+            for name in results:
+                values = [r[figure] for r in results[name] if figure in r]
+                if values:
+                    spans.append(f"{name} {min(values):.2f}-{max(values):.2f}")
+            if spans:
+                print(f"{row:44}{'   '.join(spans)}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from ._requests import (
     stop_request,
 )
 from ._tls import client_context
+from ._util import NoPublicConstructor, final
 from ._wire._calls import CallFailed, Unprocessed
 from ._wire._status import StatusCode
 
@@ -76,7 +77,8 @@ M = TypeVar("M")
 # --- the client ----------------------------------------------------------------------------
 
 
-class WorkerClient:
+@final
+class WorkerClient(metaclass=NoPublicConstructor):
     """A connection to one trio-worker server; get one from :func:`connect`.
 
     Every method may raise :class:`ConnectionFailed` (server unreachable, TLS refused,
@@ -214,7 +216,7 @@ class WorkerClient:
         """The job's output from byte ``offset`` of its combined log; with ``follow``, live
         until the job ends. Iterate it with ``async for``; ``aclose()`` it (or use it as
         ``async with``) to stop early. Raises JobNotFound when iterated."""
-        return OutputIterator(self, output_request(job_id, offset, follow))
+        return OutputIterator._create(self, output_request(job_id, offset, follow))
 
     def attach(self, job_id: str, *, offset: int = 0) -> Attachment:
         """Use a job interactively over one bidirectional stream: its output from byte
@@ -224,7 +226,7 @@ class WorkerClient:
         session`` gets the output until the job ends, after which ``session.ended`` is its
         final state; ``write``, ``close_stdin`` and ``resize`` send input meanwhile, from
         any task. Leaving the block detaches: the job goes on running."""
-        return Attachment(self, attach_open(job_id, offset))
+        return Attachment._create(self, attach_open(job_id, offset))
 
     # -- plumbing --
 
@@ -314,7 +316,8 @@ async def _deadline_passes(deadline: float) -> None:
         await trio.sleep_until(deadline)
 
 
-class OutputIterator:
+@final
+class OutputIterator(metaclass=NoPublicConstructor):
     """The chunks of a job's output, as an async iterator: ``async for chunk in it``.
 
     The call starts on the first ``__anext__``. Up to ``ACK_BELOW + STREAM_WINDOW`` bytes
@@ -424,7 +427,8 @@ class OutputIterator:
                 call.conn.cancel_soon(call)
 
 
-class Attachment:
+@final
+class Attachment(metaclass=NoPublicConstructor):
     """One job, attached: its output as an async iterator, its input as methods.
 
     Get one from :meth:`WorkerClient.attach` and use it as ``async with``. Output is
@@ -583,7 +587,7 @@ async def connect(
     first = await dialer.dial()
     body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
-        client = WorkerClient(dialer, nursery)
+        client: WorkerClient = WorkerClient._create(dialer, nursery)
         client._adopt(first)
         try:
             yield client

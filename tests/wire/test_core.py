@@ -27,6 +27,7 @@ from tests.wire.helpers import (
     ConnectionPair,
     frame,
     grpc_frame,
+    hpack_int,
     request_block,
     request_headers,
 )
@@ -121,6 +122,31 @@ def test_two_table_size_updates_are_allowed() -> None:
     block = b"\x20\x3f\xe1\x1f" + request_block()  # size 0, then size 4096
     events = pair.to_server(frame(HEADERS, END_HEADERS, 1, block))
     assert [type(e) for e in events] == [RequestReceived]
+
+
+def test_a_header_list_that_decodes_over_the_bound_is_refused() -> None:
+    """Within the encoded bound (64 KiB) but over the decoded one (16 KiB here): one long
+    literal value."""
+    pair = ConnectionPair(max_header_list_size=16 * 1024)
+    block = request_block("/test.Service/Unary", ("x-big", "v" * (17 * 1024)))
+    assert len(block) < MAX_HEADER_BLOCK
+    with pytest.raises((h2.exceptions.ProtocolError, PeerMisbehaved)):
+        pair.to_server(frame(HEADERS, END_HEADERS, 1, block))
+    assert pair.goaway_code() is not None
+
+
+def test_a_small_block_that_expands_through_the_table_is_refused() -> None:
+    """Decoded size is bounded, not only encoded size: a 1 KiB header entered in the dynamic
+    table once, then named again by a 1-byte index, 40 times in a 100-byte block."""
+    pair = ConnectionPair(max_header_list_size=16 * 1024)
+    name, value = b"x-pad", b"v" * 1024
+    # Literal with incremental indexing, new name (0x40), then 40 times "indexed field 62".
+    entry = b"\x40" + hpack_int(len(name), 7) + name + hpack_int(len(value), 7) + value
+    block = request_block() + entry + b"\xbe" * 40
+    assert len(block) < 2 * 1024
+    with pytest.raises((h2.exceptions.ProtocolError, PeerMisbehaved)):
+        pair.to_server(frame(HEADERS, END_HEADERS, 1, block))
+    assert pair.goaway_code() is not None
 
 
 def test_a_frame_over_the_advertised_size_is_refused() -> None:

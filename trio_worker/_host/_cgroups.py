@@ -286,7 +286,7 @@ class _Inotify:
 class JobCgroup(ABC):
     """One job's group, in every hierarchy the driver uses.
 
-    Order of use: ``open_procs()`` for the spawned child to join; then
+    Order of use: ``open_join()`` for the spawned child to join; then
     ``kill()``, ``await wait_empty()``, ``oom_killed()``/``usage()``, ``remove()``.
     """
 
@@ -317,17 +317,30 @@ class JobCgroup(ABC):
     def path(self) -> Path | None:
         return self.dirs[0] if self.dirs else None
 
-    def open_procs(self) -> list[int]:
-        """Open every hierarchy's ``cgroup.procs`` for a spawned child to write "0" to.
+    @property
+    def _v2_dir(self) -> Path | None:
+        """The group's v2 directory (the spawn clones the child into it), if any."""
+        return None
+
+    def open_join(self) -> list[int]:
+        """Open what a spawned child joins the group by, one fd per ``dirs``: a v1
+        hierarchy's ``cgroup.procs`` (the child writes "0" to it), the v2 group's
+        directory (``_host._spawn`` clones the child into it: no write, which would
+        wait for an RCU grace period).
 
         The caller closes them once the child has exec'd. OSError as ``open`` raises it.
         """
         fds: list[int] = []
+        v2 = self._v2_dir
         try:
             # Paths made here, not kept: a running job would hold them (~0.9 KiB on
             # a hybrid host) for one use.
             for directory in self.dirs:
-                fds.append(os.open(directory / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
+                if directory == v2:
+                    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                    fds.append(os.open(directory, flags))
+                else:
+                    fds.append(os.open(directory / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -499,6 +512,10 @@ class V2JobCgroup(JobCgroup):
         return (self.dir,)
 
     @property
+    def _v2_dir(self) -> Path | None:
+        return self.dir
+
+    @property
     def _events(self) -> Path | None:
         return self.dir / "cgroup.events"
 
@@ -584,6 +601,10 @@ class V1JobCgroup(JobCgroup):
     def _events(self) -> Path | None:
         unified = self.unified
         return None if unified is None else unified / "cgroup.events"
+
+    @property
+    def _v2_dir(self) -> Path | None:
+        return self.unified
 
     def _controller(self, name: str) -> Path | None:
         parent = self._parents.get(name)

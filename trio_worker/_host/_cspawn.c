@@ -10,6 +10,14 @@
  * system calls on data prepared before vfork, and reports a failure through
  * memory the parent reads after the child is gone (then exits 127).
  *
+ * A cgroup v2 group passed as a directory fd is joined by the clone itself
+ * (clone3 with CLONE_INTO_CGROUP, x86-64, Linux 5.7+): the child is born in it.
+ * Writing a pid to cgroup.procs takes the kernel's cgroup_threadgroup_rwsem for
+ * writing, which waits for an RCU grace period unless another write happened a
+ * moment before (measured: 7.8 ms cold, 0.015 ms warm); the clone takes it for
+ * reading only. Where clone3 cannot do it, the child writes to the group's
+ * cgroup.procs as for v1 hierarchies (opened here, before the clone).
+ *
  * Order in the child, each step for a reason:
  *   1. write "0" to each inherited cgroup.procs fd: before anything of the
  *      command runs, and while we still have the server's credentials;
@@ -38,6 +46,7 @@
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -86,6 +95,8 @@ struct plan {
     int pdeathsig;   /* 0: none */
     pid_t parent;
     long nofile_soft; /* -1: keep */
+    int into_index;  /* the cgroup_fds entry that is a v2 directory (clone into it), or -1 */
+    int joined_by_clone; /* set once the clone put the child in that group */
 };
 
 static void __attribute__((noreturn))
@@ -104,6 +115,8 @@ child(const struct plan *p, volatile struct report *r)
     int fds[3];
 
     for (i = 0; i < p->n_cgroup_fds; i++) {
+        if (i == p->into_index && p->joined_by_clone)
+            continue;
         if (write(p->cgroup_fds[i], "0", 1) != 1)
             fail(r, STAGE_CGROUP, (int)i);
     }
@@ -191,22 +204,111 @@ child(const struct plan *p, volatile struct report *r)
     }
 }
 
-/* vfork in a frame of its own: nothing the caller keeps in registers can be
- * clobbered by the child. Returns the pid, or -1 with errno set. */
+#if defined(__x86_64__)
+#define HAVE_CLONE_INTO 1
+#ifndef CLONE_INTO_CGROUP
+#define CLONE_INTO_CGROUP 0x200000000ULL
+#endif
+
+struct clone_args_v2 { /* struct clone_args up to its cgroup field (CLONE_ARGS_SIZE_VER2) */
+    unsigned long long flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls,
+        set_tid, set_tid_size, cgroup;
+};
+
+struct child_start {
+    const struct plan *p;
+    volatile struct report *r;
+};
+
+/* clone3(args, size) whose child calls fn(arg) on the stack the args give and
+ * never returns; returns the child's pid or -errno in the parent. In assembly
+ * because the child starts on a new stack, with no frame of ours to return to. */
+long tw_clone3_run(struct clone_args_v2 *args, size_t size, void (*fn)(void *), void *arg);
+__asm__(".text\n"
+        ".p2align 4\n"
+        ".type tw_clone3_run, @function\n"
+        "tw_clone3_run:\n"
+        "    mov %rdx, %r8\n" /* fn and arg survive the syscall in r8/r9 */
+        "    mov %rcx, %r9\n"
+        "    mov $435, %eax\n" /* __NR_clone3 */
+        "    syscall\n"
+        "    test %rax, %rax\n"
+        "    jnz 1f\n"
+        "    xor %ebp, %ebp\n" /* the child: outermost frame */
+        "    mov %r9, %rdi\n"
+        "    call *%r8\n"
+        "    mov $127, %edi\n"
+        "    mov $60, %eax\n" /* exit(127), not reached */
+        "    syscall\n"
+        "    hlt\n"
+        "1:  ret\n"
+        ".size tw_clone3_run, .-tw_clone3_run\n");
+
+static void
+child_entry(void *arg)
+{
+    struct child_start *start = arg;
+    child(start->p, start->r);
+}
+#endif
+
+/* vfork (or clone3 into the v2 group, with vfork's semantics) in a frame of its
+ * own: nothing the caller keeps in registers can be clobbered by the child.
+ * Returns the pid, or -1 with errno set. */
 static pid_t __attribute__((noinline))
-start_child(const struct plan *p, volatile struct report *r)
+start_child(struct plan *p, volatile struct report *r, char *stack, size_t stack_size)
 {
     sigset_t all, old;
-    pid_t pid;
+    pid_t pid = -1;
     int saved;
     /* No handler of the parent may run in the child, which shares its memory. */
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
+#ifdef HAVE_CLONE_INTO
+    if (p->into_index >= 0 && stack != NULL) {
+        struct clone_args_v2 args;
+        struct child_start start = {p, r};
+        long ret;
+        memset(&args, 0, sizeof args);
+        args.flags = CLONE_VM | CLONE_VFORK | CLONE_INTO_CGROUP;
+        args.exit_signal = SIGCHLD;
+        args.stack = (unsigned long long)(uintptr_t)stack;
+        args.stack_size = stack_size;
+        args.cgroup = (unsigned long long)p->cgroup_fds[p->into_index];
+        p->joined_by_clone = 1;
+        ret = tw_clone3_run(&args, sizeof args, child_entry, &start);
+        if (ret > 0) {
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
+            return (pid_t)ret;
+        }
+        p->joined_by_clone = 0;
+        if (ret == -EAGAIN || ret == -ENOMEM) {
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
+            errno = (int)-ret;
+            return -1;
+        }
+        /* No clone3, or it cannot put the child there: the child writes instead. */
+    }
+#endif
+    if (p->into_index >= 0) {
+        int dir = p->cgroup_fds[p->into_index];
+        int procs = openat(dir, "cgroup.procs", O_WRONLY | O_CLOEXEC);
+        if (procs < 0) {
+            saved = errno;
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
+            errno = saved;
+            return -2; /* reported as the join's failure */
+        }
+        p->cgroup_fds[p->into_index] = procs;
+    }
     pid = vfork();
     if (pid == 0)
         child(p, r);
     saved = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (p->into_index >= 0 && p->cgroup_fds[p->into_index] >= 0) {
+        (void)close(p->cgroup_fds[p->into_index]);
+    }
     errno = saved;
     return pid;
 }
@@ -277,6 +379,9 @@ PyDoc_STRVAR(spawn_doc,
 "that works. On success stage is 0. Otherwise the child is already reaped,\n"
 "pid is -1 and stage/errno/index say what failed. OSError if vfork failed.");
 
+/* The clone3 child's stack, until its exec (it runs child() and libc's thin wrappers). */
+#define CHILD_STACK (64 * 1024)
+
 static PyObject *
 cspawn_spawn(PyObject *self, PyObject *args)
 {
@@ -285,11 +390,13 @@ cspawn_spawn(PyObject *self, PyObject *args)
     struct plan p;
     volatile struct report r;
     int *groups_int = NULL;
+    char *stack = NULL;
     pid_t pid;
     PyObject *result = NULL;
     Py_ssize_t i;
 
     memset(&p, 0, sizeof p);
+    p.into_index = -1;
     if (!PyArg_ParseTuple(args, "OOOOiiiOppllOiil:spawn", &paths_o, &argv_o, &envp_o, &cwd_o,
                           &p.fds[0], &p.fds[1], &p.fds[2], &cgroup_o, &p.new_session, &p.ctty,
                           &p.uid, &p.gid, &groups_o, &p.pdeathsig, &p.parent, &p.nofile_soft))
@@ -321,6 +428,24 @@ cspawn_spawn(PyObject *self, PyObject *args)
             p.groups[i] = (gid_t)groups_int[i];
     }
 
+    /* A directory among the cgroup fds is a v2 group to clone the child into. */
+    for (i = 0; i < p.n_cgroup_fds; i++) {
+        struct stat st;
+        if (fstat(p.cgroup_fds[i], &st) == 0 && S_ISDIR(st.st_mode)) {
+            p.into_index = (int)i;
+            break;
+        }
+    }
+#ifdef HAVE_CLONE_INTO
+    if (p.into_index >= 0) {
+        stack = PyMem_Malloc(CHILD_STACK);
+        if (stack == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+#endif
+
     r.stage = STAGE_OK;
     r.err = 0;
     r.index = 0;
@@ -330,8 +455,13 @@ cspawn_spawn(PyObject *self, PyObject *args)
     {
         int saved = 0;
         Py_BEGIN_ALLOW_THREADS
-        pid = start_child(&p, &r);
+        pid = start_child(&p, &r, stack, CHILD_STACK);
         saved = errno;
+        if (pid == -2) { /* the v2 group's cgroup.procs could not be opened */
+            r.stage = STAGE_CGROUP;
+            r.err = saved;
+            r.index = p.into_index;
+        }
         if (pid > 0 && r.stage != STAGE_OK) {
             int status;
             while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
@@ -340,7 +470,7 @@ cspawn_spawn(PyObject *self, PyObject *args)
         Py_END_ALLOW_THREADS
         errno = saved;
     }
-    if (pid < 0) {
+    if (pid == -1) {
         PyErr_SetFromErrno(PyExc_OSError);
         goto done;
     }
@@ -357,6 +487,7 @@ done:
     PyMem_Free(p.cgroup_fds);
     PyMem_Free(p.groups);
     PyMem_Free(groups_int);
+    PyMem_Free(stack);
     Py_XDECREF(keep_paths);
     Py_XDECREF(keep_argv);
     Py_XDECREF(keep_envp);

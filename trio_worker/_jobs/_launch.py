@@ -260,7 +260,7 @@ class Launcher:
                     remove_new_job_dir(directory)
                     raise
                 try:
-                    procs = group.open_procs()
+                    procs = group.open_join()
                 except BaseException:
                     _remove_group(group)
                     remove_new_job_dir(directory)
@@ -315,7 +315,7 @@ class Launcher:
                 error = SpawnError(f"cannot set up the job's cgroup: {exc}", None)
                 return Launched(log, None, error=error)
             try:
-                procs = group.open_procs()
+                procs = group.open_join()
             except OSError as exc:
                 with contextlib.suppress(CgroupError):
                     group.remove()
@@ -362,7 +362,7 @@ class Launcher:
                 # The limits need hierarchies a place is not in (v1): open them all.
                 place.group = group
                 try:
-                    procs = group.open_procs()
+                    procs = group.open_join()
                 except OSError as exc:
                     raise CgroupError(
                         f"cannot open {exc.filename}: {exc.strerror}", errno_=exc.errno

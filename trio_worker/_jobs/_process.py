@@ -283,7 +283,7 @@ class JobProcess:
         try:
             try:
                 if cgroup_fds is None:
-                    cgroup_fds = cgroup.open_procs() if cgroup is not None else []
+                    cgroup_fds = cgroup.open_join() if cgroup is not None else []
                     owned += cgroup_fds
             except OSError as exc:
                 if exc.errno in RESOURCE_ERRNOS:

@@ -104,8 +104,10 @@ class Backoff:
         now = time.monotonic()
         if self._since is None:
             self._since = now
+            # The client's own words may already say "lost the connection to ADDR: why".
+            why = str(error).removeprefix(f"lost the connection to {self.addr}: ")
             _say(
-                f"lost the connection to {self.addr} ({error}); reconnecting for up to "
+                f"lost the connection to {self.addr} ({why}); reconnecting for up to "
                 f"{math.ceil(self.budget)} s"
             )
         elapsed = now - self._since
