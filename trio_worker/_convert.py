@@ -20,6 +20,7 @@ from ._pb import worker_pb2 as pb
 
 __all__ = [
     "chunk_from_pb",
+    "chunk_serialized",
     "chunk_to_pb",
     "duration_to_seconds",
     "isolation_from_pb",
@@ -93,10 +94,16 @@ def isolation_from_pb(message: pb.Isolation) -> Isolation:
     return Isolation(pid=message.pid, mount=message.mount, network=message.network)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _timestamp(value: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    """What ``Timestamp.FromDatetime`` makes, in a fifth of its time (it goes through a
+    time tuple): a job has two, in every Status and for each job of a List page."""
+    if value.tzinfo is None:  # naive is UTC, as FromDatetime takes it
+        value = value.replace(tzinfo=UTC)
+    delta = value - _EPOCH
+    return Timestamp(seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000)
 
 
 def _spawn_error(errno: int | None) -> int:
@@ -173,6 +180,31 @@ def job_from_pb(job: pb.Job) -> JobInfo:
 
 def chunk_to_pb(chunk: OutputChunk) -> pb.OutputChunk:
     return pb.OutputChunk(data=chunk.data, offset=chunk.offset, stream=_STREAM_TO_PB[chunk.stream])
+
+
+def chunk_serialized(chunk: OutputChunk) -> tuple[bytes, bytes, bytes]:
+    """``chunk_to_pb(chunk).SerializeToString()`` as three pieces (head, the data itself,
+    tail), written by hand: the data is neither copied into a message nor out of it.
+
+    The same bytes protobuf writes (fields in number order, defaults left out), so a
+    client cannot tell; ``tests/test_convert.py`` compares the two.
+    """
+    data = chunk.data
+    head = b"\x0a" + _varint(len(data)) if data else b""
+    tail = b"\x10" + _varint(chunk.offset) if chunk.offset else b""
+    stream = _STREAM_TO_PB[chunk.stream]
+    if stream:
+        tail += b"\x18" + _varint(stream)
+    return head, data, tail
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def chunk_from_pb(message: pb.OutputChunk) -> OutputChunk:

@@ -30,6 +30,7 @@ from .._wire._h2conn import (
     MAX_UNSENT_CONTROL,
     PROTOCOL_ERRORS,
     PeerMisbehaved,
+    Pieces,
     WireGRPCConnection,
 )
 from .._wire._window import MESSAGE_PREFIX
@@ -274,7 +275,7 @@ class Connection:
     async def send_message(
         self,
         stream_id: int,
-        payload: bytes,
+        payload: bytes | Pieces,
         *,
         end_stream: bool = False,
         abandoned: Callable[[], bool] | None = None,
@@ -290,10 +291,17 @@ class Connection:
         """
         h2c = self._h2
         stream = self._stream
-        prefix = MESSAGE_PREFIX.pack(0, len(payload))
+        size = len(payload)
+        prefix = MESSAGE_PREFIX.pack(0, size)
+        # Frames carry views of the prefix and the payload: the only copy is into h2's
+        # output buffer.
+        if isinstance(payload, Pieces):
+            message = Pieces((prefix, *payload.pieces), len(prefix) + size)
+        else:
+            message = Pieces((prefix, payload), len(prefix) + size)
         high_water = self._settings.max_send_buffer
         max_frame = self._settings.max_frame
-        pos, total = 0, len(prefix) + len(payload)
+        pos, total = 0, message.size
         while pos < total:
             if self.dead or (abandoned is not None and abandoned()):
                 return False
@@ -310,12 +318,9 @@ class Connection:
                 continue
             n = min(total - pos, window, int(h2c.max_outbound_frame_size), max_frame)
             last = end_stream and pos + n == total
-            if pos < len(prefix):  # the first frame carries the prefix (usually all of it)
-                head = prefix[pos : pos + n]
-                h2c.send_data(stream_id, head + payload[: n - len(head)], end_stream=last)
-            else:
-                start = pos - len(prefix)
-                h2c.send_data(stream_id, payload[start : start + n], end_stream=last)
+            h2c.send_data(
+                stream_id, message if n == total else message.cut(pos, n), end_stream=last
+            )
             pos += n
         return True
 

@@ -65,6 +65,7 @@ from .._wire._h2conn import (
     BadRequest,
     GRPCServerConnection,
     PeerGoAway,
+    Pieces,
     RequestTooLarge,
     ServerH2Connection,
     StreamReset,
@@ -88,6 +89,7 @@ __all__ = [
     "CallContext",
     "CallRecord",
     "ListenError",
+    "Pieces",
     "RpcError",
     "Server",
     "ServerStats",
@@ -183,11 +185,15 @@ class SyncUnaryMethod(Generic[Req, Resp]):
 
 @dataclass(frozen=True, slots=True)
 class StreamMethod(Generic[Req, Resp]):
-    """A unary-stream method: ``handler(request, ctx)`` is an async iterator of responses."""
+    """A unary-stream method: ``handler(request, ctx)`` is an async iterator of responses.
+
+    A response may also come serialized by the handler, as :class:`Pieces` (bulk output:
+    a log's bytes framed without a protobuf copy); it is sent as it is, unchecked.
+    """
 
     request_type: type[Req]
     response_type: type[Resp]
-    handler: Callable[[Req, CallContext], AsyncIterator[Resp]]
+    handler: Callable[[Req, CallContext], AsyncIterator[Resp | Pieces]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -947,9 +953,13 @@ class _Connection(Connection):
         last one) leave in one socket write: a stream's messages go when its handler
         yields (the writer is woken, not pushed).
         """
-        self._check_type(call, message, expected)
         await trio.lowlevel.checkpoint_if_cancelled()
-        payload: bytes = message.SerializeToString()
+        payload: bytes | Pieces
+        if type(message) is Pieces:
+            payload = message
+        else:
+            self._check_type(call, message, expected)
+            payload = message.SerializeToString()
         # While this waits for window, it holds the serialized bytes only: not the message
         # object (callers pass it without keeping it), nor a prefixed copy of it.
         del message

@@ -38,7 +38,7 @@ from __future__ import annotations
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -85,6 +85,7 @@ __all__ = [
     "GRPCServerConnection",
     "PeerGoAway",
     "PeerMisbehaved",
+    "Pieces",
     "RequestTooLarge",
     "ServerH2Connection",
     "StreamReset",
@@ -479,6 +480,43 @@ class BoundedDecoder(hpack.Decoder):  # type: ignore[misc]
         return headers
 
 
+class Pieces:
+    """Bytes given as pieces: a DATA frame's payload (or a serialized gRPC message) that
+    is appended to the connection's output one piece after another, in place of one
+    ``bytes`` object that would first have to be joined. Bulk output (a log's block
+    framed as messages) is then copied once before TLS, into the output buffer."""
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self, pieces: Sequence[bytes | memoryview], size: int | None = None) -> None:
+        self.pieces = pieces
+        #: their total length (given when the caller knows it)
+        self.size = sum(len(piece) for piece in pieces) if size is None else size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def cut(self, start: int, length: int) -> Pieces:
+        """The ``length`` bytes from ``start``, as views of the pieces (no copy)."""
+        out: list[bytes | memoryview] = []
+        stop = start + length
+        at = 0
+        for piece in self.pieces:
+            end = at + len(piece)
+            if min(end, stop) > max(at, start):  # (an empty piece never is)
+                if start <= at and end <= stop:
+                    out.append(piece)
+                else:
+                    out.append(memoryview(piece)[max(start - at, 0) : min(stop, end) - at])
+            at = end
+            if at >= stop:
+                break
+        return Pieces(out, length)
+
+    def join(self) -> bytes:
+        return b"".join(self.pieces)
+
+
 def h2_config(*, client_side: bool) -> h2.config.H2Configuration:
     """h2's configuration for both ends: our own headers are built well formed, and the
     peer's are parsed by purerpc anyway, so h2's re-checking of both is skipped."""
@@ -525,7 +563,7 @@ class WireH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
         h2 serializes every frame (hyperframe copies the payload twice), joins them (a
         third copy) and appends the result (a fourth). For bulk output those copies cost
         more than the TLS encryption: a plain DATA frame's header is packed here and its
-        payload appended as is.
+        payload appended as is (a :class:`Pieces` payload piece by piece).
         """
         if not frames:
             return
@@ -548,7 +586,11 @@ class WireH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
                     0x1 if "END_STREAM" in frame.flags else 0x0,
                     frame.stream_id & 0x7FFFFFFF,
                 )
-                buffer += data
+                if type(data) is Pieces:
+                    for piece in data.pieces:
+                        buffer += piece
+                else:
+                    buffer += data
             else:
                 buffer += frame.serialize()
         gate = self.gate
