@@ -40,6 +40,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <sched.h> /* CLONE_VM, CLONE_VFORK */
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -184,9 +185,11 @@ child(const struct plan *p, volatile struct report *r)
         sigemptyset(&none);
         (void)sigprocmask(SIG_SETMASK, &none, NULL);
     }
+#ifdef SYS_close_range
     if (syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
         /* Older kernels: nothing to do, the server opens everything CLOEXEC. */
     }
+#endif /* (headers before Linux 5.9 do not name it: the same, at build time) */
     {
         int saved = 0;
         char **path;
