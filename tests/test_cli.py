@@ -967,6 +967,7 @@ def test_ctrl_c_stops_the_job_and_exits_130(dev: DevServer) -> None:
     assert proc.returncode == 130, err
     assert out == b"got TERM\n"  # the job's last words still arrive
     assert b"stopping job" in err
+    assert err.decode().splitlines()[-1].endswith(" exited (3)")  # how it ended, last
     job = json.loads(ok(dev("status", "--json", _job_id_of(dev, script))))
     assert (job["state"], job["exit_code"]) == ("exited", 3)
 

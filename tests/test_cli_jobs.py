@@ -202,7 +202,10 @@ def test_first_ctrl_c_on_run_stops_printing_at_once(dev: DevServer) -> None:
     # What was already on its way out (pipes, one chunk) is all; the backlog on the server
     # and in the client's buffers (megabytes) never is printed.
     assert len(after) < 512 * 1024, len(after)
-    assert err.decode().splitlines()[-1].startswith("trio-worker: stopping job")
+    lines = err.decode().splitlines()
+    assert lines[-2].startswith("trio-worker: stopping job"), lines
+    # Below whatever the job wrote while it stopped: how it ended, the last line on screen.
+    assert re.fullmatch(r"trio-worker: job \w{26} exited \(3\)", lines[-1]), lines
 
 
 def test_tls_failures_say_what_is_wrong(dev: DevServer, tmp_path: Path) -> None:

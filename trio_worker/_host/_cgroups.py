@@ -10,9 +10,10 @@
   ``blkio.throttle.*_bps_device``, ``pids.max``, ``memory.oom_control``,
   ``cpuacct.usage``, freezer for kill; plus the v2 mount at ``unified/`` (when
   there is one) for tracking, ``cgroup.kill`` and ``cpu.stat``. A job is only in
-  the hierarchies it needs: memory, and those of the limits it asks for (with no
-  unified mount, cpuacct and the freezer too): each one costs every Start a
-  mkdir, an open, a ``cgroup.procs`` write and an rmdir.
+  the hierarchies it needs: memory, and those of the limits it asks for (cpuacct
+  too where the unified group has no ``cpu.stat``: no unified mount, or Linux
+  before 4.20; the freezer where it has no ``cgroup.kill``): each one costs every
+  Start a mkdir, an open, a ``cgroup.procs`` write and an rmdir.
 * ``NoDriver`` — no usable cgroups (not root, read-only, none mounted): jobs
   without limits still run, a job asking for one is refused (``Unenforceable``).
 
@@ -1025,8 +1026,10 @@ class V1Driver(CgroupDriver):
         # it (``cgroup.kill``) and counts its CPU (``cpu.stat``), else cpuacct and
         # the freezer do. Limits add their controllers (``hierarchies_for``).
         kills = self.unified is not None and (self.unified / "cgroup.kill").exists()
+        # (A unified group without the cpu controller has cpu.stat from Linux 4.20 on.)
+        counts_cpu = self.unified is not None and (self.unified / "cpu.stat").exists()
         always = {"memory"}
-        if self.unified is None:
+        if not counts_cpu:
             always.add("cpuacct")
         if not kills:
             always.add("freezer")

@@ -220,7 +220,7 @@ class Admission:
         started = job.info(usage=False)
         if record_soon:
             # Queued before the runner has the job: its end's record comes after.
-            records.record_soon(job)
+            records.record_soon(job, started)
         self._runner.supervise(job, process)
         if not self._spawn_in_thread:
             # Without the reaper, only the pid can find the job after a crash:

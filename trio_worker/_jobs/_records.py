@@ -78,7 +78,7 @@ class JobRecords:
             if not await self._save(job, exists=False):
                 self.unsaved[job.id] = False
 
-    def record_soon(self, job: Job) -> None:
+    def record_soon(self, job: Job, info: JobInfo | None = None) -> None:
         """Queue a new job's record as it is now (RUNNING with its pid, or FAILED)
         for the store's next commit, without waiting: ``run_committer`` commits it
         right after, with whatever else was queued meanwhile (group commit).
@@ -86,14 +86,15 @@ class JobRecords:
         Only for a job its cgroup can find: until the commit, a crash leaves a job
         with no record, which the reapers kill by its cgroup (as the cleanup of
         leftover groups at the next start would), and whose directory the next
-        start removes (``remove_unrecorded``). Writes queued later (its end) are
-        committed after this one.
+        start removes (``restore``). Writes queued later (its end) are committed
+        after this one. ``info``: the job's snapshot as it is now, if the caller
+        has one already.
         """
         store = self.store
         assert store is not None
         try:
             self._queued[job.id] = store.queue_start(
-                job.info(usage=False),
+                info if info is not None else job.info(usage=False),
                 env_keys=job.env_keys,
                 cwd=job.spec.cwd,
                 pid_start_time=job.pid_start_time,

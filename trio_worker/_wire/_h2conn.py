@@ -140,6 +140,10 @@ class BadMessage:
 
 #: A frame header, as hyperframe packs it: 24-bit length, type, flags, stream id.
 _FRAME_HEADER: Final = struct.Struct(">HBBBL")
+#: Pieces of DATA payloads at least this large are kept by reference until written, not
+#: copied into the output buffer: a TLS record's worth (smaller ones would make records
+#: smaller than the peer's reads are worth).
+_BY_REFERENCE: Final = 16 * 1024
 _FRAME_HEADER_SIZE: Final = 9
 
 # --- bounds against a hostile peer (both ends) ------------------------------------------
@@ -557,6 +561,10 @@ class WireH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
     """
 
     _data_to_send: bytearray
+    #: Output before ``_data_to_send``, in order: earlier buffers, and large pieces of DATA
+    #: payloads kept by reference (:meth:`segments_to_send`).
+    _segments: list[bytes | bytearray | memoryview] | None = None
+    _segments_size = 0
     #: The gate of the connection's received frames: our own frames earn its flood budget.
     gate: FrameGate | None = None
 
@@ -603,7 +611,20 @@ class WireH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
                 )
                 if type(data) is Pieces:
                     for piece in data.pieces:
-                        buffer += piece
+                        if len(piece) < _BY_REFERENCE:
+                            buffer += piece
+                            continue
+                        # Kept as it is, after what is buffered so far: the TLS layer
+                        # encrypts it from where it lies (no copy of bulk output here).
+                        segments = self._segments
+                        if segments is None:
+                            segments = self._segments = []
+                        if buffer:
+                            segments.append(buffer)
+                            self._segments_size += len(buffer)
+                            buffer = self._data_to_send = bytearray()
+                        segments.append(piece)
+                        self._segments_size += len(piece)
                 else:
                     buffer += data
             else:
@@ -613,12 +634,35 @@ class WireH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
             gate.earn(answerable)
 
     def data_to_send(self, amount: int | None = None) -> bytes | bytearray:
-        """Hand over the whole output buffer without copying it (h2 and purerpc copy)."""
+        """Hand over the whole output as one buffer: without copying it (h2 and purerpc
+        copy) unless large pieces were kept by reference (then they are joined)."""
+        if self._segments:
+            data = b"".join(self.segments_to_send())
+            if amount is None:
+                return data
+            self._data_to_send = bytearray(data[amount:])
+            return data[:amount]
         if amount is not None:
             return bytes(super().data_to_send(amount))
-        data: bytearray = self._data_to_send
+        buffer: bytearray = self._data_to_send
         self._data_to_send = bytearray()
-        return data
+        return buffer
+
+    def segments_to_send(self) -> list[bytes | bytearray | memoryview]:
+        """Hand over the whole output, in order, as the buffers it lies in: bulk DATA
+        payloads are not copied into one buffer before TLS encrypts them."""
+        segments = self._segments or []
+        self._segments = None
+        self._segments_size = 0
+        if self._data_to_send:
+            segments.append(self._data_to_send)
+            self._data_to_send = bytearray()
+        return segments
+
+    def clear_outbound_data_buffer(self) -> None:
+        self._segments = None
+        self._segments_size = 0
+        self._data_to_send = bytearray()
 
     def acknowledge_connection_data(self, size: int) -> None:
         """Hand ``size`` received bytes back to the connection's window only.
@@ -640,8 +684,8 @@ class WireH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
 
     @property
     def outbound_buffered(self) -> int:
-        """Bytes serialized but not yet taken by ``data_to_send``."""
-        return len(self._data_to_send)
+        """Bytes serialized but not yet taken by ``data_to_send``/``segments_to_send``."""
+        return len(self._data_to_send) + self._segments_size
 
 
 class ServerH2Connection(WireH2Connection):

@@ -335,6 +335,9 @@ def run(
                 final = retrying(backoff, lambda: client.wait(job_id))
             begin = max(last_words_at, final.output_bytes - _LAST_WORDS_BYTES)
             follow_output(client, job_id, OutputSink(begin), follow=False, backoff=backoff)
+            # The last line on the screen, below the last words (up to 64 KiB of them, which
+            # would scroll the notice away): how the job ended.
+            print(f"trio-worker: job {job_id} {describe_state(final)}", file=sys.stderr, flush=True)
             return ExitCode.INTERRUPTED
         code, note = job_exit(final)
         # A job killed by a signal is said by the exit code alone, as a shell does, unless
