@@ -215,6 +215,54 @@ def test_whole_short_commands_load_no_event_loop_and_no_cyclopts(
         assert not _banned(load(*args)), args
 
 
+#: ``main()`` as the console script calls it; reports the collector's state as it leaves.
+_GC_PROBE = """
+import gc, json, os, sys
+leave = os._exit
+def report():
+    with open(os.environ["GC_OUT"], "w") as f:
+        json.dump([gc.isenabled(), gc.get_freeze_count()], f)
+def exit_(code):
+    report()
+    leave(code)
+os._exit = exit_
+sys.argv = ["trio-worker", *sys.argv[1:]]
+from trio_worker.cli import main
+try:
+    main()
+finally:
+    report()
+"""
+
+
+def _collector_as_it_leaves(args: list[str], addr: str, state_dir: Path, tmp: Path) -> list[int]:
+    out = tmp / "gc.json"
+    env = clean_env(tmp, TRIO_WORKER_ADDR=addr, TRIO_WORKER_STATE_DIR=str(state_dir))
+    result = subprocess.run(
+        [sys.executable, "-c", _GC_PROBE, *args],
+        env={**env, "GC_OUT": str(out)},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    got: list[int] = json.loads(out.read_text())
+    return got
+
+
+def test_a_short_command_collects_cycles_once_connected_and_other_commands_always(
+    live: tuple[str, Path], tmp_path: Path
+) -> None:
+    """Start-up runs without the cycle collector (``cli._lazy``); a connected command has it
+    back, with start-up's objects frozen out of its reach; a command cyclopts runs (help
+    here, ``serve`` alike) has it as Python does, nothing frozen."""
+    addr, state_dir = live
+    enabled, frozen = _collector_as_it_leaves(["list"], addr, state_dir, tmp_path)
+    assert enabled
+    assert frozen > 1000  # the modules' objects
+    assert _collector_as_it_leaves(["list", "--help"], addr, state_dir, tmp_path) == [True, 0]
+
+
 def _banned(modules: set[str]) -> set[str]:
     """What of ``NEVER_FOR_CLIENTS`` and ``NEVER_RUN_BY_CLIENTS`` was loaded (purerpc's
     ``grpclib`` is the wire's)."""

@@ -353,6 +353,31 @@ async def test_lagging_readers_share_disk_reads_and_each_gets_every_byte(tmp_pat
     assert all(ids == later[0] for ids in later)
 
 
+async def test_followers_reading_smaller_chunks_share_the_cut_pieces(tmp_path: Path) -> None:
+    """The server's streams read 256 KiB chunks: a block read from disk is cut once, in the
+    reading thread, and followers at the same place get the very same pieces (16
+    followers used to make 16 copies of every block)."""
+    log = OutputLog(tmp_path, tail_bytes=0)
+    expected = bytes(range(256)) * (3 * 4096)  # 3 MiB, one run
+    log.append(OUT, expected)
+    await log.flush()
+    log.finish()
+    got: list[list[OutputChunk]] = []
+
+    async def read() -> None:
+        got.append([chunk async for chunk in log.read(0, follow=False, chunk_size=256 * 1024)])
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(read)
+    log.close()
+    for chunks in got:
+        assert b"".join(c.data for c in chunks) == expected
+        assert max(len(c.data) for c in chunks) == 256 * 1024
+    ids = [[id(c.data) for c in chunks] for chunks in got]
+    assert all(i == ids[0] for i in ids)
+
+
 async def test_disk_write_failure_keeps_the_job_going(tmp_path: Path) -> None:
     log = OutputLog(tmp_path)
     log.append(OUT, b"before")

@@ -77,3 +77,28 @@ async def test_a_pipe_kept_full_does_not_starve_the_one_behind_it(
     for job in jobs:
         assert job.log is not None
         job.log.close()
+
+
+def test_a_round_stops_at_a_short_read(
+    pipes: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that returns less than it asked for emptied the pipe: the round ends there,
+    rather than taking what the job writes meanwhile a few KiB at a time (a job writing
+    4 KiB blocks as fast as we read made ~180 reads per MiB)."""
+    r, w = os.pipe()
+    pipes.append((r, w))
+    os.write(w, b"x" * 10_000)
+    sizes: list[int] = []
+    real_read = os.read
+
+    def read(fd: int, n: int) -> bytes:
+        data = real_read(fd, n)
+        if fd == r:
+            sizes.append(len(data))
+            os.write(w, b"y" * 100)  # the job writes while we read
+        return data
+
+    monkeypatch.setattr(os, "read", read)
+    pieces, at_end = PipeReader(r).read_now(1024 * 1024)
+    assert (sizes, at_end) == ([10_000], False)
+    assert pieces == [b"x" * 10_000]

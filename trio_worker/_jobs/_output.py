@@ -852,12 +852,15 @@ class OutputLog:
             i += 1
         return position, starts[i] if i < len(starts) else self._end
 
-    async def _read_disk(self, position: int, want: int) -> list[OutputChunk]:
-        """Up to one block from ``position`` (all below ``position + want``) off disk.
+    async def _read_disk(self, position: int, want: int, size: int) -> list[OutputChunk]:
+        """Up to one block from ``position`` (all below ``position + want``) off disk, in
+        chunks of at most ``size`` bytes.
 
         Reads the aligned block holding ``position`` in a worker thread, and
         shares it: readers wanting the same block wait for the read under way
-        or take a recent one instead of copying the same bytes again.
+        or take a recent one instead of copying the same bytes again. The block
+        is cut into chunks of the first reader's ``size`` once, there: followers
+        asking for the same size (the server's streams do) share the pieces too.
         """
         block = position - position % _FILE_BLOCK
         end = min(block + _FILE_BLOCK, position + want)
@@ -869,13 +872,14 @@ class OutputLog:
             entry = self._blocks[key] = _Block(trio.Event())
             try:
                 entry.chunks = await trio.to_thread.run_sync(
-                    read_log_file,
+                    _read_cut,
                     self.data_path,
                     self.index_path,
                     block,
                     end - block,
                     self._index_flushed,
                     self._first_record,
+                    size,
                     limiter=self._disk_readers,
                 )
             finally:
@@ -887,7 +891,7 @@ class OutputLog:
         else:
             await entry.done.wait()
         if entry.chunks is None:  # the read failed or was cancelled: read it ourselves
-            return await self._read_disk(position, want)
+            return await self._read_disk(position, want, size)
         return [_cut(chunk, position) for chunk in entry.chunks if chunk.end > position]
 
     async def _read_disk_alone(self, position: int, want: int) -> list[OutputChunk]:
@@ -1001,8 +1005,9 @@ class LogReader:
                 # where the tail starts, so a lagging reader catches up in big steps;
                 # a small one alone, when a budget says so.
                 want = min(log._flushed, limit) - position
+                size = min(self._chunk_size, step)
                 if budget is None:
-                    chunks = await log._read_disk(position, want)
+                    chunks = await log._read_disk(position, want, size)
                 else:
                     alone = step < _FILE_BLOCK
                     if alone:
@@ -1013,7 +1018,7 @@ class LogReader:
                         if alone:
                             chunks = await log._read_disk_alone(position, want)
                         else:
-                            chunks = await log._read_disk(position, want)
+                            chunks = await log._read_disk(position, want, size)
                     finally:
                         budget.held -= reserved
                 if not chunks:
@@ -1023,7 +1028,7 @@ class LogReader:
                         position + want, position - position % _FILE_BLOCK + _FILE_BLOCK
                     )
                     continue
-                self._pending = list(_split(chunks, min(self._chunk_size, step)))
+                self._pending = list(_split(chunks, size))
                 self._pending.reverse()
                 if budget is not None:
                     budget.held += sum(len(chunk.data) for chunk in self._pending)
@@ -1070,6 +1075,23 @@ def _split(chunks: list[OutputChunk], size: int) -> Iterator[OutputChunk]:
         view = memoryview(chunk.data)
         for start in range(0, len(view), size):
             yield OutputChunk(bytes(view[start : start + size]), chunk.offset + start, chunk.stream)
+
+
+def _read_cut(
+    data_path: Path,
+    index_path: Path,
+    offset: int,
+    limit: int,
+    index_records: int,
+    first_record: int,
+    size: int,
+) -> list[OutputChunk]:
+    """``read_log_file``, its chunks cut to at most ``size`` bytes (in the reading thread)."""
+    return list(
+        _split(
+            read_log_file(data_path, index_path, offset, limit, index_records, first_record), size
+        )
+    )
 
 
 _fallocate: Callable[[int, int, int, int], int] | None = None

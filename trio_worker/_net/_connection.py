@@ -342,12 +342,13 @@ class Connection:
         if stream.pending:  # the writer is at it; it takes this too
             self._wake_writer()
             return
-        data = self._h2.data_to_send()
+        size = self._h2.outbound_buffered
+        segments = self._h2.segments_to_send()
         stats = self._stats
         stats.socket_writes += 1
-        stats.bytes_written += len(data)
+        stats.bytes_written += size
         try:
-            if not stream.try_send(data):
+            if not stream.try_send_many(segments):
                 self._wake_writer()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("cannot write to %s: %r", self.peer, exc.__cause__ or exc)
@@ -370,14 +371,15 @@ class Connection:
                 if stream.pending:
                     await stream.flush(stall_timeout=timeout)
                 else:
-                    data = h2c.data_to_send()
-                    if not data:
+                    size = h2c.outbound_buffered
+                    if not size:
                         self._flushed_lot.unpark_all()
                         await self._writer_lot.park()
                         continue
                     stats.socket_writes += 1
-                    stats.bytes_written += len(data)
-                    await stream.send_all(data, stall_timeout=timeout)
+                    stats.bytes_written += size
+                    if not stream.try_send_many(h2c.segments_to_send()):
+                        await stream.flush(stall_timeout=timeout)
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
                 log.debug("cannot write to %s: %r", self.peer, exc.__cause__ or exc)
                 self._lost(loss_reason(exc, self._peer_noun))

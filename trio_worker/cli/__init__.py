@@ -98,18 +98,21 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         )
         sys.exit(ExitCode.USAGE)
 
+    from . import _lazy
+
+    if argv is None:
+        _lazy.pause_collector()  # until the connection is up (``_session.open_client``)
     from . import _argv  # not for the overview: it reads the connection settings
 
     short = None
     if command in _argv.COMMANDS:
-        from ._lazy import defer
-
-        defer()  # what protobuf imports and a short command never runs
+        _lazy.defer()  # what protobuf imports and a short command never runs
         short = _argv.parse_short(tokens)
     if short is not None:
         function, args, keywords = short
         run: Callable[[], object] = functools.partial(function, *args, **keywords)
     else:
+        _lazy.resume_collector(freeze=False)  # serve, certs, help: as Python runs them
         from ._app import app, resolve_command
 
         if command and command != "certs":

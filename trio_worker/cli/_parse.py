@@ -37,9 +37,8 @@ MAX_UINT32 = 2**32 - 1
 
 #: Binary multiples: K is 1024, as in ``docker --memory`` and systemd's MemoryMax=.
 _MULTIPLIERS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
-_SIZE = re.compile(
-    r"\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>(?:[KMGTP](?:I?B)?|B)?)\s*", re.IGNORECASE
-)
+#: Compiled by the first size read (``re`` keeps it): most commands read none.
+_SIZE = r"\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>(?:[KMGTP](?:I?B)?|B)?)\s*"
 _SIZE_HINT = "use e.g. 512K, 64M, 2G (binary multiples) or a number of bytes"
 
 
@@ -50,7 +49,7 @@ def parse_size(text: str) -> int:
     """
     from decimal import Decimal, InvalidOperation  # sizes only: not every command's
 
-    match = _SIZE.fullmatch(text)
+    match = re.fullmatch(_SIZE, text, re.IGNORECASE)
     if match is None:
         raise ValueError(f"{text!r} is not a size; {_SIZE_HINT}")
     unit = match["unit"].upper()

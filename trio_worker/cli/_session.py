@@ -49,10 +49,12 @@ def open_client(conn: Connection) -> Iterator[BlockingClient]:
     """The command's one client (blocking: no event loop to import and start); it dials
     again by itself after a lost connection."""
     from .._blocking_client import connect_blocking  # not for serve and certs
+    from ._lazy import resume_collector
 
     with connect_blocking(
         conn.addr, ca=conn.ca, cert=conn.cert, key=conn.key, timeout=CONNECT_TIMEOUT
     ) as client:
+        resume_collector()  # start-up is over
         yield client
 
 

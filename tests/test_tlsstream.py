@@ -1,0 +1,104 @@
+"""``_net/_tlsstream``: writing several buffers without joining them, on a real TLS
+connection whose socket fills up."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import trio
+
+from tests.grpc_support import make_pki
+from trio_worker._net._tlsstream import TLSSocketStream
+
+
+async def test_buffers_written_in_turn_arrive_whole_and_in_order(tmp_path: Path) -> None:
+    """More than the sockets hold, in buffers of every size: ``try_send_many`` keeps what
+    the socket did not take (``pending``), ``flush`` completes it, and the reader gets
+    the bytes in order."""
+    pki = make_pki(tmp_path)
+    a, b = socket.socketpair()
+    for sock in (a, b):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    server = TLSSocketStream(a, pki.server_context())
+    client = TLSSocketStream(b, pki.client_context(), server_hostname="localhost")
+    buffers = [os.urandom(n) for n in (1, 70_000, 5, 16_384, 2_000_000, 3)]
+    buffers.insert(3, bytearray(os.urandom(40_000)))
+    buffers.append(memoryview(os.urandom(300_000))[1000:])
+    want = b"".join(buffers)
+    got = bytearray()
+    waited = False
+
+    async def read() -> None:
+        while len(got) < len(want):
+            data = await client.receive_some(16 * 1024)
+            assert data
+            got.extend(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        nursery.start_soon(client.do_handshake)
+    async with trio.open_nursery() as nursery:
+        if not server.try_send_many(buffers):
+            waited = True
+            assert 0 < server.pending < len(want)
+            nursery.start_soon(read)
+            await server.flush()
+        else:
+            nursery.start_soon(read)
+        assert server.pending == 0
+    assert waited  # (the socket could not take 2 MB at once)
+    assert bytes(got) == want
+    server.close()
+    client.close()
+
+
+async def test_bulk_writes_are_corked_only_while_written(tmp_path: Path) -> None:
+    """Over TCP, a bulk write goes out corked (full segments rather than one per TLS
+    record) and the cork is off again whenever the stream returns, written or not: no
+    byte waits for the cork's timer. The bytes arrive whole."""
+    pki = make_pki(tmp_path)
+    listener = socket.create_server(("127.0.0.1", 0))
+    b = socket.create_connection(listener.getsockname())
+    a, _ = listener.accept()
+    listener.close()
+    a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    server = TLSSocketStream(a, pki.server_context())
+    client = TLSSocketStream(b, pki.client_context(), server_hostname="localhost")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        nursery.start_soon(client.do_handshake)
+    corks: list[int] = []
+    setsockopt = server.socket.setsockopt
+
+    def watch(level: int, option: int, value: int) -> None:
+        if option == socket.TCP_CORK:
+            corks.append(value)
+        setsockopt(level, option, value)
+
+    server.socket.setsockopt = watch  # type: ignore[method-assign]
+    want = os.urandom(8_000_000)
+    got = bytearray()
+
+    async def read() -> None:
+        while len(got) < 5 + len(want):
+            got.extend(await client.receive_some(64 * 1024))
+
+    def corked() -> int:
+        return server.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
+
+    assert server.try_send(b"small")  # a small write is not corked
+    assert corks == []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        if not server.try_send_many([want[:4_000_000], want[4_000_000:]]):
+            assert corked() == 0
+            await server.flush()
+        assert corked() == 0
+    assert corks[:2] == [1, 0]
+    assert corks.count(1) == corks.count(0)
+    assert bytes(got) == b"small" + want
+    server.close()
+    client.close()
