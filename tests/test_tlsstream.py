@@ -53,3 +53,52 @@ async def test_buffers_written_in_turn_arrive_whole_and_in_order(tmp_path: Path)
     assert bytes(got) == want
     server.close()
     client.close()
+
+
+async def test_bulk_writes_are_corked_only_while_written(tmp_path: Path) -> None:
+    """Over TCP, a bulk write goes out corked (full segments rather than one per TLS
+    record) and the cork is off again whenever the stream returns, written or not: no
+    byte waits for the cork's timer. The bytes arrive whole."""
+    pki = make_pki(tmp_path)
+    listener = socket.create_server(("127.0.0.1", 0))
+    b = socket.create_connection(listener.getsockname())
+    a, _ = listener.accept()
+    listener.close()
+    a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    server = TLSSocketStream(a, pki.server_context())
+    client = TLSSocketStream(b, pki.client_context(), server_hostname="localhost")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        nursery.start_soon(client.do_handshake)
+    corks: list[int] = []
+    setsockopt = server.socket.setsockopt
+
+    def watch(level: int, option: int, value: int) -> None:
+        if option == socket.TCP_CORK:
+            corks.append(value)
+        setsockopt(level, option, value)
+
+    server.socket.setsockopt = watch  # type: ignore[method-assign]
+    want = os.urandom(8_000_000)
+    got = bytearray()
+
+    async def read() -> None:
+        while len(got) < 5 + len(want):
+            got.extend(await client.receive_some(64 * 1024))
+
+    def corked() -> int:
+        return server.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
+
+    assert server.try_send(b"small")  # a small write is not corked
+    assert corks == []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        if not server.try_send_many([want[:4_000_000], want[4_000_000:]]):
+            assert corked() == 0
+            await server.flush()
+        assert corked() == 0
+    assert corks[:2] == [1, 0]
+    assert corks.count(1) == corks.count(0)
+    assert bytes(got) == b"small" + want
+    server.close()
+    client.close()

@@ -19,6 +19,7 @@ queued a response can write it itself instead of waking another task to do it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import ssl
@@ -30,6 +31,9 @@ import trio
 __all__ = ["TLSSocketStream"]
 
 _CLOSED_ERRORS: Final = (OSError, ssl.SSLError, ValueError)
+#: Writes of at least this much go out corked (``TLSSocketStream._send_pending``): bulk
+#: output, not a small response, which leaves at once as it did.
+_CORK_FROM: Final = 64 * 1024
 
 
 class TLSSocketStream:
@@ -54,6 +58,8 @@ class TLSSocketStream:
         self._pending: list[memoryview] = []
         self._pending_size = 0
         self._want_read = False
+        #: TCP_CORK around bulk writes (see ``_send_pending``); off where it is refused
+        self._cork = sock.family in (socket.AF_INET, socket.AF_INET6)
 
     @property
     def socket(self) -> ssl.SSLSocket:
@@ -154,6 +160,24 @@ class TLSSocketStream:
             await self.flush(stall_timeout=stall_timeout)
 
     def _send_pending(self) -> bool:
+        if self._cork and self._pending_size >= _CORK_FROM:
+            # OpenSSL writes one 16 KiB record per write(2), and with TCP_NODELAY each
+            # goes out as a segment of its own; corked, the kernel sends full segments
+            # (64 KiB on loopback): a quarter of the packets for the reader to take in.
+            # Uncorked before returning, so nothing waits on the cork's 200 ms timer.
+            try:
+                self._ssl.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            except OSError:
+                self._cork = False
+                return self._send_some()
+            try:
+                return self._send_some()
+            finally:
+                with contextlib.suppress(OSError):
+                    self._ssl.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        return self._send_some()
+
+    def _send_some(self) -> bool:
         pending = self._pending
         sock = self._ssl
         while pending:

@@ -24,11 +24,13 @@ server that must outlive misbehaving clients is fixed here, by subclassing, and 
 * h2 3.x allows nothing to be sent after a GOAWAY, so a graceful drain (GOAWAY, then finish
   the streams in flight) needs the frame written beside its state machine.
 
-Two speed-ups sit in the HPACK coder, where a small RPC spends much of its time: a client
-repeats the same header block for every call of a method once its headers are in the
-dynamic table, so decoded blocks are cached while that table is unchanged; and our own
-response headers and OK trailers are constant, so they are encoded once, as literals that
-leave the dynamic table alone (valid whatever it holds).
+Speed-ups where a small RPC spends much of its time: a client repeats the same header
+block for every call of a method once its headers are in the dynamic table, so decoded
+blocks are cached while that table is unchanged, and the server parses each distinct
+request header list once (h2 hands it bytes; ``_parse_request``); our own response headers
+and OK trailers are constant, so they are encoded once, as literals that leave the dynamic
+table alone (valid whatever it holds), and the server writes them beside h2's state
+machines (``send_header_block``) rather than through h2's per-call header handling.
 
 purerpc and h2 are untyped: ``Any`` stays inside this module and the types it returns.
 """
@@ -47,6 +49,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 import hpack
 from hyperframe.frame import (  # type: ignore[import-untyped]
     DataFrame,
@@ -71,6 +74,8 @@ __all__ = [
     "FLOOD_EARN",
     "FLOOD_REFILL",
     "MAX_BUFFERED_REQUESTS",
+    "MAX_CACHED_REQUEST",
+    "MAX_CACHED_REQUESTS",
     "MAX_CONTINUATIONS",
     "MAX_HEADER_BLOCK",
     "MAX_MESSAGE",
@@ -157,6 +162,10 @@ MAX_SIZE_UPDATES: Final = 2
 #: Largest header block the decoder cache keeps, so the cache is bounded by
 #: ``64 * MAX_CACHED_BLOCK`` bytes of peer input (it once kept whole 4 MiB blocks as keys).
 MAX_CACHED_BLOCK: Final = 512
+#: Largest request header list (names and values, bytes) the server keeps parsed, and how
+#: many such lists one connection keeps: a bound of 8 KiB of peer bytes per connection.
+MAX_CACHED_REQUEST: Final = 512
+MAX_CACHED_REQUESTS: Final = 16
 #: Streams a peer may reset before we answer them; each call that ends normally earns one
 #: back (rapid reset, CVE-2023-44487: 100,000 HEADERS + RST_STREAM pairs cost 12.8 s CPU).
 RESET_BUDGET: Final = 1000
@@ -184,7 +193,7 @@ MAX_MESSAGE: Final = 4 * 1024 * 1024
 MAX_BUFFERED_REQUESTS: Final = 8 * 1024 * 1024
 
 _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x6, 0x9
-_FLAG_ACK, _FLAG_END_HEADERS, _FLAG_PADDED = 0x1, 0x4, 0x8
+_FLAG_ACK, _FLAG_END_STREAM, _FLAG_END_HEADERS, _FLAG_PADDED = 0x1, 0x1, 0x4, 0x8
 #: Whole frames are handed to h2 in batches of at most this many bytes: h2's own frame
 #: buffer copies what follows each frame it takes (quadratic for a 1 MiB frame arriving
 #: in 16 KiB TLS records), so records are gathered here and h2 sees whole frames only.
@@ -389,10 +398,16 @@ _STATUS_200 = b"\x88"  # static table entry 8: ":status: 200"
 _CONTENT_TYPE = 31  # static table entry 31: "content-type"
 #: Header lists we send on every call, pre-encoded (see GRPCConnection.start_response and
 #: end_response; the transport always uses content type suffix "+proto").
+_PROTO_SUFFIX: Final = "+proto"
+#: A response's headers (``:status`` 200, our content type) and the trailers of an OK call,
+#: encoded once: what ``send_header_block`` writes for nearly every call.
+_REPLY_HEADERS: Final = _STATUS_200 + hpack_literal(
+    "content-type", _GRPC_CONTENT_TYPE, _CONTENT_TYPE
+)
+_OK_TRAILERS: Final = hpack_literal("grpc-status", "0")
 _CONSTANT_BLOCKS: dict[tuple[tuple[str, str], ...], bytes] = {
-    ((":status", "200"), ("content-type", "application/grpc+proto")): _STATUS_200
-    + hpack_literal("content-type", "application/grpc+proto", _CONTENT_TYPE),
-    (("grpc-status", "0"),): hpack_literal("grpc-status", "0"),
+    ((":status", "200"), ("content-type", _GRPC_CONTENT_TYPE)): _REPLY_HEADERS,
+    (("grpc-status", "0"),): _OK_TRAILERS,
 }
 
 
@@ -523,10 +538,12 @@ class Pieces:
 
 def h2_config(*, client_side: bool) -> h2.config.H2Configuration:
     """h2's configuration for both ends: our own headers are built well formed, and the
-    peer's are parsed by purerpc anyway, so h2's re-checking of both is skipped."""
+    peer's are parsed by purerpc anyway, so h2's re-checking of both is skipped. The
+    server takes request headers as bytes and decodes them itself (``_request_received``:
+    once per distinct header list, not once per call)."""
     return h2.config.H2Configuration(
         client_side=client_side,
-        header_encoding="utf-8",
+        header_encoding="utf-8" if client_side else None,
         validate_outbound_headers=False,
         validate_inbound_headers=False,
         normalize_inbound_headers=False,
@@ -696,6 +713,42 @@ class ServerH2Connection(WireH2Connection):
         frame = GoAwayFrame(stream_id=0, last_stream_id=last_stream_id, error_code=0)
         self._data_to_send += frame.serialize()
 
+    def send_header_block(self, stream_id: int, block: bytes, *, end_stream: bool) -> bool:
+        """``send_headers`` for a response header block we encoded once (``_REPLY_HEADERS``,
+        ``_OK_TRAILERS``): the same state transitions of the connection and the stream,
+        in the same order, and the same bytes out, without h2's per-call work (header
+        list checks, the informational test, frame objects, the encoder). Returns False,
+        sending nothing, while a table size change must lead the next block (then
+        ``send_headers``, whose encoder writes it). Raises as ``send_headers`` does for a
+        stream that is closed or unknown.
+
+        Sound only for blocks of literals that leave the dynamic table alone, shorter
+        than the smallest frame size (16,384), with ``:status`` 200 (not informational).
+        """
+        if self.encoder.header_table.resized:
+            return False
+        self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
+        stream = self._get_stream_by_id(stream_id)
+        machine = stream.state_machine
+        machine.process_input(h2.stream.StreamInputs.SEND_HEADERS)
+        if end_stream:
+            machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
+        elif machine.trailers_sent:
+            raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
+        stream.request_method = None  # as send_headers leaves it for a response
+        length = len(block)
+        self._data_to_send += _FRAME_HEADER.pack(
+            (length >> 8) & 0xFFFF,
+            length & 0xFF,
+            _HEADERS,
+            _FLAG_END_HEADERS | (_FLAG_END_STREAM if end_stream else 0),
+            stream_id & 0x7FFFFFFF,
+        )
+        self._data_to_send += block
+        if self.gate is not None:
+            self.gate.earn(1)
+        return True
+
 
 class WireGRPCConnection(GRPCConnection):  # type: ignore[misc]
     """purerpc's ``GRPCConnection`` as both cores use it: bytes go in through the
@@ -773,6 +826,8 @@ class GRPCServerConnection(WireGRPCConnection):
         # Streams of requests: their windows follow their handlers (``_window``).
         self._held: dict[int, StreamWindow] = {}
         self._reset_budget = RESET_BUDGET
+        # Parsed request header lists (see _parse_request).
+        self._requests: dict[tuple[Any, ...], RequestReceived] = {}
         self._open_gate(max_frame_size, server=True, clock=clock)
         # Request bytes held per stream (see MAX_BUFFERED_REQUESTS), their sum, and the
         # sizes of a stream of requests' messages not yet taken, oldest first.
@@ -786,10 +841,31 @@ class GRPCServerConnection(WireGRPCConnection):
         """End a call: trailers with its status, or a trailers-only response when no
         headers were sent yet (``headers``). The message is bounded; ``details`` is a
         serialized ``google.rpc.Status`` (see ``_status``)."""
+        h2c = self.h2_connection
+        if (
+            code == 0
+            and headers
+            and not message
+            and not details
+            and h2c.send_header_block(stream_id, _OK_TRAILERS, end_stream=True)
+        ):
+            return
         fields = status_trailers(code, message, details)
         if not headers:
             fields = [(":status", "200"), ("content-type", _GRPC_CONTENT_TYPE), *fields]
-        self.h2_connection.send_headers(stream_id, fields, end_stream=True)
+        h2c.send_headers(stream_id, fields, end_stream=True)
+
+    def start_response(
+        self, stream_id: int, content_type_suffix: str = "", custom_metadata: Any = ()
+    ) -> None:
+        """A response's headers: ready-made for ours (``+proto``, no metadata)."""
+        if (
+            content_type_suffix == _PROTO_SUFFIX
+            and not custom_metadata
+            and self.h2_connection.send_header_block(stream_id, _REPLY_HEADERS, end_stream=False)
+        ):
+            return
+        super().start_response(stream_id, content_type_suffix, custom_metadata)
 
     def initiate_connection(self) -> None:
         """Send our SETTINGS and open the connection window to its configured size."""
@@ -799,12 +875,37 @@ class GRPCServerConnection(WireGRPCConnection):
         if delta > 0:
             h2c.increment_flow_control_window(delta)
 
+    def _parse_request(self, stream_id: int, raw: list[Any]) -> RequestReceived:
+        """The request of a header list (raw bytes pairs, as h2 hands them to the server).
+
+        A client repeats the same list for every call of a method (grpcio and grpc-go
+        send the same ``grpc-timeout`` too, for the same deadline): parsed once, then
+        copied. The lists are compared by value, so the result never depends on the HPACK
+        table; only lists of at most :data:`MAX_CACHED_REQUEST` bytes are kept, at most
+        :data:`MAX_CACHED_REQUESTS` of them (then the cache starts over): about 8 KiB of
+        peer bytes per connection. Raises what purerpc's parser raises, and
+        ``UnicodeDecodeError`` for a header that is not UTF-8.
+        """
+        key = tuple(raw)
+        known = self._requests.get(key)
+        if known is None:
+            headers = [(name.decode("utf-8"), value.decode("utf-8")) for name, value in raw]
+            known = RequestReceived.parse_from_stream_id_and_headers_destructive(
+                0, HeaderDict(headers)
+            )
+            if sum(len(name) + len(value) for name, value in raw) <= MAX_CACHED_REQUEST:
+                if len(self._requests) >= MAX_CACHED_REQUESTS:
+                    self._requests.clear()
+                self._requests[key] = known
+        request: RequestReceived = object.__new__(RequestReceived)
+        request.__dict__.update(known.__dict__)
+        request.stream_id = stream_id
+        return request
+
     def _request_received(self, event: Any) -> list[Any]:
         stream_id: int = event.stream_id
         try:
-            request = RequestReceived.parse_from_stream_id_and_headers_destructive(
-                stream_id, HeaderDict(event.headers)
-            )
+            request = self._parse_request(stream_id, event.headers)
         except (GRPCProtocolError, KeyError, ValueError, IndexError, TypeError) as exc:
             return [BadRequest(stream_id, f"{type(exc).__name__}: {exc}")]
         if event.stream_ended:

@@ -1,0 +1,170 @@
+"""The server core's shortcuts on a unary call's path give what h2 and purerpc give.
+
+Request header lists are parsed once per distinct list (and decoded by us, not h2); a
+reply's headers and OK trailers are written as ready-made blocks beside h2's state
+machines (``send_header_block``). Each test compares with h2/purerpc's own path or checks
+a bound.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.events
+import h2.exceptions
+import h2.settings
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from purerpc.grpclib.events import MessageReceived, RequestReceived
+from purerpc.grpclib.headers import HeaderDict
+
+from tests.wire.helpers import (
+    END_HEADERS,
+    HEADERS,
+    ConnectionPair,
+    frame,
+    grpc_frame,
+    request_block,
+    request_headers,
+)
+from trio_worker._wire._h2conn import (
+    MAX_CACHED_REQUEST,
+    MAX_CACHED_REQUESTS,
+    BadRequest,
+)
+
+_FIELDS = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12)
+#: Values h2's client sends as they are (it strips whitespace at the ends).
+_VALUES = st.text(
+    alphabet=st.characters(
+        min_codepoint=0x21, max_codepoint=0x2FF, blacklist_categories=("Cc", "Zs")
+    ),
+    max_size=40,
+)
+
+
+def _reference(headers: list[tuple[str, str]]) -> dict[str, Any]:
+    """purerpc's own parse of ``headers``, as the core parsed them before the cache."""
+    parsed = RequestReceived.parse_from_stream_id_and_headers_destructive(1, HeaderDict(headers))
+    return {k: v for k, v in vars(parsed).items() if k != "stream_id"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    metadata=st.lists(
+        st.tuples(_FIELDS.filter(lambda n: not n.startswith("grpc-")), _VALUES), max_size=4
+    ),
+    timeout=st.none() | st.sampled_from(["5S", "100m", "29999u", "1H", "7n"]),
+)
+def test_a_request_header_list_parses_as_purerpc_parses_it_every_time(
+    metadata: list[tuple[str, str]], timeout: str | None
+) -> None:
+    pair = ConnectionPair()
+    headers = [*request_headers(timeout=timeout), *metadata]
+    seen = []
+    for stream_id in (1, 3, 5):  # parsed, then twice from the cache (when small enough)
+        pair.client.send_headers(stream_id, headers)
+        events = pair.to_server(pair.client.data_to_send())
+        assert [type(e) for e in events] == [RequestReceived]
+        assert events[0].stream_id == stream_id
+        seen.append({k: v for k, v in vars(events[0]).items() if k != "stream_id"})
+    assert seen == [_reference(headers)] * 3
+
+
+def test_a_request_header_that_is_not_utf8_fails_its_stream_only() -> None:
+    # h2 decoded it and raised UnicodeDecodeError out of the core: the server died.
+    pair = ConnectionPair()
+    block = request_block() + b"\x00\x05x-bad\x02\xff\xfe"  # a literal, not UTF-8
+    events = pair.to_server(frame(HEADERS, END_HEADERS, 1, block))
+    assert [type(e) for e in events] == [BadRequest]
+    assert "UnicodeDecodeError" in events[0].reason
+    pair.client.send_headers(3, request_headers(), end_stream=True)
+    events = pair.to_server(pair.client.data_to_send())
+    assert type(events[0]) is RequestReceived
+
+
+def test_the_parsed_request_cache_is_bounded_in_lists_and_bytes() -> None:
+    pair = ConnectionPair()
+    cache = pair.server._requests
+    stream_id = 1
+    for n in range(MAX_CACHED_REQUESTS * 3):
+        pair.client.send_headers(stream_id, [*request_headers(), ("x-n", str(n))])
+        pair.to_server(pair.client.data_to_send())
+        stream_id += 2
+        assert 0 < len(cache) <= MAX_CACHED_REQUESTS
+    cache.clear()
+    pair.client.send_headers(stream_id, [*request_headers(), ("x-big", "v" * MAX_CACHED_REQUEST)])
+    events = pair.to_server(pair.client.data_to_send())
+    assert events[0].custom_metadata == (("x-big", "v" * MAX_CACHED_REQUEST),)
+    assert not cache  # parsed, not kept
+    assert MAX_CACHED_REQUEST * MAX_CACHED_REQUESTS <= 8 * 1024
+
+
+def _answer(pair: ConnectionPair, stream_id: int, *, ready_made: bool) -> bytes:
+    """A whole OK response on ``stream_id``: the shortcut, or h2's own send_headers."""
+    server = pair.server
+    if ready_made:
+        server.start_response(stream_id, "+proto")
+        server.h2_connection.send_data(stream_id, grpc_frame(b"\x0a\x01x"))
+        server.send_status(stream_id, 0, "", None, headers=True)
+    else:
+        h2c = server.h2_connection
+        reply = [(":status", "200"), ("content-type", "application/grpc+proto")]
+        h2c.send_headers(stream_id, reply)
+        h2c.send_data(stream_id, grpc_frame(b"\x0a\x01x"))
+        h2c.send_headers(stream_id, [("grpc-status", "0")], end_stream=True)
+    return pair.server_output()
+
+
+def test_ready_made_reply_blocks_are_the_bytes_and_states_h2_makes() -> None:
+    outputs, states = [], []
+    for ready_made in (True, False):
+        pair = ConnectionPair()
+        pair.client.send_headers(1, request_headers())
+        pair.client.send_data(1, grpc_frame(b"\x0a\x01x"), end_stream=True)
+        pair.to_server(pair.client.data_to_send())
+        pair.server_output()  # the window updates
+        outputs.append(_answer(pair, 1, ready_made=ready_made))
+        stream = pair.server.h2_connection.streams[1]
+        states.append((stream.state_machine.state, stream.closed))
+        events = list(pair.client.receive_data(outputs[-1]))
+        kinds = [type(e) for e in events]
+        assert kinds == [
+            h2.events.ResponseReceived,
+            h2.events.DataReceived,
+            h2.events.TrailersReceived,
+            h2.events.StreamEnded,
+        ]
+    assert outputs[0] == outputs[1]
+    assert states[0] == states[1]
+    assert states[0][1]  # closed: both sides ended
+
+
+def test_a_ready_made_block_on_a_closed_stream_raises_as_h2_does() -> None:
+    pair = ConnectionPair()
+    pair.client.send_headers(1, request_headers(), end_stream=True)
+    pair.to_server(pair.client.data_to_send())
+    _answer(pair, 1, ready_made=True)
+    with pytest.raises(h2.exceptions.StreamClosedError):
+        pair.server.h2_connection.send_header_block(1, b"\x88", end_stream=True)
+    with pytest.raises(h2.exceptions.ProtocolError):  # never opened
+        pair.server.h2_connection.send_header_block(7, b"\x88", end_stream=True)
+
+
+def test_a_table_size_change_from_the_client_leads_the_next_block() -> None:
+    # The encoder must then write the size update first: h2's path, not the shortcut.
+    pair = ConnectionPair()
+    pair.client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 256})
+    pair.client.send_headers(1, request_headers())
+    pair.client.send_data(1, grpc_frame(b""), end_stream=True)
+    events = pair.to_server(pair.client.data_to_send())
+    assert MessageReceived in [type(e) for e in events]
+    pair.server_output()
+    assert not pair.server.h2_connection.send_header_block(1, b"\x88", end_stream=False)
+    output = _answer(pair, 1, ready_made=True)
+    assert output[9] & 0xE0 == 0x20  # the first block opens with a size update
+    events = list(pair.client.receive_data(output))
+    assert isinstance(events[0], h2.events.ResponseReceived)
+    assert dict(events[0].headers)[":status"] == "200"  # the client decodes to str
+    assert isinstance(events[2], h2.events.TrailersReceived)
