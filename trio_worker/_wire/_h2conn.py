@@ -24,11 +24,13 @@ server that must outlive misbehaving clients is fixed here, by subclassing, and 
 * h2 3.x allows nothing to be sent after a GOAWAY, so a graceful drain (GOAWAY, then finish
   the streams in flight) needs the frame written beside its state machine.
 
-Two speed-ups sit in the HPACK coder, where a small RPC spends much of its time: a client
-repeats the same header block for every call of a method once its headers are in the
-dynamic table, so decoded blocks are cached while that table is unchanged; and our own
-response headers and OK trailers are constant, so they are encoded once, as literals that
-leave the dynamic table alone (valid whatever it holds).
+Speed-ups where a small RPC spends much of its time: a client repeats the same header
+block for every call of a method once its headers are in the dynamic table, so decoded
+blocks are cached while that table is unchanged, and the server parses each distinct
+request header list once (h2 hands it bytes; ``_parse_request``); our own response headers
+and OK trailers are constant, so they are encoded once, as literals that leave the dynamic
+table alone (valid whatever it holds), and the server writes them beside h2's state
+machines (``send_header_block``) rather than through h2's per-call header handling.
 
 purerpc and h2 are untyped: ``Any`` stays inside this module and the types it returns.
 """
