@@ -267,6 +267,10 @@ def test_partial_certificate_options_refused(tmp_path: Path) -> None:
         resolve_connection(ClientOptions(cert=str(tmp_path / "c.pem")))
     with pytest.raises(TLSConfigError, match="no development PKI"):
         resolve_connection(ClientOptions(state_dir=str(tmp_path)))
+    with pytest.raises(TLSConfigError, match="--ca is empty"):
+        resolve_connection(ClientOptions(ca="", cert=str(tmp_path), key=str(tmp_path)))
+    with pytest.raises(TLSConfigError, match=f"--cert {tmp_path} is not a file"):
+        resolve_connection(ClientOptions(ca=__file__, cert=str(tmp_path), key=__file__))
 
 
 # --- errors found before any connection: main() in-process, one line and the code -----------
