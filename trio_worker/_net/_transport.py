@@ -300,7 +300,11 @@ class TransportConfig:
     write_timeout: float = WRITE_TIMEOUT
     initial_window_size: int = 1024 * 1024
     connection_window_size: int = 16 * 1024 * 1024
+    #: the largest frame we advertise (SETTINGS_MAX_FRAME_SIZE); the reader refuses a bigger
+    #: one from its 9-byte header, before buffering it (FRAME_SIZE_ERROR)
     max_frame_size: int = 1024 * 1024
+    #: a request's header list, decoded (SETTINGS_MAX_HEADER_LIST_SIZE): a gRPC call's are a
+    #: few hundred bytes; with MAX_HEADER_BLOCK (encoded) it bounds what one block costs
     max_header_list_size: int = 16 * 1024
     max_send_buffer: int = MAX_SEND_BUFFER
     listen_backlog: int = 128
