@@ -954,7 +954,11 @@ class GRPCServerConnection(WireGRPCConnection):
         stream_id: int = event.stream_id
         try:
             request = self._parse_request(stream_id, event.headers)
-        except (GRPCProtocolError, KeyError, ValueError, IndexError, TypeError) as exc:
+        except Exception as exc:
+            # Whatever a hostile header list makes purerpc's parser raise fails this
+            # stream only: it keeps a repeated header as a list and calls str methods on
+            # it (a second content-type or :path raised AttributeError, which ended the
+            # whole server), besides its ProtocolError, KeyError, ValueError, TypeError...
             return [BadRequest(stream_id, f"{type(exc).__name__}: {exc}")]
         if event.stream_ended:
             # No message at all; the transport answers it (purerpc raised here).
