@@ -956,7 +956,7 @@ class _Connection(Connection):
         if not call.headers_sent:
             self._grpc.start_response(stream_id, _CONTENT_TYPE_SUFFIX)
             call.headers_sent = True
-        self._h2.send_data(stream_id, MESSAGE_PREFIX.pack(0, len(payload)) + payload)
+        self._h2.send_whole_data(stream_id, MESSAGE_PREFIX.pack(0, len(payload)) + payload)
         return True
 
     async def _send_message(
