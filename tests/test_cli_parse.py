@@ -267,6 +267,10 @@ def test_partial_certificate_options_refused(tmp_path: Path) -> None:
         resolve_connection(ClientOptions(cert=str(tmp_path / "c.pem")))
     with pytest.raises(TLSConfigError, match="no development PKI"):
         resolve_connection(ClientOptions(state_dir=str(tmp_path)))
+    with pytest.raises(TLSConfigError, match="--ca is empty"):
+        resolve_connection(ClientOptions(ca="", cert=str(tmp_path), key=str(tmp_path)))
+    with pytest.raises(TLSConfigError, match=f"--cert {tmp_path} is not a file"):
+        resolve_connection(ClientOptions(ca=__file__, cert=str(tmp_path), key=__file__))
 
 
 # --- errors found before any connection: main() in-process, one line and the code -----------
@@ -445,6 +449,33 @@ def test_list_fits_80_columns_and_cuts_the_command(
     assert all(len(line) <= 80 for line in lines), lines
     assert lines[1].endswith("…")
     assert re.search(r"  \d+d ago  ", lines[1])
+
+
+def test_list_of_several_owners_and_users_fits_80_columns_too(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OWNER and USER columns (an admin's list on a shared server), a killed job, an old
+    one: the names are cut (with …) before a line passes 80 columns, the command still
+    shows its start."""
+    import dataclasses
+
+    from trio_worker._model import JobState
+    from trio_worker.cli._render import print_jobs
+
+    monkeypatch.setenv("COLUMNS", "80")
+    killed = dataclasses.replace(
+        _job(id="01ARZ3NDEKTSV4RRFFQ69G5FAW", owner="continuous-integration"),  # type: ignore[type-var]
+        user="trio-jobs-runner",
+        state=JobState.KILLED,
+        signal=15,
+    )
+    print_jobs([_job(), killed])  # type: ignore[list-item]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["ID", "OWNER", "USER", "STATE", "STARTED", "COMMAND"]
+    assert all(len(line) <= 80 for line in lines), [len(line) for line in lines]
+    assert "killed (SIGTERM)" in lines[2]
+    assert re.search(r"  cont…  trio…  ", lines[2]), lines[2]
+    assert re.search(r"  sh -c \S*…$", lines[2]), lines[2]
 
 
 def test_status_shows_sizes_durations_zones_usage_and_limits(

@@ -56,6 +56,17 @@ def _probed_try_send(self, data):
         _state["t"] = None
     return _try_send(self, data)
 _T.receive_some, _T.try_send = _probed_receive, _probed_try_send
+if hasattr(_T, "try_send_many"):  # trees since 17515df write through it
+    _try_send_many = _T.try_send_many
+    def _probed_try_send_many(self, buffers):
+        buffers = list(buffers)
+        if _state["t"] is not None and sum(len(b) for b in buffers) > 150:
+            _gaps.append(time.perf_counter() - _state["t"])
+            _cpus.append(time.thread_time() - _state["cpu"])
+            _turns.append(_state["turns"])
+            _state["t"] = None
+        return _try_send_many(self, buffers)
+    _T.try_send_many = _probed_try_send_many
 class _Turns(trio.abc.Instrument):
     def before_io_wait(self, timeout):
         _state["turns"] += 1

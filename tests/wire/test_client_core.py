@@ -376,3 +376,13 @@ def test_random_frames_from_a_server_raise_only_protocol_errors(
             assert server.client.gate.buffered <= MAX_FRAME + 9 + record
     except PROTOCOL_ERRORS:
         pass
+
+
+def test_a_response_header_that_is_not_utf8_is_a_protocol_error() -> None:
+    # h2 decodes the server's headers as UTF-8: its UnicodeDecodeError escaped the core
+    # and the drivers, which turn only protocol errors into a lost connection.
+    server = HostileServer()
+    stream_id = server.open_call()
+    block = literal(":status", "200") + b"\x00\x05x-bad\x02\xff\xfe"
+    with pytest.raises(PROTOCOL_ERRORS):
+        server.to_client(frame(HEADERS, END_HEADERS, stream_id, block))

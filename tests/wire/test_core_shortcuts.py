@@ -8,6 +8,8 @@ a bound.
 
 from __future__ import annotations
 
+import inspect
+import re
 from typing import Any
 
 import h2.events
@@ -16,6 +18,7 @@ import h2.settings
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import MessageReceived, RequestReceived
 from purerpc.grpclib.headers import HeaderDict
 
@@ -29,6 +32,7 @@ from tests.wire.helpers import (
     request_headers,
 )
 from trio_worker._wire._h2conn import (
+    _HANDLERS,
     MAX_CACHED_REQUEST,
     MAX_CACHED_REQUESTS,
     BadRequest,
@@ -168,3 +172,24 @@ def test_a_table_size_change_from_the_client_leads_the_next_block() -> None:
     assert isinstance(events[0], h2.events.ResponseReceived)
     assert dict(events[0].headers)[":status"] == "200"  # the client decodes to str
     assert isinstance(events[2], h2.events.TrailersReceived)
+
+
+def test_the_event_table_is_purerpcs_chain() -> None:
+    # receive_data looks handlers up by type: the same pairs, in the same order, as
+    # purerpc's isinstance chain (a purerpc upgrade that changes it fails here).
+    source = inspect.getsource(GRPCConnection.receive_data)
+    chain = re.findall(
+        r"isinstance\(event, h2\.events\.(\w+)\):\s+grpc_events\.extend\(self\.(\w+)\(", source
+    )
+    assert len(chain) == 16
+    assert [(kind.__name__, handler) for kind, handler in _HANDLERS.items()] == chain
+
+
+def test_an_event_of_a_subclass_still_finds_its_handler() -> None:
+    class Late(h2.events.WindowUpdated):  # type: ignore[misc]
+        pass
+
+    pair = ConnectionPair()
+    event = Late()
+    event.stream_id, event.delta = 0, 10
+    assert [type(e).__name__ for e in pair.server._dispatch_subclass(event)] == ["WindowUpdated"]

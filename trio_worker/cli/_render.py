@@ -170,29 +170,41 @@ def print_fields(rows: Iterable[tuple[str, str | Cell]]) -> None:
     sys.stdout.flush()
 
 
+#: What a cut column keeps, with its "…", in the order they give way: the command down to
+#: 12, then names (owner, user) down to 5, then the command down to 8. A list of jobs of
+#: several owners and users fits 80 columns then, even with ``killed (SIGTERM)`` and a
+#: ``1064d ago``.
+_FIT_MIN = 12
+_SQUEEZE_MIN = 5
+_FIT_LEAST = 8
+
+
 def print_table(
     headers: Sequence[str],
     rows: Iterable[Sequence[str | Cell]],
     *,
     fit: int | None = None,
+    squeeze: Sequence[int] = (),
 ) -> None:
     """Columns aligned with two spaces between them, no padding after the last. ``fit``:
-    the column to shorten (with …) so that rows fit the terminal's width."""
+    the column to shorten (with …) so that rows fit the terminal's width; ``squeeze``: the
+    columns shortened too, once ``fit`` is down to its least (names, before a line wraps)."""
     colours = colours_on(sys.stdout)
     table: list[list[Cell]] = [
         [cell if isinstance(cell, tuple) else (cell, "") for cell in row] for row in rows
     ]
     widths = [max([len(h)] + [len(row[i][0]) for row in table]) for i, h in enumerate(headers)]
     if fit is not None:
-        columns = terminal_columns()
-        others = sum(w for i, w in enumerate(widths) if i != fit) + 2 * (len(widths) - 1)
-        room = max(columns - others, len(headers[fit]), 12)
-        if widths[fit] > room:
-            widths[fit] = room
+        spare = terminal_columns() - sum(widths) - 2 * (len(widths) - 1)  # < 0: too wide
+        steps = [(fit, _FIT_MIN), *((i, _SQUEEZE_MIN) for i in squeeze), (fit, _FIT_LEAST)]
+        for i, least in steps:
+            cut = min(max(-spare, 0), max(widths[i] - max(least, len(headers[i])), 0))
+            widths[i] -= cut
+            spare += cut
             for row in table:
-                text, sgr = row[fit]
-                if len(text) > room:
-                    row[fit] = (text[: room - 1] + "…", sgr)
+                text, sgr = row[i]
+                if len(text) > widths[i]:
+                    row[i] = (text[: widths[i] - 1] + "…", sgr)
     lines = []
     for row in [[(h, "1") for h in headers], *table]:
         cells = [
@@ -345,7 +357,8 @@ def print_jobs(jobs: Sequence[JobInfo]) -> None:
         ]
         for job in jobs
     ]
-    print_table(headers, rows, fit=len(headers) - 1)
+    names = range(1, 1 + owners + users)  # OWNER, USER: cut before the line is too wide
+    print_table(headers, rows, fit=len(headers) - 1, squeeze=names)
 
 
 # --- the exit code of run and wait --------------------------------------------------

@@ -259,8 +259,10 @@ def resolve_connection(options: ClientOptions) -> Connection:
             "(or TRIO_WORKER_CA/_CERT/_KEY, or ca/cert/key in the config file), or none of them "
             "to use the development PKI"
         )
-    ca, cert, key = (os.path.expanduser(p) for p in (options.ca, options.cert, options.key) if p)
+    ca, cert, key = (os.path.expanduser(p or "") for p in (options.ca, options.cert, options.key))
     for flag, path in (("--ca", ca), ("--cert", cert), ("--key", key)):
+        if not path:
+            raise TLSConfigError(f"{flag} is empty; give the path of a file")
         if not os.path.isfile(path):
             what = "does not exist" if not os.path.exists(path) else "is not a file"
             raise TLSConfigError(f"{flag} {path} {what}; check the path")

@@ -55,6 +55,7 @@ from ._authz import Method as Op
 from ._authz import authorize, can_see, job_user
 from ._paging import MAX_PAGE_BYTES, PageFill, decode_token, encode_token, page_size
 from ._quota import QuotaPolicy, Quotas
+from ._replies import JobReplies
 
 __all__ = ["SERVICE_NAME", "WorkerService", "rpc_error"]
 
@@ -115,6 +116,8 @@ class WorkerService:
         self._quotas = Quotas(
             quotas or QuotaPolicy(), clock=trio.current_time, running=supervisor.running_count
         )
+        #: Status replies, remade only when a job's snapshot changed.
+        self._replies = JobReplies()
 
     def methods(self) -> dict[str, RpcMethod]:
         """Full method path → descriptor, for the transport.
@@ -216,7 +219,7 @@ class WorkerService:
             info = self._sup.status(request.id)
         except TrioWorkerError as exc:
             raise rpc_error(exc) from None
-        return job_to_pb(info)
+        return self._replies.job(info)
 
     async def wait(self, request: pb.WaitRequest, ctx: CallContext) -> pb.Job:
         try:
