@@ -981,9 +981,9 @@ class GRPCServerConnection(WireGRPCConnection):
         length: int = event.flow_controlled_length
         held = self._held.get(stream_id)
         if length:
-            if held is None:
+            if held is None and event.stream_ended is None:
                 self.h2_connection.acknowledge_received_data(length, stream_id)
-            else:
+            else:  # held, or the stream's last DATA (its window matters no more)
                 self.h2_connection.acknowledge_connection_data(length)
         buffer = self.message_read_buffers.get(stream_id)
         if buffer is None:  # answered or refused already: drop what is still coming
