@@ -262,12 +262,28 @@ def test_detect_v1_on_this_machine(v1: V1Driver) -> None:
     v1.check(Limits(cpus=1, memory_bytes=64 * MiB, io_read_bps=MiB, io_write_bps=MiB, pids=5))
 
 
+@pytest.fixture
+def v1_needed(drivers: Callable[..., CgroupDriver]) -> V1Driver:
+    """A v1 driver that puts a job only in the hierarchies it needs."""
+    require_root("cgroup v1 tests")
+    driver = drivers(every_hierarchy=False)
+    assert isinstance(driver, V1Driver), f"expected cgroup v1 here, got {driver!r}"
+    return driver
+
+
+def test_v1_job_is_in_every_hierarchy_by_default(v1: V1Driver) -> None:
+    group = v1.create("every", Limits())
+    assert {d.parent for d in group.dirs} == {*v1.parents.values(), v1.unified}
+    group.remove()
+
+
 def test_v1_job_is_only_in_the_hierarchies_it_needs(
-    v1: V1Driver, procs: list[subprocess.Popen[bytes]]
+    v1_needed: V1Driver, procs: list[subprocess.Popen[bytes]]
 ) -> None:
     """Each hierarchy costs a Start a mkdir, an open, a write and an rmdir: a job
     without limits is in memory (peak, OOM) and the unified mount (tracking, kill,
     CPU) only; its usage still has both figures."""
+    v1 = v1_needed
     group = v1.create("plain", Limits())
     assert {d.parent for d in group.dirs} == {v1.parents["memory"], v1.unified}
     for controller in ("cpu", "cpuacct", "blkio", "pids", "freezer"):
@@ -284,10 +300,11 @@ def test_v1_job_is_only_in_the_hierarchies_it_needs(
 
 
 def test_v1_place_made_ahead_widens_for_its_limits(
-    v1: V1Driver, procs: list[subprocess.Popen[bytes]]
+    v1_needed: V1Driver, procs: list[subprocess.Popen[bytes]]
 ) -> None:
     """A group made ahead of need (no limits known) gains the hierarchies its
     limits need at ``configure``, and the job's process is in each of them."""
+    v1 = v1_needed
     made = v1.make("ahead")
     assert v1.parents["pids"] / "job-ahead" not in made.dirs
     group = v1.configure(made, Limits(cpus=0.5, pids=7))
@@ -314,7 +331,7 @@ def test_v1_without_the_unified_mount_keeps_the_freezer_and_cpuacct(
     drivers: Callable[..., CgroupDriver],
 ) -> None:
     require_root("cgroup v1 tests")
-    driver = drivers(use_unified=False)
+    driver = drivers(use_unified=False, every_hierarchy=False)
     assert isinstance(driver, V1Driver)
     group = driver.create("legacy", Limits())
     parents = {d.parent for d in group.dirs}

@@ -35,7 +35,7 @@ def _fake_hybrid(root: Path, parent: str, unified_files: tuple[str, ...]) -> V1D
     (root / "unified" / "cgroup.procs").write_text("")
     for name in unified_files:
         (root / "unified" / parent / name).write_text("")
-    return V1Driver(root, parent, "/", own={})
+    return V1Driver(root, parent, "/", own={}, every_hierarchy=False)
 
 
 @pytest.mark.parametrize(

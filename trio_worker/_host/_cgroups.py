@@ -10,10 +10,12 @@
   ``blkio.throttle.*_bps_device``, ``pids.max``, ``memory.oom_control``,
   ``cpuacct.usage``, freezer for kill; plus the v2 mount at ``unified/`` (when
   there is one) for tracking, ``cgroup.kill`` and ``cpu.stat``. A job is only in
-  the hierarchies it needs: memory, and those of the limits it asks for (cpuacct
-  too where the unified group has no ``cpu.stat``: no unified mount, or Linux
-  before 4.20; the freezer where it has no ``cgroup.kill``): each one costs every
-  Start a mkdir, an open, a ``cgroup.procs`` write and an rmdir.
+  the hierarchies it needs with ``every_hierarchy=False``: memory, and those of
+  the limits it asks for (cpuacct too where the unified group has no
+  ``cpu.stat``: no unified mount, or Linux before 4.20; the freezer where it has
+  no ``cgroup.kill``): each one costs every Start a mkdir, an open, a
+  ``cgroup.procs`` write and an rmdir. By default a job is in every hierarchy:
+  measured faster for starts back to back, for a reason not found (ARCHITECTURE.md).
 * ``NoDriver`` — no usable cgroups (not root, read-only, none mounted): jobs
   without limits still run, a job asking for one is refused (``Unenforceable``).
 
@@ -976,7 +978,11 @@ class V1Driver(CgroupDriver):
         *,
         use_unified: bool = True,
         own: Mapping[str, str] | None = None,
+        every_hierarchy: bool = True,
     ) -> None:
+        """``every_hierarchy``: every job joins every hierarchy (measured faster for
+        starts back to back, see ARCHITECTURE.md); False: only what it needs
+        (``hierarchies_for``)."""
         super().__init__()
         self.root = root
         own = _own_cgroups() if own is None else own
@@ -1034,8 +1040,8 @@ class V1Driver(CgroupDriver):
         if not kills:
             always.add("freezer")
         self._base = frozenset(self._homes[c] for c in always if c in self._homes)
-        if not self._base and self.unified is None:
-            # Nothing would track the job: every hierarchy there is.
+        if every_hierarchy or (not self._base and self.unified is None):
+            # (Else nothing would track the job: every hierarchy there is.)
             self._base = frozenset(self._distinct)
         self._memsw = (
             "memory" in self.parents
@@ -1202,6 +1208,7 @@ def detect(
     root: Path = CGROUP_ROOT,
     base: str | None = None,
     use_unified: bool = True,
+    every_hierarchy: bool = True,
 ) -> CgroupDriver:
     """Probe the host and return the driver to use, creating the server's parent group.
 
@@ -1209,7 +1216,8 @@ def detect(
     this process's own cgroup there (``/proc/self/cgroup``), so the jobs stay
     inside whatever limits and delegation the server itself was given. Pass
     ``base="/"`` to put the parent at the top of the hierarchy instead.
-    ``use_unified=False`` ignores a hybrid host's v2 mount (the v1 freezer then
+    ``every_hierarchy=False`` puts a v1 job only in the hierarchies it needs (see
+    ``V1Driver``). ``use_unified=False`` ignores a hybrid host's v2 mount (the v1 freezer then
     does all killing). Never raises for an unusable host: that is a NoDriver.
     """
     _check_parent(parent)
@@ -1219,7 +1227,9 @@ def detect(
             return V2Driver(root, parent, own)
         hierarchies = [*V1Driver._PROBES, "unified"]
         if any((root / name / "cgroup.procs").exists() for name in hierarchies):
-            return V1Driver(root, parent, base, use_unified=use_unified)
+            return V1Driver(
+                root, parent, base, use_unified=use_unified, every_hierarchy=every_hierarchy
+            )
     except _Unusable as exc:
         return NoDriver(str(exc), exc.missing)
     except CgroupError as exc:

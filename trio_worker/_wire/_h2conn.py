@@ -954,7 +954,11 @@ class GRPCServerConnection(WireGRPCConnection):
         stream_id: int = event.stream_id
         try:
             request = self._parse_request(stream_id, event.headers)
-        except (GRPCProtocolError, KeyError, ValueError, IndexError, TypeError) as exc:
+        except Exception as exc:
+            # Whatever a hostile header list makes purerpc's parser raise fails this
+            # stream only: it keeps a repeated header as a list and calls str methods on
+            # it (a second content-type or :path raised AttributeError, which ended the
+            # whole server), besides its ProtocolError, KeyError, ValueError, TypeError...
             return [BadRequest(stream_id, f"{type(exc).__name__}: {exc}")]
         if event.stream_ended:
             # No message at all; the transport answers it (purerpc raised here).
@@ -977,9 +981,9 @@ class GRPCServerConnection(WireGRPCConnection):
         length: int = event.flow_controlled_length
         held = self._held.get(stream_id)
         if length:
-            if held is None:
+            if held is None and event.stream_ended is None:
                 self.h2_connection.acknowledge_received_data(length, stream_id)
-            else:
+            else:  # held, or the stream's last DATA (its window matters no more)
                 self.h2_connection.acknowledge_connection_data(length)
         buffer = self.message_read_buffers.get(stream_id)
         if buffer is None:  # answered or refused already: drop what is still coming
