@@ -192,8 +192,12 @@ class OpenLogs:
         excess = len(logs) - self._limit
         if excess <= 0:
             return []
-        # A log flushing now uses its fds in a thread: it keeps them this time.
-        victims = [old for old in logs if not old._flushing][:excess]
+        victims: list[OutputLog] = []
+        for old in logs:  # least recent first: usually the first one will do
+            if not old._flushing:  # (a log flushing now uses its fds in a thread)
+                victims.append(old)
+                if len(victims) == excess:
+                    break
         fds: list[int] = []
         for old in victims:
             del logs[old]
