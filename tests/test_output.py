@@ -263,7 +263,8 @@ def test_log_matches_bytes_model(
         for offset in offsets:
             offset = min(offset, model.end)
             model.check(await collect(recovered, offset, chunk_size=chunk), offset)
-        # ... and so does read_log_file on its own, stretch by stretch.
+        # ... and so does read_log_file on its own, stretch by stretch, in pieces of at
+        # most `chunk` bytes.
         first = recovered._first_record
         records = recovered._index_flushed
         for stretch in model.visible(0):
@@ -276,7 +277,9 @@ def test_log_matches_bytes_model(
                     stretch.stop - position,
                     records,
                     first,
+                    chunk,
                 )
+                assert all(len(c.data) <= chunk for c in more)
                 got += more
                 position = more[-1].end
             model.check(got, stretch.start, [(0, stretch.start), (stretch.stop, model.end + 1)])

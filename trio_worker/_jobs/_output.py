@@ -1179,12 +1179,10 @@ def _read_cut(
     first_record: int,
     size: int,
 ) -> list[OutputChunk]:
-    """``read_log_file``, its chunks cut to at most ``size`` bytes (in the reading thread)."""
-    return list(
-        _split(
-            read_log_file(data_path, index_path, offset, limit, index_records, first_record), size
-        )
-    )
+    """``read_log_file`` in chunks of at most ``size`` bytes (``_split`` only where a
+    chunk is larger: never, as it reads them)."""
+    chunks = read_log_file(data_path, index_path, offset, limit, index_records, first_record, size)
+    return list(_split(chunks, size))
 
 
 _fallocate: Callable[[int, int, int, int], int] | None = None
@@ -1262,19 +1260,22 @@ def read_log_file(
     limit: int,
     index_records: int,
     first_record: int = 0,
+    piece: int = _FILE_BLOCK,
 ) -> list[OutputChunk]:
-    """Read up to ``limit`` bytes from ``offset`` of a log on disk, split at runs.
+    """Read up to ``limit`` bytes from ``offset`` of a log on disk, split at runs, in
+    chunks of at most ``piece`` bytes, each read on its own (no copy to cut them).
 
     Blocking: call it in a thread. ``index_records`` is how many records of
     ``output.idx`` are known to be complete (the file may be growing);
     ``first_record`` is where the retained index starts (``output.start``).
-    Lost runs are skipped: the chunks' offsets then jump past them.
+    Lost runs are skipped (not read): the chunks' offsets then jump past them.
     """
     limit = min(limit, _FILE_BLOCK)
     if limit <= 0 or index_records <= first_record:
         return []
     with open(index_path, "rb", buffering=0) as index, open(data_path, "rb", buffering=0) as data:
         idx_fd = index.fileno()
+        data_fd = data.fileno()
 
         def record(i: int) -> tuple[int, int]:
             start, tag = _INDEX.unpack(os.pread(idx_fd, _INDEX.size, i * _INDEX.size))
@@ -1291,19 +1292,23 @@ def read_log_file(
         i = lo
         if first_start > offset:  # before the first record: nothing known there
             i, tag = lo - 1, _LOST
-        blob = os.pread(data.fileno(), limit, offset)
-        blob_end = offset + len(blob)
+        end = offset + limit
         chunks: list[OutputChunk] = []
         position = offset
-        while position < blob_end:
-            run_end = record(i + 1)[0] if i + 1 < index_records else blob_end
-            stop = min(run_end, blob_end)
+        while position < end:
+            run_end = record(i + 1)[0] if i + 1 < index_records else end
+            stop = min(run_end, end)
             if stop > position:
                 stream = _STREAMS.get(tag)
                 if stream is not None:
-                    whole = position == offset and stop == blob_end  # one run: no copy
-                    piece = blob if whole else blob[position - offset : stop - offset]
-                    chunks.append(OutputChunk(piece, position, stream))
+                    while position < stop:
+                        want = min(piece, stop - position)
+                        blob = os.pread(data_fd, want, position)
+                        if blob:
+                            chunks.append(OutputChunk(blob, position, stream))
+                        if len(blob) < want:
+                            return chunks  # the file ends here (still being written)
+                        position += want
                 position = stop
             i += 1
             if i >= index_records:
