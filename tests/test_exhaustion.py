@@ -130,8 +130,9 @@ def test_start_without_descriptors_is_refused_and_leaks_nothing(tmp_path: Path, 
     # Some margins are too small for a Start, the larger ones are enough.
     assert report["refused"] >= 3, report
     assert report["started"] >= 1, report
-    # Each place a Start takes descriptors was reached at some margin.
-    assert len(report["messages"]) >= 3, report
+    # Each place a Start takes descriptors was reached at some margin: its pipes and
+    # its pidfd (a job's log files are opened by its first flush, not by the Start).
+    assert len(report["messages"]) >= 2, report
     for message in report["messages"]:
         assert "too many open files" in message.lower(), message
 
@@ -142,19 +143,25 @@ import trio
 from trio_worker import JobState, open_supervisor
 
 N = int(sys.argv[2])
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (1024, max(hard, 8 * N)))  # a stock soft limit
+resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 4096))  # a stock host's limits
+
+def fds():
+    return len(os.listdir("/proc/self/fd"))
 
 async def main():
     parent = "tw-many-" + secrets.token_hex(4)
     async with open_supervisor(sys.argv[1], cgroup_parent=parent, persist=False) as sup:
         raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        jobs = [await sup.start("sleep", ["600"]) for _ in range(N)]
+        jobs = [await sup.start("sleep", ["600"])]
+        before = fds()
+        jobs += [await sup.start("sleep", ["600"]) for _ in range(N - 1)]
+        per_job = (fds() - before) / (N - 1)
         running = sum(sup.status(j.id).state is JobState.RUNNING for j in jobs)
         probe = await sup.start("sh", ["-c", "ulimit -Sn"])
         await sup.wait(probe.id)
         job_limit = b"".join([c.data async for c in sup.output(probe.id)]).decode().strip()
-        print(json.dumps({"raised": raised, "running": running, "job_soft_limit": job_limit}))
+        report = {"raised": raised, "running": running, "job_soft_limit": job_limit}
+        print(json.dumps(report | {"fds_per_job": per_job}))
         sys.stdout.flush()
         await sup.shutdown(grace=0)
 
@@ -173,8 +180,10 @@ def test_a_thousand_sleeping_jobs_with_a_stock_fd_limit(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert report["raised"] >= 8 * n  # the soft limit went up to the hard one
+    assert report["raised"] == 4096  # the soft limit went up to the hard one
     assert report["running"] == n
+    # Two pipes and a pidfd: a quiet job holds none of its log files open.
+    assert report["fds_per_job"] <= 3.01, report
     assert report["job_soft_limit"] == "1024"  # jobs still see the stock limit
 
 

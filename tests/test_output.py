@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from trio_worker import OutputChunk, OutputStream
 from trio_worker._jobs import _output
 from trio_worker._jobs._output import DEFAULT_CHUNK as DEFAULT
-from trio_worker._jobs._output import Broadcaster, OutputLog, read_log_file
+from trio_worker._jobs._output import Broadcaster, OpenLogs, OutputLog, read_log_file
 
 from .conftest import require_root
 
@@ -263,7 +263,8 @@ def test_log_matches_bytes_model(
         for offset in offsets:
             offset = min(offset, model.end)
             model.check(await collect(recovered, offset, chunk_size=chunk), offset)
-        # ... and so does read_log_file on its own, stretch by stretch.
+        # ... and so does read_log_file on its own, stretch by stretch, in pieces of at
+        # most `chunk` bytes.
         first = recovered._first_record
         records = recovered._index_flushed
         for stretch in model.visible(0):
@@ -276,7 +277,9 @@ def test_log_matches_bytes_model(
                     stretch.stop - position,
                     records,
                     first,
+                    chunk,
                 )
+                assert all(len(c.data) <= chunk for c in more)
                 got += more
                 position = more[-1].end
             model.check(got, stretch.start, [(0, stretch.start), (stretch.stop, model.end + 1)])
@@ -886,3 +889,82 @@ async def test_recover_of_nothing(tmp_path: Path) -> None:
     recovered = OutputLog.recover(tmp_path)
     assert recovered.end == 0
     assert await collect(recovered, 0) == []
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def _content(log: OutputLog) -> bytes:
+    return b"".join([chunk.data async for chunk in log.read(0, follow=False)])
+
+
+async def test_a_log_holds_files_open_only_from_its_first_write(tmp_path: Path) -> None:
+    before = _open_fds()
+    log = OutputLog(tmp_path, max_bytes=1 << 20)
+    assert _open_fds() == before  # made, not held: a quiet job costs no fd
+    log.append(OUT, b"hello")
+    await log.flush()
+    assert _open_fds() == before + 2  # output.idx and output.log; output.start only when used
+    log.finish()
+    log.close()
+    assert _open_fds() == before
+    assert await _content(OutputLog.recover(tmp_path)) == b"hello"
+
+
+async def test_open_logs_bounds_the_files_held_and_logs_reopen(tmp_path: Path) -> None:
+    files = OpenLogs(limit=2)
+    logs = []
+    for i in range(5):
+        directory = tmp_path / str(i)
+        directory.mkdir()
+        logs.append(OutputLog(directory, files=files, max_bytes=64, drop_step=16))
+    before = _open_fds()
+    for round_ in range(3):
+        for i, log in enumerate(logs):
+            log.append(OUT if i % 2 else ERR, f"<{round_}:{i}>".encode() * 10)
+            await log.flush()
+            assert len(files) <= 2
+            assert _open_fds() <= before + 2 * 2
+    for log in logs:
+        log.finish()
+        log.close()
+    assert _open_fds() == before
+    for i, log in enumerate(logs):
+        whole = b"".join(f"<{r}:{i}>".encode() * 10 for r in range(3))
+        kept = await _content(log)
+        assert log.start > 0  # retention still ran
+        assert kept == whole[log.start :]
+        recovered = OutputLog.recover(log.directory)
+        assert (recovered.start, await _content(recovered)) == (log.start, kept)
+
+
+class _NoFds(OutputLog):
+    """A log whose files cannot be opened (out of descriptors) until told otherwise."""
+
+    __slots__ = ("refuse",)
+
+    def _open_files(self) -> None:
+        if self.refuse:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        super()._open_files()
+
+
+async def test_a_log_that_cannot_open_its_files_drops_output_and_tries_again(
+    tmp_path: Path,
+) -> None:
+    log = _NoFds(tmp_path)
+    log.refuse = True
+    log.append(OUT, b"lost")
+    await log.flush()
+    assert (log.dropped_bytes, log.write_error) == (4, os.strerror(errno.EMFILE))
+    log.refuse = False
+    log.append(ERR, b"kept")
+    log.finish()
+    await log.flush()  # a finished log tries the disk once more
+    log.close()
+    assert log.lost_ranges == [(0, 4)]
+    assert await _content(log) == b"kept"
+    recovered = OutputLog.recover(tmp_path)
+    assert recovered.lost_ranges == [(0, 4)]
+    assert [(c.data, c.stream) async for c in recovered.read(0, follow=False)] == [(b"kept", ERR)]

@@ -31,7 +31,7 @@ from trio_worker import (
 )
 from trio_worker._host._cgroups import NoDriver
 from trio_worker._jobs import _launch, _runner
-from trio_worker._jobs._output import OutputLog
+from trio_worker._jobs._output import OpenLogs, OutputLog
 from trio_worker._jobs._supervisor import open_supervisor_with_driver, owner_of
 
 
@@ -581,3 +581,46 @@ async def test_a_jobs_changes_are_audited_when_the_audit_log_is_on(
     changes = [(x["state"], x["exit_code"]) for x in lines if x["job_id"] == job.id]
     assert changes == [("running", None), ("exited", 3)]
     assert {x["owner"] for x in lines} == {"al"}
+
+
+class _CountingOpenLogs(OpenLogs):
+    displaced = 0
+
+    def use(self, log: OutputLog) -> list[int]:
+        fds = super().use(log)
+        self.displaced += len(fds)
+        return fds
+
+
+async def test_jobs_output_stays_whole_when_their_logs_take_turns_holding_files(
+    tmp_path: Path,
+) -> None:
+    # Two logs may keep their files open: six jobs printing at once reopen theirs
+    # at their flushes, and none loses or misplaces a byte.
+    go = tmp_path / "go"
+    async with open_supervisor_with_driver(NoDriver("test"), tmp_path / "state") as sup:
+        files = sup._admission.launcher.open_logs = _CountingOpenLogs(limit=2)
+        script = (
+            'echo "$0 out 0"; while [ ! -e "$1" ]; do sleep 0.01; done; '
+            'for i in 1 2 3; do echo "$0 out $i"; echo "$0 err $i" >&2; sleep 0.01; done'
+        )
+        jobs = [await sup.start("sh", ["-c", script, f"job{n}", str(go)]) for n in range(6)]
+        for job in jobs:  # every log written once, all of them running
+            async for _ in sup.output(job.id):
+                break
+            log = sup._jobs.get(job.id).log
+            assert log is not None
+            await log.flush()
+        assert len(files) == 2
+        assert files.displaced == 2 * 4  # four logs gave up their two fds
+        go.touch()
+        for job in jobs:
+            assert (await sup.wait(job.id)).exit_code == 0
+        for n, job in enumerate(jobs):
+            chunks = [c async for c in sup.output(job.id)]
+            for stream, kind, first in (
+                (OutputStream.STDOUT, "out", 0),
+                (OutputStream.STDERR, "err", 1),
+            ):
+                got = b"".join(c.data for c in chunks if c.stream is stream)
+                assert got == b"".join(f"job{n} {kind} {i}\n".encode() for i in range(first, 4))

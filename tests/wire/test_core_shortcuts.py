@@ -193,3 +193,50 @@ def test_an_event_of_a_subclass_still_finds_its_handler() -> None:
     event = Late()
     event.stream_id, event.delta = 0, 10
     assert [type(e).__name__ for e in pair.server._dispatch_subclass(event)] == ["WindowUpdated"]
+
+
+def _opened(**settings: Any) -> ConnectionPair:
+    pair = ConnectionPair(**settings)
+    pair.client.send_headers(1, request_headers())
+    pair.client.send_data(1, grpc_frame(b"\x0a\x01x"), end_stream=True)
+    pair.to_server(pair.client.data_to_send())
+    pair.server_output()
+    pair.server.start_response(1, "+proto")
+    pair.server_output()
+    return pair
+
+
+def test_a_whole_data_frame_is_what_h2_sends_with_the_same_windows() -> None:
+    outputs, windows = [], []
+    for shortcut in (True, False):
+        pair = _opened()
+        h2c = pair.server.h2_connection
+        payload = grpc_frame(b"\x0a\x03abc" * 50)
+        if shortcut:
+            h2c.send_whole_data(1, payload)
+        else:
+            h2c.send_data(1, payload)
+        outputs.append(pair.server_output())
+        stream = h2c.streams[1]
+        windows.append(
+            (
+                h2c.outbound_flow_control_window,
+                stream.outbound_flow_control_window,
+                stream.state_machine.state,
+            )
+        )
+        events = list(pair.client.receive_data(outputs[-1]))
+        assert [type(e) for e in events] == [h2.events.DataReceived]
+    assert outputs[0] == outputs[1]
+    assert windows[0] == windows[1]
+
+
+def test_a_whole_data_frame_over_the_window_or_on_a_closed_stream_raises_as_h2_does() -> None:
+    pair = _opened()
+    h2c = pair.server.h2_connection
+    too_big = b"x" * (h2c.local_flow_control_window(1) + 1)
+    with pytest.raises(h2.exceptions.FlowControlError):
+        h2c.send_whole_data(1, too_big)
+    pair.server.send_status(1, 0, "", None, headers=True)
+    with pytest.raises(h2.exceptions.StreamClosedError):
+        h2c.send_whole_data(1, b"late")

@@ -44,7 +44,7 @@ from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup
 from .._host._isolation import helper_argv, helper_tasks, resolve_command
 from .._model import Isolation, Limits
 from ._job import REPORT
-from ._output import OutputLog
+from ._output import OpenLogs, OutputLog, create_log_files
 from ._process import (
     RESOURCE_ERRNOS,
     Credentials,
@@ -60,7 +60,6 @@ from ._store import process_start_time
 __all__ = ["LaunchPlan", "Launched", "Launcher", "Place", "remove_new_job_dir"]
 
 _log = logging.getLogger("trio_worker.supervisor")
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 @dataclass(slots=True)
@@ -129,6 +128,8 @@ class Launcher:
         self._max_unflushed = max_unflushed
         self._max_output_bytes = max_output_bytes
         self._job_nofile = job_nofile
+        #: The jobs' logs that keep their files open between flushes (on the loop).
+        self.open_logs = OpenLogs()
         #: How many places ``keep_ready`` keeps made ahead of need.
         self._target = ready
         self._ready: deque[Place] = deque()
@@ -252,9 +253,7 @@ class Launcher:
             try:
                 directory.mkdir(mode=0o700)
                 try:
-                    for name in self._log_files():
-                        fd = os.open(directory / name, _CREATE, 0o600)
-                        os.close(fd)
+                    create_log_files(directory, capped=self._max_output_bytes is not None)
                     group = self.cgroups.make(job_id)
                 except BaseException:
                     remove_new_job_dir(directory)
@@ -270,12 +269,6 @@ class Launcher:
                 break
             places.append(Place(job_id, directory, group, procs))
         return places
-
-    def _log_files(self) -> tuple[str, ...]:
-        """The files ``OutputLog`` opens (``output.start`` only with a size cap)."""
-        if self._max_output_bytes is None:
-            return ("output.log", "output.idx")
-        return ("output.log", "output.idx", "output.start")
 
     # -- a Start ---------------------------------------------------------------
 
@@ -341,6 +334,8 @@ class Launcher:
                 tail_bytes=self._tail_bytes,
                 max_bytes=self._max_output_bytes,
                 max_unflushed=self._max_unflushed,
+                files=self.open_logs,
+                create=False,  # the place has them
             )
         except OSError as exc:
             _discard_places([place])
@@ -456,6 +451,7 @@ class Launcher:
                 tail_bytes=self._tail_bytes,
                 max_bytes=self._max_output_bytes,
                 max_unflushed=self._max_unflushed,
+                files=self.open_logs,
             )
         except OSError as exc:
             remove_new_job_dir(directory)

@@ -41,11 +41,16 @@ Files of one log (all little-endian):
     after a lost run always starts with a record of its own. A trailing partial
     record (a crash while writing it) is ignored.
 ``output.start``
-    Only for a log with a cap (``max_bytes``): 16 bytes
+    Only for a log with a cap (``max_bytes``), made with the log: 16 bytes
     ``<start:u64><first_record:u64>``, the first retained offset and the number
     of the index record where a reader of ``start`` begins its search. Bytes and
     index records below them may be holes (``fallocate`` punch hole). Missing
     means ``(0, 0)``.
+
+A log holds no file open until it writes: its flusher's thread opens
+``output.idx`` and ``output.log`` when it needs them, and ``output.start`` only
+while recording a new start. With an :class:`OpenLogs`, only the logs flushed most
+recently keep theirs open between flushes, so a thousand quiet jobs hold none.
 
 Writes go index first, then data, then (on retention) ``output.start``, then
 hole punching: whatever a crash interrupts, the files never claim data they do
@@ -78,9 +83,12 @@ from .._model import OutputChunk, OutputStream
 __all__ = [
     "DEFAULT_CHUNK",
     "DEFAULT_MAX_UNFLUSHED",
+    "OPEN_LOGS",
     "Broadcaster",
     "LogReader",
+    "OpenLogs",
     "OutputLog",
+    "create_log_files",
     "read_log_file",
 ]
 
@@ -116,6 +124,10 @@ _MIN_DROP_STEP = 1024 * 1024
 _RETRY_INTERVAL = 0.1
 #: ... or after this many more bytes were appended, whichever comes first.
 _RETRY_BYTES = 1024 * 1024
+
+#: Logs that keep their two write fds open between flushes: enough for every job
+#: printing at one moment, few enough that 1,000 jobs fit a 4,096 fd limit.
+OPEN_LOGS = 128
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -153,6 +165,71 @@ class Broadcaster:
             send.close()
 
 
+class OpenLogs:
+    """The logs whose write fds stay open between flushes, least recently flushed first.
+
+    A log opens its files in its flusher's thread when it writes; past ``limit``
+    logs, the least recently flushed ones that are not flushing give up their fds,
+    which the flushing log's thread closes (a close may start writeback: not on
+    the loop). A server thus holds at most about ``2 * limit`` log fds, whatever
+    number of jobs it runs.
+    """
+
+    __slots__ = ("_limit", "_logs")
+
+    def __init__(self, limit: int = OPEN_LOGS) -> None:
+        self._limit = max(limit, 1)
+        self._logs: dict[OutputLog, None] = {}  # insertion order: least recent first
+
+    def __len__(self) -> int:
+        return len(self._logs)
+
+    def use(self, log: OutputLog) -> list[int]:
+        """``log`` flushes now: keep it, and return the fds of the logs it displaces."""
+        logs = self._logs
+        logs.pop(log, None)
+        logs[log] = None
+        excess = len(logs) - self._limit
+        if excess <= 0:
+            return []
+        victims: list[OutputLog] = []
+        for old in logs:  # least recent first: usually the first one will do
+            if not old._flushing:  # (a log flushing now uses its fds in a thread)
+                victims.append(old)
+                if len(victims) == excess:
+                    break
+        fds: list[int] = []
+        for old in victims:
+            del logs[old]
+            fds.extend(old._give_up_files())
+        return fds
+
+    def forget(self, log: OutputLog) -> None:
+        self._logs.pop(log, None)
+
+
+def create_log_files(directory: Path, *, capped: bool) -> None:
+    """Create (or empty) a new log's files in ``directory``, and close them. Blocking.
+
+    ``output.start`` only for a log with a cap, written now while the disk surely
+    has room for it: on a full disk, retention is what frees space, and needs it.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    for path in (directory / "output.log", directory / "output.idx"):
+        os.close(os.open(path, flags, 0o600))
+    start = directory / "output.start"
+    if capped:
+        fd = os.open(start, flags, 0o600)
+        try:
+            with contextlib.suppress(OSError):  # a full disk must not stop the job
+                os.pwrite(fd, _START.pack(0, 0), 0)
+        finally:
+            os.close(fd)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(start)
+
+
 @dataclass(slots=True)
 class _Block:
     """One aligned block of the log files, read once for every reader that wants it."""
@@ -173,6 +250,7 @@ class _Flush:
     stop: int
     retain_from: int | None  # new retained start to persist and punch below
     first_record: int  # current first record (a lower bound for the search)
+    close_fds: list[int]  # other logs' fds given up to ``OpenLogs``: closed first
     # Results:
     records_written: int = 0
     committed: int = 0  # data and index are on disk below this offset
@@ -202,6 +280,7 @@ class OutputLog:
         "_drop_step",
         "_end",
         "_failing",
+        "_files",
         "_finished",
         "_first_record",
         "_flush_done",
@@ -231,7 +310,6 @@ class OutputLog:
         "_retry_interval",
         "_space",
         "_start",
-        "_start_fd",
         "_tail_bytes",
         "directory",
         "dropped_bytes",
@@ -246,31 +324,18 @@ class OutputLog:
         max_unflushed: int = DEFAULT_MAX_UNFLUSHED,
         max_bytes: int | None = None,
         drop_step: int | None = None,
+        files: OpenLogs | None = None,
+        create: bool = True,
     ) -> None:
+        """A new, empty log in ``directory``. Its files are made here (blocking), unless
+        ``create`` is false: then ``create_log_files`` already made them. With ``files``,
+        the log keeps its fds open between flushes only while ``files`` lets it;
+        without, from its first flush to ``close``."""
         if max_bytes is not None and max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
-        self._setup(directory, tail_bytes, max_unflushed, max_bytes, drop_step)
-        flags = os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        fds: list[int] = []
-        try:
-            fds.append(os.open(self.data_path, os.O_WRONLY | flags, 0o600))
-            fds.append(os.open(self.index_path, os.O_RDWR | flags, 0o600))
-            if max_bytes is not None:
-                # Made now, while the disk surely has room for it: on a full
-                # disk, retention is what frees space, and needs this file.
-                fds.append(os.open(self.start_path, os.O_RDWR | flags, 0o600))
-                with contextlib.suppress(OSError):  # a full disk must not stop the job
-                    os.pwrite(fds[-1], _START.pack(0, 0), 0)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.start_path)
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        self._data_fd = fds[0]
-        self._index_fd = fds[1]
-        self._start_fd = fds[2] if len(fds) > 2 else -1
+        self._setup(directory, tail_bytes, max_unflushed, max_bytes, drop_step, files)
+        if create:
+            create_log_files(directory, capped=max_bytes is not None)
 
     def _setup(
         self,
@@ -279,9 +344,11 @@ class OutputLog:
         max_unflushed: int,
         max_bytes: int | None,
         drop_step: int | None,
+        files: OpenLogs | None = None,
     ) -> None:
         self.directory = directory
-        self._data_fd = self._index_fd = self._start_fd = -1
+        self._data_fd = self._index_fd = -1  # opened by the flusher's thread, when it writes
+        self._files = files
         self._tail_bytes = tail_bytes
         self._max_unflushed = max(max_unflushed, _SEAL_AT)
         self._max_bytes = max_bytes
@@ -572,11 +639,16 @@ class OutputLog:
         if not self._closed:
             self._closed = True
             self._space.notify()
-        for name in ("_data_fd", "_index_fd", "_start_fd"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                setattr(self, name, -1)
-                os.close(fd)
+        if self._files is not None:
+            self._files.forget(self)
+        for fd in self._give_up_files():
+            os.close(fd)
+
+    def _give_up_files(self) -> list[int]:
+        """The fds this log holds, for the caller to close; the next write reopens them."""
+        fds = [fd for fd in (self._data_fd, self._index_fd) if fd >= 0]
+        self._data_fd = self._index_fd = -1
+        return fds
 
     def _retry_due(self) -> bool:
         return (
@@ -603,6 +675,7 @@ class OutputLog:
             stop=stop,
             retain_from=retain_from,
             first_record=self._first_record,
+            close_fds=self._files.use(self) if self._files is not None else [],
         )
         await trio.to_thread.run_sync(self._write, job)
         self._flushed = stop
@@ -720,6 +793,14 @@ class OutputLog:
         """
         index_pos = job.index_at * _INDEX.size
         job.committed = job.offset
+        for fd in job.close_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        try:
+            self._open_files()
+        except OSError as exc:  # nothing written: all of it is lost, as on a full disk
+            job.error = exc
+            return
         try:
             self._pwrite_all(self._index_fd, job.index, index_pos)
         except OSError as exc:
@@ -738,6 +819,13 @@ class OutputLog:
                     self._truncate_index(index_pos + keep * _INDEX.size)
         if job.retain_from is not None:
             self._retain(job)
+
+    def _open_files(self) -> None:
+        """In the flusher's thread: open the files this log writes, if they are not."""
+        if self._index_fd < 0:
+            self._index_fd = os.open(self.index_path, os.O_RDWR | os.O_CLOEXEC)
+        if self._data_fd < 0:
+            self._data_fd = os.open(self.data_path, os.O_WRONLY | os.O_CLOEXEC)
 
     def _pwrite_all(self, fd: int, data: bytes, offset: int) -> None:
         done = 0
@@ -780,7 +868,12 @@ class OutputLog:
         )
         job.first_record = first
         try:
-            self._pwrite_all(self._start_fd, _START.pack(job.retain_from, first), 0)
+            # Opened only now: a log drops old output rarely (in steps of drop_step).
+            fd = os.open(self.start_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self._pwrite_all(fd, _START.pack(job.retain_from, first), 0)
+            finally:
+                os.close(fd)
         except OSError as exc:
             # Without the start on disk a hole could read back as data after
             # a restart: keep the bytes (they are still dropped for readers).
@@ -1086,12 +1179,10 @@ def _read_cut(
     first_record: int,
     size: int,
 ) -> list[OutputChunk]:
-    """``read_log_file``, its chunks cut to at most ``size`` bytes (in the reading thread)."""
-    return list(
-        _split(
-            read_log_file(data_path, index_path, offset, limit, index_records, first_record), size
-        )
-    )
+    """``read_log_file`` in chunks of at most ``size`` bytes (``_split`` only where a
+    chunk is larger: never, as it reads them)."""
+    chunks = read_log_file(data_path, index_path, offset, limit, index_records, first_record, size)
+    return list(_split(chunks, size))
 
 
 _fallocate: Callable[[int, int, int, int], int] | None = None
@@ -1169,19 +1260,22 @@ def read_log_file(
     limit: int,
     index_records: int,
     first_record: int = 0,
+    piece: int = _FILE_BLOCK,
 ) -> list[OutputChunk]:
-    """Read up to ``limit`` bytes from ``offset`` of a log on disk, split at runs.
+    """Read up to ``limit`` bytes from ``offset`` of a log on disk, split at runs, in
+    chunks of at most ``piece`` bytes, each read on its own (no copy to cut them).
 
     Blocking: call it in a thread. ``index_records`` is how many records of
     ``output.idx`` are known to be complete (the file may be growing);
     ``first_record`` is where the retained index starts (``output.start``).
-    Lost runs are skipped: the chunks' offsets then jump past them.
+    Lost runs are skipped (not read): the chunks' offsets then jump past them.
     """
     limit = min(limit, _FILE_BLOCK)
     if limit <= 0 or index_records <= first_record:
         return []
     with open(index_path, "rb", buffering=0) as index, open(data_path, "rb", buffering=0) as data:
         idx_fd = index.fileno()
+        data_fd = data.fileno()
 
         def record(i: int) -> tuple[int, int]:
             start, tag = _INDEX.unpack(os.pread(idx_fd, _INDEX.size, i * _INDEX.size))
@@ -1198,19 +1292,23 @@ def read_log_file(
         i = lo
         if first_start > offset:  # before the first record: nothing known there
             i, tag = lo - 1, _LOST
-        blob = os.pread(data.fileno(), limit, offset)
-        blob_end = offset + len(blob)
+        end = offset + limit
         chunks: list[OutputChunk] = []
         position = offset
-        while position < blob_end:
-            run_end = record(i + 1)[0] if i + 1 < index_records else blob_end
-            stop = min(run_end, blob_end)
+        while position < end:
+            run_end = record(i + 1)[0] if i + 1 < index_records else end
+            stop = min(run_end, end)
             if stop > position:
                 stream = _STREAMS.get(tag)
                 if stream is not None:
-                    whole = position == offset and stop == blob_end  # one run: no copy
-                    piece = blob if whole else blob[position - offset : stop - offset]
-                    chunks.append(OutputChunk(piece, position, stream))
+                    while position < stop:
+                        want = min(piece, stop - position)
+                        blob = os.pread(data_fd, want, position)
+                        if blob:
+                            chunks.append(OutputChunk(blob, position, stream))
+                        if len(blob) < want:
+                            return chunks  # the file ends here (still being written)
+                        position += want
                 position = stop
             i += 1
             if i >= index_records:

@@ -450,6 +450,7 @@ class _Call:
     """Per-stream state, shared by the connection's reader and the call's task."""
 
     __slots__ = (
+        "_scope",
         "arrived",
         "ctx",
         "details",
@@ -462,7 +463,6 @@ class _Call:
         "peer_gone",
         "request_bytes",
         "request_done",
-        "scope",
         "shutdown",
         "started",
         "stream_id",
@@ -476,8 +476,7 @@ class _Call:
         self.error: RpcError | None = None
         self.details: bytes | None = None  # of the status the call ends with
         self.request_done = trio.Event()
-        # Entered by the call's task; cancelled by the reader on reset or by a drain.
-        self.scope = trio.CancelScope(deadline=math.inf if ctx.deadline is None else ctx.deadline)
+        self._scope: trio.CancelScope | None = None  # see scope
         self.peer_gone = False  # reset by the client or connection lost: nothing to send
         self.gone_reason = ""
         self.shutdown = False  # cut short by the server's drain timeout
@@ -491,6 +490,17 @@ class _Call:
         if isinstance(method, _BIDI):
             self.inbox = deque()
             self.arrived = trio.lowlevel.ParkingLot()
+
+    @property
+    def scope(self) -> trio.CancelScope:
+        """Entered by the call's task; cancelled by the reader on reset or by a drain.
+        Made when first asked for: a call answered in the reader never needs one."""
+        scope = self._scope
+        if scope is None:
+            deadline = self.ctx.deadline
+            scope = trio.CancelScope(deadline=math.inf if deadline is None else deadline)
+            self._scope = scope
+        return scope
 
     def gone(self, reason: str) -> None:
         """Nobody will read this call's answer: cancel its handler."""
@@ -706,7 +716,8 @@ class _Connection(Connection):
             if call is not None:
                 call.requests_ended()
         elif kind is WindowUpdated:
-            self._window_lot.unpark_all()
+            if self._window_lot:  # (two per unary call, rarely anyone waiting)
+                self._window_lot.unpark_all()
         elif kind is StreamReset:
             call = self._calls.get(event.stream_id)
             if call is not None:
@@ -945,7 +956,7 @@ class _Connection(Connection):
         if not call.headers_sent:
             self._grpc.start_response(stream_id, _CONTENT_TYPE_SUFFIX)
             call.headers_sent = True
-        self._h2.send_data(stream_id, MESSAGE_PREFIX.pack(0, len(payload)) + payload)
+        self._h2.send_whole_data(stream_id, MESSAGE_PREFIX.pack(0, len(payload)) + payload)
         return True
 
     async def _send_message(

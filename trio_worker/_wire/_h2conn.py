@@ -719,6 +719,30 @@ class ServerH2Connection(WireH2Connection):
         frame = GoAwayFrame(stream_id=0, last_stream_id=last_stream_id, error_code=0)
         self._data_to_send += frame.serialize()
 
+    def send_whole_data(self, stream_id: int, data: bytes) -> None:
+        """``send_data`` of one DATA frame, no END_STREAM, no padding (a unary response's
+        message): the same checks, state transitions and window accounting as h2's, the
+        same bytes out, without its frame objects. Raises as ``send_data`` does."""
+        size = len(data)
+        stream = self._get_stream_by_id(stream_id)
+        if (
+            size > self.outbound_flow_control_window
+            or size > stream.outbound_flow_control_window
+            or size > self.max_outbound_frame_size
+        ):
+            self.send_data(stream_id, data)  # h2 raises FlowControlError or FrameTooLargeError
+            return
+        self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_DATA)
+        stream.state_machine.process_input(h2.stream.StreamInputs.SEND_DATA)
+        stream.outbound_flow_control_window -= size
+        self.outbound_flow_control_window -= size
+        self._data_to_send += _FRAME_HEADER.pack(
+            (size >> 8) & 0xFFFF, size & 0xFF, _DATA, 0, stream_id & 0x7FFFFFFF
+        )
+        self._data_to_send += data
+        if self.gate is not None:
+            self.gate.earn(1)
+
     def send_header_block(self, stream_id: int, block: bytes, *, end_stream: bool) -> bool:
         """``send_headers`` for a response header block we encoded once (``_REPLY_HEADERS``,
         ``_OK_TRAILERS``): the same state transitions of the connection and the stream,
@@ -981,9 +1005,9 @@ class GRPCServerConnection(WireGRPCConnection):
         length: int = event.flow_controlled_length
         held = self._held.get(stream_id)
         if length:
-            if held is None:
+            if held is None and event.stream_ended is None:
                 self.h2_connection.acknowledge_received_data(length, stream_id)
-            else:
+            else:  # held, or the stream's last DATA (its window matters no more)
                 self.h2_connection.acknowledge_connection_data(length)
         buffer = self.message_read_buffers.get(stream_id)
         if buffer is None:  # answered or refused already: drop what is still coming
