@@ -167,8 +167,9 @@ def spawn(
 def raise_nofile_limit() -> int:
     """Raise this process's soft RLIMIT_NOFILE to its hard limit; return the old soft one.
 
-    A stock host gives 1,024, which caps a server at about 250 jobs (three
-    pipes and a pidfd each, plus log files). Jobs get the old soft limit back
+    A stock host gives 1,024, which caps a server at about 340 jobs (two pipes
+    and a pidfd each; a log holds its files only while it writes): its hard
+    limit, 4,096 by default, lets 1,000 run. Jobs get the old soft limit back
     at spawn (``nofile_soft``): programs that size tables by it, or still use
     ``select``, keep working.
     """

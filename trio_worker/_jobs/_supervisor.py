@@ -496,6 +496,7 @@ async def open_supervisor_with_driver(
     driver: CgroupDriver | None = None
     guard: ReaperGuard | None = None
     launcher: Launcher | None = None
+    made: Supervisor | None = None
     try:
         if lock is not None:
             store = await SqliteJobStore.open(lock.db_path)
@@ -538,6 +539,7 @@ async def open_supervisor_with_driver(
                 ready_places=ready_places,
                 max_unflushed=max_unflushed,
             )
+            made = supervisor
             await nursery.start(supervisor._runner.run)
             if store is not None:
                 await supervisor._records.restore(await store.load_all())
@@ -550,12 +552,16 @@ async def open_supervisor_with_driver(
             finally:
                 with trio.CancelScope(shield=True):
                     await supervisor.shutdown(shutdown_grace)
-                    if store is not None:
-                        await supervisor._records.commit_queued()
-                        await supervisor._records.save_unsaved()  # a last try for pending records
                 nursery.cancel_scope.cancel()  # housekeeping, the runner; jobs have ended
     finally:
         with trio.CancelScope(shield=True):
+            if store is not None and made is not None:
+                # A last try for pending records, once the nursery is done: a job's end
+                # is known (Wait answered, shutdown's wait over) before its record is
+                # written, and the runner's shielded write of it finishes only now; a
+                # try before it would find that record not yet pending.
+                await made._records.commit_queued()
+                await made._records.save_unsaved()
             if launcher is not None:
                 await launcher.aclose()  # the places no job took, the groups left to remove
             if guard is not None:
