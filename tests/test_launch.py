@@ -7,12 +7,16 @@ import secrets
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 
 from tests.conftest import require_root
 from trio_worker import JobState, Limits, open_supervisor
+from trio_worker._jobs._launch import Launcher
 from trio_worker._jobs._supervisor import Supervisor
 
 
@@ -138,3 +142,38 @@ async def test_an_ended_jobs_group_is_removed_while_the_supervisor_runs(tmp_path
         groups = [str(d) for job in jobs for d in groups_of(sup, job.id)]
         assert groups
         assert none_exist(groups)
+
+
+async def test_starts_while_places_are_being_made_keep_their_order_in_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """List is newest first by id: a Start that finds no place ready (the refill's thread
+    is still making them, with ids minted before) must not sort above the Starts after it,
+    which take those places.
+
+    The refill's thread is held (a gate) while Starts make their own places; then let go.
+    """
+    require_root("cgroups")
+    gate = threading.Event()
+    tend = Launcher._tend
+
+    def held_tend(self: Launcher, retired: Any, ids: Any) -> Any:
+        gate.wait(30)
+        return tend(self, retired, ids)
+
+    parent = "tw-order-" + secrets.token_hex(4)
+    async with open_supervisor(tmp_path / "state", cgroup_parent=parent) as sup:
+        launcher = sup._admission.launcher
+        await launcher.settled()
+        monkeypatch.setattr(Launcher, "_tend", held_tend)
+        ids = []
+        for _ in range(len(launcher.ready_places()) + 3):  # the ready ones, then none ready
+            ids.append((await sup.start("true", [])).id)
+        assert launcher.first_making() is not None  # the refill is under way, held
+        gate.set()
+        await launcher.settled()
+        monkeypatch.setattr(Launcher, "_tend", tend)
+        for _ in range(6):  # these take the places minted before the three above
+            ids.append((await sup.start("true", [])).id)
+        assert ids == sorted(ids)
+        assert len(set(ids)) == len(ids)

@@ -67,3 +67,21 @@ def test_limits_validation_names_the_field(limits: Limits, field: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         limits.validate()
     assert info.value.field == field
+
+
+def test_an_id_before_a_bound_sorts_between_the_last_one_and_the_bound() -> None:
+    gen = JobIdGenerator()
+    last, bound = gen(), gen()
+    for _ in range(200):
+        between = gen.before(last, bound)
+        assert between is not None
+        assert last < between < bound
+        assert len(between) == 26
+        last = between
+    # With nothing handed out yet: the bound's own millisecond, below the bound.
+    first = gen.before(None, bound)
+    assert first is not None
+    assert first[:10] == bound[:10]
+    assert first < bound
+    # No room between two neighbours.
+    assert gen.before(bound, bound) is None

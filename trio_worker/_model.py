@@ -185,8 +185,38 @@ class JobIdGenerator:
             # 2^72 leaves room for ~500 ids a millisecond before the time part runs ahead.
             value = self._last + 1 + secrets.randbits(72)
         self._last = value
-        chars = []
-        for _ in range(26):
-            chars.append(_CROCKFORD[value & 31])
-            value >>= 5
-        return "".join(reversed(chars))
+        return _encode_id(value)
+
+    def before(self, last: str | None, bound: str) -> str | None:
+        """An id above ``last`` (the newest one handed out) and below ``bound``, or None.
+
+        For a Start while places made ahead are still being made: their ids were minted
+        first, and a fresh one would sort the next Starts' jobs (which take those places)
+        as older than this one: List, newest first, must show Starts in their order.
+        Without ``last`` (nothing handed out yet in this run), anything from ``bound``'s
+        own millisecond: older runs' ids have earlier milliseconds.
+        """
+        import secrets
+
+        high = _decode_id(bound)
+        low = (high >> 80 << 80) - 1 if last is None else _decode_id(last)
+        if high - low < 2:
+            return None
+        # A step of at most 1/1024 of the room: many such Starts fit in a row, and the
+        # next id stays unguessable while the room lasts.
+        return _encode_id(low + 1 + secrets.randbelow(max(1, min(high - low - 1, 1 << 72) >> 10)))
+
+
+def _encode_id(value: int) -> str:
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def _decode_id(job_id: str) -> int:
+    value = 0
+    for char in job_id:
+        value = value << 5 | _CROCKFORD.index(char)
+    return value

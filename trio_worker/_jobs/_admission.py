@@ -73,6 +73,8 @@ class Admission:
         self._policy = limit_policy
         self._base_env = dict(base_env)
         self.new_id = JobIdGenerator()
+        #: The newest id handed to a Start in this run (ids follow the Starts' order).
+        self._last_id: str | None = None
         #: Who this process runs as: the user of jobs that name none.
         self._me = current_user()
         #: Makes each job's directory, log, cgroup and process (blocking: off the loop),
@@ -147,7 +149,8 @@ class Admission:
                 stdin_option = Stdin.PIPE if stdin else Stdin.NULL
             # A place made ahead of need (its id, directory and group), if one is ready.
             place = self.launcher.take()
-            job_id = place.job_id if place is not None else self.new_id()
+            job_id = place.job_id if place is not None else self._fresh_id()
+            self._last_id = job_id
             job = Job(job_id, owner, spec, limits, isolation, None)
             job.env_keys = tuple(env or ())
             job.user = account.label
@@ -229,6 +232,15 @@ class Admission:
         # The job as it started: a quick command may already have ended while
         # its record was written, and Wait/Status tell that part.
         return started
+
+    def _fresh_id(self) -> str:
+        """An id for a Start that found no place ready: below the places being made."""
+        making = self.launcher.first_making()
+        if making is not None:
+            job_id = self.new_id.before(self._last_id, making)
+            if job_id is not None:
+                return job_id
+        return self.new_id()
 
     async def _launch(self, plan: LaunchPlan) -> Launched:
         """Make the job's place and process; return them.

@@ -140,12 +140,18 @@ class Launcher:
         #: Set while ``keep_ready`` waits with nothing to do (``settled``).
         self._idle = trio.Event()
         self._closed = False
+        #: The ids of the places a worker thread is making now (``keep_ready``).
+        self._making: Sequence[str] = ()
 
     # -- ready places --------------------------------------------------------
 
     def take(self) -> Place | None:
         """A ready place for a Start, or None (the Start makes its own)."""
         return self._ready.popleft() if self._ready else None
+
+    def first_making(self) -> str | None:
+        """The oldest id of the places being made: a Start meanwhile sorts below it."""
+        return self._making[0] if self._making else None
 
     def replenish(self) -> None:
         """Wake ``keep_ready`` once a Start is done with the CPU (not at ``take``,
@@ -197,11 +203,14 @@ class Launcher:
                 # Shielded: the places the thread makes must reach the pool (or
                 # ``aclose`` would not remove them).
                 with trio.CancelScope(shield=True):
+                    self._making = ids
                     try:
                         places = await trio.to_thread.run_sync(self._tend, retired, ids)
                     except RuntimeError:  # "can't start new thread"
                         self._retired[:0] = retired
                         places = []
+                    finally:
+                        self._making = ()
                 self._ready.extend(places)
                 failed = len(places) < missing
                 if failed and not self._retired:
