@@ -94,3 +94,40 @@ async def test_a_repeated_content_type_does_not_end_the_server(pki: Pki) -> None
             with trio.fail_after(10):
                 await good.until(lambda: good.status(stream_id) is not None)
             assert good.status(stream_id) == 0
+
+
+async def test_an_unexpected_error_in_one_connection_ends_that_connection_only(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defence in depth: a bug that one peer's bytes reach closes its connection, not the server.
+
+    The fault is injected (the first connection's read handling raises, as the purerpc parser
+    bug above did); every other connection must still be served.
+    """
+    from trio_worker._net import _transport
+
+    original = _transport._Connection._after_read
+    faults = [RuntimeError("injected: a bug reached by one peer's bytes")]
+
+    def after_read(self: _transport._Connection) -> None:
+        if faults:
+            raise faults.pop()
+        original(self)
+
+    monkeypatch.setattr(_transport._Connection, "_after_read", after_read)
+    methods = {ECHO: UnaryMethod(w.StringValue, w.StringValue, echo)}
+    async with running_server(pki, methods) as r:
+        async with RawClient.connect(pki, r.port) as bad:
+            payload = w.StringValue(value="x").SerializeToString()
+            stream_id = await bad.start(ECHO, payload)
+            with trio.fail_after(10), pytest.raises((EOFError, trio.BrokenResourceError)):
+                await bad.until(lambda: False)  # the server closes this connection
+            assert bad.status(stream_id) is None
+        assert not faults
+        assert r.server.stats.connections_failed == 1
+        async with RawClient.connect(pki, r.port) as good:
+            payload = w.StringValue(value="still here").SerializeToString()
+            stream_id = await good.start(ECHO, payload)
+            with trio.fail_after(10):
+                await good.until(lambda: good.status(stream_id) is not None)
+            assert good.status(stream_id) == 0

@@ -377,6 +377,8 @@ class ServerStats:
     connections_accepted: int = 0
     connections_refused: int = 0
     handshakes_failed: int = 0
+    #: connections ended by an unexpected error of ours (logged); the server went on
+    connections_failed: int = 0
     #: handshakes dropped to make room for newer ones (the handshake cap was reached)
     handshakes_evicted: int = 0
     calls: int = 0
@@ -1355,6 +1357,12 @@ class Server:
             self._connections.add(conn)
             try:
                 await conn.run()
+            except Exception:
+                # A bug that one peer's bytes reach ends that peer's connection, never the
+                # server: every other client goes on being served.
+                self.stats.connections_failed += 1
+                log.exception("connection from %s failed; closed", peer)
+                return
             finally:
                 self._connections.discard(conn)
             graceful = conn.drained
