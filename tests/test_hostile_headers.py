@@ -76,6 +76,16 @@ def _refused(client: RawClient, stream_id: int) -> bool:
     return client.status(stream_id) is not None
 
 
+async def _still_served(pki: Pki, port: int) -> None:
+    """A new connection's call is answered OK."""
+    async with RawClient.connect(pki, port) as good:
+        payload = w.StringValue(value="still here").SerializeToString()
+        stream_id = await good.start(ECHO, payload)
+        with trio.fail_after(10):
+            await good.until(lambda: good.status(stream_id) is not None)
+        assert good.status(stream_id) == 0
+
+
 async def test_a_repeated_content_type_does_not_end_the_server(pki: Pki) -> None:
     methods = {ECHO: UnaryMethod(w.StringValue, w.StringValue, echo)}
     async with running_server(pki, methods) as r:
@@ -88,12 +98,7 @@ async def test_a_repeated_content_type_does_not_end_the_server(pki: Pki) -> None
                 await bad.until(lambda: _refused(bad, stream_id))
             assert bad.status(stream_id) != 0
         # The server is still there for everyone else.
-        async with RawClient.connect(pki, r.port) as good:
-            payload = w.StringValue(value="still here").SerializeToString()
-            stream_id = await good.start(ECHO, payload)
-            with trio.fail_after(10):
-                await good.until(lambda: good.status(stream_id) is not None)
-            assert good.status(stream_id) == 0
+        await _still_served(pki, r.port)
 
 
 async def test_an_unexpected_error_in_one_connection_ends_that_connection_only(
@@ -125,9 +130,4 @@ async def test_an_unexpected_error_in_one_connection_ends_that_connection_only(
             assert bad.status(stream_id) is None
         assert not faults
         assert r.server.stats.connections_failed == 1
-        async with RawClient.connect(pki, r.port) as good:
-            payload = w.StringValue(value="still here").SerializeToString()
-            stream_id = await good.start(ECHO, payload)
-            with trio.fail_after(10):
-                await good.until(lambda: good.status(stream_id) is not None)
-            assert good.status(stream_id) == 0
+        await _still_served(pki, r.port)
