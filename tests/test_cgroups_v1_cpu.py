@@ -16,14 +16,8 @@ import pytest
 
 from trio_worker._host._cgroups import V1Driver
 
-_PROBES = {
-    "cpu": "cpu.cfs_quota_us",
-    "cpuacct": "cpuacct.usage",
-    "memory": "memory.limit_in_bytes",
-    "blkio": "blkio.throttle.write_bps_device",
-    "pids": "pids.max",
-    "freezer": "freezer.state",
-}
+#: The files the driver probes to tell a hierarchy is there (its own table).
+_PROBES = V1Driver._PROBES
 
 
 def _fake_hybrid(root: Path, parent: str, unified_files: tuple[str, ...]) -> V1Driver:
