@@ -64,7 +64,7 @@ def test_a_start_request_is_protobufs(
     tty: bool,
     size: tuple[int, int] | None,
 ) -> None:
-    common: dict[str, Any] = dict(env=env, cwd=cwd, user=user, stdin=stdin, tty=tty)
+    common: dict[str, Any] = {"env": env, "cwd": cwd, "user": user, "stdin": stdin, "tty": tty}
     ours = _pbwire.start_request(
         command, args, limits=limits, isolation=isolation, terminal_size=size, **common
     )
@@ -116,9 +116,9 @@ def test_the_other_requests_are_protobufs(
     numbers = [_views.STATE_TO_PB[s] for s in states]
     theirs = _requests.list_request(states, owner, page_size)
     theirs.page_token = job_id
-    assert pb.ListRequest.FromString(
-        _pbwire.list_request(numbers, owner, page_size, job_id)
-    ) == theirs
+    assert (
+        pb.ListRequest.FromString(_pbwire.list_request(numbers, owner, page_size, job_id)) == theirs
+    )
 
 
 REFUSED: list[tuple[Callable[[], object], Callable[[], object], str]] = [
@@ -167,7 +167,7 @@ REFUSED: list[tuple[Callable[[], object], Callable[[], object], str]] = [
 
 
 def _start(library: bool, **changes: Any) -> Callable[[], object]:
-    arguments: dict[str, Any] = dict(command="true", args=None, env=None, cwd=None)
+    arguments: dict[str, Any] = {"command": "true", "args": None, "env": None, "cwd": None}
     arguments.update(limits=None, isolation=None, user=None, stdin=False, tty=False)
     arguments.update(terminal_size=None)
     arguments.update(changes)
@@ -302,7 +302,9 @@ def test_repeated_message_fields_merge_and_scalars_take_the_last() -> None:
 
 @given(jobs, st.data())
 @settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
-def test_hostile_bytes_are_malformed_or_what_protobuf_reads(job: pb.Job, data: st.DataObject) -> None:
+def test_hostile_bytes_are_malformed_or_what_protobuf_reads(
+    job: pb.Job, data: st.DataObject
+) -> None:
     """A valid job cut short, bytes changed, or garbage: our reader raises Malformed only,
     and what it reads is what protobuf reads (it may refuse a bit more: groups)."""
     wire = bytearray(job.SerializeToString())
