@@ -212,6 +212,32 @@ async def test_record_end_writes_the_end(tmp_path: Path) -> None:
         assert job.pid_start_time == 77
 
 
+async def test_queued_ends_go_out_with_the_next_transaction(tmp_path: Path) -> None:
+    async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
+        infos = [running() for _ in range(3)]
+        # Queued after its start, in the same transaction: the start goes first.
+        first = store.queue_start(infos[0], env_keys=(), cwd=None, pid_start_time=None)
+        for info in infos[1:]:
+            await start(store, info)
+        ends = [ended(info, output_bytes=9) for info in infos]
+        writes = [store.queue_end(end, dropped_bytes=3) for end in ends]
+        unknown = store.queue_end(ended(running()))
+        assert not any(w.done for w in writes)
+        before = store.transactions
+        await store.flush()
+        assert store.transactions == before + 1
+        assert first.done
+        assert first.error is None
+        assert all(w.done and w.error is None for w in writes)
+        assert unknown.done
+        assert isinstance(unknown.error, JobNotFound)
+        stored = await by_id(store)
+        assert [stored[e.id].info for e in ends] == ends
+        assert {stored[e.id].dropped_bytes for e in ends} == {3}
+        with pytest.raises(ValueError, match="ended job"):
+            store.queue_end(infos[0])
+
+
 async def test_write_mistakes_are_reported_per_call(tmp_path: Path) -> None:
     async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
         info = running()

@@ -372,10 +372,10 @@ async def _record_end(
         job.feed(lc.SpawnFailed(failure.message, now(), failure.errno))
     else:
         job.feed(lc.Exited(returncode, now(), oom_killed=oom_killed))
-    # Waiters are answered now. The record goes to the store first (so a
-    # housekeeping pass after a Wait sees the end); removing the group (an
-    # rmdir per hierarchy, each waiting for an RCU grace period) comes last.
-    await records.persist_end(job)
+    # Waiters are answered now. The record is queued for the committer's next
+    # transaction (which any later one, housekeeping's included, runs first);
+    # removing the group (an rmdir per hierarchy) comes last.
+    records.end_soon(job)
     if retire is not None and job.cgroup is not None:
         retire(job.cgroup)  # removed with the next places (``_launch``)
     else:

@@ -169,6 +169,8 @@ class JobStore(Protocol):
 
     async def record_end(self, info: JobInfo, *, dropped_bytes: int = 0) -> None: ...
 
+    def queue_end(self, info: JobInfo, *, dropped_bytes: int = 0) -> Queued: ...
+
     def note_output(
         self, job_id: str, output_bytes: int, output_start: int, dropped_bytes: int
     ) -> None: ...
@@ -358,31 +360,17 @@ class SqliteJobStore:
 
         Raises ``JobNotFound`` if the job was never recorded.
         """
-        if not info.ended or info.ended_at is None:
-            raise ValueError(f"job {info.id}: record_end needs an ended job with ended_at")
-        usage = info.usage
-        row = (
-            info.state.value,
-            info.pid,
-            info.exit_code,
-            info.signal,
-            _text(info.error),
-            info.spawn_errno,
-            _ts(info.ended_at),
-            info.output_bytes,
-            info.output_start,
-            dropped_bytes,
-            int(info.oom_killed),
-            None if usage is None else usage.cpu_seconds,
-            None if usage is None else usage.memory_peak_bytes,
-            info.id,
-        )
+        await self._submit(_updater(info.id, _end_row(info, dropped_bytes)))
 
-        def update(conn: sqlite3.Connection) -> None:
-            if conn.execute(_END, row).rowcount == 0:
-                raise JobNotFound(info.id)
-
-        await self._submit(update)
+    def queue_end(self, info: JobInfo, *, dropped_bytes: int = 0) -> Queued:
+        """``record_end`` without the wait: the update is queued, no I/O, and goes out
+        with the next transaction of any kind, after the calls queued before it (the
+        job's start). The handle's ``error`` is ``JobNotFound`` if the job has no row."""
+        if self._closed:
+            raise trio.ClosedResourceError("the job store is closed")
+        op = _Op(_updater(info.id, _end_row(info, dropped_bytes)))
+        self._queue.append(op)
+        return op
 
     def note_output(
         self, job_id: str, output_bytes: int, output_start: int, dropped_bytes: int
@@ -602,6 +590,39 @@ def _inserter(
             raise ValueError(f"job {info.id}: record rejected: {exc}") from None
 
     return insert
+
+
+def _end_row(info: JobInfo, dropped_bytes: int) -> tuple[object, ...]:
+    """The values of ``_END`` for an ended job."""
+    if not info.ended or info.ended_at is None:
+        raise ValueError(f"job {info.id}: record_end needs an ended job with ended_at")
+    usage = info.usage
+    return (
+        info.state.value,
+        info.pid,
+        info.exit_code,
+        info.signal,
+        _text(info.error),
+        info.spawn_errno,
+        _ts(info.ended_at),
+        info.output_bytes,
+        info.output_start,
+        dropped_bytes,
+        int(info.oom_killed),
+        None if usage is None else usage.cpu_seconds,
+        None if usage is None else usage.memory_peak_bytes,
+        info.id,
+    )
+
+
+def _updater(job_id: str, row: Sequence[object]) -> Callable[[sqlite3.Connection], None]:
+    """The call that writes a job's end (``JobNotFound`` if it has no row)."""
+
+    def update(conn: sqlite3.Connection) -> None:
+        if conn.execute(_END, row).rowcount == 0:
+            raise JobNotFound(job_id)
+
+    return update
 
 
 def _nothing(conn: sqlite3.Connection) -> None:
