@@ -623,7 +623,7 @@ seed_fail(const struct seed_ctl *c, int stage, long err, int index)
         RAW1(NR_EXIT, 127);
 }
 
-/* Close [from, to] (to < 0: to the end) but keep a and b. */
+/* Close [from, to] (to < 0: to the end). */
 static void SEED_NOSSP
 seed_close_span(const struct seed_ctl *c, long from, long to)
 {
@@ -642,43 +642,29 @@ static void __attribute__((noreturn)) SEED_NOSSP
 seed_main(void *arg)
 {
     struct seed_ctl *c = arg;
-    int i, lo, hi;
+    int i;
     long r;
     char go;
 
-    /* 1. Every group of the job, before anything else (the clone joined the v2 one). */
-    for (i = 0; i < c->n_cgroup_fds; i++) {
-        if (i == c->into_index && c->joined_by_clone)
-            continue;
-        r = RAW3(NR_WRITE, c->cgroup_fds[i], "0", 1);
-        if (r != 1)
-            seed_fail(c, STAGE_CGROUP, r, i);
-    }
-    /* 1b. The soft RLIMIT_NOFILE the server started with. */
-    if (c->nofile_soft >= 0) {
-        struct rlimit lim;
-        if (RAW4(NR_PRLIMIT64, 0, RLIMIT_NOFILE, 0, &lim) < 0)
-            seed_fail(c, STAGE_RLIMIT, EIO, 0);
-        if ((rlim_t)c->nofile_soft < lim.rlim_cur) {
-            lim.rlim_cur = (rlim_t)c->nofile_soft;
-            r = RAW4(NR_PRLIMIT64, 0, RLIMIT_NOFILE, &lim, 0);
-            if (r < 0)
-                seed_fail(c, STAGE_RLIMIT, r, 0);
-        }
-    }
-    /* 2. A process group of its own: the job's. */
-    r = RAW2(NR_SETPGID, 0, 0);
-    if (r < 0)
-        seed_fail(c, STAGE_SESSION, r, 0);
-    /* 3. stdin/stdout/stderr; the pipes out of 0..2 first, so no dup2 hits them. */
+    /* 1. Nothing of the server's but what the seed needs, first of all: other
+     *    seeds' pipes (a seed holding another's report pipe would hide that
+     *    one's exec), the state directory's lock (a server restarted after a
+     *    crash must find it free). Sources out of 0..2 first, so no dup2 hits
+     *    them; then stdin/stdout/stderr; then every gap closed. */
     if (c->go_r < 3 && (c->go_r = (int)RAW3(NR_FCNTL, c->go_r, F_DUPFD_CLOEXEC, 3)) < 0)
-        seed_fail(c, STAGE_FDS, c->go_r, 0);
-    if (c->report_w < 3) {
-        r = RAW3(NR_FCNTL, c->report_w, F_DUPFD_CLOEXEC, 3);
-        if (r < 0)
-            for (;;)
-                RAW1(NR_EXIT, 127);
-        c->report_w = (int)r;
+        for (;;)
+            RAW1(NR_EXIT, 127);
+    if (c->report_w < 3 &&
+        (c->report_w = (int)RAW3(NR_FCNTL, c->report_w, F_DUPFD_CLOEXEC, 3)) < 0)
+        for (;;)
+            RAW1(NR_EXIT, 127);
+    for (i = 0; i < c->n_cgroup_fds; i++) {
+        if (c->cgroup_fds[i] < 3) {
+            r = RAW3(NR_FCNTL, c->cgroup_fds[i], F_DUPFD_CLOEXEC, 3);
+            if (r < 0)
+                seed_fail(c, STAGE_CGROUP, r, i);
+            c->cgroup_fds[i] = (int)r;
+        }
     }
     for (i = 0; i < 3; i++) {
         if (c->fds[i] < 3) {
@@ -693,13 +679,52 @@ seed_main(void *arg)
         if (r < 0)
             seed_fail(c, STAGE_FDS, r, i);
     }
-    /* 4. Nothing else of the server's: other seeds' pipes above all (a seed
-     *    holding another's report pipe would hide that one's exec). */
-    lo = c->go_r < c->report_w ? c->go_r : c->report_w;
-    hi = c->go_r < c->report_w ? c->report_w : c->go_r;
-    seed_close_span(c, 3, lo - 1);
-    seed_close_span(c, lo + 1, hi - 1);
-    seed_close_span(c, hi + 1, -1);
+    {
+        int keep[SEED_MAX_GROUPS + 2], n = 0, j, from = 3;
+        keep[n++] = c->go_r;
+        keep[n++] = c->report_w;
+        for (i = 0; i < c->n_cgroup_fds; i++)
+            keep[n++] = c->cgroup_fds[i];
+        for (i = 1; i < n; i++) { /* insertion sort: no libc here */
+            int v = keep[i];
+            for (j = i - 1; j >= 0 && keep[j] > v; j--)
+                keep[j + 1] = keep[j];
+            keep[j + 1] = v;
+        }
+        for (i = 0; i < n; i++) {
+            seed_close_span(c, from, keep[i] - 1);
+            if (keep[i] + 1 > from)
+                from = keep[i] + 1;
+        }
+        seed_close_span(c, from, -1);
+    }
+    /* 2. Every group of the job, before anything of the command (the clone
+     *    joined the v2 one). */
+    for (i = 0; i < c->n_cgroup_fds; i++) {
+        if (!(i == c->into_index && c->joined_by_clone)) {
+            r = RAW3(NR_WRITE, c->cgroup_fds[i], "0", 1);
+            if (r != 1)
+                seed_fail(c, STAGE_CGROUP, r, i);
+        }
+    }
+    for (i = 0; i < c->n_cgroup_fds; i++)
+        (void)RAW1(NR_CLOSE, c->cgroup_fds[i]);
+    /* 3. The soft RLIMIT_NOFILE the server started with. */
+    if (c->nofile_soft >= 0) {
+        struct rlimit lim;
+        if (RAW4(NR_PRLIMIT64, 0, RLIMIT_NOFILE, 0, &lim) < 0)
+            seed_fail(c, STAGE_RLIMIT, EIO, 0);
+        if ((rlim_t)c->nofile_soft < lim.rlim_cur) {
+            lim.rlim_cur = (rlim_t)c->nofile_soft;
+            r = RAW4(NR_PRLIMIT64, 0, RLIMIT_NOFILE, &lim, 0);
+            if (r < 0)
+                seed_fail(c, STAGE_RLIMIT, r, 0);
+        }
+    }
+    /* 4. A process group of its own: the job's. */
+    r = RAW2(NR_SETPGID, 0, 0);
+    if (r < 0)
+        seed_fail(c, STAGE_SESSION, r, 0);
     /* 5. Wait for the command. EOF: the server is gone or gave the seed up. */
     do {
         r = RAW3(NR_READ, c->go_r, &go, 1);
