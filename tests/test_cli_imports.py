@@ -24,11 +24,11 @@ from trio_worker import pki
 #: Modules of ours that client commands may load (``_pb.*`` and ``_wire.*`` too).
 CLIENT_MODULES = {
     "trio_worker",
-    "trio_worker._convert",
     "trio_worker._error_codes",
     "trio_worker._errors",
     "trio_worker._limits",
-    "trio_worker._model",
+    "trio_worker._states",  # the enums of the value types, not their dataclasses (``_views``)
+    "trio_worker._views",
     "trio_worker._net",  # the package (its __init__ imports nothing)...
     "trio_worker._net._sockets",  # ...the socket options both ends set; not the server...
     "trio_worker._net._failures",  # ...what a failed dial says...
@@ -55,6 +55,8 @@ CLIENT_MODULES = {
     "trio_worker.cli._settings",
 }
 CLIENT_PREFIXES = ("trio_worker._pb.", "trio_worker._wire.")
+#: ...but not the server's half of the wire core.
+NEVER_OURS_FOR_CLIENTS = ("trio_worker._wire._h2server",)
 #: Libraries no client command needs: X.509 parsing (OpenSSL checks the files), rich (help
 #: only), markdown (help only), SQLite (the server's store), the event loops (the short
 #: commands use the blocking driver: importing trio alone takes longer than a whole
@@ -74,6 +76,12 @@ NEVER_FOR_CLIENTS = (
     "attrs",
     "attr",
     "pathlib",  # paths are strings (``_settings``): it and fnmatch are a few ms of start-up
+    # Jobs are read into ``_views``, options are plain classes: no dataclass is defined, so
+    # neither it nor the inspect, ast, dis and tokenize it imports are loaded (~15 ms).
+    "dataclasses",
+    "inspect",
+    "ast",
+    "dis",
 )
 #: Modules that libraries import and no client command runs: deferred (``cli._lazy``), so they
 #: are in ``sys.modules`` unexecuted, and what only they import never loads.
@@ -173,6 +181,7 @@ def test_client_commands_load_nothing_of_the_server(args: list[str], dev_pki: Pa
     ours = {m for m in modules if m.split(".")[0] == "trio_worker"}
     allowed = CLIENT_MODULES | (HELP_MODULES if "--help" in args else set())
     extra = {m for m in ours - allowed if not m.startswith(CLIENT_PREFIXES)}
+    extra |= ours & set(NEVER_OURS_FOR_CLIENTS)
     assert not extra, f"{args}: client command loaded {sorted(extra)}"
     if "--help" not in args:
         assert "trio_worker._blocking_client" in modules  # the probe did reach the connection

@@ -232,3 +232,38 @@ async def test_a_stop_whose_caller_disconnects_still_kills(server: Server) -> No
         with trio.fail_after(30):  # (only so that a regression fails instead of hanging)
             end = await client.wait(job.id)
         assert (end.state, end.signal) == (JobState.KILLED, 9)
+
+
+async def _ignoring_term(sup: Supervisor) -> str:
+    job = await sup.start("python3", ["-c", _IGNORES_TERM])
+    async for chunk in sup.output(job.id):
+        if b"ready" in chunk.data:
+            break
+    return job.id
+
+
+async def test_a_later_stop_with_a_shorter_grace_kills_at_its_own_deadline() -> None:
+    async with open_supervisor() as sup:
+        job_id = await _ignoring_term(sup)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup.stop, job_id, 600.0)
+            await trio.sleep(0.1)
+            with trio.fail_after(30):  # (only so that a regression fails instead of hanging)
+                end = await sup.stop(job_id, grace=0.2)
+        assert (end.state, end.signal) == (JobState.KILLED, 9)
+
+
+async def test_stops_whose_kill_cannot_fire_do_not_pile_up() -> None:
+    # Each Stop with a shorter grace moves the job's SIGKILL earlier; what the earlier
+    # ones asked for can no longer fire and must not be kept for their whole grace.
+    async with open_supervisor() as sup:
+        job_id = await _ignoring_term(sup)
+        for i in range(300):
+            with trio.CancelScope() as scope:
+                scope.cancel()  # the caller gives up at once: the kill stays promised
+                await sup.stop(job_id, grace=600.0 - i)
+        assert sup.status(job_id).state is JobState.RUNNING
+        assert len(sup._kills._heap) <= 65
+        with trio.fail_after(30):
+            end = await sup.stop(job_id, grace=0)
+        assert (end.state, end.signal) == (JobState.KILLED, 9)

@@ -17,7 +17,7 @@ from google.protobuf import wrappers_pb2 as w
 from tests.grpc_support import Pki, RawClient, make_pki, running_server
 from tests.wire.helpers import END_HEADERS, END_STREAM, HEADERS, ConnectionPair, frame, literal
 from trio_worker._net._transport import CallContext, UnaryMethod
-from trio_worker._wire._h2conn import BadRequest
+from trio_worker._wire._h2server import BadRequest
 
 ECHO = "/test.Test/Echo"
 _REQUEST = [

@@ -11,11 +11,12 @@ import textwrap
 import time
 from datetime import timedelta
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import trio
 
-from tests.conftest import process_alive
+from tests.conftest import process_alive, require_root
 from trio_worker import JobNotFound, JobState, StateDirError, open_supervisor
 from trio_worker._jobs._supervisor import LOST_ERROR, Retention
 
@@ -277,3 +278,49 @@ async def test_a_crash_before_the_record_is_committed_still_kills_the_job(
         for pid in pids:
             assert not process_alive(pid)
         assert not (state / "jobs" / str(started["id"])).exists()
+
+
+async def test_a_jobs_end_does_not_wait_for_its_record(tmp_path: Path) -> None:
+    # The end's record is queued for the committer: while no transaction can run,
+    # Stop is answered and the job's group removed all the same; the record lands
+    # once the store takes writes, without anyone asking.
+    require_root("a job's cgroup")
+    state = tmp_path / "state"
+    async with open_supervisor(state, retention=Retention(interval=3600)) as sup:
+        job = await sup.start("sleep", ["60"])
+        store = sup._store
+        assert store is not None
+        await store.flush()  # the start's record
+        group = sup._jobs.get(job.id).cgroup
+        assert group is not None
+        assert group.tracked
+        async with store._lock:  # no transaction while held
+            end = await sup.stop(job.id, grace=0)
+            assert end.state is JobState.KILLED
+            with trio.fail_after(20):
+                while any(d.exists() for d in group.dirs):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            assert _row(state, job.id) == ("running", job.pid, ANY)
+        with trio.fail_after(20):
+            while (_row(state, job.id) or ("",))[0] != "killed":  # noqa: ASYNC110
+                await trio.sleep(0.01)
+
+
+async def test_an_end_whose_row_is_gone_is_written_whole(tmp_path: Path) -> None:
+    # A queued end finds no row to update (JobNotFound): the next try inserts the
+    # whole record, as the job ended.
+    state = tmp_path / "state"
+    async with open_supervisor(state, retention=Retention(interval=3600)) as sup:
+        job = await sup.start("sleep", ["60"])
+        store = sup._store
+        assert store is not None
+        await store.flush()
+        store._conn.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
+        await sup.stop(job.id, grace=0)
+        with trio.fail_after(20):
+            while job.id not in sup._records.unsaved:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert sup._records.unsaved[job.id] is False  # no row: an insert next time
+        await sup.housekeep()
+        assert job.id not in sup._records.unsaved
+        assert _row(state, job.id) == ("killed", job.pid, ANY)

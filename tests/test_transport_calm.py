@@ -14,7 +14,8 @@ from google.protobuf import wrappers_pb2 as w
 
 from tests.grpc_support import Pki, RawClient, make_pki, running_server
 from trio_worker._net._transport import CallContext, StreamMethod, UnaryMethod
-from trio_worker._wire._h2conn import FLOOD_BUDGET, FLOOD_REFILL, RESET_BUDGET
+from trio_worker._wire._h2conn import FLOOD_BUDGET, FLOOD_REFILL
+from trio_worker._wire._h2server import RESET_BUDGET
 
 ECHO = "/test.Test/Echo"
 SMALL = "/test.Test/Small"

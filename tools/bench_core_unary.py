@@ -21,7 +21,7 @@ import h2.config
 import h2.connection
 from purerpc.grpclib.events import RequestReceived
 
-from trio_worker._wire._h2conn import GRPCServerConnection
+from trio_worker._wire._h2server import GRPCServerConnection
 from trio_worker._wire._window import MESSAGE_PREFIX
 
 _HEADERS = [

@@ -9,6 +9,10 @@ every call, and a new one dialed on the next call once it is lost or drained.
 ``run`` needs two calls at once (Wait in flight while the output streams): ``submit``
 sends a call and returns a :class:`Pending` whose ``result()`` waits for it; waiting for
 either reads for both.
+
+Jobs and output chunks come back as ``_views``' ``JobView`` and ``ChunkView`` (the
+attributes of ``JobInfo`` and ``OutputChunk``, without the dataclasses, which a short
+command has no time to import), and limits and isolation go as their messages.
 """
 
 from __future__ import annotations
@@ -22,9 +26,7 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
-from ._convert import chunk_from_pb, job_from_pb
 from ._errors import ConnectionFailed, InvalidRequest, RemoteError
-from ._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits, OutputChunk
 from ._net._blocking import BlockingCall, BlockingConnection, CallFailed, Unprocessed, dial
 from ._pb import worker_pb2 as pb
 from ._requests import (
@@ -38,7 +40,9 @@ from ._requests import (
     start_request,
     stop_request,
 )
+from ._states import DEFAULT_STOP_GRACE, JobState
 from ._tls import client_context
+from ._views import ChunkView, JobView
 from ._wire._status import StatusCode
 
 __all__ = ["BlockingClient", "BlockingOutput", "Pending", "connect_blocking"]
@@ -120,13 +124,13 @@ class BlockingClient:
         *,
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
-        limits: Limits | None = None,
-        isolation: Isolation | None = None,
+        limits: pb.Limits | None = None,
+        isolation: pb.Isolation | None = None,
         user: str | None = None,
         stdin: bool = False,
         tty: bool = False,
         terminal_size: tuple[int, int] | None = None,
-    ) -> JobInfo:
+    ) -> JobView:
         request = start_request(
             command,
             args,
@@ -141,26 +145,26 @@ class BlockingClient:
         )
         return self.submit("Start", request).result()
 
-    def stop(self, job_id: str, grace: float = DEFAULT_STOP_GRACE) -> JobInfo:
+    def stop(self, job_id: str, grace: float = DEFAULT_STOP_GRACE) -> JobView:
         request = stop_request(job_id, grace)
         return self.submit("Stop", request, job_id).result()
 
-    def signal(self, job_id: str, signum: int) -> JobInfo:
+    def signal(self, job_id: str, signum: int) -> JobView:
         request = signal_request(job_id, signum)
         return self.submit("Signal", request, job_id).result()
 
-    def status(self, job_id: str, *, timeout: float | None = None) -> JobInfo:
+    def status(self, job_id: str, *, timeout: float | None = None) -> JobView:
         request = id_request(pb.StatusRequest, job_id)
         return self.submit("Status", request, job_id, timeout).result()
 
-    def wait(self, job_id: str) -> JobInfo:
+    def wait(self, job_id: str) -> JobView:
         return self.wait_later(job_id).result()
 
     def wait_later(self, job_id: str) -> Pending:
         """Wait, sent now: ``result()`` is the job's final state."""
         return self.submit("Wait", id_request(pb.WaitRequest, job_id), job_id)
 
-    def remove(self, job_id: str, *, force: bool = False) -> JobInfo:
+    def remove(self, job_id: str, *, force: bool = False) -> JobView:
         return self.remove_later(job_id, force=force).result()
 
     def remove_later(self, job_id: str, *, force: bool = False) -> Pending:
@@ -173,15 +177,15 @@ class BlockingClient:
         states: Iterable[JobState] | None = None,
         owner: str | None = None,
         page_size: int = 1000,
-    ) -> builtins.list[JobInfo]:
+    ) -> builtins.list[JobView]:
         """Every job this client may see, newest first, walking the server's pages."""
         request = list_request(states, owner, page_size)
-        jobs: builtins.list[JobInfo] = []
+        jobs: builtins.list[JobView] = []
         seen: set[str] = set()
         while True:
             pending = Pending(self, "List", request.SerializeToString(), None, None)
             response = pending.answer(pb.ListResponse)
-            jobs.extend(job_from_pb(job) for job in response.jobs)
+            jobs.extend(JobView(job) for job in response.jobs)
             token = response.next_page_token
             if not token or token in seen:  # (a repeated token would loop forever)
                 return jobs
@@ -214,9 +218,9 @@ class Pending:
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._conn, self._call = client.open(method, payload, timeout)
 
-    def result(self) -> JobInfo:
+    def result(self) -> JobView:
         """The answer, a job."""
-        return job_from_pb(self.answer(pb.Job))
+        return JobView(self.answer(pb.Job))
 
     def answer(self, response_type: type[M]) -> M:
         """The answer; raises the error the server answered with, ``TimeoutError`` past
@@ -270,10 +274,10 @@ class BlockingOutput:
     ) -> None:
         self.close()
 
-    def __iter__(self) -> Iterator[OutputChunk]:
+    def __iter__(self) -> Iterator[ChunkView]:
         return self
 
-    def __next__(self) -> OutputChunk:
+    def __next__(self) -> ChunkView:
         if self._finished:
             raise StopIteration
         try:
@@ -292,7 +296,7 @@ class BlockingOutput:
         if message is None:
             self._finished = True
             raise StopIteration
-        return chunk_from_pb(parse(pb.OutputChunk, message))
+        return ChunkView(parse(pb.OutputChunk, message))
 
     def _next_message(self) -> bytes | memoryview | None:
         if self._call is None:

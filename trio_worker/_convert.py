@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno as _errno
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -17,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ._errors import InvalidRequest
 from ._model import Isolation, JobInfo, JobState, Limits, OutputChunk, OutputStream, Usage
 from ._pb import worker_pb2 as pb
+from ._views import STATE_FROM_PB, STATE_TO_PB
 
 __all__ = [
     "chunk_from_pb",
@@ -29,30 +30,16 @@ __all__ = [
     "job_to_pb",
     "limits_from_pb",
     "limits_to_pb",
-    "seconds_to_duration",
+    "start_limits",
     "states_from_pb",
-    "states_to_pb",
 ]
-
-_STATE_TO_PB = {
-    JobState.RUNNING: pb.JOB_STATE_RUNNING,
-    JobState.EXITED: pb.JOB_STATE_EXITED,
-    JobState.KILLED: pb.JOB_STATE_KILLED,
-    JobState.FAILED: pb.JOB_STATE_FAILED,
-    JobState.LOST: pb.JOB_STATE_LOST,
-}
-_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
-
-
-def states_to_pb(states: Iterable[JobState]) -> list[pb.JobState]:
-    return [_STATE_TO_PB[JobState(s)] for s in states]
 
 
 def states_from_pb(values: Iterable[int]) -> frozenset[JobState]:
     """A List filter's states; UNSPECIFIED or an unknown number is ``InvalidRequest``."""
     states = set()
     for value in values:
-        state = _STATE_FROM_PB.get(value)  # type: ignore[call-overload]  # any int may come
+        state = STATE_FROM_PB.get(value)  # type: ignore[call-overload]  # any int may come
         if state is None:
             raise InvalidRequest("states", f"{value} is not a job state to filter on")
         states.add(state)
@@ -84,6 +71,22 @@ def limits_from_pb(message: pb.Limits) -> Limits:
         io_write_bps=message.io_write_bps,
         pids=message.pids,
     )
+
+
+def start_limits(
+    limits: Limits | None, isolation: Isolation | None
+) -> tuple[pb.Limits | None, pb.Isolation | None]:
+    """A library caller's ``limits`` and ``isolation`` as a StartRequest takes them
+    (``_requests.start_request``); they must be ours."""
+    if limits is not None and not isinstance(limits, Limits):
+        raise InvalidRequest("limits", "must be a trio_worker.Limits")
+    if isolation is not None and not isinstance(isolation, Isolation):
+        raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
+    try:
+        limits_pb = None if limits is None else limits_to_pb(limits)
+    except (TypeError, ValueError, OverflowError) as exc:  # (protobuf's, as request_field)
+        raise InvalidRequest("limits", str(exc)) from None
+    return limits_pb, None if isolation is None else isolation_to_pb(isolation)
 
 
 def isolation_to_pb(isolation: Isolation) -> pb.Isolation:
@@ -120,7 +123,7 @@ def job_to_pb(info: JobInfo) -> pb.Job:
         owner=info.owner,
         command=info.command,
         args=info.args,
-        state=_STATE_TO_PB[info.state],
+        state=STATE_TO_PB[info.state],
         pid=info.pid or 0,
         error=info.error,
         started_at=_timestamp(info.started_at),
@@ -156,7 +159,7 @@ def job_from_pb(job: pb.Job) -> JobInfo:
         owner=job.owner,
         command=job.command,
         args=tuple(job.args),
-        state=_STATE_FROM_PB.get(job.state, JobState.LOST),
+        state=STATE_FROM_PB.get(job.state, JobState.LOST),
         pid=job.pid or None,
         exit_code=job.exit_code if job.HasField("exit_code") else None,
         signal=job.signal if job.HasField("signal") else None,
@@ -217,9 +220,3 @@ def duration_to_seconds(duration: Duration, field: str) -> float:
     if duration.seconds < 0 or duration.nanos < 0 or duration.nanos >= 1_000_000_000:
         raise InvalidRequest(field, "must be a non-negative duration")
     return float(duration.seconds + duration.nanos / 1e9)
-
-
-def seconds_to_duration(seconds: float) -> Duration:
-    d = Duration()
-    d.FromTimedelta(timedelta(seconds=seconds))
-    return d

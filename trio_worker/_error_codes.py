@@ -14,7 +14,6 @@ violation's ``field``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Final
 
 from ._errors import (
@@ -38,11 +37,16 @@ from ._wire._status import ERROR_DOMAIN, StatusCode, bound_text, decode_details,
 __all__ = ["ERRORS", "ErrorRow", "WireError", "exception_from", "status_of"]
 
 
-@dataclass(frozen=True, slots=True)
 class ErrorRow:
-    error: type[TrioWorkerError]
-    code: StatusCode
-    reason: str
+    """One row of the table. (Plain classes here, not dataclasses: a client command loads
+    this module when a call fails, and ``dataclasses`` is no client command's.)"""
+
+    __slots__ = ("code", "error", "reason")
+
+    def __init__(self, error: type[TrioWorkerError], code: StatusCode, reason: str) -> None:
+        self.error = error
+        self.code = code
+        self.reason = reason
 
 
 #: Most specific class first: the first row whose class matches wins.
@@ -78,13 +82,15 @@ _WIRE_FIELD: Final[dict[str, str]] = {"cwd": "working_dir"}
 _LIBRARY_FIELD: Final[dict[str, str]] = {wire: ours for ours, wire in _WIRE_FIELD.items()}
 
 
-@dataclass(frozen=True, slots=True)
 class WireError:
     """An error as it leaves: status code, message (bounded) and serialized details."""
 
-    code: StatusCode
-    message: str
-    details: bytes
+    __slots__ = ("code", "details", "message")
+
+    def __init__(self, code: StatusCode, message: str, details: bytes) -> None:
+        self.code = code
+        self.message = message
+        self.details = details
 
 
 def status_of(exc: TrioWorkerError) -> WireError:

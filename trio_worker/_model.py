@@ -6,12 +6,12 @@ can never let it change the supervisor's view of a job.
 
 from __future__ import annotations
 
-import enum
 import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from ._states import DEFAULT_STOP_GRACE, JobState, OutputStream
 from ._util import final
 
 __all__ = [
@@ -25,30 +25,6 @@ __all__ = [
     "OutputStream",
     "Usage",
 ]
-
-#: Stop's grace when none is given: SIGTERM, then SIGKILL this many seconds later (contract).
-DEFAULT_STOP_GRACE = 5.0
-
-
-class JobState(enum.Enum):
-    """Where a job is in its life; every state but RUNNING is final."""
-
-    RUNNING = "running"
-    EXITED = "exited"  # ended on its own: exit_code is set
-    KILLED = "killed"  # ended by a signal: signal is set
-    FAILED = "failed"  # could not be started: error is set
-    LOST = "lost"  # the server went away while it ran: error is set
-
-    @property
-    def ended(self) -> bool:
-        return self is not JobState.RUNNING
-
-
-class OutputStream(enum.Enum):
-    """Which pipe a chunk of output came from."""
-
-    STDOUT = 1
-    STDERR = 2
 
 
 @final

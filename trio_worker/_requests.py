@@ -3,6 +3,10 @@
 Both clients use this, so they take the same arguments and refuse the same ones: the trio
 ``WorkerClient`` (``client``) and the blocking one the command line uses
 (``_blocking_client``). Pure: protobuf in and out, no I/O.
+
+It takes limits and isolation as messages (the trio client checks and converts a caller's
+``Limits`` and ``Isolation``, ``_convert``), so that the command line, which builds them
+from its options, never imports the public dataclasses (``_views`` says why).
 """
 
 from __future__ import annotations
@@ -11,19 +15,15 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Final, TypeVar
 
 from google.protobuf.message import DecodeError
 
-from ._convert import (
-    isolation_to_pb,
-    limits_to_pb,
-    seconds_to_duration,
-    states_to_pb,
-)
 from ._errors import InvalidRequest, RemoteError
-from ._model import Isolation, JobState, Limits
 from ._pb import worker_pb2 as pb
+from ._states import JobState
+from ._views import STATE_TO_PB
 from ._wire._status import StatusCode
 
 __all__ = [
@@ -74,8 +74,8 @@ def start_request(
     *,
     env: Mapping[str, str] | None,
     cwd: str | os.PathLike[str] | None,
-    limits: Limits | None,
-    isolation: Isolation | None,
+    limits: pb.Limits | None,
+    isolation: pb.Isolation | None,
     user: str | None,
     stdin: bool,
     tty: bool,
@@ -83,10 +83,6 @@ def start_request(
 ) -> pb.StartRequest:
     if isinstance(args, str | bytes):
         raise InvalidRequest("args", "must be a sequence of strings, not one string")
-    if limits is not None and not isinstance(limits, Limits):
-        raise InvalidRequest("limits", "must be a trio_worker.Limits")
-    if isolation is not None and not isinstance(isolation, Isolation):
-        raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
     request = pb.StartRequest()
     with request_field("command"):
         request.command = command
@@ -97,10 +93,9 @@ def start_request(
     with request_field("cwd"):  # the parameter's name, as the library says it
         request.working_dir = os.fspath(cwd) if cwd is not None else ""
     if limits is not None:
-        with request_field("limits"):
-            request.limits.CopyFrom(limits_to_pb(limits))
+        request.limits.CopyFrom(limits)
     if isolation is not None:
-        request.isolation.CopyFrom(isolation_to_pb(isolation))
+        request.isolation.CopyFrom(isolation)
     request.stdin = bool(stdin)
     request.tty = bool(tty)
     if terminal_size is not None:
@@ -120,7 +115,7 @@ def stop_request(job_id: str, grace: float) -> pb.StopRequest:
     if not (math.isfinite(grace) and grace >= 0):
         raise InvalidRequest("grace", f"must be a finite number >= 0, got {grace}")
     with request_field("grace"):  # OverflowError beyond timedelta's range
-        request.grace.CopyFrom(seconds_to_duration(grace))
+        request.grace.FromTimedelta(timedelta(seconds=grace))
     return request
 
 
@@ -150,7 +145,8 @@ def remove_request(job_id: str, force: bool) -> pb.RemoveRequest:
 def list_request(
     states: Iterable[JobState] | None, owner: str | None, page_size: int
 ) -> pb.ListRequest:
-    return pb.ListRequest(page_size=page_size, states=states_to_pb(states or ()), owner=owner or "")
+    states_pb = [STATE_TO_PB[JobState(state)] for state in states or ()]
+    return pb.ListRequest(page_size=page_size, states=states_pb, owner=owner or "")
 
 
 def output_request(job_id: str, offset: int, follow: bool) -> pb.OutputRequest:

@@ -27,7 +27,7 @@ from typing import Any, Final, TypeVar
 
 import trio
 
-from ._convert import chunk_from_pb, job_from_pb
+from ._convert import chunk_from_pb, job_from_pb, start_limits
 from ._error_codes import exception_from
 from ._errors import (
     ConnectionFailed,
@@ -122,13 +122,14 @@ class WorkerClient(metaclass=NoPublicConstructor):
         error. ``stdin`` keeps its stdin open for :meth:`attach`; ``tty`` runs it on a
         pseudo-terminal of ``terminal_size`` (rows, cols; default: the server's, 24x80).
         Raises InvalidRequest, PermissionDenied, Unenforceable, ResourceExhausted."""
+        limits_pb, isolation_pb = start_limits(limits, isolation)
         request = start_request(
             command,
             args,
             env=env,
             cwd=cwd,
-            limits=limits,
-            isolation=isolation,
+            limits=limits_pb,
+            isolation=isolation_pb,
             user=user,
             stdin=stdin,
             tty=tty,

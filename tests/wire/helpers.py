@@ -16,7 +16,8 @@ import h2.config
 import h2.connection
 import h2.events
 
-from trio_worker._wire._h2conn import GRPCServerConnection, hpack_int
+from trio_worker._wire._h2conn import hpack_int
+from trio_worker._wire._h2server import GRPCServerConnection
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, CONTINUATION = 0x1, 0x3, 0x4, 0x6, 0x7, 0x9

@@ -35,15 +35,17 @@ from trio_worker import JobNotFound
 from trio_worker._error_codes import exception_from, status_of
 from trio_worker._wire._h2conn import (
     FLOOD_BUDGET,
-    MAX_BUFFERED_REQUESTS,
     MAX_CACHED_BLOCK,
     MAX_CONTINUATIONS,
     MAX_HEADER_BLOCK,
     MAX_UNSENT_CONTROL,
-    RESET_BUDGET,
     BoundedDecoder,
     FrameGate,
     PeerMisbehaved,
+)
+from trio_worker._wire._h2server import (
+    MAX_BUFFERED_REQUESTS,
+    RESET_BUDGET,
     RequestTooLarge,
     StreamReset,
 )

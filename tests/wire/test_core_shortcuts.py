@@ -31,12 +31,8 @@ from tests.wire.helpers import (
     request_block,
     request_headers,
 )
-from trio_worker._wire._h2conn import (
-    _HANDLERS,
-    MAX_CACHED_REQUEST,
-    MAX_CACHED_REQUESTS,
-    BadRequest,
-)
+from trio_worker._wire._h2conn import _HANDLERS
+from trio_worker._wire._h2server import MAX_CACHED_REQUEST, MAX_CACHED_REQUESTS, BadRequest
 
 _FIELDS = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12)
 #: Values h2's client sends as they are (it strips whitespace at the ends).

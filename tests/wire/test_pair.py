@@ -22,7 +22,7 @@ from trio_worker._wire._client import (
     StreamEnded,
     StreamResetByPeer,
 )
-from trio_worker._wire._h2conn import StreamReset
+from trio_worker._wire._h2server import StreamReset
 
 
 def messages(data: bytes) -> list[bytes]:

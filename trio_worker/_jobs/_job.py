@@ -7,8 +7,11 @@ for each change), and what signals or kills it.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import json
 import logging
+import math
 import os
 import signal as _signal
 from datetime import UTC, datetime
@@ -29,7 +32,9 @@ __all__ = [
     "LOST_ERROR",
     "REPORT",
     "Job",
+    "KillTimer",
     "kill",
+    "kill_now",
     "now",
     "remove_cgroup",
     "running_process",
@@ -270,14 +275,82 @@ async def terminate(job: Job, process: JobProcess, grace: float) -> None:
         await job.ended.wait()
 
 
+class KillTimer:
+    """The SIGKILLs that accepted Stops promised, each at its deadline: one task sleeps
+    until the earliest, rather than a task (and its cancel scope) per Stop.
+
+    The kill is the supervisor's, not the caller's: a caller that gives up waiting
+    (cancelled, disconnected) cannot call it off. A job whose earlier deadline comes
+    from a later Stop is killed at that one; nothing fires for a job that has ended.
+    """
+
+    __slots__ = ("_heap", "_kept", "_nursery", "_order", "_sleep")
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        #: (deadline, arrival order, job, its process), the earliest first.
+        self._heap: list[tuple[float, int, Job, JobProcess]] = []
+        self._order = itertools.count()
+        #: The task's sleep until the earliest deadline (None: not started yet).
+        self._sleep: trio.CancelScope | None = None
+        #: Entries after the last pruning (``_prune``).
+        self._kept = 0
+
+    def kill_at(self, job: Job, process: JobProcess, deadline: float) -> None:
+        """SIGKILL the job at ``deadline`` (trio's clock) unless it has ended by then."""
+        if job.kill_deadline is not None and job.kill_deadline <= deadline:
+            return  # an earlier Stop's kill comes first
+        job.kill_deadline = deadline
+        heapq.heappush(self._heap, (deadline, next(self._order), job, process))
+        if len(self._heap) > max(64, 2 * self._kept):
+            self._prune()
+        if self._sleep is None:
+            self._sleep = trio.CancelScope(deadline=deadline)
+            self._nursery.start_soon(self._run, name="stop deadlines")
+        elif deadline < self._sleep.deadline:
+            self._sleep.deadline = deadline
+
+    def _prune(self) -> None:
+        """Drop entries that can no longer fire (ended jobs, deadlines moved earlier):
+        a job that ignores SIGTERM while Stops with ever shorter graces come must not
+        grow the heap for as long as the longest grace."""
+        self._heap = [e for e in self._heap if _due(e[2], e[0])]
+        heapq.heapify(self._heap)
+        self._kept = len(self._heap)
+
+    async def _run(self) -> None:
+        assert self._sleep is not None
+        while True:
+            with self._sleep:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            while self._heap and self._heap[0][0] <= now:
+                deadline, _, job, process = heapq.heappop(self._heap)
+                if _due(job, deadline):
+                    self._nursery.start_soon(kill, job, process)
+            self._sleep = trio.CancelScope(deadline=self._heap[0][0] if self._heap else math.inf)
+
+
+def _due(job: Job, deadline: float) -> bool:
+    return not job.ended.is_set() and job.kill_deadline == deadline
+
+
+def kill_now(job: Job, process: JobProcess) -> bool:
+    """``kill`` without its thread: SIGKILL the job's process group; True if its cgroup
+    is empty (or it has none), so nothing escaped it and nothing is left to kill."""
+    signal_job(job, process, _signal.SIGKILL)
+    group = job.cgroup
+    return group is None or not group.tracked or group.is_empty()
+
+
 async def kill(job: Job, process: JobProcess) -> bool:
     """SIGKILL everything of the job: its process group and, through the
     cgroup, whatever escaped it (setsid, double fork). True if its cgroup was
     found empty (or it has none): nothing is left to wait for."""
-    signal_job(job, process, _signal.SIGKILL)
-    group = job.cgroup
-    if group is None or not group.tracked or group.is_empty():
+    if kill_now(job, process):
         return True
+    group = job.cgroup
+    assert group is not None
     # May freeze and wait (v1 without cgroup.kill): not on the event loop.
     try:
         await trio.to_thread.run_sync(group.kill)

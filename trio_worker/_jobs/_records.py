@@ -62,8 +62,10 @@ class JobRecords:
         #: Jobs whose record in the store is behind (a write failed, e.g. a full
         #: disk): job id -> whether its row exists. Written again by housekeeping.
         self.unsaved: dict[str, bool] = {}
-        #: New jobs' records queued for the next commit (``record_soon``).
-        self._queued: dict[str, Queued] = {}
+        #: Records queued for the next commit (``record_soon``, ``end_soon``), in order:
+        #: (job id, the write, whether the job's row exists once the writes before it
+        #: are in).
+        self._queued: list[tuple[str, Queued, bool]] = []
         self._commit_wanted = trio.Event()
 
     async def persist_start(self, job: Job) -> None:
@@ -93,7 +95,7 @@ class JobRecords:
         store = self.store
         assert store is not None
         try:
-            self._queued[job.id] = store.queue_start(
+            write = store.queue_start(
                 info if info is not None else job.info(usage=False),
                 env_keys=job.env_keys,
                 cwd=job.spec.cwd,
@@ -102,6 +104,35 @@ class JobRecords:
         except trio.ClosedResourceError:
             self.unsaved[job.id] = False
             return
+        self._queued.append((job.id, write, False))
+        self._commit_wanted.set()
+
+    def end_soon(self, job: Job) -> None:
+        """Queue the ended job's record for the store's next commit, without waiting;
+        never raises (the runner's end of a job calls it, after waiters were told).
+
+        ``run_committer`` commits it right after, with the other ends and starts queued
+        meanwhile: a burst of ends (Stop of many jobs) costs one transaction, not a
+        task's wait on the store each. Any later transaction (housekeeping, a Remove,
+        the shutdown's last commit) writes it first, so retention and Remove see it.
+        """
+        store = self.store
+        if store is None:
+            return
+        exists = self.unsaved.pop(job.id, True)
+        info = job.info()
+        try:
+            if exists:
+                dropped = job.log.dropped_bytes if job.log is not None else 0
+                write = store.queue_end(info, dropped_bytes=dropped)
+            else:  # its start was never written: the whole record, as it ended
+                write = store.queue_start(
+                    info, env_keys=job.env_keys, cwd=job.spec.cwd, pid_start_time=job.pid_start_time
+                )
+        except trio.ClosedResourceError:
+            self.unsaved[job.id] = exists
+            return
+        self._queued.append((job.id, write, exists))
         self._commit_wanted.set()
 
     async def run_committer(self) -> None:
@@ -114,7 +145,7 @@ class JobRecords:
 
     async def commit_queued(self) -> None:
         """Commit the queued records now; one the store refused goes to ``unsaved``."""
-        queued, self._queued = self._queued, {}
+        queued, self._queued = self._queued, []
         if not queued or self.store is None:
             return
         # Shielded: the batch holds the records, see it through. Each record's own
@@ -124,22 +155,15 @@ class JobRecords:
             contextlib.suppress(StateDirError, trio.ClosedResourceError),
         ):
             await self.store.flush()
-        for job_id, write in queued.items():
-            if not write.done:
-                self.unsaved.setdefault(job_id, False)
-            elif write.error is not None:
-                if job_id not in self.unsaved:
-                    _log.error("job %s: cannot record it (will retry): %s", job_id, write.error)
-                # Not in the store: the next try inserts it (as it is by then).
-                self.unsaved[job_id] = False
-
-    async def persist_end(self, job: Job) -> None:
-        """Record the job's end; never raises (the runner's end of a job calls it)."""
-        if self.store is None:
-            return
-        exists = self.unsaved.pop(job.id, True)
-        if not await self._save(job, exists=exists):
-            self.unsaved[job.id] = exists
+        for job_id, write, exists in queued:
+            if write.done and write.error is None:
+                continue
+            if write.error is not None and job_id not in self.unsaved:
+                _log.error("job %s: cannot record it (will retry): %s", job_id, write.error)
+            # The next try writes the record as it is by then: an insert unless the
+            # row is known to be there (a failed start before it says it is not).
+            row = exists and not isinstance(write.error, JobNotFound)
+            self.unsaved[job_id] = self.unsaved.get(job_id, True) and row
 
     async def _save(self, job: Job, *, exists: bool, info: JobInfo | None = None) -> bool:
         """Write the job's record as it is now: insert it or record its end.

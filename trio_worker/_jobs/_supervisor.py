@@ -32,10 +32,10 @@ from .._model import Isolation, JobInfo, JobState, Limits, OutputChunk, Usage
 from .._util import NoPublicConstructor, final
 from . import _input
 from ._admission import Admission
-from ._job import LOST_ERROR, Job, kill, running_process, signal_job, terminate
+from ._job import LOST_ERROR, KillTimer, kill, running_process, signal_job, terminate
 from ._launch import Launcher
 from ._output import DEFAULT_CHUNK, ReadBudget
-from ._process import JobProcess, validate_signal
+from ._process import validate_signal
 from ._queries import JobTable, open_output
 from ._records import JobRecords, Retention
 from ._runner import JobRunner
@@ -102,6 +102,7 @@ class Supervisor(metaclass=NoPublicConstructor):
             max_unflushed=max_unflushed,
         )
         self._runner.retire = self._admission.launcher.retire
+        self._kills = KillTimer(nursery)
         self._closing = False
         #: Starts past the ``_closing`` check and not returned yet (``shutdown`` waits).
         self._starting = 0
@@ -261,10 +262,7 @@ class Supervisor(metaclass=NoPublicConstructor):
         signal_job(job, process, _signal.SIGTERM)
         # The SIGKILL after the grace is the supervisor's, not the caller's: a
         # caller that gives up waiting (cancelled, disconnected) cannot stop it.
-        deadline = trio.current_time() + grace
-        if job.kill_deadline is None or deadline < job.kill_deadline:
-            job.kill_deadline = deadline
-            self._nursery.start_soon(_kill_at, job, process, deadline)
+        self._kills.kill_at(job, process, trio.current_time() + grace)
         await job.ended.wait()
         return job.info()
 
@@ -344,14 +342,6 @@ class Supervisor(metaclass=NoPublicConstructor):
             for job in list(self._jobs.values()):
                 if job.record.state is JobState.RUNNING and job.process is not None:
                     nursery.start_soon(terminate, job, job.process, grace)
-
-
-async def _kill_at(job: Job, process: JobProcess, deadline: float) -> None:
-    """An accepted Stop's SIGKILL, unless the job ends or an earlier Stop took over."""
-    with trio.move_on_at(deadline):
-        await job.ended.wait()
-    if not job.ended.is_set() and job.kill_deadline == deadline:
-        await kill(job, process)
 
 
 def _cgroup_parent_for(state_dir: Path) -> str:

@@ -7,7 +7,7 @@ TLS is ``_tlsstream.TLSSocketStream`` rather than ``trio.SSLStream``: same job, 
 half the CPU per small RPC (see that module).
 
 A ``_Connection`` is the connection driver both ends share (``_connection``: reader,
-writer, loss, close) over purerpc's sans-I/O ``GRPCConnection`` (``_h2conn``), plus a task
+writer, loss, close) over purerpc's sans-I/O ``GRPCConnection`` (``_h2server``), plus a task
 per call. purerpc's own I/O layer (``Server``, ``GRPCSocket``, ``GRPCStream``,
 ``SocketWrapper``) is not used, because every gap we must close lives in it: its reader
 loop drops RST_STREAM and connection loss, its writer buffers without bound for a slow
@@ -59,13 +59,12 @@ from .._errors import (
 )
 from .._identity import Identity, identity_from_der
 from .._tls import ALPN_PROTOCOL
-from .._wire._h2conn import (
-    MAX_MESSAGE,
+from .._wire._h2conn import MAX_MESSAGE, Pieces
+from .._wire._h2server import (
     BadMessage,
     BadRequest,
     GRPCServerConnection,
     PeerGoAway,
-    Pieces,
     RequestTooLarge,
     ServerH2Connection,
     StreamReset,

@@ -3,8 +3,8 @@
 Bytes in, events out, no trio: request headers pre-encoded once per method (``grpc-timeout``
 from the caller's deadline), the response's headers and trailers (with their status
 details) and DATA as events, RST_STREAM and GOAWAY as events too. The trio driver is
-``trio_worker.client``; the server's core is ``_h2conn``, whose h2 base, bounds and HPACK
-helpers this one shares.
+``trio_worker.client``; the server's core is ``_h2server``, and both stand on ``_h2conn``'s
+h2 base, bounds and HPACK helpers.
 """
 
 from __future__ import annotations

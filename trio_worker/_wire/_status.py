@@ -17,7 +17,6 @@ import binascii
 import enum
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Final
 
 from google.protobuf.message import DecodeError
@@ -88,15 +87,27 @@ def bound_text(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
     return cut + marker
 
 
-@dataclass(frozen=True, slots=True)
 class ErrorDetails:
-    """What a ``google.rpc.Status`` from a peer said, reduced to what we act on."""
+    """What a ``google.rpc.Status`` from a peer said, reduced to what we act on.
 
-    reason: str = ""
-    domain: str = ""
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    #: (field, description) of each BadRequest violation
-    violations: tuple[tuple[str, str], ...] = ()
+    A plain class, not a dataclass: this module is on every client command's path, and
+    ``dataclasses`` (with the ``inspect`` it imports) is not (``tests/test_cli_imports.py``).
+    """
+
+    __slots__ = ("domain", "metadata", "reason", "violations")
+
+    def __init__(
+        self,
+        reason: str = "",
+        domain: str = "",
+        metadata: Mapping[str, str] | None = None,
+        violations: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        self.reason = reason
+        self.domain = domain
+        self.metadata: Mapping[str, str] = {} if metadata is None else metadata
+        #: (field, description) of each BadRequest violation
+        self.violations = violations
 
 
 def encode_details(

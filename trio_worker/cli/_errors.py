@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from .._errors import (
     AuthenticationFailed,
@@ -85,10 +84,14 @@ def option_of(field: str) -> str | None:
     return _OPTION_OF_FIELD.get(field) or _OPTION_OF_FIELD.get(field.split("[", 1)[0])
 
 
-@dataclass(frozen=True)
 class Failure:
-    code: int
-    message: str
+    """An exit code and the one line that says why."""
+
+    __slots__ = ("code", "message")
+
+    def __init__(self, code: int, message: str) -> None:
+        self.code = code
+        self.message = message
 
 
 #: The next step: a fixed text, or made from the exception and the command's name.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -21,16 +20,19 @@ from .._errors import (
     ShuttingDown,
     TrioWorkerError,
 )
-from .._model import DEFAULT_STOP_GRACE, Isolation, JobInfo, JobState, Limits
+from .._pb import worker_pb2 as pb
+from .._states import DEFAULT_STOP_GRACE, JobState
 from . import _parse
 from ._exit import ExitCode
 from ._ids import IdResolver
 from ._render import describe_state, dump_json, job_exit, job_json, print_job, print_jobs
 from ._session import Backoff, OutputSink, follow_output, open_client, retrying
-from ._settings import ClientOptions, Connection, resolve_connection
+from ._settings import ClientOptions, Connection, Fields, resolve_connection
 
 if TYPE_CHECKING:
     from .._blocking_client import BlockingClient
+    from .._model import JobInfo
+    from .._views import JobView
     from ..client import WorkerClient
     from ._params import (
         JOB_GROUP,
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
         Count,
         Cpus,
         Interactive,
+        JobFields,
         JobId,
         Offset,
         Options,
@@ -50,9 +53,9 @@ if TYPE_CHECKING:
 __all__ = ["JobOptions"]
 
 
-@dataclass(frozen=True, kw_only=True)
-class JobOptions:
-    """What ``start`` and ``run`` ask for besides the command."""
+class JobOptions(Fields):
+    """What ``start`` and ``run`` ask for besides the command (cyclopts reads these fields
+    through ``_params.JobFields``; see ``_settings.ClientOptions``)."""
 
     env: Annotated[
         list[str] | None,
@@ -95,6 +98,29 @@ class JobOptions:
     ] = None
     """Give the job its own namespaces: any of pid, mount, network, comma-separated."""
 
+    def __init__(
+        self,
+        *,
+        env: list[str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        cpus: float = 0.0,
+        memory: int = 0,
+        io_read_bps: int = 0,
+        io_write_bps: int = 0,
+        pids: int = 0,
+        isolate: list[str] | None = None,
+    ) -> None:
+        self.env = env
+        self.cwd = cwd
+        self.user = user
+        self.cpus = cpus
+        self.memory = memory
+        self.io_read_bps = io_read_bps
+        self.io_write_bps = io_write_bps
+        self.pids = pids
+        self.isolate = isolate
+
     def env_dict(self) -> dict[str, str] | None:
         if not self.env:
             return None
@@ -112,24 +138,26 @@ class JobOptions:
             )
         return self.cwd
 
-    def limits(self) -> Limits | None:
-        limits = Limits(
+    def limits(self) -> pb.Limits | None:
+        """The limits asked for, as the request carries them; None for none."""
+        if not (self.cpus or self.memory or self.io_read_bps or self.io_write_bps or self.pids):
+            return None
+        return pb.Limits(
             cpus=self.cpus,
             memory_bytes=self.memory,
             io_read_bps=self.io_read_bps,
             io_write_bps=self.io_write_bps,
             pids=self.pids,
         )
-        return limits if limits.any else None
 
-    def isolation(self) -> Isolation | None:
+    def isolation(self) -> pb.Isolation | None:
         if not self.isolate:
             return None
         try:
-            isolation = _parse.parse_isolation(self.isolate)
+            names = _parse.parse_isolation(self.isolate)
         except ValueError as exc:
             raise InvalidRequest("--isolate", str(exc)) from None
-        return isolation if isolation.any else None
+        return pb.Isolation(**dict.fromkeys(names, True)) if names else None
 
 
 def _connection(options: ClientOptions | None) -> Connection:
@@ -140,15 +168,26 @@ def _connection(options: ClientOptions | None) -> Connection:
 _LAST_WORDS_BYTES = 64 * 1024
 
 
-@dataclass(frozen=True)
 class _StartRequest:
-    command: str
-    args: tuple[str, ...]
-    env: dict[str, str] | None
-    cwd: str | None
-    limits: Limits | None
-    isolation: Isolation | None
-    user: str = ""
+    __slots__ = ("args", "command", "cwd", "env", "isolation", "limits", "user")
+
+    def __init__(
+        self,
+        command: str,
+        args: tuple[str, ...],
+        env: dict[str, str] | None,
+        cwd: str | None,
+        limits: pb.Limits | None,
+        isolation: pb.Isolation | None,
+        user: str = "",
+    ) -> None:
+        self.command = command
+        self.args = args
+        self.env = env
+        self.cwd = cwd
+        self.limits = limits
+        self.isolation = isolation
+        self.user = user
 
     @classmethod
     def build(cls, name: str, command: tuple[str, ...], job: JobOptions | None) -> _StartRequest:
@@ -169,7 +208,7 @@ class _StartRequest:
         )
 
     def arguments(self) -> dict[str, Any]:
-        """``start``'s arguments, for either client (``run -i`` uses the trio one)."""
+        """``start``'s arguments, for the blocking client (limits and isolation as messages)."""
         return {
             "command": self.command,
             "args": self.args,
@@ -180,8 +219,19 @@ class _StartRequest:
             "user": self.user,
         }
 
+    def library_arguments(self) -> dict[str, Any]:
+        """``start``'s arguments for the trio client (``run -i``): the library's types."""
+        from .._convert import isolation_from_pb, limits_from_pb
 
-def _report_failed_start(job: JobInfo) -> int:
+        arguments = self.arguments()
+        if self.limits is not None:
+            arguments["limits"] = limits_from_pb(self.limits)
+        if self.isolation is not None:
+            arguments["isolation"] = isolation_from_pb(self.isolation)
+        return arguments
+
+
+def _report_failed_start(job: JobInfo | JobView) -> int:
     code, note = job_exit(job)
     if note:
         print(f"trio-worker: {note}", file=sys.stderr, flush=True)
@@ -195,7 +245,7 @@ def start(
     ] = False,
     interactive: Interactive = False,
     tty: Tty = False,
-    job: Annotated[JobOptions | None, Parameter(name="*")] = None,
+    job: Annotated[JobFields | None, Parameter(name="*")] = None,
     options: Options = None,
 ) -> int:
     """Start a job and print its id.
@@ -246,7 +296,7 @@ def run(
     grace: Annotated[Seconds | None, Parameter(group=JOB_GROUP)] = None,
     interactive: Interactive = False,
     tty: Tty = False,
-    job: Annotated[JobOptions | None, Parameter(name="*")] = None,
+    job: Annotated[JobFields | None, Parameter(name="*")] = None,
     options: Options = None,
 ) -> int:
     """Run a job, stream its output, and exit with its exit code.
@@ -294,7 +344,7 @@ def run(
             client: WorkerClient, stdin: bool, tty: bool, size: tuple[int, int] | None
         ) -> JobInfo:
             return await client.start(
-                **request.arguments(), stdin=stdin, tty=tty, terminal_size=size
+                **request.library_arguments(), stdin=stdin, tty=tty, terminal_size=size
             )
 
         async def interactive_session() -> int:
@@ -316,7 +366,7 @@ def run(
             # (a Wait sent after the output ended would meet a closed port).
             in_flight = [client.wait_later(job_id)]
 
-            def wait_for_end() -> JobInfo:
+            def wait_for_end() -> JobView:
                 if in_flight:
                     with contextlib.suppress(ConnectionFailed):  # lost with its connection
                         return in_flight.pop().result()

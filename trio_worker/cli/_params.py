@@ -13,24 +13,28 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import cyclopts
 from cyclopts import Group, Parameter
 
 from .._errors import InvalidRequest
 from . import _parse
+from ._jobs import JobOptions
 from ._settings import ClientOptions, ConfigFileError, config_file_path, read_config_file
 
 __all__ = [
     "CONNECTION",
     "JOB_GROUP",
     "LIMITS_GROUP",
+    "ClientFields",
     "Count",
     "Cpus",
     "Interactive",
+    "JobFields",
     "JobId",
     "Offset",
     "Options",
@@ -40,6 +44,7 @@ __all__ = [
     "Tty",
     "bind",
     "converter",
+    "fields",
     "load_config_file",
 ]
 
@@ -83,8 +88,34 @@ Interactive = Annotated[
     bool, Parameter(name=["--interactive", "-i"], negative="", show_default=False)
 ]
 Tty = Annotated[bool, Parameter(name=["--tty", "-t"], negative="", show_default=False)]
+
+
+def fields(cls: type[T]) -> type[T]:
+    """The options class ``cls`` as cyclopts reads it: a frozen keyword-only dataclass
+    subclass with the fields ``cls`` declares (annotations, defaults; cyclopts finds their
+    help in ``cls``'s attribute docstrings). Equality stays ``cls``'s (``_settings.Fields``),
+    so what cyclopts builds equals what ``_argv`` builds for the same command line."""
+    namespace: dict[str, Any] = {
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        "__annotations__": dict(cls.__annotations__),
+    }
+    made: type[T] = dataclass(frozen=True, kw_only=True, eq=False, repr=False)(
+        type(cls.__name__, (cls,), namespace)
+    )
+    return made
+
+
+if TYPE_CHECKING:
+    ClientFields = ClientOptions
+    JobFields = JobOptions
+else:
+    ClientFields = fields(ClientOptions)
+    JobFields = fields(JobOptions)
+
 #: The connection options every client command takes, flattened into its own.
-Options = Annotated[ClientOptions | None, Parameter(name="*", group=CONNECTION)]
+Options = Annotated[ClientFields | None, Parameter(name="*", group=CONNECTION)]
 
 
 def bind(module: ModuleType) -> None:

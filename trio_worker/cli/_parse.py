@@ -12,7 +12,6 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 
-from .._model import Isolation
 from .._net._sockets import split_host_port
 
 __all__ = [
@@ -215,8 +214,9 @@ def signal_name(number: int) -> str:
 _NAMESPACES = ("pid", "mount", "network")
 
 
-def parse_isolation(items: Iterable[str]) -> Isolation:
-    """``pid,mount`` (and/or several ``--isolate``) → ``Isolation(pid=True, mount=True)``."""
+def parse_isolation(items: Iterable[str]) -> frozenset[str]:
+    """``pid,mount`` (and/or several ``--isolate``) → ``{"pid", "mount"}``: the names of
+    ``Isolation``'s fields to set."""
     chosen: set[str] = set()
     for item in items:
         for part in item.split(","):
@@ -229,4 +229,4 @@ def parse_isolation(items: Iterable[str]) -> Isolation:
                     "(e.g. --isolate pid,mount)"
                 )
             chosen.add(name)
-    return Isolation(pid="pid" in chosen, mount="mount" in chosen, network="network" in chosen)
+    return frozenset(chosen)

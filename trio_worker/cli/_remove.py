@@ -12,7 +12,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Annotated
 
 from .._errors import InvalidRequest, JobNotFound, TrioWorkerError
-from .._model import JobInfo, JobState
+from .._states import JobState
 from ._errors import describe
 from ._exit import ExitCode
 from ._ids import IdResolver
@@ -22,6 +22,7 @@ from ._settings import ClientOptions, resolve_connection
 
 if TYPE_CHECKING:
     from .._blocking_client import Pending
+    from .._views import JobView
     from ._params import Options, Parameter
 
 __all__ = ["prune", "rm"]
@@ -85,7 +86,7 @@ def prune(*, options: Options = None) -> int:
         trio-worker prune
     """
     conn = resolve_connection(options or ClientOptions())
-    removed: list[JobInfo] = []
+    removed: list[JobView] = []
     with open_client(conn) as client:
         ended = client.list(states=[state for state in JobState if state.ended])
         in_flight: deque[Pending] = deque()

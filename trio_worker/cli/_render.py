@@ -9,6 +9,10 @@ For people: sizes in binary units (``2.9 MiB``), durations and ages (``3m12s``, 
 every time in one format with its zone (``2026-12-01 15:50:14 UTC``), ``list`` cut to the
 terminal's width (80 columns when it is not a terminal; the command is shortened with …),
 and states coloured on a terminal unless ``NO_COLOR`` is set.
+
+Jobs are ``JobInfo`` or, from the short commands' blocking client, ``_views.JobView``: the
+same attributes (its limits, isolation and usage are the messages, whose fields are the
+same too).
 """
 
 from __future__ import annotations
@@ -19,11 +23,19 @@ import shlex
 import sys
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from .._model import Isolation, JobInfo, JobState, Limits
+from .._states import JobState
 from ._exit import ExitCode
 from ._parse import format_size, signal_name
+
+if TYPE_CHECKING:
+    from .._model import Isolation, JobInfo, Limits
+    from .._pb import worker_pb2 as pb
+    from .._views import JobView
+
+    #: What is shown: the library's jobs (``run -i``, ``attach``) and the blocking client's.
+    Job = JobInfo | JobView
 
 __all__ = [
     "describe_isolation",
@@ -50,7 +62,7 @@ def rfc3339(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _limits_json(limits: Limits) -> dict[str, Any]:
+def _limits_json(limits: Limits | pb.Limits) -> dict[str, Any]:
     return {
         "cpus": limits.cpus,
         "memory_bytes": limits.memory_bytes,
@@ -60,11 +72,11 @@ def _limits_json(limits: Limits) -> dict[str, Any]:
     }
 
 
-def _isolation_json(isolation: Isolation) -> dict[str, bool]:
+def _isolation_json(isolation: Isolation | pb.Isolation) -> dict[str, bool]:
     return {"pid": isolation.pid, "mount": isolation.mount, "network": isolation.network}
 
 
-def job_json(job: JobInfo) -> dict[str, Any]:
+def job_json(job: Job) -> dict[str, Any]:
     return {
         "id": job.id,
         "owner": job.owner,
@@ -216,7 +228,7 @@ def print_table(
     sys.stdout.flush()
 
 
-def describe_state(job: JobInfo) -> str:
+def describe_state(job: Job) -> str:
     match job.state:
         case JobState.EXITED:
             return f"exited ({job.exit_code})"
@@ -227,7 +239,7 @@ def describe_state(job: JobInfo) -> str:
             return str(job.state.value)
 
 
-def state_cell(job: JobInfo) -> Cell:
+def state_cell(job: Job) -> Cell:
     """The state in words and its colour: cyan running, green success, red failure,
     yellow stopped by a signal, magenta lost."""
     text = describe_state(job)
@@ -264,7 +276,7 @@ def age(moment: datetime, now: datetime | None = None) -> str:
     return f"{seconds}s ago"
 
 
-def describe_limits(limits: Limits) -> str:
+def describe_limits(limits: Limits | pb.Limits) -> str:
     parts = []
     if limits.cpus:
         parts.append(f"cpus {limits.cpus:g}")
@@ -279,16 +291,16 @@ def describe_limits(limits: Limits) -> str:
     return ", ".join(parts) or "none"
 
 
-def describe_isolation(isolation: Isolation) -> str:
+def describe_isolation(isolation: Isolation | pb.Isolation) -> str:
     names = [n for n in ("pid", "mount", "network") if getattr(isolation, n)]
     return ",".join(names) or "none"
 
 
-def _command_line(job: JobInfo) -> str:
+def _command_line(job: Job) -> str:
     return shlex.join([job.command, *job.args])
 
 
-def _usage(job: JobInfo) -> tuple[str, str]:
+def _usage(job: Job) -> tuple[str, str]:
     """(CPU, peak memory) in words, or "-" where the host measured nothing."""
     usage = job.usage
     if usage is None:
@@ -298,7 +310,7 @@ def _usage(job: JobInfo) -> tuple[str, str]:
     return cpu, peak
 
 
-def print_job(job: JobInfo) -> None:
+def print_job(job: Job) -> None:
     """``status``: one job, a field per line."""
     now = datetime.now(UTC)
     started = f"{format_time(job.started_at)} ({age(job.started_at, now)})"
@@ -331,7 +343,7 @@ def print_job(job: JobInfo) -> None:
     print_fields(rows)
 
 
-def print_jobs(jobs: Sequence[JobInfo]) -> None:
+def print_jobs(jobs: Sequence[Job]) -> None:
     """``list``: one job per row, newest first, fitted to the terminal's width; OWNER only
     when the jobs have more than one, USER (who it runs as) likewise (``status`` and
     ``--json`` always say)."""
@@ -364,7 +376,7 @@ def print_jobs(jobs: Sequence[JobInfo]) -> None:
 # --- the exit code of run and wait --------------------------------------------------
 
 
-def job_exit(job: JobInfo) -> tuple[int, str | None]:
+def job_exit(job: Job) -> tuple[int, str | None]:
     """The exit code ``run``/``wait`` report for an ended job, and a line for stderr, if any.
 
     As a shell does: the job's own code, 128+N if signal N killed it, 127 if the command

@@ -21,11 +21,13 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from .._errors import ConnectionFailed
-from .._model import OutputChunk, OutputStream
+from .._states import OutputStream
 from ._settings import Connection
 
 if TYPE_CHECKING:
     from .._blocking_client import BlockingClient
+    from .._model import OutputChunk
+    from .._views import ChunkView
 
 __all__ = [
     "Backoff",
@@ -164,7 +166,7 @@ class OutputSink:
     def mute(self) -> None:
         self.muted = True
 
-    def write(self, chunk: OutputChunk) -> None:
+    def write(self, chunk: OutputChunk | ChunkView) -> None:
         data = chunk.data
         if chunk.end <= self.offset:
             return  # entirely replayed

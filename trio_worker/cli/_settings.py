@@ -20,7 +20,6 @@ for nothing it needs.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 from .._errors import InvalidRequest
@@ -36,6 +35,7 @@ __all__ = [
     "ClientOptions",
     "ConfigFileError",
     "Connection",
+    "Fields",
     "config_file_path",
     "default_config_path",
     "default_state_dir",
@@ -184,9 +184,31 @@ def check_addr(type_: Any, tokens: Any) -> str:
     return value
 
 
-@dataclass(frozen=True, kw_only=True)
-class ClientOptions:
-    """The options every client command takes (cyclopts: ``_params.Options``)."""
+class Fields:
+    """A plain class of keyword fields, equal when their values are (as a dataclass is):
+    the options classes, whose fields cyclopts reads through a dataclass of them
+    (``_params.fields``), while a short command builds them without ``dataclasses``."""
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Fields):
+            return NotImplemented
+        related = isinstance(other, type(self)) or isinstance(self, type(other))
+        return related and vars(self) == vars(other)
+
+    __hash__ = None  # type: ignore[assignment]  # (mutable, as __eq__ makes it)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+class ClientOptions(Fields):
+    """The options every client command takes (cyclopts: ``_params.Options``).
+
+    A plain class: its fields, as declared here, are what cyclopts reads (through the
+    dataclass ``_params.ClientFields`` makes of them); a short command, parsed by ``_argv``,
+    builds it with no ``dataclasses`` to import.
+    """
 
     addr: Annotated[
         str, Parameter(env_var="TRIO_WORKER_ADDR", metavar="HOST:PORT", converter=check_addr)
@@ -222,18 +244,37 @@ class ClientOptions:
         ),
     ] = None
 
+    def __init__(
+        self,
+        *,
+        addr: str = DEFAULT_ADDR,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        state_dir: str | None = None,
+        config: str | None = None,
+    ) -> None:
+        self.addr = addr
+        self.ca = ca
+        self.cert = cert
+        self.key = key
+        self.state_dir = state_dir
+        self.config = config
 
-@dataclass(frozen=True)
+
 class Connection:
     """Everything ``trio_worker.client.connect`` needs, all resolved."""
 
-    addr: str
-    ca: str
-    cert: str
-    key: str
-    #: Where the certificates came from, for error messages: "the development PKI in X"
-    #: or "--ca/--cert/--key".
-    origin: str
+    __slots__ = ("addr", "ca", "cert", "key", "origin")
+
+    def __init__(self, addr: str, ca: str, cert: str, key: str, origin: str) -> None:
+        self.addr = addr
+        self.ca = ca
+        self.cert = cert
+        self.key = key
+        #: Where the certificates came from, for error messages: "the development PKI in X"
+        #: or "--ca/--cert/--key".
+        self.origin = origin
 
 
 def resolve_connection(options: ClientOptions) -> Connection:
