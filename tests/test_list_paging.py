@@ -19,7 +19,12 @@ from hypothesis import strategies as st
 from tests.test_service import Caller, Cluster, cluster
 from trio_worker import InvalidRequest, JobState, Supervisor, open_supervisor
 from trio_worker._identity import Identity, Role
-from trio_worker._jobs._exec_limit import MAX_RECORDED_ARGS, check_exec_size, exec_limit
+from trio_worker._jobs._exec_limit import (
+    MAX_RECORDED_ARGS,
+    check_exec_size,
+    exec_limit,
+    exec_size,
+)
 from trio_worker._model import JobIdGenerator
 from trio_worker._net._transport import CallContext
 from trio_worker._pb import worker_pb2 as pb
@@ -89,6 +94,26 @@ def test_a_page_fits_its_budget_and_keeps_order(costs: list[int], size: int) -> 
 
 
 # -- exec limit ----------------------------------------------------------------------
+
+
+#: Text as ``os.fsdecode`` makes it: lone surrogates stand for undecodable bytes.
+_FS_TEXT = st.text(
+    st.characters() | st.characters(min_codepoint=0xDC80, max_codepoint=0xDCFF, categories=["Cs"])
+)
+
+
+@given(
+    st.lists(_FS_TEXT, min_size=1, max_size=4),
+    st.dictionaries(_FS_TEXT.filter(bool), _FS_TEXT, max_size=4),
+)
+def test_exec_size_counts_the_bytes_execve_gets(argv: list[str], env: dict[str, str]) -> None:
+    """ASCII strings are counted by their length, without encoding: the same bytes
+    as the file system's encoding gives (lone surrogates included)."""
+    strings = [os.fsencode(a) for a in argv] + [
+        os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()
+    ]
+    expected = sum(len(s) + 1 for s in strings) + 8 * len(strings) + 8 * 1024
+    assert exec_size(argv, env) == expected
 
 
 async def test_what_check_exec_size_accepts_the_kernel_runs() -> None:

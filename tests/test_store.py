@@ -140,6 +140,37 @@ async def test_every_field_round_trips_across_reopen(tmp_path: Path) -> None:
     assert [j.info.id for j in await _reload(path)] == sorted([full.id, minimal.id, live.id])
 
 
+async def test_a_queued_start_is_the_same_record(tmp_path: Path) -> None:
+    """``queue_start`` makes its row in the writer's thread: the same row, mistakes
+    still raised at the call, with nothing queued."""
+    info = running(
+        command="/opt/bin/ünïcode\udcff",
+        args=("naïve", "\udc80raw", "NUL\0inside"),
+        started_at=datetime(2025, 1, 2, 3, 4, 5, 600, tzinfo=timezone(timedelta(hours=5))),
+        limits=Limits(cpus=0.5, memory_bytes=2**30, pids=7),
+        isolation=Isolation(pid=True, network=True),
+        usage=Usage(cpu_seconds=0.5, memory_peak_bytes=4096),
+    )
+    async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
+        queued = store.queue_start(
+            info, env_keys=("KEY_é",), cwd="/tmp/dïr\udcfe", pid_start_time=9
+        )
+        for bad, why in [
+            (running(state=JobState.LOST), "no ended_at"),
+            (running(started_at=datetime(2025, 1, 1)), "naive"),
+        ]:
+            with pytest.raises(ValueError, match=why):
+                store.queue_start(bad, env_keys=(), cwd=None, pid_start_time=None)
+        with pytest.raises(ValueError, match="strings"):
+            store.queue_start(running(), env_keys=[1], cwd=None, pid_start_time=None)  # type: ignore[list-item]
+        before = store.transactions
+        await store.flush()
+        assert store.transactions == before + 1
+        assert queued.done
+        assert queued.error is None
+        assert await by_id(store) == {info.id: StoredJob(info, ("KEY_é",), "/tmp/dïr\udcfe", 9, 0)}
+
+
 async def _reload(path: Path) -> list[StoredJob]:
     async with await SqliteJobStore.open(path) as store:
         return await store.load_all()

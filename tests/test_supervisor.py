@@ -624,3 +624,39 @@ async def test_jobs_output_stays_whole_when_their_logs_take_turns_holding_files(
             ):
                 got = b"".join(c.data for c in chunks if c.stream is stream)
                 assert got == b"".join(f"job{n} {kind} {i}\n".encode() for i in range(first, 4))
+
+
+class _Spawned(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.names.append(task.name)
+
+
+async def test_a_jobs_usual_end_takes_no_task_and_a_setsid_escapee_still_dies() -> None:
+    """A job whose pipes end with its exit and whose group is then empty ends in the
+    watcher's own step (no task, no turn of the loop before Stop and Wait are told);
+    one that left a process in its cgroup outside its process group gets the task that
+    kills it by the cgroup."""
+    async with open_supervisor() as sup:
+        job = await sup.start("sleep", ["1000"])
+        # (The escapee says its pid once it has its own session: a Stop before that
+        # would reach it through the job's process group.)
+        escape = "setsid sh -c 'echo $$; exec sleep 1000' & exec sleep 1000"
+        left = await sup.start("sh", ["-c", escape])
+        escapee = await read_pid_line(sup, left.id)
+        await trio.testing.wait_all_tasks_blocked()
+        spawned = _Spawned()
+        trio.lowlevel.add_instrument(spawned)
+        try:
+            end = await sup.stop(job.id, grace=5)
+            other = await sup.stop(left.id, grace=5)
+        finally:
+            trio.lowlevel.remove_instrument(spawned)
+        assert (end.state, end.signal) == (JobState.KILLED, signal.SIGTERM)
+        assert (other.state, other.signal) == (JobState.KILLED, signal.SIGTERM)
+        assert not process_alive(escapee)
+        jobs = [name for name in spawned.names if name.startswith("job ")]
+        if sup.cgroups.tracks:
+            assert jobs == [f"job {left.id}"]

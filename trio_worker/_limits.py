@@ -39,6 +39,11 @@ MAX_PIDS = 4 * 1024 * 1024
 MAX_BPS = (1 << 63) - 1
 
 
+#: The fields of ``Limits`` that are whole numbers (all but ``cpus``).
+_INTEGERS = tuple(f.name for f in fields(Limits) if f.name != "cpus")
+#: Every field of ``Limits``, in order.
+_FIELDS = tuple(f.name for f in fields(Limits))
+
 # -- limits --------------------------------------------------------------------
 
 
@@ -48,10 +53,10 @@ def validate_limits(limits: Limits) -> None:
     Raises ``InvalidRequest`` naming the field and the bound.
     """
     limits.validate()
-    for f in fields(limits):
-        value = getattr(limits, f.name)
-        if f.name != "cpus" and (isinstance(value, bool) or not isinstance(value, int)):
-            raise InvalidRequest(f"limits.{f.name}", f"must be an integer, got {value!r}")
+    for name in _INTEGERS:
+        value = getattr(limits, name)
+        if type(value) is not int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InvalidRequest(f"limits.{name}", f"must be an integer, got {value!r}")
     if 0 < limits.cpus < MIN_CPUS:
         raise InvalidRequest(
             "limits.cpus",
@@ -102,21 +107,21 @@ class LimitPolicy:
     def apply(self, requested: Limits) -> Limits:
         """The limits a job gets; ``InvalidRequest`` if it asks above a maximum."""
         validate_limits(requested)
-
-        def pick(name: str) -> float:
+        defaults, maximums = self.defaults, self.maximums
+        chosen: list[float] = []
+        for name in _FIELDS:
             value: float = getattr(requested, name)
-            maximum: float = getattr(self.maximums, name)
+            maximum: float = getattr(maximums, name)
             if maximum and value > maximum:
                 raise InvalidRequest(
                     f"limits.{name}", f"must be at most {maximum} on this server, got {value}"
                 )
-            chosen: float = value or getattr(self.defaults, name) or maximum
-            return chosen
-
+            chosen.append(value or getattr(defaults, name) or maximum)
+        cpus, memory_bytes, io_read_bps, io_write_bps, pids = chosen
         return Limits(
-            cpus=float(pick("cpus")),
-            memory_bytes=int(pick("memory_bytes")),
-            io_read_bps=int(pick("io_read_bps")),
-            io_write_bps=int(pick("io_write_bps")),
-            pids=int(pick("pids")),
+            cpus=float(cpus),
+            memory_bytes=int(memory_bytes),
+            io_read_bps=int(io_read_bps),
+            io_write_bps=int(io_write_bps),
+            pids=int(pids),
         )

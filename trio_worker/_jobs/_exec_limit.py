@@ -52,9 +52,18 @@ def _max_string() -> int:
         return 32 * 4096
 
 
+def _size(text: str) -> int:
+    """``len(os.fsencode(text))``; an ASCII string (``isascii`` is a flag CPython keeps)
+    is its own length, without encoding it: a Start counts the server's whole environment."""
+    return len(text) if text.isascii() else len(os.fsencode(text))
+
+
 def _strings(argv: Sequence[str], env: Mapping[str, str]) -> tuple[list[int], list[int]]:
-    args = [len(os.fsencode(a)) + 1 for a in argv]
-    envs = [len(os.fsencode(k)) + len(os.fsencode(v)) + 2 for k, v in env.items()]
+    args = [_size(a) + 1 for a in argv]
+    envs = [
+        len(k) + len(v) + 2 if k.isascii() and v.isascii() else _size(k) + _size(v) + 2
+        for k, v in env.items()
+    ]
     return args, envs
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "Job",
     "KillTimer",
     "kill",
+    "kill_now",
     "now",
     "remove_cgroup",
     "running_process",
@@ -334,14 +335,22 @@ def _due(job: Job, deadline: float) -> bool:
     return not job.ended.is_set() and job.kill_deadline == deadline
 
 
+def kill_now(job: Job, process: JobProcess) -> bool:
+    """``kill`` without its thread: SIGKILL the job's process group; True if its cgroup
+    is empty (or it has none), so nothing escaped it and nothing is left to kill."""
+    signal_job(job, process, _signal.SIGKILL)
+    group = job.cgroup
+    return group is None or not group.tracked or group.is_empty()
+
+
 async def kill(job: Job, process: JobProcess) -> bool:
     """SIGKILL everything of the job: its process group and, through the
     cgroup, whatever escaped it (setsid, double fork). True if its cgroup was
     found empty (or it has none): nothing is left to wait for."""
-    signal_job(job, process, _signal.SIGKILL)
-    group = job.cgroup
-    if group is None or not group.tracked or group.is_empty():
+    if kill_now(job, process):
         return True
+    group = job.cgroup
+    assert group is not None
     # May freeze and wait (v1 without cgroup.kill): not on the event loop.
     try:
         await trio.to_thread.run_sync(group.kill)

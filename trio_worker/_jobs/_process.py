@@ -47,6 +47,8 @@ __all__ = [
     "Stdin",
     "Terminal",
     "describe_os_error",
+    "describe_setup_error",
+    "output_pipe",
     "validate_signal",
     "validate_start",
 ]
@@ -166,7 +168,8 @@ def validate_signal(signum: object) -> int:
     return int(signum)
 
 
-def _pipe() -> tuple[int, int]:
+def output_pipe() -> tuple[int, int]:
+    """A job's stdout or stderr pipe (read end, write end), both close-on-exec."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     # A bigger pipe means fewer wakeups per byte when the job writes fast.
     for size in (_BIG_PIPE_SIZE, _PIPE_SIZE):
@@ -228,9 +231,11 @@ class PipeReader:
         return self._closed
 
     def close(self) -> None:
+        # No ``trio.lowlevel.notify_closing``: trio never waits for the fd (the runner
+        # watches it in an epoll of its own), and telling trio of an fd it never saw
+        # costs a failed epoll_ctl and its exception (~15 us a pipe, at every job's end).
         if not self._closed:
             self._closed = True
-            trio.lowlevel.notify_closing(self.fd)
             os.close(self.fd)
 
 
@@ -244,7 +249,7 @@ def describe_os_error(exc: OSError, command: str) -> str:
 class JobProcess:
     """One spawned job process: its pipes, its pidfd, its process group."""
 
-    __slots__ = ("_pidfd", "pid", "returncode", "stderr", "stdin", "stdout")
+    __slots__ = ("_pidfd", "_trio_waited", "pid", "returncode", "stderr", "stdin", "stdout")
 
     def __init__(
         self,
@@ -262,6 +267,8 @@ class JobProcess:
         #: The write end of the stdin pipe (``Stdin.PIPE``), non-blocking; else None.
         self.stdin = stdin
         self.returncode: int | None = None
+        #: ``wait_exited`` waited through trio (else only the runner's epoll saw the pidfd).
+        self._trio_waited = False
 
     @classmethod
     def spawn(
@@ -318,9 +325,9 @@ class JobProcess:
                     else:
                         child_in = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
                         owned.append(child_in)
-                    out_r, child_out = _pipe()
+                    out_r, child_out = output_pipe()
                     owned += (out_r, child_out)
-                    err_r, child_err = _pipe()
+                    err_r, child_err = output_pipe()
                     owned += (err_r, child_err)
             except OSError as exc:
                 if exc.errno in RESOURCE_ERRNOS:
@@ -343,7 +350,7 @@ class JobProcess:
                     nofile_soft=nofile_soft,
                 )
             except ChildSetupError as exc:
-                raise SpawnError(_describe_setup_error(exc, spec, cgroup), exc.errno) from None
+                raise SpawnError(describe_setup_error(exc, spec, cgroup), exc.errno) from None
             except OSError as exc:  # vfork itself
                 if exc.errno in RESOURCE_ERRNOS:
                     raise resource_exhausted(exc, "creating its process") from None
@@ -382,6 +389,7 @@ class JobProcess:
     async def wait_exited(self) -> None:
         """Wait until the main process has exited, leaving it unreaped."""
         if self.returncode is None:
+            self._trio_waited = True
             await trio.lowlevel.wait_readable(self._pidfd)
         else:
             await trio.lowlevel.checkpoint()
@@ -398,7 +406,8 @@ class JobProcess:
         if self.returncode is None:
             _, status = os.waitpid(self.pid, 0)
             self.returncode = os.waitstatus_to_exitcode(status)
-            trio.lowlevel.notify_closing(self._pidfd)
+            if self._trio_waited:  # (see ``PipeReader.close``)
+                trio.lowlevel.notify_closing(self._pidfd)
             os.close(self._pidfd)
         return self.returncode
 
@@ -412,7 +421,7 @@ class JobProcess:
             self.stdin = None
 
 
-def _describe_setup_error(exc: ChildSetupError, spec: StartSpec, cgroup: JobCgroup | None) -> str:
+def describe_setup_error(exc: ChildSetupError, spec: StartSpec, cgroup: JobCgroup | None) -> str:
     """What went wrong in the child, in words a user can act on."""
     reason = exc.strerror or os.strerror(exc.errno or errno.EIO)
     stage = exc.stage

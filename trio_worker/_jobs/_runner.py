@@ -15,7 +15,9 @@ taken out of the epoll before anything closes it): a pipe is read until it is
 empty (at most its share of ``_ROUND_BYTES``, split evenly between the ready
 pipes of a wakeup; the rest waits for the next one: epoll is level-triggered),
 its bytes appended to the job's log;
-a pidfd that fires starts the job's end (``_end``).
+a pidfd that fires (handled after the wakeup's pipes, whose ends come with the exit)
+ends the job there and then when nothing needs waiting for (``_end_now``: its pipes
+at their ends, its group empty, its log on disk), else starts ``_end``.
 
 - Output is written to disk by ``OutputLog.flush_pending``, in a task started when
   a job appends and ending when the disk has everything.
@@ -44,7 +46,7 @@ from .._host._cgroups import CgroupError, JobCgroup
 from .._host._isolation import read_report
 from .._model import OutputStream, Usage
 from . import _lifecycle as lc
-from ._job import REPORT, Job, kill, now, remove_cgroup
+from ._job import REPORT, Job, kill, kill_now, now, remove_cgroup
 from ._process import JobProcess, PipeReader
 from ._records import JobRecords
 
@@ -165,19 +167,24 @@ class JobRunner:
         # block on a full pipe). 64 events: at least 64 KiB each.
         pipes = sum(1 for fd, _ in events if isinstance(self._fds.get(fd), _Pipe))
         share = _ROUND_BYTES // max(1, pipes)
+        exited: list[_Watch] = []
         for fd, _ in events:
             what = self._fds.get(fd)
             if what is None:
                 continue  # (cannot happen: fds leave the epoll before they close)
-            watch = what if isinstance(what, _Watch) else what.watch
-            try:
-                if isinstance(what, _Watch):
-                    self._exited(what)
-                elif budget > 0:
+            if isinstance(what, _Watch):
+                exited.append(what)  # after the pipes: their ends come with the exit
+            elif budget > 0:
+                try:
                     budget -= self._read(what, min(budget, share))
+                except Exception:
+                    # A bug here must cost one job, not the supervisor and every other job.
+                    self._fail(what.watch)
+        for watch in exited:
+            try:
+                self._exited(watch)
             except Exception:
-                # A bug here must cost one job, not the supervisor and every other job.
-                self._fail(watch)
+                _log.exception("job %s: recording its end failed", watch.job.id)
 
     def _read(self, pipe: _Pipe, limit: int) -> int:
         """Move what the pipe holds (up to ``limit``) into the log; returns the bytes moved."""
@@ -209,6 +216,16 @@ class JobRunner:
         self._unregister(watch.process.pidfd)
         if not watch.ending:
             watch.ending = True
+            try:
+                if self._end_now(watch):
+                    return
+            except Exception:
+                if watch.job.ended.is_set():
+                    raise  # (its end is recorded: ``_handle`` logs it, nothing is left)
+                _log.exception("job %s: supervision failed; killing it", watch.job.id)
+                self._unwatch(watch)
+                self._nursery.start_soon(self._finish, watch, name=f"job {watch.job.id}")
+                return
             self._nursery.start_soon(self._end, watch, name=f"job {watch.job.id}")
 
     def _fail(self, watch: _Watch) -> None:
@@ -278,6 +295,32 @@ class JobRunner:
             except Exception:
                 self._fail(watch)
 
+    def _end_now(self, watch: _Watch) -> bool:
+        """``_end`` without a task, when nothing needs waiting for: the job's pipes reached
+        their ends with its exit (the watcher handles pipes before pidfds), its group is
+        empty once its process group is killed, and its log is on disk. The usual end,
+        so it costs no task and no turn of the event loop before waiters are told.
+
+        False, having done nothing that ``_end`` would not do again, when something
+        needs waiting for.
+        """
+        if watch.pipes or watch.paused or watch.flushing:
+            return False
+        job, process = watch.job, watch.process
+        if not kill_now(job, process):
+            return False  # ``_end`` kills by the cgroup, then waits for it to empty
+        process.reap()
+        self._unwatch(watch)
+        self._close(watch)
+        log = job.log
+        assert log is not None
+        if log.flush_due:  # (lost ranges still to record)
+            self._nursery.start_soon(self._finish, watch, name=f"job {job.id} end")
+        else:
+            log.close()
+            self._done(watch)
+        return True
+
     async def _end(self, watch: _Watch) -> None:
         """The job's main process has exited: finish the job and record its end."""
         job, process = watch.job, watch.process
@@ -320,20 +363,31 @@ class JobRunner:
                 await kill(job, process)
                 await process.wait_exited()
                 process.reap()
-            process.close_pipes()
-            if job.terminal is not None:
-                job.terminal.close()
-            if job.input is not None:
-                job.input.release()  # writers still waiting learn the job ended
+            self._close(watch)
             try:
-                if not log.finished:
-                    log.finish()
                 await log.flush()
                 log.close()
             except Exception:  # the log's own failures are in it (lost ranges)
                 _log.exception("job %s: cannot finish its output log", job.id)
-            self._watches.discard(watch)
-            await _record_end(job, process, self._records, self.retire)
+            self._done(watch)
+
+    def _close(self, watch: _Watch) -> None:
+        """Close what the job's end leaves open (its main process reaped); the log
+        is finished (readers end once they have everything), not closed yet."""
+        job = watch.job
+        watch.process.close_pipes()
+        if job.terminal is not None:
+            job.terminal.close()
+        if job.input is not None:
+            job.input.release()  # writers still waiting learn the job ended
+        log = job.log
+        assert log is not None
+        if not log.finished:
+            log.finish()
+
+    def _done(self, watch: _Watch) -> None:
+        self._watches.discard(watch)
+        _record_end(watch.job, watch.process, self._records, self.retire, self._nursery)
 
 
 def _outputs(job: Job, process: JobProcess) -> Iterator[tuple[PipeReader, OutputStream]]:
@@ -345,11 +399,12 @@ def _outputs(job: Job, process: JobProcess) -> Iterator[tuple[PipeReader, Output
         yield process.stderr, OutputStream.STDERR
 
 
-async def _record_end(
+def _record_end(
     job: Job,
     process: JobProcess,
     records: JobRecords,
-    retire: Callable[[JobCgroup], None] | None = None,
+    retire: Callable[[JobCgroup], None] | None,
+    nursery: trio.Nursery,
 ) -> None:
     returncode = process.returncode
     assert returncode is not None
@@ -378,5 +433,5 @@ async def _record_end(
     records.end_soon(job)
     if retire is not None and job.cgroup is not None:
         retire(job.cgroup)  # removed with the next places (``_launch``)
-    else:
-        await remove_cgroup(job)
+    elif job.cgroup is not None and job.cgroup.tracked:
+        nursery.start_soon(remove_cgroup, job)
