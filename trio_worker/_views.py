@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 from datetime import datetime
-from typing import Final
 
 from ._pbwire import (
     ISOLATION_FIELDS,
@@ -30,6 +29,10 @@ from ._pbwire import (
     utf8,
 )
 from ._states import JobState, OutputStream
+
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "STATE_FROM_PB",
