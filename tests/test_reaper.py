@@ -49,6 +49,9 @@ async def main(state):
                 if buf.count(b"\\n") >= want:
                     break
             pids += [int(x) for x in buf.split()]
+        # A Start answers before its record's commit (group commit, right after):
+        # the crash below comes once every job is on record.
+        await sup._store.flush()
         print(" ".join(map(str, pids)), flush=True)
         await trio.sleep_forever()
 

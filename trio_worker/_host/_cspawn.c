@@ -47,6 +47,8 @@
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <structmember.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -497,6 +499,681 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------------------- *
+ * Seeds: a job's process made ahead of its Start (see _spawn.Seed).
+ *
+ * A seed is cloned with CLONE_VM (the server's memory, no page tables copied)
+ * but *without* CLONE_VFORK: the cloning thread goes on at once. The child is
+ * born in the job's v2 group (CLONE_INTO_CGROUP), writes the v1 hierarchies'
+ * cgroup.procs itself, takes its process group, its stdin/stdout/stderr,
+ * closes every other descriptor and then blocks in read() on its "go" pipe.
+ * At the Start the server writes the command into a block of memory both
+ * share (a fresh mapping), then one byte: the child switches user, enters its
+ * directory, resets signals and execs. A failure is written to a close-on-exec
+ * "report" pipe (its EOF alone means the exec happened). EOF on the go pipe
+ * means the server died or gave the seed up: the child exits.
+ *
+ * The child runs beside the server's threads in the same memory: it makes raw
+ * system calls only (no libc: errno and every other thread-local live in the
+ * cloning thread's TLS, which may be gone by then), runs on a stack and a
+ * thread pointer of its own (CLONE_SETTLS: a zeroed area, so even a stack
+ * protector's canary read stays in memory of ours), with every signal blocked
+ * from its first instruction (inherited from the clone) until its dispositions
+ * are back to default. Its memory (the mapping below) is freed only once the
+ * child cannot touch it any more: EOF on the report pipe (exec'd or exited:
+ * the kernel drops the mm before the fds) or the child reaped.
+ * ------------------------------------------------------------------------- */
+
+#define SEED_MAX_GROUPS 32
+
+struct seed_ctl {
+    /* Birth (filled before the clone). */
+    int go_r, report_w;
+    int fds[3];
+    int cgroup_fds[SEED_MAX_GROUPS];
+    int n_cgroup_fds;
+    int into_index;
+    int joined_by_clone;
+    long nofile_soft;
+    long max_fd; /* close_range's fallback: close() up to here */
+    /* The command (filled before the go byte). */
+    char **paths;
+    char **argv;
+    char **envp;
+    const char *cwd;
+    long uid, gid;
+    gid_t *groups;
+    long n_groups; /* -1: keep */
+    int pdeathsig;
+    pid_t parent;
+};
+
+#define SEED_STACK (64 * 1024)
+#define SEED_TLS (16 * 1024)
+#define SEED_TP_AT (12 * 1024) /* the thread pointer, inside the TLS area */
+#define SEED_BLOCK (SEED_STACK + SEED_TLS + 4096)
+
+#if defined(__x86_64__)
+#define HAVE_SEED 1
+#ifndef CLONE_SETTLS
+#define CLONE_SETTLS 0x00080000
+#endif
+
+static inline long
+raw6(long n, long a1, long a2, long a3, long a4, long a5, long a6)
+{
+    long ret;
+    register long r10 __asm__("r10") = a4;
+    register long r8 __asm__("r8") = a5;
+    register long r9 __asm__("r9") = a6;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "a"(n), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8), "r"(r9)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+#define RAW1(n, a) raw6((n), (long)(a), 0, 0, 0, 0, 0)
+#define RAW2(n, a, b) raw6((n), (long)(a), (long)(b), 0, 0, 0, 0)
+#define RAW3(n, a, b, c) raw6((n), (long)(a), (long)(b), (long)(c), 0, 0, 0)
+#define RAW4(n, a, b, c, d) raw6((n), (long)(a), (long)(b), (long)(c), (long)(d), 0, 0)
+
+/* x86-64 numbers, spelled out: old headers may not name the newer ones. */
+#define NR_READ 0
+#define NR_WRITE 1
+#define NR_CLOSE 3
+#define NR_RT_SIGACTION 13
+#define NR_RT_SIGPROCMASK 14
+#define NR_DUP2 33
+#define NR_GETPID 39
+#define NR_EXECVE 59
+#define NR_EXIT 60
+#define NR_FCNTL 72
+#define NR_CHDIR 80
+#define NR_SETPGID 109
+#define NR_GETPPID 110
+#define NR_SETRESUID 117
+#define NR_SETRESGID 119
+#define NR_SETGROUPS 116
+#define NR_PRCTL 157
+#define NR_PRLIMIT64 302
+#define NR_CLOSE_RANGE 436
+
+#if defined(__has_attribute)
+#if __has_attribute(no_stack_protector)
+#define SEED_NOSSP __attribute__((no_stack_protector))
+#endif
+#endif
+#ifndef SEED_NOSSP
+#define SEED_NOSSP
+#endif
+
+struct kernel_sigaction {
+    unsigned long handler, flags, restorer, mask;
+};
+
+static void __attribute__((noreturn)) SEED_NOSSP
+seed_fail(const struct seed_ctl *c, int stage, long err, int index)
+{
+    int report[3];
+    report[0] = stage;
+    report[1] = (int)(err < 0 ? -err : (err ? err : EIO));
+    report[2] = index;
+    (void)RAW3(NR_WRITE, c->report_w, report, sizeof report);
+    for (;;)
+        RAW1(NR_EXIT, 127);
+}
+
+/* Close [from, to] (to < 0: to the end). */
+static void SEED_NOSSP
+seed_close_span(const struct seed_ctl *c, long from, long to)
+{
+    long r;
+    if (to >= 0 && to < from)
+        return;
+    r = RAW3(NR_CLOSE_RANGE, from, to < 0 ? ~0U : (unsigned long)to, 0);
+    if (r == -ENOSYS) {
+        long fd, end = to < 0 ? c->max_fd : to;
+        for (fd = from; fd <= end; fd++)
+            (void)RAW1(NR_CLOSE, fd);
+    }
+}
+
+static void __attribute__((noreturn)) SEED_NOSSP
+seed_main(void *arg)
+{
+    struct seed_ctl *c = arg;
+    int i;
+    long r;
+    char go;
+
+    /* 1. Nothing of the server's but what the seed needs, first of all: other
+     *    seeds' pipes (a seed holding another's report pipe would hide that
+     *    one's exec), the state directory's lock (a server restarted after a
+     *    crash must find it free). Sources out of 0..2 first, so no dup2 hits
+     *    them; then stdin/stdout/stderr; then every gap closed. */
+    if (c->go_r < 3 && (c->go_r = (int)RAW3(NR_FCNTL, c->go_r, F_DUPFD_CLOEXEC, 3)) < 0)
+        for (;;)
+            RAW1(NR_EXIT, 127);
+    if (c->report_w < 3 &&
+        (c->report_w = (int)RAW3(NR_FCNTL, c->report_w, F_DUPFD_CLOEXEC, 3)) < 0)
+        for (;;)
+            RAW1(NR_EXIT, 127);
+    for (i = 0; i < c->n_cgroup_fds; i++) {
+        if (c->cgroup_fds[i] < 3) {
+            r = RAW3(NR_FCNTL, c->cgroup_fds[i], F_DUPFD_CLOEXEC, 3);
+            if (r < 0)
+                seed_fail(c, STAGE_CGROUP, r, i);
+            c->cgroup_fds[i] = (int)r;
+        }
+    }
+    for (i = 0; i < 3; i++) {
+        if (c->fds[i] < 3) {
+            r = RAW3(NR_FCNTL, c->fds[i], F_DUPFD_CLOEXEC, 3);
+            if (r < 0)
+                seed_fail(c, STAGE_FDS, r, i);
+            c->fds[i] = (int)r;
+        }
+    }
+    for (i = 0; i < 3; i++) {
+        r = RAW2(NR_DUP2, c->fds[i], i);
+        if (r < 0)
+            seed_fail(c, STAGE_FDS, r, i);
+    }
+    {
+        int keep[SEED_MAX_GROUPS + 2], n = 0, j, from = 3;
+        keep[n++] = c->go_r;
+        keep[n++] = c->report_w;
+        for (i = 0; i < c->n_cgroup_fds; i++)
+            keep[n++] = c->cgroup_fds[i];
+        for (i = 1; i < n; i++) { /* insertion sort: no libc here */
+            int v = keep[i];
+            for (j = i - 1; j >= 0 && keep[j] > v; j--)
+                keep[j + 1] = keep[j];
+            keep[j + 1] = v;
+        }
+        for (i = 0; i < n; i++) {
+            seed_close_span(c, from, keep[i] - 1);
+            if (keep[i] + 1 > from)
+                from = keep[i] + 1;
+        }
+        seed_close_span(c, from, -1);
+    }
+    /* 2. Every group of the job, before anything of the command (the clone
+     *    joined the v2 one). */
+    for (i = 0; i < c->n_cgroup_fds; i++) {
+        if (!(i == c->into_index && c->joined_by_clone)) {
+            r = RAW3(NR_WRITE, c->cgroup_fds[i], "0", 1);
+            if (r != 1)
+                seed_fail(c, STAGE_CGROUP, r, i);
+        }
+    }
+    for (i = 0; i < c->n_cgroup_fds; i++)
+        (void)RAW1(NR_CLOSE, c->cgroup_fds[i]);
+    /* 3. The soft RLIMIT_NOFILE the server started with. */
+    if (c->nofile_soft >= 0) {
+        struct rlimit lim;
+        if (RAW4(NR_PRLIMIT64, 0, RLIMIT_NOFILE, 0, &lim) < 0)
+            seed_fail(c, STAGE_RLIMIT, EIO, 0);
+        if ((rlim_t)c->nofile_soft < lim.rlim_cur) {
+            lim.rlim_cur = (rlim_t)c->nofile_soft;
+            r = RAW4(NR_PRLIMIT64, 0, RLIMIT_NOFILE, &lim, 0);
+            if (r < 0)
+                seed_fail(c, STAGE_RLIMIT, r, 0);
+        }
+    }
+    /* 4. A process group of its own: the job's. */
+    r = RAW2(NR_SETPGID, 0, 0);
+    if (r < 0)
+        seed_fail(c, STAGE_SESSION, r, 0);
+    /* 5. Wait for the command. EOF: the server is gone or gave the seed up. */
+    do {
+        r = RAW3(NR_READ, c->go_r, &go, 1);
+    } while (r == -EINTR);
+    if (r != 1)
+        for (;;)
+            RAW1(NR_EXIT, 0);
+    (void)RAW1(NR_CLOSE, c->go_r);
+    /* 6. The user: groups, gid, uid (each needs the privilege the next one drops). */
+    if (c->n_groups >= 0 && (r = RAW2(NR_SETGROUPS, c->n_groups, c->groups)) < 0)
+        seed_fail(c, STAGE_SETGROUPS, r, 0);
+    if (c->gid >= 0 && (r = RAW3(NR_SETRESGID, c->gid, c->gid, c->gid)) < 0)
+        seed_fail(c, STAGE_SETGID, r, 0);
+    if (c->uid >= 0 && (r = RAW3(NR_SETRESUID, c->uid, c->uid, c->uid)) < 0)
+        seed_fail(c, STAGE_SETUID, r, 0);
+    if (c->cwd != NULL && (r = RAW1(NR_CHDIR, c->cwd)) < 0)
+        seed_fail(c, STAGE_CHDIR, r, 0);
+    if (c->pdeathsig) {
+        if ((r = RAW2(NR_PRCTL, PR_SET_PDEATHSIG, c->pdeathsig)) < 0)
+            seed_fail(c, STAGE_PDEATHSIG, r, 0);
+        if (RAW1(NR_GETPPID, 0) != c->parent)
+            seed_fail(c, STAGE_PARENT_GONE, ESRCH, 0);
+    }
+    /* 7. Default dispositions (the server ignores SIGPIPE, which exec keeps),
+     *    then no signal blocked: no handler of the server's ever runs here. */
+    {
+        struct kernel_sigaction dfl = {0, 0, 0, 0};
+        unsigned long none = 0;
+        int sig;
+        for (sig = 1; sig <= 64; sig++) {
+            if (sig != SIGKILL && sig != SIGSTOP)
+                (void)RAW4(NR_RT_SIGACTION, sig, &dfl, 0, 8);
+        }
+        (void)RAW4(NR_RT_SIGPROCMASK, SIG_SETMASK, &none, 0, 8);
+    }
+    /* 8. execve along the candidates (execvp's rules, as spawn). */
+    {
+        long saved = 0;
+        char **path;
+        for (path = c->paths; *path != NULL; path++) {
+            r = RAW3(NR_EXECVE, *path, c->argv, c->envp);
+            if (r == -EACCES) {
+                saved = EACCES;
+            } else if (r != -ENOENT && r != -ENOTDIR) {
+                saved = -r;
+                break;
+            }
+        }
+        seed_fail(c, STAGE_EXEC, saved ? saved : ENOENT, 0);
+    }
+}
+#endif /* __x86_64__ */
+
+typedef struct {
+    PyObject_HEAD
+    pid_t pid;
+    int go_fd;     /* write end of the go pipe, -1 once the go byte is written */
+    int report_fd; /* read end of the report pipe (non-blocking), -1 once at EOF */
+    char *block;   /* stack + TLS + ctl, shared with the child */
+    char *params;  /* the command's strings and arrays */
+    size_t params_size;
+    int report[3];
+    size_t report_got;
+    int done; /* EOF seen or the child reaped: the memory is ours again */
+} SeedObject;
+
+static void
+seed_release(SeedObject *s)
+{
+    if (s->params != NULL) {
+        munmap(s->params, s->params_size);
+        s->params = NULL;
+    }
+    if (s->block != NULL) {
+        munmap(s->block, SEED_BLOCK);
+        s->block = NULL;
+    }
+}
+
+static void
+seed_close_fds(SeedObject *s)
+{
+    if (s->go_fd >= 0) {
+        close(s->go_fd);
+        s->go_fd = -1;
+    }
+    if (s->report_fd >= 0) {
+        close(s->report_fd);
+        s->report_fd = -1;
+    }
+}
+
+static void
+seed_dealloc(SeedObject *s)
+{
+    seed_close_fds(s);
+    if (s->done)
+        seed_release(s);
+    /* else the child may still run in that memory: leave it (never expected:
+     * _spawn.Seed kills and reaps an unused seed). */
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyObject *
+seed_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *cgroup_o;
+    int fds[3];
+    long nofile_soft, max_fd;
+    int *cgroup_fds = NULL;
+    Py_ssize_t n_cgroup = 0, i;
+    SeedObject *s;
+
+    if (!PyArg_ParseTuple(args, "Oiiill:Seed", &cgroup_o, &fds[0], &fds[1], &fds[2],
+                          &nofile_soft, &max_fd))
+        return NULL;
+#ifndef HAVE_SEED
+    errno = ENOSYS;
+    return PyErr_SetFromErrno(PyExc_OSError);
+#else
+    if (int_array(cgroup_o, &n_cgroup, &cgroup_fds) < 0)
+        return NULL;
+    if (n_cgroup > SEED_MAX_GROUPS) {
+        PyMem_Free(cgroup_fds);
+        PyErr_SetString(PyExc_ValueError, "too many cgroup fds");
+        return NULL;
+    }
+    s = (SeedObject *)type->tp_alloc(type, 0);
+    if (s == NULL) {
+        PyMem_Free(cgroup_fds);
+        return NULL;
+    }
+    s->pid = -1;
+    s->go_fd = s->report_fd = -1;
+    {
+        int go[2] = {-1, -1}, rep[2] = {-1, -1};
+        struct seed_ctl *c;
+        struct clone_args_v2 cargs;
+        sigset_t all, old;
+        long ret;
+        int saved;
+        char *block = mmap(NULL, SEED_BLOCK, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        if (block == MAP_FAILED) {
+            saved = errno;
+            goto fail;
+        }
+        s->block = block;
+        if (pipe2(go, O_CLOEXEC) < 0 || pipe2(rep, O_CLOEXEC | O_NONBLOCK) < 0) {
+            saved = errno;
+            goto fail;
+        }
+        c = (struct seed_ctl *)(block + SEED_STACK + SEED_TLS);
+        c->go_r = go[0];
+        c->report_w = rep[1];
+        for (i = 0; i < 3; i++)
+            c->fds[i] = fds[i];
+        c->n_cgroup_fds = (int)n_cgroup;
+        c->into_index = -1;
+        for (i = 0; i < n_cgroup; i++) {
+            struct stat st;
+            c->cgroup_fds[i] = cgroup_fds[i];
+            if (c->into_index < 0 && fstat(cgroup_fds[i], &st) == 0 && S_ISDIR(st.st_mode))
+                c->into_index = (int)i;
+        }
+        c->nofile_soft = nofile_soft;
+        c->max_fd = max_fd;
+        c->n_groups = -1;
+        c->uid = c->gid = -1;
+        /* The thread pointer: x86-64's TCB starts with a pointer to itself. */
+        *(void **)(block + SEED_STACK + SEED_TP_AT) = block + SEED_STACK + SEED_TP_AT;
+
+        memset(&cargs, 0, sizeof cargs);
+        cargs.flags = CLONE_VM | CLONE_SETTLS;
+        cargs.exit_signal = SIGCHLD;
+        cargs.stack = (unsigned long long)(uintptr_t)block;
+        cargs.stack_size = SEED_STACK;
+        cargs.tls = (unsigned long long)(uintptr_t)(block + SEED_STACK + SEED_TP_AT);
+        if (c->into_index >= 0) {
+            cargs.flags |= CLONE_INTO_CGROUP;
+            cargs.cgroup = (unsigned long long)c->cgroup_fds[c->into_index];
+            c->joined_by_clone = 1;
+        }
+        /* The child starts with every signal blocked (it inherits this mask). */
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, &old);
+        ret = tw_clone3_run(&cargs, sizeof cargs, (void (*)(void *))seed_main, c);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (ret < 0) {
+            saved = (int)-ret;
+            goto fail;
+        }
+        close(go[0]);
+        close(rep[1]);
+        s->pid = (pid_t)ret;
+        s->go_fd = go[1];
+        s->report_fd = rep[0];
+        PyMem_Free(cgroup_fds);
+        return (PyObject *)s;
+    fail:
+        for (i = 0; i < 2; i++) {
+            if (go[i] >= 0)
+                close(go[i]);
+            if (rep[i] >= 0)
+                close(rep[i]);
+        }
+        s->done = 1; /* no child: the memory is ours */
+        Py_DECREF(s);
+        PyMem_Free(cgroup_fds);
+        errno = saved;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+#endif
+}
+
+/* The size of n strings and their NULL-terminated array in the params block. */
+static int
+seed_strings(PyObject *seq, PyObject **fast, size_t *size)
+{
+    Py_ssize_t n, i;
+    *fast = PySequence_Fast(seq, "expected a sequence of bytes");
+    if (*fast == NULL)
+        return -1;
+    n = PySequence_Fast_GET_SIZE(*fast);
+    *size += ((size_t)n + 1) * sizeof(char *);
+    for (i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(*fast, i);
+        if (!PyBytes_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "expected bytes");
+            return -1;
+        }
+        *size += (size_t)PyBytes_GET_SIZE(item) + 1;
+    }
+    return 0;
+}
+
+/* Copy fast's strings into the block at *at; return the array. */
+static char **
+seed_copy(PyObject *fast, char **at)
+{
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast), i;
+    char **array = (char **)*at;
+    char *text = *at + ((size_t)n + 1) * sizeof(char *);
+    for (i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
+        size_t len = (size_t)PyBytes_GET_SIZE(item);
+        memcpy(text, PyBytes_AS_STRING(item), len + 1);
+        array[i] = text;
+        text += len + 1;
+    }
+    array[n] = NULL;
+    *at = text;
+    return array;
+}
+
+PyDoc_STRVAR(seed_go_doc,
+"go(paths, argv, envp, cwd, uid, gid, groups, pdeathsig, parent)\n\n"
+"Hand the seed its command and let it exec. The outcome comes from collect().");
+
+static PyObject *
+seed_go(SeedObject *s, PyObject *args)
+{
+#ifndef HAVE_SEED
+    errno = ENOSYS;
+    return PyErr_SetFromErrno(PyExc_OSError);
+#else
+    PyObject *paths_o, *argv_o, *envp_o, *cwd_o, *groups_o;
+    PyObject *paths = NULL, *argv = NULL, *envp = NULL, *groups = NULL, *result = NULL;
+    long uid, gid;
+    int pdeathsig;
+    long parent;
+    size_t size = 0, cwd_len = 0;
+    Py_ssize_t n_groups = -1, i;
+    struct seed_ctl *c;
+    char *at;
+
+    if (!PyArg_ParseTuple(args, "OOOOllOil:go", &paths_o, &argv_o, &envp_o, &cwd_o, &uid, &gid,
+                          &groups_o, &pdeathsig, &parent))
+        return NULL;
+    if (s->go_fd < 0 || s->block == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this seed was used already");
+        return NULL;
+    }
+    if (cwd_o != Py_None && !PyBytes_Check(cwd_o)) {
+        PyErr_SetString(PyExc_TypeError, "cwd must be bytes or None");
+        return NULL;
+    }
+    if (seed_strings(paths_o, &paths, &size) < 0 || seed_strings(argv_o, &argv, &size) < 0 ||
+        seed_strings(envp_o, &envp, &size) < 0)
+        goto done;
+    if (groups_o != Py_None) {
+        groups = PySequence_Fast(groups_o, "expected a sequence of int");
+        if (groups == NULL)
+            goto done;
+        n_groups = PySequence_Fast_GET_SIZE(groups);
+    }
+    if (cwd_o != Py_None)
+        cwd_len = (size_t)PyBytes_GET_SIZE(cwd_o) + 1;
+    size += (n_groups > 0 ? (size_t)n_groups : 0) * sizeof(gid_t) + cwd_len + 64;
+    size = (size + 4095) & ~(size_t)4095;
+    at = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (at == MAP_FAILED) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    s->params = at;
+    s->params_size = size;
+    c = (struct seed_ctl *)(s->block + SEED_STACK + SEED_TLS);
+    c->groups = NULL;
+    if (n_groups > 0) {
+        c->groups = (gid_t *)at;
+        for (i = 0; i < n_groups; i++) {
+            long g = PyLong_AsLong(PySequence_Fast_GET_ITEM(groups, i));
+            if (g == -1 && PyErr_Occurred())
+                goto done; /* nothing sent: the seed still waits */
+            c->groups[i] = (gid_t)g;
+        }
+        at += (size_t)n_groups * sizeof(gid_t);
+    }
+    at = (char *)(((uintptr_t)at + 7) & ~(uintptr_t)7);
+    c->paths = seed_copy(paths, &at);
+    at = (char *)(((uintptr_t)at + 7) & ~(uintptr_t)7);
+    c->argv = seed_copy(argv, &at);
+    at = (char *)(((uintptr_t)at + 7) & ~(uintptr_t)7);
+    c->envp = seed_copy(envp, &at);
+    c->cwd = NULL;
+    if (cwd_len) {
+        memcpy(at, PyBytes_AS_STRING(cwd_o), cwd_len);
+        c->cwd = at;
+    }
+    c->n_groups = n_groups;
+    c->uid = uid;
+    c->gid = gid;
+    c->pdeathsig = pdeathsig;
+    c->parent = (pid_t)parent;
+    /* The write is the barrier: the child reads all of this after it. A seed
+     * that died meanwhile (EPIPE) tells why on its report pipe. */
+    {
+        ssize_t w;
+        do {
+            w = write(s->go_fd, "g", 1);
+        } while (w < 0 && errno == EINTR);
+    }
+    close(s->go_fd);
+    s->go_fd = -1;
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    Py_XDECREF(paths);
+    Py_XDECREF(argv);
+    Py_XDECREF(envp);
+    Py_XDECREF(groups);
+    return result;
+#endif
+}
+
+PyDoc_STRVAR(seed_collect_doc,
+"collect() -> None | (stage, errno, index)\n\n"
+"None while the report pipe is open (call again once it is readable); then\n"
+"(0, 0, 0) if the command was exec'd, or the failure the child reported\n"
+"(stage -1: it died without a word). Frees the seed's memory.");
+
+static PyObject *
+seed_collect(SeedObject *s, PyObject *unused)
+{
+    for (;;) {
+        char buf[sizeof s->report];
+        ssize_t got;
+        if (s->report_fd < 0)
+            break;
+        got = read(s->report_fd, buf, sizeof buf);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN)
+                Py_RETURN_NONE;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        if (got == 0) {
+            close(s->report_fd);
+            s->report_fd = -1;
+            s->done = 1; /* exec'd or exited: the child's mm is not ours any more */
+            seed_release(s);
+            break;
+        }
+        if (s->report_got + (size_t)got <= sizeof s->report) {
+            memcpy((char *)s->report + s->report_got, buf, (size_t)got);
+            s->report_got += (size_t)got;
+        }
+    }
+    if (s->report_got == sizeof s->report)
+        return Py_BuildValue("(iii)", s->report[0], s->report[1], s->report[2]);
+    if (s->go_fd >= 0 || s->report_got != 0)
+        return Py_BuildValue("(iii)", -1, EIO, 0); /* died before the go, or a torn report */
+    return Py_BuildValue("(iii)", 0, 0, 0);
+}
+
+PyDoc_STRVAR(seed_kill_doc,
+"kill()\n\n"
+"SIGKILL the unused seed and reap it (blocking), then free its memory.");
+
+static PyObject *
+seed_kill(SeedObject *s, PyObject *unused)
+{
+    if (s->pid > 0 && !s->done) {
+        int status;
+        pid_t got;
+        (void)kill(s->pid, SIGKILL);
+        Py_BEGIN_ALLOW_THREADS
+        do {
+            got = waitpid(s->pid, &status, 0);
+        } while (got < 0 && errno == EINTR);
+        Py_END_ALLOW_THREADS
+        if (got == s->pid || errno == ECHILD) {
+            s->done = 1;
+            seed_release(s);
+        }
+    }
+    seed_close_fds(s);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef seed_methods[] = {
+    {"go", (PyCFunction)seed_go, METH_VARARGS, seed_go_doc},
+    {"collect", (PyCFunction)seed_collect, METH_NOARGS, seed_collect_doc},
+    {"kill", (PyCFunction)seed_kill, METH_NOARGS, seed_kill_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef seed_members[] = {
+    {"pid", T_INT, offsetof(SeedObject, pid), READONLY, "the seed's pid (the job's)"},
+    {"go_fd", T_INT, offsetof(SeedObject, go_fd), READONLY, "the go pipe; -1 once used"},
+    {"report_fd", T_INT, offsetof(SeedObject, report_fd), READONLY,
+     "readable when collect() has news; -1 after EOF"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject SeedType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "trio_worker._host._cspawn.Seed",
+    .tp_basicsize = sizeof(SeedObject),
+    .tp_dealloc = (destructor)seed_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Seed(cgroup_fds, stdin, stdout, stderr, nofile_soft, max_fd): a process "
+              "born in its groups, waiting for its command (see the comment above).",
+    .tp_methods = seed_methods,
+    .tp_members = seed_members,
+    .tp_new = seed_new,
+};
+
 static PyMethodDef methods[] = {
     {"spawn", cspawn_spawn, METH_VARARGS, spawn_doc},
     {NULL, NULL, 0, NULL},
@@ -510,5 +1187,25 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__cspawn(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m;
+    if (PyType_Ready(&SeedType) < 0)
+        return NULL;
+    m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&SeedType);
+    if (PyModule_AddObject(m, "Seed", (PyObject *)&SeedType) < 0) {
+        Py_DECREF(&SeedType);
+        Py_DECREF(m);
+        return NULL;
+    }
+#ifdef HAVE_SEED
+    if (PyModule_AddIntConstant(m, "HAVE_SEED", 1) < 0) {
+#else
+    if (PyModule_AddIntConstant(m, "HAVE_SEED", 0) < 0) {
+#endif
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

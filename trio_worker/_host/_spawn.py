@@ -32,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - a source tree nobody built
 __all__ = [
     "ChildSetupError",
     "Credentials",
+    "Seed",
     "Stage",
     "Stdin",
     "Terminal",
@@ -89,6 +90,9 @@ class Stage(enum.IntEnum):
     PDEATHSIG = 9
     PARENT_GONE = 10
     EXEC = 11
+    RLIMIT = 12
+    #: A seed that died before it could say why (killed from outside).
+    LOST = -1
 
 
 class ChildSetupError(OSError):
@@ -162,6 +166,138 @@ def spawn(
         filename = command if where is Stage.EXEC else cwd if where is Stage.CHDIR else None
         raise ChildSetupError(where, code or _errno.EIO, index, filename)
     return pid
+
+
+#: clone3 refused so (seccomp, sandboxes, kernels before 5.7): no seeds on this host.
+SEEDS_REFUSED = frozenset({_errno.ENOSYS, _errno.EPERM, _errno.EINVAL, _errno.E2BIG})
+
+
+@final
+class Seed:
+    """A job's process made before its Start: born in the job's cgroups, in its own
+    process group, with its stdin/stdout/stderr, blocked until ``go`` gives it a command.
+
+    What a spawn does before the exec then happens ahead of need (off the Start's
+    path, in the thread that makes places): the clone, every ``cgroup.procs`` write
+    (7.8 ms cold: an RCU grace period), the pipes' setup. ``go`` costs the caller
+    a copy of the command into memory the child shares and a one-byte write; the
+    child switches user, enters ``cwd``, resets signals and execs. ``report_fd``
+    turns readable when ``poll`` has news: EOF (the exec happened) or a failure.
+
+    The child is a ``clone(CLONE_VM)`` without ``CLONE_VFORK`` making raw system
+    calls only (see ``_cspawn.c``); if the server dies, EOF on its go pipe ends it.
+    An unused seed must be ``kill``ed (blocking: it reaps). x86-64 only:
+    ``plant`` raises ``OSError`` (ENOSYS) elsewhere, and where clone3 is refused
+    (``SEEDS_REFUSED``).
+    """
+
+    __slots__ = ("_c", "_outcome", "pidfd")
+
+    def __init__(self, c: _cspawn.Seed, pidfd: int) -> None:
+        self._c = c
+        self.pidfd = pidfd
+        self._outcome: tuple[int, int, int] | None = None
+
+    @classmethod
+    def plant(
+        cls,
+        cgroup_fds: Sequence[int],
+        *,
+        stdin: int,
+        stdout: int,
+        stderr: int,
+        nofile_soft: int | None = None,
+    ) -> Seed:
+        """Clone the seed (it joins the groups of ``cgroup_fds`` as ``spawn``'s child
+        does); the caller closes its copies of every fd given. ``OSError`` if not."""
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        max_fd = 65535 if limit == resource.RLIM_INFINITY else min(limit, 1 << 20)
+        c = _cspawn.Seed(
+            list(cgroup_fds),
+            stdin,
+            stdout,
+            stderr,
+            nofile_soft if nofile_soft is not None else -1,
+            max_fd,
+        )
+        try:
+            pidfd = os.pidfd_open(c.pid)
+        except BaseException:
+            c.kill()
+            raise
+        return cls(c, pidfd)
+
+    @property
+    def pid(self) -> int:
+        return self._c.pid
+
+    @property
+    def fds(self) -> list[int]:
+        """The descriptors this seed holds in the server (its go and report pipes, pidfd)."""
+        return [fd for fd in (self._c.go_fd, self._c.report_fd, self.pidfd) if fd >= 0]
+
+    @property
+    def report_fd(self) -> int:
+        """Readable once ``poll`` may be True (-1 after)."""
+        return self._c.report_fd
+
+    def go(
+        self,
+        command: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: str | None,
+        *,
+        user: Credentials | None = None,
+        pdeathsig: int = 0,
+    ) -> None:
+        """Run ``command`` (looked up in ``env``'s PATH, as ``spawn``); no wait.
+
+        ``pdeathsig`` fires when the thread that *planted* the seed exits: 0
+        unless that is the event loop's. ``OSError`` (ENOMEM) leaves the seed
+        waiting, to be ``kill``ed.
+        """
+        self._c.go(
+            exec_candidates(command, env.get("PATH")),
+            [os.fsencode(a) for a in argv],
+            [os.fsencode(f"{k}={v}") for k, v in env.items()],
+            os.fsencode(cwd) if cwd is not None else None,
+            user.uid if user is not None else -1,
+            user.gid if user is not None else -1,
+            user.groups if user is not None else None,
+            pdeathsig,
+            os.getpid(),
+        )
+
+    def poll(self) -> bool:
+        """True once the outcome is known (``error`` says it); never blocks."""
+        if self._outcome is None:
+            self._outcome = self._c.collect()
+        return self._outcome is not None
+
+    def error(self, command: str, cwd: str | None) -> ChildSetupError | None:
+        """None if the command was exec'd, else what failed (after ``poll``)."""
+        assert self._outcome is not None
+        stage, code, index = self._outcome
+        if stage == 0:
+            return None
+        where = Stage(stage)
+        filename = command if where is Stage.EXEC else cwd if where is Stage.CHDIR else None
+        return ChildSetupError(where, code or _errno.EIO, index, filename)
+
+    def reap(self) -> int:
+        """The exit status of a seed that failed (call when ``pidfd`` is readable)."""
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.pidfd)
+        self.pidfd = -1
+        return os.waitstatus_to_exitcode(status)
+
+    def kill(self) -> None:
+        """SIGKILL and reap an unused seed, close its fds (blocking, briefly)."""
+        self._c.kill()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 def raise_nofile_limit() -> int:

@@ -96,6 +96,7 @@ class Admission:
             max_output_bytes=records.retention.max_output_bytes,
             job_nofile=job_nofile,
             ready=ready_places,
+            seeds=spawn_in_thread,
         )
 
     async def _account(self, user: str | None) -> UnixUser:
@@ -285,6 +286,8 @@ class Admission:
         Raises ``ResourceExhausted`` having left nothing: no files, group, or process.
         """
         launcher = self.launcher
+        if launcher.seedable(plan):  # a seed is planted only with the reaper watching
+            return await launcher.launch_seeded(plan)
         if self._spawn_in_thread:
             return await _in_thread(launcher.prepare_and_spawn, plan)
         launched = await _in_thread(launcher.prepare, plan)

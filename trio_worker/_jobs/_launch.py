@@ -23,6 +23,15 @@ spawns. The job id comes with the place, since a v2 cgroup cannot be renamed;
 it holds the time the place was made, not the Start's (ids still sort by when
 they were made). After a crash, a place's groups are leftovers like any
 other's and ``ready/`` is emptied at the next start.
+
+Seeds: with the reaper watching, a place also holds its job's process, made
+with it (``_host._spawn.Seed``): already in the job's groups and process group,
+with its output pipes, blocked until it is told its command. A plain Start
+(no limits, namespaces, stdin or terminal: ``seedable``) then runs on the loop
+alone (``launch_seeded``): rename the directory, hand the seed its command,
+wait (without a thread) for its exec or its report of failure. Any other Start
+kills the place's seed in its thread and spawns as before. See ARCHITECTURE.md,
+"Why seeds".
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import trio
 from .._errors import ResourceExhausted
 from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup
 from .._host._isolation import helper_argv, helper_tasks, resolve_command
+from .._host._spawn import SEEDS_REFUSED, Seed
 from .._model import Isolation, Limits
 from ._job import REPORT
 from ._output import OpenLogs, OutputLog, create_log_files
@@ -49,10 +59,14 @@ from ._process import (
     RESOURCE_ERRNOS,
     Credentials,
     JobProcess,
+    PipeReader,
     SpawnError,
     SpawnOptions,
     StartSpec,
+    Stdin,
     describe_os_error,
+    describe_setup_error,
+    output_pipe,
     resource_exhausted,
 )
 from ._store import process_start_time
@@ -61,16 +75,47 @@ __all__ = ["LaunchPlan", "Launched", "Launcher", "Place", "remove_new_job_dir"]
 
 _log = logging.getLogger("trio_worker.supervisor")
 
+#: An ended job's group waits this long (s) for the next job's end before one worker-
+#: thread call removes every group waiting: a burst of ends (a Stop of many jobs) is
+#: one call after it, not a call per end competing with the next ends for the CPU...
+RETIRE_AFTER = 0.05
+#: ... or until this many wait (an empty group still holds kernel memory).
+RETIRE_BATCH = 128
+
+
+@dataclass(slots=True)
+class Sprout:
+    """A place's seed and the read ends of its stdout and stderr pipes."""
+
+    seed: Seed
+    stdout: int
+    stderr: int
+    #: The seed's start time (/proc): the job's, since the exec keeps the pid.
+    start_time: int | None
+
+    @property
+    def fds(self) -> list[int]:
+        """Every descriptor the server holds for this seed."""
+        return [*self.seed.fds, self.stdout, self.stderr]
+
+    def kill(self) -> None:
+        """Kill and reap the unused seed, close the pipes (blocking, briefly)."""
+        self.seed.kill()
+        os.close(self.stdout)
+        os.close(self.stderr)
+
 
 @dataclass(slots=True)
 class Place:
     """A job's place made ahead of need: its id, a directory under ``ready/`` with
-    the log files, and its group with the ``cgroup.procs`` fds (no limits yet)."""
+    the log files, and its group with the ``cgroup.procs`` fds (no limits yet) —
+    or, with a seed, no fds: the seed joined the group already."""
 
     job_id: str
     directory: Path
     group: JobCgroup
     procs: list[int]
+    seed: Sprout | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +165,7 @@ class Launcher:
         max_output_bytes: int | None,
         job_nofile: int | None,
         ready: int = 0,
+        seeds: bool = False,
     ) -> None:
         self.jobs_dir = jobs_dir
         self.ready_dir = ready_dir
@@ -135,6 +181,8 @@ class Launcher:
         self._ready: deque[Place] = deque()
         #: Ended jobs' groups, to remove (``retire``).
         self._retired: list[JobCgroup] = []
+        #: ``keep_ready``'s wait while it has nothing to do; ``retire`` sets its deadline.
+        self._linger: trio.CancelScope | None = None
         #: Set when a place was taken (``keep_ready`` waits on it).
         self._wanted = trio.Event()
         #: Set while ``keep_ready`` waits with nothing to do (``settled``).
@@ -142,6 +190,9 @@ class Launcher:
         self._closed = False
         #: The ids of the places a worker thread is making now (``keep_ready``).
         self._making: Sequence[str] = ()
+        #: Plant a seed with each place (only with the reaper: a seed planted by a
+        #: worker thread has no PR_SET_PDEATHSIG); off for good if clone3 is refused.
+        self._seeds = seeds
 
     # -- ready places --------------------------------------------------------
 
@@ -161,15 +212,24 @@ class Launcher:
             self._wake()
 
     def retire(self, group: JobCgroup) -> None:
-        """Remove an ended job's group, in the next round of ``keep_ready``.
+        """Remove an ended job's group, in a later round of ``keep_ready``: the next one
+        a Start wakes (``replenish``), or once no other job ended for ``RETIRE_AFTER``
+        seconds, or once ``RETIRE_BATCH`` groups wait.
 
         One worker-thread call then removes the groups of the jobs that ended and
-        makes the places missing: a Start followed by its job's end costs one
-        thread round trip for both, and a burst of ends shares one.
+        makes the places missing: Starts and their jobs' ends share thread round
+        trips, and a burst of ends shares one.
         """
-        if group.tracked:
-            self._retired.append(group)
+        if not group.tracked:
+            return
+        self._retired.append(group)
+        if len(self._retired) >= RETIRE_BATCH:
             self._wake()
+            return
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        if self._linger is not None:
+            self._linger.deadline = trio.current_time() + RETIRE_AFTER
 
     def _wake(self) -> None:
         self._wanted.set()
@@ -214,13 +274,19 @@ class Launcher:
                 self._ready.extend(places)
                 failed = len(places) < missing
                 if failed and not self._retired:
-                    self._idle.set()
-                    await wanted.wait()
+                    await self._wait(wanted)
                     failed = False
                 continue
-            self._idle.set()
-            await wanted.wait()
+            await self._wait(wanted)
             failed = False
+
+    async def _wait(self, wanted: trio.Event) -> None:
+        """Idle until woken, or until retired groups waited ``RETIRE_AFTER`` (``retire``
+        moves the deadline: no timer while nothing waits, no polling)."""
+        self._idle.set()
+        with trio.CancelScope() as self._linger:
+            await wanted.wait()
+        self._linger = None
 
     async def aclose(self) -> None:
         """Remove the retired groups and the ready places (after ``keep_ready`` was
@@ -276,8 +342,109 @@ class Launcher:
             except (CgroupError, OSError) as exc:
                 _log.debug("no place made ahead: %s", exc)
                 break
-            places.append(Place(job_id, directory, group, procs))
+            place = Place(job_id, directory, group, procs)
+            if self._seeds and group.tracked:
+                self._plant(place)
+            places.append(place)
         return places
+
+    def _plant(self, place: Place) -> None:
+        """In a worker thread: give ``place`` its seed (its group fds go to it)."""
+        owned: list[int] = []
+        try:
+            out_r, out_w = output_pipe()
+            owned += (out_r, out_w)
+            err_r, err_w = output_pipe()
+            owned += (err_r, err_w)
+            null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            owned.append(null)
+            seed = Seed.plant(
+                place.procs,
+                stdin=null,
+                stdout=out_w,
+                stderr=err_w,
+                nofile_soft=self._job_nofile,
+            )
+        except OSError as exc:
+            for fd in owned:
+                os.close(fd)
+            if exc.errno in SEEDS_REFUSED:
+                self._seeds = False
+                _log.info("no seeds: clone3 is refused here (%s)", exc.strerror)
+            else:
+                _log.debug("no seed: %s", exc)
+            return
+        for fd in (out_w, err_w, null, *place.procs):
+            os.close(fd)
+        place.procs = []
+        place.seed = Sprout(seed, out_r, err_r, process_start_time(seed.pid))
+
+    # -- a seeded Start (on the loop) -------------------------------------------
+
+    @staticmethod
+    def seedable(plan: LaunchPlan) -> bool:
+        """Whether the plan's place has a seed that can run it: no limits to write
+        first (a command never runs outside its limits), no namespaces (their
+        helper), no terminal or stdin pipe (the seed's stdin is /dev/null)."""
+        place = plan.place
+        return (
+            place is not None
+            and place.seed is not None
+            and not plan.limits.any
+            and not plan.isolation.any
+            and not plan.tty
+            and plan.options.stdin is Stdin.NULL
+        )
+
+    async def launch_seeded(self, plan: LaunchPlan) -> Launched:
+        """Start a ``seedable`` plan with its place's seed, on the loop: rename the
+        place into ``jobs/`` (a rename: 0.02 ms), hand the seed its command, and
+        wait for its exec (EOF on its report pipe) or its failure (a FAILED job,
+        as ``spawn``'s). No thread, nothing blocking."""
+        place = plan.place
+        assert place is not None
+        assert place.seed is not None
+        sprout, place.seed = place.seed, None
+        seed = sprout.seed
+        spec = plan.spec
+        directory = self.jobs_dir / place.job_id
+        try:
+            os.rename(place.directory, directory)
+            place.directory = directory
+            seed.go(
+                spec.command,
+                [spec.command, *spec.args],
+                spec.env,
+                spec.cwd,
+                user=plan.options.user,
+            )
+        except OSError as exc:
+            await trio.to_thread.run_sync(_discard_seeded, place, sprout)
+            raise resource_exhausted(exc, "handing its process the command") from None
+        log = OutputLog(
+            directory,
+            tail_bytes=self._tail_bytes,
+            max_bytes=self._max_output_bytes,
+            max_unflushed=self._max_unflushed,
+            files=self.open_logs,
+            create=False,  # the place has them
+        )
+        while not seed.poll():
+            await trio.lowlevel.wait_readable(seed.report_fd)
+        failure = seed.error(spec.command, spec.cwd)
+        if failure is None:
+            process = JobProcess(
+                seed.pid, seed.pidfd, PipeReader(sprout.stdout), PipeReader(sprout.stderr), None
+            )
+            return Launched(log, place.group, process=process, start_time=sprout.start_time)
+        # The child failed before its command (exit 127): reap it, as spawn does.
+        await trio.lowlevel.wait_readable(seed.pidfd)
+        trio.lowlevel.notify_closing(seed.pidfd)
+        seed.reap()
+        os.close(sprout.stdout)
+        os.close(sprout.stderr)
+        message = describe_setup_error(failure, spec, place.group)
+        return Launched(log, place.group, error=SpawnError(message, failure.errno))
 
     # -- a Start ---------------------------------------------------------------
 
@@ -333,8 +500,16 @@ class Launcher:
 
     def _claim(self, place: Place, plan: LaunchPlan) -> Launched:
         """``prepare`` with a ready place: move it into ``jobs/``, open its log, and
-        write the limits."""
+        write the limits. A seed the place has cannot run this plan: it goes."""
         directory = self.jobs_dir / place.job_id
+        if place.seed is not None:
+            sprout, place.seed = place.seed, None
+            sprout.kill()
+            try:
+                place.procs = place.group.open_join()
+            except OSError as exc:
+                _discard_places([place])
+                raise resource_exhausted(exc, "opening its cgroup") from None
         try:
             os.rename(place.directory, directory)
             place.directory = directory
@@ -478,9 +653,18 @@ def _remove_group(group: JobCgroup) -> None:
             _log.warning("job %s: cannot remove its cgroup: %s", group.job_id, exc)
 
 
+def _discard_seeded(place: Place, sprout: Sprout) -> None:
+    """A seeded Start refused: its seed, directory and group go (blocking)."""
+    sprout.kill()
+    _discard_places([place])
+
+
 def _discard_places(places: Sequence[Place]) -> None:
     """Remove places no job will have (blocking)."""
     for place in places:
+        if place.seed is not None:
+            place.seed.kill()
+            place.seed = None
         for fd in place.procs:
             os.close(fd)
         place.procs = []

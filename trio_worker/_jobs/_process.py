@@ -47,6 +47,8 @@ __all__ = [
     "Stdin",
     "Terminal",
     "describe_os_error",
+    "describe_setup_error",
+    "output_pipe",
     "validate_signal",
     "validate_start",
 ]
@@ -166,7 +168,8 @@ def validate_signal(signum: object) -> int:
     return int(signum)
 
 
-def _pipe() -> tuple[int, int]:
+def output_pipe() -> tuple[int, int]:
+    """A job's stdout or stderr pipe (read end, write end), both close-on-exec."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     # A bigger pipe means fewer wakeups per byte when the job writes fast.
     for size in (_BIG_PIPE_SIZE, _PIPE_SIZE):
@@ -322,9 +325,9 @@ class JobProcess:
                     else:
                         child_in = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
                         owned.append(child_in)
-                    out_r, child_out = _pipe()
+                    out_r, child_out = output_pipe()
                     owned += (out_r, child_out)
-                    err_r, child_err = _pipe()
+                    err_r, child_err = output_pipe()
                     owned += (err_r, child_err)
             except OSError as exc:
                 if exc.errno in RESOURCE_ERRNOS:
@@ -347,7 +350,7 @@ class JobProcess:
                     nofile_soft=nofile_soft,
                 )
             except ChildSetupError as exc:
-                raise SpawnError(_describe_setup_error(exc, spec, cgroup), exc.errno) from None
+                raise SpawnError(describe_setup_error(exc, spec, cgroup), exc.errno) from None
             except OSError as exc:  # vfork itself
                 if exc.errno in RESOURCE_ERRNOS:
                     raise resource_exhausted(exc, "creating its process") from None
@@ -418,7 +421,7 @@ class JobProcess:
             self.stdin = None
 
 
-def _describe_setup_error(exc: ChildSetupError, spec: StartSpec, cgroup: JobCgroup | None) -> str:
+def describe_setup_error(exc: ChildSetupError, spec: StartSpec, cgroup: JobCgroup | None) -> str:
     """What went wrong in the child, in words a user can act on."""
     reason = exc.strerror or os.strerror(exc.errno or errno.EIO)
     stage = exc.stage

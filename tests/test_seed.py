@@ -1,0 +1,365 @@
+"""Seeds (``_host._spawn.Seed``): a job's process made with its place, run at its Start.
+
+The promises of a spawn hold for a seed too, each checked from inside the command
+(its cgroups before its first instruction, process group, descriptors, signals, user,
+fd limit) and from outside (exact exit and signal status, failures in words); and
+those of a seed's own: it ends when the server dies (EOF on its go pipe), an unused
+one is killed and reaped, a Start a seed cannot run takes today's path and the seed
+goes, and leaving the supervisor leaves no seed, zombie or descriptor behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from trio_worker import JobState, Limits, Unenforceable, open_supervisor
+from trio_worker._host import _cspawn
+from trio_worker._host._cgroups import NoDriver, detect
+from trio_worker._host._spawn import ChildSetupError, Credentials, Seed, Stage
+from trio_worker._jobs._supervisor import Supervisor
+
+from .conftest import process_alive, require_root
+from .test_spawn import unix_user
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not _cspawn.HAVE_SEED, reason="seeds are x86-64 only")
+
+__all__ = ["unix_user"]  # the fixture, used here by name
+
+
+def _exists(pid: int) -> bool:
+    """``pid`` exists, even as a zombie (not reaped)."""
+    return os.path.exists(f"/proc/{pid}")
+
+
+def _wait_readable(fd: int) -> None:
+    select.select([fd], [], [])
+
+
+def _run(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    cgroup_fds: list[int] | None = None,
+    user: Credentials | None = None,
+    nofile_soft: int | None = None,
+    planted: Callable[[Seed], None] | None = None,
+) -> tuple[int, bytes, int]:
+    """Plant a seed, hand it ``argv``; (exit code, stdout+stderr, pid). Raises
+    ``ChildSetupError`` as the seed reports it (the seed reaped)."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        seed = Seed.plant(
+            cgroup_fds or [], stdin=null, stdout=write_fd, stderr=write_fd, nofile_soft=nofile_soft
+        )
+    finally:
+        os.close(write_fd)
+        os.close(null)
+    if planted is not None:
+        planted(seed)
+    seed.go(argv[0], argv, env if env is not None else dict(os.environ), cwd, user=user)
+    while not seed.poll():
+        _wait_readable(seed.report_fd)
+    failure = seed.error(argv[0], cwd)
+    if failure is not None:
+        _wait_readable(seed.pidfd)
+        assert seed.reap() == 127
+        os.close(read_fd)
+        raise failure
+    with os.fdopen(read_fd, "rb") as pipe:
+        output = pipe.read()
+    _, status = os.waitpid(seed.pid, 0)
+    os.close(seed.pidfd)
+    return os.waitstatus_to_exitcode(status), output, seed.pid
+
+
+def test_exit_code_and_signal_are_exact() -> None:
+    assert _run(["sh", "-c", "exit 3"])[0] == 3
+    assert _run(["true"])[0] == 0
+    assert _run(["sh", "-c", "kill -TERM $$"])[0] == -signal.SIGTERM
+
+
+def test_the_seed_is_the_command_and_leads_its_process_group() -> None:
+    code, out, pid = _run(["cat", "/proc/self/stat"])
+    assert code == 0
+    fields = out.decode().rsplit(")", 1)[1].split()
+    assert int(out.split()[0]) == pid  # exec kept the seed's pid
+    assert int(fields[2]) == pid  # process group
+    assert int(fields[3]) == os.getsid(0) != pid  # the server's session
+
+
+def test_missing_command_cwd_and_permission_are_reported_in_words(tmp_path: Path) -> None:
+    with pytest.raises(ChildSetupError) as info:
+        _run(["no-such-command-" + secrets.token_hex(4)])
+    assert (info.value.stage, info.value.errno) == (Stage.EXEC, errno.ENOENT)
+    script = tmp_path / "script"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o644)
+    with pytest.raises(ChildSetupError) as info:
+        _run([str(script)])
+    assert (info.value.stage, info.value.errno) == (Stage.EXEC, errno.EACCES)
+    with pytest.raises(ChildSetupError) as info:
+        _run(["true"], cwd=str(tmp_path / "gone"))
+    assert (info.value.stage, info.value.errno) == (Stage.CHDIR, errno.ENOENT)
+    assert info.value.filename == str(tmp_path / "gone")
+
+
+def test_path_search_and_cwd_and_environment(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    env = {"PATH": f"{tmp_path / 'nope'}:{tmp_path / 'bin'}:/usr/bin:/bin", "X": "x y"}
+    code, out, _ = _run(["sh", "-c", 'pwd; echo "$X"'], env=env, cwd=str(tmp_path))
+    assert (code, out) == (0, f"{tmp_path}\nx y\n".encode())
+
+
+def test_only_stdin_stdout_stderr_are_inherited_not_other_seeds_pipes() -> None:
+    # Another seed planted meanwhile holds pipes the command must not see (and an
+    # inheritable descriptor of the server's is not passed on either).
+    leaked = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(leaked, True)
+    others: list[Seed] = []
+
+    def plant_another(_: Seed) -> None:
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        others.append(Seed.plant([], stdin=null, stdout=2, stderr=2))
+        os.close(null)
+
+    try:
+        code, out, _ = _run(["ls", "/proc/self/fd"], planted=plant_another)
+    finally:
+        os.close(leaked)
+        for seed in others:
+            seed.kill()
+    assert code == 0
+    assert out.split() == [b"0", b"1", b"2", b"3"]  # 3 is ls's own directory
+
+
+def test_signal_dispositions_and_mask_are_the_defaults() -> None:
+    assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN  # the server's
+    code, out, _ = _run(["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"])
+    assert code == 0
+    assert out.split() == [b"SigBlk:", b"0" * 16, b"SigIgn:", b"0" * 16]
+
+
+def test_job_gets_the_fd_limit_the_server_started_with() -> None:
+    assert _run(["sh", "-c", "ulimit -Sn"], nofile_soft=321)[:2] == (0, b"321\n")
+
+
+def test_command_runs_as_the_given_user_and_groups(
+    unix_user: tuple[str, int, int, int],
+) -> None:
+    _, uid, gid, extra = unix_user
+    code, out, _ = _run(
+        ["sh", "-c", "id -u; id -g; id -G; grep -E '^(Uid|Gid)' /proc/self/status"],
+        user=Credentials(uid, gid, (gid, extra)),
+    )
+    assert code == 0, out
+    lines = out.decode().splitlines()
+    assert lines[:2] == [str(uid), str(gid)]
+    assert sorted(map(int, lines[2].split())) == sorted({gid, extra})
+    assert lines[3].split()[1:] == [str(uid)] * 4
+    assert lines[4].split()[1:] == [str(gid)] * 4
+    assert os.getuid() == 0  # the server's own credentials are untouched (raw calls)
+
+
+def test_a_seed_planted_by_a_thread_that_exited_still_runs() -> None:
+    # Places are made in worker threads, which trio lets exit when idle: the seed
+    # must not depend on its planter's stack or thread-local storage.
+    planted: list[Seed] = []
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+
+    def plant() -> None:
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        planted.append(Seed.plant([], stdin=null, stdout=write_fd, stderr=write_fd))
+        os.close(null)
+
+    thread = threading.Thread(target=plant)
+    thread.start()
+    thread.join()
+    os.close(write_fd)
+    seed = planted[0]
+    seed.go("echo", ["echo", "still here"], dict(os.environ), None)
+    while not seed.poll():
+        _wait_readable(seed.report_fd)
+    assert seed.error("echo", None) is None
+    with os.fdopen(read_fd, "rb") as pipe:
+        assert pipe.read() == b"still here\n"
+    _, status = os.waitpid(seed.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_an_unused_seed_is_killed_and_reaped() -> None:
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    seed = Seed.plant([], stdin=null, stdout=2, stderr=2)
+    os.close(null)
+    pid = seed.pid
+    held = seed.fds
+    assert len(held) == 3
+    seed.kill()
+    assert not _exists(pid)  # reaped: not even a zombie
+    for fd in held:
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(fd)
+
+
+@pytest.fixture
+def job_group() -> Iterator[tuple[list[int], object]]:
+    require_root("cgroups")
+    driver = detect(f"trio-worker-test-{secrets.token_hex(4)}")
+    try:
+        if isinstance(driver, NoDriver):
+            pytest.skip(f"no usable cgroups: {driver.reason}")
+        group = driver.create("job1", Limits())
+        fds = group.open_join()
+        try:
+            yield fds, group
+        finally:
+            for fd in fds:
+                os.close(fd)
+            group.kill()
+            group.remove()
+    finally:
+        driver.cleanup_leftovers()
+        driver.close()
+
+
+def test_command_is_in_its_cgroups_before_its_first_instruction(
+    job_group: tuple[list[int], object],
+) -> None:
+    fds, group = job_group
+    code, out, _ = _run(["cat", "/proc/self/cgroup"], cgroup_fds=fds)
+    assert code == 0
+    name = f"/{group.path.name}"  # type: ignore[attr-defined]
+    in_group = [line for line in out.decode().splitlines() if line.endswith(name)]
+    assert len(in_group) == len(group.dirs), out  # type: ignore[attr-defined]
+
+
+def test_a_seed_that_cannot_join_its_group_runs_nothing_and_says_which(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    not_procs = os.open(tmp_path / "x", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC)
+    os.close(not_procs)
+    read_only = os.open(tmp_path / "x", os.O_RDONLY | os.O_CLOEXEC)  # write() fails: EBADF
+    try:
+        with pytest.raises(ChildSetupError) as info:
+            _run(["touch", str(marker)], cgroup_fds=[read_only])
+    finally:
+        os.close(read_only)
+    assert (info.value.stage, info.value.index) == (Stage.CGROUP, 0)
+    assert not marker.exists()
+
+
+_PLANTER = """
+import os, time
+from trio_worker._host._spawn import Seed
+null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+seeds = [Seed.plant([], stdin=null, stdout=2, stderr=2) for _ in range(3)]
+print(" ".join(str(s.pid) for s in seeds), flush=True)
+time.sleep(60)
+"""
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_seeds_end_when_their_server_is_killed() -> None:
+    # No reaper here: EOF on the go pipe alone must end every seed.
+    with subprocess.Popen(
+        [sys.executable, "-c", _PLANTER], stdout=subprocess.PIPE, cwd=REPO
+    ) as server:
+        assert server.stdout is not None
+        pids = [int(p) for p in server.stdout.readline().split()]
+        try:
+            assert len(pids) == 3
+            assert all(process_alive(pid) for pid in pids)
+            server.kill()
+            server.wait()
+            _wait_until(lambda: not any(process_alive(pid) for pid in pids))
+        finally:
+            for pid in pids:
+                if process_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+# -- in the supervisor -------------------------------------------------------------------
+
+
+async def _ready_seeds(sup: Supervisor) -> list[tuple[str, int]]:
+    launcher = sup._admission.launcher
+    await launcher.settled()
+    return [(p.job_id, p.seed.seed.pid) for p in launcher.ready_places() if p.seed is not None]
+
+
+async def test_a_plain_start_runs_its_places_seed_and_a_failed_one_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    require_root("cgroups")
+    parent = "tw-seed-" + secrets.token_hex(4)
+    async with open_supervisor(tmp_path / "state", cgroup_parent=parent) as sup:
+        seeds = await _ready_seeds(sup)
+        assert len(seeds) >= 2
+        job = await sup.start("sh", ["-c", "echo $$; cat /proc/self/cgroup"])
+        assert (job.id, job.pid) == seeds[0]
+        end = await sup.wait(job.id)
+        assert (end.state, end.exit_code) == (JobState.EXITED, 0)
+        out = b"".join([c.data async for c in sup.output(job.id)]).decode().splitlines()
+        assert out[0] == str(job.pid)
+        group = sup._jobs.get(job.id).cgroup
+        assert group is not None
+        assert len([line for line in out if line.endswith(f"/job-{job.id}")]) == len(group.dirs)
+
+        failed = await sup.start("no-such-command-here")
+        assert failed.id == seeds[1][0]
+        assert failed.state is JobState.FAILED
+        assert failed.error == "No such file or directory: 'no-such-command-here'"
+        assert not _exists(seeds[1][1])  # reaped
+
+
+async def test_a_start_with_limits_does_not_run_the_seed_and_the_seed_goes(
+    tmp_path: Path,
+) -> None:
+    require_root("cgroups")
+    parent = "tw-seed-" + secrets.token_hex(4)
+    async with open_supervisor(tmp_path / "state", cgroup_parent=parent) as sup:
+        seeds = await _ready_seeds(sup)
+        assert seeds
+        try:
+            job = await sup.start("sleep", ["60"], limits=Limits(pids=9))
+        except Unenforceable as exc:
+            pytest.skip(f"no pids limit here: {exc}")
+        assert job.id == seeds[0][0]
+        assert job.pid != seeds[0][1]
+        assert not _exists(seeds[0][1])  # killed and reaped
+        assert job.pid is not None
+        with open(f"/proc/{job.pid}/cgroup") as cgroup:  # noqa: ASYNC230
+            assert f"/job-{job.id}" in cgroup.read()
+        await sup.stop(job.id, grace=0)
+
+
+async def test_leaving_the_supervisor_kills_and_reaps_every_seed(tmp_path: Path) -> None:
+    require_root("cgroups")
+    parent = "tw-seed-" + secrets.token_hex(4)
+    fds_before = sorted(os.listdir("/proc/self/fd"))
+    async with open_supervisor(tmp_path / "state", cgroup_parent=parent) as sup:
+        seeds = await _ready_seeds(sup)
+        assert seeds
+        assert all(process_alive(pid) for _, pid in seeds)
+    assert not any(_exists(pid) for _, pid in seeds)  # no zombie either
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before
