@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import trio.testing
 from tests.conftest import process_alive
 from trio_worker import (
     InvalidRequest,
+    Isolation,
     JobInfo,
     JobNotFound,
     JobNotRunning,
@@ -301,6 +303,44 @@ async def test_limits_are_refused_rather_than_ignored_without_cgroups() -> None:
         # Jobs without limits still run.
         job = await sup.start("true")
         assert (await sup.wait(job.id)).exit_code == 0
+
+
+async def test_a_kept_answer_on_limits_never_stands_for_a_refused_value() -> None:
+    """A Start's (limits, isolation) pair that passed is kept for the next Starts; values
+    equal to it but refused by the checks (``False == 0``, ``0.0 == 0``) are still
+    refused, and a refused pair stays refused."""
+    async with open_supervisor_with_driver(NoDriver("not root")) as sup:
+        for _ in range(2):
+            job = await sup.start("true", limits=Limits(), isolation=Isolation())
+            assert (await sup.wait(job.id)).exit_code == 0
+        for odd, field in [
+            (Limits(pids=False), "limits.pids"),  # type: ignore[arg-type]
+            (Limits(memory_bytes=0.0), "limits.memory_bytes"),  # type: ignore[arg-type]
+        ]:
+            assert odd == Limits()
+            with pytest.raises(InvalidRequest) as info:
+                await sup.start("true", limits=odd)
+            assert info.value.field == field
+        for _ in range(2):
+            with pytest.raises(Unenforceable, match="memory limit"):
+                await sup.start("true", limits=Limits(memory_bytes=64 << 20))
+        # An isolation flag that is not a bool: answered as before (run, or refused where
+        # the host has no namespaces), never a TypeError from hashing it.
+        with contextlib.suppress(Unenforceable):
+            await sup.start("true", isolation=Isolation(pid=[1]))  # type: ignore[arg-type]
+
+
+def test_the_kept_pairs_check_every_field() -> None:
+    """``_admission._plain`` names every field of Limits and Isolation: a new one must
+    be added there, or a kept answer could stand for a value the checks refuse."""
+    assert [f.name for f in dataclasses.fields(Limits)] == [
+        "cpus",
+        "memory_bytes",
+        "io_read_bps",
+        "io_write_bps",
+        "pids",
+    ]
+    assert [f.name for f in dataclasses.fields(Isolation)] == ["pid", "mount", "network"]
 
 
 async def test_start_after_shutdown_began_is_refused() -> None:
