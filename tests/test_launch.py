@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from tests.conftest import require_root
 from trio_worker import JobState, Limits, open_supervisor
-from trio_worker._jobs._launch import Launcher
+from trio_worker._jobs._launch import RETIRE_AFTER, Launcher
 from trio_worker._jobs._supervisor import Supervisor
 
 
@@ -177,3 +178,36 @@ async def test_starts_while_places_are_being_made_keep_their_order_in_ids(
             ids.append((await sup.start("true", [])).id)
         assert ids == sorted(ids)
         assert len(set(ids)) == len(ids)
+
+
+async def test_a_burst_of_ends_is_removed_in_one_thread_call_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
+) -> None:
+    """Ended jobs' groups wait for the ends to stop coming (``RETIRE_AFTER`` of trio's
+    clock, which stands still here until the test moves it), then go in one call."""
+    require_root("cgroups")
+    calls: list[int] = []
+    tend = Launcher._tend
+
+    def counted(self: Launcher, retired: Any, ids: Any) -> Any:
+        calls.append(len(retired))
+        return tend(self, retired, ids)
+
+    monkeypatch.setattr(Launcher, "_tend", counted)
+    parent = "tw-retire-" + secrets.token_hex(4)
+    async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+        launcher = sup._admission.launcher
+        jobs = [await sup.start("sleep", ["1000"]) for _ in range(10)]
+        await launcher.settled()
+        calls.clear()
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(sup.stop, job.id, 5)
+        groups = [str(d) for job in jobs for d in groups_of(sup, job.id)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert calls == []  # no thread call per end
+        assert all_exist(groups)
+        mock_clock.jump(RETIRE_AFTER)
+        await launcher.settled()
+        assert calls == [10]
+        assert none_exist(groups)

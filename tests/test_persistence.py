@@ -9,15 +9,18 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from unittest.mock import ANY
 
 import pytest
 import trio
+import trio.testing
 
 from tests.conftest import process_alive, require_root
 from trio_worker import JobNotFound, JobState, StateDirError, open_supervisor
+from trio_worker._jobs._records import END_COMMIT_AFTER
 from trio_worker._jobs._supervisor import LOST_ERROR, Retention
 
 CRASHING_SERVER = textwrap.dedent(
@@ -324,3 +327,39 @@ async def test_an_end_whose_row_is_gone_is_written_whole(tmp_path: Path) -> None
         await sup.housekeep()
         assert job.id not in sup._records.unsaved
         assert _row(state, job.id) == ("killed", job.pid, ANY)
+
+
+async def _until(done: Callable[[], bool]) -> None:
+    """Wait in real time (trio's clock stands still in these tests) for ``done``."""
+    for _ in range(2000):
+        if done():
+            return
+        await trio.to_thread.run_sync(time.sleep, 0.01)
+    raise AssertionError("not done in 20 s")
+
+
+async def test_a_burst_of_ends_is_one_transaction_and_a_start_is_not_held(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    # Ended jobs' records wait END_COMMIT_AFTER of trio's clock (standing still here
+    # until the test moves it) for more; a start's record is committed at once.
+    state = tmp_path / "state"
+    async with open_supervisor(state, retention=Retention(interval=3600)) as sup:
+        store = sup._store
+        assert store is not None
+        jobs = [await sup.start("sleep", ["1000"]) for _ in range(10)]
+        await store.flush()
+        before = store.transactions
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(sup.stop, job.id, 5)
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.transactions == before
+        assert {(_row(state, job.id) or ("",))[0] for job in jobs} == {"running"}
+        mock_clock.jump(END_COMMIT_AFTER)
+        await _until(lambda: store.transactions > before)
+        assert store.transactions == before + 1
+        assert {(_row(state, job.id) or ("",))[0] for job in jobs} == {"killed"}
+        started = await sup.start("sleep", ["1000"])
+        await _until(lambda: _row(state, started.id) is not None)
+        await sup.stop(started.id, grace=0)

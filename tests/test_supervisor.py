@@ -641,7 +641,10 @@ async def test_a_jobs_usual_end_takes_no_task_and_a_setsid_escapee_still_dies() 
     kills it by the cgroup."""
     async with open_supervisor() as sup:
         job = await sup.start("sleep", ["1000"])
-        left = await sup.start("sh", ["-c", "setsid sleep 1000 & echo $!; exec sleep 1000"])
+        # (The escapee says its pid once it has its own session: a Stop before that
+        # would reach it through the job's process group.)
+        escape = "setsid sh -c 'echo $$; exec sleep 1000' & exec sleep 1000"
+        left = await sup.start("sh", ["-c", escape])
         escapee = await read_pid_line(sup, left.id)
         await trio.testing.wait_all_tasks_blocked()
         spawned = _Spawned()

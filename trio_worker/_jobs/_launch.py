@@ -76,6 +76,13 @@ __all__ = ["LaunchPlan", "Launched", "Launcher", "Place", "remove_new_job_dir"]
 
 _log = logging.getLogger("trio_worker.supervisor")
 
+#: An ended job's group waits this long (s) for the next job's end before one worker-
+#: thread call removes every group waiting: a burst of ends (a Stop of many jobs) is
+#: one call after it, not a call per end competing with the next ends for the CPU...
+RETIRE_AFTER = 0.05
+#: ... or until this many wait (an empty group still holds kernel memory).
+RETIRE_BATCH = 128
+
 
 @dataclass(slots=True)
 class Sprout:
@@ -175,6 +182,8 @@ class Launcher:
         self._ready: deque[Place] = deque()
         #: Ended jobs' groups, to remove (``retire``).
         self._retired: list[JobCgroup] = []
+        #: ``keep_ready``'s wait while it has nothing to do; ``retire`` sets its deadline.
+        self._linger: trio.CancelScope | None = None
         #: Set when a place was taken (``keep_ready`` waits on it).
         self._wanted = trio.Event()
         #: Set while ``keep_ready`` waits with nothing to do (``settled``).
@@ -204,15 +213,24 @@ class Launcher:
             self._wake()
 
     def retire(self, group: JobCgroup) -> None:
-        """Remove an ended job's group, in the next round of ``keep_ready``.
+        """Remove an ended job's group, in a later round of ``keep_ready``: the next one
+        a Start wakes (``replenish``), or once no other job ended for ``RETIRE_AFTER``
+        seconds, or once ``RETIRE_BATCH`` groups wait.
 
         One worker-thread call then removes the groups of the jobs that ended and
-        makes the places missing: a Start followed by its job's end costs one
-        thread round trip for both, and a burst of ends shares one.
+        makes the places missing: Starts and their jobs' ends share thread round
+        trips, and a burst of ends shares one.
         """
-        if group.tracked:
-            self._retired.append(group)
+        if not group.tracked:
+            return
+        self._retired.append(group)
+        if len(self._retired) >= RETIRE_BATCH:
             self._wake()
+            return
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        if self._linger is not None:
+            self._linger.deadline = trio.current_time() + RETIRE_AFTER
 
     def _wake(self) -> None:
         self._wanted.set()
@@ -257,13 +275,19 @@ class Launcher:
                 self._ready.extend(places)
                 failed = len(places) < missing
                 if failed and not self._retired:
-                    self._idle.set()
-                    await wanted.wait()
+                    await self._wait(wanted)
                     failed = False
                 continue
-            self._idle.set()
-            await wanted.wait()
+            await self._wait(wanted)
             failed = False
+
+    async def _wait(self, wanted: trio.Event) -> None:
+        """Idle until woken, or until retired groups waited ``RETIRE_AFTER`` (``retire``
+        moves the deadline: no timer while nothing waits, no polling)."""
+        self._idle.set()
+        with trio.CancelScope() as self._linger:
+            await wanted.wait()
+        self._linger = None
 
     async def aclose(self) -> None:
         """Remove the retired groups and the ready places (after ``keep_ready`` was
