@@ -34,9 +34,8 @@ CLIENT_MODULES = {
     "trio_worker._net._failures",  # ...what a failed dial says...
     "trio_worker._net._blocking",  # ...and the blocking driver; not trio's
     "trio_worker._blocking_client",
-    "trio_worker._requests",
+    "trio_worker._pbwire",  # the messages, by hand: no protobuf runtime (see below)
     "trio_worker._util",
-    "trio_worker._pb",
     "trio_worker._wire",
     "trio_worker._tls",
     "trio_worker.cli",
@@ -54,7 +53,7 @@ CLIENT_MODULES = {
     "trio_worker.cli._session",
     "trio_worker.cli._settings",
 }
-CLIENT_PREFIXES = ("trio_worker._pb.", "trio_worker._wire.")
+CLIENT_PREFIXES = ("trio_worker._wire.",)
 #: ...but not the server's half of the wire core.
 NEVER_OURS_FOR_CLIENTS = ("trio_worker._wire._h2server",)
 #: Libraries no client command needs: X.509 parsing (OpenSSL checks the files), rich (help
@@ -86,6 +85,17 @@ NEVER_FOR_CLIENTS = (
 #: Modules that libraries import and no client command runs: deferred (``cli._lazy``), so they
 #: are in ``sys.modules`` unexecuted, and what only they import never loads.
 NEVER_RUN_BY_CLIENTS = ("google.protobuf.text_format", "google.protobuf.internal.decoder", "pickle")
+#: protobuf's runtime and our generated modules: the blocking client writes and reads its
+#: messages by hand (``_pbwire``); protobuf is imported only to read a failed call's details.
+NEVER_RUN_BY_CLIENTS += (
+    "google._upb._message",
+    "google.protobuf.descriptor",
+    "google.protobuf.message",
+    "trio_worker._pb.worker_pb2",
+    "trio_worker._requests",
+    "trio_worker._convert",
+    "trio_worker._model",
+)
 
 #: ``trio-worker --help`` and a mistyped command: the package (whose names are imported on
 #: first use), the table, the exit codes.

@@ -28,13 +28,10 @@ from typing import Any, Final, TypeVar
 
 from ._errors import ConnectionFailed, InvalidRequest, RemoteError
 from ._net._blocking import BlockingCall, BlockingConnection, CallFailed, Unprocessed, dial
-from ._pb import worker_pb2 as pb
-from ._requests import (
+from ._pbwire import (
     id_request,
     list_request,
-    method_path,
     output_request,
-    parse,
     remove_request,
     signal_request,
     start_request,
@@ -42,13 +39,15 @@ from ._requests import (
 )
 from ._states import DEFAULT_STOP_GRACE, JobState
 from ._tls import client_context
-from ._views import ChunkView, JobView
+from ._views import STATE_TO_PB, ChunkView, JobView, Malformed, read_chunk, read_job, read_list
 from ._wire._status import StatusCode
 
 __all__ = ["BlockingClient", "BlockingOutput", "Pending", "connect_blocking"]
 
 M = TypeVar("M")
 
+#: The service's name in the method paths (worker.proto's package and service).
+SERVICE: Final = "trioworker.v1.Worker"
 #: Attempts of a call the server said it never processed (GOAWAY) before giving up.
 _ATTEMPTS: Final = 3
 
@@ -100,7 +99,7 @@ class BlockingClient:
         for _ in range(_ATTEMPTS):
             conn = self.dial()
             try:
-                return conn, conn.open_call(method_path(method), payload, timeout)
+                return conn, conn.open_call(f"/{SERVICE}/{method}", payload, timeout)
             except Unprocessed:
                 continue
         raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
@@ -110,12 +109,13 @@ class BlockingClient:
     def submit(
         self,
         method: str,
-        request: Any,
+        request: bytes,
         job_id: str | None = None,
         timeout: float | None = None,
     ) -> Pending:
-        """Send a unary call whose answer is a job now; ``result()`` waits for it."""
-        return Pending(self, method, request.SerializeToString(), job_id, timeout)
+        """Send a unary call (its serialized request) whose answer is a job now;
+        ``result()`` waits for it."""
+        return Pending(self, method, request, job_id, timeout)
 
     def start(
         self,
@@ -124,8 +124,8 @@ class BlockingClient:
         *,
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
-        limits: pb.Limits | None = None,
-        isolation: pb.Isolation | None = None,
+        limits: Mapping[str, float | int] | None = None,
+        isolation: Iterable[str] | None = None,
         user: str | None = None,
         stdin: bool = False,
         tty: bool = False,
@@ -154,7 +154,7 @@ class BlockingClient:
         return self.submit("Signal", request, job_id).result()
 
     def status(self, job_id: str, *, timeout: float | None = None) -> JobView:
-        request = id_request(pb.StatusRequest, job_id)
+        request = id_request(job_id)
         return self.submit("Status", request, job_id, timeout).result()
 
     def wait(self, job_id: str) -> JobView:
@@ -162,7 +162,7 @@ class BlockingClient:
 
     def wait_later(self, job_id: str) -> Pending:
         """Wait, sent now: ``result()`` is the job's final state."""
-        return self.submit("Wait", id_request(pb.WaitRequest, job_id), job_id)
+        return self.submit("Wait", id_request(job_id), job_id)
 
     def remove(self, job_id: str, *, force: bool = False) -> JobView:
         return self.remove_later(job_id, force=force).result()
@@ -179,23 +179,22 @@ class BlockingClient:
         page_size: int = 1000,
     ) -> builtins.list[JobView]:
         """Every job this client may see, newest first, walking the server's pages."""
-        request = list_request(states, owner, page_size)
+        numbers = [STATE_TO_PB[JobState(state)] for state in states or ()]
+        token = ""
         jobs: builtins.list[JobView] = []
         seen: set[str] = set()
         while True:
-            pending = Pending(self, "List", request.SerializeToString(), None, None)
-            response = pending.answer(pb.ListResponse)
-            jobs.extend(JobView(job) for job in response.jobs)
-            token = response.next_page_token
+            request = list_request(numbers, owner, page_size, token)
+            page, token = Pending(self, "List", request, None, None).answer(read_list)
+            jobs.extend(page)
             if not token or token in seen:  # (a repeated token would loop forever)
                 return jobs
             seen.add(token)
-            request.page_token = token
 
     def output(self, job_id: str, *, offset: int = 0, follow: bool = True) -> BlockingOutput:
         """The job's output from byte ``offset``; iterate it, and close it (or use it as
         ``with``) to stop early. Raises JobNotFound when iterated."""
-        return BlockingOutput(self, output_request(job_id, offset, follow))
+        return BlockingOutput(self, job_id, output_request(job_id, offset, follow))
 
 
 class Pending:
@@ -220,9 +219,9 @@ class Pending:
 
     def result(self) -> JobView:
         """The answer, a job."""
-        return JobView(self.answer(pb.Job))
+        return self.answer(read_job)
 
-    def answer(self, response_type: type[M]) -> M:
+    def answer(self, read: Callable[[bytes], M]) -> M:
         """The answer; raises the error the server answered with, ``TimeoutError`` past
         the timeout, ``ConnectionFailed`` if the connection is lost meanwhile."""
         for _ in range(_ATTEMPTS):
@@ -246,7 +245,7 @@ class Pending:
                 raise RemoteError(
                     StatusCode.INTERNAL, f"expected one response message, got {len(messages)}"
                 )
-            return parse(response_type, messages[0])
+            return _read(read, messages[0])
         raise ConnectionFailed(
             f"{self._client.address} keeps closing connections before taking calls"
         )
@@ -255,10 +254,10 @@ class Pending:
 class BlockingOutput:
     """A job's output chunks as an iterator; see ``WorkerClient.output``."""
 
-    def __init__(self, client: BlockingClient, request: Any) -> None:
+    def __init__(self, client: BlockingClient, job_id: str, request: bytes) -> None:
         self._client = client
         self._request = request
-        self._job_id: str = request.id
+        self._job_id = job_id
         self._conn: BlockingConnection | None = None
         self._call: BlockingCall | None = None
         self._finished = False
@@ -296,11 +295,11 @@ class BlockingOutput:
         if message is None:
             self._finished = True
             raise StopIteration
-        return ChunkView(parse(pb.OutputChunk, message))
+        return _read(read_chunk, message)
 
     def _next_message(self) -> bytes | memoryview | None:
         if self._call is None:
-            payload = self._request.SerializeToString()
+            payload = self._request
             for _ in range(_ATTEMPTS):
                 conn, call = self._client.open("Output", payload, None)
                 try:
@@ -327,6 +326,16 @@ class BlockingOutput:
         self._finished = True
         if self._conn is not None and self._call is not None:
             self._conn.cancel(self._call)
+
+
+def _read(read: Callable[[bytes], M], message: bytes | memoryview) -> M:
+    """An answer read; a malformed one is the server's INTERNAL error (as protobuf's
+    ``DecodeError`` is for the trio client, ``_requests.parse``)."""
+    try:
+        return read(bytes(message))
+    except Malformed:
+        message_ = "the server sent a malformed response message"
+        raise RemoteError(StatusCode.INTERNAL, message_) from None
 
 
 def _exception(failed: CallFailed, job_id: str | None) -> Exception:

@@ -17,7 +17,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ._errors import InvalidRequest
 from ._model import Isolation, JobInfo, JobState, Limits, OutputChunk, OutputStream, Usage
 from ._pb import worker_pb2 as pb
-from ._views import STATE_FROM_PB, STATE_TO_PB
 
 __all__ = [
     "chunk_from_pb",
@@ -33,6 +32,17 @@ __all__ = [
     "start_limits",
     "states_from_pb",
 ]
+
+
+#: (``_views`` has the same table by number, for the blocking client.)
+STATE_TO_PB = {
+    JobState.RUNNING: pb.JOB_STATE_RUNNING,
+    JobState.EXITED: pb.JOB_STATE_EXITED,
+    JobState.KILLED: pb.JOB_STATE_KILLED,
+    JobState.FAILED: pb.JOB_STATE_FAILED,
+    JobState.LOST: pb.JOB_STATE_LOST,
+}
+STATE_FROM_PB = {v: k for k, v in STATE_TO_PB.items()}
 
 
 def states_from_pb(values: Iterable[int]) -> frozenset[JobState]:

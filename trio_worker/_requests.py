@@ -1,12 +1,12 @@
 """The API's calls as messages: each method's request built and checked, its answer read.
 
-Both clients use this, so they take the same arguments and refuse the same ones: the trio
-``WorkerClient`` (``client``) and the blocking one the command line uses
-(``_blocking_client``). Pure: protobuf in and out, no I/O.
+The trio ``WorkerClient`` (``client``) uses this. The blocking one the command line uses
+(``_blocking_client``) writes the same requests by hand (``_pbwire``, which says why) and
+refuses the same arguments with the same ``InvalidRequest`` field (``tests/test_pbwire.py``
+compares the two). Pure: protobuf in and out, no I/O.
 
-It takes limits and isolation as messages (the trio client checks and converts a caller's
-``Limits`` and ``Isolation``, ``_convert``), so that the command line, which builds them
-from its options, never imports the public dataclasses (``_views`` says why).
+It takes limits and isolation as messages: ``client`` checks and converts a caller's
+``Limits`` and ``Isolation`` (``_convert.start_limits``).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Final, TypeVar
 
 from google.protobuf.message import DecodeError
 
+from ._convert import STATE_TO_PB
 from ._errors import InvalidRequest, RemoteError
 from ._pb import worker_pb2 as pb
 from ._states import JobState
-from ._views import STATE_TO_PB
 from ._wire._status import StatusCode
 
 __all__ = [

@@ -725,7 +725,18 @@ seed_main(void *arg)
     r = RAW2(NR_SETPGID, 0, 0);
     if (r < 0)
         seed_fail(c, STAGE_SESSION, r, 0);
-    /* 5. Wait for the command. EOF: the server is gone or gave the seed up. */
+    /* 5. Default dispositions (the server ignores SIGPIPE, which exec keeps), while
+     *    every signal is still blocked: no handler of the server's ever runs here
+     *    (the seed has a copy of them, not the server's table: no CLONE_SIGHAND). */
+    {
+        struct kernel_sigaction dfl = {0, 0, 0, 0};
+        int sig;
+        for (sig = 1; sig <= 64; sig++) {
+            if (sig != SIGKILL && sig != SIGSTOP)
+                (void)RAW4(NR_RT_SIGACTION, sig, &dfl, 0, 8);
+        }
+    }
+    /* 6. Wait for the command. EOF: the server is gone or gave the seed up. */
     do {
         r = RAW3(NR_READ, c->go_r, &go, 1);
     } while (r == -EINTR);
@@ -733,7 +744,7 @@ seed_main(void *arg)
         for (;;)
             RAW1(NR_EXIT, 0);
     (void)RAW1(NR_CLOSE, c->go_r);
-    /* 6. The user: groups, gid, uid (each needs the privilege the next one drops). */
+    /* The user: groups, gid, uid (each needs the privilege the next one drops). */
     if (c->n_groups >= 0 && (r = RAW2(NR_SETGROUPS, c->n_groups, c->groups)) < 0)
         seed_fail(c, STAGE_SETGROUPS, r, 0);
     if (c->gid >= 0 && (r = RAW3(NR_SETRESGID, c->gid, c->gid, c->gid)) < 0)
@@ -748,16 +759,9 @@ seed_main(void *arg)
         if (RAW1(NR_GETPPID, 0) != c->parent)
             seed_fail(c, STAGE_PARENT_GONE, ESRCH, 0);
     }
-    /* 7. Default dispositions (the server ignores SIGPIPE, which exec keeps),
-     *    then no signal blocked: no handler of the server's ever runs here. */
+    /* 7. No signal blocked (their dispositions are the defaults since step 5). */
     {
-        struct kernel_sigaction dfl = {0, 0, 0, 0};
         unsigned long none = 0;
-        int sig;
-        for (sig = 1; sig <= 64; sig++) {
-            if (sig != SIGKILL && sig != SIGSTOP)
-                (void)RAW4(NR_RT_SIGACTION, sig, &dfl, 0, 8);
-        }
         (void)RAW4(NR_RT_SIGPROCMASK, SIG_SETMASK, &none, 0, 8);
     }
     /* 8. execve along the candidates (execvp's rules, as spawn). */

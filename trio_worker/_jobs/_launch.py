@@ -41,6 +41,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -413,8 +414,7 @@ class Launcher:
         spec = plan.spec
         directory = self.jobs_dir / place.job_id
         try:
-            os.rename(place.directory, directory)
-            place.directory = directory
+            # First the command, so that the seed's exec overlaps the rest.
             seed.go(
                 spec.command,
                 [spec.command, *spec.args],
@@ -422,10 +422,14 @@ class Launcher:
                 spec.cwd,
                 user=plan.options.user,
             )
-        except BrokenPipeError:
+            os.rename(place.directory, directory)
+            place.directory = directory
+        except BrokenPipeError:  # from go, before the rename
             place.seed = sprout
             return None
         except OSError as exc:
+            # ENOMEM copying the command, or no rename (ENOSPC for the directory
+            # entry): the process, run or not, goes with its group.
             await trio.to_thread.run_sync(_discard_seeded, place, sprout)
             raise resource_exhausted(exc, "handing its process the command") from None
         log = OutputLog(
@@ -661,7 +665,12 @@ def _remove_group(group: JobCgroup) -> None:
 
 
 def _discard_seeded(place: Place, sprout: Sprout) -> None:
-    """A seeded Start refused: its seed, directory and group go (blocking)."""
+    """A seeded Start refused: its seed (and whatever its command started), its
+    directory and group go (blocking)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sprout.seed.pid, signal.SIGKILL)
+    with contextlib.suppress(CgroupError):
+        place.group.kill()
     sprout.kill()
     _discard_places([place])
 

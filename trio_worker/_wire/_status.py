@@ -19,8 +19,6 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Final
 
-from google.protobuf.message import DecodeError
-
 __all__ = [
     "DETAILS_HEADER",
     "ERROR_DOMAIN",
@@ -142,6 +140,7 @@ def decode_details(data: bytes) -> ErrorDetails | None:
     the blob is missing, too large or not one (a peer's garbage is not an error of ours)."""
     if not data or len(data) > _MAX_DETAILS_IN:
         return None
+    from google.protobuf.message import DecodeError  # (on a failed call only: see encode)
     from google.rpc import error_details_pb2, status_pb2
 
     status = status_pb2.Status()

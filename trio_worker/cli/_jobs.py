@@ -20,7 +20,6 @@ from .._errors import (
     ShuttingDown,
     TrioWorkerError,
 )
-from .._pb import worker_pb2 as pb
 from .._states import DEFAULT_STOP_GRACE, JobState
 from . import _parse
 from ._exit import ExitCode
@@ -138,26 +137,27 @@ class JobOptions(Fields):
             )
         return self.cwd
 
-    def limits(self) -> pb.Limits | None:
-        """The limits asked for, as the request carries them; None for none."""
+    def limits(self) -> dict[str, float | int] | None:
+        """The limits asked for, by ``Limits``' field names; None for none."""
         if not (self.cpus or self.memory or self.io_read_bps or self.io_write_bps or self.pids):
             return None
-        return pb.Limits(
-            cpus=self.cpus,
-            memory_bytes=self.memory,
-            io_read_bps=self.io_read_bps,
-            io_write_bps=self.io_write_bps,
-            pids=self.pids,
-        )
+        return {
+            "cpus": self.cpus,
+            "memory_bytes": self.memory,
+            "io_read_bps": self.io_read_bps,
+            "io_write_bps": self.io_write_bps,
+            "pids": self.pids,
+        }
 
-    def isolation(self) -> pb.Isolation | None:
+    def isolation(self) -> frozenset[str] | None:
+        """The namespaces asked for (``Isolation``'s fields to set); None for none."""
         if not self.isolate:
             return None
         try:
             names = _parse.parse_isolation(self.isolate)
         except ValueError as exc:
             raise InvalidRequest("--isolate", str(exc)) from None
-        return pb.Isolation(**dict.fromkeys(names, True)) if names else None
+        return names or None
 
 
 def _connection(options: ClientOptions | None) -> Connection:
@@ -177,8 +177,8 @@ class _StartRequest:
         args: tuple[str, ...],
         env: dict[str, str] | None,
         cwd: str | None,
-        limits: pb.Limits | None,
-        isolation: pb.Isolation | None,
+        limits: dict[str, float | int] | None,
+        isolation: frozenset[str] | None,
         user: str = "",
     ) -> None:
         self.command = command
@@ -208,7 +208,7 @@ class _StartRequest:
         )
 
     def arguments(self) -> dict[str, Any]:
-        """``start``'s arguments, for the blocking client (limits and isolation as messages)."""
+        """``start``'s arguments, for the blocking client (limits by name, isolation as names)."""
         return {
             "command": self.command,
             "args": self.args,
@@ -221,13 +221,13 @@ class _StartRequest:
 
     def library_arguments(self) -> dict[str, Any]:
         """``start``'s arguments for the trio client (``run -i``): the library's types."""
-        from .._convert import isolation_from_pb, limits_from_pb
+        from .._model import Isolation, Limits
 
         arguments = self.arguments()
         if self.limits is not None:
-            arguments["limits"] = limits_from_pb(self.limits)
+            arguments["limits"] = Limits(**self.limits)  # type: ignore[arg-type]
         if self.isolation is not None:
-            arguments["isolation"] = isolation_from_pb(self.isolation)
+            arguments["isolation"] = Isolation(**dict.fromkeys(self.isolation, True))
         return arguments
 
 

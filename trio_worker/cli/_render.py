@@ -31,8 +31,7 @@ from ._parse import format_size, signal_name
 
 if TYPE_CHECKING:
     from .._model import Isolation, JobInfo, Limits
-    from .._pb import worker_pb2 as pb
-    from .._views import JobView
+    from .._views import IsolationView, JobView, LimitsView
 
     #: What is shown: the library's jobs (``run -i``, ``attach``) and the blocking client's.
     Job = JobInfo | JobView
@@ -62,7 +61,7 @@ def rfc3339(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _limits_json(limits: Limits | pb.Limits) -> dict[str, Any]:
+def _limits_json(limits: Limits | LimitsView) -> dict[str, Any]:
     return {
         "cpus": limits.cpus,
         "memory_bytes": limits.memory_bytes,
@@ -72,7 +71,7 @@ def _limits_json(limits: Limits | pb.Limits) -> dict[str, Any]:
     }
 
 
-def _isolation_json(isolation: Isolation | pb.Isolation) -> dict[str, bool]:
+def _isolation_json(isolation: Isolation | IsolationView) -> dict[str, bool]:
     return {"pid": isolation.pid, "mount": isolation.mount, "network": isolation.network}
 
 
@@ -276,7 +275,7 @@ def age(moment: datetime, now: datetime | None = None) -> str:
     return f"{seconds}s ago"
 
 
-def describe_limits(limits: Limits | pb.Limits) -> str:
+def describe_limits(limits: Limits | LimitsView) -> str:
     parts = []
     if limits.cpus:
         parts.append(f"cpus {limits.cpus:g}")
@@ -291,7 +290,7 @@ def describe_limits(limits: Limits | pb.Limits) -> str:
     return ", ".join(parts) or "none"
 
 
-def describe_isolation(isolation: Isolation | pb.Isolation) -> str:
+def describe_isolation(isolation: Isolation | IsolationView) -> str:
     names = [n for n in ("pid", "mount", "network") if getattr(isolation, n)]
     return ",".join(names) or "none"
 
