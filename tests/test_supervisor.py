@@ -725,3 +725,29 @@ async def test_a_jobs_usual_end_takes_no_task_and_a_setsid_escapee_still_dies() 
         jobs = [name for name in spawned.names if name.startswith("job ")]
         if sup.cgroups.tracks:
             assert jobs == [f"job {left.id}"]
+
+
+def _in_proc(pid: int) -> bool:
+    """The process exists, a zombie included (``process_alive`` says no for those)."""
+    return os.path.exists(f"/proc/{pid}")
+
+
+async def test_a_burst_of_stops_leaves_no_zombie_descriptor_or_group(tmp_path: Path) -> None:
+    """Ends recorded in the watcher's step, their groups removed after the burst: every
+    job is reaped, its pipes and pidfd closed, its groups gone."""
+    async with open_supervisor(tmp_path / "state", persist=False) as sup:
+        launcher = sup._admission.launcher
+        await launcher.settled()
+        before = len(os.listdir("/proc/self/fd"))
+        jobs = [await sup.start("sleep", ["1000"]) for _ in range(40)]
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(sup.stop, job.id, 5)
+        assert {sup.status(j.id).state for j in jobs} == {JobState.KILLED}
+        with trio.fail_after(20):
+            await launcher.settled()
+        for job in jobs:
+            assert job.pid is not None
+            assert not _in_proc(job.pid)  # reaped, not a zombie
+            assert not any(d.exists() for d in sup.cgroups.job(job.id).dirs)
+        assert len(os.listdir("/proc/self/fd")) <= before

@@ -291,7 +291,10 @@ class Admission:
         """
         launcher = self.launcher
         if launcher.seedable(plan):  # a seed is planted only with the reaper watching
-            return await launcher.launch_seeded(plan)
+            launched = await launcher.launch_seeded(plan)
+            if launched is not None:
+                return launched
+            # Its seed was dead before the command (killed from outside): the thread's way.
         if self._spawn_in_thread:
             return await _in_thread(launcher.prepare_and_spawn, plan)
         launched = await _in_thread(launcher.prepare, plan)
