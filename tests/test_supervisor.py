@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import trio.testing
 from tests.conftest import process_alive
 from trio_worker import (
     InvalidRequest,
+    Isolation,
     JobInfo,
     JobNotFound,
     JobNotRunning,
@@ -31,6 +33,7 @@ from trio_worker import (
 )
 from trio_worker._host._cgroups import NoDriver
 from trio_worker._jobs import _launch, _runner
+from trio_worker._jobs._admission import let_io_first
 from trio_worker._jobs._output import OpenLogs, OutputLog
 from trio_worker._jobs._supervisor import open_supervisor_with_driver, owner_of
 
@@ -301,6 +304,68 @@ async def test_limits_are_refused_rather_than_ignored_without_cgroups() -> None:
         # Jobs without limits still run.
         job = await sup.start("true")
         assert (await sup.wait(job.id)).exit_code == 0
+
+
+async def test_a_kept_answer_on_limits_never_stands_for_a_refused_value() -> None:
+    """A Start's (limits, isolation) pair that passed is kept for the next Starts; values
+    equal to it but refused by the checks (``False == 0``, ``0.0 == 0``) are still
+    refused, and a refused pair stays refused."""
+    async with open_supervisor_with_driver(NoDriver("not root")) as sup:
+        for _ in range(2):
+            job = await sup.start("true", limits=Limits(), isolation=Isolation())
+            assert (await sup.wait(job.id)).exit_code == 0
+        for odd, field in [
+            (Limits(pids=False), "limits.pids"),  # type: ignore[arg-type]
+            (Limits(memory_bytes=0.0), "limits.memory_bytes"),  # type: ignore[arg-type]
+        ]:
+            assert odd == Limits()
+            with pytest.raises(InvalidRequest) as info:
+                await sup.start("true", limits=odd)
+            assert info.value.field == field
+        for _ in range(2):
+            with pytest.raises(Unenforceable, match="memory limit"):
+                await sup.start("true", limits=Limits(memory_bytes=64 << 20))
+        # An isolation flag that is not a bool: answered as before (run, or refused where
+        # the host has no namespaces), never a TypeError from hashing it.
+        with contextlib.suppress(Unenforceable):
+            await sup.start("true", isolation=Isolation(pid=[1]))  # type: ignore[arg-type]
+
+
+def test_the_kept_pairs_check_every_field() -> None:
+    """``_admission._plain`` names every field of Limits and Isolation: a new one must
+    be added there, or a kept answer could stand for a value the checks refuse."""
+    assert [f.name for f in dataclasses.fields(Limits)] == [
+        "cpus",
+        "memory_bytes",
+        "io_read_bps",
+        "io_write_bps",
+        "pids",
+    ]
+    assert [f.name for f in dataclasses.fields(Isolation)] == ["pid", "mount", "network"]
+
+
+async def test_let_io_first_lets_what_the_next_poll_finds_run_first() -> None:
+    """A Start's later pieces of loop work wait for the tasks that the loop's next poll
+    wakes (a Status, answered in its connection's reader). With one schedule point
+    they would come first half the time (trio runs a batch in either order)."""
+    a, b = trio.socket.socketpair()
+    order: list[str] = []
+    with a, b:
+
+        async def reader() -> None:
+            for _ in range(40):
+                await trio.lowlevel.wait_readable(a)
+                await a.recv(1)
+                order.append("io")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            for _ in range(40):
+                await trio.testing.wait_all_tasks_blocked()
+                await b.send(b"x")  # readable at the loop's next poll
+                await let_io_first()
+                order.append("rest")
+    assert order == ["io", "rest"] * 40
 
 
 async def test_start_after_shutdown_began_is_refused() -> None:
@@ -660,3 +725,29 @@ async def test_a_jobs_usual_end_takes_no_task_and_a_setsid_escapee_still_dies() 
         jobs = [name for name in spawned.names if name.startswith("job ")]
         if sup.cgroups.tracks:
             assert jobs == [f"job {left.id}"]
+
+
+def _in_proc(pid: int) -> bool:
+    """The process exists, a zombie included (``process_alive`` says no for those)."""
+    return os.path.exists(f"/proc/{pid}")
+
+
+async def test_a_burst_of_stops_leaves_no_zombie_descriptor_or_group(tmp_path: Path) -> None:
+    """Ends recorded in the watcher's step, their groups removed after the burst: every
+    job is reaped, its pipes and pidfd closed, its groups gone."""
+    async with open_supervisor(tmp_path / "state", persist=False) as sup:
+        launcher = sup._admission.launcher
+        await launcher.settled()
+        before = len(os.listdir("/proc/self/fd"))
+        jobs = [await sup.start("sleep", ["1000"]) for _ in range(40)]
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(sup.stop, job.id, 5)
+        assert {sup.status(j.id).state for j in jobs} == {JobState.KILLED}
+        with trio.fail_after(20):
+            await launcher.settled()
+        for job in jobs:
+            assert job.pid is not None
+            assert not _in_proc(job.pid)  # reaped, not a zombie
+            assert not any(d.exists() for d in sup.cgroups.job(job.id).dirs)
+        assert len(os.listdir("/proc/self/fd")) <= before

@@ -681,15 +681,15 @@ seed_main(void *arg)
     }
     {
         int keep[SEED_MAX_GROUPS + 2], n = 0, j, from = 3;
-        keep[n++] = c->go_r;
-        keep[n++] = c->report_w;
-        for (i = 0; i < c->n_cgroup_fds; i++)
-            keep[n++] = c->cgroup_fds[i];
-        for (i = 1; i < n; i++) { /* insertion sort: no libc here */
-            int v = keep[i];
-            for (j = i - 1; j >= 0 && keep[j] > v; j--)
-                keep[j + 1] = keep[j];
-            keep[j + 1] = v;
+        /* Sorted as they go in (insertion): a plain copy loop would be compiled
+         * into a call of libc's memcpy through the PLT, which no code here may
+         * make (test_seed checks the machine code for calls). */
+        for (i = -2; i < c->n_cgroup_fds; i++) {
+            int v = i == -2 ? c->go_r : i == -1 ? c->report_w : c->cgroup_fds[i];
+            for (j = n; j > 0 && keep[j - 1] > v; j--)
+                keep[j] = keep[j - 1];
+            keep[j] = v;
+            n++;
         }
         for (i = 0; i < n; i++) {
             seed_close_span(c, from, keep[i] - 1);
@@ -725,7 +725,18 @@ seed_main(void *arg)
     r = RAW2(NR_SETPGID, 0, 0);
     if (r < 0)
         seed_fail(c, STAGE_SESSION, r, 0);
-    /* 5. Wait for the command. EOF: the server is gone or gave the seed up. */
+    /* 5. Default dispositions (the server ignores SIGPIPE, which exec keeps), while
+     *    every signal is still blocked: no handler of the server's ever runs here
+     *    (the seed has a copy of them, not the server's table: no CLONE_SIGHAND). */
+    {
+        struct kernel_sigaction dfl = {0, 0, 0, 0};
+        int sig;
+        for (sig = 1; sig <= 64; sig++) {
+            if (sig != SIGKILL && sig != SIGSTOP)
+                (void)RAW4(NR_RT_SIGACTION, sig, &dfl, 0, 8);
+        }
+    }
+    /* 6. Wait for the command. EOF: the server is gone or gave the seed up. */
     do {
         r = RAW3(NR_READ, c->go_r, &go, 1);
     } while (r == -EINTR);
@@ -733,7 +744,7 @@ seed_main(void *arg)
         for (;;)
             RAW1(NR_EXIT, 0);
     (void)RAW1(NR_CLOSE, c->go_r);
-    /* 6. The user: groups, gid, uid (each needs the privilege the next one drops). */
+    /* The user: groups, gid, uid (each needs the privilege the next one drops). */
     if (c->n_groups >= 0 && (r = RAW2(NR_SETGROUPS, c->n_groups, c->groups)) < 0)
         seed_fail(c, STAGE_SETGROUPS, r, 0);
     if (c->gid >= 0 && (r = RAW3(NR_SETRESGID, c->gid, c->gid, c->gid)) < 0)
@@ -748,16 +759,9 @@ seed_main(void *arg)
         if (RAW1(NR_GETPPID, 0) != c->parent)
             seed_fail(c, STAGE_PARENT_GONE, ESRCH, 0);
     }
-    /* 7. Default dispositions (the server ignores SIGPIPE, which exec keeps),
-     *    then no signal blocked: no handler of the server's ever runs here. */
+    /* 7. No signal blocked (their dispositions are the defaults since step 5). */
     {
-        struct kernel_sigaction dfl = {0, 0, 0, 0};
         unsigned long none = 0;
-        int sig;
-        for (sig = 1; sig <= 64; sig++) {
-            if (sig != SIGKILL && sig != SIGSTOP)
-                (void)RAW4(NR_RT_SIGACTION, sig, &dfl, 0, 8);
-        }
         (void)RAW4(NR_RT_SIGPROCMASK, SIG_SETMASK, &none, 0, 8);
     }
     /* 8. execve along the candidates (execvp's rules, as spawn). */
@@ -1060,16 +1064,24 @@ seed_go(SeedObject *s, PyObject *args)
     c->gid = gid;
     c->pdeathsig = pdeathsig;
     c->parent = (pid_t)parent;
-    /* The write is the barrier: the child reads all of this after it. A seed
-     * that died meanwhile (EPIPE) tells why on its report pipe. */
+    /* The write is the barrier: the child reads all of this after it. EPIPE: the
+     * seed died before its go (killed from outside): nothing of the command ran,
+     * and the caller can run it another way (BrokenPipeError, the seed to kill). */
     {
         ssize_t w;
+        int saved;
         do {
             w = write(s->go_fd, "g", 1);
         } while (w < 0 && errno == EINTR);
+        saved = errno;
+        close(s->go_fd);
+        s->go_fd = -1;
+        if (w != 1) {
+            errno = w < 0 ? saved : EIO;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
+        }
     }
-    close(s->go_fd);
-    s->go_fd = -1;
     Py_INCREF(Py_None);
     result = Py_None;
 done:

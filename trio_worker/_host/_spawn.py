@@ -210,6 +210,8 @@ class Seed:
     ) -> Seed:
         """Clone the seed (it joins the groups of ``cgroup_fds`` as ``spawn``'s child
         does); the caller closes its copies of every fd given. ``OSError`` if not."""
+        if not getattr(_cspawn, "HAVE_SEED", 0):  # another architecture (or a stale build)
+            raise OSError(_errno.ENOSYS, "seeds are not built for this machine")
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         max_fd = 65535 if limit == resource.RLIM_INFINITY else min(limit, 1 << 20)
         c = _cspawn.Seed(
@@ -255,7 +257,8 @@ class Seed:
 
         ``pdeathsig`` fires when the thread that *planted* the seed exits: 0
         unless that is the event loop's. ``OSError`` (ENOMEM) leaves the seed
-        waiting, to be ``kill``ed.
+        waiting, ``BrokenPipeError`` says it died before its command (killed from
+        outside: nothing ran); either way it is to be ``kill``ed.
         """
         self._c.go(
             exec_candidates(command, env.get("PATH")),

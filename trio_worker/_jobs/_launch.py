@@ -41,6 +41,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -396,11 +397,15 @@ class Launcher:
             and plan.options.stdin is Stdin.NULL
         )
 
-    async def launch_seeded(self, plan: LaunchPlan) -> Launched:
+    async def launch_seeded(self, plan: LaunchPlan) -> Launched | None:
         """Start a ``seedable`` plan with its place's seed, on the loop: rename the
         place into ``jobs/`` (a rename: 0.02 ms), hand the seed its command, and
         wait for its exec (EOF on its report pipe) or its failure (a FAILED job,
-        as ``spawn``'s). No thread, nothing blocking."""
+        as ``spawn``'s). No thread, nothing blocking.
+
+        None if the seed was dead before its command (killed from outside while it
+        waited: nothing of the command ran): the place is the plan's again, without
+        a seed's fds, for ``prepare_and_spawn`` (whose ``_claim`` reaps the seed)."""
         place = plan.place
         assert place is not None
         assert place.seed is not None
@@ -409,8 +414,7 @@ class Launcher:
         spec = plan.spec
         directory = self.jobs_dir / place.job_id
         try:
-            os.rename(place.directory, directory)
-            place.directory = directory
+            # First the command, so that the seed's exec overlaps the rest.
             seed.go(
                 spec.command,
                 [spec.command, *spec.args],
@@ -418,7 +422,14 @@ class Launcher:
                 spec.cwd,
                 user=plan.options.user,
             )
+            os.rename(place.directory, directory)
+            place.directory = directory
+        except BrokenPipeError:  # from go, before the rename
+            place.seed = sprout
+            return None
         except OSError as exc:
+            # ENOMEM copying the command, or no rename (ENOSPC for the directory
+            # entry): the process, run or not, goes with its group.
             await trio.to_thread.run_sync(_discard_seeded, place, sprout)
             raise resource_exhausted(exc, "handing its process the command") from None
         log = OutputLog(
@@ -654,7 +665,12 @@ def _remove_group(group: JobCgroup) -> None:
 
 
 def _discard_seeded(place: Place, sprout: Sprout) -> None:
-    """A seeded Start refused: its seed, directory and group go (blocking)."""
+    """A seeded Start refused: its seed (and whatever its command started), its
+    directory and group go (blocking)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sprout.seed.pid, signal.SIGKILL)
+    with contextlib.suppress(CgroupError):
+        place.group.kill()
     sprout.kill()
     _discard_places([place])
 

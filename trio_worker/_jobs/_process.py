@@ -11,7 +11,9 @@ forked exits (trio's idle worker threads do exit). We wait
 for exit *without reaping* (through a pidfd), so the process group id stays
 pinned by the zombie leader while we kill what the job left behind —
 signalling a group after reaping its leader could hit an unrelated process
-that reused the id.
+that reused the id. A plain Start whose place has a seed (a process made with
+the place, ``_host._spawn.Seed``) does not spawn here: ``_launch`` hands the
+seed its command on the loop and wraps it in a ``JobProcess`` the same way.
 """
 
 from __future__ import annotations
