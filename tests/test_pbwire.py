@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -259,7 +260,12 @@ def _as_seen(job: Any) -> dict[str, Any]:
         ("usage", ("cpu_seconds", "memory_peak_bytes")),
     ):
         if seen[name] is not None:
-            seen[name] = {field: getattr(seen[name], field) for field in fields}
+            # (floats by their bits: a NaN the bytes make equals itself)
+            seen[name] = {
+                field: struct.pack("<d", value) if isinstance(value, float) else value
+                for field in fields
+                for value in [getattr(seen[name], field)]
+            }
     return seen
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -272,6 +274,52 @@ time.sleep(60)
 """
 
 
+#: The functions of ``_cspawn.c`` the seed child runs.
+_SEED_CHILD = frozenset({"seed_main", "seed_fail", "seed_close_span"})
+
+
+def _seed_functions_machine_code() -> dict[str, list[str]]:
+    """The disassembly of the functions the seed child runs (``seed_main`` and what it
+    calls), in the built extension, by name (a compiler's suffix kept: ``.isra.0``)."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("no objdump (binutils) to read the extension's machine code")
+    assert _cspawn.__file__ is not None
+    text = subprocess.run(
+        [objdump, "-d", "--no-show-raw-insn", _cspawn.__file__],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    functions: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        head = re.match(r"^[0-9a-f]+ <([^>]+)>:$", line)
+        if head is not None:
+            name = head.group(1)
+            child = name.split(".")[0] in _SEED_CHILD
+            current = functions.setdefault(name, []) if child else None
+        elif current is not None and line.strip():
+            current.append(line)
+    return functions
+
+
+def test_the_seeds_code_calls_nothing_but_its_own_functions() -> None:
+    # The seed runs beside the server's threads in its memory, on a thread pointer
+    # of its own: a call into libc (a compiler's memcpy for a copy loop, through the
+    # PLT) or a thread-local read is code the design rules out.
+    functions = _seed_functions_machine_code()
+    assert {n.split(".")[0] for n in functions} == _SEED_CHILD
+    for name, lines in functions.items():
+        for line in lines:
+            call = re.search(r"\bcall\s+\S+\s+<([^>]+)>", line)
+            if call is not None:
+                assert call.group(1).split(".")[0] in _SEED_CHILD, (name, line)
+            if re.search(r"\bcall", line):  # not syscall; no indirect call either
+                assert call is not None, (name, line)
+            assert "%fs:" not in line, (name, line)
+
+
 def _wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -363,3 +411,24 @@ async def test_leaving_the_supervisor_kills_and_reaps_every_seed(tmp_path: Path)
         assert all(process_alive(pid) for _, pid in seeds)
     assert not any(_exists(pid) for _, pid in seeds)  # no zombie either
     assert sorted(os.listdir("/proc/self/fd")) == fds_before
+
+
+async def test_a_seed_killed_before_its_start_does_not_cost_the_start_its_command(
+    tmp_path: Path,
+) -> None:
+    # A seed killed from outside while it waits (by the OOM killer, by a root job's
+    # kill): the Start still runs the command, on the thread path.
+    require_root("cgroups")
+    parent = "tw-seed-" + secrets.token_hex(4)
+    async with open_supervisor(tmp_path / "state", cgroup_parent=parent) as sup:
+        seeds = await _ready_seeds(sup)
+        assert seeds
+        os.kill(seeds[0][1], signal.SIGKILL)
+        _wait_until(lambda: not process_alive(seeds[0][1]))
+        job = await sup.start("sh", ["-c", "echo ran"])
+        assert job.id == seeds[0][0]
+        end = await sup.wait(job.id)
+        assert (end.state, end.exit_code) == (JobState.EXITED, 0)
+        out = b"".join([c.data async for c in sup.output(job.id)])
+        assert out == b"ran\n"
+        assert not _exists(seeds[0][1])  # the dead seed was reaped

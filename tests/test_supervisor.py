@@ -33,6 +33,7 @@ from trio_worker import (
 )
 from trio_worker._host._cgroups import NoDriver
 from trio_worker._jobs import _launch, _runner
+from trio_worker._jobs._admission import let_io_first
 from trio_worker._jobs._output import OpenLogs, OutputLog
 from trio_worker._jobs._supervisor import open_supervisor_with_driver, owner_of
 
@@ -341,6 +342,30 @@ def test_the_kept_pairs_check_every_field() -> None:
         "pids",
     ]
     assert [f.name for f in dataclasses.fields(Isolation)] == ["pid", "mount", "network"]
+
+
+async def test_let_io_first_lets_what_the_next_poll_finds_run_first() -> None:
+    """A Start's later pieces of loop work wait for the tasks that the loop's next poll
+    wakes (a Status, answered in its connection's reader). With one schedule point
+    they would come first half the time (trio runs a batch in either order)."""
+    a, b = trio.socket.socketpair()
+    order: list[str] = []
+    with a, b:
+
+        async def reader() -> None:
+            for _ in range(40):
+                await trio.lowlevel.wait_readable(a)
+                await a.recv(1)
+                order.append("io")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            for _ in range(40):
+                await trio.testing.wait_all_tasks_blocked()
+                await b.send(b"x")  # readable at the loop's next poll
+                await let_io_first()
+                order.append("rest")
+    assert order == ["io", "rest"] * 40
 
 
 async def test_start_after_shutdown_began_is_refused() -> None:
@@ -702,6 +727,11 @@ async def test_a_jobs_usual_end_takes_no_task_and_a_setsid_escapee_still_dies() 
             assert jobs == [f"job {left.id}"]
 
 
+def _in_proc(pid: int) -> bool:
+    """The process exists, a zombie included (``process_alive`` says no for those)."""
+    return os.path.exists(f"/proc/{pid}")
+
+
 async def test_a_burst_of_stops_leaves_no_zombie_descriptor_or_group(tmp_path: Path) -> None:
     """Ends recorded in the watcher's step, their groups removed after the burst: every
     job is reaped, its pipes and pidfd closed, its groups gone."""
@@ -718,6 +748,6 @@ async def test_a_burst_of_stops_leaves_no_zombie_descriptor_or_group(tmp_path: P
             await launcher.settled()
         for job in jobs:
             assert job.pid is not None
-            assert not Path(f"/proc/{job.pid}").exists()  # reaped, not a zombie
+            assert not _in_proc(job.pid)  # reaped, not a zombie
             assert not any(d.exists() for d in sup.cgroups.job(job.id).dirs)
         assert len(os.listdir("/proc/self/fd")) <= before

@@ -681,15 +681,15 @@ seed_main(void *arg)
     }
     {
         int keep[SEED_MAX_GROUPS + 2], n = 0, j, from = 3;
-        keep[n++] = c->go_r;
-        keep[n++] = c->report_w;
-        for (i = 0; i < c->n_cgroup_fds; i++)
-            keep[n++] = c->cgroup_fds[i];
-        for (i = 1; i < n; i++) { /* insertion sort: no libc here */
-            int v = keep[i];
-            for (j = i - 1; j >= 0 && keep[j] > v; j--)
-                keep[j + 1] = keep[j];
-            keep[j + 1] = v;
+        /* Sorted as they go in (insertion): a plain copy loop would be compiled
+         * into a call of libc's memcpy through the PLT, which no code here may
+         * make (test_seed checks the machine code for calls). */
+        for (i = -2; i < c->n_cgroup_fds; i++) {
+            int v = i == -2 ? c->go_r : i == -1 ? c->report_w : c->cgroup_fds[i];
+            for (j = n; j > 0 && keep[j - 1] > v; j--)
+                keep[j] = keep[j - 1];
+            keep[j] = v;
+            n++;
         }
         for (i = 0; i < n; i++) {
             seed_close_span(c, from, keep[i] - 1);
@@ -1064,16 +1064,24 @@ seed_go(SeedObject *s, PyObject *args)
     c->gid = gid;
     c->pdeathsig = pdeathsig;
     c->parent = (pid_t)parent;
-    /* The write is the barrier: the child reads all of this after it. A seed
-     * that died meanwhile (EPIPE) tells why on its report pipe. */
+    /* The write is the barrier: the child reads all of this after it. EPIPE: the
+     * seed died before its go (killed from outside): nothing of the command ran,
+     * and the caller can run it another way (BrokenPipeError, the seed to kill). */
     {
         ssize_t w;
+        int saved;
         do {
             w = write(s->go_fd, "g", 1);
         } while (w < 0 && errno == EINTR);
+        saved = errno;
+        close(s->go_fd);
+        s->go_fd = -1;
+        if (w != 1) {
+            errno = w < 0 ? saved : EIO;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
+        }
     }
-    close(s->go_fd);
-    s->go_fd = -1;
     Py_INCREF(Py_None);
     result = Py_None;
 done:

@@ -257,7 +257,8 @@ class Seed:
 
         ``pdeathsig`` fires when the thread that *planted* the seed exits: 0
         unless that is the event loop's. ``OSError`` (ENOMEM) leaves the seed
-        waiting, to be ``kill``ed.
+        waiting, ``BrokenPipeError`` says it died before its command (killed from
+        outside: nothing ran); either way it is to be ``kill``ed.
         """
         self._c.go(
             exec_candidates(command, env.get("PATH")),

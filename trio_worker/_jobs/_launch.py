@@ -425,11 +425,15 @@ class Launcher:
             and plan.options.stdin is Stdin.NULL
         )
 
-    async def launch_seeded(self, plan: LaunchPlan) -> Launched:
+    async def launch_seeded(self, plan: LaunchPlan) -> Launched | None:
         """Start a ``seedable`` plan with its place's seed, on the loop: rename the
         place into ``jobs/`` (a rename: 0.02 ms), hand the seed its command, and
         wait for its exec (EOF on its report pipe) or its failure (a FAILED job,
-        as ``spawn``'s). No thread, nothing blocking."""
+        as ``spawn``'s). No thread, nothing blocking.
+
+        None if the seed was dead before its command (killed from outside while it
+        waited: nothing of the command ran): the place is the plan's again, without
+        a seed's fds, for ``prepare_and_spawn`` (whose ``_claim`` reaps the seed)."""
         place = plan.place
         assert place is not None
         assert place.seed is not None
@@ -448,6 +452,9 @@ class Launcher:
             )
             os.rename(place.directory, directory)
             place.directory = directory
+        except BrokenPipeError:  # from go, before the rename
+            place.seed = sprout
+            return None
         except OSError as exc:
             # ENOMEM copying the command, or no rename (ENOSPC for the directory
             # entry): the process, run or not, goes with its group.
