@@ -81,6 +81,8 @@ NEVER_FOR_CLIENTS = (
     "inspect",
     "ast",
     "dis",
+    # Nothing of theirs imports typing (protobuf did) and ours imports it for mypy only.
+    "typing",
 )
 #: Modules that libraries import and no client command runs: deferred (``cli._lazy``), so they
 #: are in ``sys.modules`` unexecuted, and what only they import never loads.

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -267,13 +268,13 @@ def _as_seen(job: Any) -> dict[str, Any]:
         ("usage", ("cpu_seconds", "memory_peak_bytes")),
     ):
         if seen[name] is not None:
-            seen[name] = {field: _nan_equal(getattr(seen[name], field)) for field in fields}
+            # (floats by their bits: a NaN the bytes make equals itself)
+            seen[name] = {
+                field: struct.pack("<d", value) if isinstance(value, float) else value
+                for field in fields
+                for value in [getattr(seen[name], field)]
+            }
     return seen
-
-
-def _nan_equal(value: object) -> object:
-    """NaN (a double a flipped byte can make) as a value that equals itself."""
-    return "NaN" if isinstance(value, float) and math.isnan(value) else value
 
 
 @given(jobs)

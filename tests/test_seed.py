@@ -10,6 +10,7 @@ goes, and leaving the supervisor leaves no seed, zombie or descriptor behind.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -74,7 +75,8 @@ def _run(
         os.close(null)
     if planted is not None:
         planted(seed)
-    seed.go(argv[0], argv, env if env is not None else dict(os.environ), cwd, user=user)
+    with contextlib.suppress(BrokenPipeError):  # it died before its go: its report says why
+        seed.go(argv[0], argv, env if env is not None else dict(os.environ), cwd, user=user)
     while not seed.poll():
         _wait_readable(seed.report_fd)
     failure = seed.error(argv[0], cwd)

@@ -33,6 +33,7 @@ from trio_worker import (
 )
 from trio_worker._host._cgroups import NoDriver
 from trio_worker._jobs import _launch, _runner
+from trio_worker._jobs._admission import let_io_first
 from trio_worker._jobs._output import OpenLogs, OutputLog
 from trio_worker._jobs._supervisor import open_supervisor_with_driver, owner_of
 
@@ -341,6 +342,30 @@ def test_the_kept_pairs_check_every_field() -> None:
         "pids",
     ]
     assert [f.name for f in dataclasses.fields(Isolation)] == ["pid", "mount", "network"]
+
+
+async def test_let_io_first_lets_what_the_next_poll_finds_run_first() -> None:
+    """A Start's later pieces of loop work wait for the tasks that the loop's next poll
+    wakes (a Status, answered in its connection's reader). With one schedule point
+    they would come first half the time (trio runs a batch in either order)."""
+    a, b = trio.socket.socketpair()
+    order: list[str] = []
+    with a, b:
+
+        async def reader() -> None:
+            for _ in range(40):
+                await trio.lowlevel.wait_readable(a)
+                await a.recv(1)
+                order.append("io")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            for _ in range(40):
+                await trio.testing.wait_all_tasks_blocked()
+                await b.send(b"x")  # readable at the loop's next poll
+                await let_io_first()
+                order.append("rest")
+    assert order == ["io", "rest"] * 40
 
 
 async def test_start_after_shutdown_began_is_refused() -> None:

@@ -12,11 +12,13 @@ every command would otherwise pay for them at start-up.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
 from ._util import fix_one
 
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._errors import AuthenticationFailed as AuthenticationFailed
     from ._errors import ConnectionFailed as ConnectionFailed
     from ._errors import InvalidRequest as InvalidRequest

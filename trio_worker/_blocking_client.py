@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, Final, TypeVar
 
 from ._errors import ConnectionFailed, InvalidRequest, RemoteError
 from ._net._blocking import BlockingCall, BlockingConnection, CallFailed, Unprocessed, dial
@@ -42,9 +41,14 @@ from ._tls import client_context
 from ._views import STATE_TO_PB, ChunkView, JobView, Malformed, read_chunk, read_job, read_list
 from ._wire._status import StatusCode
 
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
+if TYPE_CHECKING:
+    from typing import Any, Final, TypeVar
+
+    M = TypeVar("M")
+
 __all__ = ["BlockingClient", "BlockingOutput", "Pending", "connect_blocking"]
 
-M = TypeVar("M")
 
 #: The service's name in the method paths (worker.proto's package and service).
 SERVICE: Final = "trioworker.v1.Worker"

@@ -14,7 +14,6 @@ violation's ``field``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Final
 
 from ._errors import (
     AuthenticationFailed,
@@ -33,6 +32,10 @@ from ._errors import (
     Unenforceable,
 )
 from ._wire._status import ERROR_DOMAIN, StatusCode, bound_text, decode_details, encode_details
+
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = ["ERRORS", "ErrorRow", "WireError", "exception_from", "status_of"]
 

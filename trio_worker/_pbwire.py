@@ -241,30 +241,47 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
 
 def read_fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
     """(number, wire type, value) of each field: an integer for varints, the bytes of the
-    others (a fixed64, a fixed32, a length-delimited payload)."""
+    others (a fixed64, a fixed32, a length-delimited payload). One-byte keys, lengths and
+    values (most of them) are read inline: a List page is thousands of fields."""
     pos = 0
     end = len(data)
-    while pos < end:
-        key, pos = _read_varint(data, pos)
-        number, wire = key >> 3, key & 7
-        if number == 0 or key > _MASK32:
-            raise Malformed(f"invalid field key {key}")
-        if wire == _VARINT:
-            value, pos = _read_varint(data, pos)
-            yield number, wire, value
-            continue
-        if wire == _LENGTH:
-            size, pos = _read_varint(data, pos)
-        elif wire == _FIXED64:
-            size = 8
-        elif wire == _FIXED32:
-            size = 4
-        else:  # groups (deprecated; no message of ours has one) and invalid wire types
-            raise Malformed(f"wire type {wire}")
-        if size > end - pos:
-            raise Malformed("truncated field")
-        yield number, wire, data[pos : pos + size]
-        pos += size
+    try:
+        while pos < end:
+            key = data[pos]
+            pos += 1
+            if key > 0x7F:
+                key, pos = _read_varint(data, pos - 1)
+                if key > _MASK32:
+                    raise Malformed(f"invalid field key {key}")
+            number = key >> 3
+            wire = key & 7
+            if number == 0:
+                raise Malformed("field number 0")
+            if wire == _VARINT:
+                value = data[pos]
+                pos += 1
+                if value > 0x7F:
+                    value, pos = _read_varint(data, pos - 1)
+                yield number, wire, value
+                continue
+            if wire == _LENGTH:
+                size = data[pos]
+                pos += 1
+                if size > 0x7F:
+                    size, pos = _read_varint(data, pos - 1)
+            elif wire == _FIXED64:
+                size = 8
+            elif wire == _FIXED32:
+                size = 4
+            else:  # groups (deprecated; no message of ours has one) and invalid wire types
+                raise Malformed(f"wire type {wire}")
+            stop = pos + size
+            if stop > end:
+                raise Malformed("truncated field")
+            yield number, wire, data[pos:stop]
+            pos = stop
+    except IndexError:
+        raise Malformed("truncated") from None
 
 
 def to_int32(value: int) -> int:

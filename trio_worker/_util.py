@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import typing
-from typing import Any, TypeVar
+
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
+    C = TypeVar("C", bound=type)
 
 __all__ = ["NoPublicConstructor", "final", "fix_one"]
-
-T = TypeVar("T")
-C = TypeVar("C", bound=type)
 
 
 def final(cls: C) -> C:
@@ -19,6 +21,8 @@ def final(cls: C) -> C:
         raise TypeError(f"{cls.__module__}.{cls.__qualname__} does not support subclassing")
 
     cls.__init_subclass__ = classmethod(__init_subclass__)  # type: ignore[assignment]
+    import typing  # (when a public class is defined: the library's, no short command's)
+
     return typing.final(cls)
 
 

@@ -15,9 +15,7 @@ types.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
 from datetime import datetime
-from typing import Final
 
 from ._pbwire import (
     ISOLATION_FIELDS,
@@ -31,6 +29,10 @@ from ._pbwire import (
     utf8,
 )
 from ._states import JobState, OutputStream
+
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "STATE_FROM_PB",
@@ -172,72 +174,77 @@ class JobView:
         return f"JobView(id={self.id!r}, state={self.state}, command={self.command!r})"
 
 
-#: ``Job``'s string fields by number, and its plain varint fields: (name, how to read).
-_JOB_STRINGS: Final = {1: "id", 2: "owner", 3: "command", 9: "error", 21: "user"}
-_JOB_NUMBERS: Final[dict[int, tuple[str, Callable[[int], object]]]] = {
-    6: ("pid", to_int32),
-    7: ("exit_code", to_int32),
-    8: ("signal", to_int32),
-    12: ("output_bytes", int),
-    15: ("oom_killed", bool),
-    16: ("output_start", int),
-    19: ("stdin", bool),
-    20: ("tty", bool),
-}
-
-
 def read_job(data: bytes) -> JobView:
     """A ``Job`` message; raises :class:`Malformed`."""
-    strings = dict.fromkeys(_JOB_STRINGS.values(), "")
-    numbers: dict[str, object] = {"pid": 0, "exit_code": None, "signal": None}
-    numbers.update(output_bytes=0, oom_killed=False, output_start=0, stdin=False, tty=False)
+    job = JobView()
+    job.id = job.owner = job.command = job.error = job.user = ""
+    job.exit_code = job.signal = None
+    job.output_bytes = job.output_start = 0
+    job.oom_killed = job.stdin = job.tty = False
+    job.limits = limits = LimitsView()
+    job.isolation = isolation = IsolationView()
+    job.usage = usage = None
     args: list[str] = []
-    state = spawn_error = 0
+    pid = state = spawn_error = 0
     started = [0, 0]
     ended: list[int] | None = None
-    limits = LimitsView()
-    isolation = IsolationView()
-    usage: UsageView | None = None
-    for number, wire, value in read_fields(data):
-        if wire == _LENGTH:
-            raw: bytes = value  # type: ignore[assignment]
-            if number in _JOB_STRINGS:
-                strings[_JOB_STRINGS[number]] = utf8(raw)
-            elif number == 4:
-                args.append(utf8(raw))
-            elif number == 10:
-                merge_timestamp(raw, started)
-            elif number == 11:
-                ended = ended or [0, 0]
-                merge_timestamp(raw, ended)
-            elif number == 13:
-                limits.merge(raw)
-            elif number == 14:
-                isolation.merge(raw)
-            elif number == 17:
-                usage = usage or UsageView()
-                usage.merge(raw)
-        elif wire == _VARINT:
-            number_value: int = value  # type: ignore[assignment]
-            if number in _JOB_NUMBERS:
-                name, convert = _JOB_NUMBERS[number]
-                numbers[name] = convert(number_value)
-            elif number == 5:
-                state = to_int32(number_value)
-            elif number == 18:
-                spawn_error = to_int32(number_value)
-    job = JobView()
-    for name, text in strings.items():
-        setattr(job, name, text)
-    for name, number_or_none in numbers.items():
-        setattr(job, name, number_or_none)
-    job.pid = job.pid or None
+    try:
+        for number, wire, value in read_fields(data):
+            if wire == _LENGTH:
+                raw: bytes = value  # type: ignore[assignment]
+                if number == 1:
+                    job.id = raw.decode()
+                elif number == 2:
+                    job.owner = raw.decode()
+                elif number == 3:
+                    job.command = raw.decode()
+                elif number == 4:
+                    args.append(raw.decode())
+                elif number == 9:
+                    job.error = raw.decode()
+                elif number == 10:
+                    merge_timestamp(raw, started)
+                elif number == 11:
+                    ended = ended or [0, 0]
+                    merge_timestamp(raw, ended)
+                elif number == 13:
+                    limits.merge(raw)
+                elif number == 14:
+                    isolation.merge(raw)
+                elif number == 17:
+                    usage = usage or UsageView()
+                    usage.merge(raw)
+                elif number == 21:
+                    job.user = raw.decode()
+            elif wire == _VARINT:
+                varint: int = value  # type: ignore[assignment]
+                if number == 5:
+                    state = to_int32(varint)
+                elif number == 6:
+                    pid = to_int32(varint)
+                elif number == 7:
+                    job.exit_code = to_int32(varint)
+                elif number == 8:
+                    job.signal = to_int32(varint)
+                elif number == 12:
+                    job.output_bytes = varint
+                elif number == 15:
+                    job.oom_killed = varint != 0
+                elif number == 16:
+                    job.output_start = varint
+                elif number == 18:
+                    spawn_error = to_int32(varint)
+                elif number == 19:
+                    job.stdin = varint != 0
+                elif number == 20:
+                    job.tty = varint != 0
+    except UnicodeDecodeError:
+        raise Malformed("a string that is not UTF-8") from None
+    job.pid = pid or None
     job.args = tuple(args)
     job.state = STATE_FROM_PB.get(state, JobState.LOST)
     job.started_at = timestamp(*started)
     job.ended_at = None if ended is None else timestamp(*ended)
-    job.limits = limits
-    job.isolation = isolation
     job.usage = usage
     job.spawn_errno = _SPAWN_ERRNO.get(spawn_error)
     return job

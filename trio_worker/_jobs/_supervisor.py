@@ -222,6 +222,9 @@ class Supervisor(metaclass=NoPublicConstructor):
         and starts in that user's home (``/`` without one) unless ``cwd`` says.
         """
         await trio.lowlevel.checkpoint()
+        # Twice: the Start's first piece of loop work (checks, a place, the launch)
+        # comes after what the loop's next poll finds, a Status (see ``let_io_first``).
+        await trio.lowlevel.cancel_shielded_checkpoint()
         if self._closing:
             raise ShuttingDown("the supervisor is shutting down")
         self._starting += 1

@@ -31,7 +31,6 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
 
 import h2.errors
 import h2.exceptions
@@ -57,6 +56,10 @@ from .._wire._status import StatusCode
 from .._wire._window import MESSAGE_PREFIX
 from ._failures import os_reason, parse_addr, tls_reason
 from ._sockets import RECEIVE_SIZE, WRITE_TIMEOUT, set_keepalive
+
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["BlockingCall", "BlockingConnection", "CallFailed", "Unprocessed", "dial"]
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import socket
 from contextlib import suppress
-from typing import Any, Final
+
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 __all__ = ["RECEIVE_SIZE", "WRITE_TIMEOUT", "set_keepalive", "split_host_port"]
 

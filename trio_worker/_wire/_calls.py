@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import suppress
-from typing import Any, Final, Generic, TypeVar
 
 import h2.errors
 import h2.exceptions
@@ -27,6 +26,24 @@ from ._client import (
 from ._h2conn import WireH2Connection
 from ._status import StatusCode
 from ._window import MESSAGE_OVERHEAD, StreamWindow
+
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
+if TYPE_CHECKING:
+    from typing import Any, Final, Generic, TypeVar
+
+    C = TypeVar("C", bound="ClientCall")
+else:
+    C = None
+
+    class Generic:
+        """``typing.Generic`` as ``CallTable`` needs it at run time: a base whose
+        subscription (``CallTable[BlockingCall]``) is the class itself."""
+
+        __slots__ = ()
+
+        def __class_getitem__(cls, item: object) -> type:
+            return cls
+
 
 __all__ = [
     "ACK_BELOW",
@@ -134,9 +151,6 @@ def reset_failure(code: int) -> CallFailed:
     except ValueError:
         name = str(code)
     return CallFailed(StatusCode.INTERNAL, f"the server reset the call ({name})")
-
-
-C = TypeVar("C", bound=ClientCall)
 
 
 class CallTable(Generic[C]):

@@ -13,7 +13,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final
 
 import h2.errors
 import h2.events
@@ -38,6 +37,10 @@ from ._h2conn import (
 )
 from ._status import DETAILS_HEADER, StatusCode, bound_text, details_from_header
 from ._window import MESSAGE_PREFIX
+
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 USER_AGENT: Final = f"trio-worker/{__version__} purerpc"
 #: The receive window we advertise for each stream: what the server may send beyond what

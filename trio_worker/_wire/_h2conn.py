@@ -41,7 +41,6 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final
 
 import h2.config
 import h2.connection
@@ -57,6 +56,10 @@ from hyperframe.frame import (  # type: ignore[import-untyped]
 )
 from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
+
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 __all__ = [
     "FLOOD_BUDGET",

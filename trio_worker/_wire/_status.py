@@ -17,7 +17,10 @@ import binascii
 import enum
 import urllib.parse
 from collections.abc import Mapping
-from typing import Final
+
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "DETAILS_HEADER",

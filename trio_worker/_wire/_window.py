@@ -18,7 +18,10 @@ prefix, so empty messages are held back too.
 from __future__ import annotations
 
 import struct
-from typing import Final
+
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = ["MESSAGE_OVERHEAD", "MESSAGE_PREFIX", "StreamWindow"]
 

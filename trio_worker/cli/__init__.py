@@ -14,12 +14,14 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._commands import NAMES, overview, unknown_command
 from ._exit import ExitCode
 
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
 if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
     from ._app import app as app
 
 __all__ = ["app", "main"]

@@ -19,7 +19,6 @@ import functools
 import importlib
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final, Literal
 
 from . import _parse
 from ._settings import (
@@ -31,9 +30,13 @@ from ._settings import (
     read_config_file,
 )
 
-__all__ = ["COMMANDS", "ENV_VARS", "parse_short"]
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
+if TYPE_CHECKING:
+    from typing import Any, Final, Literal
 
-Kind = Literal["flag", "value", "list"]
+    Kind = Literal["flag", "value", "list"]
+
+__all__ = ["COMMANDS", "ENV_VARS", "parse_short"]
 
 
 class Option:

@@ -7,7 +7,10 @@ the whole of ``trio-worker --help`` may (0.1 s). A command's own ``--help`` is c
 
 from __future__ import annotations
 
-from typing import Final
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
+if TYPE_CHECKING:
+    from typing import Final
+
 
 __all__ = ["COMMANDS", "Command", "overview", "unknown_command"]
 

@@ -8,10 +8,10 @@ caller may see (one List per command, however many ids it takes). No match is
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from .._errors import InvalidRequest, JobNotFound
 
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
 if TYPE_CHECKING:
     from .._blocking_client import BlockingClient
 

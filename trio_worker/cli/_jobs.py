@@ -11,7 +11,6 @@ import contextlib
 import os
 import sys
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated, Any
 
 from .._errors import (
     ConnectionFailed,
@@ -36,7 +35,10 @@ from ._render import (
 from ._session import Backoff, OutputSink, follow_output, open_client, retrying
 from ._settings import ClientOptions, Connection, Fields, resolve_connection
 
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
 if TYPE_CHECKING:
+    from typing import Annotated, Any
+
     from .._blocking_client import BlockingClient
     from .._model import JobInfo
     from .._views import JobView

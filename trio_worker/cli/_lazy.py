@@ -31,7 +31,10 @@ import gc
 import importlib.util
 import sys
 from collections.abc import Iterable
-from typing import Final
+
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = ["DEFERRED", "defer", "pause_collector", "resume_collector"]
 

@@ -119,8 +119,10 @@ Options = Annotated[ClientFields | None, Parameter(name="*", group=CONNECTION)]
 
 
 def bind(module: ModuleType) -> None:
-    """Give ``module`` the names its annotations use, for cyclopts to evaluate them."""
+    """Give ``module`` the names its annotations use, for cyclopts to evaluate them
+    (``Annotated`` too: those modules import ``typing`` for mypy only)."""
     names = {name: globals()[name] for name in __all__ if name[0].isupper()}
+    names["Annotated"] = Annotated
     module.__dict__.update({k: v for k, v in names.items() if k not in module.__dict__})
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections import deque
-from typing import TYPE_CHECKING, Annotated
 
 from .._errors import InvalidRequest, JobNotFound, TrioWorkerError
 from .._states import JobState
@@ -20,7 +19,10 @@ from ._render import human_size
 from ._session import open_client
 from ._settings import ClientOptions, resolve_connection
 
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
 if TYPE_CHECKING:
+    from typing import Annotated
+
     from .._blocking_client import Pending
     from .._views import JobView
     from ._params import Options, Parameter

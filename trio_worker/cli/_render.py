@@ -23,13 +23,15 @@ import shlex
 import sys
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TextIO
 
 from .._states import JobState
 from ._exit import ExitCode
 from ._parse import format_size, signal_name
 
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
 if TYPE_CHECKING:
+    from typing import Any, TextIO
+
     from .._model import Isolation, JobInfo, Limits
     from .._views import IsolationView, JobView, LimitsView
 

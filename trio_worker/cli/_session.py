@@ -18,13 +18,17 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from .._errors import ConnectionFailed
 from .._states import OutputStream
 from ._settings import Connection
 
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
 if TYPE_CHECKING:
+    from typing import BinaryIO, TypeVar
+
+    T = TypeVar("T")
+
     from .._blocking_client import BlockingClient
     from .._model import OutputChunk
     from .._views import ChunkView
@@ -38,7 +42,6 @@ __all__ = [
     "retrying",
 ]
 
-T = TypeVar("T")
 _log = logging.getLogger("trio_worker.cli")
 
 #: How long to keep trying to get a lost connection back (seconds; env for tests/operators).

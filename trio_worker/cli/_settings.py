@@ -20,13 +20,15 @@ for nothing it needs.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Annotated, Any
 
 from .._errors import InvalidRequest
 from .._tls import TLSConfigError
 from ._parse import parse_addr
 
+TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
 if TYPE_CHECKING:
+    from typing import Annotated, Any
+
     from cyclopts import Parameter
 
 __all__ = [
