@@ -198,6 +198,8 @@ class Launcher:
         #: Plant a seed with each place (only with the reaper: a seed planted by a
         #: worker thread has no PR_SET_PDEATHSIG); off for good if clone3 is refused.
         self._seeds = seeds
+        #: A memory limit above the jobs holds no seed (``_memory_capped``).
+        self._capped = False
 
     # -- ready places --------------------------------------------------------
 
@@ -351,6 +353,7 @@ class Launcher:
         """In a worker thread: as many of the places as can be made, in order, each
         handed to ``arrive`` once made; returns how many."""
         made = 0
+        plant = self._seeds and bool(ids) and not self._memory_capped()
         for job_id in ids:
             directory = self.ready_dir / job_id
             try:
@@ -371,11 +374,23 @@ class Launcher:
                 _log.debug("no place made ahead: %s", exc)
                 break
             place = Place(job_id, directory, group, procs)
-            if self._seeds and group.tracked:
+            if plant and self._seeds and group.tracked:
                 self._plant(place)
             arrive(place)
             made += 1
         return made
+
+    def _memory_capped(self) -> bool:
+        """In a worker thread: whether a memory limit holds the jobs and not the server,
+        so that no seed may be planted (``CgroupDriver.memory_capped``: a job's OOM there
+        would kill a seed, and with it the server whose memory it shares). Said in the
+        log when that changes."""
+        capped = self.cgroups.memory_capped()
+        if (capped is not None) != self._capped:
+            self._capped = capped is not None
+            if capped is not None:
+                _log.info("no seeds while %s limits the jobs' memory (not the server's)", capped)
+        return capped is not None
 
     def _plant(self, place: Place) -> None:
         """In a worker thread: give ``place`` its seed (its group fds go to it)."""
