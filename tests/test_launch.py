@@ -211,3 +211,41 @@ async def test_a_burst_of_ends_is_removed_in_one_thread_call_after_it(
         await launcher.settled()
         assert calls == [10]
         assert none_exist(groups)
+
+
+async def test_a_start_with_no_place_ready_waits_for_the_one_being_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
+) -> None:
+    """Making a place of its own costs a Start a thread round trip, inodes and groups; the
+    refill's next place is usually closer. The clock stands still: the Start's patience
+    does not run out while the refill's thread is held, so it must take that place."""
+    require_root("cgroups")
+    gate = threading.Event()
+    tend = Launcher._tend
+
+    def held_tend(self: Launcher, retired: Any, ids: Any) -> Any:
+        gate.wait(30)
+        return tend(self, retired, ids)
+
+    parent = "tw-patience-" + secrets.token_hex(4)
+    async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+        launcher = sup._admission.launcher
+        await launcher.settled()
+        monkeypatch.setattr(Launcher, "_tend", held_tend)
+        for _ in range(len(launcher.ready_places())):
+            await sup.start("true")
+        coming = launcher.first_making()
+        assert coming is not None  # the refill is under way, held
+        assert launcher.ready_places() == []
+        started: list[str] = []
+
+        async def start() -> None:
+            started.append((await sup.start("true")).id)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start)
+            await trio.testing.wait_all_tasks_blocked()
+            assert started == []  # waiting for the place, not making its own
+            gate.set()
+        monkeypatch.setattr(Launcher, "_tend", tend)
+        assert started == [coming]

@@ -4,9 +4,14 @@ refused as ``Malformed`` only."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import json
 import math
+import os
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,9 +22,12 @@ from hypothesis import strategies as st
 
 from trio_worker import _pbwire, _requests, _views
 from trio_worker._convert import STATE_TO_PB, chunk_from_pb, job_from_pb
-from trio_worker._errors import InvalidRequest
+from trio_worker._errors import InvalidRequest, RemoteError
 from trio_worker._model import JobState
 from trio_worker._pb import worker_pb2 as pb
+from trio_worker._wire._status import StatusCode
+from trio_worker.cli import _render
+from trio_worker.cli._errors import describe
 
 u32 = st.integers(0, 2**32 - 1)
 u64 = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 127, 128, 2**63]))
@@ -298,6 +306,13 @@ def test_an_output_chunk_reads_as_protobuf_reads_it(data: bytes, offset: int, st
     )
 
 
+def test_a_nan_double_reads_as_protobuf_reads_it() -> None:
+    # (A flipped byte in a double makes NaN: the hostile-bytes test met it, 1 run in ~5.)
+    data = pb.Job(limits=pb.Limits(cpus=math.nan), usage=pb.Usage(cpu_seconds=math.nan))
+    wire = data.SerializeToString()
+    assert _as_seen(_views.read_job(wire)) == _as_seen(job_from_pb(pb.Job.FromString(wire)))
+
+
 def test_repeated_message_fields_merge_and_scalars_take_the_last() -> None:
     first = pb.Job(id="a", limits=pb.Limits(cpus=1.5), started_at={"seconds": 5})
     second = pb.Job(id="b", limits=pb.Limits(pids=3), started_at={"nanos": 7000})
@@ -348,3 +363,96 @@ def test_hostile_bytes_are_malformed_or_what_protobuf_reads(
 def test_malformed_jobs(wire: bytes) -> None:
     with pytest.raises(_pbwire.Malformed):
         _views.read_job(wire)
+
+
+# --- what a hostile server's job does to the command line's output ------------------
+
+hostile_text = st.text(
+    alphabet=st.characters(codec="utf-8", categories=["Cc", "Lu", "Zs", "Cf"]), max_size=8
+)
+any_floats = st.floats() | st.sampled_from([math.nan, math.inf, -math.inf, -0.0])
+extreme_times = st.builds(
+    lambda s, n: pb.Job().started_at.__class__(seconds=s, nanos=n),
+    st.sampled_from([-62135596800, 253402300799, 0]) | st.integers(-62135596800, 253402300799),
+    st.integers(0, 999_999_999),
+)
+hostile_jobs = st.builds(
+    pb.Job,
+    id=hostile_text,
+    owner=hostile_text,
+    command=hostile_text,
+    args=st.lists(hostile_text, max_size=2),
+    state=st.integers(0, 7),
+    pid=i32,
+    exit_code=st.none() | i32,
+    signal=st.none() | i32,
+    error=hostile_text,
+    started_at=extreme_times,
+    ended_at=st.none() | extreme_times,
+    output_bytes=u64,
+    limits=st.builds(pb.Limits, cpus=any_floats, memory_bytes=u64, pids=u32),
+    oom_killed=st.booleans(),
+    output_start=u64,
+    usage=st.none() | st.builds(pb.Usage, cpu_seconds=any_floats, memory_peak_bytes=u64),
+    spawn_error=st.integers(0, 4),
+    user=hostile_text,
+)
+
+
+def _control(c: str) -> bool:
+    return ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0
+
+
+def _strict_json(text: str) -> object:
+    def refuse(constant: str) -> object:
+        raise AssertionError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Asia/Tokyo", "America/Los_Angeles"])
+@given(page=st.lists(hostile_jobs, min_size=1, max_size=3))
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=150)
+def test_any_job_a_server_sends_is_shown_without_error_or_terminal_escapes(
+    zone: str, page: list[pb.Job]
+) -> None:
+    # What protobuf reads (NaN and infinite doubles, years 1 and 9999, control characters
+    # in every string) the command line shows: one line per thing, nothing a terminal
+    # would take as an escape sequence, JSON that is JSON. (NaN CPU time was a
+    # ValueError; year 9999 east of UTC an OverflowError; ESC went to the terminal.)
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = zone
+    time.tzset()
+    try:
+        jobs = [_views.read_job(job.SerializeToString()) for job in page]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            _render.print_jobs(jobs)
+            for job in jobs:
+                _render.print_job(job)
+                _render.dump_json(_render.job_json(job))
+        lines = [_render.describe_state(job) for job in jobs]
+        lines += [note for job in jobs if (note := _render.job_exit(job)[1]) is not None]
+    finally:
+        if before is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
+    shown = out.getvalue()
+    for text in [shown, *lines]:
+        assert not any(_control(c) for c in text.replace("\n", ""))
+    assert all("\n" not in line for line in lines)
+    decoder = json.JSONDecoder()
+    rest = shown[shown.index("{") :]
+    for _ in jobs:
+        value, end = decoder.raw_decode(rest)
+        _strict_json(json.dumps(value))
+        rest = rest[end:].lstrip()
+        rest = rest[rest.find("{") :] if "{" in rest else rest
+
+
+def test_a_servers_error_message_is_one_line_without_escapes() -> None:
+    failure = describe(RemoteError(StatusCode.INTERNAL, "bad\x1b]52;c;aGk=\x07\nthing\x9b2J"))
+    assert not any(_control(c) for c in failure.message)
+    assert "\\x1b]52;c;aGk=\\x07 thing\\x9b2J" in failure.message

@@ -10,6 +10,7 @@ goes, and leaving the supervisor leaves no seed, zombie or descriptor behind.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -28,7 +29,7 @@ import pytest
 
 from trio_worker import JobState, Limits, Unenforceable, open_supervisor
 from trio_worker._host import _cspawn
-from trio_worker._host._cgroups import NoDriver, detect
+from trio_worker._host._cgroups import NoDriver, _memory_capped, detect
 from trio_worker._host._spawn import ChildSetupError, Credentials, Seed, Stage
 from trio_worker._jobs._supervisor import Supervisor
 
@@ -74,7 +75,8 @@ def _run(
         os.close(null)
     if planted is not None:
         planted(seed)
-    seed.go(argv[0], argv, env if env is not None else dict(os.environ), cwd, user=user)
+    with contextlib.suppress(BrokenPipeError):  # it died before its go: its report says why
+        seed.go(argv[0], argv, env if env is not None else dict(os.environ), cwd, user=user)
     while not seed.poll():
         _wait_readable(seed.report_fd)
     failure = seed.error(argv[0], cwd)
@@ -432,3 +434,71 @@ async def test_a_seed_killed_before_its_start_does_not_cost_the_start_its_comman
         out = b"".join([c.data async for c in sup.output(job.id)])
         assert out == b"ran\n"
         assert not _exists(seeds[0][1])  # the dead seed was reaped
+
+
+def _memory_limit_files(driver: object) -> list[tuple[Path, str, str]]:
+    """(file, a limit, no limit) of the jobs' parent's parent in the memory hierarchy."""
+    found = []
+    for directory in driver.parent_dirs():  # type: ignore[attr-defined]
+        above = directory.parent
+        if (above / "memory.max").exists():
+            found.append((above / "memory.max", str(1 << 40), "max"))
+        elif (above / "memory.limit_in_bytes").exists():
+            found.append((above / "memory.limit_in_bytes", str(1 << 40), "-1"))
+    return found
+
+
+async def test_no_seed_below_a_memory_cap_that_leaves_the_server_out(tmp_path: Path) -> None:
+    # A seed shares the server's memory, so its OOM score is the server's RSS, and the
+    # OOM killer kills every process of a victim's memory with it: in a group whose
+    # memory limit holds jobs but not the server, a job's OOM picked a seed (its
+    # badness the server's RSS) and so killed the server (reproduced: 300 MB server, a
+    # 64 MB cap, a 100 MB job). No seeds while such a cap is there; the thread's way.
+    require_root("cgroups")
+    top = "tw-seed-" + secrets.token_hex(4)
+    driver = detect(f"{top}/jobs")
+    if isinstance(driver, NoDriver):
+        pytest.skip(f"no usable cgroups: {driver.reason}")
+    limits = _memory_limit_files(driver)
+    tops = {d.parent for d in driver.parent_dirs()}
+    driver.close()
+    if not limits:
+        pytest.skip("no memory controller here")
+    try:
+        for path, cap, _ in limits:
+            path.write_text(cap)
+        async with open_supervisor(tmp_path / "state", cgroup_parent=f"{top}/jobs") as sup:
+            assert await _ready_seeds(sup) == []
+            job = await sup.start("sh", ["-c", "echo ran"])
+            assert (await sup.wait(job.id)).exit_code == 0
+            assert await _ready_seeds(sup) == []
+            for path, _, no_cap in limits:  # the cap goes: seeds again, from the next round
+                path.write_text(no_cap)
+            job = await sup.start("true")
+            assert (await sup.wait(job.id)).exit_code == 0
+            assert await _ready_seeds(sup) != []
+    finally:
+        for directory in tops:
+            for sub in (directory / "jobs", directory):
+                with contextlib.suppress(OSError):
+                    sub.rmdir()
+
+
+def test_which_memory_limits_count_as_a_cap_above_the_jobs(tmp_path: Path) -> None:
+    server = tmp_path / "srv"
+    jobs = server / "top" / "jobs"
+    jobs.mkdir(parents=True)
+    (server / "memory.max").write_text("1048576\n")  # the server's own: it is in it
+    assert _memory_capped(jobs, tmp_path, server, ("memory.max",)) is None  # no files: none
+    for text, capped in (("max\n", False), ("1073741824\n", True), ("0\n", True)):
+        (server / "top" / "memory.max").write_text(text)
+        found = _memory_capped(jobs, tmp_path, server, ("memory.max",))
+        assert found == (server / "top" if capped else None)
+    v1 = ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
+    (server / "top" / "memory.max").unlink()
+    (jobs / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's unlimited
+    assert _memory_capped(jobs, tmp_path, server, v1) is None
+    (jobs / "memory.memsw.limit_in_bytes").write_text("536870912\n")
+    assert _memory_capped(jobs, tmp_path, server, v1) == jobs
+    # Jobs under a base outside the server's group: up to the hierarchy's root.
+    assert _memory_capped(jobs, tmp_path, tmp_path / "elsewhere", v1) == jobs

@@ -751,3 +751,28 @@ async def test_a_burst_of_stops_leaves_no_zombie_descriptor_or_group(tmp_path: P
             assert not _in_proc(job.pid)  # reaped, not a zombie
             assert not any(d.exists() for d in sup.cgroups.job(job.id).dirs)
         assert len(os.listdir("/proc/self/fd")) <= before
+
+
+async def test_a_failure_in_the_watchers_end_of_a_job_still_ends_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in the end's fast path costs that job its fast path, not its end."""
+    from trio_worker._jobs import _runner
+
+    real = _runner.kill_now
+    failures = []
+
+    def failing_once(job: object, process: object) -> bool:
+        if not failures:
+            failures.append(job)
+            raise OSError("injected")
+        return real(job, process)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_runner, "kill_now", failing_once)
+    async with open_supervisor() as sup:
+        job = await sup.start("sleep", ["1000"])
+        with trio.fail_after(20):
+            end = await sup.stop(job.id, grace=5)
+        assert (end.state, end.signal) == (JobState.KILLED, signal.SIGTERM)
+        assert failures
+        assert "supervision failed" in caplog.text

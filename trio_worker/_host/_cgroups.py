@@ -166,6 +166,22 @@ def _under(root: Path, relative: str) -> Path:
     return root / relative.strip("/") if relative.strip("/") else root
 
 
+#: A v1 memory limit at or above this is none (the kernel's "unlimited" is 2**63 - 4096).
+_V1_UNLIMITED = 1 << 62
+
+
+def _memory_capped(directory: Path, mount: Path, server: Path, files: Sequence[str]) -> Path | None:
+    """The first of ``directory`` and its parents (up to the server's own group or the
+    hierarchy's root, neither included) whose memory limit ``files`` set a limit."""
+    while directory != mount and not server.is_relative_to(directory):
+        for name in files:
+            text = (_read(f"{directory}/{name}") or "max").strip()  # (missing: none)
+            if text != "max" and not (text.isdigit() and int(text) >= _V1_UNLIMITED):
+                return directory
+        directory = directory.parent
+    return None
+
+
 # -- which block device --------------------------------------------------------
 
 
@@ -839,6 +855,14 @@ class CgroupDriver(ABC):
         """The server's parent group in each hierarchy (the reaper's whole reach)."""
         return self._parent_dirs()
 
+    def memory_capped(self) -> Path | None:
+        """A memory limit on a group that holds the jobs but not the server (the jobs'
+        parent, or a group between it and the server's own), by its directory; None if
+        there is none. The seeds' guard (``_jobs._launch``): a seed shares the server's
+        memory, so the OOM killer of such a group scores it at the server's RSS, and
+        killing it kills every process of that memory: the server."""
+        return None
+
     def cleanup_leftovers(self) -> list[str]:
         """Kill and remove job groups an earlier run left behind; return their job ids.
 
@@ -905,6 +929,7 @@ class V2Driver(CgroupDriver):
             self._enable(level)
         #: cgroup.kill (5.14+): a job's group is killed in one write.
         self._has_kill = (self.parent_dir / "cgroup.kill").exists()
+        self._server_dir = _under(root, _own_cgroups().get("unified", "/"))
 
     def _enable(self, level: Path) -> None:
         available = set((_read(level / "cgroup.controllers") or "").split())
@@ -931,6 +956,11 @@ class V2Driver(CgroupDriver):
 
     def _parent_dirs(self) -> list[Path]:
         return [self.parent_dir]
+
+    def memory_capped(self) -> Path | None:
+        if "memory" in self.missing:
+            return None
+        return _memory_capped(self.parent_dir, self.root, self._server_dir, ("memory.max",))
 
     def job(self, job_id: str) -> JobCgroup:
         _check_job_id(job_id)
@@ -1059,12 +1089,20 @@ class V1Driver(CgroupDriver):
             "memory" in self.parents
             and (self.parents["memory"] / "memory.memsw.limit_in_bytes").exists()
         )
+        self._server_memory = _under(root / "memory", own.get("memory", "/"))
 
     def _controller_name(self, generic: str) -> str:
         return "blkio" if generic == "io" else generic
 
     def _parent_dirs(self) -> list[Path]:
         return list(self.parents.values()) + ([self.unified] if self.unified else [])
+
+    def memory_capped(self) -> Path | None:
+        parent = self.parents.get("memory")
+        if parent is None:
+            return None
+        files = ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
+        return _memory_capped(parent, self.root / "memory", self._server_memory, files)
 
     def hierarchies_for(self, limits: Limits | None) -> tuple[str, ...]:
         """The hierarchies a job with ``limits`` joins (see ``__init__``), in mount order."""

@@ -24,7 +24,7 @@ from .._limits import LimitPolicy
 from .._model import Isolation, JobIdGenerator, JobInfo, Limits
 from . import _lifecycle as lc
 from ._job import Job, now, remove_cgroup
-from ._launch import Launched, Launcher, LaunchPlan
+from ._launch import PLACE_PATIENCE, Launched, Launcher, LaunchPlan
 from ._output import DEFAULT_MAX_UNFLUSHED
 from ._process import (
     RESOURCE_ERRNOS,
@@ -155,7 +155,7 @@ class Admission:
             else:
                 stdin_option = Stdin.PIPE if stdin else Stdin.NULL
             # A place made ahead of need (its id, directory and group), if one is ready.
-            place = self.launcher.take()
+            place = await self.launcher.take_soon(PLACE_PATIENCE)
             job_id = place.job_id if place is not None else self._fresh_id()
             self._last_id = job_id
             job = Job(job_id, owner, spec, limits, isolation, None)

@@ -72,7 +72,7 @@ from ._process import (
 )
 from ._store import process_start_time
 
-__all__ = ["LaunchPlan", "Launched", "Launcher", "Place", "remove_new_job_dir"]
+__all__ = ["PLACE_PATIENCE", "LaunchPlan", "Launched", "Launcher", "Place", "remove_new_job_dir"]
 
 _log = logging.getLogger("trio_worker.supervisor")
 
@@ -82,6 +82,8 @@ _log = logging.getLogger("trio_worker.supervisor")
 RETIRE_AFTER = 0.05
 #: ... or until this many wait (an empty group still holds kernel memory).
 RETIRE_BATCH = 128
+#: How long a Start that finds no place ready waits for the one being made (``take_soon``).
+PLACE_PATIENCE = 0.005
 
 
 @dataclass(slots=True)
@@ -188,12 +190,16 @@ class Launcher:
         self._wanted = trio.Event()
         #: Set while ``keep_ready`` waits with nothing to do (``settled``).
         self._idle = trio.Event()
+        #: Set (and replaced) when a place joins the pool, or a refill ends (``take_soon``).
+        self._arrived = trio.Event()
         self._closed = False
         #: The ids of the places a worker thread is making now (``keep_ready``).
         self._making: Sequence[str] = ()
         #: Plant a seed with each place (only with the reaper: a seed planted by a
         #: worker thread has no PR_SET_PDEATHSIG); off for good if clone3 is refused.
         self._seeds = seeds
+        #: A memory limit above the jobs holds no seed (``_memory_capped``).
+        self._capped = False
 
     # -- ready places --------------------------------------------------------
 
@@ -266,14 +272,15 @@ class Launcher:
                 with trio.CancelScope(shield=True):
                     self._making = ids
                     try:
-                        places = await trio.to_thread.run_sync(self._tend, retired, ids)
+                        made = await trio.to_thread.run_sync(self._tend, retired, ids)
                     except RuntimeError:  # "can't start new thread"
                         self._retired[:0] = retired
-                        places = []
+                        made = 0
                     finally:
                         self._making = ()
-                self._ready.extend(places)
-                failed = len(places) < missing
+                        self._arrived.set()  # a Start waiting for a place: none is coming
+                        self._arrived = trio.Event()
+                failed = made < missing
                 if failed and not self._retired:
                     await self._wait(wanted)
                     failed = False
@@ -306,11 +313,32 @@ class Launcher:
         with contextlib.suppress(OSError):
             os.rmdir(self.ready_dir)
 
-    def _tend(self, retired: Sequence[JobCgroup], ids: Sequence[str]) -> list[Place]:
-        """In a worker thread: remove the retired groups, then make the places."""
+    def _tend(self, retired: Sequence[JobCgroup], ids: Sequence[str]) -> int:
+        """In a worker thread: make the places (each reaches the pool as it is made:
+        a Start may be waiting for it, ``take_soon``), then remove the retired groups.
+        Returns how many places were made."""
+        made = self._make_places(ids, lambda place: trio.from_thread.run_sync(self._arrive, place))
         for group in retired:
             _remove_group(group)
-        return self._make_places(ids)
+        return made
+
+    def _arrive(self, place: Place) -> None:
+        """On the loop: a place the refill's thread made joins the pool."""
+        self._ready.append(place)
+        self._making = self._making[1:]  # made in order
+        self._arrived.set()
+        self._arrived = trio.Event()
+
+    async def take_soon(self, patience: float) -> Place | None:
+        """``take``, but with none ready while the refill's thread is making places,
+        wait up to ``patience`` seconds for the next one: it is usually a fraction of
+        a millisecond away, where making a place of its own costs a Start a thread
+        round trip, four inodes and the groups (3-5 ms here) and slows the refill."""
+        if not self._ready and self._making:
+            with trio.move_on_after(patience):
+                while not self._ready and self._making:
+                    await self._arrived.wait()
+        return self.take()
 
     def _empty_ready_dir(self) -> bool:
         try:
@@ -321,9 +349,11 @@ class Launcher:
             return False
         return True
 
-    def _make_places(self, ids: Sequence[str]) -> list[Place]:
-        """In a worker thread: as many of the places as can be made, in order."""
-        places: list[Place] = []
+    def _make_places(self, ids: Sequence[str], arrive: Callable[[Place], None]) -> int:
+        """In a worker thread: as many of the places as can be made, in order, each
+        handed to ``arrive`` once made; returns how many."""
+        made = 0
+        plant = self._seeds and bool(ids) and not self._memory_capped()
         for job_id in ids:
             directory = self.ready_dir / job_id
             try:
@@ -344,10 +374,23 @@ class Launcher:
                 _log.debug("no place made ahead: %s", exc)
                 break
             place = Place(job_id, directory, group, procs)
-            if self._seeds and group.tracked:
+            if plant and self._seeds and group.tracked:
                 self._plant(place)
-            places.append(place)
-        return places
+            arrive(place)
+            made += 1
+        return made
+
+    def _memory_capped(self) -> bool:
+        """In a worker thread: whether a memory limit holds the jobs and not the server,
+        so that no seed may be planted (``CgroupDriver.memory_capped``: a job's OOM there
+        would kill a seed, and with it the server whose memory it shares). Said in the
+        log when that changes."""
+        capped = self.cgroups.memory_capped()
+        if (capped is not None) != self._capped:
+            self._capped = capped is not None
+            if capped is not None:
+                _log.info("no seeds while %s limits the jobs' memory (not the server's)", capped)
+        return capped is not None
 
     def _plant(self, place: Place) -> None:
         """In a worker thread: give ``place`` its seed (its group fds go to it)."""

@@ -314,6 +314,8 @@ class JobRunner:
         self._close(watch)
         log = job.log
         assert log is not None
+        if not log.finished:
+            log.finish()
         if log.flush_due:  # (lost ranges still to record)
             self._nursery.start_soon(self._finish, watch, name=f"job {job.id} end")
         else:
@@ -365,6 +367,8 @@ class JobRunner:
                 process.reap()
             self._close(watch)
             try:
+                if not log.finished:
+                    log.finish()
                 await log.flush()
                 log.close()
             except Exception:  # the log's own failures are in it (lost ranges)
@@ -372,18 +376,13 @@ class JobRunner:
             self._done(watch)
 
     def _close(self, watch: _Watch) -> None:
-        """Close what the job's end leaves open (its main process reaped); the log
-        is finished (readers end once they have everything), not closed yet."""
+        """Close what the job's end leaves open (its main process reaped), but its log."""
         job = watch.job
         watch.process.close_pipes()
         if job.terminal is not None:
             job.terminal.close()
         if job.input is not None:
             job.input.release()  # writers still waiting learn the job ended
-        log = job.log
-        assert log is not None
-        if not log.finished:
-            log.finish()
 
     def _done(self, watch: _Watch) -> None:
         self._watches.discard(watch)

@@ -241,7 +241,10 @@ def _errno_name(number: int | None) -> str:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    """One line, its control characters spelled out (a server's message may have any)."""
+    from ._render import printable
+
+    return printable(" ".join(text.split()))
 
 
 def describe(exc: BaseException, *, command: str = "", job_exit: bool = False) -> Failure:

@@ -23,7 +23,15 @@ from .._states import DEFAULT_STOP_GRACE, JobState
 from . import _parse
 from ._exit import ExitCode
 from ._ids import IdResolver
-from ._render import describe_state, dump_json, job_exit, job_json, print_job, print_jobs
+from ._render import (
+    describe_state,
+    dump_json,
+    job_exit,
+    job_json,
+    print_job,
+    print_jobs,
+    printable,
+)
 from ._session import Backoff, OutputSink, follow_output, open_client, retrying
 from ._settings import ClientOptions, Connection, Fields, resolve_connection
 
@@ -284,7 +292,7 @@ def start(
         size = local_terminal_size()
     with open_client(conn) as client:
         info = client.start(**request.arguments(), stdin=interactive, tty=tty, terminal_size=size)
-        print(info.id, flush=True)
+        print(printable(info.id), flush=True)
         if info.state is JobState.FAILED:
             return _report_failed_start(info)
         if follow:
@@ -603,7 +611,7 @@ def stop(
                 flush=True,
             )
             return ExitCode.OK
-    print(f"{info.id} {describe_state(info)}", flush=True)
+    print(f"{printable(info.id)} {describe_state(info)}", flush=True)
     return ExitCode.OK
 
 

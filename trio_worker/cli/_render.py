@@ -51,6 +51,7 @@ __all__ = [
     "print_job",
     "print_jobs",
     "print_table",
+    "printable",
     "rfc3339",
 ]
 
@@ -65,7 +66,7 @@ def rfc3339(moment: datetime | None) -> str | None:
 
 def _limits_json(limits: Limits | LimitsView) -> dict[str, Any]:
     return {
-        "cpus": limits.cpus,
+        "cpus": limits.cpus if limits.cpus - limits.cpus == 0 else None,  # NaN, inf: not JSON
         "memory_bytes": limits.memory_bytes,
         "io_read_bps": limits.io_read_bps,
         "io_write_bps": limits.io_write_bps,
@@ -116,14 +117,29 @@ def terminal_columns(fallback: int = 80) -> int:
         return fallback
 
 
+_JSON_C1 = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
+
+
 def dump_json(value: Any) -> None:
     import json  # for --json only
 
-    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    # (json escapes C0 controls only: DEL and C1 too, as \u escapes, for a terminal.)
+    text = json.dumps(value, indent=2, ensure_ascii=False).translate(_JSON_C1)
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 
 # --- for people ---------------------------------------------------------------------
+
+#: Control characters (C0, DEL, C1) as ``\xNN``: text from the server (a job's command,
+#: arguments, error, owner; another client chose most of it) must not reach a terminal as
+#: escape sequences (a title, a cleared screen, the clipboard written by OSC 52).
+_VISIBLE = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters spelled out (``\x1b``), for a terminal."""
+    return text.translate(_VISIBLE) if not text.isprintable() else text
 
 
 def human_size(value: int) -> str:
@@ -138,8 +154,14 @@ def human_size(value: int) -> str:
     return f"{size:.1f} {unit}" if size < 10 else f"{size:.0f} {unit}"
 
 
+_INF = float("inf")
+
+
 def human_duration(seconds: float) -> str:
-    """``0.25`` → ``250ms``, ``75`` → ``1m15s``, ``7322`` → ``2h02m``, ``200000`` → ``2d07h``."""
+    """``0.25`` → ``250ms``, ``75`` → ``1m15s``, ``7322`` → ``2h02m``, ``200000`` → ``2d07h``;
+    a server's NaN or infinity as itself."""
+    if seconds != seconds or seconds in (_INF, -_INF):
+        return str(seconds)
     if seconds < 1:
         return f"{seconds * 1000:.0f}ms"
     if seconds < 10:
@@ -172,7 +194,13 @@ def _paint(text: str, sgr: str, colours: bool) -> str:
 def print_fields(rows: Iterable[tuple[str, str | Cell]]) -> None:
     """Label and value pairs, the values aligned (``status``, ``certs show``)."""
     colours = colours_on(sys.stdout)
-    cells = [(label, value if isinstance(value, tuple) else (value, "")) for label, value in rows]
+    cells = [
+        (
+            label,
+            (printable(value[0]), value[1]) if isinstance(value, tuple) else (printable(value), ""),
+        )
+        for label, value in rows
+    ]
     width = max((len(label) for label, _ in cells), default=0)
     sys.stdout.write(
         "".join(
@@ -204,7 +232,11 @@ def print_table(
     columns shortened too, once ``fit`` is down to its least (names, before a line wraps)."""
     colours = colours_on(sys.stdout)
     table: list[list[Cell]] = [
-        [cell if isinstance(cell, tuple) else (cell, "") for cell in row] for row in rows
+        [
+            (printable(cell[0]), cell[1]) if isinstance(cell, tuple) else (printable(cell), "")
+            for cell in row
+        ]
+        for row in rows
     ]
     widths = [max([len(h)] + [len(row[i][0]) for row in table]) for i, h in enumerate(headers)]
     if fit is not None:
@@ -263,7 +295,11 @@ def format_time(moment: datetime | None) -> str:
         return "-"
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    try:
+        moment = moment.astimezone()
+    except OverflowError:  # a server's year 1 or 9999, past the local zone's range
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def age(moment: datetime, now: datetime | None = None) -> str:
@@ -378,6 +414,12 @@ def print_jobs(jobs: Sequence[Job]) -> None:
 
 
 def job_exit(job: Job) -> tuple[int, str | None]:
+    """``_job_exit``, its line ``printable`` (the id and error are the server's text)."""
+    code, note = _job_exit(job)
+    return code, None if note is None else printable(" ".join(note.split()))
+
+
+def _job_exit(job: Job) -> tuple[int, str | None]:
     """The exit code ``run``/``wait`` report for an ended job, and a line for stderr, if any.
 
     As a shell does: the job's own code, 128+N if signal N killed it, 127 if the command
