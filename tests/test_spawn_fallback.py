@@ -104,3 +104,55 @@ def test_a_refused_clone3_still_puts_the_command_in_every_group(refusal: int) ->
     _, joined, _, total = lines[1].split()
     assert int(total) >= 1
     assert joined == total, done.stdout
+
+
+_SUPERVISOR = _SCRIPT.split("refuse_clone3(int(sys.argv[1]))")[0] + textwrap.dedent(
+    """
+    import tempfile, trio
+    from trio_worker import JobState, open_supervisor
+
+    refuse_clone3(int(sys.argv[1]))
+
+    async def main():
+        with tempfile.TemporaryDirectory() as tmp:
+            parent = f"trio-worker-test-{secrets.token_hex(4)}"
+            async with open_supervisor(tmp + "/state", cgroup_parent=parent) as sup:
+                if not sup.cgroups.tracks:
+                    print("SKIP no cgroups")
+                    return
+                launcher = sup._admission.launcher
+                await launcher.settled()
+                print("SEEDS", sum(p.seed is not None for p in launcher.ready_places()))
+                job = await sup.start("cat", ["/proc/self/cgroup"])
+                end = await sup.wait(job.id)
+                out = b"".join([c.data async for c in sup.output(job.id)]).decode()
+                dirs = sup.cgroups.job(job.id).dirs
+                joined = [line for line in out.splitlines() if line.endswith(f"/job-{job.id}")]
+                print("EXIT", end.exit_code)
+                print("JOINED", len(joined), "OF", len(dirs))
+
+    trio.run(main)
+    """
+)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the filter is written for x86-64")
+def test_a_refused_clone3_means_no_seeds_and_starts_take_the_thread_path() -> None:
+    # ENOSYS as Docker's profile answers: glibc then makes threads with clone (under
+    # EPERM it makes none at all, and no supervisor runs).
+    require_root("cgroups")
+    done = subprocess.run(
+        [sys.executable, "-c", _SUPERVISOR, str(errno.ENOSYS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    if "SKIP" in done.stdout:
+        pytest.skip(done.stdout)
+    assert done.stdout.splitlines() == ["SEEDS 0", "EXIT 0", *done.stdout.splitlines()[2:]]
+    _, joined, _, total = done.stdout.splitlines()[2].split()
+    assert int(total) >= 1
+    assert joined == total, done.stdout
