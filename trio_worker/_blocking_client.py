@@ -2,8 +2,9 @@
 
 A short command would spend longer importing trio than doing its work; this client stands
 on the blocking driver (``_net._blocking``) instead, over the same wire core. Requests are
-built and answers read by ``_requests``, and errors raised by ``_error_codes``, exactly as
-the trio client does; the methods take the same arguments. One connection is used for
+written and answers read by hand (``_pbwire``, ``_views``: protobuf's runtime would be a
+fifth of a ``trio-worker list``), checked as the trio client's ``_requests`` checks them,
+and errors raised by ``_error_codes`` as for the trio client. One connection is used for
 every call, and a new one dialed on the next call once it is lost or drained.
 
 ``run`` needs two calls at once (Wait in flight while the output streams): ``submit``
@@ -12,7 +13,8 @@ either reads for both.
 
 Jobs and output chunks come back as ``_views``' ``JobView`` and ``ChunkView`` (the
 attributes of ``JobInfo`` and ``OutputChunk``, without the dataclasses, which a short
-command has no time to import), and limits and isolation go as their messages.
+command has no time to import); limits go by ``Limits``' field names, isolation as the
+names of the namespaces.
 """
 
 from __future__ import annotations
