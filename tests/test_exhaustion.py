@@ -179,8 +179,12 @@ async def main():
     async with open_supervisor(sys.argv[1], cgroup_parent=parent, persist=False) as sup:
         raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         jobs = [await sup.start("sleep", ["600"])]
+        # Counted with the ready places made (each holds its seed's descriptors): not
+        # while the refill's thread is making some.
+        await sup._admission.launcher.settled()
         before = fds()
         jobs += [await sup.start("sleep", ["600"]) for _ in range(N - 1)]
+        await sup._admission.launcher.settled()
         per_job = (fds() - before) / (N - 1)
         running = sum(sup.status(j.id).state is JobState.RUNNING for j in jobs)
         probe = await sup.start("sh", ["-c", "ulimit -Sn"])
