@@ -57,7 +57,7 @@ from .._errors import (
     ShuttingDown,
     TrioWorkerError,
 )
-from .._identity import Identity, identity_from_der
+from .._identity import Identity, IdentityCache, identity_from_der
 from .._tls import ALPN_PROTOCOL
 from .._wire._h2conn import MAX_MESSAGE, Pieces
 from .._wire._h2server import (
@@ -1083,7 +1083,9 @@ class Server:
         self._ssl_context = ssl_context
         self._on_call = on_call
         self._on_drain = on_drain
-        self._identify = identify
+        #: ``identify`` per client certificate (DER): a short command's one connection per
+        #: run does not parse the same certificate again; emptied by ``use_tls``.
+        self.identities = IdentityCache(identify)
         #: Since the last ``use_tls``: which client certificates are no longer served.
         self._refused: Callable[[bytes], bool] | None = None
         self._addresses: list[str] = []
@@ -1205,6 +1207,7 @@ class Server:
         were closed."""
         self._ssl_context = ssl_context
         self._refused = refused
+        self.identities.clear()
         if refused is None:
             return 0
         closing = [conn for conn in self._connections if refused(conn.peer_cert)]
@@ -1351,7 +1354,7 @@ class Server:
                 # the CA or CRL that refuse it.
                 log.info("refusing %s: its certificate is no longer accepted", peer)
                 return
-            identity, auth_error = self._identity_of(ssl_stream, peer)
+            identity, auth_error = self._identity_of(der, peer)
             conn = _Connection(self, ssl_stream, identity, auth_error, peer, der)
             self._connections.add(conn)
             try:
@@ -1378,12 +1381,11 @@ class Server:
                 _count_out(self._per_address, address)
                 self._check_all_closed()
 
-    def _identity_of(self, stream: TLSSocketStream, peer: str) -> tuple[Identity | None, str]:
-        der = stream.getpeercert(binary_form=True)
+    def _identity_of(self, der: bytes, peer: str) -> tuple[Identity | None, str]:
         if not der:  # only without CERT_REQUIRED, which our contexts never are
             return None, "no client certificate"
         try:
-            return self._identify(der), ""
+            return self.identities(der), ""
         except TrioWorkerError as exc:
             log.info("client %s has no usable identity: %s", peer, exc)
             return None, str(exc)
