@@ -4,7 +4,9 @@ Start-up is most of what a client command costs (``trio-worker list`` should tak
 every module imported is paid on every call. Each command runs in a fresh interpreter, and
 the modules it loaded are compared with what it may load: the top-level help loads neither
 cyclopts nor trio; client commands load nothing of the server side (supervisor, cgroups,
-store, transport), nor cryptography or rich.
+store, transport, the server's wire core), nor cryptography or rich, nor dataclasses, typing,
+protobuf's runtime or the public value types (the blocking client reads jobs by hand:
+``_pbwire``, ``_views``).
 """
 
 from __future__ import annotations

@@ -502,3 +502,43 @@ def test_which_memory_limits_count_as_a_cap_above_the_jobs(tmp_path: Path) -> No
     assert _memory_capped(jobs, tmp_path, server, v1) == jobs
     # Jobs under a base outside the server's group: up to the hierarchy's root.
     assert _memory_capped(jobs, tmp_path, tmp_path / "elsewhere", v1) == jobs
+
+
+_SERVER = """
+import sys, trio
+from trio_worker import open_supervisor
+
+async def main(state, parent):
+    async with open_supervisor(state, cgroup_parent=parent) as sup:
+        launcher = sup._admission.launcher
+        await launcher.settled()
+        print(" ".join(str(p.seed.seed.pid) for p in launcher.ready_places() if p.seed), flush=True)
+        await trio.sleep_forever()
+
+trio.run(main, sys.argv[1], sys.argv[2])
+"""
+
+
+def test_a_server_killed_by_sigkill_leaves_no_seed_running(tmp_path: Path) -> None:
+    require_root("cgroups")
+    parent = "tw-seed-" + secrets.token_hex(4)
+    with subprocess.Popen(
+        [sys.executable, "-c", _SERVER, str(tmp_path / "state"), parent],
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+    ) as server:
+        assert server.stdout is not None
+        pids = [int(p) for p in server.stdout.readline().split()]
+        try:
+            assert pids
+            assert all(process_alive(pid) for pid in pids)
+            server.kill()
+            server.wait()
+            _wait_until(lambda: not any(process_alive(pid) for pid in pids))
+        finally:
+            for pid in pids:
+                if process_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            driver = detect(parent)  # the places' groups: leftovers, as after any crash
+            driver.cleanup_leftovers()
+            driver.close()
