@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.conftest import process_alive
 from trio_worker import StateDirError
@@ -36,6 +37,18 @@ except StateDirError as exc:
     print(exc)
     sys.exit(3)
 print("acquired")
+"""
+
+
+_FORKING_HOLDER = """
+import os, sys
+from trio_worker._jobs._statedir import StateDir
+state = StateDir.open(sys.argv[1])
+if os.fork() == 0:  # a copy of the lock's descriptor, as a seed's before its first run
+    sys.stdin.read()
+    os._exit(0)
+print("locked", flush=True)
+os.kill(os.getpid(), 9)
 """
 
 
@@ -187,6 +200,37 @@ def test_lock_dies_with_a_sigkilled_holder(tmp_path: Path) -> None:
     # The stale pid is still in the file, but the lock is gone with its process.
     assert (tmp_path / "lock").read_text() == f"{holder.pid}\n"
     with StateDir.open(tmp_path) as state:
+        assert state.lock_path.read_text() == f"{os.getpid()}\n"
+
+
+async def test_a_dead_holders_lock_left_to_its_child_is_waited_for(tmp_path: Path) -> None:
+    # A server SIGKILLed right after cloning a seed: the seed holds the lock until
+    # it first runs. A restart at once (systemd's Restart=) waits for it, not fails.
+    holder = _python(_FORKING_HOLDER, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdin is not None
+    assert holder.stdout is not None
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert holder.wait(timeout=30) == -signal.SIGKILL
+        probe = os.open(tmp_path / "lock", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the child holds it
+        finally:
+            os.close(probe)
+        opened: list[StateDir] = []
+
+        async def open_it() -> None:
+            opened.append(await trio.to_thread.run_sync(StateDir.open, tmp_path))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_it)
+            await trio.sleep(0.1)
+            holder.stdin.close()  # the child closes its copy: it exits
+    finally:
+        holder.stdin.close()
+        holder.stdout.close()
+    with opened[0] as state:
         assert state.lock_path.read_text() == f"{os.getpid()}\n"
 
 

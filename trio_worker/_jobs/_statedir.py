@@ -15,7 +15,9 @@ Layout (``StateDir`` properties name each part)::
 Two servers on one directory would each recover the other's running jobs as
 LOST and kill them, so the second refuses to start. The lock is ``flock``: the
 kernel drops it when the holder's last descriptor closes — also when it is
-SIGKILLed — so a crashed server never leaves a stale lock behind. The lock
+SIGKILLed — so a crashed server never leaves a stale lock behind. (A child it
+cloned just before dying, a seed or a spawn before its exec, holds a copy for a
+moment: a holder that is gone is waited for, up to ``_ORPHAN_WAIT``.) The lock
 file itself is never deleted: unlinking it would let a third process lock a
 fresh inode while the second still holds the old one.
 """
@@ -39,6 +41,10 @@ __all__ = ["StateDir", "check_private", "private_file"]
 
 #: How long to wait for a holder that has just locked to write its pid.
 _PID_WAIT = 0.5
+#: How long a dead holder's lock may outlive it: a child it cloned just before
+#: dying holds a copy of the descriptor until the child first runs (a moment,
+#: or longer on a loaded machine).
+_ORPHAN_WAIT = 5.0
 
 
 class StateDir:
@@ -71,13 +77,20 @@ class StateDir:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             raise StateDirError(f"cannot open the lock file {lock_path}: {exc}") from exc
+        holder = None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = _take(fd, 0.0)
+            if not locked:
+                holder = _read_pid(fd)
+                # A holder that is gone left its lock to a child cloned just before
+                # it died (a seed, or a spawn before its exec): that copy of the
+                # descriptor is closed by the child's first instructions.
+                if holder is not None and _gone(holder):
+                    locked = _take(fd, _ORPHAN_WAIT)
         except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                os.close(fd)
-                raise StateDirError(f"cannot lock {lock_path}: {exc}") from exc
-            holder = _read_pid(fd)
+            os.close(fd)
+            raise StateDirError(f"cannot lock {lock_path}: {exc}") from exc
+        if not locked:
             os.close(fd)
             who = f"pid {holder}" if holder is not None else "a process whose pid is not known"
             raise StateDirError(
@@ -229,6 +242,34 @@ def private_file(path: Path, *, create: bool) -> None:
         # (Anything else there is refused by whoever opens it, naming it.)
     except OSError as exc:
         raise StateDirError(f"cannot make {path} a private (0600) file: {exc.strerror}") from exc
+
+
+def _take(fd: int, wait: float) -> bool:
+    """Lock ``fd``, trying for up to ``wait`` seconds; False if someone else holds it."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        else:
+            return True
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie has: its descriptors are closed)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            fields = stat_file.read().rpartition(b")")[2].split()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return fields[:1] in ([b"Z"], [b"X"])
 
 
 def _read_reapers(fd: int) -> list[tuple[int, int]]:
