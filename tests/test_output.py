@@ -939,6 +939,29 @@ async def test_open_logs_bounds_the_files_held_and_logs_reopen(tmp_path: Path) -
         assert (recovered.start, await _content(recovered)) == (log.start, kept)
 
 
+async def test_open_logs_flushing_together_get_back_under_the_limit(tmp_path: Path) -> None:
+    # A log flushing in its thread cannot be displaced by another's flush: once
+    # the flushes end, the logs past the limit give their files up all the same.
+    files = OpenLogs(limit=1)
+    logs = []
+    for i in range(3):
+        directory = tmp_path / str(i)
+        directory.mkdir()
+        logs.append(OutputLog(directory, files=files))
+    before = _open_fds()
+    for log in logs:
+        log.append(OUT, b"x")
+    async with trio.open_nursery() as nursery:
+        for log in logs:
+            nursery.start_soon(log.flush)
+    assert len(files) == 1
+    assert _open_fds() == before + 2
+    for log in logs:
+        log.finish()
+        log.close()
+    assert _open_fds() == before
+
+
 class _NoFds(OutputLog):
     """A log whose files cannot be opened (out of descriptors) until told otherwise."""
 

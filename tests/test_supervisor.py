@@ -651,8 +651,8 @@ async def test_a_jobs_changes_are_audited_when_the_audit_log_is_on(
 class _CountingOpenLogs(OpenLogs):
     displaced = 0
 
-    def use(self, log: OutputLog) -> list[int]:
-        fds = super().use(log)
+    def trim(self) -> list[int]:
+        fds = super().trim()
         self.displaced += len(fds)
         return fds
 

@@ -189,6 +189,15 @@ class OpenLogs:
         logs = self._logs
         logs.pop(log, None)
         logs[log] = None
+        return self.trim()
+
+    def trim(self) -> list[int]:
+        """Displace the least recently flushed logs past ``limit``; their fds, to close.
+
+        Logs flushing now are passed over, so past the limit some may stay: the
+        log whose flush ends calls this again (``OutputLog.flush``).
+        """
+        logs = self._logs
         excess = len(logs) - self._limit
         if excess <= 0:
             return []
@@ -206,6 +215,13 @@ class OpenLogs:
 
     def forget(self, log: OutputLog) -> None:
         self._logs.pop(log, None)
+
+
+def _close_all(fds: list[int]) -> None:
+    """In a worker thread: close fds a log gave up (a close may start writeback)."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def create_log_files(directory: Path, *, capped: bool) -> None:
@@ -630,6 +646,10 @@ class OutputLog:
                     break
                 await self._flush_once()
                 tried = True
+            # Logs that flushed beside ours could not be displaced: now they may be
+            # (again after the closes: others may have ended meanwhile).
+            while self._files is not None and (displaced := self._files.trim()):
+                await trio.to_thread.run_sync(_close_all, displaced)
         finally:
             self._flushing = False
             self._flush_done.notify()
