@@ -152,6 +152,33 @@ def test_only_stdin_stdout_stderr_are_inherited_not_other_seeds_pipes() -> None:
     assert out.split() == [b"0", b"1", b"2", b"3"]  # 3 is ls's own directory
 
 
+def test_a_planted_seed_holds_no_descriptor_of_the_server_any_more() -> None:
+    # A seed is cloned with a copy of every descriptor of the server and closes them
+    # first thing, but on a busy host it may wait for a CPU: meanwhile it held the state
+    # directory's lock (flock: the copy shares it), and a server restarted after a
+    # SIGKILL found its directory "in use" (test_launch's crash test failed so, under
+    # load). ``plant`` returns once the seed has closed them. On one CPU the planter
+    # runs on after the clone: the seed cannot have run yet unless plant waited for it.
+    before = os.sched_getaffinity(0)
+    lock = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    seeds = []
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        for _ in range(20):
+            seed = Seed.plant([], stdin=null, stdout=null, stderr=null)
+            seeds.append(seed)
+            held = {int(fd) for fd in os.listdir(f"/proc/{seed.pid}/fd")}
+            assert lock not in held
+            assert len(held - {0, 1, 2}) == 2  # stdio, its go and report pipes
+    finally:
+        os.sched_setaffinity(0, before)
+        for seed in seeds:
+            seed.kill()
+        os.close(lock)
+        os.close(null)
+
+
 def test_signal_dispositions_and_mask_are_the_defaults() -> None:
     assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN  # the server's
     code, out, _ = _run(["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"])

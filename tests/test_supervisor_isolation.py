@@ -178,8 +178,11 @@ async def test_missing_command_under_isolation_fails_like_without() -> None:
 
 async def test_fork_bomb_under_pids_limit_does_not_hurt_the_supervisor() -> None:
     async with open_supervisor() as sup:
+        # The job's own shell forks once, before the bomb, then execs: a shell whose
+        # fork fails exits (dash: "Cannot fork"), which would end the job (its
+        # group removed) once the bomb fills the limit before its `sleep`.
         bomb = await sup.start(
-            "sh", ["-c", "b() { b | b & }; b; sleep 1000"], limits=Limits(pids=32)
+            "sh", ["-c", "b() { b | b & }; b; exec sleep 1000"], limits=Limits(pids=32)
         )
         await trio.sleep(1)
         own = sup._jobs.get(bomb.id).cgroup

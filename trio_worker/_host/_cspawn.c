@@ -864,7 +864,7 @@ seed_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     s->pid = -1;
     s->go_fd = s->report_fd = -1;
     {
-        int go[2] = {-1, -1}, rep[2] = {-1, -1};
+        int go[2] = {-1, -1}, rep[2] = {-1, -1}, born[2] = {-1, -1};
         struct seed_ctl *c;
         struct clone_args_v2 cargs;
         sigset_t all, old;
@@ -877,7 +877,8 @@ seed_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
             goto fail;
         }
         s->block = block;
-        if (pipe2(go, O_CLOEXEC) < 0 || pipe2(rep, O_CLOEXEC | O_NONBLOCK) < 0) {
+        if (pipe2(go, O_CLOEXEC) < 0 || pipe2(rep, O_CLOEXEC | O_NONBLOCK) < 0 ||
+            pipe2(born, O_CLOEXEC) < 0) {
             saved = errno;
             goto fail;
         }
@@ -923,6 +924,22 @@ seed_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         }
         close(go[0]);
         close(rep[1]);
+        close(born[1]);
+        /* Wait until the child has closed its copies of the server's descriptors (the
+         * write end of "born" among them: EOF): until then it holds the state
+         * directory's lock (an flock its copy shares), the listening socket, other
+         * seeds' pipes. Planted, a seed holds nothing of the server's, whether or not
+         * the server dies next. (Off the loop: the refill's thread; the GIL let go.) */
+        {
+            char byte;
+            ssize_t got;
+            Py_BEGIN_ALLOW_THREADS
+            do {
+                got = read(born[0], &byte, 1);
+            } while (got < 0 && errno == EINTR);
+            Py_END_ALLOW_THREADS
+            close(born[0]);
+        }
         s->pid = (pid_t)ret;
         s->go_fd = go[1];
         s->report_fd = rep[0];
@@ -934,6 +951,8 @@ seed_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                 close(go[i]);
             if (rep[i] >= 0)
                 close(rep[i]);
+            if (born[i] >= 0)
+                close(born[i]);
         }
         s->done = 1; /* no child: the memory is ours */
         Py_DECREF(s);

@@ -209,7 +209,9 @@ class Seed:
         nofile_soft: int | None = None,
     ) -> Seed:
         """Clone the seed (it joins the groups of ``cgroup_fds`` as ``spawn``'s child
-        does); the caller closes its copies of every fd given. ``OSError`` if not."""
+        does); the caller closes its copies of every fd given. ``OSError`` if not.
+        Returns once the seed holds none of this process's other descriptors (it was
+        cloned with copies of them all: the state directory's lock among them)."""
         if not getattr(_cspawn, "HAVE_SEED", 0):  # another architecture (or a stale build)
             raise OSError(_errno.ENOSYS, "seeds are not built for this machine")
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
