@@ -588,18 +588,11 @@ class _Connection(Connection):
         auth_error: str,
         peer: str,
         peer_cert: bytes = b"",
+        grpc: GRPCServerConnection | None = None,
     ) -> None:
         cfg = server.config
-        grpc = GRPCServerConnection(
-            max_message_length=cfg.max_request_bytes,
-            max_concurrent_streams=cfg.max_concurrent_streams,
-            initial_window_size=cfg.initial_window_size,
-            connection_window_size=cfg.connection_window_size,
-            max_frame_size=cfg.max_frame_size,
-            max_header_list_size=cfg.max_header_list_size,
-            streams_requests=server.streams_requests,
-            clock=trio.current_time,  # the flood budget refills by the loop's clock
-        )
+        if grpc is None:
+            grpc = server.new_core()
         super().__init__(
             stream,
             grpc,
@@ -627,7 +620,9 @@ class _Connection(Connection):
 
     async def run(self) -> bool:
         """Serve the connection until the client leaves, it idles out, or it is drained."""
-        self._grpc.initiate_connection()
+        # Our SETTINGS (queued by ``new_core``) go now, before the tasks start: the
+        # client's first call waits for them.
+        self._push()
         flushed = await super().run()
         self.drained = flushed and self._draining
         return flushed
@@ -1113,6 +1108,22 @@ class Server:
         self._started = False
         self._last_refusal_log = -math.inf
 
+    def new_core(self) -> GRPCServerConnection:
+        """A connection's sans-I/O core, our SETTINGS queued in it."""
+        cfg = self.config
+        core = GRPCServerConnection(
+            max_message_length=cfg.max_request_bytes,
+            max_concurrent_streams=cfg.max_concurrent_streams,
+            initial_window_size=cfg.initial_window_size,
+            connection_window_size=cfg.connection_window_size,
+            max_frame_size=cfg.max_frame_size,
+            max_header_list_size=cfg.max_header_list_size,
+            streams_requests=self.streams_requests,
+            clock=trio.current_time,  # the flood budget refills by the loop's clock
+        )
+        core.initiate_connection()
+        return core
+
     def streams_requests(self, path: str) -> bool:
         """Whether the method at ``path`` takes a stream of requests (flow control follows
         its handler)."""
@@ -1321,12 +1332,18 @@ class Server:
                 raw.close()
                 log.info("cannot set up TLS with %s: %s", peer, exc)
                 return
+            cores: list[GRPCServerConnection] = []
             with trio.CancelScope() as handshake:
                 handshake.deadline = trio.current_time() + self._handshake_timeout()
                 self._handshakes[handshake] = address
                 self._handshaking[address] = self._handshaking.get(address, 0) + 1
                 try:
-                    await ssl_stream.do_handshake()
+                    # The connection's core is made while the handshake waits for the
+                    # client (its certificate's flight, usually): not after, where the
+                    # client waits for our SETTINGS. At most one per handshake in flight.
+                    await ssl_stream.do_handshake(
+                        while_waiting=lambda: cores.append(self.new_core())
+                    )
                 except trio.BrokenResourceError as exc:
                     self.stats.handshakes_failed += 1
                     log.info("TLS handshake with %s failed: %s", peer, exc.__cause__ or exc)
@@ -1355,7 +1372,9 @@ class Server:
                 log.info("refusing %s: its certificate is no longer accepted", peer)
                 return
             identity, auth_error = self._identity_of(der, peer)
-            conn = _Connection(self, ssl_stream, identity, auth_error, peer, der)
+            conn = _Connection(
+                self, ssl_stream, identity, auth_error, peer, der, cores[0] if cores else None
+            )
             self._connections.add(conn)
             try:
                 await conn.run()
