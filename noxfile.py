@@ -48,6 +48,7 @@ def bench(session: nox.Session) -> None:
         "bench_lifecycle.py",  # restart with 10,000 jobs, shutdown with 100 running
         "bench_store.py",  # the SQLite store alone
         "bench_cli_startup.py",  # each command start to exit, next to python -c pass
+        "bench_connect.py",  # a new connection's set-up: dial + List, handshake, SETTINGS
         "bench_peer.py",  # the table: ratios to the grpcio peer (../shared/bench)
         "bench_jobmem.py",  # where a sleeping job's memory goes (in-process)
     ):

@@ -14,7 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_worker import AuthenticationFailed
-from trio_worker._identity import Identity, Role, identity_from_der
+from trio_worker._identity import (
+    IDENTITY_CACHE_ENTRIES,
+    IDENTITY_CACHE_MAX_DER,
+    Identity,
+    IdentityCache,
+    Role,
+    identity_from_der,
+)
 
 KEY = ec.generate_private_key(ec.SECP256R1())
 NOW = dt.datetime.now(dt.UTC)
@@ -170,3 +177,64 @@ def test_two_san_extensions_give_no_role() -> None:
     assert der.count(ian) == 1
     assert identity_from_der(der).role is Role.ADMIN
     assert identity_from_der(der.replace(ian, san)) == Identity("alice", None)
+
+
+class _Counting:
+    """``identity_from_der`` that counts the certificates it parsed."""
+
+    def __init__(self) -> None:
+        self.parsed: list[bytes] = []
+
+    def __call__(self, der: bytes) -> Identity:
+        self.parsed.append(der)
+        return identity_from_der(der)
+
+
+@settings(database=None, max_examples=60, deadline=None)
+@given(st.lists(_uri, max_size=6))
+def test_a_remembered_identity_is_the_one_a_parse_gives(uris: list[str]) -> None:
+    der = make_cert(uris=tuple(uris))
+    parse = _Counting()
+    cache = IdentityCache(parse)
+    first, again = cache(der), cache(bytes(der))  # equal bytes, another object
+    assert first == again == identity_from_der(der)
+    assert parse.parsed == [der]
+
+
+def test_the_cache_holds_its_bound_of_certificates_least_recently_used_out() -> None:
+    certs = [make_cert((f"user{i}",)) for i in range(IDENTITY_CACHE_ENTRIES + 1)]
+    parse = _Counting()
+    cache = IdentityCache(parse)
+    for der in certs[:-1]:
+        cache(der)
+    cache(certs[0])  # used again: the second is now the least recently used
+    cache(certs[-1])
+    assert len(cache) == IDENTITY_CACHE_ENTRIES
+    assert len(parse.parsed) == IDENTITY_CACHE_ENTRIES + 1
+    assert cache(certs[0]).name == "user0"  # still known
+    assert cache(certs[1]).name == "user1"  # parsed again
+    assert len(parse.parsed) == IDENTITY_CACHE_ENTRIES + 2
+
+
+def test_a_large_certificate_is_parsed_each_time_and_not_kept() -> None:
+    big = make_cert(uris=tuple(f"trio-worker:login:u{i}" + "x" * 60 for i in range(150)))
+    assert len(big) > IDENTITY_CACHE_MAX_DER
+    parse = _Counting()
+    cache = IdentityCache(parse)
+    assert cache(big) == cache(big) == identity_from_der(big)
+    assert len(parse.parsed) == 2
+    assert len(cache) == 0
+
+
+def test_failures_are_not_remembered_and_clear_forgets() -> None:
+    parse = _Counting()
+    cache = IdentityCache(parse)
+    for _ in range(2):
+        with pytest.raises(AuthenticationFailed):
+            cache(make_cert(("a", "b")))
+    assert len(cache) == 0
+    der = make_cert()
+    cache(der)
+    cache.clear()
+    cache(der)
+    assert parse.parsed[-2:] == [der, der]

@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import trio
+import trio.testing
 
 from tests.grpc_support import make_pki
 from trio_worker._net._tlsstream import TLSSocketStream
@@ -100,5 +101,30 @@ async def test_bulk_writes_are_corked_only_while_written(tmp_path: Path) -> None
     assert corks[:2] == [1, 0]
     assert corks.count(1) == corks.count(0)
     assert bytes(got) == b"small" + want
+    server.close()
+    client.close()
+
+
+async def test_work_while_waiting_runs_once_when_the_handshake_waits(tmp_path: Path) -> None:
+    """The server's handshake calls ``while_waiting`` once, the first time it waits for
+    the client (the server makes its connection's core there), and completes as usual."""
+    pki = make_pki(tmp_path)
+    a, b = socket.socketpair()
+    server = TLSSocketStream(a, pki.server_context())
+    client = TLSSocketStream(b, pki.client_context(), server_hostname="localhost")
+    calls: list[bool] = []
+
+    async def shake_server() -> None:
+        await server.do_handshake(while_waiting=lambda: calls.append(client_started))
+
+    client_started = False
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(shake_server)
+        await trio.testing.wait_all_tasks_blocked()
+        assert calls == [False]  # no ClientHello yet: it waits, and works meanwhile
+        client_started = True
+        nursery.start_soon(client.do_handshake)
+    assert calls == [False]  # once, however many times it waited
+    assert server.selected_alpn_protocol() == "h2"
     server.close()
     client.close()

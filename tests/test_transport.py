@@ -964,6 +964,20 @@ async def test_max_connections(pki: Pki) -> None:
         await echo_ok(pki, r.target)
 
 
+async def test_a_certificate_is_parsed_once_until_the_tls_material_is_reloaded(
+    pki: Pki,
+) -> None:
+    probe = Probe()
+    async with running_server(pki, methods(probe)) as r:
+        await echo_ok(pki, r.target)
+        await echo_ok(pki, r.target)  # a second connection, the same certificate
+        assert len(r.server.identities) == 1
+        r.server.use_tls(pki.server_context(), refused=lambda der: False)
+        assert len(r.server.identities) == 0  # nothing read under the old material stays
+        await echo_ok(pki, r.target)
+        assert len(r.server.identities) == 1
+
+
 async def test_port_taken_is_listen_error(pki: Pki) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

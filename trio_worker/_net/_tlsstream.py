@@ -23,7 +23,7 @@ import contextlib
 import math
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 import trio
@@ -65,13 +65,18 @@ class TLSSocketStream:
     def socket(self) -> ssl.SSLSocket:
         return self._ssl
 
-    async def do_handshake(self) -> None:
-        """Complete the TLS handshake (the peer's certificate is verified by OpenSSL)."""
+    async def do_handshake(self, *, while_waiting: Callable[[], None] | None = None) -> None:
+        """Complete the TLS handshake (the peer's certificate is verified by OpenSSL).
+        ``while_waiting`` is called once, the first time the handshake has to wait for the
+        peer's bytes: work done there costs no latency (never, if it never waits)."""
         sock = self._ssl
         while True:
             try:
                 sock.do_handshake()
             except ssl.SSLWantReadError:
+                if while_waiting is not None:
+                    work, while_waiting = while_waiting, None
+                    work()
                 await self._wait(readable=True)
             except ssl.SSLWantWriteError:
                 await self._wait(readable=False)

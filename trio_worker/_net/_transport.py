@@ -57,7 +57,7 @@ from .._errors import (
     ShuttingDown,
     TrioWorkerError,
 )
-from .._identity import Identity, identity_from_der
+from .._identity import Identity, IdentityCache, identity_from_der
 from .._tls import ALPN_PROTOCOL
 from .._wire._h2conn import MAX_MESSAGE, Pieces
 from .._wire._h2server import (
@@ -588,18 +588,11 @@ class _Connection(Connection):
         auth_error: str,
         peer: str,
         peer_cert: bytes = b"",
+        grpc: GRPCServerConnection | None = None,
     ) -> None:
         cfg = server.config
-        grpc = GRPCServerConnection(
-            max_message_length=cfg.max_request_bytes,
-            max_concurrent_streams=cfg.max_concurrent_streams,
-            initial_window_size=cfg.initial_window_size,
-            connection_window_size=cfg.connection_window_size,
-            max_frame_size=cfg.max_frame_size,
-            max_header_list_size=cfg.max_header_list_size,
-            streams_requests=server.streams_requests,
-            clock=trio.current_time,  # the flood budget refills by the loop's clock
-        )
+        if grpc is None:
+            grpc = server.new_core()
         super().__init__(
             stream,
             grpc,
@@ -627,7 +620,9 @@ class _Connection(Connection):
 
     async def run(self) -> bool:
         """Serve the connection until the client leaves, it idles out, or it is drained."""
-        self._grpc.initiate_connection()
+        # Our SETTINGS (queued by ``new_core``) go now, before the tasks start: the
+        # client's first call waits for them.
+        self._push()
         flushed = await super().run()
         self.drained = flushed and self._draining
         return flushed
@@ -1083,7 +1078,9 @@ class Server:
         self._ssl_context = ssl_context
         self._on_call = on_call
         self._on_drain = on_drain
-        self._identify = identify
+        #: ``identify`` per client certificate (DER): a short command's one connection per
+        #: run does not parse the same certificate again; emptied by ``use_tls``.
+        self.identities = IdentityCache(identify)
         #: Since the last ``use_tls``: which client certificates are no longer served.
         self._refused: Callable[[bytes], bool] | None = None
         self._addresses: list[str] = []
@@ -1110,6 +1107,22 @@ class Server:
         self._stopped = trio.Event()
         self._started = False
         self._last_refusal_log = -math.inf
+
+    def new_core(self) -> GRPCServerConnection:
+        """A connection's sans-I/O core, our SETTINGS queued in it."""
+        cfg = self.config
+        core = GRPCServerConnection(
+            max_message_length=cfg.max_request_bytes,
+            max_concurrent_streams=cfg.max_concurrent_streams,
+            initial_window_size=cfg.initial_window_size,
+            connection_window_size=cfg.connection_window_size,
+            max_frame_size=cfg.max_frame_size,
+            max_header_list_size=cfg.max_header_list_size,
+            streams_requests=self.streams_requests,
+            clock=trio.current_time,  # the flood budget refills by the loop's clock
+        )
+        core.initiate_connection()
+        return core
 
     def streams_requests(self, path: str) -> bool:
         """Whether the method at ``path`` takes a stream of requests (flow control follows
@@ -1205,6 +1218,7 @@ class Server:
         were closed."""
         self._ssl_context = ssl_context
         self._refused = refused
+        self.identities.clear()
         if refused is None:
             return 0
         closing = [conn for conn in self._connections if refused(conn.peer_cert)]
@@ -1318,12 +1332,18 @@ class Server:
                 raw.close()
                 log.info("cannot set up TLS with %s: %s", peer, exc)
                 return
+            cores: list[GRPCServerConnection] = []
             with trio.CancelScope() as handshake:
                 handshake.deadline = trio.current_time() + self._handshake_timeout()
                 self._handshakes[handshake] = address
                 self._handshaking[address] = self._handshaking.get(address, 0) + 1
                 try:
-                    await ssl_stream.do_handshake()
+                    # The connection's core is made while the handshake waits for the
+                    # client (its certificate's flight, usually): not after, where the
+                    # client waits for our SETTINGS. At most one per handshake in flight.
+                    await ssl_stream.do_handshake(
+                        while_waiting=lambda: cores.append(self.new_core())
+                    )
                 except trio.BrokenResourceError as exc:
                     self.stats.handshakes_failed += 1
                     log.info("TLS handshake with %s failed: %s", peer, exc.__cause__ or exc)
@@ -1351,8 +1371,10 @@ class Server:
                 # the CA or CRL that refuse it.
                 log.info("refusing %s: its certificate is no longer accepted", peer)
                 return
-            identity, auth_error = self._identity_of(ssl_stream, peer)
-            conn = _Connection(self, ssl_stream, identity, auth_error, peer, der)
+            identity, auth_error = self._identity_of(der, peer)
+            conn = _Connection(
+                self, ssl_stream, identity, auth_error, peer, der, cores[0] if cores else None
+            )
             self._connections.add(conn)
             try:
                 await conn.run()
@@ -1378,12 +1400,11 @@ class Server:
                 _count_out(self._per_address, address)
                 self._check_all_closed()
 
-    def _identity_of(self, stream: TLSSocketStream, peer: str) -> tuple[Identity | None, str]:
-        der = stream.getpeercert(binary_form=True)
+    def _identity_of(self, der: bytes, peer: str) -> tuple[Identity | None, str]:
         if not der:  # only without CERT_REQUIRED, which our contexts never are
             return None, "no client certificate"
         try:
-            return self._identify(der), ""
+            return self.identities(der), ""
         except TrioWorkerError as exc:
             log.info("client %s has no usable identity: %s", peer, exc)
             return None, str(exc)
