@@ -76,6 +76,9 @@ class JobRecords:
         self._commit_wanted = trio.Event()
         #: The committer's wait for more ends (``END_COMMIT_AFTER``); a start cuts it short.
         self._linger: trio.CancelScope | None = None
+        #: Held by a commit until its records' outcomes are in ``unsaved``: housekeeping
+        #: waits for one in flight, or it would not know what to write again.
+        self._committing = trio.Lock()
 
     async def persist_start(self, job: Job) -> None:
         """Record the new job; if the store fails, the job runs with its record pending.
@@ -160,17 +163,22 @@ class JobRecords:
             await self.commit_queued()
 
     async def commit_queued(self) -> None:
-        """Commit the queued records now; one the store refused goes to ``unsaved``."""
-        queued, self._queued = self._queued, []
-        if not queued or self.store is None:
-            return
+        """Commit the queued records now; one the store refused goes to ``unsaved``.
+
+        After a commit in flight (another task's) is done with its outcomes."""
         # Shielded: the batch holds the records, see it through. Each record's own
         # outcome says what to do, not the flush's.
-        with (
-            trio.CancelScope(shield=True),
-            contextlib.suppress(StateDirError, trio.ClosedResourceError),
-        ):
-            await self.store.flush()
+        with trio.CancelScope(shield=True):
+            async with self._committing:
+                queued, self._queued = self._queued, []
+                if not queued or self.store is None:
+                    return
+                with contextlib.suppress(StateDirError, trio.ClosedResourceError):
+                    await self.store.flush()
+                self._settle(queued)
+
+    def _settle(self, queued: list[tuple[str, Queued, bool]]) -> None:
+        """Put the records of a commit the store refused in ``unsaved``."""
         for job_id, write, exists in queued:
             if write.done and write.error is None:
                 continue
@@ -306,6 +314,9 @@ class JobRecords:
             return
         retention = self.retention
         table = self._table
+        # The queued records first (with a commit in flight, once its outcomes are
+        # known): one the store refused is then in ``unsaved``, written again below.
+        await self.commit_queued()
         await self.save_unsaved()
         for job in table.values():
             if job.log is not None and not job.ended.is_set():
