@@ -10,11 +10,15 @@ is a failure, so CI can never go green by skipping them.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from trio_worker import Limits
+from trio_worker._host._cgroups import JobCgroup, NoDriver, detect
 
 
 def require_root(what: str = "this test") -> None:
@@ -74,3 +78,26 @@ def state_dir(tmp_path: Path) -> Path:
     path = tmp_path / "state"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def job_group() -> Iterator[tuple[list[int], JobCgroup]]:
+    """A job's group (every hierarchy, under a parent of its own) and the fds a child
+    writes to join it; the group is killed and removed afterwards."""
+    require_root("cgroups")
+    driver = detect(f"trio-worker-test-{secrets.token_hex(4)}")
+    try:
+        if isinstance(driver, NoDriver):
+            pytest.skip(f"no usable cgroups: {driver.reason}")
+        group = driver.create("job1", Limits())
+        fds = group.open_join()
+        try:
+            yield fds, group
+        finally:
+            for fd in fds:
+                os.close(fd)
+            group.kill()
+            group.remove()
+    finally:
+        driver.cleanup_leftovers()
+        driver.close()

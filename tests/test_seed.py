@@ -29,7 +29,7 @@ import pytest
 
 from trio_worker import JobState, Limits, Unenforceable, open_supervisor
 from trio_worker._host import _cspawn
-from trio_worker._host._cgroups import NoDriver, _memory_capped, detect
+from trio_worker._host._cgroups import JobCgroup, NoDriver, _memory_capped, detect
 from trio_worker._host._spawn import ChildSetupError, Credentials, Seed, Stage
 from trio_worker._jobs._supervisor import Supervisor
 
@@ -247,36 +247,16 @@ def test_an_unused_seed_is_killed_and_reaped() -> None:
             os.fstat(fd)
 
 
-@pytest.fixture
-def job_group() -> Iterator[tuple[list[int], object]]:
-    require_root("cgroups")
-    driver = detect(f"trio-worker-test-{secrets.token_hex(4)}")
-    try:
-        if isinstance(driver, NoDriver):
-            pytest.skip(f"no usable cgroups: {driver.reason}")
-        group = driver.create("job1", Limits())
-        fds = group.open_join()
-        try:
-            yield fds, group
-        finally:
-            for fd in fds:
-                os.close(fd)
-            group.kill()
-            group.remove()
-    finally:
-        driver.cleanup_leftovers()
-        driver.close()
-
-
 def test_command_is_in_its_cgroups_before_its_first_instruction(
-    job_group: tuple[list[int], object],
+    job_group: tuple[list[int], JobCgroup],
 ) -> None:
     fds, group = job_group
     code, out, _ = _run(["cat", "/proc/self/cgroup"], cgroup_fds=fds)
     assert code == 0
-    name = f"/{group.path.name}"  # type: ignore[attr-defined]
+    assert group.path is not None
+    name = f"/{group.path.name}"
     in_group = [line for line in out.decode().splitlines() if line.endswith(name)]
-    assert len(in_group) == len(group.dirs), out  # type: ignore[attr-defined]
+    assert len(in_group) == len(group.dirs), out
 
 
 def test_a_seed_that_cannot_join_its_group_runs_nothing_and_says_which(tmp_path: Path) -> None:
@@ -356,23 +336,35 @@ def _wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
         time.sleep(0.02)
 
 
+@contextlib.contextmanager
+def _seeds_of_a_killed_server(
+    server: subprocess.Popen[bytes],
+) -> Iterator[list[int]]:
+    """The seeds' pids the server printed; then the server SIGKILLed, and every seed must
+    end on its own (any left is killed on the way out, so a failure leaks nothing)."""
+    assert server.stdout is not None
+    pids = [int(p) for p in server.stdout.readline().split()]
+    try:
+        yield pids
+        assert all(process_alive(pid) for pid in pids)
+        server.kill()
+        server.wait()
+        _wait_until(lambda: not any(process_alive(pid) for pid in pids))
+    finally:
+        for pid in pids:
+            if process_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_seeds_end_when_their_server_is_killed() -> None:
     # No reaper here: EOF on the go pipe alone must end every seed.
-    with subprocess.Popen(
-        [sys.executable, "-c", _PLANTER], stdout=subprocess.PIPE, cwd=REPO
-    ) as server:
-        assert server.stdout is not None
-        pids = [int(p) for p in server.stdout.readline().split()]
-        try:
-            assert len(pids) == 3
-            assert all(process_alive(pid) for pid in pids)
-            server.kill()
-            server.wait()
-            _wait_until(lambda: not any(process_alive(pid) for pid in pids))
-        finally:
-            for pid in pids:
-                if process_alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+    with (
+        subprocess.Popen(
+            [sys.executable, "-c", _PLANTER], stdout=subprocess.PIPE, cwd=REPO
+        ) as server,
+        _seeds_of_a_killed_server(server) as pids,
+    ):
+        assert len(pids) == 3
 
 
 # -- in the supervisor -------------------------------------------------------------------
@@ -554,18 +546,10 @@ def test_a_server_killed_by_sigkill_leaves_no_seed_running(tmp_path: Path) -> No
         stdout=subprocess.PIPE,
         cwd=REPO,
     ) as server:
-        assert server.stdout is not None
-        pids = [int(p) for p in server.stdout.readline().split()]
         try:
-            assert pids
-            assert all(process_alive(pid) for pid in pids)
-            server.kill()
-            server.wait()
-            _wait_until(lambda: not any(process_alive(pid) for pid in pids))
+            with _seeds_of_a_killed_server(server) as pids:
+                assert pids
         finally:
-            for pid in pids:
-                if process_alive(pid):
-                    os.kill(pid, signal.SIGKILL)
             driver = detect(parent)  # the places' groups: leftovers, as after any crash
             driver.cleanup_leftovers()
             driver.close()

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from trio_worker._host import _cspawn
-from trio_worker._host._cgroups import NoDriver, detect
+from trio_worker._host._cgroups import JobCgroup
 from trio_worker._host._spawn import (
     ChildSetupError,
     Credentials,
@@ -37,7 +37,6 @@ from trio_worker._host._spawn import (
     spawn,
 )
 from trio_worker._jobs._process import JobProcess, SpawnError, SpawnOptions, StartSpec
-from trio_worker._model import Limits
 
 from .conftest import process_alive, require_root
 
@@ -295,29 +294,17 @@ def test_user_keeps_the_parent_death_signal(unix_user: tuple[str, int, int, int]
 # -- cgroups, PDEATHSIG ------------------------------------------------------------------
 
 
-def test_command_is_in_its_cgroup_before_its_first_instruction() -> None:
-    require_root("cgroups")
-    driver = detect(f"trio-worker-test-{secrets.token_hex(4)}")
-    try:
-        if isinstance(driver, NoDriver):
-            pytest.skip(f"no usable cgroups: {driver.reason}")
-        group = driver.create("job1", Limits())
-        fds = group.open_join()
-        try:
-            # cat's own reading of /proc/self/cgroup is its first act.
-            code, out = _run(["cat", "/proc/self/cgroup"], cgroup_fds=fds)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        assert code == 0
-        lines = out.decode().splitlines()
-        assert group.path is not None
-        in_group = [line for line in lines if line.endswith("/" + group.path.name)]
-        assert len(in_group) == len(group.dirs), lines
-        group.remove()
-    finally:
-        driver.cleanup_leftovers()
-        driver.close()
+def test_command_is_in_its_cgroup_before_its_first_instruction(
+    job_group: tuple[list[int], JobCgroup],
+) -> None:
+    fds, group = job_group
+    # cat's own reading of /proc/self/cgroup is its first act.
+    code, out = _run(["cat", "/proc/self/cgroup"], cgroup_fds=fds)
+    assert code == 0
+    lines = out.decode().splitlines()
+    assert group.path is not None
+    in_group = [line for line in lines if line.endswith("/" + group.path.name)]
+    assert len(in_group) == len(group.dirs), lines
 
 
 def test_failed_cgroup_join_runs_nothing_and_says_which(tmp_path: Path) -> None:
