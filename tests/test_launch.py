@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +147,27 @@ async def test_an_ended_jobs_group_is_removed_while_the_supervisor_runs(tmp_path
         assert none_exist(groups)
 
 
+@contextlib.contextmanager
+def _refill_held() -> Iterator[threading.Event]:
+    """The places' refill (``Launcher._tend``) waits in its thread until the yielded gate
+    is set; afterwards the refill is itself again (and never left waiting)."""
+    gate = threading.Event()
+    tend = Launcher._tend
+
+    def held_tend(self: Launcher, retired: Any, ids: Any) -> Any:
+        gate.wait(30)
+        return tend(self, retired, ids)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Launcher, "_tend", held_tend)
+        try:
+            yield gate
+        finally:
+            gate.set()
+
+
 async def test_starts_while_places_are_being_made_keep_their_order_in_ids(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """List is newest first by id: a Start that finds no place ready (the refill's thread
     is still making them, with ids minted before) must not sort above the Starts after it,
@@ -155,25 +176,17 @@ async def test_starts_while_places_are_being_made_keep_their_order_in_ids(
     The refill's thread is held (a gate) while Starts make their own places; then let go.
     """
     require_root("cgroups")
-    gate = threading.Event()
-    tend = Launcher._tend
-
-    def held_tend(self: Launcher, retired: Any, ids: Any) -> Any:
-        gate.wait(30)
-        return tend(self, retired, ids)
-
     parent = "tw-order-" + secrets.token_hex(4)
     async with open_supervisor(tmp_path / "state", cgroup_parent=parent) as sup:
         launcher = sup._admission.launcher
         await launcher.settled()
-        monkeypatch.setattr(Launcher, "_tend", held_tend)
         ids = []
-        for _ in range(len(launcher.ready_places()) + 3):  # the ready ones, then none ready
-            ids.append((await sup.start("true", [])).id)
-        assert launcher.first_making() is not None  # the refill is under way, held
-        gate.set()
-        await launcher.settled()
-        monkeypatch.setattr(Launcher, "_tend", tend)
+        with _refill_held() as gate:
+            for _ in range(len(launcher.ready_places()) + 3):  # the ready ones, then none
+                ids.append((await sup.start("true", [])).id)
+            assert launcher.first_making() is not None  # the refill is under way, held
+            gate.set()
+            await launcher.settled()
         for _ in range(6):  # these take the places minted before the three above
             ids.append((await sup.start("true", [])).id)
         assert ids == sorted(ids)
@@ -214,38 +227,30 @@ async def test_a_burst_of_ends_is_removed_in_one_thread_call_after_it(
 
 
 async def test_a_start_with_no_place_ready_waits_for_the_one_being_made(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
+    tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
     """Making a place of its own costs a Start a thread round trip, inodes and groups; the
     refill's next place is usually closer. The clock stands still: the Start's patience
     does not run out while the refill's thread is held, so it must take that place."""
     require_root("cgroups")
-    gate = threading.Event()
-    tend = Launcher._tend
-
-    def held_tend(self: Launcher, retired: Any, ids: Any) -> Any:
-        gate.wait(30)
-        return tend(self, retired, ids)
-
     parent = "tw-patience-" + secrets.token_hex(4)
     async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
         launcher = sup._admission.launcher
         await launcher.settled()
-        monkeypatch.setattr(Launcher, "_tend", held_tend)
-        for _ in range(len(launcher.ready_places())):
-            await sup.start("true")
-        coming = launcher.first_making()
-        assert coming is not None  # the refill is under way, held
-        assert launcher.ready_places() == []
         started: list[str] = []
 
         async def start() -> None:
             started.append((await sup.start("true")).id)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(start)
-            await trio.testing.wait_all_tasks_blocked()
-            assert started == []  # waiting for the place, not making its own
-            gate.set()
-        monkeypatch.setattr(Launcher, "_tend", tend)
+        with _refill_held() as gate:
+            for _ in range(len(launcher.ready_places())):
+                await sup.start("true")
+            coming = launcher.first_making()
+            assert coming is not None  # the refill is under way, held
+            assert launcher.ready_places() == []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(start)
+                await trio.testing.wait_all_tasks_blocked()
+                assert started == []  # waiting for the place, not making its own
+                gate.set()
         assert started == [coming]

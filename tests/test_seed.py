@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -376,13 +376,24 @@ async def _ready_seeds(sup: Supervisor) -> list[tuple[str, int]]:
     return [(p.job_id, p.seed.seed.pid) for p in launcher.ready_places() if p.seed is not None]
 
 
-async def test_a_plain_start_runs_its_places_seed_and_a_failed_one_leaves_nothing(
+@contextlib.asynccontextmanager
+async def _seeded_supervisor(
     tmp_path: Path,
-) -> None:
+) -> AsyncIterator[tuple[Supervisor, list[tuple[str, int]]]]:
+    """A supervisor under a cgroup parent of its own, once its places have their seeds:
+    it and the seeds' (job id, pid), oldest place first."""
     require_root("cgroups")
     parent = "tw-seed-" + secrets.token_hex(4)
     async with open_supervisor(tmp_path / "state", cgroup_parent=parent) as sup:
         seeds = await _ready_seeds(sup)
+        assert seeds
+        yield sup, seeds
+
+
+async def test_a_plain_start_runs_its_places_seed_and_a_failed_one_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    async with _seeded_supervisor(tmp_path) as (sup, seeds):
         assert len(seeds) >= 2
         job = await sup.start("sh", ["-c", "echo $$; cat /proc/self/cgroup"])
         assert (job.id, job.pid) == seeds[0]
@@ -404,11 +415,7 @@ async def test_a_plain_start_runs_its_places_seed_and_a_failed_one_leaves_nothin
 async def test_a_start_with_limits_does_not_run_the_seed_and_the_seed_goes(
     tmp_path: Path,
 ) -> None:
-    require_root("cgroups")
-    parent = "tw-seed-" + secrets.token_hex(4)
-    async with open_supervisor(tmp_path / "state", cgroup_parent=parent) as sup:
-        seeds = await _ready_seeds(sup)
-        assert seeds
+    async with _seeded_supervisor(tmp_path) as (sup, seeds):
         try:
             job = await sup.start("sleep", ["60"], limits=Limits(pids=9))
         except Unenforceable as exc:
@@ -423,12 +430,8 @@ async def test_a_start_with_limits_does_not_run_the_seed_and_the_seed_goes(
 
 
 async def test_leaving_the_supervisor_kills_and_reaps_every_seed(tmp_path: Path) -> None:
-    require_root("cgroups")
-    parent = "tw-seed-" + secrets.token_hex(4)
     fds_before = sorted(os.listdir("/proc/self/fd"))
-    async with open_supervisor(tmp_path / "state", cgroup_parent=parent) as sup:
-        seeds = await _ready_seeds(sup)
-        assert seeds
+    async with _seeded_supervisor(tmp_path) as (_, seeds):
         assert all(process_alive(pid) for _, pid in seeds)
     assert not any(_exists(pid) for _, pid in seeds)  # no zombie either
     assert sorted(os.listdir("/proc/self/fd")) == fds_before
@@ -439,11 +442,7 @@ async def test_a_seed_killed_before_its_start_does_not_cost_the_start_its_comman
 ) -> None:
     # A seed killed from outside while it waits (by the OOM killer, by a root job's
     # kill): the Start still runs the command, on the thread path.
-    require_root("cgroups")
-    parent = "tw-seed-" + secrets.token_hex(4)
-    async with open_supervisor(tmp_path / "state", cgroup_parent=parent) as sup:
-        seeds = await _ready_seeds(sup)
-        assert seeds
+    async with _seeded_supervisor(tmp_path) as (sup, seeds):
         os.kill(seeds[0][1], signal.SIGKILL)
         _wait_until(lambda: not process_alive(seeds[0][1]))
         job = await sup.start("sh", ["-c", "echo ran"])
