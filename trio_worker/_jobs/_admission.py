@@ -43,10 +43,6 @@ from ._stdin import DEFAULT_TERMINAL_SIZE, StdinWriter, check_terminal_size
 
 __all__ = ["Admission", "let_io_first"]
 
-#: How many (limits, isolation) pairs that passed the policy and the host's check are
-#: kept (all are dropped when one more comes): a burst's Starts repeat one.
-_CHECKED_PAIRS = 64
-
 
 class Admission:
     """Starts jobs into ``table``, for ``runner`` to watch."""
@@ -81,9 +77,6 @@ class Admission:
         self._last_id: str | None = None
         #: Who this process runs as: the user of jobs that name none.
         self._me = current_user()
-        #: Requested (limits, isolation) -> the limits the policy gave, for pairs that
-        #: passed the policy and the host's check (``_checked_limits``).
-        self._checked: dict[tuple[Limits, Isolation], Limits] = {}
         #: Makes each job's directory, log, cgroup and process (blocking: off the loop),
         #: and keeps ``ready_places`` of them made ahead of need.
         #: Jobs get the soft fd limit this process had before raising its own.
@@ -142,7 +135,8 @@ class Admission:
             raise InvalidRequest("limits", "must be a trio_worker.Limits")
         if not isinstance(isolation, Isolation):
             raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
-        limits = self._checked_limits(limits, isolation)
+        limits = self._policy.apply(limits)  # InvalidRequest above a maximum
+        check_enforceable(self._cgroups, limits, isolation)  # never silently ignored
         # A terminal's master and slave, and the master's duplicate for writing:
         # made before the job, so running out of descriptors refuses the Start.
         fds = _open_terminal() if terminal is not None else None
@@ -244,29 +238,6 @@ class Admission:
         # its record was written, and Wait/Status tell that part.
         return started
 
-    def _checked_limits(self, limits: Limits, isolation: Isolation) -> Limits:
-        """``LimitPolicy.apply`` (InvalidRequest above a maximum), then
-        ``check_enforceable`` (never silently ignored); a pair that passed both is kept.
-
-        Both depend on nothing but the pair (the policy and what the host can enforce
-        are fixed for the supervisor's life). Only pairs of exact bools, ints and floats
-        are kept: ``True == 1`` and ``1.0 == 1``, and a kept answer must not stand for a
-        value the policy refuses (nor may a library caller's odd value fail to hash).
-        """
-        key = (limits, isolation)
-        keep = _plain(limits, isolation)
-        if keep:
-            checked = self._checked.get(key)
-            if checked is not None:
-                return checked
-        checked = self._policy.apply(limits)
-        check_enforceable(self._cgroups, checked, isolation)
-        if keep:
-            if len(self._checked) >= _CHECKED_PAIRS:
-                self._checked.clear()
-            self._checked[key] = checked
-        return checked
-
     def _fresh_id(self) -> str:
         """An id for a Start that found no place ready: below the places being made."""
         making = self.launcher.first_making()
@@ -328,21 +299,6 @@ async def let_io_first() -> None:
     """
     await trio.lowlevel.cancel_shielded_checkpoint()
     await trio.lowlevel.cancel_shielded_checkpoint()
-
-
-def _plain(limits: Limits, isolation: Isolation) -> bool:
-    """Whether every number in ``limits`` is an exact int (``cpus``: a float or an int)
-    and every flag of ``isolation`` a bool."""
-    return (
-        type(limits.cpus) in (float, int)
-        and type(limits.memory_bytes) is int
-        and type(limits.io_read_bps) is int
-        and type(limits.io_write_bps) is int
-        and type(limits.pids) is int
-        and type(isolation.pid) is bool
-        and type(isolation.mount) is bool
-        and type(isolation.network) is bool
-    )
 
 
 def _open_terminal() -> tuple[int, int, int]:
