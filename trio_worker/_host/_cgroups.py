@@ -49,6 +49,7 @@ import trio
 from .._errors import InvalidRequest, TrioWorkerError, Unenforceable
 from .._limits import CPU_PERIOD_US
 from .._model import Limits, Usage
+from . import _cplace
 
 __all__ = [
     "CGROUP_ROOT",
@@ -61,6 +62,7 @@ __all__ = [
     "block_device_for",
     "cpu_quota_us",
     "detect",
+    "remove_groups",
 ]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -356,21 +358,28 @@ class JobCgroup(ABC):
         The caller closes them once the child has exec'd. OSError as ``open`` raises it.
         """
         fds: list[int] = []
-        v2 = self._v2_dir
         try:
-            # Paths made here, not kept: a running job would hold them (~0.9 KiB on
-            # a hybrid host) for one use.
-            for directory in self.dirs:
-                if directory == v2:
+            for directory, procs in self.joins():
+                if procs:
+                    fds.append(os.open(f"{directory}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
+                else:
                     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
                     fds.append(os.open(directory, flags))
-                else:
-                    fds.append(os.open(directory / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         return fds
+
+    def joins(self) -> list[tuple[str, bool]]:
+        """What ``open_join`` opens, per ``dirs``: the directory, and whether by its
+        ``cgroup.procs`` (True) or as the directory itself (False: the v2 group).
+
+        Paths made here, not kept: a running job would hold them (~0.9 KiB on a
+        hybrid host) for one use.
+        """
+        v2 = self._v2_dir
+        return [(str(directory), directory != v2) for directory in self.dirs]
 
     def pids(self) -> list[int]:
         """Every process in the group (and its subgroups), in the server's pid space."""
@@ -478,6 +487,30 @@ def _realpath(directory: Path) -> str:
     for every job cost more than the rest of creating its groups.
     """
     return os.path.realpath(directory)
+
+
+def remove_groups(groups: Sequence[JobCgroup]) -> list[JobCgroup]:
+    """Remove ended jobs' groups (reaped, as for ``remove``), every hierarchy's
+    directory of each, in one call with the GIL released (``_cplace.remove_dirs``):
+    the refill's thread removed them one rmdir at a time from Python, holding the
+    GIL between each two. Returns the groups that need ``remove`` (a group that
+    still has subgroups, or processes still leaving: what ``remove`` handles);
+    the others are gone.
+    """
+    dirs: list[bytes] = []
+    owner: list[JobCgroup] = []
+    for group in groups:
+        for directory in group.dirs:
+            dirs.append(os.fsencode(directory))
+            owner.append(group)
+    if not dirs:
+        return []
+    left: list[JobCgroup] = []
+    for index, _ in _cplace.remove_dirs(dirs):
+        group = owner[index]
+        if not left or left[-1] is not group:
+            left.append(group)
+    return left
 
 
 def _rmtree_cgroup(directory: Path) -> None:
@@ -830,6 +863,11 @@ class CgroupDriver(ABC):
         """Make the job's group, without limits yet (``CgroupError`` if it cannot),
         in what ``limits`` will need (v1: which hierarchies)."""
 
+    def planned(self, job_id: str) -> JobCgroup:
+        """The group ``make(job_id)`` would make, not made: its caller makes the
+        directories (``_place.make_place``, with the job's place in one call)."""
+        return self.job(job_id)
+
     def _widen(self, group: JobCgroup, limits: Limits) -> JobCgroup:
         """``group`` made ready for ``limits``' controllers (v1 makes directories)."""
         return group
@@ -1129,6 +1167,9 @@ class V1Driver(CgroupDriver):
         # Which hierarchies an existing group is in is not known here: all of them
         # (kill and remove skip the directories that do not exist).
         return self._group(job_id, self._distinct)
+
+    def planned(self, job_id: str) -> JobCgroup:
+        return self._group(job_id, self.hierarchies_for(None))
 
     def make(self, job_id: str, limits: Limits | None = None) -> JobCgroup:
         group = self._group(job_id, self.hierarchies_for(limits))

@@ -50,12 +50,13 @@ from pathlib import Path
 import trio
 
 from .._errors import ResourceExhausted
-from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup
+from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup, remove_groups
 from .._host._isolation import helper_argv, helper_tasks, resolve_command
+from .._host._place import make_place
 from .._host._spawn import SEEDS_REFUSED, Seed
 from .._model import Isolation, Limits
 from ._job import REPORT
-from ._output import OpenLogs, OutputLog, create_log_files
+from ._output import OpenLogs, OutputLog, log_files
 from ._process import (
     RESOURCE_ERRNOS,
     Credentials,
@@ -179,6 +180,8 @@ class Launcher:
         self._job_nofile = job_nofile
         #: The jobs' logs that keep their files open between flushes (on the loop).
         self.open_logs = OpenLogs()
+        #: A place's log files (``make_place``).
+        self._log_files = log_files(capped=max_output_bytes is not None)
         #: How many places ``keep_ready`` keeps made ahead of need.
         self._target = ready
         self._ready: deque[Place] = deque()
@@ -198,6 +201,8 @@ class Launcher:
         #: Plant a seed with each place (only with the reaper: a seed planted by a
         #: worker thread has no PR_SET_PDEATHSIG); off for good if clone3 is refused.
         self._seeds = seeds
+        #: The loop's, for the refill's thread to hand it places (``_tend``).
+        self._token: trio.lowlevel.TrioToken | None = None
         #: A memory limit above the jobs holds no seed (``_memory_capped``).
         self._capped = False
 
@@ -259,6 +264,7 @@ class Launcher:
         until it is woken again: a Start meanwhile makes its own place, and says
         why it cannot.
         """
+        self._token = trio.lowlevel.current_trio_token()
         # Whatever an earlier run left there (its groups are leftovers, gone already).
         failed = not await trio.to_thread.run_sync(self._empty_ready_dir)
         while True:
@@ -307,8 +313,7 @@ class Launcher:
             await trio.to_thread.run_sync(self._discard_all, retired, places)
 
     def _discard_all(self, retired: Sequence[JobCgroup], places: Sequence[Place]) -> None:
-        for group in retired:
-            _remove_group(group)
+        _remove_groups(retired)
         _discard_places(places)
         with contextlib.suppress(OSError):
             os.rmdir(self.ready_dir)
@@ -316,10 +321,16 @@ class Launcher:
     def _tend(self, retired: Sequence[JobCgroup], ids: Sequence[str]) -> int:
         """In a worker thread: make the places (each reaches the pool as it is made:
         a Start may be waiting for it, ``take_soon``), then remove the retired groups.
-        Returns how many places were made."""
-        made = self._make_places(ids, lambda place: trio.from_thread.run_sync(self._arrive, place))
-        for group in retired:
-            _remove_group(group)
+        Returns how many places were made.
+
+        A place is handed to the loop by ``run_sync_soon``, not waited for:
+        the thread goes on to the next (``from_thread.run_sync`` cost it a round
+        trip through the loop per place). The loop runs those callbacks in order,
+        before it learns the thread's result (delivered the same way)."""
+        token = self._token
+        assert token is not None
+        made = self._make_places(ids, lambda place: token.run_sync_soon(self._arrive, place))
+        _remove_groups(retired)
         return made
 
     def _arrive(self, place: Place) -> None:
@@ -357,19 +368,10 @@ class Launcher:
         for job_id in ids:
             directory = self.ready_dir / job_id
             try:
-                directory.mkdir(mode=0o700)
-                try:
-                    create_log_files(directory, capped=self._max_output_bytes is not None)
-                    group = self.cgroups.make(job_id)
-                except BaseException:
-                    remove_new_job_dir(directory)
-                    raise
-                try:
-                    procs = group.open_join()
-                except BaseException:
-                    _remove_group(group)
-                    remove_new_job_dir(directory)
-                    raise
+                group = self.cgroups.planned(job_id)
+                # The directory, its log files, the groups and their fds: one call
+                # with the GIL let go (it leaves nothing behind if it fails).
+                procs = make_place(directory, self._log_files, group)
             except (CgroupError, OSError) as exc:
                 _log.debug("no place made ahead: %s", exc)
                 break
@@ -697,6 +699,14 @@ class Launcher:
                 f"cannot create the job's output files in the state directory: "
                 f"{exc.strerror or exc}"
             ) from None
+
+
+def _remove_groups(groups: Sequence[JobCgroup]) -> None:
+    """Remove ended jobs' groups (blocking): together in one call with the GIL let
+    go, then ``_remove_group`` for those that need more (subgroups, processes
+    still leaving, an error to log)."""
+    for group in remove_groups([g for g in groups if g.tracked]):
+        _remove_group(group)
 
 
 def _remove_group(group: JobCgroup) -> None:
