@@ -233,6 +233,17 @@ def test_a_seed_planted_by_a_thread_that_exited_still_runs() -> None:
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def test_a_waiting_seed_is_named_and_the_job_has_its_commands_name() -> None:
+    # ps -e and top show a task's comm: a waiting seed's is its own, not the server's
+    # (its command line is the server's: that memory is shared); the job's at exec.
+    def named(seed: Seed) -> None:
+        with open(f"/proc/{seed.pid}/comm") as comm:
+            assert comm.read() == "tw-seed\n"
+
+    code, out, _ = _run(["sh", "-c", "cat /proc/$$/comm"], planted=named)
+    assert (code, out) == (0, b"sh\n")
+
+
 def test_an_unused_seed_is_killed_and_reaped() -> None:
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     seed = Seed.plant([], stdin=null, stdout=2, stderr=2)
