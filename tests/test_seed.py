@@ -233,6 +233,17 @@ def test_a_seed_planted_by_a_thread_that_exited_still_runs() -> None:
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def test_a_waiting_seed_is_named_and_the_job_has_its_commands_name() -> None:
+    # ps -e and top show a task's comm: a waiting seed's is its own, not the server's
+    # (its command line is the server's: that memory is shared); the job's at exec.
+    def named(seed: Seed) -> None:
+        with open(f"/proc/{seed.pid}/comm") as comm:
+            assert comm.read() == "tw-seed\n"
+
+    code, out, _ = _run(["sh", "-c", "cat /proc/$$/comm"], planted=named)
+    assert (code, out) == (0, b"sh\n")
+
+
 def test_an_unused_seed_is_killed_and_reaped() -> None:
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     seed = Seed.plant([], stdin=null, stdout=2, stderr=2)
@@ -245,6 +256,23 @@ def test_an_unused_seed_is_killed_and_reaped() -> None:
     for fd in held:
         with pytest.raises(OSError, match="Bad file descriptor"):
             os.fstat(fd)
+
+
+def test_a_stopped_seed_says_so_until_it_is_continued() -> None:
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        seed = Seed.plant([], stdin=null, stdout=null, stderr=null)
+    finally:
+        os.close(null)
+    try:
+        assert not seed.stopped()
+        os.kill(seed.pid, signal.SIGSTOP)
+        _wait_until(seed.stopped)
+        os.kill(seed.pid, signal.SIGCONT)
+        _wait_until(lambda: not seed.stopped())
+    finally:
+        seed.kill()
+    assert not seed.stopped()  # reaped: no pidfd
 
 
 def test_command_is_in_its_cgroups_before_its_first_instruction(
@@ -452,6 +480,48 @@ async def test_a_seed_killed_before_its_start_does_not_cost_the_start_its_comman
         out = b"".join([c.data async for c in sup.output(job.id)])
         assert out == b"ran\n"
         assert not _exists(seeds[0][1])  # the dead seed was reaped
+
+
+async def test_a_stopped_seed_costs_its_start_nothing_and_does_not_hang_the_shutdown(
+    tmp_path: Path,
+) -> None:
+    # A waiting seed stopped from outside (kill -STOP by root or an admin) never reads
+    # its go byte nor execs: the Start must not wait for it forever (it is shielded, so
+    # the supervisor's shutdown would wait too). It kills the seed and runs the command
+    # the thread's way, with the same place; a stopped seed still waiting at shutdown
+    # is killed and reaped (SIGKILL ends a stopped process).
+    hung = threading.Event()
+    stopped: list[int] = []
+
+    def unstick() -> None:  # a hang detector, not a timing: let a hung Start go on
+        hung.set()
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    watchdog = threading.Timer(30, unstick)
+    watchdog.start()
+    try:
+        async with _seeded_supervisor(tmp_path) as (sup, seeds):
+            assert len(seeds) >= 2
+            for _, pid in seeds[:2]:
+                stopped.append(pid)
+                os.kill(pid, signal.SIGSTOP)
+            job = await sup.start("sh", ["-c", "echo ran"])
+            assert not hung.is_set()
+            assert job.id == seeds[0][0]
+            assert job.pid != seeds[0][1]
+            end = await sup.wait(job.id)
+            assert (end.state, end.exit_code) == (JobState.EXITED, 0)
+            assert b"".join([c.data async for c in sup.output(job.id)]) == b"ran\n"
+            assert not _exists(seeds[0][1])  # killed and reaped
+        assert not hung.is_set()
+        assert not _exists(seeds[1][1])
+    finally:
+        watchdog.cancel()
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _memory_limit_files(driver: object) -> list[tuple[Path, str, str]]:

@@ -368,6 +368,17 @@ class Seed:
             self._outcome = self._c.collect()
         return self._outcome is not None
 
+    def stopped(self) -> bool:
+        """Whether the seed is stopped now (``kill -STOP`` from outside): it cannot exec
+        until continued. One ``waitid`` that consumes nothing (``WNOWAIT``)."""
+        if self.pidfd < 0:
+            return False
+        try:
+            info = os.waitid(os.P_PIDFD, self.pidfd, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return False
+        return info is not None and info.si_code == os.CLD_STOPPED
+
     def error(self, command: str, cwd: str | None) -> ChildSetupError | None:
         """None if the command was exec'd, else what failed (after ``poll``)."""
         assert self._outcome is not None

@@ -82,6 +82,10 @@ _log = logging.getLogger("trio_worker.supervisor")
 RETIRE_AFTER = 0.05
 #: ... or until this many wait (an empty group still holds kernel memory).
 RETIRE_BATCH = 128
+#: How long a seeded Start waits for its seed's exec before it checks whether the seed
+#: was stopped from outside (``launch_seeded``): a seed's exec takes ~1 ms, a stopped
+#: one never comes. One ``waitid`` per this much waiting, only while a seed is late.
+SEED_PATIENCE = 0.1
 #: How long a Start that finds no place ready waits for the one being made (``take_soon``).
 PLACE_PATIENCE = 0.005
 
@@ -447,8 +451,9 @@ class Launcher:
         as ``spawn``'s). No thread, nothing blocking.
 
         None if the seed was dead before its command (killed from outside while it
-        waited: nothing of the command ran): the place is the plan's again, without
-        a seed's fds, for ``prepare_and_spawn`` (whose ``_claim`` reaps the seed)."""
+        waited: nothing of the command ran), or stopped before its exec (then killed
+        here): the place is the plan's again, without a seed's fds, for
+        ``prepare_and_spawn`` (whose ``_claim`` reaps the seed)."""
         place = plan.place
         assert place is not None
         assert place.seed is not None
@@ -484,7 +489,16 @@ class Launcher:
             create=False,  # the place has them
         )
         while not seed.poll():
-            await trio.lowlevel.wait_readable(seed.report_fd)
+            with trio.move_on_after(SEED_PATIENCE) as late:
+                await trio.lowlevel.wait_readable(seed.report_fd)
+            if late.cancelled_caught and seed.stopped() and not seed.poll():
+                # Stopped from outside before its exec (``kill -STOP``): it would keep
+                # this shielded Start, and so the shutdown, waiting until continued.
+                # Killed now (nothing of the command ran); the thread's way, with the
+                # same place (``_claim`` reaps it).
+                signal.pidfd_send_signal(seed.pidfd, signal.SIGKILL)
+                place.seed = sprout
+                return None
         failure = seed.error(spec.command, spec.cwd)
         if failure is None:
             process = JobProcess(
