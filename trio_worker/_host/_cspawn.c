@@ -548,6 +548,7 @@ struct seed_ctl {
     pid_t parent;
 };
 
+#define SEED_NAME "tw-seed" /* a task's comm: at most 15 bytes */
 #define SEED_STACK (64 * 1024)
 #define SEED_TLS (16 * 1024)
 #define SEED_TP_AT (12 * 1024) /* the thread pointer, inside the TLS area */
@@ -646,6 +647,9 @@ seed_main(void *arg)
     long r;
     char go;
 
+    /* 0. A name of its own for ps -e and top (its comm; the job's at exec): its
+     *    command line is the server's, in the memory both share. */
+    (void)RAW2(NR_PRCTL, PR_SET_NAME, SEED_NAME);
     /* 1. Nothing of the server's but what the seed needs, first of all: other
      *    seeds' pipes (a seed holding another's report pipe would hide that
      *    one's exec), the state directory's lock (a server restarted after a

@@ -50,7 +50,7 @@ from pathlib import Path
 import trio
 
 from .._errors import ResourceExhausted
-from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup
+from .._host._cgroups import CgroupDriver, CgroupError, Inotify, JobCgroup
 from .._host._isolation import helper_argv, helper_tasks, resolve_command
 from .._host._spawn import SEEDS_REFUSED, Seed
 from .._model import Isolation, Limits
@@ -82,6 +82,10 @@ _log = logging.getLogger("trio_worker.supervisor")
 RETIRE_AFTER = 0.05
 #: ... or until this many wait (an empty group still holds kernel memory).
 RETIRE_BATCH = 128
+#: How long a seeded Start waits for its seed's exec before it checks whether the seed
+#: was stopped from outside (``launch_seeded``): a seed's exec takes ~1 ms, a stopped
+#: one never comes. One ``waitid`` per this much waiting, only while a seed is late.
+SEED_PATIENCE = 0.1
 #: How long a Start that finds no place ready waits for the one being made (``take_soon``).
 PLACE_PATIENCE = 0.005
 
@@ -95,6 +99,9 @@ class Sprout:
     stderr: int
     #: The seed's start time (/proc): the job's, since the exec keeps the pid.
     start_time: int | None
+    #: SIGKILLed while it waited (a memory cap appeared): the thread's way, never ``go``
+    #: (a go byte could reach the pipe before its death: a job killed at its start).
+    killed: bool = False
 
     @property
     def fds(self) -> list[int]:
@@ -324,6 +331,8 @@ class Launcher:
 
     def _arrive(self, place: Place) -> None:
         """On the loop: a place the refill's thread made joins the pool."""
+        if self._capped and place.seed is not None:
+            _kill_waiting(place.seed)  # planted before the cap was seen (``watch_memory_caps``)
         self._ready.append(place)
         self._making = self._making[1:]  # made in order
         self._arrived.set()
@@ -392,6 +401,40 @@ class Launcher:
                 _log.info("no seeds while %s limits the jobs' memory (not the server's)", capped)
         return capped is not None
 
+    async def watch_memory_caps(self) -> None:
+        """Until cancelled (a task of the supervisor): a memory cap set above the jobs
+        while seeds wait kills those seeds at once, not when they are used.
+
+        The refill reads the cap before it plants (``_memory_capped``), but seeds
+        already waiting stayed exposed (a job's OOM there kills one, and so the server)
+        until a Start used each. cgroupfs notes a ``write`` to a limit's file like any
+        file system: one inotify on the files ``memory_capped`` reads wakes this task,
+        which reads the cap (in a thread) and SIGKILLs every waiting seed if there is
+        one (a Start then takes the thread's way with the place). No polling; nothing
+        while no limit is written. Left: a v2 cap written below the jobs' usage makes
+        its OOM kill inside the writer's ``write``, before any notice.
+        """
+        if not self._seeds:
+            return
+        paths = await trio.to_thread.run_sync(self.cgroups.memory_limit_files)
+        if not paths:
+            return
+        try:
+            watch = Inotify(*paths)
+        except OSError as exc:
+            _log.warning("no watch on the jobs' memory limits: %s", exc)
+            return
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(watch.fd)
+                watch.drain()
+                if await trio.to_thread.run_sync(self._memory_capped):
+                    for place in self._ready:
+                        if place.seed is not None:
+                            _kill_waiting(place.seed)
+        finally:
+            watch.close()
+
     def _plant(self, place: Place) -> None:
         """In a worker thread: give ``place`` its seed (its group fds go to it)."""
         owned: list[int] = []
@@ -434,6 +477,7 @@ class Launcher:
         return (
             place is not None
             and place.seed is not None
+            and not place.seed.killed
             and not plan.limits.any
             and not plan.isolation.any
             and not plan.tty
@@ -447,8 +491,9 @@ class Launcher:
         as ``spawn``'s). No thread, nothing blocking.
 
         None if the seed was dead before its command (killed from outside while it
-        waited: nothing of the command ran): the place is the plan's again, without
-        a seed's fds, for ``prepare_and_spawn`` (whose ``_claim`` reaps the seed)."""
+        waited: nothing of the command ran), or stopped before its exec (then killed
+        here): the place is the plan's again, without a seed's fds, for
+        ``prepare_and_spawn`` (whose ``_claim`` reaps the seed)."""
         place = plan.place
         assert place is not None
         assert place.seed is not None
@@ -484,7 +529,16 @@ class Launcher:
             create=False,  # the place has them
         )
         while not seed.poll():
-            await trio.lowlevel.wait_readable(seed.report_fd)
+            with trio.move_on_after(SEED_PATIENCE) as late:
+                await trio.lowlevel.wait_readable(seed.report_fd)
+            if late.cancelled_caught and seed.stopped() and not seed.poll():
+                # Stopped from outside before its exec (``kill -STOP``): it would keep
+                # this shielded Start, and so the shutdown, waiting until continued.
+                # Killed now (nothing of the command ran); the thread's way, with the
+                # same place (``_claim`` reaps it).
+                signal.pidfd_send_signal(seed.pidfd, signal.SIGKILL)
+                place.seed = sprout
+                return None
         failure = seed.error(spec.command, spec.cwd)
         if failure is None:
             process = JobProcess(
@@ -705,6 +759,13 @@ def _remove_group(group: JobCgroup) -> None:
             group.remove()
         except CgroupError as exc:
             _log.warning("job %s: cannot remove its cgroup: %s", group.job_id, exc)
+
+
+def _kill_waiting(sprout: Sprout) -> None:
+    """SIGKILL a waiting seed (on the loop: no wait); ``_claim`` reaps it."""
+    if not sprout.killed:
+        sprout.killed = True
+        signal.pidfd_send_signal(sprout.seed.pidfd, signal.SIGKILL)
 
 
 def _discard_seeded(place: Place, sprout: Sprout) -> None:
