@@ -26,10 +26,17 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from trio_worker import JobState, Limits, Unenforceable, open_supervisor
 from trio_worker._host import _cspawn
-from trio_worker._host._cgroups import JobCgroup, NoDriver, _memory_capped, detect
+from trio_worker._host._cgroups import (
+    JobCgroup,
+    NoDriver,
+    _memory_capped,
+    detect,
+)
+from trio_worker._host._cgroups import _memory_limit_files as _limit_files_watched
 from trio_worker._host._spawn import ChildSetupError, Credentials, Seed, Stage
 from trio_worker._jobs._supervisor import Supervisor
 
@@ -572,6 +579,49 @@ async def test_no_seed_below_a_memory_cap_that_leaves_the_server_out(tmp_path: P
                     sub.rmdir()
 
 
+async def test_a_memory_cap_set_while_seeds_wait_kills_them_at_once(tmp_path: Path) -> None:
+    # Seeds planted before the cap (the refill reads it before it plants) stayed, each
+    # exposed to the cap's OOM killer (and the server with it) until a Start used it.
+    # A write to a limit's file now kills them; a Start runs its command all the same.
+    require_root("cgroups")
+    top = "tw-seed-" + secrets.token_hex(4)
+    driver = detect(f"{top}/jobs")
+    if isinstance(driver, NoDriver):
+        pytest.skip(f"no usable cgroups: {driver.reason}")
+    limits = _memory_limit_files(driver)
+    tops = {d.parent for d in driver.parent_dirs()}
+    driver.close()
+    if not limits:
+        pytest.skip("no memory controller here")
+    try:
+        async with open_supervisor(tmp_path / "state", cgroup_parent=f"{top}/jobs") as sup:
+            seeds = await _ready_seeds(sup)
+            assert seeds
+            pidfds = [os.pidfd_open(pid) for _, pid in seeds]
+            try:
+                for path, cap, _ in limits:
+                    path.write_text(cap)
+                with trio.fail_after(20):  # a hang detector: before, they waited for Starts
+                    for pidfd in pidfds:
+                        await trio.lowlevel.wait_readable(pidfd)  # the seed has ended
+            finally:
+                for pidfd in pidfds:
+                    os.close(pidfd)
+            job = await sup.start("sh", ["-c", "echo ran"])
+            assert job.id == seeds[0][0]
+            end = await sup.wait(job.id)
+            assert (end.state, end.exit_code) == (JobState.EXITED, 0)
+            assert b"".join([c.data async for c in sup.output(job.id)]) == b"ran\n"
+            assert not _exists(seeds[0][1])  # reaped
+            for path, _, no_cap in limits:
+                path.write_text(no_cap)
+    finally:
+        for directory in tops:
+            for sub in (directory / "jobs", directory):
+                with contextlib.suppress(OSError):
+                    sub.rmdir()
+
+
 def test_which_memory_limits_count_as_a_cap_above_the_jobs(tmp_path: Path) -> None:
     server = tmp_path / "srv"
     jobs = server / "top" / "jobs"
@@ -590,6 +640,14 @@ def test_which_memory_limits_count_as_a_cap_above_the_jobs(tmp_path: Path) -> No
     assert _memory_capped(jobs, tmp_path, server, v1) == jobs
     # Jobs under a base outside the server's group: up to the hierarchy's root.
     assert _memory_capped(jobs, tmp_path, tmp_path / "elsewhere", v1) == jobs
+    # What the watch of caps set later listens to: the files read, those that exist.
+    assert _limit_files_watched(jobs, tmp_path, server, v1) == [
+        jobs / "memory.limit_in_bytes",
+        jobs / "memory.memsw.limit_in_bytes",
+    ]
+    (server / "top" / "memory.limit_in_bytes").write_text("max\n")
+    found = _limit_files_watched(jobs, tmp_path, tmp_path / "elsewhere", v1)
+    assert found[-1] == server / "top" / "memory.limit_in_bytes"
 
 
 _SERVER = """
