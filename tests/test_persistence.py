@@ -363,3 +363,23 @@ async def test_a_burst_of_ends_is_one_transaction_and_a_start_is_not_held(
         started = await sup.start("sleep", ["1000"])
         await _until(lambda: _row(state, started.id) is not None)
         await sup.stop(started.id, grace=0)
+
+
+async def test_a_start_cuts_short_the_wait_of_ended_jobs_records(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    # An end's record waits END_COMMIT_AFTER of trio's clock (standing still here) for
+    # company; a start's record queued meanwhile goes at once, and takes the end with it.
+    state = tmp_path / "state"
+    async with open_supervisor(state, retention=Retention(interval=3600)) as sup:
+        store = sup._store
+        assert store is not None
+        ended = await sup.start("sleep", ["1000"])
+        await store.flush()
+        await sup.stop(ended.id, grace=0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (_row(state, ended.id) or ("",))[0] == "running"
+        started = await sup.start("sleep", ["1000"])
+        await _until(lambda: _row(state, started.id) is not None)
+        assert (_row(state, ended.id) or ("",))[0] == "killed"
+        await sup.stop(started.id, grace=0)

@@ -26,10 +26,17 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from trio_worker import JobState, Limits, Unenforceable, open_supervisor
 from trio_worker._host import _cspawn
-from trio_worker._host._cgroups import JobCgroup, NoDriver, _memory_capped, detect
+from trio_worker._host._cgroups import (
+    JobCgroup,
+    NoDriver,
+    _memory_capped,
+    detect,
+)
+from trio_worker._host._cgroups import _memory_limit_files as _limit_files_watched
 from trio_worker._host._spawn import ChildSetupError, Credentials, Seed, Stage
 from trio_worker._jobs._supervisor import Supervisor
 
@@ -233,6 +240,17 @@ def test_a_seed_planted_by_a_thread_that_exited_still_runs() -> None:
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def test_a_waiting_seed_is_named_and_the_job_has_its_commands_name() -> None:
+    # ps -e and top show a task's comm: a waiting seed's is its own, not the server's
+    # (its command line is the server's: that memory is shared); the job's at exec.
+    def named(seed: Seed) -> None:
+        with open(f"/proc/{seed.pid}/comm") as comm:
+            assert comm.read() == "tw-seed\n"
+
+    code, out, _ = _run(["sh", "-c", "cat /proc/$$/comm"], planted=named)
+    assert (code, out) == (0, b"sh\n")
+
+
 def test_an_unused_seed_is_killed_and_reaped() -> None:
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     seed = Seed.plant([], stdin=null, stdout=2, stderr=2)
@@ -245,6 +263,23 @@ def test_an_unused_seed_is_killed_and_reaped() -> None:
     for fd in held:
         with pytest.raises(OSError, match="Bad file descriptor"):
             os.fstat(fd)
+
+
+def test_a_stopped_seed_says_so_until_it_is_continued() -> None:
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        seed = Seed.plant([], stdin=null, stdout=null, stderr=null)
+    finally:
+        os.close(null)
+    try:
+        assert not seed.stopped()
+        os.kill(seed.pid, signal.SIGSTOP)
+        _wait_until(seed.stopped)
+        os.kill(seed.pid, signal.SIGCONT)
+        _wait_until(lambda: not seed.stopped())
+    finally:
+        seed.kill()
+    assert not seed.stopped()  # reaped: no pidfd
 
 
 def test_command_is_in_its_cgroups_before_its_first_instruction(
@@ -454,6 +489,48 @@ async def test_a_seed_killed_before_its_start_does_not_cost_the_start_its_comman
         assert not _exists(seeds[0][1])  # the dead seed was reaped
 
 
+async def test_a_stopped_seed_costs_its_start_nothing_and_does_not_hang_the_shutdown(
+    tmp_path: Path,
+) -> None:
+    # A waiting seed stopped from outside (kill -STOP by root or an admin) never reads
+    # its go byte nor execs: the Start must not wait for it forever (it is shielded, so
+    # the supervisor's shutdown would wait too). It kills the seed and runs the command
+    # the thread's way, with the same place; a stopped seed still waiting at shutdown
+    # is killed and reaped (SIGKILL ends a stopped process).
+    hung = threading.Event()
+    stopped: list[int] = []
+
+    def unstick() -> None:  # a hang detector, not a timing: let a hung Start go on
+        hung.set()
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    watchdog = threading.Timer(30, unstick)
+    watchdog.start()
+    try:
+        async with _seeded_supervisor(tmp_path) as (sup, seeds):
+            assert len(seeds) >= 2
+            for _, pid in seeds[:2]:
+                stopped.append(pid)
+                os.kill(pid, signal.SIGSTOP)
+            job = await sup.start("sh", ["-c", "echo ran"])
+            assert not hung.is_set()
+            assert job.id == seeds[0][0]
+            assert job.pid != seeds[0][1]
+            end = await sup.wait(job.id)
+            assert (end.state, end.exit_code) == (JobState.EXITED, 0)
+            assert b"".join([c.data async for c in sup.output(job.id)]) == b"ran\n"
+            assert not _exists(seeds[0][1])  # killed and reaped
+        assert not hung.is_set()
+        assert not _exists(seeds[1][1])
+    finally:
+        watchdog.cancel()
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def _memory_limit_files(driver: object) -> list[tuple[Path, str, str]]:
     """(file, a limit, no limit) of the jobs' parent's parent in the memory hierarchy."""
     found = []
@@ -502,6 +579,49 @@ async def test_no_seed_below_a_memory_cap_that_leaves_the_server_out(tmp_path: P
                     sub.rmdir()
 
 
+async def test_a_memory_cap_set_while_seeds_wait_kills_them_at_once(tmp_path: Path) -> None:
+    # Seeds planted before the cap (the refill reads it before it plants) stayed, each
+    # exposed to the cap's OOM killer (and the server with it) until a Start used it.
+    # A write to a limit's file now kills them; a Start runs its command all the same.
+    require_root("cgroups")
+    top = "tw-seed-" + secrets.token_hex(4)
+    driver = detect(f"{top}/jobs")
+    if isinstance(driver, NoDriver):
+        pytest.skip(f"no usable cgroups: {driver.reason}")
+    limits = _memory_limit_files(driver)
+    tops = {d.parent for d in driver.parent_dirs()}
+    driver.close()
+    if not limits:
+        pytest.skip("no memory controller here")
+    try:
+        async with open_supervisor(tmp_path / "state", cgroup_parent=f"{top}/jobs") as sup:
+            seeds = await _ready_seeds(sup)
+            assert seeds
+            pidfds = [os.pidfd_open(pid) for _, pid in seeds]
+            try:
+                for path, cap, _ in limits:
+                    path.write_text(cap)
+                with trio.fail_after(20):  # a hang detector: before, they waited for Starts
+                    for pidfd in pidfds:
+                        await trio.lowlevel.wait_readable(pidfd)  # the seed has ended
+            finally:
+                for pidfd in pidfds:
+                    os.close(pidfd)
+            job = await sup.start("sh", ["-c", "echo ran"])
+            assert job.id == seeds[0][0]
+            end = await sup.wait(job.id)
+            assert (end.state, end.exit_code) == (JobState.EXITED, 0)
+            assert b"".join([c.data async for c in sup.output(job.id)]) == b"ran\n"
+            assert not _exists(seeds[0][1])  # reaped
+            for path, _, no_cap in limits:
+                path.write_text(no_cap)
+    finally:
+        for directory in tops:
+            for sub in (directory / "jobs", directory):
+                with contextlib.suppress(OSError):
+                    sub.rmdir()
+
+
 def test_which_memory_limits_count_as_a_cap_above_the_jobs(tmp_path: Path) -> None:
     server = tmp_path / "srv"
     jobs = server / "top" / "jobs"
@@ -520,6 +640,14 @@ def test_which_memory_limits_count_as_a_cap_above_the_jobs(tmp_path: Path) -> No
     assert _memory_capped(jobs, tmp_path, server, v1) == jobs
     # Jobs under a base outside the server's group: up to the hierarchy's root.
     assert _memory_capped(jobs, tmp_path, tmp_path / "elsewhere", v1) == jobs
+    # What the watch of caps set later listens to: the files read, those that exist.
+    assert _limit_files_watched(jobs, tmp_path, server, v1) == [
+        jobs / "memory.limit_in_bytes",
+        jobs / "memory.memsw.limit_in_bytes",
+    ]
+    (server / "top" / "memory.limit_in_bytes").write_text("max\n")
+    found = _limit_files_watched(jobs, tmp_path, tmp_path / "elsewhere", v1)
+    assert found[-1] == server / "top" / "memory.limit_in_bytes"
 
 
 _SERVER = """

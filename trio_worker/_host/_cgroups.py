@@ -40,7 +40,7 @@ import signal
 import stat
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 
@@ -49,11 +49,13 @@ import trio
 from .._errors import InvalidRequest, TrioWorkerError, Unenforceable
 from .._limits import CPU_PERIOD_US
 from .._model import Limits, Usage
+from . import _cplace
 
 __all__ = [
     "CGROUP_ROOT",
     "CgroupDriver",
     "CgroupError",
+    "Inotify",
     "JobCgroup",
     "NoDriver",
     "V1Driver",
@@ -61,6 +63,7 @@ __all__ = [
     "block_device_for",
     "cpu_quota_us",
     "detect",
+    "remove_groups",
 ]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -70,6 +73,8 @@ _REMOVE_TIMEOUT = 1.0
 _FREEZE_TIMEOUT = 1.0
 _LEFTOVER_TIMEOUT = 2.0
 _IN_MODIFY = 0x2
+#: A v1 memory group's limits (``memory_capped``).
+_V1_MEMORY = ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
@@ -170,16 +175,35 @@ def _under(root: Path, relative: str) -> Path:
 _V1_UNLIMITED = 1 << 62
 
 
+def _above_the_jobs(directory: Path, mount: Path, server: Path) -> Iterator[Path]:
+    """``directory`` and its parents up to the server's own group or the hierarchy's
+    root, neither included: the groups that hold the jobs and not the server."""
+    while directory != mount and not server.is_relative_to(directory):
+        yield directory
+        directory = directory.parent
+
+
 def _memory_capped(directory: Path, mount: Path, server: Path, files: Sequence[str]) -> Path | None:
     """The first of ``directory`` and its parents (up to the server's own group or the
     hierarchy's root, neither included) whose memory limit ``files`` set a limit."""
-    while directory != mount and not server.is_relative_to(directory):
+    for group in _above_the_jobs(directory, mount, server):
         for name in files:
-            text = (_read(f"{directory}/{name}") or "max").strip()  # (missing: none)
+            text = (_read(f"{group}/{name}") or "max").strip()  # (missing: none)
             if text != "max" and not (text.isdigit() and int(text) >= _V1_UNLIMITED):
-                return directory
-        directory = directory.parent
+                return group
     return None
+
+
+def _memory_limit_files(
+    directory: Path, mount: Path, server: Path, files: Sequence[str]
+) -> list[Path]:
+    """The files ``_memory_capped`` reads that exist."""
+    return [
+        group / name
+        for group in _above_the_jobs(directory, mount, server)
+        for name in files
+        if (group / name).exists()
+    ]
 
 
 # -- which block device --------------------------------------------------------
@@ -278,18 +302,20 @@ def _backing_device(
 # -- job groups ----------------------------------------------------------------
 
 
-class _Inotify:
-    """An inotify fd watching one file for modification (cgroup.events)."""
+class Inotify:
+    """An inotify fd watching files for modification (``cgroup.events``; a memory
+    limit's file: cgroupfs, like any file system, notes a ``write`` to it)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, *paths: Path) -> None:
         fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code))
-        if _libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
-            code = ctypes.get_errno()
-            os.close(fd)
-            raise OSError(code, os.strerror(code), str(path))
+        for path in paths:
+            if _libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
+                code = ctypes.get_errno()
+                os.close(fd)
+                raise OSError(code, os.strerror(code), str(path))
         self.fd = fd
 
     def drain(self) -> None:
@@ -356,21 +382,28 @@ class JobCgroup(ABC):
         The caller closes them once the child has exec'd. OSError as ``open`` raises it.
         """
         fds: list[int] = []
-        v2 = self._v2_dir
         try:
-            # Paths made here, not kept: a running job would hold them (~0.9 KiB on
-            # a hybrid host) for one use.
-            for directory in self.dirs:
-                if directory == v2:
+            for directory, procs in self.joins():
+                if procs:
+                    fds.append(os.open(f"{directory}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
+                else:
                     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
                     fds.append(os.open(directory, flags))
-                else:
-                    fds.append(os.open(directory / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         return fds
+
+    def joins(self) -> list[tuple[str, bool]]:
+        """What ``open_join`` opens, per ``dirs``: the directory, and whether by its
+        ``cgroup.procs`` (True) or as the directory itself (False: the v2 group).
+
+        Paths made here, not kept: a running job would hold them (~0.9 KiB on a
+        hybrid host) for one use.
+        """
+        v2 = self._v2_dir
+        return [(str(directory), directory != v2) for directory in self.dirs]
 
     def pids(self) -> list[int]:
         """Every process in the group (and its subgroups), in the server's pid space."""
@@ -405,7 +438,7 @@ class JobCgroup(ABC):
             await trio.lowlevel.checkpoint()
             return
         if self._events is not None and self._events.exists():
-            watch = _Inotify(self._events)
+            watch = Inotify(self._events)
             try:
                 while not self.is_empty():
                     await trio.lowlevel.wait_readable(watch.fd)
@@ -478,6 +511,30 @@ def _realpath(directory: Path) -> str:
     for every job cost more than the rest of creating its groups.
     """
     return os.path.realpath(directory)
+
+
+def remove_groups(groups: Sequence[JobCgroup]) -> list[JobCgroup]:
+    """Remove ended jobs' groups (reaped, as for ``remove``), every hierarchy's
+    directory of each, in one call with the GIL released (``_cplace.remove_dirs``):
+    the refill's thread removed them one rmdir at a time from Python, holding the
+    GIL between each two. Returns the groups that need ``remove`` (a group that
+    still has subgroups, or processes still leaving: what ``remove`` handles);
+    the others are gone.
+    """
+    dirs: list[bytes] = []
+    owner: list[JobCgroup] = []
+    for group in groups:
+        for directory in group.dirs:
+            dirs.append(os.fsencode(directory))
+            owner.append(group)
+    if not dirs:
+        return []
+    left: list[JobCgroup] = []
+    for index, _ in _cplace.remove_dirs(dirs):
+        group = owner[index]
+        if not left or left[-1] is not group:
+            left.append(group)
+    return left
 
 
 def _rmtree_cgroup(directory: Path) -> None:
@@ -830,6 +887,11 @@ class CgroupDriver(ABC):
         """Make the job's group, without limits yet (``CgroupError`` if it cannot),
         in what ``limits`` will need (v1: which hierarchies)."""
 
+    def planned(self, job_id: str) -> JobCgroup:
+        """The group ``make(job_id)`` would make, not made: its caller makes the
+        directories (``_place.make_place``, with the job's place in one call)."""
+        return self.job(job_id)
+
     def _widen(self, group: JobCgroup, limits: Limits) -> JobCgroup:
         """``group`` made ready for ``limits``' controllers (v1 makes directories)."""
         return group
@@ -862,6 +924,11 @@ class CgroupDriver(ABC):
         memory, so the OOM killer of such a group scores it at the server's RSS, and
         killing it kills every process of that memory: the server."""
         return None
+
+    def memory_limit_files(self) -> list[Path]:
+        """The files ``memory_capped`` reads (those that exist): a write to one of them
+        is when a cap may appear (``_jobs._launch``'s watch)."""
+        return []
 
     def cleanup_leftovers(self) -> list[str]:
         """Kill and remove job groups an earlier run left behind; return their job ids.
@@ -961,6 +1028,11 @@ class V2Driver(CgroupDriver):
         if "memory" in self.missing:
             return None
         return _memory_capped(self.parent_dir, self.root, self._server_dir, ("memory.max",))
+
+    def memory_limit_files(self) -> list[Path]:
+        if "memory" in self.missing:
+            return []
+        return _memory_limit_files(self.parent_dir, self.root, self._server_dir, ("memory.max",))
 
     def job(self, job_id: str) -> JobCgroup:
         _check_job_id(job_id)
@@ -1101,8 +1173,13 @@ class V1Driver(CgroupDriver):
         parent = self.parents.get("memory")
         if parent is None:
             return None
-        files = ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
-        return _memory_capped(parent, self.root / "memory", self._server_memory, files)
+        return _memory_capped(parent, self.root / "memory", self._server_memory, _V1_MEMORY)
+
+    def memory_limit_files(self) -> list[Path]:
+        parent = self.parents.get("memory")
+        if parent is None:
+            return []
+        return _memory_limit_files(parent, self.root / "memory", self._server_memory, _V1_MEMORY)
 
     def hierarchies_for(self, limits: Limits | None) -> tuple[str, ...]:
         """The hierarchies a job with ``limits`` joins (see ``__init__``), in mount order."""
@@ -1129,6 +1206,9 @@ class V1Driver(CgroupDriver):
         # Which hierarchies an existing group is in is not known here: all of them
         # (kill and remove skip the directories that do not exist).
         return self._group(job_id, self._distinct)
+
+    def planned(self, job_id: str) -> JobCgroup:
+        return self._group(job_id, self.hierarchies_for(None))
 
     def make(self, job_id: str, limits: Limits | None = None) -> JobCgroup:
         group = self._group(job_id, self.hierarchies_for(limits))

@@ -548,6 +548,7 @@ struct seed_ctl {
     pid_t parent;
 };
 
+#define SEED_NAME "tw-seed" /* a task's comm: at most 15 bytes */
 #define SEED_STACK (64 * 1024)
 #define SEED_TLS (16 * 1024)
 #define SEED_TP_AT (12 * 1024) /* the thread pointer, inside the TLS area */
@@ -646,6 +647,9 @@ seed_main(void *arg)
     long r;
     char go;
 
+    /* 0. A name of its own for ps -e and top (its comm; the job's at exec): its
+     *    command line is the server's, in the memory both share. */
+    (void)RAW2(NR_PRCTL, PR_SET_NAME, SEED_NAME);
     /* 1. Nothing of the server's but what the seed needs, first of all: other
      *    seeds' pipes (a seed holding another's report pipe would hide that
      *    one's exec), the state directory's lock (a server restarted after a
@@ -913,11 +917,16 @@ seed_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
             cargs.cgroup = (unsigned long long)c->cgroup_fds[c->into_index];
             c->joined_by_clone = 1;
         }
-        /* The child starts with every signal blocked (it inherits this mask). */
+        /* The child starts with every signal blocked (it inherits this mask). The GIL
+         * is let go: with CLONE_INTO_CGROUP the clone takes the kernel's cgroup_mutex,
+         * which a cgroup.procs write elsewhere holds through an RCU grace period (up
+         * to ~10 ms); the child touches nothing of Python's. */
         sigfillset(&all);
+        Py_BEGIN_ALLOW_THREADS
         pthread_sigmask(SIG_BLOCK, &all, &old);
         ret = tw_clone3_run(&cargs, sizeof cargs, (void (*)(void *))seed_main, c);
         pthread_sigmask(SIG_SETMASK, &old, NULL);
+        Py_END_ALLOW_THREADS
         if (ret < 0) {
             saved = (int)-ret;
             goto fail;

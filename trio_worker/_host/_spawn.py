@@ -17,7 +17,7 @@ import errno as _errno
 import os
 import resource
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import final
 
@@ -32,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - a source tree nobody built
 __all__ = [
     "ChildSetupError",
     "Credentials",
+    "Environment",
     "Seed",
     "Stage",
     "Stdin",
@@ -109,11 +110,96 @@ class ChildSetupError(OSError):
 
 def exec_candidates(command: str, path: str | None) -> list[bytes]:
     """The files ``execvp`` would try for ``command`` with ``PATH`` ``path``, in order."""
-    name = os.fsencode(command)
-    if b"/" in name:
-        return [name]
+    return _candidates(os.fsencode(command), _search_dirs(path))
+
+
+def _search_dirs(path: str | None) -> tuple[bytes, ...]:
+    """``PATH``'s directories as ``execvp`` joins a name to them (an empty one is ".")."""
     dirs = (path if path is not None else os.defpath).split(os.pathsep)
-    return [os.path.join(os.fsencode(d) or b".", name) for d in dirs]
+    return tuple(os.path.join(os.fsencode(d) or b".", b"") for d in dirs)
+
+
+def _candidates(name: bytes, dirs: tuple[bytes, ...]) -> list[bytes]:
+    return [name] if b"/" in name else [d + name for d in dirs]
+
+
+def _entry(key: str, value: str) -> bytes:
+    return os.fsencode(f"{key}={value}")
+
+
+@final
+class Environment(Mapping[str, str]):
+    """A process's environment with each ``KEY=value`` encoded for ``execve`` once.
+
+    Every job's environment is the server's (here ~36 variables, 1.2 KiB) plus the
+    request's few: encoding all of it for each Start, once to count its exec size and
+    once for the child's envp, and splitting ``PATH`` for the command's lookup, cost the
+    loop ~65 us of a Start (20 + 19 + 27 us alone). ``updated`` encodes only what a
+    Start adds; the server's part and its ``PATH`` search list are shared.
+    """
+
+    __slots__ = ("_dirs", "_entries", "_sizes", "_vars")
+
+    def __init__(self, variables: Mapping[str, str]) -> None:
+        self._vars: dict[str, str] = dict(variables)
+        #: key -> b"key=value", in the variables' order (``envp``).
+        self._entries: dict[str, bytes] = {k: _entry(k, v) for k, v in self._vars.items()}
+        self._dirs: tuple[bytes, ...] | None = None
+        self._sizes: tuple[int, int, int] | None = None
+
+    def updated(self, more: Mapping[str, str]) -> Environment:
+        """This environment with ``more`` on top (a key of ours keeps its place)."""
+        if not more:
+            return self
+        env = Environment.__new__(Environment)
+        env._vars = {**self._vars, **more}
+        env._entries = {**self._entries, **{k: _entry(k, v) for k, v in more.items()}}
+        env._dirs = None if "PATH" in more else self._dirs
+        env._sizes = None
+        return env
+
+    @property
+    def envp(self) -> list[bytes]:
+        """``execve``'s environment: ``key=value`` strings (without their NULs)."""
+        return list(self._entries.values())
+
+    def exec_strings(self) -> tuple[int, int, int]:
+        """(how many, their bytes, the longest), each string with its NUL, as
+        ``execve`` counts them."""
+        sizes = self._sizes
+        if sizes is None:
+            entries = self._entries.values()
+            n = len(entries)
+            sizes = self._sizes = (
+                (n, sum(map(len, entries)) + n, max(map(len, entries)) + 1) if n else (0, 0, 0)
+            )
+        return sizes
+
+    def candidates(self, command: str) -> list[bytes]:
+        """``exec_candidates(command, self.get("PATH"))``, the search list made once."""
+        dirs = self._dirs
+        if dirs is None:
+            dirs = self._dirs = _search_dirs(self._vars.get("PATH"))
+        return _candidates(os.fsencode(command), dirs)
+
+    def __getitem__(self, key: str) -> str:
+        return self._vars[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._vars)
+
+    def __len__(self) -> int:
+        return len(self._vars)
+
+    def __repr__(self) -> str:
+        return f"Environment({len(self._vars)} variables)"
+
+
+def _exec_env(command: str, env: Mapping[str, str]) -> tuple[list[bytes], list[bytes]]:
+    """(the files to try for ``command``, the envp) for ``env``."""
+    if isinstance(env, Environment):
+        return env.candidates(command), env.envp
+    return exec_candidates(command, env.get("PATH")), [_entry(k, v) for k, v in env.items()]
 
 
 def spawn(
@@ -143,10 +229,11 @@ def spawn(
     Raises ``ChildSetupError`` (the child failed, already reaped) or
     ``OSError`` (vfork failed: EAGAIN, ENOMEM).
     """
+    candidates, envp = _exec_env(command, env)
     pid, stage, code, index = _cspawn.spawn(
-        exec_candidates(command, env.get("PATH")),
+        candidates,
         [os.fsencode(a) for a in argv],
-        [os.fsencode(f"{k}={v}") for k, v in env.items()],
+        envp,
         os.fsencode(cwd) if cwd is not None else None,
         stdin,
         stdout,
@@ -262,10 +349,11 @@ class Seed:
         waiting, ``BrokenPipeError`` says it died before its command (killed from
         outside: nothing ran); either way it is to be ``kill``ed.
         """
+        candidates, envp = _exec_env(command, env)
         self._c.go(
-            exec_candidates(command, env.get("PATH")),
+            candidates,
             [os.fsencode(a) for a in argv],
-            [os.fsencode(f"{k}={v}") for k, v in env.items()],
+            envp,
             os.fsencode(cwd) if cwd is not None else None,
             user.uid if user is not None else -1,
             user.gid if user is not None else -1,
@@ -279,6 +367,17 @@ class Seed:
         if self._outcome is None:
             self._outcome = self._c.collect()
         return self._outcome is not None
+
+    def stopped(self) -> bool:
+        """Whether the seed is stopped now (``kill -STOP`` from outside): it cannot exec
+        until continued. One ``waitid`` that consumes nothing (``WNOWAIT``)."""
+        if self.pidfd < 0:
+            return False
+        try:
+            info = os.waitid(os.P_PIDFD, self.pidfd, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return False
+        return info is not None and info.si_code == os.CLD_STOPPED
 
     def error(self, command: str, cwd: str | None) -> ChildSetupError | None:
         """None if the command was exec'd, else what failed (after ``poll``)."""

@@ -19,6 +19,7 @@ import trio
 from .._errors import InvalidRequest, ResourceExhausted, Unenforceable
 from .._host._cgroups import CgroupDriver
 from .._host._enforce import check_enforceable
+from .._host._spawn import Environment
 from .._host._users import UnixUser, current_user, lookup_user, start_directory, user_environment
 from .._limits import LimitPolicy
 from .._model import Isolation, JobIdGenerator, JobInfo, Limits
@@ -71,7 +72,13 @@ class Admission:
         self._spawn_in_thread = spawn_in_thread
         self._cgroups = cgroups
         self._policy = limit_policy
-        self._base_env = dict(base_env)
+        #: Encoded once for every Start (``Environment``); a variable that cannot be
+        #: encoded fails each Start instead, as it did before (``validate_start``).
+        self._base_env: Mapping[str, str]
+        try:
+            self._base_env = Environment(base_env)
+        except UnicodeEncodeError:
+            self._base_env = dict(base_env)
         self.new_id = JobIdGenerator()
         #: The newest id handed to a Start in this run (ids follow the Starts' order).
         self._last_id: str | None = None

@@ -17,6 +17,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from .._errors import InvalidRequest
+from .._host._spawn import Environment
 
 __all__ = ["MAX_RECORDED_ARGS", "check_exec_size", "exec_limit", "exec_size"]
 
@@ -58,22 +59,30 @@ def _size(text: str) -> int:
     return len(text) if text.isascii() else len(os.fsencode(text))
 
 
-def _strings(argv: Sequence[str], env: Mapping[str, str]) -> tuple[list[int], list[int]]:
-    args = [_size(a) + 1 for a in argv]
-    envs = [
+def _args(argv: Sequence[str]) -> list[int]:
+    return [_size(a) + 1 for a in argv]
+
+
+def _env_strings(env: Mapping[str, str]) -> tuple[int, int, int]:
+    """(how many, their bytes, the longest) of ``env``'s ``key=value`` strings with
+    their NULs. An ``Environment`` has them from its strings, encoded once."""
+    if isinstance(env, Environment):
+        return env.exec_strings()
+    sizes = [
         len(k) + len(v) + 2 if k.isascii() and v.isascii() else _size(k) + _size(v) + 2
         for k, v in env.items()
     ]
-    return args, envs
+    return len(sizes), sum(sizes), max(sizes, default=0)
 
 
 def exec_size(argv: Sequence[str], env: Mapping[str, str]) -> int:
     """What ``execve(argv[0], argv, env)`` counts against ``exec_limit()``."""
-    return _total(*_strings(argv, env))
+    count, size, _ = _env_strings(env)
+    return _total(_args(argv), count, size)
 
 
-def _total(args: list[int], envs: list[int]) -> int:
-    return sum(args) + sum(envs) + _POINTER * (max(len(args), 1) + len(envs)) + _RESERVE
+def _total(args: list[int], env_count: int, env_size: int) -> int:
+    return sum(args) + env_size + _POINTER * (max(len(args), 1) + env_count) + _RESERVE
 
 
 def check_exec_size(argv: Sequence[str], env: Mapping[str, str]) -> None:
@@ -81,7 +90,8 @@ def check_exec_size(argv: Sequence[str], env: Mapping[str, str]) -> None:
 
     The message gives sizes only: it never echoes the (large) input.
     """
-    args, envs = _strings(argv, env)
+    args = _args(argv)
+    env_count, env_size, env_longest = _env_strings(env)
     longest = _max_string()
     for i, size in enumerate(args):
         if size > longest:
@@ -89,14 +99,14 @@ def check_exec_size(argv: Sequence[str], env: Mapping[str, str]) -> None:
             raise InvalidRequest(
                 field, f"is {size - 1} bytes long; the kernel runs no argument over {longest - 1}"
             )
-    if any(size > longest for size in envs):
+    if env_longest > longest:
         raise InvalidRequest(
             "env", f"a variable is over {longest - 1} bytes long, which the kernel does not run"
         )
-    total = _total(args, envs)  # (the strings are encoded once per Start: every Start checks)
+    total = _total(args, env_count, env_size)
     limit = exec_limit()
     if total > limit:
-        field = "args" if sum(args) >= sum(envs) else "env"
+        field = "args" if sum(args) >= env_size else "env"
         raise InvalidRequest(
             field,
             f"command, arguments and environment take {total} bytes; this host runs at most"

@@ -51,12 +51,13 @@ from pathlib import Path
 import trio
 
 from .._errors import ResourceExhausted
-from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup
+from .._host._cgroups import CgroupDriver, CgroupError, Inotify, JobCgroup, remove_groups
 from .._host._isolation import helper_argv, helper_tasks, resolve_command
+from .._host._place import make_place
 from .._host._spawn import SEEDS_REFUSED, Seed
 from .._model import Isolation, Limits
 from ._job import REPORT
-from ._output import OpenLogs, OutputLog, create_log_files
+from ._output import OpenLogs, OutputLog, log_files
 from ._process import (
     RESOURCE_ERRNOS,
     Credentials,
@@ -83,6 +84,10 @@ _log = logging.getLogger("trio_worker.supervisor")
 RETIRE_AFTER = 0.05
 #: ... or until this many wait (an empty group still holds kernel memory).
 RETIRE_BATCH = 128
+#: How long a seeded Start waits for its seed's exec before it checks whether the seed
+#: was stopped from outside (``launch_seeded``): a seed's exec takes ~1 ms, a stopped
+#: one never comes. One ``waitid`` per this much waiting, only while a seed is late.
+SEED_PATIENCE = 0.1
 #: How long a Start that finds no place ready waits for the one being made (``take_soon``).
 PLACE_PATIENCE = 0.005
 
@@ -96,6 +101,9 @@ class Sprout:
     stderr: int
     #: The seed's start time (/proc): the job's, since the exec keeps the pid.
     start_time: int | None
+    #: SIGKILLed while it waited (a memory cap appeared): the thread's way, never ``go``
+    #: (a go byte could reach the pipe before its death: a job killed at its start).
+    killed: bool = False
 
     @property
     def fds(self) -> list[int]:
@@ -180,6 +188,8 @@ class Launcher:
         self._job_nofile = job_nofile
         #: The jobs' logs that keep their files open between flushes (on the loop).
         self.open_logs = OpenLogs()
+        #: A place's log files (``make_place``).
+        self._log_files = log_files(capped=max_output_bytes is not None)
         #: How many places ``keep_ready`` keeps made ahead of need.
         self._target = ready
         self._ready: deque[Place] = deque()
@@ -201,6 +211,8 @@ class Launcher:
         #: Plant a seed with each place (only with the reaper: a seed planted by a
         #: worker thread has no PR_SET_PDEATHSIG); off for good if clone3 is refused.
         self._seeds = seeds
+        #: The loop's, for the refill's thread to hand it places (``_tend``).
+        self._token: trio.lowlevel.TrioToken | None = None
         #: A memory limit above the jobs holds no seed (``_memory_capped``).
         self._capped = False
 
@@ -266,6 +278,7 @@ class Launcher:
         until it is woken again: a Start meanwhile makes its own place, and says
         why it cannot.
         """
+        self._token = trio.lowlevel.current_trio_token()
         # Whatever an earlier run left there (its groups are leftovers, gone already).
         failed = not await trio.to_thread.run_sync(self._empty_ready_dir)
         while True:
@@ -319,8 +332,7 @@ class Launcher:
             await trio.to_thread.run_sync(self._discard_all, retired, places)
 
     def _discard_all(self, retired: Sequence[JobCgroup], places: Sequence[Place]) -> None:
-        for group in retired:
-            _remove_group(group)
+        _remove_groups(retired)
         _discard_places(places)
         with contextlib.suppress(OSError):
             os.rmdir(self.ready_dir)
@@ -328,14 +340,22 @@ class Launcher:
     def _tend(self, retired: Sequence[JobCgroup], ids: Sequence[str]) -> int:
         """In a worker thread: make the places (each reaches the pool as it is made:
         a Start may be waiting for it, ``take_soon``), then remove the retired groups.
-        Returns how many places were made."""
-        made = self._make_places(ids, lambda place: trio.from_thread.run_sync(self._arrive, place))
-        for group in retired:
-            _remove_group(group)
+        Returns how many places were made.
+
+        A place is handed to the loop by ``run_sync_soon``, not waited for:
+        the thread goes on to the next (``from_thread.run_sync`` cost it a round
+        trip through the loop per place). The loop runs those callbacks in order,
+        before it learns the thread's result (delivered the same way)."""
+        token = self._token
+        assert token is not None
+        made = self._make_places(ids, lambda place: token.run_sync_soon(self._arrive, place))
+        _remove_groups(retired)
         return made
 
     def _arrive(self, place: Place) -> None:
         """On the loop: a place the refill's thread made joins the pool."""
+        if self._capped and place.seed is not None:
+            _kill_waiting(place.seed)  # planted before the cap was seen (``watch_memory_caps``)
         self._ready.append(place)
         self._making = self._making[1:]  # made in order
         self._arrived.set()
@@ -369,19 +389,10 @@ class Launcher:
         for job_id in ids:
             directory = self.ready_dir / job_id
             try:
-                directory.mkdir(mode=0o700)
-                try:
-                    create_log_files(directory, capped=self._max_output_bytes is not None)
-                    group = self.cgroups.make(job_id)
-                except BaseException:
-                    remove_new_job_dir(directory)
-                    raise
-                try:
-                    procs = group.open_join()
-                except BaseException:
-                    _remove_group(group)
-                    remove_new_job_dir(directory)
-                    raise
+                group = self.cgroups.planned(job_id)
+                # The directory, its log files, the groups and their fds: one call
+                # with the GIL let go (it leaves nothing behind if it fails).
+                procs = make_place(directory, self._log_files, group)
             except (CgroupError, OSError) as exc:
                 _log.debug("no place made ahead: %s", exc)
                 break
@@ -403,6 +414,40 @@ class Launcher:
             if capped is not None:
                 _log.info("no seeds while %s limits the jobs' memory (not the server's)", capped)
         return capped is not None
+
+    async def watch_memory_caps(self) -> None:
+        """Until cancelled (a task of the supervisor): a memory cap set above the jobs
+        while seeds wait kills those seeds at once, not when they are used.
+
+        The refill reads the cap before it plants (``_memory_capped``), but seeds
+        already waiting stayed exposed (a job's OOM there kills one, and so the server)
+        until a Start used each. cgroupfs notes a ``write`` to a limit's file like any
+        file system: one inotify on the files ``memory_capped`` reads wakes this task,
+        which reads the cap (in a thread) and SIGKILLs every waiting seed if there is
+        one (a Start then takes the thread's way with the place). No polling; nothing
+        while no limit is written. Left: a v2 cap written below the jobs' usage makes
+        its OOM kill inside the writer's ``write``, before any notice.
+        """
+        if not self._seeds:
+            return
+        paths = await trio.to_thread.run_sync(self.cgroups.memory_limit_files)
+        if not paths:
+            return
+        try:
+            watch = Inotify(*paths)
+        except OSError as exc:
+            _log.warning("no watch on the jobs' memory limits: %s", exc)
+            return
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(watch.fd)
+                watch.drain()
+                if await trio.to_thread.run_sync(self._memory_capped):
+                    for place in self._ready:
+                        if place.seed is not None:
+                            _kill_waiting(place.seed)
+        finally:
+            watch.close()
 
     def _plant(self, place: Place) -> None:
         """In a worker thread: give ``place`` its seed (its group fds go to it)."""
@@ -446,6 +491,7 @@ class Launcher:
         return (
             place is not None
             and place.seed is not None
+            and not place.seed.killed
             and not plan.limits.any
             and not plan.isolation.any
             and not plan.tty
@@ -459,8 +505,9 @@ class Launcher:
         as ``spawn``'s). No thread, nothing blocking.
 
         None if the seed was dead before its command (killed from outside while it
-        waited: nothing of the command ran): the place is the plan's again, without
-        a seed's fds, for ``prepare_and_spawn`` (whose ``_claim`` reaps the seed)."""
+        waited: nothing of the command ran), or stopped before its exec (then killed
+        here): the place is the plan's again, without a seed's fds, for
+        ``prepare_and_spawn`` (whose ``_claim`` reaps the seed)."""
         place = plan.place
         assert place is not None
         assert place.seed is not None
@@ -496,7 +543,16 @@ class Launcher:
             create=False,  # the place has them
         )
         while not seed.poll():
-            await trio.lowlevel.wait_readable(seed.report_fd)
+            with trio.move_on_after(SEED_PATIENCE) as late:
+                await trio.lowlevel.wait_readable(seed.report_fd)
+            if late.cancelled_caught and seed.stopped() and not seed.poll():
+                # Stopped from outside before its exec (``kill -STOP``): it would keep
+                # this shielded Start, and so the shutdown, waiting until continued.
+                # Killed now (nothing of the command ran); the thread's way, with the
+                # same place (``_claim`` reaps it).
+                signal.pidfd_send_signal(seed.pidfd, signal.SIGKILL)
+                place.seed = sprout
+                return None
         failure = seed.error(spec.command, spec.cwd)
         if failure is None:
             process = JobProcess(
@@ -711,12 +767,28 @@ class Launcher:
             ) from None
 
 
+def _remove_groups(groups: Sequence[JobCgroup]) -> None:
+    """Remove ended jobs' groups (blocking): together in one call with the GIL let
+    go, then ``_remove_group`` for those that need more (subgroups, processes
+    still leaving, an error to log)."""
+    for group in remove_groups([g for g in groups if g.tracked]):
+        _remove_group(group)
+
+
 def _remove_group(group: JobCgroup) -> None:
     if group.tracked:
         try:
             group.remove()
         except CgroupError as exc:
             _log.warning("job %s: cannot remove its cgroup: %s", group.job_id, exc)
+
+
+def _kill_waiting(sprout: Sprout) -> None:
+    """SIGKILL a waiting seed (on the loop: no wait); ``_claim`` reaps it."""
+    if not sprout.killed:
+        sprout.killed = True
+        with contextlib.suppress(ProcessLookupError):  # (dead already: ``_arrive`` must not raise)
+            signal.pidfd_send_signal(sprout.seed.pidfd, signal.SIGKILL)
 
 
 def _discard_seeded(place: Place, sprout: Sprout) -> None:

@@ -33,7 +33,15 @@ from typing import TYPE_CHECKING, final
 import trio
 
 from .._errors import InvalidRequest, ResourceExhausted
-from .._host._spawn import ChildSetupError, Credentials, Stage, Stdin, Terminal, spawn
+from .._host._spawn import (
+    ChildSetupError,
+    Credentials,
+    Environment,
+    Stage,
+    Stdin,
+    Terminal,
+    spawn,
+)
 from ._exec_limit import check_exec_size
 
 if TYPE_CHECKING:
@@ -143,14 +151,17 @@ def validate_start(
     if isinstance(args, str | bytes):
         raise InvalidRequest("args", "must be a list of strings, not a single string")
     checked_args = tuple(_check_text(f"args[{i}]", a) for i, a in enumerate(args or ()))
-    full_env = dict(base_env)
+    added: dict[str, str] = {}
     for key, value in (env or {}).items():
         key = _check_text("env", key)
         if not key:
             raise InvalidRequest("env", "keys must not be empty")
         if "=" in key:
             raise InvalidRequest("env", f"key {key!r} must not contain '='")
-        full_env[key] = _check_text(f"env[{key}]", value)
+        added[key] = _check_text(f"env[{key}]", value)
+    if not isinstance(base_env, Environment):
+        base_env = Environment(base_env)
+    full_env = base_env.updated(added)
     checked_cwd: str | None = None
     if cwd is not None and cwd != "":
         checked_cwd = _check_text("cwd", os.fspath(cwd) if isinstance(cwd, Path) else cwd)

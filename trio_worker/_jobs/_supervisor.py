@@ -540,6 +540,7 @@ async def open_supervisor_with_driver(
                 nursery.start_soon(supervisor._records.run_committer)
             launcher = supervisor._admission.launcher
             nursery.start_soon(launcher.keep_ready, supervisor._admission.new_id)
+            nursery.start_soon(launcher.watch_memory_caps)
             try:
                 yield supervisor
             finally:
