@@ -34,6 +34,7 @@ from trio_worker._host._cgroups import (
     NoDriver,
     V1Driver,
     V2Driver,
+    _read_small,
     _write,
     block_device_for,
     cpu_quota_us,
@@ -760,3 +761,16 @@ def test_bad_job_ids_cannot_escape_the_parent(v1: V1Driver) -> None:
     for bad in ("../x", "a/b", "..", ""):
         with pytest.raises(InvalidRequest):
             v1.create(bad, Limits())
+
+
+def test_a_small_file_is_read_whole_in_one_read_and_a_big_one_still_whole(tmp_path: Path) -> None:
+    """The end's counters are read with one read (a short read of a one-record seq_file
+    is all of it); a file that fills the read is read to its end as before."""
+    small = tmp_path / "small"
+    small.write_text("populated 0\nfrozen 0\n")
+    assert _read_small(str(small)) == "populated 0\nfrozen 0\n"
+    big = tmp_path / "big"
+    big.write_text("x" * 10_000)
+    assert _read_small(str(big)) == "x" * 10_000
+    assert _read_small(str(tmp_path / "gone")) is None
+    assert _read_small("/proc/self/cgroup") == Path("/proc/self/cgroup").read_text()

@@ -542,6 +542,8 @@ class Launcher:
             files=self.open_logs,
             create=False,  # the place has them
         )
+        # (Its pipes made non-blocking while the seed execs, not after.)
+        stdout, stderr = PipeReader(sprout.stdout), PipeReader(sprout.stderr)
         while not seed.poll():
             with trio.move_on_after(SEED_PATIENCE) as late:
                 await trio.lowlevel.wait_readable(seed.report_fd)
@@ -555,16 +557,14 @@ class Launcher:
                 return None
         failure = seed.error(spec.command, spec.cwd)
         if failure is None:
-            process = JobProcess(
-                seed.pid, seed.pidfd, PipeReader(sprout.stdout), PipeReader(sprout.stderr), None
-            )
+            process = JobProcess(seed.pid, seed.pidfd, stdout, stderr, None)
             return Launched(log, place.group, process=process, start_time=sprout.start_time)
         # The child failed before its command (exit 127): reap it, as spawn does.
         await trio.lowlevel.wait_readable(seed.pidfd)
         trio.lowlevel.notify_closing(seed.pidfd)
         seed.reap()
-        os.close(sprout.stdout)
-        os.close(sprout.stderr)
+        stdout.close()
+        stderr.close()
         message = describe_setup_error(failure, spec, place.group)
         return Launched(log, place.group, error=SpawnError(message, failure.errno))
 
