@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -708,12 +709,24 @@ async def test_v2_driver_on_the_unified_mount_tracks_and_kills(
 async def test_wait_empty_wakes_when_the_last_process_exits(
     v1: V1Driver, procs: list[subprocess.Popen[bytes]]
 ) -> None:
+    """Not before: while the process lives, the waiter stays blocked; then its exit wakes it
+    (no clock: the exit is ours to cause)."""
     group = v1.create("wake", Limits())
-    proc = spawn(procs, ["sleep", "0.3"], group)
-    start = time.monotonic()
-    with trio.fail_after(5):
+    proc = spawn(procs, ["sleep", "1000"], group)
+    emptied = trio.Event()
+
+    async def waiter() -> None:
         await group.wait_empty()
-    assert 0.2 < time.monotonic() - start < 2
+        emptied.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not emptied.is_set()
+        assert proc.poll() is None
+        proc.kill()
+        with trio.fail_after(5):
+            await emptied.wait()
     proc.wait()
     group.remove()
 
