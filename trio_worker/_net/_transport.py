@@ -612,6 +612,7 @@ class _Connection(Connection):
         self._calls: dict[int, _Call] = {}
         self._output_budget = OutputBudget()  # what its streams hold, between them
         self._new_calls: list[_Call] = []  # headers seen in this read, not started yet
+        self._starting_calls = False  # in ``_start_calls``: the reader pushes after it
         self._draining = False
         self.drained = False  # ended by a drain (or idling) with everything flushed
         self._last_call_end = trio.current_time()  # for the idle timeout
@@ -783,17 +784,23 @@ class _Connection(Connection):
         SyncUnaryMethod is then answered right here, in the reader, with no task at all.
         """
         calls, self._new_calls = self._new_calls, []
-        for call in calls:
-            deadline = call.ctx.deadline
-            if call.peer_gone:  # reset in the same read
-                self._complete(call, StatusCode.CANCELLED, call.gone_reason, None, None)
-            elif deadline is not None and trio.current_time() >= deadline:
-                self._complete(call, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", None, None)
-            elif isinstance(call.method, SyncUnaryMethod) and call.request_done.is_set():
-                self._run_inline(call, call.method)
-            else:
-                assert self._nursery is not None
-                self._nursery.start_soon(self._run_call, call)
+        self._starting_calls = True
+        try:
+            for call in calls:
+                deadline = call.ctx.deadline
+                if call.peer_gone:  # reset in the same read
+                    self._complete(call, StatusCode.CANCELLED, call.gone_reason, None, None)
+                elif deadline is not None and trio.current_time() >= deadline:
+                    self._complete(
+                        call, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", None, None
+                    )
+                elif isinstance(call.method, SyncUnaryMethod) and call.request_done.is_set():
+                    self._run_inline(call, call.method)
+                else:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._run_call, call)
+        finally:
+            self._starting_calls = False
 
     def _parse(self, call: _Call) -> Any:
         """The call's request message, or the RpcError that answers it."""
@@ -935,7 +942,15 @@ class _Connection(Connection):
             self._last_call_end = trio.current_time()
         if call.peer_gone and code is StatusCode.OK:
             code, message, response = StatusCode.CANCELLED, call.gone_reason, None
-        self._push()
+        if self._starting_calls:
+            pass  # answered in the reader, which writes once the read is handled
+        elif self._calls:
+            # Other calls are in flight: the answers of those that end in this turn of
+            # the loop leave with this one, in one write of the writer task (one TLS
+            # record, one syscall and one wakeup of the client, not one per answer).
+            self._wake_writer()
+        else:
+            self._push()
         self._server.record(
             CallRecord(call.ctx, code, message, request, response, time.monotonic() - call.started)
         )
