@@ -1,4 +1,5 @@
-"""The one compiled part: vfork + exec for job processes (see trio_worker/_host/_cspawn.c).
+"""The compiled parts: vfork + exec for job processes (trio_worker/_host/_cspawn.c), and a
+job's place made with the GIL released (trio_worker/_host/_cplace.c).
 
 Everything else about the package is in pyproject.toml.
 """
@@ -11,6 +12,11 @@ setup(
             "trio_worker._host._cspawn",
             sources=["trio_worker/_host/_cspawn.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-        )
+        ),
+        Extension(
+            "trio_worker._host._cplace",
+            sources=["trio_worker/_host/_cplace.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        ),
     ]
 )

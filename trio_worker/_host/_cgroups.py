@@ -49,6 +49,7 @@ import trio
 from .._errors import InvalidRequest, TrioWorkerError, Unenforceable
 from .._limits import CPU_PERIOD_US
 from .._model import Limits, Usage
+from . import _cplace
 
 __all__ = [
     "CGROUP_ROOT",
@@ -62,6 +63,7 @@ __all__ = [
     "block_device_for",
     "cpu_quota_us",
     "detect",
+    "remove_groups",
 ]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -137,6 +139,29 @@ def _read(path: str | os.PathLike[str]) -> str | None:
         raise CgroupError(
             f"cannot read {path}: {exc.strerror}", path=Path(path), errno_=exc.errno
         ) from None
+
+
+def _read_small(path: str) -> str | None:
+    """``_read`` of a file whose whole text one ``show`` makes, well under 4 KiB (the
+    end's ``cgroup.events``, ``memory.oom_control``, usage counters): one read, not two.
+
+    A seq_file fills a read with its records up to the end or up to the first record
+    that does not fit; such a file is one record, so a short read is all of it. (Not
+    for files of many records: ``cgroup.procs`` stops short at a pid that does not fit.)
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise CgroupError(
+            f"cannot read {path}: {exc.strerror}", path=Path(path), errno_=exc.errno
+        ) from None
+    return data.decode() if len(data) < 4096 else _read(path)
 
 
 def _keyed(text: str | None, key: str) -> int | None:
@@ -380,21 +405,28 @@ class JobCgroup(ABC):
         The caller closes them once the child has exec'd. OSError as ``open`` raises it.
         """
         fds: list[int] = []
-        v2 = self._v2_dir
         try:
-            # Paths made here, not kept: a running job would hold them (~0.9 KiB on
-            # a hybrid host) for one use.
-            for directory in self.dirs:
-                if directory == v2:
+            for directory, procs in self.joins():
+                if procs:
+                    fds.append(os.open(f"{directory}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
+                else:
                     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
                     fds.append(os.open(directory, flags))
-                else:
-                    fds.append(os.open(directory / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         return fds
+
+    def joins(self) -> list[tuple[str, bool]]:
+        """What ``open_join`` opens, per ``dirs``: the directory, and whether by its
+        ``cgroup.procs`` (True) or as the directory itself (False: the v2 group).
+
+        Paths made here, not kept: a running job would hold them (~0.9 KiB on a
+        hybrid host) for one use.
+        """
+        v2 = self._v2_dir
+        return [(str(directory), directory != v2) for directory in self.dirs]
 
     def pids(self) -> list[int]:
         """Every process in the group (and its subgroups), in the server's pid space."""
@@ -409,7 +441,7 @@ class JobCgroup(ABC):
         """True once no process is left in the group."""
         events = self._events_file
         if events is not None:
-            text = _read(events)
+            text = _read_small(events)
             if text is None:
                 return True
             return _keyed(text, "populated") == 0
@@ -504,6 +536,30 @@ def _realpath(directory: Path) -> str:
     return os.path.realpath(directory)
 
 
+def remove_groups(groups: Sequence[JobCgroup]) -> list[JobCgroup]:
+    """Remove ended jobs' groups (reaped, as for ``remove``), every hierarchy's
+    directory of each, in one call with the GIL released (``_cplace.remove_dirs``):
+    the refill's thread removed them one rmdir at a time from Python, holding the
+    GIL between each two. Returns the groups that need ``remove`` (a group that
+    still has subgroups, or processes still leaving: what ``remove`` handles);
+    the others are gone.
+    """
+    dirs: list[bytes] = []
+    owner: list[JobCgroup] = []
+    for group in groups:
+        for directory in group.dirs:
+            dirs.append(os.fsencode(directory))
+            owner.append(group)
+    if not dirs:
+        return []
+    left: list[JobCgroup] = []
+    for index, _ in _cplace.remove_dirs(dirs):
+        group = owner[index]
+        if not left or left[-1] is not group:
+            left.append(group)
+    return left
+
+
 def _rmtree_cgroup(directory: Path) -> None:
     """rmdir a cgroup and its subgroups, deepest first (their files go with them).
 
@@ -581,11 +637,11 @@ class V2JobCgroup(JobCgroup):
             self._signal_all()
 
     def oom_killed(self) -> bool:
-        return (_keyed(_read(f"{self.dir}/memory.events"), "oom_kill") or 0) > 0
+        return (_keyed(_read_small(f"{self.dir}/memory.events"), "oom_kill") or 0) > 0
 
     def usage(self) -> Usage | None:
-        usec = _keyed(_read(f"{self.dir}/cpu.stat"), "usage_usec")
-        peak_text = _read(f"{self.dir}/memory.peak")
+        usec = _keyed(_read_small(f"{self.dir}/cpu.stat"), "usage_usec")
+        peak_text = _read_small(f"{self.dir}/memory.peak")
         if usec is None and peak_text is None:
             return None
         peak = int(peak_text) if peak_text and peak_text.strip().isdigit() else 0
@@ -690,7 +746,7 @@ class V1JobCgroup(JobCgroup):
         memory = self._controller_dir("memory")
         if memory is None:
             return False
-        kills = _keyed(_read(f"{memory}/memory.oom_control"), "oom_kill")
+        kills = _keyed(_read_small(f"{memory}/memory.oom_control"), "oom_kill")
         if kills is not None:
             return kills > 0
         # Before Linux 4.13 there is no counter: hitting the limit is the best hint.
@@ -702,16 +758,16 @@ class V1JobCgroup(JobCgroup):
         peak = 0
         cpuacct = self._controller_dir("cpuacct")
         if cpuacct is not None:
-            text = _read(f"{cpuacct}/cpuacct.usage")
+            text = _read_small(f"{cpuacct}/cpuacct.usage")
             if text is not None:
                 cpu = int(text) / 1e9
         unified = self._unified_parent
         if cpu is None and unified is not None:
-            usec = _keyed(_read(f"{unified}/{self._name}/cpu.stat"), "usage_usec")
+            usec = _keyed(_read_small(f"{unified}/{self._name}/cpu.stat"), "usage_usec")
             cpu = None if usec is None else usec / 1e6
         memory = self._controller_dir("memory")
         if memory is not None:
-            text = _read(f"{memory}/memory.max_usage_in_bytes")
+            text = _read_small(f"{memory}/memory.max_usage_in_bytes")
             peak = int(text) if text is not None else 0
         if cpu is None and memory is None:
             return None
@@ -853,6 +909,11 @@ class CgroupDriver(ABC):
     def make(self, job_id: str, limits: Limits | None = None) -> JobCgroup:
         """Make the job's group, without limits yet (``CgroupError`` if it cannot),
         in what ``limits`` will need (v1: which hierarchies)."""
+
+    def planned(self, job_id: str) -> JobCgroup:
+        """The group ``make(job_id)`` would make, not made: its caller makes the
+        directories (``_place.make_place``, with the job's place in one call)."""
+        return self.job(job_id)
 
     def _widen(self, group: JobCgroup, limits: Limits) -> JobCgroup:
         """``group`` made ready for ``limits``' controllers (v1 makes directories)."""
@@ -1168,6 +1229,9 @@ class V1Driver(CgroupDriver):
         # Which hierarchies an existing group is in is not known here: all of them
         # (kill and remove skip the directories that do not exist).
         return self._group(job_id, self._distinct)
+
+    def planned(self, job_id: str) -> JobCgroup:
+        return self._group(job_id, self.hierarchies_for(None))
 
     def make(self, job_id: str, limits: Limits | None = None) -> JobCgroup:
         group = self._group(job_id, self.hierarchies_for(limits))

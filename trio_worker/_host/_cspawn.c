@@ -917,11 +917,16 @@ seed_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
             cargs.cgroup = (unsigned long long)c->cgroup_fds[c->into_index];
             c->joined_by_clone = 1;
         }
-        /* The child starts with every signal blocked (it inherits this mask). */
+        /* The child starts with every signal blocked (it inherits this mask). The GIL
+         * is let go: with CLONE_INTO_CGROUP the clone takes the kernel's cgroup_mutex,
+         * which a cgroup.procs write elsewhere holds through an RCU grace period (up
+         * to ~10 ms); the child touches nothing of Python's. */
         sigfillset(&all);
+        Py_BEGIN_ALLOW_THREADS
         pthread_sigmask(SIG_BLOCK, &all, &old);
         ret = tw_clone3_run(&cargs, sizeof cargs, (void (*)(void *))seed_main, c);
         pthread_sigmask(SIG_SETMASK, &old, NULL);
+        Py_END_ALLOW_THREADS
         if (ret < 0) {
             saved = (int)-ret;
             goto fail;

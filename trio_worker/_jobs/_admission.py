@@ -7,7 +7,6 @@ words) or raises having left nothing: no fds, directory, cgroup or table entry.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import signal as _signal
@@ -33,6 +32,7 @@ from ._process import (
     PipeReader,
     SpawnError,
     SpawnOptions,
+    StartSpec,
     Stdin,
     Terminal,
     validate_start,
@@ -228,7 +228,7 @@ class Admission:
             process.stdin = None  # the writer owns it now
         # The full environment (the server's, ~3 KiB) served the exec; keeping
         # it would cost every job, running or ended, that much memory.
-        job.spec = dataclasses.replace(spec, env={})
+        job.spec = StartSpec(spec.command, spec.args, {}, spec.cwd)
         job.pid_start_time = launched.start_time
         job.feed(lc.Spawned(process.pid, started_at))
         # The job as it started (no usage yet: reading the cgroup's accounting

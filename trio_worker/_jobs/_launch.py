@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import signal
@@ -50,12 +51,13 @@ from pathlib import Path
 import trio
 
 from .._errors import ResourceExhausted
-from .._host._cgroups import CgroupDriver, CgroupError, Inotify, JobCgroup
+from .._host._cgroups import CgroupDriver, CgroupError, Inotify, JobCgroup, remove_groups
 from .._host._isolation import helper_argv, helper_tasks, resolve_command
+from .._host._place import make_place
 from .._host._spawn import SEEDS_REFUSED, Seed
 from .._model import Isolation, Limits
 from ._job import REPORT
-from ._output import OpenLogs, OutputLog, create_log_files
+from ._output import OpenLogs, OutputLog, log_files
 from ._process import (
     RESOURCE_ERRNOS,
     Credentials,
@@ -186,6 +188,8 @@ class Launcher:
         self._job_nofile = job_nofile
         #: The jobs' logs that keep their files open between flushes (on the loop).
         self.open_logs = OpenLogs()
+        #: A place's log files (``make_place``).
+        self._log_files = log_files(capped=max_output_bytes is not None)
         #: How many places ``keep_ready`` keeps made ahead of need.
         self._target = ready
         self._ready: deque[Place] = deque()
@@ -193,6 +197,8 @@ class Launcher:
         self._retired: list[JobCgroup] = []
         #: ``keep_ready``'s wait while it has nothing to do; ``retire`` sets its deadline.
         self._linger: trio.CancelScope | None = None
+        #: When the last group was retired: the linger lasts until ``RETIRE_AFTER`` later.
+        self._retired_at = -math.inf
         #: Set when a place was taken (``keep_ready`` waits on it).
         self._wanted = trio.Event()
         #: Set while ``keep_ready`` waits with nothing to do (``settled``).
@@ -205,6 +211,8 @@ class Launcher:
         #: Plant a seed with each place (only with the reaper: a seed planted by a
         #: worker thread has no PR_SET_PDEATHSIG); off for good if clone3 is refused.
         self._seeds = seeds
+        #: The loop's, for the refill's thread to hand it places (``_tend``).
+        self._token: trio.lowlevel.TrioToken | None = None
         #: A memory limit above the jobs holds no seed (``_memory_capped``).
         self._capped = False
 
@@ -242,8 +250,12 @@ class Launcher:
             return
         if self._idle.is_set():
             self._idle = trio.Event()
-        if self._linger is not None:
-            self._linger.deadline = trio.current_time() + RETIRE_AFTER
+        self._retired_at = now = trio.current_time()
+        linger = self._linger
+        if linger is not None and linger.deadline == math.inf:
+            # Set once: ``_wait`` lingers on from ``_retired_at`` (moving a deadline per
+            # end cost each end of a burst an entry in trio's deadline heap).
+            linger.deadline = now + RETIRE_AFTER
 
     def _wake(self) -> None:
         self._wanted.set()
@@ -266,6 +278,7 @@ class Launcher:
         until it is woken again: a Start meanwhile makes its own place, and says
         why it cannot.
         """
+        self._token = trio.lowlevel.current_trio_token()
         # Whatever an earlier run left there (its groups are leftovers, gone already).
         failed = not await trio.to_thread.run_sync(self._empty_ready_dir)
         while True:
@@ -296,12 +309,17 @@ class Launcher:
             failed = False
 
     async def _wait(self, wanted: trio.Event) -> None:
-        """Idle until woken, or until retired groups waited ``RETIRE_AFTER`` (``retire``
-        moves the deadline: no timer while nothing waits, no polling)."""
+        """Idle until woken, or until ``RETIRE_AFTER`` passed since the last group was
+        retired (``retire`` sets the first deadline, this one the next: no timer while
+        nothing waits, no polling)."""
         self._idle.set()
-        with trio.CancelScope() as self._linger:
-            await wanted.wait()
-        self._linger = None
+        while True:
+            deadline = self._retired_at + RETIRE_AFTER if self._retired else math.inf
+            with trio.CancelScope(deadline=deadline) as self._linger:
+                await wanted.wait()
+            self._linger = None
+            if wanted.is_set() or trio.current_time() >= self._retired_at + RETIRE_AFTER:
+                return
 
     async def aclose(self) -> None:
         """Remove the retired groups and the ready places (after ``keep_ready`` was
@@ -314,8 +332,7 @@ class Launcher:
             await trio.to_thread.run_sync(self._discard_all, retired, places)
 
     def _discard_all(self, retired: Sequence[JobCgroup], places: Sequence[Place]) -> None:
-        for group in retired:
-            _remove_group(group)
+        _remove_groups(retired)
         _discard_places(places)
         with contextlib.suppress(OSError):
             os.rmdir(self.ready_dir)
@@ -323,10 +340,16 @@ class Launcher:
     def _tend(self, retired: Sequence[JobCgroup], ids: Sequence[str]) -> int:
         """In a worker thread: make the places (each reaches the pool as it is made:
         a Start may be waiting for it, ``take_soon``), then remove the retired groups.
-        Returns how many places were made."""
-        made = self._make_places(ids, lambda place: trio.from_thread.run_sync(self._arrive, place))
-        for group in retired:
-            _remove_group(group)
+        Returns how many places were made.
+
+        A place is handed to the loop by ``run_sync_soon``, not waited for:
+        the thread goes on to the next (``from_thread.run_sync`` cost it a round
+        trip through the loop per place). The loop runs those callbacks in order,
+        before it learns the thread's result (delivered the same way)."""
+        token = self._token
+        assert token is not None
+        made = self._make_places(ids, lambda place: token.run_sync_soon(self._arrive, place))
+        _remove_groups(retired)
         return made
 
     def _arrive(self, place: Place) -> None:
@@ -366,19 +389,10 @@ class Launcher:
         for job_id in ids:
             directory = self.ready_dir / job_id
             try:
-                directory.mkdir(mode=0o700)
-                try:
-                    create_log_files(directory, capped=self._max_output_bytes is not None)
-                    group = self.cgroups.make(job_id)
-                except BaseException:
-                    remove_new_job_dir(directory)
-                    raise
-                try:
-                    procs = group.open_join()
-                except BaseException:
-                    _remove_group(group)
-                    remove_new_job_dir(directory)
-                    raise
+                group = self.cgroups.planned(job_id)
+                # The directory, its log files, the groups and their fds: one call
+                # with the GIL let go (it leaves nothing behind if it fails).
+                procs = make_place(directory, self._log_files, group)
             except (CgroupError, OSError) as exc:
                 _log.debug("no place made ahead: %s", exc)
                 break
@@ -528,6 +542,8 @@ class Launcher:
             files=self.open_logs,
             create=False,  # the place has them
         )
+        # (Its pipes made non-blocking while the seed execs, not after.)
+        stdout, stderr = PipeReader(sprout.stdout), PipeReader(sprout.stderr)
         while not seed.poll():
             with trio.move_on_after(SEED_PATIENCE) as late:
                 await trio.lowlevel.wait_readable(seed.report_fd)
@@ -541,16 +557,14 @@ class Launcher:
                 return None
         failure = seed.error(spec.command, spec.cwd)
         if failure is None:
-            process = JobProcess(
-                seed.pid, seed.pidfd, PipeReader(sprout.stdout), PipeReader(sprout.stderr), None
-            )
+            process = JobProcess(seed.pid, seed.pidfd, stdout, stderr, None)
             return Launched(log, place.group, process=process, start_time=sprout.start_time)
         # The child failed before its command (exit 127): reap it, as spawn does.
         await trio.lowlevel.wait_readable(seed.pidfd)
         trio.lowlevel.notify_closing(seed.pidfd)
         seed.reap()
-        os.close(sprout.stdout)
-        os.close(sprout.stderr)
+        stdout.close()
+        stderr.close()
         message = describe_setup_error(failure, spec, place.group)
         return Launched(log, place.group, error=SpawnError(message, failure.errno))
 
@@ -753,6 +767,14 @@ class Launcher:
             ) from None
 
 
+def _remove_groups(groups: Sequence[JobCgroup]) -> None:
+    """Remove ended jobs' groups (blocking): together in one call with the GIL let
+    go, then ``_remove_group`` for those that need more (subgroups, processes
+    still leaving, an error to log)."""
+    for group in remove_groups([g for g in groups if g.tracked]):
+        _remove_group(group)
+
+
 def _remove_group(group: JobCgroup) -> None:
     if group.tracked:
         try:
@@ -765,7 +787,8 @@ def _kill_waiting(sprout: Sprout) -> None:
     """SIGKILL a waiting seed (on the loop: no wait); ``_claim`` reaps it."""
     if not sprout.killed:
         sprout.killed = True
-        signal.pidfd_send_signal(sprout.seed.pidfd, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # (dead already: ``_arrive`` must not raise)
+            signal.pidfd_send_signal(sprout.seed.pidfd, signal.SIGKILL)
 
 
 def _discard_seeded(place: Place, sprout: Sprout) -> None:

@@ -89,6 +89,7 @@ __all__ = [
     "OpenLogs",
     "OutputLog",
     "create_log_files",
+    "log_files",
     "read_log_file",
 ]
 
@@ -224,26 +225,34 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
-def create_log_files(directory: Path, *, capped: bool) -> None:
-    """Create (or empty) a new log's files in ``directory``, and close them. Blocking.
+def log_files(*, capped: bool) -> list[tuple[str, bytes | None]]:
+    """A new log's files: each name, and the bytes it starts with (None: empty).
 
-    ``output.start`` only for a log with a cap, written now while the disk surely
-    has room for it: on a full disk, retention is what frees space, and needs it.
+    ``output.start`` only for a log with a cap, written when the log is made, while
+    the disk surely has room for it: on a full disk, retention is what frees space,
+    and needs it. (A failed write of it must not stop the job: the file stays.)
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    for path in (directory / "output.log", directory / "output.idx"):
-        os.close(os.open(path, flags, 0o600))
-    start = directory / "output.start"
+    files: list[tuple[str, bytes | None]] = [("output.log", None), ("output.idx", None)]
     if capped:
-        fd = os.open(start, flags, 0o600)
+        files.append(("output.start", _START.pack(0, 0)))
+    return files
+
+
+def create_log_files(directory: Path, *, capped: bool) -> None:
+    """Create (or empty) a new log's files in ``directory`` (``log_files``), and close
+    them. Blocking. (A place made ahead has them from ``_host._place.make_place``.)"""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    for name, content in log_files(capped=capped):
+        fd = os.open(directory / name, flags, 0o600)
         try:
-            with contextlib.suppress(OSError):  # a full disk must not stop the job
-                os.pwrite(fd, _START.pack(0, 0), 0)
+            if content:
+                with contextlib.suppress(OSError):  # a full disk must not stop the job
+                    os.pwrite(fd, content, 0)
         finally:
             os.close(fd)
-    else:
+    if not capped:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(start)
+            os.unlink(directory / "output.start")
 
 
 @dataclass(slots=True)

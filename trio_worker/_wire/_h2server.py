@@ -12,6 +12,7 @@ connection.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -19,14 +20,18 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import h2.connection
+import h2.events
 import h2.exceptions
 import h2.settings
 import h2.stream
 import hpack
+from h2.connection import AllowedStreamIDs, ConnectionState, _decode_headers
+from h2.stream import StreamState
+from h2.utilities import is_informational_response
 from hyperframe.frame import GoAwayFrame  # type: ignore[import-untyped]
 from purerpc.grpclib.buffers import MessageReadBuffer
 from purerpc.grpclib.config import GRPCConfiguration
-from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived
+from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived, WindowUpdated
 from purerpc.grpclib.exceptions import MessageTooLargeError
 from purerpc.grpclib.exceptions import ProtocolError as GRPCProtocolError
 from purerpc.grpclib.headers import HeaderDict
@@ -35,7 +40,9 @@ from ._h2conn import (
     _DATA,
     _FLAG_END_HEADERS,
     _FLAG_END_STREAM,
+    _FLAG_PADDED,
     _FRAME_HEADER,
+    _HANDLERS,
     _HEADERS,
     ENHANCE_YOUR_CALM,
     BoundedDecoder,
@@ -134,6 +141,26 @@ _CONSTANT_BLOCKS: dict[tuple[tuple[str, str], ...], bytes] = {
     ((":status", "200"), ("content-type", _GRPC_CONTENT_TYPE)): _REPLY_HEADERS,
     (("grpc-status", "0"),): _OK_TRAILERS,
 }
+
+
+_WINDOW_UPDATE: Final = 0x8
+_FLAG_PRIORITY: Final = 0x20
+_LARGEST_WINDOW: Final = 2**31 - 1
+_INCREMENT: Final = struct.Struct(">L")
+_SERVER_OPEN: Final = ConnectionState.SERVER_OPEN
+_OPEN: Final = StreamState.OPEN
+_HALF_CLOSED_REMOTE: Final = StreamState.HALF_CLOSED_REMOTE
+_CLOSED: Final = StreamState.CLOSED
+#: Stream states where h2 takes a WINDOW_UPDATE into the stream's window (with an event).
+_WINDOW_STATES: Final = frozenset(
+    (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL, StreamState.HALF_CLOSED_REMOTE)
+)
+#: What the receive fast path hands its dispatch, frame by frame beside h2's events:
+#: ``(_TOOK_HEADERS, stream_id, headers, ended)``, ``(_TOOK_DATA, stream_id, data, ended)``,
+#: ``(_TOOK_WINDOW, stream_id, increment)``.
+_TOOK_HEADERS, _TOOK_DATA, _TOOK_WINDOW = 0, 1, 2
+#: HEADERS flags the fast path reads: only END_HEADERS of these may be set.
+_FAST_HEADER_FLAGS: Final = _FLAG_END_HEADERS | _FLAG_PADDED | _FLAG_PRIORITY
 
 
 #: Header values longer than this are sent without Huffman coding: hpack 3.0's Huffman
@@ -246,6 +273,10 @@ class ServerH2Connection(WireH2Connection):
 class GRPCServerConnection(WireGRPCConnection):
     """purerpc's ``GRPCConnection`` for one server connection, with our settings."""
 
+    #: Whether a unary call's frames are read here rather than by h2 (``_take``); off,
+    #: every frame goes through h2 and purerpc (the tests compare the two).
+    fast_receive = True
+
     def __init__(
         self,
         *,
@@ -335,6 +366,169 @@ class GRPCServerConnection(WireGRPCConnection):
         if delta > 0:
             h2c.increment_flow_control_window(delta)
 
+    # -- receiving: a unary call's frames without h2's frame objects and events --------
+
+    def receive_frames(self, data: bytes | bytearray) -> list[Any]:
+        """``receive_data`` through the :class:`FrameGate`, each batch of whole frames
+        through :meth:`_receive_batch` once h2 has read the client's preface."""
+        if not self.fast_receive or self.h2_connection.incoming_buffer._preamble_len:
+            return super().receive_frames(data)
+        events: list[Any] = []
+        for batch in self.gate.feed(data):
+            events.extend(self._receive_batch(batch))
+        return events
+
+    def _receive_batch(self, batch: bytes) -> list[Any]:
+        """One batch of whole frames: h2's ``receive_data`` and purerpc's dispatch, with the
+        frames of the common case taken here (:meth:`_take`), all others by h2.
+
+        The frames are read in order; a run of frames that are not taken goes to h2's
+        ``receive_data`` as it stands, before the next frame is looked at, so h2 sees the
+        same frames in the same states as without this path. As in h2, the handlers of a
+        batch's events run once every frame of the batch has been read (they acknowledge
+        data, which changes windows and output).
+        """
+        h2c = self.h2_connection
+        incoming = h2c.incoming_buffer
+        connection = h2c.state_machine
+        unpack = _FRAME_HEADER.unpack_from
+        received: list[Any] = []  # h2's events and the records of taken frames, in order
+        size = len(batch)
+        pos = slow = 0
+        while pos < size:
+            high, low, kind, flags, stream_id = unpack(batch, pos)
+            length = (high << 8) | low
+            end = pos + 9 + length
+            if (
+                (kind == _DATA and not flags & _FLAG_PADDED)
+                or (kind == _HEADERS and flags & _FAST_HEADER_FLAGS == _FLAG_END_HEADERS)
+                or (kind == _WINDOW_UPDATE and length == 4)
+            ):
+                if slow < pos:
+                    received.extend(h2c.receive_data(batch[slow:pos]))
+                    slow = pos
+                if (
+                    connection.state is _SERVER_OPEN
+                    and not incoming._headers_buffer
+                    and self._take(
+                        received, kind, flags, stream_id & 0x7FFFFFFF, batch, pos + 9, end
+                    )
+                ):
+                    slow = end
+            pos = end
+        if slow < size:
+            received.extend(h2c.receive_data(batch[slow:]))
+        return self._dispatch(received)
+
+    def _take(
+        self,
+        received: list[Any],
+        kind: int,
+        flags: int,
+        stream_id: int,
+        batch: bytes,
+        start: int,
+        end: int,
+    ) -> bool:
+        """Read one frame as h2 would, when it is one of the common case: HEADERS that
+        open a new stream (END_HEADERS, no padding or priority), DATA on an open stream
+        (no padding), a WINDOW_UPDATE that h2 takes without an error. Returns False,
+        having changed nothing, for any other frame or state; the frame then goes to h2.
+
+        Driven as h2 drives them: the connection's and the stream's state machines (the
+        connection's inputs here are no-ops in SERVER_OPEN), the HPACK decoder, the
+        flow-control windows and content length, h2's exceptions and its GOAWAY on a
+        connection error. Left out: h2's frame objects, its events, and its header
+        processing (all of it turned off in ``h2_config``).
+        """
+        h2c = self.h2_connection
+        try:
+            if kind == _DATA:
+                stream = h2c.streams.get(stream_id)
+                if stream is None or stream.state_machine.state is not _OPEN:
+                    return False
+                length = end - start
+                h2c._inbound_flow_control_window_manager.window_consumed(length)
+                stream._inbound_window_manager.window_consumed(length)
+                ended = bool(flags & _FLAG_END_STREAM)
+                stream._track_content_length(length, ended)
+                if ended:
+                    stream.state_machine.state = _HALF_CLOSED_REMOTE
+                received.append((_TOOK_DATA, stream_id, batch[start:end], ended))
+                return True
+            if kind == _HEADERS:
+                if not stream_id & 1 or stream_id <= h2c.highest_inbound_stream_id:
+                    return False
+                if h2c.open_inbound_streams + 1 > h2c.local_settings.max_concurrent_streams:
+                    return False  # h2 raises TooManyStreamsError
+                headers = _decode_headers(h2c.decoder, batch[start:end])
+                stream = h2c._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
+                ended = bool(flags & _FLAG_END_STREAM)
+                if is_informational_response(headers):  # h2 refuses it
+                    frames, events = stream.receive_headers(headers, ended, None)
+                    h2c._prepare_for_sending(frames)
+                    received.extend(events)
+                    return True
+                machine = stream.state_machine  # IDLE: request_received, then END_STREAM
+                machine.state = _HALF_CLOSED_REMOTE if ended else _OPEN
+                machine.client = False
+                machine.headers_received = True
+                stream._initialize_content_length(headers)
+                received.append((_TOOK_HEADERS, stream_id, headers, ended))
+                return True
+            (increment,) = _INCREMENT.unpack_from(batch, start)
+            if not stream_id:
+                window = h2c.outbound_flow_control_window + increment
+                if not 1 <= increment <= _LARGEST_WINDOW or window > _LARGEST_WINDOW:
+                    return False  # h2 raises
+                h2c.outbound_flow_control_window = window
+                received.append((_TOOK_WINDOW, 0, increment))
+                return True
+            stream = h2c.streams.get(stream_id)
+            if stream is None:
+                # WireH2Connection's: a late one for a stream h2 has forgotten, ignored.
+                return bool(
+                    stream_id & 1 and stream_id <= h2c.highest_inbound_stream_id and increment
+                )
+            if not 1 <= increment <= _LARGEST_WINDOW:
+                return False
+            state = stream.state_machine.state
+            if state is _CLOSED:
+                return True  # h2 allows it, and changes nothing
+            window = stream.outbound_flow_control_window + increment
+            if state not in _WINDOW_STATES or window > _LARGEST_WINDOW:
+                return False  # h2 resets the stream, or refuses the frame
+            stream.outbound_flow_control_window = window
+            received.append((_TOOK_WINDOW, stream_id, increment))
+            return True
+        except h2.exceptions.ProtocolError as exc:
+            h2c._terminate_connection(exc.error_code)  # as h2's receive_data does
+            raise
+
+    def _dispatch(self, received: list[Any]) -> list[Any]:
+        """purerpc's events of h2's events and the fast path's records, in order."""
+        events: list[Any] = []
+        for item in received:
+            if type(item) is tuple:
+                took, stream_id = item[0], item[1]
+                if took == _TOOK_WINDOW:
+                    events.append(WindowUpdated(stream_id=stream_id, delta=item[2]))
+                    continue
+                if took == _TOOK_HEADERS:
+                    events.extend(self._on_request(stream_id, item[2], item[3]))
+                else:
+                    data = item[2]
+                    events.extend(self._on_data(stream_id, data, len(data), item[3]))
+                if item[3]:
+                    events.extend(self._on_stream_ended(stream_id))
+                continue
+            handler = _HANDLERS.get(type(item))
+            if handler is not None:
+                events.extend(getattr(self, handler)(item))
+            else:
+                events.extend(self._dispatch_subclass(item))
+        return events
+
     def _parse_request(self, stream_id: int, raw: list[Any]) -> RequestReceived:
         """The request of a header list (raw bytes pairs, as h2 hands them to the server).
 
@@ -363,23 +557,24 @@ class GRPCServerConnection(WireGRPCConnection):
         return request
 
     def _request_received(self, event: Any) -> list[Any]:
-        stream_id: int = event.stream_id
+        return self._on_request(event.stream_id, event.headers, bool(event.stream_ended))
+
+    def _on_request(self, stream_id: int, raw: list[Any], ended: bool) -> list[Any]:
+        """A request's header list (h2's ``RequestReceived``, or the fast path's)."""
         try:
-            request = self._parse_request(stream_id, event.headers)
+            request = self._parse_request(stream_id, raw)
         except Exception as exc:
             # Whatever a hostile header list makes purerpc's parser raise fails this
             # stream only: it keeps a repeated header as a list and calls str methods on
             # it (a second content-type or :path raised AttributeError, which ended the
             # whole server), besides its ProtocolError, KeyError, ValueError, TypeError...
             return [BadRequest(stream_id, f"{type(exc).__name__}: {exc}")]
-        if event.stream_ended:
+        if ended:
             # No message at all; the transport answers it (purerpc raised here).
             return [request, RequestEnded(stream_id)]
-        # Encoding None: never decompress (an unbounded inflate); the transport refuses
-        # requests that announce a grpc-encoding.
-        self.message_read_buffers[stream_id] = MessageReadBuffer(
-            None, self.config.max_message_length
-        )
+        # Collecting, nothing buffered yet: the buffer is made by the first DATA that is
+        # not one whole message (see _on_data).
+        self.message_read_buffers[stream_id] = None
         streams_requests = self._streams_requests
         if streams_requests is not None and streams_requests(
             f"/{request.service_name}/{request.method_name}"
@@ -389,36 +584,60 @@ class GRPCServerConnection(WireGRPCConnection):
         return [request]
 
     def _data_received(self, event: Any) -> list[Any]:
-        stream_id: int = event.stream_id
-        length: int = event.flow_controlled_length
+        ended = event.stream_ended is not None
+        return self._on_data(event.stream_id, event.data, event.flow_controlled_length, ended)
+
+    def _on_data(self, stream_id: int, data: bytes, length: int, ended: bool) -> list[Any]:
+        """A DATA frame's payload (``length`` counts its padding too)."""
         held = self._held.get(stream_id)
         if length:
-            if held is None and event.stream_ended is None:
+            if held is None and not ended:
                 self.h2_connection.acknowledge_received_data(length, stream_id)
             else:  # held, or the stream's last DATA (its window matters no more)
                 self.h2_connection.acknowledge_connection_data(length)
-        buffer = self.message_read_buffers.get(stream_id)
-        if buffer is None:  # answered or refused already: drop what is still coming
+        buffers = self.message_read_buffers
+        if stream_id not in buffers:  # answered or refused already: drop what is still coming
             return []
-        try:
-            buffer.data_received(event.data, length)
-        except MessageTooLargeError as exc:
-            self.drop_request(stream_id)
-            return [RequestTooLarge(stream_id, str(exc))]
-        except GRPCProtocolError as exc:
-            self.drop_request(stream_id)
-            return [BadMessage(stream_id, str(exc))]
-        self._hold(stream_id, len(event.data))
-        messages = buffer.read_all_complete_messages_flowcontrol()
-        if messages:
-            sizes = [len(message) for message, _ in messages]
-            # The 5-byte prefixes are gone; a unary request goes to its call at once.
-            kept = self._untaken.get(stream_id)
-            if kept is not None:
-                kept.extend(sizes)
-                self._hold(stream_id, -5 * len(sizes))
-            else:
-                self._hold(stream_id, -sum(sizes) - 5 * len(sizes))
+        buffer = buffers[stream_id]
+        size = len(data)
+        messages: Any
+        if (
+            buffer is None
+            and held is None
+            and size >= MESSAGE_OVERHEAD
+            and not data[0]
+            and int.from_bytes(data[1:5], "big") == size - MESSAGE_OVERHEAD
+            and size - MESSAGE_OVERHEAD <= self.config.max_message_length
+        ):
+            # One whole uncompressed message and nothing buffered before it (a unary
+            # request): what purerpc's buffer would make of it, without the buffer.
+            messages = [(data[MESSAGE_OVERHEAD:], length)]
+        else:
+            if buffer is None:
+                # Encoding None: never decompress (an unbounded inflate); the transport
+                # refuses requests that announce a grpc-encoding.
+                buffer = buffers[stream_id] = MessageReadBuffer(
+                    None, self.config.max_message_length
+                )
+            try:
+                buffer.data_received(data, length)
+            except MessageTooLargeError as exc:
+                self.drop_request(stream_id)
+                return [RequestTooLarge(stream_id, str(exc))]
+            except GRPCProtocolError as exc:
+                self.drop_request(stream_id)
+                return [BadMessage(stream_id, str(exc))]
+            self._hold(stream_id, size)
+            messages = buffer.read_all_complete_messages_flowcontrol()
+            if messages:
+                sizes = [len(message) for message, _ in messages]
+                # The 5-byte prefixes are gone; a unary request goes to its call at once.
+                kept = self._untaken.get(stream_id)
+                if kept is not None:
+                    kept.extend(sizes)
+                    self._hold(stream_id, -5 * len(sizes))
+                else:
+                    self._hold(stream_id, -sum(sizes) - 5 * len(sizes))
         if self.buffered_requests > MAX_BUFFERED_REQUESTS:
             self.drop_request(stream_id)
             limit = MAX_BUFFERED_REQUESTS
@@ -447,11 +666,14 @@ class GRPCServerConnection(WireGRPCConnection):
             self.h2_connection.acknowledge_stream_data(size, stream_id)
 
     def _stream_ended(self, event: Any) -> list[Any]:
-        self.message_read_buffers.pop(event.stream_id, None)
-        self._held.pop(event.stream_id, None)
-        if event.stream_id not in self._untaken:  # else counted out as they are taken
-            self._forget(event.stream_id)
-        return [RequestEnded(event.stream_id)]
+        return self._on_stream_ended(event.stream_id)
+
+    def _on_stream_ended(self, stream_id: int) -> list[Any]:
+        self.message_read_buffers.pop(stream_id, None)
+        self._held.pop(stream_id, None)
+        if stream_id not in self._untaken:  # else counted out as they are taken
+            self._forget(stream_id)
+        return [RequestEnded(stream_id)]
 
     def _stream_reset(self, event: Any) -> list[Any]:
         self.message_read_buffers.pop(event.stream_id, None)

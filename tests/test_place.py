@@ -1,0 +1,270 @@
+"""A place made in one call (``_host._place.make_place``) and groups removed together
+(``_host._cgroups.remove_groups``): what they make, and that a failure at any step
+leaves nothing behind, checked with real failures: a tmpfs out of inodes or blocks, a
+lowered RLIMIT_NOFILE, a removed parent group, a group still holding a process or a
+subgroup. Real cgroups (v1 and the unified mount as v2) where the kernel's part
+matters; plain directories where only the clean-up does.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from trio_worker._host import _cplace
+from trio_worker._host._cgroups import (
+    CgroupDriver,
+    CgroupError,
+    NoDriver,
+    V1Driver,
+    V2Driver,
+    remove_groups,
+)
+from trio_worker._host._place import PlaceError, Step, make_place
+from trio_worker._jobs._output import log_files
+
+from .conftest import require_root
+from .test_cgroups import UNIFIED, drivers, procs, spawn
+from .test_faults import fill, small_tmpfs
+
+__all__ = ["drivers", "procs"]  # fixtures of test_cgroups
+
+FILES = log_files(capped=True)
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def test_a_place_has_its_directory_files_groups_and_their_fds(
+    tmp_path: Path, drivers: Callable[..., CgroupDriver]
+) -> None:
+    require_root("cgroups")
+    driver = drivers()
+    assert isinstance(driver, V1Driver)
+    group = driver.planned("p1")
+    assert not any(d.exists() for d in group.dirs)  # planned, not made
+    directory = tmp_path / "p1"
+    fds = make_place(directory, FILES, group)
+    try:
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        assert sorted(p.name for p in directory.iterdir()) == sorted(n for n, _ in FILES)
+        assert (directory / "output.start").read_bytes() == bytes(16)
+        assert (directory / "output.log").read_bytes() == b""
+        assert stat.S_IMODE((directory / "output.log").stat().st_mode) == 0o600
+        assert all(d.is_dir() for d in group.dirs)
+        # One fd per hierarchy, as open_join gives: cgroup.procs, the unified group's dir.
+        opened = [os.readlink(f"/proc/self/fd/{fd}") for fd in fds]
+        expected = [d if not procs else f"{d}/cgroup.procs" for d, procs in group.joins()]
+        assert opened == expected
+        assert all(os.get_inheritable(fd) is False for fd in fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        assert remove_groups([group]) == []
+    assert not any(d.exists() for d in group.dirs)
+
+
+def test_a_v2_place_is_joined_by_its_directory(
+    tmp_path: Path, drivers: Callable[..., CgroupDriver]
+) -> None:
+    """On a pure v2 host (here the unified mount, driven as one) the group is one
+    directory, opened as such: the seed is cloned into it."""
+    require_root("cgroups")
+    driver = drivers(root=UNIFIED)
+    assert isinstance(driver, V2Driver)
+    group = driver.planned("p2")
+    [fd] = make_place(tmp_path / "p2", FILES, group)
+    try:
+        assert os.readlink(f"/proc/self/fd/{fd}") == str(group.dirs[0])
+        assert stat.S_ISDIR(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    assert remove_groups([group]) == []
+    assert not group.dirs[0].exists()
+
+
+def test_no_inode_left_leaves_nothing(tmp_path: Path) -> None:
+    """ENOSPC creating a log file (a tmpfs with 3 inodes: its root, the directory and
+    one file): the file made and the directory are removed, no fd is left open."""
+    with small_tmpfs(tmp_path / "disk", "size=1m,nr_inodes=3") as disk:
+        groups = [tmp_path / "g1"]
+        before = open_fds()
+        made = _cplace.make_place(
+            os.fsencode(disk / "p"),
+            [os.fsencode(n) for n, _ in FILES],
+            [c for _, c in FILES],
+            [os.fsencode(g) for g in groups],
+            [False],
+        )
+        assert isinstance(made, tuple)
+        step, code, path = made
+        assert (Step(step), code) == (Step.FILE, errno.ENOSPC)
+        assert path == os.fsencode(disk / "p" / "output.idx")
+        assert list(disk.iterdir()) == []
+        assert not groups[0].exists()  # never made: the files come first
+        assert open_fds() == before
+
+
+def test_a_full_disk_still_gives_the_files(tmp_path: Path) -> None:
+    """No block left for ``output.start``'s bytes: its write fails, the place is made
+    all the same (a full disk must not stop the job; retention needs the file)."""
+    with small_tmpfs(tmp_path / "disk", "size=1m") as disk:
+        fill(disk)
+        group_dir = tmp_path / "g1"
+        [fd] = _cplace.make_place(
+            os.fsencode(disk / "p"),
+            [os.fsencode(n) for n, _ in FILES],
+            [c for _, c in FILES],
+            [os.fsencode(group_dir)],
+            [False],
+        )
+        os.close(fd)
+        assert sorted(p.name for p in (disk / "p").iterdir()) == sorted(n for n, _ in FILES)
+        assert (disk / "p" / "output.start").stat().st_size == 0  # not written
+        assert group_dir.is_dir()
+
+
+def test_a_read_only_disk_is_said_and_leaves_nothing(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "disk", "size=1m,ro") as disk:
+        with pytest.raises(PlaceError) as caught:
+            make_place(disk / "p", FILES, NoDriver("none here").planned("p"))
+        assert caught.value.step is Step.DIRECTORY
+        assert caught.value.errno == errno.EROFS
+        assert caught.value.filename == str(disk / "p")
+        assert list(disk.iterdir()) == []
+
+
+def test_a_group_not_joinable_leaves_nothing(tmp_path: Path) -> None:
+    """A "group" without ``cgroup.procs`` (a plain directory): ENOENT at the join, and
+    the groups made, the files and the directory all go."""
+    groups = [tmp_path / "g1", tmp_path / "g2"]
+    before = open_fds()
+    made = _cplace.make_place(
+        os.fsencode(tmp_path / "p"),
+        [os.fsencode(n) for n, _ in FILES],
+        [c for _, c in FILES],
+        [os.fsencode(g) for g in groups],
+        [False, True],  # the first opened as a directory (fine), the second by cgroup.procs
+    )
+    assert isinstance(made, tuple)
+    assert made == (Step.JOIN, errno.ENOENT, os.fsencode(groups[1] / "cgroup.procs"))
+    assert sorted(tmp_path.iterdir()) == []
+    assert open_fds() == before
+
+
+def test_a_removed_parent_group_fails_the_place_and_leaves_nothing(
+    tmp_path: Path, drivers: Callable[..., CgroupDriver]
+) -> None:
+    """One hierarchy's parent group removed under the driver (a real cgroupfs): the
+    place fails there, as ``CgroupError`` says, and the other hierarchies' groups it
+    made, its files and its directory are removed."""
+    require_root("cgroups")
+    driver = drivers()
+    assert isinstance(driver, V1Driver)
+    group = driver.planned("p3")
+    dirs = group.dirs
+    assert len(dirs) >= 2
+    gone = dirs[1].parent
+    os.rmdir(gone)
+    try:
+        before = open_fds()
+        with pytest.raises(PlaceError) as caught:
+            make_place(tmp_path / "p3", FILES, group)
+        assert caught.value.step is Step.CGROUP
+        assert caught.value.errno == errno.ENOENT
+        assert caught.value.filename == str(dirs[1])
+        error = caught.value.cgroup_error()
+        assert isinstance(error, CgroupError)
+        assert error.errno == errno.ENOENT
+        assert str(error) == f"cannot create cgroup {dirs[1]}: No such file or directory"
+        assert not any(d.exists() for d in dirs)
+        assert not (tmp_path / "p3").exists()
+        assert open_fds() == before
+    finally:
+        gone.mkdir()  # for the fixture's clean-up
+
+
+def test_out_of_descriptors_at_the_join_leaves_nothing(
+    tmp_path: Path, drivers: Callable[..., CgroupDriver]
+) -> None:
+    """EMFILE opening the groups' fds (a real, lowered RLIMIT_NOFILE, in a child
+    process): the fds opened are closed, every group and file removed."""
+    require_root("cgroups")
+    driver = drivers()
+    group = driver.planned("p4")
+    dirs = [str(d) for d in group.dirs]
+    assert len(dirs) >= 3
+    script = f"""
+import errno, os, resource, sys
+sys.path[:0] = {sys.path!r}
+from trio_worker._host import _cplace
+from trio_worker._jobs._output import log_files
+files = log_files(capped=True)
+groups = {dirs!r}
+before = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(before) + 3, hard))  # 2 fds to spare
+made = _cplace.make_place(
+    {os.fsencode(tmp_path / "p4")!r}, [n.encode() for n, _ in files], [c for _, c in files],
+    [g.encode() for g in groups], [True] * (len(groups) - 1) + [False],
+)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+assert made[:2] == (4, errno.EMFILE), made
+assert sorted(int(fd) for fd in os.listdir("/proc/self/fd")) == before
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout == "ok\n", done.stderr
+    assert not any(Path(d).exists() for d in dirs)
+    assert not (tmp_path / "p4").exists()
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)  # (this process untouched)
+
+
+def test_groups_still_in_use_are_left_for_the_slow_way(
+    tmp_path: Path,
+    drivers: Callable[..., CgroupDriver],
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    """``remove_groups``: an empty group goes; one with a process in it (EBUSY) or a
+    subgroup (the job made one) is handed back, whole, for ``JobCgroup.remove``."""
+    require_root("cgroups")
+    driver = drivers()
+    empty, busy, nested = (driver.make(name) for name in ("empty", "busy", "nested"))
+    proc = spawn(procs, ["sleep", "60"], busy)
+    (nested.dirs[-1] / "sub").mkdir()
+    assert remove_groups([empty, busy, nested]) == [busy, nested]
+    assert not any(d.exists() for d in empty.dirs)
+    assert all(d.exists() for d in busy.dirs)
+    assert nested.dirs[-1].exists()
+    nested.remove()  # subgroups first
+    assert not any(d.exists() for d in nested.dirs)
+    busy.kill()
+    proc.wait(timeout=10)
+    busy.wait_empty_sync(5)
+    assert remove_groups([busy]) == []
+    assert not any(d.exists() for d in busy.dirs)
+    assert remove_groups([busy]) == []  # gone already: nothing to say
+
+
+def test_bad_arguments_are_refused_before_any_system_call(tmp_path: Path) -> None:
+    target = os.fsencode(tmp_path / "p")
+    with pytest.raises(ValueError, match="one content per file"):
+        _cplace.make_place(target, [b"a"], [], [], [])
+    with pytest.raises(ValueError, match="one procs flag per group"):
+        _cplace.make_place(target, [], [], [b"/nonexistent"], [])
+    with pytest.raises(ValueError, match="embedded null"):
+        _cplace.make_place(target, [b"a\0b"], [None], [], [])
+    with pytest.raises(TypeError):
+        _cplace.remove_dirs(["not bytes"])  # type: ignore[list-item]
+    assert not (tmp_path / "p").exists()

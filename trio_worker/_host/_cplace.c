@@ -1,0 +1,321 @@
+/* A job's place made, and ended jobs' groups removed, each in one call that lets the
+ * GIL go, for trio_worker._host._place.
+ *
+ * Why C: the refill thread (trio_worker._jobs._launch) made a place with ~20 system
+ * calls (a directory, its log files, a cgroup directory per hierarchy and what the
+ * job joins each by) and removed an ended job's groups with one rmdir per hierarchy,
+ * each call from Python: pathlib joins, per-hierarchy loops, exceptions. The thread
+ * held the GIL between every two of them, and the event loop had to win it back
+ * after each of its own system calls. Here the Python objects are read first, then
+ * every system call runs with the GIL released.
+ *
+ * Nothing here runs in a child process: plain libc is fine (unlike _cspawn.c's seed).
+ */
+
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+/* Which step failed (mirrors _place.Step). */
+enum { STEP_DIRECTORY = 1, STEP_FILE = 2, STEP_CGROUP = 3, STEP_JOIN = 4 };
+
+/* A sequence of bytes as C strings: pointers into the bytes objects, which the
+ * caller keeps alive (``fast``) while the GIL is released. */
+static int
+strings(PyObject *seq, PyObject **fast, const char ***out, Py_ssize_t **sizes, Py_ssize_t *n)
+{
+    Py_ssize_t i;
+    *fast = PySequence_Fast(seq, "expected a sequence of bytes");
+    if (*fast == NULL)
+        return -1;
+    *n = PySequence_Fast_GET_SIZE(*fast);
+    *out = PyMem_Calloc((size_t)*n + 1, sizeof(char *));
+    if (sizes != NULL)
+        *sizes = PyMem_Calloc((size_t)*n + 1, sizeof(Py_ssize_t));
+    if (*out == NULL || (sizes != NULL && *sizes == NULL)) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0; i < *n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(*fast, i);
+        if (item == Py_None && sizes != NULL) {
+            (*out)[i] = NULL; /* (contents: an empty file) */
+            continue;
+        }
+        if (!PyBytes_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "expected bytes");
+            return -1;
+        }
+        (*out)[i] = PyBytes_AS_STRING(item);
+        if (sizes != NULL)
+            (*sizes)[i] = PyBytes_GET_SIZE(item);
+        else if ((Py_ssize_t)strlen((*out)[i]) != PyBytes_GET_SIZE(item)) {
+            PyErr_SetString(PyExc_ValueError, "embedded null byte");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* "dir/name" into buf; -1 (ENAMETOOLONG) if it does not fit. */
+static int
+join(char *buf, const char *dir, const char *name)
+{
+    int len = snprintf(buf, PATH_MAX, "%s/%s", dir, name);
+    if (len < 0 || len >= PATH_MAX) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    return 0;
+}
+
+struct made {
+    int step, err;
+    char failed[PATH_MAX]; /* the path of the failed step */
+};
+
+/* Every system call of a place, the GIL released; on failure nothing is left and
+ * ``m`` says what failed. */
+static void
+make(const char *directory, const char **files, const char **contents, Py_ssize_t *sizes,
+     Py_ssize_t n_files, const char **groups, const int *procs, Py_ssize_t n_groups, int *fds,
+     struct made *m)
+{
+    char path[PATH_MAX];
+    Py_ssize_t files_made = 0, groups_made = 0, opened = 0, i;
+    m->step = 0;
+    if (mkdir(directory, 0700) < 0) {
+        m->step = STEP_DIRECTORY;
+        m->err = errno;
+        snprintf(m->failed, PATH_MAX, "%s", directory);
+        return;
+    }
+    for (i = 0; i < n_files; i++) {
+        int fd;
+        if (join(path, directory, files[i]) < 0 ||
+            (fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600)) < 0) {
+            m->step = STEP_FILE;
+            m->err = errno;
+            goto fail;
+        }
+        files_made++;
+        if (contents[i] != NULL && sizes[i] > 0) {
+            /* Written while the disk surely has room; a full disk must not stop the
+             * job (the file stays, empty or short: its reader takes that as zeros). */
+            ssize_t wrote;
+            do {
+                wrote = pwrite(fd, contents[i], (size_t)sizes[i], 0);
+            } while (wrote < 0 && errno == EINTR);
+        }
+        close(fd);
+    }
+    for (i = 0; i < n_groups; i++) {
+        if (mkdir(groups[i], 0777) < 0) {
+            m->step = STEP_CGROUP;
+            m->err = errno;
+            snprintf(path, PATH_MAX, "%s", groups[i]);
+            goto fail;
+        }
+        groups_made++;
+    }
+    for (i = 0; i < n_groups; i++) {
+        int fd;
+        if (procs[i]) {
+            fd = join(path, groups[i], "cgroup.procs") < 0 ? -1
+                                                          : open(path, O_WRONLY | O_CLOEXEC);
+        } else {
+            snprintf(path, PATH_MAX, "%s", groups[i]);
+            fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        }
+        if (fd < 0) {
+            m->step = STEP_JOIN;
+            m->err = errno;
+            goto fail;
+        }
+        fds[opened++] = fd;
+    }
+    return;
+fail:
+    snprintf(m->failed, PATH_MAX, "%s", path);
+    while (opened > 0)
+        close(fds[--opened]);
+    while (groups_made > 0)
+        (void)rmdir(groups[--groups_made]);
+    while (files_made > 0) {
+        files_made--;
+        if (join(path, directory, files[files_made]) == 0)
+            (void)unlink(path);
+    }
+    (void)rmdir(directory);
+}
+
+PyDoc_STRVAR(make_place_doc,
+"make_place(directory, files, contents, groups, procs) -> list[int] | (step, errno, path)\n\n"
+"mkdir ``directory`` (0700); create each of ``files`` in it (0600, empty, or with\n"
+"its ``contents`` written at 0 if not None: a failed write is ignored); mkdir each of\n"
+"``groups``; then open, for each group, its cgroup.procs for writing (``procs``\n"
+"true) or the group's directory itself (false). Returns the fds, one per group,\n"
+"close-on-exec. On failure nothing made is left, and the step (1 directory,\n"
+"2 file, 3 cgroup, 4 join), errno and the path that failed are returned.");
+
+static PyObject *
+make_place(PyObject *self, PyObject *args)
+{
+    PyObject *dir_o, *files_o, *contents_o, *groups_o, *procs_o;
+    PyObject *files_f = NULL, *contents_f = NULL, *groups_f = NULL, *procs_f = NULL;
+    const char **files = NULL, **contents = NULL, **groups = NULL;
+    Py_ssize_t *sizes = NULL, n_files = 0, n_contents = 0, n_groups = 0, i;
+    int *procs = NULL, *fds = NULL;
+    struct made *m = NULL;
+    PyObject *result = NULL;
+    const char *directory;
+
+    if (!PyArg_ParseTuple(args, "yOOOO:make_place", &directory, &files_o, &contents_o,
+                          &groups_o, &procs_o))
+        return NULL;
+    dir_o = PyTuple_GET_ITEM(args, 0);
+    Py_INCREF(dir_o);
+    if (strings(files_o, &files_f, &files, NULL, &n_files) < 0 ||
+        strings(contents_o, &contents_f, &contents, &sizes, &n_contents) < 0 ||
+        strings(groups_o, &groups_f, &groups, NULL, &n_groups) < 0)
+        goto done;
+    if (n_contents != n_files) {
+        PyErr_SetString(PyExc_ValueError, "one content per file");
+        goto done;
+    }
+    procs_f = PySequence_Fast(procs_o, "expected a sequence of bools");
+    if (procs_f == NULL)
+        goto done;
+    if (PySequence_Fast_GET_SIZE(procs_f) != n_groups) {
+        PyErr_SetString(PyExc_ValueError, "one procs flag per group");
+        goto done;
+    }
+    procs = PyMem_Calloc((size_t)n_groups + 1, sizeof(int));
+    fds = PyMem_Calloc((size_t)n_groups + 1, sizeof(int));
+    m = PyMem_Malloc(sizeof *m);
+    if (procs == NULL || fds == NULL || m == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (i = 0; i < n_groups; i++) {
+        int truth = PyObject_IsTrue(PySequence_Fast_GET_ITEM(procs_f, i));
+        if (truth < 0)
+            goto done;
+        procs[i] = truth;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    make(directory, files, contents, sizes, n_files, groups, procs, n_groups, fds, m);
+    Py_END_ALLOW_THREADS
+    if (m->step != 0) {
+        result = Py_BuildValue("(iiy)", m->step, m->err, m->failed);
+        goto done;
+    }
+    result = PyList_New(n_groups);
+    if (result == NULL) {
+        for (i = 0; i < n_groups; i++)
+            close(fds[i]);
+        goto done;
+    }
+    for (i = 0; i < n_groups; i++) {
+        PyObject *fd = PyLong_FromLong(fds[i]);
+        if (fd == NULL) { /* (cannot happen for small ints) */
+            Py_ssize_t j;
+            for (j = i; j < n_groups; j++)
+                close(fds[j]);
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, i, fd);
+    }
+done:
+    Py_DECREF(dir_o);
+    Py_XDECREF(files_f);
+    Py_XDECREF(contents_f);
+    Py_XDECREF(groups_f);
+    Py_XDECREF(procs_f);
+    PyMem_Free(files);
+    PyMem_Free(contents);
+    PyMem_Free(sizes);
+    PyMem_Free(groups);
+    PyMem_Free(procs);
+    PyMem_Free(fds);
+    PyMem_Free(m);
+    return result;
+}
+
+PyDoc_STRVAR(remove_dirs_doc,
+"remove_dirs(dirs) -> list[tuple[int, int]]\n\n"
+"rmdir each of ``dirs``, in order; returns (index, errno) for each that failed\n"
+"for another reason than not existing (a group with processes or subgroups:\n"
+"the caller takes the slow way for those).");
+
+static PyObject *
+remove_dirs(PyObject *self, PyObject *arg)
+{
+    PyObject *fast = NULL, *result = NULL;
+    const char **dirs = NULL;
+    Py_ssize_t n = 0, i, n_failed = 0;
+    int *errs = NULL;
+
+    if (strings(arg, &fast, &dirs, NULL, &n) < 0)
+        goto done;
+    errs = PyMem_Calloc((size_t)n + 1, sizeof(int));
+    if (errs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < n; i++) {
+        if (rmdir(dirs[i]) < 0 && errno != ENOENT) {
+            errs[i] = errno;
+            n_failed++;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = PyList_New(0);
+    if (result == NULL || n_failed == 0)
+        goto done;
+    for (i = 0; i < n; i++) {
+        if (errs[i]) {
+            PyObject *item = Py_BuildValue("(ni)", i, errs[i]);
+            if (item == NULL || PyList_Append(result, item) < 0) {
+                Py_XDECREF(item);
+                Py_CLEAR(result);
+                goto done;
+            }
+            Py_DECREF(item);
+        }
+    }
+done:
+    Py_XDECREF(fast);
+    PyMem_Free(dirs);
+    PyMem_Free(errs);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"make_place", make_place, METH_VARARGS, make_place_doc},
+    {"remove_dirs", remove_dirs, METH_O, remove_dirs_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_cplace",
+    "A job's place made, and groups removed, with the GIL released (see _place.py).", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__cplace(void)
+{
+    return PyModule_Create(&module);
+}
