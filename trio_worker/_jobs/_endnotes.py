@@ -152,6 +152,10 @@ class EndNotes:
         try:
             os.ftruncate(fd, 0)  # the earlier run's notes
             os.ftruncate(fd, SLOTS * _SIZE)
+            # Blocks allocated now: a page's first write on the loop then finds its
+            # block (a page fault, not an allocation in the file system's journal).
+            with contextlib.suppress(OSError):  # (a file system without it)
+                os.posix_fallocate(fd, 0, SLOTS * _SIZE)
             return cls(mmap.mmap(fd, SLOTS * _SIZE))
         finally:
             os.close(fd)  # the mapping keeps the file
