@@ -804,10 +804,10 @@ typedef struct {
 
 /* Blocks of seeds done with them (exec'd, exited or reaped), for the next plants to
  * take: unmapping one at a Start's EOF cost the event loop ~30 us (two munmaps and
- * their TLB shootdowns), and a fresh one cost go a mmap and page faults. At most
- * SEED_SPARES are kept (~50 KiB touched each); the rest are unmapped. Used with the
- * GIL held only (collect, kill and dealloc on the loop; plant in the refill's thread
- * before it lets the GIL go). */
+ * their TLB shootdowns), and go a mmap of its own. At most SEED_SPARES are kept
+ * (a few touched pages each: the stack's top, the thread pointer's and control pages,
+ * the command's); the rest are unmapped. Used with the GIL held only (collect, kill
+ * and dealloc on the loop; plant in the refill's thread before it lets the GIL go). */
 #define SEED_SPARES 8
 static char *seed_spare[SEED_SPARES];
 static int seed_spares;
@@ -818,15 +818,14 @@ seed_block(void)
     char *block;
     if (seed_spares > 0) {
         block = seed_spare[--seed_spares];
-        /* As a fresh mapping gives it: the TLS area and the control page zeroed. */
-        memset(block + SEED_STACK, 0, SEED_TLS + SEED_CTL);
+        /* The control page zeroed, as a fresh mapping gives it. The TLS area is as it
+         * was: the child never touches it (no %fs in its code, a test says), so it
+         * holds zeros and the thread pointer, which plant writes again. */
+        memset(block + SEED_STACK + SEED_TLS, 0, SEED_CTL);
         return block;
     }
-    block = mmap(NULL, SEED_BLOCK, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
-    if (block != MAP_FAILED) /* its params area's pages faulted in here, not in go */
-        memset(block + SEED_STACK + SEED_TLS + SEED_CTL, 0, SEED_PARAMS);
-    return block;
+    return mmap(NULL, SEED_BLOCK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK,
+                -1, 0);
 }
 
 static void
