@@ -324,6 +324,21 @@ async def test_sync_unary_response_over_raw_window(pki: Pki) -> None:
         assert len(client.data[sid]) == 5 + 1 + 3 + 200000  # gRPC prefix, tag, varint length
 
 
+async def test_async_unary_response_over_raw_window(pki: Pki) -> None:
+    # A handler's response is queued as one whole DATA frame when it fits (send_whole_data);
+    # one over the client's window waits for window in frames, as before.
+    async with (
+        running_server(pki, methods(Probe())) as r,
+        RawClient.connect(pki, r.port, window=1000) as client,  # acknowledged as read
+    ):
+        text = "e" * 5000
+        sid = await client.start(ECHO, w.StringValue(value=text).SerializeToString())
+        with trio.fail_after(5):
+            await client.until(lambda: client.status(sid) is not None)
+        assert client.status(sid) == StatusCode.OK
+        assert bytes(client.data[sid])[5:] == w.StringValue(value=text).SerializeToString()
+
+
 async def test_many_concurrent_calls_on_one_connection(pki: Pki) -> None:
     """Sync, async and streaming calls interleaved on one channel from many threads."""
     async with running_server(pki, methods(Probe())) as r:

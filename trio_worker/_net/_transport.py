@@ -831,7 +831,7 @@ class _Connection(Connection):
         try:
             request = self._parse(call)
             response = method.handler(request, call.ctx)
-            if not self._queue_now(call, response, method.response_type):
+            if not self._queue_now(call, self._serialize(call, response, method.response_type)):
                 # No window or buffer room for it now: a task will wait for some.
                 assert self._nursery is not None
                 self._nursery.start_soon(self._run_call, call, (request, response))
@@ -869,8 +869,14 @@ class _Connection(Connection):
 
                     await method.handler(_Requests(self, call, method.request_type), send, call.ctx)
                 elif not isinstance(method, StreamMethod | BidiStreamMethod):
-                    # Not woken: _complete writes the message and trailers together.
-                    await self._send_message(call, response, method.response_type, wake=False)
+                    # Not woken: _complete writes the message and trailers together. One
+                    # whole DATA frame when it fits now (send_whole_data, as a call answered
+                    # in the reader: not h2's send_data), once no cancellation is pending.
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    payload = self._serialize(call, response, method.response_type)
+                    if not self._queue_now(call, payload):
+                        pieces = Pieces((payload,), len(payload))
+                        await self._send_message(call, pieces, method.response_type, wake=False)
                 else:
                     if isinstance(method, StreamMethod):
                         responses = method.handler(request, call.ctx)
@@ -957,10 +963,14 @@ class _Connection(Connection):
                 f"{call.ctx.method} produced {type(message).__name__}, not {expected.__name__}"
             )
 
-    def _queue_now(self, call: _Call, message: Any, expected: type[Any]) -> bool:
-        """Queue a whole response message if window, frame size and buffer allow it now."""
+    def _serialize(self, call: _Call, message: Any, expected: type[Any]) -> bytes:
         self._check_type(call, message, expected)
         payload: bytes = message.SerializeToString()
+        return payload
+
+    def _queue_now(self, call: _Call, payload: bytes) -> bool:
+        """Queue a whole serialized response message if window, frame size and buffer
+        allow it now."""
         stream_id = call.stream_id
         if not self.fits(stream_id, MESSAGE_PREFIX.size + len(payload)):
             return False
