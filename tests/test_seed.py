@@ -41,6 +41,7 @@ from trio_worker._host._spawn import ChildSetupError, Credentials, Seed, Stage
 from trio_worker._jobs._supervisor import Supervisor
 
 from .conftest import process_alive, require_root
+from .test_reaper import reapers_of
 from .test_spawn import unix_user
 
 REPO = Path(__file__).resolve().parent.parent
@@ -702,10 +703,16 @@ def test_a_server_killed_by_sigkill_leaves_no_seed_running(tmp_path: Path) -> No
         stdout=subprocess.PIPE,
         cwd=REPO,
     ) as server:
+        reapers: list[int] = []
         try:
             with _seeds_of_a_killed_server(server) as pids:
                 assert pids
+                reapers = reapers_of(tmp_path / "state")
         finally:
+            # Its reapers remove the dead server's groups: as a restart does, the clean-up
+            # waits for them (a group they removed between its listing and its freeze
+            # was an ENOENT here).
+            _wait_until(lambda: not any(process_alive(pid) for pid in reapers))
             driver = detect(parent)  # the places' groups: leftovers, as after any crash
             driver.cleanup_leftovers()
             driver.close()
