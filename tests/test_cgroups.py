@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -34,6 +35,7 @@ from trio_worker._host._cgroups import (
     NoDriver,
     V1Driver,
     V2Driver,
+    _read_small,
     _write,
     block_device_for,
     cpu_quota_us,
@@ -707,12 +709,24 @@ async def test_v2_driver_on_the_unified_mount_tracks_and_kills(
 async def test_wait_empty_wakes_when_the_last_process_exits(
     v1: V1Driver, procs: list[subprocess.Popen[bytes]]
 ) -> None:
+    """Not before: while the process lives, the waiter stays blocked; then its exit wakes it
+    (no clock: the exit is ours to cause)."""
     group = v1.create("wake", Limits())
-    proc = spawn(procs, ["sleep", "0.3"], group)
-    start = time.monotonic()
-    with trio.fail_after(5):
+    proc = spawn(procs, ["sleep", "1000"], group)
+    emptied = trio.Event()
+
+    async def waiter() -> None:
         await group.wait_empty()
-    assert 0.2 < time.monotonic() - start < 2
+        emptied.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not emptied.is_set()
+        assert proc.poll() is None
+        proc.kill()
+        with trio.fail_after(5):
+            await emptied.wait()
     proc.wait()
     group.remove()
 
@@ -760,3 +774,16 @@ def test_bad_job_ids_cannot_escape_the_parent(v1: V1Driver) -> None:
     for bad in ("../x", "a/b", "..", ""):
         with pytest.raises(InvalidRequest):
             v1.create(bad, Limits())
+
+
+def test_a_small_file_is_read_whole_in_one_read_and_a_big_one_still_whole(tmp_path: Path) -> None:
+    """The end's counters are read with one read (a short read of a one-record seq_file
+    is all of it); a file that fills the read is read to its end as before."""
+    small = tmp_path / "small"
+    small.write_text("populated 0\nfrozen 0\n")
+    assert _read_small(str(small)) == "populated 0\nfrozen 0\n"
+    big = tmp_path / "big"
+    big.write_text("x" * 10_000)
+    assert _read_small(str(big)) == "x" * 10_000
+    assert _read_small(str(tmp_path / "gone")) is None
+    assert _read_small("/proc/self/cgroup") == Path("/proc/self/cgroup").read_text()

@@ -226,6 +226,37 @@ async def test_a_burst_of_ends_is_removed_in_one_thread_call_after_it(
         assert none_exist(groups)
 
 
+async def test_groups_wait_until_no_job_ended_for_retire_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
+) -> None:
+    """A later end moves the removal on: the groups go ``RETIRE_AFTER`` after the last
+    end, not after the first (trio's clock stands still until the test moves it)."""
+    require_root("cgroups")
+    calls: list[int] = []
+    tend = Launcher._tend
+
+    def counted(self: Launcher, retired: Any, ids: Any) -> Any:
+        calls.append(len(retired))
+        return tend(self, retired, ids)
+
+    monkeypatch.setattr(Launcher, "_tend", counted)
+    parent = "tw-linger-" + secrets.token_hex(4)
+    async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+        launcher = sup._admission.launcher
+        jobs = [await sup.start("sleep", ["1000"]) for _ in range(4)]
+        await launcher.settled()
+        calls.clear()
+        for job in jobs:
+            await sup.stop(job.id, 5)
+            mock_clock.jump(RETIRE_AFTER * 0.6)
+            await trio.testing.wait_all_tasks_blocked()
+            assert calls == []  # the last end was less than RETIRE_AFTER ago
+        mock_clock.jump(RETIRE_AFTER * 0.5)
+        await launcher.settled()
+        assert calls == [4]
+        assert none_exist([str(d) for job in jobs for d in groups_of(sup, job.id)])
+
+
 async def test_a_start_with_no_place_ready_waits_for_the_one_being_made(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:

@@ -59,6 +59,7 @@ SYNC = "/test.Test/Sync"
 CHAT = "/test.Test/Chat"
 LISTEN = "/test.Test/Listen"
 GATED = "/test.Test/Gated"
+OPENED = "/test.Test/Opened"
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,7 @@ class Probe:
         self.produced = 0
         self.consumed = 0
         self.gate = trio.Event()
+        self.at_gate = 0
         self.contexts: list[CallContext] = []
 
 
@@ -184,8 +186,15 @@ def methods(probe: Probe) -> dict[str, Any]:
             probe.consumed += 1
         yield w.Int32Value(value=probe.consumed)
 
+    async def opened(req: w.StringValue, ctx: CallContext) -> w.StringValue:
+        """Unary: answers once the gate opens (every waiting call in the same turn)."""
+        probe.at_gate += 1
+        await probe.gate.wait()
+        return req
+
     return {
         ECHO: UnaryMethod(w.StringValue, w.StringValue, echo),
+        OPENED: UnaryMethod(w.StringValue, w.StringValue, opened),
         SLEEP: UnaryMethod(w.DoubleValue, w.DoubleValue, sleep),
         BOOM: UnaryMethod(w.StringValue, w.StringValue, boom),
         DENY: UnaryMethod(w.StringValue, w.StringValue, deny),
@@ -313,6 +322,21 @@ async def test_sync_unary_response_over_raw_window(pki: Pki) -> None:
             await client.until(lambda: client.status(sid) is not None)
         assert client.status(sid) == StatusCode.OK
         assert len(client.data[sid]) == 5 + 1 + 3 + 200000  # gRPC prefix, tag, varint length
+
+
+async def test_async_unary_response_over_raw_window(pki: Pki) -> None:
+    # A handler's response is queued as one whole DATA frame when it fits (send_whole_data);
+    # one over the client's window waits for window in frames, as before.
+    async with (
+        running_server(pki, methods(Probe())) as r,
+        RawClient.connect(pki, r.port, window=1000) as client,  # acknowledged as read
+    ):
+        text = "e" * 5000
+        sid = await client.start(ECHO, w.StringValue(value=text).SerializeToString())
+        with trio.fail_after(5):
+            await client.until(lambda: client.status(sid) is not None)
+        assert client.status(sid) == StatusCode.OK
+        assert bytes(client.data[sid])[5:] == w.StringValue(value=text).SerializeToString()
 
 
 async def test_many_concurrent_calls_on_one_connection(pki: Pki) -> None:
@@ -1160,6 +1184,66 @@ async def test_unary_response_is_one_write(pki: Pki) -> None:
                 await client.until(lambda: client.status(sid) is not None)  # noqa: B023
             assert r.server.stats.socket_writes - before == 1
             assert bytes(client.data[sid]).endswith(request)
+
+
+async def test_answers_ending_in_one_turn_leave_in_one_write(pki: Pki) -> None:
+    """Calls on one connection that end in the same turn of the loop (16 Stops whose jobs
+    died together) leave in one socket write: one TLS record and one wakeup of the
+    client, not one each."""
+    probe = Probe()
+    async with (
+        running_server(pki, methods(probe)) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        request = w.StringValue(value="x").SerializeToString()
+        sid = await client.start(ECHO, request)
+        with trio.fail_after(5):
+            await client.until(lambda: client.status(sid) is not None)
+        sids = [await client.start(OPENED, request) for _ in range(8)]
+        await eventually(lambda: probe.at_gate == 8)
+        await trio.sleep(0.1)  # settings acks and the like are done
+        before = r.server.stats.socket_writes
+        probe.gate.set()
+        with trio.fail_after(5):
+            await client.until(lambda: all(client.status(s) is not None for s in sids))
+        assert r.server.stats.socket_writes - before == 1
+        assert all(client.status(s) == 0 and bytes(client.data[s]).endswith(request) for s in sids)
+
+
+async def test_answers_made_in_one_read_leave_in_one_write(pki: Pki) -> None:
+    """Calls answered in the reader (SyncUnaryMethod) that came in one read leave in the
+    read's one write."""
+    async with (
+        running_server(pki, methods(Probe())) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        request = w.StringValue(value="x").SerializeToString()
+        sid = await client.start(SYNC, request)
+        with trio.fail_after(5):
+            await client.until(lambda: client.status(sid) is not None)
+        await trio.sleep(0.1)
+        before = r.server.stats.socket_writes
+        sids = []
+        for _ in range(8):  # queued, then sent in one piece
+            stream_id = client.h2.get_next_available_stream_id()
+            client.h2.send_headers(
+                stream_id,
+                [
+                    (":method", "POST"),
+                    (":scheme", "https"),
+                    (":path", SYNC),
+                    (":authority", "localhost"),
+                    ("te", "trailers"),
+                    ("content-type", "application/grpc"),
+                ],
+            )
+            client.h2.send_data(stream_id, frame(request), end_stream=True)
+            sids.append(stream_id)
+        await client.flush()
+        with trio.fail_after(5):
+            await client.until(lambda: all(client.status(s) is not None for s in sids))
+        assert r.server.stats.socket_writes - before == 1
+        assert all(bytes(client.data[s]).endswith(request) for s in sids)
 
 
 # --- drain ------------------------------------------------------------------------------

@@ -141,6 +141,29 @@ def _read(path: str | os.PathLike[str]) -> str | None:
         ) from None
 
 
+def _read_small(path: str) -> str | None:
+    """``_read`` of a file whose whole text one ``show`` makes, well under 4 KiB (the
+    end's ``cgroup.events``, ``memory.oom_control``, usage counters): one read, not two.
+
+    A seq_file fills a read with its records up to the end or up to the first record
+    that does not fit; such a file is one record, so a short read is all of it. (Not
+    for files of many records: ``cgroup.procs`` stops short at a pid that does not fit.)
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise CgroupError(
+            f"cannot read {path}: {exc.strerror}", path=Path(path), errno_=exc.errno
+        ) from None
+    return data.decode() if len(data) < 4096 else _read(path)
+
+
 def _keyed(text: str | None, key: str) -> int | None:
     """The value of ``key`` in a ``key value`` per line file (memory.events, cpu.stat)."""
     for line in (text or "").splitlines():
@@ -422,7 +445,7 @@ class JobCgroup(ABC):
         """True once no process is left in the group."""
         events = self._events_file
         if events is not None:
-            text = _read(events)
+            text = _read_small(events)
             if text is None:
                 return True
             return _keyed(text, "populated") == 0
@@ -618,11 +641,11 @@ class V2JobCgroup(JobCgroup):
             self._signal_all()
 
     def oom_killed(self) -> bool:
-        return (_keyed(_read(f"{self.dir}/memory.events"), "oom_kill") or 0) > 0
+        return (_keyed(_read_small(f"{self.dir}/memory.events"), "oom_kill") or 0) > 0
 
     def usage(self) -> Usage | None:
-        usec = _keyed(_read(f"{self.dir}/cpu.stat"), "usage_usec")
-        peak_text = _read(f"{self.dir}/memory.peak")
+        usec = _keyed(_read_small(f"{self.dir}/cpu.stat"), "usage_usec")
+        peak_text = _read_small(f"{self.dir}/memory.peak")
         if usec is None and peak_text is None:
             return None
         peak = int(peak_text) if peak_text and peak_text.strip().isdigit() else 0
@@ -739,7 +762,7 @@ class V1JobCgroup(JobCgroup):
         memory = self._controller_dir("memory")
         if memory is None:
             return False
-        kills = _keyed(_read(f"{memory}/memory.oom_control"), "oom_kill")
+        kills = _keyed(_read_small(f"{memory}/memory.oom_control"), "oom_kill")
         if kills is not None:
             return kills > 0
         # Before Linux 4.13 there is no counter: hitting the limit is the best hint.
@@ -751,16 +774,16 @@ class V1JobCgroup(JobCgroup):
         peak = 0
         cpuacct = self._controller_dir("cpuacct")
         if cpuacct is not None:
-            text = _read(f"{cpuacct}/cpuacct.usage")
+            text = _read_small(f"{cpuacct}/cpuacct.usage")
             if text is not None:
                 cpu = int(text) / 1e9
         unified = self._unified_parent
         if cpu is None and unified is not None:
-            usec = _keyed(_read(f"{unified}/{self._name}/cpu.stat"), "usage_usec")
+            usec = _keyed(_read_small(f"{unified}/{self._name}/cpu.stat"), "usage_usec")
             cpu = None if usec is None else usec / 1e6
         memory = self._controller_dir("memory")
         if memory is not None:
-            text = _read(f"{memory}/memory.max_usage_in_bytes")
+            text = _read_small(f"{memory}/memory.max_usage_in_bytes")
             peak = int(text) if text is not None else 0
         if cpu is None and memory is None:
             return None

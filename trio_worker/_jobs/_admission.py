@@ -7,7 +7,6 @@ words) or raises having left nothing: no fds, directory, cgroup or table entry.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import signal as _signal
@@ -33,6 +32,7 @@ from ._process import (
     PipeReader,
     SpawnError,
     SpawnOptions,
+    StartSpec,
     Stdin,
     Terminal,
     validate_start,
@@ -41,8 +41,9 @@ from ._queries import JobTable
 from ._records import JobRecords
 from ._runner import JobRunner
 from ._stdin import DEFAULT_TERMINAL_SIZE, StdinWriter, check_terminal_size
+from ._turns import let_io_first
 
-__all__ = ["Admission", "let_io_first"]
+__all__ = ["Admission"]
 
 
 class Admission:
@@ -227,7 +228,7 @@ class Admission:
             process.stdin = None  # the writer owns it now
         # The full environment (the server's, ~3 KiB) served the exec; keeping
         # it would cost every job, running or ended, that much memory.
-        job.spec = dataclasses.replace(spec, env={})
+        job.spec = StartSpec(spec.command, spec.args, {}, spec.cwd)
         job.pid_start_time = launched.start_time
         job.feed(lc.Spawned(process.pid, started_at))
         # The job as it started (no usage yet: reading the cgroup's accounting
@@ -293,19 +294,6 @@ async def _in_thread(fn: Callable[[LaunchPlan], Launched], plan: LaunchPlan) -> 
         if "thread" not in str(exc):
             raise
         raise ResourceExhausted(f"cannot start the job: {exc}") from None
-
-
-async def let_io_first() -> None:
-    """Two schedule points and no cancel point: the tasks that the loop's next poll
-    for I/O wakes run before the rest of this task's work.
-
-    The tasks ready at once run as one batch, in either order (trio reverses half of
-    them): after one yield, the rest would run before a Status that just arrived
-    half the time; after the second, never. A Start's loop work comes in pieces of
-    ~0.2-0.4 ms, and a Status queued behind them waits for one piece at most.
-    """
-    await trio.lowlevel.cancel_shielded_checkpoint()
-    await trio.lowlevel.cancel_shielded_checkpoint()
 
 
 def _open_terminal() -> tuple[int, int, int]:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import signal
@@ -196,6 +197,8 @@ class Launcher:
         self._retired: list[JobCgroup] = []
         #: ``keep_ready``'s wait while it has nothing to do; ``retire`` sets its deadline.
         self._linger: trio.CancelScope | None = None
+        #: When the last group was retired: the linger lasts until ``RETIRE_AFTER`` later.
+        self._retired_at = -math.inf
         #: Set when a place was taken (``keep_ready`` waits on it).
         self._wanted = trio.Event()
         #: Set while ``keep_ready`` waits with nothing to do (``settled``).
@@ -247,8 +250,12 @@ class Launcher:
             return
         if self._idle.is_set():
             self._idle = trio.Event()
-        if self._linger is not None:
-            self._linger.deadline = trio.current_time() + RETIRE_AFTER
+        self._retired_at = now = trio.current_time()
+        linger = self._linger
+        if linger is not None and linger.deadline == math.inf:
+            # Set once: ``_wait`` lingers on from ``_retired_at`` (moving a deadline per
+            # end cost each end of a burst an entry in trio's deadline heap).
+            linger.deadline = now + RETIRE_AFTER
 
     def _wake(self) -> None:
         self._wanted.set()
@@ -302,12 +309,17 @@ class Launcher:
             failed = False
 
     async def _wait(self, wanted: trio.Event) -> None:
-        """Idle until woken, or until retired groups waited ``RETIRE_AFTER`` (``retire``
-        moves the deadline: no timer while nothing waits, no polling)."""
+        """Idle until woken, or until ``RETIRE_AFTER`` passed since the last group was
+        retired (``retire`` sets the first deadline, this one the next: no timer while
+        nothing waits, no polling)."""
         self._idle.set()
-        with trio.CancelScope() as self._linger:
-            await wanted.wait()
-        self._linger = None
+        while True:
+            deadline = self._retired_at + RETIRE_AFTER if self._retired else math.inf
+            with trio.CancelScope(deadline=deadline) as self._linger:
+                await wanted.wait()
+            self._linger = None
+            if wanted.is_set() or trio.current_time() >= self._retired_at + RETIRE_AFTER:
+                return
 
     async def aclose(self) -> None:
         """Remove the retired groups and the ready places (after ``keep_ready`` was
@@ -530,6 +542,8 @@ class Launcher:
             files=self.open_logs,
             create=False,  # the place has them
         )
+        # (Its pipes made non-blocking while the seed execs, not after.)
+        stdout, stderr = PipeReader(sprout.stdout), PipeReader(sprout.stderr)
         while not seed.poll():
             with trio.move_on_after(SEED_PATIENCE) as late:
                 await trio.lowlevel.wait_readable(seed.report_fd)
@@ -543,16 +557,14 @@ class Launcher:
                 return None
         failure = seed.error(spec.command, spec.cwd)
         if failure is None:
-            process = JobProcess(
-                seed.pid, seed.pidfd, PipeReader(sprout.stdout), PipeReader(sprout.stderr), None
-            )
+            process = JobProcess(seed.pid, seed.pidfd, stdout, stderr, None)
             return Launched(log, place.group, process=process, start_time=sprout.start_time)
         # The child failed before its command (exit 127): reap it, as spawn does.
         await trio.lowlevel.wait_readable(seed.pidfd)
         trio.lowlevel.notify_closing(seed.pidfd)
         seed.reap()
-        os.close(sprout.stdout)
-        os.close(sprout.stderr)
+        stdout.close()
+        stderr.close()
         message = describe_setup_error(failure, spec, place.group)
         return Launched(log, place.group, error=SpawnError(message, failure.errno))
 

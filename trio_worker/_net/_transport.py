@@ -612,6 +612,7 @@ class _Connection(Connection):
         self._calls: dict[int, _Call] = {}
         self._output_budget = OutputBudget()  # what its streams hold, between them
         self._new_calls: list[_Call] = []  # headers seen in this read, not started yet
+        self._starting_calls = False  # in ``_start_calls``: the reader pushes after it
         self._draining = False
         self.drained = False  # ended by a drain (or idling) with everything flushed
         self._last_call_end = trio.current_time()  # for the idle timeout
@@ -783,17 +784,23 @@ class _Connection(Connection):
         SyncUnaryMethod is then answered right here, in the reader, with no task at all.
         """
         calls, self._new_calls = self._new_calls, []
-        for call in calls:
-            deadline = call.ctx.deadline
-            if call.peer_gone:  # reset in the same read
-                self._complete(call, StatusCode.CANCELLED, call.gone_reason, None, None)
-            elif deadline is not None and trio.current_time() >= deadline:
-                self._complete(call, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", None, None)
-            elif isinstance(call.method, SyncUnaryMethod) and call.request_done.is_set():
-                self._run_inline(call, call.method)
-            else:
-                assert self._nursery is not None
-                self._nursery.start_soon(self._run_call, call)
+        self._starting_calls = True
+        try:
+            for call in calls:
+                deadline = call.ctx.deadline
+                if call.peer_gone:  # reset in the same read
+                    self._complete(call, StatusCode.CANCELLED, call.gone_reason, None, None)
+                elif deadline is not None and trio.current_time() >= deadline:
+                    self._complete(
+                        call, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", None, None
+                    )
+                elif isinstance(call.method, SyncUnaryMethod) and call.request_done.is_set():
+                    self._run_inline(call, call.method)
+                else:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._run_call, call)
+        finally:
+            self._starting_calls = False
 
     def _parse(self, call: _Call) -> Any:
         """The call's request message, or the RpcError that answers it."""
@@ -824,7 +831,7 @@ class _Connection(Connection):
         try:
             request = self._parse(call)
             response = method.handler(request, call.ctx)
-            if not self._queue_now(call, response, method.response_type):
+            if not self._queue_now(call, self._serialize(call, response, method.response_type)):
                 # No window or buffer room for it now: a task will wait for some.
                 assert self._nursery is not None
                 self._nursery.start_soon(self._run_call, call, (request, response))
@@ -862,8 +869,14 @@ class _Connection(Connection):
 
                     await method.handler(_Requests(self, call, method.request_type), send, call.ctx)
                 elif not isinstance(method, StreamMethod | BidiStreamMethod):
-                    # Not woken: _complete writes the message and trailers together.
-                    await self._send_message(call, response, method.response_type, wake=False)
+                    # Not woken: _complete writes the message and trailers together. One
+                    # whole DATA frame when it fits now (send_whole_data, as a call answered
+                    # in the reader: not h2's send_data), once no cancellation is pending.
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    payload = self._serialize(call, response, method.response_type)
+                    if not self._queue_now(call, payload):
+                        pieces = Pieces((payload,), len(payload))
+                        await self._send_message(call, pieces, method.response_type, wake=False)
                 else:
                     if isinstance(method, StreamMethod):
                         responses = method.handler(request, call.ctx)
@@ -929,7 +942,15 @@ class _Connection(Connection):
             self._last_call_end = trio.current_time()
         if call.peer_gone and code is StatusCode.OK:
             code, message, response = StatusCode.CANCELLED, call.gone_reason, None
-        self._push()
+        if self._starting_calls:
+            pass  # answered in the reader, which writes once the read is handled
+        elif self._calls:
+            # Other calls are in flight: the answers of those that end in this turn of
+            # the loop leave with this one, in one write of the writer task (one TLS
+            # record, one syscall and one wakeup of the client, not one per answer).
+            self._wake_writer()
+        else:
+            self._push()
         self._server.record(
             CallRecord(call.ctx, code, message, request, response, time.monotonic() - call.started)
         )
@@ -942,10 +963,14 @@ class _Connection(Connection):
                 f"{call.ctx.method} produced {type(message).__name__}, not {expected.__name__}"
             )
 
-    def _queue_now(self, call: _Call, message: Any, expected: type[Any]) -> bool:
-        """Queue a whole response message if window, frame size and buffer allow it now."""
+    def _serialize(self, call: _Call, message: Any, expected: type[Any]) -> bytes:
         self._check_type(call, message, expected)
         payload: bytes = message.SerializeToString()
+        return payload
+
+    def _queue_now(self, call: _Call, payload: bytes) -> bool:
+        """Queue a whole serialized response message if window, frame size and buffer
+        allow it now."""
         stream_id = call.stream_id
         if not self.fits(stream_id, MESSAGE_PREFIX.size + len(payload)):
             return False

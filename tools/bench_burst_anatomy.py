@@ -1,0 +1,287 @@
+"""What a Status waits for during a Start burst, seen from inside the server.
+
+    python tools/bench_burst_anatomy.py [--server NAME=PYTHON ...] [--rounds 2]
+        [--seconds 3] [--peer-dir ../shared/bench] [--client-python PYTHON]
+
+Runs ``bench_peer.py``'s burst (one grpcio connection calls Status in a loop, idle,
+then while another Starts ``true`` back to back) against each server in turn, in a new
+random order each round, with a ``sitecustomize`` hook in the server that records:
+
+- each Status request's arrival: the kernel's receive timestamp (``SO_TIMESTAMPNS``,
+  read with ``MSG_PEEK`` when the TLS stream reads), and the write of its reply;
+- each task step of the loop: wall time, thread CPU, and the run-queue wait
+  (``/proc/self/task/TID/schedstat``), and each wait in the I/O poll.
+
+Prints per run: the client's p99s (as ``bench_peer.py``), the server-side Status latency
+(arrival to reply written) idle and in the burst, the loop's CPU spent ahead of each
+burst Status (its own step left out; a view that depends little on the machine's load)
+with what it was in the slowest 2%, and for those slowest 2% where their time went:
+the loop's CPU in steps, its run-queue wait in steps, the rest (trio between steps, the
+GIL, a blocking call), the poll (a wakeup that waited for a CPU shows there). Hooks
+internal names (``_net._tlsstream``); asserts nothing. The machine is shared: read
+directions and ranges over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_peer  # (the server script and the burst client)
+
+HOOK = textwrap.dedent(
+    """
+    import atexit, os, pickle, socket, struct, threading, time
+    import trio
+    from trio_worker._net import _tlsstream
+
+    _out = os.environ["BURST_ANATOMY_OUT"]
+    _pc, _tc = time.perf_counter_ns, time.thread_time_ns
+    _SO_TIMESTAMPNS = 35  # (Linux; not in Python 3.11's socket module)
+    _steps, _arrivals, _socks, _last = [], [], {}, {}
+
+    class _Steps(trio.abc.Instrument):
+        fd = None
+
+        def _queued(self):
+            if self.fd is None:
+                tid = threading.get_native_id()
+                self.fd = os.open(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY)
+            return int(os.pread(self.fd, 100, 0).split()[1])
+
+        def before_task_step(self, task):
+            self.q0 = self._queued()
+            self.t0, self.c0 = _pc(), _tc()
+
+        def after_task_step(self, task):
+            t, c = _pc(), _tc()
+            if len(_steps) < 500_000:
+                _steps.append((self.t0, t - self.t0, c - self.c0, task.name,
+                               self._queued() - self.q0))
+
+        def before_io_wait(self, timeout):
+            self.w0 = _pc()
+
+        def after_io_wait(self, timeout):
+            if len(_steps) < 500_000:
+                _steps.append((self.w0, _pc() - self.w0, 0, "<poll>", 0))
+
+    _run = trio.run
+
+    def run(*args, **kwargs):
+        kwargs.setdefault("instruments", []).append(_Steps())
+        return _run(*args, **kwargs)
+
+    trio.run = run
+
+    def _peek(fd):
+        s = _socks.get(fd)
+        if s is None:
+            s = _socks[fd] = socket.socket(fileno=os.dup(fd))
+            s.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        try:
+            _, anc, _, _ = s.recvmsg(1, 64, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            return None
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                sec, ns = struct.unpack("qq", data[:16])
+                return sec * 10**9 + ns
+        return None
+
+    _receive, _send, _wait = (_tlsstream.TLSSocketStream.receive_some,
+                              _tlsstream.TLSSocketStream._send_some,
+                              _tlsstream.TLSSocketStream._wait)
+
+    async def _wait_hooked(self, *, readable):
+        result = await _wait(self, readable=readable)
+        if readable:
+            stamp = _peek(self._ssl.fileno())
+            if stamp:
+                _last[self._ssl.fileno()] = stamp
+        return result
+
+    async def _receive_hooked(self, max_bytes):
+        fd = self._ssl.fileno()
+        stamp = _peek(fd)
+        if stamp:
+            _last[fd] = stamp
+        data = await _receive(self, max_bytes)
+        _arrivals.append(("r", fd, _last.pop(fd, 0), time.time_ns(), len(data)))
+        return data
+
+    def _send_hooked(self):
+        done = _send(self)
+        try:
+            _arrivals.append(("s", self._ssl.fileno(), 0, time.time_ns(), 0))
+        except OSError:
+            pass
+        return done
+
+    _tlsstream.TLSSocketStream.receive_some = _receive_hooked
+    _tlsstream.TLSSocketStream._send_some = _send_hooked
+    _tlsstream.TLSSocketStream._wait = _wait_hooked
+
+    @atexit.register
+    def _dump():
+        with open(_out, "wb") as f:
+            pickle.dump((_steps, _arrivals, time.time_ns() - _pc()), f)
+    """
+)
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))] if values else float("nan")
+
+
+def _short(name: str) -> str:
+    return "job end" if name.startswith("job ") else name.rsplit(".", 1)[-1][:24]
+
+
+def analyse(path: Path) -> str:
+    steps, arrivals, offset = pickle.load(path.open("rb"))
+    steps = sorted((t + offset, w, c, n, q) for t, w, c, n, q in steps)
+    by_fd: dict[int, list[tuple[str, int, int, int, int]]] = collections.defaultdict(list)
+    for event in arrivals:
+        by_fd[event[1]].append(event)
+    status_fd = max(by_fd, key=lambda fd: sum(1 for e in by_fd[fd] if e[0] == "r"))
+    calls: list[tuple[int, int, int]] = []  # (arrival, read, reply written)
+    pending = None
+    for kind, _, stamp, at, size in by_fd[status_fd]:
+        if kind == "r" and size > 0 and stamp > 0:
+            pending = (stamp, at)
+        elif kind == "s" and pending is not None:
+            calls.append((pending[0], pending[1], at))
+            pending = None
+    others = sorted(e[3] for fd, es in by_fd.items() if fd != status_fd for e in es)
+    _, i = max((others[k + 1] - others[k], k) for k in range(len(others) - 1))
+    b0, b1 = others[i + 1], others[-1]
+    idle = [(s - a) / 1e3 for a, _, s in calls if a < b0 - 500_000_000]
+    burst = [c for c in calls if b0 <= c[0] <= b1]
+    starts = [s[0] for s in steps]
+    rows = []
+    for a, read, s in burst:
+        j = max(0, bisect.bisect_left(starts, a - 5_000_000))
+        ahead: collections.Counter[str] = collections.Counter()
+        cpu = queued = polled = 0.0
+        for t0, w, c, n, q in steps[j:]:
+            if t0 >= s:
+                break
+            lo, hi = max(t0, a), min(t0 + w, s)
+            if hi <= lo:
+                continue
+            share = (hi - lo) / w if w else 0.0
+            if n == "<poll>":
+                polled += hi - lo
+                continue
+            cpu += c * share
+            queued += q * share
+            if not (t0 <= read and s <= t0 + w + 1000):  # not its own step
+                ahead[_short(n)] += c * share
+        rows.append((sum(ahead.values()), s - a, ahead, cpu, queued, polled))
+    tail = sorted(rows, key=lambda r: r[1])[int(len(rows) * 0.98) :]
+    parts: collections.Counter[str] = collections.Counter()
+    for r in tail:
+        parts.update(r[2])
+    n = max(1, len(tail))
+    wall = sum(r[1] for r in tail) / n
+    cpu, queued, polled = (sum(r[k] for r in tail) / n for k in (3, 4, 5))
+    lines = [
+        f"  server-side Status (arrival -> reply written): idle p50 {_pct(idle, 0.5):.0f} "
+        f"p99 {_pct(idle, 0.99):.0f} us | burst n={len(rows)} "
+        + " ".join(f"p{q} {_pct([r[1] / 1e3 for r in rows], q / 100):.0f}" for q in (50, 90, 99))
+        + " us",
+        "  loop CPU ahead of a burst Status: "
+        + " ".join(f"p{q} {_pct([r[0] / 1e3 for r in rows], q / 100):.0f}" for q in (50, 90, 99))
+        + " us; in the slowest 2%: "
+        + ", ".join(f"{k} {v / n / 1e3:.0f}" for k, v in parts.most_common(6)),
+        f"  slowest 2% (n={len(tail)}): {wall / 1e3:.0f} us = loop CPU {cpu / 1e3:.0f} + "
+        f"run-queue {queued / 1e3:.0f} + between steps, the GIL, blocking "
+        f"{(wall - cpu - queued - polled) / 1e3:.0f} + in the poll {polled / 1e3:.0f}",
+    ]
+    return "\n".join(lines)
+
+
+def one_run(args: argparse.Namespace, name: str, python: str, scratch: Path) -> str:
+    hook = scratch / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(HOOK)
+    out = scratch / f"{name}.pkl"
+    env = dict(os.environ, BURST_ANATOMY_OUT=str(out))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
+    state = scratch / f"state-{name}"
+    server = subprocess.Popen(
+        [python, "-c", bench_peer.SERVER, str(state)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=scratch,
+        env=env,
+    )
+    try:
+        assert server.stdout is not None
+        port, pki = server.stdout.readline().split()
+        d = Path(pki)
+        client = [args.client_python, "-c", bench_peer.BURST, str(args.peer_dir)]
+        client += [f"127.0.0.1:{port}", str(d / "ca.pem"), str(d / "admin.pem")]
+        client += [str(d / "admin.key"), str(bench_peer.REPO / "worker.proto")]
+        client += [str(args.seconds)]
+        done = subprocess.run(client, capture_output=True, text=True, check=False)
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+    figures = {}
+    for line in done.stdout.splitlines():
+        record = json.loads(line)
+        figures[record["figure"]] = record
+    if len(figures) < 2:
+        return f"  burst failed: {done.stderr.strip()[-500:]}"
+    idle, busy = figures["status_p99_idle"], figures["status_p99_during_starts"]
+    head = (
+        f"  client p99 idle {idle['median']:.2f} ms, in the burst {busy['median']:.2f} ms "
+        f"({busy['median'] / idle['median']:.1f}x), {busy['starts']} Starts"
+    )
+    return head + "\n" + analyse(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--peer-dir",
+        type=Path,
+        default=Path(
+            os.environ.get("TRIO_WORKER_PEER_BENCH", bench_peer.REPO.parent / "shared" / "bench")
+        ),
+    )
+    parser.add_argument("--client-python", default=sys.executable)
+    parser.add_argument("--server", action="append", default=[], help="NAME=PYTHON")
+    args = parser.parse_args()
+    if not (args.peer_dir / "bench.py").exists():
+        print(f"no peer harness in {args.peer_dir} (--peer-dir): its client is needed")
+        return
+    servers = [tuple(s.split("=", 1)) for s in args.server] or [("this", sys.executable)]
+    with tempfile.TemporaryDirectory(prefix="burst-anatomy-") as tmp:
+        for round_ in range(args.rounds):
+            order = list(servers)
+            random.shuffle(order)
+            for name, python in order:
+                load = os.getloadavg()[0]
+                print(f"{name}, round {round_ + 1} (load {load:.1f}):", flush=True)
+                print(one_run(args, name, python, Path(tmp)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
