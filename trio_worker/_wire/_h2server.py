@@ -8,6 +8,12 @@ operation covers both).
 Its events, besides purerpc's (``RequestReceived``, ``MessageReceived``, ``RequestEnded``):
 a stream reset, a GOAWAY, and the requests refused per stream rather than for the whole
 connection.
+
+A unary call's frames (HEADERS opening a stream, its DATA, the WINDOW_UPDATEs that follow
+the reply) are read here rather than by h2's frame reader (``_receive_batch``, ``_take``):
+h2's state machines, windows and HPACK decoder are driven beside it, and every other frame,
+state and error goes to h2 as it came. The request's read cost more in h2's frame objects,
+flag sets and events than in what it decides.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import h2.connection
-import h2.events
 import h2.exceptions
 import h2.settings
 import h2.stream
