@@ -112,6 +112,85 @@ async def test_crash_makes_running_jobs_lost_kills_them_and_keeps_output(tmp_pat
         assert await sup.wait(streamer.id) == sup.status(streamer.id)
 
 
+ANSWERED_THEN_CRASHING = textwrap.dedent(
+    """
+    import json, sys, trio, trio_worker
+
+    async def main(state):
+        async with trio_worker.open_supervisor(state) as sup:
+            stopped = await sup.start("sleep", ["1000"])
+            waited = await sup.start("sh", ["-c", "echo done; exit 3"])
+            await sup._store.flush()  # the starts' records
+            async with sup._store._lock:  # no commit from here on
+                stop = await sup.stop(stopped.id, grace=5)
+                wait = await sup.wait(waited.id)
+                print(json.dumps({"stopped": stopped.id, "waited": waited.id,
+                                  "signal": stop.signal, "code": wait.exit_code,
+                                  "cpu": wait.usage is not None}), flush=True)
+                await trio.sleep_forever()
+
+    trio.run(main, sys.argv[1])
+    """
+)
+
+
+async def test_an_end_answered_before_its_commit_survives_a_crash(tmp_path: Path) -> None:
+    """Stop and Wait answer before the end's record commits; a server SIGKILLed in
+    between comes back with the ends it told (noted on disk), not LOST jobs."""
+    require_root("a job's cgroup")
+    state = tmp_path / "state"
+
+    def run() -> dict[str, object]:
+        with subprocess.Popen(
+            [sys.executable, "-c", ANSWERED_THEN_CRASHING, str(state)],
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as server:
+            try:
+                assert server.stdout is not None
+                told: dict[str, object] = json.loads(server.stdout.readline())
+            finally:
+                server.kill()
+        return told
+
+    told = await trio.to_thread.run_sync(run)
+    assert (told["signal"], told["code"]) == (15, 3)
+    assert (_row(state, str(told["stopped"])) or ("",))[0] == "running"
+    async with open_supervisor(state) as sup:
+        stopped = sup.status(str(told["stopped"]))
+        waited = sup.status(str(told["waited"]))
+        assert (stopped.state, stopped.signal) == (JobState.KILLED, 15)
+        assert (waited.state, waited.exit_code) == (JobState.EXITED, 3)
+        assert waited.ended_at is not None
+        assert waited.usage is not None
+        assert b"".join([c.data async for c in sup.output(waited.id)]) == b"done\n"
+    assert (_row(state, stopped.id) or ("",))[0] == "killed"
+    assert (_row(state, waited.id) or ("",))[0] == "exited"
+
+
+async def test_an_end_is_noted_until_its_record_is_in_or_its_job_removed(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    async with open_supervisor(state, retention=Retention(interval=3600)) as sup:
+        notes = sup._records._notes
+        store = sup._store
+        assert notes is not None
+        assert store is not None
+        kept, gone = await sup.start("sleep", ["60"]), await sup.start("sleep", ["60"])
+        await store.flush()
+        store._conn.execute("DELETE FROM jobs WHERE id = ?", (gone.id,))
+        async with store._lock:  # no commit meanwhile
+            await sup.stop(kept.id, grace=0)
+            await sup.stop(gone.id, grace=0)
+            assert len(notes) == 2
+        await sup._records.commit_queued()
+        assert len(notes) == 1  # kept's end is in; gone's found no row (written later)
+        assert gone.id in sup._records.unsaved
+        await sup.remove(gone.id)
+        assert len(notes) == 0
+
+
 async def test_second_supervisor_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
     async with open_supervisor(tmp_path / "state"):
         with pytest.raises(StateDirError, match="state"):

@@ -447,6 +447,35 @@ async def test_a_plain_start_runs_its_places_seed_and_a_failed_one_leaves_nothin
         assert not _exists(seeds[1][1])  # reaped
 
 
+async def test_seeds_memory_serves_the_next_seeds_and_a_big_command_gets_its_own(
+    tmp_path: Path,
+) -> None:
+    # A seed's memory (stack, TLS, control page, command) is kept for the next plants once
+    # it has exec'd, not unmapped on the loop; a command over the block's 16 KiB gets a
+    # mapping of its own. Every job, on memory used before or not, is its place's seed,
+    # in all its groups, with its whole command line and environment.
+    big = "x" * 40_000
+    async with _seeded_supervisor(tmp_path) as (sup, _):
+        for i in range(12):
+            seeds = await _ready_seeds(sup)
+            env = {"BIG": big} if i % 2 else {"SMALL": str(i)}
+            script = 'echo $$ ${#BIG} "$0" $SMALL; cat /proc/self/cgroup'
+            job = await sup.start("sh", ["-c", script, f"arg{i}"], env=env)
+            assert (job.id, job.pid) == seeds[0]
+            end = await sup.wait(job.id)
+            assert (end.state, end.exit_code) == (JobState.EXITED, 0)
+            out = b"".join([c.data async for c in sup.output(job.id)]).decode().splitlines()
+            expected = (
+                [str(job.pid), str(len(big)), f"arg{i}"]
+                if i % 2
+                else [str(job.pid), "0", f"arg{i}", str(i)]
+            )
+            assert out[0].split() == expected
+            group = sup._jobs.get(job.id).cgroup
+            assert group is not None
+            assert len([line for line in out if line.endswith(f"/job-{job.id}")]) == len(group.dirs)
+
+
 async def test_a_start_with_limits_does_not_run_the_seed_and_the_seed_goes(
     tmp_path: Path,
 ) -> None:

@@ -1,11 +1,12 @@
 """What a Status waits for during a Start burst, seen from inside the server.
 
     python tools/bench_burst_anatomy.py [--server NAME=PYTHON ...] [--rounds 2]
-        [--seconds 3] [--peer-dir ../shared/bench] [--client-python PYTHON]
+        [--seconds 3] [--rate 0] [--peer-dir ../shared/bench] [--client-python PYTHON]
 
 Runs ``bench_peer.py``'s burst (one grpcio connection calls Status in a loop, idle,
 then while another Starts ``true`` back to back) against each server in turn, in a new
-random order each round, with a ``sitecustomize`` hook in the server that records:
+random order each round (``--rate``: the Starts paced, so that a faster server is not
+given a denser burst), with a ``sitecustomize`` hook in the server that records:
 
 - each Status request's arrival: the kernel's receive timestamp (``SO_TIMESTAMPNS``,
   read with ``MSG_PEEK`` when the TLS stream reads), and the write of its reply;
@@ -141,6 +142,21 @@ HOOK = textwrap.dedent(
 )
 
 
+#: ``bench_peer.BURST`` with its Starts paced at ``rate`` a second (0: back to back, as
+#: there): the burst's load then does not grow with the server's speed.
+PACED = bench_peer.BURST.replace(
+    "addr, ca, cert, key, proto, seconds = sys.argv[2:8]",
+    "addr, ca, cert, key, proto, seconds, rate = sys.argv[2:9]; rate = float(rate)",
+).replace(
+    "def burst():\n    while not done.is_set():",
+    "def burst():\n    slot = time.monotonic()\n    while not done.is_set():\n"
+    "        if rate:\n            slot += 1 / rate\n"
+    "            time.sleep(max(0.0, slot - time.monotonic()))",
+)
+assert "rate = float(rate)" in PACED
+assert "slot += 1 / rate" in PACED
+
+
 def _pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * q))] if values else float("nan")
@@ -233,10 +249,10 @@ def one_run(args: argparse.Namespace, name: str, python: str, scratch: Path) -> 
         assert server.stdout is not None
         port, pki = server.stdout.readline().split()
         d = Path(pki)
-        client = [args.client_python, "-c", bench_peer.BURST, str(args.peer_dir)]
+        client = [args.client_python, "-c", PACED, str(args.peer_dir)]
         client += [f"127.0.0.1:{port}", str(d / "ca.pem"), str(d / "admin.pem")]
         client += [str(d / "admin.key"), str(bench_peer.REPO / "worker.proto")]
-        client += [str(args.seconds)]
+        client += [str(args.seconds), str(args.rate)]
         done = subprocess.run(client, capture_output=True, text=True, check=False)
     finally:
         server.terminate()
@@ -259,6 +275,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="Starts a second (default 0: back to back)"
+    )
     parser.add_argument(
         "--peer-dir",
         type=Path,

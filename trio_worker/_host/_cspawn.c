@@ -552,7 +552,10 @@ struct seed_ctl {
 #define SEED_STACK (64 * 1024)
 #define SEED_TLS (16 * 1024)
 #define SEED_TP_AT (12 * 1024) /* the thread pointer, inside the TLS area */
-#define SEED_BLOCK (SEED_STACK + SEED_TLS + 4096)
+#define SEED_CTL 4096
+/* The command's strings and arrays, when they fit (else a mapping of their own). */
+#define SEED_PARAMS (16 * 1024)
+#define SEED_BLOCK (SEED_STACK + SEED_TLS + SEED_CTL + SEED_PARAMS)
 
 #if defined(__x86_64__)
 #define HAVE_SEED 1
@@ -799,15 +802,43 @@ typedef struct {
     int done; /* EOF seen or the child reaped: the memory is ours again */
 } SeedObject;
 
+/* Blocks of seeds done with them (exec'd, exited or reaped), for the next plants to
+ * take: unmapping one at a Start's EOF cost the event loop ~30 us (two munmaps and
+ * their TLB shootdowns), and go a mmap of its own. At most SEED_SPARES are kept
+ * (a few touched pages each: the stack's top, the thread pointer's and control pages,
+ * the command's); the rest are unmapped. Used with the GIL held only (collect, kill
+ * and dealloc on the loop; plant in the refill's thread before it lets the GIL go). */
+#define SEED_SPARES 8
+static char *seed_spare[SEED_SPARES];
+static int seed_spares;
+
+static char *
+seed_block(void)
+{
+    char *block;
+    if (seed_spares > 0) {
+        block = seed_spare[--seed_spares];
+        /* The control page zeroed, as a fresh mapping gives it. The TLS area is as it
+         * was: the child never touches it (no %fs in its code, a test says), so it
+         * holds zeros and the thread pointer, which plant writes again. */
+        memset(block + SEED_STACK + SEED_TLS, 0, SEED_CTL);
+        return block;
+    }
+    return mmap(NULL, SEED_BLOCK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK,
+                -1, 0);
+}
+
 static void
 seed_release(SeedObject *s)
 {
-    if (s->params != NULL) {
+    if (s->params != NULL && s->params_size != 0)
         munmap(s->params, s->params_size);
-        s->params = NULL;
-    }
+    s->params = NULL;
     if (s->block != NULL) {
-        munmap(s->block, SEED_BLOCK);
+        if (seed_spares < SEED_SPARES)
+            seed_spare[seed_spares++] = s->block;
+        else
+            munmap(s->block, SEED_BLOCK);
         s->block = NULL;
     }
 }
@@ -874,8 +905,7 @@ seed_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         sigset_t all, old;
         long ret;
         int saved;
-        char *block = mmap(NULL, SEED_BLOCK, PROT_READ | PROT_WRITE,
-                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        char *block = seed_block();
         if (block == MAP_FAILED) {
             saved = errno;
             goto fail;
@@ -1056,14 +1086,20 @@ seed_go(SeedObject *s, PyObject *args)
     if (cwd_o != Py_None)
         cwd_len = (size_t)PyBytes_GET_SIZE(cwd_o) + 1;
     size += (n_groups > 0 ? (size_t)n_groups : 0) * sizeof(gid_t) + cwd_len + 64;
-    size = (size + 4095) & ~(size_t)4095;
-    at = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (at == MAP_FAILED) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
+    if (size <= SEED_PARAMS) {
+        at = s->block + SEED_STACK + SEED_TLS + SEED_CTL; /* no mapping of its own */
+        s->params = at;
+        s->params_size = 0;
+    } else {
+        size = (size + 4095) & ~(size_t)4095;
+        at = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (at == MAP_FAILED) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
+        }
+        s->params = at;
+        s->params_size = size;
     }
-    s->params = at;
-    s->params_size = size;
     c = (struct seed_ctl *)(s->block + SEED_STACK + SEED_TLS);
     c->groups = NULL;
     if (n_groups > 0) {

@@ -13,7 +13,7 @@ import os
 import shutil
 import signal as _signal
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from .._errors import JobNotFound, StateDirError
 from .._model import JobInfo, JobState
 from .._util import final
 from . import _lifecycle as lc
+from ._endnotes import EndNotes, read_end_notes
 from ._job import LOST_ERROR, Job, now
 from ._queries import JobTable
 from ._store import JobStore, Queued, StoredJob, process_start_time
@@ -60,12 +61,22 @@ class JobRecords:
     """Writes the jobs of ``table`` to ``store`` (nothing without one)."""
 
     def __init__(
-        self, store: JobStore | None, table: JobTable, jobs_dir: Path, retention: Retention
+        self,
+        store: JobStore | None,
+        table: JobTable,
+        jobs_dir: Path,
+        retention: Retention,
+        *,
+        notes_path: Path | None = None,
     ) -> None:
         self.store = store
         self._table = table
         self._jobs_dir = jobs_dir
         self.retention = retention
+        #: Where ended jobs' ends are noted until their records commit (``_endnotes``):
+        #: read by ``restore``, which then makes ``_notes``.
+        self._notes_path = notes_path
+        self._notes: EndNotes | None = None
         #: Jobs whose record in the store is behind (a write failed, e.g. a full
         #: disk): job id -> whether its row exists. Written again by housekeeping.
         self.unsaved: dict[str, bool] = {}
@@ -137,9 +148,9 @@ class JobRecords:
             return
         exists = self.unsaved.pop(job.id, True)
         info = job.info()
+        dropped = job.log.dropped_bytes if job.log is not None else 0
         try:
             if exists:
-                dropped = job.log.dropped_bytes if job.log is not None else 0
                 write = store.queue_end(info, dropped_bytes=dropped)
             else:  # its start was never written: the whole record, as it ended
                 write = store.queue_start(
@@ -150,6 +161,10 @@ class JobRecords:
             return
         self._queued.append((job.id, write, exists))
         self._commit_wanted.set()
+        if exists and self._notes is not None:
+            # Before anyone is told (the waiters run after this step): a crash before
+            # the commit leaves the end on disk for ``restore``, not a LOST job.
+            self._notes.note(info, dropped)
 
     async def run_committer(self) -> None:
         """Commit the records ``record_soon`` and ``end_soon`` queued, until cancelled
@@ -182,8 +197,11 @@ class JobRecords:
 
     def _settle(self, queued: list[tuple[str, Queued, bool]]) -> None:
         """Put the records of a commit the store refused in ``unsaved``."""
+        notes = self._notes
         for job_id, write, exists in queued:
             if write.done and write.error is None:
+                if notes is not None:
+                    notes.release(job_id)
                 continue
             if write.error is not None and job_id not in self.unsaved:
                 _log.error("job %s: cannot record it (will retry): %s", job_id, write.error)
@@ -251,6 +269,8 @@ class JobRecords:
                 saved.append(job_id)
                 # (A running job whose row is now in: its end will update it.)
                 self.unsaved.pop(job_id, None)
+                if self._notes is not None:
+                    self._notes.release(job_id)
 
         # Concurrent, so group commit writes them in one transaction.
         async with trio.open_nursery() as nursery:
@@ -264,6 +284,8 @@ class JobRecords:
         if self.store is not None:
             await self.store.delete([job.id])
         self.unsaved.pop(job.id, None)
+        if self._notes is not None:
+            self._notes.release(job.id)  # (noted while its end waited to be saved)
         if job.directory is not None:
             await trio.to_thread.run_sync(remove_dirs, [job.directory])
 
@@ -273,17 +295,26 @@ class JobRecords:
         A job recorded as RUNNING outlived its server: whatever is left of it
         is killed (its cgroup already was, by ``cleanup_leftovers``; without
         cgroups, its process group, if the pid still names the same process),
-        and it becomes LOST. Output written before the crash stays readable.
+        and it becomes LOST. Output written before the crash stays readable. Unless its
+        end was noted (``_endnotes``): it ended before the crash, and a caller may have
+        been told how; it ends so again.
         """
+        path = self._notes_path
+        notes = {} if path is None else await trio.to_thread.run_sync(read_end_notes, path)
         at = now()
         lost: list[str] = []
+        noted: list[StoredJob] = []
         for entry in stored:
             info = entry.info
-            if info.state is JobState.RUNNING:
+            note = notes.get(info.id) if info.state is JobState.RUNNING else None
+            if note is not None:
+                entry = replace(entry, info=note.ended(info), dropped_bytes=note.dropped_bytes)
+                noted.append(entry)
+            elif info.state is JobState.RUNNING:
                 _kill_recorded(info.pid, entry.pid_start_time)
                 lost.append(info.id)
             job = Job.restored(entry, self._jobs_dir / info.id)
-            if info.state is JobState.RUNNING:
+            if entry.info.state is JobState.RUNNING:
                 job.feed(lc.Lost(LOST_ERROR, at))
             self._table.add(job)
         if lost and self.store is not None:
@@ -292,6 +323,9 @@ class JobRecords:
             except StateDirError as exc:
                 _log.error("cannot record %d lost job(s) (will retry): %s", len(lost), exc)
                 self.unsaved.update(dict.fromkeys(lost, True))
+        if path is not None and self.store is not None and await self._record_noted(noted):
+            # (Not while the noted ends are not in the store: the file keeps them.)
+            self._notes = await trio.to_thread.run_sync(EndNotes.create, path)
         if stored:
             _log.info("restored %d job(s), %d of them lost", len(stored), len(lost))
         known = {entry.info.id for entry in stored}
@@ -302,6 +336,29 @@ class JobRecords:
             # groups; nobody was told of them for sure, so nothing of them stays.
             await trio.to_thread.run_sync(remove_dirs, unrecorded)
             _log.warning("removed %d job directory(ies) with no record", len(unrecorded))
+
+    async def _record_noted(self, noted: Sequence[StoredJob]) -> bool:
+        """Commit the ends ``restore`` took from the notes, in one transaction; False if
+        the store refused them."""
+        store = self.store
+        assert store is not None
+        writes = [store.queue_end(e.info, dropped_bytes=e.dropped_bytes) for e in noted]
+        try:
+            await store.flush()
+        except StateDirError as exc:
+            _log.error("cannot record the ends of %d job(s): %s", len(noted), exc)
+        if not all(w.done and w.error is None for w in writes):
+            self.unsaved.update({e.info.id: True for e in noted})
+            return False
+        if noted:
+            _log.info("%d job(s) ended as noted before the restart", len(noted))
+        return True
+
+    def close_notes(self) -> None:
+        """Unmap the notes (after the last commit: what is still noted stays on disk)."""
+        if self._notes is not None:
+            self._notes.close()
+            self._notes = None
 
     async def run_housekeeping(self) -> None:
         """Run ``housekeep`` every ``retention.interval`` seconds."""

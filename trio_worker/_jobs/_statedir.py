@@ -7,6 +7,7 @@ Layout (``StateDir`` properties name each part)::
       lock                flock()ed by the running server; holds its pid for humans
       jobs.db             the job store (SQLite, WAL: also jobs.db-wal, jobs.db-shm), 0600
                           (SQLite gives -wal and -shm the mode of jobs.db)
+      ends                ended jobs' ends until their records commit (``_endnotes``), 0600
       jobs/<id>/          one job's output.log + output.idx
       ready/<id>/         a job's place made ahead of need (``_launch``), empty log
                           files; moved into jobs/ by a Start, emptied at every start
@@ -37,7 +38,10 @@ from typing import Self
 
 from .._errors import StateDirError
 
-__all__ = ["StateDir", "check_private", "private_file"]
+__all__ = ["END_NOTES", "StateDir", "check_private", "private_file"]
+
+#: Ended jobs' ends until their records commit (``_endnotes``).
+END_NOTES = "ends"
 
 #: How long to wait for a holder that has just locked to write its pid.
 _PID_WAIT = 0.5

@@ -39,7 +39,7 @@ from ._process import validate_signal
 from ._queries import JobTable, open_output
 from ._records import JobRecords, Retention
 from ._runner import JobRunner
-from ._statedir import StateDir
+from ._statedir import END_NOTES, StateDir
 from ._store import JobStore, SqliteJobStore
 
 __all__ = [
@@ -85,7 +85,13 @@ class Supervisor(metaclass=NoPublicConstructor):
         jobs_dir = state_dir / "jobs"
         jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._jobs = JobTable()
-        self._records = JobRecords(store, self._jobs, jobs_dir, retention or Retention())
+        self._records = JobRecords(
+            store,
+            self._jobs,
+            jobs_dir,
+            retention or Retention(),
+            notes_path=None if store is None else state_dir / END_NOTES,
+        )
         self._runner = JobRunner(nursery, self._records)
         self._admission = Admission(
             self._jobs,
@@ -556,6 +562,7 @@ async def open_supervisor_with_driver(
                 # try before it would find that record not yet pending.
                 await made._records.commit_queued()
                 await made._records.save_unsaved()
+                made._records.close_notes()
             if launcher is not None:
                 await launcher.aclose()  # the places no job took, the groups left to remove
             if guard is not None:
