@@ -408,7 +408,11 @@ class Launcher:
         so that no seed may be planted (``CgroupDriver.memory_capped``: a job's OOM there
         would kill a seed, and with it the server whose memory it shares). Said in the
         log when that changes."""
-        capped = self.cgroups.memory_capped()
+        try:
+            capped = self.cgroups.memory_capped()
+        except CgroupError as exc:  # (out of descriptors): unknown, so no seeds
+            _log.debug("no seeds: cannot read the jobs' memory limits: %s", exc)
+            return True
         if (capped is not None) != self._capped:
             self._capped = capped is not None
             if capped is not None:
