@@ -20,6 +20,7 @@ import h2.errors
 import h2.events
 import pytest
 import trio
+import trio.testing
 from google.protobuf import wrappers_pb2 as w
 
 from tests.grpc_support import (
@@ -1144,8 +1145,10 @@ async def test_stuck_reader_bounded_by_send_buffer(pki: Pki) -> None:
         await client.flush()
         await client.start(FLOOD, w.Int32Value(value=65536).SerializeToString())
         await probe.started.wait()
-        # Never read. The socket buffers fill, then our send buffer, then it stops.
-        await trio.sleep(1.0)
+        # Never read. The socket buffers fill, then our send buffer, then it stops: every
+        # task (the in-process server's too) waits (was a 1 s sleep, which a loaded host
+        # could spend before the buffers were full).
+        await trio.testing.wait_all_tasks_blocked()
         stalled_at = probe.produced
         await trio.sleep(0.5)
         assert probe.produced == stalled_at
