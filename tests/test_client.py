@@ -87,6 +87,8 @@ class Server:
     certs: Certs
     port: int
     scope: trio.CancelScope
+    #: ``run_server`` has returned (after ``scope`` was cancelled: its listener is closed).
+    stopped: trio.Event
 
     @property
     def addr(self) -> str:
@@ -127,12 +129,17 @@ async def running_server(
 
         scope = trio.CancelScope()
 
+        stopped = trio.Event()
+
         async def serve_in_scope(task_status: trio.TaskStatus[int]) -> None:
-            with scope:
-                await serve(task_status=task_status)
+            try:
+                with scope:
+                    await serve(task_status=task_status)
+            finally:
+                stopped.set()
 
         port = await nursery.start(serve_in_scope)
-        yield Server(certs, port, scope)
+        yield Server(certs, port, scope, stopped)
         nursery.cancel_scope.cancel()
 
 
@@ -674,6 +681,9 @@ async def _follow_until_server_cancelled(certs: Certs, tmp_path: Path) -> BaseEx
                 nursery.start_soon(follow)
                 await streaming.wait()  # mid-stream: the follower has its first chunk
                 srv.scope.cancel()
+            # Gone, its listener closed: a dial while it was going away could still reach
+            # it, and be reset ("TLS handshake ... failed: connection reset").
+            await srv.stopped.wait()
         assert len(outcome) == 1
         # Sent on the old connection before its EOF is read, or on a new one: both fail.
         with pytest.raises(ConnectionFailed, match=r"cannot connect|lost the connection"):
