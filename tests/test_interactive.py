@@ -10,6 +10,7 @@ import secrets
 import signal
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -26,6 +27,12 @@ from trio_worker import (
     Supervisor,
     open_supervisor,
 )
+
+
+def _write_fifo(path: Path) -> None:
+    """Open a FIFO for writing (waiting for its reader) and say one line."""
+    with open(path, "w") as fifo:
+        fifo.write("go\n")
 
 
 async def output_of(sup: Supervisor, job_id: str) -> bytes:
@@ -127,11 +134,21 @@ async def test_writes_keep_arrival_order_and_are_not_interleaved() -> None:
         assert out == b"".join(pieces)
 
 
-async def test_a_job_that_exits_without_reading_does_not_fail_the_writer() -> None:
+async def test_a_job_that_exits_without_reading_does_not_fail_the_writer(
+    tmp_path: Path,
+) -> None:
+    go = tmp_path / "go"
+    os.mkfifo(go)
     async with open_supervisor() as sup:
-        job = await sup.start("sh", ["-c", "exec 0<&-; sleep 0.5"], stdin=True)
-        await trio.sleep(0.2)
-        await sup.write_stdin(job.id, b"nobody reads this")  # dropped, as a pipe would
+        # It closes its stdin, says so, and lives until we open the FIFO (no clock: a
+        # 'sleep 0.5' could end before a loaded host's test wrote).
+        script = f"exec 0<&-; echo closed; read x < {go}"
+        job = await sup.start("sh", ["-c", script], stdin=True)
+        with trio.fail_after(30):
+            async with contextlib.aclosing(sup.output(job.id)) as chunks:
+                assert (await anext(chunks)).data == b"closed\n"
+            await sup.write_stdin(job.id, b"nobody reads this")  # dropped, as a pipe would
+            await trio.to_thread.run_sync(_write_fifo, go, abandon_on_cancel=True)
         end = await sup.wait(job.id)
         assert end.exit_code == 0
         with pytest.raises(JobNotRunning):

@@ -168,6 +168,29 @@ async def test_an_end_answered_before_its_commit_survives_a_crash(tmp_path: Path
     assert (_row(state, waited.id) or ("",))[0] == "exited"
 
 
+async def test_an_end_is_noted_until_its_record_is_in_or_its_job_removed(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    async with open_supervisor(state, retention=Retention(interval=3600)) as sup:
+        notes = sup._records._notes
+        store = sup._store
+        assert notes is not None
+        assert store is not None
+        kept, gone = await sup.start("sleep", ["60"]), await sup.start("sleep", ["60"])
+        await store.flush()
+        store._conn.execute("DELETE FROM jobs WHERE id = ?", (gone.id,))
+        async with store._lock:  # no commit meanwhile
+            await sup.stop(kept.id, grace=0)
+            await sup.stop(gone.id, grace=0)
+            assert len(notes) == 2
+        await sup._records.commit_queued()
+        assert len(notes) == 1  # kept's end is in; gone's found no row (written later)
+        assert gone.id in sup._records.unsaved
+        await sup.remove(gone.id)
+        assert len(notes) == 0
+
+
 async def test_second_supervisor_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
     async with open_supervisor(tmp_path / "state"):
         with pytest.raises(StateDirError, match="state"):

@@ -23,6 +23,7 @@ from trio_worker._host import _cplace
 from trio_worker._host._cgroups import (
     CgroupDriver,
     CgroupError,
+    JobCgroup,
     NoDriver,
     V1Driver,
     V2Driver,
@@ -52,6 +53,9 @@ def test_a_place_has_its_directory_files_groups_and_their_fds(
     assert isinstance(driver, V1Driver)
     group = driver.planned("p1")
     assert not any(d.exists() for d in group.dirs)  # planned, not made
+    # V1's joins and texts (made without a Path per hierarchy) say what the generic ones do.
+    assert group.joins() == JobCgroup.joins(group)
+    assert group.texts() == [str(d) for d in group.dirs]
     directory = tmp_path / "p1"
     fds = make_place(directory, FILES, group)
     try:

@@ -284,6 +284,8 @@ class JobRecords:
         if self.store is not None:
             await self.store.delete([job.id])
         self.unsaved.pop(job.id, None)
+        if self._notes is not None:
+            self._notes.release(job.id)  # (noted while its end waited to be saved)
         if job.directory is not None:
             await trio.to_thread.run_sync(remove_dirs, [job.directory])
 
