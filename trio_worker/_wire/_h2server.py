@@ -437,8 +437,10 @@ class GRPCServerConnection(WireGRPCConnection):
     ) -> bool:
         """Read one frame as h2 would, when it is one of the common case: HEADERS that
         open a new stream (END_HEADERS, no padding or priority), DATA on an open stream
-        (no padding), a WINDOW_UPDATE that h2 takes without an error. Returns False,
-        having changed nothing, for any other frame or state; the frame then goes to h2.
+        (no padding), a WINDOW_UPDATE that h2 takes without an error. Returns False for
+        any other frame or state, having changed nothing that h2 reading the frame would
+        not change the same way (it counts open streams first too); the frame then goes
+        to h2.
 
         Driven as h2 drives them: the connection's and the stream's state machines (the
         connection's inputs here are no-ops in SERVER_OPEN), the HPACK decoder, the
