@@ -297,3 +297,78 @@ def test_start_without_processes_is_refused_and_leaks_nothing(tmp_path: Path) ->
     report = json.loads(result.stdout.splitlines()[-1])
     assert "cannot start the job" in report["refused"], report
     assert report["then"] == "exited"
+
+
+_END_WITHOUT_FDS = r"""
+import json, os, resource, secrets, sys
+import trio
+from trio_worker import open_supervisor
+
+def lowest_free():
+    used = {int(n) for n in os.listdir("/proc/self/fd")}
+    fd = 0
+    while fd in used:
+        fd += 1
+    return fd
+
+async def main():
+    parent = "tw-endfd-" + secrets.token_hex(4)
+    async with open_supervisor(sys.argv[1], cgroup_parent=parent, persist=False) as sup:
+        await sup._admission.launcher.settled()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        job = await sup.start("sleep", ["0.5"])  # a seed's: the Start needs no descriptor
+        # Not one descriptor to spare when it ends: its end cannot read its group.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free() + 64, hard))
+        held = []
+
+        def fill():
+            try:
+                while True:
+                    held.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                pass
+
+        fill()
+        try:
+            with trio.fail_after(30):  # a hang detector
+                # Seeded Starts need none either (and free two: the seed's pipes); the
+                # refill they wake cannot read the jobs' memory limits, which decide
+                # whether it plants seeds.
+                more = []
+                for _ in range(3):
+                    more.append(await sup.start("true"))
+                    fill()
+                await sup._admission.launcher.settled()
+                end = await sup.wait(job.id)
+                ends = [(await sup.wait(j.id)).exit_code for j in more]
+        finally:
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        after = await sup.start("true")
+        with trio.fail_after(30):
+            after = await sup.wait(after.id)
+        print(json.dumps({"end": [end.state.name, end.exit_code], "more": ends,
+                          "after": [after.state.name, after.exit_code]}), flush=True)
+
+trio.run(main)
+"""
+
+
+def test_a_job_ending_without_a_descriptor_to_spare_ends_and_the_server_goes_on(
+    tmp_path: Path,
+) -> None:
+    # A job's end reads its group (cgroup.events) and writes cgroup.kill: with no
+    # descriptor to spare, that CgroupError escaped the end's last resort (_finish)
+    # and ended the supervisor, whose shutdown then waited for that job forever.
+    require_root("cgroups")
+    result = subprocess.run(
+        [sys.executable, "-c", _END_WITHOUT_FDS, str(tmp_path / "state")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report == {"end": ["EXITED", 0], "more": [0, 0, 0], "after": ["EXITED", 0]}, report

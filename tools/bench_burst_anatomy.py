@@ -18,7 +18,9 @@ Prints per run: the client's p99s (as ``bench_peer.py``), the server-side Status
 burst Status (its own step left out; a view that depends little on the machine's load)
 with what it was in the slowest 2%, and for those slowest 2% where their time went:
 the loop's CPU in steps, its run-queue wait in steps, the rest (trio between steps, the
-GIL, a blocking call), the poll (a wakeup that waited for a CPU shows there). Hooks
+GIL, a blocking call), the poll (a wakeup that waited for a CPU shows there).
+``BURST_ANATOMY_SWITCH=SECONDS`` in a server's environment sets the GIL's switch interval
+(``sys.setswitchinterval``), for an A/B of that. Hooks
 internal names (``_net._tlsstream``); asserts nothing. The machine is shared: read
 directions and ranges over rounds.
 """
@@ -48,6 +50,9 @@ HOOK = textwrap.dedent(
     from trio_worker._net import _tlsstream
 
     _out = os.environ["BURST_ANATOMY_OUT"]
+    if os.environ.get("BURST_ANATOMY_SWITCH"):  # the GIL's switch interval, seconds
+        import sys
+        sys.setswitchinterval(float(os.environ["BURST_ANATOMY_SWITCH"]))
     _pc, _tc = time.perf_counter_ns, time.thread_time_ns
     _SO_TIMESTAMPNS = 35  # (Linux; not in Python 3.11's socket module)
     _steps, _arrivals, _socks, _last = [], [], {}, {}

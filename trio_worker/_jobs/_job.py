@@ -340,7 +340,14 @@ def kill_now(job: Job, process: JobProcess) -> bool:
     is empty (or it has none), so nothing escaped it and nothing is left to kill."""
     signal_job(job, process, _signal.SIGKILL)
     group = job.cgroup
-    return group is None or not group.tracked or group.is_empty()
+    if group is None or not group.tracked:
+        return True
+    try:
+        return group.is_empty()
+    except CgroupError:
+        # Cannot tell (no descriptor to spare, say): not known empty, so the caller
+        # takes the way that kills by the group and waits, bounded.
+        return False
 
 
 async def kill(job: Job, process: JobProcess) -> bool:
@@ -355,8 +362,9 @@ async def kill(job: Job, process: JobProcess) -> bool:
     try:
         await trio.to_thread.run_sync(group.kill)
     except CgroupError as exc:
-        if group.is_empty():
-            return True  # it ended (and its group went) while we were killing it
+        with contextlib.suppress(CgroupError):
+            if group.is_empty():
+                return True  # it ended (and its group went) while we were killing it
         _log.error("job %s: cannot kill its cgroup: %s", job.id, exc)
     return False
 

@@ -408,7 +408,11 @@ class Launcher:
         so that no seed may be planted (``CgroupDriver.memory_capped``: a job's OOM there
         would kill a seed, and with it the server whose memory it shares). Said in the
         log when that changes."""
-        capped = self.cgroups.memory_capped()
+        try:
+            capped = self.cgroups.memory_capped()
+        except CgroupError as exc:  # (out of descriptors): unknown, so no seeds
+            _log.debug("no seeds: cannot read the jobs' memory limits: %s", exc)
+            return True
         if (capped is not None) != self._capped:
             self._capped = capped is not None
             if capped is not None:
@@ -624,14 +628,19 @@ class Launcher:
         """``prepare`` with a ready place: move it into ``jobs/``, open its log, and
         write the limits. A seed the place has cannot run this plan: it goes."""
         directory = self.jobs_dir / place.job_id
+        unjoinable: OSError | None = None
         if place.seed is not None:
             sprout, place.seed = place.seed, None
             sprout.kill()
             try:
                 place.procs = place.group.open_join()
             except OSError as exc:
-                _discard_places([place])
-                raise resource_exhausted(exc, "opening its cgroup") from None
+                if exc.errno in RESOURCE_ERRNOS:
+                    _discard_places([place])
+                    raise resource_exhausted(exc, "opening its cgroup") from None
+                # Its group is gone (removed from outside, with the jobs' parent): a
+                # job that FAILED, in words, as ``prepare``'s, not "resource exhausted".
+                unjoinable = exc
         try:
             os.rename(place.directory, directory)
             place.directory = directory
@@ -652,6 +661,10 @@ class Launcher:
         except BaseException:
             _discard_places([place])
             raise
+        if unjoinable is not None:
+            _remove_group(place.group)
+            message = f"cannot join the job's cgroup: {unjoinable.strerror}"
+            return Launched(log, None, error=SpawnError(message, unjoinable.errno))
         try:
             group = self.cgroups.configure(
                 place.group,

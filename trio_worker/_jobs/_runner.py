@@ -378,7 +378,12 @@ class JobRunner:
         assert log is not None
         with trio.CancelScope(shield=True):
             if not process.reaped:
-                await kill(job, process)
+                try:
+                    await kill(job, process)
+                except Exception:  # (its process group has its SIGKILL already)
+                    # The last resort of a job's end must end it: an error here ended
+                    # the supervisor, and its shutdown waited for this job forever.
+                    _log.exception("job %s: cannot kill what is left of it", job.id)
                 await process.wait_exited()
                 process.reap()
             self._close(watch)
