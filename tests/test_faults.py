@@ -267,3 +267,50 @@ async def test_stops_whose_kill_cannot_fire_do_not_pile_up() -> None:
         with trio.fail_after(30):
             end = await sup.stop(job_id, grace=0)
         assert (end.state, end.signal) == (JobState.KILLED, 9)
+
+
+_END_ON_AN_ALL_BUT_FULL_DISK = r"""
+import secrets, sys
+import trio
+from trio_worker import open_supervisor
+
+async def main():
+    parent = "tw-notes-" + secrets.token_hex(4)
+    async with open_supervisor(sys.argv[1], cgroup_parent=parent, persist=True) as sup:
+        # Its output takes whatever room the disk has left once its start is recorded,
+        # before its end is noted.
+        job = await sup.start("sh", ["-c", "sleep 0.5; head -c $0 /dev/zero", sys.argv[2]])
+        end = await sup.wait(job.id)
+        print(end.state.name, end.exit_code, flush=True)
+
+trio.run(main)
+"""
+
+
+def test_a_server_on_a_disk_with_no_room_for_its_end_notes_goes_on(tmp_path: Path) -> None:
+    # The end notes (``_endnotes``) are a file mapped into memory: on a disk with room
+    # for the lock and the database but not the notes' 128 KiB, their blocks could not
+    # be allocated (an error that was ignored), and once a job's output had taken the
+    # rest, the first end noted wrote into a page with no block: SIGBUS, the server
+    # gone. Now: no notes, and a warning.
+    state = tmp_path / "disk" / "state"
+
+    def run(output: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", _END_ON_AN_ALL_BUT_FULL_DISK, str(state), str(output)],
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    with small_tmpfs(tmp_path / "disk", "size=4m") as disk:
+        first = run(0)  # the state directory and its database made
+        assert (first.returncode, first.stdout) == (0, "EXITED 0\n"), first.stderr[-2000:]
+        (state / "ends").unlink()
+        filler = fill(disk)
+        os.truncate(filler, filler.stat().st_size - 96 * 1024)  # 96 KiB left
+        second = run(1 << 20)
+    assert second.returncode == 0, (second.returncode, second.stderr[-2000:])  # -7: SIGBUS
+    assert second.stdout == "EXITED 0\n"
+    assert "ends are not noted" in second.stderr

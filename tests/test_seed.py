@@ -41,6 +41,7 @@ from trio_worker._host._spawn import ChildSetupError, Credentials, Seed, Stage
 from trio_worker._jobs._supervisor import Supervisor
 
 from .conftest import process_alive, require_root
+from .test_reaper import reapers_of
 from .test_spawn import unix_user
 
 REPO = Path(__file__).resolve().parent.parent
@@ -560,6 +561,29 @@ async def test_a_stopped_seed_costs_its_start_nothing_and_does_not_hang_the_shut
                 os.kill(pid, signal.SIGKILL)
 
 
+async def test_a_place_whose_group_was_removed_from_outside_fails_its_start_in_words(
+    tmp_path: Path,
+) -> None:
+    # An administrator removed a ready place's group (its seed killed first, as a
+    # removal of the jobs' parent group needs): the Start cannot join it. That is a
+    # job that FAILED saying why, as when a Start makes its own group; it was a
+    # RESOURCE_EXHAUSTED refusal ("no such file or directory"), as if out of memory.
+    async with _seeded_supervisor(tmp_path) as (sup, seeds):
+        place = sup._admission.launcher.ready_places()[0]
+        assert place.job_id == seeds[0][0]
+        os.kill(seeds[0][1], signal.SIGKILL)
+        _wait_until(lambda: not process_alive(seeds[0][1]))
+        for directory in place.group.dirs:
+            directory.rmdir()
+        failed = await sup.start("true")
+        assert failed.id == seeds[0][0]
+        assert failed.state is JobState.FAILED
+        assert failed.error == "cannot join the job's cgroup: No such file or directory"
+        assert not _exists(seeds[0][1])  # reaped
+        job = await sup.start("sh", ["-c", "echo ran"])  # the next place's seed
+        assert (await sup.wait(job.id)).exit_code == 0
+
+
 def _memory_limit_files(driver: object) -> list[tuple[Path, str, str]]:
     """(file, a limit, no limit) of the jobs' parent's parent in the memory hierarchy."""
     found = []
@@ -702,10 +726,16 @@ def test_a_server_killed_by_sigkill_leaves_no_seed_running(tmp_path: Path) -> No
         stdout=subprocess.PIPE,
         cwd=REPO,
     ) as server:
+        reapers: list[int] = []
         try:
             with _seeds_of_a_killed_server(server) as pids:
                 assert pids
+                reapers = reapers_of(tmp_path / "state")
         finally:
+            # Its reapers remove the dead server's groups: as a restart does, the clean-up
+            # waits for them (a group they removed between its listing and its freeze
+            # was an ENOENT here).
+            _wait_until(lambda: not any(process_alive(pid) for pid in reapers))
             driver = detect(parent)  # the places' groups: leftovers, as after any crash
             driver.cleanup_leftovers()
             driver.close()

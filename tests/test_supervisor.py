@@ -788,6 +788,11 @@ async def test_a_failure_in_the_watchers_end_of_a_job_still_ends_it(
 
     monkeypatch.setattr(_runner, "kill_now", failing_once)
     async with open_supervisor() as sup:
+        # The fast path needs the job's pipes at their end with its exit. A Start before
+        # the first places are made spawns on a thread while the refill clones seeds,
+        # which hold copies of the job's pipes for a moment: its exit then came before
+        # their end (1 run in 40 under load) and took the other path, with no failure.
+        await sup._admission.launcher.settled()
         job = await sup.start("sleep", ["1000"])
         with trio.fail_after(20):
             end = await sup.stop(job.id, grace=5)

@@ -552,7 +552,7 @@ def remove_groups(groups: Sequence[JobCgroup]) -> list[JobCgroup]:
     owner: list[JobCgroup] = []
     for group in groups:
         for directory in group.texts():
-            dirs.append(directory.encode())
+            dirs.append(os.fsencode(directory))  # (a name from argv may not be UTF-8)
             owner.append(group)
     if not dirs:
         return []

@@ -147,15 +147,16 @@ class EndNotes:
     @classmethod
     def create(cls, path: Path) -> EndNotes:
         """An empty notes file at ``path`` (blocking: call once the ends it held are
-        committed)."""
+        committed). ``OSError`` if its blocks cannot be allocated."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, 0)  # the earlier run's notes
             os.ftruncate(fd, SLOTS * _SIZE)
             # Blocks allocated now: a page's first write on the loop then finds its
             # block (a page fault, not an allocation in the file system's journal).
-            with contextlib.suppress(OSError):  # (a file system without it)
-                os.posix_fallocate(fd, 0, SLOTS * _SIZE)
+            # And none to be had (a disk all but full) is an OSError here: a first
+            # write into a page with no block would be a SIGBUS, which ends the server.
+            os.posix_fallocate(fd, 0, SLOTS * _SIZE)
             return cls(mmap.mmap(fd, SLOTS * _SIZE))
         finally:
             os.close(fd)  # the mapping keeps the file

@@ -628,14 +628,19 @@ class Launcher:
         """``prepare`` with a ready place: move it into ``jobs/``, open its log, and
         write the limits. A seed the place has cannot run this plan: it goes."""
         directory = self.jobs_dir / place.job_id
+        unjoinable: OSError | None = None
         if place.seed is not None:
             sprout, place.seed = place.seed, None
             sprout.kill()
             try:
                 place.procs = place.group.open_join()
             except OSError as exc:
-                _discard_places([place])
-                raise resource_exhausted(exc, "opening its cgroup") from None
+                if exc.errno in RESOURCE_ERRNOS:
+                    _discard_places([place])
+                    raise resource_exhausted(exc, "opening its cgroup") from None
+                # Its group is gone (removed from outside, with the jobs' parent): a
+                # job that FAILED, in words, as ``prepare``'s, not "resource exhausted".
+                unjoinable = exc
         try:
             os.rename(place.directory, directory)
             place.directory = directory
@@ -656,6 +661,10 @@ class Launcher:
         except BaseException:
             _discard_places([place])
             raise
+        if unjoinable is not None:
+            _remove_group(place.group)
+            message = f"cannot join the job's cgroup: {unjoinable.strerror}"
+            return Launched(log, None, error=SpawnError(message, unjoinable.errno))
         try:
             group = self.cgroups.configure(
                 place.group,

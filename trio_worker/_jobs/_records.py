@@ -325,7 +325,10 @@ class JobRecords:
                 self.unsaved.update(dict.fromkeys(lost, True))
         if path is not None and self.store is not None and await self._record_noted(noted):
             # (Not while the noted ends are not in the store: the file keeps them.)
-            self._notes = await trio.to_thread.run_sync(EndNotes.create, path)
+            try:
+                self._notes = await trio.to_thread.run_sync(EndNotes.create, path)
+            except OSError as exc:  # (no room for it: a disk all but full)
+                _log.warning("ends are not noted until their records commit: %s", exc)
         if stored:
             _log.info("restored %d job(s), %d of them lost", len(stored), len(lost))
         known = {entry.info.id for entry in stored}
