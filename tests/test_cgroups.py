@@ -273,7 +273,15 @@ def v1_needed(drivers: Callable[..., CgroupDriver]) -> V1Driver:
     return driver
 
 
-def test_v1_job_is_in_every_hierarchy_by_default(v1: V1Driver) -> None:
+def test_v1_job_is_in_the_hierarchies_it_needs_by_default(v1: V1Driver) -> None:
+    assert v1.unified is not None
+    assert sorted(v1.hierarchies_for(None)) == sorted(v1._homes[c] for c in ("memory", "cpu"))
+
+
+def test_v1_job_is_in_every_hierarchy_if_asked(drivers: Callable[..., CgroupDriver]) -> None:
+    require_root("cgroup v1 tests")
+    v1 = drivers(every_hierarchy=True)
+    assert isinstance(v1, V1Driver)
     group = v1.create("every", Limits())
     assert {d.parent for d in group.dirs} == {*v1.parents.values(), v1.unified}
     group.remove()
@@ -282,13 +290,16 @@ def test_v1_job_is_in_every_hierarchy_by_default(v1: V1Driver) -> None:
 def test_v1_job_is_only_in_the_hierarchies_it_needs(
     v1_needed: V1Driver, procs: list[subprocess.Popen[bytes]]
 ) -> None:
-    """Each hierarchy costs a Start a mkdir, an open, a write and an rmdir: a job
-    without limits is in memory (peak, OOM) and the unified mount (tracking, kill,
-    CPU) only; its usage still has both figures."""
+    """Each hierarchy costs a place a mkdir, an open, a write and an rmdir: a job
+    without limits is in memory (peak, OOM), cpu (scheduled apart from the server)
+    and the unified mount (tracking, kill, CPU time) only; its usage still has both
+    figures. (This is the default.)"""
     v1 = v1_needed
     group = v1.create("plain", Limits())
-    assert {d.parent for d in group.dirs} == {v1.parents["memory"], v1.unified}
-    for controller in ("cpu", "cpuacct", "blkio", "pids", "freezer"):
+    assert {d.parent for d in group.dirs} == {v1.parents[c] for c in ("memory", "cpu")} | {
+        v1.unified
+    }
+    for controller in ("cpuacct", "blkio", "pids", "freezer"):
         assert not (v1.parents[controller] / "job-plain").exists()
     busy = "b = b'x' * (32 << 20); sum(range(2_000_000))"
     proc = spawn(procs, [sys.executable, "-c", busy], group)

@@ -126,7 +126,7 @@ _SUPERVISOR = _SCRIPT.split("refuse_clone3(int(sys.argv[1]))")[0] + textwrap.ded
                 job = await sup.start("cat", ["/proc/self/cgroup"])
                 end = await sup.wait(job.id)
                 out = b"".join([c.data async for c in sup.output(job.id)]).decode()
-                dirs = sup.cgroups.job(job.id).dirs
+                dirs = sup.cgroups.planned(job.id).dirs
                 joined = [line for line in out.splitlines() if line.endswith(f"/job-{job.id}")]
                 print("EXIT", end.exit_code)
                 print("JOINED", len(joined), "OF", len(dirs))

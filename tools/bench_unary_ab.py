@@ -1,12 +1,13 @@
-"""Status latency of two or more trees, paired: all servers up at once, batches in random order.
+"""Unary latency of two or more trees, paired: all servers up at once, batches in random order.
 
     python tools/bench_unary_ab.py --server before=/path/to/python --server after=/path/to/python
-        [--rounds 40] [--batch 200] [--peer-dir ../shared/bench]
+        [--rounds 40] [--batch 200] [--method Status|Wait] [--peer-dir ../shared/bench]
 
 Each ``--server NAME=PYTHON`` starts a trio-worker server of whatever tree that Python
 imports (a wrapper setting PYTHONPATH will do; bench_peer's server script is used). One
 grpcio client (the peer harness' stubs) opens a channel to each, finishes a `true` job
-and warms up; then, each round, it makes ``--batch`` sequential Status calls on every
+and warms up; then, each round, it makes ``--batch`` sequential Status calls (or, with
+``--method Wait``, Waits on that finished job: an async handler's call, in a task) on every
 server, in a new random order. A batch's p50 is compared with the first server's in the
 same round, so load that drifts during a sitting (a shared machine) hits both alike:
 bench_peer, which runs one server after another, cannot tell 0.1 ms from that drift.
@@ -96,7 +97,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server", action="append", default=[], help="NAME=PYTHON (2 or more)")
     parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--batch", type=int, default=200, help="Status calls per batch")
+    parser.add_argument("--batch", type=int, default=200, help="calls per batch")
+    parser.add_argument(
+        "--method",
+        choices=["Status", "Wait"],
+        default="Status",
+        help="Status (answered in the reader) or Wait on the finished job (an async handler's"
+        " task)",
+    )
     parser.add_argument(
         "--peer-dir",
         type=Path,
@@ -145,19 +153,20 @@ def main() -> None:
                 stub = pb_grpc.WorkerStub(grpc.secure_channel(f"127.0.0.1:{port}", creds, options))
                 job = stub.Start(pb.StartRequest(command="true"), timeout=30)
                 stub.Wait(pb.WaitRequest(id=job.id), timeout=30)
-                request = pb.StatusRequest(id=job.id)
+                request = getattr(pb, f"{args.method}Request")(id=job.id)
+                method = getattr(stub, args.method)
                 for _ in range(100):
-                    stub.Status(request, timeout=30)
-                calls[name] = (stub, request)
+                    method(request, timeout=30)
+                calls[name] = (method, request)
             for round_ in range(args.rounds):
                 order = [name for name, _ in servers]
                 random.shuffle(order)
                 for name in order:
-                    stub, request = calls[name]
+                    method, request = calls[name]
                     lat = []
                     for _ in range(args.batch):
                         t = time.perf_counter()
-                        stub.Status(request, timeout=30)
+                        method(request, timeout=30)
                         lat.append(time.perf_counter() - t)
                     p50s[name].append(statistics.median(lat) * 1e3)
                 print(f"# round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
@@ -171,7 +180,7 @@ def main() -> None:
                     None,
                 )
     load = os.getloadavg()[0]
-    print(f"Status, {args.rounds} rounds of {args.batch} calls per server, batch p50s (ms);")
+    print(f"{args.method}, {args.rounds} rounds of {args.batch} calls per server, batch p50s (ms);")
     print(f"load average at the end: {load:.1f} (shared machine).")
     base = servers[0][0]
     for name, _ in servers:

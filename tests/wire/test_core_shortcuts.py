@@ -8,6 +8,7 @@ a bound.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from typing import Any
@@ -117,17 +118,39 @@ def _answer(pair: ConnectionPair, stream_id: int, *, ready_made: bool) -> bytes:
     return pair.server_output()
 
 
-def test_ready_made_reply_blocks_are_the_bytes_and_states_h2_makes() -> None:
+def _machine(pair: ConnectionPair, stream_id: int) -> tuple[Any, ...]:
+    h2c = pair.server.h2_connection
+    stream = h2c.streams[stream_id]
+    m = stream.state_machine
+    return (
+        h2c.state_machine.state,
+        m.state,
+        m.client,
+        m.headers_sent,
+        m.trailers_sent,
+        m.headers_received,
+        m.trailers_received,
+        m.stream_closed_by,
+        stream.request_method,
+        stream.outbound_flow_control_window,
+        h2c.outbound_flow_control_window,
+        stream.closed,
+    )
+
+
+@pytest.mark.parametrize("request_ended", [True, False])
+def test_ready_made_reply_blocks_are_the_bytes_and_states_h2_makes(request_ended: bool) -> None:
+    # The request ended (a unary call: the state machines are set directly) or still
+    # open (a stream of requests: h2's state machines run).
     outputs, states = [], []
     for ready_made in (True, False):
         pair = ConnectionPair()
         pair.client.send_headers(1, request_headers())
-        pair.client.send_data(1, grpc_frame(b"\x0a\x01x"), end_stream=True)
+        pair.client.send_data(1, grpc_frame(b"\x0a\x01x"), end_stream=request_ended)
         pair.to_server(pair.client.data_to_send())
         pair.server_output()  # the window updates
         outputs.append(_answer(pair, 1, ready_made=ready_made))
-        stream = pair.server.h2_connection.streams[1]
-        states.append((stream.state_machine.state, stream.closed))
+        states.append(_machine(pair, 1))
         events = list(pair.client.receive_data(outputs[-1]))
         kinds = [type(e) for e in events]
         assert kinds == [
@@ -138,7 +161,29 @@ def test_ready_made_reply_blocks_are_the_bytes_and_states_h2_makes() -> None:
         ]
     assert outputs[0] == outputs[1]
     assert states[0] == states[1]
-    assert states[0][1]  # closed: both sides ended
+    assert states[0][-1] is request_ended  # closed once both sides ended
+
+
+def test_trailers_without_end_stream_raise_as_h2_does() -> None:
+    raised, states = [], []
+    for ready_made in (True, False):
+        pair = ConnectionPair()
+        pair.client.send_headers(1, request_headers())
+        pair.client.send_data(1, grpc_frame(b"\x0a\x01x"), end_stream=True)
+        pair.to_server(pair.client.data_to_send())
+        pair.server.start_response(1, "+proto")
+        h2c = pair.server.h2_connection
+        send = (
+            functools.partial(h2c.send_header_block, 1, b"\x88", end_stream=False)
+            if ready_made
+            else functools.partial(h2c.send_headers, 1, [("grpc-status", "0")], end_stream=False)
+        )
+        with pytest.raises(h2.exceptions.ProtocolError) as caught:
+            send()
+        raised.append(type(caught.value))
+        states.append(_machine(pair, 1))
+    assert raised[0] == raised[1]
+    assert states[0] == states[1]
 
 
 def test_a_ready_made_block_on_a_closed_stream_raises_as_h2_does() -> None:

@@ -10,12 +10,12 @@
   ``blkio.throttle.*_bps_device``, ``pids.max``, ``memory.oom_control``,
   ``cpuacct.usage``, freezer for kill; plus the v2 mount at ``unified/`` (when
   there is one) for tracking, ``cgroup.kill`` and ``cpu.stat``. A job is only in
-  the hierarchies it needs with ``every_hierarchy=False``: memory, and those of
-  the limits it asks for (cpuacct too where the unified group has no
+  the hierarchies it needs: memory, cpu (scheduled apart from the server), and
+  those of the limits it asks for (cpuacct too where the unified group has no
   ``cpu.stat``: no unified mount, or Linux before 4.20; the freezer where it has
-  no ``cgroup.kill``): each one costs every Start a mkdir, an open, a
-  ``cgroup.procs`` write and an rmdir. By default a job is in every hierarchy:
-  measured faster for starts back to back, for a reason not found (ARCHITECTURE.md).
+  no ``cgroup.kill``): each one costs every place a mkdir, an open, a
+  ``cgroup.procs`` write and an rmdir. ``every_hierarchy=True`` puts every job in
+  every hierarchy (ARCHITECTURE.md, "What a place costs the server").
 * ``NoDriver`` — no usable cgroups (not root, read-only, none mounted): jobs
   without limits still run, a job asking for one is refused (``Unenforceable``).
 
@@ -552,7 +552,7 @@ def remove_groups(groups: Sequence[JobCgroup]) -> list[JobCgroup]:
     owner: list[JobCgroup] = []
     for group in groups:
         for directory in group.texts():
-            dirs.append(directory.encode())
+            dirs.append(os.fsencode(directory))  # (a name from argv may not be UTF-8)
             owner.append(group)
     if not dirs:
         return []
@@ -1131,11 +1131,11 @@ class V1Driver(CgroupDriver):
         *,
         use_unified: bool = True,
         own: Mapping[str, str] | None = None,
-        every_hierarchy: bool = True,
+        every_hierarchy: bool = False,
     ) -> None:
-        """``every_hierarchy``: every job joins every hierarchy (measured faster for
-        starts back to back, see ARCHITECTURE.md); False: only what it needs
-        (``hierarchies_for``)."""
+        """``every_hierarchy``: every job joins every hierarchy (as before: 7 directories
+        a job on a hybrid host); False: only what it needs (``hierarchies_for``; see
+        ARCHITECTURE.md, "What a place costs the server")."""
         super().__init__()
         self.root = root
         own = _own_cgroups() if own is None else own
@@ -1187,7 +1187,11 @@ class V1Driver(CgroupDriver):
         kills = self.unified is not None and (self.unified / "cgroup.kill").exists()
         # (A unified group without the cpu controller has cpu.stat from Linux 4.20 on.)
         counts_cpu = self.unified is not None and (self.unified / "cpu.stat").exists()
-        always = {"memory"}
+        # And cpu: a job scheduled in a group of its own, not in the server's (where
+        # the clone would leave it; with the server in the root cpu group that is the
+        # server's session's autogroup, whose one share the jobs then took from the
+        # server on a busy host: sequential Starts measured at half the rate).
+        always = {"memory", "cpu"}
         if not counts_cpu:
             always.add("cpuacct")
         if not kills:
@@ -1377,7 +1381,7 @@ def detect(
     root: Path = CGROUP_ROOT,
     base: str | None = None,
     use_unified: bool = True,
-    every_hierarchy: bool = True,
+    every_hierarchy: bool = False,
 ) -> CgroupDriver:
     """Probe the host and return the driver to use, creating the server's parent group.
 
@@ -1385,9 +1389,9 @@ def detect(
     this process's own cgroup there (``/proc/self/cgroup``), so the jobs stay
     inside whatever limits and delegation the server itself was given. Pass
     ``base="/"`` to put the parent at the top of the hierarchy instead.
-    ``every_hierarchy=False`` puts a v1 job only in the hierarchies it needs (see
-    ``V1Driver``). ``use_unified=False`` ignores a hybrid host's v2 mount (the v1 freezer then
-    does all killing). Never raises for an unusable host: that is a NoDriver.
+    A v1 job is only in the hierarchies it needs (``every_hierarchy=True``: in every
+    one; see ``V1Driver``). ``use_unified=False`` ignores a hybrid host's v2 mount (the
+    v1 freezer then does all killing). Never raises for an unusable host: that is a NoDriver.
     """
     _check_parent(parent)
     try:

@@ -31,7 +31,7 @@ import h2.settings
 import h2.stream
 import hpack
 from h2.connection import AllowedStreamIDs, ConnectionState, _decode_headers
-from h2.stream import StreamState
+from h2.stream import StreamClosedBy, StreamState
 from h2.utilities import is_informational_response
 from hyperframe.frame import GoAwayFrame  # type: ignore[import-untyped]
 from purerpc.grpclib.buffers import MessageReadBuffer
@@ -224,8 +224,12 @@ class ServerH2Connection(WireH2Connection):
         ):
             self.send_data(stream_id, data)  # h2 raises FlowControlError or FrameTooLargeError
             return
-        self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_DATA)
-        stream.state_machine.process_input(h2.stream.StreamInputs.SEND_DATA)
+        # Both inputs change nothing in the states of a unary reply (SERVER_OPEN,
+        # HALF_CLOSED_REMOTE): the state machines run only outside them.
+        if self.state_machine.state is not _SERVER_OPEN:
+            self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_DATA)
+        if stream.state_machine.state is not _HALF_CLOSED_REMOTE:
+            stream.state_machine.process_input(h2.stream.StreamInputs.SEND_DATA)
         stream.outbound_flow_control_window -= size
         self.outbound_flow_control_window -= size
         self._data_to_send += _FRAME_HEADER.pack(
@@ -249,13 +253,29 @@ class ServerH2Connection(WireH2Connection):
         """
         if self.encoder.header_table.resized:
             return False
-        self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
+        if self.state_machine.state is not _SERVER_OPEN:  # (a no-op in SERVER_OPEN)
+            self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
         stream = self._get_stream_by_id(stream_id)
         machine = stream.state_machine
-        machine.process_input(h2.stream.StreamInputs.SEND_HEADERS)
-        if end_stream:
-            machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
-        elif machine.trailers_sent:
+        if (
+            machine.state is _HALF_CLOSED_REMOTE
+            and machine.client is False
+            and not machine.trailers_sent
+        ):
+            # A unary reply (the request has ended): what SEND_HEADERS' response_sent and
+            # SEND_END_STREAM's send_end_stream do there, without their event objects.
+            if machine.headers_sent:
+                machine.trailers_sent = True
+            else:
+                machine.headers_sent = True
+            if end_stream:
+                machine.state = _CLOSED
+                machine.stream_closed_by = StreamClosedBy.SEND_END_STREAM
+        else:
+            machine.process_input(h2.stream.StreamInputs.SEND_HEADERS)
+            if end_stream:
+                machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
+        if not end_stream and machine.trailers_sent:
             raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
         stream.request_method = None  # as send_headers leaves it for a response
         length = len(block)
