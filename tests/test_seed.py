@@ -596,12 +596,11 @@ def _memory_limit_files(driver: object) -> list[tuple[Path, str, str]]:
     return found
 
 
-async def test_no_seed_below_a_memory_cap_that_leaves_the_server_out(tmp_path: Path) -> None:
-    # A seed shares the server's memory, so its OOM score is the server's RSS, and the
-    # OOM killer kills every process of a victim's memory with it: in a group whose
-    # memory limit holds jobs but not the server, a job's OOM picked a seed (its
-    # badness the server's RSS) and so killed the server (reproduced: 300 MB server, a
-    # 64 MB cap, a 100 MB job). No seeds while such a cap is there; the thread's way.
+@contextlib.contextmanager
+def _jobs_under_a_new_top() -> Iterator[tuple[str, list[tuple[Path, str, str]]]]:
+    """(the jobs' cgroup parent under a new top group, that top's memory limit files);
+    the groups are removed afterwards. Skips where there are no cgroups or no memory
+    controller."""
     require_root("cgroups")
     top = "tw-seed-" + secrets.token_hex(4)
     driver = detect(f"{top}/jobs")
@@ -613,9 +612,24 @@ async def test_no_seed_below_a_memory_cap_that_leaves_the_server_out(tmp_path: P
     if not limits:
         pytest.skip("no memory controller here")
     try:
+        yield f"{top}/jobs", limits
+    finally:
+        for directory in tops:
+            for sub in (directory / "jobs", directory):
+                with contextlib.suppress(OSError):
+                    sub.rmdir()
+
+
+async def test_no_seed_below_a_memory_cap_that_leaves_the_server_out(tmp_path: Path) -> None:
+    # A seed shares the server's memory, so its OOM score is the server's RSS, and the
+    # OOM killer kills every process of a victim's memory with it: in a group whose
+    # memory limit holds jobs but not the server, a job's OOM picked a seed (its
+    # badness the server's RSS) and so killed the server (reproduced: 300 MB server, a
+    # 64 MB cap, a 100 MB job). No seeds while such a cap is there; the thread's way.
+    with _jobs_under_a_new_top() as (parent, limits):
         for path, cap, _ in limits:
             path.write_text(cap)
-        async with open_supervisor(tmp_path / "state", cgroup_parent=f"{top}/jobs") as sup:
+        async with open_supervisor(tmp_path / "state", cgroup_parent=parent) as sup:
             assert await _ready_seeds(sup) == []
             job = await sup.start("sh", ["-c", "echo ran"])
             assert (await sup.wait(job.id)).exit_code == 0
@@ -625,29 +639,14 @@ async def test_no_seed_below_a_memory_cap_that_leaves_the_server_out(tmp_path: P
             job = await sup.start("true")
             assert (await sup.wait(job.id)).exit_code == 0
             assert await _ready_seeds(sup) != []
-    finally:
-        for directory in tops:
-            for sub in (directory / "jobs", directory):
-                with contextlib.suppress(OSError):
-                    sub.rmdir()
 
 
 async def test_a_memory_cap_set_while_seeds_wait_kills_them_at_once(tmp_path: Path) -> None:
     # Seeds planted before the cap (the refill reads it before it plants) stayed, each
     # exposed to the cap's OOM killer (and the server with it) until a Start used it.
     # A write to a limit's file now kills them; a Start runs its command all the same.
-    require_root("cgroups")
-    top = "tw-seed-" + secrets.token_hex(4)
-    driver = detect(f"{top}/jobs")
-    if isinstance(driver, NoDriver):
-        pytest.skip(f"no usable cgroups: {driver.reason}")
-    limits = _memory_limit_files(driver)
-    tops = {d.parent for d in driver.parent_dirs()}
-    driver.close()
-    if not limits:
-        pytest.skip("no memory controller here")
-    try:
-        async with open_supervisor(tmp_path / "state", cgroup_parent=f"{top}/jobs") as sup:
+    with _jobs_under_a_new_top() as (parent, limits):
+        async with open_supervisor(tmp_path / "state", cgroup_parent=parent) as sup:
             seeds = await _ready_seeds(sup)
             assert seeds
             pidfds = [os.pidfd_open(pid) for _, pid in seeds]
@@ -668,11 +667,6 @@ async def test_a_memory_cap_set_while_seeds_wait_kills_them_at_once(tmp_path: Pa
             assert not _exists(seeds[0][1])  # reaped
             for path, _, no_cap in limits:
                 path.write_text(no_cap)
-    finally:
-        for directory in tops:
-            for sub in (directory / "jobs", directory):
-                with contextlib.suppress(OSError):
-                    sub.rmdir()
 
 
 def test_which_memory_limits_count_as_a_cap_above_the_jobs(tmp_path: Path) -> None:
