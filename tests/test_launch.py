@@ -198,12 +198,8 @@ async def test_starts_while_places_are_being_made_keep_their_order_in_ids(
         assert len(set(ids)) == len(ids)
 
 
-async def test_a_burst_of_ends_is_removed_in_one_thread_call_after_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
-) -> None:
-    """Ended jobs' groups wait for the ends to stop coming (``RETIRE_AFTER`` of trio's
-    clock, which stands still here until the test moves it), then go in one call."""
-    require_root("cgroups")
+def _count_retired(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of retired groups each refill thread call removes, as the calls come."""
     calls: list[int] = []
     tend = Launcher._tend
 
@@ -212,6 +208,16 @@ async def test_a_burst_of_ends_is_removed_in_one_thread_call_after_it(
         return tend(self, retired, ids)
 
     monkeypatch.setattr(Launcher, "_tend", counted)
+    return calls
+
+
+async def test_a_burst_of_ends_is_removed_in_one_thread_call_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
+) -> None:
+    """Ended jobs' groups wait for the ends to stop coming (``RETIRE_AFTER`` of trio's
+    clock, which stands still here until the test moves it), then go in one call."""
+    require_root("cgroups")
+    calls = _count_retired(monkeypatch)
     parent = "tw-retire-" + secrets.token_hex(4)
     async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
         launcher = sup._admission.launcher
@@ -237,14 +243,7 @@ async def test_groups_wait_until_no_job_ended_for_retire_after(
     """A later end moves the removal on: the groups go ``RETIRE_AFTER`` after the last
     end, not after the first (trio's clock stands still until the test moves it)."""
     require_root("cgroups")
-    calls: list[int] = []
-    tend = Launcher._tend
-
-    def counted(self: Launcher, retired: Any, ids: Any) -> Any:
-        calls.append(len(retired))
-        return tend(self, retired, ids)
-
-    monkeypatch.setattr(Launcher, "_tend", counted)
+    calls = _count_retired(monkeypatch)
     parent = "tw-linger-" + secrets.token_hex(4)
     async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
         launcher = sup._admission.launcher
