@@ -134,26 +134,32 @@ ANSWERED_THEN_CRASHING = textwrap.dedent(
 )
 
 
+def _told_then_killed(
+    script: str,
+    state: Path,
+    before_the_kill: Callable[[dict[str, object]], None] = lambda told: None,
+) -> dict[str, object]:
+    """Blocking: run ``script`` on ``state`` in a server process, read the first line it
+    prints (JSON), pass it to ``before_the_kill``, then SIGKILL the server."""
+    with subprocess.Popen(
+        [sys.executable, "-c", script, str(state)], stdout=subprocess.PIPE, text=True
+    ) as server:
+        try:
+            assert server.stdout is not None
+            told: dict[str, object] = json.loads(server.stdout.readline())
+            before_the_kill(told)
+        finally:
+            server.kill()
+    return told
+
+
 async def test_an_end_answered_before_its_commit_survives_a_crash(tmp_path: Path) -> None:
     """Stop and Wait answer before the end's record commits; a server SIGKILLed in
     between comes back with the ends it told (noted on disk), not LOST jobs."""
     require_root("a job's cgroup")
     state = tmp_path / "state"
 
-    def run() -> dict[str, object]:
-        with subprocess.Popen(
-            [sys.executable, "-c", ANSWERED_THEN_CRASHING, str(state)],
-            stdout=subprocess.PIPE,
-            text=True,
-        ) as server:
-            try:
-                assert server.stdout is not None
-                told: dict[str, object] = json.loads(server.stdout.readline())
-            finally:
-                server.kill()
-        return told
-
-    told = await trio.to_thread.run_sync(run)
+    told = await trio.to_thread.run_sync(_told_then_killed, ANSWERED_THEN_CRASHING, state)
     assert (told["signal"], told["code"]) == (15, 3)
     assert (_row(state, str(told["stopped"])) or ("",))[0] == "running"
     async with open_supervisor(state) as sup:
@@ -328,26 +334,17 @@ async def test_a_crash_before_the_record_is_committed_still_kills_the_job(
     # no directory.
     state = tmp_path / "state"
 
-    def run_and_crash() -> dict[str, object]:
-        with subprocess.Popen(
-            [sys.executable, "-c", CRASH_BEFORE_RECORD, str(state)],
-            stdout=subprocess.PIPE,
-            text=True,
-        ) as server:
-            try:
-                assert server.stdout is not None
-                started: dict[str, object] = json.loads(server.stdout.readline())
-                started["row"] = _row(state, str(started["id"]))
-                children = Path(f"/proc/{started['pid']}/task/{started['pid']}/children")
-                deadline = time.monotonic() + 10
-                while not children.read_text().split() and time.monotonic() < deadline:
-                    time.sleep(0.01)  # the shell forks its background sleep
-                started["children"] = children.read_text().split()
-            finally:
-                server.kill()
-        return started
+    def before_the_kill(started: dict[str, object]) -> None:
+        started["row"] = _row(state, str(started["id"]))
+        children = Path(f"/proc/{started['pid']}/task/{started['pid']}/children")
+        deadline = time.monotonic() + 10
+        while not children.read_text().split() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the shell forks its background sleep
+        started["children"] = children.read_text().split()
 
-    started = await trio.to_thread.run_sync(run_and_crash)
+    started = await trio.to_thread.run_sync(
+        _told_then_killed, CRASH_BEFORE_RECORD, state, before_the_kill
+    )
     assert started["row"] is None
     assert (state / "jobs" / str(started["id"])).is_dir()
     children = started["children"]
