@@ -437,8 +437,8 @@ class Launcher:
         the cap (in a thread) and SIGKILLs every waiting seed if there is one (a Start
         then takes the thread's way with the place). No polling; nothing while no
         limit is written. While watched, the answer is kept for the refill
-        (``_caps_fresh``), which read the files at every round (~40 us of its thread,
-        holding the GIL). Left: a v2 cap written below the jobs' usage makes its OOM
+        (``_caps_fresh``), which read the files at every round (25 us of its thread,
+        mostly holding the GIL). Left: a v2 cap written below the jobs' usage makes its OOM
         kill inside the writer's ``write``, before any notice.
         """
         if not self._seeds:
