@@ -12,25 +12,24 @@ Every path leaves either a job (running, or FAILED with the reason in words)
 or nothing at all: ``ResourceExhausted`` (out of descriptors, memory, disk or
 processes) is raised only after ``discard`` removed what was made.
 
-Places ahead of need: creating a job's directory, log files and groups is most
-of that thread's work (measured with py-spy under the bench: ~75% of it; each
-new directory and file allocates an inode, a journal operation on the state
-disk; each group is a mkdir per hierarchy). So the launcher keeps a few *ready
-places*, made by ``keep_ready`` once a Start took one: a directory under
-``ready/`` and the job's groups. A Start then renames the directory into
-``jobs/``, writes its limits (if any) and spawns. The log's files are not made
-ahead: the log's first flush makes them, if the job ever writes (a job that
-prints nothing costs no inode for them; see ``_output``). The job id comes with
-the place, since a v2 cgroup cannot be renamed; it holds the time the place was
-made, not the Start's (ids still sort by when they were made). After a crash, a
-place's groups are leftovers like any other's and ``ready/`` is emptied at the next
-start.
+Places ahead of need: creating a job's groups (a mkdir per hierarchy) and, once,
+its directory and log files was most of that thread's work (measured with py-spy
+under the bench: ~75% of it). So the launcher keeps a few *ready places*, made by
+``keep_ready`` once a Start took one: the job's id and groups. A Start then writes
+its limits (if any) and spawns. No directory or file is made ahead: the job's log
+makes ``jobs/<id>/`` and its files at its first flush, if the job ever writes (each
+inode costs 0.05-0.5 ms of CPU on this host's ext4; a job that prints nothing costs
+none; see ``_output``); a Start whose helper needs the directory (isolation's
+report) makes it. The job id comes with the place, since a v2 cgroup cannot be
+renamed; it holds the time the place was made, not the Start's (ids still sort by
+when they were made). After a crash, a place's groups are leftovers like any
+other's.
 
 Seeds: with the reaper watching, a place also holds its job's process, made
 with it (``_host._spawn.Seed``): already in the job's groups and process group,
 with its output pipes, blocked until it is told its command. A plain Start
 (no limits, namespaces, stdin or terminal: ``seedable``) then runs on the loop
-alone (``launch_seeded``): rename the directory, hand the seed its command,
+alone (``launch_seeded``): hand the seed its command,
 wait (without a thread) for its exec or its report of failure. Any other Start
 kills the place's seed in its thread and spawns as before. See ARCHITECTURE.md,
 "Why seeds".
@@ -121,9 +120,10 @@ class Sprout:
 
 @dataclass(slots=True)
 class Place:
-    """A job's place made ahead of need: its id, a directory under ``ready/`` (its
-    log's files come with its first write), and its group with the ``cgroup.procs``
-    fds (no limits yet) — or, with a seed, no fds: the seed joined the group already."""
+    """A job's place made ahead of need: its id, its group with the ``cgroup.procs``
+    fds (no limits yet) — or, with a seed, no fds: the seed joined the group already —
+    and the path of its directory, ``jobs/<id>``, which its log makes at its first
+    write (or a Start whose helper needs it)."""
 
     job_id: str
     directory: Path
@@ -282,8 +282,10 @@ class Launcher:
         why it cannot.
         """
         self._token = trio.lowlevel.current_trio_token()
-        # Whatever an earlier run left there (its groups are leftovers, gone already).
-        failed = not await trio.to_thread.run_sync(self._empty_ready_dir)
+        # What an earlier version left there (its places' directories: now a place has
+        # none; its groups are leftovers, gone already).
+        await trio.to_thread.run_sync(shutil.rmtree, self.ready_dir, True)
+        failed = False
         while True:
             wanted = self._wanted = trio.Event()
             retired, self._retired = self._retired, []
@@ -337,8 +339,6 @@ class Launcher:
     def _discard_all(self, retired: Sequence[JobCgroup], places: Sequence[Place]) -> None:
         _remove_groups(retired)
         _discard_places(places)
-        with contextlib.suppress(OSError):
-            os.rmdir(self.ready_dir)
 
     def _tend(self, retired: Sequence[JobCgroup], ids: Sequence[str]) -> int:
         """In a worker thread: make the places (each reaches the pool as it is made:
@@ -375,15 +375,6 @@ class Launcher:
                     await self._arrived.wait()
         return self.take()
 
-    def _empty_ready_dir(self) -> bool:
-        try:
-            shutil.rmtree(self.ready_dir, ignore_errors=True)
-            self.ready_dir.mkdir(mode=0o700, exist_ok=True)
-        except OSError as exc:
-            _log.warning("no places made ahead of need: %s", exc)
-            return False
-        return True
-
     def _make_places(self, ids: Sequence[str], arrive: Callable[[Place], None]) -> int:
         """In a worker thread: as many of the places as can be made, in order, each
         handed to ``arrive`` once made; returns how many."""
@@ -394,17 +385,16 @@ class Launcher:
         capped = self._capped if self._caps_fresh else self._memory_capped() is not False
         plant = self._seeds and bool(ids) and not capped
         for job_id in ids:
-            directory = self.ready_dir / job_id
             try:
                 group = self.cgroups.planned(job_id)
-                # The directory, the groups and their fds: one call with the GIL let
-                # go (it leaves nothing behind if it fails). No log file: the log's
-                # first flush makes them, if the job ever writes (``OutputLog``).
-                procs = make_place(directory, (), group)
+                # The groups and their fds: one call with the GIL let go (it leaves
+                # nothing behind if it fails). No directory or file: the log's first
+                # flush makes them, if the job ever writes (``OutputLog``).
+                procs = make_place(None, (), group)
             except (CgroupError, OSError) as exc:
                 _log.debug("no place made ahead: %s", exc)
                 break
-            place = Place(job_id, directory, group, procs)
+            place = Place(job_id, self.jobs_dir / job_id, group, procs)
             if plant and self._seeds and group.tracked:
                 self._plant(place)
             arrive(place)
@@ -519,9 +509,8 @@ class Launcher:
         )
 
     async def launch_seeded(self, plan: LaunchPlan) -> Launched | None:
-        """Start a ``seedable`` plan with its place's seed, on the loop: rename the
-        place into ``jobs/`` (a rename: 0.02 ms), hand the seed its command, and
-        wait for its exec (EOF on its report pipe) or its failure (a FAILED job,
+        """Start a ``seedable`` plan with its place's seed, on the loop: hand the seed
+        its command, and wait for its exec (EOF on its report pipe) or its failure (a FAILED job,
         as ``spawn``'s). No thread, nothing blocking.
 
         None if the seed was dead before its command (killed from outside while it
@@ -534,7 +523,6 @@ class Launcher:
         sprout, place.seed = place.seed, None
         seed = sprout.seed
         spec = plan.spec
-        directory = self.jobs_dir / place.job_id
         try:
             # First the command, so that the seed's exec overlaps the rest.
             seed.go(
@@ -544,18 +532,15 @@ class Launcher:
                 spec.cwd,
                 user=plan.options.user,
             )
-            os.rename(place.directory, directory)
-            place.directory = directory
-        except BrokenPipeError:  # from go, before the rename
+        except BrokenPipeError:
             place.seed = sprout
             return None
         except OSError as exc:
-            # ENOMEM copying the command, or no rename (ENOSPC for the directory
-            # entry): the process, run or not, goes with its group.
+            # ENOMEM copying the command: the process, run or not, goes with its group.
             await trio.to_thread.run_sync(_discard_seeded, place, sprout)
             raise resource_exhausted(exc, "handing its process the command") from None
         log = OutputLog(
-            directory,
+            place.directory,
             tail_bytes=self._tail_bytes,
             max_bytes=self._max_output_bytes,
             max_unflushed=self._max_unflushed,
@@ -602,7 +587,7 @@ class Launcher:
         return launched
 
     def prepare(self, plan: LaunchPlan) -> Launched:
-        """The job's directory and log, its cgroup and that group's ``cgroup.procs`` fds.
+        """The job's log (``_open_log``), its cgroup and that group's ``cgroup.procs`` fds.
 
         Raises ``ResourceExhausted`` (out of descriptors, memory, disk) having
         left nothing behind. A cgroup that cannot be made or joined for another
@@ -610,7 +595,7 @@ class Launcher:
         """
         if plan.place is not None:
             return self._claim(plan.place, plan)
-        log = self._open_log(plan.job_id)
+        log = self._open_log(plan.job_id, plan.isolation)
         try:
             try:
                 group = self.cgroups.create(
@@ -640,9 +625,8 @@ class Launcher:
         return Launched(log, group, procs)
 
     def _claim(self, place: Place, plan: LaunchPlan) -> Launched:
-        """``prepare`` with a ready place: move it into ``jobs/``, open its log, and
-        write the limits. A seed the place has cannot run this plan: it goes."""
-        directory = self.jobs_dir / place.job_id
+        """``prepare`` with a ready place: its log, and the limits written. A seed the
+        place has cannot run this plan: it goes."""
         unjoinable: OSError | None = None
         if place.seed is not None:
             sprout, place.seed = place.seed, None
@@ -657,21 +641,7 @@ class Launcher:
                 # job that FAILED, in words, as ``prepare``'s, not "resource exhausted".
                 unjoinable = exc
         try:
-            os.rename(place.directory, directory)
-            place.directory = directory
-            log = OutputLog(
-                directory,
-                tail_bytes=self._tail_bytes,
-                max_bytes=self._max_output_bytes,
-                max_unflushed=self._max_unflushed,
-                files=self.open_logs,
-            )
-        except OSError as exc:
-            _discard_places([place])
-            raise ResourceExhausted(
-                f"cannot create the job's output files in the state directory: "
-                f"{exc.strerror or exc}"
-            ) from None
+            log = self._open_log(place.job_id, plan.isolation)
         except BaseException:
             _discard_places([place])
             raise
@@ -769,30 +739,31 @@ class Launcher:
         if launched.group is not None:
             _remove_group(launched.group)
 
-    def _open_log(self, job_id: str) -> OutputLog:
-        """The new job's directory and log (whose files come with its first write), or
-        ``ResourceExhausted`` saying why not.
+    def _open_log(self, job_id: str, isolation: Isolation) -> OutputLog:
+        """The new job's log. Its directory and files come with its first write; with
+        ``isolation``, the directory is made now, for the helper's report, or
+        ``ResourceExhausted`` says why not (nothing is left behind).
 
-        On a disk out of inodes this is where a Start is refused: nothing runs and
-        nothing is left behind. (A directory rarely fails on a full disk otherwise;
-        when it works, the job runs and only its output and record wait.)
+        Without it a Start never waits for the state disk: on a disk full or out of
+        inodes, the job runs, and only its output (lost, counted) and record wait.
         """
         directory = self.jobs_dir / job_id
-        try:
-            directory.mkdir(mode=0o700)
-            return OutputLog(
-                directory,
-                tail_bytes=self._tail_bytes,
-                max_bytes=self._max_output_bytes,
-                max_unflushed=self._max_unflushed,
-                files=self.open_logs,
-            )
-        except OSError as exc:
-            remove_new_job_dir(directory)
-            raise ResourceExhausted(
-                f"cannot create the job's output files in the state directory: "
-                f"{exc.strerror or exc}"
-            ) from None
+        if isolation.any:
+            try:
+                directory.mkdir(mode=0o700)
+            except OSError as exc:
+                remove_new_job_dir(directory)
+                raise ResourceExhausted(
+                    f"cannot create the job's directory in the state directory: "
+                    f"{exc.strerror or exc}"
+                ) from None
+        return OutputLog(
+            directory,
+            tail_bytes=self._tail_bytes,
+            max_bytes=self._max_output_bytes,
+            max_unflushed=self._max_unflushed,
+            files=self.open_logs,
+        )
 
 
 def _remove_groups(groups: Sequence[JobCgroup]) -> None:
