@@ -831,7 +831,8 @@ class _Connection(Connection):
         try:
             request = self._parse(call)
             response = method.handler(request, call.ctx)
-            if not self._queue_now(call, self._serialize(call, response, method.response_type)):
+            payload = self._serialize(call, response, method.response_type)
+            if not self._answer_whole(call, payload) and not self._queue_now(call, payload):
                 # No window or buffer room for it now: a task will wait for some.
                 assert self._nursery is not None
                 self._nursery.start_soon(self._run_call, call, (request, response))
@@ -874,7 +875,9 @@ class _Connection(Connection):
                     # in the reader: not h2's send_data), once no cancellation is pending.
                     await trio.lowlevel.checkpoint_if_cancelled()
                     payload = self._serialize(call, response, method.response_type)
-                    if not self._queue_now(call, payload):
+                    if not self._answer_whole(call, payload) and not self._queue_now(
+                        call, payload
+                    ):
                         pieces = Pieces((payload,), len(payload))
                         await self._send_message(call, pieces, method.response_type, wake=False)
                 else:
@@ -967,6 +970,23 @@ class _Connection(Connection):
         self._check_type(call, message, expected)
         payload: bytes = message.SerializeToString()
         return payload
+
+    def _answer_whole(self, call: _Call, payload: bytes) -> bool:
+        """Queue a unary call's whole OK answer (headers, the message, trailers) in one
+        step of the core, if it fits now as :meth:`_queue_now` would have it fit; the call
+        is then finished, and its end (:meth:`_complete`) writes no trailers of its own."""
+        settings = self._settings
+        if (
+            call.headers_sent
+            or call.peer_gone
+            or self.dead
+            or MESSAGE_PREFIX.size + len(payload) > settings.max_frame
+            or self._h2.outbound_buffered + self._stream.pending >= settings.max_send_buffer
+            or not self._grpc.send_unary_reply(call.stream_id, payload)
+        ):
+            return False
+        call.headers_sent = call.finished = True
+        return True
 
     def _queue_now(self, call: _Call, payload: bytes) -> bool:
         """Queue a whole serialized response message if window, frame size and buffer
