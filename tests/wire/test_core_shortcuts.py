@@ -33,7 +33,12 @@ from tests.wire.helpers import (
     request_headers,
 )
 from trio_worker._wire._h2conn import _HANDLERS
-from trio_worker._wire._h2server import MAX_CACHED_REQUEST, MAX_CACHED_REQUESTS, BadRequest
+from trio_worker._wire._h2server import (
+    MAX_CACHED_REQUEST,
+    MAX_CACHED_REQUESTS,
+    BadRequest,
+    ServerH2Connection,
+)
 
 _FIELDS = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12)
 #: Values h2's client sends as they are (it strips whitespace at the ends).
@@ -378,3 +383,70 @@ def test_a_unary_reply_in_one_step_declines_where_it_does_not_stand() -> None:
     resized.server_output()
     assert not resized.server.send_unary_reply(1, b"x")  # the size update must lead
     assert resized.server_output() == b""
+
+
+class _H2Counting(ServerH2Connection):
+    """The server's h2 connection counting open streams with h2's own ``_open_streams``."""
+
+    @property
+    def open_inbound_streams(self) -> int:
+        self._open_streams(1)
+        return 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    fates=st.lists(
+        st.sampled_from(["open", "ended", "answered", "reset", "refused", "answered-open"]),
+        max_size=12,
+    )
+)
+def test_counting_open_streams_forgets_closed_ones_as_h2_does(fates: list[str]) -> None:
+    # The server's open_inbound_streams against h2's own _open_streams, counted at every
+    # request's HEADERS and once more at the end: the same streams forgotten, in the
+    # same order, remembered as closed the same way, and the same output.
+    results: list[list[Any]] = [[], []]
+    for ours in (True, False):
+        pair = ConnectionPair()
+        core, h2c = pair.server, pair.server.h2_connection
+        if not ours:
+            h2c.__class__ = _H2Counting
+        for n, fate in enumerate(fates):
+            stream_id = 1 + 2 * n
+            pair.client.send_headers(stream_id, request_headers(), end_stream=fate != "open")
+            pair.to_server(pair.client.data_to_send())
+            if fate.startswith("answered"):
+                core.start_response(stream_id, "+proto")
+                core.send_status(stream_id, 0, "", None, headers=True)
+            elif fate == "reset":
+                pair.client.reset_stream(stream_id)
+                pair.to_server(pair.client.data_to_send())
+            elif fate == "refused":
+                h2c.reset_stream(stream_id, 7)
+            pair.to_client()
+            results[ours].append((list(h2c.streams), list(h2c._closed_streams.items())))
+        assert h2c.open_inbound_streams == 0
+        results[ours].append(
+            (list(h2c.streams), list(h2c._closed_streams.items()), pair.server_output())
+        )
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b":status", b"103")],
+        [(b":status", b"200")],
+        [(b":method", b"POST"), (b":status", b"100")],
+        [(b":method", b"POST"), (b"x", b"y"), (b":status", b"100")],
+        [(b"x", b"1"), (b":status", b"100")],
+        [(b":path", b"/a")],
+        [],
+    ],
+)
+def test_the_informational_test_is_h2s(headers: list[tuple[bytes, bytes]]) -> None:
+    from h2.utilities import is_informational_response
+
+    from trio_worker._wire._h2server import _informational
+
+    assert _informational(headers) is bool(is_informational_response(headers))

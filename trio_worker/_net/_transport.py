@@ -875,9 +875,7 @@ class _Connection(Connection):
                     # in the reader: not h2's send_data), once no cancellation is pending.
                     await trio.lowlevel.checkpoint_if_cancelled()
                     payload = self._serialize(call, response, method.response_type)
-                    if not self._answer_whole(call, payload) and not self._queue_now(
-                        call, payload
-                    ):
+                    if not self._answer_whole(call, payload) and not self._queue_now(call, payload):
                         pieces = Pieces((payload,), len(payload))
                         await self._send_message(call, pieces, method.response_type, wake=False)
                 else:
