@@ -160,8 +160,13 @@ class WorkerService:
                     list(request.args),
                     env=dict(request.env),
                     cwd=request.working_dir or None,
-                    limits=limits_from_pb(request.limits),
-                    isolation=isolation_from_pb(request.isolation),
+                    # (Unset: the policy's limits for a Start that names none, applied once.)
+                    limits=(limits_from_pb(request.limits) if request.HasField("limits") else None),
+                    isolation=(
+                        isolation_from_pb(request.isolation)
+                        if request.HasField("isolation")
+                        else None
+                    ),
                     owner=ctx.identity.name,
                     user=user.label,
                     stdin=request.stdin,
