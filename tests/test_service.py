@@ -21,11 +21,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
-from trio_worker import LimitPolicy, Limits, pki
-from trio_worker._identity import Role
-from trio_worker._net._transport import CallRecord
+from trio_worker import LimitPolicy, Limits, open_supervisor, pki
+from trio_worker._identity import Identity, Role
+from trio_worker._net._transport import CallContext, CallRecord
 from trio_worker._pb import worker_pb2 as pb
 from trio_worker.server._run import ServerSettings, run_server
+from trio_worker.server._service import WorkerService
 
 W = "/trioworker.v1.Worker/"
 UNARY = {
@@ -403,3 +404,26 @@ async def test_audit_records_identity_method_job_and_status(cluster: Cluster) ->
     assert starts[-1].code.name == "OK"
     missing = [r for r in cluster.records if getattr(r.request, "id", "") == "missing"]
     assert missing[-1].code.name == "NOT_FOUND"
+
+
+async def test_a_wait_for_an_ended_job_answers_without_a_turn_of_the_loop() -> None:
+    """A short command has usually ended before its client's Wait comes: that Wait's
+    reply is made at once, with no checkpoint (a cancelled scope around it does not stop
+    it); the Wait of a running job still waits, and is cancellable."""
+    ctx = CallContext(Identity("alice", Role.FULL), W + "Wait", "test", None)
+    async with open_supervisor() as sup:
+        service = WorkerService(sup)
+        done = await sup.start("sh", ["-c", "exit 3"], owner="alice")
+        await sup.wait(done.id)
+        sleeper = await sup.start("sleep", ["60"], owner="alice")
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            reply = await service.wait(pb.WaitRequest(id=done.id), ctx)
+        assert not scope.cancelled_caught
+        assert reply.state == pb.JOB_STATE_EXITED
+        assert reply.exit_code == 3
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await service.wait(pb.WaitRequest(id=sleeper.id), ctx)
+        assert scope.cancelled_caught
+        await sup.stop(sleeper.id, grace=0)

@@ -37,7 +37,7 @@ from .._errors import (
 )
 from .._host._users import UnixUser, current_user, lookup_user
 from .._identity import Identity
-from .._jobs._supervisor import Supervisor, output_within, owner_of
+from .._jobs._supervisor import Supervisor, ended_info, output_within, owner_of
 from .._model import JobInfo
 from .._net._budget import OutputShare
 from .._net._transport import (
@@ -230,7 +230,7 @@ class WorkerService:
         try:
             authorize(ctx.identity, Op.WAIT)
             self._visible(request.id, ctx.identity)
-            info = await self._sup.wait(request.id)
+            info = ended_info(self._sup, request.id) or await self._sup.wait(request.id)
         except TrioWorkerError as exc:
             raise rpc_error(exc) from None
         return job_to_pb(info)
