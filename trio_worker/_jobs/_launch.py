@@ -215,6 +215,9 @@ class Launcher:
         self._token: trio.lowlevel.TrioToken | None = None
         #: A memory limit above the jobs holds no seed (``_memory_capped``).
         self._capped = False
+        #: ``_capped`` was read after the last write to the limit files that
+        #: ``watch_memory_caps`` saw: the refill plants by it, without reading them.
+        self._caps_fresh = False
 
     # -- ready places --------------------------------------------------------
 
@@ -385,7 +388,11 @@ class Launcher:
         """In a worker thread: as many of the places as can be made, in order, each
         handed to ``arrive`` once made; returns how many."""
         made = 0
-        plant = self._seeds and bool(ids) and not self._memory_capped()
+        # The cap as the watch last read it, or read now if it is not watched (or was
+        # written since: the watch is reading it; seeds planted meanwhile are killed as
+        # they arrive, or with those waiting).
+        capped = self._capped if self._caps_fresh else self._memory_capped() is not False
+        plant = self._seeds and bool(ids) and not capped
         for job_id in ids:
             directory = self.ready_dir / job_id
             try:
@@ -403,16 +410,16 @@ class Launcher:
             made += 1
         return made
 
-    def _memory_capped(self) -> bool:
+    def _memory_capped(self) -> bool | None:
         """In a worker thread: whether a memory limit holds the jobs and not the server,
         so that no seed may be planted (``CgroupDriver.memory_capped``: a job's OOM there
-        would kill a seed, and with it the server whose memory it shares). Said in the
-        log when that changes."""
+        would kill a seed, and with it the server whose memory it shares); None if that
+        cannot be read now (then no seeds either). Said in the log when that changes."""
         try:
             capped = self.cgroups.memory_capped()
         except CgroupError as exc:  # (out of descriptors): unknown, so no seeds
             _log.debug("no seeds: cannot read the jobs' memory limits: %s", exc)
-            return True
+            return None
         if (capped is not None) != self._capped:
             self._capped = capped is not None
             if capped is not None:
@@ -423,14 +430,16 @@ class Launcher:
         """Until cancelled (a task of the supervisor): a memory cap set above the jobs
         while seeds wait kills those seeds at once, not when they are used.
 
-        The refill reads the cap before it plants (``_memory_capped``), but seeds
-        already waiting stayed exposed (a job's OOM there kills one, and so the server)
-        until a Start used each. cgroupfs notes a ``write`` to a limit's file like any
-        file system: one inotify on the files ``memory_capped`` reads wakes this task,
-        which reads the cap (in a thread) and SIGKILLs every waiting seed if there is
-        one (a Start then takes the thread's way with the place). No polling; nothing
-        while no limit is written. Left: a v2 cap written below the jobs' usage makes
-        its OOM kill inside the writer's ``write``, before any notice.
+        The refill plants by the cap (``_memory_capped``), but seeds already waiting
+        stayed exposed (a job's OOM there kills one, and so the server) until a Start
+        used each. cgroupfs notes a ``write`` to a limit's file like any file system:
+        one inotify on the files ``memory_capped`` reads wakes this task, which reads
+        the cap (in a thread) and SIGKILLs every waiting seed if there is one (a Start
+        then takes the thread's way with the place). No polling; nothing while no
+        limit is written. While watched, the answer is kept for the refill
+        (``_caps_fresh``), which read the files at every round (25 us of its thread,
+        mostly holding the GIL). Left: a v2 cap written below the jobs' usage makes its OOM
+        kill inside the writer's ``write``, before any notice.
         """
         if not self._seeds:
             return
@@ -444,13 +453,19 @@ class Launcher:
             return
         try:
             while True:
-                await trio.lowlevel.wait_readable(watch.fd)
-                watch.drain()
-                if await trio.to_thread.run_sync(self._memory_capped):
+                # Read once the watch is on (a write before it is seen here), then after
+                # each write: until then, the refill reads for itself.
+                self._caps_fresh = False
+                capped = await trio.to_thread.run_sync(self._memory_capped)
+                self._caps_fresh = capped is not None
+                if capped is not False:
                     for place in self._ready:
                         if place.seed is not None:
                             _kill_waiting(place.seed)
+                await trio.lowlevel.wait_readable(watch.fd)
+                watch.drain()
         finally:
+            self._caps_fresh = False
             watch.close()
 
     def _plant(self, place: Place) -> None:
