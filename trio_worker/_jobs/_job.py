@@ -206,13 +206,8 @@ class Job:
         """A job of an earlier run, as its record and its log on disk say."""
         info = entry.info
         spec = StartSpec(info.command, info.args, {}, entry.cwd)
-        if (directory / "output.log").exists():
-            log = OutputLog.recover(directory)
-        else:  # never written (or removed by hand): an empty, finished log
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            log = OutputLog(directory)
-            log.finish()
-            log.close()
+        # (A log that was never written, or removed by hand, has no files: empty.)
+        log = OutputLog.recover(directory)
         job = cls(info.id, info.owner, spec, info.limits, info.isolation, log)
         job.env_keys = entry.env_keys
         job.user = info.user

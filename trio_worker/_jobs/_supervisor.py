@@ -493,7 +493,7 @@ async def open_supervisor_with_driver(
     """``open_supervisor`` with a given cgroup driver instead of the host's probe (tests),
     ``max_unflushed``: how far each job's output may run ahead of the disk before its
     pipes wait (``OutputLog``'s; default 16 MiB), and ``ready_places``: how many jobs'
-    places (id, directory, log files, cgroup) are kept made ahead of need (``_launch``)."""
+    places (id, directory, cgroup) are kept made ahead of need (``_launch``)."""
     # Jobs cost descriptors (pipes, pidfd, log files): use all the host allows.
     job_nofile = raise_nofile_limit()
     temporary = state_dir is None
