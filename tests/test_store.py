@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from trio_worker import Isolation, JobInfo, JobNotFound, JobState, Limits, StateDirError, Usage
@@ -26,6 +26,8 @@ from trio_worker._jobs._store import (
     SCHEMA_VERSION,
     SqliteJobStore,
     StoredJob,
+    _Encoder,
+    _json,
     process_start_time,
 )
 from trio_worker._model import JobIdGenerator
@@ -957,3 +959,39 @@ async def test_a_version_2_database_is_migrated(tmp_path: Path) -> None:
         assert (await by_id(store))[later.id].info.tty
     with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+# -- rows ----------------------------------------------------------------------------
+
+
+_LIMITS = st.builds(
+    Limits,
+    cpus=st.one_of(st.floats(0, 64), st.integers(0, 64)),
+    memory_bytes=st.integers(0, 2**63),
+    pids=st.integers(0, 2**20),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    args=st.lists(_TEXT, max_size=4),
+    keys=st.lists(_TEXT, max_size=4),
+    limits=st.lists(_LIMITS, min_size=1, max_size=3),
+    isolation=st.builds(Isolation),
+)
+@example(args=[], keys=[], limits=[Limits(cpus=0), Limits(cpus=0.0)], isolation=Isolation())
+def test_a_rows_json_is_its_values_whatever_the_encoder_kept(
+    args: list[str], keys: list[str], limits: list[Limits], isolation: Isolation
+) -> None:
+    # The encoder keeps the JSON of limits, isolation and env keys it made before; a row
+    # must still say exactly this job's values (0 and 0.0 are equal, but not as JSON).
+    encoder = _Encoder()
+    for kept in limits:
+        encoder.start_row(running(limits=kept), ["OTHER"], None, None)
+    info = running(args=tuple(args), limits=limits[-1], isolation=isolation)
+    row = encoder.start_row(info, keys, None, None)
+    assert row[3] == _json(args)
+    assert row[4] == _json(keys)
+    assert row[6] == _json(dataclasses.asdict(limits[-1]))
+    assert row[7] == _json(dataclasses.asdict(isolation))
+    assert row == _Encoder().start_row(info, keys, None, None)
