@@ -46,6 +46,7 @@ __all__ = [
     "LOST_ERROR",
     "Retention",
     "Supervisor",
+    "ended_info",
     "open_supervisor",
     "open_supervisor_with_driver",
     "output_within",
@@ -379,6 +380,15 @@ def owner_of(sup: Supervisor, job_id: str) -> str:
     check needs, without ``status``'s read of a running job's cgroup accounting (a few
     files on the event loop, on every Wait, Stop, Signal and Output)."""
     return sup._jobs.get(job_id).owner
+
+
+def ended_info(sup: Supervisor, job_id: str) -> JobInfo | None:
+    """The job's snapshot if it has ended, else None (``JobNotFound`` if there is none):
+    the server's Wait of a job that ended before it was asked for (most of them: a short
+    command's end comes before its client's Wait) answers at once, without the turn of
+    the event loop that ``wait``'s checkpoint costs."""
+    job = sup._jobs.get(job_id)
+    return job.info() if job.ended.is_set() else None
 
 
 def output_within(
