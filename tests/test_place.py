@@ -30,7 +30,6 @@ from trio_worker._host._cgroups import (
     remove_groups,
 )
 from trio_worker._host._place import PlaceError, Step, make_place
-from trio_worker._jobs._output import log_files
 
 from .conftest import require_root
 from .test_cgroups import UNIFIED, drivers, procs, spawn
@@ -38,7 +37,14 @@ from .test_faults import fill, small_tmpfs
 
 __all__ = ["drivers", "procs"]  # fixtures of test_cgroups
 
-FILES = log_files(capped=True)
+#: Files a place may be made with (each with its first bytes, or None: empty). The
+#: launcher's places have none (a log's files come with its first write), but the call
+#: still makes what it is given, and removes it on failure.
+FILES: list[tuple[str, bytes | None]] = [
+    ("output.log", None),
+    ("output.idx", None),
+    ("output.start", bytes(16)),
+]
 
 
 def open_fds() -> set[int]:
@@ -227,8 +233,7 @@ def test_out_of_descriptors_at_the_join_leaves_nothing(
 import errno, os, resource, sys
 sys.path[:0] = {sys.path!r}
 from trio_worker._host import _cplace
-from trio_worker._jobs._output import log_files
-files = log_files(capped=True)
+files = {FILES!r}
 groups = {dirs!r}
 before = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

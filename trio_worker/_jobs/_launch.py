@@ -1,4 +1,4 @@
-"""Making a job's place and process: its directory, log files, cgroup, then the spawn.
+"""Making a job's place and process: its directory, cgroup, then the spawn.
 
 All of it is blocking work (mkdir and open on the state disk and on cgroupfs, a
 vfork that waits for the child's exec), so the supervisor runs it off the event
@@ -16,13 +16,15 @@ Places ahead of need: creating a job's directory, log files and groups is most
 of that thread's work (measured with py-spy under the bench: ~75% of it; each
 new directory and file allocates an inode, a journal operation on the state
 disk; each group is a mkdir per hierarchy). So the launcher keeps a few *ready
-places*, made by ``keep_ready`` once a Start took one: a directory with its
-empty log files under ``ready/``, and the job's groups. A Start then renames
-the directory into ``jobs/``, opens the files, writes its limits (if any) and
-spawns. The job id comes with the place, since a v2 cgroup cannot be renamed;
-it holds the time the place was made, not the Start's (ids still sort by when
-they were made). After a crash, a place's groups are leftovers like any
-other's and ``ready/`` is emptied at the next start.
+places*, made by ``keep_ready`` once a Start took one: a directory under
+``ready/`` and the job's groups. A Start then renames the directory into
+``jobs/``, writes its limits (if any) and spawns. The log's files are not made
+ahead: the log's first flush makes them, if the job ever writes (a job that
+prints nothing costs no inode for them; see ``_output``). The job id comes with
+the place, since a v2 cgroup cannot be renamed; it holds the time the place was
+made, not the Start's (ids still sort by when they were made). After a crash, a
+place's groups are leftovers like any other's and ``ready/`` is emptied at the next
+start.
 
 Seeds: with the reaper watching, a place also holds its job's process, made
 with it (``_host._spawn.Seed``): already in the job's groups and process group,
@@ -57,7 +59,7 @@ from .._host._place import make_place
 from .._host._spawn import SEEDS_REFUSED, Seed
 from .._model import Isolation, Limits
 from ._job import REPORT
-from ._output import OpenLogs, OutputLog, log_files
+from ._output import OpenLogs, OutputLog
 from ._process import (
     RESOURCE_ERRNOS,
     Credentials,
@@ -119,9 +121,9 @@ class Sprout:
 
 @dataclass(slots=True)
 class Place:
-    """A job's place made ahead of need: its id, a directory under ``ready/`` with
-    the log files, and its group with the ``cgroup.procs`` fds (no limits yet) —
-    or, with a seed, no fds: the seed joined the group already."""
+    """A job's place made ahead of need: its id, a directory under ``ready/`` (its
+    log's files come with its first write), and its group with the ``cgroup.procs``
+    fds (no limits yet) — or, with a seed, no fds: the seed joined the group already."""
 
     job_id: str
     directory: Path
@@ -188,8 +190,6 @@ class Launcher:
         self._job_nofile = job_nofile
         #: The jobs' logs that keep their files open between flushes (on the loop).
         self.open_logs = OpenLogs()
-        #: A place's log files (``make_place``).
-        self._log_files = log_files(capped=max_output_bytes is not None)
         #: How many places ``keep_ready`` keeps made ahead of need.
         self._target = ready
         self._ready: deque[Place] = deque()
@@ -368,7 +368,7 @@ class Launcher:
         """``take``, but with none ready while the refill's thread is making places,
         wait up to ``patience`` seconds for the next one: it is usually a fraction of
         a millisecond away, where making a place of its own costs a Start a thread
-        round trip, four inodes and the groups (3-5 ms here) and slows the refill."""
+        round trip, an inode and the groups (3-5 ms here) and slows the refill."""
         if not self._ready and self._making:
             with trio.move_on_after(patience):
                 while not self._ready and self._making:
@@ -397,9 +397,10 @@ class Launcher:
             directory = self.ready_dir / job_id
             try:
                 group = self.cgroups.planned(job_id)
-                # The directory, its log files, the groups and their fds: one call
-                # with the GIL let go (it leaves nothing behind if it fails).
-                procs = make_place(directory, self._log_files, group)
+                # The directory, the groups and their fds: one call with the GIL let
+                # go (it leaves nothing behind if it fails). No log file: the log's
+                # first flush makes them, if the job ever writes (``OutputLog``).
+                procs = make_place(directory, (), group)
             except (CgroupError, OSError) as exc:
                 _log.debug("no place made ahead: %s", exc)
                 break
@@ -559,7 +560,6 @@ class Launcher:
             max_bytes=self._max_output_bytes,
             max_unflushed=self._max_unflushed,
             files=self.open_logs,
-            create=False,  # the place has them
         )
         # (Its pipes made non-blocking while the seed execs, not after.)
         stdout, stderr = PipeReader(sprout.stdout), PipeReader(sprout.stderr)
@@ -665,7 +665,6 @@ class Launcher:
                 max_bytes=self._max_output_bytes,
                 max_unflushed=self._max_unflushed,
                 files=self.open_logs,
-                create=False,  # the place has them
             )
         except OSError as exc:
             _discard_places([place])
@@ -771,10 +770,11 @@ class Launcher:
             _remove_group(launched.group)
 
     def _open_log(self, job_id: str) -> OutputLog:
-        """The new job's directory and log files, or ``ResourceExhausted`` saying why not.
+        """The new job's directory and log (whose files come with its first write), or
+        ``ResourceExhausted`` saying why not.
 
-        On a full disk this is where a Start is refused: nothing runs and
-        nothing is left behind. (Creating empty files rarely fails even then;
+        On a disk out of inodes this is where a Start is refused: nothing runs and
+        nothing is left behind. (A directory rarely fails on a full disk otherwise;
         when it works, the job runs and only its output and record wait.)
         """
         directory = self.jobs_dir / job_id
