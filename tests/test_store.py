@@ -318,6 +318,40 @@ async def test_a_noted_pid_rides_along_with_the_next_commit(tmp_path: Path) -> N
         assert jobs[done.id].info.pid == 7
 
 
+async def test_a_lone_record_is_a_transaction_of_its_own(tmp_path: Path) -> None:
+    # A batch of one start or one end runs without BEGIN/COMMIT (one statement is its own
+    # transaction); it must succeed, fail and be refused as it does within one.
+    path = tmp_path / "jobs.db"
+    async with await SqliteJobStore.open(path) as store:
+        info = running()
+        write = store.queue_start(info, env_keys=["HOME"], cwd="/srv", pid_start_time=7)
+        await store.flush()
+        assert (write.done, write.error) == (True, None)
+        with closing(sqlite3.connect(path)) as other:  # committed: another reader sees it
+            assert other.execute("SELECT id FROM jobs").fetchall() == [(info.id,)]
+        again = store.queue_start(info, env_keys=[], cwd=None, pid_start_time=None)
+        await store.flush()
+        assert isinstance(again.error, ValueError)
+        assert "already recorded" in str(again.error)
+        missing = store.queue_end(ended(running()))
+        await store.flush()
+        assert isinstance(missing.error, JobNotFound)
+        before = store.transactions
+        store._conn.execute("PRAGMA query_only = 1")
+        refused = store.queue_start(running(), env_keys=[], cwd=None, pid_start_time=None)
+        with pytest.raises(StateDirError):
+            await store.flush()
+        assert isinstance(refused.error, StateDirError)
+        end = store.queue_end(ended(info))
+        with pytest.raises(StateDirError):
+            await store.flush()
+        assert isinstance(end.error, StateDirError)
+        assert store.transactions == before
+        store._conn.execute("PRAGMA query_only = 0")
+        await store.record_end(ended(info))
+        assert [j.info for j in await store.load_all()] == [ended(info)]
+
+
 # -- output counters -------------------------------------------------------------
 
 

@@ -213,10 +213,13 @@ class Queued(Protocol):
 class _Op(Generic[_T]):
     """One queued call: run in the writer thread, its outcome read back by its caller."""
 
-    __slots__ = ("done", "error", "fn", "result")
+    __slots__ = ("done", "error", "fn", "result", "single")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], _T]) -> None:
+    def __init__(self, fn: Callable[[sqlite3.Connection], _T], *, single: bool = False) -> None:
         self.fn = fn
+        #: ``fn`` writes with one statement (a start's insert, an end's update): the
+        #: batch's only write needs no transaction around it (``_execute``).
+        self.single = single
         self.done = False
         self.result: _T | None = None
         self.error: BaseException | None = None
@@ -303,7 +306,8 @@ class SqliteJobStore:
         keys = list(env_keys)
         _check_start(info, keys)
         await self._submit(
-            _inserter(info, partial(self._encoder.start_row, info, keys, cwd, pid_start_time))
+            _inserter(info, partial(self._encoder.start_row, info, keys, cwd, pid_start_time)),
+            single=True,
         )
 
     def queue_start(
@@ -327,7 +331,10 @@ class SqliteJobStore:
         _check_start(info, keys)  # a caller's mistake is raised here, not in the thread
         # The row itself (JSON texts, two times) is made in the writer's thread, off the
         # event loop's path of every Start.
-        op = _Op(_inserter(info, partial(self._encoder.start_row, info, keys, cwd, pid_start_time)))
+        op = _Op(
+            _inserter(info, partial(self._encoder.start_row, info, keys, cwd, pid_start_time)),
+            single=True,
+        )
         self._queue.append(op)
         return op
 
@@ -366,7 +373,7 @@ class SqliteJobStore:
         Raises ``JobNotFound`` if the job was never recorded.
         """
         _check_end(info)
-        await self._submit(_updater(info.id, partial(_end_row, info, dropped_bytes)))
+        await self._submit(_updater(info.id, partial(_end_row, info, dropped_bytes)), single=True)
 
     def queue_end(self, info: JobInfo, *, dropped_bytes: int = 0) -> Queued:
         """``record_end`` without the wait: the update is queued, no I/O, and goes out
@@ -376,7 +383,7 @@ class SqliteJobStore:
             raise trio.ClosedResourceError("the job store is closed")
         _check_end(info)  # a caller's mistake is raised here, not in the thread
         # The row (a time's text, ~15 us) is made in the writer's thread.
-        op = _Op(_updater(info.id, partial(_end_row, info, dropped_bytes)))
+        op = _Op(_updater(info.id, partial(_end_row, info, dropped_bytes)), single=True)
         self._queue.append(op)
         return op
 
@@ -500,11 +507,11 @@ class SqliteJobStore:
 
     # -- group commit ----------------------------------------------------------
 
-    async def _submit(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    async def _submit(self, fn: Callable[[sqlite3.Connection], _T], *, single: bool = False) -> _T:
         """Queue ``fn`` and return its result once the transaction holding it committed."""
         if self._closed:
             raise trio.ClosedResourceError("the job store is closed")
-        op = _Op(fn)
+        op = _Op(fn, single=single)
         self._queue.append(op)
         try:
             async with self._lock:
@@ -548,8 +555,14 @@ class SqliteJobStore:
     ) -> bool:
         """In the worker thread: one transaction for the whole batch."""
         conn = self._conn
+        writes = [op for op in batch if op.fn is not _nothing]
+        # One statement is a transaction of its own (SQLite's autocommit): a batch of one
+        # start or one end (a lone Start's record) then costs the thread one statement,
+        # not three, each of which lets go of the GIL and takes it back from the loop.
+        alone = not spawned and not notes and len(writes) == 1 and writes[0].single
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            if not alone:
+                conn.execute("BEGIN IMMEDIATE")
             if spawned:
                 conn.executemany(_SPAWNED, [(*p, job_id) for job_id, p in spawned.items()])
             if notes:
@@ -559,7 +572,8 @@ class SqliteJobStore:
                     op.result = op.fn(conn)
                 except (ValueError, JobNotFound, StateDirError) as exc:
                     op.error = exc  # this call's own failure: it wrote nothing
-            conn.execute("COMMIT")
+            if not alone:
+                conn.execute("COMMIT")
         except Exception as exc:  # sqlite3.Error, MemoryError, a bug: nothing was written
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
