@@ -47,7 +47,7 @@ def process_alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # (ESRCH: reaped between open and read)
         return False
     state = stat.rsplit(")", 1)[1].split()[0]
     return state not in ("Z", "X")
