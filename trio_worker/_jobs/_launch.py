@@ -31,8 +31,7 @@ Seeds: with the reaper watching, a place also holds its job's process, made
 with it (``_host._spawn.Seed``): already in the job's groups and process group,
 with its output pipes, blocked until it is told its command. A plain Start
 (no limits, namespaces, stdin or terminal: ``seedable``) then runs on the loop
-alone (``launch_seeded``): rename the directory, hand the seed its command,
-wait (without a thread) for its exec or its report of failure. Any other Start
+alone (``launch_seeded``): hand the seed its command, wait (without a thread) for its exec or its report of failure. Any other Start
 kills the place's seed in its thread and spawns as before. See ARCHITECTURE.md,
 "Why seeds".
 """
@@ -511,9 +510,8 @@ class Launcher:
         )
 
     async def launch_seeded(self, plan: LaunchPlan) -> Launched | None:
-        """Start a ``seedable`` plan with its place's seed, on the loop: rename the
-        place into ``jobs/`` (a rename: 0.02 ms), hand the seed its command, and
-        wait for its exec (EOF on its report pipe) or its failure (a FAILED job,
+        """Start a ``seedable`` plan with its place's seed, on the loop: hand the seed
+        its command, and wait for its exec (EOF on its report pipe) or its failure (a FAILED job,
         as ``spawn``'s). No thread, nothing blocking.
 
         None if the seed was dead before its command (killed from outside while it
