@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_worker import Limits
+from trio_worker import Limits, Supervisor
 from trio_worker._host._cgroups import JobCgroup, NoDriver, detect
 
 
@@ -41,6 +41,15 @@ def require_program(name: str, what: str = "this test") -> str:
             f"{message}, and TRIO_WORKER_REQUIRE_ROOT=1 forbids skipping (.ci/run installs it)"
         )
     pytest.skip(message)
+
+
+async def job_dirs(sup: Supervisor) -> set[str]:
+    """The names of the directories under the state's ``jobs/`` that are jobs', not
+    the places made ahead of need there (once the refill has settled)."""
+    launcher = sup._admission.launcher
+    await launcher.settled()
+    places = {place.job_id for place in launcher.ready_places()}
+    return {p.name for p in (sup.state_dir / "jobs").iterdir()} - places
 
 
 def process_alive(pid: int) -> bool:

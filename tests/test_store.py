@@ -451,7 +451,8 @@ async def test_wal_mode_and_reopen(tmp_path: Path) -> None:
         assert other.execute("PRAGMA application_id").fetchone() == (APPLICATION_ID,)
         assert other.execute("SELECT id FROM jobs").fetchall() == [(info.id,)]
         indexes = {r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-        assert {"jobs_by_owner", "jobs_by_end"} <= indexes
+        assert "jobs_by_end" in indexes
+        assert "jobs_by_owner" not in indexes  # no query used it
     assert await store._submit(lambda c: c.execute("PRAGMA synchronous").fetchone()) == (1,)
     await store.aclose()
     await store.aclose()  # idempotent
@@ -923,6 +924,24 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
     assert columns[-3:] == ["run_as", "stdin", "tty"]
+
+
+async def test_the_unused_owner_index_of_older_files_is_dropped(tmp_path: Path) -> None:
+    """Files made before kept an index by owner that no query read: it goes, the jobs stay."""
+    path = tmp_path / "jobs.db"
+    info = running()
+    async with await SqliteJobStore.open(path) as store:
+        await start(store, info)
+    with closing(sqlite3.connect(path)) as conn:  # what the file held before
+        conn.execute("CREATE INDEX jobs_by_owner ON jobs (owner, id)")
+    async with await SqliteJobStore.open(path) as store:
+        assert [j.info for j in await store.load_all()] == [info]
+        await start(store, running())
+    with closing(sqlite3.connect(path)) as conn:
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    assert "jobs_by_owner" not in names
+    assert {"jobs", "jobs_by_end"} <= names
 
 
 async def test_stdin_and_tty_round_trip(tmp_path: Path) -> None:
