@@ -17,9 +17,10 @@ cache, one call at a time: ``_in_thread``), never on the event loop. Calls use
 *group commit*: each caller queues its operation, and whoever holds the lock runs
 everything queued so far in one transaction (one thread round trip, one WAL
 append): a burst of 1,000 records from 1,000 tasks shares one transaction instead
-of costing 1,000; a lone start or end is one statement, its own transaction. ``queue_start`` does not even
-wait: the supervisor queues a new job's record and answers the Start, and its
-committer task commits what was queued right after (see ``_jobs/_records``).
+of costing 1,000; a lone start or end is one statement, its own transaction.
+``queue_start`` does not even wait: the supervisor queues a new job's record and
+answers the Start, and its committer task commits what was queued right after (see
+``_jobs/_records``).
 Output counters are cheaper still: ``note_output`` only buffers them, and they
 ride along with the next transaction or ``flush``.
 """
