@@ -58,7 +58,7 @@ from ._h2conn import (
     hpack_literal,
 )
 from ._status import status_trailers
-from ._window import MESSAGE_OVERHEAD, MESSAGE_PREFIX, StreamWindow
+from ._window import MESSAGE_OVERHEAD, StreamWindow
 
 __all__ = [
     "MAX_BUFFERED_REQUESTS",
@@ -148,6 +148,12 @@ _CONSTANT_BLOCKS: dict[tuple[tuple[str, str], ...], bytes] = {
 }
 
 
+#: What ``send_unary_reply`` writes before a unary answer's message (the HEADERS frame
+#: with ``_REPLY_HEADERS``, the DATA frame's header, the message's gRPC prefix) and after
+#: it (the frame of ``_OK_TRAILERS``), each packed in one call. (Both blocks are shorter
+#: than 256 bytes: the high part of their frame length is 0.)
+_REPLY_HEAD: Final = struct.Struct(f">HBBBL{len(_REPLY_HEADERS)}sHBBBLBI")
+_REPLY_TAIL: Final = struct.Struct(f">HBBBL{len(_OK_TRAILERS)}s")
 _WINDOW_UPDATE: Final = 0x8
 _FLAG_PRIORITY: Final = 0x20
 _LARGEST_WINDOW: Final = 2**31 - 1
@@ -477,23 +483,31 @@ class GRPCServerConnection(WireGRPCConnection):
         stream.outbound_flow_control_window -= size
         h2c.outbound_flow_control_window -= size
         out = h2c._data_to_send
-        out += _FRAME_HEADER.pack(
-            0, len(_REPLY_HEADERS), _HEADERS, _FLAG_END_HEADERS, stream_id & 0x7FFFFFFF
+        stream_id &= 0x7FFFFFFF
+        out += _REPLY_HEAD.pack(
+            0,
+            len(_REPLY_HEADERS),
+            _HEADERS,
+            _FLAG_END_HEADERS,
+            stream_id,
+            _REPLY_HEADERS,
+            (size >> 8) & 0xFFFF,
+            size & 0xFF,
+            _DATA,
+            0,
+            stream_id,
+            0,
+            size - MESSAGE_OVERHEAD,
         )
-        out += _REPLY_HEADERS
-        out += _FRAME_HEADER.pack(
-            (size >> 8) & 0xFFFF, size & 0xFF, _DATA, 0, stream_id & 0x7FFFFFFF
-        )
-        out += MESSAGE_PREFIX.pack(0, len(message))
         out += message
-        out += _FRAME_HEADER.pack(
+        out += _REPLY_TAIL.pack(
             0,
             len(_OK_TRAILERS),
             _HEADERS,
             _FLAG_END_HEADERS | _FLAG_END_STREAM,
-            stream_id & 0x7FFFFFFF,
+            stream_id,
+            _OK_TRAILERS,
         )
-        out += _OK_TRAILERS
         if h2c.gate is not None:
             h2c.gate.earn(3)
         self.drop_request(stream_id)
