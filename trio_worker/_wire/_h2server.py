@@ -662,13 +662,28 @@ class GRPCServerConnection(WireGRPCConnection):
     def _dispatch(self, received: list[Any]) -> list[Any]:
         """purerpc's events of h2's events and the fast path's records, in order."""
         events: list[Any] = []
-        for item in received:
+        count = len(received)
+        skip = -1
+        for at, item in enumerate(received):
+            if at == skip:
+                continue
             if type(item) is tuple:
                 took, stream_id = item[0], item[1]
                 if took == _TOOK_WINDOW:
                     events.append(WindowUpdated(stream_id=stream_id, delta=item[2]))
                     continue
                 if took == _TOOK_HEADERS:
+                    if not item[3] and at + 1 < count:
+                        after = received[at + 1]
+                        if (
+                            type(after) is tuple
+                            and after[0] == _TOOK_DATA
+                            and after[1] == stream_id
+                            and after[3]
+                            and self._on_unary(events, stream_id, item[2], after[2])
+                        ):
+                            skip = at + 1
+                            continue
                     events.extend(self._on_request(stream_id, item[2], item[3]))
                 else:
                     data = item[2]
@@ -682,6 +697,40 @@ class GRPCServerConnection(WireGRPCConnection):
             else:
                 events.extend(self._dispatch_subclass(item))
         return events
+
+    def _on_unary(self, events: list[Any], stream_id: int, raw: list[Any], data: bytes) -> bool:
+        """A request's HEADERS and its one DATA frame, ending the stream and holding one
+        whole message (a unary request, read by the fast path): the events and the
+        bookkeeping of ``_on_request``, ``_on_data`` and ``_on_stream_ended`` one after
+        the other, without what those do for a request that is not whole (the buffers
+        and holds it would make only to drop them at once). Returns False, having
+        changed nothing but the parsed-request cache, for anything else: a request that
+        does not parse, a stream of requests, a message not whole or over the cap, or a
+        connection holding too many request bytes (then those three run)."""
+        size = len(data)
+        if (
+            size < MESSAGE_OVERHEAD
+            or data[0]
+            or int.from_bytes(data[1:5], "big") != size - MESSAGE_OVERHEAD
+            or size - MESSAGE_OVERHEAD > self.config.max_message_length
+            or self.buffered_requests > MAX_BUFFERED_REQUESTS
+        ):
+            return False
+        try:
+            request = self._parse_request(stream_id, raw)
+        except Exception:
+            return False
+        streams_requests = self._streams_requests
+        if streams_requests is not None and streams_requests(
+            f"/{request.service_name}/{request.method_name}"
+        ):
+            return False
+        # The stream's last DATA: only the connection's window matters (as in _on_data).
+        self.h2_connection.acknowledge_connection_data(size)
+        events.append(request)
+        events.append(MessageReceived(stream_id, data[MESSAGE_OVERHEAD:], size))
+        events.append(RequestEnded(stream_id))
+        return True
 
     def _parse_request(self, stream_id: int, raw: list[Any]) -> RequestReceived:
         """The request of a header list (raw bytes pairs, as h2 hands them to the server).
