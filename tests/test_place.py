@@ -34,7 +34,6 @@ from trio_worker._host._cgroups import (
 )
 from trio_worker._host._place import PlaceError, Sown, Step, make_place, make_seeded_place
 from trio_worker._host._spawn import Seed
-from trio_worker._jobs._output import log_files
 from trio_worker._jobs._process import PIPE_SIZES, output_pipe
 from trio_worker._jobs._store import process_start_time
 
@@ -44,7 +43,14 @@ from .test_faults import fill, small_tmpfs
 
 __all__ = ["drivers", "procs"]  # fixtures of test_cgroups
 
-FILES = log_files(capped=True)
+#: Files a place may be made with (each with its first bytes, or None: empty). The
+#: launcher's places have none (a log's files come with its first write), but the call
+#: still makes what it is given, and removes it on failure.
+FILES: list[tuple[str, bytes | None]] = [
+    ("output.log", None),
+    ("output.idx", None),
+    ("output.start", bytes(16)),
+]
 
 
 def open_fds() -> set[int]:
@@ -232,9 +238,8 @@ def test_out_of_descriptors_at_the_join_leaves_nothing(
     script = f"""
 import errno, os, resource, sys
 sys.path[:0] = {sys.path!r}
-from trio_worker._host import _cplace, _cspawn
-from trio_worker._jobs._output import log_files
-files = log_files(capped=True)
+from trio_worker._host import _cplace
+files = {FILES!r}
 groups = {dirs!r}
 before = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -407,7 +412,6 @@ sys.path[:0] = {sys.path!r}
 from pathlib import Path
 from trio_worker._host._cgroups import detect
 from trio_worker._host._place import make_seeded_place
-from trio_worker._jobs._output import log_files
 from trio_worker._jobs._process import PIPE_SIZES, output_pipe
 driver = detect(parent={driver.parent_dirs()[0].name!r})
 group = driver.planned("e1")
@@ -416,7 +420,7 @@ soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 # Room for the groups' fds and one more (the listing's own, closed since): not for a pipe.
 resource.setrlimit(resource.RLIMIT_NOFILE, (max(before) + {len(dirs)} + 1, hard))
 fds, sown = make_seeded_place(
-    Path({str(tmp_path / "e1")!r}), log_files(capped=True), group, nofile_soft=None,
+    Path({str(tmp_path / "e1")!r}), {FILES!r}, group, nofile_soft=None,
     pipe_sizes=PIPE_SIZES,
 )
 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
