@@ -425,7 +425,7 @@ async def open_supervisor(
     """Run a supervisor for the duration of the ``async with`` block.
 
     ``state_dir`` holds the jobs' output logs (``jobs/``), and a few jobs'
-    places made ahead of need (``ready/``: a Start then only takes one); without
+    places made ahead of need (there too: a Start then only takes one); without
     one a temporary directory is used and removed on exit (unless
     ``keep_state``). ``env`` is
     the base environment jobs extend (default: this process's environment).
