@@ -31,9 +31,9 @@ Seeds: with the reaper watching, a place also holds its job's process, made
 with it (``_host._spawn.Seed``): already in the job's groups and process group,
 with its output pipes, blocked until it is told its command. A plain Start
 (no limits, namespaces, stdin or terminal: ``seedable``) then runs on the loop
-alone (``launch_seeded``): hand the seed its command, wait (without a thread) for its exec or its report of failure. Any other Start
-kills the place's seed in its thread and spawns as before. See ARCHITECTURE.md,
-"Why seeds".
+alone (``launch_seeded``): hand the seed its command, wait (without a thread)
+for its exec or its report of failure. Any other Start kills the place's seed in
+its thread and spawns as before. See ARCHITECTURE.md, "Why seeds".
 """
 
 from __future__ import annotations
@@ -55,12 +55,13 @@ import trio
 from .._errors import ResourceExhausted
 from .._host._cgroups import CgroupDriver, CgroupError, Inotify, JobCgroup, remove_groups
 from .._host._isolation import helper_argv, helper_tasks, resolve_command
-from .._host._place import make_place
+from .._host._place import Sown, make_place, make_seeded_place
 from .._host._spawn import SEEDS_REFUSED, Seed
 from .._model import Isolation, Limits
 from ._job import REPORT
 from ._output import OpenLogs, OutputLog
 from ._process import (
+    PIPE_SIZES,
     RESOURCE_ERRNOS,
     Credentials,
     JobProcess,
@@ -71,7 +72,6 @@ from ._process import (
     Stdin,
     describe_os_error,
     describe_setup_error,
-    output_pipe,
     resource_exhausted,
 )
 from ._store import process_start_time
@@ -101,7 +101,7 @@ class Sprout:
     seed: Seed
     stdout: int
     stderr: int
-    #: The seed's start time (/proc): the job's, since the exec keeps the pid.
+    #: The seed's start time (as /proc says it): the job's, since the exec keeps the pid.
     start_time: int | None
     #: SIGKILLed while it waited (a memory cap appeared): the thread's way, never ``go``
     #: (a go byte could reach the pipe before its death: a job killed at its start).
@@ -386,21 +386,42 @@ class Launcher:
         plant = self._seeds and bool(ids) and not capped
         for job_id in ids:
             directory = self.jobs_dir / job_id  # (the job's own: a Start moves nothing)
+            sown: Sown | OSError | None = None
             try:
                 group = self.cgroups.planned(job_id)
-                # The directory, the groups and their fds: one call with the GIL let
-                # go (it leaves nothing behind if it fails). No log file: the log's
-                # first flush makes them, if the job ever writes (``OutputLog``).
-                procs = make_place(directory, (), group)
+                # The directory, the groups and their fds, and the seed: one call with
+                # the GIL let go (it leaves nothing behind if it fails). No log file: the
+                # log's first flush makes them, if the job ever writes (``OutputLog``).
+                if plant and self._seeds and group.tracked:
+                    procs, sown = make_seeded_place(
+                        directory,
+                        (),
+                        group,
+                        nofile_soft=self._job_nofile,
+                        pipe_sizes=PIPE_SIZES,
+                    )
+                else:
+                    procs = make_place(directory, (), group)
             except (CgroupError, OSError) as exc:
                 _log.debug("no place made ahead: %s", exc)
                 break
             place = Place(job_id, directory, group, procs)
-            if plant and self._seeds and group.tracked:
-                self._plant(place)
+            if isinstance(sown, Sown):
+                place.seed = Sprout(sown.seed, sown.stdout, sown.stderr, sown.start_time)
+            elif sown is not None:
+                self._not_sown(sown)
             arrive(place)
             made += 1
         return made
+
+    def _not_sown(self, exc: OSError) -> None:
+        """A place made without its seed: said, and no more seeds where the kernel
+        refuses clone3 (``SEEDS_REFUSED``)."""
+        if exc.filename == "clone3" and exc.errno in SEEDS_REFUSED:
+            self._seeds = False
+            _log.info("no seeds: clone3 is refused here (%s)", exc.strerror)
+        else:
+            _log.debug("no seed: %s", exc)
 
     def _memory_capped(self) -> bool | None:
         """In a worker thread: whether a memory limit holds the jobs and not the server,
@@ -459,37 +480,6 @@ class Launcher:
         finally:
             self._caps_fresh = False
             watch.close()
-
-    def _plant(self, place: Place) -> None:
-        """In a worker thread: give ``place`` its seed (its group fds go to it)."""
-        owned: list[int] = []
-        try:
-            out_r, out_w = output_pipe()
-            owned += (out_r, out_w)
-            err_r, err_w = output_pipe()
-            owned += (err_r, err_w)
-            null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            owned.append(null)
-            seed = Seed.plant(
-                place.procs,
-                stdin=null,
-                stdout=out_w,
-                stderr=err_w,
-                nofile_soft=self._job_nofile,
-            )
-        except OSError as exc:
-            for fd in owned:
-                os.close(fd)
-            if exc.errno in SEEDS_REFUSED:
-                self._seeds = False
-                _log.info("no seeds: clone3 is refused here (%s)", exc.strerror)
-            else:
-                _log.debug("no seed: %s", exc)
-            return
-        for fd in (out_w, err_w, null, *place.procs):
-            os.close(fd)
-        place.procs = []
-        place.seed = Sprout(seed, out_r, err_r, process_start_time(seed.pid))
 
     # -- a seeded Start (on the loop) -------------------------------------------
 
