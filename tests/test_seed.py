@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -31,8 +32,11 @@ import trio
 from trio_worker import JobState, Limits, Unenforceable, open_supervisor
 from trio_worker._host import _cspawn
 from trio_worker._host._cgroups import (
+    CgroupDriver,
     JobCgroup,
     NoDriver,
+    V1Driver,
+    V2Driver,
     _memory_capped,
     detect,
 )
@@ -665,6 +669,46 @@ async def test_a_memory_cap_set_while_seeds_wait_kills_them_at_once(tmp_path: Pa
             assert (end.state, end.exit_code) == (JobState.EXITED, 0)
             assert b"".join([c.data async for c in sup.output(job.id)]) == b"ran\n"
             assert not _exists(seeds[0][1])  # reaped
+            for path, _, no_cap in limits:
+                path.write_text(no_cap)
+
+
+async def test_the_refill_plants_by_the_cap_the_watch_read_without_reading_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The refill read the limit files at every round (25 us of its thread, mostly holding
+    # the GIL). While the watch is on, it plants by what the watch read last: after a write.
+    token = trio.lowlevel.current_trio_token()
+    reads: list[Path | None] = []
+    capped_read = trio.Event()
+    for driver in (V1Driver, V2Driver):
+
+        def counted(self: CgroupDriver, original: Any = driver.memory_capped) -> Path | None:
+            reads.append(found := original(self))
+            if found is not None:
+                token.run_sync_soon(capped_read.set)
+            return found
+
+        monkeypatch.setattr(driver, "memory_capped", counted)
+    with _jobs_under_a_new_top() as (parent, limits):
+        async with open_supervisor(tmp_path / "state", cgroup_parent=parent) as sup:
+            launcher = sup._admission.launcher
+            assert await _ready_seeds(sup)
+            before = len(reads)
+            for _ in range(12):  # rounds of the refill (before: a read each)
+                job = await sup.start("true")
+                assert (await sup.wait(job.id)).exit_code == 0
+            assert await _ready_seeds(sup)
+            assert len(reads) <= before + 1  # (the watch's first read, if it came late)
+            for path, cap, _ in limits:
+                path.write_text(cap)
+            with trio.fail_after(20):  # the watch reads it
+                await capped_read.wait()
+            job = await sup.start("true")
+            assert (await sup.wait(job.id)).exit_code == 0
+            await launcher.settled()
+            planted = [p for p in launcher.ready_places() if p.seed and not p.seed.killed]
+            assert planted == []
             for path, _, no_cap in limits:
                 path.write_text(no_cap)
 

@@ -56,6 +56,47 @@ async def test_buffers_written_in_turn_arrive_whole_and_in_order(tmp_path: Path)
     client.close()
 
 
+async def test_one_small_buffer_a_full_socket_takes_part_of_is_kept_and_flushed(
+    tmp_path: Path,
+) -> None:
+    """A write of one small buffer (a unary answer's, sent without the general path's
+    copies) into a socket that fills up: what it did not take is ``pending``, the buffer
+    given to OpenSSL again by ``flush``, and the reader gets every byte in order."""
+    pki = make_pki(tmp_path)
+    a, b = socket.socketpair()
+    for sock in (a, b):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    server = TLSSocketStream(a, pki.server_context())
+    client = TLSSocketStream(b, pki.client_context(), server_hostname="localhost")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        nursery.start_soon(client.do_handshake)
+    sent = bytearray()
+    while True:  # nobody reads: the socket fills
+        buffer = bytearray(os.urandom(50_000))
+        sent += buffer
+        if not server.try_send_many([buffer]):
+            break
+        assert server.pending == 0
+    assert 0 < server.pending <= 50_000
+    got = bytearray()
+
+    async def read() -> None:
+        while len(got) < len(sent):
+            data = await client.receive_some(16 * 1024)
+            assert data
+            got.extend(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await server.flush()
+        assert server.pending == 0
+    assert got == sent
+    server.close()
+    client.close()
+
+
 async def test_bulk_writes_are_corked_only_while_written(tmp_path: Path) -> None:
     """Over TCP, a bulk write goes out corked (full segments rather than one per TLS
     record) and the cork is off again whenever the stream returns, written or not: no

@@ -180,7 +180,8 @@ class Connection:
     def _receive(self, data: bytes | bytearray) -> None:
         """Hand received bytes to the core and its events to the subclass. Raises h2's or
         purerpc's ProtocolError, or :class:`PeerMisbehaved`."""
-        self._last_received = trio.current_time()
+        if self._settings.ping_after is not None:  # (read by the keepalive only)
+            self._last_received = trio.current_time()
         for event in self._core.receive_frames(data):
             self._on_event(event)
 

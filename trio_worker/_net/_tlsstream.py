@@ -133,6 +133,25 @@ class TLSSocketStream:
         lies (no joining copy; TLS records end where a buffer does)."""
         if self._pending:
             raise RuntimeError("try_send with data still pending")
+        if type(buffers) is list and len(buffers) == 1 and not (self._closed or self._broken):
+            # One small buffer (a unary call's answer): sent as it is, kept only if the
+            # socket does not take all of it.
+            buffer = buffers[0]
+            size = len(buffer)
+            if size < _CORK_FROM:
+                try:
+                    sent = self._ssl.send(buffer)
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError) as want:
+                    self._want_read = isinstance(want, ssl.SSLWantReadError)
+                    sent = 0
+                except _CLOSED_ERRORS as exc:
+                    self._broken = True
+                    raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
+                if sent == size:
+                    return True
+                self._pending.append(memoryview(buffer)[sent:])
+                self._pending_size += size - sent
+                return False
         for buffer in buffers:
             if buffer:
                 self._pending.append(memoryview(buffer))
