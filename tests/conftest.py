@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_worker import Limits
+from trio_worker import Limits, Supervisor
 from trio_worker._host._cgroups import JobCgroup, NoDriver, detect
 
 
@@ -43,11 +43,20 @@ def require_program(name: str, what: str = "this test") -> str:
     pytest.skip(message)
 
 
+async def job_dirs(sup: Supervisor) -> set[str]:
+    """The names of the directories under the state's ``jobs/`` that are jobs', not
+    the places made ahead of need there (once the refill has settled)."""
+    launcher = sup._admission.launcher
+    await launcher.settled()
+    places = {place.job_id for place in launcher.ready_places()}
+    return {p.name for p in (sup.state_dir / "jobs").iterdir()} - places
+
+
 def process_alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # (ESRCH: reaped between open and read)
         return False
     state = stat.rsplit(")", 1)[1].split()[0]
     return state not in ("Z", "X")

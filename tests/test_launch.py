@@ -58,18 +58,15 @@ async def test_a_start_takes_a_ready_place_and_the_rest_go_with_the_supervisor(
         assert len(ready) >= 1
         place = ready[0]
         made_in = place.directory
-        assert made_in.parent == state / "ready"
-        assert sorted(p.name for p in place.directory.iterdir())[:2] == [
-            "output.idx",
-            "output.log",
-        ]
+        assert made_in == state / "jobs" / place.job_id  # (a Start moves nothing)
+        assert list(place.directory.iterdir()) == []  # a log's files come with its output
         assert all(d.is_dir() for d in place.group.dirs)
-        # The Start takes the oldest: its id, its directory (moved into jobs/), its group,
-        # with the limits written now (and on v1, the pids hierarchy the place was not in).
+        assert sup.list() == []  # a place is no job
+        # The Start takes the oldest: its id, its directory, its group, with the limits
+        # written now (and on v1, the pids hierarchy the place was not in).
         job = await sup.start("sleep", ["60"], limits=Limits(pids=7))
         assert job.id == place.job_id
-        assert not made_in.exists()
-        assert (state / "jobs" / job.id / "output.log").is_file()
+        assert list(made_in.iterdir()) == []  # (it printed nothing)
         assert job.pid is not None
         group = sup._jobs.get(job.id).cgroup
         assert group is not None
@@ -132,7 +129,8 @@ async def test_places_left_by_a_crash_are_removed_at_the_next_start(tmp_path: Pa
         await sup._admission.launcher.settled()
         now = {p.job_id for p in sup._admission.launcher.ready_places()}
         assert not now & set(made["ready"])
-        assert sorted(p.name for p in (state / "ready").iterdir()) == sorted(now)
+        # Their directories had no record: gone with the crash's jobs that had none.
+        assert sorted(p.name for p in (state / "jobs").iterdir()) == sorted(now)
         assert none_exist(made["groups"])
         assert sup.list() == []  # a place is no job
 

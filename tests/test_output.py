@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import random
+import resource
+import stat
+import struct
 import subprocess
 import tempfile
 import threading
@@ -22,6 +26,7 @@ from trio_worker._jobs import _output
 from trio_worker._jobs._output import DEFAULT_CHUNK as DEFAULT
 from trio_worker._jobs._output import Broadcaster, OpenLogs, OutputLog, read_log_file
 
+from . import test_faults
 from .conftest import require_root
 
 OUT, ERR = OutputStream.STDOUT, OutputStream.STDERR
@@ -806,6 +811,115 @@ async def test_real_full_disk_is_avoided_by_the_cap(small_tmpfs: Path) -> None:
     log.close()
 
 
+async def test_retention_frees_space_on_a_disk_its_log_filled(small_tmpfs: Path) -> None:
+    """A capped log's ``output.start`` gets its bytes at the log's first write, before
+    any data: a disk full at that moment takes none of its data, and on a disk that
+    fills later, retention rewrites those bytes in place (a new file's first bytes
+    would need a block the full disk does not have), frees the dropped blocks, and
+    the log writes again."""
+    job = small_tmpfs / "job"
+    job.mkdir()
+    log = OutputLog(job, tail_bytes=0, max_bytes=64 * KiB, drop_step=16 * KiB)
+    log._retry_interval = 0.0  # every flush tries the disk
+    filler = test_faults.fill(small_tmpfs)
+    log.append(OUT, pattern(16 * KiB, 0))
+    await log.flush()
+    assert log.lost_ranges == [(0, 16 * KiB)]
+    assert not (job / "output.log").exists(), "data of a capped log before its start"
+    filler.unlink()
+    for i in range(1, 4):  # 48 KiB more on disk, under the cap
+        log.append(OUT, pattern(16 * KiB, i))
+        await log.flush()
+    assert (job / "output.start").read_bytes() == bytes(16)
+    assert log.lost_ranges == [(0, 16 * KiB)]
+    test_faults.fill(small_tmpfs)
+    for i in range(4, 16):
+        log.append(OUT, pattern(16 * KiB, i))
+        await log.flush()
+    log.finish()
+    await log.flush()
+    log.close()
+    assert log.start >= 11 * 16 * KiB
+    start, _ = struct.unpack("<QQ", (job / "output.start").read_bytes())
+    assert start == log.start
+    # Each punch made room for a write: about every other 16 KiB since the disk filled
+    # is on it (without the punches, none would be).
+    everything = b"".join(pattern(16 * KiB, i) for i in range(16))
+    kept = [c for c in await collect(OutputLog.recover(job), 0) if c.end > 64 * KiB]
+    assert kept, log.lost_ranges
+    assert all(c.data == everything[c.offset : c.end] for c in kept)
+
+
+@contextlib.contextmanager
+def _no_descriptor_to_spare() -> Iterator[None]:
+    """RLIMIT_NOFILE lowered to the lowest free fd: the next open fails with EMFILE."""
+    lowest = os.dup(0)
+    os.close(lowest)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("cap", [None, 64 * KiB], ids=["uncapped", "capped"])
+@pytest.mark.parametrize("cause", ["directory-removed", "no-inode", "no-descriptor"])
+async def test_files_that_cannot_be_made_fail_as_a_write_does(
+    tmp_path: Path, cap: int | None, cause: str
+) -> None:
+    """The first write's files cannot be made: its output is lost, counted and said
+    as a failed write's, nothing is left open, and the log goes on; once the cause is
+    gone, the next flush makes them and writes. The index says the same after a
+    restart."""
+    with contextlib.ExitStack() as stack:
+        if cause == "no-inode":
+            disk = stack.enter_context(
+                test_faults.small_tmpfs(tmp_path / "disk", "size=1m,nr_inodes=16")
+            )
+        else:
+            disk = tmp_path
+        directory = disk / "job"
+        directory.mkdir()
+        model = Model()
+        log = OutputLog(directory, max_bytes=cap, tail_bytes=0)
+        log._retry_interval = 0.0  # every flush tries the disk
+        fds = set(os.listdir("/proc/self/fd"))
+        log.append(OUT, b"a" * 100)
+        model.append(OUT, b"a" * 100)
+        fillers: list[Path] = []
+        with contextlib.ExitStack() as failing:
+            if cause == "directory-removed":
+                directory.rmdir()
+            elif cause == "no-inode":
+                fillers = test_faults.fill_inodes(disk)
+            else:
+                failing.enter_context(_no_descriptor_to_spare())
+            await log.flush()
+        model.flush(("data", 0))
+        expected = {"directory-removed": errno.ENOENT, "no-inode": errno.ENOSPC}
+        assert log.write_error == os.strerror(expected.get(cause, errno.EMFILE))
+        model.check_state(log)
+        assert set(os.listdir("/proc/self/fd")) == fds
+        if cause == "directory-removed":
+            directory.mkdir()
+        for filler in fillers:
+            filler.unlink()
+        log.append(ERR, b"b" * 10)
+        model.append(ERR, b"b" * 10)
+        await log.flush()
+        model.flush()
+        assert log.write_error is not None  # (the last failure, as for a write)
+        log.finish()
+        await log.flush()
+        log.close()
+        model.check_state(log)
+        model.check(await collect(log, 0), 0)
+        recovered = OutputLog.recover(directory)
+        model.check_state(recovered)
+        model.check(await collect(recovered, 0), 0)
+
+
 # -- recovery -------------------------------------------------------------------
 
 
@@ -884,16 +998,50 @@ async def test_recover_ignores_a_damaged_index_tail(tmp_path: Path) -> None:
     model.check(await collect(log, 0), 0)
 
 
-async def test_recover_of_nothing(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
-        OutputLog.recover(tmp_path)
-    log = OutputLog(tmp_path)
+@pytest.mark.parametrize("cap", [None, 64 * KiB], ids=["uncapped", "capped"])
+async def test_a_log_that_writes_nothing_makes_no_file(tmp_path: Path, cap: int | None) -> None:
+    """A job that prints nothing costs no inode (each cost the refill 0.05-0.5 ms of CPU
+    on this host's ext4): its log's files come with its first write, and a log without
+    files (or without its directory) recovers as empty."""
+    log = OutputLog(tmp_path, max_bytes=cap)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.run_flusher)
+        await trio.testing.wait_all_tasks_blocked()
+        log.finish()
+    await log.flush()
+    log.close()
+    assert os.listdir(tmp_path) == []
+    assert await collect(log, 0) == []
+    for directory in (tmp_path, tmp_path / "never-made"):
+        recovered = OutputLog.recover(directory)
+        assert (recovered.end, recovered.start, recovered.lost_ranges) == (0, 0, [])
+        assert recovered.finished
+        assert await collect(recovered, 0) == []
+
+
+@pytest.mark.parametrize("cap", [None, 64 * KiB], ids=["uncapped", "capped"])
+async def test_a_log_makes_its_files_at_its_first_write(tmp_path: Path, cap: int | None) -> None:
+    log = OutputLog(tmp_path, max_bytes=cap, tail_bytes=0)
+    await log.flush()  # nothing to write yet: nothing made
+    assert os.listdir(tmp_path) == []
+    log.append(OUT, b"late")
+    await log.flush()
+    names = {"output.log", "output.idx"} | ({"output.start"} if cap else set())
+    assert set(os.listdir(tmp_path)) == names
+    assert all(stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600 for name in names)
+    if cap:
+        # Its 16 bytes were written before any data: retention rewrites them in place.
+        assert (tmp_path / "output.start").read_bytes() == bytes(16)
+    log.append(ERR, b"r")
     log.finish()
     await log.flush()
     log.close()
+    assert (tmp_path / "output.log").read_bytes() == b"later"
     recovered = OutputLog.recover(tmp_path)
-    assert recovered.end == 0
-    assert await collect(recovered, 0) == []
+    assert [(c.data, c.offset, c.stream) for c in await collect(recovered, 0)] == [
+        (b"late", 0, OUT),
+        (b"r", 4, ERR),
+    ]
 
 
 def _open_fds() -> int:

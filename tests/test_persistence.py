@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import process_alive, require_root
+from tests.conftest import job_dirs, process_alive, require_root
 from trio_worker import JobNotFound, JobState, StateDirError, open_supervisor
 from trio_worker._jobs._records import END_COMMIT_AFTER
 from trio_worker._jobs._supervisor import LOST_ERROR, Retention
@@ -88,6 +88,52 @@ async def test_restart_keeps_jobs_and_output(tmp_path: Path) -> None:
         # New jobs get ids that sort after the old ones.
         c = await sup.start("true")
         assert c.id > max(before)
+
+
+async def test_jobs_that_print_nothing_have_no_log_files_before_and_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """A job's log files come with its first output (a silent job costs no inode): a
+    silent job's output reads empty, live, followed and after a restart; a job that
+    prints only later is followed from its start all the same; Remove and retention
+    take jobs with and without files."""
+    state = tmp_path / "state"
+    jobs = state / "jobs"
+    retention = Retention(keep_ended=1, max_ended_age=None, interval=3600)
+    async with open_supervisor(state, retention=retention) as sup:
+        silent = await sup.start("true")
+        late = await sup.start("sh", ["-c", "read x; echo late; echo err >&2"], stdin=True)
+        await sup.wait(silent.id)
+        assert list((jobs / silent.id).iterdir()) == []
+        assert [c async for c in sup.output(silent.id)] == []
+        assert [c async for c in sup.output(silent.id, follow=False)] == []
+        assert list((jobs / late.id).iterdir()) == []  # nothing printed yet
+
+        async def follow(into: list[bytes]) -> None:
+            async for chunk in sup.output(late.id):
+                into.append(chunk.data)
+
+        followed: list[list[bytes]] = [[], [], []]
+        async with trio.open_nursery() as nursery:
+            for into in followed:
+                nursery.start_soon(follow, into)
+            await trio.testing.wait_all_tasks_blocked()
+            await sup.write_stdin(late.id, b"go\n")
+        assert {b"".join(f) for f in followed} == {b"late\nerr\n"}
+        assert {p.name for p in (jobs / late.id).iterdir()} >= {"output.log", "output.idx"}
+        late_chunks = [c async for c in sup.output(late.id)]
+    async with open_supervisor(state, retention=retention) as sup:
+        assert sup.status(silent.id).output_bytes == 0
+        assert [c async for c in sup.output(silent.id)] == []
+        assert [c async for c in sup.output(late.id)] == late_chunks
+        assert list((jobs / silent.id).iterdir()) == []  # (a restart makes none either)
+        await sup.remove(silent.id)
+        assert not (jobs / silent.id).exists()
+        another = await sup.start("true")
+        await sup.wait(another.id)
+        await sup.housekeep()  # keeps the newest ended job only
+        assert [j.id for j in sup.list()] == [another.id]
+        assert await job_dirs(sup) == {another.id}
 
 
 async def test_crash_makes_running_jobs_lost_kills_them_and_keeps_output(tmp_path: Path) -> None:
@@ -227,9 +273,7 @@ async def test_retention_keeps_the_newest_ended_jobs(tmp_path: Path) -> None:
         running = await sup.start("sleep", ["1000"])
         await sup.housekeep()
         assert [j.id for j in sup.list()] == [*ids[-2:], running.id]
-        assert sorted(p.name for p in (tmp_path / "state" / "jobs").iterdir()) == sorted(
-            [*ids[-2:], running.id]
-        )
+        assert await job_dirs(sup) == {*ids[-2:], running.id}
     async with open_supervisor(tmp_path / "state", retention=retention) as sup:
         assert [j.id for j in sup.list()] == [*ids[-2:], running.id]
 

@@ -102,3 +102,40 @@ def test_a_round_stops_at_a_short_read(
     pieces, at_end = PipeReader(r).read_now(1024 * 1024)
     assert (sizes, at_end) == ([10_000], False)
     assert pieces == [b"x" * 10_000]
+
+
+def test_an_ended_jobs_snapshot_is_made_once_and_again_when_it_would_differ(
+    tmp_path: Path,
+) -> None:
+    """The end's record, the waiters and every Status after take the same snapshot of an
+    ended job; a change of what it shows (its usage, its output's counters, its record)
+    makes a new one, so no caller is told something stale."""
+    from datetime import UTC, datetime
+
+    from trio_worker._jobs import _lifecycle as lc
+    from trio_worker._model import JobState, Usage
+
+    job = _job(tmp_path, "a")
+    at = datetime.now(UTC)
+    job.feed(lc.Spawned(4242, at))
+    running = job.info()
+    assert job.info() is not running  # running: made each time
+    job.final_usage = Usage(cpu_seconds=0.5, memory_peak_bytes=4096)
+    job.feed(lc.Exited(3, at))
+    ended = job.info()
+    assert ended.state is JobState.EXITED
+    assert ended.exit_code == 3
+    assert ended.usage == Usage(cpu_seconds=0.5, memory_peak_bytes=4096)
+    assert job.info() is ended
+    assert job.info(usage=False) is not ended
+    assert job.info(usage=False).usage is None
+    job.final_usage = Usage(cpu_seconds=1.0, memory_peak_bytes=8192)
+    assert job.info().usage == job.final_usage
+    assert job.log is not None
+    job.log.append(OutputStream.STDOUT, b"late", notify=False)
+    assert job.info().output_bytes == 4
+    job.record = lc.Record(
+        state=JobState.LOST, error="gone", started_at=at, ended_at=at
+    )  # (as a restore would make it)
+    assert job.info().state is JobState.LOST
+    job.log.close()

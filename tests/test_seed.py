@@ -676,8 +676,8 @@ async def test_a_memory_cap_set_while_seeds_wait_kills_them_at_once(tmp_path: Pa
 async def test_the_refill_plants_by_the_cap_the_watch_read_without_reading_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The refill read the limit files at every round (25 us of its thread, most of it holding the GIL).
-    # While the watch is on, it plants by what the watch read last: after a write to them.
+    # The refill read the limit files at every round (25 us of its thread, mostly holding
+    # the GIL). While the watch is on, it plants by what the watch read last: after a write.
     token = trio.lowlevel.current_trio_token()
     reads: list[Path | None] = []
     capped_read = trio.Event()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
-from trio_worker import pki
-from trio_worker._identity import Role
-from trio_worker._net._transport import CallRecord
+from trio_worker import LimitPolicy, Limits, open_supervisor, pki
+from trio_worker._identity import Identity, Role
+from trio_worker._net._transport import CallContext, CallRecord
 from trio_worker._pb import worker_pb2 as pb
 from trio_worker.server._run import ServerSettings, run_server
+from trio_worker.server._service import WorkerService
 
 W = "/trioworker.v1.Worker/"
 UNARY = {
@@ -117,6 +119,12 @@ class Caller:
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with _serving(tmp_path) as running:
+        yield running
+
+
+@asynccontextmanager
+async def _serving(tmp_path: Path, **settings_: Any) -> AsyncIterator[Cluster]:
     certs = tmp_path / "pki"
     ca = pki.init_ca(certs)
     server = pki.issue_server(certs, ["localhost", "127.0.0.1"])
@@ -129,7 +137,12 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     }
     records: list[CallRecord] = []
     settings = ServerSettings(
-        ca=ca.cert, cert=server.cert, key=server.key, state_dir=tmp_path / "state", port=0
+        ca=ca.cert,
+        cert=server.cert,
+        key=server.key,
+        state_dir=tmp_path / "state",
+        port=0,
+        **settings_,
     )
     async with trio.open_nursery() as nursery:
 
@@ -192,6 +205,25 @@ async def test_every_method_through_grpcio(cluster: Cluster) -> None:
     for gone in (running.id, job.id):
         assert await call.code("Status", pb.StatusRequest(id=gone)) == grpc.StatusCode.NOT_FOUND
         assert await call.code("Remove", pb.RemoveRequest(id=gone)) == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_start_naming_no_limits_gets_the_policys_as_one_naming_zeros(
+    tmp_path: Path,
+) -> None:
+    """A StartRequest without limits (the server applies its policy once for all such
+    Starts) and one whose limits are there but all zero get the same: the policy's,
+    here its maximum; a limit above the maximum is still refused."""
+    policy = LimitPolicy(maximums=Limits(memory_bytes=256 << 20))
+    async with _serving(tmp_path, limit_policy=policy) as running:
+        call = Caller(running.channel("alice"))
+        unset = await call("Start", pb.StartRequest(command="true"))
+        zeros = await call("Start", pb.StartRequest(command="true", limits=pb.Limits()))
+        assert unset.limits.memory_bytes == zeros.limits.memory_bytes == 256 << 20
+        assert unset.limits == zeros.limits
+        over = pb.StartRequest(command="true", limits=pb.Limits(memory_bytes=1 << 30))
+        assert await call.code("Start", over) == grpc.StatusCode.INVALID_ARGUMENT
+        for job in (unset, zeros):
+            assert (await call("Wait", pb.WaitRequest(id=job.id))).exit_code == 0
 
 
 async def test_following_a_live_job_streams_binary_bytes(cluster: Cluster) -> None:
@@ -372,3 +404,26 @@ async def test_audit_records_identity_method_job_and_status(cluster: Cluster) ->
     assert starts[-1].code.name == "OK"
     missing = [r for r in cluster.records if getattr(r.request, "id", "") == "missing"]
     assert missing[-1].code.name == "NOT_FOUND"
+
+
+async def test_a_wait_for_an_ended_job_answers_without_a_turn_of_the_loop() -> None:
+    """A short command has usually ended before its client's Wait comes: that Wait's
+    reply is made at once, with no checkpoint (a cancelled scope around it does not stop
+    it); the Wait of a running job still waits, and is cancellable."""
+    ctx = CallContext(Identity("alice", Role.FULL), W + "Wait", "test", None)
+    async with open_supervisor() as sup:
+        service = WorkerService(sup)
+        done = await sup.start("sh", ["-c", "exit 3"], owner="alice")
+        await sup.wait(done.id)
+        sleeper = await sup.start("sleep", ["60"], owner="alice")
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            reply = await service.wait(pb.WaitRequest(id=done.id), ctx)
+        assert not scope.cancelled_caught
+        assert reply.state == pb.JOB_STATE_EXITED
+        assert reply.exit_code == 3
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await service.wait(pb.WaitRequest(id=sleeper.id), ctx)
+        assert scope.cancelled_caught
+        await sup.stop(sleeper.id, grace=0)

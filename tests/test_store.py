@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from trio_worker import Isolation, JobInfo, JobNotFound, JobState, Limits, StateDirError, Usage
@@ -26,6 +26,8 @@ from trio_worker._jobs._store import (
     SCHEMA_VERSION,
     SqliteJobStore,
     StoredJob,
+    _Encoder,
+    _json,
     process_start_time,
 )
 from trio_worker._model import JobIdGenerator
@@ -316,6 +318,40 @@ async def test_a_noted_pid_rides_along_with_the_next_commit(tmp_path: Path) -> N
         assert jobs[done.id].info.pid == 7
 
 
+async def test_a_lone_record_is_a_transaction_of_its_own(tmp_path: Path) -> None:
+    # A batch of one start or one end runs without BEGIN/COMMIT (one statement is its own
+    # transaction); it must succeed, fail and be refused as it does within one.
+    path = tmp_path / "jobs.db"
+    async with await SqliteJobStore.open(path) as store:
+        info = running()
+        write = store.queue_start(info, env_keys=["HOME"], cwd="/srv", pid_start_time=7)
+        await store.flush()
+        assert (write.done, write.error) == (True, None)
+        with closing(sqlite3.connect(path)) as other:  # committed: another reader sees it
+            assert other.execute("SELECT id FROM jobs").fetchall() == [(info.id,)]
+        again = store.queue_start(info, env_keys=[], cwd=None, pid_start_time=None)
+        await store.flush()
+        assert isinstance(again.error, ValueError)
+        assert "already recorded" in str(again.error)
+        missing = store.queue_end(ended(running()))
+        await store.flush()
+        assert isinstance(missing.error, JobNotFound)
+        before = store.transactions
+        store._conn.execute("PRAGMA query_only = 1")
+        refused = store.queue_start(running(), env_keys=[], cwd=None, pid_start_time=None)
+        with pytest.raises(StateDirError):
+            await store.flush()
+        assert isinstance(refused.error, StateDirError)
+        end = store.queue_end(ended(info))
+        with pytest.raises(StateDirError):
+            await store.flush()
+        assert isinstance(end.error, StateDirError)
+        assert store.transactions == before
+        store._conn.execute("PRAGMA query_only = 0")
+        await store.record_end(ended(info))
+        assert [j.info for j in await store.load_all()] == [ended(info)]
+
+
 # -- output counters -------------------------------------------------------------
 
 
@@ -449,7 +485,8 @@ async def test_wal_mode_and_reopen(tmp_path: Path) -> None:
         assert other.execute("PRAGMA application_id").fetchone() == (APPLICATION_ID,)
         assert other.execute("SELECT id FROM jobs").fetchall() == [(info.id,)]
         indexes = {r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-        assert {"jobs_by_owner", "jobs_by_end"} <= indexes
+        assert "jobs_by_end" in indexes
+        assert "jobs_by_owner" not in indexes  # no query used it
     assert await store._submit(lambda c: c.execute("PRAGMA synchronous").fetchone()) == (1,)
     await store.aclose()
     await store.aclose()  # idempotent
@@ -923,6 +960,24 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
     assert columns[-3:] == ["run_as", "stdin", "tty"]
 
 
+async def test_the_unused_owner_index_of_older_files_is_dropped(tmp_path: Path) -> None:
+    """Files made before kept an index by owner that no query read: it goes, the jobs stay."""
+    path = tmp_path / "jobs.db"
+    info = running()
+    async with await SqliteJobStore.open(path) as store:
+        await start(store, info)
+    with closing(sqlite3.connect(path)) as conn:  # what the file held before
+        conn.execute("CREATE INDEX jobs_by_owner ON jobs (owner, id)")
+    async with await SqliteJobStore.open(path) as store:
+        assert [j.info for j in await store.load_all()] == [info]
+        await start(store, running())
+    with closing(sqlite3.connect(path)) as conn:
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    assert "jobs_by_owner" not in names
+    assert {"jobs", "jobs_by_end"} <= names
+
+
 async def test_stdin_and_tty_round_trip(tmp_path: Path) -> None:
     """A restarted server still knows which jobs had stdin or a terminal."""
     piped, terminal, plain = running(stdin=True), running(stdin=True, tty=True), running()
@@ -957,3 +1012,39 @@ async def test_a_version_2_database_is_migrated(tmp_path: Path) -> None:
         assert (await by_id(store))[later.id].info.tty
     with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+# -- rows ----------------------------------------------------------------------------
+
+
+_LIMITS = st.builds(
+    Limits,
+    cpus=st.one_of(st.floats(0, 64), st.integers(0, 64)),
+    memory_bytes=st.integers(0, 2**63),
+    pids=st.integers(0, 2**20),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    args=st.lists(_TEXT, max_size=4),
+    keys=st.lists(_TEXT, max_size=4),
+    limits=st.lists(_LIMITS, min_size=1, max_size=3),
+    isolation=st.builds(Isolation),
+)
+@example(args=[], keys=[], limits=[Limits(cpus=0), Limits(cpus=0.0)], isolation=Isolation())
+def test_a_rows_json_is_its_values_whatever_the_encoder_kept(
+    args: list[str], keys: list[str], limits: list[Limits], isolation: Isolation
+) -> None:
+    # The encoder keeps the JSON of limits, isolation and env keys it made before; a row
+    # must still say exactly this job's values (0 and 0.0 are equal, but not as JSON).
+    encoder = _Encoder()
+    for kept in limits:
+        encoder.start_row(running(limits=kept), ["OTHER"], None, None)
+    info = running(args=tuple(args), limits=limits[-1], isolation=isolation)
+    row = encoder.start_row(info, keys, None, None)
+    assert row[3] == _json(args)
+    assert row[4] == _json(keys)
+    assert row[6] == _json(dataclasses.asdict(limits[-1]))
+    assert row[7] == _json(dataclasses.asdict(isolation))
+    assert row == _Encoder().start_row(info, keys, None, None)

@@ -109,9 +109,11 @@ async def test_policy_maximum_and_absurd_limits_are_invalid() -> None:
             await sup.start("true", limits=Limits(cpus=0.001))
         with pytest.raises(InvalidRequest, match="1 MiB"):
             await sup.start("true", limits=Limits(memory_bytes=1000))
-        # Unset fields get the maximum: never unlimited on a capped server.
+        # Unset fields get the maximum: never unlimited on a capped server. No limits
+        # at all (the policy's, applied once) and limits of zeros come out the same.
         job = await sup.start("true")
         assert job.limits.memory_bytes == 256 << 20
+        assert (await sup.start("true", limits=Limits())).limits == job.limits
 
 
 async def test_pid_namespace_command_sees_itself_as_pid_2_and_private_proc() -> None:

@@ -282,6 +282,10 @@ async def test_a_job_of_another_user_reaches_none_of_the_servers_state(
         bobs = await as_bob.start("sh", ["-c", "echo secret; sleep 60"])
         async with as_bob.output(bobs.id) as follow:
             await anext(aiter(follow))  # it has written output
+        log = served.state / "jobs" / bobs.id / "output.log"
+        with trio.fail_after(10):  # (its log's files come with the flush of its first output)
+            while not log.is_file():  # noqa: ASYNC110
+                await trio.sleep(0.01)
         for path in ("jobs.db", f"jobs/{bobs.id}/output.log", "pki/ca.key", "pki/admin.key"):
             assert (served.state / path).is_file()  # there to be refused
         job, text = await run(

@@ -33,7 +33,12 @@ from tests.wire.helpers import (
     request_headers,
 )
 from trio_worker._wire._h2conn import _HANDLERS
-from trio_worker._wire._h2server import MAX_CACHED_REQUEST, MAX_CACHED_REQUESTS, BadRequest
+from trio_worker._wire._h2server import (
+    MAX_CACHED_REQUEST,
+    MAX_CACHED_REQUESTS,
+    BadRequest,
+    ServerH2Connection,
+)
 
 _FIELDS = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12)
 #: Values h2's client sends as they are (it strips whitespace at the ends).
@@ -281,3 +286,167 @@ def test_a_whole_data_frame_over_the_window_or_on_a_closed_stream_raises_as_h2_d
     pair.server.send_status(1, 0, "", None, headers=True)
     with pytest.raises(h2.exceptions.StreamClosedError):
         h2c.send_whole_data(1, b"late")
+
+
+def _server_state(pair: ConnectionPair, stream_id: int) -> tuple[Any, ...]:
+    """What a reply may change: the stream's machine and windows, the core's bookkeeping
+    of the request, the flood budget."""
+    core = pair.server
+    return (
+        *_machine(pair, stream_id),
+        stream_id in core.message_read_buffers,
+        stream_id in core._buffered,
+        core.buffered_requests,
+        core.gate._flood,
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    message=st.binary(max_size=300),
+    spent=st.integers(0, 40),
+    window=st.none() | st.integers(0, 400),
+)
+def test_a_unary_reply_in_one_step_is_the_steps_bytes_and_states(
+    message: bytes, spent: int, window: int | None
+) -> None:
+    # send_unary_reply against start_response, send_whole_data, send_status and
+    # drop_request, on a stream whose request ended; a flood budget partly spent, and a
+    # window the message may not fit (then it declines, changing nothing).
+    outputs, states, took = [], [], []
+    for one_step in (True, False):
+        pair = ConnectionPair()
+        if window is not None:
+            pair.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+            pair.to_server(pair.client.data_to_send())
+        pair.client.send_headers(1, request_headers())
+        pair.client.send_data(1, grpc_frame(b"\x0a\x01x"), end_stream=True)
+        pair.to_server(pair.client.data_to_send())
+        pair.server_output()
+        pair.server.gate._flood -= spent
+        core, h2c = pair.server, pair.server.h2_connection
+        before = _server_state(pair, 1)
+        if one_step:
+            ok = core.send_unary_reply(1, message)
+            took.append(ok)
+            if not ok:
+                assert _server_state(pair, 1) == before
+                assert pair.server_output() == b""
+                assert len(grpc_frame(message)) > h2c.local_flow_control_window(1)
+                return
+        else:
+            core.start_response(1, "+proto")
+            h2c.send_whole_data(1, grpc_frame(message))
+            core.send_status(1, 0, "", None, headers=True)
+            core.drop_request(1)
+        outputs.append(pair.server_output())
+        states.append(_server_state(pair, 1))
+        events = list(pair.client.receive_data(outputs[-1]))
+        assert [type(e) for e in events] == [
+            h2.events.ResponseReceived,
+            h2.events.DataReceived,
+            h2.events.TrailersReceived,
+            h2.events.StreamEnded,
+        ]
+    assert took == [True]
+    assert outputs[0] == outputs[1]
+    assert states[0] == states[1]
+
+
+def test_a_unary_reply_in_one_step_declines_where_it_does_not_stand() -> None:
+    # The request not ended, headers already sent, a table size change pending, an
+    # unknown stream, a closed one: nothing changes, the steps take over.
+    pair = ConnectionPair()
+    pair.client.send_headers(1, request_headers())
+    pair.client.send_data(1, grpc_frame(b"\x0a\x01x"))
+    pair.to_server(pair.client.data_to_send())
+    pair.server_output()
+    before = _server_state(pair, 1)
+    assert not pair.server.send_unary_reply(1, b"x")  # the request goes on
+    assert not pair.server.send_unary_reply(7, b"x")  # never opened
+    assert _server_state(pair, 1) == before
+    assert pair.server_output() == b""
+    pair.client.send_data(1, b"", end_stream=True)
+    pair.to_server(pair.client.data_to_send())
+    pair.server.start_response(1, "+proto")
+    pair.server_output()
+    before = _server_state(pair, 1)
+    assert not pair.server.send_unary_reply(1, b"x")  # headers already sent
+    assert _server_state(pair, 1) == before
+    pair.server.send_status(1, 0, "", None, headers=True)
+    assert not pair.server.send_unary_reply(1, b"x")  # closed
+    resized = ConnectionPair()
+    resized.client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 256})
+    resized.client.send_headers(1, request_headers())
+    resized.client.send_data(1, grpc_frame(b""), end_stream=True)
+    resized.to_server(resized.client.data_to_send())
+    resized.server_output()
+    assert not resized.server.send_unary_reply(1, b"x")  # the size update must lead
+    assert resized.server_output() == b""
+
+
+class _H2Counting(ServerH2Connection):
+    """The server's h2 connection counting open streams with h2's own ``_open_streams``."""
+
+    @property
+    def open_inbound_streams(self) -> int:
+        self._open_streams(1)
+        return 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    fates=st.lists(
+        st.sampled_from(["open", "ended", "answered", "reset", "refused", "answered-open"]),
+        max_size=12,
+    )
+)
+def test_counting_open_streams_forgets_closed_ones_as_h2_does(fates: list[str]) -> None:
+    # The server's open_inbound_streams against h2's own _open_streams, counted at every
+    # request's HEADERS and once more at the end: the same streams forgotten, in the
+    # same order, remembered as closed the same way, and the same output.
+    results: list[list[Any]] = [[], []]
+    for ours in (True, False):
+        pair = ConnectionPair()
+        core, h2c = pair.server, pair.server.h2_connection
+        if not ours:
+            h2c.__class__ = _H2Counting
+        for n, fate in enumerate(fates):
+            stream_id = 1 + 2 * n
+            pair.client.send_headers(stream_id, request_headers(), end_stream=fate != "open")
+            pair.to_server(pair.client.data_to_send())
+            if fate.startswith("answered"):
+                core.start_response(stream_id, "+proto")
+                core.send_status(stream_id, 0, "", None, headers=True)
+            elif fate == "reset":
+                pair.client.reset_stream(stream_id)
+                pair.to_server(pair.client.data_to_send())
+            elif fate == "refused":
+                h2c.reset_stream(stream_id, 7)
+            pair.to_client()
+            results[ours].append((list(h2c.streams), list(h2c._closed_streams.items())))
+        assert h2c.open_inbound_streams == 0
+        results[ours].append(
+            (list(h2c.streams), list(h2c._closed_streams.items()), pair.server_output())
+        )
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b":status", b"103")],
+        [(b":status", b"200")],
+        [(b":method", b"POST"), (b":status", b"100")],
+        [(b":method", b"POST"), (b"x", b"y"), (b":status", b"100")],
+        [(b"x", b"1"), (b":status", b"100")],
+        [(b":path", b"/a")],
+        [],
+    ],
+)
+def test_the_informational_test_is_h2s(headers: list[tuple[bytes, bytes]]) -> None:
+    from h2.utilities import is_informational_response
+
+    from trio_worker._wire._h2server import _informational
+
+    assert _informational(headers) is bool(is_informational_response(headers))

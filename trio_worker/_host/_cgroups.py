@@ -850,6 +850,8 @@ class CgroupDriver(ABC):
         (and the namespaces' problems) into ``Unenforceable``.
         """
         problems: list[str] = []
+        if not limits.any:
+            return problems  # (every plain Start: no controller needed)
         seen: set[str] = set()
         for f in fields(Limits):
             if not getattr(limits, f.name):

@@ -45,6 +45,8 @@ from ._turns import let_io_first
 
 __all__ = ["Admission"]
 
+_NO_ISOLATION = Isolation()
+
 
 class Admission:
     """Starts jobs into ``table``, for ``runner`` to watch."""
@@ -73,6 +75,9 @@ class Admission:
         self._spawn_in_thread = spawn_in_thread
         self._cgroups = cgroups
         self._policy = limit_policy
+        #: What a Start that names no limits gets (the policy's defaults, or its maximums):
+        #: the same for every such Start, so applied once.
+        self._unset_limits = limit_policy.apply(Limits())
         #: Encoded once for every Start (``Environment``); a variable that cannot be
         #: encoded fails each Start instead, as it did before (``validate_start``).
         self._base_env: Mapping[str, str]
@@ -137,13 +142,16 @@ class Admission:
         credentials = Credentials(account.uid, account.gid, account.groups) if as_other else None
         spec = validate_start(command, args, env, cwd, base_env=base_env, check_cwd=not as_other)
         terminal = _check_terminal(tty, terminal_size)
-        limits = limits if limits is not None else Limits()
-        isolation = isolation if isolation is not None else Isolation()
-        if not isinstance(limits, Limits):
+        if limits is None:
+            limits = self._unset_limits
+        elif isinstance(limits, Limits):
+            limits = self._policy.apply(limits)  # InvalidRequest above a maximum
+        else:
             raise InvalidRequest("limits", "must be a trio_worker.Limits")
-        if not isinstance(isolation, Isolation):
+        if isolation is None:
+            isolation = _NO_ISOLATION
+        elif not isinstance(isolation, Isolation):
             raise InvalidRequest("isolation", "must be a trio_worker.Isolation")
-        limits = self._policy.apply(limits)  # InvalidRequest above a maximum
         check_enforceable(self._cgroups, limits, isolation)  # never silently ignored
         # A terminal's master and slave, and the master's duplicate for writing:
         # made before the job, so running out of descriptors refuses the Start.

@@ -60,6 +60,7 @@ class Job:
         "cgroup",
         "ended",
         "env_keys",
+        "final_info",
         "final_usage",
         "id",
         "input",
@@ -114,6 +115,8 @@ class Job:
         self.kill_deadline: float | None = None
         #: The Unix user it runs as (``UnixUser.label``).
         self.user = ""
+        #: An ended job's last snapshot and what it was made from (``info``).
+        self.final_info: tuple[lc.Record, JobInfo] | None = None
 
     def feed(self, event: lc.Event) -> None:
         """Advance the job's lifecycle and write the audit line for the change."""
@@ -155,7 +158,23 @@ class Job:
         ``measured`` is the live group's usage read off the loop (``live_cgroup``): it is
         taken instead of reading the group here, if the job is still live.
         """
-        r = record or self.record
+        if record is None and usage and self.ended.is_set():
+            # An ended job's snapshot is made once (its end's record and every waiter
+            # and Status after take the same), while nothing it shows changes.
+            kept = self.final_info
+            if kept is not None and kept[0] is self.record:
+                info = kept[1]
+                log = self.log
+                if info.usage is self.final_usage and (
+                    log is None or (info.output_bytes == log.end and info.output_start == log.start)
+                ):
+                    return info
+            info = self._snapshot(self.record, True, None)
+            self.final_info = (self.record, info)
+            return info
+        return self._snapshot(record or self.record, usage, measured)
+
+    def _snapshot(self, r: lc.Record, usage: bool, measured: Usage | None) -> JobInfo:
         assert r.state is not None
         assert r.started_at is not None
         return JobInfo(
@@ -187,13 +206,8 @@ class Job:
         """A job of an earlier run, as its record and its log on disk say."""
         info = entry.info
         spec = StartSpec(info.command, info.args, {}, entry.cwd)
-        if (directory / "output.log").exists():
-            log = OutputLog.recover(directory)
-        else:  # never written (or removed by hand): an empty, finished log
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            log = OutputLog(directory)
-            log.finish()
-            log.close()
+        # (A log that was never written, or removed by hand, has no files: empty.)
+        log = OutputLog.recover(directory)
         job = cls(info.id, info.owner, spec, info.limits, info.isolation, log)
         job.env_keys = entry.env_keys
         job.user = info.user

@@ -1,4 +1,4 @@
-"""Making a job's place and process: its directory, log files, cgroup, then the spawn.
+"""Making a job's place and process: its directory, cgroup, then the spawn.
 
 All of it is blocking work (mkdir and open on the state disk and on cgroupfs, a
 vfork that waits for the child's exec), so the supervisor runs it off the event
@@ -16,22 +16,24 @@ Places ahead of need: creating a job's directory, log files and groups is most
 of that thread's work (measured with py-spy under the bench: ~75% of it; each
 new directory and file allocates an inode, a journal operation on the state
 disk; each group is a mkdir per hierarchy). So the launcher keeps a few *ready
-places*, made by ``keep_ready`` once a Start took one: a directory with its
-empty log files under ``ready/``, and the job's groups. A Start then renames
-the directory into ``jobs/``, opens the files, writes its limits (if any) and
-spawns. The job id comes with the place, since a v2 cgroup cannot be renamed;
-it holds the time the place was made, not the Start's (ids still sort by when
-they were made). After a crash, a place's groups are leftovers like any
-other's and ``ready/`` is emptied at the next start.
+places*, made by ``keep_ready`` once a Start took one: the job's directory in
+``jobs/`` and its groups. A Start then writes its limits (if any) and spawns;
+it moves nothing (a rename on the loop was ~50 us of its CPU a Start). The log's files are not made
+ahead: the log's first flush makes them, if the job ever writes (a job that
+prints nothing costs no inode for them; see ``_output``). The job id comes with
+the place, since a v2 cgroup cannot be renamed; it holds the time the place was
+made, not the Start's (ids still sort by when they were made). After a crash, a
+place's groups are leftovers like any other's, and its directory, of no job the
+store knows, is removed by the next start's ``restore`` as a job's whose record was
+still queued is.
 
 Seeds: with the reaper watching, a place also holds its job's process, made
 with it (``_host._spawn.Seed``): already in the job's groups and process group,
 with its output pipes, blocked until it is told its command. A plain Start
 (no limits, namespaces, stdin or terminal: ``seedable``) then runs on the loop
-alone (``launch_seeded``): rename the directory, hand the seed its command,
-wait (without a thread) for its exec or its report of failure. Any other Start
-kills the place's seed in its thread and spawns as before. See ARCHITECTURE.md,
-"Why seeds".
+alone (``launch_seeded``): hand the seed its command, wait (without a thread)
+for its exec or its report of failure. Any other Start kills the place's seed in
+its thread and spawns as before. See ARCHITECTURE.md, "Why seeds".
 """
 
 from __future__ import annotations
@@ -53,12 +55,13 @@ import trio
 from .._errors import ResourceExhausted
 from .._host._cgroups import CgroupDriver, CgroupError, Inotify, JobCgroup, remove_groups
 from .._host._isolation import helper_argv, helper_tasks, resolve_command
-from .._host._place import make_place
+from .._host._place import Sown, make_place, make_seeded_place
 from .._host._spawn import SEEDS_REFUSED, Seed
 from .._model import Isolation, Limits
 from ._job import REPORT
-from ._output import OpenLogs, OutputLog, log_files
+from ._output import OpenLogs, OutputLog
 from ._process import (
+    PIPE_SIZES,
     RESOURCE_ERRNOS,
     Credentials,
     JobProcess,
@@ -69,7 +72,6 @@ from ._process import (
     Stdin,
     describe_os_error,
     describe_setup_error,
-    output_pipe,
     resource_exhausted,
 )
 from ._store import process_start_time
@@ -99,7 +101,7 @@ class Sprout:
     seed: Seed
     stdout: int
     stderr: int
-    #: The seed's start time (/proc): the job's, since the exec keeps the pid.
+    #: The seed's start time (as /proc says it): the job's, since the exec keeps the pid.
     start_time: int | None
     #: SIGKILLed while it waited (a memory cap appeared): the thread's way, never ``go``
     #: (a go byte could reach the pipe before its death: a job killed at its start).
@@ -119,9 +121,9 @@ class Sprout:
 
 @dataclass(slots=True)
 class Place:
-    """A job's place made ahead of need: its id, a directory under ``ready/`` with
-    the log files, and its group with the ``cgroup.procs`` fds (no limits yet) —
-    or, with a seed, no fds: the seed joined the group already."""
+    """A job's place made ahead of need: its id, its directory in ``jobs/`` (its
+    log's files come with its first write), and its group with the ``cgroup.procs``
+    fds (no limits yet) — or, with a seed, no fds: the seed joined the group already."""
 
     job_id: str
     directory: Path
@@ -188,8 +190,6 @@ class Launcher:
         self._job_nofile = job_nofile
         #: The jobs' logs that keep their files open between flushes (on the loop).
         self.open_logs = OpenLogs()
-        #: A place's log files (``make_place``).
-        self._log_files = log_files(capped=max_output_bytes is not None)
         #: How many places ``keep_ready`` keeps made ahead of need.
         self._target = ready
         self._ready: deque[Place] = deque()
@@ -282,8 +282,10 @@ class Launcher:
         why it cannot.
         """
         self._token = trio.lowlevel.current_trio_token()
-        # Whatever an earlier run left there (its groups are leftovers, gone already).
-        failed = not await trio.to_thread.run_sync(self._empty_ready_dir)
+        # The places an earlier version left in ``ready/`` (their groups are leftovers,
+        # gone already).
+        await trio.to_thread.run_sync(shutil.rmtree, self.ready_dir, True)
+        failed = False
         while True:
             wanted = self._wanted = trio.Event()
             retired, self._retired = self._retired, []
@@ -337,8 +339,6 @@ class Launcher:
     def _discard_all(self, retired: Sequence[JobCgroup], places: Sequence[Place]) -> None:
         _remove_groups(retired)
         _discard_places(places)
-        with contextlib.suppress(OSError):
-            os.rmdir(self.ready_dir)
 
     def _tend(self, retired: Sequence[JobCgroup], ids: Sequence[str]) -> int:
         """In a worker thread: make the places (each reaches the pool as it is made:
@@ -368,21 +368,12 @@ class Launcher:
         """``take``, but with none ready while the refill's thread is making places,
         wait up to ``patience`` seconds for the next one: it is usually a fraction of
         a millisecond away, where making a place of its own costs a Start a thread
-        round trip, four inodes and the groups (3-5 ms here) and slows the refill."""
+        round trip, an inode and the groups (3-5 ms here) and slows the refill."""
         if not self._ready and self._making:
             with trio.move_on_after(patience):
                 while not self._ready and self._making:
                     await self._arrived.wait()
         return self.take()
-
-    def _empty_ready_dir(self) -> bool:
-        try:
-            shutil.rmtree(self.ready_dir, ignore_errors=True)
-            self.ready_dir.mkdir(mode=0o700, exist_ok=True)
-        except OSError as exc:
-            _log.warning("no places made ahead of need: %s", exc)
-            return False
-        return True
 
     def _make_places(self, ids: Sequence[str], arrive: Callable[[Place], None]) -> int:
         """In a worker thread: as many of the places as can be made, in order, each
@@ -394,21 +385,43 @@ class Launcher:
         capped = self._capped if self._caps_fresh else self._memory_capped() is not False
         plant = self._seeds and bool(ids) and not capped
         for job_id in ids:
-            directory = self.ready_dir / job_id
+            directory = self.jobs_dir / job_id  # (the job's own: a Start moves nothing)
+            sown: Sown | OSError | None = None
             try:
                 group = self.cgroups.planned(job_id)
-                # The directory, its log files, the groups and their fds: one call
-                # with the GIL let go (it leaves nothing behind if it fails).
-                procs = make_place(directory, self._log_files, group)
+                # The directory, the groups and their fds, and the seed: one call with
+                # the GIL let go (it leaves nothing behind if it fails). No log file: the
+                # log's first flush makes them, if the job ever writes (``OutputLog``).
+                if plant and self._seeds and group.tracked:
+                    procs, sown = make_seeded_place(
+                        directory,
+                        (),
+                        group,
+                        nofile_soft=self._job_nofile,
+                        pipe_sizes=PIPE_SIZES,
+                    )
+                else:
+                    procs = make_place(directory, (), group)
             except (CgroupError, OSError) as exc:
                 _log.debug("no place made ahead: %s", exc)
                 break
             place = Place(job_id, directory, group, procs)
-            if plant and self._seeds and group.tracked:
-                self._plant(place)
+            if isinstance(sown, Sown):
+                place.seed = Sprout(sown.seed, sown.stdout, sown.stderr, sown.start_time)
+            elif sown is not None:
+                self._not_sown(sown)
             arrive(place)
             made += 1
         return made
+
+    def _not_sown(self, exc: OSError) -> None:
+        """A place made without its seed: said, and no more seeds where the kernel
+        refuses clone3 (``SEEDS_REFUSED``)."""
+        if exc.filename == "clone3" and exc.errno in SEEDS_REFUSED:
+            self._seeds = False
+            _log.info("no seeds: clone3 is refused here (%s)", exc.strerror)
+        else:
+            _log.debug("no seed: %s", exc)
 
     def _memory_capped(self) -> bool | None:
         """In a worker thread: whether a memory limit holds the jobs and not the server,
@@ -468,37 +481,6 @@ class Launcher:
             self._caps_fresh = False
             watch.close()
 
-    def _plant(self, place: Place) -> None:
-        """In a worker thread: give ``place`` its seed (its group fds go to it)."""
-        owned: list[int] = []
-        try:
-            out_r, out_w = output_pipe()
-            owned += (out_r, out_w)
-            err_r, err_w = output_pipe()
-            owned += (err_r, err_w)
-            null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            owned.append(null)
-            seed = Seed.plant(
-                place.procs,
-                stdin=null,
-                stdout=out_w,
-                stderr=err_w,
-                nofile_soft=self._job_nofile,
-            )
-        except OSError as exc:
-            for fd in owned:
-                os.close(fd)
-            if exc.errno in SEEDS_REFUSED:
-                self._seeds = False
-                _log.info("no seeds: clone3 is refused here (%s)", exc.strerror)
-            else:
-                _log.debug("no seed: %s", exc)
-            return
-        for fd in (out_w, err_w, null, *place.procs):
-            os.close(fd)
-        place.procs = []
-        place.seed = Sprout(seed, out_r, err_r, process_start_time(seed.pid))
-
     # -- a seeded Start (on the loop) -------------------------------------------
 
     @staticmethod
@@ -518,9 +500,8 @@ class Launcher:
         )
 
     async def launch_seeded(self, plan: LaunchPlan) -> Launched | None:
-        """Start a ``seedable`` plan with its place's seed, on the loop: rename the
-        place into ``jobs/`` (a rename: 0.02 ms), hand the seed its command, and
-        wait for its exec (EOF on its report pipe) or its failure (a FAILED job,
+        """Start a ``seedable`` plan with its place's seed, on the loop: hand the seed
+        its command, and wait for its exec (EOF on its report pipe) or its failure (a FAILED job,
         as ``spawn``'s). No thread, nothing blocking.
 
         None if the seed was dead before its command (killed from outside while it
@@ -533,7 +514,7 @@ class Launcher:
         sprout, place.seed = place.seed, None
         seed = sprout.seed
         spec = plan.spec
-        directory = self.jobs_dir / place.job_id
+        directory = place.directory  # (made in ``jobs/``: nothing to move)
         try:
             # First the command, so that the seed's exec overlaps the rest.
             seed.go(
@@ -543,14 +524,11 @@ class Launcher:
                 spec.cwd,
                 user=plan.options.user,
             )
-            os.rename(place.directory, directory)
-            place.directory = directory
-        except BrokenPipeError:  # from go, before the rename
+        except BrokenPipeError:
             place.seed = sprout
             return None
         except OSError as exc:
-            # ENOMEM copying the command, or no rename (ENOSPC for the directory
-            # entry): the process, run or not, goes with its group.
+            # ENOMEM copying the command: the process, run or not, goes with its group.
             await trio.to_thread.run_sync(_discard_seeded, place, sprout)
             raise resource_exhausted(exc, "handing its process the command") from None
         log = OutputLog(
@@ -559,7 +537,6 @@ class Launcher:
             max_bytes=self._max_output_bytes,
             max_unflushed=self._max_unflushed,
             files=self.open_logs,
-            create=False,  # the place has them
         )
         # (Its pipes made non-blocking while the seed execs, not after.)
         stdout, stderr = PipeReader(sprout.stdout), PipeReader(sprout.stderr)
@@ -640,9 +617,9 @@ class Launcher:
         return Launched(log, group, procs)
 
     def _claim(self, place: Place, plan: LaunchPlan) -> Launched:
-        """``prepare`` with a ready place: move it into ``jobs/``, open its log, and
-        write the limits. A seed the place has cannot run this plan: it goes."""
-        directory = self.jobs_dir / place.job_id
+        """``prepare`` with a ready place: open its log, and write the limits. A seed
+        the place has cannot run this plan: it goes."""
+        directory = place.directory
         unjoinable: OSError | None = None
         if place.seed is not None:
             sprout, place.seed = place.seed, None
@@ -657,15 +634,12 @@ class Launcher:
                 # job that FAILED, in words, as ``prepare``'s, not "resource exhausted".
                 unjoinable = exc
         try:
-            os.rename(place.directory, directory)
-            place.directory = directory
             log = OutputLog(
                 directory,
                 tail_bytes=self._tail_bytes,
                 max_bytes=self._max_output_bytes,
                 max_unflushed=self._max_unflushed,
                 files=self.open_logs,
-                create=False,  # the place has them
             )
         except OSError as exc:
             _discard_places([place])
@@ -771,10 +745,11 @@ class Launcher:
             _remove_group(launched.group)
 
     def _open_log(self, job_id: str) -> OutputLog:
-        """The new job's directory and log files, or ``ResourceExhausted`` saying why not.
+        """The new job's directory and log (whose files come with its first write), or
+        ``ResourceExhausted`` saying why not.
 
-        On a full disk this is where a Start is refused: nothing runs and
-        nothing is left behind. (Creating empty files rarely fails even then;
+        On a disk out of inodes this is where a Start is refused: nothing runs and
+        nothing is left behind. (A directory rarely fails on a full disk otherwise;
         when it works, the job runs and only its output and record wait.)
         """
         directory = self.jobs_dir / job_id

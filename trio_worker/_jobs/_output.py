@@ -41,11 +41,19 @@ Files of one log (all little-endian):
     after a lost run always starts with a record of its own. A trailing partial
     record (a crash while writing it) is ignored.
 ``output.start``
-    Only for a log with a cap (``max_bytes``), made with the log: 16 bytes
+    Only for a log with a cap (``max_bytes``): 16 bytes
     ``<start:u64><first_record:u64>``, the first retained offset and the number
     of the index record where a reader of ``start`` begins its search. Bytes and
     index records below them may be holes (``fallocate`` punch hole). Missing
-    means ``(0, 0)``.
+    (or short) means ``(0, 0)``.
+
+A log has no file until it has bytes to write: its first flush makes them, in the
+flusher's thread (``_make_files``), so a job that prints nothing costs no inode
+(each cost the refill 0.05-0.5 ms of CPU on a journal-less ext4). A capped log's
+``output.start`` comes first, with its 16 bytes: no data of a capped log reaches
+the disk before them, so retention, which frees space on a full disk, only ever
+rewrites blocks it has. Files that cannot be made fail as a write does (the
+output is lost, the disk tried again later); a missing file reads as empty.
 
 A log holds no file open until it writes: its flusher's thread opens
 ``output.idx`` and ``output.log`` when it needs them, and ``output.start`` only
@@ -88,8 +96,6 @@ __all__ = [
     "LogReader",
     "OpenLogs",
     "OutputLog",
-    "create_log_files",
-    "log_files",
     "read_log_file",
 ]
 
@@ -225,36 +231,6 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
-def log_files(*, capped: bool) -> list[tuple[str, bytes | None]]:
-    """A new log's files: each name, and the bytes it starts with (None: empty).
-
-    ``output.start`` only for a log with a cap, written when the log is made, while
-    the disk surely has room for it: on a full disk, retention is what frees space,
-    and needs it. (A failed write of it must not stop the job: the file stays.)
-    """
-    files: list[tuple[str, bytes | None]] = [("output.log", None), ("output.idx", None)]
-    if capped:
-        files.append(("output.start", _START.pack(0, 0)))
-    return files
-
-
-def create_log_files(directory: Path, *, capped: bool) -> None:
-    """Create (or empty) a new log's files in ``directory`` (``log_files``), and close
-    them. Blocking. (A place made ahead has them from ``_host._place.make_place``.)"""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    for name, content in log_files(capped=capped):
-        fd = os.open(directory / name, flags, 0o600)
-        try:
-            if content:
-                with contextlib.suppress(OSError):  # a full disk must not stop the job
-                    os.pwrite(fd, content, 0)
-        finally:
-            os.close(fd)
-    if not capped:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(directory / "output.start")
-
-
 @dataclass(slots=True)
 class _Block:
     """One aligned block of the log files, read once for every reader that wants it."""
@@ -319,6 +295,7 @@ class OutputLog:
         "_last_stream",
         "_lost_ends",
         "_lost_starts",
+        "_made",
         "_max_bytes",
         "_max_unflushed",
         "_offsets",
@@ -350,17 +327,14 @@ class OutputLog:
         max_bytes: int | None = None,
         drop_step: int | None = None,
         files: OpenLogs | None = None,
-        create: bool = True,
     ) -> None:
-        """A new, empty log in ``directory``. Its files are made here (blocking), unless
-        ``create`` is false: then ``create_log_files`` already made them. With ``files``,
-        the log keeps its fds open between flushes only while ``files`` lets it;
-        without, from its first flush to ``close``."""
+        """A new, empty log in ``directory`` (which must exist by its first flush: the
+        files are made then, not here). With ``files``, the log keeps its fds open
+        between flushes only while ``files`` lets it; without, from its first flush to
+        ``close``."""
         if max_bytes is not None and max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
         self._setup(directory, tail_bytes, max_unflushed, max_bytes, drop_step, files)
-        if create:
-            create_log_files(directory, capped=max_bytes is not None)
 
     def _setup(
         self,
@@ -373,6 +347,7 @@ class OutputLog:
     ) -> None:
         self.directory = directory
         self._data_fd = self._index_fd = -1  # opened by the flusher's thread, when it writes
+        self._made = False  # whether the files exist (made by the first flush that writes)
         self._files = files
         self._tail_bytes = tail_bytes
         self._max_unflushed = max(max_unflushed, _SEAL_AT)
@@ -431,18 +406,23 @@ class OutputLog:
         """The finished, read-only log a previous run left in ``directory``.
 
         Replays exactly the bytes and stream tags that reached the files, with
-        lost ranges and retention as they were recorded. Blocking (it reads the
+        lost ranges and retention as they were recorded. A log that never wrote
+        has no files (nor, maybe, directory): it is empty. Blocking (it reads the
         index once, in blocks): call it in a thread when that matters. Raises
-        ``OSError`` if ``output.log`` or ``output.idx`` cannot be read.
+        ``OSError`` if ``output.log`` or ``output.idx`` exists and cannot be read.
         """
         log = cls.__new__(cls)
         log._setup(Path(directory), 0, 0, None, None)
         log._finished = True
         log._closed = True
-        with (
-            open(log.data_path, "rb", buffering=0) as data,
-            open(log.index_path, "rb", buffering=0) as index,
-        ):
+        with contextlib.ExitStack() as files:
+            try:
+                data = files.enter_context(open(log.data_path, "rb", buffering=0))
+                index = files.enter_context(open(log.index_path, "rb", buffering=0))
+            except FileNotFoundError:
+                # Never written: no file (the first flush makes the index, then the
+                # data file, and only then writes a record).
+                return log
             size = os.fstat(data.fileno()).st_size
             records = os.fstat(index.fileno()).st_size // _INDEX.size
             start, first = 0, 0
@@ -851,10 +831,38 @@ class OutputLog:
 
     def _open_files(self) -> None:
         """In the flusher's thread: open the files this log writes, if they are not."""
+        if not self._made:
+            self._make_files()
+            return
         if self._index_fd < 0:
             self._index_fd = os.open(self.index_path, os.O_RDWR | os.O_CLOEXEC)
         if self._data_fd < 0:
             self._data_fd = os.open(self.data_path, os.O_WRONLY | os.O_CLOEXEC)
+
+    def _make_files(self) -> None:
+        """In the flusher's thread, at the first write (and again after a failed one):
+        make the files and keep the two it writes open.
+
+        A capped log's ``output.start`` first, with its bytes: on a full disk,
+        retention is what frees space, and rewriting those bytes then needs none,
+        where writing them for the first time might. So no data of the log reaches
+        the disk without them. Any failure (ENOSPC, EDQUOT, EMFILE, the directory
+        removed) raises with nothing kept open: the flush fails as a write does."""
+        create = os.O_CREAT | os.O_CLOEXEC
+        if self._max_bytes is not None:
+            fd = os.open(self.start_path, os.O_WRONLY | create, 0o600)
+            try:
+                self._pwrite_all(fd, _START.pack(0, 0), 0)
+            finally:
+                os.close(fd)
+        index = os.open(self.index_path, os.O_RDWR | create, 0o600)
+        try:
+            data = os.open(self.data_path, os.O_WRONLY | create, 0o600)
+        except BaseException:
+            os.close(index)
+            raise
+        self._index_fd, self._data_fd = index, data
+        self._made = True
 
     def _pwrite_all(self, fd: int, data: bytes, offset: int) -> None:
         done = 0

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from .._host._cgroups import JobCgroup
 
 __all__ = [
+    "PIPE_SIZES",
     "Credentials",
     "JobProcess",
     "PipeReader",
@@ -70,6 +71,9 @@ _PIPE_SIZE = 1024 * 1024
 #: followers, so capture speed depends less on how many are watching. The
 #: kernel allocates pipe pages only as they fill, so idle jobs cost nothing.
 _BIG_PIPE_SIZE = 8 * 1024 * 1024
+#: The sizes a job's output pipe is given, the first the kernel takes (``output_pipe``;
+#: a place's seed's pipes, made in C: ``_host._place.make_seeded_place``).
+PIPE_SIZES = (_BIG_PIPE_SIZE, _PIPE_SIZE)
 #: Signals a caller may send; 0 only probes and SIGKILL/SIGSTOP are allowed.
 _VALID_SIGNALS = frozenset(int(s) for s in _signal.valid_signals())
 
@@ -185,7 +189,7 @@ def output_pipe() -> tuple[int, int]:
     """A job's stdout or stderr pipe (read end, write end), both close-on-exec."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     # A bigger pipe means fewer wakeups per byte when the job writes fast.
-    for size in (_BIG_PIPE_SIZE, _PIPE_SIZE):
+    for size in PIPE_SIZES:
         try:
             fcntl.fcntl(read_fd, _F_SETPIPE_SZ, size)
             break

@@ -8,9 +8,11 @@ Layout (``StateDir`` properties name each part)::
       jobs.db             the job store (SQLite, WAL: also jobs.db-wal, jobs.db-shm), 0600
                           (SQLite gives -wal and -shm the mode of jobs.db)
       ends                ended jobs' ends until their records commit (``_endnotes``), 0600
-      jobs/<id>/          one job's output.log + output.idx
-      ready/<id>/         a job's place made ahead of need (``_launch``), empty log
-                          files; moved into jobs/ by a Start, emptied at every start
+      jobs/<id>/          one job's output.log + output.idx (+ output.start if capped),
+                          made at its first output: a silent job's is empty. Also the
+                          places made ahead of need (``_launch``), before a Start takes
+                          one: no record names them, so a crash's are removed by the
+                          next start (``restore``); an earlier version's ready/ too
       pki/                the development PKI (CA, server and client certificates)
 
 Two servers on one directory would each recover the other's running jobs as
@@ -180,7 +182,8 @@ class StateDir:
 
     @property
     def jobs_dir(self) -> Path:
-        """One directory per job id, holding ``output.log`` and ``output.idx``."""
+        """One directory per job id, holding ``output.log`` and ``output.idx`` once the
+        job wrote output."""
         return self.path / "jobs"
 
     @property

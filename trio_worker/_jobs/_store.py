@@ -12,13 +12,15 @@ only at WAL checkpoints), but the file stays consistent. That is the trade we
 want: jobs die with the machine anyway, and their output logs are not fsynced
 either.
 
-Every call runs on one dedicated connection in a worker thread, never on the
-event loop. Calls use *group commit*: each caller queues its operation, and
-whoever holds the lock runs everything queued so far in one transaction (one
-thread round trip, one WAL append): a burst of 1,000 records from 1,000 tasks
-shares one transaction instead of costing 1,000. ``queue_start`` does not even
-wait: the supervisor queues a new job's record and answers the Start, and its
-committer task commits what was queued right after (see ``_jobs/_records``).
+Every call runs on one dedicated connection in a worker thread (trio's thread
+cache, one call at a time: ``_in_thread``), never on the event loop. Calls use
+*group commit*: each caller queues its operation, and whoever holds the lock runs
+everything queued so far in one transaction (one thread round trip, one WAL
+append): a burst of 1,000 records from 1,000 tasks shares one transaction instead
+of costing 1,000; a lone start or end is one statement, its own transaction.
+``queue_start`` does not even wait: the supervisor queues a new job's record and
+answers the Start, and its committer task commits what was queued right after (see
+``_jobs/_records``).
 Output counters are cheaper still: ``note_output`` only buffers them, and they
 ride along with the next transaction or ``flush``.
 """
@@ -36,12 +38,15 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol, Self, TypeVar, cast
 
 import trio
 
 from .._errors import JobNotFound, StateDirError
 from .._model import Isolation, JobInfo, JobState, Limits, Usage
+
+if TYPE_CHECKING:
+    import outcome  # (trio's own dependency)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -91,7 +96,6 @@ CREATE TABLE jobs (
     tty               INTEGER NOT NULL DEFAULT 0, -- Job.tty (version 3)
     CHECK ((state = 'running') = (ended_at IS NULL))
 );
-CREATE INDEX jobs_by_owner ON jobs (owner, id);
 CREATE INDEX jobs_by_end ON jobs (ended_at, id) WHERE ended_at IS NOT NULL;
 """
 
@@ -211,10 +215,13 @@ class Queued(Protocol):
 class _Op(Generic[_T]):
     """One queued call: run in the writer thread, its outcome read back by its caller."""
 
-    __slots__ = ("done", "error", "fn", "result")
+    __slots__ = ("done", "error", "fn", "result", "single")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], _T]) -> None:
+    def __init__(self, fn: Callable[[sqlite3.Connection], _T], *, single: bool = False) -> None:
         self.fn = fn
+        #: ``fn`` writes with one statement (a start's insert, an end's update): the
+        #: batch's only write needs no transaction around it (``_execute``).
+        self.single = single
         self.done = False
         self.result: _T | None = None
         self.error: BaseException | None = None
@@ -236,13 +243,13 @@ class SqliteJobStore:
         #: Transactions committed so far (tests and benchmarks watch batching).
         self.transactions = 0
         self._conn = connection
-        self._limiter = trio.CapacityLimiter(1)
         self._lock = trio.Lock()
         self._queue: list[_Op[Any]] = []
         self._notes: dict[str, _Counters] = {}
         #: Pids noted for records written before their spawn: job id -> (pid, start time).
         self._spawned: dict[str, tuple[int, int | None]] = {}
         self._closed = False
+        self._encoder = _Encoder()
 
     # -- opening -------------------------------------------------------------
 
@@ -280,7 +287,7 @@ class SqliteJobStore:
         with trio.CancelScope(shield=True):
             async with self._lock:
                 await self._run_queue()
-                await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
+                await _in_thread(self._conn.close)
 
     # -- writes --------------------------------------------------------------
 
@@ -298,8 +305,12 @@ class SqliteJobStore:
         spawn is recorded whole by this call alone (no ``record_end`` needed).
         ``env_keys`` may be the env mapping itself: only its keys are read.
         """
-        row = _start_row(info, list(env_keys), cwd, pid_start_time)
-        await self._submit(_inserter(info, lambda: row))
+        keys = list(env_keys)
+        _check_start(info, keys)
+        await self._submit(
+            _inserter(info, partial(self._encoder.start_row, info, keys, cwd, pid_start_time)),
+            single=True,
+        )
 
     def queue_start(
         self,
@@ -320,9 +331,12 @@ class SqliteJobStore:
             raise trio.ClosedResourceError("the job store is closed")
         keys = list(env_keys)
         _check_start(info, keys)  # a caller's mistake is raised here, not in the thread
-        # The row itself (four JSON texts, two times: ~60 us) is made in the writer's
-        # thread, off the event loop's path of every Start.
-        op = _Op(_inserter(info, partial(_start_row, info, keys, cwd, pid_start_time)))
+        # The row itself (JSON texts, two times) is made in the writer's thread, off the
+        # event loop's path of every Start.
+        op = _Op(
+            _inserter(info, partial(self._encoder.start_row, info, keys, cwd, pid_start_time)),
+            single=True,
+        )
         self._queue.append(op)
         return op
 
@@ -361,7 +375,7 @@ class SqliteJobStore:
         Raises ``JobNotFound`` if the job was never recorded.
         """
         _check_end(info)
-        await self._submit(_updater(info.id, partial(_end_row, info, dropped_bytes)))
+        await self._submit(_updater(info.id, partial(_end_row, info, dropped_bytes)), single=True)
 
     def queue_end(self, info: JobInfo, *, dropped_bytes: int = 0) -> Queued:
         """``record_end`` without the wait: the update is queued, no I/O, and goes out
@@ -371,7 +385,7 @@ class SqliteJobStore:
             raise trio.ClosedResourceError("the job store is closed")
         _check_end(info)  # a caller's mistake is raised here, not in the thread
         # The row (a time's text, ~15 us) is made in the writer's thread.
-        op = _Op(_updater(info.id, partial(_end_row, info, dropped_bytes)))
+        op = _Op(_updater(info.id, partial(_end_row, info, dropped_bytes)), single=True)
         self._queue.append(op)
         return op
 
@@ -495,11 +509,11 @@ class SqliteJobStore:
 
     # -- group commit ----------------------------------------------------------
 
-    async def _submit(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    async def _submit(self, fn: Callable[[sqlite3.Connection], _T], *, single: bool = False) -> _T:
         """Queue ``fn`` and return its result once the transaction holding it committed."""
         if self._closed:
             raise trio.ClosedResourceError("the job store is closed")
-        op = _Op(fn)
+        op = _Op(fn, single=single)
         self._queue.append(op)
         try:
             async with self._lock:
@@ -526,9 +540,7 @@ class SqliteJobStore:
         # Shielded: the batch holds other tasks' calls, which must run now that
         # they left the queue (the thread could not be interrupted anyway).
         with trio.CancelScope(shield=True):
-            committed = await trio.to_thread.run_sync(
-                self._execute, batch, notes, spawned, limiter=self._limiter
-            )
+            committed = await _in_thread(partial(self._execute, batch, notes, spawned))
         if committed:
             self.transactions += 1
         else:
@@ -545,8 +557,14 @@ class SqliteJobStore:
     ) -> bool:
         """In the worker thread: one transaction for the whole batch."""
         conn = self._conn
+        writes = [op for op in batch if op.fn is not _nothing]
+        # One statement is a transaction of its own (SQLite's autocommit): a batch of one
+        # start or one end (a lone Start's record) then costs the thread one statement,
+        # not three, each of which lets go of the GIL and takes it back from the loop.
+        alone = not spawned and not notes and len(writes) == 1 and writes[0].single
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            if not alone:
+                conn.execute("BEGIN IMMEDIATE")
             if spawned:
                 conn.executemany(_SPAWNED, [(*p, job_id) for job_id, p in spawned.items()])
             if notes:
@@ -556,7 +574,8 @@ class SqliteJobStore:
                     op.result = op.fn(conn)
                 except (ValueError, JobNotFound, StateDirError) as exc:
                     op.error = exc  # this call's own failure: it wrote nothing
-            conn.execute("COMMIT")
+            if not alone:
+                conn.execute("COMMIT")
         except Exception as exc:  # sqlite3.Error, MemoryError, a bug: nothing was written
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
@@ -569,6 +588,29 @@ class SqliteJobStore:
             for op in batch:
                 op.done = True
         return True
+
+
+async def _in_thread(fn: Callable[[], _T]) -> _T:
+    """``fn()`` in one of trio's cached worker threads: its result, once it returned.
+
+    ``trio.to_thread.run_sync``'s round trip through the same thread cache, without what
+    the store does not use and each commit paid for in both threads: a limiter (the
+    store's lock runs one call at a time), a copy of the context, ``from_thread``'s
+    plumbing, and naming the OS thread for the call and back (two ctypes calls in the
+    worker). Not cancellable (its callers shield it): it returns when ``fn`` did.
+    """
+    task = trio.lowlevel.current_task()
+    token = trio.lowlevel.current_trio_token()
+
+    def deliver(result: outcome.Outcome[_T]) -> None:
+        token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+    trio.lowlevel.start_thread_soon(fn, deliver)
+    return cast(_T, await trio.lowlevel.wait_task_rescheduled(_not_now))
+
+
+def _not_now(raise_cancel: Callable[[], NoReturn]) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
 
 
 if TYPE_CHECKING:
@@ -709,6 +751,11 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
         _, version = _identity(conn)
     if version != SCHEMA_VERSION:
         raise _refuse(path, f"has schema version {version}, expected {SCHEMA_VERSION}")
+    # Files made by earlier servers (the same schema version) have an index by owner that
+    # no query used (List reads the supervisor's memory): each start's insert paid a
+    # b-tree for it, each commit a page. An older server never reads it either.
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs_by_owner'").fetchone():
+        conn.execute("DROP INDEX jobs_by_owner")
 
 
 def _identity(conn: sqlite3.Connection) -> tuple[int, int]:
@@ -788,8 +835,13 @@ def _untext(value: object) -> str:
     return value
 
 
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+#: A string's JSON as ``_dumps`` writes it (quoted, escaped, not ASCII-only).
+_quote: Callable[[str], str] = json.encoder.encode_basestring
+
+
 def _json(value: object) -> str | bytes:
-    return _text(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+    return _text(_dumps(value))
 
 
 def _ts(value: datetime) -> str:
@@ -821,47 +873,85 @@ def _check_start(info: JobInfo, env_keys: list[str]) -> None:
         raise ValueError(f"naive datetime {info.started_at!r}: times must carry a time zone")
 
 
-def _start_row(
-    info: JobInfo, env_keys: list[str], cwd: str | None, pid_start_time: int | None
-) -> tuple[object, ...]:
-    _check_start(info, env_keys)
-    limits, isolation, usage = info.limits, info.isolation, info.usage
-    return (
-        info.id,
-        _text(info.owner),
-        _text(info.command),
-        _json(list(info.args)),
-        _json(env_keys),
-        None if cwd is None else _text(cwd),
-        _json(
-            {
-                "cpus": limits.cpus,
-                "memory_bytes": limits.memory_bytes,
-                "io_read_bps": limits.io_read_bps,
-                "io_write_bps": limits.io_write_bps,
-                "pids": limits.pids,
-            }
-        ),
-        _json({"pid": isolation.pid, "mount": isolation.mount, "network": isolation.network}),
-        info.state.value,
-        info.pid,
-        pid_start_time,
-        info.exit_code,
-        info.signal,
-        _text(info.error),
-        info.spawn_errno,
-        _ts(info.started_at),
-        None if info.ended_at is None else _ts(info.ended_at),
-        info.output_bytes,
-        info.output_start,
-        0,
-        int(info.oom_killed),
-        None if usage is None else usage.cpu_seconds,
-        None if usage is None else usage.memory_peak_bytes,
-        _text(info.user),
-        int(info.stdin),
-        int(info.tty),
-    )
+#: Distinct limits, isolation and env keys whose JSON an ``_Encoder`` keeps.
+_MEMO = 64
+
+
+class _Encoder:
+    """Jobs into rows, in the writer's thread (one store's: its calls run one at a time).
+
+    Limits, isolation and env keys repeat across most jobs: each distinct value's JSON is
+    kept (up to ``_MEMO`` of them), so a start's row costs one JSON text (its args), not
+    four (json.dumps made a new encoder each: ~10 us apiece, ~30-60 us for the row).
+    """
+
+    def __init__(self) -> None:
+        self._memo: dict[object, str | bytes] = {}
+
+    def _shared(self, key: object, make: Callable[[], object]) -> str | bytes:
+        try:
+            return self._memo[key]
+        except KeyError:
+            if len(self._memo) >= _MEMO:
+                self._memo.clear()
+            value = self._memo[key] = _json(make())
+            return value
+
+    def start_row(
+        self, info: JobInfo, env_keys: list[str], cwd: str | None, pid_start_time: int | None
+    ) -> tuple[object, ...]:
+        """The values of ``_INSERT`` (``_check_start`` passed)."""
+        limits, isolation, usage = info.limits, info.isolation, info.usage
+        return (
+            info.id,
+            _text(info.owner),
+            _text(info.command),
+            _strings_json(info.args),
+            self._shared(("env", *env_keys), lambda: env_keys),
+            None if cwd is None else _text(cwd),
+            # (cpus' type in the key: 0 and 0.0 are equal, their JSON is not)
+            self._shared(
+                (limits, type(limits.cpus)),
+                lambda: {
+                    "cpus": limits.cpus,
+                    "memory_bytes": limits.memory_bytes,
+                    "io_read_bps": limits.io_read_bps,
+                    "io_write_bps": limits.io_write_bps,
+                    "pids": limits.pids,
+                },
+            ),
+            self._shared(
+                isolation,
+                lambda: {
+                    "pid": isolation.pid,
+                    "mount": isolation.mount,
+                    "network": isolation.network,
+                },
+            ),
+            info.state.value,
+            info.pid,
+            pid_start_time,
+            info.exit_code,
+            info.signal,
+            _text(info.error),
+            info.spawn_errno,
+            _ts(info.started_at),
+            None if info.ended_at is None else _ts(info.ended_at),
+            info.output_bytes,
+            info.output_start,
+            0,
+            int(info.oom_killed),
+            None if usage is None else usage.cpu_seconds,
+            None if usage is None else usage.memory_peak_bytes,
+            _text(info.user),
+            int(info.stdin),
+            int(info.tty),
+        )
+
+
+def _strings_json(items: Sequence[str]) -> str | bytes:
+    """``_json(list(items))`` for strings, without an encoder's set-up (a job's args)."""
+    return _text("[" + ",".join(map(_quote, items)) + "]")
 
 
 _loads = json.JSONDecoder().decode

@@ -46,6 +46,7 @@ __all__ = [
     "LOST_ERROR",
     "Retention",
     "Supervisor",
+    "ended_info",
     "open_supervisor",
     "open_supervisor_with_driver",
     "output_within",
@@ -381,6 +382,15 @@ def owner_of(sup: Supervisor, job_id: str) -> str:
     return sup._jobs.get(job_id).owner
 
 
+def ended_info(sup: Supervisor, job_id: str) -> JobInfo | None:
+    """The job's snapshot if it has ended, else None (``JobNotFound`` if there is none):
+    the server's Wait of a job that ended before it was asked for (most of them: a short
+    command's end comes before its client's Wait) answers at once, without the turn of
+    the event loop that ``wait``'s checkpoint costs."""
+    job = sup._jobs.get(job_id)
+    return job.info() if job.ended.is_set() else None
+
+
 def output_within(
     sup: Supervisor,
     job_id: str,
@@ -415,7 +425,7 @@ async def open_supervisor(
     """Run a supervisor for the duration of the ``async with`` block.
 
     ``state_dir`` holds the jobs' output logs (``jobs/``), and a few jobs'
-    places made ahead of need (``ready/``: a Start then only takes one); without
+    places made ahead of need (there too: a Start then only takes one); without
     one a temporary directory is used and removed on exit (unless
     ``keep_state``). ``env`` is
     the base environment jobs extend (default: this process's environment).
@@ -483,7 +493,7 @@ async def open_supervisor_with_driver(
     """``open_supervisor`` with a given cgroup driver instead of the host's probe (tests),
     ``max_unflushed``: how far each job's output may run ahead of the disk before its
     pipes wait (``OutputLog``'s; default 16 MiB), and ``ready_places``: how many jobs'
-    places (id, directory, log files, cgroup) are kept made ahead of need (``_launch``)."""
+    places (id, directory, cgroup) are kept made ahead of need (``_launch``)."""
     # Jobs cost descriptors (pipes, pidfd, log files): use all the host allows.
     job_nofile = raise_nofile_limit()
     temporary = state_dir is None

@@ -246,6 +246,7 @@ Method = (
     | BidiTaskMethod[Any, Any]
 )
 _BIDI = (BidiStreamMethod, BidiTaskMethod)
+_RESPONSE_STREAMS = (StreamMethod, BidiStreamMethod)
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,6 +452,7 @@ class _Call:
     """Per-stream state, shared by the connection's reader and the call's task."""
 
     __slots__ = (
+        "_over",
         "_scope",
         "arrived",
         "ctx",
@@ -463,7 +465,7 @@ class _Call:
         "method",
         "peer_gone",
         "request_bytes",
-        "request_done",
+        "request_over",
         "shutdown",
         "started",
         "stream_id",
@@ -476,7 +478,9 @@ class _Call:
         self.request_bytes: bytes | None = None
         self.error: RpcError | None = None
         self.details: bytes | None = None  # of the status the call ends with
-        self.request_done = trio.Event()
+        #: the request is whole (or failed): no message will follow
+        self.request_over = False
+        self._over: trio.Event | None = None  # see wait_request
         self._scope: trio.CancelScope | None = None  # see scope
         self.peer_gone = False  # reset by the client or connection lost: nothing to send
         self.gone_reason = ""
@@ -503,6 +507,19 @@ class _Call:
             self._scope = scope
         return scope
 
+    def _end_request(self) -> None:
+        self.request_over = True
+        if self._over is not None:
+            self._over.set()
+
+    async def wait_request(self) -> None:
+        """Wait until the request is over (whole, or failed). Its event is made only when
+        a task waits: a unary request is usually whole before its call starts."""
+        if not self.request_over:
+            if self._over is None:
+                self._over = trio.Event()
+            await self._over.wait()
+
     def gone(self, reason: str) -> None:
         """Nobody will read this call's answer: cancel its handler."""
         if not self.peer_gone:
@@ -518,13 +535,13 @@ class _Call:
         """
         if self.error is None:
             self.error = error
-        self.request_done.set()
+        self._end_request()
         if self.inbox is not None:
             self.scope.cancel()
 
     def requests_ended(self) -> None:
         """The client half-closed: no request message will follow."""
-        self.request_done.set()
+        self._end_request()
         if self.arrived is not None:
             self.arrived.unpark_all()
 
@@ -555,7 +572,7 @@ class _Requests:
                 raise call.error
             if inbox:
                 break
-            if call.request_done.is_set():
+            if call.request_over:
                 await trio.lowlevel.checkpoint()
                 raise StopAsyncIteration
             await arrived.park()
@@ -794,7 +811,7 @@ class _Connection(Connection):
                     self._complete(
                         call, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", None, None
                     )
-                elif isinstance(call.method, SyncUnaryMethod) and call.request_done.is_set():
+                elif isinstance(call.method, SyncUnaryMethod) and call.request_over:
                     self._run_inline(call, call.method)
                 else:
                     assert self._nursery is not None
@@ -831,7 +848,8 @@ class _Connection(Connection):
         try:
             request = self._parse(call)
             response = method.handler(request, call.ctx)
-            if not self._queue_now(call, self._serialize(call, response, method.response_type)):
+            payload = self._serialize(call, response, method.response_type)
+            if not self._answer_whole(call, payload) and not self._queue_now(call, payload):
                 # No window or buffer room for it now: a task will wait for some.
                 assert self._nursery is not None
                 self._nursery.start_soon(self._run_call, call, (request, response))
@@ -854,8 +872,7 @@ class _Connection(Connection):
                 if ready is not None:
                     request, response = ready
                 elif not isinstance(method, _BIDI):
-                    if not call.request_done.is_set():
-                        await call.request_done.wait()
+                    await call.wait_request()
                     request = self._parse(call)
                     if isinstance(method, UnaryMethod):
                         response = await method.handler(request, call.ctx)
@@ -868,13 +885,13 @@ class _Connection(Connection):
                         await self._send_message(call, item, response_type)
 
                     await method.handler(_Requests(self, call, method.request_type), send, call.ctx)
-                elif not isinstance(method, StreamMethod | BidiStreamMethod):
+                elif not isinstance(method, _RESPONSE_STREAMS):
                     # Not woken: _complete writes the message and trailers together. One
                     # whole DATA frame when it fits now (send_whole_data, as a call answered
                     # in the reader: not h2's send_data), once no cancellation is pending.
                     await trio.lowlevel.checkpoint_if_cancelled()
                     payload = self._serialize(call, response, method.response_type)
-                    if not self._queue_now(call, payload):
+                    if not self._answer_whole(call, payload) and not self._queue_now(call, payload):
                         pieces = Pieces((payload,), len(payload))
                         await self._send_message(call, pieces, method.response_type, wake=False)
                 else:
@@ -967,6 +984,23 @@ class _Connection(Connection):
         self._check_type(call, message, expected)
         payload: bytes = message.SerializeToString()
         return payload
+
+    def _answer_whole(self, call: _Call, payload: bytes) -> bool:
+        """Queue a unary call's whole OK answer (headers, the message, trailers) in one
+        step of the core, if it fits now as :meth:`_queue_now` would have it fit; the call
+        is then finished, and its end (:meth:`_complete`) writes no trailers of its own."""
+        settings = self._settings
+        if (
+            call.headers_sent
+            or call.peer_gone
+            or self.dead
+            or MESSAGE_PREFIX.size + len(payload) > settings.max_frame
+            or self._h2.outbound_buffered + self._stream.pending >= settings.max_send_buffer
+            or not self._grpc.send_unary_reply(call.stream_id, payload)
+        ):
+            return False
+        call.headers_sent = call.finished = True
+        return True
 
     def _queue_now(self, call: _Call, payload: bytes) -> bool:
         """Queue a whole serialized response message if window, frame size and buffer

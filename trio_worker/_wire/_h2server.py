@@ -31,8 +31,8 @@ import h2.settings
 import h2.stream
 import hpack
 from h2.connection import AllowedStreamIDs, ConnectionState, _decode_headers
-from h2.stream import StreamClosedBy, StreamState
-from h2.utilities import is_informational_response
+from h2.stream import H2StreamStateMachine, StreamClosedBy, StreamState
+from h2.windows import WindowManager
 from hyperframe.frame import GoAwayFrame  # type: ignore[import-untyped]
 from purerpc.grpclib.buffers import MessageReadBuffer
 from purerpc.grpclib.config import GRPCConfiguration
@@ -58,7 +58,7 @@ from ._h2conn import (
     hpack_literal,
 )
 from ._status import status_trailers
-from ._window import MESSAGE_OVERHEAD, StreamWindow
+from ._window import MESSAGE_OVERHEAD, MESSAGE_PREFIX, StreamWindow
 
 __all__ = [
     "MAX_BUFFERED_REQUESTS",
@@ -168,6 +168,17 @@ _TOOK_HEADERS, _TOOK_DATA, _TOOK_WINDOW = 0, 1, 2
 _FAST_HEADER_FLAGS: Final = _FLAG_END_HEADERS | _FLAG_PADDED | _FLAG_PRIORITY
 
 
+def _informational(headers: list[tuple[bytes, bytes]]) -> bool:
+    """h2's ``is_informational_response`` for a header list of bytes (the server's): a
+    ``:status`` among the leading pseudo-headers that starts with 1."""
+    for name, value in headers:
+        if not name.startswith(b":"):
+            return False
+        if name == b":status":
+            return value.startswith(b"1")
+    return False
+
+
 #: Header values longer than this are sent without Huffman coding: hpack 3.0's Huffman
 #: encoder is quadratic in the value's length (a 512 KiB grpc-message took 33 s), and a
 #: long value is rare enough that the bytes saved do not matter.
@@ -196,11 +207,56 @@ class ServerH2Connection(WireH2Connection):
         """Report no open streams, so that h2 never raises TooManyStreamsError.
 
         h2 only reads this to enforce MAX_CONCURRENT_STREAMS, as a connection error; the
-        transport refuses excess streams one by one instead. Counting still runs: it is
-        where h2 forgets closed streams.
+        transport refuses excess streams one by one instead. What h2's count does
+        besides counting still happens here, as it does it: closed streams are
+        forgotten, in order, and how each closed is remembered (``_closed_streams``).
+        (h2's ``_open_streams`` asks two properties of every stream, one an enum
+        comparison: twice the cost, on every request's HEADERS.)
         """
-        self._open_streams(int(not self.config.client_side))
+        streams = self.streams
+        closed = [key for key, stream in streams.items() if stream.state_machine.state is _CLOSED]
+        if closed:
+            forgotten = self._closed_streams
+            for key in closed:
+                forgotten[key] = streams.pop(key).state_machine.stream_closed_by
         return 0
+
+    def open_request_stream(self, stream_id: int, ended: bool) -> h2.stream.H2Stream:
+        """``_begin_new_stream`` for a request's new stream (odd, above every stream the
+        client opened: the caller checked both), then its state machine set as
+        ``request_received`` (and END_STREAM's ``recv_end_stream`` when ``ended``) set it
+        from IDLE: the same objects with the same attributes, made without h2's three
+        constructors, settings look-ups and no-op logging (a request's HEADERS cost
+        more there than in what h2 decides)."""
+        machine = object.__new__(H2StreamStateMachine)
+        machine.state = _HALF_CLOSED_REMOTE if ended else _OPEN
+        machine.stream_id = stream_id
+        machine.client = False
+        machine.headers_sent = None
+        machine.trailers_sent = None
+        machine.headers_received = True
+        machine.trailers_received = None
+        machine.stream_closed_by = None
+        window = object.__new__(WindowManager)
+        size = self.local_settings.initial_window_size
+        window.max_window_size = size
+        window.current_window_size = size
+        window._bytes_processed = 0
+        stream: h2.stream.H2Stream = object.__new__(h2.stream.H2Stream)
+        stream.state_machine = machine
+        stream.stream_id = stream_id
+        stream.max_outbound_frame_size = self.max_outbound_frame_size
+        stream.request_method = None
+        stream.outbound_flow_control_window = self.remote_settings.initial_window_size
+        stream._inbound_window_manager = window
+        stream._expected_content_length = None
+        stream._actual_content_length = 0
+        stream._authority = None
+        stream.config = self.config
+        stream.max_inbound_frame_size = self.max_inbound_frame_size
+        self.streams[stream_id] = stream
+        self.highest_inbound_stream_id = stream_id
+        return stream
 
     def send_graceful_goaway(self, last_stream_id: int) -> None:
         """Queue GOAWAY(NO_ERROR) without closing h2's state machine.
@@ -383,6 +439,66 @@ class GRPCServerConnection(WireGRPCConnection):
             return
         super().start_response(stream_id, content_type_suffix, custom_metadata)
 
+    def send_unary_reply(self, stream_id: int, message: bytes) -> bool:
+        """A unary call's whole OK answer in one step: its HEADERS, ``message`` (serialized,
+        without its gRPC prefix) in one DATA frame, and the OK trailers, then the
+        request's collection dropped. The same bytes, state transitions, window
+        accounting and flood budget as ``start_response``, ``send_whole_data`` and
+        ``send_status`` one after the other and ``drop_request`` after them, with one
+        look-up of the stream instead of one per step, where a unary answer stands: the
+        request ended (HALF_CLOSED_REMOTE), nothing sent yet, the connection SERVER_OPEN,
+        no table size change pending, the windows and the peer's frame size room for the
+        message. Returns False, having changed nothing, anywhere else: then the caller
+        takes the steps one by one (which raise as h2 does)."""
+        h2c = self.h2_connection
+        stream = h2c.streams.get(stream_id)
+        if stream is None or h2c.encoder.header_table.resized:
+            return False
+        machine = stream.state_machine
+        size = MESSAGE_OVERHEAD + len(message)
+        if (
+            machine.state is not _HALF_CLOSED_REMOTE
+            or machine.client is not False
+            or machine.headers_sent
+            or machine.trailers_sent
+            or h2c.state_machine.state is not _SERVER_OPEN
+            or size > stream.outbound_flow_control_window
+            or size > h2c.outbound_flow_control_window
+            or size > h2c.max_outbound_frame_size
+        ):
+            return False
+        # What SEND_HEADERS' response_sent, then the trailers' and SEND_END_STREAM's
+        # send_end_stream do in HALF_CLOSED_REMOTE (see send_header_block).
+        machine.headers_sent = True
+        machine.trailers_sent = True
+        machine.state = _CLOSED
+        machine.stream_closed_by = StreamClosedBy.SEND_END_STREAM
+        stream.request_method = None
+        stream.outbound_flow_control_window -= size
+        h2c.outbound_flow_control_window -= size
+        out = h2c._data_to_send
+        out += _FRAME_HEADER.pack(
+            0, len(_REPLY_HEADERS), _HEADERS, _FLAG_END_HEADERS, stream_id & 0x7FFFFFFF
+        )
+        out += _REPLY_HEADERS
+        out += _FRAME_HEADER.pack(
+            (size >> 8) & 0xFFFF, size & 0xFF, _DATA, 0, stream_id & 0x7FFFFFFF
+        )
+        out += MESSAGE_PREFIX.pack(0, len(message))
+        out += message
+        out += _FRAME_HEADER.pack(
+            0,
+            len(_OK_TRAILERS),
+            _HEADERS,
+            _FLAG_END_HEADERS | _FLAG_END_STREAM,
+            stream_id & 0x7FFFFFFF,
+        )
+        out += _OK_TRAILERS
+        if h2c.gate is not None:
+            h2c.gate.earn(3)
+        self.drop_request(stream_id)
+        return True
+
     def initiate_connection(self) -> None:
         """Send our SETTINGS and open the connection window to its configured size."""
         h2c = self.h2_connection
@@ -489,17 +605,14 @@ class GRPCServerConnection(WireGRPCConnection):
                 if h2c.open_inbound_streams + 1 > h2c.local_settings.max_concurrent_streams:
                     return False  # h2 raises TooManyStreamsError
                 headers = _decode_headers(h2c.decoder, batch[start:end])
-                stream = h2c._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
                 ended = bool(flags & _FLAG_END_STREAM)
-                if is_informational_response(headers):  # h2 refuses it
+                if _informational(headers):  # h2 refuses it
+                    stream = h2c._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
                     frames, events = stream.receive_headers(headers, ended, None)
                     h2c._prepare_for_sending(frames)
                     received.extend(events)
                     return True
-                machine = stream.state_machine  # IDLE: request_received, then END_STREAM
-                machine.state = _HALF_CLOSED_REMOTE if ended else _OPEN
-                machine.client = False
-                machine.headers_received = True
+                stream = h2c.open_request_stream(stream_id, ended)
                 stream._initialize_content_length(headers)
                 received.append((_TOOK_HEADERS, stream_id, headers, ended))
                 return True

@@ -37,7 +37,7 @@ from .._errors import (
 )
 from .._host._users import UnixUser, current_user, lookup_user
 from .._identity import Identity
-from .._jobs._supervisor import Supervisor, output_within, owner_of
+from .._jobs._supervisor import Supervisor, ended_info, output_within, owner_of
 from .._model import JobInfo
 from .._net._budget import OutputShare
 from .._net._transport import (
@@ -160,8 +160,13 @@ class WorkerService:
                     list(request.args),
                     env=dict(request.env),
                     cwd=request.working_dir or None,
-                    limits=limits_from_pb(request.limits),
-                    isolation=isolation_from_pb(request.isolation),
+                    # (Unset: the policy's limits for a Start that names none, applied once.)
+                    limits=(limits_from_pb(request.limits) if request.HasField("limits") else None),
+                    isolation=(
+                        isolation_from_pb(request.isolation)
+                        if request.HasField("isolation")
+                        else None
+                    ),
                     owner=ctx.identity.name,
                     user=user.label,
                     stdin=request.stdin,
@@ -225,7 +230,7 @@ class WorkerService:
         try:
             authorize(ctx.identity, Op.WAIT)
             self._visible(request.id, ctx.identity)
-            info = await self._sup.wait(request.id)
+            info = ended_info(self._sup, request.id) or await self._sup.wait(request.id)
         except TrioWorkerError as exc:
             raise rpc_error(exc) from None
         return job_to_pb(info)
