@@ -632,7 +632,10 @@ class _Connection(Connection):
         self._starting_calls = False  # in ``_start_calls``: the reader pushes after it
         self._draining = False
         self.drained = False  # ended by a drain (or idling) with everything flushed
-        self._last_call_end = trio.current_time()  # for the idle timeout
+        #: the loop's clock (``trio.current_time``, bound once: that goes through three
+        #: Python frames, and a call reads it up to three times)
+        self._now = trio.lowlevel.current_clock().current_time
+        self._last_call_end = self._now()  # for the idle timeout
 
     # -- lifecycle --
 
@@ -757,7 +760,7 @@ class _Connection(Connection):
         stream_id: int = event.stream_id
         path = f"/{event.service_name}/{event.method_name}"
         timeout = event.timeout
-        deadline = None if timeout is None else trio.current_time() + timeout.total_seconds()
+        deadline = None if timeout is None else self._now() + timeout.total_seconds()
         identity = self._identity or Identity(name="", role=None)
         ctx = CallContext(
             identity, path, self.peer, deadline, tuple(event.custom_metadata), self._output_budget
@@ -807,7 +810,7 @@ class _Connection(Connection):
                 deadline = call.ctx.deadline
                 if call.peer_gone:  # reset in the same read
                     self._complete(call, StatusCode.CANCELLED, call.gone_reason, None, None)
-                elif deadline is not None and trio.current_time() >= deadline:
+                elif deadline is not None and self._now() >= deadline:
                     self._complete(
                         call, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", None, None
                     )
@@ -956,7 +959,7 @@ class _Connection(Connection):
         if not call.peer_gone:
             self._grpc.call_finished()
         if not self._calls:
-            self._last_call_end = trio.current_time()
+            self._last_call_end = self._now()
         if call.peer_gone and code is StatusCode.OK:
             code, message, response = StatusCode.CANCELLED, call.gone_reason, None
         if self._starting_calls:
@@ -1178,7 +1181,8 @@ class Server:
             max_frame_size=cfg.max_frame_size,
             max_header_list_size=cfg.max_header_list_size,
             streams_requests=self.streams_requests,
-            clock=trio.current_time,  # the flood budget refills by the loop's clock
+            # The flood budget refills by the loop's clock (bound once, as in _Connection).
+            clock=trio.lowlevel.current_clock().current_time,
         )
         core.initiate_connection()
         return core
