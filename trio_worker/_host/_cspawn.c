@@ -1145,13 +1145,23 @@ tick_between(long long t0, long long t1)
     return t0 / per_tick == t1 / per_tick ? t0 / per_tick : -1;
 }
 
-/* Its stdout's or stderr's pipe, made bigger (fewer wakeups per byte of a fast writer). */
+/* Its stdout's or stderr's pipe, made bigger (fewer wakeups per byte of a fast writer);
+ * the read end (the server's) non-blocking, as the runner reads it, so the loop sets
+ * nothing when a Start takes the seed (the job's end stays blocking). */
 static int
 output_pipe(int fds[2], const int *sizes, int n_sizes)
 {
     int i;
     if (pipe2(fds, O_CLOEXEC) < 0)
         return -1;
+    if (fcntl(fds[0], F_SETFL, O_NONBLOCK) < 0) {
+        int saved = errno;
+        close(fds[0]);
+        close(fds[1]);
+        fds[0] = fds[1] = -1;
+        errno = saved;
+        return -1;
+    }
     for (i = 0; i < n_sizes; i++) {
         if (fcntl(fds[0], F_SETPIPE_SZ, sizes[i]) >= 0)
             break;
