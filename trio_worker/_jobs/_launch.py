@@ -48,6 +48,7 @@ import signal
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -75,6 +76,7 @@ from ._process import (
     resource_exhausted,
 )
 from ._store import process_start_time
+from ._threads import in_thread
 
 __all__ = ["PLACE_PATIENCE", "LaunchPlan", "Launched", "Launcher", "Place", "remove_new_job_dir"]
 
@@ -297,7 +299,7 @@ class Launcher:
                 with trio.CancelScope(shield=True):
                     self._making = ids
                     try:
-                        made = await trio.to_thread.run_sync(self._tend, retired, ids)
+                        made = await in_thread(partial(self._tend, retired, ids))
                     except RuntimeError:  # "can't start new thread"
                         self._retired[:0] = retired
                         made = 0
