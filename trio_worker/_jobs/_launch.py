@@ -48,6 +48,7 @@ import signal
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -75,6 +76,7 @@ from ._process import (
     resource_exhausted,
 )
 from ._store import process_start_time
+from ._threads import in_thread
 
 __all__ = ["PLACE_PATIENCE", "LaunchPlan", "Launched", "Launcher", "Place", "remove_new_job_dir"]
 
@@ -297,7 +299,7 @@ class Launcher:
                 with trio.CancelScope(shield=True):
                     self._making = ids
                     try:
-                        made = await trio.to_thread.run_sync(self._tend, retired, ids)
+                        made = await in_thread(partial(self._tend, retired, ids))
                     except RuntimeError:  # "can't start new thread"
                         self._retired[:0] = retired
                         made = 0
@@ -538,8 +540,9 @@ class Launcher:
             max_unflushed=self._max_unflushed,
             files=self.open_logs,
         )
-        # (Its pipes made non-blocking while the seed execs, not after.)
-        stdout, stderr = PipeReader(sprout.stdout), PipeReader(sprout.stderr)
+        # (Their read ends are non-blocking from the refill's thread: no fcntl here.)
+        stdout = PipeReader(sprout.stdout, nonblocking=True)  # (``output_pipe``'s)
+        stderr = PipeReader(sprout.stderr, nonblocking=True)
         while not seed.poll():
             with trio.move_on_after(SEED_PATIENCE) as late:
                 await trio.lowlevel.wait_readable(seed.report_fd)
