@@ -247,6 +247,9 @@ Method = (
 )
 _BIDI = (BidiStreamMethod, BidiTaskMethod)
 _RESPONSE_STREAMS = (StreamMethod, BidiStreamMethod)
+#: The name of a call's task: the one trio would make of ``_Connection._run_call``, given
+#: rather than worked out again from the method at every spawn.
+_CALL_TASK: Final = "trio_worker._net._transport._Connection._run_call"
 
 
 @dataclass(frozen=True, slots=True)
@@ -818,7 +821,7 @@ class _Connection(Connection):
                     self._run_inline(call, call.method)
                 else:
                     assert self._nursery is not None
-                    self._nursery.start_soon(self._run_call, call)
+                    self._nursery.start_soon(self._run_call, call, name=_CALL_TASK)
         finally:
             self._starting_calls = False
 
@@ -855,7 +858,7 @@ class _Connection(Connection):
             if not self._answer_whole(call, payload) and not self._queue_now(call, payload):
                 # No window or buffer room for it now: a task will wait for some.
                 assert self._nursery is not None
-                self._nursery.start_soon(self._run_call, call, (request, response))
+                self._nursery.start_soon(self._run_call, call, (request, response), name=_CALL_TASK)
                 return
             code, message = StatusCode.OK, ""
         except RpcError as exc:
