@@ -11,11 +11,13 @@ setup(
         Extension(
             "trio_worker._host._cspawn",
             sources=["trio_worker/_host/_cspawn.c"],
+            depends=["trio_worker/_host/_cseed.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         ),
         Extension(
             "trio_worker._host._cplace",
             sources=["trio_worker/_host/_cplace.c"],
+            depends=["trio_worker/_host/_cseed.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         ),
     ]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_worker import Limits
+from trio_worker import Limits, Supervisor
 from trio_worker._host._cgroups import JobCgroup, NoDriver, detect
 
 
@@ -43,11 +43,18 @@ def require_program(name: str, what: str = "this test") -> str:
     pytest.skip(message)
 
 
+async def job_dirs(sup: Supervisor) -> set[str]:
+    """The names of the directories under the state's ``jobs/`` (once the refill has
+    settled): the jobs' that wrote output (a place has none, nor a silent job)."""
+    await sup._admission.launcher.settled()
+    return {p.name for p in (sup.state_dir / "jobs").iterdir()}
+
+
 def process_alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # (ESRCH: reaped between open and read)
         return False
     state = stat.rsplit(")", 1)[1].split()[0]
     return state not in ("Z", "X")

@@ -52,8 +52,8 @@ async def holdings(sup, jobs_dir):
     # may use one up, and the next is made with another id. Ended jobs' groups are
     # left out too: they go once their end is recorded, whenever that is.
     await sup._admission.launcher.settled()
-    ready = {place.job_id for place in sup._admission.launcher.ready_places()}
-    ready |= {info.id for info in sup.list() if info.ended}
+    places = {place.job_id for place in sup._admission.launcher.ready_places()}
+    ready = places | {info.id for info in sup.list() if info.ended}
     seeds = {fd for place in sup._admission.launcher.ready_places() if place.seed
              for fd in place.seed.fds}
     def left_out(fd):  # a place's, or gone
@@ -65,7 +65,7 @@ async def holdings(sup, jobs_dir):
             return True  # the listing's own descriptor, at whatever number was free
     return (
         [fd for fd in fds() if not left_out(fd)],
-        sorted(os.listdir(jobs_dir)),
+        sorted(n for n in os.listdir(jobs_dir) if n not in places),  # (places: in jobs/)
         [g for g in cgroups(sup) if g.rsplit("job-", 1)[1] not in ready],
         len(sup.list()),
     )
@@ -236,12 +236,15 @@ group = Path(sys.argv[2])
 def fds():
     return sorted(os.listdir("/proc/self/fd"))
 
+def job_dirs(sup, jobs_dir):  # (a job's comes with its first output; a place has none)
+    return sorted(os.listdir(jobs_dir))
+
 async def main():
     async with open_supervisor_with_driver(NoDriver("test"), sys.argv[1], persist=False) as sup:
         jobs_dir = Path(sys.argv[1]) / "jobs"
         keeper = await sup.start("sleep", ["60"])  # also leaves a worker thread cached
         await sup._admission.launcher.settled()  # no place being made meanwhile
-        before = (fds(), sorted(os.listdir(jobs_dir)), len(sup.list()))
+        before = (fds(), job_dirs(sup, jobs_dir), len(sup.list()))
         (group / "pids.max").write_text((group / "pids.current").read_text())
         try:
             await sup.start("true")
@@ -250,7 +253,7 @@ async def main():
         else:
             refused = ""
         await sup._admission.launcher.settled()
-        after = (fds(), sorted(os.listdir(jobs_dir)), len(sup.list()))
+        after = (fds(), job_dirs(sup, jobs_dir), len(sup.list()))
         (group / "pids.max").write_text("max")
         assert after == before, (before, after)
         assert sup.status(keeper.id).state is JobState.RUNNING

@@ -62,6 +62,7 @@ async def test_a_start_takes_a_ready_place_and_the_rest_go_with_the_supervisor(
         assert not place.directory.exists()
         assert not (state / "ready").exists()
         assert all(d.is_dir() for d in place.group.dirs)
+        assert sup.list() == []  # a place is no job
         # The Start takes the oldest: its id, its group, with the limits written now (and
         # on v1, the pids hierarchy the place was not in).
         job = await sup.start("sleep", ["60"], limits=Limits(pids=7))

@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import process_alive, require_root
+from tests.conftest import job_dirs, process_alive, require_root
 from trio_worker import JobNotFound, JobState, StateDirError, open_supervisor
 from trio_worker._jobs._records import END_COMMIT_AFTER
 from trio_worker._jobs._supervisor import LOST_ERROR, Retention
@@ -133,7 +133,7 @@ async def test_jobs_that_print_nothing_have_no_directory_before_and_after_a_rest
         await sup.wait(another.id)
         await sup.housekeep()  # keeps the newest ended job only
         assert [j.id for j in sup.list()] == [another.id]
-        assert [p.name for p in jobs.iterdir()] == [another.id]
+        assert await job_dirs(sup) == {another.id}
 
 
 async def test_crash_makes_running_jobs_lost_kills_them_and_keeps_output(tmp_path: Path) -> None:
@@ -274,7 +274,7 @@ async def test_retention_keeps_the_newest_ended_jobs(tmp_path: Path) -> None:
         await sup.housekeep()
         assert [j.id for j in sup.list()] == [*ids[-2:], running.id]
         # (The sleeping job printed nothing: it has no directory.)
-        assert sorted(p.name for p in (tmp_path / "state" / "jobs").iterdir()) == ids[-2:]
+        assert await job_dirs(sup) == set(ids[-2:])
     async with open_supervisor(tmp_path / "state", retention=retention) as sup:
         assert [j.id for j in sup.list()] == [*ids[-2:], running.id]
 

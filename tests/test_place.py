@@ -1,16 +1,19 @@
-"""A place made in one call (``_host._place.make_place``) and groups removed together
-(``_host._cgroups.remove_groups``): what they make, and that a failure at any step
-leaves nothing behind, checked with real failures: a tmpfs out of inodes or blocks, a
-lowered RLIMIT_NOFILE, a removed parent group, a group still holding a process or a
-subgroup. Real cgroups (v1 and the unified mount as v2) where the kernel's part
-matters; plain directories where only the clean-up does.
+"""A place made in one call (``_host._place.make_place``, with its seed:
+``make_seeded_place``) and groups removed together (``_host._cgroups.remove_groups``):
+what they make, and that a failure at any step leaves nothing behind, checked with real
+failures: a tmpfs out of inodes or blocks, a lowered RLIMIT_NOFILE, a removed parent
+group, a group still holding a process or a subgroup. Real cgroups (v1 and the unified
+mount as v2) where the kernel's part matters; plain directories where only the clean-up
+does.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import resource
+import select
 import stat
 import subprocess
 import sys
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_worker._host import _cplace
+from trio_worker._host import _cplace, _cspawn
 from trio_worker._host._cgroups import (
     CgroupDriver,
     CgroupError,
@@ -29,7 +32,10 @@ from trio_worker._host._cgroups import (
     V2Driver,
     remove_groups,
 )
-from trio_worker._host._place import PlaceError, Step, make_place
+from trio_worker._host._place import PlaceError, Sown, Step, make_place, make_seeded_place
+from trio_worker._host._spawn import Seed
+from trio_worker._jobs._process import PIPE_SIZES, output_pipe
+from trio_worker._jobs._store import process_start_time
 
 from .conftest import require_root
 from .test_cgroups import UNIFIED, drivers, procs, spawn
@@ -274,6 +280,192 @@ print("ok")
     assert not any(Path(d).exists() for d in dirs)
     assert not (tmp_path / "p4").exists()
     assert resource.getrlimit(resource.RLIMIT_NOFILE)  # (this process untouched)
+
+
+seeds_only = pytest.mark.skipif(not _cspawn.HAVE_SEED, reason="seeds are x86-64 only")
+_F_GETPIPE_SZ = 1032
+
+
+def _run_seed(seed: Seed, argv: list[str], stdout: int, stderr: int) -> tuple[int, str, str]:
+    """Run ``argv`` in ``seed``: (exit code, stdout, stderr)."""
+    seed.go(argv[0], argv, dict(os.environ), None)
+    outs = {stdout: b"", stderr: b""}
+    open_ = [stdout, stderr]
+    while open_:
+        for fd in select.select(open_, [], [], 30)[0]:
+            chunk = os.read(fd, 65536)
+            outs[fd] += chunk
+            if not chunk:
+                os.close(fd)
+                open_.remove(fd)
+    while not seed.poll():
+        select.select([seed.report_fd], [], [], 30)
+    assert seed.error(argv[0], None) is None
+    _, status = os.waitpid(seed.pid, 0)
+    os.close(seed.pidfd)
+    return os.waitstatus_to_exitcode(status), outs[stdout].decode(), outs[stderr].decode()
+
+
+def _seeds_of_mine() -> list[int]:
+    """Children of this process still waiting as seeds (named so)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            comm, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") :]
+            if comm == "tw-seed" and int(rest.split()[2]) == os.getpid():
+                found.append(int(entry))
+    return found
+
+
+@seeds_only
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_a_seeded_place_has_its_seed_in_its_groups_and_nothing_more_open(
+    tmp_path: Path, drivers: Callable[..., CgroupDriver], v2: bool
+) -> None:
+    """The place and its seed in one call: no group fd left (the seed joined them: the
+    v2 group by its clone), the seed's stdout and stderr pipes at the first size the
+    kernel takes, its stdin /dev/null, its start time as /proc says it."""
+    require_root("cgroups")
+    driver = drivers(root=UNIFIED) if v2 else drivers()
+    group = driver.planned("s1")
+    before = open_fds()
+    fds, sown = make_seeded_place(
+        tmp_path / "s1", FILES, group, nofile_soft=None, pipe_sizes=PIPE_SIZES
+    )
+    assert fds == []
+    assert isinstance(sown, Sown), sown
+    seed = sown.seed
+    assert open_fds() - before == {*seed.fds, sown.stdout, sown.stderr}
+    assert before - open_fds() == set()
+    assert sown.start_time == process_start_time(seed.pid)
+    assert _cspawn.proc_start_time(seed.pid) == sown.start_time
+    # The size the thread's way gives (the big one with CAP_SYS_RESOURCE, else the other).
+    read_end, write_end = output_pipe()
+    size = fcntl.fcntl(read_end, _F_GETPIPE_SZ)
+    os.close(read_end)
+    os.close(write_end)
+    assert size in PIPE_SIZES
+    assert (
+        fcntl.fcntl(sown.stdout, _F_GETPIPE_SZ) == fcntl.fcntl(sown.stderr, _F_GETPIPE_SZ) == size
+    )
+    assert sorted(p.name for p in (tmp_path / "s1").iterdir()) == sorted(n for n, _ in FILES)
+    code, out, err = _run_seed(
+        seed,
+        ["sh", "-c", "readlink /proc/self/fd/0; cat /proc/self/cgroup; echo said >&2"],
+        sown.stdout,
+        sown.stderr,
+    )
+    assert (code, err) == (0, "said\n")
+    lines = out.splitlines()
+    assert lines[0] == "/dev/null"
+    joined = [line for line in lines[1:] if line.endswith("/" + group.dirs[0].name)]
+    assert len(joined) == len(group.dirs), out
+    assert remove_groups([group]) == []
+    assert open_fds() == before
+
+
+@seeds_only
+def test_seeds_start_times_are_those_proc_gives(
+    tmp_path: Path, drivers: Callable[..., CgroupDriver]
+) -> None:
+    """A seed's start time comes from the clock around its clone when both ends fall in
+    one clock tick, else from /proc in C: either way what ``process_start_time`` reads
+    (recovery compares them to tell a job from a process that reused its pid)."""
+    require_root("cgroups")
+    driver = drivers()
+    assert _cspawn.proc_start_time(os.getpid()) == process_start_time(os.getpid())
+    assert _cspawn.proc_start_time(2**22 + 1) is None  # (above pid_max: no such process)
+    groups = []
+    for i in range(40):
+        group = driver.planned(f"t{i}")
+        fds, sown = make_seeded_place(
+            tmp_path / f"t{i}", FILES, group, nofile_soft=None, pipe_sizes=PIPE_SIZES
+        )
+        assert isinstance(sown, Sown), sown
+        assert sown.start_time == process_start_time(sown.seed.pid)
+        sown.seed.kill()
+        for fd in (*fds, sown.stdout, sown.stderr):
+            os.close(fd)
+        groups.append(group)
+    assert remove_groups(groups) == []
+
+
+@seeds_only
+def test_a_failed_seeded_place_leaves_nothing_and_no_seed(
+    tmp_path: Path, drivers: Callable[..., CgroupDriver]
+) -> None:
+    """A place that fails (here its parent group removed: ENOENT at the groups) plants
+    no seed, and leaves nothing as ``make_place`` leaves nothing."""
+    require_root("cgroups")
+    driver = drivers()
+    group = driver.planned("f1")
+    for parent in driver._parent_dirs():
+        parent.rmdir()
+    before = open_fds()
+    with pytest.raises(PlaceError) as caught:
+        make_seeded_place(tmp_path / "f1", FILES, group, nofile_soft=None, pipe_sizes=PIPE_SIZES)
+    assert (caught.value.step, caught.value.errno) == (Step.CGROUP, errno.ENOENT)
+    assert not (tmp_path / "f1").exists()
+    assert open_fds() == before
+    assert _seeds_of_mine() == []
+
+
+@seeds_only
+def test_a_seed_that_cannot_be_planted_leaves_the_place_with_its_fds(
+    tmp_path: Path, drivers: Callable[..., CgroupDriver]
+) -> None:
+    """Out of descriptors once the place is made (a real, lowered RLIMIT_NOFILE, in a
+    child process): the place stays, with its groups' fds, and the OSError names the
+    step (the seed's first pipe); nothing of the seed is left open, and no seed runs."""
+    require_root("cgroups")
+    driver = drivers()
+    group = driver.planned("e1")
+    dirs = [str(d) for d in group.dirs]
+    script = f"""
+import errno, os, resource, sys
+sys.path[:0] = {sys.path!r}
+from pathlib import Path
+from trio_worker._host._cgroups import detect
+from trio_worker._host._place import make_seeded_place
+from trio_worker._jobs._process import PIPE_SIZES, output_pipe
+driver = detect(parent={driver.parent_dirs()[0].name!r})
+group = driver.planned("e1")
+before = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+# Room for the groups' fds and one more (the listing's own, closed since): not for a pipe.
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(before) + {len(dirs)} + 1, hard))
+fds, sown = make_seeded_place(
+    Path({str(tmp_path / "e1")!r}), {FILES!r}, group, nofile_soft=None,
+    pipe_sizes=PIPE_SIZES,
+)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+assert isinstance(sown, OSError), sown
+assert (sown.errno, sown.filename) == (errno.EMFILE, "pipe2"), sown
+opened = [os.readlink(f"/proc/self/fd/{{fd}}") for fd in fds]
+assert opened == [d if not procs else f"{{d}}/cgroup.procs" for d, procs in group.joins()]
+after = [int(fd) for fd in os.listdir("/proc/self/fd")]  # (each listing has its own fd)
+assert len(after) == len(before) + len(fds) and set(fds) <= set(after), (before, fds, after)
+try:
+    os.waitpid(-1, os.WNOHANG)
+except ChildProcessError:
+    pass  # no child: no seed was cloned
+else:
+    raise AssertionError("a child process")
+for fd in fds:
+    os.close(fd)
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout == "ok\n", done.stderr
+    assert all(Path(d).is_dir() for d in dirs)  # the place stays, for the thread's way
+    assert (tmp_path / "e1" / "output.log").is_file()
+    assert remove_groups([group]) == []
 
 
 def test_groups_still_in_use_are_left_for_the_slow_way(

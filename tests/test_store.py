@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from contextlib import closing
 from datetime import UTC, datetime, timedelta, timezone
@@ -27,6 +28,7 @@ from trio_worker._jobs._store import (
     SqliteJobStore,
     StoredJob,
     _Encoder,
+    _in_thread,
     _json,
     process_start_time,
 )
@@ -318,6 +320,61 @@ async def test_a_noted_pid_rides_along_with_the_next_commit(tmp_path: Path) -> N
         assert jobs[done.id].info.pid == 7
 
 
+async def test_a_lone_record_is_a_transaction_of_its_own(tmp_path: Path) -> None:
+    # A batch of one start or one end runs without BEGIN/COMMIT (one statement is its own
+    # transaction); it must succeed, fail and be refused as it does within one.
+    path = tmp_path / "jobs.db"
+    async with await SqliteJobStore.open(path) as store:
+        info = running()
+        write = store.queue_start(info, env_keys=["HOME"], cwd="/srv", pid_start_time=7)
+        await store.flush()
+        assert (write.done, write.error) == (True, None)
+        with closing(sqlite3.connect(path)) as other:  # committed: another reader sees it
+            assert other.execute("SELECT id FROM jobs").fetchall() == [(info.id,)]
+        again = store.queue_start(info, env_keys=[], cwd=None, pid_start_time=None)
+        await store.flush()
+        assert isinstance(again.error, ValueError)
+        assert "already recorded" in str(again.error)
+        missing = store.queue_end(ended(running()))
+        await store.flush()
+        assert isinstance(missing.error, JobNotFound)
+        before = store.transactions
+        store._conn.execute("PRAGMA query_only = 1")
+        refused = store.queue_start(running(), env_keys=[], cwd=None, pid_start_time=None)
+        with pytest.raises(StateDirError):
+            await store.flush()
+        assert isinstance(refused.error, StateDirError)
+        end = store.queue_end(ended(info))
+        with pytest.raises(StateDirError):
+            await store.flush()
+        assert isinstance(end.error, StateDirError)
+        assert store.transactions == before
+        store._conn.execute("PRAGMA query_only = 0")
+        await store.record_end(ended(info))
+        assert [j.info for j in await store.load_all()] == [ended(info)]
+
+
+async def test_the_stores_thread_call_returns_raises_and_is_not_abandoned() -> None:
+    # The store's own round trip through trio's thread cache (_in_thread): its result, its
+    # exception, and a cancel that waits for the thread instead of leaving it running.
+    assert await _in_thread(lambda: threading.current_thread() is not threading.main_thread())
+    with pytest.raises(ZeroDivisionError):
+        await _in_thread(lambda: 1 // 0)
+    done = threading.Event()
+
+    def slow() -> str:
+        time.sleep(0.05)
+        done.set()
+        return "finished"
+
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        assert await _in_thread(slow) == "finished"
+        assert done.is_set()
+        await trio.lowlevel.checkpoint()
+    assert scope.cancelled_caught
+
+
 # -- output counters -------------------------------------------------------------
 
 
@@ -451,7 +508,8 @@ async def test_wal_mode_and_reopen(tmp_path: Path) -> None:
         assert other.execute("PRAGMA application_id").fetchone() == (APPLICATION_ID,)
         assert other.execute("SELECT id FROM jobs").fetchall() == [(info.id,)]
         indexes = {r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-        assert {"jobs_by_owner", "jobs_by_end"} <= indexes
+        assert "jobs_by_end" in indexes
+        assert "jobs_by_owner" not in indexes  # no query used it
     assert await store._submit(lambda c: c.execute("PRAGMA synchronous").fetchone()) == (1,)
     await store.aclose()
     await store.aclose()  # idempotent
@@ -923,6 +981,24 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
     assert columns[-3:] == ["run_as", "stdin", "tty"]
+
+
+async def test_the_unused_owner_index_of_older_files_is_dropped(tmp_path: Path) -> None:
+    """Files made before kept an index by owner that no query read: it goes, the jobs stay."""
+    path = tmp_path / "jobs.db"
+    info = running()
+    async with await SqliteJobStore.open(path) as store:
+        await start(store, info)
+    with closing(sqlite3.connect(path)) as conn:  # what the file held before
+        conn.execute("CREATE INDEX jobs_by_owner ON jobs (owner, id)")
+    async with await SqliteJobStore.open(path) as store:
+        assert [j.info for j in await store.load_all()] == [info]
+        await start(store, running())
+    with closing(sqlite3.connect(path)) as conn:
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    assert "jobs_by_owner" not in names
+    assert {"jobs", "jobs_by_end"} <= names
 
 
 async def test_stdin_and_tty_round_trip(tmp_path: Path) -> None:

@@ -5,14 +5,19 @@ default), closes it, then times what a restarting server does with it: open
 (including the integrity check), ``load_all``, marking every RUNNING job LOST,
 and selecting ended jobs for retention. Each restart round starts from a fresh
 copy of the same file. It also times record_start one at a time and in a burst
-from many tasks (group commit). Prints figures; asserts nothing.
+from many tasks (group commit), and the CPU a job's records cost a serving server:
+``--cycles`` times a start's record queued with the previous job's end and committed
+together, as the supervisor's committer does for Start `true` + Wait back to back
+(the event loop's CPU and the store's thread's, per job). Prints figures; asserts nothing.
 
     python tools/bench_store.py [--jobs N] [--running-fraction F] [--rounds R] [--dir DIR]
+    python tools/bench_store.py --only cycles [--cycles N] [--rounds R]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import statistics
@@ -139,6 +144,35 @@ async def latency(path: Path, count: int = 1000) -> dict[str, float]:
     return figures
 
 
+async def cycles(path: Path, count: int) -> dict[str, float]:
+    """``count`` jobs recorded as a server does for Start `true` + Wait back to back: each
+    start's record is queued with the previous job's end, and both are committed in one
+    transaction (``flush``, as the committer). CPU per job: the event loop's thread, and
+    the rest of the process (the store's thread)."""
+    started = [
+        dataclasses.replace(_job(n), command="true", args=(), limits=Limits()) for n in range(count)
+    ]
+    ended = [
+        dataclasses.replace(
+            info, state=JobState.EXITED, exit_code=0, ended_at=info.started_at, usage=Usage(0, 1)
+        )
+        for info in started
+    ]
+    async with await SqliteJobStore.open(path) as store:
+        loop, process = time.thread_time(), time.process_time()
+        for n, info in enumerate(started):
+            if n:
+                store.queue_end(ended[n - 1])
+            store.queue_start(info, env_keys=["HOME", "PATH"], cwd=None, pid_start_time=1234)
+            await store.flush()
+        loop, process = time.thread_time() - loop, time.process_time() - process
+        return {
+            "event loop, us per job": loop / count * 1e6,
+            "store's thread, us per job": (process - loop) / count * 1e6,
+            "transactions per job": store.transactions / count,
+        }
+
+
 async def restart(path: Path) -> dict[str, float]:
     """What a restarting server does with the store, step by step."""
     figures: dict[str, float] = {}
@@ -177,9 +211,23 @@ def main() -> None:
     parser.add_argument("--running-fraction", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=None, help="where to put the files")
+    parser.add_argument("--cycles", type=int, default=3000)
+    parser.add_argument("--only", choices=["cycles"], default=None)
     options = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="bench-store-", dir=options.dir))
     try:
+        runs: dict[str, list[float]] = {}
+        for n in range(options.rounds):
+            for name, value in trio.run(
+                cycles, directory / f"cycles{n}.db", options.cycles
+            ).items():
+                runs.setdefault(name, []).append(value)
+        print(f"records of {options.cycles} jobs, an end + a start per commit "
+              f"(min-median-max of {options.rounds} rounds):")  # fmt: skip
+        for name, values in runs.items():
+            print(f"  {name}: {min(values):.1f} {statistics.median(values):.1f} {max(values):.1f}")
+        if options.only == "cycles":
+            return
         source = directory / "filled.db"
         print(f"filling {source} with {options.jobs} jobs "
               f"({options.running_fraction:.0%} running) ...")  # fmt: skip

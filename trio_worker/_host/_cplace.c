@@ -9,6 +9,11 @@
  * after each of its own system calls. Here the Python objects are read first, then
  * every system call runs with the GIL released.
  *
+ * With a seed asked for, the place's seed is planted in the same GIL-free stretch, by
+ * _cspawn.c's code (its capsule, _cseed.h): the refill's thread then takes the GIL
+ * once per place, not once per system call of the seed's (pipes, /dev/null, the clone,
+ * its pidfd and start time: ~12 calls from Python before).
+ *
  * Nothing here runs in a child process: plain libc is fine (unlike _cspawn.c's seed).
  */
 
@@ -24,6 +29,8 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
+
+#include "_cseed.h"
 
 /* Which step failed (mirrors _place.Step). */
 enum { STEP_DIRECTORY = 1, STEP_FILE = 2, STEP_CGROUP = 3, STEP_JOIN = 4 };
@@ -159,33 +166,113 @@ fail:
         (void)rmdir(directory);
 }
 
+/* _cspawn's seed planting (_cseed.h), imported at the first place with a seed. */
+static struct tw_seed_api *seed_api;
+
+static struct tw_seed_api *
+get_seed_api(void)
+{
+    if (seed_api == NULL) {
+        struct tw_seed_api *api = PyCapsule_Import(TW_SEED_API_CAPSULE, 0);
+        if (api == NULL)
+            return NULL;
+        if (api->version != TW_SEED_API_VERSION) {
+            PyErr_SetString(PyExc_ImportError, "_cspawn's seed API is another version");
+            return NULL;
+        }
+        seed_api = api;
+    }
+    return seed_api;
+}
+
+/* What a seed needs of make_place's caller: (nofile_soft, pipe_sizes). */
+static int
+seed_args(PyObject *seed_o, struct tw_seed_plant *p, int **sizes)
+{
+    PyObject *sizes_o, *fast;
+    Py_ssize_t n, i;
+    if (!PyArg_ParseTuple(seed_o, "lO:seed", &p->nofile_soft, &sizes_o))
+        return -1;
+    fast = PySequence_Fast(sizes_o, "expected a sequence of pipe sizes");
+    if (fast == NULL)
+        return -1;
+    n = PySequence_Fast_GET_SIZE(fast);
+    *sizes = PyMem_Calloc((size_t)n + 1, sizeof(int));
+    if (*sizes == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0; i < n; i++) {
+        long size = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (size == -1 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        (*sizes)[i] = (int)size;
+    }
+    Py_DECREF(fast);
+    p->pipe_sizes = *sizes;
+    p->n_pipe_sizes = (int)n;
+    return 0;
+}
+
+/* The seed's half of make_place's answer: (Seed, pidfd, stdout, stderr, start time) or
+ * the OSError that says why there is none. */
+static PyObject *
+planted(struct tw_seed_api *api, struct tw_seed_plant *p)
+{
+    PyObject *seed;
+    if (p->err != 0)
+        return PyObject_CallFunction(PyExc_OSError, "iss", p->err, strerror(p->err), p->what);
+    seed = api->adopt(p);
+    if (seed == NULL)
+        return NULL;
+    if (p->start_time < 0)
+        return Py_BuildValue("(NiiiO)", seed, p->pidfd, p->out_r, p->err_r, Py_None);
+    return Py_BuildValue("(NiiiL)", seed, p->pidfd, p->out_r, p->err_r, p->start_time);
+}
+
 PyDoc_STRVAR(make_place_doc,
-"make_place(directory, files, contents, groups, procs) -> list[int] | (step, errno, path)\n\n"
+"make_place(directory, files, contents, groups, procs, seed=None)\n"
+"    -> list[int] | (list[int], planted) | (step, errno, path)\n\n"
 "mkdir ``directory`` (0700; none if empty: then no ``files``); create each of ``files``\n"
 "in it (0600, empty, or with\n"
 "its ``contents`` written at 0 if not None: a failed write is ignored); mkdir each of\n"
 "``groups``; then open, for each group, its cgroup.procs for writing (``procs``\n"
 "true) or the group's directory itself (false). Returns the fds, one per group,\n"
 "close-on-exec. On failure nothing made is left, and the step (1 directory,\n"
-"2 file, 3 cgroup, 4 join), errno and the path that failed are returned.");
+"2 file, 3 cgroup, 4 join), errno and the path that failed are returned.\n\n"
+"With ``seed`` (nofile_soft, pipe_sizes), the place's seed is planted too, joining\n"
+"the groups by those fds (_cspawn's Seed): then (fds, planted), where planted is\n"
+"(Seed, pidfd, stdout_r, stderr_r, start_time or None) and fds is empty (the seed\n"
+"joined: they are closed), or the OSError that says why there is no seed (the place\n"
+"is made all the same, with its fds).");
 
 static PyObject *
 make_place(PyObject *self, PyObject *args)
 {
-    PyObject *dir_o, *files_o, *contents_o, *groups_o, *procs_o;
+    PyObject *dir_o, *files_o, *contents_o, *groups_o, *procs_o, *seed_o = Py_None;
     PyObject *files_f = NULL, *contents_f = NULL, *groups_f = NULL, *procs_f = NULL;
     const char **files = NULL, **contents = NULL, **groups = NULL;
     Py_ssize_t *sizes = NULL, n_files = 0, n_contents = 0, n_groups = 0, i;
-    int *procs = NULL, *fds = NULL;
+    int *procs = NULL, *fds = NULL, *pipe_sizes = NULL;
     struct made *m = NULL;
+    struct tw_seed_api *api = NULL;
+    struct tw_seed_plant plant;
+    int no_block = 0;
     PyObject *result = NULL;
     const char *directory;
 
-    if (!PyArg_ParseTuple(args, "yOOOO:make_place", &directory, &files_o, &contents_o,
-                          &groups_o, &procs_o))
+    if (!PyArg_ParseTuple(args, "yOOOO|O:make_place", &directory, &files_o, &contents_o,
+                          &groups_o, &procs_o, &seed_o))
         return NULL;
     dir_o = PyTuple_GET_ITEM(args, 0);
     Py_INCREF(dir_o);
+    memset(&plant, 0, sizeof plant);
+    if (seed_o != Py_None &&
+        ((api = get_seed_api()) == NULL || seed_args(seed_o, &plant, &pipe_sizes) < 0))
+        goto done;
     if (strings(files_o, &files_f, &files, NULL, &n_files) < 0 ||
         strings(contents_o, &contents_f, &contents, &sizes, &n_contents) < 0 ||
         strings(groups_o, &groups_f, &groups, NULL, &n_groups) < 0)
@@ -218,11 +305,61 @@ make_place(PyObject *self, PyObject *args)
             goto done;
         procs[i] = truth;
     }
+    if (api != NULL && (plant.block = api->take_block()) == NULL)
+        no_block = errno;
     Py_BEGIN_ALLOW_THREADS
     make(directory, files, contents, sizes, n_files, groups, procs, n_groups, fds, m);
+    if (m->step == 0 && plant.block != NULL) {
+        plant.cgroup_fds = fds;
+        plant.n_cgroup_fds = (int)n_groups;
+        api->plant(&plant);
+    }
     Py_END_ALLOW_THREADS
+    if (api != NULL && (m->step != 0 || plant.err != 0))
+        api->give_back(plant.block);
     if (m->step != 0) {
         result = Py_BuildValue("(iiy)", m->step, m->err, m->failed);
+        goto done;
+    }
+    if (api != NULL) {
+        PyObject *seed;
+        if (no_block) {
+            plant.err = no_block;
+            plant.what = "mmap";
+        }
+        seed = planted(api, &plant);
+        if (seed != NULL && plant.err == 0) {
+            /* The seed joined its groups (or holds its own copies): the place's
+             * fds are done with. */
+            for (i = 0; i < n_groups; i++)
+                close(fds[i]);
+            n_groups = 0;
+        }
+        if (seed == NULL) { /* (out of memory: the seed is gone, the place stays) */
+            PyErr_Clear();
+            seed = PyObject_CallFunction(PyExc_OSError, "is", ENOMEM, strerror(ENOMEM));
+            if (seed == NULL)
+                goto close_fds;
+        }
+        result = PyList_New(n_groups);
+        if (result == NULL) {
+            Py_DECREF(seed);
+            goto close_fds;
+        }
+        for (i = 0; i < n_groups; i++) {
+            PyObject *fd = PyLong_FromLong(fds[i]);
+            if (fd == NULL) {
+                Py_DECREF(seed);
+                Py_CLEAR(result);
+                goto close_fds;
+            }
+            PyList_SET_ITEM(result, i, fd);
+        }
+        result = Py_BuildValue("(NN)", result, seed);
+        goto done;
+    close_fds:
+        for (i = 0; i < n_groups; i++)
+            close(fds[i]);
         goto done;
     }
     result = PyList_New(n_groups);
@@ -255,6 +392,7 @@ done:
     PyMem_Free(procs);
     PyMem_Free(fds);
     PyMem_Free(m);
+    PyMem_Free(pipe_sizes);
     return result;
 }
 

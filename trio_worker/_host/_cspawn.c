@@ -40,6 +40,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <poll.h>
 #include <sched.h> /* CLONE_VM, CLONE_VFORK */
 #include <signal.h>
 #include <stdlib.h>
@@ -53,7 +54,10 @@
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
+
+#include "_cseed.h"
 
 #ifndef CLOSE_RANGE_CLOEXEC
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
@@ -867,6 +871,173 @@ seed_dealloc(SeedObject *s)
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
+static PyTypeObject SeedType;
+
+/* A seed's birth, every system call of it with the GIL released: its go, report and
+ * "born" pipes, the clone, and the wait until the child has closed its copies of the
+ * server's descriptors. */
+struct seed_birth {
+    /* In. */
+    const int *cgroup_fds;
+    int n_cgroup_fds;
+    int fds[3]; /* its stdin, stdout, stderr (the caller's: it closes them) */
+    long nofile_soft, max_fd;
+    char *block;
+    /* Out: err 0, or err and what (the step), nothing left open and no child. */
+    int err;
+    const char *what;
+    pid_t pid;
+    int go_fd, report_fd;
+    long long t0, t1; /* CLOCK_BOOTTIME (ns) just before and after the clone */
+};
+
+#ifdef HAVE_SEED
+static long long
+boottime_ns(void)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_BOOTTIME, &ts) < 0)
+        return -1;
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* How long the planting thread waits for a new seed to close its copies of our
+ * descriptors before it asks whether the seed was stopped (it takes microseconds). */
+#define SEED_BIRTH_PATIENCE_MS 100
+
+/* Whether our child ``pid`` is stopped now (one waitid that consumes nothing). */
+static int
+seed_stopped(pid_t pid)
+{
+    siginfo_t info;
+    memset(&info, 0, sizeof info);
+    return waitid(P_PID, (id_t)pid, &info, WSTOPPED | WNOHANG | WNOWAIT) == 0 &&
+           info.si_pid == pid && info.si_code == CLD_STOPPED;
+}
+
+static void
+seed_birth(struct seed_birth *b)
+{
+    int go[2] = {-1, -1}, rep[2] = {-1, -1}, born[2] = {-1, -1};
+    struct seed_ctl *c;
+    struct clone_args_v2 cargs;
+    sigset_t all, old;
+    long ret;
+    int i;
+
+    b->err = 0;
+    b->pid = -1;
+    b->go_fd = b->report_fd = -1;
+    if (b->n_cgroup_fds > SEED_MAX_GROUPS) {
+        b->err = E2BIG;
+        b->what = "too many cgroup fds";
+        return;
+    }
+    if (pipe2(go, O_CLOEXEC) < 0 || pipe2(rep, O_CLOEXEC | O_NONBLOCK) < 0 ||
+        pipe2(born, O_CLOEXEC) < 0) {
+        b->err = errno;
+        b->what = "pipe2";
+        goto fail;
+    }
+    c = (struct seed_ctl *)(b->block + SEED_STACK + SEED_TLS);
+    c->go_r = go[0];
+    c->report_w = rep[1];
+    for (i = 0; i < 3; i++)
+        c->fds[i] = b->fds[i];
+    c->n_cgroup_fds = b->n_cgroup_fds;
+    c->into_index = -1;
+    for (i = 0; i < b->n_cgroup_fds; i++) {
+        struct stat st;
+        c->cgroup_fds[i] = b->cgroup_fds[i];
+        if (c->into_index < 0 && fstat(b->cgroup_fds[i], &st) == 0 && S_ISDIR(st.st_mode))
+            c->into_index = i;
+    }
+    c->nofile_soft = b->nofile_soft;
+    c->max_fd = b->max_fd;
+    c->n_groups = -1;
+    c->uid = c->gid = -1;
+    /* The thread pointer: x86-64's TCB starts with a pointer to itself. */
+    *(void **)(b->block + SEED_STACK + SEED_TP_AT) = b->block + SEED_STACK + SEED_TP_AT;
+
+    memset(&cargs, 0, sizeof cargs);
+    cargs.flags = CLONE_VM | CLONE_SETTLS;
+    cargs.exit_signal = SIGCHLD;
+    cargs.stack = (unsigned long long)(uintptr_t)b->block;
+    cargs.stack_size = SEED_STACK;
+    cargs.tls = (unsigned long long)(uintptr_t)(b->block + SEED_STACK + SEED_TP_AT);
+    if (c->into_index >= 0) {
+        cargs.flags |= CLONE_INTO_CGROUP;
+        cargs.cgroup = (unsigned long long)c->cgroup_fds[c->into_index];
+        c->joined_by_clone = 1;
+    }
+    /* The child starts with every signal blocked (it inherits this mask). With
+     * CLONE_INTO_CGROUP the clone takes the kernel's cgroup_mutex, which a cgroup.procs
+     * write elsewhere holds through an RCU grace period (up to ~10 ms): the GIL is let
+     * go by the caller; the child touches nothing of Python's. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    b->t0 = boottime_ns();
+    ret = tw_clone3_run(&cargs, sizeof cargs, (void (*)(void *))seed_main, c);
+    b->t1 = boottime_ns();
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (ret < 0) {
+        b->err = (int)-ret;
+        b->what = "clone3";
+        goto fail;
+    }
+    close(go[0]);
+    close(rep[1]);
+    close(born[1]);
+    /* Wait until the child has closed its copies of the server's descriptors (the write
+     * end of "born" among them: EOF): until then it holds the state directory's lock (an
+     * flock its copy shares), the listening socket, other seeds' pipes. Planted, a seed
+     * holds nothing of the server's, whether or not the server dies next. A child
+     * stopped before that (kill -STOP in its first microseconds) would keep this thread
+     * (the places' refill, and so the server's shutdown) waiting until continued: every
+     * SEED_BIRTH_PATIENCE_MS without EOF, it is asked whether it is stopped, and if so
+     * killed and reaped (EINTR: no seed for this place). */
+    {
+        char byte;
+        ssize_t got;
+        for (;;) {
+            struct pollfd p = {born[0], POLLIN, 0};
+            int ready = poll(&p, 1, SEED_BIRTH_PATIENCE_MS);
+            if (ready == 0 && seed_stopped((pid_t)ret)) {
+                int status;
+                (void)kill((pid_t)ret, SIGKILL);
+                while (waitpid((pid_t)ret, &status, 0) < 0 && errno == EINTR)
+                    ;
+                b->err = EINTR;
+                b->what = "a seed stopped before it was planted";
+                close(born[0]);
+                born[0] = -1;
+                go[0] = rep[1] = born[1] = -1; /* (closed above) */
+                goto fail;
+            }
+            if (ready != 0 && !(ready < 0 && errno == EINTR))
+                break; /* readable (EOF), or poll failed: read as before */
+        }
+        do {
+            got = read(born[0], &byte, 1);
+        } while (got < 0 && errno == EINTR);
+        close(born[0]);
+    }
+    b->pid = (pid_t)ret;
+    b->go_fd = go[1];
+    b->report_fd = rep[0];
+    return;
+fail:
+    for (i = 0; i < 2; i++) {
+        if (go[i] >= 0)
+            close(go[i]);
+        if (rep[i] >= 0)
+            close(rep[i]);
+        if (born[i] >= 0)
+            close(born[i]);
+    }
+}
+#endif
+
 static PyObject *
 seed_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
@@ -874,8 +1045,7 @@ seed_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     int fds[3];
     long nofile_soft, max_fd;
     int *cgroup_fds = NULL;
-    Py_ssize_t n_cgroup = 0, i;
-    SeedObject *s;
+    Py_ssize_t n_cgroup = 0;
 
     if (!PyArg_ParseTuple(args, "Oiiill:Seed", &cgroup_o, &fds[0], &fds[1], &fds[2],
                           &nofile_soft, &max_fd))
@@ -884,122 +1054,285 @@ seed_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     errno = ENOSYS;
     return PyErr_SetFromErrno(PyExc_OSError);
 #else
-    if (int_array(cgroup_o, &n_cgroup, &cgroup_fds) < 0)
-        return NULL;
-    if (n_cgroup > SEED_MAX_GROUPS) {
-        PyMem_Free(cgroup_fds);
-        PyErr_SetString(PyExc_ValueError, "too many cgroup fds");
-        return NULL;
-    }
-    s = (SeedObject *)type->tp_alloc(type, 0);
-    if (s == NULL) {
-        PyMem_Free(cgroup_fds);
-        return NULL;
-    }
-    s->pid = -1;
-    s->go_fd = s->report_fd = -1;
     {
-        int go[2] = {-1, -1}, rep[2] = {-1, -1}, born[2] = {-1, -1};
-        struct seed_ctl *c;
-        struct clone_args_v2 cargs;
-        sigset_t all, old;
-        long ret;
-        int saved;
-        char *block = seed_block();
-        if (block == MAP_FAILED) {
-            saved = errno;
-            goto fail;
+        struct seed_birth b;
+        SeedObject *s;
+        int i;
+        if (int_array(cgroup_o, &n_cgroup, &cgroup_fds) < 0)
+            return NULL;
+        if (n_cgroup > SEED_MAX_GROUPS) {
+            PyMem_Free(cgroup_fds);
+            PyErr_SetString(PyExc_ValueError, "too many cgroup fds");
+            return NULL;
         }
-        s->block = block;
-        if (pipe2(go, O_CLOEXEC) < 0 || pipe2(rep, O_CLOEXEC | O_NONBLOCK) < 0 ||
-            pipe2(born, O_CLOEXEC) < 0) {
-            saved = errno;
-            goto fail;
+        s = (SeedObject *)type->tp_alloc(type, 0);
+        if (s == NULL) {
+            PyMem_Free(cgroup_fds);
+            return NULL;
         }
-        c = (struct seed_ctl *)(block + SEED_STACK + SEED_TLS);
-        c->go_r = go[0];
-        c->report_w = rep[1];
+        s->pid = -1;
+        s->go_fd = s->report_fd = -1;
+        s->block = seed_block();
+        if (s->block == MAP_FAILED) {
+            s->block = NULL;
+            s->done = 1;
+            Py_DECREF(s);
+            PyMem_Free(cgroup_fds);
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        b.cgroup_fds = cgroup_fds;
+        b.n_cgroup_fds = (int)n_cgroup;
         for (i = 0; i < 3; i++)
-            c->fds[i] = fds[i];
-        c->n_cgroup_fds = (int)n_cgroup;
-        c->into_index = -1;
-        for (i = 0; i < n_cgroup; i++) {
-            struct stat st;
-            c->cgroup_fds[i] = cgroup_fds[i];
-            if (c->into_index < 0 && fstat(cgroup_fds[i], &st) == 0 && S_ISDIR(st.st_mode))
-                c->into_index = (int)i;
-        }
-        c->nofile_soft = nofile_soft;
-        c->max_fd = max_fd;
-        c->n_groups = -1;
-        c->uid = c->gid = -1;
-        /* The thread pointer: x86-64's TCB starts with a pointer to itself. */
-        *(void **)(block + SEED_STACK + SEED_TP_AT) = block + SEED_STACK + SEED_TP_AT;
-
-        memset(&cargs, 0, sizeof cargs);
-        cargs.flags = CLONE_VM | CLONE_SETTLS;
-        cargs.exit_signal = SIGCHLD;
-        cargs.stack = (unsigned long long)(uintptr_t)block;
-        cargs.stack_size = SEED_STACK;
-        cargs.tls = (unsigned long long)(uintptr_t)(block + SEED_STACK + SEED_TP_AT);
-        if (c->into_index >= 0) {
-            cargs.flags |= CLONE_INTO_CGROUP;
-            cargs.cgroup = (unsigned long long)c->cgroup_fds[c->into_index];
-            c->joined_by_clone = 1;
-        }
-        /* The child starts with every signal blocked (it inherits this mask). The GIL
-         * is let go: with CLONE_INTO_CGROUP the clone takes the kernel's cgroup_mutex,
-         * which a cgroup.procs write elsewhere holds through an RCU grace period (up
-         * to ~10 ms); the child touches nothing of Python's. */
-        sigfillset(&all);
+            b.fds[i] = fds[i];
+        b.nofile_soft = nofile_soft;
+        b.max_fd = max_fd;
+        b.block = s->block;
         Py_BEGIN_ALLOW_THREADS
-        pthread_sigmask(SIG_BLOCK, &all, &old);
-        ret = tw_clone3_run(&cargs, sizeof cargs, (void (*)(void *))seed_main, c);
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        seed_birth(&b);
         Py_END_ALLOW_THREADS
-        if (ret < 0) {
-            saved = (int)-ret;
-            goto fail;
-        }
-        close(go[0]);
-        close(rep[1]);
-        close(born[1]);
-        /* Wait until the child has closed its copies of the server's descriptors (the
-         * write end of "born" among them: EOF): until then it holds the state
-         * directory's lock (an flock its copy shares), the listening socket, other
-         * seeds' pipes. Planted, a seed holds nothing of the server's, whether or not
-         * the server dies next. (Off the loop: the refill's thread; the GIL let go.) */
-        {
-            char byte;
-            ssize_t got;
-            Py_BEGIN_ALLOW_THREADS
-            do {
-                got = read(born[0], &byte, 1);
-            } while (got < 0 && errno == EINTR);
-            Py_END_ALLOW_THREADS
-            close(born[0]);
-        }
-        s->pid = (pid_t)ret;
-        s->go_fd = go[1];
-        s->report_fd = rep[0];
         PyMem_Free(cgroup_fds);
+        if (b.err != 0) {
+            s->done = 1; /* no child: the memory is ours */
+            Py_DECREF(s);
+            errno = b.err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        s->pid = b.pid;
+        s->go_fd = b.go_fd;
+        s->report_fd = b.report_fd;
         return (PyObject *)s;
-    fail:
-        for (i = 0; i < 2; i++) {
-            if (go[i] >= 0)
-                close(go[i]);
-            if (rep[i] >= 0)
-                close(rep[i]);
-            if (born[i] >= 0)
-                close(born[i]);
-        }
-        s->done = 1; /* no child: the memory is ours */
-        Py_DECREF(s);
-        PyMem_Free(cgroup_fds);
-        errno = saved;
-        return PyErr_SetFromErrno(PyExc_OSError);
     }
 #endif
+}
+
+/* ------------------------------------------------------------------------- *
+ * A seed planted for a place by _cplace.make_place, in the call that makes the place
+ * (one GIL release for all of it): the capsule "_seed_api" (see _cseed.h).
+ * ------------------------------------------------------------------------- */
+
+/* /proc/PID/stat's field 22 (the start time, in clock ticks after boot), -1 if not. */
+static long long
+proc_start_time(pid_t pid)
+{
+    char path[64], buf[1024];
+    ssize_t got;
+    const char *p;
+    int fd, field;
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    do {
+        got = read(fd, buf, sizeof buf - 1);
+    } while (got < 0 && errno == EINTR);
+    close(fd);
+    if (got <= 0)
+        return -1;
+    buf[got] = '\0';
+    /* Field 2 (comm) is in parentheses and may hold spaces or ')': after the last. */
+    p = strrchr(buf, ')');
+    if (p == NULL || p[1] != ' ')
+        return -1;
+    p += 2; /* field 3 */
+    for (field = 3; field < 22; field++) {
+        p = strchr(p, ' ');
+        if (p == NULL)
+            return -1;
+        p++;
+    }
+    return strtoll(p, NULL, 10);
+}
+
+static void *
+api_take_block(void)
+{
+#ifdef HAVE_SEED
+    char *block = seed_block();
+    return block == MAP_FAILED ? NULL : block;
+#else
+    errno = ENOSYS;
+    return NULL;
+#endif
+}
+
+static void
+api_give_back(void *block)
+{
+    SeedObject s;
+    if (block == NULL)
+        return;
+    memset(&s, 0, sizeof s);
+    s.block = block;
+    seed_release(&s);
+}
+
+#ifdef HAVE_SEED
+/* The start time of a process cloned between t0 and t1 (CLOCK_BOOTTIME, ns): the
+ * kernel stamps it (start_boottime) inside the clone, and /proc shows it in clock ticks,
+ * rounded down; when both ends fall in the same tick, that tick is the one /proc says,
+ * and no read of it is needed. -1 when they do not. */
+static long long
+tick_between(long long t0, long long t1)
+{
+    long hz = sysconf(_SC_CLK_TCK);
+    long long per_tick;
+    if (hz <= 0 || 1000000000LL % hz != 0 || t0 < 0 || t1 < t0)
+        return -1;
+    per_tick = 1000000000LL / hz;
+    return t0 / per_tick == t1 / per_tick ? t0 / per_tick : -1;
+}
+
+/* Its stdout's or stderr's pipe, made bigger (fewer wakeups per byte of a fast writer);
+ * the read end (the server's) non-blocking, as the runner reads it, so the loop sets
+ * nothing when a Start takes the seed (the job's end stays blocking). */
+static int
+output_pipe(int fds[2], const int *sizes, int n_sizes)
+{
+    int i;
+    if (pipe2(fds, O_CLOEXEC) < 0)
+        return -1;
+    if (fcntl(fds[0], F_SETFL, O_NONBLOCK) < 0) {
+        int saved = errno;
+        close(fds[0]);
+        close(fds[1]);
+        fds[0] = fds[1] = -1;
+        errno = saved;
+        return -1;
+    }
+    for (i = 0; i < n_sizes; i++) {
+        if (fcntl(fds[0], F_SETPIPE_SZ, sizes[i]) >= 0)
+            break;
+    }
+    return 0;
+}
+
+#endif
+
+static void
+api_plant(struct tw_seed_plant *p)
+{
+#ifdef HAVE_SEED
+    int out[2] = {-1, -1}, err[2] = {-1, -1}, null = -1, i;
+    struct seed_birth b;
+    struct rlimit lim;
+
+    p->err = 0;
+    p->pid = p->go_fd = p->report_fd = p->pidfd = p->out_r = p->err_r = -1;
+    p->start_time = -1;
+    if (output_pipe(out, p->pipe_sizes, p->n_pipe_sizes) < 0 ||
+        output_pipe(err, p->pipe_sizes, p->n_pipe_sizes) < 0) {
+        p->err = errno;
+        p->what = "pipe2";
+        goto fail;
+    }
+    null = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (null < 0) {
+        p->err = errno;
+        p->what = "/dev/null";
+        goto fail;
+    }
+    b.cgroup_fds = p->cgroup_fds;
+    b.n_cgroup_fds = p->n_cgroup_fds;
+    b.fds[0] = null;
+    b.fds[1] = out[1];
+    b.fds[2] = err[1];
+    b.nofile_soft = p->nofile_soft;
+    b.max_fd = 65535; /* (close_range's fallback: the soft limit, as _spawn.Seed.plant) */
+    if (getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY)
+        b.max_fd = lim.rlim_cur < (1 << 20) ? (long)lim.rlim_cur : (1 << 20);
+    b.block = p->block;
+    seed_birth(&b);
+    if (b.err != 0) {
+        p->err = b.err;
+        p->what = b.what;
+        goto fail;
+    }
+    close(null);
+    close(out[1]);
+    close(err[1]);
+    null = out[1] = err[1] = -1;
+    p->pidfd = (int)syscall(SYS_pidfd_open, b.pid, 0);
+    if (p->pidfd < 0) {
+        int status;
+        p->err = errno;
+        p->what = "pidfd_open";
+        (void)kill(b.pid, SIGKILL);
+        while (waitpid(b.pid, &status, 0) < 0 && errno == EINTR)
+            ;
+        close(b.go_fd);
+        close(b.report_fd);
+        goto fail;
+    }
+    p->pid = b.pid;
+    p->go_fd = b.go_fd;
+    p->report_fd = b.report_fd;
+    p->out_r = out[0];
+    p->err_r = err[0];
+    p->start_time = tick_between(b.t0, b.t1);
+    if (p->start_time < 0)
+        p->start_time = proc_start_time(b.pid);
+    return;
+fail:
+    for (i = 0; i < 2; i++) {
+        if (out[i] >= 0)
+            close(out[i]);
+        if (err[i] >= 0)
+            close(err[i]);
+    }
+    if (null >= 0)
+        close(null);
+#else
+    p->err = ENOSYS;
+    p->what = "clone3";
+#endif
+}
+
+static PyObject *
+api_adopt(struct tw_seed_plant *p)
+{
+    SeedObject *s = (SeedObject *)SeedType.tp_alloc(&SeedType, 0);
+    if (s == NULL) {
+        int status;
+        (void)kill(p->pid, SIGKILL);
+        while (waitpid(p->pid, &status, 0) < 0 && errno == EINTR)
+            ;
+        close(p->go_fd);
+        close(p->report_fd);
+        close(p->pidfd);
+        close(p->out_r);
+        close(p->err_r);
+        api_give_back(p->block);
+        return NULL;
+    }
+    s->pid = p->pid;
+    s->go_fd = p->go_fd;
+    s->report_fd = p->report_fd;
+    s->block = p->block;
+    return (PyObject *)s;
+}
+
+static struct tw_seed_api seed_api = {
+    TW_SEED_API_VERSION, api_take_block, api_plant, api_adopt, api_give_back,
+};
+
+PyDoc_STRVAR(cspawn_proc_start_time_doc,
+"proc_start_time(pid) -> int | None\n\n"
+"When ``pid`` started, in clock ticks after boot (/proc/PID/stat's field 22, read in\n"
+"C): what a place's seed gets when its clone straddled a tick.");
+
+static PyObject *
+cspawn_proc_start_time(PyObject *self, PyObject *arg)
+{
+    long pid = PyLong_AsLong(arg);
+    long long ticks;
+    if (pid == -1 && PyErr_Occurred())
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    ticks = proc_start_time((pid_t)pid);
+    Py_END_ALLOW_THREADS
+    if (ticks < 0)
+        Py_RETURN_NONE;
+    return PyLong_FromLongLong(ticks);
 }
 
 /* The size of n strings and their NULL-terminated array in the params block. */
@@ -1252,6 +1585,7 @@ static PyTypeObject SeedType = {
 
 static PyMethodDef methods[] = {
     {"spawn", cspawn_spawn, METH_VARARGS, spawn_doc},
+    {"proc_start_time", cspawn_proc_start_time, METH_O, cspawn_proc_start_time_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1274,6 +1608,14 @@ PyInit__cspawn(void)
         Py_DECREF(&SeedType);
         Py_DECREF(m);
         return NULL;
+    }
+    {
+        PyObject *api = PyCapsule_New(&seed_api, TW_SEED_API_CAPSULE, NULL);
+        if (api == NULL || PyModule_AddObject(m, "_seed_api", api) < 0) {
+            Py_XDECREF(api);
+            Py_DECREF(m);
+            return NULL;
+        }
     }
 #ifdef HAVE_SEED
     if (PyModule_AddIntConstant(m, "HAVE_SEED", 1) < 0) {

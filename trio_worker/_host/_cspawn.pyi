@@ -22,6 +22,8 @@ def spawn(
 
 HAVE_SEED: int
 
+def proc_start_time(pid: int, /) -> int | None: ...
+
 class Seed:
     pid: int
     go_fd: int

@@ -29,10 +29,9 @@ Seeds: with the reaper watching, a place also holds its job's process, made
 with it (``_host._spawn.Seed``): already in the job's groups and process group,
 with its output pipes, blocked until it is told its command. A plain Start
 (no limits, namespaces, stdin or terminal: ``seedable``) then runs on the loop
-alone (``launch_seeded``): hand the seed its command,
-wait (without a thread) for its exec or its report of failure. Any other Start
-kills the place's seed in its thread and spawns as before. See ARCHITECTURE.md,
-"Why seeds".
+alone (``launch_seeded``): hand the seed its command, wait (without a thread)
+for its exec or its report of failure. Any other Start kills the place's seed in
+its thread and spawns as before. See ARCHITECTURE.md, "Why seeds".
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ import signal
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -54,12 +54,13 @@ import trio
 from .._errors import ResourceExhausted
 from .._host._cgroups import CgroupDriver, CgroupError, Inotify, JobCgroup, remove_groups
 from .._host._isolation import helper_argv, helper_tasks, resolve_command
-from .._host._place import make_place
+from .._host._place import Sown, make_place, make_seeded_place
 from .._host._spawn import SEEDS_REFUSED, Seed
 from .._model import Isolation, Limits
 from ._job import REPORT
 from ._output import OpenLogs, OutputLog
 from ._process import (
+    PIPE_SIZES,
     RESOURCE_ERRNOS,
     Credentials,
     JobProcess,
@@ -70,10 +71,10 @@ from ._process import (
     Stdin,
     describe_os_error,
     describe_setup_error,
-    output_pipe,
     resource_exhausted,
 )
 from ._store import process_start_time
+from ._threads import in_thread
 
 __all__ = ["PLACE_PATIENCE", "LaunchPlan", "Launched", "Launcher", "Place", "remove_new_job_dir"]
 
@@ -100,7 +101,7 @@ class Sprout:
     seed: Seed
     stdout: int
     stderr: int
-    #: The seed's start time (/proc): the job's, since the exec keeps the pid.
+    #: The seed's start time (as /proc says it): the job's, since the exec keeps the pid.
     start_time: int | None
     #: SIGKILLed while it waited (a memory cap appeared): the thread's way, never ``go``
     #: (a go byte could reach the pipe before its death: a job killed at its start).
@@ -282,8 +283,8 @@ class Launcher:
         why it cannot.
         """
         self._token = trio.lowlevel.current_trio_token()
-        # What an earlier version left there (its places' directories: now a place has
-        # none; its groups are leftovers, gone already).
+        # The places an earlier version left in ``ready/`` (now a place has no directory;
+        # their groups are leftovers, gone already).
         await trio.to_thread.run_sync(shutil.rmtree, self.ready_dir, True)
         failed = False
         while True:
@@ -297,7 +298,7 @@ class Launcher:
                 with trio.CancelScope(shield=True):
                     self._making = ids
                     try:
-                        made = await trio.to_thread.run_sync(self._tend, retired, ids)
+                        made = await in_thread(partial(self._tend, retired, ids))
                     except RuntimeError:  # "can't start new thread"
                         self._retired[:0] = retired
                         made = 0
@@ -385,21 +386,42 @@ class Launcher:
         capped = self._capped if self._caps_fresh else self._memory_capped() is not False
         plant = self._seeds and bool(ids) and not capped
         for job_id in ids:
+            sown: Sown | OSError | None = None
             try:
                 group = self.cgroups.planned(job_id)
-                # The groups and their fds: one call with the GIL let go (it leaves
-                # nothing behind if it fails). No directory or file: the log's first
-                # flush makes them, if the job ever writes (``OutputLog``).
-                procs = make_place(None, (), group)
+                # The groups and their fds, and the seed: one call with the GIL let go
+                # (it leaves nothing behind if it fails). No directory or file: the log's
+                # first flush makes them, if the job ever writes (``OutputLog``).
+                if plant and self._seeds and group.tracked:
+                    procs, sown = make_seeded_place(
+                        None,
+                        (),
+                        group,
+                        nofile_soft=self._job_nofile,
+                        pipe_sizes=PIPE_SIZES,
+                    )
+                else:
+                    procs = make_place(None, (), group)
             except (CgroupError, OSError) as exc:
                 _log.debug("no place made ahead: %s", exc)
                 break
             place = Place(job_id, self.jobs_dir / job_id, group, procs)
-            if plant and self._seeds and group.tracked:
-                self._plant(place)
+            if isinstance(sown, Sown):
+                place.seed = Sprout(sown.seed, sown.stdout, sown.stderr, sown.start_time)
+            elif sown is not None:
+                self._not_sown(sown)
             arrive(place)
             made += 1
         return made
+
+    def _not_sown(self, exc: OSError) -> None:
+        """A place made without its seed: said, and no more seeds where the kernel
+        refuses clone3 (``SEEDS_REFUSED``)."""
+        if exc.filename == "clone3" and exc.errno in SEEDS_REFUSED:
+            self._seeds = False
+            _log.info("no seeds: clone3 is refused here (%s)", exc.strerror)
+        else:
+            _log.debug("no seed: %s", exc)
 
     def _memory_capped(self) -> bool | None:
         """In a worker thread: whether a memory limit holds the jobs and not the server,
@@ -459,37 +481,6 @@ class Launcher:
             self._caps_fresh = False
             watch.close()
 
-    def _plant(self, place: Place) -> None:
-        """In a worker thread: give ``place`` its seed (its group fds go to it)."""
-        owned: list[int] = []
-        try:
-            out_r, out_w = output_pipe()
-            owned += (out_r, out_w)
-            err_r, err_w = output_pipe()
-            owned += (err_r, err_w)
-            null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            owned.append(null)
-            seed = Seed.plant(
-                place.procs,
-                stdin=null,
-                stdout=out_w,
-                stderr=err_w,
-                nofile_soft=self._job_nofile,
-            )
-        except OSError as exc:
-            for fd in owned:
-                os.close(fd)
-            if exc.errno in SEEDS_REFUSED:
-                self._seeds = False
-                _log.info("no seeds: clone3 is refused here (%s)", exc.strerror)
-            else:
-                _log.debug("no seed: %s", exc)
-            return
-        for fd in (out_w, err_w, null, *place.procs):
-            os.close(fd)
-        place.procs = []
-        place.seed = Sprout(seed, out_r, err_r, process_start_time(seed.pid))
-
     # -- a seeded Start (on the loop) -------------------------------------------
 
     @staticmethod
@@ -540,14 +531,15 @@ class Launcher:
             await trio.to_thread.run_sync(_discard_seeded, place, sprout)
             raise resource_exhausted(exc, "handing its process the command") from None
         log = OutputLog(
-            place.directory,
+            place.directory,  # (made by the log's first flush, if the job writes)
             tail_bytes=self._tail_bytes,
             max_bytes=self._max_output_bytes,
             max_unflushed=self._max_unflushed,
             files=self.open_logs,
         )
-        # (Its pipes made non-blocking while the seed execs, not after.)
-        stdout, stderr = PipeReader(sprout.stdout), PipeReader(sprout.stderr)
+        # (Their read ends are non-blocking from the refill's thread: no fcntl here.)
+        stdout = PipeReader(sprout.stdout, nonblocking=True)  # (``output_pipe``'s)
+        stderr = PipeReader(sprout.stderr, nonblocking=True)
         while not seed.poll():
             with trio.move_on_after(SEED_PATIENCE) as late:
                 await trio.lowlevel.wait_readable(seed.report_fd)

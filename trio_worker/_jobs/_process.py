@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from .._host._cgroups import JobCgroup
 
 __all__ = [
+    "PIPE_SIZES",
     "Credentials",
     "JobProcess",
     "PipeReader",
@@ -70,6 +71,9 @@ _PIPE_SIZE = 1024 * 1024
 #: followers, so capture speed depends less on how many are watching. The
 #: kernel allocates pipe pages only as they fill, so idle jobs cost nothing.
 _BIG_PIPE_SIZE = 8 * 1024 * 1024
+#: The sizes a job's output pipe is given, the first the kernel takes (``output_pipe``;
+#: a place's seed's pipes, made in C: ``_host._place.make_seeded_place``).
+PIPE_SIZES = (_BIG_PIPE_SIZE, _PIPE_SIZE)
 #: Signals a caller may send; 0 only probes and SIGKILL/SIGSTOP are allowed.
 _VALID_SIGNALS = frozenset(int(s) for s in _signal.valid_signals())
 
@@ -182,10 +186,19 @@ def validate_signal(signum: object) -> int:
 
 
 def output_pipe() -> tuple[int, int]:
-    """A job's stdout or stderr pipe (read end, write end), both close-on-exec."""
+    """A job's stdout or stderr pipe (read end, write end), both close-on-exec; the read
+    end, ours, non-blocking already (the job's end blocks): its ``PipeReader``, made on
+    the loop, then costs no ``fcntl``s there."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    try:
+        # (A new pipe's read end has no other status flag to keep: one call, not two.)
+        fcntl.fcntl(read_fd, fcntl.F_SETFL, os.O_NONBLOCK)
+    except BaseException:
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
     # A bigger pipe means fewer wakeups per byte when the job writes fast.
-    for size in (_BIG_PIPE_SIZE, _PIPE_SIZE):
+    for size in PIPE_SIZES:
         try:
             fcntl.fcntl(read_fd, _F_SETPIPE_SZ, size)
             break
@@ -205,8 +218,10 @@ class PipeReader:
 
     __slots__ = ("_closed", "fd")
 
-    def __init__(self, fd: int) -> None:
-        os.set_blocking(fd, False)
+    def __init__(self, fd: int, *, nonblocking: bool = False) -> None:
+        """``nonblocking``: the fd is already (``output_pipe``'s read ends)."""
+        if not nonblocking:
+            os.set_blocking(fd, False)
         self.fd = fd
         self._closed = False
 
@@ -383,7 +398,13 @@ class JobProcess:
                 keep.add(stdin_w)
             if out_r is not None and err_r is not None:
                 keep.update((out_r, err_r))
-                return cls(pid, pidfd, PipeReader(out_r), PipeReader(err_r), stdin_w)
+                return cls(
+                    pid,
+                    pidfd,
+                    PipeReader(out_r, nonblocking=True),
+                    PipeReader(err_r, nonblocking=True),
+                    stdin_w,
+                )
             return cls(pid, pidfd, None, None, stdin_w)
         finally:
             for fd in owned:

@@ -12,13 +12,15 @@ only at WAL checkpoints), but the file stays consistent. That is the trade we
 want: jobs die with the machine anyway, and their output logs are not fsynced
 either.
 
-Every call runs on one dedicated connection in a worker thread, never on the
-event loop. Calls use *group commit*: each caller queues its operation, and
-whoever holds the lock runs everything queued so far in one transaction (one
-thread round trip, one WAL append): a burst of 1,000 records from 1,000 tasks
-shares one transaction instead of costing 1,000. ``queue_start`` does not even
-wait: the supervisor queues a new job's record and answers the Start, and its
-committer task commits what was queued right after (see ``_jobs/_records``).
+Every call runs on one dedicated connection in a worker thread (trio's thread
+cache, one call at a time: ``_threads.in_thread``), never on the event loop. Calls use
+*group commit*: each caller queues its operation, and whoever holds the lock runs
+everything queued so far in one transaction (one thread round trip, one WAL
+append): a burst of 1,000 records from 1,000 tasks shares one transaction instead
+of costing 1,000; a lone start or end is one statement, its own transaction.
+``queue_start`` does not even wait: the supervisor queues a new job's record and
+answers the Start, and its committer task commits what was queued right after (see
+``_jobs/_records``).
 Output counters are cheaper still: ``note_output`` only buffers them, and they
 ride along with the next transaction or ``flush``.
 """
@@ -42,6 +44,7 @@ import trio
 
 from .._errors import JobNotFound, StateDirError
 from .._model import Isolation, JobInfo, JobState, Limits, Usage
+from ._threads import in_thread as _in_thread
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -91,7 +94,6 @@ CREATE TABLE jobs (
     tty               INTEGER NOT NULL DEFAULT 0, -- Job.tty (version 3)
     CHECK ((state = 'running') = (ended_at IS NULL))
 );
-CREATE INDEX jobs_by_owner ON jobs (owner, id);
 CREATE INDEX jobs_by_end ON jobs (ended_at, id) WHERE ended_at IS NOT NULL;
 """
 
@@ -211,10 +213,13 @@ class Queued(Protocol):
 class _Op(Generic[_T]):
     """One queued call: run in the writer thread, its outcome read back by its caller."""
 
-    __slots__ = ("done", "error", "fn", "result")
+    __slots__ = ("done", "error", "fn", "result", "single")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], _T]) -> None:
+    def __init__(self, fn: Callable[[sqlite3.Connection], _T], *, single: bool = False) -> None:
         self.fn = fn
+        #: ``fn`` writes with one statement (a start's insert, an end's update): the
+        #: batch's only write needs no transaction around it (``_execute``).
+        self.single = single
         self.done = False
         self.result: _T | None = None
         self.error: BaseException | None = None
@@ -236,7 +241,6 @@ class SqliteJobStore:
         #: Transactions committed so far (tests and benchmarks watch batching).
         self.transactions = 0
         self._conn = connection
-        self._limiter = trio.CapacityLimiter(1)
         self._lock = trio.Lock()
         self._queue: list[_Op[Any]] = []
         self._notes: dict[str, _Counters] = {}
@@ -281,7 +285,7 @@ class SqliteJobStore:
         with trio.CancelScope(shield=True):
             async with self._lock:
                 await self._run_queue()
-                await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
+                await _in_thread(self._conn.close)
 
     # -- writes --------------------------------------------------------------
 
@@ -302,7 +306,8 @@ class SqliteJobStore:
         keys = list(env_keys)
         _check_start(info, keys)
         await self._submit(
-            _inserter(info, partial(self._encoder.start_row, info, keys, cwd, pid_start_time))
+            _inserter(info, partial(self._encoder.start_row, info, keys, cwd, pid_start_time)),
+            single=True,
         )
 
     def queue_start(
@@ -326,7 +331,10 @@ class SqliteJobStore:
         _check_start(info, keys)  # a caller's mistake is raised here, not in the thread
         # The row itself (JSON texts, two times) is made in the writer's thread, off the
         # event loop's path of every Start.
-        op = _Op(_inserter(info, partial(self._encoder.start_row, info, keys, cwd, pid_start_time)))
+        op = _Op(
+            _inserter(info, partial(self._encoder.start_row, info, keys, cwd, pid_start_time)),
+            single=True,
+        )
         self._queue.append(op)
         return op
 
@@ -365,7 +373,7 @@ class SqliteJobStore:
         Raises ``JobNotFound`` if the job was never recorded.
         """
         _check_end(info)
-        await self._submit(_updater(info.id, partial(_end_row, info, dropped_bytes)))
+        await self._submit(_updater(info.id, partial(_end_row, info, dropped_bytes)), single=True)
 
     def queue_end(self, info: JobInfo, *, dropped_bytes: int = 0) -> Queued:
         """``record_end`` without the wait: the update is queued, no I/O, and goes out
@@ -375,7 +383,7 @@ class SqliteJobStore:
             raise trio.ClosedResourceError("the job store is closed")
         _check_end(info)  # a caller's mistake is raised here, not in the thread
         # The row (a time's text, ~15 us) is made in the writer's thread.
-        op = _Op(_updater(info.id, partial(_end_row, info, dropped_bytes)))
+        op = _Op(_updater(info.id, partial(_end_row, info, dropped_bytes)), single=True)
         self._queue.append(op)
         return op
 
@@ -499,11 +507,11 @@ class SqliteJobStore:
 
     # -- group commit ----------------------------------------------------------
 
-    async def _submit(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    async def _submit(self, fn: Callable[[sqlite3.Connection], _T], *, single: bool = False) -> _T:
         """Queue ``fn`` and return its result once the transaction holding it committed."""
         if self._closed:
             raise trio.ClosedResourceError("the job store is closed")
-        op = _Op(fn)
+        op = _Op(fn, single=single)
         self._queue.append(op)
         try:
             async with self._lock:
@@ -530,9 +538,7 @@ class SqliteJobStore:
         # Shielded: the batch holds other tasks' calls, which must run now that
         # they left the queue (the thread could not be interrupted anyway).
         with trio.CancelScope(shield=True):
-            committed = await trio.to_thread.run_sync(
-                self._execute, batch, notes, spawned, limiter=self._limiter
-            )
+            committed = await _in_thread(partial(self._execute, batch, notes, spawned))
         if committed:
             self.transactions += 1
         else:
@@ -549,8 +555,14 @@ class SqliteJobStore:
     ) -> bool:
         """In the worker thread: one transaction for the whole batch."""
         conn = self._conn
+        writes = [op for op in batch if op.fn is not _nothing]
+        # One statement is a transaction of its own (SQLite's autocommit): a batch of one
+        # start or one end (a lone Start's record) then costs the thread one statement,
+        # not three, each of which lets go of the GIL and takes it back from the loop.
+        alone = not spawned and not notes and len(writes) == 1 and writes[0].single
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            if not alone:
+                conn.execute("BEGIN IMMEDIATE")
             if spawned:
                 conn.executemany(_SPAWNED, [(*p, job_id) for job_id, p in spawned.items()])
             if notes:
@@ -560,7 +572,8 @@ class SqliteJobStore:
                     op.result = op.fn(conn)
                 except (ValueError, JobNotFound, StateDirError) as exc:
                     op.error = exc  # this call's own failure: it wrote nothing
-            conn.execute("COMMIT")
+            if not alone:
+                conn.execute("COMMIT")
         except Exception as exc:  # sqlite3.Error, MemoryError, a bug: nothing was written
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
@@ -713,6 +726,11 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
         _, version = _identity(conn)
     if version != SCHEMA_VERSION:
         raise _refuse(path, f"has schema version {version}, expected {SCHEMA_VERSION}")
+    # Files made by earlier servers (the same schema version) have an index by owner that
+    # no query used (List reads the supervisor's memory): each start's insert paid a
+    # b-tree for it, each commit a page. An older server never reads it either.
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs_by_owner'").fetchone():
+        conn.execute("DROP INDEX jobs_by_owner")
 
 
 def _identity(conn: sqlite3.Connection) -> tuple[int, int]:
