@@ -38,15 +38,13 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar, cast
 
 import trio
 
 from .._errors import JobNotFound, StateDirError
 from .._model import Isolation, JobInfo, JobState, Limits, Usage
-
-if TYPE_CHECKING:
-    import outcome  # (trio's own dependency)
+from ._threads import in_thread as _in_thread
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -588,29 +586,6 @@ class SqliteJobStore:
             for op in batch:
                 op.done = True
         return True
-
-
-async def _in_thread(fn: Callable[[], _T]) -> _T:
-    """``fn()`` in one of trio's cached worker threads: its result, once it returned.
-
-    ``trio.to_thread.run_sync``'s round trip through the same thread cache, without what
-    the store does not use and each commit paid for in both threads: a limiter (the
-    store's lock runs one call at a time), a copy of the context, ``from_thread``'s
-    plumbing, and naming the OS thread for the call and back (two ctypes calls in the
-    worker). Not cancellable (its callers shield it): it returns when ``fn`` did.
-    """
-    task = trio.lowlevel.current_task()
-    token = trio.lowlevel.current_trio_token()
-
-    def deliver(result: outcome.Outcome[_T]) -> None:
-        token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-
-    trio.lowlevel.start_thread_soon(fn, deliver)
-    return cast(_T, await trio.lowlevel.wait_task_rescheduled(_not_now))
-
-
-def _not_now(raise_cancel: Callable[[], NoReturn]) -> trio.lowlevel.Abort:
-    return trio.lowlevel.Abort.FAILED
 
 
 if TYPE_CHECKING:
