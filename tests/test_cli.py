@@ -14,12 +14,14 @@ import pwd
 import re
 import shlex
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -844,11 +846,24 @@ def test_certs_work_with_an_official_grpc_client(real: RealServer) -> None:
 
 
 class CuttingProxy:
-    """A TCP proxy whose connections the test can cut at any moment."""
+    """A TCP proxy whose connections the test can cut at any moment, and which can drop
+    chosen connections (numbered from 1) right after the client's first TLS record, its
+    ClientHello: a cut that lands inside a reconnect's handshake, every time."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        *,
+        drop_at_hello: Collection[int] = (),
+        reset: bool = False,
+        then: int | None = None,
+    ) -> None:
         self.upstream_port = upstream_port
+        self.then = then  # where the connections after the first go, if not upstream
+        self.drop_at_hello = drop_at_hello
+        self.reset = reset  # drop with a TCP reset (SO_LINGER 0), not an orderly FIN
         self.connections = 0
+        self.dropped = 0
         self.cuts = 0
         self._open: set[trio.CancelScope] = set()
 
@@ -859,21 +874,45 @@ class CuttingProxy:
 
     async def _handle(self, client: trio.SocketStream) -> None:
         self.connections += 1
+        if self.connections in self.drop_at_hello:
+            await _read_record(client)
+            self.dropped += 1
+            await self._drop(client)
+            return
         with trio.CancelScope() as scope:
             self._open.add(scope)
             try:
-                upstream = await trio.open_tcp_stream("127.0.0.1", self.upstream_port)
+                port = self.upstream_port
+                if self.then is not None and self.connections > 1:
+                    port = self.then
+                upstream = await trio.open_tcp_stream("127.0.0.1", port)
                 async with upstream, trio.open_nursery() as nursery:
                     nursery.start_soon(_pipe, client, upstream)
                     nursery.start_soon(_pipe, upstream, client)
             finally:
                 self._open.discard(scope)
+        await self._drop(client)
+
+    async def _drop(self, client: trio.SocketStream) -> None:
+        if self.reset:
+            client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await trio.aclose_forcefully(client)
 
     def cut(self) -> None:
         for scope in list(self._open):
             self.cuts += 1
             scope.cancel()
+
+
+async def _read_record(stream: trio.SocketStream) -> bytes:
+    """One whole TLS record (a 5-byte header, then its length)."""
+    data = b""
+    while len(data) < 5 or len(data) < 5 + int.from_bytes(data[3:5], "big"):
+        more = await stream.receive_some(65536)
+        assert more, "the client closed before its ClientHello"
+        data += more
+    assert data[0] == 0x16, "not a TLS handshake record"
+    return data
 
 
 async def _pipe(source: trio.SocketStream, sink: trio.SocketStream) -> None:
@@ -884,59 +923,198 @@ async def _pipe(source: trio.SocketStream, sink: trio.SocketStream) -> None:
         pass
 
 
+class Follower:
+    """``trio-worker logs -f`` in a subprocess, its stdout and stderr read as they come, so
+    a test can cut its connection once output has arrived (not after some time)."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.ended = False  # its stdout is at EOF
+        self._grew = trio.Event()
+
+    async def read(self) -> None:
+        async def drain(stream: trio.abc.ReceiveStream | None, into: bytearray) -> None:
+            assert stream is not None
+            while data := await stream.receive_some(65536):
+                into += data
+                self._grew.set()
+                self._grew = trio.Event()
+            if into is self.stdout:
+                self.ended = True
+                self._grew.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain, self.proc.stdout, self.stdout)
+            nursery.start_soon(drain, self.proc.stderr, self.stderr)
+
+    async def printed(self, size: int) -> None:
+        """Until at least ``size`` bytes are on its stdout."""
+        while len(self.stdout) < size:
+            if self.ended:
+                raise AssertionError(f"logs -f ended early: {self.stderr.decode()}")
+            await self._grew.wait()
+
+
+def _said(stderr: bytes) -> list[str]:
+    """The reconnection notes' verbs ("lost", "reconnected") in order."""
+    return [line.split(" ", 2)[1] for line in stderr.decode().splitlines()]
+
+
+async def _cli_process(*args: str, env: dict[str, str]) -> trio.Process:
+    return await trio.lowlevel.open_process(
+        [*COMMAND, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
 LINES = 1500
-# Halfway through, the job waits for the file named by its argument, so that the follower is
-# cut mid-stream however slowly a loaded machine starts it.
+LINE = 98  # bytes: "000123 ", 90 x, a newline
+EXPECTED = b"".join(f"{i:06d} {'x' * 90}\n".encode() for i in range(LINES))
+# The job stops at even intervals, each time until the file named by its next argument
+# exists: the test cuts the follower there, with the stream live whatever the machine's load.
 CHATTY_JOB = (
     "import os, sys, time\n"
-    f"for i in range({LINES}):\n"
-    "    sys.stdout.write(f'{i:06d} ' + 'x' * 90 + '\\n'); sys.stdout.flush()\n"
-    "    if i % 10 == 0: time.sleep(0.02)\n"
-    f"    while i == {LINES // 2} and not os.path.exists(sys.argv[1]): time.sleep(0.05)\n"
+    "gates = sys.argv[1:]\n"
+    f"for i in range(1, {LINES} + 1):\n"
+    "    sys.stdout.write(f'{i - 1:06d} ' + 'x' * 90 + '\\n'); sys.stdout.flush()\n"
+    "    for k, gate in enumerate(gates):\n"
+    f"        while i == {LINES} * (k + 1) // (len(gates) + 1) and not os.path.exists(gate):\n"
+    "            time.sleep(0.02)\n"
 )
+
+
+async def _follow_through_cuts(
+    dev: DevServer, tmp_path: Path, proxy: CuttingProxy, cuts: int, *options: str
+) -> Follower:
+    """Start the chatty job with ``cuts`` stops, follow it (``logs -f`` with ``options``)
+    through ``proxy``, and cut the connection at each stop once the follower has printed
+    everything up to it: cut ``k`` ends connection ``k``, the only one open."""
+    gates = [tmp_path / f"go-on-{k}" for k in range(cuts)]
+    job = [sys.executable, "-c", CHATTY_JOB, *map(str, gates)]
+    started = await trio.run_process(
+        [*COMMAND, "start", "--addr", dev.addr, "--", *job], env=dev.env, capture_stdout=True
+    )
+    job_id = started.stdout.decode().strip()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.serve)
+        addr = f"127.0.0.1:{port}"
+        proc = await _cli_process("logs", "-f", "--addr", addr, *options, job_id, env=dev.env)
+        follower = Follower(proc)
+        try:
+            with trio.fail_after(60):
+                async with trio.open_nursery() as reading:
+                    reading.start_soon(follower.read)
+                    for k, gate in enumerate(gates):
+                        await follower.printed(LINES * (k + 1) // (cuts + 1) * LINE)
+                        proxy.cut()
+                        gate.touch()
+                await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            for gate in gates:
+                gate.touch()  # (the job ends, whatever happened)
+        nursery.cancel_scope.cancel()
+    return follower
 
 
 async def test_logs_follow_resumes_after_the_connection_is_cut(
     dev: DevServer, tmp_path: Path
 ) -> None:
-    expected = b"".join(f"{i:06d} {'x' * 90}\n".encode() for i in range(LINES))
     proxy = CuttingProxy(dev.port)
-    halfway = tmp_path / "go-on"
-    async with trio.open_nursery() as nursery:
-        proxy_port = await nursery.start(proxy.serve)
-        job = [sys.executable, "-c", CHATTY_JOB, str(halfway)]
-        started = await trio.run_process(
-            [*COMMAND, "start", "--addr", dev.addr, "--", *job],
-            env=dev.env,
-            capture_stdout=True,
-        )
-        job_id = started.stdout.decode().strip()
-
-        async def cutter() -> None:
-            while True:
-                await trio.sleep(0.5)
-                proxy.cut()
-                if proxy.cuts >= 2:
-                    halfway.touch()
-
-        nursery.start_soon(cutter)
-        with trio.fail_after(60):
-            follow = await trio.run_process(
-                [*COMMAND, "logs", "-f", "--addr", f"127.0.0.1:{proxy_port}", job_id],
-                env=dev.env,
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-            )
-        nursery.cancel_scope.cancel()
-    assert follow.returncode == 0, follow.stderr
-    assert proxy.cuts >= 2, "the connection was never cut mid-stream: make the job slower"
-    assert proxy.connections >= 3
-    assert follow.stdout == expected  # every byte exactly once, in order
+    follower = await _follow_through_cuts(dev, tmp_path, proxy, cuts=2)
+    assert follower.proc.returncode == 0, follower.stderr
+    assert (proxy.cuts, proxy.connections) == (2, 3)
+    assert bytes(follower.stdout) == EXPECTED  # every byte exactly once, in order
     # One line when the connection is lost, one when it is back, for each cut.
-    said = [line.split(" ", 2)[1] for line in follow.stderr.decode().splitlines()]
-    assert said, follow.stderr
-    assert said == ["lost", "reconnected"] * (len(said) // 2), follow.stderr
+    assert _said(follower.stderr) == ["lost", "reconnected"] * 2, follower.stderr
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["eof", "reset"])
+async def test_logs_follow_retries_a_cut_in_the_reconnects_handshake(
+    dev: DevServer, tmp_path: Path, reset: bool
+) -> None:
+    """The second connection ends after our ClientHello, with EOF or a reset: a blip, not a
+    refusal of our certificate, so the third connection resumes the output."""
+    proxy = CuttingProxy(dev.port, drop_at_hello={2}, reset=reset)
+    follower = await _follow_through_cuts(dev, tmp_path, proxy, cuts=1)
+    assert follower.proc.returncode == 0, follower.stderr
+    assert (proxy.cuts, proxy.dropped, proxy.connections) == (1, 1, 3)
+    assert bytes(follower.stdout) == EXPECTED
+    # One run of failures: lost once, back once (the dropped handshake is part of it).
+    assert _said(follower.stderr) == ["lost", "reconnected"], follower.stderr
+
+
+@pytest.mark.parametrize("refuser", ["we", "they"])
+async def test_logs_follow_stops_at_a_refusal_in_a_reconnect(
+    dev: DevServer, real: RealServer, tmp_path: Path, refuser: str
+) -> None:
+    """The connection comes back to a server of another CA. Its TLS says no (we cannot
+    verify its certificate, or, when we trust its CA too, it refuses ours with an alert):
+    trying again would get the same answer, so the command ends at once, on one line,
+    keeping what it printed."""
+    proxy = CuttingProxy(dev.port, then=real.port)
+    ca, cert, key = (dev.state_dir / "pki" / name for name in ("ca.pem", "admin.pem", "admin.key"))
+    if refuser == "they":
+        both = tmp_path / "both-cas.pem"
+        both.write_bytes(ca.read_bytes() + (real.pki_dir / "ca.pem").read_bytes())
+        ca = both
+    options = ("--ca", str(ca), "--cert", str(cert), "--key", str(key))
+    follower = await _follow_through_cuts(dev, tmp_path, proxy, 1, *options)
+    err = follower.stderr.decode()
+    assert follower.proc.returncode == 4, err
+    lost, error = err.splitlines()
+    assert lost.startswith("trio-worker: lost the connection to "), err
+    refusal = "the server refused our certificate (" if refuser == "they" else "certificate verify"
+    # The refusal itself ends the command, not a spent reconnection budget.
+    assert re.match(
+        rf"trio-worker: error: TLS handshake with [\d.:]+ failed: {re.escape(refusal)}", error
+    ), err
+    assert proxy.connections == 2  # not retried
+    printed = bytes(follower.stdout)
+    assert printed == EXPECTED[: LINES // 2 * LINE]  # everything up to the cut, once
+
+
+async def test_a_server_refusing_our_certificate_is_told_every_time(
+    dev: DevServer, real: RealServer, tmp_path: Path
+) -> None:
+    """Both clients against a server in another process that refuses our certificate
+    (its CA is not ours): what it said, its alert, every time. Its close can meet our
+    first write before we read the alert (two tries in five, loaded); the alert is read
+    all the same, so a refusal is never taken for a blip (``Refused``)."""
+    from trio_worker._blocking_client import connect_blocking
+    from trio_worker._net._failures import Refused
+    from trio_worker.client import connect
+
+    both = tmp_path / "both-cas.pem"
+    both.write_bytes(
+        b"".join((d / "ca.pem").read_bytes() for d in (dev.state_dir / "pki", real.pki_dir))
+    )
+    files = {
+        "ca": both,
+        "cert": dev.state_dir / "pki" / "admin.pem",
+        "key": dev.state_dir / "pki" / "admin.key",
+    }
+    addr = f"127.0.0.1:{real.port}"
+    refusal = f"TLS handshake with {addr} failed: the server refused our certificate ("
+
+    def blocking() -> list[str]:
+        said = []
+        for _ in range(20):
+            with pytest.raises(Refused) as info, connect_blocking(addr, **files):
+                pass
+            said.append(str(info.value))
+        return said
+
+    said = await trio.to_thread.run_sync(blocking)
+    for _ in range(20):
+        with pytest.raises(Refused) as info:
+            async with connect(addr, **files):
+                pass
+        said.append(str(info.value))
+    assert all(line.startswith(refusal) for line in said), said
 
 
 # --- Ctrl-C -----------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from trio_worker._jobs._process import PipeReader, validate_start
 from trio_worker._jobs._records import JobRecords
 from trio_worker._model import Isolation, Limits, OutputStream
 
+from .conftest import require_root
+
 _F_SETPIPE_SZ = 1031
 _HELD = 512 * 1024
 
@@ -139,3 +141,56 @@ def test_an_ended_jobs_snapshot_is_made_once_and_again_when_it_would_differ(
     )  # (as a restore would make it)
     assert job.info().state is JobState.LOST
     job.log.close()
+
+
+def test_a_jobs_output_pipe_is_read_without_blocking_and_written_blocking() -> None:
+    """The read end (ours, read by the runner in rounds) is non-blocking from the start, so
+    the loop sets nothing when it takes a seed's pipes; the job's end blocks as a
+    program expects of its stdout; neither end is inherited across an exec."""
+    from trio_worker._jobs._process import output_pipe
+
+    r, w = output_pipe()
+    try:
+        assert not os.get_blocking(r)
+        assert os.get_blocking(w)
+        assert not os.get_inheritable(r)
+        assert not os.get_inheritable(w)
+        reader = PipeReader(r, nonblocking=True)
+        assert reader.read_now(1024) == ([], False)  # (empty: no wait)
+        os.write(w, b"out")
+        os.close(w)
+        w = -1
+        assert reader.read_now(1024) == ([b"out"], False)  # (a short read ends a round)
+        assert reader.read_now(1024) == ([], True)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+async def test_a_jobs_stdout_and_stderr_block_seeded_or_not_and_ours_do_not(
+    tmp_path: Path,
+) -> None:
+    """The read ends the runner takes are non-blocking from the place's C call (a seed's)
+    or ``output_pipe`` (the thread's spawn); the job's own ends block, as a program
+    expects of its stdout and stderr, on either path."""
+    import sys
+
+    from trio_worker import open_supervisor
+
+    require_root("seeds (cgroups and the reaper)")
+    probe = "import os; print(os.get_blocking(1), os.get_blocking(2))"
+    async with open_supervisor(tmp_path / "state") as sup:
+        launcher = sup._admission.launcher
+        await launcher.settled()
+        seeded = [p.seed for p in launcher.ready_places() if p.seed is not None]
+        assert seeded
+        for sprout in seeded:
+            assert not os.get_blocking(sprout.stdout)
+            assert not os.get_blocking(sprout.stderr)
+        plain = await sup.start(sys.executable, ["-c", probe])
+        threaded = await sup.start(sys.executable, ["-c", probe], stdin=True)  # (no seed)
+        for job in (plain, threaded):
+            assert (await sup.wait(job.id)).exit_code == 0
+            chunks = [c.data async for c in sup.output(job.id, follow=False)]
+            assert b"".join(chunks) == b"True True\n"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import secrets
@@ -777,3 +778,91 @@ def test_a_server_killed_by_sigkill_leaves_no_seed_running(tmp_path: Path) -> No
             driver = detect(parent)  # the places' groups: leftovers, as after any crash
             driver.cleanup_leftovers()
             driver.close()
+
+
+#: Run in a process of its own: as many descriptors as its limit allows make the seed's
+#: first step (closing its copies of them) last a millisecond or more, long enough for
+#: a watcher thread to stop it there, while it still holds them (caught in 1-2 tries
+#: of 50 here, 20,000 descriptors).
+_STOPPED_AT_BIRTH = r"""
+import json, os, resource, signal, sys, threading, time
+from trio_worker._host._spawn import Seed
+
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+try:  # (root with CAP_SYS_RESOURCE: a longer window)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (100_000, max(hard, 100_000)))
+    hard = max(hard, 100_000)
+except (ValueError, OSError):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+held = [os.dup(null) for _ in range(min(hard, 100_000) - 100)]
+
+def attempt():
+    outcome = {}
+    def plant():
+        outcome["tid"] = threading.get_native_id()
+        started.set()
+        try:
+            outcome["seed"] = Seed.plant([], stdin=null, stdout=null, stderr=null)
+        except OSError as exc:
+            outcome["error"] = exc.errno
+    started = threading.Event()
+    planter = threading.Thread(target=plant)
+    planter.start()
+    started.wait()
+    children = f"/proc/self/task/{outcome['tid']}/children"
+    pid = None
+    deadline = time.monotonic() + 5
+    while pid is None and time.monotonic() < deadline:
+        try:
+            with open(children) as f:
+                pids = f.read().split()
+        except FileNotFoundError:  # the planting thread is done: too late
+            break
+        if pids:
+            pid = int(pids[0])
+            os.kill(pid, signal.SIGSTOP)
+    try:
+        caught = pid is not None and len(os.listdir(f"/proc/{pid}/fd")) > 1000
+    except OSError:
+        caught = False
+    planter.join(5.0)
+    hung = planter.is_alive()
+    if hung:  # undo it, so that the process can end
+        os.kill(pid, signal.SIGKILL)
+        planter.join()
+    seed = outcome.get("seed")
+    if seed is not None:
+        os.kill(seed.pid, signal.SIGCONT)
+        seed.kill()
+    leftover = pid is not None and os.path.exists(f"/proc/{pid}")
+    return {"caught": caught, "hung": hung, "error": outcome.get("error"), "left": leftover}
+
+for _ in range(50):
+    result = attempt()
+    if result["caught"]:
+        break
+print(json.dumps(result))
+"""
+
+
+def test_a_seed_stopped_before_it_closed_our_descriptors_is_killed_not_waited_for() -> None:
+    # A seed stopped (kill -STOP, by root or the server's user) in its first
+    # microseconds, while it still holds copies of every descriptor of the server's,
+    # never closes them: the planting thread (the places' refill) waited for that
+    # forever, and with it the server's shutdown, and the copies kept the state
+    # directory's lock and the listening socket. Now the plant gives up on it: killed,
+    # reaped, an OSError (no seed for that place; not "seeds refused").
+    out = subprocess.run(
+        [sys.executable, "-c", _STOPPED_AT_BIRTH],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["caught"], result  # stopped while it held our descriptors
+    assert not result["hung"], result
+    assert result["error"] == errno.EINTR, result
+    assert not result["left"], result  # killed and reaped

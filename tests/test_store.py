@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from contextlib import closing
 from datetime import UTC, datetime, timedelta, timezone
@@ -27,6 +28,7 @@ from trio_worker._jobs._store import (
     SqliteJobStore,
     StoredJob,
     _Encoder,
+    _in_thread,
     _json,
     process_start_time,
 )
@@ -350,6 +352,27 @@ async def test_a_lone_record_is_a_transaction_of_its_own(tmp_path: Path) -> None
         store._conn.execute("PRAGMA query_only = 0")
         await store.record_end(ended(info))
         assert [j.info for j in await store.load_all()] == [ended(info)]
+
+
+async def test_the_stores_thread_call_returns_raises_and_is_not_abandoned() -> None:
+    # The store's own round trip through trio's thread cache (_in_thread): its result, its
+    # exception, and a cancel that waits for the thread instead of leaving it running.
+    assert await _in_thread(lambda: threading.current_thread() is not threading.main_thread())
+    with pytest.raises(ZeroDivisionError):
+        await _in_thread(lambda: 1 // 0)
+    done = threading.Event()
+
+    def slow() -> str:
+        time.sleep(0.05)
+        done.set()
+        return "finished"
+
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        assert await _in_thread(slow) == "finished"
+        assert done.is_set()
+        await trio.lowlevel.checkpoint()
+    assert scope.cancelled_caught
 
 
 # -- output counters -------------------------------------------------------------

@@ -1310,3 +1310,11 @@ async def test_drain_grace_cuts_long_calls(pki: Pki) -> None:
         assert client.status(sid) == StatusCode.UNAVAILABLE
     assert probe.cancelled.is_set()
     assert r.records[0].code is StatusCode.UNAVAILABLE
+
+
+def test_a_calls_task_is_named_as_trio_would_name_it() -> None:
+    # Given at spawn rather than worked out from the method each time: a rename shows here.
+    from trio_worker._net._transport import _CALL_TASK, _Connection
+
+    method = _Connection._run_call
+    assert f"{method.__module__}.{method.__qualname__}" == _CALL_TASK

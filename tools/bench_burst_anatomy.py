@@ -135,8 +135,20 @@ HOOK = textwrap.dedent(
             pass
         return done
 
+    _try_send_many = _tlsstream.TLSSocketStream.try_send_many
+
+    def _try_send_many_hooked(self, buffers):
+        # (A small answer is written here, without ``_send_some``.)
+        done = _try_send_many(self, buffers)
+        try:
+            _arrivals.append(("s", self._ssl.fileno(), 0, time.time_ns(), 0))
+        except OSError:
+            pass
+        return done
+
     _tlsstream.TLSSocketStream.receive_some = _receive_hooked
     _tlsstream.TLSSocketStream._send_some = _send_hooked
+    _tlsstream.TLSSocketStream.try_send_many = _try_send_many_hooked
     _tlsstream.TLSSocketStream._wait = _wait_hooked
 
     @atexit.register

@@ -40,6 +40,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <poll.h>
 #include <sched.h> /* CLONE_VM, CLONE_VFORK */
 #include <signal.h>
 #include <stdlib.h>
@@ -900,6 +901,20 @@ boottime_ns(void)
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* How long the planting thread waits for a new seed to close its copies of our
+ * descriptors before it asks whether the seed was stopped (it takes microseconds). */
+#define SEED_BIRTH_PATIENCE_MS 100
+
+/* Whether our child ``pid`` is stopped now (one waitid that consumes nothing). */
+static int
+seed_stopped(pid_t pid)
+{
+    siginfo_t info;
+    memset(&info, 0, sizeof info);
+    return waitid(P_PID, (id_t)pid, &info, WSTOPPED | WNOHANG | WNOWAIT) == 0 &&
+           info.si_pid == pid && info.si_code == CLD_STOPPED;
+}
+
 static void
 seed_birth(struct seed_birth *b)
 {
@@ -976,10 +991,32 @@ seed_birth(struct seed_birth *b)
     /* Wait until the child has closed its copies of the server's descriptors (the write
      * end of "born" among them: EOF): until then it holds the state directory's lock (an
      * flock its copy shares), the listening socket, other seeds' pipes. Planted, a seed
-     * holds nothing of the server's, whether or not the server dies next. */
+     * holds nothing of the server's, whether or not the server dies next. A child
+     * stopped before that (kill -STOP in its first microseconds) would keep this thread
+     * (the places' refill, and so the server's shutdown) waiting until continued: every
+     * SEED_BIRTH_PATIENCE_MS without EOF, it is asked whether it is stopped, and if so
+     * killed and reaped (EINTR: no seed for this place). */
     {
         char byte;
         ssize_t got;
+        for (;;) {
+            struct pollfd p = {born[0], POLLIN, 0};
+            int ready = poll(&p, 1, SEED_BIRTH_PATIENCE_MS);
+            if (ready == 0 && seed_stopped((pid_t)ret)) {
+                int status;
+                (void)kill((pid_t)ret, SIGKILL);
+                while (waitpid((pid_t)ret, &status, 0) < 0 && errno == EINTR)
+                    ;
+                b->err = EINTR;
+                b->what = "a seed stopped before it was planted";
+                close(born[0]);
+                born[0] = -1;
+                go[0] = rep[1] = born[1] = -1; /* (closed above) */
+                goto fail;
+            }
+            if (ready != 0 && !(ready < 0 && errno == EINTR))
+                break; /* readable (EOF), or poll failed: read as before */
+        }
         do {
             got = read(born[0], &byte, 1);
         } while (got < 0 && errno == EINTR);
@@ -1145,13 +1182,23 @@ tick_between(long long t0, long long t1)
     return t0 / per_tick == t1 / per_tick ? t0 / per_tick : -1;
 }
 
-/* Its stdout's or stderr's pipe, made bigger (fewer wakeups per byte of a fast writer). */
+/* Its stdout's or stderr's pipe, made bigger (fewer wakeups per byte of a fast writer);
+ * the read end (the server's) non-blocking, as the runner reads it, so the loop sets
+ * nothing when a Start takes the seed (the job's end stays blocking). */
 static int
 output_pipe(int fds[2], const int *sizes, int n_sizes)
 {
     int i;
     if (pipe2(fds, O_CLOEXEC) < 0)
         return -1;
+    if (fcntl(fds[0], F_SETFL, O_NONBLOCK) < 0) {
+        int saved = errno;
+        close(fds[0]);
+        close(fds[1]);
+        fds[0] = fds[1] = -1;
+        errno = saved;
+        return -1;
+    }
     for (i = 0; i < n_sizes; i++) {
         if (fcntl(fds[0], F_SETPIPE_SZ, sizes[i]) >= 0)
             break;

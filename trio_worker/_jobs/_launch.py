@@ -555,8 +555,9 @@ class Launcher:
             max_unflushed=self._max_unflushed,
             files=self.open_logs,
         )
-        # (Its pipes made non-blocking while the seed execs, not after.)
-        stdout, stderr = PipeReader(sprout.stdout), PipeReader(sprout.stderr)
+        # (Their read ends are non-blocking from the refill's thread: no fcntl here.)
+        stdout = PipeReader(sprout.stdout, nonblocking=True)  # (``output_pipe``'s)
+        stderr = PipeReader(sprout.stderr, nonblocking=True)
         while not seed.poll():
             with trio.move_on_after(SEED_PATIENCE) as late:
                 await trio.lowlevel.wait_readable(seed.report_fd)

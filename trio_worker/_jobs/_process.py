@@ -186,8 +186,17 @@ def validate_signal(signum: object) -> int:
 
 
 def output_pipe() -> tuple[int, int]:
-    """A job's stdout or stderr pipe (read end, write end), both close-on-exec."""
+    """A job's stdout or stderr pipe (read end, write end), both close-on-exec; the read
+    end, ours, non-blocking already (the job's end blocks): its ``PipeReader``, made on
+    the loop, then costs no ``fcntl``s there."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    try:
+        # (A new pipe's read end has no other status flag to keep: one call, not two.)
+        fcntl.fcntl(read_fd, fcntl.F_SETFL, os.O_NONBLOCK)
+    except BaseException:
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
     # A bigger pipe means fewer wakeups per byte when the job writes fast.
     for size in PIPE_SIZES:
         try:
@@ -209,8 +218,10 @@ class PipeReader:
 
     __slots__ = ("_closed", "fd")
 
-    def __init__(self, fd: int) -> None:
-        os.set_blocking(fd, False)
+    def __init__(self, fd: int, *, nonblocking: bool = False) -> None:
+        """``nonblocking``: the fd is already (``output_pipe``'s read ends)."""
+        if not nonblocking:
+            os.set_blocking(fd, False)
         self.fd = fd
         self._closed = False
 
@@ -387,7 +398,13 @@ class JobProcess:
                 keep.add(stdin_w)
             if out_r is not None and err_r is not None:
                 keep.update((out_r, err_r))
-                return cls(pid, pidfd, PipeReader(out_r), PipeReader(err_r), stdin_w)
+                return cls(
+                    pid,
+                    pidfd,
+                    PipeReader(out_r, nonblocking=True),
+                    PipeReader(err_r, nonblocking=True),
+                    stdin_w,
+                )
             return cls(pid, pidfd, None, None, stdin_w)
         finally:
             for fd in owned:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal as _signal
@@ -84,11 +85,12 @@ class JobRecords:
         #: (job id, the write, whether the job's row exists once the writes before it
         #: are in).
         self._queued: list[tuple[str, Queued, bool]] = []
+        #: Set by a record that is committed at once (a start's): wakes the committer.
         self._commit_wanted = trio.Event()
-        #: Set to cut the committer's wait for more ends (``END_COMMIT_AFTER``) short: a
-        #: start's record. (An event, not a cancel of the wait: ~1.5 against ~15 us of
-        #: the loop, on every Start that comes within 20 ms of a job's end.)
-        self._linger: trio.Event | None = None
+        #: The committer's wait for ``_commit_wanted``, while it waits: an end's record
+        #: gives it a deadline (``END_COMMIT_AFTER``) instead of waking it, so a job's end
+        #: costs the loop no turn of the committer, and a start's record cuts it short.
+        self._waiting: trio.CancelScope | None = None
         #: Held by a commit until its records' outcomes are in ``unsaved``: housekeeping
         #: waits for one in flight, or it would not know what to write again.
         self._committing = trio.Lock()
@@ -131,8 +133,6 @@ class JobRecords:
             return
         self._queued.append((job.id, write, False))
         self._commit_wanted.set()
-        if self._linger is not None:
-            self._linger.set()
 
     def end_soon(self, job: Job) -> None:
         """Queue the ended job's record for the store's next commit, without waiting;
@@ -160,7 +160,10 @@ class JobRecords:
             self.unsaved[job.id] = exists
             return
         self._queued.append((job.id, write, exists))
-        self._commit_wanted.set()
+        if not exists:  # a whole record (its start was never written): at once
+            self._commit_wanted.set()
+        elif (waiting := self._waiting) is not None and waiting.deadline == math.inf:
+            waiting.deadline = trio.current_time() + END_COMMIT_AFTER
         if exists and self._notes is not None:
             # Before anyone is told (the waiters run after this step): a crash before
             # the commit leaves the end on disk for ``restore``, not a LOST job.
@@ -168,16 +171,18 @@ class JobRecords:
 
     async def run_committer(self) -> None:
         """Commit the records ``record_soon`` and ``end_soon`` queued, until cancelled
-        (a task of the supervisor): woken by them, never polls; ends wait up to
-        ``END_COMMIT_AFTER`` for more."""
+        (a task of the supervisor): woken by a start's, never polls; ends wait up to
+        ``END_COMMIT_AFTER`` (from the first of them) for more."""
         while True:
-            await self._commit_wanted.wait()
+            with trio.CancelScope() as waiting:
+                if self._queued:  # (ends queued while the last commit ran: they wait on)
+                    waiting.deadline = trio.current_time() + END_COMMIT_AFTER
+                self._waiting = waiting
+                try:
+                    await self._commit_wanted.wait()
+                finally:
+                    self._waiting = None
             self._commit_wanted = trio.Event()
-            if all(exists for _, _, exists in self._queued):  # ends only: more may come
-                self._linger = trio.Event()
-                with trio.move_on_after(END_COMMIT_AFTER):
-                    await self._linger.wait()
-                self._linger = None
             await self.commit_queued()
 
     async def commit_queued(self) -> None:

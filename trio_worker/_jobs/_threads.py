@@ -1,12 +1,11 @@
-"""A call in one of trio's cached worker threads, without ``trio.to_thread``'s extras.
+"""A worker thread's round trip for the supervisor's own blocking calls.
 
-``trio.to_thread.run_sync`` costs each call a capacity limiter, a copy of the context,
-``from_thread``'s plumbing, and the naming of the OS thread for the call and back (two
-ctypes calls in the worker). The calls the server makes per job (the store's commits, the
-places' refill) use none of it, and paid for it in both threads: a round trip of nothing
-cost the loop 50 us and the worker 17 us that way, 23 and 9 us this way (load 8). Same
-threads (``trio.lowlevel.start_thread_soon``: trio's thread cache), same delivery of the
-result (``run_sync_soon``).
+``trio.to_thread.run_sync`` through the same thread cache, without what the store's
+commits and the places' refill do not use, and paid for in both threads on every call:
+a limiter (each of them runs one call at a time), a copy of the context,
+``from_thread``'s plumbing, and naming the OS thread for the call and back (two ctypes
+calls in the worker). A round trip of nothing: the loop's part 50 -> 23 us, the
+worker's 17 -> 9 us (ARCHITECTURE.md, "What a job's records cost").
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ _T = TypeVar("_T")
 async def in_thread(fn: Callable[[], _T]) -> _T:
     """``fn()`` in one of trio's cached worker threads: its result, once it returned.
 
-    Not cancellable (its callers shield it): it returns when ``fn`` did. A thread that
-    cannot be started raises ``RuntimeError`` here, as ``to_thread`` does.
+    Not cancellable (its callers shield it): it returns when ``fn`` did. No thread to be
+    had raises ``RuntimeError`` here, as ``to_thread`` does.
     """
     task = trio.lowlevel.current_task()
     token = trio.lowlevel.current_trio_token()

@@ -54,7 +54,7 @@ from .._wire._client import (
 from .._wire._h2conn import MAX_UNSENT_CONTROL, PROTOCOL_ERRORS, PeerMisbehaved
 from .._wire._status import StatusCode
 from .._wire._window import MESSAGE_PREFIX
-from ._failures import os_reason, parse_addr, tls_reason
+from ._failures import handshake_failed, left_alert, not_h2, os_reason, parse_addr, tls_reason
 from ._sockets import RECEIVE_SIZE, WRITE_TIMEOUT, set_keepalive
 
 TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
@@ -107,7 +107,12 @@ class BlockingConnection:
         self._grpc.initiate_connection()
         try:
             self._sock.settimeout(max(0.001, deadline - time.monotonic()))
-            self._sock.sendall(self._h2.data_to_send())
+            try:
+                self._sock.sendall(self._h2.data_to_send())
+            except (ssl.SSLError, ConnectionError) as exc:
+                # Closed before our first bytes, as a server refusing our certificate does.
+                cause = left_alert(self._sock) or exc
+                raise handshake_failed(self.addr, cause, ours_sent=True) from exc
             while not self._grpc.settings_received:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -115,17 +120,10 @@ class BlockingConnection:
                 self._sock.settimeout(remaining)
                 data = self._sock.recv(RECEIVE_SIZE)
                 if not data:
-                    raise ConnectionFailed(
-                        f"TLS handshake with {self.addr} failed: the server closed the "
-                        "connection (did it refuse our certificate?)"
-                    )
+                    raise handshake_failed(self.addr, None, ours_sent=True)
                 self._feed(data)
         except (ssl.SSLError, ConnectionError) as exc:
-            reason = tls_reason(exc, handshake=True)
-            if "our certificate" not in reason:
-                # The server's close can overtake its alert: say what it most likely meant.
-                reason += " (did it refuse our certificate?)"
-            raise ConnectionFailed(f"TLS handshake with {self.addr} failed: {reason}") from exc
+            raise handshake_failed(self.addr, exc, ours_sent=True) from exc
         except PROTOCOL_ERRORS as exc:
             raise ConnectionFailed(f"{self.addr} does not speak HTTP/2 as expected: {exc}") from exc
         finally:
@@ -366,18 +364,13 @@ def dial(
                 f"TLS handshake with {addr} timed out after {timeout:g} s"
             ) from exc
         except (ssl.SSLError, OSError) as exc:
-            raise ConnectionFailed(
-                f"TLS handshake with {addr} failed: {tls_reason(exc, handshake=True)}"
-            ) from exc
+            raise handshake_failed(addr, exc) from exc
     except BaseException:
         tcp.close()
         raise
     try:
         if sock.selected_alpn_protocol() != ALPN_PROTOCOL:
-            raise ConnectionFailed(
-                f"TLS handshake with {addr} failed: the server does not offer HTTP/2 "
-                "(ALPN h2); is it a trio-worker server?"
-            )
+            raise not_h2(addr)
         bracketed = f"[{host}]" if ":" in host else host
         conn = BlockingConnection(sock, addr, f"{bracketed}:{port}")
         try:

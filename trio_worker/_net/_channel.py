@@ -64,7 +64,7 @@ from ._connection import (
     ConnectionSettings,
     WriteCounts,
 )
-from ._failures import os_reason, parse_addr, tls_reason
+from ._failures import handshake_failed, left_alert, not_h2, os_reason, parse_addr
 from ._sockets import RECEIVE_SIZE, set_keepalive
 from ._tlsstream import TLSSocketStream
 
@@ -174,21 +174,19 @@ class ClientConnection(Connection):
         self._grpc.initiate_connection()
         stream = self._stream
         try:
-            await stream.send_all(self._h2.data_to_send())
+            try:
+                await stream.send_all(self._h2.data_to_send())
+            except trio.BrokenResourceError as exc:
+                # Closed before our first bytes, as a server refusing our certificate does.
+                cause = left_alert(stream.socket) or exc.__cause__
+                raise handshake_failed(self.addr, cause, ours_sent=True) from exc
             while not self._grpc.settings_received:
                 data = await stream.receive_some(RECEIVE_SIZE)
                 if not data:
-                    raise ConnectionFailed(
-                        f"TLS handshake with {self.addr} failed: the server closed the "
-                        "connection (did it refuse our certificate?)"
-                    )
+                    raise handshake_failed(self.addr, None, ours_sent=True)
                 self._receive(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            reason = tls_reason(exc.__cause__, handshake=True)
-            if "our certificate" not in reason:
-                # The server's close can overtake its alert: say what it most likely meant.
-                reason += " (did it refuse our certificate?)"
-            raise ConnectionFailed(f"TLS handshake with {self.addr} failed: {reason}") from exc
+            raise handshake_failed(self.addr, exc.__cause__, ours_sent=True) from exc
         except PROTOCOL_ERRORS as exc:
             raise ConnectionFailed(f"{self.addr} does not speak HTTP/2 as expected: {exc}") from exc
 
@@ -398,16 +396,12 @@ class Dialer:
                 try:
                     await stream.do_handshake()
                 except trio.BrokenResourceError as exc:
-                    reason = tls_reason(exc.__cause__, handshake=True)
-                    raise ConnectionFailed(f"TLS handshake with {addr} failed: {reason}") from exc
+                    raise handshake_failed(addr, exc.__cause__) from exc
                 handshaken = True
             if not handshaken:
                 raise ConnectionFailed(f"TLS handshake with {addr} timed out after {timeout:g} s")
             if stream.selected_alpn_protocol() != ALPN_PROTOCOL:
-                raise ConnectionFailed(
-                    f"TLS handshake with {addr} failed: the server does not offer HTTP/2 "
-                    "(ALPN h2); is it a trio-worker server?"
-                )
+                raise not_h2(addr)
             conn = ClientConnection(stream, addr, self._authority)
             ready = False
             with trio.move_on_at(deadline):

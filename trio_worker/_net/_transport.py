@@ -247,6 +247,9 @@ Method = (
 )
 _BIDI = (BidiStreamMethod, BidiTaskMethod)
 _RESPONSE_STREAMS = (StreamMethod, BidiStreamMethod)
+#: The name of a call's task: the one trio would make of ``_Connection._run_call``, given
+#: rather than worked out again from the method at every spawn.
+_CALL_TASK: Final = "trio_worker._net._transport._Connection._run_call"
 
 
 @dataclass(frozen=True, slots=True)
@@ -632,7 +635,10 @@ class _Connection(Connection):
         self._starting_calls = False  # in ``_start_calls``: the reader pushes after it
         self._draining = False
         self.drained = False  # ended by a drain (or idling) with everything flushed
-        self._last_call_end = trio.current_time()  # for the idle timeout
+        #: the loop's clock (``trio.current_time``, bound once: that goes through three
+        #: Python frames, and a call reads it up to three times)
+        self._now = trio.lowlevel.current_clock().current_time
+        self._last_call_end = self._now()  # for the idle timeout
 
     # -- lifecycle --
 
@@ -757,7 +763,7 @@ class _Connection(Connection):
         stream_id: int = event.stream_id
         path = f"/{event.service_name}/{event.method_name}"
         timeout = event.timeout
-        deadline = None if timeout is None else trio.current_time() + timeout.total_seconds()
+        deadline = None if timeout is None else self._now() + timeout.total_seconds()
         identity = self._identity or Identity(name="", role=None)
         ctx = CallContext(
             identity, path, self.peer, deadline, tuple(event.custom_metadata), self._output_budget
@@ -807,7 +813,7 @@ class _Connection(Connection):
                 deadline = call.ctx.deadline
                 if call.peer_gone:  # reset in the same read
                     self._complete(call, StatusCode.CANCELLED, call.gone_reason, None, None)
-                elif deadline is not None and trio.current_time() >= deadline:
+                elif deadline is not None and self._now() >= deadline:
                     self._complete(
                         call, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", None, None
                     )
@@ -815,7 +821,7 @@ class _Connection(Connection):
                     self._run_inline(call, call.method)
                 else:
                     assert self._nursery is not None
-                    self._nursery.start_soon(self._run_call, call)
+                    self._nursery.start_soon(self._run_call, call, name=_CALL_TASK)
         finally:
             self._starting_calls = False
 
@@ -852,7 +858,7 @@ class _Connection(Connection):
             if not self._answer_whole(call, payload) and not self._queue_now(call, payload):
                 # No window or buffer room for it now: a task will wait for some.
                 assert self._nursery is not None
-                self._nursery.start_soon(self._run_call, call, (request, response))
+                self._nursery.start_soon(self._run_call, call, (request, response), name=_CALL_TASK)
                 return
             code, message = StatusCode.OK, ""
         except RpcError as exc:
@@ -956,7 +962,7 @@ class _Connection(Connection):
         if not call.peer_gone:
             self._grpc.call_finished()
         if not self._calls:
-            self._last_call_end = trio.current_time()
+            self._last_call_end = self._now()
         if call.peer_gone and code is StatusCode.OK:
             code, message, response = StatusCode.CANCELLED, call.gone_reason, None
         if self._starting_calls:
@@ -1178,7 +1184,8 @@ class Server:
             max_frame_size=cfg.max_frame_size,
             max_header_list_size=cfg.max_header_list_size,
             streams_requests=self.streams_requests,
-            clock=trio.current_time,  # the flood budget refills by the loop's clock
+            # The flood budget refills by the loop's clock (bound once, as in _Connection).
+            clock=trio.lowlevel.current_clock().current_time,
         )
         core.initiate_connection()
         return core

@@ -225,7 +225,8 @@ class FrameGate:
         while size - end >= _FRAME_HEADER_SIZE:
             length = (buf[end] << 16) | (buf[end + 1] << 8) | buf[end + 2]
             kind, flags = buf[end + 3], buf[end + 4]
-            self._check(length, kind)
+            if length > self.max_frame or kind in (_HEADERS, _CONTINUATION):
+                self._check(length, kind)  # (nothing else to check of other frames)
             frame_end = end + _FRAME_HEADER_SIZE + length
             if frame_end > size:
                 break

@@ -58,7 +58,7 @@ from ._h2conn import (
     hpack_literal,
 )
 from ._status import status_trailers
-from ._window import MESSAGE_OVERHEAD, MESSAGE_PREFIX, StreamWindow
+from ._window import MESSAGE_OVERHEAD, StreamWindow
 
 __all__ = [
     "MAX_BUFFERED_REQUESTS",
@@ -148,6 +148,12 @@ _CONSTANT_BLOCKS: dict[tuple[tuple[str, str], ...], bytes] = {
 }
 
 
+#: What ``send_unary_reply`` writes before a unary answer's message (the HEADERS frame
+#: with ``_REPLY_HEADERS``, the DATA frame's header, the message's gRPC prefix) and after
+#: it (the frame of ``_OK_TRAILERS``), each packed in one call. (Both blocks are shorter
+#: than 256 bytes: the high part of their frame length is 0.)
+_REPLY_HEAD: Final = struct.Struct(f">HBBBL{len(_REPLY_HEADERS)}sHBBBLBI")
+_REPLY_TAIL: Final = struct.Struct(f">HBBBL{len(_OK_TRAILERS)}s")
 _WINDOW_UPDATE: Final = 0x8
 _FLAG_PRIORITY: Final = 0x20
 _LARGEST_WINDOW: Final = 2**31 - 1
@@ -477,23 +483,31 @@ class GRPCServerConnection(WireGRPCConnection):
         stream.outbound_flow_control_window -= size
         h2c.outbound_flow_control_window -= size
         out = h2c._data_to_send
-        out += _FRAME_HEADER.pack(
-            0, len(_REPLY_HEADERS), _HEADERS, _FLAG_END_HEADERS, stream_id & 0x7FFFFFFF
+        stream_id &= 0x7FFFFFFF
+        out += _REPLY_HEAD.pack(
+            0,
+            len(_REPLY_HEADERS),
+            _HEADERS,
+            _FLAG_END_HEADERS,
+            stream_id,
+            _REPLY_HEADERS,
+            (size >> 8) & 0xFFFF,
+            size & 0xFF,
+            _DATA,
+            0,
+            stream_id,
+            0,
+            size - MESSAGE_OVERHEAD,
         )
-        out += _REPLY_HEADERS
-        out += _FRAME_HEADER.pack(
-            (size >> 8) & 0xFFFF, size & 0xFF, _DATA, 0, stream_id & 0x7FFFFFFF
-        )
-        out += MESSAGE_PREFIX.pack(0, len(message))
         out += message
-        out += _FRAME_HEADER.pack(
+        out += _REPLY_TAIL.pack(
             0,
             len(_OK_TRAILERS),
             _HEADERS,
             _FLAG_END_HEADERS | _FLAG_END_STREAM,
-            stream_id & 0x7FFFFFFF,
+            stream_id,
+            _OK_TRAILERS,
         )
-        out += _OK_TRAILERS
         if h2c.gate is not None:
             h2c.gate.earn(3)
         self.drop_request(stream_id)
@@ -648,13 +662,28 @@ class GRPCServerConnection(WireGRPCConnection):
     def _dispatch(self, received: list[Any]) -> list[Any]:
         """purerpc's events of h2's events and the fast path's records, in order."""
         events: list[Any] = []
-        for item in received:
+        count = len(received)
+        skip = -1
+        for at, item in enumerate(received):
+            if at == skip:
+                continue
             if type(item) is tuple:
                 took, stream_id = item[0], item[1]
                 if took == _TOOK_WINDOW:
                     events.append(WindowUpdated(stream_id=stream_id, delta=item[2]))
                     continue
                 if took == _TOOK_HEADERS:
+                    if not item[3] and at + 1 < count:
+                        after = received[at + 1]
+                        if (
+                            type(after) is tuple
+                            and after[0] == _TOOK_DATA
+                            and after[1] == stream_id
+                            and after[3]
+                            and self._on_unary(events, stream_id, item[2], after[2])
+                        ):
+                            skip = at + 1
+                            continue
                     events.extend(self._on_request(stream_id, item[2], item[3]))
                 else:
                     data = item[2]
@@ -668,6 +697,40 @@ class GRPCServerConnection(WireGRPCConnection):
             else:
                 events.extend(self._dispatch_subclass(item))
         return events
+
+    def _on_unary(self, events: list[Any], stream_id: int, raw: list[Any], data: bytes) -> bool:
+        """A request's HEADERS and its one DATA frame, ending the stream and holding one
+        whole message (a unary request, read by the fast path): the events and the
+        bookkeeping of ``_on_request``, ``_on_data`` and ``_on_stream_ended`` one after
+        the other, without what those do for a request that is not whole (the buffers
+        and holds it would make only to drop them at once). Returns False, having
+        changed nothing but the parsed-request cache, for anything else: a request that
+        does not parse, a stream of requests, a message not whole or over the cap, or a
+        connection holding too many request bytes (then those three run)."""
+        size = len(data)
+        if (
+            size < MESSAGE_OVERHEAD
+            or data[0]
+            or int.from_bytes(data[1:5], "big") != size - MESSAGE_OVERHEAD
+            or size - MESSAGE_OVERHEAD > self.config.max_message_length
+            or self.buffered_requests > MAX_BUFFERED_REQUESTS
+        ):
+            return False
+        try:
+            request = self._parse_request(stream_id, raw)
+        except Exception:
+            return False
+        streams_requests = self._streams_requests
+        if streams_requests is not None and streams_requests(
+            f"/{request.service_name}/{request.method_name}"
+        ):
+            return False
+        # The stream's last DATA: only the connection's window matters (as in _on_data).
+        self.h2_connection.acknowledge_connection_data(size)
+        events.append(request)
+        events.append(MessageReceived(stream_id, data[MESSAGE_OVERHEAD:], size))
+        events.append(RequestEnded(stream_id))
+        return True
 
     def _parse_request(self, stream_id: int, raw: list[Any]) -> RequestReceived:
         """The request of a header list (raw bytes pairs, as h2 hands them to the server).

@@ -5,8 +5,11 @@ the job, follows its output and waits for its end on one connection, one TLS han
 When that connection is lost, the client dials a new one on the next call; commands that
 would otherwise lose work (``logs -f``, ``run``, ``wait``) retry with backoff for a bounded
 time (:class:`Backoff`), and say so: one line on stderr when the connection is lost, one
-when it is back. The first connection of a command is never retried, because a wrong
-address or certificate is far likelier than a blip.
+when it is back. An EOF, a reset or a timeout is retried wherever it lands, a new
+connection's handshake included; a TLS refusal (an alert, a server certificate our CA does
+not vouch for: ``_net._failures.Refused``) ends the command at once. The first connection
+of a command is never retried, because a wrong address or certificate is far likelier than
+a blip.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .._errors import ConnectionFailed
+from .._net._failures import Refused
 from .._states import OutputStream
 from ._settings import Connection
 
@@ -107,7 +111,10 @@ class Backoff:
         self._since = None
 
     def wait(self, error: ConnectionFailed) -> None:
-        """Sleep before the next attempt, or raise if the budget is spent."""
+        """Sleep before the next attempt, or raise if the budget is spent, or ``error``
+        itself if the server refused us (``Refused``: its TLS said no, as it will again)."""
+        if isinstance(error, Refused):
+            raise error
         now = time.monotonic()
         if self._since is None:
             self._since = now
