@@ -263,6 +263,60 @@ async def test_groups_wait_until_no_job_ended_for_retire_after(
         assert none_exist([str(d) for job in jobs for d in groups_of(sup, job.id)])
 
 
+async def test_an_end_during_a_refill_waits_for_the_next_round_that_makes_places(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """A job that ended while the refill's thread was at work cost a thread call of its
+    own right after it: one per job in a Start + Wait loop. Its group now waits for the
+    next round that makes places, or for ``RETIRE_AFTER`` (the clock stands still here
+    until the test moves it)."""
+    require_root("cgroups")
+    rounds: list[tuple[int, int]] = []
+    over: list[trio.Event] = []  # set as each round ends
+    round_ = Launcher._round
+
+    async def counted(self: Launcher, retired: list[Any], ids: list[str]) -> int:
+        rounds.append((len(retired), len(ids)))
+        over.append(trio.Event())
+        try:
+            return await round_(self, retired, ids)
+        finally:
+            over[len(rounds) - 1].set()
+
+    parent = "tw-ride-" + secrets.token_hex(4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Launcher, "_round", counted)
+        async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+            launcher = sup._admission.launcher
+            await launcher.settled()
+            ender = await sup.start("sleep", ["1000"])
+            await launcher.settled()
+            groups = [str(d) for d in made_groups_of(sup, ender.id)]
+            rounds.clear()
+            over.clear()
+            with _refill_held() as gate:
+                while launcher.first_making() is None:  # Starts, until a round begins
+                    await sup.start("sleep", ["1000"])
+                    await trio.testing.wait_all_tasks_blocked()
+                assert (await sup.stop(ender.id, 5)).state is JobState.KILLED
+                await trio.testing.wait_all_tasks_blocked()
+                assert launcher._retired  # its group, retired while the round is held
+                gate.set()
+                await over[0].wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(launcher.ready_places()) == launcher._target  # nothing to make
+            assert len(rounds) == 1  # and no round for the end alone
+            assert rounds[0][0] == 0
+            assert all_exist(groups)
+            while len(rounds) == 1:  # the next round that makes places takes it along
+                await sup.start("sleep", ["1000"])
+                await trio.testing.wait_all_tasks_blocked()
+            await launcher.settled()
+            assert rounds[1][0] == 1
+            assert rounds[1][1] > 0
+            assert none_exist(groups)
+
+
 async def test_a_start_with_no_place_ready_waits_for_the_one_being_made(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:

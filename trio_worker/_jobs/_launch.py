@@ -289,23 +289,10 @@ class Launcher:
         failed = False
         while True:
             wanted = self._wanted = trio.Event()
-            retired, self._retired = self._retired, []
             missing = 0 if failed or self._closed else self._target - len(self._ready)
-            if retired or missing > 0:
-                ids = [new_id() for _ in range(missing)]
-                # Shielded: the places the thread makes must reach the pool (or
-                # ``aclose`` would not remove them).
-                with trio.CancelScope(shield=True):
-                    self._making = ids
-                    try:
-                        made = await in_thread(partial(self._tend, retired, ids))
-                    except RuntimeError:  # "can't start new thread"
-                        self._retired[:0] = retired
-                        made = 0
-                    finally:
-                        self._making = ()
-                        self._arrived.set()  # a Start waiting for a place: none is coming
-                        self._arrived = trio.Event()
+            if missing > 0 or self._retire_due():
+                retired, self._retired = self._retired, []
+                made = await self._round(retired, [new_id() for _ in range(missing)])
                 failed = made < missing
                 if failed and not self._retired:
                     await self._wait(wanted)
@@ -314,11 +301,39 @@ class Launcher:
             await self._wait(wanted)
             failed = False
 
+    def _retire_due(self) -> bool:
+        """Whether the retired groups go now, without places to make: ``RETIRE_BATCH``
+        of them wait, or no job ended for ``RETIRE_AFTER``. Else they wait for the next
+        round that makes places (a Start's ``replenish``): a job that ended during a
+        round cost a round of its own, one thread call per job in a Start + Wait loop."""
+        return bool(self._retired) and (
+            len(self._retired) >= RETIRE_BATCH
+            or trio.current_time() >= self._retired_at + RETIRE_AFTER
+        )
+
+    async def _round(self, retired: list[JobCgroup], ids: list[str]) -> int:
+        """One round of the refill's thread (``_tend``): how many places it made."""
+        # Shielded: the places the thread makes must reach the pool (or ``aclose``
+        # would not remove them).
+        made = 0
+        with trio.CancelScope(shield=True):
+            self._making = ids
+            try:
+                made = await in_thread(partial(self._tend, retired, ids))
+            except RuntimeError:  # "can't start new thread"
+                self._retired[:0] = retired
+            finally:
+                self._making = ()
+                self._arrived.set()  # a Start waiting for a place: none is coming
+                self._arrived = trio.Event()
+        return made
+
     async def _wait(self, wanted: trio.Event) -> None:
         """Idle until woken, or until ``RETIRE_AFTER`` passed since the last group was
         retired (``retire`` sets the first deadline, this one the next: no timer while
-        nothing waits, no polling)."""
-        self._idle.set()
+        nothing waits, no polling). Settled (``settled``) only with no group waiting."""
+        if not self._retired:
+            self._idle.set()
         while True:
             deadline = self._retired_at + RETIRE_AFTER if self._retired else math.inf
             with trio.CancelScope(deadline=deadline) as self._linger:
