@@ -10,10 +10,10 @@ a stream reset, a GOAWAY, and the requests refused per stream rather than for th
 connection.
 
 A unary call's frames (HEADERS opening a stream, its DATA, the WINDOW_UPDATEs that follow
-the reply, and the client's PINGs) are read here rather than by h2's frame reader (``_receive_batch``, ``_take``):
-h2's state machines, windows and HPACK decoder are driven beside it, and every other frame,
-state and error goes to h2 as it came. The request's read cost more in h2's frame objects,
-flag sets and events than in what it decides.
+the reply, and the client's PINGs) are read here rather than by h2's frame reader
+(``_receive_batch``, ``_take``): h2's state machines, windows and HPACK decoder are driven
+beside it, and every other frame, state and error goes to h2 as it came. The request's
+read cost more in h2's frame objects, flag sets and events than in what it decides.
 """
 
 from __future__ import annotations
