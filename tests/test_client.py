@@ -40,6 +40,7 @@ from trio_worker import (
 from trio_worker._error_codes import exception_from
 from trio_worker._identity import Role
 from trio_worker._net import _channel as channel
+from trio_worker._net._failures import Refused
 from trio_worker._net._transport import TransportConfig
 from trio_worker._wire import _calls as wire_calls
 from trio_worker._wire import _client as wire_client
@@ -576,15 +577,17 @@ async def test_wrong_host_name_is_tls_failure(server: Server) -> None:
 
 
 async def test_server_refusing_our_certificate(server: Server) -> None:
+    """The server's alert is what we report, every time: also when its close meets our
+    first write before we read the alert (half the tries on a loaded machine, once)."""
     foreign = server.certs.foreign_client
-    with pytest.raises(ConnectionFailed) as info:
-        async with connect(server.addr, ca=server.certs.ca, cert=foreign.cert, key=foreign.key):
-            pass
-    message = str(info.value)
-    # An alert ("the server refused our certificate (...)") or, when the server's close
-    # overtakes it, a reset: either way a TLS failure that points at our certificate.
-    assert message.startswith(f"TLS handshake with {server.addr} failed: ")
-    assert "our certificate" in message
+    for _ in range(20):
+        with pytest.raises(Refused) as info:
+            async with connect(server.addr, ca=server.certs.ca, cert=foreign.cert, key=foreign.key):
+                pass
+        message = str(info.value)
+        refused = f"TLS handshake with {server.addr} failed: the server refused our certificate ("
+        assert message.startswith(refused), message
+        assert "alert" in message
 
 
 async def test_not_a_tls_server(certs: Certs) -> None:

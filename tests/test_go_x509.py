@@ -47,12 +47,13 @@ func main() {
 
 @pytest.fixture(scope="module")
 def go_loader(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The Go program, built once for this module."""
+    """The Go program, built once for this module, with Go's own build cache (or the
+    caller's GOCACHE), as ``test_interop_go`` builds: a cache of its own made every run
+    compile crypto/tls and its dependencies again (15 s of the suite's slowest setup)."""
     go = require_program("go", "loading certificates with Go's crypto/x509")
     directory = tmp_path_factory.mktemp("go")
     (directory / "load.go").write_text(GO_PROGRAM)
     env = {**os.environ, "CGO_ENABLED": "0"}  # one file, the standard library only
-    env.setdefault("GOCACHE", str(directory / "cache"))
     subprocess.run(
         [go, "build", "-o", str(directory / "load"), str(directory / "load.go")],
         cwd=directory,

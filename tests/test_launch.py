@@ -57,16 +57,17 @@ async def test_a_start_takes_a_ready_place_and_the_rest_go_with_the_supervisor(
         ready = launcher.ready_places()
         assert len(ready) >= 1
         place = ready[0]
-        made_in = place.directory
-        assert made_in == state / "jobs" / place.job_id  # (a Start moves nothing)
-        assert list(place.directory.iterdir()) == []  # a log's files come with its output
+        # No directory made ahead: the job's log makes it at its first output.
+        assert place.directory == state / "jobs" / place.job_id
+        assert not place.directory.exists()
+        assert not (state / "ready").exists()
         assert all(d.is_dir() for d in place.group.dirs)
         assert sup.list() == []  # a place is no job
-        # The Start takes the oldest: its id, its directory, its group, with the limits
-        # written now (and on v1, the pids hierarchy the place was not in).
+        # The Start takes the oldest: its id, its group, with the limits written now (and
+        # on v1, the pids hierarchy the place was not in).
         job = await sup.start("sleep", ["60"], limits=Limits(pids=7))
         assert job.id == place.job_id
-        assert list(made_in.iterdir()) == []  # (it printed nothing)
+        assert not (state / "jobs" / job.id).exists()  # (it printed nothing)
         assert job.pid is not None
         group = sup._jobs.get(job.id).cgroup
         assert group is not None
@@ -82,11 +83,10 @@ async def test_a_start_takes_a_ready_place_and_the_rest_go_with_the_supervisor(
         left = [p.job_id for p in launcher.ready_places()]
         assert left
         assert job.id not in left
-    # Leaving removes the places nobody took: directories and groups.
-    assert not (state / "ready").exists()
+    # Leaving removes the places nobody took: their groups.
     for job_id in left:
         assert not any(d.exists() for d in groups_of(sup, job_id))
-    assert sorted(p.name for p in (state / "jobs").iterdir()) == [job.id]
+    assert list((state / "jobs").iterdir()) == []  # (no job printed anything)
 
 
 CRASHING = textwrap.dedent(
@@ -125,12 +125,16 @@ async def test_places_left_by_a_crash_are_removed_at_the_next_start(tmp_path: Pa
 
     made = await trio.to_thread.run_sync(run_and_crash)
     assert made["ready"]
+    # What an earlier version left: its places had directories (and log files) here.
+    old = state / "ready" / "0000-old-place"
+    old.mkdir(parents=True)
+    (old / "output.log").touch()
     async with open_supervisor(state, cgroup_parent=parent) as sup:
         await sup._admission.launcher.settled()
         now = {p.job_id for p in sup._admission.launcher.ready_places()}
         assert not now & set(made["ready"])
-        # Their directories had no record: gone with the crash's jobs that had none.
-        assert sorted(p.name for p in (state / "jobs").iterdir()) == sorted(now)
+        assert not (state / "ready").exists()
+        assert list((state / "jobs").iterdir()) == []  # (a place has no directory)
         assert none_exist(made["groups"])
         assert sup.list() == []  # a place is no job
 
@@ -257,6 +261,60 @@ async def test_groups_wait_until_no_job_ended_for_retire_after(
         await launcher.settled()
         assert calls == [4]
         assert none_exist([str(d) for job in jobs for d in groups_of(sup, job.id)])
+
+
+async def test_an_end_during_a_refill_waits_for_the_next_round_that_makes_places(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """A job that ended while the refill's thread was at work cost a thread call of its
+    own right after it: one per job in a Start + Wait loop. Its group now waits for the
+    next round that makes places, or for ``RETIRE_AFTER`` (the clock stands still here
+    until the test moves it)."""
+    require_root("cgroups")
+    rounds: list[tuple[int, int]] = []
+    over: list[trio.Event] = []  # set as each round ends
+    round_ = Launcher._round
+
+    async def counted(self: Launcher, retired: list[Any], ids: list[str]) -> int:
+        rounds.append((len(retired), len(ids)))
+        over.append(trio.Event())
+        try:
+            return await round_(self, retired, ids)
+        finally:
+            over[len(rounds) - 1].set()
+
+    parent = "tw-ride-" + secrets.token_hex(4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Launcher, "_round", counted)
+        async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+            launcher = sup._admission.launcher
+            await launcher.settled()
+            ender = await sup.start("sleep", ["1000"])
+            await launcher.settled()
+            groups = [str(d) for d in made_groups_of(sup, ender.id)]
+            rounds.clear()
+            over.clear()
+            with _refill_held() as gate:
+                while launcher.first_making() is None:  # Starts, until a round begins
+                    await sup.start("sleep", ["1000"])
+                    await trio.testing.wait_all_tasks_blocked()
+                assert (await sup.stop(ender.id, 5)).state is JobState.KILLED
+                await trio.testing.wait_all_tasks_blocked()
+                assert launcher._retired  # its group, retired while the round is held
+                gate.set()
+                await over[0].wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(launcher.ready_places()) == launcher._target  # nothing to make
+            assert len(rounds) == 1  # and no round for the end alone
+            assert rounds[0][0] == 0
+            assert all_exist(groups)
+            while len(rounds) == 1:  # the next round that makes places takes it along
+                await sup.start("sleep", ["1000"])
+                await trio.testing.wait_all_tasks_blocked()
+            await launcher.settled()
+            assert rounds[1][0] == 1
+            assert rounds[1][1] > 0
+            assert none_exist(groups)
 
 
 async def test_a_start_with_no_place_ready_waits_for_the_one_being_made(

@@ -13,7 +13,7 @@ want: jobs die with the machine anyway, and their output logs are not fsynced
 either.
 
 Every call runs on one dedicated connection in a worker thread (trio's thread
-cache, one call at a time: ``_in_thread``), never on the event loop. Calls use
+cache, one call at a time: ``_threads.in_thread``), never on the event loop. Calls use
 *group commit*: each caller queues its operation, and whoever holds the lock runs
 everything queued so far in one transaction (one thread round trip, one WAL
 append): a burst of 1,000 records from 1,000 tasks shares one transaction instead

@@ -54,7 +54,7 @@ from .._wire._client import (
 from .._wire._h2conn import MAX_UNSENT_CONTROL, PROTOCOL_ERRORS, PeerMisbehaved
 from .._wire._status import StatusCode
 from .._wire._window import MESSAGE_PREFIX
-from ._failures import handshake_failed, not_h2, os_reason, parse_addr, tls_reason
+from ._failures import handshake_failed, left_alert, not_h2, os_reason, parse_addr, tls_reason
 from ._sockets import RECEIVE_SIZE, WRITE_TIMEOUT, set_keepalive
 
 TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
@@ -107,7 +107,12 @@ class BlockingConnection:
         self._grpc.initiate_connection()
         try:
             self._sock.settimeout(max(0.001, deadline - time.monotonic()))
-            self._sock.sendall(self._h2.data_to_send())
+            try:
+                self._sock.sendall(self._h2.data_to_send())
+            except (ssl.SSLError, ConnectionError) as exc:
+                # Closed before our first bytes, as a server refusing our certificate does.
+                cause = left_alert(self._sock) or exc
+                raise handshake_failed(self.addr, cause, ours_sent=True) from exc
             while not self._grpc.settings_received:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

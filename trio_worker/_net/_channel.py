@@ -64,7 +64,7 @@ from ._connection import (
     ConnectionSettings,
     WriteCounts,
 )
-from ._failures import handshake_failed, not_h2, os_reason, parse_addr
+from ._failures import handshake_failed, left_alert, not_h2, os_reason, parse_addr
 from ._sockets import RECEIVE_SIZE, set_keepalive
 from ._tlsstream import TLSSocketStream
 
@@ -174,7 +174,12 @@ class ClientConnection(Connection):
         self._grpc.initiate_connection()
         stream = self._stream
         try:
-            await stream.send_all(self._h2.data_to_send())
+            try:
+                await stream.send_all(self._h2.data_to_send())
+            except trio.BrokenResourceError as exc:
+                # Closed before our first bytes, as a server refusing our certificate does.
+                cause = left_alert(stream.socket) or exc.__cause__
+                raise handshake_failed(self.addr, cause, ours_sent=True) from exc
             while not self._grpc.settings_received:
                 data = await stream.receive_some(RECEIVE_SIZE)
                 if not data:

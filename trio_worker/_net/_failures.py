@@ -16,6 +16,7 @@ from ._sockets import split_host_port
 __all__ = [
     "Refused",
     "handshake_failed",
+    "left_alert",
     "not_h2",
     "os_reason",
     "parse_addr",
@@ -86,6 +87,25 @@ def handshake_failed(
         isinstance(cause, ssl.SSLError) and "alert" in (cause.reason or "").lower()
     )
     return (Refused if refused else ConnectionFailed)(f"TLS handshake with {addr} failed: {reason}")
+
+
+def left_alert(sock: ssl.SSLSocket) -> ssl.SSLError | None:
+    """The alert a TLS peer sent before it closed, if ``sock`` still holds it unread.
+
+    A TLS 1.3 server checks our certificate once our side of the handshake is done; if it
+    refuses it, it sends its alert and closes, and our first write can meet that close
+    before we have read the alert (two tries in five, on a loaded machine here). The alert
+    is still there to be read, and says why.
+    """
+    try:
+        sock.recv(1)
+    except ssl.SSLWantReadError:  # (non-blocking, and nothing came)
+        return None
+    except ssl.SSLError as exc:
+        return exc
+    except OSError:
+        return None
+    return None
 
 
 def not_h2(addr: str) -> Refused:
