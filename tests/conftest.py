@@ -55,12 +55,10 @@ def require_program(name: str, what: str = "this test") -> str:
 
 
 async def job_dirs(sup: Supervisor) -> set[str]:
-    """The names of the directories under the state's ``jobs/`` that are jobs', not
-    the places made ahead of need there (once the refill has settled)."""
-    launcher = sup._admission.launcher
-    await launcher.settled()
-    places = {place.job_id for place in launcher.ready_places()}
-    return {p.name for p in (sup.state_dir / "jobs").iterdir()} - places
+    """The names of the directories under the state's ``jobs/`` (once the refill has
+    settled): the jobs' that wrote output (a place has none, nor a silent job)."""
+    await sup._admission.launcher.settled()
+    return {p.name for p in (sup.state_dir / "jobs").iterdir()}
 
 
 def process_alive(pid: int) -> bool:

@@ -23,7 +23,15 @@ import trio.testing
 
 from tests.conftest import process_alive, require_root
 from tests.test_client import Server, certs, server
-from trio_worker import JobState, ResourceExhausted, Retention, Supervisor, open_supervisor
+from trio_worker import (
+    Isolation,
+    JobState,
+    Limits,
+    ResourceExhausted,
+    Retention,
+    Supervisor,
+    open_supervisor,
+)
 
 __all__ = ["certs", "server"]  # fixtures shared with test_client
 
@@ -128,34 +136,38 @@ async def test_full_disk_jobs_run_end_and_their_records_land_later(tmp_path: Pat
 
 
 @pytest.mark.root
-async def test_start_without_room_for_its_files_is_refused_and_leaves_nothing(
+async def test_starts_on_a_disk_out_of_inodes_run_and_only_their_output_is_lost(
     tmp_path: Path,
 ) -> None:
     with small_tmpfs(tmp_path / "disk", "size=4m,nr_inodes=64") as disk:
         state = disk / "state"
+        jobs = state / "jobs"
         async with open_supervisor(state, retention=_MANUAL) as sup:
             running = await sup.start("sleep", ["600"])
             made = fill_inodes(disk)
-            # Places made ahead of need (before the disk filled) still serve Starts:
-            # their files exist. The first Start without one is refused.
-            served: list[str] = []
-            refused = ""
-            for _ in range(16):
-                entries = set(os.listdir(state / "jobs"))
-                try:
-                    served.append((await sup.start("true")).id)
-                except ResourceExhausted as exc:
-                    refused = str(exc)
-                    break
-            assert "state directory" in refused, f"{len(served)} Starts, none refused"
-            assert set(os.listdir(state / "jobs")) == entries
-            assert [j.id for j in sup.list()] == [running.id, *served]
-            for job_id in served:
-                assert await wait_ended(sup, job_id) is JobState.EXITED
+            entries = set(os.listdir(jobs))
+            # A job's directory and files come with its first output: a Start needs no
+            # inode, plain or with limits; what it prints is lost, counted, skipped.
+            silent = await sup.start("true")
+            talky = await sup.start("sh", ["-c", "echo lost"])
+            limited = await sup.start("sh", ["-c", "echo lost"], limits=Limits(pids=16))
+            for job in (silent, talky, limited):
+                assert await wait_ended(sup, job.id) is JobState.EXITED
+                assert [c async for c in sup.output(job.id)] == []
+            assert sup.status(talky.id).output_bytes == 5
+            assert set(os.listdir(jobs)) == entries
+            # One whose helper needs the directory (isolation's report) is refused, and
+            # leaves nothing.
+            with pytest.raises(ResourceExhausted, match="state directory"):
+                await sup.start("true", isolation=Isolation(pid=True))
+            assert set(os.listdir(jobs)) == entries
+            assert [j.id for j in sup.list()] == [running.id, silent.id, talky.id, limited.id]
             for path in made:
                 path.unlink()
-            job = await sup.start("true")
+            job = await sup.start("echo", ["back"])
             assert await wait_ended(sup, job.id) is JobState.EXITED
+            assert b"".join([c.data async for c in sup.output(job.id)]) == b"back\n"
+            assert (jobs / job.id / "output.log").read_bytes() == b"back\n"
             assert sup.status(running.id).state is JobState.RUNNING
 
 

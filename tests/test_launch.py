@@ -57,16 +57,17 @@ async def test_a_start_takes_a_ready_place_and_the_rest_go_with_the_supervisor(
         ready = launcher.ready_places()
         assert len(ready) >= 1
         place = ready[0]
-        made_in = place.directory
-        assert made_in == state / "jobs" / place.job_id  # (a Start moves nothing)
-        assert list(place.directory.iterdir()) == []  # a log's files come with its output
+        # No directory made ahead: the job's log makes it at its first output.
+        assert place.directory == state / "jobs" / place.job_id
+        assert not place.directory.exists()
+        assert not (state / "ready").exists()
         assert all(d.is_dir() for d in place.group.dirs)
         assert sup.list() == []  # a place is no job
-        # The Start takes the oldest: its id, its directory, its group, with the limits
-        # written now (and on v1, the pids hierarchy the place was not in).
+        # The Start takes the oldest: its id, its group, with the limits written now (and
+        # on v1, the pids hierarchy the place was not in).
         job = await sup.start("sleep", ["60"], limits=Limits(pids=7))
         assert job.id == place.job_id
-        assert list(made_in.iterdir()) == []  # (it printed nothing)
+        assert not (state / "jobs" / job.id).exists()  # (it printed nothing)
         assert job.pid is not None
         group = sup._jobs.get(job.id).cgroup
         assert group is not None
@@ -82,11 +83,10 @@ async def test_a_start_takes_a_ready_place_and_the_rest_go_with_the_supervisor(
         left = [p.job_id for p in launcher.ready_places()]
         assert left
         assert job.id not in left
-    # Leaving removes the places nobody took: directories and groups.
-    assert not (state / "ready").exists()
+    # Leaving removes the places nobody took: their groups.
     for job_id in left:
         assert not any(d.exists() for d in groups_of(sup, job_id))
-    assert sorted(p.name for p in (state / "jobs").iterdir()) == [job.id]
+    assert list((state / "jobs").iterdir()) == []  # (no job printed anything)
 
 
 CRASHING = textwrap.dedent(
@@ -125,12 +125,16 @@ async def test_places_left_by_a_crash_are_removed_at_the_next_start(tmp_path: Pa
 
     made = await trio.to_thread.run_sync(run_and_crash)
     assert made["ready"]
+    # What an earlier version left: its places had directories (and log files) here.
+    old = state / "ready" / "0000-old-place"
+    old.mkdir(parents=True)
+    (old / "output.log").touch()
     async with open_supervisor(state, cgroup_parent=parent) as sup:
         await sup._admission.launcher.settled()
         now = {p.job_id for p in sup._admission.launcher.ready_places()}
         assert not now & set(made["ready"])
-        # Their directories had no record: gone with the crash's jobs that had none.
-        assert sorted(p.name for p in (state / "jobs").iterdir()) == sorted(now)
+        assert not (state / "ready").exists()
+        assert list((state / "jobs").iterdir()) == []  # (a place has no directory)
         assert none_exist(made["groups"])
         assert sup.list() == []  # a place is no job
 

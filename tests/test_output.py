@@ -868,7 +868,8 @@ def _no_descriptor_to_spare() -> Iterator[None]:
 async def test_files_that_cannot_be_made_fail_as_a_write_does(
     tmp_path: Path, cap: int | None, cause: str
 ) -> None:
-    """The first write's files cannot be made: its output is lost, counted and said
+    """The first write's directory and files cannot be made (the jobs' directory
+    removed, no inode, no descriptor): its output is lost, counted and said
     as a failed write's, nothing is left open, and the log goes on; once the cause is
     gone, the next flush makes them and writes. The index says the same after a
     restart."""
@@ -879,8 +880,8 @@ async def test_files_that_cannot_be_made_fail_as_a_write_does(
             )
         else:
             disk = tmp_path
-        directory = disk / "job"
-        directory.mkdir()
+        directory = disk / "jobs" / "job"  # (made by the first flush)
+        directory.parent.mkdir()
         model = Model()
         log = OutputLog(directory, max_bytes=cap, tail_bytes=0)
         log._retry_interval = 0.0  # every flush tries the disk
@@ -890,7 +891,7 @@ async def test_files_that_cannot_be_made_fail_as_a_write_does(
         fillers: list[Path] = []
         with contextlib.ExitStack() as failing:
             if cause == "directory-removed":
-                directory.rmdir()
+                directory.parent.rmdir()
             elif cause == "no-inode":
                 fillers = test_faults.fill_inodes(disk)
             else:
@@ -902,7 +903,7 @@ async def test_files_that_cannot_be_made_fail_as_a_write_does(
         model.check_state(log)
         assert set(os.listdir("/proc/self/fd")) == fds
         if cause == "directory-removed":
-            directory.mkdir()
+            directory.parent.mkdir()
         for filler in fillers:
             filler.unlink()
         log.append(ERR, b"b" * 10)
@@ -1021,11 +1022,13 @@ async def test_a_log_that_writes_nothing_makes_no_file(tmp_path: Path, cap: int 
 
 @pytest.mark.parametrize("cap", [None, 64 * KiB], ids=["uncapped", "capped"])
 async def test_a_log_makes_its_files_at_its_first_write(tmp_path: Path, cap: int | None) -> None:
+    directory, tmp_path = tmp_path, tmp_path / "job"
     log = OutputLog(tmp_path, max_bytes=cap, tail_bytes=0)
     await log.flush()  # nothing to write yet: nothing made
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(directory) == []
     log.append(OUT, b"late")
     await log.flush()
+    assert stat.S_IMODE(os.stat(tmp_path).st_mode) == 0o700
     names = {"output.log", "output.idx"} | ({"output.start"} if cap else set())
     assert set(os.listdir(tmp_path)) == names
     assert all(stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600 for name in names)

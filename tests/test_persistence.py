@@ -90,13 +90,13 @@ async def test_restart_keeps_jobs_and_output(tmp_path: Path) -> None:
         assert c.id > max(before)
 
 
-async def test_jobs_that_print_nothing_have_no_log_files_before_and_after_a_restart(
+async def test_jobs_that_print_nothing_have_no_directory_before_and_after_a_restart(
     tmp_path: Path,
 ) -> None:
-    """A job's log files come with its first output (a silent job costs no inode): a
-    silent job's output reads empty, live, followed and after a restart; a job that
-    prints only later is followed from its start all the same; Remove and retention
-    take jobs with and without files."""
+    """A job's directory and log files come with its first output (a silent job costs
+    no inode): a silent job's output reads empty, live, followed and after a restart;
+    a job that prints only later is followed from its start all the same; Remove and
+    retention take jobs with and without files."""
     state = tmp_path / "state"
     jobs = state / "jobs"
     retention = Retention(keep_ended=1, max_ended_age=None, interval=3600)
@@ -104,10 +104,10 @@ async def test_jobs_that_print_nothing_have_no_log_files_before_and_after_a_rest
         silent = await sup.start("true")
         late = await sup.start("sh", ["-c", "read x; echo late; echo err >&2"], stdin=True)
         await sup.wait(silent.id)
-        assert list((jobs / silent.id).iterdir()) == []
+        assert not (jobs / silent.id).exists()
         assert [c async for c in sup.output(silent.id)] == []
         assert [c async for c in sup.output(silent.id, follow=False)] == []
-        assert list((jobs / late.id).iterdir()) == []  # nothing printed yet
+        assert not (jobs / late.id).exists()  # nothing printed yet
 
         async def follow(into: list[bytes]) -> None:
             async for chunk in sup.output(late.id):
@@ -126,10 +126,10 @@ async def test_jobs_that_print_nothing_have_no_log_files_before_and_after_a_rest
         assert sup.status(silent.id).output_bytes == 0
         assert [c async for c in sup.output(silent.id)] == []
         assert [c async for c in sup.output(late.id)] == late_chunks
-        assert list((jobs / silent.id).iterdir()) == []  # (a restart makes none either)
+        assert not (jobs / silent.id).exists()  # (a restart makes none either)
         await sup.remove(silent.id)
-        assert not (jobs / silent.id).exists()
-        another = await sup.start("true")
+        assert sup.list() == [sup.status(late.id)]
+        another = await sup.start("echo", ["kept"])
         await sup.wait(another.id)
         await sup.housekeep()  # keeps the newest ended job only
         assert [j.id for j in sup.list()] == [another.id]
@@ -273,7 +273,8 @@ async def test_retention_keeps_the_newest_ended_jobs(tmp_path: Path) -> None:
         running = await sup.start("sleep", ["1000"])
         await sup.housekeep()
         assert [j.id for j in sup.list()] == [*ids[-2:], running.id]
-        assert await job_dirs(sup) == {*ids[-2:], running.id}
+        # (The sleeping job printed nothing: it has no directory.)
+        assert await job_dirs(sup) == set(ids[-2:])
     async with open_supervisor(tmp_path / "state", retention=retention) as sup:
         assert [j.id for j in sup.list()] == [*ids[-2:], running.id]
 
@@ -360,7 +361,7 @@ CRASH_BEFORE_RECORD = textwrap.dedent(
         retention = Retention(interval=3600)  # no housekeeping commit meanwhile
         async with trio_worker.open_supervisor(state, retention=retention) as sup:
             async with sup._store._lock:  # no commit: the record stays queued
-                job = await sup.start("sh", ["-c", "sleep 1000 & exec sleep 1000"])
+                job = await sup.start("sh", ["-c", "echo up; sleep 1000 & exec sleep 1000"])
                 print(json.dumps({"id": job.id, "pid": job.pid}), flush=True)
                 await trio.sleep_forever()
 
@@ -385,6 +386,9 @@ async def test_a_crash_before_the_record_is_committed_still_kills_the_job(
         while not children.read_text().split() and time.monotonic() < deadline:
             time.sleep(0.01)  # the shell forks its background sleep
         started["children"] = children.read_text().split()
+        directory = state / "jobs" / str(started["id"])  # made with its first output
+        while not directory.is_dir() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     started = await trio.to_thread.run_sync(
         _told_then_killed, CRASH_BEFORE_RECORD, state, before_the_kill

@@ -89,6 +89,25 @@ def test_a_place_has_its_directory_files_groups_and_their_fds(
     assert not any(d.exists() for d in group.dirs)
 
 
+def test_a_place_without_a_directory_is_its_groups(
+    tmp_path: Path, drivers: Callable[..., CgroupDriver]
+) -> None:
+    """The launcher's places have no directory (a job's comes with its first output):
+    only the groups and their fds are made."""
+    require_root("cgroups")
+    group = drivers().planned("p5")
+    fds = make_place(None, (), group)
+    try:
+        assert all(d.is_dir() for d in group.dirs)
+        assert len(fds) == len(group.dirs)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        assert remove_groups([group]) == []
+    with pytest.raises(ValueError, match="directory"):
+        _cplace.make_place(b"", [b"output.log"], [None], [], [])
+
+
 def test_a_parent_group_named_in_bytes_that_are_not_utf8_is_made_and_removed(
     tmp_path: Path, drivers: Callable[..., CgroupDriver]
 ) -> None:

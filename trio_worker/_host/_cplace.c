@@ -100,7 +100,7 @@ make(const char *directory, const char **files, const char **contents, Py_ssize_
     char path[PATH_MAX];
     Py_ssize_t files_made = 0, groups_made = 0, opened = 0, i;
     m->step = 0;
-    if (mkdir(directory, 0700) < 0) {
+    if (*directory != '\0' && mkdir(directory, 0700) < 0) {
         m->step = STEP_DIRECTORY;
         m->err = errno;
         snprintf(m->failed, PATH_MAX, "%s", directory);
@@ -162,7 +162,8 @@ fail:
         if (join(path, directory, files[files_made]) == 0)
             (void)unlink(path);
     }
-    (void)rmdir(directory);
+    if (*directory != '\0')
+        (void)rmdir(directory);
 }
 
 /* _cspawn's seed planting (_cseed.h), imported at the first place with a seed. */
@@ -235,7 +236,8 @@ planted(struct tw_seed_api *api, struct tw_seed_plant *p)
 PyDoc_STRVAR(make_place_doc,
 "make_place(directory, files, contents, groups, procs, seed=None)\n"
 "    -> list[int] | (list[int], planted) | (step, errno, path)\n\n"
-"mkdir ``directory`` (0700); create each of ``files`` in it (0600, empty, or with\n"
+"mkdir ``directory`` (0700; none if empty: then no ``files``); create each of ``files``\n"
+"in it (0600, empty, or with\n"
 "its ``contents`` written at 0 if not None: a failed write is ignored); mkdir each of\n"
 "``groups``; then open, for each group, its cgroup.procs for writing (``procs``\n"
 "true) or the group's directory itself (false). Returns the fds, one per group,\n"
@@ -277,6 +279,10 @@ make_place(PyObject *self, PyObject *args)
         goto done;
     if (n_contents != n_files) {
         PyErr_SetString(PyExc_ValueError, "one content per file");
+        goto done;
+    }
+    if (*directory == '\0' && n_files > 0) {
+        PyErr_SetString(PyExc_ValueError, "files need a directory");
         goto done;
     }
     procs_f = PySequence_Fast(procs_o, "expected a sequence of bools");

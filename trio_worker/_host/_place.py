@@ -1,11 +1,13 @@
 """A job's place, made in one call that lets the GIL go (``_cplace.c``).
 
-A place is a directory with the job's files in it, and its groups with what its process
-joins them by (``JobCgroup.open_join``). Made from Python, that was ~20 system calls with
-the GIL taken back between each two, in the thread that makes places ahead of need while
-the event loop serves calls: the loop had to win the GIL back after each of its own
-system calls. Here the paths are made in Python and the system calls all run in C.
-``make_seeded_place`` plants the place's seed (``_spawn.Seed``) in the same call.
+A place is its groups with what its process joins them by (``JobCgroup.open_join``),
+and a directory with files in it if asked for (the launcher's places have none: a job's
+directory and log files come with its first output, see ``_jobs._output``). Made from
+Python, that was ~20 system calls with the GIL taken back between each two, in the
+thread that makes places ahead of need while the event loop serves calls: the loop had
+to win the GIL back after each of its own system calls. Here the paths are made in
+Python and the system calls all run in C. ``make_seeded_place`` plants the place's seed
+(``_spawn.Seed``) in the same call.
 
 This module knows directories, files, cgroups and seeds, nothing of jobs.
 """
@@ -53,13 +55,13 @@ class PlaceError(OSError):
 
 
 def make_place(
-    directory: Path, files: Sequence[tuple[str, bytes | None]], group: JobCgroup
+    directory: Path | None, files: Sequence[tuple[str, bytes | None]], group: JobCgroup
 ) -> list[int]:
-    """Make ``directory`` (0700) with ``files`` in it (each 0600, with its bytes
-    written, or empty for None: a failed write is ignored, the file stays), then
-    ``group``'s directories (as ``CgroupDriver.make``, which must not have made
-    them), and return ``group.open_join()``'s descriptors. ``PlaceError`` if any
-    step fails, with nothing left behind."""
+    """Make ``directory`` (0700, unless None: then no ``files``) with ``files`` in it
+    (each 0600, with its bytes written, or empty for None: a failed write is ignored,
+    the file stays), then ``group``'s directories (as ``CgroupDriver.make``, which must
+    not have made them), and return ``group.open_join()``'s descriptors. ``PlaceError``
+    if any step fails, with nothing left behind."""
     made = _make(directory, files, group, None)
     assert isinstance(made, list)
     return made
@@ -79,7 +81,7 @@ class Sown:
 
 
 def make_seeded_place(
-    directory: Path,
+    directory: Path | None,
     files: Sequence[tuple[str, bytes | None]],
     group: JobCgroup,
     *,
@@ -109,14 +111,14 @@ def make_seeded_place(
 
 
 def _make(
-    directory: Path,
+    directory: Path | None,
     files: Sequence[tuple[str, bytes | None]],
     group: JobCgroup,
     seed: tuple[int, tuple[int, ...]] | None,
 ) -> list[int] | tuple[list[int], _cplace.Planted | OSError]:
     joins = group.joins()
     made = _cplace.make_place(
-        os.fsencode(directory),
+        b"" if directory is None else os.fsencode(directory),
         [os.fsencode(name) for name, _ in files],
         [content for _, content in files],
         [os.fsencode(d) for d, _ in joins],

@@ -164,7 +164,7 @@ class Admission:
                 stdin_option = Terminal(fds[1], terminal[0], terminal[1])
             else:
                 stdin_option = Stdin.PIPE if stdin else Stdin.NULL
-            # A place made ahead of need (its id, directory and group), if one is ready.
+            # A place made ahead of need (its id and group), if one is ready.
             place = await self.launcher.take_soon(PLACE_PATIENCE)
             job_id = place.job_id if place is not None else self._fresh_id()
             self._last_id = job_id

@@ -12,20 +12,18 @@ Every path leaves either a job (running, or FAILED with the reason in words)
 or nothing at all: ``ResourceExhausted`` (out of descriptors, memory, disk or
 processes) is raised only after ``discard`` removed what was made.
 
-Places ahead of need: creating a job's directory, log files and groups is most
-of that thread's work (measured with py-spy under the bench: ~75% of it; each
-new directory and file allocates an inode, a journal operation on the state
-disk; each group is a mkdir per hierarchy). So the launcher keeps a few *ready
-places*, made by ``keep_ready`` once a Start took one: the job's directory in
-``jobs/`` and its groups. A Start then writes its limits (if any) and spawns;
-it moves nothing (a rename on the loop was ~50 us of its CPU a Start). The log's files are not made
-ahead: the log's first flush makes them, if the job ever writes (a job that
-prints nothing costs no inode for them; see ``_output``). The job id comes with
-the place, since a v2 cgroup cannot be renamed; it holds the time the place was
-made, not the Start's (ids still sort by when they were made). After a crash, a
-place's groups are leftovers like any other's, and its directory, of no job the
-store knows, is removed by the next start's ``restore`` as a job's whose record was
-still queued is.
+Places ahead of need: creating a job's groups (a mkdir per hierarchy) and, once,
+its directory and log files was most of that thread's work (measured with py-spy
+under the bench: ~75% of it). So the launcher keeps a few *ready places*, made by
+``keep_ready`` once a Start took one: the job's id and groups. A Start then writes
+its limits (if any) and spawns. No directory or file is made ahead: the job's log
+makes ``jobs/<id>/`` and its files at its first flush, if the job ever writes (each
+inode costs 0.05-0.5 ms of CPU on this host's ext4; a job that prints nothing costs
+none; see ``_output``); a Start whose helper needs the directory (isolation's
+report) makes it. The job id comes with the place, since a v2 cgroup cannot be
+renamed; it holds the time the place was made, not the Start's (ids still sort by
+when they were made). After a crash, a place's groups are leftovers like any
+other's.
 
 Seeds: with the reaper watching, a place also holds its job's process, made
 with it (``_host._spawn.Seed``): already in the job's groups and process group,
@@ -123,9 +121,10 @@ class Sprout:
 
 @dataclass(slots=True)
 class Place:
-    """A job's place made ahead of need: its id, its directory in ``jobs/`` (its
-    log's files come with its first write), and its group with the ``cgroup.procs``
-    fds (no limits yet) — or, with a seed, no fds: the seed joined the group already."""
+    """A job's place made ahead of need: its id, its group with the ``cgroup.procs``
+    fds (no limits yet) — or, with a seed, no fds: the seed joined the group already —
+    and the path of its directory, ``jobs/<id>``, which its log makes at its first
+    write (or a Start whose helper needs it)."""
 
     job_id: str
     directory: Path
@@ -284,8 +283,8 @@ class Launcher:
         why it cannot.
         """
         self._token = trio.lowlevel.current_trio_token()
-        # The places an earlier version left in ``ready/`` (their groups are leftovers,
-        # gone already).
+        # The places an earlier version left in ``ready/`` (now a place has no directory;
+        # their groups are leftovers, gone already).
         await trio.to_thread.run_sync(shutil.rmtree, self.ready_dir, True)
         failed = False
         while True:
@@ -402,27 +401,26 @@ class Launcher:
         capped = self._capped if self._caps_fresh else self._memory_capped() is not False
         plant = self._seeds and bool(ids) and not capped
         for job_id in ids:
-            directory = self.jobs_dir / job_id  # (the job's own: a Start moves nothing)
             sown: Sown | OSError | None = None
             try:
                 group = self.cgroups.planned(job_id)
-                # The directory, the groups and their fds, and the seed: one call with
-                # the GIL let go (it leaves nothing behind if it fails). No log file: the
-                # log's first flush makes them, if the job ever writes (``OutputLog``).
+                # The groups and their fds, and the seed: one call with the GIL let go
+                # (it leaves nothing behind if it fails). No directory or file: the log's
+                # first flush makes them, if the job ever writes (``OutputLog``).
                 if plant and self._seeds and group.tracked:
                     procs, sown = make_seeded_place(
-                        directory,
+                        None,
                         (),
                         group,
                         nofile_soft=self._job_nofile,
                         pipe_sizes=PIPE_SIZES,
                     )
                 else:
-                    procs = make_place(directory, (), group)
+                    procs = make_place(None, (), group)
             except (CgroupError, OSError) as exc:
                 _log.debug("no place made ahead: %s", exc)
                 break
-            place = Place(job_id, directory, group, procs)
+            place = Place(job_id, self.jobs_dir / job_id, group, procs)
             if isinstance(sown, Sown):
                 place.seed = Sprout(sown.seed, sown.stdout, sown.stderr, sown.start_time)
             elif sown is not None:
@@ -531,7 +529,6 @@ class Launcher:
         sprout, place.seed = place.seed, None
         seed = sprout.seed
         spec = plan.spec
-        directory = place.directory  # (made in ``jobs/``: nothing to move)
         try:
             # First the command, so that the seed's exec overlaps the rest.
             seed.go(
@@ -549,7 +546,7 @@ class Launcher:
             await trio.to_thread.run_sync(_discard_seeded, place, sprout)
             raise resource_exhausted(exc, "handing its process the command") from None
         log = OutputLog(
-            directory,
+            place.directory,  # (made by the log's first flush, if the job writes)
             tail_bytes=self._tail_bytes,
             max_bytes=self._max_output_bytes,
             max_unflushed=self._max_unflushed,
@@ -597,7 +594,7 @@ class Launcher:
         return launched
 
     def prepare(self, plan: LaunchPlan) -> Launched:
-        """The job's directory and log, its cgroup and that group's ``cgroup.procs`` fds.
+        """The job's log (``_open_log``), its cgroup and that group's ``cgroup.procs`` fds.
 
         Raises ``ResourceExhausted`` (out of descriptors, memory, disk) having
         left nothing behind. A cgroup that cannot be made or joined for another
@@ -605,7 +602,7 @@ class Launcher:
         """
         if plan.place is not None:
             return self._claim(plan.place, plan)
-        log = self._open_log(plan.job_id)
+        log = self._open_log(plan.job_id, plan.isolation)
         try:
             try:
                 group = self.cgroups.create(
@@ -635,9 +632,8 @@ class Launcher:
         return Launched(log, group, procs)
 
     def _claim(self, place: Place, plan: LaunchPlan) -> Launched:
-        """``prepare`` with a ready place: open its log, and write the limits. A seed
-        the place has cannot run this plan: it goes."""
-        directory = place.directory
+        """``prepare`` with a ready place: its log, and the limits written. A seed the
+        place has cannot run this plan: it goes."""
         unjoinable: OSError | None = None
         if place.seed is not None:
             sprout, place.seed = place.seed, None
@@ -652,19 +648,7 @@ class Launcher:
                 # job that FAILED, in words, as ``prepare``'s, not "resource exhausted".
                 unjoinable = exc
         try:
-            log = OutputLog(
-                directory,
-                tail_bytes=self._tail_bytes,
-                max_bytes=self._max_output_bytes,
-                max_unflushed=self._max_unflushed,
-                files=self.open_logs,
-            )
-        except OSError as exc:
-            _discard_places([place])
-            raise ResourceExhausted(
-                f"cannot create the job's output files in the state directory: "
-                f"{exc.strerror or exc}"
-            ) from None
+            log = self._open_log(place.job_id, plan.isolation)
         except BaseException:
             _discard_places([place])
             raise
@@ -762,30 +746,31 @@ class Launcher:
         if launched.group is not None:
             _remove_group(launched.group)
 
-    def _open_log(self, job_id: str) -> OutputLog:
-        """The new job's directory and log (whose files come with its first write), or
-        ``ResourceExhausted`` saying why not.
+    def _open_log(self, job_id: str, isolation: Isolation) -> OutputLog:
+        """The new job's log. Its directory and files come with its first write; with
+        ``isolation``, the directory is made now, for the helper's report, or
+        ``ResourceExhausted`` says why not (nothing is left behind).
 
-        On a disk out of inodes this is where a Start is refused: nothing runs and
-        nothing is left behind. (A directory rarely fails on a full disk otherwise;
-        when it works, the job runs and only its output and record wait.)
+        Without it a Start never waits for the state disk: on a disk full or out of
+        inodes, the job runs, and only its output (lost, counted) and record wait.
         """
         directory = self.jobs_dir / job_id
-        try:
-            directory.mkdir(mode=0o700)
-            return OutputLog(
-                directory,
-                tail_bytes=self._tail_bytes,
-                max_bytes=self._max_output_bytes,
-                max_unflushed=self._max_unflushed,
-                files=self.open_logs,
-            )
-        except OSError as exc:
-            remove_new_job_dir(directory)
-            raise ResourceExhausted(
-                f"cannot create the job's output files in the state directory: "
-                f"{exc.strerror or exc}"
-            ) from None
+        if isolation.any:
+            try:
+                directory.mkdir(mode=0o700)
+            except OSError as exc:
+                remove_new_job_dir(directory)
+                raise ResourceExhausted(
+                    f"cannot create the job's directory in the state directory: "
+                    f"{exc.strerror or exc}"
+                ) from None
+        return OutputLog(
+            directory,
+            tail_bytes=self._tail_bytes,
+            max_bytes=self._max_output_bytes,
+            max_unflushed=self._max_unflushed,
+            files=self.open_logs,
+        )
 
 
 def _remove_groups(groups: Sequence[JobCgroup]) -> None:

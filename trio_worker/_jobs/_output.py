@@ -47,9 +47,10 @@ Files of one log (all little-endian):
     index records below them may be holes (``fallocate`` punch hole). Missing
     (or short) means ``(0, 0)``.
 
-A log has no file until it has bytes to write: its first flush makes them, in the
-flusher's thread (``_make_files``), so a job that prints nothing costs no inode
-(each cost the refill 0.05-0.5 ms of CPU on a journal-less ext4). A capped log's
+A log has no file until it has bytes to write: its first flush makes them, and its
+directory if need be, in the flusher's thread (``_make_files``), so a job that prints
+nothing costs no inode (each cost the refill 0.05-0.5 ms of CPU on a journal-less
+ext4). A capped log's
 ``output.start`` comes first, with its 16 bytes: no data of a capped log reaches
 the disk before them, so retention, which frees space on a full disk, only ever
 rewrites blocks it has. Files that cannot be made fail as a write does (the
@@ -328,10 +329,10 @@ class OutputLog:
         drop_step: int | None = None,
         files: OpenLogs | None = None,
     ) -> None:
-        """A new, empty log in ``directory`` (which must exist by its first flush: the
-        files are made then, not here). With ``files``, the log keeps its fds open
-        between flushes only while ``files`` lets it; without, from its first flush to
-        ``close``."""
+        """A new, empty log in ``directory`` (made, with the files, by the first flush
+        that has bytes to write; its parent must exist by then). With ``files``, the
+        log keeps its fds open between flushes only while ``files`` lets it; without,
+        from its first flush to ``close``."""
         if max_bytes is not None and max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
         self._setup(directory, tail_bytes, max_unflushed, max_bytes, drop_step, files)
@@ -841,13 +842,15 @@ class OutputLog:
 
     def _make_files(self) -> None:
         """In the flusher's thread, at the first write (and again after a failed one):
-        make the files and keep the two it writes open.
+        make the directory if it is not there, the files, and keep the two it writes open.
 
         A capped log's ``output.start`` first, with its bytes: on a full disk,
         retention is what frees space, and rewriting those bytes then needs none,
         where writing them for the first time might. So no data of the log reaches
-        the disk without them. Any failure (ENOSPC, EDQUOT, EMFILE, the directory
+        the disk without them. Any failure (ENOSPC, EDQUOT, EMFILE, the jobs' directory
         removed) raises with nothing kept open: the flush fails as a write does."""
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.directory, 0o700)
         create = os.O_CREAT | os.O_CLOEXEC
         if self._max_bytes is not None:
             fd = os.open(self.start_path, os.O_WRONLY | create, 0o600)

@@ -9,10 +9,9 @@ Layout (``StateDir`` properties name each part)::
                           (SQLite gives -wal and -shm the mode of jobs.db)
       ends                ended jobs' ends until their records commit (``_endnotes``), 0600
       jobs/<id>/          one job's output.log + output.idx (+ output.start if capped),
-                          made at its first output: a silent job's is empty. Also the
-                          places made ahead of need (``_launch``), before a Start takes
-                          one: no record names them, so a crash's are removed by the
-                          next start (``restore``); an earlier version's ready/ too
+                          made with the directory at its first output: a job that
+                          prints nothing has none (an isolated one, an empty one)
+      ready/              an earlier version's places made ahead; removed at start
       pki/                the development PKI (CA, server and client certificates)
 
 Two servers on one directory would each recover the other's running jobs as
@@ -182,8 +181,8 @@ class StateDir:
 
     @property
     def jobs_dir(self) -> Path:
-        """One directory per job id, holding ``output.log`` and ``output.idx`` once the
-        job wrote output."""
+        """One directory per job id that wrote output, holding ``output.log`` and
+        ``output.idx``."""
         return self.path / "jobs"
 
     @property

@@ -424,11 +424,11 @@ async def open_supervisor(
 ) -> AsyncIterator[Supervisor]:
     """Run a supervisor for the duration of the ``async with`` block.
 
-    ``state_dir`` holds the jobs' output logs (``jobs/``), and a few jobs'
-    places made ahead of need (there too: a Start then only takes one); without
-    one a temporary directory is used and removed on exit (unless
-    ``keep_state``). ``env`` is
-    the base environment jobs extend (default: this process's environment).
+    ``state_dir`` holds the jobs' output logs (``jobs/``: a job's directory comes
+    with its first output); a few jobs' places (their groups) are made ahead of need,
+    and a Start then only takes one. Without one a temporary directory is used and
+    removed on exit (unless ``keep_state``). ``env`` is the base environment jobs
+    extend (default: this process's environment).
     Leaving the block — normally, by an exception, or by cancellation — stops
     every running job (SIGTERM, ``shutdown_grace``, SIGKILL) before returning.
 
