@@ -10,10 +10,10 @@ a stream reset, a GOAWAY, and the requests refused per stream rather than for th
 connection.
 
 A unary call's frames (HEADERS opening a stream, its DATA, the WINDOW_UPDATEs that follow
-the reply) are read here rather than by h2's frame reader (``_receive_batch``, ``_take``):
-h2's state machines, windows and HPACK decoder are driven beside it, and every other frame,
-state and error goes to h2 as it came. The request's read cost more in h2's frame objects,
-flag sets and events than in what it decides.
+the reply, and the client's PINGs) are read here rather than by h2's frame reader
+(``_receive_batch``, ``_take``): h2's state machines, windows and HPACK decoder are driven
+beside it, and every other frame, state and error goes to h2 as it came. The request's
+read cost more in h2's frame objects, flag sets and events than in what it decides.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import h2.connection
+import h2.events
 import h2.exceptions
 import h2.settings
 import h2.stream
@@ -43,12 +44,14 @@ from purerpc.grpclib.headers import HeaderDict
 
 from ._h2conn import (
     _DATA,
+    _FLAG_ACK,
     _FLAG_END_HEADERS,
     _FLAG_END_STREAM,
     _FLAG_PADDED,
     _FRAME_HEADER,
     _HANDLERS,
     _HEADERS,
+    _PING,
     ENHANCE_YOUR_CALM,
     BoundedDecoder,
     PeerMisbehaved,
@@ -170,6 +173,8 @@ _WINDOW_STATES: Final = frozenset(
 #: ``(_TOOK_HEADERS, stream_id, headers, ended)``, ``(_TOOK_DATA, stream_id, data, ended)``,
 #: ``(_TOOK_WINDOW, stream_id, increment)``.
 _TOOK_HEADERS, _TOOK_DATA, _TOOK_WINDOW = 0, 1, 2
+#: A PING's ACK frame header (8 bytes of data, ACK, stream 0).
+_PING_ACK: Final = _FRAME_HEADER.pack(0, 8, _PING, _FLAG_ACK, 0)
 #: HEADERS flags the fast path reads: only END_HEADERS of these may be set.
 _FAST_HEADER_FLAGS: Final = _FLAG_END_HEADERS | _FLAG_PADDED | _FLAG_PRIORITY
 
@@ -558,6 +563,7 @@ class GRPCServerConnection(WireGRPCConnection):
                 (kind == _DATA and not flags & _FLAG_PADDED)
                 or (kind == _HEADERS and flags & _FAST_HEADER_FLAGS == _FLAG_END_HEADERS)
                 or (kind == _WINDOW_UPDATE and length == 4)
+                or (kind == _PING and length == 8 and not flags and not stream_id & 0x7FFFFFFF)
             ):
                 if slow < pos:
                     received.extend(h2c.receive_data(batch[slow:pos]))
@@ -587,7 +593,8 @@ class GRPCServerConnection(WireGRPCConnection):
     ) -> bool:
         """Read one frame as h2 would, when it is one of the common case: HEADERS that
         open a new stream (END_HEADERS, no padding or priority), DATA on an open stream
-        (no padding), a WINDOW_UPDATE that h2 takes without an error. Returns False for
+        (no padding), a WINDOW_UPDATE that h2 takes without an error, a PING to answer
+        (a client's keepalive or bandwidth probe: grpcio sends them). Returns False for
         any other frame or state, having changed nothing that h2 reading the frame would
         not change the same way (it counts open streams first too); the frame then goes
         to h2.
@@ -629,6 +636,16 @@ class GRPCServerConnection(WireGRPCConnection):
                 stream = h2c.open_request_stream(stream_id, ended)
                 stream._initialize_content_length(headers)
                 received.append((_TOOK_HEADERS, stream_id, headers, ended))
+                return True
+            if kind == _PING:
+                # A PING to answer (not an ACK): h2's _receive_ping_frame in SERVER_OPEN,
+                # its ACK with the same data serialized as hyperframe does (an ACK earns
+                # nothing of the flood budget).
+                payload = batch[start:end]
+                h2c._data_to_send += _PING_ACK + payload
+                event = h2.events.PingReceived()
+                event.ping_data = payload
+                received.append(event)
                 return True
             (increment,) = _INCREMENT.unpack_from(batch, start)
             if not stream_id:
