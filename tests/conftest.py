@@ -9,6 +9,7 @@ is a failure, so CI can never go green by skipping them.
 
 from __future__ import annotations
 
+import compileall
 import os
 import secrets
 import shutil
@@ -17,8 +18,18 @@ from pathlib import Path
 
 import pytest
 
+import trio_worker
 from trio_worker import Limits, Supervisor
 from trio_worker._host._cgroups import JobCgroup, NoDriver, detect
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Byte-compile the package once, as ``pip install`` leaves an installed copy. Under
+    ``PYTHONDONTWRITEBYTECODE=1`` (CI's environment here) an editable checkout is otherwise
+    compiled from source by every process the suite starts: each CLI call, each server,
+    each script (test_cli_jobs: 18.6 -> 13.5 s of CPU). A no-op when up to date; where the
+    package is read-only, it stays as it is."""
+    compileall.compile_dir(Path(trio_worker.__file__).parent, quiet=2)
 
 
 def require_root(what: str = "this test") -> None:
