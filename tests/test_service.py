@@ -23,7 +23,7 @@ from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-unty
 
 from trio_worker import LimitPolicy, Limits, open_supervisor, pki
 from trio_worker._identity import Identity, Role
-from trio_worker._net._transport import CallContext, CallRecord
+from trio_worker._net._transport import CallContext, CallRecord, RpcError, StatusCode, UnaryMethod
 from trio_worker._pb import worker_pb2 as pb
 from trio_worker.server._run import ServerSettings, run_server
 from trio_worker.server._service import WorkerService
@@ -426,4 +426,41 @@ async def test_a_wait_for_an_ended_job_answers_without_a_turn_of_the_loop() -> N
             scope.cancel()
             await service.wait(pb.WaitRequest(id=sleeper.id), ctx)
         assert scope.cancelled_caught
+        await sup.stop(sleeper.id, grace=0)
+
+
+async def test_a_wait_for_an_ended_job_is_answered_in_the_reader() -> None:
+    """``wait_ended`` (Wait's ``at_once``, run in the connection's reader with no task)
+    answers a visible ended job, says "not now" (None) for a running one, and refuses as
+    ``wait`` does: NOT_FOUND for a job the caller may not see or that is not there,
+    PERMISSION_DENIED for a caller without the right."""
+
+    def ctx(name: str, role: Role | None) -> CallContext:
+        return CallContext(Identity(name, role), W + "Wait", "test", None)
+
+    alice = ctx("alice", Role.FULL)
+    async with open_supervisor() as sup:
+        service = WorkerService(sup)
+        wait = service.methods()[W + "Wait"]
+        assert isinstance(wait, UnaryMethod)
+        assert wait.at_once == service.wait_ended
+        done = await sup.start("sh", ["-c", "exit 3"], owner="alice")
+        await sup.wait(done.id)
+        sleeper = await sup.start("sleep", ["60"], owner="alice")
+        reply = service.wait_ended(pb.WaitRequest(id=done.id), alice)
+        assert reply is not None
+        assert (reply.state, reply.exit_code) == (pb.JOB_STATE_EXITED, 3)
+        assert service.wait_ended(pb.WaitRequest(id=sleeper.id), alice) is None
+        refusals = [
+            (ctx("bob", Role.FULL), done.id, StatusCode.NOT_FOUND),
+            (alice, "no-such-job", StatusCode.NOT_FOUND),
+            (ctx("nobody", None), done.id, StatusCode.PERMISSION_DENIED),
+        ]
+        for caller, job_id, code in refusals:
+            with pytest.raises(RpcError) as raised:
+                service.wait_ended(pb.WaitRequest(id=job_id), caller)
+            assert raised.value.code is code
+            with pytest.raises(RpcError) as waited:
+                await service.wait(pb.WaitRequest(id=job_id), caller)
+            assert (waited.value.code, waited.value.message) == (code, raised.value.message)
         await sup.stop(sleeper.id, grace=0)

@@ -61,6 +61,7 @@ CHAT = "/test.Test/Chat"
 LISTEN = "/test.Test/Listen"
 GATED = "/test.Test/Gated"
 OPENED = "/test.Test/Opened"
+SOON = "/test.Test/Soon"
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,13 @@ def methods(probe: Probe) -> dict[str, Any]:
         probe.contexts.append(ctx)
         return req
 
+    def soon(req: w.DoubleValue, ctx: CallContext) -> w.DoubleValue | None:
+        """SOON's ``at_once``: over 1000 answered at once, < 0 refused at once, else "not
+        now" (the handler sleeps that long)."""
+        if req.value < 0:
+            raise RpcError(StatusCode.NOT_FOUND, "not here")
+        return req if req.value > 1000 else None
+
     def sync(req: w.StringValue, ctx: CallContext) -> w.BytesValue:
         """Answered in the reader: echo, fail on demand, or a reply larger than a window."""
         if req.value == "deny":
@@ -197,6 +205,7 @@ def methods(probe: Probe) -> dict[str, Any]:
         ECHO: UnaryMethod(w.StringValue, w.StringValue, echo),
         OPENED: UnaryMethod(w.StringValue, w.StringValue, opened),
         SLEEP: UnaryMethod(w.DoubleValue, w.DoubleValue, sleep),
+        SOON: UnaryMethod(w.DoubleValue, w.DoubleValue, sleep, soon),
         BOOM: UnaryMethod(w.StringValue, w.StringValue, boom),
         DENY: UnaryMethod(w.StringValue, w.StringValue, deny),
         GROUP: UnaryMethod(w.StringValue, w.StringValue, group),
@@ -311,6 +320,52 @@ async def test_sync_unary_method(pki: Pki) -> None:
         StatusCode.OK,
     ]
     assert r.records[0].response.value == b"hi"
+
+
+async def test_an_at_once_answer_spawns_no_task_and_not_now_waits_in_one(pki: Pki) -> None:
+    """A UnaryMethod's ``at_once`` answers (or refuses) in the reader, its handler never
+    run; "not now" runs the handler in a task, which waits, and is cut by the deadline and
+    by the client's cancel as any call's."""
+    probe = Probe()
+    async with running_server(pki, methods(probe)) as r:
+        ch = channel(pki, r.target)
+        try:
+
+            def call(value: float, timeout: float = 10) -> Any:
+                return unary(ch, SOON, w.DoubleValue(value=value), w.DoubleValue, timeout=timeout)
+
+            def now_calls() -> None:
+                assert call(1001).value == 1001
+                assert code_of(lambda: call(-1)) == (grpc.StatusCode.NOT_FOUND, "not here")
+
+            await in_thread(now_calls)
+            assert not probe.started.is_set()  # the handler (the task's) never ran
+            assert (await in_thread(lambda: call(0.01))).value == 0.01
+            assert probe.started.is_set()
+            code, _ = await in_thread(lambda: code_of(lambda: call(60, timeout=0.3)))
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            with trio.fail_after(2):
+                await probe.cancelled.wait()
+            probe.started, probe.cancelled = trio.Event(), trio.Event()
+            future = ch.unary_unary(
+                SOON,
+                request_serializer=w.DoubleValue.SerializeToString,
+                response_deserializer=w.DoubleValue.FromString,
+            ).future(w.DoubleValue(value=60), timeout=60)
+            await probe.started.wait()
+            future.cancel()
+            with trio.fail_after(2):
+                await probe.cancelled.wait()
+        finally:
+            ch.close()
+        await eventually(lambda: len(r.records) == 5)
+    assert [rec.code for rec in r.records] == [
+        StatusCode.OK,
+        StatusCode.NOT_FOUND,
+        StatusCode.OK,
+        StatusCode.DEADLINE_EXCEEDED,
+        StatusCode.CANCELLED,
+    ]
 
 
 async def test_sync_unary_response_over_raw_window(pki: Pki) -> None:
@@ -1213,15 +1268,25 @@ async def test_answers_ending_in_one_turn_leave_in_one_write(pki: Pki) -> None:
         assert all(client.status(s) == 0 and bytes(client.data[s]).endswith(request) for s in sids)
 
 
-async def test_answers_made_in_one_read_leave_in_one_write(pki: Pki) -> None:
-    """Calls answered in the reader (SyncUnaryMethod) that came in one read leave in the
-    read's one write."""
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        (SYNC, w.StringValue(value="x").SerializeToString()),
+        (SOON, w.DoubleValue(value=1001).SerializeToString()),
+    ],
+    ids=["sync", "at_once"],
+)
+async def test_answers_made_in_one_read_leave_in_one_write(
+    pki: Pki, path: str, message: bytes
+) -> None:
+    """Calls answered in the reader (SyncUnaryMethod, a UnaryMethod's ``at_once``) that
+    came in one read leave in the read's one write."""
+    probe = Probe()
     async with (
-        running_server(pki, methods(Probe())) as r,
+        running_server(pki, methods(probe)) as r,
         RawClient.connect(pki, r.port) as client,
     ):
-        request = w.StringValue(value="x").SerializeToString()
-        sid = await client.start(SYNC, request)
+        sid = await client.start(path, message)
         with trio.fail_after(5):
             await client.until(lambda: client.status(sid) is not None)
         await trio.sleep(0.1)
@@ -1234,19 +1299,20 @@ async def test_answers_made_in_one_read_leave_in_one_write(pki: Pki) -> None:
                 [
                     (":method", "POST"),
                     (":scheme", "https"),
-                    (":path", SYNC),
+                    (":path", path),
                     (":authority", "localhost"),
                     ("te", "trailers"),
                     ("content-type", "application/grpc"),
                 ],
             )
-            client.h2.send_data(stream_id, frame(request), end_stream=True)
+            client.h2.send_data(stream_id, frame(message), end_stream=True)
             sids.append(stream_id)
         await client.flush()
         with trio.fail_after(5):
             await client.until(lambda: all(client.status(s) is not None for s in sids))
         assert r.server.stats.socket_writes - before == 1
-        assert all(bytes(client.data[s]).endswith(request) for s in sids)
+        assert all(bytes(client.data[s]).endswith(message) for s in sids)
+    assert not probe.started.is_set()  # SOON's handler never ran: no task
 
 
 # --- drain ------------------------------------------------------------------------------

@@ -20,8 +20,10 @@ ends (``_push``); a stream's messages are written together whenever its handler 
 Handlers get ``(request, CallContext)``. ``UnaryMethod`` handlers are coroutines returning
 the response, ``StreamMethod`` handlers async iterators of responses, ``SyncUnaryMethod``
 handlers plain functions run in the reader (no task: the cheapest call, for answers from
-memory). ``BidiStreamMethod`` handlers get ``(requests, CallContext)``, an async iterator of
-the request messages as they arrive, and are async iterators of responses;
+memory); a ``UnaryMethod`` may also offer such a function (``at_once``), which answers or
+says "not now" before any task is made. ``BidiStreamMethod`` handlers get ``(requests,
+CallContext)``, an async iterator of the request messages as they arrive, and are async
+iterators of responses;
 ``BidiTaskMethod`` handlers are coroutines that also get a ``send`` function, for handlers
 that read and send from concurrent tasks (a nursery cannot span a ``yield``). They signal
 errors with :class:`RpcError`; anything else is logged with its traceback and answered
@@ -161,11 +163,19 @@ class CallContext:
 
 @dataclass(frozen=True, slots=True)
 class UnaryMethod(Generic[Req, Resp]):
-    """A unary-unary method: ``await handler(request, ctx)`` returns the response."""
+    """A unary-unary method: ``await handler(request, ctx)`` returns the response.
+
+    ``at_once``, if given, is tried first, in the connection's reader as a
+    :class:`SyncUnaryMethod` handler is (no task): it returns the response, raises
+    :class:`RpcError`, or returns None for "not now", and only then does ``handler`` run,
+    in a task of its own. For calls usually answered from memory, rarely waited for (a
+    Wait on a job that has already ended). ``handler`` must answer any request alike.
+    """
 
     request_type: type[Req]
     response_type: type[Resp]
     handler: Callable[[Req, CallContext], Awaitable[Resp]]
+    at_once: Callable[[Req, CallContext], Resp | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -817,7 +827,10 @@ class _Connection(Connection):
                     self._complete(
                         call, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", None, None
                     )
-                elif isinstance(call.method, SyncUnaryMethod) and call.request_over:
+                elif call.request_over and (
+                    isinstance(call.method, SyncUnaryMethod)
+                    or (isinstance(call.method, UnaryMethod) and call.method.at_once is not None)
+                ):
                     self._run_inline(call, call.method)
                 else:
                     assert self._nursery is not None
@@ -848,12 +861,24 @@ class _Connection(Connection):
         log.exception("%s from %s (%s) failed", ctx.method, ctx.peer, ctx.identity.name)
         return StatusCode.INTERNAL, "internal error"
 
-    def _run_inline(self, call: _Call, method: SyncUnaryMethod[Any, Any]) -> None:
+    def _run_inline(
+        self, call: _Call, method: SyncUnaryMethod[Any, Any] | UnaryMethod[Any, Any]
+    ) -> None:
+        """Answer a call in the reader: a SyncUnaryMethod's, or a UnaryMethod's ``at_once``
+        (which may say "not now": then its handler runs in a task, as any other)."""
         request: Any = None
         response: Any = None
         try:
             request = self._parse(call)
-            response = method.handler(request, call.ctx)
+            if isinstance(method, SyncUnaryMethod):
+                response = method.handler(request, call.ctx)
+            else:
+                assert method.at_once is not None
+                response = method.at_once(request, call.ctx)
+                if response is None:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._run_call, call, None, request, name=_CALL_TASK)
+                    return
             payload = self._serialize(call, response, method.response_type)
             if not self._answer_whole(call, payload) and not self._queue_now(call, payload):
                 # No window or buffer room for it now: a task will wait for some.
@@ -868,7 +893,12 @@ class _Connection(Connection):
             (code, message), response = self._internal_error(call, exc), None
         self._complete(call, code, message, request, response)
 
-    async def _run_call(self, call: _Call, ready: tuple[Any, Any] | None = None) -> None:
+    async def _run_call(
+        self, call: _Call, ready: tuple[Any, Any] | None = None, parsed: Any = None
+    ) -> None:
+        """A call's task. ``ready``: the request and response made in the reader, which had
+        no room to send it; ``parsed``: the request, parsed in the reader for an
+        ``at_once`` that said "not now"."""
         code, message = StatusCode.OK, ""
         request: Any = None
         response: Any = None
@@ -878,8 +908,11 @@ class _Connection(Connection):
                 if ready is not None:
                     request, response = ready
                 elif not isinstance(method, _BIDI):
-                    await call.wait_request()
-                    request = self._parse(call)
+                    if parsed is None:
+                        await call.wait_request()
+                        request = self._parse(call)
+                    else:
+                        request = parsed
                     if isinstance(method, UnaryMethod):
                         response = await method.handler(request, call.ctx)
                     elif isinstance(method, SyncUnaryMethod):

@@ -123,7 +123,9 @@ class WorkerService:
         """Full method path → descriptor, for the transport.
 
         Status only reads a snapshot, so it runs as a plain function in the
-        connection's reader: no task per call, the cheapest path there is. List
+        connection's reader: no task per call, the cheapest path there is. A Wait is
+        answered there too when its job has already ended (``wait_ended``: most Waits);
+        only one that must wait gets a task. List
         may build 1,000 jobs: it is a task, and yields to the loop between slices.
         """
         path = f"/{SERVICE_NAME}/{{}}".format
@@ -132,7 +134,7 @@ class WorkerService:
             path("Stop"): UnaryMethod(pb.StopRequest, pb.Job, self.stop),
             path("Signal"): UnaryMethod(pb.SignalRequest, pb.Job, self.signal),
             path("Status"): SyncUnaryMethod(pb.StatusRequest, pb.Job, self.status),
-            path("Wait"): UnaryMethod(pb.WaitRequest, pb.Job, self.wait),
+            path("Wait"): UnaryMethod(pb.WaitRequest, pb.Job, self.wait, self.wait_ended),
             path("List"): UnaryMethod(pb.ListRequest, pb.ListResponse, self.list),
             path("Output"): StreamMethod(pb.OutputRequest, pb.OutputChunk, self.output),
             path("Remove"): UnaryMethod(pb.RemoveRequest, pb.Job, self.remove),
@@ -225,6 +227,17 @@ class WorkerService:
         except TrioWorkerError as exc:
             raise rpc_error(exc) from None
         return self._replies.job(info)
+
+    def wait_ended(self, request: pb.WaitRequest, ctx: CallContext) -> pb.Job | None:
+        """Wait's answer made at once, in the reader, if the job has ended; None if it
+        runs (``wait`` then waits for it, in a task). The same checks as ``wait``."""
+        try:
+            authorize(ctx.identity, Op.WAIT)
+            self._visible(request.id, ctx.identity)
+            info = ended_info(self._sup, request.id)
+        except TrioWorkerError as exc:
+            raise rpc_error(exc) from None
+        return None if info is None else job_to_pb(info)
 
     async def wait(self, request: pb.WaitRequest, ctx: CallContext) -> pb.Job:
         try:
