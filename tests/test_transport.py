@@ -324,8 +324,8 @@ async def test_sync_unary_method(pki: Pki) -> None:
 
 async def test_an_at_once_answer_spawns_no_task_and_not_now_waits_in_one(pki: Pki) -> None:
     """A UnaryMethod's ``at_once`` answers (or refuses) in the reader, its handler never
-    run; "not now" runs the handler in a task, which waits, and is cut by the deadline and
-    by the client's cancel as any call's."""
+    run; "not now" runs the handler in a task, which waits, and is cut by the client's
+    cancel (and by the deadline: the next test) as any call's."""
     probe = Probe()
     async with running_server(pki, methods(probe)) as r:
         ch = channel(pki, r.target)
@@ -342,11 +342,7 @@ async def test_an_at_once_answer_spawns_no_task_and_not_now_waits_in_one(pki: Pk
             assert not probe.started.is_set()  # the handler (the task's) never ran
             assert (await in_thread(lambda: call(0.01))).value == 0.01
             assert probe.started.is_set()
-            code, _ = await in_thread(lambda: code_of(lambda: call(60, timeout=0.3)))
-            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-            with trio.fail_after(2):
-                await probe.cancelled.wait()
-            probe.started, probe.cancelled = trio.Event(), trio.Event()
+            probe.started = trio.Event()
             future = ch.unary_unary(
                 SOON,
                 request_serializer=w.DoubleValue.SerializeToString,
@@ -358,14 +354,28 @@ async def test_an_at_once_answer_spawns_no_task_and_not_now_waits_in_one(pki: Pk
                 await probe.cancelled.wait()
         finally:
             ch.close()
-        await eventually(lambda: len(r.records) == 5)
+        await eventually(lambda: len(r.records) == 4)
     assert [rec.code for rec in r.records] == [
         StatusCode.OK,
         StatusCode.NOT_FOUND,
         StatusCode.OK,
-        StatusCode.DEADLINE_EXCEEDED,
         StatusCode.CANCELLED,
     ]
+
+
+async def test_a_not_now_call_keeps_its_deadline(pki: Pki) -> None:
+    probe = Probe()
+    async with (
+        running_server(pki, methods(probe)) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        request = w.DoubleValue(value=60).SerializeToString()
+        sid = await client.start(SOON, request, headers=[("grpc-timeout", "300m")])
+        with trio.fail_after(5):
+            await client.until(lambda: client.status(sid) is not None)
+        assert client.status(sid) == StatusCode.DEADLINE_EXCEEDED
+        assert probe.cancelled.is_set()
+    assert r.records[0].code is StatusCode.DEADLINE_EXCEEDED
 
 
 async def test_sync_unary_response_over_raw_window(pki: Pki) -> None:
