@@ -57,6 +57,17 @@ async def test_output_comes_from_the_offset_and_an_ended_job_replays(server: Ser
         assert session.ended.exit_code == 0
 
 
+async def test_attach_to_an_ended_job_that_printed_nothing(server: Server) -> None:
+    # (Its log has no file, nor its directory: they come with a job's first output.)
+    async with server.connect() as client:
+        job = await client.start("true")
+        await client.wait(job.id)
+        async with client.attach(job.id) as session:
+            assert [c async for c in session] == []
+        assert session.ended is not None
+        assert (session.ended.exit_code, session.ended.output_bytes) == (0, 0)
+
+
 async def test_two_attachers_both_see_everything_and_either_may_type(server: Server) -> None:
     async with server.connect() as one, server.connect("admin") as two:
         job = await one.start("cat", stdin=True)
