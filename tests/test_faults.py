@@ -169,6 +169,15 @@ async def test_starts_on_a_disk_out_of_inodes_run_and_only_their_output_is_lost(
             assert b"".join([c.data async for c in sup.output(job.id)]) == b"back\n"
             assert (jobs / job.id / "output.log").read_bytes() == b"back\n"
             assert sup.status(running.id).state is JobState.RUNNING
+            await sup.stop(running.id, grace=0)
+        # No file holds the lost output: after a restart it is counted all the same (a
+        # counter never goes back), and lost as it was.
+        async with open_supervisor(state, retention=_MANUAL) as sup:
+            for lost in (talky, limited):
+                assert sup.status(lost.id).output_bytes == 5
+                assert [c async for c in sup.output(lost.id)] == []
+            assert sup.status(silent.id).output_bytes == 0
+            assert b"".join([c.data async for c in sup.output(job.id)]) == b"back\n"
 
 
 async def test_records_pending_at_shutdown_are_written_on_the_way_out(state_dir: Path) -> None:

@@ -990,6 +990,24 @@ async def test_recover_after_a_crash_between_index_and_data(tmp_path: Path) -> N
     model.check(await collect(log, last_offset - 3), last_offset - 3)
 
 
+async def test_recover_counts_what_the_record_counted_as_lost(tmp_path: Path) -> None:
+    """Bytes the job's record counted that the files lack (never made, a crash before
+    the flush) are a lost range at the end: the end never goes back; a record's start
+    past the files' is kept too."""
+    empty = OutputLog.recover(tmp_path / "never-made", counted=108_899)
+    assert (empty.end, empty.start, empty.lost_ranges) == (108_899, 0, [(0, 108_899)])
+    assert (empty.dropped_bytes, await collect(empty, 0)) == (108_899, [])
+    model = await write_log(tmp_path, [(OUT, b"abc"), (ERR, b"de")])
+    log = OutputLog.recover(tmp_path, counted=9, counted_start=1)
+    assert (log.end, log.start, log.lost_ranges, log.dropped_bytes) == (9, 1, [(5, 9)], 4)
+    chunks = await collect(log, 0)
+    assert [(c.offset, c.data) for c in chunks] == [(1, b"bc"), (3, b"de")]
+    assert await collect(log, 6) == []
+    same = OutputLog.recover(tmp_path, counted=2)  # (a record behind the files: theirs)
+    assert (same.end, same.lost_ranges) == (5, [])
+    model.check(await collect(same, 0), 0)
+
+
 async def test_recover_ignores_a_damaged_index_tail(tmp_path: Path) -> None:
     model = await write_log(tmp_path, PIECES)
     index = tmp_path / "output.idx"

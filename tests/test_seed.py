@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from trio_worker import JobState, Limits, Unenforceable, open_supervisor
 from trio_worker._host import _cspawn
@@ -712,6 +713,66 @@ async def test_the_refill_plants_by_the_cap_the_watch_read_without_reading_it(
             assert planted == []
             for path, _, no_cap in limits:
                 path.write_text(no_cap)
+
+
+async def test_a_watch_on_a_removed_group_is_not_trusted_and_the_new_group_is_watched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The refill plants by the cap the watch read last. The jobs' parent group removed
+    # and made again has new limit files, whose writes the old watch never hears (nor
+    # the removal: cgroupfs gives a removed group's files' watches no notice): a cap
+    # written there was never read, and seeds were planted under it. The removal is
+    # heard now (on the group's parent), and the new group's files are watched.
+    token = trio.lowlevel.current_trio_token()
+    capped_read = trio.Event()
+    for driver in (V1Driver, V2Driver):
+
+        def counted(self: CgroupDriver, original: Any = driver.memory_capped) -> Path | None:
+            if (found := original(self)) is not None:
+                token.run_sync_soon(capped_read.set)
+            return found
+
+        monkeypatch.setattr(driver, "memory_capped", counted)
+    with _jobs_under_a_new_top() as (parent, _):
+        async with open_supervisor(tmp_path / "state", cgroup_parent=parent) as sup:
+            launcher = sup._admission.launcher
+            seeds = await _ready_seeds(sup)
+            assert seeds
+            # As an administrator would: the places' seeds killed, their groups removed,
+            # then the jobs' parent; made again, and a cap written on it.
+            for _, pid in seeds:
+                os.kill(pid, signal.SIGKILL)
+            _wait_until(lambda: not any(process_alive(pid) for _, pid in seeds))
+            for place in launcher.ready_places():
+                for directory in place.group.dirs:
+                    directory.rmdir()
+            caps: list[tuple[Path, str]] = []
+            for directory in launcher.cgroups.parent_dirs():
+                directory.rmdir()
+                directory.mkdir()
+                for name, no_cap in (("memory.max", "max"), ("memory.limit_in_bytes", "-1")):
+                    if (directory / name).exists():
+                        caps.append((directory / name, no_cap))
+            assert caps
+            for path, _ in caps:
+                path.write_text(str(1 << 40))
+            with trio.fail_after(20):  # a hang detector: before, nothing read it
+                await capped_read.wait()
+            for job_id, _ in seeds:  # the removed places: their Starts fail, saying why
+                failed = await sup.start("true")
+                assert (failed.id, failed.state) == (job_id, JobState.FAILED)
+            job = await sup.start("true")  # a place of the new group's
+            assert (await sup.wait(job.id)).exit_code == 0
+            await launcher.settled()
+            assert launcher.ready_places()
+            planted = [p for p in launcher.ready_places() if p.seed and not p.seed.killed]
+            assert planted == []
+            for path, no_cap in caps:  # the new files are watched: seeds again
+                path.write_text(no_cap)
+            await trio.testing.wait_all_tasks_blocked()
+            job = await sup.start("true")
+            assert (await sup.wait(job.id)).exit_code == 0
+            assert await _ready_seeds(sup) != []
 
 
 def test_which_memory_limits_count_as_a_cap_above_the_jobs(tmp_path: Path) -> None:

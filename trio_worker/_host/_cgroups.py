@@ -73,6 +73,8 @@ _REMOVE_TIMEOUT = 1.0
 _FREEZE_TIMEOUT = 1.0
 _LEFTOVER_TIMEOUT = 2.0
 _IN_MODIFY = 0x2
+_IN_MOVED_FROM = 0x40
+_IN_DELETE = 0x200
 #: A v1 memory group's limits (``memory_capped``).
 _V1_MEMORY = ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
 
@@ -327,19 +329,42 @@ def _backing_device(
 
 class Inotify:
     """An inotify fd watching files for modification (``cgroup.events``; a memory
-    limit's file: cgroupfs, like any file system, notes a ``write`` to it)."""
+    limit's file: cgroupfs, like any file system, notes a ``write`` to it), and
+    ``parents`` for a child's removal or rename: a removed group's files give their
+    watches no notice on cgroupfs (no IN_DELETE_SELF, no IN_IGNORED), its parent does."""
 
-    def __init__(self, *paths: Path) -> None:
+    def __init__(self, *paths: Path, parents: Iterable[Path] = ()) -> None:
         fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code))
-        for path in paths:
-            if _libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
-                code = ctypes.get_errno()
-                os.close(fd)
-                raise OSError(code, os.strerror(code), str(path))
         self.fd = fd
+        #: (path, mask, watch descriptor) of each watch (``watching``).
+        self._watches: list[tuple[bytes, int, int]] = []
+        try:
+            for parent in parents:  # (first: a removal after a file's watch is heard)
+                self._add(parent, _IN_DELETE | _IN_MOVED_FROM)
+            for path in paths:
+                self._add(path, _IN_MODIFY)
+        except OSError:
+            os.close(fd)
+            raise
+
+    def _add(self, path: Path, mask: int) -> None:
+        raw = os.fsencode(path)
+        wd = _libc.inotify_add_watch(self.fd, raw, mask)
+        if wd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(path))
+        self._watches.append((raw, mask, wd))
+
+    def watching(self) -> bool:
+        """Whether each path still names the file it watches (blocking). Watching a
+        watched file again gives its watch descriptor back; a path gone, or made again
+        (a new inode), does not."""
+        return all(
+            _libc.inotify_add_watch(self.fd, raw, mask) == wd for raw, mask, wd in self._watches
+        )
 
     def drain(self) -> None:
         try:

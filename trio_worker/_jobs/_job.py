@@ -206,8 +206,11 @@ class Job:
         """A job of an earlier run, as its record and its log on disk say."""
         info = entry.info
         spec = StartSpec(info.command, info.args, {}, entry.cwd)
-        # (A log that was never written, or removed by hand, has no files: empty.)
-        log = OutputLog.recover(directory)
+        # (A log that was never written, or removed by hand, has no files: empty. Bytes
+        # the record counted that the files lack are lost: the counters never go back.)
+        log = OutputLog.recover(
+            directory, counted=info.output_bytes, counted_start=info.output_start
+        )
         job = cls(info.id, info.owner, spec, info.limits, info.isolation, log)
         job.env_keys = entry.env_keys
         job.user = info.user

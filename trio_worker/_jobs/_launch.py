@@ -468,33 +468,57 @@ class Launcher:
         (``_caps_fresh``), which read the files at every round (25 us of its thread,
         mostly holding the GIL). Left: a v2 cap written below the jobs' usage makes its OOM
         kill inside the writer's ``write``, before any notice.
+
+        A watch is trusted only while its files are the ones the paths name: the jobs'
+        parent group removed (a rename, or the groups above it) and made again has new
+        files, which no write to reaches the old watch. The removal's notice (on the
+        groups' parents) wakes this task, which then watches the files there now; with
+        none (the group not made again), the refill reads them every round.
         """
         if not self._seeds:
             return
-        paths = await trio.to_thread.run_sync(self.cgroups.memory_limit_files)
+        while (watch := await trio.to_thread.run_sync(self._watch_caps)) is not None:
+            try:
+                await self._keep_caps_fresh(watch)
+            finally:
+                self._caps_fresh = False
+                watch.close()
+            _log.info("the jobs' memory limit groups were removed or renamed: watching anew")
+
+    def _watch_caps(self) -> Inotify | None:
+        """In a worker thread: a watch on the jobs' memory limit files and their groups'
+        parents (for the groups' removal); None if there are none or it cannot be made."""
+        paths = self.cgroups.memory_limit_files()
         if not paths:
-            return
+            return None
         try:
-            watch = Inotify(*paths)
+            return Inotify(*paths, parents={path.parent.parent for path in paths})
         except OSError as exc:
             _log.warning("no watch on the jobs' memory limits: %s", exc)
-            return
-        try:
-            while True:
-                # Read once the watch is on (a write before it is seen here), then after
-                # each write: until then, the refill reads for itself.
-                self._caps_fresh = False
-                capped = await trio.to_thread.run_sync(self._memory_capped)
-                self._caps_fresh = capped is not None
-                if capped is not False:
-                    for place in self._ready:
-                        if place.seed is not None:
-                            _kill_waiting(place.seed)
-                await trio.lowlevel.wait_readable(watch.fd)
-                watch.drain()
-        finally:
+            return None
+
+    def _read_caps(self, watch: Inotify) -> tuple[bool | None, bool]:
+        """In a worker thread: ``_memory_capped``, and whether ``watch`` still watches
+        the files it read (checked first: a removal after it wakes the watch again)."""
+        watching = watch.watching()
+        return self._memory_capped(), watching
+
+    async def _keep_caps_fresh(self, watch: Inotify) -> None:
+        """Read the cap once ``watch`` is on (a write before it is seen here), then after
+        each write, killing waiting seeds under a cap; return once ``watch`` watches
+        files the paths no longer name. Until the first read, the refill reads for itself."""
+        while True:
             self._caps_fresh = False
-            watch.close()
+            capped, watching = await trio.to_thread.run_sync(self._read_caps, watch)
+            if capped is not False:
+                for place in self._ready:
+                    if place.seed is not None:
+                        _kill_waiting(place.seed)
+            if not watching:
+                return
+            self._caps_fresh = capped is not None
+            await trio.lowlevel.wait_readable(watch.fd)
+            watch.drain()
 
     # -- a seeded Start (on the loop) -------------------------------------------
 

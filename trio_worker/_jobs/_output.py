@@ -403,7 +403,7 @@ class OutputLog:
         self._space = Broadcaster()
 
     @classmethod
-    def recover(cls, directory: Path) -> OutputLog:
+    def recover(cls, directory: Path, *, counted: int = 0, counted_start: int = 0) -> OutputLog:
         """The finished, read-only log a previous run left in ``directory``.
 
         Replays exactly the bytes and stream tags that reached the files, with
@@ -411,6 +411,11 @@ class OutputLog:
         has no files (nor, maybe, directory): it is empty. Blocking (it reads the
         index once, in blocks): call it in a thread when that matters. Raises
         ``OSError`` if ``output.log`` or ``output.idx`` exists and cannot be read.
+
+        ``counted`` and ``counted_start`` are the end and start the job's record
+        holds (what clients were shown): bytes counted beyond what the files hold
+        (files that could never be made, a crash before the flush) are lost, so a
+        restart never takes a job's counters back.
         """
         log = cls.__new__(cls)
         log._setup(Path(directory), 0, 0, None, None)
@@ -423,6 +428,7 @@ class OutputLog:
             except FileNotFoundError:
                 # Never written: no file (the first flush makes the index, then the
                 # data file, and only then writes a record).
+                log._lose_beyond(counted, counted_start)
                 return log
             size = os.fstat(data.fileno()).st_size
             records = os.fstat(index.fileno()).st_size // _INDEX.size
@@ -457,8 +463,23 @@ class OutputLog:
                 log._lost_ends.append(b)
         # As persisted: it was moved past lost ranges when it was chosen.
         log._advance_start(min(start, end), snap=False)
-        log.dropped_bytes = sum(b - a for a, b in log.lost_ranges)
+        log._lose_beyond(counted, counted_start)
         return log
+
+    def _lose_beyond(self, counted: int, counted_start: int) -> None:
+        """Of a recovered log: bytes up to ``counted`` that the files lack were lost,
+        and none below ``counted_start`` is retained."""
+        end = self._end
+        if counted > end:
+            if self._lost_ends and self._lost_ends[-1] >= end:
+                self._lost_ends[-1] = counted
+            else:
+                self._lost_starts.append(end)
+                self._lost_ends.append(counted)
+            self._end = self._flushed = self._open_offset = counted
+        if counted_start > self._start:
+            self._advance_start(min(counted_start, self._end), snap=False)
+        self.dropped_bytes = sum(b - a for a, b in self.lost_ranges)
 
     @property
     def data_path(self) -> Path:
