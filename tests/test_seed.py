@@ -383,7 +383,9 @@ def _seeds_of_a_killed_server(
     server: subprocess.Popen[bytes],
 ) -> Iterator[list[int]]:
     """The seeds' pids the server printed; then the server SIGKILLed, and every seed must
-    end on its own (any left is killed on the way out, so a failure leaks nothing)."""
+    end on its own (any left is killed on the way out, so a failure leaks nothing). The
+    server is killed on every way out: a failure before its kill, left alive, hung the
+    suite in ``Popen.__exit__`` (678 s, once, loaded, until killed by hand)."""
     assert server.stdout is not None
     pids = [int(p) for p in server.stdout.readline().split()]
     try:
@@ -393,6 +395,9 @@ def _seeds_of_a_killed_server(
         server.wait()
         _wait_until(lambda: not any(process_alive(pid) for pid in pids))
     finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
         for pid in pids:
             if process_alive(pid):
                 os.kill(pid, signal.SIGKILL)
