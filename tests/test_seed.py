@@ -809,8 +809,10 @@ def test_which_memory_limits_count_as_a_cap_above_the_jobs(tmp_path: Path) -> No
 
 
 _SERVER = """
-import sys, trio
+import logging, sys, trio
 from trio_worker import open_supervisor
+
+logging.basicConfig(level=logging.DEBUG)  # why a place or a seed was not made, if so
 
 async def main(state, parent):
     async with open_supervisor(state, cgroup_parent=parent) as sup:
@@ -826,15 +828,21 @@ trio.run(main, sys.argv[1], sys.argv[2])
 def test_a_server_killed_by_sigkill_leaves_no_seed_running(tmp_path: Path) -> None:
     require_root("cgroups")
     parent = "tw-seed-" + secrets.token_hex(4)
-    with subprocess.Popen(
-        [sys.executable, "-c", _SERVER, str(tmp_path / "state"), parent],
-        stdout=subprocess.PIPE,
-        cwd=REPO,
-    ) as server:
+    log = tmp_path / "server.log"  # (a file: a pipe nobody reads could stop the server)
+    with (
+        log.open("wb") as log_file,
+        subprocess.Popen(
+            [sys.executable, "-c", _SERVER, str(tmp_path / "state"), parent],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            cwd=REPO,
+        ) as server,
+    ):
         reapers: list[int] = []
         try:
             with _seeds_of_a_killed_server(server) as pids:
-                assert pids
+                # (Seen once under load, unexplained: no ready place with a seed.)
+                assert pids, log.read_text(errors="replace")[-3000:]
                 reapers = reapers_of(tmp_path / "state")
         finally:
             # Its reapers remove the dead server's groups: as a restart does, the clean-up
