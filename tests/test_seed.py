@@ -383,7 +383,9 @@ def _seeds_of_a_killed_server(
     server: subprocess.Popen[bytes],
 ) -> Iterator[list[int]]:
     """The seeds' pids the server printed; then the server SIGKILLed, and every seed must
-    end on its own (any left is killed on the way out, so a failure leaks nothing)."""
+    end on its own (any left is killed on the way out, so a failure leaks nothing). The
+    server is killed on every way out: a failure before its kill, left alive, hung the
+    suite in ``Popen.__exit__`` (678 s, once, loaded, until killed by hand)."""
     assert server.stdout is not None
     pids = [int(p) for p in server.stdout.readline().split()]
     try:
@@ -393,6 +395,9 @@ def _seeds_of_a_killed_server(
         server.wait()
         _wait_until(lambda: not any(process_alive(pid) for pid in pids))
     finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
         for pid in pids:
             if process_alive(pid):
                 os.kill(pid, signal.SIGKILL)
@@ -804,8 +809,10 @@ def test_which_memory_limits_count_as_a_cap_above_the_jobs(tmp_path: Path) -> No
 
 
 _SERVER = """
-import sys, trio
+import logging, sys, trio
 from trio_worker import open_supervisor
+
+logging.basicConfig(level=logging.DEBUG)  # why a place or a seed was not made, if so
 
 async def main(state, parent):
     async with open_supervisor(state, cgroup_parent=parent) as sup:
@@ -821,15 +828,21 @@ trio.run(main, sys.argv[1], sys.argv[2])
 def test_a_server_killed_by_sigkill_leaves_no_seed_running(tmp_path: Path) -> None:
     require_root("cgroups")
     parent = "tw-seed-" + secrets.token_hex(4)
-    with subprocess.Popen(
-        [sys.executable, "-c", _SERVER, str(tmp_path / "state"), parent],
-        stdout=subprocess.PIPE,
-        cwd=REPO,
-    ) as server:
+    log = tmp_path / "server.log"  # (a file: a pipe nobody reads could stop the server)
+    with (
+        log.open("wb") as log_file,
+        subprocess.Popen(
+            [sys.executable, "-c", _SERVER, str(tmp_path / "state"), parent],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            cwd=REPO,
+        ) as server,
+    ):
         reapers: list[int] = []
         try:
             with _seeds_of_a_killed_server(server) as pids:
-                assert pids
+                # (Seen once under load, unexplained: no ready place with a seed.)
+                assert pids, log.read_text(errors="replace")[-3000:]
                 reapers = reapers_of(tmp_path / "state")
         finally:
             # Its reapers remove the dead server's groups: as a restart does, the clean-up
