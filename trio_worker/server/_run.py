@@ -27,7 +27,6 @@ from typing import Any
 import trio
 
 from .._errors import describe_id
-from .._host._sched import loop_slice
 from .._host._users import UnixUser
 from .._jobs._supervisor import Retention, open_supervisor
 from .._limits import LimitPolicy
@@ -174,48 +173,45 @@ async def run_server(
             on_call=record,
             on_drain=on_drain,
         )
-        # The loop's thread asks for short turns on the CPU, sooner: a reply waits for
-        # it, and in a Start burst it waited for a CPU (``_host._sched``).
-        with loop_slice():
-            async with trio.open_nursery() as nursery:
-                port = await nursery.start(server.serve, settings.host, settings.port)
-                if handle_signals:
-                    await nursery.start(reload_on_sighup, server, load, tls)
-                _log.info("serving on %s", ", ".join(server.addresses))
-                if settings.crl is not None and not tls.has_crl:
-                    _log.info(
-                        "CRL %s does not exist yet: no client certificate is revoked until it "
-                        "does (trio-worker certs revoke makes it; then send SIGHUP)",
-                        settings.crl,
-                    )
-                _freeze_startup_objects()
-                task_status.started(port)
-                notify("READY=1", f"STATUS=serving on {', '.join(server.addresses)}")
-                if not handle_signals:
-                    await trio.sleep_forever()
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    first = await signals.__anext__()
-                    _log.info("received %s: shutting down", signal.Signals(first).name)
-                    notify("STOPPING=1", "STATUS=shutting down")
-                    grace = settings.shutdown_grace
-                    async with trio.open_nursery() as shutdown:
-                        # Draining runs alongside: it waits for the streams that the
-                        # jobs' ends will finish.
-                        shutdown.start_soon(server.drain, grace + 5.0)
-                        async with trio.open_nursery() as jobs:
-                            graceful = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.serve, settings.host, settings.port)
+            if handle_signals:
+                await nursery.start(reload_on_sighup, server, load, tls)
+            _log.info("serving on %s", ", ".join(server.addresses))
+            if settings.crl is not None and not tls.has_crl:
+                _log.info(
+                    "CRL %s does not exist yet: no client certificate is revoked until it "
+                    "does (trio-worker certs revoke makes it; then send SIGHUP)",
+                    settings.crl,
+                )
+            _freeze_startup_objects()
+            task_status.started(port)
+            notify("READY=1", f"STATUS=serving on {', '.join(server.addresses)}")
+            if not handle_signals:
+                await trio.sleep_forever()
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                first = await signals.__anext__()
+                _log.info("received %s: shutting down", signal.Signals(first).name)
+                notify("STOPPING=1", "STATUS=shutting down")
+                grace = settings.shutdown_grace
+                async with trio.open_nursery() as shutdown:
+                    # Draining runs alongside: it waits for the streams that the
+                    # jobs' ends will finish.
+                    shutdown.start_soon(server.drain, grace + 5.0)
+                    async with trio.open_nursery() as jobs:
+                        graceful = trio.CancelScope()
 
-                            async def second_signal() -> None:
-                                async for sig in signals:
-                                    name = signal.Signals(sig).name
-                                    _log.info("received %s again: killing jobs now", name)
-                                    graceful.cancel()
-                                    return
+                        async def second_signal() -> None:
+                            async for sig in signals:
+                                name = signal.Signals(sig).name
+                                _log.info("received %s again: killing jobs now", name)
+                                graceful.cancel()
+                                return
 
-                            jobs.start_soon(second_signal)
-                            with graceful:
-                                await supervisor.shutdown(grace)
-                            if graceful.cancelled_caught:
-                                await supervisor.shutdown(0)
-                            jobs.cancel_scope.cancel()
-                nursery.cancel_scope.cancel()
+                        jobs.start_soon(second_signal)
+                        with graceful:
+                            await supervisor.shutdown(grace)
+                        if graceful.cancelled_caught:
+                            await supervisor.shutdown(0)
+                        jobs.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
