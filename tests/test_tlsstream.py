@@ -14,10 +14,9 @@ from tests.grpc_support import make_pki
 from trio_worker._net._tlsstream import TLSSocketStream
 
 
-async def test_buffers_written_in_turn_arrive_whole_and_in_order(tmp_path: Path) -> None:
-    """More than the sockets hold, in buffers of every size: ``try_send_many`` keeps what
-    the socket did not take (``pending``), ``flush`` completes it, and the reader gets
-    the bytes in order."""
+def _small_socket_streams(tmp_path: Path) -> tuple[TLSSocketStream, TLSSocketStream]:
+    """A server's and a client's stream over a socket pair of 64 KiB buffers each way
+    (so that a write fills them up), before their handshake."""
     pki = make_pki(tmp_path)
     a, b = socket.socketpair()
     for sock in (a, b):
@@ -25,6 +24,14 @@ async def test_buffers_written_in_turn_arrive_whole_and_in_order(tmp_path: Path)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     server = TLSSocketStream(a, pki.server_context())
     client = TLSSocketStream(b, pki.client_context(), server_hostname="localhost")
+    return server, client
+
+
+async def test_buffers_written_in_turn_arrive_whole_and_in_order(tmp_path: Path) -> None:
+    """More than the sockets hold, in buffers of every size: ``try_send_many`` keeps what
+    the socket did not take (``pending``), ``flush`` completes it, and the reader gets
+    the bytes in order."""
+    server, client = _small_socket_streams(tmp_path)
     buffers = [os.urandom(n) for n in (1, 70_000, 5, 16_384, 2_000_000, 3)]
     buffers.insert(3, bytearray(os.urandom(40_000)))
     buffers.append(memoryview(os.urandom(300_000))[1000:])
@@ -62,13 +69,7 @@ async def test_one_small_buffer_a_full_socket_takes_part_of_is_kept_and_flushed(
     """A write of one small buffer (a unary answer's, sent without the general path's
     copies) into a socket that fills up: what it did not take is ``pending``, the buffer
     given to OpenSSL again by ``flush``, and the reader gets every byte in order."""
-    pki = make_pki(tmp_path)
-    a, b = socket.socketpair()
-    for sock in (a, b):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    server = TLSSocketStream(a, pki.server_context())
-    client = TLSSocketStream(b, pki.client_context(), server_hostname="localhost")
+    server, client = _small_socket_streams(tmp_path)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.do_handshake)
         nursery.start_soon(client.do_handshake)
