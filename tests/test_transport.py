@@ -363,21 +363,6 @@ async def test_an_at_once_answer_spawns_no_task_and_not_now_waits_in_one(pki: Pk
     ]
 
 
-async def test_a_not_now_call_keeps_its_deadline(pki: Pki) -> None:
-    probe = Probe()
-    async with (
-        running_server(pki, methods(probe)) as r,
-        RawClient.connect(pki, r.port) as client,
-    ):
-        request = w.DoubleValue(value=60).SerializeToString()
-        sid = await client.start(SOON, request, headers=[("grpc-timeout", "300m")])
-        with trio.fail_after(5):
-            await client.until(lambda: client.status(sid) is not None)
-        assert client.status(sid) == StatusCode.DEADLINE_EXCEEDED
-        assert probe.cancelled.is_set()
-    assert r.records[0].code is StatusCode.DEADLINE_EXCEEDED
-
-
 async def test_sync_unary_response_over_raw_window(pki: Pki) -> None:
     async with (
         running_server(pki, methods(Probe())) as r,
@@ -786,15 +771,17 @@ async def test_bidi_inbound_flow_control_follows_the_handler(pki: Pki) -> None:
 # --- deadlines and cancellation ---------------------------------------------------------
 
 
-async def test_deadline_enforced_by_server(pki: Pki) -> None:
-    """grpc-timeout alone (no client-side cancel) ends the call with DEADLINE_EXCEEDED."""
+@pytest.mark.parametrize("method", [SLEEP, SOON])
+async def test_deadline_enforced_by_server(pki: Pki, method: str) -> None:
+    """grpc-timeout alone (no client-side cancel) ends the call with DEADLINE_EXCEEDED:
+    also a call whose ``at_once`` said "not now" (SOON), which keeps its deadline."""
     probe = Probe()
     async with (
         running_server(pki, methods(probe)) as r,
         RawClient.connect(pki, r.port) as client,
     ):
         request = w.DoubleValue(value=60).SerializeToString()
-        sid = await client.start(SLEEP, request, headers=[("grpc-timeout", "300m")])
+        sid = await client.start(method, request, headers=[("grpc-timeout", "300m")])
         with trio.fail_after(5):
             await client.until(lambda: client.status(sid) is not None)
         assert client.status(sid) == StatusCode.DEADLINE_EXCEEDED
