@@ -25,8 +25,12 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import pytest
-import pytest_timeout
 import trio
+
+try:
+    import pytest_timeout
+except ModuleNotFoundError:  # (a venv made before it was a test dependency)
+    raise ImportError("the tests need pytest-timeout: pip install -e '.[test]'") from None
 
 #: Seconds a timed-out trio test has to unwind once cancelled, before the session ends.
 GRACE = 60.0
