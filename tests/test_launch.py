@@ -19,6 +19,7 @@ import trio.testing
 
 from tests.conftest import require_root
 from trio_worker import JobState, Limits, open_supervisor
+from trio_worker._jobs._job import kill
 from trio_worker._jobs._launch import RETIRE_AFTER, Launcher
 from trio_worker._jobs._supervisor import Supervisor
 
@@ -430,3 +431,30 @@ async def test_an_ended_jobs_group_serves_a_later_job_that_sees_only_its_own_usa
         await launcher.settled()
         assert no_stray_group(sup)
     assert none_exist([str(d) for d in first])
+
+
+async def test_a_late_kill_of_an_ended_job_spares_the_job_that_got_its_group(
+    tmp_path: Path,
+) -> None:
+    """A kill that was due for a job (a Stop's deadline, run as a task of its own) may
+    run after the job ended and its group went to a later job: it must not kill that."""
+    require_root("cgroups")
+    parent = "tw-late-kill-" + secrets.token_hex(4)
+    async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+        launcher = sup._admission.launcher
+        first = await sup.start("true")
+        assert (await sup.wait(first.id)).state is JobState.EXITED
+        old = sup._jobs.get(first.id)
+        assert old.process is not None
+        for _ in range(4 * launcher._target):
+            await launcher.settled()
+            job = await sup.start("sleep", ["60"])
+            if dirs_of(sup, job.id) == dirs_of(sup, first.id):
+                break
+            await sup.stop(job.id, grace=0)
+        else:
+            pytest.fail("the ended job's group was never used again")
+        assert await kill(old, old.process)
+        await trio.sleep(0.2)
+        assert sup.status(job.id).state is JobState.RUNNING
+        await sup.stop(job.id, grace=0)
