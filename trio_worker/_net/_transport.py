@@ -957,8 +957,8 @@ class _Connection(Connection):
                         ended = True
                         call._scope = None
                         self._complete(call, code, message, call.request, response)
-                        if scope.cancel_called:  # (after the call's last checkpoint)
-                            break
+                        if call.cancelled:  # (after the call's last checkpoint)
+                            break  # (this scope is cancelled: the next call gets a new one)
                         work = await self._next_call()
                         if work is None:
                             return
