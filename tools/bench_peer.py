@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -331,6 +332,32 @@ def _peer_round(args: argparse.Namespace, scratch: Path, scale: bool = False) ->
         proc.wait(timeout=60)
 
 
+def _page_cache_cost(scratch: Path) -> tuple[float, float]:
+    """CPU ms to write 64 MiB into new page cache: after 4 s idle, then at once again.
+
+    On a VM whose freed memory goes back to its host (free page reporting, as on this
+    Firecracker guest), pages that sat free for ~2 s cost a host fault at their first
+    touch: writing a job's log then costs several times the CPU, and capture (and so
+    follow) slows with it. The peer pays the same for its heap. Printed so that a
+    sitting's output rows can be read knowing which kind of sitting it was.
+    """
+    block = b"\0" * (1 << 20)
+    costs = []
+    for idle in (4.0, 0.0):
+        time.sleep(idle)
+        path = scratch / "page-cache-cost"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            start = time.thread_time()
+            for i in range(64):
+                os.pwrite(fd, block, i << 20)
+            costs.append((time.thread_time() - start) * 1e3)
+        finally:
+            os.close(fd)
+            path.unlink()
+    return costs[0], costs[1]
+
+
 def _stock_nofile() -> None:
     """In the server's child, before exec: a stock host's fd limits."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -403,6 +430,7 @@ def main() -> None:
         results[name] = []
     with tempfile.TemporaryDirectory(prefix="bench-peer-") as tmp:
         scratch = Path(tmp)
+        pages = [_page_cache_cost(scratch)]
         for round_ in range(args.rounds):
             order: list[tuple[str, str | None]] = [("peer", None), *servers]
             random.shuffle(order)
@@ -424,6 +452,8 @@ def main() -> None:
                         scaled = _server_round(args, scratch, name, python, scale=True)
                         results[name][-1] |= scaled
 
+        pages.append(_page_cache_cost(scratch))
+
     def median(name: str, figure: str) -> float | None:
         values = [r[figure] for r in results[name] if figure in r]
         return statistics.median(values) if values else None
@@ -431,6 +461,10 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"trio-worker vs grpcio peer: {args.rounds} interleaved round(s), medians;")
     print(f"ratio >= 1 is better. Load average at the end: {load:.1f} (shared machine).")
+    print(
+        "new page cache, CPU ms per 64 MiB after 4 s idle / at once (output rows pay it): "
+        + ", then ".join(f"{cold:.0f} / {warm:.0f}" for cold, warm in pages)
+    )
     header = f"{'figure':44}" + "".join(f"{n:>14}{'ratio':>7}" for n, _ in servers)
     print(header + f"{'peer':>12}")
     rows = table_rows(args.spawn, args.scale)
