@@ -428,6 +428,12 @@ class JobProcess:
         else:
             await trio.lowlevel.checkpoint()
 
+    def has_exited(self) -> bool:
+        """Whether the main process has exited (reaped or not); nothing is consumed."""
+        if self.returncode is not None:
+            return True
+        return os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
     def signal_group(self, signum: int) -> None:
         """Signal the job's process group; a no-op once the leader is reaped."""
         if self.returncode is not None:
