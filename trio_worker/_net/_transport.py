@@ -944,7 +944,8 @@ class _Connection(Connection):
         is cancelled through it (:meth:`_Call.cancel`), by the reader, a drain or its
         deadline (:meth:`_watch_deadline`); a new scope only after a cancellation. A scope
         of its own per call (made, entered, left) and a task per call were a fifth of an
-        async call's CPU. ``ready``: the request and response made in the
+        async call's CPU. (The calls of one task share its context variables: no
+        handler here sets any.) ``ready``: the request and response made in the
         reader, which had no room to send it; ``parsed``: the request, parsed in the
         reader for an ``at_once`` that said "not now".
         """
