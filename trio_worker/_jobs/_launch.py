@@ -316,21 +316,20 @@ class Launcher:
 
     async def _round(self, retired: list[JobCgroup], ids: list[str]) -> int:
         """One round of the refill's thread (``_tend``): how many places it made."""
-        # Shielded: the places the thread makes must reach the pool (or ``aclose``
-        # would not remove them).
+        # Not cancellable (``in_thread``, no other checkpoint): the places the thread
+        # makes must reach the pool (or ``aclose`` would not remove them).
         made = 0
-        with trio.CancelScope(shield=True):
-            self._making = ids
-            try:
-                made, held = await in_thread(partial(self._tend, retired, ids))
-                if held:
-                    self._arrive(held)
-            except RuntimeError:  # "can't start new thread"
-                self._retired[:0] = retired
-            finally:
-                self._making = ()
-                self._arrived.set()  # a Start waiting for a place: none is coming
-                self._arrived = trio.Event()
+        self._making = ids
+        try:
+            made, held = await in_thread(partial(self._tend, retired, ids))
+            if held:
+                self._arrive(held)
+        except RuntimeError:  # "can't start new thread"
+            self._retired[:0] = retired
+        finally:
+            self._making = ()
+            self._arrived.set()  # a Start waiting for a place: none is coming
+            self._arrived = trio.Event()
         return made
 
     async def _wait(self, wanted: trio.Event) -> None:
