@@ -22,6 +22,9 @@ import trio_worker
 from trio_worker import Limits, Supervisor
 from trio_worker._host._cgroups import JobCgroup, NoDriver, detect
 
+# The per-test timeout's hooks, safe inside trio runs (see ``_timeouts``).
+from ._timeouts import pytest_runtest_call, pytest_timeout_set_timer  # noqa: F401
+
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Byte-compile the package once, as ``pip install`` leaves an installed copy. Under

@@ -444,7 +444,7 @@ async def test_a_crash_before_the_record_is_committed_still_kills_the_job(
 
 async def test_a_jobs_end_does_not_wait_for_its_record(tmp_path: Path) -> None:
     # The end's record is queued for the committer: while no transaction can run,
-    # Stop is answered and the job's group removed all the same; the record lands
+    # Stop is answered and the job's group removed (or recycled) all the same; the record lands
     # once the store takes writes, without anyone asking.
     require_root("a job's cgroup")
     state = tmp_path / "state"
@@ -459,9 +459,13 @@ async def test_a_jobs_end_does_not_wait_for_its_record(tmp_path: Path) -> None:
         async with store._lock:  # no transaction while held
             end = await sup.stop(job.id, grace=0)
             assert end.state is JobState.KILLED
+            launcher = sup._admission.launcher
             with trio.fail_after(20):
-                while any(d.exists() for d in group.dirs):  # noqa: ASYNC110
-                    await trio.sleep(0.01)
+                await launcher.settled()
+            # Removed, or recycled for the next places.
+            spares = launcher.spare_groups() + [p.group for p in launcher.ready_places()]
+            kept = {d for g in spares for d in g.dirs}
+            assert not any(d.exists() for d in group.dirs if d not in kept)
             assert _row(state, job.id) == ("running", job.pid, ANY)
         with trio.fail_after(20):
             while (_row(state, job.id) or ("",))[0] != "killed":  # noqa: ASYNC110

@@ -5,6 +5,7 @@ the authorization table."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -426,6 +427,55 @@ async def test_a_wait_for_an_ended_job_answers_without_a_turn_of_the_loop() -> N
             scope.cancel()
             await service.wait(pb.WaitRequest(id=sleeper.id), ctx)
         assert scope.cancelled_caught
+        await sup.stop(sleeper.id, grace=0)
+
+
+def _hold_the_loop_until_exited(pid: int) -> None:
+    """Block (no checkpoint: the watcher cannot run meanwhile) until the process has
+    exited, leaving it unreaped."""
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+
+
+async def test_a_wait_that_comes_before_the_watchers_turn_is_answered_in_the_reader() -> None:
+    """A job whose process has exited, with the watcher's turn still to come (the loop is
+    held here; in a server it is busy elsewhere): ``wait_ended`` records its end and
+    answers it then, with its exit status and usage, and the watcher does not end it
+    again. A job still running: "not now". A job whose last output is still in its pipe:
+    that output is read then, and its end (which waits for the disk) is the Wait's."""
+    ctx = CallContext(Identity("alice", Role.FULL), W + "Wait", "test", None)
+    async with open_supervisor() as sup:
+        service = WorkerService(sup)
+        runner = sup._runner
+        ended: list[str] = []
+        record = runner._done
+
+        def counted(watch: Any) -> None:
+            ended.append(watch.job.id)
+            record(watch)
+
+        runner._done = counted  # type: ignore[method-assign]
+        sleeper = await sup.start("sleep", ["60"], owner="alice")
+        job = await sup.start("sh", ["-c", "sleep 0.2; exit 3"], owner="alice")
+        _hold_the_loop_until_exited(job.pid)
+        assert service.wait_ended(pb.WaitRequest(id=sleeper.id), ctx) is None
+        reply = service.wait_ended(pb.WaitRequest(id=job.id), ctx)
+        assert reply is not None
+        assert (reply.state, reply.exit_code) == (pb.JOB_STATE_EXITED, 3)
+        assert reply.HasField("usage")
+        assert ended == [job.id]
+        for _ in range(5):
+            await trio.sleep(0.01)  # the watcher's turns: nothing left for it
+        assert ended == [job.id]
+
+        talker = await sup.start("sh", ["-c", "sleep 0.2; printf 'last words'"], owner="alice")
+        _hold_the_loop_until_exited(talker.pid)
+        assert service.wait_ended(pb.WaitRequest(id=talker.id), ctx) is None
+        assert sup.status(talker.id).output_bytes == len("last words")
+        reply = await service.wait(pb.WaitRequest(id=talker.id), ctx)
+        assert (reply.state, reply.exit_code, reply.output_bytes) == (pb.JOB_STATE_EXITED, 0, 10)
+        data = b"".join([chunk.data async for chunk in sup.output(talker.id, follow=False)])
+        assert data == b"last words"
+        assert ended == [job.id, talker.id]
         await sup.stop(sleeper.id, grace=0)
 
 

@@ -23,7 +23,9 @@ none; see ``_output``); a Start whose helper needs the directory (isolation's
 report) makes it. The job id comes with the place, since a v2 cgroup cannot be
 renamed; it holds the time the place was made, not the Start's (ids still sort by
 when they were made). After a crash, a place's groups are leftovers like any
-other's.
+other's. An ended job's group that is as new is recycled for a later place rather
+than removed and made again (``_recycle``: ARCHITECTURE.md, "Why groups are
+recycled"); it keeps the name of the job it was made for.
 
 Seeds: with the reaper watching, a place also holds its job's process, made
 with it (``_host._spawn.Seed``): already in the job's groups and process group,
@@ -194,8 +196,11 @@ class Launcher:
         #: How many places ``keep_ready`` keeps made ahead of need.
         self._target = ready
         self._ready: deque[Place] = deque()
-        #: Ended jobs' groups, to remove (``retire``).
+        #: Ended jobs' groups, to recycle or remove (``retire``).
         self._retired: list[JobCgroup] = []
+        #: Ended jobs' groups recycled for the next places (``_tend``'s: its thread's,
+        #: one round at a time, then ``aclose``'s).
+        self._spare: deque[JobCgroup] = deque()
         #: ``keep_ready``'s wait while it has nothing to do; ``retire`` sets its deadline.
         self._linger: trio.CancelScope | None = None
         #: When the last group was retired: the linger lasts until ``RETIRE_AFTER`` later.
@@ -272,6 +277,10 @@ class Launcher:
     def ready_places(self) -> list[Place]:
         return list(self._ready)
 
+    def spare_groups(self) -> list[JobCgroup]:
+        """The recycled groups waiting for places (tests take stock, once ``settled``)."""
+        return list(self._spare)
+
     async def settled(self) -> None:
         """Wait until ``keep_ready`` has nothing to do (tests take stock of places)."""
         await self._idle.wait()
@@ -347,12 +356,13 @@ class Launcher:
                 return
 
     async def aclose(self) -> None:
-        """Remove the retired groups and the ready places (after ``keep_ready`` was
-        cancelled and every job ended)."""
+        """Remove the retired and spare groups and the ready places (after
+        ``keep_ready`` was cancelled and every job ended)."""
         self._closed = True
         places = list(self._ready)
         self._ready.clear()
-        retired, self._retired = self._retired, []
+        retired, self._retired = [*self._retired, *self._spare], []
+        self._spare.clear()
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._discard_all, retired, places)
 
@@ -361,8 +371,9 @@ class Launcher:
         _discard_places(places)
 
     def _tend(self, retired: Sequence[JobCgroup], ids: Sequence[str]) -> tuple[int, list[Place]]:
-        """In a worker thread: make the places, then remove the retired groups. Returns
-        how many places were made, and those not handed over yet.
+        """In a worker thread: recycle what it can of the retired groups (``_recycle``),
+        make the places, then remove the other retired groups. Returns how many places
+        were made, and those not handed over yet.
 
         The places come back with the result (``_round`` puts them in the pool): each
         hand-over wakes the loop, a turn of it (~20-40 us of its CPU) per place. Only
@@ -380,9 +391,29 @@ class Launcher:
                 token.run_sync_soon(self._arrive, held[:])
                 held.clear()
 
+        gone = self._recycle(retired, len(ids))
         made = self._make_places(ids, arrive)
-        _remove_groups(retired)
+        _remove_groups(gone)
         return made, held
+
+    def _recycle(self, retired: Sequence[JobCgroup], wanted: int) -> list[JobCgroup]:
+        """In a worker thread: recycle retired groups into ``_spare`` (``CgroupDriver.
+        recycle``), enough for ``wanted`` places and the pool's target; returns those
+        to remove (the rest, and those that cannot be recycled).
+
+        A place in a recycled group costs a few reads and a write, where a new one cost
+        a mkdir per hierarchy and, at its job's end, an rmdir each (the bulk of this
+        thread's CPU: ARCHITECTURE.md, "Why groups are recycled")."""
+        room = max(wanted, self._target) - len(self._spare)
+        if room <= 0 or not retired:
+            return list(retired)
+        candidates, gone = list(retired[:room]), list(retired[room:])
+        for group, recycled in zip(candidates, self.cgroups.recycle(candidates), strict=True):
+            if recycled is None:
+                gone.append(group)
+            else:
+                self._spare.append(recycled)
+        return gone
 
     def _arrive(self, places: Sequence[Place]) -> None:
         """On the loop: places the refill's thread made join the pool, in order."""
@@ -420,11 +451,17 @@ class Launcher:
         plant = self._seeds and bool(ids) and not capped
         for job_id in ids:
             sown: Sown | OSError | None = None
+            recycled = self._spare.popleft() if self._spare else None  # (the oldest first)
             try:
-                group = self.cgroups.planned(job_id)
+                if recycled is not None:
+                    group = recycled
+                    group.job_id = job_id
+                else:
+                    group = self.cgroups.planned(job_id)
                 # The groups and their fds, and the seed: one call with the GIL let go
-                # (it leaves nothing behind if it fails). No directory or file: the log's
-                # first flush makes them, if the job ever writes (``OutputLog``).
+                # (it leaves nothing behind if it fails, but a recycled group as it was).
+                # No directory or file: the log's first flush makes them, if the job ever
+                # writes (``OutputLog``).
                 if plant and self._seeds and group.tracked:
                     procs, sown = make_seeded_place(
                         None,
@@ -432,11 +469,14 @@ class Launcher:
                         group,
                         nofile_soft=self._job_nofile,
                         pipe_sizes=PIPE_SIZES,
+                        recycled=recycled is not None,
                     )
                 else:
-                    procs = make_place(None, (), group)
+                    procs = make_place(None, (), group, recycled=recycled is not None)
             except (CgroupError, OSError) as exc:
                 _log.debug("no place made ahead: %s", exc)
+                if recycled is not None:
+                    self._spare.appendleft(recycled)
                 break
             place = Place(job_id, self.jobs_dir / job_id, group, procs)
             if isinstance(sown, Sown):

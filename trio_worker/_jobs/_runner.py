@@ -167,6 +167,36 @@ class JobRunner:
             # (epoll out of memory or watches): the job cannot be watched, so it ends now.
             self._fail(watch)
 
+    def end_if_exited(self, job: Job) -> None:
+        """The watcher's work for ``job`` now, if its main process has exited and the
+        watcher has not handled that yet: its pipes read (their ends come with the exit),
+        then its end, in the caller's step (``_end_now``, else its task).
+
+        For a Wait that comes before the watcher's turn (its wakeup waits for the loop's
+        other work, then lets I/O go first): answered at once, in its reader, not by a
+        task woken after the end. The watcher skips what was handled here (its fds left
+        the epoll); the order of a job's events is the watcher's.
+        """
+        process = job.process
+        watch = None if process is None else self._fds.get(process.pidfd)
+        if not isinstance(watch, _Watch) or watch.job is not job or watch.ending or watch.paused:
+            return
+        try:
+            if not watch.process.has_exited():
+                return
+        except OSError:
+            return  # (cannot tell here, e.g. no waitid on pidfds: the watcher will)
+        try:
+            for pipe in list(watch.pipes):
+                self._read(pipe, _ROUND_BYTES)
+        except Exception:
+            self._fail(watch)  # (as the watcher: a bug costs this job, not the caller)
+            return
+        try:
+            self._exited(watch)
+        except Exception:
+            _log.exception("job %s: recording its end failed", watch.job.id)
+
     # -- the watcher ---------------------------------------------------------
 
     def _ends_among(self, events: list[tuple[int, int]]) -> bool:

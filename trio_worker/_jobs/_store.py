@@ -52,6 +52,7 @@ __all__ = [
     "Queued",
     "SqliteJobStore",
     "StoredJob",
+    "disk_full",
     "process_start_time",
 ]
 
@@ -601,6 +602,7 @@ class SqliteJobStore:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             error = StateDirError(f"cannot write the job database {self.path}: {exc}")
+            error.__cause__ = exc  # (``disk_full`` reads it)
             for op in batch:
                 op.result, op.error = None, error
             return False
@@ -614,6 +616,13 @@ if TYPE_CHECKING:
 
     def _conforms(store: SqliteJobStore) -> JobStore:
         return store  # mypy checks that SqliteJobStore implements the protocol
+
+
+def disk_full(error: StateDirError) -> bool:
+    """Whether the store refused a write for want of room (SQLite's ``SQLITE_FULL``: a
+    WAL that must grow on a full disk), which freeing space on that disk may cure."""
+    cause = error.__cause__
+    return isinstance(cause, sqlite3.Error) and cause.sqlite_errorcode == sqlite3.SQLITE_FULL
 
 
 def _inserter(

@@ -299,7 +299,7 @@ class Supervisor(metaclass=NoPublicConstructor):
             try:
                 await self._records.delete(job)
             except BaseException:
-                self._jobs.add(job)  # nothing was removed
+                self._jobs.add(job)  # its record was not removed (its output may be)
                 raise
         return info
 
@@ -386,8 +386,12 @@ def ended_info(sup: Supervisor, job_id: str) -> JobInfo | None:
     """The job's snapshot if it has ended, else None (``JobNotFound`` if there is none):
     the server's Wait of a job that ended before it was asked for (most of them: a short
     command's end comes before its client's Wait) answers at once, without the turn of
-    the event loop that ``wait``'s checkpoint costs."""
+    the event loop that ``wait``'s checkpoint costs. A job whose process has exited
+    and whose end the watcher has not handled yet is ended now (``end_if_exited``)."""
     job = sup._jobs.get(job_id)
+    if not job.ended.is_set():
+        # Its process may have exited with the watcher's turn still to come.
+        sup._runner.end_if_exited(job)
     return job.info() if job.ended.is_set() else None
 
 
