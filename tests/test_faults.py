@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from tests.conftest import process_alive, require_root
 from tests.test_client import Server, certs, server
 from trio_worker import (
     Isolation,
+    JobNotFound,
     JobState,
     Limits,
     ResourceExhausted,
@@ -178,6 +180,26 @@ async def test_starts_on_a_disk_out_of_inodes_run_and_only_their_output_is_lost(
                 assert [c async for c in sup.output(lost.id)] == []
             assert sup.status(silent.id).output_bytes == 0
             assert b"".join([c.data async for c in sup.output(job.id)]) == b"back\n"
+
+
+@pytest.mark.root
+async def test_removing_a_job_frees_a_disk_its_output_filled(tmp_path: Path) -> None:
+    # The record's delete needs room on the disk (SQLite's WAL grows) that the job's own
+    # output holds: Remove (rm, prune) must not be refused for want of the room it frees.
+    with small_tmpfs(tmp_path / "disk", "size=4m") as disk:
+        state = disk / "state"
+        async with open_supervisor(state, retention=_MANUAL) as sup:
+            job = await sup.start("head", ["-c", "8M", "/dev/zero"])
+            assert await wait_ended(sup, job.id) is JobState.EXITED
+            assert shutil.disk_usage(disk).free == 0
+            assert job.id in recorded(state / "jobs.db")
+            gone = await sup.remove(job.id)
+            assert gone.id == job.id
+            with pytest.raises(JobNotFound):
+                sup.status(job.id)
+            assert not (state / "jobs" / job.id).exists()
+            assert job.id not in recorded(state / "jobs.db")
+            assert shutil.disk_usage(disk).free > 0
 
 
 async def test_records_pending_at_shutdown_are_written_on_the_way_out(state_dir: Path) -> None:

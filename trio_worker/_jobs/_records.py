@@ -27,7 +27,7 @@ from . import _lifecycle as lc
 from ._endnotes import EndNotes, read_end_notes
 from ._job import LOST_ERROR, Job, now
 from ._queries import JobTable
-from ._store import JobStore, Queued, StoredJob, process_start_time
+from ._store import JobStore, Queued, StoredJob, disk_full, process_start_time
 
 __all__ = ["JobRecords", "Retention", "remove_dirs"]
 
@@ -192,13 +192,21 @@ class JobRecords:
         # Shielded: the batch holds the records, see it through. Each record's own
         # outcome says what to do, not the flush's.
         with trio.CancelScope(shield=True):
-            async with self._committing:
+            committing = self._committing
+            if committing.locked():
+                await committing.acquire()
+            else:
+                # No commit in flight (the committer's case): no turn of the loop first.
+                committing.acquire_nowait()
+            try:
                 queued, self._queued = self._queued, []
                 if not queued or self.store is None:
                     return
                 with contextlib.suppress(StateDirError, trio.ClosedResourceError):
                     await self.store.flush()
                 self._settle(queued)
+            finally:
+                committing.release()
 
     def _settle(self, queued: list[tuple[str, Queued, bool]]) -> None:
         """Put the records of a commit the store refused in ``unsaved``."""
@@ -285,9 +293,20 @@ class JobRecords:
             _log.info("recorded %d job(s) whose records were pending", len(saved))
 
     async def delete(self, job: Job) -> None:
-        """Delete an ended job's record and its directory (the caller shields this)."""
+        """Delete an ended job's record and its directory (the caller shields this).
+
+        On a full disk the record's delete may need room (its WAL frames) that the job's
+        own output holds: then the output goes first and the delete is tried once more,
+        so removing jobs frees a disk they filled. If that fails too, the error is
+        raised and the job is kept, its output gone."""
         if self.store is not None:
-            await self.store.delete([job.id])
+            try:
+                await self.store.delete([job.id])
+            except StateDirError as exc:
+                if job.directory is None or not disk_full(exc):
+                    raise
+                await trio.to_thread.run_sync(remove_dirs, [job.directory])
+                await self.store.delete([job.id])
         self.unsaved.pop(job.id, None)
         if self._notes is not None:
             self._notes.release(job.id)  # (noted while its end waited to be saved)

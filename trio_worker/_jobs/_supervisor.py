@@ -299,7 +299,7 @@ class Supervisor(metaclass=NoPublicConstructor):
             try:
                 await self._records.delete(job)
             except BaseException:
-                self._jobs.add(job)  # nothing was removed
+                self._jobs.add(job)  # its record was not removed (its output may be)
                 raise
         return info
 
