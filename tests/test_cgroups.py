@@ -32,6 +32,7 @@ from trio_worker._host._cgroups import (
     CGROUP_ROOT,
     CgroupDriver,
     CgroupError,
+    JobCgroup,
     NoDriver,
     V1Driver,
     V2Driver,
@@ -798,3 +799,107 @@ def test_a_small_file_is_read_whole_in_one_read_and_a_big_one_still_whole(tmp_pa
     assert _read_small(str(big)) == "x" * 10_000
     assert _read_small(str(tmp_path / "gone")) is None
     assert _read_small("/proc/self/cgroup") == Path("/proc/self/cgroup").read_text()
+
+
+# -- recycling an ended job's group ---------------------------------------------------
+
+BURN = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+
+
+def _recycled(driver: CgroupDriver, group: JobCgroup) -> JobCgroup:
+    again = driver.recycle([group])[0]
+    assert again is not None, f"{group} was not recycled"
+    assert again.dirs == group.dirs  # the same directories, for the next job
+    return again
+
+
+def test_v1_a_recycled_group_counts_only_the_next_jobs_usage(
+    v1: V1Driver, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    group = v1.make("first")
+    first = [sys.executable, "-c", BURN + "\nb = b'x' * (64 << 20)"]
+    assert spawn(procs, first, group).wait(timeout=30) == 0
+    before = group.usage()
+    assert before is not None
+    assert before.cpu_seconds >= 0.3
+    assert before.memory_peak_bytes >= 64 * MiB
+    again = _recycled(v1, group)
+    fresh = again.usage()
+    assert fresh is not None
+    assert fresh.cpu_seconds < 0.05
+    assert fresh.memory_peak_bytes < 8 * MiB
+    assert spawn(procs, ["true"], again).wait(timeout=10) == 0
+    after = again.usage()
+    assert after is not None
+    assert after.cpu_seconds < 0.2  # `true`'s, not the first job's 0.3 s and more
+    assert after.memory_peak_bytes < 8 * MiB  # not the first job's 64 MiB
+    assert not again.oom_killed()
+    again.remove()
+    assert not any(d.exists() for d in group.dirs)
+
+
+def test_v2_a_recycled_group_counts_only_the_next_jobs_cpu(
+    drivers: Callable[..., CgroupDriver], procs: list[subprocess.Popen[bytes]]
+) -> None:
+    require_root("cgroup v2 tests")
+    driver = drivers(root=UNIFIED)
+    assert isinstance(driver, V2Driver)
+    group = driver.make("first")
+    assert spawn(procs, [sys.executable, "-c", BURN], group).wait(timeout=30) == 0
+    before = group.usage()
+    assert before is not None
+    assert before.cpu_seconds >= 0.3
+    again = _recycled(driver, group)
+    assert spawn(procs, ["true"], again).wait(timeout=10) == 0
+    after = again.usage()
+    assert after is not None
+    assert after.cpu_seconds < 0.2
+    again.remove()
+    assert not group.dirs[0].exists()
+
+
+@pytest.mark.parametrize("hierarchy", ["v1", "v2"])
+def test_a_group_that_is_not_as_new_is_not_recycled(
+    hierarchy: str,
+    drivers: Callable[..., CgroupDriver],
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    """Only an ended job's group that a new one could not be told from is recycled: not
+    one with a process left, a subgroup, limits, a frozen state, an OOM kill or (v1)
+    memory still charged to it; those are removed (``remove``) as before."""
+    require_root("cgroup tests")
+    driver = drivers(root=UNIFIED) if hierarchy == "v2" else drivers()
+    clean = driver.make("clean")
+    busy = driver.make("busy")
+    proc = spawn(procs, ["sleep", "1000"], busy)
+    nested = driver.make("nested")
+    (nested.dirs[-1] / "sub").mkdir()
+    frozen = driver.make("frozen")
+    freeze = frozen.dirs[-1] / "cgroup.freeze"
+    _write(freeze, "1")
+    groups = [clean, busy, nested, frozen]
+    if isinstance(driver, V1Driver):
+        limited = driver.create("limited", Limits(memory_bytes=256 * MiB))
+        # 32 MiB in a tmpfs file: charged to the group after its writer ended.
+        charged = driver.make("charged")
+        shm = Path("/dev/shm") / f"tw-recycle-{secrets.token_hex(4)}"
+        write = ["dd", "if=/dev/zero", f"of={shm}", "bs=1M", "count=32"]
+        assert spawn(procs, write, charged, stderr=subprocess.DEVNULL).wait(timeout=30) == 0
+        oom = driver.create("oom", Limits(memory_bytes=48 * MiB))
+        hog = [sys.executable, "-c", "b = b'x' * (256 << 20)"]
+        assert spawn(procs, hog, oom).wait(timeout=30) == -signal.SIGKILL
+        oom.limited = False  # (as if its limit were the parent's: the kill is what counts)
+        groups += [limited, charged, oom]
+    try:
+        recycled = driver.recycle(groups)
+        assert recycled[0] is not None
+        assert recycled[1:] == [None] * (len(groups) - 1)
+    finally:
+        if isinstance(driver, V1Driver):
+            shm.unlink()
+        _write(freeze, "0")
+        proc.kill()
+        proc.wait()
+        wait_until(busy.is_empty)
+        for group in groups:
+            group.remove()

@@ -51,9 +51,15 @@ async def holdings(sup, jobs_dir):
     # ahead of need (taken stock of once their refill is done): a refused Start
     # may use one up, and the next is made with another id. Ended jobs' groups are
     # left out too: they go once their end is recorded, whenever that is.
-    await sup._admission.launcher.settled()
-    places = {place.job_id for place in sup._admission.launcher.ready_places()}
-    ready = places | {info.id for info in sup.list() if info.ended}
+    launcher = sup._admission.launcher
+    await launcher.settled()
+    places = {place.job_id for place in launcher.ready_places()}
+    # (A recycled group keeps the name of the job it was made for: places and spare
+    # groups are known by their groups' names too.)
+    kept = [place.group for place in launcher.ready_places()] + launcher.spare_groups()
+    ended = [sup._jobs.get(info.id).cgroup for info in sup.list() if info.ended]
+    names = {d.name.removeprefix("job-") for g in kept + ended if g is not None for d in g.dirs}
+    ready = places | {info.id for info in sup.list() if info.ended} | names
     seeds = {fd for place in sup._admission.launcher.ready_places() if place.seed
              for fd in place.seed.fds}
     def left_out(fd):  # a place's, or gone
@@ -123,10 +129,9 @@ async def main():
             end = await sup.wait(job.id)
             assert end.state is JobState.EXITED, end
             report["seeded"] += 1
-            # Its end is recorded, then its group removed by a refill (which makes
-            # the place it took): what that thread holds meanwhile is no leak.
-            while any(d.exists() for d in sup.cgroups.job(job.id).dirs):
-                await trio.sleep(0.01)
+            # Its end is recorded, then its group recycled or removed by a refill (which
+            # makes the place it took): what that thread holds meanwhile is no leak.
+            await sup._admission.launcher.settled()
             after = (await holdings(sup, jobs_dir))[0]
             assert after == before, (margin, sorted(set(after) ^ set(before)))
         await sup.stop(keeper.id, grace=0)

@@ -19,6 +19,7 @@ import trio.testing
 
 from tests.conftest import require_root
 from trio_worker import JobState, Limits, open_supervisor
+from trio_worker._jobs._job import kill
 from trio_worker._jobs._launch import RETIRE_AFTER, Launcher
 from trio_worker._jobs._supervisor import Supervisor
 
@@ -72,7 +73,8 @@ async def test_a_start_takes_a_ready_place_and_the_rest_go_with_the_supervisor(
         group = sup._jobs.get(job.id).cgroup
         assert group is not None
         membership = in_cgroups(job.pid)
-        joined = [line for line in membership.splitlines() if line.endswith(f"/job-{job.id}")]
+        name = f"/{group.dirs[0].name}"  # (a recycled group keeps its first job's name)
+        joined = [line for line in membership.splitlines() if line.endswith(name)]
         assert len(joined) == len(group.dirs), membership
         pids_max = [d / "pids.max" for d in group.dirs if (d / "pids.max").exists()]
         assert pids_max
@@ -139,19 +141,65 @@ async def test_places_left_by_a_crash_are_removed_at_the_next_start(tmp_path: Pa
         assert sup.list() == []  # a place is no job
 
 
+def job_groups(sup: Supervisor) -> set[Path]:
+    """Every job group under the supervisor's parent groups, in every hierarchy."""
+    return {d for p in sup.cgroups.parent_dirs() for d in p.iterdir() if d.name.startswith("job-")}
+
+
+def kept_groups(launcher: Launcher) -> set[Path]:
+    """The groups of the ready places and the spare (recycled) groups."""
+    groups = [p.group for p in launcher.ready_places()] + launcher.spare_groups()
+    return {d for g in groups for d in g.dirs}
+
+
+def dirs_of(sup: Supervisor, job_id: str) -> list[Path]:
+    """The job's group's directories (a recycled group keeps its first job's name)."""
+    group = sup._jobs.get(job_id).cgroup
+    assert group is not None
+    return list(group.dirs)
+
+
+def no_stray_group(sup: Supervisor) -> bool:
+    """Every job group there is belongs to a running job, a ready place or the spares."""
+    running = {
+        d
+        for job in sup._jobs.values()
+        if not job.ended.is_set() and job.cgroup is not None
+        for d in job.cgroup.dirs
+    }
+    return job_groups(sup) == kept_groups(sup._admission.launcher) | running
+
+
+def gone_or_kept(sup: Supervisor, groups: list[str]) -> bool:
+    """Each of ``groups`` is gone, or kept (recycled) for a place."""
+    kept = kept_groups(sup._admission.launcher)
+    return none_exist([g for g in groups if Path(g) not in kept])
+
+
 async def test_an_ended_jobs_group_is_removed_while_the_supervisor_runs(tmp_path: Path) -> None:
-    # Ended jobs' groups go with the next round of place-making (one thread call for both).
+    # Ended jobs' groups go with the next round of place-making (one thread call for both),
+    # or are recycled for the next places: no other group stays.
     require_root("cgroups")
     parent = "tw-places-" + secrets.token_hex(4)
     # Without a store, a job's end is recorded (and its group retired) as Wait answers.
     async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+        launcher = sup._admission.launcher
         jobs = [await sup.start("true") for _ in range(3)]
+        started = [sup._jobs.get(job.id).cgroup for job in jobs]
+        more = [await sup.start("sleep", ["60"]) for _ in range(6)]
         for job in jobs:
             assert (await sup.wait(job.id)).state is JobState.EXITED
-        await sup._admission.launcher.settled()
-        groups = [str(d) for job in jobs for d in groups_of(sup, job.id)]
-        assert groups
-        assert none_exist(groups)
+        for job in more:
+            await sup.stop(job.id, grace=0)
+            assert (await sup.wait(job.id)).state is JobState.KILLED
+        await launcher.settled()
+        ended = {d for g in started + [sup._jobs.get(j.id).cgroup for j in more] for d in g.dirs}
+        assert no_stray_group(sup)
+        assert len(launcher.spare_groups()) <= len(launcher.ready_places())
+        # Of the nine jobs' groups, those not kept for places are gone.
+        assert ended - kept_groups(launcher)
+        assert none_exist([str(d) for d in ended - kept_groups(launcher)])
+    assert not any(p.exists() for p in sup.cgroups.parent_dirs())
 
 
 @contextlib.contextmanager
@@ -229,14 +277,15 @@ async def test_a_burst_of_ends_is_removed_in_one_thread_call_after_it(
         async with trio.open_nursery() as nursery:
             for job in jobs:
                 nursery.start_soon(sup.stop, job.id, 5)
-        groups = [str(d) for job in jobs for d in made_groups_of(sup, job.id)]
+        groups = [str(d) for job in jobs for d in dirs_of(sup, job.id)]
         await trio.testing.wait_all_tasks_blocked()
         assert calls == []  # no thread call per end
         assert all_exist(groups)
         mock_clock.jump(RETIRE_AFTER)
         await launcher.settled()
         assert calls == [10]
-        assert none_exist(groups)
+        assert gone_or_kept(sup, groups)
+        assert no_stray_group(sup)
 
 
 async def test_groups_wait_until_no_job_ended_for_retire_after(
@@ -260,7 +309,8 @@ async def test_groups_wait_until_no_job_ended_for_retire_after(
         mock_clock.jump(RETIRE_AFTER * 0.5)
         await launcher.settled()
         assert calls == [4]
-        assert none_exist([str(d) for job in jobs for d in groups_of(sup, job.id)])
+        assert gone_or_kept(sup, [str(d) for job in jobs for d in dirs_of(sup, job.id)])
+        assert no_stray_group(sup)
 
 
 async def test_an_end_during_a_refill_waits_for_the_next_round_that_makes_places(
@@ -291,7 +341,7 @@ async def test_an_end_during_a_refill_waits_for_the_next_round_that_makes_places
             await launcher.settled()
             ender = await sup.start("sleep", ["1000"])
             await launcher.settled()
-            groups = [str(d) for d in made_groups_of(sup, ender.id)]
+            groups = [str(d) for d in dirs_of(sup, ender.id)]
             rounds.clear()
             over.clear()
             with _refill_held() as gate:
@@ -314,7 +364,53 @@ async def test_an_end_during_a_refill_waits_for_the_next_round_that_makes_places
             await launcher.settled()
             assert rounds[1][0] == 1
             assert rounds[1][1] > 0
-            assert none_exist(groups)
+            assert gone_or_kept(sup, groups)
+            assert no_stray_group(sup)
+
+
+async def test_a_rounds_places_come_with_its_result_unless_a_start_waits(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Each hand-over from the refill's thread wakes the loop: a round's places reach the
+    pool together, with the round's result, unless a Start waits for one (``take_soon``):
+    then each goes as soon as it is made, in order. (The clock stands still: the waiting
+    Start's patience does not run out.)"""
+    require_root("cgroups")
+    handed: list[list[str]] = []
+    arrive = Launcher._arrive
+
+    def counted(self: Launcher, places: Any) -> None:
+        handed.append([place.job_id for place in places])
+        arrive(self, places)
+
+    parent = "tw-handover-" + secrets.token_hex(4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Launcher, "_arrive", counted)
+        async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+            launcher = sup._admission.launcher
+            await launcher.settled()
+            handed.clear()
+            while not handed:  # Starts that find places ready, until a round is done
+                await sup.start("sleep", ["1000"])
+                await launcher.settled()
+            assert len(handed) == 1
+            assert len(handed[0]) > 1  # the round's places, together
+            ids = [place.job_id for place in launcher.ready_places()]
+            assert ids[-len(handed[0]) :] == handed[0]  # in order, after those left
+
+            handed.clear()
+            with _refill_held() as gate:
+                for _ in range(len(launcher.ready_places())):
+                    await sup.start("sleep", ["1000"])
+                coming = launcher.first_making()
+                assert coming is not None
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(sup.start, "sleep", ["1000"])
+                    await trio.testing.wait_all_tasks_blocked()  # the Start waits
+                    gate.set()
+            await launcher.settled()
+            assert handed[0] == [coming]  # at once, alone
+            assert [i for ids in handed for i in ids][: len(handed[0])] == [coming]
 
 
 async def test_a_start_with_no_place_ready_waits_for_the_one_being_made(
@@ -345,3 +441,65 @@ async def test_a_start_with_no_place_ready_waits_for_the_one_being_made(
                 assert started == []  # waiting for the place, not making its own
                 gate.set()
         assert started == [coming]
+
+
+BURN = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+
+
+async def test_an_ended_jobs_group_serves_a_later_job_that_sees_only_its_own_usage(
+    tmp_path: Path,
+) -> None:
+    """An ended job's group is recycled for a later place (no rmdir, no mkdir), and the
+    job that gets it is told its own CPU time, not the sum of both."""
+    require_root("cgroups")
+    parent = "tw-recycle-" + secrets.token_hex(4)
+    async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+        launcher = sup._admission.launcher
+        burner = await sup.start(sys.executable, ["-c", BURN])
+        first = dirs_of(sup, burner.id)
+        burnt = await sup.wait(burner.id)
+        assert burnt.state is JobState.EXITED
+        assert burnt.usage is not None
+        assert burnt.usage.cpu_seconds >= 0.3
+        for _ in range(4 * launcher._target):
+            await launcher.settled()
+            job = await sup.start("true")
+            end = await sup.wait(job.id)
+            assert end.state is JobState.EXITED
+            if dirs_of(sup, job.id) == first:
+                break
+        else:
+            pytest.fail("the ended job's group was never used again")
+        assert job.id != burner.id
+        assert end.usage is not None
+        assert end.usage.cpu_seconds < 0.2
+        await launcher.settled()
+        assert no_stray_group(sup)
+    assert none_exist([str(d) for d in first])
+
+
+async def test_a_late_kill_of_an_ended_job_spares_the_job_that_got_its_group(
+    tmp_path: Path,
+) -> None:
+    """A kill that was due for a job (a Stop's deadline, run as a task of its own) may
+    run after the job ended and its group went to a later job: it must not kill that."""
+    require_root("cgroups")
+    parent = "tw-late-kill-" + secrets.token_hex(4)
+    async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+        launcher = sup._admission.launcher
+        first = await sup.start("true")
+        assert (await sup.wait(first.id)).state is JobState.EXITED
+        old = sup._jobs.get(first.id)
+        assert old.process is not None
+        for _ in range(4 * launcher._target):
+            await launcher.settled()
+            job = await sup.start("sleep", ["60"])
+            if dirs_of(sup, job.id) == dirs_of(sup, first.id):
+                break
+            await sup.stop(job.id, grace=0)
+        else:
+            pytest.fail("the ended job's group was never used again")
+        assert await kill(old, old.process)
+        await trio.sleep(0.2)
+        assert sup.status(job.id).state is JobState.RUNNING
+        await sup.stop(job.id, grace=0)

@@ -243,6 +243,41 @@ async def test_an_end_is_noted_until_its_record_is_in_or_its_job_removed(
         assert len(notes) == 0
 
 
+class _CommitterSteps(trio.abc.Instrument):
+    """Counts the steps of the records' committer task."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("run_committer"):
+            self.steps += 1
+
+
+async def test_the_committer_commits_a_start_in_two_steps(tmp_path: Path) -> None:
+    # Woken by the Start's record, it starts the store's thread at once (no turn of the
+    # loop for its own lock or the store's while none is in flight), and settles when
+    # the thread is done: two steps per Start on the loop, not four.
+    async with open_supervisor(tmp_path / "state", retention=Retention(interval=3600)) as sup:
+        store = sup._store
+        assert store is not None
+        await sup.start("sleep", ["60"])  # (the first: places, imports)
+        await store.flush()
+        await trio.testing.wait_all_tasks_blocked()
+        counter = _CommitterSteps()
+        trio.lowlevel.add_instrument(counter)
+        try:
+            for _ in range(3):
+                job = await sup.start("sleep", ["60"])
+                await trio.testing.wait_all_tasks_blocked()  # (the committer's call is out)
+                await store.flush()  # (waits for it: the store's lock)
+                await trio.testing.wait_all_tasks_blocked()
+                assert _row(tmp_path / "state", job.id) is not None
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert counter.steps == 3 * 2
+
+
 async def test_second_supervisor_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
     async with open_supervisor(tmp_path / "state"):
         with pytest.raises(StateDirError, match="state"):
@@ -409,7 +444,7 @@ async def test_a_crash_before_the_record_is_committed_still_kills_the_job(
 
 async def test_a_jobs_end_does_not_wait_for_its_record(tmp_path: Path) -> None:
     # The end's record is queued for the committer: while no transaction can run,
-    # Stop is answered and the job's group removed all the same; the record lands
+    # Stop is answered and the job's group removed (or recycled) all the same; the record lands
     # once the store takes writes, without anyone asking.
     require_root("a job's cgroup")
     state = tmp_path / "state"
@@ -424,9 +459,13 @@ async def test_a_jobs_end_does_not_wait_for_its_record(tmp_path: Path) -> None:
         async with store._lock:  # no transaction while held
             end = await sup.stop(job.id, grace=0)
             assert end.state is JobState.KILLED
+            launcher = sup._admission.launcher
             with trio.fail_after(20):
-                while any(d.exists() for d in group.dirs):  # noqa: ASYNC110
-                    await trio.sleep(0.01)
+                await launcher.settled()
+            # Removed, or recycled for the next places.
+            spares = launcher.spare_groups() + [p.group for p in launcher.ready_places()]
+            kept = {d for g in spares for d in g.dirs}
+            assert not any(d.exists() for d in group.dirs if d not in kept)
             assert _row(state, job.id) == ("running", job.pid, ANY)
         with trio.fail_after(20):
             while (_row(state, job.id) or ("",))[0] != "killed":  # noqa: ASYNC110

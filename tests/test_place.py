@@ -212,6 +212,41 @@ def test_a_group_not_joinable_leaves_nothing(tmp_path: Path) -> None:
     assert open_fds() == before
 
 
+def test_a_recycled_groups_place_makes_no_group_and_a_failure_leaves_them(
+    tmp_path: Path, drivers: Callable[..., CgroupDriver]
+) -> None:
+    """A place in recycled groups (``CgroupDriver.recycle``'s) opens what it is joined by
+    and makes no directory; a failure at the join leaves the groups as they were (they
+    are not the call's to remove)."""
+    require_root("cgroups")
+    driver = drivers()
+    group = driver.make("r1")
+    before = open_fds()
+    fds = make_place(None, (), group, recycled=True)
+    assert len(fds) == len(group.dirs)
+    for fd in fds:
+        os.close(fd)
+    assert open_fds() == before
+    # A plain directory as the last "group": ENOENT at its join, the others stay.
+    plain = tmp_path / "g"
+    plain.mkdir()
+    joins = [*group.texts(), str(plain)]
+    made = _cplace.make_place(
+        b"",
+        [],
+        [],
+        [os.fsencode(d) for d in joins],
+        [True] * len(joins),
+        None,
+        True,
+    )
+    assert made == (Step.JOIN, errno.ENOENT, os.fsencode(plain / "cgroup.procs"))
+    assert all(d.is_dir() for d in group.dirs)
+    assert plain.is_dir()
+    assert open_fds() == before
+    assert remove_groups([group]) == []
+
+
 def test_a_removed_parent_group_fails_the_place_and_leaves_nothing(
     tmp_path: Path, drivers: Callable[..., CgroupDriver]
 ) -> None:

@@ -19,6 +19,11 @@ burst Status (its own step left out; a view that depends little on the machine's
 with what it was in the slowest 2%, and for those slowest 2% where their time went:
 the loop's CPU in steps, its run-queue wait in steps, the rest (trio between steps, the
 GIL, a blocking call), the poll (a wakeup that waited for a CPU shows there).
+``--sched`` also records the scheduler over the burst (``perf sched record -a``, root)
+and prints who had the CPUs while the loop thread was runnable but not running: the
+client (its grpcio and Python threads), the server's other threads, its seeds and jobs,
+other processes, an idle CPU waking; and who preempted it. That view needs no clock offset
+and is the one to read on a loaded machine: it says whose CPU time the tail waits for.
 ``BURST_ANATOMY_SWITCH=SECONDS`` in a server's environment sets the GIL's switch interval
 (``sys.setswitchinterval``), for an A/B of that. Hooks
 internal names (``_net._tlsstream``); asserts nothing. The machine is shared: read
@@ -38,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -247,6 +253,105 @@ def analyse(path: Path) -> str:
     return "\n".join(lines)
 
 
+_SWITCH = "sched:sched_switch:"
+
+
+def _fields(text: str) -> dict[str, str]:
+    """``a=1 b=x y c=2`` (a tracepoint's text; values may hold spaces) as a dict."""
+    out: dict[str, str] = {}
+    key = None
+    for word in text.replace(" ==> ", " ").split(" "):
+        k, eq, v = word.partition("=")
+        if eq and k.isidentifier():
+            key, out[k] = k, v
+        elif key is not None:
+            out[key] += " " + word
+    return out
+
+
+def sched_view(path: Path, server: int, client: int) -> str:
+    """Who ran while the server's loop thread (``server``'s main thread) was runnable and
+    not running, from ``perf sched record -a`` data at ``path``; ``client``: its pid."""
+    script = subprocess.run(
+        ["perf", "script", "-i", str(path), "-F", "pid,tid,cpu,time,event,trace"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.splitlines()
+    events = []
+    tgid = {0: 0}
+    children: set[int] = set()
+    for line in script:
+        head, _, rest = line.partition(": ")
+        parts = head.split()
+        if len(parts) < 3 or "/" not in parts[0]:
+            continue
+        pid, tid = (int(x) for x in parts[0].split("/"))
+        tgid[tid] = pid
+        event, _, text = rest.strip().partition(": ")
+        if event == "sched:sched_wakeup_new" and pid in (server, *children):
+            children.add(int(_fields(text)["pid"]))
+        events.append((int(parts[1].strip("[]")), float(parts[2].rstrip(":")), event, text))
+
+    def kind(tid: int) -> str:
+        pid = tgid.get(tid, -1)
+        if tid == 0:
+            return "an idle CPU"
+        if pid == client:
+            return "the client"
+        if pid == server:
+            return "the server's other threads"
+        if pid in children or tid in children:
+            return "its seeds and jobs"
+        return "other processes"
+
+    running: dict[int, tuple[int, float]] = {}
+    waited: dict[str, float] = collections.defaultdict(float)
+    preempted: collections.Counter[str] = collections.Counter()
+    waits: list[float] = []
+    since: float | None = None  # the loop runnable, not running, since
+    first = last = None
+    for cpu, at, event, text in events:
+        first = at if first is None else first
+        last = at
+        if event == "sched:sched_wakeup":
+            if int(_fields(text)["pid"]) == server and since is None:
+                since = at
+            continue
+        if event != _SWITCH.rstrip(":"):
+            continue
+        f = _fields(text)
+        prev, nxt = int(f["prev_pid"]), int(f["next_pid"])
+        ran = running.get(cpu)
+        if ran is not None and since is not None and ran[0] != server:
+            waited[kind(ran[0])] += at - max(ran[1], since)
+        running[cpu] = (nxt, at)
+        if prev == server and f["prev_state"].startswith("R"):
+            since = at
+            preempted[kind(nxt)] += 1
+        if nxt == server and since is not None:
+            for other, (tid, start) in running.items():
+                if other != cpu and tid != server:
+                    waited[kind(tid)] += at - max(start, since)
+            waits.append(at - since)
+            since = None
+    if not waits or first is None or last is None:
+        return "  sched: no events of the loop thread (perf sched record needs root)"
+    total = sum(waits)
+    return "\n".join(
+        [
+            f"  sched: the loop runnable, not running {total * 1e3:.0f} ms of "
+            f"{(last - first) * 1e3:.0f} (n={len(waits)}, p50 {_pct(waits, 0.5) * 1e6:.0f} "
+            f"p99 {_pct(waits, 0.99) * 1e6:.0f} us); the CPUs meanwhile (ms): "
+            + ", ".join(
+                f"{k} {v * 1e3:.0f}" for k, v in sorted(waited.items(), key=lambda kv: -kv[1])
+            ),
+            f"  sched: preempted {sum(preempted.values())} times, by "
+            + ", ".join(f"{k} {v}" for k, v in preempted.most_common()),
+        ]
+    )
+
+
 def one_run(args: argparse.Namespace, name: str, python: str, scratch: Path) -> str:
     hook = scratch / "hook"
     hook.mkdir(exist_ok=True)
@@ -270,7 +375,25 @@ def one_run(args: argparse.Namespace, name: str, python: str, scratch: Path) -> 
         client += [f"127.0.0.1:{port}", str(d / "ca.pem"), str(d / "admin.pem")]
         client += [str(d / "admin.key"), str(bench_peer.REPO / "worker.proto")]
         client += [str(args.seconds), str(args.rate)]
-        done = subprocess.run(client, capture_output=True, text=True, check=False)
+        sched = ""
+        if args.sched:
+            running = subprocess.Popen(client, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            # The burst begins after the warm-up, the idle part and 0.2 s: record inside it.
+            time.sleep(args.seconds + 0.8)
+            data = scratch / f"{name}.sched"
+            record = ["perf", "sched", "record", "-a", "-o", str(data), "--", "sleep"]
+            subprocess.run(
+                [*record, str(max(0.5, args.seconds - 1.0))],
+                capture_output=True,
+                check=False,
+            )
+            out_b, err_b = running.communicate()
+            done = subprocess.CompletedProcess(
+                client, running.returncode, out_b.decode(), err_b.decode()
+            )
+            sched = "\n" + sched_view(data, server.pid, running.pid)
+        else:
+            done = subprocess.run(client, capture_output=True, text=True, check=False)
     finally:
         server.terminate()
         server.wait(timeout=120)
@@ -285,7 +408,7 @@ def one_run(args: argparse.Namespace, name: str, python: str, scratch: Path) -> 
         f"  client p99 idle {idle['median']:.2f} ms, in the burst {busy['median']:.2f} ms "
         f"({busy['median'] / idle['median']:.1f}x), {busy['starts']} Starts"
     )
-    return head + "\n" + analyse(out)
+    return head + "\n" + analyse(out) + sched
 
 
 def main() -> None:
@@ -304,6 +427,9 @@ def main() -> None:
     )
     parser.add_argument("--client-python", default=sys.executable)
     parser.add_argument("--server", action="append", default=[], help="NAME=PYTHON")
+    parser.add_argument(
+        "--sched", action="store_true", help="who had the CPUs while the loop waited (perf, root)"
+    )
     args = parser.parse_args()
     if not (args.peer_dir / "bench.py").exists():
         print(f"no peer harness in {args.peer_dir} (--peer-dir): its client is needed")

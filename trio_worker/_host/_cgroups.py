@@ -22,7 +22,8 @@
 Layout: one parent group for the server (``parent``, created under the server's
 own cgroup in each hierarchy, so the server's own limits and delegation are
 respected), one child ``job-<id>`` per job, created before the job runs and
-joined by the job's process between fork and exec.
+joined by the job's process between fork and exec. An ended job's group that is
+as new may serve a later job (``recycle``): it keeps its first job's name.
 
 Driver-level failures raise ``Unenforceable`` (the host cannot do it) or
 ``CgroupError`` (a cgroup file operation failed); never a bare OSError.
@@ -40,7 +41,7 @@ import signal
 import stat
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 
@@ -389,10 +390,16 @@ class JobCgroup(ABC):
 
     # Every running job holds one: its paths are made when used, not kept (a
     # ``Path`` per hierarchy was ~2.8 KiB per job on a hybrid host).
-    __slots__ = ("job_id",)
+    __slots__ = ("_cpu_base", "job_id", "limited")
 
     def __init__(self, job_id: str) -> None:
+        #: The job the group is for now (a recycled group keeps the name of the first).
         self.job_id = job_id
+        #: Limits were written to it (``CgroupDriver.create``, ``configure``): never recycled.
+        self.limited = False
+        #: Its CPU time (us) when it was recycled for this job (``CgroupDriver.recycle``):
+        #: the job's usage counts from there.
+        self._cpu_base = 0
 
     @property
     @abstractmethod
@@ -674,7 +681,8 @@ class V2JobCgroup(JobCgroup):
         if usec is None and peak_text is None:
             return None
         peak = int(peak_text) if peak_text and peak_text.strip().isdigit() else 0
-        return Usage(cpu_seconds=(usec or 0) / 1e6, memory_peak_bytes=peak)
+        cpu = max(0, usec - self._cpu_base) if usec is not None else 0
+        return Usage(cpu_seconds=cpu / 1e6, memory_peak_bytes=peak)
 
 
 class V1JobCgroup(JobCgroup):
@@ -712,6 +720,12 @@ class V1JobCgroup(JobCgroup):
     def joined(self) -> Sequence[str]:
         """The v1 hierarchies the job is in, each named by one of its controllers."""
         return self._joined
+
+    @property
+    def name(self) -> str:
+        """The group's directory name in each hierarchy (``job-<id>`` of the job it
+        was made for: a recycled group keeps it)."""
+        return self._name
 
     @property
     def controllers(self) -> dict[str, Path]:
@@ -805,7 +819,7 @@ class V1JobCgroup(JobCgroup):
         unified = self._unified_parent
         if cpu is None and unified is not None:
             usec = _keyed(_read_small(f"{unified}/{self._name}/cpu.stat"), "usage_usec")
-            cpu = None if usec is None else usec / 1e6
+            cpu = None if usec is None else max(0, usec - self._cpu_base) / 1e6
         memory = self._controller_dir("memory")
         if memory is not None:
             text = _read_small(f"{memory}/memory.max_usage_in_bytes")
@@ -914,6 +928,7 @@ class CgroupDriver(ABC):
         self.check(limits)
         device = _io_device(limits, cwd)
         group = self.make(job_id, limits)
+        group.limited = limits.any
         try:
             self._apply(group, limits, device, extra_tasks)
         except BaseException:
@@ -940,6 +955,7 @@ class CgroupDriver(ABC):
         self.check(limits)
         device = _io_device(limits, cwd)
         wider = self._widen(group, limits)
+        group.limited = wider.limited = group.limited or limits.any
         try:
             self._apply(wider, limits, device, extra_tasks)
         except BaseException:
@@ -961,6 +977,28 @@ class CgroupDriver(ABC):
     def _widen(self, group: JobCgroup, limits: Limits) -> JobCgroup:
         """``group`` made ready for ``limits``' controllers (v1 makes directories)."""
         return group
+
+    def recycle(self, groups: Sequence[JobCgroup]) -> list[JobCgroup | None]:
+        """In a worker thread: ended jobs' groups (reaped, as for ``remove``) made ready
+        for new jobs instead of removed, in one call with the GIL released
+        (``_cplace.recycle``). For each, the group to use (the same directories; its
+        counters reset, or read as the next job's baseline), or None where it cannot be
+        (limits were written to it, it has processes or subgroups, is frozen, saw an
+        OOM kill, still holds more memory than a new group could, or this host's
+        groups cannot be reset: then remove it). See ARCHITECTURE.md, "Why groups are
+        recycled"."""
+        plans = [None if group.limited else self._recycling(group) for group in groups]
+        answers = iter(_cplace.recycle([plan[0] for plan in plans if plan is not None]))
+        recycled: list[JobCgroup | None] = []
+        for plan in plans:
+            values = None if plan is None else next(answers)
+            recycled.append(None if plan is None or values is None else plan[1](values))
+        return recycled
+
+    def _recycling(self, group: JobCgroup) -> _Recycling | None:
+        """What ``recycle`` runs on ``group`` (``_cplace.recycle``'s operations) and how
+        the values it reads make the recycled group; None if it cannot be."""
+        return None
 
     @abstractmethod
     def _apply(
@@ -1105,6 +1143,21 @@ class V2Driver(CgroupDriver):
         return V2JobCgroup(
             job_id, self.parent_dir / f"{_JOB_PREFIX}{job_id}", has_kill=self._has_kill
         )
+
+    def _recycling(self, group: JobCgroup) -> _Recycling | None:
+        # With the memory controller, no: ``memory.peak`` cannot be reset for every
+        # reader (a write resets it for the writer's descriptor only, Linux 6.12+).
+        if "memory" not in self.missing or not isinstance(group, V2JobCgroup):
+            return None
+        directory = os.fsencode(group.dir)
+        ops = [_no_subgroups(directory), *_empty_and_thawed(directory), _cpu_usec(directory)]
+
+        def recycled(values: tuple[int, ...]) -> JobCgroup:
+            fresh = V2JobCgroup(group.job_id, group.dir, has_kill=self._has_kill)
+            fresh._cpu_base = values[0]
+            return fresh
+
+        return ops, recycled
 
     def make(self, job_id: str, limits: Limits | None = None) -> JobCgroup:
         group = self.job(job_id)
@@ -1265,11 +1318,15 @@ class V1Driver(CgroupDriver):
             joined = self._joined[key] = tuple(h for h in self._distinct if h in wanted)
         return joined
 
-    def _group(self, job_id: str, joined: Sequence[str]) -> V1JobCgroup:
+    def _group(self, job_id: str, joined: Sequence[str], name: str | None = None) -> V1JobCgroup:
         _check_job_id(job_id)
-        name = f"{_JOB_PREFIX}{job_id}"
         return V1JobCgroup(
-            job_id, name, self.parents, self.unified, joined=joined, homes=self._homes
+            job_id,
+            f"{_JOB_PREFIX}{job_id}" if name is None else name,
+            self.parents,
+            self.unified,
+            joined=joined,
+            homes=self._homes,
         )
 
     def job(self, job_id: str) -> JobCgroup:
@@ -1297,7 +1354,8 @@ class V1Driver(CgroupDriver):
         joined = self.hierarchies_for(limits)
         if set(joined) <= set(group.joined):
             return group
-        wider = self._group(group.job_id, joined)
+        wider = self._group(group.job_id, joined, group.name)
+        wider._cpu_base = group._cpu_base
         made: list[Path] = []
         try:
             for directory in wider.dirs:
@@ -1308,6 +1366,45 @@ class V1Driver(CgroupDriver):
             _rmdir_quietly(made)
             raise
         return wider
+
+    def _recycling(self, group: JobCgroup) -> _Recycling | None:
+        # Only a group in what a job without limits is in, and with the unified mount
+        # to say it is empty and thawed (``cgroup.events``).
+        unified = self.unified
+        if (
+            unified is None
+            or not isinstance(group, V1JobCgroup)
+            or tuple(group.joined) != self.hierarchies_for(None)
+        ):
+            return None
+        ops: list[_Op] = []
+        here = os.fsencode(f"{unified}/{group.name}")
+        ops += [_no_subgroups(here), *_empty_and_thawed(here)]
+        cpuacct = False
+        for hierarchy in group.joined:
+            directory = os.fsencode(f"{self.parents[hierarchy]}/{group.name}")
+            ops.append(_no_subgroups(directory))
+            controllers = {c for c, home in self._homes.items() if home == hierarchy}
+            if "freezer" in controllers:
+                return None  # (its state is not a number: not worth it on such old hosts)
+            if "memory" in controllers:
+                ops += [
+                    (_AT_MOST, directory + b"/memory.oom_control", b"oom_kill", 0),
+                    (_AT_MOST, directory + b"/memory.usage_in_bytes", b"", _residue()),
+                    (_WRITE, directory + b"/memory.max_usage_in_bytes", b"0", 0),
+                ]
+            if "cpuacct" in controllers:
+                ops.append((_WRITE, directory + b"/cpuacct.usage", b"0", 0))
+                cpuacct = True
+        if not cpuacct:
+            ops.append(_cpu_usec(here))
+
+        def recycled(values: tuple[int, ...]) -> JobCgroup:
+            fresh = self._group(group.job_id, group.joined, group.name)
+            fresh._cpu_base = values[0] if values else 0
+            return fresh
+
+        return ops, recycled
 
     def _apply(
         self,
@@ -1377,6 +1474,35 @@ def _io_device(limits: Limits, cwd: str | os.PathLike[str] | None) -> tuple[int,
     if not (limits.io_read_bps or limits.io_write_bps):
         return None
     return block_device_for(cwd if cwd is not None else os.getcwd())
+
+
+# ``_cplace.recycle``'s operations: (kind, path, key, value).
+_Op = tuple[int, bytes, bytes, int]
+_Recycling = tuple[list[_Op], Callable[[tuple[int, ...]], JobCgroup]]
+_NO_SUBGROUPS, _AT_MOST, _WRITE, _READ = range(4)
+
+
+def _no_subgroups(directory: bytes) -> _Op:
+    return (_NO_SUBGROUPS, directory, b"", 0)
+
+
+def _empty_and_thawed(directory: bytes) -> list[_Op]:
+    """A v2 group with no process left, and not frozen (a seed cloned into it would be)."""
+    events = directory + b"/cgroup.events"
+    return [(_AT_MOST, events, b"populated", 0), (_AT_MOST, events, b"frozen", 0)]
+
+
+def _cpu_usec(directory: bytes) -> _Op:
+    return (_READ, directory + b"/cpu.stat", b"usage_usec", 0)
+
+
+@functools.cache
+def _residue() -> int:
+    """The most memory a recycled v1 group may still be charged with (its reset peak
+    starts there): what the kernel may hold charged ahead for a group, per CPU (a
+    charge batch of 64 pages: a new group's first charge takes one too). More is the
+    last job's (page cache, a tmpfs file): that group is removed instead."""
+    return 64 * os.sysconf("SC_PAGE_SIZE") * (os.cpu_count() or 1)
 
 
 def _mkdir(directory: Path) -> None:

@@ -94,8 +94,8 @@ struct made {
  * ``m`` says what failed. */
 static void
 make(const char *directory, const char **files, const char **contents, Py_ssize_t *sizes,
-     Py_ssize_t n_files, const char **groups, const int *procs, Py_ssize_t n_groups, int *fds,
-     struct made *m)
+     Py_ssize_t n_files, const char **groups, const int *procs, Py_ssize_t n_groups, int made,
+     int *fds, struct made *m)
 {
     char path[PATH_MAX];
     Py_ssize_t files_made = 0, groups_made = 0, opened = 0, i;
@@ -125,7 +125,7 @@ make(const char *directory, const char **files, const char **contents, Py_ssize_
         }
         close(fd);
     }
-    for (i = 0; i < n_groups; i++) {
+    for (i = 0; i < n_groups && !made; i++) {
         if (mkdir(groups[i], 0777) < 0) {
             m->step = STEP_CGROUP;
             m->err = errno;
@@ -234,12 +234,13 @@ planted(struct tw_seed_api *api, struct tw_seed_plant *p)
 }
 
 PyDoc_STRVAR(make_place_doc,
-"make_place(directory, files, contents, groups, procs, seed=None)\n"
+"make_place(directory, files, contents, groups, procs, seed=None, made=False)\n"
 "    -> list[int] | (list[int], planted) | (step, errno, path)\n\n"
 "mkdir ``directory`` (0700; none if empty: then no ``files``); create each of ``files``\n"
 "in it (0600, empty, or with\n"
 "its ``contents`` written at 0 if not None: a failed write is ignored); mkdir each of\n"
-"``groups``; then open, for each group, its cgroup.procs for writing (``procs``\n"
+"``groups`` (not if ``made``: they exist, recycled, and a failure leaves them);\n"
+"then open, for each group, its cgroup.procs for writing (``procs``\n"
 "true) or the group's directory itself (false). Returns the fds, one per group,\n"
 "close-on-exec. On failure nothing made is left, and the step (1 directory,\n"
 "2 file, 3 cgroup, 4 join), errno and the path that failed are returned.\n\n"
@@ -263,9 +264,10 @@ make_place(PyObject *self, PyObject *args)
     int no_block = 0;
     PyObject *result = NULL;
     const char *directory;
+    int made = 0;
 
-    if (!PyArg_ParseTuple(args, "yOOOO|O:make_place", &directory, &files_o, &contents_o,
-                          &groups_o, &procs_o, &seed_o))
+    if (!PyArg_ParseTuple(args, "yOOOO|Op:make_place", &directory, &files_o, &contents_o,
+                          &groups_o, &procs_o, &seed_o, &made))
         return NULL;
     dir_o = PyTuple_GET_ITEM(args, 0);
     Py_INCREF(dir_o);
@@ -308,7 +310,7 @@ make_place(PyObject *self, PyObject *args)
     if (api != NULL && (plant.block = api->take_block()) == NULL)
         no_block = errno;
     Py_BEGIN_ALLOW_THREADS
-    make(directory, files, contents, sizes, n_files, groups, procs, n_groups, fds, m);
+    make(directory, files, contents, sizes, n_files, groups, procs, n_groups, made, fds, m);
     if (m->step == 0 && plant.block != NULL) {
         plant.cgroup_fds = fds;
         plant.n_cgroup_fds = (int)n_groups;
@@ -446,15 +448,228 @@ done:
     return result;
 }
 
+/* recycle's operations on a group's files (mirror _cgroups._Op). */
+enum { OP_NO_SUBGROUPS = 0, OP_AT_MOST = 1, OP_WRITE = 2, OP_READ = 3 };
+
+struct op {
+    int kind;
+    const char *path, *key; /* key: a "key value" line's key, or "" for the whole file */
+    Py_ssize_t key_len;
+    long long value; /* OP_AT_MOST's bound */
+};
+
+/* The value ``key`` has in the cgroup file ``path`` ("key N" lines, or the file's one
+ * number for an empty key); -1 if it cannot be read or has no such value. */
+static int
+file_value(const char *path, const char *key, Py_ssize_t key_len, long long *value)
+{
+    char buf[4096], *at, *end;
+    ssize_t got;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    do {
+        got = read(fd, buf, sizeof buf - 1);
+    } while (got < 0 && errno == EINTR);
+    close(fd);
+    if (got <= 0)
+        return -1;
+    buf[got] = '\0';
+    at = buf;
+    if (key_len > 0) {
+        for (;;) {
+            if (strncmp(at, key, (size_t)key_len) == 0 && at[key_len] == ' ') {
+                at += key_len + 1;
+                break;
+            }
+            at = strchr(at, '\n');
+            if (at == NULL)
+                return -1;
+            at++;
+        }
+    }
+    errno = 0;
+    *value = strtoll(at, &end, 10);
+    if (errno != 0 || end == at || (*end != '\n' && *end != '\0' && *end != ' '))
+        return -1;
+    return 0;
+}
+
+/* One group's operations, in order, the GIL released: 0 if every one held (``read``
+ * then holds the OP_READ values), -1 at the first that did not. */
+static int
+run_ops(const struct op *ops, Py_ssize_t n, long long *read)
+{
+    Py_ssize_t i, n_read = 0;
+    for (i = 0; i < n; i++) {
+        const struct op *o = &ops[i];
+        long long value;
+        switch (o->kind) {
+        case OP_NO_SUBGROUPS: {
+            /* A cgroup directory's link count is 2 + its subgroups (kernfs). */
+            struct stat st;
+            if (stat(o->path, &st) < 0 || !S_ISDIR(st.st_mode) || st.st_nlink != 2)
+                return -1;
+            break;
+        }
+        case OP_AT_MOST:
+            if (file_value(o->path, o->key, o->key_len, &value) < 0 || value > o->value)
+                return -1;
+            break;
+        case OP_WRITE: {
+            ssize_t wrote;
+            int fd = open(o->path, O_WRONLY | O_CLOEXEC);
+            if (fd < 0)
+                return -1;
+            do {
+                wrote = write(fd, o->key, (size_t)o->key_len);
+            } while (wrote < 0 && errno == EINTR);
+            close(fd);
+            if (wrote != o->key_len)
+                return -1;
+            break;
+        }
+        case OP_READ:
+            if (file_value(o->path, o->key, o->key_len, &value) < 0)
+                return -1;
+            read[n_read++] = value;
+            break;
+        default:
+            return -1;
+        }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(recycle_doc,
+"recycle(groups) -> list[tuple[int, ...] | None]\n\n"
+"For each group (a sequence of operations (kind, path, key, value)), run its\n"
+"operations in order, all groups with the GIL released: 0 the directory ``path`` has\n"
+"no subdirectory (subgroups); 1 the value of ``key`` in the file ``path`` (its \"key N\"\n"
+"line, or the file's one number for an empty key) is at most ``value``; 2 write\n"
+"``key`` to ``path``; 3 read the value of ``key`` in ``path``. Returns, per group, the\n"
+"values read (a tuple), or None from the first operation that failed or did not\n"
+"hold (the rest of that group's are not run).");
+
+static PyObject *
+recycle(PyObject *self, PyObject *arg)
+{
+    PyObject *groups_f = NULL, *result = NULL, **op_fast = NULL;
+    struct op *ops = NULL;
+    Py_ssize_t n_groups, n_ops = 0, n_reads = 0, g, i, k;
+    Py_ssize_t *first = NULL, *reads_at = NULL;
+    long long *values = NULL;
+    int *ok = NULL;
+
+    groups_f = PySequence_Fast(arg, "expected a sequence of groups");
+    if (groups_f == NULL)
+        return NULL;
+    n_groups = PySequence_Fast_GET_SIZE(groups_f);
+    op_fast = PyMem_Calloc((size_t)n_groups + 1, sizeof(PyObject *));
+    first = PyMem_Calloc((size_t)n_groups + 1, sizeof(Py_ssize_t));
+    reads_at = PyMem_Calloc((size_t)n_groups + 1, sizeof(Py_ssize_t));
+    ok = PyMem_Calloc((size_t)n_groups + 1, sizeof(int));
+    if (op_fast == NULL || first == NULL || reads_at == NULL || ok == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (g = 0; g < n_groups; g++) {
+        op_fast[g] = PySequence_Fast(PySequence_Fast_GET_ITEM(groups_f, g),
+                                     "expected a sequence of operations");
+        if (op_fast[g] == NULL)
+            goto done;
+        first[g] = n_ops;
+        n_ops += PySequence_Fast_GET_SIZE(op_fast[g]);
+    }
+    first[n_groups] = n_ops;
+    ops = PyMem_Calloc((size_t)n_ops + 1, sizeof(struct op));
+    if (ops == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (g = 0, k = 0; g < n_groups; g++) {
+        reads_at[g] = n_reads;
+        for (i = 0; i < PySequence_Fast_GET_SIZE(op_fast[g]); i++, k++) {
+            PyObject *item = PySequence_Fast_GET_ITEM(op_fast[g], i);
+            const char *path, *key;
+            Py_ssize_t path_len, key_len;
+            if (!PyArg_ParseTuple(item, "iy#y#L:operation", &ops[k].kind, &path, &path_len,
+                                  &key, &key_len, &ops[k].value))
+                goto done;
+            if ((Py_ssize_t)strlen(path) != path_len) {
+                PyErr_SetString(PyExc_ValueError, "embedded null byte");
+                goto done;
+            }
+            if (ops[k].kind < OP_NO_SUBGROUPS || ops[k].kind > OP_READ) {
+                PyErr_SetString(PyExc_ValueError, "unknown operation");
+                goto done;
+            }
+            /* (The bytes stay alive: op_fast holds the tuples that hold them.) */
+            ops[k].path = path;
+            ops[k].key = key;
+            ops[k].key_len = key_len;
+            if (ops[k].kind == OP_READ)
+                n_reads++;
+        }
+    }
+    values = PyMem_Calloc((size_t)n_reads + 1, sizeof(long long));
+    if (values == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (g = 0; g < n_groups; g++)
+        ok[g] = run_ops(ops + first[g], first[g + 1] - first[g], values + reads_at[g]) == 0;
+    Py_END_ALLOW_THREADS
+    result = PyList_New(n_groups);
+    if (result == NULL)
+        goto done;
+    for (g = 0; g < n_groups; g++) {
+        PyObject *item;
+        if (!ok[g]) {
+            item = Py_NewRef(Py_None);
+        } else {
+            Py_ssize_t n = (g + 1 < n_groups ? reads_at[g + 1] : n_reads) - reads_at[g];
+            item = PyTuple_New(n);
+            for (i = 0; item != NULL && i < n; i++) {
+                PyObject *v = PyLong_FromLongLong(values[reads_at[g] + i]);
+                if (v == NULL)
+                    Py_CLEAR(item);
+                else
+                    PyTuple_SET_ITEM(item, i, v);
+            }
+        }
+        if (item == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, g, item);
+    }
+done:
+    if (op_fast != NULL)
+        for (g = 0; g < n_groups; g++)
+            Py_XDECREF(op_fast[g]);
+    Py_DECREF(groups_f);
+    PyMem_Free(op_fast);
+    PyMem_Free(first);
+    PyMem_Free(reads_at);
+    PyMem_Free(ok);
+    PyMem_Free(ops);
+    PyMem_Free(values);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"make_place", make_place, METH_VARARGS, make_place_doc},
     {"remove_dirs", remove_dirs, METH_O, remove_dirs_doc},
+    {"recycle", recycle, METH_O, recycle_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_cplace",
-    "A job's place made, and groups removed, with the GIL released (see _place.py).", -1,
+    "A job's place made, and groups recycled or removed, with the GIL released (see _place.py).",
+    -1,
     methods, NULL, NULL, NULL, NULL,
 };
 

@@ -12,6 +12,10 @@ def make_place(
     groups: Sequence[bytes],
     procs: Sequence[bool],
     seed: tuple[int, tuple[int, ...]] | None = None,
+    made: bool = False,
     /,
 ) -> list[int] | tuple[int, int, bytes] | tuple[list[int], Planted | OSError]: ...
 def remove_dirs(dirs: Sequence[bytes], /) -> list[tuple[int, int]]: ...
+def recycle(
+    groups: Sequence[Sequence[tuple[int, bytes, bytes, int]]], /
+) -> list[tuple[int, ...] | None]: ...

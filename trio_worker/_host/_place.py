@@ -55,14 +55,19 @@ class PlaceError(OSError):
 
 
 def make_place(
-    directory: Path | None, files: Sequence[tuple[str, bytes | None]], group: JobCgroup
+    directory: Path | None,
+    files: Sequence[tuple[str, bytes | None]],
+    group: JobCgroup,
+    *,
+    recycled: bool = False,
 ) -> list[int]:
     """Make ``directory`` (0700, unless None: then no ``files``) with ``files`` in it
     (each 0600, with its bytes written, or empty for None: a failed write is ignored,
     the file stays), then ``group``'s directories (as ``CgroupDriver.make``, which must
-    not have made them), and return ``group.open_join()``'s descriptors. ``PlaceError``
-    if any step fails, with nothing left behind."""
-    made = _make(directory, files, group, None)
+    not have made them; not if ``recycled``: they exist, ``CgroupDriver.recycle``'s),
+    and return ``group.open_join()``'s descriptors. ``PlaceError`` if any step fails,
+    with nothing left behind (but a recycled group, as it was)."""
+    made = _make(directory, files, group, None, recycled)
     assert isinstance(made, list)
     return made
 
@@ -87,6 +92,7 @@ def make_seeded_place(
     *,
     nofile_soft: int | None,
     pipe_sizes: Sequence[int],
+    recycled: bool = False,
 ) -> tuple[list[int], Sown | OSError]:
     """``make_place``, and in the same call (the GIL let go once) the place's seed
     (``Seed.plant``'s, with /dev/null as stdin and a pipe for each of stdout and
@@ -97,11 +103,10 @@ def make_seeded_place(
     ``clone3`` for the clone); the place is made all the same. ``PlaceError`` as
     ``make_place``'s."""
     if not _cspawn.HAVE_SEED:  # another architecture
-        fds = make_place(directory, files, group)
+        fds = make_place(directory, files, group, recycled=recycled)
         return fds, OSError(_errno.ENOSYS, "seeds are not built for this machine", "clone3")
-    made = _make(
-        directory, files, group, (-1 if nofile_soft is None else nofile_soft, tuple(pipe_sizes))
-    )
+    seed = (-1 if nofile_soft is None else nofile_soft, tuple(pipe_sizes))
+    made = _make(directory, files, group, seed, recycled)
     assert isinstance(made, tuple)
     fds, planted = made
     if isinstance(planted, OSError):
@@ -115,6 +120,7 @@ def _make(
     files: Sequence[tuple[str, bytes | None]],
     group: JobCgroup,
     seed: tuple[int, tuple[int, ...]] | None,
+    recycled: bool,
 ) -> list[int] | tuple[list[int], _cplace.Planted | OSError]:
     joins = group.joins()
     made = _cplace.make_place(
@@ -124,6 +130,7 @@ def _make(
         [os.fsencode(d) for d, _ in joins],
         [procs for _, procs in joins],
         seed,
+        recycled,
     )
     if isinstance(made, tuple) and isinstance(made[0], int):
         step, errno, path = made

@@ -23,7 +23,9 @@ none; see ``_output``); a Start whose helper needs the directory (isolation's
 report) makes it. The job id comes with the place, since a v2 cgroup cannot be
 renamed; it holds the time the place was made, not the Start's (ids still sort by
 when they were made). After a crash, a place's groups are leftovers like any
-other's.
+other's. An ended job's group that is as new is recycled for a later place rather
+than removed and made again (``_recycle``: ARCHITECTURE.md, "Why groups are
+recycled"); it keeps the name of the job it was made for.
 
 Seeds: with the reaper watching, a place also holds its job's process, made
 with it (``_host._spawn.Seed``): already in the job's groups and process group,
@@ -219,8 +221,11 @@ class Launcher:
         #: How many places ``keep_ready`` keeps made ahead of need.
         self._target = ready
         self._ready: deque[Place] = deque()
-        #: Ended jobs' groups, to remove (``retire``).
+        #: Ended jobs' groups, to recycle or remove (``retire``).
         self._retired: list[JobCgroup] = []
+        #: Ended jobs' groups recycled for the next places (``_tend``'s: its thread's,
+        #: one round at a time, then ``aclose``'s).
+        self._spare: deque[JobCgroup] = deque()
         #: ``keep_ready``'s wait while it has nothing to do; ``retire`` sets its deadline.
         self._linger: trio.CancelScope | None = None
         #: When the last group was retired: the linger lasts until ``RETIRE_AFTER`` later.
@@ -232,6 +237,9 @@ class Launcher:
         #: Set (and replaced) when a place joins the pool, or a refill ends (``take_soon``).
         self._arrived = trio.Event()
         self._closed = False
+        #: Starts waiting for the next place (``take_soon``): while there are any, the
+        #: refill's thread hands each place over as soon as it is made (``_tend``).
+        self._awaited = 0
         #: The ids of the places a worker thread is making now (``keep_ready``).
         self._making: Sequence[str] = ()
         #: Plant a seed with each place (only with the reaper: a seed planted by a
@@ -294,6 +302,10 @@ class Launcher:
     def ready_places(self) -> list[Place]:
         return list(self._ready)
 
+    def spare_groups(self) -> list[JobCgroup]:
+        """The recycled groups waiting for places (tests take stock, once ``settled``)."""
+        return list(self._spare)
+
     async def settled(self) -> None:
         """Wait until ``keep_ready`` has nothing to do (tests take stock of places)."""
         await self._idle.wait()
@@ -338,19 +350,20 @@ class Launcher:
 
     async def _round(self, retired: list[JobCgroup], ids: list[str]) -> int:
         """One round of the refill's thread (``_tend``): how many places it made."""
-        # Shielded: the places the thread makes must reach the pool (or ``aclose``
-        # would not remove them).
+        # Not cancellable (``in_thread``, no other checkpoint): the places the thread
+        # makes must reach the pool (or ``aclose`` would not remove them).
         made = 0
-        with trio.CancelScope(shield=True):
-            self._making = ids
-            try:
-                made = await in_thread(partial(self._tend, retired, ids))
-            except RuntimeError:  # "can't start new thread"
-                self._retired[:0] = retired
-            finally:
-                self._making = ()
-                self._arrived.set()  # a Start waiting for a place: none is coming
-                self._arrived = trio.Event()
+        self._making = ids
+        try:
+            made, held = await in_thread(partial(self._tend, retired, ids))
+            if held:
+                self._arrive(held)
+        except RuntimeError:  # "can't start new thread"
+            self._retired[:0] = retired
+        finally:
+            self._making = ()
+            self._arrived.set()  # a Start waiting for a place: none is coming
+            self._arrived = trio.Event()
         return made
 
     async def _wait(self, wanted: trio.Event) -> None:
@@ -368,12 +381,13 @@ class Launcher:
                 return
 
     async def aclose(self) -> None:
-        """Remove the retired groups and the ready places (after ``keep_ready`` was
-        cancelled and every job ended)."""
+        """Remove the retired and spare groups and the ready places (after
+        ``keep_ready`` was cancelled and every job ended)."""
         self._closed = True
         places = list(self._ready)
         self._ready.clear()
-        retired, self._retired = self._retired, []
+        retired, self._retired = [*self._retired, *self._spare], []
+        self._spare.clear()
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._discard_all, retired, places)
 
@@ -381,27 +395,58 @@ class Launcher:
         _remove_groups(retired)
         _discard_places(places)
 
-    def _tend(self, retired: Sequence[JobCgroup], ids: Sequence[str]) -> int:
-        """In a worker thread: make the places (each reaches the pool as it is made:
-        a Start may be waiting for it, ``take_soon``), then remove the retired groups.
-        Returns how many places were made.
+    def _tend(self, retired: Sequence[JobCgroup], ids: Sequence[str]) -> tuple[int, list[Place]]:
+        """In a worker thread: recycle what it can of the retired groups (``_recycle``),
+        make the places, then remove the other retired groups. Returns how many places
+        were made, and those not handed over yet.
 
-        A place is handed to the loop by ``run_sync_soon``, not waited for:
-        the thread goes on to the next (``from_thread.run_sync`` cost it a round
-        trip through the loop per place). The loop runs those callbacks in order,
-        before it learns the thread's result (delivered the same way)."""
+        The places come back with the result (``_round`` puts them in the pool): each
+        hand-over wakes the loop, a turn of it (~20-40 us of its CPU) per place. Only
+        while a Start waits for one (``take_soon``) is each place handed over as soon as
+        it is made, with those held before it, by ``run_sync_soon``, not waited for (the
+        thread goes on to the next). The loop runs those callbacks in order, before it
+        learns the thread's result (delivered the same way)."""
         token = self._token
         assert token is not None
-        made = self._make_places(ids, lambda place: token.run_sync_soon(self._arrive, place))
-        _remove_groups(retired)
-        return made
+        held: list[Place] = []
 
-    def _arrive(self, place: Place) -> None:
-        """On the loop: a place the refill's thread made joins the pool."""
-        if self._capped and place.seed is not None:
-            _kill_waiting(place.seed)  # planted before the cap was seen (``watch_memory_caps``)
-        self._ready.append(place)
-        self._making = self._making[1:]  # made in order
+        def arrive(place: Place) -> None:
+            held.append(place)
+            if self._awaited:  # a Start waits (``take_soon``): these go now, in order
+                token.run_sync_soon(self._arrive, held[:])
+                held.clear()
+
+        gone = self._recycle(retired, len(ids))
+        made = self._make_places(ids, arrive)
+        _remove_groups(gone)
+        return made, held
+
+    def _recycle(self, retired: Sequence[JobCgroup], wanted: int) -> list[JobCgroup]:
+        """In a worker thread: recycle retired groups into ``_spare`` (``CgroupDriver.
+        recycle``), enough for ``wanted`` places and the pool's target; returns those
+        to remove (the rest, and those that cannot be recycled).
+
+        A place in a recycled group costs a few reads and a write, where a new one cost
+        a mkdir per hierarchy and, at its job's end, an rmdir each (the bulk of this
+        thread's CPU: ARCHITECTURE.md, "Why groups are recycled")."""
+        room = max(wanted, self._target) - len(self._spare)
+        if room <= 0 or not retired:
+            return list(retired)
+        candidates, gone = list(retired[:room]), list(retired[room:])
+        for group, recycled in zip(candidates, self.cgroups.recycle(candidates), strict=True):
+            if recycled is None:
+                gone.append(group)
+            else:
+                self._spare.append(recycled)
+        return gone
+
+    def _arrive(self, places: Sequence[Place]) -> None:
+        """On the loop: places the refill's thread made join the pool, in order."""
+        for place in places:
+            if self._capped and place.seed is not None:
+                _kill_waiting(place.seed)  # planted before the cap was seen (``watch_memory_caps``)
+            self._ready.append(place)
+        self._making = self._making[len(places) :]  # made in order
         self._arrived.set()
         self._arrived = trio.Event()
 
@@ -411,9 +456,13 @@ class Launcher:
         a millisecond away, where making a place of its own costs a Start a thread
         round trip, an inode and the groups (3-5 ms here) and slows the refill."""
         if not self._ready and self._making:
-            with trio.move_on_after(patience):
-                while not self._ready and self._making:
-                    await self._arrived.wait()
+            self._awaited += 1  # the refill's thread hands over each place as it is made
+            try:
+                with trio.move_on_after(patience):
+                    while not self._ready and self._making:
+                        await self._arrived.wait()
+            finally:
+                self._awaited -= 1
         return self.take()
 
     def _make_places(self, ids: Sequence[str], arrive: Callable[[Place], None]) -> int:
@@ -427,11 +476,17 @@ class Launcher:
         plant = self._seeds and bool(ids) and not capped
         for job_id in ids:
             sown: Sown | OSError | None = None
+            recycled = self._spare.popleft() if self._spare else None  # (the oldest first)
             try:
-                group = self.cgroups.planned(job_id)
+                if recycled is not None:
+                    group = recycled
+                    group.job_id = job_id
+                else:
+                    group = self.cgroups.planned(job_id)
                 # The groups and their fds, and the seed: one call with the GIL let go
-                # (it leaves nothing behind if it fails). No directory or file: the log's
-                # first flush makes them, if the job ever writes (``OutputLog``).
+                # (it leaves nothing behind if it fails, but a recycled group as it was).
+                # No directory or file: the log's first flush makes them, if the job ever
+                # writes (``OutputLog``).
                 if plant and self._seeds and group.tracked:
                     procs, sown = make_seeded_place(
                         None,
@@ -439,11 +494,14 @@ class Launcher:
                         group,
                         nofile_soft=self._job_nofile,
                         pipe_sizes=PIPE_SIZES,
+                        recycled=recycled is not None,
                     )
                 else:
-                    procs = make_place(None, (), group)
+                    procs = make_place(None, (), group, recycled=recycled is not None)
             except (CgroupError, OSError) as exc:
                 _log.debug("no place made ahead: %s", exc)
+                if recycled is not None:
+                    self._spare.appendleft(recycled)
                 break
             place = Place(job_id, self.jobs_dir / job_id, group, procs)
             if isinstance(sown, Sown):
