@@ -35,6 +35,7 @@ from tests.grpc_support import (
 )
 from trio_worker._net._transport import (
     _CALL_TASK,
+    _SPARE_DEADLINES,
     IDLE_CALL_TASKS,
     BidiStreamMethod,
     CallContext,
@@ -861,6 +862,47 @@ async def test_a_connection_keeps_at_most_IDLE_CALL_TASKS_tasks_for_its_next_cal
         # The second burst ran in the tasks the first left, and in new ones.
         assert kept[0] <= set(probe.tasks[burst:])
         assert len(set(probe.tasks)) == 2 * burst - IDLE_CALL_TASKS
+
+
+async def test_a_sooner_deadline_after_a_later_one_is_enforced_first(pki: Pki) -> None:
+    # The connection's one expiry waits for the soonest deadline of its running calls.
+    probe = Probe()
+    async with (
+        running_server(pki, methods(probe)) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        request = w.DoubleValue(value=60).SerializeToString()
+        later = await client.start(SLEEP, request, headers=[("grpc-timeout", "60S")])
+        await eventually(lambda: probe.active == 1)
+        sooner = await client.start(SLEEP, request, headers=[("grpc-timeout", "300m")])
+        with trio.fail_after(10):
+            await client.until(lambda: client.status(sooner) is not None)
+        assert client.status(sooner) == StatusCode.DEADLINE_EXCEEDED
+        assert client.status(later) is None
+        assert probe.active == 1
+
+
+async def test_the_deadlines_of_ended_calls_are_dropped_within_their_bound(pki: Pki) -> None:
+    probe = Probe()
+    async with (
+        running_server(pki, methods(probe)) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        (connection,) = r.server._connections
+        request = w.DoubleValue(value=0).SerializeToString()
+        for _ in range(3 * _SPARE_DEADLINES):
+            sid = await client.start(SLEEP, request, headers=[("grpc-timeout", "60S")])
+            with trio.fail_after(5):
+                await client.until(lambda s=sid: client.status(s) is not None)
+            assert client.status(sid) == StatusCode.OK
+            # (at most twice the calls running then, one, and the spare ones)
+            assert len(connection._deadlines) <= 2 + _SPARE_DEADLINES
+        # Swept, not stopped: a deadline still ends its call.
+        request = w.DoubleValue(value=60).SerializeToString()
+        sid = await client.start(SLEEP, request, headers=[("grpc-timeout", "300m")])
+        with trio.fail_after(10):
+            await client.until(lambda: client.status(sid) is not None)
+        assert client.status(sid) == StatusCode.DEADLINE_EXCEEDED
 
 
 async def test_grpcio_deadline(pki: Pki) -> None:

@@ -390,13 +390,17 @@ class JobCgroup(ABC):
 
     # Every running job holds one: its paths are made when used, not kept (a
     # ``Path`` per hierarchy was ~2.8 KiB per job on a hybrid host).
-    __slots__ = ("_cpu_base", "job_id", "limited")
+    __slots__ = ("_cpu_base", "job_id", "killed", "limited")
 
     def __init__(self, job_id: str) -> None:
         #: The job the group is for now (a recycled group keeps the name of the first).
         self.job_id = job_id
         #: Limits were written to it (``CgroupDriver.create``, ``configure``): never recycled.
         self.limited = False
+        #: A worker thread was sent to ``kill`` it (``_jobs._job.kill``): never recycled.
+        #: The job can end before that thread freezes and signals the group (its process
+        #: group's SIGKILL went first), and a later job's seed would be there by then.
+        self.killed = False
         #: Its CPU time (us) when it was recycled for this job (``CgroupDriver.recycle``):
         #: the job's usage counts from there.
         self._cpu_base = 0
@@ -985,9 +989,11 @@ class CgroupDriver(ABC):
         counters reset, or read as the next job's baseline), or None where it cannot be
         (limits were written to it, it has processes or subgroups, is frozen, saw an
         OOM kill, still holds more memory than a new group could, or this host's
-        groups cannot be reset: then remove it). See ARCHITECTURE.md, "Why groups are
-        recycled"."""
-        plans = [None if group.limited else self._recycling(group) for group in groups]
+        groups cannot be reset, or a thread was sent to kill it: then remove it). See
+        ARCHITECTURE.md, "Why groups are recycled"."""
+        plans = [
+            None if group.limited or group.killed else self._recycling(group) for group in groups
+        ]
         answers = iter(_cplace.recycle([plan[0] for plan in plans if plan is not None]))
         recycled: list[JobCgroup | None] = []
         for plan in plans:

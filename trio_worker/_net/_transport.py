@@ -44,6 +44,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
+from heapq import heapify, heappop, heappush
 from typing import Any, Final, Generic, TypeVar
 
 import h2.errors
@@ -263,6 +264,9 @@ _CALL_TASK: Final = "trio_worker._net._transport._Connection._call_task"
 #: Call tasks a connection keeps waiting for its next call, once theirs has ended (see
 #: ``_Connection._call_task``): a task and its frames, ~2 KiB each.
 IDLE_CALL_TASKS: Final = 4
+#: Deadlines of ended calls a connection's heap may hold beyond twice its running calls
+#: (see ``_Connection._watch_deadline``).
+_SPARE_DEADLINES: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -658,6 +662,10 @@ class _Connection(Connection):
         self._output_budget = OutputBudget()  # what its streams hold, between them
         self._new_calls: list[_Call] = []  # headers seen in this read, not started yet
         self._idle_tasks: list[_IdleTask] = []  # call tasks waiting for a call
+        #: The deadlines of the calls in tasks, soonest first (those of ended calls are
+        #: dropped lazily: see _expire), and the scope of _expire's wait for the soonest.
+        self._deadlines: list[tuple[float, int, _Call]] = []
+        self._expiry: trio.CancelScope | None = None
         self._starting_calls = False  # in ``_start_calls``: the reader pushes after it
         self._draining = False
         self.drained = False  # ended by a drain (or idling) with everything flushed
@@ -923,11 +931,11 @@ class _Connection(Connection):
         """A call's task, kept once the call has ended for the connection's next call that
         needs one (at most :data:`IDLE_CALL_TASKS` wait): a call then costs no spawn.
 
-        Its cancel scope is kept from call to call too, until a call is cancelled: each
-        call sets its deadline on it (and back once it has ended), and is cancelled
-        through it (:meth:`_Call.cancel`); a new scope only after a cancellation. A
-        scope of its own per call (made, entered, left) and a task per call were
-        a tenth of an async call's CPU. ``ready``: the request and response made in the
+        Its cancel scope is kept from call to call too, until a call is cancelled: a call
+        is cancelled through it (:meth:`_Call.cancel`), by the reader, a drain or its
+        deadline (:meth:`_watch_deadline`); a new scope only after a cancellation. A scope
+        of its own per call (made, entered, left) and a task per call were a fifth of an
+        async call's CPU. ``ready``: the request and response made in the
         reader, which had no room to send it; ``parsed``: the request, parsed in the
         reader for an ``at_once`` that said "not now".
         """
@@ -939,12 +947,9 @@ class _Connection(Connection):
             try:
                 with scope:
                     while True:
-                        deadline = call.ctx.deadline
                         call._scope = scope
-                        if deadline is not None:
-                            scope.deadline = deadline
-                            if self._now() >= deadline:
-                                scope.cancel()
+                        if call.ctx.deadline is not None:
+                            self._watch_deadline(call, call.ctx.deadline)
                         if call.cancelled:  # before this task took it
                             scope.cancel()
                         ended = False
@@ -952,10 +957,8 @@ class _Connection(Connection):
                         ended = True
                         call._scope = None
                         self._complete(call, code, message, call.request, response)
-                        if scope.cancel_called:  # (after the call's last checkpoint)
-                            break
-                        if deadline is not None:
-                            scope.deadline = math.inf
+                        if call.cancelled:  # (after the call's last checkpoint)
+                            break  # (this scope is cancelled: the next call gets a new one)
                         work = await self._next_call()
                         if work is None:
                             return
@@ -985,6 +988,50 @@ class _Connection(Connection):
                     code, message = StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
                 self._complete(call, code, message, call.request, None)
             work = await self._next_call()
+
+    def _watch_deadline(self, call: _Call, deadline: float) -> None:
+        """Cancel ``call`` at ``deadline`` if it is still running then (:meth:`_expire`).
+
+        One heap and one task per connection, rather than the deadline of each call's
+        scope: trio registers a scope's deadline (and its removal) through a context
+        manager, twice per call, which cost as much as the rest of the call's task. The
+        heap keeps the deadlines of ended calls until they come up, at most twice the
+        calls running plus :data:`_SPARE_DEADLINES` (then they are swept)."""
+        deadlines = self._deadlines
+        if len(deadlines) >= 2 * len(self._calls) + _SPARE_DEADLINES:
+            calls = self._calls
+            deadlines[:] = [item for item in deadlines if calls.get(item[1]) is item[2]]
+            heapify(deadlines)
+        heappush(deadlines, (deadline, call.stream_id, call))
+        expiry = self._expiry
+        if expiry is None:
+            assert self._nursery is not None
+            self._expiry = trio.CancelScope(deadline=deadline)
+            self._nursery.start_soon(self._expire)
+        elif deadline < expiry.deadline:
+            expiry.deadline = deadline
+
+    async def _expire(self) -> None:
+        """Cancel each call whose deadline has come (DEADLINE_EXCEEDED, see
+        :meth:`_call_task`), sleeping until the soonest deadline of a running call."""
+        deadlines = self._deadlines
+        calls = self._calls
+        while True:
+            expiry = self._expiry
+            assert expiry is not None
+            with expiry:
+                await trio.sleep_forever()
+            now = self._now()
+            while deadlines:
+                deadline, stream_id, call = deadlines[0]
+                if calls.get(stream_id) is not call:  # ended: dropped, whenever due
+                    heappop(deadlines)
+                elif deadline <= now:
+                    heappop(deadlines)
+                    call.cancel()
+                else:
+                    break
+            self._expiry = trio.CancelScope(deadline=deadlines[0][0] if deadlines else math.inf)
 
     async def _next_call(self) -> tuple[_Call, tuple[Any, Any] | None, Any] | None:
         """Wait for the connection's next call that needs a task (:meth:`_spawn_call`);
