@@ -1155,6 +1155,10 @@ class V2Driver(CgroupDriver):
         # reader (a write resets it for the writer's descriptor only, Linux 6.12+).
         if "memory" not in self.missing or not isinstance(group, V2JobCgroup):
             return None
+        if not {"cpu", "io", "pids"} <= self.missing.keys():
+            # A job may have written limits to its own group (a root job can): their
+            # files are not numbers to check when unset ("max", empty), so not then.
+            return None
         directory = os.fsencode(group.dir)
         ops = [_no_subgroups(directory), *_empty_and_thawed(directory), _cpu_usec(directory)]
 
@@ -1387,12 +1391,31 @@ class V1Driver(CgroupDriver):
         here = os.fsencode(f"{unified}/{group.name}")
         ops += [_no_subgroups(here), *_empty_and_thawed(here)]
         cpuacct = False
+        #: What each of the ``_READ`` values (but the CPU baseline, last) must be.
+        defaults: list[Callable[[int], bool]] = []
         for hierarchy in group.joined:
             directory = os.fsencode(f"{self.parents[hierarchy]}/{group.name}")
             ops.append(_no_subgroups(directory))
             controllers = {c for c, home in self._homes.items() if home == hierarchy}
-            if "freezer" in controllers:
-                return None  # (its state is not a number: not worth it on such old hosts)
+            if controllers & {"freezer", "pids", "blkio"}:
+                # (freezer: its state is not a number, not worth it on such old hosts;
+                # pids, blkio: their limits are not numbers when unset, and a job without
+                # limits is not in them.)
+                return None
+            # A job may have written limits to its own group's files (a root job can, as
+            # a script limiting itself): its group is no new one's then. The knobs a
+            # group is made with are checked (whatever the reader is: a limit is not
+            # a number a later job's Status would show, nor its own).
+            for controller in sorted(controllers):
+                for name, key, check in _V1_KNOBS.get(controller, ()):
+                    path = f"{self.parents[hierarchy]}/{name}"
+                    if not _has_file(path):  # (optional files: swap accounting, newer knobs)
+                        continue
+                    if check is None:
+                        ops.append((_AT_MOST, directory + b"/" + name.encode(), key, 0))
+                    else:
+                        ops.append((_READ, directory + b"/" + name.encode(), key, 0))
+                        defaults.append(check)
             if "memory" in controllers:
                 ops += [
                     (_AT_MOST, directory + b"/memory.oom_control", b"oom_kill", 0),
@@ -1405,9 +1428,12 @@ class V1Driver(CgroupDriver):
         if not cpuacct:
             ops.append(_cpu_usec(here))
 
-        def recycled(values: tuple[int, ...]) -> JobCgroup:
+        def recycled(values: tuple[int, ...]) -> JobCgroup | None:
+            if not all(check(value) for check, value in zip(defaults, values, strict=False)):
+                return None  # (a limit the last job wrote: the group is removed)
             fresh = self._group(group.job_id, group.joined, group.name)
-            fresh._cpu_base = values[0] if values else 0
+            rest = values[len(defaults) :]
+            fresh._cpu_base = rest[0] if rest else 0
             return fresh
 
         return ops, recycled
@@ -1484,7 +1510,37 @@ def _io_device(limits: Limits, cwd: str | os.PathLike[str] | None) -> tuple[int,
 
 # ``_cplace.recycle``'s operations: (kind, path, key, value).
 _Op = tuple[int, bytes, bytes, int]
-_Recycling = tuple[list[_Op], Callable[[tuple[int, ...]], JobCgroup]]
+_Recycling = tuple[list[_Op], Callable[[tuple[int, ...]], JobCgroup | None]]
+
+#: A v1 group's writable knobs, by controller, and what they hold in a new group: (file,
+#: key ("" for the whole file), None for "at most 0", else a check of its value).
+_UNLIMITED = 1 << 62  # (a v1 memory limit's "none": the largest page-aligned number)
+_V1_KNOBS: dict[str, tuple[tuple[str, bytes, Callable[[int], bool] | None], ...]] = {
+    "memory": (
+        ("memory.limit_in_bytes", b"", lambda v: v >= _UNLIMITED),
+        ("memory.soft_limit_in_bytes", b"", lambda v: v >= _UNLIMITED),
+        ("memory.memsw.limit_in_bytes", b"", lambda v: v >= _UNLIMITED),
+        ("memory.kmem.tcp.limit_in_bytes", b"", lambda v: v >= _UNLIMITED),
+        ("memory.oom_control", b"oom_kill_disable", None),
+        ("memory.move_charge_at_immigrate", b"", None),
+    ),
+    "cpu": (
+        ("cpu.cfs_quota_us", b"", lambda v: v == -1),
+        ("cpu.cfs_period_us", b"", lambda v: v == 100_000),
+        ("cpu.shares", b"", lambda v: v == 1024),
+        ("cpu.rt_runtime_us", b"", None),
+        ("cpu.cfs_burst_us", b"", None),
+        ("cpu.idle", b"", None),
+    ),
+}
+
+
+@functools.cache
+def _has_file(path: str) -> bool:
+    """Whether the (parent) group has this file: read once per path and server."""
+    return os.path.exists(path)
+
+
 _NO_SUBGROUPS, _AT_MOST, _WRITE, _READ = range(4)
 
 
