@@ -1150,7 +1150,12 @@ class V2Driver(CgroupDriver):
         if "memory" not in self.missing or not isinstance(group, V2JobCgroup):
             return None
         directory = os.fsencode(group.dir)
-        ops = [_no_subgroups(directory), *_empty_and_thawed(directory), _cpu_usec(directory)]
+        ops: list[_Op] = [
+            (_NO_SUBGROUPS, directory, b"", 0),
+            (_AT_MOST, directory + b"/cgroup.events", b"populated", 0),
+            (_AT_MOST, directory + b"/cgroup.events", b"frozen", 0),
+            (_READ, directory + b"/cpu.stat", b"usage_usec", 0),
+        ]
 
         def recycled(values: tuple[int, ...]) -> JobCgroup:
             fresh = V2JobCgroup(group.job_id, group.dir, has_kill=self._has_kill)
@@ -1285,6 +1290,8 @@ class V1Driver(CgroupDriver):
             and (self.parents["memory"] / "memory.memsw.limit_in_bytes").exists()
         )
         self._server_memory = _under(root / "memory", own.get("memory", "/"))
+        #: ``recycle``'s operations on a group, but its name (``_plan_recycling``).
+        self._recycle_ops = self._plan_recycling()
 
     def _controller_name(self, generic: str) -> str:
         return "blkio" if generic == "io" else generic
@@ -1370,41 +1377,59 @@ class V1Driver(CgroupDriver):
     def _recycling(self, group: JobCgroup) -> _Recycling | None:
         # Only a group in what a job without limits is in, and with the unified mount
         # to say it is empty and thawed (``cgroup.events``).
-        unified = self.unified
-        if (
-            unified is None
-            or not isinstance(group, V1JobCgroup)
-            or tuple(group.joined) != self.hierarchies_for(None)
-        ):
+        if not isinstance(group, V1JobCgroup) or tuple(group.joined) != self.hierarchies_for(None):
             return None
-        ops: list[_Op] = []
-        here = os.fsencode(f"{unified}/{group.name}")
-        ops += [_no_subgroups(here), *_empty_and_thawed(here)]
-        cpuacct = False
-        for hierarchy in group.joined:
-            directory = os.fsencode(f"{self.parents[hierarchy]}/{group.name}")
-            ops.append(_no_subgroups(directory))
+        template = self._recycle_ops
+        if template is None:
+            return None
+        name = group.name.encode()
+        ops = [(kind, head + name + tail, key, value) for kind, head, tail, key, value in template]
+
+        def recycled(values: tuple[int, ...]) -> JobCgroup:
+            fresh = V1JobCgroup(
+                group.job_id,
+                group.name,
+                self.parents,
+                self.unified,
+                joined=group.joined,
+                homes=self._homes,
+            )
+            fresh._cpu_base = values[0] if values else 0
+            return fresh
+
+        return ops, recycled
+
+    def _plan_recycling(self) -> list[_Template] | None:
+        """``recycle``'s operations on a group of a job without limits, its name left
+        out (each path is head + name + tail); None if such groups cannot be recycled
+        here. Made once: the same for every group."""
+        unified = self.unified
+        if unified is None:
+            return None
+        here = os.fsencode(unified) + b"/"
+        ops: list[_Template] = [
+            (_NO_SUBGROUPS, here, b"", b"", 0),
+            (_AT_MOST, here, b"/cgroup.events", b"populated", 0),
+            (_AT_MOST, here, b"/cgroup.events", b"frozen", 0),
+        ]
+        joined = self.hierarchies_for(None)
+        if not any(self._homes.get("cpuacct") == h for h in joined):
+            ops.append((_READ, here, b"/cpu.stat", b"usage_usec", 0))
+        for hierarchy in joined:
+            head = os.fsencode(self.parents[hierarchy]) + b"/"
+            ops.append((_NO_SUBGROUPS, head, b"", b"", 0))
             controllers = {c for c, home in self._homes.items() if home == hierarchy}
             if "freezer" in controllers:
                 return None  # (its state is not a number: not worth it on such old hosts)
             if "memory" in controllers:
                 ops += [
-                    (_AT_MOST, directory + b"/memory.oom_control", b"oom_kill", 0),
-                    (_AT_MOST, directory + b"/memory.usage_in_bytes", b"", _residue()),
-                    (_WRITE, directory + b"/memory.max_usage_in_bytes", b"0", 0),
+                    (_AT_MOST, head, b"/memory.oom_control", b"oom_kill", 0),
+                    (_AT_MOST, head, b"/memory.usage_in_bytes", b"", _residue()),
+                    (_WRITE, head, b"/memory.max_usage_in_bytes", b"0", 0),
                 ]
             if "cpuacct" in controllers:
-                ops.append((_WRITE, directory + b"/cpuacct.usage", b"0", 0))
-                cpuacct = True
-        if not cpuacct:
-            ops.append(_cpu_usec(here))
-
-        def recycled(values: tuple[int, ...]) -> JobCgroup:
-            fresh = self._group(group.job_id, group.joined, group.name)
-            fresh._cpu_base = values[0] if values else 0
-            return fresh
-
-        return ops, recycled
+                ops.append((_WRITE, head, b"/cpuacct.usage", b"0", 0))
+        return ops
 
     def _apply(
         self,
@@ -1479,21 +1504,9 @@ def _io_device(limits: Limits, cwd: str | os.PathLike[str] | None) -> tuple[int,
 # ``_cplace.recycle``'s operations: (kind, path, key, value).
 _Op = tuple[int, bytes, bytes, int]
 _Recycling = tuple[list[_Op], Callable[[tuple[int, ...]], JobCgroup]]
+#: An operation with the group's name left out: (kind, head, tail, key, value).
+_Template = tuple[int, bytes, bytes, bytes, int]
 _NO_SUBGROUPS, _AT_MOST, _WRITE, _READ = range(4)
-
-
-def _no_subgroups(directory: bytes) -> _Op:
-    return (_NO_SUBGROUPS, directory, b"", 0)
-
-
-def _empty_and_thawed(directory: bytes) -> list[_Op]:
-    """A v2 group with no process left, and not frozen (a seed cloned into it would be)."""
-    events = directory + b"/cgroup.events"
-    return [(_AT_MOST, events, b"populated", 0), (_AT_MOST, events, b"frozen", 0)]
-
-
-def _cpu_usec(directory: bytes) -> _Op:
-    return (_READ, directory + b"/cpu.stat", b"usage_usec", 0)
 
 
 @functools.cache

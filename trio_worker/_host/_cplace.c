@@ -461,11 +461,11 @@ struct op {
 /* The value ``key`` has in the cgroup file ``path`` ("key N" lines, or the file's one
  * number for an empty key); -1 if it cannot be read or has no such value. */
 static int
-file_value(const char *path, const char *key, Py_ssize_t key_len, long long *value)
+file_value(int dir_fd, const char *name, const char *key, Py_ssize_t key_len, long long *value)
 {
     char buf[4096], *at, *end;
     ssize_t got;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = openat(dir_fd, name, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -1;
     do {
@@ -495,50 +495,87 @@ file_value(const char *path, const char *key, Py_ssize_t key_len, long long *val
     return 0;
 }
 
+/* The directory ``dir`` (its first ``len`` bytes) as ``*dir_fd`` (O_PATH), opened unless
+ * it is the one ``*dir_fd`` is already (``cur``): a group's files are opened relative to
+ * it, each a short lookup instead of the whole path's walk. -1 if it cannot be opened. */
+static int
+enter(const char *dir, size_t len, char *cur, int *dir_fd)
+{
+    if (*dir_fd >= 0 && strlen(cur) == len && memcmp(cur, dir, len) == 0)
+        return 0;
+    if (*dir_fd >= 0)
+        close(*dir_fd);
+    *cur = '\0';
+    if (len >= PATH_MAX) {
+        *dir_fd = -1;
+        return -1;
+    }
+    memcpy(cur, dir, len);
+    cur[len] = '\0';
+    *dir_fd = open(cur, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (*dir_fd < 0)
+        *cur = '\0';
+    return *dir_fd < 0 ? -1 : 0;
+}
+
 /* One group's operations, in order, the GIL released: 0 if every one held (``read``
  * then holds the OP_READ values), -1 at the first that did not. */
 static int
 run_ops(const struct op *ops, Py_ssize_t n, long long *read)
 {
     Py_ssize_t i, n_read = 0;
-    for (i = 0; i < n; i++) {
+    char cur[PATH_MAX];
+    int dir_fd = -1, ok = 0;
+    for (i = 0; i < n && ok == 0; i++) {
         const struct op *o = &ops[i];
+        const char *name = strrchr(o->path, '/');
         long long value;
-        switch (o->kind) {
-        case OP_NO_SUBGROUPS: {
+        if (o->kind == OP_NO_SUBGROUPS) {
             /* A cgroup directory's link count is 2 + its subgroups (kernfs). */
             struct stat st;
-            if (stat(o->path, &st) < 0 || !S_ISDIR(st.st_mode) || st.st_nlink != 2)
-                return -1;
-            break;
+            if (enter(o->path, strlen(o->path), cur, &dir_fd) < 0 || fstat(dir_fd, &st) < 0 ||
+                !S_ISDIR(st.st_mode) || st.st_nlink != 2)
+                ok = -1;
+            continue;
         }
+        if (name == NULL || enter(o->path, (size_t)(name - o->path), cur, &dir_fd) < 0) {
+            ok = -1;
+            continue;
+        }
+        name++;
+        switch (o->kind) {
         case OP_AT_MOST:
-            if (file_value(o->path, o->key, o->key_len, &value) < 0 || value > o->value)
-                return -1;
+            if (file_value(dir_fd, name, o->key, o->key_len, &value) < 0 || value > o->value)
+                ok = -1;
             break;
         case OP_WRITE: {
             ssize_t wrote;
-            int fd = open(o->path, O_WRONLY | O_CLOEXEC);
-            if (fd < 0)
-                return -1;
+            int fd = openat(dir_fd, name, O_WRONLY | O_CLOEXEC);
+            if (fd < 0) {
+                ok = -1;
+                break;
+            }
             do {
                 wrote = write(fd, o->key, (size_t)o->key_len);
             } while (wrote < 0 && errno == EINTR);
             close(fd);
             if (wrote != o->key_len)
-                return -1;
+                ok = -1;
             break;
         }
         case OP_READ:
-            if (file_value(o->path, o->key, o->key_len, &value) < 0)
-                return -1;
-            read[n_read++] = value;
+            if (file_value(dir_fd, name, o->key, o->key_len, &value) < 0)
+                ok = -1;
+            else
+                read[n_read++] = value;
             break;
         default:
-            return -1;
+            ok = -1;
         }
     }
-    return 0;
+    if (dir_fd >= 0)
+        close(dir_fd);
+    return ok;
 }
 
 PyDoc_STRVAR(recycle_doc,
