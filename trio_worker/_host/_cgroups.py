@@ -41,7 +41,7 @@ import signal
 import stat
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 
@@ -986,18 +986,33 @@ class CgroupDriver(ABC):
         (limits were written to it, it has processes or subgroups, is frozen, saw an
         OOM kill, still holds more memory than a new group could, or this host's
         groups cannot be reset: then remove it). See ARCHITECTURE.md, "Why groups are
-        recycled"."""
-        plans = [None if group.limited else self._recycling(group) for group in groups]
-        answers = iter(_cplace.recycle([plan[0] for plan in plans if plan is not None]))
-        recycled: list[JobCgroup | None] = []
-        for plan in plans:
-            values = None if plan is None else next(answers)
-            recycled.append(None if plan is None or values is None else plan[1](values))
+        recycled".
+
+        The group is the same object: the ended job no longer reads it (``Job.usage``
+        gives its final usage, ``kill`` does nothing once it has ended)."""
+        ops = self._recycle_ops
+        recycled: list[JobCgroup | None] = [None] * len(groups)
+        if ops is None:
+            return recycled
+        names: list[bytes] = []
+        which: list[int] = []
+        for index, group in enumerate(groups):
+            name = None if group.limited else self._recyclable(group)
+            if name is not None:
+                names.append(name)
+                which.append(index)
+        for index, values in zip(which, _cplace.recycle(ops, names), strict=True):
+            if values is not None:
+                group = recycled[index] = groups[index]
+                group._cpu_base = values[0] if values else 0
         return recycled
 
-    def _recycling(self, group: JobCgroup) -> _Recycling | None:
-        """What ``recycle`` runs on ``group`` (``_cplace.recycle``'s operations) and how
-        the values it reads make the recycled group; None if it cannot be."""
+    #: ``recycle``'s operations on a group, but its name (each path is head + name +
+    #: tail), made once; None where groups cannot be recycled.
+    _recycle_ops: list[_Template] | None = None
+
+    def _recyclable(self, group: JobCgroup) -> bytes | None:
+        """The group's name if ``_recycle_ops`` apply to it (a job without limits')."""
         return None
 
     @abstractmethod
@@ -1101,6 +1116,16 @@ class V2Driver(CgroupDriver):
         #: cgroup.kill (5.14+): a job's group is killed in one write.
         self._has_kill = (self.parent_dir / "cgroup.kill").exists()
         self._server_dir = _under(root, _own_cgroups().get("unified", "/"))
+        # With the memory controller, no recycling: ``memory.peak`` is reset by a write
+        # for the writer's descriptor only (Linux 6.12+), not for the end's read.
+        if "memory" in self.missing:
+            head = os.fsencode(self.parent_dir) + b"/"
+            self._recycle_ops = [
+                (_NO_SUBGROUPS, head, b"", b"", 0),
+                (_AT_MOST, head, b"/cgroup.events", b"populated", 0),
+                (_AT_MOST, head, b"/cgroup.events", b"frozen", 0),
+                (_READ, head, b"/cpu.stat", b"usage_usec", 0),
+            ]
 
     def _enable(self, level: Path) -> None:
         available = set((_read(level / "cgroup.controllers") or "").split())
@@ -1144,25 +1169,10 @@ class V2Driver(CgroupDriver):
             job_id, self.parent_dir / f"{_JOB_PREFIX}{job_id}", has_kill=self._has_kill
         )
 
-    def _recycling(self, group: JobCgroup) -> _Recycling | None:
-        # With the memory controller, no: ``memory.peak`` cannot be reset for every
-        # reader (a write resets it for the writer's descriptor only, Linux 6.12+).
-        if "memory" not in self.missing or not isinstance(group, V2JobCgroup):
+    def _recyclable(self, group: JobCgroup) -> bytes | None:
+        if not isinstance(group, V2JobCgroup) or group.dir.parent != self.parent_dir:
             return None
-        directory = os.fsencode(group.dir)
-        ops: list[_Op] = [
-            (_NO_SUBGROUPS, directory, b"", 0),
-            (_AT_MOST, directory + b"/cgroup.events", b"populated", 0),
-            (_AT_MOST, directory + b"/cgroup.events", b"frozen", 0),
-            (_READ, directory + b"/cpu.stat", b"usage_usec", 0),
-        ]
-
-        def recycled(values: tuple[int, ...]) -> JobCgroup:
-            fresh = V2JobCgroup(group.job_id, group.dir, has_kill=self._has_kill)
-            fresh._cpu_base = values[0]
-            return fresh
-
-        return ops, recycled
+        return os.fsencode(group.dir.name)
 
     def make(self, job_id: str, limits: Limits | None = None) -> JobCgroup:
         group = self.job(job_id)
@@ -1374,30 +1384,12 @@ class V1Driver(CgroupDriver):
             raise
         return wider
 
-    def _recycling(self, group: JobCgroup) -> _Recycling | None:
-        # Only a group in what a job without limits is in, and with the unified mount
-        # to say it is empty and thawed (``cgroup.events``).
+    def _recyclable(self, group: JobCgroup) -> bytes | None:
+        # Only a group in what a job without limits is in (and with the unified mount
+        # to say it is empty and thawed: ``_plan_recycling``).
         if not isinstance(group, V1JobCgroup) or tuple(group.joined) != self.hierarchies_for(None):
             return None
-        template = self._recycle_ops
-        if template is None:
-            return None
-        name = group.name.encode()
-        ops = [(kind, head + name + tail, key, value) for kind, head, tail, key, value in template]
-
-        def recycled(values: tuple[int, ...]) -> JobCgroup:
-            fresh = V1JobCgroup(
-                group.job_id,
-                group.name,
-                self.parents,
-                self.unified,
-                joined=group.joined,
-                homes=self._homes,
-            )
-            fresh._cpu_base = values[0] if values else 0
-            return fresh
-
-        return ops, recycled
+        return group.name.encode()
 
     def _plan_recycling(self) -> list[_Template] | None:
         """``recycle``'s operations on a group of a job without limits, its name left
@@ -1501,10 +1493,8 @@ def _io_device(limits: Limits, cwd: str | os.PathLike[str] | None) -> tuple[int,
     return block_device_for(cwd if cwd is not None else os.getcwd())
 
 
-# ``_cplace.recycle``'s operations: (kind, path, key, value).
-_Op = tuple[int, bytes, bytes, int]
-_Recycling = tuple[list[_Op], Callable[[tuple[int, ...]], JobCgroup]]
-#: An operation with the group's name left out: (kind, head, tail, key, value).
+#: ``_cplace.recycle``'s operations: (kind, head, tail, key, value), on the file head +
+#: a group's name + tail.
 _Template = tuple[int, bytes, bytes, bytes, int]
 _NO_SUBGROUPS, _AT_MOST, _WRITE, _READ = range(4)
 
