@@ -390,13 +390,17 @@ class JobCgroup(ABC):
 
     # Every running job holds one: its paths are made when used, not kept (a
     # ``Path`` per hierarchy was ~2.8 KiB per job on a hybrid host).
-    __slots__ = ("_cpu_base", "job_id", "limited")
+    __slots__ = ("_cpu_base", "job_id", "killed", "limited")
 
     def __init__(self, job_id: str) -> None:
         #: The job the group is for now (a recycled group keeps the name of the first).
         self.job_id = job_id
         #: Limits were written to it (``CgroupDriver.create``, ``configure``): never recycled.
         self.limited = False
+        #: A worker thread was sent to ``kill`` it (``_jobs._job.kill``): never recycled.
+        #: The job can end before that thread freezes and signals the group (its process
+        #: group's SIGKILL went first), and a later job's seed would be there by then.
+        self.killed = False
         #: Its CPU time (us) when it was recycled for this job (``CgroupDriver.recycle``):
         #: the job's usage counts from there.
         self._cpu_base = 0
@@ -985,8 +989,8 @@ class CgroupDriver(ABC):
         counters reset, or read as the next job's baseline), or None where it cannot be
         (limits were written to it, it has processes or subgroups, is frozen, saw an
         OOM kill, still holds more memory than a new group could, or this host's
-        groups cannot be reset: then remove it). See ARCHITECTURE.md, "Why groups are
-        recycled".
+        groups cannot be reset, or a thread was sent to kill it: then remove it). See
+        ARCHITECTURE.md, "Why groups are recycled".
 
         The group is the same object: the ended job no longer reads it (``Job.usage``
         gives its final usage, ``kill`` does nothing once it has ended)."""
@@ -997,7 +1001,7 @@ class CgroupDriver(ABC):
         names: list[bytes] = []
         which: list[int] = []
         for index, group in enumerate(groups):
-            name = None if group.limited else self._recyclable(group)
+            name = None if group.limited or group.killed else self._recyclable(group)
             if name is not None:
                 names.append(name)
                 which.append(index)
