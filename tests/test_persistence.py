@@ -243,6 +243,41 @@ async def test_an_end_is_noted_until_its_record_is_in_or_its_job_removed(
         assert len(notes) == 0
 
 
+class _CommitterSteps(trio.abc.Instrument):
+    """Counts the steps of the records' committer task."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("run_committer"):
+            self.steps += 1
+
+
+async def test_the_committer_commits_a_start_in_two_steps(tmp_path: Path) -> None:
+    # Woken by the Start's record, it starts the store's thread at once (no turn of the
+    # loop for its own lock or the store's while none is in flight), and settles when
+    # the thread is done: two steps per Start on the loop, not four.
+    async with open_supervisor(tmp_path / "state", retention=Retention(interval=3600)) as sup:
+        store = sup._store
+        assert store is not None
+        await sup.start("sleep", ["60"])  # (the first: places, imports)
+        await store.flush()
+        await trio.testing.wait_all_tasks_blocked()
+        counter = _CommitterSteps()
+        trio.lowlevel.add_instrument(counter)
+        try:
+            for _ in range(3):
+                job = await sup.start("sleep", ["60"])
+                await trio.testing.wait_all_tasks_blocked()  # (the committer's call is out)
+                await store.flush()  # (waits for it: the store's lock)
+                await trio.testing.wait_all_tasks_blocked()
+                assert _row(tmp_path / "state", job.id) is not None
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert counter.steps == 3 * 2
+
+
 async def test_second_supervisor_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
     async with open_supervisor(tmp_path / "state"):
         with pytest.raises(StateDirError, match="state"):

@@ -34,6 +34,9 @@ from tests.grpc_support import (
     running_server,
 )
 from trio_worker._net._transport import (
+    _CALL_TASK,
+    _SPARE_DEADLINES,
+    IDLE_CALL_TASKS,
     BidiStreamMethod,
     CallContext,
     ListenError,
@@ -82,6 +85,7 @@ class Probe:
         self.gate = trio.Event()
         self.at_gate = 0
         self.contexts: list[CallContext] = []
+        self.tasks: list[trio.lowlevel.Task] = []  # the task of each SLEEP call
 
 
 def methods(probe: Probe) -> dict[str, Any]:
@@ -89,6 +93,7 @@ def methods(probe: Probe) -> dict[str, Any]:
         return w.StringValue(value=req.value)
 
     async def sleep(req: w.DoubleValue, ctx: CallContext) -> w.DoubleValue:
+        probe.tasks.append(trio.lowlevel.current_task())
         probe.active += 1
         probe.max_active = max(probe.max_active, probe.active)
         probe.started.set()
@@ -789,6 +794,117 @@ async def test_deadline_enforced_by_server(pki: Pki, method: str) -> None:
     assert r.records[0].code is StatusCode.DEADLINE_EXCEEDED
 
 
+async def test_a_connections_calls_take_turns_in_one_task_each_with_its_own_end(pki: Pki) -> None:
+    """A call's task, its call ended, runs the connection's next call that needs a task
+    (in the same cancel scope until a call is cancelled): each call still ends by its own
+    deadline, reset or answer, never by an earlier call's."""
+    probe = Probe()
+    async with (
+        running_server(pki, methods(probe)) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+
+        async def call(seconds: float, grpc_timeout: str | None = None, reset: bool = False) -> int:
+            headers = None if grpc_timeout is None else [("grpc-timeout", grpc_timeout)]
+            request = w.DoubleValue(value=seconds).SerializeToString()
+            ended = len(r.records)
+            sid = await client.start(SLEEP, request, headers=headers)
+            if reset:  # once the handler sleeps
+                await eventually(lambda: probe.active == 1)
+                client.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+                await client.flush()
+                await eventually(lambda: len(r.records) > ended)
+                return int(r.records[-1].code)
+            with trio.fail_after(5):
+                await client.until(lambda: client.status(sid) is not None)
+            status = client.status(sid)
+            assert status is not None
+            return status
+
+        assert await call(0) == StatusCode.OK
+        assert await call(0) == StatusCode.OK
+        assert await call(60, "300m") == StatusCode.DEADLINE_EXCEEDED  # (then a new scope)
+        assert await call(0.01, "300m") == StatusCode.OK
+        # The deadline of the call before, 300 ms after it, is not this one's.
+        assert await call(0.6) == StatusCode.OK
+        assert await call(60, reset=True) == StatusCode.CANCELLED
+        assert await call(0.01, "5S") == StatusCode.OK
+        assert len(r.records) == 7
+        assert len(set(probe.tasks)) == 1
+
+
+async def test_a_connection_keeps_at_most_IDLE_CALL_TASKS_tasks_for_its_next_calls(
+    pki: Pki,
+) -> None:
+    probe = Probe()
+    async with (
+        running_server(pki, methods(probe)) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        (connection,) = r.server._connections
+        nursery = connection._nursery
+        assert nursery is not None
+
+        def call_tasks() -> set[trio.lowlevel.Task]:
+            return {task for task in nursery.child_tasks if task.name == _CALL_TASK}
+
+        burst = IDLE_CALL_TASKS + 6
+        kept: list[set[trio.lowlevel.Task]] = []
+        for _ in range(2):
+            request = w.DoubleValue(value=0.3).SerializeToString()
+            sids = [await client.start(SLEEP, request) for _ in range(burst)]
+            with trio.fail_after(5):
+                await client.until(lambda s=sids: all(client.status(i) is not None for i in s))
+            assert {client.status(sid) for sid in sids} == {StatusCode.OK}
+            assert probe.max_active == burst
+            await eventually(lambda: len(call_tasks()) == IDLE_CALL_TASKS)
+            kept.append(call_tasks())
+        # The second burst ran in the tasks the first left, and in new ones.
+        assert kept[0] <= set(probe.tasks[burst:])
+        assert len(set(probe.tasks)) == 2 * burst - IDLE_CALL_TASKS
+
+
+async def test_a_sooner_deadline_after_a_later_one_is_enforced_first(pki: Pki) -> None:
+    # The connection's one expiry waits for the soonest deadline of its running calls.
+    probe = Probe()
+    async with (
+        running_server(pki, methods(probe)) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        request = w.DoubleValue(value=60).SerializeToString()
+        later = await client.start(SLEEP, request, headers=[("grpc-timeout", "60S")])
+        await eventually(lambda: probe.active == 1)
+        sooner = await client.start(SLEEP, request, headers=[("grpc-timeout", "300m")])
+        with trio.fail_after(10):
+            await client.until(lambda: client.status(sooner) is not None)
+        assert client.status(sooner) == StatusCode.DEADLINE_EXCEEDED
+        assert client.status(later) is None
+        assert probe.active == 1
+
+
+async def test_the_deadlines_of_ended_calls_are_dropped_within_their_bound(pki: Pki) -> None:
+    probe = Probe()
+    async with (
+        running_server(pki, methods(probe)) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        (connection,) = r.server._connections
+        request = w.DoubleValue(value=0).SerializeToString()
+        for _ in range(3 * _SPARE_DEADLINES):
+            sid = await client.start(SLEEP, request, headers=[("grpc-timeout", "60S")])
+            with trio.fail_after(5):
+                await client.until(lambda s=sid: client.status(s) is not None)
+            assert client.status(sid) == StatusCode.OK
+            # (at most twice the calls running then, one, and the spare ones)
+            assert len(connection._deadlines) <= 2 + _SPARE_DEADLINES
+        # Swept, not stopped: a deadline still ends its call.
+        request = w.DoubleValue(value=60).SerializeToString()
+        sid = await client.start(SLEEP, request, headers=[("grpc-timeout", "300m")])
+        with trio.fail_after(10):
+            await client.until(lambda: client.status(sid) is not None)
+        assert client.status(sid) == StatusCode.DEADLINE_EXCEEDED
+
+
 async def test_grpcio_deadline(pki: Pki) -> None:
     probe = Probe()
     async with running_server(pki, methods(probe)) as r:
@@ -1379,5 +1495,5 @@ def test_a_calls_task_is_named_as_trio_would_name_it() -> None:
     # Given at spawn rather than worked out from the method each time: a rename shows here.
     from trio_worker._net._transport import _CALL_TASK, _Connection
 
-    method = _Connection._run_call
+    method = _Connection._call_task
     assert f"{method.__module__}.{method.__qualname__}" == _CALL_TASK

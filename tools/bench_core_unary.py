@@ -2,13 +2,13 @@
 
     PYTHONPATH=<tree> python tools/bench_core_unary.py [--calls 2000] [--repeat 7]
 
-An h2 client sends what grpcio sends for a Status (HEADERS with its usual headers, which
-HPACK indexes after the first call; one DATA with END_STREAM; a WINDOW_UPDATE for the
-stream and one for the connection); the core parses it and answers as the transport does
-for a SyncUnaryMethod (reply headers, one message, OK trailers: in one step where the core
-has ``send_unary_reply``, unless ``--steps``). Prints the thread CPU
-per call of the request's parsing, each part of the reply, and the whole (best of
-``--repeat`` runs: the machine may be shared). Give each tree its own PYTHONPATH to
+An h2 client sends what grpcio sends for a Status, in grpcio's order (HEADERS with its
+usual headers, which HPACK indexes after the first call; a WINDOW_UPDATE for the stream;
+one DATA with END_STREAM; a WINDOW_UPDATE for the connection); the core parses it and
+answers as the transport does for a SyncUnaryMethod (reply headers, one message, OK
+trailers: in one step where the core has ``send_unary_reply``, unless ``--steps``).
+Prints the thread CPU per call of the request's parsing, each part of the reply, and the
+whole (best of ``--repeat`` runs: the machine may be shared). Give each tree its own PYTHONPATH to
 compare them. Asserts nothing.
 """
 
@@ -59,9 +59,10 @@ def _pair() -> tuple[h2.connection.H2Connection, GRPCServerConnection]:
 
 
 def _request(client: h2.connection.H2Connection, stream_id: int) -> bytes:
+    # In grpcio's order: the stream's WINDOW_UPDATE between the HEADERS and the DATA.
     client.send_headers(stream_id, _HEADERS)
-    client.send_data(stream_id, MESSAGE_PREFIX.pack(0, len(_REQUEST)) + _REQUEST, end_stream=True)
     client.increment_flow_control_window(5, stream_id=stream_id)
+    client.send_data(stream_id, MESSAGE_PREFIX.pack(0, len(_REQUEST)) + _REQUEST, end_stream=True)
     client.increment_flow_control_window(109)
     return bytes(client.data_to_send())
 

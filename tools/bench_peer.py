@@ -9,7 +9,11 @@ another tree) in turn, ``--rounds`` times, in a new random order each round (a
 fixed order lets load that drifts during a sitting favour whoever runs first),
 and drives each with the peer's own harness (``bench.py``, the official grpcio
 client). Then it measures Status latency on one connection while idle and while
-another connection starts jobs back to back. Prints one line per figure: each
+another connection starts jobs back to back. Last in each round, each server is
+started again for issue 11's scale figures (``--scale``, 1,000 by default): that
+many ``sleep`` jobs at once, ours under a stock soft fd limit of 1,024 (the server
+raises its own at start; the peer raises nothing, so it keeps the bench's), with
+the server's RSS per job and fds. Prints one line per figure: each
 server's median, the peer's, and the ratio (throughputs: server/peer; latencies
 and memory: peer/server); then, with several rounds, each figure's range over the
 rounds, to tell a difference from the noise. The machine is shared: read ratios,
@@ -22,12 +26,14 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,6 +78,34 @@ FIGURES = {
     "status_p99_idle": ("Status p99, idle (ms)", False),
     "status_p99_during_starts": ("Status p99 during a Start burst (ms)", False),
 }
+
+
+def table_rows(spawn: int, scale: int) -> dict[str, tuple[str, bool]]:
+    """FIGURES with the spawn rows for ``--spawn`` jobs, then the scale rows (``--scale``)."""
+    rows: dict[str, tuple[str, bool]] = {}
+    for name, (row, higher) in FIGURES.items():
+        if name.startswith("spawn_500_"):
+            name = name.replace("500", str(spawn), 1)
+            row = row.replace("500", str(spawn), 1)
+        rows[name] = (row, higher)
+    if scale:
+        rows[f"scale_{scale}_running"] = (
+            f"{scale:,} sleeping jobs running, fd limit {STOCK_NOFILE:,}",
+            True,
+        )
+        rows[f"scale_{scale}_rss_per_job"] = (
+            f"server RSS per sleeping job, {scale:,} (KiB)",
+            False,
+        )
+        rows[f"scale_{scale}_server_fds"] = (f"server fds with {scale:,} sleeping jobs", False)
+    return rows
+
+
+#: The soft fd limit of a stock host (the hard one: 4,096, or the bench's own if lower).
+#: Issue 11: 1,000 sleeping jobs under it; the server raises its own at start (jobs keep
+#: the stock one). The peer runs with the bench's limit: it raises nothing.
+STOCK_NOFILE = 1024
+
 
 #: Status latency next to a start burst, with the peer's stubs (bench.py's loader).
 BURST = textwrap.dedent(
@@ -127,11 +161,11 @@ BURST = textwrap.dedent(
 #: which a server that pages List (the contract allows it) answers with one page.
 SPAWN = textwrap.dedent(
     """
-    import concurrent.futures, json, sys, time
+    import concurrent.futures, json, os, sys, time
     sys.path.insert(0, sys.argv[1])
     import bench, grpc
     from google.protobuf.duration_pb2 import Duration
-    addr, ca, cert, key, proto, n, pid = sys.argv[2:9]
+    addr, ca, cert, key, proto, n, pid, prefix = sys.argv[2:10]
     n, pid = int(n), int(pid)
     pb, grpc_mod = bench.load_proto(proto)
     creds = grpc.ssl_channel_credentials(open(ca, "rb").read(), open(key, "rb").read(),
@@ -149,15 +183,21 @@ SPAWN = textwrap.dedent(
     rss1 = bench.proc_status(pid, "VmRSS")
     running = sum(st.Status(pb.StatusRequest(id=i), timeout=60).state
                   == pb.JOB_STATE_RUNNING for i in ids)
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda i: st.Stop(pb.StopRequest(id=i, grace=Duration(seconds=5)),
                                       timeout=60), ids))
     stop = time.perf_counter() - t0
-    print(json.dumps({"figure": f"spawn_{n}_sleep_start_rate", "median": rate,
-                      "running": running}))
-    print(json.dumps({"figure": f"spawn_{n}_sleep_rss_per_job", "median": (rss1 - rss0) / n}))
-    print(json.dumps({"figure": f"spawn_{n}_stop_all_16_threads", "median": stop}))
+    if prefix == "spawn":
+        print(json.dumps({"figure": f"spawn_{n}_sleep_start_rate", "median": rate,
+                          "running": running}))
+        print(json.dumps({"figure": f"spawn_{n}_sleep_rss_per_job", "median": (rss1 - rss0) / n}))
+        print(json.dumps({"figure": f"spawn_{n}_stop_all_16_threads", "median": stop}))
+    else:
+        print(json.dumps({"figure": f"{prefix}_{n}_running", "median": running}))
+        print(json.dumps({"figure": f"{prefix}_{n}_rss_per_job", "median": (rss1 - rss0) / n}))
+        print(json.dumps({"figure": f"{prefix}_{n}_server_fds", "median": fds}))
     """
 )
 
@@ -172,20 +212,43 @@ def _line_with(proc: subprocess.Popen[str], word: str) -> str:
             return line
 
 
-def _run_harness(
-    args: argparse.Namespace, addr: str, pki: dict[str, str], proto: str, pid: int, label: str
+def _spawn(
+    args: argparse.Namespace,
+    addr: str,
+    pki: dict[str, str],
+    proto: str,
+    pid: int,
+    label: str,
+    n: int,
+    prefix: str,
 ) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    spawn = [args.client_python, "-c", SPAWN, str(args.peer_dir), addr]
+    spawn += [pki["ca"], pki["cert"], pki["key"], proto, str(n), str(pid), prefix]
+    out = subprocess.run(spawn, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        print(f"# {label}: {prefix} failed: {out.stderr.strip()[-500:]}", file=sys.stderr)
+    for line in out.stdout.splitlines():
+        record = json.loads(line)
+        figures[record["figure"]] = record["median"]
+    return figures
+
+
+def _run_harness(
+    args: argparse.Namespace,
+    addr: str,
+    pki: dict[str, str],
+    proto: str,
+    pid: int,
+    label: str,
+    scale: bool = False,
+) -> dict[str, float]:
+    if scale:  # a server of its own: its RSS per job is that of a fresh server
+        return _spawn(args, addr, pki, proto, pid, label, args.scale, "scale")
     figures: dict[str, float] = {}
     # First, on a fresh server: RSS per job is only meaningful before big outputs.
     if args.spawn > 0:
-        spawn = [args.client_python, "-c", SPAWN, str(args.peer_dir), addr]
-        spawn += [pki["ca"], pki["cert"], pki["key"], proto, str(args.spawn), str(pid)]
-        out = subprocess.run(spawn, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            print(f"# {label}: spawn failed: {out.stderr.strip()[-500:]}", file=sys.stderr)
-        for line in out.stdout.splitlines():
-            record = json.loads(line)
-            figures[record["figure"]] = record["median"]
+        figures |= _spawn(args, addr, pki, proto, pid, label, args.spawn, "spawn")
     if args.only:
         cmd = [
             args.client_python,
@@ -230,7 +293,7 @@ def _run_harness(
     return figures
 
 
-def _peer_round(args: argparse.Namespace, scratch: Path) -> dict[str, float]:
+def _peer_round(args: argparse.Namespace, scratch: Path, scale: bool = False) -> dict[str, float]:
     pki_dir = scratch / "peer-pki"
     if not pki_dir.exists():
         subprocess.run(
@@ -262,19 +325,57 @@ def _peer_round(args: argparse.Namespace, scratch: Path) -> dict[str, float]:
             "cert": str(pki_dir / "admin.pem"),
             "key": str(pki_dir / "admin.key"),
         }
-        return _run_harness(args, addr, pki, str(args.peer_dir / "worker.proto"), pid, "peer")
+        proto = str(args.peer_dir / "worker.proto")
+        return _run_harness(args, addr, pki, proto, pid, "peer", scale)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
 
 
+def _page_cache_cost(scratch: Path) -> tuple[float, float]:
+    """CPU ms to write 64 MiB into new page cache: after 4 s idle, then at once again.
+
+    On a VM whose freed memory goes back to its host (free page reporting, as on this
+    Firecracker guest), pages that sat free for ~2 s cost a host fault at their first
+    touch: writing a job's log then costs several times the CPU, and capture (and so
+    follow) slows with it. The peer pays the same for its heap. Printed so that a
+    sitting's output rows can be read knowing which kind of sitting it was.
+    """
+    block = b"\0" * (1 << 20)
+    costs = []
+    for idle in (4.0, 0.0):
+        time.sleep(idle)
+        path = scratch / "page-cache-cost"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            start = time.thread_time()
+            for i in range(64):
+                os.pwrite(fd, block, i << 20)
+            costs.append((time.thread_time() - start) * 1e3)
+        finally:
+            os.close(fd)
+            path.unlink()
+    return costs[0], costs[1]
+
+
+def _stock_nofile() -> None:
+    """In the server's child, before exec: a stock host's fd limits."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = min(hard, 4096)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(STOCK_NOFILE, hard), hard))
+
+
 def _server_round(
-    args: argparse.Namespace, scratch: Path, name: str, python: str
+    args: argparse.Namespace, scratch: Path, name: str, python: str, scale: bool = False
 ) -> dict[str, float]:
     state = scratch / f"state-{name}"
     shutil.rmtree(state, ignore_errors=True)
     proc = subprocess.Popen(
-        [python, "-c", SERVER, str(state)], stdout=subprocess.PIPE, text=True, cwd=scratch
+        [python, "-c", SERVER, str(state)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=scratch,
+        preexec_fn=_stock_nofile if scale else None,
     )
     try:
         port, pki_dir = _line_with(proc, "").split()
@@ -285,7 +386,7 @@ def _server_round(
             pki["cert"] = str(pems[0])
             pki["key"] = str(pems[0].with_suffix(".key"))
         return _run_harness(
-            args, f"127.0.0.1:{port}", pki, str(REPO / "worker.proto"), proc.pid, name
+            args, f"127.0.0.1:{port}", pki, str(REPO / "worker.proto"), proc.pid, name, scale
         )
     finally:
         proc.terminate()
@@ -298,6 +399,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="bench.py --repeat")
     parser.add_argument("--only", default="joblat,unary,stream,fanout", help="bench.py --only")
     parser.add_argument("--spawn", type=int, default=500, help="sleeping jobs (0: skip)")
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=1000,
+        help="sleeping jobs on a server of their own, ours under a stock soft fd limit "
+        f"of {STOCK_NOFILE} (0: skip)",
+    )
     parser.add_argument("--burst-seconds", type=float, default=3.0)
     parser.add_argument(
         "--peer-dir",
@@ -322,6 +430,7 @@ def main() -> None:
         results[name] = []
     with tempfile.TemporaryDirectory(prefix="bench-peer-") as tmp:
         scratch = Path(tmp)
+        pages = [_page_cache_cost(scratch)]
         for round_ in range(args.rounds):
             order: list[tuple[str, str | None]] = [("peer", None), *servers]
             random.shuffle(order)
@@ -335,6 +444,15 @@ def main() -> None:
                     results["peer"].append(_peer_round(args, scratch))
                 else:
                     results[name].append(_server_round(args, scratch, name, python))
+            if args.scale > 0:
+                for name, python in order:
+                    if python is None:
+                        results["peer"][-1] |= _peer_round(args, scratch, scale=True)
+                    else:
+                        scaled = _server_round(args, scratch, name, python, scale=True)
+                        results[name][-1] |= scaled
+
+        pages.append(_page_cache_cost(scratch))
 
     def median(name: str, figure: str) -> float | None:
         values = [r[figure] for r in results[name] if figure in r]
@@ -343,9 +461,14 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"trio-worker vs grpcio peer: {args.rounds} interleaved round(s), medians;")
     print(f"ratio >= 1 is better. Load average at the end: {load:.1f} (shared machine).")
+    print(
+        "new page cache, CPU ms per 64 MiB after 4 s idle / at once (output rows pay it): "
+        + ", then ".join(f"{cold:.0f} / {warm:.0f}" for cold, warm in pages)
+    )
     header = f"{'figure':44}" + "".join(f"{n:>14}{'ratio':>7}" for n, _ in servers)
     print(header + f"{'peer':>12}")
-    for figure, (row, higher) in FIGURES.items():
+    rows = table_rows(args.spawn, args.scale)
+    for figure, (row, higher) in rows.items():
         peer = median("peer", figure)
         cells = ""
         seen = False
@@ -361,7 +484,7 @@ def main() -> None:
             print(f"{row:44}{cells}{peer:>12.2f}")
     if args.rounds > 1:
         print("range over the rounds (min-max):")
-        for figure, (row, _) in FIGURES.items():
+        for figure, (row, _) in rows.items():
             spans = []
             for name in results:
                 values = [r[figure] for r in results[name] if figure in r]

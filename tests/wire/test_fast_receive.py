@@ -381,18 +381,27 @@ def test_they_agree_from_the_connections_first_frame(ops: list[tuple[Any, ...]])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     calls=st.lists(
-        st.tuples(st.booleans(), st.sampled_from(["message", "empty", "partial"]), st.booleans()),
+        st.tuples(
+            st.booleans(),
+            st.sampled_from(["message", "empty", "partial"]),
+            st.booleans(),
+            st.sampled_from([(), ("last",), ("zero",), ("last", "zero")]),
+        ),
         min_size=1,
         max_size=12,
     ),
     cuts=st.lists(st.integers(0, 60), max_size=12),
 )
 def test_honest_calls_cut_anywhere_agree(
-    calls: list[tuple[bool, str, bool]], cuts: list[int]
+    calls: list[tuple[bool, str, bool, tuple[str, ...]]], cuts: list[int]
 ) -> None:
     ops: list[tuple[Any, ...]] = []
-    for (split, payload, answer), cut in zip(calls, [*cuts, *[0] * len(calls)], strict=False):
+    for (split, payload, answer, windows), cut in zip(
+        calls, [*cuts, *[0] * len(calls)], strict=False
+    ):
         ops.append(("headers", "next", False, "split" if split else "plain"))
+        # WINDOW_UPDATEs between a request's HEADERS and its DATA, as grpcio sends them.
+        ops.extend(("window", stream, 7) for stream in windows)
         ops.append(("data", "last", True, False, payload))
         ops.append(("cut", cut))
         if answer:
@@ -453,6 +462,47 @@ def test_a_unary_call_never_reaches_h2s_frame_reader() -> None:
             + frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", 10))
         )
     assert calls == []
+
+
+def test_a_unary_call_in_grpcios_frame_order_is_dispatched_at_once() -> None:
+    # grpcio sends a stream's WINDOW_UPDATE between the request's HEADERS and its DATA
+    # (and the connection's after it): the request is still taken whole (``_on_unary``,
+    # not the three handlers and purerpc's buffers), and the window events stay where
+    # their frames came.
+    core = _core(True)
+    opening = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    opening.initiate_connection()
+    core.receive_frames(bytes(opening.data_to_send()) + frame(SETTINGS, 1, 0))
+    core.h2_connection.data_to_send()
+    client = _Client()
+    handled: list[str] = []
+    for name in ("_on_request", "_on_data", "_on_stream_ended"):
+        real = getattr(core, name)
+        setattr(core, name, lambda *a, _n=name, _r=real: handled.append(_n) or _r(*a))
+    for call in range(3):
+        handled.clear()
+        sid = client.stream("next")
+        record = (
+            client.headers(sid, False, "plain")
+            + frame(WINDOW_UPDATE, 0, sid, struct.pack(">L", 10))
+            + client.data(sid, True, False, "message")
+            + frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", 10))
+        )
+        events = core.receive_frames(record)
+        assert [type(e).__name__ for e in events] == [
+            "RequestReceived",
+            "WindowUpdated",
+            "MessageReceived",
+            "RequestEnded",
+            "WindowUpdated",
+        ]
+        assert [(e.stream_id, e.delta) for e in events if type(e).__name__ == "WindowUpdated"] == [
+            (sid, 10),
+            (0, 10),
+        ]
+        # (h2 reads the first HEADERS: the connection leaves IDLE there)
+        assert handled == ([] if call else ["_on_request", "_on_data", "_on_stream_ended"])
+        _reply(core, sid)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

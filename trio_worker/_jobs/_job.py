@@ -370,7 +370,12 @@ def kill_now(job: Job, process: JobProcess) -> bool:
 async def kill(job: Job, process: JobProcess) -> bool:
     """SIGKILL everything of the job: its process group and, through the
     cgroup, whatever escaped it (setsid, double fork). True if its cgroup was
-    found empty (or it has none): nothing is left to wait for."""
+    found empty (or it has none): nothing is left to wait for.
+
+    Nothing for a job that has ended: its group may serve another job by now (recycled,
+    ``_launch``), and a kill that was due (``KillTimer``) must not reach that one."""
+    if job.ended.is_set():
+        return True
     if kill_now(job, process):
         return True
     group = job.cgroup

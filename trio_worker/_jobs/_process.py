@@ -429,7 +429,8 @@ class JobProcess:
             await trio.lowlevel.checkpoint()
 
     def has_exited(self) -> bool:
-        """Whether the main process has exited (reaped or not); nothing is consumed."""
+        """Whether the main process has exited (reaped or not); nothing is consumed.
+        OSError where the kernel cannot tell by its pidfd (``waitid(P_PIDFD)``: Linux 5.4)."""
         if self.returncode is not None:
             return True
         return os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None

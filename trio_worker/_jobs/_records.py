@@ -204,13 +204,21 @@ class JobRecords:
         # Shielded: the batch holds the records, see it through. Each record's own
         # outcome says what to do, not the flush's.
         with trio.CancelScope(shield=True):
-            async with self._committing:
+            committing = self._committing
+            if committing.locked():
+                await committing.acquire()
+            else:
+                # No commit in flight (the committer's case): no turn of the loop first.
+                committing.acquire_nowait()
+            try:
                 queued, self._queued = self._queued, []
                 if not queued or self.store is None:
                     return
                 with contextlib.suppress(StateDirError, trio.ClosedResourceError):
                     await self.store.flush()
                 self._settle(queued)
+            finally:
+                committing.release()
 
     def _settle(self, queued: list[tuple[str, Queued, bool]]) -> None:
         """Put the records of a commit the store refused in ``unsaved``."""

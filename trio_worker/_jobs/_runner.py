@@ -184,6 +184,9 @@ class JobRunner:
         try:
             if not watch.process.has_exited():
                 return
+        except OSError:
+            return  # (cannot tell here, e.g. no waitid on pidfds: the watcher will)
+        try:
             for pipe in list(watch.pipes):
                 self._read(pipe, _ROUND_BYTES)
         except Exception:

@@ -44,6 +44,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
+from heapq import heapify, heappop, heappush
 from typing import Any, Final, Generic, TypeVar
 
 import h2.errors
@@ -257,9 +258,15 @@ Method = (
 )
 _BIDI = (BidiStreamMethod, BidiTaskMethod)
 _RESPONSE_STREAMS = (StreamMethod, BidiStreamMethod)
-#: The name of a call's task: the one trio would make of ``_Connection._run_call``, given
+#: The name of a call's task: the one trio would make of ``_Connection._call_task``, given
 #: rather than worked out again from the method at every spawn.
-_CALL_TASK: Final = "trio_worker._net._transport._Connection._run_call"
+_CALL_TASK: Final = "trio_worker._net._transport._Connection._call_task"
+#: Call tasks a connection keeps waiting for its next call, once theirs has ended (see
+#: ``_Connection._call_task``): a task and its frames, ~2 KiB each.
+IDLE_CALL_TASKS: Final = 4
+#: Deadlines of ended calls a connection's heap may hold beyond twice its running calls
+#: (see ``_Connection._watch_deadline``).
+_SPARE_DEADLINES: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,6 +475,7 @@ class _Call:
         "_over",
         "_scope",
         "arrived",
+        "cancelled",
         "ctx",
         "details",
         "error",
@@ -477,6 +485,7 @@ class _Call:
         "inbox",
         "method",
         "peer_gone",
+        "request",
         "request_bytes",
         "request_over",
         "shutdown",
@@ -493,8 +502,11 @@ class _Call:
         self.details: bytes | None = None  # of the status the call ends with
         #: the request is whole (or failed): no message will follow
         self.request_over = False
+        self.request: Any = None  # parsed, for the call's record
         self._over: trio.Event | None = None  # see wait_request
-        self._scope: trio.CancelScope | None = None  # see scope
+        #: the scope of the task running the call's handler, while it runs it
+        self._scope: trio.CancelScope | None = None
+        self.cancelled = False  # see cancel
         self.peer_gone = False  # reset by the client or connection lost: nothing to send
         self.gone_reason = ""
         self.shutdown = False  # cut short by the server's drain timeout
@@ -509,16 +521,12 @@ class _Call:
             self.inbox = deque()
             self.arrived = trio.lowlevel.ParkingLot()
 
-    @property
-    def scope(self) -> trio.CancelScope:
-        """Entered by the call's task; cancelled by the reader on reset or by a drain.
-        Made when first asked for: a call answered in the reader never needs one."""
-        scope = self._scope
-        if scope is None:
-            deadline = self.ctx.deadline
-            scope = trio.CancelScope(deadline=math.inf if deadline is None else deadline)
-            self._scope = scope
-        return scope
+    def cancel(self) -> None:
+        """Cancel the call's handler (the reader on reset, a drain): at once if a task runs
+        it, else as soon as one takes the call."""
+        self.cancelled = True
+        if self._scope is not None:
+            self._scope.cancel()
 
     def _end_request(self) -> None:
         self.request_over = True
@@ -538,7 +546,7 @@ class _Call:
         if not self.peer_gone:
             self.peer_gone = True
             self.gone_reason = reason
-        self.scope.cancel()
+        self.cancel()
 
     def fail(self, error: RpcError) -> None:
         """Record a request-level error (first one wins) and let the task answer it.
@@ -550,13 +558,24 @@ class _Call:
             self.error = error
         self._end_request()
         if self.inbox is not None:
-            self.scope.cancel()
+            self.cancel()
 
     def requests_ended(self) -> None:
         """The client half-closed: no request message will follow."""
         self._end_request()
         if self.arrived is not None:
             self.arrived.unpark_all()
+
+
+class _IdleTask:
+    """A call task waiting for the connection's next call (``_Connection._next_call``)."""
+
+    __slots__ = ("task", "work")
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        #: the call handed to it, with what ``_Connection._call_task`` takes besides
+        self.work: tuple[_Call, tuple[Any, Any] | None, Any] | None = None
 
 
 class _Requests:
@@ -642,6 +661,11 @@ class _Connection(Connection):
         self._calls: dict[int, _Call] = {}
         self._output_budget = OutputBudget()  # what its streams hold, between them
         self._new_calls: list[_Call] = []  # headers seen in this read, not started yet
+        self._idle_tasks: list[_IdleTask] = []  # call tasks waiting for a call
+        #: The deadlines of the calls in tasks, soonest first (those of ended calls are
+        #: dropped lazily: see _expire), and the scope of _expire's wait for the soonest.
+        self._deadlines: list[tuple[float, int, _Call]] = []
+        self._expiry: trio.CancelScope | None = None
         self._starting_calls = False  # in ``_start_calls``: the reader pushes after it
         self._draining = False
         self.drained = False  # ended by a drain (or idling) with everything flushed
@@ -698,7 +722,7 @@ class _Connection(Connection):
         """End the calls still running after the drain timeout: UNAVAILABLE."""
         for call in list(self._calls.values()):
             call.shutdown = True
-            call.scope.cancel()
+            call.cancel()
 
     def _maybe_drained(self) -> None:
         if self._draining and not self._calls:
@@ -833,8 +857,7 @@ class _Connection(Connection):
                 ):
                     self._run_inline(call, call.method)
                 else:
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._run_call, call, name=_CALL_TASK)
+                    self._spawn_call(call)
         finally:
             self._starting_calls = False
 
@@ -876,14 +899,12 @@ class _Connection(Connection):
                 assert method.at_once is not None
                 response = method.at_once(request, call.ctx)
                 if response is None:
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._run_call, call, None, request, name=_CALL_TASK)
+                    self._spawn_call(call, None, request)
                     return
             payload = self._serialize(call, response, method.response_type)
             if not self._answer_whole(call, payload) and not self._queue_now(call, payload):
                 # No window or buffer room for it now: a task will wait for some.
-                assert self._nursery is not None
-                self._nursery.start_soon(self._run_call, call, (request, response), name=_CALL_TASK)
+                self._spawn_call(call, (request, response))
                 return
             code, message = StatusCode.OK, ""
         except RpcError as exc:
@@ -893,71 +914,69 @@ class _Connection(Connection):
             (code, message), response = self._internal_error(call, exc), None
         self._complete(call, code, message, request, response)
 
-    async def _run_call(
+    def _spawn_call(
         self, call: _Call, ready: tuple[Any, Any] | None = None, parsed: Any = None
     ) -> None:
-        """A call's task. ``ready``: the request and response made in the reader, which had
-        no room to send it; ``parsed``: the request, parsed in the reader for an
-        ``at_once`` that said "not now"."""
-        code, message = StatusCode.OK, ""
-        request: Any = None
-        response: Any = None
-        method = call.method
-        try:
-            with call.scope:
-                if ready is not None:
-                    request, response = ready
-                elif not isinstance(method, _BIDI):
-                    if parsed is None:
-                        await call.wait_request()
-                        request = self._parse(call)
-                    else:
-                        request = parsed
-                    if isinstance(method, UnaryMethod):
-                        response = await method.handler(request, call.ctx)
-                    elif isinstance(method, SyncUnaryMethod):
-                        response = method.handler(request, call.ctx)
-                if isinstance(method, BidiTaskMethod):
-                    response_type = method.response_type
+        """Run a call's handler in a task: one of the connection's idle call tasks, else a
+        new one (see :meth:`_call_task` for ``ready`` and ``parsed``)."""
+        if self._idle_tasks:
+            idle = self._idle_tasks.pop()
+            idle.work = (call, ready, parsed)
+            trio.lowlevel.reschedule(idle.task)
+        else:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._call_task, call, ready, parsed, name=_CALL_TASK)
 
-                    async def send(item: Any) -> None:
-                        await self._send_message(call, item, response_type)
+    async def _call_task(self, call: _Call, ready: tuple[Any, Any] | None, parsed: Any) -> None:
+        """A call's task, kept once the call has ended for the connection's next call that
+        needs one (at most :data:`IDLE_CALL_TASKS` wait): a call then costs no spawn.
 
-                    await method.handler(_Requests(self, call, method.request_type), send, call.ctx)
-                elif not isinstance(method, _RESPONSE_STREAMS):
-                    # Not woken: _complete writes the message and trailers together. One
-                    # whole DATA frame when it fits now (send_whole_data, as a call answered
-                    # in the reader: not h2's send_data), once no cancellation is pending.
-                    await trio.lowlevel.checkpoint_if_cancelled()
-                    payload = self._serialize(call, response, method.response_type)
-                    if not self._answer_whole(call, payload) and not self._queue_now(call, payload):
-                        pieces = Pieces((payload,), len(payload))
-                        await self._send_message(call, pieces, method.response_type, wake=False)
-                else:
-                    if isinstance(method, StreamMethod):
-                        responses = method.handler(request, call.ctx)
+        Its cancel scope is kept from call to call too, until a call is cancelled: a call
+        is cancelled through it (:meth:`_Call.cancel`), by the reader, a drain or its
+        deadline (:meth:`_watch_deadline`); a new scope only after a cancellation. A scope
+        of its own per call (made, entered, left) and a task per call were a fifth of an
+        async call's CPU. ``ready``: the request and response made in the
+        reader, which had no room to send it; ``parsed``: the request, parsed in the
+        reader for an ``at_once`` that said "not now".
+        """
+        work: tuple[_Call, tuple[Any, Any] | None, Any] | None = (call, ready, parsed)
+        while work is not None:
+            call, ready, parsed = work
+            ended = False
+            scope = trio.CancelScope()
+            try:
+                with scope:
+                    while True:
+                        call._scope = scope
+                        if call.ctx.deadline is not None:
+                            self._watch_deadline(call, call.ctx.deadline)
+                        if call.cancelled:  # before this task took it
+                            scope.cancel()
+                        ended = False
+                        code, message, response = await self._run_call(call, ready, parsed)
+                        ended = True
+                        call._scope = None
+                        self._complete(call, code, message, call.request, response)
+                        if call.cancelled:  # (after the call's last checkpoint)
+                            break  # (this scope is cancelled: the next call gets a new one)
+                        work = await self._next_call()
+                        if work is None:
+                            return
+                        call, ready, parsed = work
+            except BaseException:
+                if not ended:
+                    # Torn down from outside: the client left, or the server was cancelled
+                    # rather than drained. Never let a cut-short stream look like a
+                    # normal end.
+                    call._scope = None
+                    if call.peer_gone:
+                        code, message = StatusCode.CANCELLED, call.gone_reason
                     else:
-                        requests = _Requests(self, call, method.request_type)
-                        responses = method.handler(requests, call.ctx)
-                    try:
-                        while True:
-                            # Ask for the next message only once it could leave: a peer
-                            # that never opens its window makes us hold nothing for it.
-                            await self.wait_for_window(call.stream_id)
-                            try:
-                                # Not kept in a local: _send_message drops it once
-                                # serialized, while it waits for window.
-                                await self._send_message(
-                                    call, await anext(responses), method.response_type
-                                )
-                            except StopAsyncIteration:
-                                break
-                    finally:
-                        aclose = getattr(responses, "aclose", None)
-                        if aclose is not None:  # an async generator: run its finally now
-                            await aclose()
-            if call.scope.cancelled_caught:
-                response = None
+                        code, message = StatusCode.UNAVAILABLE, "the server is shutting down"
+                    self._complete(call, code, message, call.request, None)
+                raise
+            if not ended:  # the call's cancellation, caught by its scope
+                call._scope = None
                 if call.peer_gone:
                     code, message = StatusCode.CANCELLED, call.gone_reason
                 elif call.shutdown:
@@ -967,23 +986,138 @@ class _Connection(Connection):
                     call.details = call.error.details
                 else:
                     code, message = StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+                self._complete(call, code, message, call.request, None)
+            work = await self._next_call()
+
+    def _watch_deadline(self, call: _Call, deadline: float) -> None:
+        """Cancel ``call`` at ``deadline`` if it is still running then (:meth:`_expire`).
+
+        One heap and one task per connection, rather than the deadline of each call's
+        scope: trio registers a scope's deadline (and its removal) through a context
+        manager, twice per call, which cost as much as the rest of the call's task. The
+        heap keeps the deadlines of ended calls until they come up, at most twice the
+        calls running plus :data:`_SPARE_DEADLINES` (then they are swept)."""
+        deadlines = self._deadlines
+        if len(deadlines) >= 2 * len(self._calls) + _SPARE_DEADLINES:
+            calls = self._calls
+            deadlines[:] = [item for item in deadlines if calls.get(item[1]) is item[2]]
+            heapify(deadlines)
+        heappush(deadlines, (deadline, call.stream_id, call))
+        expiry = self._expiry
+        if expiry is None:
+            assert self._nursery is not None
+            self._expiry = trio.CancelScope(deadline=deadline)
+            self._nursery.start_soon(self._expire)
+        elif deadline < expiry.deadline:
+            expiry.deadline = deadline
+
+    async def _expire(self) -> None:
+        """Cancel each call whose deadline has come (DEADLINE_EXCEEDED, see
+        :meth:`_call_task`), sleeping until the soonest deadline of a running call."""
+        deadlines = self._deadlines
+        calls = self._calls
+        while True:
+            expiry = self._expiry
+            assert expiry is not None
+            with expiry:
+                await trio.sleep_forever()
+            now = self._now()
+            while deadlines:
+                deadline, stream_id, call = deadlines[0]
+                if calls.get(stream_id) is not call:  # ended: dropped, whenever due
+                    heappop(deadlines)
+                elif deadline <= now:
+                    heappop(deadlines)
+                    call.cancel()
+                else:
+                    break
+            self._expiry = trio.CancelScope(deadline=deadlines[0][0] if deadlines else math.inf)
+
+    async def _next_call(self) -> tuple[_Call, tuple[Any, Any] | None, Any] | None:
+        """Wait for the connection's next call that needs a task (:meth:`_spawn_call`);
+        None when enough tasks wait already (this one is to end)."""
+        if len(self._idle_tasks) >= IDLE_CALL_TASKS:
+            return None
+        idle = _IdleTask(trio.lowlevel.current_task())
+        self._idle_tasks.append(idle)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._idle_tasks.remove(idle)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        return idle.work
+
+    async def _run_call(
+        self, call: _Call, ready: tuple[Any, Any] | None, parsed: Any
+    ) -> tuple[StatusCode, str, Any]:
+        """A call's handler, in its task (:meth:`_call_task`), its answer queued: the
+        status code, message and response it ends with, unless it is cancelled (then
+        Cancelled goes up, to the task's scope)."""
+        code, message = StatusCode.OK, ""
+        request: Any = None
+        response: Any = None
+        method = call.method
+        try:
+            if ready is not None:
+                request, response = ready
+                call.request = request
+            elif not isinstance(method, _BIDI):
+                if parsed is None:
+                    await call.wait_request()
+                    request = self._parse(call)
+                else:
+                    request = parsed
+                call.request = request
+                if isinstance(method, UnaryMethod):
+                    response = await method.handler(request, call.ctx)
+                elif isinstance(method, SyncUnaryMethod):
+                    response = method.handler(request, call.ctx)
+            if isinstance(method, BidiTaskMethod):
+                response_type = method.response_type
+
+                async def send(item: Any) -> None:
+                    await self._send_message(call, item, response_type)
+
+                await method.handler(_Requests(self, call, method.request_type), send, call.ctx)
+            elif not isinstance(method, _RESPONSE_STREAMS):
+                # Not woken: _complete writes the message and trailers together. One
+                # whole DATA frame when it fits now (send_whole_data, as a call answered
+                # in the reader: not h2's send_data), once no cancellation is pending.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                payload = self._serialize(call, response, method.response_type)
+                if not self._answer_whole(call, payload) and not self._queue_now(call, payload):
+                    pieces = Pieces((payload,), len(payload))
+                    await self._send_message(call, pieces, method.response_type, wake=False)
+            else:
+                if isinstance(method, StreamMethod):
+                    responses = method.handler(request, call.ctx)
+                else:
+                    requests = _Requests(self, call, method.request_type)
+                    responses = method.handler(requests, call.ctx)
+                try:
+                    while True:
+                        # Ask for the next message only once it could leave: a peer
+                        # that never opens its window makes us hold nothing for it.
+                        await self.wait_for_window(call.stream_id)
+                        try:
+                            # Not kept in a local: _send_message drops it once
+                            # serialized, while it waits for window.
+                            await self._send_message(
+                                call, await anext(responses), method.response_type
+                            )
+                        except StopAsyncIteration:
+                            break
+                finally:
+                    aclose = getattr(responses, "aclose", None)
+                    if aclose is not None:  # an async generator: run its finally now
+                        await aclose()
         except RpcError as exc:
             code, message, response = exc.code, exc.message, None
             call.details = exc.details
         except Exception as exc:
             (code, message), response = self._internal_error(call, exc), None
-        except BaseException:
-            # Torn down from outside: the client left, or the server was cancelled rather
-            # than drained. Never let a cut-short stream look like a normal end.
-            response = None
-            if call.peer_gone:
-                code, message = StatusCode.CANCELLED, call.gone_reason
-            else:
-                code, message = StatusCode.UNAVAILABLE, "the server is shutting down"
-            raise
-        finally:
-            # Also reached when the connection itself is torn down (Cancelled going up).
-            self._complete(call, code, message, request, response)
+        return code, message, response
 
     def _complete(
         self, call: _Call, code: StatusCode, message: str, request: Any, response: Any

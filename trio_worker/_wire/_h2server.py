@@ -680,9 +680,9 @@ class GRPCServerConnection(WireGRPCConnection):
         """purerpc's events of h2's events and the fast path's records, in order."""
         events: list[Any] = []
         count = len(received)
-        skip = -1
+        skip = -1  # records up to this one are done (a unary request's DATA and between)
         for at, item in enumerate(received):
-            if at == skip:
+            if at <= skip:
                 continue
             if type(item) is tuple:
                 took, stream_id = item[0], item[1]
@@ -690,8 +690,19 @@ class GRPCServerConnection(WireGRPCConnection):
                     events.append(WindowUpdated(stream_id=stream_id, delta=item[2]))
                     continue
                 if took == _TOOK_HEADERS:
-                    if not item[3] and at + 1 < count:
-                        after = received[at + 1]
+                    # Its DATA next, or after WINDOW_UPDATEs (grpcio sends the stream's
+                    # between the two): their events stay where they came.
+                    last = at + 1
+                    while (
+                        not item[3]
+                        and last < count
+                        and type(received[last]) is tuple
+                        and received[last][0] == _TOOK_WINDOW
+                    ):
+                        last += 1
+                    if not item[3] and last < count:
+                        after = received[last]
+                        mark = len(events) + 1
                         if (
                             type(after) is tuple
                             and after[0] == _TOOK_DATA
@@ -699,7 +710,12 @@ class GRPCServerConnection(WireGRPCConnection):
                             and after[3]
                             and self._on_unary(events, stream_id, item[2], after[2])
                         ):
-                            skip = at + 1
+                            if last > at + 1:
+                                events[mark:mark] = [
+                                    WindowUpdated(stream_id=window[1], delta=window[2])
+                                    for window in received[at + 1 : last]
+                                ]
+                            skip = last
                             continue
                     events.extend(self._on_request(stream_id, item[2], item[3]))
                 else:
