@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from unittest.mock import ANY
 
 import pytest
@@ -254,10 +256,13 @@ class _CommitterSteps(trio.abc.Instrument):
             self.steps += 1
 
 
-async def test_the_committer_commits_a_start_in_two_steps(tmp_path: Path) -> None:
+async def test_the_committer_commits_a_start_in_two_steps(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
     # Woken by the Start's record, it starts the store's thread at once (no turn of the
     # loop for its own lock or the store's while none is in flight), and settles when
-    # the thread is done: two steps per Start on the loop, not four.
+    # the thread is done: two steps per Start on the loop, not four. (Each Start after a
+    # quiet spell: within END_COMMIT_AFTER of the last commit its record would wait.)
     async with open_supervisor(tmp_path / "state", retention=Retention(interval=3600)) as sup:
         store = sup._store
         assert store is not None
@@ -268,6 +273,7 @@ async def test_the_committer_commits_a_start_in_two_steps(tmp_path: Path) -> Non
         trio.lowlevel.add_instrument(counter)
         try:
             for _ in range(3):
+                mock_clock.jump(END_COMMIT_AFTER)
                 job = await sup.start("sleep", ["60"])
                 await trio.testing.wait_all_tasks_blocked()  # (the committer's call is out)
                 await store.flush()  # (waits for it: the store's lock)
@@ -276,6 +282,42 @@ async def test_the_committer_commits_a_start_in_two_steps(tmp_path: Path) -> Non
         finally:
             trio.lowlevel.remove_instrument(counter)
         assert counter.steps == 3 * 2
+
+
+async def test_a_start_committed_after_its_job_ended_keeps_the_end_noted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
+) -> None:
+    # The job ends (its end noted, queued for the next transaction) while the transaction
+    # holding its start's record runs in the store's thread: settling that one must not
+    # free the end's note, or a crash before the next makes the job LOST.
+    state = tmp_path / "state"
+    async with open_supervisor(state, retention=Retention(interval=3600)) as sup:
+        notes = sup._records._notes
+        store = sup._store
+        assert notes is not None
+        assert store is not None
+        gate = threading.Event()
+        execute = store._execute
+
+        def paused(*args: Any) -> bool:  # the real transaction, once the test says go
+            gate.wait(20)
+            return execute(*args)
+
+        monkeypatch.setattr(store, "_execute", paused)
+        mock_clock.jump(END_COMMIT_AFTER)  # (a quiet spell: the start's record goes at once)
+        job = await sup.start("sleep", ["60"])
+        await trio.testing.wait_all_tasks_blocked()  # its transaction is in the thread
+        await sup.stop(job.id, grace=0)
+        assert len(notes) == 1
+        gate.set()
+        await _until(lambda: _row(state, job.id) is not None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert _row(state, job.id) == ("running", job.pid, ANY)  # the end waits its turn
+        assert len(notes) == 1
+        mock_clock.jump(END_COMMIT_AFTER)
+        await _until(lambda: (_row(state, job.id) or ("",))[0] == "killed")
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(notes) == 0
 
 
 async def test_second_supervisor_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:

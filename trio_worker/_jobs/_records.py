@@ -225,7 +225,9 @@ class JobRecords:
         notes = self._notes
         for job_id, write, exists in queued:
             if write.done and write.error is None:
-                if notes is not None:
+                if notes is not None and exists:
+                    # An end's update (the one write ``end_soon`` notes). Not a start's
+                    # record: its job may have ended (and been noted) while it committed.
                     notes.release(job_id)
                 continue
             if write.error is not None and job_id not in self.unsaved:
