@@ -96,6 +96,31 @@ SEED_PATIENCE = 0.1
 PLACE_PATIENCE = 0.005
 
 
+async def kill_stopped_spawn(group: JobCgroup) -> None:
+    """Run beside a Start's worker-thread spawn until cancelled: its child, a vfork
+    child, holds that thread until it execs, so one stopped before its exec (``kill
+    -STOP`` by root, or by any job of the user it has switched to: a job's ``kill(-1,
+    SIGSTOP)`` loop caught one in ~1 of 40 Starts here) held the thread, the shielded
+    Start and so the shutdown, for ever. Every ``SEED_PATIENCE`` the group's processes
+    (that child alone, before the job runs) are checked; a stopped one is SIGKILLed,
+    which frees the thread: the job is KILLED at its start, none of its command ran."""
+    while True:
+        await trio.sleep(SEED_PATIENCE)
+        for pid in await trio.to_thread.run_sync(group.pids):
+            _kill_if_stopped(pid)
+
+
+def _kill_if_stopped(pid: int) -> None:
+    """SIGKILL our child ``pid`` if it is stopped now (``waitid`` that does not wait and
+    consumes nothing)."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+        if info is not None and info.si_code == os.CLD_STOPPED:
+            os.kill(pid, signal.SIGKILL)
+    except (ChildProcessError, ProcessLookupError):
+        pass  # (not our child, or gone)
+
+
 @dataclass(slots=True)
 class Sprout:
     """A place's seed and the read ends of its stdout and stderr pipes."""
