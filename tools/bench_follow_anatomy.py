@@ -13,8 +13,8 @@ for each server, ranges and medians of:
 - the follow's MB/s, the client's and the server's CPU, the messages'
   average size (a follower that keeps up reads the tail's chunks, as small as the pipe
   reads were; one that lags reads 256 KiB pieces from disk);
-- (from the hook) when its job's output was all captured (the log finished) and when the follower had
-  its last byte, from the first byte appended;
+- (from the hook) when its job's output was all captured (the log finished) and when
+  the follower had its last byte, from the first byte appended;
 - the loop thread's CPU over that time; the flush threads' CPU and wall time in
   ``OutputLog._write`` and how many flushes; how often and how long the job's pipes
   were paused for the disk (``JobRunner._pause``); the lagging reader's disk reads
