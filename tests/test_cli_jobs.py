@@ -32,6 +32,7 @@ from tests.test_cli import (
     ok,
     own_cgroup,
 )
+from tests.test_faults import small_tmpfs
 from trio_worker import ConnectionFailed, pki
 from trio_worker.cli._errors import describe
 
@@ -99,7 +100,11 @@ def test_prune_removes_every_ended_job_and_says_how_much(dev: DevServer) -> None
     match = re.fullmatch(r"Removed (\d+) ended jobs?, (.+) of output\.\n", out)
     assert match is not None, out
     assert int(match[1]) >= 3
-    assert ids(dev) == {running}
+    # Only running jobs are left: this one, and any an earlier test of the module's
+    # server left running (one that failed before its clean-up).
+    left = json.loads(ok(dev("list", "--json")))
+    assert running in {job["id"] for job in left}
+    assert {job["state"] for job in left} == {"running"}, left
     assert not any((dev.state_dir / "jobs" / job_id).exists() for job_id in ended)
     assert ok(dev("prune")).decode() == "Removed 0 ended jobs, 0 B of output.\n"
     ok(dev("rm", "-f", running))
@@ -110,17 +115,33 @@ def test_ids_take_unique_prefixes_in_any_case(dev: DevServer) -> None:
     second = start(dev, "sleep", "300")
     common = next(i for i, (a, b) in enumerate(zip(first, second, strict=True)) if a != b)
     assert common < 26
+    # The module's server holds the earlier tests' jobs too: an id's place made in the same
+    # round as theirs shares their time part, so a prefix is unique among all of them
+    # (seen: "matches 3 jobs" for the prefix unique between these two).
+    everyone = ok(dev("list", "-q")).decode().split()
+    assert {first, second} <= set(everyone)
+
+    def shortest_unique(job_id: str) -> str:
+        shared = (
+            next((i for i, (a, b) in enumerate(zip(job_id, other, strict=True)) if a != b), 26)
+            for other in everyone
+            if other != job_id
+        )
+        return job_id[: max(shared) + 1]
+
     # The shortest unique prefix of each, lower-cased, works wherever an id is taken.
     for job_id in (first, second):
-        prefix = job_id[: common + 1].lower()
+        prefix = shortest_unique(job_id).lower()
         status = json.loads(ok(dev("status", "--json", prefix)))
         assert status["id"] == job_id
     err = assert_one_line_error(dev("status", first[:common].lower()), 2)
-    assert re.search(
-        r"matches [2-9] jobs; give more of the id \(they differ from character \d+ on\)", err
-    ), err
-    ok(dev("stop", second[: common + 1]))
-    ok(dev("rm", "-f", first[: common + 1].lower(), second))
+    found = re.search(
+        r"matches (\d+) jobs; give more of the id \(they differ from character \d+ on\)", err
+    )
+    assert found is not None, err
+    assert int(found.group(1)) >= 2, err
+    ok(dev("stop", shortest_unique(second)))
+    ok(dev("rm", "-f", shortest_unique(first).lower(), second))
     assert_one_line_error(dev("status", "zzzz"), 6)
 
 
@@ -367,3 +388,31 @@ async def test_run_says_when_the_connection_is_lost_and_when_it_is_back(
     assert bytes(out) == expected
     said = [line.split(" ", 2)[1] for line in err.decode().splitlines()]
     assert said == ["lost", "reconnected"], err
+
+
+@pytest.mark.root
+def test_run_says_when_the_end_of_the_output_was_lost_on_a_full_disk(tmp_path: Path) -> None:
+    # The server's disk filled while the job wrote: what it could not write is lost,
+    # counted in output_bytes. A gap in the middle shows in the next chunk's offset (said
+    # on stderr); lost bytes at the end have no next chunk: run said nothing, and
+    # printed less than the job wrote with exit code 0, as if that were all.
+    home = tmp_path / "home"
+    state = home / ".local" / "state"
+    state.mkdir(parents=True)
+    with small_tmpfs(state / "disk", "size=4m") as disk:
+        env = clean_env(home, TRIO_WORKER_STATE_DIR=str(disk / "trio-worker"))
+        server = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(home)], env)
+        try:
+            dev = DevServer(server, home, env, server.port())
+            server.wait_for(r"^Try it", stream="stdout")
+            result = dev("run", "--", "head", "-c", "8M", "/dev/zero")
+            assert result.returncode == 0, result.stderr
+            got = len(result.stdout)
+            assert got < 8 * 2**20
+            err = result.stderr.decode()
+            assert err == (
+                f"trio-worker: bytes {got} to {8 * 2**20} of the job's output were lost on "
+                "the server (never written: its disk was full?)\n"
+            )
+        finally:
+            assert server.stop() == 0, server.stderr

@@ -368,6 +368,51 @@ async def test_an_end_during_a_refill_waits_for_the_next_round_that_makes_places
             assert no_stray_group(sup)
 
 
+async def test_a_rounds_places_come_with_its_result_unless_a_start_waits(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Each hand-over from the refill's thread wakes the loop: a round's places reach the
+    pool together, with the round's result, unless a Start waits for one (``take_soon``):
+    then each goes as soon as it is made, in order. (The clock stands still: the waiting
+    Start's patience does not run out.)"""
+    require_root("cgroups")
+    handed: list[list[str]] = []
+    arrive = Launcher._arrive
+
+    def counted(self: Launcher, places: Any) -> None:
+        handed.append([place.job_id for place in places])
+        arrive(self, places)
+
+    parent = "tw-handover-" + secrets.token_hex(4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Launcher, "_arrive", counted)
+        async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+            launcher = sup._admission.launcher
+            await launcher.settled()
+            handed.clear()
+            while not handed:  # Starts that find places ready, until a round is done
+                await sup.start("sleep", ["1000"])
+                await launcher.settled()
+            assert len(handed) == 1
+            assert len(handed[0]) > 1  # the round's places, together
+            ids = [place.job_id for place in launcher.ready_places()]
+            assert ids[-len(handed[0]) :] == handed[0]  # in order, after those left
+
+            handed.clear()
+            with _refill_held() as gate:
+                for _ in range(len(launcher.ready_places())):
+                    await sup.start("sleep", ["1000"])
+                coming = launcher.first_making()
+                assert coming is not None
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(sup.start, "sleep", ["1000"])
+                    await trio.testing.wait_all_tasks_blocked()  # the Start waits
+                    gate.set()
+            await launcher.settled()
+            assert handed[0] == [coming]  # at once, alone
+            assert [i for ids in handed for i in ids][: len(handed[0])] == [coming]
+
+
 async def test_a_start_with_no_place_ready_waits_for_the_one_being_made(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
@@ -431,6 +476,41 @@ async def test_an_ended_jobs_group_serves_a_later_job_that_sees_only_its_own_usa
         await launcher.settled()
         assert no_stray_group(sup)
     assert none_exist([str(d) for d in first])
+
+
+@pytest.mark.parametrize(
+    ("knob", "value"),
+    [
+        ("memory.limit_in_bytes", "67108864"),
+        ("memory.oom_control", "1"),
+        ("cpu.cfs_quota_us", "50000"),
+        ("cpu.shares", "2"),
+    ],
+)
+async def test_a_group_its_job_wrote_a_limit_to_serves_no_later_job(
+    tmp_path: Path, knob: str, value: str
+) -> None:
+    """A job may write limits to its own group (a root job can: a script that limits
+    itself). That group must not be recycled: a later job, of anyone, ran under that
+    limit, while its Status said it had none (a 64 MiB cap came back every 4th Start)."""
+    require_root("cgroups")
+    parent = "tw-recycle-knob-" + secrets.token_hex(4)
+    async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+        launcher = sup._admission.launcher
+        # (It ends on its own: a group a kill was sent to is never recycled anyway.)
+        writer = await sup.start("sleep", ["1"])
+        first = dirs_of(sup, writer.id)
+        (knobs,) = [d for d in first if (d / knob).exists()]
+        (knobs / knob).write_text(value)  # (as the job itself would, being root)
+        assert (await sup.wait(writer.id)).state is JobState.EXITED
+        for _ in range(4 * launcher._target):
+            await launcher.settled()
+            job = await sup.start("true")
+            assert dirs_of(sup, job.id) != first
+            assert (await sup.wait(job.id)).state is JobState.EXITED
+        await launcher.settled()
+        assert none_exist([str(d) for d in first])
+        assert no_stray_group(sup)
 
 
 async def test_a_late_kill_of_an_ended_job_spares_the_job_that_got_its_group(

@@ -4,9 +4,11 @@ import itertools
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trio_worker import InvalidRequest, Limits
-from trio_worker._model import JobIdGenerator
+from trio_worker._model import JobIdGenerator, _decode_id, _encode_id
 
 
 def test_ids_are_unique_sortable_and_26_chars() -> None:
@@ -85,3 +87,13 @@ def test_an_id_before_a_bound_sorts_between_the_last_one_and_the_bound() -> None
     assert first < bound
     # No room between two neighbours.
     assert gen.before(bound, bound) is None
+
+
+@given(st.integers(min_value=0, max_value=(1 << 130) - 1))
+def test_an_id_is_its_value_in_crockford_base32(value: int) -> None:
+    # 26 characters, 5 bits each, most significant first: decoding gives the value back.
+    text = _encode_id(value)
+    assert len(text) == 26
+    digits = "".join(format("0123456789ABCDEFGHJKMNPQRSTVWXYZ".index(c), "05b") for c in text)
+    assert int(digits, 2) == value
+    assert _decode_id(text) == value

@@ -574,6 +574,67 @@ async def test_a_stopped_seed_costs_its_start_nothing_and_does_not_hang_the_shut
                 os.kill(pid, signal.SIGKILL)
 
 
+async def test_a_thread_spawn_stopped_before_its_exec_is_killed_not_waited_for(
+    tmp_path: Path,
+) -> None:
+    # The thread's way (limits here) spawns with vfork: its thread waits until the child
+    # execs. A child stopped before that (kill -STOP by root, or by any job of the user it
+    # has just switched to: a job's kill(-1, SIGSTOP) loop did it) held the thread, the
+    # shielded Start and so the shutdown for ever; its copies of our descriptors also
+    # kept the reapers armed and the state directory locked after a SIGKILLed server.
+    # Its window is widened by a PATH of 14,000 directories without the command (the
+    # child tries each, after its chdir into ``cwd``, which tells it from the place's seed).
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    path = ":".join(f"/n/{i}" for i in range(14000)) + ":/usr/bin:/bin"
+    hung = threading.Event()
+    done = threading.Event()
+    stopped: list[int] = []
+
+    def stop_the_child(procs: Path, seed: int) -> None:  # the place's new process, at once
+        while not done.is_set() and not stopped:
+            with contextlib.suppress(OSError, ValueError):
+                for pid in map(int, procs.read_text().split()):
+                    if pid != seed and os.readlink(f"/proc/{pid}/cwd") == str(cwd):
+                        os.kill(pid, signal.SIGSTOP)
+                        stopped.append(pid)
+
+    def unstick() -> None:  # a hang detector, not a timing: let a hung Start go on
+        hung.set()
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    watchdog = threading.Timer(30, unstick)
+    watchdog.start()
+    stopper: threading.Thread | None = None
+    try:
+        async with _seeded_supervisor(tmp_path) as (sup, seeds):
+            place = sup._admission.launcher.ready_places()[0]
+            assert place.job_id == seeds[0][0]  # the place the Start takes
+            procs = place.group.dirs[0] / "cgroup.procs"
+            stopper = threading.Thread(target=stop_the_child, args=(procs, seeds[0][1]))
+            stopper.start()
+            job = await sup.start(
+                "sleep", ["600"], env={"PATH": path}, cwd=str(cwd), limits=Limits(pids=16)
+            )
+            done.set()
+            assert not hung.is_set()
+            assert stopped, "the child was not caught before its exec"
+            assert job.pid == stopped[0]
+            end = await sup.wait(job.id)
+            # Killed at its start: none of its command ran.
+            assert (end.state, end.signal) == (JobState.KILLED, signal.SIGKILL)
+    finally:
+        done.set()
+        watchdog.cancel()
+        if stopper is not None:
+            stopper.join()
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 async def test_a_place_whose_group_was_removed_from_outside_fails_its_start_in_words(
     tmp_path: Path,
 ) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -352,6 +353,48 @@ async def test_a_lone_record_is_a_transaction_of_its_own(tmp_path: Path) -> None
         store._conn.execute("PRAGMA query_only = 0")
         await store.record_end(ended(info))
         assert [j.info for j in await store.load_all()] == [ended(info)]
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the steps of each task."""
+
+    def __init__(self) -> None:
+        self.steps: dict[trio.lowlevel.Task, int] = {}
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps[task] = self.steps.get(task, 0) + 1
+
+
+async def test_a_flush_with_none_in_flight_starts_its_transaction_at_once(tmp_path: Path) -> None:
+    # The committer's flush: what it commits was queued before the call, so it takes no
+    # turn of the loop before the thread's call (a lock's acquire would be one): one step
+    # to start it, one when it is done. Behind a transaction in flight, it waits for it.
+    async with await SqliteJobStore.open(tmp_path / "jobs.db") as store:
+        counter = _Steps()
+        flushed: list[trio.lowlevel.Task] = []
+
+        async def flush() -> None:
+            flushed.append(trio.lowlevel.current_task())
+            await store.flush()
+
+        first = store.queue_start(running(), env_keys=[], cwd=None, pid_start_time=None)
+        trio.lowlevel.add_instrument(counter)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flush)
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert (first.done, first.error) == (True, None)
+        assert counter.steps[flushed[0]] == 2
+
+        # Behind another transaction: it waits, then commits what was queued meanwhile.
+        second = store.queue_start(running(), env_keys=[], cwd=None, pid_start_time=None)
+        async with trio.open_nursery() as nursery, store._lock:
+            nursery.start_soon(store.flush)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not second.done
+        assert (second.done, second.error) == (True, None)
+        assert len(await store.load_all()) == 2
 
 
 async def test_the_stores_thread_call_returns_raises_and_is_not_abandoned() -> None:

@@ -155,6 +155,39 @@ async def test_leftovers_in_the_group_die_when_main_process_exits() -> None:
         assert not process_alive(grandchild)
 
 
+async def test_a_group_a_kill_thread_was_sent_to_is_never_recycled() -> None:
+    # A kill sends SIGKILL to the job's process group, then, if its group is not empty at
+    # once, a worker thread kills by the group (v1: freeze, SIGKILL every pid, thaw). The
+    # job can end before that thread runs (its process group's SIGKILL is enough), and its
+    # retired group was recycled for a place whose seed the late thread then killed: every
+    # later Start of a server ended KILLED (60 of 60 after a `rm -f`, 4 of 20 after a Stop
+    # with no grace). Here the thread is certain (an escapee in a session of its own).
+    async with open_supervisor() as sup:
+        if isinstance(sup.cgroups, NoDriver):
+            pytest.skip("needs cgroups")
+        # (The escapee says its pid once it is in its own session: ``echo $!`` could come
+        # before ``setsid`` ran, and the process group's SIGKILL then took it, so no thread.)
+        escape = "setsid sh -c 'echo $$; exec sleep 1000' & exec sleep 1000"
+        job = await sup.start("sh", ["-c", escape])
+        escapee = await read_pid_line(sup, job.id)
+        group = sup._jobs.get(job.id).cgroup
+        assert group is not None
+        end = await sup.stop(job.id, grace=0)
+        assert end.state is JobState.KILLED
+        assert not process_alive(escapee)
+        launcher = sup._admission.launcher
+        await launcher.settled()  # (its group retired: removed, or recycled)
+        assert group.killed
+        held = [g.dirs for g in launcher.spare_groups()]
+        held += [place.group.dirs for place in launcher.ready_places()]
+        assert group.dirs not in held
+        assert not any(directory.exists() for directory in group.dirs)
+        # And the next Starts run as they should.
+        for _ in range(5):
+            done = await sup.wait((await sup.start("true")).id)
+            assert (done.state, done.exit_code) == (JobState.EXITED, 0)
+
+
 async def test_sigterm_ignoring_job_is_killed_after_grace(autojump_clock: trio.abc.Clock) -> None:
     async with open_supervisor() as sup:
         job = await sup.start("sh", ["-c", "trap '' TERM; echo $$; while :; do sleep 1; done"])

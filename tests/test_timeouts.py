@@ -66,7 +66,18 @@ def _pytest(directory: Path, tests: str) -> subprocess.Popen[str]:
     (directory / "conftest.py").write_text(_CONFTEST)
     (directory / "test_inner.py").write_text(tests)
     return subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rA"],
+        # (In the file's order: not shuffled by pytest-randomly, where it is installed.)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            "-v",
+            "-rA",
+        ],
         cwd=directory,
         env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"},
         stdout=subprocess.PIPE,

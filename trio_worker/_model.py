@@ -183,12 +183,16 @@ class JobIdGenerator:
         return _encode_id(low + 1 + secrets.randbelow(max(1, min(high - low - 1, 1 << 72) >> 10)))
 
 
+#: Two characters for each 10 bits: an id is 13 look-ups (a 26-step loop was 3x the CPU,
+#: ~11 against ~3 us, on the loop for every place and Start).
+_CROCKFORD_PAIRS = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)
+_PAIR_SHIFTS = tuple(range(120, -1, -10))
+
+
 def _encode_id(value: int) -> str:
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    """The 26 characters of the low 130 bits of ``value``, most significant first."""
+    pairs = _CROCKFORD_PAIRS
+    return "".join([pairs[value >> shift & 1023] for shift in _PAIR_SHIFTS])
 
 
 def _decode_id(job_id: str) -> int:

@@ -24,7 +24,7 @@ from .._limits import LimitPolicy
 from .._model import Isolation, JobIdGenerator, JobInfo, Limits
 from . import _lifecycle as lc
 from ._job import Job, now, remove_cgroup
-from ._launch import PLACE_PATIENCE, Launched, Launcher, LaunchPlan
+from ._launch import PLACE_PATIENCE, Launched, Launcher, LaunchPlan, kill_stopped_spawn
 from ._output import DEFAULT_MAX_UNFLUSHED
 from ._process import (
     RESOURCE_ERRNOS,
@@ -283,7 +283,7 @@ class Admission:
                 return launched
             # Its seed was dead before the command (killed from outside): the thread's way.
         if self._spawn_in_thread:
-            return await _in_thread(launcher.prepare_and_spawn, plan)
+            return await _spawn_watched(launcher, plan)
         launched = await _in_thread(launcher.prepare, plan)
         if launched.error is None:
             try:
@@ -292,6 +292,25 @@ class Admission:
                 await trio.to_thread.run_sync(launcher.discard, launched)
                 raise
         return launched
+
+
+async def _spawn_watched(launcher: Launcher, plan: LaunchPlan) -> Launched:
+    """``prepare_and_spawn`` in a worker thread, ``kill_stopped_spawn`` beside it: its
+    vfork child, stopped before its exec, would hold the thread for ever."""
+    launched: Launched | None = None
+    failure: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        group = launcher.cgroups.job(plan.job_id)
+        nursery.start_soon(kill_stopped_spawn, group, name=f"spawn {plan.job_id}")
+        try:
+            launched = await _in_thread(launcher.prepare_and_spawn, plan)
+        except BaseException as exc:  # raised as it is below, not in an exception group
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    assert launched is not None
+    return launched
 
 
 async def _in_thread(fn: Callable[[LaunchPlan], Launched], plan: LaunchPlan) -> Launched:

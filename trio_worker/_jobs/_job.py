@@ -380,6 +380,9 @@ async def kill(job: Job, process: JobProcess) -> bool:
         return True
     group = job.cgroup
     assert group is not None
+    # The thread may come after the job's end (its process group's SIGKILL went first),
+    # when the group is retired: it must not be recycled for another job by then.
+    group.killed = True
     # May freeze and wait (v1 without cgroup.kill): not on the event loop.
     try:
         await trio.to_thread.run_sync(group.kill)

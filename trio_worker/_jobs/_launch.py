@@ -96,6 +96,31 @@ SEED_PATIENCE = 0.1
 PLACE_PATIENCE = 0.005
 
 
+async def kill_stopped_spawn(group: JobCgroup) -> None:
+    """Run beside a Start's worker-thread spawn until cancelled: its child, a vfork
+    child, holds that thread until it execs, so one stopped before its exec (``kill
+    -STOP`` by root, or by any job of the user it has switched to: a job's ``kill(-1,
+    SIGSTOP)`` loop caught one in ~1 of 40 Starts here) held the thread, the shielded
+    Start and so the shutdown, for ever. Every ``SEED_PATIENCE`` the group's processes
+    (that child alone, before the job runs) are checked; a stopped one is SIGKILLed,
+    which frees the thread: the job is KILLED at its start, none of its command ran."""
+    while True:
+        await trio.sleep(SEED_PATIENCE)
+        for pid in await trio.to_thread.run_sync(group.pids):
+            _kill_if_stopped(pid)
+
+
+def _kill_if_stopped(pid: int) -> None:
+    """SIGKILL our child ``pid`` if it is stopped now (``waitid`` that does not wait and
+    consumes nothing)."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+        if info is not None and info.si_code == os.CLD_STOPPED:
+            os.kill(pid, signal.SIGKILL)
+    except (ChildProcessError, ProcessLookupError):
+        pass  # (not our child, or gone)
+
+
 @dataclass(slots=True)
 class Sprout:
     """A place's seed and the read ends of its stdout and stderr pipes."""
@@ -212,6 +237,9 @@ class Launcher:
         #: Set (and replaced) when a place joins the pool, or a refill ends (``take_soon``).
         self._arrived = trio.Event()
         self._closed = False
+        #: Starts waiting for the next place (``take_soon``): while there are any, the
+        #: refill's thread hands each place over as soon as it is made (``_tend``).
+        self._awaited = 0
         #: The ids of the places a worker thread is making now (``keep_ready``).
         self._making: Sequence[str] = ()
         #: Plant a seed with each place (only with the reaper: a seed planted by a
@@ -322,19 +350,20 @@ class Launcher:
 
     async def _round(self, retired: list[JobCgroup], ids: list[str]) -> int:
         """One round of the refill's thread (``_tend``): how many places it made."""
-        # Shielded: the places the thread makes must reach the pool (or ``aclose``
-        # would not remove them).
+        # Not cancellable (``in_thread``, no other checkpoint): the places the thread
+        # makes must reach the pool (or ``aclose`` would not remove them).
         made = 0
-        with trio.CancelScope(shield=True):
-            self._making = ids
-            try:
-                made = await in_thread(partial(self._tend, retired, ids))
-            except RuntimeError:  # "can't start new thread"
-                self._retired[:0] = retired
-            finally:
-                self._making = ()
-                self._arrived.set()  # a Start waiting for a place: none is coming
-                self._arrived = trio.Event()
+        self._making = ids
+        try:
+            made, held = await in_thread(partial(self._tend, retired, ids))
+            if held:
+                self._arrive(held)
+        except RuntimeError:  # "can't start new thread"
+            self._retired[:0] = retired
+        finally:
+            self._making = ()
+            self._arrived.set()  # a Start waiting for a place: none is coming
+            self._arrived = trio.Event()
         return made
 
     async def _wait(self, wanted: trio.Event) -> None:
@@ -366,22 +395,31 @@ class Launcher:
         _remove_groups(retired)
         _discard_places(places)
 
-    def _tend(self, retired: Sequence[JobCgroup], ids: Sequence[str]) -> int:
+    def _tend(self, retired: Sequence[JobCgroup], ids: Sequence[str]) -> tuple[int, list[Place]]:
         """In a worker thread: recycle what it can of the retired groups (``_recycle``),
-        make the places (each reaches the pool as it is made: a Start may be waiting
-        for it, ``take_soon``), then remove the other retired groups. Returns how many
-        places were made.
+        make the places, then remove the other retired groups. Returns how many places
+        were made, and those not handed over yet.
 
-        A place is handed to the loop by ``run_sync_soon``, not waited for:
-        the thread goes on to the next (``from_thread.run_sync`` cost it a round
-        trip through the loop per place). The loop runs those callbacks in order,
-        before it learns the thread's result (delivered the same way)."""
+        The places come back with the result (``_round`` puts them in the pool): each
+        hand-over wakes the loop, a turn of it (~20-40 us of its CPU) per place. Only
+        while a Start waits for one (``take_soon``) is each place handed over as soon as
+        it is made, with those held before it, by ``run_sync_soon``, not waited for (the
+        thread goes on to the next). The loop runs those callbacks in order, before it
+        learns the thread's result (delivered the same way)."""
         token = self._token
         assert token is not None
+        held: list[Place] = []
+
+        def arrive(place: Place) -> None:
+            held.append(place)
+            if self._awaited:  # a Start waits (``take_soon``): these go now, in order
+                token.run_sync_soon(self._arrive, held[:])
+                held.clear()
+
         gone = self._recycle(retired, len(ids))
-        made = self._make_places(ids, lambda place: token.run_sync_soon(self._arrive, place))
+        made = self._make_places(ids, arrive)
         _remove_groups(gone)
-        return made
+        return made, held
 
     def _recycle(self, retired: Sequence[JobCgroup], wanted: int) -> list[JobCgroup]:
         """In a worker thread: recycle retired groups into ``_spare`` (``CgroupDriver.
@@ -402,12 +440,13 @@ class Launcher:
                 self._spare.append(recycled)
         return gone
 
-    def _arrive(self, place: Place) -> None:
-        """On the loop: a place the refill's thread made joins the pool."""
-        if self._capped and place.seed is not None:
-            _kill_waiting(place.seed)  # planted before the cap was seen (``watch_memory_caps``)
-        self._ready.append(place)
-        self._making = self._making[1:]  # made in order
+    def _arrive(self, places: Sequence[Place]) -> None:
+        """On the loop: places the refill's thread made join the pool, in order."""
+        for place in places:
+            if self._capped and place.seed is not None:
+                _kill_waiting(place.seed)  # planted before the cap was seen (``watch_memory_caps``)
+            self._ready.append(place)
+        self._making = self._making[len(places) :]  # made in order
         self._arrived.set()
         self._arrived = trio.Event()
 
@@ -417,9 +456,13 @@ class Launcher:
         a millisecond away, where making a place of its own costs a Start a thread
         round trip, an inode and the groups (3-5 ms here) and slows the refill."""
         if not self._ready and self._making:
-            with trio.move_on_after(patience):
-                while not self._ready and self._making:
-                    await self._arrived.wait()
+            self._awaited += 1  # the refill's thread hands over each place as it is made
+            try:
+                with trio.move_on_after(patience):
+                    while not self._ready and self._making:
+                        await self._arrived.wait()
+            finally:
+                self._awaited -= 1
         return self.take()
 
     def _make_places(self, ids: Sequence[str], arrive: Callable[[Place], None]) -> int:

@@ -409,11 +409,14 @@ class SqliteJobStore:
     ) -> None:
         """``note_output`` then commit; calls from many tasks share one transaction."""
         self.note_output(job_id, output_bytes, output_start, dropped_bytes)
-        await self.flush()
+        await self._submit(_nothing)  # (not ``flush``: a turn first, for the others)
 
     async def flush(self) -> None:
-        """Commit every buffered output counter (a no-op when there are none)."""
-        await self._submit(_nothing)
+        """Commit every buffered output counter and queued write (a no-op when there are
+        none). With no transaction in flight it starts at once: what it commits is what
+        was queued before the call, so no turn of the loop first (for more callers to
+        join, as ``_submit``'s other calls do)."""
+        await self._submit(_nothing, at_once=True)
 
     async def mark_lost(self, job_ids: Iterable[str], error: str, at: datetime) -> int:
         """Mark the RUNNING ones among ``job_ids`` LOST; return how many changed.
@@ -508,12 +511,35 @@ class SqliteJobStore:
 
     # -- group commit ----------------------------------------------------------
 
-    async def _submit(self, fn: Callable[[sqlite3.Connection], _T], *, single: bool = False) -> _T:
-        """Queue ``fn`` and return its result once the transaction holding it committed."""
+    async def _submit(
+        self, fn: Callable[[sqlite3.Connection], _T], *, single: bool = False, at_once: bool = False
+    ) -> _T:
+        """Queue ``fn`` and return its result once the transaction holding it committed.
+
+        ``at_once``: with no transaction in flight, start one now, without the turn of
+        the loop a lock's ``acquire`` takes (in which calls of other tasks would join it).
+        """
         if self._closed:
             raise trio.ClosedResourceError("the job store is closed")
         op = _Op(fn, single=single)
         self._queue.append(op)
+        lock = self._lock
+        if at_once and not lock.locked():
+            # Nothing to withdraw once it runs: the thread's call is not cancellable.
+            lock.acquire_nowait()
+            try:
+                await self._run_queue()
+            finally:
+                lock.release()
+        else:
+            await self._wait_and_run(op)
+        if op.error is not None:
+            raise op.error
+        return cast(_T, op.result)
+
+    async def _wait_and_run(self, op: _Op[Any]) -> None:
+        """``_submit``'s wait for the transaction in flight, then its own (unless that
+        one took ``op``); cancelled while it waits, ``op`` is withdrawn."""
         try:
             async with self._lock:
                 if not op.done:
@@ -523,9 +549,6 @@ class SqliteJobStore:
             if not op.done and op in self._queue:
                 self._queue.remove(op)
             raise
-        if op.error is not None:
-            raise op.error
-        return cast(_T, op.result)
 
     async def _run_queue(self) -> None:
         """Run every queued call and buffered note in one transaction (lock held)."""
@@ -536,10 +559,9 @@ class SqliteJobStore:
             for op in batch:  # flushes with nothing to flush: no transaction
                 op.done = True
             return
-        # Shielded: the batch holds other tasks' calls, which must run now that
-        # they left the queue (the thread could not be interrupted anyway).
-        with trio.CancelScope(shield=True):
-            committed = await _in_thread(partial(self._execute, batch, notes, spawned))
+        # Not cancellable (``in_thread``): the batch holds other tasks' calls, which
+        # must run now that they left the queue.
+        committed = await _in_thread(partial(self._execute, batch, notes, spawned))
         if committed:
             self.transactions += 1
         else:
