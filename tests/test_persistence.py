@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from unittest.mock import ANY
 
 import pytest
@@ -166,7 +168,7 @@ ANSWERED_THEN_CRASHING = textwrap.dedent(
         async with trio_worker.open_supervisor(state) as sup:
             stopped = await sup.start("sleep", ["1000"])
             waited = await sup.start("sh", ["-c", "echo done; exit 3"])
-            await sup._store.flush()  # the starts' records
+            await sup._records.commit_queued()  # the starts' records
             async with sup._store._lock:  # no commit from here on
                 stop = await sup.stop(stopped.id, grace=5)
                 wait = await sup.wait(waited.id)
@@ -230,7 +232,7 @@ async def test_an_end_is_noted_until_its_record_is_in_or_its_job_removed(
         assert notes is not None
         assert store is not None
         kept, gone = await sup.start("sleep", ["60"]), await sup.start("sleep", ["60"])
-        await store.flush()
+        await sup._records.commit_queued()
         store._conn.execute("DELETE FROM jobs WHERE id = ?", (gone.id,))
         async with store._lock:  # no commit meanwhile
             await sup.stop(kept.id, grace=0)
@@ -254,10 +256,13 @@ class _CommitterSteps(trio.abc.Instrument):
             self.steps += 1
 
 
-async def test_the_committer_commits_a_start_in_two_steps(tmp_path: Path) -> None:
+async def test_the_committer_commits_a_start_in_two_steps(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
     # Woken by the Start's record, it starts the store's thread at once (no turn of the
     # loop for its own lock or the store's while none is in flight), and settles when
-    # the thread is done: two steps per Start on the loop, not four.
+    # the thread is done: two steps per Start on the loop, not four. (Each Start after a
+    # quiet spell: within END_COMMIT_AFTER of the last commit its record would wait.)
     async with open_supervisor(tmp_path / "state", retention=Retention(interval=3600)) as sup:
         store = sup._store
         assert store is not None
@@ -268,6 +273,7 @@ async def test_the_committer_commits_a_start_in_two_steps(tmp_path: Path) -> Non
         trio.lowlevel.add_instrument(counter)
         try:
             for _ in range(3):
+                mock_clock.jump(END_COMMIT_AFTER)
                 job = await sup.start("sleep", ["60"])
                 await trio.testing.wait_all_tasks_blocked()  # (the committer's call is out)
                 await store.flush()  # (waits for it: the store's lock)
@@ -276,6 +282,42 @@ async def test_the_committer_commits_a_start_in_two_steps(tmp_path: Path) -> Non
         finally:
             trio.lowlevel.remove_instrument(counter)
         assert counter.steps == 3 * 2
+
+
+async def test_a_start_committed_after_its_job_ended_keeps_the_end_noted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
+) -> None:
+    # The job ends (its end noted, queued for the next transaction) while the transaction
+    # holding its start's record runs in the store's thread: settling that one must not
+    # free the end's note, or a crash before the next makes the job LOST.
+    state = tmp_path / "state"
+    async with open_supervisor(state, retention=Retention(interval=3600)) as sup:
+        notes = sup._records._notes
+        store = sup._store
+        assert notes is not None
+        assert store is not None
+        gate = threading.Event()
+        execute = store._execute
+
+        def paused(*args: Any) -> bool:  # the real transaction, once the test says go
+            gate.wait(20)
+            return execute(*args)
+
+        monkeypatch.setattr(store, "_execute", paused)
+        mock_clock.jump(END_COMMIT_AFTER)  # (a quiet spell: the start's record goes at once)
+        job = await sup.start("sleep", ["60"])
+        await trio.testing.wait_all_tasks_blocked()  # its transaction is in the thread
+        await sup.stop(job.id, grace=0)
+        assert len(notes) == 1
+        gate.set()
+        await _until(lambda: _row(state, job.id) is not None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert _row(state, job.id) == ("running", job.pid, ANY)  # the end waits its turn
+        assert len(notes) == 1
+        mock_clock.jump(END_COMMIT_AFTER)
+        await _until(lambda: (_row(state, job.id) or ("",))[0] == "killed")
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(notes) == 0
 
 
 async def test_second_supervisor_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
@@ -343,7 +385,7 @@ async def test_a_running_jobs_record_has_no_usage_and_its_end_has_it(tmp_path: P
     async with open_supervisor(state) as sup:
         job = await sup.start("sleep", ["60"])
         assert sup._store is not None
-        await sup._store.flush()  # the start's record, queued by the Start
+        await sup._records.commit_queued()  # the start's record, queued by the Start
         assert usage_row(job.id) == (None, None)
         await sup.stop(job.id, grace=0)
         end = await sup.wait(job.id)
@@ -382,7 +424,7 @@ async def test_a_started_jobs_record_is_committed_right_after_the_start(tmp_path
         failed = await sup.start("/nonexistent/command")
         assert failed.state is JobState.FAILED
         assert sup._store is not None
-        await sup._store.flush()
+        await sup._records.commit_queued()
         assert _row(state, failed.id) == ("failed", None, None)
         await sup.stop(job.id, grace=0)
 
@@ -452,7 +494,7 @@ async def test_a_jobs_end_does_not_wait_for_its_record(tmp_path: Path) -> None:
         job = await sup.start("sleep", ["60"])
         store = sup._store
         assert store is not None
-        await store.flush()  # the start's record
+        await sup._records.commit_queued()  # the start's record
         group = sup._jobs.get(job.id).cgroup
         assert group is not None
         assert group.tracked
@@ -480,7 +522,7 @@ async def test_an_end_whose_row_is_gone_is_written_whole(tmp_path: Path) -> None
         job = await sup.start("sleep", ["60"])
         store = sup._store
         assert store is not None
-        await store.flush()
+        await sup._records.commit_queued()
         store._conn.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
         await sup.stop(job.id, grace=0)
         with trio.fail_after(20):
@@ -505,13 +547,14 @@ async def test_a_burst_of_ends_is_one_transaction_and_a_start_is_not_held(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
     # Ended jobs' records wait END_COMMIT_AFTER of trio's clock (standing still here
-    # until the test moves it) for more; a start's record is committed at once.
+    # until the test moves it) for more; a start's record after a quiet spell (no commit
+    # for END_COMMIT_AFTER) is committed at once.
     state = tmp_path / "state"
     async with open_supervisor(state, retention=Retention(interval=3600)) as sup:
         store = sup._store
         assert store is not None
         jobs = [await sup.start("sleep", ["1000"]) for _ in range(10)]
-        await store.flush()
+        await sup._records.commit_queued()
         before = store.transactions
         async with trio.open_nursery() as nursery:
             for job in jobs:
@@ -523,9 +566,39 @@ async def test_a_burst_of_ends_is_one_transaction_and_a_start_is_not_held(
         await _until(lambda: store.transactions > before)
         assert store.transactions == before + 1
         assert {(_row(state, job.id) or ("",))[0] for job in jobs} == {"killed"}
+        mock_clock.jump(END_COMMIT_AFTER)
         started = await sup.start("sleep", ["1000"])
         await _until(lambda: _row(state, started.id) is not None)
         await sup.stop(started.id, grace=0)
+
+
+async def test_a_burst_of_starts_is_one_transaction(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    # A start's record queued within END_COMMIT_AFTER of trio's clock (standing still
+    # here) of the committer's last commit waits for it to pass, and the records the
+    # burst queued meanwhile go with it: one transaction, not one per Start.
+    state = tmp_path / "state"
+    async with open_supervisor(state, retention=Retention(interval=3600)) as sup:
+        store = sup._store
+        assert store is not None
+        mock_clock.jump(END_COMMIT_AFTER)  # (the start-up's commits are behind)
+        before = store.transactions
+        first = await sup.start("sleep", ["1000"])
+        await _until(lambda: store.transactions > before)  # at once: after a quiet spell
+        assert _row(state, first.id) is not None
+        before = store.transactions
+        burst = [await sup.start("sleep", ["1000"]) for _ in range(5)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.transactions == before
+        assert all(_row(state, job.id) is None for job in burst)
+        mock_clock.jump(END_COMMIT_AFTER)
+        await _until(lambda: store.transactions > before)
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.transactions == before + 1
+        assert all(_row(state, job.id) == ("running", job.pid, ANY) for job in burst)
+        for job in [first, *burst]:
+            await sup.stop(job.id, grace=0)
 
 
 async def test_a_start_cuts_short_the_wait_of_ended_jobs_records(
@@ -538,7 +611,8 @@ async def test_a_start_cuts_short_the_wait_of_ended_jobs_records(
         store = sup._store
         assert store is not None
         ended = await sup.start("sleep", ["1000"])
-        await store.flush()
+        await sup._records.commit_queued()
+        mock_clock.jump(END_COMMIT_AFTER)  # a quiet spell: the next start's record goes at once
         await sup.stop(ended.id, grace=0)
         await trio.testing.wait_all_tasks_blocked()
         assert (_row(state, ended.id) or ("",))[0] == "running"

@@ -165,8 +165,8 @@ async def test_a_group_a_kill_thread_was_sent_to_is_never_recycled() -> None:
     async with open_supervisor() as sup:
         if isinstance(sup.cgroups, NoDriver):
             pytest.skip("needs cgroups")
-        # (The escapee says its pid once in its own session: one that Stop's SIGTERM to the
-        # process group could still reach would leave the group empty, and no thread.)
+        # (The escapee says its pid once it is in its own session: ``echo $!`` could come
+        # before ``setsid`` ran, and the process group's SIGKILL then took it, so no thread.)
         escape = "setsid sh -c 'echo $$; exec sleep 1000' & exec sleep 1000"
         job = await sup.start("sh", ["-c", escape])
         escapee = await read_pid_line(sup, job.id)

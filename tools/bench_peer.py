@@ -492,6 +492,22 @@ def main() -> None:
                     spans.append(f"{name} {min(values):.2f}-{max(values):.2f}")
             if spans:
                 print(f"{row:44}{'   '.join(spans)}")
+        # Each round's ratio is of two runs a minute apart: load that drifts over a
+        # sitting moves both, so these say more than the medians' ratio whether a row
+        # holds in every round.
+        print("ratio to the peer in each round (>= 1 is better):")
+        for figure, (row, higher) in rows.items():
+            line = []
+            for name, _ in servers:
+                ratios = []
+                for ours, theirs in zip(results[name], results["peer"], strict=True):
+                    if ours.get(figure) and theirs.get(figure):
+                        ratio = ours[figure] / theirs[figure]
+                        ratios.append(ratio if higher else 1 / ratio)
+                if ratios:
+                    line.append(f"{name} " + " ".join(f"{r:.2f}" for r in ratios))
+            if line:
+                print(f"{row:44}{'   '.join(line)}")
 
 
 if __name__ == "__main__":

@@ -990,20 +990,42 @@ class CgroupDriver(ABC):
         (limits were written to it, it has processes or subgroups, is frozen, saw an
         OOM kill, still holds more memory than a new group could, or this host's
         groups cannot be reset, or a thread was sent to kill it: then remove it). See
-        ARCHITECTURE.md, "Why groups are recycled"."""
-        plans = [
-            None if group.limited or group.killed else self._recycling(group) for group in groups
-        ]
-        answers = iter(_cplace.recycle([plan[0] for plan in plans if plan is not None]))
-        recycled: list[JobCgroup | None] = []
-        for plan in plans:
-            values = None if plan is None else next(answers)
-            recycled.append(None if plan is None or values is None else plan[1](values))
+        ARCHITECTURE.md, "Why groups are recycled".
+
+        The group is the same object: the ended job no longer reads it (``Job.usage``
+        gives its final usage, ``kill`` does nothing once it has ended)."""
+        ops = self._recycle_ops
+        recycled: list[JobCgroup | None] = [None] * len(groups)
+        if ops is None:
+            return recycled
+        names: list[bytes] = []
+        which: list[int] = []
+        for index, group in enumerate(groups):
+            name = None if group.limited or group.killed else self._recyclable(group)
+            if name is not None:
+                names.append(name)
+                which.append(index)
+        base = 1 if self._recycle_reads_cpu else 0
+        checks = self._recycle_checks
+        for index, values in zip(which, _cplace.recycle(ops, names), strict=True):
+            # (A knob its job wrote, a limit: no new group's then. See ``_V1_KNOBS``.)
+            if values is not None and all(
+                check(value) for check, value in zip(checks, values[base:], strict=True)
+            ):
+                group = recycled[index] = groups[index]
+                group._cpu_base = values[0] if base else 0
         return recycled
 
-    def _recycling(self, group: JobCgroup) -> _Recycling | None:
-        """What ``recycle`` runs on ``group`` (``_cplace.recycle``'s operations) and how
-        the values it reads make the recycled group; None if it cannot be."""
+    #: ``recycle``'s operations on a group, but its name (each path is head + name +
+    #: tail), made once; None where groups cannot be recycled.
+    _recycle_ops: list[_Template] | None = None
+    #: Whether the first value ``_recycle_ops`` read is the group's CPU time (the next
+    #: job's baseline), and what each value read after it must be to recycle the group.
+    _recycle_reads_cpu = False
+    _recycle_checks: tuple[Callable[[int], bool], ...] = ()
+
+    def _recyclable(self, group: JobCgroup) -> bytes | None:
+        """The group's name if ``_recycle_ops`` apply to it (a job without limits')."""
         return None
 
     @abstractmethod
@@ -1107,6 +1129,19 @@ class V2Driver(CgroupDriver):
         #: cgroup.kill (5.14+): a job's group is killed in one write.
         self._has_kill = (self.parent_dir / "cgroup.kill").exists()
         self._server_dir = _under(root, _own_cgroups().get("unified", "/"))
+        # With the memory controller, no recycling: ``memory.peak`` is reset by a write
+        # for the writer's descriptor only (Linux 6.12+), not for the end's read.
+        # Nor with cpu, io or pids: a job may write limits to its own group (a root job
+        # can), and their unset values are not numbers to check ("max", empty).
+        if {"memory", "cpu", "io", "pids"} <= self.missing.keys():
+            head = os.fsencode(self.parent_dir) + b"/"
+            self._recycle_ops = [
+                (_NO_SUBGROUPS, head, b"", b"", 0),
+                (_AT_MOST, head, b"/cgroup.events", b"populated", 0),
+                (_AT_MOST, head, b"/cgroup.events", b"frozen", 0),
+                (_READ, head, b"/cpu.stat", b"usage_usec", 0),
+            ]
+            self._recycle_reads_cpu = True
 
     def _enable(self, level: Path) -> None:
         available = set((_read(level / "cgroup.controllers") or "").split())
@@ -1150,20 +1185,10 @@ class V2Driver(CgroupDriver):
             job_id, self.parent_dir / f"{_JOB_PREFIX}{job_id}", has_kill=self._has_kill
         )
 
-    def _recycling(self, group: JobCgroup) -> _Recycling | None:
-        # With the memory controller, no: ``memory.peak`` cannot be reset for every
-        # reader (a write resets it for the writer's descriptor only, Linux 6.12+).
-        if "memory" not in self.missing or not isinstance(group, V2JobCgroup):
+    def _recyclable(self, group: JobCgroup) -> bytes | None:
+        if not isinstance(group, V2JobCgroup) or group.dir.parent != self.parent_dir:
             return None
-        directory = os.fsencode(group.dir)
-        ops = [_no_subgroups(directory), *_empty_and_thawed(directory), _cpu_usec(directory)]
-
-        def recycled(values: tuple[int, ...]) -> JobCgroup:
-            fresh = V2JobCgroup(group.job_id, group.dir, has_kill=self._has_kill)
-            fresh._cpu_base = values[0]
-            return fresh
-
-        return ops, recycled
+        return os.fsencode(group.dir.name)
 
     def make(self, job_id: str, limits: Limits | None = None) -> JobCgroup:
         group = self.job(job_id)
@@ -1291,6 +1316,8 @@ class V1Driver(CgroupDriver):
             and (self.parents["memory"] / "memory.memsw.limit_in_bytes").exists()
         )
         self._server_memory = _under(root / "memory", own.get("memory", "/"))
+        #: ``recycle``'s operations on a group, but its name (``_plan_recycling``).
+        self._recycle_ops = self._plan_recycling()
 
     def _controller_name(self, generic: str) -> str:
         return "blkio" if generic == "io" else generic
@@ -1373,44 +1400,63 @@ class V1Driver(CgroupDriver):
             raise
         return wider
 
-    def _recycling(self, group: JobCgroup) -> _Recycling | None:
-        # Only a group in what a job without limits is in, and with the unified mount
-        # to say it is empty and thawed (``cgroup.events``).
-        unified = self.unified
-        if (
-            unified is None
-            or not isinstance(group, V1JobCgroup)
-            or tuple(group.joined) != self.hierarchies_for(None)
-        ):
+    def _recyclable(self, group: JobCgroup) -> bytes | None:
+        # Only a group in what a job without limits is in (and with the unified mount
+        # to say it is empty and thawed: ``_plan_recycling``).
+        if not isinstance(group, V1JobCgroup) or tuple(group.joined) != self.hierarchies_for(None):
             return None
-        ops: list[_Op] = []
-        here = os.fsencode(f"{unified}/{group.name}")
-        ops += [_no_subgroups(here), *_empty_and_thawed(here)]
-        cpuacct = False
-        for hierarchy in group.joined:
-            directory = os.fsencode(f"{self.parents[hierarchy]}/{group.name}")
-            ops.append(_no_subgroups(directory))
+        return group.name.encode()
+
+    def _plan_recycling(self) -> list[_Template] | None:
+        """``recycle``'s operations on a group of a job without limits, its name left
+        out (each path is head + name + tail); None if such groups cannot be recycled
+        here. Made once: the same for every group."""
+        unified = self.unified
+        if unified is None:
+            return None
+        here = os.fsencode(unified) + b"/"
+        ops: list[_Template] = [
+            (_NO_SUBGROUPS, here, b"", b"", 0),
+            (_AT_MOST, here, b"/cgroup.events", b"populated", 0),
+            (_AT_MOST, here, b"/cgroup.events", b"frozen", 0),
+        ]
+        joined = self.hierarchies_for(None)
+        if not any(self._homes.get("cpuacct") == h for h in joined):
+            ops.append((_READ, here, b"/cpu.stat", b"usage_usec", 0))
+            self._recycle_reads_cpu = True
+        checks: list[Callable[[int], bool]] = []
+        for hierarchy in joined:
+            head = os.fsencode(self.parents[hierarchy]) + b"/"
+            ops.append((_NO_SUBGROUPS, head, b"", b"", 0))
             controllers = {c for c, home in self._homes.items() if home == hierarchy}
-            if "freezer" in controllers:
-                return None  # (its state is not a number: not worth it on such old hosts)
+            if controllers & {"freezer", "pids", "blkio"}:
+                # (freezer: its state is not a number, not worth it on such old hosts;
+                # pids, blkio: their unset limits are not numbers to check, and a job
+                # without limits is not in them.)
+                return None
+            # A job may have written limits to its own group (a root job can: a script
+            # that limits itself), which a later job would then run under: each knob a
+            # group is made with must hold a new group's value (``_V1_KNOBS``).
+            for controller in sorted(controllers):
+                for name, key, check in _V1_KNOBS.get(controller, ()):
+                    if not (self.parents[hierarchy] / name).exists():
+                        continue  # (optional: swap accounting, newer kernels' knobs)
+                    tail = b"/" + name.encode()
+                    if check is None:
+                        ops.append((_AT_MOST, head, tail, key, 0))
+                    else:
+                        ops.append((_READ, head, tail, key, 0))
+                        checks.append(check)
             if "memory" in controllers:
                 ops += [
-                    (_AT_MOST, directory + b"/memory.oom_control", b"oom_kill", 0),
-                    (_AT_MOST, directory + b"/memory.usage_in_bytes", b"", _residue()),
-                    (_WRITE, directory + b"/memory.max_usage_in_bytes", b"0", 0),
+                    (_AT_MOST, head, b"/memory.oom_control", b"oom_kill", 0),
+                    (_AT_MOST, head, b"/memory.usage_in_bytes", b"", _residue()),
+                    (_WRITE, head, b"/memory.max_usage_in_bytes", b"0", 0),
                 ]
             if "cpuacct" in controllers:
-                ops.append((_WRITE, directory + b"/cpuacct.usage", b"0", 0))
-                cpuacct = True
-        if not cpuacct:
-            ops.append(_cpu_usec(here))
-
-        def recycled(values: tuple[int, ...]) -> JobCgroup:
-            fresh = self._group(group.job_id, group.joined, group.name)
-            fresh._cpu_base = values[0] if values else 0
-            return fresh
-
-        return ops, recycled
+                ops.append((_WRITE, head, b"/cpuacct.usage", b"0", 0))
+        self._recycle_checks = tuple(checks)
+        return ops
 
     def _apply(
         self,
@@ -1482,24 +1528,32 @@ def _io_device(limits: Limits, cwd: str | os.PathLike[str] | None) -> tuple[int,
     return block_device_for(cwd if cwd is not None else os.getcwd())
 
 
-# ``_cplace.recycle``'s operations: (kind, path, key, value).
-_Op = tuple[int, bytes, bytes, int]
-_Recycling = tuple[list[_Op], Callable[[tuple[int, ...]], JobCgroup]]
+#: ``_cplace.recycle``'s operations: (kind, head, tail, key, value), on the file head +
+#: a group's name + tail.
+_Template = tuple[int, bytes, bytes, bytes, int]
+
+#: A v1 group's writable knobs, by controller, and what a new group holds: (file, key
+#: ("" for the whole file), None for "at most 0", else a check of the value read).
+_UNLIMITED = 1 << 62  # (a v1 memory limit's "none": the largest page-aligned number)
+_V1_KNOBS: dict[str, tuple[tuple[str, bytes, Callable[[int], bool] | None], ...]] = {
+    "memory": (
+        ("memory.limit_in_bytes", b"", lambda v: v >= _UNLIMITED),
+        ("memory.soft_limit_in_bytes", b"", lambda v: v >= _UNLIMITED),
+        ("memory.memsw.limit_in_bytes", b"", lambda v: v >= _UNLIMITED),
+        ("memory.kmem.tcp.limit_in_bytes", b"", lambda v: v >= _UNLIMITED),
+        ("memory.oom_control", b"oom_kill_disable", None),
+        ("memory.move_charge_at_immigrate", b"", None),
+    ),
+    "cpu": (
+        ("cpu.cfs_quota_us", b"", lambda v: v == -1),
+        ("cpu.cfs_period_us", b"", lambda v: v == 100_000),
+        ("cpu.shares", b"", lambda v: v == 1024),
+        ("cpu.rt_runtime_us", b"", None),
+        ("cpu.cfs_burst_us", b"", None),
+        ("cpu.idle", b"", None),
+    ),
+}
 _NO_SUBGROUPS, _AT_MOST, _WRITE, _READ = range(4)
-
-
-def _no_subgroups(directory: bytes) -> _Op:
-    return (_NO_SUBGROUPS, directory, b"", 0)
-
-
-def _empty_and_thawed(directory: bytes) -> list[_Op]:
-    """A v2 group with no process left, and not frozen (a seed cloned into it would be)."""
-    events = directory + b"/cgroup.events"
-    return [(_AT_MOST, events, b"populated", 0), (_AT_MOST, events, b"frozen", 0)]
-
-
-def _cpu_usec(directory: bytes) -> _Op:
-    return (_READ, directory + b"/cpu.stat", b"usage_usec", 0)
 
 
 @functools.cache

@@ -448,24 +448,26 @@ done:
     return result;
 }
 
-/* recycle's operations on a group's files (mirror _cgroups._Op). */
+/* recycle's operations on a group's files (mirror _cgroups' _NO_SUBGROUPS...). */
 enum { OP_NO_SUBGROUPS = 0, OP_AT_MOST = 1, OP_WRITE = 2, OP_READ = 3 };
 
+/* One operation on every group: its path is head + the group's name + tail. */
 struct op {
     int kind;
-    const char *path, *key; /* key: a "key value" line's key, or "" for the whole file */
-    Py_ssize_t key_len;
+    const char *head, *tail, *key; /* key: a "key value" line's key, or "" for the whole
+                                      file (OP_WRITE: the bytes written) */
+    Py_ssize_t head_len, tail_len, key_len;
     long long value; /* OP_AT_MOST's bound */
 };
 
-/* The value ``key`` has in the cgroup file ``path`` ("key N" lines, or the file's one
- * number for an empty key); -1 if it cannot be read or has no such value. */
+/* The value ``key`` has in the cgroup file ``name`` of ``dir_fd`` ("key N" lines, or the
+ * file's one number for an empty key); -1 if it cannot be read or has no such value. */
 static int
-file_value(const char *path, const char *key, Py_ssize_t key_len, long long *value)
+file_value(int dir_fd, const char *name, const char *key, Py_ssize_t key_len, long long *value)
 {
     char buf[4096], *at, *end;
     ssize_t got;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = openat(dir_fd, name, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -1;
     do {
@@ -495,144 +497,176 @@ file_value(const char *path, const char *key, Py_ssize_t key_len, long long *val
     return 0;
 }
 
-/* One group's operations, in order, the GIL released: 0 if every one held (``read``
- * then holds the OP_READ values), -1 at the first that did not. */
+/* The directory ``dir`` (its first ``len`` bytes) as ``*dir_fd`` (O_PATH), opened unless
+ * it is the one ``*dir_fd`` is already (``cur``): a group's files are opened relative to
+ * it, each a short lookup instead of the whole path's walk. -1 if it cannot be opened. */
 static int
-run_ops(const struct op *ops, Py_ssize_t n, long long *read)
+enter(const char *dir, size_t len, char *cur, int *dir_fd)
+{
+    if (*dir_fd >= 0 && strlen(cur) == len && memcmp(cur, dir, len) == 0)
+        return 0;
+    if (*dir_fd >= 0)
+        close(*dir_fd);
+    *cur = '\0';
+    if (len >= PATH_MAX) {
+        *dir_fd = -1;
+        return -1;
+    }
+    memcpy(cur, dir, len);
+    cur[len] = '\0';
+    *dir_fd = open(cur, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (*dir_fd < 0)
+        *cur = '\0';
+    return *dir_fd < 0 ? -1 : 0;
+}
+
+/* The operations on the group ``name``, in order, the GIL released: 0 if every one held
+ * (``read`` then holds the OP_READ values), -1 at the first that did not. */
+static int
+run_ops(const struct op *ops, Py_ssize_t n, const char *name, Py_ssize_t name_len,
+        long long *read)
 {
     Py_ssize_t i, n_read = 0;
-    for (i = 0; i < n; i++) {
+    char cur[PATH_MAX], path[PATH_MAX];
+    int dir_fd = -1, ok = 0;
+    for (i = 0; i < n && ok == 0; i++) {
         const struct op *o = &ops[i];
+        Py_ssize_t len = o->head_len + name_len + o->tail_len;
+        const char *base;
         long long value;
-        switch (o->kind) {
-        case OP_NO_SUBGROUPS: {
-            /* A cgroup directory's link count is 2 + its subgroups (kernfs). */
-            struct stat st;
-            if (stat(o->path, &st) < 0 || !S_ISDIR(st.st_mode) || st.st_nlink != 2)
-                return -1;
+        if (len >= PATH_MAX) {
+            ok = -1;
             break;
         }
+        memcpy(path, o->head, (size_t)o->head_len);
+        memcpy(path + o->head_len, name, (size_t)name_len);
+        memcpy(path + o->head_len + name_len, o->tail, (size_t)o->tail_len);
+        path[len] = '\0';
+        if (o->kind == OP_NO_SUBGROUPS) {
+            /* A cgroup directory's link count is 2 + its subgroups (kernfs). */
+            struct stat st;
+            if (enter(path, (size_t)len, cur, &dir_fd) < 0 || fstat(dir_fd, &st) < 0 ||
+                !S_ISDIR(st.st_mode) || st.st_nlink != 2)
+                ok = -1;
+            continue;
+        }
+        base = strrchr(path, '/');
+        if (base == NULL || enter(path, (size_t)(base - path), cur, &dir_fd) < 0) {
+            ok = -1;
+            continue;
+        }
+        base++;
+        switch (o->kind) {
         case OP_AT_MOST:
-            if (file_value(o->path, o->key, o->key_len, &value) < 0 || value > o->value)
-                return -1;
+            if (file_value(dir_fd, base, o->key, o->key_len, &value) < 0 || value > o->value)
+                ok = -1;
             break;
         case OP_WRITE: {
             ssize_t wrote;
-            int fd = open(o->path, O_WRONLY | O_CLOEXEC);
-            if (fd < 0)
-                return -1;
+            int fd = openat(dir_fd, base, O_WRONLY | O_CLOEXEC);
+            if (fd < 0) {
+                ok = -1;
+                break;
+            }
             do {
                 wrote = write(fd, o->key, (size_t)o->key_len);
             } while (wrote < 0 && errno == EINTR);
             close(fd);
             if (wrote != o->key_len)
-                return -1;
+                ok = -1;
             break;
         }
         case OP_READ:
-            if (file_value(o->path, o->key, o->key_len, &value) < 0)
-                return -1;
-            read[n_read++] = value;
+            if (file_value(dir_fd, base, o->key, o->key_len, &value) < 0)
+                ok = -1;
+            else
+                read[n_read++] = value;
             break;
         default:
-            return -1;
+            ok = -1;
         }
     }
-    return 0;
+    if (dir_fd >= 0)
+        close(dir_fd);
+    return ok;
 }
 
 PyDoc_STRVAR(recycle_doc,
-"recycle(groups) -> list[tuple[int, ...] | None]\n\n"
-"For each group (a sequence of operations (kind, path, key, value)), run its\n"
-"operations in order, all groups with the GIL released: 0 the directory ``path`` has\n"
-"no subdirectory (subgroups); 1 the value of ``key`` in the file ``path`` (its \"key N\"\n"
-"line, or the file's one number for an empty key) is at most ``value``; 2 write\n"
-"``key`` to ``path``; 3 read the value of ``key`` in ``path``. Returns, per group, the\n"
-"values read (a tuple), or None from the first operation that failed or did not\n"
-"hold (the rest of that group's are not run).");
+"recycle(operations, names) -> list[tuple[int, ...] | None]\n\n"
+"Run the ``operations`` (each (kind, head, tail, key, value): its path is head + the\n"
+"group's name + tail) on each group of ``names``, in order, every group with the GIL\n"
+"released: 0 the directory has no subdirectory (subgroups); 1 the value of ``key`` in\n"
+"the file (its \"key N\" line, or the file's one number for an empty key) is at most\n"
+"``value``; 2 write ``key`` to the file; 3 read the value of ``key`` in the file.\n"
+"Returns, per group, the values read (a tuple), or None from the first operation that\n"
+"failed or did not hold (the rest of that group's are not run).");
 
 static PyObject *
-recycle(PyObject *self, PyObject *arg)
+recycle(PyObject *self, PyObject *args)
 {
-    PyObject *groups_f = NULL, *result = NULL, **op_fast = NULL;
+    PyObject *ops_o, *names_o, *ops_f = NULL, *names_f = NULL, *result = NULL;
     struct op *ops = NULL;
-    Py_ssize_t n_groups, n_ops = 0, n_reads = 0, g, i, k;
-    Py_ssize_t *first = NULL, *reads_at = NULL;
+    const char **names = NULL;
+    Py_ssize_t *name_lens = NULL, n_ops, n_names = 0, n_reads = 0, g, i;
     long long *values = NULL;
     int *ok = NULL;
 
-    groups_f = PySequence_Fast(arg, "expected a sequence of groups");
-    if (groups_f == NULL)
+    if (!PyArg_ParseTuple(args, "OO:recycle", &ops_o, &names_o))
         return NULL;
-    n_groups = PySequence_Fast_GET_SIZE(groups_f);
-    op_fast = PyMem_Calloc((size_t)n_groups + 1, sizeof(PyObject *));
-    first = PyMem_Calloc((size_t)n_groups + 1, sizeof(Py_ssize_t));
-    reads_at = PyMem_Calloc((size_t)n_groups + 1, sizeof(Py_ssize_t));
-    ok = PyMem_Calloc((size_t)n_groups + 1, sizeof(int));
-    if (op_fast == NULL || first == NULL || reads_at == NULL || ok == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (g = 0; g < n_groups; g++) {
-        op_fast[g] = PySequence_Fast(PySequence_Fast_GET_ITEM(groups_f, g),
-                                     "expected a sequence of operations");
-        if (op_fast[g] == NULL)
-            goto done;
-        first[g] = n_ops;
-        n_ops += PySequence_Fast_GET_SIZE(op_fast[g]);
-    }
-    first[n_groups] = n_ops;
+    ops_f = PySequence_Fast(ops_o, "expected a sequence of operations");
+    if (ops_f == NULL)
+        return NULL;
+    n_ops = PySequence_Fast_GET_SIZE(ops_f);
     ops = PyMem_Calloc((size_t)n_ops + 1, sizeof(struct op));
     if (ops == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    for (g = 0, k = 0; g < n_groups; g++) {
-        reads_at[g] = n_reads;
-        for (i = 0; i < PySequence_Fast_GET_SIZE(op_fast[g]); i++, k++) {
-            PyObject *item = PySequence_Fast_GET_ITEM(op_fast[g], i);
-            const char *path, *key;
-            Py_ssize_t path_len, key_len;
-            if (!PyArg_ParseTuple(item, "iy#y#L:operation", &ops[k].kind, &path, &path_len,
-                                  &key, &key_len, &ops[k].value))
-                goto done;
-            if ((Py_ssize_t)strlen(path) != path_len) {
-                PyErr_SetString(PyExc_ValueError, "embedded null byte");
-                goto done;
-            }
-            if (ops[k].kind < OP_NO_SUBGROUPS || ops[k].kind > OP_READ) {
-                PyErr_SetString(PyExc_ValueError, "unknown operation");
-                goto done;
-            }
-            /* (The bytes stay alive: op_fast holds the tuples that hold them.) */
-            ops[k].path = path;
-            ops[k].key = key;
-            ops[k].key_len = key_len;
-            if (ops[k].kind == OP_READ)
-                n_reads++;
+    for (i = 0; i < n_ops; i++) {
+        struct op *o = &ops[i];
+        /* (The bytes stay alive: ops_f holds the tuples that hold them.) */
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(ops_f, i), "iy#y#y#L:operation",
+                              &o->kind, &o->head, &o->head_len, &o->tail, &o->tail_len,
+                              &o->key, &o->key_len, &o->value))
+            goto done;
+        if (o->kind < OP_NO_SUBGROUPS || o->kind > OP_READ) {
+            PyErr_SetString(PyExc_ValueError, "unknown operation");
+            goto done;
         }
+        if ((Py_ssize_t)strlen(o->head) != o->head_len ||
+            (Py_ssize_t)strlen(o->tail) != o->tail_len) {
+            PyErr_SetString(PyExc_ValueError, "embedded null byte");
+            goto done;
+        }
+        if (o->kind == OP_READ)
+            n_reads++;
     }
-    values = PyMem_Calloc((size_t)n_reads + 1, sizeof(long long));
-    if (values == NULL) {
+    if (strings(names_o, &names_f, &names, NULL, &n_names) < 0)
+        goto done;
+    name_lens = PyMem_Calloc((size_t)n_names + 1, sizeof(Py_ssize_t));
+    values = PyMem_Calloc((size_t)(n_names * n_reads) + 1, sizeof(long long));
+    ok = PyMem_Calloc((size_t)n_names + 1, sizeof(int));
+    if (name_lens == NULL || values == NULL || ok == NULL) {
         PyErr_NoMemory();
         goto done;
     }
+    for (g = 0; g < n_names; g++)
+        name_lens[g] = (Py_ssize_t)strlen(names[g]);
     Py_BEGIN_ALLOW_THREADS
-    for (g = 0; g < n_groups; g++)
-        ok[g] = run_ops(ops + first[g], first[g + 1] - first[g], values + reads_at[g]) == 0;
+    for (g = 0; g < n_names; g++)
+        ok[g] = run_ops(ops, n_ops, names[g], name_lens[g], values + g * n_reads) == 0;
     Py_END_ALLOW_THREADS
-    result = PyList_New(n_groups);
+    result = PyList_New(n_names);
     if (result == NULL)
         goto done;
-    for (g = 0; g < n_groups; g++) {
+    for (g = 0; g < n_names; g++) {
         PyObject *item;
         if (!ok[g]) {
             item = Py_NewRef(Py_None);
         } else {
-            Py_ssize_t n = (g + 1 < n_groups ? reads_at[g + 1] : n_reads) - reads_at[g];
-            item = PyTuple_New(n);
-            for (i = 0; item != NULL && i < n; i++) {
-                PyObject *v = PyLong_FromLongLong(values[reads_at[g] + i]);
+            item = PyTuple_New(n_reads);
+            for (i = 0; item != NULL && i < n_reads; i++) {
+                PyObject *v = PyLong_FromLongLong(values[g * n_reads + i]);
                 if (v == NULL)
                     Py_CLEAR(item);
                 else
@@ -646,23 +680,20 @@ recycle(PyObject *self, PyObject *arg)
         PyList_SET_ITEM(result, g, item);
     }
 done:
-    if (op_fast != NULL)
-        for (g = 0; g < n_groups; g++)
-            Py_XDECREF(op_fast[g]);
-    Py_DECREF(groups_f);
-    PyMem_Free(op_fast);
-    PyMem_Free(first);
-    PyMem_Free(reads_at);
-    PyMem_Free(ok);
+    Py_XDECREF(ops_f);
+    Py_XDECREF(names_f);
     PyMem_Free(ops);
+    PyMem_Free(names);
+    PyMem_Free(name_lens);
     PyMem_Free(values);
+    PyMem_Free(ok);
     return result;
 }
 
 static PyMethodDef methods[] = {
     {"make_place", make_place, METH_VARARGS, make_place_doc},
     {"remove_dirs", remove_dirs, METH_O, remove_dirs_doc},
-    {"recycle", recycle, METH_O, recycle_doc},
+    {"recycle", recycle, METH_VARARGS, recycle_doc},
     {NULL, NULL, 0, NULL},
 };
 

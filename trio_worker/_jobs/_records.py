@@ -33,11 +33,15 @@ __all__ = ["JobRecords", "Retention", "remove_dirs"]
 
 _log = logging.getLogger("trio_worker.supervisor")
 
-#: How long (s) the committer lets ended jobs' records wait for more before one
-#: transaction writes them all: a burst of ends (a Stop of many jobs) is a few
-#: transactions, not one per end. A start's record never waits (until it is committed,
-#: a crash erases its job); an end's waiting only widens the window in which a crash
-#: leaves an ended job LOST after the restart.
+#: How long (s) the committer lets records wait for more before one transaction writes
+#: them all: ended jobs' records, from the first of them (a burst of ends, a Stop of many
+#: jobs, is a few transactions, not one per end), and a start's record queued within this
+#: long of the committer's last commit (a burst of Starts is one transaction per this
+#: long, not one per Start: each is a round trip of the store's thread, and on 2 cores
+#: its wakeups and its turns with the GIL are the loop's wait). A start's record after a
+#: quiet spell goes at once. The waiting only widens the window in which a crash erases
+#: a job just started (its record not committed: its reapers kill it) or leaves an ended
+#: one LOST after the restart.
 END_COMMIT_AFTER = 0.02
 
 
@@ -110,7 +114,8 @@ class JobRecords:
     def record_soon(self, job: Job, info: JobInfo | None = None) -> None:
         """Queue a new job's record as it is now (RUNNING with its pid, or FAILED)
         for the store's next commit, without waiting: ``run_committer`` commits it
-        right after, with whatever else was queued meanwhile (group commit).
+        right after (or, in a burst, up to ``END_COMMIT_AFTER`` after its last commit),
+        with whatever else was queued meanwhile (group commit).
 
         Only for a job its cgroup can find: until the commit, a crash leaves a job
         with no record, which the reapers kill by its cgroup (as the cleanup of
@@ -172,7 +177,9 @@ class JobRecords:
     async def run_committer(self) -> None:
         """Commit the records ``record_soon`` and ``end_soon`` queued, until cancelled
         (a task of the supervisor): woken by a start's, never polls; ends wait up to
-        ``END_COMMIT_AFTER`` (from the first of them) for more."""
+        ``END_COMMIT_AFTER`` (from the first of them) for more, and a start's waits until
+        ``END_COMMIT_AFTER`` after the last commit began (at once after a quiet spell)."""
+        last = -math.inf
         while True:
             with trio.CancelScope() as waiting:
                 if self._queued:  # (ends queued while the last commit ran: they wait on)
@@ -183,7 +190,12 @@ class JobRecords:
                 finally:
                     self._waiting = None
             self._commit_wanted = trio.Event()
-            await self.commit_queued()
+            if self._queued and (due := last + END_COMMIT_AFTER) > trio.current_time():
+                # A burst of Starts: what it queues meanwhile goes in this commit too.
+                await trio.sleep_until(due)
+            if self._queued:  # (else another commit took them: housekeeping, a Remove)
+                last = trio.current_time()
+                await self.commit_queued()
 
     async def commit_queued(self) -> None:
         """Commit the queued records now; one the store refused goes to ``unsaved``.
@@ -213,7 +225,9 @@ class JobRecords:
         notes = self._notes
         for job_id, write, exists in queued:
             if write.done and write.error is None:
-                if notes is not None:
+                if notes is not None and exists:
+                    # An end's update (the one write ``end_soon`` notes). Not a start's
+                    # record: its job may have ended (and been noted) while it committed.
                     notes.release(job_id)
                 continue
             if write.error is not None and job_id not in self.unsaved:
