@@ -486,6 +486,41 @@ async def test_an_ended_jobs_group_serves_a_later_job_that_sees_only_its_own_usa
     assert none_exist([str(d) for d in first])
 
 
+@pytest.mark.parametrize(
+    ("knob", "value"),
+    [
+        ("memory.limit_in_bytes", "67108864"),
+        ("memory.oom_control", "1"),
+        ("cpu.cfs_quota_us", "50000"),
+        ("cpu.shares", "2"),
+    ],
+)
+async def test_a_group_its_job_wrote_a_limit_to_serves_no_later_job(
+    tmp_path: Path, knob: str, value: str
+) -> None:
+    """A job may write limits to its own group (a root job can: a script that limits
+    itself). That group must not be recycled: a later job, of anyone, ran under that
+    limit, while its Status said it had none (a 64 MiB cap came back every 4th Start)."""
+    require_root("cgroups")
+    parent = "tw-recycle-knob-" + secrets.token_hex(4)
+    async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+        launcher = sup._admission.launcher
+        # (It ends on its own: a group a kill was sent to is never recycled anyway.)
+        writer = await sup.start("sleep", ["1"])
+        first = dirs_of(sup, writer.id)
+        (knobs,) = [d for d in first if (d / knob).exists()]
+        (knobs / knob).write_text(value)  # (as the job itself would, being root)
+        assert (await sup.wait(writer.id)).state is JobState.EXITED
+        for _ in range(4 * launcher._target):
+            await launcher.settled()
+            job = await sup.start("true")
+            assert dirs_of(sup, job.id) != first
+            assert (await sup.wait(job.id)).state is JobState.EXITED
+        await launcher.settled()
+        assert none_exist([str(d) for d in first])
+        assert no_stray_group(sup)
+
+
 async def test_a_late_kill_of_an_ended_job_spares_the_job_that_got_its_group(
     tmp_path: Path,
 ) -> None:

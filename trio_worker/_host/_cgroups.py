@@ -41,7 +41,7 @@ import signal
 import stat
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 
@@ -1005,15 +1005,24 @@ class CgroupDriver(ABC):
             if name is not None:
                 names.append(name)
                 which.append(index)
+        base = 1 if self._recycle_reads_cpu else 0
+        checks = self._recycle_checks
         for index, values in zip(which, _cplace.recycle(ops, names), strict=True):
-            if values is not None:
+            # (A knob its job wrote, a limit: no new group's then. See ``_V1_KNOBS``.)
+            if values is not None and all(
+                check(value) for check, value in zip(checks, values[base:], strict=True)
+            ):
                 group = recycled[index] = groups[index]
-                group._cpu_base = values[0] if values else 0
+                group._cpu_base = values[0] if base else 0
         return recycled
 
     #: ``recycle``'s operations on a group, but its name (each path is head + name +
     #: tail), made once; None where groups cannot be recycled.
     _recycle_ops: list[_Template] | None = None
+    #: Whether the first value ``_recycle_ops`` read is the group's CPU time (the next
+    #: job's baseline), and what each value read after it must be to recycle the group.
+    _recycle_reads_cpu = False
+    _recycle_checks: tuple[Callable[[int], bool], ...] = ()
 
     def _recyclable(self, group: JobCgroup) -> bytes | None:
         """The group's name if ``_recycle_ops`` apply to it (a job without limits')."""
@@ -1122,7 +1131,9 @@ class V2Driver(CgroupDriver):
         self._server_dir = _under(root, _own_cgroups().get("unified", "/"))
         # With the memory controller, no recycling: ``memory.peak`` is reset by a write
         # for the writer's descriptor only (Linux 6.12+), not for the end's read.
-        if "memory" in self.missing:
+        # Nor with cpu, io or pids: a job may write limits to its own group (a root job
+        # can), and their unset values are not numbers to check ("max", empty).
+        if {"memory", "cpu", "io", "pids"} <= self.missing.keys():
             head = os.fsencode(self.parent_dir) + b"/"
             self._recycle_ops = [
                 (_NO_SUBGROUPS, head, b"", b"", 0),
@@ -1130,6 +1141,7 @@ class V2Driver(CgroupDriver):
                 (_AT_MOST, head, b"/cgroup.events", b"frozen", 0),
                 (_READ, head, b"/cpu.stat", b"usage_usec", 0),
             ]
+            self._recycle_reads_cpu = True
 
     def _enable(self, level: Path) -> None:
         available = set((_read(level / "cgroup.controllers") or "").split())
@@ -1411,12 +1423,30 @@ class V1Driver(CgroupDriver):
         joined = self.hierarchies_for(None)
         if not any(self._homes.get("cpuacct") == h for h in joined):
             ops.append((_READ, here, b"/cpu.stat", b"usage_usec", 0))
+            self._recycle_reads_cpu = True
+        checks: list[Callable[[int], bool]] = []
         for hierarchy in joined:
             head = os.fsencode(self.parents[hierarchy]) + b"/"
             ops.append((_NO_SUBGROUPS, head, b"", b"", 0))
             controllers = {c for c, home in self._homes.items() if home == hierarchy}
-            if "freezer" in controllers:
-                return None  # (its state is not a number: not worth it on such old hosts)
+            if controllers & {"freezer", "pids", "blkio"}:
+                # (freezer: its state is not a number, not worth it on such old hosts;
+                # pids, blkio: their unset limits are not numbers to check, and a job
+                # without limits is not in them.)
+                return None
+            # A job may have written limits to its own group (a root job can: a script
+            # that limits itself), which a later job would then run under: each knob a
+            # group is made with must hold a new group's value (``_V1_KNOBS``).
+            for controller in sorted(controllers):
+                for name, key, check in _V1_KNOBS.get(controller, ()):
+                    if not (self.parents[hierarchy] / name).exists():
+                        continue  # (optional: swap accounting, newer kernels' knobs)
+                    tail = b"/" + name.encode()
+                    if check is None:
+                        ops.append((_AT_MOST, head, tail, key, 0))
+                    else:
+                        ops.append((_READ, head, tail, key, 0))
+                        checks.append(check)
             if "memory" in controllers:
                 ops += [
                     (_AT_MOST, head, b"/memory.oom_control", b"oom_kill", 0),
@@ -1425,6 +1455,7 @@ class V1Driver(CgroupDriver):
                 ]
             if "cpuacct" in controllers:
                 ops.append((_WRITE, head, b"/cpuacct.usage", b"0", 0))
+        self._recycle_checks = tuple(checks)
         return ops
 
     def _apply(
@@ -1500,6 +1531,28 @@ def _io_device(limits: Limits, cwd: str | os.PathLike[str] | None) -> tuple[int,
 #: ``_cplace.recycle``'s operations: (kind, head, tail, key, value), on the file head +
 #: a group's name + tail.
 _Template = tuple[int, bytes, bytes, bytes, int]
+
+#: A v1 group's writable knobs, by controller, and what a new group holds: (file, key
+#: ("" for the whole file), None for "at most 0", else a check of the value read).
+_UNLIMITED = 1 << 62  # (a v1 memory limit's "none": the largest page-aligned number)
+_V1_KNOBS: dict[str, tuple[tuple[str, bytes, Callable[[int], bool] | None], ...]] = {
+    "memory": (
+        ("memory.limit_in_bytes", b"", lambda v: v >= _UNLIMITED),
+        ("memory.soft_limit_in_bytes", b"", lambda v: v >= _UNLIMITED),
+        ("memory.memsw.limit_in_bytes", b"", lambda v: v >= _UNLIMITED),
+        ("memory.kmem.tcp.limit_in_bytes", b"", lambda v: v >= _UNLIMITED),
+        ("memory.oom_control", b"oom_kill_disable", None),
+        ("memory.move_charge_at_immigrate", b"", None),
+    ),
+    "cpu": (
+        ("cpu.cfs_quota_us", b"", lambda v: v == -1),
+        ("cpu.cfs_period_us", b"", lambda v: v == 100_000),
+        ("cpu.shares", b"", lambda v: v == 1024),
+        ("cpu.rt_runtime_us", b"", None),
+        ("cpu.cfs_burst_us", b"", None),
+        ("cpu.idle", b"", None),
+    ),
+}
 _NO_SUBGROUPS, _AT_MOST, _WRITE, _READ = range(4)
 
 
