@@ -546,3 +546,29 @@ async def test_a_late_kill_of_an_ended_job_spares_the_job_that_got_its_group(
         await trio.sleep(0.2)
         assert sup.status(job.id).state is JobState.RUNNING
         await sup.stop(job.id, grace=0)
+
+
+async def test_a_spare_group_that_cannot_be_joined_is_dropped_and_the_pool_refills(
+    tmp_path: Path,
+) -> None:
+    """A recycled group removed from outside while it waited fails the place made in it;
+    it goes, and the next rounds make the places (it was kept, and failed every round)."""
+    require_root("cgroups")
+    parent = "tw-broken-spare-" + secrets.token_hex(4)
+    async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+        launcher = sup._admission.launcher
+        jobs = [await sup.start("true") for _ in range(launcher._target)]
+        for job in jobs:
+            await sup.wait(job.id)
+        await launcher.settled()
+        spares = launcher.spare_groups()
+        assert spares
+        for directory in spares[0].dirs:
+            directory.rmdir()
+        for _ in range(3 * launcher._target):
+            job = await sup.start("true")
+            assert (await sup.wait(job.id)).state is JobState.EXITED
+        await launcher.settled()
+        assert len(launcher.ready_places()) == launcher._target
+        assert all(p.seed is not None for p in launcher.ready_places())
+        assert no_stray_group(sup)
