@@ -32,6 +32,7 @@ from tests.test_cli import (
     ok,
     own_cgroup,
 )
+from tests.test_faults import small_tmpfs
 from trio_worker import ConnectionFailed, pki
 from trio_worker.cli._errors import describe
 
@@ -387,3 +388,31 @@ async def test_run_says_when_the_connection_is_lost_and_when_it_is_back(
     assert bytes(out) == expected
     said = [line.split(" ", 2)[1] for line in err.decode().splitlines()]
     assert said == ["lost", "reconnected"], err
+
+
+@pytest.mark.root
+def test_run_says_when_the_end_of_the_output_was_lost_on_a_full_disk(tmp_path: Path) -> None:
+    # The server's disk filled while the job wrote: what it could not write is lost,
+    # counted in output_bytes. A gap in the middle shows in the next chunk's offset (said
+    # on stderr); lost bytes at the end have no next chunk: run said nothing, and
+    # printed less than the job wrote with exit code 0, as if that were all.
+    home = tmp_path / "home"
+    state = home / ".local" / "state"
+    state.mkdir(parents=True)
+    with small_tmpfs(state / "disk", "size=4m") as disk:
+        env = clean_env(home, TRIO_WORKER_STATE_DIR=str(disk / "trio-worker"))
+        server = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(home)], env)
+        try:
+            dev = DevServer(server, home, env, server.port())
+            server.wait_for(r"^Try it", stream="stdout")
+            result = dev("run", "--", "head", "-c", "8M", "/dev/zero")
+            assert result.returncode == 0, result.stderr
+            got = len(result.stdout)
+            assert got < 8 * 2**20
+            err = result.stderr.decode()
+            assert err == (
+                f"trio-worker: bytes {got} to {8 * 2**20} of the job's output were lost on "
+                "the server (never written: its disk was full?)\n"
+            )
+        finally:
+            assert server.stop() == 0, server.stderr

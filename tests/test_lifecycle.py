@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 
 import pytest
@@ -87,3 +88,85 @@ def test_end_states_are_final_and_only_legal_paths_pass(events: list[object]) ->
 def test_exit_before_spawn_is_illegal() -> None:
     with pytest.raises(IllegalTransition, match="Exited is not allowed in state new"):
         apply(Record(), Exited(0, T1))
+
+
+_WHAT_EACH_EVENT_SETS = {
+    (None, Spawned): lambda e: {"state": JobState.RUNNING, "pid": e.pid, "started_at": e.at},
+    (None, SpawnFailed): lambda e: {
+        "state": JobState.FAILED,
+        "error": e.error,
+        "spawn_errno": e.errno,
+        "started_at": e.at,
+        "ended_at": e.at,
+    },
+    (None, Lost): lambda e: {
+        "state": JobState.LOST,
+        "error": e.error,
+        "started_at": e.at,
+        "ended_at": e.at,
+    },
+    (JobState.RUNNING, Lost): lambda e: {
+        "state": JobState.LOST,
+        "error": e.error,
+        "ended_at": e.at,
+    },
+    (JobState.RUNNING, SpawnFailed): lambda e: {
+        "state": JobState.FAILED,
+        "error": e.error,
+        "spawn_errno": e.errno,
+        "ended_at": e.at,
+    },
+}
+
+_TIMES = st.none() | st.datetimes(timezones=st.just(UTC))
+_INTS = st.none() | st.integers(-(2**31), 2**31)
+_RECORDS = st.builds(
+    Record,
+    state=st.sampled_from([None, JobState.RUNNING]),
+    pid=_INTS,
+    exit_code=_INTS,
+    signal=_INTS,
+    error=st.text(max_size=5),
+    spawn_errno=_INTS,
+    started_at=_TIMES,
+    ended_at=_TIMES,
+    oom_killed=st.booleans(),
+)
+_ANY_EVENT = st.one_of(
+    st.builds(Spawned, pid=st.integers(1, 2**22), at=st.datetimes(timezones=st.just(UTC))),
+    st.builds(
+        SpawnFailed,
+        error=st.text(max_size=5),
+        at=st.datetimes(timezones=st.just(UTC)),
+        errno=_INTS,
+    ),
+    st.builds(
+        Exited,
+        returncode=st.integers(-64, 255),
+        at=st.datetimes(timezones=st.just(UTC)),
+        oom_killed=st.booleans(),
+    ),
+    st.builds(Lost, error=st.text(max_size=5), at=st.datetimes(timezones=st.just(UTC))),
+)
+
+
+@given(_RECORDS, _ANY_EVENT)
+def test_an_event_changes_only_what_it_names(record: Record, event: object) -> None:
+    # ``apply`` makes each record whole (not by ``dataclasses.replace``): every field the
+    # transition does not name is kept as it was.
+    key = (record.state, type(event))
+    if isinstance(event, Exited) and record.state is JobState.RUNNING:
+        code = event.returncode
+        changes: dict[str, object] = {
+            "state": JobState.EXITED if code >= 0 else JobState.KILLED,
+            "exit_code" if code >= 0 else "signal": code if code >= 0 else -code,
+            "ended_at": event.at,
+            "oom_killed": event.oom_killed,
+        }
+    elif key in _WHAT_EACH_EVENT_SETS:
+        changes = _WHAT_EACH_EVENT_SETS[key](event)  # type: ignore[no-untyped-call]
+    else:
+        with pytest.raises(IllegalTransition):
+            apply(record, event)  # type: ignore[arg-type]
+        return
+    assert apply(record, event) == dataclasses.replace(record, **changes)  # type: ignore[arg-type]

@@ -165,7 +165,10 @@ async def test_a_group_a_kill_thread_was_sent_to_is_never_recycled() -> None:
     async with open_supervisor() as sup:
         if isinstance(sup.cgroups, NoDriver):
             pytest.skip("needs cgroups")
-        job = await sup.start("sh", ["-c", "setsid sleep 1000 & echo $!; exec sleep 1000"])
+        # (The escapee says its pid once it is in its own session: ``echo $!`` could come
+        # before ``setsid`` ran, and the process group's SIGKILL then took it, so no thread.)
+        escape = "setsid sh -c 'echo $$; exec sleep 1000' & exec sleep 1000"
+        job = await sup.start("sh", ["-c", escape])
         escapee = await read_pid_line(sup, job.id)
         group = sup._jobs.get(job.id).cgroup
         assert group is not None

@@ -864,6 +864,34 @@ async def test_a_connection_keeps_at_most_IDLE_CALL_TASKS_tasks_for_its_next_cal
         assert len(set(probe.tasks)) == 2 * burst - IDLE_CALL_TASKS
 
 
+async def test_a_call_task_waiting_for_the_next_call_keeps_nothing_of_the_last(pki: Pki) -> None:
+    probe = Probe()
+    async with (
+        running_server(pki, methods(probe)) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        (connection,) = r.server._connections
+        nursery = connection._nursery
+        assert nursery is not None
+        big = "x" * 10_000
+        for method, request in ((ECHO, w.StringValue(value=big)), (SLEEP, w.DoubleValue())):
+            sid = await client.start(method, request.SerializeToString())
+            with trio.fail_after(5):
+                await client.until(lambda s=sid: client.status(s) is not None)
+            assert client.status(sid) == StatusCode.OK
+        (task,) = [task for task in nursery.child_tasks if task.name == _CALL_TASK]
+        held: list[Any] = []
+        coroutine: Any = task.coro
+        while hasattr(coroutine, "cr_frame"):  # the task's frames, down to where it waits
+            held.extend(coroutine.cr_frame.f_locals.values())
+            coroutine = coroutine.cr_await
+        calls = [value for value in held if type(value).__name__ == "_Call"]
+        assert calls, "the task keeps its last call (its stream id, its flags)"
+        for call in calls:
+            assert (call.request, call.request_bytes) == (None, None)
+        assert not [v for v in held if isinstance(v, w.StringValue | w.DoubleValue | tuple)]
+
+
 async def test_a_sooner_deadline_after_a_later_one_is_enforced_first(pki: Pki) -> None:
     # The connection's one expiry waits for the soonest deadline of its running calls.
     probe = Probe()

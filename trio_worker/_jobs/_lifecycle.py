@@ -16,7 +16,7 @@ without spawning anything, and the supervisor only decides *when*.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 
 from .._errors import TrioWorkerError
@@ -92,54 +92,97 @@ Event = Spawned | SpawnFailed | Exited | Lost
 
 
 def apply(record: Record, event: Event) -> Record:
-    """Return the record after ``event``, or raise ``IllegalTransition``."""
+    """Return the record after ``event``, or raise ``IllegalTransition``.
+
+    Each new record is made whole, not by ``dataclasses.replace`` (which looks the
+    fields up on every call: ~12 against ~3 us, twice per job on the loop); what an
+    event does not name is kept (tested against ``replace``)."""
     state = record.state
     if state is None:
         if isinstance(event, Spawned):
-            return replace(record, state=JobState.RUNNING, pid=event.pid, started_at=event.at)
+            return Record(
+                JobState.RUNNING,
+                event.pid,
+                record.exit_code,
+                record.signal,
+                record.error,
+                record.spawn_errno,
+                event.at,
+                record.ended_at,
+                record.oom_killed,
+            )
         if isinstance(event, SpawnFailed):
-            return replace(
-                record,
-                state=JobState.FAILED,
-                error=event.error,
-                spawn_errno=event.errno,
-                started_at=event.at,
-                ended_at=event.at,
+            return Record(
+                JobState.FAILED,
+                record.pid,
+                record.exit_code,
+                record.signal,
+                event.error,
+                event.errno,
+                event.at,
+                event.at,
+                record.oom_killed,
             )
         if isinstance(event, Lost):
-            return replace(
-                record,
-                state=JobState.LOST,
-                error=event.error,
-                started_at=event.at,
-                ended_at=event.at,
+            return Record(
+                JobState.LOST,
+                record.pid,
+                record.exit_code,
+                record.signal,
+                event.error,
+                record.spawn_errno,
+                event.at,
+                event.at,
+                record.oom_killed,
             )
     elif state is JobState.RUNNING:
         if isinstance(event, Exited):
             if event.returncode >= 0:
-                return replace(
-                    record,
-                    state=JobState.EXITED,
-                    exit_code=event.returncode,
-                    ended_at=event.at,
-                    oom_killed=event.oom_killed,
+                return Record(
+                    JobState.EXITED,
+                    record.pid,
+                    event.returncode,
+                    record.signal,
+                    record.error,
+                    record.spawn_errno,
+                    record.started_at,
+                    event.at,
+                    event.oom_killed,
                 )
-            return replace(
-                record,
-                state=JobState.KILLED,
-                signal=-event.returncode,
-                ended_at=event.at,
-                oom_killed=event.oom_killed,
+            return Record(
+                JobState.KILLED,
+                record.pid,
+                record.exit_code,
+                -event.returncode,
+                record.error,
+                record.spawn_errno,
+                record.started_at,
+                event.at,
+                event.oom_killed,
             )
         if isinstance(event, Lost):
-            return replace(record, state=JobState.LOST, error=event.error, ended_at=event.at)
+            return Record(
+                JobState.LOST,
+                record.pid,
+                record.exit_code,
+                record.signal,
+                event.error,
+                record.spawn_errno,
+                record.started_at,
+                event.at,
+                record.oom_killed,
+            )
         if isinstance(event, SpawnFailed):
-            return replace(
-                record,
-                state=JobState.FAILED,
-                error=event.error,
-                spawn_errno=event.errno,
-                ended_at=event.at,
+            return Record(
+                JobState.FAILED,
+                record.pid,
+                record.exit_code,
+                record.signal,
+                event.error,
+                event.errno,
+                record.started_at,
+                event.at,
+                record.oom_killed,
             )
     current = "new" if state is None else state.value
     raise IllegalTransition(f"{type(event).__name__} is not allowed in state {current}")

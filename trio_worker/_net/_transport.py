@@ -264,6 +264,7 @@ _CALL_TASK: Final = "trio_worker._net._transport._Connection._call_task"
 #: Call tasks a connection keeps waiting for its next call, once theirs has ended (see
 #: ``_Connection._call_task``): a task and its frames, ~2 KiB each.
 IDLE_CALL_TASKS: Final = 4
+_SHUTTING_DOWN: Final = "the server is shutting down"
 #: Deadlines of ended calls a connection's heap may hold beyond twice its running calls
 #: (see ``_Connection._watch_deadline``).
 _SPARE_DEADLINES: Final = 64
@@ -541,6 +542,14 @@ class _Call:
                 self._over = trio.Event()
             await self._over.wait()
 
+    def release(self) -> None:
+        """Drop what only the call's handler needed (its request, unread messages): the
+        task that ran it keeps the call while it waits for the next one."""
+        self.request = None
+        self.request_bytes = None
+        if self.inbox is not None:
+            self.inbox.clear()
+
     def gone(self, reason: str) -> None:
         """Nobody will read this call's answer: cancel its handler."""
         if not self.peer_gone:
@@ -664,7 +673,7 @@ class _Connection(Connection):
         self._idle_tasks: list[_IdleTask] = []  # call tasks waiting for a call
         #: The deadlines of the calls in tasks, soonest first (those of ended calls are
         #: dropped lazily: see _expire), and the scope of _expire's wait for the soonest.
-        self._deadlines: list[tuple[float, int, _Call]] = []
+        self._deadlines: list[tuple[float, int]] = []  # (deadline, stream id)
         self._expiry: trio.CancelScope | None = None
         self._starting_calls = False  # in ``_start_calls``: the reader pushes after it
         self._draining = False
@@ -935,13 +944,14 @@ class _Connection(Connection):
         is cancelled through it (:meth:`_Call.cancel`), by the reader, a drain or its
         deadline (:meth:`_watch_deadline`); a new scope only after a cancellation. A scope
         of its own per call (made, entered, left) and a task per call were a fifth of an
-        async call's CPU. ``ready``: the request and response made in the
+        async call's CPU. (The calls of one task share its context variables: no
+        handler here sets any.) ``ready``: the request and response made in the
         reader, which had no room to send it; ``parsed``: the request, parsed in the
         reader for an ``at_once`` that said "not now".
         """
         work: tuple[_Call, tuple[Any, Any] | None, Any] | None = (call, ready, parsed)
         while work is not None:
-            call, ready, parsed = work
+            call = work[0]
             ended = False
             scope = trio.CancelScope()
             try:
@@ -949,60 +959,67 @@ class _Connection(Connection):
                     while True:
                         call._scope = scope
                         if call.ctx.deadline is not None:
-                            self._watch_deadline(call, call.ctx.deadline)
+                            self._watch_deadline(call.stream_id, call.ctx.deadline)
                         if call.cancelled:  # before this task took it
                             scope.cancel()
                         ended = False
-                        code, message, response = await self._run_call(call, ready, parsed)
+                        outcome = await self._run_call(*work)
+                        work = None  # (nothing of the call is kept while this task waits)
                         ended = True
-                        call._scope = None
-                        self._complete(call, code, message, call.request, response)
+                        self._end_call(call, *outcome)
+                        del outcome
                         if call.cancelled:  # (after the call's last checkpoint)
                             break  # (this scope is cancelled: the next call gets a new one)
                         work = await self._next_call()
                         if work is None:
                             return
-                        call, ready, parsed = work
+                        call = work[0]
             except BaseException:
                 if not ended:
                     # Torn down from outside: the client left, or the server was cancelled
                     # rather than drained. Never let a cut-short stream look like a
                     # normal end.
-                    call._scope = None
                     if call.peer_gone:
-                        code, message = StatusCode.CANCELLED, call.gone_reason
+                        self._end_call(call, StatusCode.CANCELLED, call.gone_reason, None)
                     else:
-                        code, message = StatusCode.UNAVAILABLE, "the server is shutting down"
-                    self._complete(call, code, message, call.request, None)
+                        self._end_call(call, StatusCode.UNAVAILABLE, _SHUTTING_DOWN, None)
                 raise
             if not ended:  # the call's cancellation, caught by its scope
-                call._scope = None
                 if call.peer_gone:
                     code, message = StatusCode.CANCELLED, call.gone_reason
                 elif call.shutdown:
-                    code, message = StatusCode.UNAVAILABLE, "the server is shutting down"
+                    code, message = StatusCode.UNAVAILABLE, _SHUTTING_DOWN
                 elif call.error is not None and call.inbox is not None:
                     code, message = call.error.code, call.error.message
                     call.details = call.error.details
                 else:
                     code, message = StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
-                self._complete(call, code, message, call.request, None)
+                self._end_call(call, code, message, None)
             work = await self._next_call()
 
-    def _watch_deadline(self, call: _Call, deadline: float) -> None:
-        """Cancel ``call`` at ``deadline`` if it is still running then (:meth:`_expire`).
+    def _end_call(self, call: _Call, code: StatusCode, message: str, response: Any) -> None:
+        """A call in a task has ended: its answer's end (:meth:`_complete`), then nothing
+        of it kept by the task that waits for the next call."""
+        call._scope = None
+        self._complete(call, code, message, call.request, response)
+        call.release()
+
+    def _watch_deadline(self, stream_id: int, deadline: float) -> None:
+        """Cancel the call on ``stream_id`` at ``deadline`` if it is still running then
+        (:meth:`_expire`).
 
         One heap and one task per connection, rather than the deadline of each call's
         scope: trio registers a scope's deadline (and its removal) through a context
         manager, twice per call, which cost as much as the rest of the call's task. The
-        heap keeps the deadlines of ended calls until they come up, at most twice the
-        calls running plus :data:`_SPARE_DEADLINES` (then they are swept)."""
+        heap keeps the deadlines of ended calls (stream ids are never reused) until they
+        come up, at most twice the calls running plus :data:`_SPARE_DEADLINES` (then they
+        are swept)."""
         deadlines = self._deadlines
-        if len(deadlines) >= 2 * len(self._calls) + _SPARE_DEADLINES:
-            calls = self._calls
-            deadlines[:] = [item for item in deadlines if calls.get(item[1]) is item[2]]
+        calls = self._calls
+        if len(deadlines) >= 2 * len(calls) + _SPARE_DEADLINES:
+            deadlines[:] = [item for item in deadlines if item[1] in calls]
             heapify(deadlines)
-        heappush(deadlines, (deadline, call.stream_id, call))
+        heappush(deadlines, (deadline, stream_id))
         expiry = self._expiry
         if expiry is None:
             assert self._nursery is not None
@@ -1023,8 +1040,9 @@ class _Connection(Connection):
                 await trio.sleep_forever()
             now = self._now()
             while deadlines:
-                deadline, stream_id, call = deadlines[0]
-                if calls.get(stream_id) is not call:  # ended: dropped, whenever due
+                deadline, stream_id = deadlines[0]
+                call = calls.get(stream_id)
+                if call is None:  # ended: dropped, whenever due
                     heappop(deadlines)
                 elif deadline <= now:
                     heappop(deadlines)

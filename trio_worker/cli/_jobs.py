@@ -384,6 +384,7 @@ def run(
 
             follow_output(client, job_id, sink, follow=True, backoff=backoff)
             final = retrying(backoff, wait_for_end)
+            sink.ended(final.output_bytes)
         except _StopRequested:
             # Printing has stopped; stop the job, then print what it wrote from now on
             # (its last words) once it has ended, never the backlog before.

@@ -196,6 +196,19 @@ class OutputSink:
         target.write(data)
         target.flush()
 
+    def ended(self, output_bytes: int) -> None:
+        """The job has ended with ``output_bytes`` counted and every byte the server kept
+        written here: say so if the last ones were never written on the server (a full
+        disk, a crash), as a gap in the middle is said (its next chunk shows it; nothing
+        comes after these)."""
+        if output_bytes > self.offset:
+            _log.warning(
+                "bytes %d to %d of the job's output were lost on the server "
+                "(never written: its disk was full?)",
+                self.offset,
+                output_bytes,
+            )
+
 
 def follow_output(
     client: BlockingClient,
