@@ -505,7 +505,9 @@ class Launcher:
             except (CgroupError, OSError) as exc:
                 _log.debug("no place made ahead: %s", exc)
                 if recycled is not None:
-                    self._spare.appendleft(recycled)
+                    # Removed, not kept: a group that cannot be joined (removed from
+                    # outside, say) would fail every later round at its turn.
+                    _remove_groups([recycled])
                 break
             place = Place(job_id, self.jobs_dir / job_id, group, procs)
             if isinstance(sown, Sown):
