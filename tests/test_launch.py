@@ -18,10 +18,12 @@ import trio
 import trio.testing
 
 from tests.conftest import require_root
+from tests.test_cgroups import UNIFIED
 from trio_worker import JobState, Limits, open_supervisor
+from trio_worker._host._cgroups import V1Driver, V2Driver, detect
 from trio_worker._jobs._job import kill
 from trio_worker._jobs._launch import RETIRE_AFTER, Launcher
-from trio_worker._jobs._supervisor import Supervisor
+from trio_worker._jobs._supervisor import Supervisor, open_supervisor_with_driver
 
 
 def groups_of(sup: Supervisor, job_id: str) -> list[Path]:
@@ -446,14 +448,20 @@ async def test_a_start_with_no_place_ready_waits_for_the_one_being_made(
 BURN = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
 
 
+@pytest.mark.parametrize("hierarchy", ["v1", "v2"])
 async def test_an_ended_jobs_group_serves_a_later_job_that_sees_only_its_own_usage(
-    tmp_path: Path,
+    tmp_path: Path, hierarchy: str
 ) -> None:
     """An ended job's group is recycled for a later place (no rmdir, no mkdir), and the
-    job that gets it is told its own CPU time, not the sum of both."""
+    job that gets it is told its own CPU time, not the sum of both: on this host's v1
+    hierarchies, and on the unified mount driven as a pure v2 host."""
     require_root("cgroups")
     parent = "tw-recycle-" + secrets.token_hex(4)
-    async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+    driver = detect(parent, root=UNIFIED) if hierarchy == "v2" else detect(parent)
+    assert isinstance(driver, V2Driver if hierarchy == "v2" else V1Driver)
+    async with open_supervisor_with_driver(
+        driver, tmp_path / "state", cgroup_parent=parent, persist=False
+    ) as sup:
         launcher = sup._admission.launcher
         burner = await sup.start(sys.executable, ["-c", BURN])
         first = dirs_of(sup, burner.id)
@@ -538,3 +546,29 @@ async def test_a_late_kill_of_an_ended_job_spares_the_job_that_got_its_group(
         await trio.sleep(0.2)
         assert sup.status(job.id).state is JobState.RUNNING
         await sup.stop(job.id, grace=0)
+
+
+async def test_a_spare_group_that_cannot_be_joined_is_dropped_and_the_pool_refills(
+    tmp_path: Path,
+) -> None:
+    """A recycled group removed from outside while it waited fails the place made in it;
+    it goes, and the next rounds make the places (it was kept, and failed every round)."""
+    require_root("cgroups")
+    parent = "tw-broken-spare-" + secrets.token_hex(4)
+    async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
+        launcher = sup._admission.launcher
+        jobs = [await sup.start("true") for _ in range(launcher._target)]
+        for job in jobs:
+            await sup.wait(job.id)
+        await launcher.settled()
+        spares = launcher.spare_groups()
+        assert spares
+        for directory in spares[0].dirs:
+            directory.rmdir()
+        for _ in range(3 * launcher._target):
+            job = await sup.start("true")
+            assert (await sup.wait(job.id)).state is JobState.EXITED
+        await launcher.settled()
+        assert len(launcher.ready_places()) == launcher._target
+        assert all(p.seed is not None for p in launcher.ready_places())
+        assert no_stray_group(sup)

@@ -574,8 +574,9 @@ async def test_a_stopped_seed_costs_its_start_nothing_and_does_not_hang_the_shut
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("threads", [40, 1])
 async def test_a_thread_spawn_stopped_before_its_exec_is_killed_not_waited_for(
-    tmp_path: Path,
+    tmp_path: Path, threads: int
 ) -> None:
     # The thread's way (limits here) spawns with vfork: its thread waits until the child
     # execs. A child stopped before that (kill -STOP by root, or by any job of the user it
@@ -584,6 +585,7 @@ async def test_a_thread_spawn_stopped_before_its_exec_is_killed_not_waited_for(
     # kept the reapers armed and the state directory locked after a SIGKILLed server.
     # Its window is widened by a PATH of 14,000 directories without the command (the
     # child tries each, after its chdir into ``cwd``, which tells it from the place's seed).
+    # With one worker thread, the stuck spawn holds it: the watch must need none.
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     path = ":".join(f"/n/{i}" for i in range(14000)) + ":/usr/bin:/bin"
@@ -610,6 +612,7 @@ async def test_a_thread_spawn_stopped_before_its_exec_is_killed_not_waited_for(
     stopper: threading.Thread | None = None
     try:
         async with _seeded_supervisor(tmp_path) as (sup, seeds):
+            trio.to_thread.current_default_thread_limiter().total_tokens = threads
             place = sup._admission.launcher.ready_places()[0]
             assert place.job_id == seeds[0][0]  # the place the Start takes
             procs = place.group.dirs[0] / "cgroup.procs"

@@ -106,8 +106,12 @@ async def kill_stopped_spawn(group: JobCgroup) -> None:
     which frees the thread: the job is KILLED at its start, none of its command ran."""
     while True:
         await trio.sleep(SEED_PATIENCE)
-        for pid in await trio.to_thread.run_sync(group.pids):
-            _kill_if_stopped(pid)
+        # (On the loop, a few bytes of cgroupfs a directory, once a spawn is late: not in a
+        # thread, whose limiter the stuck spawns themselves may hold.)
+        for directory in group.dirs:
+            with contextlib.suppress(OSError, ValueError):
+                for pid in map(int, (directory / "cgroup.procs").read_text().split()):
+                    _kill_if_stopped(pid)
 
 
 def _kill_if_stopped(pid: int) -> None:
@@ -501,7 +505,9 @@ class Launcher:
             except (CgroupError, OSError) as exc:
                 _log.debug("no place made ahead: %s", exc)
                 if recycled is not None:
-                    self._spare.appendleft(recycled)
+                    # Removed, not kept: a group that cannot be joined (removed from
+                    # outside, say) would fail every later round at its turn.
+                    _remove_groups([recycled])
                 break
             place = Place(job_id, self.jobs_dir / job_id, group, procs)
             if isinstance(sown, Sown):
