@@ -879,6 +879,9 @@ async def test_a_call_task_waiting_for_the_next_call_keeps_nothing_of_the_last(p
             with trio.fail_after(5):
                 await client.until(lambda s=sid: client.status(s) is not None)
             assert client.status(sid) == StatusCode.OK
+        # The client has the call's status once the reply is written; the task lets its call
+        # go after that, then waits for the next: look once it waits.
+        await trio.testing.wait_all_tasks_blocked()
         (task,) = [task for task in nursery.child_tasks if task.name == _CALL_TASK]
         held: list[Any] = []
         coroutine: Any = task.coro
