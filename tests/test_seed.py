@@ -532,6 +532,32 @@ async def test_a_seed_killed_before_its_start_does_not_cost_the_start_its_comman
         assert not _exists(seeds[0][1])  # the dead seed was reaped
 
 
+@contextlib.contextmanager
+def _hang_detector(seconds: float) -> Iterator[tuple[threading.Event, list[int]]]:
+    """A hang detector, not a timing, for a test that stops processes (it appends their
+    pids to the list this yields): after ``seconds`` the event is set and they are let go
+    on (SIGCONT), so that a hung Start returns and the test fails instead of hanging; at
+    the end they are SIGKILLed."""
+    hung = threading.Event()
+    stopped: list[int] = []
+
+    def unstick() -> None:
+        hung.set()
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    watchdog = threading.Timer(seconds, unstick)
+    watchdog.start()
+    try:
+        yield hung, stopped
+    finally:
+        watchdog.cancel()
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 async def test_a_stopped_seed_costs_its_start_nothing_and_does_not_hang_the_shutdown(
     tmp_path: Path,
 ) -> None:
@@ -540,18 +566,7 @@ async def test_a_stopped_seed_costs_its_start_nothing_and_does_not_hang_the_shut
     # the supervisor's shutdown would wait too). It kills the seed and runs the command
     # the thread's way, with the same place; a stopped seed still waiting at shutdown
     # is killed and reaped (SIGKILL ends a stopped process).
-    hung = threading.Event()
-    stopped: list[int] = []
-
-    def unstick() -> None:  # a hang detector, not a timing: let a hung Start go on
-        hung.set()
-        for pid in stopped:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-
-    watchdog = threading.Timer(30, unstick)
-    watchdog.start()
-    try:
+    with _hang_detector(30) as (hung, stopped):
         async with _seeded_supervisor(tmp_path) as (sup, seeds):
             assert len(seeds) >= 2
             for _, pid in seeds[:2]:
@@ -567,11 +582,6 @@ async def test_a_stopped_seed_costs_its_start_nothing_and_does_not_hang_the_shut
             assert not _exists(seeds[0][1])  # killed and reaped
         assert not hung.is_set()
         assert not _exists(seeds[1][1])
-    finally:
-        watchdog.cancel()
-        for pid in stopped:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("threads", [40, 1])
@@ -591,11 +601,9 @@ async def test_a_thread_spawn_stopped_before_its_exec_is_killed_not_waited_for(
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     path = ":".join(f"/n/{i}" for i in range(14000)) + ":/usr/bin:/bin"
-    hung = threading.Event()
-    stopped: list[int] = []  # caught before their exec
-    late: list[int] = []  # caught after it
+    late: list[int] = []  # caught after its exec (a Stop kills it)
 
-    def stop_the_child(procs: Path, seed: int, done: threading.Event) -> None:
+    def stop_the_child(procs: Path, seed: int, done: threading.Event, stopped: list[int]) -> None:
         while not done.is_set():
             with contextlib.suppress(OSError, ValueError):
                 for pid in map(int, procs.read_text().split()):
@@ -606,15 +614,7 @@ async def test_a_thread_spawn_stopped_before_its_exec_is_killed_not_waited_for(
                         (late if exec_d else stopped).append(pid)
                         return
 
-    def unstick() -> None:  # a hang detector, not a timing: let a hung Start go on
-        hung.set()
-        for pid in stopped:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-
-    watchdog = threading.Timer(60, unstick)
-    watchdog.start()
-    try:
+    with _hang_detector(60) as (hung, stopped):
         async with _seeded_supervisor(tmp_path) as (sup, seeds):
             trio.to_thread.current_default_thread_limiter().total_tokens = threads
             for _ in range(5):
@@ -623,7 +623,9 @@ async def test_a_thread_spawn_stopped_before_its_exec_is_killed_not_waited_for(
                 assert place.job_id == seeds[0][0]  # the place the Start takes
                 procs = place.group.dirs[0] / "cgroup.procs"
                 done = threading.Event()
-                stopper = threading.Thread(target=stop_the_child, args=(procs, seeds[0][1], done))
+                stopper = threading.Thread(
+                    target=stop_the_child, args=(procs, seeds[0][1], done, stopped)
+                )
                 stopper.start()
                 try:
                     job = await sup.start(
@@ -642,11 +644,6 @@ async def test_a_thread_spawn_stopped_before_its_exec_is_killed_not_waited_for(
             end = await sup.wait(job.id)
             # Killed at its start: none of its command ran.
             assert (end.state, end.signal) == (JobState.KILLED, signal.SIGKILL)
-    finally:
-        watchdog.cancel()
-        for pid in stopped + late:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 async def test_a_place_whose_group_was_removed_from_outside_fails_its_start_in_words(
