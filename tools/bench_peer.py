@@ -212,6 +212,16 @@ def _line_with(proc: subprocess.Popen[str], word: str) -> str:
             return line
 
 
+def _figures(cmd: list[str], label: str, what: str) -> dict[str, float]:
+    """Run one client command; its figures are its JSON lines' medians (a failure is said,
+    with what it printed, and gives what it had measured)."""
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        print(f"# {label}: {what} failed: {out.stderr.strip()[-500:]}", file=sys.stderr)
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return {record["figure"]: record["median"] for record in records}
+
+
 def _spawn(
     args: argparse.Namespace,
     addr: str,
@@ -222,16 +232,9 @@ def _spawn(
     n: int,
     prefix: str,
 ) -> dict[str, float]:
-    figures: dict[str, float] = {}
     spawn = [args.client_python, "-c", SPAWN, str(args.peer_dir), addr]
     spawn += [pki["ca"], pki["cert"], pki["key"], proto, str(n), str(pid), prefix]
-    out = subprocess.run(spawn, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        print(f"# {label}: {prefix} failed: {out.stderr.strip()[-500:]}", file=sys.stderr)
-    for line in out.stdout.splitlines():
-        record = json.loads(line)
-        figures[record["figure"]] = record["median"]
-    return figures
+    return _figures(spawn, label, prefix)
 
 
 def _run_harness(
@@ -274,22 +277,11 @@ def _run_harness(
             "--target-name",
             "localhost",
         ]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            print(f"# {label}: bench.py failed: {out.stderr.strip()[-500:]}", file=sys.stderr)
-        for line in out.stdout.splitlines():
-            if line.startswith("{"):
-                record = json.loads(line)
-                figures[record["figure"]] = record["median"]
+        figures |= _figures(cmd, label, "bench.py")
     if args.burst_seconds > 0:
         burst = [args.client_python, "-c", BURST, str(args.peer_dir), addr]
         burst += [pki["ca"], pki["cert"], pki["key"], proto, str(args.burst_seconds)]
-        out = subprocess.run(burst, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            print(f"# {label}: burst failed: {out.stderr.strip()[-500:]}", file=sys.stderr)
-        for line in out.stdout.splitlines():
-            record = json.loads(line)
-            figures[record["figure"]] = record["median"]
+        figures |= _figures(burst, label, "burst")
     return figures
 
 
