@@ -416,3 +416,48 @@ def test_run_says_when_the_end_of_the_output_was_lost_on_a_full_disk(tmp_path: P
             )
         finally:
             assert server.stop() == 0, server.stderr
+
+
+@pytest.mark.root
+def test_attach_and_logs_say_when_the_end_of_the_output_was_lost_on_a_full_disk(
+    tmp_path: Path,
+) -> None:
+    # As run does (above): attach printed less than the job wrote and exited with the
+    # job's 0 saying nothing, and so did logs and logs -f. They say which bytes were
+    # lost; attach exits with the job's code all the same (the contract's), logs with
+    # its own (14).
+    home = tmp_path / "home"
+    state = home / ".local" / "state"
+    state.mkdir(parents=True)
+    total = 8 * 2**20
+    with small_tmpfs(state / "disk", "size=4m") as disk:
+        env = clean_env(home, TRIO_WORKER_STATE_DIR=str(disk / "trio-worker"))
+        server = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(home)], env)
+        try:
+            dev = DevServer(server, home, env, server.port())
+            server.wait_for(r"^Try it", stream="stdout")
+            # It writes once attach has sent it a line: attach follows all of it.
+            job_id = ok(dev("start", "-i", "--", "sh", "-c", "read x; head -c 8M /dev/zero"))
+            job_id = job_id.decode().strip()
+            attached = subprocess.run(
+                [*COMMAND, "attach", "--addr", dev.addr, job_id],
+                env=env,
+                input=b"go\n",
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            assert attached.returncode == 0, attached.stderr
+            got = len(attached.stdout)
+            assert got < total
+            said = (
+                f"trio-worker: bytes {got} to {total} of the job's output were lost on "
+                "the server (never written: its disk was full?)\n"
+            )
+            assert attached.stderr.decode() == said
+            for follow in (["-f"], []):
+                logs = dev("logs", *follow, job_id)
+                assert (logs.returncode, logs.stderr.decode()) == (14, said), follow
+                assert len(logs.stdout) == got
+        finally:
+            assert server.stop() == 0, server.stderr
