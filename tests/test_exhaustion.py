@@ -399,3 +399,9 @@ def test_a_job_ending_without_a_descriptor_to_spare_ends_and_the_server_goes_on(
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
     assert report == {"end": ["EXITED", 0], "more": [0, 0, 0], "after": ["EXITED", 0]}, report
+    # What it could not do is one line each (its group could not be killed), never a
+    # traceback: the end's wait for its group to empty logged "supervision failed" with
+    # one, though the end was recorded.
+    lines = result.stderr.splitlines()
+    assert "Traceback (most recent call last):" not in lines, result.stderr[-3000:]
+    assert all(line.startswith("job ") for line in lines), result.stderr[-3000:]
