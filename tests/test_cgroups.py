@@ -32,6 +32,7 @@ from trio_worker._host._cgroups import (
     CGROUP_ROOT,
     CgroupDriver,
     CgroupError,
+    Inotify,
     JobCgroup,
     NoDriver,
     V1Driver,
@@ -906,3 +907,34 @@ def test_a_group_that_is_not_as_new_is_not_recycled(
         wait_until(busy.is_empty)
         for group in groups:
             group.remove()
+
+
+def test_a_watch_on_parents_hears_its_own_childrens_removal_not_others(tmp_path: Path) -> None:
+    # The memory caps' watch (``Launcher.watch_memory_caps``) watches the group above
+    # the jobs' parent for that parent's removal. That group may hold other servers'
+    # parents (tests beside each other, in one group): each came or went woke every
+    # server, which read its caps in a thread; at the fd limit that read failed,
+    # killed every waiting seed and took a descriptor a Start was counting on.
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    limit = ours / "memory.max"
+    limit.write_text("max\n")
+    watch = Inotify(limit, parents={tmp_path: ["ours"]})
+    try:
+        assert watch.drain() is False  # nothing yet
+        for _ in range(3):
+            theirs.mkdir()
+            theirs.rmdir()
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other").rename(tmp_path / "moved")
+        assert watch.drain() is False  # others' groups came and went: no news
+        limit.write_text("1048576\n")
+        assert watch.drain() is True  # a write to a watched file
+        assert watch.drain() is False
+        theirs.mkdir()
+        theirs.rmdir()
+        limit.unlink()
+        ours.rmdir()  # (after another's: one read has both)
+        assert watch.drain() is True
+    finally:
+        watch.close()

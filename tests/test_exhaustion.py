@@ -33,9 +33,10 @@ PERSIST = sys.argv[2] == "persist"
 def fds():
     return sorted(int(n) for n in os.listdir("/proc/self/fd"))
 
-def limit_leaving(free):
-    # The soft limit under which exactly `free` descriptor numbers are unused.
-    used = set(fds())
+def limit_leaving(free, closed=()):
+    # The soft limit under which exactly `free` descriptor numbers are unused once
+    # the descriptors `closed` are.
+    used = set(fds()) - set(closed)
     limit = 0
     while limit - len([fd for fd in used if fd < limit]) < free or limit in used:
         limit += 1
@@ -85,7 +86,7 @@ async def records(sup):
     return sorted((r.info.id, r.info.state.value) for r in await sup._store.load_all())
 
 async def main():
-    report = {"refused": 0, "started": 0, "messages": set()}
+    report = {"refused": 0, "started": 0, "messages": set(), "steps": [], "seeds": []}
     parent = "tw-emfile-" + secrets.token_hex(4)
     async with open_supervisor(sys.argv[1], cgroup_parent=parent, persist=PERSIST) as sup:
         jobs_dir = Path(sys.argv[1]) / "jobs"
@@ -94,7 +95,13 @@ async def main():
         for margin in range(0, 28):
             before = await holdings(sup, jobs_dir)
             before_records = await records(sup)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(margin), hard))
+            # The Start takes the first ready place, and closes its seed's descriptors
+            # before it opens any (the seed cannot feed stdin): wherever their numbers
+            # are, below the limit or above it, `margin` are free for the Start.
+            place = sup._admission.launcher.ready_places()[0]
+            seed = place.seed.fds if place.seed is not None else []
+            report["seeds"].append(bool(seed))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(margin, seed), hard))
             try:
                 # With stdin: no seed can run it, the place is claimed in a thread
                 # and every descriptor of the job is made during the Start.
@@ -103,12 +110,14 @@ async def main():
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
                 report["refused"] += 1
                 report["messages"].add(str(exc))
+                report["steps"].append(str(exc).rpartition("(")[2].rstrip(")"))
                 after = await holdings(sup, jobs_dir)
                 assert after == before, (margin, before, after)
                 assert await records(sup) == before_records, margin
             else:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
                 report["started"] += 1
+                report["steps"].append("started")
                 end = await sup.wait(job.id)
                 assert end.state is JobState.EXITED, end
                 assert end.exit_code == 0, end
@@ -157,13 +166,23 @@ def test_start_without_descriptors_is_refused_and_leaks_nothing(tmp_path: Path, 
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.splitlines()[-1])
-    # Some margins are too small for a Start, the larger ones are enough.
+    # The smaller margins are too small for a Start, the larger ones are enough.
+    steps = report["steps"]
+    refused = steps[: report["refused"]]
     assert report["refused"] >= 3, report
     assert report["started"] >= 1, report
+    assert steps == refused + ["started"] * report["started"], report
     assert report["seeded"] == 6, report
-    # Each place a Start takes descriptors was reached at some margin: its pipes and
-    # its pidfd (a job's log files are opened by its first flush, not by the Start).
-    assert len(report["messages"]) >= 2, report
+    # Each place a Start takes descriptors is met in its turn as the margin grows (a
+    # job's log files are opened by its first flush, not by the Start): the place's
+    # groups, opened again once its seed is gone (with a seed); the pipes; the pidfd,
+    # for one margin (one descriptor).
+    turns = [step for i, step in enumerate(refused) if i == 0 or refused[i - 1] != step]
+    expected = ["creating its pipes", "watching its process"]
+    if report["seeds"][0]:
+        expected.insert(0, "opening its cgroup")
+    assert turns == expected, report
+    assert refused.count("watching its process") == 1, report
     for message in report["messages"]:
         assert "too many open files" in message.lower(), message
 
@@ -380,3 +399,9 @@ def test_a_job_ending_without_a_descriptor_to_spare_ends_and_the_server_goes_on(
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
     assert report == {"end": ["EXITED", 0], "more": [0, 0, 0], "after": ["EXITED", 0]}, report
+    # What it could not do is one line each (its group could not be killed), never a
+    # traceback: the end's wait for its group to empty logged "supervision failed" with
+    # one, though the end was recorded.
+    lines = result.stderr.splitlines()
+    assert "Traceback (most recent call last):" not in lines, result.stderr[-3000:]
+    assert all(line.startswith("job ") for line in lines), result.stderr[-3000:]

@@ -105,16 +105,25 @@ async def test_full_disk_jobs_run_end_and_their_records_land_later(tmp_path: Pat
         async with open_supervisor(state, retention=_MANUAL) as sup:
             unrelated = await sup.start("sleep", ["600"])
             assert unrelated.pid is not None
+            before = await sup.start("cat", stdin=True)  # ends once its stdin is closed
+            await sup.housekeep()  # (their records are in)
             filler = fill(disk)
-            # A Start while the disk is full runs, with its record pending.
+            # The first Start once the disk is full runs, with its record pending: the
+            # store has not refused a write yet.
             short = await sup.start("sh", ["-c", "echo hello; exit 0"])
             assert short.state is JobState.RUNNING
             end = await sup.wait(short.id)
             assert (end.state, end.exit_code) == (JobState.EXITED, 0)
             assert end.output_bytes == 6  # counted, though it could not be written
             assert sup.status(short.id).state is JobState.EXITED
+            # Once it has, a Start is refused, before anything runs: a crash would
+            # erase a job whose record is not written.
+            listed = [j.id for j in sup.list()]
+            with pytest.raises(ResourceExhausted, match="its record cannot be written"):
+                await sup.start("true")
+            assert [j.id for j in sup.list()] == listed
             # A job that started before the disk filled ends too; its end is pending.
-            before = await sup.start("true")  # (its start was recorded: its end is not)
+            await sup.close_stdin(before.id)  # (its start was recorded: its end is not)
             assert await wait_ended(sup, before.id) is JobState.EXITED
             await sup.housekeep()  # a retry while still full changes nothing, raises nothing
             rows = recorded(state / "jobs.db")
@@ -123,11 +132,19 @@ async def test_full_disk_jobs_run_end_and_their_records_land_later(tmp_path: Pat
             assert process_alive(unrelated.pid)
 
             filler.unlink()
+            # With room again, a Start commits its record before its spawn (the store
+            # has not taken a write since it refused one): one that cannot run is
+            # FAILED, its end an update of that record; the next goes as usual.
+            missing = await sup.start("/no/such/command")
+            assert missing.state is JobState.FAILED
+            back = await sup.start("sh", ["-c", "exit 4"])
+            assert (await sup.wait(back.id)).exit_code == 4
             await sup.housekeep()
             rows = recorded(state / "jobs.db")
             assert rows[short.id] == "exited"
             assert rows[before.id] == "exited"
             assert rows[unrelated.id] == "running"
+            assert (rows[back.id], rows[missing.id]) == ("exited", "failed")
             assert process_alive(unrelated.pid)
             await sup.stop(unrelated.id, grace=0)
         # After a restart the jobs are there as they ended.
@@ -135,6 +152,8 @@ async def test_full_disk_jobs_run_end_and_their_records_land_later(tmp_path: Pat
             assert sup.status(short.id).exit_code == 0
             assert sup.status(before.id).state is JobState.EXITED
             assert sup.status(unrelated.id).state is JobState.KILLED
+            assert sup.status(back.id).exit_code == 4
+            assert sup.status(missing.id).state is JobState.FAILED
 
 
 @pytest.mark.root
@@ -221,12 +240,18 @@ async def test_sqlite_errors_never_escape_and_records_are_written_later(state_di
         conn = store._conn  # a real SQLite error: writes refused by the connection
         conn.execute("PRAGMA query_only = 1")
         unrelated = await sup.start("sleep", ["600"])
-        first = await sup.start("sh", ["-c", "exit 3"])
-        assert await wait_ended(sup, first.id) is JobState.EXITED
+        await sup.housekeep()  # (its record refused: from now on Starts are)
+        with pytest.raises(ResourceExhausted, match="its record cannot be written"):
+            await sup.start("sh", ["-c", "exit 3"])
+        assert [j.id for j in sup.list()] == [unrelated.id]
         await sup.housekeep()
         assert recorded(state_dir / "jobs.db") == {}
         assert sup.status(unrelated.id).state is JobState.RUNNING
         conn.execute("PRAGMA query_only = 0")
+        # Its record committed before its spawn, the pid with the next commit.
+        first = await sup.start("sh", ["-c", "exit 3"])
+        assert recorded(state_dir / "jobs.db") == {first.id: "running"}
+        assert await wait_ended(sup, first.id) is JobState.EXITED
         await sup.housekeep()
         assert recorded(state_dir / "jobs.db") == {first.id: "exited", unrelated.id: "running"}
         await sup.stop(unrelated.id, grace=0)

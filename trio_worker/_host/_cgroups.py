@@ -39,6 +39,7 @@ import os
 import re
 import signal
 import stat
+import struct
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -76,6 +77,9 @@ _LEFTOVER_TIMEOUT = 2.0
 _IN_MODIFY = 0x2
 _IN_MOVED_FROM = 0x40
 _IN_DELETE = 0x200
+_IN_Q_OVERFLOW = 0x4000
+#: ``struct inotify_event`` before its name: wd, mask, cookie, len.
+_INOTIFY_EVENT = struct.Struct("iIII")
 #: A v1 memory group's limits (``memory_capped``).
 _V1_MEMORY = ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
 
@@ -331,10 +335,12 @@ def _backing_device(
 class Inotify:
     """An inotify fd watching files for modification (``cgroup.events``; a memory
     limit's file: cgroupfs, like any file system, notes a ``write`` to it), and
-    ``parents`` for a child's removal or rename: a removed group's files give their
-    watches no notice on cgroupfs (no IN_DELETE_SELF, no IN_IGNORED), its parent does."""
+    ``parents`` for the removal or rename of the children named: a removed group's
+    files give their watches no notice on cgroupfs (no IN_DELETE_SELF, no IN_IGNORED),
+    its parent does. That parent may hold other groups (other servers' parents beside
+    ours, in a group they share): their comings and goings are no news (``drain``)."""
 
-    def __init__(self, *paths: Path, parents: Iterable[Path] = ()) -> None:
+    def __init__(self, *paths: Path, parents: Mapping[Path, Iterable[str]] | None = None) -> None:
         fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
             code = ctypes.get_errno()
@@ -342,22 +348,28 @@ class Inotify:
         self.fd = fd
         #: (path, mask, watch descriptor) of each watch (``watching``).
         self._watches: list[tuple[bytes, int, int]] = []
+        #: A parent's watch descriptor -> the names of the children it is watched for.
+        self._children: dict[int, frozenset[bytes]] = {}
         try:
-            for parent in parents:  # (first: a removal after a file's watch is heard)
-                self._add(parent, _IN_DELETE | _IN_MOVED_FROM)
+            for parent, names in (
+                parents or {}
+            ).items():  # (first: a removal after a file's watch is heard)
+                wd = self._add(parent, _IN_DELETE | _IN_MOVED_FROM)
+                self._children[wd] = frozenset(os.fsencode(name) for name in names)
             for path in paths:
                 self._add(path, _IN_MODIFY)
         except OSError:
             os.close(fd)
             raise
 
-    def _add(self, path: Path, mask: int) -> None:
+    def _add(self, path: Path, mask: int) -> int:
         raw = os.fsencode(path)
-        wd = _libc.inotify_add_watch(self.fd, raw, mask)
+        wd: int = _libc.inotify_add_watch(self.fd, raw, mask)
         if wd < 0:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code), str(path))
         self._watches.append((raw, mask, wd))
+        return wd
 
     def watching(self) -> bool:
         """Whether each path still names the file it watches (blocking). Watching a
@@ -367,12 +379,28 @@ class Inotify:
             _libc.inotify_add_watch(self.fd, raw, mask) == wd for raw, mask, wd in self._watches
         )
 
-    def drain(self) -> None:
+    def drain(self) -> bool:
+        """Read every event queued; whether one is news: a watched file modified, a
+        watched child of a parent removed or renamed, or events lost (a full queue)."""
+        news = False
         try:
-            while os.read(self.fd, 4096):
-                pass
+            while data := os.read(self.fd, 4096):
+                news = news or self._news(data)
         except BlockingIOError:
             pass
+        return news
+
+    def _news(self, data: bytes) -> bool:
+        offset = 0
+        while offset < len(data):
+            wd, mask, _, length = _INOTIFY_EVENT.unpack_from(data, offset)
+            offset += _INOTIFY_EVENT.size
+            name = data[offset : offset + length].rstrip(b"\0")
+            offset += length
+            children = self._children.get(wd)
+            if mask & _IN_Q_OVERFLOW or children is None or name in children:
+                return True
+        return False
 
     def close(self) -> None:
         os.close(self.fd)

@@ -21,7 +21,7 @@ from .._host._enforce import check_enforceable
 from .._host._spawn import Environment
 from .._host._users import UnixUser, current_user, lookup_user, start_directory, user_environment
 from .._limits import LimitPolicy
-from .._model import Isolation, JobIdGenerator, JobInfo, Limits
+from .._model import Isolation, JobIdGenerator, JobInfo, JobState, Limits
 from . import _lifecycle as lc
 from ._job import Job, now, remove_cgroup
 from ._launch import PLACE_PATIENCE, Launched, Launcher, LaunchPlan, kill_stopped_spawn
@@ -164,8 +164,11 @@ class Admission:
                 stdin_option = Terminal(fds[1], terminal[0], terminal[1])
             else:
                 stdin_option = Stdin.PIPE if stdin else Stdin.NULL
+            # While the store refuses writes (a full disk), the record is committed before
+            # the spawn, or the Start refused: a place taken would have to go back.
+            refusing = self._records.refusing
             # A place made ahead of need (its id and group), if one is ready.
-            place = await self.launcher.take_soon(PLACE_PATIENCE)
+            place = None if refusing else await self.launcher.take_soon(PLACE_PATIENCE)
             job_id = place.job_id if place is not None else self._fresh_id()
             self._last_id = job_id
             job = Job(job_id, owner, spec, limits, isolation, None)
@@ -190,6 +193,11 @@ class Admission:
             # Shielded: what the thread made (files, group, process) must not be lost.
             with trio.CancelScope(shield=True):
                 try:
+                    if refusing:
+                        before = lc.Record(JobState.RUNNING, started_at=started_at)
+                        await self._records.record_before_spawn(
+                            job, job.info(usage=False, record=before)
+                        )
                     launched = await self._launch(plan)
                     # The job's process exists; what is left of the Start (its
                     # record, the runner, the reply: ~0.4 ms of the loop) waits for
@@ -207,8 +215,10 @@ class Admission:
         job.log, job.cgroup = launched.log, launched.group
         records = self._records
         # With the reaper watching, the record is queued for the next commit and
-        # the Start does not wait for it (``JobRecords.record_soon``).
-        record_soon = self._spawn_in_thread and records.store is not None
+        # the Start does not wait for it (``JobRecords.record_soon``); unless it was
+        # committed before the spawn (``refusing``): then its end or pid follow it.
+        record_soon = self._spawn_in_thread and records.store is not None and not refusing
+        record_after = records.store is not None and not refusing
         process = launched.process
         if launched.error is not None or process is None:
             # The command cannot run: a FAILED job, kept and reported.
@@ -221,9 +231,11 @@ class Admission:
             launched.log.close()
             if record_soon:
                 records.record_soon(job)
+            elif refusing:
+                records.end_soon(job)  # (its row is in: the update)
             if job.cgroup is not None:
                 await remove_cgroup(job)
-            if not record_soon:
+            if record_after and not record_soon:
                 await records.persist_start(job)
             return job.info()
         self._table.add(job)
@@ -246,7 +258,9 @@ class Admission:
             # Queued before the runner has the job: its end's record comes after.
             records.record_soon(job, started)
         self._runner.supervise(job, process)
-        if not self._spawn_in_thread:
+        if refusing:
+            await records.note_spawned(job, process.pid, commit=not self._spawn_in_thread)
+        elif not self._spawn_in_thread:
             # Without the reaper, only the pid can find the job after a crash:
             # recorded, with it, before the caller learns the job exists.
             await records.persist_start(job)

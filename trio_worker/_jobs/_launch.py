@@ -581,7 +581,12 @@ class Launcher:
         if not paths:
             return None
         try:
-            return Inotify(*paths, parents={path.parent.parent for path in paths})
+            # (The jobs' groups' parents, for those groups' removal: the top one's holds
+            # other groups too, other servers' beside ours in a group they share.)
+            parents: dict[Path, set[str]] = {}
+            for path in paths:
+                parents.setdefault(path.parent.parent, set()).add(path.parent.name)
+            return Inotify(*paths, parents=parents)
         except OSError as exc:
             _log.warning("no watch on the jobs' memory limits: %s", exc)
             return None
@@ -607,7 +612,8 @@ class Launcher:
                 return
             self._caps_fresh = capped is not None
             await trio.lowlevel.wait_readable(watch.fd)
-            watch.drain()
+            while not watch.drain():  # (another group than ours came or went beside it)
+                await trio.lowlevel.wait_readable(watch.fd)
 
     # -- a seeded Start (on the loop) -------------------------------------------
 

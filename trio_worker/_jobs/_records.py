@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from .._errors import JobNotFound, StateDirError
+from .._errors import JobNotFound, ResourceExhausted, StateDirError
 from .._model import JobInfo, JobState
 from .._util import final
 from . import _lifecycle as lc
@@ -110,6 +110,46 @@ class JobRecords:
         with trio.CancelScope(shield=True):
             if not await self._save(job, exists=False):
                 self.unsaved[job.id] = False
+
+    @property
+    def refusing(self) -> bool:
+        """The store refused its last transaction (a full disk): a new job's record
+        queued now would likely not be written, and a crash would erase a job that a
+        client was told of. A Start then commits its record before the spawn
+        (``record_before_spawn``), and is refused if it cannot."""
+        return self.store is not None and self.store.failing
+
+    async def record_before_spawn(self, job: Job, info: JobInfo) -> None:
+        """Commit the new job's record, RUNNING without a pid (``info``), before its
+        process exists; raise ``ResourceExhausted`` if the store refuses it.
+
+        The pid comes later (``note_spawned``). A crash in between leaves a pid-less
+        RUNNING record, which recovery makes LOST (its cgroup is killed, which needs
+        no pid), as with any job that a crash caught running.
+        """
+        store = self.store
+        assert store is not None
+        try:
+            await store.record_start(
+                info, env_keys=job.env_keys, cwd=job.spec.cwd, pid_start_time=None
+            )
+        except StateDirError as exc:
+            # (The store's own words name the server's paths: only SQLite's, here.)
+            why = exc.__cause__ if exc.__cause__ is not None else "refused"
+            raise ResourceExhausted(
+                f"cannot start the job: its record cannot be written (the job database: "
+                f"{why}); a job the server could forget after a crash is not started"
+            ) from None
+
+    async def note_spawned(self, job: Job, pid: int, *, commit: bool) -> None:
+        """The pid of a job ``record_before_spawn`` recorded, for the next commit; with
+        ``commit``, committed now (best effort: without it the record stays pid-less)."""
+        store = self.store
+        assert store is not None
+        store.note_spawned(job.id, pid, job.pid_start_time)
+        if commit:
+            with contextlib.suppress(StateDirError, trio.ClosedResourceError):
+                await store.flush()
 
     def record_soon(self, job: Job, info: JobInfo | None = None) -> None:
         """Queue a new job's record as it is now (RUNNING with its pid, or FAILED)

@@ -383,7 +383,13 @@ class JobRunner:
             # would cost the loop a file per Wait.)
             if not await kill(job, process) and job.cgroup is not None:
                 with trio.move_on_after(_DRAIN_TIMEOUT):
-                    await job.cgroup.wait_empty()
+                    try:
+                        await job.cgroup.wait_empty()
+                    except CgroupError as exc:
+                        # Its group cannot be read (no descriptor to spare, say): the
+                        # pipes' drain below is bounded all the same. ``kill`` said why
+                        # it could not kill the group, if it could not: no second line.
+                        _log.debug("job %s: cannot wait for its cgroup: %s", job.id, exc)
             process.reap()
             if watch.pipes:
                 # Up to _DRAIN_TIMEOUT of the pipes being watched: while they wait for

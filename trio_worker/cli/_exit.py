@@ -18,6 +18,8 @@ Exit codes (the README's table is this one):
 11    the server failed (internal error)
 12    the job is still running (``rm`` without ``-f``)
 13    our output could not be written (disk full, I/O error)
+14    ``logs``, ``start --follow``: bytes of the job's output were lost on the server
+      (never written: its disk was full); a line on stderr says which
 125   ``run``/``wait``: trio-worker itself failed (any of 1-13)
 126   ``run``/``wait``/``start``: the command could not be executed
 127   ``run``/``wait``/``start``: the command was not found
@@ -49,6 +51,8 @@ class ExitCode(enum.IntEnum):
     SERVER = 11
     RUNNING = 12
     UNWRITABLE = 13
+    #: ``logs``/``start --follow``: not every byte of the job's output was printed.
+    OUTPUT_LOST = 14
     #: ``run``/``wait`` only: trio-worker failed, not the job.
     TOOL_FAILED = 125
     CANNOT_EXECUTE = 126

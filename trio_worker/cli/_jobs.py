@@ -15,6 +15,7 @@ from types import FrameType
 from .._errors import (
     ConnectionFailed,
     InvalidRequest,
+    JobNotFound,
     JobNotRunning,
     ShuttingDown,
     TrioWorkerError,
@@ -296,8 +297,7 @@ def start(
         if info.state is JobState.FAILED:
             return _report_failed_start(info)
         if follow:
-            backoff = Backoff(conn.addr)
-            follow_output(client, info.id, OutputSink(), follow=True, backoff=backoff)
+            return _follow_to_end(client, info.id, OutputSink(), Backoff(conn.addr))
     return ExitCode.OK
 
 
@@ -703,8 +703,30 @@ def logs(
         if tail is not None:
             offset = _tail_offset(client, full_id, tail)
         backoff = Backoff(conn.addr)
-        follow_output(client, full_id, OutputSink(offset), follow=follow, backoff=backoff)
-    return ExitCode.OK
+        sink = OutputSink(offset)
+        if follow:
+            return _follow_to_end(client, full_id, sink, backoff)
+        # Read before the output: if the job had ended, its output was whole by then,
+        # and what the stream does not bring of it was lost.
+        before = client.status(full_id)
+        follow_output(client, full_id, sink, follow=False, backoff=backoff)
+        if before.ended:
+            sink.ended(before.output_bytes)
+    return ExitCode.OUTPUT_LOST if sink.lost else ExitCode.OK
+
+
+def _follow_to_end(client: BlockingClient, job_id: str, sink: OutputSink, backoff: Backoff) -> int:
+    """``logs -f``, ``start --follow``: the job's output until it ends; then, as ``run``
+    does, one line if its last bytes were lost on the server (no chunk comes after them
+    to show the gap): exit code ``OUTPUT_LOST`` for that or a gap on the way."""
+    follow_output(client, job_id, sink, follow=True, backoff=backoff)
+    try:
+        final = retrying(backoff, lambda: client.status(job_id))
+    except JobNotFound:  # removed (rm -f) as its output ended: nothing more to tell
+        final = None
+    if final is not None and final.ended:
+        sink.ended(final.output_bytes)
+    return ExitCode.OUTPUT_LOST if sink.lost else ExitCode.OK
 
 
 #: ``logs --tail`` reads this much of the end of the log first, four times more while it

@@ -171,6 +171,10 @@ class OutputSink:
         self._out = stdout if stdout is not None else sys.stdout.buffer
         self._err = stderr if stderr is not None else sys.stderr.buffer
         self._gap_reported = False
+        self._printed = False
+        #: Bytes of the job's output were lost on the server (never written: a full
+        #: disk): a gap after the first byte printed, or its end (``ended``).
+        self.lost = False
         self.muted = False
 
     def mute(self) -> None:
@@ -184,12 +188,16 @@ class OutputSink:
             data = data[self.offset - chunk.offset :]
         elif chunk.offset > self.offset and not self._gap_reported:
             self._gap_reported = True
+            # (Before the first byte printed, a gap is the oldest part that retention
+            # dropped, which is no loss: the log starts later by design.)
+            self.lost = self._printed
             _log.warning(
                 "bytes %d to %d of the log are no longer kept on the server; continuing after them",
                 self.offset,
                 chunk.offset,
             )
         self.offset = chunk.end
+        self._printed = True
         if self.muted:
             return
         target = self._err if chunk.stream is OutputStream.STDERR else self._out
@@ -202,6 +210,7 @@ class OutputSink:
         disk, a crash), as a gap in the middle is said (its next chunk shows it; nothing
         comes after these)."""
         if output_bytes > self.offset:
+            self.lost = True
             _log.warning(
                 "bytes %d to %d of the job's output were lost on the server "
                 "(never written: its disk was full?)",
