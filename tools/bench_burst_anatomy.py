@@ -24,6 +24,11 @@ and prints who had the CPUs while the loop thread was runnable but not running: 
 client (its grpcio and Python threads), the server's other threads, its seeds and jobs,
 other processes, an idle CPU waking; and who preempted it. That view needs no clock offset
 and is the one to read on a loaded machine: it says whose CPU time the tail waits for.
+The client records each Status call (its wall-clock send time and latency), joined to
+the server's receive and reply times: for the client's slowest 1% in the burst, how much
+was on the client's side (send to the kernel's receive stamp, reply written to the call
+returned: the client's threads and the CPUs) and how much in the server; and how many of
+them overlapped one of the server's cyclic garbage collections (``gc.callbacks``).
 ``BURST_ANATOMY_SWITCH=SECONDS`` in a server's environment sets the GIL's switch interval
 (``sys.setswitchinterval``), for an A/B of that. Hooks
 internal names (``_net._tlsstream``); asserts nothing. The machine is shared: read
@@ -157,10 +162,21 @@ HOOK = textwrap.dedent(
     _tlsstream.TLSSocketStream.try_send_many = _try_send_many_hooked
     _tlsstream.TLSSocketStream._wait = _wait_hooked
 
+    import gc
+    _collections, _gc_start = [], [0]
+
+    def _on_gc(phase, info):
+        if phase == "start":
+            _gc_start[0] = _pc()
+        elif len(_collections) < 100_000:
+            _collections.append((_gc_start[0], _pc() - _gc_start[0], info["generation"]))
+
+    gc.callbacks.append(_on_gc)
+
     @atexit.register
     def _dump():
         with open(_out, "wb") as f:
-            pickle.dump((_steps, _arrivals, time.time_ns() - _pc()), f)
+            pickle.dump((_steps, _arrivals, time.time_ns() - _pc(), _collections), f)
     """
 )
 
@@ -178,6 +194,25 @@ PACED = bench_peer.BURST.replace(
 )
 assert "rate = float(rate)" in PACED
 assert "slot += 1 / rate" in PACED
+#: ... and records each Status call: (wall-clock ns at its send, latency in ms).
+PACED = (
+    PACED.replace(
+        "        t = time.perf_counter()\n",
+        "        t = time.perf_counter(); sent = time.time_ns()\n",
+    )
+    .replace(
+        "        lat.append((time.perf_counter() - t) * 1e3)\n",
+        "        lat.append((time.perf_counter() - t) * 1e3); calls.append((sent, lat[-1]))\n",
+    )
+    .replace(
+        "def p99(stop):\n    lat = []\n",
+        "def p99(stop):\n    lat = []; calls = []; ALL.append(calls)\n",
+    )
+    .replace("def p99(stop):", "ALL = []\ndef p99(stop):")
+)
+PACED += 'print(json.dumps({"figure": "calls", "median": 0, "idle": ALL[0], "burst": ALL[1]}))\n'
+assert "calls.append((sent" in PACED
+assert "ALL.append(calls)" in PACED
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -189,8 +224,8 @@ def _short(name: str) -> str:
     return "job end" if name.startswith("job ") else name.rsplit(".", 1)[-1][:24]
 
 
-def analyse(path: Path) -> str:
-    steps, arrivals, offset = pickle.load(path.open("rb"))
+def analyse(path: Path, client: dict[str, list[list[float]]]) -> str:
+    steps, arrivals, offset, collections_ = pickle.load(path.open("rb"))
     steps = sorted((t + offset, w, c, n, q) for t, w, c, n, q in steps)
     by_fd: dict[int, list[tuple[str, int, int, int, int]]] = collections.defaultdict(list)
     for event in arrivals:
@@ -250,7 +285,53 @@ def analyse(path: Path) -> str:
         f"run-queue {queued / 1e3:.0f} + between steps, the GIL, blocking "
         f"{(wall - cpu - queued - polled) / 1e3:.0f} + in the poll {polled / 1e3:.0f}",
     ]
+    lines += _client_side(calls, client, steps, [(t + offset, d, g) for t, d, g in collections_])
     return "\n".join(lines)
+
+
+def _client_side(
+    calls: list[tuple[int, int, int]],
+    client: dict[str, list[list[float]]],
+    steps: list[tuple[int, int, int, str, int]],
+    collections_: list[tuple[int, int, int]],
+) -> list[str]:
+    """The client's calls joined to the server's (by the first arrival after each send):
+    where the time of its slowest 1% went, in the idle part and in the burst."""
+    arrived = [a for a, _, _ in calls]
+    starts = [s[0] for s in steps]
+    lines = []
+    for part in ("idle", "burst"):
+        timed = sorted(((lat, int(sent)) for sent, lat in client[part]), reverse=True)
+        if not timed:
+            continue
+        slow = timed[: max(1, len(timed) // 100)]
+        own = server = cpu = 0.0
+        matched = in_gc = 0
+        for lat, sent in slow:
+            i = bisect.bisect_left(arrived, sent)
+            if i == len(calls) or calls[i][0] > sent + lat * 1e6:
+                continue
+            a, _, s = calls[i]
+            matched += 1
+            server += s - a
+            own += lat * 1e6 - (s - a)
+            for t0, w, c, n, _ in steps[max(0, bisect.bisect_left(starts, a - 20_000_000)) :]:
+                if t0 >= s:
+                    break
+                lo, hi = max(t0, a), min(t0 + w, s)
+                if hi > lo and n != "<poll>" and w:
+                    cpu += c * (hi - lo) / w
+            end = sent + lat * 1e6
+            in_gc += any(t < end and t + d > sent for t, d, _ in collections_)
+        n = max(1, matched)
+        lines.append(
+            f"  client's slowest 1% {part} (p99 {_pct([t[0] for t in timed], 0.99):.2f} ms, "
+            f"n={matched}): {(own + server) / n / 1e3:.0f} us = the client's side (send to "
+            f"the server's receive, reply written to the call's return) {own / n / 1e3:.0f} "
+            f"+ the server {server / n / 1e3:.0f} (the loop's CPU {cpu / n / 1e3:.0f}); "
+            f"{in_gc} overlapped a GC"
+        )
+    return lines
 
 
 _SWITCH = "sched:sched_switch:"
@@ -408,7 +489,7 @@ def one_run(args: argparse.Namespace, name: str, python: str, scratch: Path) -> 
         f"  client p99 idle {idle['median']:.2f} ms, in the burst {busy['median']:.2f} ms "
         f"({busy['median'] / idle['median']:.1f}x), {busy['starts']} Starts"
     )
-    return head + "\n" + analyse(out) + sched
+    return head + "\n" + analyse(out, figures["calls"]) + sched
 
 
 def main() -> None:
