@@ -54,7 +54,8 @@ FILES: list[tuple[str, bytes | None]] = [
 
 
 def open_fds() -> set[int]:
-    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+    """This process's descriptors, but those seeds' births keep (``release_seed_slots``)."""
+    return {int(fd) for fd in os.listdir("/proc/self/fd")} - set(_cspawn.seed_slots())
 
 
 def test_a_place_has_its_directory_files_groups_and_their_fds(

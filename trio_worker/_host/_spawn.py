@@ -39,6 +39,7 @@ __all__ = [
     "Terminal",
     "exec_candidates",
     "raise_nofile_limit",
+    "release_seed_slots",
     "spawn",
 ]
 
@@ -255,6 +256,15 @@ def spawn(
     return pid
 
 
+def release_seed_slots() -> None:
+    """Close the low descriptors that seeds' births hold between births (blocking
+    while one is under way): a seed is born sharing the server's descriptor table and
+    takes a copy of only those below the highest of them, where its own are put
+    (``_cspawn.c``, ``seed_slots_take``). For a supervisor's end; the next birth
+    reserves them again."""
+    _cspawn.release_seed_slots()
+
+
 #: clone3 refused so (seccomp, sandboxes, kernels before 5.7): no seeds on this host.
 SEEDS_REFUSED = frozenset({_errno.ENOSYS, _errno.EPERM, _errno.EINVAL, _errno.E2BIG})
 
@@ -298,7 +308,9 @@ class Seed:
         """Clone the seed (it joins the groups of ``cgroup_fds`` as ``spawn``'s child
         does); the caller closes its copies of every fd given. ``OSError`` if not.
         Returns once the seed holds none of this process's other descriptors (it was
-        cloned with copies of them all: the state directory's lock among them)."""
+        cloned sharing this process's table and made its own with copies of those
+        below the births' slots, where its own are: the state directory's lock may be
+        among them; see ``release_seed_slots``)."""
         if not getattr(_cspawn, "HAVE_SEED", 0):  # another architecture (or a stale build)
             raise OSError(_errno.ENOSYS, "seeds are not built for this machine")
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]

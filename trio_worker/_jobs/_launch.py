@@ -57,7 +57,7 @@ from .._errors import ResourceExhausted
 from .._host._cgroups import CgroupDriver, CgroupError, Inotify, JobCgroup, remove_groups
 from .._host._isolation import helper_argv, helper_tasks, resolve_command
 from .._host._place import Sown, make_place, make_seeded_place
-from .._host._spawn import SEEDS_REFUSED, Seed
+from .._host._spawn import SEEDS_REFUSED, Seed, release_seed_slots
 from .._model import Isolation, Limits
 from ._job import REPORT
 from ._output import OpenLogs, OutputLog
@@ -398,6 +398,7 @@ class Launcher:
     def _discard_all(self, retired: Sequence[JobCgroup], places: Sequence[Place]) -> None:
         _remove_groups(retired)
         _discard_places(places)
+        release_seed_slots()  # (no seed is born after this: the refill is over)
 
     def _tend(self, retired: Sequence[JobCgroup], ids: Sequence[str]) -> tuple[int, list[Place]]:
         """In a worker thread: recycle what it can of the retired groups (``_recycle``),
