@@ -1,7 +1,7 @@
 """trio-worker next to the grpcio reference peer, interleaved, as ratios (>= 1 is better).
 
     python tools/bench_peer.py [--rounds 2] [--repeat 1] [--only joblat,spawn,...]
-        [--server NAME=PYTHON ...] [--peer-dir ../shared/bench]
+        [--spawn 500] [--spawn-runs 1] [--server NAME=PYTHON ...] [--peer-dir ../shared/bench]
 
 Runs the peer (``grpcio_peer.py``) and each trio-worker server (by default this
 tree, with this Python; ``--server before=/path/to/old/.venv/bin/python`` adds
@@ -245,9 +245,12 @@ def _run_harness(
     pid: int,
     label: str,
     scale: bool = False,
+    spawn_only: bool = False,
 ) -> dict[str, float]:
     if scale:  # a server of its own: its RSS per job is that of a fresh server
         return _spawn(args, addr, pki, proto, pid, label, args.scale, "scale")
+    if spawn_only:  # another run of the spawn phase (``--spawn-runs``), on a fresh server
+        return _spawn(args, addr, pki, proto, pid, label, args.spawn, "spawn")
     figures: dict[str, float] = {}
     # First, on a fresh server: RSS per job is only meaningful before big outputs.
     if args.spawn > 0:
@@ -285,7 +288,9 @@ def _run_harness(
     return figures
 
 
-def _peer_round(args: argparse.Namespace, scratch: Path, scale: bool = False) -> dict[str, float]:
+def _peer_round(
+    args: argparse.Namespace, scratch: Path, scale: bool = False, spawn_only: bool = False
+) -> dict[str, float]:
     pki_dir = scratch / "peer-pki"
     if not pki_dir.exists():
         subprocess.run(
@@ -318,7 +323,7 @@ def _peer_round(args: argparse.Namespace, scratch: Path, scale: bool = False) ->
             "key": str(pki_dir / "admin.key"),
         }
         proto = str(args.peer_dir / "worker.proto")
-        return _run_harness(args, addr, pki, proto, pid, "peer", scale)
+        return _run_harness(args, addr, pki, proto, pid, "peer", scale, spawn_only)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -358,7 +363,12 @@ def _stock_nofile() -> None:
 
 
 def _server_round(
-    args: argparse.Namespace, scratch: Path, name: str, python: str, scale: bool = False
+    args: argparse.Namespace,
+    scratch: Path,
+    name: str,
+    python: str,
+    scale: bool = False,
+    spawn_only: bool = False,
 ) -> dict[str, float]:
     state = scratch / f"state-{name}"
     shutil.rmtree(state, ignore_errors=True)
@@ -377,12 +387,36 @@ def _server_round(
             pems = sorted(p for p in d.glob("*.pem") if p.name not in ("ca.pem", "server.pem"))
             pki["cert"] = str(pems[0])
             pki["key"] = str(pems[0].with_suffix(".key"))
+        proto = str(REPO / "worker.proto")
         return _run_harness(
-            args, f"127.0.0.1:{port}", pki, str(REPO / "worker.proto"), proc.pid, name, scale
+            args, f"127.0.0.1:{port}", pki, proto, proc.pid, name, scale, spawn_only
         )
     finally:
         proc.terminate()
         proc.wait(timeout=120)
+
+
+def _more_spawn_runs(
+    args: argparse.Namespace,
+    scratch: Path,
+    order: list[tuple[str, str | None]],
+    results: dict[str, list[dict[str, float]]],
+) -> None:
+    """``--spawn-runs``: the spawn phase ``args.spawn_runs - 1`` more times per server, in
+    the round's order, each on a fresh server; the round's spawn figures become the
+    medians of all its runs."""
+    runs: dict[str, list[dict[str, float]]] = {name: [results[name][-1]] for name, _ in order}
+    for _ in range(args.spawn_runs - 1):
+        for name, python in order:
+            if python is None:
+                runs[name].append(_peer_round(args, scratch, spawn_only=True))
+            else:
+                runs[name].append(_server_round(args, scratch, name, python, spawn_only=True))
+    prefix = f"spawn_{args.spawn}_"
+    for name, figures in runs.items():
+        for figure in {f for run in figures for f in run if f.startswith(prefix)}:
+            values = [run[figure] for run in figures if figure in run]
+            results[name][-1][figure] = statistics.median(values)
 
 
 def main() -> None:
@@ -391,6 +425,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="bench.py --repeat")
     parser.add_argument("--only", default="joblat,unary,stream,fanout", help="bench.py --only")
     parser.add_argument("--spawn", type=int, default=500, help="sleeping jobs (0: skip)")
+    parser.add_argument(
+        "--spawn-runs",
+        type=int,
+        default=1,
+        help="runs of the spawn phase per server and round, each on a fresh server; the "
+        "round's spawn figures are their medians (one run's rate swings by where the "
+        "server's background work and the machine's fall: ARCHITECTURE.md)",
+    )
     parser.add_argument(
         "--scale",
         type=int,
@@ -436,6 +478,8 @@ def main() -> None:
                     results["peer"].append(_peer_round(args, scratch))
                 else:
                     results[name].append(_server_round(args, scratch, name, python))
+            if args.spawn > 0 and args.spawn_runs > 1:
+                _more_spawn_runs(args, scratch, order, results)
             if args.scale > 0:
                 for name, python in order:
                     if python is None:

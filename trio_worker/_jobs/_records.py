@@ -98,6 +98,10 @@ class JobRecords:
         #: Held by a commit until its records' outcomes are in ``unsaved``: housekeeping
         #: waits for one in flight, or it would not know what to write again.
         self._committing = trio.Lock()
+        #: The store refused the last job record written (``refusing``). Only a record's
+        #: write says it: a smaller transaction (counters, a read) may still fit in the
+        #: room a refused one's partial write left (its WAL's last page).
+        self._refused = False
 
     async def persist_start(self, job: Job) -> None:
         """Record the new job; if the store fails, the job runs with its record pending.
@@ -113,11 +117,11 @@ class JobRecords:
 
     @property
     def refusing(self) -> bool:
-        """The store refused its last transaction (a full disk): a new job's record
+        """The store refused the last job record written (a full disk): a new job's record
         queued now would likely not be written, and a crash would erase a job that a
         client was told of. A Start then commits its record before the spawn
         (``record_before_spawn``), and is refused if it cannot."""
-        return self.store is not None and self.store.failing
+        return self._refused
 
     async def record_before_spawn(self, job: Job, info: JobInfo) -> None:
         """Commit the new job's record, RUNNING without a pid (``info``), before its
@@ -133,6 +137,7 @@ class JobRecords:
             await store.record_start(
                 info, env_keys=job.env_keys, cwd=job.spec.cwd, pid_start_time=None
             )
+            self._refused = False
         except StateDirError as exc:
             # (The store's own words name the server's paths: only SQLite's, here.)
             why = exc.__cause__ if exc.__cause__ is not None else "refused"
@@ -265,11 +270,14 @@ class JobRecords:
         notes = self._notes
         for job_id, write, exists in queued:
             if write.done and write.error is None:
+                self._refused = False  # (a batch is one transaction: all or none)
                 if notes is not None and exists:
                     # An end's update (the one write ``end_soon`` notes). Not a start's
                     # record: its job may have ended (and been noted) while it committed.
                     notes.release(job_id)
                 continue
+            if isinstance(write.error, StateDirError):
+                self._refused = True
             if write.error is not None and job_id not in self.unsaved:
                 _log.error("job %s: cannot record it (will retry): %s", job_id, write.error)
             # The next try writes the record as it is by then: an insert unless the
@@ -314,12 +322,14 @@ class JobRecords:
                 if info.ended:
                     await store.record_end(info, dropped_bytes=dropped)
         except StateDirError as exc:
+            self._refused = True
             if job.id not in self.unsaved:
                 _log.error("job %s: cannot record it (will retry): %s", job.id, exc)
             return False
         except Exception:
             _log.exception("job %s: cannot record it (will retry)", job.id)
             return False
+        self._refused = False
         return True
 
     async def save_unsaved(self) -> None:
@@ -399,6 +409,7 @@ class JobRecords:
             try:
                 await self.store.mark_lost(lost, LOST_ERROR, at)
             except StateDirError as exc:
+                self._refused = True
                 _log.error("cannot record %d lost job(s) (will retry): %s", len(lost), exc)
                 self.unsaved.update(dict.fromkeys(lost, True))
         if path is not None and self.store is not None and await self._record_noted(noted):
@@ -429,6 +440,7 @@ class JobRecords:
         except StateDirError as exc:
             _log.error("cannot record the ends of %d job(s): %s", len(noted), exc)
         if not all(w.done and w.error is None for w in writes):
+            self._refused = True
             self.unsaved.update({e.info.id: True for e in noted})
             return False
         if noted:

@@ -148,12 +148,6 @@ class JobStore(Protocol):
     has been committed; a call that was cancelled may or may not have been.
     """
 
-    @property
-    def failing(self) -> bool:
-        """The last transaction was refused (a full disk, an SQLite error): records
-        queued now may not be written either."""
-        ...
-
     async def record_start(
         self,
         info: JobInfo,
@@ -247,8 +241,6 @@ class SqliteJobStore:
         self.journal_mode = journal_mode
         #: Transactions committed so far (tests and benchmarks watch batching).
         self.transactions = 0
-        #: The last transaction was refused (``JobStore.failing``).
-        self.failing = False
         self._conn = connection
         self._lock = trio.Lock()
         self._queue: list[_Op[Any]] = []
@@ -570,7 +562,6 @@ class SqliteJobStore:
         # Not cancellable (``in_thread``): the batch holds other tasks' calls, which
         # must run now that they left the queue.
         committed = await _in_thread(partial(self._execute, batch, notes, spawned))
-        self.failing = not committed
         if committed:
             self.transactions += 1
         else:

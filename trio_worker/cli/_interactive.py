@@ -34,7 +34,7 @@ from ._errors import ExitCode, leaf_exception
 from ._ids import needs_list, resolve_id
 from ._params import Options
 from ._render import job_exit
-from ._session import CONNECT_TIMEOUT, OutputSink
+from ._session import CONNECT_TIMEOUT, OutputSink, lost_end
 from ._settings import ClientOptions, Connection, resolve_connection
 
 if TYPE_CHECKING:
@@ -109,6 +109,7 @@ class _Outcome:
     detached: bool = False
     left_by: int | None = None  # the signal we left on
     interrupted: bool = False  # Ctrl-C: stopping the job (run) or leaving (attach)
+    printed: int = 0  # the log offset printed up to
 
 
 class _Session:
@@ -147,10 +148,7 @@ class _Session:
             async for chunk in session:
                 sink.write(chunk)
             self.outcome.ended = session.ended
-            if session.ended is not None:
-                # Its last bytes lost on the server (a full disk) come with no chunk
-                # after them to show the gap: said as ``run`` says it.
-                sink.ended(session.ended.output_bytes)
+            self.outcome.printed = sink.offset
             done.cancel()
         return self.outcome
 
@@ -273,6 +271,10 @@ def _exit_code(outcome: _Outcome, job_id: str) -> int:
         return ExitCode.OK
     if outcome.ended is None:
         return ExitCode.INTERRUPTED
+    if outcome.ended.output_bytes > outcome.printed:
+        # Its last bytes lost on the server (a full disk) come with no chunk after them
+        # to show the gap: said as ``run`` says it (here, with the terminal restored).
+        _note(lost_end(outcome.printed, outcome.ended.output_bytes))
     code, note = job_exit(outcome.ended)
     if note:
         _note(note)

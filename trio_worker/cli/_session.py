@@ -211,12 +211,15 @@ class OutputSink:
         comes after these)."""
         if output_bytes > self.offset:
             self.lost = True
-            _log.warning(
-                "bytes %d to %d of the job's output were lost on the server "
-                "(never written: its disk was full?)",
-                self.offset,
-                output_bytes,
-            )
+            _log.warning("%s", lost_end(self.offset, output_bytes))
+
+
+def lost_end(offset: int, output_bytes: int) -> str:
+    """What ``OutputSink.ended`` says of bytes ``offset`` to ``output_bytes``, lost."""
+    return (
+        f"bytes {offset} to {output_bytes} of the job's output were lost on the server "
+        "(never written: its disk was full?)"
+    )
 
 
 def follow_output(
