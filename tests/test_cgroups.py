@@ -938,3 +938,12 @@ def test_a_watch_on_parents_hears_its_own_childrens_removal_not_others(tmp_path:
         assert watch.drain() is True
     finally:
         watch.close()
+    # A parent removed (its watch ends: IN_IGNORED) is news, whatever its children were.
+    above = tmp_path / "above"
+    above.mkdir()
+    watch = Inotify(parents={above: ["ours"]})
+    try:
+        above.rmdir()
+        assert watch.drain() is True
+    finally:
+        watch.close()

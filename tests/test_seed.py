@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import secrets
@@ -631,6 +632,40 @@ async def test_a_stopped_seed_costs_its_start_nothing_and_does_not_hang_the_shut
             assert not _exists(seeds[0][1])  # killed and reaped
         assert not hung.is_set()
         assert not _exists(seeds[1][1])
+
+
+async def test_a_start_under_way_when_its_supervisors_block_is_cancelled_leaves_no_job(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A cancel from outside the supervisor's block cancels its tasks with the block, the
+    # watcher of jobs among them, while a Start finishes in its shield: its job came to
+    # a supervisor that no longer watched jobs. (test_no_process_outlives_the_supervisor
+    # [cancel], whose deadline fell anywhere, met this in 2 of 7 runs at load 6-9.) Here
+    # the Start's seed is stopped, so the Start is surely under way at the cancel.
+    caplog.set_level(logging.INFO, logger="trio_worker")
+    started: list[int | None] = []
+    with _hang_detector(30) as (hung, stopped):
+        with trio.CancelScope() as outside:
+            async with _seeded_supervisor(tmp_path) as (sup, seeds):
+
+                async def start() -> None:
+                    started.append((await sup.start("sleep", ["600"])).pid)
+
+                stopped.append(seeds[0][1])
+                os.kill(seeds[0][1], signal.SIGSTOP)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(start)
+                    await trio.testing.wait_all_tasks_blocked()  # it waits for its seed
+                    outside.cancel()
+        assert outside.cancelled_caught
+        assert not hung.is_set()
+    assert len(started) == 1
+    assert started[0] is not None
+    assert not _exists(started[0])  # killed and reaped
+    assert not _exists(seeds[0][1])
+    # Said in one line, not as a bug with its traceback ("supervision failed").
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+    assert any("started as its supervisor was cancelled" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("threads", [40, 1])

@@ -78,6 +78,7 @@ _IN_MODIFY = 0x2
 _IN_MOVED_FROM = 0x40
 _IN_DELETE = 0x200
 _IN_Q_OVERFLOW = 0x4000
+_IN_IGNORED = 0x8000
 #: ``struct inotify_event`` before its name: wd, mask, cookie, len.
 _INOTIFY_EVENT = struct.Struct("iIII")
 #: A v1 memory group's limits (``memory_capped``).
@@ -381,7 +382,8 @@ class Inotify:
 
     def drain(self) -> bool:
         """Read every event queued; whether one is news: a watched file modified, a
-        watched child of a parent removed or renamed, or events lost (a full queue)."""
+        watched child of a parent removed or renamed, a watch gone (its parent removed),
+        or events lost (a full queue)."""
         news = False
         try:
             while data := os.read(self.fd, 4096):
@@ -398,7 +400,7 @@ class Inotify:
             name = data[offset : offset + length].rstrip(b"\0")
             offset += length
             children = self._children.get(wd)
-            if mask & _IN_Q_OVERFLOW or children is None or name in children:
+            if mask & (_IN_Q_OVERFLOW | _IN_IGNORED) or children is None or name in children:
                 return True
         return False
 

@@ -159,8 +159,14 @@ class JobRunner:
         self._watches.add(watch)
         for reader, stream in _outputs(job, process):
             watch.pipes.append(_Pipe(watch, reader, stream))
+        if self._epoll is None:
+            # The watcher has ended: a cancel from outside the supervisor's block ended its
+            # tasks while this Start finished in its shield. Its job ends now, as the
+            # watcher ended those it watched (this was logged as a bug, with a traceback).
+            _log.info("job %s: started as its supervisor was cancelled; killing it", job.id)
+            self._stop_watching(watch)
+            return
         try:
-            assert self._epoll is not None, "the runner is not running"
             self._register(process.pidfd, watch)
             self._resume(watch)
         except Exception:
@@ -277,6 +283,10 @@ class JobRunner:
     def _fail(self, watch: _Watch) -> None:
         """Supervision of one job failed (a bug): stop reading it, kill it and end it."""
         _log.exception("job %s: supervision failed; killing it", watch.job.id)
+        self._stop_watching(watch)
+
+    def _stop_watching(self, watch: _Watch) -> None:
+        """Stop reading the job, kill it and end it (``_finish``, in a task)."""
         self._unwatch(watch)
         if watch.drained is not None:
             watch.drained.set()  # its ``_end`` is waiting for the pipes: they are done
