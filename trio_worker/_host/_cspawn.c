@@ -672,11 +672,12 @@ seed_main(void *arg)
         r = RAW3(NR_CLOSE_RANGE, c->keep_below, ~0U, SEED_CLOSE_RANGE_UNSHARE);
         if (r < 0)
             r = RAW1(NR_UNSHARE, CLONE_FILES);
-        __atomic_store_n(&c->unshared, r < 0 ? 2 : 1, __ATOMIC_RELEASE);
-        (void)RAW3(NR_FUTEX, &c->unshared, SEED_FUTEX_WAKE, 1);
-        if (r < 0) /* (still the server's table: nothing of it touched) */
+        if (r < 0) { /* (still the server's table: nothing of it touched) */
+            __atomic_store_n(&c->unshared, 2, __ATOMIC_RELEASE);
+            (void)RAW3(NR_FUTEX, &c->unshared, SEED_FUTEX_WAKE, 1);
             for (;;)
                 RAW1(NR_EXIT, 127);
+        }
     }
     /* 0. A name of its own for ps -e and top (its comm; the job's at exec): its
      *    command line is the server's, in the memory both share. */
@@ -732,6 +733,12 @@ seed_main(void *arg)
                 from = keep[i] + 1;
         }
         seed_close_span(c, from, -1);
+    }
+    /*    Only its own descriptors left: the planting thread may go on (with a table of
+     *    its own, this is its "born" pipe's EOF). */
+    if (c->keep_below > 0) {
+        __atomic_store_n(&c->unshared, 1, __ATOMIC_RELEASE);
+        (void)RAW3(NR_FUTEX, &c->unshared, SEED_FUTEX_WAKE, 1);
     }
     /* 2. Every group of the job, before anything of the command (the clone
      *    joined the v2 one). */
@@ -994,9 +1001,10 @@ seed_slots_give(int n)
     pthread_mutex_unlock(&seed_slots_lock);
 }
 
-/* Wait until a seed born sharing our table has a table of its own (1; 2: it could
- * not make one and exits), has exited before (3), or is stopped before (-1: the
- * caller kills it). Every SEED_BIRTH_PATIENCE_MS, asks which. */
+/* Wait until a seed born sharing our table has a table of its own and has closed all
+ * but its own descriptors there (1; 2: it could not make one and exits), has exited
+ * before (3), or is stopped before (-1: the caller kills it). Every
+ * SEED_BIRTH_PATIENCE_MS, asks which. */
 static int
 seed_wait_unshared(struct seed_ctl *c, pid_t pid)
 {
@@ -1035,8 +1043,7 @@ seed_birth(struct seed_birth *b)
         b->what = "too many cgroup fds";
         return;
     }
-    if (pipe2(go, O_CLOEXEC) < 0 || pipe2(rep, O_CLOEXEC | O_NONBLOCK) < 0 ||
-        pipe2(born, O_CLOEXEC) < 0) {
+    if (pipe2(go, O_CLOEXEC) < 0 || pipe2(rep, O_CLOEXEC | O_NONBLOCK) < 0) {
         b->err = errno;
         b->what = "pipe2";
         goto fail;
@@ -1065,14 +1072,13 @@ seed_birth(struct seed_birth *b)
      * (out of descriptors for the first slots), a birth as before: a copy of it all. */
     c->keep_below = 0;
     c->unshared = 0;
-    if (seed_slots_take(6 + b->n_cgroup_fds) == 0) {
-        int need = 6 + b->n_cgroup_fds, top = 0;
+    if (seed_slots_take(5 + b->n_cgroup_fds) == 0) {
+        int need = 5 + b->n_cgroup_fds, top = 0;
         for (i = 0; i < need; i++) {
             int src = i == 0   ? go[0]
                       : i == 1 ? rep[1]
-                      : i == 2 ? born[1]
-                      : i < 6  ? b->fds[i - 3]
-                               : b->cgroup_fds[i - 6];
+                      : i < 5  ? b->fds[i - 2]
+                               : b->cgroup_fds[i - 5];
             if (dup3(src, seed_slot[i], O_CLOEXEC) < 0)
                 break;
             if (seed_slot[i] > top)
@@ -1085,11 +1091,17 @@ seed_birth(struct seed_birth *b)
             c->go_r = seed_slot[0];
             c->report_w = seed_slot[1];
             for (i = 0; i < 3; i++)
-                c->fds[i] = seed_slot[3 + i];
+                c->fds[i] = seed_slot[2 + i];
             for (i = 0; i < b->n_cgroup_fds; i++)
-                c->cgroup_fds[i] = seed_slot[6 + i];
+                c->cgroup_fds[i] = seed_slot[5 + i];
             c->keep_below = (unsigned int)top + 1;
         }
+    }
+    /* Without the slots, the child's closing is seen as EOF on a pipe of its own. */
+    if (!slots && pipe2(born, O_CLOEXEC) < 0) {
+        b->err = errno;
+        b->what = "pipe2";
+        goto fail;
     }
 
     memset(&cargs, 0, sizeof cargs);
@@ -1121,7 +1133,8 @@ seed_birth(struct seed_birth *b)
         goto fail;
     }
     if (slots) {
-        /* The slots are the seed's until it has a table of its own. */
+        /* The slots are the seed's until it has a table of its own, and this thread
+         * waits until it has closed all but its own there (as for "born" below). */
         int how = seed_wait_unshared(c, (pid_t)ret);
         seed_slots_give(slots);
         if (how < 0) {
@@ -1136,8 +1149,9 @@ seed_birth(struct seed_birth *b)
     }
     close(go[0]);
     close(rep[1]);
-    close(born[1]);
-    /* Wait until the child has closed its copies of the server's descriptors (the write
+    if (born[1] >= 0)
+        close(born[1]);
+    /* Without the slots: wait until the child has closed its copies of the server's descriptors (the write
      * end of "born" among them: EOF): until then it holds the state directory's lock (an
      * flock its copy shares), the listening socket, other seeds' pipes. Planted, a seed
      * holds nothing of the server's, whether or not the server dies next. A child
@@ -1145,7 +1159,7 @@ seed_birth(struct seed_birth *b)
      * (the places' refill, and so the server's shutdown) waiting until continued: every
      * SEED_BIRTH_PATIENCE_MS without EOF, it is asked whether it is stopped, and if so
      * killed and reaped (EINTR: no seed for this place). */
-    {
+    if (born[0] >= 0) {
         char byte;
         ssize_t got;
         for (;;) {
