@@ -904,9 +904,9 @@ seed_dealloc(SeedObject *s)
 
 static PyTypeObject SeedType;
 
-/* A seed's birth, every system call of it with the GIL released: its go, report and
- * "born" pipes, the clone, and the wait until the child has closed its copies of the
- * server's descriptors. */
+/* A seed's birth, every system call of it with the GIL released: its go and report
+ * pipes (and a "born" pipe without the slots), the clone, and the wait until the child
+ * has closed its copies of the server's descriptors. */
 struct seed_birth {
     /* In. */
     const int *cgroup_fds;
