@@ -6,6 +6,7 @@ real console script in a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -410,18 +411,26 @@ def said_lost(err: str, printed: int, total: int) -> None:
     ), err
 
 
+@contextlib.contextmanager
+def _on_a_small_disk(tmp_path: Path) -> Iterator[tuple[Path, Path, dict[str, str], list[str]]]:
+    """A home whose state directory is on a 4 MiB tmpfs (a disk a job's output fills):
+    the home, the disk, the environment and a server's arguments for it."""
+    home = tmp_path / "home"
+    state = home / ".local" / "state"
+    state.mkdir(parents=True)
+    with small_tmpfs(state / "disk", "size=4m") as disk:
+        env = clean_env(home, TRIO_WORKER_STATE_DIR=str(disk / "trio-worker"))
+        yield home, disk, env, ["--listen", "127.0.0.1:0", *own_cgroup(home)]
+
+
 @pytest.mark.root
 def test_run_says_when_the_end_of_the_output_was_lost_on_a_full_disk(tmp_path: Path) -> None:
     # The server's disk filled while the job wrote: what it could not write is lost,
     # counted in output_bytes. A gap in the middle shows in the next chunk's offset (said
     # on stderr); lost bytes at the end have no next chunk: run said nothing, and
     # printed less than the job wrote with exit code 0, as if that were all.
-    home = tmp_path / "home"
-    state = home / ".local" / "state"
-    state.mkdir(parents=True)
-    with small_tmpfs(state / "disk", "size=4m") as disk:
-        env = clean_env(home, TRIO_WORKER_STATE_DIR=str(disk / "trio-worker"))
-        server = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(home)], env)
+    with _on_a_small_disk(tmp_path) as (home, _, env, args):
+        server = ServerProcess.start(args, env)
         try:
             dev = DevServer(server, home, env, server.port())
             server.wait_for(r"^Try it", stream="stdout")
@@ -442,13 +451,9 @@ def test_attach_and_logs_say_when_the_end_of_the_output_was_lost_on_a_full_disk(
     # job's 0 saying nothing, and so did logs and logs -f. They say which bytes were
     # lost; attach exits with the job's code all the same (the contract's), logs with
     # its own (14).
-    home = tmp_path / "home"
-    state = home / ".local" / "state"
-    state.mkdir(parents=True)
     total = 8 * 2**20
-    with small_tmpfs(state / "disk", "size=4m") as disk:
-        env = clean_env(home, TRIO_WORKER_STATE_DIR=str(disk / "trio-worker"))
-        server = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(home)], env)
+    with _on_a_small_disk(tmp_path) as (home, _, env, args):
+        server = ServerProcess.start(args, env)
         try:
             dev = DevServer(server, home, env, server.port())
             server.wait_for(r"^Try it", stream="stdout")
@@ -484,12 +489,7 @@ def test_a_start_whose_record_cannot_be_written_is_refused_not_lost_to_a_crash(
     # server and the restarted one had never heard of the job ("removed N job
     # directories with no record"). Once the store has refused a write, a Start commits
     # its record before the spawn, or is refused (9) and nothing runs.
-    home = tmp_path / "home"
-    state = home / ".local" / "state"
-    state.mkdir(parents=True)
-    with small_tmpfs(state / "disk", "size=4m") as disk:
-        env = clean_env(home, TRIO_WORKER_STATE_DIR=str(disk / "trio-worker"))
-        args = ["--listen", "127.0.0.1:0", *own_cgroup(home)]
+    with _on_a_small_disk(tmp_path) as (home, disk, env, args):
         server = ServerProcess.start(args, env)
         try:
             dev = DevServer(server, home, env, server.port())
