@@ -499,15 +499,7 @@ def main() -> None:
     parser.add_argument(
         "--rate", type=float, default=0.0, help="Starts a second (default 0: back to back)"
     )
-    parser.add_argument(
-        "--peer-dir",
-        type=Path,
-        default=Path(
-            os.environ.get("TRIO_WORKER_PEER_BENCH", bench_peer.REPO.parent / "shared" / "bench")
-        ),
-    )
-    parser.add_argument("--client-python", default=sys.executable)
-    parser.add_argument("--server", action="append", default=[], help="NAME=PYTHON")
+    bench_peer.add_peer_arguments(parser, "NAME=PYTHON")
     parser.add_argument(
         "--sched", action="store_true", help="who had the CPUs while the loop waited (perf, root)"
     )

@@ -132,15 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument(
-        "--peer-dir",
-        type=Path,
-        default=Path(
-            os.environ.get("TRIO_WORKER_PEER_BENCH", bench_peer.REPO.parent / "shared" / "bench")
-        ),
-    )
-    parser.add_argument("--client-python", default=sys.executable)
-    parser.add_argument("--server", action="append", default=[], help="NAME=PYTHON")
+    bench_peer.add_peer_arguments(parser, "NAME=PYTHON")
     args = parser.parse_args()
     if not (args.peer_dir / "bench.py").exists():
         print(f"no peer harness in {args.peer_dir} (--peer-dir): its client is needed")

@@ -265,17 +265,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--follows", type=int, default=3)
     parser.add_argument("--bytes", type=int, default=256 * 1024 * 1024)
-    parser.add_argument(
-        "--peer-dir",
-        type=Path,
-        default=Path(
-            os.environ.get("TRIO_WORKER_PEER_BENCH", bench_peer.REPO.parent / "shared" / "bench")
-        ),
-    )
-    parser.add_argument("--client-python", default=sys.executable)
-    parser.add_argument(
-        "--server", action="append", default=[], help="NAME=PYTHON (default: this tree)"
-    )
+    bench_peer.add_peer_arguments(parser)
     args, _ = parser.parse_known_args()  # (nox passes its posargs to every tool)
     if not (args.peer_dir / "bench.py").exists():
         print(f"no peer harness in {args.peer_dir} (--peer-dir): nothing to compare with")

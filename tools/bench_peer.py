@@ -419,6 +419,21 @@ def _more_spawn_runs(
             results[name][-1][figure] = statistics.median(values)
 
 
+def add_peer_arguments(
+    parser: argparse.ArgumentParser, server_help: str = "NAME=PYTHON (default: this tree)"
+) -> None:
+    """``--peer-dir``, ``--client-python`` and ``--server``, as every tool that runs the
+    peer's client against our servers takes them."""
+    parser.add_argument(
+        "--peer-dir",
+        type=Path,
+        default=Path(os.environ.get("TRIO_WORKER_PEER_BENCH", REPO.parent / "shared" / "bench")),
+        help="the peer's folder (default: ../shared/bench, or $TRIO_WORKER_PEER_BENCH)",
+    )
+    parser.add_argument("--client-python", default=sys.executable)
+    parser.add_argument("--server", action="append", default=[], help=server_help)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -441,16 +456,7 @@ def main() -> None:
         f"of {STOCK_NOFILE} (0: skip)",
     )
     parser.add_argument("--burst-seconds", type=float, default=3.0)
-    parser.add_argument(
-        "--peer-dir",
-        type=Path,
-        default=Path(os.environ.get("TRIO_WORKER_PEER_BENCH", REPO.parent / "shared" / "bench")),
-        help="the peer's folder (default: ../shared/bench, or $TRIO_WORKER_PEER_BENCH)",
-    )
-    parser.add_argument("--client-python", default=sys.executable)
-    parser.add_argument(
-        "--server", action="append", default=[], help="NAME=PYTHON (default: this tree)"
-    )
+    add_peer_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="one round, smaller outputs")
     args, _ = parser.parse_known_args()  # nox -s bench passes its posargs to every tool
     if args.quick:
