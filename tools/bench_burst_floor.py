@@ -109,13 +109,7 @@ def _ours(python: str, scratch: Path) -> tuple[subprocess.Popen[str], list[str]]
 
 
 def _peer(args: argparse.Namespace, scratch: Path) -> tuple[subprocess.Popen[str], list[str]]:
-    pki = scratch / "peer-pki"
-    if not pki.exists():
-        subprocess.run(
-            [args.client_python, str(args.peer_dir / "pki.py"), str(pki)],
-            check=True,
-            capture_output=True,
-        )
+    pki = bench_peer.peer_pki(args, scratch)
     peer = [args.client_python, str(args.peer_dir / "grpcio_peer.py"), "--listen", "127.0.0.1:0"]
     tls = ["--ca", str(pki / "ca.pem"), "--cert", str(pki / "server.pem")]
     proc = subprocess.Popen(

@@ -190,13 +190,7 @@ def one_run(
 ) -> list[dict[str, float]]:
     """The follows on one server (``python`` None: the peer), each with the server's view."""
     if python is None:
-        pki_dir = scratch / "peer-pki"
-        if not pki_dir.exists():
-            subprocess.run(
-                [args.client_python, str(args.peer_dir / "pki.py"), str(pki_dir)],
-                check=True,
-                capture_output=True,
-            )
+        pki_dir = bench_peer.peer_pki(args, scratch)
         cmd = [args.client_python, str(args.peer_dir / "grpcio_peer.py"), "--listen"]
         cmd += ["127.0.0.1:0", "--ca", str(pki_dir / "ca.pem")]
         cmd += ["--cert", str(pki_dir / "server.pem"), "--key", str(pki_dir / "server.key")]

@@ -288,9 +288,8 @@ def _run_harness(
     return figures
 
 
-def _peer_round(
-    args: argparse.Namespace, scratch: Path, scale: bool = False, spawn_only: bool = False
-) -> dict[str, float]:
+def peer_pki(args: argparse.Namespace, scratch: Path) -> Path:
+    """The peer's PKI in ``scratch`` (made by its ``pki.py`` the first time)."""
     pki_dir = scratch / "peer-pki"
     if not pki_dir.exists():
         subprocess.run(
@@ -298,6 +297,13 @@ def _peer_round(
             check=True,
             capture_output=True,
         )
+    return pki_dir
+
+
+def _peer_round(
+    args: argparse.Namespace, scratch: Path, scale: bool = False, spawn_only: bool = False
+) -> dict[str, float]:
+    pki_dir = peer_pki(args, scratch)
     proc = subprocess.Popen(
         [
             args.client_python,
