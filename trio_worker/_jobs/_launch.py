@@ -60,7 +60,7 @@ from .._host._place import Sown, make_place, make_seeded_place
 from .._host._spawn import SEEDS_REFUSED, Seed, release_seed_slots
 from .._model import Isolation, Limits
 from ._job import REPORT
-from ._output import OpenLogs, OutputLog
+from ._output import DirectBuffers, OpenLogs, OutputLog
 from ._process import (
     PIPE_SIZES,
     RESOURCE_ERRNOS,
@@ -222,6 +222,8 @@ class Launcher:
         self._job_nofile = job_nofile
         #: The jobs' logs that keep their files open between flushes (on the loop).
         self.open_logs = OpenLogs()
+        #: The aligned buffers the logs' large flushes write with O_DIRECT (on the loop).
+        self.direct_buffers = DirectBuffers()
         #: How many places ``keep_ready`` keeps made ahead of need.
         self._target = ready
         self._ready: deque[Place] = deque()
@@ -671,6 +673,7 @@ class Launcher:
             max_bytes=self._max_output_bytes,
             max_unflushed=self._max_unflushed,
             files=self.open_logs,
+            direct=self.direct_buffers,
         )
         # (Their read ends are non-blocking from the refill's thread: no fcntl here.)
         stdout = PipeReader(sprout.stdout, nonblocking=True)  # (``output_pipe``'s)
@@ -890,6 +893,7 @@ class Launcher:
             max_bytes=self._max_output_bytes,
             max_unflushed=self._max_unflushed,
             files=self.open_logs,
+            direct=self.direct_buffers,
         )
 
 
