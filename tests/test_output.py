@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import random
 import resource
@@ -24,13 +25,40 @@ from hypothesis import strategies as st
 from trio_worker import OutputChunk, OutputStream
 from trio_worker._jobs import _output
 from trio_worker._jobs._output import DEFAULT_CHUNK as DEFAULT
-from trio_worker._jobs._output import Broadcaster, OpenLogs, OutputLog, read_log_file
+from trio_worker._jobs._output import (
+    Broadcaster,
+    DirectBuffers,
+    OpenLogs,
+    OutputLog,
+    read_log_file,
+)
 
 from . import test_faults
 from .conftest import require_root
 
 OUT, ERR = OutputStream.STDOUT, OutputStream.STDERR
 KiB, MiB = 1024, 1024 * 1024
+PAGE = mmap.PAGESIZE
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    """Bytes with no zero in them, so a hole read back as data would show."""
+    return random.Random(seed).randbytes(size).replace(b"\0", b"\1")
+
+
+def takes_direct(directory: Path) -> bool:
+    """Whether the filesystem of ``directory`` opens files with ``O_DIRECT``."""
+    probe = directory / "direct-probe"
+    probe.touch()
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return False
+    finally:
+        probe.unlink()
+    return True
 
 
 class FaultyLog(OutputLog):
@@ -68,6 +96,18 @@ class FaultyLog(OutputLog):
             self.data_budget = max(self.data_budget - written, 0)
         return written
 
+    def _pwrite_direct(self, fd: int, buffer: memoryview, offset: int) -> int:
+        """With a budget, the whole pages that fit (a direct write's unit), then ENOSPC."""
+        budget = self.data_budget
+        if budget is None:
+            return super()._pwrite_direct(fd, buffer, offset)
+        fit = min(budget, len(buffer)) // PAGE * PAGE
+        if fit <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written = os.pwrite(fd, buffer[:fit], offset)
+        self.data_budget = max(budget - written, 0)
+        return written
+
     def _declare_lost(self, a: int, b: int) -> None:
         self.all_lost = [*getattr(self, "all_lost", []), (a, b)]
         super()._declare_lost(a, b)
@@ -90,7 +130,10 @@ class Model:
     the unwritten part of the data (all of it if the index write fails).
     """
 
-    def __init__(self, cap: int | None = None, step: int = 1) -> None:
+    def __init__(self, cap: int | None = None, step: int = 1, direct: int | None = None) -> None:
+        """``direct``: a flush whose whole pages add up to this much writes them with
+        ``O_DIRECT``, where a data budget ends at a page boundary (``_pwrite_direct``)."""
+        self.direct = direct
         self.data = bytearray()
         # Each byte's stream's value (a list of enums took seconds to check: Enum.__hash__).
         self.tags = bytearray()
@@ -149,10 +192,22 @@ class Model:
                 self._lose(a, b)
         else:
             self.records_pending = False
-            if fault[1] < b - a:
-                self._lose(a + fault[1], b)
+            written = self.written(a, b, fault[1])
+            if written < b - a:
+                self._lose(a + written, b)
                 self.records_pending = True
         self.flushed = b
+
+    def written(self, a: int, b: int, budget: int) -> int:
+        """How much of a flush of [a, b) reaches the disk with a data budget: all of the
+        budget, except in the pages written directly, where a page counts whole or not."""
+        first = min(-(-a // PAGE) * PAGE, b)
+        last = b // PAGE * PAGE
+        if self.direct is None or last - first < self.direct:
+            return min(budget, b - a)
+        if budget <= first - a or budget >= last - a:
+            return min(budget, b - a)
+        return first - a + (budget - (first - a)) // PAGE * PAGE
 
     @property
     def lost_ranges(self) -> list[tuple[int, int]]:
@@ -236,10 +291,57 @@ def test_log_matches_bytes_model(
     """Random chunk sizes, stream interleavings, flush points, reader offsets,
     caps and injected write failures: every read, from memory, from disk or
     from a recovered log, equals the model's bytes, tags, gaps and start."""
+    check_against_model(appends, tail, offsets, chunk, cap, step, None)
 
+
+DIRECT_APPENDS = st.lists(
+    st.tuples(
+        st.sampled_from([OUT, ERR]),
+        st.one_of(st.binary(max_size=300), st.integers(1, 5 * PAGE).map(pattern)),
+        st.one_of(FLUSHES, st.tuples(st.just("data"), st.integers(0, 6 * PAGE))),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    appends=DIRECT_APPENDS,
+    tail=st.integers(0, 3 * PAGE),
+    offsets=st.lists(st.integers(0, 60_000), min_size=1, max_size=3),
+    chunk=st.integers(1, 3 * PAGE),
+    cap=st.one_of(st.none(), st.integers(0, 8 * PAGE)),
+    step=st.integers(1, 4 * PAGE),
+    least=st.sampled_from([PAGE, 2 * PAGE]),
+)
+def test_a_log_written_directly_matches_bytes_model(
+    appends: list[tuple[OutputStream, bytes, tuple[str, int] | None]],
+    tail: int,
+    offsets: list[int],
+    chunk: int,
+    cap: int | None,
+    step: int,
+    least: int,
+) -> None:
+    """The same with the whole pages of flushes written with ``O_DIRECT`` (from two-page
+    buffers, so a flush takes several): byte N at offset N at any flush point, and a
+    data write failing part-way in the direct pages loses from a page boundary."""
+    check_against_model(appends, tail, offsets, chunk, cap, step, least)
+
+
+def check_against_model(
+    appends: list[tuple[OutputStream, bytes, tuple[str, int] | None]],
+    tail: int,
+    offsets: list[int],
+    chunk: int,
+    cap: int | None,
+    step: int,
+    least: int | None,
+) -> None:
     async def scenario(directory: Path) -> None:
-        model = Model(cap, step)
-        log = FaultyLog(directory, tail_bytes=tail, max_bytes=cap, drop_step=step)
+        model = Model(cap, step, least if least and takes_direct(directory) else None)
+        direct = None if least is None else DirectBuffers(2, 2 * PAGE, least)
+        log = FaultyLog(directory, tail_bytes=tail, max_bytes=cap, drop_step=step, direct=direct)
         log._retry_interval, log._retry_bytes = 0.0, 0  # every flush tries the disk
         for stream, data, flush in appends:
             log.append(stream, data)
@@ -424,11 +526,6 @@ async def test_broadcaster_never_blocks_the_notifier() -> None:
             b.notify()
     assert woken == 5
     assert b._waiting == []
-
-
-def pattern(size: int, seed: int = 0) -> bytes:
-    """Bytes with no zero in them, so a hole read back as data would show."""
-    return random.Random(seed).randbytes(size).replace(b"\0", b"\1")
 
 
 def disk_usage(directory: Path) -> int:
@@ -666,12 +763,16 @@ async def test_failing_disk_is_retried_by_bytes_while_time_stands_still(
     log.close()
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["cached", "direct"])
 @pytest.mark.parametrize("seed", range(6))
-async def test_concurrent_pumps_followers_faults_and_cap(tmp_path: Path, seed: int) -> None:
+async def test_concurrent_pumps_followers_faults_and_cap(
+    tmp_path: Path, seed: int, direct: bool
+) -> None:
     """Two pumps (as the supervisor runs them), the flusher, followers at
     their own pace, a disk that fails and recovers at random, and a cap: every
     follower gets true bytes in order, jumping only over dropped or lost ones,
-    and the files replay what the log says it kept."""
+    and the files replay what the log says it kept. ``direct``: flushes with two
+    whole pages or more write them with ``O_DIRECT``, from buffers of two pages."""
     rng = random.Random(seed)
     cap = rng.choice([None, 64 * KiB, 300 * KiB])
     model = Model()
@@ -681,6 +782,7 @@ async def test_concurrent_pumps_followers_faults_and_cap(tmp_path: Path, seed: i
         max_unflushed=64 * KiB,
         max_bytes=cap,
         drop_step=16 * KiB,
+        direct=DirectBuffers(2, 2 * PAGE, 2 * PAGE) if direct else None,
     )
     log._retry_interval = 0.005
     received: list[list[OutputChunk]] = []
