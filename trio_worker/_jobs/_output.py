@@ -27,6 +27,14 @@ is dropped, counted in ``dropped_bytes`` and listed in ``lost_ranges``; after a
 failure, data is dropped as it comes without a system call, and the disk is
 tried again at most every 100 ms or 1 MiB appended (and once more at the end).
 
+With :class:`DirectBuffers` (the server's), a flush holding 64 KiB of whole pages or
+more writes those pages with ``O_DIRECT``, copied into one of the server's reused
+aligned buffers, and the partial pages at its ends through the page cache: the page
+cache is neither written nor grown by a fast job's output, and the file's size is
+the log's end after every write, as ``recover`` needs after a crash of the server.
+Lagging readers read through the page cache as before (measured: ``O_DIRECT`` reads
+cost them more). A filesystem that refuses ``O_DIRECT`` (EINVAL) is asked once per log.
+
 Files of one log (all little-endian):
 
 ``output.log``
@@ -137,8 +145,9 @@ _RETRY_INTERVAL = 0.1
 #: ... or after this many more bytes were appended, whichever comes first.
 _RETRY_BYTES = 1024 * 1024
 
-#: Logs that keep their two write fds open between flushes: enough for every job
-#: printing at one moment, few enough that 1,000 jobs fit a 4,096 fd limit.
+#: Logs that keep their write fds (two, three once a flush wrote with ``O_DIRECT``)
+#: open between flushes: enough for every job printing at one moment, few enough
+#: that 1,000 jobs fit a 4,096 fd limit.
 OPEN_LOGS = 128
 
 #: Aligned buffers the server keeps for writing logs with ``O_DIRECT``: one per flush in
@@ -197,7 +206,7 @@ class OpenLogs:
     A log opens its files in its flusher's thread when it writes; past ``limit``
     logs, the least recently flushed ones that are not flushing give up their fds,
     which the flushing log's thread closes (a close may start writeback: not on
-    the loop). A server thus holds at most about ``2 * limit`` log fds, whatever
+    the loop). A server thus holds at most about ``3 * limit`` log fds, whatever
     number of jobs it runs.
     """
 
