@@ -300,11 +300,11 @@ DIRECT_APPENDS = st.lists(
         st.one_of(st.binary(max_size=300), st.integers(1, 5 * PAGE).map(pattern)),
         st.one_of(FLUSHES, st.tuples(st.just("data"), st.integers(0, 6 * PAGE))),
     ),
-    max_size=30,
+    max_size=20,
 )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     appends=DIRECT_APPENDS,
     tail=st.integers(0, 3 * PAGE),

@@ -22,11 +22,11 @@ import pytest
 import trio
 
 from trio_worker import OutputStream
-from trio_worker._jobs._output import DirectBuffers, OutputLog
+from trio_worker._jobs._output import DIRECT_LEAST, DirectBuffers, OutputLog
 
 from . import test_faults
 from .conftest import require_program, require_root
-from .test_output import ERR, OUT, PAGE, Model, collect, pattern
+from .test_output import ERR, OUT, PAGE, FaultyLog, Model, collect, pattern
 
 KiB, MiB = 1024, 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,9 +55,9 @@ def ext4(tmp_path: Path) -> Iterator[Path]:
         mounted = True
         yield mount_point
     finally:
-        if mounted:
-            subprocess.run(["umount", str(mount_point)], check=True)
-        subprocess.run(["losetup", "-d", device], check=True)
+        if mounted:  # (lazily: a failed test may leave a log's files open)
+            subprocess.run(["umount", "-l", str(mount_point)], check=True)
+        subprocess.run(["losetup", "-d", device], check=False)
 
 
 def resident_pages(path: Path) -> int:
@@ -140,12 +140,38 @@ async def test_a_direct_write_on_a_full_disk_loses_whole_pages_only(ext4: Path) 
     model.check(await collect(recovered, 0), 0, lost)
 
 
+async def test_a_direct_write_failing_part_way_counts_the_pages_it_wrote(ext4: Path) -> None:
+    """The partial page before the direct ones is written through the page cache; a
+    failure after one direct page keeps that page and loses the rest, from its end."""
+    model = Model(direct=DIRECT_LEAST)
+    log = FaultyLog(ext4 / "job", tail_bytes=0, direct=DirectBuffers())
+    log._retry_interval, log._retry_bytes = 0.0, 0  # every flush tries the disk
+    await write(log, model, [100], 6)
+    model.flush()
+    budget = (PAGE - 100) + PAGE + 1000  # the partial page, one page, and a bit
+    log.data_budget = budget
+    log.append(OUT, pattern(100 * KiB, 7))
+    model.append(OUT, pattern(100 * KiB, 7))
+    await log.flush()
+    model.flush(("data", budget))
+    assert log.lost_ranges == [(2 * PAGE, log.end)] == model.lost_ranges
+    log.data_budget = None
+    await write(log, model, [5], 8)
+    model.flush()
+    log.finish()
+    await log.flush()
+    log.close()
+    assert log.lost_ranges == model.lost_ranges
+    model.check(await collect(log, 0), 0)
+    model.check(await collect(OutputLog.recover(log.directory), 0), 0)
+
+
 CHILD = textwrap.dedent(
     """
     import random, sys, trio
     from pathlib import Path
     from trio_worker import OutputStream
-    from trio_worker._jobs._output import DirectBuffers, OutputLog
+    from trio_worker._jobs._output import DIRECT_LEAST, DirectBuffers, OutputLog
     from tests.test_output_direct import pieces
 
     async def main():
