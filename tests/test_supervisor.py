@@ -35,7 +35,8 @@ from trio_worker._host._cgroups import NoDriver
 from trio_worker._jobs import _launch, _runner
 from trio_worker._jobs._output import OpenLogs, OutputLog
 from trio_worker._jobs._supervisor import open_supervisor_with_driver, owner_of
-from trio_worker._jobs._turns import let_io_first
+from trio_worker._jobs._turns import Turns, let_io_first
+from trio_worker._net._pending import PendingInput
 
 
 async def output_of(sup: Supervisor, job_id: str, offset: int = 0) -> bytes:
@@ -391,6 +392,76 @@ async def test_let_io_first_lets_what_the_next_poll_finds_run_first() -> None:
                 await let_io_first()
                 order.append("rest")
     assert order == ["io", "rest"] * 40
+
+
+async def test_turns_are_skipped_only_when_no_connection_has_input_waiting() -> None:
+    """``Turns`` with the server's probe (``PendingInput``): a byte waiting on a watched
+    socket makes a piece of work let its reader go first, 40 times in a row; with
+    nothing waiting the piece goes on at once, before a task that was already ready
+    (plain ``let_io_first`` lets that one run first)."""
+    a, b = trio.socket.socketpair()
+    order: list[str] = []
+    turns = Turns()
+    with a, b, PendingInput() as pending:
+        owner = object()
+        pending.watch(a.fileno(), owner)
+        turns.input_waiting = pending
+
+        async def reader() -> None:
+            for _ in range(40):
+                await trio.lowlevel.wait_readable(a)
+                await a.recv(1)
+                order.append("io")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            for _ in range(40):
+                await trio.testing.wait_all_tasks_blocked()
+                await b.send(b"x")  # readable at the loop's next poll
+                await turns.let_io_first()
+                order.append("rest")
+        assert order == ["io", "rest"] * 40
+
+        class Polls(trio.abc.Instrument):
+            polls = 0
+
+            def before_io_wait(self, timeout: float) -> None:
+                self.polls += 1
+
+        counter = Polls()
+        trio.lowlevel.add_instrument(counter)
+        try:
+            for _ in range(10):  # nothing waits, nothing else is ready: no turn taken
+                await turns.let_io_first()
+                await turns.let_io_first_after_checkpoint()
+            assert counter.polls == 10  # (the checkpoints' own)
+            order.clear()
+
+            async def ready() -> None:
+                order.append("ready")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ready)  # another task ready: it goes first
+                await turns.let_io_first()
+                order.append("rest")
+            assert order == ["ready", "rest"]
+            counter.polls = 0
+            await b.send(b"x")  # input waiting: both turns, as plain let_io_first
+            counter.polls = 0
+            await turns.let_io_first()
+            assert counter.polls == 2
+            await a.recv(1)
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+
+        pending.forget(a.fileno(), object())  # not its watcher: still watched
+        await b.send(b"x")
+        assert pending()
+        await a.recv(1)
+        assert not pending()
+        await b.send(b"x")
+        pending.forget(a.fileno(), owner)
+        assert not pending()
 
 
 async def test_a_jobs_end_lets_what_the_same_poll_found_run_first(state_dir: Path) -> None:

@@ -3,14 +3,16 @@
 During a Start burst the loop runs one piece of work after another; a Status (answered
 in its connection's reader, in one step) waits for whatever runs before it. Work that
 is not a reply, such as a Start's later pieces or a job's end, lets what the next poll
-finds run first (``let_io_first``). ARCHITECTURE.md, "The loop during a Start burst".
+finds run first (``Turns.let_io_first``). ARCHITECTURE.md, "The loop during a Start burst".
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
-__all__ = ["let_io_first"]
+__all__ = ["Turns", "let_io_first"]
 
 
 async def let_io_first() -> None:
@@ -24,3 +26,37 @@ async def let_io_first() -> None:
     """
     await trio.lowlevel.cancel_shielded_checkpoint()
     await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+class Turns:
+    """``let_io_first`` for one supervisor, skipped when it would let nothing go first.
+
+    ``input_waiting`` (set by the server: its connections' sockets, polled without
+    waiting) says whether any bytes wait unread. When none do and no other task is
+    ready to run, the two turns of the loop would come straight back to this task,
+    and a Start's path would pay them anyway (three pairs per Start + Wait, ~30 us of
+    the loop each). None (a library's supervisor): every piece takes its turns.
+    """
+
+    __slots__ = ("input_waiting",)
+
+    def __init__(self) -> None:
+        self.input_waiting: Callable[[], bool] | None = None
+
+    def _others_first(self) -> bool:
+        waiting = self.input_waiting
+        return waiting is None or waiting() or trio.lowlevel.current_statistics().tasks_runnable > 0
+
+    async def let_io_first(self) -> None:
+        """``let_io_first``, or nothing (no schedule point) when it would let nothing
+        go first: no input waits, no other task is ready."""
+        if self._others_first():
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def let_io_first_after_checkpoint(self) -> None:
+        """A checkpoint (a cancel point), then a second turn unless it would let
+        nothing go first."""
+        await trio.lowlevel.checkpoint()
+        if self._others_first():
+            await trio.lowlevel.cancel_shielded_checkpoint()
