@@ -1586,6 +1586,7 @@ class Server:
                 raw = socket.socket(fileno=tcp.socket.detach())
             except OSError:
                 return
+            fd = raw.fileno()  # (TLS takes the socket object over: the number stays)
             try:
                 _set_keepalive(raw)
                 handshake_context = self._ssl_context
@@ -1638,7 +1639,7 @@ class Server:
                 self, ssl_stream, identity, auth_error, peer, der, cores[0] if cores else None
             )
             self._connections.add(conn)
-            pending, fd = self._pending, raw.fileno()
+            pending = self._pending
             if pending is not None:
                 pending.watch(fd, conn)
             try:
