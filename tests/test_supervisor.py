@@ -7,6 +7,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -396,10 +397,10 @@ async def test_let_io_first_lets_what_the_next_poll_finds_run_first() -> None:
 
 async def test_turns_are_skipped_only_when_no_connection_has_input_waiting() -> None:
     """``Turns`` with the server's probe (``PendingInput``): a byte waiting on a watched
-    socket makes a piece of work let its reader go first, 40 times in a row; with
-    nothing waiting the piece goes on at once, before a task that was already ready
-    (plain ``let_io_first`` lets that one run first)."""
-    a, b = trio.socket.socketpair()
+    socket (or held by a reader) makes a piece of work let its reader go first, 40
+    times in a row; with nothing waiting the piece takes no turn of the loop."""
+    a, b = socket.socketpair()  # (the reader reads and handles in one step, as a server's)
+    a.setblocking(False)
     order: list[str] = []
     turns = Turns()
     with a, b, PendingInput() as pending:
@@ -410,14 +411,14 @@ async def test_turns_are_skipped_only_when_no_connection_has_input_waiting() -> 
         async def reader() -> None:
             for _ in range(40):
                 await trio.lowlevel.wait_readable(a)
-                await a.recv(1)
+                a.recv(1)
                 order.append("io")
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
             for _ in range(40):
                 await trio.testing.wait_all_tasks_blocked()
-                await b.send(b"x")  # readable at the loop's next poll
+                b.send(b"x")  # readable at the loop's next poll
                 await turns.let_io_first()
                 order.append("rest")
         assert order == ["io", "rest"] * 40
@@ -441,25 +442,30 @@ async def test_turns_are_skipped_only_when_no_connection_has_input_waiting() -> 
                 order.append("ready")
 
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(ready)  # another task ready: it goes first
+                nursery.start_soon(ready)  # a task ready, no input: the piece goes on
                 await turns.let_io_first()
                 order.append("rest")
-            assert order == ["ready", "rest"]
-            counter.polls = 0
-            await b.send(b"x")  # input waiting: both turns, as plain let_io_first
+            assert order == ["rest", "ready"]
+            pending.held += 1  # a reader holds bytes it has read: both turns
             counter.polls = 0
             await turns.let_io_first()
             assert counter.polls == 2
-            await a.recv(1)
+            pending.held -= 1
+            counter.polls = 0
+            b.send(b"x")  # input waiting: both turns, as plain let_io_first
+            counter.polls = 0
+            await turns.let_io_first()
+            assert counter.polls == 2
+            a.recv(1)
         finally:
             trio.lowlevel.remove_instrument(counter)
 
         pending.forget(a.fileno(), object())  # not its watcher: still watched
-        await b.send(b"x")
+        b.send(b"x")
         assert pending()
-        await a.recv(1)
+        a.recv(1)
         assert not pending()
-        await b.send(b"x")
+        b.send(b"x")
         pending.forget(a.fileno(), owner)
         assert not pending()
 

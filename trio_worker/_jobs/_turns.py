@@ -29,13 +29,13 @@ async def let_io_first() -> None:
 
 
 class Turns:
-    """``let_io_first`` for one supervisor, skipped when it would let nothing go first.
+    """``let_io_first`` for one supervisor, skipped when no input waits.
 
     ``input_waiting`` (set by the server: its connections' sockets, polled without
-    waiting) says whether any bytes wait unread. When none do and no other task is
-    ready to run, the two turns of the loop would come straight back to this task,
-    and a Start's path would pay them anyway (three pairs per Start + Wait, ~30 us of
-    the loop each). None (a library's supervisor): every piece takes its turns.
+    waiting, and the bytes its readers hold) says whether a Status could be waiting to
+    be read or handled. When none is, the two turns of the loop would let no reply go
+    first, and a Start's path would pay them anyway (three pairs per Start + Wait, ~30
+    us of the loop each). None (a library's supervisor): every piece takes its turns.
     """
 
     __slots__ = ("input_waiting",)
@@ -43,20 +43,16 @@ class Turns:
     def __init__(self) -> None:
         self.input_waiting: Callable[[], bool] | None = None
 
-    def _others_first(self) -> bool:
-        waiting = self.input_waiting
-        return waiting is None or waiting() or trio.lowlevel.current_statistics().tasks_runnable > 0
-
     async def let_io_first(self) -> None:
-        """``let_io_first``, or nothing (no schedule point) when it would let nothing
-        go first: no input waits, no other task is ready."""
-        if self._others_first():
+        """``let_io_first``, or nothing (no schedule point) when no input waits."""
+        waiting = self.input_waiting
+        if waiting is None or waiting():
             await trio.lowlevel.cancel_shielded_checkpoint()
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def let_io_first_after_checkpoint(self) -> None:
-        """A checkpoint (a cancel point), then a second turn unless it would let
-        nothing go first."""
+        """A checkpoint (a cancel point), then a second turn if input waits."""
         await trio.lowlevel.checkpoint()
-        if self._others_first():
+        waiting = self.input_waiting
+        if waiting is None or waiting():
             await trio.lowlevel.cancel_shielded_checkpoint()

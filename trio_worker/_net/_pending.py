@@ -15,13 +15,18 @@ class PendingInput:
     """A level-triggered epoll of the server's connection sockets (trio's own epoll is
     one-shot and its events are trio's: not to be polled by anyone else). Calling it
     is one ``epoll_wait`` with a zero timeout: True while any socket is readable (bytes
-    the kernel holds, or its end), whether its reader is about to run or not.
+    the kernel holds, or its end), whether its reader is about to run or not, or while
+    a reader holds bytes it read and has not handled yet (``held``: a TLS read that
+    found them at once hands them back after a turn of the loop, and OpenSSL may have
+    read a second record with the first, which no socket shows).
     """
 
-    __slots__ = ("_epoll", "_owners")
+    __slots__ = ("_epoll", "_owners", "held")
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
+        #: Reads handing their bytes back after a turn (``TLSSocketStream.holding``).
+        self.held = 0
         #: fd -> the connection watching it: a closed socket leaves the epoll by itself,
         #: and its number may serve the next connection before the first forgets it.
         self._owners: dict[int, object] = {}
@@ -43,8 +48,8 @@ class PendingInput:
             self._epoll.unregister(fd)
 
     def __call__(self) -> bool:
-        """Whether any watched socket has input waiting now (never blocks)."""
-        return bool(self._owners) and bool(self._epoll.poll(0, 1))
+        """Whether any connection has input waiting now (never blocks)."""
+        return self.held > 0 or (bool(self._owners) and bool(self._epoll.poll(0, 1)))
 
     def close(self) -> None:
         self._owners.clear()

@@ -1642,6 +1642,7 @@ class Server:
             pending = self._pending
             if pending is not None:
                 pending.watch(fd, conn)
+                ssl_stream.holding = pending
             try:
                 await conn.run()
             except Exception:
