@@ -22,7 +22,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import process_alive, require_root
+from tests.conftest import cgroup_parent, process_alive, require_root
 from tests.test_client import Server, certs, server
 from trio_worker import (
     Isolation,
@@ -346,7 +346,7 @@ import trio
 from trio_worker import open_supervisor
 
 async def main():
-    parent = "tw-notes-" + secrets.token_hex(4)
+    parent = sys.argv[3]
     async with open_supervisor(sys.argv[1], cgroup_parent=parent, persist=True) as sup:
         # Its output takes whatever room the disk has left once its start is recorded,
         # before its end is noted.
@@ -365,10 +365,11 @@ def test_a_server_on_a_disk_with_no_room_for_its_end_notes_goes_on(tmp_path: Pat
     # rest, the first end noted wrote into a page with no block: SIGBUS, the server
     # gone. Now: no notes, and a warning.
     state = tmp_path / "disk" / "state"
+    parent = cgroup_parent("tw-notes")
 
     def run(output: int) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-c", _END_ON_AN_ALL_BUT_FULL_DISK, str(state), str(output)],
+            [sys.executable, "-c", _END_ON_AN_ALL_BUT_FULL_DISK, str(state), str(output), parent],
             cwd=Path(__file__).resolve().parent.parent,
             capture_output=True,
             text=True,
