@@ -139,16 +139,27 @@ def _rmdir_tree(directory: Path) -> bool:
     return True
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _remove_the_sessions_parent_groups() -> Iterator[None]:
+    """The parent groups named by fixtures wider than a test (a module's server), once
+    they are done."""
+    yield
+    while _PARENTS:
+        remove_parent_groups(_PARENTS.pop())
+
+
 @pytest.fixture(autouse=True)
 def _remove_the_tests_parent_groups(request: pytest.FixtureRequest) -> Iterator[None]:
     """After each test (and its other fixtures), the parent groups it named are
     removed (``cgroup_parent``), and those of the state directories it made in its
-    ``tmp_path`` (a supervisor's default parent, ``trio-worker-<hash of the path>``)."""
+    ``tmp_path`` (a supervisor's default parent, ``trio-worker-<hash of the path>``).
+    Not those named before it, by a wider fixture (set up first): its server runs on."""
     tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    wider = len(_PARENTS)
     yield
     if tmp is not None:
         _PARENTS.extend(_default_parents(tmp))
-    while _PARENTS:
+    while len(_PARENTS) > wider:
         remove_parent_groups(_PARENTS.pop())
 
 
