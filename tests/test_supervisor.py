@@ -7,7 +7,6 @@ import logging
 import os
 import select
 import signal
-import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,8 +35,7 @@ from trio_worker._host._cgroups import NoDriver
 from trio_worker._jobs import _launch, _runner
 from trio_worker._jobs._output import OpenLogs, OutputLog
 from trio_worker._jobs._supervisor import open_supervisor_with_driver, owner_of
-from trio_worker._jobs._turns import Turns, let_io_first
-from trio_worker._net._pending import PendingInput
+from trio_worker._jobs._turns import let_io_first
 
 
 async def output_of(sup: Supervisor, job_id: str, offset: int = 0) -> bytes:
@@ -393,81 +391,6 @@ async def test_let_io_first_lets_what_the_next_poll_finds_run_first() -> None:
                 await let_io_first()
                 order.append("rest")
     assert order == ["io", "rest"] * 40
-
-
-async def test_turns_are_skipped_only_when_no_connection_has_input_waiting() -> None:
-    """``Turns`` with the server's probe (``PendingInput``): a byte waiting on a watched
-    socket (or held by a reader) makes a piece of work let its reader go first, 40
-    times in a row; with nothing waiting the piece takes no turn of the loop."""
-    a, b = socket.socketpair()  # (the reader reads and handles in one step, as a server's)
-    a.setblocking(False)
-    order: list[str] = []
-    turns = Turns()
-    with a, b, PendingInput() as pending:
-        owner = object()
-        pending.watch(a.fileno(), owner)
-        turns.input_waiting = pending
-
-        async def reader() -> None:
-            for _ in range(40):
-                await trio.lowlevel.wait_readable(a)
-                a.recv(1)
-                order.append("io")
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            for _ in range(40):
-                await trio.testing.wait_all_tasks_blocked()
-                b.send(b"x")  # readable at the loop's next poll
-                await turns.let_io_first()
-                order.append("rest")
-        assert order == ["io", "rest"] * 40
-
-        class Polls(trio.abc.Instrument):
-            polls = 0
-
-            def before_io_wait(self, timeout: float) -> None:
-                self.polls += 1
-
-        counter = Polls()
-        trio.lowlevel.add_instrument(counter)
-        try:
-            for _ in range(10):  # nothing waits, nothing else is ready: no turn taken
-                await turns.let_io_first()
-                await turns.let_io_first_after_checkpoint()
-            assert counter.polls == 10  # (the checkpoints' own)
-            order.clear()
-
-            async def ready() -> None:
-                order.append("ready")
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(ready)  # a task ready, no input: the piece goes on
-                await turns.let_io_first()
-                order.append("rest")
-            assert order == ["rest", "ready"]
-            pending.held += 1  # a reader holds bytes it has read: both turns
-            counter.polls = 0
-            await turns.let_io_first()
-            assert counter.polls == 2
-            pending.held -= 1
-            counter.polls = 0
-            b.send(b"x")  # input waiting: both turns, as plain let_io_first
-            counter.polls = 0
-            await turns.let_io_first()
-            assert counter.polls == 2
-            a.recv(1)
-        finally:
-            trio.lowlevel.remove_instrument(counter)
-
-        pending.forget(a.fileno(), object())  # not its watcher: still watched
-        b.send(b"x")
-        assert pending()
-        a.recv(1)
-        assert not pending()
-        b.send(b"x")
-        pending.forget(a.fileno(), owner)
-        assert not pending()
 
 
 async def test_a_jobs_end_lets_what_the_same_poll_found_run_first(state_dir: Path) -> None:

@@ -7,7 +7,6 @@ Test services use google.protobuf wrappers as messages on made-up paths.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import socket
 import ssl
@@ -1529,20 +1528,3 @@ def test_a_calls_task_is_named_as_trio_would_name_it() -> None:
 
     method = _Connection._call_task
     assert f"{method.__module__}.{method.__qualname__}" == _CALL_TASK
-
-
-async def test_input_waiting_says_whether_a_connection_has_bytes_unread(pki: Pki) -> None:
-    """``Server.input_waiting`` (what lets the supervisor's pieces of loop work skip their
-    turns): False for an idle connection, True once its socket holds bytes the server has
-    not read, and True (every piece takes its turns) when not serving."""
-    async with (
-        running_server(pki, methods(Probe())) as r,
-        RawClient.connect(pki, r.port) as client,
-    ):
-        await trio.testing.wait_all_tasks_blocked()
-        assert not r.server.input_waiting()
-        sock = client.stream.transport_stream.socket
-        os.write(sock.fileno(), b"\x17")  # (no turn of the loop until the check)
-        assert r.server.input_waiting()
-        server = r.server
-    assert server.input_waiting()

@@ -41,7 +41,7 @@ from ._queries import JobTable
 from ._records import JobRecords
 from ._runner import JobRunner
 from ._stdin import DEFAULT_TERMINAL_SIZE, StdinWriter, check_terminal_size
-from ._turns import Turns
+from ._turns import let_io_first
 
 __all__ = ["Admission"]
 
@@ -66,10 +66,8 @@ class Admission:
         spawn_in_thread: bool,
         ready_places: int = 0,
         max_unflushed: int | None = None,
-        turns: Turns | None = None,
     ) -> None:
         self._table = table
-        self._turns = turns if turns is not None else Turns()
         self._records = records
         self._runner = runner
         self._jobs_dir = jobs_dir
@@ -204,7 +202,7 @@ class Admission:
                     # The job's process exists; what is left of the Start (its
                     # record, the runner, the reply: ~0.4 ms of the loop) waits for
                     # what the loop's next poll finds, a Status answered in its reader.
-                    await self._turns.let_io_first()
+                    await let_io_first()
                 finally:
                     self.launcher.replenish()
         except BaseException:

@@ -51,7 +51,7 @@ from . import _lifecycle as lc
 from ._job import REPORT, Job, kill, kill_now, now, remove_cgroup
 from ._process import JobProcess, PipeReader
 from ._records import JobRecords
-from ._turns import Turns
+from ._turns import let_io_first
 
 __all__ = ["JobRunner"]
 
@@ -114,11 +114,8 @@ class _Watch:
 class JobRunner:
     """Watches running jobs' pipes and exits; ends each job exactly once."""
 
-    def __init__(
-        self, nursery: trio.Nursery, records: JobRecords, turns: Turns | None = None
-    ) -> None:
+    def __init__(self, nursery: trio.Nursery, records: JobRecords) -> None:
         self._nursery = nursery
-        self._turns = turns if turns is not None else Turns()
         self._records = records
         self._epoll: select.epoll | None = None
         #: fd -> what it is: a job's pidfd (its ``_Watch``) or one of its pipes.
@@ -141,7 +138,7 @@ class JobRunner:
                         # A job's end is ~0.3 ms of the loop: a Status that arrived
                         # meanwhile goes first. The events are read again after (an
                         # fd may have left the epoll in between); all are level-triggered.
-                        await self._turns.let_io_first()
+                        await let_io_first()
                         events = epoll.poll(0, _MAX_EVENTS)
                     self._handle(events)
             finally:

@@ -41,7 +41,6 @@ from ._records import JobRecords, Retention
 from ._runner import JobRunner
 from ._statedir import END_NOTES, StateDir
 from ._store import JobStore, SqliteJobStore
-from ._turns import Turns
 
 __all__ = [
     "LOST_ERROR",
@@ -94,9 +93,7 @@ class Supervisor(metaclass=NoPublicConstructor):
             retention or Retention(),
             notes_path=None if store is None else state_dir / END_NOTES,
         )
-        #: Whether a piece of loop work lets input go first (the server says what waits).
-        self._turns = Turns()
-        self._runner = JobRunner(nursery, self._records, self._turns)
+        self._runner = JobRunner(nursery, self._records)
         self._admission = Admission(
             self._jobs,
             self._records,
@@ -110,7 +107,6 @@ class Supervisor(metaclass=NoPublicConstructor):
             spawn_in_thread=spawn_in_thread,
             ready_places=ready_places,
             max_unflushed=max_unflushed,
-            turns=self._turns,
         )
         self._runner.retire = self._admission.launcher.retire
         self._kills = KillTimer(nursery)
@@ -232,10 +228,10 @@ class Supervisor(metaclass=NoPublicConstructor):
         passwd; ``env`` on top)
         and starts in that user's home (``/`` without one) unless ``cwd`` says.
         """
+        await trio.lowlevel.checkpoint()
         # Twice: the Start's first piece of loop work (checks, a place, the launch)
-        # comes after what the loop's next poll finds, a Status (see ``let_io_first``);
-        # the second only when input waits (``Turns``).
-        await self._turns.let_io_first_after_checkpoint()
+        # comes after what the loop's next poll finds, a Status (see ``let_io_first``).
+        await trio.lowlevel.cancel_shielded_checkpoint()
         if self._closing:
             raise ShuttingDown("the supervisor is shutting down")
         self._starting += 1

@@ -24,21 +24,16 @@ import math
 import socket
 import ssl
 from collections.abc import Callable, Iterable
-from typing import Final, Protocol
+from typing import Final
 
 import trio
 
-__all__ = ["Holding", "TLSSocketStream"]
+__all__ = ["TLSSocketStream"]
 
 _CLOSED_ERRORS: Final = (OSError, ssl.SSLError, ValueError)
 #: Writes of at least this much go out corked (``TLSSocketStream._send_pending``): bulk
 #: output, not a small response, which leaves at once as it did.
 _CORK_FROM: Final = 64 * 1024
-
-
-class Holding(Protocol):
-    #: Reads under way that hold bytes for their caller's next step.
-    held: int
 
 
 class TLSSocketStream:
@@ -65,9 +60,6 @@ class TLSSocketStream:
         self._want_read = False
         #: TCP_CORK around bulk writes (see ``_send_pending``); off where it is refused
         self._cork = sock.family in (socket.AF_INET, socket.AF_INET6)
-        #: Counts the reads handed back after a turn of the loop (a server's
-        #: ``PendingInput``): bytes read and not handled yet, which no socket shows.
-        self.holding: Holding | None = None
 
     @property
     def socket(self) -> ssl.SSLSocket:
@@ -119,15 +111,7 @@ class TLSSocketStream:
                 raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
             else:
                 if not waited:
-                    holding = self.holding
-                    if holding is None:
-                        await trio.lowlevel.checkpoint()
-                    else:
-                        holding.held += 1
-                        try:
-                            await trio.lowlevel.checkpoint()
-                        finally:
-                            holding.held -= 1
+                    await trio.lowlevel.checkpoint()
                 return data
 
     @property

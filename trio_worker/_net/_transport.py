@@ -81,7 +81,6 @@ from ._connection import (
     Connection,
     ConnectionSettings,
 )
-from ._pending import PendingInput
 from ._sockets import set_keepalive as _set_keepalive
 from ._tlsstream import TLSSocketStream
 
@@ -1357,8 +1356,6 @@ class Server:
         self._all_closed = trio.Event()
         self._stopped = trio.Event()
         self._started = False
-        #: The connections' sockets, watched for input waiting while serving.
-        self._pending: PendingInput | None = None
         self._last_refusal_log = -math.inf
 
     def new_core(self) -> GRPCServerConnection:
@@ -1421,22 +1418,14 @@ class Server:
         self._port = listeners[0].socket.getsockname()[1]
         log.info("listening on %s", ", ".join(self._addresses))
         try:
-            with PendingInput() as self._pending:
-                async with trio.open_nursery() as nursery:
-                    self._serve_scope = nursery.cancel_scope
-                    nursery.start_soon(self._accept_all, listeners, nursery)
-                    task_status.started(self._port)
+            async with trio.open_nursery() as nursery:
+                self._serve_scope = nursery.cancel_scope
+                nursery.start_soon(self._accept_all, listeners, nursery)
+                task_status.started(self._port)
         finally:
-            self._pending = None
             for listener in listeners:
                 listener.socket.close()
             self._stopped.set()
-
-    def input_waiting(self) -> bool:
-        """Whether any connection has bytes waiting unread (True when not serving): a
-        Status a piece of the supervisor's loop work should let go first."""
-        pending = self._pending
-        return True if pending is None else pending()
 
     async def drain(self, grace: float = 5.0) -> None:
         """Stop gracefully: stop accepting, GOAWAY everyone, let calls in flight finish for
@@ -1586,7 +1575,6 @@ class Server:
                 raw = socket.socket(fileno=tcp.socket.detach())
             except OSError:
                 return
-            fd = raw.fileno()  # (TLS takes the socket object over: the number stays)
             try:
                 _set_keepalive(raw)
                 handshake_context = self._ssl_context
@@ -1639,10 +1627,6 @@ class Server:
                 self, ssl_stream, identity, auth_error, peer, der, cores[0] if cores else None
             )
             self._connections.add(conn)
-            pending = self._pending
-            if pending is not None:
-                pending.watch(fd, conn)
-                ssl_stream.holding = pending
             try:
                 await conn.run()
             except Exception:
@@ -1653,8 +1637,6 @@ class Server:
                 return
             finally:
                 self._connections.discard(conn)
-                if pending is not None:
-                    pending.forget(fd, conn)
             graceful = conn.drained
         finally:
             try:

@@ -173,9 +173,6 @@ async def run_server(
             on_call=record,
             on_drain=on_drain,
         )
-        # A Start's pieces of loop work and a job's end skip their turns when no
-        # connection has input waiting (``_jobs/_turns.Turns``).
-        supervisor._turns.input_waiting = server.input_waiting
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.serve, settings.host, settings.port)
             if handle_signals:
