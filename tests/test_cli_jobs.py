@@ -487,8 +487,9 @@ def test_a_start_whose_record_cannot_be_written_is_refused_not_lost_to_a_crash(
 ) -> None:
     # On a full disk a Start was answered, its record pending in memory: SIGKILL the
     # server and the restarted one had never heard of the job ("removed N job
-    # directories with no record"). Once the store has refused a write, a Start commits
-    # its record before the spawn, or is refused (9) and nothing runs.
+    # directories with no record"). The commit that finds the disk full takes the
+    # store's reserve; from then on a Start commits its record before the spawn, or is
+    # refused (9) and nothing runs.
     with _on_a_small_disk(tmp_path) as (home, disk, env, args):
         server = ServerProcess.start(args, env)
         try:
@@ -501,9 +502,14 @@ def test_a_start_whose_record_cannot_be_written_is_refused_not_lost_to_a_crash(
                 assert time.monotonic() < deadline, "the record was never committed"
                 time.sleep(0.02)
             filler = fill(disk)
-            # The first Start meets the full disk: its answer came before the refusal.
+            # The first Start meets the full disk: answered before its record's commit,
+            # which goes in, in the room of the reserve it gives up.
             first = ok(dev("start", "--", "sleep", "600")).decode().strip()
-            server.wait_for(rf"job {first}: cannot record it")
+            server.wait_for(r"the job database's disk is full: its reserve \(\d+ KiB\)")
+            while first not in recorded(db):
+                assert time.monotonic() < deadline, "the record was never committed"
+                time.sleep(0.02)
+            refill = fill(disk)  # (what the commit left of the reserve's room)
             refused = dev("start", "--", "sleep", "600")
             err = assert_one_line_error(refused, 9)
             assert "its record cannot be written" in err, err
@@ -512,12 +518,10 @@ def test_a_start_whose_record_cannot_be_written_is_refused_not_lost_to_a_crash(
             server.proc.kill()
             assert server.stop() == -signal.SIGKILL  # (its pipes closed)
             filler.unlink()
+            refill.unlink()
             server = ServerProcess.start(args, env)
             dev = DevServer(server, home, env, server.port())
             listed = {job["id"]: job["state"] for job in json.loads(ok(dev("list", "--json")))}
-            assert listed[kept] == "lost", listed
-            # (``first`` was answered before the store refused its record: kept if a
-            # retry wrote it before the crash, else gone: the window README tells of.)
-            assert set(listed) <= {kept, first}, listed
+            assert listed == {kept: "lost", first: "lost"}, listed
         finally:
             assert server.stop() == 0, server.stderr

@@ -47,7 +47,7 @@ from trio_worker._host._cgroups import _memory_limit_files as _limit_files_watch
 from trio_worker._host._spawn import ChildSetupError, Credentials, Seed, Stage
 from trio_worker._jobs._supervisor import Supervisor
 
-from .conftest import process_alive, require_root
+from .conftest import cgroup_parent, process_alive, require_root
 from .test_reaper import reapers_of
 from .test_spawn import unix_user
 
@@ -480,7 +480,7 @@ async def _seeded_supervisor(
     """A supervisor under a cgroup parent of its own, once its places have their seeds:
     it and the seeds' (job id, pid), oldest place first."""
     require_root("cgroups")
-    parent = "tw-seed-" + secrets.token_hex(4)
+    parent = cgroup_parent("tw-seed")
     async with open_supervisor(tmp_path / "state", cgroup_parent=parent) as sup:
         seeds = await _ready_seeds(sup)
         assert seeds
@@ -771,7 +771,7 @@ def _jobs_under_a_new_top() -> Iterator[tuple[str, list[tuple[Path, str, str]]]]
     the groups are removed afterwards. Skips where there are no cgroups or no memory
     controller."""
     require_root("cgroups")
-    top = "tw-seed-" + secrets.token_hex(4)
+    top = cgroup_parent("tw-seed")
     driver = detect(f"{top}/jobs")
     if isinstance(driver, NoDriver):
         pytest.skip(f"no usable cgroups: {driver.reason}")
@@ -985,7 +985,7 @@ trio.run(main, sys.argv[1], sys.argv[2])
 
 def test_a_server_killed_by_sigkill_leaves_no_seed_running(tmp_path: Path) -> None:
     require_root("cgroups")
-    parent = "tw-seed-" + secrets.token_hex(4)
+    parent = cgroup_parent("tw-seed")
     log = tmp_path / "server.log"  # (a file: a pipe nobody reads could stop the server)
     with (
         log.open("wb") as log_file,
