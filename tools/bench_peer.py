@@ -80,6 +80,12 @@ FIGURES = {
 }
 
 
+#: Suffix of a figure's server CPU (s per run) as bench.py measures it.
+SERVER_CPU = "__server_cpu"
+#: Rows whose server CPU is printed.
+CPU_ROWS = ("stream_follow_256MiB", "stream_replay_256MiB", "fanout_16x64MiB_aggregate")
+
+
 def table_rows(spawn: int, scale: int) -> dict[str, tuple[str, bool]]:
     """FIGURES with the spawn rows for ``--spawn`` jobs, then the scale rows (``--scale``)."""
     rows: dict[str, tuple[str, bool]] = {}
@@ -219,7 +225,14 @@ def _figures(cmd: list[str], label: str, what: str) -> dict[str, float]:
     if out.returncode != 0:
         print(f"# {label}: {what} failed: {out.stderr.strip()[-500:]}", file=sys.stderr)
     records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    return {record["figure"]: record["median"] for record in records}
+    figures = {record["figure"]: record["median"] for record in records}
+    # bench.py's server CPU per run (the output rows): robust to load where rates are not.
+    figures |= {
+        f"{record['figure']}{SERVER_CPU}": record["server_cpu_s"]
+        for record in records
+        if "server_cpu_s" in record
+    }
+    return figures
 
 
 def _spawn(
@@ -530,6 +543,18 @@ def main() -> None:
             cells += f"{value:>14.2f}{ratio:>7.2f}"
         if seen:
             print(f"{row:44}{cells}{peer:>12.2f}")
+    cpu_lines = []
+    for figure in CPU_ROWS:
+        cells = [
+            f"{name} {value:.2f}"
+            for name in results
+            if (value := median(name, figure + SERVER_CPU)) is not None
+        ]
+        if cells:
+            cpu_lines.append(f"{FIGURES[figure][0].split(' (')[0]:44}{'   '.join(cells)}")
+    if cpu_lines:
+        print("the server's CPU per run (s), medians (robust to load where the rates are not):")
+        print("\n".join(cpu_lines))
     if args.rounds > 1:
         print("range over the rounds (min-max):")
         for figure, (row, _) in rows.items():
