@@ -10,9 +10,12 @@ is a failure, so CI can never go green by skipping them.
 from __future__ import annotations
 
 import compileall
+import contextlib
+import errno
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,7 +23,8 @@ import pytest
 
 import trio_worker
 from trio_worker import Limits, Supervisor
-from trio_worker._host._cgroups import JobCgroup, NoDriver, detect
+from trio_worker._host._cgroups import CGROUP_ROOT, JobCgroup, NoDriver, _own_cgroups, detect
+from trio_worker._jobs._supervisor import _cgroup_parent_for
 
 # The per-test timeout's hooks, safe inside trio runs (see ``_timeouts``).
 from ._timeouts import pytest_runtest_call, pytest_timeout_set_timer  # noqa: F401
@@ -55,6 +59,129 @@ def require_program(name: str, what: str = "this test") -> str:
             f"{message}, and TRIO_WORKER_REQUIRE_ROOT=1 forbids skipping (.ci/run installs it)"
         )
     pytest.skip(message)
+
+
+#: The parent groups the tests of this process named (``cgroup_parent``), until the
+#: fixture after each test removes them.
+_PARENTS: list[str] = []
+
+#: How long (s) the removal waits for a group's processes to go: the reapers of a server
+#: a test SIGKILLed kill its jobs and remove their groups on their own.
+_PARENT_GONE_WAIT = 10.0
+
+
+def cgroup_parent(prefix: str = "trio-worker-test") -> str:
+    """A name for a server's parent group no other test (of any process) uses: its
+    groups, in every hierarchy, are removed after the test, with any job groups left
+    in them. A server that stops cleanly removes its parent itself; a SIGKILLed one (or
+    a test that failed half-way) left it behind, empty: ~1,200 of them in a session."""
+    name = f"{prefix}-{os.getpid()}-{secrets.token_hex(3)}"
+    _PARENTS.append(name)
+    return name
+
+
+def named_parent(name: str) -> str:
+    """``name`` as a parent group its test's servers share (a restart finds the
+    leftovers of the server before it), removed after the test as ``cgroup_parent``'s."""
+    if name not in _PARENTS:
+        _PARENTS.append(name)
+    return name
+
+
+def parent_group_dirs(name: str) -> list[Path]:
+    """The directories a parent group ``name`` has (or would have) in this host's
+    hierarchies: under this process's own group, as ``detect`` makes it, and at the
+    top (``base="/"``); each v1 hierarchy, the unified one, or a pure v2 host's root."""
+    mounts: dict[str, Path] = {}
+    if (CGROUP_ROOT / "cgroup.controllers").is_file():
+        mounts = {"unified": CGROUP_ROOT}
+    else:
+        with contextlib.suppress(OSError):
+            mounts = {m.name: m for m in CGROUP_ROOT.iterdir() if (m / "cgroup.procs").exists()}
+    own = _own_cgroups()
+    found: list[Path] = []
+    for key, mount in mounts.items():
+        for base in {own.get(key, "/").strip("/"), ""}:
+            found.append((mount / base if base else mount) / name)
+    return found
+
+
+def remove_parent_groups(name: str, wait: float = _PARENT_GONE_WAIT) -> list[Path]:
+    """rmdir the parent group ``name`` in every hierarchy, and the groups under it,
+    deepest first; return those still there after ``wait`` seconds (they hold
+    processes: a job outlived its test)."""
+    deadline = time.monotonic() + wait
+    while True:
+        left = [d for d in parent_group_dirs(name) if not _rmdir_tree(d)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)  # (a killed server's reapers are still killing its jobs)
+
+
+def _rmdir_tree(directory: Path) -> bool:
+    """Remove the cgroup ``directory`` and its subgroups; False if some hold processes."""
+    for sub, names, _ in os.walk(directory, topdown=False):
+        for one in names:
+            with contextlib.suppress(FileNotFoundError):
+                try:
+                    os.rmdir(os.path.join(sub, one))
+                except OSError as exc:
+                    if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                        raise
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+            raise
+        return False
+    return True
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _remove_the_sessions_parent_groups() -> Iterator[None]:
+    """The parent groups named by fixtures wider than a test (a module's server), once
+    they are done."""
+    yield
+    while _PARENTS:
+        remove_parent_groups(_PARENTS.pop())
+
+
+@pytest.fixture(autouse=True)
+def _remove_the_tests_parent_groups(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test (and its other fixtures), the parent groups it named are
+    removed (``cgroup_parent``), and those of the state directories it made in its
+    ``tmp_path`` (a supervisor's default parent, ``trio-worker-<hash of the path>``).
+    Not those named before it, by a wider fixture (set up first): its server runs on."""
+    tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    wider = len(_PARENTS)
+    yield
+    if tmp is not None:
+        _PARENTS.extend(_default_parents(tmp))
+    while len(_PARENTS) > wider:
+        remove_parent_groups(_PARENTS.pop())
+
+
+#: Directories ``_default_parents`` does not look into: a state directory's own.
+_NOT_STATE = frozenset({"jobs", "pki", "ca", "certs"})
+
+
+def _default_parents(tmp: Path, depth: int = 6) -> list[str]:
+    """The default parent group names (``_cgroup_parent_for``) of the directories
+    under ``tmp`` that have one in some hierarchy: state directories of its test."""
+    names: list[str] = []
+    level = [tmp]
+    for _ in range(depth):
+        below: list[Path] = []
+        for directory in level:
+            with contextlib.suppress(OSError), os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.name not in _NOT_STATE and entry.is_dir(follow_symlinks=False):
+                        below.append(Path(entry.path))
+        names += [_cgroup_parent_for(d) for d in below]
+        level = below
+    return [n for n in names if any(d.exists() for d in parent_group_dirs(n))]
 
 
 async def job_dirs(sup: Supervisor) -> set[str]:
@@ -106,7 +233,7 @@ def job_group() -> Iterator[tuple[list[int], JobCgroup]]:
     """A job's group (every hierarchy, under a parent of its own) and the fds a child
     writes to join it; the group is killed and removed afterwards."""
     require_root("cgroups")
-    driver = detect(f"trio-worker-test-{secrets.token_hex(4)}")
+    driver = detect(cgroup_parent())
     try:
         if isinstance(driver, NoDriver):
             pytest.skip(f"no usable cgroups: {driver.reason}")

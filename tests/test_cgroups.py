@@ -47,7 +47,7 @@ from trio_worker._jobs._process import JobProcess, SpawnError, StartSpec
 from trio_worker._limits import MIN_CPUS, MIN_MEMORY, LimitPolicy, validate_limits
 from trio_worker._model import Limits
 
-from .conftest import joining, process_alive, require_root
+from .conftest import cgroup_parent, joining, process_alive, require_root
 
 UNIFIED = CGROUP_ROOT / "unified"
 MiB = 1 << 20
@@ -90,7 +90,7 @@ def drivers() -> Iterator[Callable[..., CgroupDriver]]:
     made: list[CgroupDriver] = []
 
     def make(**kwargs: object) -> CgroupDriver:
-        kwargs.setdefault("parent", f"trio-worker-test-{os.getpid()}-{secrets.token_hex(3)}")
+        kwargs.setdefault("parent", cgroup_parent())
         driver = detect(**kwargs)  # type: ignore[arg-type]
         made.append(driver)
         return driver
@@ -98,6 +98,7 @@ def drivers() -> Iterator[Callable[..., CgroupDriver]]:
     yield make
     for driver in made:
         driver.cleanup_leftovers()
+        driver.close()
         driver.close()
         for parent in driver._parent_dirs():
             assert not parent.exists(), f"{parent} was left behind"
@@ -748,7 +749,7 @@ def test_leftovers_from_an_earlier_run_are_killed_and_removed(
     drivers: Callable[..., CgroupDriver], procs: list[subprocess.Popen[bytes]]
 ) -> None:
     require_root("cgroup v1 tests")
-    parent = f"trio-worker-test-{os.getpid()}-{secrets.token_hex(3)}"
+    parent = cgroup_parent()
     first = drivers(parent=parent)
     groups = [first.create(job_id, Limits(pids=5)) for job_id in ("old1", "old2")]
     sleepers = [spawn(procs, ["sleep", "60"], g) for g in groups]

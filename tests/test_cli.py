@@ -31,6 +31,7 @@ import grpc
 import pytest
 import trio
 
+from tests.conftest import named_parent
 from trio_worker import pki
 from trio_worker._identity import Role
 from trio_worker._pb import worker_pb2 as pb
@@ -72,8 +73,9 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
 
 def own_cgroup(directory: Path) -> list[str]:
     """Servers of one test run share a cgroup: each needs its own parent group, or one
-    would remove the other's job groups (and the parent itself when it stops)."""
-    return ["--cgroup-parent", f"trio-worker-test-{os.getpid()}-{directory.name}"]
+    would remove the other's job groups (and the parent itself when it stops). (The
+    same ``directory``, the same parent: a restarted server finds its leftovers.)"""
+    return ["--cgroup-parent", named_parent(f"trio-worker-test-{os.getpid()}-{directory.name}")]
 
 
 def cli(

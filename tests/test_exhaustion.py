@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import require_root
+from .conftest import cgroup_parent, require_root
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,7 +87,7 @@ async def records(sup):
 
 async def main():
     report = {"refused": 0, "started": 0, "messages": set(), "steps": [], "seeds": []}
-    parent = "tw-emfile-" + secrets.token_hex(4)
+    parent = sys.argv[3]
     async with open_supervisor(sys.argv[1], cgroup_parent=parent, persist=PERSIST) as sup:
         jobs_dir = Path(sys.argv[1]) / "jobs"
         keeper = await sup.start("sleep", ["60"])  # one running job throughout
@@ -158,7 +158,7 @@ def test_start_without_descriptors_is_refused_and_leaks_nothing(tmp_path: Path, 
     require_root("cgroups")
     state = tmp_path / "state"
     result = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(state), store],
+        [sys.executable, "-c", _SCRIPT, str(state), store, cgroup_parent("tw-emfile")],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -203,7 +203,7 @@ def fds(launcher):
     return len(os.listdir("/proc/self/fd")) - held
 
 async def main():
-    parent = "tw-many-" + secrets.token_hex(4)
+    parent = sys.argv[3]
     async with open_supervisor(sys.argv[1], cgroup_parent=parent, persist=False) as sup:
         raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         jobs = [await sup.start("sleep", ["600"])]
@@ -231,7 +231,14 @@ trio.run(main)
 def test_a_thousand_sleeping_jobs_with_a_stock_fd_limit(tmp_path: Path) -> None:
     n = 1000
     result = subprocess.run(
-        [sys.executable, "-c", _THOUSAND, str(tmp_path / "state"), str(n)],
+        [
+            sys.executable,
+            "-c",
+            _THOUSAND,
+            str(tmp_path / "state"),
+            str(n),
+            cgroup_parent("tw-many"),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -339,7 +346,7 @@ def lowest_free():
     return fd
 
 async def main():
-    parent = "tw-endfd-" + secrets.token_hex(4)
+    parent = sys.argv[2]
     async with open_supervisor(sys.argv[1], cgroup_parent=parent, persist=False) as sup:
         await sup._admission.launcher.settled()
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -390,7 +397,13 @@ def test_a_job_ending_without_a_descriptor_to_spare_ends_and_the_server_goes_on(
     # and ended the supervisor, whose shutdown then waited for that job forever.
     require_root("cgroups")
     result = subprocess.run(
-        [sys.executable, "-c", _END_WITHOUT_FDS, str(tmp_path / "state")],
+        [
+            sys.executable,
+            "-c",
+            _END_WITHOUT_FDS,
+            str(tmp_path / "state"),
+            cgroup_parent("tw-endfd"),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -22,7 +22,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import process_alive, require_root
+from tests.conftest import cgroup_parent, process_alive, require_root
 from tests.test_client import Server, certs, server
 from trio_worker import (
     Isolation,
@@ -108,19 +108,23 @@ async def test_full_disk_jobs_run_end_and_their_records_land_later(tmp_path: Pat
             before = await sup.start("cat", stdin=True)  # ends once its stdin is closed
             await sup.housekeep()  # (their records are in)
             filler = fill(disk)
-            # The first Start once the disk is full runs, with its record pending: the
-            # store has not refused a write yet.
+            # The first Start once the disk is full runs, answered before its record's
+            # commit: the commit finds the disk full, gives up the store's reserve and
+            # goes in, in its room (and the job's end, written once it ended).
             short = await sup.start("sh", ["-c", "echo hello; exit 0"])
             assert short.state is JobState.RUNNING
             end = await sup.wait(short.id)
             assert (end.state, end.exit_code) == (JobState.EXITED, 0)
-            assert end.output_bytes == 6  # counted, though it could not be written
+            assert end.output_bytes == 6  # counted, written or not
             assert sup.status(short.id).state is JobState.EXITED
-            # Once it has, a Start is refused, before anything runs: a crash would
-            # erase a job whose record is not written. (Its records wait in the queue
-            # for the group commit, which a Start could come before: tried now.)
             await sup._records.commit_queued()
+            assert recorded(state / "jobs.db")[short.id] == "exited"
+            assert not sup._store.reserved
+            # Without the reserve, a Start commits its record before anything runs, and
+            # once the disk is full again it is refused: a crash would erase a job whose
+            # record is not written.
             assert sup._records.refusing
+            refill = fill(disk)
             listed = [j.id for j in sup.list()]
             with pytest.raises(ResourceExhausted, match="its record cannot be written"):
                 await sup.start("true")
@@ -129,20 +133,22 @@ async def test_full_disk_jobs_run_end_and_their_records_land_later(tmp_path: Pat
             await sup.close_stdin(before.id)  # (its start was recorded: its end is not)
             assert await wait_ended(sup, before.id) is JobState.EXITED
             await sup.housekeep()  # a retry while still full changes nothing, raises nothing
-            rows = recorded(state / "jobs.db")
-            assert short.id not in rows
+            assert not sup._store.reserved
             assert sup.status(unrelated.id).state is JobState.RUNNING
             assert process_alive(unrelated.pid)
 
             filler.unlink()
+            refill.unlink()
             # With room again, a Start commits its record before its spawn (the store
-            # has not taken a write since it refused one): one that cannot run is
-            # FAILED, its end an update of that record; the next goes as usual.
+            # has no reserve yet: housekeeping makes it): one that cannot run is FAILED,
+            # its end an update of that record; the next goes as usual.
             missing = await sup.start("/no/such/command")
             assert missing.state is JobState.FAILED
             back = await sup.start("sh", ["-c", "exit 4"])
             assert (await sup.wait(back.id)).exit_code == 4
             await sup.housekeep()
+            assert sup._store.reserved
+            assert not sup._records.refusing
             rows = recorded(state / "jobs.db")
             assert rows[short.id] == "exited"
             assert rows[before.id] == "exited"
@@ -346,7 +352,7 @@ import trio
 from trio_worker import open_supervisor
 
 async def main():
-    parent = "tw-notes-" + secrets.token_hex(4)
+    parent = sys.argv[3]
     async with open_supervisor(sys.argv[1], cgroup_parent=parent, persist=True) as sup:
         # Its output takes whatever room the disk has left once its start is recorded,
         # before its end is noted.
@@ -365,10 +371,11 @@ def test_a_server_on_a_disk_with_no_room_for_its_end_notes_goes_on(tmp_path: Pat
     # rest, the first end noted wrote into a page with no block: SIGBUS, the server
     # gone. Now: no notes, and a warning.
     state = tmp_path / "disk" / "state"
+    parent = cgroup_parent("tw-notes")
 
     def run(output: int) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-c", _END_ON_AN_ALL_BUT_FULL_DISK, str(state), str(output)],
+            [sys.executable, "-c", _END_ON_AN_ALL_BUT_FULL_DISK, str(state), str(output), parent],
             cwd=Path(__file__).resolve().parent.parent,
             capture_output=True,
             text=True,

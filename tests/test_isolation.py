@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from trio_worker._host._isolation import (
 )
 from trio_worker._model import Isolation, Limits
 
-from .conftest import joining, process_alive, require_root
+from .conftest import cgroup_parent, joining, process_alive, require_root
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -363,7 +362,7 @@ def test_runs_as_module_too() -> None:
 def test_namespaced_job_is_tracked_and_killed_by_its_cgroup(
     run: Callable[..., subprocess.Popen[bytes]],
 ) -> None:
-    driver = detect(f"trio-worker-test-{os.getpid()}-{secrets.token_hex(3)}")
+    driver = detect(cgroup_parent())
     proc = None
     try:
         isolation = Isolation(pid=True)

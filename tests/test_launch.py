@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import require_root
+from tests.conftest import cgroup_parent, require_root
 from tests.test_cgroups import UNIFIED
 from trio_worker import JobState, Limits, open_supervisor
 from trio_worker._host._cgroups import V1Driver, V2Driver, detect
@@ -53,7 +52,7 @@ async def test_a_start_takes_a_ready_place_and_the_rest_go_with_the_supervisor(
 ) -> None:
     require_root("cgroups")
     state = tmp_path / "state"
-    parent = "tw-places-" + secrets.token_hex(4)
+    parent = cgroup_parent("tw-places")
     async with open_supervisor(state, cgroup_parent=parent) as sup:
         launcher = sup._admission.launcher
         await launcher.settled()
@@ -113,7 +112,7 @@ CRASHING = textwrap.dedent(
 async def test_places_left_by_a_crash_are_removed_at_the_next_start(tmp_path: Path) -> None:
     require_root("cgroups")
     state = tmp_path / "state"
-    parent = "tw-places-" + secrets.token_hex(4)
+    parent = cgroup_parent("tw-places")
 
     def run_and_crash() -> dict[str, list[str]]:
         with subprocess.Popen(
@@ -182,7 +181,7 @@ async def test_an_ended_jobs_group_is_removed_while_the_supervisor_runs(tmp_path
     # Ended jobs' groups go with the next round of place-making (one thread call for both),
     # or are recycled for the next places: no other group stays.
     require_root("cgroups")
-    parent = "tw-places-" + secrets.token_hex(4)
+    parent = cgroup_parent("tw-places")
     # Without a store, a job's end is recorded (and its group retired) as Wait answers.
     async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
         launcher = sup._admission.launcher
@@ -233,7 +232,7 @@ async def test_starts_while_places_are_being_made_keep_their_order_in_ids(
     The refill's thread is held (a gate) while Starts make their own places; then let go.
     """
     require_root("cgroups")
-    parent = "tw-order-" + secrets.token_hex(4)
+    parent = cgroup_parent("tw-order")
     async with open_supervisor(tmp_path / "state", cgroup_parent=parent) as sup:
         launcher = sup._admission.launcher
         await launcher.settled()
@@ -270,7 +269,7 @@ async def test_a_burst_of_ends_is_removed_in_one_thread_call_after_it(
     clock, which stands still here until the test moves it), then go in one call."""
     require_root("cgroups")
     calls = _count_retired(monkeypatch)
-    parent = "tw-retire-" + secrets.token_hex(4)
+    parent = cgroup_parent("tw-retire")
     async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
         launcher = sup._admission.launcher
         jobs = [await sup.start("sleep", ["1000"]) for _ in range(10)]
@@ -297,7 +296,7 @@ async def test_groups_wait_until_no_job_ended_for_retire_after(
     end, not after the first (trio's clock stands still until the test moves it)."""
     require_root("cgroups")
     calls = _count_retired(monkeypatch)
-    parent = "tw-linger-" + secrets.token_hex(4)
+    parent = cgroup_parent("tw-linger")
     async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
         launcher = sup._admission.launcher
         jobs = [await sup.start("sleep", ["1000"]) for _ in range(4)]
@@ -335,7 +334,7 @@ async def test_an_end_during_a_refill_waits_for_the_next_round_that_makes_places
         finally:
             over[len(rounds) - 1].set()
 
-    parent = "tw-ride-" + secrets.token_hex(4)
+    parent = cgroup_parent("tw-ride")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Launcher, "_round", counted)
         async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
@@ -385,7 +384,7 @@ async def test_a_rounds_places_come_with_its_result_unless_a_start_waits(
         handed.append([place.job_id for place in places])
         arrive(self, places)
 
-    parent = "tw-handover-" + secrets.token_hex(4)
+    parent = cgroup_parent("tw-handover")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Launcher, "_arrive", counted)
         async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
@@ -422,7 +421,7 @@ async def test_a_start_with_no_place_ready_waits_for_the_one_being_made(
     refill's next place is usually closer. The clock stands still: the Start's patience
     does not run out while the refill's thread is held, so it must take that place."""
     require_root("cgroups")
-    parent = "tw-patience-" + secrets.token_hex(4)
+    parent = cgroup_parent("tw-patience")
     async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
         launcher = sup._admission.launcher
         await launcher.settled()
@@ -456,7 +455,7 @@ async def test_an_ended_jobs_group_serves_a_later_job_that_sees_only_its_own_usa
     job that gets it is told its own CPU time, not the sum of both: on this host's v1
     hierarchies, and on the unified mount driven as a pure v2 host."""
     require_root("cgroups")
-    parent = "tw-recycle-" + secrets.token_hex(4)
+    parent = cgroup_parent("tw-recycle")
     driver = detect(parent, root=UNIFIED) if hierarchy == "v2" else detect(parent)
     assert isinstance(driver, V2Driver if hierarchy == "v2" else V1Driver)
     async with open_supervisor_with_driver(
@@ -502,7 +501,7 @@ async def test_a_group_its_job_wrote_a_limit_to_serves_no_later_job(
     itself). That group must not be recycled: a later job, of anyone, ran under that
     limit, while its Status said it had none (a 64 MiB cap came back every 4th Start)."""
     require_root("cgroups")
-    parent = "tw-recycle-knob-" + secrets.token_hex(4)
+    parent = cgroup_parent("tw-recycle-knob")
     async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
         launcher = sup._admission.launcher
         # (It ends on its own: a group a kill was sent to is never recycled anyway.)
@@ -527,7 +526,7 @@ async def test_a_late_kill_of_an_ended_job_spares_the_job_that_got_its_group(
     """A kill that was due for a job (a Stop's deadline, run as a task of its own) may
     run after the job ended and its group went to a later job: it must not kill that."""
     require_root("cgroups")
-    parent = "tw-late-kill-" + secrets.token_hex(4)
+    parent = cgroup_parent("tw-late-kill")
     async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
         launcher = sup._admission.launcher
         first = await sup.start("true")
@@ -554,7 +553,7 @@ async def test_a_spare_group_that_cannot_be_joined_is_dropped_and_the_pool_refil
     """A recycled group removed from outside while it waited fails the place made in it;
     it goes, and the next rounds make the places (it was kept, and failed every round)."""
     require_root("cgroups")
-    parent = "tw-broken-spare-" + secrets.token_hex(4)
+    parent = cgroup_parent("tw-broken-spare")
     async with open_supervisor(tmp_path / "state", cgroup_parent=parent, persist=False) as sup:
         launcher = sup._admission.launcher
         jobs = [await sup.start("true") for _ in range(launcher._target)]

@@ -5,7 +5,6 @@ then end to end through grpcio (whose default limit on a received message is
 from __future__ import annotations
 
 import os
-import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from trio_worker.server._paging import (
 )
 from trio_worker.server._service import _LIST_SLICE, WorkerService
 
-from .conftest import job_dirs, require_root
+from .conftest import cgroup_parent, job_dirs, require_root
 
 __all__ = ["cluster"]  # the fixture, shared with test_service
 
@@ -318,9 +317,7 @@ async def test_a_page_of_1000_jobs_is_built_in_slices_the_loop_runs_between(
     require_root("cgroups (running jobs' usage)")
     running = 40
     ids = await _recorded_ended_jobs(tmp_path / "state", MAX_PAGE_SIZE)
-    async with open_supervisor(
-        tmp_path / "state", cgroup_parent="tw-list-" + secrets.token_hex(4)
-    ) as sup:
+    async with open_supervisor(tmp_path / "state", cgroup_parent=cgroup_parent("tw-list")) as sup:
         ids += [(await sup.start("sleep", ["600"])).id for _ in range(running)]
         service = WorkerService(sup)
         turns = 0

@@ -6,7 +6,6 @@ shows that a client needs no proto file. Both need a valid certificate, not a ro
 from __future__ import annotations
 
 import queue
-import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from tests.conftest import cgroup_parent
 from tests.grpc_support import Pki, make_pki, running_server
 from trio_worker import pki
 from trio_worker._identity import Role
@@ -93,7 +93,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
         state_dir=tmp_path / "state",
         port=0,
         # Its own parent group: servers of concurrent test runs must not share one.
-        cgroup_parent=f"trio-worker-test-{secrets.token_hex(6)}",
+        cgroup_parent=cgroup_parent(),
     )
     async with trio.open_nursery() as nursery:
 

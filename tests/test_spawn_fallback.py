@@ -19,7 +19,7 @@ import textwrap
 
 import pytest
 
-from .conftest import require_root
+from .conftest import cgroup_parent, require_root
 
 _SCRIPT = textwrap.dedent(
     """
@@ -115,7 +115,7 @@ _SUPERVISOR = _SCRIPT.split("refuse_clone3(int(sys.argv[1]))")[0] + textwrap.ded
 
     async def main():
         with tempfile.TemporaryDirectory() as tmp:
-            parent = f"trio-worker-test-{secrets.token_hex(4)}"
+            parent = sys.argv[2]
             async with open_supervisor(tmp + "/state", cgroup_parent=parent) as sup:
                 if not sup.cgroups.tracks:
                     print("SKIP no cgroups")
@@ -143,7 +143,7 @@ def test_a_refused_clone3_means_no_seeds_and_starts_take_the_thread_path() -> No
     # EPERM it makes none at all, and no supervisor runs).
     require_root("cgroups")
     done = subprocess.run(
-        [sys.executable, "-c", _SUPERVISOR, str(errno.ENOSYS)],
+        [sys.executable, "-c", _SUPERVISOR, str(errno.ENOSYS), cgroup_parent()],
         capture_output=True,
         text=True,
         timeout=60,

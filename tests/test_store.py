@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from trio_worker import Isolation, JobInfo, JobNotFound, JobState, Limits, StateDirError, Usage
 from trio_worker._jobs._store import (
     APPLICATION_ID,
+    RESERVE_BYTES,
     SCHEMA_VERSION,
     SqliteJobStore,
     StoredJob,
@@ -34,6 +35,8 @@ from trio_worker._jobs._store import (
     process_start_time,
 )
 from trio_worker._model import JobIdGenerator
+
+from .test_faults import fill, small_tmpfs
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -755,6 +758,43 @@ async def test_a_full_disk_fails_the_batch_and_the_store_recovers(tmp_path: Path
         assert job.info.output_bytes == 10
         await start(store, big[0])
         assert len(await store.load_all()) == 2
+
+
+@pytest.mark.root
+async def test_a_commit_that_finds_the_disk_full_goes_in_the_reserves_room(tmp_path: Path) -> None:
+    # Records queued without waiting (Starts answered first) met a full disk: the batch
+    # was refused and the records waited in memory, lost to a crash until the disk had
+    # room. The store's reserve is given up for that commit instead; the next one the
+    # full disk refuses is refused; the reserve comes back once there is room.
+    with small_tmpfs(tmp_path / "disk", "size=4m") as disk:
+        reserve = disk / "jobs.db-reserve"
+        async with await SqliteJobStore.open(disk / "jobs.db") as store:
+            assert store.reserved
+            assert reserve.stat().st_blocks * 512 >= RESERVE_BYTES
+            await start(store, running())
+            filler = fill(disk)
+            queued = [running(args=(str(n),)) for n in range(20)]
+            writes = [
+                store.queue_start(i, env_keys=[], cwd=None, pid_start_time=None) for i in queued
+            ]
+            await store.flush()
+            assert [(w.done, w.error) for w in writes] == [(True, None)] * 20
+            assert not store.reserved
+            assert not reserve.exists()
+            refill = fill(disk)  # (the reserve's room, but what the commit took)
+            big = running(args=("x" * 20_000,))  # pages the WAL has no room for
+            with pytest.raises(StateDirError, match="full"):
+                await start(store, big)
+            assert not await store.reserve()  # no room for it yet
+            assert not reserve.exists()
+            filler.unlink()
+            refill.unlink()
+            assert await store.reserve()
+            assert reserve.stat().st_blocks * 512 >= RESERVE_BYTES
+            await start(store, big)
+        async with await SqliteJobStore.open(disk / "jobs.db") as store:
+            assert store.reserved  # (the file kept from the last run)
+            assert {j.info.id for j in await store.load_all()} >= {i.id for i in queued}
 
 
 # -- concurrency ---------------------------------------------------------------------

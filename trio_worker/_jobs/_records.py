@@ -117,11 +117,13 @@ class JobRecords:
 
     @property
     def refusing(self) -> bool:
-        """The store refused the last job record written (a full disk): a new job's record
-        queued now would likely not be written, and a crash would erase a job that a
-        client was told of. A Start then commits its record before the spawn
-        (``record_before_spawn``), and is refused if it cannot."""
-        return self._refused
+        """The store refused the last job record written (a full disk), or gave up its
+        reserve (``SqliteJobStore.reserved``): a new job's record queued now might not
+        be written, and a crash would erase a job that a client was told of. A Start
+        then commits its record before the spawn (``record_before_spawn``), and is
+        refused if it cannot. With the reserve held, a commit that finds the disk full
+        still goes through, in its room: the Starts answered before it are kept."""
+        return self._refused or (self.store is not None and not self.store.reserved)
 
     async def record_before_spawn(self, job: Job, info: JobInfo) -> None:
         """Commit the new job's record, RUNNING without a pid (``info``), before its
@@ -471,6 +473,9 @@ class JobRecords:
         # known): one the store refused is then in ``unsaved``, written again below.
         await self.commit_queued()
         await self.save_unsaved()
+        # Then the store's reserve, if a full disk took it and has room again: Starts
+        # answer before their record's commit again (``refusing``).
+        await store.reserve()
         for job in table.values():
             if job.log is not None and not job.ended.is_set():
                 store.note_output(job.id, job.log.end, job.output_start, job.log.dropped_bytes)

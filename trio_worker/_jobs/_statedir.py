@@ -7,6 +7,8 @@ Layout (``StateDir`` properties name each part)::
       lock                flock()ed by the running server; holds its pid for humans
       jobs.db             the job store (SQLite, WAL: also jobs.db-wal, jobs.db-shm), 0600
                           (SQLite gives -wal and -shm the mode of jobs.db)
+      jobs.db-reserve     RESERVE_BYTES of the disk for the store's commit that finds it
+                          full (``_store``), 0600; gone while given up
       ends                ended jobs' ends until their records commit (``_endnotes``), 0600
       jobs/<id>/          one job's output.log + output.idx (+ output.start if capped),
                           made with the directory at its first output: a job that

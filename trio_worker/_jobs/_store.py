@@ -23,12 +23,21 @@ answers the Start, and its committer task commits what was queued right after (s
 ``_jobs/_records``).
 Output counters are cheaper still: ``note_output`` only buffers them, and they
 ride along with the next transaction or ``flush``.
+
+A full disk: the store keeps ``RESERVE_BYTES`` of it for itself, a file allocated
+beside the database (``jobs.db-reserve``). A transaction the disk refuses for want of
+room (``SQLITE_FULL``) gives the reserve up and is tried once more, at once, in the
+room it held: the records of Starts already answered (queued, not yet committed) go
+in. Until ``reserve`` makes it again (housekeeping, once the disk has room),
+``reserved`` is False, and the supervisor commits each Start's record before its job
+runs (``_jobs/_records``: ``JobRecords.refusing``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import urllib.parse
@@ -47,6 +56,7 @@ from .._model import Isolation, JobInfo, JobState, Limits, Usage
 from ._threads import in_thread as _in_thread
 
 __all__ = [
+    "RESERVE_BYTES",
     "SCHEMA_VERSION",
     "JobStore",
     "Queued",
@@ -61,6 +71,14 @@ __all__ = [
 SCHEMA_VERSION = 3
 #: ``PRAGMA application_id`` ("twrk"): tells our database from another program's.
 APPLICATION_ID = 0x7477726B
+
+#: The room (bytes) the store keeps on its disk for the commit that finds it full: 256
+#: WAL frames of 4 KiB, the records of ~2,500 Starts (a batch's inserts share their
+#: pages) or ~250 ends (an update's page each). A batch larger than that is refused
+#: as before; the room comes back when the disk has it (``SqliteJobStore.reserve``).
+RESERVE_BYTES = 1 << 20
+
+_log = logging.getLogger("trio_worker.supervisor")
 
 _T = TypeVar("_T")
 
@@ -184,6 +202,11 @@ class JobStore(Protocol):
 
     async def flush(self) -> None: ...
 
+    @property
+    def reserved(self) -> bool: ...
+
+    async def reserve(self) -> bool: ...
+
     async def load_all(self) -> list[StoredJob]: ...
 
     async def mark_lost(self, job_ids: Iterable[str], error: str, at: datetime) -> int: ...
@@ -234,9 +257,16 @@ class SqliteJobStore:
     call guarantees.
     """
 
-    def __init__(self, path: Path, connection: sqlite3.Connection, journal_mode: str) -> None:
+    def __init__(
+        self, path: Path, connection: sqlite3.Connection, journal_mode: str, *, reserved: bool
+    ) -> None:
         """Use ``open``: this only wraps a connection that is already checked."""
         self.path = path
+        #: The reserve's file (``RESERVE_BYTES``), while ``_reserved``.
+        self._reserve_path = _reserve_path(path)
+        #: Written by the writer's thread (a transaction that gave the reserve up) and
+        #: by ``reserve``, each holding ``_lock``.
+        self._reserved = reserved
         #: "wal" normally; a filesystem without shared memory may refuse WAL.
         self.journal_mode = journal_mode
         #: Transactions committed so far (tests and benchmarks watch batching).
@@ -261,7 +291,14 @@ class SqliteJobStore:
         """
         db_path = Path(os.fspath(path))
         db_path, connection, mode = await trio.to_thread.run_sync(_open_sync, db_path)
-        return cls(db_path, connection, mode)
+        reserved = await trio.to_thread.run_sync(_make_reserve, _reserve_path(db_path))
+        if not reserved:
+            _log.warning(
+                "no room for the job database's reserve (%d KiB) on its disk: each Start "
+                "writes its job's record before the job runs until there is",
+                RESERVE_BYTES >> 10,
+            )
+        return cls(db_path, connection, mode, reserved=reserved)
 
     async def __aenter__(self) -> Self:
         return self
@@ -417,6 +454,24 @@ class SqliteJobStore:
         was queued before the call, so no turn of the loop first (for more callers to
         join, as ``_submit``'s other calls do)."""
         await self._submit(_nothing, at_once=True)
+
+    @property
+    def reserved(self) -> bool:
+        """The store holds its reserve: a commit that finds the disk full still goes
+        through (in the reserve's room) and gives it up."""
+        return self._reserved
+
+    async def reserve(self) -> bool:
+        """Make the reserve again if it was given up (the disk may have room again);
+        return whether it is held. After the transaction in flight."""
+        if self._reserved or self._closed:
+            return self._reserved
+        async with self._lock:
+            if not self._reserved:
+                self._reserved = await _in_thread(partial(_make_reserve, self._reserve_path))
+                if self._reserved:
+                    _log.info("the job database's reserve is back: Starts answer first again")
+        return self._reserved
 
     async def mark_lost(self, job_ids: Iterable[str], error: str, at: datetime) -> int:
         """Mark the RUNNING ones among ``job_ids`` LOST; return how many changed.
@@ -576,7 +631,36 @@ class SqliteJobStore:
         notes: dict[str, _Counters],
         spawned: dict[str, tuple[int, int | None]],
     ) -> bool:
-        """In the worker thread: one transaction for the whole batch."""
+        """In the worker thread: one transaction for the whole batch; if the disk has no
+        room for it, once more in the reserve's room (given up for it)."""
+        try:
+            try:
+                self._transaction(batch, notes, spawned)
+            except Exception as exc:
+                if not (self._reserved and _no_room(exc)):
+                    raise
+                self._give_up_reserve()
+                for op in batch:
+                    op.result, op.error = None, None
+                self._transaction(batch, notes, spawned)
+        except Exception as exc:  # sqlite3.Error, MemoryError, a bug: nothing was written
+            error = StateDirError(f"cannot write the job database {self.path}: {exc}")
+            error.__cause__ = exc  # (``disk_full`` reads it)
+            for op in batch:
+                op.result, op.error = None, error
+            return False
+        finally:
+            for op in batch:
+                op.done = True
+        return True
+
+    def _transaction(
+        self,
+        batch: Sequence[_Op[Any]],
+        notes: dict[str, _Counters],
+        spawned: dict[str, tuple[int, int | None]],
+    ) -> None:
+        """Run the batch in one transaction; raise (rolled back) if it failed."""
         conn = self._conn
         writes = [op for op in batch if op.fn is not _nothing]
         # One statement is a transaction of its own (SQLite's autocommit): a batch of one
@@ -597,19 +681,24 @@ class SqliteJobStore:
                     op.error = exc  # this call's own failure: it wrote nothing
             if not alone:
                 conn.execute("COMMIT")
-        except Exception as exc:  # sqlite3.Error, MemoryError, a bug: nothing was written
+        except BaseException:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            error = StateDirError(f"cannot write the job database {self.path}: {exc}")
-            error.__cause__ = exc  # (``disk_full`` reads it)
-            for op in batch:
-                op.result, op.error = None, error
-            return False
-        finally:
-            for op in batch:
-                op.done = True
-        return True
+            raise
+
+    def _give_up_reserve(self) -> None:
+        """In the writer's thread: free the reserve's room for the transaction that
+        found the disk full."""
+        self._reserved = False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._reserve_path)
+        _log.warning(
+            "the job database's disk is full: its reserve (%d KiB) is given up for the "
+            "records in flight; each Start writes its job's record before the job runs "
+            "until the disk has room again",
+            RESERVE_BYTES >> 10,
+        )
 
 
 if TYPE_CHECKING:
@@ -621,8 +710,34 @@ if TYPE_CHECKING:
 def disk_full(error: StateDirError) -> bool:
     """Whether the store refused a write for want of room (SQLite's ``SQLITE_FULL``: a
     WAL that must grow on a full disk), which freeing space on that disk may cure."""
-    cause = error.__cause__
-    return isinstance(cause, sqlite3.Error) and cause.sqlite_errorcode == sqlite3.SQLITE_FULL
+    return _no_room(error.__cause__)
+
+
+def _no_room(exc: BaseException | None) -> bool:
+    return isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode == sqlite3.SQLITE_FULL
+
+
+def _reserve_path(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + "-reserve")
+
+
+def _make_reserve(path: Path) -> bool:
+    """Allocate ``RESERVE_BYTES`` of the disk to the file ``path`` (kept from an earlier
+    run, or made); False, leaving no file, if the disk has no room for it (or cannot
+    allocate ahead: then the store keeps no reserve)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return False
+    try:
+        os.posix_fallocate(fd, 0, RESERVE_BYTES)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # (a partial allocation goes with it)
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _inserter(
