@@ -1,12 +1,14 @@
 """Where a follow's time goes, seen from inside the server: capture, the loop, the disk.
 
     python tools/bench_follow_anatomy.py [--server NAME=PYTHON ...] [--rounds 2]
-        [--follows 3] [--bytes 268435456] [--peer-dir ../shared/bench]
+        [--follows 3] [--bytes 268435456] [--replay] [--peer-dir ../shared/bench]
         [--client-python PYTHON]
 
 Does what ``bench.py``'s follow row does (Start ``head -c BYTES /dev/zero``, Output with
 follow from 0, through the grpcio client) ``--follows`` times on each server, the peer
-too, in a new random order each round. Our servers run with a hook (prepended to
+too, in a new random order each round (``--replay``: what its replay row does, a job's
+output read without follow once the job has ended, and only the client's and the
+server's figures). Our servers run with a hook (prepended to
 ``bench_peer.py``'s server script, so wrappers that set ``PYTHONPATH`` keep it). Prints,
 for each server, ranges and medians of:
 
@@ -151,7 +153,8 @@ CLIENT = textwrap.dedent(
     import json, sys, time
     sys.path.insert(0, sys.argv[1])
     import bench
-    addr, ca, cert, key, proto, pid, n, size = sys.argv[2:10]
+    addr, ca, cert, key, proto, pid, n, size, replay = sys.argv[2:11]
+    replay = replay == "replay"
     class A: pass
     a = A()
     a.addr, a.ca, a.cert, a.key, a.proto, a.target_name = addr, ca, cert, key, proto, "localhost"
@@ -159,12 +162,16 @@ CLIENT = textwrap.dedent(
     st = b.stub(b.channel())
     pid, size = int(pid), int(size)
     for _ in range(int(n)):
+        if replay:  # the job's output all written first: only the replay is measured
+            job = b.start(st, "head", "-c", str(size), "/dev/zero")
+            st.Wait(b.pb.WaitRequest(id=job.id), timeout=600)
         s0, c0 = bench.proc_cpu(pid), bench.self_cpu()
         t0 = time.perf_counter()
-        job = b.start(st, "head", "-c", str(size), "/dev/zero")
-        got, msgs, ok, t1 = b.read_all(st, job.id, True, size)
+        if not replay:
+            job = b.start(st, "head", "-c", str(size), "/dev/zero")
+        got, msgs, ok, t1 = b.read_all(st, job.id, not replay, size)
         if not ok:
-            raise SystemExit(f"incomplete follow: {got} of {size}")
+            raise SystemExit(f"incomplete read: {got} of {size}")
         s1, c1 = bench.proc_cpu(pid), bench.self_cpu()
         print(json.dumps({"MBps": size / (t1 - t0) / 1e6, "client_cpu": c1 - c0,
                           "server_cpu": s1 - s0, "message_KiB": size / msgs / 1024}),
@@ -179,6 +186,7 @@ def _follows(
 ) -> list[dict[str, float]]:
     cmd = [args.client_python, "-c", CLIENT, str(args.peer_dir), addr, pki["ca"], pki["cert"]]
     cmd += [pki["key"], proto, str(pid), str(args.follows), str(args.bytes)]
+    cmd += ["replay" if args.replay else "follow"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         print(f"# follows failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
@@ -240,7 +248,7 @@ def _line(name: str, runs: list[dict[str, float]]) -> str:
         return f"{min(values):.0f}-{max(values):.0f}" if values else "-"
 
     text = (
-        f"{name:>12}: follow {span('MBps')} MB/s; CPU client {med('client_cpu')} s, "
+        f"{name:>12}: {span('MBps')} MB/s (median {med('MBps')}); CPU client {med('client_cpu')} s, "
         f"server {med('server_cpu')} s; messages of {med('message_KiB')} KiB on average"
     )
     if any("captured" in r for r in runs):
@@ -259,6 +267,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--follows", type=int, default=3)
     parser.add_argument("--bytes", type=int, default=256 * 1024 * 1024)
+    parser.add_argument(
+        "--replay",
+        action="store_true",
+        help="replay each job once it has ended (Output without follow), instead of following",
+    )
     bench_peer.add_peer_arguments(parser)
     args, _ = parser.parse_known_args()  # (nox passes its posargs to every tool)
     if not (args.peer_dir / "bench.py").exists():
@@ -277,7 +290,8 @@ def main() -> None:
             for name, python in order:
                 results[name] += one_run(args, name, python, Path(tmp))
     print(
-        f"follow {args.bytes >> 20} MiB, {args.rounds} round(s) x {args.follows}: ranges and "
+        f"{'replay' if args.replay else 'follow'} {args.bytes >> 20} MiB, {args.rounds} round(s) "
+        f"x {args.follows}: ranges and "
         f"medians; load average {os.getloadavg()[0]:.1f} (shared machine)"
     )
     for name, runs in results.items():
