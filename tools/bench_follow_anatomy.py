@@ -248,8 +248,9 @@ def _line(name: str, runs: list[dict[str, float]]) -> str:
         return f"{min(values):.0f}-{max(values):.0f}" if values else "-"
 
     text = (
-        f"{name:>12}: {span('MBps')} MB/s (median {med('MBps')}); CPU client {med('client_cpu')} s, "
-        f"server {med('server_cpu')} s; messages of {med('message_KiB')} KiB on average"
+        f"{name:>12}: {span('MBps')} MB/s (median {med('MBps')}); "
+        f"CPU client {med('client_cpu')} s, server {med('server_cpu')} s; "
+        f"messages of {med('message_KiB')} KiB on average"
     )
     if any("captured" in r for r in runs):
         text += (
