@@ -80,6 +80,12 @@ FIGURES = {
 }
 
 
+#: Suffix of a figure's server CPU (s per run) as bench.py measures it.
+SERVER_CPU = "__server_cpu"
+#: Rows whose server CPU is printed.
+CPU_ROWS = ("stream_follow_256MiB", "stream_replay_256MiB", "fanout_16x64MiB_aggregate")
+
+
 def table_rows(spawn: int, scale: int) -> dict[str, tuple[str, bool]]:
     """FIGURES with the spawn rows for ``--spawn`` jobs, then the scale rows (``--scale``)."""
     rows: dict[str, tuple[str, bool]] = {}
@@ -223,6 +229,12 @@ def _figures(cmd: list[str], label: str, what: str) -> dict[str, float]:
     for record in records:  # the follow's: whether it ran in the small-message mode
         if "messages" in record:
             figures[f"{record['figure']}:messages"] = record["messages"]
+    # bench.py's server CPU per run (the output rows): robust to load where rates are not.
+    figures |= {
+        f"{record['figure']}{SERVER_CPU}": record["server_cpu_s"]
+        for record in records
+        if "server_cpu_s" in record
+    }
     return figures
 
 
@@ -547,6 +559,18 @@ def main() -> None:
             "follow's messages in each round (whole pieces: 1,025 per 256 MiB for ours, "
             "4,096 for the peer): " + "   ".join(counts)
         )
+    cpu_lines = []
+    for figure in CPU_ROWS:
+        cells = [
+            f"{name} {value:.2f}"
+            for name in results
+            if (value := median(name, figure + SERVER_CPU)) is not None
+        ]
+        if cells:
+            cpu_lines.append(f"{FIGURES[figure][0].split(' (')[0]:44}{'   '.join(cells)}")
+    if cpu_lines:
+        print("the server's CPU per run (s), medians (robust to load where the rates are not):")
+        print("\n".join(cpu_lines))
     if args.rounds > 1:
         print("range over the rounds (min-max):")
         for figure, (row, _) in rows.items():
