@@ -797,6 +797,41 @@ async def test_a_commit_that_finds_the_disk_full_goes_in_the_reserves_room(tmp_p
             assert {j.info.id for j in await store.load_all()} >= {i.id for i in queued}
 
 
+@pytest.mark.root
+async def test_on_a_full_disk_the_store_opens_without_its_reserve_or_says_the_disk_is_full(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Room for the database's -shm but not for the reserve: it opens, with no reserve
+    # (each Start then commits its record first), and says so in one line. No room at
+    # all: the read-only check cannot make its -shm. That was "corrupt or not an SQLite
+    # database (disk I/O error) ... move it away": advice that throws the records away.
+    with small_tmpfs(tmp_path / "disk", "size=4m") as disk:
+        db = disk / "jobs.db"
+        async with await SqliteJobStore.open(db) as store:
+            await start(store, running())
+        (disk / "jobs.db-reserve").unlink()
+        filler = fill(disk)
+        os.truncate(filler, filler.stat().st_size - 256 * 1024)
+        async with await SqliteJobStore.open(db) as store:
+            assert not store.reserved
+            assert len(await store.load_all()) == 1
+        said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(said) == 1, said
+        assert said[0].startswith("cannot keep the job database's reserve (1024 KiB)"), said
+        assert "No space left on device" in said[0]
+        fill(disk)
+        before = db.read_bytes()
+        with pytest.raises(StateDirError) as refused:
+            await SqliteJobStore.open(db)
+        assert str(refused.value).startswith(f"cannot read the job database {db} (")
+        assert str(refused.value).endswith("): is its disk full?")
+        assert db.read_bytes() == before
+        filler.unlink()
+        async with await SqliteJobStore.open(db) as store:
+            assert store.reserved
+            assert len(await store.load_all()) == 1
+
+
 # -- concurrency ---------------------------------------------------------------------
 
 

@@ -226,6 +226,9 @@ def _figures(cmd: list[str], label: str, what: str) -> dict[str, float]:
         print(f"# {label}: {what} failed: {out.stderr.strip()[-500:]}", file=sys.stderr)
     records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     figures = {record["figure"]: record["median"] for record in records}
+    for record in records:  # the follow's: whether it ran in the small-message mode
+        if "messages" in record:
+            figures[f"{record['figure']}:messages"] = record["messages"]
     # bench.py's server CPU per run (the output rows): robust to load where rates are not.
     figures |= {
         f"{record['figure']}{SERVER_CPU}": record["server_cpu_s"]
@@ -543,6 +546,19 @@ def main() -> None:
             cells += f"{value:>14.2f}{ratio:>7.2f}"
         if seen:
             print(f"{row:44}{cells}{peer:>12.2f}")
+    counts = []
+    for name in results:
+        for figure in sorted({f for r in results[name] for f in r if f.endswith(":messages")}):
+            values = " ".join(f"{r[figure]:.0f}" for r in results[name] if figure in r)
+            counts.append(f"{name} {values}")
+    if counts:
+        # A follower that keeps up with the job sends each pipe read as a message: many
+        # more than whole pieces make costs many times the CPU, on either server
+        # (ARCHITECTURE "What the phases change, on both sides").
+        print(
+            "follow's messages in each round (whole pieces: 1,025 per 256 MiB for ours, "
+            "4,096 for the peer): " + "   ".join(counts)
+        )
     cpu_lines = []
     for figure in CPU_ROWS:
         cells = [

@@ -291,14 +291,15 @@ class SqliteJobStore:
         """
         db_path = Path(os.fspath(path))
         db_path, connection, mode = await trio.to_thread.run_sync(_open_sync, db_path)
-        reserved = await trio.to_thread.run_sync(_make_reserve, _reserve_path(db_path))
-        if not reserved:
+        failed = await trio.to_thread.run_sync(_make_reserve, _reserve_path(db_path))
+        if failed is not None:
             _log.warning(
-                "no room for the job database's reserve (%d KiB) on its disk: each Start "
-                "writes its job's record before the job runs until there is",
+                "cannot keep the job database's reserve (%d KiB) beside it (%s): each "
+                "Start writes its job's record before the job runs until it can",
                 RESERVE_BYTES >> 10,
+                failed.strerror or failed,
             )
-        return cls(db_path, connection, mode, reserved=reserved)
+        return cls(db_path, connection, mode, reserved=failed is None)
 
     async def __aenter__(self) -> Self:
         return self
@@ -468,7 +469,8 @@ class SqliteJobStore:
             return self._reserved
         async with self._lock:
             if not self._reserved:
-                self._reserved = await _in_thread(partial(_make_reserve, self._reserve_path))
+                failed = await _in_thread(partial(_make_reserve, self._reserve_path))
+                self._reserved = failed is None
                 if self._reserved:
                     _log.info("the job database's reserve is back: Starts answer first again")
         return self._reserved
@@ -721,23 +723,23 @@ def _reserve_path(db_path: Path) -> Path:
     return db_path.with_name(db_path.name + "-reserve")
 
 
-def _make_reserve(path: Path) -> bool:
+def _make_reserve(path: Path) -> OSError | None:
     """Allocate ``RESERVE_BYTES`` of the disk to the file ``path`` (kept from an earlier
-    run, or made); False, leaving no file, if the disk has no room for it (or cannot
-    allocate ahead: then the store keeps no reserve)."""
+    run, or made); the error, leaving no file, if the disk has no room for it (or the
+    file cannot be made or allocated ahead: then the store keeps no reserve)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    except OSError:
-        return False
+    except OSError as exc:
+        return exc
     try:
         os.posix_fallocate(fd, 0, RESERVE_BYTES)
-    except OSError:
+    except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(path)  # (a partial allocation goes with it)
-        return False
+        return exc
     finally:
         os.close(fd)
-    return True
+    return None
 
 
 def _inserter(
@@ -904,12 +906,22 @@ def _check_existing(path: Path) -> None:
         raise
 
 
+def _unreadable(path: Path, exc: sqlite3.Error) -> StateDirError | None:
+    """The error for a file the check could not read for want of room or an I/O error
+    (its ``-shm`` cannot be made on a full disk): not a corrupt one, which the advice
+    to move it away is for. None for any other error."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None or code & 0xFF not in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL):
+        return None
+    return StateDirError(f"cannot read the job database {path} ({exc}): is its disk full?")
+
+
 def _inspect(path: Path) -> None:
     uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True)
     except sqlite3.Error as exc:
-        raise _refuse(path, f"cannot be opened ({exc})") from exc
+        raise _unreadable(path, exc) or _refuse(path, f"cannot be opened ({exc})") from exc
     try:
         problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
         if problems != ["ok"]:
@@ -917,7 +929,9 @@ def _inspect(path: Path) -> None:
         app_id, version = _identity(conn)
         objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
     except sqlite3.DatabaseError as exc:
-        raise _refuse(path, f"is corrupt or not an SQLite database ({exc})") from exc
+        raise _unreadable(path, exc) or _refuse(
+            path, f"is corrupt or not an SQLite database ({exc})"
+        ) from exc
     finally:
         conn.close()
     if app_id == 0 and version == 0 and objects == 0:
