@@ -259,7 +259,7 @@ def ramfs(tmp_path: Path) -> Iterator[Path]:
 async def test_where_o_direct_is_refused_the_log_writes_through_the_page_cache(
     ramfs: Path,
 ) -> None:
-    """Asked once per log: the first large flush finds ``O_DIRECT`` refused and writes
+    """Asked once: the first large flush finds ``O_DIRECT`` refused and writes
     its bytes through the page cache, and later ones do not ask again."""
     model = Model()
     direct = DirectBuffers()
@@ -274,3 +274,28 @@ async def test_where_o_direct_is_refused_the_log_writes_through_the_page_cache(
     model.check(await collect(log, 0), 0)
     recovered = OutputLog.recover(log.directory)
     model.check(await collect(recovered, 0), 0)
+
+
+async def test_a_refusal_of_o_direct_is_asked_and_said_once_per_server(
+    ramfs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's logs share its state directory's file system: once one log found
+    ``O_DIRECT`` refused, the others write through the page cache without asking, and
+    the server says so in one line, not one per job."""
+    caplog.set_level("INFO", logger="trio_worker")
+    direct = DirectBuffers()
+    logs = [CountingLog(ramfs / f"job{i}", tail_bytes=0, direct=direct) for i in range(3)]
+    models = [Model() for _ in logs]
+    for i, (log, model) in enumerate(zip(logs, models, strict=True)):
+        await write(log, model, SIZES, 10 + i)
+    assert [log.opens for log in logs] == [1, 0, 0]
+    assert direct.refused
+    assert direct.take() is None
+    said = [r for r in caplog.records if "no O_DIRECT here" in r.getMessage()]
+    assert len(said) == 1
+    for log, model in zip(logs, models, strict=True):
+        assert log.dropped_bytes == 0
+        log.finish()
+        await log.flush()
+        model.check(await collect(log, 0), 0)
+        log.close()

@@ -33,7 +33,8 @@ aligned buffers, and the partial pages at its ends through the page cache: the p
 cache is neither written nor grown by a fast job's output, and the file's size is
 the log's end after every write, as ``recover`` needs after a crash of the server.
 Lagging readers read through the page cache as before (measured: ``O_DIRECT`` reads
-cost them more). A filesystem that refuses ``O_DIRECT`` (EINVAL) is asked once per log.
+cost them more). A filesystem that refuses ``O_DIRECT`` (EINVAL) is asked once per server:
+its logs all live in its state directory.
 
 Files of one log (all little-endian):
 
@@ -271,7 +272,7 @@ class DirectBuffers:
     through the page cache as a small flush does.
     """
 
-    __slots__ = ("_free", "_made", "count", "least", "size")
+    __slots__ = ("_free", "_made", "count", "least", "refused", "size")
 
     def __init__(
         self,
@@ -286,9 +287,15 @@ class DirectBuffers:
         self.least = max(least, _ALIGN)
         self._free: list[mmap.mmap] = []
         self._made = 0
+        #: Set (by a flusher's thread) once a log's filesystem refused ``O_DIRECT``: the
+        #: server's logs share its state directory's, so none asks again or says so again.
+        self.refused = False
 
     def take(self) -> mmap.mmap | None:
-        """A free buffer (page-aligned, ``size`` bytes), or ``None`` if all are in use."""
+        """A free buffer (page-aligned, ``size`` bytes), or ``None`` if all are in use
+        or ``O_DIRECT`` was refused."""
+        if self.refused:
+            return None
         if self._free:
             return self._free.pop()
         if self._made < self.count:
@@ -424,7 +431,7 @@ class OutputLog:
         self.directory = directory
         self._data_fd = self._index_fd = -1  # opened by the flusher's thread, when it writes
         #: The buffers for O_DIRECT writes; ``None`` once the filesystem refused
-        #: ``O_DIRECT`` (EINVAL: ramfs, some FUSE ones): asked once per log.
+        #: ``O_DIRECT`` (EINVAL: ramfs, some FUSE ones), or once another log of the server's was.
         self._direct = direct
         self._direct_fd = -1  # output.log opened O_DIRECT, at the first direct write
         self._made = False  # whether the files exist (made by the first flush that writes)
@@ -1056,9 +1063,15 @@ class OutputLog:
 
     def _refuse_direct(self, exc: OSError) -> None:
         """In the flusher's thread: this filesystem refuses ``O_DIRECT``; write through
-        the page cache from now on (the loop sees ``_direct`` as ``None`` at once or at
-        the next flush: either is right)."""
-        _log.info("%s: no O_DIRECT here (%s); writing through the page cache", self.directory, exc)
+        the page cache from now on, this log and the server's others (the loop sees it at
+        once or at the next flush: either is right), and say so once."""
+        if self._direct is not None and not self._direct.refused:
+            self._direct.refused = True
+            _log.info(
+                "%s: no O_DIRECT here (%s); writing logs through the page cache",
+                self.directory,
+                exc,
+            )
         self._direct = None
         if self._direct_fd >= 0:
             with contextlib.suppress(OSError):
