@@ -15,6 +15,7 @@ import errno
 import os
 import secrets
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,6 +47,35 @@ def require_root(what: str = "this test") -> None:
     if os.environ.get("TRIO_WORKER_REQUIRE_ROOT") == "1":
         pytest.fail(f"{message}, and TRIO_WORKER_REQUIRE_ROOT=1 forbids skipping")
     pytest.skip(message)
+
+
+@contextlib.contextmanager
+def ext4_on_a_loop_device(tmp_path: Path, size: int) -> Iterator[Path]:
+    """An ext4 file system of ``size`` bytes on a loop device, mounted under ``tmp_path``:
+    a real disk (``O_DIRECT``, a block device for io limits) whatever file system the
+    tests' temporary directory is on. Unmounted lazily (a failed test may leave files
+    open), the device then let go."""
+    require_root("setting up a loop device")
+    for tool in ("losetup", "mkfs.ext4", "mount", "umount"):
+        require_program(tool, "a loop device")
+    image = tmp_path / "disk.img"
+    with image.open("wb") as f:
+        f.truncate(size)
+    device = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    mount_point = tmp_path / "mnt"
+    mount_point.mkdir()
+    mounted = False
+    try:
+        subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True, capture_output=True)
+        subprocess.run(["mount", device, str(mount_point)], check=True)
+        mounted = True
+        yield mount_point
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(mount_point)], check=True)
+        subprocess.run(["losetup", "-d", device], check=False)
 
 
 def require_program(name: str, what: str = "this test") -> str:

@@ -13,7 +13,6 @@ import contextlib
 import errno
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -47,7 +46,7 @@ from trio_worker._jobs._process import JobProcess, SpawnError, StartSpec
 from trio_worker._limits import MIN_CPUS, MIN_MEMORY, LimitPolicy, validate_limits
 from trio_worker._model import Limits
 
-from .conftest import cgroup_parent, joining, process_alive, require_root
+from .conftest import cgroup_parent, ext4_on_a_loop_device, joining, process_alive, require_root
 
 UNIFIED = CGROUP_ROOT / "unified"
 MiB = 1 << 20
@@ -614,28 +613,8 @@ time.sleep(30)
 @pytest.fixture
 def loop_mount(tmp_path: Path) -> Iterator[Path]:
     """An ext4 file system on a loop device, mounted at a temporary directory."""
-    require_root("setting up a loop device")
-    for tool in ("losetup", "mkfs.ext4", "mount", "umount"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed: cannot set up a loop device")
-    image = tmp_path / "disk.img"
-    with image.open("wb") as f:
-        f.truncate(64 * MiB)
-    device = subprocess.run(
-        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    mount_point = tmp_path / "mnt"
-    mount_point.mkdir()
-    mounted = False
-    try:
-        subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True, capture_output=True)
-        subprocess.run(["mount", device, str(mount_point)], check=True)
-        mounted = True
+    with ext4_on_a_loop_device(tmp_path, 64 * MiB) as mount_point:
         yield mount_point
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(mount_point)], check=True)
-        subprocess.run(["losetup", "-d", device], check=True)
 
 
 def test_io_write_limit_throttles_direct_io(

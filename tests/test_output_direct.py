@@ -25,7 +25,7 @@ from trio_worker import OutputStream
 from trio_worker._jobs._output import DIRECT_LEAST, DirectBuffers, OutputLog
 
 from . import test_faults
-from .conftest import require_program, require_root
+from .conftest import ext4_on_a_loop_device, require_root
 from .test_output import ERR, OUT, PAGE, FaultyLog, Model, collect, pattern
 
 KiB, MiB = 1024, 1024 * 1024
@@ -37,27 +37,8 @@ def ext4(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB ext4 file system on a loop device: a real disk that takes ``O_DIRECT``,
     whatever file system the tests' temporary directory is on (tmpfs's ``O_DIRECT`` goes
     through its page cache)."""
-    require_root("setting up a loop device")
-    for tool in ("losetup", "mkfs.ext4", "mount", "umount"):
-        require_program(tool, "a loop device")
-    image = tmp_path / "disk.img"
-    with image.open("wb") as f:
-        f.truncate(16 * MiB)
-    device = subprocess.run(
-        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    mount_point = tmp_path / "mnt"
-    mount_point.mkdir()
-    mounted = False
-    try:
-        subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True, capture_output=True)
-        subprocess.run(["mount", device, str(mount_point)], check=True)
-        mounted = True
+    with ext4_on_a_loop_device(tmp_path, 16 * MiB) as mount_point:
         yield mount_point
-    finally:
-        if mounted:  # (lazily: a failed test may leave a log's files open)
-            subprocess.run(["umount", "-l", str(mount_point)], check=True)
-        subprocess.run(["losetup", "-d", device], check=False)
 
 
 def resident_pages(path: Path) -> int:

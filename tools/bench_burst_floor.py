@@ -109,17 +109,8 @@ def _ours(python: str, scratch: Path) -> tuple[subprocess.Popen[str], list[str]]
 
 
 def _peer(args: argparse.Namespace, scratch: Path) -> tuple[subprocess.Popen[str], list[str]]:
-    pki = bench_peer.peer_pki(args, scratch)
-    peer = [args.client_python, str(args.peer_dir / "grpcio_peer.py"), "--listen", "127.0.0.1:0"]
-    tls = ["--ca", str(pki / "ca.pem"), "--cert", str(pki / "server.pem")]
-    proc = subprocess.Popen(
-        [*peer, *tls, "--key", str(pki / "server.key")],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    addr = bench_peer._line_with(proc, "LISTENING").split()[1]
-    files = [str(pki / "ca.pem"), str(pki / "admin.pem"), str(pki / "admin.key")]
-    return proc, [addr, *files, str(args.peer_dir / "worker.proto")]
+    proc, addr, pki, proto, _pid = bench_peer.start_peer(args, scratch)
+    return proc, [addr, pki["ca"], pki["cert"], pki["key"], proto]
 
 
 def main() -> None:

@@ -198,17 +198,9 @@ def one_run(
 ) -> list[dict[str, float]]:
     """The follows on one server (``python`` None: the peer), each with the server's view."""
     if python is None:
-        pki_dir = bench_peer.peer_pki(args, scratch)
-        cmd = [args.client_python, str(args.peer_dir / "grpcio_peer.py"), "--listen"]
-        cmd += ["127.0.0.1:0", "--ca", str(pki_dir / "ca.pem")]
-        cmd += ["--cert", str(pki_dir / "server.pem"), "--key", str(pki_dir / "server.key")]
-        peer = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        peer, addr, pki, proto, pid = bench_peer.start_peer(args, scratch)
         try:
-            words = bench_peer._line_with(peer, "LISTENING").split()
-            pki = {"ca": "ca.pem", "cert": "admin.pem", "key": "admin.key"}
-            pki = {k: str(pki_dir / f) for k, f in pki.items()}
-            proto = str(args.peer_dir / "worker.proto")
-            return _follows(args, words[1], pki, proto, int(words[3]))
+            return _follows(args, addr, pki, proto, pid)
         finally:
             peer.terminate()
             peer.wait(timeout=60)

@@ -134,15 +134,7 @@ def _start(
 ) -> tuple[subprocess.Popen[str], str, dict[str, str], str, int]:
     scratch = Path(args.scratch)
     if python is None:
-        pki_dir = bench_peer.peer_pki(args, scratch)
-        cmd = [args.client_python, str(args.peer_dir / "grpcio_peer.py"), "--listen"]
-        cmd += ["127.0.0.1:0", "--ca", str(pki_dir / "ca.pem")]
-        cmd += ["--cert", str(pki_dir / "server.pem"), "--key", str(pki_dir / "server.key")]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        words = bench_peer._line_with(proc, "LISTENING").split()
-        pki = {"ca": str(pki_dir / "ca.pem"), "cert": str(pki_dir / "admin.pem")}
-        pki["key"] = str(pki_dir / "admin.key")
-        return proc, words[1], pki, str(args.peer_dir / "worker.proto"), int(words[3])
+        return bench_peer.start_peer(args, scratch)
     state = scratch / f"state-{name}"
     shutil.rmtree(state, ignore_errors=True)
     cmd = [python, "-c", bench_peer.SERVER, str(state)]

@@ -316,35 +316,34 @@ def peer_pki(args: argparse.Namespace, scratch: Path) -> Path:
     return pki_dir
 
 
+def start_peer(
+    args: argparse.Namespace, scratch: Path
+) -> tuple[subprocess.Popen[str], str, dict[str, str], str, int]:
+    """Start the grpcio peer on an ephemeral port; its process, address, the admin
+    client's PKI files (``ca``, ``cert``, ``key``), its ``worker.proto`` and its pid."""
+    pki_dir = peer_pki(args, scratch)
+    cmd = [args.client_python, str(args.peer_dir / "grpcio_peer.py"), "--listen", "127.0.0.1:0"]
+    cmd += ["--ca", str(pki_dir / "ca.pem"), "--cert", str(pki_dir / "server.pem")]
+    cmd += ["--key", str(pki_dir / "server.key")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        words = _line_with(proc, "LISTENING").split()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    pki = {
+        k: str(pki_dir / f)
+        for k, f in (("ca", "ca.pem"), ("cert", "admin.pem"), ("key", "admin.key"))
+    }
+    return proc, words[1], pki, str(args.peer_dir / "worker.proto"), int(words[3])
+
+
 def _peer_round(
     args: argparse.Namespace, scratch: Path, scale: bool = False, spawn_only: bool = False
 ) -> dict[str, float]:
-    pki_dir = peer_pki(args, scratch)
-    proc = subprocess.Popen(
-        [
-            args.client_python,
-            str(args.peer_dir / "grpcio_peer.py"),
-            "--listen",
-            "127.0.0.1:0",
-            "--ca",
-            str(pki_dir / "ca.pem"),
-            "--cert",
-            str(pki_dir / "server.pem"),
-            "--key",
-            str(pki_dir / "server.key"),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc, addr, pki, proto, pid = start_peer(args, scratch)
     try:
-        words = _line_with(proc, "LISTENING").split()
-        addr, pid = words[1], int(words[3])
-        pki = {
-            "ca": str(pki_dir / "ca.pem"),
-            "cert": str(pki_dir / "admin.pem"),
-            "key": str(pki_dir / "admin.key"),
-        }
-        proto = str(args.peer_dir / "worker.proto")
         return _run_harness(args, addr, pki, proto, pid, "peer", scale, spawn_only)
     finally:
         proc.terminate()
