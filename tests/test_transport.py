@@ -6,6 +6,7 @@ Test services use google.protobuf wrappers as messages on made-up paths.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import socket
@@ -16,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
 import h2.errors
 import h2.events
 import pytest
@@ -33,6 +36,7 @@ from tests.grpc_support import (
     raw,
     running_server,
 )
+from trio_worker._identity import Role
 from trio_worker._net._transport import (
     _CALL_TASK,
     _SPARE_DEADLINES,
@@ -49,6 +53,7 @@ from trio_worker._net._transport import (
     UnaryMethod,
     admission_caps,
 )
+from trio_worker.pki import issue_client
 
 ECHO = "/test.Test/Echo"
 SLEEP = "/test.Test/Sleep"
@@ -1172,6 +1177,61 @@ def test_caps_follow_the_descriptors_we_may_open() -> None:
     assert caps.handshakes_per_address <= caps.handshakes
     roomy = admission_caps(TransportConfig(), nofile=1 << 20)
     assert roomy.connections == TransportConfig().max_connections
+
+
+async def _refused_connection(pki: Pki, port: int) -> h2.events.ConnectionTerminated:
+    """Connect, read what the server says until it closes, and return its GOAWAY."""
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = trio.SSLStream(tcp, pki.client_context(), server_hostname="localhost")
+    received = b""
+    with trio.fail_after(5):
+        try:
+            await stream.do_handshake()
+            while data := await stream.receive_some(65536):
+                received += data
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    events = client.receive_data(received)
+    (goaway,) = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    return goaway
+
+
+async def test_one_client_holds_at_most_its_connections_and_others_are_served(
+    pki: Pki,
+) -> None:
+    """tools/probe_hostile.py tls-flood: one client's idle connections, from several
+    addresses, took every connection (998 held; 0 of 20 new clients served). It now holds
+    at most ``max_connections_per_client``; the next is told why (GOAWAY ENHANCE_YOUR_CALM)
+    and closed, another client is served, and a connection that ends makes room."""
+    config = TransportConfig(max_connections_per_client=2)
+    bob_files = issue_client(pki.ca.parent, "bob", Role.ADMIN)
+    bob = dataclasses.replace(pki, client_cert=bob_files.cert, client_key=bob_files.key)
+    async with running_server(pki, methods(Probe()), config=config) as r:
+        assert r.server.caps.per_client == 2
+        async with RawClient.connect(pki, r.port) as first, RawClient.connect(pki, r.port):
+            goaway = await _refused_connection(pki, r.port)
+            assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+            assert b"2 connections open for this client" in (goaway.additional_data or b"")
+            assert r.server.stats.connections_refused == 1
+            async with RawClient.connect(bob, r.port) as other:
+                sid = await other.start(ECHO, w.StringValue(value="x").SerializeToString())
+                with trio.fail_after(5):
+                    await other.until(lambda: other.status(sid) is not None)
+                assert other.status(sid) == 0
+            sid = await first.start(ECHO, w.StringValue(value="x").SerializeToString())
+            with trio.fail_after(5):
+                await first.until(lambda: first.status(sid) is not None)
+        with trio.fail_after(5):
+            await trio.testing.wait_all_tasks_blocked()
+        async with RawClient.connect(pki, r.port) as again:
+            sid = await again.start(ECHO, w.StringValue(value="x").SerializeToString())
+            with trio.fail_after(5):
+                await again.until(lambda: again.status(sid) is not None)
+            assert again.status(sid) == 0
 
 
 async def test_max_connections(pki: Pki) -> None:

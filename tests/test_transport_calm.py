@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import struct
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 
 import h2.events
 import pytest
 import trio
+import trio.testing
 from google.protobuf import wrappers_pb2 as w
 
 from tests.grpc_support import Pki, RawClient, make_pki, running_server
 from trio_worker._net._transport import CallContext, StreamMethod, UnaryMethod
 from trio_worker._wire._h2conn import FLOOD_BUDGET, FLOOD_REFILL
-from trio_worker._wire._h2server import RESET_BUDGET
+from trio_worker._wire._h2server import (
+    MAX_BUFFERED_REQUESTS,
+    MAX_CLIENT_BUFFERED_REQUESTS,
+    RESET_BUDGET,
+)
 
 ECHO = "/test.Test/Echo"
 SMALL = "/test.Test/Small"
@@ -142,3 +148,58 @@ async def test_the_flood_budget_refills_by_the_loop_clock(
             await client.until(lambda: client.status(stream_id) is not None)
         assert client.status(stream_id) == 0
         assert goaway_codes(client) == []
+
+
+async def _partial_echoes(client: RawClient, streams: int, size: int) -> list[int]:
+    """``streams`` Echo calls, each a message announced as 4 MiB of which ``size`` bytes
+    come (raw DATA frames; the server hands back windows of partial messages) and never
+    the rest."""
+    ids = []
+    for _ in range(streams):
+        stream_id = await client.start(ECHO, None, end=False)
+        ids.append(stream_id)
+        data = raw_frame(0x0, 0, stream_id, struct.pack(">BI", 0, 4 * 1024 * 1024 - 1))
+        piece = raw_frame(0x0, 0, stream_id, b"\0" * 16384)
+        await client.stream.send_all(data + piece * (size // 16384))
+    return ids
+
+
+async def test_one_clients_partial_requests_are_bounded_across_its_connections(
+    pki: Pki,
+) -> None:
+    """tools/probe_hostile.py many-partial: each connection stays within its own bound
+    (MAX_BUFFERED_REQUESTS), yet 200 of them pinned 1.6 GiB. Together they hold at most
+    MAX_CLIENT_BUFFERED_REQUESTS: the call that goes over gets RESOURCE_EXHAUSTED, and
+    the bytes of a connection that ends are the client's again."""
+    size = MAX_BUFFERED_REQUESTS // 2 - 64 * 1024  # two streams: under a connection's bound
+    full = MAX_CLIENT_BUFFERED_REQUESTS // (2 * size)
+    async with running_server(pki, METHODS) as r, AsyncExitStack() as stack:
+        clients = []
+        for _ in range(full + 1):
+            client = await stack.enter_async_context(RawClient.connect(pki, r.port))
+            clients.append((client, await _partial_echoes(client, 2, size)))
+        last, (_first_id, second_id) = clients[-1]
+        with trio.fail_after(10):
+            await last.until(lambda: second_id in last.trailers)
+        assert last.trailers[second_id]["grpc-status"] == "8"  # RESOURCE_EXHAUSTED
+        assert "client's" in last.trailers[second_id]["grpc-message"]
+        for client, ids in clients[:-1]:  # within the bound: still collecting
+            with trio.move_on_after(0.2):
+                while await client.pump():
+                    pass
+            assert not any(i in client.trailers for i in ids)
+            assert goaway_codes(client) == []
+        # One connection gone: its bytes are free for another connection's call.
+        shared = next(iter(r.server.client_requests.values()))
+        held = shared.held
+        await clients[0][0].stream.aclose()
+        with trio.fail_after(10):
+            await trio.testing.wait_all_tasks_blocked()
+        assert shared.held <= held - 2 * size
+        client = await stack.enter_async_context(RawClient.connect(pki, r.port))
+        (stream_id,) = await _partial_echoes(client, 1, size)
+        with trio.move_on_after(0.5):
+            while await client.pump():
+                pass
+        assert stream_id not in client.trailers
+    assert r.server.client_requests == {}

@@ -45,7 +45,9 @@ from trio_worker._wire._h2conn import (
 )
 from trio_worker._wire._h2server import (
     MAX_BUFFERED_REQUESTS,
+    MAX_CLIENT_BUFFERED_REQUESTS,
     RESET_BUDGET,
+    ClientRequests,
     RequestTooLarge,
     StreamReset,
 )
@@ -302,6 +304,82 @@ def test_partial_requests_on_many_streams_are_bounded_per_connection() -> None:
         pair.client.reset_stream(stream_id)
     pair.to_server(pair.client.data_to_send())
     assert pair.server.buffered_requests == 0
+
+
+def _partial_request(pair: ConnectionPair, stream_id: int, size: int) -> list[int]:
+    """Open ``stream_id`` and send ``size`` bytes of a message announced as 4 MiB, never
+    ending it; returns the streams the server refused meanwhile."""
+    piece = b"\0" * 16384
+    refused: list[int] = []
+    pair.client.send_headers(stream_id, request_headers())
+    pair.to_server(pair.client.data_to_send())
+    pair.client.send_data(stream_id, struct.pack(">BI", 0, 4 * 1024 * 1024 - 1))
+    for _ in range(size // len(piece)):
+        pair.client.send_data(stream_id, piece)
+        events = pair.to_server(pair.client.data_to_send())
+        refused += [e.stream_id for e in events if isinstance(e, RequestTooLarge)]
+        pair.to_client()  # the window updates
+        if stream_id in refused:
+            break
+    return refused
+
+
+def test_partial_requests_on_many_connections_are_bounded_per_client() -> None:
+    """One client's connections each stay within MAX_BUFFERED_REQUESTS, and together
+    within their ``ClientRequests``: the stream that takes them over is refused, whichever
+    connection it is on; a connection that ends gives its bytes back."""
+    shared = ClientRequests()
+    per_connection = MAX_BUFFERED_REQUESTS - 1024 * 1024  # each connection stays under its own
+    pairs = []
+    refused: list[tuple[int, int]] = []
+    for n in range(MAX_CLIENT_BUFFERED_REQUESTS // per_connection + 2):
+        pair = ConnectionPair()
+        pair.server.share_client_requests(shared)
+        pairs.append(pair)
+        for stream_id in (1, 3):
+            refused += [(n, s) for s in _partial_request(pair, stream_id, per_connection // 2)]
+        assert shared.held == sum(p.server.buffered_requests for p in pairs)
+        assert shared.held <= MAX_CLIENT_BUFFERED_REQUESTS + 16384 + 5
+    full = MAX_CLIENT_BUFFERED_REQUESTS // per_connection
+    assert refused
+    assert refused[0][0] == full
+    assert all(p.server.buffered_requests <= MAX_BUFFERED_REQUESTS for p in pairs)
+    # A connection that ends leaves room for another of the same client.
+    pairs[0].server.release_client()
+    assert shared.connections == len(pairs) - 1
+    assert shared.held == sum(p.server.buffered_requests for p in pairs[1:])
+    pair = ConnectionPair()
+    pair.server.share_client_requests(shared)
+    assert _partial_request(pair, 1, per_connection // 2) == []
+
+
+def test_untaken_messages_of_streams_of_requests_count_for_their_client() -> None:
+    """probe_hostile attach-stdin: a stream of requests whose handler takes nothing (an
+    Attach to a job that reads no stdin) holds its window's messages. One client's
+    connections together hold at most their ``ClientRequests``; a message the handler
+    takes frees its bytes."""
+    shared = ClientRequests(total=4 * 1024 * 1024)
+    message = grpc_frame(b"\0" * (64 * 1024 - 5))
+    pairs = []
+    refused: list[int] = []
+    for n in range(6):
+        pair = ConnectionPair(streams_requests=lambda path: True)
+        pair.server.share_client_requests(shared)
+        pairs.append(pair)
+        pair.client.send_headers(1, request_headers())
+        for _ in range(15):  # within the stream's 1 MiB window
+            pair.client.send_data(1, message)
+            events = pair.to_server(pair.client.data_to_send())
+            refused += [n for e in events if isinstance(e, RequestTooLarge)]
+        assert shared.held <= shared.total + len(message)
+    assert refused == [4, 5]  # 4 connections of 15 messages fit in 4 MiB, the 5th goes over
+    held = shared.held
+    for _ in range(15):
+        pairs[0].server.message_taken(1)
+    assert shared.held == held - 15 * (64 * 1024 - 5)
+    for pair in pairs:
+        pair.server.release_client()
+    assert (shared.held, shared.connections) == (0, 0)
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,7 @@ from .._wire._h2conn import MAX_MESSAGE, Pieces
 from .._wire._h2server import (
     BadMessage,
     BadRequest,
+    ClientRequests,
     GRPCServerConnection,
     PeerGoAway,
     RequestTooLarge,
@@ -309,6 +310,11 @@ class TransportConfig:
     max_connections_per_address: int = 256
     #: handshakes in flight from one source address
     max_handshakes_per_address: int = 16
+    #: connections of one client (identity), from any address: without it one client's
+    #: idle connections from a few addresses took every connection (``tools/probe_hostile.py
+    #: tls-flood``: 998 held, 0 of 20 new clients served). A connection over it is told
+    #: GOAWAY (ENHANCE_YOUR_CALM) once its TLS handshake has said who it is, and closed.
+    max_connections_per_client: int = 128
     #: streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS: clients queue beyond it).
     #: 32, not 100: an output stream whose client stops reading still holds about 1.3 MiB
     #: (one message and its log reader's block), and 32 of them fit the per-connection bound
@@ -336,6 +342,7 @@ class TransportConfig:
             "max_handshakes",
             "max_connections_per_address",
             "max_handshakes_per_address",
+            "max_connections_per_client",
             "max_concurrent_streams",
             "max_request_bytes",
             "max_header_list_size",
@@ -373,6 +380,7 @@ class AdmissionCaps:
     handshakes: int
     per_address: int
     handshakes_per_address: int
+    per_client: int
 
 
 def admission_caps(config: TransportConfig, nofile: int | None = None) -> AdmissionCaps:
@@ -388,6 +396,7 @@ def admission_caps(config: TransportConfig, nofile: int | None = None) -> Admiss
         handshakes=handshakes,
         per_address=max(1, min(config.max_connections_per_address, connections)),
         handshakes_per_address=max(1, min(config.max_handshakes_per_address, handshakes)),
+        per_client=max(1, min(config.max_connections_per_client, connections)),
     )
 
 
@@ -682,8 +691,14 @@ class _Connection(Connection):
         #: Python frames, and a call reads it up to three times)
         self._now = trio.lowlevel.current_clock().current_time
         self._last_call_end = self._now()  # for the idle timeout
+        # Last: counted for its client until the server's release_client_requests.
+        server.share_client_requests(identity, grpc)
 
     # -- lifecycle --
+
+    @property
+    def grpc_core(self) -> GRPCServerConnection:
+        return self._grpc
 
     async def run(self) -> bool:
         """Serve the connection until the client leaves, it idles out, or it is drained."""
@@ -1342,6 +1357,8 @@ class Server:
         self._handshakes: dict[trio.CancelScope, str] = {}
         self._per_address: dict[str, int] = {}
         self._handshaking: dict[str, int] = {}
+        #: request bytes held per client (identity name), across its connections
+        self.client_requests: dict[str, ClientRequests] = {}
         self.caps = admission_caps(self.config)
         self.connection_settings = ConnectionSettings(
             # Frames no larger than we accept ourselves, even if a client takes 16 MiB ones:
@@ -1374,6 +1391,24 @@ class Server:
         )
         core.initiate_connection()
         return core
+
+    def share_client_requests(self, identity: Identity | None, core: GRPCServerConnection) -> None:
+        """Count ``core``'s request bytes with those of its client's other connections
+        (``MAX_CLIENT_BUFFERED_REQUESTS``); ``release_client_requests`` when it ends."""
+        name = "" if identity is None else identity.name
+        shared = self.client_requests.get(name)
+        if shared is None:
+            shared = self.client_requests[name] = ClientRequests()
+        core.share_client_requests(shared)
+
+    def release_client_requests(
+        self, identity: Identity | None, core: GRPCServerConnection
+    ) -> None:
+        core.release_client()
+        name = "" if identity is None else identity.name
+        shared = self.client_requests.get(name)
+        if shared is not None and shared.connections <= 0:
+            del self.client_requests[name]
 
     def streams_requests(self, path: str) -> bool:
         """Whether the method at ``path`` takes a stream of requests (flow control follows
@@ -1623,6 +1658,10 @@ class Server:
                 log.info("refusing %s: its certificate is no longer accepted", peer)
                 return
             identity, auth_error = self._identity_of(der, peer)
+            if self._over_client_cap(identity):
+                core = cores[0] if cores else self.new_core()
+                await self._refuse_client(ssl_stream, core, identity, peer)
+                return
             conn = _Connection(
                 self, ssl_stream, identity, auth_error, peer, der, cores[0] if cores else None
             )
@@ -1637,6 +1676,7 @@ class Server:
                 return
             finally:
                 self._connections.discard(conn)
+                self.release_client_requests(identity, conn.grpc_core)
             graceful = conn.drained
         finally:
             try:
@@ -1650,6 +1690,29 @@ class Server:
                 self._connection_count -= 1
                 _count_out(self._per_address, address)
                 self._check_all_closed()
+
+    def _over_client_cap(self, identity: Identity | None) -> bool:
+        shared = self.client_requests.get("" if identity is None else identity.name)
+        return shared is not None and shared.connections >= self.caps.per_client
+
+    async def _refuse_client(
+        self,
+        stream: TLSSocketStream,
+        core: GRPCServerConnection,
+        identity: Identity | None,
+        peer: str,
+    ) -> None:
+        """A client over its connection cap: GOAWAY (ENHANCE_YOUR_CALM) saying why, after
+        our SETTINGS, then the connection is closed (by the caller)."""
+        self.stats.connections_refused += 1
+        name = "" if identity is None else identity.name
+        reason = f"{self.caps.per_client} connections open for this client"
+        self._log_refusal(f"refusing a connection from {peer} ({name}): {reason}")
+        core.h2_connection.close_connection(
+            error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, additional_data=reason.encode()
+        )
+        with trio.move_on_after(1.0), suppress(trio.BrokenResourceError, trio.TooSlowError):
+            await stream.send_all(core.data_to_send())
 
     def _identity_of(self, der: bytes, peer: str) -> tuple[Identity | None, str]:
         if not der:  # only without CERT_REQUIRED, which our contexts never are

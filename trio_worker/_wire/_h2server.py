@@ -67,10 +67,12 @@ __all__ = [
     "MAX_BUFFERED_REQUESTS",
     "MAX_CACHED_REQUEST",
     "MAX_CACHED_REQUESTS",
+    "MAX_CLIENT_BUFFERED_REQUESTS",
     "MAX_HUFFMAN_VALUE",
     "RESET_BUDGET",
     "BadMessage",
     "BadRequest",
+    "ClientRequests",
     "GRPCServerConnection",
     "PeerGoAway",
     "RequestTooLarge",
@@ -131,6 +133,24 @@ RESET_BUDGET: Final = 1000
 #: messages, and a stream of requests' messages not yet taken): without it, 100 streams
 #: each 4 MiB short of a whole message pinned 400 MiB, all acknowledged at once.
 MAX_BUFFERED_REQUESTS: Final = 8 * 1024 * 1024
+#: The same bytes of all one client's connections together (``ClientRequests``, shared by
+#: the cores of one identity's connections): without it, one client's 200 connections
+#: each at MAX_BUFFERED_REQUESTS pinned 1.6 GiB (``tools/probe_hostile.py many-partial``).
+MAX_CLIENT_BUFFERED_REQUESTS: Final = 32 * 1024 * 1024
+
+
+class ClientRequests:
+    """Request bytes held for one client across its connections' cores: each core adds
+    what it holds (``GRPCServerConnection.client_requests``) and takes it all back when its
+    connection ends (``release_client``). Plain bookkeeping, no locking: one event loop."""
+
+    __slots__ = ("connections", "held", "total")
+
+    def __init__(self, total: int = MAX_CLIENT_BUFFERED_REQUESTS) -> None:
+        self.total = total
+        self.held = 0
+        #: cores sharing it (the transport drops it when none is left)
+        self.connections = 0
 
 
 _GRPC_CONTENT_TYPE: Final = "application/grpc+proto"
@@ -417,6 +437,8 @@ class GRPCServerConnection(WireGRPCConnection):
         self._buffered: dict[int, int] = {}
         self.buffered_requests = 0
         self._untaken: dict[int, deque[int]] = {}
+        #: what all the client's connections hold (set once its identity is known)
+        self.client_requests: ClientRequests | None = None
 
     def send_status(
         self, stream_id: int, code: int, message: str, details: bytes | None, *, headers: bool
@@ -746,7 +768,7 @@ class GRPCServerConnection(WireGRPCConnection):
             or data[0]
             or int.from_bytes(data[1:5], "big") != size - MESSAGE_OVERHEAD
             or size - MESSAGE_OVERHEAD > self.config.max_message_length
-            or self.buffered_requests > MAX_BUFFERED_REQUESTS
+            or self._over_requests()
         ):
             return False
         try:
@@ -874,10 +896,13 @@ class GRPCServerConnection(WireGRPCConnection):
                     self._hold(stream_id, -5 * len(sizes))
                 else:
                     self._hold(stream_id, -sum(sizes) - 5 * len(sizes))
-        if self.buffered_requests > MAX_BUFFERED_REQUESTS:
+        if self._over_requests():
             self.drop_request(stream_id)
-            limit = MAX_BUFFERED_REQUESTS
-            return [RequestTooLarge(stream_id, f"over the connection's {limit} request bytes")]
+            if self.buffered_requests > MAX_BUFFERED_REQUESTS:
+                reason = f"over the connection's {MAX_BUFFERED_REQUESTS} request bytes"
+            else:
+                reason = f"over the client's {MAX_CLIENT_BUFFERED_REQUESTS} request bytes"
+            return [RequestTooLarge(stream_id, reason)]
         if held is not None:
             delivered = sum(len(message) for message, _ in messages)
             self._release(
@@ -934,9 +959,34 @@ class GRPCServerConnection(WireGRPCConnection):
         self._held.pop(stream_id, None)
         self._forget(stream_id)
 
+    def _over_requests(self) -> bool:
+        """Whether this connection, or all its client's together, hold too many request
+        bytes (``MAX_BUFFERED_REQUESTS``, ``ClientRequests.total``)."""
+        if self.buffered_requests > MAX_BUFFERED_REQUESTS:
+            return True
+        shared = self.client_requests
+        return shared is not None and shared.held > shared.total
+
+    def share_client_requests(self, shared: ClientRequests) -> None:
+        """Count this connection's request bytes in its client's ``shared`` too."""
+        shared.held += self.buffered_requests
+        shared.connections += 1
+        self.client_requests = shared
+
+    def release_client(self) -> None:
+        """The connection is over: its request bytes leave its client's count."""
+        shared = self.client_requests
+        if shared is not None:
+            shared.held -= self.buffered_requests
+            shared.connections -= 1
+            self.client_requests = None
+
     def _hold(self, stream_id: int, delta: int) -> None:
         held = self._buffered.get(stream_id, 0) + delta
         self.buffered_requests += delta
+        shared = self.client_requests
+        if shared is not None:
+            shared.held += delta
         if held > 0:
             self._buffered[stream_id] = held
         else:
@@ -944,5 +994,9 @@ class GRPCServerConnection(WireGRPCConnection):
 
     def _forget(self, stream_id: int) -> None:
         """Count a stream's request bytes out: the stream is over, or its call is."""
-        self.buffered_requests -= self._buffered.pop(stream_id, 0)
+        held = self._buffered.pop(stream_id, 0)
+        self.buffered_requests -= held
+        shared = self.client_requests
+        if shared is not None:
+            shared.held -= held
         self._untaken.pop(stream_id, None)
