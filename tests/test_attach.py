@@ -167,17 +167,20 @@ async def test_role_rules_for_attach(server: Server, certs: Certs) -> None:
         assert (await alice.wait(job.id)).exit_code == 0
 
 
-async def test_a_job_removed_while_attached_ends_the_stream_cleanly(server: Server) -> None:
+async def test_a_job_removed_while_attached_ends_the_stream_with_its_end(server: Server) -> None:
+    # The contract: once the job has ended and every byte was sent, ``ended``, then the
+    # stream closes. A force Remove ends the job (SIGKILL) and then deletes it: the
+    # attached caller still gets the end, as a pending Wait does (not NOT_FOUND), so
+    # ``attach`` exits 137 and not with "no such job".
     async with server.connect() as client:
         job = await client.start("cat", stdin=True)
         async with client.attach(job.id) as session:
             await session.write(b"x\n")
             await read_until(session, b"x\n")
-            await client.remove(job.id, force=True)
-            try:
-                await rest_of(session)
-            except JobNotFound:
-                pass  # removed before its end could be sent: not found, never INTERNAL
-            else:
-                assert session.ended is not None
-                assert session.ended.state is JobState.KILLED
+            removed = await client.remove(job.id, force=True)
+            assert await rest_of(session) == b""
+            assert session.ended is not None
+            assert session.ended.state is JobState.KILLED
+            assert session.ended.signal == removed.signal == 9
+        with pytest.raises(JobNotFound):
+            await client.status(job.id)

@@ -16,7 +16,15 @@ import os
 import shutil
 import signal as _signal
 import tempfile
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -46,6 +54,7 @@ __all__ = [
     "LOST_ERROR",
     "Retention",
     "Supervisor",
+    "end_of",
     "ended_info",
     "open_supervisor",
     "open_supervisor_with_driver",
@@ -393,6 +402,20 @@ def ended_info(sup: Supervisor, job_id: str) -> JobInfo | None:
         # Its process may have exited with the watcher's turn still to come.
         sup._runner.end_if_exited(job)
     return job.info() if job.ended.is_set() else None
+
+
+def end_of(sup: Supervisor, job_id: str) -> Callable[[], Awaitable[JobInfo]]:
+    """Await it for the job's snapshot once it has ended and its output is complete, as
+    ``wait`` gives: the job is taken now (``JobNotFound`` now if there is none), so its
+    end still comes if it is removed meanwhile (``remove`` with ``force`` ends it first).
+    Attach's ``ended``: a caller attached across a Remove gets the end, not NOT_FOUND."""
+    job = sup._jobs.get(job_id)
+
+    async def ended() -> JobInfo:
+        await job.ended.wait()
+        return job.info()
+
+    return ended
 
 
 def output_within(

@@ -37,7 +37,7 @@ from .._errors import (
 )
 from .._host._users import UnixUser, current_user, lookup_user
 from .._identity import Identity
-from .._jobs._supervisor import Supervisor, ended_info, output_within, owner_of
+from .._jobs._supervisor import Supervisor, end_of, ended_info, output_within, owner_of
 from .._model import JobInfo
 from .._net._budget import OutputShare
 from .._net._transport import (
@@ -333,6 +333,7 @@ class WorkerService:
             authorize(ctx.identity, Op.OUTPUT)
             self._visible(job_id, ctx.identity)
             reader = output_within(self._sup, job_id, first.open.offset, True, self._chunk, share)
+            final_of = end_of(self._sup, job_id)
         except TrioWorkerError as exc:
             if share is not None:
                 share.close()
@@ -344,8 +345,8 @@ class WorkerService:
             try:
                 async for chunk in reader:
                     await send(pb.AttachResponse(output=chunk_to_pb(chunk)))
-                final = self._sup.status(job_id)
-            except TrioWorkerError as exc:  # JobNotFound: removed meanwhile (Remove, force)
+                final = await final_of()  # at once: the output has ended with the job
+            except TrioWorkerError as exc:  # JobNotFound: removed before the first chunk
                 raise rpc_error(exc) from None
             await send(pb.AttachResponse(ended=job_to_pb(final)))
             done.cancel()  # the job has ended: input means nothing any more
