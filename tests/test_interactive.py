@@ -189,6 +189,41 @@ async def test_tty_input_echoes_and_eof_character_ends_input() -> None:
         assert out.endswith(b"done\r\n")
 
 
+async def test_tty_close_stdin_after_a_partial_line_is_still_end_of_file() -> None:
+    # The contract: close_stdin is "end of input: the job reads EOF; on a tty, the
+    # terminal's EOF character". One ^D after a line with no newline only hands that
+    # line to the reader (read returns "zz", not 0): cat would wait for ever, and so
+    # would `printf zz | trio-worker run -it -- cat`. A second ^D is the end of file.
+    async with open_supervisor() as sup:
+        job = await sup.start("sh", ["-c", "cat; echo done"], stdin=True, tty=True)
+        await sup.write_stdin(job.id, b"zz")
+        await sup.close_stdin(job.id)
+        with trio.fail_after(30):
+            end = await sup.wait(job.id)
+        assert end.exit_code == 0
+        out = await output_of(sup, job.id)
+        assert out.endswith(b"zzdone\r\n")  # cat's "zz" (echoed too), then its EOF
+
+
+async def test_tty_close_stdin_in_raw_mode_sends_one_eof_character() -> None:
+    # With the terminal out of canonical mode, ^D is a byte like any other: the job gets
+    # it once, after the bytes written before it.
+    script = (
+        "stty -icanon -echo; echo ready; head -c 3 | od -An -c; "
+        "stty min 0 time 20; echo rest:$(head -c 1 | od -An -c)"
+    )
+    async with open_supervisor() as sup:
+        job = await sup.start("sh", ["-c", script], stdin=True, tty=True)
+        await wait_for_output(sup, job.id, b"ready")
+        await sup.write_stdin(job.id, b"ab")
+        await sup.close_stdin(job.id)
+        with trio.fail_after(30):
+            end = await sup.wait(job.id)
+        assert end.exit_code == 0
+        out = (await output_of(sup, job.id)).split()
+        assert out[1:] == [b"a", b"b", b"004", b"rest:"]
+
+
 async def test_resize_sets_the_size_and_the_job_sees_sigwinch() -> None:
     async with open_supervisor() as sup:
         script = 'trap "stty size" WINCH; echo ready; while :; do sleep 0.05; done'

@@ -270,6 +270,21 @@ def test_run_i_streams_stdin_and_eof_closes_it(dev: DevServer) -> None:
     assert result.stdout.split() == [b"300000", b"done"]
 
 
+def test_run_it_with_piped_input_that_ends_mid_line_ends(dev: DevServer) -> None:
+    # The end of our input is the job's end of file even after a line with no newline:
+    # on its terminal that takes two EOF characters (it waited for ever with one).
+    result = subprocess.run(
+        cli_argv(dev, "run", "-it", "--", "sh", "-c", "cat; echo done"),
+        input=b"zz",
+        env=dev.env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith(b"zzdone\r\n")
+
+
 def test_run_without_i_gives_the_job_no_stdin(dev: DevServer) -> None:
     result = subprocess.run(
         cli_argv(dev, "run", "--", "sh", "-c", "cat; echo eof"),

@@ -18,6 +18,7 @@ import fcntl
 import os
 import struct
 import termios
+from typing import Any
 
 import trio
 
@@ -48,6 +49,12 @@ def check_terminal_size(rows: object, cols: object) -> tuple[int, int]:
     return rows, cols
 
 
+def _special(attrs: list[Any], index: int) -> bytes:
+    """One of a terminal's special characters (``c_cc[index]``) as one byte."""
+    char = attrs[6][index]
+    return char if isinstance(char, bytes) else bytes([char])
+
+
 def set_terminal_size(fd: int, rows: int, cols: int) -> None:
     """TIOCSWINSZ: the kernel signals SIGWINCH to the terminal's foreground group when the
     size changes."""
@@ -71,6 +78,9 @@ class StdinWriter:
         self._lock = trio.Lock()
         self._eof_sent = False
         self._reader_gone = False
+        #: The last byte written to the terminal (None: none yet): whether a line is
+        #: still open in its line discipline when input ends (see ``close``).
+        self._last_byte: int | None = None
 
     @property
     def closed(self) -> bool:
@@ -103,6 +113,8 @@ class StdinWriter:
                         self._reader_gone = True  # nobody will ever read it
                         break
                     raise
+                if self.tty and n:
+                    self._last_byte = view[n - 1]
                 view = view[n:]
                 if view:
                     await trio.lowlevel.checkpoint()
@@ -110,7 +122,11 @@ class StdinWriter:
 
     async def close(self) -> None:
         """End of input: a pipe is closed (the job reads EOF); a terminal gets its EOF
-        character (VEOF, normally Ctrl-D), after the bytes written before it."""
+        character (VEOF, normally Ctrl-D), after the bytes written before it.
+
+        In canonical mode one EOF character after a partial line (bytes with no newline
+        after them) only hands that line to the reader; the end of file is a second one.
+        So it goes twice then, once otherwise (and once in raw mode, where it is a byte)."""
         async with self._lock:
             if self.closed:
                 await trio.lowlevel.checkpoint()
@@ -122,15 +138,18 @@ class StdinWriter:
             fd = self._fd
             assert fd is not None
             try:
-                eof = termios.tcgetattr(fd)[6][termios.VEOF]
+                attrs = termios.tcgetattr(fd)
             except termios.error:
-                eof = b"\x04"
+                attrs = None
+            eof_byte = _special(attrs, termios.VEOF) if attrs is not None else b"\x04"
+            eof = eof_byte * (2 if self._line_open(attrs) else 1)
             self._eof_sent = True
-            eof_byte = eof if isinstance(eof, bytes) else bytes([eof])
             while not self._reader_gone:
                 try:
-                    os.write(fd, eof_byte)
-                    break
+                    written = os.write(fd, eof)
+                    if written == len(eof):
+                        break
+                    eof = eof[written:]
                 except BlockingIOError:
                     try:
                         await trio.lowlevel.wait_writable(fd)
@@ -141,6 +160,21 @@ class StdinWriter:
                         break
                     raise
             await trio.lowlevel.checkpoint()
+
+    def _line_open(self, attrs: list[Any] | None) -> bool:
+        """Whether the terminal (in canonical mode) holds a partial line: the last byte
+        written ends none (newline, EOL, EOL2, EOF; CR where ICRNL makes it one)."""
+        last = self._last_byte
+        if attrs is None or last is None or not attrs[3] & termios.ICANON:
+            return False
+        ends = {ord("\n")}
+        for index in (termios.VEOF, termios.VEOL, termios.VEOL2):
+            char = _special(attrs, index)
+            if char != b"\0":  # _POSIX_VDISABLE: that character is off
+                ends.add(char[0])
+        if attrs[0] & termios.ICRNL and not attrs[0] & termios.IGNCR:
+            ends.add(ord("\r"))
+        return last not in ends
 
     def resize(self, rows: int, cols: int) -> None:
         """Set the terminal's size (SIGWINCH to its foreground group if it changed)."""
