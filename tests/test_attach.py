@@ -9,7 +9,14 @@ import pytest
 import trio
 
 from tests.test_client import Certs, Server, certs, server, stop_quietly
-from trio_worker import JobNotFound, JobState, NoStdin, OutputStream, PermissionDenied
+from trio_worker import (
+    InvalidRequest,
+    JobNotFound,
+    JobState,
+    NoStdin,
+    OutputStream,
+    PermissionDenied,
+)
 from trio_worker.client import Attachment, WorkerClient
 
 __all__ = ["certs", "server"]  # fixtures, used by name
@@ -122,6 +129,26 @@ async def test_tty_job_resize_through_attach(server: Server) -> None:
             assert b"got:hi" in out
             assert session.ended is not None
             assert session.ended.exit_code == 0
+
+
+async def test_a_bad_resize_is_invalid_argument_naming_the_resize_field(server: Server) -> None:
+    # BadRequest names the field of the request: AttachRequest's is ``resize`` (Start's
+    # is ``terminal_size``).
+    async with server.connect() as client:
+        job = await client.start("sleep", ["30"], stdin=True, tty=True)
+
+        async def resize_to_no_rows() -> None:
+            async with client.attach(job.id) as session:
+                await session.resize(0, 80)
+                await rest_of(session)
+
+        try:
+            with pytest.raises(InvalidRequest) as info:
+                await resize_to_no_rows()
+            assert info.value.field == "resize"
+            assert str(info.value).startswith("resize: rows must be within 1..65535")
+        finally:
+            await stop_quietly(client, job.id)
 
 
 async def test_writing_needs_a_job_started_with_stdin(server: Server) -> None:

@@ -523,7 +523,7 @@ class Attachment(metaclass=NoPublicConstructor):
     async def resize(self, rows: int, cols: int) -> None:
         """Set a tty job's terminal size."""
         request = pb.AttachRequest()
-        with request_field("terminal_size"):
+        with request_field("resize"):
             request.resize.rows = rows
             request.resize.cols = cols
         await self._send(request)

@@ -400,7 +400,10 @@ class WorkerService:
                         await self._sup.close_stdin(job_id)
                 elif kind == "resize":
                     typed.resizes += 1
-                    await self._sup.resize(job_id, request.resize.rows, request.resize.cols)
+                    try:
+                        await self._sup.resize(job_id, request.resize.rows, request.resize.cols)
+                    except InvalidRequest as exc:  # the library names its own parameter
+                        raise InvalidRequest("resize", exc.message) from None
             except JobNotRunning:
                 # It ended meanwhile: the output side sends ``ended`` and closes the stream.
                 await trio.sleep_forever()
