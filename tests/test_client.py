@@ -289,6 +289,20 @@ async def test_remove_refuses_running_jobs_unless_forced(server: Server) -> None
         assert job.id not in {j.id for j in await client.list()}
 
 
+async def test_a_replay_under_way_when_its_job_is_removed_is_not_found(server: Server) -> None:
+    # Not INTERNAL: its output files went from under the reader.
+    async with server.connect() as client:
+        job = await client.start("head", ["-c", str(24 * 1024 * 1024), "/dev/zero"])
+        await client.wait(job.id)
+        replay = client.output(job.id, follow=False)
+        first = await replay.__anext__()
+        assert first.offset == 0
+        await client.remove(job.id)
+        with pytest.raises(JobNotFound):
+            async for _ in replay:
+                pass
+
+
 async def test_command_that_cannot_run_is_a_failed_job(server: Server) -> None:
     async with server.connect() as client:
         job = await client.start("/nonexistent/command")

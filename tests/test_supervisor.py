@@ -497,6 +497,23 @@ async def test_remove_deletes_the_record_and_the_output(state_dir: Path) -> None
         assert job.id not in {j.id for j in sup.list()}
 
 
+async def test_a_replay_under_way_when_its_job_is_removed_ends_with_job_not_found(
+    state_dir: Path,
+) -> None:
+    # Its output is deleted from disk under the reader: "not found", as everywhere after
+    # a Remove, not the FileNotFoundError of its next block (an INTERNAL on the wire).
+    async with open_supervisor(state_dir, tail_bytes=64 * 1024) as sup:
+        job = await sup.start("head", ["-c", str(8 * 1024 * 1024), "/dev/zero"])
+        await sup.wait(job.id)
+        reader = sup.output(job.id, chunk_size=64 * 1024)
+        first = await reader.__anext__()
+        assert first.offset == 0
+        await sup.remove(job.id)
+        with pytest.raises(JobNotFound):
+            async for _ in reader:
+                pass
+
+
 async def test_remove_refuses_a_running_job_unless_forced(state_dir: Path) -> None:
     async with open_supervisor(state_dir) as sup:
         # It ignores SIGTERM and leaves a grandchild behind: force kills all of it.

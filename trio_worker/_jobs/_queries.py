@@ -167,7 +167,9 @@ def _open_output(
     assert job.log is not None
     if job.log.finished and offset > job.log.end:
         raise InvalidRequest("offset", f"{offset} is past the end of the log ({job.log.end})")
-    reader = job.log.read(offset, follow=follow, chunk_size=chunk_size, budget=budget)
+    reader = _GoneWhenRemoved(
+        job.log.read(offset, follow=follow, chunk_size=chunk_size, budget=budget), table, job
+    )
     return _UntilEnded(reader, job.ended) if follow else reader
 
 
@@ -194,6 +196,32 @@ class _OnFirstNext:
             await aclose()
         else:
             await trio.lowlevel.checkpoint()
+
+
+class _GoneWhenRemoved:
+    """A reader of a job that is removed while it reads: the files it reads from are
+    deleted under it, and it ends with ``JobNotFound``, as every call about the job
+    does once it is removed (not with the FileNotFoundError of its next block, which
+    the server would answer INTERNAL). A file missing for another reason still raises."""
+
+    def __init__(self, reader: AsyncIterator[OutputChunk], table: JobTable, job: Job) -> None:
+        self._reader = reader
+        self._table = table
+        self._job = job
+
+    def __aiter__(self) -> _GoneWhenRemoved:
+        return self
+
+    async def __anext__(self) -> OutputChunk:
+        try:
+            return await self._reader.__anext__()
+        except FileNotFoundError:
+            if self._table.find(self._job.id) is not self._job:
+                raise JobNotFound(self._job.id) from None
+            raise
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
 
 
 class _UntilEnded:
