@@ -23,6 +23,7 @@ import trio
 import trio.testing
 
 from tests.conftest import cgroup_parent, process_alive, require_root
+from tests.grpc_support import eventually
 from tests.test_client import Server, certs, server
 from trio_worker import (
     Isolation,
@@ -166,6 +167,34 @@ async def test_full_disk_jobs_run_end_and_their_records_land_later(tmp_path: Pat
 
 
 @pytest.mark.root
+async def test_a_job_filling_the_disk_leaves_room_for_every_clients_starts(
+    tmp_path: Path,
+) -> None:
+    """tools/probe_hostile.py full-disk: one job's output filled the state directory's
+    disk, and while it went on writing every Start (any client's) was refused, its record
+    unwritable. Output leaves KEEP_FREE of the disk free (here 1/16 of 16 MiB): the job's
+    output past it is lost, counted, and the records of the Starts meanwhile are written."""
+    with small_tmpfs(tmp_path / "disk", "size=16m") as disk:
+        state = disk / "state"
+        async with open_supervisor(state, retention=_MANUAL) as sup:
+            hog = await sup.start("cat", ["/dev/zero"])  # writes until stopped
+            await eventually(lambda: sup.status(hog.id).output_bytes >= 48 * 1024 * 1024, 30)
+            starts = []
+            for _ in range(20):
+                job = await sup.start("sh", ["-c", "exit 3"])
+                starts.append(job.id)
+                assert (await sup.wait(job.id)).exit_code == 3
+            await sup.stop(hog.id, grace=0)
+            await sup._records.commit_queued()
+            assert not sup._records.refusing
+            assert sup._store.reserved
+            rows = recorded(state / "jobs.db")
+            assert [rows[i] for i in [hog.id, *starts]] == ["killed"] + ["exited"] * 20
+            room = os.statvfs(disk)
+            assert room.f_bavail * room.f_frsize >= 512 * 1024
+
+
+@pytest.mark.root
 async def test_starts_on_a_disk_out_of_inodes_run_and_only_their_output_is_lost(
     tmp_path: Path,
 ) -> None:
@@ -219,6 +248,9 @@ async def test_removing_a_job_frees_a_disk_its_output_filled(tmp_path: Path) -> 
         async with open_supervisor(state, retention=_MANUAL) as sup:
             job = await sup.start("head", ["-c", "8M", "/dev/zero"])
             assert await wait_ended(sup, job.id) is JobState.EXITED
+            # Its output leaves KEEP_FREE of the disk free (1/16 of it here): the rest is
+            # filled by someone else.
+            fill(disk)
             assert shutil.disk_usage(disk).free == 0
             assert job.id in recorded(state / "jobs.db")
             gone = await sup.remove(job.id)

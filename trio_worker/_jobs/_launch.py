@@ -60,7 +60,7 @@ from .._host._place import Sown, make_place, make_seeded_place
 from .._host._spawn import SEEDS_REFUSED, Seed, release_seed_slots
 from .._model import Isolation, Limits
 from ._job import REPORT
-from ._output import DirectBuffers, OpenLogs, OutputLog
+from ._output import KEEP_FREE, DirectBuffers, OpenLogs, OutputLog
 from ._process import (
     PIPE_SIZES,
     RESOURCE_ERRNOS,
@@ -674,6 +674,7 @@ class Launcher:
             max_unflushed=self._max_unflushed,
             files=self.open_logs,
             direct=self.direct_buffers,
+            keep_free=KEEP_FREE,
         )
         # (Their read ends are non-blocking from the refill's thread: no fcntl here.)
         stdout = PipeReader(sprout.stdout, nonblocking=True)  # (``output_pipe``'s)
@@ -894,6 +895,7 @@ class Launcher:
             max_unflushed=self._max_unflushed,
             files=self.open_logs,
             direct=self.direct_buffers,
+            keep_free=KEEP_FREE,
         )
 
 

@@ -94,7 +94,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 import trio
 
@@ -104,6 +104,7 @@ __all__ = [
     "DEFAULT_CHUNK",
     "DEFAULT_MAX_UNFLUSHED",
     "DIRECT_BUFFERS",
+    "KEEP_FREE",
     "OPEN_LOGS",
     "Broadcaster",
     "DirectBuffers",
@@ -137,6 +138,11 @@ _SHARED_BLOCKS = 4
 _IOV_MAX = 512
 #: How far appends may run ahead of the disk before ``backlogged`` (writers wait).
 DEFAULT_MAX_UNFLUSHED = 16 * 1024 * 1024
+#: Of the state directory's disk, what a job's output leaves free (at most 1/16 of the
+#: disk), for the job records: a flush that would go below is lost as on a full disk.
+#: Without it one job's output filled the disk and every client's Starts were refused
+#: (their records could not be written: ``tools/probe_hostile.py full-disk``).
+KEEP_FREE: Final = 16 * 1024 * 1024
 #: Chatty jobs that switch streams often make many small chunks: cap their count.
 _MAX_TAIL_CHUNKS = 4096
 #: Retention drops in steps of at least this much (and 1/16 of the cap).
@@ -371,6 +377,7 @@ class OutputLog:
         "_held",
         "_index_fd",
         "_index_flushed",
+        "_keep_free",
         "_last_disk_record",
         "_last_stream",
         "_lost_ends",
@@ -408,15 +415,19 @@ class OutputLog:
         drop_step: int | None = None,
         files: OpenLogs | None = None,
         direct: DirectBuffers | None = None,
+        keep_free: int = 0,
     ) -> None:
         """A new, empty log in ``directory`` (made, with the files, by the first flush
         that has bytes to write; its parent must exist by then). With ``files``, the
         log keeps its fds open between flushes only while ``files`` lets it; without,
         from its first flush to ``close``. With ``direct``, large flushes write their
-        whole pages with ``O_DIRECT`` where the filesystem takes it."""
+        whole pages with ``O_DIRECT`` where the filesystem takes it. A flush that would
+        leave less than ``keep_free`` bytes of the disk free (at most 1/16 of the disk;
+        see :data:`KEEP_FREE`) is lost as on a full disk."""
         if max_bytes is not None and max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
         self._setup(directory, tail_bytes, max_unflushed, max_bytes, drop_step, files, direct)
+        self._keep_free = keep_free
 
     def _setup(
         self,
@@ -429,6 +440,7 @@ class OutputLog:
         direct: DirectBuffers | None = None,
     ) -> None:
         self.directory = directory
+        self._keep_free = 0
         self._data_fd = self._index_fd = -1  # opened by the flusher's thread, when it writes
         #: The buffers for O_DIRECT writes; ``None`` once the filesystem refused
         #: ``O_DIRECT`` (EINVAL: ramfs, some FUSE ones), or once another log of the server's was.
@@ -934,6 +946,7 @@ class OutputLog:
             job.error = exc
             return
         try:
+            self._check_room(job)
             self._pwrite_all(self._index_fd, job.index, index_pos)
         except OSError as exc:
             job.error = exc
@@ -951,6 +964,16 @@ class OutputLog:
                     self._truncate_index(index_pos + keep * _INDEX.size)
         if job.retain_from is not None:
             self._retain(job)
+
+    def _check_room(self, job: _Flush) -> None:
+        """In the flusher's thread: ENOSPC if ``job`` would leave less of the disk free
+        than the log keeps (``keep_free``, at most 1/16 of the disk)."""
+        if not self._keep_free:
+            return
+        disk = os.fstatvfs(self._index_fd)
+        keep = min(self._keep_free, disk.f_blocks * disk.f_frsize // 16)
+        if disk.f_bavail * disk.f_frsize - (job.stop - job.offset) < keep:
+            raise OSError(errno.ENOSPC, "No space left on device (its rest kept for the records)")
 
     def _open_files(self) -> None:
         """In the flusher's thread: open the files this log writes, if they are not."""
