@@ -213,6 +213,7 @@ class Legit:
         self.job_id = job_id
         self.slowest = 0.0
         self.times: list[float] = []
+        self.stamps: list[tuple[float, float]] = []  # (began, took)
         self.calls = 0
         self.failed = 0
         self.errors: list[str] = []
@@ -232,6 +233,7 @@ class Legit:
             self.calls += 1
             took = time.monotonic() - began
             self.times.append(took)
+            self.stamps.append((began, took))
             self.slowest = max(self.slowest, took)
             self._stop.wait(0.02)
 
@@ -300,6 +302,11 @@ def measure(
         "legit_p50_ms": round(_quantile(legit.times, 0.5) * 1000, 1),
         "legit_p99_ms": round(_quantile(legit.times, 0.99) * 1000, 1),
         "legit_slowest_ms": round(legit.slowest * 1000, 1),
+        # the three slowest: (seconds after the attack began, ms)
+        "legit_slowest_at": [
+            (round(at - began, 1), round(took * 1000))
+            for at, took in sorted(legit.stamps, key=lambda s: -s[1])[:3]
+        ],
         "server_alive": server.alive(),
         "server_cut_off": server.protocol_errors()[:3],
     }
