@@ -325,6 +325,43 @@ async def test_follow_live_job_and_replay_from_offset(server: Server) -> None:
         assert [c async for c in client.output(job.id, offset=len(data), follow=False)] == []
 
 
+async def test_many_followers_on_one_connection_all_see_a_live_job(
+    server: Server, tmp_path: Path
+) -> None:
+    """150 followers of a running job on one connection all get its first line while it
+    runs: with SETTINGS_MAX_CONCURRENT_STREAMS 32 the client queued the other 118 until
+    the first streams ended, that is until the job did (a grpcio channel does the same)."""
+    followers = 150
+    release = tmp_path / "release"
+    script = f"echo hello; while [ ! -e {release} ]; do sleep 0.05; done; echo bye"
+    seen = 0
+    everyone = trio.Event()
+    async with server.connect() as client:
+        job = await client.start("sh", ["-c", script])
+
+        async def follow() -> None:
+            nonlocal seen
+            data = b""
+            async for chunk in client.output(job.id, follow=True):
+                if b"hello" not in data and b"hello" in data + chunk.data:
+                    seen += 1
+                    if seen == followers:
+                        everyone.set()
+                data += chunk.data
+            assert data == b"hello\nbye\n"
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(followers):
+                    nursery.start_soon(follow)
+                with trio.fail_after(60):
+                    await everyone.wait()  # all of them, while the job waits for us
+                release.touch()
+        finally:
+            release.touch()
+        assert (await client.wait(job.id)).state is JobState.EXITED
+
+
 async def test_binary_output_every_byte_value(server: Server) -> None:
     payload = bytes(range(256)) * 1024
     code = "import sys; sys.stdout.buffer.write(bytes(range(256)) * 1024)"

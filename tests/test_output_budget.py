@@ -36,6 +36,9 @@ def test_the_step_is_what_is_free_between_a_floor_and_a_block() -> None:
     budget.unsent = 0
     assert budget.step() == MAX_STEP  # only two's MiB is held: 3 MiB free, one block at most
     assert budget.held == MAX_STEP
+    one.held = 0  # a closed share's reader letting go: counted no more
+    two.held -= MAX_STEP // 2
+    assert budget.held == MAX_STEP // 2
 
 
 async def test_stalled_readers_hold_no_more_than_the_budget_and_a_step_each(

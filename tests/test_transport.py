@@ -1336,6 +1336,65 @@ async def test_stream_cap_refuses_excess_stream(pki: Pki) -> None:
         assert probe.active == 2
 
 
+async def test_one_clients_streams_are_bounded_across_its_connections(pki: Pki) -> None:
+    """max_streams_per_client counts a client's calls on all its connections: the stream
+    over it is refused (REFUSED_STREAM) though its own connection has room, and the calls
+    of a connection that goes are the client's again."""
+    probe = Probe()
+    config = TransportConfig(max_concurrent_streams=3, max_streams_per_client=4)
+    request = w.DoubleValue(value=60).SerializeToString()
+    async with running_server(pki, methods(probe), config=config) as r:
+        async with RawClient.connect(pki, r.port) as first:
+            for _ in range(3):
+                await first.start(SLEEP, request)
+            await eventually(lambda: probe.active == 3)
+            async with RawClient.connect(pki, r.port) as second:
+                sids = [await second.start(SLEEP, request) for _ in range(2)]
+                with trio.fail_after(5):
+                    await second.until(
+                        lambda: any(isinstance(e, h2.events.StreamReset) for e in second.events)
+                    )
+                (reset,) = [e for e in second.events if isinstance(e, h2.events.StreamReset)]
+                assert reset.stream_id == sids[1]
+                assert reset.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                assert second.h2.remote_settings.max_concurrent_streams == 3
+                assert probe.active == 4
+                assert list(r.server.client_streams.values()) == [4]
+                await first.stream.aclose()  # its three calls go with it
+                await eventually(lambda: probe.active == 1)
+                assert list(r.server.client_streams.values()) == [1]
+                more = [await second.start(SLEEP, request) for _ in range(2)]
+                await eventually(lambda: probe.active == 3)
+                assert not any(
+                    isinstance(e, h2.events.StreamReset) and e.stream_id in more
+                    for e in second.events
+                )
+        await eventually(lambda: probe.active == 0)
+        assert r.server.client_streams == {}
+
+
+async def test_the_servers_streams_are_bounded(pki: Pki) -> None:
+    """max_streams counts every client's calls: the stream over it is refused
+    (REFUSED_STREAM) though the connection and the client have room."""
+    probe = Probe()
+    config = TransportConfig(max_concurrent_streams=5, max_streams=2)
+    request = w.DoubleValue(value=60).SerializeToString()
+    async with (
+        running_server(pki, methods(probe), config=config) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        sids = [await client.start(SLEEP, request) for _ in range(3)]
+        with trio.fail_after(5):
+            await client.until(
+                lambda: any(isinstance(e, h2.events.StreamReset) for e in client.events)
+            )
+        (reset,) = [e for e in client.events if isinstance(e, h2.events.StreamReset)]
+        assert (reset.stream_id, reset.error_code) == (sids[2], h2.errors.ErrorCodes.REFUSED_STREAM)
+        await eventually(lambda: probe.active == 2)
+        assert r.server.streams == 2
+        assert "over the server's 2 streams" in r.records[-1].message
+
+
 async def test_grpcio_respects_stream_cap(pki: Pki) -> None:
     probe = Probe()
     config = TransportConfig(max_concurrent_streams=2)

@@ -281,6 +281,39 @@ def test_a_late_window_update_for_a_forgotten_stream_is_ignored() -> None:
     assert pair.goaway_code() is None
 
 
+def test_closed_streams_among_many_are_forgotten_once_they_have_doubled() -> None:
+    """With 64 streams or more, closed ones are forgotten when the streams have doubled
+    (not at every request's HEADERS: that looked at every stream, quadratic with 1,000
+    of them); a late WINDOW_UPDATE for one closed and not forgotten yet is ignored."""
+    pair = ConnectionPair()
+    h2c = pair.server.h2_connection
+
+    def answered_calls(ids: range) -> None:
+        for stream_id in ids:
+            pair.client.send_headers(stream_id, request_headers(), end_stream=True)
+            pair.to_server(pair.client.data_to_send())
+            pair.server.start_response(stream_id, "+proto")
+            pair.server.send_status(stream_id, 0, "", None, headers=True)
+            pair.to_client()
+
+    for stream_id in range(1, 129, 2):  # 64 calls open at once
+        pair.client.send_headers(stream_id, request_headers(), end_stream=True)
+    pair.to_server(pair.client.data_to_send())
+    for stream_id in range(1, 129, 2):
+        pair.server.start_response(stream_id, "+proto")
+        pair.server.send_status(stream_id, 0, "", None, headers=True)
+    pair.to_client()
+    answered_calls(range(129, 131, 2))
+    assert 1 in h2c.streams  # closed, kept until the streams double
+    assert pair.to_server(frame(0x8, 0, 1, struct.pack(">L", 1000))) == []
+    answered_calls(range(131, 253, 2))
+    assert len(h2c.streams) == 126
+    answered_calls(range(253, 255, 2))
+    assert list(h2c.streams) == [253]
+    assert pair.to_server(frame(0x8, 0, 1, struct.pack(">L", 1000))) == []
+    assert pair.goaway_code() is None
+
+
 def test_partial_requests_on_many_streams_are_bounded_per_connection() -> None:
     """Each stream may hold a message short of the 4 MiB cap, but the connection holds at
     most MAX_BUFFERED_REQUESTS of them: the stream that goes over is refused."""

@@ -316,9 +316,19 @@ class TransportConfig:
     #: GOAWAY (ENHANCE_YOUR_CALM) once its TLS handshake has said who it is, and closed.
     max_connections_per_client: int = 128
     #: streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS: clients queue beyond it).
-    #: 32, not 100: an output stream whose client stops reading still holds about 1.3 MiB
-    #: (one message and its log reader's block), and 32 of them fit the per-connection bound
-    max_concurrent_streams: int = 32
+    #: 1,024: a thousand watchers of a job on one channel are all served at once (grpcio and
+    #: grpc-go queue streams beyond it; with 32, the 68 of 100 beyond it saw nothing until
+    #: the job ended). A stalled output stream holds at most 128 KiB beyond the connection's
+    #: 4 MiB output budget (``_budget``), so what a client pins is bounded per client below
+    max_concurrent_streams: int = 1024
+    #: streams of one client (identity) across all its connections; one over it is refused
+    #: (RST_STREAM REFUSED_STREAM, which gRPC clients may retry). 4,096 is what 128
+    #: connections of 32 streams allowed before: raising the per-connection cap did not
+    #: raise what one client may pin (4,096 x 128 KiB + 128 x 4 MiB of output budget)
+    max_streams_per_client: int = 4096
+    #: streams of all clients together: 32,768 is what 1,000 connections of 32 allowed
+    #: before, so that many clients of a few streams each cannot pin 1,024 per connection
+    max_streams: int = 32768
     max_request_bytes: int = MAX_MESSAGE
     handshake_timeout: float = 10.0
     #: close (with GOAWAY) a connection that has had no call for this long
@@ -344,6 +354,8 @@ class TransportConfig:
             "max_handshakes_per_address",
             "max_connections_per_client",
             "max_concurrent_streams",
+            "max_streams_per_client",
+            "max_streams",
             "max_request_bytes",
             "max_header_list_size",
             "max_send_buffer",
@@ -712,6 +724,13 @@ class _Connection(Connection):
     def _start_tasks(self, nursery: trio.Nursery) -> None:
         nursery.start_soon(self._idle_watchdog)
 
+    def uncount_calls(self) -> None:
+        """The connection is over: calls it never completed no longer count for its client."""
+        if self._calls:
+            name = next(iter(self._calls.values())).ctx.identity.name
+            self._server.uncount_streams(name, len(self._calls))
+            self._calls.clear()
+
     def _end_calls(self, reason: str) -> None:
         for call in self._calls.values():
             call.gone(reason)
@@ -839,6 +858,20 @@ class _Connection(Connection):
             reason = f"refused: over {self._cfg.max_concurrent_streams} concurrent streams"
             server.record(CallRecord(ctx, StatusCode.RESOURCE_EXHAUSTED, reason, None, None, 0.0))
             return
+        client_streams = server.client_streams
+        name = identity.name
+        over = None
+        if client_streams.get(name, 0) >= self._cfg.max_streams_per_client:
+            over = f"the client's {self._cfg.max_streams_per_client} streams"
+        elif server.streams >= self._cfg.max_streams:
+            over = f"the server's {self._cfg.max_streams} streams"
+        if over is not None:
+            # Its other connections (or other clients) hold the streams: refused as above.
+            self._grpc.drop_request(stream_id)
+            self._reset(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            reason = f"refused: over {over}"
+            server.record(CallRecord(ctx, StatusCode.RESOURCE_EXHAUSTED, reason, None, None, 0.0))
+            return
         if self._identity is None:
             self._reject(stream_id, ctx, RpcError.of(AuthenticationFailed(self._auth_error)))
             return
@@ -854,6 +887,8 @@ class _Connection(Connection):
             return
         call = _Call(stream_id, method, ctx)
         self._calls[stream_id] = call
+        client_streams[name] = client_streams.get(name, 0) + 1
+        server.streams += 1
         self._new_calls.append(call)
 
     # -- calls --
@@ -1159,6 +1194,7 @@ class _Connection(Connection):
         the audit record."""
         self._finish(call, code, message)
         del self._calls[call.stream_id]
+        self._server.uncount_streams(call.ctx.identity.name, 1)
         if not call.peer_gone:
             self._grpc.call_finished()
         if not self._calls:
@@ -1359,6 +1395,10 @@ class Server:
         self._handshaking: dict[str, int] = {}
         #: request bytes held per client (identity name), across its connections
         self.client_requests: dict[str, ClientRequests] = {}
+        #: calls in flight per client (identity name), across its connections, and in all
+        #: (``TransportConfig.max_streams_per_client``, ``max_streams``)
+        self.client_streams: dict[str, int] = {}
+        self.streams = 0
         self.caps = admission_caps(self.config)
         self.connection_settings = ConnectionSettings(
             # Frames no larger than we accept ourselves, even if a client takes 16 MiB ones:
@@ -1409,6 +1449,15 @@ class Server:
         shared = self.client_requests.get(name)
         if shared is not None and shared.connections <= 0:
             del self.client_requests[name]
+
+    def uncount_streams(self, name: str, count: int) -> None:
+        """``count`` calls of client ``name`` ended (or went with their connection)."""
+        self.streams -= count
+        left = self.client_streams[name] - count
+        if left > 0:
+            self.client_streams[name] = left
+        else:
+            del self.client_streams[name]
 
     def streams_requests(self, path: str) -> bool:
         """Whether the method at ``path`` takes a stream of requests (flow control follows
@@ -1677,6 +1726,7 @@ class Server:
             finally:
                 self._connections.discard(conn)
                 self.release_client_requests(identity, conn.grpc_core)
+                conn.uncount_calls()
             graceful = conn.drained
         finally:
             try:
