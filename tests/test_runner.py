@@ -3,19 +3,21 @@ how one wakeup's reading is shared between jobs."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import select
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from trio_worker._jobs import _runner
 from trio_worker._jobs._job import Job
 from trio_worker._jobs._output import OutputLog
-from trio_worker._jobs._process import PipeReader, validate_start
+from trio_worker._jobs._process import JobProcess, PipeReader, validate_start
 from trio_worker._jobs._records import JobRecords
 from trio_worker._model import Isolation, Limits, OutputStream
 
@@ -194,3 +196,168 @@ async def test_a_jobs_stdout_and_stderr_block_seeded_or_not_and_ours_do_not(
             assert (await sup.wait(job.id)).exit_code == 0
             chunks = [c.data async for c in sup.output(job.id, follow=False)]
             assert b"".join(chunks) == b"True True\n"
+
+
+_BLOCK = b"z" * 4096  # a write of ``head -c``, ``cat`` and most programs
+
+
+class _OnePipe:
+    """A runner (its watcher running) watching one pipe of one job, as ``supervise``
+    leaves it, without the process: ``w`` is the job's end."""
+
+    def __init__(self, runner: _runner.JobRunner, job: Job, r: int, w: int) -> None:
+        self.runner = runner
+        self.job = job
+        self.w = w
+        self.watch = _runner._Watch(job, None)  # type: ignore[arg-type]
+        self.pipe = _runner._Pipe(self.watch, PipeReader(r), OutputStream.STDOUT)
+        self.watch.pipes.append(self.pipe)
+        runner._register(r, self.pipe)
+
+    @property
+    def taken(self) -> int:
+        assert self.job.log is not None
+        return self.job.log.end
+
+    async def write(self, data: bytes) -> None:
+        """The job writes; the watcher has its turn."""
+        os.write(self.w, data)
+        await trio.testing.wait_all_tasks_blocked()
+
+
+@contextlib.asynccontextmanager
+async def _watching(tmp_path: Path, pipes: list[tuple[int, int]]) -> AsyncIterator[_OnePipe]:
+    job = _job(tmp_path, "a")
+    r, w = os.pipe()
+    pipes.append((r, w))
+    fcntl.fcntl(w, _F_SETPIPE_SZ, 1024 * 1024)  # (room for what the tests write)
+    async with trio.open_nursery() as nursery:
+        runner = _runner.JobRunner(nursery, JobRecords.__new__(JobRecords))
+        await nursery.start(runner.run)
+        yield _OnePipe(runner, job, r, w)
+        nursery.cancel_scope.cancel()
+    assert job.log is not None
+    job.log.close()
+
+
+async def test_a_job_writing_steadily_is_read_in_rounds_not_write_by_write(
+    tmp_path: Path, pipes: list[tuple[int, int]], mock_clock: trio.testing.MockClock
+) -> None:
+    """A job writing 4 KiB blocks as fast as the watcher reads them (on one CPU, each
+    write woke the loop, which read it alone before the job ran again): once it was read
+    within ``_RECENT``, a pipe holding less than ``_SMALL`` rests for ``_REST`` and is
+    then read whole. A follower gets what the rest gathered as one message, not a
+    message per write (before: 64 messages of 4 KiB, the 'small-message mode')."""
+    async with _watching(tmp_path, pipes) as one:
+        log = one.job.log
+        assert log is not None
+        follower = log.read(0, chunk_size=256 * 1024)
+        await one.write(_BLOCK)
+        assert one.taken == 4096  # the first write: at once
+        first = await follower.__anext__()
+        await one.write(_BLOCK)  # the next, at once after it (no time passed)
+        assert one.taken == 4096  # resting
+        assert one.pipe.reader.fd not in one.runner._fds
+        for _ in range(62):
+            await one.write(_BLOCK)
+        assert one.taken == 4096
+        mock_clock.jump(_runner._REST)
+        await trio.testing.wait_all_tasks_blocked()
+        assert one.taken == 64 * 4096  # the rest over: all of it, in one round
+        second = await follower.__anext__()
+        assert [len(first.data), len(second.data)] == [4096, 63 * 4096]
+        # Read again at once, it held 252 KiB: a big round is read as it comes.
+        assert one.pipe.reader.fd in one.runner._fds
+        await one.write(_BLOCK * 16)
+        assert one.taken == 80 * 4096
+
+
+async def test_a_job_writing_now_and_then_is_read_at_once(
+    tmp_path: Path, pipes: list[tuple[int, int]], mock_clock: trio.testing.MockClock
+) -> None:
+    """A job printing a line a second (or every 20 ms) is read at each line, no time
+    passing: the rest costs latency only to a job writing steadily, and at most
+    ``_REST`` to any byte."""
+    async with _watching(tmp_path, pipes) as one:
+        for i in range(5):
+            await one.write(b"line %d\n" % i)
+            assert one.taken == 7 * (i + 1)
+            mock_clock.jump(2 * _runner._RECENT if i % 2 else 1.0)
+        await one.write(b"now\n")
+        assert one.taken == 39
+        # A line right after the last: it waits, _REST at most.
+        await one.write(b"soon\n")
+        assert one.taken == 39
+        mock_clock.jump(_runner._REST / 2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert one.taken == 39
+        mock_clock.jump(_runner._REST / 2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert one.taken == 44
+
+
+async def test_a_resting_pipe_paused_for_the_disk_comes_back_once(
+    tmp_path: Path, pipes: list[tuple[int, int]], mock_clock: trio.testing.MockClock
+) -> None:
+    """A job paused for the disk while one of its pipes rests: the pipe's rest ends
+    without it (the pause holds), and the resume brings it back once, whether the rest
+    ended first or not (a second register of its fd would fail the job)."""
+    async with _watching(tmp_path, pipes) as one:
+        runner, watch, fd = one.runner, one.watch, one.pipe.reader.fd
+        for resume_first in (False, True):
+            mock_clock.jump(1.0)
+            await one.write(b"a")  # read at once ...
+            taken = one.taken
+            await one.write(b"b")  # ... so this one rests
+            await one.write(b"c")
+            assert one.taken == taken
+            assert fd not in runner._fds  # resting
+            runner._pause(watch)
+            if resume_first:
+                runner._resume(watch)
+                await trio.testing.wait_all_tasks_blocked()
+                assert one.taken == taken + 2
+            mock_clock.jump(_runner._REST)
+            await trio.testing.wait_all_tasks_blocked()
+            if not resume_first:
+                assert fd not in runner._fds  # still paused
+                assert one.taken == taken
+                runner._resume(watch)
+                await trio.testing.wait_all_tasks_blocked()
+                assert one.taken == taken + 2
+            assert runner._fds.get(fd) is one.pipe
+            assert not runner._resting
+
+
+async def test_a_pipe_that_ends_while_it_rests_is_read_to_its_end(
+    tmp_path: Path, pipes: list[tuple[int, int]], mock_clock: trio.testing.MockClock
+) -> None:
+    """The job's end of the pipe closes during a rest: after it, the rest of the bytes
+    and the end are read, and the pipe leaves the watch."""
+    async with _watching(tmp_path, pipes) as one:
+        await one.write(_BLOCK)
+        await one.write(b"last")
+        assert one.taken == 4096
+        os.close(one.w)
+        pipes[-1] = (pipes[-1][0], os.open(os.devnull, os.O_WRONLY))  # (closed at the end)
+        mock_clock.jump(_runner._REST)
+        await trio.testing.wait_all_tasks_blocked()
+        assert one.taken == 4100
+        assert one.watch.pipes == []
+        assert one.pipe.reader.fd not in one.runner._fds
+
+
+async def test_a_resting_pipe_comes_back_when_its_job_exits(
+    tmp_path: Path, pipes: list[tuple[int, int]], mock_clock: trio.testing.MockClock
+) -> None:
+    """Its job's exit ends a pipe's rest, no time passing: what the job's end waits for
+    (its pipes' ends) is read at the watcher's next turn, not after the rest."""
+    async with _watching(tmp_path, pipes) as one:
+        await one.write(_BLOCK)
+        await one.write(b"last")
+        assert one.pipe.reader.fd not in one.runner._fds  # resting
+        one.watch.process = JobProcess(0, -1, None, None, None)  # (its pidfd: not watched)
+        one.watch.ending = True  # (a Stop's end, say: it waits for the pipes)
+        one.runner._exited(one.watch)
+        await trio.testing.wait_all_tasks_blocked()
+        assert one.taken == 4100

@@ -2,7 +2,7 @@
 
     python tools/bench_follow_phases.py [--server NAME=PYTHON ...] [--peer]
         [--cond NAME=PHASE,PHASE ...] [--rounds 4] [--follows 2] [--jobs 200]
-        [--out FILE.jsonl] [--perf DIR]
+        [--out FILE.jsonl] [--perf DIR] [--pin CPUS] [--hogs N]
 
 For each round, every (server, condition) pair in a new random order: a fresh server,
 the condition's phases (each in a client process of its own), then ``--follows``
@@ -16,7 +16,12 @@ Prints one line per follow: MB/s, the server's CPU by thread name (ours: ``pytho
 the loop, ``Trio thread`` the flush and disk-read threads), its minor faults, the
 client's CPU and faults, and the messages (256 MiB in 256 KiB disk pieces is 1,024;
 many more means the follower kept up with the job and sent the tail as the pipe reads
-made it). ``--perf DIR`` records ``perf record -g`` of the server during the follows.
+made it; ``small``: how many held under 64 KiB, ``p50``: the median message's size).
+``--perf DIR`` records ``perf record -g`` of the server during the follows.
+``--pin CPUS`` starts the servers under ``taskset -c CPUS`` (their jobs inherit it), and
+``--hogs N`` runs N busy loops for the whole run (pinned alike): load of a kind that
+comes again, to set a server and its job on one CPU, where a job writing steadily and
+the loop take turns (ARCHITECTURE "Why the follow fell into small messages").
 ARCHITECTURE "The follow row depends on the sitting's phases" says what these showed.
 The machine is shared: read ranges, and say the load. Asserts nothing.
 """
@@ -78,10 +83,18 @@ FOLLOW = textwrap.dedent(
         job = stub.Start(pb.StartRequest(command="head", args=["-c", str(size), "/dev/zero"]),
                          timeout=60)
         got = messages = 0
+        sizes = collections.Counter()
         for chunk in stub.Output(pb.OutputRequest(id=job.id, offset=0, follow=True),
                                  timeout=300):
             got += len(chunk.data)
             messages += 1
+            sizes[len(chunk.data)] += 1
+        small = sum(n for k, n in sizes.items() if k < 65536)
+        seen = 0
+        for p50, n in sorted(sizes.items()):
+            seen += n
+            if 2 * seen >= messages:
+                break
         t1 = time.perf_counter()
         cpu1, total1, faults1 = server()
         usage1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -96,7 +109,8 @@ FOLLOW = textwrap.dedent(
             "client_cpu_s": round(usage1.ru_utime + usage1.ru_stime
                                   - usage0.ru_utime - usage0.ru_stime, 3),
             "client_minflt": usage1.ru_minflt - usage0.ru_minflt,
-            "messages": messages, "load": round(os.getloadavg()[0], 1)}), flush=True)
+            "messages": messages, "small": small, "p50": p50,
+            "load": round(os.getloadavg()[0], 1)}), flush=True)
         time.sleep(0.3)
     """
 )
@@ -138,6 +152,8 @@ def _start(
     state = scratch / f"state-{name}"
     shutil.rmtree(state, ignore_errors=True)
     cmd = [python, "-c", bench_peer.SERVER, str(state)]
+    if args.pin:
+        cmd = ["taskset", "-c", args.pin, *cmd]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=scratch)
     port, pki_dir = bench_peer._line_with(proc, "").split()
     d = Path(pki_dir)
@@ -175,7 +191,8 @@ def _one(
                 f"r{rnd} {name:8} {cond:8} #{rec['i']} {rec['MBps']:6.1f} MB/s "
                 f"server {rec['server_cpu_s']:.2f} s {rec['server_threads']} "
                 f"faults {rec['server_minflt']}; client {rec['client_cpu_s']:.2f} s "
-                f"faults {rec['client_minflt']}; messages {rec['messages']} load {rec['load']}",
+                f"faults {rec['client_minflt']}; messages {rec['messages']} (small {rec['small']}, "
+                f"p50 {rec['p50'] // 1024} KiB) load {rec['load']}",
                 flush=True,
             )
     finally:
@@ -194,6 +211,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=200, help="bench.py joblat's jobs")
     parser.add_argument("--out", help="also append each follow's JSON line here")
     parser.add_argument("--perf", help="a directory for perf record files")
+    parser.add_argument("--pin", help="CPUS: the servers (and their jobs) under taskset -c")
+    parser.add_argument("--hogs", type=int, default=0, help="busy loops meanwhile (pinned too)")
     args = parser.parse_args()
     servers: list[tuple[str, str | None]] = [
         (n, p) for n, _, p in (s.partition("=") for s in args.server or [])
@@ -201,13 +220,22 @@ def main() -> None:
     if args.peer:
         servers.append(("peer", None))
     conds = [(c.partition("=")[0], c.partition("=")[2]) for c in args.cond or ["fresh="]]
-    with tempfile.TemporaryDirectory(prefix="follow-phases-") as scratch:
-        args.scratch = scratch
-        for rnd in range(args.rounds):
-            order = [(s, c) for s in servers for c in conds]
-            random.shuffle(order)
-            for (name, python), (cond, phases) in order:
-                _one(args, name, python, cond, [p for p in phases.split(",") if p], rnd)
+    hog = [sys.executable, "-c", "while True: pass"]
+    if args.pin:
+        hog = ["taskset", "-c", args.pin, *hog]
+    hogs = [subprocess.Popen(hog) for _ in range(args.hogs)]
+    try:
+        with tempfile.TemporaryDirectory(prefix="follow-phases-") as scratch:
+            args.scratch = scratch
+            for rnd in range(args.rounds):
+                order = [(s, c) for s in servers for c in conds]
+                random.shuffle(order)
+                for (name, python), (cond, phases) in order:
+                    _one(args, name, python, cond, [p for p in phases.split(",") if p], rnd)
+    finally:
+        for proc in hogs:
+            proc.kill()
+            proc.wait()
 
 
 if __name__ == "__main__":

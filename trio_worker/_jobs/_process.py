@@ -65,6 +65,7 @@ __all__ = [
 ]
 
 _F_SETPIPE_SZ = 1031
+_HELD = struct.Struct("i")  # FIONREAD's answer, an int
 _PIPE_SIZE = 1024 * 1024
 #: With CAP_SYS_RESOURCE (a root server) a pipe may exceed pipe-max-size: a
 #: bigger buffer lets a fast job run ahead while the event loop is busy with
@@ -253,6 +254,15 @@ class PipeReader:
             if len(data) < want:
                 break
         return pieces, False
+
+    def held(self) -> int | None:
+        """How many bytes the pipe holds now (``FIONREAD``), or None where it cannot say."""
+        try:
+            answer = fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return None
+        held: int = _HELD.unpack(answer)[0]
+        return held
 
     @property
     def closed(self) -> bool:
