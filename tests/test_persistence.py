@@ -601,6 +601,40 @@ async def test_a_burst_of_starts_is_one_transaction(
             await sup.stop(job.id, grace=0)
 
 
+async def test_the_committer_wakes_once_per_commit_in_a_burst_of_starts(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    # A start's record within END_COMMIT_AFTER of the last commit brings the committer's
+    # wait to its due time; the starts after it change nothing: two steps of the
+    # committer for the burst's one transaction (woken at the due time, the thread's
+    # return), not a wake for the first record and another when a sleep until then ends.
+    state = tmp_path / "state"
+    async with open_supervisor(state, retention=Retention(interval=3600)) as sup:
+        store = sup._store
+        assert store is not None
+        mock_clock.jump(END_COMMIT_AFTER)  # (the start-up's commits are behind)
+        before = store.transactions
+        first = await sup.start("sleep", ["1000"])  # at once: the burst's due time is set
+        await _until(lambda: store.transactions > before)
+        await trio.testing.wait_all_tasks_blocked()
+        before = store.transactions
+        counter = _CommitterSteps()
+        trio.lowlevel.add_instrument(counter)
+        try:
+            burst = [await sup.start("sleep", ["1000"]) for _ in range(5)]
+            await trio.testing.wait_all_tasks_blocked()
+            assert (counter.steps, store.transactions) == (0, before)
+            mock_clock.jump(END_COMMIT_AFTER)
+            await _until(lambda: store.transactions > before)
+            await trio.testing.wait_all_tasks_blocked()
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert (counter.steps, store.transactions) == (2, before + 1)
+        assert all(_row(state, job.id) == ("running", job.pid, ANY) for job in burst)
+        for job in [first, *burst]:
+            await sup.stop(job.id, grace=0)
+
+
 async def test_a_start_cuts_short_the_wait_of_ended_jobs_records(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:

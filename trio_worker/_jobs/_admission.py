@@ -11,6 +11,7 @@ import errno
 import os
 import signal as _signal
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 
 import trio
@@ -190,21 +191,15 @@ class Admission:
                 place=place,
             )
             started_at = now()
-            # Shielded: what the thread made (files, group, process) must not be lost.
-            with trio.CancelScope(shield=True):
-                try:
-                    if refusing:
-                        before = lc.Record(JobState.RUNNING, started_at=started_at)
-                        await self._records.record_before_spawn(
-                            job, job.info(usage=False, record=before)
-                        )
-                    launched = await self._launch(plan)
-                    # The job's process exists; what is left of the Start (its
-                    # record, the runner, the reply: ~0.4 ms of the loop) waits for
-                    # what the loop's next poll finds, a Status answered in its reader.
-                    await let_io_first()
-                finally:
-                    self.launcher.replenish()
+            try:
+                launched = await self._launch(plan, job, started_at, refusing=refusing)
+                # The job's process exists; what is left of the Start (its record,
+                # the runner, the reply: ~0.4 ms of the loop) waits for what the
+                # loop's next poll finds, a Status answered in its reader (no
+                # cancel point: the job is the caller's now).
+                await let_io_first()
+            finally:
+                self.launcher.replenish()
         except BaseException:
             # Out of descriptors, memory or processes (ResourceExhausted), or
             # cancelled: no half-made job stays, in the table or on the host.
@@ -277,8 +272,34 @@ class Admission:
                 return job_id
         return self.new_id()
 
-    async def _launch(self, plan: LaunchPlan) -> Launched:
-        """Make the job's place and process; return them.
+    async def _launch(
+        self, plan: LaunchPlan, job: Job, started_at: datetime, *, refusing: bool
+    ) -> Launched:
+        """Make the job's place and process; return them. Not cancellable: what was
+        made (files, group, process) must not be lost.
+
+        A seedable plan runs its place's seed (``launch_seeded``, which shields its own
+        waits: no scope here for it, the usual Start); else, or if the seed was dead or
+        stopped before its command, the thread's way below, shielded. While the store
+        refuses writes (``refusing``), the record is committed before the spawn.
+        """
+        launcher = self.launcher
+        launched: Launched | None = None
+        if launcher.seedable(plan):  # (never while ``refusing``: no place then)
+            launched = await launcher.launch_seeded(plan)
+        if launched is None:
+            with trio.CancelScope(shield=True):
+                if refusing:
+                    before = lc.Record(JobState.RUNNING, started_at=started_at)
+                    await self._records.record_before_spawn(
+                        job, job.info(usage=False, record=before)
+                    )
+                launched = await self._spawn(plan)
+            assert launched is not None  # (a shield lets every exception through)
+        return launched
+
+    async def _spawn(self, plan: LaunchPlan) -> Launched:
+        """The job's place and process made the thread's way (shielded by ``_launch``).
 
         With the reaper watching: one worker-thread call (``prepare_and_spawn``).
         The job's record is not written meanwhile but queued once the job runs
@@ -291,11 +312,6 @@ class Admission:
         Raises ``ResourceExhausted`` having left nothing: no files, group, or process.
         """
         launcher = self.launcher
-        if launcher.seedable(plan):  # a seed is planted only with the reaper watching
-            launched = await launcher.launch_seeded(plan)
-            if launched is not None:
-                return launched
-            # Its seed was dead before the command (killed from outside): the thread's way.
         if self._spawn_in_thread:
             return await _spawn_watched(launcher, plan)
         launched = await _in_thread(launcher.prepare, plan)

@@ -240,9 +240,13 @@ class Launcher:
         self._wanted = trio.Event()
         #: Set while ``keep_ready`` waits with nothing to do (``settled``).
         self._idle = trio.Event()
-        #: Set (and replaced) when a place joins the pool, or a refill ends (``take_soon``).
-        self._arrived = trio.Event()
+        #: Set (and dropped) when a place joins the pool, or a refill ends: made only
+        #: while a Start waits for a place (``take_soon``), not twice per round.
+        self._arrived: trio.Event | None = None
         self._closed = False
+        #: trio's clock: bound to the run's clock by ``keep_ready`` (``trio.current_time``
+        #: goes through four Python frames, this one).
+        self._now: Callable[[], float] = trio.current_time
         #: Starts waiting for the next place (``take_soon``): while there are any, the
         #: refill's thread hands each place over as soon as it is made (``_tend``).
         self._awaited = 0
@@ -293,7 +297,7 @@ class Launcher:
             return
         if self._idle.is_set():
             self._idle = trio.Event()
-        self._retired_at = now = trio.current_time()
+        self._retired_at = now = self._now()
         linger = self._linger
         if linger is not None and linger.deadline == math.inf:
             # Set once: ``_wait`` lingers on from ``_retired_at`` (moving a deadline per
@@ -326,6 +330,7 @@ class Launcher:
         why it cannot.
         """
         self._token = trio.lowlevel.current_trio_token()
+        self._now = trio.lowlevel.current_clock().current_time
         # The places an earlier version left in ``ready/`` (now a place has no directory;
         # their groups are leftovers, gone already).
         await trio.to_thread.run_sync(shutil.rmtree, self.ready_dir, True)
@@ -350,8 +355,7 @@ class Launcher:
         round that makes places (a Start's ``replenish``): a job that ended during a
         round cost a round of its own, one thread call per job in a Start + Wait loop."""
         return bool(self._retired) and (
-            len(self._retired) >= RETIRE_BATCH
-            or trio.current_time() >= self._retired_at + RETIRE_AFTER
+            len(self._retired) >= RETIRE_BATCH or self._now() >= self._retired_at + RETIRE_AFTER
         )
 
     async def _round(self, retired: list[JobCgroup], ids: list[str]) -> int:
@@ -368,8 +372,7 @@ class Launcher:
             self._retired[:0] = retired
         finally:
             self._making = ()
-            self._arrived.set()  # a Start waiting for a place: none is coming
-            self._arrived = trio.Event()
+            self._tell_arrived()  # a Start waiting for a place: none is coming
         return made
 
     async def _wait(self, wanted: trio.Event) -> None:
@@ -383,7 +386,7 @@ class Launcher:
             with trio.CancelScope(deadline=deadline) as self._linger:
                 await wanted.wait()
             self._linger = None
-            if wanted.is_set() or trio.current_time() >= self._retired_at + RETIRE_AFTER:
+            if wanted.is_set() or self._now() >= self._retired_at + RETIRE_AFTER:
                 return
 
     async def aclose(self) -> None:
@@ -454,8 +457,14 @@ class Launcher:
                 _kill_waiting(place.seed)  # planted before the cap was seen (``watch_memory_caps``)
             self._ready.append(place)
         self._making = self._making[len(places) :]  # made in order
-        self._arrived.set()
-        self._arrived = trio.Event()
+        self._tell_arrived()
+
+    def _tell_arrived(self) -> None:
+        """Wake the Starts waiting for a place (``take_soon``), if any."""
+        arrived = self._arrived
+        if arrived is not None:
+            self._arrived = None
+            arrived.set()
 
     async def take_soon(self, patience: float) -> Place | None:
         """``take``, but with none ready while the refill's thread is making places,
@@ -467,6 +476,8 @@ class Launcher:
             try:
                 with trio.move_on_after(patience):
                     while not self._ready and self._making:
+                        if self._arrived is None:
+                            self._arrived = trio.Event()
                         await self._arrived.wait()
             finally:
                 self._awaited -= 1
@@ -641,6 +652,12 @@ class Launcher:
         its command, and wait for its exec (EOF on its report pipe) or its failure (a FAILED job,
         as ``spawn``'s). No thread, nothing blocking.
 
+        Not cancellable: every wait here is shielded (what the seed runs must not be
+        lost), so the caller needs no shield of its own. The wait for the exec is one
+        scope, shielded and bounded by ``SEED_PATIENCE`` at once (a shield around a
+        ``move_on_after`` was two scopes a Start, ~5% of the loop's Python calls per
+        Start + Wait); none when the exec is done by the first look (~20% of Starts).
+
         None if the seed was dead before its command (killed from outside while it
         waited: nothing of the command ran), or stopped before its exec (then killed
         here): the place is the plan's again, without a seed's fds, for
@@ -665,7 +682,8 @@ class Launcher:
             return None
         except OSError as exc:
             # ENOMEM copying the command: the process, run or not, goes with its group.
-            await trio.to_thread.run_sync(_discard_seeded, place, sprout)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_discard_seeded, place, sprout)
             raise resource_exhausted(exc, "handing its process the command") from None
         log = OutputLog(
             place.directory,  # (made by the log's first flush, if the job writes)
@@ -680,7 +698,8 @@ class Launcher:
         stdout = PipeReader(sprout.stdout, nonblocking=True)  # (``output_pipe``'s)
         stderr = PipeReader(sprout.stderr, nonblocking=True)
         while not seed.poll():
-            with trio.move_on_after(SEED_PATIENCE) as late:
+            # Shielded, and bounded by its own deadline (which the shield does not stop).
+            with trio.CancelScope(deadline=self._now() + SEED_PATIENCE, shield=True) as late:
                 await trio.lowlevel.wait_readable(seed.report_fd)
             if late.cancelled_caught and seed.stopped() and not seed.poll():
                 # Stopped from outside before its exec (``kill -STOP``): it would keep
@@ -695,7 +714,8 @@ class Launcher:
             process = JobProcess(seed.pid, seed.pidfd, stdout, stderr, None)
             return Launched(log, place.group, process=process, start_time=sprout.start_time)
         # The child failed before its command (exit 127): reap it, as spawn does.
-        await trio.lowlevel.wait_readable(seed.pidfd)
+        with trio.CancelScope(shield=True):
+            await trio.lowlevel.wait_readable(seed.pidfd)
         trio.lowlevel.notify_closing(seed.pidfd)
         seed.reap()
         stdout.close()

@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import signal as _signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -89,12 +89,19 @@ class JobRecords:
         #: (job id, the write, whether the job's row exists once the writes before it
         #: are in).
         self._queued: list[tuple[str, Queued, bool]] = []
-        #: Set by a record that is committed at once (a start's): wakes the committer.
-        self._commit_wanted = trio.Event()
-        #: The committer's wait for ``_commit_wanted``, while it waits: an end's record
-        #: gives it a deadline (``END_COMMIT_AFTER``) instead of waking it, so a job's end
-        #: costs the loop no turn of the committer, and a start's record cuts it short.
+        #: The committer's wait, while it waits: its deadline is the next commit's time.
+        #: An end's record sets it ``END_COMMIT_AFTER`` away if it has none, so a job's
+        #: end costs the loop no turn of the committer; a start's brings it to
+        #: ``END_COMMIT_AFTER`` after the last commit began (``_commit_soon``). No event
+        #: and no second sleep: one wake of the committer per commit.
         self._waiting: trio.CancelScope | None = None
+        #: A start's record came while the committer was not waiting (it commits).
+        self._commit_wanted = False
+        #: When the last commit of the committer began (trio's clock).
+        self._last_commit = -math.inf
+        #: trio's clock, bound to the run's by ``run_committer`` (``trio.current_time``
+        #: goes through four Python frames, this one).
+        self._now: Callable[[], float] = trio.current_time
         #: Held by a commit until its records' outcomes are in ``unsaved``: housekeeping
         #: waits for one in flight, or it would not know what to write again.
         self._committing = trio.Lock()
@@ -184,7 +191,19 @@ class JobRecords:
             self.unsaved[job.id] = False
             return
         self._queued.append((job.id, write, False))
-        self._commit_wanted.set()
+        self._commit_soon()
+
+    def _commit_soon(self) -> None:
+        """A record that is committed at once (a start's): the committer's next commit
+        ``END_COMMIT_AFTER`` after its last one began, or at its next turn after a quiet
+        spell (its wait's deadline brought forward, to the past if need be)."""
+        waiting = self._waiting
+        if waiting is None:  # (committing: it looks at ``_commit_wanted`` once done)
+            self._commit_wanted = True
+            return
+        due = self._last_commit + END_COMMIT_AFTER
+        if due < waiting.deadline:  # (once per commit: the starts after see it set)
+            waiting.deadline = due
 
     def end_soon(self, job: Job) -> None:
         """Queue the ended job's record for the store's next commit, without waiting;
@@ -213,9 +232,9 @@ class JobRecords:
             return
         self._queued.append((job.id, write, exists))
         if not exists:  # a whole record (its start was never written): at once
-            self._commit_wanted.set()
+            self._commit_soon()
         elif (waiting := self._waiting) is not None and waiting.deadline == math.inf:
-            waiting.deadline = trio.current_time() + END_COMMIT_AFTER
+            waiting.deadline = self._now() + END_COMMIT_AFTER
         if exists and self._notes is not None:
             # Before anyone is told (the waiters run after this step): a crash before
             # the commit leaves the end on disk for ``restore``, not a LOST job.
@@ -223,25 +242,25 @@ class JobRecords:
 
     async def run_committer(self) -> None:
         """Commit the records ``record_soon`` and ``end_soon`` queued, until cancelled
-        (a task of the supervisor): woken by a start's, never polls; ends wait up to
-        ``END_COMMIT_AFTER`` (from the first of them) for more, and a start's waits until
-        ``END_COMMIT_AFTER`` after the last commit began (at once after a quiet spell)."""
-        last = -math.inf
+        (a task of the supervisor): woken by its wait's deadline, never polls; ends wait
+        up to ``END_COMMIT_AFTER`` (from the first of them) for more, and a start's waits
+        until ``END_COMMIT_AFTER`` after the last commit began (at once after a quiet
+        spell): in a burst of Starts, what they queue meanwhile goes in one commit."""
+        now = self._now = trio.lowlevel.current_clock().current_time
         while True:
             with trio.CancelScope() as waiting:
-                if self._queued:  # (ends queued while the last commit ran: they wait on)
-                    waiting.deadline = trio.current_time() + END_COMMIT_AFTER
+                if self._commit_wanted:  # a start's record came while the last commit ran
+                    waiting.deadline = self._last_commit + END_COMMIT_AFTER
+                elif self._queued:  # (ends queued while the last commit ran: they wait on)
+                    waiting.deadline = now() + END_COMMIT_AFTER
+                self._commit_wanted = False
                 self._waiting = waiting
                 try:
-                    await self._commit_wanted.wait()
+                    await trio.sleep_forever()
                 finally:
                     self._waiting = None
-            self._commit_wanted = trio.Event()
-            if self._queued and (due := last + END_COMMIT_AFTER) > trio.current_time():
-                # A burst of Starts: what it queues meanwhile goes in this commit too.
-                await trio.sleep_until(due)
             if self._queued:  # (else another commit took them: housekeeping, a Remove)
-                last = trio.current_time()
+                self._last_commit = now()
                 await self.commit_queued()
 
     async def commit_queued(self) -> None:
