@@ -32,7 +32,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_worker import JobState, Limits, Unenforceable, open_supervisor
+from trio_worker import JobInfo, JobState, Limits, Unenforceable, open_supervisor
 from trio_worker._host import _cspawn
 from trio_worker._host._cgroups import (
     CgroupDriver,
@@ -632,6 +632,38 @@ async def test_a_stopped_seed_costs_its_start_nothing_and_does_not_hang_the_shut
             assert not _exists(seeds[0][1])  # killed and reaped
         assert not hung.is_set()
         assert not _exists(seeds[1][1])
+
+
+async def test_a_start_cancelled_while_its_seed_execs_returns_its_job_then_raises(
+    tmp_path: Path,
+) -> None:
+    # The wait for a seed's exec has no cancel scope of its own: a cancel of the caller
+    # that comes while the seed execs (here: stopped, continued after the cancel) is
+    # held off until the job is made and returned, as a shield did; the caller's scope,
+    # still cancelled, raises at its next checkpoint. Without that, the Start would
+    # raise and its running job be lost (in no table, watched by no one).
+    with _hang_detector(30) as (hung, stopped):
+        async with _seeded_supervisor(tmp_path) as (sup, seeds):
+            started: list[JobInfo] = []
+            stopped.append(seeds[0][1])
+            os.kill(seeds[0][1], signal.SIGSTOP)
+            with trio.CancelScope() as caller:
+
+                async def start() -> None:
+                    started.append(await sup.start("true"))
+                    await trio.lowlevel.checkpoint()
+                    raise AssertionError("not cancelled at the next checkpoint")
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(start)
+                    await trio.testing.wait_all_tasks_blocked()  # it waits for its seed
+                    caller.cancel()
+                    os.kill(seeds[0][1], signal.SIGCONT)
+            assert caller.cancelled_caught
+            assert [job.id for job in started] == [seeds[0][0]]
+            end = await sup.wait(started[0].id)
+            assert (end.state, end.exit_code) == (JobState.EXITED, 0)
+        assert not hung.is_set()
 
 
 async def test_a_start_under_way_when_its_supervisors_block_is_cancelled_leaves_no_job(

@@ -43,6 +43,7 @@ import dataclasses
 import logging
 import math
 import os
+import select
 import shutil
 import signal
 from collections import deque
@@ -112,6 +113,19 @@ async def kill_stopped_spawn(group: JobCgroup) -> None:
             with contextlib.suppress(OSError, ValueError):
                 for pid in map(int, (directory / "cgroup.procs").read_text().split()):
                     _kill_if_stopped(pid)
+
+
+def _stopped_early(seed: Seed) -> bool:
+    """Whether ``seed`` is stopped (``kill -STOP``) before its exec: stopped, and its
+    report pipe holds nothing yet (no EOF of an exec, no failure)."""
+    if not seed.stopped():
+        return False
+    fd = seed.report_fd
+    if fd < 0:
+        return False  # (its outcome was read)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return not poller.poll(0)
 
 
 def _kill_if_stopped(pid: int) -> None:
@@ -244,6 +258,15 @@ class Launcher:
         #: while a Start waits for a place (``take_soon``), not twice per round.
         self._arrived: trio.Event | None = None
         self._closed = False
+        #: Seeded Starts waiting for their seed's exec, and since when (trio's clock):
+        #: ``watch_seeds`` bounds their waits, one timer for all (``_exec_or_stopped``).
+        self._execs: dict[Seed, float] = {}
+        #: ``watch_seeds``'s sleep until the next check (None while it does not run);
+        #: the first Start to wait after a quiet spell sets its deadline.
+        self._seed_watch: trio.CancelScope | None = None
+        #: Seeds the watch killed, stopped before their exec: their Starts take the
+        #: thread's way.
+        self._late: set[Seed] = set()
         #: trio's clock: bound to the run's clock by ``keep_ready`` (``trio.current_time``
         #: goes through four Python frames, this one).
         self._now: Callable[[], float] = trio.current_time
@@ -652,11 +675,9 @@ class Launcher:
         its command, and wait for its exec (EOF on its report pipe) or its failure (a FAILED job,
         as ``spawn``'s). No thread, nothing blocking.
 
-        Not cancellable: every wait here is shielded (what the seed runs must not be
-        lost), so the caller needs no shield of its own. The wait for the exec is one
-        scope, shielded and bounded by ``SEED_PATIENCE`` at once (a shield around a
-        ``move_on_after`` was two scopes a Start, ~5% of the loop's Python calls per
-        Start + Wait); none when the exec is done by the first look (~20% of Starts).
+        Not cancellable: what the seed runs must not be lost, so a cancel of the
+        caller is held off until its next checkpoint (``_exec_or_stopped``), and the
+        caller needs no shield of its own. The usual Start has no cancel scope here.
 
         None if the seed was dead before its command (killed from outside while it
         waited: nothing of the command ran), or stopped before its exec (then killed
@@ -697,18 +718,12 @@ class Launcher:
         # (Their read ends are non-blocking from the refill's thread: no fcntl here.)
         stdout = PipeReader(sprout.stdout, nonblocking=True)  # (``output_pipe``'s)
         stderr = PipeReader(sprout.stderr, nonblocking=True)
-        while not seed.poll():
-            # Shielded, and bounded by its own deadline (which the shield does not stop).
-            with trio.CancelScope(deadline=self._now() + SEED_PATIENCE, shield=True) as late:
-                await trio.lowlevel.wait_readable(seed.report_fd)
-            if late.cancelled_caught and seed.stopped() and not seed.poll():
-                # Stopped from outside before its exec (``kill -STOP``): it would keep
-                # this shielded Start, and so the shutdown, waiting until continued.
-                # Killed now (nothing of the command ran); the thread's way, with the
-                # same place (``_claim`` reaps it).
-                signal.pidfd_send_signal(seed.pidfd, signal.SIGKILL)
-                place.seed = sprout
-                return None
+        if not seed.poll() and not await self._exec_or_stopped(seed):
+            # Stopped from outside before its exec (``kill -STOP``), and so killed:
+            # nothing of the command ran. The thread's way, with the same place
+            # (``_claim`` reaps it).
+            place.seed = sprout
+            return None
         failure = seed.error(spec.command, spec.cwd)
         if failure is None:
             process = JobProcess(seed.pid, seed.pidfd, stdout, stderr, None)
@@ -722,6 +737,90 @@ class Launcher:
         stderr.close()
         message = describe_setup_error(failure, spec, place.group)
         return Launched(log, place.group, error=SpawnError(message, failure.errno))
+
+    async def _exec_or_stopped(self, seed: Seed) -> bool:
+        """Wait until the seed has exec'd or failed (``poll``); False if it was stopped
+        from outside before its exec (``kill -STOP``: it would keep this Start, and so
+        the shutdown, waiting until continued) and has been SIGKILLed for it.
+
+        No cancel scope of its own, where a shielded one with a deadline per Start was
+        ~40 of the loop's Python calls (a Start + Wait makes ~1,000): ``watch_seeds``
+        bounds every Start's wait with one timer, and a cancel of the caller is caught
+        here and the wait finished shielded (``_exec_shielded``). What the seed runs
+        must not be lost: the job is returned, and the caller's scope, still
+        cancelled, raises at its next checkpoint (as after a shield's end)."""
+        watch = self._seed_watch
+        if watch is None:  # (``watch_seeds`` does not run: not yet, or no more)
+            return await self._exec_shielded(seed)
+        now = self._now()
+        self._execs[seed] = now
+        if watch.deadline == math.inf:
+            watch.deadline = now + SEED_PATIENCE
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(seed.report_fd)
+                if seed in self._late:  # (first: its death reads as an exec's EOF)
+                    self._late.discard(seed)
+                    return False
+                if seed.poll():
+                    return True
+        except trio.Cancelled:
+            pass  # (finished below, shielded: see above)
+        finally:
+            del self._execs[seed]
+        if seed in self._late:
+            self._late.discard(seed)
+            return False
+        return await self._exec_shielded(seed)
+
+    async def _exec_shielded(self, seed: Seed) -> bool:
+        """``_exec_or_stopped``'s wait in a shield, bounded by ``SEED_PATIENCE`` itself
+        (a cancelled Start's, or one while ``watch_seeds`` does not run)."""
+        while not seed.poll():
+            with trio.CancelScope(deadline=self._now() + SEED_PATIENCE, shield=True) as late:
+                await trio.lowlevel.wait_readable(seed.report_fd)
+            if late.cancelled_caught and seed.stopped() and not seed.poll():
+                signal.pidfd_send_signal(seed.pidfd, signal.SIGKILL)
+                return False
+        return True
+
+    async def watch_seeds(self) -> None:
+        """Until cancelled (a task of the supervisor): bound the seeded Starts' waits for
+        their exec (``_exec_or_stopped``). Each ``SEED_PATIENCE`` while one waits, the
+        seeds waited for longer than that are checked, and one stopped before its exec
+        is SIGKILLed: its Start wakes (EOF) and takes the thread's way. Nothing while
+        no Start waits; one deadline set per ``SEED_PATIENCE`` of Starts, not a
+        scope per Start. Once cancelled (the supervisor's end), it keeps the bound for
+        the Starts still waiting."""
+        try:
+            while True:
+                execs = self._execs
+                due = min(execs.values()) + SEED_PATIENCE if execs else math.inf
+                with trio.CancelScope(deadline=due) as self._seed_watch:
+                    await trio.sleep_forever()
+                self._check_seeds()
+        finally:
+            self._seed_watch = None
+            with trio.CancelScope(shield=True):
+                while self._execs:
+                    await trio.sleep(SEED_PATIENCE)
+                    self._check_seeds()
+
+    def _check_seeds(self) -> None:
+        """SIGKILL the seeds that Starts waited for longer than ``SEED_PATIENCE`` and
+        that are stopped before their exec (nothing on their report pipe: the Start's
+        own ``poll`` reads it, not this); the others are checked again a
+        ``SEED_PATIENCE`` later (one ``waitid`` each, only while a seed is late)."""
+        now = self._now()
+        execs = self._execs
+        for seed, since in list(execs.items()):
+            if now - since < SEED_PATIENCE or seed in self._late:
+                continue
+            if _stopped_early(seed):
+                self._late.add(seed)
+                signal.pidfd_send_signal(seed.pidfd, signal.SIGKILL)
+            else:
+                execs[seed] = now
 
     # -- a Start ---------------------------------------------------------------
 

@@ -584,6 +584,7 @@ async def open_supervisor_with_driver(
             launcher = supervisor._admission.launcher
             nursery.start_soon(launcher.keep_ready, supervisor._admission.new_id)
             nursery.start_soon(launcher.watch_memory_caps)
+            nursery.start_soon(launcher.watch_seeds)
             try:
                 yield supervisor
             finally:
