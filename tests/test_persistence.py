@@ -635,6 +635,35 @@ async def test_the_committer_wakes_once_per_commit_in_a_burst_of_starts(
             await sup.stop(job.id, grace=0)
 
 
+async def test_a_commit_with_none_in_flight_is_not_cancellable(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    # With no transaction in flight, a commit has no cancel point (the store's thread
+    # call is none) and so needs no shield: called in a cancelled scope, it still
+    # commits its batch (the records left the queue with it) and raises nothing.
+    state = tmp_path / "state"
+    async with open_supervisor(state, retention=Retention(interval=3600)) as sup:
+        store = sup._store
+        assert store is not None
+        mock_clock.jump(END_COMMIT_AFTER)  # (the start-up's commits are behind)
+        before = store.transactions
+        first = await sup.start("sleep", ["1000"])  # committed at once
+        await _until(lambda: store.transactions > before)
+        await trio.testing.wait_all_tasks_blocked()
+        # Queued within END_COMMIT_AFTER of that commit: they wait (the clock stands still).
+        jobs = [await sup.start("sleep", ["1000"]) for _ in range(3)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert all(_row(state, job.id) is None for job in jobs)
+        assert not store.busy
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await sup._records.commit_queued()
+        assert not scope.cancelled_caught
+        assert all(_row(state, job.id) == ("running", job.pid, ANY) for job in jobs)
+        for job in [first, *jobs]:
+            await sup.stop(job.id, grace=0)
+
+
 async def test_a_start_cuts_short_the_wait_of_ended_jobs_records(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:

@@ -267,24 +267,36 @@ class JobRecords:
         """Commit the queued records now; one the store refused goes to ``unsaved``.
 
         After a commit in flight (another task's) is done with its outcomes."""
+        committing = self._committing
+        store = self.store
+        if not committing.locked() and (store is None or not store.busy):
+            # No commit in flight, here or in the store (the committer's usual case):
+            # nothing below waits, and the store's thread call is no cancel point, so no
+            # shield is needed (a scope was ~25 of the loop's Python calls a commit),
+            # and no turn of the loop first.
+            committing.acquire_nowait()
+            await self._commit_held()
+            return
         # Shielded: the batch holds the records, see it through. Each record's own
         # outcome says what to do, not the flush's.
         with trio.CancelScope(shield=True):
-            committing = self._committing
             if committing.locked():
                 await committing.acquire()
             else:
-                # No commit in flight (the committer's case): no turn of the loop first.
                 committing.acquire_nowait()
-            try:
-                queued, self._queued = self._queued, []
-                if not queued or self.store is None:
-                    return
-                with contextlib.suppress(StateDirError, trio.ClosedResourceError):
-                    await self.store.flush()
-                self._settle(queued)
-            finally:
-                committing.release()
+            await self._commit_held()
+
+    async def _commit_held(self) -> None:
+        """``commit_queued`` once it holds ``_committing`` (released here)."""
+        try:
+            queued, self._queued = self._queued, []
+            if not queued or self.store is None:
+                return
+            with contextlib.suppress(StateDirError, trio.ClosedResourceError):
+                await self.store.flush()
+            self._settle(queued)
+        finally:
+            self._committing.release()
 
     def _settle(self, queued: list[tuple[str, Queued, bool]]) -> None:
         """Put the records of a commit the store refused in ``unsaved``."""

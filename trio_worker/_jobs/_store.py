@@ -203,6 +203,9 @@ class JobStore(Protocol):
     async def flush(self) -> None: ...
 
     @property
+    def busy(self) -> bool: ...
+
+    @property
     def reserved(self) -> bool: ...
 
     async def reserve(self) -> bool: ...
@@ -455,6 +458,12 @@ class SqliteJobStore:
         was queued before the call, so no turn of the loop first (for more callers to
         join, as ``_submit``'s other calls do)."""
         await self._submit(_nothing, at_once=True)
+
+    @property
+    def busy(self) -> bool:
+        """A transaction is in flight: ``flush`` would wait for it (else it has no cancel
+        point: its thread call is not one)."""
+        return self._lock.locked()
 
     @property
     def reserved(self) -> bool:
