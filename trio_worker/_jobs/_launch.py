@@ -246,7 +246,8 @@ class Launcher:
         #: Ended jobs' groups recycled for the next places (``_tend``'s: its thread's,
         #: one round at a time, then ``aclose``'s).
         self._spare: deque[JobCgroup] = deque()
-        #: ``keep_ready``'s wait while it has nothing to do; ``retire`` sets its deadline.
+        #: The sleep of ``keep_ready``'s timer (``_linger_on``); ``retire`` sets its
+        #: deadline if it has none.
         self._linger: trio.CancelScope | None = None
         #: When the last group was retired: the linger lasts until ``RETIRE_AFTER`` later.
         self._retired_at = -math.inf
@@ -323,8 +324,8 @@ class Launcher:
         self._retired_at = now = self._now()
         linger = self._linger
         if linger is not None and linger.deadline == math.inf:
-            # Set once: ``_wait`` lingers on from ``_retired_at`` (moving a deadline per
-            # end cost each end of a burst an entry in trio's deadline heap).
+            # Set once: ``_linger_on`` lingers on from ``_retired_at`` (moving a deadline
+            # per end cost each end of a burst an entry in trio's deadline heap).
             linger.deadline = now + RETIRE_AFTER
 
     def _wake(self) -> None:
@@ -357,20 +358,24 @@ class Launcher:
         # The places an earlier version left in ``ready/`` (now a place has no directory;
         # their groups are leftovers, gone already).
         await trio.to_thread.run_sync(shutil.rmtree, self.ready_dir, True)
-        failed = False
-        while True:
-            wanted = self._wanted = trio.Event()
-            missing = 0 if failed or self._closed else self._target - len(self._ready)
-            if missing > 0 or self._retire_due():
-                retired, self._retired = self._retired, []
-                made = await self._round(retired, [new_id() for _ in range(missing)])
-                failed = made < missing
-                if failed and not self._retired:
-                    await self._wait(wanted)
-                    failed = False
-                continue
-            await self._wait(wanted)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._linger_on)
             failed = False
+            while True:
+                if self._wanted.is_set():
+                    self._wanted = trio.Event()
+                wanted = self._wanted
+                missing = 0 if failed or self._closed else self._target - len(self._ready)
+                if missing > 0 or self._retire_due():
+                    retired, self._retired = self._retired, []
+                    made = await self._round(retired, [new_id() for _ in range(missing)])
+                    failed = made < missing
+                    if failed and not self._retired:
+                        await self._wait(wanted)
+                        failed = False
+                    continue
+                await self._wait(wanted)
+                failed = False
 
     def _retire_due(self) -> bool:
         """Whether the retired groups go now, without places to make: ``RETIRE_BATCH``
@@ -399,18 +404,36 @@ class Launcher:
         return made
 
     async def _wait(self, wanted: trio.Event) -> None:
-        """Idle until woken, or until ``RETIRE_AFTER`` passed since the last group was
-        retired (``retire`` sets the first deadline, this one the next: no timer while
-        nothing waits, no polling). Settled (``settled``) only with no group waiting."""
-        if not self._retired:
+        """Idle until woken: by a Start (``replenish``), or by ``_linger_on`` once
+        ``RETIRE_AFTER`` passed since the last group was retired. Settled (``settled``)
+        only with no group waiting."""
+        if self._retired:
+            self._linger_until(self._retired_at + RETIRE_AFTER)
+        else:
             self._idle.set()
+        await wanted.wait()
+
+    def _linger_until(self, due: float) -> None:
+        linger = self._linger
+        if linger is not None and due < linger.deadline:
+            linger.deadline = due
+
+    async def _linger_on(self) -> None:
+        """``keep_ready``'s timer (a task of its own): wakes it once ``RETIRE_AFTER``
+        passed since the last group was retired (``_retire_due``). ``retire`` sets its
+        deadline if it has none, and it moves it on while ends keep coming: no timer
+        while no group waits, no polling. One deadline per ``RETIRE_AFTER`` of ends,
+        where a scope with a deadline in each of ``keep_ready``'s waits cost a refill
+        round ~40 of the loop's Python calls (a round every other Start)."""
+        due = math.inf
         while True:
-            deadline = self._retired_at + RETIRE_AFTER if self._retired else math.inf
-            with trio.CancelScope(deadline=deadline) as self._linger:
-                await wanted.wait()
-            self._linger = None
-            if wanted.is_set() or self._now() >= self._retired_at + RETIRE_AFTER:
-                return
+            with trio.CancelScope(deadline=due) as self._linger:
+                await trio.sleep_forever()
+            if self._retire_due():
+                self._wake()  # (it takes every group waiting: no deadline until the next end)
+                due = math.inf
+            else:
+                due = self._retired_at + RETIRE_AFTER if self._retired else math.inf
 
     async def aclose(self) -> None:
         """Remove the retired and spare groups and the ready places (after
