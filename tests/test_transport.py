@@ -41,6 +41,7 @@ from trio_worker._net._transport import (
     _CALL_TASK,
     _SPARE_DEADLINES,
     IDLE_CALL_TASKS,
+    MAX_CALLS_PER_TURN,
     BidiStreamMethod,
     CallContext,
     ListenError,
@@ -1647,3 +1648,58 @@ def test_a_calls_task_is_named_as_trio_would_name_it() -> None:
 
     method = _Connection._call_task
     assert f"{method.__module__}.{method.__qualname__}" == _CALL_TASK
+
+
+class _CallsPerTurn(trio.abc.Instrument):
+    """What the probe's gated calls had reached at each of the loop's polls for I/O."""
+
+    def __init__(self, probe: Probe) -> None:
+        self.probe = probe
+        self.seen: list[int] = []
+
+    def before_io_wait(self, timeout: float) -> None:
+        if not self.seen or self.seen[-1] != self.probe.at_gate:
+            self.seen.append(self.probe.at_gate)
+
+
+async def test_a_read_that_opens_many_calls_starts_them_a_turns_share_at_a_time(
+    pki: Pki,
+) -> None:
+    """One read that opens 100 calls (one write of the client) starts at most
+    MAX_CALLS_PER_TURN of them between two polls for I/O: the other connections' input
+    is not queued behind every first step (tools/probe_streams.py windows-5x1000)."""
+    probe = Probe()
+    calls = 100
+    async with (
+        running_server(pki, methods(probe)) as r,
+        RawClient.connect(pki, r.port) as client,
+    ):
+        request = w.StringValue(value="x").SerializeToString()
+        sid = await client.start(ECHO, request)
+        with trio.fail_after(5):
+            await client.until(lambda: client.status(sid) is not None)
+        for _ in range(calls):  # queued, then sent in one piece
+            stream_id = client.h2.get_next_available_stream_id()
+            client.h2.send_headers(
+                stream_id,
+                [
+                    (":method", "POST"),
+                    (":scheme", "https"),
+                    (":path", OPENED),
+                    (":authority", "localhost"),
+                    ("te", "trailers"),
+                    ("content-type", "application/grpc"),
+                ],
+            )
+            client.h2.send_data(stream_id, frame(request), end_stream=True)
+        turns = _CallsPerTurn(probe)
+        trio.lowlevel.add_instrument(turns)
+        try:
+            await client.flush()
+            await eventually(lambda: probe.at_gate == calls)
+        finally:
+            trio.lowlevel.remove_instrument(turns)
+        steps = [b - a for a, b in zip(turns.seen, turns.seen[1:], strict=False)]
+        assert turns.seen[-1] == calls
+        assert max(steps) <= MAX_CALLS_PER_TURN, turns.seen
+        probe.gate.set()

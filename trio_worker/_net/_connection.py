@@ -127,6 +127,10 @@ class Connection:
     def _after_read(self) -> None:
         """Every event of one read has been handled (before its output is written)."""
 
+    def _work_left(self) -> bool:
+        """Whether ``_after_read`` left work of this read for the loop's next turn."""
+        return False
+
     def _end_calls(self, reason: str) -> None:
         """The connection is over (``reason``): end every call on it at once."""
         raise NotImplementedError
@@ -214,6 +218,14 @@ class Connection:
                 return
             self._after_read()
             self._push()
+            while self._work_left() and not self.dead:
+                # What one read brought is done a turn's share at a time (the server's
+                # calls: MAX_CALLS_PER_TURN), with the other connections' input first, and
+                # no more is read meanwhile.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                self._after_read()
+                self._push()
             if gate.control_owed > MAX_UNSENT_CONTROL:
                 # The peer's PINGs and SETTINGS make us write: read on only once those
                 # replies are out, so a peer that never reads cannot grow our buffer.

@@ -265,6 +265,10 @@ _CALL_TASK: Final = "trio_worker._net._transport._Connection._call_task"
 #: Call tasks a connection keeps waiting for its next call, once theirs has ended (see
 #: ``_Connection._call_task``): a task and its frames, ~2 KiB each.
 IDLE_CALL_TASKS: Final = 4
+#: Calls a connection starts per turn of the loop (what one read brought beyond it waits for
+#: the next turns, the other connections' input first): a read may open a thousand streams,
+#: and each one's first step (a task, its log opened, a thread's read) is ~0.5 ms of the loop.
+MAX_CALLS_PER_TURN: Final = 16
 _SHUTTING_DOWN: Final = "the server is shutting down"
 #: Deadlines of ended calls a connection's heap may hold beyond twice its running calls
 #: (see ``_Connection._watch_deadline``).
@@ -739,6 +743,9 @@ class _Connection(Connection):
         if self._new_calls:
             self._start_calls()
 
+    def _work_left(self) -> bool:
+        return bool(self._new_calls)
+
     def start_drain(self) -> None:
         """Send GOAWAY; streams in flight go on, new ones get UNAVAILABLE; close when done."""
         if self._draining or self.dead:
@@ -899,7 +906,13 @@ class _Connection(Connection):
         Deferred to the end of the read, when their request has usually arrived too: a
         SyncUnaryMethod is then answered right here, in the reader, with no task at all.
         """
-        calls, self._new_calls = self._new_calls, []
+        calls = self._new_calls
+        if len(calls) > MAX_CALLS_PER_TURN:
+            # One read may open a thousand streams: the rest wait for the loop's next
+            # turns, so other clients' calls are not queued behind all their first steps.
+            calls, self._new_calls = calls[:MAX_CALLS_PER_TURN], calls[MAX_CALLS_PER_TURN:]
+        else:
+            self._new_calls = []
         self._starting_calls = True
         try:
             for call in calls:
