@@ -543,6 +543,19 @@ async def _until(done: Callable[[], bool]) -> None:
     raise AssertionError("not done in 20 s")
 
 
+async def _first_record_committed(sup: Any, clock: trio.testing.MockClock) -> tuple[Any, Any]:
+    """The store, and a first job whose record went at once (the start-up's commits
+    END_COMMIT_AFTER behind it): the records queued next wait END_COMMIT_AFTER of it."""
+    store = sup._store
+    assert store is not None
+    clock.jump(END_COMMIT_AFTER)  # (the start-up's commits are behind)
+    before = store.transactions
+    first = await sup.start("sleep", ["1000"])
+    await _until(lambda: store.transactions > before)  # at once: after a quiet spell
+    await trio.testing.wait_all_tasks_blocked()
+    return store, first
+
+
 async def test_a_burst_of_ends_is_one_transaction_and_a_start_is_not_held(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
@@ -580,12 +593,7 @@ async def test_a_burst_of_starts_is_one_transaction(
     # burst queued meanwhile go with it: one transaction, not one per Start.
     state = tmp_path / "state"
     async with open_supervisor(state, retention=Retention(interval=3600)) as sup:
-        store = sup._store
-        assert store is not None
-        mock_clock.jump(END_COMMIT_AFTER)  # (the start-up's commits are behind)
-        before = store.transactions
-        first = await sup.start("sleep", ["1000"])
-        await _until(lambda: store.transactions > before)  # at once: after a quiet spell
+        store, first = await _first_record_committed(sup, mock_clock)
         assert _row(state, first.id) is not None
         before = store.transactions
         burst = [await sup.start("sleep", ["1000"]) for _ in range(5)]
@@ -610,13 +618,8 @@ async def test_the_committer_wakes_once_per_commit_in_a_burst_of_starts(
     # return), not a wake for the first record and another when a sleep until then ends.
     state = tmp_path / "state"
     async with open_supervisor(state, retention=Retention(interval=3600)) as sup:
-        store = sup._store
-        assert store is not None
-        mock_clock.jump(END_COMMIT_AFTER)  # (the start-up's commits are behind)
-        before = store.transactions
-        first = await sup.start("sleep", ["1000"])  # at once: the burst's due time is set
-        await _until(lambda: store.transactions > before)
-        await trio.testing.wait_all_tasks_blocked()
+        # The first record goes at once, and sets the burst's due time.
+        store, first = await _first_record_committed(sup, mock_clock)
         before = store.transactions
         counter = _CommitterSteps()
         trio.lowlevel.add_instrument(counter)
@@ -643,13 +646,7 @@ async def test_a_commit_with_none_in_flight_is_not_cancellable(
     # commits its batch (the records left the queue with it) and raises nothing.
     state = tmp_path / "state"
     async with open_supervisor(state, retention=Retention(interval=3600)) as sup:
-        store = sup._store
-        assert store is not None
-        mock_clock.jump(END_COMMIT_AFTER)  # (the start-up's commits are behind)
-        before = store.transactions
-        first = await sup.start("sleep", ["1000"])  # committed at once
-        await _until(lambda: store.transactions > before)
-        await trio.testing.wait_all_tasks_blocked()
+        store, first = await _first_record_committed(sup, mock_clock)
         # Queued within END_COMMIT_AFTER of that commit: they wait (the clock stands still).
         jobs = [await sup.start("sleep", ["1000"]) for _ in range(3)]
         await trio.testing.wait_all_tasks_blocked()

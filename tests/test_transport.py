@@ -260,6 +260,14 @@ async def echo_ok(pki: Pki, target: str) -> None:
     await in_thread(call)
 
 
+async def the_one_reset(client: RawClient) -> h2.events.StreamReset:
+    """The one RST_STREAM the server sends ``client`` (waited for, at most 5 s)."""
+    with trio.fail_after(5):
+        await client.until(lambda: any(isinstance(e, h2.events.StreamReset) for e in client.events))
+    (reset,) = [e for e in client.events if isinstance(e, h2.events.StreamReset)]
+    return reset
+
+
 async def assert_closed_at_once(port: int) -> None:
     """A new connection is refused: reset during connect, or closed right after."""
     try:
@@ -1326,11 +1334,7 @@ async def test_stream_cap_refuses_excess_stream(pki: Pki) -> None:
         # Sent before our client has read the server's SETTINGS, as a racing client would.
         request = w.DoubleValue(value=60).SerializeToString()
         sids = [await client.start(SLEEP, request) for _ in range(3)]
-        with trio.fail_after(5):
-            await client.until(
-                lambda: any(isinstance(e, h2.events.StreamReset) for e in client.events)
-            )
-        (reset,) = [e for e in client.events if isinstance(e, h2.events.StreamReset)]
+        reset = await the_one_reset(client)
         assert reset.stream_id == sids[2]
         assert reset.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
         assert client.h2.remote_settings.max_concurrent_streams == 2
@@ -1351,11 +1355,7 @@ async def test_one_clients_streams_are_bounded_across_its_connections(pki: Pki) 
             await eventually(lambda: probe.active == 3)
             async with RawClient.connect(pki, r.port) as second:
                 sids = [await second.start(SLEEP, request) for _ in range(2)]
-                with trio.fail_after(5):
-                    await second.until(
-                        lambda: any(isinstance(e, h2.events.StreamReset) for e in second.events)
-                    )
-                (reset,) = [e for e in second.events if isinstance(e, h2.events.StreamReset)]
+                reset = await the_one_reset(second)
                 assert reset.stream_id == sids[1]
                 assert reset.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
                 assert second.h2.remote_settings.max_concurrent_streams == 3
@@ -1385,11 +1385,7 @@ async def test_the_servers_streams_are_bounded(pki: Pki) -> None:
         RawClient.connect(pki, r.port) as client,
     ):
         sids = [await client.start(SLEEP, request) for _ in range(3)]
-        with trio.fail_after(5):
-            await client.until(
-                lambda: any(isinstance(e, h2.events.StreamReset) for e in client.events)
-            )
-        (reset,) = [e for e in client.events if isinstance(e, h2.events.StreamReset)]
+        reset = await the_one_reset(client)
         assert (reset.stream_id, reset.error_code) == (sids[2], h2.errors.ErrorCodes.REFUSED_STREAM)
         await eventually(lambda: probe.active == 2)
         assert r.server.streams == 2

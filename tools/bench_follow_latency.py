@@ -87,10 +87,7 @@ def main() -> None:
         ("this", sys.executable)
     ]
     intervals = args.interval or [1.0, 0.005]
-    hog = [sys.executable, "-c", "while True: pass"]
-    if args.pin:
-        hog = ["taskset", "-c", args.pin, *hog]
-    hogs = [subprocess.Popen(hog) for _ in range(args.hogs)]
+    hogs = bench_follow_phases.start_hogs(args)
     try:
         with tempfile.TemporaryDirectory(prefix="follow-latency-") as scratch:
             args.scratch = scratch

@@ -200,6 +200,14 @@ def _one(
         proc.wait(timeout=120)
 
 
+def start_hogs(args: argparse.Namespace) -> list[subprocess.Popen[bytes]]:
+    """``--hogs`` busy loops, on the ``--pin`` CPUs if given: the other load of a sitting."""
+    hog = [sys.executable, "-c", "while True: pass"]
+    if args.pin:
+        hog = ["taskset", "-c", args.pin, *hog]
+    return [subprocess.Popen(hog) for _ in range(args.hogs)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     bench_peer.add_peer_arguments(parser)
@@ -220,10 +228,7 @@ def main() -> None:
     if args.peer:
         servers.append(("peer", None))
     conds = [(c.partition("=")[0], c.partition("=")[2]) for c in args.cond or ["fresh="]]
-    hog = [sys.executable, "-c", "while True: pass"]
-    if args.pin:
-        hog = ["taskset", "-c", args.pin, *hog]
-    hogs = [subprocess.Popen(hog) for _ in range(args.hogs)]
+    hogs = start_hogs(args)
     try:
         with tempfile.TemporaryDirectory(prefix="follow-phases-") as scratch:
             args.scratch = scratch

@@ -397,6 +397,26 @@ class Raw:
         self.close()
         return sent
 
+    def flood_unread(self, one: bytes, most: int, seconds: float) -> tuple[int, bool]:
+        """Send ``one`` frame 4,096 at a time, never reading, until ``most`` were sent, the
+        server stops taking them for 5 s or cuts us off, or ``seconds`` pass; then close.
+        Returns how many were sent and whether the server stopped reading."""
+        batch = one * 4096
+        sent = 0
+        began = time.monotonic()
+        self.sock.settimeout(5.0)
+        stalled = False
+        while sent < most and time.monotonic() - began < seconds:
+            try:
+                self.sock.sendall(batch)
+            except (TimeoutError, ssl.SSLError, OSError) as exc:
+                stalled = isinstance(exc, TimeoutError)
+                self.closed_by_server = not stalled
+                break
+            sent += 4096
+        self.close()
+        return sent, stalled
+
     def outcome(self) -> dict[str, Any]:
         return {
             "cut_off": self.closed_by_server or self.goaway is not None,
@@ -591,21 +611,7 @@ def ping_flood(server: Server, pings: int = 4_000_000, seconds: float = 30.0) ->
     """PING frames from a client that never reads (small receive buffer), until ``pings``
     were sent, the server stops taking them for 5 s, or ``seconds`` pass."""
     raw = Raw(server, rcvbuf=4 * KiB)
-    ping = frame(PING, 0, 0, b"12345678")
-    batch = ping * 4096
-    sent = 0
-    began = time.monotonic()
-    raw.sock.settimeout(5.0)
-    stalled = False
-    while sent < pings and time.monotonic() - began < seconds:
-        try:
-            raw.sock.sendall(batch)
-        except (TimeoutError, ssl.SSLError, OSError) as exc:
-            stalled = isinstance(exc, TimeoutError)
-            raw.closed_by_server = not stalled
-            break
-        sent += 4096
-    raw.close()
+    sent, stalled = raw.flood_unread(frame(PING, 0, 0, b"12345678"), pings, seconds)
     return {"pings_sent": sent, "server_stopped_reading": stalled, "cut_off": raw.closed_by_server}
 
 
@@ -861,20 +867,7 @@ def settings_flood(server: Server, count: int = 2_000_000, seconds: float = 30.0
     """SETTINGS frames (each wants an ACK) from a client that never reads its socket."""
     raw = Raw(server, rcvbuf=4 * KiB)
     settings = frame(SETTINGS, 0, 0, struct.pack(">HL", 0x4, 65535))
-    batch = settings * 4096
-    sent = 0
-    began = time.monotonic()
-    raw.sock.settimeout(5.0)
-    stalled = False
-    while sent < count and time.monotonic() - began < seconds:
-        try:
-            raw.sock.sendall(batch)
-        except (TimeoutError, ssl.SSLError, OSError) as exc:
-            stalled = isinstance(exc, TimeoutError)
-            raw.closed_by_server = not stalled
-            break
-        sent += 4096
-    raw.close()
+    sent, stalled = raw.flood_unread(settings, count, seconds)
     return {
         "settings_sent": sent,
         "server_stopped_reading": stalled,
