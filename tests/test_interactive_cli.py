@@ -524,8 +524,11 @@ def test_run_i_is_one_connection_with_start_and_attach_only(dev: DevServer) -> N
         start = next(
             r for r in reversed(rpcs) if r["method"].endswith("/Start") and r["status"] == "OK"
         )
+        # From its Start on: an earlier command's connection may have had the same port.
         on_its_connection = [
-            r["method"].rsplit("/", 1)[1] for r in rpcs if r["peer"] == start["peer"]
+            r["method"].rsplit("/", 1)[1]
+            for r in rpcs[rpcs.index(start) :]
+            if r["peer"] == start["peer"]
         ]
         if "Attach" in on_its_connection or time.monotonic() > deadline:
             break
