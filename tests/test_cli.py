@@ -768,6 +768,49 @@ def test_quota_refusal_exits_9(tmp_path: Path) -> None:
         assert server.stop() == 0, server.stderr
 
 
+def test_the_connections_per_client_cap_is_a_serve_flag(tmp_path: Path) -> None:
+    """``serve --max-connections-per-client N`` (TransportConfig's 128 without it): with 1,
+    a client that holds a connection has its next one refused, and is served again once
+    the first has closed; 0 is refused before anything starts."""
+    env = clean_env(tmp_path)
+    state = tmp_path / "state"
+    err = assert_one_line_error(
+        cli("serve", "--state-dir", state, "--max-connections-per-client", "0", env=env), 2
+    )
+    assert "--max-connections-per-client: must be at least 1" in err
+    server = ServerProcess.start(
+        [
+            *("--listen", "127.0.0.1:0", "--state-dir", state),
+            *("--max-connections-per-client", "1", *own_cgroup(tmp_path)),
+        ],
+        env,
+    )
+    try:
+        port = server.port()
+        d = state / "pki"
+        client = ["--addr", f"127.0.0.1:{port}", "--state-dir", state]
+        ok(cli("list", *client, env=env))
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=(d / "ca.pem").read_bytes(),
+            private_key=(d / "admin.key").read_bytes(),
+            certificate_chain=(d / "admin.pem").read_bytes(),
+        )
+        with grpc.secure_channel(f"localhost:{port}", credentials) as channel:
+            listing = channel.unary_unary(
+                "/trioworker.v1.Worker/List",
+                request_serializer=pb.ListRequest.SerializeToString,
+                response_deserializer=pb.ListResponse.FromString,
+            )(pb.ListRequest(), timeout=10)
+            assert isinstance(listing, pb.ListResponse)
+            # (The client does not say the GOAWAY's reason yet: "keeps closing
+            # connections before taking calls"; the server's log does.)
+            assert_one_line_error(cli("list", *client, env=env), 4)
+            server.wait_for(r"refusing a connection from .*: 1 connections open for this client")
+        ok(cli("list", *client, env=env))
+    finally:
+        assert server.stop() == 0, server.stderr
+
+
 def test_roles_through_the_cli(real: RealServer) -> None:
     alice, bob = (
         ok(r).decode().strip()

@@ -27,6 +27,7 @@ from ._settings import DEFAULT_ADDR, default_state_dir, resolve_state_dir
 if TYPE_CHECKING:
     from .. import pki
     from .._host._users import UnixUser
+    from .._net._transport import TransportConfig
     from ..server._quota import QuotaPolicy
     from ..server._run import ServerSettings
 
@@ -98,6 +99,16 @@ def _quotas(max_running: int | None, start_rate: float | None) -> QuotaPolicy:
         raise InvalidRequest(flag, exc.message) from None
 
 
+def _transport(max_connections_per_client: int | None) -> TransportConfig:
+    from .._net._transport import TransportConfig
+
+    if max_connections_per_client is None:
+        return TransportConfig()
+    if max_connections_per_client <= 0:
+        raise InvalidRequest("--max-connections-per-client", "must be at least 1")
+    return TransportConfig(max_connections_per_client=max_connections_per_client)
+
+
 def serve(
     *,
     listen: Annotated[str, Parameter(metavar="HOST:PORT")] = DEFAULT_ADDR,
@@ -113,6 +124,7 @@ def serve(
     max_running: Annotated[int | None, Parameter(metavar="N")] = None,
     start_rate: Annotated[float | None, Parameter(metavar="R")] = None,
     job_user: Annotated[str | None, Parameter(metavar="USER")] = None,
+    max_connections_per_client: Annotated[int | None, Parameter(metavar="N")] = None,
 ) -> int:
     """Run the server until SIGINT or SIGTERM (Ctrl-C), then shut down gracefully.
 
@@ -162,6 +174,11 @@ def serve(
     start_rate
         At most R job starts per second per client identity, in bursts of up to R.
         Default: no limit.
+    max_connections_per_client
+        At most N connections of one client identity (certificate CN) at once, from any
+        address; the next is refused (GOAWAY ENHANCE_YOUR_CALM, which grpcio reports as
+        UNAVAILABLE). Each CLI command holds one while it runs. Default: 128 (never
+        more than the connections the server's descriptors allow).
     cgroup_parent
         The cgroup, under the server's own, that holds one cgroup per job. Default:
         trio-worker-HASH, named after the state directory, so servers on different state
@@ -209,6 +226,7 @@ def serve(
         crl_may_be_missing=True,
         quotas=_quotas(max_running, start_rate),
         job_user=_job_user(job_user),
+        transport=_transport(max_connections_per_client),
     )
     from .._net._transport import ListenError
 
