@@ -896,6 +896,40 @@ async def test_real_full_disk_loses_output_but_never_the_job(small_tmpfs: Path) 
     model.check(await collect(recovered, 0), 0, lost)
 
 
+async def test_a_flush_near_the_disk_floor_keeps_the_bytes_that_fit(small_tmpfs: Path) -> None:
+    """``keep_free``: a flush that would leave less of the disk free writes what fits
+    above the floor (to a block) and loses only the rest, as a write the disk cut short.
+    It was refused whole: near the floor a fast job lost up to a whole flush (16 MiB)
+    of which most would have fitted. What is kept reads back; the floor holds."""
+    job = small_tmpfs / "job"
+    job.mkdir()
+    keep = 16 * KiB  # (1/16 of the 256 KiB disk)
+    disk = os.statvfs(small_tmpfs)
+    block = disk.f_frsize
+    free = disk.f_bavail * block
+    (small_tmpfs / "filler").write_bytes(b"f" * (free - keep - 40 * KiB))
+    log = OutputLog(job, tail_bytes=0, keep_free=keep)
+    try:
+        data = pattern(64 * KiB, 7)
+        log.append(OUT, data)
+        await log.flush()
+        [(kept, end)] = log.lost_ranges
+        assert end == 64 * KiB
+        assert 0 < kept < end, kept
+        assert kept % block == 0, kept
+        assert "No space left" in (log.write_error or "")
+        left = os.statvfs(small_tmpfs).f_bavail * block
+        assert keep <= left < keep + block, (left, kept)  # as much as fitted, not more
+        chunks = await collect(log, 0, follow=False)
+        assert b"".join(c.data for c in chunks if c.end <= kept) == data[:kept]
+        log.finish()
+    finally:
+        log.close()
+    recovered = OutputLog.recover(job)  # (the lost range's record waits for room)
+    assert recovered.end == kept
+    assert b"".join(c.data for c in await collect(recovered, 0)) == data[:kept]
+
+
 async def test_real_full_disk_is_avoided_by_the_cap(small_tmpfs: Path) -> None:
     """Punched holes really give the space back: 4 MiB through a 256 KiB disk."""
     model = Model()

@@ -1183,6 +1183,14 @@ def full_disk(server: Server) -> dict[str, Any]:
         out["hog_output_mib"] = (
             unary(ch, "Status", pb.StatusRequest(id=hog.id), pb.Job, 30).output_bytes // MiB
         )
+        # What of it the disk kept (a replay: lost ranges are skipped), and what it left free.
+        replay = ch.unary_stream(
+            SERVICE + "Output", pb.OutputRequest.SerializeToString, pb.OutputChunk.FromString
+        )
+        kept = sum(len(c.data) for c in replay(pb.OutputRequest(id=hog.id), timeout=60))
+        out["hog_kept_mib"] = round(kept / MiB, 2)
+        disk = os.statvfs(server.log.parent)
+        out["disk_free_mib"] = round(disk.f_bavail * disk.f_frsize / MiB, 2)
         states: dict[str, int] = {}
         outputs = 0
         for _ in range(5):

@@ -143,6 +143,7 @@ DEFAULT_MAX_UNFLUSHED = 16 * 1024 * 1024
 #: Without it one job's output filled the disk and every client's Starts were refused
 #: (their records could not be written: ``tools/probe_hostile.py full-disk``).
 KEEP_FREE: Final = 16 * 1024 * 1024
+_FLOOR: Final = "No space left on device (its rest kept for the records)"
 #: Chatty jobs that switch streams often make many small chunks: cap their count.
 _MAX_TAIL_CHUNKS = 4096
 #: Retention drops in steps of at least this much (and 1/16 of the cap).
@@ -946,14 +947,16 @@ class OutputLog:
             job.error = exc
             return
         try:
-            self._check_room(job)
+            room = self._room(job, index_pos)
             self._pwrite_all(self._index_fd, job.index, index_pos)
         except OSError as exc:
             job.error = exc
             self._truncate_index(index_pos)
         else:
             job.records_written = len(job.record_offsets)
-            done = self._write_data(job)
+            done = self._write_data(job, room)
+            if job.offset + done < job.stop and job.error is None:  # cut short by the floor
+                job.error = OSError(errno.ENOSPC, _FLOOR)
             job.committed = job.offset + done
             if job.committed < job.stop:
                 # Records of data that did not make it go again (rewritten
@@ -965,15 +968,25 @@ class OutputLog:
         if job.retain_from is not None:
             self._retain(job)
 
-    def _check_room(self, job: _Flush) -> None:
-        """In the flusher's thread: ENOSPC if ``job`` would leave less of the disk free
-        than the log keeps (``keep_free``, at most 1/16 of the disk)."""
+    def _room(self, job: _Flush, index_pos: int) -> int:
+        """In the flusher's thread: the log offset up to which ``job``'s data may go and
+        leave ``keep_free`` of the disk free (at most 1/16 of the disk), counted in the
+        blocks its index records and data would take; ENOSPC if not even the records and
+        one byte of data fit. ``job.stop`` without a floor."""
         if not self._keep_free:
-            return
+            return job.stop
         disk = os.fstatvfs(self._index_fd)
-        keep = min(self._keep_free, disk.f_blocks * disk.f_frsize // 16)
-        if disk.f_bavail * disk.f_frsize - (job.stop - job.offset) < keep:
-            raise OSError(errno.ENOSPC, "No space left on device (its rest kept for the records)")
+        block = disk.f_frsize
+        keep = min(self._keep_free, disk.f_blocks * block // 16)
+        room = disk.f_bavail * block - keep
+        # New blocks: those the records reach past the index's last one (it has no
+        # holes), then every block the data touches (the one ``job.offset`` is in may
+        # be held or a lost range's hole: counted, so the floor is never crossed).
+        room -= (-(-(index_pos + len(job.index)) // block) - -(-index_pos // block)) * block
+        end = min(job.stop, job.offset // block * block + max(room, 0) // block * block)
+        if room < 0 or (end <= job.offset < job.stop):
+            raise OSError(errno.ENOSPC, _FLOOR)
+        return end
 
     def _open_files(self) -> None:
         """In the flusher's thread: open the files this log writes, if they are not."""
@@ -1020,20 +1033,21 @@ class OutputLog:
                 raise OSError(errno.EIO, "short write")
             done += written
 
-    def _write_data(self, job: _Flush) -> int:
-        """Write the data; return how many bytes made it (all, unless it fails).
+    def _write_data(self, job: _Flush, end: int) -> int:
+        """Write the data up to log offset ``end`` (``job.stop`` unless the disk's floor
+        is nearer); return how many bytes made it (all, unless it fails).
 
         With a buffer, the whole pages go with ``O_DIRECT`` and the partial pages at
         either end through the page cache, so the file's size is the log's end after
         each write (``recover``), and no page is written both ways. A direct write that
         fails part-way counts only the pages it wrote.
         """
-        size = job.stop - job.offset
+        size = end - job.offset
         ends = list(itertools.accumulate(len(part) for part in job.parts))
         try:
             if job.buffer is not None and self._direct is not None:
-                first = min(-(-job.offset // _ALIGN) * _ALIGN, job.stop) - job.offset
-                last = job.stop // _ALIGN * _ALIGN - job.offset
+                first = min(-(-job.offset // _ALIGN) * _ALIGN, end) - job.offset
+                last = end // _ALIGN * _ALIGN - job.offset
                 self._write_buffered(job, ends, first)
                 self._write_direct(job, ends, job.buffer, last)
             self._write_buffered(job, ends, size)
