@@ -7,7 +7,7 @@ from pathlib import Path
 
 from trio_worker import OutputStream
 from trio_worker._jobs._output import _FILE_BLOCK, OutputLog
-from trio_worker._net._budget import MAX_STEP, MIN_STEP, OutputBudget
+from trio_worker._net._budget import LEAN_STEP, MAX_STEP, MIN_STEP, ClientOutput, OutputBudget
 
 OUT = OutputStream.STDOUT
 CHUNK = 256 * 1024
@@ -92,5 +92,52 @@ async def test_a_reader_stepping_alone_still_shares_the_logs_two_disk_readers(
     limiter = log._disk_readers
     assert limiter is not None
     assert limiter.total_tokens == 2
+    log.finish()
+    log.close()
+
+
+def test_a_clients_connections_share_its_output_budget() -> None:
+    """Full steps while the client's connections hold less than its budget between them;
+    beyond it, lean steps on every one of them, never zero; room again as they let go."""
+    client = ClientOutput(total=2 * MAX_STEP)
+    one, two = OutputBudget(client=client), OutputBudget(client=client)
+    assert one.step() == MAX_STEP
+    a = one.share()
+    a.held = MAX_STEP + MAX_STEP // 2
+    assert two.step() == MAX_STEP // 2  # what the client has left, though two holds nothing
+    two.unsent = MAX_STEP // 2
+    assert client.held == 2 * MAX_STEP
+    assert one.step() == two.step() == LEAN_STEP
+    a.close()
+    assert client.held == MAX_STEP // 2
+    assert one.step() == MAX_STEP
+    two.unsent = 0
+    assert client.held == 0
+
+
+async def test_one_clients_stalled_streams_on_many_connections_hold_its_budget_and_lean_steps(
+    tmp_path: Path,
+) -> None:
+    """tools/probe_hostile.py many-windows: one client's streams on many connections each take
+    a chunk and stall (its message waits for window, held unsent). Each connection's budget
+    alone let every stream hold a 64 KiB step (1 GiB for 4,096 streams); the client's budget
+    holds them to it and a lean step each. A live reader of the same client still reads to
+    the end meanwhile (lean steps: nobody waits for the stalled ones)."""
+    log, data = await written_log(tmp_path, 8 * _FILE_BLOCK)
+    client = ClientOutput(total=MAX_STEP)
+    budgets = [OutputBudget(total=2 * MAX_STEP, client=client) for _ in range(8)]
+    streams = 0
+    for budget in budgets:
+        for i in range(16):
+            reader = log.read(i * MIN_STEP, follow=False, chunk_size=CHUNK, budget=budget.share())
+            first = await reader.__anext__()
+            budget.unsent += len(first.data)  # its message, waiting for a window never opened
+            streams += 1
+    assert client.held <= client.total + MAX_STEP + streams * 2 * LEAN_STEP
+    assert client.held < streams * MIN_STEP  # what each held without the client's budget
+    live = budgets[0].share()
+    chunks = [c async for c in log.read(0, follow=False, chunk_size=CHUNK, budget=live)]
+    assert b"".join(c.data for c in chunks) == data
+    assert live.held == 0
     log.finish()
     log.close()

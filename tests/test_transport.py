@@ -6,6 +6,7 @@ Test services use google.protobuf wrappers as messages on made-up paths.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -37,6 +38,7 @@ from tests.grpc_support import (
     running_server,
 )
 from trio_worker._identity import Role
+from trio_worker._net._budget import LEAN_STEP, MAX_STEP, MIN_STEP
 from trio_worker._net._transport import (
     _CALL_TASK,
     _SPARE_DEADLINES,
@@ -64,6 +66,7 @@ GROUP = "/test.Test/Group"
 TICKS = "/test.Test/Ticks"
 HANG = "/test.Test/Hang"
 FLOOD = "/test.Test/Flood"
+STEPS = "/test.Test/Steps"
 CTX = "/test.Test/Ctx"
 SYNC = "/test.Test/Sync"
 CHAT = "/test.Test/Chat"
@@ -152,6 +155,18 @@ def methods(probe: Probe) -> dict[str, Any]:
             probe.cancelled.set()
             raise
 
+    async def steps(req: w.Int32Value, ctx: CallContext) -> AsyncIterator[w.BytesValue]:
+        """``req.value`` messages, each the size of a step of the connection's output
+        budget (as the Output handler's reader sizes them)."""
+        budget = ctx.output_budget
+        assert budget is not None
+        probe.active += 1
+        try:
+            for _ in range(req.value):
+                yield w.BytesValue(value=b"x" * budget.step())
+        finally:
+            probe.active -= 1
+
     async def context(req: w.StringValue, ctx: CallContext) -> w.StringValue:
         probe.contexts.append(ctx)
         return req
@@ -223,6 +238,7 @@ def methods(probe: Probe) -> dict[str, Any]:
         TICKS: StreamMethod(w.Int32Value, w.Int32Value, ticks),
         HANG: StreamMethod(w.StringValue, w.StringValue, hang),
         FLOOD: StreamMethod(w.Int32Value, w.BytesValue, flood),
+        STEPS: StreamMethod(w.Int32Value, w.BytesValue, steps),
         CTX: UnaryMethod(w.StringValue, w.StringValue, context),
         SYNC: SyncUnaryMethod(w.StringValue, w.BytesValue, sync),
         CHAT: BidiStreamMethod(w.StringValue, w.StringValue, chat),
@@ -1241,6 +1257,42 @@ async def test_one_client_holds_at_most_its_connections_and_others_are_served(
             with trio.fail_after(5):
                 await again.until(lambda: again.status(sid) is not None)
             assert again.status(sid) == 0
+
+
+async def test_one_clients_stalled_streams_hold_its_output_budget_and_its_live_one_goes_on(
+    pki: Pki,
+) -> None:
+    """tools/probe_hostile.py many-windows: one client's streams on several connections, each
+    with a message waiting for a window that never opens. Each connection's budget let every
+    stream hold a 64 KiB step (1 GiB for the client's 4,096); the client's output budget
+    (``ClientOutput``, shared by its connections) holds them to it and a lean step each, and
+    a live stream of the same client, on another connection, still gets all of its output."""
+    probe = Probe()
+    async with running_server(pki, methods(probe)) as r:
+        async with contextlib.AsyncExitStack() as stack:
+            stalled = [await stack.enter_async_context(RawClient.connect(pki, r.port, window=1))]
+            [client] = r.server.client_output.values()
+            client.total = 256 * 1024
+            for _ in range(3):
+                stalled.append(
+                    await stack.enter_async_context(RawClient.connect(pki, r.port, window=1))
+                )
+            for raw in stalled:
+                for _ in range(32):
+                    await raw.start(STEPS, w.Int32Value(value=1000).SerializeToString())
+            with trio.fail_after(10):
+                await eventually(lambda: probe.active == 128)
+                await trio.testing.wait_all_tasks_blocked()
+            assert client.held <= client.total + MAX_STEP + 128 * 2 * LEAN_STEP
+            assert client.held < 128 * MIN_STEP  # what they held without the client's budget
+            async with RawClient.connect(pki, r.port) as live:  # 64 KiB windows, acknowledged
+                sid = await live.start(STEPS, w.Int32Value(value=100).SerializeToString())
+                with trio.fail_after(10):
+                    await live.until(lambda: live.status(sid) is not None)
+                assert live.status(sid) == 0
+                assert len(live.data[sid]) == 100 * (5 + 1 + 2 + LEAN_STEP)  # (BytesValue's)
+        with trio.fail_after(10):  # gone with the client's last connection
+            await eventually(lambda: not r.server.client_output)
 
 
 async def test_max_connections(pki: Pki) -> None:

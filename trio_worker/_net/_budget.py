@@ -9,6 +9,13 @@ goes on in steps of :data:`MIN_STEP` (a smaller chunk, a smaller disk read) rath
 waiting for another stream's client to read: HTTP/2 keeps streams independent, and so do
 we. A connection then holds at most ``OUTPUT_BUDGET + streams * 2 * MIN_STEP`` here.
 
+One client's connections together hold at most :data:`CLIENT_OUTPUT_BUDGET` in full steps
+(:class:`ClientOutput`, shared by the budgets of its connections): beyond it each of its
+streams goes on in :data:`LEAN_STEP` steps, still without waiting for the others. Without it
+a client's 4,096 stalled streams (128 connections) pinned 64 KiB each, 1 GiB by the
+arithmetic (``tools/probe_hostile.py many-windows``: 289 MiB of RSS measured); now at most
+``CLIENT_OUTPUT_BUDGET + MAX_STEP + streams * 2 * LEAN_STEP`` (129 MiB at 4,096 streams).
+
 Plain bookkeeping, no trio: the transport counts messages in and out (:attr:`unsent`), a
 reader keeps its :class:`OutputShare`'s ``held`` (it is the ``ReadBudget`` of
 ``_jobs._output``).
@@ -18,7 +25,15 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["MIN_STEP", "OUTPUT_BUDGET", "OutputBudget", "OutputShare"]
+__all__ = [
+    "CLIENT_OUTPUT_BUDGET",
+    "LEAN_STEP",
+    "MIN_STEP",
+    "OUTPUT_BUDGET",
+    "ClientOutput",
+    "OutputBudget",
+    "OutputShare",
+]
 
 #: Output one connection's streams may hold between them (serialized messages not yet
 #: queued, disk read-ahead): four disk blocks, so a few lagging followers on one connection
@@ -29,20 +44,55 @@ OUTPUT_BUDGET: Final = 4 * 1024 * 1024
 MIN_STEP: Final = 64 * 1024
 #: The largest step: a disk block of the output log.
 MAX_STEP: Final = 1024 * 1024
+#: Output all one client's connections may hold in full steps (as the 32 MiB of requests,
+#: ``MAX_CLIENT_BUFFERED_REQUESTS``): 64 MiB, sixteen connections' whole budgets, so a
+#: client's followers on many channels read as before.
+CLIENT_OUTPUT_BUDGET: Final = 64 * 1024 * 1024
+#: A stream's step while its client holds more than that: what each of thousands of stalled
+#: streams keeps, and a live stream of the same client still moves (in smaller reads).
+LEAN_STEP: Final = 8 * 1024
+
+
+class ClientOutput:
+    """What one client's connections' output budgets hold together. Plain bookkeeping:
+    each :class:`OutputBudget` adds its changes; the transport keeps one per client while
+    it has connections."""
+
+    __slots__ = ("held", "total")
+
+    def __init__(self, total: int = CLIENT_OUTPUT_BUDGET) -> None:
+        self.total = total
+        self.held = 0
 
 
 class OutputBudget:
     """A connection's output budget; one :class:`OutputShare` per stream that reads."""
 
-    __slots__ = ("_read_ahead", "total", "unsent")
+    __slots__ = ("_client", "_read_ahead", "_unsent", "total")
 
-    def __init__(self, total: int = OUTPUT_BUDGET) -> None:
+    def __init__(self, total: int = OUTPUT_BUDGET, client: ClientOutput | None = None) -> None:
         self.total = total
-        #: bytes of messages serialized and not yet queued to h2 (the transport counts)
-        self.unsent = 0
+        self._client = client  # its client's connections' budgets together, if counted
+        self._unsent = 0
         #: what the open shares hold, kept as they change: a sum over the shares on every
         #: step cost O(streams), quadratic for a connection of 1,000 streams
         self._read_ahead = 0
+
+    @property
+    def unsent(self) -> int:
+        """Bytes of messages serialized and not yet queued to h2 (the transport counts)."""
+        return self._unsent
+
+    @unsent.setter
+    def unsent(self, value: int) -> None:
+        if self._client is not None:
+            self._client.held += value - self._unsent
+        self._unsent = value
+
+    def _add_read_ahead(self, change: int) -> None:
+        self._read_ahead += change
+        if self._client is not None:
+            self._client.held += change
 
     def share(self) -> OutputShare:
         """A stream's share: what its reader holds counts from now until ``close``."""
@@ -54,8 +104,15 @@ class OutputBudget:
 
     def step(self) -> int:
         """The most bytes one more chunk or disk read may take now."""
+        client = self._client
+        if client is not None and client.held >= client.total:
+            return LEAN_STEP
         free = self.total - self.held
-        return MIN_STEP if free < MIN_STEP else min(free, MAX_STEP)
+        if free < MIN_STEP:
+            return MIN_STEP
+        if client is not None:
+            free = min(free, max(client.total - client.held, MIN_STEP))
+        return min(free, MAX_STEP)
 
 
 class OutputShare:
@@ -75,7 +132,7 @@ class OutputShare:
     @held.setter
     def held(self, value: int) -> None:
         if self._budget is not None:
-            self._budget._read_ahead += value - self._held
+            self._budget._add_read_ahead(value - self._held)
         self._held = value
 
     def step(self) -> int:
@@ -84,5 +141,5 @@ class OutputShare:
     def close(self) -> None:
         """The stream is over: what it held is gone with it."""
         if self._budget is not None:
-            self._budget._read_ahead -= self._held
+            self._budget._add_read_ahead(-self._held)
             self._budget = None

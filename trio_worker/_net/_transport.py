@@ -75,7 +75,7 @@ from .._wire._h2server import (
 )
 from .._wire._status import StatusCode
 from .._wire._window import MESSAGE_PREFIX
-from ._budget import OutputBudget
+from ._budget import ClientOutput, OutputBudget
 from ._connection import (
     MAX_SEND_BUFFER,
     WRITE_TIMEOUT,
@@ -693,7 +693,8 @@ class _Connection(Connection):
         self._grpc = grpc
         self._h2: ServerH2Connection = grpc.h2_connection
         self._calls: dict[int, _Call] = {}
-        self._output_budget = OutputBudget()  # what its streams hold, between them
+        #: what its streams hold, between them (and with its client's other connections')
+        self._output_budget = OutputBudget(client=server.client_output_of(identity))
         self._new_calls: list[_Call] = []  # headers seen in this read, not started yet
         self._idle_tasks: list[_IdleTask] = []  # call tasks waiting for a call
         #: The deadlines of the calls in tasks, soonest first (those of ended calls are
@@ -1408,6 +1409,9 @@ class Server:
         self._handshaking: dict[str, int] = {}
         #: request bytes held per client (identity name), across its connections
         self.client_requests: dict[str, ClientRequests] = {}
+        #: the output its connections' streams hold, per client (``CLIENT_OUTPUT_BUDGET``),
+        #: dropped with its ``client_requests``
+        self.client_output: dict[str, ClientOutput] = {}
         #: calls in flight per client (identity name), across its connections, and in all
         #: (``TransportConfig.max_streams_per_client``, ``max_streams``)
         self.client_streams: dict[str, int] = {}
@@ -1454,6 +1458,14 @@ class Server:
             shared = self.client_requests[name] = ClientRequests()
         core.share_client_requests(shared)
 
+    def client_output_of(self, identity: Identity | None) -> ClientOutput:
+        """The output budget shared by the connections of ``identity``'s client."""
+        name = "" if identity is None else identity.name
+        shared = self.client_output.get(name)
+        if shared is None:
+            shared = self.client_output[name] = ClientOutput()
+        return shared
+
     def release_client_requests(
         self, identity: Identity | None, core: GRPCServerConnection
     ) -> None:
@@ -1462,6 +1474,7 @@ class Server:
         shared = self.client_requests.get(name)
         if shared is not None and shared.connections <= 0:
             del self.client_requests[name]
+            self.client_output.pop(name, None)
 
     def uncount_streams(self, name: str, count: int) -> None:
         """``count`` calls of client ``name`` ended (or went with their connection)."""
