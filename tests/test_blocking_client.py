@@ -13,6 +13,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -25,6 +26,7 @@ from tests.test_client import (
     _unused_port,
     certs,
     py_job,
+    running_server,
     server,
     tcp_proxy,
 )
@@ -39,6 +41,7 @@ from trio_worker import (
 )
 from trio_worker._blocking_client import BlockingClient, connect_blocking
 from trio_worker._net._failures import Refused
+from trio_worker._net._transport import TransportConfig
 from trio_worker._wire._calls import ACK_BELOW
 from trio_worker._wire._client import STREAM_WINDOW
 from trio_worker.client import connect
@@ -291,3 +294,31 @@ async def test_a_wake_up_fd_breaks_a_wait_between_two_reads(server: Server) -> N
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+async def test_a_connection_over_the_clients_cap_fails_in_the_servers_words(
+    certs: Certs, tmp_path: Path
+) -> None:
+    """One connection per client (``serve --max-connections-per-client 1``): a second
+    connection of the same certificate is refused with GOAWAY (ENHANCE_YOUR_CALM) and its
+    reason; both clients retry, then say it (they said only that the server "keeps closing
+    connections", which the CLI took for a server not running)."""
+    config = TransportConfig(max_connections_per_client=1)
+    async with (
+        running_server(certs, tmp_path / "state", config) as srv,
+        srv.connect() as holder,
+    ):
+        await holder.list()
+        said = "(the server said: 1 connections open for this client)"
+        with pytest.raises(ConnectionFailed) as trio_info:
+            async with srv.connect() as second:
+                await second.list()
+        assert said in str(trio_info.value)
+
+        def over() -> None:
+            with blocking(srv) as client:
+                client.list()
+
+        with pytest.raises(ConnectionFailed) as blocking_info:
+            await in_thread(over)
+        assert said in str(blocking_info.value)

@@ -770,8 +770,9 @@ def test_quota_refusal_exits_9(tmp_path: Path) -> None:
 
 def test_the_connections_per_client_cap_is_a_serve_flag(tmp_path: Path) -> None:
     """``serve --max-connections-per-client N`` (TransportConfig's 128 without it): with 1,
-    a client that holds a connection has its next one refused, and is served again once
-    the first has closed; 0 is refused before anything starts."""
+    a client that holds a connection has its next one refused, in the server's words (its
+    GOAWAY's), and is served again once the first has closed; 0 is refused before anything
+    starts."""
     env = clean_env(tmp_path)
     state = tmp_path / "state"
     err = assert_one_line_error(
@@ -802,9 +803,9 @@ def test_the_connections_per_client_cap_is_a_serve_flag(tmp_path: Path) -> None:
                 response_deserializer=pb.ListResponse.FromString,
             )(pb.ListRequest(), timeout=10)
             assert isinstance(listing, pb.ListResponse)
-            # (The client does not say the GOAWAY's reason yet: "keeps closing
-            # connections before taking calls"; the server's log does.)
-            assert_one_line_error(cli("list", *client, env=env), 4)
+            err = assert_one_line_error(cli("list", *client, env=env), 4)
+            assert "(the server said: 1 connections open for this client)" in err
+            assert "serve --max-connections-per-client" in err  # the hint, not "running?"
             server.wait_for(r"refusing a connection from .*: 1 connections open for this client")
         ok(cli("list", *client, env=env))
     finally:

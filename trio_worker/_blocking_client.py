@@ -80,13 +80,22 @@ class BlockingClient:
         conn = self._conn
         if conn is not None and conn.accepting:
             return conn
-        if conn is not None and conn.dead:
-            conn.close()
+        if conn is not None and (conn.dead or conn.idle):
+            conn.close()  # (one told GOAWAY with no call left: nobody else would close it)
         conn = dial(self.address, self._context, self._timeout, self._server_hostname)
         if self._wake is not None:
             conn.wake_fd, conn.on_wake = self._wake
         self._conn = conn
         return conn
+
+    def keeps_closing(self) -> ConnectionFailed:
+        """Every attempt's connection ended before taking the call: say so, with the
+        server's reason if its last GOAWAY gave one (a cap on the client's connections)."""
+        reason = "" if self._conn is None else self._conn.goaway_reason
+        said = f" (the server said: {reason})" if reason else ""
+        return ConnectionFailed(
+            f"{self.address} keeps closing connections before taking calls{said}"
+        )
 
     def watch(self, fd: int | None, on_wake: Callable[[], None] | None = None) -> None:
         """While waiting, watch ``fd`` too and call ``on_wake`` when it turns readable (a
@@ -108,7 +117,7 @@ class BlockingClient:
                 return conn, conn.open_call(f"/{SERVICE}/{method}", payload, timeout)
             except Unprocessed:
                 continue
-        raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
+        raise self.keeps_closing()
 
     # -- the API (as WorkerClient's) --
 
@@ -252,9 +261,7 @@ class Pending:
                     StatusCode.INTERNAL, f"expected one response message, got {len(messages)}"
                 )
             return _read(read, messages[0])
-        raise ConnectionFailed(
-            f"{self._client.address} keeps closing connections before taking calls"
-        )
+        raise self._client.keeps_closing()
 
 
 class BlockingOutput:
@@ -320,9 +327,7 @@ class BlockingOutput:
                 self._conn, self._call = conn, call
                 break
             else:
-                raise ConnectionFailed(
-                    f"{self._client.address} keeps closing connections before taking calls"
-                )
+                raise self._client.keeps_closing()
         assert self._conn is not None
         assert self._call is not None
         return self._conn.next_message(self._call)

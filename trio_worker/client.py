@@ -260,7 +260,7 @@ class WorkerClient(metaclass=NoPublicConstructor):
                 return await conn.open_call(method_path(method), payload, deadline)
             except Unprocessed:
                 continue
-        raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
+        raise self._keeps_closing()
 
     async def _unary(
         self,
@@ -292,7 +292,17 @@ class WorkerClient(metaclass=NoPublicConstructor):
                     StatusCode.INTERNAL, f"expected one response message, got {len(call.messages)}"
                 )
             return parse(response_type, call.take())
-        raise ConnectionFailed(f"{self.address} keeps closing connections before taking calls")
+        raise self._keeps_closing()
+
+    def _keeps_closing(self) -> ConnectionFailed:
+        """Every attempt's connection ended before taking the call: say so, with the
+        server's reason if its last GOAWAY gave one (a cap on the client's connections)."""
+        conn = self._conn
+        reason = "" if conn is None else conn.goaway_reason
+        said = f" (the server said: {reason})" if reason else ""
+        return ConnectionFailed(
+            f"{self.address} keeps closing connections before taking calls{said}"
+        )
 
     def _adopt(self, conn: ClientConnection) -> None:
         self._conn = conn
@@ -411,7 +421,7 @@ class OutputIterator(metaclass=NoPublicConstructor):
                 continue
             self._call = call
             return
-        raise ConnectionFailed(f"{client.address} keeps closing connections before taking calls")
+        raise client._keeps_closing()
 
     async def aclose(self) -> None:
         """Stop early: reset the stream; the connection goes on serving other calls."""
@@ -464,7 +474,7 @@ class Attachment(metaclass=NoPublicConstructor):
             except Unprocessed:
                 continue
             return self
-        raise ConnectionFailed(f"{client.address} keeps closing connections before taking calls")
+        raise client._keeps_closing()
 
     async def __aexit__(
         self,

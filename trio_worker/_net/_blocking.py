@@ -96,6 +96,16 @@ class BlockingConnection:
         return self._table.goaway
 
     @property
+    def goaway_reason(self) -> str:
+        """Why the server sent GOAWAY, in its words, unless it was a graceful one."""
+        return self._table.goaway_reason
+
+    @property
+    def idle(self) -> bool:
+        """No call in flight here."""
+        return not self._calls
+
+    @property
     def accepting(self) -> bool:
         return not (self.dead or self.goaway)
 

@@ -158,6 +158,11 @@ class ClientConnection(Connection):
         return self._table.goaway
 
     @property
+    def goaway_reason(self) -> str:
+        """Why the server sent GOAWAY, in its words, unless it was a graceful one."""
+        return self._table.goaway_reason
+
+    @property
     def accepting(self) -> bool:
         """True while new calls may be opened on this connection."""
         return not (self.dead or self.goaway or self._closing or self._done.is_set())

@@ -157,13 +157,15 @@ class CallTable(Generic[C]):
     """A client connection's calls by stream id: the core's events filed to the calls they
     concern, and what ending a call does to its stream. The drivers add their waiting."""
 
-    __slots__ = ("_h2", "calls", "goaway")
+    __slots__ = ("_h2", "calls", "goaway", "goaway_reason")
 
     def __init__(self, h2c: WireH2Connection) -> None:
         self._h2 = h2c
         self.calls: dict[int, C] = {}
         #: the server sent GOAWAY: no new streams here
         self.goaway = False
+        #: the words of a GOAWAY that was not a graceful one (NO_ERROR), if it had any
+        self.goaway_reason = ""
 
     def on_event(self, event: Any) -> C | None:
         """File one event; returns the call it concerns (fed, or ended), None for the
@@ -175,6 +177,8 @@ class CallTable(Generic[C]):
             self._h2.acknowledge_connection_data(event.flow)
         elif kind is GoAwayReceived:
             self.goaway = True
+            if event.error_code and event.reason:
+                self.goaway_reason = event.reason
             for unseen in [c for c in self.calls.values() if c.stream_id > event.last_stream_id]:
                 self.end(unseen, error=Unprocessed())
             return None

@@ -100,13 +100,16 @@ class StreamResetByPeer:
 
 
 class GoAwayReceived:
-    """The server sent GOAWAY: streams above ``last_stream_id`` were never processed."""
+    """The server sent GOAWAY: streams above ``last_stream_id`` were never processed.
+    ``reason``: its debug data, printable and at most 200 characters (the server's words,
+    e.g. why it refused the connection), empty if none."""
 
-    __slots__ = ("error_code", "last_stream_id")
+    __slots__ = ("error_code", "last_stream_id", "reason")
 
-    def __init__(self, error_code: int, last_stream_id: int) -> None:
+    def __init__(self, error_code: int, last_stream_id: int, reason: str = "") -> None:
         self.error_code = error_code
         self.last_stream_id = last_stream_id
+        self.reason = reason
 
 
 class BadResponse:
@@ -345,7 +348,9 @@ class GRPCClientConnection(WireGRPCConnection):
         return [StreamResetByPeer(event.stream_id, int(event.error_code))]
 
     def _connection_terminated(self, event: Any) -> list[Any]:
-        return [GoAwayReceived(int(event.error_code), int(event.last_stream_id))]
+        data = (event.additional_data or b"")[:200].decode("utf-8", "replace")
+        reason = "".join(c for c in data if c.isprintable())
+        return [GoAwayReceived(int(event.error_code), int(event.last_stream_id), reason)]
 
     def _remote_settings_changed(self, event: Any) -> list[Any]:
         self.settings_received = True

@@ -147,6 +147,11 @@ def _connection(exc: BaseException, command: str) -> str:
     text = str(exc)
     if "does not speak HTTP/2" in text:
         return "that is not a trio-worker server: check --addr"
+    if "connections open for this client" in text:
+        return (
+            "this certificate's other commands hold the server's cap on one client's "
+            "connections (serve --max-connections-per-client): wait for them, or raise it"
+        )
     if "TLS" in text:
         for phrase, hint in _TLS_FAILURES:
             if phrase in text:
