@@ -489,6 +489,11 @@ def one_run(args: argparse.Namespace, name: str, python: str, scratch: Path) -> 
         f"  client p99 idle {idle['median']:.2f} ms, in the burst {busy['median']:.2f} ms "
         f"({busy['median'] / idle['median']:.1f}x), {busy['starts']} Starts"
     )
+    if not out.exists():  # the server never imported the hook's sitecustomize
+        return (
+            head + "\n  no server-side record: a --server wrapper that sets PYTHONPATH must"
+            " keep the caller's (PYTHONPATH=TREE${PYTHONPATH:+:$PYTHONPATH})"
+        )
     return head + "\n" + analyse(out, figures["calls"]) + sched
 
 
