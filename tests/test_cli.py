@@ -680,6 +680,40 @@ def test_certs_client_logins_and_show(tmp_path: Path) -> None:
     assert "--login" in assert_one_line_error(bad, 2)
 
 
+def test_certs_show_says_when_a_certificate_has_expired(tmp_path: Path) -> None:
+    """An expired client certificate is refused by the server with a bare TLS alert; the
+    operator's next step, ``certs show``, says so plainly."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    env = clean_env(tmp_path)
+    pki_dir = tmp_path / "pki"
+    ok(cli("certs", "init", "--dir", pki_dir, env=env))
+    ca = x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    now = dt.datetime.now(dt.UTC)
+    old = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old")]))
+        .issuer_name(ca.subject)
+        .public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=10))
+        .not_valid_after(now - dt.timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
+    )
+    (pki_dir / "old.pem").write_bytes(old.public_bytes(serialization.Encoding.PEM))
+    shown = ok(cli("certs", "show", pki_dir / "old.pem", env=env)).decode()
+    assert re.search(r"^Valid until\s+.*\(expired\)$", shown, re.M), shown
+    fresh = ok(cli("certs", "show", pki_dir / "ca.pem", env=env)).decode()
+    assert "expired" not in fresh
+
+
 def test_revoke_and_reload_through_the_cli(tmp_path: Path) -> None:
     env = clean_env(tmp_path)
     d = tmp_path / "pki"

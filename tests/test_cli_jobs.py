@@ -263,6 +263,26 @@ def test_tls_failures_say_what_is_wrong(dev: DevServer, tmp_path: Path) -> None:
         ("TLS handshake with h:1 timed out after 10 s", "never answered TLS"),
         ("TLS handshake with h:1 failed: certificate verify failed: x", "not from --ca"),
         ("TLS handshake with h:1 failed: the server refused our certificate (x)", "--cert"),
+        ("TLS handshake with h:1 failed: the server refused our certificate (x)", "expired"),
+        (
+            "TLS handshake with h:1 failed: the server refused our certificate "
+            "(sslv3 alert certificate revoked)",
+            "the server has revoked --cert",
+        ),
+        (
+            "TLS handshake with h:1 failed: certificate verify failed: IP address mismatch, "
+            "certificate is not valid for '127.0.0.1'",
+            "not issued for the host in --addr",
+        ),
+        (
+            "TLS handshake with h:1 failed: certificate verify failed: Hostname mismatch, "
+            "certificate is not valid for 'h'",
+            "not issued for the host in --addr",
+        ),
+        (
+            "TLS handshake with h:1 failed: certificate verify failed: certificate has expired",
+            "the server's certificate has expired",
+        ),
         ("TLS handshake with h:1 failed: wrong version number", "does not speak TLS"),
         ("cannot connect to h:1: connection refused", "is the server running there?"),
     ],

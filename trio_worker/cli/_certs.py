@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -229,6 +230,7 @@ def show(file: Annotated[Path, Parameter(name="FILE")], /) -> int:
     from .. import pki
 
     summary = pki.describe(file)
+    now = datetime.now(UTC)
     kind = "CA" if summary.is_ca else ("client" if summary.role is not None else "end entity")
     rows = [
         ("Subject", summary.subject),
@@ -237,10 +239,14 @@ def show(file: Annotated[Path, Parameter(name="FILE")], /) -> int:
         ("Role", summary.role.value if summary.role is not None else "-"),
         ("Logins", ", ".join(summary.logins) or "-"),
         ("Names", ", ".join(n for n in summary.sans if not n.startswith(_OURS)) or "-"),
-        ("Valid from", format_time(summary.not_before)),
-        ("Valid until", format_time(summary.not_after)),
+        ("Valid from", format_time(summary.not_before) + _if(now < summary.not_before, "not yet")),
+        ("Valid until", format_time(summary.not_after) + _if(now > summary.not_after, "expired")),
         ("Serial", f"{summary.serial_number:X}"),
         ("SHA-256", summary.sha256_fingerprint),
     ]
     print_fields(rows)
     return ExitCode.OK
+
+
+def _if(condition: bool, note: str) -> str:
+    return f" ({note})" if condition else ""

@@ -127,14 +127,30 @@ _TLS_FAILURES = (
         "listening there, and is it overloaded? (--addr, TRIO_WORKER_ADDR)",
     ),
     (
+        # OpenSSL's "Hostname mismatch" / "IP address mismatch": the right CA, another name.
+        "mismatch",
+        "the server's certificate was not issued for the host in --addr: connect by a name "
+        "or address it lists (`trio-worker certs show` on it), or reissue it with that --host",
+    ),
+    (
+        "certificate has expired",
+        "the server's certificate has expired: reissue it (trio-worker certs server) and send "
+        "the server SIGHUP",
+    ),
+    (
         "certificate verify failed",
         "the server's certificate is not from --ca: give the CA that issued it (or this is "
         "not the trio-worker server you meant; check --addr)",
     ),
     (
+        "alert certificate revoked",
+        "the server has revoked --cert: use another client certificate",
+    ),
+    (
         "our certificate",
-        "the server does not trust --cert (or has revoked it): use a client certificate from "
-        "the server's CA",
+        "the server does not trust --cert (not from its CA, expired or revoked: "
+        "`trio-worker certs show` on it says its validity): use a valid client certificate "
+        "from the server's CA",
     ),
     (
         "does not offer HTTP/2",
