@@ -1079,6 +1079,17 @@ class CgroupDriver(ABC):
         """The server's parent group in each hierarchy (the reaper's whole reach)."""
         return self._parent_dirs()
 
+    def summary(self) -> str:
+        """One line for the server's log at start: the hierarchy that holds the jobs' groups,
+        where, and which limits this host cannot enforce."""
+        where = ", ".join(str(p) for p in self._parent_dirs()) or "-"
+        text = f"cgroups: {self.name}, the jobs' groups under {where}"
+        if self.missing:
+            text += "; cannot limit: " + "; ".join(
+                f"{controller} ({why})" for controller, why in sorted(self.missing.items())
+            )
+        return text
+
     def memory_capped(self) -> Path | None:
         """A memory limit on a group that holds the jobs but not the server (the jobs'
         parent, or a group between it and the server's own), by its directory; None if
@@ -1531,6 +1542,12 @@ class NoDriver(CgroupDriver):
     @property
     def tracks(self) -> bool:
         return False
+
+    def summary(self) -> str:
+        return (
+            f"no usable cgroups ({self.reason}): jobs are not tracked by cgroup, "
+            "and every limit is refused"
+        )
 
     def _parent_dirs(self) -> list[Path]:
         return []
