@@ -793,6 +793,8 @@ def test_quota_refusal_exits_9(tmp_path: Path) -> None:
             server.wait_for(
                 r"^trio-worker: warning: serving as root without --job-user: every full"
             )
+        # Which cgroups hold the jobs, once it listens (a failed listen stays one line).
+        server.wait_for(r"trio_worker.server: (cgroups: v[12], the jobs' groups under |no usable)")
         job = ok(cli("start", *creds, "--", "sleep", "60", env=env)).decode().strip()
         err = assert_one_line_error(cli("start", *creds, "--", "true", env=env), 9)
         assert "quota exceeded: at most 1 running job per client (--max-running)" in err

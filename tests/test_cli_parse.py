@@ -340,6 +340,28 @@ def test_local_errors_are_one_line_with_their_code(
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["certs", "revoke", "--dir", "/nonexistent", "mallory"],
+        ["certs", "client", "--dir", "/nonexistent", "eve", "--role", "full"],
+        ["certs", "server", "--dir", "/nonexistent", "--host", "localhost"],
+    ],
+    ids=lambda v: v[1],
+)
+def test_certs_missing_files_point_at_dir_not_at_client_options(
+    run_main: Callable[..., tuple[int, bytes, str]], args: list[str]
+) -> None:
+    """``certs`` takes --dir, not --ca/--cert/--key: its hint must not send the operator
+    to options and variables it does not read."""
+    code, out, err = run_main(*args)
+    assert (code, out) == (3, b""), err
+    assert "does not exist" in err
+    assert "--dir" in err, err
+    assert "TRIO_WORKER_CA" not in err, err
+    assert "--ca/" not in err, err
+
+
 def test_config_file_keys_and_relative_paths(
     run_main: Callable[..., tuple[int, bytes, str]], tmp_path: Path
 ) -> None:

@@ -539,7 +539,7 @@ async def open_supervisor_with_driver(
         if cgroup_parent is None:
             cgroup_parent = _cgroup_parent_for(path)
         driver = cgroups if cgroups is not None else cgroup_detect(cgroup_parent)
-        _log.log(logging.INFO if driver.tracks else logging.WARNING, "%s", driver.summary())
+        _log.debug("%s", driver.summary())  # (serve says it at INFO once it listens)
         if lock is not None and lock.previous_reapers:
             # A server that died a moment ago may still have its reapers at work
             # on our parent groups: let them finish before any job of ours exists.

@@ -177,6 +177,14 @@ def _connection(exc: BaseException, command: str) -> str:
     return "is the server running there? (--addr, TRIO_WORKER_ADDR)"
 
 
+def _tls_config(exc: BaseException, command: str) -> str:
+    if command == "certs show":
+        return "check the file's path"
+    if command.startswith("certs"):  # they read DIR's files, not the client's options
+        return "check --dir (the directory `trio-worker certs init` made) and the name"
+    return "check --ca/--cert/--key (or TRIO_WORKER_CA/_CERT/_KEY and the config file)"
+
+
 def _still_running(exc: BaseException, command: str) -> str:
     job_id = getattr(exc, "job_id", "") or "ID"
     return f"stop it first (`trio-worker stop {job_id}`), or remove it anyway with rm -f"
@@ -193,11 +201,7 @@ TABLE: tuple[tuple[type[BaseException], ExitCode, _Hint], ...] = (
     (LocalConfigError, ExitCode.CONFIG, ""),
     (_CycloptsError, ExitCode.USAGE, _usage),
     (InvalidRequest, ExitCode.USAGE, _invalid),
-    (
-        TLSConfigError,
-        ExitCode.CONFIG,
-        "check --ca/--cert/--key (or TRIO_WORKER_CA/_CERT/_KEY and the config file)",
-    ),
+    (TLSConfigError, ExitCode.CONFIG, _tls_config),
     (StateDirError, ExitCode.CONFIG, "check --state-dir and its permissions"),
     (ConnectionFailed, ExitCode.CONNECTION, _connection),
     (

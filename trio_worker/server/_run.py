@@ -178,6 +178,8 @@ async def run_server(
             if handle_signals:
                 await nursery.start(reload_on_sighup, server, load, tls)
             _log.info("serving on %s", ", ".join(server.addresses))
+            cgroups = supervisor.cgroups
+            _log.log(logging.INFO if cgroups.tracks else logging.WARNING, "%s", cgroups.summary())
             if settings.crl is not None and not tls.has_crl:
                 _log.info(
                     "CRL %s does not exist yet: no client certificate is revoked until it "
