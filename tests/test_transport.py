@@ -1751,3 +1751,85 @@ async def test_a_read_that_opens_many_calls_starts_them_a_turns_share_at_a_time(
         assert turns.seen[-1] == calls
         assert max(steps) <= MAX_CALLS_PER_TURN, turns.seen
         probe.gate.set()
+
+
+class _EndsPerTurn(trio.abc.Instrument):
+    """How many calls the server had recorded as ended at each of the loop's polls for I/O."""
+
+    def __init__(self, records: list[Any]) -> None:
+        self.records = records
+        self.seen: list[int] = []
+
+    def before_io_wait(self, timeout: float) -> None:
+        if not self.seen or self.seen[-1] != len(self.records):
+            self.seen.append(len(self.records))
+
+
+@pytest.mark.parametrize("waiting", ["handler", "window"])
+async def test_a_lost_connections_calls_end_a_turns_share_at_a_time(pki: Pki, waiting: str) -> None:
+    """A client that leaves with 100 calls waiting (in their handlers, or for a window it
+    never opens) has them ended (woken or cancelled, their ends and audit records) at most
+    MAX_CALLS_PER_TURN between two polls for I/O: the other connections' calls are not
+    queued behind all of them (tools/probe_streams.py windows-5x1000: a bystander's call
+    waited ~0.5 s behind 4,096 ends)."""
+    probe = Probe()
+    calls = 100
+    window = 1 if waiting == "window" else None
+    async with running_server(pki, methods(probe)) as r:
+        async with RawClient.connect(pki, r.port, window=window) as client:
+            if waiting == "handler":
+                request = w.StringValue(value="x").SerializeToString()
+                for _ in range(calls):
+                    await client.start(OPENED, request)
+                await eventually(lambda: probe.at_gate == calls)
+            else:
+                request = w.Int32Value(value=100).SerializeToString()
+                for _ in range(calls):
+                    await client.start(FLOOD, request)
+                (conn,) = r.server._connections
+                await eventually(lambda: len(conn._window_lot) == calls)  # every one parked
+            turns = _EndsPerTurn(r.records)
+            trio.lowlevel.add_instrument(turns)
+        try:  # the client has closed its socket: every call is gone
+            await eventually(lambda: len(r.records) == calls)
+        finally:
+            trio.lowlevel.remove_instrument(turns)
+        steps = [b - a for a, b in zip(turns.seen, turns.seen[1:], strict=False)]
+        assert turns.seen[-1] == calls
+        assert max(steps) <= MAX_CALLS_PER_TURN, turns.seen
+        assert {rec.code for rec in r.records} == {StatusCode.CANCELLED}
+        assert not probe.gate.is_set()
+
+
+async def test_connections_lost_together_end_their_calls_a_turns_share_at_a_time(
+    pki: Pki,
+) -> None:
+    """Eight connections of one client, 20 calls each, lost together: at most
+    MAX_CALLS_PER_TURN calls end per turn across the server, not that many per connection
+    (tools/probe_hostile.py many-windows: 128 connections of 32 streams each)."""
+    probe = Probe()
+    conns, each = 8, 20
+    request = w.StringValue(value="x").SerializeToString()
+    async with running_server(pki, methods(probe)) as r:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = []
+            for _ in range(conns):
+                client = await stack.enter_async_context(RawClient.connect(pki, r.port))
+                for _ in range(each):
+                    await client.start(OPENED, request)
+                clients.append(client)
+            await eventually(lambda: probe.at_gate == conns * each)
+            turns = _EndsPerTurn(r.records)
+            trio.lowlevel.add_instrument(turns)
+            for client in clients:  # all in one step: the server sees them end together
+                tcp = client.stream.transport_stream
+                assert isinstance(tcp, trio.SocketStream)
+                tcp.socket.close()
+        try:
+            await eventually(lambda: len(r.records) == conns * each)
+        finally:
+            trio.lowlevel.remove_instrument(turns)
+        steps = [b - a for a, b in zip(turns.seen, turns.seen[1:], strict=False)]
+        assert turns.seen[-1] == conns * each
+        assert max(steps) <= MAX_CALLS_PER_TURN, turns.seen
+        assert {rec.code for rec in r.records} == {StatusCode.CANCELLED}

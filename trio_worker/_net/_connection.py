@@ -8,7 +8,8 @@ event to the subclass; output written by whoever queued it when the socket takes
 (:meth:`Connection._push`), else by a writer task; sending a message in frames as flow
 control, the peer's frame size and the send buffer allow; keepalive pings; loss (EOF, a
 reset, a TLS error, an HTTP/2 protocol error or a broken bound, a stalled write) failing
-every call at once; and the close (GOAWAY flushed for a moment, then the socket).
+every call (the server: a share per turn, :meth:`Connection._wind_down`); and the close
+(GOAWAY flushed for a moment, then the socket).
 
 The server (``_transport``) adds accept, handshake, identity and dispatch; the client
 (``trio_worker.client``) adds dial and calls. Each implements :meth:`Connection._on_event`
@@ -132,8 +133,18 @@ class Connection:
         return False
 
     def _end_calls(self, reason: str) -> None:
-        """The connection is over (``reason``): end every call on it at once."""
+        """The connection is over (``reason``): end every call on it (at once, or a share
+        per turn in :meth:`_wind_down`)."""
         raise NotImplementedError
+
+    def _release_waiters(self) -> None:
+        """The connection died: wake whoever waits for its window or its buffer to drain."""
+        self._window_lot.unpark_all()
+        self._flushed_lot.unpark_all()
+
+    async def _wind_down(self) -> None:
+        """End what :meth:`_end_calls` left to end, before the connection's tasks are
+        cancelled (all at once)."""
 
     def _has_calls(self) -> bool:
         """Whether calls wait on this connection (keepalive pings only then)."""
@@ -158,12 +169,14 @@ class Connection:
                 self._start_tasks(nursery)
                 self._push()  # our SETTINGS, unless sent already
                 await self._done.wait()
+                await self._wind_down()
                 if not self.dead:
                     # Let queued frames (final trailers, GOAWAY) reach the peer.
                     with trio.move_on_after(self._settings.close_timeout):
                         await self._flushed()
                         flushed = not self.dead
                 self._lost("the connection was closed")
+                await self._wind_down()
                 nursery.cancel_scope.cancel()
         finally:
             self._lost("the connection was closed")
@@ -175,8 +188,7 @@ class Connection:
             return
         self.dead = True
         self._end_calls(reason)
-        self._window_lot.unpark_all()
-        self._flushed_lot.unpark_all()
+        self._release_waiters()
         self._done.set()
 
     # -- reading --

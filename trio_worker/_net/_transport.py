@@ -268,6 +268,8 @@ IDLE_CALL_TASKS: Final = 4
 #: Calls a connection starts per turn of the loop (what one read brought beyond it waits for
 #: the next turns, the other connections' input first): a read may open a thousand streams,
 #: and each one's first step (a task, its log opened, a thread's read) is ~0.5 ms of the loop.
+#: A lost connection's calls end at most this many per turn too (``_Connection._wind_down``):
+#: a client's 4,096 stalled streams ended in one batch held everyone's calls ~0.5 s.
 MAX_CALLS_PER_TURN: Final = 16
 _SHUTTING_DOWN: Final = "the server is shutting down"
 #: Deadlines of ended calls a connection's heap may hold beyond twice its running calls
@@ -577,10 +579,16 @@ class _Call:
 
     def gone(self, reason: str) -> None:
         """Nobody will read this call's answer: cancel its handler."""
+        self.mark_gone(reason)
+        self.cancel()
+
+    def mark_gone(self, reason: str) -> None:
+        """Nobody will read this call's answer (the first reason wins); its handler is
+        cancelled later (a lost connection's share per turn) or ends by itself: nothing
+        it sends goes out, and it ends CANCELLED."""
         if not self.peer_gone:
             self.peer_gone = True
             self.gone_reason = reason
-        self.cancel()
 
     def fail(self, error: RpcError) -> None:
         """Record a request-level error (first one wins) and let the task answer it.
@@ -696,6 +704,8 @@ class _Connection(Connection):
         #: what its streams hold, between them (and with its client's other connections')
         self._output_budget = OutputBudget(client=server.client_output_of(identity))
         self._new_calls: list[_Call] = []  # headers seen in this read, not started yet
+        #: calls of a connection that is over, to cancel a share per turn (``_wind_down``)
+        self._ending: deque[_Call] = deque()
         self._idle_tasks: list[_IdleTask] = []  # call tasks waiting for a call
         #: The deadlines of the calls in tasks, soonest first (those of ended calls are
         #: dropped lazily: see _expire), and the scope of _expire's wait for the soonest.
@@ -737,8 +747,49 @@ class _Connection(Connection):
             self._calls.clear()
 
     def _end_calls(self, reason: str) -> None:
+        # Marked now (what they send no longer goes out), cancelled a share per turn.
+        ending = self._ending
         for call in self._calls.values():
-            call.gone(reason)
+            call.mark_gone(reason)
+            ending.append(call)
+
+    def _release_waiters(self) -> None:
+        if not self._ending:
+            super()._release_waiters()
+        # else the waiters are mostly the calls' senders: _wind_down wakes a share per turn
+
+    async def _wind_down(self) -> None:
+        """Cancel the calls of a connection that is over at most MAX_CALLS_PER_TURN per
+        turn of the loop, with the other connections' input first (as ``_start_calls``
+        starts them): each end is its task's wakeup, its trailers' bookkeeping and its
+        audit record, ~0.1-0.2 ms, and a client may hold 4,096 calls. One connection
+        at a time across the server (``Server.winding_down``, FIFO); cancellable (the
+        server's cancellation ends everything at once anyway)."""
+        if self._ending:
+            async with self._server.winding_down:
+                more = True
+                while more:
+                    more = self._end_share()
+                    await trio.lowlevel.checkpoint()
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+        if self.dead:  # (no call is left to wake: whoever else waits)
+            super()._release_waiters()
+
+    def _end_share(self) -> bool:
+        """Wake or cancel one turn's share of the calls ending; whether any is left."""
+        share = MAX_CALLS_PER_TURN
+        if self.dead:  # a sender woken on a dead connection ends its call itself
+            share -= len(self._window_lot.unpark(count=share))
+            share -= len(self._flushed_lot.unpark(count=share))
+        ending = self._ending
+        while ending and share > 0:
+            call = ending.popleft()
+            if not call.cancelled:
+                call.cancel()
+                share -= 1
+        return bool(ending) or (
+            self.dead and bool(self._window_lot or self._flushed_lot) and share == 0
+        )
 
     def _after_read(self) -> None:
         if self._new_calls:
@@ -1416,6 +1467,10 @@ class Server:
         #: (``TransportConfig.max_streams_per_client``, ``max_streams``)
         self.client_streams: dict[str, int] = {}
         self.streams = 0
+        #: held by the connection whose lost calls are being ended (``_wind_down``): one
+        #: at a time, so that a client's 128 connections ending together still end at
+        #: most MAX_CALLS_PER_TURN calls per turn of the loop, not that many each
+        self.winding_down = trio.Lock()
         self.caps = admission_caps(self.config)
         self.connection_settings = ConnectionSettings(
             # Frames no larger than we accept ourselves, even if a client takes 16 MiB ones:
