@@ -3,6 +3,7 @@ the server, audit records as the JSON lines they are; never h2's or hpack's fram
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -35,7 +36,13 @@ class _AuditFormatter(logging.Formatter):
 
 def setup_logging(command: str, debug: bool) -> None:
     server = command == "serve"
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    if server:
+        # The loop must never wait for stderr: lines queued while it serves (_logsink).
+        from ._logsink import LogSink  # (trio: only serve's)
+
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # (a test's capture)
+            handler = LogSink(sys.stderr.fileno())
     handler.setFormatter(_AuditFormatter(server))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -8,6 +8,7 @@ the default) find it there.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -54,6 +55,18 @@ def client_hint(host: str, port: int, state_dir: Path) -> str:
 
 
 async def _serve(settings: ServerSettings, dev: pki.DevPki | None) -> None:
+    """Serve, with the log's lines written off the loop meanwhile (``_logsink``)."""
+    from ._logsink import LogSink
+
+    sinks = [h for h in logging.getLogger().handlers if isinstance(h, LogSink)]
+    async with trio.open_nursery() as writers:
+        for sink in sinks:
+            await writers.start(sink.run)
+        await _serve_until_stopped(settings, dev)
+        writers.cancel_scope.cancel()  # (each writes what is left first)
+
+
+async def _serve_until_stopped(settings: ServerSettings, dev: pki.DevPki | None) -> None:
     from ..server._run import run_server
 
     async with trio.open_nursery() as nursery:
