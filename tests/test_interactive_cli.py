@@ -508,6 +508,7 @@ def test_run_t_without_i_ctrl_c_is_sigint_for_the_job(dev: DevServer) -> None:
 
 
 def test_run_i_is_one_connection_with_start_and_attach_only(dev: DevServer) -> None:
+    before = len(dev.server.stderr)  # (the server's lines of earlier tests: not this one's)
     result = subprocess.run(
         cli_argv(dev, "run", "-i", "--", "cat"),
         input=b"one connection\n",
@@ -519,11 +520,15 @@ def test_run_i_is_one_connection_with_start_and_attach_only(dev: DevServer) -> N
     assert (result.returncode, result.stdout) == (0, b"one connection\n"), result.stderr
     deadline = time.monotonic() + 20
     while True:  # the server's log lines arrive through a reader thread
-        records = [json.loads(line) for line in dev.server.stderr if line.startswith('{"time"')]
+        lines = dev.server.stderr[before:]
+        records = [json.loads(line) for line in lines if line.startswith('{"time"')]
         rpcs = [r for r in records if r.get("event") == "rpc"]
-        start = next(
-            r for r in reversed(rpcs) if r["method"].endswith("/Start") and r["status"] == "OK"
-        )
+        starts = [r for r in rpcs if r["method"].endswith("/Start") and r["status"] == "OK"]
+        if not starts:  # (its lines are written in batches, a moment later)
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.05)
+            continue
+        start = starts[-1]
         # From its Start on: an earlier command's connection may have had the same port.
         on_its_connection = [
             r["method"].rsplit("/", 1)[1]
