@@ -120,9 +120,11 @@ class ServerProcess:
     threads: list[threading.Thread] = field(default_factory=list)
 
     @classmethod
-    def start(cls, args: Sequence[str | Path], env: dict[str, str]) -> ServerProcess:
+    def start(
+        cls, args: Sequence[str | Path], env: dict[str, str], *, prefix: Sequence[str] = ()
+    ) -> ServerProcess:
         proc = subprocess.Popen(
-            [*COMMAND, "serve", *map(str, args)],
+            [*prefix, *COMMAND, "serve", *map(str, args)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -800,6 +802,26 @@ def test_quota_refusal_exits_9(tmp_path: Path) -> None:
         assert "quota exceeded: at most 1 running job per client (--max-running)" in err
         ok(cli("stop", *creds, "--grace", "0", job, env=env))
         ok(cli("start", *creds, "--", "true", env=env))
+    finally:
+        assert server.stop() == 0, server.stderr
+
+
+def test_a_low_descriptor_limit_is_said_at_start(tmp_path: Path) -> None:
+    """A hard RLIMIT_NOFILE too low for the default caps: serve still serves, and says once
+    how few connections it allows and how to raise it (not only later, as refusals)."""
+    env = clean_env(tmp_path)
+    server = ServerProcess.start(
+        ["--listen", "127.0.0.1:0", "--state-dir", tmp_path / "state", *own_cgroup(tmp_path)],
+        env,
+        prefix=["prlimit", "--nofile=256:256", "--"],
+    )
+    try:
+        port = server.port()
+        said = server.wait_for(r"descriptor limit \(RLIMIT_NOFILE (\d+).* allows only (\d+) conn")
+        assert int(said[1]) == 256
+        assert 0 < int(said[2]) < 128
+        assert "LimitNOFILE=" in said.string
+        ok(cli("list", "--addr", f"127.0.0.1:{port}", "--state-dir", tmp_path / "state", env=env))
     finally:
         assert server.stop() == 0, server.stderr
 

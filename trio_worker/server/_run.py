@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import resource
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -180,6 +181,15 @@ async def run_server(
             _log.info("serving on %s", ", ".join(server.addresses))
             cgroups = supervisor.cgroups
             _log.log(logging.INFO if cgroups.tracks else logging.WARNING, "%s", cgroups.summary())
+            if server.caps.connections < server.config.max_connections:
+                _log.warning(
+                    "the descriptor limit (RLIMIT_NOFILE %d, raised to its hard limit) allows "
+                    "only %d connections, not %d, and about as many jobs; raise the hard limit "
+                    "(ulimit -Hn, systemd's LimitNOFILE=) for more",
+                    resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                    server.caps.connections,
+                    server.config.max_connections,
+                )
             if settings.crl is not None and not tls.has_crl:
                 _log.info(
                     "CRL %s does not exist yet: no client certificate is revoked until it "
