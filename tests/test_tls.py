@@ -7,6 +7,7 @@ are issued from the same CA by ``trio_worker.pki``.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,3 +320,21 @@ def _alpn_list(*names: bytes) -> bytes:
 )
 def test_the_server_finds_h2_in_a_clients_alpn_list(offered: bytes, found: int | None) -> None:
     assert alpn_offset(offered) == found
+
+
+def test_serving_with_an_expired_certificate_is_said(
+    certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server certificate past its validity is served (a SIGHUP can replace it), but every
+    client refuses it: the server says so at start and at each reload, naming the file."""
+    from trio_worker.server._tlsreload import load_tls
+
+    with caplog.at_level(logging.WARNING, logger="trio_worker.server"):
+        load_tls(ca=certs.server.ca, cert=certs.server.cert, key=certs.server.key, crl=None)
+        assert not caplog.records
+        load_tls(ca=certs.expired.ca, cert=certs.expired.cert, key=certs.expired.key, crl=None)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1, said
+    assert str(certs.expired.cert) in said[0]
+    assert "expired" in said[0]
+    assert "every client refuses it" in said[0]

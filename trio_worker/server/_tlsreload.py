@@ -8,6 +8,7 @@ closed, and new handshakes use the new CA and CRL.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import signal
 import ssl
@@ -81,7 +82,29 @@ def load_tls(
     except (OSError, ValueError) as exc:  # just read by server_context: changed since
         raise TLSConfigError(f"cannot read CA certificate {ca}: {exc}") from exc
     revocations = load_crl(crl, ca_certs) if crl is not None else None
+    _warn_if_not_valid_now(cert)
     return TLSMaterial(context, _Refusal(ca_certs, revocations), crl is not None)
+
+
+def _warn_if_not_valid_now(cert: Path) -> None:
+    """Served all the same (a SIGHUP can replace it), but said: no client accepts it."""
+    try:
+        leaf = x509.load_pem_x509_certificates(Path(cert).read_bytes())[0]
+    except (OSError, ValueError, IndexError):
+        return  # just loaded by server_context; a race with its replacement
+    now = dt.datetime.now(dt.UTC)
+    if now > leaf.not_valid_after_utc:
+        when = f"expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    elif now < leaf.not_valid_before_utc:
+        when = f"is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+    else:
+        return
+    _log.warning(
+        "the server certificate %s %s: every client refuses it; reissue it "
+        "(trio-worker certs server) and send SIGHUP",
+        cert,
+        when,
+    )
 
 
 async def reload_on_sighup(
