@@ -563,3 +563,23 @@ def test_a_start_whose_record_cannot_be_written_is_refused_not_lost_to_a_crash(
             assert listed == {kept: "lost", first: "lost"}, listed
         finally:
             assert server.stop() == 0, server.stderr
+
+
+def test_attach_to_an_ended_job_says_so_and_exits_with_its_code(dev: DevServer) -> None:
+    """Nothing comes "from now on" from a job that has ended: ``attach`` says where its
+    output is instead of printing nothing, and exits with the job's code as ``wait`` does."""
+    job_id = start(dev, "sh", "-c", "echo out; exit 3")
+    assert dev("wait", job_id).returncode == 3
+    result = dev("attach", job_id)
+    assert result.returncode == 3
+    assert result.stdout == b""
+    assert result.stderr.decode() == (
+        f"trio-worker: job {job_id} had already ended: exited (3);"
+        f" trio-worker logs {job_id} shows its output\n"
+    )
+    killed = start(dev, "sleep", "60")
+    ok(dev("signal", killed, "KILL"))
+    assert dev("wait", killed).returncode == 137
+    result = dev("attach", "--no-stdin", killed)
+    assert result.returncode == 137
+    assert f"job {killed} had already ended: killed (SIGKILL)" in result.stderr.decode()

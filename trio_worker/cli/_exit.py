@@ -20,7 +20,8 @@ Exit codes (the README's table is this one):
 13    our output could not be written (disk full, I/O error)
 14    ``logs``, ``start --follow``: bytes of the job's output were lost on the server
       (never written: its disk was full); a line on stderr says which
-125   ``run``/``wait``: trio-worker itself failed (any of 1-13)
+125   ``run``/``wait``: trio-worker itself failed (any of 1-13), or the job was lost
+      (the server went away while it ran: its own code is unknown)
 126   ``run``/``wait``/``start``: the command could not be executed
 127   ``run``/``wait``/``start``: the command was not found
 128+N ``run``/``wait``: the job was killed by signal N

@@ -33,7 +33,7 @@ from .._model import DEFAULT_STOP_GRACE, JobInfo, JobState
 from ._errors import ExitCode, leaf_exception
 from ._ids import needs_list, resolve_id
 from ._params import Options
-from ._render import job_exit
+from ._render import describe_state, job_exit
 from ._session import CONNECT_TIMEOUT, OutputSink, lost_end
 from ._settings import ClientOptions, Connection, resolve_connection
 
@@ -261,6 +261,16 @@ async def _attached(
             return await session_runner.run(session)
 
 
+def _ended_already(job: JobInfo) -> int:
+    """``attach`` to a job that had ended: one line, and the job's exit code."""
+    code, note = job_exit(job)
+    ended = describe_state(job)
+    _note(f"job {job.id} had already ended: {ended}; trio-worker logs {job.id} shows its output")
+    if note:
+        _note(note)
+    return code
+
+
 def _exit_code(outcome: _Outcome, job_id: str) -> int:
     """What ``run``/``attach`` exit with, and the line they print (terminal restored)."""
     if outcome.left_by is not None:
@@ -349,7 +359,8 @@ async def attach(
     your input closes it. For a job on a terminal (-it), your terminal is in raw mode and the
     job's follows its size; Ctrl-P Ctrl-Q detaches and leaves the job running. Exits with the
     job's code when it ends (as run does); Ctrl-C (without raw mode) leaves, and the job goes
-    on.
+    on. A job that has already ended: attach says so and exits with its code (its output is
+    trio-worker logs ID's).
 
     For example:
 
@@ -366,6 +377,10 @@ async def attach(
     async with open_client(conn) as client:
         ids = [job.id for job in await client.list()] if needs_list(job_id) else []
         job = await client.status(resolve_id(job_id, lambda: ids))
+        if job.ended:
+            # Nothing comes "from now on": say so (the output is `logs`'), and exit as
+            # attaching a moment earlier would have, with the job's code.
+            return _ended_already(job)
         offset = job.output_bytes  # from now on
         try:
             outcome = await _attached(
