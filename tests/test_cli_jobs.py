@@ -583,3 +583,19 @@ def test_attach_to_an_ended_job_says_so_and_exits_with_its_code(dev: DevServer) 
     result = dev("attach", "--no-stdin", killed)
     assert result.returncode == 137
     assert f"job {killed} had already ended: killed (SIGKILL)" in result.stderr.decode()
+
+
+def test_python_m_trio_worker_is_the_command_line(dev: DevServer) -> None:
+    """``python -m trio_worker`` runs the CLI (a Python user's first guess, and the way to
+    reach it where no console script is on PATH): exit codes and errors as the script's."""
+    module = [sys.executable, "-m", "trio_worker"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [*module, *args], env=dev.env, capture_output=True, timeout=30, check=False
+        )
+
+    result = run("run", "--addr", dev.addr, "--", "sh", "-c", "echo hi; exit 3")
+    assert (result.returncode, result.stdout) == (3, b"hi\n"), result.stderr
+    assert ok(run("--help")).startswith(b"Usage: trio-worker COMMAND")
+    assert_one_line_error(run("status", "--addr", dev.addr, "nosuch"), 6)
