@@ -599,3 +599,18 @@ def test_python_m_trio_worker_is_the_command_line(dev: DevServer) -> None:
     assert (result.returncode, result.stdout) == (3, b"hi\n"), result.stderr
     assert ok(run("--help")).startswith(b"Usage: trio-worker COMMAND")
     assert_one_line_error(run("status", "--addr", dev.addr, "nosuch"), 6)
+
+
+def test_ps_is_list_as_in_docker(dev: DevServer) -> None:
+    """``ps``, docker's name for ``list``, is the same command: options, output, errors."""
+    job_id = start(dev, "sleep", "60")
+    try:
+        assert ok(dev("ps", "-q", "--state", "running")) == ok(
+            dev("list", "-q", "--state", "running")
+        )
+        assert job_id in ok(dev("ps", "-q")).decode().split()
+        assert {job["id"] for job in json.loads(ok(dev("ps", "--json")))} == ids(dev)
+        assert "--state" in assert_one_line_error(dev("ps", "--state", "nope"), 2)
+        assert re.search(rb"^  ps +The same as list", ok(cli("--help", env=dev.env)), re.M)
+    finally:
+        ok(dev("rm", "-f", job_id))

@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from ._commands import NAMES, overview, unknown_command
+from ._commands import ALIASES, NAMES, overview, unknown_command
 from ._exit import ExitCode
 
 TYPE_CHECKING = False  # typing is for mypy only: a short command never imports it
@@ -86,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     tokens, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     debug = debug or os.environ.get("TRIO_WORKER_DEBUG", "") not in ("", "0")
     command = next((t for t in tokens if not t.startswith("-")), "")
+    if command in ALIASES:  # (``ps``): the command's own name, for everything below
+        tokens[tokens.index(command)] = command = ALIASES[command]
     if not command and all(t in ("--help", "-h") for t in tokens):
         try:
             sys.stdout.write(overview())  # also for no arguments at all

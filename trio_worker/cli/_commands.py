@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from typing import Final
 
 
-__all__ = ["COMMANDS", "Command", "overview", "unknown_command"]
+__all__ = ["ALIASES", "COMMANDS", "Command", "overview", "unknown_command"]
 
 
 class Command:
@@ -83,6 +83,10 @@ COMMANDS: Final = (
 #: Every command name, in the order the overview lists them.
 NAMES: Final = tuple(command.name for command in COMMANDS)
 
+#: Other names of commands, as docker's (``main`` puts the command's own name in their
+#: place before anything reads the command line; the contract's names stay the commands').
+ALIASES: Final = {"ps": "list"}
+
 DESCRIPTION: Final = """\
 Run and control Linux processes on a host, over gRPC with mutual TLS.
 
@@ -110,9 +114,11 @@ def overview() -> str:
     )
     width = max(len(name) for name in (*NAMES, *(option for option, _ in options)))
     lines = ["Usage: trio-worker COMMAND [OPTIONS] [ARGS...]", "", DESCRIPTION, "", "Commands:"]
-    for command in COMMANDS:  # wrapped to 80 columns
-        summary = textwrap.wrap(command.summary, 80 - width - 4)
-        lines.append(f"  {command.name:<{width}}  {summary[0]}")
+    rows = [(command.name, command.summary) for command in COMMANDS]
+    rows += [(alias, f"The same as {name} (as in docker).") for alias, name in ALIASES.items()]
+    for name, text in rows:  # wrapped to 80 columns
+        summary = textwrap.wrap(text, 80 - width - 4)
+        lines.append(f"  {name:<{width}}  {summary[0]}")
         lines += [" " * (width + 4) + rest for rest in summary[1:]]
     lines += ["", "Options:"]
     lines += [f"  {option:<{width}}  {text}" for option, text in options]
