@@ -1753,6 +1753,57 @@ async def test_a_read_that_opens_many_calls_starts_them_a_turns_share_at_a_time(
         probe.gate.set()
 
 
+def _queue_calls(client: RawClient, path: str, request: bytes, count: int) -> None:
+    """``count`` calls in the client's h2 buffer, sent by its next flush in one piece."""
+    for _ in range(count):
+        stream_id = client.h2.get_next_available_stream_id()
+        client.h2.send_headers(
+            stream_id,
+            [
+                (":method", "POST"),
+                (":scheme", "https"),
+                (":path", path),
+                (":authority", "localhost"),
+                ("te", "trailers"),
+                ("content-type", "application/grpc"),
+            ],
+        )
+        client.h2.send_data(stream_id, frame(request), end_stream=True)
+
+
+async def test_a_clients_connections_start_their_calls_in_turns(pki: Pki) -> None:
+    """Eight connections of one client open 20 calls each at once: at most
+    MAX_CALLS_PER_TURN of them start between two polls for I/O across the server, one
+    connection's share at a time, not that many per connection (tools/probe_hostile.py
+    many-windows: 128 connections opened 32 streams each, and a bystander's call waited
+    0.2 s behind 2,048 first steps in one turn)."""
+    probe = Probe()
+    conns, each = 8, 20
+    request = w.StringValue(value="x").SerializeToString()
+    async with running_server(pki, methods(probe)) as r, contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(RawClient.connect(pki, r.port)) for _ in range(conns)
+        ]
+        for client in clients:
+            _queue_calls(client, OPENED, request, each)
+        turns = _CallsPerTurn(probe)
+        trio.lowlevel.add_instrument(turns)
+        try:
+            async with trio.open_nursery() as nursery:  # all in the same turn
+                for client in clients:
+                    nursery.start_soon(client.flush)
+            await eventually(lambda: probe.at_gate == conns * each)
+        finally:
+            trio.lowlevel.remove_instrument(turns)
+        steps = [b - a for a, b in zip(turns.seen, turns.seen[1:], strict=False)]
+        assert turns.seen[-1] == conns * each
+        assert max(steps) <= MAX_CALLS_PER_TURN, turns.seen
+        # Every connection's turn was handed on: none is left holding it.
+        (starts,) = r.server.client_starts.values()
+        assert starts.holder is None
+        probe.gate.set()
+
+
 class _EndsPerTurn(trio.abc.Instrument):
     """How many calls the server had recorded as ended at each of the loop's polls for I/O."""
 

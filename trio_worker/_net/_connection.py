@@ -234,8 +234,7 @@ class Connection:
                 # What one read brought is done a turn's share at a time (the server's
                 # calls: MAX_CALLS_PER_TURN), with the other connections' input first, and
                 # no more is read meanwhile.
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                await self._next_share()
                 self._after_read()
                 self._push()
             if gate.control_owed > MAX_UNSENT_CONTROL:
@@ -243,6 +242,11 @@ class Connection:
                 # replies are out, so a peer that never reads cannot grow our buffer.
                 await self._flushed()
                 gate.control_owed = 0
+
+    async def _next_share(self) -> None:
+        """Between two shares of the work one read brought: the other tasks' turn."""
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _keepalive(self, ping_after: float) -> None:
         """Ping a silent connection while calls wait on it; no answer means it is gone."""

@@ -83,6 +83,7 @@ from ._connection import (
     ConnectionSettings,
 )
 from ._sockets import set_keepalive as _set_keepalive
+from ._starts import ClientStarts
 from ._tlsstream import TLSSocketStream
 
 __all__ = [
@@ -703,6 +704,8 @@ class _Connection(Connection):
         self._calls: dict[int, _Call] = {}
         #: what its streams hold, between them (and with its client's other connections')
         self._output_budget = OutputBudget(client=server.client_output_of(identity))
+        #: the turn to start calls, taken in turns with its client's other connections
+        self._starts = server.client_starts_of(identity)
         self._new_calls: list[_Call] = []  # headers seen in this read, not started yet
         #: calls of a connection that is over, to cancel a share per turn (``_wind_down``)
         self._ending: deque[_Call] = deque()
@@ -754,6 +757,7 @@ class _Connection(Connection):
             ending.append(call)
 
     def _release_waiters(self) -> None:
+        self._starts.give_up(self)  # its calls that were not started end with it
         if not self._ending:
             super()._release_waiters()
         # else the waiters are mostly the calls' senders: _wind_down wakes a share per turn
@@ -794,9 +798,18 @@ class _Connection(Connection):
     def _after_read(self) -> None:
         if self._new_calls:
             self._start_calls()
+        elif self._starts.holder is self:  # (never left holding it with nothing to start)
+            self._starts.give_up(self)
 
     def _work_left(self) -> bool:
         return bool(self._new_calls)
+
+    async def _next_share(self) -> None:
+        await super()._next_share()
+        if self._new_calls and not self._starts.take(self):
+            # Another connection of this client is starting its calls: ours wait in line
+            # (so that its 128 connections start MAX_CALLS_PER_TURN per turn between them).
+            await self._starts.wait(self)
 
     def start_drain(self) -> None:
         """Send GOAWAY; streams in flight go on, new ones get UNAVAILABLE; close when done."""
@@ -958,6 +971,8 @@ class _Connection(Connection):
         Deferred to the end of the read, when their request has usually arrived too: a
         SyncUnaryMethod is then answered right here, in the reader, with no task at all.
         """
+        if not self._starts.take(self):
+            return  # another connection of the client has the turn (``_next_share``)
         calls = self._new_calls
         if len(calls) > MAX_CALLS_PER_TURN:
             # One read may open a thousand streams: the rest wait for the loop's next
@@ -965,6 +980,7 @@ class _Connection(Connection):
             calls, self._new_calls = calls[:MAX_CALLS_PER_TURN], calls[MAX_CALLS_PER_TURN:]
         else:
             self._new_calls = []
+            self._starts.give_up(self)
         self._starting_calls = True
         try:
             for call in calls:
@@ -1463,6 +1479,8 @@ class Server:
         #: the output its connections' streams hold, per client (``CLIENT_OUTPUT_BUDGET``),
         #: dropped with its ``client_requests``
         self.client_output: dict[str, ClientOutput] = {}
+        #: whose turn it is to start calls among a client's connections (``ClientStarts``)
+        self.client_starts: dict[str, ClientStarts] = {}
         #: calls in flight per client (identity name), across its connections, and in all
         #: (``TransportConfig.max_streams_per_client``, ``max_streams``)
         self.client_streams: dict[str, int] = {}
@@ -1513,6 +1531,15 @@ class Server:
             shared = self.client_requests[name] = ClientRequests()
         core.share_client_requests(shared)
 
+    def client_starts_of(self, identity: Identity | None) -> ClientStarts:
+        """The turn to start calls shared by the connections of ``identity``'s client."""
+        name = "" if identity is None else identity.name
+        shared = self.client_starts.get(name)
+        if shared is None:
+            shared = self.client_starts[name] = ClientStarts()
+        shared.connections += 1
+        return shared
+
     def client_output_of(self, identity: Identity | None) -> ClientOutput:
         """The output budget shared by the connections of ``identity``'s client."""
         name = "" if identity is None else identity.name
@@ -1530,6 +1557,18 @@ class Server:
         if shared is not None and shared.connections <= 0:
             del self.client_requests[name]
             self.client_output.pop(name, None)
+
+    def release_client_starts(self, identity: Identity | None, connection: object) -> None:
+        """``connection`` of ``identity``'s client is over: out of its turns, and the
+        turns dropped with the client's last connection."""
+        name = "" if identity is None else identity.name
+        shared = self.client_starts.get(name)
+        if shared is None:
+            return
+        shared.give_up(connection)
+        shared.connections -= 1
+        if shared.connections <= 0:
+            del self.client_starts[name]
 
     def uncount_streams(self, name: str, count: int) -> None:
         """``count`` calls of client ``name`` ended (or went with their connection)."""
@@ -1807,6 +1846,7 @@ class Server:
             finally:
                 self._connections.discard(conn)
                 self.release_client_requests(identity, conn.grpc_core)
+                self.release_client_starts(identity, conn)
                 conn.uncount_calls()
             graceful = conn.drained
         finally:
