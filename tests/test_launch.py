@@ -462,21 +462,28 @@ async def test_an_ended_jobs_group_serves_a_later_job_that_sees_only_its_own_usa
         driver, tmp_path / "state", cgroup_parent=parent, persist=False
     ) as sup:
         launcher = sup._admission.launcher
-        burner = await sup.start(sys.executable, ["-c", BURN])
-        first = dirs_of(sup, burner.id)
-        burnt = await sup.wait(burner.id)
-        assert burnt.state is JobState.EXITED
-        assert burnt.usage is not None
-        assert burnt.usage.cpu_seconds >= 0.3
-        for _ in range(4 * launcher._target):
-            await launcher.settled()
-            job = await sup.start("true")
-            end = await sup.wait(job.id)
-            assert end.state is JobState.EXITED
-            if dirs_of(sup, job.id) == first:
-                break
+        # A v1 group is removed, not recycled, where the kernel still charges it more than
+        # a few pages (``_cgroups._residue``: page cache the job read first, kernel objects
+        # freed a moment later; ~1 in 6 Python jobs here): a few burners, one recycled.
+        for _attempt in range(4):
+            burner = await sup.start(sys.executable, ["-c", BURN])
+            first = dirs_of(sup, burner.id)
+            burnt = await sup.wait(burner.id)
+            assert burnt.state is JobState.EXITED
+            assert burnt.usage is not None
+            assert burnt.usage.cpu_seconds >= 0.3
+            for _ in range(4 * launcher._target):
+                await launcher.settled()
+                job = await sup.start("true")
+                end = await sup.wait(job.id)
+                assert end.state is JobState.EXITED
+                if dirs_of(sup, job.id) == first:
+                    break
+            else:
+                continue
+            break
         else:
-            pytest.fail("the ended job's group was never used again")
+            pytest.fail("no ended burner's group was ever used again")
         assert job.id != burner.id
         assert end.usage is not None
         assert end.usage.cpu_seconds < 0.2
