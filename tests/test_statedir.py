@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -285,3 +287,47 @@ def test_a_forked_child_releasing_leaves_the_parent_locked(tmp_path: Path) -> No
     child = _python(_FORKER, str(tmp_path), stdout=subprocess.PIPE)
     out, _ = child.communicate(timeout=30)
     assert out == "True True\n"
+
+
+def test_missing_says_what_became_of_the_directory(tmp_path: Path) -> None:
+    """What the server's watch (``watch_state_dir``) reports: nothing while the directory
+    is there, and whether it was deleted, moved away or replaced."""
+    path = tmp_path / "state"
+    with StateDir.open(path) as state:
+        assert state.missing() is None
+        path.rename(tmp_path / "moved")
+        assert state.missing() == "was moved or deleted"
+        path.mkdir(mode=0o700)
+        assert state.missing() == "was replaced by another directory"
+        path.rmdir()
+        (tmp_path / "moved").rename(path)
+        assert state.missing() is None  # back
+        shutil.rmtree(path)
+        assert state.missing() == "was deleted"
+        path.mkdir(mode=0o700)
+        (path / "lock").touch()  # a new directory, even with a lock file of the same name
+        assert state.missing() == "was deleted"
+    assert state.missing() is None  # released: none of its business
+
+
+def test_serve_warns_when_its_state_directory_is_deleted(tmp_path: Path) -> None:
+    """A server whose state directory is deleted goes on (its files are open), but nothing
+    it writes will be found by a restart, and nothing said so: one warning in its log."""
+    from tests.test_cli import ServerProcess, clean_env, own_cgroup
+
+    state = tmp_path / "state"
+    env = clean_env(tmp_path)
+    server = ServerProcess.start(
+        ["--listen", "127.0.0.1:0", "--state-dir", state, *own_cgroup(tmp_path)], env
+    )
+    try:
+        server.port()
+        assert not any("state directory" in line for line in server.stderr)
+        shutil.rmtree(state)
+        line = server.wait_for(
+            rf"WARNING .*state directory {re.escape(str(state))} was deleted.*"
+        ).group(0)
+        assert "a restart will not find this server's jobs" in line
+    finally:
+        assert server.stop() == 0, server.stderr
+    assert sum("state directory" in line for line in server.stderr) == 1, server.stderr

@@ -66,6 +66,11 @@ class StateDir:
         self.path = path
         self._fd: int | None = fd
         self._pid = os.getpid()
+        #: The directory we locked (``missing`` compares the path's with it).
+        self._identity: tuple[int, int] | None = None
+        with contextlib.suppress(OSError):
+            info = os.stat(path)
+            self._identity = (info.st_dev, info.st_ino)
         #: The reapers the previous holder left (pid, start time), if it noted any:
         #: they may still be killing that server's jobs, and must be let finish.
         self.previous_reapers: list[tuple[int, int]] = []
@@ -153,6 +158,25 @@ class StateDir:
     @property
     def locked(self) -> bool:
         return self._fd is not None
+
+    def missing(self) -> str | None:
+        """What happened to the directory while we hold it, if it is no longer there: its
+        lock file deleted (``rm -rf``: the server's open files live on, nameless), or its
+        path gone or naming another directory (moved or replaced). None while all is well.
+        A few syscalls (blocking on a hung network file system: call it in a thread)."""
+        if self._fd is None:
+            return None
+        try:
+            if os.fstat(self._fd).st_nlink == 0:
+                return "was deleted"
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return "was moved or deleted"
+        except OSError:
+            return None  # (cannot tell: say nothing rather than something wrong)
+        if self._identity is not None and (info.st_dev, info.st_ino) != self._identity:
+            return "was replaced by another directory"
+        return None
 
     def __enter__(self) -> Self:
         return self

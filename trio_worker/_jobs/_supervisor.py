@@ -435,6 +435,33 @@ def output_within(
     return open_output(sup._jobs, job_id, offset, follow, chunk_size, budget)
 
 
+#: How often (s) a persistent supervisor checks that its state directory is still there.
+STATE_DIR_CHECK = 5.0
+
+
+async def watch_state_dir(lock: StateDir, interval: float = STATE_DIR_CHECK) -> None:
+    """Warn, once, when the state directory is deleted, moved or replaced under us: the
+    server goes on with its open files, nameless, and whatever it writes from then on is
+    not where a restart looks (a restart finds none of the jobs); a new directory at the
+    path is not locked either, so a second server could start there and take our jobs'
+    groups for leftovers. Says so again if it comes back and goes again."""
+    said = False
+    while True:
+        await trio.sleep(interval)
+        what = await trio.to_thread.run_sync(lock.missing)
+        if what is not None and not said:
+            _log.warning(
+                "state directory %s %s while the server runs: what it writes from now on "
+                "(job records, output) is not there, and a restart will not find this "
+                "server's jobs; put the directory back, or restart the server",
+                lock.path,
+                what,
+            )
+        elif what is None and said:
+            _log.info("state directory %s is back", lock.path)
+        said = what is not None
+
+
 @asynccontextmanager
 async def open_supervisor(
     state_dir: str | os.PathLike[str] | None = None,
@@ -582,6 +609,8 @@ async def open_supervisor_with_driver(
                 await supervisor._records.restore(await store.load_all())
                 nursery.start_soon(supervisor._records.run_housekeeping)
                 nursery.start_soon(supervisor._records.run_committer)
+            if lock is not None:
+                nursery.start_soon(watch_state_dir, lock)
             launcher = supervisor._admission.launcher
             nursery.start_soon(launcher.keep_ready, supervisor._admission.new_id)
             nursery.start_soon(launcher.watch_memory_caps)
