@@ -614,3 +614,41 @@ def test_ps_is_list_as_in_docker(dev: DevServer) -> None:
         assert re.search(rb"^  ps +The same as list", ok(cli("--help", env=dev.env)), re.M)
     finally:
         ok(dev("rm", "-f", job_id))
+
+
+def test_a_lost_jobs_end_is_not_shown_as_how_long_it_ran(tmp_path: Path) -> None:
+    """A job that was running when the server died is ``lost``: its ``ended_at`` is when
+    the restarted server found it so, not its end (unknown), so ``status`` does not call
+    the time from its start to the restart "ran"; ``wait`` exits 125 and says why."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = clean_env(home)
+    args = ["--listen", "127.0.0.1:0", *own_cgroup(home)]
+    server = ServerProcess.start(args, env)
+    try:
+        dev = DevServer(server, home, env, server.port())
+        server.wait_for(r"^Try it", stream="stdout")
+        job_id = start(dev, "sleep", "600")
+        db = dev.state_dir / "jobs.db"
+        deadline = time.monotonic() + 30
+        while job_id not in recorded(db):  # committed right after the answer
+            assert time.monotonic() < deadline, "the record was never committed"
+            time.sleep(0.02)
+        server.proc.kill()
+        assert server.stop() == -signal.SIGKILL
+        server = ServerProcess.start(args, env)
+        dev = DevServer(server, home, env, server.port())
+        shown = ok(dev("status", job_id)).decode()
+        assert re.search(r"^State\s+lost$", shown, re.M), shown
+        assert re.search(
+            r"^Ended\s+\S+ \S+ \S+ \(found lost at the server's restart; it ended before\)$",
+            shown,
+            re.M,
+        ), shown
+        assert "ran " not in shown, shown
+        assert json.loads(ok(dev("status", "--json", job_id)))["state"] == "lost"
+        waited = dev("wait", job_id)
+        assert waited.returncode == 125
+        assert "was lost (the server went away)" in waited.stderr.decode()
+    finally:
+        assert server.stop() == 0, server.stderr

@@ -351,7 +351,10 @@ def print_job(job: Job) -> None:
     """``status``: one job, a field per line."""
     now = datetime.now(UTC)
     started = f"{format_time(job.started_at)} ({age(job.started_at, now)})"
-    if job.ended_at is not None:
+    if job.ended_at is not None and job.state == JobState.LOST:
+        # Its end is not known: the time is when a restarted server found it gone.
+        ended = f"{format_time(job.ended_at)} (found lost at the server's restart; it ended before)"
+    elif job.ended_at is not None:
         ran = human_duration((job.ended_at - job.started_at).total_seconds())
         ended = f"{format_time(job.ended_at)} (ran {ran})"
     else:
