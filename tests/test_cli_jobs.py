@@ -652,3 +652,30 @@ def test_a_lost_jobs_end_is_not_shown_as_how_long_it_ran(tmp_path: Path) -> None
         assert "was lost (the server went away)" in waited.stderr.decode()
     finally:
         assert server.stop() == 0, server.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--addr", "127.0.0.1:1", "list", "-q"],
+            "--addr comes before the command; options go after it: trio-worker list --addr ...",
+        ),
+        (
+            ["--addr=127.0.0.1:1", "ps"],
+            "--addr comes before the command; options go after it: trio-worker ps --addr ...",
+        ),
+        (["-q", "list"], "-q comes before the command; options go after it: trio-worker list -q"),
+        (["--", "list"], "-- comes before the command; options go after it: trio-worker list --"),
+        (["--nope"], "unknown option '--nope'; see `trio-worker --help`"),
+        (["--debug", "--nope"], "unknown option '--nope'"),
+    ],
+)
+def test_an_option_before_the_command_is_a_one_line_usage_error(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    """``docker -H HOST ps`` puts options first; ours go after the command. Said in one
+    line: it was "unknown command '127.0.0.1:1'", or a traceback (cyclopts failed to
+    render its own error for ``--nope``, ``-q list``, ``-- list``)."""
+    err = assert_one_line_error(cli(*args, env=clean_env(tmp_path)), 2)
+    assert message in err, err

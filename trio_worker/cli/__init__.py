@@ -28,6 +28,8 @@ __all__ = ["app", "main"]
 
 #: Commands whose exit code is the job's; their own failures are 125.
 _JOB_EXIT_COMMANDS = frozenset({"run", "wait", "attach"})
+#: The options that may come before a command (or stand alone).
+_TOP_OPTIONS = frozenset({"--help", "-h", "--version"})
 
 
 def _split_debug(tokens: list[str]) -> tuple[list[str], bool]:
@@ -86,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     tokens, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     debug = debug or os.environ.get("TRIO_WORKER_DEBUG", "") not in ("", "0")
     command = next((t for t in tokens if not t.startswith("-")), "")
+    if tokens and tokens[0].startswith("-") and tokens[0] not in _TOP_OPTIONS:
+        # An option before any command (``trio-worker --addr H:P list``, as ``docker -H``):
+        # cyclopts would take its value for the command, or fail rendering its error.
+        _usage_error(_before_the_command(tokens))
     if command in ALIASES:  # (``ps``): the command's own name, for everything below
         tokens[tokens.index(command)] = command = ALIASES[command]
     if not command and all(t in ("--help", "-h") for t in tokens):
@@ -142,6 +148,22 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except BaseException as exc:
         _fail(exc, command=command, debug=debug, fast=fast)
     _leave(int(result) if isinstance(result, int) else ExitCode.OK, fast=fast)
+
+
+def _before_the_command(tokens: list[str]) -> str:
+    """The line for an option that comes before the command (or with none after it)."""
+    option = tokens[0].partition("=")[0]
+    named = next((t for t in tokens if t in NAMES or t in ALIASES), "")
+    if not named:
+        return f"unknown option {option!r}; see `trio-worker --help`"
+    return (
+        f"{option} comes before the command; options go after it: trio-worker {named} {option} ..."
+    )
+
+
+def _usage_error(message: str) -> NoReturn:
+    print(f"trio-worker: error: {message}", file=sys.stderr)
+    sys.exit(ExitCode.USAGE)
 
 
 def _fail(exc: BaseException, *, command: str, debug: bool, fast: bool) -> NoReturn:
