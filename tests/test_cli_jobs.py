@@ -679,3 +679,26 @@ def test_an_option_before_the_command_is_a_one_line_usage_error(
     render its own error for ``--nope``, ``-q list``, ``-- list``)."""
     err = assert_one_line_error(cli(*args, env=clean_env(tmp_path)), 2)
     assert message in err, err
+
+
+@pytest.mark.parametrize("parent", ["../escape", "/abs", ""])
+def test_serve_refuses_a_cgroup_parent_outside_its_own_as_usage(
+    parent: str, tmp_path: Path
+) -> None:
+    """A ``--cgroup-parent`` that is no relative name is the operator's mistake (exit 2,
+    naming the option), before anything is written; it was "unexpected error: ValueError
+    ... this is a bug" (exit 1) once the cgroup driver met it."""
+    state = tmp_path / "state"
+    result = cli(
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        state,
+        "--cgroup-parent",
+        parent,
+        env=clean_env(tmp_path),
+    )
+    err = assert_one_line_error(result, 2)
+    assert f"--cgroup-parent: {parent!r} is not a cgroup name" in err, err
+    assert not state.exists()

@@ -102,6 +102,24 @@ def _job_user(name: str | None) -> UnixUser | None:
         raise InvalidRequest("--job-user", exc.message) from None
 
 
+def _cgroup_parent(name: str | None) -> str | None:
+    """``--cgroup-parent``, checked before anything starts (the cgroup driver refuses it
+    later, as a ValueError: "unexpected error ... this is a bug")."""
+    from .._host._cgroups import _check_parent
+
+    if name is None:
+        return None
+    try:
+        _check_parent(name)
+    except ValueError:
+        raise InvalidRequest(
+            "--cgroup-parent",
+            f"{name!r} is not a cgroup name under the server's own: give a relative path"
+            " with no '.' or '..' parts, e.g. trio-worker-ci",
+        ) from None
+    return name
+
+
 def _quotas(max_running: int | None, start_rate: float | None) -> QuotaPolicy:
     from ..server._quota import QuotaPolicy
 
@@ -207,6 +225,7 @@ def serve(
         host, port = parse_listen(listen)
     except ValueError as exc:
         raise InvalidRequest("--listen", f"{exc}; use e.g. 127.0.0.1:50051") from None
+    cgroup_parent = _cgroup_parent(cgroup_parent)
     given = {"--ca": ca, "--cert": cert, "--key": key}
     absent = [flag for flag, value in given.items() if value is None]
     if 0 < len(absent) < 3:
