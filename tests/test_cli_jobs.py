@@ -702,3 +702,15 @@ def test_serve_refuses_a_cgroup_parent_outside_its_own_as_usage(
     err = assert_one_line_error(result, 2)
     assert f"--cgroup-parent: {parent!r} is not a cgroup name" in err, err
     assert not state.exists()
+
+
+def test_a_grace_too_long_for_the_wire_is_said_in_our_words(dev: DevServer) -> None:
+    """``--grace`` past protobuf's Duration (10,000 years) is refused naming the limit; it
+    was Python's timedelta's "days=1157407407; must have magnitude <= 999999999"."""
+    job_id = start(dev, "sleep", "60")
+    try:
+        err = assert_one_line_error(dev("stop", "--grace", "99999999999999", job_id), 2)
+        assert "--grace: '99999999999999' is too long; the most is 315576000000 seconds" in err
+        assert json.loads(ok(dev("status", "--json", job_id)))["state"] == "running"
+    finally:
+        ok(dev("rm", "-f", job_id))

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from .._net._sockets import split_host_port
 
 __all__ = [
+    "MAX_SECONDS",
     "MAX_UINT32",
     "MAX_UINT64",
     "format_size",
@@ -101,6 +102,11 @@ def parse_count(text: str, *, maximum: int = MAX_UINT32) -> int:
     return value
 
 
+#: The longest duration (s) a flag takes: protobuf's Duration's range; beyond it the
+#: request's builders met Python's timedelta's limit and said it in its words.
+MAX_SECONDS = 315_576_000_000
+
+
 def parse_seconds(text: str) -> float:
     """``5``, ``0.5``, ``2s``, ``1m`` → seconds (>= 0)."""
     stripped = text.strip().lower()
@@ -117,6 +123,8 @@ def parse_seconds(text: str) -> float:
         raise ValueError(f"{text!r} is not a duration; use e.g. 5, 0.5 or 10s") from None
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{text!r} is not a duration; use a number of seconds >= 0")
+    if value > MAX_SECONDS:
+        raise ValueError(f"{text!r} is too long; the most is {MAX_SECONDS} seconds (10,000 years)")
     return value
 
 
