@@ -714,3 +714,23 @@ def test_a_grace_too_long_for_the_wire_is_said_in_our_words(dev: DevServer) -> N
         assert json.loads(ok(dev("status", "--json", job_id)))["state"] == "running"
     finally:
         ok(dev("rm", "-f", job_id))
+
+
+def test_a_user_the_certificate_may_not_run_as_gets_a_hint_about_logins(dev: DevServer) -> None:
+    """A ``full`` certificate naming a user outside its logins is refused for the user, not
+    the role: the hint says how to get the user (a login, or an admin certificate) instead
+    of "use a certificate whose role allows this"; the role's refusals keep theirs."""
+    from trio_worker._identity import Role
+
+    pki_dir = dev.state_dir / "pki"
+    full = pki.issue_client(pki_dir, "carl", Role.FULL, logins=["nobody"])
+    reader = pki.issue_client(pki_dir, "reader", Role.READONLY)
+    ca = pki_dir / "ca.pem"
+    as_full = ("--ca", ca, "--cert", full.cert, "--key", full.key)
+    err = assert_one_line_error(dev("start", *as_full, "--user", "daemon", "--", "true"), 5)
+    assert "'carl' may run jobs only as nobody" in err, err
+    assert "certs client ... --login USER" in err, err
+    assert "role allows" not in err, err
+    as_reader = ("--ca", ca, "--cert", reader.cert, "--key", reader.key)
+    err = assert_one_line_error(dev("start", *as_reader, "--", "true"), 5)
+    assert "use a certificate whose role allows this" in err, err

@@ -8,7 +8,8 @@ one row here (and one to the CLI's exit-code table).
 
 Structured fields travel in the details: a job id in ``ErrorInfo.metadata["id"]``, a state
 in ``metadata["state"]``, the field of an ``InvalidRequest`` as the ``BadRequest``
-violation's ``field``.
+violation's ``field``, that of a ``PermissionDenied`` for a user (not a role) in
+``metadata["field"]``.
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ def status_of(exc: TrioWorkerError) -> WireError:
         metadata["state"] = exc.state
     if isinstance(exc, InvalidRequest):
         violations = ((exc.field, exc.message),)
+    if isinstance(exc, PermissionDenied) and exc.field:
+        metadata["field"] = exc.field
     details = encode_details(row.code, message, row.reason, metadata, violations)
     return WireError(row.code, message, details)
 
@@ -168,4 +171,6 @@ def _build(
     if issubclass(cls, InvalidRequest):
         field, text = violations[0] if violations else ("request", message)
         return cls(_LIBRARY_FIELD.get(field, field), text)
+    if issubclass(cls, PermissionDenied):
+        return cls(message, field=meta.get("field", ""))
     return cls(message)

@@ -111,7 +111,13 @@ class ShuttingDown(TrioWorkerError):
 
 
 class PermissionDenied(TrioWorkerError):
-    """The caller's role does not allow this operation."""
+    """The caller's role does not allow this operation, or (``field`` ``"user"``) its
+    certificate does not allow the Unix user asked for (``StartRequest.user``)."""
+
+    def __init__(self, message: str = "", *, field: str = "") -> None:
+        super().__init__(message)
+        #: The part of the request refused, when it is not the call itself: ``"user"``.
+        self.field = field
 
 
 class AuthenticationFailed(TrioWorkerError):

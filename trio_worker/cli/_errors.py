@@ -190,6 +190,19 @@ def _still_running(exc: BaseException, command: str) -> str:
     return f"stop it first (`trio-worker stop {job_id}`), or remove it anyway with rm -f"
 
 
+def _denied(exc: BaseException, command: str) -> str:
+    if getattr(exc, "field", "") == "user":  # the certificate's logins, not its role
+        return (
+            "give --user one of those, or use a certificate that lists the user (`trio-worker "
+            "certs client ... --login USER`) or an admin one; `trio-worker certs show FILE` "
+            "shows a certificate's logins"
+        )
+    return (
+        "use a certificate whose role allows this (readonly < full < admin); "
+        "`trio-worker certs show FILE` shows a certificate's role"
+    )
+
+
 def _not_running(exc: BaseException, command: str) -> str:
     job_id = getattr(exc, "job_id", "") or "ID"
     return f"`trio-worker status {job_id}` shows how it ended"
@@ -204,12 +217,7 @@ TABLE: tuple[tuple[type[BaseException], ExitCode, _Hint], ...] = (
     (TLSConfigError, ExitCode.CONFIG, _tls_config),
     (StateDirError, ExitCode.CONFIG, "check --state-dir and its permissions"),
     (ConnectionFailed, ExitCode.CONNECTION, _connection),
-    (
-        PermissionDenied,
-        ExitCode.PERMISSION,
-        "use a certificate whose role allows this (readonly < full < admin); "
-        "`trio-worker certs show FILE` shows a certificate's role",
-    ),
+    (PermissionDenied, ExitCode.PERMISSION, _denied),
     (
         AuthenticationFailed,
         ExitCode.PERMISSION,

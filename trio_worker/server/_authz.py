@@ -106,5 +106,6 @@ def job_user(
     raise PermissionDenied(
         f"{identity.name!r} may run jobs only as "
         + ", ".join(sorted(allowed))
-        + " (its certificate's logins and the server's default job user)"
+        + " (its certificate's logins and the server's default job user)",
+        field="user",
     )
