@@ -313,7 +313,8 @@ def run(
 
     The job's stdout goes to stdout and its stderr to stderr, byte for byte. The exit code
     is the job's; 128+N if signal N killed it; 127 if the command was not found, 126 if it
-    could not be executed; 125 if trio-worker itself failed. Ctrl-C stops the printing at
+    could not be executed; 125 if trio-worker itself failed, or if the job was lost (the
+    server went away while it ran: its own code is unknown). Ctrl-C stops the printing at
     once and the job (SIGTERM, then SIGKILL after the grace period; what the job writes
     meanwhile is still shown) and exits 130; a second Ctrl-C leaves at once. A dropped
     connection is re-established and the output resumed where it stopped, with a line on
@@ -644,7 +645,8 @@ def wait(job_id: JobId, /, *, options: Options = None) -> int:
     """Wait for a job to end and exit with its exit code (as run does).
 
     128+N if signal N killed it, 127/126 if it could not be started, 125 if trio-worker
-    itself failed. A dropped connection is re-established.
+    itself failed, or if the job was lost (the server went away while it ran: its own code
+    is unknown). A dropped connection is re-established.
 
     For example:
 
