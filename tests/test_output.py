@@ -616,6 +616,80 @@ async def test_reader_racing_a_hole_punch_never_yields_the_hole(
     log.close()
 
 
+async def test_readers_short_of_budget_share_a_read_of_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers asking for the same small stretch off disk while one read of it is under
+    way share that read (tools/probe_hostile.py many-windows: 4,096 stalled streams over
+    32 offsets queued 4,096 thread calls for one log); another stretch is its own read,
+    and a shared read that is cancelled leaves its waiters to read it themselves."""
+    data = pattern(512 * KiB)
+    log = OutputLog(tmp_path, tail_bytes=0)
+    log.append(OUT, data)
+    await log.flush()
+    entered, go = threading.Event(), threading.Event()
+    reads: list[tuple[int, int]] = []
+    real = _output.read_log_file
+
+    def slow_read(*args: object) -> list[OutputChunk]:
+        reads.append((args[2], args[3]))  # type: ignore[arg-type]
+        entered.set()
+        go.wait(10)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_output, "read_log_file", slow_read)
+    got: dict[int, bytes] = {}
+
+    async def read(i: int, position: int) -> None:
+        chunks = await log._read_disk_alone(position, 8 * KiB)
+        got[i] = b"".join(c.data for c in chunks)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(50):
+            nursery.start_soon(read, i, 100 * KiB)
+        nursery.start_soon(read, 50, 300 * KiB)
+        await trio.to_thread.run_sync(entered.wait)
+        await trio.testing.wait_all_tasks_blocked()
+        go.set()
+    assert sorted(reads) == [(100 * KiB, 8 * KiB), (300 * KiB, 8 * KiB)]
+    assert all(got[i] == data[100 * KiB : 108 * KiB] for i in range(50))
+    assert got[50] == data[300 * KiB : 308 * KiB]
+    assert log._alone_reads == {}  # nothing kept once read
+
+    # The first reader is cancelled while its read waits for a thread: the others
+    # read it again (once, between them).
+    reads.clear()
+    entered.clear()
+    go.clear()
+    async with trio.open_nursery() as nursery:
+        first = trio.CancelScope()
+
+        async def cancelled() -> None:
+            with first:
+                await read(-1, 200 * KiB)
+
+        limiter = log._disk_readers
+        assert limiter is not None
+        borrowers = [object() for _ in range(int(limiter.total_tokens))]
+        for borrower in borrowers:  # every thread busy: the first read waits for one
+            await limiter.acquire_on_behalf_of(borrower)
+        nursery.start_soon(cancelled)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(10):
+            nursery.start_soon(read, i, 200 * KiB)
+        await trio.testing.wait_all_tasks_blocked()
+        first.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        go.set()
+        for borrower in borrowers:
+            limiter.release_on_behalf_of(borrower)
+    assert reads == [(200 * KiB, 8 * KiB)]
+    assert -1 not in got
+    assert all(got[i] == data[200 * KiB : 208 * KiB] for i in range(10))
+    log.finish()
+    log.close()
+
+
 async def test_without_hole_punching_the_cap_still_holds_for_readers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -357,6 +357,7 @@ class OutputLog:
 
     #: Slots: every running job has a log (a dict per log was ~1.6 KiB).
     __slots__ = (
+        "_alone_reads",
         "_blocks",
         "_can_punch",
         "_chunks",
@@ -498,6 +499,8 @@ class OutputLog:
         #: Blocks read (or being read) from disk, keyed by (block start, end),
         #: oldest first; readers at the same place share one read and one copy.
         self._blocks: dict[tuple[int, int], _Block] = {}
+        #: reads under way for readers short of budget, by (position, want): shared too
+        self._alone_reads: dict[tuple[int, int], _Block] = {}
         self._flusher = Broadcaster()
         self._space = Broadcaster()
 
@@ -1250,19 +1253,38 @@ class OutputLog:
         return [_cut(chunk, position) for chunk in entry.chunks if chunk.end > position]
 
     async def _read_disk_alone(self, position: int, want: int) -> list[OutputChunk]:
-        """``want`` bytes from ``position`` off disk, for this reader only (no block)."""
+        """``want`` bytes from ``position`` off disk, not a whole block (a reader short of
+        budget). Readers asking for the same bytes while a read of them is under way
+        wait for it and share its chunks: 4,096 stalled streams of one client over 32
+        offsets were 4,096 queued thread calls (each ~25 objects for the collector to
+        scan, and a read each), now 32. Nothing is kept once the read is done."""
         if self._disk_readers is None:  # (without it: trio's default limiter, 40 threads)
             self._disk_readers = trio.CapacityLimiter(2)
-        return await trio.to_thread.run_sync(
-            read_log_file,
-            self.data_path,
-            self.index_path,
-            position,
-            want,
-            self._index_flushed,
-            self._first_record,
-            limiter=self._disk_readers,
-        )
+        key = (position, want)
+        while True:
+            entry = self._alone_reads.get(key)
+            if entry is None:
+                break
+            await entry.done.wait()
+            if entry.chunks is not None:
+                return list(entry.chunks)
+            # (that read failed or was cancelled: read it ourselves, or join the next)
+        entry = self._alone_reads[key] = _Block(trio.Event())
+        try:
+            entry.chunks = await trio.to_thread.run_sync(
+                read_log_file,
+                self.data_path,
+                self.index_path,
+                position,
+                want,
+                self._index_flushed,
+                self._first_record,
+                limiter=self._disk_readers,
+            )
+        finally:
+            del self._alone_reads[key]
+            entry.done.set()
+        return list(entry.chunks)
 
     def _forget_old_blocks(self) -> None:
         done = [key for key, entry in self._blocks.items() if entry.chunks is not None]
