@@ -734,3 +734,22 @@ def test_a_user_the_certificate_may_not_run_as_gets_a_hint_about_logins(dev: Dev
     as_reader = ("--ca", ca, "--cert", reader.cert, "--key", reader.key)
     err = assert_one_line_error(dev("start", *as_reader, "--", "true"), 5)
     assert "use a certificate whose role allows this" in err, err
+
+
+def test_an_extra_argument_is_named_in_words(dev: DevServer) -> None:
+    """``stop ID1 ID2`` (docker takes several; ours one): the extra argument is named, not
+    cyclopts' "Unused Tokens: ['ID2']"; nothing is stopped."""
+    first, second = start(dev, "sleep", "60"), start(dev, "sleep", "60")
+    try:
+        err = assert_one_line_error(dev("stop", first, second), 2)
+        assert err == (
+            f"trio-worker: error: unexpected argument '{second}'; see `trio-worker stop --help`\n"
+        )
+        assert "unexpected arguments 'a', 'b', 'c' (and 2 more)" in assert_one_line_error(
+            dev("list", "a", "b", "c", "d", "e"), 2
+        )
+        assert {json.loads(ok(dev("status", "--json", i)))["state"] for i in (first, second)} == {
+            "running"
+        }
+    finally:
+        ok(dev("rm", "-f", first, second))

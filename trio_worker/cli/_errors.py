@@ -109,6 +109,13 @@ def _invalid(exc: BaseException, command: str) -> str:
     return _help(exc, command)
 
 
+def _unexpected(tokens: list[str]) -> str:
+    """cyclopts' "Unused Tokens: ['a', 'b']" in words (``trio-worker stop ID1 ID2``)."""
+    shown = ", ".join(repr(t if len(t) <= 64 else t[:61] + "...") for t in tokens[:3])
+    more = f" (and {len(tokens) - 3} more)" if len(tokens) > 3 else ""
+    return f"unexpected argument{'s' if len(tokens) > 1 else ''} {shown}{more}"
+
+
 def _usage(exc: BaseException, command: str) -> str:
     if isinstance(exc, _cyclopts("UnknownOptionError")) and command in ("run", "start"):
         return (
@@ -302,6 +309,8 @@ def describe(exc: BaseException, *, command: str = "", job_exit: bool = False) -
         if isinstance(exc, _cyclopts("CycloptsError") if cls is _CycloptsError else cls):
             next_step = hint(exc, command) if callable(hint) else hint
             message = _one_line(str(exc)).rstrip(".") or type(exc).__name__
+            if isinstance(exc, _cyclopts("UnusedCliTokensError")):
+                message = _unexpected(getattr(exc, "unused_tokens", None) or [])
             if isinstance(exc, InvalidRequest) and (option := option_of(exc.field)):
                 message = _one_line(f"{option}: {exc.message}").rstrip(".")
             if next_step and "; " not in message:  # a message with "; " names its next step
