@@ -753,3 +753,34 @@ def test_an_extra_argument_is_named_in_words(dev: DevServer) -> None:
         }
     finally:
         ok(dev("rm", "-f", first, second))
+
+
+def test_a_command_on_no_path_directory_is_not_found_for_another_user(tmp_path: Path) -> None:
+    """A job of another user keeps the server's PATH; a directory on it that user may not
+    search (root's ``~/.cargo/bin``) made execve say EACCES for every missing command, so
+    ``run --user nobody -- nosuch`` was "Permission denied" and 126. Not found (127), as
+    bash and docker say, with or without the namespace helper; a file that is there and
+    cannot be executed stays 126."""
+    from tests.conftest import require_root
+
+    require_root("running jobs as nobody")
+    home = tmp_path / "home"
+    home.mkdir()
+    hidden = tmp_path / "hidden"  # (tmp_path is 0700: nobody may not search it)
+    hidden.mkdir(mode=0o700)
+    (hidden / "notexec").write_text("not a program\n")
+    env = clean_env(home, PATH=f"{hidden}:/usr/local/bin:/usr/bin:/bin")
+    server = ServerProcess.start(["--listen", "127.0.0.1:0", *own_cgroup(home)], env)
+    try:
+        dev = DevServer(server, home, env, server.port())
+        server.wait_for(r"^Try it", stream="stdout")
+        for isolate in ([], ["--isolate", "pid"]):
+            missing = dev("run", "--user", "nobody", *isolate, "--", "no-such-command-xyz")
+            assert missing.returncode == 127, (isolate, missing.stderr)
+            assert b"No such file or directory" in missing.stderr, missing.stderr
+            assert ok(dev("run", "--user", "nobody", *isolate, "--", "id", "-un")) == b"nobody\n"
+        refused = dev("run", "--", "notexec")  # root's: there, and not executable
+        assert refused.returncode == 126, refused.stderr
+        assert b"Permission denied" in refused.stderr, refused.stderr
+    finally:
+        assert server.stop() == 0, server.stderr

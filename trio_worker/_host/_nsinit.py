@@ -279,9 +279,21 @@ def _exec(opts: _Options) -> NoReturn:
     try:
         os.execvp(opts.command, opts.args)
     except OSError as exc:
+        if exc.errno == errno.EACCES and _nowhere_on_path(opts.command):
+            # A PATH directory this user may not search said EACCES: not found, as
+            # bash and Go's LookPath say (the supervisor's ``setup_failure``, too).
+            exc = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
         status = EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_EXEC_FAILED
         reason = exc.strerror or os.strerror(exc.errno or errno.EIO)
         _fail(opts, "exec", exc.errno or 0, f"cannot execute {opts.command!r}: {reason}", status)
+
+
+def _nowhere_on_path(command: str) -> bool:
+    """``command`` is searched on PATH and no directory of it shows this user such a file."""
+    if "/" in command:
+        return False
+    dirs = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    return not any(os.path.lexists(os.path.join(d or ".", command)) for d in dirs)
 
 
 class _Forwarder:

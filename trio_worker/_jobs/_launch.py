@@ -73,8 +73,8 @@ from ._process import (
     StartSpec,
     Stdin,
     describe_os_error,
-    describe_setup_error,
     resource_exhausted,
+    setup_failure,
 )
 from ._store import process_start_time
 from ._threads import in_thread
@@ -758,8 +758,7 @@ class Launcher:
         seed.reap()
         stdout.close()
         stderr.close()
-        message = describe_setup_error(failure, spec, place.group)
-        return Launched(log, place.group, error=SpawnError(message, failure.errno))
+        return Launched(log, place.group, error=setup_failure(failure, spec, place.group))
 
     async def _exec_or_stopped(self, seed: Seed) -> bool:
         """Wait until the seed has exec'd or failed (``poll``); False if it was stopped

@@ -40,6 +40,7 @@ from .._host._spawn import (
     Stage,
     Stdin,
     Terminal,
+    exec_candidates,
     spawn,
 )
 from ._exec_limit import check_exec_size
@@ -60,6 +61,7 @@ __all__ = [
     "describe_os_error",
     "describe_setup_error",
     "output_pipe",
+    "setup_failure",
     "validate_signal",
     "validate_start",
 ]
@@ -388,7 +390,7 @@ class JobProcess:
                     nofile_soft=nofile_soft,
                 )
             except ChildSetupError as exc:
-                raise SpawnError(describe_setup_error(exc, spec, cgroup), exc.errno) from None
+                raise setup_failure(exc, spec, cgroup) from None
             except OSError as exc:  # vfork itself
                 if exc.errno in RESOURCE_ERRNOS:
                     raise resource_exhausted(exc, "creating its process") from None
@@ -470,6 +472,28 @@ class JobProcess:
         if self.stdin is not None:
             os.close(self.stdin)
             self.stdin = None
+
+
+def setup_failure(exc: ChildSetupError, spec: StartSpec, cgroup: JobCgroup | None) -> SpawnError:
+    """The FAILED job's error for a child that failed before its command ran.
+
+    A command searched on ``PATH`` that no directory of it holds is not found (ENOENT: 127)
+    even when ``execve`` said EACCES: that came from a directory the job's user may not
+    search (root's ``~/.cargo/bin`` in the server's ``PATH``, which jobs of other users
+    keep), as bash and Go's ``LookPath`` (docker) see it; it made every missing command
+    "Permission denied" (126). A file that is there and cannot be run stays EACCES."""
+    if exc.stage is Stage.EXEC and exc.errno == errno.EACCES and _nowhere_on_path(spec):
+        exc = ChildSetupError(Stage.EXEC, errno.ENOENT, exc.index, exc.filename)
+    return SpawnError(describe_setup_error(exc, spec, cgroup), exc.errno)
+
+
+def _nowhere_on_path(spec: StartSpec) -> bool:
+    """``spec.command`` is searched on PATH (no ``/``) and no candidate exists (as the
+    server sees them: a few stats, on a failed Start only)."""
+    if "/" in spec.command:
+        return False
+    candidates = exec_candidates(spec.command, spec.env.get("PATH"))
+    return not any(os.path.lexists(candidate) for candidate in candidates)
 
 
 def describe_setup_error(exc: ChildSetupError, spec: StartSpec, cgroup: JobCgroup | None) -> str:
