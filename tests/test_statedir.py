@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -14,10 +15,13 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from tests.conftest import process_alive
 from trio_worker import StateDirError
+from trio_worker._host._pathwatch import PathWatch
 from trio_worker._jobs._statedir import StateDir
+from trio_worker._jobs._supervisor import watch_state_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -331,3 +335,78 @@ def test_serve_warns_when_its_state_directory_is_deleted(tmp_path: Path) -> None
     finally:
         assert server.stop() == 0, server.stderr
     assert sum("state directory" in line for line in server.stderr) == 1, server.stderr
+
+
+async def test_a_path_watch_hears_the_directory_go_and_come_back_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    """``PathWatch`` (what ``watch_state_dir`` waits on): the directory moved away, back,
+    its lock file unlinked, the directory removed; not a sibling made or removed in the
+    same parent."""
+    path = tmp_path / "state"
+    with StateDir.open(path) as state, PathWatch(path, state.lock_path) as watch:
+        assert not watch.news()
+        (tmp_path / "sibling").mkdir()
+        (tmp_path / "sibling").rmdir()
+        (path / "jobs.db-wal").touch()  # (inside: the server's own writes are no news)
+        assert not watch.news()
+        path.rename(tmp_path / "moved")
+        with trio.fail_after(5):
+            await watch.wait()
+        (tmp_path / "moved").rename(path)
+        with trio.fail_after(5):
+            await watch.wait()
+        assert not watch.news()
+        shutil.rmtree(path)
+        with trio.fail_after(5):
+            await watch.wait()
+
+
+class _Said(logging.Handler):
+    """What ``watch_state_dir`` says, and an event for each new line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+        self.new = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        self.new.set()
+
+    async def next(self) -> str:
+        with trio.fail_after(5):
+            await self.new.wait()
+        self.new = trio.Event()
+        return self.messages[-1]
+
+
+async def test_watch_state_dir_warns_once_when_it_goes_and_says_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state"
+    said = _Said()
+    logger = logging.getLogger("trio_worker.supervisor")
+    logger.addHandler(said)
+    logger.setLevel(logging.INFO)
+    try:
+        with StateDir.open(path) as state:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(watch_state_dir, state)
+                assert said.messages == []
+                path.rename(tmp_path / "moved")
+                assert re.fullmatch(
+                    rf"state directory {re.escape(str(path))} was moved or deleted while the "
+                    r"server runs: .*restart will not find this server's jobs.*",
+                    await said.next(),
+                )
+                (tmp_path / "sibling").mkdir()  # no news
+                (tmp_path / "moved").rename(path)
+                assert await said.next() == f"state directory {path} is back"
+                shutil.rmtree(path)
+                assert "was deleted while the server runs" in await said.next()
+                nursery.cancel_scope.cancel()
+        assert len(said.messages) == 3, said.messages
+    finally:
+        logger.removeHandler(said)
+        logger.setLevel(logging.NOTSET)

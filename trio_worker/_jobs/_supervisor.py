@@ -34,6 +34,7 @@ from .._errors import InvalidRequest, JobNotFound, JobStillRunning, ShuttingDown
 from .._host._cgroups import CgroupDriver, CgroupError, JobCgroup
 from .._host._cgroups import detect as cgroup_detect
 from .._host._guard import ReaperGuard, outlive
+from .._host._pathwatch import PathWatch
 from .._host._spawn import raise_nofile_limit
 from .._limits import LimitPolicy
 from .._model import Isolation, JobInfo, JobState, Limits, OutputChunk, Usage
@@ -435,31 +436,51 @@ def output_within(
     return open_output(sup._jobs, job_id, offset, follow, chunk_size, budget)
 
 
-#: How often (s) a persistent supervisor checks that its state directory is still there.
-STATE_DIR_CHECK = 5.0
-
-
-async def watch_state_dir(lock: StateDir, interval: float = STATE_DIR_CHECK) -> None:
+async def watch_state_dir(
+    lock: StateDir, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Warn, once, when the state directory is deleted, moved or replaced under us: the
     server goes on with its open files, nameless, and whatever it writes from then on is
     not where a restart looks (a restart finds none of the jobs); a new directory at the
     path is not locked either, so a second server could start there and take our jobs'
-    groups for leftovers. Says so again if it comes back and goes again."""
-    said = False
-    while True:
-        await trio.sleep(interval)
+    groups for leftovers. Says so again if it comes back and goes again. Told by inotify
+    (``PathWatch``), it checks only when something happened there. Started once it
+    watches (or knows it cannot)."""
+    try:
+        watch = await trio.to_thread.run_sync(PathWatch, lock.path, lock.lock_path)
+    except OSError as exc:
+        task_status.started()
         what = await trio.to_thread.run_sync(lock.missing)
-        if what is not None and not said:
+        if what is not None:  # gone before it could be watched
+            _say_missing(lock, what)
+        else:
             _log.warning(
-                "state directory %s %s while the server runs: what it writes from now on "
-                "(job records, output) is not there, and a restart will not find this "
-                "server's jobs; put the directory back, or restart the server",
+                "cannot watch the state directory %s (%s): its removal would go unsaid",
                 lock.path,
-                what,
+                exc,
             )
-        elif what is None and said:
-            _log.info("state directory %s is back", lock.path)
-        said = what is not None
+        return
+    task_status.started()
+    with watch:
+        said = False
+        while True:
+            await watch.wait()
+            what = await trio.to_thread.run_sync(lock.missing)
+            if what is not None and not said:
+                _say_missing(lock, what)
+            elif what is None and said:
+                _log.info("state directory %s is back", lock.path)
+            said = what is not None
+
+
+def _say_missing(lock: StateDir, what: str) -> None:
+    _log.warning(
+        "state directory %s %s while the server runs: what it writes from now on "
+        "(job records, output) is not there, and a restart will not find this "
+        "server's jobs; put the directory back, or restart the server",
+        lock.path,
+        what,
+    )
 
 
 @asynccontextmanager
