@@ -27,11 +27,17 @@ def _start_server(home: Path) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(SERVE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     deadline = time.monotonic() + 30
+    said: list[bytes] = []
     for raw in proc.stderr:
         if match := re.search(rb"serving on 127\.0\.0\.1:(\d+)", raw):
             return proc, int(match[1])
-        assert time.monotonic() < deadline
-    raise AssertionError("the server did not start")
+        said.append(raw)
+        if time.monotonic() >= deadline:
+            break
+    # Not left running (nor its pipes open) for a later test's garbage collection.
+    proc.kill()
+    _, rest = proc.communicate(timeout=30)
+    raise AssertionError(f"the server did not start ({proc.returncode}): {b''.join(said) + rest!r}")
 
 
 async def test_sigterm_finishes_followers_stops_jobs_and_exits_0(tmp_path: Path) -> None:
