@@ -784,3 +784,27 @@ def test_a_command_on_no_path_directory_is_not_found_for_another_user(tmp_path: 
         assert b"Permission denied" in refused.stderr, refused.stderr
     finally:
         assert server.stop() == 0, server.stderr
+
+
+def test_sigterm_to_run_stops_the_job_as_ctrl_c_does(dev: DevServer) -> None:
+    """``timeout 60 trio-worker run -- ...``, a CI step cancelled: SIGTERM to ``run`` stops
+    the job (its last words shown, how it ended said) and exits 143, as ``docker run``
+    passes it on; it ended the command alone, silently, and the job ran on unwatched."""
+    script = "trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 0.1; done"
+    proc = subprocess.Popen(
+        [*COMMAND, "run", "--addr", dev.addr, "--", "sh", "-c", script],
+        env=dev.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert out.endswith(b"got TERM\n"), out
+    lines = err.decode().splitlines()
+    assert re.fullmatch(r"trio-worker: SIGTERM: stopping job (\w{26}) \(again to .*\)", lines[0])
+    job_id = lines[0].split()[4]
+    assert lines[-1] == f"trio-worker: job {job_id} exited (7)", lines
+    assert json.loads(ok(dev("status", "--json", job_id)))["exit_code"] == 7

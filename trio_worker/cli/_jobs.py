@@ -316,7 +316,8 @@ def run(
     could not be executed; 125 if trio-worker itself failed, or if the job was lost (the
     server went away while it ran: its own code is unknown). Ctrl-C stops the printing at
     once and the job (SIGTERM, then SIGKILL after the grace period; what the job writes
-    meanwhile is still shown) and exits 130; a second Ctrl-C leaves at once. A dropped
+    meanwhile is still shown) and exits 130; a second Ctrl-C leaves at once. SIGTERM
+    (timeout, kill) does the same and exits 143, as docker run passes it to the job. A dropped
     connection is re-established and the output resumed where it stopped, with a line on
     stderr for each; a server shutting down ends the command at once, saying so.
 
@@ -400,7 +401,7 @@ def run(
             # The last line on the screen, below the last words (up to 64 KiB of them, which
             # would scroll the notice away): how the job ended.
             print(f"trio-worker: job {job_id} {describe_state(final)}", file=sys.stderr, flush=True)
-            return ExitCode.INTERRUPTED
+            return ctrl_c.exit_code
         code, note = job_exit(final)
         # A job killed by a signal is said by the exit code alone, as a shell does, unless
         # it was the server going away: then that is why the job ended.
@@ -418,9 +419,13 @@ class _StopRequested(Exception):
 
 
 class _CtrlC:
-    """``run``'s SIGINT: the handler mutes the output at once and counts; what to do is
-    decided between two reads of the connection (``check``, through the wake-up fd), never
-    in the middle of one. The first press stops the job, the second leaves at once."""
+    """``run``'s SIGINT and SIGTERM: the handler mutes the output at once and counts; what
+    to do is decided between two reads of the connection (``check``, through the wake-up
+    fd), never in the middle of one. The first stops the job, the second leaves at once.
+
+    SIGTERM (``timeout``, a CI step cancelled, ``kill``) is a Ctrl-C that exits 143, as
+    ``docker run`` passes it to the container: left to its default it ended this command
+    alone, silently, and the job ran on with nobody watching it."""
 
     def __init__(self, sink: OutputSink) -> None:
         self._sink = sink
@@ -428,6 +433,9 @@ class _CtrlC:
         self._seen = 0
         self._armed = False
         self._stopping = False
+        #: The first signal's exit code: 130 for SIGINT, 143 for SIGTERM.
+        self.exit_code = int(ExitCode.INTERRUPTED)
+        self._by = ""
         self.job_id = ""
         self.fd = -1
 
@@ -437,17 +445,22 @@ class _CtrlC:
         self.fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._old_wakeup = _signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
         self._old_handler = _signal.signal(_signal.SIGINT, self._pressed)
+        self._old_term = _signal.signal(_signal.SIGTERM, self._pressed)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         import signal as _signal
 
         _signal.signal(_signal.SIGINT, self._old_handler)
+        _signal.signal(_signal.SIGTERM, self._old_term)
         _signal.set_wakeup_fd(self._old_wakeup)
         os.close(self.fd)
         os.close(self._write_fd)
 
     def _pressed(self, signum: int, frame: FrameType | None) -> None:
+        if self._presses == 0:
+            self.exit_code = 128 + signum
+            self._by = "" if signum == 2 else "SIGTERM: "  # (SIGINT is Ctrl-C's, as before)
         self._presses += 1
         self._sink.mute()  # the notice stays the last line on the screen
 
@@ -467,10 +480,13 @@ class _CtrlC:
             print(
                 f"trio-worker: leaving; {which} may still be running", file=sys.stderr, flush=True
             )
+            if self.exit_code != ExitCode.INTERRUPTED:
+                raise SystemExit(self.exit_code)
             raise KeyboardInterrupt
         self._stopping = True
+        again = "again" if self._by else "Ctrl-C again"
         print(
-            f"trio-worker: stopping {which} (Ctrl-C again to leave at once)",
+            f"trio-worker: {self._by}stopping {which} ({again} to leave at once)",
             file=sys.stderr,
             flush=True,
         )
