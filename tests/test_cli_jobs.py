@@ -786,6 +786,26 @@ def test_a_command_on_no_path_directory_is_not_found_for_another_user(tmp_path: 
         assert server.stop() == 0, server.stderr
 
 
+def test_a_working_directory_that_does_not_exist_is_no_missing_command(dev: DevServer) -> None:
+    """A job of another user enters its ``--cwd`` with that user's rights, in the child (the
+    server does not look, not to tell what exists where the user may not look): a missing
+    one failed the job with ENOENT as its spawn error, "command not found" (127). It is
+    126, "could not be executed otherwise", with or without the namespace helper."""
+    from tests.conftest import require_root
+
+    require_root("running jobs as nobody")
+    for isolate in ([], ["--isolate", "pid"]):
+        args = ["--user", "nobody", *isolate, "--cwd", "/no/such/dir", "--", "true"]
+        result = dev("run", *args)
+        assert result.returncode == 126, (isolate, result.stderr)
+        assert b"No such file or directory: '/no/such/dir'" in result.stderr, result.stderr
+        found = re.search(r"job (\w{26}) could not be started", result.stderr.decode())
+        assert found is not None, result.stderr
+        job_id = found[1]
+        assert json.loads(ok(dev("status", "--json", job_id)))["state"] == "failed"
+        assert dev("wait", job_id).returncode == 126
+
+
 def test_sigterm_to_run_stops_the_job_as_ctrl_c_does(dev: DevServer) -> None:
     """``timeout 60 trio-worker run -- ...``, a CI step cancelled: SIGTERM to ``run`` stops
     the job (its last words shown, how it ended said) and exits 143, as ``docker run``

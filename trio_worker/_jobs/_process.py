@@ -481,10 +481,15 @@ def setup_failure(exc: ChildSetupError, spec: StartSpec, cgroup: JobCgroup | Non
     even when ``execve`` said EACCES: that came from a directory the job's user may not
     search (root's ``~/.cargo/bin`` in the server's ``PATH``, which jobs of other users
     keep), as bash and Go's ``LookPath`` (docker) see it; it made every missing command
-    "Permission denied" (126). A file that is there and cannot be run stays EACCES."""
+    "Permission denied" (126). A file that is there and cannot be run stays EACCES.
+    A failure before the exec (its working directory, its cgroup, its user) carries no
+    errno: the command was not even looked for."""
     if exc.stage is Stage.EXEC and exc.errno == errno.EACCES and _nowhere_on_path(spec):
         exc = ChildSetupError(Stage.EXEC, errno.ENOENT, exc.index, exc.filename)
-    return SpawnError(describe_setup_error(exc, spec, cgroup), exc.errno)
+    # Only the exec's errno says whether the command was found (``spawn_errno``: 127 or
+    # 126); a working directory that does not exist is no missing command (126).
+    number = exc.errno if exc.stage is Stage.EXEC else None
+    return SpawnError(describe_setup_error(exc, spec, cgroup), number)
 
 
 def _nowhere_on_path(spec: StartSpec) -> bool:

@@ -568,7 +568,9 @@ def _record_end(
         except OSError as exc:  # the job's end is recorded whatever the disk says
             _log.warning("job %s: cannot read the helper's report: %s", job.id, exc)
     if failure is not None:
-        job.feed(lc.SpawnFailed(failure.message, now(), failure.errno))
+        # (The exec's errno alone says whether the command was found: see setup_failure.)
+        number = failure.errno if failure.stage == "exec" else None
+        job.feed(lc.SpawnFailed(failure.message, now(), number))
     else:
         job.feed(lc.Exited(returncode, now(), oom_killed=oom_killed))
     # Waiters are answered now. The record is queued for the committer's next
