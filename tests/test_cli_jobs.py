@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -828,3 +829,24 @@ def test_sigterm_to_run_stops_the_job_as_ctrl_c_does(dev: DevServer) -> None:
     job_id = lines[0].split()[4]
     assert lines[-1] == f"trio-worker: job {job_id} exited (7)", lines
     assert json.loads(ok(dev("status", "--json", job_id)))["exit_code"] == 7
+
+
+def test_a_script_whose_interpreter_is_missing_could_not_be_executed(
+    dev: DevServer, tmp_path: Path
+) -> None:
+    """execve says ENOENT for a file that is there when its ``#!`` program is not: it was
+    reported as the command itself not found ("No such file or directory: 'x.sh'", 127).
+    It is 126, "bad interpreter", as bash says, with or without the namespace helper."""
+    script = tmp_path / "x.sh"
+    script.write_text("#!/no/such/interpreter\n")
+    script.chmod(0o755)
+    isolations: list[list[str]] = [[]]
+    if os.geteuid() == 0:
+        isolations.append(["--isolate", "pid"])
+    for isolate in isolations:
+        for command in ([str(script)], ["--cwd", str(tmp_path), "--", "./x.sh"]):
+            args = [*isolate, *command] if command[0] == "--cwd" else [*isolate, "--", *command]
+            result = dev("run", *args)
+            assert result.returncode == 126, (args, result.stderr)
+            assert b"bad interpreter: No such file or directory" in result.stderr, result.stderr
+    assert dev("run", "--", "no-such-command-xyz").returncode == 127

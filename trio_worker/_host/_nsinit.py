@@ -283,9 +283,22 @@ def _exec(opts: _Options) -> NoReturn:
             # A PATH directory this user may not search said EACCES: not found, as
             # bash and Go's LookPath say (the supervisor's ``setup_failure``, too).
             exc = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        elif exc.errno == errno.ENOENT and _command_there(opts.command):
+            # There, with an interpreter (#!, ELF loader) that is not: not executable.
+            reason = os.strerror(errno.ENOENT)
+            message = f"bad interpreter: {reason}: {opts.command!r}"
+            _fail(opts, "exec", errno.ENOEXEC, message, EXIT_EXEC_FAILED)
         status = EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_EXEC_FAILED
         reason = exc.strerror or os.strerror(exc.errno or errno.EIO)
         _fail(opts, "exec", exc.errno or 0, f"cannot execute {opts.command!r}: {reason}", status)
+
+
+def _command_there(command: str) -> bool:
+    """A file ``command`` names is there for this user (the path, or one on PATH)."""
+    if "/" in command:
+        return os.path.exists(command)
+    dirs = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    return any(os.path.exists(os.path.join(d or ".", command)) for d in dirs)
 
 
 def _nowhere_on_path(command: str) -> bool:

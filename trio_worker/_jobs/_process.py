@@ -486,10 +486,24 @@ def setup_failure(exc: ChildSetupError, spec: StartSpec, cgroup: JobCgroup | Non
     errno: the command was not even looked for."""
     if exc.stage is Stage.EXEC and exc.errno == errno.EACCES and _nowhere_on_path(spec):
         exc = ChildSetupError(Stage.EXEC, errno.ENOENT, exc.index, exc.filename)
+    if exc.stage is Stage.EXEC and exc.errno == errno.ENOENT and _command_there(spec):
+        # The file is there; what execve did not find is its interpreter (a #! line's
+        # program, an ELF loader): found, not executable (126), in bash's words.
+        message = f"bad interpreter: No such file or directory: {spec.command!r}"
+        return SpawnError(message, errno.ENOEXEC)
     # Only the exec's errno says whether the command was found (``spawn_errno``: 127 or
     # 126); a working directory that does not exist is no missing command (126).
     number = exc.errno if exc.stage is Stage.EXEC else None
     return SpawnError(describe_setup_error(exc, spec, cgroup), number)
+
+
+def _command_there(spec: StartSpec) -> bool:
+    """A file ``spec.command`` names exists (as the server sees it): the path given, from
+    the job's directory, or one on PATH."""
+    if "/" in spec.command:
+        return os.path.exists(os.path.join(spec.cwd or os.getcwd(), spec.command))
+    candidates = exec_candidates(spec.command, spec.env.get("PATH"))
+    return any(os.path.exists(candidate) for candidate in candidates)
 
 
 def _nowhere_on_path(spec: StartSpec) -> bool:
