@@ -125,6 +125,13 @@ class Connection:
         """One event from the core."""
         raise NotImplementedError
 
+    async def _read_turn(self) -> None:
+        """Before the bytes of one read are handled: the server's connections of one
+        client take turns (``_transport._Connection``); nothing on the client's side."""
+
+    def _read_over(self) -> None:
+        """A read's handling ended early: the connection is over (a protocol error)."""
+
     def _after_read(self) -> None:
         """Every event of one read has been handled (before its output is written)."""
 
@@ -215,6 +222,7 @@ class Connection:
             if not data:
                 self._lost(f"{self._peer_noun} closed the connection")
                 return
+            await self._read_turn()
             try:
                 self._receive(data)
             except PROTOCOL_ERRORS as exc:
@@ -225,6 +233,7 @@ class Connection:
                 log.info("HTTP/2 protocol error from %s: %s", self.peer, exc)
                 self._end_calls(f"HTTP/2 protocol error: {exc}")
                 self._after_read()
+                self._read_over()
                 self._wake_writer()
                 self._done.set()
                 return
@@ -237,6 +246,7 @@ class Connection:
                 await self._next_share()
                 self._after_read()
                 self._push()
+            await self._read_done()
             if gate.control_owed > MAX_UNSENT_CONTROL:
                 # The peer's PINGs and SETTINGS make us write: read on only once those
                 # replies are out, so a peer that never reads cannot grow our buffer.
@@ -247,6 +257,10 @@ class Connection:
         """Between two shares of the work one read brought: the other tasks' turn."""
         await trio.lowlevel.cancel_shielded_checkpoint()
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _read_done(self) -> None:
+        """What one read brought is done (the server's connections hand their client's
+        turn on, ``_transport._Connection``)."""
 
     async def _keepalive(self, ping_after: float) -> None:
         """Ping a silent connection while calls wait on it; no answer means it is gone."""

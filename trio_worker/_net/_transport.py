@@ -795,11 +795,28 @@ class _Connection(Connection):
             self.dead and bool(self._window_lot or self._flushed_lot) and share == 0
         )
 
+    async def _read_turn(self) -> None:
+        if not self._starts.take(self):
+            # Another connection of this client is handling what it read: ours waits in
+            # line (its 128 connections' reads, 32 streams each, came in the same poll).
+            await self._starts.wait(self)
+
+    async def _read_done(self) -> None:
+        starts = self._starts
+        if starts.holder is not self:
+            return
+        if starts.connections > 1:
+            # Held until the loop has polled for I/O again: the client's other connections
+            # whose bytes came in the same poll wait in line rather than find it free.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        starts.give_up(self)
+
+    def _read_over(self) -> None:
+        self._starts.give_up(self)
+
     def _after_read(self) -> None:
         if self._new_calls:
             self._start_calls()
-        elif self._starts.holder is self:  # (never left holding it with nothing to start)
-            self._starts.give_up(self)
 
     def _work_left(self) -> bool:
         return bool(self._new_calls)
@@ -807,8 +824,7 @@ class _Connection(Connection):
     async def _next_share(self) -> None:
         await super()._next_share()
         if self._new_calls and not self._starts.take(self):
-            # Another connection of this client is starting its calls: ours wait in line
-            # (so that its 128 connections start MAX_CALLS_PER_TURN per turn between them).
+            # (Its turn went with the connection: ``_release_waiters``.)
             await self._starts.wait(self)
 
     def start_drain(self) -> None:
@@ -980,7 +996,6 @@ class _Connection(Connection):
             calls, self._new_calls = calls[:MAX_CALLS_PER_TURN], calls[MAX_CALLS_PER_TURN:]
         else:
             self._new_calls = []
-            self._starts.give_up(self)
         self._starting_calls = True
         try:
             for call in calls:
