@@ -4,6 +4,10 @@ read ahead stays within it, a lone reader still reads whole blocks, and nobody w
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
 
 from trio_worker import OutputStream
 from trio_worker._jobs._output import _FILE_BLOCK, OutputLog
@@ -92,6 +96,45 @@ async def test_a_reader_stepping_alone_still_shares_the_logs_two_disk_readers(
     limiter = log._disk_readers
     assert limiter is not None
     assert limiter.total_tokens == 2
+    log.finish()
+    log.close()
+
+
+async def test_readers_waiting_for_the_disk_wait_in_the_logs_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty readers of one log, each needing its own disk read at once (their budget is
+    held): two at a time are in a worker thread, the others wait in the log's line, not
+    inside ``trio.to_thread.run_sync``, where each held ~40 objects (its closures, a copy
+    of the context, the limiter's WouldBlock and traceback) for the cycle collector's full
+    collections to scan (tools/probe_hostile.py many-windows: 4,096 streams)."""
+    log, data = await written_log(tmp_path, 2 * _FILE_BLOCK)
+    inside = most = 0
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal inside, most
+        inside += 1
+        most = max(most, inside)
+        try:
+            return await run_sync(*args, **kwargs)
+        finally:
+            inside -= 1
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    budget = OutputBudget()
+    budget.unsent = budget.total  # held by messages waiting for window: lean steps
+    firsts: dict[int, bytes] = {}
+
+    async def first(i: int) -> None:
+        reader = log.read(i * MIN_STEP, follow=False, chunk_size=CHUNK, budget=budget.share())
+        firsts[i] = (await reader.__anext__()).data
+
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(first, i)
+    assert most == 2
+    assert firsts == {i: data[i * MIN_STEP : (i + 1) * MIN_STEP] for i in range(20)}
     log.finish()
     log.close()
 

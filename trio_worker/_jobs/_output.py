@@ -94,7 +94,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final, Protocol, final
 
 import trio
 
@@ -314,6 +314,39 @@ class DirectBuffers:
         self._free.append(buffer)
 
 
+@final
+class _DiskLine:
+    """A log's disk reads, ``slots`` at a time; the other readers wait in line (FIFO).
+
+    Waiting in ``trio.to_thread.run_sync`` for its limiter held ~40 objects a reader
+    (the call's closures and cells, a copy of the context, the limiter's WouldBlock and
+    its traceback): a client's 4,096 streams reading one log from disk at as many places
+    (tools/probe_streams.py windows-5x1000) had the cycle collector's full collections,
+    the loop stopped meanwhile, scan ~150k more objects. A reader parked here holds a
+    few. One event loop: no locking.
+    """
+
+    __slots__ = ("_busy", "_lot", "slots")
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._busy = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def acquire(self) -> None:
+        """A slot: at once when one is free and nobody waits (no checkpoint: the read
+        that follows is one), else handed over by ``release`` in the order asked."""
+        if self._busy < self.slots and not self._lot:
+            self._busy += 1
+            return
+        await self._lot.park()  # (cancelled here: it never got the slot)
+
+    def release(self) -> None:
+        """The slot goes to the first in line, if any."""
+        if not self._lot.unpark():
+            self._busy -= 1
+
+
 @dataclass(slots=True)
 class _Block:
     """One aligned block of the log files, read once for every reader that wants it."""
@@ -365,6 +398,7 @@ class OutputLog:
         "_data_fd",
         "_direct",
         "_direct_fd",
+        "_disk_line",
         "_disk_readers",
         "_drop_step",
         "_end",
@@ -496,6 +530,8 @@ class OutputLog:
         #: block in memory, and glibc gives each thread its own malloc arena.
         #: Made at the first disk read (most logs never have one).
         self._disk_readers: trio.CapacityLimiter | None = None
+        #: ... and the others wait in this line, not in ``trio.to_thread.run_sync``
+        self._disk_line = _DiskLine(2)
         #: Blocks read (or being read) from disk, keyed by (block start, end),
         #: oldest first; readers at the same place share one read and one copy.
         self._blocks: dict[tuple[int, int], _Block] = {}
@@ -1224,22 +1260,26 @@ class OutputLog:
         end = min(block + _FILE_BLOCK, position + want)
         key = (block, end)
         entry = self._blocks.get(key)
-        if self._disk_readers is None:
-            self._disk_readers = trio.CapacityLimiter(2)
         if entry is None:
             entry = self._blocks[key] = _Block(trio.Event())
+            limiter = self._disk_limiter()
+            line = self._disk_line
             try:
-                entry.chunks = await trio.to_thread.run_sync(
-                    _read_cut,
-                    self.data_path,
-                    self.index_path,
-                    block,
-                    end - block,
-                    self._index_flushed,
-                    self._first_record,
-                    size,
-                    limiter=self._disk_readers,
-                )
+                await line.acquire()
+                try:
+                    entry.chunks = await trio.to_thread.run_sync(
+                        _read_cut,
+                        self.data_path,
+                        self.index_path,
+                        block,
+                        end - block,
+                        self._index_flushed,
+                        self._first_record,
+                        size,
+                        limiter=limiter,
+                    )
+                finally:
+                    line.release()
             finally:
                 entry.done.set()
                 if entry.chunks is None:
@@ -1258,8 +1298,7 @@ class OutputLog:
         wait for it and share its chunks: 4,096 stalled streams of one client over 32
         offsets were 4,096 queued thread calls (each ~25 objects for the collector to
         scan, and a read each), now 32. Nothing is kept once the read is done."""
-        if self._disk_readers is None:  # (without it: trio's default limiter, 40 threads)
-            self._disk_readers = trio.CapacityLimiter(2)
+        limiter = self._disk_limiter()
         key = (position, want)
         while True:
             entry = self._alone_reads.get(key)
@@ -1270,21 +1309,33 @@ class OutputLog:
                 return list(entry.chunks)
             # (that read failed or was cancelled: read it ourselves, or join the next)
         entry = self._alone_reads[key] = _Block(trio.Event())
+        line = self._disk_line
         try:
-            entry.chunks = await trio.to_thread.run_sync(
-                read_log_file,
-                self.data_path,
-                self.index_path,
-                position,
-                want,
-                self._index_flushed,
-                self._first_record,
-                limiter=self._disk_readers,
-            )
+            await line.acquire()  # (in line before the arguments are made: a reader waits lean)
+            try:
+                entry.chunks = await trio.to_thread.run_sync(
+                    read_log_file,
+                    self.data_path,
+                    self.index_path,
+                    position,
+                    want,
+                    self._index_flushed,
+                    self._first_record,
+                    limiter=limiter,
+                )
+            finally:
+                line.release()
         finally:
             del self._alone_reads[key]
             entry.done.set()
         return list(entry.chunks)
+
+    def _disk_limiter(self) -> trio.CapacityLimiter:
+        """The log's two worker threads (trio's default limiter of 40 could be filled by
+        a connection's streams); the readers wait for them in ``_disk_line`` first."""
+        if self._disk_readers is None:
+            self._disk_readers = trio.CapacityLimiter(2)
+        return self._disk_readers
 
     def _forget_old_blocks(self) -> None:
         done = [key for key, entry in self._blocks.items() if entry.chunks is not None]

@@ -184,11 +184,13 @@ class _OnFirstNext:
         return self
 
     async def __anext__(self) -> OutputChunk:
-        if self._inner is None:
+        inner = self._inner
+        if inner is None:
             assert self._open is not None
             opener, self._open = self._open, None
-            self._inner = opener()
-        return await self._inner.__anext__()
+            inner = self._inner = opener()
+            del opener  # (its closure is not kept while the first chunk is awaited)
+        return await inner.__anext__()
 
     async def aclose(self) -> None:
         aclose = getattr(self._inner, "aclose", None)
